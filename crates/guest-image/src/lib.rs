@@ -1,0 +1,3 @@
+//! The embedded Tern test guest: builds crates/guest and exposes its ELF image
+
+#![forbid(unsafe_code)]

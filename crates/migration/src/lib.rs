@@ -1,0 +1,3 @@
+//! Live migration: versioned checksummed wire frames, sender and receiver state machines, convergence policy, TCP transport
+
+#![forbid(unsafe_code)]

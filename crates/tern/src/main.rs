@@ -1,0 +1,64 @@
+//! `tern`: the one command line of the Tern hypervisor cluster.
+//!
+//! This file only parses the top level and hands each subcommand to its module; every module is a
+//! thin shell over one library crate (`vm` → tern-vmm and tern-migration, `volume` → tern-volume,
+//! `park` → tern-parking, `sim` → tern-sim and tern-policy).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+mod image;
+mod park;
+mod sim;
+mod vm;
+mod volume;
+
+/// Tern: run, move and pack virtual machines on Linux KVM.
+#[derive(Debug, Parser)]
+#[command(name = "tern", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one VM in the foreground, and drive running VMs (pause, resume, status, stop).
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Export a guest image that Tern embeds, so other VMMs can boot the very same guest.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
+    /// The cluster shared volume: format a LUN, serve it, manage virtual-disk files and leases.
+    #[command(subcommand)]
+    Volume(volume::VolumeCommand),
+    /// Core parking: pack this host's vCPU threads onto the fewest cores.
+    #[command(subcommand)]
+    Park(park::ParkCommand),
+    /// The data-centre simulator: consolidation policies over utilisation traces.
+    #[command(subcommand)]
+    Sim(sim::SimCommand),
+    /// Show the system doing its job on an embedded default (see README.md).
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Vm(cmd) => vm::run(cmd),
+        Command::Image(cmd) => image::run(cmd),
+        Command::Volume(cmd) => volume::run(cmd),
+        Command::Park(cmd) => park::run(cmd),
+        Command::Sim(cmd) => sim::run(cmd),
+        Command::Demo(args) => demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("tern: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! The cluster shared volume: LUN on-disk format, coordinator, leases with fencing epochs, direct and redirected I/O
+
+#![forbid(unsafe_code)]
