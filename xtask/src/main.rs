@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod ci;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -11,20 +13,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Task {
-    /// Run every test the way CI does.
+    /// Run every check and test the way CI does (needs root and /dev/kvm).
     Test,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
-        Task::Test => test(),
+        Task::Test => ci::test(),
     }
-}
-
-fn test() -> anyhow::Result<()> {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["test", "--workspace", "--all-targets"])
-        .status()?;
-    anyhow::ensure!(status.success(), "cargo test failed");
-    Ok(())
 }

@@ -1,0 +1,46 @@
+//! `cargo xtask test`: every check and test, the way CI runs them.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail, ensure};
+
+/// Runs formatting and lint checks, then the whole workspace's tests.
+///
+/// The KVM, network-namespace and etcd tests need root and `/dev/kvm`; rather than let them be skipped,
+/// this refuses to start without them so a run that could not test everything never looks green.
+pub fn test() -> anyhow::Result<()> {
+    preflight()?;
+    cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+        .context("clippy found problems")?;
+    cargo(&["test", "--workspace", "--all-targets", "--no-fail-fast"]).context("tests failed")?;
+    Ok(())
+}
+
+fn preflight() -> anyhow::Result<()> {
+    // The effective user id is the second field of the Uid line.
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no Uid line in /proc/self/status")?;
+    if euid != "0" {
+        bail!("the tests need root (KVM guests, network namespaces, /run/tern): run as root");
+    }
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing: the VMM tests need KVM (load kvm_intel, kvm_amd or kvm_pvm)");
+    }
+    Ok(())
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO"))
+        .args(args)
+        .status()
+        .with_context(|| format!("starting cargo {}", args.join(" ")))?;
+    ensure!(status.success(), "cargo {} exited with {status}", args.join(" "));
+    Ok(())
+}
