@@ -28,6 +28,7 @@ packages=(
     etcd-server                  # cluster membership and coordinator election for shared volumes
     libnbd-bin nbdkit            # standard NBD clients and server used in interop tests
     iproute2 bridge-utils        # network namespaces, veth pairs and bridges as hosts and switches
+    iputils-ping iputils-arping  # reachability checks across those namespaces
     binutils                     # objdump: the test guest's build checks its CPL0 code for SSE
     protobuf-compiler            # etcd-client's build
     xz-utils                     # unpacking the Linux kernel package for the banner test

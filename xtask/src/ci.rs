@@ -11,16 +11,25 @@ use anyhow::{Context, bail, ensure};
 /// this refuses to start without them so a run that could not test everything never looks green.
 pub fn test() -> anyhow::Result<()> {
     preflight()?;
-    cargo(&["fmt", "--all", "--", "--check"]).context("formatting differs: run `cargo fmt --all`")?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
-        .context("clippy found problems")?;
+    cargo(&["fmt", "--all", "--", "--check"])
+        .context("formatting differs: run `cargo fmt --all`")?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])
+    .context("clippy found problems")?;
     cargo(&["test", "--workspace", "--all-targets", "--no-fail-fast"]).context("tests failed")?;
     Ok(())
 }
 
 fn preflight() -> anyhow::Result<()> {
     // The effective user id is the second field of the Uid line.
-    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let euid = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -41,6 +50,10 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
         .args(args)
         .status()
         .with_context(|| format!("starting cargo {}", args.join(" ")))?;
-    ensure!(status.success(), "cargo {} exited with {status}", args.join(" "));
+    ensure!(
+        status.success(),
+        "cargo {} exited with {status}",
+        args.join(" ")
+    );
     Ok(())
 }

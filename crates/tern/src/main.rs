@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod demo;
 mod image;
+mod net;
 mod park;
 mod sim;
 mod vm;
@@ -40,6 +41,9 @@ enum Command {
     /// The data-centre simulator: consolidation policies over utilisation traces.
     #[command(subcommand)]
     Sim(sim::SimCommand),
+    /// Test topologies of network namespaces: hosts, a switch and a client on one machine.
+    #[command(subcommand)]
+    Net(net::NetCommand),
     /// Show the system doing its job on an embedded default (see README.md).
     Demo(demo::DemoArgs),
 }
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Command::Volume(cmd) => volume::run(cmd),
         Command::Park(cmd) => park::run(cmd),
         Command::Sim(cmd) => sim::run(cmd),
+        Command::Net(cmd) => net::run(cmd),
         Command::Demo(args) => demo::run(args),
     };
     match result {
