@@ -356,10 +356,11 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        if self.owned {
-            if let Err(err) = delete_namespaces(&self.namespaces()) {
-                eprintln!("tern-netlab: tearing down {}: {err}", self.spec.name);
-            }
+        if !self.owned {
+            return;
+        }
+        if let Err(err) = delete_namespaces(&self.namespaces()) {
+            eprintln!("tern-netlab: tearing down {}: {err}", self.spec.name);
         }
     }
 }
