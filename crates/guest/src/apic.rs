@@ -105,5 +105,8 @@ pub fn send_init(apic_id: u32) {
 
 /// Sends a start-up IPI: the CPU starts in real mode at `page << 12`.
 pub fn send_sipi(apic_id: u32, page: u8) {
-    wrmsr(MSR_X2APIC_ICR, ((apic_id as u64) << 32) | 0x4600 | page as u64);
+    wrmsr(
+        MSR_X2APIC_ICR,
+        ((apic_id as u64) << 32) | 0x4600 | page as u64,
+    );
 }

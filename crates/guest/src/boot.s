@@ -78,6 +78,7 @@ common32:
     ljmp $0x08, $long64
 
 .code64
+.globl long64
 long64:
     mov $0x10, %eax
     mov %eax, %ds
@@ -324,6 +325,8 @@ isr_fault:
     mov %rax, 24(%rsp)
     movq $0x23, 32(%rsp)
     iretq
+.globl cpl0_text_end
+cpl0_text_end:
 
 # ------------------------------------------------------------------------------------ AP trampoline
 # Copied to AP_TRAMPOLINE (0x8000) and entered in real mode at CS = 0x0800, IP = 0.
@@ -339,6 +342,8 @@ ap_tramp_start:
     or $1, %eax
     mov %eax, %cr0
     ljmpl $0x18, $ap_entry32
+.globl ap_tramp_code_end
+ap_tramp_code_end:
 .balign 8
 tramp_gdt_ptr:
     .word gdt_end - gdt - 1

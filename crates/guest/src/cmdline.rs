@@ -16,8 +16,13 @@ pub struct Config {
 }
 
 impl Config {
-    pub const DEFAULT: Config =
-        Config { hb_ms: 1000, dirty_mib: 0, dirty_rate: 0, blk_verify: false, poweroff_ms: None };
+    pub const DEFAULT: Config = Config {
+        hb_ms: 1000,
+        dirty_mib: 0,
+        dirty_rate: 0,
+        blk_verify: false,
+        poweroff_ms: None,
+    };
 }
 
 /// A key whose value could not be used; the guest reports it and stops.
@@ -31,7 +36,9 @@ pub struct BadValue<'a> {
 pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
     let mut c = Config::DEFAULT;
     for word in cmdline.split_ascii_whitespace() {
-        let Some((key, value)) = word.split_once('=') else { continue };
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
         let bad = BadValue { key, value };
         let num = || value.parse::<u64>().map_err(|_| bad);
         match key {

@@ -34,7 +34,10 @@ pub struct Line {
 
 impl Line {
     pub const fn new() -> Self {
-        Line { buf: [0; LINE_MAX], len: 0 }
+        Line {
+            buf: [0; LINE_MAX],
+            len: 0,
+        }
     }
 
     /// Sends the line and a `\n` to the UART. Waits for an empty transmitter once per FIFO's worth.
@@ -45,7 +48,10 @@ impl Line {
             self.buf[self.len] = b'\n';
             self.len += 1;
         }
-        while LOCK.compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() {
+        while LOCK
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             core::hint::spin_loop();
         }
         for (i, &b) in self.buf[..self.len].iter().enumerate() {

@@ -31,6 +31,15 @@ pub enum StartInfoError {
     NoMemoryMap,
 }
 
+impl core::fmt::Display for StartInfoError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            StartInfoError::BadMagic(m) => write!(f, "magic {m:#x}, expected {MAGIC:#x}"),
+            StartInfoError::NoMemoryMap => f.write_str("no memory map (version 1 or later needed)"),
+        }
+    }
+}
+
 fn read<T: Copy>(addr: u64) -> T {
     // SAFETY: the first 4 GiB are identity-mapped; the loader placed the structure at this address.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
@@ -73,7 +82,11 @@ impl BootInfo {
         }
         for i in 0..(entries as usize).min(MEMMAP_MAX) {
             let e = memmap_paddr + 24 * i as u64;
-            info.memmap[i] = MemRange { addr: read(e), size: read(e + 8), kind: read(e + 16) };
+            info.memmap[i] = MemRange {
+                addr: read(e),
+                size: read(e + 8),
+                kind: read(e + 16),
+            };
         }
         info.memmap_len = (entries as usize).min(MEMMAP_MAX);
         Ok(info)
@@ -86,7 +99,9 @@ impl BootInfo {
 
     /// The usable RAM ranges.
     pub fn ram(&self) -> impl Iterator<Item = &MemRange> {
-        self.memmap[..self.memmap_len].iter().filter(|r| r.kind == E820_RAM)
+        self.memmap[..self.memmap_len]
+            .iter()
+            .filter(|r| r.kind == E820_RAM)
     }
 
     /// The end of the highest RAM range, in MiB (rounded up).
@@ -97,6 +112,7 @@ impl BootInfo {
 
     /// Whether `[addr, addr + len)` lies inside one RAM range.
     pub fn is_ram(&self, addr: u64, len: u64) -> bool {
-        self.ram().any(|r| r.addr <= addr && addr + len <= r.addr + r.size)
+        self.ram()
+            .any(|r| r.addr <= addr && addr + len <= r.addr + r.size)
     }
 }

@@ -52,7 +52,11 @@ fn checksum_ok(addr: u64, len: u64) -> bool {
 fn scan(start: u64, end: u64, sig: &[u8], step: u64) -> Option<u64> {
     let mut a = start;
     while a + sig.len() as u64 <= end {
-        if sig.iter().enumerate().all(|(i, &c)| rd::<u8>(a + i as u64) == c) {
+        if sig
+            .iter()
+            .enumerate()
+            .all(|(i, &c)| rd::<u8>(a + i as u64) == c)
+        {
             return Some(a);
         }
         a += step;
@@ -75,7 +79,9 @@ fn find_rsdp(boot: &BootInfo) -> Option<u64> {
 }
 
 fn madt_cpus(boot: &BootInfo, list: &mut CpuList) -> bool {
-    let Some(rsdp) = find_rsdp(boot) else { return false };
+    let Some(rsdp) = find_rsdp(boot) else {
+        return false;
+    };
     let revision: u8 = rd(rsdp + 15);
     let (table, entry_size) = if revision >= 2 && rd::<u64>(rsdp + 24) != 0 {
         (rd::<u64>(rsdp + 24), 8)
@@ -133,7 +139,9 @@ fn mp_cpus(list: &mut CpuList) -> bool {
     areas[n] = (0xf0000, 0x100000);
     n += 1;
     for &(start, end) in &areas[..n] {
-        let Some(fp) = scan(start, end, b"_MP_", 16) else { continue };
+        let Some(fp) = scan(start, end, b"_MP_", 16) else {
+            continue;
+        };
         if !checksum_ok(fp, 16) {
             continue;
         }
@@ -163,7 +171,11 @@ fn mp_cpus(list: &mut CpuList) -> bool {
 
 /// Lists the CPUs from the ACPI MADT, or the MP table when there is no usable MADT.
 pub fn discover(boot: &BootInfo) -> CpuList {
-    let mut list = CpuList { ids: [0; MAX_CPUS], len: 0, source: "none" };
+    let mut list = CpuList {
+        ids: [0; MAX_CPUS],
+        len: 0,
+        source: "none",
+    };
     if !madt_cpus(boot, &mut list) {
         list.len = 0;
         mp_cpus(&mut list);

@@ -14,7 +14,9 @@ const SYS_CPUID: u64 = 5;
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: rdtsc is allowed at CPL3 (CR4.TSD is clear) and has no memory effects.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
     ((hi as u64) << 32) | lo as u64
 }
 
@@ -34,7 +36,9 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
 #[inline]
 pub fn outb(port: u16, value: u8) {
     // SAFETY: the port is one of those the I/O bitmap allows; port writes touch no guest memory.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads one byte from an I/O port the TSS bitmap opens to CPL3.
@@ -42,7 +46,9 @@ pub fn outb(port: u16, value: u8) {
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for outb.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 

@@ -100,7 +100,9 @@ pub fn pattern_byte(sector: u64, i: usize) -> u8 {
 
 fn find_blk() -> Option<(u64, Mmio)> {
     (0..SLOTS).rev().find_map(|n| {
-        let m = Mmio { base: SLOT_BASE + n * SLOT_SIZE };
+        let m = Mmio {
+            base: SLOT_BASE + n * SLOT_SIZE,
+        };
         (m.r32(REG_MAGIC) == MAGIC && m.r32(REG_DEVICE_ID) == DEVICE_BLK).then_some((n, m))
     })
 }
@@ -158,7 +160,11 @@ impl Blk {
         let rings = Self::rings();
         if version == 2 {
             let (desc, avail, used) = (rings, rings + 16 * qsize as u64, rings + PAGE);
-            for (reg, addr) in [(REG_QUEUE_DESC, desc), (REG_QUEUE_DRIVER, avail), (REG_QUEUE_DEVICE, used)] {
+            for (reg, addr) in [
+                (REG_QUEUE_DESC, desc),
+                (REG_QUEUE_DRIVER, avail),
+                (REG_QUEUE_DEVICE, used),
+            ] {
                 mmio.w32(reg, addr as u32);
                 mmio.w32(reg + 4, (addr >> 32) as u32);
             }
@@ -168,7 +174,13 @@ impl Blk {
             mmio.w32(REG_LEGACY_QUEUE_PFN, (rings / PAGE) as u32);
         }
         mmio.w32(REG_STATUS, status | STATUS_DRIVER_OK);
-        Ok(Blk { mmio, used_seen: 0, avail_idx: 0, flush, timeout_ticks })
+        Ok(Blk {
+            mmio,
+            used_seen: 0,
+            avail_idx: 0,
+            flush,
+            timeout_ticks,
+        })
     }
 
     fn capacity(&self) -> u64 {
@@ -244,7 +256,7 @@ impl Blk {
 
 fn data_buf() -> &'static mut [u8; CHUNK_SECTORS * SECTOR] {
     // SAFETY: only the boot CPU runs the check, and no request is in flight while this is used.
-    unsafe { &mut (*(&raw mut DATA)).0 }
+    unsafe { &mut *(&raw mut DATA).cast::<[u8; CHUNK_SECTORS * SECTOR]>() }
 }
 
 /// The outcome of the check, as printed on the console.
@@ -276,7 +288,9 @@ fn fail(what: &'static str, sector: Option<u64>) -> Outcome {
 /// Finds the virtio-blk device (highest slot first) and checks it: write the pattern over the first
 /// `VERIFY_SECTORS` sectors, flush, read back and compare. Prints a `BLK device …` line on the way.
 pub fn blk_verify(tsc_khz: u64) -> Outcome {
-    let Some((slot, mmio)) = find_blk() else { return fail("no virtio-blk device", None) };
+    let Some((slot, mmio)) = find_blk() else {
+        return fail("no virtio-blk device", None);
+    };
     let version = mmio.r32(REG_VERSION);
     if version != 1 && version != 2 {
         return fail("unknown virtio-mmio version", None);
@@ -309,10 +323,10 @@ pub fn blk_verify(tsc_khz: u64) -> Outcome {
         }
         s += n;
     }
-    if blk.flush {
-        if let Err(e) = blk.request(BLK_T_FLUSH, 0, 0) {
-            return fail(e, None);
-        }
+    if blk.flush
+        && let Err(e) = blk.request(BLK_T_FLUSH, 0, 0)
+    {
+        return fail(e, None);
     }
     s = 0;
     while s < sectors {

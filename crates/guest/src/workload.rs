@@ -50,7 +50,7 @@ pub fn bsp_main(start_info: u64) -> ! {
     console::init();
     let boot = match BootInfo::read(start_info) {
         Ok(b) => b,
-        Err(e) => panic!("unusable PVH start info at {start_info:#x}: {e:?}"),
+        Err(e) => panic!("unusable PVH start info at {start_info:#x}: {e}"),
     };
     let config = match cmdline::parse(boot.cmdline()) {
         Ok(c) => c,
@@ -76,7 +76,10 @@ pub fn bsp_main(start_info: u64) -> ! {
 
     let cpus = smp::discover(&boot);
     let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
-    println!("TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}", boot.mem_mib());
+    println!(
+        "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
+        boot.mem_mib()
+    );
     START_TSC.store(rdtsc(), Ordering::Relaxed);
     GO.store(true, Ordering::Release);
 
@@ -147,7 +150,14 @@ impl Writer {
             return None;
         }
         let base = DIRTY_BASE.load(Ordering::Relaxed) + cpu * pages * PAGE;
-        Some(Writer { base, pages, rate, pos: 0, written: 0, forgiven: 0 })
+        Some(Writer {
+            base,
+            pages,
+            rate,
+            pos: 0,
+            written: 0,
+            forgiven: 0,
+        })
     }
 
     fn write(&mut self, count: u64) {
@@ -184,13 +194,21 @@ fn run(cpu: usize, n: usize) -> ! {
     let start = START_TSC.load(Ordering::Relaxed);
     let hb_ticks = ms(HB_MS.load(Ordering::Relaxed));
     let poweroff_ms = POWEROFF_MS.load(Ordering::Relaxed);
-    let poweroff_at = if cpu == 0 && poweroff_ms != u64::MAX { start + ms(poweroff_ms) } else { u64::MAX };
+    let poweroff_at = if cpu == 0 && poweroff_ms != u64::MAX {
+        start + ms(poweroff_ms)
+    } else {
+        u64::MAX
+    };
     let suffix_cpu = n > 1;
     let mut writer = Writer::for_cpu(cpu, n);
     let wstart = rdtsc();
 
     let mut seq = 0u64;
-    let mut next_hb = if hb_ticks > 0 { rdtsc() + hb_ticks } else { u64::MAX };
+    let mut next_hb = if hb_ticks > 0 {
+        rdtsc() + hb_ticks
+    } else {
+        u64::MAX
+    };
     let mut last_hb = rdtsc();
     let mut written_at_hb = 0u64;
     let mut last = rdtsc();
