@@ -49,6 +49,8 @@ pvh_entry32:
 ap_entry32:
     cli
     cld
+    mov $0x10, %eax             # %ds still holds the trampoline's real-mode base
+    mov %eax, %ds
     mov ap_boot_cpu, %esi
     xor %edi, %edi
 
