@@ -88,11 +88,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
 
 /// The images `builtin:NAME` can name.
 fn builtin(name: &str) -> Option<Arc<[u8]>> {
-    match name {
-        // Wired to the embedded test guest once crates/guest-image exports it.
-        _ if name.is_empty() => Some(Arc::from(Vec::new())),
-        _ => None,
-    }
+    tern_guest_image::builtin(name).map(Arc::from)
 }
 
 fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
@@ -105,7 +101,7 @@ fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
             }),
             None => Err(tern_vmm::config::ConfigError::UnknownBuiltin {
                 name: name.to_string(),
-                known: "testguest".into(),
+                known: tern_guest_image::NAMES.join(", "),
             }
             .into()),
         },
