@@ -548,3 +548,45 @@ fn combined_workloads_run_on_every_vcpu() {
         assert!(!heartbeats(&lines, Some(cpu)).is_empty());
     }
 }
+
+#[test]
+fn cpu_discovery_falls_back_to_the_mp_table_without_acpi() {
+    // microvm has no MP table; the PC machine's SeaBIOS writes one (and spends a few seconds of
+    // emulated CPL0 code doing so). With ACPI off, the guest must find its CPU there.
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let config = QemuConfig {
+        kernel: guest_elf(dir.path()),
+        cmdline: "tern.hb_ms=100 tern.poweroff_ms=250".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        tsc_hz: host_tsc_hz(),
+        disk: None,
+        virtio_modern: false,
+    };
+    let mut args = config.args();
+    let m = args
+        .iter()
+        .position(|a| a == "microvm")
+        .expect("microvm in the QEMU arguments");
+    args[m] = "pc,acpi=off".into();
+    let out = Command::new(QEMU)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run QEMU");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        console.contains("TERN-GUEST cpus source=mptable apic_ids=0\n"),
+        "console:\n{console}"
+    );
+    assert!(
+        console.contains("TERN-GUEST up cpus=1 "),
+        "console:\n{console}"
+    );
+    assert_eq!(
+        qemu::debug_exit_value(out.status.code().unwrap_or(-1)),
+        Some(0),
+        "console:\n{console}"
+    );
+}

@@ -4,6 +4,7 @@
 //! the loop chose to sleep does not count), write the pages that are due, print the heartbeat when it
 //! is due, then halt until the next thing is due unless the writer runs at maximum rate.
 
+use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::cmdline::{self, Config};
@@ -75,6 +76,14 @@ pub fn bsp_main(start_info: u64) -> ! {
     }
 
     let cpus = smp::discover(&boot);
+    {
+        let mut line = console::Line::new();
+        let _ = write!(line, "TERN-GUEST cpus source={} apic_ids=", cpus.source);
+        for (i, id) in cpus.ids[..cpus.len].iter().enumerate() {
+            let _ = write!(line, "{}{id}", if i == 0 { "" } else { "," });
+        }
+        line.emit();
+    }
     let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
     println!(
         "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
