@@ -604,3 +604,20 @@ fn cpu_discovery_falls_back_to_the_mp_table_without_acpi() {
         "console:\n{console}"
     );
 }
+
+#[test]
+fn guest_fault_is_reported_and_powers_off_with_value_one() {
+    let mut g = Guest::boot(Boot {
+        cmdline: "tern.selftest=pagefault tern.hb_ms=50",
+        vcpus: 2,
+        ..Boot::default()
+    });
+    let (code, console) = g.wait_exit();
+    let panic = console
+        .iter()
+        .find(|l| l.starts_with("PANIC "))
+        .unwrap_or_else(|| panic!("no PANIC line: {console:?}"));
+    assert!(panic.starts_with("PANIC exception vector=14 "), "{panic}");
+    assert!(panic.contains(" cr2=0x100000000 "), "{panic}");
+    assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
+}

@@ -21,6 +21,8 @@ const MAX_RATE_CHUNK: u64 = 256;
 const PACED_CHUNK: u64 = 4096;
 /// An idle loop still wakes this often (ms).
 const IDLE_MS: u64 = 1000;
+/// `tern.selftest=pagefault` reads here (the identity map ends at 4 GiB).
+const SELFTEST_FAULT_ADDR: u64 = 0x1_0000_0000;
 
 unsafe extern "C" {
     static __image_end: u8;
@@ -91,6 +93,13 @@ pub fn bsp_main(start_info: u64) -> ! {
     );
     START_TSC.store(rdtsc(), Ordering::Relaxed);
     GO.store(true, Ordering::Release);
+
+    if config.selftest_fault {
+        // Nothing is mapped above 4 GiB: this read takes a page fault to the kernel, which reports it.
+        // SAFETY: deliberately faulting; the read never completes.
+        let v = unsafe { core::ptr::read_volatile(SELFTEST_FAULT_ADDR as *const u64) };
+        panic!("read of unmapped memory returned {v:#x}");
+    }
 
     if config.blk_verify {
         match virtio::blk_verify(tsc_khz) {
