@@ -13,6 +13,8 @@ pub struct Config {
     pub blk_verify: bool,
     /// Power off after this many ms of workload.
     pub poweroff_ms: Option<u64>,
+    /// A deliberate fault right after the `up` line, to test how a guest crash is reported.
+    pub selftest_fault: bool,
 }
 
 impl Config {
@@ -22,6 +24,7 @@ impl Config {
         dirty_rate: 0,
         blk_verify: false,
         poweroff_ms: None,
+        selftest_fault: false,
     };
 }
 
@@ -49,6 +52,10 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             "tern.blk" => match value {
                 "verify" => c.blk_verify = true,
                 "off" => c.blk_verify = false,
+                _ => return Err(bad),
+            },
+            "tern.selftest" => match value {
+                "pagefault" => c.selftest_fault = true,
                 _ => return Err(bad),
             },
             _ => {}

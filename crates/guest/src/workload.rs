@@ -4,6 +4,7 @@
 //! the loop chose to sleep does not count), write the pages that are due, print the heartbeat when it
 //! is due, then halt until the next thing is due unless the writer runs at maximum rate.
 
+use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::cmdline::{self, Config};
@@ -20,6 +21,8 @@ const MAX_RATE_CHUNK: u64 = 256;
 const PACED_CHUNK: u64 = 4096;
 /// An idle loop still wakes this often (ms).
 const IDLE_MS: u64 = 1000;
+/// `tern.selftest=pagefault` reads here (the identity map ends at 4 GiB).
+const SELFTEST_FAULT_ADDR: u64 = 0x1_0000_0000;
 
 unsafe extern "C" {
     static __image_end: u8;
@@ -75,6 +78,14 @@ pub fn bsp_main(start_info: u64) -> ! {
     }
 
     let cpus = smp::discover(&boot);
+    {
+        let mut line = console::Line::new();
+        let _ = write!(line, "TERN-GUEST cpus source={} apic_ids=", cpus.source);
+        for (i, id) in cpus.ids[..cpus.len].iter().enumerate() {
+            let _ = write!(line, "{}{id}", if i == 0 { "" } else { "," });
+        }
+        line.emit();
+    }
     let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
     println!(
         "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
@@ -82,6 +93,13 @@ pub fn bsp_main(start_info: u64) -> ! {
     );
     START_TSC.store(rdtsc(), Ordering::Relaxed);
     GO.store(true, Ordering::Release);
+
+    if config.selftest_fault {
+        // Nothing is mapped above 4 GiB: this read takes a page fault to the kernel, which reports it.
+        // SAFETY: deliberately faulting; the read never completes.
+        let v = unsafe { core::ptr::read_volatile(SELFTEST_FAULT_ADDR as *const u64) };
+        panic!("read of unmapped memory returned {v:#x}");
+    }
 
     if config.blk_verify {
         match virtio::blk_verify(tsc_khz) {
