@@ -1,0 +1,491 @@
+//! Convergence policy: bandwidth estimate, the switch-over rule, the throttle schedule, the
+//! timeout, and the bandwidth cap's token bucket. Pure: every time is passed in.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// What to do when the timeout passes before the migration converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnTimeout {
+    /// Give up: the source keeps running (the default).
+    #[default]
+    Abort,
+    /// Switch over anyway, accepting a longer pause.
+    Force,
+}
+
+/// Knobs of the convergence policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvergenceConfig {
+    /// Largest acceptable pause (source pause → target running). Default 50 ms.
+    pub downtime_budget: Duration,
+    /// Give up (or force) after this long. Default 60 s.
+    pub timeout: Duration,
+    /// What to do at the timeout.
+    pub on_timeout: OnTimeout,
+    /// Bandwidth cap in bytes/s, if any (the estimate never exceeds it).
+    pub max_bandwidth: Option<u64>,
+    /// Expected size of the saved VM state, sent during the pause.
+    pub state_bytes_estimate: u64,
+    /// Expected time for the target to restore and resume, and the commit round trip.
+    pub restore_estimate: Duration,
+    /// Sending time the bandwidth window covers.
+    pub bandwidth_window: Duration,
+    /// Throttling starts only from this round on (round 0 is the full copy).
+    pub throttle_from_round: u32,
+    /// First throttle step, percent of vCPU time taken away.
+    pub throttle_initial_pct: u8,
+    /// Highest throttle, percent.
+    pub throttle_max_pct: u8,
+    /// Each further step multiplies the vCPUs' remaining run share by this (0..1): steps grow.
+    pub throttle_run_factor: f64,
+    /// Length of one throttle slice (run + sleep); at most 10 ms.
+    pub throttle_slice: Duration,
+}
+
+impl Default for ConvergenceConfig {
+    fn default() -> Self {
+        Self {
+            downtime_budget: Duration::from_millis(50),
+            timeout: Duration::from_secs(60),
+            on_timeout: OnTimeout::Abort,
+            max_bandwidth: None,
+            state_bytes_estimate: 256 << 10,
+            restore_estimate: Duration::from_millis(5),
+            bandwidth_window: Duration::from_secs(1),
+            throttle_from_round: 2,
+            throttle_initial_pct: 20,
+            throttle_max_pct: 99,
+            throttle_run_factor: 0.5,
+            throttle_slice: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Bandwidth from a sliding window of send bursts: bytes over busy time, so idle gaps between
+/// rounds do not drag the estimate down.
+#[derive(Debug, Clone)]
+pub struct BandwidthEstimator {
+    window: Duration,
+    samples: VecDeque<(u64, Duration)>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl BandwidthEstimator {
+    /// An estimator over `window` of sending time.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: VecDeque::new(),
+            busy: Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// Records that `bytes` were sent in `busy` time.
+    pub fn record(&mut self, bytes: u64, busy: Duration) {
+        if bytes == 0 && busy.is_zero() {
+            return;
+        }
+        self.samples.push_back((bytes, busy));
+        self.bytes += bytes;
+        self.busy += busy;
+        // Drop old samples while the rest still covers the window.
+        while let Some(&(b, d)) = self.samples.front() {
+            if self.samples.len() > 1 && self.busy - d >= self.window {
+                self.samples.pop_front();
+                self.bytes -= b;
+                self.busy -= d;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Bytes per second, or `None` before the first sample with measurable time.
+    pub fn bytes_per_sec(&self) -> Option<f64> {
+        let s = self.busy.as_secs_f64();
+        (s > 0.0 && self.bytes > 0).then(|| self.bytes as f64 / s)
+    }
+}
+
+/// The convergence decision after a dirty-log sync.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Run another pre-copy round.
+    Continue,
+    /// Raise the throttle to this percent and run another round.
+    Throttle(u8),
+    /// Pause and send the rest: converged (`forced` false) or forced at the timeout.
+    SwitchOver {
+        /// True when the timeout forced it.
+        forced: bool,
+    },
+    /// Give up: the timeout passed.
+    Abort,
+}
+
+/// Inputs of one decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncInput {
+    /// Time since the migration started.
+    pub elapsed: Duration,
+    /// Bytes still dirty after this sync.
+    pub remaining_bytes: u64,
+    /// Bytes that were dirty at the previous sync (before the round just sent).
+    pub previous_remaining_bytes: Option<u64>,
+    /// Round number just finished (0 = the full copy).
+    pub round: u32,
+    /// Current throttle percent.
+    pub throttle_pct: u8,
+    /// Current bandwidth estimate, bytes/s.
+    pub bandwidth: Option<f64>,
+}
+
+impl ConvergenceConfig {
+    /// The bandwidth to plan with: the estimate capped by the configured maximum.
+    pub fn effective_bandwidth(&self, estimate: Option<f64>) -> Option<f64> {
+        match (estimate, self.max_bandwidth) {
+            (Some(e), Some(cap)) => Some(e.min(cap as f64)),
+            (e, _) => e,
+        }
+    }
+
+    /// The pause expected if we switched over now with `remaining_bytes` dirty.
+    /// `None` when the bandwidth is not yet known and something remains.
+    pub fn expected_downtime(
+        &self,
+        remaining_bytes: u64,
+        bandwidth: Option<f64>,
+    ) -> Option<Duration> {
+        let bytes = remaining_bytes + self.state_bytes_estimate;
+        let transfer = match self.effective_bandwidth(bandwidth) {
+            Some(bw) if bw > 0.0 => Duration::from_secs_f64(bytes as f64 / bw),
+            _ if remaining_bytes == 0 => Duration::ZERO,
+            _ => return None,
+        };
+        Some(transfer + self.restore_estimate)
+    }
+
+    /// The next throttle percent after `current`: first the initial step, then the run share
+    /// shrinks by `throttle_run_factor` each step, up to the maximum.
+    pub fn next_throttle(&self, current: u8) -> u8 {
+        let max = self.throttle_max_pct.min(99);
+        if current == 0 {
+            return self.throttle_initial_pct.min(max);
+        }
+        let run = f64::from(100 - current.min(100)) * self.throttle_run_factor.clamp(0.0, 0.99);
+        let next = (100.0 - run).round() as u8;
+        next.max(current + 1).min(max)
+    }
+
+    /// The switch-over rule, the throttle schedule and the timeout, in that order.
+    pub fn decide(&self, i: &SyncInput) -> Decision {
+        if let Some(d) = self.expected_downtime(i.remaining_bytes, i.bandwidth)
+            && d <= self.downtime_budget
+        {
+            return Decision::SwitchOver { forced: false };
+        }
+        if i.elapsed >= self.timeout {
+            return match self.on_timeout {
+                OnTimeout::Abort => Decision::Abort,
+                OnTimeout::Force => Decision::SwitchOver { forced: true },
+            };
+        }
+        // Above budget. Throttle harder unless the remainder is already falling fast (halved
+        // since the previous sync): that converges on its own.
+        let falling_fast = i
+            .previous_remaining_bytes
+            .is_some_and(|p| i.remaining_bytes.saturating_mul(2) <= p);
+        if i.round >= self.throttle_from_round && !falling_fast {
+            let next = self.next_throttle(i.throttle_pct);
+            if next > i.throttle_pct {
+                return Decision::Throttle(next);
+            }
+        }
+        Decision::Continue
+    }
+}
+
+/// How a throttle percent is applied: in each slice the vCPUs run for `run` and sleep `sleep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleSlice {
+    /// Time the vCPUs may run per slice.
+    pub run: Duration,
+    /// Time the vCPUs are held per slice.
+    pub sleep: Duration,
+}
+
+impl ThrottleSlice {
+    /// The slice for `pct` percent throttling with slices of `slice` (capped at 10 ms, so a
+    /// pause request waits at most one slice).
+    pub fn for_pct(pct: u8, slice: Duration) -> Self {
+        let slice = slice.min(Duration::from_millis(10));
+        let pct = u32::from(pct.min(100));
+        let sleep = slice * pct / 100;
+        Self {
+            run: slice - sleep,
+            sleep,
+        }
+    }
+}
+
+/// A token bucket for the bandwidth cap. Time is passed in.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    /// `rate` bytes/s with bursts of up to `burst` bytes; starts full at time `now`.
+    pub fn new(rate: u64, burst: u64, now: Duration) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            burst: burst.max(1) as f64,
+            tokens: burst.max(1) as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `bytes` at time `now`; returns how long to wait before sending them (zero if none).
+    /// The tokens are taken either way (a debt is paid off by the wait).
+    pub fn take(&mut self, bytes: u64, now: Duration) -> Duration {
+        let dt = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GBPS: f64 = 1e9;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn bandwidth_estimate_uses_busy_time_and_slides() {
+        let mut b = BandwidthEstimator::new(ms(100));
+        assert_eq!(b.bytes_per_sec(), None);
+        b.record(100 * MIB, ms(100)); // 1000 MiB/s
+        let first = b.bytes_per_sec().unwrap();
+        assert!((first - 1000.0 * MIB as f64).abs() < 1.0);
+        // A slower link later: the old sample leaves the window.
+        b.record(10 * MIB, ms(100));
+        b.record(10 * MIB, ms(100));
+        let later = b.bytes_per_sec().unwrap();
+        assert!((later - 100.0 * MIB as f64).abs() < 1.0, "{later}");
+    }
+
+    #[test]
+    fn switches_over_when_remainder_fits_the_budget() {
+        let c = ConvergenceConfig::default();
+        let fits = SyncInput {
+            elapsed: ms(100),
+            remaining_bytes: 20 * MIB,
+            previous_remaining_bytes: None,
+            round: 1,
+            throttle_pct: 0,
+            bandwidth: Some(GBPS),
+        };
+        // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
+        assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
+        let too_much = SyncInput {
+            remaining_bytes: 60 * MIB,
+            ..fits
+        };
+        assert_eq!(c.decide(&too_much), Decision::Continue);
+        // The state estimate counts: a 50 MiB state would not fit.
+        let big_state = ConvergenceConfig {
+            state_bytes_estimate: 50 * MIB,
+            ..c.clone()
+        };
+        assert_eq!(big_state.decide(&fits), Decision::Continue);
+        // The cap counts: at 100 MB/s 20 MiB does not fit.
+        let capped = ConvergenceConfig {
+            max_bandwidth: Some(100_000_000),
+            ..c.clone()
+        };
+        assert_eq!(capped.decide(&fits), Decision::Continue);
+        // Nothing dirty converges even before any bandwidth is known.
+        let empty = SyncInput {
+            remaining_bytes: 0,
+            bandwidth: None,
+            ..fits
+        };
+        assert_eq!(
+            ConvergenceConfig {
+                state_bytes_estimate: 0,
+                ..c
+            }
+            .decide(&empty),
+            Decision::SwitchOver { forced: false }
+        );
+    }
+
+    #[test]
+    fn throttle_steps_grow_and_stop_at_the_maximum() {
+        let c = ConvergenceConfig::default();
+        let mut pct = 0;
+        let mut steps = vec![];
+        while pct < 99 {
+            let next = c.next_throttle(pct);
+            assert!(next > pct);
+            steps.push(next);
+            pct = next;
+        }
+        assert_eq!(steps, vec![20, 60, 80, 90, 95, 98, 99]);
+        assert_eq!(c.next_throttle(99), 99);
+        let gaps: Vec<_> = steps.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] > 10, "strength grows fast at first: {gaps:?}");
+    }
+
+    #[test]
+    fn throttle_slices_are_at_most_ten_ms() {
+        let s = ThrottleSlice::for_pct(99, ms(50));
+        assert_eq!(s.run + s.sleep, ms(10));
+        assert_eq!(s.sleep, Duration::from_micros(9900));
+        assert_eq!(ThrottleSlice::for_pct(0, ms(5)).sleep, Duration::ZERO);
+    }
+
+    #[test]
+    fn timeout_aborts_or_forces() {
+        let c = ConvergenceConfig {
+            timeout: ms(1000),
+            ..Default::default()
+        };
+        let stuck = SyncInput {
+            elapsed: ms(1000),
+            remaining_bytes: 500 * MIB,
+            previous_remaining_bytes: Some(500 * MIB),
+            round: 9,
+            throttle_pct: 99,
+            bandwidth: Some(GBPS),
+        };
+        assert_eq!(c.decide(&stuck), Decision::Abort);
+        let f = ConvergenceConfig {
+            on_timeout: OnTimeout::Force,
+            ..c
+        };
+        assert_eq!(f.decide(&stuck), Decision::SwitchOver { forced: true });
+    }
+
+    #[test]
+    fn token_bucket_paces_to_the_rate() {
+        let mut t = TokenBucket::new(1000, 100, Duration::ZERO);
+        assert_eq!(t.take(100, Duration::ZERO), Duration::ZERO);
+        assert_eq!(t.take(500, Duration::ZERO), ms(500));
+        // After the wait the debt is paid; 1 s later 100 tokens (the burst) are back.
+        assert_eq!(t.take(100, Duration::from_millis(1600)), Duration::ZERO);
+    }
+
+    /// A synthetic pre-copy run: a guest dirtying `dirty_rate` bytes/s of a `wss`-byte working
+    /// set, a link of `bw` bytes/s, throttling cutting the dirty rate. Returns the decisions'
+    /// outcome, rounds, highest throttle and final expected downtime.
+    fn simulate(
+        c: &ConvergenceConfig,
+        memory: u64,
+        wss: u64,
+        dirty_rate: f64,
+        bw: f64,
+    ) -> (Decision, u32, u8, Duration) {
+        let mut est = BandwidthEstimator::new(c.bandwidth_window);
+        let mut elapsed = Duration::ZERO;
+        let mut to_send = memory;
+        let mut prev = None;
+        let mut throttle = 0u8;
+        for round in 0..10_000u32 {
+            let t = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
+            est.record(to_send, t);
+            elapsed += t;
+            let rate = dirty_rate * f64::from(100 - throttle) / 100.0;
+            // Pages dirtied during the round, bounded by the working set.
+            let dirtied = ((rate * t.as_secs_f64()) as u64).min(wss);
+            let input = SyncInput {
+                elapsed,
+                remaining_bytes: dirtied,
+                previous_remaining_bytes: prev,
+                round,
+                throttle_pct: throttle,
+                bandwidth: est.bytes_per_sec(),
+            };
+            match c.decide(&input) {
+                Decision::Continue => {}
+                Decision::Throttle(p) => throttle = p,
+                d => {
+                    let dt = c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap();
+                    return (d, round, throttle, dt);
+                }
+            }
+            prev = Some(dirtied);
+            to_send = dirtied;
+        }
+        panic!("no decision in 10000 rounds");
+    }
+
+    #[test]
+    fn idle_guest_converges_after_the_first_round() {
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 4 * MIB, 1e5, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert_eq!(rounds, 0);
+        assert_eq!(thr, 0);
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn moderate_dirtying_converges_without_throttle() {
+        // 20,000 pages/s over 256 MiB at 1 GB/s.
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 20_000.0 * 4096.0, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert!(rounds <= 3, "rounds {rounds}");
+        assert_eq!(thr, 0);
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn max_rate_dirtying_throttles_then_converges() {
+        // The guest dirties 4 GB/s over a 256 MiB working set, four times the link.
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 4.0 * GBPS, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert!(thr >= 90, "throttle reached {thr}");
+        assert!(rounds > c.throttle_from_round, "rounds {rounds}");
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn unthrottleable_guest_aborts_at_the_timeout() {
+        // Even 99 % throttling leaves more than the link can carry: the timeout decides.
+        let c = ConvergenceConfig {
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let (d, _, thr, _) = simulate(&c, 1 << 30, 256 * MIB, 200.0 * GBPS, GBPS);
+        assert_eq!(d, Decision::Abort);
+        assert_eq!(thr, 99);
+        let f = ConvergenceConfig {
+            on_timeout: OnTimeout::Force,
+            ..c
+        };
+        assert_eq!(
+            simulate(&f, 1 << 30, 256 * MIB, 200.0 * GBPS, GBPS).0,
+            Decision::SwitchOver { forced: true }
+        );
+    }
+}
