@@ -162,18 +162,26 @@ pub fn receive<T: MigrationTarget + ?Sized>(
         if !matches!(e, ReceiveError::Aborted(_) | ReceiveError::Refused(_))
             && let Some(c) = run.control.as_mut()
         {
-            let _ = c.write_all(
-                &Frame::Failed {
-                    reason: e.to_string(),
-                }
-                .encode(),
-            );
+            let reason = error_chain(e);
+            let _ = c.write_all(&Frame::Failed { reason }.encode());
         }
     }
     for s in run.sockets.iter().chain(run.control.iter()) {
         let _ = s.shutdown(Shutdown::Both);
     }
     result.map(|()| run.report)
+}
+
+/// An error and its causes on one line: "A: B: C".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 fn accept(
@@ -401,6 +409,18 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     }));
                 }
                 Event::Error(stream, source) => {
+                    // A source that gives up sends Abort on the control stream and then
+                    // closes everything: give its reason a moment to arrive.
+                    let grace = Instant::now() + Duration::from_millis(200);
+                    while let Some(left) = grace.checked_duration_since(Instant::now()) {
+                        match rx.recv_timeout(left) {
+                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason })) => {
+                                return Err(ReceiveError::Aborted(reason));
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
                     return Err(ReceiveError::Stream { stream, source });
                 }
             }

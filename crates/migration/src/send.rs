@@ -298,7 +298,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.machine
             .paused(self.now())
             .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-        let (pages, count) = self.fetch_dirty()?;
+        // The last sync's dirty set was not sent yet: add what was dirtied since.
+        let (last, _) = self.fetch_dirty()?;
+        let mut count = 0;
+        for (p, l) in pages.iter_mut().zip(&last) {
+            *p |= l;
+            count += u64::from(p.count_ones());
+        }
         let t0 = Instant::now();
         let before = self.bytes_sent;
         self.round_remaining = count * PAGE_SIZE;
@@ -733,7 +739,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         mut self,
         result: Result<Duration, MigrateError>,
     ) -> Result<MigrationReport, MigrationFailure> {
-        let reason = result.as_ref().err().map(|e| e.to_string());
+        let reason = result.as_ref().err().map(|e| crate::recv::error_chain(e));
         let action = match &result {
             Ok(_) => None,
             Err(_) => Some(self.machine.failed(self.target_answered)),
