@@ -931,7 +931,10 @@ mod tests {
             out.extend_from_slice(&payload);
             finish(&mut out);
             let l = layout();
-            let _ = decode(&out, Some(&l));
+            // Whatever is accepted is canonical: it encodes back to the same bytes.
+            if let Ok((f, used)) = decode(&out, Some(&l)) {
+                prop_assert_eq!(f.encode(), out[..used].to_vec());
+            }
             let _ = read_frame(&mut io::Cursor::new(&out), Some(&l));
         }
 

@@ -155,7 +155,7 @@ fn idle_guest_migrates_skipping_zero_pages_and_verifies_memory() {
 
 #[test]
 fn moderate_dirty_rate_migrates_over_four_streams() {
-    // 20,000 pages/s over 64 MiB.
+    // 20,000 pages/s over 256 MiB.
     let mut src = MemVm::source(64 * MIB, 20_000);
     assert!(src.wait_writes(1000, Duration::from_secs(5)));
     let (addr, h) = spawn_target(MemVm::target(64 * MIB, 1, 20_000));
@@ -170,9 +170,9 @@ fn moderate_dirty_rate_migrates_over_four_streams() {
 
 #[test]
 fn max_rate_guest_converges_through_throttling() {
-    let mut src = MemVm::source(32 * MIB, 0);
+    let mut src = MemVm::source(64 * MIB, 0);
     assert!(src.wait_writes(100_000, Duration::from_secs(10)));
-    let (addr, h) = spawn_target(MemVm::target(32 * MIB, 1, 5000));
+    let (addr, h) = spawn_target(MemVm::target(64 * MIB, 1, 5000));
     let (r, progress) = migrate(&mut src, addr, &opts(2, true), &CancelToken::new());
     let (tgt, rr) = h.join().unwrap();
     let report = r.unwrap();
@@ -480,4 +480,45 @@ fn target_refuses_a_stream_of_garbage() {
         "{rr:?}"
     );
     assert_eq!(tgt.state(), VmState::Discarded);
+}
+
+#[test]
+fn connection_lost_after_commit_leaves_the_source_paused_in_doubt() {
+    // The target gets commit, then the link dies before "running" reaches the source. The
+    // target runs; the source must not resume on its own (that would make two copies).
+    let mut src = MemVm::source(8 * MIB, 1000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = Proxy::start(listener.local_addr().unwrap());
+    let mut tgt = MemVm::target(8 * MIB, 1, 5000);
+    tgt.on_restore = Some(Box::new(proxy.cutter()));
+    let h = thread::spawn(move || {
+        let r = receive(
+            &listener,
+            &mut tgt,
+            &ReceiveOptions::default(),
+            &CancelToken::new(),
+        );
+        (tgt, r)
+    });
+    let mut o = opts(2, true);
+    o.ack_timeout = Duration::from_secs(5);
+    let (r, _) = migrate(&mut src, proxy.addr, &o, &CancelToken::new());
+    let (tgt, rr) = h.join().unwrap();
+    rr.unwrap();
+    let failure = r.unwrap_err();
+    assert_eq!(failure.report.outcome, Outcome::InDoubt);
+    assert!(
+        matches!(failure.error, MigrateError::InDoubt(_)),
+        "{:?}",
+        failure.error
+    );
+    assert_eq!(src.state(), VmState::Paused, "source stays paused");
+    assert_eq!(src.resumed_count, 0);
+    assert!(tgt.is_running());
+    assert!(tgt.wait_writes(20, Duration::from_secs(5)));
+    assert_eq!(
+        tgt.snapshot.as_ref(),
+        src.snapshot.as_ref(),
+        "memory moved intact"
+    );
 }

@@ -79,6 +79,8 @@ pub struct MemVm {
     pub corrupt_after_pages: Option<u64>,
     /// Called once when the target has written this many pages.
     pub on_pages: Option<(u64, Hook)>,
+    /// Called in `restore_state` (fault injection after commit).
+    pub on_restore: Option<Hook>,
     pages_written: u64,
     pub resumed_count: u32,
     restored: Option<u64>,
@@ -129,6 +131,7 @@ impl MemVm {
             die_after_pages: None,
             corrupt_after_pages: None,
             on_pages: None,
+            on_restore: None,
             pages_written: 0,
             resumed_count: 0,
             restored: None,
@@ -433,6 +436,9 @@ impl MigrationTarget for MemVm {
     }
 
     fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), VmError> {
+        if let Some(h) = self.on_restore.as_mut() {
+            h();
+        }
         if version != 3 || bytes.len() != 27 || &bytes[..11] != b"memvm-state" {
             return Err("bad state".into());
         }
