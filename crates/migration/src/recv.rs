@@ -348,12 +348,12 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             if commit_at.is_some() && self.machine.all_ended() {
                 break;
             }
+            if self.cancel.is_cancelled() && commit_at.is_none() {
+                return Err(ReceiveError::Cancelled);
+            }
             let ev = match rx.recv_timeout(Duration::from_millis(20)) {
                 Ok(ev) => ev,
                 Err(RecvTimeoutError::Timeout) => {
-                    if self.cancel.is_cancelled() && commit_at.is_none() {
-                        return Err(ReceiveError::Cancelled);
-                    }
                     if idle_since.elapsed() >= self.opts.idle_timeout {
                         return Err(ReceiveError::Idle(self.opts.idle_timeout));
                     }

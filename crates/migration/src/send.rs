@@ -737,8 +737,28 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     /// Turns the result into a report, undoing what a failure requires.
     fn finish(
         mut self,
-        result: Result<Duration, MigrateError>,
+        mut result: Result<Duration, MigrateError>,
     ) -> Result<MigrationReport, MigrationFailure> {
+        // A target that gives up sends its reason on the control stream and closes the data
+        // streams; a broken data stream may be noticed first. Give the reason a moment.
+        if matches!(
+            result,
+            Err(MigrateError::Connection(_) | MigrateError::Read(_))
+        ) && let Some(rx) = &self.control_rx
+        {
+            let grace = Instant::now() + Duration::from_millis(100);
+            while let Some(left) = grace.checked_duration_since(Instant::now()) {
+                match rx.recv_timeout(left) {
+                    Ok(Ok(Frame::Failed { reason } | Frame::Abort { reason })) => {
+                        self.target_answered = true;
+                        result = Err(MigrateError::Target(reason));
+                        break;
+                    }
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => break,
+                }
+            }
+        }
         let reason = result.as_ref().err().map(|e| crate::recv::error_chain(e));
         let action = match &result {
             Ok(_) => None,

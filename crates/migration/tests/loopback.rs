@@ -522,3 +522,33 @@ fn connection_lost_after_commit_leaves_the_source_paused_in_doubt() {
         "memory moved intact"
     );
 }
+
+#[test]
+fn cancel_on_the_target_fails_the_migration_and_the_source_keeps_running() {
+    let mut src = MemVm::source(32 * MIB, 20_000);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target_cancel = CancelToken::new();
+    let mut tgt = MemVm::target(32 * MIB, 1, 5000);
+    let c = target_cancel.clone();
+    tgt.on_pages = Some((100, Box::new(move || c.cancel())));
+    let h = thread::spawn(move || {
+        let r = receive(
+            &listener,
+            &mut tgt,
+            &ReceiveOptions::default(),
+            &target_cancel,
+        );
+        (tgt, r)
+    });
+    let (r, _) = migrate(&mut src, addr, &opts(2, false), &CancelToken::new());
+    let (tgt, rr) = h.join().unwrap();
+    assert!(matches!(rr, Err(ReceiveError::Cancelled)), "{rr:?}");
+    let failure = r.unwrap_err();
+    assert!(
+        matches!(failure.error, MigrateError::Target(ref m) if m.contains("cancelled on the target")),
+        "{:?}",
+        failure.error
+    );
+    assert_stayed(&src, &tgt, &failure);
+}
