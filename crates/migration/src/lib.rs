@@ -16,6 +16,38 @@
 //!
 //! The pure modules take time as an argument; the shells own the clock and the sockets.
 //!
+//! # Use
+//!
+//! The VMM implements [`MigrationSource`] on the running VM and [`MigrationTarget`] on the
+//! incoming one; the CLI calls the shells:
+//!
+//! ```no_run
+//! use std::net::TcpListener;
+//! use tern_migration::{
+//!     CancelToken, MigrateOptions, MigrationSource, MigrationTarget, ReceiveOptions, migrate,
+//!     receive,
+//! };
+//!
+//! fn send(vm: &mut impl MigrationSource) {
+//!     let opts = MigrateOptions { streams: 4, verify_memory: true, ..Default::default() };
+//!     let mut show = |p: &tern_migration::Progress| {
+//!         eprintln!("round {} remaining {} B throttle {} %", p.round, p.bytes_remaining, p.throttle_pct)
+//!     };
+//!     match migrate(vm, "10.0.0.2:4444", &opts, &CancelToken::new(), &mut show) {
+//!         Ok(report) => println!("{}", report.to_json()), // the VM runs on the target now
+//!         Err(f) => eprintln!("{} (source runs: {})", f.error, f.report.outcome.source_runs()),
+//!     }
+//! }
+//!
+//! fn take(vm: &mut impl MigrationTarget) {
+//!     let listener = TcpListener::bind("0.0.0.0:4444").unwrap();
+//!     match receive(&listener, vm, &ReceiveOptions::default(), &CancelToken::new()) {
+//!         Ok(r) => eprintln!("running after {} ms", r.total_ms),
+//!         Err(e) => eprintln!("discarded: {e}"),
+//!     }
+//! }
+//! ```
+//!
 //! # Connections
 //!
 //! One **control** stream carries the handshake, state, verify digest, commit and the
@@ -96,7 +128,9 @@
 //! # Convergence
 //!
 //! After every round the dirty log is fetched. With `B` the bandwidth over a sliding window of
-//! sending time (capped by `--max-bandwidth`), the switch-over happens when
+//! link time (bytes over the time the sender waited for the streams: queue space, token bucket,
+//! flushes; reading and zero-checking pages do not count), capped by `--max-bandwidth`, the
+//! switch-over happens when
 //! `(dirty bytes + state estimate) / B + restore estimate ≤ downtime budget` (default 50 ms).
 //! Otherwise, from round 2 on, unless the remainder halved since the last sync, the vCPUs are
 //! throttled harder: 20 %, then the run share halves each step (60, 80, 90, 95, 98, 99 %),

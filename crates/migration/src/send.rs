@@ -171,6 +171,9 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     last_progress: Instant,
     round_remaining: u64,
     target_answered: bool,
+    /// Time spent waiting on the link (queue space, token bucket, flushes): the bandwidth
+    /// estimate's denominator, so that reading and zero-checking pages does not count.
+    link_busy: Duration,
 }
 
 /// Migrates `source` to the target listening at `to`.
@@ -211,6 +214,7 @@ pub fn migrate<S: MigrationSource + ?Sized>(
         last_progress: start,
         round_remaining: 0,
         target_answered: false,
+        link_busy: Duration::ZERO,
     };
     let result = run.execute(to);
     run.finish(result)
@@ -264,13 +268,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
         let mut count = self.layout.total_pages();
         loop {
-            let t0 = Instant::now();
+            let busy0 = self.link_busy;
             let before = self.bytes_sent;
             self.round_remaining = count * PAGE_SIZE;
             self.send_pages(&pages)?;
             self.flush_all()?;
             self.machine
-                .sent(self.bytes_sent - before, t0.elapsed())
+                .sent(self.bytes_sent - before, self.link_busy - busy0)
                 .map_err(|e| MigrateError::Protocol(e.to_string()))?;
             (pages, count) = self.fetch_dirty()?;
             let decision = self
@@ -305,7 +309,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             *p |= l;
             count += u64::from(p.count_ones());
         }
-        let t0 = Instant::now();
+        let busy0 = self.link_busy;
         let before = self.bytes_sent;
         self.round_remaining = count * PAGE_SIZE;
         self.send_pages(&pages)?;
@@ -315,7 +319,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             self.push_frame(i, Frame::DataEnd { frames, pages }.encode())?;
         }
         self.flush_all()?;
-        let _ = self.machine.sent(self.bytes_sent - before, t0.elapsed());
+        let _ = self
+            .machine
+            .sent(self.bytes_sent - before, self.link_busy - busy0);
         let (version, bytes) = self
             .source
             .save_state()
@@ -496,6 +502,14 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     }
 
     fn push_frame(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
+        let t0 = Instant::now();
+        let r = self.push_frame_inner(i, bytes);
+        // At least 1 µs per frame: a frame is never free.
+        self.link_busy += t0.elapsed().max(Duration::from_micros(1));
+        r
+    }
+
+    fn push_frame_inner(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
         let len = bytes.len() as u64;
         if let Some(bucket) = &mut self.bucket {
             let wait = bucket.take(len, self.start.elapsed());
@@ -544,6 +558,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         for i in 0..self.data.len() {
             self.flush_batch(i)?;
         }
+        let t0 = Instant::now();
+        let r = self.wait_writers();
+        self.link_busy += t0.elapsed();
+        r
+    }
+
+    fn wait_writers(&mut self) -> Result<(), MigrateError> {
         let mut waits = Vec::new();
         for i in 0..self.data.len() {
             let (tx, rx) = mpsc::sync_channel(1);
