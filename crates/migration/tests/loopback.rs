@@ -552,3 +552,32 @@ fn cancel_on_the_target_fails_the_migration_and_the_source_keeps_running() {
     );
     assert_stayed(&src, &tgt, &failure);
 }
+
+#[test]
+fn cancel_during_the_handshake_returns_at_once() {
+    // A "target" that accepts and never answers: only cancel can end the wait early.
+    let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = mute.local_addr().unwrap();
+    let holder = thread::spawn(move || mute.accept().map(|(s, _)| s));
+    let mut src = MemVm::source(8 * MIB, 1000);
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    let canceller = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(200));
+        c.cancel();
+    });
+    let mut o = opts(2, false);
+    o.connect_timeout = Duration::from_secs(60);
+    let t = Instant::now();
+    let (r, _) = migrate(&mut src, addr, &o, &cancel);
+    let failure = r.unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "cancel ended the wait"
+    );
+    assert_eq!(failure.report.outcome, Outcome::Cancelled);
+    assert_eq!(failure.report.rounds, 0);
+    assert!(src.is_running() && src.wait_writes(20, Duration::from_secs(5)));
+    canceller.join().unwrap();
+    drop(holder.join().unwrap());
+}
