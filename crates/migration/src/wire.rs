@@ -390,6 +390,19 @@ fn finish(out: &mut [u8]) {
     out[12..16].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// Wraps arbitrary payload bytes in a frame header with kind byte `kind` and a valid checksum,
+/// so tests and fuzzers can reach the payload parsers with random content.
+pub fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(FRAME_FORMAT);
+    out.push(kind);
+    out.extend_from_slice(&[0; 10]);
+    out.extend_from_slice(payload);
+    finish(&mut out);
+    out
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
@@ -923,13 +936,7 @@ mod tests {
             kind in 0u8..16, payload in prop::collection::vec(any::<u8>(), 0..9000)
         ) {
             // A correct header and checksum around random bytes reaches the payload parsers.
-            let mut out = Vec::new();
-            out.extend_from_slice(&MAGIC);
-            out.push(FRAME_FORMAT);
-            out.push(kind);
-            out.extend_from_slice(&[0; 10]);
-            out.extend_from_slice(&payload);
-            finish(&mut out);
+            let out = seal(kind, &payload);
             let l = layout();
             // Whatever is accepted is canonical: it encodes back to the same bytes.
             if let Ok((f, used)) = decode(&out, Some(&l)) {

@@ -73,6 +73,8 @@ pub struct MemVm {
     pub on_pause: Option<Hook>,
     /// Memory copied at the pause (source) or at resume (target).
     pub snapshot: Option<Vec<u8>>,
+    /// Whether to take `snapshot` (a full copy of memory, in the pause): off for figures.
+    pub keep_snapshots: bool,
     /// Target fault: `write_page` fails after this many pages (the target "dies").
     pub die_after_pages: Option<(u64, Hook)>,
     /// Target fault: flip a byte of the next page written after this many pages.
@@ -128,6 +130,7 @@ impl MemVm {
             writer: None,
             on_pause: None,
             snapshot: None,
+            keep_snapshots: true,
             die_after_pages: None,
             corrupt_after_pages: None,
             on_pages: None,
@@ -364,7 +367,9 @@ impl MigrationSource for MemVm {
             self.shared
                 .state
                 .store(VmState::Paused as u8, Ordering::SeqCst);
-            self.snapshot = Some(m.bytes.clone());
+            if self.keep_snapshots {
+                self.snapshot = Some(m.bytes.clone());
+            }
         }
         if let Some(h) = self.on_pause.as_mut() {
             h();
@@ -452,7 +457,9 @@ impl MigrationTarget for MemVm {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
-        self.snapshot = Some(self.memory());
+        if self.keep_snapshots {
+            self.snapshot = Some(self.memory());
+        }
         self.resumed_count += 1;
         self.shared
             .state
