@@ -550,7 +550,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         let batch = std::mem::replace(&mut self.data[i].batch, PageBatch::new(round));
         self.data[i].frames += 1;
         self.data[i].pages += batch.len() as u64;
-        self.push_frame(i, batch.to_frame_bytes())
+        self.push_frame(i, batch.into_frame_bytes())
     }
 
     /// Sends every pending batch and waits until every writer has written all it was given.

@@ -141,22 +141,45 @@ pub struct Hello {
 }
 
 /// A batch of pages: each either full data or "this page is now zero".
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A batch built for sending keeps room for the frame header in front of its entries, so
+/// [`PageBatch::into_frame_bytes`] needs no copy; a decoded batch keeps the received payload.
+#[derive(Debug, Clone)]
 pub struct PageBatch {
     round: u32,
     count: u16,
-    /// Entries as on the wire: `u64 addr|flags`, then 4096 bytes unless the zero flag is set.
-    body: Vec<u8>,
+    /// `buf[start..]` holds the entries as on the wire: `u64 addr|flags`, then 4096 bytes
+    /// unless the zero flag is set.
+    buf: Vec<u8>,
+    start: usize,
 }
 
+impl PartialEq for PageBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.round == other.round && self.count == other.count && self.entries() == other.entries()
+    }
+}
+
+impl Eq for PageBatch {}
+
+/// Bytes of a full page frame, header included.
+const MAX_PAGE_FRAME: usize = HEADER_LEN + 6 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES);
+
 impl PageBatch {
-    /// An empty batch for pre-copy round `round`.
+    /// An empty batch for pre-copy round `round`, with room for a full frame.
     pub fn new(round: u32) -> Self {
+        let mut buf = Vec::with_capacity(MAX_PAGE_FRAME);
+        buf.resize(HEADER_LEN + 6, 0);
         Self {
             round,
             count: 0,
-            body: Vec::new(),
+            buf,
+            start: HEADER_LEN + 6,
         }
+    }
+
+    fn entries(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 
     /// The round the pages belong to.
@@ -182,42 +205,56 @@ impl PageBatch {
     /// Adds a page with its data. `gpa` must be page-aligned and `data` one page long.
     pub fn push_data(&mut self, gpa: u64, data: &[u8]) {
         assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE) && data.len() == PAGE_BYTES);
-        self.body.extend_from_slice(&gpa.to_le_bytes());
-        self.body.extend_from_slice(data);
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.extend_from_slice(data);
         self.count += 1;
     }
 
     /// Adds a page that is now all zeros.
     pub fn push_zero(&mut self, gpa: u64) {
         assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
-        self.body
-            .extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+        self.buf.extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
         self.count += 1;
     }
 
     /// The pages: guest address and data (`None` for a zero page).
     pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        let body = self.entries();
         let mut pos = 0usize;
         (0..self.count).map(move |_| {
-            let tagged = u64::from_le_bytes(self.body[pos..pos + 8].try_into().unwrap_or([0; 8]));
+            let tagged = u64::from_le_bytes(body[pos..pos + 8].try_into().unwrap_or([0; 8]));
             pos += 8;
             if tagged & ZERO_FLAG != 0 {
                 (tagged & !ZERO_FLAG, None)
             } else {
-                let d = &self.body[pos..pos + PAGE_BYTES];
+                let d = &body[pos..pos + PAGE_BYTES];
                 pos += PAGE_BYTES;
                 (tagged, Some(d))
             }
         })
     }
 
-    /// Encodes this batch as a whole wire frame.
+    /// Encodes this batch as a whole wire frame, in place when it was built for sending.
+    pub fn into_frame_bytes(mut self) -> Vec<u8> {
+        if self.start != HEADER_LEN + 6 {
+            return self.to_frame_bytes();
+        }
+        let mut head = Vec::with_capacity(HEADER_LEN + 6);
+        begin(&mut head, FrameKind::Pages);
+        head.extend_from_slice(&self.round.to_le_bytes());
+        head.extend_from_slice(&self.count.to_le_bytes());
+        self.buf[..HEADER_LEN + 6].copy_from_slice(&head);
+        finish(&mut self.buf);
+        self.buf
+    }
+
+    /// Encodes this batch as a whole wire frame (a copy).
     pub fn to_frame_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + 6 + self.body.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + 6 + self.entries().len());
         begin(&mut out, FrameKind::Pages);
         out.extend_from_slice(&self.round.to_le_bytes());
         out.extend_from_slice(&self.count.to_le_bytes());
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(self.entries());
         finish(&mut out);
         out
     }
@@ -534,6 +571,32 @@ pub fn parse_payload(
     payload: &[u8],
     layout: Option<&MemoryLayout>,
 ) -> Result<Frame, DecodeError> {
+    Ok(match parse_checked(raw_header, header, payload, layout)? {
+        Parsed::Frame(f) => f,
+        Parsed::Pages { round, count } => Frame::Pages(PageBatch {
+            round,
+            count,
+            buf: payload.to_vec(),
+            start: 6,
+        }),
+    })
+}
+
+enum Parsed {
+    Frame(Frame),
+    /// A valid page frame: the batch is built from the payload by the caller.
+    Pages {
+        round: u32,
+        count: u16,
+    },
+}
+
+fn parse_checked(
+    raw_header: &[u8; HEADER_LEN],
+    header: Header,
+    payload: &[u8],
+    layout: Option<&MemoryLayout>,
+) -> Result<Parsed, DecodeError> {
     if payload.len() != header.len {
         return Err(DecodeError::Truncated {
             needed: header.len.saturating_sub(payload.len()),
@@ -574,7 +637,11 @@ pub fn parse_payload(
         }
         FrameKind::Pages => {
             let layout = layout.ok_or(DecodeError::NoLayout(kind))?;
-            Frame::Pages(parse_pages(&mut r, layout)?)
+            let (round, count) = parse_pages(&mut r, layout)?;
+            if r.remaining() != 0 {
+                return Err(r.bad("trailing bytes"));
+            }
+            return Ok(Parsed::Pages { round, count });
         }
         FrameKind::DataEnd => Frame::DataEnd {
             frames: r.u64()?,
@@ -607,7 +674,7 @@ pub fn parse_payload(
     if r.remaining() != 0 {
         return Err(r.bad("trailing bytes"));
     }
-    Ok(frame)
+    Ok(Parsed::Frame(frame))
 }
 
 fn parse_hello(r: &mut Rd<'_>) -> Result<Hello, DecodeError> {
@@ -657,13 +724,13 @@ fn parse_hello(r: &mut Rd<'_>) -> Result<Hello, DecodeError> {
     })
 }
 
-fn parse_pages(r: &mut Rd<'_>, layout: &MemoryLayout) -> Result<PageBatch, DecodeError> {
+/// Checks a page frame's payload; the entries are `payload[6..]`.
+fn parse_pages(r: &mut Rd<'_>, layout: &MemoryLayout) -> Result<(u32, u16), DecodeError> {
     let round = r.u32()?;
     let count = r.u16()?;
     if count == 0 || usize::from(count) > MAX_PAGES_PER_FRAME {
         return Err(r.bad("page count out of range"));
     }
-    let start = r.pos;
     for _ in 0..count {
         let tagged = r.u64()?;
         let gpa = tagged & !ZERO_FLAG;
@@ -674,11 +741,7 @@ fn parse_pages(r: &mut Rd<'_>, layout: &MemoryLayout) -> Result<PageBatch, Decod
             r.bytes(PAGE_BYTES)?;
         }
     }
-    Ok(PageBatch {
-        round,
-        count,
-        body: r.buf[start..r.pos].to_vec(),
-    })
+    Ok((round, count))
 }
 
 struct Rd<'a> {
@@ -790,7 +853,15 @@ pub fn read_frame<R: Read>(
             "connection closed inside a frame",
         )));
     }
-    parse_payload(&h, header, &payload, layout).map_err(ReadFrameError::Decode)
+    match parse_checked(&h, header, &payload, layout).map_err(ReadFrameError::Decode)? {
+        Parsed::Frame(f) => Ok(f),
+        Parsed::Pages { round, count } => Ok(Frame::Pages(PageBatch {
+            round,
+            count,
+            buf: payload,
+            start: 6,
+        })),
+    }
 }
 
 #[cfg(test)]
