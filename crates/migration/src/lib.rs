@@ -128,9 +128,8 @@
 //! # Convergence
 //!
 //! After every round the dirty log is fetched. With `B` the bandwidth over a sliding window of
-//! link time (bytes over the time the sender waited for the streams: queue space, token bucket,
-//! flushes; reading and zero-checking pages do not count), capped by `--max-bandwidth`, the
-//! switch-over happens when
+//! sending time (bytes over the round's time, less the time spent on runs of pages that were
+//! all zero and skipped), capped by `--max-bandwidth`, the switch-over happens when
 //! `(dirty bytes + state estimate) / B + restore estimate ≤ downtime budget` (default 50 ms).
 //! Otherwise, from round 2 on, unless the remainder halved since the last sync, the vCPUs are
 //! throttled harder: 20 %, then the run share halves each step (60, 80, 90, 95, 98, 99 %),

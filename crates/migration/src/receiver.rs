@@ -451,4 +451,82 @@ mod tests {
         r.data_end(0, 0, 0).unwrap();
         assert!(r.commit().is_err(), "commit before state");
     }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Hello(u16, u16, u16),
+        Prepared(bool),
+        Join(u16, bool),
+        Pages(u16, usize),
+        DataEnd(u16, u64, u64),
+        State,
+        Verify,
+        Commit,
+        Committed(bool),
+        Abort,
+    }
+
+    fn ev() -> impl proptest::strategy::Strategy<Value = Ev> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u16..3, 0u16..3, 1u16..3).prop_map(|(a, b, n)| Ev::Hello(a, b, n)),
+            any::<bool>().prop_map(Ev::Prepared),
+            (0u16..3, any::<bool>()).prop_map(|(s, ok)| Ev::Join(s, ok)),
+            (0u16..3, 1usize..4).prop_map(|(s, n)| Ev::Pages(s, n)),
+            (0u16..3, 0u64..3, 0u64..6).prop_map(|(s, f, p)| Ev::DataEnd(s, f, p)),
+            Just(Ev::State),
+            Just(Ev::Verify),
+            Just(Ev::Commit),
+            any::<bool>().prop_map(Ev::Committed),
+            Just(Ev::Abort),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random event sequences: nothing panics, a discarded receiver stays discarded, a
+        /// commit is accepted only with every stream ended and the state in, and Running is
+        /// reached only through an accepted commit.
+        #[test]
+        fn random_event_sequences_keep_the_invariants(events in proptest::collection::vec(ev(), 0..40)) {
+            let mut r = Receiver::new();
+            let mut state_in = false;
+            let mut commit_ok = false;
+            for e in events {
+                let before = r.phase();
+                let ok = match e.clone() {
+                    Ev::Hello(a, b, n) => r.hello(&hello(a, b, n)).map(|v| v.is_ok()).unwrap_or(false),
+                    Ev::Prepared(ok) => r.prepared(if ok { Ok(()) } else { Err("no".into()) }).map(|v| v.is_ok()).unwrap_or(false),
+                    Ev::Join(s, same) => r.join(s, if same { 7 } else { 8 }).is_ok(),
+                    Ev::Pages(s, n) => r.pages(s, n).is_ok(),
+                    Ev::DataEnd(s, f, p) => r.data_end(s, f, p).is_ok(),
+                    Ev::State => r.state().is_ok(),
+                    Ev::Verify => r.verify().is_ok(),
+                    Ev::Commit => {
+                        let all = r.all_ended() && r.stream_count() > 0;
+                        let ok = r.commit().is_ok();
+                        if ok {
+                            proptest::prop_assert!(all && state_in, "commit accepted too early");
+                            commit_ok = true;
+                        }
+                        ok
+                    }
+                    Ev::Committed(run) => r.committed(run).is_ok(),
+                    Ev::Abort => { r.abort(); false }
+                };
+                if matches!(e, Ev::State) && ok {
+                    state_in = true;
+                }
+                if matches!(before, ReceiverPhase::Discarded | ReceiverPhase::Running) {
+                    proptest::prop_assert!(!ok, "{e:?} accepted in terminal phase {before:?}");
+                    proptest::prop_assert_eq!(r.phase(), before);
+                }
+                if r.phase() == ReceiverPhase::Running {
+                    proptest::prop_assert!(commit_ok);
+                }
+                if r.layout().is_some() {
+                    proptest::prop_assert!(matches!(r.phase(), ReceiverPhase::Receiving | ReceiverPhase::Committing | ReceiverPhase::Running));
+                }
+            }
+        }
+    }
 }

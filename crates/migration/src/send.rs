@@ -171,9 +171,9 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     last_progress: Instant,
     round_remaining: u64,
     target_answered: bool,
-    /// Time spent waiting on the link (queue space, token bucket, flushes): the bandwidth
-    /// estimate's denominator, so that reading and zero-checking pages does not count.
-    link_busy: Duration,
+    /// Time spent on runs of pages that were all zero and skipped: taken out of the round's
+    /// time for the bandwidth estimate, since the final round carries dirty (data) pages.
+    zero_scan: Duration,
 }
 
 /// Migrates `source` to the target listening at `to`.
@@ -214,7 +214,7 @@ pub fn migrate<S: MigrationSource + ?Sized>(
         last_progress: start,
         round_remaining: 0,
         target_answered: false,
-        link_busy: Duration::ZERO,
+        zero_scan: Duration::ZERO,
     };
     let result = run.execute(to);
     run.finish(result)
@@ -268,13 +268,14 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
         let mut count = self.layout.total_pages();
         loop {
-            let busy0 = self.link_busy;
+            let (t0, scan0) = (Instant::now(), self.zero_scan);
             let before = self.bytes_sent;
             self.round_remaining = count * PAGE_SIZE;
             self.send_pages(&pages)?;
             self.flush_all()?;
+            let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
             self.machine
-                .sent(self.bytes_sent - before, self.link_busy - busy0)
+                .sent(self.bytes_sent - before, busy)
                 .map_err(|e| MigrateError::Protocol(e.to_string()))?;
             (pages, count) = self.fetch_dirty()?;
             let decision = self
@@ -309,7 +310,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             *p |= l;
             count += u64::from(p.count_ones());
         }
-        let busy0 = self.link_busy;
+        let (t0, scan0) = (Instant::now(), self.zero_scan);
         let before = self.bytes_sent;
         self.round_remaining = count * PAGE_SIZE;
         self.send_pages(&pages)?;
@@ -319,9 +320,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             self.push_frame(i, Frame::DataEnd { frames, pages }.encode())?;
         }
         self.flush_all()?;
-        let _ = self
-            .machine
-            .sent(self.bytes_sent - before, self.link_busy - busy0);
+        let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
+        let _ = self.machine.sent(self.bytes_sent - before, busy);
         let (version, bytes) = self
             .source
             .save_state()
@@ -502,14 +502,6 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     }
 
     fn push_frame(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
-        let t0 = Instant::now();
-        let r = self.push_frame_inner(i, bytes);
-        // At least 1 µs per frame: a frame is never free.
-        self.link_busy += t0.elapsed().max(Duration::from_micros(1));
-        r
-    }
-
-    fn push_frame_inner(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
         let len = bytes.len() as u64;
         if let Some(bucket) = &mut self.bucket {
             let wait = bucket.take(len, self.start.elapsed());
@@ -558,10 +550,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         for i in 0..self.data.len() {
             self.flush_batch(i)?;
         }
-        let t0 = Instant::now();
-        let r = self.wait_writers();
-        self.link_busy += t0.elapsed();
-        r
+        self.wait_writers()
     }
 
     fn wait_writers(&mut self) -> Result<(), MigrateError> {
@@ -649,6 +638,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
             idx = end;
             let n = (end - start) as usize;
+            let run_start = Instant::now();
+            let mut pushed = false;
             let gpa0 = self.layout.page_addr(start).expect("index in layout");
             self.source
                 .read_pages(gpa0, &mut buf[..n * PAGE])
@@ -670,6 +661,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                     self.sent_nonzero[word] |= bit;
                     self.data[stream].batch.push_data(gpa, page);
                 }
+                pushed = true;
                 if self.data[stream].batch.is_full() {
                     self.flush_batch(stream)?;
                     batches += 1;
@@ -678,6 +670,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                         self.report_progress(self.current_phase(), false);
                     }
                 }
+            }
+            if !pushed {
+                self.zero_scan += run_start.elapsed();
             }
             self.round_remaining = self.round_remaining.saturating_sub(n as u64 * PAGE_SIZE);
         }
