@@ -50,8 +50,8 @@
 //!
 //! # Connections
 //!
-//! One **control** stream carries the handshake, state, verify digest, commit and the
-//! answers. `N` **data** streams (`--streams N`) carry pages. Page `p` (numbered over all
+//! One **control** stream carries the handshake, round acknowledgements, state, verify
+//! digest, commit and the answers. `N` **data** streams (`--streams N`) carry pages. Page `p` (numbered over all
 //! regions) always travels on data stream `(p / 128) % N`, so two copies of one page are
 //! ordered by TCP and the receiver never needs a barrier between rounds.
 //!
@@ -67,6 +67,8 @@
 //!  start dirty log
 //!  round 0: every non-zero page
 //!  dataᵢ Pages{round, [addr, data | zero]…} ───────────────▶  write/zero pages
+//!  dataᵢ RoundEnd{k} ──────────────────────────────────────▶  (every stream ended k?)
+//!  ctl  ◀── RoundAck{k}        (round barrier: time is end to end, no backlog left)
 //!  sync dirty log → decision (policy):
 //!     Continue / Throttle(pct) → round k+1: pages dirtied since the last sync
 //!     Abort (timeout)          → ctl Abort ─────────────────▶  discard
@@ -113,7 +115,7 @@
 //! |---|---|---|
 //! | AwaitHello | Hello | — (not accepted yet) |
 //! | Preparing | — | — |
-//! | Receiving | State (once), Verify (once), Commit, Abort | Join (first frame, once), Pages (after Join, before DataEnd), DataEnd (once, counts must match) |
+//! | Receiving | State (once), Verify (once), Commit, Abort | Join (first frame, once), Pages and RoundEnd (after Join, before DataEnd; rounds in order), DataEnd (once, counts must match) |
 //! | Committing | — | — (nothing may follow DataEnd) |
 //! | Running / Discarded | terminal | terminal |
 //!
@@ -131,7 +133,7 @@
 //! sending time (bytes over the round's time, less the time spent on runs of pages that were
 //! all zero and skipped), capped by `--max-bandwidth`, the switch-over happens when
 //! `(dirty bytes + state estimate) / B + restore estimate ≤ downtime budget` (default 50 ms).
-//! Otherwise, from round 2 on, unless the remainder halved since the last sync, the vCPUs are
+//! Otherwise, from round 1 on (the first round of dirty pages), unless the remainder halved since the last sync, the vCPUs are
 //! throttled harder: 20 %, then the run share halves each step (60, 80, 90, 95, 98, 99 %),
 //! applied in slices of at most 10 ms. At the timeout the migration aborts (default) or forces
 //! the switch-over.

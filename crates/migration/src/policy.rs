@@ -53,7 +53,7 @@ impl Default for ConvergenceConfig {
             state_bytes_estimate: 256 << 10,
             restore_estimate: Duration::from_millis(5),
             bandwidth_window: Duration::from_secs(1),
-            throttle_from_round: 2,
+            throttle_from_round: 1,
             throttle_initial_pct: 20,
             throttle_max_pct: 99,
             throttle_run_factor: 0.5,
@@ -298,7 +298,7 @@ mod tests {
             elapsed: ms(100),
             remaining_bytes: 20 * MIB,
             previous_remaining_bytes: None,
-            round: 1,
+            round: 0,
             throttle_pct: 0,
             bandwidth: Some(GBPS),
         };

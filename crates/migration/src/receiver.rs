@@ -55,6 +55,8 @@ struct StreamCount {
     ended: bool,
     frames: u64,
     pages: u64,
+    /// The pre-copy round whose end marker is expected next.
+    next_round: u32,
 }
 
 /// The target's state machine.
@@ -215,6 +217,27 @@ impl Receiver {
         Ok(())
     }
 
+    /// Pre-copy round `round` ended on `stream`. Returns the round to acknowledge once every
+    /// stream has ended it (rounds end in order 0, 1, 2, … on each stream).
+    pub fn round_end(&mut self, stream: u16, round: u32) -> Result<Option<u32>, ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "round end")?;
+        let s = self.stream(stream)?;
+        if !s.joined || s.ended {
+            return Err(self.violation(format!(
+                "round end on stream {stream} outside its join..end"
+            )));
+        }
+        if round != s.next_round {
+            let want = s.next_round;
+            return Err(self.violation(format!(
+                "stream {stream} ended round {round}, expected round {want}"
+            )));
+        }
+        s.next_round += 1;
+        let all = self.streams.iter().all(|s| s.next_round > round);
+        Ok(all.then_some(round))
+    }
+
     /// A data stream ended, claiming it sent `frames` frames with `pages` pages.
     pub fn data_end(
         &mut self,
@@ -332,7 +355,13 @@ mod tests {
         assert!(!r.all_joined());
         r.join(1, 7).unwrap();
         r.pages(0, 3).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), None);
         r.pages(1, 1).unwrap();
+        assert_eq!(
+            r.round_end(1, 0).unwrap(),
+            Some(0),
+            "acked once both streams ended it"
+        );
         r.pages(0, 2).unwrap();
         r.data_end(0, 2, 5).unwrap();
         r.data_end(1, 1, 1).unwrap();
@@ -371,7 +400,8 @@ mod tests {
     #[test]
     fn illegal_events_are_violations_in_every_phase() {
         type Step = fn(&mut Receiver) -> Result<(), ProtocolViolation>;
-        let events: [(&str, Step); 8] = [
+        let events: [(&str, Step); 9] = [
+            ("round_end", |r| r.round_end(0, 0).map(|_| ())),
             ("join", |r| r.join(0, 7)),
             ("pages", |r| r.pages(0, 1)),
             ("data_end", |r| r.data_end(0, 0, 0)),
@@ -427,6 +457,18 @@ mod tests {
             r.committed(false).unwrap();
             assert!(ev(&mut r).is_err(), "{name} after discard");
         }
+    }
+
+    #[test]
+    fn round_ends_must_come_in_order() {
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), Some(0));
+        assert!(r.round_end(0, 2).is_err(), "round 1 skipped");
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.data_end(0, 0, 0).unwrap();
+        assert!(r.round_end(0, 0).is_err(), "after data end");
     }
 
     #[test]

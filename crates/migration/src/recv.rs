@@ -385,6 +385,11 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                         }
                     }
                 }
+                Event::Frame(StreamName::Data(i), Frame::RoundEnd { round }) => {
+                    if let Some(r) = self.machine.round_end(i, round)? {
+                        self.send_control(&Frame::RoundAck { round: r })?;
+                    }
+                }
                 Event::Frame(StreamName::Data(i), Frame::DataEnd { frames, pages }) => {
                     self.machine.data_end(i, frames, pages)?
                 }

@@ -272,7 +272,15 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let before = self.bytes_sent;
             self.round_remaining = count * PAGE_SIZE;
             self.send_pages(&pages)?;
+            // Round barrier: the target acknowledges once it applied every page of the round,
+            // so the time measured is end to end and no backlog is left for the pause.
+            let round = self.machine.round();
+            for i in 0..self.data.len() {
+                self.flush_batch(i)?;
+                self.push_frame(i, Frame::RoundEnd { round }.encode())?;
+            }
             self.flush_all()?;
+            self.wait_round_ack(round)?;
             let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
             self.machine
                 .sent(self.bytes_sent - before, busy)
@@ -574,6 +582,44 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
         }
         Ok(())
+    }
+
+    /// Waits for the target's acknowledgement of `round`, watching cancel and the I/O timeout.
+    fn wait_round_ack(&mut self, round: u32) -> Result<(), MigrateError> {
+        let deadline = Instant::now() + self.opts.io_timeout;
+        loop {
+            let rx = self.control_rx.as_ref().expect("control reader runs");
+            match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(Ok(Frame::RoundAck { round: r })) if r == round => return Ok(()),
+                Ok(Ok(Frame::Failed { reason } | Frame::Abort { reason })) => {
+                    self.target_answered = true;
+                    return Err(MigrateError::Target(reason));
+                }
+                Ok(Ok(other)) => {
+                    return Err(MigrateError::Protocol(format!(
+                        "unexpected {:?} frame while waiting for the end of round {round}",
+                        other.kind()
+                    )));
+                }
+                Ok(Err(e)) => return Err(MigrateError::Read(e)),
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.cancel.is_cancelled() {
+                        return Err(MigrateError::Cancelled);
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(MigrateError::Connection(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("target did not acknowledge round {round}"),
+                        )));
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(MigrateError::Connection(std::io::Error::other(
+                        "control stream reader stopped",
+                    )));
+                }
+            }
+        }
     }
 
     fn check_cancel_and_target(&mut self) -> Result<(), MigrateError> {

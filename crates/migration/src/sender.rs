@@ -349,8 +349,8 @@ mod tests {
                 seen.push(p);
             }
         }
-        assert_eq!(seen, vec![20, 60, 80, 90]);
-        assert_eq!(s.figures().throttle_max_pct, 90);
+        assert_eq!(seen, vec![20, 60, 80, 90, 95]);
+        assert_eq!(s.figures().throttle_max_pct, 95);
         assert_eq!(s.round(), 6);
     }
 

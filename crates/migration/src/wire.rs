@@ -75,6 +75,10 @@ pub enum FrameKind {
     Failed = 11,
     /// Either way, control stream: the migration is cancelled.
     Abort = 12,
+    /// Source → target, data stream: every page of pre-copy round `round` on this stream was sent.
+    RoundEnd = 13,
+    /// Target → source, control stream: every page of round `round` was applied.
+    RoundAck = 14,
 }
 
 impl FrameKind {
@@ -93,6 +97,8 @@ impl FrameKind {
             10 => Running,
             11 => Failed,
             12 => Abort,
+            13 => RoundEnd,
+            14 => RoundAck,
             _ => return None,
         })
     }
@@ -121,6 +127,7 @@ impl FrameKind {
             State => 4 + MAX_STATE_BYTES,
             Verify => 8 + 4 + 4 * MAX_VERIFY_CHUNKS,
             Commit | Running => 0,
+            RoundEnd | RoundAck => 4,
         }
     }
 }
@@ -338,6 +345,16 @@ pub enum Frame {
         /// Why.
         reason: String,
     },
+    /// See [`FrameKind::RoundEnd`].
+    RoundEnd {
+        /// The pre-copy round that ended.
+        round: u32,
+    },
+    /// See [`FrameKind::RoundAck`].
+    RoundAck {
+        /// The pre-copy round fully applied.
+        round: u32,
+    },
 }
 
 /// Why bytes are not a valid frame.
@@ -465,6 +482,8 @@ impl Frame {
             Frame::Running => FrameKind::Running,
             Frame::Failed { .. } => FrameKind::Failed,
             Frame::Abort { .. } => FrameKind::Abort,
+            Frame::RoundEnd { .. } => FrameKind::RoundEnd,
+            Frame::RoundAck { .. } => FrameKind::RoundAck,
         }
     }
 
@@ -520,6 +539,9 @@ impl Frame {
                 for c in &d.crcs {
                     out.extend_from_slice(&c.to_le_bytes());
                 }
+            }
+            Frame::RoundEnd { round } | Frame::RoundAck { round } => {
+                out.extend_from_slice(&round.to_le_bytes())
             }
             Frame::Commit | Frame::Running | Frame::Pages(_) => {}
         }
@@ -669,6 +691,8 @@ fn parse_checked(
             Frame::Verify(MemoryDigest { chunk_bytes, crcs })
         }
         FrameKind::Commit => Frame::Commit,
+        FrameKind::RoundEnd => Frame::RoundEnd { round: r.u32()? },
+        FrameKind::RoundAck => Frame::RoundAck { round: r.u32()? },
         FrameKind::Running => Frame::Running,
     };
     if r.remaining() != 0 {
@@ -974,6 +998,8 @@ mod tests {
                     .prop_map(move |crcs| Frame::Verify(MemoryDigest { chunk_bytes, crcs }))
             }),
             Just(Frame::Commit),
+            any::<u32>().prop_map(|round| Frame::RoundEnd { round }),
+            any::<u32>().prop_map(|round| Frame::RoundAck { round }),
             Just(Frame::Running),
             text().prop_map(|reason| Frame::Failed { reason }),
             text().prop_map(|reason| Frame::Abort { reason }),
