@@ -133,10 +133,11 @@
 //! sending time (bytes over the round's time, less the time spent on runs of pages that were
 //! all zero and skipped), capped by `--max-bandwidth`, the switch-over happens when
 //! `(dirty bytes + state estimate) / B + restore estimate ≤ downtime budget` (default 50 ms).
-//! Otherwise, from round 1 on (the first round of dirty pages), unless the remainder halved since the last sync, the vCPUs are
-//! throttled harder: 20 %, then the run share halves each step (60, 80, 90, 95, 98, 99 %),
-//! applied in slices of at most 10 ms. At the timeout the migration aborts (default) or forces
-//! the switch-over.
+//! Otherwise, from round 1 on (the first round of dirty pages), unless the remainder halved
+//! since the last sync, the vCPUs are throttled harder: 20 %, then the run share they keep
+//! halves each step (60, 80, 90, 95, 97.5, … up to 99.9 %), applied in slices of at most 10 ms
+//! (at 99.9 %: 10 µs of run per 10 ms), so the guest never stops for longer than one slice. At
+//! the timeout the migration aborts (default) or forces the switch-over.
 //!
 //! # Versioning
 //!

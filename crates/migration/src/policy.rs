@@ -34,9 +34,9 @@ pub struct ConvergenceConfig {
     /// Throttling starts only from this round on (round 0 is the full copy).
     pub throttle_from_round: u32,
     /// First throttle step, percent of vCPU time taken away.
-    pub throttle_initial_pct: u8,
-    /// Highest throttle, percent.
-    pub throttle_max_pct: u8,
+    pub throttle_initial_pct: f64,
+    /// Highest throttle, percent (below 100: the vCPUs always get some run time per slice).
+    pub throttle_max_pct: f64,
     /// Each further step multiplies the vCPUs' remaining run share by this (0..1): steps grow.
     pub throttle_run_factor: f64,
     /// Length of one throttle slice (run + sleep); at most 10 ms.
@@ -54,8 +54,8 @@ impl Default for ConvergenceConfig {
             restore_estimate: Duration::from_millis(5),
             bandwidth_window: Duration::from_secs(1),
             throttle_from_round: 1,
-            throttle_initial_pct: 20,
-            throttle_max_pct: 99,
+            throttle_initial_pct: 20.0,
+            throttle_max_pct: 99.9,
             throttle_run_factor: 0.5,
             throttle_slice: Duration::from_millis(10),
         }
@@ -116,7 +116,7 @@ pub enum Decision {
     /// Run another pre-copy round.
     Continue,
     /// Raise the throttle to this percent and run another round.
-    Throttle(u8),
+    Throttle(f64),
     /// Pause and send the rest: converged (`forced` false) or forced at the timeout.
     SwitchOver {
         /// True when the timeout forced it.
@@ -138,7 +138,7 @@ pub struct SyncInput {
     /// Round number just finished (0 = the full copy).
     pub round: u32,
     /// Current throttle percent.
-    pub throttle_pct: u8,
+    pub throttle_pct: f64,
     /// Current bandwidth estimate, bytes/s.
     pub bandwidth: Option<f64>,
 }
@@ -170,14 +170,15 @@ impl ConvergenceConfig {
 
     /// The next throttle percent after `current`: first the initial step, then the run share
     /// shrinks by `throttle_run_factor` each step, up to the maximum.
-    pub fn next_throttle(&self, current: u8) -> u8 {
-        let max = self.throttle_max_pct.min(99);
-        if current == 0 {
-            return self.throttle_initial_pct.min(max);
+    pub fn next_throttle(&self, current: f64) -> f64 {
+        let max = self.throttle_max_pct.clamp(0.0, 99.99);
+        if current <= 0.0 {
+            return self.throttle_initial_pct.clamp(0.0, max);
         }
-        let run = f64::from(100 - current.min(100)) * self.throttle_run_factor.clamp(0.0, 0.99);
-        let next = (100.0 - run).round() as u8;
-        next.max(current + 1).min(max)
+        let run = (100.0 - current.min(100.0)) * self.throttle_run_factor.clamp(0.0, 0.99);
+        // Two decimals are plenty and keep the reported figures readable.
+        let next = ((100.0 - run) * 100.0).round() / 100.0;
+        next.min(max)
     }
 
     /// The switch-over rule, the throttle schedule and the timeout, in that order.
@@ -220,10 +221,14 @@ pub struct ThrottleSlice {
 impl ThrottleSlice {
     /// The slice for `pct` percent throttling with slices of `slice` (capped at 10 ms, so a
     /// pause request waits at most one slice).
-    pub fn for_pct(pct: u8, slice: Duration) -> Self {
+    pub fn for_pct(pct: f64, slice: Duration) -> Self {
         let slice = slice.min(Duration::from_millis(10));
-        let pct = u32::from(pct.min(100));
-        let sleep = slice * pct / 100;
+        let share = if pct.is_finite() {
+            (pct / 100.0).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let sleep = Duration::from_nanos((slice.as_nanos() as f64 * share).round() as u64);
         Self {
             run: slice - sleep,
             sleep,
@@ -299,7 +304,7 @@ mod tests {
             remaining_bytes: 20 * MIB,
             previous_remaining_bytes: None,
             round: 0,
-            throttle_pct: 0,
+            throttle_pct: 0.0,
             bandwidth: Some(GBPS),
         };
         // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
@@ -340,26 +345,42 @@ mod tests {
     #[test]
     fn throttle_steps_grow_and_stop_at_the_maximum() {
         let c = ConvergenceConfig::default();
-        let mut pct = 0;
+        let mut pct = 0.0;
         let mut steps = vec![];
-        while pct < 99 {
+        while pct < c.throttle_max_pct {
             let next = c.next_throttle(pct);
             assert!(next > pct);
             steps.push(next);
             pct = next;
         }
-        assert_eq!(steps, vec![20, 60, 80, 90, 95, 98, 99]);
-        assert_eq!(c.next_throttle(99), 99);
-        let gaps: Vec<_> = steps.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(gaps[0] > 10, "strength grows fast at first: {gaps:?}");
+        assert_eq!(
+            steps,
+            vec![
+                20.0, 60.0, 80.0, 90.0, 95.0, 97.5, 98.75, 99.38, 99.69, 99.85, 99.9
+            ]
+        );
+        assert_eq!(c.next_throttle(99.9), 99.9);
+        // Each step halves the run share the vCPUs keep.
+        for w in steps.windows(2).take(8) {
+            let ratio = (100.0 - w[1]) / (100.0 - w[0]);
+            assert!((0.45..=0.55).contains(&ratio), "{w:?}");
+        }
     }
 
     #[test]
     fn throttle_slices_are_at_most_ten_ms() {
-        let s = ThrottleSlice::for_pct(99, ms(50));
+        let s = ThrottleSlice::for_pct(99.0, ms(50));
         assert_eq!(s.run + s.sleep, ms(10));
         assert_eq!(s.sleep, Duration::from_micros(9900));
-        assert_eq!(ThrottleSlice::for_pct(0, ms(5)).sleep, Duration::ZERO);
+        assert_eq!(
+            ThrottleSlice::for_pct(99.9, ms(10)).run,
+            Duration::from_micros(10)
+        );
+        assert_eq!(ThrottleSlice::for_pct(0.0, ms(5)).sleep, Duration::ZERO);
+        assert_eq!(
+            ThrottleSlice::for_pct(f64::NAN, ms(5)).sleep,
+            Duration::ZERO
+        );
     }
 
     #[test]
@@ -373,7 +394,7 @@ mod tests {
             remaining_bytes: 500 * MIB,
             previous_remaining_bytes: Some(500 * MIB),
             round: 9,
-            throttle_pct: 99,
+            throttle_pct: 99.9,
             bandwidth: Some(GBPS),
         };
         assert_eq!(c.decide(&stuck), Decision::Abort);
@@ -402,17 +423,17 @@ mod tests {
         wss: u64,
         dirty_rate: f64,
         bw: f64,
-    ) -> (Decision, u32, u8, Duration) {
+    ) -> (Decision, u32, f64, Duration) {
         let mut est = BandwidthEstimator::new(c.bandwidth_window);
         let mut elapsed = Duration::ZERO;
         let mut to_send = memory;
         let mut prev = None;
-        let mut throttle = 0u8;
+        let mut throttle = 0.0f64;
         for round in 0..10_000u32 {
             let t = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
             est.record(to_send, t);
             elapsed += t;
-            let rate = dirty_rate * f64::from(100 - throttle) / 100.0;
+            let rate = dirty_rate * (100.0 - throttle) / 100.0;
             // Pages dirtied during the round, bounded by the working set.
             let dirtied = ((rate * t.as_secs_f64()) as u64).min(wss);
             let input = SyncInput {
@@ -443,7 +464,7 @@ mod tests {
         let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 4 * MIB, 1e5, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
         assert_eq!(rounds, 0);
-        assert_eq!(thr, 0);
+        assert_eq!(thr, 0.0);
         assert!(dt <= c.downtime_budget);
     }
 
@@ -454,7 +475,7 @@ mod tests {
         let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 20_000.0 * 4096.0, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
         assert!(rounds <= 3, "rounds {rounds}");
-        assert_eq!(thr, 0);
+        assert_eq!(thr, 0.0);
         assert!(dt <= c.downtime_budget);
     }
 
@@ -464,27 +485,27 @@ mod tests {
         let c = ConvergenceConfig::default();
         let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 4.0 * GBPS, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
-        assert!(thr >= 90, "throttle reached {thr}");
+        assert!(thr >= 90.0, "throttle reached {thr}");
         assert!(rounds > c.throttle_from_round, "rounds {rounds}");
         assert!(dt <= c.downtime_budget);
     }
 
     #[test]
     fn unthrottleable_guest_aborts_at_the_timeout() {
-        // Even 99 % throttling leaves more than the link can carry: the timeout decides.
+        // Even 99.9 % throttling leaves more than the link can carry: the timeout decides.
         let c = ConvergenceConfig {
             timeout: Duration::from_secs(5),
             ..Default::default()
         };
-        let (d, _, thr, _) = simulate(&c, 1 << 30, 256 * MIB, 200.0 * GBPS, GBPS);
+        let (d, _, thr, _) = simulate(&c, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS);
         assert_eq!(d, Decision::Abort);
-        assert_eq!(thr, 99);
+        assert_eq!(thr, 99.9);
         let f = ConvergenceConfig {
             on_timeout: OnTimeout::Force,
             ..c
         };
         assert_eq!(
-            simulate(&f, 1 << 30, 256 * MIB, 200.0 * GBPS, GBPS).0,
+            simulate(&f, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS).0,
             Decision::SwitchOver { forced: true }
         );
     }

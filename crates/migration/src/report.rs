@@ -60,7 +60,7 @@ pub struct Progress {
     /// Expected pause if switching over now, ms (`None` while unknown).
     pub expected_downtime_ms: Option<f64>,
     /// Current throttle, percent.
-    pub throttle_pct: u8,
+    pub throttle_pct: f64,
     /// Time since the start, ms.
     pub elapsed_ms: u64,
 }
@@ -69,7 +69,7 @@ pub struct Progress {
 ///
 /// Serialises to JSON with exactly the fields `total_ms`, `downtime_ms`, `rounds`,
 /// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct MigrationReport {
     /// Start of the handshake → end (ack, or source resumed), ms.
     pub total_ms: u64,
@@ -82,8 +82,8 @@ pub struct MigrationReport {
     pub bytes_sent: u64,
     /// Zero pages not sent at all.
     pub pages_zero_skipped: u64,
-    /// Highest throttle applied, percent.
-    pub throttle_max_pct: u8,
+    /// Highest throttle applied, percent (e.g. 99.9).
+    pub throttle_max_pct: f64,
     /// Whether the switch-over came from the downtime budget (not forced by the timeout).
     pub converged: bool,
     /// How it ended.
@@ -109,7 +109,7 @@ mod tests {
             rounds: 3,
             bytes_sent: 4096,
             pages_zero_skipped: 10,
-            throttle_max_pct: 20,
+            throttle_max_pct: 97.5,
             converged: true,
             outcome: Outcome::TimedOut,
         };
@@ -131,5 +131,6 @@ mod tests {
         );
         assert_eq!(v["outcome"], "timed_out");
         assert_eq!(v["downtime_ms"], 9);
+        assert_eq!(v["throttle_max_pct"], 97.5);
     }
 }

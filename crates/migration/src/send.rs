@@ -838,7 +838,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
         let mut cleanup_error = None;
         if action != Some(FailureAction::InDoubt)
-            && let Err(e) = self.source.set_throttle(0)
+            && let Err(e) = self.source.set_throttle(0.0)
         {
             cleanup_error.get_or_insert(MigrateError::Source("set_throttle", e));
         }

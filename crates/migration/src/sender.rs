@@ -58,9 +58,9 @@ pub struct SenderFigures {
     /// Pause expected if switching over now.
     pub expected_downtime: Option<Duration>,
     /// Current throttle percent.
-    pub throttle_pct: u8,
+    pub throttle_pct: f64,
     /// Highest throttle percent so far.
-    pub throttle_max_pct: u8,
+    pub throttle_max_pct: f64,
 }
 
 /// The source's state machine.
@@ -70,8 +70,8 @@ pub struct Sender {
     phase: SenderPhase,
     round: u32,
     bandwidth: BandwidthEstimator,
-    throttle_pct: u8,
-    throttle_max_pct: u8,
+    throttle_pct: f64,
+    throttle_max_pct: f64,
     previous_remaining: Option<u64>,
     remaining: u64,
     last_sync: Duration,
@@ -89,8 +89,8 @@ impl Sender {
             phase: SenderPhase::Handshake,
             round: 0,
             bandwidth,
-            throttle_pct: 0,
-            throttle_max_pct: 0,
+            throttle_pct: 0.0,
+            throttle_max_pct: 0.0,
             previous_remaining: None,
             remaining: 0,
             last_sync: Duration::ZERO,
@@ -349,8 +349,8 @@ mod tests {
                 seen.push(p);
             }
         }
-        assert_eq!(seen, vec![20, 60, 80, 90, 95]);
-        assert_eq!(s.figures().throttle_max_pct, 95);
+        assert_eq!(seen, vec![20.0, 60.0, 80.0, 90.0, 95.0]);
+        assert_eq!(s.figures().throttle_max_pct, 95.0);
         assert_eq!(s.round(), 6);
     }
 

@@ -29,9 +29,10 @@ pub trait MigrationSource {
     /// page `i` of the region. The result has `ceil(pages / 64)` words.
     fn fetch_dirty(&mut self, region: usize) -> Result<Vec<u64>, VmError>;
 
-    /// Holds the vCPUs for `pct` percent of the time, in slices of at most 10 ms
+    /// Holds the vCPUs for `pct` percent of the time (0 ≤ pct < 100, e.g. 99.9), in slices of
+    /// at most 10 ms: `ThrottleSlice::for_pct(pct, 10 ms)` gives run and sleep per slice
     /// ([`crate::policy::ThrottleSlice`]). 0 ends throttling.
-    fn set_throttle(&mut self, pct: u8) -> Result<(), VmError>;
+    fn set_throttle(&mut self, pct: f64) -> Result<(), VmError>;
 
     /// Stops the vCPUs (and device activity that writes guest memory).
     fn pause(&mut self) -> Result<(), VmError>;

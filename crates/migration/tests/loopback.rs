@@ -101,7 +101,7 @@ fn assert_stayed(src: &MemVm, tgt: &MemVm, failure: &MigrationFailure) {
         "source must run: {}",
         failure.error
     );
-    assert_eq!(src.throttle(), 0, "throttle removed");
+    assert_eq!(src.throttle(), 0.0, "throttle removed");
     assert!(
         src.wait_writes(20, Duration::from_secs(5)),
         "the source workload must go on"
@@ -140,7 +140,7 @@ fn idle_guest_migrates_skipping_zero_pages_and_verifies_memory() {
         report.bytes_sent
     );
     assert!(report.rounds >= 2, "round 0 plus stop-and-copy");
-    assert_eq!(report.throttle_max_pct, 0);
+    assert_eq!(report.throttle_max_pct, 0.0);
     assert!(report.downtime_ms <= report.total_ms);
     let json: serde_json::Value = serde_json::from_str(&report.to_json()).unwrap();
     assert_eq!(json["outcome"], "completed");
@@ -179,8 +179,8 @@ fn max_rate_guest_converges_through_throttling() {
     rr.unwrap();
     assert_moved(&src, &tgt, &report);
     assert!(report.converged, "{report:?}");
-    assert!(report.throttle_max_pct > 0, "{report:?}");
-    assert!(progress.iter().any(|p| p.throttle_pct > 0));
+    assert!(report.throttle_max_pct > 0.0, "{report:?}");
+    assert!(progress.iter().any(|p| p.throttle_pct > 0.0));
     assert!(progress.iter().any(|p| p.dirty_bytes_per_sec > 0.0));
 }
 
@@ -404,7 +404,7 @@ fn timeout_with_abort_keeps_the_source_running_unthrottled() {
     assert_eq!(failure.report.outcome, Outcome::TimedOut);
     assert!(!failure.report.converged);
     assert!(
-        failure.report.throttle_max_pct > 0,
+        failure.report.throttle_max_pct > 0.0,
         "throttled before giving up"
     );
     assert!(matches!(rr, Err(ReceiveError::Aborted(_))), "{rr:?}");

@@ -55,7 +55,8 @@ type Hook = Box<dyn FnMut() + Send>;
 struct Shared {
     mem: Mutex<Mem>,
     state: AtomicU8,
-    throttle: AtomicU8,
+    /// Throttle percent as f64 bits.
+    throttle: AtomicU64,
     stop: AtomicBool,
     /// Pages per second the workload writes; 0 = as fast as it can.
     rate: u64,
@@ -117,7 +118,7 @@ impl MemVm {
                 rng: 0x9e37_79b9_7f4a_7c15,
             }),
             state: AtomicU8::new(state as u8),
-            throttle: AtomicU8::new(0),
+            throttle: AtomicU64::new(0f64.to_bits()),
             stop: AtomicBool::new(false),
             rate,
             pages,
@@ -181,8 +182,8 @@ impl MemVm {
         self.shared.mem.lock().unwrap().seq
     }
 
-    pub fn throttle(&self) -> u8 {
-        self.shared.throttle.load(Ordering::SeqCst)
+    pub fn throttle(&self) -> f64 {
+        f64::from_bits(self.shared.throttle.load(Ordering::SeqCst))
     }
 
     /// The sequence the target restored, if any.
@@ -254,8 +255,8 @@ fn workload(s: &Shared) {
             credit = 0.0;
             continue;
         }
-        let pct = s.throttle.load(Ordering::SeqCst);
-        if pct > 0 {
+        let pct = f64::from_bits(s.throttle.load(Ordering::SeqCst));
+        if pct > 0.0 {
             let sl = ThrottleSlice::for_pct(pct, Duration::from_millis(10));
             if slice_start.elapsed() >= sl.run {
                 thread::sleep(sl.sleep);
@@ -356,8 +357,8 @@ impl MigrationSource for MemVm {
         Ok(out)
     }
 
-    fn set_throttle(&mut self, pct: u8) -> Result<(), VmError> {
-        self.shared.throttle.store(pct, Ordering::SeqCst);
+    fn set_throttle(&mut self, pct: f64) -> Result<(), VmError> {
+        self.shared.throttle.store(pct.to_bits(), Ordering::SeqCst);
         Ok(())
     }
 
