@@ -136,7 +136,9 @@
 //! Otherwise, from round 1 on (the first round of dirty pages), unless the remainder halved
 //! since the last sync, the vCPUs are throttled harder: 20 %, then the run share they keep
 //! halves each step (60, 80, 90, 95, 97.5, … up to 99.9 %), applied in slices of at most 10 ms
-//! (at 99.9 %: 10 µs of run per 10 ms), so the guest never stops for longer than one slice. At
+//! (at 99.9 %: 10 µs of run per 10 ms), so the guest never stops for longer than one slice. A
+//! step may be larger: if the measured dirty rate says the next round needs a stronger throttle
+//! to fit the budget (`B × budget` dirtied during a round of `remaining / B`), that is used. At
 //! the timeout the migration aborts (default) or forces the switch-over.
 //!
 //! # Versioning

@@ -141,6 +141,8 @@ pub struct SyncInput {
     pub throttle_pct: f64,
     /// Current bandwidth estimate, bytes/s.
     pub bandwidth: Option<f64>,
+    /// Dirty rate measured over the last round (under the current throttle), bytes/s.
+    pub dirty_bytes_per_sec: f64,
 }
 
 impl ConvergenceConfig {
@@ -181,6 +183,25 @@ impl ConvergenceConfig {
         next.min(max)
     }
 
+    /// The throttle that would make the next round converge if the guest's unthrottled dirty
+    /// rate stayed as measured: the round takes `remaining / B`, during which the guest may
+    /// dirty only what the budget can carry, `B × budget`. 0 when unknown. The schedule's
+    /// next step is used when it is stronger; this lets a very busy guest skip steps.
+    pub fn needed_throttle(&self, i: &SyncInput) -> f64 {
+        let Some(bw) = self.effective_bandwidth(i.bandwidth) else {
+            return 0.0;
+        };
+        let run_share = (100.0 - i.throttle_pct) / 100.0;
+        if bw <= 0.0 || i.remaining_bytes == 0 || i.dirty_bytes_per_sec <= 0.0 || run_share <= 0.0 {
+            return 0.0;
+        }
+        let round_secs = i.remaining_bytes as f64 / bw;
+        let allowed_rate = bw * self.downtime_budget.as_secs_f64() / round_secs;
+        let unthrottled = i.dirty_bytes_per_sec / run_share;
+        let share = (allowed_rate / unthrottled).clamp(0.0, 1.0);
+        ((1.0 - share) * 10_000.0).round() / 100.0
+    }
+
     /// The switch-over rule, the throttle schedule and the timeout, in that order.
     pub fn decide(&self, i: &SyncInput) -> Decision {
         if let Some(d) = self.expected_downtime(i.remaining_bytes, i.bandwidth)
@@ -200,7 +221,10 @@ impl ConvergenceConfig {
             .previous_remaining_bytes
             .is_some_and(|p| i.remaining_bytes.saturating_mul(2) <= p);
         if i.round >= self.throttle_from_round && !falling_fast {
-            let next = self.next_throttle(i.throttle_pct);
+            let next = self
+                .next_throttle(i.throttle_pct)
+                .max(self.needed_throttle(i))
+                .min(self.throttle_max_pct.clamp(0.0, 99.99));
             if next > i.throttle_pct {
                 return Decision::Throttle(next);
             }
@@ -306,6 +330,7 @@ mod tests {
             round: 0,
             throttle_pct: 0.0,
             bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.0,
         };
         // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
         assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
@@ -368,6 +393,29 @@ mod tests {
     }
 
     #[test]
+    fn a_mildly_busy_guest_follows_the_schedule_a_very_busy_one_skips_steps() {
+        let c = ConvergenceConfig::default();
+        let input = |dirty_rate: f64| SyncInput {
+            elapsed: ms(500),
+            remaining_bytes: 60 * MIB,
+            previous_remaining_bytes: Some(60 * MIB),
+            round: 1,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: dirty_rate,
+        };
+        // 60 MiB at 1 GB/s is a 63 ms round; 50 ms of budget carries 50 MB, so the guest may
+        // dirty ~0.8 GB/s. At 0.9 GB/s a small cut does: the schedule's 20 % is stronger.
+        assert_eq!(c.decide(&input(0.9 * GBPS)), Decision::Throttle(20.0));
+        // At 8 GB/s it must keep ~10 % of its run time.
+        match c.decide(&input(8.0 * GBPS)) {
+            Decision::Throttle(p) => assert!((89.0..91.0).contains(&p), "{p}"),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(c.needed_throttle(&input(0.0)), 0.0, "unknown rate: no jump");
+    }
+
+    #[test]
     fn throttle_slices_are_at_most_ten_ms() {
         let s = ThrottleSlice::for_pct(99.0, ms(50));
         assert_eq!(s.run + s.sleep, ms(10));
@@ -396,6 +444,7 @@ mod tests {
             round: 9,
             throttle_pct: 99.9,
             bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.0,
         };
         assert_eq!(c.decide(&stuck), Decision::Abort);
         let f = ConvergenceConfig {
@@ -443,6 +492,7 @@ mod tests {
                 round,
                 throttle_pct: throttle,
                 bandwidth: est.bytes_per_sec(),
+                dirty_bytes_per_sec: dirtied as f64 / t.as_secs_f64(),
             };
             match c.decide(&input) {
                 Decision::Continue => {}
