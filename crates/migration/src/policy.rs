@@ -1,0 +1,562 @@
+//! Convergence policy: bandwidth estimate, the switch-over rule, the throttle schedule, the
+//! timeout, and the bandwidth cap's token bucket. Pure: every time is passed in.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// What to do when the timeout passes before the migration converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnTimeout {
+    /// Give up: the source keeps running (the default).
+    #[default]
+    Abort,
+    /// Switch over anyway, accepting a longer pause.
+    Force,
+}
+
+/// Knobs of the convergence policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConvergenceConfig {
+    /// Largest acceptable pause (source pause → target running). Default 50 ms.
+    pub downtime_budget: Duration,
+    /// Give up (or force) after this long. Default 60 s.
+    pub timeout: Duration,
+    /// What to do at the timeout.
+    pub on_timeout: OnTimeout,
+    /// Bandwidth cap in bytes/s, if any (the estimate never exceeds it).
+    pub max_bandwidth: Option<u64>,
+    /// Expected size of the saved VM state, sent during the pause.
+    pub state_bytes_estimate: u64,
+    /// Expected time for the target to restore and resume, and the commit round trip.
+    pub restore_estimate: Duration,
+    /// Sending time the bandwidth window covers.
+    pub bandwidth_window: Duration,
+    /// Throttling starts only from this round on (round 0 is the full copy).
+    pub throttle_from_round: u32,
+    /// First throttle step, percent of vCPU time taken away.
+    pub throttle_initial_pct: f64,
+    /// Highest throttle, percent (below 100: the vCPUs always get some run time per slice).
+    pub throttle_max_pct: f64,
+    /// Each further step multiplies the vCPUs' remaining run share by this (0..1): steps grow.
+    pub throttle_run_factor: f64,
+    /// Length of one throttle slice (run + sleep); at most 10 ms.
+    pub throttle_slice: Duration,
+}
+
+impl Default for ConvergenceConfig {
+    fn default() -> Self {
+        Self {
+            downtime_budget: Duration::from_millis(50),
+            timeout: Duration::from_secs(60),
+            on_timeout: OnTimeout::Abort,
+            max_bandwidth: None,
+            state_bytes_estimate: 256 << 10,
+            restore_estimate: Duration::from_millis(5),
+            bandwidth_window: Duration::from_secs(1),
+            throttle_from_round: 1,
+            throttle_initial_pct: 20.0,
+            throttle_max_pct: 99.9,
+            throttle_run_factor: 0.5,
+            throttle_slice: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Bandwidth from a sliding window of send bursts: bytes over busy time, so idle gaps between
+/// rounds do not drag the estimate down.
+#[derive(Debug, Clone)]
+pub struct BandwidthEstimator {
+    window: Duration,
+    samples: VecDeque<(u64, Duration)>,
+    busy: Duration,
+    bytes: u64,
+}
+
+impl BandwidthEstimator {
+    /// An estimator over `window` of sending time.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            samples: VecDeque::new(),
+            busy: Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// Records that `bytes` were sent in `busy` time.
+    pub fn record(&mut self, bytes: u64, busy: Duration) {
+        if bytes == 0 && busy.is_zero() {
+            return;
+        }
+        self.samples.push_back((bytes, busy));
+        self.bytes += bytes;
+        self.busy += busy;
+        // Drop old samples while the rest still covers the window.
+        while let Some(&(b, d)) = self.samples.front() {
+            if self.samples.len() > 1 && self.busy - d >= self.window {
+                self.samples.pop_front();
+                self.bytes -= b;
+                self.busy -= d;
+            } else {
+                break;
+            }
+        }
+    }
+
+    /// Bytes per second, or `None` before the first sample with measurable time.
+    pub fn bytes_per_sec(&self) -> Option<f64> {
+        let s = self.busy.as_secs_f64();
+        (s > 0.0 && self.bytes > 0).then(|| self.bytes as f64 / s)
+    }
+}
+
+/// The convergence decision after a dirty-log sync.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    /// Run another pre-copy round.
+    Continue,
+    /// Raise the throttle to this percent and run another round.
+    Throttle(f64),
+    /// Pause and send the rest: converged (`forced` false) or forced at the timeout.
+    SwitchOver {
+        /// True when the timeout forced it.
+        forced: bool,
+    },
+    /// Give up: the timeout passed.
+    Abort,
+}
+
+/// Inputs of one decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyncInput {
+    /// Time since the migration started.
+    pub elapsed: Duration,
+    /// Bytes still dirty after this sync.
+    pub remaining_bytes: u64,
+    /// Bytes that were dirty at the previous sync (before the round just sent).
+    pub previous_remaining_bytes: Option<u64>,
+    /// Round number just finished (0 = the full copy).
+    pub round: u32,
+    /// Current throttle percent.
+    pub throttle_pct: f64,
+    /// Current bandwidth estimate, bytes/s.
+    pub bandwidth: Option<f64>,
+    /// Dirty rate measured over the last round (under the current throttle), bytes/s.
+    pub dirty_bytes_per_sec: f64,
+}
+
+impl ConvergenceConfig {
+    /// The bandwidth to plan with: the estimate capped by the configured maximum.
+    pub fn effective_bandwidth(&self, estimate: Option<f64>) -> Option<f64> {
+        match (estimate, self.max_bandwidth) {
+            (Some(e), Some(cap)) => Some(e.min(cap as f64)),
+            (e, _) => e,
+        }
+    }
+
+    /// The pause expected if we switched over now with `remaining_bytes` dirty.
+    /// `None` when the bandwidth is not yet known and something remains.
+    pub fn expected_downtime(
+        &self,
+        remaining_bytes: u64,
+        bandwidth: Option<f64>,
+    ) -> Option<Duration> {
+        let bytes = remaining_bytes + self.state_bytes_estimate;
+        let transfer = match self.effective_bandwidth(bandwidth) {
+            Some(bw) if bw > 0.0 => Duration::from_secs_f64(bytes as f64 / bw),
+            _ if remaining_bytes == 0 => Duration::ZERO,
+            _ => return None,
+        };
+        Some(transfer + self.restore_estimate)
+    }
+
+    /// The next throttle percent after `current`: first the initial step, then the run share
+    /// shrinks by `throttle_run_factor` each step, up to the maximum.
+    pub fn next_throttle(&self, current: f64) -> f64 {
+        let max = self.throttle_max_pct.clamp(0.0, 99.99);
+        if current <= 0.0 {
+            return self.throttle_initial_pct.clamp(0.0, max);
+        }
+        let run = (100.0 - current.min(100.0)) * self.throttle_run_factor.clamp(0.0, 0.99);
+        // Two decimals are plenty and keep the reported figures readable.
+        let next = ((100.0 - run) * 100.0).round() / 100.0;
+        next.min(max)
+    }
+
+    /// The throttle that would make the next round converge if the guest's unthrottled dirty
+    /// rate stayed as measured: the round takes `remaining / B`, during which the guest may
+    /// dirty only what the budget can carry, `B × budget`. 0 when unknown. The schedule's
+    /// next step is used when it is stronger; this lets a very busy guest skip steps.
+    pub fn needed_throttle(&self, i: &SyncInput) -> f64 {
+        let Some(bw) = self.effective_bandwidth(i.bandwidth) else {
+            return 0.0;
+        };
+        let run_share = (100.0 - i.throttle_pct) / 100.0;
+        if bw <= 0.0 || i.remaining_bytes == 0 || i.dirty_bytes_per_sec <= 0.0 || run_share <= 0.0 {
+            return 0.0;
+        }
+        let round_secs = i.remaining_bytes as f64 / bw;
+        let allowed_rate = bw * self.downtime_budget.as_secs_f64() / round_secs;
+        let unthrottled = i.dirty_bytes_per_sec / run_share;
+        let share = (allowed_rate / unthrottled).clamp(0.0, 1.0);
+        ((1.0 - share) * 10_000.0).round() / 100.0
+    }
+
+    /// The switch-over rule, the throttle schedule and the timeout, in that order.
+    pub fn decide(&self, i: &SyncInput) -> Decision {
+        if let Some(d) = self.expected_downtime(i.remaining_bytes, i.bandwidth)
+            && d <= self.downtime_budget
+        {
+            return Decision::SwitchOver { forced: false };
+        }
+        if i.elapsed >= self.timeout {
+            return match self.on_timeout {
+                OnTimeout::Abort => Decision::Abort,
+                OnTimeout::Force => Decision::SwitchOver { forced: true },
+            };
+        }
+        // Above budget. Throttle harder unless the remainder is already falling fast (halved
+        // since the previous sync): that converges on its own.
+        let falling_fast = i
+            .previous_remaining_bytes
+            .is_some_and(|p| i.remaining_bytes.saturating_mul(2) <= p);
+        if i.round >= self.throttle_from_round && !falling_fast {
+            let next = self
+                .next_throttle(i.throttle_pct)
+                .max(self.needed_throttle(i))
+                .min(self.throttle_max_pct.clamp(0.0, 99.99));
+            if next > i.throttle_pct {
+                return Decision::Throttle(next);
+            }
+        }
+        Decision::Continue
+    }
+}
+
+/// How a throttle percent is applied: in each slice the vCPUs run for `run` and sleep `sleep`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleSlice {
+    /// Time the vCPUs may run per slice.
+    pub run: Duration,
+    /// Time the vCPUs are held per slice.
+    pub sleep: Duration,
+}
+
+impl ThrottleSlice {
+    /// The slice for `pct` percent throttling with slices of `slice` (capped at 10 ms, so a
+    /// pause request waits at most one slice).
+    pub fn for_pct(pct: f64, slice: Duration) -> Self {
+        let slice = slice.min(Duration::from_millis(10));
+        let share = if pct.is_finite() {
+            (pct / 100.0).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let sleep = Duration::from_nanos((slice.as_nanos() as f64 * share).round() as u64);
+        Self {
+            run: slice - sleep,
+            sleep,
+        }
+    }
+}
+
+/// A token bucket for the bandwidth cap. Time is passed in.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Duration,
+}
+
+impl TokenBucket {
+    /// `rate` bytes/s with bursts of up to `burst` bytes; starts full at time `now`.
+    pub fn new(rate: u64, burst: u64, now: Duration) -> Self {
+        Self {
+            rate: rate.max(1) as f64,
+            burst: burst.max(1) as f64,
+            tokens: burst.max(1) as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `bytes` at time `now`; returns how long to wait before sending them (zero if none).
+    /// The tokens are taken either way (a debt is paid off by the wait).
+    pub fn take(&mut self, bytes: u64, now: Duration) -> Duration {
+        let dt = now.saturating_sub(self.last).as_secs_f64();
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.tokens -= bytes as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GBPS: f64 = 1e9;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn bandwidth_estimate_uses_busy_time_and_slides() {
+        let mut b = BandwidthEstimator::new(ms(100));
+        assert_eq!(b.bytes_per_sec(), None);
+        b.record(100 * MIB, ms(100)); // 1000 MiB/s
+        let first = b.bytes_per_sec().unwrap();
+        assert!((first - 1000.0 * MIB as f64).abs() < 1.0);
+        // A slower link later: the old sample leaves the window.
+        b.record(10 * MIB, ms(100));
+        b.record(10 * MIB, ms(100));
+        let later = b.bytes_per_sec().unwrap();
+        assert!((later - 100.0 * MIB as f64).abs() < 1.0, "{later}");
+    }
+
+    #[test]
+    fn switches_over_when_remainder_fits_the_budget() {
+        let c = ConvergenceConfig::default();
+        let fits = SyncInput {
+            elapsed: ms(100),
+            remaining_bytes: 20 * MIB,
+            previous_remaining_bytes: None,
+            round: 0,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.0,
+        };
+        // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
+        assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
+        let too_much = SyncInput {
+            remaining_bytes: 60 * MIB,
+            ..fits
+        };
+        assert_eq!(c.decide(&too_much), Decision::Continue);
+        // The state estimate counts: a 50 MiB state would not fit.
+        let big_state = ConvergenceConfig {
+            state_bytes_estimate: 50 * MIB,
+            ..c.clone()
+        };
+        assert_eq!(big_state.decide(&fits), Decision::Continue);
+        // The cap counts: at 100 MB/s 20 MiB does not fit.
+        let capped = ConvergenceConfig {
+            max_bandwidth: Some(100_000_000),
+            ..c.clone()
+        };
+        assert_eq!(capped.decide(&fits), Decision::Continue);
+        // Nothing dirty converges even before any bandwidth is known.
+        let empty = SyncInput {
+            remaining_bytes: 0,
+            bandwidth: None,
+            ..fits
+        };
+        assert_eq!(
+            ConvergenceConfig {
+                state_bytes_estimate: 0,
+                ..c
+            }
+            .decide(&empty),
+            Decision::SwitchOver { forced: false }
+        );
+    }
+
+    #[test]
+    fn throttle_steps_grow_and_stop_at_the_maximum() {
+        let c = ConvergenceConfig::default();
+        let mut pct = 0.0;
+        let mut steps = vec![];
+        while pct < c.throttle_max_pct {
+            let next = c.next_throttle(pct);
+            assert!(next > pct);
+            steps.push(next);
+            pct = next;
+        }
+        assert_eq!(
+            steps,
+            vec![
+                20.0, 60.0, 80.0, 90.0, 95.0, 97.5, 98.75, 99.38, 99.69, 99.85, 99.9
+            ]
+        );
+        assert_eq!(c.next_throttle(99.9), 99.9);
+        // Each step halves the run share the vCPUs keep.
+        for w in steps.windows(2).take(8) {
+            let ratio = (100.0 - w[1]) / (100.0 - w[0]);
+            assert!((0.45..=0.55).contains(&ratio), "{w:?}");
+        }
+    }
+
+    #[test]
+    fn a_mildly_busy_guest_follows_the_schedule_a_very_busy_one_skips_steps() {
+        let c = ConvergenceConfig::default();
+        let input = |dirty_rate: f64| SyncInput {
+            elapsed: ms(500),
+            remaining_bytes: 60 * MIB,
+            previous_remaining_bytes: Some(60 * MIB),
+            round: 1,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: dirty_rate,
+        };
+        // 60 MiB at 1 GB/s is a 63 ms round; 50 ms of budget carries 50 MB, so the guest may
+        // dirty ~0.8 GB/s. At 0.9 GB/s a small cut does: the schedule's 20 % is stronger.
+        assert_eq!(c.decide(&input(0.9 * GBPS)), Decision::Throttle(20.0));
+        // At 8 GB/s it must keep ~10 % of its run time.
+        match c.decide(&input(8.0 * GBPS)) {
+            Decision::Throttle(p) => assert!((89.0..91.0).contains(&p), "{p}"),
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(c.needed_throttle(&input(0.0)), 0.0, "unknown rate: no jump");
+    }
+
+    #[test]
+    fn throttle_slices_are_at_most_ten_ms() {
+        let s = ThrottleSlice::for_pct(99.0, ms(50));
+        assert_eq!(s.run + s.sleep, ms(10));
+        assert_eq!(s.sleep, Duration::from_micros(9900));
+        assert_eq!(
+            ThrottleSlice::for_pct(99.9, ms(10)).run,
+            Duration::from_micros(10)
+        );
+        assert_eq!(ThrottleSlice::for_pct(0.0, ms(5)).sleep, Duration::ZERO);
+        assert_eq!(
+            ThrottleSlice::for_pct(f64::NAN, ms(5)).sleep,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn timeout_aborts_or_forces() {
+        let c = ConvergenceConfig {
+            timeout: ms(1000),
+            ..Default::default()
+        };
+        let stuck = SyncInput {
+            elapsed: ms(1000),
+            remaining_bytes: 500 * MIB,
+            previous_remaining_bytes: Some(500 * MIB),
+            round: 9,
+            throttle_pct: 99.9,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.0,
+        };
+        assert_eq!(c.decide(&stuck), Decision::Abort);
+        let f = ConvergenceConfig {
+            on_timeout: OnTimeout::Force,
+            ..c
+        };
+        assert_eq!(f.decide(&stuck), Decision::SwitchOver { forced: true });
+    }
+
+    #[test]
+    fn token_bucket_paces_to_the_rate() {
+        let mut t = TokenBucket::new(1000, 100, Duration::ZERO);
+        assert_eq!(t.take(100, Duration::ZERO), Duration::ZERO);
+        assert_eq!(t.take(500, Duration::ZERO), ms(500));
+        // After the wait the debt is paid; 1 s later 100 tokens (the burst) are back.
+        assert_eq!(t.take(100, Duration::from_millis(1600)), Duration::ZERO);
+    }
+
+    /// A synthetic pre-copy run: a guest dirtying `dirty_rate` bytes/s of a `wss`-byte working
+    /// set, a link of `bw` bytes/s, throttling cutting the dirty rate. Returns the decisions'
+    /// outcome, rounds, highest throttle and final expected downtime.
+    fn simulate(
+        c: &ConvergenceConfig,
+        memory: u64,
+        wss: u64,
+        dirty_rate: f64,
+        bw: f64,
+    ) -> (Decision, u32, f64, Duration) {
+        let mut est = BandwidthEstimator::new(c.bandwidth_window);
+        let mut elapsed = Duration::ZERO;
+        let mut to_send = memory;
+        let mut prev = None;
+        let mut throttle = 0.0f64;
+        for round in 0..10_000u32 {
+            let t = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
+            est.record(to_send, t);
+            elapsed += t;
+            let rate = dirty_rate * (100.0 - throttle) / 100.0;
+            // Pages dirtied during the round, bounded by the working set.
+            let dirtied = ((rate * t.as_secs_f64()) as u64).min(wss);
+            let input = SyncInput {
+                elapsed,
+                remaining_bytes: dirtied,
+                previous_remaining_bytes: prev,
+                round,
+                throttle_pct: throttle,
+                bandwidth: est.bytes_per_sec(),
+                dirty_bytes_per_sec: dirtied as f64 / t.as_secs_f64(),
+            };
+            match c.decide(&input) {
+                Decision::Continue => {}
+                Decision::Throttle(p) => throttle = p,
+                d => {
+                    let dt = c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap();
+                    return (d, round, throttle, dt);
+                }
+            }
+            prev = Some(dirtied);
+            to_send = dirtied;
+        }
+        panic!("no decision in 10000 rounds");
+    }
+
+    #[test]
+    fn idle_guest_converges_after_the_first_round() {
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 4 * MIB, 1e5, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert_eq!(rounds, 0);
+        assert_eq!(thr, 0.0);
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn moderate_dirtying_converges_without_throttle() {
+        // 20,000 pages/s over 256 MiB at 1 GB/s.
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 20_000.0 * 4096.0, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert!(rounds <= 3, "rounds {rounds}");
+        assert_eq!(thr, 0.0);
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn max_rate_dirtying_throttles_then_converges() {
+        // The guest dirties 4 GB/s over a 256 MiB working set, four times the link.
+        let c = ConvergenceConfig::default();
+        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 4.0 * GBPS, GBPS);
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert!(thr >= 90.0, "throttle reached {thr}");
+        assert!(rounds > c.throttle_from_round, "rounds {rounds}");
+        assert!(dt <= c.downtime_budget);
+    }
+
+    #[test]
+    fn unthrottleable_guest_aborts_at_the_timeout() {
+        // Even 99.9 % throttling leaves more than the link can carry: the timeout decides.
+        let c = ConvergenceConfig {
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        };
+        let (d, _, thr, _) = simulate(&c, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS);
+        assert_eq!(d, Decision::Abort);
+        assert_eq!(thr, 99.9);
+        let f = ConvergenceConfig {
+            on_timeout: OnTimeout::Force,
+            ..c
+        };
+        assert_eq!(
+            simulate(&f, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS).0,
+            Decision::SwitchOver { forced: true }
+        );
+    }
+}

@@ -1,0 +1,574 @@
+//! The target side's state machine: which frame it accepts in which phase, per-stream
+//! accounting, and when a commit may proceed. No I/O.
+
+use crate::config::{MemoryLayout, VmConfigDescription};
+use crate::wire::{Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// Where the target is in a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverPhase {
+    /// Waiting for the source's hello on the control stream.
+    AwaitHello,
+    /// Versions agree; the VM side is checking (or building for) the described VM.
+    Preparing,
+    /// Welcome sent: data streams join, pages, state and verify digest arrive.
+    Receiving,
+    /// Commit received: verifying, restoring, resuming.
+    Committing,
+    /// The VM runs here and "running" was sent. Terminal.
+    Running,
+    /// Refused, aborted or failed: everything received is discarded. Terminal.
+    Discarded,
+}
+
+/// A frame or event the target does not accept now: the migration is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Protocol violation in phase {phase:?}: {what}")]
+pub struct ProtocolViolation {
+    /// Phase at the time.
+    pub phase: ReceiverPhase,
+    /// What was wrong.
+    pub what: String,
+}
+
+/// Why the target refuses a handshake.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// No protocol version in common.
+    #[error(
+        "Protocol version mismatch: source speaks {source_min}..={source_max}, target {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
+    )]
+    Version {
+        /// Source's oldest version.
+        source_min: u16,
+        /// Source's newest version.
+        source_max: u16,
+    },
+    /// The target cannot host the VM described.
+    #[error("{0}")]
+    Config(String),
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StreamCount {
+    joined: bool,
+    ended: bool,
+    frames: u64,
+    pages: u64,
+    /// The pre-copy round whose end marker is expected next.
+    next_round: u32,
+}
+
+/// The target's state machine.
+#[derive(Debug, Clone)]
+pub struct Receiver {
+    phase: ReceiverPhase,
+    version: u16,
+    session: u64,
+    config: Option<VmConfigDescription>,
+    streams: Vec<StreamCount>,
+    state_received: bool,
+    verify_received: bool,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Receiver {
+    /// A receiver waiting for a hello.
+    pub fn new() -> Self {
+        Self {
+            phase: ReceiverPhase::AwaitHello,
+            version: 0,
+            session: 0,
+            config: None,
+            streams: Vec::new(),
+            state_received: false,
+            verify_received: false,
+        }
+    }
+
+    fn violation(&mut self, what: impl Into<String>) -> ProtocolViolation {
+        let v = ProtocolViolation {
+            phase: self.phase,
+            what: what.into(),
+        };
+        self.phase = ReceiverPhase::Discarded;
+        v
+    }
+
+    fn expect(&mut self, phase: ReceiverPhase, what: &str) -> Result<(), ProtocolViolation> {
+        if self.phase == phase {
+            Ok(())
+        } else {
+            Err(self.violation(format!("unexpected {what}")))
+        }
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> ReceiverPhase {
+        self.phase
+    }
+
+    /// The agreed memory layout (from the welcome on).
+    pub fn layout(&self) -> Option<&MemoryLayout> {
+        match self.phase {
+            ReceiverPhase::Receiving | ReceiverPhase::Committing | ReceiverPhase::Running => {
+                self.config.as_ref().map(|c| &c.layout)
+            }
+            _ => None,
+        }
+    }
+
+    /// Session number from the hello.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// Number of data streams announced.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// A hello arrived. On success the VM side must now check `hello.config`; the returned
+    /// version is the one to welcome with. A version refusal discards.
+    pub fn hello(&mut self, hello: &Hello) -> Result<Result<u16, Refusal>, ProtocolViolation> {
+        self.expect(ReceiverPhase::AwaitHello, "hello")?;
+        let top = hello.max_version.min(PROTOCOL_VERSION);
+        if top < hello.min_version.max(MIN_PROTOCOL_VERSION) {
+            self.phase = ReceiverPhase::Discarded;
+            return Ok(Err(Refusal::Version {
+                source_min: hello.min_version,
+                source_max: hello.max_version,
+            }));
+        }
+        self.version = top;
+        self.session = hello.session;
+        self.config = Some(hello.config.clone());
+        self.streams = vec![StreamCount::default(); usize::from(hello.streams)];
+        self.phase = ReceiverPhase::Preparing;
+        Ok(Ok(top))
+    }
+
+    /// The VM side has checked the described VM: welcome (`Ok`) or refuse.
+    pub fn prepared(
+        &mut self,
+        result: Result<(), String>,
+    ) -> Result<Result<u16, Refusal>, ProtocolViolation> {
+        self.expect(ReceiverPhase::Preparing, "preparation result")?;
+        match result {
+            Ok(()) => {
+                self.phase = ReceiverPhase::Receiving;
+                Ok(Ok(self.version))
+            }
+            Err(reason) => {
+                self.phase = ReceiverPhase::Discarded;
+                Ok(Err(Refusal::Config(reason)))
+            }
+        }
+    }
+
+    fn stream(&mut self, stream: u16) -> Result<&mut StreamCount, ProtocolViolation> {
+        let i = usize::from(stream);
+        if i >= self.streams.len() {
+            return Err(self.violation(format!("stream {stream} was not announced")));
+        }
+        Ok(&mut self.streams[i])
+    }
+
+    /// A data stream announced itself.
+    pub fn join(&mut self, stream: u16, session: u64) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "stream join")?;
+        if session != self.session {
+            return Err(self.violation(format!("stream joined with foreign session {session:#x}")));
+        }
+        let s = self.stream(stream)?;
+        if s.joined {
+            return Err(self.violation(format!("stream {stream} joined twice")));
+        }
+        s.joined = true;
+        Ok(())
+    }
+
+    /// Whether every announced data stream has joined.
+    pub fn all_joined(&self) -> bool {
+        self.streams.iter().all(|s| s.joined)
+    }
+
+    /// Whether every announced data stream has ended.
+    pub fn all_ended(&self) -> bool {
+        self.streams.iter().all(|s| s.ended)
+    }
+
+    /// A page frame with `pages` entries arrived on `stream` (addresses were checked by the
+    /// decoder against [`Receiver::layout`]).
+    pub fn pages(&mut self, stream: u16, pages: usize) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "page frame")?;
+        let s = self.stream(stream)?;
+        if !s.joined || s.ended {
+            let what = format!("pages on stream {stream} outside its join..end");
+            return Err(self.violation(what));
+        }
+        s.frames += 1;
+        s.pages += pages as u64;
+        Ok(())
+    }
+
+    /// Pre-copy round `round` ended on `stream`. Returns the round to acknowledge once every
+    /// stream has ended it (rounds end in order 0, 1, 2, … on each stream).
+    pub fn round_end(&mut self, stream: u16, round: u32) -> Result<Option<u32>, ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "round end")?;
+        let s = self.stream(stream)?;
+        if !s.joined || s.ended {
+            return Err(self.violation(format!(
+                "round end on stream {stream} outside its join..end"
+            )));
+        }
+        if round != s.next_round {
+            let want = s.next_round;
+            return Err(self.violation(format!(
+                "stream {stream} ended round {round}, expected round {want}"
+            )));
+        }
+        s.next_round += 1;
+        let all = self.streams.iter().all(|s| s.next_round > round);
+        Ok(all.then_some(round))
+    }
+
+    /// A data stream ended, claiming it sent `frames` frames with `pages` pages.
+    pub fn data_end(
+        &mut self,
+        stream: u16,
+        frames: u64,
+        pages: u64,
+    ) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "data end")?;
+        let s = self.stream(stream)?;
+        if !s.joined || s.ended {
+            return Err(self.violation(format!("stream {stream} ended twice or before joining")));
+        }
+        if (s.frames, s.pages) != (frames, pages) {
+            let (got_f, got_p) = (s.frames, s.pages);
+            return Err(self.violation(format!(
+                "stream {stream} sent {frames} frames / {pages} pages but {got_f} / {got_p} arrived"
+            )));
+        }
+        s.ended = true;
+        Ok(())
+    }
+
+    /// The VM state arrived.
+    pub fn state(&mut self) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "state")?;
+        if self.state_received {
+            return Err(self.violation("state sent twice"));
+        }
+        self.state_received = true;
+        Ok(())
+    }
+
+    /// The memory digest arrived.
+    pub fn verify(&mut self) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "verify digest")?;
+        if self.verify_received {
+            return Err(self.violation("verify digest sent twice"));
+        }
+        self.verify_received = true;
+        Ok(())
+    }
+
+    /// Commit arrived: allowed only once every stream ended and the state is here.
+    pub fn commit(&mut self) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "commit")?;
+        if let Some(i) = self.streams.iter().position(|s| !s.ended) {
+            return Err(self.violation(format!("commit before data stream {i} ended")));
+        }
+        if !self.state_received {
+            return Err(self.violation("commit before the VM state"));
+        }
+        self.phase = ReceiverPhase::Committing;
+        Ok(())
+    }
+
+    /// The VM side finished committing: `true` if it runs here now.
+    pub fn committed(&mut self, running: bool) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Committing, "commit result")?;
+        self.phase = if running {
+            ReceiverPhase::Running
+        } else {
+            ReceiverPhase::Discarded
+        };
+        Ok(())
+    }
+
+    /// Abort, a stream error or a lost connection. Returns true if the VM side must discard
+    /// (false once running: the VM stays).
+    pub fn abort(&mut self) -> bool {
+        if self.phase == ReceiverPhase::Running {
+            return false;
+        }
+        self.phase = ReceiverPhase::Discarded;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CpuidDigest, PAGE_SIZE, Region};
+
+    fn hello(min: u16, max: u16, streams: u16) -> Hello {
+        Hello {
+            min_version: min,
+            max_version: max,
+            session: 7,
+            streams,
+            config: VmConfigDescription {
+                layout: MemoryLayout::new(vec![Region {
+                    guest_addr: 0,
+                    size: 16 * PAGE_SIZE,
+                }])
+                .unwrap(),
+                vcpus: 1,
+                cpuid: CpuidDigest(1),
+                devices: vec![],
+            },
+        }
+    }
+
+    fn receiving(streams: u16) -> Receiver {
+        let mut r = Receiver::new();
+        assert_eq!(r.hello(&hello(1, 1, streams)).unwrap(), Ok(1));
+        assert_eq!(r.layout(), None, "no layout before welcome");
+        assert_eq!(r.prepared(Ok(())).unwrap(), Ok(1));
+        assert!(r.layout().is_some());
+        r
+    }
+
+    #[test]
+    fn full_sequence_reaches_running() {
+        let mut r = receiving(2);
+        r.join(0, 7).unwrap();
+        assert!(!r.all_joined());
+        r.join(1, 7).unwrap();
+        r.pages(0, 3).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), None);
+        r.pages(1, 1).unwrap();
+        assert_eq!(
+            r.round_end(1, 0).unwrap(),
+            Some(0),
+            "acked once both streams ended it"
+        );
+        r.pages(0, 2).unwrap();
+        r.data_end(0, 2, 5).unwrap();
+        r.data_end(1, 1, 1).unwrap();
+        r.state().unwrap();
+        r.verify().unwrap();
+        r.commit().unwrap();
+        r.committed(true).unwrap();
+        assert_eq!(r.phase(), ReceiverPhase::Running);
+        assert!(!r.abort(), "a running VM is not discarded");
+    }
+
+    #[test]
+    fn version_without_overlap_is_refused() {
+        let mut r = Receiver::new();
+        let got = r.hello(&hello(7, 9, 1)).unwrap().unwrap_err();
+        assert_eq!(
+            got.to_string(),
+            "Protocol version mismatch: source speaks 7..=9, target 1..=1"
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        // A newer source that still speaks our version is accepted at ours.
+        let mut r = Receiver::new();
+        assert_eq!(r.hello(&hello(1, 5, 1)).unwrap(), Ok(1));
+    }
+
+    #[test]
+    fn config_refusal_discards() {
+        let mut r = Receiver::new();
+        r.hello(&hello(1, 1, 1)).unwrap().unwrap();
+        let got = r.prepared(Err("vCPU count differs".into())).unwrap();
+        assert_eq!(got, Err(Refusal::Config("vCPU count differs".into())));
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+    }
+
+    /// Every event that is illegal in a phase discards the migration.
+    #[test]
+    fn illegal_events_are_violations_in_every_phase() {
+        type Step = fn(&mut Receiver) -> Result<(), ProtocolViolation>;
+        let events: [(&str, Step); 9] = [
+            ("round_end", |r| r.round_end(0, 0).map(|_| ())),
+            ("join", |r| r.join(0, 7)),
+            ("pages", |r| r.pages(0, 1)),
+            ("data_end", |r| r.data_end(0, 0, 0)),
+            ("state", |r| r.state()),
+            ("verify", |r| r.verify()),
+            ("commit", |r| r.commit()),
+            ("committed", |r| r.committed(true)),
+            ("hello", |r| r.hello(&hello(1, 1, 1)).map(|_| ())),
+        ];
+        // Which events each phase accepts (from a fresh receiver in that phase).
+        let accepts: [(ReceiverPhase, &[&str]); 4] = [
+            (ReceiverPhase::AwaitHello, &["hello"]),
+            (ReceiverPhase::Preparing, &[]),
+            (ReceiverPhase::Receiving, &["join", "state", "verify"]),
+            (ReceiverPhase::Committing, &["committed"]),
+        ];
+        let make = |p: ReceiverPhase| -> Receiver {
+            let mut r = Receiver::new();
+            if p == ReceiverPhase::AwaitHello {
+                return r;
+            }
+            r.hello(&hello(1, 1, 1)).unwrap().unwrap();
+            if p == ReceiverPhase::Preparing {
+                return r;
+            }
+            r.prepared(Ok(())).unwrap().unwrap();
+            if p == ReceiverPhase::Receiving {
+                return r;
+            }
+            r.join(0, 7).unwrap();
+            r.data_end(0, 0, 0).unwrap();
+            r.state().unwrap();
+            r.commit().unwrap();
+            r
+        };
+        for (phase, ok) in accepts {
+            for (name, ev) in events {
+                let mut r = make(phase);
+                let res = ev(&mut r);
+                assert_eq!(
+                    res.is_ok(),
+                    ok.contains(&name),
+                    "{name} in {phase:?}: {res:?}"
+                );
+                if res.is_err() {
+                    assert_eq!(r.phase(), ReceiverPhase::Discarded);
+                }
+            }
+        }
+        // Terminal phases accept nothing.
+        for (name, ev) in events {
+            let mut r = make(ReceiverPhase::Committing);
+            r.committed(false).unwrap();
+            assert!(ev(&mut r).is_err(), "{name} after discard");
+        }
+    }
+
+    #[test]
+    fn round_ends_must_come_in_order() {
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), Some(0));
+        assert!(r.round_end(0, 2).is_err(), "round 1 skipped");
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.data_end(0, 0, 0).unwrap();
+        assert!(r.round_end(0, 0).is_err(), "after data end");
+    }
+
+    #[test]
+    fn stream_accounting_catches_lost_or_foreign_frames() {
+        let mut r = receiving(1);
+        assert!(r.join(0, 8).is_err(), "foreign session");
+        let mut r = receiving(1);
+        assert!(r.join(1, 7).is_err(), "unannounced stream");
+        let mut r = receiving(1);
+        assert!(r.pages(0, 1).is_err(), "pages before join");
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.pages(0, 4).unwrap();
+        let err = r.data_end(0, 2, 8).unwrap_err();
+        assert!(err.what.contains("2 frames / 8 pages but 1 / 4"), "{err}");
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.state().unwrap();
+        assert!(r.commit().is_err(), "commit before data end");
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.data_end(0, 0, 0).unwrap();
+        assert!(r.commit().is_err(), "commit before state");
+    }
+
+    #[derive(Debug, Clone)]
+    enum Ev {
+        Hello(u16, u16, u16),
+        Prepared(bool),
+        Join(u16, bool),
+        Pages(u16, usize),
+        DataEnd(u16, u64, u64),
+        State,
+        Verify,
+        Commit,
+        Committed(bool),
+        Abort,
+    }
+
+    fn ev() -> impl proptest::strategy::Strategy<Value = Ev> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u16..3, 0u16..3, 1u16..3).prop_map(|(a, b, n)| Ev::Hello(a, b, n)),
+            any::<bool>().prop_map(Ev::Prepared),
+            (0u16..3, any::<bool>()).prop_map(|(s, ok)| Ev::Join(s, ok)),
+            (0u16..3, 1usize..4).prop_map(|(s, n)| Ev::Pages(s, n)),
+            (0u16..3, 0u64..3, 0u64..6).prop_map(|(s, f, p)| Ev::DataEnd(s, f, p)),
+            Just(Ev::State),
+            Just(Ev::Verify),
+            Just(Ev::Commit),
+            any::<bool>().prop_map(Ev::Committed),
+            Just(Ev::Abort),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Random event sequences: nothing panics, a discarded receiver stays discarded, a
+        /// commit is accepted only with every stream ended and the state in, and Running is
+        /// reached only through an accepted commit.
+        #[test]
+        fn random_event_sequences_keep_the_invariants(events in proptest::collection::vec(ev(), 0..40)) {
+            let mut r = Receiver::new();
+            let mut state_in = false;
+            let mut commit_ok = false;
+            for e in events {
+                let before = r.phase();
+                let ok = match e.clone() {
+                    Ev::Hello(a, b, n) => r.hello(&hello(a, b, n)).map(|v| v.is_ok()).unwrap_or(false),
+                    Ev::Prepared(ok) => r.prepared(if ok { Ok(()) } else { Err("no".into()) }).map(|v| v.is_ok()).unwrap_or(false),
+                    Ev::Join(s, same) => r.join(s, if same { 7 } else { 8 }).is_ok(),
+                    Ev::Pages(s, n) => r.pages(s, n).is_ok(),
+                    Ev::DataEnd(s, f, p) => r.data_end(s, f, p).is_ok(),
+                    Ev::State => r.state().is_ok(),
+                    Ev::Verify => r.verify().is_ok(),
+                    Ev::Commit => {
+                        let all = r.all_ended() && r.stream_count() > 0;
+                        let ok = r.commit().is_ok();
+                        if ok {
+                            proptest::prop_assert!(all && state_in, "commit accepted too early");
+                            commit_ok = true;
+                        }
+                        ok
+                    }
+                    Ev::Committed(run) => r.committed(run).is_ok(),
+                    Ev::Abort => { r.abort(); false }
+                };
+                if matches!(e, Ev::State) && ok {
+                    state_in = true;
+                }
+                if matches!(before, ReceiverPhase::Discarded | ReceiverPhase::Running) {
+                    proptest::prop_assert!(!ok, "{e:?} accepted in terminal phase {before:?}");
+                    proptest::prop_assert_eq!(r.phase(), before);
+                }
+                if r.phase() == ReceiverPhase::Running {
+                    proptest::prop_assert!(commit_ok);
+                }
+                if r.layout().is_some() {
+                    proptest::prop_assert!(matches!(r.phase(), ReceiverPhase::Receiving | ReceiverPhase::Committing | ReceiverPhase::Running));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The target's I/O shell: accept the control and data streams, decode frames on one thread
+//! per stream, apply pages, verify, restore, resume, acknowledge; discard on any failure.
+
+use std::io::Write;
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::config::MemoryLayout;
+use crate::receiver::{ProtocolViolation, Receiver};
+use crate::send::{CancelToken, memory_digest};
+use crate::vm::{MigrationTarget, VmError};
+use crate::wire::{Frame, MemoryDigest, ReadFrameError, read_frame};
+
+/// Options of an incoming migration.
+#[derive(Debug, Clone)]
+pub struct ReceiveOptions {
+    /// How long to wait for the source to connect at all. `None`: forever (until cancelled).
+    pub accept_timeout: Option<Duration>,
+    /// Time allowed for the hello and for every data stream to join. Default 10 s.
+    pub handshake_timeout: Duration,
+    /// With no frame on any stream for this long, the migration fails. Default 30 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for ReceiveOptions {
+    fn default() -> Self {
+        Self {
+            accept_timeout: None,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Figures of an incoming migration that completed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiveReport {
+    /// Data pages written.
+    pub pages_written: u64,
+    /// Pages zeroed because they became zero on the source.
+    pub pages_zeroed: u64,
+    /// Page frames received.
+    pub frames: u64,
+    /// Hello → running sent, ms.
+    pub total_ms: u64,
+    /// Commit received → running sent (verify, restore, resume), ms.
+    pub commit_ms: u64,
+}
+
+/// Why an incoming migration did not complete. In every case the target discarded the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// No source connected in time, or accepting failed.
+    #[error("No migration source connected")]
+    Accept(#[source] std::io::Error),
+    /// A stream failed or closed early.
+    #[error("Stream {stream} failed")]
+    Stream {
+        /// `None` for the control stream, else the data stream's index.
+        stream: StreamName,
+        /// Cause.
+        #[source]
+        source: ReadFrameError,
+    },
+    /// The refusal sent to the source.
+    #[error("Refused the migration: {0}")]
+    Refused(String),
+    /// The source broke the protocol (or the frame sequence was damaged).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolViolation),
+    /// The source aborted.
+    #[error("Source aborted the migration: {0}")]
+    Aborted(String),
+    /// The memory digest did not match what was loaded.
+    #[error("Memory verification failed: chunk {chunk} differs")]
+    VerifyMismatch {
+        /// First differing chunk.
+        chunk: usize,
+    },
+    /// The VM side failed.
+    #[error("Target VM error during {0}")]
+    Target(&'static str, #[source] VmError),
+    /// Nothing arrived for too long.
+    #[error("No frame from the source for {0:?}")]
+    Idle(Duration),
+    /// Cancelled on the target.
+    #[error("Migration cancelled on the target")]
+    Cancelled,
+    /// Writing to the source failed.
+    #[error("Writing to the source failed")]
+    Write(#[source] std::io::Error),
+}
+
+/// Names a stream in errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamName {
+    /// The control stream.
+    Control,
+    /// Data stream `n`.
+    Data(u16),
+}
+
+impl std::fmt::Display for StreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamName::Control => f.write_str("control"),
+            StreamName::Data(n) => write!(f, "data {n}"),
+        }
+    }
+}
+
+enum Event {
+    Frame(StreamName, Frame),
+    Error(StreamName, ReadFrameError),
+}
+
+struct Incoming<'a, T: MigrationTarget + ?Sized> {
+    target: &'a mut T,
+    opts: &'a ReceiveOptions,
+    cancel: &'a CancelToken,
+    machine: Receiver,
+    control: Option<TcpStream>,
+    sockets: Vec<TcpStream>,
+    start: Instant,
+    report: ReceiveReport,
+}
+
+/// Receives one migration on `listener` into `target`.
+///
+/// Returns once the VM runs on the target and "running" was sent; on any error the target
+/// was discarded and the source told (when still reachable).
+pub fn receive<T: MigrationTarget + ?Sized>(
+    listener: &TcpListener,
+    target: &mut T,
+    opts: &ReceiveOptions,
+    cancel: &CancelToken,
+) -> Result<ReceiveReport, ReceiveError> {
+    let mut run = Incoming {
+        target,
+        opts,
+        cancel,
+        machine: Receiver::new(),
+        control: None,
+        sockets: Vec::new(),
+        start: Instant::now(),
+        report: ReceiveReport {
+            pages_written: 0,
+            pages_zeroed: 0,
+            frames: 0,
+            total_ms: 0,
+            commit_ms: 0,
+        },
+    };
+    let result = run.execute(listener);
+    if let Err(e) = &result {
+        if run.machine.abort() {
+            run.target.discard();
+        }
+        // Tell the source why, unless it is the one that aborted or refused already.
+        if !matches!(e, ReceiveError::Aborted(_) | ReceiveError::Refused(_))
+            && let Some(c) = run.control.as_mut()
+        {
+            let reason = error_chain(e);
+            let _ = c.write_all(&Frame::Failed { reason }.encode());
+        }
+    }
+    for s in run.sockets.iter().chain(run.control.iter()) {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    result.map(|()| run.report)
+}
+
+/// An error and its causes on one line: "A: B: C".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn accept(
+    listener: &TcpListener,
+    deadline: Option<Instant>,
+    cancel: &CancelToken,
+) -> Result<TcpStream, ReceiveError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(ReceiveError::Accept)?;
+    let r = loop {
+        match listener.accept() {
+            Ok((s, _)) => break Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if cancel.is_cancelled() {
+                    break Err(ReceiveError::Cancelled);
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break Err(ReceiveError::Accept(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "timed out waiting for a connection",
+                    )));
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(ReceiveError::Accept(e)),
+        }
+    };
+    let _ = listener.set_nonblocking(false);
+    let s = r?;
+    s.set_nonblocking(false).map_err(ReceiveError::Accept)?;
+    let _ = s.set_nodelay(true);
+    Ok(s)
+}
+
+fn spawn_reader(
+    mut socket: TcpStream,
+    name: StreamName,
+    layout: Option<MemoryLayout>,
+    tx: SyncSender<Event>,
+) {
+    let _ = thread::Builder::new()
+        .name(format!("migrate-rx-{name}"))
+        .spawn(move || {
+            loop {
+                match read_frame(&mut socket, layout.as_ref()) {
+                    Ok(f) => {
+                        let end = matches!(f, Frame::DataEnd { .. });
+                        if tx.send(Event::Frame(name, f)).is_err() {
+                            return;
+                        }
+                        if end {
+                            // Nothing may follow on a data stream: any byte is an error.
+                            match read_frame(&mut socket, layout.as_ref()) {
+                                Err(ReadFrameError::Closed) => return,
+                                Ok(f) => {
+                                    let _ = tx.send(Event::Frame(name, f));
+                                    return;
+                                }
+                                Err(e) => {
+                                    let _ = tx.send(Event::Error(name, e));
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Event::Error(name, e));
+                        return;
+                    }
+                }
+            }
+        });
+}
+
+impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
+    fn send_control(&mut self, f: &Frame) -> Result<(), ReceiveError> {
+        let c = self.control.as_mut().expect("control connected");
+        c.write_all(&f.encode()).map_err(ReceiveError::Write)
+    }
+
+    fn execute(&mut self, listener: &TcpListener) -> Result<(), ReceiveError> {
+        let deadline = self.opts.accept_timeout.map(|t| Instant::now() + t);
+        let mut control = accept(listener, deadline, self.cancel)?;
+        self.start = Instant::now();
+        control
+            .set_read_timeout(Some(self.opts.handshake_timeout))
+            .map_err(ReceiveError::Write)?;
+        self.control = Some(control.try_clone().map_err(ReceiveError::Write)?);
+        let hello = match read_frame(&mut control, None) {
+            Ok(Frame::Hello(h)) => h,
+            Ok(other) => {
+                return Err(ReceiveError::Protocol(ProtocolViolation {
+                    phase: self.machine.phase(),
+                    what: format!("expected hello, got {:?}", other.kind()),
+                }));
+            }
+            Err(source) => {
+                return Err(ReceiveError::Stream {
+                    stream: StreamName::Control,
+                    source,
+                });
+            }
+        };
+        let version = match self.machine.hello(&hello)? {
+            Ok(_) => {
+                let prepared = self.target.prepare(&hello.config);
+                self.machine.prepared(prepared)?
+            }
+            Err(refusal) => Err(refusal),
+        };
+        match version {
+            Ok(version) => self.send_control(&Frame::Welcome { version })?,
+            Err(refusal) => {
+                let reason = refusal.to_string();
+                let _ = self.send_control(&Frame::Refuse {
+                    reason: reason.clone(),
+                });
+                return Err(ReceiveError::Refused(reason));
+            }
+        }
+        let layout = self.machine.layout().cloned();
+        let (tx, rx) = mpsc::sync_channel::<Event>(64);
+        control
+            .set_read_timeout(None)
+            .map_err(ReceiveError::Write)?;
+        spawn_reader(control, StreamName::Control, layout.clone(), tx.clone());
+
+        // Data streams: each must open with its join.
+        let join_deadline = Instant::now() + self.opts.handshake_timeout;
+        while !self.machine.all_joined() {
+            let mut s = accept(listener, Some(join_deadline), self.cancel)?;
+            s.set_read_timeout(Some(self.opts.handshake_timeout))
+                .map_err(ReceiveError::Write)?;
+            let (session, stream) = match read_frame(&mut s, None) {
+                Ok(Frame::Join { session, stream }) => (session, stream),
+                Ok(other) => {
+                    return Err(ReceiveError::Protocol(ProtocolViolation {
+                        phase: self.machine.phase(),
+                        what: format!("data stream opened with {:?}", other.kind()),
+                    }));
+                }
+                Err(source) => {
+                    return Err(ReceiveError::Stream {
+                        stream: StreamName::Control,
+                        source,
+                    });
+                }
+            };
+            self.machine.join(stream, session)?;
+            s.set_read_timeout(None).map_err(ReceiveError::Write)?;
+            self.sockets
+                .push(s.try_clone().map_err(ReceiveError::Write)?);
+            spawn_reader(s, StreamName::Data(stream), layout.clone(), tx.clone());
+        }
+        drop(tx);
+
+        let mut state: Option<(u32, Vec<u8>)> = None;
+        let mut digest: Option<MemoryDigest> = None;
+        let mut commit_at: Option<Instant> = None;
+        let mut idle_since = Instant::now();
+        loop {
+            if commit_at.is_some() && self.machine.all_ended() {
+                break;
+            }
+            if self.cancel.is_cancelled() && commit_at.is_none() {
+                return Err(ReceiveError::Cancelled);
+            }
+            let ev = match rx.recv_timeout(Duration::from_millis(20)) {
+                Ok(ev) => ev,
+                Err(RecvTimeoutError::Timeout) => {
+                    if idle_since.elapsed() >= self.opts.idle_timeout {
+                        return Err(ReceiveError::Idle(self.opts.idle_timeout));
+                    }
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(ReceiveError::Aborted("all streams closed".into()));
+                }
+            };
+            idle_since = Instant::now();
+            match ev {
+                Event::Frame(StreamName::Data(i), Frame::Pages(batch)) => {
+                    self.machine.pages(i, batch.len())?;
+                    self.report.frames += 1;
+                    for (gpa, data) in batch.iter() {
+                        match data {
+                            Some(d) => {
+                                self.target
+                                    .write_page(gpa, d)
+                                    .map_err(|e| ReceiveError::Target("write_page", e))?;
+                                self.report.pages_written += 1;
+                            }
+                            None => {
+                                self.target
+                                    .zero_page(gpa)
+                                    .map_err(|e| ReceiveError::Target("zero_page", e))?;
+                                self.report.pages_zeroed += 1;
+                            }
+                        }
+                    }
+                }
+                Event::Frame(StreamName::Data(i), Frame::RoundEnd { round }) => {
+                    if let Some(r) = self.machine.round_end(i, round)? {
+                        self.send_control(&Frame::RoundAck { round: r })?;
+                    }
+                }
+                Event::Frame(StreamName::Data(i), Frame::DataEnd { frames, pages }) => {
+                    self.machine.data_end(i, frames, pages)?
+                }
+                Event::Frame(StreamName::Control, Frame::State { version, bytes }) => {
+                    self.machine.state()?;
+                    state = Some((version, bytes));
+                }
+                Event::Frame(StreamName::Control, Frame::Verify(d)) => {
+                    self.machine.verify()?;
+                    digest = Some(d);
+                }
+                Event::Frame(StreamName::Control, Frame::Commit) if commit_at.is_none() => {
+                    commit_at = Some(Instant::now());
+                }
+                Event::Frame(_, Frame::Abort { reason }) => {
+                    return Err(ReceiveError::Aborted(reason));
+                }
+                Event::Frame(stream, other) => {
+                    return Err(ReceiveError::Protocol(ProtocolViolation {
+                        phase: self.machine.phase(),
+                        what: format!("unexpected {:?} frame on stream {stream}", other.kind()),
+                    }));
+                }
+                Event::Error(stream, source) => {
+                    // A source that gives up sends Abort on the control stream and then
+                    // closes everything: give its reason a moment to arrive.
+                    let grace = Instant::now() + Duration::from_millis(200);
+                    while let Some(left) = grace.checked_duration_since(Instant::now()) {
+                        match rx.recv_timeout(left) {
+                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason })) => {
+                                return Err(ReceiveError::Aborted(reason));
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    return Err(ReceiveError::Stream { stream, source });
+                }
+            }
+        }
+
+        // Commit: every stream ended; check, restore, resume.
+        let commit_at = commit_at.unwrap_or_else(Instant::now);
+        self.machine.commit()?;
+        let layout = layout.expect("layout agreed");
+        if let Some(want) = digest {
+            let got = memory_digest(&layout, want.chunk_bytes, |gpa, buf| {
+                self.target.read_pages(gpa, buf)
+            })
+            .map_err(|e| ReceiveError::Target("read_pages", e))?;
+            if let Some(chunk) = want.first_difference(&got) {
+                let _ = self.machine.committed(false);
+                return Err(ReceiveError::VerifyMismatch { chunk });
+            }
+        }
+        let (version, bytes) = state.expect("the machine checked the state arrived");
+        if let Err(e) = self.target.restore_state(version, &bytes) {
+            let _ = self.machine.committed(false);
+            return Err(ReceiveError::Target("restore_state", e));
+        }
+        if let Err(e) = self.target.resume() {
+            let _ = self.machine.committed(false);
+            return Err(ReceiveError::Target("resume", e));
+        }
+        self.machine.committed(true)?;
+        self.report.commit_ms = commit_at.elapsed().as_millis() as u64;
+        self.report.total_ms = self.start.elapsed().as_millis() as u64;
+        // The VM runs here now; if this write fails the source stays paused (in doubt), which
+        // keeps exactly one copy running.
+        let _ = self.send_control(&Frame::Running);
+        Ok(())
+    }
+}

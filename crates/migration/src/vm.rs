@@ -1,0 +1,75 @@
+//! The VM side of a migration: what the VMM implements so the transport can move a VM.
+
+use crate::config::VmConfigDescription;
+
+/// Error type the VM side returns: any error, shown in the report's reason.
+pub type VmError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A running VM that can be migrated away.
+///
+/// The migration calls these from one thread, in this order: `describe`, `start_dirty_log`,
+/// (`read_pages`, `fetch_dirty`, `set_throttle`)*, `pause`, `fetch_dirty`, `read_pages`*,
+/// `save_state`, and on failure `resume`. `stop_dirty_log` and `set_throttle(0)` end every
+/// migration, successful or not.
+pub trait MigrationSource {
+    /// The VM's shape: memory layout, vCPUs, CPUID, devices.
+    fn describe(&self) -> VmConfigDescription;
+
+    /// Arms dirty tracking (KVM dirty log plus the VMM's own bitmap) and clears it: pages
+    /// written from now on show up in `fetch_dirty`.
+    fn start_dirty_log(&mut self) -> Result<(), VmError>;
+
+    /// Disarms dirty tracking.
+    fn stop_dirty_log(&mut self) -> Result<(), VmError>;
+
+    /// Copies guest memory at `gpa` into `buf` (within one region of the layout).
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
+
+    /// Fetches and clears the dirty bitmap of region `region`: bit `i` of word `i / 64` is
+    /// page `i` of the region. The result has `ceil(pages / 64)` words.
+    fn fetch_dirty(&mut self, region: usize) -> Result<Vec<u64>, VmError>;
+
+    /// Holds the vCPUs for `pct` percent of the time (0 ≤ pct < 100, e.g. 99.9), in slices of
+    /// at most 10 ms: `ThrottleSlice::for_pct(pct, 10 ms)` gives run and sleep per slice
+    /// ([`crate::policy::ThrottleSlice`]). 0 ends throttling.
+    fn set_throttle(&mut self, pct: f64) -> Result<(), VmError>;
+
+    /// Stops the vCPUs (and device activity that writes guest memory).
+    fn pause(&mut self) -> Result<(), VmError>;
+
+    /// Resumes the vCPUs after a failed migration.
+    fn resume(&mut self) -> Result<(), VmError>;
+
+    /// The VM's complete saved state (vCPUs, irqchips, clocks, devices) as versioned bytes.
+    /// Called while paused. Returns the format version and the bytes.
+    fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError>;
+}
+
+/// A VM being built on the target from an incoming migration.
+///
+/// Its memory starts zeroed. The migration calls `prepare` first, then `write_page` /
+/// `zero_page` many times, then `read_pages` (with verify), `restore_state` and `resume`; or
+/// `discard` at any point before `resume` succeeded.
+pub trait MigrationTarget {
+    /// Checks that this host can run the VM described (and builds it if it builds on demand).
+    /// The error is sent to the source as the refusal reason.
+    fn prepare(&mut self, config: &VmConfigDescription) -> Result<(), String>;
+
+    /// Writes one page at `gpa` (checked against the agreed layout already).
+    fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), VmError>;
+
+    /// Zeroes one page at `gpa`.
+    fn zero_page(&mut self, gpa: u64) -> Result<(), VmError>;
+
+    /// Copies guest memory at `gpa` into `buf`, for the memory verification.
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError>;
+
+    /// Restores the saved state (version and bytes from the source's `save_state`).
+    fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), VmError>;
+
+    /// Starts the vCPUs. After success the VM runs here.
+    fn resume(&mut self) -> Result<(), VmError>;
+
+    /// Drops everything received; the VM never ran here.
+    fn discard(&mut self);
+}

@@ -1,0 +1,1149 @@
+//! The wire format: length-prefixed, crc32c-checksummed, versioned frames, and a decoder that
+//! checks every length and every guest address before it trusts it.
+//!
+//! A frame is a 16-byte header followed by `len` payload bytes (all integers little-endian):
+//!
+//! ```text
+//!  0      4        5      6        8        12       16
+//!  +------+--------+------+--------+--------+--------+----------------+
+//!  | TRNM | format | kind | flags  |  len   | crc32c |  payload ...   |
+//!  +------+--------+------+--------+--------+--------+----------------+
+//!   magic    u8=1    u8     u16=0    u32      u32      len bytes
+//! ```
+//!
+//! `crc32c` covers header bytes 0..12 and the payload. `len` is checked against the largest
+//! payload the frame's kind can have before anything is read or allocated; a page frame's
+//! addresses are checked against the agreed [`MemoryLayout`].
+
+use std::io::{self, Read};
+
+use crate::config::{
+    CpuidDigest, LayoutError, MAX_DEVICE_NAME, MAX_DEVICES, MAX_REGIONS, MemoryLayout, PAGE_SIZE,
+    Region, VmConfigDescription,
+};
+
+/// First four bytes of every frame.
+pub const MAGIC: [u8; 4] = *b"TRNM";
+/// Version of the frame header layout (byte 4). Bumped only if the header itself changes.
+pub const FRAME_FORMAT: u8 = 1;
+/// Bytes in a frame header.
+pub const HEADER_LEN: usize = 16;
+/// The protocol version this build speaks (negotiated in the handshake).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// The oldest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+/// Most pages in one page frame.
+pub const MAX_PAGES_PER_FRAME: usize = 128;
+/// Largest VM state blob.
+pub const MAX_STATE_BYTES: usize = 16 << 20;
+/// Longest reason text in refuse/failed/abort frames.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Most data streams one migration may open.
+pub const MAX_STREAMS: u16 = 64;
+/// Most chunk checksums a verify frame may carry (1 TiB of memory at 1 MiB chunks).
+pub const MAX_VERIFY_CHUNKS: usize = 1 << 20;
+
+/// Flag in the low bits of a page entry's address: the page is all zeros, no data follows.
+const ZERO_FLAG: u64 = 1;
+const PAGE_BYTES: usize = PAGE_SIZE as usize;
+
+/// The kinds of frame. The number is byte 5 of the header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameKind {
+    /// Source → target, control stream: protocol versions, session, VM description.
+    Hello = 1,
+    /// Target → source: handshake accepted at a version.
+    Welcome = 2,
+    /// Target → source: handshake refused, with a reason.
+    Refuse = 3,
+    /// Source → target, first frame of each data stream.
+    Join = 4,
+    /// Source → target, data stream: a batch of pages.
+    Pages = 5,
+    /// Source → target, data stream: no more pages on this stream.
+    DataEnd = 6,
+    /// Source → target, control stream: the VM's saved state.
+    State = 7,
+    /// Source → target, control stream: checksums of all guest memory at the pause.
+    Verify = 8,
+    /// Source → target, control stream: restore and resume now.
+    Commit = 9,
+    /// Target → source: the VM runs on the target.
+    Running = 10,
+    /// Target → source: the target could not commit and discarded the VM.
+    Failed = 11,
+    /// Either way, control stream: the migration is cancelled.
+    Abort = 12,
+    /// Source → target, data stream: every page of pre-copy round `round` on this stream was sent.
+    RoundEnd = 13,
+    /// Target → source, control stream: every page of round `round` was applied.
+    RoundAck = 14,
+}
+
+impl FrameKind {
+    fn from_u8(b: u8) -> Option<Self> {
+        use FrameKind::*;
+        Some(match b {
+            1 => Hello,
+            2 => Welcome,
+            3 => Refuse,
+            4 => Join,
+            5 => Pages,
+            6 => DataEnd,
+            7 => State,
+            8 => Verify,
+            9 => Commit,
+            10 => Running,
+            11 => Failed,
+            12 => Abort,
+            13 => RoundEnd,
+            14 => RoundAck,
+            _ => return None,
+        })
+    }
+
+    /// The largest payload a frame of this kind can carry.
+    pub fn max_payload(self) -> usize {
+        use FrameKind::*;
+        match self {
+            Hello => {
+                2 + 2
+                    + 8
+                    + 2
+                    + 4
+                    + 2
+                    + MAX_REGIONS * 16
+                    + 4
+                    + 8
+                    + 2
+                    + MAX_DEVICES * (2 + MAX_DEVICE_NAME)
+            }
+            Welcome => 2,
+            Refuse | Failed | Abort => 2 + MAX_REASON_BYTES,
+            Join => 8 + 2,
+            Pages => 4 + 2 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES),
+            DataEnd => 16,
+            State => 4 + MAX_STATE_BYTES,
+            Verify => 8 + 4 + 4 * MAX_VERIFY_CHUNKS,
+            Commit | Running => 0,
+            RoundEnd | RoundAck => 4,
+        }
+    }
+}
+
+/// The handshake offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Oldest protocol version the source can speak.
+    pub min_version: u16,
+    /// Newest protocol version the source can speak.
+    pub max_version: u16,
+    /// Random session number; data streams name it in their `Join`.
+    pub session: u64,
+    /// Number of data streams the source will open (1..=[`MAX_STREAMS`]).
+    pub streams: u16,
+    /// The VM the source wants to move.
+    pub config: VmConfigDescription,
+}
+
+/// A batch of pages: each either full data or "this page is now zero".
+///
+/// A batch built for sending keeps room for the frame header in front of its entries, so
+/// [`PageBatch::into_frame_bytes`] needs no copy; a decoded batch keeps the received payload.
+#[derive(Debug, Clone)]
+pub struct PageBatch {
+    round: u32,
+    count: u16,
+    /// `buf[start..]` holds the entries as on the wire: `u64 addr|flags`, then 4096 bytes
+    /// unless the zero flag is set.
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl PartialEq for PageBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.round == other.round && self.count == other.count && self.entries() == other.entries()
+    }
+}
+
+impl Eq for PageBatch {}
+
+/// Bytes of a full page frame, header included.
+const MAX_PAGE_FRAME: usize = HEADER_LEN + 6 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES);
+
+impl PageBatch {
+    /// An empty batch for pre-copy round `round`, with room for a full frame.
+    pub fn new(round: u32) -> Self {
+        let mut buf = Vec::with_capacity(MAX_PAGE_FRAME);
+        buf.resize(HEADER_LEN + 6, 0);
+        Self {
+            round,
+            count: 0,
+            buf,
+            start: HEADER_LEN + 6,
+        }
+    }
+
+    fn entries(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The round the pages belong to.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Number of pages.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether the batch holds no page.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether no more page fits.
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_PAGES_PER_FRAME
+    }
+
+    /// Adds a page with its data. `gpa` must be page-aligned and `data` one page long.
+    pub fn push_data(&mut self, gpa: u64, data: &[u8]) {
+        assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE) && data.len() == PAGE_BYTES);
+        self.buf.extend_from_slice(&gpa.to_le_bytes());
+        self.buf.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// Adds a page that is now all zeros.
+    pub fn push_zero(&mut self, gpa: u64) {
+        assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
+        self.buf.extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+        self.count += 1;
+    }
+
+    /// The pages: guest address and data (`None` for a zero page).
+    pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
+        let body = self.entries();
+        let mut pos = 0usize;
+        (0..self.count).map(move |_| {
+            let tagged = u64::from_le_bytes(body[pos..pos + 8].try_into().unwrap_or([0; 8]));
+            pos += 8;
+            if tagged & ZERO_FLAG != 0 {
+                (tagged & !ZERO_FLAG, None)
+            } else {
+                let d = &body[pos..pos + PAGE_BYTES];
+                pos += PAGE_BYTES;
+                (tagged, Some(d))
+            }
+        })
+    }
+
+    /// Encodes this batch as a whole wire frame, in place when it was built for sending.
+    pub fn into_frame_bytes(mut self) -> Vec<u8> {
+        if self.start != HEADER_LEN + 6 {
+            return self.to_frame_bytes();
+        }
+        let mut head = Vec::with_capacity(HEADER_LEN + 6);
+        begin(&mut head, FrameKind::Pages);
+        head.extend_from_slice(&self.round.to_le_bytes());
+        head.extend_from_slice(&self.count.to_le_bytes());
+        self.buf[..HEADER_LEN + 6].copy_from_slice(&head);
+        finish(&mut self.buf);
+        self.buf
+    }
+
+    /// Encodes this batch as a whole wire frame (a copy).
+    pub fn to_frame_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + 6 + self.entries().len());
+        begin(&mut out, FrameKind::Pages);
+        out.extend_from_slice(&self.round.to_le_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        out.extend_from_slice(self.entries());
+        finish(&mut out);
+        out
+    }
+}
+
+/// Checksums of guest memory in fixed-size chunks, in page-index order (region 0 first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryDigest {
+    /// Bytes per chunk (a multiple of the page size); the last chunk may be shorter.
+    pub chunk_bytes: u64,
+    /// crc32c of each chunk.
+    pub crcs: Vec<u32>,
+}
+
+impl MemoryDigest {
+    /// Number of chunks a layout has at `chunk_bytes` per chunk.
+    pub fn chunks_for(layout: &MemoryLayout, chunk_bytes: u64) -> u64 {
+        layout.total_bytes().div_ceil(chunk_bytes)
+    }
+
+    /// Index of the first chunk that differs, if any.
+    pub fn first_difference(&self, other: &MemoryDigest) -> Option<usize> {
+        if self.chunk_bytes != other.chunk_bytes || self.crcs.len() != other.crcs.len() {
+            return Some(0);
+        }
+        self.crcs.iter().zip(&other.crcs).position(|(a, b)| a != b)
+    }
+}
+
+/// One decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`FrameKind::Hello`].
+    Hello(Hello),
+    /// See [`FrameKind::Welcome`].
+    Welcome {
+        /// The version both sides will speak.
+        version: u16,
+    },
+    /// See [`FrameKind::Refuse`].
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// See [`FrameKind::Join`].
+    Join {
+        /// Session number from the `Hello`.
+        session: u64,
+        /// Index of this data stream, `0..streams`.
+        stream: u16,
+    },
+    /// See [`FrameKind::Pages`].
+    Pages(PageBatch),
+    /// See [`FrameKind::DataEnd`].
+    DataEnd {
+        /// Page frames sent on this stream.
+        frames: u64,
+        /// Page entries sent on this stream.
+        pages: u64,
+    },
+    /// See [`FrameKind::State`].
+    State {
+        /// The VMM's own version of its state format.
+        version: u32,
+        /// Opaque state bytes.
+        bytes: Vec<u8>,
+    },
+    /// See [`FrameKind::Verify`].
+    Verify(MemoryDigest),
+    /// See [`FrameKind::Commit`].
+    Commit,
+    /// See [`FrameKind::Running`].
+    Running,
+    /// See [`FrameKind::Failed`].
+    Failed {
+        /// Why.
+        reason: String,
+    },
+    /// See [`FrameKind::Abort`].
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// See [`FrameKind::RoundEnd`].
+    RoundEnd {
+        /// The pre-copy round that ended.
+        round: u32,
+    },
+    /// See [`FrameKind::RoundAck`].
+    RoundAck {
+        /// The pre-copy round fully applied.
+        round: u32,
+    },
+}
+
+/// Why bytes are not a valid frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The buffer ends before the frame does (slice decoding only).
+    #[error("Frame truncated: {needed} more bytes needed")]
+    Truncated {
+        /// Bytes missing.
+        needed: usize,
+    },
+    /// Not a Tern migration stream.
+    #[error("Bad frame magic {0:02x?}")]
+    BadMagic([u8; 4]),
+    /// A frame header format this build does not know.
+    #[error("Unsupported frame format {0}")]
+    UnsupportedFormat(u8),
+    /// Unknown frame kind.
+    #[error("Unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// Reserved flag bits set.
+    #[error("Reserved frame flags set: {0:#x}")]
+    ReservedFlags(u16),
+    /// Length beyond what the kind allows.
+    #[error("{kind:?} frame length {len} exceeds the maximum {max}")]
+    TooLong {
+        /// Frame kind.
+        kind: FrameKind,
+        /// Claimed length.
+        len: usize,
+        /// Largest allowed.
+        max: usize,
+    },
+    /// Checksum mismatch: the frame was corrupted.
+    #[error("Frame checksum mismatch: header says {expected:#010x}, content gives {actual:#010x}")]
+    Checksum {
+        /// From the header.
+        expected: u32,
+        /// Computed.
+        actual: u32,
+    },
+    /// The payload does not parse.
+    #[error("Malformed {kind:?} frame: {what}")]
+    Malformed {
+        /// Frame kind.
+        kind: FrameKind,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// A page address outside the agreed layout.
+    #[error("Page address {0:#x} is outside the agreed memory layout or unaligned")]
+    PageOutsideLayout(u64),
+    /// A frame that needs the agreed layout arrived before the handshake set one.
+    #[error("{0:?} frame before the memory layout was agreed")]
+    NoLayout(FrameKind),
+    /// The memory layout in a hello is invalid.
+    #[error("Invalid memory layout in hello")]
+    Layout(#[source] LayoutError),
+}
+
+/// Why reading a frame from a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    /// The peer closed the stream cleanly between frames.
+    #[error("Connection closed by peer")]
+    Closed,
+    /// I/O error (including a close in the middle of a frame).
+    #[error("I/O error reading a frame")]
+    Io(#[source] io::Error),
+    /// The bytes are not a valid frame.
+    #[error("Invalid frame")]
+    Decode(#[source] DecodeError),
+}
+
+fn begin(out: &mut Vec<u8>, kind: FrameKind) {
+    out.extend_from_slice(&MAGIC);
+    out.push(FRAME_FORMAT);
+    out.push(kind as u8);
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&[0; 8]); // len and crc, filled by `finish`
+}
+
+fn finish(out: &mut [u8]) {
+    let len = u32::try_from(out.len() - HEADER_LEN).unwrap_or(u32::MAX);
+    out[8..12].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..12]), &out[HEADER_LEN..]);
+    out[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// Wraps arbitrary payload bytes in a frame header with kind byte `kind` and a valid checksum,
+/// so tests and fuzzers can reach the payload parsers with random content.
+pub fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.push(FRAME_FORMAT);
+    out.push(kind);
+    out.extend_from_slice(&[0; 10]);
+    out.extend_from_slice(payload);
+    finish(&mut out);
+    out
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str, max: usize) {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+impl Frame {
+    /// The frame's kind.
+    pub fn kind(&self) -> FrameKind {
+        match self {
+            Frame::Hello(_) => FrameKind::Hello,
+            Frame::Welcome { .. } => FrameKind::Welcome,
+            Frame::Refuse { .. } => FrameKind::Refuse,
+            Frame::Join { .. } => FrameKind::Join,
+            Frame::Pages(_) => FrameKind::Pages,
+            Frame::DataEnd { .. } => FrameKind::DataEnd,
+            Frame::State { .. } => FrameKind::State,
+            Frame::Verify(_) => FrameKind::Verify,
+            Frame::Commit => FrameKind::Commit,
+            Frame::Running => FrameKind::Running,
+            Frame::Failed { .. } => FrameKind::Failed,
+            Frame::Abort { .. } => FrameKind::Abort,
+            Frame::RoundEnd { .. } => FrameKind::RoundEnd,
+            Frame::RoundAck { .. } => FrameKind::RoundAck,
+        }
+    }
+
+    /// Encodes the frame, header included. Reason texts longer than [`MAX_REASON_BYTES`] are
+    /// cut; other over-limit contents (which the sender never builds) make frames the peer
+    /// refuses.
+    pub fn encode(&self) -> Vec<u8> {
+        if let Frame::Pages(b) = self {
+            return b.to_frame_bytes();
+        }
+        let mut out = Vec::with_capacity(64);
+        begin(&mut out, self.kind());
+        match self {
+            Frame::Hello(h) => {
+                out.extend_from_slice(&h.min_version.to_le_bytes());
+                out.extend_from_slice(&h.max_version.to_le_bytes());
+                out.extend_from_slice(&h.session.to_le_bytes());
+                out.extend_from_slice(&h.streams.to_le_bytes());
+                let c = &h.config;
+                out.extend_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+                out.extend_from_slice(&(c.layout.regions().len() as u16).to_le_bytes());
+                for r in c.layout.regions() {
+                    out.extend_from_slice(&r.guest_addr.to_le_bytes());
+                    out.extend_from_slice(&r.size.to_le_bytes());
+                }
+                out.extend_from_slice(&c.vcpus.to_le_bytes());
+                out.extend_from_slice(&c.cpuid.0.to_le_bytes());
+                out.extend_from_slice(&(c.devices.len().min(u16::MAX.into()) as u16).to_le_bytes());
+                for d in &c.devices {
+                    out.extend_from_slice(&(d.len().min(u16::MAX.into()) as u16).to_le_bytes());
+                    out.extend_from_slice(d.as_bytes());
+                }
+            }
+            Frame::Welcome { version } => out.extend_from_slice(&version.to_le_bytes()),
+            Frame::Refuse { reason } | Frame::Failed { reason } | Frame::Abort { reason } => {
+                put_str(&mut out, reason, MAX_REASON_BYTES)
+            }
+            Frame::Join { session, stream } => {
+                out.extend_from_slice(&session.to_le_bytes());
+                out.extend_from_slice(&stream.to_le_bytes());
+            }
+            Frame::DataEnd { frames, pages } => {
+                out.extend_from_slice(&frames.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
+            Frame::State { version, bytes } => {
+                out.extend_from_slice(&version.to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
+            Frame::Verify(d) => {
+                out.extend_from_slice(&d.chunk_bytes.to_le_bytes());
+                out.extend_from_slice(&(d.crcs.len() as u32).to_le_bytes());
+                for c in &d.crcs {
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+            Frame::RoundEnd { round } | Frame::RoundAck { round } => {
+                out.extend_from_slice(&round.to_le_bytes())
+            }
+            Frame::Commit | Frame::Running | Frame::Pages(_) => {}
+        }
+        finish(&mut out);
+        out
+    }
+}
+
+/// A parsed frame header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Frame kind.
+    pub kind: FrameKind,
+    /// Payload length (already checked against the kind's maximum).
+    pub len: usize,
+    /// Checksum from the header.
+    pub crc: u32,
+}
+
+/// Parses and checks a frame header.
+pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<Header, DecodeError> {
+    let magic = [h[0], h[1], h[2], h[3]];
+    if magic != MAGIC {
+        return Err(DecodeError::BadMagic(magic));
+    }
+    if h[4] != FRAME_FORMAT {
+        return Err(DecodeError::UnsupportedFormat(h[4]));
+    }
+    let kind = FrameKind::from_u8(h[5]).ok_or(DecodeError::UnknownKind(h[5]))?;
+    let flags = u16::from_le_bytes([h[6], h[7]]);
+    if flags != 0 {
+        return Err(DecodeError::ReservedFlags(flags));
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    let max = kind.max_payload();
+    if len > max {
+        return Err(DecodeError::TooLong { kind, len, max });
+    }
+    let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    Ok(Header { kind, len, crc })
+}
+
+/// Checks the checksum and parses the payload of a frame whose header is `header`.
+///
+/// `layout` is the agreed memory layout; page and verify frames are refused without one.
+pub fn parse_payload(
+    raw_header: &[u8; HEADER_LEN],
+    header: Header,
+    payload: &[u8],
+    layout: Option<&MemoryLayout>,
+) -> Result<Frame, DecodeError> {
+    Ok(match parse_checked(raw_header, header, payload, layout)? {
+        Parsed::Frame(f) => f,
+        Parsed::Pages { round, count } => Frame::Pages(PageBatch {
+            round,
+            count,
+            buf: payload.to_vec(),
+            start: 6,
+        }),
+    })
+}
+
+enum Parsed {
+    Frame(Frame),
+    /// A valid page frame: the batch is built from the payload by the caller.
+    Pages {
+        round: u32,
+        count: u16,
+    },
+}
+
+fn parse_checked(
+    raw_header: &[u8; HEADER_LEN],
+    header: Header,
+    payload: &[u8],
+    layout: Option<&MemoryLayout>,
+) -> Result<Parsed, DecodeError> {
+    if payload.len() != header.len {
+        return Err(DecodeError::Truncated {
+            needed: header.len.saturating_sub(payload.len()),
+        });
+    }
+    let actual = crc32c::crc32c_append(crc32c::crc32c(&raw_header[..12]), payload);
+    if actual != header.crc {
+        return Err(DecodeError::Checksum {
+            expected: header.crc,
+            actual,
+        });
+    }
+    let kind = header.kind;
+    let mut r = Rd {
+        buf: payload,
+        pos: 0,
+        kind,
+    };
+    let frame = match kind {
+        FrameKind::Hello => Frame::Hello(parse_hello(&mut r)?),
+        FrameKind::Welcome => Frame::Welcome { version: r.u16()? },
+        FrameKind::Refuse => Frame::Refuse {
+            reason: r.string(MAX_REASON_BYTES)?,
+        },
+        FrameKind::Failed => Frame::Failed {
+            reason: r.string(MAX_REASON_BYTES)?,
+        },
+        FrameKind::Abort => Frame::Abort {
+            reason: r.string(MAX_REASON_BYTES)?,
+        },
+        FrameKind::Join => {
+            let session = r.u64()?;
+            let stream = r.u16()?;
+            if stream >= MAX_STREAMS {
+                return Err(r.bad("stream index out of range"));
+            }
+            Frame::Join { session, stream }
+        }
+        FrameKind::Pages => {
+            let layout = layout.ok_or(DecodeError::NoLayout(kind))?;
+            let (round, count) = parse_pages(&mut r, layout)?;
+            if r.remaining() != 0 {
+                return Err(r.bad("trailing bytes"));
+            }
+            return Ok(Parsed::Pages { round, count });
+        }
+        FrameKind::DataEnd => Frame::DataEnd {
+            frames: r.u64()?,
+            pages: r.u64()?,
+        },
+        FrameKind::State => {
+            let version = r.u32()?;
+            let bytes = r.rest().to_vec();
+            Frame::State { version, bytes }
+        }
+        FrameKind::Verify => {
+            let layout = layout.ok_or(DecodeError::NoLayout(kind))?;
+            let chunk_bytes = r.u64()?;
+            if chunk_bytes == 0 || chunk_bytes % PAGE_SIZE != 0 || chunk_bytes > 1 << 40 {
+                return Err(r.bad("chunk size not a page multiple"));
+            }
+            let n = r.u32()? as usize;
+            if n as u64 != MemoryDigest::chunks_for(layout, chunk_bytes) || n > MAX_VERIFY_CHUNKS {
+                return Err(r.bad("chunk count does not match the memory layout"));
+            }
+            let mut crcs = Vec::with_capacity(n.min(r.remaining() / 4));
+            for _ in 0..n {
+                crcs.push(r.u32()?);
+            }
+            Frame::Verify(MemoryDigest { chunk_bytes, crcs })
+        }
+        FrameKind::Commit => Frame::Commit,
+        FrameKind::RoundEnd => Frame::RoundEnd { round: r.u32()? },
+        FrameKind::RoundAck => Frame::RoundAck { round: r.u32()? },
+        FrameKind::Running => Frame::Running,
+    };
+    if r.remaining() != 0 {
+        return Err(r.bad("trailing bytes"));
+    }
+    Ok(Parsed::Frame(frame))
+}
+
+fn parse_hello(r: &mut Rd<'_>) -> Result<Hello, DecodeError> {
+    let min_version = r.u16()?;
+    let max_version = r.u16()?;
+    let session = r.u64()?;
+    let streams = r.u16()?;
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(r.bad("stream count out of range"));
+    }
+    if u64::from(r.u32()?) != PAGE_SIZE {
+        return Err(r.bad("page size is not 4096"));
+    }
+    let n = usize::from(r.u16()?);
+    if n > MAX_REGIONS {
+        return Err(r.bad("too many memory regions"));
+    }
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(Region {
+            guest_addr: r.u64()?,
+            size: r.u64()?,
+        });
+    }
+    let layout = MemoryLayout::new(regions).map_err(DecodeError::Layout)?;
+    let vcpus = r.u32()?;
+    let cpuid = CpuidDigest(r.u64()?);
+    let n = usize::from(r.u16()?);
+    if n > MAX_DEVICES {
+        return Err(r.bad("too many devices"));
+    }
+    let mut devices = Vec::with_capacity(n);
+    for _ in 0..n {
+        devices.push(r.string(MAX_DEVICE_NAME)?);
+    }
+    Ok(Hello {
+        min_version,
+        max_version,
+        session,
+        streams,
+        config: VmConfigDescription {
+            layout,
+            vcpus,
+            cpuid,
+            devices,
+        },
+    })
+}
+
+/// Checks a page frame's payload; the entries are `payload[6..]`.
+fn parse_pages(r: &mut Rd<'_>, layout: &MemoryLayout) -> Result<(u32, u16), DecodeError> {
+    let round = r.u32()?;
+    let count = r.u16()?;
+    if count == 0 || usize::from(count) > MAX_PAGES_PER_FRAME {
+        return Err(r.bad("page count out of range"));
+    }
+    for _ in 0..count {
+        let tagged = r.u64()?;
+        let gpa = tagged & !ZERO_FLAG;
+        if tagged & (PAGE_SIZE - 1) & !ZERO_FLAG != 0 || layout.page_index(gpa).is_none() {
+            return Err(DecodeError::PageOutsideLayout(tagged));
+        }
+        if tagged & ZERO_FLAG == 0 {
+            r.bytes(PAGE_BYTES)?;
+        }
+    }
+    Ok((round, count))
+}
+
+struct Rd<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    kind: FrameKind,
+}
+
+impl<'a> Rd<'a> {
+    fn bad(&self, what: &'static str) -> DecodeError {
+        DecodeError::Malformed {
+            kind: self.kind,
+            what,
+        }
+    }
+    fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.remaining() < n {
+            return Err(self.bad("payload ends early"));
+        }
+        let s = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.buf[self.pos..];
+        self.pos = self.buf.len();
+        s
+    }
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.bytes(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.bytes(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn string(&mut self, max: usize) -> Result<String, DecodeError> {
+        let n = usize::from(self.u16()?);
+        if n > max {
+            return Err(self.bad("text too long"));
+        }
+        let b = self.bytes(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| self.bad("text is not UTF-8"))
+    }
+}
+
+/// Decodes one frame from the start of `buf`, returning it and the bytes it used.
+///
+/// Never panics and never allocates more than the frame's bytes, whatever `buf` holds.
+pub fn decode(buf: &[u8], layout: Option<&MemoryLayout>) -> Result<(Frame, usize), DecodeError> {
+    let Some(raw) = buf.get(..HEADER_LEN) else {
+        return Err(DecodeError::Truncated {
+            needed: HEADER_LEN - buf.len(),
+        });
+    };
+    let mut h = [0u8; HEADER_LEN];
+    h.copy_from_slice(raw);
+    let header = parse_header(&h)?;
+    let total = HEADER_LEN + header.len;
+    let Some(payload) = buf.get(HEADER_LEN..total) else {
+        return Err(DecodeError::Truncated {
+            needed: total - buf.len(),
+        });
+    };
+    Ok((parse_payload(&h, header, payload, layout)?, total))
+}
+
+/// Reads one frame from a stream.
+///
+/// The payload buffer grows only as bytes arrive, so a lying length costs at most the kind's
+/// maximum and only if the peer really sends that much.
+pub fn read_frame<R: Read>(
+    r: &mut R,
+    layout: Option<&MemoryLayout>,
+) -> Result<Frame, ReadFrameError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut h[got..]) {
+            Ok(0) if got == 0 => return Err(ReadFrameError::Closed),
+            Ok(0) => {
+                return Err(ReadFrameError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a frame header",
+                )));
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ReadFrameError::Io(e)),
+        }
+    }
+    let header = parse_header(&h).map_err(ReadFrameError::Decode)?;
+    let mut payload = Vec::with_capacity(header.len.min(1 << 20));
+    r.take(header.len as u64)
+        .read_to_end(&mut payload)
+        .map_err(ReadFrameError::Io)?;
+    if payload.len() != header.len {
+        return Err(ReadFrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed inside a frame",
+        )));
+    }
+    match parse_checked(&h, header, &payload, layout).map_err(ReadFrameError::Decode)? {
+        Parsed::Frame(f) => Ok(f),
+        Parsed::Pages { round, count } => Ok(Frame::Pages(PageBatch {
+            round,
+            count,
+            buf: payload,
+            start: 6,
+        })),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(vec![
+            Region {
+                guest_addr: 0,
+                size: 64 * PAGE_SIZE,
+            },
+            Region {
+                guest_addr: 0x1_0000_0000,
+                size: 16 * PAGE_SIZE,
+            },
+        ])
+        .unwrap()
+    }
+
+    fn valid_gpa() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            (0u64..64).prop_map(|i| i * PAGE_SIZE),
+            (0u64..16).prop_map(|i| 0x1_0000_0000 + i * PAGE_SIZE),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9 :é-]{0,80}"
+    }
+
+    fn config() -> impl Strategy<Value = VmConfigDescription> {
+        (
+            prop::collection::vec((1u64..1000, 1u64..1000), 1..8),
+            any::<u32>(),
+            any::<u64>(),
+            prop::collection::vec("[a-z-]{1,10}:[0-9]{1,3}", 0..6),
+        )
+            .prop_map(|(gaps, vcpus, cpuid, devices)| {
+                let mut at = 0;
+                let regions = gaps
+                    .into_iter()
+                    .map(|(gap, pages)| {
+                        let r = Region {
+                            guest_addr: at + gap * PAGE_SIZE,
+                            size: pages * PAGE_SIZE,
+                        };
+                        at = r.end();
+                        r
+                    })
+                    .collect();
+                VmConfigDescription {
+                    layout: MemoryLayout::new(regions).unwrap(),
+                    vcpus,
+                    cpuid: CpuidDigest(cpuid),
+                    devices,
+                }
+            })
+    }
+
+    fn pages() -> impl Strategy<Value = PageBatch> {
+        (
+            any::<u32>(),
+            prop::collection::vec((valid_gpa(), prop::option::of(any::<u8>())), 1..6),
+        )
+            .prop_map(|(round, entries)| {
+                let mut b = PageBatch::new(round);
+                for (gpa, fill) in entries {
+                    match fill {
+                        Some(v) => b.push_data(gpa, &[v; PAGE_BYTES]),
+                        None => b.push_zero(gpa),
+                    }
+                }
+                b
+            })
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (
+                any::<u16>(),
+                any::<u16>(),
+                any::<u64>(),
+                1..=MAX_STREAMS,
+                config()
+            )
+                .prop_map(|(min_version, max_version, session, streams, config)| {
+                    Frame::Hello(Hello {
+                        min_version,
+                        max_version,
+                        session,
+                        streams,
+                        config,
+                    })
+                }),
+            any::<u16>().prop_map(|version| Frame::Welcome { version }),
+            text().prop_map(|reason| Frame::Refuse { reason }),
+            (any::<u64>(), 0..MAX_STREAMS)
+                .prop_map(|(session, stream)| Frame::Join { session, stream }),
+            pages().prop_map(Frame::Pages),
+            (any::<u64>(), any::<u64>())
+                .prop_map(|(frames, pages)| Frame::DataEnd { frames, pages }),
+            (any::<u32>(), prop::collection::vec(any::<u8>(), 0..3000))
+                .prop_map(|(version, bytes)| Frame::State { version, bytes }),
+            (1u64..8).prop_flat_map(|k| {
+                let chunk_bytes = k * PAGE_SIZE;
+                let n = MemoryDigest::chunks_for(&layout(), chunk_bytes) as usize;
+                prop::collection::vec(any::<u32>(), n)
+                    .prop_map(move |crcs| Frame::Verify(MemoryDigest { chunk_bytes, crcs }))
+            }),
+            Just(Frame::Commit),
+            any::<u32>().prop_map(|round| Frame::RoundEnd { round }),
+            any::<u32>().prop_map(|round| Frame::RoundAck { round }),
+            Just(Frame::Running),
+            text().prop_map(|reason| Frame::Failed { reason }),
+            text().prop_map(|reason| Frame::Abort { reason }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn every_frame_round_trips(f in frame()) {
+            let bytes = f.encode();
+            let l = layout();
+            let (back, used) = decode(&bytes, Some(&l)).unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(&back, &f);
+            let mut cursor = io::Cursor::new(&bytes);
+            prop_assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), f);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_random_bytes(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+            let l = layout();
+            let _ = decode(&bytes, Some(&l));
+            let _ = decode(&bytes, None);
+            let _ = read_frame(&mut io::Cursor::new(&bytes), Some(&l));
+        }
+
+        #[test]
+        fn decoder_never_panics_on_random_payload_with_valid_header(
+            kind in 0u8..16, payload in prop::collection::vec(any::<u8>(), 0..9000)
+        ) {
+            // A correct header and checksum around random bytes reaches the payload parsers.
+            let out = seal(kind, &payload);
+            let l = layout();
+            // Whatever is accepted is canonical: it encodes back to the same bytes.
+            if let Ok((f, used)) = decode(&out, Some(&l)) {
+                prop_assert_eq!(f.encode(), out[..used].to_vec());
+            }
+            let _ = read_frame(&mut io::Cursor::new(&out), Some(&l));
+        }
+
+        #[test]
+        fn any_single_byte_flip_is_detected(f in frame(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut bytes = f.encode();
+            let i = at.index(bytes.len());
+            bytes[i] ^= 1 << bit;
+            let l = layout();
+            prop_assert!(decode(&bytes, Some(&l)).is_err(), "flip at byte {i} undetected");
+        }
+    }
+
+    fn pages_frame_with_addr(tagged: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        begin(&mut out, FrameKind::Pages);
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&1u16.to_le_bytes());
+        out.extend_from_slice(&(tagged | ZERO_FLAG).to_le_bytes());
+        finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn page_outside_layout_or_unaligned_is_refused() {
+        let l = layout();
+        assert!(decode(&pages_frame_with_addr(63 * PAGE_SIZE), Some(&l)).is_ok());
+        for bad in [
+            64 * PAGE_SIZE,
+            0x1_0000_0000 + 16 * PAGE_SIZE,
+            0x1_0000_0000 - PAGE_SIZE,
+            2 * PAGE_SIZE + 16,
+            !1,
+        ] {
+            let err = decode(&pages_frame_with_addr(bad), Some(&l)).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::PageOutsideLayout(_)),
+                "{bad:#x}: {err}"
+            );
+        }
+        assert_eq!(
+            decode(&pages_frame_with_addr(0), None).unwrap_err(),
+            DecodeError::NoLayout(FrameKind::Pages)
+        );
+    }
+
+    #[test]
+    fn oversized_length_is_refused_from_the_header_alone() {
+        let mut out = Frame::Commit.encode();
+        out[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        // Only the header is given: the length is refused before any payload is wanted.
+        let err = decode(&out[..HEADER_LEN], None).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::TooLong {
+                    kind: FrameKind::Commit,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let mut out = Frame::State {
+            version: 1,
+            bytes: vec![],
+        }
+        .encode();
+        out[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&out, None).unwrap_err(),
+            DecodeError::TooLong { .. }
+        ));
+    }
+
+    #[test]
+    fn a_lying_length_on_a_stream_allocates_only_what_arrives() {
+        // Header claims a 16 MiB state frame but only 10 bytes follow, then EOF.
+        let mut out = Vec::new();
+        begin(&mut out, FrameKind::State);
+        out[8..12].copy_from_slice(&(MAX_STATE_BYTES as u32).to_le_bytes());
+        out.extend_from_slice(&[0; 10]);
+        match read_frame(&mut io::Cursor::new(&out), None) {
+            Err(ReadFrameError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
+            other => panic!("expected EOF error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clean_close_between_frames_is_reported_as_closed() {
+        assert!(matches!(
+            read_frame(&mut io::Cursor::new(&[][..]), None),
+            Err(ReadFrameError::Closed)
+        ));
+    }
+
+    #[test]
+    fn verify_frame_must_match_the_layout_chunk_count() {
+        let l = layout();
+        let f = Frame::Verify(MemoryDigest {
+            chunk_bytes: PAGE_SIZE,
+            crcs: vec![0; 3],
+        });
+        assert!(matches!(
+            decode(&f.encode(), Some(&l)),
+            Err(DecodeError::Malformed { .. })
+        ));
+    }
+}
