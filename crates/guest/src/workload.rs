@@ -84,6 +84,12 @@ pub fn bsp_main(start_info: u64) -> ! {
         for (i, id) in cpus.ids[..cpus.len].iter().enumerate() {
             let _ = write!(line, "{}{id}", if i == 0 { "" } else { "," });
         }
+        let timer = if apic::tsc_deadline_mode() {
+            "tsc-deadline"
+        } else {
+            "oneshot"
+        };
+        let _ = write!(line, " timer={timer}");
         line.emit();
     }
     let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
