@@ -37,6 +37,7 @@ static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
 static DIRTY_RATE: AtomicU64 = AtomicU64::new(0);
 static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
 
 fn tsc_khz_from_cpuid() -> Option<u64> {
     let (max, _, _, _) = cpuid(0x4000_0000);
@@ -73,6 +74,7 @@ pub fn bsp_main(start_info: u64) -> ! {
     let self_id = apic::init_cpu();
     plan_writer(&boot, &config);
     HB_MS.store(config.hb_ms, Ordering::Relaxed);
+    SELFTEST_CORRUPT.store(config.selftest_corrupt, Ordering::Relaxed);
     if let Some(ms) = config.poweroff_ms {
         POWEROFF_MS.store(ms, Ordering::Relaxed);
     }
@@ -184,15 +186,34 @@ impl Writer {
         })
     }
 
+    /// Writes the next `count` pages. Each page's first 8 bytes get the running page count; before
+    /// overwriting, the writer checks the page still holds what it wrote one pass earlier
+    /// (`written - pages`), so memory lost or corrupted by the VMM (e.g. a page a migration failed to
+    /// send) stops the guest with a `PANIC` within one pass.
     fn write(&mut self, count: u64) {
         for _ in 0..count {
             let p = (self.base + self.pos * PAGE) as *mut u64;
-            // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+            if let Some(expected) = self.written.checked_sub(self.pages) {
+                // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+                let found = unsafe { p.read_volatile() };
+                if found != expected {
+                    panic!(
+                        "memory check failed: page {:#x} holds {found:#x}, expected {expected:#x}",
+                        p as u64
+                    );
+                }
+            }
+            // SAFETY: as above.
             unsafe { p.write_volatile(self.written) };
             self.written += 1;
             self.pos += 1;
             if self.pos == self.pages {
                 self.pos = 0;
+                if self.written == self.pages && SELFTEST_CORRUPT.swap(false, Ordering::Relaxed) {
+                    // SAFETY: the first page of this CPU's slice; tern.selftest=corruptpage asked
+                    // for exactly this damage, which the next pass must detect.
+                    unsafe { (self.base as *mut u64).write_volatile(0xbad0_bad0) };
+                }
             }
         }
     }
