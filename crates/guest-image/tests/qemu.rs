@@ -684,3 +684,20 @@ fn writer_detects_a_page_that_lost_its_contents() {
     );
     assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
 }
+
+#[test]
+fn writer_buffer_larger_than_memory_is_refused() {
+    let mut g = Guest::boot(Boot {
+        cmdline: "tern.dirty_mib=300",
+        memory_mib: 256,
+        ..Boot::default()
+    });
+    let (code, console) = g.wait_exit();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.starts_with("PANIC tern.dirty_mib=300 does not fit")),
+        "console: {console:?}"
+    );
+    assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
+}

@@ -125,12 +125,13 @@ fn plan_writer(boot: &BootInfo, config: &Config) {
     }
     let end = &raw const __image_end as u64;
     let base = end.next_multiple_of(2 << 20);
-    let len = config.dirty_mib << 20;
-    if base + len > 0xc000_0000 || !boot.is_ram(base, len) {
+    let len = config.dirty_mib.saturating_mul(1 << 20);
+    let top = base.saturating_add(len);
+    if top > 0xc000_0000 || !boot.is_ram(base, len) {
         panic!(
-            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {:#x} MiB (have {} MiB)",
+            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {} MiB, below 3 GiB (have {} MiB)",
             config.dirty_mib,
-            (base + len) >> 20,
+            top >> 20,
             boot.mem_mib()
         );
     }
