@@ -213,6 +213,7 @@ mod cmdline_tests {
         );
         assert!(!c.selftest_fault);
         assert!(parse("tern.selftest=pagefault").unwrap().selftest_fault);
+        assert!(parse("tern.selftest=corruptpage").unwrap().selftest_corrupt);
     }
 
     #[test]

@@ -591,7 +591,7 @@ fn cpu_discovery_falls_back_to_the_mp_table_without_acpi() {
         .expect("run QEMU");
     let console = String::from_utf8_lossy(&out.stdout);
     assert!(
-        console.contains("TERN-GUEST cpus source=mptable apic_ids=0\n"),
+        console.contains("TERN-GUEST cpus source=mptable apic_ids=0 timer=tsc-deadline\n"),
         "console:\n{console}"
     );
     assert!(
@@ -619,5 +619,85 @@ fn guest_fault_is_reported_and_powers_off_with_value_one() {
         .unwrap_or_else(|| panic!("no PANIC line: {console:?}"));
     assert!(panic.starts_with("PANIC exception vector=14 "), "{panic}");
     assert!(panic.contains(" cr2=0x100000000 "), "{panic}");
+    assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
+}
+
+#[test]
+fn heartbeats_keep_time_with_the_one_shot_lapic_timer() {
+    // Without the TSC-deadline timer in CPUID the guest falls back to one-shot mode, counting at the
+    // APIC bus frequency from CPUID 0x40000010 EBX.
+    require_environment();
+    let dir = tempfile::tempdir().unwrap();
+    let config = QemuConfig {
+        kernel: guest_elf(dir.path()),
+        cmdline: "tern.hb_ms=100 tern.poweroff_ms=1050".into(),
+        memory_mib: 128,
+        vcpus: 1,
+        tsc_hz: host_tsc_hz(),
+        disk: None,
+        virtio_modern: false,
+    };
+    let mut args = config.args();
+    let cpu = args
+        .iter()
+        .position(|a| a.to_string_lossy().contains("+tsc-deadline"))
+        .expect("-cpu argument");
+    args[cpu] = format!("qemu64,tsc-frequency={}", config.tsc_hz).into();
+    let out = Command::new(QEMU)
+        .args(&args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run QEMU");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert!(console.contains(" timer=oneshot\n"), "{console}");
+    let lines: Vec<GuestLine> = console.lines().filter_map(console::parse).collect();
+    let hb = heartbeats(&lines, None);
+    assert!(hb.len() >= 8, "{lines:?}");
+    let mean_ms = (hb[hb.len() - 1].1 - hb[0].1) / (hb.len() as u64 - 1) / 1000;
+    assert!(
+        (95..=130).contains(&mean_ms),
+        "mean period {mean_ms} ms for 100 ms: {hb:?}"
+    );
+    assert_eq!(
+        qemu::debug_exit_value(out.status.code().unwrap_or(-1)),
+        Some(0)
+    );
+}
+
+#[test]
+fn writer_detects_a_page_that_lost_its_contents() {
+    // 4 MiB over 2 vCPUs: each pass over a vCPU's 512 pages takes ~0.1 s at 10000 pages/s. With
+    // tern.selftest=corruptpage the guest damages its first page after the first pass, as a VMM that
+    // lost a page would; the second pass must notice.
+    let mut g = Guest::boot(Boot {
+        cmdline: "tern.hb_ms=100 tern.dirty_mib=4 tern.dirty_rate=10000 tern.selftest=corruptpage",
+        vcpus: 2,
+        ..Boot::default()
+    });
+    let (code, console) = g.wait_exit();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.starts_with("PANIC memory check failed: page ")
+                && l.contains(" holds 0xbad0bad0, ")),
+        "{console:?}"
+    );
+    assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
+}
+
+#[test]
+fn writer_buffer_larger_than_memory_is_refused() {
+    let mut g = Guest::boot(Boot {
+        cmdline: "tern.dirty_mib=300",
+        memory_mib: 256,
+        ..Boot::default()
+    });
+    let (code, console) = g.wait_exit();
+    assert!(
+        console
+            .iter()
+            .any(|l| l.starts_with("PANIC tern.dirty_mib=300 does not fit")),
+        "console: {console:?}"
+    );
     assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
 }

@@ -15,6 +15,9 @@ pub struct Config {
     pub poweroff_ms: Option<u64>,
     /// A deliberate fault right after the `up` line, to test how a guest crash is reported.
     pub selftest_fault: bool,
+    /// A deliberate corruption of the writer's first page after its first pass, to test the
+    /// writer's memory check.
+    pub selftest_corrupt: bool,
 }
 
 impl Config {
@@ -25,6 +28,7 @@ impl Config {
         blk_verify: false,
         poweroff_ms: None,
         selftest_fault: false,
+        selftest_corrupt: false,
     };
 }
 
@@ -56,6 +60,7 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             },
             "tern.selftest" => match value {
                 "pagefault" => c.selftest_fault = true,
+                "corruptpage" => c.selftest_corrupt = true,
                 _ => return Err(bad),
             },
             _ => {}
