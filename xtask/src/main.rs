@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_boot;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -13,11 +15,22 @@ struct Cli {
 enum Task {
     /// Run every test the way CI does.
     Test,
+    /// Benchmarks against peers (figures printed, compared in the same run).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
+    /// `tern vm run` vs QEMU microvm on the same ELF.
+    Boot(bench_boot::BootArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => test(),
+        Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
     }
 }
 
