@@ -290,9 +290,14 @@ impl VcpuThread {
         unsafe { self.fd.set_xsave(&xsave)? };
         self.fd.set_xcrs(&s.xcrs)?;
         self.fd.set_debug_regs(&s.debugregs)?;
-        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-        self.fd.set_msrs(&msrs)?;
+        // The LAPIC before the MSRs: setting the LAPIC resets its timer, and the TSC-deadline
+        // MSR re-arms it.
         self.fd.set_lapic(&s.lapic)?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        let set = self.fd.set_msrs(&msrs)?;
+        if set != s.msrs.len() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
         self.fd.set_mp_state(s.mp_state)?;
         self.fd.set_vcpu_events(&s.events)?;
         Ok(())
