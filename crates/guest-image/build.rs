@@ -122,6 +122,19 @@ fn check_cpl0(elf: &Path) {
         sym("ap_tramp_code_end"),
         sym("ap_tramp_end"),
     );
+    // The checked regions must cover the CPL0 sections exactly: nothing may hide after the markers.
+    let headers = objdump(&["-h"], elf);
+    for (name, start, end) in [(".ktext", entry32, text_end), (".ktramp", tramp, tramp_end)] {
+        let (addr, size) = cpl0check::section(&headers, name)
+            .unwrap_or_else(|| fail(&format!("section {name} missing in the guest")));
+        if (addr, addr + size) != (start, end) {
+            fail(&format!(
+                "section {name} spans {addr:#x}..{:#x} but the checked code spans {start:#x}..{end:#x}; \
+                 keep the boot.s markers at its start and end",
+                addr + size
+            ));
+        }
+    }
     let allowed = [(entry32, text_end), (tramp, tramp_end)];
     let regions = [
         ("16-bit AP trampoline", "i8086", tramp, tramp_code_end),

@@ -135,6 +135,21 @@ pub fn symbol(symtab: &str, name: &str) -> Option<u64> {
     })
 }
 
+/// Finds section `name` in an `objdump -h` listing; returns (start address, size).
+pub fn section(headers: &str, name: &str) -> Option<(u64, u64)> {
+    headers.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() >= 4 && f[1] == name && f[0].bytes().all(|b| b.is_ascii_digit()) {
+            Some((
+                u64::from_str_radix(f[3], 16).ok()?,
+                u64::from_str_radix(f[2], 16).ok()?,
+            ))
+        } else {
+            None
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +196,14 @@ mod tests {
     fn general_register_names_are_not_vector_registers() {
         let l = "  100000:\tmov    %r8,%rax\n  100003:\tmov    %ecx,%edx\n";
         assert!(check(l, &[]).0.is_empty());
+    }
+
+    #[test]
+    fn sections_are_found_with_address_and_size() {
+        let h = "Idx Name          Size      VMA               LMA               File off  Algn\n  0 .ktext        000005ec  0000000000100000  0000000000100000  00001000  2**4\n                  CONTENTS, ALLOC, LOAD, READONLY, CODE\n  1 .ktramp       00000026  00000000001005f0  00000000001005f0  000015f0  2**4\n";
+        assert_eq!(section(h, ".ktext"), Some((0x100000, 0x5ec)));
+        assert_eq!(section(h, ".ktramp"), Some((0x1005f0, 0x26)));
+        assert_eq!(section(h, ".text"), None);
     }
 
     #[test]

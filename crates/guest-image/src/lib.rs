@@ -172,3 +172,68 @@ mod tests {
         assert_eq!(blk_pattern_mismatch(&image, 4), Some(1));
     }
 }
+
+/// The guest's command-line parser, compiled for the host so that its cases run under `cargo test`.
+#[cfg(test)]
+#[path = "../../guest/src/cmdline.rs"]
+mod guest_cmdline;
+
+#[cfg(test)]
+mod cmdline_tests {
+    use super::guest_cmdline::parse;
+
+    #[test]
+    fn defaults_apply_without_tern_keys() {
+        let c = parse("console=ttyS0 quiet").unwrap();
+        assert_eq!(
+            (
+                c.hb_ms,
+                c.dirty_mib,
+                c.dirty_rate,
+                c.blk_verify,
+                c.poweroff_ms
+            ),
+            (1000, 0, 0, false, None)
+        );
+    }
+
+    #[test]
+    fn every_key_is_read_and_unknown_ones_ignored() {
+        let c = parse("tern.hb_ms=50 tern.dirty_mib=256 tern.dirty_rate=20000 tern.blk=verify tern.poweroff_ms=0 tern.other=1 noequals")
+            .unwrap();
+        assert_eq!(
+            (
+                c.hb_ms,
+                c.dirty_mib,
+                c.dirty_rate,
+                c.blk_verify,
+                c.poweroff_ms
+            ),
+            (50, 256, 20000, true, Some(0))
+        );
+        assert!(!c.selftest_fault);
+        assert!(parse("tern.selftest=pagefault").unwrap().selftest_fault);
+        assert!(parse("tern.selftest=corruptpage").unwrap().selftest_corrupt);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        for (line, key) in [
+            ("tern.hb_ms=fast", "tern.hb_ms"),
+            ("tern.dirty_mib=-1", "tern.dirty_mib"),
+            ("tern.dirty_rate=", "tern.dirty_rate"),
+            ("tern.blk=check", "tern.blk"),
+            ("tern.poweroff_ms=99999999999999999999", "tern.poweroff_ms"),
+            ("tern.selftest=gp", "tern.selftest"),
+        ] {
+            let err = parse(line).unwrap_err();
+            assert_eq!(err.key, key, "{line}");
+            assert_eq!(err.value, line.split_once('=').unwrap().1, "{line}");
+        }
+    }
+
+    #[test]
+    fn last_occurrence_wins() {
+        assert_eq!(parse("tern.hb_ms=10 tern.hb_ms=20").unwrap().hb_ms, 20);
+    }
+}

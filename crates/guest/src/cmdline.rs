@@ -13,6 +13,11 @@ pub struct Config {
     pub blk_verify: bool,
     /// Power off after this many ms of workload.
     pub poweroff_ms: Option<u64>,
+    /// A deliberate fault right after the `up` line, to test how a guest crash is reported.
+    pub selftest_fault: bool,
+    /// A deliberate corruption of the writer's first page after its first pass, to test the
+    /// writer's memory check.
+    pub selftest_corrupt: bool,
 }
 
 impl Config {
@@ -22,6 +27,8 @@ impl Config {
         dirty_rate: 0,
         blk_verify: false,
         poweroff_ms: None,
+        selftest_fault: false,
+        selftest_corrupt: false,
     };
 }
 
@@ -49,6 +56,11 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             "tern.blk" => match value {
                 "verify" => c.blk_verify = true,
                 "off" => c.blk_verify = false,
+                _ => return Err(bad),
+            },
+            "tern.selftest" => match value {
+                "pagefault" => c.selftest_fault = true,
+                "corruptpage" => c.selftest_corrupt = true,
                 _ => return Err(bad),
             },
             _ => {}

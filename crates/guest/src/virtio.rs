@@ -109,6 +109,8 @@ fn find_blk() -> Option<(u64, Mmio)> {
 
 struct Blk {
     mmio: Mmio,
+    /// Queue size in use (the device's maximum if that is below `QSIZE`).
+    qsize: u16,
     used_seen: u16,
     avail_idx: u16,
     flush: bool,
@@ -153,7 +155,7 @@ impl Blk {
         if max < 3 {
             return Err("queue 0 too small or absent");
         }
-        let qsize = QSIZE.min(max as u16);
+        let qsize = QSIZE.min(max.min(u16::MAX as u32) as u16);
         // SAFETY: only this CPU touches the rings, before the device is told about them.
         unsafe { (&raw mut RINGS).write_bytes(0, 1) };
         mmio.w32(REG_QUEUE_NUM, qsize as u32);
@@ -176,6 +178,7 @@ impl Blk {
         mmio.w32(REG_STATUS, status | STATUS_DRIVER_OK);
         Ok(Blk {
             mmio,
+            qsize,
             used_seen: 0,
             avail_idx: 0,
             flush,
@@ -192,7 +195,7 @@ impl Blk {
         let rings = Self::rings();
         let header = &raw mut HEADER as u64;
         let data = &raw mut DATA as u64;
-        let qsize = QSIZE as u64;
+        let qsize = self.qsize as u64;
         // SAFETY: one request in flight; the device reads these only after the notify below, and
         // the header, data and ring memory are identity-mapped statics owned by this driver.
         unsafe {

@@ -4,7 +4,8 @@
 //! the loop chose to sleep does not count), write the pages that are due, print the heartbeat when it
 //! is due, then halt until the next thing is due unless the writer runs at maximum rate.
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use crate::cmdline::{self, Config};
 use crate::pvh::BootInfo;
@@ -20,6 +21,8 @@ const MAX_RATE_CHUNK: u64 = 256;
 const PACED_CHUNK: u64 = 4096;
 /// An idle loop still wakes this often (ms).
 const IDLE_MS: u64 = 1000;
+/// `tern.selftest=pagefault` reads here (the identity map ends at 4 GiB).
+const SELFTEST_FAULT_ADDR: u64 = 0x1_0000_0000;
 
 unsafe extern "C" {
     static __image_end: u8;
@@ -34,6 +37,11 @@ static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
 static DIRTY_RATE: AtomicU64 = AtomicU64::new(0);
 static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
+/// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
+static PREPARE: AtomicBool = AtomicBool::new(false);
+/// APs that have touched their slice of the writer's buffer.
+static PREPARED: AtomicU32 = AtomicU32::new(0);
 
 fn tsc_khz_from_cpuid() -> Option<u64> {
     let (max, _, _, _) = cpuid(0x4000_0000);
@@ -70,18 +78,49 @@ pub fn bsp_main(start_info: u64) -> ! {
     let self_id = apic::init_cpu();
     plan_writer(&boot, &config);
     HB_MS.store(config.hb_ms, Ordering::Relaxed);
+    SELFTEST_CORRUPT.store(config.selftest_corrupt, Ordering::Relaxed);
     if let Some(ms) = config.poweroff_ms {
         POWEROFF_MS.store(ms, Ordering::Relaxed);
     }
 
     let cpus = smp::discover(&boot);
+    {
+        let mut line = console::Line::new();
+        let _ = write!(line, "TERN-GUEST cpus source={} apic_ids=", cpus.source);
+        for (i, id) in cpus.ids[..cpus.len].iter().enumerate() {
+            let _ = write!(line, "{}{id}", if i == 0 { "" } else { "," });
+        }
+        let timer = if apic::tsc_deadline_mode() {
+            "tsc-deadline"
+        } else {
+            "oneshot"
+        };
+        let _ = write!(line, " timer={timer}");
+        line.emit();
+    }
     let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
+    // Every vCPU touches its slice of the writer's buffer once before the workload starts, so the
+    // first pass does not pay the hypervisor's first-touch cost and the rate holds from the start.
+    PREPARE.store(true, Ordering::Release);
+    if let Some(w) = Writer::for_cpu(0, n) {
+        w.pretouch();
+    }
+    while (PREPARED.load(Ordering::Acquire) as usize) < n - 1 {
+        core::hint::spin_loop();
+    }
     println!(
         "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
         boot.mem_mib()
     );
     START_TSC.store(rdtsc(), Ordering::Relaxed);
     GO.store(true, Ordering::Release);
+
+    if config.selftest_fault {
+        // Nothing is mapped above 4 GiB: this read takes a page fault to the kernel, which reports it.
+        // SAFETY: deliberately faulting; the read never completes.
+        let v = unsafe { core::ptr::read_volatile(SELFTEST_FAULT_ADDR as *const u64) };
+        panic!("read of unmapped memory returned {v:#x}");
+    }
 
     if config.blk_verify {
         match virtio::blk_verify(tsc_khz) {
@@ -99,12 +138,13 @@ fn plan_writer(boot: &BootInfo, config: &Config) {
     }
     let end = &raw const __image_end as u64;
     let base = end.next_multiple_of(2 << 20);
-    let len = config.dirty_mib << 20;
-    if base + len > 0xc000_0000 || !boot.is_ram(base, len) {
+    let len = config.dirty_mib.saturating_mul(1 << 20);
+    let top = base.saturating_add(len);
+    if top > 0xc000_0000 || !boot.is_ram(base, len) {
         panic!(
-            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {:#x} MiB (have {} MiB)",
+            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {} MiB, below 3 GiB (have {} MiB)",
             config.dirty_mib,
-            (base + len) >> 20,
+            top >> 20,
             boot.mem_mib()
         );
     }
@@ -117,10 +157,17 @@ fn plan_writer(boot: &BootInfo, config: &Config) {
 pub fn ap_main(cpu: usize) -> ! {
     smp::AP_ARRIVED.store(cpu as u64, Ordering::Release);
     apic::init_cpu();
-    while !GO.load(Ordering::Acquire) {
+    while !PREPARE.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }
     let n = smp::CPUS.load(Ordering::Acquire) as usize;
+    if let Some(w) = Writer::for_cpu(cpu, n) {
+        w.pretouch();
+    }
+    PREPARED.fetch_add(1, Ordering::Release);
+    while !GO.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
     run(cpu, n)
 }
 
@@ -160,15 +207,42 @@ impl Writer {
         })
     }
 
+    /// Writes every page of the slice once (with 0, what the first pass expects nothing of).
+    fn pretouch(&self) {
+        for i in 0..self.pages {
+            // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+            unsafe { ((self.base + i * PAGE) as *mut u64).write_volatile(0) };
+        }
+    }
+
+    /// Writes the next `count` pages. Each page's first 8 bytes get the running page count; before
+    /// overwriting, the writer checks the page still holds what it wrote one pass earlier
+    /// (`written - pages`), so memory lost or corrupted by the VMM (e.g. a page a migration failed to
+    /// send) stops the guest with a `PANIC` within one pass.
     fn write(&mut self, count: u64) {
         for _ in 0..count {
             let p = (self.base + self.pos * PAGE) as *mut u64;
-            // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+            if let Some(expected) = self.written.checked_sub(self.pages) {
+                // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+                let found = unsafe { p.read_volatile() };
+                if found != expected {
+                    panic!(
+                        "memory check failed: page {:#x} holds {found:#x}, expected {expected:#x}",
+                        p as u64
+                    );
+                }
+            }
+            // SAFETY: as above.
             unsafe { p.write_volatile(self.written) };
             self.written += 1;
             self.pos += 1;
             if self.pos == self.pages {
                 self.pos = 0;
+                if self.written == self.pages && SELFTEST_CORRUPT.swap(false, Ordering::Relaxed) {
+                    // SAFETY: the first page of this CPU's slice; tern.selftest=corruptpage asked
+                    // for exactly this damage, which the next pass must detect.
+                    unsafe { (self.base as *mut u64).write_volatile(0xbad0_bad0) };
+                }
             }
         }
     }
