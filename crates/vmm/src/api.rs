@@ -152,20 +152,23 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let resp = if n > MAX_REQUEST_BYTES {
-            Response::err(ParseRequestError::TooLong)
+        let (resp, stop_after) = if n > MAX_REQUEST_BYTES {
+            (Response::err(ParseRequestError::TooLong), false)
         } else {
             match parse_request(&line) {
-                Err(e) => Response::err(e),
-                Ok(req) => handle(vm, req),
+                Err(e) => (Response::err(e), false),
+                Ok(Request::Shutdown) => (Response::ok(), true),
+                Ok(req) => (handle(vm, req), false),
             }
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
-            return;
+        let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        // The answer goes out before the stop: the VMM process may exit right after it.
+        if stop_after {
+            vm.request_stop();
         }
-        if n > MAX_REQUEST_BYTES {
+        if written.is_err() || n > MAX_REQUEST_BYTES {
             return;
         }
     }
