@@ -84,9 +84,7 @@ pub fn parse_request(line: &str) -> Result<Request, ParseRequestError> {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeApiError {
     /// The socket could not be bound.
-    #[error(
-        "cannot listen on API socket {path}: {source} (give a writable path that no running VM uses)"
-    )]
+    #[error("cannot listen on API socket {path} (give a writable path that no running VM uses)")]
     Bind {
         /// The path.
         path: PathBuf,
@@ -193,7 +191,7 @@ fn handle(vm: &Vm, req: Request) -> Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiCallError {
     /// The socket could not be reached.
-    #[error("cannot connect to {path}: {source} (is the VM running with --api-sock {path}?)")]
+    #[error("cannot connect to {path} (is the VM running with --api-sock {path}?)")]
     Connect {
         /// The path.
         path: String,

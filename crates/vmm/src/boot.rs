@@ -53,9 +53,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The loader refused the image.
-    #[error(
-        "cannot load kernel {what}: {source} (is it an x86-64 kernel that fits in guest memory?)"
-    )]
+    #[error("cannot load kernel {what} (is it an x86-64 kernel that fits in guest memory?)")]
     Load {
         /// The kernel.
         what: String,

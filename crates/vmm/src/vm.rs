@@ -37,7 +37,7 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub enum StartVmError {
     /// /dev/kvm is missing or not permitted.
     #[error(
-        "cannot open /dev/kvm: {0} (load the kvm module and run as root or as a member of the kvm group)"
+        "cannot open /dev/kvm (load the kvm module and run as root or as a member of the kvm group)"
     )]
     OpenKvm(#[source] kvm_ioctls::Error),
     /// KVM allows fewer vCPUs than asked.
@@ -76,7 +76,7 @@ pub enum StartVmError {
     #[error(transparent)]
     Disk(#[from] devices::virtio_blk::BlockOpenError),
     /// The serial output file could not be opened.
-    #[error("cannot open serial output {path}: {source} (give a writable path)")]
+    #[error("cannot open serial output {path} (give a writable path)")]
     SerialFile {
         /// The path.
         path: String,
@@ -118,12 +118,12 @@ pub enum ControlError {
     #[error("vCPU threads did not answer within {0:?}")]
     Timeout(Duration),
     /// A KVM call failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed: {cause}")]
     Kvm {
         /// Which call.
         what: &'static str,
         /// The cause.
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
 }
 
@@ -710,7 +710,7 @@ impl Vm {
                 .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))?
                 .map_err(|source| ControlError::Kvm {
                     what: "vCPU state",
-                    source,
+                    cause: source,
                 })?;
             vcpus.push(s);
         }
@@ -722,7 +722,7 @@ impl Vm {
             };
             vm.get_irqchip(&mut c).map_err(|source| ControlError::Kvm {
                 what: "KVM_GET_IRQCHIP",
-                source,
+                cause: source,
             })?;
             Ok(c)
         };
@@ -733,11 +733,11 @@ impl Vm {
         };
         let pit = PitState(vm.get_pit2().map_err(|source| ControlError::Kvm {
             what: "KVM_GET_PIT2",
-            source,
+            cause: source,
         })?);
         let clock = ClockState(vm.get_clock().map_err(|source| ControlError::Kvm {
             what: "KVM_GET_CLOCK",
-            source,
+            cause: source,
         })?);
         let devices = DevicesState {
             serial: self
@@ -768,7 +768,7 @@ impl Vm {
     pub fn restore_state(&self, state: &VmState) -> Result<(), ControlError> {
         self.ensure_paused()?;
         let vm = &self.shared.kvm_vm;
-        let kvm = |what| move |source| ControlError::Kvm { what, source };
+        let kvm = |what| move |cause| ControlError::Kvm { what, cause };
         vm.set_pit2(&state.pit.0).map_err(kvm("KVM_SET_PIT2"))?;
         vm.set_clock(&kvm_bindings::kvm_clock_data {
             clock: state.clock.0.clock,
@@ -828,7 +828,7 @@ impl Vm {
                 mem.get_host_address(region.start_addr())
                     .map_err(|_| ControlError::Kvm {
                         what: "guest memory address",
-                        source: kvm_ioctls::Error::new(libc::EFAULT),
+                        cause: kvm_ioctls::Error::new(libc::EFAULT),
                     })?;
             let r = kvm_userspace_memory_region {
                 slot: slot as u32,
@@ -842,7 +842,7 @@ impl Vm {
             unsafe { self.shared.kvm_vm.set_user_memory_region(r) }.map_err(|source| {
                 ControlError::Kvm {
                     what: "KVM_SET_USER_MEMORY_REGION",
-                    source,
+                    cause: source,
                 }
             })?;
         }
@@ -891,7 +891,7 @@ impl Vm {
                 .get_dirty_log(info.slot, info.size as usize)
                 .map_err(|source| ControlError::Kvm {
                     what: "KVM_GET_DIRTY_LOG",
-                    source,
+                    cause: source,
                 })?;
             let vmm = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
             for (k, v) in bits.iter_mut().zip(vmm.iter()) {
