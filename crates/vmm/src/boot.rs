@@ -443,6 +443,15 @@ mod tests {
     }
 
     #[test]
+    fn pvh_module_entry_names_the_initrd() {
+        let b = pvh_modlist(0x1f00_0000, 0x1234);
+        assert_eq!(b.len(), 32);
+        assert_eq!(u64_at(&b, 0), 0x1f00_0000);
+        assert_eq!(u64_at(&b, 8), 0x1234);
+        assert_eq!(u64_at(&b, 16), 0, "no command line for the module");
+    }
+
+    #[test]
     fn boot_params_fields_sit_at_the_boot_protocol_offsets() {
         // A bzImage's setup header as the loader returns it.
         let hdr = setup_header {
