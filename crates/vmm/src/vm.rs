@@ -485,7 +485,24 @@ impl Vm {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || t.run())
+                .spawn(move || {
+                    let control = t.control.clone();
+                    let id = t.id;
+                    // A bug in a device model must stop the VM with a report, not leave it hung.
+                    if let Err(panic) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()))
+                    {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        control.request_exit(VmExit::Fault {
+                            vcpu: id,
+                            report: format!("vCPU {id}: the VMM's vCPU thread panicked: {what}"),
+                        });
+                    }
+                })
                 .map_err(|source| StartVmError::Os {
                     what: "a vCPU thread",
                     source,
