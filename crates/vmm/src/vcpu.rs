@@ -267,7 +267,7 @@ impl VcpuThread {
             id: self.id,
             regs: self.fd.get_regs()?,
             sregs: self.fd.get_sregs()?,
-            fpu: self.fd.get_fpu()?,
+            fpu: (&self.fd.get_fpu()?).into(),
             xsave: self.fd.get_xsave()?.region.to_vec(),
             xcrs: self.fd.get_xcrs()?,
             msrs: msrs.as_slice()[..n].to_vec(),
@@ -282,6 +282,7 @@ impl VcpuThread {
     fn restore(&self, s: &VcpuState) -> Result<(), kvm_ioctls::Error> {
         self.fd.set_sregs(&s.sregs)?;
         self.fd.set_regs(&s.regs)?;
+        self.fd.set_fpu(&(&s.fpu).into())?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
         let n = s.xsave.len().min(xsave.region.len());
         xsave.region[..n].copy_from_slice(&s.xsave[..n]);

@@ -757,13 +757,14 @@ impl Vm {
             cause: source,
         })?);
         let devices = DevicesState {
-            serial: self
+            serial: (&self
                 .shared
                 .devices
                 .serial
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .state(),
+                .state())
+                .into(),
             blocks: self
                 .shared
                 .devices
@@ -815,7 +816,7 @@ impl Vm {
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .restore(&state.devices.serial);
+            .restore(&(&state.devices.serial).into());
         for ((slot, d), (s_slot, s)) in self.shared.devices.blocks.iter().zip(&state.devices.blocks)
         {
             if slot == s_slot {

@@ -95,6 +95,9 @@ fn a_guest_moved_with_its_memory_and_state_continues_in_a_new_vm() {
             .unwrap();
         b.memory().write_slice(&buf, region.start_addr()).unwrap();
     }
+    // Through its serialized form, as a migration stream would carry it.
+    let text = serde_json::to_string(&state).expect("serialize the state");
+    let state: tern_vmm::state::VmState = serde_json::from_str(&text).expect("deserialize");
     b.restore_state(&state).expect("restore into b");
     a.request_stop();
     a.wait();
