@@ -195,3 +195,53 @@ fn dirty_bitmaps_report_guest_and_vmm_writes_and_nothing_while_paused() {
     vm.request_stop();
     vm.wait();
 }
+
+#[test]
+fn both_vcpus_of_a_moved_smp_guest_continue() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let smp = |name: &str| {
+        let mut c = config(dir.path(), name);
+        c.vcpus = 2;
+        c
+    };
+    let a = Vm::create(smp("sa")).expect("VM sa");
+    a.resume().unwrap();
+    let log_a = dir.path().join("sa.log");
+    wait_for("heartbeats on sa", Duration::from_secs(20), || {
+        heartbeats(&log_a).len() >= 4
+    });
+    a.pause().unwrap();
+    let state = a.save_state().unwrap();
+    assert_eq!(state.vcpus.len(), 2);
+    let b = Vm::create(smp("sb")).expect("VM sb");
+    for region in a.memory().iter() {
+        let mut buf = vec![0u8; region.len() as usize];
+        a.memory()
+            .read_slice(&mut buf, region.start_addr())
+            .unwrap();
+        b.memory().write_slice(&buf, region.start_addr()).unwrap();
+    }
+    b.restore_state(&state).unwrap();
+    a.request_stop();
+    a.wait();
+    b.resume().unwrap();
+    let log_b = dir.path().join("sb.log");
+    let cpus_seen = |cpu: &str| {
+        std::fs::read_to_string(&log_b)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("HB seq=") && l.ends_with(cpu))
+            .count()
+    };
+    wait_for(
+        &format!(
+            "heartbeats of both vCPUs on sb: {:?}",
+            std::fs::read_to_string(&log_b)
+        ),
+        Duration::from_secs(10),
+        || cpus_seen(" cpu=0") >= 2 && cpus_seen(" cpu=1") >= 2,
+    );
+    b.request_stop();
+    b.wait();
+}
