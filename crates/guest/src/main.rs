@@ -38,7 +38,7 @@ extern "C" fn user_entry(cpu: u64, start_info: u64) -> ! {
 /// Entered at CPL3 on a fresh stack when a CPU takes an exception it cannot handle.
 #[unsafe(no_mangle)]
 extern "C" fn user_fault(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
-    console::force_unlock();
+    console::take_for_panic();
     println!(
         "PANIC exception vector={vector} error={error:#x} rip={rip:#x} cr2={cr2:#x} cpu={}",
         sys::cpu_index()
@@ -48,7 +48,7 @@ extern "C" fn user_fault(vector: u64, error: u64, rip: u64, cr2: u64) -> ! {
 
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
-    console::force_unlock();
+    console::take_for_panic();
     println!("PANIC {} cpu={}", info.message(), sys::cpu_index());
     platform::stop(1)
 }
