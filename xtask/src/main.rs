@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_boot;
 mod ci;
 
 #[derive(Debug, Parser)]
@@ -15,10 +16,21 @@ struct Cli {
 enum Task {
     /// Run every check and test the way CI does (needs root and /dev/kvm).
     Test,
+    /// Benchmarks against peers (figures printed, compared in the same run).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
+    /// `tern vm run` vs QEMU microvm on the same ELF.
+    Boot(bench_boot::BootArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
+        Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
     }
 }

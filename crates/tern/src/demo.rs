@@ -38,7 +38,11 @@ fn show_for(lines: &Receiver<String>, d: Duration) -> usize {
 
 fn call(sock: &std::path::Path, req: Request) -> anyhow::Result<api::Response> {
     let r = api::call(sock, req)?;
-    anyhow::ensure!(r.ok, "the VM refused {req:?}: {}", r.error.unwrap_or_default());
+    anyhow::ensure!(
+        r.ok,
+        "the VM refused {req:?}: {}",
+        r.error.unwrap_or_default()
+    );
     Ok(r)
 }
 
@@ -51,7 +55,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "tern.hb_ms=500 tern.dirty_mib=64 tern.dirty_rate={}",
         args.dirty_rate
     );
-    println!("== booting the embedded test guest: {} vCPUs, {} MiB, `{cmdline}`", args.vcpus, args.memory_mib);
+    println!(
+        "== booting the embedded test guest: {} vCPUs, {} MiB, `{cmdline}`",
+        args.vcpus, args.memory_mib
+    );
     let started = Instant::now();
     let mut child = Command::new(exe)
         .args(["vm", "run", "--kernel", "builtin:testguest", "--name"])
@@ -77,7 +84,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let first = lines
             .recv_timeout(Duration::from_secs(20))
             .context("the guest printed nothing within 20 s")?;
-        println!("  guest | {first}    ({} ms after start)", started.elapsed().as_millis());
+        println!(
+            "  guest | {first}    ({} ms after start)",
+            started.elapsed().as_millis()
+        );
         show_for(&lines, Duration::from_millis(2600));
 
         let status = call(&sock, Request::Status)?.status.context("no status")?;
@@ -89,7 +99,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         call(&sock, Request::Pause)?;
         show_for(&lines, Duration::from_millis(150)); // lines already in the pipe
         let during = show_for(&lines, Duration::from_secs(2));
-        println!("== {during} console lines while paused; resuming (maxgap_us shows the pause the guest saw)");
+        println!(
+            "== {during} console lines while paused; resuming (maxgap_us shows the pause the guest saw)"
+        );
         call(&sock, Request::Resume)?;
         show_for(&lines, Duration::from_millis(2100));
         println!("== stopping the VM");
@@ -104,5 +116,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(&dir);
     result?;
     println!("== the VMM exited with {status}");
-    Ok(if status.success() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -154,7 +154,8 @@ fn pause_stops_heartbeats_and_resume_continues_the_sequence() {
     let after = vm.wait_line(Duration::from_secs(5), is_hb);
     assert_eq!(field(&after, "seq"), Some(last_seq + 2));
     assert_eq!(tern_cmd(&["vm", "stop", "--api-sock", &sock]).0, 0);
-    assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0);
+    let code = vm.wait_exit(Duration::from_secs(10));
+    assert_eq!(code, 0, "console: {:?}\nstderr: {}", vm.seen, vm.stderr());
 }
 
 #[test]

@@ -84,9 +84,7 @@ pub fn parse_request(line: &str) -> Result<Request, ParseRequestError> {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeApiError {
     /// The socket could not be bound.
-    #[error(
-        "cannot listen on API socket {path}: {source} (give a writable path that no running VM uses)"
-    )]
+    #[error("cannot listen on API socket {path} (give a writable path that no running VM uses)")]
     Bind {
         /// The path.
         path: PathBuf,
@@ -152,20 +150,23 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        let resp = if n > MAX_REQUEST_BYTES {
-            Response::err(ParseRequestError::TooLong)
+        let (resp, stop_after) = if n > MAX_REQUEST_BYTES {
+            (Response::err(ParseRequestError::TooLong), false)
         } else {
             match parse_request(&line) {
-                Err(e) => Response::err(e),
-                Ok(req) => handle(vm, req),
+                Err(e) => (Response::err(e), false),
+                Ok(Request::Shutdown) => (Response::ok(), true),
+                Ok(req) => (handle(vm, req), false),
             }
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
-            return;
+        let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        // The answer goes out before the stop: the VMM process may exit right after it.
+        if stop_after {
+            vm.request_stop();
         }
-        if n > MAX_REQUEST_BYTES {
+        if written.is_err() || n > MAX_REQUEST_BYTES {
             return;
         }
     }
@@ -190,7 +191,7 @@ fn handle(vm: &Vm, req: Request) -> Response {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiCallError {
     /// The socket could not be reached.
-    #[error("cannot connect to {path}: {source} (is the VM running with --api-sock {path}?)")]
+    #[error("cannot connect to {path} (is the VM running with --api-sock {path}?)")]
     Connect {
         /// The path.
         path: String,

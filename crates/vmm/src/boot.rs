@@ -14,7 +14,7 @@ use std::io::Cursor;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use linux_loader::loader::{BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::config::{KernelFormat, KernelSource, VmConfig};
 use crate::layout::{self, E820Entry};
@@ -53,9 +53,7 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The loader refused the image.
-    #[error(
-        "cannot load kernel {what}: {source} (is it an x86-64 kernel that fits in guest memory?)"
-    )]
+    #[error("cannot load kernel {what} (is it an x86-64 kernel that fits in guest memory?)")]
     Load {
         /// The kernel.
         what: String,
@@ -190,7 +188,11 @@ fn kernel_bytes(cfg: &VmConfig) -> Result<Vec<u8>, BootError> {
 
 /// Loads the kernel, initrd, command line and boot structures into `mem`; `cmdline` is the final
 /// command line (the user's plus the devices Tern describes).
-pub fn load(cfg: &VmConfig, mem: &GuestMemoryMmap, cmdline: &str) -> Result<BootPlan, BootError> {
+pub fn load<M: GuestMemoryBackend>(
+    cfg: &VmConfig,
+    mem: &M,
+    cmdline: &str,
+) -> Result<BootPlan, BootError> {
     let what = cfg.kernel.describe();
     let bytes_of_kernel = kernel_bytes(cfg)?;
     let mut image = Cursor::new(bytes_of_kernel.as_slice());
@@ -304,7 +306,9 @@ const GDT: [u64; 4] = [
     0x008f_8b00_0000_ffff, // 0x18: TSS
 ];
 
-fn write_long_mode_tables(mem: &GuestMemoryMmap) -> Result<(), vm_memory::GuestMemoryError> {
+fn write_long_mode_tables<M: GuestMemoryBackend>(
+    mem: &M,
+) -> Result<(), vm_memory::GuestMemoryError> {
     for (i, d) in GDT.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(layout::BOOT_GDT_START + i as u64 * 8))?;
     }
@@ -436,6 +440,15 @@ mod tests {
         assert_eq!(u64_at(&b, 56), (128 << 20) - 0x10_0000);
         assert_eq!(u32_at(&b, 64), 1);
         assert_eq!(u32_at(&b, 24 + 16), 2, "the EBDA is reserved");
+    }
+
+    #[test]
+    fn pvh_module_entry_names_the_initrd() {
+        let b = pvh_modlist(0x1f00_0000, 0x1234);
+        assert_eq!(b.len(), 32);
+        assert_eq!(u64_at(&b, 0), 0x1f00_0000);
+        assert_eq!(u64_at(&b, 8), 0x1234);
+        assert_eq!(u64_at(&b, 16), 0, "no command line for the module");
     }
 
     #[test]

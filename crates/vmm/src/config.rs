@@ -170,7 +170,7 @@ fn parse_meminfo_total_kib(meminfo: &str) -> Option<u64> {
 pub enum ConfigError {
     /// The kernel file could not be read.
     #[error(
-        "cannot read kernel {path}: {source} (give an existing, readable kernel file or builtin:testguest)"
+        "cannot read kernel {path} (give an existing, readable kernel file or builtin:testguest)"
     )]
     KernelUnreadable {
         /// The path.
@@ -196,7 +196,7 @@ pub enum ConfigError {
         known: String,
     },
     /// The initrd could not be read.
-    #[error("cannot read initrd {path}: {source} (give an existing, readable initramfs file)")]
+    #[error("cannot read initrd {path} (give an existing, readable initramfs file)")]
     InitrdUnreadable {
         /// The path.
         path: PathBuf,
@@ -237,9 +237,7 @@ pub enum ConfigError {
         reason: String,
     },
     /// A disk image that cannot be opened.
-    #[error(
-        "cannot open disk image {path}: {source} (give an existing raw image file you may {mode})"
-    )]
+    #[error("cannot open disk image {path} (give an existing raw image file you may {mode})")]
     DiskUnreadable {
         /// The path.
         path: PathBuf,

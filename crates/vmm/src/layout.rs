@@ -1,5 +1,10 @@
 //! The guest-physical memory map: where Tern puts RAM, boot structures and devices, and the e820 map.
 
+/// Guest memory as the VMM maps it: every write the VMM itself makes (a device filling a guest
+/// buffer, the boot loader) is recorded in a per-page bitmap, since KVM's dirty log sees only the
+/// guest's own writes.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
 /// First byte past the boot-time real-mode RAM (the EBDA starts here).
 pub const EBDA_START: u64 = 0x9_fc00;
 /// Start of the high-memory RAM above the legacy hole.

@@ -29,4 +29,4 @@ pub mod vcpu;
 pub mod vm;
 
 pub use vcpu::VmExit;
-pub use vm::{ControlError, RunState, StartVmError, Vm, VmStatus};
+pub use vm::{ControlError, DirtyBitmap, MemoryRegionInfo, RunState, StartVmError, Vm, VmStatus};

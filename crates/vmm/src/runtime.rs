@@ -20,9 +20,7 @@ pub struct RuntimeEntry {
 
 /// Why the entry could not be written.
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "cannot write runtime entry {path}: {source} (run as root, or give a writable --runtime-dir)"
-)]
+#[error("cannot write runtime entry {path} (run as root, or give a writable --runtime-dir)")]
 pub struct WriteEntryError {
     /// The path.
     pub path: PathBuf,

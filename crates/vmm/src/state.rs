@@ -8,6 +8,7 @@ use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
+use serde::{Deserialize, Serialize};
 use vm_superio::serial::SerialState;
 
 use crate::devices::virtio_blk::VirtioBlkState;
@@ -36,8 +37,123 @@ pub const SAVED_MSRS: &[u32] = &[
     0x4b56_4d04, // KVM PV EOI
 ];
 
+/// The legacy x87/SSE register view (`KVM_GET_FPU`), mirrored so that it can be serialized.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FpuState {
+    /// x87 registers.
+    pub fpr: [[u8; 16]; 8],
+    /// Control word.
+    pub fcw: u16,
+    /// Status word.
+    pub fsw: u16,
+    /// Abridged tag word.
+    pub ftwx: u8,
+    /// Last opcode.
+    pub last_opcode: u16,
+    /// Last instruction pointer.
+    pub last_ip: u64,
+    /// Last data pointer.
+    pub last_dp: u64,
+    /// XMM registers.
+    pub xmm: [[u8; 16]; 16],
+    /// MXCSR.
+    pub mxcsr: u32,
+}
+
+impl From<&kvm_fpu> for FpuState {
+    fn from(f: &kvm_fpu) -> Self {
+        FpuState {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+        }
+    }
+}
+
+impl From<&FpuState> for kvm_fpu {
+    fn from(f: &FpuState) -> Self {
+        kvm_fpu {
+            fpr: f.fpr,
+            fcw: f.fcw,
+            fsw: f.fsw,
+            ftwx: f.ftwx,
+            last_opcode: f.last_opcode,
+            last_ip: f.last_ip,
+            last_dp: f.last_dp,
+            xmm: f.xmm,
+            mxcsr: f.mxcsr,
+            ..Default::default()
+        }
+    }
+}
+
+/// The 16550's registers (vm-superio's `SerialState`, mirrored so that it can be serialized).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialRegs {
+    /// DLL.
+    pub baud_divisor_low: u8,
+    /// DLM.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// Received bytes not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<&SerialState> for SerialRegs {
+    fn from(s: &SerialState) -> Self {
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<&SerialRegs> for SerialState {
+    fn from(s: &SerialRegs) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// One vCPU's architectural state.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct VcpuState {
     /// The vCPU's index (its APIC ID).
     pub id: u8,
@@ -46,7 +162,7 @@ pub struct VcpuState {
     /// Segment and control registers.
     pub sregs: kvm_sregs,
     /// x87/SSE state (legacy view; XSAVE carries the full state).
-    pub fpu: kvm_fpu,
+    pub fpu: FpuState,
     /// The XSAVE area (KVM_GET_XSAVE's 4 KiB region).
     pub xsave: Vec<u32>,
     /// Extended control registers.
@@ -77,7 +193,7 @@ impl std::fmt::Debug for VcpuState {
 }
 
 /// The in-kernel interrupt controllers: two 8259 PICs and the IOAPIC.
-#[derive(Clone)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct IrqchipState {
     /// The master PIC (chip 0).
     pub pic_master: kvm_irqchip,
@@ -94,24 +210,24 @@ impl std::fmt::Debug for IrqchipState {
 }
 
 /// The in-kernel PIT.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct PitState(pub kvm_pit_state2);
 
 /// The VM's kvmclock.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct ClockState(pub kvm_clock_data);
 
 /// The state of every device.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DevicesState {
     /// COM1's registers.
-    pub serial: SerialState,
+    pub serial: SerialRegs,
     /// Each virtio-blk device, with its slot.
     pub blocks: Vec<(usize, VirtioBlkState)>,
 }
 
 /// The whole VM's state, taken while it is paused (guest memory apart).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VmState {
     /// Every vCPU, in index order.
     pub vcpus: Vec<VcpuState>,

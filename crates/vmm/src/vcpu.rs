@@ -267,7 +267,7 @@ impl VcpuThread {
             id: self.id,
             regs: self.fd.get_regs()?,
             sregs: self.fd.get_sregs()?,
-            fpu: self.fd.get_fpu()?,
+            fpu: (&self.fd.get_fpu()?).into(),
             xsave: self.fd.get_xsave()?.region.to_vec(),
             xcrs: self.fd.get_xcrs()?,
             msrs: msrs.as_slice()[..n].to_vec(),
@@ -282,6 +282,7 @@ impl VcpuThread {
     fn restore(&self, s: &VcpuState) -> Result<(), kvm_ioctls::Error> {
         self.fd.set_sregs(&s.sregs)?;
         self.fd.set_regs(&s.regs)?;
+        self.fd.set_fpu(&(&s.fpu).into())?;
         let mut xsave = kvm_bindings::kvm_xsave::default();
         let n = s.xsave.len().min(xsave.region.len());
         xsave.region[..n].copy_from_slice(&s.xsave[..n]);
@@ -290,9 +291,14 @@ impl VcpuThread {
         unsafe { self.fd.set_xsave(&xsave)? };
         self.fd.set_xcrs(&s.xcrs)?;
         self.fd.set_debug_regs(&s.debugregs)?;
-        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
-        self.fd.set_msrs(&msrs)?;
+        // The LAPIC before the MSRs: setting the LAPIC resets its timer, and the TSC-deadline
+        // MSR re-arms it.
         self.fd.set_lapic(&s.lapic)?;
+        let msrs = Msrs::from_entries(&s.msrs).map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        let set = self.fd.set_msrs(&msrs)?;
+        if set != s.msrs.len() {
+            return Err(kvm_ioctls::Error::new(libc::EINVAL));
+        }
         self.fd.set_mp_state(s.mp_state)?;
         self.fd.set_vcpu_events(&s.events)?;
         Ok(())

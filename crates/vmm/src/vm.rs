@@ -12,9 +12,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -24,7 +22,7 @@ use crate::cpuid::{self, CpuidParams};
 use crate::devices::serial::{COM1_GSI, SerialDevice};
 use crate::devices::virtio_blk::{BlkCounters, VirtioBlk};
 use crate::devices::{self, Devices};
-use crate::layout;
+use crate::layout::{self, GuestMemory};
 use crate::mptable;
 use crate::state::{ClockState, DevicesState, IrqchipState, PitState, SAVED_MSRS, VmState};
 use crate::vcpu::{Control, VcpuCommand, VcpuThread, VmExit, Want, kick_handler};
@@ -39,7 +37,7 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 pub enum StartVmError {
     /// /dev/kvm is missing or not permitted.
     #[error(
-        "cannot open /dev/kvm: {0} (load the kvm module and run as root or as a member of the kvm group)"
+        "cannot open /dev/kvm (load the kvm module and run as root or as a member of the kvm group)"
     )]
     OpenKvm(#[source] kvm_ioctls::Error),
     /// KVM allows fewer vCPUs than asked.
@@ -78,7 +76,7 @@ pub enum StartVmError {
     #[error(transparent)]
     Disk(#[from] devices::virtio_blk::BlockOpenError),
     /// The serial output file could not be opened.
-    #[error("cannot open serial output {path}: {source} (give a writable path)")]
+    #[error("cannot open serial output {path} (give a writable path)")]
     SerialFile {
         /// The path.
         path: String,
@@ -113,17 +111,56 @@ pub enum ControlError {
     /// State taken or restored while the VM runs.
     #[error("the VM must be paused first")]
     MustBePaused,
+    /// Dirty bitmaps asked for without dirty logging.
+    #[error("dirty logging is off")]
+    DirtyLoggingOff,
     /// A vCPU did not answer in time.
     #[error("vCPU threads did not answer within {0:?}")]
     Timeout(Duration),
     /// A KVM call failed.
-    #[error("KVM {what} failed: {source}")]
+    #[error("KVM {what} failed: {cause}")]
     Kvm {
         /// Which call.
         what: &'static str,
         /// The cause.
-        source: kvm_ioctls::Error,
+        cause: kvm_ioctls::Error,
     },
+}
+
+/// One guest RAM region and its KVM memory slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegionInfo {
+    /// The KVM slot.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub guest_addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// The dirty pages of one region: bit `i` of word `i / 64` is page `i` (4 KiB) of the region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// The region.
+    pub region: MemoryRegionInfo,
+    /// The bitmap.
+    pub bits: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Guest-physical addresses of the dirty pages.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.bits.iter().enumerate().flat_map(move |(w, &word)| {
+            (0..64)
+                .filter(move |b| word & (1u64 << b) != 0)
+                .map(move |b| self.region.guest_addr + ((w as u64) * 64 + b) * 4096)
+        })
+    }
 }
 
 /// The run state reported by `status`.
@@ -189,6 +226,7 @@ struct VcpuHandle {
 
 struct Shared {
     kvm_vm: VmFd,
+    dirty_logging: Mutex<bool>,
     control: Arc<Control>,
     devices: Arc<Devices>,
     vcpus: Mutex<Vec<VcpuHandle>>,
@@ -310,11 +348,9 @@ impl Vm {
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
             .collect();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&regions).map_err(|source| {
-            StartVmError::Memory {
-                mib: cfg.memory_mib,
-                source,
-            }
+        let mem = GuestMemory::from_ranges(&regions).map_err(|source| StartVmError::Memory {
+            mib: cfg.memory_mib,
+            source,
         })?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
@@ -449,7 +485,24 @@ impl Vm {
             };
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || t.run())
+                .spawn(move || {
+                    let control = t.control.clone();
+                    let id = t.id;
+                    // A bug in a device model must stop the VM with a report, not leave it hung.
+                    if let Err(panic) =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()))
+                    {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        control.request_exit(VmExit::Fault {
+                            vcpu: id,
+                            report: format!("vCPU {id}: the VMM's vCPU thread panicked: {what}"),
+                        });
+                    }
+                })
                 .map_err(|source| StartVmError::Os {
                     what: "a vCPU thread",
                     source,
@@ -463,6 +516,7 @@ impl Vm {
         let vm = Vm {
             shared: Arc::new(Shared {
                 kvm_vm: vm,
+                dirty_logging: Mutex::new(false),
                 control,
                 devices,
                 vcpus: Mutex::new(handles),
@@ -499,7 +553,7 @@ impl Vm {
     }
 
     /// The guest's memory.
-    pub fn memory(&self) -> &GuestMemoryMmap {
+    pub fn memory(&self) -> &GuestMemory {
         &self.shared.devices.mem
     }
 
@@ -673,7 +727,7 @@ impl Vm {
                 .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))?
                 .map_err(|source| ControlError::Kvm {
                     what: "vCPU state",
-                    source,
+                    cause: source,
                 })?;
             vcpus.push(s);
         }
@@ -685,7 +739,7 @@ impl Vm {
             };
             vm.get_irqchip(&mut c).map_err(|source| ControlError::Kvm {
                 what: "KVM_GET_IRQCHIP",
-                source,
+                cause: source,
             })?;
             Ok(c)
         };
@@ -696,20 +750,21 @@ impl Vm {
         };
         let pit = PitState(vm.get_pit2().map_err(|source| ControlError::Kvm {
             what: "KVM_GET_PIT2",
-            source,
+            cause: source,
         })?);
         let clock = ClockState(vm.get_clock().map_err(|source| ControlError::Kvm {
             what: "KVM_GET_CLOCK",
-            source,
+            cause: source,
         })?);
         let devices = DevicesState {
-            serial: self
+            serial: (&self
                 .shared
                 .devices
                 .serial
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .state(),
+                .state())
+                .into(),
             blocks: self
                 .shared
                 .devices
@@ -731,7 +786,7 @@ impl Vm {
     pub fn restore_state(&self, state: &VmState) -> Result<(), ControlError> {
         self.ensure_paused()?;
         let vm = &self.shared.kvm_vm;
-        let kvm = |what| move |source| ControlError::Kvm { what, source };
+        let kvm = |what| move |cause| ControlError::Kvm { what, cause };
         vm.set_pit2(&state.pit.0).map_err(kvm("KVM_SET_PIT2"))?;
         vm.set_clock(&kvm_bindings::kvm_clock_data {
             clock: state.clock.0.clock,
@@ -761,7 +816,7 @@ impl Vm {
             .serial
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .restore(&state.devices.serial);
+            .restore(&(&state.devices.serial).into());
         for ((slot, d), (s_slot, s)) in self.shared.devices.blocks.iter().zip(&state.devices.blocks)
         {
             if slot == s_slot {
@@ -769,6 +824,100 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// The guest RAM regions, one KVM memory slot each.
+    pub fn memory_regions(&self) -> Vec<MemoryRegionInfo> {
+        self.memory()
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| MemoryRegionInfo {
+                slot: slot as u32,
+                guest_addr: r.start_addr().raw_value(),
+                size: r.len(),
+            })
+            .collect()
+    }
+
+    fn register_slots(&self, flags: u32) -> Result<(), ControlError> {
+        let mem = self.memory();
+        for (slot, region) in mem.iter().enumerate() {
+            let host =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| ControlError::Kvm {
+                        what: "guest memory address",
+                        cause: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags,
+                guest_phys_addr: region.start_addr().raw_value(),
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the same live mapping, owned by this VM's memory, is registered again for
+            // the same slot with other flags; nothing else changes.
+            unsafe { self.shared.kvm_vm.set_user_memory_region(r) }.map_err(|source| {
+                ControlError::Kvm {
+                    what: "KVM_SET_USER_MEMORY_REGION",
+                    cause: source,
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Turns KVM's dirty-page logging on or off for all guest RAM. Turning it on also clears the
+    /// VMM-side bitmap, so that [`Vm::take_dirty_bitmaps`] reports writes from then on.
+    pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), ControlError> {
+        let mut on = self
+            .shared
+            .dirty_logging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let flags = if enabled {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
+        self.register_slots(flags)?;
+        if enabled {
+            for r in self.memory().iter() {
+                vm_memory::mmap::MmapRegion::bitmap(r).reset();
+            }
+        }
+        *on = enabled;
+        Ok(())
+    }
+
+    /// The pages written since the previous call (or since logging was turned on), per region:
+    /// KVM's log of guest writes OR'd with the VMM's own writes. Reading clears both.
+    pub fn take_dirty_bitmaps(&self) -> Result<Vec<DirtyBitmap>, ControlError> {
+        if !*self
+            .shared
+            .dirty_logging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            return Err(ControlError::DirtyLoggingOff);
+        }
+        let mut out = Vec::new();
+        for (info, region) in self.memory_regions().into_iter().zip(self.memory().iter()) {
+            let mut bits = self
+                .shared
+                .kvm_vm
+                .get_dirty_log(info.slot, info.size as usize)
+                .map_err(|source| ControlError::Kvm {
+                    what: "KVM_GET_DIRTY_LOG",
+                    cause: source,
+                })?;
+            let vmm = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+            for (k, v) in bits.iter_mut().zip(vmm.iter()) {
+                *k |= *v;
+            }
+            out.push(DirtyBitmap { region: info, bits });
+        }
+        Ok(out)
     }
 
     fn ensure_paused(&self) -> Result<(), ControlError> {

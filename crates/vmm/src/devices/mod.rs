@@ -7,9 +7,7 @@ pub mod virtio_blk;
 
 use std::sync::Mutex;
 
-use vm_memory::GuestMemoryMmap;
-
-use crate::layout;
+use crate::layout::{self, GuestMemory};
 use serial::{COM1_BASE, SerialDevice};
 use virtio_blk::VirtioBlk;
 
@@ -40,7 +38,7 @@ pub struct Devices {
     /// virtio-blk devices with their slot number.
     pub blocks: Vec<(usize, Mutex<VirtioBlk>)>,
     /// The guest's memory (for virtio queues).
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMemory,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -143,7 +141,7 @@ mod tests {
     use vmm_sys_util::eventfd::EventFd;
 
     fn devices() -> Devices {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         Devices {
             serial: Mutex::new(SerialDevice::new(
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
