@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_park;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -13,11 +15,21 @@ struct Cli {
 enum Task {
     /// Run every test the way CI does.
     Test,
+    /// Benchmarks: `cargo xtask bench park …` (core parking on PlanetLab traces, daemon cost).
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
+    Park(bench_park::BenchParkArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => test(),
+        Task::Bench(Bench::Park(args)) => bench_park::run(args),
     }
 }
 

@@ -106,6 +106,11 @@ impl Actuator {
         self.threads.iter().map(|(&tid, p)| (p.pid, tid)).collect()
     }
 
+    /// Whether `tid` is confined by us (so it runs only on the CPUs last applied).
+    pub fn is_confined(&self, tid: u32) -> bool {
+        self.threads.contains_key(&tid)
+    }
+
     /// Threads left alone because someone else pinned them: (pid, tid).
     pub fn left_alone(&self) -> Vec<(u32, u32)> {
         self.left_alone

@@ -22,8 +22,8 @@ use crate::policy::{Policy, Reason, Sample};
 use crate::power::{CorePower, HostCurve, ParkingPowerModel, PowerModelError};
 use crate::runtime::{Skip, VmEntry, read_entries};
 use crate::telemetry::{
-    CpuTimes, HostPaths, IdleState, ThreadSched, busy_fractions, read_allowed_list, read_cpu_times,
-    read_idle_states, read_thread, residency,
+    CpuTimes, HostPaths, IdleState, ThreadReader, ThreadSched, busy_fractions, read_allowed_list,
+    read_cpu_times, read_idle_states, residency,
 };
 use crate::topology::{ReadTopologyError, Topology, format_cpu_list};
 
@@ -268,6 +268,10 @@ struct Daemon {
     energy_saved_j: f64,
     skips: Vec<Skip>,
     seen_skips: BTreeSet<String>,
+    readers: BTreeMap<u32, ThreadReader>,
+    runtime_mtime: Option<std::time::SystemTime>,
+    reread_entries: bool,
+    last_idle_read: Instant,
 }
 
 fn log(msg: &str) {
@@ -292,48 +296,108 @@ impl Daemon {
         }
     }
 
+    /// Re-reads the runtime directory only when it changed (or a thread went missing), so a quiet
+    /// host costs one `stat` per interval for it.
+    fn refresh_entries(&mut self) {
+        let mtime = std::fs::metadata(&self.cfg.runtime_dir)
+            .and_then(|m| m.modified())
+            .ok();
+        if !self.reread_entries && mtime == self.runtime_mtime {
+            return;
+        }
+        self.runtime_mtime = mtime;
+        self.reread_entries = false;
+        let (vms, skips) = read_entries(&self.cfg.runtime_dir, &self.cfg.paths);
+        self.note_skips(skips);
+        let tids: BTreeSet<u32> = vms
+            .iter()
+            .flat_map(|v| v.vcpu_tids.iter().copied())
+            .collect();
+        self.readers.retain(|t, _| tids.contains(t));
+        self.vms = vms;
+    }
+
     fn tick(&mut self) {
         self.interval += 1;
         let now = Instant::now();
         let elapsed = now.duration_since(self.last_tick);
         self.last_tick = now;
-        let (vms, skips) = read_entries(&self.cfg.runtime_dir, &self.cfg.paths);
-        self.note_skips(skips);
+        self.refresh_entries();
+        let vms = self.vms.clone();
         let ids: Vec<usize> = self.policy.topology().cpus.iter().map(|c| c.id).collect();
-        match read_cpu_times(&self.cfg.paths) {
-            Ok(cur) => {
-                self.busy = busy_fractions(&self.prev_cpu, &cur, &ids);
-                self.prev_cpu = cur;
+        if self.cfg.demand == DemandSource::Host {
+            match read_cpu_times(&self.cfg.paths) {
+                Ok(cur) => {
+                    self.busy = busy_fractions(&self.prev_cpu, &cur, &ids);
+                    self.prev_cpu = cur;
+                }
+                Err(e) => self.note_skips(vec![Skip {
+                    what: "/proc/stat".into(),
+                    why: e.to_string(),
+                }]),
             }
-            Err(e) => self.note_skips(vec![Skip {
-                what: "/proc/stat".into(),
-                why: e.to_string(),
-            }]),
         }
         let mut threads = BTreeMap::new();
         let mut wait_ns = 0u64;
         let mut vcpu_busy = vec![0.0; ids.len()];
         let elapsed_ns = elapsed.as_nanos().max(1) as f64;
         let mut gone = Vec::new();
+        // Where each thread ran matters only for threads that did run: below 10 % of the interval a
+        // thread's share is spread over the CPUs it may use, which saves a read per idle vCPU.
+        // With one CPU unparked, a confined thread can only have run there.
+        let unparked = self.policy.unparked().to_vec();
+        let mut spread = 0.0;
         for vm in &vms {
             for &tid in &vm.vcpu_tids {
-                match read_thread(&self.cfg.paths, vm.pid, tid) {
+                let confined = self.actuator.is_confined(tid);
+                let reader = match self.readers.entry(tid) {
+                    std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        ThreadReader::open(&self.cfg.paths, vm.pid, tid).map(|r| v.insert(r))
+                    }
+                };
+                let sample = reader.and_then(|r| {
+                    let mut t = r.read(!confined)?;
+                    let run = self.prev_threads.get(&tid).map_or(0.0, |p| {
+                        t.run_ns.saturating_sub(p.run_ns) as f64 / elapsed_ns
+                    });
+                    if confined {
+                        t.last_cpu = match unparked.as_slice() {
+                            [one] => Some(*one),
+                            _ if run >= 0.1 => r.last_cpu()?,
+                            _ => None,
+                        };
+                    }
+                    Ok(t)
+                });
+                match sample {
                     Ok(t) => {
                         if let Some(p) = self.prev_threads.get(&tid) {
                             wait_ns += t.wait_ns.saturating_sub(p.wait_ns);
                             let run = t.run_ns.saturating_sub(p.run_ns) as f64 / elapsed_ns;
-                            if let Some(i) =
-                                t.last_cpu.and_then(|c| ids.iter().position(|&x| x == c))
-                            {
-                                vcpu_busy[i] = (vcpu_busy[i] + run).min(1.0);
+                            match t.last_cpu.and_then(|c| ids.iter().position(|&x| x == c)) {
+                                Some(i) => vcpu_busy[i] = (vcpu_busy[i] + run).min(1.0),
+                                None => spread += run,
                             }
                         }
                         threads.insert(tid, t);
                     }
-                    Err(_) => gone.push(Skip {
-                        what: format!("{} thread {tid}", vm.name),
-                        why: "thread is gone".into(),
-                    }),
+                    Err(_) => {
+                        self.readers.remove(&tid);
+                        self.reread_entries = true;
+                        gone.push(Skip {
+                            what: format!("{} thread {tid}", vm.name),
+                            why: "thread is gone".into(),
+                        })
+                    }
+                }
+            }
+        }
+        if spread > 0.0 {
+            let share = spread / unparked.len() as f64;
+            for (i, id) in ids.iter().enumerate() {
+                if unparked.contains(id) {
+                    vcpu_busy[i] = (vcpu_busy[i] + share).min(1.0);
                 }
             }
         }
@@ -370,13 +434,18 @@ impl Daemon {
         let ActReport { skips, .. } = self.actuator.apply(&vms, &d.unparked);
         self.note_skips(skips);
         self.vms = vms;
-        for &id in &ids {
-            let cur = read_idle_states(&self.cfg.paths, id);
-            if let Some(prev) = self.prev_idle.get(&id) {
-                let r = residency(prev, &cur, elapsed.as_micros() as u64);
-                self.residency.insert(id, r);
+        // C-state residency is for people reading `status`: every 5 s is plenty.
+        let idle_window = now.duration_since(self.last_idle_read);
+        if idle_window >= Duration::from_secs(5) {
+            self.last_idle_read = now;
+            for &id in &ids {
+                let cur = read_idle_states(&self.cfg.paths, id);
+                if let Some(prev) = self.prev_idle.get(&id) {
+                    let r = residency(prev, &cur, idle_window.as_micros() as u64);
+                    self.residency.insert(id, r);
+                }
+                self.prev_idle.insert(id, cur);
             }
-            self.prev_idle.insert(id, cur);
         }
         let k = d.unparked.len();
         let saved = self.model.power_no_parking_w(self.demand) - self.model.power_w(self.demand, k);
@@ -413,7 +482,9 @@ impl Daemon {
                     .iter()
                     .map(|&tid| ThreadStatus {
                         tid,
-                        last_cpu: self.threads.get(&tid).and_then(|t| t.last_cpu),
+                        last_cpu: crate::telemetry::read_thread(&self.cfg.paths, vm.pid, tid)
+                            .ok()
+                            .and_then(|t| t.last_cpu),
                         allowed: read_allowed_list(&self.cfg.paths, vm.pid, tid)
                             .unwrap_or_else(|_| "gone".into()),
                     })
@@ -551,6 +622,10 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
         energy_saved_j: 0.0,
         skips: Vec::new(),
         seen_skips: BTreeSet::new(),
+        readers: BTreeMap::new(),
+        runtime_mtime: None,
+        reread_entries: true,
+        last_idle_read: Instant::now() - Duration::from_secs(10),
     };
     let period = |d: &Daemon| Duration::from_millis(u64::from(d.policy.knobs().interval_ms));
     let mut next = Instant::now() + period(&d);
@@ -564,7 +639,10 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
             }
             continue;
         }
-        let wait = PollTimeout::try_from(next - now).unwrap_or(PollTimeout::MAX);
+        // Round the wait up to whole milliseconds: rounding down would spin with zero timeouts
+        // just before every tick.
+        let wait_ms = (next - now).as_micros().div_ceil(1000);
+        let wait = PollTimeout::try_from(wait_ms as u64).unwrap_or(PollTimeout::MAX);
         let mut fds = [
             PollFd::new(signals.fd.as_fd(), PollFlags::POLLIN),
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -572,12 +650,16 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
         if poll(&mut fds, wait).is_err() {
             continue;
         }
-        if let Some(sig) = signals.pending() {
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let (signal_ready, client_ready) = (ready(&fds[0]), ready(&fds[1]));
+        if signal_ready && let Some(sig) = signals.pending() {
             break sig;
         }
-        while let Ok((stream, _)) = listener.accept() {
-            let _ = stream.set_nonblocking(false);
-            d.handle(stream);
+        if client_ready {
+            while let Ok((stream, _)) = listener.accept() {
+                let _ = stream.set_nonblocking(false);
+                d.handle(stream);
+            }
         }
     };
     let rep = d.actuator.restore();

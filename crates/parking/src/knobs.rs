@@ -41,7 +41,8 @@ pub enum Plan {
     Balanced,
     /// "High performance": never parks (min 100 %), slow to park if lowered.
     HighPerformance,
-    /// "Power saver"-style aggressive parking: reacts in 1 interval up, 2 down, headroom 20 %.
+    /// Windows "Power saver" values: it reacts in 1 interval up and 2 down, but its min cores of
+    /// 100 % disables parking (as Windows does); lower `min_cores` to use its timings.
     PowerSaver,
 }
 
@@ -81,6 +82,7 @@ impl Plan {
                 ..balanced
             },
             Plan::PowerSaver => Knobs {
+                min_cores_pct: 100,
                 increase_time: 1,
                 decrease_time: 2,
                 concurrency_pct: 97,

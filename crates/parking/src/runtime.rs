@@ -21,8 +21,9 @@ pub struct VmEntry {
     pub name: String,
     /// VMM process id.
     pub pid: u32,
-    /// The VMM's API socket.
-    pub api_sock: String,
+    /// The VMM's API socket, if it has one (`null` in the JSON otherwise).
+    #[serde(default)]
+    pub api_sock: Option<String>,
     /// Thread ids of the vCPU threads.
     pub vcpu_tids: Vec<u32>,
 }
@@ -128,15 +129,23 @@ mod tests {
         let e = |name: &str, pid, tids: Vec<u32>| VmEntry {
             name: name.into(),
             pid,
-            api_sock: "/x".into(),
+            api_sock: None,
             vcpu_tids: tids,
         };
         write_entry(&dir, &e("a", 10, vec![11, 12])).unwrap();
         write_entry(&dir, &e("b", 99, vec![100])).unwrap();
         fs::write(dir.join("c.json"), "{not json").unwrap();
+        // The VMM's own temporary files are not entries.
+        fs::write(dir.join(".d.json.10"), "{").unwrap();
+        // The VMM's format: api_sock may be null, tids are signed in its code.
+        fs::write(
+            dir.join("e.json"),
+            r#"{"name":"e","pid":10,"api_sock":null,"vcpu_tids":[11]}"#,
+        )
+        .unwrap();
         fs::write(dir.join("notes.txt"), "ignored").unwrap();
         let (vms, skips) = read_entries(&dir, &paths);
-        assert_eq!(vms, vec![e("a", 10, vec![11])]);
+        assert_eq!(vms, vec![e("a", 10, vec![11]), e("e", 10, vec![11])]);
         let why: Vec<&str> = skips.iter().map(|s| s.why.as_str()).collect();
         assert_eq!(why.len(), 3, "{skips:?}");
         assert!(why.contains(&"thread is gone"));

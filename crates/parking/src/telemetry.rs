@@ -147,6 +147,66 @@ pub fn read_thread(paths: &HostPaths, pid: u32, tid: u32) -> io::Result<ThreadSc
     })
 }
 
+/// A thread's `schedstat` and `stat` kept open and re-read with `pread` at offset 0, which procfs
+/// regenerates: no path lookup per sample. The descriptors stay bound to that very task, so a reused
+/// thread id can never be read by mistake; once the task is gone, reads fail.
+#[derive(Debug)]
+pub struct ThreadReader {
+    schedstat: fs::File,
+    stat: fs::File,
+    buf: Vec<u8>,
+}
+
+impl ThreadReader {
+    /// Opens the files of `tid` in process `pid`. `NotFound` means the thread is gone.
+    pub fn open(paths: &HostPaths, pid: u32, tid: u32) -> io::Result<ThreadReader> {
+        let dir = paths.proc_root.join(format!("{pid}/task/{tid}"));
+        Ok(ThreadReader {
+            schedstat: fs::File::open(dir.join("schedstat"))?,
+            stat: fs::File::open(dir.join("stat"))?,
+            buf: vec![0; 1024],
+        })
+    }
+
+    fn pread(file: &fs::File, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = file.read_at(buf, 0)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "thread is gone"));
+        }
+        Ok(n)
+    }
+
+    /// The CPU the thread last ran on (one `pread` of `stat`).
+    pub fn last_cpu(&mut self) -> io::Result<Option<usize>> {
+        let n = Self::pread(&self.stat, &mut self.buf)?;
+        let text = String::from_utf8_lossy(&self.buf[..n]);
+        Ok(text.rfind(')').and_then(|i| {
+            text[i + 1..]
+                .split_whitespace()
+                .nth(39 - 3)
+                .and_then(|x| x.parse().ok())
+        }))
+    }
+
+    /// Samples the thread. `where_ran` also reads the CPU it last ran on (one more read; a caller
+    /// that knows it — the thread may run on one CPU only — passes false and gets `None`).
+    pub fn read(&mut self, where_ran: bool) -> io::Result<ThreadSched> {
+        let n = Self::pread(&self.schedstat, &mut self.buf)?;
+        let text = String::from_utf8_lossy(&self.buf[..n]);
+        let mut f = text
+            .split_whitespace()
+            .map(|x| x.parse::<u64>().unwrap_or(0));
+        let (run_ns, wait_ns) = (f.next().unwrap_or(0), f.next().unwrap_or(0));
+        let last_cpu = if where_ran { self.last_cpu()? } else { None };
+        Ok(ThreadSched {
+            run_ns,
+            wait_ns,
+            last_cpu,
+        })
+    }
+}
+
 /// Reads `Cpus_allowed_list` of a thread from `/proc/PID/task/TID/status`.
 pub fn read_allowed_list(paths: &HostPaths, pid: u32, tid: u32) -> io::Result<String> {
     let s = fs::read_to_string(paths.proc_root.join(format!("{pid}/task/{tid}/status")))?;
@@ -273,6 +333,15 @@ mod tests {
             }
         );
         assert_eq!(read_allowed_list(&paths, 7, 9).unwrap(), "0-1");
+        let mut r = ThreadReader::open(&paths, 7, 9).unwrap();
+        assert_eq!(r.read(true).unwrap(), s);
+        assert_eq!(r.read(false).unwrap().last_cpu, None);
+        fs::write(t.join("schedstat"), "2500 400 13\n").unwrap();
+        assert_eq!(r.read(true).unwrap().run_ns, 2500);
+        assert_eq!(
+            ThreadReader::open(&paths, 7, 10).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
         assert_eq!(
             read_thread(&paths, 7, 10).unwrap_err().kind(),
             io::ErrorKind::NotFound

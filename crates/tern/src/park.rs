@@ -407,7 +407,7 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let entry = VmEntry {
         name: args.name.clone(),
         pid: std::process::id(),
-        api_sock: String::new(),
+        api_sock: None,
         vcpu_tids: tids.clone(),
     };
     let path = write_entry(&args.runtime_dir, &entry).with_context(|| {
