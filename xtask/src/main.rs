@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_boot;
 mod bench_park;
 
 #[derive(Debug, Parser)]
@@ -15,13 +16,16 @@ struct Cli {
 enum Task {
     /// Run every test the way CI does.
     Test,
-    /// Benchmarks: `cargo xtask bench park …` (core parking on PlanetLab traces, daemon cost).
+    /// Benchmarks against peers (figures printed, compared in the same run).
     #[command(subcommand)]
     Bench(Bench),
 }
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
+    /// `tern vm run` vs QEMU microvm on the same ELF.
+    Boot(bench_boot::BootArgs),
     /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
     Park(bench_park::BenchParkArgs),
 }
@@ -29,6 +33,7 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => test(),
+        Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
     }
 }

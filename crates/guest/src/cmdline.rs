@@ -1,0 +1,70 @@
+//! The `tern.*` keys of the kernel command line (docs/guest-interface.md); unknown keys are ignored.
+
+/// The workload the command line asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct Config {
+    /// Heartbeat period in ms (0 = none).
+    pub hb_ms: u64,
+    /// Size of the buffer the memory writer dirties, in MiB (0 = no writer).
+    pub dirty_mib: u64,
+    /// Pages per second the writer dirties (0 = as fast as it can).
+    pub dirty_rate: u64,
+    /// Run the virtio-blk check.
+    pub blk_verify: bool,
+    /// Power off after this many ms of workload.
+    pub poweroff_ms: Option<u64>,
+    /// A deliberate fault right after the `up` line, to test how a guest crash is reported.
+    pub selftest_fault: bool,
+    /// A deliberate corruption of the writer's first page after its first pass, to test the
+    /// writer's memory check.
+    pub selftest_corrupt: bool,
+}
+
+impl Config {
+    pub const DEFAULT: Config = Config {
+        hb_ms: 1000,
+        dirty_mib: 0,
+        dirty_rate: 0,
+        blk_verify: false,
+        poweroff_ms: None,
+        selftest_fault: false,
+        selftest_corrupt: false,
+    };
+}
+
+/// A key whose value could not be used; the guest reports it and stops.
+#[derive(Clone, Copy, Debug)]
+pub struct BadValue<'a> {
+    pub key: &'a str,
+    pub value: &'a str,
+}
+
+/// Parses the command line into a `Config`.
+pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
+    let mut c = Config::DEFAULT;
+    for word in cmdline.split_ascii_whitespace() {
+        let Some((key, value)) = word.split_once('=') else {
+            continue;
+        };
+        let bad = BadValue { key, value };
+        let num = || value.parse::<u64>().map_err(|_| bad);
+        match key {
+            "tern.hb_ms" => c.hb_ms = num()?,
+            "tern.dirty_mib" => c.dirty_mib = num()?,
+            "tern.dirty_rate" => c.dirty_rate = num()?,
+            "tern.poweroff_ms" => c.poweroff_ms = Some(num()?),
+            "tern.blk" => match value {
+                "verify" => c.blk_verify = true,
+                "off" => c.blk_verify = false,
+                _ => return Err(bad),
+            },
+            "tern.selftest" => match value {
+                "pagefault" => c.selftest_fault = true,
+                "corruptpage" => c.selftest_corrupt = true,
+                _ => return Err(bad),
+            },
+            _ => {}
+        }
+    }
+    Ok(c)
+}

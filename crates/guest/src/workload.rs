@@ -1,0 +1,353 @@
+//! The workloads (heartbeat, memory writer, power-off timer) and the boot CPU's bring-up sequence.
+//!
+//! Every CPU runs the same loop. One iteration: measure the gap since the previous iteration (time
+//! the loop chose to sleep does not count), write the pages that are due, print the heartbeat when it
+//! is due, then halt until the next thing is due unless the writer runs at maximum rate.
+
+use core::fmt::Write;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crate::cmdline::{self, Config};
+use crate::pvh::BootInfo;
+use crate::sys::{cpuid, rdtsc};
+use crate::{apic, console, platform, println, smp, virtio};
+
+const PAGE: u64 = 4096;
+/// A paced writer wakes this often (ms) to write the pages that fell due.
+const BURST_MS: u64 = 10;
+/// A maximum-rate writer checks the clock after this many pages.
+const MAX_RATE_CHUNK: u64 = 256;
+/// A paced writer writes at most this many pages per iteration.
+const PACED_CHUNK: u64 = 4096;
+/// An idle loop still wakes this often (ms).
+const IDLE_MS: u64 = 1000;
+/// `tern.selftest=pagefault` reads here (the identity map ends at 4 GiB).
+const SELFTEST_FAULT_ADDR: u64 = 0x1_0000_0000;
+
+unsafe extern "C" {
+    static __image_end: u8;
+}
+
+static GO: AtomicBool = AtomicBool::new(false);
+static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+static START_TSC: AtomicU64 = AtomicU64::new(0);
+static HB_MS: AtomicU64 = AtomicU64::new(0);
+static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
+static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
+static DIRTY_RATE: AtomicU64 = AtomicU64::new(0);
+static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
+/// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
+static PREPARE: AtomicBool = AtomicBool::new(false);
+/// APs that have touched their slice of the writer's buffer.
+static PREPARED: AtomicU32 = AtomicU32::new(0);
+
+fn tsc_khz_from_cpuid() -> Option<u64> {
+    let (max, _, _, _) = cpuid(0x4000_0000);
+    if max < 0x4000_0010 {
+        return None;
+    }
+    let (khz, _, _, _) = cpuid(0x4000_0010);
+    (khz != 0).then_some(khz as u64)
+}
+
+/// The boot CPU: read the start info and command line, bring up the APs, run the checks, then the loop.
+pub fn bsp_main(start_info: u64) -> ! {
+    BOOT_TSC.store(rdtsc(), Ordering::Relaxed);
+    console::init();
+    let boot = match BootInfo::read(start_info) {
+        Ok(b) => b,
+        Err(e) => panic!("unusable PVH start info at {start_info:#x}: {e}"),
+    };
+    let config = match cmdline::parse(boot.cmdline()) {
+        Ok(c) => c,
+        Err(bad) => panic!("bad value for {}: {:?}", bad.key, bad.value),
+    };
+    let Some(tsc_khz) = tsc_khz_from_cpuid() else {
+        let (max, b, c, d) = cpuid(0x4000_0000);
+        panic!(
+            "no TSC frequency in CPUID 0x40000010 (QEMU: -cpu qemu64,tsc-frequency=<Hz>); \
+             CPUID 0x40000000 = {max:#x} {b:#x} {c:#x} {d:#x}"
+        )
+    };
+    TSC_KHZ.store(tsc_khz, Ordering::Relaxed);
+    if let Err(e) = apic::configure(tsc_khz as u32) {
+        panic!("local APIC unusable: {e:?}");
+    }
+    let self_id = apic::init_cpu();
+    plan_writer(&boot, &config);
+    HB_MS.store(config.hb_ms, Ordering::Relaxed);
+    SELFTEST_CORRUPT.store(config.selftest_corrupt, Ordering::Relaxed);
+    if let Some(ms) = config.poweroff_ms {
+        POWEROFF_MS.store(ms, Ordering::Relaxed);
+    }
+
+    let cpus = smp::discover(&boot);
+    {
+        let mut line = console::Line::new();
+        let _ = write!(line, "TERN-GUEST cpus source={} apic_ids=", cpus.source);
+        for (i, id) in cpus.ids[..cpus.len].iter().enumerate() {
+            let _ = write!(line, "{}{id}", if i == 0 { "" } else { "," });
+        }
+        let timer = if apic::tsc_deadline_mode() {
+            "tsc-deadline"
+        } else {
+            "oneshot"
+        };
+        let _ = write!(line, " timer={timer}");
+        line.emit();
+    }
+    let n = smp::start_aps(&boot, &cpus, self_id, tsc_khz);
+    // Every vCPU touches its slice of the writer's buffer once before the workload starts, so the
+    // first pass does not pay the hypervisor's first-touch cost and the rate holds from the start.
+    PREPARE.store(true, Ordering::Release);
+    if let Some(w) = Writer::for_cpu(0, n) {
+        w.pretouch();
+    }
+    while (PREPARED.load(Ordering::Acquire) as usize) < n - 1 {
+        core::hint::spin_loop();
+    }
+    println!(
+        "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
+        boot.mem_mib()
+    );
+    START_TSC.store(rdtsc(), Ordering::Relaxed);
+    GO.store(true, Ordering::Release);
+
+    if config.selftest_fault {
+        // Nothing is mapped above 4 GiB: this read takes a page fault to the kernel, which reports it.
+        // SAFETY: deliberately faulting; the read never completes.
+        let v = unsafe { core::ptr::read_volatile(SELFTEST_FAULT_ADDR as *const u64) };
+        panic!("read of unmapped memory returned {v:#x}");
+    }
+
+    if config.blk_verify {
+        match virtio::blk_verify(tsc_khz) {
+            virtio::Outcome::Ok { sectors } => println!("BLK verify ok sectors={sectors}"),
+            virtio::Outcome::Fail(reason) => println!("BLK verify FAIL {reason}"),
+        }
+    }
+    run(0, n)
+}
+
+/// Places the writer's buffer after the image, 2 MiB aligned, and checks it is RAM.
+fn plan_writer(boot: &BootInfo, config: &Config) {
+    if config.dirty_mib == 0 {
+        return;
+    }
+    let end = &raw const __image_end as u64;
+    let base = end.next_multiple_of(2 << 20);
+    let len = config.dirty_mib.saturating_mul(1 << 20);
+    let top = base.saturating_add(len);
+    if top > 0xc000_0000 || !boot.is_ram(base, len) {
+        panic!(
+            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {} MiB, below 3 GiB (have {} MiB)",
+            config.dirty_mib,
+            top >> 20,
+            boot.mem_mib()
+        );
+    }
+    DIRTY_BASE.store(base, Ordering::Relaxed);
+    DIRTY_PAGES.store(len / PAGE, Ordering::Relaxed);
+    DIRTY_RATE.store(config.dirty_rate, Ordering::Relaxed);
+}
+
+/// An application processor, entered at CPL3 from the trampoline path in boot.s.
+pub fn ap_main(cpu: usize) -> ! {
+    smp::AP_ARRIVED.store(cpu as u64, Ordering::Release);
+    apic::init_cpu();
+    while !PREPARE.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    let n = smp::CPUS.load(Ordering::Acquire) as usize;
+    if let Some(w) = Writer::for_cpu(cpu, n) {
+        w.pretouch();
+    }
+    PREPARED.fetch_add(1, Ordering::Release);
+    while !GO.load(Ordering::Acquire) {
+        core::hint::spin_loop();
+    }
+    run(cpu, n)
+}
+
+/// This CPU's share of the writer: a slice of the buffer and of the rate.
+struct Writer {
+    base: u64,
+    pages: u64,
+    /// Pages per second (0 = maximum rate).
+    rate: u64,
+    pos: u64,
+    written: u64,
+    /// Pages the schedule has forgiven after a long stall (so the writer does not burst to catch up).
+    forgiven: u64,
+}
+
+impl Writer {
+    fn for_cpu(cpu: usize, n: usize) -> Option<Writer> {
+        let total = DIRTY_PAGES.load(Ordering::Relaxed);
+        if total == 0 {
+            return None;
+        }
+        let (n, cpu) = (n as u64, cpu as u64);
+        let pages = total / n;
+        let rate_total = DIRTY_RATE.load(Ordering::Relaxed);
+        let rate = rate_total / n + u64::from(cpu < rate_total % n);
+        if pages == 0 || (rate_total != 0 && rate == 0) {
+            return None;
+        }
+        let base = DIRTY_BASE.load(Ordering::Relaxed) + cpu * pages * PAGE;
+        Some(Writer {
+            base,
+            pages,
+            rate,
+            pos: 0,
+            written: 0,
+            forgiven: 0,
+        })
+    }
+
+    /// Writes every page of the slice once (with 0, what the first pass expects nothing of).
+    fn pretouch(&self) {
+        for i in 0..self.pages {
+            // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+            unsafe { ((self.base + i * PAGE) as *mut u64).write_volatile(0) };
+        }
+    }
+
+    /// Writes the next `count` pages. Each page's first 8 bytes get the running page count; before
+    /// overwriting, the writer checks the page still holds what it wrote one pass earlier
+    /// (`written - pages`), so memory lost or corrupted by the VMM (e.g. a page a migration failed to
+    /// send) stops the guest with a `PANIC` within one pass.
+    fn write(&mut self, count: u64) {
+        for _ in 0..count {
+            let p = (self.base + self.pos * PAGE) as *mut u64;
+            if let Some(expected) = self.written.checked_sub(self.pages) {
+                // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
+                let found = unsafe { p.read_volatile() };
+                if found != expected {
+                    panic!(
+                        "memory check failed: page {:#x} holds {found:#x}, expected {expected:#x}",
+                        p as u64
+                    );
+                }
+            }
+            // SAFETY: as above.
+            unsafe { p.write_volatile(self.written) };
+            self.written += 1;
+            self.pos += 1;
+            if self.pos == self.pages {
+                self.pos = 0;
+                if self.written == self.pages && SELFTEST_CORRUPT.swap(false, Ordering::Relaxed) {
+                    // SAFETY: the first page of this CPU's slice; tern.selftest=corruptpage asked
+                    // for exactly this damage, which the next pass must detect.
+                    unsafe { (self.base as *mut u64).write_volatile(0xbad0_bad0) };
+                }
+            }
+        }
+    }
+
+    /// Pages due by `now` under the paced schedule that started at `start`.
+    fn due(&mut self, start: u64, now: u64, ticks_per_s: u64) -> u64 {
+        let target = ((now - start) as u128 * self.rate as u128 / ticks_per_s as u128) as u64;
+        let due = target.saturating_sub(self.written + self.forgiven);
+        let cap = (self.rate / 10).max(1);
+        if due > cap {
+            self.forgiven += due - cap;
+            return cap;
+        }
+        due
+    }
+}
+
+fn run(cpu: usize, n: usize) -> ! {
+    let khz = TSC_KHZ.load(Ordering::Relaxed);
+    let ms = |v: u64| v.saturating_mul(khz);
+    let ticks_per_s = khz * 1000;
+    let boot = BOOT_TSC.load(Ordering::Relaxed);
+    let start = START_TSC.load(Ordering::Relaxed);
+    let hb_ticks = ms(HB_MS.load(Ordering::Relaxed));
+    let poweroff_ms = POWEROFF_MS.load(Ordering::Relaxed);
+    let poweroff_at = if cpu == 0 && poweroff_ms != u64::MAX {
+        start + ms(poweroff_ms)
+    } else {
+        u64::MAX
+    };
+    let suffix_cpu = n > 1;
+    let mut writer = Writer::for_cpu(cpu, n);
+    let wstart = rdtsc();
+
+    let mut seq = 0u64;
+    let mut next_hb = if hb_ticks > 0 {
+        rdtsc() + hb_ticks
+    } else {
+        u64::MAX
+    };
+    let mut last_hb = rdtsc();
+    let mut written_at_hb = 0u64;
+    let mut last = rdtsc();
+    let mut slept_until = 0u64;
+    let mut maxgap = 0u64;
+
+    loop {
+        let now = rdtsc();
+        maxgap = maxgap.max(now.saturating_sub(last.max(slept_until)));
+        slept_until = 0;
+
+        let mut behind = false;
+        if let Some(w) = writer.as_mut() {
+            if w.rate == 0 {
+                w.write(MAX_RATE_CHUNK);
+            } else {
+                let due = w.due(wstart, now, ticks_per_s);
+                let chunk = due.min(PACED_CHUNK);
+                w.write(chunk);
+                behind = due > chunk;
+            }
+        }
+
+        if now >= poweroff_at {
+            println!("TERN-GUEST poweroff after_ms={poweroff_ms}");
+            platform::stop(0);
+        }
+
+        if now >= next_hb {
+            seq += 1;
+            let t_us = (now - boot) * 1000 / khz;
+            let gap_us = maxgap * 1000 / khz;
+            if suffix_cpu {
+                println!("HB seq={seq} t_us={t_us} maxgap_us={gap_us} cpu={cpu}");
+            } else {
+                println!("HB seq={seq} t_us={t_us} maxgap_us={gap_us}");
+            }
+            if let Some(w) = writer.as_ref() {
+                let rate = (w.written - written_at_hb) as u128 * ticks_per_s as u128
+                    / (now - last_hb).max(1) as u128;
+                if suffix_cpu {
+                    println!("DIRTY pages={} rate={rate} cpu={cpu}", w.written);
+                } else {
+                    println!("DIRTY pages={} rate={rate}", w.written);
+                }
+                written_at_hb = w.written;
+            }
+            last_hb = now;
+            maxgap = 0;
+            next_hb += hb_ticks;
+            if next_hb <= now {
+                next_hb = now + hb_ticks;
+            }
+        }
+
+        last = rdtsc();
+        let max_rate = writer.as_ref().is_some_and(|w| w.rate == 0);
+        if max_rate || behind {
+            continue;
+        }
+        let mut wake = next_hb.min(poweroff_at).min(last + ms(IDLE_MS));
+        if writer.is_some() {
+            wake = wake.min(last + ms(BURST_MS));
+        }
+        apic::sleep_until(wake);
+        slept_until = wake;
+    }
+}

@@ -1,0 +1,194 @@
+//! The 16550 UART on COM1 (vm-superio's model), its interrupt line and its output sink.
+
+use std::io::Write;
+
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+/// COM1's first I/O port.
+pub const COM1_BASE: u16 = 0x3f8;
+/// COM1's IRQ (ISA IRQ 4).
+pub const COM1_GSI: u32 = 4;
+
+/// Raises the UART's interrupt through an eventfd registered with KVM as an irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Collects the guest's output and writes it whole lines at a time (one `write` per line, so
+/// readers of a pipe or file see complete lines; a partial line is written when it grows long).
+pub struct LineSink {
+    out: Box<dyn Write + Send>,
+    buf: Vec<u8>,
+}
+
+impl std::fmt::Debug for LineSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LineSink")
+            .field("pending", &self.buf.len())
+            .finish()
+    }
+}
+
+impl LineSink {
+    /// A sink over `out`.
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        LineSink {
+            out,
+            buf: Vec::with_capacity(256),
+        }
+    }
+}
+
+impl Write for LineSink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if data.contains(&b'\n') || self.buf.len() >= 4096 {
+            self.drain();
+        }
+        Ok(data.len())
+    }
+
+    /// The UART model flushes after every byte; lines are written whole instead (see
+    /// [`LineSink::drain`]).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LineSink {
+    /// Writes out what is buffered, a partial line included.
+    pub fn drain(&mut self) {
+        if !self.buf.is_empty() {
+            // Output errors (a closed pipe) must not stop the guest: the bytes are dropped.
+            let _ = self.out.write_all(&self.buf);
+            let _ = self.out.flush();
+            self.buf.clear();
+        }
+    }
+}
+
+/// COM1: a 16550 at 0x3f8..0x3ff.
+#[derive(Debug)]
+pub struct SerialDevice {
+    uart: Serial<IrqTrigger, NoEvents, LineSink>,
+}
+
+impl SerialDevice {
+    /// A UART that interrupts through `irq` and writes to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        SerialDevice {
+            uart: Serial::new(IrqTrigger(irq), LineSink::new(out)),
+        }
+    }
+
+    /// A guest read of register `offset` (0..8).
+    pub fn read(&mut self, offset: u8) -> u8 {
+        self.uart.read(offset)
+    }
+
+    /// A guest write of `value` to register `offset` (0..8).
+    pub fn write(&mut self, offset: u8, value: u8) {
+        // An interrupt that cannot be raised is not fatal to the output path.
+        let _ = self.uart.write(offset, value);
+    }
+
+    /// Writes out a pending partial line.
+    pub fn flush(&mut self) {
+        self.uart.writer_mut().drain();
+    }
+
+    /// The UART's registers.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    /// Replaces the UART's registers (the output sink and interrupt line stay).
+    pub fn restore(
+        &mut self,
+        state: &SerialState,
+    ) -> Result<(), vm_superio::serial::Error<std::io::Error>> {
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(vm_superio::serial::Error::Trigger)?;
+        let sink = std::mem::replace(
+            self.uart.writer_mut(),
+            LineSink::new(Box::new(std::io::sink())),
+        );
+        self.uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, sink)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn device() -> (SerialDevice, Shared, EventFd) {
+        let out = Shared::default();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let dev = SerialDevice::new(evt.try_clone().unwrap(), Box::new(out.clone()));
+        (dev, out, evt)
+    }
+
+    #[test]
+    fn bytes_written_to_thr_come_out_as_whole_lines() {
+        let (mut dev, out, _) = device();
+        for b in b"HB seq=1" {
+            dev.write(0, *b);
+        }
+        assert!(out.0.lock().unwrap().is_empty(), "no partial line yet");
+        dev.write(0, b'\n');
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"HB seq=1\n");
+    }
+
+    #[test]
+    fn line_status_reports_an_empty_transmitter() {
+        let (mut dev, _, _) = device();
+        // LSR (offset 5): THR empty (bit 5) and transmitter idle (bit 6).
+        assert_eq!(dev.read(5) & 0x60, 0x60);
+    }
+
+    #[test]
+    fn enabling_the_thr_interrupt_raises_the_irq_line() {
+        let (mut dev, _, evt) = device();
+        dev.write(1, 0x02); // IER: THR empty interrupt
+        dev.write(0, b'x');
+        assert!(evt.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn state_round_trips_through_restore() {
+        let (mut dev, _, _) = device();
+        dev.write(7, 0x5a); // scratch register
+        dev.write(3, 0x03); // LCR: 8N1
+        let s = dev.state();
+        let (mut other, _, _) = device();
+        other.restore(&s).unwrap();
+        assert_eq!(other.read(7), 0x5a);
+        assert_eq!(other.state(), s);
+    }
+}
