@@ -149,6 +149,10 @@ impl Actuator {
                 return rep;
             }
         };
+        // The cpuset first: a thread's affinity cannot widen beyond its cpuset.
+        if changed {
+            self.apply_extras(cpus, &mut rep);
+        }
         let listed: Vec<(u32, u32)> = vms
             .iter()
             .flat_map(|vm| vm.vcpu_tids.iter().map(move |&t| (vm.pid, t)))
@@ -208,7 +212,6 @@ impl Actuator {
             }
         }
         if changed {
-            self.apply_extras(cpus, &mut rep);
             self.current = cpus.to_vec();
         }
         rep
@@ -310,10 +313,6 @@ impl Actuator {
     /// Gives every thread its original affinity and every file its original value. Idempotent.
     pub fn restore(&mut self) -> ActReport {
         let mut rep = ActReport::default();
-        for (tid, p) in std::mem::take(&mut self.threads) {
-            self.restore_thread(tid, &p, &mut rep);
-        }
-        self.left_alone.clear();
         if let (Some(dir), Some(orig)) = (&self.cfg.cpuset_dir, self.cpuset_original.take()) {
             let file = dir.join("cpuset.cpus");
             if let Err(e) = fs::write(&file, &orig) {
@@ -331,6 +330,11 @@ impl Actuator {
                 });
             }
         }
+        // Threads last: their original affinity may need the restored cpuset.
+        for (tid, p) in std::mem::take(&mut self.threads) {
+            self.restore_thread(tid, &p, &mut rep);
+        }
+        self.left_alone.clear();
         if let Some(orig) = self.halt_poll_original.take() {
             let file = self
                 .cfg

@@ -373,7 +373,9 @@ impl Daemon {
                 match sample {
                     Ok(t) => {
                         if let Some(p) = self.prev_threads.get(&tid) {
-                            wait_ns += t.wait_ns.saturating_sub(p.wait_ns);
+                            // The kernel books a wait when the thread gets the CPU, so a long
+                            // wait can land in one sample: never count more than the interval.
+                            wait_ns += t.wait_ns.saturating_sub(p.wait_ns).min(elapsed_ns as u64);
                             let run = t.run_ns.saturating_sub(p.run_ns) as f64 / elapsed_ns;
                             match t.last_cpu.and_then(|c| ids.iter().position(|&x| x == c)) {
                                 Some(i) => vcpu_busy[i] = (vcpu_busy[i] + run).min(1.0),

@@ -134,8 +134,17 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// On a failing test: SIGTERM first, so the daemon still restores what it changed.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(5) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -463,4 +472,123 @@ fn replay_prints_timeline_energy_and_delay() {
             && text.contains("naive <50% rule"),
         "{text}"
     );
+}
+
+#[test]
+fn cpuset_irq_affinity_and_halt_polling_are_applied_and_restored() {
+    require_host();
+    let root = Path::new("/sys/fs/cgroup/cpuset");
+    assert!(
+        root.join("cpuset.cpus").exists(),
+        "this test needs the cgroup v1 cpuset hierarchy at {}",
+        root.display()
+    );
+    let halt = Path::new("/sys/module/kvm/parameters/halt_poll_ns");
+    assert!(
+        halt.exists(),
+        "this test needs the kvm module's halt_poll_ns"
+    );
+    let cg = root.join(format!("tern-park-test-{}", std::process::id()));
+    std::fs::create_dir(&cg).unwrap();
+    struct RemoveCgroup(PathBuf);
+    impl Drop for RemoveCgroup {
+        fn drop(&mut self) {
+            for _ in 0..250 {
+                if std::fs::remove_dir(&self.0).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let _cleanup = RemoveCgroup(cg.clone());
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    std::fs::write(cg.join("cpuset.mems"), read(&root.join("cpuset.mems"))).unwrap();
+    std::fs::write(cg.join("cpuset.cpus"), read(&root.join("cpuset.cpus"))).unwrap();
+    let cg_before = read(&cg.join("cpuset.cpus"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("vms");
+    let load = Load::start(&runtime, "boxed", 2, 5);
+    std::fs::write(cg.join("cgroup.procs"), load.pid.to_string()).unwrap();
+    let irqs = || -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = std::fs::read_dir("/proc/irq")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let f = e.path().join("smp_affinity_list");
+                std::fs::read_to_string(&f)
+                    .ok()
+                    .map(|a| (f.display().to_string(), a.trim().to_string()))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let irq_before = irqs();
+    let halt_before = read(halt);
+
+    let mut d = Daemon::start(
+        dir.path(),
+        &runtime,
+        &[
+            "interval_ms=50",
+            "min_cores=0",
+            "decrease_time=2",
+            "--irq",
+            "--halt-poll-ns",
+            "0",
+            "--cpuset",
+            cg.to_str().unwrap(),
+        ],
+    );
+    let started = Instant::now();
+    while read(&cg.join("cpuset.cpus")) != "0" {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "cpuset never narrowed to CPU 0 (now {}); log:\n{}",
+            read(&cg.join("cpuset.cpus")),
+            std::fs::read_to_string(&d.log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Where the kernel allows it (this host's kvm_pvm exposes the parameter read-only) halt polling
+    // is lowered; otherwise the daemon says why it could not.
+    use std::os::unix::fs::PermissionsExt;
+    if std::fs::metadata(halt).unwrap().permissions().mode() & 0o200 != 0 {
+        assert_eq!(read(halt), "0", "halt polling lowered while running");
+    } else {
+        let log = std::fs::read_to_string(&d.log).unwrap();
+        assert!(
+            log.contains("skipped /sys/module/kvm/parameters/halt_poll_ns: Permission denied"),
+            "{log}"
+        );
+        assert_eq!(read(halt), halt_before);
+    }
+    let movable = irqs().iter().filter(|(_, a)| a == "0").count();
+    let was = irq_before.iter().filter(|(_, a)| a == "0").count();
+    assert!(movable > was, "no IRQ was moved onto the unparked CPU");
+    for &tid in &load.tids {
+        assert_eq!(allowed(load.pid, tid), "0");
+    }
+    let log = d.stop(Signal::SIGTERM);
+    assert_eq!(
+        read(&cg.join("cpuset.cpus")),
+        cg_before,
+        "cpuset restored; log:\n{log}"
+    );
+    assert_eq!(read(halt), halt_before, "halt_poll_ns restored");
+    assert_eq!(irqs(), irq_before, "IRQ affinities restored");
+    for &tid in &load.tids {
+        assert_eq!(
+            allowed(load.pid, tid),
+            cg_before,
+            "thread affinity restored"
+        );
+    }
+    drop(load);
+    // The cgroup can go once its process has exited.
+    wait_for("the test cgroup to empty", Duration::from_secs(10), || {
+        std::fs::remove_dir(&cg).is_ok()
+    });
 }

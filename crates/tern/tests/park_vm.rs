@@ -87,6 +87,18 @@ impl Drop for Vm {
     }
 }
 
+/// Stops the daemon with SIGTERM if a test fails half-way, so it still restores what it changed.
+struct Stopper(Option<Child>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
@@ -134,7 +146,7 @@ fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
     let socket = dir.path().join("park.sock");
     let log = dir.path().join("daemon.log");
     let increase_time = 2u64;
-    let mut daemon = Command::new(TERN)
+    let daemon = Command::new(TERN)
         .args([
             "park",
             "run",
@@ -150,6 +162,7 @@ fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let mut daemon = Stopper(Some(daemon));
     wait_for("the daemon's socket", || socket.exists());
 
     wait_for("both light guests on one core", || {
@@ -195,8 +208,9 @@ fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
     wait_for("parked again", || {
         a_threads.iter().all(|&(p, t)| allowed(p, t) == "0")
     });
-    kill(Pid::from_raw(daemon.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(daemon.wait().unwrap().success());
+    let mut child = daemon.0.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
     let after: Vec<String> = a_threads.iter().map(|&(p, t)| allowed(p, t)).collect();
     assert_eq!(
         after,
