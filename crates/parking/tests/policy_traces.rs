@@ -381,3 +381,159 @@ fn energy_never_rises_when_an_idle_core_is_parked() {
     assert!(s.energy_j < s.energy_no_parking_j, "{s:?}");
     assert_eq!(s.exceeded_intervals, 0, "{s:?}");
 }
+
+#[test]
+fn numa_bounds_and_smt_order_hold_on_every_interval() {
+    use tern_parking::policy::{Policy, Sample};
+    use tern_parking::topology::{Cpu, Topology};
+    // Two nodes, one package each, 2 cores × 2 SMT threads per package; kernel numbering puts the
+    // siblings apart (cpu k and k+4 share a core), as x86 hosts do.
+    let cpus = (0..8)
+        .map(|id| Cpu {
+            id,
+            node: (id % 4) / 2,
+            package: (id % 4) / 2,
+            core: id % 2,
+        })
+        .collect();
+    let topo = Topology { cpus };
+    let knobs = Knobs {
+        min_cores_pct: 25,
+        max_cores_pct: 75,
+        increase_time: 1,
+        decrease_time: 2,
+        ..Knobs::default()
+    };
+    let mut p = Policy::new(knobs, topo.clone());
+    let mut trace = String::new();
+    let mut seed = 7u64;
+    for t in 0..400 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let level = if (t / 40) % 2 == 0 {
+            0.05
+        } else {
+            ((seed >> 33) % 100) as f64 / 100.0
+        };
+        let set = p.unparked().to_vec();
+        let busy = topo
+            .cpus
+            .iter()
+            .map(|c| if set.contains(&c.id) { level } else { 0.0 })
+            .collect();
+        let d = p.step(&Sample {
+            cpu_busy: busy,
+            runq_wait: 0.0,
+        });
+        for node in topo.nodes() {
+            let order: Vec<usize> = topo
+                .unpark_order(node)
+                .iter()
+                .map(|&i| topo.cpus[i].id)
+                .collect();
+            let on: Vec<usize> = order
+                .iter()
+                .copied()
+                .filter(|c| d.unparked.contains(c))
+                .collect();
+            // Per node: 25 % of 4 = 1 CPU at least, 75 % = 3 at most.
+            assert!((1..=3).contains(&on.len()), "t={t} node {node}: {on:?}");
+            // The unparked CPUs of a node are a prefix of its order: SMT siblings before new cores.
+            assert_eq!(on, order[..on.len()], "t={t} node {node}");
+        }
+        if d.changed {
+            trace.push_str(&format!("t {t:>3}: {:?}\n", d.unparked));
+        }
+    }
+    expect![[r#"
+        t   1: [0, 1, 2, 4, 6]
+        t   3: [0, 1, 2, 4]
+        t   5: [0, 2, 4]
+        t   7: [0, 2]
+        t  42: [0, 2, 4]
+        t  44: [0, 1, 2, 4]
+        t  47: [0, 2, 4]
+        t  49: [0, 1, 2, 4]
+        t  50: [0, 1, 2, 4, 6]
+        t  51: [0, 1, 2, 3, 4, 6]
+        t  59: [0, 1, 2, 4, 6]
+        t  60: [0, 1, 2, 3, 4, 6]
+        t  70: [0, 1, 2, 4, 6]
+        t  71: [0, 1, 2, 3, 4, 6]
+        t  73: [0, 1, 2, 4, 6]
+        t  75: [0, 1, 2, 3, 4, 6]
+        t  80: [0, 1, 2, 4, 6]
+        t  82: [0, 1, 2, 4]
+        t  84: [0, 2, 4]
+        t  86: [0, 2]
+        t 122: [0, 2, 4]
+        t 124: [0, 1, 2, 4]
+        t 125: [0, 1, 2, 4, 6]
+        t 127: [0, 1, 2, 4]
+        t 128: [0, 1, 2, 4, 6]
+        t 129: [0, 1, 2, 3, 4, 6]
+        t 131: [0, 1, 2, 4, 6]
+        t 133: [0, 1, 2, 3, 4, 6]
+        t 154: [0, 1, 2, 4, 6]
+        t 155: [0, 1, 2, 3, 4, 6]
+        t 157: [0, 1, 2, 4, 6]
+        t 158: [0, 1, 2, 3, 4, 6]
+        t 161: [0, 1, 2, 4, 6]
+        t 163: [0, 1, 2, 4]
+        t 165: [0, 2, 4]
+        t 167: [0, 2]
+        t 201: [0, 2, 4]
+        t 202: [0, 1, 2, 4]
+        t 204: [0, 1, 2, 4, 6]
+        t 206: [0, 1, 2, 4]
+        t 208: [0, 2, 4]
+        t 211: [0, 1, 2, 4]
+        t 213: [0, 2, 4]
+        t 214: [0, 1, 2, 4]
+        t 216: [0, 1, 2, 4, 6]
+        t 218: [0, 1, 2, 3, 4, 6]
+        t 220: [0, 1, 2, 4, 6]
+        t 222: [0, 1, 2, 3, 4, 6]
+        t 224: [0, 1, 2, 4, 6]
+        t 226: [0, 1, 2, 4]
+        t 228: [0, 2, 4]
+        t 229: [0, 1, 2, 4]
+        t 232: [0, 1, 2, 4, 6]
+        t 233: [0, 1, 2, 3, 4, 6]
+        t 241: [0, 1, 2, 4, 6]
+        t 243: [0, 1, 2, 4]
+        t 245: [0, 2, 4]
+        t 247: [0, 2]
+        t 280: [0, 2, 4]
+        t 283: [0, 1, 2, 4]
+        t 285: [0, 1, 2, 4, 6]
+        t 287: [0, 1, 2, 3, 4, 6]
+        t 313: [0, 1, 2, 4, 6]
+        t 314: [0, 1, 2, 3, 4, 6]
+        t 321: [0, 1, 2, 4, 6]
+        t 323: [0, 1, 2, 4]
+        t 325: [0, 2, 4]
+        t 327: [0, 2]
+        t 360: [0, 2, 4]
+        t 362: [0, 1, 2, 4]
+        t 364: [0, 1, 2, 4, 6]
+        t 366: [0, 1, 2, 4]
+        t 367: [0, 1, 2, 4, 6]
+        t 368: [0, 1, 2, 3, 4, 6]
+        t 372: [0, 1, 2, 4, 6]
+        t 374: [0, 1, 2, 3, 4, 6]
+        t 376: [0, 1, 2, 4, 6]
+        t 378: [0, 1, 2, 3, 4, 6]
+        t 380: [0, 1, 2, 4, 6]
+        t 381: [0, 1, 2, 3, 4, 6]
+        t 383: [0, 1, 2, 4, 6]
+        t 385: [0, 1, 2, 4]
+        t 387: [0, 2, 4]
+        t 388: [0, 1, 2, 4]
+        t 390: [0, 1, 2, 4, 6]
+        t 391: [0, 1, 2, 3, 4, 6]
+        t 397: [0, 1, 2, 4, 6]
+    "#]]
+    .assert_eq(&trace);
+}
