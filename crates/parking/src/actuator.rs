@@ -81,7 +81,9 @@ fn from_cpuset(set: &CpuSet) -> Vec<usize> {
 fn errno_why(e: Errno) -> String {
     match e {
         Errno::ESRCH => "thread is gone".into(),
-        Errno::EPERM => "no permission to change its affinity".into(),
+        Errno::EPERM => {
+            "no permission to change its affinity (run as root or as the VM's user)".into()
+        }
         Errno::EINVAL => "CPU set refused (CPU offline or outside the thread's cpuset)".into(),
         other => other.desc().into(),
     }
@@ -174,7 +176,8 @@ impl Actuator {
             if self.left_alone.contains_key(&tid) || (!changed && self.threads.contains_key(&tid)) {
                 continue;
             }
-            if !self.threads.contains_key(&tid) {
+            let first_touch = !self.threads.contains_key(&tid);
+            if first_touch {
                 let original = match sched_getaffinity(Pid::from_raw(tid as i32)) {
                     Ok(s) => from_cpuset(&s),
                     Err(e) => {
@@ -201,7 +204,8 @@ impl Actuator {
             match sched_setaffinity(Pid::from_raw(tid as i32), &target) {
                 Ok(()) => rep.written += 1,
                 Err(e) => {
-                    if e == Errno::ESRCH {
+                    // Nothing changed for this thread: nothing to restore either.
+                    if e == Errno::ESRCH || first_touch {
                         self.threads.remove(&tid);
                     }
                     rep.skips.push(Skip {

@@ -592,3 +592,69 @@ fn cpuset_irq_affinity_and_halt_polling_are_applied_and_restored() {
         std::fs::remove_dir(&cg).is_ok()
     });
 }
+
+#[test]
+fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
+    require_host();
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A copy of tern that the unprivileged user can surely execute, wherever the checkout lives.
+    let tern = dir.path().join("tern");
+    std::fs::copy(TERN, &tern).unwrap();
+    std::fs::set_permissions(&tern, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let runtime = dir.path().join("vms");
+    let load = Load::start(&runtime, "root-owned", 1, 5);
+    std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let before = allowed(load.pid, load.tids[0]);
+    let log = dir.path().join("daemon.log");
+    let socket = dir.path().join("park.sock");
+    // The daemon runs as nobody: it may read the root-owned threads but not move them.
+    let mut child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&tern)
+        .args([
+            "park",
+            "run",
+            "interval_ms=50",
+            "min_cores=0",
+            "decrease_time=2",
+            "--runtime-dir",
+        ])
+        .arg(&runtime)
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("setpriv (util-linux) runs the daemon as nobody");
+    wait_for("the daemon to park a core", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("unparked 0 (Low")
+    });
+    assert_eq!(
+        allowed(load.pid, load.tids[0]),
+        before,
+        "nothing pinned without permission"
+    );
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(
+        child.wait().unwrap().success(),
+        "the daemon survives refused calls"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let want = format!(
+        "skipped thread {}: no permission to change its affinity",
+        load.tids[0]
+    );
+    assert_eq!(
+        text.matches(&want).count(),
+        1,
+        "one logged skip per cause:\n{text}"
+    );
+    assert!(
+        !text.contains("restore thread"),
+        "nothing to restore:\n{text}"
+    );
+    assert_eq!(allowed(load.pid, load.tids[0]), before);
+}
