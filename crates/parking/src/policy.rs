@@ -14,7 +14,8 @@
 //!   as soon as `increase_time` intervals have passed since the last change — **unpark fast**;
 //! * **decrease** by one CPU only when, for `decrease_time` consecutive intervals, the mean is below
 //!   the decrease threshold *and* the demand would fit on `n − 1` CPUs below both the headroom and the
-//!   increase threshold (so the park cannot itself trigger an unpark: **hysteresis**), and
+//!   increase threshold *and* `max(N_c, N_d) < n` (so the park cannot itself trigger an unpark:
+//!   **hysteresis**), and
 //!   `decrease_time` intervals have passed since the last change — **park slowly**;
 //! * `n` stays within `[min, max]`, computed per NUMA node from the min/max percentages; the CPUs
 //!   chosen are the first `n` of [`Topology::unpark_order`] (SMT siblings and packages filled first).
