@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_boot;
 mod ci;
+mod bench_park;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -26,11 +27,14 @@ enum Bench {
     /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
     /// `tern vm run` vs QEMU microvm on the same ELF.
     Boot(bench_boot::BootArgs),
+    /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
+    Park(bench_park::BenchParkArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
+        Task::Bench(Bench::Park(args)) => bench_park::run(args),
     }
 }

@@ -1,0 +1,677 @@
+//! The parking daemon: sample → policy → actuator, every check interval, with a unix-socket control
+//! channel for `status` and `set`, and a clean restore on SIGINT/SIGTERM.
+//!
+//! Control protocol: the client connects, writes one JSON [`Request`] line, reads one JSON
+//! [`Response`] line. Example: `{"op":"set","assignments":["headroom=30"]}`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use serde::{Deserialize, Serialize};
+
+use crate::actuator::{ActReport, Actuator, ActuatorConfig};
+use crate::knobs::Knobs;
+use crate::policy::{Policy, Reason, Sample};
+use crate::power::{CorePower, HostCurve, ParkingPowerModel, PowerModelError};
+use crate::runtime::{Skip, VmEntry, read_entries};
+use crate::telemetry::{
+    CpuTimes, HostPaths, IdleState, ThreadReader, ThreadSched, busy_fractions, read_allowed_list,
+    read_cpu_times, read_idle_states, residency,
+};
+use crate::topology::{ReadTopologyError, Topology, format_cpu_list};
+
+/// The default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/tern/park.sock";
+
+/// Everything the daemon needs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Policy knobs (validated).
+    pub knobs: Knobs,
+    /// `/proc` and `/sys` roots.
+    pub paths: HostPaths,
+    /// The VMM runtime directory.
+    pub runtime_dir: PathBuf,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// Restrict management to these CPUs (default: all online).
+    pub cpus: Option<Vec<usize>>,
+    /// Cgroup cpuset to drive, if any.
+    pub cpuset_dir: Option<PathBuf>,
+    /// Move IRQs off parked CPUs.
+    pub irq: bool,
+    /// Lower KVM halt-polling to this while running.
+    pub halt_poll_ns: Option<u64>,
+    /// Host power curve for the estimate.
+    pub curve: HostCurve,
+    /// Per-core idle/parked power.
+    pub core: CorePower,
+    /// Where the policy's per-CPU busy figures come from.
+    pub demand: DemandSource,
+    /// Log every interval, not only changes.
+    pub verbose: bool,
+}
+
+/// What counts as demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DemandSource {
+    /// Run time of the managed vCPU threads, attributed to the CPU each last ran on (other work on
+    /// the host shows only as run-queue wait of the vCPUs). The default: parking packs vCPUs.
+    Vcpu,
+    /// Whole-host busy time from `/proc/stat`, like Windows.
+    Host,
+}
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Current state.
+    Status,
+    /// Change knobs (`KNOB=VALUE` each); all or nothing.
+    Set { assignments: Vec<String> },
+}
+
+/// A control reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// The error, when not ok.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The state after the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// One CPU in the status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CpuStatus {
+    /// CPU id.
+    pub cpu: usize,
+    /// Parked?
+    pub parked: bool,
+    /// Busy % over the last interval.
+    pub busy_pct: f64,
+    /// Measured C-state residency over the last interval (name, % of time), where the host has cpuidle.
+    pub idle_residency_pct: Vec<(String, f64)>,
+}
+
+/// One vCPU thread in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadStatus {
+    /// Thread id.
+    pub tid: u32,
+    /// CPU it last ran on.
+    pub last_cpu: Option<usize>,
+    /// Its current `Cpus_allowed_list`.
+    pub allowed: String,
+}
+
+/// One VM in the status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    /// VM name.
+    pub name: String,
+    /// VMM pid.
+    pub pid: u32,
+    /// Its vCPU threads.
+    pub threads: Vec<ThreadStatus>,
+}
+
+/// The daemon's state, as `tern park status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Check intervals done.
+    pub interval: u64,
+    /// Knobs in force.
+    pub knobs: Knobs,
+    /// Unparked CPUs.
+    pub unparked: Vec<usize>,
+    /// Interval of the last change of the unparked set.
+    pub last_change_interval: u64,
+    /// Why it last changed.
+    pub last_reason: Reason,
+    /// Demand over the last interval, cores.
+    pub demand: f64,
+    /// Per CPU.
+    pub cpus: Vec<CpuStatus>,
+    /// Per VM.
+    pub vms: Vec<VmStatus>,
+    /// Estimated host power now, W.
+    pub power_w: f64,
+    /// Estimated host power without parking, W.
+    pub power_no_parking_w: f64,
+    /// Estimated energy saved since start, J.
+    pub energy_saved_j: f64,
+    /// Recent skips (vanished threads, refused calls, bad entries).
+    pub recent_skips: Vec<Skip>,
+}
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("Cannot read the CPU topology")]
+    Topology(#[source] ReadTopologyError),
+    #[error("Another parking daemon is already listening on {0}")]
+    AlreadyRunning(PathBuf),
+    #[error("Cannot listen on {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+    #[error("Bad power model")]
+    Power(#[source] PowerModelError),
+    #[error("Cannot read CPU telemetry")]
+    Telemetry(#[source] crate::telemetry::TelemetryError),
+}
+
+/// SIGINT/SIGTERM (and optionally more) delivered through a non-blocking signalfd.
+#[derive(Debug)]
+pub struct Signals {
+    fd: SignalFd,
+}
+
+impl Signals {
+    /// Blocks `signals` in the calling thread (call before spawning threads, which inherit the mask)
+    /// and opens a signalfd for them.
+    pub fn block(signals: &[Signal]) -> Result<Signals, nix::Error> {
+        let mut set = SigSet::empty();
+        for &s in signals {
+            set.add(s);
+        }
+        set.thread_block()?;
+        Ok(Signals {
+            fd: SignalFd::with_flags(&set, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?,
+        })
+    }
+
+    /// The next pending signal, if any.
+    pub fn pending(&self) -> Option<Signal> {
+        match self.fd.read_signal() {
+            Ok(Some(info)) => Signal::try_from(info.ssi_signo as i32).ok(),
+            _ => None,
+        }
+    }
+
+    /// Waits up to `timeout` for a signal.
+    pub fn wait(&self, timeout: Duration) -> Option<Signal> {
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut fds, t);
+        self.pending()
+    }
+}
+
+/// Sends one request to a running daemon.
+pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        path: socket.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(ClientError::Io)?;
+    let mut line = serde_json::to_string(req).expect("requests serialise");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(ClientError::Io)?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(ClientError::Io)?;
+    serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(e.to_string()))
+}
+
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("No parking daemon at {path} (is `tern park run` running?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("Talking to the parking daemon failed")]
+    Io(#[source] io::Error),
+    #[error("The parking daemon sent a bad reply: {0}")]
+    BadReply(String),
+}
+
+struct Daemon {
+    cfg: DaemonConfig,
+    policy: Policy,
+    actuator: Actuator,
+    model: ParkingPowerModel,
+    interval: u64,
+    last_change_interval: u64,
+    last_reason: Reason,
+    prev_cpu: BTreeMap<usize, CpuTimes>,
+    prev_threads: BTreeMap<u32, ThreadSched>,
+    prev_idle: BTreeMap<usize, Vec<IdleState>>,
+    last_tick: Instant,
+    vms: Vec<VmEntry>,
+    busy: Vec<f64>,
+    demand: f64,
+    threads: BTreeMap<u32, ThreadSched>,
+    residency: BTreeMap<usize, Vec<(String, f64)>>,
+    energy_saved_j: f64,
+    skips: Vec<Skip>,
+    seen_skips: BTreeSet<String>,
+    readers: BTreeMap<u32, ThreadReader>,
+    runtime_mtime: Option<std::time::SystemTime>,
+    reread_entries: bool,
+    last_idle_read: Instant,
+}
+
+fn log(msg: &str) {
+    eprintln!("tern park: {msg}");
+}
+
+impl Daemon {
+    fn note_skips(&mut self, skips: Vec<Skip>) {
+        for s in skips {
+            let key = format!("{}: {}", s.what, s.why);
+            if self.seen_skips.insert(key.clone()) {
+                log(&format!("skipped {key}"));
+            }
+            self.skips.push(s);
+        }
+        let n = self.skips.len();
+        if n > 20 {
+            self.skips.drain(..n - 20);
+        }
+        if self.seen_skips.len() > 10_000 {
+            self.seen_skips.clear();
+        }
+    }
+
+    /// Re-reads the runtime directory only when it changed (or a thread went missing), so a quiet
+    /// host costs one `stat` per interval for it.
+    fn refresh_entries(&mut self) {
+        let mtime = std::fs::metadata(&self.cfg.runtime_dir)
+            .and_then(|m| m.modified())
+            .ok();
+        if !self.reread_entries && mtime == self.runtime_mtime {
+            return;
+        }
+        self.runtime_mtime = mtime;
+        self.reread_entries = false;
+        let (vms, skips) = read_entries(&self.cfg.runtime_dir, &self.cfg.paths);
+        self.note_skips(skips);
+        let tids: BTreeSet<u32> = vms
+            .iter()
+            .flat_map(|v| v.vcpu_tids.iter().copied())
+            .collect();
+        self.readers.retain(|t, _| tids.contains(t));
+        self.vms = vms;
+    }
+
+    fn tick(&mut self) {
+        self.interval += 1;
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.last_tick);
+        self.last_tick = now;
+        self.refresh_entries();
+        let vms = self.vms.clone();
+        let ids: Vec<usize> = self.policy.topology().cpus.iter().map(|c| c.id).collect();
+        if self.cfg.demand == DemandSource::Host {
+            match read_cpu_times(&self.cfg.paths) {
+                Ok(cur) => {
+                    self.busy = busy_fractions(&self.prev_cpu, &cur, &ids);
+                    self.prev_cpu = cur;
+                }
+                Err(e) => self.note_skips(vec![Skip {
+                    what: "/proc/stat".into(),
+                    why: e.to_string(),
+                }]),
+            }
+        }
+        let mut threads = BTreeMap::new();
+        let mut wait_ns = 0u64;
+        let mut vcpu_busy = vec![0.0; ids.len()];
+        let elapsed_ns = elapsed.as_nanos().max(1) as f64;
+        let mut gone = Vec::new();
+        // Where each thread ran matters only for threads that did run: below 10 % of the interval a
+        // thread's share is spread over the CPUs it may use, which saves a read per idle vCPU.
+        // With one CPU unparked, a confined thread can only have run there.
+        let unparked = self.policy.unparked().to_vec();
+        let mut spread = 0.0;
+        for vm in &vms {
+            for &tid in &vm.vcpu_tids {
+                let confined = self.actuator.is_confined(tid);
+                let reader = match self.readers.entry(tid) {
+                    std::collections::btree_map::Entry::Occupied(e) => Ok(e.into_mut()),
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        ThreadReader::open(&self.cfg.paths, vm.pid, tid).map(|r| v.insert(r))
+                    }
+                };
+                let sample = reader.and_then(|r| {
+                    let mut t = r.read(!confined)?;
+                    let run = self.prev_threads.get(&tid).map_or(0.0, |p| {
+                        t.run_ns.saturating_sub(p.run_ns) as f64 / elapsed_ns
+                    });
+                    if confined {
+                        t.last_cpu = match unparked.as_slice() {
+                            [one] => Some(*one),
+                            _ if run >= 0.1 => r.last_cpu()?,
+                            _ => None,
+                        };
+                    }
+                    Ok(t)
+                });
+                match sample {
+                    Ok(t) => {
+                        if let Some(p) = self.prev_threads.get(&tid) {
+                            // The kernel books a wait when the thread gets the CPU, so a long
+                            // wait can land in one sample: never count more than the interval.
+                            wait_ns += t.wait_ns.saturating_sub(p.wait_ns).min(elapsed_ns as u64);
+                            let run = t.run_ns.saturating_sub(p.run_ns) as f64 / elapsed_ns;
+                            match t.last_cpu.and_then(|c| ids.iter().position(|&x| x == c)) {
+                                Some(i) => vcpu_busy[i] = (vcpu_busy[i] + run).min(1.0),
+                                None => spread += run,
+                            }
+                        }
+                        threads.insert(tid, t);
+                    }
+                    Err(_) => {
+                        self.readers.remove(&tid);
+                        self.reread_entries = true;
+                        gone.push(Skip {
+                            what: format!("{} thread {tid}", vm.name),
+                            why: "thread is gone".into(),
+                        })
+                    }
+                }
+            }
+        }
+        if spread > 0.0 {
+            let share = spread / unparked.len() as f64;
+            for (i, id) in ids.iter().enumerate() {
+                if unparked.contains(id) {
+                    vcpu_busy[i] = (vcpu_busy[i] + share).min(1.0);
+                }
+            }
+        }
+        self.note_skips(gone);
+        self.prev_threads = threads.clone();
+        self.threads = threads;
+        let runq_wait = wait_ns as f64 / elapsed_ns;
+        if self.cfg.demand == DemandSource::Vcpu {
+            self.busy = vcpu_busy;
+        }
+        let d = self.policy.step(&Sample {
+            cpu_busy: self.busy.clone(),
+            runq_wait,
+        });
+        self.demand = d.demand;
+        if d.changed {
+            self.last_change_interval = self.interval;
+            self.last_reason = d.reason;
+            log(&format!(
+                "interval {}: unparked {} ({:?}, demand {:.2} cores)",
+                self.interval,
+                format_cpu_list(&d.unparked),
+                d.reason,
+                d.demand
+            ));
+        } else if self.cfg.verbose {
+            log(&format!(
+                "interval {}: hold {} (demand {:.2})",
+                self.interval,
+                format_cpu_list(&d.unparked),
+                d.demand
+            ));
+        }
+        let ActReport { skips, .. } = self.actuator.apply(&vms, &d.unparked);
+        self.note_skips(skips);
+        self.vms = vms;
+        // C-state residency is for people reading `status`: every 5 s is plenty.
+        let idle_window = now.duration_since(self.last_idle_read);
+        if idle_window >= Duration::from_secs(5) {
+            self.last_idle_read = now;
+            for &id in &ids {
+                let cur = read_idle_states(&self.cfg.paths, id);
+                if let Some(prev) = self.prev_idle.get(&id) {
+                    let r = residency(prev, &cur, idle_window.as_micros() as u64);
+                    self.residency.insert(id, r);
+                }
+                self.prev_idle.insert(id, cur);
+            }
+        }
+        let k = d.unparked.len();
+        let saved = self.model.power_no_parking_w(self.demand) - self.model.power_w(self.demand, k);
+        self.energy_saved_j += saved * elapsed.as_secs_f64();
+    }
+
+    fn status(&self) -> Status {
+        let unparked = self.policy.unparked().to_vec();
+        let cpus = self
+            .policy
+            .topology()
+            .cpus
+            .iter()
+            .enumerate()
+            .map(|(i, c)| CpuStatus {
+                cpu: c.id,
+                parked: !unparked.contains(&c.id),
+                busy_pct: 100.0 * self.busy.get(i).copied().unwrap_or(0.0),
+                idle_residency_pct: self
+                    .residency
+                    .get(&c.id)
+                    .map(|r| r.iter().map(|(n, f)| (n.clone(), 100.0 * f)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let vms = self
+            .vms
+            .iter()
+            .map(|vm| VmStatus {
+                name: vm.name.clone(),
+                pid: vm.pid,
+                threads: vm
+                    .vcpu_tids
+                    .iter()
+                    .map(|&tid| ThreadStatus {
+                        tid,
+                        last_cpu: crate::telemetry::read_thread(&self.cfg.paths, vm.pid, tid)
+                            .ok()
+                            .and_then(|t| t.last_cpu),
+                        allowed: read_allowed_list(&self.cfg.paths, vm.pid, tid)
+                            .unwrap_or_else(|_| "gone".into()),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Status {
+            interval: self.interval,
+            knobs: *self.policy.knobs(),
+            unparked: unparked.clone(),
+            last_change_interval: self.last_change_interval,
+            last_reason: self.last_reason,
+            demand: self.demand,
+            cpus,
+            vms,
+            power_w: self.model.power_w(self.demand, unparked.len()),
+            power_no_parking_w: self.model.power_no_parking_w(self.demand),
+            energy_saved_j: self.energy_saved_j,
+            recent_skips: self.skips.clone(),
+        }
+    }
+
+    fn handle(&mut self, stream: UnixStream) {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&stream);
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Response {
+                ok: false,
+                error: Some(format!("Bad request: {e}")),
+                status: None,
+            },
+            Ok(Request::Status) => Response {
+                ok: true,
+                error: None,
+                status: Some(self.status()),
+            },
+            Ok(Request::Set { assignments }) => {
+                let mut knobs = *self.policy.knobs();
+                match knobs.apply_assignments(&assignments) {
+                    Err(e) => Response {
+                        ok: false,
+                        error: Some(e.to_string()),
+                        status: None,
+                    },
+                    Ok(()) => {
+                        let d = self.policy.set_knobs(knobs);
+                        log(&format!("knobs set: {}", assignments.join(" ")));
+                        if d.changed {
+                            self.last_change_interval = self.interval;
+                            self.last_reason = d.reason;
+                            let ActReport { skips, .. } =
+                                self.actuator.apply(&self.vms, &d.unparked);
+                            self.note_skips(skips);
+                        }
+                        Response {
+                            ok: true,
+                            error: None,
+                            status: Some(self.status()),
+                        }
+                    }
+                }
+            }
+        };
+        let mut out = serde_json::to_string(&resp).expect("responses serialise");
+        out.push('\n');
+        let _ = (&stream).write_all(out.as_bytes());
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM, then restores every affinity and file it changed.
+/// Returns the number of check intervals run.
+pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
+    let signals =
+        Signals::block(&[Signal::SIGINT, Signal::SIGTERM]).map_err(DaemonError::Signals)?;
+    let topology =
+        Topology::read(&cfg.paths.sys_root, cfg.cpus.as_deref()).map_err(DaemonError::Topology)?;
+    let model = ParkingPowerModel::new(cfg.curve.clone(), topology.len(), cfg.core)
+        .map_err(DaemonError::Power)?;
+    let prev_cpu = read_cpu_times(&cfg.paths).map_err(DaemonError::Telemetry)?;
+    if cfg.socket.exists() {
+        if UnixStream::connect(&cfg.socket).is_ok() {
+            return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
+        }
+        let _ = std::fs::remove_file(&cfg.socket);
+    }
+    if let Some(dir) = cfg.socket.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let listener = UnixListener::bind(&cfg.socket).map_err(|source| DaemonError::Socket {
+        path: cfg.socket.clone(),
+        source,
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| DaemonError::Socket {
+            path: cfg.socket.clone(),
+            source,
+        })?;
+    let managed: Vec<usize> = topology.cpus.iter().map(|c| c.id).collect();
+    let actuator = Actuator::new(ActuatorConfig {
+        paths: cfg.paths.clone(),
+        managed: managed.clone(),
+        cpuset_dir: cfg.cpuset_dir.clone(),
+        irq: cfg.irq,
+        halt_poll_ns: cfg.halt_poll_ns,
+    });
+    log(&format!(
+        "managing CPUs {} every {} ms; VMs from {}; control socket {}",
+        format_cpu_list(&managed),
+        cfg.knobs.interval_ms,
+        cfg.runtime_dir.display(),
+        cfg.socket.display()
+    ));
+    let mut d = Daemon {
+        policy: Policy::new(cfg.knobs, topology),
+        cfg,
+        actuator,
+        model,
+        interval: 0,
+        last_change_interval: 0,
+        last_reason: Reason::Hold,
+        prev_cpu,
+        prev_threads: BTreeMap::new(),
+        prev_idle: BTreeMap::new(),
+        last_tick: Instant::now(),
+        vms: Vec::new(),
+        busy: Vec::new(),
+        demand: 0.0,
+        threads: BTreeMap::new(),
+        residency: BTreeMap::new(),
+        energy_saved_j: 0.0,
+        skips: Vec::new(),
+        seen_skips: BTreeSet::new(),
+        readers: BTreeMap::new(),
+        runtime_mtime: None,
+        reread_entries: true,
+        last_idle_read: Instant::now() - Duration::from_secs(10),
+    };
+    let period = |d: &Daemon| Duration::from_millis(u64::from(d.policy.knobs().interval_ms));
+    let mut next = Instant::now() + period(&d);
+    let stop = loop {
+        let now = Instant::now();
+        if now >= next {
+            d.tick();
+            next += period(&d);
+            if next <= Instant::now() {
+                next = Instant::now() + period(&d);
+            }
+            continue;
+        }
+        // Round the wait up to whole milliseconds: rounding down would spin with zero timeouts
+        // just before every tick.
+        let wait_ms = (next - now).as_micros().div_ceil(1000);
+        let wait = PollTimeout::try_from(wait_ms as u64).unwrap_or(PollTimeout::MAX);
+        let mut fds = [
+            PollFd::new(signals.fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+        ];
+        if poll(&mut fds, wait).is_err() {
+            continue;
+        }
+        let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
+        let (signal_ready, client_ready) = (ready(&fds[0]), ready(&fds[1]));
+        if signal_ready && let Some(sig) = signals.pending() {
+            break sig;
+        }
+        if client_ready {
+            while let Ok((stream, _)) = listener.accept() {
+                let _ = stream.set_nonblocking(false);
+                d.handle(stream);
+            }
+        }
+    };
+    let rep = d.actuator.restore();
+    for s in &rep.skips {
+        log(&format!("restore: {}: {}", s.what, s.why));
+    }
+    let _ = std::fs::remove_file(&d.cfg.socket);
+    log(&format!(
+        "{stop} received after {} intervals: affinities restored ({} threads)",
+        d.interval, rep.written
+    ));
+    Ok(d.interval)
+}

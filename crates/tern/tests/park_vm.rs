@@ -1,0 +1,222 @@
+//! Core parking with real KVM guests: two VMs running the embedded test guest at a light load are
+//! packed onto one core; a guest dirtying memory at maximum rate gets the second core unparked within
+//! the increase time; stopping the daemon restores the vCPU threads' affinities. Needs root, /dev/kvm
+//! and two CPUs; fails loudly otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
+const LIGHT: &str = "tern.hb_ms=200 tern.dirty_mib=2 tern.dirty_rate=200";
+const MAX_RATE: &str = "tern.hb_ms=200 tern.dirty_mib=8";
+
+fn require_host() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "park_vm needs root (it sets thread affinity)"
+    );
+    assert!(Path::new("/dev/kvm").exists(), "park_vm needs /dev/kvm");
+    let n = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    assert!(n >= 2, "park_vm needs at least 2 CPUs, this host has {n}");
+}
+
+struct Vm {
+    child: Child,
+    entry: PathBuf,
+}
+
+impl Vm {
+    fn start(dir: &Path, name: &str, cmdline: &str) -> Vm {
+        let runtime = dir.join("vms");
+        let child = Command::new(TERN)
+            .args([
+                "vm",
+                "run",
+                "--kernel",
+                "builtin:testguest",
+                "--cmdline",
+                cmdline,
+                "--name",
+                name,
+            ])
+            .arg("--serial")
+            .arg(format!(
+                "file:{}",
+                dir.join(format!("{name}.log")).display()
+            ))
+            .arg("--runtime-dir")
+            .arg(&runtime)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tern vm run");
+        let entry = runtime.join(format!("{name}.json"));
+        let vm = Vm { child, entry };
+        wait_for(&format!("runtime entry of {name}"), || vm.entry.exists());
+        vm
+    }
+
+    /// (pid, vCPU tids) from the runtime entry.
+    fn threads(&self) -> Vec<(u32, u32)> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&self.entry).unwrap()).unwrap();
+        let pid = v["pid"].as_u64().unwrap() as u32;
+        v["vcpu_tids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| (pid, t.as_u64().unwrap() as u32))
+            .collect()
+    }
+
+    fn stop(mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Stops the daemon with SIGTERM if a test fails half-way, so it still restores what it changed.
+struct Stopper(Option<Child>);
+
+impl Drop for Stopper {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn allowed(pid: u32, tid: u32) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+fn status(socket: &Path) -> serde_json::Value {
+    let out = Command::new(TERN)
+        .args(["park", "status", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
+    require_host();
+    let dir = tempfile::tempdir().unwrap();
+    let a = Vm::start(dir.path(), "a", LIGHT);
+    let b = Vm::start(dir.path(), "b", LIGHT);
+    let a_threads = a.threads();
+    let light: Vec<(u32, u32)> = a_threads.iter().chain(&b.threads()).copied().collect();
+    let original: Vec<String> = light.iter().map(|&(p, t)| allowed(p, t)).collect();
+
+    let socket = dir.path().join("park.sock");
+    let log = dir.path().join("daemon.log");
+    let increase_time = 2u64;
+    let daemon = Command::new(TERN)
+        .args([
+            "park",
+            "run",
+            "interval_ms=100",
+            "decrease_time=3",
+            "min_cores=0",
+        ])
+        .arg(format!("increase_time={increase_time}"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("vms"))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut daemon = Stopper(Some(daemon));
+    wait_for("the daemon's socket", || socket.exists());
+
+    wait_for("both light guests on one core", || {
+        light.iter().all(|&(p, t)| allowed(p, t) == "0")
+    });
+    assert_eq!(status(&socket)["unparked"], serde_json::json!([0]));
+
+    // Guest b is replaced by one dirtying memory as fast as it can (the test guest's writer rate is
+    // set at boot).
+    b.stop();
+    let before = status(&socket)["interval"].as_u64().unwrap();
+    let c = Vm::start(dir.path(), "c", MAX_RATE);
+    let c_pid = c.threads()[0].0;
+    let mut seen_busy = None;
+    wait_for("the second core unparked", || {
+        let s = status(&socket);
+        let listed = s["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["pid"] == c_pid);
+        if seen_busy.is_none() && listed && s["demand"].as_f64().unwrap() >= 0.5 {
+            seen_busy = Some(s["interval"].as_u64().unwrap());
+        }
+        s["unparked"].as_array().unwrap().len() == 2
+    });
+    let changed = status(&socket)["last_change_interval"].as_u64().unwrap();
+    eprintln!(
+        "busy guest started after interval {before}, seen busy at {seen_busy:?}, unparked at {changed}"
+    );
+    // The load cannot rise before the guest exists. One interval for a sample to contain it, one
+    // for the guest's boot, then at most increase_time.
+    assert!(
+        changed <= before + 2 + increase_time,
+        "busy guest started after interval {before}, second core unparked at {changed}"
+    );
+    for &(p, t) in a_threads.iter().chain(&c.threads()) {
+        assert_eq!(allowed(p, t), "0-1", "thread {t} may use the unparked core");
+    }
+
+    // The busy guest stops: parked again; then the daemon stops and restores.
+    c.stop();
+    wait_for("parked again", || {
+        a_threads.iter().all(|&(p, t)| allowed(p, t) == "0")
+    });
+    let mut child = daemon.0.take().unwrap();
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(child.wait().unwrap().success());
+    let after: Vec<String> = a_threads.iter().map(|&(p, t)| allowed(p, t)).collect();
+    assert_eq!(
+        after,
+        original[..a_threads.len()],
+        "log:\n{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    a.stop();
+}
