@@ -1,3 +1,15 @@
-//! The cluster shared volume: LUN on-disk format, coordinator, leases with fencing epochs, direct and redirected I/O
+//! The cluster shared volume: one LUN opened by every host at once.
+//!
+//! * [`format`]: the on-disk format (superblock, two copy-on-write metadata slots, data extents).
+//! * [`store`]: format/open/commit on a [`lun::Lun`], recovery of the newest valid metadata, and
+//!   mapping of file ranges to LUN segments.
+//! * [`namespace`]: pure create/delete/resize/allocate over a metadata state.
+//! * [`lun`]: positional I/O on the LUN, with a fault-injecting wrapper for crash tests.
 
 #![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod format;
+pub mod lun;
+pub mod namespace;
+pub mod store;
