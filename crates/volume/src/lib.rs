@@ -10,6 +10,7 @@
 
 pub mod codec;
 pub mod format;
+pub mod lease;
 pub mod lun;
 pub mod namespace;
 pub mod store;
