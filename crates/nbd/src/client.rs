@@ -72,10 +72,27 @@ struct OptReply {
     data: Vec<u8>,
 }
 
-fn open(
-    addr: impl ToSocketAddrs,
-) -> Result<(BufReader<TcpStream>, BufWriter<TcpStream>), ClientError> {
+type Halves = (BufReader<TcpStream>, BufWriter<TcpStream>);
+
+fn open(addr: impl ToSocketAddrs) -> Result<Halves, ClientError> {
     let s = TcpStream::connect(addr)?;
+    handshake_start(s)
+}
+
+fn open_timeout(
+    addr: impl ToSocketAddrs,
+    timeout: std::time::Duration,
+) -> Result<Halves, ClientError> {
+    let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing")
+    })?;
+    let s = TcpStream::connect_timeout(&sa, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    handshake_start(s)
+}
+
+fn handshake_start(s: TcpStream) -> Result<Halves, ClientError> {
     s.set_nodelay(true)?;
     let mut r = BufReader::with_capacity(256 * 1024, s.try_clone()?);
     let mut w = BufWriter::with_capacity(256 * 1024, s);
@@ -103,6 +120,10 @@ fn send_opt(w: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
 }
 
 fn recv_opt(r: &mut impl Read, option: u32) -> Result<OptReply, ClientError> {
+    recv_opt_max(r, option, MAX_OPTION_LEN)
+}
+
+fn recv_opt_max(r: &mut impl Read, option: u32, max: u32) -> Result<OptReply, ClientError> {
     if rd64(r)? != OPT_REPLY_MAGIC {
         return Err(ClientError::Protocol("bad option reply magic".into()));
     }
@@ -114,7 +135,7 @@ fn recv_opt(r: &mut impl Read, option: u32) -> Result<OptReply, ClientError> {
             "reply for option {opt}, expected {option}"
         )));
     }
-    if len > MAX_OPTION_LEN {
+    if len > max {
         return Err(ClientError::Protocol(format!(
             "option reply of {len} bytes"
         )));
@@ -159,10 +180,41 @@ pub fn list_exports(addr: impl ToSocketAddrs) -> Result<Vec<String>, ClientError
     Ok(names)
 }
 
+/// Send one private control request ([`OPT_TERN_CONTROL`]) and return the reply bytes.
+pub fn control(
+    addr: impl ToSocketAddrs,
+    request: &[u8],
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, ClientError> {
+    let (mut r, mut w) = open_timeout(addr, timeout)?;
+    send_opt(&mut w, OPT_TERN_CONTROL, request)?;
+    let rep = recv_opt_max(&mut r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)?;
+    if rep.reply != REP_TERN_CONTROL {
+        return Err(ClientError::Protocol(format!(
+            "unexpected control reply {}",
+            rep.reply
+        )));
+    }
+    let _ = send_opt(&mut w, OPT_ABORT, &[]);
+    Ok(rep.data)
+}
+
 impl Client {
     /// Connect, negotiate structured replies and select `export` with `NBD_OPT_GO`.
     pub fn connect(addr: impl ToSocketAddrs, export: &str) -> Result<Client, ClientError> {
-        let (mut r, mut w) = open(addr)?;
+        Client::go(open(addr)?, export)
+    }
+
+    /// Like [`Client::connect`], with a timeout on connecting and on every later read and write.
+    pub fn connect_timeout(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: std::time::Duration,
+    ) -> Result<Client, ClientError> {
+        Client::go(open_timeout(addr, timeout)?, export)
+    }
+
+    fn go((mut r, mut w): Halves, export: &str) -> Result<Client, ClientError> {
         send_opt(&mut w, OPT_STRUCTURED_REPLY, &[])?;
         let structured = recv_opt(&mut r, OPT_STRUCTURED_REPLY)?.reply == REP_ACK;
         let go = encode_go(&GoRequest {

@@ -37,6 +37,15 @@ pub const OPT_GO: u32 = 7;
 /// Negotiate structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
+/// Tern's private option: a control request (JSON) answered with [`REP_TERN_CONTROL`]. Standard
+/// servers answer it with `NBD_REP_ERR_UNSUP`; standard clients never send it. This lets one port
+/// carry both NBD and the volume's control protocol.
+pub const OPT_TERN_CONTROL: u32 = 0x5445_524e;
+/// Reply type of [`OPT_TERN_CONTROL`].
+pub const REP_TERN_CONTROL: u32 = 0x5445;
+/// Largest control reply a client accepts.
+pub const MAX_CONTROL_REPLY: u32 = 16 * 1024 * 1024;
+
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 /// One export in a LIST reply.

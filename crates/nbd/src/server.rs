@@ -50,6 +50,10 @@ pub trait Exports: Send + Sync {
     fn list(&self) -> Vec<String>;
     /// Open an export for one connection (`None`: unknown name, or refused).
     fn open(&self, name: &str) -> Option<Arc<dyn Backend>>;
+    /// Answer a private control request ([`OPT_TERN_CONTROL`]); `None`: not supported.
+    fn control(&self, _request: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A fixed map of names to backends.
@@ -336,6 +340,10 @@ fn handshake<R: Read, W: Write>(
                         }
                     }
                 },
+            },
+            OPT_TERN_CONTROL => match exports.control(&data) {
+                Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
+                None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
             },
             _ => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
         }

@@ -8,9 +8,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod codec;
+pub mod control;
 pub mod format;
 pub mod lease;
 pub mod lun;
 pub mod namespace;
+pub mod node;
 pub mod store;
