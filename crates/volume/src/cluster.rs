@@ -126,6 +126,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             opts.session_ttl_s,
         ));
     }
+    rt.spawn(leader_loop(Arc::clone(&node), client.clone()));
     rt.spawn(watch_loop(
         Arc::clone(&node),
         client.clone(),
@@ -250,14 +251,13 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
     result
 }
 
-/// Track the coordinator and publish this node's membership entry.
-async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
-    let mut member_lease: Option<i64> = None;
-    let mut last_published = String::new();
-    let mut last_refresh = Instant::now();
+/// Track who the coordinator is.
+async fn leader_loop(node: Arc<Node>, mut client: Client) {
     loop {
-        match client.leader(election_name(&node)).await {
-            Ok(r) => {
+        let r =
+            tokio::time::timeout(Duration::from_secs(2), client.leader(election_name(&node))).await;
+        match r {
+            Ok(Ok(r)) => {
                 let info = r.kv().and_then(|kv| {
                     let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
                     Some(LeaderInfo {
@@ -268,11 +268,22 @@ async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
                 });
                 node.set_leader(info);
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 // "no leader" is an error in the election API; keep polling.
                 node.set_leader(None);
             }
+            Err(_) => {}
         }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publish this node's membership entry (with its path state) and read everyone else's.
+async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+    let mut member_lease: Option<i64> = None;
+    let mut last_published = String::new();
+    let mut last_refresh = Instant::now();
+    loop {
         // Membership: our entry under a lease of our own, refreshed each round.
         let me = node.member_json().to_string();
         if member_lease.is_none() {

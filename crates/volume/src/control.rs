@@ -83,6 +83,11 @@ pub enum Request {
         #[serde(default)]
         renew: bool,
     },
+    /// Coordinator → node: stop writing this file now (an aborted hand-over moves the lease back).
+    Revoke {
+        /// File.
+        name: String,
+    },
     /// Node → coordinator: map logical extent `logical` of a thin file.
     Allocate {
         /// File.

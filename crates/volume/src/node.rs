@@ -202,7 +202,30 @@ impl Node {
         let mut b = vec![0u8; 4096];
         let ok = self.lun.read_at(&mut b, 0).is_ok();
         self.path_ok.store(ok, Ordering::SeqCst);
+        if ok && self.redirected_files.load(Ordering::SeqCst) > 0 {
+            let handles: Vec<Arc<FileHandle>> = lock(&self.handles).values().cloned().collect();
+            for h in handles {
+                let mut st = lock(&h.state);
+                // Failure just leaves the file redirected until the next probe.
+                let _ = h.use_direct(&mut st);
+            }
+        }
         ok
+    }
+
+    /// Stop writing `name` at once: wait for an in-flight write, make everything written durable,
+    /// and forget the lease. Returns the lease that was dropped.
+    pub fn stop_writing(&self, name: &str) -> Option<HeldLease> {
+        let handle = lock(&self.handles).get(name).cloned();
+        let held = lock(&self.held).get(name).copied();
+        match handle {
+            Some(h) => {
+                let mut st = lock(&h.state);
+                let _ = h.flush_locked(&mut st, held.map(|l| l.epoch).unwrap_or(0));
+                lock(&self.held).remove(name)
+            }
+            None => lock(&self.held).remove(name),
+        }
     }
 
     /// Record who the coordinator is.
@@ -256,6 +279,11 @@ impl Node {
             volume,
             leases,
         });
+        self.set_leader(Some(LeaderInfo {
+            node_id: self.cfg.node_id,
+            addr: self.cfg.listen.clone(),
+            generation,
+        }));
         Ok(())
     }
 
@@ -453,10 +481,9 @@ impl Node {
                     "remaining_ms": grant.deadline_ms.saturating_sub(now),
                 }))
             }
-            Request::Status | Request::Lease { .. } => Err(ControlError::new(
-                ErrorKind::Invalid,
-                "not a coordinator request",
-            )),
+            Request::Status | Request::Lease { .. } | Request::Revoke { .. } => Err(
+                ControlError::new(ErrorKind::Invalid, "not a coordinator request"),
+            ),
         }
     }
 
@@ -569,8 +596,62 @@ impl Node {
         match &env.request {
             Request::Status => Ok(self.status()),
             Request::Lease { name, action } => self.lease_action(name, *action),
+            Request::Revoke { name } => {
+                let dropped = self.stop_writing(name);
+                Ok(json!({ "name": name, "dropped_epoch": dropped.map(|h| h.epoch) }))
+            }
+            Request::CoordLease {
+                name,
+                action: LeaseAction::AbortHandover,
+                ..
+            } if env.forwarded || self.is_coordinator() => {
+                self.revoke_holder_for_abort(name)?;
+                self.coordinate(&env.request)
+            }
             r if env.forwarded => self.coordinate(r),
             r => self.call_coordinator(r),
+        }
+    }
+
+    /// Before an aborted hand-over returns the lease to its source, the destination must stop
+    /// writing: ask it to (outside the coordinator lock, since it may need to flush through us).
+    fn revoke_holder_for_abort(&self, name: &str) -> Result<(), ControlError> {
+        let holder = {
+            let g = self.coordinator()?;
+            let c = g
+                .as_ref()
+                .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+            c.leases.holder(name, self.now_ms())
+        };
+        let Some((holder, _, deadline)) = holder else {
+            return Ok(());
+        };
+        if holder == self.cfg.node_id {
+            self.stop_writing(name);
+            return Ok(());
+        }
+        let addr = lock(&self.members)
+            .get(&holder)
+            .and_then(|m| m["addr"].as_str().map(String::from));
+        let revoked = addr.is_some_and(|a| {
+            control::call(
+                &a,
+                &Request::Revoke { name: name.into() },
+                true,
+                CALL_TIMEOUT,
+            )
+            .is_ok()
+        });
+        if revoked {
+            Ok(())
+        } else {
+            Err(ControlError::new(
+                ErrorKind::Busy,
+                format!(
+                    "node {holder} holds the lease and cannot be told to stop; retry after it expires in {} ms",
+                    deadline.saturating_sub(self.now_ms())
+                ),
+            ))
         }
     }
 
@@ -628,7 +709,25 @@ impl Node {
             action,
             renew: false,
         };
-        let v = self.call_coordinator(&req)?;
+        // Giving the lease away: stop our own direct writes (and make them durable) first, so
+        // nothing of ours lands after the coordinator has moved the lease.
+        let gives_away = matches!(action, LeaseAction::Release | LeaseAction::Handover { .. });
+        let dropped = if gives_away {
+            self.stop_writing(name)
+        } else {
+            None
+        };
+        let v = match self.call_coordinator(&req) {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(h) = dropped
+                    && e.kind != ErrorKind::Stale
+                {
+                    lock(&self.held).insert(name.into(), h);
+                }
+                return Err(e);
+            }
+        };
         let new_epoch = v["epoch"].as_u64().unwrap_or(0);
         let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
         let holder = v["holder"].as_u64().map(|h| h as NodeId);
@@ -922,6 +1021,26 @@ impl FileHandle {
     }
 }
 
+impl FileHandle {
+    fn flush_locked(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
+        let node = &self.node;
+        if self.use_direct(st)? {
+            if node.lun.flush().is_ok() {
+                st.journal.clear();
+                st.journal_bytes = 0;
+                return Ok(());
+            }
+            self.go_redirected(st);
+        }
+        if !st.journal.is_empty() {
+            self.replay_journal(st, epoch)?;
+        }
+        self.with_redirect(st, epoch, |c| c.flush())?;
+        st.dirty_redirected = false;
+        Ok(())
+    }
+}
+
 enum DirectFail {
     Path,
     Refused(Errno),
@@ -1011,23 +1130,13 @@ impl Backend for FileHandle {
     }
 
     fn flush(&self) -> Result<(), Errno> {
-        let node = &self.node;
+        let epoch = self
+            .node
+            .held_lease(&self.name)
+            .map(|h| h.epoch)
+            .unwrap_or(0);
         let mut st = lock(&self.state);
-        let epoch = node.held_lease(&self.name).map(|h| h.epoch).unwrap_or(0);
-        if self.use_direct(&mut st)? {
-            if node.lun.flush().is_ok() {
-                st.journal.clear();
-                st.journal_bytes = 0;
-                return Ok(());
-            }
-            self.go_redirected(&mut st);
-        }
-        if !st.journal.is_empty() {
-            self.replay_journal(&mut st, epoch)?;
-        }
-        self.with_redirect(&mut st, epoch, |c| c.flush())?;
-        st.dirty_redirected = false;
-        Ok(())
+        self.flush_locked(&mut st, epoch)
     }
 }
 
