@@ -71,6 +71,9 @@ struct Coordinator {
     generation: u64,
     volume: Volume,
     leases: LeaseTable,
+    /// Files whose hand-over is being aborted: the destination is being told to stop, and may
+    /// not re-acquire or renew meanwhile.
+    aborting: std::collections::BTreeSet<String>,
 }
 
 /// A node of the volume cluster.
@@ -278,6 +281,7 @@ impl Node {
             generation,
             volume,
             leases,
+            aborting: Default::default(),
         });
         self.set_leader(Some(LeaderInfo {
             node_id: self.cfg.node_id,
@@ -366,6 +370,36 @@ impl Node {
     }
 
     fn coordinate(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        if let Request::CoordLease {
+            name,
+            action: LeaseAction::AbortHandover,
+            ..
+        } = req
+        {
+            self.set_aborting(name, true)?;
+            let res = self
+                .revoke_holder_for_abort(name)
+                .and_then(|()| self.coordinate_locked(req));
+            let _ = self.set_aborting(name, false);
+            return res;
+        }
+        self.coordinate_locked(req)
+    }
+
+    fn set_aborting(&self, name: &str, on: bool) -> Result<(), ControlError> {
+        let mut g = self.coordinator()?;
+        let c = g
+            .as_mut()
+            .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+        if on {
+            c.aborting.insert(name.to_owned());
+        } else {
+            c.aborting.remove(name);
+        }
+        Ok(())
+    }
+
+    fn coordinate_locked(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
         let mut g = self.coordinator()?;
         let c = g
             .as_mut()
@@ -437,6 +471,12 @@ impl Node {
             } => {
                 if !c.volume.meta.files.contains_key(name) {
                     return Err(ns_err(NamespaceError::NotFound(name.clone())));
+                }
+                if c.aborting.contains(name) && *action == LeaseAction::Acquire {
+                    return Err(ControlError::new(
+                        ErrorKind::Busy,
+                        format!("the hand-over of {name:?} is being aborted"),
+                    ));
                 }
                 let op = match (action, renew) {
                     (LeaseAction::Acquire, true) => LeaseOp::Renew {
@@ -754,31 +794,47 @@ impl Node {
             .map(|(n, h)| (n.clone(), *h))
             .collect();
         for (name, h) in held {
-            let sent = self.now_ms();
-            let req = Request::CoordLease {
-                name: name.clone(),
-                node: self.cfg.node_id,
-                epoch: h.epoch,
-                action: LeaseAction::Acquire,
-                renew: true,
-            };
-            match self.call_coordinator(&req) {
-                Ok(v) => {
-                    let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
-                    let mut g = lock(&self.held);
-                    if g.get(&name).is_some_and(|x| x.epoch == h.epoch) {
-                        g.insert(name, HeldLease::from_grant(h.epoch, sent, ttl));
-                    }
-                }
-                Err(e) if matches!(e.kind, ErrorKind::Stale | ErrorKind::NotFound) => {
-                    let mut g = lock(&self.held);
-                    if g.get(&name).is_some_and(|x| x.epoch == h.epoch) {
-                        g.remove(&name);
-                    }
-                }
-                Err(_) => {}
-            }
+            self.renew_one(&name, h);
         }
+    }
+
+    fn renew_one(&self, name: &str, h: HeldLease) {
+        let sent = self.now_ms();
+        let req = Request::CoordLease {
+            name: name.to_owned(),
+            node: self.cfg.node_id,
+            epoch: h.epoch,
+            action: LeaseAction::Acquire,
+            renew: true,
+        };
+        match self.call_coordinator(&req) {
+            Ok(v) => {
+                let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
+                let mut g = lock(&self.held);
+                if g.get(name).is_some_and(|x| x.epoch == h.epoch) {
+                    g.insert(name.to_owned(), HeldLease::from_grant(h.epoch, sent, ttl));
+                }
+            }
+            Err(e) if matches!(e.kind, ErrorKind::Stale | ErrorKind::NotFound) => {
+                let mut g = lock(&self.held);
+                if g.get(name).is_some_and(|x| x.epoch == h.epoch) {
+                    g.remove(name);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The lease for a write: if it lapsed locally (e.g. while a new coordinator took office),
+    /// try one renewal before refusing, so writers pause through a take-over instead of failing.
+    /// A fenced holder's renewal is refused (stale epoch) and its lease dropped.
+    fn ensure_lease(&self, name: &str) -> Option<HeldLease> {
+        if let Some(h) = self.held_lease(name) {
+            return Some(h);
+        }
+        let lapsed = lock(&self.held).get(name).copied()?;
+        self.renew_one(name, lapsed);
+        self.held_lease(name)
     }
 
     fn held_lease(&self, name: &str) -> Option<HeldLease> {
@@ -789,15 +845,20 @@ impl Node {
     }
 
     fn handle_for(self: &Arc<Self>, name: &str) -> Option<Arc<FileHandle>> {
-        if let Some(h) = lock(&self.handles).get(name) {
-            return Some(Arc::clone(h));
-        }
+        // Every new connection gets a fresh map; a handle of the same size is reused (its path
+        // state and unflushed-write journal live on), a resized or re-created file gets a new one.
         let st = self
             .call_coordinator(&Request::Stat {
                 name: name.into(),
                 map: true,
             })
             .ok()?;
+        if let Some(h) = lock(&self.handles).get(name).cloned()
+            && Some(h.size) == st["size"].as_u64()
+        {
+            lock(&h.state).map = parse_map(&st["map"])?;
+            return Some(h);
+        }
         let h = Arc::new(FileHandle {
             node: Arc::clone(self),
             name: name.to_owned(),
@@ -811,9 +872,13 @@ impl Node {
                 dirty_redirected: false,
             }),
         });
-        Some(Arc::clone(
-            lock(&self.handles).entry(name.to_owned()).or_insert(h),
-        ))
+        let old = lock(&self.handles).insert(name.to_owned(), Arc::clone(&h));
+        if let Some(old) = old
+            && lock(&old.state).mode == PathState::Redirected
+        {
+            self.redirected_files.fetch_sub(1, Ordering::SeqCst);
+        }
+        Some(h)
     }
 }
 
@@ -1075,7 +1140,7 @@ impl Backend for FileHandle {
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
         let node = &self.node;
-        let held = node.held_lease(&self.name).ok_or(Errno::Perm)?;
+        let held = node.ensure_lease(&self.name).ok_or(Errno::Perm)?;
         let mut st = lock(&self.state);
         if self.use_direct(&mut st)? {
             match self.direct_write(&mut st, data, offset) {
