@@ -329,6 +329,13 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
             2 => (Client::connect(&raw_addr, "raw")?, base),
             _ => (Client::connect(&qaddr, "q")?, base),
         };
+        // Warm up the connection, the node's caches and the page cache the same way for every path.
+        run_pattern(
+            &mut client,
+            b,
+            &offsets(args.ops.min(2000), blocks, true),
+            false,
+        )?;
         for (_, random, write) in patterns {
             let offs = offsets(args.ops, blocks, random);
             rows[i].push(run_pattern(&mut client, b, &offs, write)?);

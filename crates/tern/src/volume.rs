@@ -132,7 +132,8 @@ pub struct ServeArgs {
     /// Never do direct I/O on the LUN (a host without SAN access): all I/O goes to the coordinator.
     #[arg(long)]
     no_direct: bool,
-    /// Fault injection: while this file exists every LUN access of this node fails with EIO.
+    /// Fault injection: while this file exists every LUN access of this node fails with EIO; the
+    /// node's LUN also gets a volatile write cache, so writes not yet flushed are lost with the path.
     #[arg(long)]
     fault_file: Option<PathBuf>,
     /// TTL in seconds of the coordinator's etcd session (take-over time after a coordinator dies).

@@ -30,7 +30,8 @@ pub struct ServeOptions {
     pub etcd: Vec<String>,
     /// Never use the direct path.
     pub no_direct: bool,
-    /// While this file exists, every LUN access fails (injected path loss).
+    /// While this file exists, every LUN access fails (injected path loss). With it, the node's
+    /// LUN also gets a volatile write cache (unflushed writes are lost with the path).
     pub fault_file: Option<PathBuf>,
     /// etcd session TTL for the coordinator election, seconds.
     pub session_ttl_s: i64,
@@ -98,6 +99,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         lease_ttl_ms: opts.lease_ttl_ms,
     };
     let node = Node::new(cfg, &opts.lun)?;
+    if opts.fault_file.is_some() {
+        node.set_volatile_cache(true);
+    }
     let listener = TcpListener::bind(&opts.listen).map_err(|source| ServeError::Listen {
         addr: opts.listen.clone(),
         source,
@@ -176,6 +180,8 @@ async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
 }
 
 async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(), String> {
+    // etcd starts the session's clock when it grants it, i.e. after we ask: count from before.
+    let asked = node.now_ms();
     let lease = client
         .lease_grant(ttl_s, None)
         .await
@@ -187,7 +193,7 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
         .map_err(|e| e.to_string())?;
     // Keep-alive task: publishes the local deadline (send time + TTL) into a shared cell.
     let deadline = Arc::new(std::sync::atomic::AtomicU64::new(
-        node.now_ms() + ttl_s as u64 * 1000,
+        asked + ttl_s as u64 * 1000,
     ));
     let ka_deadline = Arc::clone(&deadline);
     let ka_node = Arc::clone(node);
@@ -234,7 +240,11 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
                             node.id()
                         );
                         // Hold office until the session's local deadline passes.
-                        while deadline.load(std::sync::atomic::Ordering::SeqCst) > node.now_ms() {
+                        // (A stall past the deadline ends the term too, even if etcd still
+                        // answers: campaigning again restores a coordinator.)
+                        while deadline.load(std::sync::atomic::Ordering::SeqCst) > node.now_ms()
+                            && node.is_coordinator()
+                        {
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                         Err(format!("session lost; node {} steps down", node.id()))

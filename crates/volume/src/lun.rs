@@ -73,6 +73,9 @@ pub struct FaultyLun<L> {
     steps: Mutex<usize>,
     crashed: AtomicBool,
     path_lost: AtomicBool,
+    volatile: AtomicBool,
+    /// Writes not yet flushed, in order, while the volatile cache is on.
+    pending: Mutex<Vec<(u64, Vec<u8>)>>,
 }
 
 impl<L: std::fmt::Debug> std::fmt::Debug for FaultyLun<L> {
@@ -93,8 +96,17 @@ impl<L: Lun> FaultyLun<L> {
             steps: Mutex::new(0),
             crashed: AtomicBool::new(false),
             path_lost: AtomicBool::new(false),
+            volatile: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
         }
     }
+
+    /// Model a volatile write cache: writes are kept in memory until a flush, and are lost when
+    /// the path is lost. This is what makes "a flush covers every earlier write" testable.
+    pub fn set_volatile_cache(&self, on: bool) {
+        self.volatile.store(on, Ordering::SeqCst);
+    }
+
     /// Mutations attempted so far.
     pub fn steps(&self) -> usize {
         *self.steps.lock().unwrap_or_else(|e| e.into_inner())
@@ -105,6 +117,11 @@ impl<L: Lun> FaultyLun<L> {
     }
     /// Simulate losing (or regaining) the path to the storage.
     pub fn set_path_lost(&self, lost: bool) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if lost {
+            // Whatever was only in the cache is gone with the path.
+            pending.clear();
+        }
         self.path_lost.store(lost, Ordering::SeqCst);
     }
 
@@ -127,7 +144,20 @@ impl<L: Lun> Lun for FaultyLun<L> {
         if self.path_lost.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected fault: path lost"));
         }
-        self.inner.read_at(buf, offset)
+        self.inner.read_at(buf, offset)?;
+        // Overlay cached writes, oldest first.
+        let pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let end = offset + buf.len() as u64;
+        for (o, d) in pending.iter() {
+            let (ws, we) = (*o, *o + d.len() as u64);
+            if ws < end && we > offset {
+                let s = ws.max(offset);
+                let e = we.min(end);
+                buf[(s - offset) as usize..(e - offset) as usize]
+                    .copy_from_slice(&d[(s - ws) as usize..(e - ws) as usize]);
+            }
+        }
+        Ok(())
     }
     fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         if self.step()? {
@@ -137,12 +167,24 @@ impl<L: Lun> Lun for FaultyLun<L> {
             self.crashed.store(true, Ordering::SeqCst);
             return Err(io::Error::other("injected crash"));
         }
+        if self.volatile.load(Ordering::SeqCst) {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if self.path_lost.load(Ordering::SeqCst) {
+                return Err(io::Error::other("injected fault: path lost"));
+            }
+            pending.push((offset, data.to_vec()));
+            return Ok(());
+        }
         self.inner.write_at(data, offset)
     }
     fn flush(&self) -> io::Result<()> {
         if self.step()? {
             self.crashed.store(true, Ordering::SeqCst);
             return Err(io::Error::other("injected crash"));
+        }
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        for (o, d) in &pending {
+            self.inner.write_at(d, *o)?;
         }
         self.inner.flush()
     }

@@ -182,6 +182,11 @@ impl Node {
         &self.sb
     }
 
+    /// Arm fault injection: a volatile write cache that the next path loss throws away.
+    pub fn set_volatile_cache(&self, on: bool) {
+        self.lun.set_volatile_cache(on);
+    }
+
     /// Simulate losing or regaining the storage path.
     pub fn set_path_lost(&self, lost: bool) {
         self.lun.set_path_lost(lost);
@@ -810,8 +815,10 @@ impl Node {
         match self.call_coordinator(&req) {
             Ok(v) => {
                 let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
+                let confirmed = v["holder"].as_u64() == Some(u64::from(self.cfg.node_id))
+                    && v["epoch"].as_u64() == Some(h.epoch);
                 let mut g = lock(&self.held);
-                if g.get(name).is_some_and(|x| x.epoch == h.epoch) {
+                if confirmed && g.get(name).is_some_and(|x| x.epoch == h.epoch) {
                     g.insert(name.to_owned(), HeldLease::from_grant(h.epoch, sent, ttl));
                 }
             }
@@ -866,8 +873,7 @@ impl Node {
             state: Mutex::new(HandleState {
                 map: parse_map(&st["map"])?,
                 mode: PathState::Direct,
-                journal: Vec::new(),
-                journal_bytes: 0,
+                journal: Journal::default(),
                 redirect: None,
                 dirty_redirected: false,
             }),
@@ -912,6 +918,35 @@ fn read_segments(
     Ok(())
 }
 
+/// Direct writes acknowledged since the last successful flush, in order, in one reusable arena.
+#[derive(Default)]
+struct Journal {
+    entries: Vec<(u64, usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl Journal {
+    fn push(&mut self, offset: u64, bytes: &[u8]) {
+        self.entries.push((offset, self.data.len(), bytes.len()));
+        self.data.extend_from_slice(bytes);
+    }
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.data.clear();
+    }
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.entries
+            .iter()
+            .map(|&(o, start, len)| (o, &self.data[start..start + len]))
+    }
+}
+
 struct Redirect {
     client: tern_nbd::Client,
     epoch: u64,
@@ -922,8 +957,7 @@ struct HandleState {
     map: Vec<u32>,
     mode: PathState,
     /// Direct writes since the last successful flush, for replay through the coordinator.
-    journal: Vec<(u64, Vec<u8>)>,
-    journal_bytes: usize,
+    journal: Journal,
     redirect: Option<Redirect>,
     dirty_redirected: bool,
 }
@@ -1033,12 +1067,14 @@ impl FileHandle {
     }
 
     fn replay_journal(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
-        let journal = std::mem::take(&mut st.journal);
-        st.journal_bytes = 0;
-        for (off, data) in &journal {
-            self.with_redirect(st, epoch, |c| c.write(*off, data, false))?;
+        let mut journal = std::mem::take(&mut st.journal);
+        for (off, data) in journal.iter() {
+            self.with_redirect(st, epoch, |c| c.write(off, data, false))?;
         }
         st.dirty_redirected |= !journal.is_empty();
+        // Keep the buffers (no page faults on the next run of direct writes).
+        journal.clear();
+        st.journal = journal;
         Ok(())
     }
 
@@ -1092,7 +1128,6 @@ impl FileHandle {
         if self.use_direct(st)? {
             if node.lun.flush().is_ok() {
                 st.journal.clear();
-                st.journal_bytes = 0;
                 return Ok(());
             }
             self.go_redirected(st);
@@ -1149,21 +1184,18 @@ impl Backend for FileHandle {
                         match node.lun.flush() {
                             Ok(()) => {
                                 st.journal.clear();
-                                st.journal_bytes = 0;
                                 return Ok(());
                             }
                             Err(_) => {
-                                st.journal.push((offset, data.to_vec()));
+                                st.journal.push(offset, data);
                                 self.go_redirected(&mut st);
                             }
                         }
                     } else {
-                        st.journal.push((offset, data.to_vec()));
-                        st.journal_bytes += data.len();
-                        if st.journal_bytes > JOURNAL_MAX_BYTES {
+                        st.journal.push(offset, data);
+                        if st.journal.bytes() > JOURNAL_MAX_BYTES {
                             if node.lun.flush().is_ok() {
                                 st.journal.clear();
-                                st.journal_bytes = 0;
                             } else {
                                 self.go_redirected(&mut st);
                                 self.replay_journal(&mut st, held.epoch)?;
@@ -1174,7 +1206,7 @@ impl Backend for FileHandle {
                 }
                 Err(DirectFail::Refused(e)) => return Err(e),
                 Err(DirectFail::Path) => {
-                    st.journal.push((offset, data.to_vec()));
+                    st.journal.push(offset, data);
                     self.go_redirected(&mut st);
                 }
             }
