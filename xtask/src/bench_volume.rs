@@ -107,6 +107,59 @@ fn run_pattern(c: &mut Client, base: u64, offs: &[u64], write: bool) -> anyhow::
     })
 }
 
+/// Latencies and busy time of one (path, pattern) cell across rounds.
+#[derive(Debug, Clone, Default)]
+struct Cell {
+    lat_us: Vec<f64>,
+    secs: f64,
+}
+
+impl Cell {
+    fn add(&mut self, (lat, secs): (Vec<f64>, f64)) {
+        self.lat_us.extend(lat);
+        self.secs += secs;
+    }
+    fn figures(&self) -> Figures {
+        let mut lat = self.lat_us.clone();
+        lat.sort_by(f64::total_cmp);
+        let n = lat.len().max(1) as f64;
+        Figures {
+            mib_s: n * BS as f64 / self.secs / (1 << 20) as f64,
+            iops: n / self.secs,
+            mean_us: lat.iter().sum::<f64>() / n,
+            p99_us: lat
+                .get(((n * 0.99) as usize).min(lat.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// Run one batch; writes end with a FLUSH, counted in the time.
+fn run_timed(
+    c: &mut Client,
+    base: u64,
+    offs: &[u64],
+    write: bool,
+) -> anyhow::Result<(Vec<f64>, f64)> {
+    let mut buf = vec![0x5au8; BS];
+    let mut lat = Vec::with_capacity(offs.len());
+    let start = Instant::now();
+    for &o in offs {
+        let t = Instant::now();
+        if write {
+            c.write(base + o, &buf, false)?;
+        } else {
+            c.read(base + o, &mut buf)?;
+        }
+        lat.push(t.elapsed().as_nanos() as f64 / 1000.0);
+    }
+    if write {
+        c.flush()?;
+    }
+    Ok((lat, start.elapsed().as_secs_f64()))
+}
+
 fn tern_bin() -> anyhow::Result<PathBuf> {
     let st = Command::new(env!("CARGO"))
         .args(["build", "--release", "-p", "tern"])
@@ -176,7 +229,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("tern-bench-volume-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = bench(&args, &tern, &dir);
-    let _ = std::fs::remove_dir_all(&dir);
+    if result.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("node logs kept in {}", dir.display());
+    }
     result
 }
 
@@ -209,7 +266,7 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         TcpStream::connect(("127.0.0.1", cp)).is_ok()
     })?;
     let lun = dir.join("lun");
-    let lun_size = (args.file_mib + 64) << 20;
+    let lun_size = (2 * args.file_mib + 64) << 20;
     let st = Command::new(tern)
         .args(["volume", "format", "--size", &lun_size.to_string(), "--lun"])
         .arg(&lun)
@@ -234,14 +291,25 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
     let (_n3, a3) = spawn_node(tern, &lun, 3, &etcd_url, &[], &dir.join("n3.log"))?;
 
     let size = args.file_mib << 20;
-    call(
-        &a1,
-        Request::Create {
-            name: "bench".into(),
-            size,
-            preallocated: true,
-        },
-    )?;
+    // One file per writer: node 1 writes "bench" directly, node 2 (--no-direct) writes "bench-r"
+    // through the coordinator; each holds its write lease for the whole run.
+    for (name, owner) in [("bench", &a1), ("bench-r", &a2)] {
+        call(
+            &a1,
+            Request::Create {
+                name: name.into(),
+                size,
+                preallocated: true,
+            },
+        )?;
+        call(
+            owner,
+            Request::Lease {
+                name: name.into(),
+                action: LeaseAction::Acquire,
+            },
+        )?;
+    }
     // Where the file's bytes sit in the LUN (preallocated on an empty volume: one contiguous run).
     let v = tern_volume::store::Volume::open(&tern_volume::lun::FileLun::open(&lun)?)?;
     let map = &v.meta.files["bench"].map;
@@ -289,72 +357,52 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         ("rand read", true, false),
         ("rand write", true, true),
     ];
-    let mut table: Vec<(String, Vec<Figures>)> = Vec::new();
     let paths = [
         "direct (tern node)",
         "redirected (tern node → coordinator)",
         "raw file (tern-nbd FileBackend)",
         "qemu-nbd (peer)",
     ];
-    let mut rows: Vec<Vec<Figures>> = vec![Vec::new(); paths.len()];
-    for (i, path) in paths.iter().enumerate() {
-        let (mut client, b) = match i {
-            0 => {
-                call(
-                    &a1,
-                    Request::Lease {
-                        name: "bench".into(),
-                        action: LeaseAction::Acquire,
-                    },
-                )?;
-                (Client::connect(&a1, "bench")?, 0)
+    let mut clients = [
+        (Client::connect(&a1, "bench").context("direct path")?, 0),
+        (
+            Client::connect(&a2, "bench-r").context("redirected path")?,
+            0,
+        ),
+        (Client::connect(&raw_addr, "raw").context("raw file")?, base),
+        (Client::connect(&qaddr, "q").context("qemu-nbd")?, base),
+    ];
+    for (c, b) in clients.iter_mut() {
+        // Warm up every connection and the page cache the same way.
+        run_pattern(c, *b, &offsets(args.ops.min(2000), blocks, true), false)?;
+    }
+    // Interleave: ROUNDS rounds, each running every pattern on every path in turn, so a busy
+    // neighbour on the machine slows all paths alike instead of whichever ran at that moment.
+    const ROUNDS: u64 = 5;
+    let per_round = (args.ops / ROUNDS).max(1);
+    let mut cells: Vec<Vec<Cell>> = vec![vec![Cell::default(); patterns.len()]; paths.len()];
+    for round in 0..ROUNDS {
+        for (j, (_, random, write)) in patterns.iter().enumerate() {
+            let offs = offsets(per_round * (round + 1), blocks, *random)
+                .split_off((per_round * round) as usize);
+            for (i, (c, b)) in clients.iter_mut().enumerate() {
+                cells[i][j].add(run_timed(c, *b, &offs, *write)?);
             }
-            1 => {
-                call(
-                    &a1,
-                    Request::Lease {
-                        name: "bench".into(),
-                        action: LeaseAction::Release,
-                    },
-                )?;
-                call(
-                    &a2,
-                    Request::Lease {
-                        name: "bench".into(),
-                        action: LeaseAction::Acquire,
-                    },
-                )?;
-                (Client::connect(&a2, "bench")?, 0)
-            }
-            2 => (Client::connect(&raw_addr, "raw")?, base),
-            _ => (Client::connect(&qaddr, "q")?, base),
-        };
-        // Warm up the connection, the node's caches and the page cache the same way for every path.
-        run_pattern(
-            &mut client,
-            b,
-            &offsets(args.ops.min(2000), blocks, true),
-            false,
-        )?;
-        for (_, random, write) in patterns {
-            let offs = offsets(args.ops, blocks, random);
-            rows[i].push(run_pattern(&mut client, b, &offs, write)?);
         }
-        eprintln!("measured {path}");
     }
-    for (i, p) in paths.iter().enumerate() {
-        table.push((p.to_string(), rows[i].clone()));
-    }
+    let rows: Vec<Vec<Figures>> = cells
+        .iter()
+        .map(|r| r.iter().map(Cell::figures).collect())
+        .collect();
     println!(
-        "\n4 KiB I/O, queue depth 1, {} ops per pattern over a {} MiB file (same LUN file for every path)\n",
-        args.ops, args.file_mib
+        "\n4 KiB I/O, queue depth 1, {} ops per pattern and path over a {} MiB file, {ROUNDS} interleaved rounds\n",
+        per_round * ROUNDS,
+        args.file_mib
     );
     println!("| path | pattern | MiB/s | IOPS | mean µs | p99 µs | vs raw | vs qemu-nbd |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
-    for (p, figs) in &table {
-        for (j, f) in figs.iter().enumerate() {
-            let raw = rows[2][j].iops;
-            let q = rows[3][j].iops;
+    for (i, p) in paths.iter().enumerate() {
+        for (j, f) in rows[i].iter().enumerate() {
             println!(
                 "| {p} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {:.2}× | {:.2}× |",
                 patterns[j].0,
@@ -362,8 +410,8 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
                 f.iops,
                 f.mean_us,
                 f.p99_us,
-                f.iops / raw,
-                f.iops / q
+                f.iops / rows[2][j].iops,
+                f.iops / rows[3][j].iops
             );
         }
     }
