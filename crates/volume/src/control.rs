@@ -105,6 +105,9 @@ pub struct Envelope {
     pub forwarded: bool,
     /// The request.
     pub request: Request,
+    /// The forwarding node and its listen address (so the coordinator can reach it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<(NodeId, String)>,
 }
 
 /// Error categories a client can act on.
@@ -205,10 +208,23 @@ pub fn call(
     forwarded: bool,
     timeout: std::time::Duration,
 ) -> Result<serde_json::Value, ControlError> {
-    let env = Envelope {
-        forwarded,
-        request: request.clone(),
-    };
+    send(
+        addr,
+        Envelope {
+            forwarded,
+            request: request.clone(),
+            from: None,
+        },
+        timeout,
+    )
+}
+
+/// Send an envelope as is.
+pub fn send(
+    addr: &str,
+    env: Envelope,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value, ControlError> {
     let bytes = serde_json::to_vec(&env)
         .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
     let reply = tern_nbd::control(addr, &bytes, timeout).map_err(|e| {
@@ -257,6 +273,7 @@ mod tests {
             let env = Envelope {
                 forwarded: true,
                 request: r,
+                from: Some((2, "127.0.0.1:1".into())),
             };
             let s = serde_json::to_string(&env).unwrap();
             assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), env, "{s}");

@@ -89,6 +89,8 @@ pub struct Node {
     redirected_files: AtomicU64,
     held: Mutex<BTreeMap<String, HeldLease>>,
     handles: Mutex<BTreeMap<String, Arc<FileHandle>>>,
+    /// Listen addresses of nodes that forwarded requests to us.
+    peers: Mutex<BTreeMap<NodeId, String>>,
     /// Extra peers' status for `status` (filled by the cluster layer).
     pub members: Mutex<BTreeMap<NodeId, serde_json::Value>>,
 }
@@ -159,6 +161,7 @@ impl Node {
             held: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(BTreeMap::new()),
             members: Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -613,7 +616,12 @@ impl Node {
                     other => return other,
                 }
             } else if let Some(l) = self.leader().filter(|l| l.node_id != self.cfg.node_id) {
-                match control::call(&l.addr, req, true, CALL_TIMEOUT) {
+                let env = Envelope {
+                    forwarded: true,
+                    request: req.clone(),
+                    from: Some((self.cfg.node_id, self.cfg.listen.clone())),
+                };
+                match control::send(&l.addr, env, CALL_TIMEOUT) {
                     Err(e)
                         if matches!(
                             e.kind,
@@ -638,6 +646,9 @@ impl Node {
 
     /// Handle one control request that arrived at this node.
     pub fn handle(&self, env: Envelope) -> Result<serde_json::Value, ControlError> {
+        if let Some((id, addr)) = &env.from {
+            lock(&self.peers).insert(*id, addr.clone());
+        }
         match &env.request {
             Request::Status => Ok(self.status()),
             Request::Lease { name, action } => self.lease_action(name, *action),
@@ -675,17 +686,15 @@ impl Node {
             self.stop_writing(name);
             return Ok(());
         }
-        let addr = lock(&self.members)
-            .get(&holder)
-            .and_then(|m| m["addr"].as_str().map(String::from));
+        let known = lock(&self.peers).get(&holder).cloned();
+        let addr = known.or_else(|| {
+            lock(&self.members)
+                .get(&holder)
+                .and_then(|m| m["addr"].as_str().map(String::from))
+        });
+        let revoke = Request::Revoke { name: name.into() };
         let revoked = addr.is_some_and(|a| {
-            control::call(
-                &a,
-                &Request::Revoke { name: name.into() },
-                true,
-                CALL_TIMEOUT,
-            )
-            .is_ok()
+            (0..3).any(|_| control::call(&a, &revoke, true, CALL_TIMEOUT).is_ok())
         });
         if revoked {
             Ok(())
