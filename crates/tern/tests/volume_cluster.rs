@@ -778,6 +778,26 @@ fn cli_reports_clashes_enospc_and_missing_files_clearly() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("No file named"));
     let bad = run(&["volume", "create", "../etc", "--size", "1M"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("Invalid file name"));
+    // A file held for writing cannot be deleted; after release it can be resized and deleted.
+    assert!(run(&["volume", "lease", "acquire", "a"]).status.success());
+    let busy = run(&["volume", "rm", "a"]);
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("held for writing by node 1"),
+        "{}",
+        String::from_utf8_lossy(&busy.stderr)
+    );
+    let shrink = run(&["volume", "resize", "a", "--size", "1M"]);
+    assert!(String::from_utf8_lossy(&shrink.stderr).contains("shrinking a file is not supported"));
+    assert!(
+        run(&["volume", "resize", "a", "--size", "96M"])
+            .status
+            .success()
+    );
+    assert!(run(&["volume", "lease", "release", "a"]).status.success());
+    let st: Value =
+        serde_json::from_slice(&run(&["volume", "stat", "a", "--json"]).stdout).unwrap();
+    assert_eq!(st["size"], 96u64 << 20);
+    assert!(st["lease"]["holder"].is_null());
     let ls = run(&["volume", "ls", "--json"]);
     let v: Value = serde_json::from_slice(&ls.stdout).unwrap();
     assert_eq!(v["files"].as_array().unwrap().len(), 1);
