@@ -46,8 +46,14 @@ pub enum ServeError {
     #[error("Node ids start at 1")]
     BadNodeId,
     /// LUN unusable.
-    #[error(transparent)]
-    Open(#[from] crate::store::OpenError),
+    #[error("Cannot use the LUN {path}")]
+    Open {
+        /// LUN path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: crate::store::OpenError,
+    },
     /// Listen failed.
     #[error("Cannot listen on {addr}")]
     Listen {
@@ -58,13 +64,12 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// etcd unreachable at start.
-    #[error("Cannot reach etcd at {endpoints:?}")]
+    #[error("Cannot reach etcd at {}: {why}", endpoints.join(","))]
     Etcd {
         /// Endpoints.
         endpoints: Vec<String>,
-        /// Cause.
-        #[source]
-        source: etcd_client::Error,
+        /// What went wrong.
+        why: String,
     },
     /// Runtime failure.
     #[error("Service I/O failed")]
@@ -92,36 +97,46 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     if opts.node_id == 0 {
         return Err(ServeError::BadNodeId);
     }
-    let cfg = NodeConfig {
-        node_id: opts.node_id,
-        listen: opts.listen.clone(),
-        no_direct: opts.no_direct,
-        lease_ttl_ms: opts.lease_ttl_ms,
-    };
-    let node = Node::new(cfg, &opts.lun)?;
-    if opts.fault_file.is_some() {
-        node.set_volatile_cache(true);
-    }
+    // Bind first, so a `:0` port resolves to the address peers must use.
     let listener = TcpListener::bind(&opts.listen).map_err(|source| ServeError::Listen {
         addr: opts.listen.clone(),
         source,
     })?;
+    let listen = listener.local_addr()?.to_string();
+    let cfg = NodeConfig {
+        node_id: opts.node_id,
+        listen: listen.clone(),
+        no_direct: opts.no_direct,
+        lease_ttl_ms: opts.lease_ttl_ms,
+    };
+    let node = Node::new(cfg, &opts.lun).map_err(|source| ServeError::Open {
+        path: opts.lun.clone(),
+        source,
+    })?;
+    if opts.fault_file.is_some() {
+        node.set_volatile_cache(true);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let client = rt
-        .block_on(async {
-            tokio::time::timeout(Duration::from_secs(5), Client::connect(&opts.etcd, None)).await
-        })
-        .map_err(|_| ServeError::Etcd {
-            endpoints: opts.etcd.clone(),
-            source: etcd_client::Error::InvalidArgs("connection timed out".into()),
-        })?
-        .map_err(|source| ServeError::Etcd {
-            endpoints: opts.etcd.clone(),
-            source,
-        })?;
+    let etcd_error = |why: String| ServeError::Etcd {
+        endpoints: opts.etcd.clone(),
+        why,
+    };
+    // The client connects lazily: make one real request so a wrong --etcd fails here, clearly.
+    let client = rt.block_on(async {
+        let connect = async {
+            let mut c = Client::connect(&opts.etcd, None).await?;
+            c.get("tern/volume/probe", None).await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(etcd_error(e.to_string())),
+            Err(_) => Err(etcd_error("no answer within 5 s".into())),
+        }
+    })?;
 
     if !opts.no_direct {
         rt.spawn(election_loop(
@@ -160,19 +175,21 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         });
     }
-    eprintln!(
-        "tern volume: node {} serving on {}",
-        opts.node_id, opts.listen
-    );
+    eprintln!("tern volume: node {} serving on {listen}", opts.node_id);
     tern_nbd::run_listener(listener, Arc::new(NodeExports(node)))?;
     Ok(())
 }
 
 /// Campaign for coordinator under a short-TTL etcd lease; step down when the lease is gone.
 async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+    let mut last = String::new();
     loop {
-        if let Err(e) = one_term(&node, &mut client, ttl_s).await {
+        if let Err(e) = one_term(&node, &mut client, ttl_s).await
+            && e != last
+        {
+            // Say each distinct problem once, not every retry.
             eprintln!("tern volume: node {}: election: {e}", node.id());
+            last = e;
         }
         node.set_coordinator_deadline(0);
         tokio::time::sleep(Duration::from_millis(200)).await;
