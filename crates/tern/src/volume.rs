@@ -136,6 +136,10 @@ pub struct ServeArgs {
     /// node's LUN also gets a volatile write cache, so writes not yet flushed are lost with the path.
     #[arg(long)]
     fault_file: Option<PathBuf>,
+    /// Fault injection: while this file exists this node cannot reach the other nodes (its
+    /// requests to the coordinator fail), like a network partition.
+    #[arg(long)]
+    partition_file: Option<PathBuf>,
     /// TTL in seconds of the coordinator's etcd session (take-over time after a coordinator dies).
     #[arg(long, default_value_t = 3)]
     session_ttl: i64,
@@ -202,6 +206,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 etcd: a.etcd,
                 no_direct: a.no_direct,
                 fault_file: a.fault_file,
+                partition_file: a.partition_file,
                 session_ttl_s: a.session_ttl,
                 lease_ttl_ms: a.lease_ttl_ms,
             })?;

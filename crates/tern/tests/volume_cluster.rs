@@ -442,6 +442,80 @@ fn coordinator_killed_another_takes_over_and_metadata_continues() {
     );
 }
 
+/// A holder cut off from the coordinator but still running (the Ceph "duplicate lock owners"
+/// case): it stops writing on its own once its lease runs out, a peer gets the lease only after
+/// that, and when the partition heals the old holder stays fenced. Never two writers.
+#[test]
+fn partitioned_holder_fences_itself_and_stays_fenced_after_heal() {
+    let mut c = Cluster::start(2);
+    let part = c.dir.path().join("partition3");
+    c.spawn(3, &["--partition-file", part.to_str().unwrap()]);
+    let (holder, peer) = (c.node(3), c.node(2));
+    holder
+        .call(Request::Create {
+            name: "p".into(),
+            size: 1 << 20,
+            preallocated: true,
+        })
+        .unwrap();
+    let e1 = acquire_retrying(holder, "p", Duration::from_secs(5));
+    let mut hdisk = holder.open("p");
+    hdisk.write(0, &[1; 4096], true).unwrap();
+    std::fs::write(&part, b"").unwrap();
+    let cut = Instant::now();
+    // The peer tries to take the lease from the moment of the cut, while the holder keeps writing
+    // until it refuses: the grant must come after the holder's last accepted write.
+    let (e2, granted, last_ok) = std::thread::scope(|s| {
+        let taker = s.spawn(|| {
+            let e = acquire_retrying(peer, "p", Duration::from_secs(15));
+            (e, Instant::now())
+        });
+        let mut last_ok = Instant::now();
+        loop {
+            match hdisk.write(0, &[1; 4096], true) {
+                Ok(()) => last_ok = Instant::now(),
+                Err(ClientError::Remote(Errno::Perm)) => break,
+                Err(e) => panic!("unexpected error from the partitioned holder: {e}"),
+            }
+            assert!(
+                cut.elapsed() < Duration::from_secs(10),
+                "the partitioned holder never stopped writing"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (e2, granted) = taker.join().unwrap();
+        (e2, granted, last_ok)
+    });
+    assert!(
+        last_ok.duration_since(cut) <= Duration::from_millis(LEASE_TTL_MS + 200),
+        "wrote too long after the cut"
+    );
+    assert!(e2 > e1);
+    assert!(
+        granted > last_ok,
+        "the peer got the lease while the old holder could still write"
+    );
+    let mut pdisk = peer.open("p");
+    pdisk.write(0, &[2; 4096], true).unwrap();
+    // Heal: the old holder's renewal is refused (stale epoch), its writes stay refused.
+    std::fs::remove_file(&part).unwrap();
+    std::thread::sleep(Duration::from_millis(LEASE_TTL_MS / 2));
+    assert!(matches!(
+        hdisk.write(0, &[3; 4096], true),
+        Err(ClientError::Remote(Errno::Perm))
+    ));
+    let mut b = vec![0u8; 4096];
+    pdisk.read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 2));
+    let st = peer
+        .call(Request::Stat {
+            name: "p".into(),
+            map: false,
+        })
+        .unwrap();
+    assert_eq!(st["lease"]["holder"], peer.id);
+}
+
 /// A coordinator frozen past its etcd session is replaced; when it resumes it refuses to act as
 /// coordinator (its own deadline has passed) and the metadata on disk carries the new generation.
 #[test]

@@ -33,6 +33,8 @@ pub struct ServeOptions {
     /// While this file exists, every LUN access fails (injected path loss). With it, the node's
     /// LUN also gets a volatile write cache (unflushed writes are lost with the path).
     pub fault_file: Option<PathBuf>,
+    /// While this file exists, this node cannot reach other nodes (injected partition).
+    pub partition_file: Option<PathBuf>,
     /// etcd session TTL for the coordinator election, seconds.
     pub session_ttl_s: i64,
     /// Write-lease TTL, milliseconds.
@@ -165,10 +167,14 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     {
         let node = Arc::clone(&node);
         let fault = opts.fault_file.clone();
+        let partition = opts.partition_file.clone();
         std::thread::spawn(move || {
             loop {
                 if let Some(f) = &fault {
                     node.set_path_lost(f.exists());
+                }
+                if let Some(f) = &partition {
+                    node.set_partitioned(f.exists());
                 }
                 node.probe_path();
                 std::thread::sleep(Duration::from_millis(100));

@@ -89,6 +89,8 @@ pub struct Node {
     redirected_files: AtomicU64,
     held: Mutex<BTreeMap<String, HeldLease>>,
     handles: Mutex<BTreeMap<String, Arc<FileHandle>>>,
+    /// Injected partition: requests to other nodes fail.
+    partitioned: AtomicBool,
     /// Listen addresses of nodes that forwarded requests to us.
     peers: Mutex<BTreeMap<NodeId, String>>,
     /// Extra peers' status for `status` (filled by the cluster layer).
@@ -162,6 +164,7 @@ impl Node {
             handles: Mutex::new(BTreeMap::new()),
             members: Mutex::new(BTreeMap::new()),
             peers: Mutex::new(BTreeMap::new()),
+            partitioned: AtomicBool::new(false),
         }))
     }
 
@@ -188,6 +191,11 @@ impl Node {
     /// Arm fault injection: a volatile write cache that the next path loss throws away.
     pub fn set_volatile_cache(&self, on: bool) {
         self.lun.set_volatile_cache(on);
+    }
+
+    /// Simulate a network partition from the other nodes (or its end).
+    pub fn set_partitioned(&self, on: bool) {
+        self.partitioned.store(on, Ordering::SeqCst);
     }
 
     /// Simulate losing or regaining the storage path.
@@ -610,6 +618,12 @@ impl Node {
         let start = Instant::now();
         let mut last = ControlError::new(ErrorKind::NoCoordinator, "no coordinator elected yet");
         while start.elapsed() < COORDINATOR_WAIT {
+            if self.partitioned.load(Ordering::SeqCst) && !self.is_coordinator() {
+                return Err(ControlError::new(
+                    ErrorKind::NoCoordinator,
+                    "injected partition: peers unreachable",
+                ));
+            }
             if self.is_coordinator() {
                 match self.coordinate(req) {
                     Err(e) if e.kind == ErrorKind::NotCoordinator => last = e,
