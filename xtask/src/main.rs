@@ -3,8 +3,9 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
-mod ci;
 mod bench_park;
+mod bench_volume;
+mod ci;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -29,6 +30,8 @@ enum Bench {
     Boot(bench_boot::BootArgs),
     /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
     Park(bench_park::BenchParkArgs),
+    /// Cluster shared volume: direct and redirected 4 KiB I/O vs raw file and qemu-nbd; take-over time.
+    Volume(bench_volume::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
+        Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
     }
 }

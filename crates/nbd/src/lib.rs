@@ -1,3 +1,28 @@
-//! The NBD protocol: fixed-newstyle handshake, transmission phase, structured replies; server and client
+//! The NBD protocol (fixed newstyle, structured replies): a server and a client, both synchronous.
+//!
+//! ```text
+//! client                                   server
+//!   |  <- NBDMAGIC IHAVEOPT flags            |   handshake (fixed newstyle)
+//!   |  client flags ->                       |
+//!   |  OPT_STRUCTURED_REPLY ->   <- ACK      |
+//!   |  OPT_GO(name, infos) -> <- INFO.. ACK  |
+//!   |  request(cookie) ->  <- reply(cookie)  |   transmission, one request at a time
+//! ```
+//!
+//! [`proto`] holds the pure codec and the request validator ([`proto::validate`]), which every
+//! request passes before any data is touched: bad magic closes the connection, an oversized or
+//! out-of-range request gets an NBD error reply, and no allocation exceeds
+//! [`proto::MAX_REQUEST_LEN`]. [`server::serve`] runs over any `Read`/`Write` pair, so tests feed it
+//! arbitrary bytes; [`client::Client`] is what the volume service uses for redirected I/O.
 
 #![forbid(unsafe_code)]
+
+pub mod client;
+pub mod proto;
+pub mod server;
+
+pub use client::{Client, ClientError, control, list_exports};
+pub use proto::Errno;
+pub use server::{
+    Backend, Exports, FileBackend, ServeError, StaticExports, run_listener, serve, serve_tcp,
+};

@@ -1,0 +1,489 @@
+//! The NBD server: handshake and transmission over any byte stream, plus a TCP accept loop.
+//!
+//! Requests on one connection are served in order; replies are written before the next request is
+//! read, so a FLUSH reply always covers every write acknowledged before it on that connection, and
+//! because every backend call goes straight to the shared backend, on every other connection too
+//! (we advertise `CAN_MULTI_CONN`).
+
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::proto::*;
+
+/// What an export must provide. Implementations are shared between connections.
+pub trait Backend: Send + Sync {
+    /// Size in bytes.
+    fn size(&self) -> u64;
+    /// Whether writes are refused.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// Fill `buf` from `offset` (the range was checked against `size`).
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno>;
+    /// Write `data` at `offset`; with `fua`, durable before returning.
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno>;
+    /// Make every completed write durable.
+    fn flush(&self) -> Result<(), Errno>;
+    /// Write zeroes over a range.
+    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), Errno> {
+        let zeroes = vec![0u8; (len as usize).min(1 << 20)];
+        let mut done = 0u64;
+        while done < u64::from(len) {
+            let n = (u64::from(len) - done).min(zeroes.len() as u64) as usize;
+            self.write_at(&zeroes[..n], offset + done, false)?;
+            done += n as u64;
+        }
+        if fua { self.flush() } else { Ok(()) }
+    }
+    /// Discard a range; we keep the simple contract that trimmed bytes read back as zeroes.
+    fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
+        self.write_zeroes(offset, len, false)
+    }
+}
+
+/// The set of exports a server offers, looked up by name at `NBD_OPT_GO`.
+pub trait Exports: Send + Sync {
+    /// Names for `NBD_OPT_LIST`.
+    fn list(&self) -> Vec<String>;
+    /// Open an export for one connection (`None`: unknown name, or refused).
+    fn open(&self, name: &str) -> Option<Arc<dyn Backend>>;
+    /// Answer a private control request ([`OPT_TERN_CONTROL`]); `None`: not supported.
+    fn control(&self, _request: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+/// A fixed map of names to backends.
+#[derive(Default)]
+pub struct StaticExports {
+    map: BTreeMap<String, Arc<dyn Backend>>,
+}
+
+impl std::fmt::Debug for StaticExports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StaticExports")
+            .field("names", &self.map.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl StaticExports {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Add (or replace) an export.
+    pub fn insert(&mut self, name: &str, backend: Arc<dyn Backend>) {
+        self.map.insert(name.to_owned(), backend);
+    }
+}
+
+impl Exports for StaticExports {
+    fn list(&self) -> Vec<String> {
+        self.map.keys().cloned().collect()
+    }
+    fn open(&self, name: &str) -> Option<Arc<dyn Backend>> {
+        self.map.get(name).cloned()
+    }
+}
+
+/// A plain file as an export.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: std::fs::File,
+    size: u64,
+    read_only: bool,
+}
+
+impl FileBackend {
+    /// Open `path` for reading and (unless `read_only`) writing.
+    pub fn open(path: &std::path::Path, read_only: bool) -> io::Result<FileBackend> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        let size = file.metadata()?.len();
+        Ok(FileBackend {
+            file,
+            size,
+            read_only,
+        })
+    }
+}
+
+fn io_errno(e: &io::Error) -> Errno {
+    match e.raw_os_error() {
+        Some(28) => Errno::NoSpc,
+        Some(1) | Some(13) => Errno::Perm,
+        _ => Errno::Io,
+    }
+}
+
+impl Backend for FileBackend {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| io_errno(&e))
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|e| io_errno(&e))?;
+        if fua { self.flush() } else { Ok(()) }
+    }
+    fn flush(&self) -> Result<(), Errno> {
+        self.file.sync_data().map_err(|e| io_errno(&e))
+    }
+}
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket failed.
+    #[error("Connection I/O failed")]
+    Io(#[from] io::Error),
+    /// The client did not speak fixed newstyle or sent unknown flags.
+    #[error("Client flags {0:#x} are not supported")]
+    ClientFlags(u32),
+    /// The client sent a bad magic number.
+    #[error("Bad magic from client: {0:#x}")]
+    BadMagic(u64),
+    /// The client asked for an export we do not have with `NBD_OPT_EXPORT_NAME` (no error path).
+    #[error("Unknown export {0:?}")]
+    UnknownExport(String),
+    /// An option or request too large to skip.
+    #[error("Request too large: {0} bytes")]
+    TooLarge(u64),
+}
+
+struct Session {
+    structured: bool,
+    no_zeroes: bool,
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn skip(r: &mut impl Read, mut n: u64) -> io::Result<()> {
+    let mut buf = [0u8; 8192];
+    while n > 0 {
+        let k = n.min(buf.len() as u64) as usize;
+        r.read_exact(&mut buf[..k])?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+fn send_opt_reply(w: &mut impl Write, option: u32, reply: u32, data: &[u8]) -> io::Result<()> {
+    w.write_all(&option_reply(option, reply, data.len() as u32))?;
+    w.write_all(data)
+}
+
+fn transmission_flags(backend: &dyn Backend, structured: bool) -> u16 {
+    let mut f = TF_HAS_FLAGS
+        | TF_SEND_FLUSH
+        | TF_SEND_FUA
+        | TF_SEND_TRIM
+        | TF_SEND_WRITE_ZEROES
+        | TF_CAN_MULTI_CONN;
+    if structured {
+        f |= TF_SEND_DF;
+    }
+    if backend.read_only() {
+        f |= TF_READ_ONLY;
+    }
+    f
+}
+
+/// Serve one client from handshake to disconnect. Returns `Ok` on a clean end (DISC, ABORT, EOF
+/// during the handshake counts as an error).
+pub fn serve<R: Read, W: Write>(
+    mut r: R,
+    mut w: W,
+    exports: &dyn Exports,
+) -> Result<(), ServeError> {
+    w.write_all(&NBDMAGIC.to_be_bytes())?;
+    w.write_all(&IHAVEOPT.to_be_bytes())?;
+    w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
+    w.flush()?;
+    let cflags = read_u32(&mut r)?;
+    if cflags & CLIENT_FIXED_NEWSTYLE == 0
+        || cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+    {
+        return Err(ServeError::ClientFlags(cflags));
+    }
+    let mut session = Session {
+        structured: false,
+        no_zeroes: cflags & CLIENT_NO_ZEROES != 0,
+    };
+    let backend = match handshake(&mut r, &mut w, exports, &mut session)? {
+        Some(b) => b,
+        None => return Ok(()),
+    };
+    transmission(&mut r, &mut w, &*backend, session.structured)
+}
+
+fn handshake<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    exports: &dyn Exports,
+    session: &mut Session,
+) -> Result<Option<Arc<dyn Backend>>, ServeError> {
+    loop {
+        let magic = read_u64(r)?;
+        if magic != IHAVEOPT {
+            return Err(ServeError::BadMagic(magic));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        if len > MAX_OPTION_LEN {
+            if option == OPT_EXPORT_NAME {
+                return Err(ServeError::TooLarge(u64::from(len)));
+            }
+            skip(r, u64::from(len))?;
+            send_opt_reply(w, option, REP_ERR_TOO_BIG, b"option data too large")?;
+            w.flush()?;
+            continue;
+        }
+        let mut data = vec![0u8; len as usize];
+        r.read_exact(&mut data)?;
+        match option {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(b) = exports.open(&name) else {
+                    return Err(ServeError::UnknownExport(name));
+                };
+                w.write_all(&b.size().to_be_bytes())?;
+                w.write_all(&transmission_flags(&*b, false).to_be_bytes())?;
+                if !session.no_zeroes {
+                    w.write_all(&[0u8; 124])?;
+                }
+                w.flush()?;
+                session.structured = false;
+                return Ok(Some(b));
+            }
+            OPT_ABORT => {
+                // Best effort: the client may already have closed.
+                let _ = send_opt_reply(w, option, REP_ACK, &[]).and_then(|()| w.flush());
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    send_opt_reply(w, option, REP_ERR_INVALID, b"LIST takes no data")?;
+                } else {
+                    for name in exports.list() {
+                        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+                        d.extend_from_slice(name.as_bytes());
+                        send_opt_reply(w, option, REP_SERVER, &d)?;
+                    }
+                    send_opt_reply(w, option, REP_ACK, &[])?;
+                }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    send_opt_reply(
+                        w,
+                        option,
+                        REP_ERR_INVALID,
+                        b"STRUCTURED_REPLY takes no data",
+                    )?;
+                } else {
+                    session.structured = true;
+                    send_opt_reply(w, option, REP_ACK, &[])?;
+                }
+            }
+            OPT_INFO | OPT_GO => match decode_go(&data) {
+                Err(_) => send_opt_reply(w, option, REP_ERR_INVALID, b"malformed GO/INFO data")?,
+                Ok(req) => match exports.open(&req.name) {
+                    None => send_opt_reply(w, option, REP_ERR_UNKNOWN, b"no such export")?,
+                    Some(b) => {
+                        let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                        info.extend_from_slice(&b.size().to_be_bytes());
+                        info.extend_from_slice(
+                            &transmission_flags(&*b, session.structured).to_be_bytes(),
+                        );
+                        send_opt_reply(w, option, REP_INFO, &info)?;
+                        if req.infos.contains(&INFO_BLOCK_SIZE) {
+                            let mut bs = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                            bs.extend_from_slice(&1u32.to_be_bytes());
+                            bs.extend_from_slice(&4096u32.to_be_bytes());
+                            bs.extend_from_slice(&MAX_REQUEST_LEN.to_be_bytes());
+                            send_opt_reply(w, option, REP_INFO, &bs)?;
+                        }
+                        if req.infos.contains(&INFO_NAME) {
+                            let mut nm = INFO_NAME.to_be_bytes().to_vec();
+                            nm.extend_from_slice(req.name.as_bytes());
+                            send_opt_reply(w, option, REP_INFO, &nm)?;
+                        }
+                        send_opt_reply(w, option, REP_ACK, &[])?;
+                        if option == OPT_GO {
+                            w.flush()?;
+                            return Ok(Some(b));
+                        }
+                    }
+                },
+            },
+            OPT_TERN_CONTROL => match exports.control(&data) {
+                Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
+                None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
+            },
+            _ => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
+        }
+        w.flush()?;
+    }
+}
+
+fn send_error<W: Write>(
+    w: &mut W,
+    structured: bool,
+    req: &RequestHeader,
+    errno: Errno,
+) -> io::Result<()> {
+    if structured && req.command == Command::Read {
+        let msg = errno.to_string();
+        w.write_all(&chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_ERROR,
+            req.cookie,
+            6 + msg.len() as u32,
+        ))?;
+        w.write_all(&errno.code().to_be_bytes())?;
+        w.write_all(&(msg.len() as u16).to_be_bytes())?;
+        w.write_all(msg.as_bytes())
+    } else {
+        w.write_all(&simple_reply(req.cookie, errno.code()))
+    }
+}
+
+fn transmission<R: Read, W: Write>(
+    r: &mut R,
+    w: &mut W,
+    backend: &dyn Backend,
+    structured: bool,
+) -> Result<(), ServeError> {
+    let size = backend.size();
+    let read_only = backend.read_only();
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut hb = [0u8; REQUEST_HEADER_LEN];
+        r.read_exact(&mut hb)?;
+        let req = match RequestHeader::decode(&hb) {
+            Ok(h) => h,
+            Err(BadMagic(m)) => return Err(ServeError::BadMagic(u64::from(m))),
+        };
+        match validate(&req, size, read_only) {
+            Verdict::Reject { errno, payload } => {
+                skip(r, u64::from(payload))?;
+                send_error(w, structured, &req, errno)?;
+                w.flush()?;
+                continue;
+            }
+            Verdict::RejectAndClose(errno) => {
+                send_error(w, structured, &req, errno)?;
+                w.flush()?;
+                return Err(ServeError::TooLarge(u64::from(req.length)));
+            }
+            Verdict::Execute => {}
+        }
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        let len = req.length as usize;
+        match req.command {
+            Command::Disc => {
+                w.flush()?;
+                return Ok(());
+            }
+            Command::Read => {
+                buf.resize(len, 0);
+                match backend.read_at(&mut buf[..len], req.offset) {
+                    Ok(()) if structured => {
+                        w.write_all(&chunk_header(
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_OFFSET_DATA,
+                            req.cookie,
+                            8 + req.length,
+                        ))?;
+                        w.write_all(&req.offset.to_be_bytes())?;
+                        w.write_all(&buf[..len])?;
+                    }
+                    Ok(()) => {
+                        w.write_all(&simple_reply(req.cookie, 0))?;
+                        w.write_all(&buf[..len])?;
+                    }
+                    Err(e) => send_error(w, structured, &req, e)?,
+                }
+            }
+            Command::Write => {
+                buf.resize(len, 0);
+                r.read_exact(&mut buf[..len])?;
+                let res = backend.write_at(&buf[..len], req.offset, fua);
+                reply_status(w, structured, &req, res)?;
+            }
+            Command::Flush => reply_status(w, structured, &req, backend.flush())?,
+            Command::Trim => {
+                let res = backend
+                    .trim(req.offset, req.length)
+                    .and_then(|()| if fua { backend.flush() } else { Ok(()) });
+                reply_status(w, structured, &req, res)?;
+            }
+            Command::WriteZeroes => {
+                let res = backend.write_zeroes(req.offset, req.length, fua);
+                reply_status(w, structured, &req, res)?;
+            }
+            Command::Unknown(_) => send_error(w, structured, &req, Errno::Inval)?,
+        }
+        // Keep the per-connection buffer from pinning a 32 MiB allocation forever.
+        if buf.capacity() > 4 << 20 {
+            buf = Vec::new();
+        }
+        w.flush()?;
+    }
+}
+
+fn reply_status<W: Write>(
+    w: &mut W,
+    structured: bool,
+    req: &RequestHeader,
+    res: Result<(), Errno>,
+) -> io::Result<()> {
+    match res {
+        Ok(()) => w.write_all(&simple_reply(req.cookie, 0)),
+        Err(e) => send_error(w, structured, req, e),
+    }
+}
+
+/// Serve one TCP connection (buffered both ways).
+pub fn serve_tcp(stream: TcpStream, exports: &dyn Exports) -> Result<(), ServeError> {
+    stream.set_nodelay(true)?;
+    let r = BufReader::with_capacity(256 * 1024, stream.try_clone()?);
+    let w = BufWriter::with_capacity(256 * 1024, stream);
+    serve(r, w, exports)
+}
+
+/// Accept connections forever, one thread per client.
+pub fn run_listener(listener: TcpListener, exports: Arc<dyn Exports>) -> io::Result<()> {
+    loop {
+        let (stream, _) = listener.accept()?;
+        let exports = Arc::clone(&exports);
+        std::thread::spawn(move || {
+            let _ = serve_tcp(stream, &*exports);
+        });
+    }
+}

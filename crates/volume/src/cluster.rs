@@ -1,0 +1,373 @@
+//! The etcd shell around a [`Node`]: coordinator election under a short-TTL etcd lease, the
+//! coordinator generation (the etcd revision of the winning election key), membership with path
+//! state, and the node's periodic duties (lease renewal, path probing, fault-file watching).
+//!
+//! Step-down rule: the coordinator's right to write metadata ends at `last keep-alive sent + TTL`
+//! on its own clock, which is never later than etcd's own expiry of the session; no metadata is
+//! written past that instant even if the process was frozen and resumed.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, GetOptions, PutOptions};
+use serde_json::json;
+
+use crate::format::NodeId;
+use crate::node::{LeaderInfo, Node, NodeConfig, NodeExports};
+
+/// Options of `tern volume serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The LUN.
+    pub lun: PathBuf,
+    /// Node id (≥ 1).
+    pub node_id: NodeId,
+    /// Listen address (NBD + control).
+    pub listen: String,
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Never use the direct path.
+    pub no_direct: bool,
+    /// While this file exists, every LUN access fails (injected path loss). With it, the node's
+    /// LUN also gets a volatile write cache (unflushed writes are lost with the path).
+    pub fault_file: Option<PathBuf>,
+    /// While this file exists, this node cannot reach other nodes (injected partition).
+    pub partition_file: Option<PathBuf>,
+    /// etcd session TTL for the coordinator election, seconds.
+    pub session_ttl_s: i64,
+    /// Write-lease TTL, milliseconds.
+    pub lease_ttl_ms: u64,
+}
+
+/// Why the service could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Node id 0.
+    #[error("Node ids start at 1")]
+    BadNodeId,
+    /// LUN unusable.
+    #[error("Cannot use the LUN {path}")]
+    Open {
+        /// LUN path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: crate::store::OpenError,
+    },
+    /// Listen failed.
+    #[error("Cannot listen on {addr}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// etcd unreachable at start.
+    #[error("Cannot reach etcd at {}: {why}", endpoints.join(","))]
+    Etcd {
+        /// Endpoints.
+        endpoints: Vec<String>,
+        /// What went wrong.
+        why: String,
+    },
+    /// Runtime failure.
+    #[error("Service I/O failed")]
+    Io(#[from] std::io::Error),
+}
+
+fn uuid_hex(node: &Node) -> String {
+    node.superblock()
+        .uuid
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn election_name(node: &Node) -> String {
+    format!("tern/volume/{}/coordinator", uuid_hex(node))
+}
+
+fn members_prefix(node: &Node) -> String {
+    format!("tern/volume/{}/nodes/", uuid_hex(node))
+}
+
+/// Run a node until the process is killed.
+pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    if opts.node_id == 0 {
+        return Err(ServeError::BadNodeId);
+    }
+    // Bind first, so a `:0` port resolves to the address peers must use.
+    let listener = TcpListener::bind(&opts.listen).map_err(|source| ServeError::Listen {
+        addr: opts.listen.clone(),
+        source,
+    })?;
+    let listen = listener.local_addr()?.to_string();
+    let cfg = NodeConfig {
+        node_id: opts.node_id,
+        listen: listen.clone(),
+        no_direct: opts.no_direct,
+        lease_ttl_ms: opts.lease_ttl_ms,
+    };
+    let node = Node::new(cfg, &opts.lun).map_err(|source| ServeError::Open {
+        path: opts.lun.clone(),
+        source,
+    })?;
+    if opts.fault_file.is_some() {
+        node.set_volatile_cache(true);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let etcd_error = |why: String| ServeError::Etcd {
+        endpoints: opts.etcd.clone(),
+        why,
+    };
+    // The client connects lazily: make one real request so a wrong --etcd fails here, clearly.
+    let client = rt.block_on(async {
+        let connect = async {
+            let mut c = Client::connect(&opts.etcd, None).await?;
+            c.get("tern/volume/probe", None).await?;
+            Ok::<_, etcd_client::Error>(c)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(etcd_error(e.to_string())),
+            Err(_) => Err(etcd_error("no answer within 5 s".into())),
+        }
+    })?;
+
+    if !opts.no_direct {
+        rt.spawn(election_loop(
+            Arc::clone(&node),
+            client.clone(),
+            opts.session_ttl_s,
+        ));
+    }
+    rt.spawn(leader_loop(Arc::clone(&node), client.clone()));
+    rt.spawn(watch_loop(
+        Arc::clone(&node),
+        client.clone(),
+        opts.session_ttl_s,
+    ));
+    {
+        let node = Arc::clone(&node);
+        std::thread::spawn(move || {
+            loop {
+                node.renew_leases();
+                std::thread::sleep(Duration::from_millis(
+                    (node.config().lease_ttl_ms / 4).max(50),
+                ));
+            }
+        });
+    }
+    {
+        let node = Arc::clone(&node);
+        let fault = opts.fault_file.clone();
+        let partition = opts.partition_file.clone();
+        std::thread::spawn(move || {
+            loop {
+                if let Some(f) = &fault {
+                    node.set_path_lost(f.exists());
+                }
+                if let Some(f) = &partition {
+                    node.set_partitioned(f.exists());
+                }
+                node.probe_path();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
+    eprintln!("tern volume: node {} serving on {listen}", opts.node_id);
+    tern_nbd::run_listener(listener, Arc::new(NodeExports(node)))?;
+    Ok(())
+}
+
+/// Campaign for coordinator under a short-TTL etcd lease; step down when the lease is gone.
+async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+    let mut last = String::new();
+    loop {
+        if let Err(e) = one_term(&node, &mut client, ttl_s).await
+            && e != last
+        {
+            // Say each distinct problem once, not every retry.
+            eprintln!("tern volume: node {}: election: {e}", node.id());
+            last = e;
+        }
+        node.set_coordinator_deadline(0);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(), String> {
+    // etcd starts the session's clock when it grants it, i.e. after we ask: count from before.
+    let asked = node.now_ms();
+    let lease = client
+        .lease_grant(ttl_s, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let lease_id = lease.id();
+    let (mut keeper, mut stream) = client
+        .lease_keep_alive(lease_id)
+        .await
+        .map_err(|e| e.to_string())?;
+    // Keep-alive task: publishes the local deadline (send time + TTL) into a shared cell.
+    let deadline = Arc::new(std::sync::atomic::AtomicU64::new(
+        asked + ttl_s as u64 * 1000,
+    ));
+    let ka_deadline = Arc::clone(&deadline);
+    let ka_node = Arc::clone(node);
+    let keepalive = tokio::spawn(async move {
+        loop {
+            let sent = ka_node.now_ms();
+            if keeper.keep_alive().await.is_err() {
+                break;
+            }
+            match tokio::time::timeout(Duration::from_secs(ttl_s as u64), stream.message()).await {
+                Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                    ka_deadline.store(
+                        sent + r.ttl() as u64 * 1000,
+                        std::sync::atomic::Ordering::SeqCst,
+                    );
+                    if ka_node.is_coordinator() {
+                        ka_node.set_coordinator_deadline(sent + r.ttl() as u64 * 1000);
+                    }
+                }
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100))).await;
+        }
+        ka_deadline.store(0, std::sync::atomic::Ordering::SeqCst);
+        ka_node.set_coordinator_deadline(0);
+    });
+    let value = json!({ "node_id": node.id(), "addr": node.config().listen }).to_string();
+    let res = client.campaign(election_name(node), value, lease_id).await;
+    let result = match res {
+        Err(e) => Err(e.to_string()),
+        Ok(r) => {
+            let generation = r.leader().map(|k| k.rev()).unwrap_or(0) as u64;
+            let d = deadline.load(std::sync::atomic::Ordering::SeqCst);
+            if d <= node.now_ms() {
+                Err("session expired while campaigning".to_string())
+            } else {
+                let n2 = Arc::clone(node);
+                let became =
+                    tokio::task::spawn_blocking(move || n2.become_coordinator(generation, d)).await;
+                match became {
+                    Ok(Ok(())) => {
+                        eprintln!(
+                            "tern volume: node {} is coordinator, generation {generation}",
+                            node.id()
+                        );
+                        // Hold office until the session's local deadline passes.
+                        // (A stall past the deadline ends the term too, even if etcd still
+                        // answers: campaigning again restores a coordinator.)
+                        while deadline.load(std::sync::atomic::Ordering::SeqCst) > node.now_ms()
+                            && node.is_coordinator()
+                        {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(format!("session lost; node {} steps down", node.id()))
+                    }
+                    Ok(Err(e)) => Err(format!("taking office failed: {e}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+        }
+    };
+    node.set_coordinator_deadline(0);
+    keepalive.abort();
+    let _ = client.lease_revoke(lease_id).await;
+    result
+}
+
+/// Track who the coordinator is.
+async fn leader_loop(node: Arc<Node>, mut client: Client) {
+    loop {
+        let r =
+            tokio::time::timeout(Duration::from_secs(2), client.leader(election_name(&node))).await;
+        match r {
+            Ok(Ok(r)) => {
+                let info = r.kv().and_then(|kv| {
+                    let v: serde_json::Value = serde_json::from_slice(kv.value()).ok()?;
+                    Some(LeaderInfo {
+                        node_id: v["node_id"].as_u64()? as NodeId,
+                        addr: v["addr"].as_str()?.to_owned(),
+                        generation: kv.create_revision() as u64,
+                    })
+                });
+                node.set_leader(info);
+            }
+            Ok(Err(_)) => {
+                // "no leader" is an error in the election API; keep polling.
+                node.set_leader(None);
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Publish this node's membership entry (with its path state) and read everyone else's.
+async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+    let mut member_lease: Option<i64> = None;
+    let mut last_published = String::new();
+    let mut last_refresh = Instant::now();
+    loop {
+        // Membership: our entry under a lease of our own, refreshed each round.
+        let me = node.member_json().to_string();
+        if member_lease.is_none() {
+            member_lease = client
+                .lease_grant(ttl_s.max(2) * 2, None)
+                .await
+                .ok()
+                .map(|l| l.id());
+            last_published.clear();
+        }
+        if let Some(id) = member_lease {
+            let alive = client.lease_keep_alive(id).await.ok();
+            if let Some((mut k, mut s)) = alive {
+                let ok = k.keep_alive().await.is_ok()
+                    && matches!(s.message().await, Ok(Some(r)) if r.ttl() > 0);
+                if !ok {
+                    member_lease = None;
+                }
+            } else {
+                member_lease = None;
+            }
+            if let Some(id) = member_lease
+                && (me != last_published || last_refresh.elapsed() > Duration::from_secs(5))
+            {
+                let key = format!("{}{}", members_prefix(&node), node.id());
+                if client
+                    .put(key, me.clone(), Some(PutOptions::new().with_lease(id)))
+                    .await
+                    .is_ok()
+                {
+                    last_published = me;
+                    last_refresh = Instant::now();
+                }
+            }
+        }
+        if let Ok(r) = client
+            .get(members_prefix(&node), Some(GetOptions::new().with_prefix()))
+            .await
+        {
+            let mut m = std::collections::BTreeMap::new();
+            for kv in r.kvs() {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(kv.value())
+                    && let Some(id) = v["node_id"].as_u64()
+                {
+                    m.insert(id as NodeId, v);
+                }
+            }
+            // Our own entry is always current.
+            m.insert(node.id(), node.member_json());
+            *node.members.lock().unwrap_or_else(|e| e.into_inner()) = m;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -1,0 +1,270 @@
+//! Pure metadata operations: create, delete, resize, allocate. Each returns the new state and the
+//! extents that must be zeroed before the new state is committed; the input is never modified, so
+//! a failed operation leaves nothing half-done.
+
+use crate::format::{EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, valid_name};
+
+/// Why a namespace operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NamespaceError {
+    /// Name not acceptable.
+    #[error("Invalid file name {0:?}: use 1-128 of [A-Za-z0-9._-], not starting with '.' or '-'")]
+    InvalidName(String),
+    /// Name taken.
+    #[error("A file named {0:?} already exists")]
+    Exists(String),
+    /// No such file.
+    #[error("No file named {0:?}")]
+    NotFound(String),
+    /// Not enough free extents.
+    #[error("No space left on the volume (ENOSPC): need {needed} extents, {free} free")]
+    NoSpace {
+        /// Extents needed.
+        needed: u64,
+        /// Extents free.
+        free: u64,
+    },
+    /// Size zero, or shrinking.
+    #[error("Invalid size {size}: {why}")]
+    InvalidSize {
+        /// Requested size.
+        size: u64,
+        /// Why.
+        why: &'static str,
+    },
+    /// A writer holds the file.
+    #[error("File {name:?} is held for writing by node {holder}")]
+    Busy {
+        /// File.
+        name: String,
+        /// Holder.
+        holder: u32,
+    },
+    /// Logical extent beyond the file.
+    #[error("Offset beyond the end of {0:?}")]
+    OutOfRange(String),
+}
+
+/// A new metadata state and the physical extents to zero before committing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The state to commit.
+    pub next: Metadata,
+    /// Extents newly given to a file (they may hold a deleted file's data).
+    pub zero: Vec<u32>,
+}
+
+fn take_free(m: &Metadata, extent_count: u32, n: u64) -> Result<Vec<u32>, NamespaceError> {
+    let used = m.used_extents(extent_count);
+    let free: Vec<u32> = (0..extent_count).filter(|&e| !used[e as usize]).collect();
+    if (free.len() as u64) < n {
+        return Err(NamespaceError::NoSpace {
+            needed: n,
+            free: free.len() as u64,
+        });
+    }
+    Ok(free[..n as usize].to_vec())
+}
+
+fn bump(m: &Metadata) -> Metadata {
+    let mut next = m.clone();
+    next.seq = m.seq + 1;
+    next
+}
+
+/// Create a file.
+pub fn create(
+    m: &Metadata,
+    extent_count: u32,
+    name: &str,
+    size: u64,
+    preallocated: bool,
+) -> Result<Change, NamespaceError> {
+    if !valid_name(name) {
+        return Err(NamespaceError::InvalidName(name.to_owned()));
+    }
+    if m.files.contains_key(name) {
+        return Err(NamespaceError::Exists(name.to_owned()));
+    }
+    if size == 0 {
+        return Err(NamespaceError::InvalidSize {
+            size,
+            why: "must be at least 1 byte",
+        });
+    }
+    let n = extents_for(size);
+    if n > u64::from(extent_count) {
+        return Err(NamespaceError::NoSpace {
+            needed: n,
+            free: m.free_extents(extent_count),
+        });
+    }
+    let (map, zero) = if preallocated {
+        let ext = take_free(m, extent_count, n)?;
+        (ext.clone(), ext)
+    } else {
+        (vec![HOLE; n as usize], Vec::new())
+    };
+    let mut next = bump(m);
+    next.files.insert(
+        name.to_owned(),
+        FileEntry {
+            size,
+            preallocated,
+            map,
+            lease: LeaseRecord::default(),
+        },
+    );
+    Ok(Change { next, zero })
+}
+
+/// Delete a file (refused while a writer holds it).
+pub fn delete(m: &Metadata, name: &str) -> Result<Change, NamespaceError> {
+    let f = m
+        .files
+        .get(name)
+        .ok_or_else(|| NamespaceError::NotFound(name.to_owned()))?;
+    if let Some(holder) = f.lease.holder {
+        return Err(NamespaceError::Busy {
+            name: name.to_owned(),
+            holder,
+        });
+    }
+    let mut next = bump(m);
+    next.files.remove(name);
+    Ok(Change {
+        next,
+        zero: Vec::new(),
+    })
+}
+
+/// Grow a file to `size` bytes (shrinking is refused: nodes may hold maps of the tail).
+pub fn resize(
+    m: &Metadata,
+    extent_count: u32,
+    name: &str,
+    size: u64,
+) -> Result<Change, NamespaceError> {
+    let f = m
+        .files
+        .get(name)
+        .ok_or_else(|| NamespaceError::NotFound(name.to_owned()))?;
+    if size < f.size {
+        return Err(NamespaceError::InvalidSize {
+            size,
+            why: "shrinking a file is not supported",
+        });
+    }
+    let old_n = f.map.len() as u64;
+    let new_n = extents_for(size);
+    let add = new_n - old_n;
+    let mut zero = Vec::new();
+    let mut extra = vec![HOLE; add as usize];
+    if f.preallocated && add > 0 {
+        zero = take_free(m, extent_count, add)?;
+        extra.clone_from(&zero);
+    }
+    let mut next = bump(m);
+    let e = next
+        .files
+        .get_mut(name)
+        .ok_or_else(|| NamespaceError::NotFound(name.to_owned()))?;
+    e.size = size;
+    e.map.extend(extra);
+    Ok(Change { next, zero })
+}
+
+/// Give logical extent `logical` of a thin file a physical extent (no-op if it has one).
+pub fn allocate(
+    m: &Metadata,
+    extent_count: u32,
+    name: &str,
+    logical: u64,
+) -> Result<Change, NamespaceError> {
+    let f = m
+        .files
+        .get(name)
+        .ok_or_else(|| NamespaceError::NotFound(name.to_owned()))?;
+    let slot = *f
+        .map
+        .get(logical as usize)
+        .ok_or_else(|| NamespaceError::OutOfRange(name.to_owned()))?;
+    if slot != HOLE {
+        return Ok(Change {
+            next: m.clone(),
+            zero: Vec::new(),
+        });
+    }
+    let p = take_free(m, extent_count, 1)?[0];
+    let mut next = bump(m);
+    if let Some(e) = next.files.get_mut(name) {
+        e.map[logical as usize] = p;
+    }
+    Ok(Change {
+        next,
+        zero: vec![p],
+    })
+}
+
+/// Logical extent index containing byte `offset` of a file.
+pub fn extent_index(offset: u64) -> u64 {
+    offset / EXTENT_SIZE
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_leaves_state_untouched_and_reports_counts() {
+        let m = Metadata::default();
+        let c = create(&m, 4, "a", 3 * EXTENT_SIZE, true).unwrap();
+        assert_eq!(c.zero.len(), 3);
+        let err = create(&c.next, 4, "b", 2 * EXTENT_SIZE, true).unwrap_err();
+        assert_eq!(err, NamespaceError::NoSpace { needed: 2, free: 1 });
+        assert!(matches!(
+            resize(&c.next, 4, "a", 5 * EXTENT_SIZE),
+            Err(NamespaceError::NoSpace { .. })
+        ));
+    }
+
+    #[test]
+    fn thin_files_allocate_on_demand_and_deleted_extents_are_reused_zeroed() {
+        let m = Metadata::default();
+        let c = create(&m, 2, "t", 2 * EXTENT_SIZE, false).unwrap();
+        assert!(c.zero.is_empty());
+        let c = allocate(&c.next, 2, "t", 1).unwrap();
+        assert_eq!(c.zero, vec![0]);
+        assert_eq!(c.next.files["t"].map, vec![HOLE, 0]);
+        let c = delete(&c.next, "t").unwrap();
+        let c = create(&c.next, 2, "u", EXTENT_SIZE, true).unwrap();
+        assert_eq!(
+            c.zero,
+            vec![0],
+            "a reused extent must be zeroed before it is mapped"
+        );
+    }
+
+    #[test]
+    fn clashes_bad_names_shrink_and_busy_delete_are_refused() {
+        let c = create(&Metadata::default(), 8, "a", 10, false).unwrap();
+        assert_eq!(
+            create(&c.next, 8, "a", 10, false).unwrap_err(),
+            NamespaceError::Exists("a".into())
+        );
+        assert!(matches!(
+            create(&c.next, 8, "../x", 10, false),
+            Err(NamespaceError::InvalidName(_))
+        ));
+        assert!(matches!(
+            resize(&c.next, 8, "a", 5),
+            Err(NamespaceError::InvalidSize { .. })
+        ));
+        let mut held = c.next.clone();
+        held.files.get_mut("a").unwrap().lease.holder = Some(2);
+        assert!(matches!(
+            delete(&held, "a"),
+            Err(NamespaceError::Busy { holder: 2, .. })
+        ));
+    }
+}

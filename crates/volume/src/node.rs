@@ -1,0 +1,1339 @@
+//! One host's volume service: NBD exports of the volume's files, the control protocol, the
+//! coordinator role (when elected), and the data path (direct on the LUN, or redirected over NBD to
+//! the coordinator).
+//!
+//! The coordinator alone writes metadata, serialised under one mutex, and only while its etcd
+//! session is alive on its own clock (`coord_deadline_ms`); each commit is also fenced on disk by
+//! generation ([`crate::store::Volume::commit`]). Nodes keep extent maps per open file and write
+//! file data directly, after checking their own lease deadline; when the LUN fails they replay the
+//! writes not yet flushed through the coordinator and carry on there, and come back once a probe of
+//! the LUN succeeds and the coordinator has flushed what they sent.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tern_nbd::{Backend, Errno, Exports};
+
+use crate::control::{self, ControlError, Envelope, ErrorKind, LeaseAction, Reply, Request};
+use crate::format::{HOLE, LeaseRecord, NodeId, Superblock};
+use crate::lease::{HeldLease, LeaseError, LeaseOp, LeaseTable, LeaseTimings};
+use crate::lun::{FaultyLun, FileLun, Lun};
+use crate::namespace::{self, NamespaceError};
+use crate::store::{Segment, Volume, segments};
+
+/// Static configuration of a node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's id (≥ 1).
+    pub node_id: NodeId,
+    /// Address clients and peers reach this node at.
+    pub listen: String,
+    /// Never use the direct path (a host without SAN access); such a node never coordinates.
+    pub no_direct: bool,
+    /// Write-lease TTL.
+    pub lease_ttl_ms: u64,
+}
+
+/// Whether this node's data path is direct or redirected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// pread/pwrite on the LUN.
+    Direct,
+    /// NBD to the coordinator.
+    Redirected,
+}
+
+impl PathState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Direct => "direct",
+            PathState::Redirected => "redirected",
+        }
+    }
+}
+
+/// Who the coordinator is, as last read from etcd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderInfo {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Its listen address.
+    pub addr: String,
+    /// Its generation (etcd revision of its election key).
+    pub generation: u64,
+}
+
+struct Coordinator {
+    generation: u64,
+    volume: Volume,
+    leases: LeaseTable,
+    /// Files whose hand-over is being aborted: the destination is being told to stop, and may
+    /// not re-acquire or renew meanwhile.
+    aborting: std::collections::BTreeSet<String>,
+}
+
+/// A node of the volume cluster.
+pub struct Node {
+    cfg: NodeConfig,
+    lun: Arc<FaultyLun<FileLun>>,
+    sb: Superblock,
+    epoch0: Instant,
+    coord: Mutex<Option<Coordinator>>,
+    coord_deadline_ms: AtomicU64,
+    leader: Mutex<Option<LeaderInfo>>,
+    path_ok: AtomicBool,
+    redirected_files: AtomicU64,
+    held: Mutex<BTreeMap<String, HeldLease>>,
+    handles: Mutex<BTreeMap<String, Arc<FileHandle>>>,
+    /// Injected partition: requests to other nodes fail.
+    partitioned: AtomicBool,
+    /// Listen addresses of nodes that forwarded requests to us.
+    peers: Mutex<BTreeMap<NodeId, String>>,
+    /// Extra peers' status for `status` (filled by the cluster layer).
+    pub members: Mutex<BTreeMap<NodeId, serde_json::Value>>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ns_err(e: NamespaceError) -> ControlError {
+    let kind = match e {
+        NamespaceError::InvalidName(_)
+        | NamespaceError::InvalidSize { .. }
+        | NamespaceError::OutOfRange(_) => ErrorKind::Invalid,
+        NamespaceError::Exists(_) => ErrorKind::Exists,
+        NamespaceError::NotFound(_) => ErrorKind::NotFound,
+        NamespaceError::NoSpace { .. } => ErrorKind::NoSpace,
+        NamespaceError::Busy { .. } => ErrorKind::Busy,
+    };
+    ControlError::new(kind, e.to_string())
+}
+
+fn lease_err(e: LeaseError) -> ControlError {
+    let kind = match e {
+        LeaseError::Busy { .. } => ErrorKind::Busy,
+        LeaseError::Stale { .. } | LeaseError::Expired { .. } => ErrorKind::Stale,
+        LeaseError::NoHandover | LeaseError::BadTarget(_) => ErrorKind::Invalid,
+    };
+    ControlError::new(kind, e.to_string())
+}
+
+fn failed(e: impl std::fmt::Display) -> ControlError {
+    ControlError::new(ErrorKind::Failed, e.to_string())
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a node keeps retrying to reach a coordinator (covers a take-over).
+const COORDINATOR_WAIT: Duration = Duration::from_secs(15);
+/// Unflushed direct writes kept for replay on a path switch; beyond this the node flushes first.
+const JOURNAL_MAX_BYTES: usize = 64 << 20;
+
+impl Node {
+    /// Open the LUN and build the node (not yet part of any election).
+    pub fn new(
+        cfg: NodeConfig,
+        lun_path: &std::path::Path,
+    ) -> Result<Arc<Node>, crate::store::OpenError> {
+        let lun = Arc::new(FaultyLun::new(FileLun::open(lun_path)?, Default::default()));
+        let sb = crate::store::read_superblock(&*lun)?;
+        let path_ok = !cfg.no_direct;
+        Ok(Arc::new(Node {
+            cfg,
+            lun,
+            sb,
+            epoch0: Instant::now(),
+            coord: Mutex::new(None),
+            coord_deadline_ms: AtomicU64::new(0),
+            leader: Mutex::new(None),
+            path_ok: AtomicBool::new(path_ok),
+            redirected_files: AtomicU64::new(0),
+            held: Mutex::new(BTreeMap::new()),
+            handles: Mutex::new(BTreeMap::new()),
+            members: Mutex::new(BTreeMap::new()),
+            peers: Mutex::new(BTreeMap::new()),
+            partitioned: AtomicBool::new(false),
+        }))
+    }
+
+    /// Milliseconds on this node's monotonic clock.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch0.elapsed().as_millis() as u64
+    }
+
+    /// Node id.
+    pub fn id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    /// Config.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// Superblock of the volume.
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Arm fault injection: a volatile write cache that the next path loss throws away.
+    pub fn set_volatile_cache(&self, on: bool) {
+        self.lun.set_volatile_cache(on);
+    }
+
+    /// Simulate a network partition from the other nodes (or its end).
+    pub fn set_partitioned(&self, on: bool) {
+        self.partitioned.store(on, Ordering::SeqCst);
+    }
+
+    /// Simulate losing or regaining the storage path.
+    pub fn set_path_lost(&self, lost: bool) {
+        self.lun.set_path_lost(lost);
+    }
+
+    /// Current path state (redirected if the path is down or any open file is redirected).
+    pub fn path_state(&self) -> PathState {
+        if self.path_ok.load(Ordering::SeqCst) && self.redirected_files.load(Ordering::SeqCst) == 0
+        {
+            PathState::Direct
+        } else {
+            PathState::Redirected
+        }
+    }
+
+    /// Probe the LUN (called periodically); returns whether the direct path works.
+    pub fn probe_path(&self) -> bool {
+        if self.cfg.no_direct {
+            return false;
+        }
+        let mut b = vec![0u8; 4096];
+        let ok = self.lun.read_at(&mut b, 0).is_ok();
+        self.path_ok.store(ok, Ordering::SeqCst);
+        if ok && self.redirected_files.load(Ordering::SeqCst) > 0 {
+            let handles: Vec<Arc<FileHandle>> = lock(&self.handles).values().cloned().collect();
+            for h in handles {
+                let mut st = lock(&h.state);
+                // Failure just leaves the file redirected until the next probe.
+                let _ = h.use_direct(&mut st);
+            }
+        }
+        ok
+    }
+
+    /// Stop writing `name` at once: wait for an in-flight write, make everything written durable,
+    /// and forget the lease. Returns the lease that was dropped.
+    pub fn stop_writing(&self, name: &str) -> Option<HeldLease> {
+        let handle = lock(&self.handles).get(name).cloned();
+        let held = lock(&self.held).get(name).copied();
+        match handle {
+            Some(h) => {
+                let mut st = lock(&h.state);
+                let _ = h.flush_locked(&mut st, held.map(|l| l.epoch).unwrap_or(0));
+                lock(&self.held).remove(name)
+            }
+            None => lock(&self.held).remove(name),
+        }
+    }
+
+    /// Record who the coordinator is.
+    pub fn set_leader(&self, l: Option<LeaderInfo>) {
+        *lock(&self.leader) = l;
+    }
+
+    /// Who the coordinator is.
+    pub fn leader(&self) -> Option<LeaderInfo> {
+        lock(&self.leader).clone()
+    }
+
+    /// Extend (or, with 0, end at once) the time this node may act as coordinator.
+    pub fn set_coordinator_deadline(&self, deadline_ms: u64) {
+        self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
+        if deadline_ms == 0 {
+            *lock(&self.coord) = None;
+        }
+    }
+
+    /// Become coordinator with `generation`: load the metadata and lease table, then commit once
+    /// under the new generation so any older coordinator is fenced on disk.
+    pub fn become_coordinator(
+        &self,
+        generation: u64,
+        deadline_ms: u64,
+    ) -> Result<(), ControlError> {
+        let mut volume = Volume::open(&*self.lun).map_err(failed)?;
+        let now = self.now_ms();
+        let records: Vec<(String, LeaseRecord)> = volume
+            .meta
+            .files
+            .iter()
+            .map(|(n, f)| (n.clone(), f.lease))
+            .collect();
+        let leases = LeaseTable::load(
+            LeaseTimings {
+                ttl_ms: self.cfg.lease_ttl_ms,
+            },
+            records.iter().map(|(n, r)| (n.as_str(), *r)),
+            now,
+        );
+        let mut next = volume.meta.clone();
+        next.seq += 1;
+        volume
+            .commit(&*self.lun, next, generation)
+            .map_err(failed)?;
+        self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
+        *lock(&self.coord) = Some(Coordinator {
+            generation,
+            volume,
+            leases,
+            aborting: Default::default(),
+        });
+        self.set_leader(Some(LeaderInfo {
+            node_id: self.cfg.node_id,
+            addr: self.cfg.listen.clone(),
+            generation,
+        }));
+        Ok(())
+    }
+
+    /// Whether this node currently acts as coordinator.
+    pub fn is_coordinator(&self) -> bool {
+        lock(&self.coord).is_some() && self.now_ms() < self.coord_deadline_ms.load(Ordering::SeqCst)
+    }
+
+    fn coordinator(&self) -> Result<MutexGuard<'_, Option<Coordinator>>, ControlError> {
+        let g = lock(&self.coord);
+        let alive = self.now_ms() < self.coord_deadline_ms.load(Ordering::SeqCst);
+        if g.is_none() || !alive {
+            return Err(ControlError::new(
+                ErrorKind::NotCoordinator,
+                format!("node {} is not the coordinator", self.cfg.node_id),
+            ));
+        }
+        Ok(g)
+    }
+
+    // ---------------------------------------------------------------- coordinator side
+
+    fn file_json(
+        c: &Coordinator,
+        name: &str,
+        with_map: bool,
+        now: u64,
+    ) -> Result<serde_json::Value, ControlError> {
+        let f = c
+            .volume
+            .meta
+            .files
+            .get(name)
+            .ok_or_else(|| ns_err(NamespaceError::NotFound(name.into())))?;
+        let live = c.leases.holder(name, now);
+        let rec = c.leases.record(name);
+        let mut v = json!({
+            "name": name,
+            "size": f.size,
+            "preallocated": f.preallocated,
+            "allocated_extents": f.map.iter().filter(|&&p| p != HOLE).count(),
+            "lease": {
+                "epoch": rec.epoch,
+                "holder": live.map(|(h, _, _)| h),
+                "remaining_ms": live.map(|(_, _, d)| d - now),
+                "handover_from": rec.handover_from,
+            },
+        });
+        if with_map {
+            v["map"] = json!(f.map);
+        }
+        Ok(v)
+    }
+
+    fn commit_change(
+        &self,
+        c: &mut Coordinator,
+        change: namespace::Change,
+    ) -> Result<(), ControlError> {
+        // Re-check the session right before touching the LUN.
+        if self.now_ms() >= self.coord_deadline_ms.load(Ordering::SeqCst) {
+            return Err(ControlError::new(
+                ErrorKind::NotCoordinator,
+                "coordinator session expired",
+            ));
+        }
+        c.volume
+            .zero_extents(&*self.lun, &change.zero)
+            .map_err(failed)?;
+        let generation = c.generation;
+        c.volume
+            .commit(&*self.lun, change.next, generation)
+            .map_err(|e| {
+                if matches!(e, crate::store::CommitError::Fenced { .. }) {
+                    ControlError::new(ErrorKind::NotCoordinator, e.to_string())
+                } else {
+                    failed(e)
+                }
+            })
+    }
+
+    fn coordinate(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        if let Request::CoordLease {
+            name,
+            action: LeaseAction::AbortHandover,
+            ..
+        } = req
+        {
+            self.set_aborting(name, true)?;
+            let res = self
+                .revoke_holder_for_abort(name)
+                .and_then(|()| self.coordinate_locked(req));
+            let _ = self.set_aborting(name, false);
+            return res;
+        }
+        self.coordinate_locked(req)
+    }
+
+    fn set_aborting(&self, name: &str, on: bool) -> Result<(), ControlError> {
+        let mut g = self.coordinator()?;
+        let c = g
+            .as_mut()
+            .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+        if on {
+            c.aborting.insert(name.to_owned());
+        } else {
+            c.aborting.remove(name);
+        }
+        Ok(())
+    }
+
+    fn coordinate_locked(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        let mut g = self.coordinator()?;
+        let c = g
+            .as_mut()
+            .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+        let n = self.sb.extent_count;
+        let now = self.now_ms();
+        match req {
+            Request::Create {
+                name,
+                size,
+                preallocated,
+            } => {
+                let ch = namespace::create(&c.volume.meta, n, name, *size, *preallocated)
+                    .map_err(ns_err)?;
+                self.commit_change(c, ch)?;
+                Node::file_json(c, name, false, now)
+            }
+            Request::Remove { name } => {
+                if let Some((h, _, _)) = c.leases.holder(name, now) {
+                    return Err(ns_err(NamespaceError::Busy {
+                        name: name.clone(),
+                        holder: h,
+                    }));
+                }
+                let mut meta = c.volume.meta.clone();
+                if let Some(f) = meta.files.get_mut(name) {
+                    f.lease.holder = None;
+                }
+                let ch = namespace::delete(&meta, name).map_err(ns_err)?;
+                self.commit_change(c, ch)?;
+                c.leases.remove(name);
+                Ok(json!({ "name": name, "removed": true }))
+            }
+            Request::Resize { name, size } => {
+                let ch = namespace::resize(&c.volume.meta, n, name, *size).map_err(ns_err)?;
+                self.commit_change(c, ch)?;
+                Node::file_json(c, name, false, now)
+            }
+            Request::Allocate { name, logical } => {
+                let ch = namespace::allocate(&c.volume.meta, n, name, *logical).map_err(ns_err)?;
+                if ch.next.seq != c.volume.meta.seq {
+                    self.commit_change(c, ch)?;
+                }
+                Node::file_json(c, name, true, now)
+            }
+            Request::List => {
+                let files: Result<Vec<_>, _> = c
+                    .volume
+                    .meta
+                    .files
+                    .keys()
+                    .map(|k| Node::file_json(c, k, false, now))
+                    .collect();
+                Ok(json!({
+                    "files": files?,
+                    "extent_size": crate::format::EXTENT_SIZE,
+                    "extents": n,
+                    "free_extents": c.volume.meta.free_extents(n),
+                    "generation": c.generation,
+                }))
+            }
+            Request::Stat { name, map } => Node::file_json(c, name, *map, now),
+            Request::CoordLease {
+                name,
+                node,
+                epoch,
+                action,
+                renew,
+            } => {
+                if !c.volume.meta.files.contains_key(name) {
+                    return Err(ns_err(NamespaceError::NotFound(name.clone())));
+                }
+                if c.aborting.contains(name) && *action == LeaseAction::Acquire {
+                    return Err(ControlError::new(
+                        ErrorKind::Busy,
+                        format!("the hand-over of {name:?} is being aborted"),
+                    ));
+                }
+                let op = match (action, renew) {
+                    (LeaseAction::Acquire, true) => LeaseOp::Renew {
+                        node: *node,
+                        epoch: *epoch,
+                    },
+                    (LeaseAction::Acquire, false) => LeaseOp::Acquire { node: *node },
+                    (LeaseAction::Release, _) => LeaseOp::Release {
+                        node: *node,
+                        epoch: *epoch,
+                    },
+                    (LeaseAction::Handover { to }, _) => LeaseOp::Handover {
+                        node: *node,
+                        epoch: *epoch,
+                        to: *to,
+                    },
+                    (LeaseAction::AbortHandover, _) => LeaseOp::AbortHandover { node: *node },
+                    (LeaseAction::ConfirmHandover, _) => LeaseOp::ConfirmHandover {
+                        node: *node,
+                        epoch: *epoch,
+                    },
+                };
+                let before = c.leases.clone();
+                let grant = c.leases.apply(name, op, now).map_err(lease_err)?;
+                if grant.persist {
+                    let mut next = c.volume.meta.clone();
+                    next.seq += 1;
+                    if let Some(f) = next.files.get_mut(name) {
+                        f.lease = c.leases.record(name);
+                    }
+                    if let Err(e) = self.commit_change(c, namespace::Change { next, zero: vec![] })
+                    {
+                        c.leases = before;
+                        return Err(e);
+                    }
+                }
+                Ok(json!({
+                    "name": name,
+                    "holder": grant.holder,
+                    "epoch": grant.epoch,
+                    "ttl_ms": self.cfg.lease_ttl_ms,
+                    "remaining_ms": grant.deadline_ms.saturating_sub(now),
+                }))
+            }
+            Request::Status | Request::Lease { .. } | Request::Revoke { .. } => Err(
+                ControlError::new(ErrorKind::Invalid, "not a coordinator request"),
+            ),
+        }
+    }
+
+    /// Redirected write at the coordinator: fenced by the lease table, under the coordinator lock.
+    fn redirected_write(
+        &self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let mut g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_mut().ok_or(Errno::Shutdown)?;
+        let now = self.now_ms();
+        c.leases
+            .check_write(name, node, epoch, now)
+            .map_err(|_| Errno::Perm)?;
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > f.size)
+        {
+            return Err(Errno::NoSpc);
+        }
+        let mut segs = segments(&self.sb, &f.map, offset, data.len());
+        if segs.iter().any(|s| matches!(s, Segment::Hole { .. })) {
+            for s in &segs {
+                if let Segment::Hole { logical, .. } = s {
+                    let ch =
+                        namespace::allocate(&c.volume.meta, self.sb.extent_count, name, *logical)
+                            .map_err(|e| {
+                            if matches!(e, NamespaceError::NoSpace { .. }) {
+                                Errno::NoSpc
+                            } else {
+                                Errno::Io
+                            }
+                        })?;
+                    self.commit_change(c, ch).map_err(|_| Errno::Io)?;
+                }
+            }
+            let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+            segs = segments(&self.sb, &f.map, offset, data.len());
+        }
+        let mut done = 0;
+        for s in segs {
+            if let Segment::Mapped { lun_offset, len } = s {
+                self.lun
+                    .write_at(&data[done..done + len], lun_offset)
+                    .map_err(|_| Errno::Io)?;
+                done += len;
+            } else {
+                return Err(Errno::Io);
+            }
+        }
+        if fua {
+            self.lun.flush().map_err(|_| Errno::Io)?;
+        }
+        Ok(())
+    }
+
+    fn redirected_read(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let map = {
+            let g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+            let c = g.as_ref().ok_or(Errno::Shutdown)?;
+            c.volume.meta.files.get(name).ok_or(Errno::Io)?.map.clone()
+        };
+        read_segments(&*self.lun, &self.sb, &map, buf, offset).map_err(|_| Errno::Io)
+    }
+
+    // ---------------------------------------------------------------- node side
+
+    /// Send a request to the coordinator (ourselves if we are it), retrying through a take-over.
+    pub fn call_coordinator(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+        let start = Instant::now();
+        let mut last = ControlError::new(ErrorKind::NoCoordinator, "no coordinator elected yet");
+        while start.elapsed() < COORDINATOR_WAIT {
+            if self.partitioned.load(Ordering::SeqCst) && !self.is_coordinator() {
+                return Err(ControlError::new(
+                    ErrorKind::NoCoordinator,
+                    "injected partition: peers unreachable",
+                ));
+            }
+            if self.is_coordinator() {
+                match self.coordinate(req) {
+                    Err(e) if e.kind == ErrorKind::NotCoordinator => last = e,
+                    other => return other,
+                }
+            } else if let Some(l) = self.leader().filter(|l| l.node_id != self.cfg.node_id) {
+                let env = Envelope {
+                    forwarded: true,
+                    request: req.clone(),
+                    from: Some((self.cfg.node_id, self.cfg.listen.clone())),
+                };
+                match control::send(&l.addr, env, CALL_TIMEOUT) {
+                    Err(e)
+                        if matches!(
+                            e.kind,
+                            ErrorKind::NotCoordinator | ErrorKind::NoCoordinator
+                        ) =>
+                    {
+                        last = e
+                    }
+                    other => return other,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(ControlError::new(
+            ErrorKind::NoCoordinator,
+            format!(
+                "no coordinator answered within {COORDINATOR_WAIT:?}: {}",
+                last.message
+            ),
+        ))
+    }
+
+    /// Handle one control request that arrived at this node.
+    pub fn handle(&self, env: Envelope) -> Result<serde_json::Value, ControlError> {
+        if let Some((id, addr)) = &env.from {
+            lock(&self.peers).insert(*id, addr.clone());
+        }
+        match &env.request {
+            Request::Status => Ok(self.status()),
+            Request::Lease { name, action } => self.lease_action(name, *action),
+            Request::Revoke { name } => {
+                let dropped = self.stop_writing(name);
+                Ok(json!({ "name": name, "dropped_epoch": dropped.map(|h| h.epoch) }))
+            }
+            Request::CoordLease {
+                name,
+                action: LeaseAction::AbortHandover,
+                ..
+            } if env.forwarded || self.is_coordinator() => {
+                self.revoke_holder_for_abort(name)?;
+                self.coordinate(&env.request)
+            }
+            r if env.forwarded => self.coordinate(r),
+            r => self.call_coordinator(r),
+        }
+    }
+
+    /// Before an aborted hand-over returns the lease to its source, the destination must stop
+    /// writing: ask it to (outside the coordinator lock, since it may need to flush through us).
+    fn revoke_holder_for_abort(&self, name: &str) -> Result<(), ControlError> {
+        let holder = {
+            let g = self.coordinator()?;
+            let c = g
+                .as_ref()
+                .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+            c.leases.holder(name, self.now_ms())
+        };
+        let Some((holder, _, deadline)) = holder else {
+            return Ok(());
+        };
+        if holder == self.cfg.node_id {
+            self.stop_writing(name);
+            return Ok(());
+        }
+        let known = lock(&self.peers).get(&holder).cloned();
+        let addr = known.or_else(|| {
+            lock(&self.members)
+                .get(&holder)
+                .and_then(|m| m["addr"].as_str().map(String::from))
+        });
+        let revoke = Request::Revoke { name: name.into() };
+        let revoked = addr.is_some_and(|a| {
+            (0..3).any(|_| control::call(&a, &revoke, true, CALL_TIMEOUT).is_ok())
+        });
+        if revoked {
+            Ok(())
+        } else {
+            Err(ControlError::new(
+                ErrorKind::Busy,
+                format!(
+                    "node {holder} holds the lease and cannot be told to stop; retry after it expires in {} ms",
+                    deadline.saturating_sub(self.now_ms())
+                ),
+            ))
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let leader = self.leader();
+        let held: Vec<_> = lock(&self.held)
+            .iter()
+            .map(
+                |(n, h)| json!({ "name": n, "epoch": h.epoch, "valid": h.valid_at(self.now_ms()) }),
+            )
+            .collect();
+        let mut nodes: Vec<serde_json::Value> = lock(&self.members).values().cloned().collect();
+        if nodes.is_empty() {
+            nodes.push(self.member_json());
+        }
+        json!({
+            "node_id": self.cfg.node_id,
+            "listen": self.cfg.listen,
+            "role": if self.is_coordinator() { "coordinator" } else { "node" },
+            "path": self.path_state().as_str(),
+            "no_direct": self.cfg.no_direct,
+            "coordinator": leader.map(|l| json!({ "node_id": l.node_id, "addr": l.addr, "generation": l.generation })),
+            "nodes": nodes,
+            "held_leases": held,
+        })
+    }
+
+    /// This node's entry in the membership list.
+    pub fn member_json(&self) -> serde_json::Value {
+        json!({ "node_id": self.cfg.node_id, "addr": self.cfg.listen, "path": self.path_state().as_str() })
+    }
+
+    fn lease_action(
+        &self,
+        name: &str,
+        action: LeaseAction,
+    ) -> Result<serde_json::Value, ControlError> {
+        let epoch = lock(&self.held).get(name).map(|h| h.epoch).unwrap_or(0);
+        let epoch = match action {
+            // Hand-over to us shows up as a live grant: acquiring returns it.
+            LeaseAction::ConfirmHandover => {
+                let st = self.call_coordinator(&Request::Stat {
+                    name: name.into(),
+                    map: false,
+                })?;
+                st["lease"]["epoch"].as_u64().unwrap_or(epoch)
+            }
+            _ => epoch,
+        };
+        let sent = self.now_ms();
+        let req = Request::CoordLease {
+            name: name.into(),
+            node: self.cfg.node_id,
+            epoch,
+            action,
+            renew: false,
+        };
+        // Giving the lease away: stop our own direct writes (and make them durable) first, so
+        // nothing of ours lands after the coordinator has moved the lease.
+        let gives_away = matches!(action, LeaseAction::Release | LeaseAction::Handover { .. });
+        let dropped = if gives_away {
+            self.stop_writing(name)
+        } else {
+            None
+        };
+        let v = match self.call_coordinator(&req) {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(h) = dropped
+                    && e.kind != ErrorKind::Stale
+                {
+                    lock(&self.held).insert(name.into(), h);
+                }
+                return Err(e);
+            }
+        };
+        let new_epoch = v["epoch"].as_u64().unwrap_or(0);
+        let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
+        let holder = v["holder"].as_u64().map(|h| h as NodeId);
+        let mut held = lock(&self.held);
+        if holder == Some(self.cfg.node_id) {
+            held.insert(name.into(), HeldLease::from_grant(new_epoch, sent, ttl));
+        } else {
+            held.remove(name);
+        }
+        drop(held);
+        if holder == Some(self.cfg.node_id) {
+            // Fresh map for the new writer.
+            if let Some(h) = lock(&self.handles).get(name) {
+                let _ = h.refresh_map(self);
+            }
+        }
+        Ok(v)
+    }
+
+    /// Renew every held lease (called periodically); drops those the coordinator refuses.
+    pub fn renew_leases(&self) {
+        let held: Vec<(String, HeldLease)> = lock(&self.held)
+            .iter()
+            .map(|(n, h)| (n.clone(), *h))
+            .collect();
+        for (name, h) in held {
+            self.renew_one(&name, h);
+        }
+    }
+
+    fn renew_one(&self, name: &str, h: HeldLease) {
+        let sent = self.now_ms();
+        let req = Request::CoordLease {
+            name: name.to_owned(),
+            node: self.cfg.node_id,
+            epoch: h.epoch,
+            action: LeaseAction::Acquire,
+            renew: true,
+        };
+        match self.call_coordinator(&req) {
+            Ok(v) => {
+                let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
+                let confirmed = v["holder"].as_u64() == Some(u64::from(self.cfg.node_id))
+                    && v["epoch"].as_u64() == Some(h.epoch);
+                let mut g = lock(&self.held);
+                if confirmed && g.get(name).is_some_and(|x| x.epoch == h.epoch) {
+                    g.insert(name.to_owned(), HeldLease::from_grant(h.epoch, sent, ttl));
+                }
+            }
+            Err(e) if matches!(e.kind, ErrorKind::Stale | ErrorKind::NotFound) => {
+                let mut g = lock(&self.held);
+                if g.get(name).is_some_and(|x| x.epoch == h.epoch) {
+                    g.remove(name);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// The lease for a write: if it lapsed locally (e.g. while a new coordinator took office),
+    /// try one renewal before refusing, so writers pause through a take-over instead of failing.
+    /// A fenced holder's renewal is refused (stale epoch) and its lease dropped.
+    fn ensure_lease(&self, name: &str) -> Option<HeldLease> {
+        if let Some(h) = self.held_lease(name) {
+            return Some(h);
+        }
+        let lapsed = lock(&self.held).get(name).copied()?;
+        self.renew_one(name, lapsed);
+        self.held_lease(name)
+    }
+
+    fn held_lease(&self, name: &str) -> Option<HeldLease> {
+        lock(&self.held)
+            .get(name)
+            .copied()
+            .filter(|h| h.valid_at(self.now_ms()))
+    }
+
+    fn handle_for(self: &Arc<Self>, name: &str) -> Option<Arc<FileHandle>> {
+        // Every new connection gets a fresh map; a handle of the same size is reused (its path
+        // state and unflushed-write journal live on), a resized or re-created file gets a new one.
+        let st = self
+            .call_coordinator(&Request::Stat {
+                name: name.into(),
+                map: true,
+            })
+            .ok()?;
+        if let Some(h) = lock(&self.handles).get(name).cloned()
+            && Some(h.size) == st["size"].as_u64()
+        {
+            lock(&h.state).map = parse_map(&st["map"])?;
+            return Some(h);
+        }
+        let h = Arc::new(FileHandle {
+            node: Arc::clone(self),
+            name: name.to_owned(),
+            size: st["size"].as_u64()?,
+            state: Mutex::new(HandleState {
+                map: parse_map(&st["map"])?,
+                mode: PathState::Direct,
+                journal: Journal::default(),
+                redirect: None,
+                dirty_redirected: false,
+            }),
+        });
+        let old = lock(&self.handles).insert(name.to_owned(), Arc::clone(&h));
+        if let Some(old) = old
+            && lock(&old.state).mode == PathState::Redirected
+        {
+            self.redirected_files.fetch_sub(1, Ordering::SeqCst);
+        }
+        Some(h)
+    }
+}
+
+fn parse_map(v: &serde_json::Value) -> Option<Vec<u32>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_u64().map(|p| p as u32))
+        .collect()
+}
+
+fn read_segments(
+    lun: &dyn Lun,
+    sb: &Superblock,
+    map: &[u32],
+    buf: &mut [u8],
+    offset: u64,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    for s in segments(sb, map, offset, buf.len()) {
+        match s {
+            Segment::Mapped { lun_offset, len } => {
+                lun.read_at(&mut buf[done..done + len], lun_offset)?;
+                done += len;
+            }
+            Segment::Hole { len, .. } => {
+                buf[done..done + len].fill(0);
+                done += len;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Direct writes acknowledged since the last successful flush, in order, in one reusable arena.
+#[derive(Default)]
+struct Journal {
+    entries: Vec<(u64, usize, usize)>,
+    data: Vec<u8>,
+}
+
+impl Journal {
+    fn push(&mut self, offset: u64, bytes: &[u8]) {
+        self.entries.push((offset, self.data.len(), bytes.len()));
+        self.data.extend_from_slice(bytes);
+    }
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.data.clear();
+    }
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+    fn bytes(&self) -> usize {
+        self.data.len()
+    }
+    fn iter(&self) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.entries
+            .iter()
+            .map(|&(o, start, len)| (o, &self.data[start..start + len]))
+    }
+}
+
+struct Redirect {
+    client: tern_nbd::Client,
+    epoch: u64,
+    generation: u64,
+}
+
+struct HandleState {
+    map: Vec<u32>,
+    mode: PathState,
+    /// Direct writes since the last successful flush, for replay through the coordinator.
+    journal: Journal,
+    redirect: Option<Redirect>,
+    dirty_redirected: bool,
+}
+
+/// A file opened on a node: the NBD backend local clients see.
+pub struct FileHandle {
+    node: Arc<Node>,
+    name: String,
+    size: u64,
+    state: Mutex<HandleState>,
+}
+
+impl std::fmt::Debug for FileHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileHandle")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+impl FileHandle {
+    fn refresh_map(&self, node: &Node) -> Result<(), Errno> {
+        let st = node
+            .call_coordinator(&Request::Stat {
+                name: self.name.clone(),
+                map: true,
+            })
+            .map_err(|_| Errno::Io)?;
+        let map = parse_map(&st["map"]).ok_or(Errno::Io)?;
+        lock(&self.state).map = map;
+        Ok(())
+    }
+
+    fn use_direct(&self, st: &mut HandleState) -> Result<bool, Errno> {
+        let node = &self.node;
+        let ok = node.path_ok.load(Ordering::SeqCst);
+        if st.mode == PathState::Redirected && ok {
+            // Coming back: everything sent through the coordinator must be durable first.
+            if let Some(r) = st.redirect.as_mut() {
+                r.client.flush().map_err(|_| Errno::Io)?;
+            }
+            st.redirect = None;
+            st.dirty_redirected = false;
+            st.mode = PathState::Direct;
+            node.redirected_files.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(st.mode == PathState::Direct && ok)
+    }
+
+    fn go_redirected(&self, st: &mut HandleState) {
+        if st.mode == PathState::Direct {
+            st.mode = PathState::Redirected;
+            self.node.redirected_files.fetch_add(1, Ordering::SeqCst);
+        }
+        self.node.path_ok.store(false, Ordering::SeqCst);
+    }
+
+    fn redirect<'a>(
+        &self,
+        st: &'a mut HandleState,
+        epoch: u64,
+    ) -> Result<&'a mut tern_nbd::Client, Errno> {
+        let leader = self.node.leader().ok_or(Errno::Shutdown)?;
+        let stale = st
+            .redirect
+            .as_ref()
+            .is_none_or(|r| r.epoch != epoch || r.generation != leader.generation);
+        if stale {
+            let export = format!("{}@{}.{}", self.name, self.node.cfg.node_id, epoch);
+            let client = tern_nbd::Client::connect_timeout(&leader.addr, &export, CALL_TIMEOUT)
+                .map_err(|_| Errno::Io)?;
+            st.redirect = Some(Redirect {
+                client,
+                epoch,
+                generation: leader.generation,
+            });
+        }
+        st.redirect.as_mut().map(|r| &mut r.client).ok_or(Errno::Io)
+    }
+
+    /// Run `f` against the coordinator, reconnecting once through a coordinator change. Writes
+    /// are idempotent (same bytes, same place, nothing later sent yet), so a retry never reorders.
+    fn with_redirect<T>(
+        &self,
+        st: &mut HandleState,
+        epoch: u64,
+        mut f: impl FnMut(&mut tern_nbd::Client) -> Result<T, tern_nbd::ClientError>,
+    ) -> Result<T, Errno> {
+        let start = Instant::now();
+        loop {
+            let res = match self.redirect(st, epoch) {
+                Ok(c) => f(c),
+                Err(e) => Err(tern_nbd::ClientError::Remote(e)),
+            };
+            match res {
+                Ok(v) => return Ok(v),
+                Err(tern_nbd::ClientError::Remote(Errno::Perm)) => return Err(Errno::Perm),
+                Err(tern_nbd::ClientError::Remote(Errno::NoSpc)) => return Err(Errno::NoSpc),
+                Err(_) if start.elapsed() < COORDINATOR_WAIT => {
+                    st.redirect = None;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(_) => return Err(Errno::Io),
+            }
+        }
+    }
+
+    fn replay_journal(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
+        let mut journal = std::mem::take(&mut st.journal);
+        for (off, data) in journal.iter() {
+            self.with_redirect(st, epoch, |c| c.write(off, data, false))?;
+        }
+        st.dirty_redirected |= !journal.is_empty();
+        // Keep the buffers (no page faults on the next run of direct writes).
+        journal.clear();
+        st.journal = journal;
+        Ok(())
+    }
+
+    fn direct_write(
+        &self,
+        st: &mut HandleState,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<(), DirectFail> {
+        let node = &self.node;
+        let mut segs = segments(&node.sb, &st.map, offset, data.len());
+        for s in segs.clone() {
+            if let Segment::Hole { logical, .. } = s {
+                let v = node
+                    .call_coordinator(&Request::Allocate {
+                        name: self.name.clone(),
+                        logical,
+                    })
+                    .map_err(|e| {
+                        DirectFail::Refused(if e.kind == ErrorKind::NoSpace {
+                            Errno::NoSpc
+                        } else {
+                            Errno::Io
+                        })
+                    })?;
+                st.map = parse_map(&v["map"]).ok_or(DirectFail::Refused(Errno::Io))?;
+                segs = segments(&node.sb, &st.map, offset, data.len());
+            }
+        }
+        let mut done = 0;
+        for s in segs {
+            let Segment::Mapped { lun_offset, len } = s else {
+                return Err(DirectFail::Refused(Errno::Io));
+            };
+            // Fencing on the direct path: the lease must still be ours right before the write.
+            if node.held_lease(&self.name).is_none() {
+                return Err(DirectFail::Refused(Errno::Perm));
+            }
+            node.lun
+                .write_at(&data[done..done + len], lun_offset)
+                .map_err(|_| DirectFail::Path)?;
+            done += len;
+        }
+        Ok(())
+    }
+}
+
+impl FileHandle {
+    fn flush_locked(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
+        let node = &self.node;
+        if self.use_direct(st)? {
+            if node.lun.flush().is_ok() {
+                st.journal.clear();
+                return Ok(());
+            }
+            self.go_redirected(st);
+        }
+        if !st.journal.is_empty() {
+            self.replay_journal(st, epoch)?;
+        }
+        self.with_redirect(st, epoch, |c| c.flush())?;
+        st.dirty_redirected = false;
+        Ok(())
+    }
+}
+
+enum DirectFail {
+    Path,
+    Refused(Errno),
+}
+
+impl Backend for FileHandle {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let node = &self.node;
+        let mut st = lock(&self.state);
+        if self.use_direct(&mut st)? {
+            if segments(&node.sb, &st.map, offset, buf.len())
+                .iter()
+                .any(|s| matches!(s, Segment::Hole { .. }))
+            {
+                // Another node may have allocated since we cached the map.
+                drop(st);
+                let _ = self.refresh_map(node);
+                st = lock(&self.state);
+            }
+            match read_segments(&*node.lun, &node.sb, &st.map, buf, offset) {
+                Ok(()) => return Ok(()),
+                Err(_) => self.go_redirected(&mut st),
+            }
+        }
+        let epoch = node.held_lease(&self.name).map(|h| h.epoch).unwrap_or(0);
+        self.with_redirect(&mut st, epoch, |c| c.read(offset, buf))
+    }
+
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        let node = &self.node;
+        let held = node.ensure_lease(&self.name).ok_or(Errno::Perm)?;
+        let mut st = lock(&self.state);
+        if self.use_direct(&mut st)? {
+            match self.direct_write(&mut st, data, offset) {
+                Ok(()) => {
+                    if fua {
+                        match node.lun.flush() {
+                            Ok(()) => {
+                                st.journal.clear();
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                st.journal.push(offset, data);
+                                self.go_redirected(&mut st);
+                            }
+                        }
+                    } else {
+                        st.journal.push(offset, data);
+                        if st.journal.bytes() > JOURNAL_MAX_BYTES {
+                            if node.lun.flush().is_ok() {
+                                st.journal.clear();
+                            } else {
+                                self.go_redirected(&mut st);
+                                self.replay_journal(&mut st, held.epoch)?;
+                            }
+                        }
+                        return Ok(());
+                    }
+                }
+                Err(DirectFail::Refused(e)) => return Err(e),
+                Err(DirectFail::Path) => {
+                    st.journal.push(offset, data);
+                    self.go_redirected(&mut st);
+                }
+            }
+            // The path failed: replay everything not yet known durable, this write included.
+            self.replay_journal(&mut st, held.epoch)?;
+            if fua {
+                self.with_redirect(&mut st, held.epoch, |c| c.flush())?;
+                st.dirty_redirected = false;
+            }
+            return Ok(());
+        }
+        if !st.journal.is_empty() {
+            self.replay_journal(&mut st, held.epoch)?;
+        }
+        self.with_redirect(&mut st, held.epoch, |c| c.write(offset, data, fua))?;
+        st.dirty_redirected = !fua || st.dirty_redirected;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        let epoch = self
+            .node
+            .held_lease(&self.name)
+            .map(|h| h.epoch)
+            .unwrap_or(0);
+        let mut st = lock(&self.state);
+        self.flush_locked(&mut st, epoch)
+    }
+}
+
+/// The coordinator's side of a redirected export `NAME@NODE.EPOCH`.
+struct RedirectTarget {
+    node: Arc<Node>,
+    name: String,
+    writer: NodeId,
+    epoch: u64,
+    size: u64,
+}
+
+impl Backend for RedirectTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.node.redirected_read(&self.name, buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        self.node
+            .redirected_write(&self.name, self.writer, self.epoch, data, offset, fua)
+    }
+    fn flush(&self) -> Result<(), Errno> {
+        drop(self.node.coordinator().map_err(|_| Errno::Shutdown)?);
+        self.node.lun.flush().map_err(|_| Errno::Io)
+    }
+}
+
+/// The node as a set of NBD exports plus the control protocol.
+#[derive(Debug, Clone)]
+pub struct NodeExports(pub Arc<Node>);
+
+impl Exports for NodeExports {
+    fn list(&self) -> Vec<String> {
+        self.0
+            .call_coordinator(&Request::List)
+            .ok()
+            .and_then(|v| {
+                v["files"].as_array().map(|a| {
+                    a.iter()
+                        .filter_map(|f| f["name"].as_str().map(String::from))
+                        .collect()
+                })
+            })
+            .unwrap_or_default()
+    }
+
+    fn open(&self, name: &str) -> Option<Arc<dyn Backend>> {
+        let node = &self.0;
+        if let Some((file, who)) = name.split_once('@') {
+            let (writer, epoch) = who.split_once('.')?;
+            let writer: NodeId = writer.parse().ok()?;
+            let epoch: u64 = epoch.parse().ok()?;
+            let g = node.coordinator().ok()?;
+            let size = g.as_ref()?.volume.meta.files.get(file)?.size;
+            drop(g);
+            return Some(Arc::new(RedirectTarget {
+                node: Arc::clone(node),
+                name: file.to_owned(),
+                writer,
+                epoch,
+                size,
+            }));
+        }
+        node.handle_for(name).map(|h| h as Arc<dyn Backend>)
+    }
+
+    fn control(&self, request: &[u8]) -> Option<Vec<u8>> {
+        let res = serde_json::from_slice::<Envelope>(request)
+            .map_err(|e| {
+                ControlError::new(
+                    ErrorKind::Invalid,
+                    format!("malformed control request: {e}"),
+                )
+            })
+            .and_then(|env| self.0.handle(env));
+        serde_json::to_vec(&Reply::from_result(res)).ok()
+    }
+}
