@@ -20,6 +20,8 @@
 //! ```
 
 #![forbid(unsafe_code)]
+// Numeric kernels index several parallel arrays at once; index loops read better there.
+#![allow(clippy::needless_range_loop)]
 
 pub mod cluster;
 pub mod detect;

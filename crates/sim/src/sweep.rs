@@ -1,0 +1,1 @@
+//! Days × policies in parallel (std threads over a shared work index) and the paper-style summary.
