@@ -183,11 +183,14 @@ pub fn find_host(
     vm: u32,
     excluded: &[bool],
     alloc: &mut [Option<(f64, f64)>],
+    power_now: &[f64],
     cfg: &PolicyConfig,
 ) -> Option<usize> {
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
     let mut best = None;
+    // idle empty hosts of one type all score the same: only the first of each can win
+    let mut seen_idle: Vec<(u64, u32, u64, u64)> = Vec::new();
     for h in 0..view.hosts.len() {
         if excluded[h] {
             continue;
@@ -195,6 +198,19 @@ pub fn find_host(
         let host = &view.hosts[h];
         if host.pe_mips < req {
             continue;
+        }
+        if host.vms.is_empty() && host.utilization == 0.0 {
+            let w = &host.power.watts;
+            let key = (
+                host.pe_mips.to_bits(),
+                host.pes,
+                w[0].to_bits(),
+                w[10].to_bits(),
+            );
+            if seen_idle.contains(&key) {
+                continue;
+            }
+            seen_idle.push(key);
         }
         let (sum, avail) = *alloc[h].get_or_insert_with(|| host_allocation(view, h));
         if avail < req {
@@ -204,7 +220,7 @@ pub fn find_host(
         if after > 1.0 {
             continue;
         }
-        let diff = host.power.watts_at(after) - host.power.watts_at(host.utilization);
+        let diff = host.power.watts_at(after) - power_now[h];
         // checking the power first and the detector only for a would-be winner gives the same
         // choice as the reverse order, at a fraction of the cost
         if diff >= min {
@@ -234,6 +250,11 @@ fn sort_by_demand(view: &ClusterView, vms: &mut [u32]) {
 pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
     let n = view.hosts.len();
     let mut alloc: Vec<Option<(f64, f64)>> = vec![None; n];
+    let power_now: Vec<f64> = view
+        .hosts
+        .iter()
+        .map(|h| h.power.watts_at(h.utilization))
+        .collect();
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
@@ -272,7 +293,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     sort_by_demand(view, &mut shed);
     let mut received = vec![false; n];
     for v in shed {
-        if let Some(t) = find_host(view, v, &over, &mut alloc, cfg) {
+        if let Some(t) = find_host(view, v, &over, &mut alloc, &power_now, cfg) {
             view.hosts[t].vms.push(v);
             alloc[t] = None;
             received[t] = true;
@@ -331,7 +352,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         let mut placed: Vec<(u32, usize)> = Vec::with_capacity(vms.len());
         let mut ok = true;
         for &v in &vms {
-            match find_host(view, v, &excl_place, &mut alloc, cfg) {
+            match find_host(view, v, &excl_place, &mut alloc, &power_now, cfg) {
                 Some(t) => {
                     view.hosts[t].vms.push(v);
                     alloc[t] = None;

@@ -106,9 +106,38 @@ pub fn mad_threshold(history: &[f64], s: f64) -> Option<f64> {
 
 /// Median with the (n+1)-position rule (mean of the two middle values for even n).
 pub fn median(data: &[f64]) -> f64 {
-    let mut v = data.to_vec();
-    v.sort_by(f64::total_cmp);
-    percentile_sorted(&v, 50.0)
+    let mut buf = [0.0f64; 64];
+    if data.len() > buf.len() {
+        let mut v = data.to_vec();
+        v.sort_by(f64::total_cmp);
+        return percentile_sorted(&v, 50.0);
+    }
+    let v = &mut buf[..data.len()];
+    v.copy_from_slice(data);
+    median_in_place(v)
+}
+
+/// Median by selection (same value as sorting and taking the (n+1)/2 position).
+fn median_in_place(v: &mut [f64]) -> f64 {
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n == 1 {
+        return v[0];
+    }
+    let pos = 50.0 * (n as f64 + 1.0) / 100.0;
+    let fpos = pos.floor();
+    let d = pos - fpos;
+    let k = fpos as usize;
+    if k >= n {
+        let (_, m, _) = v.select_nth_unstable_by(n - 1, f64::total_cmp);
+        return *m;
+    }
+    let (left, upper, _) = v.select_nth_unstable_by(k, f64::total_cmp);
+    let upper = *upper;
+    let lower = left.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    lower + d * (upper - lower)
 }
 
 fn percentile_sorted(sorted: &[f64], p: f64) -> f64 {
@@ -139,6 +168,13 @@ pub fn mad(data: &[f64]) -> f64 {
         return 0.0;
     }
     let m = median(data);
+    if data.len() <= 64 {
+        let mut buf = [0.0f64; 64];
+        for (b, x) in buf.iter_mut().zip(data) {
+            *b = (m - x).abs();
+        }
+        return median_in_place(&mut buf[..data.len()]);
+    }
     let dev: Vec<f64> = data.iter().map(|x| (m - x).abs()).collect();
     median(&dev)
 }
@@ -295,6 +331,13 @@ mod tests {
         );
         expect![["median=0.300 mad=0.200 iqr=0.700"]].assert_eq(&out);
         assert_eq!(median(&[1.0, 2.0, 3.0, 4.0]), 2.5);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[7.0]), 7.0);
+        // selection gives exactly what sorting gives
+        let d: Vec<f64> = (0..30).map(|i| ((i * 37) % 11) as f64 * 0.013).collect();
+        let mut s = d.clone();
+        s.sort_by(f64::total_cmp);
+        assert_eq!(median(&d), percentile_sorted(&s, 50.0));
     }
 
     #[test]

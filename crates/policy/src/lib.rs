@@ -140,13 +140,13 @@ impl fmt::Display for PolicySpec {
             PolicySpec::Npa => write!(f, "npa"),
             PolicySpec::Dvfs => write!(f, "dvfs"),
             PolicySpec::Dynamic(p) => {
-                write!(
-                    f,
-                    "{}-{}-{}",
-                    p.detector.name(),
-                    p.selection.name(),
-                    p.detector.parameter()
-                )
+                let v = p.detector.parameter();
+                write!(f, "{}-{}-", p.detector.name(), p.selection.name())?;
+                if v.fract() == 0.0 {
+                    write!(f, "{v:.1}")
+                } else {
+                    write!(f, "{v}")
+                }
             }
         }
     }
@@ -207,7 +207,7 @@ mod tests {
         }
         assert_eq!(
             "mad-rs-2.0".parse::<PolicySpec>().unwrap().to_string(),
-            "mad-rs-2"
+            "mad-rs-2.0"
         );
         for bad in [
             "",

@@ -32,7 +32,10 @@ impl PowerModel {
     /// floating-point order as the reference simulator so that ties between hosts resolve alike.
     pub fn watts_at(&self, u: f64) -> f64 {
         let u = u.clamp(0.0, 1.0);
-        if u % 0.1 == 0.0 {
+        // The reference formula special-cases `u % 0.1 == 0`. In 0..=1 that holds for exactly five
+        // doubles (0, 0.1, 0.2, 0.4, 0.8: the multiples of 0.1 that are representable), so test
+        // those instead of calling the slow fmod.
+        if u == 0.0 || u == 0.1 || u == 0.2 || u == 0.4 || u == 0.8 {
             return self.watts[(u * 10.0) as usize];
         }
         let lo = (u * 10.0).floor() as usize;
@@ -76,6 +79,16 @@ mod tests {
             u=1    g4=117.000 g5=135.000
         "#]]
         .assert_eq(&out);
+    }
+
+    #[test]
+    fn exact_grid_shortcut_agrees_with_fmod() {
+        for i in 0..=100_000 {
+            let u = i as f64 / 100_000.0;
+            let by_fmod = u % 0.1 == 0.0;
+            let listed = u == 0.0 || u == 0.1 || u == 0.2 || u == 0.4 || u == 0.8;
+            assert_eq!(by_fmod, listed, "{u}");
+        }
     }
 
     #[test]

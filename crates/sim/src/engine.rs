@@ -138,17 +138,57 @@ impl Vm {
     }
 }
 
-/// Utilisation of a trace at time `t` (linear between samples; the sample after the last repeats it).
-fn trace_utilization(trace: &[u8; SAMPLES], t: f64) -> f64 {
-    let at = |i: usize| trace[i.min(SAMPLES - 1)] as f64 / 100.0;
-    if t % INTERVAL_S == 0.0 {
-        return at((t as i64 / INTERVAL_S as i64) as usize);
+/// Where time `t` falls between trace samples (computed once per update, used for every VM).
+#[derive(Debug, Clone, Copy)]
+struct TimePoint {
+    grid: Option<usize>,
+    i1: usize,
+    i2: usize,
+    denom: f64,
+    offset: f64,
+}
+
+impl TimePoint {
+    fn new(t: f64) -> Self {
+        if t % INTERVAL_S == 0.0 {
+            let i = (t as i64 / INTERVAL_S as i64) as usize;
+            return TimePoint {
+                grid: Some(i),
+                i1: i,
+                i2: i,
+                denom: 1.0,
+                offset: 0.0,
+            };
+        }
+        let t1 = (t / INTERVAL_S).floor();
+        let t2 = (t / INTERVAL_S).ceil();
+        TimePoint {
+            grid: None,
+            i1: t1 as usize,
+            i2: t2 as usize,
+            denom: (t2 - t1) * INTERVAL_S,
+            offset: t - t1 * INTERVAL_S,
+        }
     }
-    let t1 = (t / INTERVAL_S).floor();
-    let t2 = (t / INTERVAL_S).ceil();
-    let (u1, u2) = (at(t1 as usize), at(t2 as usize));
-    let delta = (u2 - u1) / ((t2 - t1) * INTERVAL_S);
-    u1 + delta * (t - t1 * INTERVAL_S)
+
+    /// Utilisation of a trace at this time (linear between samples; the sample after the last
+    /// repeats it).
+    fn utilization(&self, trace: &[u8; SAMPLES]) -> f64 {
+        let at = |i: usize| trace[i.min(SAMPLES - 1)] as f64 / 100.0;
+        match self.grid {
+            Some(i) => at(i),
+            None => {
+                let (u1, u2) = (at(self.i1), at(self.i2));
+                let delta = (u2 - u1) / self.denom;
+                u1 + delta * self.offset
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+fn trace_utilization(trace: &[u8; SAMPLES], t: f64) -> f64 {
+    TimePoint::new(t).utilization(trace)
 }
 
 impl<'a> Sim<'a> {
@@ -211,11 +251,15 @@ impl<'a> Sim<'a> {
 
     /// Recompute one host at time `t`: VM demands, CPU shares, utilisation and the state records.
     fn host_update(&mut self, h: usize, t: f64) {
-        let tick = self.is_history_tick(t);
+        let (tick, tp) = (self.is_history_tick(t), TimePoint::new(t));
+        self.host_update_at(h, t, tick, tp);
+    }
+
+    fn host_update_at(&mut self, h: usize, t: f64, tick: bool, tp: TimePoint) {
         let host = &mut self.hosts[h];
         for &v in &host.vms {
             let vm = &mut self.vms[v as usize];
-            let u = trace_utilization(&self.w.traces[v as usize], t);
+            let u = tp.utilization(&self.w.traces[v as usize]);
             vm.req = u * vm.mips;
             if tick && t > vm.history_t {
                 if t != 0.0 || u != 0.0 {
@@ -303,8 +347,9 @@ impl<'a> Sim<'a> {
 
     /// Update every host at `t`, add the energy since the last update, retire finished VMs.
     fn dc_update(&mut self, t: f64) {
+        let (tick, tp) = (self.is_history_tick(t), TimePoint::new(t));
         for h in 0..self.hosts.len() {
-            self.host_update(h, t);
+            self.host_update_at(h, t, tick, tp);
         }
         let dt = t - self.last_t;
         if dt > 0.0 {
@@ -413,6 +458,7 @@ impl<'a> Sim<'a> {
     }
 
     fn view(&self, t: f64) -> ClusterView {
+        let tp = TimePoint::new(t);
         let hosts = self
             .hosts
             .iter()
@@ -434,7 +480,7 @@ impl<'a> Sim<'a> {
                 ram_mb: vm.ram_mb,
                 requested_mips: vm.req,
                 utilization: if vm.host.is_some() {
-                    trace_utilization(&self.w.traces[i], t)
+                    tp.utilization(&self.w.traces[i])
                 } else {
                     0.0
                 },
