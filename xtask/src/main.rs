@@ -2,6 +2,8 @@
 
 use clap::{Parser, Subcommand};
 
+mod bench_sim;
+
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
 struct Cli {
@@ -13,11 +15,21 @@ struct Cli {
 enum Task {
     /// Run every test the way CI does.
     Test,
+    /// Benchmarks against peers.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Simulator: one PlanetLab day per reference policy, 20k/40k synthetic, the full sweep.
+    Sim(bench_sim::Args),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => test(),
+        Task::Bench(Bench::Sim(args)) => bench_sim::run(args),
     }
 }
 

@@ -150,6 +150,45 @@ fn host_history(
     }
 }
 
+/// As [`host_history`] for the regression detectors, which read only the 10 newest points: those are
+/// summed exactly as there, and the rest only checked for being non-zero (the trimmed length decides
+/// whether the history is long enough).
+fn lr_history(
+    view: &ClusterView,
+    h: usize,
+    extra: Option<u32>,
+    buf: &mut [f64; HISTORY_LEN],
+) -> usize {
+    const W: usize = crate::detect::LR_WINDOW;
+    let host = &view.hosts[h];
+    let total = host.total_mips();
+    buf.fill(0.0);
+    for &v in host.vms.iter().chain(extra.iter()) {
+        let vm = &view.vms[v as usize];
+        for (i, x) in vm.history.iter().take(W).enumerate() {
+            buf[i] += x * vm.mips / total;
+        }
+    }
+    if buf[W - 1] != 0.0 {
+        return W;
+    }
+    let tail = host.vms.iter().chain(extra.iter()).any(|&v| {
+        view.vms[v as usize]
+            .history
+            .iter()
+            .take(HISTORY_LEN)
+            .skip(W)
+            .any(|&x| x * view.vms[v as usize].mips / total != 0.0)
+    });
+    if tail {
+        return W;
+    }
+    match buf[..W].iter().rposition(|&x| x != 0.0) {
+        Some(i) => i + 1,
+        None => 1,
+    }
+}
+
 /// Is host `h` overloaded (optionally as if VM `extra` were added)?
 pub fn is_overloaded(view: &ClusterView, h: usize, extra: Option<u32>, cfg: &PolicyConfig) -> bool {
     let host = &view.hosts[h];
@@ -166,7 +205,11 @@ pub fn is_overloaded(view: &ClusterView, h: usize, extra: Option<u32>, cfg: &Pol
         return requested_utilization > t;
     }
     let mut buf = [0.0; HISTORY_LEN];
-    let n = host_history(view, h, extra, &mut buf);
+    let n = if matches!(cfg.detector, Detector::Lr(_) | Detector::Lrr(_)) {
+        lr_history(view, h, extra, &mut buf)
+    } else {
+        host_history(view, h, extra, &mut buf)
+    };
     let sample = HostSample {
         history: &buf[..n],
         requested_utilization,
@@ -174,6 +217,83 @@ pub fn is_overloaded(view: &ClusterView, h: usize, extra: Option<u32>, cfg: &Pol
     };
     cfg.detector
         .is_overloaded(&sample, cfg.model, cfg.interval_s)
+}
+
+/// The hosts [`find_host`] has to look at. Idle empty hosts of one type all score the same, so only
+/// the lowest-numbered of each type can win; keeping them apart makes a placement cost O(busy hosts)
+/// instead of O(all hosts) without changing any choice.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    busy: Vec<usize>,
+    idle: Vec<(TypeKey, std::collections::BTreeSet<usize>)>,
+    /// Whether idle hosts may be chosen in this phase.
+    pub idle_allowed: bool,
+}
+
+/// Identifies a host type (core MIPS, cores, idle and peak watts).
+type TypeKey = (u64, u32, u64, u64);
+
+fn type_key(h: &HostView) -> TypeKey {
+    let w = &h.power.watts;
+    (h.pe_mips.to_bits(), h.pes, w[0].to_bits(), w[10].to_bits())
+}
+
+impl Candidates {
+    /// Split the hosts of `view` into busy ones and idle empty ones (grouped by type).
+    pub fn new(view: &ClusterView) -> Self {
+        let mut c = Candidates {
+            idle_allowed: true,
+            ..Default::default()
+        };
+        for (i, h) in view.hosts.iter().enumerate() {
+            if h.vms.is_empty() && h.utilization == 0.0 {
+                let k = type_key(h);
+                match c.idle.iter_mut().find(|e| e.0 == k) {
+                    Some(e) => {
+                        e.1.insert(i);
+                    }
+                    None => c.idle.push((k, std::iter::once(i).collect())),
+                }
+            } else {
+                c.busy.push(i);
+            }
+        }
+        c
+    }
+
+    /// Host `h` just received a VM: it is no longer idle.
+    pub fn mark_busy(&mut self, view: &ClusterView, h: usize) {
+        let k = type_key(&view.hosts[h]);
+        if let Some(e) = self.idle.iter_mut().find(|e| e.0 == k)
+            && e.1.remove(&h)
+            && let Err(p) = self.busy.binary_search(&h)
+        {
+            self.busy.insert(p, h);
+        }
+    }
+
+    fn each(&self, excluded: &[bool], mut f: impl FnMut(usize)) {
+        let mut firsts: Vec<usize> = Vec::new();
+        if self.idle_allowed {
+            for (_, set) in &self.idle {
+                if let Some(&h) = set.iter().find(|&&h| !excluded[h]) {
+                    firsts.push(h);
+                }
+            }
+            firsts.sort_unstable();
+        }
+        let mut j = 0;
+        for &h in &self.busy {
+            while j < firsts.len() && firsts[j] < h {
+                f(firsts[j]);
+                j += 1;
+            }
+            f(h);
+        }
+        for &h in &firsts[j..] {
+            f(h);
+        }
+    }
 }
 
 /// PABFD host choice for VM `vm`: the non-excluded host whose power rises least and that stays not
@@ -184,54 +304,40 @@ pub fn find_host(
     excluded: &[bool],
     alloc: &mut [Option<(f64, f64)>],
     power_now: &[f64],
+    cands: &Candidates,
     cfg: &PolicyConfig,
 ) -> Option<usize> {
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
     let mut best = None;
-    // idle empty hosts of one type all score the same: only the first of each can win
-    let mut seen_idle: Vec<(u64, u32, u64, u64)> = Vec::new();
-    for h in 0..view.hosts.len() {
+    cands.each(excluded, |h| {
         if excluded[h] {
-            continue;
+            return;
         }
         let host = &view.hosts[h];
         if host.pe_mips < req {
-            continue;
-        }
-        if host.vms.is_empty() && host.utilization == 0.0 {
-            let w = &host.power.watts;
-            let key = (
-                host.pe_mips.to_bits(),
-                host.pes,
-                w[0].to_bits(),
-                w[10].to_bits(),
-            );
-            if seen_idle.contains(&key) {
-                continue;
-            }
-            seen_idle.push(key);
+            return;
         }
         let (sum, avail) = *alloc[h].get_or_insert_with(|| host_allocation(view, h));
         if avail < req {
-            continue;
+            return;
         }
         let after = (sum + req) / host.total_mips();
         if after > 1.0 {
-            continue;
+            return;
         }
         let diff = host.power.watts_at(after) - power_now[h];
         // checking the power first and the detector only for a would-be winner gives the same
         // choice as the reverse order, at a fraction of the cost
         if diff >= min {
-            continue;
+            return;
         }
         if sum != 0.0 && is_overloaded(view, h, Some(vm), cfg) {
-            continue;
+            return;
         }
         min = diff;
         best = Some(h);
-    }
+    });
     best
 }
 
@@ -255,6 +361,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         .iter()
         .map(|h| h.power.watts_at(h.utilization))
         .collect();
+    let mut cands = Candidates::new(view);
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
@@ -293,7 +400,8 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     sort_by_demand(view, &mut shed);
     let mut received = vec![false; n];
     for v in shed {
-        if let Some(t) = find_host(view, v, &over, &mut alloc, &power_now, cfg) {
+        if let Some(t) = find_host(view, v, &over, &mut alloc, &power_now, &cands, cfg) {
+            cands.mark_busy(view, t);
             view.hosts[t].vms.push(v);
             alloc[t] = None;
             received[t] = true;
@@ -316,28 +424,41 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         .map(|h| over[h] || off[h] || (cfg.model == Model::Paper && received[h]))
         .collect();
     let mut excl_place: Vec<bool> = (0..n).map(|h| over[h] || off[h]).collect();
+    // idle empty hosts count as switched off in both models, so the underload phase never uses them
+    cands.idle_allowed = false;
     let mut n_excl_under = excl_under.iter().filter(|&&x| x).count();
+    // Measured utilisations do not change during the round and exclusions only grow, so walking the
+    // hosts once in (utilisation, id) order finds the same least-utilised host each time as a full
+    // scan would (a host that is empty when passed can only gain VMs by becoming a placement target,
+    // which excludes it).
+    let limit = match cfg.model {
+        Model::CloudSim => 1.0,
+        Model::Paper => f64::INFINITY,
+    };
+    let mut walk: Vec<usize> = (0..n)
+        .filter(|&h| {
+            let u = view.hosts[h].utilization;
+            !excl_under[h] && u < limit && (cfg.model == Model::Paper || u > 0.0)
+        })
+        .collect();
+    walk.sort_by(|&a, &b| {
+        view.hosts[a]
+            .utilization
+            .total_cmp(&view.hosts[b].utilization)
+            .then(a.cmp(&b))
+    });
+    let mut pos = 0;
     loop {
         if n_excl_under == n {
             break;
         }
-        let mut min = match cfg.model {
-            Model::CloudSim => 1.0,
-            Model::Paper => f64::INFINITY,
-        };
         let mut under = None;
-        for h in 0..n {
-            if excl_under[h] || view.hosts[h].vms.is_empty() {
-                continue;
-            }
-            let u = view.hosts[h].utilization;
-            let eligible = match cfg.model {
-                Model::CloudSim => u > 0.0,
-                Model::Paper => true,
-            };
-            if eligible && u < min {
-                min = u;
+        while pos < walk.len() {
+            let h = walk[pos];
+            pos += 1;
+            if !excl_under[h] && !view.hosts[h].vms.is_empty() {
                 under = Some(h);
+                break;
             }
         }
         let Some(h) = under else { break };
@@ -352,7 +473,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         let mut placed: Vec<(u32, usize)> = Vec::with_capacity(vms.len());
         let mut ok = true;
         for &v in &vms {
-            match find_host(view, v, &excl_place, &mut alloc, &power_now, cfg) {
+            match find_host(view, v, &excl_place, &mut alloc, &power_now, &cands, cfg) {
                 Some(t) => {
                     view.hosts[t].vms.push(v);
                     alloc[t] = None;

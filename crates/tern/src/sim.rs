@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also print wall time, CPU time and peak resident memory of this process on stderr.
+    #[arg(long)]
+    resources: bool,
 }
 
 /// `tern sim sweep`.
@@ -88,6 +91,9 @@ pub struct SweepArgs {
     /// Worker threads [default: all cores].
     #[arg(long)]
     threads: Option<usize>,
+    /// Also print wall time, CPU time and peak resident memory of this process on stderr.
+    #[arg(long)]
+    resources: bool,
 }
 
 fn parse_model(s: &str) -> Result<Model, String> {
@@ -127,7 +133,28 @@ fn check_hosts(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Wall time, CPU seconds and peak RSS (kB) of this process, read from /proc/self.
+fn resources(start: Instant) -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // fields after the command name: state is field 3, utime 14, stime 15 (clock ticks of 1/100 s)
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let cpu_s = (ticks(11) + ticks(12)) as f64 / 100.0;
+    format!(
+        "resources: wall_s={:.3} cpu_s={cpu_s:.2} peak_rss_kb={hwm}",
+        start.elapsed().as_secs_f64()
+    )
+}
+
 fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
+    let process_start = Instant::now();
     check_hosts(a.t.hosts)?;
     let w = match a.synthetic {
         Some(vms) => synth::workload(a.t.hosts, vms, a.t.seed, a.t.model),
@@ -169,10 +196,14 @@ fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("  host shutdowns  {}", r.host_shutdowns);
         println!("  overall CPU under-allocation {:.3} %", r.sla_overall_pct);
     }
+    if a.resources {
+        eprintln!("{}", resources(process_start));
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
+    let start = Instant::now();
     check_hosts(a.t.hosts)?;
     let set = open_traces(&a.t)?;
     let days: Vec<String> = if a.days == "all" {
@@ -200,7 +231,6 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| parse_policy(p).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let start = Instant::now();
     let mut workloads = Vec::with_capacity(days.len());
     for day in &days {
         let order = a.trace_order.as_ref().map(|d| d.join(format!("{day}.txt")));
@@ -239,6 +269,9 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
     if let Some(dir) = &a.plot {
         write_plots(dir, &reports, &days[0])?;
         println!("plots written to {}", dir.display());
+    }
+    if a.resources {
+        eprintln!("{}", resources(start));
     }
     Ok(ExitCode::SUCCESS)
 }
