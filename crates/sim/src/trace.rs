@@ -81,6 +81,15 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
 impl TraceSet {
     /// Open a folder or a `.tar.xz` archive.
     pub fn open(path: &Path) -> Result<Self, TraceError> {
+        Self::open_filtered(path, None)
+    }
+
+    /// Open for one day only: an archive is decompressed only as far as that day's files go.
+    pub fn open_day(path: &Path, day: &str) -> Result<Self, TraceError> {
+        Self::open_filtered(path, Some(day))
+    }
+
+    fn open_filtered(path: &Path, only: Option<&str>) -> Result<Self, TraceError> {
         let meta = std::fs::metadata(path).map_err(io(path))?;
         if meta.is_dir() {
             return Ok(TraceSet::Dir(path.to_path_buf()));
@@ -107,6 +116,16 @@ impl TraceSet {
             }
             let day = parts[parts.len() - 2].clone();
             let name = parts[parts.len() - 1].clone();
+            if let Some(only) = only
+                && day != only
+            {
+                if days.contains_key(only) {
+                    // the archive keeps each day's files together: the day is complete
+                    break;
+                }
+                days.entry(day).or_default();
+                continue;
+            }
             let mut bytes = Vec::with_capacity(entry.size() as usize);
             entry.read_to_end(&mut bytes).map_err(io(path))?;
             days.entry(day).or_default().push((name, bytes));

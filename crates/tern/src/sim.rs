@@ -160,7 +160,9 @@ fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
         Some(vms) => synth::workload(a.t.hosts, vms, a.t.seed, a.t.model),
         None => {
             let day = a.day.as_deref().unwrap_or_default();
-            let set = open_traces(&a.t)?;
+            let path = a.t.traces.clone().unwrap_or_else(default_traces);
+            let set = TraceSet::open_day(&path, day)
+                .with_context(|| format!("opening traces {}", path.display()))?;
             let d = set.load_day(day, a.trace_order.as_deref())?;
             Workload::benchmark(day, a.t.hosts, d.samples, a.t.model)
         }
