@@ -219,13 +219,67 @@ pub fn is_overloaded(view: &ClusterView, h: usize, extra: Option<u32>, cfg: &Pol
         .is_overloaded(&sample, cfg.model, cfg.interval_s)
 }
 
+/// Per-round cache of each host's summed history (untrimmed, in VM-list order).
+pub type HistoryCache = Vec<Option<[f64; HISTORY_LEN]>>;
+
+/// [`is_overloaded`] with the host's own history sum cached for the round. Adding the extra VM's
+/// history to the cached sum performs the same floating-point additions, in the same order, as summing
+/// the list with the VM appended.
+fn is_overloaded_cached(
+    view: &ClusterView,
+    h: usize,
+    extra: Option<u32>,
+    cfg: &PolicyConfig,
+    cache: &mut [Option<[f64; HISTORY_LEN]>],
+) -> bool {
+    if let Detector::Thr(_) = cfg.detector {
+        return is_overloaded(view, h, extra, cfg);
+    }
+    let host = &view.hosts[h];
+    let total = host.total_mips();
+    let mut req = 0.0;
+    let mut max_ram = i32::MIN as f64;
+    for &v in host.vms.iter().chain(extra.iter()) {
+        let vm = &view.vms[v as usize];
+        req += vm.requested_mips;
+        max_ram = max_ram.max(vm.ram_mb as f64);
+    }
+    let mut buf = *cache[h].get_or_insert_with(|| {
+        let mut b = [0.0; HISTORY_LEN];
+        for &v in &host.vms {
+            let vm = &view.vms[v as usize];
+            for (i, x) in vm.history.iter().take(HISTORY_LEN).enumerate() {
+                b[i] += x * vm.mips / total;
+            }
+        }
+        b
+    });
+    if let Some(v) = extra {
+        let vm = &view.vms[v as usize];
+        for (i, x) in vm.history.iter().take(HISTORY_LEN).enumerate() {
+            buf[i] += x * vm.mips / total;
+        }
+    }
+    let n = match buf.iter().rposition(|&x| x != 0.0) {
+        Some(i) => i + 1,
+        None => 1,
+    };
+    let sample = HostSample {
+        history: &buf[..n],
+        requested_utilization: req / total,
+        max_migration_time_s: max_ram / cfg.migration_mb_per_s,
+    };
+    cfg.detector
+        .is_overloaded(&sample, cfg.model, cfg.interval_s)
+}
+
 /// The hosts [`find_host`] has to look at. Idle empty hosts of one type all score the same, so only
 /// the lowest-numbered of each type can win; keeping them apart makes a placement cost O(busy hosts)
 /// instead of O(all hosts) without changing any choice.
 #[derive(Debug, Clone, Default)]
 pub struct Candidates {
     busy: Vec<usize>,
-    idle: Vec<(TypeKey, std::collections::BTreeSet<usize>)>,
+    idle: Vec<(TypeKey, Vec<usize>)>,
     /// Whether idle hosts may be chosen in this phase.
     pub idle_allowed: bool,
 }
@@ -249,10 +303,8 @@ impl Candidates {
             if h.vms.is_empty() && h.utilization == 0.0 {
                 let k = type_key(h);
                 match c.idle.iter_mut().find(|e| e.0 == k) {
-                    Some(e) => {
-                        e.1.insert(i);
-                    }
-                    None => c.idle.push((k, std::iter::once(i).collect())),
+                    Some(e) => e.1.push(i),
+                    None => c.idle.push((k, vec![i])),
                 }
             } else {
                 c.busy.push(i);
@@ -265,10 +317,12 @@ impl Candidates {
     pub fn mark_busy(&mut self, view: &ClusterView, h: usize) {
         let k = type_key(&view.hosts[h]);
         if let Some(e) = self.idle.iter_mut().find(|e| e.0 == k)
-            && e.1.remove(&h)
-            && let Err(p) = self.busy.binary_search(&h)
+            && let Ok(i) = e.1.binary_search(&h)
         {
-            self.busy.insert(p, h);
+            e.1.remove(i);
+            if let Err(p) = self.busy.binary_search(&h) {
+                self.busy.insert(p, h);
+            }
         }
     }
 
@@ -296,17 +350,53 @@ impl Candidates {
     }
 }
 
+/// Per-round caches shared by the placements of one [`optimize`] call.
+#[derive(Debug, Clone)]
+pub struct Round {
+    alloc: Vec<Option<(f64, f64)>>,
+    hist: HistoryCache,
+    power_now: Vec<f64>,
+    cands: Candidates,
+}
+
+impl Round {
+    /// Fresh caches for `view`.
+    pub fn new(view: &ClusterView) -> Self {
+        let n = view.hosts.len();
+        Round {
+            alloc: vec![None; n],
+            hist: vec![None; n],
+            power_now: view
+                .hosts
+                .iter()
+                .map(|h| h.power.watts_at(h.utilization))
+                .collect(),
+            cands: Candidates::new(view),
+        }
+    }
+
+    /// Host `h`'s VM list changed.
+    pub fn invalidate(&mut self, h: usize) {
+        self.alloc[h] = None;
+        self.hist[h] = None;
+    }
+}
+
 /// PABFD host choice for VM `vm`: the non-excluded host whose power rises least and that stays not
 /// overloaded. Ties go to the lower host id.
 pub fn find_host(
     view: &ClusterView,
     vm: u32,
     excluded: &[bool],
-    alloc: &mut [Option<(f64, f64)>],
-    power_now: &[f64],
-    cands: &Candidates,
+    round: &mut Round,
     cfg: &PolicyConfig,
 ) -> Option<usize> {
+    let Round {
+        alloc,
+        hist,
+        power_now,
+        cands,
+    } = round;
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
     let mut best = None;
@@ -332,7 +422,7 @@ pub fn find_host(
         if diff >= min {
             return;
         }
-        if sum != 0.0 && is_overloaded(view, h, Some(vm), cfg) {
+        if sum != 0.0 && is_overloaded_cached(view, h, Some(vm), cfg, hist) {
             return;
         }
         min = diff;
@@ -355,17 +445,13 @@ fn sort_by_demand(view: &ClusterView, vms: &mut [u32]) {
 /// pass a scratch snapshot); the returned decisions say what to do.
 pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
     let n = view.hosts.len();
-    let mut alloc: Vec<Option<(f64, f64)>> = vec![None; n];
-    let power_now: Vec<f64> = view
-        .hosts
-        .iter()
-        .map(|h| h.power.watts_at(h.utilization))
-        .collect();
-    let mut cands = Candidates::new(view);
+    let mut round = Round::new(view);
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
-    let over: Vec<bool> = (0..n).map(|h| is_overloaded(view, h, None, cfg)).collect();
+    let over: Vec<bool> = (0..n)
+        .map(|h| is_overloaded_cached(view, h, None, cfg, &mut round.hist))
+        .collect();
     let mut shed: Vec<u32> = Vec::new();
     for h in (0..n).filter(|&h| over[h]) {
         out.overloaded.push(h as u32);
@@ -388,9 +474,9 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
             };
             let Some(idx) = idx else { break };
             let v = view.hosts[h].vms.remove(idx);
-            alloc[h] = None;
+            round.invalidate(h);
             shed.push(v);
-            if !is_overloaded(view, h, None, cfg) {
+            if !is_overloaded_cached(view, h, None, cfg, &mut round.hist) {
                 break;
             }
         }
@@ -400,10 +486,10 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     sort_by_demand(view, &mut shed);
     let mut received = vec![false; n];
     for v in shed {
-        if let Some(t) = find_host(view, v, &over, &mut alloc, &power_now, &cands, cfg) {
-            cands.mark_busy(view, t);
+        if let Some(t) = find_host(view, v, &over, &mut round, cfg) {
+            round.cands.mark_busy(view, t);
             view.hosts[t].vms.push(v);
-            alloc[t] = None;
+            round.invalidate(t);
             received[t] = true;
             out.migrations.push(Migration {
                 vm: v,
@@ -425,7 +511,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         .collect();
     let mut excl_place: Vec<bool> = (0..n).map(|h| over[h] || off[h]).collect();
     // idle empty hosts count as switched off in both models, so the underload phase never uses them
-    cands.idle_allowed = false;
+    round.cands.idle_allowed = false;
     let mut n_excl_under = excl_under.iter().filter(|&&x| x).count();
     // Measured utilisations do not change during the round and exclusions only grow, so walking the
     // hosts once in (utilisation, id) order finds the same least-utilised host each time as a full
@@ -473,10 +559,10 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         let mut placed: Vec<(u32, usize)> = Vec::with_capacity(vms.len());
         let mut ok = true;
         for &v in &vms {
-            match find_host(view, v, &excl_place, &mut alloc, &power_now, &cands, cfg) {
+            match find_host(view, v, &excl_place, &mut round, cfg) {
                 Some(t) => {
                     view.hosts[t].vms.push(v);
-                    alloc[t] = None;
+                    round.invalidate(t);
                     placed.push((v, t));
                 }
                 None => {
@@ -491,7 +577,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
                 if let Some(i) = list.iter().position(|&x| x == v) {
                     list.remove(i);
                 }
-                alloc[t] = None;
+                round.invalidate(t);
             }
             continue;
         }
