@@ -457,37 +457,50 @@ impl<'a> Sim<'a> {
         }
     }
 
-    fn view(&self, t: f64) -> ClusterView {
+    /// Refresh the policy's snapshot in place (reusing its buffers from the previous round).
+    fn fill_view(&self, t: f64, view: &mut ClusterView) {
         let tp = TimePoint::new(t);
-        let hosts = self
-            .hosts
-            .iter()
-            .map(|h| HostView {
-                pes: (h.total_mips / h.pe_mips).round() as u32,
-                pe_mips: h.pe_mips,
-                power: h.power,
-                utilization: h.utilization(h.util_mips).min(1.0),
-                vms: h.vms.clone(),
-            })
-            .collect();
-        let vms = self
-            .vms
-            .iter()
-            .enumerate()
-            .map(|(i, vm)| VmView {
-                host: vm.host.unwrap_or(u32::MAX),
-                mips: vm.mips,
-                ram_mb: vm.ram_mb,
-                requested_mips: vm.req,
-                utilization: if vm.host.is_some() {
-                    tp.utilization(&self.w.traces[i])
-                } else {
-                    0.0
-                },
-                history: vm.history.iter().copied().collect(),
-            })
-            .collect();
-        ClusterView { hosts, vms }
+        if view.hosts.len() != self.hosts.len() {
+            view.hosts = self
+                .hosts
+                .iter()
+                .map(|h| HostView {
+                    pes: (h.total_mips / h.pe_mips).round() as u32,
+                    pe_mips: h.pe_mips,
+                    power: h.power,
+                    utilization: 0.0,
+                    vms: Vec::new(),
+                })
+                .collect();
+            view.vms = self
+                .vms
+                .iter()
+                .map(|vm| VmView {
+                    host: u32::MAX,
+                    mips: vm.mips,
+                    ram_mb: vm.ram_mb,
+                    requested_mips: 0.0,
+                    utilization: 0.0,
+                    history: Vec::with_capacity(HISTORY_LEN),
+                })
+                .collect();
+        }
+        for (hv, h) in view.hosts.iter_mut().zip(&self.hosts) {
+            hv.utilization = h.utilization(h.util_mips).min(1.0);
+            hv.vms.clear();
+            hv.vms.extend_from_slice(&h.vms);
+        }
+        for (i, (vv, vm)) in view.vms.iter_mut().zip(&self.vms).enumerate() {
+            vv.host = vm.host.unwrap_or(u32::MAX);
+            vv.requested_mips = vm.req;
+            vv.utilization = if vm.host.is_some() {
+                tp.utilization(&self.w.traces[i])
+            } else {
+                0.0
+            };
+            vv.history.clear();
+            vv.history.extend(vm.history.iter().copied());
+        }
     }
 }
 
@@ -524,11 +537,12 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         Model::Paper => (0.0, SAMPLES),
     };
     let mut t = first;
+    let mut view = ClusterView::default();
     for _ in 0..steps {
         sim.dc_update(t);
         let mut started = 0;
         if let Some(pcfg) = &pcfg {
-            let mut view = sim.view(t);
+            sim.fill_view(t, &mut view);
             let dec = optimize(&mut view, pcfg, &mut rng);
             let mut events: Vec<(f64, u32, u32)> = Vec::with_capacity(dec.migrations.len());
             for m in &dec.migrations {
