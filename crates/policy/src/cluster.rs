@@ -39,6 +39,52 @@ pub struct HostView {
     pub utilization: f64,
     /// VMs on the host, in placement order.
     pub vms: Vec<u32>,
+    /// Reference-code emulation (used by `Model::CloudSim` only; leave the default otherwise).
+    pub sched: SchedOrder,
+}
+
+/// How CloudSim's CPU scheduler on a host last totted up its free MIPS. After an update it subtracts the
+/// VMs' demands in placement order; after any VM leaves it rebuilds the figure walking its hash table of
+/// VM ids (`HashMap<String, …>` keyed by "2-<vm id>"). The two sums can differ in the last bit, which
+/// decides `free ≥ demand` at the boundary, so the emulation follows the same order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchedOrder {
+    /// The free-MIPS figure was last rebuilt in hash-table order.
+    pub by_uid: bool,
+    /// Most VM entries the host's table has ever held (sets the table size, which never shrinks).
+    pub peak_entries: u32,
+}
+
+/// Java's `String.hashCode` of the reference code's VM uid "2-<id>" (broker id 2), spread as in
+/// `java.util.HashMap.hash`.
+pub fn uid_hash(vm: u32) -> u32 {
+    let mut digits = [0u8; 10];
+    let mut n = 0;
+    let mut x = vm;
+    loop {
+        digits[n] = b'0' + (x % 10) as u8;
+        n += 1;
+        x /= 10;
+        if x == 0 {
+            break;
+        }
+    }
+    let mut h: i32 = b'2' as i32;
+    h = h.wrapping_mul(31).wrapping_add(b'-' as i32);
+    for &d in digits[..n].iter().rev() {
+        h = h.wrapping_mul(31).wrapping_add(d as i32);
+    }
+    let h = h as u32;
+    h ^ (h >> 16)
+}
+
+/// Table size of a Java `HashMap` that has held `peak` entries (16, doubling past 3/4 full).
+pub fn table_capacity(peak: u32) -> u32 {
+    let mut c = 16u32;
+    while peak > c / 4 * 3 {
+        c *= 2;
+    }
+    c
 }
 
 impl HostView {
@@ -126,6 +172,40 @@ pub fn host_allocation(view: &ClusterView, h: usize) -> (f64, f64) {
         sum += (c * scale).floor();
     }
     (sum, 0.0)
+}
+
+/// [`host_allocation`] with the free MIPS summed in the reference scheduler's order.
+fn host_allocation_emulated(
+    view: &ClusterView,
+    h: usize,
+    by_uid: bool,
+    appended: &[u32],
+    peak: u32,
+) -> (f64, f64) {
+    let (sum, avail) = host_allocation(view, h);
+    if !by_uid || avail == 0.0 {
+        return (sum, avail);
+    }
+    let host = &view.hosts[h];
+    let mask = table_capacity(peak) - 1;
+    let mut order: Vec<(u32, usize, u32)> = host
+        .vms
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| !appended.contains(v))
+        .map(|(i, &v)| (uid_hash(v) & mask, i, v))
+        .collect();
+    order.sort_unstable();
+    let mut free = host.total_mips();
+    for v in order.iter().map(|o| o.2).chain(appended.iter().copied()) {
+        let c = view.vms[v as usize].requested_mips.min(host.pe_mips);
+        if free >= c {
+            free -= c;
+        } else {
+            return (sum, 0.0);
+        }
+    }
+    (sum, free)
 }
 
 /// Host utilisation history (most recent first, zero tail trimmed), optionally with one more VM.
@@ -357,6 +437,10 @@ pub struct Round {
     hist: HistoryCache,
     power_now: Vec<f64>,
     cands: Candidates,
+    emulate: bool,
+    by_uid: Vec<bool>,
+    appended: Vec<Vec<u32>>,
+    peak: Vec<u32>,
 }
 
 impl Round {
@@ -372,7 +456,29 @@ impl Round {
                 .map(|h| h.power.watts_at(h.utilization))
                 .collect(),
             cands: Candidates::new(view),
+            emulate: false,
+            by_uid: view.hosts.iter().map(|h| h.sched.by_uid).collect(),
+            appended: vec![Vec::new(); n],
+            peak: view
+                .hosts
+                .iter()
+                .map(|h| h.sched.peak_entries.max(h.vms.len() as u32))
+                .collect(),
         }
+    }
+
+    /// A VM left host `h` (the scheduler rebuilds its free MIPS in hash order).
+    fn removed(&mut self, h: usize) {
+        self.invalidate(h);
+        self.by_uid[h] = true;
+        self.appended[h].clear();
+    }
+
+    /// VM `v` was added to host `h` (now holding `len` VMs).
+    fn added(&mut self, h: usize, v: u32, len: usize) {
+        self.invalidate(h);
+        self.appended[h].push(v);
+        self.peak[h] = self.peak[h].max(len as u32);
     }
 
     /// Host `h`'s VM list changed.
@@ -396,6 +502,10 @@ pub fn find_host(
         hist,
         power_now,
         cands,
+        emulate,
+        by_uid,
+        appended,
+        peak,
     } = round;
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
@@ -408,9 +518,29 @@ pub fn find_host(
         if host.pe_mips < req {
             return;
         }
-        let (sum, avail) = *alloc[h].get_or_insert_with(|| host_allocation(view, h));
+        let (sum, avail) = *alloc[h].get_or_insert_with(|| {
+            if *emulate {
+                host_allocation_emulated(view, h, by_uid[h], &appended[h], peak[h])
+            } else {
+                host_allocation(view, h)
+            }
+        });
         if avail < req {
             return;
+        }
+        if *emulate && sum != 0.0 {
+            // the reference code tries the VM on every such host (create, check, destroy), which
+            // leaves the host's free-MIPS figure rebuilt in hash order
+            let new_peak = peak[h].max(host.vms.len() as u32 + 1);
+            if !by_uid[h]
+                || !appended[h].is_empty()
+                || table_capacity(new_peak) != table_capacity(peak[h])
+            {
+                alloc[h] = None;
+                by_uid[h] = true;
+                appended[h].clear();
+            }
+            peak[h] = new_peak;
         }
         let after = (sum + req) / host.total_mips();
         if after > 1.0 {
@@ -446,6 +576,7 @@ fn sort_by_demand(view: &ClusterView, vms: &mut [u32]) {
 pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
     let n = view.hosts.len();
     let mut round = Round::new(view);
+    round.emulate = cfg.model == Model::CloudSim;
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
@@ -474,7 +605,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
             };
             let Some(idx) = idx else { break };
             let v = view.hosts[h].vms.remove(idx);
-            round.invalidate(h);
+            round.removed(h);
             shed.push(v);
             if !is_overloaded_cached(view, h, None, cfg, &mut round.hist) {
                 break;
@@ -489,7 +620,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         if let Some(t) = find_host(view, v, &over, &mut round, cfg) {
             round.cands.mark_busy(view, t);
             view.hosts[t].vms.push(v);
-            round.invalidate(t);
+            round.added(t, v, view.hosts[t].vms.len());
             received[t] = true;
             out.migrations.push(Migration {
                 vm: v,
@@ -562,7 +693,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
             match find_host(view, v, &excl_place, &mut round, cfg) {
                 Some(t) => {
                     view.hosts[t].vms.push(v);
-                    round.invalidate(t);
+                    round.added(t, v, view.hosts[t].vms.len());
                     placed.push((v, t));
                 }
                 None => {
@@ -577,7 +708,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
                 if let Some(i) = list.iter().position(|&x| x == v) {
                     list.remove(i);
                 }
-                round.invalidate(t);
+                round.removed(t);
             }
             continue;
         }
@@ -593,6 +724,9 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
             });
         }
         out.sleeps.push(h as u32);
+    }
+    for (host, &p) in view.hosts.iter_mut().zip(&round.peak) {
+        host.sched.peak_entries = p;
     }
     out
 }
@@ -610,6 +744,7 @@ mod tests {
             power,
             utilization,
             vms: vms.to_vec(),
+            sched: SchedOrder::default(),
         }
     }
 
@@ -646,6 +781,20 @@ mod tests {
             m.join(", "),
             d.sleeps
         )
+    }
+
+    #[test]
+    fn java_hash_of_vm_uids() {
+        // "2-0".hashCode() = 50·31² + 45·31 + 48 = 49493; "2-1052".hashCode() computed the same way
+        assert_eq!(uid_hash(0), 49493); // < 2^16, so the spreading shift changes nothing
+        let h: i32 = "2-1052"
+            .bytes()
+            .fold(0i32, |h, b| h.wrapping_mul(31).wrapping_add(b as i32));
+        assert_eq!(uid_hash(1052), (h as u32) ^ ((h as u32) >> 16));
+        assert_eq!(
+            (table_capacity(12), table_capacity(13), table_capacity(25)),
+            (16, 32, 64)
+        );
     }
 
     #[test]

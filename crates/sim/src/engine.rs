@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 
-use tern_policy::cluster::HISTORY_LEN;
+use tern_policy::cluster::{HISTORY_LEN, SchedOrder};
 use tern_policy::{
     ClusterView, HostView, Model, PolicyConfig, PolicySpec, SplitMix64, VmView, optimize,
 };
@@ -55,6 +55,9 @@ struct Host {
     active_s: f64,
     violation_s: f64,
     shutdowns: u64,
+    /// CloudSim emulation: free MIPS last rebuilt in hash order / most VMs ever held.
+    by_uid: bool,
+    peak: u32,
 }
 
 #[derive(Debug)]
@@ -211,6 +214,8 @@ impl<'a> Sim<'a> {
                 active_s: 0.0,
                 violation_s: 0.0,
                 shutdowns: 0,
+                by_uid: false,
+                peak: 0,
             })
             .collect();
         let vms = w
@@ -257,6 +262,8 @@ impl<'a> Sim<'a> {
 
     fn host_update_at(&mut self, h: usize, t: f64, tick: bool, tp: TimePoint) {
         let host = &mut self.hosts[h];
+        host.by_uid = false;
+        host.peak = host.peak.max(host.vms.len() as u32);
         for &v in &host.vms {
             let vm = &mut self.vms[v as usize];
             let u = tp.utilization(&self.w.traces[v as usize]);
@@ -397,6 +404,7 @@ impl<'a> Sim<'a> {
                 for v in done {
                     if let Some(src) = self.vms[v as usize].host.take() {
                         self.hosts[src as usize].vms.retain(|&x| x != v);
+                        self.hosts[src as usize].by_uid = true;
                     }
                 }
             }
@@ -470,6 +478,7 @@ impl<'a> Sim<'a> {
                     power: h.power,
                     utilization: 0.0,
                     vms: Vec::new(),
+                    sched: SchedOrder::default(),
                 })
                 .collect();
             view.vms = self
@@ -489,6 +498,10 @@ impl<'a> Sim<'a> {
             hv.utilization = h.utilization(h.util_mips).min(1.0);
             hv.vms.clear();
             hv.vms.extend_from_slice(&h.vms);
+            hv.sched = SchedOrder {
+                by_uid: h.by_uid,
+                peak_entries: h.peak.max(h.vms.len() as u32),
+            };
         }
         for (i, (vv, vm)) in view.vms.iter_mut().zip(&self.vms).enumerate() {
             vv.host = vm.host.unwrap_or(u32::MAX);
@@ -544,6 +557,9 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         if let Some(pcfg) = &pcfg {
             sim.fill_view(t, &mut view);
             let dec = optimize(&mut view, pcfg, &mut rng);
+            for (h, hv) in sim.hosts.iter_mut().zip(&view.hosts) {
+                h.peak = h.peak.max(hv.sched.peak_entries);
+            }
             let mut events: Vec<(f64, u32, u32)> = Vec::with_capacity(dec.migrations.len());
             for m in &dec.migrations {
                 let v = m.vm as usize;
