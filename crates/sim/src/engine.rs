@@ -262,6 +262,19 @@ impl<'a> Sim<'a> {
 
     fn host_update_at(&mut self, h: usize, t: f64, tick: bool, tp: TimePoint) {
         let host = &mut self.hosts[h];
+        // An empty host that was already idle and recorded as such twice in a row: one more idle
+        // record changes no metric (no energy, no active time, no new shutdown), so skip the work.
+        if host.vms.is_empty()
+            && host.util_mips == 0.0
+            && host.prev_util_mips == 0.0
+            && !host.awake
+            && !host.prev_awake
+            && !host.prev_active
+            && host.last.is_some_and(|e| !e.flag)
+        {
+            host.by_uid = false;
+            return;
+        }
         host.by_uid = false;
         host.peak = host.peak.max(host.vms.len() as u32);
         for &v in &host.vms {
