@@ -178,7 +178,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "--hosts",
                 "100000",
                 "--policy",
-                "lr-mmt-1.2",
+                "dvfs",
                 "--json",
             ],
         )?;
