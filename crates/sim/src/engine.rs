@@ -84,6 +84,7 @@ struct Sim<'a> {
     energy_j: f64,
     last_t: f64,
     migrations: u64,
+    unplaced: u64,
 }
 
 impl Host {
@@ -244,6 +245,7 @@ impl<'a> Sim<'a> {
             energy_j: 0.0,
             last_t: 0.0,
             migrations: 0,
+            unplaced: 0,
         }
     }
 
@@ -468,6 +470,9 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
+            if best.is_none() {
+                self.unplaced += 1;
+            }
             if let Some(h) = best {
                 alloc[h] += mips;
                 ram[h] += vram;
@@ -641,7 +646,7 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         .iter()
         .map(|v| (v.req_mips_s, v.alloc_mips_s, v.mig_under_mips_s))
         .collect();
-    Report::from_accounts(
+    let mut r = Report::from_accounts(
         &w.name,
         cfg,
         sim.energy_j,
@@ -649,7 +654,9 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         &hosts,
         &vms,
         timeline,
-    )
+    );
+    r.unplaced_vms = sim.unplaced;
+    r
 }
 
 #[cfg(test)]
@@ -680,6 +687,45 @@ mod tests {
             },
         )
         .energy_kwh
+    }
+
+    #[test]
+    fn vms_that_fit_nowhere_are_counted_not_lost_silently() {
+        // one G4 host (2 × 1860 MIPS): a 2500-MIPS VM exceeds a core, two 1000-MIPS VMs fit
+        let w = Workload {
+            name: "tight".into(),
+            hosts: vec![HOST_TYPES[0]],
+            vms: vec![
+                VmSpec {
+                    mips: 2500.0,
+                    ram_mb: 870,
+                },
+                VmSpec {
+                    mips: 1000.0,
+                    ram_mb: 613,
+                },
+                VmSpec {
+                    mips: 1000.0,
+                    ram_mb: 613,
+                },
+            ],
+            traces: vec![[30; SAMPLES]; 3],
+        };
+        let r = simulate(
+            &w,
+            &SimConfig {
+                policy: "dvfs".parse().unwrap(),
+                model: Model::CloudSim,
+                seed: 0,
+                timeline: false,
+            },
+        );
+        assert_eq!(r.unplaced_vms, 1);
+        assert!(
+            r.to_json().ends_with(",\"unplaced_vms\":1}"),
+            "{}",
+            r.to_json()
+        );
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub struct Report {
     pub host_shutdowns: u64,
     /// Overall CPU under-allocation (%): the reference code's "overall SLA violation".
     pub sla_overall_pct: f64,
+    /// VMs that found no host at t = 0 (too few hosts) and took no part in the run.
+    pub unplaced_vms: u64,
     /// Per-step series, when asked for.
     pub timeline: Option<Timeline>,
 }
@@ -74,6 +76,7 @@ impl Report {
             esv: 0.0,
             host_shutdowns: 0,
             sla_overall_pct: 0.0,
+            unplaced_vms: 0,
             timeline,
         }
     }
@@ -133,6 +136,7 @@ impl Report {
             esv: energy_kwh * slav,
             host_shutdowns: hosts.iter().map(|h| h.2).sum(),
             sla_overall_pct: ratio(req - alloc, req) * 100.0,
+            unplaced_vms: 0,
             timeline,
         }
     }
@@ -140,7 +144,7 @@ impl Report {
     /// One JSON object with the benchmark's metrics.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\"workload\":\"{}\",\"policy\":\"{}\",\"model\":\"{}\",\"energy_kwh\":{},\"migrations\":{},\"slatah_pct\":{},\"pdm_pct\":{},\"slav\":{},\"esv\":{},\"host_shutdowns\":{},\"sla_overall_pct\":{}}}",
+            "{{\"workload\":\"{}\",\"policy\":\"{}\",\"model\":\"{}\",\"energy_kwh\":{},\"migrations\":{},\"slatah_pct\":{},\"pdm_pct\":{},\"slav\":{},\"esv\":{},\"host_shutdowns\":{},\"sla_overall_pct\":{},\"unplaced_vms\":{}}}",
             json_escape(&self.workload),
             self.policy,
             model_name(self.model),
@@ -151,7 +155,8 @@ impl Report {
             self.slav,
             self.esv,
             self.host_shutdowns,
-            self.sla_overall_pct
+            self.sla_overall_pct,
+            self.unplaced_vms
         )
     }
 

@@ -178,6 +178,13 @@ fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
         },
     );
     let wall = start.elapsed().as_secs_f64();
+    if r.unplaced_vms > 0 {
+        eprintln!(
+            "tern: warning: {} of {} VMs found no host at the start (too few hosts) and were left out",
+            r.unplaced_vms,
+            w.vms.len()
+        );
+    }
     if a.json {
         println!("{}", r.to_json());
     } else {
