@@ -38,8 +38,10 @@ impl PowerModel {
         if u == 0.0 || u == 0.1 || u == 0.2 || u == 0.4 || u == 0.8 {
             return self.watts[(u * 10.0) as usize];
         }
-        let lo = (u * 10.0).floor() as usize;
-        let hi = (u * 10.0).ceil() as usize;
+        // u·10 ≥ 0, so truncation is floor, and ceil is floor + 1 unless u·10 is whole
+        let x = u * 10.0;
+        let lo = x as usize;
+        let hi = if x == lo as f64 { lo } else { lo + 1 };
         let p_lo = self.watts[lo];
         let p_hi = self.watts[hi.min(10)];
         let delta = (p_hi - p_lo) / 10.0;
