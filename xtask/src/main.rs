@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_boot;
 mod bench_park;
+mod bench_sim;
 mod bench_volume;
 mod ci;
 
@@ -32,6 +33,8 @@ enum Bench {
     Park(bench_park::BenchParkArgs),
     /// Cluster shared volume: direct and redirected 4 KiB I/O vs raw file and qemu-nbd; take-over time.
     Volume(bench_volume::Args),
+    /// Simulator: one PlanetLab day per reference policy, 20k/40k synthetic, the full sweep.
+    Sim(bench_sim::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
         Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
+        Task::Bench(Bench::Sim(args)) => bench_sim::run(args),
     }
 }
