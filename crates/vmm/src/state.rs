@@ -1,9 +1,12 @@
 //! Saved state of a VM, apart from the live objects: what a snapshot or a live migration carries.
 //!
 //! Every part has a typed `…State` struct. [`crate::Vm::save_state`] fills a [`VmState`] while
-//! the VM is paused and [`crate::Vm::restore_state`] puts one back. The binary encoding
-//! (versioned, checksummed) belongs to the migration crate; these structs are its input.
+//! the VM is paused and [`crate::Vm::restore_state`] puts one back. [`encode`] and [`decode`]
+//! give the binary form snapshots and live migration carry: a header (magic, format version,
+//! length, crc32c) and a compact binary body (bincode, no JSON). A decoder never trusts the
+//! length or the checksum it has not verified.
 
+use bincode::Options;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
@@ -239,4 +242,107 @@ pub struct VmState {
     pub clock: ClockState,
     /// Devices.
     pub devices: DevicesState,
+    /// Host wall-clock time (CLOCK_REALTIME, ns) when the state was taken. The restore moves the
+    /// guest's TSC and kvmclock forward by the time that passed since, so guest time keeps real
+    /// time across a snapshot or a migration: no jump backwards, no frozen clock.
+    pub saved_at_realtime_ns: u64,
+}
+
+/// The format version of [`encode`]'s output.
+pub const STATE_VERSION: u32 = 1;
+/// The magic that opens an encoded state.
+pub const STATE_MAGIC: [u8; 8] = *b"TERNVMST";
+/// Header bytes: magic, version (u32), body length (u64), crc32c of the body (u32).
+pub const STATE_HEADER_BYTES: usize = 8 + 4 + 8 + 4;
+/// The largest body [`decode`] accepts.
+pub const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// Why an encoded state was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateDecodeError {
+    /// Shorter than its header or its stated length.
+    #[error("saved state is truncated ({have} bytes, {need} needed)")]
+    Truncated {
+        /// Bytes present.
+        have: usize,
+        /// Bytes needed.
+        need: u64,
+    },
+    /// Not a Tern VM state.
+    #[error("not a Tern VM state (bad magic)")]
+    Magic,
+    /// A format this build does not read.
+    #[error("saved state format {0} is not supported (this build reads format {STATE_VERSION})")]
+    Version(u32),
+    /// Longer than [`MAX_STATE_BYTES`].
+    #[error("saved state claims {0} bytes, more than the {MAX_STATE_BYTES} allowed")]
+    TooLong(u64),
+    /// The checksum does not match.
+    #[error("saved state checksum mismatch (corrupted)")]
+    Checksum,
+    /// The body does not decode.
+    #[error("saved state body is malformed: {0}")]
+    Body(String),
+}
+
+/// The host's CLOCK_REALTIME in nanoseconds.
+pub fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Encodes a state: header, then the bincode body.
+pub fn encode(state: &VmState) -> Vec<u8> {
+    let body = bincode::serialize(state).unwrap_or_default();
+    let mut out = Vec::with_capacity(STATE_HEADER_BYTES + body.len());
+    out.extend_from_slice(&STATE_MAGIC);
+    out.extend_from_slice(&STATE_VERSION.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Decodes what [`encode`] wrote; returns the state and the bytes consumed.
+pub fn decode(bytes: &[u8]) -> Result<(VmState, usize), StateDecodeError> {
+    if bytes.len() < STATE_HEADER_BYTES {
+        return Err(StateDecodeError::Truncated {
+            have: bytes.len(),
+            need: STATE_HEADER_BYTES as u64,
+        });
+    }
+    if bytes[..8] != STATE_MAGIC {
+        return Err(StateDecodeError::Magic);
+    }
+    let word = |a: usize| u32::from_le_bytes([bytes[a], bytes[a + 1], bytes[a + 2], bytes[a + 3]]);
+    let version = word(8);
+    if version != STATE_VERSION {
+        return Err(StateDecodeError::Version(version));
+    }
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[12..20]);
+    let len = u64::from_le_bytes(len8);
+    if len > MAX_STATE_BYTES {
+        return Err(StateDecodeError::TooLong(len));
+    }
+    let end = STATE_HEADER_BYTES as u64 + len;
+    if (bytes.len() as u64) < end {
+        return Err(StateDecodeError::Truncated {
+            have: bytes.len(),
+            need: end,
+        });
+    }
+    let body = &bytes[STATE_HEADER_BYTES..end as usize];
+    if crc32c::crc32c(body) != word(20) {
+        return Err(StateDecodeError::Checksum);
+    }
+    let state = bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(MAX_STATE_BYTES)
+        .deserialize(body)
+        .map_err(|e| StateDecodeError::Body(e.to_string()))?;
+    Ok((state, end as usize))
 }
