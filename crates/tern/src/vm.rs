@@ -98,6 +98,9 @@ pub struct MigrateArgs {
     /// Cancel the migration under way on this VM.
     #[arg(long)]
     pub cancel: bool,
+    /// Offer only this protocol version (testing aid).
+    #[arg(long, hide = true, value_name = "N")]
+    pub x_protocol_version: Option<u16>,
 }
 
 /// `--on-timeout`.
@@ -388,6 +391,7 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         force_on_timeout: matches!(a.on_timeout, OnTimeoutArg::Force),
         max_bandwidth_mibps: a.max_bandwidth_mibps,
         verify_memory: a.verify_memory,
+        protocol_version: a.x_protocol_version,
     });
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(0);

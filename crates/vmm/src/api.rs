@@ -71,6 +71,9 @@ pub struct MigrateRequest {
     /// Compare a digest of all memory on the target before it resumes.
     #[serde(default)]
     pub verify_memory: bool,
+    /// Offer only this protocol version (for testing version refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u16>,
 }
 
 fn default_streams() -> u16 {
@@ -333,6 +336,13 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
             ..Default::default()
         },
         ..Default::default()
+    };
+    let opts = match m.protocol_version {
+        Some(v) => MigrateOptions {
+            protocol_versions: (v, v),
+            ..opts
+        },
+        None => opts,
     };
     let mut source = VmSource::new(vm.clone());
     let mut client_gone = false;
