@@ -298,6 +298,8 @@ fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
     }
     let written = snapshot::write(vm, &meta, path);
     if stop && written.is_ok() {
+        // The partial console line is in the snapshot; the restored VM prints it.
+        vm.discard_pending_output();
         return (Response::ok(), true);
     }
     if !was_paused && let Err(e) = vm.resume() {
@@ -363,13 +365,17 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
     drop(source);
     *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match result {
-        Ok(report) => (
-            Response {
-                report: serde_json::to_value(&report).ok(),
-                ..Response::ok()
-            },
-            true,
-        ),
+        Ok(report) => {
+            // The VM runs on the target now; its partial console line is printed there.
+            vm.discard_pending_output();
+            (
+                Response {
+                    report: serde_json::to_value(&report).ok(),
+                    ..Response::ok()
+                },
+                true,
+            )
+        }
         Err(f) => (
             Response {
                 report: serde_json::to_value(&f.report).ok(),

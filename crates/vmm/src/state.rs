@@ -119,6 +119,8 @@ pub struct SerialRegs {
     pub scratch: u8,
     /// Received bytes not yet read by the guest.
     pub in_buffer: Vec<u8>,
+    /// Output of a partial line the VMM had not written yet (written where the VM continues).
+    pub pending_output: Vec<u8>,
 }
 
 impl From<&SerialState> for SerialRegs {
@@ -134,6 +136,7 @@ impl From<&SerialState> for SerialRegs {
             modem_status: s.modem_status,
             scratch: s.scratch,
             in_buffer: s.in_buffer.clone(),
+            pending_output: Vec::new(),
         }
     }
 }
@@ -485,6 +488,7 @@ mod tests {
                             modem_control: sr[6],
                             modem_status: sr[7],
                             scratch: sr[8],
+                            pending_output: inbuf.iter().rev().copied().collect(),
                             in_buffer: inbuf,
                         },
                         blocks: blocks

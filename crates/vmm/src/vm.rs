@@ -762,15 +762,19 @@ impl Vm {
             what: "KVM_GET_CLOCK",
             cause: source,
         })?);
-        let devices = DevicesState {
-            serial: (&self
+        let serial = {
+            let mut dev = self
                 .shared
                 .devices
                 .serial
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state())
-                .into(),
+                .unwrap_or_else(|e| e.into_inner());
+            let mut regs: crate::state::SerialRegs = (&dev.state()).into();
+            regs.pending_output = dev.pending_output();
+            regs
+        };
+        let devices = DevicesState {
+            serial,
             blocks: self
                 .shared
                 .devices
@@ -830,13 +834,16 @@ impl Vm {
                 .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))?
                 .map_err(kvm("vCPU state"))?;
         }
-        let _ = self
-            .shared
-            .devices
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&(&state.devices.serial).into());
+        {
+            let mut dev = self
+                .shared
+                .devices
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let _ = dev.restore(&(&state.devices.serial).into());
+            dev.set_pending_output(&state.devices.serial.pending_output);
+        }
         for ((slot, d), (s_slot, s)) in self.shared.devices.blocks.iter().zip(&state.devices.blocks)
         {
             if slot == s_slot {
@@ -849,6 +856,17 @@ impl Vm {
     /// The CPUID entries vCPU 0 was given.
     pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
         &self.shared.cpuid0
+    }
+
+    /// Drops the console's partial output line instead of writing it: for a VM that continues
+    /// elsewhere (the line went with its state and comes out whole there).
+    pub fn discard_pending_output(&self) {
+        self.shared
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_pending_output(&[]);
     }
 
     /// The TSC frequency the guest runs with, kHz.

@@ -275,19 +275,44 @@ pub struct MigrationPair {
     pub dst_sock: PathBuf,
     pub runtime: PathBuf,
     pub port: u16,
+    pub to_host: String,
 }
 
 impl MigrationPair {
     /// Starts `tern vm receive` on a free loopback port (with `receive_extra` options), then the
     /// source `tern vm run` with the test guest, and waits for the source's third heartbeat.
     pub fn start(memory_mib: u64, vcpus: u32, cmdline: &str, receive_extra: &[&str]) -> Self {
+        Self::start_on(None, None, memory_mib, vcpus, cmdline, receive_extra)
+    }
+
+    /// Like [`MigrationPair::start`], the source VMM inside network namespace `src_ns` and the
+    /// target inside `dst` = (namespace, address to listen on).
+    pub fn start_on(
+        src_ns: Option<&str>,
+        dst: Option<(&str, std::net::Ipv4Addr)>,
+        memory_mib: u64,
+        vcpus: u32,
+        cmdline: &str,
+        receive_extra: &[&str],
+    ) -> Self {
         require_kvm();
         let dir = scratch();
         let port = free_port();
+        let in_ns = |ns: Option<&str>, args: &[&str]| {
+            let mut c = match ns {
+                Some(ns) => tern_netlab::Topology::command_in(ns, tern()),
+                None => Command::new(tern()),
+            };
+            c.args(args);
+            c
+        };
         let runtime = dir.path().join("rt");
         let src_sock = dir.path().join("src.sock");
         let dst_sock = dir.path().join("dst.sock");
-        let listen = format!("127.0.0.1:{port}");
+        let listen = match dst {
+            Some((_, ip)) => format!("{ip}:{port}"),
+            None => format!("127.0.0.1:{port}"),
+        };
         let mut rargs = vec![
             "vm",
             "receive",
@@ -301,7 +326,7 @@ impl MigrationPair {
             runtime.to_str().unwrap(),
         ];
         rargs.extend_from_slice(receive_extra);
-        let dst = RunningVm::start_tern(dir.path(), "dst", &rargs);
+        let dst_vm = RunningVm::start_command(dir.path(), "dst", in_ns(dst.map(|d| d.0), &rargs));
         wait_for_text(
             &dir.path().join("dst.stderr"),
             "waiting for a migration",
@@ -309,27 +334,30 @@ impl MigrationPair {
         );
         let mem = memory_mib.to_string();
         let cpus = vcpus.to_string();
-        let mut src = RunningVm::start_tern(
+        let mut src = RunningVm::start_command(
             dir.path(),
             "src",
-            &[
-                "vm",
-                "run",
-                "--kernel",
-                "builtin:testguest",
-                "--memory-mib",
-                &mem,
-                "--vcpus",
-                &cpus,
-                "--cmdline",
-                cmdline,
-                "--name",
-                "src",
-                "--api-sock",
-                src_sock.to_str().unwrap(),
-                "--runtime-dir",
-                runtime.to_str().unwrap(),
-            ],
+            in_ns(
+                src_ns,
+                &[
+                    "vm",
+                    "run",
+                    "--kernel",
+                    "builtin:testguest",
+                    "--memory-mib",
+                    &mem,
+                    "--vcpus",
+                    &cpus,
+                    "--cmdline",
+                    cmdline,
+                    "--name",
+                    "src",
+                    "--api-sock",
+                    src_sock.to_str().unwrap(),
+                    "--runtime-dir",
+                    runtime.to_str().unwrap(),
+                ],
+            ),
         );
         src.wait_line(Duration::from_secs(30), |l| {
             l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
@@ -337,7 +365,11 @@ impl MigrationPair {
         MigrationPair {
             dir,
             src,
-            dst,
+            dst: dst_vm,
+            to_host: listen
+                .rsplit_once(':')
+                .map(|h| h.0.to_string())
+                .unwrap_or_default(),
             src_sock,
             dst_sock,
             runtime,
@@ -353,7 +385,11 @@ impl MigrationPair {
 
     /// Like [`MigrationPair::migrate`] with another target port (a proxy).
     pub fn migrate_to(&self, port: u16, extra: &[&str]) -> (i32, serde_json::Value, String) {
-        let to = format!("127.0.0.1:{port}");
+        let to = if port == self.port {
+            format!("{}:{port}", self.to_host)
+        } else {
+            format!("127.0.0.1:{port}")
+        };
         let mut args = vec![
             "vm",
             "migrate",
