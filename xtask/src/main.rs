@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_migrate;
 mod ci;
 
 #[derive(Debug, Parser)]
@@ -26,11 +27,15 @@ enum Bench {
     /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
     /// `tern vm run` vs QEMU microvm on the same ELF.
     Boot(bench_boot::BootArgs),
+    /// Live migration of the test guest (idle, 20,000 pages/s, max rate): Tern vs QEMU microvm
+    /// (defaults and 10 GB/s) on loopback; guest-visible pause, total time, bytes, rounds.
+    Migrate(bench_migrate::MigrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
+        Task::Bench(Bench::Migrate(args)) => bench_migrate::run(args),
     }
 }
