@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_migrate;
 mod bench_park;
 mod bench_sim;
 mod bench_volume;
@@ -29,6 +30,8 @@ enum Bench {
     /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
     /// `tern vm run` vs QEMU microvm on the same ELF.
     Boot(bench_boot::BootArgs),
+    /// Live migration of the test guest, Tern vs QEMU microvm (defaults and 10 GB/s), on loopback.
+    Migrate(bench_migrate::MigrateArgs),
     /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
     Park(bench_park::BenchParkArgs),
     /// Cluster shared volume: direct and redirected 4 KiB I/O vs raw file and qemu-nbd; take-over time.
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
+        Task::Bench(Bench::Migrate(args)) => bench_migrate::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
         Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
         Task::Bench(Bench::Sim(args)) => bench_sim::run(args),

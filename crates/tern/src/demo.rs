@@ -1,124 +1,270 @@
-//! `tern demo`: boots the embedded test guest, shows its heartbeats and memory-dirtying rate,
-//! pauses it (the heartbeats stop), resumes it (the sequence continues) and stops it.
+//! `tern demo`: live migration of a busy guest between two hosts, with both ends' heartbeats
+//! on screen so the pause shows, and the migration report at the end.
 //!
-//! The VM runs as a child `tern vm run` process, as every VM does, driven through its control
-//! socket exactly as `tern vm pause|resume|stop` drive it.
+//! As root the two hosts are network namespaces joined by a switch (tern-netlab): the source
+//! VMM runs in `h0`, the target in `h1`, and the migration streams go over the hosts' addresses.
+//! Otherwise both are processes on loopback. Every VM is a child `tern vm run` / `tern vm
+//! receive` process, driven exactly as an operator would drive it (`tern vm migrate`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tern_netlab::{Topology, TopologySpec};
 use tern_vmm::api::{self, Request};
 
 /// Options of `tern demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// vCPUs of the demo VM.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory in MiB (the writer dirties all but 64 MiB of it).
+    #[arg(long, default_value_t = 320)]
     pub memory_mib: u64,
-    /// Pages per second the guest's memory writer dirties.
+    /// Pages per second the guest's memory writer dirties (0 = as fast as it can).
     #[arg(long, default_value_t = 20_000)]
     pub dirty_rate: u64,
+    /// Use two processes on loopback even as root (no network namespaces).
+    #[arg(long)]
+    pub loopback: bool,
+    /// Print only the migration report, as JSON, on stdout (the narrative goes to stderr).
+    #[arg(long)]
+    pub json: bool,
 }
 
-fn show_for(lines: &Receiver<String>, d: Duration) -> usize {
-    let deadline = Instant::now() + d;
-    let mut n = 0;
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        println!("  guest | {line}");
-        n += 1;
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn line(&self, s: &str) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+            let _ = std::io::stdout().flush();
+        }
     }
-    n
 }
 
-fn call(sock: &std::path::Path, req: Request) -> anyhow::Result<api::Response> {
-    let r = api::call(sock, req)?;
-    anyhow::ensure!(
-        r.ok,
-        "the VM refused {req:?}: {}",
-        r.error.unwrap_or_default()
-    );
-    Ok(r)
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn pipe_lines(child: &mut Child, tag: &'static str, tx: Sender<(&'static str, String)>) {
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((tag, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn show_for(say: &Say, lines: &Receiver<(&'static str, String)>, d: Duration) {
+    let deadline = Instant::now() + d;
+    while let Ok((tag, line)) =
+        lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        say.line(&format!("  {tag} | {line}"));
+    }
+}
+
+fn command(ns: Option<&str>, exe: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Topology::command_in(ns, &exe.display().to_string());
+            c.stdin(Stdio::null());
+            c
+        }
+        None => Command::new(exe),
+    }
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let say = Say { json: args.json };
+    anyhow::ensure!(
+        args.memory_mib >= 80,
+        "--memory-mib must be at least 80 (the writer uses all but 64 MiB)"
+    );
     let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
-    let sock = dir.join("api.sock");
     let exe = std::env::current_exe().context("cannot find the tern binary")?;
+    let topo = if is_root() && !args.loopback {
+        let spec = TopologySpec {
+            client: false,
+            replace_stale: true,
+            ..TopologySpec::new(format!("tdemo{}", std::process::id() % 10_000), 2)
+        };
+        match Topology::build(spec) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                say.line(&format!(
+                    "== cannot build network namespaces ({e}); using loopback"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (src_ns, dst_ns, to) = match &topo {
+        Some(t) => (
+            Some(t.host_ns(0)),
+            Some(t.host_ns(1)),
+            format!("{}:4444", t.host_addr(1)),
+        ),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .context("no free loopback port")?;
+            (None, None, format!("127.0.0.1:{port}"))
+        }
+    };
+    match &topo {
+        Some(_) => say.line(&format!(
+            "== two hosts: network namespaces {} and {} on one switch; the VM moves h0 → h1 ({to})",
+            src_ns.as_deref().unwrap_or(""),
+            dst_ns.as_deref().unwrap_or("")
+        )),
+        None => say.line(&format!(
+            "== two processes on loopback; the VM moves to {to}"
+        )),
+    }
+    let rt = dir.join("rt");
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let (tx, lines) = channel();
+
+    let mut dst = command(dst_ns.as_deref(), &exe)
+        .args(["vm", "receive", "--listen", &to, "--name", "demo-dst"])
+        .arg("--api-sock")
+        .arg(&dst_sock)
+        .arg("--runtime-dir")
+        .arg(&rt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start `tern vm receive`")?;
+    pipe_lines(&mut dst, "h1", tx.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
     let cmdline = format!(
-        "tern.hb_ms=500 tern.dirty_mib=64 tern.dirty_rate={}",
+        "tern.hb_ms=100 tern.dirty_mib={} tern.dirty_rate={}",
+        args.memory_mib - 64,
         args.dirty_rate
     );
-    println!(
-        "== booting the embedded test guest: {} vCPUs, {} MiB, `{cmdline}`",
+    say.line(&format!(
+        "== booting the embedded test guest on h0: {} vCPU(s), {} MiB, `{cmdline}`",
         args.vcpus, args.memory_mib
-    );
-    let started = Instant::now();
-    let mut child = Command::new(exe)
-        .args(["vm", "run", "--kernel", "builtin:testguest", "--name"])
-        .arg(format!("demo-{}", std::process::id()))
+    ));
+    let mut src = command(src_ns.as_deref(), &exe)
+        .args([
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--name",
+            "demo-src",
+        ])
         .args(["--vcpus", &args.vcpus.to_string()])
         .args(["--memory-mib", &args.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
         .arg("--api-sock")
-        .arg(&sock)
+        .arg(&src_sock)
+        .arg("--runtime-dir")
+        .arg(&rt)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .context("cannot start `tern vm run`")?;
-    let out = child.stdout.take().context("no console pipe")?;
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+    pipe_lines(&mut src, "h0", tx);
+
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        // Wait for the writer's first report: before it the guest is still touching its buffer
+        // for the first time, faster than any steady workload.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (tag, line) = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .context("the guest did not start its writer within 30 s")?;
+            say.line(&format!("  {tag} | {line}"));
+            if line.starts_with("DIRTY ") {
                 break;
             }
         }
-    });
-    let result = (|| -> anyhow::Result<()> {
-        let first = lines
-            .recv_timeout(Duration::from_secs(20))
-            .context("the guest printed nothing within 20 s")?;
-        println!(
-            "  guest | {first}    ({} ms after start)",
-            started.elapsed().as_millis()
+        show_for(&say, &lines, Duration::from_millis(1500));
+        say.line(&format!(
+            "== live-migrating to {to} (watch maxgap_us in h1's first heartbeat: the pause the guest saw)"
+        ));
+        let mut m = Command::new(&exe)
+            .args(["vm", "migrate", "--api-sock"])
+            .arg(&src_sock)
+            .args(["--to", &to, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start `tern vm migrate`")?;
+        loop {
+            show_for(&say, &lines, Duration::from_millis(50));
+            if m.try_wait()?.is_some() {
+                break;
+            }
+        }
+        let out = m.wait_with_output()?;
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        anyhow::ensure!(
+            out.status.success(),
+            "the migration failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        show_for(&lines, Duration::from_millis(2600));
-
-        let status = call(&sock, Request::Status)?.status.context("no status")?;
-        println!(
-            "== status: {:?}, pid {}, vCPU threads {:?}, TSC {} kHz",
-            status.state, status.pid, status.vcpu_tids, status.tsc_khz
-        );
-        println!("== pausing every vCPU for 2 s: no heartbeats should appear");
-        call(&sock, Request::Pause)?;
-        show_for(&lines, Duration::from_millis(150)); // lines already in the pipe
-        let during = show_for(&lines, Duration::from_secs(2));
-        println!(
-            "== {during} console lines while paused; resuming (maxgap_us shows the pause the guest saw)"
-        );
-        call(&sock, Request::Resume)?;
-        show_for(&lines, Duration::from_millis(2100));
-        println!("== stopping the VM");
-        call(&sock, Request::Shutdown)?;
-        Ok(())
+        show_for(&say, &lines, Duration::from_millis(2000));
+        say.line("== the VM runs on h1 now; the source VMM has exited");
+        let _ = src.wait();
+        let r = api::call(&dst_sock, &Request::Shutdown)?;
+        anyhow::ensure!(r.ok, "the target refused to stop: {:?}", r.error);
+        let _ = dst.wait();
+        Ok(report)
     })();
-    if result.is_err() {
-        let _ = child.kill();
-    }
-    let status = child.wait().context("waiting for the VM")?;
-    show_for(&lines, Duration::from_millis(100));
+    let _ = src.kill();
+    let _ = dst.kill();
+    let _ = src.wait();
+    let _ = dst.wait();
+    show_for(&say, &lines, Duration::from_millis(100));
     let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    println!("== the VMM exited with {status}");
-    Ok(if status.success() {
-        ExitCode::SUCCESS
+    if let Some(t) = topo {
+        let _ = t.teardown();
+    }
+    let report = result?;
+    if args.json {
+        println!("{report}");
     } else {
-        ExitCode::FAILURE
-    })
+        let g = |k: &str| report.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        println!(
+            "== report: outcome {}, total {} ms, downtime {} ms, {} rounds, {:.1} MiB sent, {} zero pages skipped, throttle max {} %, converged {}",
+            g("outcome"),
+            g("total_ms"),
+            g("downtime_ms"),
+            g("rounds"),
+            g("bytes_sent").as_f64().unwrap_or(0.0) / 1048576.0,
+            g("pages_zero_skipped"),
+            g("throttle_max_pct"),
+            g("converged"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
