@@ -51,8 +51,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
-    /// A virtio-blk disk over a raw image file; repeat for more disks.
-    #[arg(long, value_name = "PATH[,readonly]")]
+    /// A virtio-blk disk: a raw image file, or volume://NODE_ADDR/FILE (a cluster-shared-volume
+    /// file through this host's node, holding its write lease unless readonly); repeat for more.
+    #[arg(long, value_name = "PATH|volume://NODE_ADDR/FILE[,readonly]")]
     pub disk: Vec<String>,
     /// Where the serial console (COM1) goes: stdout, null or file:PATH.
     #[arg(long, default_value = "stdout")]
@@ -108,7 +109,65 @@ fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
     }
 }
 
+/// A volume file as a VMM block backend; the list keeps every one opened so `run_vm` can give
+/// the write leases back when the VM exits.
+#[derive(Debug)]
+struct VolumeBackend(Arc<tern_volume::client::VolumeDisk>);
+
+type OpenedVolumes = Arc<std::sync::Mutex<Vec<Arc<tern_volume::client::VolumeDisk>>>>;
+
+impl tern_vmm::devices::block_backend::BlockBackend for VolumeBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0.read_at(buf, offset).map_err(std::io::Error::other)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.write_at(data, offset).map_err(std::io::Error::other)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush().map_err(std::io::Error::other)
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+}
+
+fn register_volume_disks() -> OpenedVolumes {
+    let opened: OpenedVolumes = Arc::default();
+    let list = opened.clone();
+    tern_vmm::devices::block_backend::register_scheme(
+        "volume",
+        Box::new(move |spec, readonly| {
+            let disk = tern_volume::client::VolumeDisk::open(spec, readonly)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())?;
+            list.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(disk.clone());
+            Ok(Box::new(VolumeBackend(disk)))
+        }),
+    );
+    opened
+}
+
+fn close_volume_disks(opened: &OpenedVolumes) {
+    for d in opened.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        if let Err(e) = d.close() {
+            eprintln!("tern: {e}");
+        }
+    }
+}
+
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let volumes = register_volume_disks();
+    let r = run_vm_inner(args);
+    close_volume_disks(&volumes);
+    r
+}
+
+fn run_vm_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let input = VmConfigInput {
         kernel: kernel_source(&args.kernel)?,
         initrd: args.initrd,

@@ -1,0 +1,363 @@
+//! `tern vm run --disk volume://NODE_ADDR/FILE`: a test-guest VM on a cluster-shared-volume file
+//! (real etcd, real node processes, real KVM): the guest's write/flush/read-back check passes and
+//! the file holds its pattern (read back with `qemu-img convert` over NBD); a second writer is
+//! refused while the first runs, on another host's node and on the same node, and gets in after
+//! the first exits; a read-only open takes no lease; writes made while the node is redirected
+//! (injected LUN fault) land on the LUN, and the node returns to direct I/O after.
+
+mod common;
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{RunningVm, field, require_kvm, scratch, tern, tern_cmd};
+use serde_json::Value;
+use tern_volume::control::{self, LeaseAction, Request};
+
+const FILE: &str = "vm1.raw";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// etcd on loopback, two node processes on one LUN file, and one file `vm1.raw` (4 MiB).
+struct Cluster {
+    dir: tempfile::TempDir,
+    etcd_url: String,
+    lun: PathBuf,
+    nodes: Vec<(String, Proc)>,
+    _etcd: Proc,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let found = Command::new("sh")
+            .args(["-c", "command -v etcd && command -v qemu-img"])
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "etcd and qemu-img are required (apt-get install etcd-server qemu-utils)"
+        );
+        let dir = scratch();
+        let (cp, pp) = (free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let etcd = Proc(
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path().join("etcd"))
+                .args(["--listen-client-urls", &etcd_url])
+                .args(["--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("default={peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("etcd", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", cp)).is_ok()
+        });
+        let lun = dir.path().join("lun");
+        let (code, _, err) = tern_cmd(&[
+            "volume",
+            "format",
+            "--size",
+            "64M",
+            "--lun",
+            lun.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        Cluster {
+            dir,
+            etcd_url,
+            lun,
+            nodes: Vec::new(),
+            _etcd: etcd,
+        }
+    }
+
+    /// Starts node `id` and waits until it answers and knows the coordinator.
+    fn spawn(&mut self, id: u32, extra: &[&str]) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
+        let child = Command::new(tern())
+            .args(["volume", "serve", "--node-id", &id.to_string()])
+            .args(["--listen", &addr, "--etcd", &self.etcd_url])
+            .args(["--lease-ttl-ms", "1500", "--lun"])
+            .arg(&self.lun)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes.push((addr.clone(), Proc(child)));
+        wait_for(
+            "the node and a coordinator",
+            Duration::from_secs(30),
+            || call(&addr, Request::Status).is_ok_and(|s| s["coordinator"]["node_id"].is_u64()),
+        );
+        addr
+    }
+
+    fn log(&self, id: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+}
+
+fn call(addr: &str, req: Request) -> Result<Value, control::ControlError> {
+    control::call(addr, &req, false, Duration::from_secs(30))
+}
+
+fn lease_holder(addr: &str) -> Option<u64> {
+    call(
+        addr,
+        Request::Stat {
+            name: FILE.into(),
+            map: false,
+        },
+    )
+    .unwrap()["lease"]["holder"]
+        .as_u64()
+}
+
+/// The file's bytes, read back by `qemu-img convert` from the node's NBD export.
+fn read_back(addr: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("readback.raw");
+    let _ = std::fs::remove_file(&out);
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd://{addr}/{FILE}"))
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "qemu-img convert: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    std::fs::read(out).unwrap()
+}
+
+fn pattern_mismatch(image: &[u8]) -> Option<u64> {
+    tern_guest_image::blk_pattern_mismatch(image, tern_guest_image::BLK_VERIFY_SECTORS)
+}
+
+/// Starts a test-guest VM on `disk` running the virtio-blk check; `poweroff` ends it after.
+fn start_vm(dir: &Path, tag: &str, disk: &str, poweroff: bool) -> RunningVm {
+    let vm_dir = dir.join(tag);
+    std::fs::create_dir_all(&vm_dir).unwrap();
+    let rt = vm_dir.join("rt").display().to_string();
+    let sock = vm_dir.join("api.sock").display().to_string();
+    let cmdline = if poweroff {
+        "tern.hb_ms=0 tern.blk=verify tern.poweroff_ms=100"
+    } else {
+        "tern.hb_ms=200 tern.blk=verify"
+    };
+    RunningVm::start(
+        &vm_dir,
+        &[
+            "--kernel",
+            "builtin:testguest",
+            "--memory-mib",
+            "128",
+            "--disk",
+            disk,
+            "--cmdline",
+            cmdline,
+            "--runtime-dir",
+            &rt,
+            "--api-sock",
+            &sock,
+            "--name",
+            tag,
+        ],
+    )
+}
+
+fn expect_verify_ok(vm: &mut RunningVm) {
+    let line = vm.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
+    assert!(line.starts_with("BLK verify ok"), "{line}");
+    assert_eq!(
+        field(&line, "sectors"),
+        Some(tern_guest_image::BLK_VERIFY_SECTORS),
+        "{line}"
+    );
+}
+
+/// A VM that must be refused at start: returns its stderr.
+fn expect_refused(dir: &Path, tag: &str, disk: &str) -> String {
+    let mut vm = start_vm(dir, tag, disk, true);
+    let code = vm.wait_exit(Duration::from_secs(60));
+    let err = vm.stderr();
+    assert_ne!(code, 0, "a second writer must be refused; stderr: {err}");
+    assert!(
+        vm.collect_for(Duration::from_millis(10))
+            .iter()
+            .all(|l| !l.starts_with("BLK")),
+        "the refused VM must not have run its guest"
+    );
+    err
+}
+
+#[test]
+fn volume_disk_verify_and_one_writer_at_a_time() {
+    require_kvm();
+    let mut c = Cluster::start();
+    let n1 = c.spawn(1, &[]);
+    let n2 = c.spawn(2, &[]);
+    let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
+    assert_eq!(code, 0, "{err}");
+    let dir = c.dir.path().to_path_buf();
+    let on_n1 = format!("volume://{n1}/{FILE}");
+    let on_n2 = format!("volume://{n2}/{FILE}");
+
+    // VM A on node 1: the check passes, and A holds the write lease while it runs.
+    let mut a = start_vm(&dir, "a", &on_n1, false);
+    expect_verify_ok(&mut a);
+    assert_eq!(
+        lease_holder(&n1),
+        Some(1),
+        "VM A's node must hold the lease"
+    );
+
+    // A second writer through another host's node: refused by the coordinator's lease.
+    let err = expect_refused(&dir, "b-other-host", &on_n2);
+    assert!(
+        err.contains("open for writing elsewhere") && err.contains("node 1"),
+        "unclear refusal: {err}"
+    );
+    // A second writer through the same node: refused by the host's claim.
+    let err = expect_refused(&dir, "b-same-host", &on_n1);
+    assert!(
+        err.contains("already open for writing by another VM on this host"),
+        "unclear refusal: {err}"
+    );
+    // A reader takes no lease: it boots, its writes fail, the lease stays with node 1.
+    let mut r = start_vm(&dir, "reader", &format!("{on_n2},readonly"), true);
+    let line = r.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
+    assert!(
+        line.contains("FAIL"),
+        "a read-only disk must refuse writes: {line}"
+    );
+    assert_eq!(r.wait_exit(Duration::from_secs(30)), 0, "{}", r.stderr());
+    assert_eq!(lease_holder(&n1), Some(1));
+
+    // A exits: its lease is released, the file holds the guest's pattern.
+    let sock = dir.join("a/api.sock").display().to_string();
+    assert_eq!(tern_cmd(&["vm", "stop", "--api-sock", &sock]).0, 0);
+    assert_eq!(a.wait_exit(Duration::from_secs(30)), 0, "{}", a.stderr());
+    assert_eq!(
+        lease_holder(&n1),
+        None,
+        "the lease must be released on exit"
+    );
+    let image = read_back(&n2, &dir);
+    assert_eq!(image.len(), 4 << 20);
+    assert_eq!(pattern_mismatch(&image), None);
+
+    // Now the other host's VM gets in (on a zeroed file, so its pattern is its own).
+    zero_file(&n1);
+    assert_ne!(pattern_mismatch(&read_back(&n1, &dir)), None);
+    let mut b = start_vm(&dir, "b", &on_n2, true);
+    expect_verify_ok(&mut b);
+    assert_eq!(b.wait_exit(Duration::from_secs(30)), 0, "{}", b.stderr());
+    assert_eq!(lease_holder(&n2), None);
+    assert_eq!(pattern_mismatch(&read_back(&n1, &dir)), None);
+    drop(c.log(1));
+}
+
+/// Zeroes the file's first MiB through node `addr` under a lease of its own.
+fn zero_file(addr: &str) {
+    call(
+        addr,
+        Request::Lease {
+            name: FILE.into(),
+            action: LeaseAction::Acquire,
+        },
+    )
+    .unwrap();
+    let mut cl = tern_nbd::Client::connect(addr, FILE).unwrap();
+    cl.write(0, &vec![0u8; 1 << 20], false).unwrap();
+    cl.flush().unwrap();
+    cl.disconnect().unwrap();
+    call(
+        addr,
+        Request::Lease {
+            name: FILE.into(),
+            action: LeaseAction::Release,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn volume_disk_writes_survive_a_redirect_and_go_direct_again() {
+    require_kvm();
+    let mut c = Cluster::start();
+    let n1 = c.spawn(1, &[]);
+    let fault = c.dir.path().join("fault2");
+    let n2 = c.spawn(2, &["--fault-file", fault.to_str().unwrap()]);
+    assert_eq!(
+        call(&n2, Request::Status).unwrap()["coordinator"]["node_id"],
+        1,
+        "node 1 (started first) must be the coordinator"
+    );
+    let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
+    assert_eq!(code, 0, "{err}");
+    let dir = c.dir.path().to_path_buf();
+    let on_n2 = format!("volume://{n2}/{FILE}");
+
+    // Node 2 loses its LUN path: the VM's I/O goes over NBD to the coordinator.
+    std::fs::write(&fault, b"").unwrap();
+    wait_for("node 2 redirected", Duration::from_secs(10), || {
+        call(&n2, Request::Status).unwrap()["path"] == "redirected"
+    });
+    let mut vm = start_vm(&dir, "redirected", &on_n2, true);
+    expect_verify_ok(&mut vm);
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.stderr());
+    assert_eq!(call(&n2, Request::Status).unwrap()["path"], "redirected");
+    assert_eq!(
+        pattern_mismatch(&read_back(&n1, &dir)),
+        None,
+        "writes made on the redirected path must be on the LUN; node 2 log:\n{}",
+        c.log(2)
+    );
+
+    // The path comes back: the node returns to direct I/O and the next VM's writes land too.
+    std::fs::remove_file(&fault).unwrap();
+    wait_for("node 2 direct again", Duration::from_secs(10), || {
+        call(&n2, Request::Status).unwrap()["path"] == "direct"
+    });
+    zero_file(&n1);
+    assert_ne!(pattern_mismatch(&read_back(&n1, &dir)), None);
+    let mut vm = start_vm(&dir, "direct", &on_n2, true);
+    expect_verify_ok(&mut vm);
+    assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.stderr());
+    assert_eq!(call(&n2, Request::Status).unwrap()["path"], "direct");
+    assert_eq!(pattern_mismatch(&read_back(&n1, &dir)), None);
+}
