@@ -132,6 +132,21 @@ impl tern_vmm::devices::block_backend::BlockBackend for VolumeBackend {
     fn read_only(&self) -> bool {
         self.0.read_only()
     }
+    fn successor_id(&self) -> Option<String> {
+        Some(self.0.node_id().to_string())
+    }
+    fn release_to(&self, successor: &str) -> std::io::Result<()> {
+        let node = successor.parse().map_err(|_| {
+            std::io::Error::other(format!("volume successor {successor:?} is not a node id"))
+        })?;
+        self.0.release_to(node).map_err(std::io::Error::other)
+    }
+    fn abort_handover(&self) -> std::io::Result<()> {
+        self.0.abort_handover().map_err(std::io::Error::other)
+    }
+    fn take_over(&self) -> std::io::Result<()> {
+        self.0.take_over().map_err(std::io::Error::other)
+    }
 }
 
 fn register_volume_disks() -> OpenedVolumes {

@@ -361,3 +361,72 @@ fn volume_disk_writes_survive_a_redirect_and_go_direct_again() {
     assert_eq!(call(&n2, Request::Status).unwrap()["path"], "direct");
     assert_eq!(pattern_mismatch(&read_back(&n1, &dir)), None);
 }
+
+/// The migration hooks of the volume disk backend, against real nodes: the target's incoming
+/// open cannot write, the source's `release_to` names the target in one step (a third node is
+/// still refused), the target's `take_over` picks the lease up and sees the source's writes; an
+/// aborted hand-over gives the lease back to the source and the named successor cannot take it.
+#[test]
+fn volume_disk_migration_hooks_move_the_lease_and_abort_gives_it_back() {
+    use tern_volume::client::{OpenError, Ownership, VolumeDisk};
+    let mut c = Cluster::start();
+    let n1 = c.spawn(1, &[]);
+    let n2 = c.spawn(2, &[]);
+    let n3 = c.spawn(3, &[]);
+    let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
+    assert_eq!(code, 0, "{err}");
+    let block = |b: u8| vec![b; 4096];
+
+    let src = VolumeDisk::open(&format!("{n1}/{FILE}"), false).unwrap();
+    src.write_at(&block(0xa1), 0).unwrap();
+    let dst = VolumeDisk::open_incoming(&format!("{n2}/{FILE}")).unwrap();
+    assert_eq!(dst.ownership(), Ownership::Incoming);
+    assert_eq!(dst.node_id(), 2);
+    assert!(
+        dst.write_at(&block(0xee), 4096).is_err(),
+        "an incoming disk must not write"
+    );
+    let third = format!("{n3}/{FILE}");
+    assert!(matches!(
+        VolumeDisk::open(&third, false),
+        Err(OpenError::Busy { .. })
+    ));
+
+    // Switch-over: the source flushes and names node 2; it cannot write any more.
+    src.release_to(dst.node_id()).unwrap();
+    assert_eq!(src.ownership(), Ownership::HandedOver { to: 2 });
+    assert!(src.write_at(&block(0xbb), 0).is_err());
+    assert!(src.release_to(3).is_err(), "a handed-over disk has nothing to hand over");
+    assert_eq!(lease_holder(&n1), Some(2));
+    assert!(
+        matches!(VolumeDisk::open(&third, false), Err(OpenError::Busy { .. })),
+        "no third party may slip in during a hand-over"
+    );
+    dst.take_over().unwrap();
+    let mut got = block(0);
+    dst.read_at(&mut got, 0).unwrap();
+    assert_eq!(got, block(0xa1), "the target must see the source's writes");
+    dst.write_at(&block(0xa2), 4096).unwrap();
+    dst.flush().unwrap();
+
+    // A hand-over back to node 1 that is aborted: the lease returns to node 2.
+    dst.release_to(1).unwrap();
+    assert!(dst.write_at(&block(0xcc), 4096).is_err());
+    dst.abort_handover().unwrap();
+    assert_eq!(dst.ownership(), Ownership::Writer);
+    assert_eq!(lease_holder(&n1), Some(2));
+    assert!(
+        src.take_over().is_err(),
+        "the successor of an aborted hand-over must not get the lease"
+    );
+    dst.write_at(&block(0xa3), 8192).unwrap();
+    dst.close().unwrap();
+    assert_eq!(lease_holder(&n1), None, "close releases the lease");
+    let mut got = block(0);
+    let reader = VolumeDisk::open(&format!("{n3}/{FILE}"), true).unwrap();
+    for (off, b) in [(0u64, 0xa1u8), (4096, 0xa2), (8192, 0xa3)] {
+        reader.read_at(&mut got, off).unwrap();
+        assert_eq!(got, block(b), "offset {off}");
+    }
+    drop(src);
+}

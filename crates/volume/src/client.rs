@@ -97,6 +97,14 @@ pub enum HandoverError {
     /// The disk was opened read-only: there is no lease to move.
     #[error("{0} is open read-only: no write lease to hand over")]
     ReadOnly(String),
+    /// This disk does not hold the write lease (incoming, already handed over, or closed).
+    #[error("{name} does not hold its write lease here ({state:?}): nothing to hand over")]
+    NotWriter {
+        /// File.
+        name: String,
+        /// What the disk is.
+        state: Ownership,
+    },
     /// Making earlier writes durable failed: the lease is kept.
     #[error("flushing {name} before the hand-over failed: {source}")]
     Flush {
@@ -346,8 +354,15 @@ impl VolumeDisk {
     /// disk refuses writes. On error the lease stays with the source and the VM may resume.
     pub fn release_to(&self, successor: NodeId) -> Result<(), HandoverError> {
         let mut owner = lock(&self.owner);
-        if *owner == Ownership::Reader {
-            return Err(HandoverError::ReadOnly(self.name.clone()));
+        match *owner {
+            Ownership::Writer => {}
+            Ownership::Reader => return Err(HandoverError::ReadOnly(self.name.clone())),
+            state => {
+                return Err(HandoverError::NotWriter {
+                    name: self.name.clone(),
+                    state,
+                });
+            }
         }
         lock(&self.conn)
             .flush()

@@ -29,6 +29,30 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     }
     /// Whether writes are refused (the device then offers VIRTIO_BLK_F_RO).
     fn read_only(&self) -> bool;
+
+    // Live-migration hooks. Backends whose write ownership is exclusive per host (a volume file
+    // holds a cluster write lease) move it with the VM; a raw file has nothing to move.
+
+    /// Target side: the id the source must name as successor (a volume node id), if any.
+    fn successor_id(&self) -> Option<String> {
+        None
+    }
+    /// Source side, at switch-over (vCPUs paused, no request in flight): make every write
+    /// durable and hand write ownership to `successor` (the target's [`Self::successor_id`]) in
+    /// one step; writes are refused afterwards. On error ownership stays here.
+    fn release_to(&self, _successor: &str) -> io::Result<()> {
+        Ok(())
+    }
+    /// Source side, the migration aborted after [`Self::release_to`]: take ownership back
+    /// before the VM resumes here.
+    fn abort_handover(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Target side, after the source's [`Self::release_to`] and before the VM first runs here:
+    /// pick ownership up.
+    fn take_over(&self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A raw image file.

@@ -223,6 +223,11 @@ impl VirtioBlk {
         F_VERSION_1 | F_FLUSH | if self.readonly { F_RO } else { 0 }
     }
 
+    /// The storage behind the device (the migration path calls its hand-over hooks).
+    pub fn backend(&self) -> &dyn BlockBackend {
+        self.backend.as_ref()
+    }
+
     /// Request counters.
     pub fn counters(&self) -> BlkCounters {
         self.counters
