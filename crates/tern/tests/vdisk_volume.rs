@@ -396,13 +396,21 @@ fn volume_disk_migration_hooks_move_the_lease_and_abort_gives_it_back() {
     src.release_to(dst.node_id()).unwrap();
     assert_eq!(src.ownership(), Ownership::HandedOver { to: 2 });
     assert!(src.write_at(&block(0xbb), 0).is_err());
-    assert!(src.release_to(3).is_err(), "a handed-over disk has nothing to hand over");
+    assert!(
+        src.release_to(3).is_err(),
+        "a handed-over disk has nothing to hand over"
+    );
     assert_eq!(lease_holder(&n1), Some(2));
     assert!(
         matches!(VolumeDisk::open(&third, false), Err(OpenError::Busy { .. })),
         "no third party may slip in during a hand-over"
     );
     dst.take_over().unwrap();
+    assert!(
+        src.abort_handover().is_err(),
+        "a confirmed hand-over cannot be aborted"
+    );
+    assert_eq!(lease_holder(&n1), Some(2));
     let mut got = block(0);
     dst.read_at(&mut got, 0).unwrap();
     assert_eq!(got, block(0xa1), "the target must see the source's writes");

@@ -392,13 +392,16 @@ impl VolumeDisk {
     }
 
     /// Migration target, after the source's [`VolumeDisk::release_to`] named this node and
-    /// before the VM resumes here: picks the lease up (the named successor is the only node the
-    /// coordinator lets in).
+    /// before the VM resumes here: confirms the hand-over (the named successor is the only node
+    /// the coordinator lets in), after which the source can no longer abort it.
     pub fn take_over(&self) -> Result<(), HandoverError> {
         let mut owner = lock(&self.owner);
         if *owner == Ownership::Reader {
             return Err(HandoverError::ReadOnly(self.name.clone()));
         }
+        self.lease("confirm_handover", LeaseAction::ConfirmHandover)?;
+        // The holder's acquire is a renewal at the same epoch: it (re)enters the lease in the
+        // node's held table, which its write path checks.
         self.lease("acquire", LeaseAction::Acquire)?;
         *owner = Ownership::Writer;
         Ok(())

@@ -388,13 +388,14 @@ impl Node {
     fn coordinate(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
         if let Request::CoordLease {
             name,
+            node,
             action: LeaseAction::AbortHandover,
             ..
         } = req
         {
             self.set_aborting(name, true)?;
             let res = self
-                .revoke_holder_for_abort(name)
+                .revoke_holder_for_abort(name, *node)
                 .and_then(|()| self.coordinate_locked(req));
             let _ = self.set_aborting(name, false);
             return res;
@@ -672,10 +673,11 @@ impl Node {
             }
             Request::CoordLease {
                 name,
+                node,
                 action: LeaseAction::AbortHandover,
                 ..
             } if env.forwarded || self.is_coordinator() => {
-                self.revoke_holder_for_abort(name)?;
+                self.revoke_holder_for_abort(name, *node)?;
                 self.coordinate(&env.request)
             }
             r if env.forwarded => self.coordinate(r),
@@ -685,12 +687,25 @@ impl Node {
 
     /// Before an aborted hand-over returns the lease to its source, the destination must stop
     /// writing: ask it to (outside the coordinator lock, since it may need to flush through us).
-    fn revoke_holder_for_abort(&self, name: &str) -> Result<(), ControlError> {
+    /// Only a pending hand-over, asked for by one of its two sides, is aborted: anything else is
+    /// refused before the holder is told to stop (a confirmed hand-over's new writer keeps going).
+    fn revoke_holder_for_abort(&self, name: &str, requester: NodeId) -> Result<(), ControlError> {
         let holder = {
             let g = self.coordinator()?;
             let c = g
                 .as_ref()
                 .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+            let rec = c.leases.record(name);
+            match rec.handover_from {
+                None => return Err(lease_err(LeaseError::NoHandover)),
+                Some(from) if from != requester && rec.holder != Some(requester) => {
+                    return Err(ControlError::new(
+                        ErrorKind::Stale,
+                        format!("node {requester} is not a side of the hand-over of {name:?}"),
+                    ));
+                }
+                Some(_) => {}
+            }
             c.leases.holder(name, self.now_ms())
         };
         let Some((holder, _, deadline)) = holder else {
