@@ -168,10 +168,20 @@ fn register_volume_disks() -> OpenedVolumes {
 }
 
 fn close_volume_disks(opened: &OpenedVolumes) {
+    use std::sync::atomic::Ordering::Relaxed;
     for d in opened.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
         if let Err(e) = d.close() {
             eprintln!("tern: {e}");
         }
+        let c = d.counters();
+        eprintln!(
+            "tern: volume disk {}: direct_writes={} node_writes={} replayed={} redirects={}",
+            d.name(),
+            c.direct_writes.load(Relaxed),
+            c.node_writes.load(Relaxed),
+            c.replayed.load(Relaxed),
+            c.redirects.load(Relaxed)
+        );
     }
 }
 

@@ -10,6 +10,7 @@ mod common;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::{RunningVm, field, require_kvm, scratch, tern, tern_cmd};
@@ -163,6 +164,22 @@ fn read_back(addr: &str, dir: &Path) -> Vec<u8> {
     std::fs::read(out).unwrap()
 }
 
+/// The VMM's path counters for its volume disk, from its exit line on stderr:
+/// (direct writes, writes through the node, replayed, redirects).
+fn path_counters(stderr: &str) -> (u64, u64, u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("volume disk"))
+        .unwrap_or_else(|| panic!("no volume disk counters on stderr:\n{stderr}"));
+    let f = |k| field(line, k).unwrap_or_else(|| panic!("no {k} in {line}"));
+    (
+        f("direct_writes"),
+        f("node_writes"),
+        f("replayed"),
+        f("redirects"),
+    )
+}
+
 fn pattern_mismatch(image: &[u8]) -> Option<u64> {
     tern_guest_image::blk_pattern_mismatch(image, tern_guest_image::BLK_VERIFY_SECTORS)
 }
@@ -276,6 +293,12 @@ fn volume_disk_verify_and_one_writer_at_a_time() {
         None,
         "the lease must be released on exit"
     );
+    let (direct, node, _, redirects) = path_counters(&a.stderr());
+    assert!(
+        direct > 0 && node > 0 && redirects == 0,
+        "VM A: the thin file's first write allocates through the node, the rest go direct: {}",
+        a.stderr()
+    );
     let image = read_back(&n2, &dir);
     assert_eq!(image.len(), 4 << 20);
     assert_eq!(pattern_mismatch(&image), None);
@@ -340,6 +363,12 @@ fn volume_disk_writes_survive_a_redirect_and_go_direct_again() {
     let mut vm = start_vm(&dir, "redirected", &on_n2, true);
     expect_verify_ok(&mut vm);
     assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.stderr());
+    let (_, node, _, redirects) = path_counters(&vm.stderr());
+    assert!(
+        redirects >= 1 && node > 1,
+        "the VMM must have left its direct path: {}",
+        vm.stderr()
+    );
     assert_eq!(call(&n2, Request::Status).unwrap()["path"], "redirected");
     assert_eq!(
         pattern_mismatch(&read_back(&n1, &dir)),
@@ -358,6 +387,8 @@ fn volume_disk_writes_survive_a_redirect_and_go_direct_again() {
     let mut vm = start_vm(&dir, "direct", &on_n2, true);
     expect_verify_ok(&mut vm);
     assert_eq!(vm.wait_exit(Duration::from_secs(30)), 0, "{}", vm.stderr());
+    let (direct, _, _, redirects) = path_counters(&vm.stderr());
+    assert!(direct > 0 && redirects == 0, "{}", vm.stderr());
     assert_eq!(call(&n2, Request::Status).unwrap()["path"], "direct");
     assert_eq!(pattern_mismatch(&read_back(&n1, &dir)), None);
 }
@@ -416,6 +447,11 @@ fn volume_disk_migration_hooks_move_the_lease_and_abort_gives_it_back() {
     assert_eq!(got, block(0xa1), "the target must see the source's writes");
     dst.write_at(&block(0xa2), 4096).unwrap();
     dst.flush().unwrap();
+    assert_eq!(
+        dst.counters().direct_writes.load(Ordering::Relaxed),
+        1,
+        "after take-over the target writes the source's extent directly"
+    );
 
     // A hand-over back to node 1 that is aborted: the lease returns to node 2.
     dst.release_to(1).unwrap();
@@ -437,4 +473,66 @@ fn volume_disk_migration_hooks_move_the_lease_and_abort_gives_it_back() {
         assert_eq!(got, block(b), "offset {off}");
     }
     drop(src);
+}
+
+/// The disk's own direct path fails in the middle of unflushed writes: they are replayed through
+/// the node (itself redirected to the coordinator), a later flush covers them, later writes go
+/// through the node, and the disk returns to direct I/O once the path works; the data read back
+/// on another node is the last written everywhere.
+#[test]
+fn volume_disk_path_loss_replays_unflushed_writes_and_comes_back() {
+    use tern_volume::client::VolumeDisk;
+    let mut c = Cluster::start();
+    let n1 = c.spawn(1, &[]);
+    let fault = c.dir.path().join("fault2");
+    let n2 = c.spawn(2, &["--fault-file", fault.to_str().unwrap()]);
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "create",
+        FILE,
+        "--size",
+        "4M",
+        "--preallocate",
+        "--node",
+        &n1,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let disk = VolumeDisk::open(&format!("{n2}/{FILE}"), false).unwrap();
+    let block = |k: u64| vec![(k % 250) as u8 + 1; 4096];
+    // Blocks 0..20: direct, not flushed. 20..40: the path is gone. 40..60: back to direct,
+    // overwriting 0..20 (order matters).
+    for k in 0..60u64 {
+        if k == 20 {
+            std::fs::write(&fault, b"").unwrap();
+        }
+        if k == 40 {
+            assert!(!disk.is_direct(), "the disk must be on the node path");
+            std::fs::remove_file(&fault).unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let mut b = vec![0u8; 512];
+            disk.read_at(&mut b, 0).unwrap();
+            assert!(
+                disk.is_direct(),
+                "the probe must bring the disk back to direct"
+            );
+        }
+        disk.write_at(&block(k), (k % 40) * 4096).unwrap();
+    }
+    disk.flush().unwrap();
+    let cn = disk.counters();
+    assert_eq!(cn.redirects.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        cn.replayed.load(Ordering::Relaxed),
+        21,
+        "20 unflushed + the failed one"
+    );
+    assert_eq!(cn.direct_writes.load(Ordering::Relaxed), 40);
+    disk.close().unwrap();
+    let mut r = tern_nbd::Client::connect(&n1, FILE).unwrap();
+    for slot in 0..40u64 {
+        let last = if slot < 20 { slot + 40 } else { slot };
+        let mut b = vec![0u8; 4096];
+        r.read(slot * 4096, &mut b).unwrap();
+        assert!(b == block(last), "slot {slot}: expected block {last}");
+    }
 }

@@ -35,6 +35,12 @@ pub struct NodeConfig {
     pub no_direct: bool,
     /// Write-lease TTL.
     pub lease_ttl_ms: u64,
+    /// The LUN's path on this host (local clients such as the VMM's volume disk open it for
+    /// their own direct I/O).
+    pub lun: std::path::PathBuf,
+    /// The fault-injection file (`--fault-file`): local direct-I/O clients treat the LUN path as
+    /// lost while it exists, as the node does.
+    pub fault_file: Option<std::path::PathBuf>,
 }
 
 /// Whether this node's data path is direct or redirected.
@@ -756,6 +762,8 @@ impl Node {
             "role": if self.is_coordinator() { "coordinator" } else { "node" },
             "path": self.path_state().as_str(),
             "no_direct": self.cfg.no_direct,
+            "lun": self.cfg.lun,
+            "fault_file": self.cfg.fault_file,
             "coordinator": leader.map(|l| json!({ "node_id": l.node_id, "addr": l.addr, "generation": l.generation })),
             "nodes": nodes,
             "held_leases": held,
