@@ -536,3 +536,77 @@ fn volume_disk_path_loss_replays_unflushed_writes_and_comes_back() {
         assert!(b == block(last), "slot {slot}: expected block {last}");
     }
 }
+
+/// Fencing of the disk's direct path: the host's node is frozen past the lease TTL, another node
+/// takes the lease and writes; the disk's next write must not reach the LUN (its local deadline
+/// has passed, so it goes to the node, which is refused a renewal once resumed) and the other
+/// node's data stays.
+#[test]
+fn volume_disk_of_a_frozen_host_is_fenced() {
+    use tern_volume::client::VolumeDisk;
+    let mut c = Cluster::start();
+    let n1 = c.spawn(1, &[]);
+    let n2 = c.spawn(2, &[]);
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "create",
+        FILE,
+        "--size",
+        "4M",
+        "--preallocate",
+        "--node",
+        &n1,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let disk = VolumeDisk::open(&format!("{n2}/{FILE}"), false).unwrap();
+    disk.write_at(&[1u8; 4096], 0).unwrap();
+    disk.flush().unwrap();
+    let pid2 = c.nodes[1].1.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid2])
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Past the TTL (1.5 s) node 1 gets the lease and writes.
+    let start = Instant::now();
+    loop {
+        let r = call(
+            &n1,
+            Request::Lease {
+                name: FILE.into(),
+                action: LeaseAction::Acquire,
+            },
+        );
+        if r.is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "node 1 never got the lease: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut w = tern_nbd::Client::connect(&n1, FILE).unwrap();
+    w.write(0, &[2u8; 4096], true).unwrap();
+    let resume = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let _ = Command::new("kill").args(["-CONT", &pid2]).status();
+    });
+    let direct_before = disk.counters().direct_writes.load(Ordering::Relaxed);
+    assert!(
+        disk.write_at(&[3u8; 4096], 0).is_err(),
+        "the fenced disk's write must be refused"
+    );
+    resume.join().unwrap();
+    assert_eq!(
+        disk.counters().direct_writes.load(Ordering::Relaxed),
+        direct_before,
+        "no direct write after the lease lapsed"
+    );
+    let mut b = vec![0u8; 4096];
+    w.read(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 2), "the new holder's data must stay");
+    drop(disk);
+}
