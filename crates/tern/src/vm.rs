@@ -14,6 +14,8 @@ use tern_vmm::{Vm, VmExit, signals};
 /// Exit status of `tern vm run` when the guest faulted or hit an exit Tern does not handle.
 pub const EXIT_GUEST_FAULT: u8 = 70;
 
+mod volume_disk;
+
 /// Subcommands of `tern vm`.
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
@@ -78,6 +80,8 @@ pub struct ApiArgs {
 }
 
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    // `--disk volume://…`; the guard releases the disks' write leases when the command ends.
+    let _volume_disks = volume_disk::register(false);
     match cmd {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::Pause(a) => control(&a, Request::Pause),
@@ -109,90 +113,7 @@ fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
     }
 }
 
-/// A volume file as a VMM block backend; the list keeps every one opened so `run_vm` can give
-/// the write leases back when the VM exits.
-#[derive(Debug)]
-struct VolumeBackend(Arc<tern_volume::client::VolumeDisk>);
-
-type OpenedVolumes = Arc<std::sync::Mutex<Vec<Arc<tern_volume::client::VolumeDisk>>>>;
-
-impl tern_vmm::devices::block_backend::BlockBackend for VolumeBackend {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.0.read_at(buf, offset).map_err(std::io::Error::other)
-    }
-    fn write_at(&self, data: &[u8], offset: u64) -> std::io::Result<()> {
-        self.0.write_at(data, offset).map_err(std::io::Error::other)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.0.flush().map_err(std::io::Error::other)
-    }
-    fn len(&self) -> u64 {
-        self.0.len()
-    }
-    fn read_only(&self) -> bool {
-        self.0.read_only()
-    }
-    fn successor_id(&self) -> Option<String> {
-        Some(self.0.node_id().to_string())
-    }
-    fn release_to(&self, successor: &str) -> std::io::Result<()> {
-        let node = successor.parse().map_err(|_| {
-            std::io::Error::other(format!("volume successor {successor:?} is not a node id"))
-        })?;
-        self.0.release_to(node).map_err(std::io::Error::other)
-    }
-    fn abort_handover(&self) -> std::io::Result<()> {
-        self.0.abort_handover().map_err(std::io::Error::other)
-    }
-    fn take_over(&self) -> std::io::Result<()> {
-        self.0.take_over().map_err(std::io::Error::other)
-    }
-}
-
-fn register_volume_disks() -> OpenedVolumes {
-    let opened: OpenedVolumes = Arc::default();
-    let list = opened.clone();
-    tern_vmm::devices::block_backend::register_scheme(
-        "volume",
-        Box::new(move |spec, readonly| {
-            let disk = tern_volume::client::VolumeDisk::open(spec, readonly)
-                .map(Arc::new)
-                .map_err(|e| e.to_string())?;
-            list.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(disk.clone());
-            Ok(Box::new(VolumeBackend(disk)))
-        }),
-    );
-    opened
-}
-
-fn close_volume_disks(opened: &OpenedVolumes) {
-    use std::sync::atomic::Ordering::Relaxed;
-    for d in opened.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
-        if let Err(e) = d.close() {
-            eprintln!("tern: {e}");
-        }
-        let c = d.counters();
-        eprintln!(
-            "tern: volume disk {}: direct_writes={} node_writes={} replayed={} redirects={}",
-            d.name(),
-            c.direct_writes.load(Relaxed),
-            c.node_writes.load(Relaxed),
-            c.replayed.load(Relaxed),
-            c.redirects.load(Relaxed)
-        );
-    }
-}
-
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let volumes = register_volume_disks();
-    let r = run_vm_inner(args);
-    close_volume_disks(&volumes);
-    r
-}
-
-fn run_vm_inner(args: RunArgs) -> anyhow::Result<ExitCode> {
     let input = VmConfigInput {
         kernel: kernel_source(&args.kernel)?,
         initrd: args.initrd,
