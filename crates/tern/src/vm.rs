@@ -15,6 +15,8 @@ use tern_vmm::{Vm, VmExit, signals};
 /// Exit status of `tern vm run` when the guest faulted or hit an exit Tern does not handle.
 pub const EXIT_GUEST_FAULT: u8 = 70;
 
+mod volume_disk;
+
 /// Subcommands of `tern vm`.
 #[derive(Debug, clap::Subcommand)]
 pub enum VmCommand {
@@ -170,8 +172,9 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub vcpus: u32,
-    /// A virtio-blk disk over a raw image file; repeat for more disks.
-    #[arg(long, value_name = "PATH[,readonly]")]
+    /// A virtio-blk disk: a raw image file, or volume://NODE_ADDR/FILE (a cluster-shared-volume
+    /// file through this host's node, holding its write lease unless readonly); repeat for more.
+    #[arg(long, value_name = "PATH|volume://NODE_ADDR/FILE[,readonly]")]
     pub disk: Vec<String>,
     /// Where the serial console (COM1) goes: stdout, null or file:PATH.
     #[arg(long, default_value = "stdout")]
@@ -196,6 +199,8 @@ pub struct ApiArgs {
 }
 
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
+    // `--disk volume://…`; the guard releases the disks' write leases when the command ends.
+    let _volume_disks = volume_disk::register(false);
     match cmd {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::Pause(a) => control(&a, Request::Pause),

@@ -73,7 +73,7 @@ pub enum SerialOutput {
     Null,
 }
 
-/// A virtio-blk disk over a raw image file.
+/// A virtio-blk disk over a raw image file (or a registered `SCHEME://…` backend).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     /// The raw image file.
@@ -317,6 +317,18 @@ impl VmConfigInput {
             return Err(ConfigError::TooManyDisks(disks.len()));
         }
         for d in &disks {
+            // `SCHEME://…` (e.g. `volume://NODE/FILE`): opened by its registered backend.
+            if let Some((scheme, _)) =
+                crate::devices::block_backend::split_scheme(&d.path.to_string_lossy())
+            {
+                if !crate::devices::block_backend::scheme_known(scheme) {
+                    return Err(ConfigError::BadDiskArg {
+                        arg: d.path.display().to_string(),
+                        reason: format!("unknown disk scheme {scheme}://"),
+                    });
+                }
+                continue;
+            }
             let mut opts = std::fs::OpenOptions::new();
             opts.read(true).write(!d.readonly);
             opts.open(&d.path)
@@ -384,7 +396,8 @@ pub fn parse_serial(s: &str) -> Result<SerialOutput, ConfigError> {
     }
 }
 
-/// Parses `PATH` or `PATH,readonly` (also `PATH,ro`).
+/// Parses `PATH` or `PATH,readonly` (also `PATH,ro`); PATH may be a `SCHEME://…` spec
+/// (`volume://NODE_ADDR/FILE`), opened by the backend registered for the scheme.
 pub fn parse_disk(arg: &str) -> Result<DiskConfig, ConfigError> {
     let bad = |reason: &str| ConfigError::BadDiskArg {
         arg: arg.to_string(),

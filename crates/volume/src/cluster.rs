@@ -110,6 +110,11 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         listen: listen.clone(),
         no_direct: opts.no_direct,
         lease_ttl_ms: opts.lease_ttl_ms,
+        lun: std::path::absolute(&opts.lun).unwrap_or_else(|_| opts.lun.clone()),
+        fault_file: opts
+            .fault_file
+            .as_ref()
+            .map(|f| std::path::absolute(f).unwrap_or_else(|_| f.clone())),
     };
     let node = Node::new(cfg, &opts.lun).map_err(|source| ServeError::Open {
         path: opts.lun.clone(),

@@ -13,6 +13,8 @@
 //!   mapping of file ranges to LUN segments.
 //! * [`node`]: one host's service: NBD exports, control requests, the coordinator role, direct and
 //!   redirected data paths.
+//! * [`client`]: a volume file as a VM's disk (`volume://NODE_ADDR/FILE`): write lease, data
+//!   through the host's node, the migration hand-over hooks.
 //! * [`cluster`]: the etcd election, membership and the node's periodic duties (`tern volume serve`).
 //!
 //! ```text
@@ -23,6 +25,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod control;

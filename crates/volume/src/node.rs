@@ -35,6 +35,12 @@ pub struct NodeConfig {
     pub no_direct: bool,
     /// Write-lease TTL.
     pub lease_ttl_ms: u64,
+    /// The LUN's path on this host (local clients such as the VMM's volume disk open it for
+    /// their own direct I/O).
+    pub lun: std::path::PathBuf,
+    /// The fault-injection file (`--fault-file`): local direct-I/O clients treat the LUN path as
+    /// lost while it exists, as the node does.
+    pub fault_file: Option<std::path::PathBuf>,
 }
 
 /// Whether this node's data path is direct or redirected.
@@ -388,13 +394,14 @@ impl Node {
     fn coordinate(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
         if let Request::CoordLease {
             name,
+            node,
             action: LeaseAction::AbortHandover,
             ..
         } = req
         {
             self.set_aborting(name, true)?;
             let res = self
-                .revoke_holder_for_abort(name)
+                .revoke_holder_for_abort(name, *node)
                 .and_then(|()| self.coordinate_locked(req));
             let _ = self.set_aborting(name, false);
             return res;
@@ -672,10 +679,11 @@ impl Node {
             }
             Request::CoordLease {
                 name,
+                node,
                 action: LeaseAction::AbortHandover,
                 ..
             } if env.forwarded || self.is_coordinator() => {
-                self.revoke_holder_for_abort(name)?;
+                self.revoke_holder_for_abort(name, *node)?;
                 self.coordinate(&env.request)
             }
             r if env.forwarded => self.coordinate(r),
@@ -685,12 +693,25 @@ impl Node {
 
     /// Before an aborted hand-over returns the lease to its source, the destination must stop
     /// writing: ask it to (outside the coordinator lock, since it may need to flush through us).
-    fn revoke_holder_for_abort(&self, name: &str) -> Result<(), ControlError> {
+    /// Only a pending hand-over, asked for by one of its two sides, is aborted: anything else is
+    /// refused before the holder is told to stop (a confirmed hand-over's new writer keeps going).
+    fn revoke_holder_for_abort(&self, name: &str, requester: NodeId) -> Result<(), ControlError> {
         let holder = {
             let g = self.coordinator()?;
             let c = g
                 .as_ref()
                 .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+            let rec = c.leases.record(name);
+            match rec.handover_from {
+                None => return Err(lease_err(LeaseError::NoHandover)),
+                Some(from) if from != requester && rec.holder != Some(requester) => {
+                    return Err(ControlError::new(
+                        ErrorKind::Stale,
+                        format!("node {requester} is not a side of the hand-over of {name:?}"),
+                    ));
+                }
+                Some(_) => {}
+            }
             c.leases.holder(name, self.now_ms())
         };
         let Some((holder, _, deadline)) = holder else {
@@ -741,6 +762,8 @@ impl Node {
             "role": if self.is_coordinator() { "coordinator" } else { "node" },
             "path": self.path_state().as_str(),
             "no_direct": self.cfg.no_direct,
+            "lun": self.cfg.lun,
+            "fault_file": self.cfg.fault_file,
             "coordinator": leader.map(|l| json!({ "node_id": l.node_id, "addr": l.addr, "generation": l.generation })),
             "nodes": nodes,
             "held_leases": held,

@@ -1,18 +1,21 @@
-//! A virtio block device over a raw image file, behind a virtio-mmio (version 2) transport.
+//! A virtio block device over a [`BlockBackend`] (a raw image file, or a registered kind such as
+//! a volume file), behind a virtio-mmio (version 2) transport.
 //!
 //! The transport's registers follow the virtio 1.2 spec, section 4.2.2. Requests are served
-//! synchronously on the vCPU thread that writes QueueNotify: reads and writes with `pread`/`pwrite`,
-//! a flush with `fdatasync`, so an acknowledged flush means the data reached stable storage.
+//! synchronously on the vCPU thread that writes QueueNotify: reads and writes through the backend
+//! (`pread`/`pwrite` for a raw file), a flush through its `flush` (`fdatasync`), so an acknowledged
+//! flush means the data reached stable storage.
 //! Every descriptor the guest gives is bounds-checked: a malformed chain fails that request, it
 //! never panics the VMM.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::block_backend::{self, BlockBackend, RawFile};
 
 /// Magic value of every virtio-mmio device ("virt").
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -90,6 +93,14 @@ pub enum BlockOpenError {
         #[source]
         source: std::io::Error,
     },
+    /// A backend registered for a `SCHEME://` spec refused to open.
+    #[error("cannot open disk {spec}: {message}")]
+    Backend {
+        /// The disk spec.
+        spec: String,
+        /// The backend's one-line reason.
+        message: String,
+    },
 }
 
 /// The saved state of a virtio-blk device and its transport.
@@ -136,10 +147,10 @@ pub struct BlkCounters {
     pub errors: u64,
 }
 
-/// A virtio-blk device over a raw file.
+/// A virtio-blk device over a block backend.
 #[derive(Debug)]
 pub struct VirtioBlk {
-    file: File,
+    backend: Box<dyn BlockBackend>,
     readonly: bool,
     capacity_sectors: u64,
     irq: EventFd,
@@ -155,7 +166,16 @@ pub struct VirtioBlk {
 
 impl VirtioBlk {
     /// Opens `path` (read-only if asked) as a block device that interrupts through `irq`.
+    /// A `SCHEME://…` spec goes to the backend registered for the scheme.
     pub fn open(path: &Path, readonly: bool, irq: EventFd) -> Result<Self, BlockOpenError> {
+        if block_backend::split_scheme(&path.to_string_lossy()).is_some() {
+            let backend =
+                block_backend::open(path, readonly).map_err(|message| BlockOpenError::Backend {
+                    spec: path.display().to_string(),
+                    message,
+                })?;
+            return Ok(Self::from_backend(backend, irq));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(!readonly)
@@ -175,10 +195,16 @@ impl VirtioBlk {
     }
 
     fn from_file(file: File, capacity_sectors: u64, readonly: bool, irq: EventFd) -> Self {
+        let raw = RawFile::from_file(file, capacity_sectors * SECTOR_SIZE, readonly);
+        Self::from_backend(Box::new(raw), irq)
+    }
+
+    /// A device over `backend` (its size, rounded down to whole sectors, is the capacity).
+    pub fn from_backend(backend: Box<dyn BlockBackend>, irq: EventFd) -> Self {
         VirtioBlk {
-            file,
-            readonly,
-            capacity_sectors,
+            readonly: backend.read_only(),
+            capacity_sectors: backend.len() / SECTOR_SIZE,
+            backend,
             irq,
             // QUEUE_SIZE is a power of two; Queue::new cannot fail for it.
             queue: Queue::new(QUEUE_SIZE).unwrap_or_else(|_| unreachable!("valid queue size")),
@@ -195,6 +221,11 @@ impl VirtioBlk {
     /// The features this device offers.
     pub fn device_features(&self) -> u64 {
         F_VERSION_1 | F_FLUSH | if self.readonly { F_RO } else { 0 }
+    }
+
+    /// The storage behind the device (the migration path calls its hand-over hooks).
+    pub fn backend(&self) -> &dyn BlockBackend {
+        self.backend.as_ref()
     }
 
     /// Request counters.
@@ -359,7 +390,7 @@ impl VirtioBlk {
             }
             T_FLUSH => {
                 self.counters.flushes += 1;
-                match self.file.sync_data() {
+                match self.backend.flush() {
                     Ok(()) => (S_OK, 0),
                     Err(_) => (S_IOERR, 0),
                 }
@@ -415,11 +446,11 @@ impl VirtioBlk {
         for &(addr, len, _) in data {
             let mut buf = vec![0u8; len as usize];
             let ok = if to_guest {
-                self.file.read_exact_at(&mut buf, offset).is_ok()
+                self.backend.read_at(&mut buf, offset).is_ok()
                     && mem.write_slice(&buf, addr).is_ok()
             } else {
                 mem.read_slice(&mut buf, addr).is_ok()
-                    && self.file.write_all_at(&buf, offset).is_ok()
+                    && self.backend.write_at(&buf, offset).is_ok()
             };
             if !ok {
                 return (S_IOERR, written);

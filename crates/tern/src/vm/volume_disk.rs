@@ -1,0 +1,94 @@
+//! `--disk volume://NODE_ADDR/FILE`: registers the `volume` scheme with the VMM's block-backend
+//! registry (opening a `tern_volume::client::VolumeDisk`), and gives every opened disk's write
+//! lease back when the command ends. Keeps tern-vmm free of tern-volume.
+
+use std::io;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+
+use tern_vmm::devices::block_backend::{self, BlockBackend};
+use tern_volume::client::VolumeDisk;
+
+/// A volume file as a VMM block backend.
+#[derive(Debug)]
+struct VolumeBackend(Arc<VolumeDisk>);
+
+impl BlockBackend for VolumeBackend {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset).map_err(io::Error::other)
+    }
+    fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(data, offset).map_err(io::Error::other)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush().map_err(io::Error::other)
+    }
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_only(&self) -> bool {
+        self.0.read_only()
+    }
+    fn successor_id(&self) -> Option<String> {
+        Some(self.0.node_id().to_string())
+    }
+    fn release_to(&self, successor: &str) -> io::Result<()> {
+        let node = successor.parse().map_err(|_| {
+            io::Error::other(format!("volume successor {successor:?} is not a node id"))
+        })?;
+        self.0.release_to(node).map_err(io::Error::other)
+    }
+    fn abort_handover(&self) -> io::Result<()> {
+        self.0.abort_handover().map_err(io::Error::other)
+    }
+    fn take_over(&self) -> io::Result<()> {
+        self.0.take_over().map_err(io::Error::other)
+    }
+}
+
+/// The volume disks opened by this process; dropping it flushes them, releases their leases and
+/// prints their path counters.
+#[derive(Debug)]
+pub struct VolumeDisks(Arc<Mutex<Vec<Arc<VolumeDisk>>>>);
+
+/// Registers `volume://` disks. `incoming`: a migration target, whose writable disks wait for
+/// the hand-over (`VolumeDisk::open_incoming`) instead of acquiring the lease.
+pub fn register(incoming: bool) -> VolumeDisks {
+    let opened: Arc<Mutex<Vec<Arc<VolumeDisk>>>> = Arc::default();
+    let list = Arc::clone(&opened);
+    block_backend::register_scheme(
+        "volume",
+        Box::new(move |spec, readonly| {
+            let disk = if incoming && !readonly {
+                VolumeDisk::open_incoming(spec)
+            } else {
+                VolumeDisk::open(spec, readonly)
+            };
+            let disk = disk.map(Arc::new).map_err(|e| e.to_string())?;
+            list.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Arc::clone(&disk));
+            Ok(Box::new(VolumeBackend(disk)))
+        }),
+    );
+    VolumeDisks(opened)
+}
+
+impl Drop for VolumeDisks {
+    fn drop(&mut self) {
+        for d in self.0.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            if let Err(e) = d.close() {
+                eprintln!("tern: {e}");
+            }
+            let c = d.counters();
+            eprintln!(
+                "tern: volume disk {}: direct_writes={} node_writes={} replayed={} redirects={}",
+                d.name(),
+                c.direct_writes.load(Relaxed),
+                c.node_writes.load(Relaxed),
+                c.replayed.load(Relaxed),
+                c.redirects.load(Relaxed)
+            );
+        }
+    }
+}
