@@ -31,6 +31,9 @@ pub enum VmCommand {
     Status(ApiArgs),
     /// Stop a running VM (its VMM exits with status 0).
     Stop(ApiArgs),
+    /// Announce a running VM's NICs on the network now (RARP, and gratuitous ARP when the guest's
+    /// IPv4 address is known), on its announce schedule, as after a restore or migration.
+    Announce(ApiArgs),
 }
 
 /// Options of `tern vm run`.
@@ -57,6 +60,14 @@ pub struct RunArgs {
     /// Where the serial console (COM1) goes: stdout, null or file:PATH.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
+    /// A virtio-net NIC over a tap (created if missing, or an existing one used); `ip=` tells the
+    /// announce the guest's address (otherwise learnt from its traffic). Repeat for more NICs.
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR]")]
+    pub net: Vec<String>,
+    /// When the NICs announce themselves after a restore or migration: offsets in ms from the
+    /// resume, or `off`.
+    #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
+    pub announce: String,
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -83,6 +94,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Resume(a) => control(&a, Request::Resume),
         VmCommand::Status(a) => control(&a, Request::Status),
         VmCommand::Stop(a) => control(&a, Request::Shutdown),
+        VmCommand::Announce(a) => control(&a, Request::Announce),
     }
 }
 
@@ -123,7 +135,20 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| format!("vm-{}", std::process::id())),
         runtime_dir: args.runtime_dir,
     };
-    let cfg = input.validate(&HostLimits::probe())?;
+    let mut cfg = input.validate(&HostLimits::probe())?;
+    let nets = args
+        .net
+        .iter()
+        .map(|n| tern_vmm::config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    cfg = cfg.with_nets(nets)?;
+    cfg.announce = tern_vmm::devices::announce::AnnounceSchedule::parse(&args.announce)
+        .with_context(|| {
+            format!(
+                "bad --announce {:?} (give offsets in ms like 0,50,200,450,800, or off)",
+                args.announce
+            )
+        })?;
     signals::block_termination_signals().context("cannot block termination signals")?;
     let vm = Vm::create(cfg.clone())?;
     signals::stop_on_termination(vm.clone()).context("cannot watch termination signals")?;

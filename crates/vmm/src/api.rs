@@ -27,6 +27,9 @@ pub enum Request {
     Resume,
     /// Stop the VM; the VMM process exits with status 0.
     Shutdown,
+    /// Announce the NICs on the network now (RARP / gratuitous ARP on the announce schedule),
+    /// as the resume after a restore does.
+    Announce,
 }
 
 /// A response.
@@ -184,6 +187,9 @@ fn handle(vm: &Vm, req: Request) -> Response {
             vm.request_stop();
             Response::ok()
         }
+        Request::Announce => vm
+            .announce_network()
+            .map_or_else(Response::err, |_| Response::ok()),
     }
 }
 

@@ -224,6 +224,9 @@ pub struct DevicesState {
     pub serial: SerialRegs,
     /// Each virtio-blk device, with its slot.
     pub blocks: Vec<(usize, VirtioBlkState)>,
+    /// Each virtio-net device, with its slot.
+    #[serde(default)]
+    pub nets: Vec<(usize, crate::devices::virtio_net::VirtioNetState)>,
 }
 
 /// The whole VM's state, taken while it is paused (guest memory apart).
