@@ -24,6 +24,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ns;
+
 use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 
