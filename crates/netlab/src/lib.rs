@@ -146,6 +146,11 @@ impl Topology {
         }
         // If anything below fails, dropping `topology` removes what was made.
         topology.create()?;
+        // A veth's carrier comes up a moment after both ends are up; until then its bridge port is
+        // disabled and drops frames. Return only once every port forwards.
+        for ns in topology.namespaces() {
+            wait_ports_forwarding(&ns, None)?;
+        }
         Ok(topology)
     }
 
@@ -316,7 +321,8 @@ impl Topology {
         cmd
     }
 
-    /// Attaches an existing interface of host `i` (a VM's tap) to the host's bridge and brings it up.
+    /// Attaches an existing interface of host `i` (a VM's tap) to the host's bridge, brings it up,
+    /// and returns once the bridge port forwards (frames sent before that would be dropped).
     pub fn attach_to_host_bridge(&self, i: usize, ifname: &str) -> Result<(), CommandError> {
         run(
             "ip",
@@ -331,7 +337,7 @@ impl Topology {
                 "up",
             ],
         )?;
-        Ok(())
+        wait_ports_forwarding(&self.host_ns(i), Some(ifname))
     }
 
     /// The switch port whose forwarding entry holds `mac` (e.g. `h1`), or `None` if the switch has not
@@ -432,6 +438,53 @@ fn parse_fdb_port(text: &str, mac: &str) -> Option<String> {
     })
 }
 
+/// How long a bridge port may take to reach the forwarding state.
+const PORT_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until every bridge port in `ns` (or only `only`) is in the forwarding state.
+fn wait_ports_forwarding(ns: &str, only: Option<&str>) -> Result<(), CommandError> {
+    let start = std::time::Instant::now();
+    loop {
+        let out = run("bridge", &["-n", ns, "link", "show"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if ports_forwarding(&text, only) {
+            return Ok(());
+        }
+        if start.elapsed() > PORT_UP_TIMEOUT {
+            return Err(CommandError::Failed {
+                command: format!("bridge -n {ns} link show"),
+                stderr: format!(
+                    "bridge ports not forwarding after {PORT_UP_TIMEOUT:?}: {}",
+                    text.trim()
+                ),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether `bridge link show` output has every port (or port `only`, which must be listed) in the
+/// forwarding state.
+fn ports_forwarding(text: &str, only: Option<&str>) -> bool {
+    let mut seen = false;
+    for line in text.lines().filter(|l| l.contains(" state ")) {
+        // "4: tap0: <...> mtu 1500 master br0 state forwarding ..." (name may carry "@peer").
+        let name = line
+            .split(':')
+            .nth(1)
+            .map(|n| n.trim().split('@').next().unwrap_or(""))
+            .unwrap_or("");
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        seen = true;
+        if !line.contains("state forwarding") {
+            return false;
+        }
+    }
+    seen || only.is_none()
+}
+
 fn run(program: &str, args: &[&str]) -> Result<Output, CommandError> {
     let command = format!("{program} {}", args.join(" "));
     let out = Command::new(program)
@@ -452,6 +505,20 @@ fn run(program: &str, args: &[&str]) -> Result<Output, CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_states_are_read_from_bridge_link_show() {
+        let text = "3: uplink@if4: <BROADCAST,UP> mtu 1500 master br0 state disabled priority 32 cost 2 \n\
+                    4: tap0: <BROADCAST,UP> mtu 1500 master br0 state forwarding priority 32 cost 2 \n";
+        assert!(!ports_forwarding(text, None));
+        assert!(!ports_forwarding(text, Some("uplink")));
+        assert!(ports_forwarding(text, Some("tap0")));
+        assert!(
+            !ports_forwarding(text, Some("tap1")),
+            "an unlisted port is not forwarding"
+        );
+        assert!(ports_forwarding("", None));
+    }
 
     #[test]
     fn fdb_port_is_found_and_permanent_entries_are_ignored() {

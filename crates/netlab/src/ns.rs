@@ -182,7 +182,9 @@ mod tests {
             s.write_all(&b).unwrap();
         });
         let c = TcpStream::connect(addr).unwrap();
-        let r = stream_echo(c, Duration::from_millis(1), Duration::from_secs(5), || false);
+        let r = stream_echo(c, Duration::from_millis(1), Duration::from_secs(5), || {
+            false
+        });
         server.join().unwrap();
         assert_eq!(r.requests, 5);
         assert!(r.connection_broken && r.mismatched, "{r:?}");

@@ -235,6 +235,24 @@ fn ping_tcp_and_udp_echo_reach_the_guest_under_tern() {
     vm.stop();
 }
 
+fn diagnostics(topo: &Topology) -> String {
+    let mut out = String::new();
+    for args in [
+        vec!["-n", &topo.switch_ns(), "fdb", "show", "br", "sw0"],
+        vec!["-n", &topo.host_ns(0), "link", "show"],
+        vec!["-n", &topo.host_ns(0), "fdb", "show", "br", "br0"],
+    ] {
+        let o = Command::new("bridge").args(&args).output().expect("bridge");
+        out.push_str(&format!("\nbridge {args:?}:\n{}", String::from_utf8_lossy(&o.stdout)));
+    }
+    let o = Command::new("ip")
+        .args(["-n", &topo.host_ns(0), "-s", "link", "show"])
+        .output()
+        .expect("ip");
+    out.push_str(&String::from_utf8_lossy(&o.stdout));
+    out
+}
+
 fn wait_port(topo: &Topology, mac: &str, want: &str, within: Duration) -> Option<Duration> {
     let start = Instant::now();
     while start.elapsed() < within {
@@ -264,7 +282,8 @@ fn the_announce_moves_the_switch_fdb_entry_to_the_new_host() {
     a.api("announce");
     assert!(
         wait_port(&topo, mac, &h0, Duration::from_secs(2)).is_some(),
-        "the switch did not learn the MAC behind {h0} after the announce on h0"
+        "the switch did not learn the MAC behind {h0} after the announce on h0: {}",
+        diagnostics(&topo)
     );
     a.stop();
 
