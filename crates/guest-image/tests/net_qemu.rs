@@ -155,10 +155,10 @@ fn echo_under_qemu(topo_name: &str, modern: bool) {
         String::from_utf8_lossy(&ping.stdout)
     );
     let addr = SocketAddr::from((ip, 7));
-    let stream = connect_from(&client, addr, Duration::from_secs(5)).expect("TCP connect");
+    let mut stream = connect_from(&client, addr, Duration::from_secs(5)).expect("TCP connect");
     let mut n = 0;
     let report = stream_echo(
-        stream,
+        &mut stream,
         Duration::from_millis(1),
         Duration::from_secs(5),
         || {

@@ -25,6 +25,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ns;
+pub mod scenario;
 
 use std::net::Ipv4Addr;
 use std::process::{Command, Output};

@@ -96,7 +96,19 @@ pub fn request_bytes(seq: u64) -> [u8; 16] {
 /// Sends one request every `interval` over `stream` until `stop()` says so, waiting for each echo
 /// (at most `give_up` for one), and reports the longest wait.
 pub fn stream_echo(
-    mut stream: TcpStream,
+    stream: &mut TcpStream,
+    interval: Duration,
+    give_up: Duration,
+    mut stop: impl FnMut() -> bool,
+) -> EchoReport {
+    stream_echo_from(stream, 0, interval, give_up, &mut stop)
+}
+
+/// As [`stream_echo`], numbering requests from `first_seq` (to continue an earlier stream on the
+/// same connection).
+pub fn stream_echo_from(
+    stream: &mut TcpStream,
+    first_seq: u64,
     interval: Duration,
     give_up: Duration,
     mut stop: impl FnMut() -> bool,
@@ -105,7 +117,7 @@ pub fn stream_echo(
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(give_up));
     let mut max = Duration::ZERO;
-    let mut seq = 0u64;
+    let mut seq = first_seq;
     let mut next = Instant::now();
     while !stop() {
         let req = request_bytes(seq);
@@ -181,10 +193,13 @@ mod tests {
             b[5] ^= 1;
             s.write_all(&b).unwrap();
         });
-        let c = TcpStream::connect(addr).unwrap();
-        let r = stream_echo(c, Duration::from_millis(1), Duration::from_secs(5), || {
-            false
-        });
+        let mut c = TcpStream::connect(addr).unwrap();
+        let r = stream_echo(
+            &mut c,
+            Duration::from_millis(1),
+            Duration::from_secs(5),
+            || false,
+        );
         server.join().unwrap();
         assert_eq!(r.requests, 5);
         assert!(r.connection_broken && r.mismatched, "{r:?}");

@@ -37,7 +37,7 @@ fn show_for(lines: &Receiver<String>, d: Duration) -> usize {
 }
 
 fn call(sock: &std::path::Path, req: Request) -> anyhow::Result<api::Response> {
-    let r = api::call(sock, req)?;
+    let r = api::call(sock, &req)?;
     anyhow::ensure!(
         r.ok,
         "the VM refused {req:?}: {}",

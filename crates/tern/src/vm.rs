@@ -1,5 +1,6 @@
-//! `tern vm …`: run one VM in the foreground (`run`) and drive running VMs through their control
-//! socket (`pause`, `resume`, `status`, `stop`).
+//! `tern vm …`: run one VM in the foreground (`run`, also from a snapshot), drive running VMs
+//! through their control socket (`pause`, `resume`, `status`, `stop`, `snapshot`), and move them
+//! live between hosts (`migrate` on the source, `receive` on the target).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,14 +35,139 @@ pub enum VmCommand {
     /// Announce a running VM's NICs on the network now (RARP, and gratuitous ARP when the guest's
     /// IPv4 address is known), on its announce schedule, as after a restore or migration.
     Announce(ApiArgs),
+    /// Write a snapshot of a running VM (state and memory) to a file.
+    ///
+    /// The VM is paused while the file is written, then resumes (or stops with --stop).
+    /// `tern vm run --restore FILE` continues it.
+    Snapshot(SnapshotArgs),
+    /// Live-migrate a running VM to a host where `tern vm receive` waits.
+    ///
+    /// The migration runs inside the source VMM. On success the source VMM exits once the
+    /// target has acknowledged that the VM runs there; on any failure before that the VM keeps
+    /// running here. Exit status: 0 completed, 1 failed (VM still runs here), 3 in doubt (the VM
+    /// stays paused here; check the target before resuming it).
+    Migrate(MigrateArgs),
+    /// Wait for an incoming live migration, then run the VM here.
+    ///
+    /// Start this first. The VM is built from the source's description; a refused, failed or
+    /// aborted migration exits non-zero and leaves nothing behind.
+    Receive(ReceiveArgs),
+}
+
+/// Options of `tern vm snapshot`.
+#[derive(Debug, clap::Args)]
+pub struct SnapshotArgs {
+    /// The VM's control socket (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// The snapshot file to write.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Stop the VM after the snapshot instead of resuming it.
+    #[arg(long)]
+    pub stop: bool,
+}
+
+/// Options of `tern vm migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM's control socket (its --api-sock).
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: PathBuf,
+    /// The waiting target, HOST:PORT (required unless --cancel).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Parallel TCP data streams.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub streams: u16,
+    /// Largest acceptable pause (source pause → target running), ms.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    pub downtime_ms: u64,
+    /// Give up (or force the switch-over) after this many seconds.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// What to do at the timeout.
+    #[arg(long, value_enum, default_value = "abort")]
+    pub on_timeout: OnTimeoutArg,
+    /// Bandwidth cap, MiB/s (default: none).
+    #[arg(long, value_name = "MIBPS")]
+    pub max_bandwidth_mibps: Option<u64>,
+    /// Compare a digest of all guest memory on the target before it resumes.
+    #[arg(long)]
+    pub verify_memory: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Cancel the migration under way on this VM.
+    #[arg(long)]
+    pub cancel: bool,
+    /// Offer only this protocol version (testing aid).
+    #[arg(long, hide = true, value_name = "N")]
+    pub x_protocol_version: Option<u16>,
+}
+
+/// `--on-timeout`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OnTimeoutArg {
+    /// Give up; the VM keeps running on the source.
+    Abort,
+    /// Switch over anyway, accepting a longer pause.
+    Force,
+}
+
+/// Options of `tern vm receive`.
+#[derive(Debug, clap::Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Serve the control API on this unix socket once the VM runs.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Where the serial console goes: stdout, null or file:PATH.
+    #[arg(long, default_value = "stdout")]
+    pub serial: String,
+    /// The VM's name (default: vm-<pid>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Disks (shared storage), as for `tern vm run`.
+    #[arg(long, value_name = "PATH[,readonly]")]
+    pub disk: Vec<String>,
+    /// NICs, as for `tern vm run` (same MAC as on the source; `bridge=` puts the tap on this
+    /// host's bridge before the VM resumes here).
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR][,bridge=BR]")]
+    pub net: Vec<String>,
+    /// When the NICs announce themselves once the VM resumes here: offsets in ms, or `off`.
+    #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
+    pub announce: String,
+    /// Refuse a VM that does not have exactly this many vCPUs.
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Refuse a VM that does not have exactly this much memory, MiB.
+    #[arg(long, value_name = "N")]
+    pub memory_mib: Option<u64>,
+    /// Give up if no source connects within this many seconds (default: wait forever).
+    #[arg(long, value_name = "SECONDS")]
+    pub accept_timeout: Option<f64>,
+    /// Directory of runtime entries.
+    #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
+    pub runtime_dir: PathBuf,
 }
 
 /// Options of `tern vm run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
     /// The kernel: a PVH ELF, an ELF vmlinux, a bzImage, or builtin:testguest.
-    #[arg(long, value_name = "PATH|builtin:NAME")]
-    pub kernel: String,
+    #[arg(
+        long,
+        value_name = "PATH|builtin:NAME",
+        required_unless_present = "restore"
+    )]
+    pub kernel: Option<String>,
+    /// Continue a VM from a snapshot file (`tern vm snapshot`); kernel, memory, vCPUs, command
+    /// line and disks come from the snapshot.
+    #[arg(long, value_name = "FILE")]
+    pub restore: Option<PathBuf>,
     /// An initramfs for a Linux kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -62,7 +188,7 @@ pub struct RunArgs {
     pub serial: String,
     /// A virtio-net NIC over a tap (created if missing, or an existing one used); `ip=` tells the
     /// announce the guest's address (otherwise learnt from its traffic). Repeat for more NICs.
-    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR]")]
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR][,bridge=BR]")]
     pub net: Vec<String>,
     /// When the NICs announce themselves after a restore or migration: offsets in ms from the
     /// resume, or `off`.
@@ -95,6 +221,17 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Status(a) => control(&a, Request::Status),
         VmCommand::Stop(a) => control(&a, Request::Shutdown),
         VmCommand::Announce(a) => control(&a, Request::Announce),
+        VmCommand::Snapshot(a) => control(
+            &ApiArgs {
+                api_sock: a.api_sock,
+            },
+            Request::Snapshot {
+                path: std::path::absolute(&a.out).unwrap_or(a.out),
+                stop: a.stop,
+            },
+        ),
+        VmCommand::Migrate(a) => migrate(a),
+        VmCommand::Receive(a) => receive(a),
     }
 }
 
@@ -103,7 +240,7 @@ fn builtin(name: &str) -> Option<Arc<[u8]>> {
     tern_guest_image::builtin(name).map(Arc::from)
 }
 
-fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
+pub(crate) fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
     match arg.strip_prefix("builtin:") {
         None => Ok(KernelSource::File(PathBuf::from(arg))),
         Some(name) => match builtin(name) {
@@ -121,13 +258,33 @@ fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let mut snap = match &args.restore {
+        Some(p) => Some(tern_vmm::snapshot::open(p)?),
+        None => None,
+    };
+    let (kernel, cmdline, memory_mib, vcpus, disks) = match &snap {
+        Some(s) => (
+            s.meta.kernel.clone(),
+            s.meta.cmdline.clone(),
+            s.meta.memory_mib,
+            u32::from(s.meta.vcpus),
+            s.meta.disks.clone(),
+        ),
+        None => (
+            args.kernel.clone().unwrap_or_default(),
+            args.cmdline.clone(),
+            args.memory_mib,
+            args.vcpus,
+            args.disk.clone(),
+        ),
+    };
     let input = VmConfigInput {
-        kernel: kernel_source(&args.kernel)?,
+        kernel: kernel_source(&kernel)?,
         initrd: args.initrd,
-        cmdline: args.cmdline,
-        memory_mib: args.memory_mib,
-        vcpus: args.vcpus,
-        disks: args.disk,
+        cmdline,
+        memory_mib,
+        vcpus,
+        disks,
         serial: args.serial,
         api_sock: args.api_sock,
         name: args
@@ -135,22 +292,32 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| format!("vm-{}", std::process::id())),
         runtime_dir: args.runtime_dir,
     };
-    let mut cfg = input.validate(&HostLimits::probe())?;
-    let nets = args
-        .net
-        .iter()
-        .map(|n| tern_vmm::config::parse_net(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    cfg = cfg.with_nets(nets)?;
-    cfg.announce = tern_vmm::devices::announce::AnnounceSchedule::parse(&args.announce)
-        .with_context(|| {
-            format!(
-                "bad --announce {:?} (give offsets in ms like 0,50,200,450,800, or off)",
-                args.announce
-            )
-        })?;
+    let cfg = with_network(
+        input.validate(&HostLimits::probe())?,
+        &args.net,
+        &args.announce,
+    )?;
     signals::block_termination_signals().context("cannot block termination signals")?;
     let vm = Vm::create(cfg.clone())?;
+    if let Some(s) = snap.as_mut() {
+        let restored = (|| -> anyhow::Result<()> {
+            vm.zero_memory()?;
+            s.load_memory(&vm)?;
+            vm.restore_state(&s.state)
+                .context("cannot restore the snapshot's state")?;
+            Ok(())
+        })();
+        if let Err(e) = restored {
+            vm.request_stop();
+            vm.wait();
+            return Err(e);
+        }
+    }
+    serve(vm, &cfg)
+}
+
+/// Registers a built, parked VM (API socket, runtime entry), resumes it and waits for its end.
+pub(crate) fn serve(vm: Vm, cfg: &tern_vmm::config::VmConfig) -> anyhow::Result<ExitCode> {
     signals::stop_on_termination(vm.clone()).context("cannot watch termination signals")?;
     let api = match &cfg.api_sock {
         Some(path) => match ApiServer::start(path, vm.clone()) {
@@ -177,7 +344,9 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e.into());
         }
     };
-    if let Err(e) = vm.resume() {
+    if vm.status().state != tern_vmm::RunState::Running
+        && let Err(e) = vm.resume()
+    {
         vm.request_stop();
         vm.wait();
         return Err(e.into());
@@ -206,7 +375,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn control(args: &ApiArgs, req: Request) -> anyhow::Result<ExitCode> {
-    let resp = api::call(&args.api_sock, req)?;
+    let resp = api::call(&args.api_sock, &req)?;
     if !resp.ok {
         anyhow::bail!(
             "the VM refused: {}",
@@ -218,4 +387,212 @@ fn control(args: &ApiArgs, req: Request) -> anyhow::Result<ExitCode> {
         None => println!("ok"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    if a.cancel {
+        return control(
+            &ApiArgs {
+                api_sock: a.api_sock,
+            },
+            Request::MigrateCancel,
+        );
+    }
+    anyhow::ensure!(
+        (1..=64).contains(&a.streams),
+        "--streams must be between 1 and 64"
+    );
+    anyhow::ensure!(
+        a.timeout.is_finite() && a.timeout > 0.0,
+        "--timeout must be a positive number of seconds"
+    );
+    let req = Request::Migrate(api::MigrateRequest {
+        to: a.to.clone().unwrap_or_default(),
+        streams: a.streams,
+        downtime_ms: a.downtime_ms,
+        timeout_s: a.timeout,
+        force_on_timeout: matches!(a.on_timeout, OnTimeoutArg::Force),
+        max_bandwidth_mibps: a.max_bandwidth_mibps,
+        verify_memory: a.verify_memory,
+        protocol_version: a.x_protocol_version,
+    });
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        Some(b)
+    } else {
+        None
+    };
+    let mut on_progress = |p: &serde_json::Value| {
+        let Some(b) = &bar else { return };
+        let f = |k: &str| p.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let sent = f("bytes_sent") as u64;
+        b.set_length(sent + f("bytes_remaining") as u64);
+        b.set_position(sent);
+        b.set_prefix(format!("{}", f("round") as u64));
+        b.set_message(format!(
+            "{} dirty {:.0} MiB/s bw {:.0} MiB/s downtime~{} throttle {:.1} %",
+            p.get("phase").and_then(|v| v.as_str()).unwrap_or(""),
+            f("dirty_bytes_per_sec") / 1048576.0,
+            f("bandwidth_bytes_per_sec") / 1048576.0,
+            p.get("expected_downtime_ms")
+                .and_then(|v| v.as_f64())
+                .map_or("?".to_string(), |d| format!("{d:.0} ms")),
+            f("throttle_pct"),
+        ));
+    };
+    let resp = api::call_streaming(&a.api_sock, &req, &mut on_progress)?;
+    if let Some(b) = &bar {
+        b.finish_and_clear();
+    }
+    let report = resp.report.clone().unwrap_or(serde_json::Value::Null);
+    if a.json {
+        println!("{report}");
+    } else if !report.is_null() {
+        let g = |k: &str| report.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        eprintln!(
+            "migration {}: total {} ms, downtime {} ms, {} rounds, {} bytes sent, {} zero pages skipped, throttle max {} %, converged {}",
+            g("outcome"),
+            g("total_ms"),
+            g("downtime_ms"),
+            g("rounds"),
+            g("bytes_sent"),
+            g("pages_zero_skipped"),
+            g("throttle_max_pct"),
+            g("converged")
+        );
+    }
+    if resp.ok {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let outcome = report.get("outcome").and_then(|v| v.as_str()).unwrap_or("");
+    let why = resp.error.unwrap_or_else(|| "no reason given".into());
+    if outcome == "in_doubt" {
+        eprintln!(
+            "tern: migration in doubt: {why}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
+        );
+        return Ok(ExitCode::from(3));
+    }
+    eprintln!("tern: migration failed ({outcome}): {why}; the VM keeps running here");
+    Ok(ExitCode::FAILURE)
+}
+
+/// Adds the `--net` NICs and the `--announce` schedule to a validated configuration.
+fn with_network(
+    cfg: tern_vmm::config::VmConfig,
+    nets: &[String],
+    announce: &str,
+) -> anyhow::Result<tern_vmm::config::VmConfig> {
+    let nets = nets
+        .iter()
+        .map(|n| tern_vmm::config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = cfg.with_nets(nets)?;
+    cfg.announce =
+        tern_vmm::devices::announce::AnnounceSchedule::parse(announce).with_context(|| {
+            format!(
+                "bad --announce {announce:?} (give offsets in ms like 0,50,200,450,800, or off)"
+            )
+        })?;
+    Ok(cfg)
+}
+
+fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    let listener = std::net::TcpListener::bind(&a.listen)
+        .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;
+    signals::block_termination_signals().context("cannot block termination signals")?;
+    let name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("vm-{}", std::process::id()));
+    let built: Arc<std::sync::Mutex<Option<tern_vmm::config::VmConfig>>> = Arc::default();
+    let built2 = built.clone();
+    let (serial, disks, api_sock, runtime_dir) = (
+        a.serial.clone(),
+        a.disk.clone(),
+        a.api_sock.clone(),
+        a.runtime_dir.clone(),
+    );
+    let (want_vcpus, want_mib) = (a.vcpus, a.memory_mib);
+    let (nets, announce) = (a.net.clone(), a.announce.clone());
+    // Check the network options now, not when the source connects.
+    for n in &nets {
+        tern_vmm::config::parse_net(n)?;
+    }
+    tern_vmm::devices::announce::AnnounceSchedule::parse(&announce)
+        .with_context(|| format!("bad --announce {announce:?} (give offsets in ms, or off)"))?;
+    let build: tern_vmm::migrate::BuildVm = Box::new(move |d| {
+        let mib = d.layout.total_bytes() >> 20;
+        if let Some(v) = want_vcpus.filter(|&v| v != d.vcpus) {
+            return Err(format!(
+                "vCPU count differs: source {}, this host accepts {v}",
+                d.vcpus
+            ));
+        }
+        if let Some(m) = want_mib.filter(|&m| m != mib) {
+            return Err(format!(
+                "memory differs: source {mib} MiB, this host accepts {m} MiB"
+            ));
+        }
+        // The VM's memory is replaced by the source's: the kernel loaded here is a placeholder.
+        let input = VmConfigInput {
+            kernel: kernel_source("builtin:testguest").map_err(|e| e.to_string())?,
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: mib,
+            vcpus: d.vcpus,
+            disks: disks.clone(),
+            serial: serial.clone(),
+            api_sock: api_sock.clone(),
+            name: name.clone(),
+            runtime_dir: runtime_dir.clone(),
+        };
+        let cfg = input
+            .validate(&HostLimits::probe())
+            .map_err(|e| e.to_string())?;
+        let cfg = with_network(cfg, &nets, &announce).map_err(|e| format!("{e:#}"))?;
+        let vm = Vm::create(cfg.clone()).map_err(|e| format!("cannot build the VM here: {e}"))?;
+        *built2.lock().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
+        Ok(vm)
+    });
+    let mut target = tern_vmm::migrate::VmTarget::new(build);
+    let opts = tern_migration::ReceiveOptions {
+        accept_timeout: a.accept_timeout.map(std::time::Duration::from_secs_f64),
+        ..Default::default()
+    };
+    eprintln!("tern: waiting for a migration on {}", a.listen);
+    let report = tern_migration::receive(
+        &listener,
+        &mut target,
+        &opts,
+        &tern_migration::CancelToken::new(),
+    );
+    drop(listener);
+    match report {
+        Ok(r) => {
+            eprintln!(
+                "tern: migration received in {} ms; the VM runs here",
+                r.total_ms
+            );
+            let vm = target.into_vm().context("no VM after the migration")?;
+            let cfg = built
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .context("no VM configuration after the migration")?;
+            serve(vm, &cfg)
+        }
+        Err(e) => {
+            eprintln!(
+                "tern: incoming migration failed: {}; nothing runs here",
+                tern_migration::recv::error_chain(&e)
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

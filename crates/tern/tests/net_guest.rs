@@ -203,10 +203,10 @@ fn ping_tcp_and_udp_echo_reach_the_guest_under_tern() {
     );
 
     let addr = SocketAddr::from((ip, 7));
-    let stream = connect_from(&client, addr, Duration::from_secs(5)).expect("TCP connect");
+    let mut stream = connect_from(&client, addr, Duration::from_secs(5)).expect("TCP connect");
     let mut n = 0;
     let report = stream_echo(
-        stream,
+        &mut stream,
         Duration::from_millis(1),
         Duration::from_secs(5),
         || {
@@ -243,7 +243,10 @@ fn diagnostics(topo: &Topology) -> String {
         vec!["-n", &topo.host_ns(0), "fdb", "show", "br", "br0"],
     ] {
         let o = Command::new("bridge").args(&args).output().expect("bridge");
-        out.push_str(&format!("\nbridge {args:?}:\n{}", String::from_utf8_lossy(&o.stdout)));
+        out.push_str(&format!(
+            "\nbridge {args:?}:\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        ));
     }
     let o = Command::new("ip")
         .args(["-n", &topo.host_ns(0), "-s", "link", "show"])

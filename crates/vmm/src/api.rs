@@ -10,13 +10,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Mutex;
+
+use tern_migration::{CancelToken, ConvergenceConfig, MigrateOptions, OnTimeout, Progress};
+
+use crate::config::KernelSource;
+use crate::migrate::VmSource;
+use crate::snapshot::{self, SnapshotMeta};
 use crate::vm::{Vm, VmStatus};
 
 /// The longest request line accepted.
 pub const MAX_REQUEST_BYTES: usize = 4096;
 
 /// A control request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Report the VM's status.
@@ -30,6 +37,56 @@ pub enum Request {
     /// Announce the NICs on the network now (RARP / gratuitous ARP on the announce schedule),
     /// as the resume after a restore does.
     Announce,
+    /// Pause, write a snapshot file, then resume (or stop the VM with `stop`).
+    Snapshot {
+        /// The file to write.
+        path: PathBuf,
+        /// Stop the VM after the snapshot instead of resuming it.
+        #[serde(default)]
+        stop: bool,
+    },
+    /// Live-migrate the VM to a waiting `tern vm receive`. Progress lines precede the answer.
+    Migrate(MigrateRequest),
+    /// Cancel the migration under way (before its commit).
+    MigrateCancel,
+}
+
+/// The options of a `migrate` request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MigrateRequest {
+    /// The target, HOST:PORT.
+    pub to: String,
+    /// Parallel data streams.
+    #[serde(default = "default_streams")]
+    pub streams: u16,
+    /// Downtime budget, ms.
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Force the switch-over at the timeout instead of aborting.
+    #[serde(default)]
+    pub force_on_timeout: bool,
+    /// Bandwidth cap, MiB/s.
+    #[serde(default)]
+    pub max_bandwidth_mibps: Option<u64>,
+    /// Compare a digest of all memory on the target before it resumes.
+    #[serde(default)]
+    pub verify_memory: bool,
+    /// Offer only this protocol version (for testing version refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u16>,
+}
+
+fn default_streams() -> u16 {
+    2
+}
+fn default_downtime() -> u64 {
+    50
+}
+fn default_timeout() -> f64 {
+    60.0
 }
 
 /// A response.
@@ -43,6 +100,12 @@ pub struct Response {
     /// The status, for `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<VmStatus>,
+    /// A migration's progress (a line before the final answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<serde_json::Value>,
+    /// A migration's final report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -51,6 +114,8 @@ impl Response {
             ok: true,
             error: None,
             status: None,
+            progress: None,
+            report: None,
         }
     }
     fn err(e: impl std::fmt::Display) -> Self {
@@ -58,6 +123,8 @@ impl Response {
             ok: false,
             error: Some(e.to_string()),
             status: None,
+            progress: None,
+            report: None,
         }
     }
 }
@@ -70,7 +137,7 @@ pub enum ParseRequestError {
     TooLong,
     /// Not JSON, or not one of the requests.
     #[error(
-        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"}})"
+        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"migrate\"|\"migrate_cancel\"}})"
     )]
     Bad(String),
 }
@@ -159,7 +226,11 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
             match parse_request(&line) {
                 Err(e) => (Response::err(e), false),
                 Ok(Request::Shutdown) => (Response::ok(), true),
-                Ok(req) => (handle(vm, req), false),
+                Ok(Request::Migrate(m)) => {
+                    let (resp, completed) = run_migration(vm, &m, &mut out);
+                    (resp, completed)
+                }
+                Ok(req) => handle(vm, req),
             }
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
@@ -175,21 +246,149 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
     }
 }
 
-fn handle(vm: &Vm, req: Request) -> Response {
-    match req {
+fn handle(vm: &Vm, req: Request) -> (Response, bool) {
+    let r = match req {
         Request::Status => Response {
             status: Some(vm.status()),
             ..Response::ok()
         },
         Request::Pause => vm.pause().map_or_else(Response::err, |_| Response::ok()),
         Request::Resume => vm.resume().map_or_else(Response::err, |_| Response::ok()),
-        Request::Shutdown => {
-            vm.request_stop();
-            Response::ok()
+        Request::Shutdown => return (Response::ok(), true),
+        Request::Snapshot { path, stop } => return snapshot(vm, &path, stop),
+        Request::Migrate(_) => Response::err("internal: migrate is served apart"),
+        Request::MigrateCancel => {
+            match MIGRATION.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                Some(c) => {
+                    c.cancel();
+                    Response::ok()
+                }
+                None => Response::err("no migration is under way"),
+            }
         }
         Request::Announce => vm
             .announce_network()
             .map_or_else(Response::err, |_| Response::ok()),
+    };
+    (r, false)
+}
+
+/// The cancel token of the migration under way (one VM per VMM process).
+static MIGRATION: Mutex<Option<CancelToken>> = Mutex::new(None);
+
+fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
+    let cfg = vm.config();
+    let meta = SnapshotMeta {
+        kernel: match &cfg.kernel {
+            KernelSource::File(p) => p.display().to_string(),
+            KernelSource::Embedded { name, .. } => name.clone(),
+        },
+        cmdline: cfg.cmdline.clone(),
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        disks: cfg
+            .disks
+            .iter()
+            .map(|d| {
+                let mut s = d.path.display().to_string();
+                if d.readonly {
+                    s.push_str(",readonly");
+                }
+                s
+            })
+            .collect(),
+    };
+    let was_paused = vm.status().state == crate::vm::RunState::Paused;
+    if !was_paused && let Err(e) = vm.pause() {
+        return (Response::err(e), false);
+    }
+    let written = snapshot::write(vm, &meta, path);
+    if stop && written.is_ok() {
+        // The partial console line is in the snapshot; the restored VM prints it.
+        vm.discard_pending_output();
+        return (Response::ok(), true);
+    }
+    if !was_paused && let Err(e) = vm.resume() {
+        return (Response::err(e), false);
+    }
+    (
+        written.map_or_else(Response::err, |_| Response::ok()),
+        false,
+    )
+}
+
+/// Runs a migration on this connection: progress lines, then the answer. Returns whether the
+/// VM now runs on the target (the VMM must then stop).
+fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response, bool) {
+    let cancel = {
+        let mut g = MIGRATION.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_some() {
+            return (Response::err("a migration is already under way"), false);
+        }
+        let c = CancelToken::new();
+        *g = Some(c.clone());
+        c
+    };
+    let opts = MigrateOptions {
+        streams: m.streams,
+        verify_memory: m.verify_memory,
+        convergence: ConvergenceConfig {
+            downtime_budget: Duration::from_millis(m.downtime_ms),
+            timeout: Duration::from_secs_f64(m.timeout_s.clamp(0.1, 86_400.0)),
+            on_timeout: if m.force_on_timeout {
+                OnTimeout::Force
+            } else {
+                OnTimeout::Abort
+            },
+            max_bandwidth: m.max_bandwidth_mibps.map(|x| x << 20),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let opts = match m.protocol_version {
+        Some(v) => MigrateOptions {
+            protocol_versions: (v, v),
+            ..opts
+        },
+        None => opts,
+    };
+    let mut source = VmSource::new(vm.clone());
+    let mut client_gone = false;
+    let mut show = |p: &Progress| {
+        if client_gone {
+            return;
+        }
+        let r = Response {
+            progress: serde_json::to_value(p).ok(),
+            ..Response::ok()
+        };
+        let mut text = serde_json::to_string(&r).unwrap_or_default();
+        text.push('\n');
+        // Progress is best effort: a client that went away does not stop the migration.
+        client_gone = out.write_all(text.as_bytes()).is_err();
+    };
+    let result = tern_migration::migrate(&mut source, m.to.as_str(), &opts, &cancel, &mut show);
+    drop(source);
+    *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    match result {
+        Ok(report) => {
+            // The VM runs on the target now; its partial console line is printed there.
+            vm.discard_pending_output();
+            (
+                Response {
+                    report: serde_json::to_value(&report).ok(),
+                    ..Response::ok()
+                },
+                true,
+            )
+        }
+        Err(f) => (
+            Response {
+                report: serde_json::to_value(&f.report).ok(),
+                ..Response::err(tern_migration::recv::error_chain(&f.error))
+            },
+            false,
+        ),
     }
 }
 
@@ -214,19 +413,51 @@ pub enum ApiCallError {
 }
 
 /// Sends one request and reads its response.
-pub fn call(path: &Path, req: Request) -> Result<Response, ApiCallError> {
+pub fn call(path: &Path, req: &Request) -> Result<Response, ApiCallError> {
     let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
         path: path.display().to_string(),
         source,
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut line =
-        serde_json::to_string(&req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
+        serde_json::to_string(req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
     line.push('\n');
     conn.write_all(line.as_bytes())?;
     let mut answer = String::new();
     BufReader::new(conn.take(1 << 20)).read_line(&mut answer)?;
     serde_json::from_str(&answer).map_err(|e| ApiCallError::BadResponse(format!("{e}: {answer:?}")))
+}
+
+/// Sends one request and reads response lines until the final one (a line without
+/// `progress`), giving each progress value to `on_progress`. For `migrate`; no read timeout.
+pub fn call_streaming(
+    path: &Path,
+    req: &Request,
+    on_progress: &mut dyn FnMut(&serde_json::Value),
+) -> Result<Response, ApiCallError> {
+    let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut line =
+        serde_json::to_string(req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
+    line.push('\n');
+    conn.write_all(line.as_bytes())?;
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut answer = String::new();
+        if (&mut reader).take(1 << 20).read_line(&mut answer)? == 0 {
+            return Err(ApiCallError::BadResponse(
+                "the VMM closed the connection without an answer".into(),
+            ));
+        }
+        let r: Response = serde_json::from_str(&answer)
+            .map_err(|e| ApiCallError::BadResponse(format!("{e}: {answer:?}")))?;
+        match &r.progress {
+            Some(p) => on_progress(p),
+            None => return Ok(r),
+        }
+    }
 }
 
 #[cfg(test)]

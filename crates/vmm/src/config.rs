@@ -92,6 +92,8 @@ pub struct NetConfig {
     /// The guest's IPv4 address, if given (for gratuitous ARP in the announce; otherwise
     /// learnt from the guest's own traffic).
     pub ip: Option<std::net::Ipv4Addr>,
+    /// A bridge (in the VMM's network namespace) the tap is made a port of.
+    pub bridge: Option<String>,
 }
 
 /// What the user asked for, unchecked.
@@ -268,7 +270,7 @@ pub enum ConfigError {
     TooManyDisks(usize),
     /// A bad NIC description.
     #[error(
-        "bad --net {arg:?}: {reason} (write --net tap=NAME,mac=52:54:00:12:34:56[,ip=10.77.0.2])"
+        "bad --net {arg:?}: {reason} (write --net tap=NAME,mac=52:54:00:12:34:56[,ip=10.77.0.2][,bridge=br0])"
     )]
     BadNetArg {
         /// The argument.
@@ -445,7 +447,7 @@ pub fn parse_net(arg: &str) -> Result<NetConfig, ConfigError> {
         arg: arg.to_string(),
         reason: reason.to_string(),
     };
-    let (mut tap, mut mac, mut ip) = (None, None, None);
+    let (mut tap, mut mac, mut ip, mut bridge) = (None, None, None, None);
     for opt in arg.split(',') {
         let (k, v) = opt
             .split_once('=')
@@ -463,6 +465,12 @@ pub fn parse_net(arg: &str) -> Result<NetConfig, ConfigError> {
                         .ok_or_else(|| bad("the MAC must look like 52:54:00:12:34:56 (unicast)"))?,
                 )
             }
+            "bridge" if crate::devices::tap::valid_ifname(v) => bridge = Some(v.to_string()),
+            "bridge" => {
+                return Err(bad(
+                    "the bridge name must be 1 to 15 bytes without '/' or spaces",
+                ));
+            }
             "ip" => {
                 ip = Some(
                     v.parse()
@@ -476,6 +484,7 @@ pub fn parse_net(arg: &str) -> Result<NetConfig, ConfigError> {
         tap: tap.ok_or_else(|| bad("tap=NAME is missing"))?,
         mac: mac.ok_or_else(|| bad("mac=MAC is missing"))?,
         ip,
+        bridge,
     })
 }
 
@@ -725,6 +734,13 @@ mod tests {
         assert_eq!(n.mac, [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
         assert_eq!(n.ip, Some(std::net::Ipv4Addr::new(10, 77, 0, 2)));
         assert_eq!(parse_net("mac=52:54:00:00:00:01,tap=x").unwrap().ip, None);
+        assert_eq!(
+            parse_net("mac=52:54:00:00:00:01,tap=x,bridge=br0")
+                .unwrap()
+                .bridge
+                .as_deref(),
+            Some("br0")
+        );
         for bad in [
             "tap=x",
             "mac=52:54:00:00:00:01",

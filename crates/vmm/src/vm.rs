@@ -239,6 +239,7 @@ struct Shared {
     started: Instant,
     boot: BootPlan,
     tsc_khz: u32,
+    cpuid0: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 /// A running VM. Cloning gives another handle to the same VM.
@@ -393,6 +394,9 @@ impl Vm {
             vm.register_irqfd(&irq, layout::virtio_slot_gsi(slot))
                 .map_err(kvm_err("KVM_IRQFD (virtio-net)"))?;
             let tap = devices::tap::Tap::open(&n.tap)?;
+            if let Some(bridge) = &n.bridge {
+                tap.attach_to_bridge(bridge)?;
+            }
             let dev = VirtioNet::new(Box::new(tap), n.mac, n.ip, irq).map_err(|source| {
                 StartVmError::Os {
                     what: "virtio-net eventfd",
@@ -446,6 +450,7 @@ impl Vm {
             .collect();
         let mut fds = Vec::new();
         let mut tsc_khz = 0;
+        let mut cpuid0 = Vec::new();
         for id in 0..cfg.vcpus {
             let fd = vm
                 .create_vcpu(u64::from(id))
@@ -466,6 +471,9 @@ impl Vm {
                 source: kvm_ioctls::Error::new(libc::E2BIG),
             })?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if id == 0 {
+                cpuid0 = entries.clone();
+            }
             let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| StartVmError::Kvm {
                 what: "MSRs",
                 source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -554,6 +562,7 @@ impl Vm {
                 started: Instant::now(),
                 boot: plan,
                 tsc_khz,
+                cpuid0,
             }),
         };
         // Every vCPU thread registers its TID and parks before running guest code.
@@ -790,15 +799,19 @@ impl Vm {
             what: "KVM_GET_CLOCK",
             cause: source,
         })?);
-        let devices = DevicesState {
-            serial: (&self
+        let serial = {
+            let mut dev = self
                 .shared
                 .devices
                 .serial
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .state())
-                .into(),
+                .unwrap_or_else(|e| e.into_inner());
+            let mut regs: crate::state::SerialRegs = (&dev.state()).into();
+            regs.pending_output = dev.pending_output();
+            regs
+        };
+        let devices = DevicesState {
+            serial,
             blocks: self
                 .shared
                 .devices
@@ -814,6 +827,7 @@ impl Vm {
             pit,
             clock,
             devices,
+            saved_at_realtime_ns: crate::state::realtime_ns(),
         })
     }
 
@@ -822,9 +836,18 @@ impl Vm {
         self.ensure_paused()?;
         let vm = &self.shared.kvm_vm;
         let kvm = |what| move |cause| ControlError::Kvm { what, cause };
+        // Guest time keeps real time: the TSC and kvmclock move on by the wall-clock time that
+        // passed since the state was taken (on this host or on the source host).
+        let elapsed_ns = if state.saved_at_realtime_ns == 0 {
+            0
+        } else {
+            crate::state::realtime_ns().saturating_sub(state.saved_at_realtime_ns)
+        };
+        let tsc_ticks =
+            (u128::from(elapsed_ns) * u128::from(self.shared.tsc_khz) / 1_000_000) as u64;
         vm.set_pit2(&state.pit.0).map_err(kvm("KVM_SET_PIT2"))?;
         vm.set_clock(&kvm_bindings::kvm_clock_data {
-            clock: state.clock.0.clock,
+            clock: state.clock.0.clock.wrapping_add(elapsed_ns),
             flags: 0,
             ..Default::default()
         })
@@ -838,20 +861,27 @@ impl Vm {
         }
         for (h, s) in self.vcpus().iter().zip(state.vcpus.iter()) {
             let (tx, rx) = channel();
+            let mut s = s.clone();
+            for m in s.msrs.iter_mut().filter(|m| m.index == 0x10) {
+                m.data = m.data.wrapping_add(tsc_ticks);
+            }
             h.commands
-                .send(VcpuCommand::Restore(Box::new(s.clone()), tx))
+                .send(VcpuCommand::Restore(Box::new(s), tx))
                 .map_err(|_| ControlError::NotRunning)?;
             rx.recv_timeout(CONTROL_TIMEOUT)
                 .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))?
                 .map_err(kvm("vCPU state"))?;
         }
-        let _ = self
-            .shared
-            .devices
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(&(&state.devices.serial).into());
+        {
+            let mut dev = self
+                .shared
+                .devices
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let _ = dev.restore(&(&state.devices.serial).into());
+            dev.set_pending_output(&state.devices.serial.pending_output);
+        }
         for ((slot, d), (s_slot, s)) in self.shared.devices.blocks.iter().zip(&state.devices.blocks)
         {
             if slot == s_slot {
@@ -870,6 +900,55 @@ impl Vm {
             self.shared.devices.clone(),
             self.shared.config.announce.clone(),
         )
+    }
+
+    /// The CPUID entries vCPU 0 was given.
+    pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
+        &self.shared.cpuid0
+    }
+
+    /// Drops the console's partial output line instead of writing it: for a VM that continues
+    /// elsewhere (the line went with its state and comes out whole there).
+    pub fn discard_pending_output(&self) {
+        self.shared
+            .devices
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set_pending_output(&[]);
+    }
+
+    /// The TSC frequency the guest runs with, kHz.
+    pub fn tsc_khz(&self) -> u32 {
+        self.shared.tsc_khz
+    }
+
+    /// Gives every guest RAM page back to the host, so that all guest memory reads as zero (the
+    /// kernel and tables loaded at creation included). For a VM that is about to receive a
+    /// snapshot or a migration: only non-zero pages are written then. The VM must be paused.
+    pub fn zero_memory(&self) -> Result<(), ControlError> {
+        self.ensure_paused()?;
+        let mem = self.memory();
+        for region in mem.iter() {
+            let host =
+                mem.get_host_address(region.start_addr())
+                    .map_err(|_| ControlError::Kvm {
+                        what: "guest memory address",
+                        cause: kvm_ioctls::Error::new(libc::EFAULT),
+                    })?;
+            // SAFETY: `host` and `region.len()` describe one private anonymous mapping owned by
+            // this VM's memory; MADV_DONTNEED only replaces its pages with zero pages, and no
+            // vCPU runs (the VM is paused).
+            let rc =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(ControlError::Kvm {
+                    what: "madvise(MADV_DONTNEED)",
+                    cause: kvm_ioctls::Error::last(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The guest RAM regions, one KVM memory slot each.

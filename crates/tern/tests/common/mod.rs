@@ -183,3 +183,306 @@ pub fn wait_for_path(path: &Path, timeout: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+impl RunningVm {
+    /// Starts `tern ARGS…` (any subcommand) with stdout piped and stderr to `dir/<tag>.stderr`.
+    pub fn start_tern(dir: &Path, tag: &str, args: &[&str]) -> RunningVm {
+        Self::start_command(dir, tag, {
+            let mut c = Command::new(tern());
+            c.args(args);
+            c
+        })
+    }
+
+    /// Starts `cmd` with stdout piped and stderr to `dir/<tag>.stderr`.
+    pub fn start_command(dir: &Path, tag: &str, mut cmd: Command) -> RunningVm {
+        let stderr_path = dir.join(format!("{tag}.stderr"));
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn tern");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        RunningVm {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            stderr_path,
+        }
+    }
+
+    /// The highest heartbeat sequence number seen so far (vCPU 0's lines or the only vCPU's).
+    pub fn last_hb(&self) -> Option<u64> {
+        self.seen
+            .iter()
+            .filter(|l| l.starts_with("HB ") && !l.contains(" cpu=1"))
+            .filter_map(|l| field(l, "seq"))
+            .max()
+    }
+
+    /// Fails the test if the console showed a guest panic.
+    pub fn assert_no_panic(&self) {
+        if let Some(l) = self.seen.iter().find(|l| l.contains("PANIC")) {
+            panic!(
+                "the guest panicked: {l}\nconsole:\n{}",
+                self.seen.join("\n")
+            );
+        }
+    }
+}
+
+/// A TCP port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Waits until `path` contains `needle`, failing the test after `timeout`.
+pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not show {needle:?} within {timeout:?}; it holds:\n{text}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A source VM and a waiting target, both `tern` processes with their consoles captured.
+pub struct MigrationPair {
+    pub dir: tempfile::TempDir,
+    pub src: RunningVm,
+    pub dst: RunningVm,
+    pub src_sock: PathBuf,
+    pub dst_sock: PathBuf,
+    pub runtime: PathBuf,
+    pub port: u16,
+    pub to_host: String,
+}
+
+impl MigrationPair {
+    /// Starts `tern vm receive` on a free loopback port (with `receive_extra` options), then the
+    /// source `tern vm run` with the test guest, and waits for the source's third heartbeat.
+    pub fn start(memory_mib: u64, vcpus: u32, cmdline: &str, receive_extra: &[&str]) -> Self {
+        Self::start_on(None, None, memory_mib, vcpus, cmdline, receive_extra)
+    }
+
+    /// Like [`MigrationPair::start`], the source VMM inside network namespace `src_ns` and the
+    /// target inside `dst` = (namespace, address to listen on).
+    pub fn start_on(
+        src_ns: Option<&str>,
+        dst: Option<(&str, std::net::Ipv4Addr)>,
+        memory_mib: u64,
+        vcpus: u32,
+        cmdline: &str,
+        receive_extra: &[&str],
+    ) -> Self {
+        require_kvm();
+        let dir = scratch();
+        let port = free_port();
+        let in_ns = |ns: Option<&str>, args: &[&str]| {
+            let mut c = match ns {
+                Some(ns) => tern_netlab::Topology::command_in(ns, tern()),
+                None => Command::new(tern()),
+            };
+            c.args(args);
+            c
+        };
+        let runtime = dir.path().join("rt");
+        let src_sock = dir.path().join("src.sock");
+        let dst_sock = dir.path().join("dst.sock");
+        let listen = match dst {
+            Some((_, ip)) => format!("{ip}:{port}"),
+            None => format!("127.0.0.1:{port}"),
+        };
+        let mut rargs = vec![
+            "vm",
+            "receive",
+            "--listen",
+            &listen,
+            "--name",
+            "dst",
+            "--api-sock",
+            dst_sock.to_str().unwrap(),
+            "--runtime-dir",
+            runtime.to_str().unwrap(),
+        ];
+        rargs.extend_from_slice(receive_extra);
+        let dst_vm = RunningVm::start_command(dir.path(), "dst", in_ns(dst.map(|d| d.0), &rargs));
+        wait_for_text(
+            &dir.path().join("dst.stderr"),
+            "waiting for a migration",
+            Duration::from_secs(10),
+        );
+        let mem = memory_mib.to_string();
+        let cpus = vcpus.to_string();
+        let mut src = RunningVm::start_command(
+            dir.path(),
+            "src",
+            in_ns(
+                src_ns,
+                &[
+                    "vm",
+                    "run",
+                    "--kernel",
+                    "builtin:testguest",
+                    "--memory-mib",
+                    &mem,
+                    "--vcpus",
+                    &cpus,
+                    "--cmdline",
+                    cmdline,
+                    "--name",
+                    "src",
+                    "--api-sock",
+                    src_sock.to_str().unwrap(),
+                    "--runtime-dir",
+                    runtime.to_str().unwrap(),
+                ],
+            ),
+        );
+        src.wait_line(Duration::from_secs(30), |l| {
+            l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
+        });
+        MigrationPair {
+            dir,
+            src,
+            dst: dst_vm,
+            to_host: listen
+                .rsplit_once(':')
+                .map(|h| h.0.to_string())
+                .unwrap_or_default(),
+            src_sock,
+            dst_sock,
+            runtime,
+            port,
+        }
+    }
+
+    /// `tern vm migrate --api-sock SRC --to 127.0.0.1:PORT --json EXTRA…` to completion: exit
+    /// code, the JSON report, stderr.
+    pub fn migrate(&self, extra: &[&str]) -> (i32, serde_json::Value, String) {
+        self.migrate_to(self.port, extra)
+    }
+
+    /// Like [`MigrationPair::migrate`] with another target port (a proxy).
+    pub fn migrate_to(&self, port: u16, extra: &[&str]) -> (i32, serde_json::Value, String) {
+        let to = if port == self.port {
+            format!("{}:{port}", self.to_host)
+        } else {
+            format!("127.0.0.1:{port}")
+        };
+        let mut args = vec![
+            "vm",
+            "migrate",
+            "--api-sock",
+            self.src_sock.to_str().unwrap(),
+            "--to",
+            &to,
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let (rc, out, err) = tern_cmd(&args);
+        let report = serde_json::from_str(out.trim()).unwrap_or(serde_json::Value::Null);
+        (rc, report, err)
+    }
+
+    /// Asserts the whole success story: the source exited, the target's heartbeats continue the
+    /// source's sequence, the guest's memory self-check stays quiet, the runtime entries moved.
+    pub fn assert_moved(&mut self) {
+        let rc = self.src.wait_exit(Duration::from_secs(15));
+        assert_eq!(
+            rc,
+            0,
+            "source VMM exit status; stderr:\n{}",
+            self.src.stderr()
+        );
+        self.src.collect_for(Duration::from_millis(300));
+        self.src.assert_no_panic();
+        let last = self.src.last_hb().expect("source heartbeats");
+        let first = self.dst.wait_line(Duration::from_secs(10), |l| {
+            l.starts_with("HB ") && !l.contains(" cpu=1")
+        });
+        assert_eq!(
+            field(&first, "seq"),
+            Some(last + 1),
+            "the target's first heartbeat must continue the source's sequence (source ended at {last}): {first}"
+        );
+        self.dst.collect_for(Duration::from_millis(2000));
+        self.dst.assert_no_panic();
+        let later = self.dst.last_hb().unwrap();
+        assert!(
+            later >= last + 10,
+            "the target's heartbeats went on only to {later} (source ended at {last})"
+        );
+        assert!(
+            !self.runtime.join("src.json").exists(),
+            "the source's runtime entry must be gone"
+        );
+        assert!(
+            self.runtime.join("dst.json").exists(),
+            "the target must have a runtime entry"
+        );
+        let (rc, _, err) = tern_cmd(&["vm", "stop", "--api-sock", self.dst_sock.to_str().unwrap()]);
+        assert_eq!(rc, 0, "stop the target: {err}");
+        assert_eq!(self.dst.wait_exit(Duration::from_secs(10)), 0);
+    }
+
+    /// Asserts the failure story: the source guest keeps running (heartbeats go on, status says
+    /// running), the target exits non-zero and leaves no runtime entry.
+    pub fn assert_source_kept(&mut self) {
+        let before = {
+            self.src.collect_for(Duration::from_millis(200));
+            self.src.last_hb().expect("source heartbeats")
+        };
+        self.src.collect_for(Duration::from_millis(1500));
+        self.src.assert_no_panic();
+        let after = self.src.last_hb().unwrap();
+        assert!(
+            after >= before + 5,
+            "the source guest must keep running: heartbeat {before} → {after}\nstderr:\n{}",
+            self.src.stderr()
+        );
+        let (rc, out, err) = tern_cmd(&[
+            "vm",
+            "status",
+            "--api-sock",
+            self.src_sock.to_str().unwrap(),
+        ]);
+        assert_eq!(rc, 0, "status: {err}");
+        assert!(out.contains("\"running\""), "source status: {out}");
+        let rc = self.dst.wait_exit(Duration::from_secs(40));
+        assert_ne!(rc, 0, "a failed incoming migration exits non-zero");
+        self.dst.collect_for(Duration::from_millis(100));
+        assert!(
+            !self.dst.seen.iter().any(|l| l.starts_with("HB ")),
+            "no second copy may run: the target printed {:?}",
+            self.dst.seen
+        );
+        assert!(
+            !self.runtime.join("dst.json").exists(),
+            "a failed target leaves no runtime entry"
+        );
+        assert!(self.runtime.join("src.json").exists());
+        let _ = tern_cmd(&["vm", "stop", "--api-sock", self.src_sock.to_str().unwrap()]);
+        self.src.wait_exit(Duration::from_secs(10));
+    }
+}

@@ -100,6 +100,19 @@ impl SerialDevice {
         let _ = self.uart.write(offset, value);
     }
 
+    /// The partial output line not yet written (carried by a snapshot or migration, so that the
+    /// line comes out whole where the VM continues).
+    pub fn pending_output(&mut self) -> Vec<u8> {
+        self.uart.writer_mut().buf.clone()
+    }
+
+    /// Replaces the partial output line (see [`SerialDevice::pending_output`]).
+    pub fn set_pending_output(&mut self, bytes: &[u8]) {
+        let sink = self.uart.writer_mut();
+        sink.buf.clear();
+        sink.buf.extend_from_slice(bytes);
+    }
+
     /// Writes out a pending partial line.
     pub fn flush(&mut self) {
         self.uart.writer_mut().drain();

@@ -35,6 +35,19 @@ pub enum TapError {
         #[source]
         source: std::io::Error,
     },
+    /// The tap could not be added to the bridge.
+    #[error(
+        "cannot add tap {name} to bridge {bridge} (does the bridge exist in this network namespace?)"
+    )]
+    Bridge {
+        /// The tap.
+        name: String,
+        /// The bridge.
+        bridge: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The interface could not be brought up.
     #[error("cannot bring tap {name} up")]
     Up {
@@ -55,6 +68,7 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 #[repr(C)]
 struct IfReq {
     name: [u8; 16],
+    /// ifr_flags, or the start of ifr_ifindex (an int) for the index ioctls.
     flags: libc::c_short,
     _pad: [u8; 22],
 }
@@ -127,7 +141,55 @@ impl Tap {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Makes the tap a port of `bridge` (in the same network namespace), as `ip link set TAP
+    /// master BRIDGE` does. Already a port of it: nothing to do.
+    pub fn attach_to_bridge(&self, bridge: &str) -> Result<(), TapError> {
+        let err = |source| TapError::Bridge {
+            name: self.name.clone(),
+            bridge: bridge.to_string(),
+            source,
+        };
+        if !valid_ifname(bridge) {
+            return Err(err(std::io::Error::from(std::io::ErrorKind::InvalidInput)));
+        }
+        let master = std::fs::read_link(format!("/sys/class/net/{}/master", self.name)).ok();
+        if master.is_some_and(|m| m.file_name().is_some_and(|f| f == bridge)) {
+            return Ok(());
+        }
+        // SAFETY: a plain socket call; the fd is closed below.
+        let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if sock < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let mut req = ifreq(&self.name);
+        // SAFETY: SIOCGIFINDEX fills the ifindex (an int at the flags' offset) of one ifreq;
+        // SIOCBRADDIF reads one ifreq (the bridge's name, the port's ifindex); the socket is ours.
+        let res = unsafe {
+            if libc::ioctl(sock, libc::SIOCGIFINDEX as _, &mut req) < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                let index = std::ptr::addr_of!(req.flags)
+                    .cast::<libc::c_int>()
+                    .read_unaligned();
+                let mut br = ifreq(bridge);
+                std::ptr::addr_of_mut!(br.flags)
+                    .cast::<libc::c_int>()
+                    .write_unaligned(index);
+                if libc::ioctl(sock, SIOCBRADDIF as _, &mut br) < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        // SAFETY: closing the socket opened above.
+        unsafe { libc::close(sock) };
+        res.map_err(err)
+    }
 }
+
+const SIOCBRADDIF: libc::c_ulong = 0x89a2;
 
 fn set_up(name: &str) -> std::io::Result<()> {
     // SAFETY: a plain socket call; the fd is closed below.

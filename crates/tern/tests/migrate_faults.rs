@@ -1,0 +1,216 @@
+//! Fault injection on live migrations of real KVM guests: the target killed mid-round, the
+//! connection cut during stop-and-copy, a corrupt frame, a protocol version mismatch, a VM
+//! configuration mismatch, a cancel. Each time the source guest must keep running (its
+//! heartbeats go on), the target must exit non-zero, and no second copy may run.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{MigrationPair, tern, tern_cmd};
+
+/// A slow migration: 64 MiB of non-zero pages at 16 MiB/s take about 4 s in round 0.
+const BUSY: &str = "tern.hb_ms=50 tern.dirty_mib=64 tern.dirty_rate=20000";
+const SLOW: &[&str] = &["--max-bandwidth-mibps", "16"];
+
+fn spawn_migrate(p: &MigrationPair, port: u16, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(tern())
+        .args(["vm", "migrate", "--api-sock"])
+        .arg(&p.src_sock)
+        .args(["--to", &format!("127.0.0.1:{port}"), "--json"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tern vm migrate")
+}
+
+fn finish(child: std::process::Child) -> (i32, serde_json::Value, String) {
+    let out = child.wait_with_output().expect("migrate output");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A TCP proxy to `target`: `corrupt_after` flips one byte of a connection's source→target
+/// bytes once that many have passed; `cut` closes every connection.
+struct Proxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+fn proxy(target: u16, corrupt_after: Option<usize>) -> Proxy {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = cut.clone();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(a) = c else { return };
+            let Ok(b) = TcpStream::connect(("127.0.0.1", target)) else {
+                return;
+            };
+            let pump = |mut from: TcpStream,
+                        mut to: TcpStream,
+                        corrupt: Option<usize>,
+                        cut: Arc<AtomicBool>| {
+                thread::spawn(move || {
+                    from.set_read_timeout(Some(Duration::from_millis(5)))
+                        .unwrap();
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut passed = 0usize;
+                    let mut corrupted = false;
+                    loop {
+                        if cut.load(Ordering::Relaxed) {
+                            let _ = from.shutdown(Shutdown::Both);
+                            let _ = to.shutdown(Shutdown::Both);
+                            return;
+                        }
+                        let n = match from.read(&mut buf) {
+                            Ok(0) => {
+                                let _ = to.shutdown(Shutdown::Write);
+                                return;
+                            }
+                            Ok(n) => n,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) =>
+                            {
+                                continue;
+                            }
+                            Err(_) => return,
+                        };
+                        if let Some(at) = corrupt
+                            && !corrupted
+                            && passed + n > at
+                        {
+                            let i = at.saturating_sub(passed).min(n - 1);
+                            buf[i] ^= 0x5a;
+                            corrupted = true;
+                        }
+                        passed += n;
+                        if to.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                });
+            };
+            pump(
+                a.try_clone().unwrap(),
+                b.try_clone().unwrap(),
+                corrupt_after,
+                cut2.clone(),
+            );
+            pump(b, a, None, cut2.clone());
+        }
+    });
+    Proxy { port, cut }
+}
+
+#[test]
+fn killing_the_target_mid_round_leaves_the_source_running() {
+    let mut p = MigrationPair::start(128, 1, BUSY, &[]);
+    let m = spawn_migrate(&p, p.port, SLOW);
+    thread::sleep(Duration::from_millis(1200));
+    p.dst.child.kill().expect("kill the target");
+    let (rc, report, err) = finish(m);
+    assert_eq!(rc, 1, "migrate must fail: {err} {report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    p.assert_source_kept();
+}
+
+#[test]
+fn cutting_the_connection_during_stop_and_copy_resumes_the_source() {
+    // --verify-memory makes the pause long enough (the digest of all memory) to cut inside it.
+    let mut p = MigrationPair::start(
+        256,
+        1,
+        "tern.hb_ms=50 tern.dirty_mib=32 tern.dirty_rate=2000",
+        &[],
+    );
+    let px = proxy(p.port, None);
+    let m = spawn_migrate(&p, px.port, &["--verify-memory"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = tern_cmd(&["vm", "status", "--api-sock", p.src_sock.to_str().unwrap()]);
+        if out.contains("\"paused\"") {
+            px.cut.store(true, Ordering::Relaxed);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source never paused");
+        thread::sleep(Duration::from_millis(1));
+    }
+    let (rc, report, err) = finish(m);
+    assert_eq!(rc, 1, "migrate must fail: {err} {report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    p.assert_source_kept();
+}
+
+#[test]
+fn a_corrupt_frame_aborts_and_the_source_keeps_running() {
+    let mut p = MigrationPair::start(128, 1, BUSY, &[]);
+    let px = proxy(p.port, Some(3 << 20));
+    let (rc, report, err) = p.migrate_to(px.port, &[]);
+    assert_eq!(rc, 1, "migrate must fail: {err} {report}");
+    assert_eq!(report["outcome"], "failed", "{report}");
+    assert!(
+        err.contains("checksum") || err.contains("crc") || err.contains("corrupt"),
+        "the failure names the damaged frame: {err}"
+    );
+    p.assert_source_kept();
+}
+
+#[test]
+fn a_protocol_version_mismatch_is_refused_with_a_reason() {
+    let mut p = MigrationPair::start(64, 1, "tern.hb_ms=50", &[]);
+    let (rc, report, err) = p.migrate(&["--x-protocol-version", "999"]);
+    assert_eq!(rc, 1, "{err}");
+    assert_eq!(report["outcome"], "refused", "{report}");
+    assert!(
+        err.contains("version"),
+        "the reason names the versions: {err}"
+    );
+    p.assert_source_kept();
+}
+
+#[test]
+fn a_config_mismatch_is_refused_before_any_page() {
+    let mut p = MigrationPair::start(64, 1, "tern.hb_ms=50", &["--vcpus", "2"]);
+    let (rc, report, err) = p.migrate(&[]);
+    assert_eq!(rc, 1, "{err}");
+    assert_eq!(report["outcome"], "refused", "{report}");
+    assert!(err.contains("vCPU"), "the reason names the vCPUs: {err}");
+    assert!(
+        report["bytes_sent"].as_u64().unwrap() < 64 << 10,
+        "no page may be sent before the check: {report}"
+    );
+    p.assert_source_kept();
+}
+
+#[test]
+fn cancel_stops_the_migration_and_the_source_keeps_running() {
+    let mut p = MigrationPair::start(128, 1, BUSY, &[]);
+    let m = spawn_migrate(&p, p.port, SLOW);
+    thread::sleep(Duration::from_millis(1200));
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "migrate",
+        "--api-sock",
+        p.src_sock.to_str().unwrap(),
+        "--cancel",
+    ]);
+    assert_eq!(rc, 0, "cancel: {err}");
+    let (rc, report, err) = finish(m);
+    assert_eq!(rc, 1, "{err}");
+    assert_eq!(report["outcome"], "cancelled", "{report}");
+    p.assert_source_kept();
+}

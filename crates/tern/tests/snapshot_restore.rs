@@ -1,0 +1,109 @@
+//! `tern vm snapshot` and `tern vm run --restore` with a real KVM guest: the restored guest's
+//! heartbeat sequence continues, its clock keeps real time, and its memory writer goes on with
+//! its self-check quiet.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RunningVm, field, require_kvm, scratch, tern_cmd, wait_for_path};
+
+#[test]
+fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
+    require_kvm();
+    let dir = scratch();
+    let sock = dir.path().join("a.sock");
+    let rt = dir.path().join("rt");
+    let snap = dir.path().join("vm.snap");
+    let mut a = RunningVm::start_tern(
+        dir.path(),
+        "a",
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--memory-mib",
+            "96",
+            "--cmdline",
+            "tern.hb_ms=50 tern.dirty_mib=32 tern.dirty_rate=20000",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--runtime-dir",
+            rt.to_str().unwrap(),
+        ],
+    );
+    a.wait_line(Duration::from_secs(30), |l| {
+        l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 5)
+    });
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--out",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert_eq!(rc, 0, "snapshot: {err}");
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
+    a.collect_for(Duration::from_millis(200));
+    a.assert_no_panic();
+    let last = a.last_hb().unwrap();
+    let last_t = a
+        .seen
+        .iter()
+        .rfind(|l| l.starts_with("HB "))
+        .and_then(|l| field(l, "t_us"))
+        .unwrap();
+    wait_for_path(&snap, Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let sock_b = dir.path().join("b.sock");
+    let mut b = RunningVm::start_tern(
+        dir.path(),
+        "b",
+        &[
+            "vm",
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--api-sock",
+            sock_b.to_str().unwrap(),
+            "--runtime-dir",
+            rt.to_str().unwrap(),
+        ],
+    );
+    let first = b.wait_line(Duration::from_secs(20), |l| l.starts_with("HB "));
+    assert_eq!(
+        field(&first, "seq"),
+        Some(last + 1),
+        "the restored guest continues the sequence (snapshot after {last}): {first}"
+    );
+    let t = field(&first, "t_us").unwrap();
+    assert!(
+        t >= last_t + 500_000,
+        "guest time keeps real time across the snapshot (≥ 0.5 s passed): {last_t} → {t}"
+    );
+    let more = b.collect_for(Duration::from_millis(1500));
+    b.assert_no_panic();
+    assert!(b.last_hb().unwrap() >= last + 10, "{more:?}");
+    assert!(
+        more.iter().any(|l| l.starts_with("DIRTY ")),
+        "the writer goes on: {more:?}"
+    );
+    let (rc, _, err) = tern_cmd(&["vm", "stop", "--api-sock", sock_b.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(b.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
+fn a_damaged_snapshot_is_refused_with_one_line() {
+    let dir = scratch();
+    let f = dir.path().join("bad.snap");
+    std::fs::write(&f, b"TERNSNAP\x07\0\0\0garbage").unwrap();
+    let (rc, _, err) = tern_cmd(&["vm", "run", "--restore", f.to_str().unwrap()]);
+    assert_ne!(rc, 0);
+    assert!(err.contains("not a Tern snapshot"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -1,0 +1,315 @@
+//! The VM as a live-migration endpoint: [`VmSource`] and [`VmTarget`] implement tern-migration's
+//! traits on a [`Vm`], and [`Throttle`] holds the vCPUs in slices of at most 10 ms.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tern_migration::{
+    CpuidDigest, MemoryLayout, MigrationSource, MigrationTarget, Region, ThrottleSlice,
+    VmConfigDescription, VmError,
+};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::state;
+use crate::vm::Vm;
+
+/// The longest slice the throttle uses: a vCPU is never held longer than this at a time.
+pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// The migration description of a VM: layout, vCPUs, CPUID digest, devices.
+pub fn describe(vm: &Vm) -> VmConfigDescription {
+    let regions = vm
+        .memory_regions()
+        .iter()
+        .map(|r| Region {
+            guest_addr: r.guest_addr,
+            size: r.size,
+        })
+        .collect();
+    // The VMM builds its layouts from validated sizes: they are sorted, aligned and disjoint.
+    let layout = MemoryLayout::new(regions).unwrap_or_else(|_| {
+        MemoryLayout::new(vec![Region {
+            guest_addr: 0,
+            size: 4096,
+        }])
+        .expect("a one-page layout is valid")
+    });
+    let entries: Vec<_> = vm
+        .cpuid()
+        .iter()
+        .map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx))
+        .collect();
+    let mut devices = vec!["serial:com1".to_string()];
+    devices.extend(
+        (0..vm.config().disks.len())
+            .map(|i| format!("virtio-blk:{}", crate::layout::virtio_slot(i))),
+    );
+    VmConfigDescription {
+        layout,
+        vcpus: u32::from(vm.config().vcpus),
+        cpuid: CpuidDigest::of(&entries),
+        devices,
+    }
+}
+
+/// Holds a VM's vCPUs for a share of the time, in slices of at most [`THROTTLE_SLICE`].
+///
+/// A thread pauses the VM for `pct` % of each slice and lets it run for the rest. Changing the
+/// percentage takes effect at the next slice; dropping the throttle (or `set(0)`) ends it with
+/// the vCPUs running.
+#[derive(Debug)]
+pub struct Throttle {
+    vm: Vm,
+    pct_milli: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Throttle {
+    /// A throttle for `vm`, idle.
+    pub fn new(vm: Vm) -> Self {
+        Throttle {
+            vm,
+            pct_milli: Arc::new(AtomicU64::new(0)),
+            stop: Arc::new(AtomicBool::new(false)),
+            thread: None,
+        }
+    }
+
+    /// Sets the share of time the vCPUs are held, percent (0 ends throttling).
+    pub fn set(&mut self, pct: f64) -> std::io::Result<()> {
+        let pct = if pct.is_finite() {
+            pct.clamp(0.0, 99.9)
+        } else {
+            0.0
+        };
+        if pct <= 0.0 {
+            self.stop();
+            return Ok(());
+        }
+        self.pct_milli
+            .store((pct * 1000.0) as u64, Ordering::Relaxed);
+        if self.thread.is_none() {
+            self.stop.store(false, Ordering::Relaxed);
+            let vm = self.vm.clone();
+            let pct = self.pct_milli.clone();
+            let stop = self.stop.clone();
+            self.thread = Some(std::thread::Builder::new().name("throttle".into()).spawn(
+                move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let p = pct.load(Ordering::Relaxed) as f64 / 1000.0;
+                        let slice = ThrottleSlice::for_pct(p, THROTTLE_SLICE);
+                        if !slice.sleep.is_zero() {
+                            if vm.pause().is_err() {
+                                return;
+                            }
+                            std::thread::sleep(slice.sleep);
+                            if vm.resume().is_err() {
+                                return;
+                            }
+                        }
+                        std::thread::sleep(slice.run.max(Duration::from_micros(10)));
+                    }
+                },
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Ends throttling; returns once the vCPUs run freely again.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.pct_milli.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A running VM migrating away.
+#[derive(Debug)]
+pub struct VmSource {
+    vm: Vm,
+    throttle: Throttle,
+    pending: HashMap<usize, Vec<u64>>,
+}
+
+impl VmSource {
+    /// The source side of `vm`.
+    pub fn new(vm: Vm) -> Self {
+        VmSource {
+            throttle: Throttle::new(vm.clone()),
+            vm,
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl MigrationSource for VmSource {
+    fn describe(&self) -> VmConfigDescription {
+        describe(&self.vm)
+    }
+
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.pending.clear();
+        self.vm.set_dirty_logging(true)?;
+        // Clear what the registration may have left.
+        self.vm.take_dirty_bitmaps()?;
+        Ok(())
+    }
+
+    fn stop_dirty_log(&mut self) -> Result<(), VmError> {
+        self.pending.clear();
+        self.vm.set_dirty_logging(false)?;
+        Ok(())
+    }
+
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.vm.memory().read_slice(buf, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn fetch_dirty(&mut self, region: usize) -> Result<Vec<u64>, VmError> {
+        if let Some(bits) = self.pending.remove(&region) {
+            return Ok(bits);
+        }
+        // One KVM sync covers every region; the others wait for their turn.
+        let mut mine = None;
+        for (i, b) in self.vm.take_dirty_bitmaps()?.into_iter().enumerate() {
+            if i == region {
+                mine = Some(b.bits);
+            } else {
+                self.pending.insert(i, b.bits);
+            }
+        }
+        mine.ok_or_else(|| format!("no memory region {region}").into())
+    }
+
+    fn set_throttle(&mut self, pct: f64) -> Result<(), VmError> {
+        self.throttle.set(pct)?;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.throttle.stop();
+        self.vm.pause()?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.throttle.stop();
+        self.vm.resume()?;
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError> {
+        let s = self.vm.save_state()?;
+        Ok((state::STATE_VERSION, state::encode(&s)))
+    }
+}
+
+/// Builds the incoming VM from the source's description (the caller knows the host's kernel
+/// placeholder, serial output, disks…). The VM must come back parked.
+pub type BuildVm = Box<dyn FnMut(&VmConfigDescription) -> Result<Vm, String> + Send>;
+
+/// A VM being received.
+pub struct VmTarget {
+    build: BuildVm,
+    vm: Option<Vm>,
+}
+
+impl std::fmt::Debug for VmTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmTarget")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmTarget {
+    /// A target that builds its VM with `build` when the handshake describes it.
+    pub fn new(build: BuildVm) -> Self {
+        VmTarget { build, vm: None }
+    }
+
+    /// The VM, once the migration completed (it runs).
+    pub fn into_vm(self) -> Option<Vm> {
+        self.vm
+    }
+
+    fn vm(&self) -> Result<&Vm, VmError> {
+        self.vm.as_ref().ok_or_else(|| "no VM was prepared".into())
+    }
+}
+
+impl MigrationTarget for VmTarget {
+    fn prepare(&mut self, config: &VmConfigDescription) -> Result<(), String> {
+        let vm = (self.build)(config)?;
+        let mine = describe(&vm);
+        if let Err(e) = config.check_compatible(&mine) {
+            vm.request_stop();
+            vm.wait();
+            return Err(e.to_string());
+        }
+        if let Err(e) = vm.zero_memory() {
+            vm.request_stop();
+            vm.wait();
+            return Err(format!("cannot prepare guest memory: {e}"));
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+        self.vm()?.memory().write_slice(data, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn zero_page(&mut self, gpa: u64) -> Result<(), VmError> {
+        static ZERO: [u8; 4096] = [0; 4096];
+        self.vm()?.memory().write_slice(&ZERO, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        self.vm()?.memory().read_slice(buf, GuestAddress(gpa))?;
+        Ok(())
+    }
+
+    fn restore_state(&mut self, version: u32, bytes: &[u8]) -> Result<(), VmError> {
+        if version != state::STATE_VERSION {
+            return Err(format!(
+                "VM state format {version} is not supported (this build reads {})",
+                state::STATE_VERSION
+            )
+            .into());
+        }
+        let (s, _) = state::decode(bytes)?;
+        if s.vcpus.len() != usize::from(self.vm()?.config().vcpus) {
+            return Err("the state's vCPU count differs from the VM's".into());
+        }
+        self.vm()?.restore_state(&s)?;
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vm()?.resume()?;
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            vm.request_stop();
+            vm.wait();
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Snapshot files: a paused VM's description, its saved state and its non-zero memory pages.
+//!
+//! Layout (all integers little-endian):
+//! ```text
+//! "TERNSNAP" | version u32 (1) | meta length u32 | meta (bincode SnapshotMeta)
+//! | state (crate::state::encode: own header, length and crc32c)
+//! | pages: { gpa u64 | 4096 bytes }* | u64::MAX | crc32c of the page records u32
+//! ```
+//! Zero pages are not written: the restoring VM's memory starts zeroed.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::state::{self, StateDecodeError, VmState};
+use crate::vm::{ControlError, Vm};
+
+/// The magic that opens a snapshot file.
+pub const SNAPSHOT_MAGIC: [u8; 8] = *b"TERNSNAP";
+/// The snapshot file format version.
+pub const SNAPSHOT_VERSION: u32 = 1;
+const PAGE: usize = 4096;
+const MAX_META: u32 = 1 << 20;
+
+/// What is needed to build the VM again before its state is restored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotMeta {
+    /// The kernel as given to `tern vm run` (a path or `builtin:NAME`).
+    pub kernel: String,
+    /// The command line.
+    pub cmdline: String,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Disks as `PATH[,readonly]`.
+    pub disks: Vec<String>,
+}
+
+/// Why a snapshot could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// File I/O.
+    #[error("snapshot file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM refused (not paused, KVM error).
+    #[error("cannot take the VM's state: {0}")]
+    Vm(#[from] ControlError),
+    /// Not a snapshot file, or a format this build does not read.
+    #[error("{path} is not a Tern snapshot (format {SNAPSHOT_VERSION}): {why}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The saved state inside is damaged.
+    #[error("snapshot {path}: {source}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: StateDecodeError,
+    },
+    /// Guest memory could not be read or written.
+    #[error("guest memory access at {0:#x} failed")]
+    Memory(u64),
+}
+
+/// Writes a snapshot of `vm`, which must be paused. Returns the bytes written.
+pub fn write(vm: &Vm, meta: &SnapshotMeta, path: &Path) -> Result<u64, SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let st = vm.save_state()?;
+    let tmp = path.with_extension("partial");
+    let file = std::fs::File::create(&tmp).map_err(io)?;
+    let mut w = BufWriter::with_capacity(1 << 20, file);
+    let meta_bytes = bincode::serialize(meta).unwrap_or_default();
+    let mut n = 0u64;
+    let mut put = |w: &mut BufWriter<std::fs::File>, b: &[u8]| -> Result<(), SnapshotError> {
+        n += b.len() as u64;
+        w.write_all(b).map_err(io)
+    };
+    put(&mut w, &SNAPSHOT_MAGIC)?;
+    put(&mut w, &SNAPSHOT_VERSION.to_le_bytes())?;
+    put(&mut w, &(meta_bytes.len() as u32).to_le_bytes())?;
+    put(&mut w, &meta_bytes)?;
+    put(&mut w, &state::encode(&st))?;
+    let mut crc = 0u32;
+    let mut page = [0u8; PAGE];
+    for r in vm.memory_regions() {
+        for off in (0..r.size).step_by(PAGE) {
+            let gpa = r.guest_addr + off;
+            vm.memory()
+                .read_slice(&mut page, GuestAddress(gpa))
+                .map_err(|_| SnapshotError::Memory(gpa))?;
+            if page.iter().all(|&b| b == 0) {
+                continue;
+            }
+            let a = gpa.to_le_bytes();
+            crc = crc32c::crc32c_append(crc, &a);
+            crc = crc32c::crc32c_append(crc, &page);
+            put(&mut w, &a)?;
+            put(&mut w, &page)?;
+        }
+    }
+    put(&mut w, &u64::MAX.to_le_bytes())?;
+    put(&mut w, &crc.to_le_bytes())?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_all().map_err(io)?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io)?;
+    Ok(n)
+}
+
+/// An opened snapshot: its meta and state; the pages follow with [`Snapshot::load_memory`].
+#[derive(Debug)]
+pub struct Snapshot {
+    path: PathBuf,
+    /// How to build the VM.
+    pub meta: SnapshotMeta,
+    /// The saved state.
+    pub state: VmState,
+    reader: BufReader<std::fs::File>,
+}
+
+/// Opens a snapshot and reads its meta and state.
+pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let format = |why: &str| SnapshotError::Format {
+        path: path.to_path_buf(),
+        why: why.to_string(),
+    };
+    let mut r = BufReader::with_capacity(1 << 20, std::fs::File::open(path).map_err(io)?);
+    let mut head = [0u8; 16];
+    r.read_exact(&mut head).map_err(|_| format("too short"))?;
+    if head[..8] != SNAPSHOT_MAGIC {
+        return Err(format("bad magic"));
+    }
+    let version = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if version != SNAPSHOT_VERSION {
+        return Err(format(&format!("file format {version}")));
+    }
+    let meta_len = u32::from_le_bytes([head[12], head[13], head[14], head[15]]);
+    if meta_len > MAX_META {
+        return Err(format("description too long"));
+    }
+    let mut meta = vec![0u8; meta_len as usize];
+    r.read_exact(&mut meta).map_err(|_| format("truncated"))?;
+    let meta: SnapshotMeta =
+        bincode::deserialize(&meta).map_err(|e| format(&format!("description: {e}")))?;
+    let mut sh = [0u8; state::STATE_HEADER_BYTES];
+    r.read_exact(&mut sh).map_err(|_| format("truncated"))?;
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&sh[12..20]);
+    let len = u64::from_le_bytes(len8);
+    if len > state::MAX_STATE_BYTES {
+        return Err(SnapshotError::State {
+            path: path.to_path_buf(),
+            source: StateDecodeError::TooLong(len),
+        });
+    }
+    let mut buf = sh.to_vec();
+    buf.resize(state::STATE_HEADER_BYTES + len as usize, 0);
+    r.read_exact(&mut buf[state::STATE_HEADER_BYTES..])
+        .map_err(|_| format("truncated state"))?;
+    let (st, _) = state::decode(&buf).map_err(|source| SnapshotError::State {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(Snapshot {
+        path: path.to_path_buf(),
+        meta,
+        state: st,
+        reader: r,
+    })
+}
+
+impl Snapshot {
+    /// Writes the snapshot's pages into `vm` (built from [`Snapshot::meta`], memory zeroed,
+    /// paused) and checks their checksum. Returns the number of pages.
+    pub fn load_memory(&mut self, vm: &Vm) -> Result<u64, SnapshotError> {
+        let format = |why: &str| SnapshotError::Format {
+            path: self.path.clone(),
+            why: why.to_string(),
+        };
+        let regions = vm.memory_regions();
+        let mut crc = 0u32;
+        let mut n = 0;
+        let mut page = [0u8; PAGE];
+        loop {
+            let mut a = [0u8; 8];
+            self.reader
+                .read_exact(&mut a)
+                .map_err(|_| format("truncated memory"))?;
+            let gpa = u64::from_le_bytes(a);
+            if gpa == u64::MAX {
+                break;
+            }
+            if gpa % PAGE as u64 != 0
+                || !regions
+                    .iter()
+                    .any(|r| gpa >= r.guest_addr && gpa + PAGE as u64 <= r.guest_addr + r.size)
+            {
+                return Err(format(&format!("page {gpa:#x} outside guest memory")));
+            }
+            self.reader
+                .read_exact(&mut page)
+                .map_err(|_| format("truncated memory"))?;
+            crc = crc32c::crc32c_append(crc, &a);
+            crc = crc32c::crc32c_append(crc, &page);
+            vm.memory()
+                .write_slice(&page, GuestAddress(gpa))
+                .map_err(|_| SnapshotError::Memory(gpa))?;
+            n += 1;
+        }
+        let mut c = [0u8; 4];
+        self.reader
+            .read_exact(&mut c)
+            .map_err(|_| format("truncated memory"))?;
+        if u32::from_le_bytes(c) != crc {
+            return Err(format("memory checksum mismatch (corrupted)"));
+        }
+        Ok(n)
+    }
+}
