@@ -151,11 +151,15 @@ impl Devices {
             .sum()
     }
 
-    /// The saved state of every NIC, with its slot.
+    /// The saved state of every NIC, with its slot; frames waiting in the taps join the state.
     pub fn net_states(&self) -> Vec<(usize, virtio_net::VirtioNetState)> {
         self.nets
             .iter()
-            .map(|(s, d)| (*s, lock(d).state()))
+            .map(|(s, d)| {
+                let mut d = lock(d);
+                d.drain_backend();
+                (*s, d.state())
+            })
             .collect()
     }
 

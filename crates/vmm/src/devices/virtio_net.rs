@@ -29,6 +29,9 @@ pub const NET_HDR_LEN: usize = 12;
 /// The largest frame carried (no TSO/GSO offered): a 1500-byte MTU with room for VLAN tags.
 pub const MAX_FRAME: usize = 1518 + 4;
 
+/// The most received frames the device holds for its guest (beyond that they wait in the tap).
+pub const MAX_PENDING_FRAMES: usize = 256;
+
 /// VIRTIO_NET_F_MAC.
 pub const F_MAC: u64 = 1 << 5;
 /// VIRTIO_NET_F_STATUS.
@@ -108,8 +111,10 @@ pub struct VirtioNetState {
     pub queue_sel: u32,
     /// RX and TX queues.
     pub queues: [QueueState; 2],
-    /// A frame read from the backend that waits for a receive buffer (in flight in the VMM).
-    pub rx_pending: Option<Vec<u8>>,
+    /// Frames read from the backend that wait for receive buffers (in flight in the VMM). A
+    /// state taken while paused includes what had queued in the tap, so a migration carries the
+    /// frames that reached the source during its pause instead of dropping them.
+    pub rx_pending: Vec<Vec<u8>>,
     /// The guest's IPv4 address as learnt from its traffic or given (for gratuitous ARP).
     pub guest_ip: Option<Ipv4Addr>,
 }
@@ -142,7 +147,7 @@ pub struct VirtioNet {
     driver_features: u64,
     interrupt_status: u32,
     queue_sel: u32,
-    rx_pending: Option<Vec<u8>>,
+    rx_pending: std::collections::VecDeque<Vec<u8>>,
     guest_ip: Option<Ipv4Addr>,
     paused: bool,
     counters: NetCounters,
@@ -173,7 +178,7 @@ impl VirtioNet {
             driver_features: 0,
             interrupt_status: 0,
             queue_sel: 0,
-            rx_pending: None,
+            rx_pending: Default::default(),
             guest_ip,
             paused: false,
             counters: NetCounters::default(),
@@ -340,7 +345,23 @@ impl VirtioNet {
         self.queue_sel = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
-        self.rx_pending = None;
+        self.rx_pending.clear();
+    }
+
+    /// Moves the frames waiting in the backend into the device's queue (at most
+    /// `MAX_PENDING_FRAMES` in all), so they become part of its state.
+    pub fn drain_backend(&mut self) {
+        let mut buf = vec![0u8; MAX_FRAME + 64];
+        while self.rx_pending.len() < MAX_PENDING_FRAMES {
+            match self.backend.recv(&mut buf) {
+                Ok(n) if (14..=MAX_FRAME).contains(&n) => {
+                    self.rx_pending.push_back(buf[..n].to_vec())
+                }
+                Ok(_) => self.counters.dropped += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     }
 
     fn active<M: GuestMemoryBackend>(&self, mem: &M, q: usize) -> bool {
@@ -434,13 +455,13 @@ impl VirtioNet {
     /// interrupts the guest if it asked to be told. Returns true when a frame waits for buffers.
     pub fn process_rx<M: GuestMemoryBackend>(&mut self, mem: &M) -> bool {
         if !self.active(mem, RX) {
-            return self.rx_pending.is_some();
+            return !self.rx_pending.is_empty();
         }
         let mut served = false;
         let mut buf = vec![0u8; MAX_FRAME + 64];
         // Bounded so one busy backend cannot hold the device lock for ever.
         for _ in 0..2 * usize::from(QUEUE_SIZE) {
-            let frame = match self.rx_pending.take() {
+            let frame = match self.rx_pending.pop_front() {
                 Some(f) => f,
                 None => match self.backend.recv(&mut buf) {
                     Ok(n) if !(14..=MAX_FRAME).contains(&n) => {
@@ -456,7 +477,7 @@ impl VirtioNet {
                 Some(c) => c,
                 None => {
                     // No buffer: keep the frame and ask the guest to kick when it adds some.
-                    self.rx_pending = Some(frame);
+                    self.rx_pending.push_front(frame);
                     match self.queues[RX].enable_notification(mem) {
                         Ok(true) => {
                             let _ = self.queues[RX].disable_notification(mem);
@@ -515,7 +536,7 @@ impl VirtioNet {
         if served && self.wants_interrupt(mem, RX) {
             self.interrupt();
         }
-        self.rx_pending.is_some()
+        !self.rx_pending.is_empty()
     }
 
     /// The device's saved state.
@@ -538,7 +559,7 @@ impl VirtioNet {
             interrupt_status: self.interrupt_status,
             queue_sel: self.queue_sel,
             queues: [qs(&self.queues[RX]), qs(&self.queues[TX])],
-            rx_pending: self.rx_pending.clone(),
+            rx_pending: self.rx_pending.iter().cloned().collect(),
             guest_ip: self.guest_ip,
         }
     }
@@ -569,7 +590,13 @@ impl VirtioNet {
             q.set_event_idx(event_idx);
             q.set_ready(qs.ready);
         }
-        self.rx_pending = s.rx_pending.clone().filter(|f| f.len() <= MAX_FRAME);
+        self.rx_pending = s
+            .rx_pending
+            .iter()
+            .filter(|f| f.len() <= MAX_FRAME)
+            .take(MAX_PENDING_FRAMES)
+            .cloned()
+            .collect();
         if s.guest_ip.is_some() {
             self.guest_ip = s.guest_ip;
         }
@@ -806,7 +833,7 @@ mod tests {
         // No buffers yet: the first frame waits in the device.
         assert!(r.dev.process_rx(&mem));
         assert_eq!(used_idx(&mem, &rx), 0);
-        assert!(r.dev.state().rx_pending.is_some());
+        assert_eq!(r.dev.state().rx_pending, vec![f1.clone()]);
         // Two buffers of 2048 bytes; the guest kicks the RX queue.
         rx.add_desc_chains(
             &[
@@ -884,6 +911,47 @@ mod tests {
         r.dev.process_rx(&mem);
         assert_eq!(used_idx(&mem, &rx), 1);
         assert!(r.irq.read().is_err(), "the driver polls: no interrupt");
+    }
+
+    #[test]
+    fn frames_waiting_in_the_backend_travel_with_the_state() {
+        let mut r = rig();
+        let mem = r.mem.clone();
+        let rx = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        let tx = MockSplitQueue::create(&mem, GuestAddress(0x4000), 16);
+        activate(&mut r, &rx, &tx, false);
+        r.dev.set_paused(true);
+        let frames = [frame(64, 1), frame(80, 2), vec![3u8; 10]];
+        r.wire
+            .0
+            .lock()
+            .unwrap()
+            .to_guest
+            .extend(frames.iter().cloned());
+        r.dev.drain_backend();
+        let s = r.dev.state();
+        assert_eq!(
+            s.rx_pending,
+            vec![frames[0].clone(), frames[1].clone()],
+            "runts dropped"
+        );
+        // A fresh device (the target) delivers them once the guest has buffers.
+        let mut t = rig();
+        t.dev.restore(&s);
+        rx.add_desc_chains(
+            &[
+                RawDescriptor::from(SplitDescriptor::new(0x10000, 2048, WRITE, 0)),
+                RawDescriptor::from(SplitDescriptor::new(0x20000, 2048, WRITE, 0)),
+            ],
+            0,
+        )
+        .unwrap();
+        t.dev.process_rx(&mem);
+        assert_eq!(used_idx(&mem, &rx), 2);
+        let mut got = vec![0u8; 80];
+        mem.read_slice(&mut got, GuestAddress(0x20000 + NET_HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(got, frames[1]);
     }
 
     #[test]
