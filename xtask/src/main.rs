@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_net;
 mod ci;
 
 #[derive(Debug, Parser)]
@@ -26,11 +27,15 @@ enum Bench {
     /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
     /// `tern vm run` vs QEMU microvm on the same ELF.
     Boot(bench_boot::BootArgs),
+    /// The longest stall a client streaming TCP echo requests sees while the guest is live-migrated
+    /// between two network-namespace hosts, and the guest's echo throughput: Tern vs QEMU.
+    NetMigrate(bench_net::NetMigrateArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
+        Task::Bench(Bench::NetMigrate(args)) => bench_net::run(args),
     }
 }
