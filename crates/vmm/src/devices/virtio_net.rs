@@ -10,7 +10,6 @@
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, Weak};
-use std::time::Duration;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -452,10 +451,12 @@ impl VirtioNet {
     }
 
     /// Moves frames from the backend into the guest's receive buffers until one side runs dry;
-    /// interrupts the guest if it asked to be told. Returns true when a frame waits for buffers.
+    /// interrupts the guest if it asked to be told. Returns true when the backend need not be
+    /// polled until the guest kicks the RX queue: a frame waits for buffers, or the driver has
+    /// not set the device up (or it is paused).
     pub fn process_rx<M: GuestMemoryBackend>(&mut self, mem: &M) -> bool {
         if !self.active(mem, RX) {
-            return !self.rx_pending.is_empty();
+            return true;
         }
         let mut served = false;
         let mut buf = vec![0u8; MAX_FRAME + 64];
@@ -647,12 +648,9 @@ where
                 if rc <= 0 && !blocked {
                     continue;
                 }
-                let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
-                blocked = d.process_rx(&mem) || d.paused;
-                if d.paused {
-                    drop(d);
-                    std::thread::sleep(Duration::from_millis(1));
-                }
+                // Blocked (no buffers, not set up, paused): wait for a kick or a resume on the
+                // wake eventfd instead of polling the tap.
+                blocked = d.lock().unwrap_or_else(|e| e.into_inner()).process_rx(&mem);
             }
         })
 }
@@ -776,6 +774,15 @@ mod tests {
         f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
         f[12..14].copy_from_slice(&[0x88, 0xb5]);
         f
+    }
+
+    #[test]
+    fn a_device_the_driver_has_not_set_up_leaves_the_backend_alone() {
+        let mut r = rig();
+        let mem = r.mem.clone();
+        r.wire.0.lock().unwrap().to_guest.push_back(frame(64, 1));
+        assert!(r.dev.process_rx(&mem), "nothing to poll before DRIVER_OK");
+        assert_eq!(r.wire.0.lock().unwrap().to_guest.len(), 1, "the frame stays queued");
     }
 
     #[test]
@@ -970,7 +977,7 @@ mod tests {
         .unwrap();
         r.wire.0.lock().unwrap().to_guest.push_back(frame(64, 3));
         r.dev.set_paused(true);
-        r.dev.process_rx(&mem);
+        assert!(r.dev.process_rx(&mem), "a paused device does not poll its backend");
         assert_eq!(used_idx(&mem, &rx), 0);
         r.dev.set_paused(false);
         r.dev.process_rx(&mem);
