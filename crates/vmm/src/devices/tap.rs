@@ -185,7 +185,18 @@ impl Tap {
         };
         // SAFETY: closing the socket opened above.
         unsafe { libc::close(sock) };
-        res.map_err(err)
+        res.map_err(err)?;
+        // The bridge learns of the tap's carrier asynchronously; frames sent before its port
+        // forwards are dropped. Wait a little for it (3 = BR_STATE_FORWARDING).
+        let state = format!("/sys/class/net/{}/brport/state", self.name);
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_secs(1) {
+            if std::fs::read_to_string(&state).is_ok_and(|s| s.trim() == "3") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        Ok(())
     }
 }
 
