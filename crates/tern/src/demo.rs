@@ -24,6 +24,101 @@ pub struct DemoArgs {
     /// Pages per second the guest's memory writer dirties.
     #[arg(long, default_value_t = 20_000)]
     pub dirty_rate: u64,
+    /// Show live migration with the network instead: the guest moves between two hosts of a
+    /// network-namespace topology while a client streams TCP echo requests to it (needs root).
+    #[arg(long)]
+    pub net: bool,
+    /// With --net: print one JSON object (the migration report, `max_stall_ms`, `requests`,
+    /// `connection_broken`, `switch_port_after`) instead of the narration.
+    #[arg(long, requires = "net")]
+    pub json: bool,
+    /// With --net: the target's announce schedule (ms offsets, or `off`).
+    #[arg(long, default_value = "0,50,200,450,800", requires = "net")]
+    pub announce: String,
+}
+
+/// `tern demo --net`: a migration between the hosts of a tern-netlab topology with a client
+/// holding a TCP connection to the guest's echo server.
+fn run_net(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let exe = std::env::current_exe().context("cannot find the tern binary")?;
+    let dir = std::env::temp_dir().join(format!("tern-demo-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
+    let name = format!("tdm{}", std::process::id() % 100_000);
+    let mut spec = tern_netlab::TopologySpec::new(&name, 2);
+    spec.replace_stale = true;
+    let topo = tern_netlab::Topology::build(spec)
+        .context("cannot build the network topology (tern demo --net needs root)")?;
+    if !args.json {
+        println!(
+            "== topology {name}: switch {}, hosts {} and {}, client {} ({})",
+            topo.switch_ns(),
+            topo.host_ns(0),
+            topo.host_ns(1),
+            topo.client_ns().unwrap_or_default(),
+            tern_netlab::Topology::client_addr()
+        );
+        println!(
+            "== guest {} (MAC {}) on {}; a client sends a TCP echo request every 2 ms; migrating to {}",
+            tern_netlab::Topology::guest_addr(0),
+            tern_netlab::scenario::GUEST_MAC,
+            topo.host_ns(0),
+            topo.host_ns(1)
+        );
+    }
+    let mut s = tern_netlab::scenario::MigrationScenario::new(exe, &dir);
+    s.memory_mib = args.memory_mib;
+    s.announce = args.announce.clone();
+    let out = tern_netlab::scenario::run_migration(&topo, &s);
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(topo);
+    let out = out.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut report = out
+        .migration
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(m) = report.as_object_mut() {
+        m.insert(
+            "max_stall_ms".into(),
+            serde_json::json!(out.echo.max_stall_ms),
+        );
+        m.insert("requests".into(), serde_json::json!(out.echo.requests));
+        m.insert(
+            "connection_broken".into(),
+            serde_json::json!(out.echo.connection_broken),
+        );
+        m.insert(
+            "switch_port_after".into(),
+            serde_json::json!(out.switch_port_after),
+        );
+    }
+    if args.json {
+        println!("{report}");
+    } else {
+        for l in &out.target_console {
+            println!("  guest on {} | {l}", topo_host_name(1));
+        }
+        println!("== migration: {}", out.migration.unwrap_or_default());
+        println!(
+            "== client: {} requests answered, longest wait {:.1} ms, connection {}; the switch now sends the guest's MAC to port {}",
+            out.echo.requests,
+            out.echo.max_stall_ms,
+            if out.echo.connection_broken {
+                format!("BROKEN ({})", out.echo.error.unwrap_or_default())
+            } else {
+                "intact".into()
+            },
+            out.switch_port_after.unwrap_or_else(|| "?".into())
+        );
+    }
+    Ok(if out.echo.connection_broken {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn topo_host_name(i: usize) -> String {
+    format!("h{i}")
 }
 
 fn show_for(lines: &Receiver<String>, d: Duration) -> usize {
@@ -47,6 +142,9 @@ fn call(sock: &std::path::Path, req: Request) -> anyhow::Result<api::Response> {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if args.net {
+        return run_net(&args);
+    }
     let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
     let sock = dir.join("api.sock");
