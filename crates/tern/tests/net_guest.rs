@@ -1,6 +1,7 @@
 //! The test guest on a real network under Tern: a tern-netlab topology (hosts, switch, client
 //! namespaces), the VM's tap on a host bridge; ping, TCP and UDP echo from the client namespace,
-//! and the announce that moves the switch's forwarding entry for the guest's MAC to the new host.
+//! the announce that moves the switch's forwarding entry for the guest's MAC to the new host, and a
+//! snapshot restored on another host that keeps an open TCP connection.
 //!
 //! Needs root and /dev/kvm; without them these tests fail with a message saying so.
 
@@ -324,4 +325,83 @@ fn the_announce_moves_the_switch_fdb_entry_to_the_new_host() {
         asked.elapsed()
     );
     c.stop();
+}
+
+#[test]
+fn a_snapshot_restored_on_another_host_keeps_the_tcp_connection() {
+    let topo = topology("tnsnap");
+    let dir = common::scratch();
+    let ip = Topology::guest_addr(0);
+    let mac = "52:54:00:4e:00:03";
+    let cmdline = format!("tern.hb_ms=500 tern.ip={ip}/24");
+    let mut a = NetVm::start(&topo, 0, dir.path(), "tnsnap0", mac, &cmdline, &[]);
+    a.wait_line(|l| l.starts_with("NET up"));
+    a.api("announce");
+    let client = topo.client_ns().expect("a client namespace");
+    let mut stream = connect_from(&client, SocketAddr::from((ip, 7)), Duration::from_secs(5))
+        .expect("TCP connect");
+    let mut n = 0;
+    let before = stream_echo(
+        &mut stream,
+        Duration::from_millis(1),
+        Duration::from_secs(5),
+        || {
+            n += 1;
+            n > 200
+        },
+    );
+    assert!(!before.connection_broken, "{before:?}");
+
+    // Snapshot and stop the VM on h0; the connection stays open on the client meanwhile.
+    let snap = dir.path().join("vm.snap");
+    let out = Command::new(common::tern())
+        .args(["vm", "snapshot", "--stop", "--api-sock"])
+        .arg(&a.sock)
+        .arg("--out")
+        .arg(&snap)
+        .output()
+        .expect("run tern vm snapshot");
+    assert!(
+        out.status.success(),
+        "tern vm snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.child.try_wait().expect("try_wait").is_none() {
+        assert!(Instant::now() < deadline, "the snapshotted VM did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Restore it on h1: the resume announces the MAC there, and the same connection goes on.
+    let snap_arg = snap.to_str().expect("utf-8 path").to_string();
+    let b = NetVm::start(
+        &topo,
+        1,
+        dir.path(),
+        "tnsnap1",
+        mac,
+        &cmdline,
+        &["--restore", &snap_arg],
+    );
+    let mut m = 0;
+    let after = tern_netlab::ns::stream_echo_from(
+        &mut stream,
+        before.requests,
+        Duration::from_millis(1),
+        Duration::from_secs(10),
+        || {
+            m += 1;
+            m > 200
+        },
+    );
+    assert!(
+        !after.connection_broken && !after.mismatched,
+        "after the restore: {after:?}"
+    );
+    assert_eq!(after.requests, 200);
+    assert_eq!(
+        topo.switch_port_of_mac(mac).expect("fdb").as_deref(),
+        Some("h1")
+    );
+    b.stop();
 }
