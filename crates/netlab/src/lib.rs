@@ -385,7 +385,20 @@ impl Drop for Topology {
     }
 }
 
+/// A fixed, locally administered MAC for a bridge. A bridge without one takes the lowest MAC of its
+/// ports, so it would change whenever a VM's tap joins or leaves, and neighbours that cached the
+/// old one (the other hosts) could no longer reach the host's address.
+fn bridge_mac(ns: &str, name: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in ns.bytes().chain([b'/']).chain(name.bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    format!("02:7e:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
 fn add_bridge(ns: &str, name: &str) -> Result<(), CommandError> {
+    let mac = bridge_mac(ns, name);
     // No STP and no forwarding delay: a port forwards the moment it is attached, as a VM's tap must.
     run(
         "ip",
@@ -395,6 +408,8 @@ fn add_bridge(ns: &str, name: &str) -> Result<(), CommandError> {
             "link",
             "add",
             name,
+            "address",
+            &mac,
             "type",
             "bridge",
             "stp_state",
@@ -517,6 +532,15 @@ fn run(program: &str, args: &[&str]) -> Result<Output, CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_macs_are_fixed_unicast_and_distinct() {
+        let a = bridge_mac("t-h0", "br0");
+        assert_eq!(a, bridge_mac("t-h0", "br0"));
+        assert_ne!(a, bridge_mac("t-h1", "br0"));
+        assert!(a.starts_with("02:7e:"), "{a}");
+        assert_eq!(a.len(), 17);
+    }
 
     #[test]
     fn port_states_are_read_from_bridge_link_show() {

@@ -782,7 +782,11 @@ mod tests {
         let mem = r.mem.clone();
         r.wire.0.lock().unwrap().to_guest.push_back(frame(64, 1));
         assert!(r.dev.process_rx(&mem), "nothing to poll before DRIVER_OK");
-        assert_eq!(r.wire.0.lock().unwrap().to_guest.len(), 1, "the frame stays queued");
+        assert_eq!(
+            r.wire.0.lock().unwrap().to_guest.len(),
+            1,
+            "the frame stays queued"
+        );
     }
 
     #[test]
@@ -977,7 +981,10 @@ mod tests {
         .unwrap();
         r.wire.0.lock().unwrap().to_guest.push_back(frame(64, 3));
         r.dev.set_paused(true);
-        assert!(r.dev.process_rx(&mem), "a paused device does not poll its backend");
+        assert!(
+            r.dev.process_rx(&mem),
+            "a paused device does not poll its backend"
+        );
         assert_eq!(used_idx(&mem, &rx), 0);
         r.dev.set_paused(false);
         r.dev.process_rx(&mem);
