@@ -267,6 +267,33 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
         }
         let mut count = self.layout.total_pages();
+        // Pages the VMM knows to be zero (never backed by host memory) are skipped unread; a
+        // write after this point is in the dirty log, so it goes in a later round.
+        for r in 0..self.layout.regions().len() {
+            let Some(bits) = self.source.known_zero(r) else {
+                continue;
+            };
+            let first = self.layout.region_first_page(r);
+            let n = self.layout.regions()[r].pages();
+            for (wi, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let b = u64::from(word.trailing_zeros());
+                    word &= word - 1;
+                    let i = wi as u64 * 64 + b;
+                    if i >= n {
+                        break;
+                    }
+                    let p = first + i;
+                    let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
+                    if pages[w] & bit != 0 {
+                        pages[w] &= !bit;
+                        count -= 1;
+                        self.zero_skipped += 1;
+                    }
+                }
+            }
+        }
         loop {
             let (t0, scan0) = (Instant::now(), self.zero_scan);
             let before = self.bytes_sent;

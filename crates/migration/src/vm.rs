@@ -29,6 +29,14 @@ pub trait MigrationSource {
     /// page `i` of the region. The result has `ceil(pages / 64)` words.
     fn fetch_dirty(&mut self, region: usize) -> Result<Vec<u64>, VmError>;
 
+    /// Pages of region `region` known to be zero without reading them (e.g. never backed by
+    /// host memory), bit `i` of word `i / 64` = page `i`; called once, after `start_dirty_log`,
+    /// before round 0. `None` (the default): unknown, every page is read.
+    fn known_zero(&mut self, region: usize) -> Option<Vec<u64>> {
+        let _ = region;
+        None
+    }
+
     /// Holds the vCPUs for `pct` percent of the time (0 ≤ pct < 100, e.g. 99.9), in slices of
     /// at most 10 ms: `ThrottleSlice::for_pct(pct, 10 ms)` gives run and sleep per slice
     /// ([`crate::policy::ThrottleSlice`]). 0 ends throttling.

@@ -1,222 +1,359 @@
-//! `tern demo`: boots the embedded test guest, shows its heartbeats and memory-dirtying rate,
-//! pauses it (the heartbeats stop), resumes it (the sequence continues) and stops it.
+//! `tern demo`: live migration of a busy guest between two hosts, with both ends' heartbeats
+//! on screen so the pause shows, and the migration report at the end.
 //!
-//! The VM runs as a child `tern vm run` process, as every VM does, driven through its control
-//! socket exactly as `tern vm pause|resume|stop` drive it.
+//! As root the two hosts are network namespaces joined by a switch (tern-netlab): the source
+//! VMM runs in `h0`, the target in `h1`, and the migration streams go over the hosts' addresses.
+//! Otherwise both are processes on loopback. Every VM is a child `tern vm run` / `tern vm
+//! receive` process, driven exactly as an operator would drive it (`tern vm migrate`).
+//!
+//! With namespaces the guest is also on the network: its tap sits on h0's bridge (on h1's after
+//! the move, announced by the target VMM), and a client in the client namespace holds a TCP
+//! connection to the guest's echo server, sending a request every 2 ms through the migration; the
+//! report adds the client's longest wait (`max_stall_ms`), the requests answered and whether the
+//! connection ever broke.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, ExitCode, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tern_netlab::{Topology, TopologySpec};
 use tern_vmm::api::{self, Request};
 
 /// Options of `tern demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// vCPUs of the demo VM.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
+    /// Guest memory in MiB (the writer dirties all but 64 MiB of it).
+    #[arg(long, default_value_t = 320)]
     pub memory_mib: u64,
-    /// Pages per second the guest's memory writer dirties.
+    /// Pages per second the guest's memory writer dirties (0 = as fast as it can).
     #[arg(long, default_value_t = 20_000)]
     pub dirty_rate: u64,
-    /// Show live migration with the network instead: the guest moves between two hosts of a
-    /// network-namespace topology while a client streams TCP echo requests to it (needs root).
+    /// Use two processes on loopback even as root (no network namespaces).
     #[arg(long)]
-    pub net: bool,
-    /// With --net: print one JSON object (the migration report, `max_stall_ms`, `requests`,
-    /// `connection_broken`, `switch_port_after`) instead of the narration.
-    #[arg(long, requires = "net")]
+    pub loopback: bool,
+    /// Print only the migration report, as JSON, on stdout (the narrative goes to stderr). With
+    /// namespaces it includes the client's `max_stall_ms`, `requests` and `connection_broken`.
+    #[arg(long)]
     pub json: bool,
-    /// With --net: the target's announce schedule (ms offsets, or `off`).
-    #[arg(long, default_value = "0,50,200,450,800", requires = "net")]
+    /// The target's announce schedule after the move (ms offsets, or `off`).
+    #[arg(long, default_value = "0,50,200,450,800")]
     pub announce: String,
 }
 
-/// `tern demo --net`: a migration between the hosts of a tern-netlab topology with a client
-/// holding a TCP connection to the guest's echo server.
-fn run_net(args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    let exe = std::env::current_exe().context("cannot find the tern binary")?;
-    let dir = std::env::temp_dir().join(format!("tern-demo-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
-    let name = format!("tdm{}", std::process::id() % 100_000);
-    let mut spec = tern_netlab::TopologySpec::new(&name, 2);
-    spec.replace_stale = true;
-    let topo = tern_netlab::Topology::build(spec)
-        .context("cannot build the network topology (tern demo --net needs root)")?;
-    if !args.json {
-        println!(
-            "== topology {name}: switch {}, hosts {} and {}, client {} ({})",
-            topo.switch_ns(),
-            topo.host_ns(0),
-            topo.host_ns(1),
-            topo.client_ns().unwrap_or_default(),
-            tern_netlab::Topology::client_addr()
-        );
-        println!(
-            "== guest {} (MAC {}) on {}; a client sends a TCP echo request every 2 ms; migrating to {}",
-            tern_netlab::Topology::guest_addr(0),
-            tern_netlab::scenario::GUEST_MAC,
-            topo.host_ns(0),
-            topo.host_ns(1)
-        );
-    }
-    let mut s = tern_netlab::scenario::MigrationScenario::new(exe, &dir);
-    s.memory_mib = args.memory_mib;
-    s.announce = args.announce.clone();
-    let out = tern_netlab::scenario::run_migration(&topo, &s);
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(topo);
-    let out = out.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut report = out
-        .migration
-        .clone()
-        .unwrap_or_else(|| serde_json::json!({}));
-    if let Some(m) = report.as_object_mut() {
-        m.insert(
-            "max_stall_ms".into(),
-            serde_json::json!(out.echo.max_stall_ms),
-        );
-        m.insert("requests".into(), serde_json::json!(out.echo.requests));
-        m.insert(
-            "connection_broken".into(),
-            serde_json::json!(out.echo.connection_broken),
-        );
-        m.insert(
-            "switch_port_after".into(),
-            serde_json::json!(out.switch_port_after),
-        );
-    }
-    if args.json {
-        println!("{report}");
-    } else {
-        for l in &out.target_console {
-            println!("  guest on {} | {l}", topo_host_name(1));
+/// The guest NIC's MAC in the demo.
+const DEMO_MAC: &str = "52:54:00:de:40:01";
+
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn line(&self, s: &str) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+            let _ = std::io::stdout().flush();
         }
-        println!("== migration: {}", out.migration.unwrap_or_default());
-        println!(
-            "== client: {} requests answered, longest wait {:.1} ms, connection {}; the switch now sends the guest's MAC to port {}",
-            out.echo.requests,
-            out.echo.max_stall_ms,
-            if out.echo.connection_broken {
-                format!("BROKEN ({})", out.echo.error.unwrap_or_default())
-            } else {
-                "intact".into()
-            },
-            out.switch_port_after.unwrap_or_else(|| "?".into())
-        );
     }
-    Ok(if out.echo.connection_broken {
-        ExitCode::FAILURE
-    } else {
-        ExitCode::SUCCESS
-    })
 }
 
-fn topo_host_name(i: usize) -> String {
-    format!("h{i}")
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
 }
 
-fn show_for(lines: &Receiver<String>, d: Duration) -> usize {
+fn pipe_lines(child: &mut Child, tag: &'static str, tx: Sender<(&'static str, String)>) {
+    if let Some(out) = child.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send((tag, line)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn show_for(say: &Say, lines: &Receiver<(&'static str, String)>, d: Duration) {
     let deadline = Instant::now() + d;
-    let mut n = 0;
-    while let Ok(line) = lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        println!("  guest | {line}");
-        n += 1;
+    while let Ok((tag, line)) =
+        lines.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+    {
+        say.line(&format!("  {tag} | {line}"));
     }
-    n
 }
 
-fn call(sock: &std::path::Path, req: Request) -> anyhow::Result<api::Response> {
-    let r = api::call(sock, &req)?;
-    anyhow::ensure!(
-        r.ok,
-        "the VM refused {req:?}: {}",
-        r.error.unwrap_or_default()
-    );
-    Ok(r)
+fn command(ns: Option<&str>, exe: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Topology::command_in(ns, &exe.display().to_string());
+            c.stdin(Stdio::null());
+            c
+        }
+        None => Command::new(exe),
+    }
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    if args.net {
-        return run_net(&args);
-    }
+    let say = Say { json: args.json };
+    anyhow::ensure!(
+        args.memory_mib >= 80,
+        "--memory-mib must be at least 80 (the writer uses all but 64 MiB)"
+    );
     let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
-    let sock = dir.join("api.sock");
     let exe = std::env::current_exe().context("cannot find the tern binary")?;
-    let cmdline = format!(
-        "tern.hb_ms=500 tern.dirty_mib=64 tern.dirty_rate={}",
+    let topo = if is_root() && !args.loopback {
+        let spec = TopologySpec {
+            client: true,
+            replace_stale: true,
+            ..TopologySpec::new(format!("tdemo{}", std::process::id() % 10_000), 2)
+        };
+        match Topology::build(spec) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                say.line(&format!(
+                    "== cannot build network namespaces ({e}); using loopback"
+                ));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (src_ns, dst_ns, to) = match &topo {
+        Some(t) => (
+            Some(t.host_ns(0)),
+            Some(t.host_ns(1)),
+            format!("{}:4444", t.host_addr(1)),
+        ),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .context("no free loopback port")?;
+            (None, None, format!("127.0.0.1:{port}"))
+        }
+    };
+    match &topo {
+        Some(_) => say.line(&format!(
+            "== two hosts: network namespaces {} and {} on one switch; the VM moves h0 → h1 ({to})",
+            src_ns.as_deref().unwrap_or(""),
+            dst_ns.as_deref().unwrap_or("")
+        )),
+        None => say.line(&format!(
+            "== two processes on loopback; the VM moves to {to}"
+        )),
+    }
+    let rt = dir.join("rt");
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let (tx, lines) = channel();
+
+    let net = topo.is_some();
+    let guest_ip = Topology::guest_addr(0);
+    let net_args = |tap: &str| -> Vec<String> {
+        if net {
+            vec![
+                "--net".into(),
+                format!("tap={tap},mac={DEMO_MAC},bridge=br0"),
+            ]
+        } else {
+            vec![]
+        }
+    };
+    let mut dst = command(dst_ns.as_deref(), &exe)
+        .args(["vm", "receive", "--listen", &to, "--name", "demo-dst"])
+        .args(net_args("demodst"))
+        .args(["--announce", &args.announce])
+        .arg("--api-sock")
+        .arg(&dst_sock)
+        .arg("--runtime-dir")
+        .arg(&rt)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start `tern vm receive`")?;
+    pipe_lines(&mut dst, "h1", tx.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut cmdline = format!(
+        "tern.hb_ms=100 tern.dirty_mib={} tern.dirty_rate={}",
+        args.memory_mib - 64,
         args.dirty_rate
     );
-    println!(
-        "== booting the embedded test guest: {} vCPUs, {} MiB, `{cmdline}`",
+    if net {
+        cmdline.push_str(&format!(" tern.ip={guest_ip}/24"));
+    }
+    say.line(&format!(
+        "== booting the embedded test guest on h0: {} vCPU(s), {} MiB, `{cmdline}`",
         args.vcpus, args.memory_mib
-    );
-    let started = Instant::now();
-    let mut child = Command::new(exe)
-        .args(["vm", "run", "--kernel", "builtin:testguest", "--name"])
-        .arg(format!("demo-{}", std::process::id()))
+    ));
+    let mut src = command(src_ns.as_deref(), &exe)
+        .args([
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--name",
+            "demo-src",
+        ])
         .args(["--vcpus", &args.vcpus.to_string()])
         .args(["--memory-mib", &args.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
+        .args(net_args("demosrc"))
         .arg("--api-sock")
-        .arg(&sock)
+        .arg(&src_sock)
+        .arg("--runtime-dir")
+        .arg(&rt)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .context("cannot start `tern vm run`")?;
-    let out = child.stdout.take().context("no console pipe")?;
-    let (tx, lines) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
+    pipe_lines(&mut src, "h0", tx);
+
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        // Wait for the writer's first report: before it the guest is still touching its buffer
+        // for the first time, faster than any steady workload.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (tag, line) = lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .context("the guest did not start its writer within 30 s")?;
+            say.line(&format!("  {tag} | {line}"));
+            if line.starts_with("DIRTY ") {
                 break;
             }
         }
-    });
-    let result = (|| -> anyhow::Result<()> {
-        let first = lines
-            .recv_timeout(Duration::from_secs(20))
-            .context("the guest printed nothing within 20 s")?;
-        println!(
-            "  guest | {first}    ({} ms after start)",
-            started.elapsed().as_millis()
+        // The client: a TCP connection to the guest's echo server, a request every 2 ms.
+        let client = match (&topo, net) {
+            (Some(t), true) => {
+                let _ = Command::new(&exe)
+                    .args(["vm", "announce", "--api-sock"])
+                    .arg(&src_sock)
+                    .output();
+                let cl = t.client_ns().context("no client namespace")?;
+                let mut stream = tern_netlab::ns::connect_from(
+                    &cl,
+                    std::net::SocketAddr::from((guest_ip, 7)),
+                    Duration::from_secs(5),
+                )
+                .context("the client cannot connect to the guest's echo server")?;
+                say.line(&format!(
+                    "== client {} (namespace {cl}) streams a TCP echo request every 2 ms to {guest_ip}:7",
+                    Topology::client_addr()
+                ));
+                let stop = Arc::new(AtomicBool::new(false));
+                let stop2 = stop.clone();
+                let h = std::thread::spawn(move || {
+                    tern_netlab::ns::stream_echo(
+                        &mut stream,
+                        Duration::from_millis(2),
+                        Duration::from_secs(10),
+                        || stop2.load(Ordering::Relaxed),
+                    )
+                });
+                Some((stop, h))
+            }
+            _ => None,
+        };
+        show_for(&say, &lines, Duration::from_millis(1500));
+        say.line(&format!(
+            "== live-migrating to {to} (watch maxgap_us in h1's first heartbeat: the pause the guest saw)"
+        ));
+        let mut m = Command::new(&exe)
+            .args(["vm", "migrate", "--api-sock"])
+            .arg(&src_sock)
+            .args(["--to", &to, "--json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("cannot start `tern vm migrate`")?;
+        loop {
+            show_for(&say, &lines, Duration::from_millis(50));
+            if m.try_wait()?.is_some() {
+                break;
+            }
+        }
+        let out = m.wait_with_output()?;
+        let mut report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        anyhow::ensure!(
+            out.status.success(),
+            "the migration failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
         );
-        show_for(&lines, Duration::from_millis(2600));
-
-        let status = call(&sock, Request::Status)?.status.context("no status")?;
-        println!(
-            "== status: {:?}, pid {}, vCPU threads {:?}, TSC {} kHz",
-            status.state, status.pid, status.vcpu_tids, status.tsc_khz
-        );
-        println!("== pausing every vCPU for 2 s: no heartbeats should appear");
-        call(&sock, Request::Pause)?;
-        show_for(&lines, Duration::from_millis(150)); // lines already in the pipe
-        let during = show_for(&lines, Duration::from_secs(2));
-        println!(
-            "== {during} console lines while paused; resuming (maxgap_us shows the pause the guest saw)"
-        );
-        call(&sock, Request::Resume)?;
-        show_for(&lines, Duration::from_millis(2100));
-        println!("== stopping the VM");
-        call(&sock, Request::Shutdown)?;
-        Ok(())
+        show_for(&say, &lines, Duration::from_millis(2000));
+        if let Some((stop, h)) = client {
+            stop.store(true, Ordering::Relaxed);
+            let echo = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+            say.line(&format!(
+                "== client: {} requests answered, longest wait {:.1} ms, connection {}",
+                echo.requests,
+                echo.max_stall_ms,
+                if echo.connection_broken {
+                    format!("BROKEN ({})", echo.error.clone().unwrap_or_default())
+                } else {
+                    "intact".into()
+                }
+            ));
+            if let Some(m) = report.as_object_mut() {
+                m.insert("max_stall_ms".into(), serde_json::json!(echo.max_stall_ms));
+                m.insert("requests".into(), serde_json::json!(echo.requests));
+                m.insert(
+                    "connection_broken".into(),
+                    serde_json::json!(echo.connection_broken),
+                );
+            }
+        }
+        say.line("== the VM runs on h1 now; the source VMM has exited");
+        let _ = src.wait();
+        let r = api::call(&dst_sock, &Request::Shutdown)?;
+        anyhow::ensure!(r.ok, "the target refused to stop: {:?}", r.error);
+        let _ = dst.wait();
+        Ok(report)
     })();
-    if result.is_err() {
-        let _ = child.kill();
-    }
-    let status = child.wait().context("waiting for the VM")?;
-    show_for(&lines, Duration::from_millis(100));
+    let _ = src.kill();
+    let _ = dst.kill();
+    let _ = src.wait();
+    let _ = dst.wait();
+    show_for(&say, &lines, Duration::from_millis(100));
     let _ = std::fs::remove_dir_all(&dir);
-    result?;
-    println!("== the VMM exited with {status}");
-    Ok(if status.success() {
-        ExitCode::SUCCESS
+    if let Some(t) = topo {
+        let _ = t.teardown();
+    }
+    let report = result?;
+    if args.json {
+        println!("{report}");
     } else {
-        ExitCode::FAILURE
-    })
+        let g = |k: &str| report.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        println!(
+            "== report: outcome {}, total {} ms, downtime {} ms, {} rounds, {:.1} MiB sent, {} zero pages skipped, throttle max {} %, converged {}",
+            g("outcome"),
+            g("total_ms"),
+            g("downtime_ms"),
+            g("rounds"),
+            g("bytes_sent").as_f64().unwrap_or(0.0) / 1048576.0,
+            g("pages_zero_skipped"),
+            g("throttle_max_pct"),
+            g("converged"),
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

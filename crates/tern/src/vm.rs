@@ -560,18 +560,27 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         *built2.lock().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
         Ok(vm)
     });
+    // A termination signal while waiting or receiving cancels the migration (the source keeps
+    // the VM); once the VM runs here it stops it cleanly.
+    let cancel = tern_migration::CancelToken::new();
+    let handed: Arc<std::sync::Mutex<Option<Vm>>> = Arc::default();
+    {
+        let (cancel, handed) = (cancel.clone(), handed.clone());
+        signals::on_termination(move || {
+            match handed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                Some(vm) => vm.request_stop(),
+                None => cancel.cancel(),
+            }
+        })
+        .context("cannot watch termination signals")?;
+    }
     let mut target = tern_vmm::migrate::VmTarget::new(build);
     let opts = tern_migration::ReceiveOptions {
         accept_timeout: a.accept_timeout.map(std::time::Duration::from_secs_f64),
         ..Default::default()
     };
     eprintln!("tern: waiting for a migration on {}", a.listen);
-    let report = tern_migration::receive(
-        &listener,
-        &mut target,
-        &opts,
-        &tern_migration::CancelToken::new(),
-    );
+    let report = tern_migration::receive(&listener, &mut target, &opts, &cancel);
     drop(listener);
     match report {
         Ok(r) => {
@@ -580,6 +589,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
                 r.total_ms
             );
             let vm = target.into_vm().context("no VM after the migration")?;
+            *handed.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
             let cfg = built
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -98,6 +98,56 @@ fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
 }
 
 #[test]
+fn a_snapshot_without_stop_leaves_the_vm_running() {
+    require_kvm();
+    let dir = scratch();
+    let sock = dir.path().join("a.sock");
+    let snap = dir.path().join("vm.snap");
+    let mut a = RunningVm::start_tern(
+        dir.path(),
+        "a",
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--memory-mib",
+            "64",
+            "--cmdline",
+            "tern.hb_ms=50",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--runtime-dir",
+            dir.path().join("rt").to_str().unwrap(),
+        ],
+    );
+    a.wait_line(Duration::from_secs(30), |l| {
+        l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
+    });
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--out",
+        snap.to_str().unwrap(),
+    ]);
+    assert_eq!(rc, 0, "snapshot: {err}");
+    assert!(snap.exists(), "the snapshot file is written");
+    let before = a.last_hb().unwrap();
+    a.collect_for(Duration::from_millis(800));
+    assert!(
+        a.last_hb().unwrap() >= before + 5,
+        "the VM runs on after a snapshot"
+    );
+    let (_, out, _) = tern_cmd(&["vm", "status", "--api-sock", sock.to_str().unwrap()]);
+    assert!(out.contains("\"running\""), "{out}");
+    let (rc, _, _) = tern_cmd(&["vm", "stop", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(rc, 0);
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
+}
+
+#[test]
 fn a_damaged_snapshot_is_refused_with_one_line() {
     let dir = scratch();
     let f = dir.path().join("bad.snap");

@@ -11,7 +11,7 @@ use tern_migration::{
     CpuidDigest, MemoryLayout, MigrationSource, MigrationTarget, Region, ThrottleSlice,
     VmConfigDescription, VmError,
 };
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::state;
 use crate::vm::Vm;
@@ -199,6 +199,10 @@ impl MigrationSource for VmSource {
         mine.ok_or_else(|| format!("no memory region {region}").into())
     }
 
+    fn known_zero(&mut self, region: usize) -> Option<Vec<u64>> {
+        unbacked_pages(&self.vm, region)
+    }
+
     fn set_throttle(&mut self, pct: f64) -> Result<(), VmError> {
         self.throttle.set(pct)?;
         Ok(())
@@ -220,6 +224,39 @@ impl MigrationSource for VmSource {
         let s = self.vm.save_state()?;
         Ok((state::STATE_VERSION, state::encode(&s)))
     }
+}
+
+/// The pages of RAM region `region` that no host page backs yet (neither present nor swapped,
+/// from /proc/self/pagemap): they read as zero. `None` if pagemap cannot be read.
+pub fn unbacked_pages(vm: &Vm, region: usize) -> Option<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let info = vm.memory_regions().into_iter().nth(region)?;
+    let host = vm
+        .memory()
+        .get_host_address(GuestAddress(info.guest_addr))
+        .ok()? as u64;
+    let pages = (info.size / 4096) as usize;
+    let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+    let mut out = vec![0u64; pages.div_ceil(64)];
+    let mut buf = vec![0u8; 8 * 8192];
+    let mut done = 0usize;
+    while done < pages {
+        let n = (pages - done).min(8192);
+        let off = (host / 4096 + done as u64) * 8;
+        f.read_exact_at(&mut buf[..n * 8], off).ok()?;
+        for k in 0..n {
+            let mut e = [0u8; 8];
+            e.copy_from_slice(&buf[k * 8..k * 8 + 8]);
+            let e = u64::from_le_bytes(e);
+            // Bit 63: present; bit 62: swapped.
+            if e & (3 << 62) == 0 {
+                let i = done + k;
+                out[i / 64] |= 1 << (i % 64);
+            }
+        }
+        done += n;
+    }
+    Some(out)
 }
 
 /// Builds the incoming VM from the source's description (the caller knows the host's kernel

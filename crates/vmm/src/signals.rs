@@ -30,6 +30,12 @@ pub fn block_termination_signals() -> std::io::Result<()> {
 
 /// Starts a thread that waits for a termination signal and asks `vm` to stop.
 pub fn stop_on_termination(vm: Vm) -> std::io::Result<()> {
+    on_termination(move || vm.request_stop())
+}
+
+/// Starts a thread that waits for a termination signal (blocked beforehand with
+/// [`block_termination_signals`]) and then calls `f`.
+pub fn on_termination(f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -39,7 +45,7 @@ pub fn stop_on_termination(vm: Vm) -> std::io::Result<()> {
             // valid out-pointer.
             let rc = unsafe { libc::sigwait(&set, &mut sig) };
             if rc == 0 {
-                vm.request_stop();
+                f();
             }
         })
         .map(|_| ())
