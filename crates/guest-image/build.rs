@@ -51,6 +51,15 @@ fn build_guest(guest: &Path, out: &Path) -> PathBuf {
         "-Cpanic=abort".into(),
     ];
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    // The guest has its own lock file (smoltcp and its dependencies): make sure those sources are in
+    // the local registry (a no-op once they are; needs crates.io on a fresh machine). A failure here
+    // shows up as a clear error from the offline build below.
+    let _ = Command::new(&cargo)
+        .current_dir(guest)
+        .args(["fetch", "--locked", "--manifest-path"])
+        .arg(guest.join("Cargo.toml"))
+        .env_remove("CARGO_TARGET_DIR")
+        .status();
     let mut cmd = Command::new(cargo);
     cmd.current_dir(guest)
         .args([

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_boot;
 mod bench_migrate;
+mod bench_net;
 mod bench_park;
 mod bench_sim;
 mod bench_volume;
@@ -32,6 +33,9 @@ enum Bench {
     Boot(bench_boot::BootArgs),
     /// Live migration of the test guest, Tern vs QEMU microvm (defaults and 10 GB/s), on loopback.
     Migrate(bench_migrate::MigrateArgs),
+    /// The longest stall a client streaming requests sees during a live migration between two
+    /// network-namespace hosts, and the guest's echo throughput: Tern vs QEMU.
+    NetMigrate(bench_net::NetMigrateArgs),
     /// Core parking: energy and capacity shortfall vs no parking and a naive rule; daemon CPU cost.
     Park(bench_park::BenchParkArgs),
     /// Cluster shared volume: direct and redirected 4 KiB I/O vs raw file and qemu-nbd; take-over time.
@@ -45,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => ci::test(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Migrate(args)) => bench_migrate::run(args),
+        Task::Bench(Bench::NetMigrate(args)) => bench_net::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
         Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
         Task::Bench(Bench::Sim(args)) => bench_sim::run(args),

@@ -20,6 +20,17 @@ pub struct QemuConfig {
     pub disk: Option<PathBuf>,
     /// Use the modern (version 2) virtio-mmio transport instead of QEMU's legacy default.
     pub virtio_modern: bool,
+    /// A virtio-net device over a tap.
+    pub net: Option<QemuNet>,
+}
+
+/// A virtio-net device over a tap (QEMU creates the tap if missing, in its network namespace).
+#[derive(Debug, Clone)]
+pub struct QemuNet {
+    /// The tap interface name.
+    pub tap: String,
+    /// The MAC address, `52:54:00:…`.
+    pub mac: String,
 }
 
 impl QemuConfig {
@@ -66,6 +77,12 @@ impl QemuConfig {
             a.push(d);
             a.push("-device".into());
             a.push("virtio-blk-device,drive=disk0".into());
+        }
+        if let Some(net) = &self.net {
+            a.push("-netdev".into());
+            a.push(format!("tap,id=n0,ifname={},script=no,downscript=no", net.tap).into());
+            a.push("-device".into());
+            a.push(format!("virtio-net-device,netdev=n0,mac={}", net.mac).into());
         }
         a
     }
@@ -126,6 +143,10 @@ mod tests {
             tsc_hz: 2_596_120_000,
             disk: Some("/tmp/d.img".into()),
             virtio_modern: true,
+            net: Some(QemuNet {
+                tap: "qt0".into(),
+                mac: "52:54:00:00:00:09".into(),
+            }),
         };
         let a: Vec<String> = c
             .args()
@@ -145,6 +166,8 @@ mod tests {
         assert!(joined.contains("-global virtio-mmio.force-legacy=false"));
         assert!(joined.contains("-drive file=/tmp/d.img,format=raw"));
         assert!(joined.contains("-device virtio-blk-device,drive=disk0"));
+        assert!(joined.contains("-netdev tap,id=n0,ifname=qt0,script=no,downscript=no"));
+        assert!(joined.contains("-device virtio-net-device,netdev=n0,mac=52:54:00:00:00:09"));
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl Guest {
             tsc_hz: host_tsc_hz(),
             disk: b.disk,
             virtio_modern: b.virtio_modern,
+            net: None,
         };
         let mut child = Command::new(QEMU)
             .args(config.args())
@@ -577,6 +578,7 @@ fn cpu_discovery_falls_back_to_the_mp_table_without_acpi() {
         tsc_hz: host_tsc_hz(),
         disk: None,
         virtio_modern: false,
+        net: None,
     };
     let mut args = config.args();
     let m = args
@@ -636,6 +638,7 @@ fn heartbeats_keep_time_with_the_one_shot_lapic_timer() {
         tsc_hz: host_tsc_hz(),
         disk: None,
         virtio_modern: false,
+        net: None,
     };
     let mut args = config.args();
     let cpu = args

@@ -18,6 +18,12 @@ pub struct Config {
     /// A deliberate corruption of the writer's first page after its first pass, to test the
     /// writer's memory check.
     pub selftest_corrupt: bool,
+    /// The network's static address and prefix length (`tern.ip=10.77.0.2/24`); none = no network.
+    pub ip: Option<([u8; 4], u8)>,
+    /// The TCP and UDP echo port.
+    pub echo_port: u16,
+    /// How often (µs) the network is polled while the loop would otherwise sleep.
+    pub net_tick_us: u64,
 }
 
 impl Config {
@@ -29,6 +35,9 @@ impl Config {
         poweroff_ms: None,
         selftest_fault: false,
         selftest_corrupt: false,
+        ip: None,
+        echo_port: 7,
+        net_tick_us: 1000,
     };
 }
 
@@ -37,6 +46,24 @@ impl Config {
 pub struct BadValue<'a> {
     pub key: &'a str,
     pub value: &'a str,
+}
+
+/// Parses `A.B.C.D/N` (N defaults to 24).
+fn parse_cidr(s: &str) -> Option<([u8; 4], u8)> {
+    let (addr, prefix) = match s.split_once('/') {
+        Some((a, p)) => (a, p.parse::<u8>().ok().filter(|p| (1..=32).contains(p))?),
+        None => (s, 24),
+    };
+    let mut ip = [0u8; 4];
+    let mut n = 0;
+    for part in addr.split('.') {
+        if n == 4 {
+            return None;
+        }
+        ip[n] = part.parse().ok()?;
+        n += 1;
+    }
+    (n == 4).then_some((ip, prefix))
 }
 
 /// Parses the command line into a `Config`.
@@ -53,6 +80,11 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             "tern.dirty_mib" => c.dirty_mib = num()?,
             "tern.dirty_rate" => c.dirty_rate = num()?,
             "tern.poweroff_ms" => c.poweroff_ms = Some(num()?),
+            "tern.ip" => c.ip = Some(parse_cidr(value).ok_or(bad)?),
+            "tern.echo_port" => {
+                c.echo_port = value.parse::<u16>().ok().filter(|p| *p != 0).ok_or(bad)?
+            }
+            "tern.net_tick_us" => c.net_tick_us = num()?.clamp(50, 1_000_000),
             "tern.blk" => match value {
                 "verify" => c.blk_verify = true,
                 "off" => c.blk_verify = false,

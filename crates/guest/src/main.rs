@@ -1,5 +1,5 @@
 //! The Tern test guest: a freestanding x86_64 kernel that boots through PVH and runs its workloads
-//! (heartbeat, memory writer, virtio-blk check) in user mode (CPL3) on every vCPU.
+//! (heartbeat, memory writer, virtio-blk check, network echo) in user mode (CPL3) on every vCPU.
 //!
 //! Only the assembly in `boot.s` runs at CPL0 (page tables, GDT/TSS/IDT, interrupt and system-call
 //! entry); all Rust code runs at CPL3, where KVM-PVM executes it natively. The Rust side reaches the
@@ -16,6 +16,7 @@ mod apic;
 mod cmdline;
 mod console;
 mod mem;
+mod net;
 mod platform;
 mod pvh;
 mod smp;

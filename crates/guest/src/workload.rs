@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::cmdline::{self, Config};
 use crate::pvh::BootInfo;
 use crate::sys::{cpuid, rdtsc};
-use crate::{apic, console, platform, println, smp, virtio};
+use crate::{apic, console, net, platform, println, smp, virtio};
 
 const PAGE: u64 = 4096;
 /// A paced writer wakes this often (ms) to write the pages that fell due.
@@ -38,6 +38,7 @@ static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
 static DIRTY_RATE: AtomicU64 = AtomicU64::new(0);
 static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
+static NET_TICK_US: AtomicU64 = AtomicU64::new(1000);
 /// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
 static PREPARE: AtomicBool = AtomicBool::new(false);
 /// APs that have touched their slice of the writer's buffer.
@@ -128,7 +129,25 @@ pub fn bsp_main(start_info: u64) -> ! {
             virtio::Outcome::Fail(reason) => println!("BLK verify FAIL {reason}"),
         }
     }
-    run(0, n)
+    let net = config.ip.and_then(|(ip, prefix)| {
+        let now_us = ((rdtsc() - BOOT_TSC.load(Ordering::Relaxed)) * 1000 / tsc_khz) as i64;
+        match net::Net::up(ip, prefix, config.echo_port, now_us) {
+            Ok(net) => {
+                let (slot, version, m) = net.describe();
+                println!(
+                    "NET up slot={slot} version={version} mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} ip={}.{}.{}.{}/{prefix} echo_port={}",
+                    m[0], m[1], m[2], m[3], m[4], m[5], ip[0], ip[1], ip[2], ip[3], config.echo_port
+                );
+                NET_TICK_US.store(config.net_tick_us, Ordering::Relaxed);
+                Some(net)
+            }
+            Err(e) => {
+                println!("NET FAIL {e}");
+                None
+            }
+        }
+    });
+    run(0, n, net)
 }
 
 /// Places the writer's buffer after the image, 2 MiB aligned, and checks it is RAM.
@@ -168,7 +187,7 @@ pub fn ap_main(cpu: usize) -> ! {
     while !GO.load(Ordering::Acquire) {
         core::hint::spin_loop();
     }
-    run(cpu, n)
+    run(cpu, n, None)
 }
 
 /// This CPU's share of the writer: a slice of the buffer and of the rate.
@@ -260,7 +279,7 @@ impl Writer {
     }
 }
 
-fn run(cpu: usize, n: usize) -> ! {
+fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
     let khz = TSC_KHZ.load(Ordering::Relaxed);
     let ms = |v: u64| v.saturating_mul(khz);
     let ticks_per_s = khz * 1000;
@@ -288,6 +307,8 @@ fn run(cpu: usize, n: usize) -> ! {
     let mut last = rdtsc();
     let mut slept_until = 0u64;
     let mut maxgap = 0u64;
+    let net_tick = NET_TICK_US.load(Ordering::Relaxed).saturating_mul(khz) / 1000;
+    let now_us = |t: u64| ((t - boot) * 1000 / khz) as i64;
 
     loop {
         let now = rdtsc();
@@ -304,6 +325,11 @@ fn run(cpu: usize, n: usize) -> ! {
                 w.write(chunk);
                 behind = due > chunk;
             }
+        }
+
+        let mut net_busy = false;
+        if let Some(net) = net.as_mut() {
+            net_busy = net.poll(now_us(now));
         }
 
         if now >= poweroff_at {
@@ -330,6 +356,13 @@ fn run(cpu: usize, n: usize) -> ! {
                 }
                 written_at_hb = w.written;
             }
+            if let Some(net) = net.as_ref() {
+                let s = net.stats;
+                println!(
+                    "NET tcp_accepts={} tcp_bytes={} udp_packets={}",
+                    s.tcp_accepts, s.tcp_bytes, s.udp_packets
+                );
+            }
             last_hb = now;
             maxgap = 0;
             next_hb += hb_ticks;
@@ -340,12 +373,16 @@ fn run(cpu: usize, n: usize) -> ! {
 
         last = rdtsc();
         let max_rate = writer.as_ref().is_some_and(|w| w.rate == 0);
-        if max_rate || behind {
+        if max_rate || behind || net_busy {
             continue;
         }
         let mut wake = next_hb.min(poweroff_at).min(last + ms(IDLE_MS));
         if writer.is_some() {
             wake = wake.min(last + ms(BURST_MS));
+        }
+        if net.is_some() {
+            // The network is polled: a short tick bounds the latency (and costs host CPU).
+            wake = wake.min(last + net_tick.max(1));
         }
         apic::sleep_until(wake);
         slept_until = wake;

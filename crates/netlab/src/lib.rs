@@ -24,6 +24,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod ns;
+pub mod scenario;
+
 use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 
@@ -144,6 +147,11 @@ impl Topology {
         }
         // If anything below fails, dropping `topology` removes what was made.
         topology.create()?;
+        // A veth's carrier comes up a moment after both ends are up; until then its bridge port is
+        // disabled and drops frames. Return only once every port forwards.
+        for ns in topology.namespaces() {
+            wait_ports_forwarding(&ns, None)?;
+        }
         Ok(topology)
     }
 
@@ -314,7 +322,8 @@ impl Topology {
         cmd
     }
 
-    /// Attaches an existing interface of host `i` (a VM's tap) to the host's bridge and brings it up.
+    /// Attaches an existing interface of host `i` (a VM's tap) to the host's bridge, brings it up,
+    /// and returns once the bridge port forwards (frames sent before that would be dropped).
     pub fn attach_to_host_bridge(&self, i: usize, ifname: &str) -> Result<(), CommandError> {
         run(
             "ip",
@@ -329,6 +338,17 @@ impl Topology {
                 "up",
             ],
         )?;
+        // A port whose link has no carrier (e.g. a veth whose peer is still down) forwards once it
+        // has one; that is the caller's business. With carrier, the port still needs a moment
+        // (the kernel reports the carrier to the bridge asynchronously): wait for it.
+        let carrier = Command::new("ip")
+            .args(["netns", "exec", &self.host_ns(i), "cat"])
+            .arg(format!("/sys/class/net/{ifname}/carrier"))
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "1");
+        if carrier {
+            wait_ports_forwarding(&self.host_ns(i), Some(ifname))?;
+        }
         Ok(())
     }
 
@@ -365,7 +385,20 @@ impl Drop for Topology {
     }
 }
 
+/// A fixed, locally administered MAC for a bridge. A bridge without one takes the lowest MAC of its
+/// ports, so it would change whenever a VM's tap joins or leaves, and neighbours that cached the
+/// old one (the other hosts) could no longer reach the host's address.
+fn bridge_mac(ns: &str, name: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in ns.bytes().chain([b'/']).chain(name.bytes()) {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    let b = h.to_be_bytes();
+    format!("02:7e:{:02x}:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2], b[3])
+}
+
 fn add_bridge(ns: &str, name: &str) -> Result<(), CommandError> {
+    let mac = bridge_mac(ns, name);
     // No STP and no forwarding delay: a port forwards the moment it is attached, as a VM's tap must.
     run(
         "ip",
@@ -375,6 +408,8 @@ fn add_bridge(ns: &str, name: &str) -> Result<(), CommandError> {
             "link",
             "add",
             name,
+            "address",
+            &mac,
             "type",
             "bridge",
             "stp_state",
@@ -430,6 +465,53 @@ fn parse_fdb_port(text: &str, mac: &str) -> Option<String> {
     })
 }
 
+/// How long a bridge port may take to reach the forwarding state.
+const PORT_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until every bridge port in `ns` (or only `only`) is in the forwarding state.
+fn wait_ports_forwarding(ns: &str, only: Option<&str>) -> Result<(), CommandError> {
+    let start = std::time::Instant::now();
+    loop {
+        let out = run("bridge", &["-n", ns, "link", "show"])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if ports_forwarding(&text, only) {
+            return Ok(());
+        }
+        if start.elapsed() > PORT_UP_TIMEOUT {
+            return Err(CommandError::Failed {
+                command: format!("bridge -n {ns} link show"),
+                stderr: format!(
+                    "bridge ports not forwarding after {PORT_UP_TIMEOUT:?}: {}",
+                    text.trim()
+                ),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether `bridge link show` output has every port (or port `only`, which must be listed) in the
+/// forwarding state.
+fn ports_forwarding(text: &str, only: Option<&str>) -> bool {
+    let mut seen = false;
+    for line in text.lines().filter(|l| l.contains(" state ")) {
+        // "4: tap0: <...> mtu 1500 master br0 state forwarding ..." (name may carry "@peer").
+        let name = line
+            .split(':')
+            .nth(1)
+            .map(|n| n.trim().split('@').next().unwrap_or(""))
+            .unwrap_or("");
+        if only.is_some_and(|o| o != name) {
+            continue;
+        }
+        seen = true;
+        if !line.contains("state forwarding") {
+            return false;
+        }
+    }
+    seen || only.is_none()
+}
+
 fn run(program: &str, args: &[&str]) -> Result<Output, CommandError> {
     let command = format!("{program} {}", args.join(" "));
     let out = Command::new(program)
@@ -450,6 +532,29 @@ fn run(program: &str, args: &[&str]) -> Result<Output, CommandError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bridge_macs_are_fixed_unicast_and_distinct() {
+        let a = bridge_mac("t-h0", "br0");
+        assert_eq!(a, bridge_mac("t-h0", "br0"));
+        assert_ne!(a, bridge_mac("t-h1", "br0"));
+        assert!(a.starts_with("02:7e:"), "{a}");
+        assert_eq!(a.len(), 17);
+    }
+
+    #[test]
+    fn port_states_are_read_from_bridge_link_show() {
+        let text = "3: uplink@if4: <BROADCAST,UP> mtu 1500 master br0 state disabled priority 32 cost 2 \n\
+                    4: tap0: <BROADCAST,UP> mtu 1500 master br0 state forwarding priority 32 cost 2 \n";
+        assert!(!ports_forwarding(text, None));
+        assert!(!ports_forwarding(text, Some("uplink")));
+        assert!(ports_forwarding(text, Some("tap0")));
+        assert!(
+            !ports_forwarding(text, Some("tap1")),
+            "an unlisted port is not forwarding"
+        );
+        assert!(ports_forwarding("", None));
+    }
 
     #[test]
     fn fdb_port_is_found_and_permanent_entries_are_ignored() {

@@ -5,10 +5,18 @@
 //! VMM runs in `h0`, the target in `h1`, and the migration streams go over the hosts' addresses.
 //! Otherwise both are processes on loopback. Every VM is a child `tern vm run` / `tern vm
 //! receive` process, driven exactly as an operator would drive it (`tern vm migrate`).
+//!
+//! With namespaces the guest is also on the network: its tap sits on h0's bridge (on h1's after
+//! the move, announced by the target VMM), and a client in the client namespace holds a TCP
+//! connection to the guest's echo server, sending a request every 2 ms through the migration; the
+//! report adds the client's longest wait (`max_stall_ms`), the requests answered and whether the
+//! connection ever broke.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::time::{Duration, Instant};
 
@@ -31,10 +39,17 @@ pub struct DemoArgs {
     /// Use two processes on loopback even as root (no network namespaces).
     #[arg(long)]
     pub loopback: bool,
-    /// Print only the migration report, as JSON, on stdout (the narrative goes to stderr).
+    /// Print only the migration report, as JSON, on stdout (the narrative goes to stderr). With
+    /// namespaces it includes the client's `max_stall_ms`, `requests` and `connection_broken`.
     #[arg(long)]
     pub json: bool,
+    /// The target's announce schedule after the move (ms offsets, or `off`).
+    #[arg(long, default_value = "0,50,200,450,800")]
+    pub announce: String,
 }
+
+/// The guest NIC's MAC in the demo.
+const DEMO_MAC: &str = "52:54:00:de:40:01";
 
 struct Say {
     json: bool,
@@ -105,7 +120,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("cannot find the tern binary")?;
     let topo = if is_root() && !args.loopback {
         let spec = TopologySpec {
-            client: false,
+            client: true,
             replace_stale: true,
             ..TopologySpec::new(format!("tdemo{}", std::process::id() % 10_000), 2)
         };
@@ -149,8 +164,22 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let (tx, lines) = channel();
 
+    let net = topo.is_some();
+    let guest_ip = Topology::guest_addr(0);
+    let net_args = |tap: &str| -> Vec<String> {
+        if net {
+            vec![
+                "--net".into(),
+                format!("tap={tap},mac={DEMO_MAC},bridge=br0"),
+            ]
+        } else {
+            vec![]
+        }
+    };
     let mut dst = command(dst_ns.as_deref(), &exe)
         .args(["vm", "receive", "--listen", &to, "--name", "demo-dst"])
+        .args(net_args("demodst"))
+        .args(["--announce", &args.announce])
         .arg("--api-sock")
         .arg(&dst_sock)
         .arg("--runtime-dir")
@@ -162,11 +191,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     pipe_lines(&mut dst, "h1", tx.clone());
     std::thread::sleep(Duration::from_millis(300));
 
-    let cmdline = format!(
+    let mut cmdline = format!(
         "tern.hb_ms=100 tern.dirty_mib={} tern.dirty_rate={}",
         args.memory_mib - 64,
         args.dirty_rate
     );
+    if net {
+        cmdline.push_str(&format!(" tern.ip={guest_ip}/24"));
+    }
     say.line(&format!(
         "== booting the embedded test guest on h0: {} vCPU(s), {} MiB, `{cmdline}`",
         args.vcpus, args.memory_mib
@@ -183,6 +215,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         .args(["--vcpus", &args.vcpus.to_string()])
         .args(["--memory-mib", &args.memory_mib.to_string()])
         .args(["--cmdline", &cmdline])
+        .args(net_args("demosrc"))
         .arg("--api-sock")
         .arg(&src_sock)
         .arg("--runtime-dir")
@@ -206,6 +239,38 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 break;
             }
         }
+        // The client: a TCP connection to the guest's echo server, a request every 2 ms.
+        let client = match (&topo, net) {
+            (Some(t), true) => {
+                let _ = Command::new(&exe)
+                    .args(["vm", "announce", "--api-sock"])
+                    .arg(&src_sock)
+                    .output();
+                let cl = t.client_ns().context("no client namespace")?;
+                let mut stream = tern_netlab::ns::connect_from(
+                    &cl,
+                    std::net::SocketAddr::from((guest_ip, 7)),
+                    Duration::from_secs(5),
+                )
+                .context("the client cannot connect to the guest's echo server")?;
+                say.line(&format!(
+                    "== client {} (namespace {cl}) streams a TCP echo request every 2 ms to {guest_ip}:7",
+                    Topology::client_addr()
+                ));
+                let stop = Arc::new(AtomicBool::new(false));
+                let stop2 = stop.clone();
+                let h = std::thread::spawn(move || {
+                    tern_netlab::ns::stream_echo(
+                        &mut stream,
+                        Duration::from_millis(2),
+                        Duration::from_secs(10),
+                        || stop2.load(Ordering::Relaxed),
+                    )
+                });
+                Some((stop, h))
+            }
+            _ => None,
+        };
         show_for(&say, &lines, Duration::from_millis(1500));
         say.line(&format!(
             "== live-migrating to {to} (watch maxgap_us in h1's first heartbeat: the pause the guest saw)"
@@ -225,7 +290,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let out = m.wait_with_output()?;
-        let report: serde_json::Value =
+        let mut report: serde_json::Value =
             serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
         anyhow::ensure!(
             out.status.success(),
@@ -233,6 +298,30 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
         show_for(&say, &lines, Duration::from_millis(2000));
+        if let Some((stop, h)) = client {
+            stop.store(true, Ordering::Relaxed);
+            let echo = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("the client thread panicked"))?;
+            say.line(&format!(
+                "== client: {} requests answered, longest wait {:.1} ms, connection {}",
+                echo.requests,
+                echo.max_stall_ms,
+                if echo.connection_broken {
+                    format!("BROKEN ({})", echo.error.clone().unwrap_or_default())
+                } else {
+                    "intact".into()
+                }
+            ));
+            if let Some(m) = report.as_object_mut() {
+                m.insert("max_stall_ms".into(), serde_json::json!(echo.max_stall_ms));
+                m.insert("requests".into(), serde_json::json!(echo.requests));
+                m.insert(
+                    "connection_broken".into(),
+                    serde_json::json!(echo.connection_broken),
+                );
+            }
+        }
         say.line("== the VM runs on h1 now; the source VMM has exited");
         let _ = src.wait();
         let r = api::call(&dst_sock, &Request::Shutdown)?;

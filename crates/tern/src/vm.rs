@@ -34,6 +34,9 @@ pub enum VmCommand {
     Status(ApiArgs),
     /// Stop a running VM (its VMM exits with status 0).
     Stop(ApiArgs),
+    /// Announce a running VM's NICs on the network now (RARP, and gratuitous ARP when the guest's
+    /// IPv4 address is known), on its announce schedule, as after a restore or migration.
+    Announce(ApiArgs),
     /// Write a snapshot of a running VM (state and memory) to a file.
     ///
     /// The VM is paused while the file is written, then resumes (or stops with --stop).
@@ -132,6 +135,13 @@ pub struct ReceiveArgs {
     /// Disks (shared storage), as for `tern vm run`.
     #[arg(long, value_name = "PATH[,readonly]")]
     pub disk: Vec<String>,
+    /// NICs, as for `tern vm run` (same MAC as on the source; `bridge=` puts the tap on this
+    /// host's bridge before the VM resumes here).
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR][,bridge=BR]")]
+    pub net: Vec<String>,
+    /// When the NICs announce themselves once the VM resumes here: offsets in ms, or `off`.
+    #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
+    pub announce: String,
     /// Refuse a VM that does not have exactly this many vCPUs.
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
@@ -179,6 +189,14 @@ pub struct RunArgs {
     /// Where the serial console (COM1) goes: stdout, null or file:PATH.
     #[arg(long, default_value = "stdout")]
     pub serial: String,
+    /// A virtio-net NIC over a tap (created if missing, or an existing one used); `ip=` tells the
+    /// announce the guest's address (otherwise learnt from its traffic). Repeat for more NICs.
+    #[arg(long, value_name = "tap=NAME,mac=MAC[,ip=ADDR][,bridge=BR]")]
+    pub net: Vec<String>,
+    /// When the NICs announce themselves after a restore or migration: offsets in ms from the
+    /// resume, or `off`.
+    #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
+    pub announce: String,
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -207,6 +225,7 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Resume(a) => control(&a, Request::Resume),
         VmCommand::Status(a) => control(&a, Request::Status),
         VmCommand::Stop(a) => control(&a, Request::Shutdown),
+        VmCommand::Announce(a) => control(&a, Request::Announce),
         VmCommand::Snapshot(a) => control(
             &ApiArgs {
                 api_sock: a.api_sock,
@@ -278,7 +297,11 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| format!("vm-{}", std::process::id())),
         runtime_dir: args.runtime_dir,
     };
-    let cfg = input.validate(&HostLimits::probe())?;
+    let cfg = with_network(
+        input.validate(&HostLimits::probe())?,
+        &args.net,
+        &args.announce,
+    )?;
     signals::block_termination_signals().context("cannot block termination signals")?;
     let vm = Vm::create(cfg.clone())?;
     if let Some(s) = snap.as_mut() {
@@ -464,6 +487,26 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::FAILURE)
 }
 
+/// Adds the `--net` NICs and the `--announce` schedule to a validated configuration.
+fn with_network(
+    cfg: tern_vmm::config::VmConfig,
+    nets: &[String],
+    announce: &str,
+) -> anyhow::Result<tern_vmm::config::VmConfig> {
+    let nets = nets
+        .iter()
+        .map(|n| tern_vmm::config::parse_net(n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut cfg = cfg.with_nets(nets)?;
+    cfg.announce =
+        tern_vmm::devices::announce::AnnounceSchedule::parse(announce).with_context(|| {
+            format!(
+                "bad --announce {announce:?} (give offsets in ms like 0,50,200,450,800, or off)"
+            )
+        })?;
+    Ok(cfg)
+}
+
 fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;
@@ -481,6 +524,13 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         a.runtime_dir.clone(),
     );
     let (want_vcpus, want_mib) = (a.vcpus, a.memory_mib);
+    let (nets, announce) = (a.net.clone(), a.announce.clone());
+    // Check the network options now, not when the source connects.
+    for n in &nets {
+        tern_vmm::config::parse_net(n)?;
+    }
+    tern_vmm::devices::announce::AnnounceSchedule::parse(&announce)
+        .with_context(|| format!("bad --announce {announce:?} (give offsets in ms, or off)"))?;
     let build: tern_vmm::migrate::BuildVm = Box::new(move |d| {
         let mib = d.layout.total_bytes() >> 20;
         if let Some(v) = want_vcpus.filter(|&v| v != d.vcpus) {
@@ -510,6 +560,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         let cfg = input
             .validate(&HostLimits::probe())
             .map_err(|e| e.to_string())?;
+        let cfg = with_network(cfg, &nets, &announce).map_err(|e| format!("{e:#}"))?;
         let vm = Vm::create(cfg.clone()).map_err(|e| format!("cannot build the VM here: {e}"))?;
         *built2.lock().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
         Ok(vm)

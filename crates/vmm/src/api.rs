@@ -34,6 +34,9 @@ pub enum Request {
     Resume,
     /// Stop the VM; the VMM process exits with status 0.
     Shutdown,
+    /// Announce the NICs on the network now (RARP / gratuitous ARP on the announce schedule),
+    /// as the resume after a restore does.
+    Announce,
     /// Pause, write a snapshot file, then resume (or stop the VM with `stop`).
     Snapshot {
         /// The file to write.
@@ -263,6 +266,9 @@ fn handle(vm: &Vm, req: Request) -> (Response, bool) {
                 None => Response::err("no migration is under way"),
             }
         }
+        Request::Announce => vm
+            .announce_network()
+            .map_or_else(Response::err, |_| Response::ok()),
     };
     (r, false)
 }

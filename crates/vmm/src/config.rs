@@ -82,6 +82,20 @@ pub struct DiskConfig {
     pub readonly: bool,
 }
 
+/// A virtio-net NIC over a tap (`--net tap=NAME,mac=MAC[,ip=ADDR]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface (created if missing).
+    pub tap: String,
+    /// The NIC's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address, if given (for gratuitous ARP in the announce; otherwise
+    /// learnt from the guest's own traffic).
+    pub ip: Option<std::net::Ipv4Addr>,
+    /// A bridge (in the VMM's network namespace) the tap is made a port of.
+    pub bridge: Option<String>,
+}
+
 /// What the user asked for, unchecked.
 #[derive(Debug, Clone)]
 pub struct VmConfigInput {
@@ -124,6 +138,10 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Disks.
     pub disks: Vec<DiskConfig>,
+    /// NICs (set after validation, e.g. from `parse_net`; they take the slots after the disks).
+    pub nets: Vec<NetConfig>,
+    /// When NICs announce themselves after a restore or migration.
+    pub announce: crate::devices::announce::AnnounceSchedule,
     /// Serial output.
     pub serial: SerialOutput,
     /// The control socket path.
@@ -250,6 +268,19 @@ pub enum ConfigError {
     /// Too many disks for the virtio-mmio slots Tern wires to interrupts.
     #[error("{0} disks asked for, Tern has {max} virtio-mmio slots with interrupts (give fewer --disk)", max = layout::VIRTIO_MMIO_IRQ_SLOTS)]
     TooManyDisks(usize),
+    /// A bad NIC description.
+    #[error(
+        "bad --net {arg:?}: {reason} (write --net tap=NAME,mac=52:54:00:12:34:56[,ip=10.77.0.2][,bridge=br0])"
+    )]
+    BadNetArg {
+        /// The argument.
+        arg: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Too many virtio devices for the slots with interrupts.
+    #[error("{0} virtio devices (disks and NICs) asked for, Tern has {max} virtio-mmio slots with interrupts", max = layout::VIRTIO_MMIO_IRQ_SLOTS)]
+    TooManyDevices(usize),
     /// A bad serial destination.
     #[error("bad --serial {0:?} (write stdout, null or file:PATH)")]
     BadSerial(String),
@@ -350,6 +381,8 @@ impl VmConfigInput {
             memory_mib: self.memory_mib,
             vcpus: u8::try_from(self.vcpus).unwrap_or(MAX_VCPUS),
             disks,
+            nets: Vec::new(),
+            announce: crate::devices::announce::AnnounceSchedule::default(),
             serial,
             api_sock: self.api_sock,
             name: self.name,
@@ -419,6 +452,79 @@ pub fn parse_disk(arg: &str) -> Result<DiskConfig, ConfigError> {
         path: PathBuf::from(path),
         readonly,
     })
+}
+
+/// Parses `tap=NAME,mac=MAC[,ip=ADDR]`.
+pub fn parse_net(arg: &str) -> Result<NetConfig, ConfigError> {
+    let bad = |reason: &str| ConfigError::BadNetArg {
+        arg: arg.to_string(),
+        reason: reason.to_string(),
+    };
+    let (mut tap, mut mac, mut ip, mut bridge) = (None, None, None, None);
+    for opt in arg.split(',') {
+        let (k, v) = opt
+            .split_once('=')
+            .ok_or_else(|| bad(&format!("{opt:?} is not KEY=VALUE")))?;
+        match k {
+            "tap" if crate::devices::tap::valid_ifname(v) => tap = Some(v.to_string()),
+            "tap" => {
+                return Err(bad(
+                    "the tap name must be 1 to 15 bytes without '/' or spaces",
+                ));
+            }
+            "mac" => {
+                mac = Some(
+                    parse_mac(v)
+                        .ok_or_else(|| bad("the MAC must look like 52:54:00:12:34:56 (unicast)"))?,
+                )
+            }
+            "bridge" if crate::devices::tap::valid_ifname(v) => bridge = Some(v.to_string()),
+            "bridge" => {
+                return Err(bad(
+                    "the bridge name must be 1 to 15 bytes without '/' or spaces",
+                ));
+            }
+            "ip" => {
+                ip = Some(
+                    v.parse()
+                        .map_err(|_| bad("the ip must be an IPv4 address"))?,
+                )
+            }
+            other => return Err(bad(&format!("unknown key {other:?}"))),
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or_else(|| bad("tap=NAME is missing"))?,
+        mac: mac.ok_or_else(|| bad("mac=MAC is missing"))?,
+        ip,
+        bridge,
+    })
+}
+
+/// Parses a unicast MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut n = 0;
+    for part in s.split(':') {
+        if n == 6 || part.len() != 2 {
+            return None;
+        }
+        mac[n] = u8::from_str_radix(part, 16).ok()?;
+        n += 1;
+    }
+    (n == 6 && mac[0] & 1 == 0).then_some(mac)
+}
+
+impl VmConfig {
+    /// Adds NICs (checked: they must fit the virtio-mmio slots with interrupts after the disks).
+    pub fn with_nets(mut self, nets: Vec<NetConfig>) -> Result<Self, ConfigError> {
+        let n = self.disks.len() + nets.len();
+        if n > layout::VIRTIO_MMIO_IRQ_SLOTS {
+            return Err(ConfigError::TooManyDevices(n));
+        }
+        self.nets = nets;
+        Ok(self)
+    }
 }
 
 /// Finds the format of a kernel image from its first bytes.
@@ -632,6 +738,36 @@ mod tests {
         assert!(!parse_disk("/a.img").unwrap().readonly);
         assert!(parse_disk("/a.img,rw2").is_err());
         assert!(parse_disk(",ro").is_err());
+    }
+
+    #[test]
+    fn net_arguments_parse() {
+        let n = parse_net("tap=tt0,mac=52:54:00:aB:cd:ef,ip=10.77.0.2").unwrap();
+        assert_eq!(n.tap, "tt0");
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        assert_eq!(n.ip, Some(std::net::Ipv4Addr::new(10, 77, 0, 2)));
+        assert_eq!(parse_net("mac=52:54:00:00:00:01,tap=x").unwrap().ip, None);
+        assert_eq!(
+            parse_net("mac=52:54:00:00:00:01,tap=x,bridge=br0")
+                .unwrap()
+                .bridge
+                .as_deref(),
+            Some("br0")
+        );
+        for bad in [
+            "tap=x",
+            "mac=52:54:00:00:00:01",
+            "tap=x,mac=53:54:00:00:00:01",
+            "tap=x,mac=52:54:00:00:00",
+            "tap=x,mac=52:54:00:00:00:01:02",
+            "tap=a/b,mac=52:54:00:00:00:01",
+            "tap=x,mac=52:54:00:00:00:01,ip=1.2.3",
+            "tap=x,mac=52:54:00:00:00:01,speed=9",
+            "tap",
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.starts_with("bad --net"), "{bad}: {e}");
+        }
     }
 
     #[test]

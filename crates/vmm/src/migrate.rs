@@ -47,6 +47,11 @@ pub fn describe(vm: &Vm) -> VmConfigDescription {
         (0..vm.config().disks.len())
             .map(|i| format!("virtio-blk:{}", crate::layout::virtio_slot(i))),
     );
+    let disks = vm.config().disks.len();
+    devices.extend(
+        (0..vm.config().nets.len())
+            .map(|i| format!("virtio-net:{}", crate::layout::virtio_slot(disks + i))),
+    );
     VmConfigDescription {
         layout,
         vcpus: u32::from(vm.config().vcpus),

@@ -230,6 +230,9 @@ pub struct DevicesState {
     pub serial: SerialRegs,
     /// Each virtio-blk device, with its slot.
     pub blocks: Vec<(usize, VirtioBlkState)>,
+    /// Each virtio-net device, with its slot.
+    #[serde(default)]
+    pub nets: Vec<(usize, crate::devices::virtio_net::VirtioNetState)>,
 }
 
 /// The whole VM's state, taken while it is paused (guest memory apart).
@@ -514,6 +517,7 @@ mod tests {
                                 )
                             })
                             .collect(),
+                        nets: vec![],
                     },
                     saved_at_realtime_ns: at,
                 }
@@ -583,6 +587,7 @@ mod tests {
             devices: DevicesState {
                 serial: (&SerialState::default()).into(),
                 blocks: vec![],
+                nets: vec![],
             },
             saved_at_realtime_ns: 1,
         };

@@ -21,6 +21,7 @@ use crate::config::{SerialOutput, VmConfig};
 use crate::cpuid::{self, CpuidParams};
 use crate::devices::serial::{COM1_GSI, SerialDevice};
 use crate::devices::virtio_blk::{BlkCounters, VirtioBlk};
+use crate::devices::virtio_net::{self, VirtioNet};
 use crate::devices::{self, Devices};
 use crate::layout::{self, GuestMemory};
 use crate::mptable;
@@ -75,6 +76,9 @@ pub enum StartVmError {
     /// A disk could not be opened.
     #[error(transparent)]
     Disk(#[from] devices::virtio_blk::BlockOpenError),
+    /// A NIC's tap could not be opened.
+    #[error(transparent)]
+    Tap(#[from] devices::tap::TapError),
     /// The serial output file could not be opened.
     #[error("cannot open serial output {path} (give a writable path)")]
     SerialFile {
@@ -383,11 +387,39 @@ impl Vm {
                 .map_err(kvm_err("KVM_IRQFD (virtio-blk)"))?;
             blocks.push((slot, Mutex::new(VirtioBlk::open(&d.path, d.readonly, irq)?)));
         }
+        let mut nets = Vec::new();
+        for (i, n) in cfg.nets.iter().enumerate() {
+            let slot = layout::virtio_slot(cfg.disks.len() + i);
+            let irq = eventfd()?;
+            vm.register_irqfd(&irq, layout::virtio_slot_gsi(slot))
+                .map_err(kvm_err("KVM_IRQFD (virtio-net)"))?;
+            let tap = devices::tap::Tap::open(&n.tap)?;
+            if let Some(bridge) = &n.bridge {
+                tap.attach_to_bridge(bridge)?;
+            }
+            let dev = VirtioNet::new(Box::new(tap), n.mac, n.ip, irq).map_err(|source| {
+                StartVmError::Os {
+                    what: "virtio-net eventfd",
+                    source,
+                }
+            })?;
+            nets.push((slot, Arc::new(Mutex::new(dev))));
+        }
         let devices = Arc::new(Devices {
             serial: Mutex::new(serial),
             blocks,
+            nets,
+            announce_pending: Default::default(),
             mem: mem.clone(),
         });
+        for (_, d) in &devices.nets {
+            virtio_net::spawn_rx_thread(Arc::downgrade(d), mem.clone()).map_err(|source| {
+                StartVmError::Os {
+                    what: "virtio-net RX thread",
+                    source,
+                }
+            })?;
+        }
 
         // Firmware tables and the kernel.
         let mp = mptable::build(layout::MPTABLE_START, usize::from(cfg.vcpus))
@@ -617,6 +649,7 @@ impl Vm {
         if timeout.timed_out() {
             return Err(ControlError::Timeout(CONTROL_TIMEOUT));
         }
+        self.shared.devices.set_net_paused(true);
         Ok(())
     }
 
@@ -630,6 +663,10 @@ impl Vm {
                 Want::Run => return Err(ControlError::NotPaused),
                 Want::Pause => g.want = Want::Run,
             }
+        }
+        self.shared.devices.set_net_paused(false);
+        if self.shared.devices.take_announce_pending() {
+            let _ = self.announce_network();
         }
         for h in self.vcpus().iter() {
             let _ = h.commands.send(VcpuCommand::Resume);
@@ -782,6 +819,7 @@ impl Vm {
                 .iter()
                 .map(|(slot, d)| (*slot, d.lock().unwrap_or_else(|e| e.into_inner()).state()))
                 .collect(),
+            nets: self.shared.devices.net_states(),
         };
         Ok(VmState {
             vcpus,
@@ -850,7 +888,18 @@ impl Vm {
                 d.lock().unwrap_or_else(|e| e.into_inner()).restore(s);
             }
         }
+        self.shared.devices.restore_nets(&state.devices.nets);
         Ok(())
+    }
+
+    /// Announces every NIC's new location on the network (RARP, and gratuitous ARP when the
+    /// guest's IPv4 address is known) out of its tap, on the configured schedule, from a thread;
+    /// the handle yields the number of frames sent. The resume after `restore_state` calls it.
+    pub fn announce_network(&self) -> std::io::Result<JoinHandle<usize>> {
+        devices::spawn_announcer(
+            self.shared.devices.clone(),
+            self.shared.config.announce.clone(),
+        )
     }
 
     /// The CPUID entries vCPU 0 was given.

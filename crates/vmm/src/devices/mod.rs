@@ -3,14 +3,18 @@
 //! them are dropped, as on a bus with nothing behind the address.
 
 pub mod block_backend;
+pub mod announce;
 pub mod serial;
+pub mod tap;
 pub mod virtio_blk;
+pub mod virtio_net;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::layout::{self, GuestMemory};
 use serial::{COM1_BASE, SerialDevice};
 use virtio_blk::VirtioBlk;
+use virtio_net::VirtioNet;
 
 /// The guest's power-off port (one byte: the exit status), as QEMU's isa-debug-exit at 0x501.
 pub const EXIT_PORT: u16 = 0x501;
@@ -38,6 +42,10 @@ pub struct Devices {
     pub serial: Mutex<SerialDevice>,
     /// virtio-blk devices with their slot number.
     pub blocks: Vec<(usize, Mutex<VirtioBlk>)>,
+    /// virtio-net devices with their slot number (shared with their RX threads).
+    pub nets: Vec<(usize, Arc<Mutex<VirtioNet>>)>,
+    /// Set by a restore: the next resume announces the NICs.
+    pub announce_pending: std::sync::atomic::AtomicBool,
     /// The guest's memory (for virtio queues).
     pub mem: GuestMemory,
 }
@@ -77,7 +85,7 @@ impl Devices {
         }
     }
 
-    fn block_at(&self, addr: u64) -> Option<(&Mutex<VirtioBlk>, u64)> {
+    fn slot_of(addr: u64) -> Option<(usize, u64)> {
         if !(layout::VIRTIO_MMIO_BASE
             ..layout::VIRTIO_MMIO_BASE
                 + layout::VIRTIO_MMIO_SLOTS as u64 * layout::VIRTIO_MMIO_SLOT_SIZE)
@@ -86,18 +94,34 @@ impl Devices {
             return None;
         }
         let rel = addr - layout::VIRTIO_MMIO_BASE;
-        let slot = (rel / layout::VIRTIO_MMIO_SLOT_SIZE) as usize;
-        let off = rel % layout::VIRTIO_MMIO_SLOT_SIZE;
+        Some((
+            (rel / layout::VIRTIO_MMIO_SLOT_SIZE) as usize,
+            rel % layout::VIRTIO_MMIO_SLOT_SIZE,
+        ))
+    }
+
+    fn block_at(&self, addr: u64) -> Option<(&Mutex<VirtioBlk>, u64)> {
+        let (slot, off) = Self::slot_of(addr)?;
         self.blocks
             .iter()
             .find(|(s, _)| *s == slot)
             .map(|(_, d)| (d, off))
     }
 
+    fn net_at(&self, addr: u64) -> Option<(&Mutex<VirtioNet>, u64)> {
+        let (slot, off) = Self::slot_of(addr)?;
+        self.nets
+            .iter()
+            .find(|(s, _)| *s == slot)
+            .map(|(_, d)| (&**d, off))
+    }
+
     /// An MMIO read.
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some((dev, off)) = self.block_at(addr) {
+            lock(dev).read(off, data);
+        } else if let Some((dev, off)) = self.net_at(addr) {
             lock(dev).read(off, data);
         }
     }
@@ -106,7 +130,57 @@ impl Devices {
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         if let Some((dev, off)) = self.block_at(addr) {
             lock(dev).write(&self.mem, off, data);
+        } else if let Some((dev, off)) = self.net_at(addr) {
+            lock(dev).write(&self.mem, off, data);
         }
+    }
+
+    /// Stops (or lets again) the network devices touching guest memory on their own, so a
+    /// paused VM's memory and device state stay consistent.
+    pub fn set_net_paused(&self, paused: bool) {
+        for (_, d) in &self.nets {
+            lock(d).set_paused(paused);
+        }
+    }
+
+    /// One announce round on every NIC (RARP, and gratuitous ARP when the guest's IP is known);
+    /// returns the frames sent.
+    pub fn announce_round(&self) -> usize {
+        self.nets
+            .iter()
+            .map(|(_, d)| lock(d).announce_round())
+            .sum()
+    }
+
+    /// The saved state of every NIC, with its slot; frames waiting in the taps join the state.
+    pub fn net_states(&self) -> Vec<(usize, virtio_net::VirtioNetState)> {
+        self.nets
+            .iter()
+            .map(|(s, d)| {
+                let mut d = lock(d);
+                d.drain_backend();
+                (*s, d.state())
+            })
+            .collect()
+    }
+
+    /// Restores the NICs found in the same slots, and arms the announce for the next resume.
+    pub fn restore_nets(&self, states: &[(usize, virtio_net::VirtioNetState)]) {
+        for (slot, d) in &self.nets {
+            if let Some((_, s)) = states.iter().find(|(s, _)| s == slot) {
+                lock(d).restore(s);
+            }
+        }
+        if !self.nets.is_empty() {
+            self.announce_pending
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the "announce at the next resume" flag.
+    pub fn take_announce_pending(&self) -> bool {
+        self.announce_pending
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Writes out any partial console line.
@@ -116,8 +190,34 @@ impl Devices {
 
     /// The extra kernel command line that describes the virtio-mmio devices to Linux.
     pub fn linux_cmdline(&self) -> String {
-        linux_cmdline_for(self.blocks.iter().map(|(s, _)| *s))
+        linux_cmdline_for(
+            self.blocks
+                .iter()
+                .map(|(s, _)| *s)
+                .chain(self.nets.iter().map(|(s, _)| *s)),
+        )
     }
+}
+
+/// Sends the announce rounds of every NIC of `devices` on `schedule`, from a new thread; the
+/// handle yields the number of frames sent.
+pub fn spawn_announcer(
+    devices: Arc<Devices>,
+    schedule: announce::AnnounceSchedule,
+) -> std::io::Result<std::thread::JoinHandle<usize>> {
+    std::thread::Builder::new()
+        .name("net-announce".into())
+        .spawn(move || {
+            let start = std::time::Instant::now();
+            let mut sent = 0;
+            for at in schedule.offsets {
+                if let Some(wait) = at.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                sent += devices.announce_round();
+            }
+            sent
+        })
 }
 
 /// `virtio_mmio.device=512@0xfeb02e00:23 ...` for the given slots.
@@ -149,6 +249,8 @@ mod tests {
                 Box::new(std::io::sink()),
             )),
             blocks: vec![],
+            nets: vec![],
+            announce_pending: Default::default(),
             mem,
         }
     }

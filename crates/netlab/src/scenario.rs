@@ -1,0 +1,296 @@
+//! A live migration under network load, as the tests, the demo and the benchmark run it: the test
+//! guest runs under `tern vm run` on host h0 with its tap on h0's bridge, `tern vm receive` waits
+//! on h1 with the same MAC, a client in the client namespace streams TCP echo requests to the
+//! guest, and `tern vm migrate` moves the VM; the client reports the longest stall.
+//!
+//! The `tern` binary is given by path (the caller's own executable or the test's build).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use crate::Topology;
+use crate::ns::{EchoReport, connect_from, stream_echo, stream_echo_from};
+
+/// The MAC of the scenario's guest NIC.
+pub const GUEST_MAC: &str = "52:54:00:4e:4d:01";
+/// The TCP port the target listens on for the migration.
+pub const MIGRATION_PORT: u16 = 7711;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct MigrationScenario {
+    /// The `tern` binary.
+    pub tern: PathBuf,
+    /// A scratch directory (sockets, logs).
+    pub dir: PathBuf,
+    /// The target's `--announce` value (`0,50,200,450,800`, `off`, …).
+    pub announce: String,
+    /// Time between client requests.
+    pub interval: Duration,
+    /// How long the client streams before the migration starts.
+    pub before: Duration,
+    /// How long the client streams after the migration command returned.
+    pub after: Duration,
+    /// Guest memory, MiB.
+    pub memory_mib: u64,
+    /// Keep the connection idle during the migration (the client stops before it and sends again
+    /// right after it): then nothing but the announce tells the switch where the guest went.
+    pub quiet: bool,
+}
+
+impl MigrationScenario {
+    /// Defaults: QEMU's announce schedule, a request every 2 ms, 1 s before and 1.5 s after.
+    pub fn new(tern: impl Into<PathBuf>, dir: impl Into<PathBuf>) -> Self {
+        MigrationScenario {
+            tern: tern.into(),
+            dir: dir.into(),
+            announce: "0,50,200,450,800".into(),
+            interval: Duration::from_millis(2),
+            before: Duration::from_secs(1),
+            after: Duration::from_millis(1500),
+            memory_mib: 256,
+            quiet: false,
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MigrationOutcome {
+    /// The client's view.
+    pub echo: EchoReport,
+    /// The migration report `tern vm migrate --json` printed.
+    pub migration: Option<serde_json::Value>,
+    /// Wall time of the migrate command, ms.
+    pub migrate_wall_ms: f64,
+    /// The switch port of the guest's MAC after the run (`h1` when the network followed the VM).
+    pub switch_port_after: Option<String>,
+    /// The guest's console lines on the target (its heartbeats continue there).
+    pub target_console: Vec<String>,
+}
+
+/// A scenario failure: one line for the operator.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ScenarioError(pub String);
+
+fn err(s: impl Into<String>) -> ScenarioError {
+    ScenarioError(s.into())
+}
+
+struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: PathBuf,
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command, stderr: PathBuf) -> Result<Proc, ScenarioError> {
+        let f = std::fs::File::create(&stderr).map_err(|e| err(format!("log file: {e}")))?;
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(f)
+            .spawn()
+            .map_err(|e| err(format!("cannot start {cmd:?}: {e}")))?;
+        let out = child.stdout.take().ok_or_else(|| err("no stdout"))?;
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            lines,
+            stderr,
+        })
+    }
+
+    fn wait_line(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String, ScenarioError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) if pred(&l) => return Ok(l),
+                Ok(_) => {}
+                Err(_) => {
+                    return Err(err(format!(
+                        "no {what} within {timeout:?}; stderr: {}",
+                        std::fs::read_to_string(&self.stderr)
+                            .unwrap_or_default()
+                            .trim()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the scenario in `topo` (two hosts and a client at least).
+pub fn run_migration(
+    topo: &Topology,
+    s: &MigrationScenario,
+) -> Result<MigrationOutcome, ScenarioError> {
+    let client = topo
+        .client_ns()
+        .ok_or_else(|| err("the topology has no client"))?;
+    let ip = Topology::guest_addr(0);
+    let src_sock = s.dir.join("src.sock");
+    let dst_sock = s.dir.join("dst.sock");
+    let _ = std::fs::remove_file(&src_sock);
+    let _ = std::fs::remove_file(&dst_sock);
+    let tern = s.tern.to_string_lossy().into_owned();
+
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &topo.host_ns(0), &tern, "vm", "run"])
+        .args(["--kernel", "builtin:testguest", "--name", "netmig-src"])
+        .args(["--memory-mib", &s.memory_mib.to_string()])
+        .args([
+            "--cmdline",
+            &format!("tern.hb_ms=500 tern.ip={ip}/24 tern.echo_port=7"),
+        ])
+        .args(["--net", &format!("tap=nmsrc,mac={GUEST_MAC},bridge=br0")])
+        .arg("--api-sock")
+        .arg(&src_sock)
+        .arg("--runtime-dir")
+        .arg(&s.dir);
+    let src = Proc::spawn(cmd, s.dir.join("src.stderr"))?;
+    src.wait_line("NET up line from the guest", Duration::from_secs(30), |l| {
+        l.starts_with("NET up")
+    })?;
+
+    // A fresh VM whose MAC the switch saw elsewhere (an earlier run) announces itself once.
+    let _ = Command::new(&s.tern)
+        .args(["vm", "announce", "--api-sock"])
+        .arg(&src_sock)
+        .output();
+    let listen = format!("{}:{MIGRATION_PORT}", topo.host_addr(1));
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &topo.host_ns(1), &tern, "vm", "receive"])
+        .args(["--listen", &listen, "--name", "netmig-dst"])
+        .args(["--net", &format!("tap=nmdst,mac={GUEST_MAC},bridge=br0")])
+        .args(["--announce", &s.announce])
+        .arg("--api-sock")
+        .arg(&dst_sock)
+        .arg("--runtime-dir")
+        .arg(&s.dir);
+    let dst = Proc::spawn(cmd, s.dir.join("dst.stderr"))?;
+    // The target listens once its stderr says so.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&dst.stderr)
+        .unwrap_or_default()
+        .contains("waiting for a migration")
+    {
+        if Instant::now() > deadline {
+            return Err(err("tern vm receive did not start listening"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let mut stream = connect_from(&client, SocketAddr::from((ip, 7)), Duration::from_secs(5))
+        .map_err(|e| err(format!("the client cannot connect to the guest: {e}")))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let interval = s.interval;
+    let (quiet, before) = (s.quiet, s.before);
+    // In quiet mode the client streams `before`, pauses until `go` is set, then streams again.
+    let go = Arc::new(AtomicBool::new(false));
+    let go2 = go.clone();
+    let client_thread = std::thread::spawn(move || {
+        let give_up = Duration::from_secs(5);
+        if !quiet {
+            return stream_echo(&mut stream, interval, give_up, || {
+                stop2.load(Ordering::Relaxed)
+            });
+        }
+        let t = Instant::now();
+        let mut first = stream_echo(&mut stream, interval, give_up, || t.elapsed() >= before);
+        while !go2.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if first.connection_broken {
+            return first;
+        }
+        let second = stream_echo_from(&mut stream, first.requests, interval, give_up, || {
+            stop2.load(Ordering::Relaxed)
+        });
+        first.requests += second.requests;
+        first.max_stall_ms = first.max_stall_ms.max(second.max_stall_ms);
+        first.connection_broken = second.connection_broken;
+        first.mismatched |= second.mismatched;
+        first.error = second.error;
+        first
+    });
+    std::thread::sleep(s.before);
+    if s.quiet {
+        // Let the last exchange settle (delayed ACKs) so the guest has nothing left to send.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let t = Instant::now();
+    let out = Command::new(&s.tern)
+        .args(["vm", "migrate", "--api-sock"])
+        .arg(&src_sock)
+        .args(["--to", &listen, "--json"])
+        .output()
+        .map_err(|e| err(format!("cannot run tern vm migrate: {e}")))?;
+    let migrate_wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+    go.store(true, Ordering::Relaxed);
+    if !out.status.success() {
+        stop.store(true, Ordering::Relaxed);
+        let _ = client_thread.join();
+        return Err(err(format!(
+            "tern vm migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let migration = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok());
+    std::thread::sleep(s.after);
+    stop.store(true, Ordering::Relaxed);
+    let echo = client_thread
+        .join()
+        .map_err(|_| err("the client thread panicked"))?;
+    let switch_port_after = topo
+        .switch_port_of_mac(GUEST_MAC)
+        .map_err(|e| err(e.to_string()))?;
+    let target_console: Vec<String> = dst.lines.try_iter().collect();
+    // Stop the target VM (the source VMM exited after the migration).
+    let _ = Command::new(&s.tern)
+        .args(["vm", "stop", "--api-sock"])
+        .arg(&dst_sock)
+        .output();
+    drop(src);
+    drop(dst);
+    Ok(MigrationOutcome {
+        echo,
+        migration,
+        migrate_wall_ms,
+        switch_port_after,
+        target_console,
+    })
+}

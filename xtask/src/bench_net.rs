@@ -1,0 +1,445 @@
+//! `cargo xtask bench net-migrate`: the longest stall a client sees while the VM it talks to is
+//! live-migrated between two hosts, Tern vs QEMU, same test guest, same tern-netlab topology, in
+//! one run; plus the guest's TCP echo throughput over virtio-net under each VMM.
+//!
+//! The client (in the topology's client namespace) holds one TCP connection to the guest's echo
+//! server and sends a 16-byte request every `--interval-ms`, waiting for each answer; the stall is
+//! the longest time from a request to its complete echo. Tern: `tern vm run` on h0, `tern vm
+//! receive` on h1, `tern vm migrate`. QEMU: a source on h0 and `-incoming tcp:` on h1 (taps on the
+//! hosts' bridges, virtio-mmio version 2 like Tern), `migrate` over QMP with QEMU's defaults; QEMU
+//! announces the guest with its self-announce (RARP, 0/50/200/450/800 ms), Tern with its own.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use tern_guest_image::qemu::{QemuConfig, QemuNet};
+use tern_netlab::ns::{EchoReport, connect_from, stream_echo};
+use tern_netlab::scenario::{GUEST_MAC, MIGRATION_PORT, MigrationScenario, run_migration};
+use tern_netlab::{Topology, TopologySpec};
+
+/// Options of `cargo xtask bench net-migrate`.
+#[derive(Debug, clap::Args)]
+pub struct NetMigrateArgs {
+    /// Migrations per VMM.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Time between client requests, ms.
+    #[arg(long, default_value_t = 1)]
+    pub interval_ms: u64,
+    /// Bytes echoed for the throughput figure.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub throughput_bytes: usize,
+    /// The QEMU binary.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    fn spawn(mut cmd: Command) -> anyhow::Result<Proc> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {cmd:?}"))?;
+        let out = child.stdout.take().context("no stdout")?;
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc { child, lines })
+    }
+
+    fn wait_line(&self, prefix: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let l = self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .with_context(|| format!("no {prefix:?} line from the guest"))?;
+            if l.starts_with(prefix) {
+                return Ok(l);
+            }
+        }
+    }
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+struct Qmp {
+    r: BufReader<UnixStream>,
+    w: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> anyhow::Result<Qmp> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => bail!("cannot connect to QMP at {}: {e}", path.display()),
+            }
+        };
+        let mut q = Qmp {
+            r: BufReader::new(s.try_clone()?),
+            w: s,
+        };
+        let mut greeting = String::new();
+        q.r.read_line(&mut greeting)?;
+        q.cmd(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    fn cmd(&mut self, json: &str) -> anyhow::Result<serde_json::Value> {
+        self.w.write_all(json.as_bytes())?;
+        self.w.write_all(b"\n")?;
+        loop {
+            let mut line = String::new();
+            ensure!(self.r.read_line(&mut line)? > 0, "QMP closed");
+            let v: serde_json::Value = serde_json::from_str(&line)?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                bail!("QMP {json}: {e}");
+            }
+            return Ok(v.get("return").cloned().unwrap_or(serde_json::Value::Null));
+        }
+    }
+}
+
+fn host_tsc_hz() -> anyhow::Result<u64> {
+    let log = Command::new("dmesg").output()?;
+    if let Some(hz) =
+        tern_guest_image::qemu::tsc_hz_from_kernel_log(&String::from_utf8_lossy(&log.stdout))
+    {
+        return Ok(hz);
+    }
+    tern_guest_image::qemu::tsc_hz_from_cpuinfo(&std::fs::read_to_string("/proc/cpuinfo")?)
+        .context("no TSC frequency in the kernel log or /proc/cpuinfo")
+}
+
+struct QemuRun {
+    echo: EchoReport,
+    downtime_ms: Option<u64>,
+    total_ms: Option<u64>,
+}
+
+fn qemu_cmd(qemu: &str, ns: &str, cfg: &QemuConfig, qmp: &Path, extra: &[String]) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, qemu])
+        .args(cfg.args())
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .args(extra);
+    c
+}
+
+fn qemu_migration(
+    topo: &Topology,
+    args: &NetMigrateArgs,
+    elf: &Path,
+    tsc_hz: u64,
+    dir: &Path,
+) -> anyhow::Result<QemuRun> {
+    let ip = Topology::guest_addr(0);
+    let cfg = |tap: &str| QemuConfig {
+        kernel: elf.to_path_buf(),
+        cmdline: format!("tern.hb_ms=500 tern.ip={ip}/24 tern.echo_port=7"),
+        memory_mib: 256,
+        vcpus: 1,
+        tsc_hz,
+        disk: None,
+        virtio_modern: true,
+        net: Some(QemuNet {
+            tap: tap.into(),
+            mac: GUEST_MAC.into(),
+        }),
+    };
+    let (qs, qd) = (dir.join("qsrc.qmp"), dir.join("qdst.qmp"));
+    let _ = std::fs::remove_file(&qs);
+    let _ = std::fs::remove_file(&qd);
+    let src = Proc::spawn(qemu_cmd(
+        &args.qemu,
+        &topo.host_ns(0),
+        &cfg("qsrc"),
+        &qs,
+        &[],
+    ))?;
+    src.wait_line("NET up")?;
+    topo.attach_to_host_bridge(0, "qsrc")?;
+    let listen = format!("{}:{MIGRATION_PORT}", topo.host_addr(1));
+    let _dst = Proc::spawn(qemu_cmd(
+        &args.qemu,
+        &topo.host_ns(1),
+        &cfg("qdst"),
+        &qd,
+        &["-incoming".into(), format!("tcp:{listen}")],
+    ))?;
+    let mut qmp_src = Qmp::connect(&qs)?;
+    let _qmp_dst = Qmp::connect(&qd)?;
+    topo.attach_to_host_bridge(1, "qdst")?;
+    // The source guest says where it is (as `tern vm announce` does for Tern's source).
+    qmp_src.cmd(
+        r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":1,"step":100}}"#,
+    )?;
+    std::thread::sleep(Duration::from_millis(100));
+
+    let client = topo.client_ns().context("no client namespace")?;
+    let mut stream = connect_from(&client, SocketAddr::from((ip, 7)), Duration::from_secs(5))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let interval = Duration::from_millis(args.interval_ms);
+    let client_thread = std::thread::spawn(move || {
+        stream_echo(&mut stream, interval, Duration::from_secs(10), || {
+            stop2.load(Ordering::Relaxed)
+        })
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    qmp_src.cmd(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"tcp:{listen}"}}}}"#
+    ))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let info = loop {
+        let v = qmp_src.cmd(r#"{"execute":"query-migrate"}"#)?;
+        match v.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => break v,
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {v}"),
+            _ => {}
+        }
+        ensure!(Instant::now() < deadline, "QEMU migration did not complete");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let echo = client_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+    drop(src);
+    Ok(QemuRun {
+        echo,
+        downtime_ms: info.get("downtime").and_then(|v| v.as_u64()),
+        total_ms: info.get("total-time").and_then(|v| v.as_u64()),
+    })
+}
+
+/// Echoes `bytes` through the guest at `ip` from the client namespace; MB/s.
+fn echo_throughput(topo: &Topology, bytes: usize) -> anyhow::Result<f64> {
+    let client = topo.client_ns().context("no client namespace")?;
+    let addr = SocketAddr::from((Topology::guest_addr(0), 7));
+    let mut s = connect_from(&client, addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut w = s.try_clone()?;
+    let data: Vec<u8> = (0..bytes).map(|i| (i % 251) as u8).collect();
+    let expect = data.clone();
+    let t = Instant::now();
+    let writer = std::thread::spawn(move || w.write_all(&data));
+    let mut got = vec![0u8; bytes];
+    s.read_exact(&mut got)?;
+    let secs = t.elapsed().as_secs_f64();
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(got == expect, "the echo differs from what was sent");
+    Ok(bytes as f64 / secs / 1e6)
+}
+
+fn tern_throughput(topo: &Topology, tern: &Path, dir: &Path, bytes: usize) -> anyhow::Result<f64> {
+    let ip = Topology::guest_addr(0);
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", &topo.host_ns(0)])
+        .arg(tern)
+        .args([
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--name",
+            "bench-tput",
+        ])
+        .args(["--cmdline", &format!("tern.hb_ms=1000 tern.ip={ip}/24")])
+        .args(["--net", &format!("tap=tput0,mac={GUEST_MAC},bridge=br0")])
+        .arg("--api-sock")
+        .arg(dir.join("tput.sock"))
+        .arg("--runtime-dir")
+        .arg(dir);
+    let vm = Proc::spawn(c)?;
+    vm.wait_line("NET up")?;
+    let _ = Command::new(tern)
+        .args(["vm", "announce", "--api-sock"])
+        .arg(dir.join("tput.sock"))
+        .output();
+    std::thread::sleep(Duration::from_millis(50));
+    echo_throughput(topo, bytes)
+}
+
+fn qemu_throughput(
+    topo: &Topology,
+    args: &NetMigrateArgs,
+    elf: &Path,
+    tsc_hz: u64,
+    dir: &Path,
+) -> anyhow::Result<f64> {
+    let ip = Topology::guest_addr(0);
+    let cfg = QemuConfig {
+        kernel: elf.to_path_buf(),
+        cmdline: format!("tern.hb_ms=1000 tern.ip={ip}/24"),
+        memory_mib: 256,
+        vcpus: 1,
+        tsc_hz,
+        disk: None,
+        virtio_modern: true,
+        net: Some(QemuNet {
+            tap: "qtput".into(),
+            mac: GUEST_MAC.into(),
+        }),
+    };
+    let qmp = dir.join("qtput.qmp");
+    let vm = Proc::spawn(qemu_cmd(&args.qemu, &topo.host_ns(0), &cfg, &qmp, &[]))?;
+    vm.wait_line("NET up")?;
+    topo.attach_to_host_bridge(0, "qtput")?;
+    let mut q = Qmp::connect(&qmp)?;
+    q.cmd(
+        r#"{"execute":"announce-self","arguments":{"initial":50,"max":550,"rounds":1,"step":100}}"#,
+    )?;
+    std::thread::sleep(Duration::from_millis(50));
+    echo_throughput(topo, args.throughput_bytes)
+}
+
+pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
+    ensure!(args.runs > 0, "--runs must be at least 1");
+    let root = workspace_root();
+    println!("building tern (release)…");
+    let st = Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--release", "--quiet", "-p", "tern"])
+        .status()?;
+    ensure!(st.success(), "cargo build --release -p tern failed");
+    let tern = root.join("target/release/tern");
+    let dir = std::env::temp_dir().join(format!("tern-bench-net-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let elf = dir.join("testguest.elf");
+    std::fs::write(&elf, tern_guest_image::testguest_elf())?;
+    let tsc_hz = host_tsc_hz()?;
+    let qemu_version = Command::new(&args.qemu)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("cannot run {} (install qemu-system-x86)", args.qemu))?;
+    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("?")
+        .to_string();
+    let mut spec = TopologySpec::new("bnm", 2);
+    spec.replace_stale = true;
+    let topo = Topology::build(spec)?;
+
+    let mut tern_stalls = Vec::new();
+    let mut qemu_stalls = Vec::new();
+    for i in 0..args.runs {
+        let mut s = MigrationScenario::new(&tern, &dir);
+        s.interval = Duration::from_millis(args.interval_ms);
+        let t = run_migration(&topo, &s)?;
+        ensure!(
+            !t.echo.connection_broken,
+            "Tern run {i}: the connection broke: {:?}",
+            t.echo
+        );
+        let g = |k: &str| {
+            t.migration
+                .as_ref()
+                .and_then(|m| m.get(k))
+                .cloned()
+                .unwrap_or_default()
+        };
+        println!(
+            "tern run {i}: max stall {:.1} ms, {} requests, migration total {} ms, downtime {} ms",
+            t.echo.max_stall_ms,
+            t.echo.requests,
+            g("total_ms"),
+            g("downtime_ms")
+        );
+        tern_stalls.push(t.echo.max_stall_ms);
+
+        let q = qemu_migration(&topo, &args, &elf, tsc_hz, &dir)?;
+        ensure!(
+            !q.echo.connection_broken,
+            "QEMU run {i}: the connection broke: {:?}",
+            q.echo
+        );
+        println!(
+            "qemu run {i}: max stall {:.1} ms, {} requests, migration total {:?} ms, downtime {:?} ms",
+            q.echo.max_stall_ms, q.echo.requests, q.total_ms, q.downtime_ms
+        );
+        qemu_stalls.push(q.echo.max_stall_ms);
+    }
+    let tt = tern_throughput(&topo, &tern, &dir, args.throughput_bytes)?;
+    let qt = qemu_throughput(&topo, &args, &elf, tsc_hz, &dir)?;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let (tm, qm) = (median(tern_stalls.clone()), median(qemu_stalls.clone()));
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    println!(
+        "\nlongest client stall during a live migration h0 -> h1 (TCP echo request every {} ms, 256 MiB guest, {} runs each); peer: {qemu_version}",
+        args.interval_ms, args.runs
+    );
+    println!("  {:<6} {:>12} {:>10}", "", "median ms", "max ms");
+    println!("  {:<6} {:>12.1} {:>10.1}", "tern", tm, max(&tern_stalls));
+    println!("  {:<6} {:>12.1} {:>10.1}", "qemu", qm, max(&qemu_stalls));
+    println!(
+        "  tern/qemu median: {:.2} (goal <= 0.5, and tern below TCP's 200 ms minimum RTO)",
+        tm / qm
+    );
+    println!(
+        "guest TCP echo throughput over virtio-net ({} MiB): tern {tt:.1} MB/s, qemu {qt:.1} MB/s, tern/qemu {:.2} (goal >= 0.5)",
+        args.throughput_bytes >> 20,
+        tt / qt
+    );
+    Ok(())
+}
