@@ -304,7 +304,9 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
     };
     let mut last_hb = rdtsc();
     let mut written_at_hb = 0u64;
-    let mut last = rdtsc();
+    // Start of the previous loop iteration: a gap is measured start to start, so a pause that falls
+    // inside an iteration's work (a maximum-rate writer never sleeps) is seen too.
+    let mut prev_start = rdtsc();
     let mut slept_until = 0u64;
     let mut maxgap = 0u64;
     let net_tick = NET_TICK_US.load(Ordering::Relaxed).saturating_mul(khz) / 1000;
@@ -312,7 +314,8 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
 
     loop {
         let now = rdtsc();
-        maxgap = maxgap.max(now.saturating_sub(last.max(slept_until)));
+        maxgap = maxgap.max(now.saturating_sub(prev_start.max(slept_until)));
+        prev_start = now;
         slept_until = 0;
 
         let mut behind = false;
@@ -371,7 +374,7 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
             }
         }
 
-        last = rdtsc();
+        let last = rdtsc();
         let max_rate = writer.as_ref().is_some_and(|w| w.rate == 0);
         if max_rate || behind || net_busy {
             continue;
