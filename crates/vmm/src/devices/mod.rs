@@ -2,8 +2,8 @@
 //! virtio-mmio slots). Unclaimed ports read as all-ones and unclaimed MMIO as zero; writes to
 //! them are dropped, as on a bus with nothing behind the address.
 
-pub mod block_backend;
 pub mod announce;
+pub mod block_backend;
 pub mod serial;
 pub mod tap;
 pub mod virtio_blk;
