@@ -457,6 +457,8 @@ impl MigrationTarget for VmTarget {
 
     fn discard(&mut self) {
         if let Some(vm) = self.vm.take() {
+            // A restored console line belongs to the source, which goes on printing it.
+            vm.discard_pending_output();
             vm.request_stop();
             vm.wait();
         }
