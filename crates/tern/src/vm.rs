@@ -106,6 +106,11 @@ pub struct MigrateArgs {
     /// Offer only this protocol version (testing aid).
     #[arg(long, hide = true, value_name = "N")]
     pub x_protocol_version: Option<u16>,
+    /// The node id of the target host's volume node (the node its `tern vm receive --disk
+    /// volume://NODE_ADDR/FILE` names): the disks' write leases are handed to it at switch-over.
+    /// Required when the VM has a writable volume:// disk.
+    #[arg(long, value_name = "NODE_ID")]
+    pub disk_successor: Option<String>,
 }
 
 /// `--on-timeout`.
@@ -218,7 +223,8 @@ pub struct ApiArgs {
 
 pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
     // `--disk volume://…`; the guard releases the disks' write leases when the command ends.
-    let _volume_disks = volume_disk::register(false);
+    // A migration target opens its writable disks without the lease (it comes by hand-over).
+    let _volume_disks = volume_disk::register(matches!(cmd, VmCommand::Receive(_)));
     match cmd {
         VmCommand::Run(args) => run_vm(*args),
         VmCommand::Pause(a) => control(&a, Request::Pause),
@@ -420,6 +426,7 @@ fn migrate(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         max_bandwidth_mibps: a.max_bandwidth_mibps,
         verify_memory: a.verify_memory,
         protocol_version: a.x_protocol_version,
+        disk_successor: a.disk_successor.clone(),
     });
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let b = indicatif::ProgressBar::new(0);

@@ -77,6 +77,10 @@ pub struct MigrateRequest {
     /// Offer only this protocol version (for testing version refusal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u16>,
+    /// The target host's successor for disks with an exclusive write lease (its volume node id);
+    /// required when the VM has such disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_successor: Option<String>,
 }
 
 fn default_streams() -> u16 {
@@ -352,7 +356,12 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         },
         None => opts,
     };
-    let mut source = VmSource::new(vm.clone());
+    let mut source = VmSource::new(vm.clone()).with_disk_successor(m.disk_successor.clone());
+    if let Err(e) = source.check_handover() {
+        drop(source);
+        *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        return (Response::err(e), false);
+    }
     let mut client_gone = false;
     let mut show = |p: &Progress| {
         if client_gone {

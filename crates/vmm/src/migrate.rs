@@ -1,9 +1,12 @@
 //! The VM as a live-migration endpoint: [`VmSource`] and [`VmTarget`] implement tern-migration's
-//! traits on a [`Vm`], and [`Throttle`] holds the vCPUs in slices of at most 10 ms.
+//! traits on a [`Vm`], and [`Throttle`] holds the vCPUs in slices of at most 10 ms. Disks whose
+//! write ownership is exclusive per host (volume files and their write leases) move with the VM:
+//! the source hands them to the named successor at switch-over, the target takes them over
+//! before its first instruction.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -13,8 +16,39 @@ use tern_migration::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::devices::block_backend::BlockBackend;
 use crate::state;
 use crate::vm::Vm;
+
+/// Lists the disk backends of this process's VM whose write ownership moves with it (the
+/// embedding program opened them through a registered scheme and keeps a handle).
+pub type HandoverDisks = Box<dyn Fn() -> Vec<Arc<dyn BlockBackend>> + Send + Sync>;
+
+fn handover_registry() -> &'static Mutex<Option<HandoverDisks>> {
+    static DISKS: OnceLock<Mutex<Option<HandoverDisks>>> = OnceLock::new();
+    DISKS.get_or_init(|| Mutex::new(None))
+}
+
+/// Registers where [`VmSource`] and [`VmTarget`] find the disks to hand over (one VM per VMM
+/// process; replaces an earlier registration).
+pub fn register_handover_disks(list: HandoverDisks) {
+    *handover_registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(list);
+}
+
+/// The writable disks that name a successor (hold exclusive write ownership), now.
+fn handover_disks() -> Vec<Arc<dyn BlockBackend>> {
+    let g = handover_registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    g.as_ref()
+        .map(|f| f())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|d| !d.read_only() && d.successor_id().is_some())
+        .collect()
+}
 
 /// The longest slice the throttle uses: a vCPU is never held longer than this at a time.
 pub const THROTTLE_SLICE: Duration = Duration::from_millis(10);
@@ -146,15 +180,81 @@ pub struct VmSource {
     vm: Vm,
     throttle: Throttle,
     pending: HashMap<usize, Vec<u64>>,
+    successor: Option<String>,
+    disks: Vec<Arc<dyn BlockBackend>>,
+    /// How many of `disks` (a prefix) were handed to the successor.
+    handed: usize,
 }
 
 impl VmSource {
-    /// The source side of `vm`.
+    /// The source side of `vm`; its disks with exclusive write ownership come from
+    /// [`register_handover_disks`].
     pub fn new(vm: Vm) -> Self {
         VmSource {
             throttle: Throttle::new(vm.clone()),
             vm,
             pending: HashMap::new(),
+            successor: None,
+            disks: handover_disks(),
+            handed: 0,
+        }
+    }
+
+    /// Names the target host's successor for the disks' write ownership (a volume node id).
+    pub fn with_disk_successor(mut self, successor: Option<String>) -> Self {
+        self.successor = successor;
+        self
+    }
+
+    /// Checks, before the migration starts, that every disk that must move has a successor.
+    pub fn check_handover(&self) -> Result<(), String> {
+        if !self.disks.is_empty() && self.successor.is_none() {
+            return Err(format!(
+                "the VM has {} disk(s) holding an exclusive write lease: name the target host's volume node with --disk-successor NODE_ID",
+                self.disks.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Source side, at switch-over: hand every disk to the successor; on a failure the ones
+    /// already handed are taken back and the error returned (the migration then fails).
+    fn release_disks(&mut self) -> Result<(), VmError> {
+        let Some(to) = self.successor.clone() else {
+            return self.check_handover().map_err(VmError::from);
+        };
+        while self.handed < self.disks.len() {
+            if let Err(e) = self.disks[self.handed].release_to(&to) {
+                let _ = self.take_disks_back();
+                return Err(format!("disk hand-over to {to}: {e}").into());
+            }
+            self.handed += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes back every disk handed over (the migration failed and the VM resumes here).
+    fn take_disks_back(&mut self) -> Result<(), VmError> {
+        let mut first = None;
+        while self.handed > 0 {
+            let d = &self.disks[self.handed - 1];
+            // The coordinator may be mid-election: try a few times before giving up.
+            let mut r = d.abort_handover();
+            for _ in 0..4 {
+                if r.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                r = d.abort_handover();
+            }
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+            self.handed -= 1;
+        }
+        match first {
+            Some(e) => Err(format!("taking the disk lease back: {e}").into()),
+            None => Ok(()),
         }
     }
 }
@@ -216,12 +316,17 @@ impl MigrationSource for VmSource {
 
     fn resume(&mut self) -> Result<(), VmError> {
         self.throttle.stop();
+        // The lease comes back before the guest runs again; without it the guest stays paused
+        // (its writes would be refused), and the error says why.
+        self.take_disks_back()?;
         self.vm.resume()?;
         Ok(())
     }
 
     fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError> {
         let s = self.vm.save_state()?;
+        // vCPUs paused, no request in flight: flush and hand the disks over, before Commit.
+        self.release_disks()?;
         Ok((state::STATE_VERSION, state::encode(&s)))
     }
 }
@@ -344,12 +449,21 @@ impl MigrationTarget for VmTarget {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
-        self.vm()?.resume()?;
+        let vm = self.vm()?;
+        // After restore_state, before the first instruction: pick the disks' write leases up
+        // (the source named this host). A refusal fails the migration; the source takes back.
+        for d in handover_disks() {
+            d.take_over()
+                .map_err(|e| VmError::from(format!("disk take-over: {e}")))?;
+        }
+        vm.resume()?;
         Ok(())
     }
 
     fn discard(&mut self) {
         if let Some(vm) = self.vm.take() {
+            // A restored console line belongs to the source, which goes on printing it.
+            vm.discard_pending_output();
             vm.request_stop();
             vm.wait();
         }

@@ -56,6 +56,16 @@ pub struct VolumeDisks(Arc<Mutex<Vec<Arc<VolumeDisk>>>>);
 pub fn register(incoming: bool) -> VolumeDisks {
     let opened: Arc<Mutex<Vec<Arc<VolumeDisk>>>> = Arc::default();
     let list = Arc::clone(&opened);
+    let for_migration = Arc::clone(&opened);
+    // The live-migration adapter moves these disks' write leases with the VM.
+    tern_vmm::migrate::register_handover_disks(Box::new(move || {
+        for_migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|d| Arc::new(VolumeBackend(Arc::clone(d))) as Arc<dyn BlockBackend>)
+            .collect()
+    }));
     block_backend::register_scheme(
         "volume",
         Box::new(move |spec, readonly| {
