@@ -212,6 +212,11 @@ mod cmdline_tests {
             (50, 256, 20000, true, Some(0))
         );
         assert!(!c.selftest_fault);
+        assert_eq!(c.max_after_ms, None);
+        assert_eq!(
+            parse("tern.max_after_ms=4000").unwrap().max_after_ms,
+            Some(4000)
+        );
         assert!(parse("tern.selftest=pagefault").unwrap().selftest_fault);
         assert!(parse("tern.selftest=corruptpage").unwrap().selftest_corrupt);
     }
@@ -225,6 +230,7 @@ mod cmdline_tests {
             ("tern.blk=check", "tern.blk"),
             ("tern.poweroff_ms=99999999999999999999", "tern.poweroff_ms"),
             ("tern.selftest=gp", "tern.selftest"),
+            ("tern.max_after_ms=soon", "tern.max_after_ms"),
         ] {
             let err = parse(line).unwrap_err();
             assert_eq!(err.key, key, "{line}");

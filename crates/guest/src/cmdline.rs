@@ -9,6 +9,8 @@ pub struct Config {
     pub dirty_mib: u64,
     /// Pages per second the writer dirties (0 = as fast as it can).
     pub dirty_rate: u64,
+    /// Switch the writer to its maximum rate after this many ms of workload.
+    pub max_after_ms: Option<u64>,
     /// Run the virtio-blk check.
     pub blk_verify: bool,
     /// Power off after this many ms of workload.
@@ -31,6 +33,7 @@ impl Config {
         hb_ms: 1000,
         dirty_mib: 0,
         dirty_rate: 0,
+        max_after_ms: None,
         blk_verify: false,
         poweroff_ms: None,
         selftest_fault: false,
@@ -80,6 +83,7 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             "tern.dirty_mib" => c.dirty_mib = num()?,
             "tern.dirty_rate" => c.dirty_rate = num()?,
             "tern.poweroff_ms" => c.poweroff_ms = Some(num()?),
+            "tern.max_after_ms" => c.max_after_ms = Some(num()?),
             "tern.ip" => c.ip = Some(parse_cidr(value).ok_or(bad)?),
             "tern.echo_port" => {
                 c.echo_port = value.parse::<u16>().ok().filter(|p| *p != 0).ok_or(bad)?

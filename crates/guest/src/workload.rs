@@ -37,6 +37,8 @@ static DIRTY_BASE: AtomicU64 = AtomicU64::new(0);
 static DIRTY_PAGES: AtomicU64 = AtomicU64::new(0);
 static DIRTY_RATE: AtomicU64 = AtomicU64::new(0);
 static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
+/// ms of workload after which a paced writer switches to its maximum rate (`tern.max_after_ms`).
+static MAX_AFTER_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
 static NET_TICK_US: AtomicU64 = AtomicU64::new(1000);
 /// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
@@ -82,6 +84,9 @@ pub fn bsp_main(start_info: u64) -> ! {
     SELFTEST_CORRUPT.store(config.selftest_corrupt, Ordering::Relaxed);
     if let Some(ms) = config.poweroff_ms {
         POWEROFF_MS.store(ms, Ordering::Relaxed);
+    }
+    if let Some(ms) = config.max_after_ms {
+        MAX_AFTER_MS.store(ms, Ordering::Relaxed);
     }
 
     let cpus = smp::discover(&boot);
@@ -294,6 +299,12 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
     };
     let suffix_cpu = n > 1;
     let mut writer = Writer::for_cpu(cpu, n);
+    let max_after_ms = MAX_AFTER_MS.load(Ordering::Relaxed);
+    let mut max_at = if max_after_ms != u64::MAX && writer.is_some() {
+        start + ms(max_after_ms)
+    } else {
+        u64::MAX
+    };
     let wstart = rdtsc();
 
     let mut seq = 0u64;
@@ -317,6 +328,18 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
         maxgap = maxgap.max(now.saturating_sub(prev_start.max(slept_until)));
         prev_start = now;
         slept_until = 0;
+
+        if now >= max_at {
+            max_at = u64::MAX;
+            if let Some(w) = writer.as_mut() {
+                w.rate = 0;
+            }
+            if suffix_cpu {
+                println!("DIRTY switch rate=max cpu={cpu}");
+            } else {
+                println!("DIRTY switch rate=max");
+            }
+        }
 
         let mut behind = false;
         if let Some(w) = writer.as_mut() {

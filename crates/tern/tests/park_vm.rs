@@ -12,7 +12,9 @@ use nix::unistd::Pid;
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const LIGHT: &str = "tern.hb_ms=200 tern.dirty_mib=2 tern.dirty_rate=200";
-const MAX_RATE: &str = "tern.hb_ms=200 tern.dirty_mib=8";
+/// When guest b switches to maximum-rate dirtying: well after the two light guests are packed (which
+/// takes about a second).
+const SWITCH_AFTER_MS: u64 = 6000;
 
 fn require_host() {
     assert!(
@@ -99,13 +101,18 @@ impl Drop for Stopper {
     }
 }
 
-fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+fn wait_for(what: &str, ok: impl FnMut() -> bool) {
+    wait_within(Duration::from_secs(30), what, ok);
+}
+
+fn wait_for_long(what: &str, ok: impl FnMut() -> bool) {
+    wait_within(Duration::from_secs(60), what, ok);
+}
+
+fn wait_within(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -134,11 +141,15 @@ fn status(socket: &Path) -> serde_json::Value {
 }
 
 #[test]
-fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
+fn two_light_guests_share_one_core_and_one_turning_busy_unparks_the_second() {
     require_host();
     let dir = tempfile::tempdir().unwrap();
     let a = Vm::start(dir.path(), "a", LIGHT);
-    let b = Vm::start(dir.path(), "b", LIGHT);
+    let b = Vm::start(
+        dir.path(),
+        "b",
+        &format!("{LIGHT} tern.max_after_ms={SWITCH_AFTER_MS}"),
+    );
     let a_threads = a.threads();
     let light: Vec<(u32, u32)> = a_threads.iter().chain(&b.threads()).copied().collect();
     let original: Vec<String> = light.iter().map(|&(p, t)| allowed(p, t)).collect();
@@ -170,41 +181,41 @@ fn two_light_guests_share_one_core_and_a_busy_one_unparks_the_second() {
     });
     assert_eq!(status(&socket)["unparked"], serde_json::json!([0]));
 
-    // Guest b is replaced by one dirtying memory as fast as it can (the test guest's writer rate is
-    // set at boot).
-    b.stop();
-    let before = status(&socket)["interval"].as_u64().unwrap();
-    let c = Vm::start(dir.path(), "c", MAX_RATE);
-    let c_pid = c.threads()[0].0;
-    let mut seen_busy = None;
-    wait_for("the second core unparked", || {
-        let s = status(&socket);
-        let listed = s["vms"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|v| v["pid"] == c_pid);
-        if seen_busy.is_none() && listed && s["demand"].as_f64().unwrap() >= 0.5 {
-            seen_busy = Some(s["interval"].as_u64().unwrap());
+    // Guest b switches itself to dirtying memory as fast as it can (`tern.max_after_ms`), some
+    // seconds after boot, once the two light guests have been packed.
+    let b_log = dir.path().join("b.log");
+    let mut before = None;
+    wait_for_long("guest b switching to its maximum rate", || {
+        let switched =
+            std::fs::read_to_string(&b_log).is_ok_and(|l| l.contains("DIRTY switch rate=max"));
+        if switched {
+            before = Some(status(&socket)["interval"].as_u64().unwrap());
         }
-        s["unparked"].as_array().unwrap().len() == 2
+        switched
+    });
+    let before = before.unwrap();
+    assert_eq!(
+        status(&socket)["unparked"],
+        serde_json::json!([0]),
+        "still packed when the load rises (switch later if packing takes longer)"
+    );
+    wait_for("the second core unparked", || {
+        status(&socket)["unparked"].as_array().unwrap().len() == 2
     });
     let changed = status(&socket)["last_change_interval"].as_u64().unwrap();
-    eprintln!(
-        "busy guest started after interval {before}, seen busy at {seen_busy:?}, unparked at {changed}"
-    );
-    // The load cannot rise before the guest exists. One interval for a sample to contain it, one
-    // for the guest's boot, then at most increase_time.
+    eprintln!("guest b at maximum rate after interval {before}, second core unparked at {changed}");
+    // One interval for a sample to contain the new load, one for the log line to be seen, then at
+    // most increase_time.
     assert!(
         changed <= before + 2 + increase_time,
-        "busy guest started after interval {before}, second core unparked at {changed}"
+        "guest b at maximum rate after interval {before}, second core unparked at {changed}"
     );
-    for &(p, t) in a_threads.iter().chain(&c.threads()) {
+    for &(p, t) in a_threads.iter().chain(&b.threads()) {
         assert_eq!(allowed(p, t), "0-1", "thread {t} may use the unparked core");
     }
 
     // The busy guest stops: parked again; then the daemon stops and restores.
-    c.stop();
+    b.stop();
     wait_for("parked again", || {
         a_threads.iter().all(|&(p, t)| allowed(p, t) == "0")
     });
