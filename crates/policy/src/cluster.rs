@@ -433,7 +433,11 @@ impl Candidates {
 /// Per-round caches shared by the placements of one [`optimize`] call.
 #[derive(Debug, Clone)]
 pub struct Round {
-    alloc: Vec<Option<(f64, f64)>>,
+    /// Per host: (allocated MIPS, free MIPS, power at the allocated load − power now).
+    alloc: Vec<Option<(f64, f64, f64)>>,
+    /// Per host: the least rise in watts per MIPS anywhere on its power curve (a lower bound for
+    /// pruning the PABFD scan).
+    min_slope: Vec<f64>,
     hist: HistoryCache,
     power_now: Vec<f64>,
     cands: Candidates,
@@ -449,6 +453,15 @@ impl Round {
         let n = view.hosts.len();
         Round {
             alloc: vec![None; n],
+            min_slope: view
+                .hosts
+                .iter()
+                .map(|h| {
+                    let w = &h.power.watts;
+                    let rise = (0..10).map(|i| w[i + 1] - w[i]).fold(f64::MAX, f64::min);
+                    rise.max(0.0) * 10.0 / h.total_mips()
+                })
+                .collect(),
             hist: vec![None; n],
             power_now: view
                 .hosts
@@ -499,6 +512,7 @@ pub fn find_host(
 ) -> Option<usize> {
     let Round {
         alloc,
+        min_slope,
         hist,
         power_now,
         cands,
@@ -518,17 +532,23 @@ pub fn find_host(
         if host.pe_mips < req {
             return;
         }
-        let (sum, avail) = *alloc[h].get_or_insert_with(|| {
-            if *emulate {
+        let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
+            let (sum, avail) = if *emulate {
                 host_allocation_emulated(view, h, by_uid[h], &appended[h], peak[h])
             } else {
                 host_allocation(view, h)
-            }
+            };
+            let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
+            (sum, avail, base)
         });
         if avail < req {
             return;
         }
-        if *emulate && sum != 0.0 {
+        // (a host already rebuilt in hash order whose table already held one VM more is left as is)
+        if *emulate
+            && sum != 0.0
+            && (!by_uid[h] || !appended[h].is_empty() || peak[h] <= host.vms.len() as u32)
+        {
             // the reference code tries the VM on every such host (create, check, destroy), which
             // leaves the host's free-MIPS figure rebuilt in hash order
             let new_peak = peak[h].max(host.vms.len() as u32 + 1);
@@ -544,6 +564,12 @@ pub fn find_host(
         }
         let after = (sum + req) / host.total_mips();
         if after > 1.0 {
+            return;
+        }
+        // the power curves rise at least `min_slope` W per MIPS, so the rise here is at least this
+        // (less a margin far above the rounding error): a host that cannot beat `min` is skipped
+        // without evaluating the curve, exactly as the test below would skip it
+        if base + min_slope[h] * req - 1e-9 >= min {
             return;
         }
         let diff = host.power.watts_at(after) - power_now[h];
@@ -869,6 +895,125 @@ mod tests {
             thr  Paper    over [0] | vm1 0->2, vm2 1->2 | sleep [1]
         "#]]
         .assert_eq(&out);
+    }
+
+    /// PABFD as the reference code writes it: every non-excluded host in list order, the detector
+    /// asked of every fitting host, the first host with the least power increase wins.
+    fn reference_find_host(
+        view: &ClusterView,
+        vm: u32,
+        excluded: &[bool],
+        cfg: &PolicyConfig,
+    ) -> Option<usize> {
+        let req = view.vms[vm as usize].requested_mips;
+        let mut min = f64::MAX;
+        let mut best = None;
+        for h in 0..view.hosts.len() {
+            let host = &view.hosts[h];
+            if excluded[h] || host.pe_mips < req {
+                continue;
+            }
+            let (sum, avail) = host_allocation(view, h);
+            if avail < req {
+                continue;
+            }
+            if sum != 0.0 && is_overloaded(view, h, Some(vm), cfg) {
+                continue;
+            }
+            let after = (sum + req) / host.total_mips();
+            if after > 1.0 {
+                continue;
+            }
+            let diff = host.power.watts_at(after) - host.power.watts_at(host.utilization);
+            if diff < min {
+                min = diff;
+                best = Some(h);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn fast_placement_equals_the_reference_linear_scan_on_random_clusters() {
+        let mut rng = SplitMix64::new(0x5eed);
+        let mut checked = 0;
+        let mut ties = 0;
+        for case in 0..300 {
+            // few distinct loads on many hosts of two types, so equal power increases are common
+            let n_hosts = 2 + rng.below(40);
+            let levels = [0.0, 0.1, 0.25, 0.4, 0.5, 0.8];
+            let mut hosts = Vec::new();
+            let mut vms = Vec::new();
+            for h in 0..n_hosts {
+                let (power, pe) = if rng.below(2) == 0 {
+                    (HP_ML110_G4, 1860.0)
+                } else {
+                    (HP_ML110_G5, 2660.0)
+                };
+                let mut ids = Vec::new();
+                for _ in 0..rng.below(4) {
+                    let u = levels[rng.below(levels.len())];
+                    ids.push(vms.len() as u32);
+                    vms.push(vm(
+                        h as u32,
+                        [500.0, 1000.0, 2000.0, 2500.0][rng.below(4)],
+                        870,
+                        u,
+                    ));
+                }
+                hosts.push(host(power, pe, 0.0, &ids));
+            }
+            let mut view = ClusterView { hosts, vms };
+            for h in 0..n_hosts {
+                let (sum, _) = host_allocation(&view, h);
+                view.hosts[h].utilization = sum / view.hosts[h].total_mips();
+            }
+            let detector = [Detector::Thr(0.8), Detector::Thr(1.0), Detector::Mad(2.5)][case % 3];
+            let c = PolicyConfig {
+                model: Model::Paper,
+                ..cfg(detector)
+            };
+            let excluded: Vec<bool> = (0..n_hosts).map(|_| rng.below(5) == 0).collect();
+            let mut round = Round::new(&view);
+            // place a stream of new VMs, as PABFD does within a round
+            for _ in 0..8 {
+                let u = levels[1 + rng.below(levels.len() - 1)];
+                let v = view.vms.len() as u32;
+                view.vms
+                    .push(vm(u32::MAX, [500.0, 1000.0, 2000.0][rng.below(3)], 613, u));
+                let want = reference_find_host(&view, v, &excluded, &c);
+                let got = find_host(&view, v, &excluded, &mut round, &c);
+                assert_eq!(got, want, "case {case}, vm {v}");
+                checked += 1;
+                if let Some(t) = got {
+                    let req = view.vms[v as usize].requested_mips;
+                    let best = {
+                        let hv = &view.hosts[t];
+                        let (sum, _) = host_allocation(&view, t);
+                        hv.power.watts_at((sum + req) / hv.total_mips())
+                            - hv.power.watts_at(hv.utilization)
+                    };
+                    // count choices where a later host had exactly the same increase
+                    ties += (t + 1..n_hosts)
+                        .filter(|&o| {
+                            let hv = &view.hosts[o];
+                            let (sum, avail) = host_allocation(&view, o);
+                            !excluded[o]
+                                && avail >= req
+                                && hv.power.watts_at((sum + req) / hv.total_mips())
+                                    - hv.power.watts_at(hv.utilization)
+                                    == best
+                        })
+                        .count()
+                        .min(1);
+                    round.cands.mark_busy(&view, t);
+                    view.hosts[t].vms.push(v);
+                    round.added(t, v, view.hosts[t].vms.len());
+                }
+            }
+        }
+        assert_eq!(checked, 300 * 8);
+        assert!(ties > 50, "only {ties} placements had a tie to break");
     }
 
     #[test]
