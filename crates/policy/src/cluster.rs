@@ -459,7 +459,8 @@ impl Round {
                 .map(|h| {
                     let w = &h.power.watts;
                     let rise = (0..10).map(|i| w[i + 1] - w[i]).fold(f64::MAX, f64::min);
-                    rise.max(0.0) * 10.0 / h.total_mips()
+                    // (a falling stretch makes this negative, which keeps the bound valid)
+                    rise * 10.0 / h.total_mips()
                 })
                 .collect(),
             hist: vec![None; n],
