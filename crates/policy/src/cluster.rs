@@ -438,6 +438,13 @@ pub struct Round {
     /// Per host: the least rise in watts per MIPS anywhere on its power curve (a lower bound for
     /// pruning the PABFD scan).
     min_slope: Vec<f64>,
+    /// Per host: capacity of one core and of the host (MIPS), kept apart from the host views so
+    /// the PABFD scan reads one small array.
+    pe_mips: Vec<f64>,
+    total_mips: Vec<f64>,
+    /// Per host: a trial placement would leave the reference scheduler's state as it is (known
+    /// since the host's VM list last changed).
+    settled: Vec<bool>,
     hist: HistoryCache,
     power_now: Vec<f64>,
     cands: Candidates,
@@ -463,6 +470,9 @@ impl Round {
                     rise * 10.0 / h.total_mips()
                 })
                 .collect(),
+            pe_mips: view.hosts.iter().map(|h| h.pe_mips).collect(),
+            total_mips: view.hosts.iter().map(|h| h.total_mips()).collect(),
+            settled: vec![false; n],
             hist: vec![None; n],
             power_now: view
                 .hosts
@@ -484,6 +494,7 @@ impl Round {
     /// A VM left host `h` (the scheduler rebuilds its free MIPS in hash order).
     fn removed(&mut self, h: usize) {
         self.invalidate(h);
+        self.settled[h] = false;
         self.by_uid[h] = true;
         self.appended[h].clear();
     }
@@ -491,6 +502,7 @@ impl Round {
     /// VM `v` was added to host `h` (now holding `len` VMs).
     fn added(&mut self, h: usize, v: u32, len: usize) {
         self.invalidate(h);
+        self.settled[h] = false;
         self.appended[h].push(v);
         self.peak[h] = self.peak[h].max(len as u32);
     }
@@ -514,6 +526,9 @@ pub fn find_host(
     let Round {
         alloc,
         min_slope,
+        pe_mips,
+        total_mips,
+        settled,
         hist,
         power_now,
         cands,
@@ -526,14 +541,11 @@ pub fn find_host(
     let mut min = f64::MAX;
     let mut best = None;
     cands.each(excluded, |h| {
-        if excluded[h] {
-            return;
-        }
-        let host = &view.hosts[h];
-        if host.pe_mips < req {
+        if excluded[h] || pe_mips[h] < req {
             return;
         }
         let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
+            let host = &view.hosts[h];
             let (sum, avail) = if *emulate {
                 host_allocation_emulated(view, h, by_uid[h], &appended[h], peak[h])
             } else {
@@ -546,24 +558,26 @@ pub fn find_host(
             return;
         }
         // (a host already rebuilt in hash order whose table already held one VM more is left as is)
-        if *emulate
-            && sum != 0.0
-            && (!by_uid[h] || !appended[h].is_empty() || peak[h] <= host.vms.len() as u32)
-        {
-            // the reference code tries the VM on every such host (create, check, destroy), which
-            // leaves the host's free-MIPS figure rebuilt in hash order
-            let new_peak = peak[h].max(host.vms.len() as u32 + 1);
-            if !by_uid[h]
-                || !appended[h].is_empty()
-                || table_capacity(new_peak) != table_capacity(peak[h])
-            {
-                alloc[h] = None;
-                by_uid[h] = true;
-                appended[h].clear();
+        if *emulate && sum != 0.0 && !settled[h] {
+            let len = view.hosts[h].vms.len() as u32;
+            if !by_uid[h] || !appended[h].is_empty() || peak[h] <= len {
+                // the reference code tries the VM on every such host (create, check, destroy),
+                // which leaves the host's free-MIPS figure rebuilt in hash order
+                let new_peak = peak[h].max(len + 1);
+                if !by_uid[h]
+                    || !appended[h].is_empty()
+                    || table_capacity(new_peak) != table_capacity(peak[h])
+                {
+                    alloc[h] = None;
+                    by_uid[h] = true;
+                    appended[h].clear();
+                }
+                peak[h] = new_peak;
             }
-            peak[h] = new_peak;
+            // a second trial before the VM list changes would change nothing
+            settled[h] = true;
         }
-        let after = (sum + req) / host.total_mips();
+        let after = (sum + req) / total_mips[h];
         if after > 1.0 {
             return;
         }
@@ -573,7 +587,7 @@ pub fn find_host(
         if base + min_slope[h] * req - 1e-9 >= min {
             return;
         }
-        let diff = host.power.watts_at(after) - power_now[h];
+        let diff = view.hosts[h].power.watts_at(after) - power_now[h];
         // checking the power first and the detector only for a would-be winner gives the same
         // choice as the reverse order, at a fraction of the cost
         if diff >= min {
