@@ -433,7 +433,18 @@ impl Candidates {
 /// Per-round caches shared by the placements of one [`optimize`] call.
 #[derive(Debug, Clone)]
 pub struct Round {
-    alloc: Vec<Option<(f64, f64)>>,
+    /// Per host: (allocated MIPS, free MIPS, power at the allocated load − power now).
+    alloc: Vec<Option<(f64, f64, f64)>>,
+    /// Per host: the least rise in watts per MIPS anywhere on its power curve (a lower bound for
+    /// pruning the PABFD scan).
+    min_slope: Vec<f64>,
+    /// Per host: capacity of one core and of the host (MIPS), kept apart from the host views so
+    /// the PABFD scan reads one small array.
+    pe_mips: Vec<f64>,
+    total_mips: Vec<f64>,
+    /// Per host: a trial placement would leave the reference scheduler's state as it is (known
+    /// since the host's VM list last changed).
+    settled: Vec<bool>,
     hist: HistoryCache,
     power_now: Vec<f64>,
     cands: Candidates,
@@ -449,6 +460,19 @@ impl Round {
         let n = view.hosts.len();
         Round {
             alloc: vec![None; n],
+            min_slope: view
+                .hosts
+                .iter()
+                .map(|h| {
+                    let w = &h.power.watts;
+                    let rise = (0..10).map(|i| w[i + 1] - w[i]).fold(f64::MAX, f64::min);
+                    // (a falling stretch makes this negative, which keeps the bound valid)
+                    rise * 10.0 / h.total_mips()
+                })
+                .collect(),
+            pe_mips: view.hosts.iter().map(|h| h.pe_mips).collect(),
+            total_mips: view.hosts.iter().map(|h| h.total_mips()).collect(),
+            settled: vec![false; n],
             hist: vec![None; n],
             power_now: view
                 .hosts
@@ -470,6 +494,7 @@ impl Round {
     /// A VM left host `h` (the scheduler rebuilds its free MIPS in hash order).
     fn removed(&mut self, h: usize) {
         self.invalidate(h);
+        self.settled[h] = false;
         self.by_uid[h] = true;
         self.appended[h].clear();
     }
@@ -477,6 +502,7 @@ impl Round {
     /// VM `v` was added to host `h` (now holding `len` VMs).
     fn added(&mut self, h: usize, v: u32, len: usize) {
         self.invalidate(h);
+        self.settled[h] = false;
         self.appended[h].push(v);
         self.peak[h] = self.peak[h].max(len as u32);
     }
@@ -499,6 +525,10 @@ pub fn find_host(
 ) -> Option<usize> {
     let Round {
         alloc,
+        min_slope,
+        pe_mips,
+        total_mips,
+        settled,
         hist,
         power_now,
         cands,
@@ -511,42 +541,53 @@ pub fn find_host(
     let mut min = f64::MAX;
     let mut best = None;
     cands.each(excluded, |h| {
-        if excluded[h] {
+        if excluded[h] || pe_mips[h] < req {
             return;
         }
-        let host = &view.hosts[h];
-        if host.pe_mips < req {
-            return;
-        }
-        let (sum, avail) = *alloc[h].get_or_insert_with(|| {
-            if *emulate {
+        let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
+            let host = &view.hosts[h];
+            let (sum, avail) = if *emulate {
                 host_allocation_emulated(view, h, by_uid[h], &appended[h], peak[h])
             } else {
                 host_allocation(view, h)
-            }
+            };
+            let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
+            (sum, avail, base)
         });
         if avail < req {
             return;
         }
-        if *emulate && sum != 0.0 {
-            // the reference code tries the VM on every such host (create, check, destroy), which
-            // leaves the host's free-MIPS figure rebuilt in hash order
-            let new_peak = peak[h].max(host.vms.len() as u32 + 1);
-            if !by_uid[h]
-                || !appended[h].is_empty()
-                || table_capacity(new_peak) != table_capacity(peak[h])
-            {
-                alloc[h] = None;
-                by_uid[h] = true;
-                appended[h].clear();
+        // (a host already rebuilt in hash order whose table already held one VM more is left as is)
+        if *emulate && sum != 0.0 && !settled[h] {
+            let len = view.hosts[h].vms.len() as u32;
+            if !by_uid[h] || !appended[h].is_empty() || peak[h] <= len {
+                // the reference code tries the VM on every such host (create, check, destroy),
+                // which leaves the host's free-MIPS figure rebuilt in hash order
+                let new_peak = peak[h].max(len + 1);
+                if !by_uid[h]
+                    || !appended[h].is_empty()
+                    || table_capacity(new_peak) != table_capacity(peak[h])
+                {
+                    alloc[h] = None;
+                    by_uid[h] = true;
+                    appended[h].clear();
+                }
+                peak[h] = new_peak;
             }
-            peak[h] = new_peak;
+            // a second trial before the VM list changes would change nothing
+            settled[h] = true;
         }
-        let after = (sum + req) / host.total_mips();
+        let after = (sum + req) / total_mips[h];
         if after > 1.0 {
             return;
         }
-        let diff = host.power.watts_at(after) - power_now[h];
+        // the power curves rise at least `min_slope` W per MIPS, so the rise here is at least this
+        // (less a margin far above the rounding error): a host that cannot beat `min` is skipped
+        // without evaluating the curve, exactly as the test below would skip it
+        if base + min_slope[h] * req - 1e-9 >= min {
+            return;
+        }
+        let diff = view.hosts[h].power.watts_at(after) - power_now[h];
         // checking the power first and the detector only for a would-be winner gives the same
         // choice as the reverse order, at a fraction of the cost
         if diff >= min {
@@ -869,6 +910,125 @@ mod tests {
             thr  Paper    over [0] | vm1 0->2, vm2 1->2 | sleep [1]
         "#]]
         .assert_eq(&out);
+    }
+
+    /// PABFD as the reference code writes it: every non-excluded host in list order, the detector
+    /// asked of every fitting host, the first host with the least power increase wins.
+    fn reference_find_host(
+        view: &ClusterView,
+        vm: u32,
+        excluded: &[bool],
+        cfg: &PolicyConfig,
+    ) -> Option<usize> {
+        let req = view.vms[vm as usize].requested_mips;
+        let mut min = f64::MAX;
+        let mut best = None;
+        for h in 0..view.hosts.len() {
+            let host = &view.hosts[h];
+            if excluded[h] || host.pe_mips < req {
+                continue;
+            }
+            let (sum, avail) = host_allocation(view, h);
+            if avail < req {
+                continue;
+            }
+            if sum != 0.0 && is_overloaded(view, h, Some(vm), cfg) {
+                continue;
+            }
+            let after = (sum + req) / host.total_mips();
+            if after > 1.0 {
+                continue;
+            }
+            let diff = host.power.watts_at(after) - host.power.watts_at(host.utilization);
+            if diff < min {
+                min = diff;
+                best = Some(h);
+            }
+        }
+        best
+    }
+
+    #[test]
+    fn fast_placement_equals_the_reference_linear_scan_on_random_clusters() {
+        let mut rng = SplitMix64::new(0x5eed);
+        let mut checked = 0;
+        let mut ties = 0;
+        for case in 0..300 {
+            // few distinct loads on many hosts of two types, so equal power increases are common
+            let n_hosts = 2 + rng.below(40);
+            let levels = [0.0, 0.1, 0.25, 0.4, 0.5, 0.8];
+            let mut hosts = Vec::new();
+            let mut vms = Vec::new();
+            for h in 0..n_hosts {
+                let (power, pe) = if rng.below(2) == 0 {
+                    (HP_ML110_G4, 1860.0)
+                } else {
+                    (HP_ML110_G5, 2660.0)
+                };
+                let mut ids = Vec::new();
+                for _ in 0..rng.below(4) {
+                    let u = levels[rng.below(levels.len())];
+                    ids.push(vms.len() as u32);
+                    vms.push(vm(
+                        h as u32,
+                        [500.0, 1000.0, 2000.0, 2500.0][rng.below(4)],
+                        870,
+                        u,
+                    ));
+                }
+                hosts.push(host(power, pe, 0.0, &ids));
+            }
+            let mut view = ClusterView { hosts, vms };
+            for h in 0..n_hosts {
+                let (sum, _) = host_allocation(&view, h);
+                view.hosts[h].utilization = sum / view.hosts[h].total_mips();
+            }
+            let detector = [Detector::Thr(0.8), Detector::Thr(1.0), Detector::Mad(2.5)][case % 3];
+            let c = PolicyConfig {
+                model: Model::Paper,
+                ..cfg(detector)
+            };
+            let excluded: Vec<bool> = (0..n_hosts).map(|_| rng.below(5) == 0).collect();
+            let mut round = Round::new(&view);
+            // place a stream of new VMs, as PABFD does within a round
+            for _ in 0..8 {
+                let u = levels[1 + rng.below(levels.len() - 1)];
+                let v = view.vms.len() as u32;
+                view.vms
+                    .push(vm(u32::MAX, [500.0, 1000.0, 2000.0][rng.below(3)], 613, u));
+                let want = reference_find_host(&view, v, &excluded, &c);
+                let got = find_host(&view, v, &excluded, &mut round, &c);
+                assert_eq!(got, want, "case {case}, vm {v}");
+                checked += 1;
+                if let Some(t) = got {
+                    let req = view.vms[v as usize].requested_mips;
+                    let best = {
+                        let hv = &view.hosts[t];
+                        let (sum, _) = host_allocation(&view, t);
+                        hv.power.watts_at((sum + req) / hv.total_mips())
+                            - hv.power.watts_at(hv.utilization)
+                    };
+                    // count choices where a later host had exactly the same increase
+                    ties += (t + 1..n_hosts)
+                        .filter(|&o| {
+                            let hv = &view.hosts[o];
+                            let (sum, avail) = host_allocation(&view, o);
+                            !excluded[o]
+                                && avail >= req
+                                && hv.power.watts_at((sum + req) / hv.total_mips())
+                                    - hv.power.watts_at(hv.utilization)
+                                    == best
+                        })
+                        .count()
+                        .min(1);
+                    round.cands.mark_busy(&view, t);
+                    view.hosts[t].vms.push(v);
+                    round.added(t, v, view.hosts[t].vms.len());
+                }
+            }
+        }
+        assert_eq!(checked, 300 * 8);
+        assert!(ties > 50, "only {ties} placements had a tie to break");
     }
 
     #[test]
