@@ -62,8 +62,9 @@ fn four_streams_carry_a_busy_guest_with_its_memory_intact() {
     assert_eq!(rc, 0, "migrate failed: {err}\nreport: {report}");
     assert_eq!(report["outcome"], "completed", "{report}");
     assert!(
-        report["bytes_sent"].as_u64().unwrap() > 64 << 20,
-        "the dirtied set must have gone over the four streams: {report}"
+        report["bytes_sent"].as_u64().unwrap() > 16 << 20,
+        "the pages written so far must have gone over the four streams: {report}"
     );
+    assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
     p.assert_moved();
 }
