@@ -59,6 +59,7 @@ fn four_streams_carry_a_busy_guest_with_its_memory_intact() {
         &[],
     );
     let (rc, report, err) = p.migrate(&["--verify-memory", "--streams", "4"]);
+    eprintln!("report: {report}");
     assert_eq!(rc, 0, "migrate failed: {err}\nreport: {report}");
     assert_eq!(report["outcome"], "completed", "{report}");
     assert!(
