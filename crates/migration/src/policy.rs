@@ -39,6 +39,11 @@ pub struct ConvergenceConfig {
     pub throttle_max_pct: f64,
     /// Each further step multiplies the vCPUs' remaining run share by this (0..1): steps grow.
     pub throttle_run_factor: f64,
+    /// Throttle applied at once, from any round (round 0 included), when the guest re-dirtied
+    /// at least half of what the round just sent: its measured dirty rate is then only a lower
+    /// bound (the working set saturated), and a gentler start would re-send the whole working
+    /// set once per step.
+    pub throttle_saturated_pct: f64,
     /// Length of one throttle slice (run + sleep); at most 10 ms.
     pub throttle_slice: Duration,
 }
@@ -57,6 +62,7 @@ impl Default for ConvergenceConfig {
             throttle_initial_pct: 20.0,
             throttle_max_pct: 99.9,
             throttle_run_factor: 0.5,
+            throttle_saturated_pct: 99.0,
             throttle_slice: Duration::from_millis(10),
         }
     }
@@ -143,6 +149,16 @@ pub struct SyncInput {
     pub bandwidth: Option<f64>,
     /// Dirty rate measured over the last round (under the current throttle), bytes/s.
     pub dirty_bytes_per_sec: f64,
+    /// Bytes the round just finished sent (0 when unknown).
+    pub round_sent_bytes: u64,
+}
+
+impl SyncInput {
+    /// The guest dirtied again at least half of what the round just sent: the dirty rate is
+    /// limited by the working set, not measured.
+    pub fn saturated(&self) -> bool {
+        self.round_sent_bytes > 0 && self.remaining_bytes.saturating_mul(2) >= self.round_sent_bytes
+    }
 }
 
 impl ConvergenceConfig {
@@ -220,11 +236,18 @@ impl ConvergenceConfig {
         let falling_fast = i
             .previous_remaining_bytes
             .is_some_and(|p| i.remaining_bytes.saturating_mul(2) <= p);
-        if i.round >= self.throttle_from_round && !falling_fast {
-            let next = self
+        let saturated = i.saturated();
+        if (i.round >= self.throttle_from_round || saturated) && !falling_fast {
+            let mut next = self
                 .next_throttle(i.throttle_pct)
-                .max(self.needed_throttle(i))
-                .min(self.throttle_max_pct.clamp(0.0, 99.99));
+                .max(self.needed_throttle(i));
+            if saturated {
+                // A guest that rewrites its whole working set within a round: every round at
+                // a weaker throttle would re-send that set in full. Go straight to the strength
+                // that stops it (and keep climbing if even that does not).
+                next = next.max(self.throttle_saturated_pct);
+            }
+            let next = next.min(self.throttle_max_pct.clamp(0.0, 99.99));
             if next > i.throttle_pct {
                 return Decision::Throttle(next);
             }
@@ -331,6 +354,7 @@ mod tests {
             throttle_pct: 0.0,
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: 0.0,
+            round_sent_bytes: 0,
         };
         // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
         assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
@@ -403,6 +427,7 @@ mod tests {
             throttle_pct: 0.0,
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: dirty_rate,
+            round_sent_bytes: 0,
         };
         // 60 MiB at 1 GB/s is a 63 ms round; 50 ms of budget carries 50 MB, so the guest may
         // dirty ~0.8 GB/s. At 0.9 GB/s a small cut does: the schedule's 20 % is stronger.
@@ -445,6 +470,7 @@ mod tests {
             throttle_pct: 99.9,
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: 0.0,
+            round_sent_bytes: 0,
         };
         assert_eq!(c.decide(&stuck), Decision::Abort);
         let f = ConvergenceConfig {
@@ -465,22 +491,24 @@ mod tests {
 
     /// A synthetic pre-copy run: a guest dirtying `dirty_rate` bytes/s of a `wss`-byte working
     /// set, a link of `bw` bytes/s, throttling cutting the dirty rate. Returns the decisions'
-    /// outcome, rounds, highest throttle and final expected downtime.
+    /// outcome, rounds, highest throttle, final expected downtime and bytes sent.
     fn simulate(
         c: &ConvergenceConfig,
         memory: u64,
         wss: u64,
         dirty_rate: f64,
         bw: f64,
-    ) -> (Decision, u32, f64, Duration) {
+    ) -> (Decision, u32, f64, Duration, u64) {
         let mut est = BandwidthEstimator::new(c.bandwidth_window);
         let mut elapsed = Duration::ZERO;
         let mut to_send = memory;
         let mut prev = None;
         let mut throttle = 0.0f64;
+        let mut sent = 0u64;
         for round in 0..10_000u32 {
             let t = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
             est.record(to_send, t);
+            sent += to_send;
             elapsed += t;
             let rate = dirty_rate * (100.0 - throttle) / 100.0;
             // Pages dirtied during the round, bounded by the working set.
@@ -493,13 +521,14 @@ mod tests {
                 throttle_pct: throttle,
                 bandwidth: est.bytes_per_sec(),
                 dirty_bytes_per_sec: dirtied as f64 / t.as_secs_f64(),
+                round_sent_bytes: to_send,
             };
             match c.decide(&input) {
                 Decision::Continue => {}
                 Decision::Throttle(p) => throttle = p,
                 d => {
                     let dt = c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap();
-                    return (d, round, throttle, dt);
+                    return (d, round, throttle, dt, sent + dirtied);
                 }
             }
             prev = Some(dirtied);
@@ -511,7 +540,7 @@ mod tests {
     #[test]
     fn idle_guest_converges_after_the_first_round() {
         let c = ConvergenceConfig::default();
-        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 4 * MIB, 1e5, GBPS);
+        let (d, rounds, thr, dt, _) = simulate(&c, 1 << 30, 4 * MIB, 1e5, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
         assert_eq!(rounds, 0);
         assert_eq!(thr, 0.0);
@@ -522,7 +551,7 @@ mod tests {
     fn moderate_dirtying_converges_without_throttle() {
         // 20,000 pages/s over 256 MiB at 1 GB/s.
         let c = ConvergenceConfig::default();
-        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 20_000.0 * 4096.0, GBPS);
+        let (d, rounds, thr, dt, _) = simulate(&c, 1 << 30, 256 * MIB, 20_000.0 * 4096.0, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
         assert!(rounds <= 3, "rounds {rounds}");
         assert_eq!(thr, 0.0);
@@ -530,14 +559,59 @@ mod tests {
     }
 
     #[test]
-    fn max_rate_dirtying_throttles_then_converges() {
-        // The guest dirties 4 GB/s over a 256 MiB working set, four times the link.
+    fn max_rate_dirtying_throttles_from_round_one_and_sends_the_working_set_about_twice() {
+        // The guest dirties 4 GB/s over a 256 MiB working set, four times the link; the rest of
+        // its memory is zero (skipped), so the full copy carries 260 MiB.
         let c = ConvergenceConfig::default();
-        let (d, rounds, thr, dt) = simulate(&c, 1 << 30, 256 * MIB, 4.0 * GBPS, GBPS);
+        let mem = 260 * MIB;
+        let (d, rounds, thr, dt, sent) = simulate(&c, mem, 256 * MIB, 4.0 * GBPS, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
-        assert!(thr >= 90.0, "throttle reached {thr}");
-        assert!(rounds > c.throttle_from_round, "rounds {rounds}");
+        assert!(thr >= c.throttle_saturated_pct, "throttle reached {thr}");
         assert!(dt <= c.downtime_budget);
+        // Full copy, one re-send of the working set under the throttle, then the pause.
+        assert!(rounds <= 2, "rounds {rounds}");
+        assert!(sent <= mem + 256 * MIB + 20 * MIB, "sent {sent}");
+        // Without the saturated start (only the step schedule from round 1), the working set
+        // goes over more often.
+        let gentle = ConvergenceConfig {
+            throttle_saturated_pct: 0.0,
+            ..c
+        };
+        let (_, gentle_rounds, _, _, gentle_sent) =
+            simulate(&gentle, mem, 256 * MIB, 4.0 * GBPS, GBPS);
+        assert!(gentle_sent > sent + 128 * MIB, "{gentle_sent} vs {sent}");
+        assert!(gentle_rounds > rounds);
+    }
+
+    #[test]
+    fn a_guest_below_saturation_is_not_throttled_after_the_full_copy() {
+        let c = ConvergenceConfig::default();
+        // 100 MiB re-dirtied of 1 GiB sent: above budget but not saturated, round 0.
+        let i = SyncInput {
+            elapsed: ms(1000),
+            remaining_bytes: 100 * MIB,
+            previous_remaining_bytes: None,
+            round: 0,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.1 * GBPS,
+            round_sent_bytes: 1 << 30,
+        };
+        assert!(!i.saturated());
+        assert_eq!(c.decide(&i), Decision::Continue);
+        let sat = SyncInput {
+            remaining_bytes: 256 * MIB,
+            round_sent_bytes: 300 * MIB,
+            ..i
+        };
+        assert!(sat.saturated());
+        assert_eq!(c.decide(&sat), Decision::Throttle(99.0));
+        // Falling fast (halved since the previous sync) still wins: no throttle needed.
+        let falling = SyncInput {
+            previous_remaining_bytes: Some(600 * MIB),
+            ..sat
+        };
+        assert_eq!(c.decide(&falling), Decision::Continue);
     }
 
     #[test]
@@ -547,7 +621,7 @@ mod tests {
             timeout: Duration::from_secs(5),
             ..Default::default()
         };
-        let (d, _, thr, _) = simulate(&c, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS);
+        let (d, _, thr, _, _) = simulate(&c, 1 << 30, 256 * MIB, 2000.0 * GBPS, GBPS);
         assert_eq!(d, Decision::Abort);
         assert_eq!(thr, 99.9);
         let f = ConvergenceConfig {

@@ -76,6 +76,8 @@ pub struct Sender {
     remaining: u64,
     last_sync: Duration,
     dirty_rate: f64,
+    /// Bytes sent since the last sync (the round under way).
+    round_sent: u64,
     paused_at: Option<Duration>,
     converged: bool,
 }
@@ -95,6 +97,7 @@ impl Sender {
             remaining: 0,
             last_sync: Duration::ZERO,
             dirty_rate: 0.0,
+            round_sent: 0,
             paused_at: None,
             converged: false,
         }
@@ -150,6 +153,7 @@ impl Sender {
         match self.phase {
             SenderPhase::PreCopy | SenderPhase::StopAndCopy => {
                 self.bandwidth.record(bytes, busy);
+                self.round_sent += bytes;
                 Ok(())
             }
             phase => Err(InvalidTransition {
@@ -181,7 +185,9 @@ impl Sender {
             throttle_pct: self.throttle_pct,
             bandwidth: self.bandwidth.bytes_per_sec(),
             dirty_bytes_per_sec: self.dirty_rate,
+            round_sent_bytes: self.round_sent,
         });
+        self.round_sent = 0;
         match decision {
             Decision::Continue => self.round += 1,
             Decision::Throttle(p) => {
@@ -350,11 +356,44 @@ mod tests {
                 seen.push(p);
             }
         }
-        // Dirtying 200 MiB per 100 ms round at ~1 GB/s: the first step already takes what the
-        // budget needs (87.5 %), later steps follow the measured rate up to the cap.
-        assert_eq!(seen, vec![87.5, 98.44, 99.81, 99.9]);
+        // Re-dirtying 200 MiB per 100 MiB round at ~1 GB/s: the working set is saturated, so
+        // the throttle starts at its saturated strength right after the full copy (round 0),
+        // then follows the measured rate up to the cap.
+        assert_eq!(seen, vec![99.0, 99.88, 99.9]);
         assert_eq!(s.figures().throttle_max_pct, 99.9);
         assert_eq!(s.round(), 6);
+    }
+
+    #[test]
+    fn round_zero_throttles_only_a_saturated_working_set() {
+        // Moderate: the full copy sent 300 MiB while 80 MiB were dirtied: above the budget, but
+        // no throttle after round 0, and the next round's remainder converges.
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(0)).unwrap();
+        s.sent(300 << 20, ms(300)).unwrap();
+        assert_eq!(s.synced(ms(300), 80 << 20).unwrap(), Decision::Continue);
+        s.sent(80 << 20, ms(80)).unwrap();
+        assert_eq!(
+            s.synced(ms(380), 6 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(s.figures().throttle_max_pct, 0.0);
+        // Saturated: the full copy sent 260 MiB and 256 MiB of it were dirty again.
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(0)).unwrap();
+        s.sent(260 << 20, ms(260)).unwrap();
+        assert_eq!(
+            s.synced(ms(260), 256 << 20).unwrap(),
+            Decision::Throttle(99.0)
+        );
+        // Under that throttle the second round leaves little: switch over after round 1, having
+        // sent the working set twice rather than once per throttle step.
+        s.sent(256 << 20, ms(256)).unwrap();
+        assert_eq!(
+            s.synced(ms(516), 4 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(s.round(), 1);
     }
 
     #[test]
