@@ -6,127 +6,15 @@
 
 mod common;
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{RunningVm, field, require_kvm, scratch, tern, tern_cmd, wait_for_text};
+use common::volume::Cluster;
+use common::{RunningVm, field, free_port, tern_cmd, wait_for_text};
 use serde_json::Value;
 use tern_volume::client::{OpenError, VolumeDisk};
-use tern_volume::control::{self, Request};
 
 const FILE: &str = "vm1.raw";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// etcd on loopback and node processes on one LUN file holding `vm1.raw` (4 MiB).
-struct Cluster {
-    dir: tempfile::TempDir,
-    etcd_url: String,
-    lun: PathBuf,
-    nodes: Vec<Proc>,
-    _etcd: Proc,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        require_kvm();
-        let found = Command::new("sh")
-            .args(["-c", "command -v etcd"])
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "etcd is required (apt-get install etcd-server)"
-        );
-        let dir = scratch();
-        let (cp, pp) = (free_port(), free_port());
-        let etcd_url = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let etcd = Proc(
-            Command::new("etcd")
-                .arg("--data-dir")
-                .arg(dir.path().join("etcd"))
-                .args(["--listen-client-urls", &etcd_url])
-                .args(["--advertise-client-urls", &etcd_url])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &format!("default={peer}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        wait_for("etcd", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", cp)).is_ok()
-        });
-        let lun = dir.path().join("lun");
-        let (code, _, err) = tern_cmd(&[
-            "volume",
-            "format",
-            "--size",
-            "64M",
-            "--lun",
-            lun.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{err}");
-        Cluster {
-            dir,
-            etcd_url,
-            lun,
-            nodes: Vec::new(),
-            _etcd: etcd,
-        }
-    }
-
-    /// Starts node `id` and waits until it answers and knows the coordinator.
-    fn spawn(&mut self, id: u32) -> String {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
-        let child = Command::new(tern())
-            .args(["volume", "serve", "--node-id", &id.to_string()])
-            .args(["--listen", &addr, "--etcd", &self.etcd_url])
-            .args(["--lease-ttl-ms", "1500", "--lun"])
-            .arg(&self.lun)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.nodes.push(Proc(child));
-        wait_for(
-            "the node and a coordinator",
-            Duration::from_secs(30),
-            || {
-                control::call(&addr, &Request::Status, false, Duration::from_secs(5))
-                    .is_ok_and(|s| s["coordinator"]["node_id"].is_u64())
-            },
-        );
-        addr
-    }
-}
 
 /// `tern volume stat FILE --json`: (holder, epoch).
 fn lease(node: &str) -> (Option<u64>, u64) {
@@ -258,8 +146,8 @@ impl Pair {
 #[test]
 fn volume_disk_lease_moves_with_the_vm() {
     let mut c = Cluster::start();
-    let n1 = c.spawn(1);
-    let n2 = c.spawn(2);
+    let n1 = c.spawn(1, &[]);
+    let n2 = c.spawn(2, &[]);
     let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
     assert_eq!(code, 0, "{err}");
     let dir = c.dir.path().join("vms");
@@ -339,9 +227,9 @@ fn volume_disk_lease_moves_with_the_vm() {
 #[test]
 fn failed_migrations_leave_the_lease_and_the_guest_on_the_source() {
     let mut c = Cluster::start();
-    let n1 = c.spawn(1);
-    let n2 = c.spawn(2);
-    let _n3 = c.spawn(3);
+    let n1 = c.spawn(1, &[]);
+    let n2 = c.spawn(2, &[]);
+    let _n3 = c.spawn(3, &[]);
     let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
     assert_eq!(code, 0, "{err}");
     let dir = c.dir.path().join("vms");

@@ -1,0 +1,121 @@
+//! A shared-volume cluster for the VM-disk tests: a real etcd on loopback and `tern volume serve`
+//! node processes on one LUN file. Needs root, KVM, etcd and qemu-img; fails loudly without them.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tern_volume::control::{self, Request};
+
+use super::{free_port, require_kvm, scratch, tern, tern_cmd};
+
+/// A volume control request to the node at `addr`.
+pub fn call(addr: &str, req: Request) -> Result<Value, control::ControlError> {
+    control::call(addr, &req, false, Duration::from_secs(30))
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Proc(pub Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// etcd on loopback, volume node processes on one LUN file, and one file `vm1.raw` (4 MiB).
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub etcd_url: String,
+    pub lun: PathBuf,
+    pub nodes: Vec<(String, Proc)>,
+    _etcd: Proc,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        require_kvm();
+        let found = Command::new("sh")
+            .args(["-c", "command -v etcd && command -v qemu-img"])
+            .output()
+            .unwrap();
+        assert!(
+            found.status.success(),
+            "etcd and qemu-img are required (apt-get install etcd-server qemu-utils)"
+        );
+        let dir = scratch();
+        let (cp, pp) = (free_port(), free_port());
+        let etcd_url = format!("http://127.0.0.1:{cp}");
+        let peer = format!("http://127.0.0.1:{pp}");
+        let etcd = Proc(
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.path().join("etcd"))
+                .args(["--listen-client-urls", &etcd_url])
+                .args(["--advertise-client-urls", &etcd_url])
+                .args(["--listen-peer-urls", &peer])
+                .args(["--initial-advertise-peer-urls", &peer])
+                .args(["--initial-cluster", &format!("default={peer}")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for("etcd", Duration::from_secs(20), || {
+            TcpStream::connect(("127.0.0.1", cp)).is_ok()
+        });
+        let lun = dir.path().join("lun");
+        let (code, _, err) = tern_cmd(&[
+            "volume",
+            "format",
+            "--size",
+            "64M",
+            "--lun",
+            lun.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        Cluster {
+            dir,
+            etcd_url,
+            lun,
+            nodes: Vec::new(),
+            _etcd: etcd,
+        }
+    }
+
+    /// Starts node `id` and waits until it answers and knows the coordinator.
+    pub fn spawn(&mut self, id: u32, extra: &[&str]) -> String {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
+        let child = Command::new(tern())
+            .args(["volume", "serve", "--node-id", &id.to_string()])
+            .args(["--listen", &addr, "--etcd", &self.etcd_url])
+            .args(["--lease-ttl-ms", "1500", "--lun"])
+            .arg(&self.lun)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.nodes.push((addr.clone(), Proc(child)));
+        wait_for(
+            "the node and a coordinator",
+            Duration::from_secs(30),
+            || call(&addr, Request::Status).is_ok_and(|s| s["coordinator"]["node_id"].is_u64()),
+        );
+        addr
+    }
+
+    pub fn log(&self, id: u32) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    }
+}
