@@ -7,6 +7,7 @@ pub mod block_backend;
 pub mod serial;
 pub mod tap;
 pub mod virtio_blk;
+pub mod virtio_mmio;
 pub mod virtio_net;
 
 use std::sync::{Arc, Mutex};

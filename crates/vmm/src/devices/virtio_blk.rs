@@ -1,7 +1,7 @@
 //! A virtio block device over a [`BlockBackend`] (a raw image file, or a registered kind such as
-//! a volume file), behind a virtio-mmio (version 2) transport.
+//! a volume file), behind the virtio-mmio (version 2) transport of [`super::virtio_mmio`].
 //!
-//! The transport's registers follow the virtio 1.2 spec, section 4.2.2. Requests are served
+//! Requests are served
 //! synchronously on the vCPU thread that writes QueueNotify: reads and writes through the backend
 //! (`pread`/`pwrite` for a raw file), a flush through its `flush` (`fdatasync`), so an acknowledged
 //! flush means the data reached stable storage.
@@ -11,20 +11,15 @@
 use std::fs::File;
 use std::path::Path;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block_backend::{self, BlockBackend, RawFile};
+use super::virtio_mmio::{Event, QueueState, Registers, STATUS_FAILED, Transport};
 
-/// Magic value of every virtio-mmio device ("virt").
-pub const MMIO_MAGIC: u32 = 0x7472_6976;
-/// virtio-mmio version 2 (modern).
-pub const MMIO_VERSION: u32 = 2;
 /// Device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
-/// Vendor ID ("TERN").
-pub const VENDOR_ID: u32 = 0x4e52_4554;
 /// Queue size offered.
 pub const QUEUE_SIZE: u16 = 256;
 /// Sector size.
@@ -48,38 +43,6 @@ const T_GET_ID: u32 = 8;
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 const S_UNSUPP: u8 = 2;
-
-/// Device status bits.
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FAILED: u32 = 128;
-
-/// Registers of the virtio-mmio transport.
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
 
 /// Why a block device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -154,13 +117,7 @@ pub struct VirtioBlk {
     readonly: bool,
     capacity_sectors: u64,
     irq: EventFd,
-    queue: Queue,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    interrupt_status: u32,
-    queue_sel: u32,
+    transport: Transport<1>,
     counters: BlkCounters,
 }
 
@@ -201,26 +158,25 @@ impl VirtioBlk {
 
     /// A device over `backend` (its size, rounded down to whole sectors, is the capacity).
     pub fn from_backend(backend: Box<dyn BlockBackend>, irq: EventFd) -> Self {
+        let readonly = backend.read_only();
         VirtioBlk {
-            readonly: backend.read_only(),
+            readonly,
             capacity_sectors: backend.len() / SECTOR_SIZE,
             backend,
             irq,
-            // QUEUE_SIZE is a power of two; Queue::new cannot fail for it.
-            queue: Queue::new(QUEUE_SIZE).unwrap_or_else(|_| unreachable!("valid queue size")),
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            interrupt_status: 0,
-            queue_sel: 0,
+            // The driver's feature bits are kept as written (not masked by the offer).
+            transport: Transport::new(VIRTIO_ID_BLOCK, Self::features(readonly), QUEUE_SIZE, false),
             counters: BlkCounters::default(),
         }
     }
 
     /// The features this device offers.
     pub fn device_features(&self) -> u64 {
-        F_VERSION_1 | F_FLUSH | if self.readonly { F_RO } else { 0 }
+        Self::features(self.readonly)
+    }
+
+    fn features(readonly: bool) -> u64 {
+        F_VERSION_1 | F_FLUSH | if readonly { F_RO } else { 0 }
     }
 
     /// The storage behind the device (the migration path calls its hand-over hooks).
@@ -240,113 +196,43 @@ impl VirtioBlk {
 
     /// A guest read of `data.len()` bytes at `offset` in the slot.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
-            let config = self.capacity_sectors.to_le_bytes();
-            let start = (offset - reg::CONFIG) as usize;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = config.get(start + i).copied().unwrap_or(0);
-            }
-            return;
-        }
-        let v: u32 = match offset {
-            reg::MAGIC => MMIO_MAGIC,
-            reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => VIRTIO_ID_BLOCK,
-            reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            reg::QUEUE_NUM_MAX if self.queue_sel == 0 => u32::from(QUEUE_SIZE),
-            reg::QUEUE_READY => u32::from(self.queue_sel == 0 && self.queue.ready()),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
-            reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
+        let config = self.capacity_sectors.to_le_bytes();
+        self.transport.read(offset, data, &config);
     }
 
     /// A guest write of `data` at `offset` in the slot; a queue notification serves the queue
-    /// against `mem`.
+    /// against `mem`. The block config space is read-only here.
     pub fn write<M: GuestMemoryBackend>(&mut self, mem: &M, offset: u64, data: &[u8]) {
-        if offset >= reg::CONFIG {
-            return; // The block config space is read-only here.
+        if self.transport.write(offset, data) == Event::Notify(0) {
+            self.process_queue(mem);
         }
-        let mut b = [0u8; 4];
-        let n = data.len().min(4);
-        b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        let q0 = self.queue_sel == 0;
-        match offset {
-            reg::DEVICE_FEATURES_SEL => self.device_features_sel = v,
-            reg::DRIVER_FEATURES_SEL => self.driver_features_sel = v,
-            reg::DRIVER_FEATURES => match self.driver_features_sel {
-                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                1 => {
-                    self.driver_features =
-                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                }
-                _ => {}
-            },
-            reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM if q0 => self.queue.set_size(v as u16),
-            reg::QUEUE_READY if q0 => self.queue.set_ready(v == 1),
-            reg::QUEUE_DESC_LOW if q0 => self.queue.set_desc_table_address(Some(v), None),
-            reg::QUEUE_DESC_HIGH if q0 => self.queue.set_desc_table_address(None, Some(v)),
-            reg::QUEUE_DRIVER_LOW if q0 => self.queue.set_avail_ring_address(Some(v), None),
-            reg::QUEUE_DRIVER_HIGH if q0 => self.queue.set_avail_ring_address(None, Some(v)),
-            reg::QUEUE_DEVICE_LOW if q0 => self.queue.set_used_ring_address(Some(v), None),
-            reg::QUEUE_DEVICE_HIGH if q0 => self.queue.set_used_ring_address(None, Some(v)),
-            reg::QUEUE_NOTIFY if v == 0 && self.status & STATUS_DRIVER_OK != 0 => {
-                self.process_queue(mem);
-            }
-            reg::INTERRUPT_ACK => self.interrupt_status &= !v,
-            reg::STATUS => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    self.status = v;
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn reset(&mut self) {
-        self.queue.reset();
-        self.status = 0;
-        self.driver_features = 0;
-        self.interrupt_status = 0;
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
     }
 
     /// Serves every available request and interrupts the guest if it asked to be told.
     pub fn process_queue<M: GuestMemoryBackend>(&mut self, mem: &M) {
-        if !self.queue.ready() || !self.queue.is_valid(mem) {
+        if !self.transport.queues[0].ready() || !self.transport.queues[0].is_valid(mem) {
             return;
         }
         let mut served = false;
-        while let Some(chain) = self.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = self.transport.queues[0].pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let descs: Vec<(GuestAddress, u32, bool)> = chain
                 .take(usize::from(QUEUE_SIZE))
                 .map(|d| (d.addr(), d.len(), d.is_write_only()))
                 .collect();
             let used = self.serve(mem, &descs);
-            if self.queue.add_used(mem, head, used).is_err() {
-                self.status |= STATUS_FAILED;
+            if self.transport.queues[0].add_used(mem, head, used).is_err() {
+                self.transport.status |= STATUS_FAILED;
                 return;
             }
             served = true;
         }
-        if served && self.queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt_status |= 1;
+        if served
+            && self.transport.queues[0]
+                .needs_notification(mem)
+                .unwrap_or(true)
+        {
+            self.transport.interrupt_status |= 1;
             let _ = self.irq.write(1);
         }
     }
@@ -465,46 +351,51 @@ impl VirtioBlk {
 
     /// The device's saved state.
     pub fn state(&self) -> VirtioBlkState {
+        let r = self.transport.registers();
+        let q = self.transport.queue_state(0);
         VirtioBlkState {
-            status: self.status,
-            driver_features: self.driver_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            interrupt_status: self.interrupt_status,
-            queue_sel: self.queue_sel,
-            queue_size: self.queue.size(),
-            queue_ready: self.queue.ready(),
-            desc_table: self.queue.desc_table(),
-            avail_ring: self.queue.avail_ring(),
-            used_ring: self.queue.used_ring(),
-            next_avail: self.queue.next_avail(),
-            next_used: self.queue.next_used(),
+            status: r.status,
+            driver_features: r.driver_features,
+            device_features_sel: r.device_features_sel,
+            driver_features_sel: r.driver_features_sel,
+            interrupt_status: r.interrupt_status,
+            queue_sel: r.queue_sel,
+            queue_size: q.size,
+            queue_ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
         }
     }
 
     /// Restores a saved state (the backing file stays).
     pub fn restore(&mut self, s: &VirtioBlkState) {
-        self.status = s.status;
-        self.driver_features = s.driver_features;
-        self.device_features_sel = s.device_features_sel;
-        self.driver_features_sel = s.driver_features_sel;
-        self.interrupt_status = s.interrupt_status;
-        self.queue_sel = s.queue_sel;
-        self.queue.set_size(s.queue_size);
-        self.queue
-            .set_desc_table_address(Some(s.desc_table as u32), Some((s.desc_table >> 32) as u32));
-        self.queue
-            .set_avail_ring_address(Some(s.avail_ring as u32), Some((s.avail_ring >> 32) as u32));
-        self.queue
-            .set_used_ring_address(Some(s.used_ring as u32), Some((s.used_ring >> 32) as u32));
-        self.queue.set_next_avail(s.next_avail);
-        self.queue.set_next_used(s.next_used);
-        self.queue.set_ready(s.queue_ready);
+        let r = Registers {
+            status: s.status,
+            driver_features: s.driver_features,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            interrupt_status: s.interrupt_status,
+            queue_sel: s.queue_sel,
+        };
+        let q = QueueState {
+            size: s.queue_size,
+            ready: s.queue_ready,
+            desc_table: s.desc_table,
+            avail_ring: s.avail_ring,
+            used_ring: s.used_ring,
+            next_avail: s.next_avail,
+            next_used: s.next_used,
+        };
+        self.transport.restore(&r, &[q]);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::virtio_mmio::{MMIO_MAGIC, reg};
     use super::*;
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};

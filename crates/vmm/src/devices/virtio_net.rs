@@ -1,5 +1,5 @@
-//! A virtio network device behind a virtio-mmio (version 2) transport, with a frame backend
-//! (a tap in production). Queue 0 receives, queue 1 transmits.
+//! A virtio network device behind the virtio-mmio (version 2) transport of [`super::virtio_mmio`],
+//! with a frame backend (a tap in production). Queue 0 receives, queue 1 transmits.
 //!
 //! TX is served on the vCPU thread that writes QueueNotify; RX is served by a thread per device
 //! that polls the backend (`spawn_rx_thread`) and by the vCPU thread when the guest adds receive
@@ -11,13 +11,14 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::sync::{Mutex, Weak};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::announce::{self, snoop_ipv4};
 use super::tap::NetBackend;
-use super::virtio_blk::{MMIO_MAGIC, MMIO_VERSION, VENDOR_ID};
+pub use super::virtio_mmio::QueueState;
+use super::virtio_mmio::{Event, Registers, STATUS_DRIVER_OK, STATUS_FAILED, Transport};
 
 /// Device ID of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -36,60 +37,12 @@ pub const F_MAC: u64 = 1 << 5;
 /// VIRTIO_NET_F_STATUS.
 pub const F_STATUS: u64 = 1 << 16;
 /// VIRTIO_F_RING_EVENT_IDX.
-pub const F_EVENT_IDX: u64 = 1 << 29;
+pub const F_EVENT_IDX: u64 = super::virtio_mmio::F_EVENT_IDX;
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
 
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FAILED: u32 = 128;
 const RX: usize = 0;
 const TX: usize = 1;
-
-mod reg {
-    pub const MAGIC: u64 = 0x000;
-    pub const VERSION: u64 = 0x004;
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const VENDOR_ID: u64 = 0x00c;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = 0x050;
-    pub const INTERRUPT_STATUS: u64 = 0x060;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-    pub const CONFIG_GENERATION: u64 = 0x0fc;
-    pub const CONFIG: u64 = 0x100;
-}
-
-/// The saved state of one virtqueue.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct QueueState {
-    /// Its size.
-    pub size: u16,
-    /// Ready.
-    pub ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-    /// Next available index the device will read.
-    pub next_avail: u16,
-    /// Next used index the device will write.
-    pub next_used: u16,
-}
 
 /// The saved state of a virtio-net device and its transport.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -139,22 +92,11 @@ pub struct VirtioNet {
     irq: EventFd,
     /// Written when the guest adds receive buffers, to wake the RX thread.
     rx_wake: EventFd,
-    queues: [Queue; 2],
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    interrupt_status: u32,
-    queue_sel: u32,
+    transport: Transport<2>,
     rx_pending: std::collections::VecDeque<Vec<u8>>,
     guest_ip: Option<Ipv4Addr>,
     paused: bool,
     counters: NetCounters,
-}
-
-fn new_queue() -> Queue {
-    // QUEUE_SIZE is a power of two; Queue::new cannot fail for it.
-    Queue::new(QUEUE_SIZE).unwrap_or_else(|_| unreachable!("valid queue size"))
 }
 
 impl VirtioNet {
@@ -170,13 +112,8 @@ impl VirtioNet {
             mac,
             irq,
             rx_wake: EventFd::new(libc::EFD_NONBLOCK)?,
-            queues: [new_queue(), new_queue()],
-            status: 0,
-            device_features_sel: 0,
-            driver_features_sel: 0,
-            driver_features: 0,
-            interrupt_status: 0,
-            queue_sel: 0,
+            // The driver's feature bits are masked by the offer.
+            transport: Transport::new(VIRTIO_ID_NET, Self::FEATURES, QUEUE_SIZE, true),
             rx_pending: Default::default(),
             guest_ip,
             paused: false,
@@ -186,8 +123,10 @@ impl VirtioNet {
 
     /// The features this device offers.
     pub fn device_features(&self) -> u64 {
-        F_VERSION_1 | F_MAC | F_STATUS | F_EVENT_IDX
+        Self::FEATURES
     }
+
+    const FEATURES: u64 = F_VERSION_1 | F_MAC | F_STATUS | F_EVENT_IDX;
 
     /// The MAC address.
     pub fn mac(&self) -> [u8; 6] {
@@ -224,127 +163,27 @@ impl VirtioNet {
         sent
     }
 
-    fn sel(&self) -> Option<usize> {
-        match self.queue_sel {
-            0 => Some(RX),
-            1 => Some(TX),
-            _ => None,
-        }
-    }
-
     /// A guest read of `data.len()` bytes at `offset` in the slot.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if offset >= reg::CONFIG {
-            // mac[6], status u16 (VIRTIO_NET_S_LINK_UP).
-            let mut config = [0u8; 8];
-            config[..6].copy_from_slice(&self.mac);
-            config[6] = 1;
-            let start = (offset - reg::CONFIG) as usize;
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = config.get(start + i).copied().unwrap_or(0);
-            }
-            return;
-        }
-        let q = self.sel();
-        let v: u32 = match offset {
-            reg::MAGIC => MMIO_MAGIC,
-            reg::VERSION => MMIO_VERSION,
-            reg::DEVICE_ID => VIRTIO_ID_NET,
-            reg::VENDOR_ID => VENDOR_ID,
-            reg::DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.device_features() as u32,
-                1 => (self.device_features() >> 32) as u32,
-                _ => 0,
-            },
-            reg::QUEUE_NUM_MAX if q.is_some() => u32::from(QUEUE_SIZE),
-            reg::QUEUE_READY => q.map(|q| u32::from(self.queues[q].ready())).unwrap_or(0),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
-            reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => 0,
-            _ => 0,
-        };
-        let bytes = v.to_le_bytes();
-        let n = data.len().min(4);
-        data[..n].copy_from_slice(&bytes[..n]);
+        // mac[6], status u16 (VIRTIO_NET_S_LINK_UP).
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6] = 1;
+        self.transport.read(offset, data, &config);
     }
 
     /// A guest write of `data` at `offset` in the slot; queue notifications are served against
     /// `mem`.
     pub fn write<M: GuestMemoryBackend>(&mut self, mem: &M, offset: u64, data: &[u8]) {
-        if offset >= reg::CONFIG {
-            return;
+        match self.transport.write(offset, data) {
+            Event::Notify(0) => {
+                self.process_rx(mem);
+                let _ = self.rx_wake.write(1);
+            }
+            Event::Notify(1) => self.process_tx(mem),
+            Event::Reset => self.rx_pending.clear(),
+            Event::Notify(_) | Event::None => {}
         }
-        let mut b = [0u8; 4];
-        let n = data.len().min(4);
-        b[..n].copy_from_slice(&data[..n]);
-        let v = u32::from_le_bytes(b);
-        let q = self.sel();
-        match (offset, q) {
-            (reg::DEVICE_FEATURES_SEL, _) => self.device_features_sel = v,
-            (reg::DRIVER_FEATURES_SEL, _) => self.driver_features_sel = v,
-            (reg::DRIVER_FEATURES, _) => {
-                let v = match self.driver_features_sel {
-                    0 => u64::from(v),
-                    1 => u64::from(v) << 32,
-                    _ => return,
-                } & self.device_features();
-                let keep = if self.driver_features_sel == 0 {
-                    0xffff_ffff_0000_0000
-                } else {
-                    0xffff_ffff
-                };
-                self.driver_features = (self.driver_features & keep) | v;
-            }
-            (reg::QUEUE_SEL, _) => self.queue_sel = v,
-            (reg::QUEUE_NUM, Some(q)) => self.queues[q].set_size(v as u16),
-            (reg::QUEUE_READY, Some(q)) => {
-                let event_idx = self.driver_features & F_EVENT_IDX != 0;
-                self.queues[q].set_event_idx(event_idx);
-                self.queues[q].set_ready(v == 1);
-            }
-            (reg::QUEUE_DESC_LOW, Some(q)) => self.queues[q].set_desc_table_address(Some(v), None),
-            (reg::QUEUE_DESC_HIGH, Some(q)) => self.queues[q].set_desc_table_address(None, Some(v)),
-            (reg::QUEUE_DRIVER_LOW, Some(q)) => {
-                self.queues[q].set_avail_ring_address(Some(v), None)
-            }
-            (reg::QUEUE_DRIVER_HIGH, Some(q)) => {
-                self.queues[q].set_avail_ring_address(None, Some(v))
-            }
-            (reg::QUEUE_DEVICE_LOW, Some(q)) => self.queues[q].set_used_ring_address(Some(v), None),
-            (reg::QUEUE_DEVICE_HIGH, Some(q)) => {
-                self.queues[q].set_used_ring_address(None, Some(v))
-            }
-            (reg::QUEUE_NOTIFY, _) if self.status & STATUS_DRIVER_OK != 0 => match v {
-                0 => {
-                    self.process_rx(mem);
-                    let _ = self.rx_wake.write(1);
-                }
-                1 => self.process_tx(mem),
-                _ => {}
-            },
-            (reg::INTERRUPT_ACK, _) => self.interrupt_status &= !v,
-            (reg::STATUS, _) => {
-                if v == 0 {
-                    self.reset();
-                } else {
-                    self.status = v;
-                }
-            }
-            _ => {}
-        }
-    }
-
-    fn reset(&mut self) {
-        for q in &mut self.queues {
-            q.reset();
-        }
-        self.status = 0;
-        self.driver_features = 0;
-        self.interrupt_status = 0;
-        self.queue_sel = 0;
-        self.device_features_sel = 0;
-        self.driver_features_sel = 0;
-        self.rx_pending.clear();
     }
 
     /// Moves the frames waiting in the backend into the device's queue (at most
@@ -365,26 +204,28 @@ impl VirtioNet {
 
     fn active<M: GuestMemoryBackend>(&self, mem: &M, q: usize) -> bool {
         !self.paused
-            && self.status & STATUS_DRIVER_OK != 0
-            && self.status & STATUS_FAILED == 0
-            && self.queues[q].ready()
-            && self.queues[q].is_valid(mem)
+            && self.transport.status & STATUS_DRIVER_OK != 0
+            && self.transport.status & STATUS_FAILED == 0
+            && self.transport.queues[q].ready()
+            && self.transport.queues[q].is_valid(mem)
     }
 
     /// Whether the driver wants an interrupt for what was just used: EVENT_IDX's used_event when
     /// negotiated, else the avail ring's VRING_AVAIL_F_NO_INTERRUPT flag.
     fn wants_interrupt<M: GuestMemoryBackend>(&mut self, mem: &M, q: usize) -> bool {
-        if self.driver_features & F_EVENT_IDX != 0 {
-            return self.queues[q].needs_notification(mem).unwrap_or(true);
+        if self.transport.driver_features & F_EVENT_IDX != 0 {
+            return self.transport.queues[q]
+                .needs_notification(mem)
+                .unwrap_or(true);
         }
         let flags: u16 = mem
-            .read_obj(GuestAddress(self.queues[q].avail_ring()))
+            .read_obj(GuestAddress(self.transport.queues[q].avail_ring()))
             .unwrap_or(0);
         flags & 1 == 0
     }
 
     fn interrupt(&mut self) {
-        self.interrupt_status |= 1;
+        self.transport.interrupt_status |= 1;
         self.counters.interrupts += 1;
         let _ = self.irq.write(1);
     }
@@ -397,11 +238,11 @@ impl VirtioNet {
         let mut served = false;
         let mut frame = Vec::with_capacity(NET_HDR_LEN + MAX_FRAME);
         loop {
-            if self.queues[TX].disable_notification(mem).is_err() {
-                self.status |= STATUS_FAILED;
+            if self.transport.queues[TX].disable_notification(mem).is_err() {
+                self.transport.status |= STATUS_FAILED;
                 return;
             }
-            while let Some(chain) = self.queues[TX].pop_descriptor_chain(mem) {
+            while let Some(chain) = self.transport.queues[TX].pop_descriptor_chain(mem) {
                 let head = chain.head_index();
                 frame.clear();
                 let mut ok = true;
@@ -430,17 +271,17 @@ impl VirtioNet {
                 } else {
                     self.counters.dropped += 1;
                 }
-                if self.queues[TX].add_used(mem, head, 0).is_err() {
-                    self.status |= STATUS_FAILED;
+                if self.transport.queues[TX].add_used(mem, head, 0).is_err() {
+                    self.transport.status |= STATUS_FAILED;
                     return;
                 }
                 served = true;
             }
-            match self.queues[TX].enable_notification(mem) {
+            match self.transport.queues[TX].enable_notification(mem) {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(_) => {
-                    self.status |= STATUS_FAILED;
+                    self.transport.status |= STATUS_FAILED;
                     return;
                 }
             }
@@ -474,14 +315,14 @@ impl VirtioNet {
                     Err(_) => break,
                 },
             };
-            let chain = match self.queues[RX].pop_descriptor_chain(mem) {
+            let chain = match self.transport.queues[RX].pop_descriptor_chain(mem) {
                 Some(c) => c,
                 None => {
                     // No buffer: keep the frame and ask the guest to kick when it adds some.
                     self.rx_pending.push_front(frame);
-                    match self.queues[RX].enable_notification(mem) {
+                    match self.transport.queues[RX].enable_notification(mem) {
                         Ok(true) => {
-                            let _ = self.queues[RX].disable_notification(mem);
+                            let _ = self.transport.queues[RX].disable_notification(mem);
                             continue;
                         }
                         _ => break,
@@ -528,8 +369,11 @@ impl VirtioNet {
                 self.counters.dropped += 1;
                 written = 0;
             }
-            if self.queues[RX].add_used(mem, head, written).is_err() {
-                self.status |= STATUS_FAILED;
+            if self.transport.queues[RX]
+                .add_used(mem, head, written)
+                .is_err()
+            {
+                self.transport.status |= STATUS_FAILED;
                 return false;
             }
             served = true;
@@ -542,24 +386,19 @@ impl VirtioNet {
 
     /// The device's saved state.
     pub fn state(&self) -> VirtioNetState {
-        let qs = |q: &Queue| QueueState {
-            size: q.size(),
-            ready: q.ready(),
-            desc_table: q.desc_table(),
-            avail_ring: q.avail_ring(),
-            used_ring: q.used_ring(),
-            next_avail: q.next_avail(),
-            next_used: q.next_used(),
-        };
+        let r = self.transport.registers();
         VirtioNetState {
             mac: self.mac,
-            status: self.status,
-            driver_features: self.driver_features,
-            device_features_sel: self.device_features_sel,
-            driver_features_sel: self.driver_features_sel,
-            interrupt_status: self.interrupt_status,
-            queue_sel: self.queue_sel,
-            queues: [qs(&self.queues[RX]), qs(&self.queues[TX])],
+            status: r.status,
+            driver_features: r.driver_features,
+            device_features_sel: r.device_features_sel,
+            driver_features_sel: r.driver_features_sel,
+            interrupt_status: r.interrupt_status,
+            queue_sel: r.queue_sel,
+            queues: [
+                self.transport.queue_state(RX),
+                self.transport.queue_state(TX),
+            ],
             rx_pending: self.rx_pending.iter().cloned().collect(),
             guest_ip: self.guest_ip,
         }
@@ -568,29 +407,15 @@ impl VirtioNet {
     /// Restores a saved state (the backend stays; the MAC comes from the state).
     pub fn restore(&mut self, s: &VirtioNetState) {
         self.mac = s.mac;
-        self.status = s.status;
-        self.driver_features = s.driver_features;
-        self.device_features_sel = s.device_features_sel;
-        self.driver_features_sel = s.driver_features_sel;
-        self.interrupt_status = s.interrupt_status;
-        self.queue_sel = s.queue_sel;
-        let event_idx = s.driver_features & F_EVENT_IDX != 0;
-        for (q, qs) in self.queues.iter_mut().zip(&s.queues) {
-            q.set_size(qs.size);
-            q.set_desc_table_address(
-                Some(qs.desc_table as u32),
-                Some((qs.desc_table >> 32) as u32),
-            );
-            q.set_avail_ring_address(
-                Some(qs.avail_ring as u32),
-                Some((qs.avail_ring >> 32) as u32),
-            );
-            q.set_used_ring_address(Some(qs.used_ring as u32), Some((qs.used_ring >> 32) as u32));
-            q.set_next_avail(qs.next_avail);
-            q.set_next_used(qs.next_used);
-            q.set_event_idx(event_idx);
-            q.set_ready(qs.ready);
-        }
+        let r = Registers {
+            status: s.status,
+            driver_features: s.driver_features,
+            device_features_sel: s.device_features_sel,
+            driver_features_sel: s.driver_features_sel,
+            interrupt_status: s.interrupt_status,
+            queue_sel: s.queue_sel,
+        };
+        self.transport.restore(&r, &s.queues);
         self.rx_pending = s
             .rx_pending
             .iter()
@@ -657,6 +482,7 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::super::virtio_mmio::{MMIO_MAGIC, reg};
     use super::*;
     use std::collections::VecDeque;
     use std::sync::Arc;
