@@ -32,6 +32,7 @@ packages=(
     binutils                     # objdump: the test guest's build checks its CPL0 code for SSE
     protobuf-compiler            # etcd-client's build
     xz-utils                     # unpacking the Linux kernel package for the banner test
+    linux-image-amd64            # a stock kernel (/boot/vmlinuz-*, initrd) for the Linux boot tests
 )
 
 missing=()
