@@ -22,6 +22,7 @@ mod pvh;
 mod smp;
 mod sys;
 mod virtio;
+mod virtio_mmio;
 mod workload;
 
 core::arch::global_asm!(include_str!("boot.s"), options(att_syntax));

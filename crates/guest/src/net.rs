@@ -12,47 +12,17 @@
 
 use core::sync::atomic::{Ordering, fence};
 
+use crate::virtio_mmio::{Mmio, REG_CONFIG, REG_QUEUE_NOTIFY, REG_VERSION};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet, SocketStorage};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpCidr, Ipv4Address};
 
-const SLOT_BASE: u64 = 0xfeb0_0000;
-const SLOT_SIZE: u64 = 0x200;
-const SLOTS: u64 = 24;
-const MAGIC: u32 = 0x7472_6976;
 const DEVICE_NET: u32 = 1;
-
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_LEGACY_GUEST_PAGE_SIZE: u64 = 0x028;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_LEGACY_QUEUE_ALIGN: u64 = 0x03c;
-const REG_LEGACY_QUEUE_PFN: u64 = 0x040;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC: u64 = 0x080;
-const REG_QUEUE_DRIVER: u64 = 0x090;
-const REG_QUEUE_DEVICE: u64 = 0x0a0;
-const REG_CONFIG: u64 = 0x100;
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
 
 const F_MAC: u32 = 1 << 5;
 const F_EVENT_IDX: u32 = 1 << 29;
-const F_VERSION_1_HIGH: u32 = 1 << 0;
 
 const DESC_F_WRITE: u16 = 2;
 const USED_F_NO_NOTIFY: u16 = 1;
@@ -73,26 +43,6 @@ struct Buffers([[[u8; BUF]; QSIZE]; 2]);
 
 static mut RINGS: Rings = Rings([[0; 2 * PAGE]; 2]);
 static mut BUFFERS: Buffers = Buffers([[[0; BUF]; QSIZE]; 2]);
-
-#[derive(Clone, Copy, Debug)]
-struct Mmio {
-    base: u64,
-}
-
-impl Mmio {
-    fn r32(self, off: u64) -> u32 {
-        // SAFETY: the virtio-mmio window is identity-mapped (uncached) device memory.
-        unsafe { ((self.base + off) as *const u32).read_volatile() }
-    }
-    fn w32(self, off: u64, v: u32) {
-        // SAFETY: as above.
-        unsafe { ((self.base + off) as *mut u32).write_volatile(v) }
-    }
-    fn r8(self, off: u64) -> u8 {
-        // SAFETY: as above (config space is byte-addressable).
-        unsafe { ((self.base + off) as *const u8).read_volatile() }
-    }
-}
 
 fn ring(q: usize) -> u64 {
     // SAFETY: only the address is taken.
@@ -206,50 +156,22 @@ pub struct VirtioNet {
     pub version: u32,
 }
 
-fn find_net() -> Option<(u64, Mmio)> {
-    (0..SLOTS).rev().find_map(|n| {
-        let m = Mmio {
-            base: SLOT_BASE + n * SLOT_SIZE,
-        };
-        (m.r32(REG_MAGIC) == MAGIC && m.r32(REG_DEVICE_ID) == DEVICE_NET).then_some((n, m))
-    })
-}
-
 impl VirtioNet {
     /// Finds the first virtio-net device (highest slot first) and brings it up.
     pub fn probe() -> Result<VirtioNet, &'static str> {
-        let (slot, mmio) = find_net().ok_or("no virtio-net device")?;
+        let (slot, mmio) = Mmio::find(DEVICE_NET).ok_or("no virtio-net device")?;
         let version = mmio.r32(REG_VERSION);
         if version != 1 && version != 2 {
             return Err("unknown virtio-mmio version");
         }
-        mmio.w32(REG_STATUS, 0);
-        mmio.w32(REG_STATUS, STATUS_ACKNOWLEDGE);
-        mmio.w32(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        mmio.w32(REG_DEVICE_FEATURES_SEL, 0);
-        let low = mmio.r32(REG_DEVICE_FEATURES);
-        if low & F_MAC == 0 {
-            return Err("device has no MAC address");
-        }
-        let want = low & (F_MAC | F_EVENT_IDX);
-        mmio.w32(REG_DRIVER_FEATURES_SEL, 0);
-        mmio.w32(REG_DRIVER_FEATURES, want);
-        let mut status = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
-        if version == 2 {
-            mmio.w32(REG_DEVICE_FEATURES_SEL, 1);
-            if mmio.r32(REG_DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
-                return Err("version 2 device without VIRTIO_F_VERSION_1");
+        let mut want = 0;
+        let status = mmio.negotiate(version, |low| {
+            if low & F_MAC == 0 {
+                return Err("device has no MAC address");
             }
-            mmio.w32(REG_DRIVER_FEATURES_SEL, 1);
-            mmio.w32(REG_DRIVER_FEATURES, F_VERSION_1_HIGH);
-            status |= STATUS_FEATURES_OK;
-            mmio.w32(REG_STATUS, status);
-            if mmio.r32(REG_STATUS) & STATUS_FEATURES_OK == 0 {
-                return Err("device refused the features");
-            }
-        } else {
-            mmio.w32(REG_LEGACY_GUEST_PAGE_SIZE, PAGE as u32);
-        }
+            want = low & (F_MAC | F_EVENT_IDX);
+            Ok(want)
+        })?;
         let mut mac = [0u8; 6];
         for (i, b) in mac.iter_mut().enumerate() {
             *b = mmio.r8(REG_CONFIG + i as u64);
@@ -259,29 +181,12 @@ impl VirtioNet {
             (&raw mut RINGS).write_bytes(0, 1);
         }
         for q in [RXQ, TXQ] {
-            mmio.w32(REG_QUEUE_SEL, q as u32);
-            let max = mmio.r32(REG_QUEUE_NUM_MAX) as usize;
-            if max < QSIZE {
+            if (mmio.queue_max(q as u32) as usize) < QSIZE {
                 return Err("virtio-net queue too small or absent");
             }
-            mmio.w32(REG_QUEUE_NUM, QSIZE as u32);
-            let (desc, avail, used) = (ring(q), ring(q) + 16 * QSIZE as u64, ring(q) + PAGE as u64);
             // We poll: no interrupts wanted (without EVENT_IDX this flag says so).
-            w16(avail, AVAIL_F_NO_INTERRUPT);
-            if version == 2 {
-                for (reg, addr) in [
-                    (REG_QUEUE_DESC, desc),
-                    (REG_QUEUE_DRIVER, avail),
-                    (REG_QUEUE_DEVICE, used),
-                ] {
-                    mmio.w32(reg, addr as u32);
-                    mmio.w32(reg + 4, (addr >> 32) as u32);
-                }
-                mmio.w32(REG_QUEUE_READY, 1);
-            } else {
-                mmio.w32(REG_LEGACY_QUEUE_ALIGN, PAGE as u32);
-                mmio.w32(REG_LEGACY_QUEUE_PFN, (ring(q) / PAGE as u64) as u32);
-            }
+            w16(ring(q) + 16 * QSIZE as u64, AVAIL_F_NO_INTERRUPT);
+            mmio.setup_queue(version, q as u32, QSIZE as u16, ring(q));
         }
         let mut dev = VirtioNet {
             mmio,
@@ -316,7 +221,7 @@ impl VirtioNet {
                 .set_desc(i, buf_addr(RXQ, i), BUF as u32, DESC_F_WRITE);
             dev.rx.push(i);
         }
-        mmio.w32(REG_STATUS, status | STATUS_DRIVER_OK);
+        mmio.driver_ok(status);
         dev.mmio.w32(REG_QUEUE_NOTIFY, RXQ as u32);
         dev.rx.kicked_at = dev.rx.avail_idx;
         Ok(dev)

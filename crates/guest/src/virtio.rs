@@ -1,47 +1,17 @@
-//! virtio-mmio (legacy version 1 and modern version 2 transports) and the virtio-blk check: scan the
-//! slots, drive one request at a time through a polled queue, write a pattern, flush, read it back.
+//! The virtio-blk check over the shared virtio-mmio transport (`virtio_mmio`): drive one request at
+//! a time through a polled queue, write a pattern, flush, read it back.
 
 use core::sync::atomic::{Ordering, fence};
 
 use crate::sys::rdtsc;
+use crate::virtio_mmio::{
+    Mmio, REG_CONFIG, REG_INTERRUPT_ACK, REG_INTERRUPT_STATUS, REG_QUEUE_NOTIFY, REG_VERSION,
+};
 
-const SLOT_BASE: u64 = 0xfeb0_0000;
-const SLOT_SIZE: u64 = 0x200;
-const SLOTS: u64 = 24;
-const MAGIC: u32 = 0x7472_6976;
 const DEVICE_BLK: u32 = 2;
-
-const REG_MAGIC: u64 = 0x000;
-const REG_VERSION: u64 = 0x004;
-const REG_DEVICE_ID: u64 = 0x008;
-const REG_DEVICE_FEATURES: u64 = 0x010;
-const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
-const REG_DRIVER_FEATURES: u64 = 0x020;
-const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
-const REG_LEGACY_GUEST_PAGE_SIZE: u64 = 0x028;
-const REG_QUEUE_SEL: u64 = 0x030;
-const REG_QUEUE_NUM_MAX: u64 = 0x034;
-const REG_QUEUE_NUM: u64 = 0x038;
-const REG_LEGACY_QUEUE_ALIGN: u64 = 0x03c;
-const REG_LEGACY_QUEUE_PFN: u64 = 0x040;
-const REG_QUEUE_READY: u64 = 0x044;
-const REG_QUEUE_NOTIFY: u64 = 0x050;
-const REG_INTERRUPT_STATUS: u64 = 0x060;
-const REG_INTERRUPT_ACK: u64 = 0x064;
-const REG_STATUS: u64 = 0x070;
-const REG_QUEUE_DESC: u64 = 0x080;
-const REG_QUEUE_DRIVER: u64 = 0x090;
-const REG_QUEUE_DEVICE: u64 = 0x0a0;
-const REG_CONFIG: u64 = 0x100;
-
-const STATUS_ACKNOWLEDGE: u32 = 1;
-const STATUS_DRIVER: u32 = 2;
-const STATUS_DRIVER_OK: u32 = 4;
-const STATUS_FEATURES_OK: u32 = 8;
 
 const BLK_F_RO: u32 = 1 << 5;
 const BLK_F_FLUSH: u32 = 1 << 9;
-const F_VERSION_1_HIGH: u32 = 1 << 0;
 
 const BLK_T_IN: u32 = 0;
 const BLK_T_OUT: u32 = 1;
@@ -70,23 +40,6 @@ static mut RINGS: Rings = Rings([0; 2 * PAGE as usize]);
 static mut DATA: Data = Data([0; CHUNK_SECTORS * SECTOR]);
 static mut HEADER: Header = Header([0; 32]);
 
-/// One virtio-mmio device window.
-#[derive(Clone, Copy, Debug)]
-struct Mmio {
-    base: u64,
-}
-
-impl Mmio {
-    fn r32(self, off: u64) -> u32 {
-        // SAFETY: the virtio-mmio window is identity-mapped (uncached) device memory.
-        unsafe { ((self.base + off) as *const u32).read_volatile() }
-    }
-    fn w32(self, off: u64, v: u32) {
-        // SAFETY: as above.
-        unsafe { ((self.base + off) as *mut u32).write_volatile(v) }
-    }
-}
-
 /// The byte the check writes at offset `i` of sector `sector`: a 16-byte tag (`TERNBLK\0` and the
 /// sector number, little-endian), then `(sector * 7 + i) % 251`.
 pub fn pattern_byte(sector: u64, i: usize) -> u8 {
@@ -96,15 +49,6 @@ pub fn pattern_byte(sector: u64, i: usize) -> u8 {
         8..16 => sector.to_le_bytes()[i - 8],
         _ => ((sector * 7 + i as u64) % 251) as u8,
     }
-}
-
-fn find_blk() -> Option<(u64, Mmio)> {
-    (0..SLOTS).rev().find_map(|n| {
-        let m = Mmio {
-            base: SLOT_BASE + n * SLOT_SIZE,
-        };
-        (m.r32(REG_MAGIC) == MAGIC && m.r32(REG_DEVICE_ID) == DEVICE_BLK).then_some((n, m))
-    })
 }
 
 struct Blk {
@@ -123,59 +67,23 @@ impl Blk {
     }
 
     fn setup(mmio: Mmio, version: u32, timeout_ticks: u64) -> Result<Blk, &'static str> {
-        mmio.w32(REG_STATUS, 0);
-        mmio.w32(REG_STATUS, STATUS_ACKNOWLEDGE);
-        mmio.w32(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        mmio.w32(REG_DEVICE_FEATURES_SEL, 0);
-        let low = mmio.r32(REG_DEVICE_FEATURES);
-        if low & BLK_F_RO != 0 {
-            return Err("device is read-only");
-        }
-        let flush = low & BLK_F_FLUSH != 0;
-        mmio.w32(REG_DRIVER_FEATURES_SEL, 0);
-        mmio.w32(REG_DRIVER_FEATURES, low & BLK_F_FLUSH);
-        let mut status = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
-        if version == 2 {
-            mmio.w32(REG_DEVICE_FEATURES_SEL, 1);
-            if mmio.r32(REG_DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
-                return Err("version 2 device without VIRTIO_F_VERSION_1");
+        let mut flush = false;
+        let status = mmio.negotiate(version, |low| {
+            if low & BLK_F_RO != 0 {
+                return Err("device is read-only");
             }
-            mmio.w32(REG_DRIVER_FEATURES_SEL, 1);
-            mmio.w32(REG_DRIVER_FEATURES, F_VERSION_1_HIGH);
-            status |= STATUS_FEATURES_OK;
-            mmio.w32(REG_STATUS, status);
-            if mmio.r32(REG_STATUS) & STATUS_FEATURES_OK == 0 {
-                return Err("device refused the features");
-            }
-        } else {
-            mmio.w32(REG_LEGACY_GUEST_PAGE_SIZE, PAGE as u32);
-        }
-        mmio.w32(REG_QUEUE_SEL, 0);
-        let max = mmio.r32(REG_QUEUE_NUM_MAX);
+            flush = low & BLK_F_FLUSH != 0;
+            Ok(low & BLK_F_FLUSH)
+        })?;
+        let max = mmio.queue_max(0);
         if max < 3 {
             return Err("queue 0 too small or absent");
         }
         let qsize = QSIZE.min(max.min(u16::MAX as u32) as u16);
         // SAFETY: only this CPU touches the rings, before the device is told about them.
         unsafe { (&raw mut RINGS).write_bytes(0, 1) };
-        mmio.w32(REG_QUEUE_NUM, qsize as u32);
-        let rings = Self::rings();
-        if version == 2 {
-            let (desc, avail, used) = (rings, rings + 16 * qsize as u64, rings + PAGE);
-            for (reg, addr) in [
-                (REG_QUEUE_DESC, desc),
-                (REG_QUEUE_DRIVER, avail),
-                (REG_QUEUE_DEVICE, used),
-            ] {
-                mmio.w32(reg, addr as u32);
-                mmio.w32(reg + 4, (addr >> 32) as u32);
-            }
-            mmio.w32(REG_QUEUE_READY, 1);
-        } else {
-            mmio.w32(REG_LEGACY_QUEUE_ALIGN, PAGE as u32);
-            mmio.w32(REG_LEGACY_QUEUE_PFN, (rings / PAGE) as u32);
-        }
-        mmio.w32(REG_STATUS, status | STATUS_DRIVER_OK);
+        mmio.setup_queue(version, 0, qsize, Self::rings());
+        mmio.driver_ok(status);
         Ok(Blk {
             mmio,
             qsize,
@@ -291,7 +199,7 @@ fn fail(what: &'static str, sector: Option<u64>) -> Outcome {
 /// Finds the virtio-blk device (highest slot first) and checks it: write the pattern over the first
 /// `VERIFY_SECTORS` sectors, flush, read back and compare. Prints a `BLK device …` line on the way.
 pub fn blk_verify(tsc_khz: u64) -> Outcome {
-    let Some((slot, mmio)) = find_blk() else {
+    let Some((slot, mmio)) = Mmio::find(DEVICE_BLK) else {
         return fail("no virtio-blk device", None);
     };
     let version = mmio.r32(REG_VERSION);
@@ -305,7 +213,7 @@ pub fn blk_verify(tsc_khz: u64) -> Outcome {
     let capacity = blk.capacity();
     crate::println!(
         "BLK device slot={slot} addr={:#x} version={version} capacity={capacity} flush={}",
-        mmio.base,
+        mmio.base(),
         blk.flush as u8
     );
     let sectors = capacity.min(VERIFY_SECTORS);
