@@ -6,11 +6,11 @@
 //! /proc/PID/smaps as the anonymous mapping of the guest's size), sampled once the guest runs.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
+use crate::bench_common::{build_release_tern, export_testguest, peer_version, scratch_dir};
 use anyhow::{Context, bail, ensure};
 
 /// Options of `cargo xtask bench boot`.
@@ -139,40 +139,12 @@ fn report(name: &str, samples: &[Sample]) -> (f64, f64, f64) {
     (t, rss, ovh)
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 pub fn run(args: BootArgs) -> anyhow::Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = workspace_root();
-    println!("building tern (release)…");
-    let st = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "tern"])
-        .status()?;
-    ensure!(st.success(), "cargo build --release -p tern failed");
-    let tern = root.join("target/release/tern");
-    let dir = std::env::temp_dir().join(format!("tern-bench-boot-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let elf = dir.join("testguest.elf");
-    let st = Command::new(&tern)
-        .args(["image", "export", "testguest", "--out"])
-        .arg(&elf)
-        .status()?;
-    ensure!(st.success(), "tern image export failed");
-    let qemu_version = Command::new(&args.qemu)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("cannot run {} (install qemu-system-x86)", args.qemu))?;
-    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let tern = build_release_tern()?;
+    let dir = scratch_dir("boot")?;
+    let elf = export_testguest(&tern, &dir)?;
+    let qemu_version = peer_version(&args.qemu)?;
 
     let cmdline = "tern.hb_ms=50";
     let guest_kib = args.memory_mib * 1024;

@@ -9,11 +9,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
+use crate::bench_common::{build_release_tern, export_testguest, peer_version, scratch_dir};
 use anyhow::{Context, bail, ensure};
 
 /// Options of `cargo xtask bench migrate`.
@@ -448,40 +449,12 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = workspace_root();
-    println!("building tern (release)…");
-    let st = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "tern"])
-        .status()?;
-    ensure!(st.success(), "cargo build --release -p tern failed");
-    let tern = root.join("target/release/tern");
-    let dir = std::env::temp_dir().join(format!("tern-bench-migrate-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let elf = dir.join("testguest.elf");
-    let st = Command::new(&tern)
-        .args(["image", "export", "testguest", "--out"])
-        .arg(&elf)
-        .status()?;
-    ensure!(st.success(), "tern image export failed");
-    let qv = Command::new(&args.qemu)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("cannot run {} (install qemu-system-x86)", args.qemu))?;
-    let qemu_version = String::from_utf8_lossy(&qv.stdout)
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let tern = build_release_tern()?;
+    let dir = scratch_dir("migrate")?;
+    let elf = export_testguest(&tern, &dir)?;
+    let qemu_version = peer_version(&args.qemu)?;
     // The TSC frequency the guest sees under Tern; QEMU is given the same.
     let tsc_hz = {
         let mut p = Proc::spawn({

@@ -12,13 +12,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
+use crate::bench_common::{build_release_tern, peer_version, scratch_dir};
 use anyhow::{Context, bail, ensure};
 use tern_guest_image::qemu::{QemuConfig, QemuNet};
 use tern_netlab::ns::{EchoReport, connect_from, stream_echo};
@@ -40,13 +41,6 @@ pub struct NetMigrateArgs {
     /// The QEMU binary.
     #[arg(long, default_value = "qemu-system-x86_64")]
     pub qemu: String,
-}
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -354,28 +348,12 @@ fn qemu_throughput(
 
 pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let root = workspace_root();
-    println!("building tern (release)…");
-    let st = Command::new(env!("CARGO"))
-        .current_dir(&root)
-        .args(["build", "--release", "--quiet", "-p", "tern"])
-        .status()?;
-    ensure!(st.success(), "cargo build --release -p tern failed");
-    let tern = root.join("target/release/tern");
-    let dir = std::env::temp_dir().join(format!("tern-bench-net-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    let tern = build_release_tern()?;
+    let dir = scratch_dir("net")?;
     let elf = dir.join("testguest.elf");
     std::fs::write(&elf, tern_guest_image::testguest_elf())?;
     let tsc_hz = host_tsc_hz()?;
-    let qemu_version = Command::new(&args.qemu)
-        .arg("--version")
-        .output()
-        .with_context(|| format!("cannot run {} (install qemu-system-x86)", args.qemu))?;
-    let qemu_version = String::from_utf8_lossy(&qemu_version.stdout)
-        .lines()
-        .next()
-        .unwrap_or("?")
-        .to_string();
+    let qemu_version = peer_version(&args.qemu)?;
     let mut spec = TopologySpec::new("bnm", 2);
     spec.replace_stale = true;
     let topo = Topology::build(spec)?;

@@ -7,11 +7,12 @@
 //! only by what sits behind the socket.
 
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bench_common::build_release_tern;
 use anyhow::{Context, bail, ensure};
 use tern_nbd::Client;
 use tern_volume::control::{self, LeaseAction, Request};
@@ -160,17 +161,6 @@ fn run_timed(
     Ok((lat, start.elapsed().as_secs_f64()))
 }
 
-fn tern_bin() -> anyhow::Result<PathBuf> {
-    let st = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "tern"])
-        .status()?;
-    ensure!(st.success(), "building tern failed");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("workspace root")?;
-    Ok(root.join("target/release/tern"))
-}
-
 fn need(tool: &str) -> anyhow::Result<()> {
     let ok = Command::new("sh")
         .arg("-c")
@@ -225,7 +215,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     for t in ["etcd", "qemu-nbd"] {
         need(t)?;
     }
-    let tern = tern_bin()?;
+    let tern = build_release_tern()?;
     let dir = std::env::temp_dir().join(format!("tern-bench-volume-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = bench(&args, &tern, &dir);

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_common;
 mod bench_migrate;
 mod bench_net;
 mod bench_park;
