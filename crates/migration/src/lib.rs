@@ -169,7 +169,7 @@ pub mod wire;
 
 pub use config::{CpuidDigest, MemoryLayout, PAGE_SIZE, Region, VmConfigDescription};
 pub use policy::{ConvergenceConfig, OnTimeout, ThrottleSlice};
-pub use recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive};
+pub use recv::{ReceiveError, ReceiveOptions, ReceiveReport, error_chain, receive};
 pub use report::{MigrationReport, Outcome, Progress, ProgressPhase};
 pub use send::{CancelToken, MigrateError, MigrateOptions, MigrationFailure, migrate};
 pub use vm::{MigrationSource, MigrationTarget, VmError};

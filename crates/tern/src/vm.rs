@@ -612,7 +612,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         Err(e) => {
             eprintln!(
                 "tern: incoming migration failed: {}; nothing runs here",
-                tern_migration::recv::error_chain(&e)
+                tern_migration::error_chain(&e)
             );
             Ok(ExitCode::FAILURE)
         }

@@ -394,7 +394,7 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         Err(f) => (
             Response {
                 report: serde_json::to_value(&f.report).ok(),
-                ..Response::err(tern_migration::recv::error_chain(&f.error))
+                ..Response::err(tern_migration::error_chain(&f.error))
             },
             false,
         ),
