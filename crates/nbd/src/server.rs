@@ -1,15 +1,17 @@
 //! The NBD server: handshake and transmission over any byte stream, plus a TCP accept loop.
 //!
-//! Requests on one connection are served in order; replies are written before the next request is
-//! read, so a FLUSH reply always covers every write acknowledged before it on that connection, and
-//! because every backend call goes straight to the shared backend, on every other connection too
-//! (we advertise `CAN_MULTI_CONN`).
+//! Requests on one connection are read in order and executed concurrently (up to
+//! [`MAX_IN_FLIGHT`] at once, within [`MAX_IN_FLIGHT_BYTES`] of buffers); each reply goes out when
+//! its request completes. A write is acknowledged only after the backend did it, and a FLUSH runs
+//! the backend's flush after it was read, so its reply covers every write acknowledged before it
+//! was sent, on that connection and, because every backend call goes straight to the shared
+//! backend, on every other connection too (we advertise `CAN_MULTI_CONN`).
 
 use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::proto::*;
 
@@ -215,7 +217,7 @@ fn transmission_flags(backend: &dyn Backend, structured: bool) -> u16 {
 
 /// Serve one client from handshake to disconnect. Returns `Ok` on a clean end (DISC, ABORT, EOF
 /// during the handshake counts as an error).
-pub fn serve<R: Read, W: Write>(
+pub fn serve<R: Read + Send, W: Write + Send>(
     mut r: R,
     mut w: W,
     exports: &dyn Exports,
@@ -238,7 +240,7 @@ pub fn serve<R: Read, W: Write>(
         Some(b) => b,
         None => return Ok(()),
     };
-    transmission(&mut r, &mut w, &*backend, session.structured)
+    transmission(r, w, &*backend, session.structured)
 }
 
 fn handshake<R: Read, W: Write>(
@@ -373,46 +375,181 @@ fn send_error<W: Write>(
     }
 }
 
-fn transmission<R: Read, W: Write>(
-    r: &mut R,
-    w: &mut W,
-    backend: &dyn Backend,
+/// Requests one connection may have in flight at once (each is executed on its own thread).
+pub const MAX_IN_FLIGHT: usize = 16;
+/// Bytes of request payloads and read buffers one connection may hold at once; a request waits
+/// (and with it the reading of later ones) until earlier ones free enough. At least one request
+/// of [`MAX_REQUEST_LEN`] always fits.
+pub const MAX_IN_FLIGHT_BYTES: u64 = 2 * MAX_REQUEST_LEN as u64;
+
+/// What the threads serving one connection share.
+struct Conn<'a, R, W> {
+    r: Mutex<R>,
+    w: Mutex<W>,
+    backend: &'a dyn Backend,
     structured: bool,
-) -> Result<(), ServeError> {
-    let size = backend.size();
-    let read_only = backend.read_only();
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
+    state: Mutex<ConnState>,
+    freed: Condvar,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Bytes reserved by requests being executed.
+    bytes: u64,
+    /// Threads serving this connection.
+    threads: usize,
+    /// Threads waiting to read the next request.
+    waiting: usize,
+    /// No more requests are read (DISC, or an error).
+    stop: bool,
+    /// The first error that ended the connection.
+    error: Option<ServeError>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One request read off the wire, with its payload (writes) in the reading thread's buffer.
+enum Next {
+    Execute(RequestHeader, u64),
+    Handled,
+    Stop,
+}
+
+impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
+    fn fail(&self, e: ServeError) {
+        let mut st = lock(&self.state);
+        st.stop = true;
+        st.error.get_or_insert(e);
+        self.freed.notify_all();
+    }
+
+    /// Read and validate the next request (the caller holds the reader). Rejected requests are
+    /// answered here; accepted ones reserve their bytes before anything is allocated.
+    fn next(&self, r: &mut R, buf: &mut Vec<u8>) -> Result<Next, ServeError> {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         r.read_exact(&mut hb)?;
         let req = match RequestHeader::decode(&hb) {
             Ok(h) => h,
             Err(BadMagic(m)) => return Err(ServeError::BadMagic(u64::from(m))),
         };
-        match validate(&req, size, read_only) {
+        match validate(&req, self.backend.size(), self.backend.read_only()) {
             Verdict::Reject { errno, payload } => {
                 skip(r, u64::from(payload))?;
-                send_error(w, structured, &req, errno)?;
+                let mut w = lock(&self.w);
+                send_error(&mut *w, self.structured, &req, errno)?;
                 w.flush()?;
-                continue;
+                return Ok(Next::Handled);
             }
             Verdict::RejectAndClose(errno) => {
-                send_error(w, structured, &req, errno)?;
+                let mut w = lock(&self.w);
+                send_error(&mut *w, self.structured, &req, errno)?;
                 w.flush()?;
                 return Err(ServeError::TooLarge(u64::from(req.length)));
             }
             Verdict::Execute => {}
         }
+        if req.command == Command::Disc {
+            return Ok(Next::Stop);
+        }
+        let len = req.length as usize;
+        let bytes = match req.command {
+            Command::Read | Command::Write => u64::from(req.length),
+            _ => 0,
+        };
+        {
+            let mut st = lock(&self.state);
+            while st.bytes > 0 && st.bytes + bytes > MAX_IN_FLIGHT_BYTES && !st.stop {
+                st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.stop {
+                return Ok(Next::Stop);
+            }
+            st.bytes += bytes;
+        }
+        if bytes > 0 {
+            buf.resize(len, 0);
+        }
+        if req.command == Command::Write
+            && let Err(e) = r.read_exact(&mut buf[..len])
+        {
+            self.release(bytes);
+            return Err(e.into());
+        }
+        Ok(Next::Execute(req, bytes))
+    }
+
+    fn release(&self, bytes: u64) {
+        lock(&self.state).bytes -= bytes;
+        self.freed.notify_all();
+    }
+
+    /// One serving thread: take the reader, read one request, hand the reader on, execute the
+    /// request and send its reply; repeat. A thread that finds nobody waiting to read after it
+    /// starts another (up to [`MAX_IN_FLIGHT`]), so a busy connection keeps reading while earlier
+    /// requests run, and an idle one keeps a single waiting thread.
+    fn worker<'s>(&'s self, scope: &'s std::thread::Scope<'s, '_>)
+    where
+        R: 's,
+        W: 's,
+    {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            lock(&self.state).waiting += 1;
+            let next = {
+                let mut r = lock(&self.r);
+                let stop = {
+                    let mut st = lock(&self.state);
+                    st.waiting -= 1;
+                    st.stop
+                };
+                if stop {
+                    return;
+                }
+                self.next(&mut r, &mut buf)
+            };
+            let (req, bytes) = match next {
+                Ok(Next::Execute(req, bytes)) => (req, bytes),
+                Ok(Next::Handled) => continue,
+                Ok(Next::Stop) => {
+                    let mut st = lock(&self.state);
+                    st.stop = true;
+                    self.freed.notify_all();
+                    return;
+                }
+                Err(e) => return self.fail(e),
+            };
+            {
+                let mut st = lock(&self.state);
+                if st.waiting == 0 && st.threads < MAX_IN_FLIGHT && !st.stop {
+                    st.threads += 1;
+                    scope.spawn(move || self.worker(scope));
+                }
+            }
+            let res = self.execute(&req, &mut buf);
+            self.release(bytes);
+            if let Err(e) = res {
+                return self.fail(e.into());
+            }
+            // Keep an idle thread from pinning a 32 MiB allocation.
+            if buf.capacity() > 4 << 20 {
+                buf = Vec::new();
+            }
+        }
+    }
+
+    /// Run one validated request on the backend and send its reply.
+    fn execute(&self, req: &RequestHeader, buf: &mut [u8]) -> io::Result<()> {
+        let backend = self.backend;
+        let structured = self.structured;
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let len = req.length as usize;
-        match req.command {
-            Command::Disc => {
-                w.flush()?;
-                return Ok(());
-            }
+        let res = match req.command {
             Command::Read => {
-                buf.resize(len, 0);
-                match backend.read_at(&mut buf[..len], req.offset) {
+                let res = backend.read_at(&mut buf[..len], req.offset);
+                let mut w = lock(&self.w);
+                match res {
                     Ok(()) if structured => {
                         w.write_all(&chunk_header(
                             REPLY_FLAG_DONE,
@@ -427,34 +564,55 @@ fn transmission<R: Read, W: Write>(
                         w.write_all(&simple_reply(req.cookie, 0))?;
                         w.write_all(&buf[..len])?;
                     }
-                    Err(e) => send_error(w, structured, &req, e)?,
+                    Err(e) => send_error(&mut *w, structured, req, e)?,
                 }
+                return w.flush();
             }
-            Command::Write => {
-                buf.resize(len, 0);
-                r.read_exact(&mut buf[..len])?;
-                let res = backend.write_at(&buf[..len], req.offset, fua);
-                reply_status(w, structured, &req, res)?;
-            }
-            Command::Flush => reply_status(w, structured, &req, backend.flush())?,
-            Command::Trim => {
-                let res = backend
-                    .trim(req.offset, req.length)
-                    .and_then(|()| if fua { backend.flush() } else { Ok(()) });
-                reply_status(w, structured, &req, res)?;
-            }
-            Command::WriteZeroes => {
-                let res = backend.write_zeroes(req.offset, req.length, fua);
-                reply_status(w, structured, &req, res)?;
-            }
-            Command::Unknown(_) => send_error(w, structured, &req, Errno::Inval)?,
-        }
-        // Keep the per-connection buffer from pinning a 32 MiB allocation forever.
-        if buf.capacity() > 4 << 20 {
-            buf = Vec::new();
-        }
-        w.flush()?;
+            Command::Write => backend.write_at(&buf[..len], req.offset, fua),
+            Command::Flush => backend.flush(),
+            Command::Trim => backend
+                .trim(req.offset, req.length)
+                .and_then(|()| if fua { backend.flush() } else { Ok(()) }),
+            Command::WriteZeroes => backend.write_zeroes(req.offset, req.length, fua),
+            Command::Disc | Command::Unknown(_) => Err(Errno::Inval),
+        };
+        let mut w = lock(&self.w);
+        reply_status(&mut *w, structured, req, res)?;
+        w.flush()
     }
+}
+
+/// The transmission phase. Requests are read in order by one thread at a time and executed
+/// concurrently (up to [`MAX_IN_FLIGHT`], within [`MAX_IN_FLIGHT_BYTES`]); each reply is sent as
+/// its request completes, so replies may come out of order (matched by cookie, as NBD allows).
+/// A write is replied to only after the backend has done it, and a FLUSH calls the backend's
+/// flush only once read, so it covers every write replied to before it was sent. DISC stops the
+/// reading; requests already read still complete and are answered before the connection ends.
+fn transmission<R: Read + Send, W: Write + Send>(
+    r: R,
+    w: W,
+    backend: &dyn Backend,
+    structured: bool,
+) -> Result<(), ServeError> {
+    let conn = Conn {
+        r: Mutex::new(r),
+        w: Mutex::new(w),
+        backend,
+        structured,
+        state: Mutex::new(ConnState {
+            threads: 1,
+            ..ConnState::default()
+        }),
+        freed: Condvar::new(),
+    };
+    std::thread::scope(|scope| conn.worker(scope));
+    let Conn { w, state, .. } = conn;
+    let state = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = state.error {
+        return Err(e);
+    }
+    w.into_inner().unwrap_or_else(|e| e.into_inner()).flush()?;
+    Ok(())
 }
 
 fn reply_status<W: Write>(
