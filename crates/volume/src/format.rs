@@ -44,6 +44,10 @@ pub const SUPER_MAGIC: [u8; 8] = *b"TERNVOL\0";
 pub const META_MAGIC: [u8; 8] = *b"TERNMETA";
 /// Map entry of a thin file's unallocated extent.
 pub const HOLE: u32 = u32::MAX;
+/// Largest file: 1 TiB (2^20 extents). Thin files may over-commit the volume (their sum, or one
+/// of them, may exceed it: space is taken at first write); this cap bounds a file's extent map in
+/// memory and in control replies.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
 /// Longest file name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -298,6 +302,11 @@ impl Metadata {
                 handover_from: node_opt(d.u32()?),
             };
             let want = extents_for(size);
+            if size > MAX_FILE_SIZE {
+                return Err(MetadataError::Inconsistent(format!(
+                    "{name}: {size} bytes, larger than the {MAX_FILE_SIZE}-byte maximum"
+                )));
+            }
             if want > u64::from(extent_count) && preallocated {
                 return Err(MetadataError::Inconsistent(format!(
                     "{name}: larger than the volume"

@@ -2,7 +2,9 @@
 //! extents that must be zeroed before the new state is committed; the input is never modified, so
 //! a failed operation leaves nothing half-done.
 
-use crate::format::{EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, valid_name};
+use crate::format::{
+    EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, MAX_FILE_SIZE, Metadata, extents_for, valid_name,
+};
 
 /// Why a namespace operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -16,15 +18,19 @@ pub enum NamespaceError {
     /// No such file.
     #[error("No file named {0:?}")]
     NotFound(String),
-    /// Not enough free extents.
-    #[error("No space left on the volume (ENOSPC): need {needed} extents, {free} free")]
+    /// Not enough free extents (a preallocated file, or a thin file's first write to an extent).
+    #[error(
+        "No space left on the volume (ENOSPC): need {needed} free 1 MiB extents, {free} free \
+         (preallocated files take all their extents now; thin files take them at first write \
+         and may over-commit the volume)"
+    )]
     NoSpace {
         /// Extents needed.
         needed: u64,
         /// Extents free.
         free: u64,
     },
-    /// Size zero, or shrinking.
+    /// Size zero, larger than [`MAX_FILE_SIZE`], or shrinking.
     #[error("Invalid size {size}: {why}")]
     InvalidSize {
         /// Requested size.
@@ -66,6 +72,23 @@ fn take_free(m: &Metadata, extent_count: u32, n: u64) -> Result<Vec<u32>, Namesp
     Ok(free[..n as usize].to_vec())
 }
 
+/// A file's size must be 1 byte to [`MAX_FILE_SIZE`]; thin files may exceed the volume.
+fn check_size(size: u64) -> Result<(), NamespaceError> {
+    if size == 0 {
+        return Err(NamespaceError::InvalidSize {
+            size,
+            why: "must be at least 1 byte",
+        });
+    }
+    if size > MAX_FILE_SIZE {
+        return Err(NamespaceError::InvalidSize {
+            size,
+            why: "larger than the 1 TiB maximum file size",
+        });
+    }
+    Ok(())
+}
+
 fn bump(m: &Metadata) -> Metadata {
     let mut next = m.clone();
     next.seq = m.seq + 1;
@@ -86,19 +109,8 @@ pub fn create(
     if m.files.contains_key(name) {
         return Err(NamespaceError::Exists(name.to_owned()));
     }
-    if size == 0 {
-        return Err(NamespaceError::InvalidSize {
-            size,
-            why: "must be at least 1 byte",
-        });
-    }
+    check_size(size)?;
     let n = extents_for(size);
-    if n > u64::from(extent_count) {
-        return Err(NamespaceError::NoSpace {
-            needed: n,
-            free: m.free_extents(extent_count),
-        });
-    }
     let (map, zero) = if preallocated {
         let ext = take_free(m, extent_count, n)?;
         (ext.clone(), ext)
@@ -155,6 +167,7 @@ pub fn resize(
             why: "shrinking a file is not supported",
         });
     }
+    check_size(size)?;
     let old_n = f.map.len() as u64;
     let new_n = extents_for(size);
     let add = new_n - old_n;
@@ -206,6 +219,42 @@ pub fn allocate(
     })
 }
 
+/// Give the physical extents behind logical extents `first .. first + count` of a thin file back
+/// to the volume (TRIM / WRITE_ZEROES of whole extents): they become holes, which read as zeroes.
+/// Preallocated files keep their extents (the caller zeroes them instead): the change is then a
+/// no-op, as it is when every extent is already a hole (`next.seq` unchanged in both cases).
+/// Freed extents are zeroed again before any later allocation maps them.
+pub fn deallocate(
+    m: &Metadata,
+    name: &str,
+    first: u64,
+    count: u64,
+) -> Result<Change, NamespaceError> {
+    let f = m
+        .files
+        .get(name)
+        .ok_or_else(|| NamespaceError::NotFound(name.to_owned()))?;
+    let end = first
+        .checked_add(count)
+        .filter(|&e| e <= f.map.len() as u64)
+        .ok_or_else(|| NamespaceError::OutOfRange(name.to_owned()))?;
+    let range = first as usize..end as usize;
+    if f.preallocated || f.map[range.clone()].iter().all(|&p| p == HOLE) {
+        return Ok(Change {
+            next: m.clone(),
+            zero: Vec::new(),
+        });
+    }
+    let mut next = bump(m);
+    if let Some(e) = next.files.get_mut(name) {
+        e.map[range].fill(HOLE);
+    }
+    Ok(Change {
+        next,
+        zero: Vec::new(),
+    })
+}
+
 /// Logical extent index containing byte `offset` of a file.
 pub fn extent_index(offset: u64) -> u64 {
     offset / EXTENT_SIZE
@@ -243,6 +292,63 @@ mod tests {
             vec![0],
             "a reused extent must be zeroed before it is mapped"
         );
+    }
+
+    #[test]
+    fn thin_files_over_commit_the_volume_and_enospc_comes_at_allocation() {
+        // Regression (docs quick start): a 20 GiB thin file on an 8 GiB volume is refused.
+        let m = Metadata::default();
+        let c = create(&m, 2, "big", 20 * EXTENT_SIZE, false).unwrap();
+        assert_eq!(c.next.files["big"].map.len(), 20);
+        let c = create(&c.next, 2, "big2", 30 * EXTENT_SIZE, false).unwrap();
+        let c = allocate(&c.next, 2, "big", 7).unwrap();
+        let c = allocate(&c.next, 2, "big2", 29).unwrap();
+        let err = allocate(&c.next, 2, "big", 8).unwrap_err();
+        assert_eq!(err, NamespaceError::NoSpace { needed: 1, free: 0 });
+        assert!(
+            err.to_string()
+                .contains("thin files take them at first write")
+        );
+        // A preallocated file still has to fit.
+        assert_eq!(
+            create(&Metadata::default(), 2, "p", 3 * EXTENT_SIZE, true).unwrap_err(),
+            NamespaceError::NoSpace { needed: 3, free: 2 }
+        );
+        assert!(matches!(
+            create(&m, 2, "huge", MAX_FILE_SIZE + 1, false),
+            Err(NamespaceError::InvalidSize { .. })
+        ));
+        assert!(matches!(
+            resize(&c.next, 2, "big", MAX_FILE_SIZE + 1),
+            Err(NamespaceError::InvalidSize { .. })
+        ));
+    }
+
+    #[test]
+    fn deallocate_frees_thin_extents_for_reuse_and_keeps_preallocated_ones() {
+        let m = Metadata::default();
+        let c = create(&m, 3, "t", 3 * EXTENT_SIZE, false).unwrap();
+        let c = allocate(&c.next, 3, "t", 0).unwrap();
+        let c = allocate(&c.next, 3, "t", 1).unwrap();
+        let c = allocate(&c.next, 3, "t", 2).unwrap();
+        assert_eq!(c.next.free_extents(3), 0);
+        let seq = c.next.seq;
+        let d = deallocate(&c.next, "t", 1, 2).unwrap();
+        assert_eq!(d.next.seq, seq + 1);
+        assert_eq!(d.next.files["t"].map, vec![0, HOLE, HOLE]);
+        assert_eq!(d.next.free_extents(3), 2);
+        // Already holes: nothing to commit.
+        assert_eq!(deallocate(&d.next, "t", 1, 2).unwrap().next.seq, d.next.seq);
+        assert!(matches!(
+            deallocate(&d.next, "t", 2, 2),
+            Err(NamespaceError::OutOfRange(_))
+        ));
+        // A freed extent is zeroed before it is mapped again.
+        let r = allocate(&d.next, 3, "t", 2).unwrap();
+        assert_eq!(r.zero, vec![1]);
+        let p = create(&Metadata::default(), 2, "p", 2 * EXTENT_SIZE, true).unwrap();
+        let keep = deallocate(&p.next, "p", 0, 2).unwrap();
+        assert_eq!(keep.next, p.next, "preallocated files keep their extents");
     }
 
     #[test]
