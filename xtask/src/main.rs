@@ -10,6 +10,7 @@ mod bench_park;
 mod bench_sim;
 mod bench_volume;
 mod ci;
+mod tidy;
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -22,6 +23,9 @@ struct Cli {
 enum Task {
     /// Run every check and test the way CI does (needs root and /dev/kvm).
     Test,
+    /// Check the rules of ARCHITECTURE.md that a machine can check (pure modules, anyhow, unsafe,
+    /// silently defaulted protocol fields); prints `path:line: rule: what` for every breach.
+    Tidy,
     /// Benchmarks against peers (figures printed, compared in the same run).
     #[command(subcommand)]
     Bench(Bench),
@@ -48,6 +52,7 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
+        Task::Tidy => tidy::run(),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Migrate(args)) => bench_migrate::run(args),
         Task::Bench(Bench::NetMigrate(args)) => bench_net::run(args),
