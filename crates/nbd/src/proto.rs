@@ -36,6 +36,21 @@ pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
 /// Negotiate structured replies.
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
+/// List the metadata contexts matching some queries.
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+/// Select metadata contexts for `NBD_CMD_BLOCK_STATUS` (after structured replies).
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+/// The one metadata context we offer: allocation state (holes, zeroes) of the export.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+/// The id we give `base:allocation` in `NBD_REP_META_CONTEXT`.
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// `base:allocation` state bit: the range is not allocated (a hole).
+pub const STATE_HOLE: u32 = 1 << 0;
+/// `base:allocation` state bit: the range reads as zeroes.
+pub const STATE_ZERO: u32 = 1 << 1;
+/// Most descriptors in one `BLOCK_STATUS` reply (64 KiB of payload); a client asks again for the rest.
+pub const MAX_STATUS_DESCRIPTORS: usize = 8192;
 
 /// Tern's private option: a control request (JSON) answered with [`REP_TERN_CONTROL`]. Standard
 /// servers answer it with `NBD_REP_ERR_UNSUP`; standard clients never send it. This lets one port
@@ -52,6 +67,8 @@ pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 /// One information item in an INFO/GO reply.
 pub const REP_INFO: u32 = 3;
+/// One metadata context (id, name) in a LIST/SET_META_CONTEXT reply.
+pub const REP_META_CONTEXT: u32 = 4;
 /// Error bit of option reply types.
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option not supported.
@@ -86,6 +103,8 @@ pub const TF_SEND_WRITE_ZEROES: u16 = 1 << 6;
 pub const TF_SEND_DF: u16 = 1 << 7;
 /// FLUSH on one connection covers writes acknowledged on every connection.
 pub const TF_CAN_MULTI_CONN: u16 = 1 << 8;
+/// Server understands `NBD_CMD_FLAG_FAST_ZERO`.
+pub const TF_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
@@ -93,8 +112,13 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// READ: do not fragment the reply.
 pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// BLOCK_STATUS: one descriptor per context is enough.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// WRITE_ZEROES: fail with `ENOTSUP` at once unless zeroing is faster than writing zeroes.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 /// All command flags this implementation knows.
-pub const CMD_FLAGS_KNOWN: u16 = CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF;
+pub const CMD_FLAGS_KNOWN: u16 =
+    CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
 
 /// Structured reply chunk flag: last chunk for this cookie.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
@@ -108,6 +132,8 @@ pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 /// An error at an offset.
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
+/// Block status descriptors of one metadata context.
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 
 /// Largest request payload we accept (and advertise as the maximum block size).
 pub const MAX_REQUEST_LEN: u32 = 32 * 1024 * 1024;
@@ -203,6 +229,8 @@ pub enum Command {
     Trim,
     /// Write zeroes over a range.
     WriteZeroes,
+    /// Allocation status of a range (needs a metadata context).
+    BlockStatus,
     /// Any other type, answered with `EINVAL`.
     Unknown(u16),
 }
@@ -217,6 +245,7 @@ impl Command {
             Command::Flush => 3,
             Command::Trim => 4,
             Command::WriteZeroes => 6,
+            Command::BlockStatus => 7,
             Command::Unknown(v) => v,
         }
     }
@@ -230,6 +259,7 @@ impl Command {
             3 => Command::Flush,
             4 => Command::Trim,
             6 => Command::WriteZeroes,
+            7 => Command::BlockStatus,
             v => Command::Unknown(v),
         }
     }
@@ -318,7 +348,9 @@ pub fn validate(req: &RequestHeader, export_size: u64, read_only: bool) -> Verdi
             };
         }
     }
-    if req.flags & !CMD_FLAGS_KNOWN != 0 {
+    let fast_zero_misused =
+        req.flags & CMD_FLAG_FAST_ZERO != 0 && req.command != Command::WriteZeroes;
+    if req.flags & !CMD_FLAGS_KNOWN != 0 || fast_zero_misused {
         return Verdict::Reject {
             errno: Errno::Inval,
             payload,
@@ -332,6 +364,17 @@ pub fn validate(req: &RequestHeader, export_size: u64, read_only: bool) -> Verdi
         Command::Disc => Verdict::Execute,
         Command::Flush => {
             if req.offset != 0 || req.length != 0 {
+                Verdict::Reject {
+                    errno: Errno::Inval,
+                    payload,
+                }
+            } else {
+                Verdict::Execute
+            }
+        }
+        Command::BlockStatus => {
+            let end = req.offset.checked_add(u64::from(req.length));
+            if req.length == 0 || !matches!(end, Some(e) if e <= export_size) {
                 Verdict::Reject {
                     errno: Errno::Inval,
                     payload,
@@ -442,6 +485,124 @@ pub fn encode_go(req: &GoRequest) -> Vec<u8> {
         v.extend_from_slice(&i.to_be_bytes());
     }
     v
+}
+
+/// The body of `NBD_OPT_LIST_META_CONTEXT` / `NBD_OPT_SET_META_CONTEXT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// Export name the contexts are for.
+    pub name: String,
+    /// Queries (`namespace:` or `namespace:leaf`).
+    pub queries: Vec<String>,
+}
+
+/// Decode a LIST/SET_META_CONTEXT body (bounded by the option length already checked).
+pub fn decode_meta_context(data: &[u8]) -> Result<MetaContextRequest, OptionError> {
+    let mut pos = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], OptionError> {
+        let end = pos.checked_add(n).filter(|&e| e <= data.len());
+        let end = end.ok_or(OptionError::Invalid)?;
+        let b = &data[pos..end];
+        pos = end;
+        Ok(b)
+    };
+    let name_len = be32(take(4)?) as usize;
+    if name_len > MAX_NAME_LEN {
+        return Err(OptionError::Invalid);
+    }
+    let name = std::str::from_utf8(take(name_len)?).map_err(|_| OptionError::Invalid)?;
+    let name = name.to_owned();
+    let n = be32(take(4)?) as usize;
+    // Each query takes at least 4 bytes: refuse counts the body cannot hold before allocating.
+    if n > data.len() / 4 {
+        return Err(OptionError::Invalid);
+    }
+    let mut queries = Vec::with_capacity(n);
+    for _ in 0..n {
+        let len = be32(take(4)?) as usize;
+        let q = std::str::from_utf8(take(len)?).map_err(|_| OptionError::Invalid)?;
+        queries.push(q.to_owned());
+    }
+    if pos != data.len() {
+        return Err(OptionError::Invalid);
+    }
+    Ok(MetaContextRequest { name, queries })
+}
+
+/// Encode a LIST/SET_META_CONTEXT body.
+pub fn encode_meta_context(req: &MetaContextRequest) -> Vec<u8> {
+    let mut v = (req.name.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(req.name.as_bytes());
+    v.extend_from_slice(&(req.queries.len() as u32).to_be_bytes());
+    for q in &req.queries {
+        v.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        v.extend_from_slice(q.as_bytes());
+    }
+    v
+}
+
+/// Whether a metadata context query selects `base:allocation`. With `list`, the namespace
+/// wildcard `base:` matches too (SET needs the full name).
+pub fn query_selects_base_allocation(query: &str, list: bool) -> bool {
+    query == META_BASE_ALLOCATION || (list && query == "base:")
+}
+
+/// One run of a `base:allocation` answer: `len` bytes in one state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusExtent {
+    /// Length in bytes.
+    pub len: u64,
+    /// Not allocated.
+    pub hole: bool,
+    /// Reads as zeroes.
+    pub zero: bool,
+}
+
+impl StatusExtent {
+    /// The `base:allocation` state bits.
+    pub fn flags(&self) -> u32 {
+        (if self.hole { STATE_HOLE } else { 0 }) | (if self.zero { STATE_ZERO } else { 0 })
+    }
+}
+
+/// Encode the payload of a `BLOCK_STATUS` chunk for `context`, covering at most `len` bytes from
+/// the start of `extents` (merging neighbours in the same state, dropping empty ones), at most
+/// [`MAX_STATUS_DESCRIPTORS`] descriptors, or one with `req_one`. `None` when nothing is left.
+pub fn encode_block_status(
+    context: u32,
+    extents: &[StatusExtent],
+    len: u32,
+    req_one: bool,
+) -> Option<Vec<u8>> {
+    let max = if req_one { 1 } else { MAX_STATUS_DESCRIPTORS };
+    let mut descs: Vec<(u32, u32)> = Vec::new();
+    let mut left = u64::from(len);
+    for e in extents {
+        if left == 0 {
+            break;
+        }
+        let n = e.len.min(left);
+        if n == 0 {
+            continue;
+        }
+        left -= n;
+        let full = descs.len() == max;
+        match descs.last_mut() {
+            Some((l, f)) if *f == e.flags() => *l += n as u32,
+            _ if full => break,
+            _ => descs.push((n as u32, e.flags())),
+        }
+    }
+    if descs.is_empty() {
+        return None;
+    }
+    let mut v = Vec::with_capacity(4 + 8 * descs.len());
+    v.extend_from_slice(&context.to_be_bytes());
+    for (l, f) in descs {
+        v.extend_from_slice(&l.to_be_bytes());
+        v.extend_from_slice(&f.to_be_bytes());
+    }
+    Some(v)
 }
 
 pub(crate) fn be16(b: &[u8]) -> u16 {
@@ -575,7 +736,93 @@ mod tests {
         );
     }
 
+    #[test]
+    fn fast_zero_only_on_write_zeroes_and_block_status_needs_a_length_in_range() {
+        let mut h = hdr(Command::Write, 0, 512);
+        h.flags = CMD_FLAG_FAST_ZERO;
+        assert_eq!(
+            validate(&h, 4096, false),
+            Verdict::Reject {
+                errno: Errno::Inval,
+                payload: 512
+            }
+        );
+        let mut z = hdr(Command::WriteZeroes, 0, 4096);
+        z.flags = CMD_FLAG_FAST_ZERO | CMD_FLAG_NO_HOLE;
+        assert_eq!(validate(&z, 4096, false), Verdict::Execute);
+        assert_eq!(
+            validate(&hdr(Command::BlockStatus, 0, 0), 4096, false),
+            Verdict::Reject {
+                errno: Errno::Inval,
+                payload: 0
+            }
+        );
+        assert_eq!(
+            validate(&hdr(Command::BlockStatus, 4095, 2), 4096, false),
+            Verdict::Reject {
+                errno: Errno::Inval,
+                payload: 0
+            }
+        );
+        // No payload, so longer than the request cap is fine.
+        assert_eq!(
+            validate(&hdr(Command::BlockStatus, 0, u32::MAX), u64::MAX, true),
+            Verdict::Execute
+        );
+    }
+
+    #[test]
+    fn block_status_merges_clips_and_honours_req_one() {
+        let ex = |len, hole, zero| StatusExtent { len, hole, zero };
+        let runs = [
+            ex(4096, false, false),
+            ex(4096, false, false),
+            ex(0, true, true),
+            ex(1 << 20, true, true),
+        ];
+        let v = encode_block_status(1, &runs, 12288, false).unwrap();
+        assert_eq!(
+            v,
+            [
+                1u32.to_be_bytes(),
+                8192u32.to_be_bytes(),
+                0u32.to_be_bytes(),
+                4096u32.to_be_bytes(),
+                3u32.to_be_bytes()
+            ]
+            .concat()
+        );
+        let one = encode_block_status(1, &runs, u32::MAX, true).unwrap();
+        assert_eq!(one.len(), 12);
+        assert_eq!(be32(&one[4..8]), 8192);
+        assert_eq!(encode_block_status(1, &[], 10, false), None);
+    }
+
+    #[test]
+    fn meta_context_queries_match_base_allocation_only() {
+        assert!(query_selects_base_allocation("base:allocation", false));
+        assert!(query_selects_base_allocation("base:", true));
+        assert!(!query_selects_base_allocation("base:", false));
+        assert!(!query_selects_base_allocation("qemu:dirty-bitmap:x", true));
+        assert_eq!(
+            decode_meta_context(&[0, 0, 0, 1, b'a', 0, 0, 0, 2, 0, 0, 0, 0]),
+            Err(OptionError::Invalid),
+            "two queries announced, body holds one"
+        );
+    }
+
     proptest! {
+        #[test]
+        fn meta_context_body_round_trips(name in "[a-z0-9._-]{0,32}", queries in proptest::collection::vec("[a-z:]{0,20}", 0..6)) {
+            let m = MetaContextRequest { name, queries };
+            prop_assert_eq!(decode_meta_context(&encode_meta_context(&m)), Ok(m));
+        }
+
+        #[test]
+        fn meta_context_decoder_never_panics(data in proptest::collection::vec(any::<u8>(), 0..96)) {
+            let _ = decode_meta_context(&data);
+        }
+
         #[test]
         fn request_header_round_trips(flags: u16, cmd: u16, cookie: u64, offset: u64, length: u32) {
             let h = RequestHeader { flags, command: Command::from_code(cmd), cookie, offset, length };
@@ -594,10 +841,10 @@ mod tests {
         }
 
         #[test]
-        fn validated_requests_stay_in_bounds(cmd in 0u16..8, offset: u64, length: u32, size: u64) {
+        fn validated_requests_stay_in_bounds(cmd in 0u16..9, offset: u64, length: u32, size: u64) {
             let h = RequestHeader { flags: 0, command: Command::from_code(cmd), cookie: 0, offset, length };
             if validate(&h, size, false) == Verdict::Execute
-                && matches!(h.command, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes)
+                && matches!(h.command, Command::Read | Command::Write | Command::Trim | Command::WriteZeroes | Command::BlockStatus)
             {
                 if matches!(h.command, Command::Read | Command::Write) {
                     prop_assert!(length <= MAX_REQUEST_LEN, "payload-carrying requests are bounded");

@@ -29,8 +29,14 @@ pub trait Backend: Send + Sync {
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno>;
     /// Make every completed write durable.
     fn flush(&self) -> Result<(), Errno>;
-    /// Write zeroes over a range.
-    fn write_zeroes(&self, offset: u64, len: u32, fua: bool) -> Result<(), Errno> {
+    /// Write zeroes over a range. A backend that can free or mark the range without writing
+    /// every byte overrides this (and honours `flags.no_hole`); this default writes zero buffers,
+    /// so it refuses `flags.fast` with `ENOTSUP`, as the protocol asks.
+    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), Errno> {
+        if flags.fast {
+            return Err(Errno::NotSup);
+        }
+        let fua = flags.fua;
         let zeroes = vec![0u8; (len as usize).min(1 << 20)];
         let mut done = 0u64;
         while done < u64::from(len) {
@@ -42,8 +48,30 @@ pub trait Backend: Send + Sync {
     }
     /// Discard a range; we keep the simple contract that trimmed bytes read back as zeroes.
     fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
-        self.write_zeroes(offset, len, false)
+        self.write_zeroes(offset, len, ZeroFlags::default())
     }
+    /// `base:allocation` status of `len` bytes from `offset` (the range was checked against
+    /// `size`): runs in order from `offset`, which may cover less than `len` (the client asks
+    /// again for the rest) but at least one byte. The default: all data, nothing known zero.
+    fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {
+        let _ = offset;
+        Ok(vec![StatusExtent {
+            len: u64::from(len),
+            hole: false,
+            zero: false,
+        }])
+    }
+}
+
+/// Flags of a WRITE_ZEROES request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// Durable before the reply (`NBD_CMD_FLAG_FUA`).
+    pub fua: bool,
+    /// The range must stay allocated (`NBD_CMD_FLAG_NO_HOLE`).
+    pub no_hole: bool,
+    /// Fail with `ENOTSUP` unless faster than writing zeroes (`NBD_CMD_FLAG_FAST_ZERO`).
+    pub fast: bool,
 }
 
 /// The set of exports a server offers, looked up by name at `NBD_OPT_GO`.
@@ -170,6 +198,8 @@ pub enum ServeError {
 struct Session {
     structured: bool,
     no_zeroes: bool,
+    /// `base:allocation` was selected with `NBD_OPT_SET_META_CONTEXT`.
+    base_allocation: bool,
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -205,6 +235,7 @@ fn transmission_flags(backend: &dyn Backend, structured: bool) -> u16 {
         | TF_SEND_FUA
         | TF_SEND_TRIM
         | TF_SEND_WRITE_ZEROES
+        | TF_SEND_FAST_ZERO
         | TF_CAN_MULTI_CONN;
     if structured {
         f |= TF_SEND_DF;
@@ -235,12 +266,14 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     let mut session = Session {
         structured: false,
         no_zeroes: cflags & CLIENT_NO_ZEROES != 0,
+        base_allocation: false,
     };
     let backend = match handshake(&mut r, &mut w, exports, &mut session)? {
         Some(b) => b,
         None => return Ok(()),
     };
-    transmission(r, w, &*backend, session.structured)
+    let meta = session.base_allocation && session.structured;
+    transmission(r, w, &*backend, session.structured, meta)
 }
 
 fn handshake<R: Read, W: Write>(
@@ -343,6 +376,9 @@ fn handshake<R: Read, W: Write>(
                     }
                 },
             },
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(w, option, &data, session)?
+            }
             OPT_TERN_CONTROL => match exports.control(&data) {
                 Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
                 None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
@@ -353,13 +389,51 @@ fn handshake<R: Read, W: Write>(
     }
 }
 
+/// Answer LIST/SET_META_CONTEXT: we offer `base:allocation` only (for every export).
+fn meta_context<W: Write>(
+    w: &mut W,
+    option: u32,
+    data: &[u8],
+    session: &mut Session,
+) -> io::Result<()> {
+    let set = option == OPT_SET_META_CONTEXT;
+    if !session.structured {
+        return send_opt_reply(
+            w,
+            option,
+            REP_ERR_INVALID,
+            b"negotiate structured replies first",
+        );
+    }
+    let Ok(req) = decode_meta_context(data) else {
+        return send_opt_reply(w, option, REP_ERR_INVALID, b"malformed meta context data");
+    };
+    let selected = if req.queries.is_empty() {
+        // LIST with no query lists everything; SET with none selects nothing.
+        !set
+    } else {
+        req.queries
+            .iter()
+            .any(|q| query_selects_base_allocation(q, !set))
+    };
+    if set {
+        session.base_allocation = selected;
+    }
+    if selected {
+        let mut d = META_BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+        d.extend_from_slice(META_BASE_ALLOCATION.as_bytes());
+        send_opt_reply(w, option, REP_META_CONTEXT, &d)?;
+    }
+    send_opt_reply(w, option, REP_ACK, &[])
+}
+
 fn send_error<W: Write>(
     w: &mut W,
     structured: bool,
     req: &RequestHeader,
     errno: Errno,
 ) -> io::Result<()> {
-    if structured && req.command == Command::Read {
+    if structured && matches!(req.command, Command::Read | Command::BlockStatus) {
         let msg = errno.to_string();
         w.write_all(&chunk_header(
             REPLY_FLAG_DONE,
@@ -388,6 +462,8 @@ struct Conn<'a, R, W> {
     w: Mutex<W>,
     backend: &'a dyn Backend,
     structured: bool,
+    /// `base:allocation` negotiated: BLOCK_STATUS is allowed.
+    base_allocation: bool,
     state: Mutex<ConnState>,
     freed: Condvar,
 }
@@ -573,8 +649,36 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
             Command::Trim => backend
                 .trim(req.offset, req.length)
                 .and_then(|()| if fua { backend.flush() } else { Ok(()) }),
-            Command::WriteZeroes => backend.write_zeroes(req.offset, req.length, fua),
-            Command::Disc | Command::Unknown(_) => Err(Errno::Inval),
+            Command::WriteZeroes => {
+                let flags = ZeroFlags {
+                    fua,
+                    no_hole: req.flags & CMD_FLAG_NO_HOLE != 0,
+                    fast: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                };
+                backend.write_zeroes(req.offset, req.length, flags)
+            }
+            Command::BlockStatus if self.base_allocation => {
+                let req_one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                let res = backend.block_status(req.offset, req.length).and_then(|ex| {
+                    encode_block_status(META_BASE_ALLOCATION_ID, &ex, req.length, req_one)
+                        .ok_or(Errno::Io)
+                });
+                let mut w = lock(&self.w);
+                match res {
+                    Ok(payload) => {
+                        w.write_all(&chunk_header(
+                            REPLY_FLAG_DONE,
+                            REPLY_TYPE_BLOCK_STATUS,
+                            req.cookie,
+                            payload.len() as u32,
+                        ))?;
+                        w.write_all(&payload)?;
+                    }
+                    Err(e) => send_error(&mut *w, structured, req, e)?,
+                }
+                return w.flush();
+            }
+            Command::Disc | Command::Unknown(_) | Command::BlockStatus => Err(Errno::Inval),
         };
         let mut w = lock(&self.w);
         reply_status(&mut *w, structured, req, res)?;
@@ -593,12 +697,14 @@ fn transmission<R: Read + Send, W: Write + Send>(
     w: W,
     backend: &dyn Backend,
     structured: bool,
+    base_allocation: bool,
 ) -> Result<(), ServeError> {
     let conn = Conn {
         r: Mutex::new(r),
         w: Mutex::new(w),
         backend,
         structured,
+        base_allocation,
         state: Mutex::new(ConnState {
             threads: 1,
             ..ConnState::default()
