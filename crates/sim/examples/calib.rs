@@ -1,15 +1,12 @@
 //! Calibration run: day 20110303 with the CloudSim order, reference policies, against CloudSim 3.0.3.
 
-use std::path::Path;
 use tern_policy::Model;
-use tern_sim::{SimConfig, TraceSet, Workload, simulate};
+use tern_sim::{SimConfig, TraceOrder, TraceSet, Workload, simulate};
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/planetlab");
     let day = std::env::args().nth(1).unwrap_or_else(|| "20110303".into());
-    let set = TraceSet::open(&root.join("traces.tar.xz")).unwrap();
-    let order = root.join(format!("cloudsim-listfiles-order/{day}.txt"));
-    let d = set.load_day(&day, Some(&order)).unwrap();
+    let set = TraceSet::bundled_day(&day).unwrap();
+    let d = set.load_day(&day, &TraceOrder::CloudSim).unwrap();
     let w = Workload::benchmark(&day, 800, d.samples, Model::CloudSim);
     for p in [
         "dvfs",

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::needless_range_loop)]
 
+pub mod bundled;
 pub mod engine;
 pub mod plot;
 pub mod report;
@@ -27,5 +28,5 @@ pub mod workload;
 
 pub use engine::{SimConfig, simulate};
 pub use report::{Report, Timeline};
-pub use trace::{DayTraces, TraceError, TraceSet};
+pub use trace::{DayTraces, TraceError, TraceOrder, TraceSet};
 pub use workload::Workload;

@@ -1,5 +1,6 @@
-//! PlanetLab trace loading: a folder of day folders or the `traces.tar.xz` archive, optional replay of
-//! a recorded file order, and strict parsing with errors that name the file and line.
+//! PlanetLab trace loading: a folder of day folders, a `traces.tar.xz` archive or the copy built into
+//! the binary ([`crate::bundled`]); the VM order (sorted names, CloudSim's recorded order, or an order
+//! file); strict parsing with errors that name the file and line.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -39,6 +40,16 @@ pub enum TraceError {
         /// What is wrong.
         msg: String,
     },
+    /// No CloudSim file order is recorded for the day.
+    #[error(
+        "No CloudSim file order is recorded for day {day} (recorded: {recorded}); use `--trace-order sorted` or an order file"
+    )]
+    NoRecordedOrder {
+        /// Requested day.
+        day: String,
+        /// Days that have one.
+        recorded: String,
+    },
     /// The order file does not match the day's files.
     #[error("{file}:{line}: {msg}")]
     Order {
@@ -67,8 +78,32 @@ pub struct DayTraces {
 pub enum TraceSet {
     /// A folder holding `<day>/<file>`.
     Dir(PathBuf),
-    /// The archive, decompressed in memory: day → (file name, bytes).
+    /// An archive (a file, or the copy built into the binary), decompressed in memory: its label
+    /// for messages, and day → (file name, bytes).
     Archive(PathBuf, BTreeMap<String, Vec<(String, Vec<u8>)>>),
+}
+
+/// Which trace goes to which VM (the reference code gives VM types in four contiguous blocks of
+/// this order, so it changes the results).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TraceOrder {
+    /// File names sorted bytewise.
+    Sorted,
+    /// The order CloudSim 3.0.3's `File.listFiles()` returned, as recorded for the ten PlanetLab days
+    /// (built into the binary, see [`crate::bundled`]).
+    CloudSim,
+    /// An order file: one trace name per line, listing exactly the day's files.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for TraceOrder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TraceOrder::Sorted => f.write_str("sorted names"),
+            TraceOrder::CloudSim => f.write_str("CloudSim 3.0.3 file order"),
+            TraceOrder::File(p) => write!(f, "order file {}", p.display()),
+        }
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TraceError + '_ {
@@ -89,14 +124,39 @@ impl TraceSet {
         Self::open_filtered(path, Some(day))
     }
 
+    /// The ten PlanetLab days built into the binary.
+    pub fn bundled() -> Result<Self, TraceError> {
+        Self::read_archive(
+            Path::new(crate::bundled::TRACES_LABEL),
+            crate::bundled::TRACES_XZ,
+            None,
+        )
+    }
+
+    /// One day of the built-in traces (decompressed only as far as that day's files go).
+    pub fn bundled_day(day: &str) -> Result<Self, TraceError> {
+        Self::read_archive(
+            Path::new(crate::bundled::TRACES_LABEL),
+            crate::bundled::TRACES_XZ,
+            Some(day),
+        )
+    }
+
     fn open_filtered(path: &Path, only: Option<&str>) -> Result<Self, TraceError> {
         let meta = std::fs::metadata(path).map_err(io(path))?;
         if meta.is_dir() {
             return Ok(TraceSet::Dir(path.to_path_buf()));
         }
         let file = std::fs::File::open(path).map_err(io(path))?;
-        let mut archive =
-            tar::Archive::new(xz2::read::XzDecoder::new(std::io::BufReader::new(file)));
+        Self::read_archive(path, std::io::BufReader::new(file), only)
+    }
+
+    fn read_archive(
+        path: &Path,
+        reader: impl Read,
+        only: Option<&str>,
+    ) -> Result<Self, TraceError> {
+        let mut archive = tar::Archive::new(xz2::read::XzDecoder::new(reader));
         let mut days: BTreeMap<String, Vec<(String, Vec<u8>)>> = BTreeMap::new();
         for entry in archive.entries().map_err(io(path))? {
             let mut entry = entry.map_err(io(path))?;
@@ -157,9 +217,8 @@ impl TraceSet {
         }
     }
 
-    /// Load one day. Without `order` the VMs follow sorted file names; with it they follow the order
-    /// file (one name per line), which must list exactly the day's files.
-    pub fn load_day(&self, day: &str, order: Option<&Path>) -> Result<DayTraces, TraceError> {
+    /// Load one day, the VMs in the given order (an order must list exactly the day's files).
+    pub fn load_day(&self, day: &str, order: &TraceOrder) -> Result<DayTraces, TraceError> {
         let mut files: Vec<(String, Vec<u8>)> = match self {
             TraceSet::Archive(p, d) => d.get(day).cloned().ok_or_else(|| TraceError::NoDay {
                 day: day.to_string(),
@@ -188,8 +247,22 @@ impl TraceSet {
             }
         };
         files.sort_by(|a, b| a.0.cmp(&b.0));
-        if let Some(order) = order {
-            files = apply_order(files, order)?;
+        match order {
+            TraceOrder::Sorted => {}
+            TraceOrder::CloudSim => {
+                let text = crate::bundled::cloudsim_order(day).ok_or_else(|| {
+                    TraceError::NoRecordedOrder {
+                        day: day.to_string(),
+                        recorded: crate::bundled::cloudsim_order_days().join(", "),
+                    }
+                })?;
+                let label = format!("{}/{day}.txt", crate::bundled::ORDER_LABEL);
+                files = apply_order(files, &label, &text)?;
+            }
+            TraceOrder::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(io(path))?;
+                files = apply_order(files, &path.display().to_string(), &text)?;
+            }
         }
         let mut names = Vec::with_capacity(files.len());
         let mut samples = Vec::with_capacity(files.len());
@@ -210,10 +283,9 @@ impl TraceSet {
 
 fn apply_order(
     files: Vec<(String, Vec<u8>)>,
-    order: &Path,
+    label: &str,
+    text: &str,
 ) -> Result<Vec<(String, Vec<u8>)>, TraceError> {
-    let label = order.display().to_string();
-    let text = std::fs::read_to_string(order).map_err(io(order))?;
     let mut by_name: BTreeMap<String, Vec<u8>> = files.into_iter().collect();
     let total = by_name.len();
     let mut out = Vec::with_capacity(total);
@@ -222,7 +294,7 @@ fn apply_order(
             continue;
         }
         let bytes = by_name.remove(line).ok_or_else(|| TraceError::Order {
-            file: label.clone(),
+            file: label.to_string(),
             line: i + 1,
             msg: format!("`{line}` is not a trace file of this day (or is listed twice)"),
         })?;
@@ -230,7 +302,7 @@ fn apply_order(
     }
     if let Some(missing) = by_name.keys().next() {
         return Err(TraceError::Order {
-            file: label,
+            file: label.to_string(),
             line: 0,
             msg: format!(
                 "lists {} of the day's {total} files; `{missing}` is missing",
@@ -335,17 +407,19 @@ mod tests {
         }
         let set = TraceSet::open(dir.path()).unwrap();
         assert_eq!(set.days().unwrap(), ["20990101"]);
-        let d = set.load_day("20990101", None).unwrap();
+        let d = set.load_day("20990101", &TraceOrder::Sorted).unwrap();
         assert_eq!(d.names, ["a", "b", "c d"]);
         let order = dir.path().join("order.txt");
         std::fs::write(&order, "c d\na\nb\n").unwrap();
         assert_eq!(
-            set.load_day("20990101", Some(&order)).unwrap().names,
+            set.load_day("20990101", &TraceOrder::File(order.clone()))
+                .unwrap()
+                .names,
             ["c d", "a", "b"]
         );
         std::fs::write(&order, "c d\nzz\n").unwrap();
         let e = set
-            .load_day("20990101", Some(&order))
+            .load_day("20990101", &TraceOrder::File(order.clone()))
             .unwrap_err()
             .to_string();
         assert!(
@@ -354,17 +428,33 @@ mod tests {
         );
         std::fs::write(&order, "a\n").unwrap();
         let e = set
-            .load_day("20990101", Some(&order))
+            .load_day("20990101", &TraceOrder::File(order.clone()))
             .unwrap_err()
             .to_string();
         assert!(e.contains("lists 1 of the day's 3 files"), "{e}");
-        let e = set.load_day("20000101", None).unwrap_err().to_string();
+        let e = set
+            .load_day("20990101", &TraceOrder::CloudSim)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with(
+                "No CloudSim file order is recorded for day 20990101 (recorded: 20110303,"
+            ),
+            "{e}"
+        );
+        let e = set
+            .load_day("20000101", &TraceOrder::Sorted)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("Day 20000101 not found") && e.contains("20990101"),
             "{e}"
         );
         std::fs::write(day.join("broken"), "1\n2\n").unwrap();
-        let e = set.load_day("20990101", None).unwrap_err().to_string();
+        let e = set
+            .load_day("20990101", &TraceOrder::Sorted)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.ends_with("20990101/broken:3: only 2 samples, expected 288"),
             "{e}"

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use tern_policy::{HP_ML110_G4, HP_ML110_G5, Model};
-use tern_sim::{SimConfig, TraceSet, Workload, simulate};
+use tern_sim::{SimConfig, TraceOrder, TraceSet, Workload, simulate};
 
 fn data() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data")
@@ -17,7 +17,7 @@ fn vendored_archive_holds_the_ten_days() {
         .unwrap()
         .into_iter()
         .map(|d| {
-            let n = set.load_day(&d, None).unwrap().names.len();
+            let n = set.load_day(&d, &TraceOrder::Sorted).unwrap().names.len();
             (d, n)
         })
         .collect();
@@ -38,7 +38,13 @@ fn vendored_archive_holds_the_ten_days() {
     // every order file lists exactly its day's files
     for (d, n) in &expect {
         let order = data().join(format!("planetlab/cloudsim-listfiles-order/{d}.txt"));
-        assert_eq!(set.load_day(d, Some(&order)).unwrap().names.len(), *n);
+        assert_eq!(
+            set.load_day(d, &TraceOrder::File(order))
+                .unwrap()
+                .names
+                .len(),
+            *n
+        );
     }
 }
 
@@ -82,8 +88,23 @@ fn opening_one_day_reads_the_same_traces() {
     let all = TraceSet::open(&path).unwrap();
     for day in ["20110303", "20110409"] {
         let one = TraceSet::open_day(&path, day).unwrap();
-        let a = all.load_day(day, None).unwrap();
-        let b = one.load_day(day, None).unwrap();
+        let a = all.load_day(day, &TraceOrder::Sorted).unwrap();
+        let b = one.load_day(day, &TraceOrder::Sorted).unwrap();
+        assert_eq!((a.names, a.samples), (b.names, b.samples));
+    }
+}
+
+#[test]
+fn built_in_traces_equal_the_vendored_archive() {
+    let file = TraceSet::open(&data().join("planetlab/traces.tar.xz")).unwrap();
+    let built_in = TraceSet::bundled().unwrap();
+    assert_eq!(built_in.days().unwrap(), file.days().unwrap());
+    for day in ["20110303", "20110420"] {
+        let a = file.load_day(day, &TraceOrder::CloudSim).unwrap();
+        let b = TraceSet::bundled_day(day)
+            .unwrap()
+            .load_day(day, &TraceOrder::CloudSim)
+            .unwrap();
         assert_eq!((a.names, a.samples), (b.names, b.samples));
     }
 }
