@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use tern_nbd::{Client, ClientError};
 
-use crate::control::{self, ControlError, ErrorKind, LeaseAction, Request};
+use crate::control::{self, ControlError, ErrorKind, LeaseAction, LeaseGrant, NodeStatus, Request};
 use crate::format::{NodeId, SECTOR, Superblock};
 use crate::store::{Segment, segments};
 
@@ -313,10 +313,11 @@ impl VolumeDisk {
             addr: addr.clone(),
             source,
         };
-        let status =
-            control::call(&addr, &Request::Status, false, CONTROL_TIMEOUT).map_err(node_err)?;
-        let node_id = status["node_id"].as_u64().unwrap_or(0) as NodeId;
-        let stat = control::call(
+        let status = control::request(&addr, &Request::Status, false, CONTROL_TIMEOUT)
+            .and_then(|r| Ok(r.into_status()?))
+            .map_err(node_err)?;
+        let node_id = status.node_id;
+        let stat = control::request(
             &addr,
             &Request::Stat {
                 name: name.clone(),
@@ -325,6 +326,7 @@ impl VolumeDisk {
             false,
             CONTROL_TIMEOUT,
         )
+        .and_then(|r| Ok(r.into_file()?))
         .map_err(|e| match e.kind {
             ErrorKind::NotFound => OpenError::NotFound {
                 addr: addr.clone(),
@@ -350,12 +352,14 @@ impl VolumeDisk {
                 action: LeaseAction::Acquire,
             };
             let sent = lease.now_ms();
-            let grant =
-                control::call(&addr, &req, false, CONTROL_TIMEOUT).map_err(|e| match e.kind {
+            let grant = control::request(&addr, &req, false, CONTROL_TIMEOUT)
+                .and_then(|r| Ok(r.into_lease()?))
+                .map_err(|e| match e.kind {
                     ErrorKind::Busy => OpenError::Busy {
                         name: name.clone(),
-                        holder: stat["lease"]["holder"]
-                            .as_u64()
+                        holder: stat
+                            .lease
+                            .holder
                             .map(|h| h.to_string())
                             .unwrap_or_else(|| e.message.clone()),
                     },
@@ -406,7 +410,7 @@ impl VolumeDisk {
     }
 
     fn refresh_map(&self) {
-        let st = control::call(
+        let map = control::request(
             &self.addr,
             &Request::Stat {
                 name: self.name.clone(),
@@ -414,14 +418,9 @@ impl VolumeDisk {
             },
             false,
             CONTROL_TIMEOUT,
-        );
-        let map = st.ok().and_then(|v| {
-            v["map"]
-                .as_array()?
-                .iter()
-                .map(|x| x.as_u64().map(|n| n as u32))
-                .collect::<Option<Vec<u32>>>()
-        });
+        )
+        .ok()
+        .and_then(|r| r.into_file().ok()?.into_map().ok());
         let mut g = lock(&self.direct);
         match (g.as_mut(), map) {
             (Some(d), Some(m)) => d.map = m,
@@ -452,9 +451,10 @@ impl VolumeDisk {
                     name: name.clone(),
                     action: LeaseAction::Acquire,
                 };
-                if let Ok(v) = control::call(&addr, &req, false, CONTROL_TIMEOUT)
-                    && v["holder"].as_u64() == Some(u64::from(node))
-                    && v["epoch"].as_u64() == Some(clock.epoch.load(Ordering::SeqCst))
+                if let Ok(Ok(v)) =
+                    control::request(&addr, &req, false, CONTROL_TIMEOUT).map(|r| r.into_lease())
+                    && v.holder == Some(node)
+                    && v.epoch == clock.epoch.load(Ordering::SeqCst)
                 {
                     note_grant(&clock, &v, sent);
                 }
@@ -751,47 +751,39 @@ impl VolumeDisk {
         Ok(())
     }
 
-    fn lease(
-        &self,
-        action: &'static str,
-        a: LeaseAction,
-    ) -> Result<serde_json::Value, HandoverError> {
+    fn lease(&self, action: &'static str, a: LeaseAction) -> Result<LeaseGrant, HandoverError> {
         let req = Request::Lease {
             name: self.name.clone(),
             action: a,
         };
-        control::call(&self.addr, &req, false, CONTROL_TIMEOUT).map_err(|source| {
-            HandoverError::Lease {
+        control::request(&self.addr, &req, false, CONTROL_TIMEOUT)
+            .and_then(|r| Ok(r.into_lease()?))
+            .map_err(|source| HandoverError::Lease {
                 action,
                 name: self.name.clone(),
                 source,
-            }
-        })
+            })
     }
 }
 
 /// Records a grant or renewal: epoch, and deadline = `sent` + TTL on our clock.
-fn note_grant(clock: &LeaseClock, v: &serde_json::Value, sent: u64) {
-    let ttl = v["ttl_ms"].as_u64().unwrap_or(0);
-    if let Some(e) = v["epoch"].as_u64() {
-        clock.epoch.store(e, Ordering::SeqCst);
-    }
-    clock.ttl_ms.store(ttl, Ordering::SeqCst);
-    clock.deadline_ms.store(sent + ttl, Ordering::SeqCst);
+fn note_grant(clock: &LeaseClock, v: &LeaseGrant, sent: u64) {
+    clock.epoch.store(v.epoch, Ordering::SeqCst);
+    clock.ttl_ms.store(v.ttl_ms, Ordering::SeqCst);
+    clock.deadline_ms.store(sent + v.ttl_ms, Ordering::SeqCst);
     clock.renewing.store(true, Ordering::SeqCst);
 }
 
 /// The direct path from the node's status: its LUN (same host) and fault file. `None` when the
 /// node has no direct path (`--no-direct`) or the LUN cannot be opened here.
-fn open_direct(status: &serde_json::Value) -> Option<Direct> {
-    if status["no_direct"].as_bool() == Some(true) {
+fn open_direct(status: &NodeStatus) -> Option<Direct> {
+    if status.no_direct {
         return None;
     }
-    let path = PathBuf::from(status["lun"].as_str()?);
     let lun = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(path)
+        .open(&status.lun)
         .ok()?;
     let mut sector = vec![0u8; SECTOR as usize];
     lun.read_exact_at(&mut sector, 0).ok()?;
@@ -800,7 +792,7 @@ fn open_direct(status: &serde_json::Value) -> Option<Direct> {
         lun,
         sb,
         map: Vec::new(),
-        fault_file: status["fault_file"].as_str().map(PathBuf::from),
+        fault_file: status.fault_file.clone(),
         up: true,
         last_probe: Instant::now(),
         journal: Vec::new(),
@@ -814,7 +806,8 @@ fn release(addr: &str, name: &str) -> Result<(), ControlError> {
         name: name.to_owned(),
         action: LeaseAction::Release,
     };
-    control::call(addr, &req, false, CONTROL_TIMEOUT).map(|_| ())
+    control::request(addr, &req, false, CONTROL_TIMEOUT)
+        .and_then(|r| Ok(r.into_lease().map(drop)?))
 }
 
 impl Drop for VolumeDisk {

@@ -250,10 +250,12 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
     });
     let value = json!({ "node_id": node.id(), "addr": node.config().listen }).to_string();
     let res = client.campaign(election_name(node), value, lease_id).await;
-    let result = match res {
+    // The generation fences older coordinators: a reply without the election key is an error,
+    // not generation 0.
+    let result = match res.map(|r| r.leader().map(|k| k.rev() as u64)) {
         Err(e) => Err(e.to_string()),
-        Ok(r) => {
-            let generation = r.leader().map(|k| k.rev()).unwrap_or(0) as u64;
+        Ok(None) => Err("etcd answered the campaign without the election key".to_string()),
+        Ok(Some(generation)) => {
             let d = deadline.load(std::sync::atomic::Ordering::SeqCst);
             if d <= node.now_ms() {
                 Err("session expired while campaigning".to_string())

@@ -132,22 +132,331 @@ pub enum ErrorKind {
     Stale,
     /// I/O or internal failure.
     Failed,
+    /// The peer's reply did not follow the protocol (a field missing or of the wrong type, or
+    /// an answer to another kind of request).
+    BadReply,
 }
 
-/// A reply: `ok` with `data`, or an error.
+/// Whether a node's data path is direct or redirected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathState {
+    /// pread/pwrite on the LUN.
+    Direct,
+    /// NBD to the coordinator.
+    Redirected,
+}
+
+impl PathState {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathState::Direct => "direct",
+            PathState::Redirected => "redirected",
+        }
+    }
+}
+
+/// A node's role in the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The elected coordinator.
+    Coordinator,
+    /// Any other node.
+    Node,
+}
+
+// Reply fields of type `Option` are required on the wire (`null` when absent): serde would
+// otherwise read a missing one as `None`, a silent default for a fencing value such as a holder.
+// `#[serde(deserialize_with = "Option::deserialize")]` turns that default off.
+
+/// A file's write lease as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    /// Fencing epoch of the last grant.
+    pub epoch: u64,
+    /// The live holder (`None`: free or expired).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub holder: Option<NodeId>,
+    /// Time left of the live holder's lease.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub remaining_ms: Option<u64>,
+    /// The source of a pending hand-over.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub handover_from: Option<NodeId>,
+}
+
+/// One file (create, resize, stat, allocate, and each entry of a list).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Every extent allocated at creation.
+    pub preallocated: bool,
+    /// Extents mapped so far.
+    pub allocated_extents: u64,
+    /// The write lease.
+    pub lease: LeaseInfo,
+    /// The extent map (physical extent per logical extent, [`crate::format::HOLE`] for a
+    /// hole); present only when asked for (`stat` with `map`, `allocate`): see
+    /// [`FileInfo::into_map`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub map: Option<Vec<u32>>,
+}
+
+impl FileInfo {
+    /// The extent map, which the request asked for: its absence is a protocol error.
+    pub fn into_map(self) -> Result<Vec<u32>, ReplyError> {
+        self.map.ok_or(ReplyError::Missing("map"))
+    }
+}
+
+/// The answer to `remove`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    /// Name.
+    pub name: String,
+    /// Always true (a refusal is an error reply).
+    pub removed: bool,
+}
+
+/// The answer to `list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileList {
+    /// Every file.
+    pub files: Vec<FileInfo>,
+    /// Bytes per extent.
+    pub extent_size: u64,
+    /// Extents of the volume.
+    pub extents: u32,
+    /// Extents not mapped by any file.
+    pub free_extents: u64,
+    /// The coordinator's generation.
+    pub generation: u64,
+}
+
+/// The answer to a lease action: who holds the lease now, at which epoch, for how long.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// File.
+    pub name: String,
+    /// The holder after the action (`None`: released).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub holder: Option<NodeId>,
+    /// Fencing epoch after the action.
+    pub epoch: u64,
+    /// The lease's TTL (a holder's local deadline is request sent + TTL).
+    pub ttl_ms: u64,
+    /// Time left at the coordinator.
+    pub remaining_ms: u64,
+}
+
+/// The answer to `revoke`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// File.
+    pub name: String,
+    /// The epoch of the lease the node dropped (`None`: it held none).
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub dropped_epoch: Option<u64>,
+}
+
+/// The coordinator as a node knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorRef {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Listen address.
+    pub addr: String,
+    /// Generation (etcd revision of its election key).
+    pub generation: u64,
+}
+
+/// One node of the cluster (its membership entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Listen address.
+    pub addr: String,
+    /// Its data path.
+    pub path: PathState,
+}
+
+/// A write lease a node holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldLeaseInfo {
+    /// File.
+    pub name: String,
+    /// Fencing epoch.
+    pub epoch: u64,
+    /// Whether its local deadline has not passed.
+    pub valid: bool,
+}
+
+/// The answer to `status`: one node's view of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// This node.
+    pub node_id: NodeId,
+    /// Its listen address.
+    pub listen: String,
+    /// Coordinator or not.
+    pub role: Role,
+    /// Its data path.
+    pub path: PathState,
+    /// Started with `--no-direct`.
+    pub no_direct: bool,
+    /// The LUN's path on this host (for local direct-I/O clients).
+    pub lun: std::path::PathBuf,
+    /// The fault-injection file, if any.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub fault_file: Option<std::path::PathBuf>,
+    /// The coordinator, if one is known.
+    #[serde(deserialize_with = "Option::deserialize")]
+    pub coordinator: Option<CoordinatorRef>,
+    /// The cluster's members.
+    pub nodes: Vec<Member>,
+    /// Leases this node holds.
+    pub held_leases: Vec<HeldLeaseInfo>,
+}
+
+/// A successful reply, one variant per kind of answer (the `reply` field names it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Response {
+    /// `create`, `resize`, `stat`, `allocate`.
+    File(FileInfo),
+    /// `remove`.
+    Removed(Removed),
+    /// `list`.
+    Files(FileList),
+    /// `lease`, `coord_lease`.
+    Lease(LeaseGrant),
+    /// `revoke`.
+    Revoked(Revoked),
+    /// `status`.
+    Status(NodeStatus),
+}
+
+impl Response {
+    /// The variant's name, as on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::File(_) => "file",
+            Response::Removed(_) => "removed",
+            Response::Files(_) => "files",
+            Response::Lease(_) => "lease",
+            Response::Revoked(_) => "revoked",
+            Response::Status(_) => "status",
+        }
+    }
+
+    fn unexpected(&self, expected: &'static str) -> ReplyError {
+        ReplyError::Unexpected {
+            expected,
+            got: self.kind(),
+        }
+    }
+
+    /// A file, or [`ReplyError::Unexpected`].
+    pub fn into_file(self) -> Result<FileInfo, ReplyError> {
+        match self {
+            Response::File(f) => Ok(f),
+            other => Err(other.unexpected("file")),
+        }
+    }
+
+    /// A removal, or [`ReplyError::Unexpected`].
+    pub fn into_removed(self) -> Result<Removed, ReplyError> {
+        match self {
+            Response::Removed(r) => Ok(r),
+            other => Err(other.unexpected("removed")),
+        }
+    }
+
+    /// A file list, or [`ReplyError::Unexpected`].
+    pub fn into_files(self) -> Result<FileList, ReplyError> {
+        match self {
+            Response::Files(l) => Ok(l),
+            other => Err(other.unexpected("files")),
+        }
+    }
+
+    /// A lease grant, or [`ReplyError::Unexpected`].
+    pub fn into_lease(self) -> Result<LeaseGrant, ReplyError> {
+        match self {
+            Response::Lease(l) => Ok(l),
+            other => Err(other.unexpected("lease")),
+        }
+    }
+
+    /// A revocation, or [`ReplyError::Unexpected`].
+    pub fn into_revoked(self) -> Result<Revoked, ReplyError> {
+        match self {
+            Response::Revoked(r) => Ok(r),
+            other => Err(other.unexpected("revoked")),
+        }
+    }
+
+    /// A node status, or [`ReplyError::Unexpected`].
+    pub fn into_status(self) -> Result<NodeStatus, ReplyError> {
+        match self {
+            Response::Status(s) => Ok(s),
+            other => Err(other.unexpected("status")),
+        }
+    }
+}
+
+/// A reply on the wire: `ok` with `data`, or `kind` and `error`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reply {
     /// Success.
     pub ok: bool,
     /// Result on success.
-    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
-    pub data: serde_json::Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Response>,
     /// Error category.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<ErrorKind>,
     /// One-line error message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A reply that does not follow the protocol: nothing of it is used.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// Not JSON, or a field missing or of the wrong type.
+    #[error("Malformed control reply")]
+    Malformed(#[source] serde_json::Error),
+    /// A field the request asked for is absent.
+    #[error("Control reply lacks {0:?}")]
+    Missing(&'static str),
+    /// `ok` with no data, or an error without its kind or message.
+    #[error("Inconsistent control reply: {0}")]
+    Inconsistent(&'static str),
+    /// A well-formed answer to another kind of request.
+    #[error("Expected a {expected:?} reply, got {got:?}")]
+    Unexpected {
+        /// What the request calls for.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+}
+
+impl From<ReplyError> for ControlError {
+    fn from(e: ReplyError) -> Self {
+        let mut message = e.to_string();
+        if let ReplyError::Malformed(src) = &e {
+            message = format!("{message}: {src}");
+        }
+        ControlError::new(ErrorKind::BadReply, message)
+    }
 }
 
 /// A failed control call.
@@ -172,42 +481,53 @@ impl ControlError {
 
 impl Reply {
     /// From a result.
-    pub fn from_result(r: Result<serde_json::Value, ControlError>) -> Reply {
+    pub fn from_result(r: Result<Response, ControlError>) -> Reply {
         match r {
             Ok(data) => Reply {
                 ok: true,
-                data,
+                data: Some(data),
                 kind: None,
                 error: None,
             },
             Err(e) => Reply {
                 ok: false,
-                data: serde_json::Value::Null,
+                data: None,
                 kind: Some(e.kind),
                 error: Some(e.message),
             },
         }
     }
-    /// Into a result.
-    pub fn into_result(self) -> Result<serde_json::Value, ControlError> {
-        if self.ok {
-            Ok(self.data)
-        } else {
-            Err(ControlError {
-                kind: self.kind.unwrap_or(ErrorKind::Failed),
-                message: self.error.unwrap_or_else(|| "unknown error".into()),
-            })
+
+    /// Into a result: the answer, the peer's error, or a [`ReplyError`] if the reply is not
+    /// consistent (nothing is filled in by default).
+    pub fn into_result(self) -> Result<Result<Response, ControlError>, ReplyError> {
+        match (self.ok, self.data, self.kind, self.error) {
+            (true, Some(data), None, None) => Ok(Ok(data)),
+            (true, ..) => Err(ReplyError::Inconsistent(
+                "a success needs data and no error",
+            )),
+            (false, None, Some(kind), Some(message)) => Ok(Err(ControlError { kind, message })),
+            (false, ..) => Err(ReplyError::Inconsistent(
+                "an error needs a kind and a message and no data",
+            )),
         }
     }
 }
 
-/// Send `request` to the node at `addr` and wait for the reply.
-pub fn call(
+/// Decode a reply's bytes: the answer, or the peer's error; a reply that breaks the protocol is
+/// an [`ErrorKind::BadReply`] error.
+pub fn decode_reply(bytes: &[u8]) -> Result<Response, ControlError> {
+    let reply: Reply = serde_json::from_slice(bytes).map_err(ReplyError::Malformed)?;
+    reply.into_result()?
+}
+
+/// Send `request` to the node at `addr` and wait for the typed reply.
+pub fn request(
     addr: &str,
     request: &Request,
     forwarded: bool,
     timeout: std::time::Duration,
-) -> Result<serde_json::Value, ControlError> {
+) -> Result<Response, ControlError> {
     send(
         addr,
         Envelope {
@@ -219,12 +539,25 @@ pub fn call(
     )
 }
 
+/// Like [`request`], with the reply as JSON (for printing it: `tern volume … --json`). The reply
+/// is decoded strictly first, so a malformed one is refused here too; logic that acts on a reply
+/// uses [`request`] and the typed [`Response`].
+pub fn call(
+    addr: &str,
+    req: &Request,
+    forwarded: bool,
+    timeout: std::time::Duration,
+) -> Result<serde_json::Value, ControlError> {
+    let r = request(addr, req, forwarded, timeout)?;
+    serde_json::to_value(&r).map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))
+}
+
 /// Send an envelope as is.
 pub fn send(
     addr: &str,
     env: Envelope,
     timeout: std::time::Duration,
-) -> Result<serde_json::Value, ControlError> {
+) -> Result<Response, ControlError> {
     let bytes = serde_json::to_vec(&env)
         .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
     let reply = tern_nbd::control(addr, &bytes, timeout).map_err(|e| {
@@ -233,13 +566,13 @@ pub fn send(
             format!("cannot reach node {addr}: {e}"),
         )
     })?;
-    let reply: Reply = serde_json::from_slice(&reply).map_err(|e| {
-        ControlError::new(
-            ErrorKind::Failed,
-            format!("malformed reply from {addr}: {e}"),
-        )
-    })?;
-    reply.into_result()
+    decode_reply(&reply).map_err(|e| match e.kind {
+        ErrorKind::BadReply => ControlError::new(
+            ErrorKind::BadReply,
+            format!("from node {addr}: {}", e.message),
+        ),
+        _ => e,
+    })
 }
 
 #[cfg(test)]
@@ -278,5 +611,167 @@ mod tests {
             let s = serde_json::to_string(&env).unwrap();
             assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), env, "{s}");
         }
+    }
+
+    fn grant() -> Response {
+        Response::Lease(LeaseGrant {
+            name: "vm1.raw".into(),
+            holder: Some(2),
+            epoch: 7,
+            ttl_ms: 4000,
+            remaining_ms: 3990,
+        })
+    }
+
+    fn file() -> Response {
+        Response::File(FileInfo {
+            name: "vm1.raw".into(),
+            size: 1 << 20,
+            preallocated: false,
+            allocated_extents: 1,
+            lease: LeaseInfo {
+                epoch: 3,
+                holder: None,
+                remaining_ms: None,
+                handover_from: Some(1),
+            },
+            map: Some(vec![4]),
+        })
+    }
+
+    fn status() -> Response {
+        Response::Status(NodeStatus {
+            node_id: 1,
+            listen: "127.0.0.1:1".into(),
+            role: Role::Coordinator,
+            path: PathState::Direct,
+            no_direct: false,
+            lun: "/tmp/lun".into(),
+            fault_file: None,
+            coordinator: Some(CoordinatorRef {
+                node_id: 1,
+                addr: "127.0.0.1:1".into(),
+                generation: 9,
+            }),
+            nodes: vec![Member {
+                node_id: 1,
+                addr: "127.0.0.1:1".into(),
+                path: PathState::Redirected,
+            }],
+            held_leases: vec![HeldLeaseInfo {
+                name: "a".into(),
+                epoch: 2,
+                valid: true,
+            }],
+        })
+    }
+
+    /// The reply bytes of `r` with `edit` applied to its `data` object.
+    fn edited(
+        r: Response,
+        edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+    ) -> Vec<u8> {
+        let mut v = serde_json::to_value(Reply::from_result(Ok(r))).unwrap();
+        edit(v["data"].as_object_mut().unwrap());
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn every_reply_round_trips_through_json() {
+        let err = ControlError::new(ErrorKind::Stale, "stale epoch 3");
+        for r in [grant(), file(), status()] {
+            let bytes = serde_json::to_vec(&Reply::from_result(Ok(r.clone()))).unwrap();
+            assert_eq!(decode_reply(&bytes).unwrap(), r);
+        }
+        let bytes = serde_json::to_vec(&Reply::from_result(Err(err.clone()))).unwrap();
+        assert_eq!(decode_reply(&bytes).unwrap_err(), err);
+    }
+
+    #[test]
+    fn a_reply_missing_a_fencing_field_is_refused_not_defaulted() {
+        // The epoch, the TTL and the holder each decide who may write: none may be left out.
+        for field in ["epoch", "ttl_ms", "holder", "name", "reply"] {
+            let bytes = edited(grant(), |d| {
+                d.remove(field);
+            });
+            let e = decode_reply(&bytes).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadReply, "{field}: {e}");
+            assert!(e.message.contains("Malformed"), "{field}: {e}");
+        }
+        // A file's lease holder and a status's fault file: `null` is a value, absence is not.
+        let bytes = edited(file(), |d| {
+            d["lease"].as_object_mut().unwrap().remove("holder");
+        });
+        assert_eq!(decode_reply(&bytes).unwrap_err().kind, ErrorKind::BadReply);
+        let bytes = edited(status(), |d| {
+            d.remove("fault_file");
+        });
+        assert_eq!(decode_reply(&bytes).unwrap_err().kind, ErrorKind::BadReply);
+    }
+
+    #[test]
+    fn a_reply_with_a_field_of_the_wrong_type_is_refused() {
+        for (field, value) in [
+            ("epoch", serde_json::json!("7")),
+            ("epoch", serde_json::json!(-1)),
+            ("epoch", serde_json::json!(1.5)),
+            ("ttl_ms", serde_json::Value::Null),
+            ("holder", serde_json::json!(1u64 << 40)),
+            ("reply", serde_json::json!("lease_grant")),
+        ] {
+            let bytes = edited(grant(), |d| {
+                d.insert(field.into(), value.clone());
+            });
+            let e = decode_reply(&bytes).unwrap_err();
+            assert_eq!(e.kind, ErrorKind::BadReply, "{field} = {value}: {e}");
+        }
+        let bytes = edited(status(), |d| {
+            d.insert("path".into(), serde_json::json!("sideways"));
+        });
+        assert_eq!(decode_reply(&bytes).unwrap_err().kind, ErrorKind::BadReply);
+    }
+
+    #[test]
+    fn an_inconsistent_envelope_is_refused() {
+        for bytes in [
+            &br#"{"ok":true}"#[..],
+            br#"{"ok":false}"#,
+            br#"{"ok":false,"kind":"busy"}"#,
+            br#"{"ok":false,"error":"no kind"}"#,
+            br#"{"ok":"yes"}"#,
+            b"not json",
+        ] {
+            let e = decode_reply(bytes).unwrap_err();
+            assert_eq!(
+                e.kind,
+                ErrorKind::BadReply,
+                "{}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
+        let r: Reply = serde_json::from_slice(br#"{"ok":true}"#).unwrap();
+        assert!(matches!(r.into_result(), Err(ReplyError::Inconsistent(_))));
+    }
+
+    #[test]
+    fn an_answer_to_another_request_is_refused_with_a_typed_error() {
+        assert!(matches!(
+            file().into_lease(),
+            Err(ReplyError::Unexpected {
+                expected: "lease",
+                got: "file"
+            })
+        ));
+        assert!(matches!(
+            grant().into_status(),
+            Err(ReplyError::Unexpected { .. })
+        ));
+        let Response::File(mut f) = file() else {
+            unreachable!()
+        };
+        f.map = None;
+        assert!(matches!(f.into_map(), Err(ReplyError::Missing("map"))));
+        let e: ControlError = ReplyError::Missing("map").into();
+        assert_eq!(e.kind, ErrorKind::BadReply);
     }
 }

@@ -14,10 +14,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::json;
 use tern_nbd::{Backend, Errno, Exports};
 
-use crate::control::{self, ControlError, Envelope, ErrorKind, LeaseAction, Reply, Request};
+use crate::control::{
+    self, ControlError, CoordinatorRef, Envelope, ErrorKind, FileInfo, FileList, HeldLeaseInfo,
+    LeaseAction, LeaseGrant, LeaseInfo, Member, NodeStatus, Removed, Reply, Request, Response,
+    Revoked, Role,
+};
 use crate::format::{HOLE, LeaseRecord, NodeId, Superblock};
 use crate::lease::{HeldLease, LeaseError, LeaseOp, LeaseTable, LeaseTimings};
 use crate::lun::{FaultyLun, FileLun, Lun};
@@ -43,24 +46,7 @@ pub struct NodeConfig {
     pub fault_file: Option<std::path::PathBuf>,
 }
 
-/// Whether this node's data path is direct or redirected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathState {
-    /// pread/pwrite on the LUN.
-    Direct,
-    /// NBD to the coordinator.
-    Redirected,
-}
-
-impl PathState {
-    /// Lower-case name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PathState::Direct => "direct",
-            PathState::Redirected => "redirected",
-        }
-    }
-}
+pub use crate::control::PathState;
 
 /// Who the coordinator is, as last read from etcd.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,12 +318,12 @@ impl Node {
 
     // ---------------------------------------------------------------- coordinator side
 
-    fn file_json(
+    fn file_info(
         c: &Coordinator,
         name: &str,
         with_map: bool,
         now: u64,
-    ) -> Result<serde_json::Value, ControlError> {
+    ) -> Result<FileInfo, ControlError> {
         let f = c
             .volume
             .meta
@@ -346,22 +332,19 @@ impl Node {
             .ok_or_else(|| ns_err(NamespaceError::NotFound(name.into())))?;
         let live = c.leases.holder(name, now);
         let rec = c.leases.record(name);
-        let mut v = json!({
-            "name": name,
-            "size": f.size,
-            "preallocated": f.preallocated,
-            "allocated_extents": f.map.iter().filter(|&&p| p != HOLE).count(),
-            "lease": {
-                "epoch": rec.epoch,
-                "holder": live.map(|(h, _, _)| h),
-                "remaining_ms": live.map(|(_, _, d)| d - now),
-                "handover_from": rec.handover_from,
+        Ok(FileInfo {
+            name: name.to_owned(),
+            size: f.size,
+            preallocated: f.preallocated,
+            allocated_extents: f.map.iter().filter(|&&p| p != HOLE).count() as u64,
+            lease: LeaseInfo {
+                epoch: rec.epoch,
+                holder: live.map(|(h, _, _)| h),
+                remaining_ms: live.map(|(_, _, d)| d - now),
+                handover_from: rec.handover_from,
             },
-        });
-        if with_map {
-            v["map"] = json!(f.map);
-        }
-        Ok(v)
+            map: with_map.then(|| f.map.clone()),
+        })
     }
 
     fn commit_change(
@@ -391,7 +374,7 @@ impl Node {
             })
     }
 
-    fn coordinate(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+    fn coordinate(&self, req: &Request) -> Result<Response, ControlError> {
         if let Request::CoordLease {
             name,
             node,
@@ -422,7 +405,7 @@ impl Node {
         Ok(())
     }
 
-    fn coordinate_locked(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+    fn coordinate_locked(&self, req: &Request) -> Result<Response, ControlError> {
         let mut g = self.coordinator()?;
         let c = g
             .as_mut()
@@ -438,7 +421,7 @@ impl Node {
                 let ch = namespace::create(&c.volume.meta, n, name, *size, *preallocated)
                     .map_err(ns_err)?;
                 self.commit_change(c, ch)?;
-                Node::file_json(c, name, false, now)
+                Node::file_info(c, name, false, now).map(Response::File)
             }
             Request::Remove { name } => {
                 if let Some((h, _, _)) = c.leases.holder(name, now) {
@@ -454,19 +437,22 @@ impl Node {
                 let ch = namespace::delete(&meta, name).map_err(ns_err)?;
                 self.commit_change(c, ch)?;
                 c.leases.remove(name);
-                Ok(json!({ "name": name, "removed": true }))
+                Ok(Response::Removed(Removed {
+                    name: name.clone(),
+                    removed: true,
+                }))
             }
             Request::Resize { name, size } => {
                 let ch = namespace::resize(&c.volume.meta, n, name, *size).map_err(ns_err)?;
                 self.commit_change(c, ch)?;
-                Node::file_json(c, name, false, now)
+                Node::file_info(c, name, false, now).map(Response::File)
             }
             Request::Allocate { name, logical } => {
                 let ch = namespace::allocate(&c.volume.meta, n, name, *logical).map_err(ns_err)?;
                 if ch.next.seq != c.volume.meta.seq {
                     self.commit_change(c, ch)?;
                 }
-                Node::file_json(c, name, true, now)
+                Node::file_info(c, name, true, now).map(Response::File)
             }
             Request::List => {
                 let files: Result<Vec<_>, _> = c
@@ -474,17 +460,17 @@ impl Node {
                     .meta
                     .files
                     .keys()
-                    .map(|k| Node::file_json(c, k, false, now))
+                    .map(|k| Node::file_info(c, k, false, now))
                     .collect();
-                Ok(json!({
-                    "files": files?,
-                    "extent_size": crate::format::EXTENT_SIZE,
-                    "extents": n,
-                    "free_extents": c.volume.meta.free_extents(n),
-                    "generation": c.generation,
+                Ok(Response::Files(FileList {
+                    files: files?,
+                    extent_size: crate::format::EXTENT_SIZE,
+                    extents: n,
+                    free_extents: c.volume.meta.free_extents(n),
+                    generation: c.generation,
                 }))
             }
-            Request::Stat { name, map } => Node::file_json(c, name, *map, now),
+            Request::Stat { name, map } => Node::file_info(c, name, *map, now).map(Response::File),
             Request::CoordLease {
                 name,
                 node,
@@ -536,12 +522,12 @@ impl Node {
                         return Err(e);
                     }
                 }
-                Ok(json!({
-                    "name": name,
-                    "holder": grant.holder,
-                    "epoch": grant.epoch,
-                    "ttl_ms": self.cfg.lease_ttl_ms,
-                    "remaining_ms": grant.deadline_ms.saturating_sub(now),
+                Ok(Response::Lease(LeaseGrant {
+                    name: name.clone(),
+                    holder: grant.holder,
+                    epoch: grant.epoch,
+                    ttl_ms: self.cfg.lease_ttl_ms,
+                    remaining_ms: grant.deadline_ms.saturating_sub(now),
                 }))
             }
             Request::Status | Request::Lease { .. } | Request::Revoke { .. } => Err(
@@ -621,7 +607,7 @@ impl Node {
     // ---------------------------------------------------------------- node side
 
     /// Send a request to the coordinator (ourselves if we are it), retrying through a take-over.
-    pub fn call_coordinator(&self, req: &Request) -> Result<serde_json::Value, ControlError> {
+    pub fn call_coordinator(&self, req: &Request) -> Result<Response, ControlError> {
         let start = Instant::now();
         let mut last = ControlError::new(ErrorKind::NoCoordinator, "no coordinator elected yet");
         while start.elapsed() < COORDINATOR_WAIT {
@@ -666,16 +652,19 @@ impl Node {
     }
 
     /// Handle one control request that arrived at this node.
-    pub fn handle(&self, env: Envelope) -> Result<serde_json::Value, ControlError> {
+    pub fn handle(&self, env: Envelope) -> Result<Response, ControlError> {
         if let Some((id, addr)) = &env.from {
             lock(&self.peers).insert(*id, addr.clone());
         }
         match &env.request {
-            Request::Status => Ok(self.status()),
+            Request::Status => Ok(Response::Status(self.status())),
             Request::Lease { name, action } => self.lease_action(name, *action),
             Request::Revoke { name } => {
                 let dropped = self.stop_writing(name);
-                Ok(json!({ "name": name, "dropped_epoch": dropped.map(|h| h.epoch) }))
+                Ok(Response::Revoked(Revoked {
+                    name: name.clone(),
+                    dropped_epoch: dropped.map(|h| h.epoch),
+                }))
             }
             Request::CoordLease {
                 name,
@@ -725,11 +714,16 @@ impl Node {
         let addr = known.or_else(|| {
             lock(&self.members)
                 .get(&holder)
-                .and_then(|m| m["addr"].as_str().map(String::from))
+                .and_then(|m| serde_json::from_value::<Member>(m.clone()).ok())
+                .map(|m| m.addr)
         });
         let revoke = Request::Revoke { name: name.into() };
         let revoked = addr.is_some_and(|a| {
-            (0..3).any(|_| control::call(&a, &revoke, true, CALL_TIMEOUT).is_ok())
+            (0..3).any(|_| {
+                control::request(&a, &revoke, true, CALL_TIMEOUT)
+                    .and_then(|r| Ok(r.into_revoked()?))
+                    .is_ok()
+            })
         });
         if revoked {
             Ok(())
@@ -744,43 +738,61 @@ impl Node {
         }
     }
 
-    fn status(&self) -> serde_json::Value {
-        let leader = self.leader();
-        let held: Vec<_> = lock(&self.held)
+    fn status(&self) -> NodeStatus {
+        let now = self.now_ms();
+        let held_leases = lock(&self.held)
             .iter()
-            .map(
-                |(n, h)| json!({ "name": n, "epoch": h.epoch, "valid": h.valid_at(self.now_ms()) }),
-            )
+            .map(|(n, h)| HeldLeaseInfo {
+                name: n.clone(),
+                epoch: h.epoch,
+                valid: h.valid_at(now),
+            })
             .collect();
-        let mut nodes: Vec<serde_json::Value> = lock(&self.members).values().cloned().collect();
+        // Membership entries come from etcd; one that does not parse is left out.
+        let mut nodes: Vec<Member> = lock(&self.members)
+            .values()
+            .filter_map(|v| serde_json::from_value(v.clone()).ok())
+            .collect();
         if nodes.is_empty() {
-            nodes.push(self.member_json());
+            nodes.push(self.member());
         }
-        json!({
-            "node_id": self.cfg.node_id,
-            "listen": self.cfg.listen,
-            "role": if self.is_coordinator() { "coordinator" } else { "node" },
-            "path": self.path_state().as_str(),
-            "no_direct": self.cfg.no_direct,
-            "lun": self.cfg.lun,
-            "fault_file": self.cfg.fault_file,
-            "coordinator": leader.map(|l| json!({ "node_id": l.node_id, "addr": l.addr, "generation": l.generation })),
-            "nodes": nodes,
-            "held_leases": held,
-        })
+        NodeStatus {
+            node_id: self.cfg.node_id,
+            listen: self.cfg.listen.clone(),
+            role: if self.is_coordinator() {
+                Role::Coordinator
+            } else {
+                Role::Node
+            },
+            path: self.path_state(),
+            no_direct: self.cfg.no_direct,
+            lun: self.cfg.lun.clone(),
+            fault_file: self.cfg.fault_file.clone(),
+            coordinator: self.leader().map(|l| CoordinatorRef {
+                node_id: l.node_id,
+                addr: l.addr,
+                generation: l.generation,
+            }),
+            nodes,
+            held_leases,
+        }
     }
 
     /// This node's entry in the membership list.
-    pub fn member_json(&self) -> serde_json::Value {
-        json!({ "node_id": self.cfg.node_id, "addr": self.cfg.listen, "path": self.path_state().as_str() })
+    pub fn member(&self) -> Member {
+        Member {
+            node_id: self.cfg.node_id,
+            addr: self.cfg.listen.clone(),
+            path: self.path_state(),
+        }
     }
 
-    fn lease_action(
-        &self,
-        name: &str,
-        action: LeaseAction,
-    ) -> Result<serde_json::Value, ControlError> {
-        let epoch = lock(&self.held).get(name).map(|h| h.epoch).unwrap_or(0);
+    /// This node's entry in the membership list, as published in etcd.
+    pub fn member_json(&self) -> serde_json::Value {
+        serde_json::to_value(self.member()).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn lease_action(&self, name: &str, action: LeaseAction) -> Result<Response, ControlError> {
         let epoch = match action {
             // Hand-over to us shows up as a live grant: acquiring returns it.
             LeaseAction::ConfirmHandover => {
@@ -788,9 +800,11 @@ impl Node {
                     name: name.into(),
                     map: false,
                 })?;
-                st["lease"]["epoch"].as_u64().unwrap_or(epoch)
+                st.into_file()?.lease.epoch
             }
-            _ => epoch,
+            // Not holding the lease, we present epoch 0, which no grant carries (epochs start
+            // at 1): the coordinator refuses anything that needs the holder's epoch.
+            _ => lock(&self.held).get(name).map_or(0, |h| h.epoch),
         };
         let sent = self.now_ms();
         let req = Request::CoordLease {
@@ -808,7 +822,10 @@ impl Node {
         } else {
             None
         };
-        let v = match self.call_coordinator(&req) {
+        let v = match self
+            .call_coordinator(&req)
+            .and_then(|r| Ok(r.into_lease()?))
+        {
             Ok(v) => v,
             Err(e) => {
                 if let Some(h) = dropped
@@ -819,23 +836,20 @@ impl Node {
                 return Err(e);
             }
         };
-        let new_epoch = v["epoch"].as_u64().unwrap_or(0);
-        let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
-        let holder = v["holder"].as_u64().map(|h| h as NodeId);
         let mut held = lock(&self.held);
-        if holder == Some(self.cfg.node_id) {
-            held.insert(name.into(), HeldLease::from_grant(new_epoch, sent, ttl));
+        if v.holder == Some(self.cfg.node_id) {
+            held.insert(name.into(), HeldLease::from_grant(v.epoch, sent, v.ttl_ms));
         } else {
             held.remove(name);
         }
         drop(held);
-        if holder == Some(self.cfg.node_id) {
+        if v.holder == Some(self.cfg.node_id) {
             // Fresh map for the new writer.
             if let Some(h) = lock(&self.handles).get(name) {
                 let _ = h.refresh_map(self);
             }
         }
-        Ok(v)
+        Ok(Response::Lease(v))
     }
 
     /// Renew every held lease (called periodically); drops those the coordinator refuses.
@@ -858,14 +872,18 @@ impl Node {
             action: LeaseAction::Acquire,
             renew: true,
         };
-        match self.call_coordinator(&req) {
+        match self
+            .call_coordinator(&req)
+            .and_then(|r| Ok(r.into_lease()?))
+        {
             Ok(v) => {
-                let ttl = v["ttl_ms"].as_u64().unwrap_or(self.cfg.lease_ttl_ms);
-                let confirmed = v["holder"].as_u64() == Some(u64::from(self.cfg.node_id))
-                    && v["epoch"].as_u64() == Some(h.epoch);
+                let confirmed = v.holder == Some(self.cfg.node_id) && v.epoch == h.epoch;
                 let mut g = lock(&self.held);
                 if confirmed && g.get(name).is_some_and(|x| x.epoch == h.epoch) {
-                    g.insert(name.to_owned(), HeldLease::from_grant(h.epoch, sent, ttl));
+                    g.insert(
+                        name.to_owned(),
+                        HeldLease::from_grant(h.epoch, sent, v.ttl_ms),
+                    );
                 }
             }
             Err(e) if matches!(e.kind, ErrorKind::Stale | ErrorKind::NotFound) => {
@@ -890,6 +908,20 @@ impl Node {
         self.held_lease(name)
     }
 
+    /// A file's details with its extent map, from the coordinator.
+    fn stat_with_map(&self, name: &str) -> Result<FileInfo, ControlError> {
+        let f = self
+            .call_coordinator(&Request::Stat {
+                name: name.into(),
+                map: true,
+            })?
+            .into_file()?;
+        if f.map.is_none() {
+            return Err(control::ReplyError::Missing("map").into());
+        }
+        Ok(f)
+    }
+
     fn held_lease(&self, name: &str) -> Option<HeldLease> {
         lock(&self.held)
             .get(name)
@@ -900,24 +932,20 @@ impl Node {
     fn handle_for(self: &Arc<Self>, name: &str) -> Option<Arc<FileHandle>> {
         // Every new connection gets a fresh map; a handle of the same size is reused (its path
         // state and unflushed-write journal live on), a resized or re-created file gets a new one.
-        let st = self
-            .call_coordinator(&Request::Stat {
-                name: name.into(),
-                map: true,
-            })
-            .ok()?;
+        let st = self.stat_with_map(name).ok()?;
+        let map = st.map?;
         if let Some(h) = lock(&self.handles).get(name).cloned()
-            && Some(h.size) == st["size"].as_u64()
+            && h.size == st.size
         {
-            lock(&h.state).map = parse_map(&st["map"])?;
+            lock(&h.state).map = map;
             return Some(h);
         }
         let h = Arc::new(FileHandle {
             node: Arc::clone(self),
             name: name.to_owned(),
-            size: st["size"].as_u64()?,
+            size: st.size,
             state: Mutex::new(HandleState {
-                map: parse_map(&st["map"])?,
+                map,
                 mode: PathState::Direct,
                 journal: Journal::default(),
                 redirect: None,
@@ -932,13 +960,6 @@ impl Node {
         }
         Some(h)
     }
-}
-
-fn parse_map(v: &serde_json::Value) -> Option<Vec<u32>> {
-    v.as_array()?
-        .iter()
-        .map(|x| x.as_u64().map(|p| p as u32))
-        .collect()
 }
 
 fn read_segments(
@@ -1027,13 +1048,11 @@ impl std::fmt::Debug for FileHandle {
 
 impl FileHandle {
     fn refresh_map(&self, node: &Node) -> Result<(), Errno> {
-        let st = node
-            .call_coordinator(&Request::Stat {
-                name: self.name.clone(),
-                map: true,
-            })
-            .map_err(|_| Errno::Io)?;
-        let map = parse_map(&st["map"]).ok_or(Errno::Io)?;
+        let map = node
+            .stat_with_map(&self.name)
+            .ok()
+            .and_then(|f| f.map)
+            .ok_or(Errno::Io)?;
         lock(&self.state).map = map;
         Ok(())
     }
@@ -1139,6 +1158,7 @@ impl FileHandle {
                         name: self.name.clone(),
                         logical,
                     })
+                    .and_then(|r| Ok(r.into_file()?.into_map()?))
                     .map_err(|e| {
                         DirectFail::Refused(if e.kind == ErrorKind::NoSpace {
                             Errno::NoSpc
@@ -1146,7 +1166,7 @@ impl FileHandle {
                             Errno::Io
                         })
                     })?;
-                st.map = parse_map(&v["map"]).ok_or(DirectFail::Refused(Errno::Io))?;
+                st.map = v;
                 segs = segments(&node.sb, &st.map, offset, data.len());
             }
         }
@@ -1315,17 +1335,15 @@ pub struct NodeExports(pub Arc<Node>);
 
 impl Exports for NodeExports {
     fn list(&self) -> Vec<String> {
-        self.0
+        // NBD_OPT_LIST has no error path of its own: an unreachable coordinator lists nothing.
+        match self
+            .0
             .call_coordinator(&Request::List)
-            .ok()
-            .and_then(|v| {
-                v["files"].as_array().map(|a| {
-                    a.iter()
-                        .filter_map(|f| f["name"].as_str().map(String::from))
-                        .collect()
-                })
-            })
-            .unwrap_or_default()
+            .map(Response::into_files)
+        {
+            Ok(Ok(l)) => l.files.into_iter().map(|f| f.name).collect(),
+            _ => Vec::new(),
+        }
     }
 
     fn open(&self, name: &str) -> Option<Arc<dyn Backend>> {
