@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 
-/// Runs formatting and lint checks, then the whole workspace's tests.
+/// Runs formatting and lint checks, then the whole workspace's tests, then its doctests.
 ///
 /// The KVM, network-namespace and etcd tests need root and `/dev/kvm`; rather than let them be skipped,
 /// this refuses to start without them so a run that could not test everything never looks green.
@@ -23,6 +23,8 @@ pub fn test() -> anyhow::Result<()> {
     ])
     .context("clippy found problems")?;
     cargo(&["test", "--workspace", "--all-targets", "--no-fail-fast"]).context("tests failed")?;
+    // `--all-targets` leaves out doctests: the examples in the docs run here.
+    cargo(&["test", "--workspace", "--doc", "--no-fail-fast"]).context("doctests failed")?;
     Ok(())
 }
 
