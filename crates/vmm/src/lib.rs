@@ -11,7 +11,7 @@
 //!    shapes each vCPU's CPUID ([`cpuid`]) and starts one thread per vCPU, named `vcpuN` ([`vcpu`]), parked until [`Vm::resume`];
 //! 3. [`Vm::pause`], [`Vm::resume`], [`Vm::status`], [`Vm::request_stop`] control it, also through
 //!    the unix-socket API ([`api`]); [`Vm::save_state`] / [`Vm::restore_state`] move the typed
-//!    [`state::VmState`] while it is paused;
+//!    [`state::VmState`] while it is paused, whole or not at all ([`persist`]);
 //! 4. [`Vm::wait`] returns why it stopped ([`VmExit`]).
 
 pub mod api;
@@ -22,6 +22,7 @@ pub mod devices;
 pub mod layout;
 pub mod migrate;
 pub mod mptable;
+pub mod persist;
 pub mod runtime;
 pub mod signals;
 pub mod snapshot;
@@ -30,5 +31,6 @@ pub mod testing;
 pub mod vcpu;
 pub mod vm;
 
+pub use persist::{Persist, RestoreStateError};
 pub use vcpu::VmExit;
 pub use vm::{ControlError, DirtyBitmap, MemoryRegionInfo, RunState, StartVmError, Vm, VmStatus};

@@ -1,20 +1,22 @@
 //! Saved state of a VM, apart from the live objects: what a snapshot or a live migration carries.
 //!
-//! Every part has a typed `…State` struct. [`crate::Vm::save_state`] fills a [`VmState`] while
-//! the VM is paused and [`crate::Vm::restore_state`] puts one back. [`encode`] and [`decode`]
+//! Every part has a typed `…State` struct (the devices' own in their `persist` modules, see
+//! [`crate::persist`]); [`VmState`] is the one aggregate. [`crate::Vm::save_state`] fills it
+//! while the VM is paused and [`crate::Vm::restore_state`] checks all of it against the VM
+//! before it puts any of it back. [`encode`] and [`decode`]
 //! give the binary form snapshots and live migration carry: a header (magic, format version,
 //! length, crc32c) and a compact binary body (bincode, no JSON). A decoder never trusts the
 //! length or the checksum it has not verified.
 
+use crate::devices::serial::persist::SerialDeviceState;
+use crate::devices::virtio_blk::persist::VirtioBlkState;
+use crate::persist::VcpuStateError;
 use bincode::Options;
 use kvm_bindings::{
     kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state,
     kvm_mp_state, kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::SerialState;
-
-use crate::devices::virtio_blk::VirtioBlkState;
 
 /// The MSRs saved with each vCPU (those of them KVM lists are saved).
 pub const SAVED_MSRS: &[u32] = &[
@@ -96,68 +98,6 @@ impl From<&FpuState> for kvm_fpu {
     }
 }
 
-/// The 16550's registers (vm-superio's `SerialState`, mirrored so that it can be serialized).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SerialRegs {
-    /// DLL.
-    pub baud_divisor_low: u8,
-    /// DLM.
-    pub baud_divisor_high: u8,
-    /// IER.
-    pub interrupt_enable: u8,
-    /// IIR.
-    pub interrupt_identification: u8,
-    /// LCR.
-    pub line_control: u8,
-    /// LSR.
-    pub line_status: u8,
-    /// MCR.
-    pub modem_control: u8,
-    /// MSR.
-    pub modem_status: u8,
-    /// SCR.
-    pub scratch: u8,
-    /// Received bytes not yet read by the guest.
-    pub in_buffer: Vec<u8>,
-    /// Output of a partial line the VMM had not written yet (written where the VM continues).
-    pub pending_output: Vec<u8>,
-}
-
-impl From<&SerialState> for SerialRegs {
-    fn from(s: &SerialState) -> Self {
-        SerialRegs {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-            pending_output: Vec::new(),
-        }
-    }
-}
-
-impl From<&SerialRegs> for SerialState {
-    fn from(s: &SerialRegs) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
 /// One vCPU's architectural state.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct VcpuState {
@@ -185,6 +125,28 @@ pub struct VcpuState {
     pub debugregs: kvm_debugregs,
     /// The CPUID set the vCPU was given.
     pub cpuid: Vec<kvm_cpuid_entry2>,
+}
+
+/// Words in KVM's XSAVE area (`kvm_xsave::region`).
+pub const XSAVE_WORDS: usize = 1024;
+
+impl VcpuState {
+    /// Checks that this state fits vCPU `index` of a VM whose KVM saves the MSRs `msrs`.
+    pub fn check(&self, index: usize, msrs: &[u32]) -> Result<(), VcpuStateError> {
+        if usize::from(self.id) != index {
+            return Err(VcpuStateError::Id { found: self.id });
+        }
+        if self.xsave.len() > XSAVE_WORDS {
+            return Err(VcpuStateError::Xsave {
+                words: self.xsave.len(),
+                max: XSAVE_WORDS,
+            });
+        }
+        if let Some(m) = self.msrs.iter().find(|m| !msrs.contains(&m.index)) {
+            return Err(VcpuStateError::Msr { index: m.index });
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -226,12 +188,11 @@ pub struct ClockState(pub kvm_clock_data);
 /// The state of every device.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DevicesState {
-    /// COM1's registers.
-    pub serial: SerialRegs,
+    /// COM1's registers and partial output line.
+    pub serial: SerialDeviceState,
     /// Each virtio-blk device, with its slot.
     pub blocks: Vec<(usize, VirtioBlkState)>,
     /// Each virtio-net device, with its slot.
-    #[serde(default)]
     pub nets: Vec<(usize, crate::devices::virtio_net::VirtioNetState)>,
 }
 
@@ -254,8 +215,9 @@ pub struct VmState {
     pub saved_at_realtime_ns: u64,
 }
 
-/// The format version of [`encode`]'s output.
-pub const STATE_VERSION: u32 = 1;
+/// The format version of [`encode`]'s output. Version 2 added each disk's capacity and offered
+/// features to its state and keeps the queue in one struct; version 1 states are refused.
+pub const STATE_VERSION: u32 = 2;
 /// The magic that opens an encoded state.
 pub const STATE_MAGIC: [u8; 8] = *b"TERNVMST";
 /// Header bytes: magic, version (u32), body length (u64), crc32c of the body (u32).
@@ -356,8 +318,10 @@ pub fn decode(bytes: &[u8]) -> Result<(VmState, usize), StateDecodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio_mmio::QueueState;
     use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry};
     use proptest::prelude::*;
+    use vm_superio::serial::SerialState;
 
     fn any_vcpu() -> impl Strategy<Value = VcpuState> {
         (
@@ -481,7 +445,7 @@ mod tests {
                         ..Default::default()
                     }),
                     devices: DevicesState {
-                        serial: SerialRegs {
+                        serial: SerialDeviceState {
                             baud_divisor_low: sr[0],
                             baud_divisor_high: sr[1],
                             interrupt_enable: sr[2],
@@ -500,19 +464,23 @@ mod tests {
                                 (
                                     slot,
                                     VirtioBlkState {
+                                        capacity_sectors: w[0] ^ w[1],
+                                        device_features: w[3] ^ w[1],
                                         status: w[0] as u32,
                                         driver_features: w[1],
                                         device_features_sel: (w[0] >> 32) as u32,
                                         driver_features_sel: w[2] as u32,
                                         interrupt_status: (w[2] >> 32) as u32,
                                         queue_sel: w[3] as u32,
-                                        queue_size: (w[3] >> 32) as u16,
-                                        queue_ready: w[3] & 1 == 1,
-                                        desc_table: w[1] ^ w[2],
-                                        avail_ring: w[2] ^ w[3],
-                                        used_ring: w[0] ^ w[3],
-                                        next_avail: (w[1] >> 48) as u16,
-                                        next_used: (w[2] >> 48) as u16,
+                                        queue: QueueState {
+                                            size: (w[3] >> 32) as u16,
+                                            ready: w[3] & 1 == 1,
+                                            desc_table: w[1] ^ w[2],
+                                            avail_ring: w[2] ^ w[3],
+                                            used_ring: w[0] ^ w[3],
+                                            next_avail: (w[1] >> 48) as u16,
+                                            next_used: (w[2] >> 48) as u16,
+                                        },
                                     },
                                 )
                             })
@@ -596,9 +564,48 @@ mod tests {
             decode(&b[..b.len() - 1]),
             Err(StateDecodeError::Truncated { .. })
         ));
-        b[8] = 2;
-        assert_eq!(decode(&b).unwrap_err(), StateDecodeError::Version(2));
+        b[8] = 1;
+        assert_eq!(decode(&b).unwrap_err(), StateDecodeError::Version(1));
+        assert_eq!(
+            StateDecodeError::Version(1).to_string(),
+            "saved state format 1 is not supported (this build reads format 2)"
+        );
         b[0] = b'X';
         assert_eq!(decode(&b).unwrap_err(), StateDecodeError::Magic);
+    }
+
+    #[test]
+    fn vcpu_states_of_another_vcpu_or_with_unknown_msrs_do_not_fit() {
+        let mut v = VcpuState {
+            id: 1,
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            fpu: (&kvm_fpu::default()).into(),
+            xsave: vec![0; XSAVE_WORDS],
+            xcrs: kvm_xcrs::default(),
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                ..Default::default()
+            }],
+            lapic: kvm_lapic_state::default(),
+            events: kvm_vcpu_events::default(),
+            mp_state: kvm_mp_state::default(),
+            debugregs: kvm_debugregs::default(),
+            cpuid: vec![],
+        };
+        assert_eq!(v.check(1, &[0x10, 0x1b]), Ok(()));
+        assert_eq!(v.check(0, &[0x10]), Err(VcpuStateError::Id { found: 1 }));
+        assert_eq!(
+            v.check(1, &[0x1b]),
+            Err(VcpuStateError::Msr { index: 0x10 })
+        );
+        v.xsave.push(0);
+        assert_eq!(
+            v.check(1, &[0x10]),
+            Err(VcpuStateError::Xsave {
+                words: XSAVE_WORDS + 1,
+                max: XSAVE_WORDS
+            })
+        );
     }
 }

@@ -1,37 +1,32 @@
-//! Building a VM from a [`VmConfig`] and controlling it: pause, resume, stop, status, state.
+//! A VM built from a [`VmConfig`] ([`create`]: one builder step per concern) and controlled:
+//! pause, resume, stop, status, and its saved state (the aggregate of [`crate::persist`]).
 
-use std::io::Write;
+mod create;
+
 use std::sync::mpsc::{Sender, channel};
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    CpuId, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, Msrs, kvm_irqchip, kvm_msr_entry, kvm_pit_config,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, kvm_irqchip,
     kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
 use crate::boot::{self, BootEntry, BootPlan};
-use crate::config::{SerialOutput, VmConfig};
-use crate::cpuid::{self, CpuidParams};
-use crate::devices::serial::{COM1_GSI, SerialDevice};
-use crate::devices::virtio_blk::{BlkCounters, VirtioBlk};
-use crate::devices::virtio_net::{self, VirtioNet};
+use crate::config::VmConfig;
+use crate::devices::virtio_blk::BlkCounters;
 use crate::devices::{self, Devices};
-use crate::layout::{self, GuestMemory};
-use crate::mptable;
-use crate::state::{ClockState, DevicesState, IrqchipState, PitState, SAVED_MSRS, VmState};
-use crate::vcpu::{Control, VcpuCommand, VcpuThread, VmExit, Want, kick_handler};
+use crate::layout::GuestMemory;
+use crate::persist::RestoreStateError;
+use crate::state::{ClockState, IrqchipState, PitState, VmState};
+use crate::vcpu::{Control, VcpuCommand, VmExit, Want};
 
 /// How long pause/resume wait for every vCPU to answer.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
-/// The TSS KVM needs below 4 GiB (three pages), out of the way of RAM and devices.
-const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +214,12 @@ pub struct DiskStatus {
     pub writes: u64,
     /// Flush requests.
     pub flushes: u64,
+    /// Discard requests.
+    #[serde(default)]
+    pub discards: u64,
+    /// Write-zeroes requests.
+    #[serde(default)]
+    pub write_zeroes: u64,
     /// Failed requests.
     pub errors: u64,
 }
@@ -240,6 +241,8 @@ struct Shared {
     boot: BootPlan,
     tsc_khz: u32,
     cpuid0: Vec<kvm_bindings::kvm_cpuid_entry2>,
+    /// The MSRs saved with each vCPU (what a restored vCPU state may carry).
+    msr_list: Vec<u32>,
 }
 
 /// A running VM. Cloning gives another handle to the same VM.
@@ -256,335 +259,12 @@ impl std::fmt::Debug for Vm {
     }
 }
 
-static KICK_HANDLER: Once = Once::new();
-
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
 pub fn kick_signal() -> i32 {
     SIGRTMIN()
 }
 
-fn serial_out(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, StartVmError> {
-    Ok(match &cfg.serial {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::Null => Box::new(std::io::sink()),
-        SerialOutput::File(p) => Box::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| StartVmError::SerialFile {
-                    path: p.display().to_string(),
-                    source,
-                })?,
-        ),
-    })
-}
-
-fn eventfd() -> Result<EventFd, StartVmError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartVmError::Os {
-        what: "an eventfd",
-        source,
-    })
-}
-
-/// MSRs set on every vCPU at boot: the SYSCALL/SYSENTER MSRs cleared, fast strings on, the MTRRs
-/// enabled with write-back as the default type.
-fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
-    vec![
-        e(0x174, 0),
-        e(0x175, 0),
-        e(0x176, 0),
-        e(0xc000_0081, 0),
-        e(0xc000_0082, 0),
-        e(0xc000_0083, 0),
-        e(0xc000_0084, 0),
-        e(0xc000_0102, 0),
-        e(0x1a0, 1),             // MISC_ENABLE: fast strings
-        e(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
-    ]
-}
-
-/// Points LINT0 at the PIC (ExtINT) and LINT1 at NMI, as firmware would.
-fn setup_lapic(fd: &VcpuFd) -> Result<(), StartVmError> {
-    let mut lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
-    for (off, mode) in [(0x350usize, 0x700u32), (0x360, 0x400)] {
-        let mut b = [0u8; 4];
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = lapic.regs[off + i] as u8;
-        }
-        let v = (u32::from_le_bytes(b) & !0x700) | mode;
-        for (i, x) in v.to_le_bytes().iter().enumerate() {
-            lapic.regs[off + i] = *x as libc::c_char;
-        }
-    }
-    fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
-}
-
 impl Vm {
-    /// Builds the VM: KVM, memory, irqchip, PIT, devices, the kernel, and one thread per vCPU.
-    /// The vCPUs are parked before their first instruction: call [`Vm::resume`] to run the guest
-    /// (after registering the VM, or after [`Vm::restore_state`] on a migration target).
-    pub fn create(cfg: VmConfig) -> Result<Vm, StartVmError> {
-        let kvm = Kvm::new().map_err(StartVmError::OpenKvm)?;
-        let max = kvm.get_max_vcpus();
-        if usize::from(cfg.vcpus) > max {
-            return Err(StartVmError::TooManyVcpus {
-                asked: cfg.vcpus,
-                max,
-            });
-        }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
-        let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(cfg.memory_bytes())
-            .into_iter()
-            .map(|(a, s)| (GuestAddress(a), s as usize))
-            .collect();
-        let mem = GuestMemory::from_ranges(&regions).map_err(|source| StartVmError::Memory {
-            mib: cfg.memory_mib,
-            source,
-        })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|_| StartVmError::MpTable)?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mmap owned by `mem`, which the VM keeps (through the
-            // devices) for as long as the VM fd exists; the slots do not overlap.
-            unsafe { vm.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
-
-        // Devices.
-        let serial_irq = eventfd()?;
-        vm.register_irqfd(&serial_irq, COM1_GSI)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = SerialDevice::new(serial_irq, serial_out(&cfg)?);
-        let mut blocks = Vec::new();
-        for (i, d) in cfg.disks.iter().enumerate() {
-            let slot = layout::virtio_slot(i);
-            let irq = eventfd()?;
-            vm.register_irqfd(&irq, layout::virtio_slot_gsi(slot))
-                .map_err(kvm_err("KVM_IRQFD (virtio-blk)"))?;
-            blocks.push((slot, Mutex::new(VirtioBlk::open(&d.path, d.readonly, irq)?)));
-        }
-        let mut nets = Vec::new();
-        for (i, n) in cfg.nets.iter().enumerate() {
-            let slot = layout::virtio_slot(cfg.disks.len() + i);
-            let irq = eventfd()?;
-            vm.register_irqfd(&irq, layout::virtio_slot_gsi(slot))
-                .map_err(kvm_err("KVM_IRQFD (virtio-net)"))?;
-            let tap = devices::tap::Tap::open(&n.tap)?;
-            if let Some(bridge) = &n.bridge {
-                tap.attach_to_bridge(bridge)?;
-            }
-            let dev = VirtioNet::new(Box::new(tap), n.mac, n.ip, irq).map_err(|source| {
-                StartVmError::Os {
-                    what: "virtio-net eventfd",
-                    source,
-                }
-            })?;
-            nets.push((slot, Arc::new(Mutex::new(dev))));
-        }
-        let devices = Arc::new(Devices {
-            serial: Mutex::new(serial),
-            blocks,
-            nets,
-            announce_pending: Default::default(),
-            mem: mem.clone(),
-        });
-        for (_, d) in &devices.nets {
-            virtio_net::spawn_rx_thread(Arc::downgrade(d), mem.clone()).map_err(|source| {
-                StartVmError::Os {
-                    what: "virtio-net RX thread",
-                    source,
-                }
-            })?;
-        }
-
-        // Firmware tables and the kernel.
-        let mp = mptable::build(layout::MPTABLE_START, usize::from(cfg.vcpus))
-            .map_err(|_| StartVmError::MpTable)?;
-        mem.write_slice(&mp, GuestAddress(layout::MPTABLE_START))
-            .map_err(|_| StartVmError::MpTable)?;
-        let mut cmdline = cfg.cmdline.clone();
-        let extra = devices.linux_cmdline();
-        if !extra.is_empty() {
-            if !cmdline.is_empty() {
-                cmdline.push(' ');
-            }
-            cmdline.push_str(&extra);
-        }
-        let plan = boot::load(&cfg, &mem, &cmdline)?;
-
-        // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let msr_index = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?;
-        let msr_list: Vec<u32> = SAVED_MSRS
-            .iter()
-            .copied()
-            .filter(|m| msr_index.as_slice().contains(m))
-            .collect();
-        let mut fds = Vec::new();
-        let mut tsc_khz = 0;
-        let mut cpuid0 = Vec::new();
-        for id in 0..cfg.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            if id == 0 {
-                tsc_khz = fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?;
-            }
-            let entries = cpuid::shape(
-                supported.as_slice(),
-                CpuidParams {
-                    vcpu_id: id,
-                    vcpus: cfg.vcpus,
-                    tsc_khz,
-                },
-            );
-            let cpuid = CpuId::from_entries(&entries).map_err(|_| StartVmError::Kvm {
-                what: "CPUID (too many entries)",
-                source: kvm_ioctls::Error::new(libc::E2BIG),
-            })?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            if id == 0 {
-                cpuid0 = entries.clone();
-            }
-            let msrs = Msrs::from_entries(&boot_msrs()).map_err(|_| StartVmError::Kvm {
-                what: "MSRs",
-                source: kvm_ioctls::Error::new(libc::E2BIG),
-            })?;
-            // MSRs this KVM refuses are left at their reset values: set_msrs stops at the first.
-            let _ = fd.set_msrs(&msrs);
-            setup_lapic(&fd)?;
-            if id == 0 {
-                let mut sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
-                let regs = boot::boot_registers(plan.entry, &mut sregs);
-                fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
-                fd.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                fd.set_fpu(&boot::boot_fpu())
-                    .map_err(kvm_err("KVM_SET_FPU"))?;
-            }
-            fds.push((id, fd, entries));
-        }
-
-        let mut sig_err = None;
-        KICK_HANDLER.call_once(|| {
-            if let Err(e) = register_signal_handler(kick_signal(), kick_handler) {
-                sig_err = Some(e);
-            }
-        });
-        if let Some(e) = sig_err {
-            return Err(StartVmError::Os {
-                what: "the vCPU kick signal",
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            });
-        }
-
-        let control = Arc::new(Control::new_paused());
-        let tids = Arc::new(Mutex::new(Vec::new()));
-        let mut handles = Vec::new();
-        for (id, fd, entries) in fds {
-            let (tx, rx) = channel();
-            let t = VcpuThread {
-                id,
-                fd,
-                devices: devices.clone(),
-                control: control.clone(),
-                commands: rx,
-                tids: tids.clone(),
-                msr_list: msr_list.clone(),
-                cpuid: entries,
-            };
-            let thread = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || {
-                    let control = t.control.clone();
-                    let id = t.id;
-                    // A bug in a device model must stop the VM with a report, not leave it hung.
-                    if let Err(panic) =
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()))
-                    {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_default();
-                        control.request_exit(VmExit::Fault {
-                            vcpu: id,
-                            report: format!("vCPU {id}: the VMM's vCPU thread panicked: {what}"),
-                        });
-                    }
-                })
-                .map_err(|source| StartVmError::Os {
-                    what: "a vCPU thread",
-                    source,
-                })?;
-            handles.push(VcpuHandle {
-                commands: tx,
-                thread,
-            });
-        }
-        let handles_len = handles.len();
-        let vm = Vm {
-            shared: Arc::new(Shared {
-                kvm_vm: vm,
-                dirty_logging: Mutex::new(false),
-                control,
-                devices,
-                vcpus: Mutex::new(handles),
-                tids,
-                config: cfg,
-                started: Instant::now(),
-                boot: plan,
-                tsc_khz,
-                cpuid0,
-            }),
-        };
-        // Every vCPU thread registers its TID and parks before running guest code.
-        let n = handles_len;
-        let timed_out = {
-            let control = &vm.shared.control;
-            let g = control.lock();
-            let (_g, timeout) = control
-                .cv
-                .wait_timeout_while(g, CONTROL_TIMEOUT, |g| g.parked < n)
-                .unwrap_or_else(|e| e.into_inner());
-            timeout.timed_out()
-        };
-        if timed_out {
-            return Err(StartVmError::Os {
-                what: "the vCPU threads",
-                source: std::io::Error::from(std::io::ErrorKind::TimedOut),
-            });
-        }
-        Ok(vm)
-    }
-
     /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.shared.config
@@ -713,6 +393,8 @@ impl Vm {
                     reads: c.reads,
                     writes: c.writes,
                     flushes: c.flushes,
+                    discards: c.discards,
+                    write_zeroes: c.write_zeroes,
                     errors: c.errors,
                 }
             })
@@ -799,28 +481,7 @@ impl Vm {
             what: "KVM_GET_CLOCK",
             cause: source,
         })?);
-        let serial = {
-            let mut dev = self
-                .shared
-                .devices
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let mut regs: crate::state::SerialRegs = (&dev.state()).into();
-            regs.pending_output = dev.pending_output();
-            regs
-        };
-        let devices = DevicesState {
-            serial,
-            blocks: self
-                .shared
-                .devices
-                .blocks
-                .iter()
-                .map(|(slot, d)| (*slot, d.lock().unwrap_or_else(|e| e.into_inner()).state()))
-                .collect(),
-            nets: self.shared.devices.net_states(),
-        };
+        let devices = self.shared.devices.save();
         Ok(VmState {
             vcpus,
             irqchip,
@@ -831,11 +492,18 @@ impl Vm {
         })
     }
 
-    /// Puts a saved state back. The VM must be paused and built from the same configuration.
-    pub fn restore_state(&self, state: &VmState) -> Result<(), ControlError> {
-        self.ensure_paused()?;
+    /// Puts a saved state back into a paused VM built from the same configuration.
+    ///
+    /// Every part is checked first — the vCPU count, each vCPU's id, XSAVE size and MSRs, the
+    /// interrupt controllers' chip ids, the device slots and each device's state — and a state
+    /// that does not fit is refused with the part named, the VM left exactly as it was. Only
+    /// then is it applied: PIT, kvmclock, irqchips, vCPUs, devices. A KVM refusal while
+    /// applying ([`RestoreStateError::Apply`]) leaves the VM partly restored: stop it.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), RestoreStateError> {
+        self.ensure_paused().map_err(RestoreStateError::NotPaused)?;
+        self.check_state(state)?;
         let vm = &self.shared.kvm_vm;
-        let kvm = |what| move |cause| ControlError::Kvm { what, cause };
+        let kvm = |what| move |cause| RestoreStateError::Apply(ControlError::Kvm { what, cause });
         // Guest time keeps real time: the TSC and kvmclock move on by the wall-clock time that
         // passed since the state was taken (on this host or on the source host).
         let elapsed_ns = if state.saved_at_realtime_ns == 0 {
@@ -867,29 +535,45 @@ impl Vm {
             }
             h.commands
                 .send(VcpuCommand::Restore(Box::new(s), tx))
-                .map_err(|_| ControlError::NotRunning)?;
+                .map_err(|_| RestoreStateError::Apply(ControlError::NotRunning))?;
             rx.recv_timeout(CONTROL_TIMEOUT)
-                .map_err(|_| ControlError::Timeout(CONTROL_TIMEOUT))?
+                .map_err(|_| RestoreStateError::Apply(ControlError::Timeout(CONTROL_TIMEOUT)))?
                 .map_err(kvm("vCPU state"))?;
         }
-        {
-            let mut dev = self
-                .shared
-                .devices
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let _ = dev.restore(&(&state.devices.serial).into());
-            dev.set_pending_output(&state.devices.serial.pending_output);
+        self.shared.devices.restore(&state.devices)
+    }
+
+    /// Checks that `state` fits this VM (see [`Vm::restore_state`]); changes nothing.
+    pub fn check_state(&self, state: &VmState) -> Result<(), RestoreStateError> {
+        let vcpus = self.vcpus().len();
+        if state.vcpus.len() != vcpus {
+            return Err(RestoreStateError::VcpuCount {
+                state: state.vcpus.len(),
+                vm: vcpus,
+            });
         }
-        for ((slot, d), (s_slot, s)) in self.shared.devices.blocks.iter().zip(&state.devices.blocks)
-        {
-            if slot == s_slot {
-                d.lock().unwrap_or_else(|e| e.into_inner()).restore(s);
+        for (index, v) in state.vcpus.iter().enumerate() {
+            v.check(index, &self.shared.msr_list)
+                .map_err(|source| RestoreStateError::Vcpu { index, source })?;
+        }
+        for (which, chip, expected) in [
+            (
+                "master PIC",
+                &state.irqchip.pic_master,
+                KVM_IRQCHIP_PIC_MASTER,
+            ),
+            ("slave PIC", &state.irqchip.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+            ("IOAPIC", &state.irqchip.ioapic, KVM_IRQCHIP_IOAPIC),
+        ] {
+            if chip.chip_id != expected {
+                return Err(RestoreStateError::Irqchip {
+                    which,
+                    expected,
+                    found: chip.chip_id,
+                });
             }
         }
-        self.shared.devices.restore_nets(&state.devices.nets);
-        Ok(())
+        self.shared.devices.check(&state.devices)
     }
 
     /// Announces every NIC's new location on the network (RARP, and gratuitous ARP when the

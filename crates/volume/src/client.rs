@@ -663,6 +663,50 @@ impl VolumeDisk {
         lock(&self.conn).flush()
     }
 
+    /// Frees `len` bytes at `offset` (a guest's DISCARD): an NBD TRIM to the node, which frees
+    /// the file's whole extents in the range. Refused (`EPERM`) unless this disk is the writer.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.free_range(offset, len, false)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes (a guest's WRITE_ZEROES): an NBD
+    /// WRITE_ZEROES to the node, which frees whole extents and zeroes partial ones. Refused
+    /// (`EPERM`) unless this disk is the writer.
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), ClientError> {
+        self.free_range(offset, len, true)
+    }
+
+    /// TRIM (`zeroes` false) or WRITE_ZEROES over NBD, in requests of at most 1 GiB. Earlier
+    /// writes are flushed first, so no journaled direct write is replayed over the range later;
+    /// the extent map is dropped before the node frees anything (direct I/O goes to the node
+    /// until it is read again), so no direct write lands in an extent the file gave back.
+    fn free_range(&self, offset: u64, len: u64, zeroes: bool) -> Result<(), ClientError> {
+        const CHUNK: u64 = 1 << 30;
+        let owner = lock(&self.owner);
+        if *owner != Ownership::Writer {
+            return Err(ClientError::Remote(tern_nbd::Errno::Perm));
+        }
+        self.flush()?;
+        let mut g = lock(&self.direct);
+        if let Some(d) = g.as_mut() {
+            d.map.clear();
+        }
+        let mut c = lock(&self.conn);
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK) as u32;
+            if zeroes {
+                c.write_zeroes(offset + done, n, false)?;
+            } else {
+                c.trim(offset + done, n)?;
+            }
+            done += u64::from(n);
+        }
+        drop((c, g));
+        self.refresh_map();
+        Ok(())
+    }
+
     /// Migration source, at switch-over (the VM paused, its last write acknowledged): flushes,
     /// then hands the write lease to node `successor` in one compare-and-swap. From here on this
     /// disk refuses writes. On error the lease stays with the source and the VM may resume.

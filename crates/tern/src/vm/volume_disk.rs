@@ -29,6 +29,14 @@ impl BlockBackend for VolumeBackend {
     fn read_only(&self) -> bool {
         self.0.read_only()
     }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard(offset, len).map_err(io::Error::other)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, _may_unmap: bool) -> io::Result<()> {
+        // The node frees the whole extents either way (a thin file stays thin); reads of the
+        // range return zeroes.
+        self.0.write_zeroes(offset, len).map_err(io::Error::other)
+    }
     fn successor_id(&self) -> Option<String> {
         Some(self.0.node_id().to_string())
     }

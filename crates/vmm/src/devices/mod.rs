@@ -13,6 +13,8 @@ pub mod virtio_net;
 use std::sync::{Arc, Mutex};
 
 use crate::layout::{self, GuestMemory};
+use crate::persist::{Persist, RestoreStateError};
+use crate::state::DevicesState;
 use serial::{COM1_BASE, SerialDevice};
 use virtio_blk::VirtioBlk;
 use virtio_net::VirtioNet;
@@ -153,29 +155,76 @@ impl Devices {
             .sum()
     }
 
-    /// The saved state of every NIC, with its slot; frames waiting in the taps join the state.
-    pub fn net_states(&self) -> Vec<(usize, virtio_net::VirtioNetState)> {
-        self.nets
-            .iter()
-            .map(|(s, d)| {
-                let mut d = lock(d);
-                d.drain_backend();
-                (*s, d.state())
-            })
-            .collect()
+    /// The saved state of every device (frames waiting in the taps join the NICs' state).
+    pub fn save(&self) -> DevicesState {
+        DevicesState {
+            serial: lock(&self.serial).save(),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|(s, d)| (*s, lock(d).save()))
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|(s, d)| (*s, lock(d).save()))
+                .collect(),
+        }
     }
 
-    /// Restores the NICs found in the same slots, and arms the announce for the next resume.
-    pub fn restore_nets(&self, states: &[(usize, virtio_net::VirtioNetState)]) {
-        for (slot, d) in &self.nets {
-            if let Some((_, s)) = states.iter().find(|(s, _)| s == slot) {
-                lock(d).restore(s);
-            }
+    /// Checks that `state` fits these devices (the same slots, and each device's own check);
+    /// changes nothing.
+    pub fn check(&self, state: &DevicesState) -> Result<(), RestoreStateError> {
+        lock(&self.serial)
+            .check(&state.serial)
+            .map_err(RestoreStateError::Serial)?;
+        check_slots("virtio-blk", &self.blocks, &state.blocks)?;
+        check_slots("virtio-net", &self.nets, &state.nets)?;
+        for ((slot, d), (_, s)) in self.blocks.iter().zip(&state.blocks) {
+            lock(d)
+                .check(s)
+                .map_err(|source| RestoreStateError::Block {
+                    slot: *slot,
+                    source,
+                })?;
+        }
+        for ((slot, d), (_, s)) in self.nets.iter().zip(&state.nets) {
+            lock(d).check(s).map_err(|source| RestoreStateError::Net {
+                slot: *slot,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Puts `state` back into every device, after [`Devices::check`] passed for all of them;
+    /// arms the announce for the next resume when the VM has NICs.
+    pub fn restore(&self, state: &DevicesState) -> Result<(), RestoreStateError> {
+        self.check(state)?;
+        lock(&self.serial)
+            .restore(&state.serial)
+            .map_err(RestoreStateError::Serial)?;
+        for ((slot, d), (_, s)) in self.blocks.iter().zip(&state.blocks) {
+            lock(d)
+                .restore(s)
+                .map_err(|source| RestoreStateError::Block {
+                    slot: *slot,
+                    source,
+                })?;
+        }
+        for ((slot, d), (_, s)) in self.nets.iter().zip(&state.nets) {
+            lock(d)
+                .restore(s)
+                .map_err(|source| RestoreStateError::Net {
+                    slot: *slot,
+                    source,
+                })?;
         }
         if !self.nets.is_empty() {
             self.announce_pending
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
+        Ok(())
     }
 
     /// Takes the "announce at the next resume" flag.
@@ -198,6 +247,20 @@ impl Devices {
                 .chain(self.nets.iter().map(|(s, _)| *s)),
         )
     }
+}
+
+/// The same kind of devices in the same slots, in the same order, or a [`RestoreStateError::Slots`].
+fn check_slots<D, S>(
+    kind: &'static str,
+    live: &[(usize, D)],
+    saved: &[(usize, S)],
+) -> Result<(), RestoreStateError> {
+    let vm: Vec<usize> = live.iter().map(|(s, _)| *s).collect();
+    let state: Vec<usize> = saved.iter().map(|(s, _)| *s).collect();
+    if vm != state {
+        return Err(RestoreStateError::Slots { kind, state, vm });
+    }
+    Ok(())
 }
 
 /// Sends the announce rounds of every NIC of `devices` on `schedule`, from a new thread; the

@@ -1,8 +1,11 @@
-//! The 16550 UART on COM1 (vm-superio's model), its interrupt line and its output sink.
+//! The 16550 UART on COM1 (vm-superio's model), its interrupt line and its output sink. Its
+//! saved state: [`persist`].
+
+pub mod persist;
 
 use std::io::Write;
 
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -10,6 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub const COM1_BASE: u16 = 0x3f8;
 /// COM1's IRQ (ISA IRQ 4).
 pub const COM1_GSI: u32 = 4;
+/// A partial output line is written out once it grows to this many bytes.
+const LINE_MAX: usize = 4096;
 
 /// Raises the UART's interrupt through an eventfd registered with KVM as an irqfd.
 #[derive(Debug)]
@@ -50,7 +55,7 @@ impl LineSink {
 impl Write for LineSink {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         self.buf.extend_from_slice(data);
-        if data.contains(&b'\n') || self.buf.len() >= 4096 {
+        if data.contains(&b'\n') || self.buf.len() >= LINE_MAX {
             self.drain();
         }
         Ok(data.len())
@@ -117,35 +122,12 @@ impl SerialDevice {
     pub fn flush(&mut self) {
         self.uart.writer_mut().drain();
     }
-
-    /// The UART's registers.
-    pub fn state(&self) -> SerialState {
-        self.uart.state()
-    }
-
-    /// Replaces the UART's registers (the output sink and interrupt line stay).
-    pub fn restore(
-        &mut self,
-        state: &SerialState,
-    ) -> Result<(), vm_superio::serial::Error<std::io::Error>> {
-        let irq = self
-            .uart
-            .interrupt_evt()
-            .0
-            .try_clone()
-            .map_err(vm_superio::serial::Error::Trigger)?;
-        let sink = std::mem::replace(
-            self.uart.writer_mut(),
-            LineSink::new(Box::new(std::io::sink())),
-        );
-        self.uart = Serial::from_state(state, IrqTrigger(irq), NoEvents, sink)?;
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::persist::Persist;
     use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
@@ -198,10 +180,49 @@ mod tests {
         let (mut dev, _, _) = device();
         dev.write(7, 0x5a); // scratch register
         dev.write(3, 0x03); // LCR: 8N1
-        let s = dev.state();
-        let (mut other, _, _) = device();
+        for b in b"half a li" {
+            dev.write(0, *b);
+        }
+        let s = dev.save();
+        assert_eq!(s.pending_output, b"half a li");
+        let (mut other, out, _) = device();
         other.restore(&s).unwrap();
         assert_eq!(other.read(7), 0x5a);
-        assert_eq!(other.state(), s);
+        assert_eq!(other.save(), s);
+        other.write(0, b'\n');
+        assert_eq!(
+            out.0.lock().unwrap().as_slice(),
+            b"half a li\n",
+            "the line comes out whole"
+        );
+    }
+
+    #[test]
+    fn a_state_that_does_not_fit_is_refused_and_changes_nothing() {
+        let (mut dev, out, _) = device();
+        dev.write(7, 0x11);
+        dev.write(0, b'x');
+        let before = dev.save();
+        let mut bad = before.clone();
+        bad.scratch = 0x22;
+        bad.in_buffer = vec![b'a'; persist::FIFO_BYTES + 1];
+        assert_eq!(
+            dev.restore(&bad).unwrap_err(),
+            persist::SerialStateError::FullFifo {
+                len: persist::FIFO_BYTES + 1,
+                max: persist::FIFO_BYTES
+            }
+        );
+        let mut long = before.clone();
+        long.scratch = 0x22;
+        long.pending_output = vec![b'y'; persist::MAX_PENDING_OUTPUT + 1];
+        assert!(matches!(
+            dev.restore(&long).unwrap_err(),
+            persist::SerialStateError::PendingOutput { .. }
+        ));
+        assert_eq!(dev.save(), before, "registers and pending line unchanged");
+        assert_eq!(dev.read(7), 0x11);
+        dev.write(0, b'\n');
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"x\n", "the same sink");
     }
 }

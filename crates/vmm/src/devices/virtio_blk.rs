@@ -6,7 +6,9 @@
 //! (`pread`/`pwrite` for a raw file), a flush through its `flush` (`fdatasync`), so an acknowledged
 //! flush means the data reached stable storage.
 //! Every descriptor the guest gives is bounds-checked: a malformed chain fails that request, it
-//! never panics the VMM.
+//! never panics the VMM. Its saved state: [`persist`].
+
+pub mod persist;
 
 use std::fs::File;
 use std::path::Path;
@@ -16,7 +18,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::block_backend::{self, BlockBackend, RawFile};
-use super::virtio_mmio::{Event, QueueState, Registers, STATUS_FAILED, Transport};
+use super::virtio_mmio::{Event, STATUS_FAILED, Transport};
 
 /// Device ID of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -26,11 +28,32 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const SECTOR_SIZE: u64 = 512;
 /// The largest data transfer one request may make (bounds the VMM's buffer).
 pub const MAX_REQUEST_BYTES: u32 = 4 << 20;
+/// The most ranges one DISCARD request may carry (`max_discard_seg`).
+pub const MAX_DISCARD_SEGMENTS: u32 = 16;
+/// The most sectors one DISCARD range may cover (`max_discard_sectors`: 1 GiB).
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// The most ranges one WRITE_ZEROES request may carry (`max_write_zeroes_seg`).
+pub const MAX_WRITE_ZEROES_SEGMENTS: u32 = 16;
+/// The most sectors one WRITE_ZEROES range may cover (`max_write_zeroes_sectors`: 64 MiB, so a
+/// backend that has to write real zeroes holds the vCPU for a bounded time).
+pub const MAX_WRITE_ZEROES_SECTORS: u32 = 1 << 17;
+/// The granularity the guest should align discards to (`discard_sector_alignment`: 4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+/// Bytes of one DISCARD / WRITE_ZEROES range: sector (u64), sectors (u32), flags (u32).
+const SEGMENT_BYTES: u32 = 16;
+/// The WRITE_ZEROES range flag "the device may free the range".
+const SEGMENT_FLAG_UNMAP: u32 = 1;
+/// Bytes of the config space this device fills (up to `write_zeroes_may_unmap`).
+const CONFIG_BYTES: usize = 0x3c;
 
 /// VIRTIO_BLK_F_RO.
 pub const F_RO: u64 = 1 << 5;
 /// VIRTIO_BLK_F_FLUSH.
 pub const F_FLUSH: u64 = 1 << 9;
+/// VIRTIO_BLK_F_DISCARD.
+pub const F_DISCARD: u64 = 1 << 13;
+/// VIRTIO_BLK_F_WRITE_ZEROES.
+pub const F_WRITE_ZEROES: u64 = 1 << 14;
 /// VIRTIO_F_VERSION_1.
 pub const F_VERSION_1: u64 = 1 << 32;
 
@@ -39,6 +62,8 @@ const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
+const T_DISCARD: u32 = 11;
+const T_WRITE_ZEROES: u32 = 13;
 /// Request status values.
 const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
@@ -66,37 +91,6 @@ pub enum BlockOpenError {
     },
 }
 
-/// The saved state of a virtio-blk device and its transport.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VirtioBlkState {
-    /// Device status register.
-    pub status: u32,
-    /// Features the driver acknowledged.
-    pub driver_features: u64,
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// InterruptStatus.
-    pub interrupt_status: u32,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// The queue's size.
-    pub queue_size: u16,
-    /// The queue is ready.
-    pub queue_ready: bool,
-    /// Descriptor table address.
-    pub desc_table: u64,
-    /// Available ring address.
-    pub avail_ring: u64,
-    /// Used ring address.
-    pub used_ring: u64,
-    /// Next available index the device will read.
-    pub next_avail: u16,
-    /// Next used index the device will write.
-    pub next_used: u16,
-}
-
 /// Counters of served requests.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct BlkCounters {
@@ -106,6 +100,10 @@ pub struct BlkCounters {
     pub writes: u64,
     /// Flush requests.
     pub flushes: u64,
+    /// Discard requests.
+    pub discards: u64,
+    /// Write-zeroes requests.
+    pub write_zeroes: u64,
     /// Requests that failed.
     pub errors: u64,
 }
@@ -176,7 +174,28 @@ impl VirtioBlk {
     }
 
     fn features(readonly: bool) -> u64 {
-        F_VERSION_1 | F_FLUSH | if readonly { F_RO } else { 0 }
+        F_VERSION_1
+            | F_FLUSH
+            | if readonly {
+                F_RO
+            } else {
+                F_DISCARD | F_WRITE_ZEROES
+            }
+    }
+
+    /// The config space (virtio 1.2, 5.2.4): capacity, then the discard and write-zeroes limits.
+    fn config(&self) -> [u8; CONFIG_BYTES] {
+        let mut c = [0u8; CONFIG_BYTES];
+        c[0x00..0x08].copy_from_slice(&self.capacity_sectors.to_le_bytes());
+        let mut put = |at: usize, v: u32| c[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        put(0x24, MAX_DISCARD_SECTORS);
+        put(0x28, MAX_DISCARD_SEGMENTS);
+        put(0x2c, DISCARD_SECTOR_ALIGNMENT);
+        put(0x30, MAX_WRITE_ZEROES_SECTORS);
+        put(0x34, MAX_WRITE_ZEROES_SEGMENTS);
+        // write_zeroes_may_unmap: an unmapping WRITE_ZEROES frees the range.
+        c[0x38] = 1;
+        c
     }
 
     /// The storage behind the device (the migration path calls its hand-over hooks).
@@ -196,7 +215,7 @@ impl VirtioBlk {
 
     /// A guest read of `data.len()` bytes at `offset` in the slot.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let config = self.capacity_sectors.to_le_bytes();
+        let config = self.config();
         self.transport.read(offset, data, &config);
     }
 
@@ -295,6 +314,15 @@ impl VirtioBlk {
                     _ => (S_IOERR, 0),
                 }
             }
+            T_DISCARD | T_WRITE_ZEROES => {
+                let zero = kind == T_WRITE_ZEROES;
+                if zero {
+                    self.counters.write_zeroes += 1;
+                } else {
+                    self.counters.discards += 1;
+                }
+                (self.free_ranges(mem, data, zero), 0)
+            }
             _ => (S_UNSUPP, 0),
         };
         if status != S_OK {
@@ -349,54 +377,118 @@ impl VirtioBlk {
         (S_OK, written)
     }
 
-    /// The device's saved state.
-    pub fn state(&self) -> VirtioBlkState {
-        let r = self.transport.registers();
-        let q = self.transport.queue_state(0);
-        VirtioBlkState {
-            status: r.status,
-            driver_features: r.driver_features,
-            device_features_sel: r.device_features_sel,
-            driver_features_sel: r.driver_features_sel,
-            interrupt_status: r.interrupt_status,
-            queue_sel: r.queue_sel,
-            queue_size: q.size,
-            queue_ready: q.ready,
-            desc_table: q.desc_table,
-            avail_ring: q.avail_ring,
-            used_ring: q.used_ring,
-            next_avail: q.next_avail,
-            next_used: q.next_used,
+    /// Serves a DISCARD (`zero` false) or WRITE_ZEROES request: reads its ranges, checks every
+    /// one (flags, size, bounds) before the first reaches the backend, then frees or zeroes
+    /// them in order. Returns the status byte.
+    fn free_ranges<M: GuestMemoryBackend>(
+        &mut self,
+        mem: &M,
+        data: &[(GuestAddress, u32, bool)],
+        zero: bool,
+    ) -> u8 {
+        let (feature, max_segments, max_sectors) = if zero {
+            (
+                F_WRITE_ZEROES,
+                MAX_WRITE_ZEROES_SEGMENTS,
+                MAX_WRITE_ZEROES_SECTORS,
+            )
+        } else {
+            (F_DISCARD, MAX_DISCARD_SEGMENTS, MAX_DISCARD_SECTORS)
+        };
+        if self.transport.driver_features & feature == 0 {
+            return S_UNSUPP;
+        }
+        if self.readonly {
+            return S_IOERR;
+        }
+        let ranges = match read_segments(mem, data, max_segments) {
+            Ok(r) => r,
+            Err(status) => return status,
+        };
+        for r in &ranges {
+            let known = if zero { SEGMENT_FLAG_UNMAP } else { 0 };
+            if r.flags & !known != 0 || r.sectors > max_sectors {
+                return S_UNSUPP;
+            }
+            match r.sector.checked_add(u64::from(r.sectors)) {
+                Some(end) if end <= self.capacity_sectors => {}
+                _ => return S_IOERR,
+            }
+        }
+        for r in &ranges {
+            let (offset, len) = (r.sector * SECTOR_SIZE, u64::from(r.sectors) * SECTOR_SIZE);
+            let done = if zero {
+                self.backend
+                    .write_zeroes(offset, len, r.flags & SEGMENT_FLAG_UNMAP != 0)
+            } else {
+                self.backend.discard(offset, len)
+            };
+            if done.is_err() {
+                return S_IOERR;
+            }
+        }
+        S_OK
+    }
+}
+
+/// One range of a DISCARD or WRITE_ZEROES request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    sector: u64,
+    sectors: u32,
+    flags: u32,
+}
+
+/// Reads the ranges of a DISCARD / WRITE_ZEROES request from its data descriptors (all
+/// device-readable, a whole number of 16-byte ranges, 1 to `max` of them); the error is the
+/// status byte to answer.
+fn read_segments<M: GuestMemoryBackend>(
+    mem: &M,
+    data: &[(GuestAddress, u32, bool)],
+    max: u32,
+) -> Result<Vec<Segment>, u8> {
+    if data.iter().any(|d| d.2) {
+        return Err(S_IOERR);
+    }
+    let total: u64 = data.iter().map(|d| u64::from(d.1)).sum();
+    if total == 0 || !total.is_multiple_of(u64::from(SEGMENT_BYTES)) {
+        return Err(S_IOERR);
+    }
+    if total / u64::from(SEGMENT_BYTES) > u64::from(max) {
+        return Err(S_UNSUPP);
+    }
+    // At most `max` × 16 bytes: bounded before the allocation.
+    let mut bytes = Vec::with_capacity(total as usize);
+    for &(addr, len, _) in data {
+        let start = bytes.len();
+        bytes.resize(start + len as usize, 0);
+        if mem.read_slice(&mut bytes[start..], addr).is_err() {
+            return Err(S_IOERR);
         }
     }
-
-    /// Restores a saved state (the backing file stays).
-    pub fn restore(&mut self, s: &VirtioBlkState) {
-        let r = Registers {
-            status: s.status,
-            driver_features: s.driver_features,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            interrupt_status: s.interrupt_status,
-            queue_sel: s.queue_sel,
-        };
-        let q = QueueState {
-            size: s.queue_size,
-            ready: s.queue_ready,
-            desc_table: s.desc_table,
-            avail_ring: s.avail_ring,
-            used_ring: s.used_ring,
-            next_avail: s.next_avail,
-            next_used: s.next_used,
-        };
-        self.transport.restore(&r, &[q]);
-    }
+    Ok(bytes
+        .chunks_exact(SEGMENT_BYTES as usize)
+        .map(|c| {
+            let mut w8 = [0u8; 8];
+            w8.copy_from_slice(&c[0..8]);
+            let mut w4 = [0u8; 4];
+            w4.copy_from_slice(&c[8..12]);
+            let sectors = u32::from_le_bytes(w4);
+            w4.copy_from_slice(&c[12..16]);
+            Segment {
+                sector: u64::from_le_bytes(w8),
+                sectors,
+                flags: u32::from_le_bytes(w4),
+            }
+        })
+        .collect())
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::virtio_mmio::{MMIO_MAGIC, reg};
     use super::*;
+    use crate::persist::Persist;
     use std::io::{Read, Seek, SeekFrom, Write};
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
     use virtio_queue::mock::MockSplitQueue;
@@ -409,12 +501,15 @@ mod tests {
         dev: VirtioBlk,
         file: File,
         irq: EventFd,
+        /// The low feature bits the driver acknowledges.
+        ack: u64,
     }
 
     fn rig(readonly: bool) -> Rig {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&vec![0u8; 64 * 512]).unwrap();
+        file.sync_all().unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let dev = VirtioBlk::from_file(
             file.try_clone().unwrap(),
@@ -428,6 +523,7 @@ mod tests {
             dev,
             file,
             irq,
+            ack: F_FLUSH | F_DISCARD | F_WRITE_ZEROES,
         }
     }
 
@@ -452,6 +548,8 @@ mod tests {
         assert_eq!(r32(r, reg::DEVICE_FEATURES), 1, "VERSION_1");
         w32(r, reg::DRIVER_FEATURES_SEL, 1);
         w32(r, reg::DRIVER_FEATURES, 1);
+        w32(r, reg::DRIVER_FEATURES_SEL, 0);
+        w32(r, reg::DRIVER_FEATURES, r.ack as u32);
         w32(r, reg::STATUS, 1 | 2 | 8);
         w32(r, reg::QUEUE_SEL, 0);
         assert_eq!(r32(r, reg::QUEUE_NUM_MAX), u32::from(QUEUE_SIZE));
@@ -513,6 +611,213 @@ mod tests {
     }
 
     use vm_memory::Address;
+
+    const SEGS: u64 = 0xb000;
+
+    /// Queues a DISCARD or WRITE_ZEROES request whose ranges (sector, sectors, flags) sit in
+    /// one device-readable descriptor.
+    fn free_request(
+        r: &Rig,
+        q: &MockSplitQueue<'_, GuestMemoryMmap>,
+        kind: u32,
+        ranges: &[(u64, u32, u32)],
+        slot: u16,
+    ) {
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&kind.to_le_bytes());
+        r.mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let mut bytes = Vec::new();
+        for &(sector, sectors, flags) in ranges {
+            bytes.extend_from_slice(&sector.to_le_bytes());
+            bytes.extend_from_slice(&sectors.to_le_bytes());
+            bytes.extend_from_slice(&flags.to_le_bytes());
+        }
+        r.mem.write_slice(&bytes, GuestAddress(SEGS)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, 1, slot + 1)),
+            RawDescriptor::from(SplitDescriptor::new(SEGS, bytes.len() as u32, 1, slot + 2)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        q.add_desc_chains(&descs, slot).unwrap();
+    }
+
+    fn status_of(r: &mut Rig) -> u8 {
+        w32(r, reg::QUEUE_NOTIFY, 0);
+        r.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap()
+    }
+
+    fn image(r: &mut Rig) -> Vec<u8> {
+        let mut all = vec![0u8; 64 * 512];
+        r.file.seek(SeekFrom::Start(0)).unwrap();
+        r.file.read_exact(&mut all).unwrap();
+        all
+    }
+
+    fn allocated(f: &File) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn config_space_offers_discard_and_write_zeroes_limits() {
+        let mut r = rig(false);
+        w32(&mut r, reg::DEVICE_FEATURES_SEL, 0);
+        let f = u64::from(r32(&mut r, reg::DEVICE_FEATURES));
+        assert_eq!(f & (F_DISCARD | F_WRITE_ZEROES), F_DISCARD | F_WRITE_ZEROES);
+        let cfg = |r: &mut Rig, at: u64| r32(r, reg::CONFIG + at);
+        assert_eq!(cfg(&mut r, 0x24), MAX_DISCARD_SECTORS);
+        assert_eq!(cfg(&mut r, 0x28), MAX_DISCARD_SEGMENTS);
+        assert_eq!(cfg(&mut r, 0x2c), DISCARD_SECTOR_ALIGNMENT);
+        assert_eq!(cfg(&mut r, 0x30), MAX_WRITE_ZEROES_SECTORS);
+        assert_eq!(cfg(&mut r, 0x34), MAX_WRITE_ZEROES_SEGMENTS);
+        assert_eq!(cfg(&mut r, 0x38) & 0xff, 1, "write_zeroes_may_unmap");
+        let mut ro = rig(true);
+        w32(&mut ro, reg::DEVICE_FEATURES_SEL, 0);
+        let f = u64::from(r32(&mut ro, reg::DEVICE_FEATURES));
+        assert_eq!(
+            f & (F_DISCARD | F_WRITE_ZEROES),
+            0,
+            "not on a read-only disk"
+        );
+    }
+
+    #[test]
+    fn a_guest_discard_and_write_zeroes_free_the_image_blocks() {
+        let mut r = rig(false);
+        let mem = r.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        activate(&mut r, &q);
+        // Fill the whole disk through the guest path, durably.
+        mem.write_slice(&[0xa5u8; 64 * 512], GuestAddress(DATA))
+            .unwrap();
+        request(&r, &q, T_OUT, 0, Some((64 * 512, false)), 0);
+        assert_eq!(status_of(&mut r), S_OK);
+        r.file.sync_all().unwrap();
+        let full = allocated(&r.file);
+        assert!(full >= 64 * 512);
+
+        // Discard sectors 8..24 (8 KiB, 4 KiB-aligned).
+        free_request(&r, &q, T_DISCARD, &[(8, 16, 0)], 3);
+        assert_eq!(status_of(&mut r), S_OK);
+        let after = allocated(&r.file);
+        assert!(
+            after <= full - 8192,
+            "discarded blocks are holes: {full} -> {after}"
+        );
+        // Write zeroes (unmap) over 32..40 and (no unmap) over 48..50, in one request.
+        free_request(
+            &r,
+            &q,
+            T_WRITE_ZEROES,
+            &[(32, 8, SEGMENT_FLAG_UNMAP), (48, 2, 0)],
+            6,
+        );
+        assert_eq!(status_of(&mut r), S_OK);
+        assert!(
+            allocated(&r.file) <= after - 4096,
+            "the unmapped range is a hole"
+        );
+        let img = image(&mut r);
+        for (i, sector) in img.chunks(512).enumerate() {
+            let zero = (8..24).contains(&i) || (32..40).contains(&i) || (48..50).contains(&i);
+            let want = if zero { 0 } else { 0xa5 };
+            assert!(sector.iter().all(|&b| b == want), "sector {i}");
+        }
+        let c = r.dev.counters();
+        assert_eq!((c.discards, c.write_zeroes, c.errors), (1, 1, 0));
+        assert_eq!(used_idx(&r, &q), 3);
+    }
+
+    #[test]
+    fn malformed_discards_fail_before_any_range_is_freed() {
+        let mut r = rig(false);
+        let mem = r.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        activate(&mut r, &q);
+        mem.write_slice(&[0x3cu8; 64 * 512], GuestAddress(DATA))
+            .unwrap();
+        request(&r, &q, T_OUT, 0, Some((64 * 512, false)), 0);
+        assert_eq!(status_of(&mut r), S_OK);
+        let before = image(&mut r);
+        let mut slot = 3;
+        let mut check = |r: &mut Rig, kind, ranges: &[(u64, u32, u32)], want: u8, what: &str| {
+            free_request(r, &q, kind, ranges, slot);
+            slot = (slot + 3) % 15; // each chain is used before its descriptors are reused
+            assert_eq!(status_of(r), want, "{what}");
+            assert_eq!(image(r), before, "{what}: the image is untouched");
+        };
+        // A good first range, then one past the end: nothing is freed.
+        check(
+            &mut r,
+            T_DISCARD,
+            &[(0, 8, 0), (60, 8, 0)],
+            S_IOERR,
+            "past the end",
+        );
+        check(
+            &mut r,
+            T_DISCARD,
+            &[(0, 8, 0), (u64::MAX, 1, 0)],
+            S_IOERR,
+            "overflow",
+        );
+        check(
+            &mut r,
+            T_DISCARD,
+            &[(0, 8, SEGMENT_FLAG_UNMAP)],
+            S_UNSUPP,
+            "unmap on discard",
+        );
+        check(
+            &mut r,
+            T_WRITE_ZEROES,
+            &[(0, 8, 4)],
+            S_UNSUPP,
+            "unknown flag",
+        );
+        check(
+            &mut r,
+            T_WRITE_ZEROES,
+            &[(0, MAX_WRITE_ZEROES_SECTORS + 1, 0)],
+            S_UNSUPP,
+            "range too long",
+        );
+        let many = vec![(0u64, 1u32, 0u32); MAX_DISCARD_SEGMENTS as usize + 1];
+        check(&mut r, T_DISCARD, &many, S_UNSUPP, "too many ranges");
+        check(&mut r, T_DISCARD, &[], S_IOERR, "no range");
+        // A range split over a partial descriptor (not a multiple of 16 bytes).
+        r.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let descs = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, 1, 1)),
+            RawDescriptor::from(SplitDescriptor::new(SEGS, 12, 1, 2)),
+            RawDescriptor::from(SplitDescriptor::new(STATUS, 1, WRITE, 0)),
+        ];
+        let mut hdr = [0u8; 16];
+        hdr[0..4].copy_from_slice(&T_DISCARD.to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
+        q.add_desc_chains(&descs, 0).unwrap();
+        assert_eq!(status_of(&mut r), S_IOERR, "a torn range");
+        assert_eq!(image(&mut r), before);
+    }
+
+    #[test]
+    fn discard_needs_the_feature_negotiated_and_a_writable_disk() {
+        let mut r = rig(false);
+        r.ack = F_FLUSH;
+        let mem = r.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        activate(&mut r, &q);
+        free_request(&r, &q, T_DISCARD, &[(0, 8, 0)], 0);
+        assert_eq!(status_of(&mut r), S_UNSUPP, "not negotiated");
+
+        let mut ro = rig(true);
+        let mem = ro.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        activate(&mut ro, &q);
+        free_request(&ro, &q, T_WRITE_ZEROES, &[(0, 8, 0)], 0);
+        assert_eq!(status_of(&mut ro), S_IOERR, "read-only");
+    }
 
     #[test]
     fn write_flush_read_round_trip_through_the_image() {
@@ -621,11 +926,41 @@ mod tests {
         activate(&mut r, &q);
         request(&r, &q, T_FLUSH, 0, None, 0);
         w32(&mut r, reg::QUEUE_NOTIFY, 0);
-        let s = r.dev.state();
-        assert_eq!(s.next_avail, 1);
+        let s = r.dev.save();
+        assert_eq!(s.queue.next_avail, 1);
         let mut other = rig(false);
-        other.dev.restore(&s);
-        assert_eq!(other.dev.state(), s);
+        other.dev.restore(&s).unwrap();
+        assert_eq!(other.dev.save(), s);
+    }
+
+    #[test]
+    fn a_state_of_another_disk_or_a_broken_queue_is_refused_and_changes_nothing() {
+        use persist::VirtioBlkStateError as E;
+        let mut r = rig(false);
+        let mem = r.mem.clone();
+        let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+        activate(&mut r, &q);
+        let mut fresh = rig(false);
+        let before = fresh.dev.save();
+        let good = r.dev.save();
+        let mut bigger = good.clone();
+        bigger.capacity_sectors += 1;
+        assert_eq!(
+            fresh.dev.restore(&bigger),
+            Err(E::Capacity {
+                state: 65,
+                device: 64
+            })
+        );
+        let mut ro = good.clone();
+        ro.device_features = rig(true).dev.device_features();
+        assert!(matches!(fresh.dev.restore(&ro), Err(E::Features { .. })));
+        let mut odd = good.clone();
+        odd.queue.size = 12;
+        assert!(matches!(fresh.dev.restore(&odd), Err(E::Queue(_))));
+        assert_eq!(fresh.dev.save(), before, "nothing changed");
+        fresh.dev.restore(&good).unwrap();
+        assert_eq!(fresh.dev.save(), good);
     }
 
     proptest::proptest! {
@@ -635,7 +970,7 @@ mod tests {
         #[test]
         fn arbitrary_descriptor_chains_never_panic(
             descs in proptest::collection::vec((0x8000u64..0x11_0000, 0u32..0x2_0000, 0u16..8), 1..6),
-            kind in 0u32..10,
+            kind in 0u32..16,
             sector in proptest::prelude::any::<u64>(),
         ) {
             let mut r = rig(false);

@@ -82,6 +82,52 @@ pub struct QueueState {
     pub next_used: u16,
 }
 
+/// Why a saved queue cannot be put back into a queue of this transport.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueStateError {
+    /// Not a power of two in 1..=max.
+    #[error("queue size {size} is not a power of two from 1 to {max}")]
+    Size {
+        /// The size in the state.
+        size: u16,
+        /// This transport's largest size.
+        max: u16,
+    },
+    /// A ring address without the alignment virtio requires.
+    #[error("the {ring} address {addr:#x} is not {align}-byte aligned")]
+    Alignment {
+        /// Which ring.
+        ring: &'static str,
+        /// The address.
+        addr: u64,
+        /// The alignment required.
+        align: u64,
+    },
+}
+
+impl QueueState {
+    /// Checks that this state can be put into a queue of at most `max` entries as it is
+    /// (virtio-queue silently ignores a bad size or a misaligned ring instead).
+    pub fn check(&self, max: u16) -> Result<(), QueueStateError> {
+        if !self.size.is_power_of_two() || self.size > max {
+            return Err(QueueStateError::Size {
+                size: self.size,
+                max,
+            });
+        }
+        for (ring, addr, align) in [
+            ("descriptor table", self.desc_table, 16),
+            ("available ring", self.avail_ring, 2),
+            ("used ring", self.used_ring, 4),
+        ] {
+            if addr % align != 0 {
+                return Err(QueueStateError::Alignment { ring, addr, align });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The transport's registers that a saved state carries (the queues are saved apart).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Registers {
@@ -298,7 +344,13 @@ impl<const N: usize> Transport<N> {
         }
     }
 
-    /// Restores the common registers and the queues from a saved state.
+    /// The largest queue size this transport offers.
+    pub fn queue_max(&self) -> u16 {
+        self.queue_max
+    }
+
+    /// Restores the common registers and the queues from a saved state (each queue state
+    /// passed [`QueueState::check`] against [`Self::queue_max`]).
     pub fn restore(&mut self, r: &Registers, queues: &[QueueState; N]) {
         self.status = r.status;
         self.driver_features = r.driver_features;
@@ -404,5 +456,40 @@ mod tests {
         assert_eq!(w32(&mut t, reg::STATUS, 0), Event::Reset);
         assert_eq!(t.registers(), Registers::default());
         assert_eq!(t.queue_state(0).size, 64);
+    }
+
+    #[test]
+    fn queue_states_with_a_bad_size_or_ring_are_refused() {
+        let good = QueueState {
+            size: 16,
+            desc_table: 0x1000,
+            avail_ring: 0x2002,
+            used_ring: 0x3004,
+            ..Default::default()
+        };
+        assert_eq!(good.check(64), Ok(()));
+        for size in [0, 3, 128] {
+            let q = QueueState {
+                size,
+                ..good.clone()
+            };
+            assert_eq!(q.check(64), Err(QueueStateError::Size { size, max: 64 }));
+        }
+        let q = QueueState {
+            desc_table: 0x1008,
+            ..good.clone()
+        };
+        assert!(matches!(
+            q.check(64),
+            Err(QueueStateError::Alignment { align: 16, .. })
+        ));
+        let q = QueueState {
+            used_ring: 0x3002,
+            ..good
+        };
+        assert!(matches!(
+            q.check(64),
+            Err(QueueStateError::Alignment { align: 4, .. })
+        ));
     }
 }

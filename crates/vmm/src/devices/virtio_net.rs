@@ -5,7 +5,10 @@
 //! that polls the backend (`spawn_rx_thread`) and by the vCPU thread when the guest adds receive
 //! buffers. Notifications are suppressed both ways with VIRTIO_F_RING_EVENT_IDX (or the
 //! NO_INTERRUPT / NO_NOTIFY flags when the driver does not take it). Every descriptor is
-//! bounds-checked: a malformed chain or frame drops that frame, it never panics the VMM.
+//! bounds-checked: a malformed chain or frame drops that frame, it never panics the VMM. Its
+//! saved state: [`persist`].
+
+pub mod persist;
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
@@ -18,7 +21,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::announce::{self, snoop_ipv4};
 use super::tap::NetBackend;
 pub use super::virtio_mmio::QueueState;
-use super::virtio_mmio::{Event, Registers, STATUS_DRIVER_OK, STATUS_FAILED, Transport};
+use super::virtio_mmio::{Event, STATUS_DRIVER_OK, STATUS_FAILED, Transport};
+pub use persist::VirtioNetState;
 
 /// Device ID of a network device.
 pub const VIRTIO_ID_NET: u32 = 1;
@@ -43,33 +47,6 @@ pub const F_VERSION_1: u64 = 1 << 32;
 
 const RX: usize = 0;
 const TX: usize = 1;
-
-/// The saved state of a virtio-net device and its transport.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct VirtioNetState {
-    /// The MAC address.
-    pub mac: [u8; 6],
-    /// Device status register.
-    pub status: u32,
-    /// Features the driver acknowledged.
-    pub driver_features: u64,
-    /// DeviceFeaturesSel.
-    pub device_features_sel: u32,
-    /// DriverFeaturesSel.
-    pub driver_features_sel: u32,
-    /// InterruptStatus.
-    pub interrupt_status: u32,
-    /// QueueSel.
-    pub queue_sel: u32,
-    /// RX and TX queues.
-    pub queues: [QueueState; 2],
-    /// Frames read from the backend that wait for receive buffers (in flight in the VMM). A
-    /// state taken while paused includes what had queued in the tap, so a migration carries the
-    /// frames that reached the source during its pause instead of dropping them.
-    pub rx_pending: Vec<Vec<u8>>,
-    /// The guest's IPv4 address as learnt from its traffic or given (for gratuitous ARP).
-    pub guest_ip: Option<Ipv4Addr>,
-}
 
 /// Counters of the device's traffic.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -384,7 +361,10 @@ impl VirtioNet {
         !self.rx_pending.is_empty()
     }
 
-    /// The device's saved state.
+    /// The device's state as it is now, without draining the backend ([`Persist::save`]
+    /// drains it first).
+    ///
+    /// [`Persist::save`]: crate::persist::Persist::save
     pub fn state(&self) -> VirtioNetState {
         let r = self.transport.registers();
         VirtioNetState {
@@ -401,30 +381,6 @@ impl VirtioNet {
             ],
             rx_pending: self.rx_pending.iter().cloned().collect(),
             guest_ip: self.guest_ip,
-        }
-    }
-
-    /// Restores a saved state (the backend stays; the MAC comes from the state).
-    pub fn restore(&mut self, s: &VirtioNetState) {
-        self.mac = s.mac;
-        let r = Registers {
-            status: s.status,
-            driver_features: s.driver_features,
-            device_features_sel: s.device_features_sel,
-            driver_features_sel: s.driver_features_sel,
-            interrupt_status: s.interrupt_status,
-            queue_sel: s.queue_sel,
-        };
-        self.transport.restore(&r, &s.queues);
-        self.rx_pending = s
-            .rx_pending
-            .iter()
-            .filter(|f| f.len() <= MAX_FRAME)
-            .take(MAX_PENDING_FRAMES)
-            .cloned()
-            .collect();
-        if s.guest_ip.is_some() {
-            self.guest_ip = s.guest_ip;
         }
     }
 }
@@ -484,6 +440,7 @@ where
 mod tests {
     use super::super::virtio_mmio::{MMIO_MAGIC, reg};
     use super::*;
+    use crate::persist::Persist;
     use std::collections::VecDeque;
     use std::sync::Arc;
     use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
@@ -774,7 +731,7 @@ mod tests {
         );
         // A fresh device (the target) delivers them once the guest has buffers.
         let mut t = rig();
-        t.dev.restore(&s);
+        t.dev.restore(&s).unwrap();
         rx.add_desc_chains(
             &[
                 RawDescriptor::from(SplitDescriptor::new(0x10000, 2048, WRITE, 0)),
@@ -818,6 +775,43 @@ mod tests {
     }
 
     #[test]
+    fn a_state_with_frames_the_device_never_holds_is_refused_and_changes_nothing() {
+        use persist::VirtioNetStateError as E;
+        let mut r = rig();
+        let before = r.dev.state();
+        let mut bad = before.clone();
+        bad.mac = [2, 0, 0, 0, 0, 9];
+        bad.rx_pending = vec![frame(64, 1); MAX_PENDING_FRAMES + 1];
+        assert_eq!(
+            r.dev.restore(&bad),
+            Err(E::TooManyFrames {
+                count: MAX_PENDING_FRAMES + 1
+            })
+        );
+        bad.rx_pending = vec![frame(64, 1), vec![0u8; MAX_FRAME + 1]];
+        assert_eq!(
+            r.dev.restore(&bad),
+            Err(E::FrameSize {
+                index: 1,
+                len: MAX_FRAME + 1
+            })
+        );
+        bad.rx_pending.clear();
+        bad.driver_features = 1 << 40;
+        assert!(matches!(r.dev.restore(&bad), Err(E::Features { .. })));
+        bad.driver_features = 0;
+        bad.queues[1].size = 1000;
+        assert!(matches!(
+            r.dev.restore(&bad),
+            Err(E::Queue {
+                which: "transmit",
+                ..
+            })
+        ));
+        assert_eq!(r.dev.state(), before, "nothing changed");
+    }
+
+    #[test]
     fn state_round_trips_with_the_pending_frame_and_ip() {
         let mut r = rig();
         let mem = r.mem.clone();
@@ -831,7 +825,7 @@ mod tests {
         let json = serde_json::to_string(&s).unwrap();
         let back: VirtioNetState = serde_json::from_str(&json).unwrap();
         let mut other = rig();
-        other.dev.restore(&back);
+        other.dev.restore(&back).unwrap();
         assert_eq!(other.dev.state(), s);
         // The restored device announces with what it learnt.
         assert_eq!(other.dev.announce_round(), 2);
