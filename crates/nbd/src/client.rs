@@ -1,8 +1,11 @@
-//! A synchronous NBD client: fixed-newstyle handshake with structured replies, then one request at
-//! a time (each reply is awaited, so replies can never be matched to the wrong request).
+//! NBD clients: fixed-newstyle handshake with structured replies, then either one request at a
+//! time ([`Client`]: each reply is awaited, so replies can never be matched to the wrong request)
+//! or many in flight from any number of threads ([`SharedClient`]: replies matched by cookie).
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::proto::*;
 
@@ -475,4 +478,504 @@ fn chunk_errno(payload: &[u8]) -> Result<Errno, ClientError> {
         return Err(ClientError::Protocol("short error chunk".into()));
     }
     Ok(Errno::from_code(be32(&payload[0..4])))
+}
+
+/// What a pipelined request waits for: its reply's data (reads) or just its status.
+type Outcome = Result<Vec<u8>, ClientError>;
+
+/// A request sent on a [`SharedClient`] whose reply has not fully arrived.
+struct Waiter {
+    tx: std::sync::mpsc::SyncSender<Outcome>,
+    offset: u64,
+    /// Expected data length for a read (simple replies carry no length).
+    read_len: Option<usize>,
+    data: Vec<u8>,
+    error: Option<Errno>,
+}
+
+#[derive(Default)]
+struct Pending {
+    waiters: std::collections::HashMap<u64, Waiter>,
+    next_cookie: u64,
+    /// Why the connection is unusable (every later request fails at once with this).
+    dead: Option<String>,
+}
+
+/// State shared between a [`SharedClient`]'s callers and its reply reader.
+struct SharedState {
+    pending: Mutex<Pending>,
+    stream: TcpStream,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SharedState {
+    /// Mark the connection dead: shut the socket (the reader stops) and fail every waiter.
+    fn kill(&self, why: String) {
+        let mut p = lock(&self.pending);
+        p.dead.get_or_insert(why);
+        let why = p.dead.clone().unwrap_or_default();
+        for (_, w) in p.waiters.drain() {
+            // The caller may have given up already.
+            let _ = w.tx.try_send(Err(ClientError::Protocol(format!(
+                "connection lost: {why}"
+            ))));
+        }
+        drop(p);
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// An NBD client that keeps several requests in flight on one connection: any number of threads
+/// call it at once (`&self`); each request gets its own cookie and waits for its own reply, which
+/// a reader thread matches by cookie (replies may come in any order). Memory stays bounded by the
+/// callers' requests: a reply is accepted only for a request in flight and only up to its length.
+///
+/// A FLUSH sent after a write's reply arrived covers that write (the NBD rule); writes in flight
+/// together have no order between them, as on any NBD connection. A timeout, a protocol violation
+/// or a socket error kills the connection: every request in flight and every later one fails.
+pub struct SharedClient {
+    w: Mutex<BufWriter<TcpStream>>,
+    shared: Arc<SharedState>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    size: u64,
+    flags: u16,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for SharedClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedClient")
+            .field("size", &self.size)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedClient {
+    /// Connect with a timeout on connecting, the handshake and every later request's reply,
+    /// negotiate structured replies and select `export`.
+    pub fn connect_timeout(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: Duration,
+    ) -> Result<SharedClient, ClientError> {
+        let c = Client::connect_timeout(addr, export, timeout)?;
+        let Client {
+            r, w, size, flags, ..
+        } = c;
+        // The reader waits for replies for as long as the connection lives; each request has
+        // its own timeout instead.
+        r.get_ref().set_read_timeout(None)?;
+        let shared = Arc::new(SharedState {
+            pending: Mutex::new(Pending {
+                next_cookie: 1,
+                ..Pending::default()
+            }),
+            stream: r.get_ref().try_clone()?,
+        });
+        let sh = Arc::clone(&shared);
+        let reader = std::thread::Builder::new()
+            .name("nbd-replies".into())
+            .spawn(move || {
+                let mut r = r;
+                let why = loop {
+                    if let Err(e) = read_reply(&mut r, &sh) {
+                        break e.to_string();
+                    }
+                };
+                sh.kill(why);
+            })?;
+        Ok(SharedClient {
+            w: Mutex::new(w),
+            shared,
+            reader: Some(reader),
+            size,
+            flags,
+            timeout,
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Transmission flags the server sent.
+    pub fn transmission_flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// Whether the connection still works (no error or timeout seen).
+    pub fn is_alive(&self) -> bool {
+        lock(&self.shared.pending).dead.is_none()
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), ClientError> {
+        match offset.checked_add(length) {
+            Some(e) if e <= self.size && length <= u64::from(MAX_REQUEST_LEN) => Ok(()),
+            _ => Err(ClientError::OutOfRange {
+                offset,
+                length,
+                size: self.size,
+            }),
+        }
+    }
+
+    fn request(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        data: &[u8],
+    ) -> Outcome {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let cookie = {
+            let mut p = lock(&self.shared.pending);
+            if let Some(why) = &p.dead {
+                return Err(ClientError::Protocol(format!("connection lost: {why}")));
+            }
+            let cookie = p.next_cookie;
+            p.next_cookie += 1;
+            let read_len = (command == Command::Read).then_some(length as usize);
+            p.waiters.insert(
+                cookie,
+                Waiter {
+                    tx,
+                    offset,
+                    read_len,
+                    data: Vec::new(),
+                    error: None,
+                },
+            );
+            cookie
+        };
+        let h = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let sent = {
+            let mut w = lock(&self.w);
+            w.write_all(&h.encode())
+                .and_then(|()| w.write_all(data))
+                .and_then(|()| w.flush())
+        };
+        if let Err(e) = sent {
+            self.shared.kill(format!("sending a request failed: {e}"));
+            return Err(ClientError::Io(e));
+        }
+        match rx.recv_timeout(self.timeout) {
+            Ok(outcome) => outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                self.shared
+                    .kill(format!("no reply within {:?}", self.timeout));
+                Err(ClientError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no NBD reply within {:?}", self.timeout),
+                )))
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err(ClientError::Protocol("connection lost".into()))
+            }
+        }
+    }
+
+    /// Read `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let data = self.request(Command::Read, 0, offset, buf.len() as u32, &[])?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Write `data` at `offset` (with `fua`, durable when this returns).
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), ClientError> {
+        self.check_range(offset, data.len() as u64)?;
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.request(Command::Write, flags, offset, data.len() as u32, data)
+            .map(drop)
+    }
+
+    /// Make every write whose reply arrived before this call durable.
+    pub fn flush(&self) -> Result<(), ClientError> {
+        self.request(Command::Flush, 0, 0, 0, &[]).map(drop)
+    }
+
+    /// Discard a range.
+    pub fn trim(&self, offset: u64, length: u32) -> Result<(), ClientError> {
+        self.check_range(offset, u64::from(length))?;
+        self.request(Command::Trim, 0, offset, length, &[])
+            .map(drop)
+    }
+
+    /// Write zeroes over a range.
+    pub fn write_zeroes(&self, offset: u64, length: u32, fua: bool) -> Result<(), ClientError> {
+        self.check_range(offset, u64::from(length))?;
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.request(Command::WriteZeroes, flags, offset, length, &[])
+            .map(drop)
+    }
+}
+
+impl Drop for SharedClient {
+    fn drop(&mut self) {
+        // Best effort: a soft disconnect, then the socket goes (which ends the reader).
+        let h = RequestHeader {
+            flags: 0,
+            command: Command::Disc,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        let mut w = lock(&self.w);
+        let _ = w.write_all(&h.encode()).and_then(|()| w.flush());
+        drop(w);
+        self.shared.kill("closed".into());
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+/// Read one reply (simple, or one structured chunk) and hand it to its waiter.
+fn read_reply(r: &mut impl Read, sh: &SharedState) -> Result<(), ClientError> {
+    let magic = rd32(r)?;
+    let take = |cookie: u64| {
+        lock(&sh.pending)
+            .waiters
+            .remove(&cookie)
+            .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))
+    };
+    match magic {
+        SIMPLE_REPLY_MAGIC => {
+            let err = rd32(r)?;
+            let cookie = rd64(r)?;
+            let w = take(cookie)?;
+            let outcome = if err != 0 {
+                Err(ClientError::Remote(Errno::from_code(err)))
+            } else {
+                let mut data = vec![0u8; w.read_len.unwrap_or(0)];
+                r.read_exact(&mut data)?;
+                Ok(data)
+            };
+            let _ = w.tx.try_send(outcome);
+            Ok(())
+        }
+        STRUCTURED_REPLY_MAGIC => {
+            let flags = rd16(r)?;
+            let kind = rd16(r)?;
+            let cookie = rd64(r)?;
+            let len = rd32(r)?;
+            let mut w = take(cookie)?;
+            // A chunk never carries more than its request asked for (plus its own header).
+            let max = w.read_len.unwrap_or(0) as u64 + 64;
+            if u64::from(len) > max {
+                return Err(ClientError::Protocol(format!(
+                    "chunk of {len} bytes for a request of {} bytes",
+                    w.read_len.unwrap_or(0)
+                )));
+            }
+            let mut payload = vec![0u8; len as usize];
+            r.read_exact(&mut payload)?;
+            apply_chunk(&mut w, kind, &payload)?;
+            if flags & REPLY_FLAG_DONE != 0 {
+                let outcome = match w.error {
+                    Some(e) => Err(ClientError::Remote(e)),
+                    None => Ok(std::mem::take(&mut w.data)),
+                };
+                let _ = w.tx.try_send(outcome);
+            } else {
+                lock(&sh.pending).waiters.insert(cookie, w);
+            }
+            Ok(())
+        }
+        m => Err(ClientError::Protocol(format!("bad reply magic {m:#x}"))),
+    }
+}
+
+/// Apply one structured chunk to the request it answers.
+fn apply_chunk(w: &mut Waiter, kind: u16, payload: &[u8]) -> Result<(), ClientError> {
+    let want = w.read_len.unwrap_or(0);
+    let place = |w: &mut Waiter, at: u64, n: usize| -> Result<usize, ClientError> {
+        let start = at
+            .checked_sub(w.offset)
+            .and_then(|s| usize::try_from(s).ok())
+            .filter(|s| s.checked_add(n).is_some_and(|e| e <= want))
+            .ok_or_else(|| ClientError::Protocol("chunk outside the request".into()))?;
+        if w.data.len() != want {
+            w.data = vec![0u8; want];
+        }
+        Ok(start)
+    };
+    match kind {
+        REPLY_TYPE_OFFSET_DATA if payload.len() >= 8 && w.read_len.is_some() => {
+            let data = &payload[8..];
+            let s = place(w, be64(&payload[0..8]), data.len())?;
+            w.data[s..s + data.len()].copy_from_slice(data);
+        }
+        REPLY_TYPE_OFFSET_HOLE if payload.len() == 12 && w.read_len.is_some() => {
+            let n = be32(&payload[8..12]) as usize;
+            let s = place(w, be64(&payload[0..8]), n)?;
+            w.data[s..s + n].fill(0);
+        }
+        REPLY_TYPE_NONE => {}
+        k if k & 0x8000 != 0 => w.error = Some(chunk_errno(payload)?),
+        k => return Err(ClientError::Protocol(format!("unexpected chunk type {k}"))),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{Backend, StaticExports, run_listener};
+    use std::sync::Condvar;
+    use std::time::Instant;
+
+    /// Reads fill each byte with its offset's low byte. A read at `GATED` waits (up to 5 s)
+    /// until a read elsewhere has started, so it succeeds only if the two are in flight together.
+    struct Gated {
+        seen_other: Mutex<bool>,
+        cv: Condvar,
+        delay: Duration,
+    }
+
+    const GATED: u64 = 0;
+    const SIZE: u64 = 1 << 20;
+
+    impl Backend for Gated {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+            if offset == GATED {
+                let g = lock(&self.seen_other);
+                let (g, _) = self
+                    .cv
+                    .wait_timeout_while(g, Duration::from_secs(5), |seen| !*seen)
+                    .unwrap();
+                if !*g {
+                    return Err(Errno::Io);
+                }
+            } else {
+                *lock(&self.seen_other) = true;
+                self.cv.notify_all();
+            }
+            std::thread::sleep(self.delay);
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = (offset + i as u64) as u8;
+            }
+            Ok(())
+        }
+        fn write_at(&self, _: &[u8], _: u64, _: bool) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), Errno> {
+            Ok(())
+        }
+    }
+
+    fn server(delay: Duration) -> String {
+        let mut ex = StaticExports::new();
+        ex.insert(
+            "g",
+            Arc::new(Gated {
+                seen_other: Mutex::new(false),
+                cv: Condvar::new(),
+                delay,
+            }),
+        );
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || run_listener(l, Arc::new(ex)));
+        addr
+    }
+
+    #[test]
+    fn shared_client_keeps_requests_in_flight_and_matches_replies_out_of_order() {
+        let c = SharedClient::connect_timeout(server(Duration::ZERO), "g", Duration::from_secs(10))
+            .unwrap();
+        std::thread::scope(|s| {
+            // The gated read is sent first and answered last: it needs the second one in flight.
+            let first = s.spawn(|| {
+                let mut b = vec![0u8; 4096];
+                c.read(GATED, &mut b).map(|()| b)
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let mut b = vec![0u8; 512];
+            c.read(4096 + 7, &mut b).unwrap();
+            assert!(
+                b.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == (4096 + 7 + i) as u8)
+            );
+            let b = first.join().unwrap().expect("the gated read completes");
+            assert!(b.iter().enumerate().all(|(i, &x)| x == i as u8));
+        });
+        assert!(c.is_alive());
+    }
+
+    #[test]
+    fn many_threads_on_one_shared_client_each_get_their_own_data() {
+        let c = SharedClient::connect_timeout(
+            server(Duration::from_micros(200)),
+            "g",
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..50u64 {
+                        let off = 4096 + (t * 50 + i) * 1000 % (SIZE - 8192);
+                        let mut b = vec![0u8; 1000 + t as usize];
+                        c.read(off, &mut b).unwrap();
+                        assert!(
+                            b.iter()
+                                .enumerate()
+                                .all(|(k, &x)| x == (off + k as u64) as u8)
+                        );
+                        c.write(off, &b, i % 7 == 0).unwrap();
+                    }
+                    c.flush().unwrap();
+                });
+            }
+        });
+        assert!(
+            matches!(
+                c.read(SIZE - 1, &mut [0u8; 2]),
+                Err(ClientError::OutOfRange { .. })
+            ),
+            "a request past the end is refused before it is sent"
+        );
+        assert!(c.is_alive());
+    }
+
+    #[test]
+    fn a_reply_that_does_not_come_in_time_kills_the_connection_for_every_later_request() {
+        // The gated read never sees another read, so its reply comes only after 5 s.
+        let c =
+            SharedClient::connect_timeout(server(Duration::ZERO), "g", Duration::from_millis(300))
+                .unwrap();
+        let t = Instant::now();
+        let e = c.read(GATED, &mut [0u8; 16]).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Io(ref io) if io.kind() == io::ErrorKind::TimedOut),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(3));
+        assert!(!c.is_alive());
+        let e = c.read(4096, &mut [0u8; 16]).unwrap_err();
+        assert!(
+            matches!(e, ClientError::Protocol(ref m) if m.contains("connection lost")),
+            "{e}"
+        );
+    }
 }

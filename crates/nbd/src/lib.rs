@@ -21,7 +21,7 @@ pub mod client;
 pub mod proto;
 pub mod server;
 
-pub use client::{Client, ClientError, control, list_exports};
+pub use client::{Client, ClientError, SharedClient, control, list_exports};
 pub use proto::Errno;
 pub use server::{
     Backend, Exports, FileBackend, ServeError, StaticExports, run_listener, serve, serve_tcp,
