@@ -1,20 +1,26 @@
 //! Live migration of a running VM over TCP: the wire format, the sender and receiver state
-//! machines, the convergence policy, and a thin TCP shell that drives them.
+//! machines, the convergence policy, and thin TCP shells that drive them.
 //!
 //! # Layers
 //!
 //! | module | what | I/O |
 //! |---|---|---|
 //! | [`config`] | memory layout and the VM description both ends must agree on | none |
-//! | [`wire`] | frames: encode, decode (never trusting a length or an address) | none |
-//! | [`policy`] | bandwidth estimate, switch-over rule, throttle schedule, timeout, token bucket | none |
-//! | [`sender`] | the source's phases and decisions | none |
-//! | [`receiver`] | the target's phases: what it accepts when | none |
-//! | [`vm`] | [`MigrationSource`] / [`MigrationTarget`]: what the VMM implements | — |
-//! | [`send`], [`recv`] | TCP streams, threads, progress, cancel, clean-up | TCP |
+//! | [`wire`] | frames: encode, decode (never trusting a length or an address); the memory digest | none |
+//! | [`machine::policy`] | bandwidth estimate, switch-over rule, throttle schedule, timeout, token bucket | none |
+//! | [`machine::pages`] | which pages a round sends, on which stream, which zero pages are skipped | none |
+//! | [`machine::sender`] | the source's phases, what the target's answers mean, what a failure does to the source VM, the outcome | none |
+//! | [`machine::receiver`] | the target's phases: which frame it accepts on which stream when | none |
 //! | [`report`] | progress snapshots and the final JSON report | none |
+//! | [`vm`] | [`MigrationSource`] / [`MigrationTarget`]: what the VMM implements | — |
+//! | [`tcp::send`], [`tcp::recv`] | TCP streams, threads, the clock, progress callbacks, cancel | TCP |
+//! | [`tcp::common`] | what both shells use: [`CancelToken`], [`error_chain`] | — |
 //!
-//! The pure modules take time as an argument; the shells own the clock and the sockets.
+//! Everything outside [`tcp`] is pure: no clock, socket, thread or file; time is an argument
+//! (time since the migration started). Every decision — which pages go in a round, what a frame
+//! from the other side means in the current phase, what a failure does to the source VM, the
+//! outcome — is made in [`machine`]; the shells read frames and VM calls into events for the
+//! machines and carry out what they answer. The two shells do not import each other.
 //!
 //! # Use
 //!
@@ -123,9 +129,11 @@
 //!
 //! `Handshake → PreCopy (rounds) → StopAndCopy (paused) → AwaitingAck → Completed`, and
 //! `Failed` from any of them. What a failure does to the source VM depends only on the phase
-//! ([`sender::FailureAction`]): before the pause it keeps running (throttle removed); paused,
-//! it is resumed; after Commit it is resumed only if the target answered `Failed`, else it stays
-//! paused ("in doubt").
+//! ([`machine::sender::FailureAction`]): before the pause it keeps running (throttle removed);
+//! paused, it is resumed; after Commit it is resumed only if the target answered `Failed`, else
+//! it stays paused ("in doubt"). [`machine::sender::Sender::finish`] turns that and how the
+//! shell saw the end into the clean-up (tell the target, unthrottle, resume) and the
+//! [`Outcome`].
 //!
 //! # Convergence
 //!
@@ -158,18 +166,17 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
-pub mod policy;
-pub mod receiver;
-pub mod recv;
+pub mod machine;
 pub mod report;
-pub mod send;
-pub mod sender;
+pub mod tcp;
 pub mod vm;
 pub mod wire;
 
 pub use config::{CpuidDigest, MemoryLayout, PAGE_SIZE, Region, VmConfigDescription};
-pub use policy::{ConvergenceConfig, OnTimeout, ThrottleSlice};
-pub use recv::{ReceiveError, ReceiveOptions, ReceiveReport, error_chain, receive};
+pub use machine::policy::{ConvergenceConfig, OnTimeout, ThrottleSlice};
+pub use machine::receiver::StreamName;
 pub use report::{MigrationReport, Outcome, Progress, ProgressPhase};
-pub use send::{CancelToken, MigrateError, MigrateOptions, MigrationFailure, migrate};
+pub use tcp::common::{CancelToken, error_chain};
+pub use tcp::recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive};
+pub use tcp::send::{MigrateError, MigrateOptions, MigrationFailure, migrate};
 pub use vm::{MigrationSource, MigrationTarget, VmError};

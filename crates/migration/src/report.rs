@@ -1,9 +1,9 @@
 //! Progress figures during a migration and the final report (JSON on `--json`).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How a migration ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// The VM runs on the target; the source may be torn down.
@@ -24,6 +24,17 @@ impl Outcome {
     /// Whether the source VM is running after this outcome.
     pub fn source_runs(self) -> bool {
         !matches!(self, Outcome::Completed | Outcome::InDoubt)
+    }
+
+    /// The exit status of `tern vm migrate`: 0 completed (the VM runs on the target), 3 in
+    /// doubt (the source stays paused, an operator decides), 1 for every outcome where the
+    /// source runs.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Completed => 0,
+            Outcome::InDoubt => 3,
+            Outcome::Refused | Outcome::Cancelled | Outcome::TimedOut | Outcome::Failed => 1,
+        }
     }
 }
 
@@ -102,6 +113,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn exit_code_follows_where_the_vm_runs() {
+        let all = [
+            Outcome::Completed,
+            Outcome::Refused,
+            Outcome::Cancelled,
+            Outcome::TimedOut,
+            Outcome::Failed,
+            Outcome::InDoubt,
+        ];
+        let got: String = all
+            .iter()
+            .map(|o| {
+                let name = serde_json::to_string(o).unwrap();
+                format!(
+                    "{name} exit {} source runs {}\n",
+                    o.exit_code(),
+                    o.source_runs()
+                )
+            })
+            .collect();
+        expect_test::expect![[r#"
+            "completed" exit 0 source runs false
+            "refused" exit 1 source runs true
+            "cancelled" exit 1 source runs true
+            "timed_out" exit 1 source runs true
+            "failed" exit 1 source runs true
+            "in_doubt" exit 3 source runs false
+        "#]].assert_eq(&got);
+    }
+
+    #[test]
     fn report_json_has_exactly_the_documented_fields() {
         let r = MigrationReport {
             total_ms: 120,
@@ -130,6 +172,8 @@ mod tests {
             ]
         );
         assert_eq!(v["outcome"], "timed_out");
+        let back: Outcome = serde_json::from_value(v["outcome"].clone()).unwrap();
+        assert_eq!(back, Outcome::TimedOut);
         assert_eq!(v["downtime_ms"], 9);
         assert_eq!(v["throttle_max_pct"], 97.5);
     }

@@ -39,7 +39,7 @@ pub trait MigrationSource {
 
     /// Holds the vCPUs for `pct` percent of the time (0 ≤ pct < 100, e.g. 99.9), in slices of
     /// at most 10 ms: `ThrottleSlice::for_pct(pct, 10 ms)` gives run and sleep per slice
-    /// ([`crate::policy::ThrottleSlice`]). 0 ends throttling.
+    /// ([`crate::machine::policy::ThrottleSlice`]). 0 ends throttling.
     fn set_throttle(&mut self, pct: f64) -> Result<(), VmError>;
 
     /// Stops the vCPUs (and device activity that writes guest memory).

@@ -267,6 +267,9 @@ impl PageBatch {
     }
 }
 
+/// Chunk size of the memory verification digest the source sends.
+pub const VERIFY_CHUNK_BYTES: u64 = 1 << 20;
+
 /// Checksums of guest memory in fixed-size chunks, in page-index order (region 0 first).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryDigest {
@@ -280,6 +283,38 @@ impl MemoryDigest {
     /// Number of chunks a layout has at `chunk_bytes` per chunk.
     pub fn chunks_for(layout: &MemoryLayout, chunk_bytes: u64) -> u64 {
         layout.total_bytes().div_ceil(chunk_bytes)
+    }
+
+    /// The digest of guest memory in `layout`, read through `read(gpa, buf)` (never more than
+    /// 1 MiB at a time, never across a region's end) in `chunk_bytes` chunks.
+    pub fn of_memory<E>(
+        layout: &MemoryLayout,
+        chunk_bytes: u64,
+        mut read: impl FnMut(u64, &mut [u8]) -> Result<(), E>,
+    ) -> Result<Self, E> {
+        let mut crcs = Vec::with_capacity(Self::chunks_for(layout, chunk_bytes) as usize);
+        let mut buf = vec![0u8; (chunk_bytes.min(1 << 20)) as usize];
+        let (mut crc, mut in_chunk) = (0u32, 0u64);
+        for r in layout.regions() {
+            let mut at = r.guest_addr;
+            while at < r.end() {
+                let n = (r.end() - at)
+                    .min(chunk_bytes - in_chunk)
+                    .min(buf.len() as u64);
+                read(at, &mut buf[..n as usize])?;
+                crc = crc32c::crc32c_append(crc, &buf[..n as usize]);
+                in_chunk += n;
+                at += n;
+                if in_chunk == chunk_bytes {
+                    crcs.push(crc);
+                    (crc, in_chunk) = (0, 0);
+                }
+            }
+        }
+        if in_chunk > 0 {
+            crcs.push(crc);
+        }
+        Ok(Self { chunk_bytes, crcs })
     }
 
     /// Index of the first chunk that differs, if any.

@@ -8,7 +8,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{MemVm, Proxy, VmState};
-use tern_migration::recv::StreamName;
+use tern_migration::StreamName;
 use tern_migration::wire::{DecodeError, ReadFrameError};
 use tern_migration::{
     CancelToken, ConvergenceConfig, MigrateError, MigrateOptions, MigrationFailure,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use tern_migration::policy::ThrottleSlice;
+use tern_migration::ThrottleSlice;
 use tern_migration::{
     CpuidDigest, MemoryLayout, MigrationSource, MigrationTarget, PAGE_SIZE, Region,
     VmConfigDescription, VmError,

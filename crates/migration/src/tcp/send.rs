@@ -1,52 +1,31 @@
-//! The source's I/O shell: TCP control and data streams, page reading, zero-page skipping,
-//! the bandwidth cap, progress, cancel, and the clean-up that keeps the source running on any
-//! failure before commit.
+//! The source's I/O shell: TCP control and data streams with a writer thread each, page
+//! reading, the bandwidth cap's sleeps, the clock, progress callbacks and cancel. What to send,
+//! what an answer means and how a failure is undone are the [`Sender`] machine's and
+//! [`pages`]' decisions; this file carries them out.
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver as ChanRx, RecvTimeoutError, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::config::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{ConvergenceConfig, Decision, TokenBucket};
-use crate::report::{MigrationReport, Outcome, Progress, ProgressPhase};
-use crate::sender::{FailureAction, Sender, SenderPhase};
+use crate::machine::pages::{self, PageAction, PageSet, ZeroTracker};
+use crate::machine::policy::{ConvergenceConfig, Decision, TokenBucket};
+use crate::machine::sender::{
+    Ending, Heard, InvalidTransition, Sender, TARGET_REASON_GRACE, TargetAnswer, check_options,
+};
+use crate::report::{MigrationReport, Progress};
+use crate::tcp::common::{CancelToken, error_chain};
 use crate::vm::{MigrationSource, VmError};
 use crate::wire::{
-    Frame, Hello, MAX_PAGES_PER_FRAME, MAX_STREAMS, MIN_PROTOCOL_VERSION, MemoryDigest,
-    PROTOCOL_VERSION, PageBatch, ReadFrameError, read_frame,
+    Frame, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION,
+    PageBatch, ReadFrameError, VERIFY_CHUNK_BYTES, read_frame,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
-/// Consecutive pages that travel on the same data stream. A page always takes the same stream,
-/// so TCP's ordering keeps a later copy of a page behind an earlier one.
-pub const STRIPE_PAGES: u64 = MAX_PAGES_PER_FRAME as u64;
-/// Chunk size of the memory verification digest.
-pub const VERIFY_CHUNK_BYTES: u64 = 1 << 20;
-
-/// A cancel switch shared between the operator (another thread, a signal handler) and the
-/// migration. Cancelling after commit was sent has no effect.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
-
-impl CancelToken {
-    /// A fresh, not cancelled token.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Requests cancellation.
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-    /// Whether cancellation was requested.
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 /// Options of an outgoing migration.
 #[derive(Debug, Clone)]
@@ -136,6 +115,42 @@ pub struct MigrationFailure {
     pub report: MigrationReport,
 }
 
+impl MigrateError {
+    /// How the machine should read this error as the end of the migration.
+    fn ending(&self) -> Ending {
+        match self {
+            MigrateError::Cancelled => Ending::Cancelled,
+            MigrateError::Connection(_) | MigrateError::Read(_) => Ending::LinkLost,
+            MigrateError::InDoubt(_) => Ending::NoAnswer,
+            MigrateError::Options(_)
+            | MigrateError::Connect { .. }
+            | MigrateError::Refused(_)
+            | MigrateError::Protocol(_)
+            | MigrateError::Target(_)
+            | MigrateError::Source(..)
+            | MigrateError::TimedOut => Ending::Failed,
+        }
+    }
+}
+
+impl From<TargetAnswer> for MigrateError {
+    fn from(a: TargetAnswer) -> Self {
+        match a {
+            TargetAnswer::Refused(reason) => MigrateError::Refused(reason),
+            TargetAnswer::Failed(reason) => MigrateError::Target(reason),
+            other @ (TargetAnswer::VersionNotOffered(_) | TargetAnswer::Unexpected { .. }) => {
+                MigrateError::Protocol(other.to_string())
+            }
+        }
+    }
+}
+
+impl From<InvalidTransition> for MigrateError {
+    fn from(e: InvalidTransition) -> Self {
+        MigrateError::Protocol(e.to_string())
+    }
+}
+
 enum WriterMsg {
     Frame(Vec<u8>),
     Flush(SyncSender<()>),
@@ -163,14 +178,10 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     control_rx: Option<ChanRx<Result<Frame, ReadFrameError>>>,
     data: Vec<DataStream>,
     bucket: Option<TokenBucket>,
-    sent_nonzero: Vec<u64>,
+    zeros: ZeroTracker,
     bytes_sent: u64,
     zero_skipped: u64,
-    dirty_log_on: bool,
-    paused_at: Option<Instant>,
-    last_progress: Instant,
     round_remaining: u64,
-    target_answered: bool,
     /// Time spent on runs of pages that were all zero and skipped: taken out of the round's
     /// time for the bandwidth estimate, since the final round carries dirty (data) pages.
     zero_scan: Duration,
@@ -190,9 +201,8 @@ pub fn migrate<S: MigrationSource + ?Sized>(
 ) -> Result<MigrationReport, MigrationFailure> {
     let start = Instant::now();
     let layout = source.describe().layout;
-    let words = layout.total_pages().div_ceil(64) as usize;
     let mut run = Run {
-        machine: Sender::new(opts.convergence.clone()),
+        machine: Sender::new(opts.convergence.clone()).with_versions(opts.protocol_versions),
         bucket: opts
             .convergence
             .max_bandwidth
@@ -202,18 +212,14 @@ pub fn migrate<S: MigrationSource + ?Sized>(
         cancel,
         progress,
         start,
+        zeros: ZeroTracker::new(layout.total_pages()),
         layout,
         control: None,
         control_rx: None,
         data: Vec::new(),
-        sent_nonzero: vec![0; words],
         bytes_sent: 0,
         zero_skipped: 0,
-        dirty_log_on: false,
-        paused_at: None,
-        last_progress: start,
         round_remaining: 0,
-        target_answered: false,
         zero_scan: Duration::ZERO,
     };
     let result = run.execute(to);
@@ -226,18 +232,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     }
 
     fn execute(&mut self, to: impl ToSocketAddrs) -> Result<Duration, MigrateError> {
-        let o = self.opts;
-        if o.streams == 0 || o.streams > MAX_STREAMS {
-            return Err(MigrateError::Options(format!(
-                "streams must be 1..={MAX_STREAMS}, got {}",
-                o.streams
-            )));
-        }
-        if o.convergence.max_bandwidth == Some(0) {
-            return Err(MigrateError::Options(
-                "bandwidth cap must be above 0".into(),
-            ));
-        }
+        check_options(self.opts.streams, &self.opts.convergence)
+            .map_err(|e| MigrateError::Options(e.to_string()))?;
         let addrs: Vec<SocketAddr> = to
             .to_socket_addrs()
             .map_err(|source| MigrateError::Connect {
@@ -250,55 +246,23 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             source: std::io::Error::other("address resolves to nothing"),
         })?;
         self.handshake(addr)?;
-        self.machine
-            .accepted(self.now())
-            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
+        self.machine.accepted(self.now())?;
         self.source
             .start_dirty_log()
             .map_err(|e| MigrateError::Source("start_dirty_log", e))?;
-        self.dirty_log_on = true;
+        self.machine.dirty_log_armed()?;
 
-        // Round 0: every page.
-        let mut pages = vec![u64::MAX; self.layout.total_pages().div_ceil(64) as usize];
-        if let Some(last) = pages.last_mut() {
-            let tail = self.layout.total_pages() % 64;
-            if tail != 0 {
-                *last = (1u64 << tail) - 1;
-            }
-        }
-        let mut count = self.layout.total_pages();
-        // Pages the VMM knows to be zero (never backed by host memory) are skipped unread; a
-        // write after this point is in the dirty log, so it goes in a later round.
-        for r in 0..self.layout.regions().len() {
-            let Some(bits) = self.source.known_zero(r) else {
-                continue;
-            };
-            let first = self.layout.region_first_page(r);
-            let n = self.layout.regions()[r].pages();
-            for (wi, &word) in bits.iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let b = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let i = wi as u64 * 64 + b;
-                    if i >= n {
-                        break;
-                    }
-                    let p = first + i;
-                    let (w, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-                    if pages[w] & bit != 0 {
-                        pages[w] &= !bit;
-                        count -= 1;
-                        self.zero_skipped += 1;
-                    }
-                }
-            }
-        }
+        // Round 0: every page but those the VM side knows to be zero.
+        let known_zero: Vec<_> = (0..self.layout.regions().len())
+            .map(|r| self.source.known_zero(r))
+            .collect();
+        let (mut set, skipped) = pages::round_zero(&self.layout, &known_zero);
+        self.zero_skipped += skipped;
         loop {
             let (t0, scan0) = (Instant::now(), self.zero_scan);
             let before = self.bytes_sent;
-            self.round_remaining = count * PAGE_SIZE;
-            self.send_pages(&pages)?;
+            self.round_remaining = set.bytes();
+            self.send_pages(&set)?;
             // Round barrier: the target acknowledges once it applied every page of the round,
             // so the time measured is end to end and no backlog is left for the pause.
             let round = self.machine.round();
@@ -307,17 +271,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 self.push_frame(i, Frame::RoundEnd { round }.encode())?;
             }
             self.flush_all()?;
-            self.wait_round_ack(round)?;
+            self.machine.round_end_sent()?;
+            self.wait_round_ack()?;
             let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
-            self.machine
-                .sent(self.bytes_sent - before, busy)
-                .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-            (pages, count) = self.fetch_dirty()?;
-            let decision = self
-                .machine
-                .synced(self.now(), count * PAGE_SIZE)
-                .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-            self.report_progress(ProgressPhase::PreCopy, true);
+            self.machine.sent(self.bytes_sent - before, busy)?;
+            set = self.fetch_dirty()?;
+            let decision = self.machine.synced(self.now(), set.bytes())?;
+            self.report_progress(true);
             match decision {
                 Decision::Continue => {}
                 Decision::Throttle(p) => self
@@ -334,21 +294,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.source
             .pause()
             .map_err(|e| MigrateError::Source("pause", e))?;
-        self.paused_at = Some(Instant::now());
-        self.machine
-            .paused(self.now())
-            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-        // The last sync's dirty set was not sent yet: add what was dirtied since.
-        let (last, _) = self.fetch_dirty()?;
-        let mut count = 0;
-        for (p, l) in pages.iter_mut().zip(&last) {
-            *p |= l;
-            count += u64::from(p.count_ones());
-        }
+        self.machine.paused(self.now())?;
+        let since = self.fetch_dirty()?;
+        let set = pages::stop_and_copy(set, &since);
         let (t0, scan0) = (Instant::now(), self.zero_scan);
         let before = self.bytes_sent;
-        self.round_remaining = count * PAGE_SIZE;
-        self.send_pages(&pages)?;
+        self.round_remaining = set.bytes();
+        self.send_pages(&set)?;
         for i in 0..self.data.len() {
             self.flush_batch(i)?;
             let (frames, pages) = (self.data[i].frames, self.data[i].pages);
@@ -356,7 +308,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
         self.flush_all()?;
         let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
-        let _ = self.machine.sent(self.bytes_sent - before, busy);
+        self.machine.sent(self.bytes_sent - before, busy)?;
         let (version, bytes) = self
             .source
             .save_state()
@@ -365,39 +317,27 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.write_control(&Frame::State { version, bytes })?;
         if self.opts.verify_memory {
             let layout = self.layout.clone();
-            let digest = memory_digest(&layout, VERIFY_CHUNK_BYTES, |gpa, buf| {
+            let digest = MemoryDigest::of_memory(&layout, VERIFY_CHUNK_BYTES, |gpa, buf| {
                 self.source.read_pages(gpa, buf)
             })
             .map_err(|e| MigrateError::Source("read_pages", e))?;
             self.write_control(&Frame::Verify(digest))?;
         }
-        self.report_progress(ProgressPhase::StopAndCopy, true);
+        self.report_progress(true);
         // The last chance to cancel: after this frame the target may run the VM.
         self.check_cancel_and_target()?;
         self.write_control(&Frame::Commit)?;
-        self.machine
-            .commit_sent()
-            .map_err(|e| MigrateError::Protocol(e.to_string()))?;
-        self.report_progress(ProgressPhase::Commit, true);
+        self.machine.commit_sent()?;
+        self.report_progress(true);
 
         let rx = self.control_rx.as_ref().expect("control reader runs");
         match rx.recv_timeout(self.opts.ack_timeout) {
-            Ok(Ok(Frame::Running)) => self
-                .machine
-                .running_acked(self.now())
-                .map_err(|e| MigrateError::Protocol(e.to_string())),
-            Ok(Ok(Frame::Failed { reason })) | Ok(Ok(Frame::Abort { reason })) => {
-                self.target_answered = true;
-                Err(MigrateError::Target(reason))
-            }
-            Ok(Ok(other)) => {
-                // A frame that makes no sense here: the target did not commit.
-                self.target_answered = true;
-                Err(MigrateError::Protocol(format!(
-                    "unexpected {:?} frame instead of running",
-                    other.kind()
-                )))
-            }
+            Ok(Ok(frame)) => match self.machine.heard(self.now(), frame)? {
+                Heard::Running(downtime) => Ok(downtime),
+                other => Err(MigrateError::Protocol(format!(
+                    "{other:?} instead of running"
+                ))),
+            },
             Ok(Err(e)) => Err(MigrateError::InDoubt(Some(e))),
             Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
                 Err(MigrateError::InDoubt(None))
@@ -405,6 +345,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
     }
 
+    /// Connects the control stream, says hello, hands the answer to the machine, then opens
+    /// and joins the data streams with a writer thread each.
     fn handshake(&mut self, addr: SocketAddr) -> Result<(), MigrateError> {
         let connect = |addr: &SocketAddr| -> Result<TcpStream, MigrateError> {
             let s =
@@ -465,26 +407,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
         };
         self.control_rx = Some(rx);
-        match answer {
-            Frame::Welcome { version }
-                if (self.opts.protocol_versions.0..=self.opts.protocol_versions.1)
-                    .contains(&version) => {}
-            Frame::Welcome { version } => {
-                return Err(MigrateError::Protocol(format!(
-                    "target chose protocol version {version}, which was not offered"
-                )));
-            }
-            Frame::Refuse { reason } => {
-                self.target_answered = true;
-                return Err(MigrateError::Refused(reason));
-            }
-            other => {
-                return Err(MigrateError::Protocol(format!(
-                    "unexpected {:?} frame in the handshake",
-                    other.kind()
-                )));
-            }
-        }
+        let now = self.now();
+        self.machine.heard(now, answer)?;
 
         for i in 0..self.opts.streams {
             let mut s = connect(&addr)?;
@@ -558,9 +482,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 Err(mpsc::TrySendError::Disconnected(_)) => return Err(self.writer_error(i)),
                 Err(mpsc::TrySendError::Full(m)) => {
                     msg = m;
-                    if self.cancel.is_cancelled()
-                        && self.machine.phase() != SenderPhase::AwaitingAck
-                    {
+                    if self.cancel.is_cancelled() && self.machine.cancellable() {
                         return Err(MigrateError::Cancelled);
                     }
                     thread::sleep(Duration::from_micros(200));
@@ -601,7 +523,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                     Ok(()) => break,
                     Err(RecvTimeoutError::Disconnected) => return Err(self.writer_error(i)),
                     Err(RecvTimeoutError::Timeout) => {
-                        if self.cancel.is_cancelled() {
+                        if self.cancel.is_cancelled() && self.machine.cancellable() {
                             return Err(MigrateError::Cancelled);
                         }
                     }
@@ -611,22 +533,16 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         Ok(())
     }
 
-    /// Waits for the target's acknowledgement of `round`, watching cancel and the I/O timeout.
-    fn wait_round_ack(&mut self, round: u32) -> Result<(), MigrateError> {
+    /// Waits for the target's acknowledgement of the round whose end was sent, watching
+    /// cancel and the I/O timeout.
+    fn wait_round_ack(&mut self) -> Result<(), MigrateError> {
         let deadline = Instant::now() + self.opts.io_timeout;
-        loop {
+        while let Some(round) = self.machine.awaiting_round() {
             let rx = self.control_rx.as_ref().expect("control reader runs");
             match rx.recv_timeout(Duration::from_millis(20)) {
-                Ok(Ok(Frame::RoundAck { round: r })) if r == round => return Ok(()),
-                Ok(Ok(Frame::Failed { reason } | Frame::Abort { reason })) => {
-                    self.target_answered = true;
-                    return Err(MigrateError::Target(reason));
-                }
-                Ok(Ok(other)) => {
-                    return Err(MigrateError::Protocol(format!(
-                        "unexpected {:?} frame while waiting for the end of round {round}",
-                        other.kind()
-                    )));
+                Ok(Ok(frame)) => {
+                    let now = self.now();
+                    self.machine.heard(now, frame)?;
                 }
                 Ok(Err(e)) => return Err(MigrateError::Read(e)),
                 Err(RecvTimeoutError::Timeout) => {
@@ -647,6 +563,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 }
             }
         }
+        Ok(())
     }
 
     fn check_cancel_and_target(&mut self) -> Result<(), MigrateError> {
@@ -655,15 +572,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
         if let Some(rx) = &self.control_rx {
             match rx.try_recv() {
-                Ok(Ok(Frame::Failed { reason })) | Ok(Ok(Frame::Abort { reason })) => {
-                    self.target_answered = true;
-                    return Err(MigrateError::Target(reason));
-                }
-                Ok(Ok(other)) => {
-                    return Err(MigrateError::Protocol(format!(
-                        "unexpected {:?} frame from the target",
-                        other.kind()
-                    )));
+                Ok(Ok(frame)) => {
+                    let now = self.now();
+                    self.machine.heard(now, frame)?;
                 }
                 Ok(Err(e)) => return Err(MigrateError::Read(e)),
                 Err(TryRecvError::Empty) => {}
@@ -677,62 +588,30 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         Ok(())
     }
 
-    /// Sends the pages whose bits are set in `set` (a bitmap over page indices).
-    fn send_pages(&mut self, set: &[u64]) -> Result<(), MigrateError> {
-        let total = self.layout.total_pages();
-        let regions = self.layout.regions().len();
+    /// Sends the pages of `set`, in the runs and on the streams [`pages::runs`] gives; zero
+    /// pages as [`ZeroTracker`] says.
+    fn send_pages(&mut self, set: &PageSet) -> Result<(), MigrateError> {
         let mut buf = vec![0u8; MAX_PAGES_PER_FRAME * PAGE];
-        let mut idx = 0u64;
         let mut batches = 0u32;
-        while idx < total {
-            // Next set bit.
-            let w = (idx / 64) as usize;
-            let bits = set[w] & (u64::MAX << (idx % 64));
-            if bits == 0 {
-                idx = (w as u64 + 1) * 64;
-                continue;
-            }
-            let start = w as u64 * 64 + u64::from(bits.trailing_zeros());
-            if start >= total {
-                break;
-            }
-            // Extend the run: consecutive set bits, same region, same stripe, ≤ one frame.
-            let region = (0..regions)
-                .rev()
-                .find(|&r| self.layout.region_first_page(r) <= start)
-                .unwrap_or(0);
-            let region_end =
-                self.layout.region_first_page(region) + self.layout.regions()[region].pages();
-            let stripe_end = (start / STRIPE_PAGES + 1) * STRIPE_PAGES;
-            let limit = region_end.min(stripe_end).min(total);
-            let mut end = start + 1;
-            while end < limit && set[(end / 64) as usize] & (1 << (end % 64)) != 0 {
-                end += 1;
-            }
-            idx = end;
-            let n = (end - start) as usize;
+        let layout = self.layout.clone();
+        for run in pages::runs(&layout, set, self.data.len()) {
+            let n = run.pages as usize;
             let run_start = Instant::now();
             let mut pushed = false;
-            let gpa0 = self.layout.page_addr(start).expect("index in layout");
             self.source
-                .read_pages(gpa0, &mut buf[..n * PAGE])
+                .read_pages(run.gpa, &mut buf[..n * PAGE])
                 .map_err(|e| MigrateError::Source("read_pages", e))?;
-            let stream = ((start / STRIPE_PAGES) % self.data.len() as u64) as usize;
+            let stream = run.stream;
             for k in 0..n {
-                let p = start + k as u64;
                 let page = &buf[k * PAGE..(k + 1) * PAGE];
-                let gpa = gpa0 + k as u64 * PAGE_SIZE;
-                let (word, bit) = ((p / 64) as usize, 1u64 << (p % 64));
-                if page == ZERO_PAGE {
-                    if self.sent_nonzero[word] & bit == 0 {
+                let gpa = run.gpa + k as u64 * PAGE_SIZE;
+                match self.zeros.page(run.first + k as u64, page == ZERO_PAGE) {
+                    PageAction::Skip => {
                         self.zero_skipped += 1;
                         continue;
                     }
-                    self.sent_nonzero[word] &= !bit;
-                    self.data[stream].batch.push_zero(gpa);
-                } else {
-                    self.sent_nonzero[word] |= bit;
-                    self.data[stream].batch.push_data(gpa, page);
+                    PageAction::Zero => self.data[stream].batch.push_zero(gpa),
+                    PageAction::Data => self.data[stream].batch.push_data(gpa, page),
                 }
                 pushed = true;
                 if self.data[stream].batch.is_full() {
@@ -740,7 +619,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                     batches += 1;
                     if batches.is_multiple_of(8) {
                         self.check_cancel_and_target()?;
-                        self.report_progress(self.current_phase(), false);
+                        self.report_progress(false);
                     }
                 }
             }
@@ -752,42 +631,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.check_cancel_and_target()
     }
 
-    fn current_phase(&self) -> ProgressPhase {
-        match self.machine.phase() {
-            SenderPhase::Handshake => ProgressPhase::Setup,
-            SenderPhase::PreCopy => ProgressPhase::PreCopy,
-            SenderPhase::StopAndCopy => ProgressPhase::StopAndCopy,
-            _ => ProgressPhase::Commit,
-        }
-    }
-
-    /// Fetches and clears all regions' dirty bitmaps into one bitmap over page indices.
-    fn fetch_dirty(&mut self) -> Result<(Vec<u64>, u64), MigrateError> {
-        let mut out = vec![0u64; self.layout.total_pages().div_ceil(64) as usize];
-        let mut count = 0;
-        for (r, region) in self.layout.regions().iter().enumerate() {
-            let bits = self
-                .source
-                .fetch_dirty(r)
-                .map_err(|e| MigrateError::Source("fetch_dirty", e))?;
-            let first = self.layout.region_first_page(r);
-            let pages = region.pages();
-            for (wi, &word) in bits.iter().enumerate() {
-                let mut word = word;
-                while word != 0 {
-                    let b = u64::from(word.trailing_zeros());
-                    word &= word - 1;
-                    let i = wi as u64 * 64 + b;
-                    if i >= pages {
-                        break;
-                    }
-                    let p = first + i;
-                    out[(p / 64) as usize] |= 1 << (p % 64);
-                    count += 1;
-                }
-            }
-        }
-        Ok((out, count))
+    /// Fetches and clears every region's dirty bitmap.
+    fn fetch_dirty(&mut self) -> Result<PageSet, MigrateError> {
+        let bitmaps = (0..self.layout.regions().len())
+            .map(|r| self.source.fetch_dirty(r))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| MigrateError::Source("fetch_dirty", e))?;
+        Ok(PageSet::from_region_bitmaps(&self.layout, &bitmaps))
     }
 
     fn write_control(&mut self, frame: &Frame) -> Result<(), MigrateError> {
@@ -798,49 +648,40 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         Ok(())
     }
 
-    fn report_progress(&mut self, phase: ProgressPhase, force: bool) {
-        let now = Instant::now();
-        if !force && now.duration_since(self.last_progress) < Duration::from_millis(100) {
-            return;
+    /// Gives the callback a progress snapshot when the machine says one is due.
+    fn report_progress(&mut self, milestone: bool) {
+        let now = self.now();
+        if let Some(p) =
+            self.machine
+                .progress(now, milestone, self.bytes_sent, self.round_remaining)
+        {
+            (self.progress)(&p);
         }
-        self.last_progress = now;
-        let f = self.machine.figures();
-        let p = Progress {
-            phase,
-            round: f.round,
-            bytes_sent: self.bytes_sent,
-            bytes_remaining: if force {
-                f.remaining_bytes
-            } else {
-                self.round_remaining
-            },
-            dirty_bytes_per_sec: f.dirty_bytes_per_sec,
-            bandwidth_bytes_per_sec: f.bandwidth_bytes_per_sec.unwrap_or(0.0),
-            expected_downtime_ms: f.expected_downtime.map(|d| d.as_secs_f64() * 1e3),
-            throttle_pct: f.throttle_pct,
-            elapsed_ms: self.start.elapsed().as_millis() as u64,
-        };
-        (self.progress)(&p);
     }
 
-    /// Turns the result into a report, undoing what a failure requires.
+    /// Carries out the machine's clean-up for how the migration ended, and reports.
     fn finish(
         mut self,
         mut result: Result<Duration, MigrateError>,
     ) -> Result<MigrationReport, MigrationFailure> {
-        // A target that gives up sends its reason on the control stream and closes the data
-        // streams; a broken data stream may be noticed first. Give the reason a moment.
-        if matches!(
-            result,
-            Err(MigrateError::Connection(_) | MigrateError::Read(_))
-        ) && let Some(rx) = &self.control_rx
+        let mut ending = match &result {
+            Ok(_) => Ending::Completed,
+            Err(e) => e.ending(),
+        };
+        // A broken stream may be the target giving up: its reason, if it comes in time, is
+        // the better error.
+        if ending.awaits_target_reason()
+            && let Some(rx) = &self.control_rx
         {
-            let grace = Instant::now() + Duration::from_millis(100);
+            let grace = Instant::now() + TARGET_REASON_GRACE;
             while let Some(left) = grace.checked_duration_since(Instant::now()) {
                 match rx.recv_timeout(left) {
-                    Ok(Ok(Frame::Failed { reason } | Frame::Abort { reason })) => {
-                        self.target_answered = true;
-                        result = Err(MigrateError::Target(reason));
+                    Ok(Ok(frame @ (Frame::Failed { .. } | Frame::Abort { .. }))) => {
+                        let now = self.start.elapsed();
+                        if let Err(answer) = self.machine.heard(now, frame) {
+                            result = Err(answer.into());
+                            ending = Ending::Failed;
+                        }
                         break;
                     }
                     Ok(Ok(_)) => {}
@@ -848,43 +689,35 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 }
             }
         }
-        let reason = result.as_ref().err().map(|e| crate::recv::error_chain(e));
-        let action = match &result {
-            Ok(_) => None,
-            Err(_) => Some(self.machine.failed(self.target_answered)),
-        };
-        // Tell the target (best effort) unless it already answered or we are in doubt.
-        if matches!(
-            action,
-            Some(FailureAction::KeepRunning | FailureAction::ResumeSource)
-        ) && !self.target_answered
+        let cleanup = self.machine.finish(ending);
+        if cleanup.tell_target
             && let Some(c) = self.control.as_mut()
         {
-            let reason = reason.unwrap_or_default();
+            let reason = result
+                .as_ref()
+                .err()
+                .map(|e| error_chain(e))
+                .unwrap_or_default();
             let _ = c.write_all(&Frame::Abort { reason }.encode());
         }
         let mut cleanup_error = None;
-        if action != Some(FailureAction::InDoubt)
+        if cleanup.remove_throttle
             && let Err(e) = self.source.set_throttle(0.0)
         {
             cleanup_error.get_or_insert(MigrateError::Source("set_throttle", e));
         }
-        if action == Some(FailureAction::ResumeSource)
+        if cleanup.resume
             && let Err(e) = self.source.resume()
         {
             cleanup_error.get_or_insert(MigrateError::Source("resume", e));
         }
-        let downtime = match (&result, self.paused_at) {
-            (Ok(d), _) => *d,
-            (Err(_), Some(p)) => p.elapsed(),
-            (Err(_), None) => Duration::ZERO,
-        };
-        if self.dirty_log_on {
+        let report_at = self.now();
+        if cleanup.stop_dirty_log {
             let _ = self.source.stop_dirty_log();
         }
         // Close everything: writers end when their channel closes.
         for d in &mut self.data {
-            if result.is_err() {
+            if cleanup.close_streams {
                 let _ = d.socket.shutdown(Shutdown::Both);
             }
             d.tx = None;
@@ -897,29 +730,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         if let Some(c) = &self.control {
             let _ = c.shutdown(Shutdown::Both);
         }
-        let f = self.machine.figures();
-        let outcome = match &result {
-            Ok(_) => Outcome::Completed,
-            Err(MigrateError::Refused(_)) => Outcome::Refused,
-            Err(MigrateError::Cancelled) => Outcome::Cancelled,
-            Err(MigrateError::TimedOut) => Outcome::TimedOut,
-            Err(MigrateError::InDoubt(_)) => Outcome::InDoubt,
-            Err(_) => Outcome::Failed,
-        };
-        let report = MigrationReport {
-            total_ms: self.start.elapsed().as_millis() as u64,
-            downtime_ms: downtime.as_millis() as u64,
-            rounds: if self.dirty_log_on {
-                self.machine.round() + 1
-            } else {
-                0
-            },
-            bytes_sent: self.bytes_sent,
-            pages_zero_skipped: self.zero_skipped,
-            throttle_max_pct: f.throttle_max_pct,
-            converged: self.machine.converged() && outcome == Outcome::Completed,
-            outcome,
-        };
+        let report = self
+            .machine
+            .report(report_at, self.now(), self.bytes_sent, self.zero_skipped);
         match result {
             Ok(_) => Ok(report),
             Err(e) => Err(MigrationFailure {
@@ -928,37 +741,6 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }),
         }
     }
-}
-
-/// crc32c of guest memory in `chunk_bytes` chunks over the pages in index order.
-pub fn memory_digest(
-    layout: &MemoryLayout,
-    chunk_bytes: u64,
-    mut read: impl FnMut(u64, &mut [u8]) -> Result<(), VmError>,
-) -> Result<MemoryDigest, VmError> {
-    let mut crcs = Vec::with_capacity(MemoryDigest::chunks_for(layout, chunk_bytes) as usize);
-    let mut buf = vec![0u8; (chunk_bytes.min(1 << 20)) as usize];
-    let (mut crc, mut in_chunk) = (0u32, 0u64);
-    for r in layout.regions() {
-        let mut at = r.guest_addr;
-        while at < r.end() {
-            let n = (r.end() - at)
-                .min(chunk_bytes - in_chunk)
-                .min(buf.len() as u64);
-            read(at, &mut buf[..n as usize])?;
-            crc = crc32c::crc32c_append(crc, &buf[..n as usize]);
-            in_chunk += n;
-            at += n;
-            if in_chunk == chunk_bytes {
-                crcs.push(crc);
-                (crc, in_chunk) = (0, 0);
-            }
-        }
-    }
-    if in_chunk > 0 {
-        crcs.push(crc);
-    }
-    Ok(MemoryDigest { chunk_bytes, crcs })
 }
 
 fn session_id() -> u64 {

@@ -1,5 +1,6 @@
 //! The target's I/O shell: accept the control and data streams, decode frames on one thread
-//! per stream, apply pages, verify, restore, resume, acknowledge; discard on any failure.
+//! per stream, hand every frame to the [`Receiver`] machine and carry out its step (apply
+//! pages, acknowledge a round, verify, restore, resume, answer); discard on any failure.
 
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -8,8 +9,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::MemoryLayout;
-use crate::receiver::{ProtocolViolation, Receiver};
-use crate::send::{CancelToken, memory_digest};
+pub use crate::machine::receiver::StreamName;
+use crate::machine::receiver::{
+    CommitWork, Failure, ProtocolViolation, Receiver, SOURCE_REASON_GRACE, Step,
+};
+use crate::tcp::common::{CancelToken, error_chain};
 use crate::vm::{MigrationTarget, VmError};
 use crate::wire::{Frame, MemoryDigest, ReadFrameError, read_frame};
 
@@ -93,24 +97,6 @@ pub enum ReceiveError {
     Write(#[source] std::io::Error),
 }
 
-/// Names a stream in errors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StreamName {
-    /// The control stream.
-    Control,
-    /// Data stream `n`.
-    Data(u16),
-}
-
-impl std::fmt::Display for StreamName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            StreamName::Control => f.write_str("control"),
-            StreamName::Data(n) => write!(f, "data {n}"),
-        }
-    }
-}
-
 enum Event {
     Frame(StreamName, Frame),
     Error(StreamName, ReadFrameError),
@@ -125,6 +111,24 @@ struct Incoming<'a, T: MigrationTarget + ?Sized> {
     sockets: Vec<TcpStream>,
     start: Instant,
     report: ReceiveReport,
+}
+
+impl ReceiveError {
+    /// How the machine should read this error.
+    fn failure(&self) -> Failure {
+        match self {
+            ReceiveError::Aborted(_) => Failure::SourceGone,
+            ReceiveError::Refused(_) => Failure::Refused,
+            ReceiveError::Accept(_)
+            | ReceiveError::Stream { .. }
+            | ReceiveError::Protocol(_)
+            | ReceiveError::VerifyMismatch { .. }
+            | ReceiveError::Target(..)
+            | ReceiveError::Idle(_)
+            | ReceiveError::Cancelled
+            | ReceiveError::Write(_) => Failure::Other,
+        }
+    }
 }
 
 /// Receives one migration on `listener` into `target`.
@@ -155,11 +159,11 @@ pub fn receive<T: MigrationTarget + ?Sized>(
     };
     let result = run.execute(listener);
     if let Err(e) = &result {
-        if run.machine.abort() {
+        let cleanup = run.machine.failed(e.failure());
+        if cleanup.discard {
             run.target.discard();
         }
-        // Tell the source why, unless it is the one that aborted or refused already.
-        if !matches!(e, ReceiveError::Aborted(_) | ReceiveError::Refused(_))
+        if cleanup.tell_source
             && let Some(c) = run.control.as_mut()
         {
             let reason = error_chain(e);
@@ -170,18 +174,6 @@ pub fn receive<T: MigrationTarget + ?Sized>(
         let _ = s.shutdown(Shutdown::Both);
     }
     result.map(|()| run.report)
-}
-
-/// An error and its causes on one line: "A: B: C".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 fn accept(
@@ -272,24 +264,14 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             .set_read_timeout(Some(self.opts.handshake_timeout))
             .map_err(ReceiveError::Write)?;
         self.control = Some(control.try_clone().map_err(ReceiveError::Write)?);
-        let hello = match read_frame(&mut control, None) {
-            Ok(Frame::Hello(h)) => h,
-            Ok(other) => {
-                return Err(ReceiveError::Protocol(ProtocolViolation {
-                    phase: self.machine.phase(),
-                    what: format!("expected hello, got {:?}", other.kind()),
-                }));
-            }
-            Err(source) => {
-                return Err(ReceiveError::Stream {
-                    stream: StreamName::Control,
-                    source,
-                });
-            }
-        };
-        let version = match self.machine.hello(&hello)? {
+        let first = read_frame(&mut control, None).map_err(|source| ReceiveError::Stream {
+            stream: StreamName::Control,
+            source,
+        })?;
+        let version = match self.machine.control_opened(first)? {
             Ok(_) => {
-                let prepared = self.target.prepare(&hello.config);
+                let described = self.machine.described().cloned().expect("hello accepted");
+                let prepared = self.target.prepare(&described);
                 self.machine.prepared(prepared)?
             }
             Err(refusal) => Err(refusal),
@@ -317,22 +299,11 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             let mut s = accept(listener, Some(join_deadline), self.cancel)?;
             s.set_read_timeout(Some(self.opts.handshake_timeout))
                 .map_err(ReceiveError::Write)?;
-            let (session, stream) = match read_frame(&mut s, None) {
-                Ok(Frame::Join { session, stream }) => (session, stream),
-                Ok(other) => {
-                    return Err(ReceiveError::Protocol(ProtocolViolation {
-                        phase: self.machine.phase(),
-                        what: format!("data stream opened with {:?}", other.kind()),
-                    }));
-                }
-                Err(source) => {
-                    return Err(ReceiveError::Stream {
-                        stream: StreamName::Control,
-                        source,
-                    });
-                }
-            };
-            self.machine.join(stream, session)?;
+            let first = read_frame(&mut s, None).map_err(|source| ReceiveError::Stream {
+                stream: StreamName::Control,
+                source,
+            })?;
+            let stream = self.machine.data_opened(first)?;
             s.set_read_timeout(None).map_err(ReceiveError::Write)?;
             self.sockets
                 .push(s.try_clone().map_err(ReceiveError::Write)?);
@@ -340,15 +311,10 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         }
         drop(tx);
 
-        let mut state: Option<(u32, Vec<u8>)> = None;
-        let mut digest: Option<MemoryDigest> = None;
         let mut commit_at: Option<Instant> = None;
         let mut idle_since = Instant::now();
-        loop {
-            if commit_at.is_some() && self.machine.all_ended() {
-                break;
-            }
-            if self.cancel.is_cancelled() && commit_at.is_none() {
+        while !self.machine.ready_to_commit() {
+            if self.cancel.is_cancelled() && self.machine.cancellable() {
                 return Err(ReceiveError::Cancelled);
             }
             let ev = match rx.recv_timeout(Duration::from_millis(20)) {
@@ -364,9 +330,27 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 }
             };
             idle_since = Instant::now();
-            match ev {
-                Event::Frame(StreamName::Data(i), Frame::Pages(batch)) => {
-                    self.machine.pages(i, batch.len())?;
+            let (stream, frame) = match ev {
+                Event::Frame(stream, frame) => (stream, frame),
+                Event::Error(stream, source) => {
+                    // A source that gives up sends Abort on the control stream and then
+                    // closes everything: give its reason a moment to arrive.
+                    let grace = Instant::now() + SOURCE_REASON_GRACE;
+                    while let Some(left) = grace.checked_duration_since(Instant::now()) {
+                        match rx.recv_timeout(left) {
+                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason })) => {
+                                return Err(ReceiveError::Aborted(reason));
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                    return Err(ReceiveError::Stream { stream, source });
+                }
+            };
+            let is_commit = matches!(frame, Frame::Commit);
+            match self.machine.frame(stream, frame)? {
+                Step::Apply(batch) => {
                     self.report.frames += 1;
                     for (gpa, data) in batch.iter() {
                         match data {
@@ -385,58 +369,24 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                         }
                     }
                 }
-                Event::Frame(StreamName::Data(i), Frame::RoundEnd { round }) => {
-                    if let Some(r) = self.machine.round_end(i, round)? {
-                        self.send_control(&Frame::RoundAck { round: r })?;
-                    }
-                }
-                Event::Frame(StreamName::Data(i), Frame::DataEnd { frames, pages }) => {
-                    self.machine.data_end(i, frames, pages)?
-                }
-                Event::Frame(StreamName::Control, Frame::State { version, bytes }) => {
-                    self.machine.state()?;
-                    state = Some((version, bytes));
-                }
-                Event::Frame(StreamName::Control, Frame::Verify(d)) => {
-                    self.machine.verify()?;
-                    digest = Some(d);
-                }
-                Event::Frame(StreamName::Control, Frame::Commit) if commit_at.is_none() => {
-                    commit_at = Some(Instant::now());
-                }
-                Event::Frame(_, Frame::Abort { reason }) => {
-                    return Err(ReceiveError::Aborted(reason));
-                }
-                Event::Frame(stream, other) => {
-                    return Err(ReceiveError::Protocol(ProtocolViolation {
-                        phase: self.machine.phase(),
-                        what: format!("unexpected {:?} frame on stream {stream}", other.kind()),
-                    }));
-                }
-                Event::Error(stream, source) => {
-                    // A source that gives up sends Abort on the control stream and then
-                    // closes everything: give its reason a moment to arrive.
-                    let grace = Instant::now() + Duration::from_millis(200);
-                    while let Some(left) = grace.checked_duration_since(Instant::now()) {
-                        match rx.recv_timeout(left) {
-                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason })) => {
-                                return Err(ReceiveError::Aborted(reason));
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    return Err(ReceiveError::Stream { stream, source });
-                }
+                Step::AckRound(round) => self.send_control(&Frame::RoundAck { round })?,
+                Step::Wait => {}
+                Step::Aborted(reason) => return Err(ReceiveError::Aborted(reason)),
+            }
+            if is_commit {
+                commit_at = Some(Instant::now());
             }
         }
 
         // Commit: every stream ended; check, restore, resume.
         let commit_at = commit_at.unwrap_or_else(Instant::now);
-        self.machine.commit()?;
-        let layout = layout.expect("layout agreed");
+        let CommitWork {
+            state: (version, bytes),
+            digest,
+        } = self.machine.commit()?;
         if let Some(want) = digest {
-            let got = memory_digest(&layout, want.chunk_bytes, |gpa, buf| {
+            let layout = layout.expect("layout agreed");
+            let got = MemoryDigest::of_memory(&layout, want.chunk_bytes, |gpa, buf| {
                 self.target.read_pages(gpa, buf)
             })
             .map_err(|e| ReceiveError::Target("read_pages", e))?;
@@ -445,7 +395,6 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 return Err(ReceiveError::VerifyMismatch { chunk });
             }
         }
-        let (version, bytes) = state.expect("the machine checked the state arrived");
         if let Err(e) = self.target.restore_state(version, &bytes) {
             let _ = self.machine.committed(false);
             return Err(ReceiveError::Target("restore_state", e));

@@ -1,8 +1,75 @@
-//! The target side's state machine: which frame it accepts in which phase, per-stream
-//! accounting, and when a commit may proceed. No I/O.
+//! The target side's state machine: which frame it accepts on which stream in which phase,
+//! per-stream accounting, when a commit may proceed, and what a failure means for the source.
+//! No I/O, no clock.
+
+use std::time::Duration;
 
 use crate::config::{MemoryLayout, VmConfigDescription};
-use crate::wire::{Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::wire::{Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION, PageBatch};
+
+/// After a stream error, how long the shell listens for the source's Abort (a source that
+/// gives up says why on the control stream, then closes everything).
+pub const SOURCE_REASON_GRACE: Duration = Duration::from_millis(200);
+
+/// Names a stream in events and errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamName {
+    /// The control stream.
+    Control,
+    /// Data stream `n`.
+    Data(u16),
+}
+
+impl std::fmt::Display for StreamName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamName::Control => f.write_str("control"),
+            StreamName::Data(n) => write!(f, "data {n}"),
+        }
+    }
+}
+
+/// What the shell does with a frame the receiver accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Write (data) or zero (`None`) these pages.
+    Apply(PageBatch),
+    /// Every data stream ended this pre-copy round: acknowledge it on the control stream.
+    AckRound(u32),
+    /// Nothing to do; keep reading.
+    Wait,
+    /// The source aborted with this reason: discard (the source knows).
+    Aborted(String),
+}
+
+/// What the target does once the source asked to commit and everything arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitWork {
+    /// The VM state: format version and bytes.
+    pub state: (u32, Vec<u8>),
+    /// The source's memory digest, to compare before resuming (with `--verify-memory`).
+    pub digest: Option<MemoryDigest>,
+}
+
+/// How an incoming migration failed, as the shell saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The source aborted, or closed every stream: it needs no reason.
+    SourceGone,
+    /// The target refused the handshake and said why already.
+    Refused,
+    /// Anything else (a violation, a stream error, verify, the VM side, cancel, idle).
+    Other,
+}
+
+/// What the shell must do after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleanup {
+    /// Drop everything received (false once the VM runs here: it stays).
+    pub discard: bool,
+    /// Send the source `Failed` with the reason.
+    pub tell_source: bool,
+}
 
 /// Where the target is in a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +136,9 @@ pub struct Receiver {
     streams: Vec<StreamCount>,
     state_received: bool,
     verify_received: bool,
+    state: Option<(u32, Vec<u8>)>,
+    digest: Option<MemoryDigest>,
+    commit_requested: bool,
 }
 
 impl Default for Receiver {
@@ -88,6 +158,9 @@ impl Receiver {
             streams: Vec::new(),
             state_received: false,
             verify_received: false,
+            state: None,
+            digest: None,
+            commit_requested: false,
         }
     }
 
@@ -151,6 +224,76 @@ impl Receiver {
         self.streams = vec![StreamCount::default(); usize::from(hello.streams)];
         self.phase = ReceiverPhase::Preparing;
         Ok(Ok(top))
+    }
+
+    /// The first frame on the control stream: it must be a hello ([`Receiver::hello`]).
+    pub fn control_opened(
+        &mut self,
+        frame: Frame,
+    ) -> Result<Result<u16, Refusal>, ProtocolViolation> {
+        match frame {
+            Frame::Hello(h) => self.hello(&h),
+            other => Err(self.violation(format!("expected hello, got {:?}", other.kind()))),
+        }
+    }
+
+    /// The VM described in the accepted hello (to check before welcoming).
+    pub fn described(&self) -> Option<&VmConfigDescription> {
+        self.config.as_ref()
+    }
+
+    /// The first frame on a new data stream: it must be a join ([`Receiver::join`]). Returns
+    /// the stream's index.
+    pub fn data_opened(&mut self, frame: Frame) -> Result<u16, ProtocolViolation> {
+        match frame {
+            Frame::Join { session, stream } => self.join(stream, session).map(|()| stream),
+            other => Err(self.violation(format!("data stream opened with {:?}", other.kind()))),
+        }
+    }
+
+    /// A frame arrived on `stream` after the handshake.
+    pub fn frame(&mut self, stream: StreamName, frame: Frame) -> Result<Step, ProtocolViolation> {
+        match (stream, frame) {
+            (StreamName::Data(i), Frame::Pages(batch)) => {
+                self.pages(i, batch.len())?;
+                Ok(Step::Apply(batch))
+            }
+            (StreamName::Data(i), Frame::RoundEnd { round }) => {
+                Ok(self.round_end(i, round)?.map_or(Step::Wait, Step::AckRound))
+            }
+            (StreamName::Data(i), Frame::DataEnd { frames, pages }) => {
+                self.data_end(i, frames, pages).map(|()| Step::Wait)
+            }
+            (StreamName::Control, Frame::State { version, bytes }) => {
+                self.state(version, bytes).map(|()| Step::Wait)
+            }
+            (StreamName::Control, Frame::Verify(d)) => self.verify(d).map(|()| Step::Wait),
+            (StreamName::Control, Frame::Commit)
+                if !self.commit_requested && self.phase == ReceiverPhase::Receiving =>
+            {
+                // Data streams may still carry their last frames: commit once they ended.
+                self.commit_requested = true;
+                Ok(Step::Wait)
+            }
+            (_, Frame::Abort { reason }) => {
+                self.phase = ReceiverPhase::Discarded;
+                Ok(Step::Aborted(reason))
+            }
+            (stream, other) => Err(self.violation(format!(
+                "unexpected {:?} frame on stream {stream}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The source asked to commit and every data stream ended: time for [`Receiver::commit`].
+    pub fn ready_to_commit(&self) -> bool {
+        self.commit_requested && self.all_ended()
+    }
+
+    /// Whether a cancel on the target still counts: not once the source asked to commit.
+    pub fn cancellable(&self) -> bool {
+        !self.commit_requested
     }
 
     /// The VM side has checked the described VM: welcome (`Ok`) or refuse.
@@ -260,37 +403,43 @@ impl Receiver {
         Ok(())
     }
 
-    /// The VM state arrived.
-    pub fn state(&mut self) -> Result<(), ProtocolViolation> {
+    /// The VM state arrived (format version and bytes).
+    pub fn state(&mut self, version: u32, bytes: Vec<u8>) -> Result<(), ProtocolViolation> {
         self.expect(ReceiverPhase::Receiving, "state")?;
         if self.state_received {
             return Err(self.violation("state sent twice"));
         }
         self.state_received = true;
+        self.state = Some((version, bytes));
         Ok(())
     }
 
     /// The memory digest arrived.
-    pub fn verify(&mut self) -> Result<(), ProtocolViolation> {
+    pub fn verify(&mut self, digest: MemoryDigest) -> Result<(), ProtocolViolation> {
         self.expect(ReceiverPhase::Receiving, "verify digest")?;
         if self.verify_received {
             return Err(self.violation("verify digest sent twice"));
         }
         self.verify_received = true;
+        self.digest = Some(digest);
         Ok(())
     }
 
-    /// Commit arrived: allowed only once every stream ended and the state is here.
-    pub fn commit(&mut self) -> Result<(), ProtocolViolation> {
+    /// Commit: allowed only once every stream ended and the state is here. Returns what the
+    /// VM side must check and restore.
+    pub fn commit(&mut self) -> Result<CommitWork, ProtocolViolation> {
         self.expect(ReceiverPhase::Receiving, "commit")?;
         if let Some(i) = self.streams.iter().position(|s| !s.ended) {
             return Err(self.violation(format!("commit before data stream {i} ended")));
         }
-        if !self.state_received {
+        let Some(state) = self.state.take() else {
             return Err(self.violation("commit before the VM state"));
-        }
+        };
         self.phase = ReceiverPhase::Committing;
-        Ok(())
+        Ok(CommitWork {
+            state,
+            digest: self.digest.take(),
+        })
     }
 
     /// The VM side finished committing: `true` if it runs here now.
@@ -312,6 +461,15 @@ impl Receiver {
         }
         self.phase = ReceiverPhase::Discarded;
         true
+    }
+
+    /// The incoming migration failed: discard unless running, and tell the source why unless
+    /// it left by itself or was refused (it has the reason already).
+    pub fn failed(&mut self, failure: Failure) -> Cleanup {
+        Cleanup {
+            discard: self.abort(),
+            tell_source: failure == Failure::Other,
+        }
     }
 }
 
@@ -336,6 +494,13 @@ mod tests {
                 cpuid: CpuidDigest(1),
                 devices: vec![],
             },
+        }
+    }
+
+    fn digest() -> MemoryDigest {
+        MemoryDigest {
+            chunk_bytes: 1 << 20,
+            crcs: vec![9],
         }
     }
 
@@ -365,9 +530,11 @@ mod tests {
         r.pages(0, 2).unwrap();
         r.data_end(0, 2, 5).unwrap();
         r.data_end(1, 1, 1).unwrap();
-        r.state().unwrap();
-        r.verify().unwrap();
-        r.commit().unwrap();
+        r.state(3, vec![1, 2]).unwrap();
+        r.verify(digest()).unwrap();
+        let work = r.commit().unwrap();
+        assert_eq!(work.state, (3, vec![1, 2]));
+        assert_eq!(work.digest, Some(digest()));
         r.committed(true).unwrap();
         assert_eq!(r.phase(), ReceiverPhase::Running);
         assert!(!r.abort(), "a running VM is not discarded");
@@ -405,9 +572,9 @@ mod tests {
             ("join", |r| r.join(0, 7)),
             ("pages", |r| r.pages(0, 1)),
             ("data_end", |r| r.data_end(0, 0, 0)),
-            ("state", |r| r.state()),
-            ("verify", |r| r.verify()),
-            ("commit", |r| r.commit()),
+            ("state", |r| r.state(1, vec![])),
+            ("verify", |r| r.verify(digest())),
+            ("commit", |r| r.commit().map(|_| ())),
             ("committed", |r| r.committed(true)),
             ("hello", |r| r.hello(&hello(1, 1, 1)).map(|_| ())),
         ];
@@ -433,7 +600,7 @@ mod tests {
             }
             r.join(0, 7).unwrap();
             r.data_end(0, 0, 0).unwrap();
-            r.state().unwrap();
+            r.state(1, vec![]).unwrap();
             r.commit().unwrap();
             r
         };
@@ -486,12 +653,173 @@ mod tests {
         assert!(err.what.contains("2 frames / 8 pages but 1 / 4"), "{err}");
         let mut r = receiving(1);
         r.join(0, 7).unwrap();
-        r.state().unwrap();
+        r.state(1, vec![]).unwrap();
         assert!(r.commit().is_err(), "commit before data end");
         let mut r = receiving(1);
         r.join(0, 7).unwrap();
         r.data_end(0, 0, 0).unwrap();
         assert!(r.commit().is_err(), "commit before state");
+    }
+
+    /// Which frame each stream may carry while receiving, and what the shell is told to do.
+    #[test]
+    fn frames_map_to_steps_by_stream_and_phase() {
+        use crate::wire::PageBatch;
+        let mut batch = PageBatch::new(0);
+        batch.push_zero(0);
+        let cases: Vec<(StreamName, Frame)> = vec![
+            (StreamName::Data(0), Frame::Pages(batch.clone())),
+            (StreamName::Data(0), Frame::RoundEnd { round: 0 }),
+            (StreamName::Data(1), Frame::RoundEnd { round: 0 }),
+            (StreamName::Control, Frame::Commit),
+            (
+                StreamName::Control,
+                Frame::State {
+                    version: 2,
+                    bytes: vec![7],
+                },
+            ),
+            (
+                StreamName::Data(0),
+                Frame::DataEnd {
+                    frames: 1,
+                    pages: 1,
+                },
+            ),
+            (
+                StreamName::Data(1),
+                Frame::DataEnd {
+                    frames: 0,
+                    pages: 0,
+                },
+            ),
+        ];
+        let mut r = receiving(2);
+        r.join(0, 7).unwrap();
+        r.join(1, 7).unwrap();
+        let mut got = String::new();
+        for (stream, frame) in cases {
+            let kind = frame.kind();
+            let step = r.frame(stream, frame).map(|s| match s {
+                Step::Apply(b) => format!("Apply({} pages)", b.len()),
+                other => format!("{other:?}"),
+            });
+            got += &format!(
+                "{stream} {kind:?}: {step:?} ready={}\n",
+                r.ready_to_commit()
+            );
+        }
+        expect_test::expect![[r#"
+            data 0 Pages: Ok("Apply(1 pages)") ready=false
+            data 0 RoundEnd: Ok("Wait") ready=false
+            data 1 RoundEnd: Ok("AckRound(0)") ready=false
+            control Commit: Ok("Wait") ready=false
+            control State: Ok("Wait") ready=false
+            data 0 DataEnd: Ok("Wait") ready=false
+            data 1 DataEnd: Ok("Wait") ready=true
+        "#]]
+        .assert_eq(&got);
+        assert!(!r.cancellable(), "commit was asked");
+        assert_eq!(r.commit().unwrap().state, (2, vec![7]));
+
+        // Frames on the wrong stream, twice, or after an abort.
+        let wrong: Vec<(StreamName, Frame)> = vec![
+            (StreamName::Control, Frame::Pages(batch.clone())),
+            (StreamName::Data(0), Frame::Commit),
+            (
+                StreamName::Data(0),
+                Frame::State {
+                    version: 1,
+                    bytes: vec![],
+                },
+            ),
+            (StreamName::Control, Frame::RoundAck { round: 0 }),
+            (
+                StreamName::Data(0),
+                Frame::Abort {
+                    reason: "bye".into(),
+                },
+            ),
+        ];
+        let mut got = String::new();
+        for (stream, frame) in wrong {
+            let mut r = receiving(1);
+            r.join(0, 7).unwrap();
+            let kind = frame.kind();
+            let res = r.frame(stream, frame);
+            got += &format!("{stream} {kind:?}: {res:?} → {:?}\n", r.phase());
+        }
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.frame(StreamName::Control, Frame::Commit).unwrap();
+        got += &format!(
+            "second commit: {:?}\n",
+            r.frame(StreamName::Control, Frame::Commit)
+        );
+        expect_test::expect![[r#"
+            control Pages: Err(ProtocolViolation { phase: Receiving, what: "unexpected Pages frame on stream control" }) → Discarded
+            data 0 Commit: Err(ProtocolViolation { phase: Receiving, what: "unexpected Commit frame on stream data 0" }) → Discarded
+            data 0 State: Err(ProtocolViolation { phase: Receiving, what: "unexpected State frame on stream data 0" }) → Discarded
+            control RoundAck: Err(ProtocolViolation { phase: Receiving, what: "unexpected RoundAck frame on stream control" }) → Discarded
+            data 0 Abort: Ok(Aborted("bye")) → Discarded
+            second commit: Err(ProtocolViolation { phase: Receiving, what: "unexpected Commit frame on stream control" })
+        "#]].assert_eq(&got);
+    }
+
+    #[test]
+    fn opening_frames_must_be_hello_and_join() {
+        let mut r = Receiver::new();
+        let e = r.control_opened(Frame::Commit).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Protocol violation in phase AwaitHello: expected hello, got Commit"
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        let mut r = Receiver::new();
+        assert_eq!(
+            r.control_opened(Frame::Hello(hello(1, 1, 1))).unwrap(),
+            Ok(1)
+        );
+        assert_eq!(r.described().map(|d| d.vcpus), Some(1));
+        r.prepared(Ok(())).unwrap().unwrap();
+        let e = r.data_opened(Frame::Commit).unwrap_err();
+        assert_eq!(e.what, "data stream opened with Commit");
+        let mut r = receiving(1);
+        assert_eq!(
+            r.data_opened(Frame::Join {
+                session: 7,
+                stream: 0
+            }),
+            Ok(0)
+        );
+    }
+
+    #[test]
+    fn a_failure_discards_and_tells_the_source_unless_it_knows() {
+        let cases = [
+            (Failure::Other, true, true),
+            (Failure::SourceGone, true, false),
+            (Failure::Refused, true, false),
+        ];
+        for (failure, discard, tell_source) in cases {
+            let mut r = receiving(1);
+            assert_eq!(
+                r.failed(failure),
+                Cleanup {
+                    discard,
+                    tell_source
+                },
+                "{failure:?}"
+            );
+        }
+        // Once running, the VM stays whatever happens next.
+        let mut r = receiving(1);
+        r.join(0, 7).unwrap();
+        r.data_end(0, 0, 0).unwrap();
+        r.state(1, vec![]).unwrap();
+        r.commit().unwrap();
+        r.committed(true).unwrap();
+        assert!(!r.failed(Failure::Other).discard);
     }
 
     #[derive(Debug, Clone)]
@@ -541,8 +869,8 @@ mod tests {
                     Ev::Join(s, same) => r.join(s, if same { 7 } else { 8 }).is_ok(),
                     Ev::Pages(s, n) => r.pages(s, n).is_ok(),
                     Ev::DataEnd(s, f, p) => r.data_end(s, f, p).is_ok(),
-                    Ev::State => r.state().is_ok(),
-                    Ev::Verify => r.verify().is_ok(),
+                    Ev::State => r.state(1, vec![]).is_ok(),
+                    Ev::Verify => r.verify(digest()).is_ok(),
                     Ev::Commit => {
                         let all = r.all_ended() && r.stream_count() > 0;
                         let ok = r.commit().is_ok();

@@ -1,0 +1,15 @@
+//! The pure core: every decision of a migration, with time passed in. Nothing here reads a
+//! clock, opens a socket or a file, or starts a thread; the TCP shells in [`crate::tcp`] do the
+//! I/O and feed these machines events.
+//!
+//! | module | decides |
+//! |---|---|
+//! | [`sender`] | the source's phases, what a target's answer means, what a failure does to the source VM, the outcome and the report |
+//! | [`receiver`] | the target's phases: which frame it accepts when, when a commit may proceed |
+//! | [`policy`] | bandwidth estimate, switch-over rule, throttle schedule, timeout, token bucket |
+//! | [`pages`] | which pages go in a round, which stream carries a page, which zero pages are skipped |
+
+pub mod pages;
+pub mod policy;
+pub mod receiver;
+pub mod sender;

@@ -1,0 +1,982 @@
+//! The source side's state machine: phases, rounds, dirty-sync input, the convergence decision,
+//! what each answer of the target means, what a failure does to the source VM, and the outcome
+//! and report. No I/O, no clock: time is passed in (time since the migration started).
+
+use std::time::Duration;
+
+use crate::machine::policy::{BandwidthEstimator, ConvergenceConfig, Decision, SyncInput};
+use crate::report::{MigrationReport, Outcome, Progress, ProgressPhase};
+use crate::wire::{Frame, FrameKind, MAX_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+/// Progress is reported at most this often within a round (always at a sync).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// After a broken stream, how long the shell listens for the target's reason (a target that
+/// gives up says why on the control stream, then closes everything).
+pub const TARGET_REASON_GRACE: Duration = Duration::from_millis(100);
+
+/// Where the source is in a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SenderPhase {
+    /// Hello sent, waiting for welcome or refuse. The VM runs.
+    Handshake,
+    /// Sending pages while the VM runs.
+    PreCopy,
+    /// VM paused: sending the last dirty pages, state and verify digest.
+    StopAndCopy,
+    /// Commit sent: only the target can say how it ended.
+    AwaitingAck,
+    /// The target acknowledged "running". Terminal.
+    Completed,
+    /// Failed or cancelled. Terminal.
+    Failed,
+}
+
+/// An event the machine does not accept in its phase.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Migration sender cannot {event} while in phase {phase:?}")]
+pub struct InvalidTransition {
+    /// Phase at the time.
+    pub phase: SenderPhase,
+    /// The refused event.
+    pub event: &'static str,
+}
+
+/// Options of an outgoing migration that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidOptions {
+    /// Stream count out of range.
+    #[error("streams must be 1..={MAX_STREAMS}, got {0}")]
+    Streams(u16),
+    /// A bandwidth cap of zero.
+    #[error("bandwidth cap must be above 0")]
+    ZeroBandwidth,
+}
+
+/// Checks an outgoing migration's options before anything connects.
+pub fn check_options(streams: u16, cfg: &ConvergenceConfig) -> Result<(), InvalidOptions> {
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(InvalidOptions::Streams(streams));
+    }
+    if cfg.max_bandwidth == Some(0) {
+        return Err(InvalidOptions::ZeroBandwidth);
+    }
+    Ok(())
+}
+
+/// What the shell must do with the source VM after a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureAction {
+    /// The VM never stopped: only stop throttling.
+    KeepRunning,
+    /// The VM is paused and the target cannot be running: resume it.
+    ResumeSource,
+    /// Commit was sent but no answer came: the target may be running. Leave the source
+    /// paused so that two copies never run; an operator decides.
+    InDoubt,
+}
+
+/// A frame from the target, understood in the sender's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Heard {
+    /// The handshake was accepted at this (offered) version.
+    Welcomed(u16),
+    /// The target applied every page of the round whose end the shell sent.
+    RoundAcked(u32),
+    /// The VM runs on the target; the downtime (pause → this answer).
+    Running(Duration),
+}
+
+/// A frame from the target that ends the migration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TargetAnswer {
+    /// The target refused the handshake.
+    #[error("{0}")]
+    Refused(String),
+    /// The target failed or aborted and discarded what it had.
+    #[error("{0}")]
+    Failed(String),
+    /// The target welcomed at a version the source did not offer.
+    #[error("target chose protocol version {0}, which was not offered")]
+    VersionNotOffered(u16),
+    /// A frame that makes no sense now.
+    #[error("unexpected {kind:?} frame {context}")]
+    Unexpected {
+        /// What came.
+        kind: FrameKind,
+        /// What the source was doing ("in the handshake", …).
+        context: String,
+    },
+}
+
+/// How the shell saw the migration end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The target answered "running" (see [`Heard::Running`]).
+    Completed,
+    /// The operator cancelled.
+    Cancelled,
+    /// A stream broke (write failed, read failed, closed): the target may have given up, and
+    /// its reason may still arrive ([`TARGET_REASON_GRACE`]).
+    LinkLost,
+    /// Commit was sent and no readable answer came in time.
+    NoAnswer,
+    /// Anything else: a target answer, a timeout decision, bad options, a protocol or a source
+    /// VM error. The machine knows which of these it saw itself.
+    Failed,
+}
+
+impl Ending {
+    /// Whether the shell should listen a moment for the target's own reason.
+    pub fn awaits_target_reason(self) -> bool {
+        self == Ending::LinkLost
+    }
+}
+
+/// What the shell must do once a migration ended, and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cleanup {
+    /// What happens to the source VM; `None` when the migration completed.
+    pub action: Option<FailureAction>,
+    /// Send the target Abort (best effort): it has not answered and no commit is in doubt.
+    pub tell_target: bool,
+    /// Set the throttle back to 0 (not while in doubt: the source stays exactly as it was).
+    pub remove_throttle: bool,
+    /// Resume the source VM.
+    pub resume: bool,
+    /// Disarm the dirty log (it was armed).
+    pub stop_dirty_log: bool,
+    /// Shut the data streams down at once instead of letting the writers drain.
+    pub close_streams: bool,
+    /// The outcome reported.
+    pub outcome: Outcome,
+}
+
+/// Figures for progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SenderFigures {
+    /// Current round (0 = the full copy).
+    pub round: u32,
+    /// Bytes still dirty at the last sync.
+    pub remaining_bytes: u64,
+    /// Dirty rate at the last sync, bytes/s.
+    pub dirty_bytes_per_sec: f64,
+    /// Bandwidth estimate (capped), bytes/s.
+    pub bandwidth_bytes_per_sec: Option<f64>,
+    /// Pause expected if switching over now.
+    pub expected_downtime: Option<Duration>,
+    /// Current throttle percent.
+    pub throttle_pct: f64,
+    /// Highest throttle percent so far.
+    pub throttle_max_pct: f64,
+}
+
+/// The source's state machine.
+#[derive(Debug, Clone)]
+pub struct Sender {
+    cfg: ConvergenceConfig,
+    offered: (u16, u16),
+    phase: SenderPhase,
+    round: u32,
+    bandwidth: BandwidthEstimator,
+    throttle_pct: f64,
+    throttle_max_pct: f64,
+    previous_remaining: Option<u64>,
+    remaining: u64,
+    last_sync: Duration,
+    dirty_rate: f64,
+    /// Bytes sent since the last sync (the round under way).
+    round_sent: u64,
+    paused_at: Option<Duration>,
+    converged: bool,
+    /// The round whose end was sent and whose acknowledgement is awaited.
+    awaiting_round: Option<u32>,
+    /// The target's welcome arrived (the data streams are joining).
+    welcomed: bool,
+    /// The target answered (refused, failed, aborted, or said something instead of running):
+    /// it needs no Abort, and after Commit it is known not to run the VM.
+    answered: bool,
+    refused: bool,
+    timed_out: bool,
+    dirty_log_on: bool,
+    last_progress: Option<Duration>,
+    acked_downtime: Option<Duration>,
+    outcome: Option<Outcome>,
+}
+
+impl Sender {
+    /// A sender that has just sent its hello offering every protocol version this build speaks.
+    pub fn new(cfg: ConvergenceConfig) -> Self {
+        let bandwidth = BandwidthEstimator::new(cfg.bandwidth_window);
+        Self {
+            cfg,
+            offered: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            phase: SenderPhase::Handshake,
+            round: 0,
+            bandwidth,
+            throttle_pct: 0.0,
+            throttle_max_pct: 0.0,
+            previous_remaining: None,
+            remaining: 0,
+            last_sync: Duration::ZERO,
+            dirty_rate: 0.0,
+            round_sent: 0,
+            paused_at: None,
+            converged: false,
+            awaiting_round: None,
+            welcomed: false,
+            answered: false,
+            refused: false,
+            timed_out: false,
+            dirty_log_on: false,
+            last_progress: None,
+            acked_downtime: None,
+            outcome: None,
+        }
+    }
+
+    /// The protocol versions the hello offered (oldest, newest).
+    pub fn with_versions(mut self, offered: (u16, u16)) -> Self {
+        self.offered = offered;
+        self
+    }
+
+    fn expect(&self, phase: SenderPhase, event: &'static str) -> Result<(), InvalidTransition> {
+        if self.phase == phase {
+            Ok(())
+        } else {
+            Err(InvalidTransition {
+                phase: self.phase,
+                event,
+            })
+        }
+    }
+
+    /// Current phase.
+    pub fn phase(&self) -> SenderPhase {
+        self.phase
+    }
+
+    /// Current round.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// The policy configuration.
+    pub fn config(&self) -> &ConvergenceConfig {
+        &self.cfg
+    }
+
+    /// Whether the switch-over came from the budget rule (not forced, not yet decided: false).
+    pub fn converged(&self) -> bool {
+        self.converged
+    }
+
+    /// When the source VM was paused (time since start).
+    pub fn paused_at(&self) -> Option<Duration> {
+        self.paused_at
+    }
+
+    /// Whether an operator's cancel still counts: until Commit is sent.
+    pub fn cancellable(&self) -> bool {
+        matches!(
+            self.phase,
+            SenderPhase::Handshake | SenderPhase::PreCopy | SenderPhase::StopAndCopy
+        )
+    }
+
+    /// Whether the target has answered in a way that ends the migration.
+    pub fn target_answered(&self) -> bool {
+        self.answered
+    }
+
+    /// The target welcomed us: round 0 (every page) starts. The dirty log must be armed
+    /// before the first page is read.
+    pub fn accepted(&mut self, now: Duration) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::Handshake, "accept a welcome")?;
+        self.phase = SenderPhase::PreCopy;
+        self.last_sync = now;
+        Ok(())
+    }
+
+    /// The dirty log is armed: it must be disarmed at the end, and the rounds count.
+    pub fn dirty_log_armed(&mut self) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::PreCopy, "arm the dirty log")?;
+        self.dirty_log_on = true;
+        Ok(())
+    }
+
+    /// `bytes` were written to the streams in `busy` time.
+    pub fn sent(&mut self, bytes: u64, busy: Duration) -> Result<(), InvalidTransition> {
+        match self.phase {
+            SenderPhase::PreCopy | SenderPhase::StopAndCopy => {
+                self.bandwidth.record(bytes, busy);
+                self.round_sent += bytes;
+                Ok(())
+            }
+            phase => Err(InvalidTransition {
+                phase,
+                event: "send pages",
+            }),
+        }
+    }
+
+    /// The end of the current pre-copy round was sent on every data stream: the target's
+    /// acknowledgement of it is awaited. Returns the round.
+    pub fn round_end_sent(&mut self) -> Result<u32, InvalidTransition> {
+        self.expect(SenderPhase::PreCopy, "end a round")?;
+        self.awaiting_round = Some(self.round);
+        Ok(self.round)
+    }
+
+    /// The round whose acknowledgement is awaited, if any.
+    pub fn awaiting_round(&self) -> Option<u32> {
+        self.awaiting_round
+    }
+
+    /// A frame from the target on the control stream, in the current phase.
+    pub fn heard(&mut self, now: Duration, frame: Frame) -> Result<Heard, TargetAnswer> {
+        let unexpected = |kind: FrameKind, context: &str| TargetAnswer::Unexpected {
+            kind,
+            context: context.to_owned(),
+        };
+        if self.phase == SenderPhase::Handshake && !self.welcomed {
+            return match frame {
+                Frame::Welcome { version }
+                    if (self.offered.0..=self.offered.1).contains(&version) =>
+                {
+                    self.welcomed = true;
+                    Ok(Heard::Welcomed(version))
+                }
+                Frame::Welcome { version } => Err(TargetAnswer::VersionNotOffered(version)),
+                Frame::Refuse { reason } => {
+                    self.answered = true;
+                    self.refused = true;
+                    Err(TargetAnswer::Refused(reason))
+                }
+                other => Err(unexpected(other.kind(), "in the handshake")),
+            };
+        }
+        match (self.phase, frame) {
+            (_, Frame::Failed { reason } | Frame::Abort { reason }) => {
+                self.answered = true;
+                Err(TargetAnswer::Failed(reason))
+            }
+            (SenderPhase::AwaitingAck, Frame::Running) => {
+                self.phase = SenderPhase::Completed;
+                let downtime = now.saturating_sub(self.paused_at.unwrap_or(now));
+                self.acked_downtime = Some(downtime);
+                Ok(Heard::Running(downtime))
+            }
+            (SenderPhase::AwaitingAck, other) => {
+                // Not "running": the target did not commit.
+                self.answered = true;
+                Err(unexpected(other.kind(), "instead of running"))
+            }
+            (SenderPhase::PreCopy, Frame::RoundAck { round })
+                if self.awaiting_round == Some(round) =>
+            {
+                self.awaiting_round = None;
+                Ok(Heard::RoundAcked(round))
+            }
+            (_, other) => Err(match self.awaiting_round {
+                Some(r) => unexpected(
+                    other.kind(),
+                    &format!("while waiting for the end of round {r}"),
+                ),
+                None => unexpected(other.kind(), "from the target"),
+            }),
+        }
+    }
+
+    /// A round ended and the dirty log was fetched: `dirty_bytes` are dirty now. Returns the
+    /// decision; on `Continue`/`Throttle` the next round has begun.
+    pub fn synced(
+        &mut self,
+        now: Duration,
+        dirty_bytes: u64,
+    ) -> Result<Decision, InvalidTransition> {
+        self.expect(SenderPhase::PreCopy, "sync the dirty log")?;
+        let span = now.saturating_sub(self.last_sync).as_secs_f64();
+        if span > 0.0 {
+            self.dirty_rate = dirty_bytes as f64 / span;
+        }
+        self.last_sync = now;
+        self.remaining = dirty_bytes;
+        let decision = self.cfg.decide(&SyncInput {
+            elapsed: now,
+            remaining_bytes: dirty_bytes,
+            previous_remaining_bytes: self.previous_remaining,
+            round: self.round,
+            throttle_pct: self.throttle_pct,
+            bandwidth: self.bandwidth.bytes_per_sec(),
+            dirty_bytes_per_sec: self.dirty_rate,
+            round_sent_bytes: self.round_sent,
+        });
+        self.round_sent = 0;
+        self.awaiting_round = None;
+        match decision {
+            Decision::Continue => self.round += 1,
+            Decision::Throttle(p) => {
+                self.throttle_pct = p;
+                self.throttle_max_pct = self.throttle_max_pct.max(p);
+                self.round += 1;
+            }
+            Decision::SwitchOver { forced } => self.converged = !forced,
+            Decision::Abort => {
+                self.phase = SenderPhase::Failed;
+                self.timed_out = true;
+            }
+        }
+        self.previous_remaining = Some(dirty_bytes);
+        Ok(decision)
+    }
+
+    /// The source VM is paused: stop-and-copy begins.
+    pub fn paused(&mut self, now: Duration) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::PreCopy, "pause the VM")?;
+        self.phase = SenderPhase::StopAndCopy;
+        self.paused_at = Some(now);
+        self.round += 1;
+        Ok(())
+    }
+
+    /// The commit frame was written: from now on the source must not resume by itself.
+    pub fn commit_sent(&mut self) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::StopAndCopy, "send commit")?;
+        self.phase = SenderPhase::AwaitingAck;
+        Ok(())
+    }
+
+    /// The target reports "running"; returns the downtime (pause → ack).
+    pub fn running_acked(&mut self, now: Duration) -> Result<Duration, InvalidTransition> {
+        self.expect(SenderPhase::AwaitingAck, "take a running ack")?;
+        match self.heard(now, Frame::Running) {
+            Ok(Heard::Running(d)) => Ok(d),
+            _ => Err(InvalidTransition {
+                phase: self.phase,
+                event: "take a running ack",
+            }),
+        }
+    }
+
+    /// The migration failed or was cancelled. Returns what to do with the source VM: it
+    /// depends only on the phase, and after Commit on whether the target answered.
+    pub fn failed(&mut self) -> FailureAction {
+        let action = match self.phase {
+            SenderPhase::Handshake | SenderPhase::PreCopy => FailureAction::KeepRunning,
+            SenderPhase::StopAndCopy => FailureAction::ResumeSource,
+            SenderPhase::AwaitingAck if self.answered => FailureAction::ResumeSource,
+            SenderPhase::AwaitingAck => FailureAction::InDoubt,
+            // Completed: the VM runs on the target; nothing to undo. Failed: already handled,
+            // the VM was resumed or never stopped (an Abort decision happens before any pause).
+            SenderPhase::Completed => return FailureAction::InDoubt,
+            SenderPhase::Failed => {
+                if self.paused_at.is_some() {
+                    FailureAction::ResumeSource
+                } else {
+                    FailureAction::KeepRunning
+                }
+            }
+        };
+        if self.phase != SenderPhase::Completed {
+            self.phase = SenderPhase::Failed;
+        }
+        action
+    }
+
+    /// The migration ended as the shell saw it: what to undo, what to tell the target, and
+    /// the outcome.
+    pub fn finish(&mut self, ending: Ending) -> Cleanup {
+        let completed = ending == Ending::Completed && self.phase == SenderPhase::Completed;
+        let action = (!completed).then(|| self.failed());
+        // The outcome says whether the source runs: it must agree with the action.
+        let outcome = if completed {
+            Outcome::Completed
+        } else if action == Some(FailureAction::InDoubt) {
+            Outcome::InDoubt
+        } else if self.refused {
+            Outcome::Refused
+        } else if self.timed_out {
+            Outcome::TimedOut
+        } else if ending == Ending::Cancelled {
+            Outcome::Cancelled
+        } else {
+            Outcome::Failed
+        };
+        self.outcome = Some(outcome);
+        Cleanup {
+            action,
+            tell_target: matches!(
+                action,
+                Some(FailureAction::KeepRunning | FailureAction::ResumeSource)
+            ) && !self.answered,
+            remove_throttle: action != Some(FailureAction::InDoubt),
+            resume: action == Some(FailureAction::ResumeSource),
+            stop_dirty_log: self.dirty_log_on,
+            close_streams: !completed,
+            outcome,
+        }
+    }
+
+    /// The final report (times since start): `cleaned_up` is when the source VM was set
+    /// right (resumed) after a failure, which ends a failed migration's pause; `now` is the end.
+    /// `bytes_sent` counts every byte written, `pages_zero_skipped` the zero pages never sent.
+    pub fn report(
+        &self,
+        cleaned_up: Duration,
+        now: Duration,
+        bytes_sent: u64,
+        pages_zero_skipped: u64,
+    ) -> MigrationReport {
+        let outcome = self.outcome.unwrap_or(Outcome::Failed);
+        let downtime = match (self.acked_downtime, self.paused_at) {
+            (Some(d), _) if outcome == Outcome::Completed => d,
+            (_, Some(p)) => cleaned_up.saturating_sub(p),
+            (_, None) => Duration::ZERO,
+        };
+        MigrationReport {
+            total_ms: now.as_millis() as u64,
+            downtime_ms: downtime.as_millis() as u64,
+            rounds: if self.dirty_log_on { self.round + 1 } else { 0 },
+            bytes_sent,
+            pages_zero_skipped,
+            throttle_max_pct: self.throttle_max_pct,
+            converged: self.converged && outcome == Outcome::Completed,
+            outcome,
+        }
+    }
+
+    /// The phase shown in progress reports.
+    pub fn progress_phase(&self) -> ProgressPhase {
+        match self.phase {
+            SenderPhase::Handshake => ProgressPhase::Setup,
+            SenderPhase::PreCopy => ProgressPhase::PreCopy,
+            SenderPhase::StopAndCopy => ProgressPhase::StopAndCopy,
+            SenderPhase::AwaitingAck | SenderPhase::Completed => ProgressPhase::Commit,
+            // Only an Abort decision reports after failing: it came from a pre-copy sync.
+            SenderPhase::Failed if self.paused_at.is_none() => ProgressPhase::PreCopy,
+            SenderPhase::Failed => ProgressPhase::StopAndCopy,
+        }
+    }
+
+    /// A progress snapshot, or `None` when the last one is younger than
+    /// [`PROGRESS_INTERVAL`]. `milestone` (a sync, the pause, the commit) always reports, with
+    /// the dirty bytes of the last sync as the remainder; within a round the remainder is
+    /// `round_remaining`, what is left of the round.
+    pub fn progress(
+        &mut self,
+        now: Duration,
+        milestone: bool,
+        bytes_sent: u64,
+        round_remaining: u64,
+    ) -> Option<Progress> {
+        let since = now.saturating_sub(self.last_progress.unwrap_or(Duration::ZERO));
+        if !milestone && since < PROGRESS_INTERVAL {
+            return None;
+        }
+        self.last_progress = Some(now);
+        let f = self.figures();
+        Some(Progress {
+            phase: self.progress_phase(),
+            round: f.round,
+            bytes_sent,
+            bytes_remaining: if milestone {
+                f.remaining_bytes
+            } else {
+                round_remaining
+            },
+            dirty_bytes_per_sec: f.dirty_bytes_per_sec,
+            bandwidth_bytes_per_sec: f.bandwidth_bytes_per_sec.unwrap_or(0.0),
+            expected_downtime_ms: f.expected_downtime.map(|d| d.as_secs_f64() * 1e3),
+            throttle_pct: f.throttle_pct,
+            elapsed_ms: now.as_millis() as u64,
+        })
+    }
+
+    /// Figures for a progress report.
+    pub fn figures(&self) -> SenderFigures {
+        let bw = self.cfg.effective_bandwidth(self.bandwidth.bytes_per_sec());
+        SenderFigures {
+            round: self.round,
+            remaining_bytes: self.remaining,
+            dirty_bytes_per_sec: self.dirty_rate,
+            bandwidth_bytes_per_sec: bw,
+            expected_downtime: self.cfg.expected_downtime(self.remaining, bw),
+            throttle_pct: self.throttle_pct,
+            throttle_max_pct: self.throttle_max_pct,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn happy_path_walks_every_phase() {
+        let mut s = Sender::new(ConvergenceConfig::default());
+        assert_eq!(s.phase(), SenderPhase::Handshake);
+        s.accepted(ms(1)).unwrap();
+        s.sent(100 << 20, ms(100)).unwrap();
+        assert_eq!(
+            s.synced(ms(101), 1 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        s.paused(ms(102)).unwrap();
+        s.sent(1 << 20, ms(1)).unwrap();
+        s.commit_sent().unwrap();
+        assert_eq!(s.running_acked(ms(120)).unwrap(), ms(18));
+        assert_eq!(s.phase(), SenderPhase::Completed);
+        assert!(s.converged());
+    }
+
+    #[test]
+    fn out_of_order_events_are_refused() {
+        let mut s = Sender::new(ConvergenceConfig::default());
+        assert!(s.synced(ms(1), 0).is_err());
+        assert!(s.paused(ms(1)).is_err());
+        assert!(s.commit_sent().is_err());
+        assert!(s.running_acked(ms(1)).is_err());
+        s.accepted(ms(1)).unwrap();
+        assert!(s.accepted(ms(1)).is_err());
+        assert!(s.commit_sent().is_err(), "commit needs a pause first");
+    }
+
+    /// Drives a sender through `script` (one word per event) from a fresh start.
+    fn drive(script: &str) -> Sender {
+        let mut s = Sender::new(ConvergenceConfig {
+            timeout: ms(1000),
+            ..Default::default()
+        })
+        .with_versions((1, 2));
+        let mut t = ms(0);
+        for step in script.split_whitespace() {
+            t += ms(10);
+            let heard = |s: &mut Sender, f: Frame| {
+                let _ = s.heard(t, f);
+            };
+            match step {
+                "welcome" => assert_eq!(
+                    s.heard(t, Frame::Welcome { version: 2 }),
+                    Ok(Heard::Welcomed(2))
+                ),
+                "welcome9" => heard(&mut s, Frame::Welcome { version: 9 }),
+                "refuse" => heard(
+                    &mut s,
+                    Frame::Refuse {
+                        reason: "no".into(),
+                    },
+                ),
+                "accept" => s.accepted(t).unwrap(),
+                "arm" => s.dirty_log_armed().unwrap(),
+                "round" => {
+                    s.sent(1 << 20, ms(1)).unwrap();
+                    let r = s.round_end_sent().unwrap();
+                    assert_eq!(
+                        s.heard(t, Frame::RoundAck { round: r }),
+                        Ok(Heard::RoundAcked(r))
+                    );
+                }
+                "converge" => assert_eq!(
+                    s.synced(t, 0).unwrap(),
+                    Decision::SwitchOver { forced: false }
+                ),
+                "timeout" => {
+                    t += ms(2000);
+                    assert_eq!(s.synced(t, 1 << 30).unwrap(), Decision::Abort);
+                }
+                "pause" => s.paused(t).unwrap(),
+                "commit" => s.commit_sent().unwrap(),
+                "failed" => heard(
+                    &mut s,
+                    Frame::Failed {
+                        reason: "disk".into(),
+                    },
+                ),
+                "junk" => heard(&mut s, Frame::Commit),
+                "running" => assert!(matches!(s.heard(t, Frame::Running), Ok(Heard::Running(_)))),
+                other => panic!("unknown step {other}"),
+            }
+        }
+        s
+    }
+
+    fn show_cleanup(c: &Cleanup) -> String {
+        let flags = [
+            (c.tell_target, "tell-target"),
+            (c.remove_throttle, "unthrottle"),
+            (c.resume, "resume"),
+            (c.stop_dirty_log, "stop-log"),
+            (c.close_streams, "close"),
+        ];
+        let flags: Vec<_> = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
+        let action = c.action.map_or("-".to_string(), |a| format!("{a:?}"));
+        format!("{:?} {action} {}", c.outcome, flags.join(","))
+    }
+
+    /// The whole outcome rule: phase, the target's answers and how the shell saw the end decide
+    /// what happens to the source VM, whether the target is told, and the outcome.
+    #[test]
+    fn how_a_migration_ends_decides_the_source_vm_and_the_outcome() {
+        let pre = "welcome accept arm round";
+        let paused = "welcome accept arm round converge pause";
+        let cases: Vec<(String, Ending)> = vec![
+            ("".into(), Ending::Failed),
+            ("refuse".into(), Ending::Failed),
+            ("welcome9".into(), Ending::Failed),
+            ("welcome accept".into(), Ending::Failed),
+            (pre.into(), Ending::Cancelled),
+            (pre.into(), Ending::LinkLost),
+            (format!("{pre} failed"), Ending::Failed),
+            (format!("{pre} timeout"), Ending::Failed),
+            (paused.into(), Ending::Cancelled),
+            (paused.into(), Ending::LinkLost),
+            (format!("{paused} failed"), Ending::Failed),
+            (format!("{paused} commit"), Ending::NoAnswer),
+            (format!("{paused} commit"), Ending::Cancelled),
+            (format!("{paused} commit failed"), Ending::Failed),
+            (format!("{paused} commit junk"), Ending::Failed),
+            (format!("{paused} commit running"), Ending::Completed),
+            (format!("{paused} commit"), Ending::Completed),
+        ];
+        let got: String = cases
+            .iter()
+            .map(|(script, ending)| {
+                let c = drive(script).finish(*ending);
+                let runs = matches!(
+                    c.action,
+                    Some(FailureAction::KeepRunning | FailureAction::ResumeSource)
+                );
+                assert_eq!(c.outcome.source_runs(), runs, "{script} + {ending:?}");
+                format!("{script:>50} + {ending:?}: {}\n", show_cleanup(&c))
+            })
+            .collect();
+        expect_test::expect![[r#"
+                                                               + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                                        refuse + Failed: Refused KeepRunning unthrottle,close
+                                                      welcome9 + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                                welcome accept + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                      welcome accept arm round + Cancelled: Cancelled KeepRunning tell-target,unthrottle,stop-log,close
+                                      welcome accept arm round + LinkLost: Failed KeepRunning tell-target,unthrottle,stop-log,close
+                               welcome accept arm round failed + Failed: Failed KeepRunning unthrottle,stop-log,close
+                              welcome accept arm round timeout + Failed: TimedOut KeepRunning tell-target,unthrottle,stop-log,close
+                       welcome accept arm round converge pause + Cancelled: Cancelled ResumeSource tell-target,unthrottle,resume,stop-log,close
+                       welcome accept arm round converge pause + LinkLost: Failed ResumeSource tell-target,unthrottle,resume,stop-log,close
+                welcome accept arm round converge pause failed + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
+                welcome accept arm round converge pause commit + NoAnswer: InDoubt InDoubt stop-log,close
+                welcome accept arm round converge pause commit + Cancelled: InDoubt InDoubt stop-log,close
+            welcome accept arm round converge pause commit failed + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
+            welcome accept arm round converge pause commit junk + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
+            welcome accept arm round converge pause commit running + Completed: Completed - unthrottle,stop-log
+                welcome accept arm round converge pause commit + Completed: InDoubt InDoubt stop-log,close
+        "#]].assert_eq(&got);
+    }
+
+    #[test]
+    fn answers_are_read_in_the_phase() {
+        let cases = [
+            ("", Frame::Welcome { version: 1 }),
+            ("", Frame::Welcome { version: 3 }),
+            (
+                "",
+                Frame::Refuse {
+                    reason: "vCPU count differs".into(),
+                },
+            ),
+            ("", Frame::Failed { reason: "x".into() }),
+            ("welcome accept", Frame::RoundAck { round: 0 }),
+            (
+                "welcome accept",
+                Frame::Abort {
+                    reason: "stop".into(),
+                },
+            ),
+            ("welcome accept", Frame::Welcome { version: 1 }),
+            (
+                "welcome accept arm round converge pause commit",
+                Frame::Running,
+            ),
+            (
+                "welcome accept arm round converge pause commit",
+                Frame::RoundAck { round: 0 },
+            ),
+            ("welcome accept arm round converge pause", Frame::Running),
+        ];
+        let mut got = String::new();
+        for (script, frame) in cases {
+            let mut s = drive(script);
+            let kind = frame.kind();
+            got += &format!("{:?} {kind:?}: {:?}\n", s.phase(), s.heard(ms(100), frame));
+        }
+        // While a round's end is awaited, only its acknowledgement fits.
+        let mut s = drive("welcome accept arm");
+        assert_eq!(s.round_end_sent(), Ok(0));
+        got += &format!(
+            "awaiting 0 RoundAck 1: {:?}\n",
+            s.heard(ms(100), Frame::RoundAck { round: 1 })
+        );
+        expect_test::expect![[r#"
+            Handshake Welcome: Ok(Welcomed(1))
+            Handshake Welcome: Err(VersionNotOffered(3))
+            Handshake Refuse: Err(Refused("vCPU count differs"))
+            Handshake Failed: Err(Unexpected { kind: Failed, context: "in the handshake" })
+            PreCopy RoundAck: Err(Unexpected { kind: RoundAck, context: "from the target" })
+            PreCopy Abort: Err(Failed("stop"))
+            PreCopy Welcome: Err(Unexpected { kind: Welcome, context: "from the target" })
+            AwaitingAck Running: Ok(Running(40ms))
+            AwaitingAck RoundAck: Err(Unexpected { kind: RoundAck, context: "instead of running" })
+            StopAndCopy Running: Err(Unexpected { kind: Running, context: "from the target" })
+            awaiting 0 RoundAck 1: Err(Unexpected { kind: RoundAck, context: "while waiting for the end of round 0" })
+        "#]].assert_eq(&got);
+    }
+
+    #[test]
+    fn report_counts_rounds_downtime_and_convergence() {
+        let mut s = drive("welcome accept arm round converge pause commit running");
+        s.finish(Ending::Completed);
+        let r = s.report(ms(400), ms(500), 1234, 7);
+        assert_eq!(
+            (
+                r.outcome,
+                r.rounds,
+                r.downtime_ms,
+                r.total_ms,
+                r.bytes_sent,
+                r.pages_zero_skipped,
+                r.converged
+            ),
+            (Outcome::Completed, 2, 20, 500, 1234, 7, true)
+        );
+        // Failed while paused: the pause lasts until the report (the source was resumed).
+        let mut s = drive("welcome accept arm round converge pause");
+        s.finish(Ending::LinkLost);
+        let r = s.report(ms(200), ms(300), 0, 0);
+        assert_eq!(
+            (r.outcome, r.rounds, r.downtime_ms, r.total_ms, r.converged),
+            (Outcome::Failed, 2, 140, 300, false)
+        );
+        // Refused: no round ran.
+        let mut s = drive("refuse");
+        s.finish(Ending::Failed);
+        assert_eq!(s.report(ms(20), ms(20), 10, 0).rounds, 0);
+    }
+
+    #[test]
+    fn options_are_checked_before_connecting() {
+        let cfg = ConvergenceConfig::default();
+        assert_eq!(check_options(2, &cfg), Ok(()));
+        assert_eq!(check_options(MAX_STREAMS, &cfg), Ok(()));
+        assert_eq!(
+            check_options(0, &cfg).unwrap_err().to_string(),
+            "streams must be 1..=64, got 0"
+        );
+        assert_eq!(check_options(65, &cfg), Err(InvalidOptions::Streams(65)));
+        let capped = ConvergenceConfig {
+            max_bandwidth: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            check_options(1, &capped),
+            Err(InvalidOptions::ZeroBandwidth)
+        );
+    }
+
+    #[test]
+    fn progress_is_rate_limited_except_at_milestones() {
+        let mut s = drive("welcome accept arm");
+        assert!(s.progress(ms(50), false, 0, 10).is_none(), "first 100 ms");
+        let p = s.progress(ms(120), false, 100, 10).unwrap();
+        assert_eq!(
+            (p.phase, p.bytes_remaining, p.elapsed_ms),
+            (ProgressPhase::PreCopy, 10, 120)
+        );
+        assert!(s.progress(ms(150), false, 0, 10).is_none());
+        let p = s.progress(ms(160), true, 0, 10).unwrap();
+        assert_eq!(
+            p.bytes_remaining, 0,
+            "a milestone shows the last sync's remainder"
+        );
+        let mut s = drive("welcome accept arm round timeout");
+        assert_eq!(
+            s.progress(ms(3000), true, 0, 0).unwrap().phase,
+            ProgressPhase::PreCopy
+        );
+        let mut s = drive("welcome accept arm round converge pause commit");
+        assert_eq!(
+            s.progress(ms(3000), true, 0, 0).unwrap().phase,
+            ProgressPhase::Commit
+        );
+        assert!(!s.cancellable(), "no cancel after commit");
+    }
+
+    #[test]
+    fn throttle_rises_while_the_remainder_stays_high() {
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(0)).unwrap();
+        let mut t = 0;
+        let mut seen = vec![];
+        for _ in 0..6 {
+            t += 100;
+            s.sent(100 << 20, ms(100)).unwrap(); // ~1 GB/s
+            if let Decision::Throttle(p) = s.synced(ms(t), 200 << 20).unwrap() {
+                seen.push(p);
+            }
+        }
+        // Re-dirtying 200 MiB per 100 MiB round at ~1 GB/s: the working set is saturated, so
+        // the throttle starts at its saturated strength right after the full copy (round 0),
+        // then follows the measured rate up to the cap.
+        assert_eq!(seen, vec![99.0, 99.88, 99.9]);
+        assert_eq!(s.figures().throttle_max_pct, 99.9);
+        assert_eq!(s.round(), 6);
+    }
+
+    #[test]
+    fn round_zero_throttles_only_a_saturated_working_set() {
+        // Moderate: the full copy sent 300 MiB while 80 MiB were dirtied: above the budget, but
+        // no throttle after round 0, and the next round's remainder converges.
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(0)).unwrap();
+        s.sent(300 << 20, ms(300)).unwrap();
+        assert_eq!(s.synced(ms(300), 80 << 20).unwrap(), Decision::Continue);
+        s.sent(80 << 20, ms(80)).unwrap();
+        assert_eq!(
+            s.synced(ms(380), 6 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(s.figures().throttle_max_pct, 0.0);
+        // Saturated: the full copy sent 260 MiB and 256 MiB of it were dirty again.
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(0)).unwrap();
+        s.sent(260 << 20, ms(260)).unwrap();
+        assert_eq!(
+            s.synced(ms(260), 256 << 20).unwrap(),
+            Decision::Throttle(99.0)
+        );
+        // Under that throttle the second round leaves little: switch over after round 1, having
+        // sent the working set twice rather than once per throttle step.
+        s.sent(256 << 20, ms(256)).unwrap();
+        assert_eq!(
+            s.synced(ms(516), 4 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(s.round(), 1);
+    }
+
+    #[test]
+    fn abort_decision_ends_the_machine_without_a_pause() {
+        let mut s = Sender::new(ConvergenceConfig {
+            timeout: ms(50),
+            ..Default::default()
+        });
+        s.accepted(ms(0)).unwrap();
+        s.sent(1 << 20, ms(100)).unwrap();
+        assert_eq!(s.synced(ms(100), 1 << 30).unwrap(), Decision::Abort);
+        assert_eq!(s.phase(), SenderPhase::Failed);
+        assert_eq!(s.failed(), FailureAction::KeepRunning);
+    }
+}
