@@ -25,6 +25,7 @@ fi
 
 packages=(
     qemu-system-x86 qemu-utils   # the VMM and NBD peers (bookworm-backports, installed together)
+    qemu-system-data             # qboot.rom: QEMU's fast microvm firmware, the boot peer's -bios
     etcd-server                  # cluster membership and coordinator election for shared volumes
     libnbd-bin nbdkit            # standard NBD clients and server used in interop tests
     iproute2 bridge-utils        # network namespaces, veth pairs and bridges as hosts and switches
@@ -42,7 +43,7 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "install-deps: installing ${missing[*]}"
     apt-get update -qq
-    apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+    apt-get install -y -qq -t bookworm-backports qemu-system-x86 qemu-utils qemu-system-data >/dev/null
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 

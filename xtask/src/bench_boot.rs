@@ -1,6 +1,7 @@
 //! `cargo xtask bench boot`: time from process start to the test guest's first heartbeat, and the
 //! VMM's memory overhead, for `tern vm run` and for QEMU (microvm) booting the very same ELF with
-//! the same memory size, several runs each, in one run of the bench.
+//! the same memory size, several runs each, in one run of the bench. QEMU boots with qboot
+//! (`-bios qboot.rom`), its fast microvm firmware; its default, SeaBIOS, costs seconds here.
 //!
 //! Memory overhead = the process's RSS minus the resident part of the guest-RAM mapping (found in
 //! /proc/PID/smaps as the anonymous mapping of the guest's size), sampled once the guest runs.
@@ -10,8 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
-use crate::bench_common::{build_release_tern, export_testguest, peer_version, scratch_dir};
+use crate::bench_common::{
+    build_release_tern, export_testguest, load_average, peer_version, scratch_dir,
+};
 use anyhow::{Context, bail, ensure};
+use tern_guest_image::qemu::{QEMU_FIRMWARE, QemuConfig};
 
 /// Options of `cargo xtask bench boot`.
 #[derive(Debug, clap::Args)]
@@ -77,10 +81,17 @@ fn measure(
     let start = Instant::now();
     let mut child: Child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .stdin(Stdio::null())
         .spawn()
         .context("cannot start the VMM")?;
+    // Read stderr on a thread too (QEMU warns about CPUID features), kept for the error message.
+    let err = child.stderr.take().context("no stderr")?;
+    let err_text = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(err), &mut s);
+        s
+    });
     let out = child.stdout.take().context("no stdout")?;
     let (tx, rx) = channel();
     std::thread::spawn(move || {
@@ -104,8 +115,12 @@ fn measure(
             }
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                bail!("no heartbeat within 30 s");
+                let status = child.wait();
+                let stderr = err_text.join().unwrap_or_default();
+                bail!(
+                    "no heartbeat within 30 s from {:?} (exit: {status:?}); its stderr:\n{stderr}",
+                    cmd.get_program()
+                );
             }
         }
     };
@@ -145,6 +160,7 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
     let dir = scratch_dir("boot")?;
     let elf = export_testguest(&tern, &dir)?;
     let qemu_version = peer_version(&args.qemu)?;
+    let load_before = load_average();
 
     let cmdline = "tern.hb_ms=50";
     let guest_kib = args.memory_mib * 1024;
@@ -171,22 +187,21 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
         })
         .and_then(|v| v.parse().ok())
         .context("the guest did not report tsc_khz")?;
+    // The peer's launcher (microvm with qboot, the fast firmware: QEMU's default SeaBIOS spends
+    // seconds in emulated CPL0 code on KVM-PVM hosts, which would measure the firmware, not the VMM).
+    let qemu_cfg = QemuConfig {
+        kernel: elf.clone(),
+        cmdline: cmdline.to_string(),
+        memory_mib: args.memory_mib,
+        vcpus: 1,
+        tsc_hz: khz * 1000,
+        disk: None,
+        virtio_modern: false,
+        net: None,
+    };
     let qemu_cmd = || {
         let mut c = Command::new(&args.qemu);
-        c.args(["-accel", "kvm", "-M", "microvm", "-cpu"])
-            .arg(format!("qemu64,tsc-frequency={},+tsc-deadline", khz * 1000))
-            .args(["-m", &mem, "-kernel"])
-            .arg(&elf)
-            .args([
-                "-append",
-                cmdline,
-                "-nodefaults",
-                "-serial",
-                "stdio",
-                "-display",
-                "none",
-                "-no-reboot",
-            ]);
+        c.args(qemu_cfg.args());
         c
     };
     let mut ignored = None;
@@ -199,8 +214,12 @@ pub fn run(args: BootArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     println!(
-        "\nboot to first heartbeat, {} runs each, {} MiB guest, same ELF (tern.hb_ms=50); peer: {qemu_version} -M microvm",
+        "\nboot to first heartbeat, {} runs each, {} MiB guest, same ELF (tern.hb_ms=50); peer: {qemu_version} -M microvm -bios {QEMU_FIRMWARE}",
         args.runs, args.memory_mib
+    );
+    println!(
+        "load average: before {load_before}, after {}",
+        load_average()
     );
     let (tt, trss, tovh) = report("tern", &tern_samples);
     let (qt, qrss, qovh) = report("qemu", &qemu_samples);

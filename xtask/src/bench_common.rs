@@ -57,3 +57,11 @@ pub fn peer_version(program: &str) -> anyhow::Result<String> {
         .unwrap_or("?")
         .to_string())
 }
+
+/// The host's load averages (1, 5, 15 min) from /proc/loadavg, printed next to figures taken on a
+/// shared machine.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
