@@ -36,7 +36,8 @@ enum Bench {
     /// Time from process start to the test guest's first heartbeat, and VMM memory overhead:
     /// `tern vm run` vs QEMU microvm on the same ELF.
     Boot(bench_boot::BootArgs),
-    /// Live migration of the test guest, Tern vs QEMU microvm (defaults and 10 GB/s), on loopback.
+    /// Live migration of the test guest, Tern vs QEMU microvm (tuned to Tern's settings, and its
+    /// defaults), on loopback.
     Migrate(bench_migrate::MigrateArgs),
     /// The longest stall a client streaming requests sees during a live migration between two
     /// network-namespace hosts, and the guest's echo throughput: Tern vs QEMU.
