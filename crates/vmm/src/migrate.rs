@@ -217,15 +217,16 @@ impl VmSource {
         Ok(())
     }
 
-    /// Source side, at switch-over: hand every disk to the successor; on a failure the ones
-    /// already handed are taken back and the error returned (the migration then fails).
-    fn release_disks(&mut self) -> Result<(), VmError> {
+    /// Source side, at switch-over (vCPUs paused, state taken, before the commit): hand every
+    /// disk's write ownership to the successor; on a failure the ones already handed are taken
+    /// back and the error returned (the migration then fails).
+    pub fn release_storage(&mut self) -> Result<(), VmError> {
         let Some(to) = self.successor.clone() else {
             return self.check_handover().map_err(VmError::from);
         };
         while self.handed < self.disks.len() {
             if let Err(e) = self.disks[self.handed].release_to(&to) {
-                let _ = self.take_disks_back();
+                let _ = self.acquire_storage();
                 return Err(format!("disk hand-over to {to}: {e}").into());
             }
             self.handed += 1;
@@ -233,8 +234,9 @@ impl VmSource {
         Ok(())
     }
 
-    /// Takes back every disk handed over (the migration failed and the VM resumes here).
-    fn take_disks_back(&mut self) -> Result<(), VmError> {
+    /// Source side, the migration failed after [`Self::release_storage`]: takes back every
+    /// disk handed over, before the VM resumes here (nothing to do if none was).
+    pub fn acquire_storage(&mut self) -> Result<(), VmError> {
         let mut first = None;
         while self.handed > 0 {
             let d = &self.disks[self.handed - 1];
@@ -318,7 +320,7 @@ impl MigrationSource for VmSource {
         self.throttle.stop();
         // The lease comes back before the guest runs again; without it the guest stays paused
         // (its writes would be refused), and the error says why.
-        self.take_disks_back()?;
+        self.acquire_storage()?;
         self.vm.resume()?;
         Ok(())
     }
@@ -326,7 +328,8 @@ impl MigrationSource for VmSource {
     fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError> {
         let s = self.vm.save_state()?;
         // vCPUs paused, no request in flight: flush and hand the disks over, before Commit.
-        self.release_disks()?;
+        // (MigrationSource has no switch-over hook of its own, so the hand-over is called here.)
+        self.release_storage()?;
         Ok((state::STATE_VERSION, state::encode(&s)))
     }
 }
