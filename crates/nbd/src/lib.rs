@@ -1,4 +1,5 @@
-//! The NBD protocol (fixed newstyle, structured replies): a server and a client, both synchronous.
+//! The NBD protocol (fixed newstyle, structured replies): a server that executes several requests of
+//! a connection at once, a one-request-at-a-time client and a pipelining one.
 //!
 //! ```text
 //! client                                   server
@@ -6,14 +7,16 @@
 //!   |  client flags ->                       |
 //!   |  OPT_STRUCTURED_REPLY ->   <- ACK      |
 //!   |  OPT_GO(name, infos) -> <- INFO.. ACK  |
-//!   |  request(cookie) ->  <- reply(cookie)  |   transmission, one request at a time
+//!   |  request(cookie) ->  <- reply(cookie)  |   transmission: many in flight, replies
+//!   |  request(cookie) ->  <- reply(cookie)  |   matched by cookie (any order)
 //! ```
 //!
 //! [`proto`] holds the pure codec and the request validator ([`proto::validate`]), which every
 //! request passes before any data is touched: bad magic closes the connection, an oversized or
 //! out-of-range request gets an NBD error reply, and no allocation exceeds
 //! [`proto::MAX_REQUEST_LEN`]. [`server::serve`] runs over any `Read`/`Write` pair, so tests feed it
-//! arbitrary bytes; [`client::Client`] is what the volume service uses for redirected I/O.
+//! arbitrary bytes; [`client::SharedClient`] is what the volume service uses for redirected I/O
+//! (many requests in flight on one connection to the coordinator).
 
 #![forbid(unsafe_code)]
 

@@ -609,7 +609,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                 return self.fail(e.into());
             }
             // Keep an idle thread from pinning a 32 MiB allocation.
-            if buf.capacity() > 4 << 20 {
+            if buf.capacity() > 1 << 20 {
                 buf = Vec::new();
             }
         }
