@@ -2,6 +2,8 @@
 //! power-aware best-fit decreasing (PABFD), then underloaded hosts are drained and left to sleep.
 
 use crate::detect::{Detector, HostSample};
+use crate::hash_order::Emulation;
+pub use crate::hash_order::SchedOrder;
 use crate::power::PowerModel;
 use crate::select::{self, Candidate, Selection};
 use crate::{Model, SplitMix64};
@@ -43,50 +45,6 @@ pub struct HostView {
     pub sched: SchedOrder,
 }
 
-/// How CloudSim's CPU scheduler on a host last totted up its free MIPS. After an update it subtracts the
-/// VMs' demands in placement order; after any VM leaves it rebuilds the figure walking its hash table of
-/// VM ids (`HashMap<String, …>` keyed by "2-<vm id>"). The two sums can differ in the last bit, which
-/// decides `free ≥ demand` at the boundary, so the emulation follows the same order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SchedOrder {
-    /// The free-MIPS figure was last rebuilt in hash-table order.
-    pub by_uid: bool,
-    /// Most VM entries the host's table has ever held (sets the table size, which never shrinks).
-    pub peak_entries: u32,
-}
-
-/// Java's `String.hashCode` of the reference code's VM uid "2-<id>" (broker id 2), spread as in
-/// `java.util.HashMap.hash`.
-pub fn uid_hash(vm: u32) -> u32 {
-    let mut digits = [0u8; 10];
-    let mut n = 0;
-    let mut x = vm;
-    loop {
-        digits[n] = b'0' + (x % 10) as u8;
-        n += 1;
-        x /= 10;
-        if x == 0 {
-            break;
-        }
-    }
-    let mut h: i32 = b'2' as i32;
-    h = h.wrapping_mul(31).wrapping_add(b'-' as i32);
-    for &d in digits[..n].iter().rev() {
-        h = h.wrapping_mul(31).wrapping_add(d as i32);
-    }
-    let h = h as u32;
-    h ^ (h >> 16)
-}
-
-/// Table size of a Java `HashMap` that has held `peak` entries (16, doubling past 3/4 full).
-pub fn table_capacity(peak: u32) -> u32 {
-    let mut c = 16u32;
-    while peak > c / 4 * 3 {
-        c *= 2;
-    }
-    c
-}
-
 impl HostView {
     /// Total capacity (MIPS).
     pub fn total_mips(&self) -> f64 {
@@ -94,13 +52,40 @@ impl HostView {
     }
 }
 
-/// A snapshot of the cluster. [`optimize`] uses it as scratch space (tentative placements).
+/// A snapshot of the cluster, as the caller hands it to [`optimize`] (which only reads it).
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// Hosts, indexed by host id.
     pub hosts: Vec<HostView>,
     /// VMs, indexed by VM id (VMs not on any host are simply not listed in a host's `vms`).
     pub vms: Vec<VmView>,
+}
+
+impl ClusterView {
+    /// The whole snapshot, borrowed.
+    pub fn view(&self) -> View<'_> {
+        View {
+            hosts: &self.hosts,
+            vms: &self.vms,
+        }
+    }
+}
+
+/// A borrowed cluster: hosts and VMs may have different owners ([`optimize`] reads the caller's VMs
+/// and its own copy of the hosts, which holds the round's tentative placements).
+#[derive(Debug, Clone, Copy)]
+pub struct View<'a> {
+    /// Hosts, indexed by host id.
+    pub hosts: &'a [HostView],
+    /// VMs, indexed by VM id.
+    pub vms: &'a [VmView],
+}
+
+impl<'a> View<'a> {
+    /// These hosts with these VMs.
+    pub fn of(hosts: &'a [HostView], vms: &'a [VmView]) -> Self {
+        View { hosts, vms }
+    }
 }
 
 /// Policy configuration for a round.
@@ -138,12 +123,16 @@ pub struct Decisions {
     pub overloaded: Vec<u32>,
     /// Underloaded hosts drained this round (they can sleep once their VMs have left).
     pub sleeps: Vec<u32>,
+    /// Per host, the most VMs its reference scheduler's table has held by the end of the round
+    /// (the caller keeps it in [`SchedOrder::peak_entries`] for the next round; see
+    /// [`crate::hash_order`]).
+    pub table_peaks: Vec<u32>,
 }
 
 /// CPU the host's scheduler grants now: (sum of allocations, MIPS still free). Demands above a core's
 /// capacity are capped; when the sum exceeds the host every VM is scaled down by the same factor
 /// (rounded down to whole MIPS), and nothing is free.
-pub fn host_allocation(view: &ClusterView, h: usize) -> (f64, f64) {
+pub fn host_allocation(view: View<'_>, h: usize) -> (f64, f64) {
     let host = &view.hosts[h];
     let cap = host.total_mips();
     let mut avail = cap;
@@ -174,43 +163,9 @@ pub fn host_allocation(view: &ClusterView, h: usize) -> (f64, f64) {
     (sum, 0.0)
 }
 
-/// [`host_allocation`] with the free MIPS summed in the reference scheduler's order.
-fn host_allocation_emulated(
-    view: &ClusterView,
-    h: usize,
-    by_uid: bool,
-    appended: &[u32],
-    peak: u32,
-) -> (f64, f64) {
-    let (sum, avail) = host_allocation(view, h);
-    if !by_uid || avail == 0.0 {
-        return (sum, avail);
-    }
-    let host = &view.hosts[h];
-    let mask = table_capacity(peak) - 1;
-    let mut order: Vec<(u32, usize, u32)> = host
-        .vms
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| !appended.contains(v))
-        .map(|(i, &v)| (uid_hash(v) & mask, i, v))
-        .collect();
-    order.sort_unstable();
-    let mut free = host.total_mips();
-    for v in order.iter().map(|o| o.2).chain(appended.iter().copied()) {
-        let c = view.vms[v as usize].requested_mips.min(host.pe_mips);
-        if free >= c {
-            free -= c;
-        } else {
-            return (sum, 0.0);
-        }
-    }
-    (sum, free)
-}
-
 /// Host utilisation history (most recent first, zero tail trimmed), optionally with one more VM.
 fn host_history(
-    view: &ClusterView,
+    view: View<'_>,
     h: usize,
     extra: Option<u32>,
     buf: &mut [f64; HISTORY_LEN],
@@ -233,12 +188,7 @@ fn host_history(
 /// As [`host_history`] for the regression detectors, which read only the 10 newest points: those are
 /// summed exactly as there, and the rest only checked for being non-zero (the trimmed length decides
 /// whether the history is long enough).
-fn lr_history(
-    view: &ClusterView,
-    h: usize,
-    extra: Option<u32>,
-    buf: &mut [f64; HISTORY_LEN],
-) -> usize {
+fn lr_history(view: View<'_>, h: usize, extra: Option<u32>, buf: &mut [f64; HISTORY_LEN]) -> usize {
     const W: usize = crate::detect::LR_WINDOW;
     let host = &view.hosts[h];
     let total = host.total_mips();
@@ -270,7 +220,7 @@ fn lr_history(
 }
 
 /// Is host `h` overloaded (optionally as if VM `extra` were added)?
-pub fn is_overloaded(view: &ClusterView, h: usize, extra: Option<u32>, cfg: &PolicyConfig) -> bool {
+pub fn is_overloaded(view: View<'_>, h: usize, extra: Option<u32>, cfg: &PolicyConfig) -> bool {
     let host = &view.hosts[h];
     let total = host.total_mips();
     let mut req = 0.0;
@@ -306,7 +256,7 @@ pub type HistoryCache = Vec<Option<[f64; HISTORY_LEN]>>;
 /// history to the cached sum performs the same floating-point additions, in the same order, as summing
 /// the list with the VM appended.
 fn is_overloaded_cached(
-    view: &ClusterView,
+    view: View<'_>,
     h: usize,
     extra: Option<u32>,
     cfg: &PolicyConfig,
@@ -374,7 +324,7 @@ fn type_key(h: &HostView) -> TypeKey {
 
 impl Candidates {
     /// Split the hosts of `view` into busy ones and idle empty ones (grouped by type).
-    pub fn new(view: &ClusterView) -> Self {
+    pub fn new(view: View<'_>) -> Self {
         let mut c = Candidates {
             idle_allowed: true,
             ..Default::default()
@@ -394,7 +344,7 @@ impl Candidates {
     }
 
     /// Host `h` just received a VM: it is no longer idle.
-    pub fn mark_busy(&mut self, view: &ClusterView, h: usize) {
+    pub fn mark_busy(&mut self, view: View<'_>, h: usize) {
         let k = type_key(&view.hosts[h]);
         if let Some(e) = self.idle.iter_mut().find(|e| e.0 == k)
             && let Ok(i) = e.1.binary_search(&h)
@@ -442,21 +392,16 @@ pub struct Round {
     /// the PABFD scan reads one small array.
     pe_mips: Vec<f64>,
     total_mips: Vec<f64>,
-    /// Per host: a trial placement would leave the reference scheduler's state as it is (known
-    /// since the host's VM list last changed).
-    settled: Vec<bool>,
     hist: HistoryCache,
     power_now: Vec<f64>,
     cands: Candidates,
-    emulate: bool,
-    by_uid: Vec<bool>,
-    appended: Vec<Vec<u32>>,
-    peak: Vec<u32>,
+    /// The reference scheduler's summing order (inert under `Model::Paper`).
+    sched: Emulation,
 }
 
 impl Round {
-    /// Fresh caches for `view`.
-    pub fn new(view: &ClusterView) -> Self {
+    /// Fresh caches for `view`; `emulate` switches on the reference scheduler's summing order.
+    pub fn new(view: View<'_>, emulate: bool) -> Self {
         let n = view.hosts.len();
         Round {
             alloc: vec![None; n],
@@ -472,7 +417,6 @@ impl Round {
                 .collect(),
             pe_mips: view.hosts.iter().map(|h| h.pe_mips).collect(),
             total_mips: view.hosts.iter().map(|h| h.total_mips()).collect(),
-            settled: vec![false; n],
             hist: vec![None; n],
             power_now: view
                 .hosts
@@ -480,31 +424,20 @@ impl Round {
                 .map(|h| h.power.watts_at(h.utilization))
                 .collect(),
             cands: Candidates::new(view),
-            emulate: false,
-            by_uid: view.hosts.iter().map(|h| h.sched.by_uid).collect(),
-            appended: vec![Vec::new(); n],
-            peak: view
-                .hosts
-                .iter()
-                .map(|h| h.sched.peak_entries.max(h.vms.len() as u32))
-                .collect(),
+            sched: Emulation::new(view.hosts, emulate),
         }
     }
 
     /// A VM left host `h` (the scheduler rebuilds its free MIPS in hash order).
     fn removed(&mut self, h: usize) {
         self.invalidate(h);
-        self.settled[h] = false;
-        self.by_uid[h] = true;
-        self.appended[h].clear();
+        self.sched.removed(h);
     }
 
     /// VM `v` was added to host `h` (now holding `len` VMs).
     fn added(&mut self, h: usize, v: u32, len: usize) {
         self.invalidate(h);
-        self.settled[h] = false;
-        self.appended[h].push(v);
-        self.peak[h] = self.peak[h].max(len as u32);
+        self.sched.added(h, v, len);
     }
 
     /// Host `h`'s VM list changed.
@@ -517,7 +450,7 @@ impl Round {
 /// PABFD host choice for VM `vm`: the non-excluded host whose power rises least and that stays not
 /// overloaded. Ties go to the lower host id.
 pub fn find_host(
-    view: &ClusterView,
+    view: View<'_>,
     vm: u32,
     excluded: &[bool],
     round: &mut Round,
@@ -528,14 +461,10 @@ pub fn find_host(
         min_slope,
         pe_mips,
         total_mips,
-        settled,
         hist,
         power_now,
         cands,
-        emulate,
-        by_uid,
-        appended,
-        peak,
+        sched,
     } = round;
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
@@ -546,36 +475,17 @@ pub fn find_host(
         }
         let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
             let host = &view.hosts[h];
-            let (sum, avail) = if *emulate {
-                host_allocation_emulated(view, h, by_uid[h], &appended[h], peak[h])
-            } else {
-                host_allocation(view, h)
-            };
+            let (sum, avail) = sched.allocation(view, h);
             let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
             (sum, avail, base)
         });
         if avail < req {
             return;
         }
-        // (a host already rebuilt in hash order whose table already held one VM more is left as is)
-        if *emulate && sum != 0.0 && !settled[h] {
-            let len = view.hosts[h].vms.len() as u32;
-            if !by_uid[h] || !appended[h].is_empty() || peak[h] <= len {
-                // the reference code tries the VM on every such host (create, check, destroy),
-                // which leaves the host's free-MIPS figure rebuilt in hash order
-                let new_peak = peak[h].max(len + 1);
-                if !by_uid[h]
-                    || !appended[h].is_empty()
-                    || table_capacity(new_peak) != table_capacity(peak[h])
-                {
-                    alloc[h] = None;
-                    by_uid[h] = true;
-                    appended[h].clear();
-                }
-                peak[h] = new_peak;
-            }
-            // a second trial before the VM list changes would change nothing
-            settled[h] = true;
+        // the reference code tries the VM on every such host (create, check, destroy), which can
+        // change how the host sums its free MIPS
+        if sched.trial(h, sum, view.hosts[h].vms.len() as u32) {
+            alloc[h] = None;
         }
         let after = (sum + req) / total_mips[h];
         if after > 1.0 {
@@ -602,7 +512,7 @@ pub fn find_host(
     best
 }
 
-fn sort_by_demand(view: &ClusterView, vms: &mut [u32]) {
+fn sort_by_demand(view: View<'_>, vms: &mut [u32]) {
     vms.sort_by(|a, b| {
         let (a, b) = (
             view.vms[*a as usize].requested_mips,
@@ -612,29 +522,29 @@ fn sort_by_demand(view: &ClusterView, vms: &mut [u32]) {
     });
 }
 
-/// One consolidation round over `view`. `view` is left holding the tentative placements (callers
-/// pass a scratch snapshot); the returned decisions say what to do.
-pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
-    let n = view.hosts.len();
-    let mut round = Round::new(view);
-    round.emulate = cfg.model == Model::CloudSim;
+/// One consolidation round over `snapshot`, which is only read: the round's tentative placements go
+/// to a copy of the hosts. The returned decisions say what to do.
+pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
+    let n = snapshot.hosts.len();
+    let mut hosts = snapshot.hosts.clone();
+    let vms = &snapshot.vms[..];
+    let mut round = Round::new(snapshot.view(), cfg.model == Model::CloudSim);
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
     let over: Vec<bool> = (0..n)
-        .map(|h| is_overloaded_cached(view, h, None, cfg, &mut round.hist))
+        .map(|h| is_overloaded_cached(View::of(&hosts, vms), h, None, cfg, &mut round.hist))
         .collect();
     let mut shed: Vec<u32> = Vec::new();
     for h in (0..n).filter(|&h| over[h]) {
         out.overloaded.push(h as u32);
         loop {
             let idx = {
-                let host = &view.hosts[h];
-                let cands: Vec<Candidate<'_>> = host
+                let cands: Vec<Candidate<'_>> = hosts[h]
                     .vms
                     .iter()
                     .map(|&v| {
-                        let vm = &view.vms[v as usize];
+                        let vm = &vms[v as usize];
                         Candidate {
                             ram_mb: vm.ram_mb,
                             utilization: vm.utilization,
@@ -645,27 +555,27 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
                 select::select(cfg.selection, &cands, rng)
             };
             let Some(idx) = idx else { break };
-            let v = view.hosts[h].vms.remove(idx);
+            let v = hosts[h].vms.remove(idx);
             round.removed(h);
             shed.push(v);
-            if !is_overloaded_cached(view, h, None, cfg, &mut round.hist) {
+            if !is_overloaded_cached(View::of(&hosts, vms), h, None, cfg, &mut round.hist) {
                 break;
             }
         }
     }
 
     // 2. place them (PABFD), never back on an overloaded host
-    sort_by_demand(view, &mut shed);
+    sort_by_demand(View::of(&hosts, vms), &mut shed);
     let mut received = vec![false; n];
     for v in shed {
-        if let Some(t) = find_host(view, v, &over, &mut round, cfg) {
-            round.cands.mark_busy(view, t);
-            view.hosts[t].vms.push(v);
-            round.added(t, v, view.hosts[t].vms.len());
+        if let Some(t) = find_host(View::of(&hosts, vms), v, &over, &mut round, cfg) {
+            round.cands.mark_busy(View::of(&hosts, vms), t);
+            hosts[t].vms.push(v);
+            round.added(t, v, hosts[t].vms.len());
             received[t] = true;
             out.migrations.push(Migration {
                 vm: v,
-                from: view.vms[v as usize].host,
+                from: vms[v as usize].host,
                 to: t as u32,
             });
         }
@@ -674,8 +584,8 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     // 3. drain underloaded hosts, least utilised first
     let off: Vec<bool> = (0..n)
         .map(|h| match cfg.model {
-            Model::CloudSim => view.hosts[h].utilization == 0.0,
-            Model::Paper => view.hosts[h].vms.is_empty(),
+            Model::CloudSim => hosts[h].utilization == 0.0,
+            Model::Paper => hosts[h].vms.is_empty(),
         })
         .collect();
     let mut excl_under: Vec<bool> = (0..n)
@@ -695,14 +605,14 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     };
     let mut walk: Vec<usize> = (0..n)
         .filter(|&h| {
-            let u = view.hosts[h].utilization;
+            let u = hosts[h].utilization;
             !excl_under[h] && u < limit && (cfg.model == Model::Paper || u > 0.0)
         })
         .collect();
     walk.sort_by(|&a, &b| {
-        view.hosts[a]
+        hosts[a]
             .utilization
-            .total_cmp(&view.hosts[b].utilization)
+            .total_cmp(&hosts[b].utilization)
             .then(a.cmp(&b))
     });
     let mut pos = 0;
@@ -714,7 +624,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         while pos < walk.len() {
             let h = walk[pos];
             pos += 1;
-            if !excl_under[h] && !view.hosts[h].vms.is_empty() {
+            if !excl_under[h] && !hosts[h].vms.is_empty() {
                 under = Some(h);
                 break;
             }
@@ -723,18 +633,18 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         excl_under[h] = true;
         n_excl_under += 1;
         excl_place[h] = true;
-        let mut vms = view.hosts[h].vms.clone();
-        if vms.is_empty() {
+        let mut moving = hosts[h].vms.clone();
+        if moving.is_empty() {
             continue;
         }
-        sort_by_demand(view, &mut vms);
-        let mut placed: Vec<(u32, usize)> = Vec::with_capacity(vms.len());
+        sort_by_demand(View::of(&hosts, vms), &mut moving);
+        let mut placed: Vec<(u32, usize)> = Vec::with_capacity(moving.len());
         let mut ok = true;
-        for &v in &vms {
-            match find_host(view, v, &excl_place, &mut round, cfg) {
+        for &v in &moving {
+            match find_host(View::of(&hosts, vms), v, &excl_place, &mut round, cfg) {
                 Some(t) => {
-                    view.hosts[t].vms.push(v);
-                    round.added(t, v, view.hosts[t].vms.len());
+                    hosts[t].vms.push(v);
+                    round.added(t, v, hosts[t].vms.len());
                     placed.push((v, t));
                 }
                 None => {
@@ -745,7 +655,7 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         }
         if !ok {
             for &(v, t) in &placed {
-                let list = &mut view.hosts[t].vms;
+                let list = &mut hosts[t].vms;
                 if let Some(i) = list.iter().position(|&x| x == v) {
                     list.remove(i);
                 }
@@ -760,15 +670,13 @@ pub fn optimize(view: &mut ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
             }
             out.migrations.push(Migration {
                 vm: v,
-                from: view.vms[v as usize].host,
+                from: vms[v as usize].host,
                 to: t as u32,
             });
         }
         out.sleeps.push(h as u32);
     }
-    for (host, &p) in view.hosts.iter_mut().zip(&round.peak) {
-        host.sched.peak_entries = p;
-    }
+    out.table_peaks = round.sched.into_peaks();
     out
 }
 
@@ -825,20 +733,6 @@ mod tests {
     }
 
     #[test]
-    fn java_hash_of_vm_uids() {
-        // "2-0".hashCode() = 50·31² + 45·31 + 48 = 49493; "2-1052".hashCode() computed the same way
-        assert_eq!(uid_hash(0), 49493); // < 2^16, so the spreading shift changes nothing
-        let h: i32 = "2-1052"
-            .bytes()
-            .fold(0i32, |h, b| h.wrapping_mul(31).wrapping_add(b as i32));
-        assert_eq!(uid_hash(1052), (h as u32) ^ ((h as u32) >> 16));
-        assert_eq!(
-            (table_capacity(12), table_capacity(13), table_capacity(25)),
-            (16, 32, 64)
-        );
-    }
-
-    #[test]
     fn allocation_scales_down_when_oversubscribed() {
         let view = ClusterView {
             hosts: vec![host(HP_ML110_G4, 1860.0, 0.0, &[0, 1, 2])],
@@ -849,7 +743,7 @@ mod tests {
             ],
         };
         // demands 2500 (capped to 1860), 1800, 500 = 4160 > 3720: scale 3720/4160
-        let (sum, avail) = host_allocation(&view, 0);
+        let (sum, avail) = host_allocation(view.view(), 0);
         let expect_sum = (1860.0f64 * 3720.0 / 4160.0).floor()
             + (1800.0f64 * 3720.0 / 4160.0).floor()
             + (500.0f64 * 3720.0 / 4160.0).floor();
@@ -880,12 +774,14 @@ mod tests {
             (Detector::Lr(1.2), Model::CloudSim),
             (Detector::Thr(0.8), Model::Paper),
         ] {
-            let mut view = ClusterView {
+            let view = ClusterView {
                 hosts: hosts.clone(),
                 vms: vms.clone(),
             };
             let c = PolicyConfig { model, ..cfg(d) };
-            let dec = optimize(&mut view, &c, &mut SplitMix64::new(1));
+            let dec = optimize(&view, &c, &mut SplitMix64::new(1));
+            // the snapshot is only read: the same snapshot gives the same round again
+            assert_eq!(optimize(&view, &c, &mut SplitMix64::new(1)), dec);
             out += &format!(
                 "{:<4} {:<8} {}\n",
                 d.name(),
@@ -915,7 +811,7 @@ mod tests {
     /// PABFD as the reference code writes it: every non-excluded host in list order, the detector
     /// asked of every fitting host, the first host with the least power increase wins.
     fn reference_find_host(
-        view: &ClusterView,
+        view: View<'_>,
         vm: u32,
         excluded: &[bool],
         cfg: &PolicyConfig,
@@ -980,7 +876,7 @@ mod tests {
             }
             let mut view = ClusterView { hosts, vms };
             for h in 0..n_hosts {
-                let (sum, _) = host_allocation(&view, h);
+                let (sum, _) = host_allocation(view.view(), h);
                 view.hosts[h].utilization = sum / view.hosts[h].total_mips();
             }
             let detector = [Detector::Thr(0.8), Detector::Thr(1.0), Detector::Mad(2.5)][case % 3];
@@ -989,22 +885,22 @@ mod tests {
                 ..cfg(detector)
             };
             let excluded: Vec<bool> = (0..n_hosts).map(|_| rng.below(5) == 0).collect();
-            let mut round = Round::new(&view);
+            let mut round = Round::new(view.view(), false);
             // place a stream of new VMs, as PABFD does within a round
             for _ in 0..8 {
                 let u = levels[1 + rng.below(levels.len() - 1)];
                 let v = view.vms.len() as u32;
                 view.vms
                     .push(vm(u32::MAX, [500.0, 1000.0, 2000.0][rng.below(3)], 613, u));
-                let want = reference_find_host(&view, v, &excluded, &c);
-                let got = find_host(&view, v, &excluded, &mut round, &c);
+                let want = reference_find_host(view.view(), v, &excluded, &c);
+                let got = find_host(view.view(), v, &excluded, &mut round, &c);
                 assert_eq!(got, want, "case {case}, vm {v}");
                 checked += 1;
                 if let Some(t) = got {
                     let req = view.vms[v as usize].requested_mips;
                     let best = {
                         let hv = &view.hosts[t];
-                        let (sum, _) = host_allocation(&view, t);
+                        let (sum, _) = host_allocation(view.view(), t);
                         hv.power.watts_at((sum + req) / hv.total_mips())
                             - hv.power.watts_at(hv.utilization)
                     };
@@ -1012,7 +908,7 @@ mod tests {
                     ties += (t + 1..n_hosts)
                         .filter(|&o| {
                             let hv = &view.hosts[o];
-                            let (sum, avail) = host_allocation(&view, o);
+                            let (sum, avail) = host_allocation(view.view(), o);
                             !excluded[o]
                                 && avail >= req
                                 && hv.power.watts_at((sum + req) / hv.total_mips())
@@ -1021,7 +917,7 @@ mod tests {
                         })
                         .count()
                         .min(1);
-                    round.cands.mark_busy(&view, t);
+                    round.cands.mark_busy(view.view(), t);
                     view.hosts[t].vms.push(v);
                     round.added(t, v, view.hosts[t].vms.len());
                 }
@@ -1044,14 +940,11 @@ mod tests {
             v.requested_mips = 0.6 * 3720.0;
             v.utilization = v.requested_mips / v.mips;
         }
-        let mut view = ClusterView { hosts, vms };
-        let dec = optimize(&mut view, &cfg(Detector::Thr(0.8)), &mut SplitMix64::new(1));
+        let view = ClusterView { hosts, vms };
+        let dec = optimize(&view, &cfg(Detector::Thr(0.8)), &mut SplitMix64::new(1));
         assert!(
             dec.migrations.is_empty() && dec.sleeps.is_empty(),
             "{dec:?}"
         );
-        // the scratch view is restored after the failed attempt
-        assert_eq!(view.hosts[0].vms, vec![0]);
-        assert_eq!(view.hosts[1].vms, vec![1]);
     }
 }

@@ -25,6 +25,7 @@
 
 pub mod cluster;
 pub mod detect;
+pub mod hash_order;
 pub mod power;
 pub mod select;
 

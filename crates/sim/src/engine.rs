@@ -10,7 +10,8 @@
 
 use std::collections::VecDeque;
 
-use tern_policy::cluster::{HISTORY_LEN, SchedOrder};
+use tern_policy::cluster::HISTORY_LEN;
+use tern_policy::hash_order::SchedOrder;
 use tern_policy::{
     ClusterView, HostView, Model, PolicyConfig, PolicySpec, SplitMix64, VmView, optimize,
 };
@@ -547,7 +548,7 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
                 tl.push(k as f64 * INTERVAL_S, w.hosts.len(), watts, 0);
             }
         }
-        return Report::npa(&w.name, cfg, watts * hours / 1000.0, timeline);
+        return Report::npa(&w.name, cfg.model, watts * hours / 1000.0, timeline);
     }
     let mut sim = Sim::new(w, cfg.model);
     sim.place_initial(&cfg.policy);
@@ -574,9 +575,9 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         let mut started = 0;
         if let Some(pcfg) = &pcfg {
             sim.fill_view(t, &mut view);
-            let dec = optimize(&mut view, pcfg, &mut rng);
-            for (h, hv) in sim.hosts.iter_mut().zip(&view.hosts) {
-                h.peak = h.peak.max(hv.sched.peak_entries);
+            let dec = optimize(&view, pcfg, &mut rng);
+            for (h, &peak) in sim.hosts.iter_mut().zip(&dec.table_peaks) {
+                h.peak = h.peak.max(peak);
             }
             let mut events: Vec<(f64, u32, u32)> = Vec::with_capacity(dec.migrations.len());
             for m in &dec.migrations {
@@ -648,7 +649,8 @@ pub fn simulate(w: &Workload, cfg: &SimConfig) -> Report {
         .collect();
     let mut r = Report::from_accounts(
         &w.name,
-        cfg,
+        &cfg.policy,
+        cfg.model,
         sim.energy_j,
         sim.migrations,
         &hosts,

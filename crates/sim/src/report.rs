@@ -1,8 +1,6 @@
 //! Results of one simulated day: the benchmark's metrics, and optional per-step series for plots.
 
-use tern_policy::Model;
-
-use crate::engine::SimConfig;
+use tern_policy::{Model, PolicySpec};
 
 /// Per-step series (one point per control period).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -60,14 +58,14 @@ pub struct Report {
 impl Report {
     pub(crate) fn npa(
         name: &str,
-        cfg: &SimConfig,
+        model: Model,
         energy_kwh: f64,
         timeline: Option<Timeline>,
     ) -> Self {
         Report {
             workload: name.to_string(),
-            policy: cfg.policy.to_string(),
-            model: cfg.model,
+            policy: PolicySpec::Npa.to_string(),
+            model,
             energy_kwh,
             migrations: 0,
             slatah_pct: 0.0,
@@ -83,9 +81,11 @@ impl Report {
 
     /// Build the metrics from per-host (active s, violation s, shutdowns) and per-VM (requested,
     /// allocated, under-allocated while migrating; MIPS·s) accounts.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn from_accounts(
         name: &str,
-        cfg: &SimConfig,
+        policy: &PolicySpec,
+        model: Model,
         energy_j: f64,
         migrations: u64,
         hosts: &[(f64, f64, u64)],
@@ -93,7 +93,7 @@ impl Report {
         timeline: Option<Timeline>,
     ) -> Self {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
-        let (slatah, pdm) = match cfg.model {
+        let (slatah, pdm) = match model {
             // ratio of sums, as the reference code computes them
             Model::CloudSim => (
                 ratio(
@@ -126,8 +126,8 @@ impl Report {
         let slav = slatah * pdm;
         Report {
             workload: name.to_string(),
-            policy: cfg.policy.to_string(),
-            model: cfg.model,
+            policy: policy.to_string(),
+            model,
             energy_kwh,
             migrations,
             slatah_pct: slatah * 100.0,
