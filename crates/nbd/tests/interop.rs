@@ -203,3 +203,101 @@ fn our_client_against_qemu_nbd() {
     let disk = std::fs::read(&img).unwrap();
     assert_eq!(&disk[12288..8192 + 65536], &data[4096..]);
 }
+
+/// A backend with a hole in the middle, to check what tools make of `base:allocation`.
+struct Holey;
+impl tern_nbd::Backend for Holey {
+    fn size(&self) -> u64 {
+        3 << 20
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), tern_nbd::Errno> {
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *b = if (1 << 20..2 << 20).contains(&at) {
+                0
+            } else {
+                0xab
+            };
+        }
+        Ok(())
+    }
+    fn write_at(&self, _: &[u8], _: u64, _: bool) -> Result<(), tern_nbd::Errno> {
+        Err(tern_nbd::Errno::Perm)
+    }
+    fn flush(&self) -> Result<(), tern_nbd::Errno> {
+        Ok(())
+    }
+    fn block_status(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<tern_nbd::proto::StatusExtent>, tern_nbd::Errno> {
+        use tern_nbd::proto::StatusExtent;
+        let end = offset + u64::from(len);
+        let mut v = Vec::new();
+        for (a, b, hole) in [
+            (0, 1 << 20, false),
+            (1 << 20, 2 << 20, true),
+            (2 << 20, 3 << 20, false),
+        ] {
+            let (s, e) = (offset.max(a), end.min(b));
+            if s < e {
+                v.push(StatusExtent {
+                    len: e - s,
+                    hole,
+                    zero: hole,
+                });
+            }
+        }
+        Ok(v)
+    }
+}
+
+#[test]
+fn nbdinfo_map_and_qemu_img_map_read_base_allocation() {
+    let mut ex = StaticExports::new();
+    ex.insert("h", Arc::new(Holey));
+    ex.insert("plain", {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(SIZE).unwrap();
+        let b = FileBackend::open(f.path(), true).unwrap();
+        drop(f);
+        Arc::new(b)
+    });
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || tern_nbd::run_listener(l, Arc::new(ex)));
+    let mut c = tool("nbdinfo");
+    c.args(["--map", &format!("nbd://127.0.0.1:{port}/h")]);
+    let map = run(c);
+    let rows: Vec<Vec<&str>> = map
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{map}");
+    assert_eq!(rows[0][..3], ["0", "1048576", "0"], "{map}");
+    assert_eq!(rows[1][..3], ["1048576", "1048576", "3"], "{map}");
+    assert_eq!(rows[1][3], "hole,zero", "{map}");
+    assert_eq!(rows[2][..3], ["2097152", "1048576", "0"], "{map}");
+    let mut q = tool("qemu-img");
+    q.args([
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        &format!("nbd://127.0.0.1:{port}/h"),
+    ]);
+    let out = run(q);
+    let zero_run = format!("\"start\": {}, \"length\": {}", 1 << 20, 1 << 20);
+    assert!(
+        out.lines()
+            .any(|l| l.contains(&zero_run) && l.contains("\"data\": false")),
+        "{out}"
+    );
+    // A backend without its own block status reports all data.
+    let mut c = tool("nbdinfo");
+    c.args(["--map", &format!("nbd://127.0.0.1:{port}/plain")]);
+    let map = run(c);
+    assert_eq!(map.lines().count(), 1, "{map}");
+    assert!(map.contains("data"), "{map}");
+}

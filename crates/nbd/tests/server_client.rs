@@ -105,6 +105,28 @@ fn past_the_end_and_oversized_requests_get_error_replies_and_session_survives() 
     assert_eq!(b, [9; 4096]);
 }
 
+#[test]
+fn block_status_without_a_context_and_misused_fast_zero_are_einval() {
+    let (addr, _f) = start(1 << 20);
+    let mut c = Client::connect(&addr, "disk").unwrap();
+    assert_ne!(c.transmission_flags() & TF_SEND_FAST_ZERO, 0);
+    // BLOCK_STATUS (7) before `base:allocation` was negotiated.
+    assert!(matches!(
+        c.raw_request(7, 0, 0, 4096),
+        Err(ClientError::Remote(Errno::Inval))
+    ));
+    // FAST_ZERO on a TRIM; and on WRITE_ZEROES of a plain file (zeroes are written: not fast).
+    assert!(matches!(
+        c.raw_request(4, CMD_FLAG_FAST_ZERO, 0, 4096),
+        Err(ClientError::Remote(Errno::Inval))
+    ));
+    assert!(matches!(
+        c.raw_request(6, CMD_FLAG_FAST_ZERO, 0, 4096),
+        Err(ClientError::Remote(Errno::NotSup))
+    ));
+    c.raw_request(6, 0, 0, 4096).unwrap();
+}
+
 fn handshake_raw(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut hello = [0u8; 18];
