@@ -157,3 +157,62 @@ fn a_damaged_snapshot_is_refused_with_one_line() {
     assert!(err.contains("not a Tern snapshot"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_snapshot_whose_state_has_an_older_format_is_refused_naming_both_formats() {
+    require_kvm();
+    let dir = scratch();
+    let sock = dir.path().join("old.sock");
+    let snap = dir.path().join("old.snap");
+    let mut a = RunningVm::start_tern(
+        dir.path(),
+        "old",
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "tern.hb_ms=50",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--runtime-dir",
+            dir.path().join("rt").to_str().unwrap(),
+        ],
+    );
+    a.wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--out",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert_eq!(rc, 0, "snapshot: {err}");
+    assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
+    wait_for_path(&snap, Duration::from_secs(1));
+
+    // The state inside the file starts with its own magic; its format version follows.
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == tern_vmm::state::STATE_MAGIC)
+        .expect("the state's header");
+    let version = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+    assert_eq!(version, tern_vmm::state::STATE_VERSION);
+    bytes[at + 8..at + 12].copy_from_slice(&(version - 1).to_le_bytes());
+    std::fs::write(&snap, &bytes).unwrap();
+
+    let (rc, _, err) = tern_cmd(&["vm", "run", "--restore", snap.to_str().unwrap()]);
+    assert_ne!(rc, 0);
+    assert!(
+        err.contains(&format!(
+            "saved state format {} is not supported (this build reads format {version})",
+            version - 1
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
