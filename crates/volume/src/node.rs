@@ -950,6 +950,7 @@ impl Node {
                 journal: Journal::default(),
                 redirect: None,
                 dirty_redirected: false,
+                inflight: Arc::default(),
             }),
         });
         let old = lock(&self.handles).insert(name.to_owned(), Arc::clone(&h));
@@ -1015,7 +1016,10 @@ impl Journal {
 }
 
 struct Redirect {
-    client: tern_nbd::Client,
+    /// One connection to the coordinator's export `NAME@NODE.EPOCH`, shared by every request of
+    /// this file: requests from several clients (or one pipelining client) are in flight on it
+    /// together.
+    client: Arc<tern_nbd::SharedClient>,
     epoch: u64,
     generation: u64,
 }
@@ -1027,6 +1031,9 @@ struct HandleState {
     journal: Journal,
     redirect: Option<Redirect>,
     dirty_redirected: bool,
+    /// One clone per request in flight to the coordinator without the state lock held
+    /// ([`FileHandle::with_redirect_unlocked`]); going back to direct I/O waits for them.
+    inflight: Arc<()>,
 }
 
 /// A file opened on a node: the NBD backend local clients see.
@@ -1061,8 +1068,13 @@ impl FileHandle {
         let node = &self.node;
         let ok = node.path_ok.load(Ordering::SeqCst);
         if st.mode == PathState::Redirected && ok {
-            // Coming back: everything sent through the coordinator must be durable first.
-            if let Some(r) = st.redirect.as_mut() {
+            // Coming back: every request sent through the coordinator must have landed (none
+            // may overtake a later direct write) and be durable first. Requests in flight need
+            // no lock to finish, and each gives up within CALL_TIMEOUT.
+            while Arc::strong_count(&st.inflight) > 1 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if let Some(r) = st.redirect.as_ref() {
                 r.client.flush().map_err(|_| Errno::Io)?;
             }
             st.redirect = None;
@@ -1085,7 +1097,7 @@ impl FileHandle {
         &self,
         st: &'a mut HandleState,
         epoch: u64,
-    ) -> Result<&'a mut tern_nbd::Client, Errno> {
+    ) -> Result<&'a Arc<tern_nbd::SharedClient>, Errno> {
         let leader = self.node.leader().ok_or(Errno::Shutdown)?;
         let stale = st
             .redirect
@@ -1093,24 +1105,27 @@ impl FileHandle {
             .is_none_or(|r| r.epoch != epoch || r.generation != leader.generation);
         if stale {
             let export = format!("{}@{}.{}", self.name, self.node.cfg.node_id, epoch);
-            let client = tern_nbd::Client::connect_timeout(&leader.addr, &export, CALL_TIMEOUT)
-                .map_err(|_| Errno::Io)?;
+            let client =
+                tern_nbd::SharedClient::connect_timeout(&leader.addr, &export, CALL_TIMEOUT)
+                    .map_err(|_| Errno::Io)?;
             st.redirect = Some(Redirect {
-                client,
+                client: Arc::new(client),
                 epoch,
                 generation: leader.generation,
             });
         }
-        st.redirect.as_mut().map(|r| &mut r.client).ok_or(Errno::Io)
+        st.redirect.as_ref().map(|r| &r.client).ok_or(Errno::Io)
     }
 
-    /// Run `f` against the coordinator, reconnecting once through a coordinator change. Writes
-    /// are idempotent (same bytes, same place, nothing later sent yet), so a retry never reorders.
+    /// Run `f` against the coordinator with the state lock held (journal replay, flush, zeroing:
+    /// nothing else of this file starts meanwhile), reconnecting through a coordinator change.
+    /// Writes are idempotent (same bytes, same place, nothing later sent yet), so a retry never
+    /// reorders.
     fn with_redirect<T>(
         &self,
         st: &mut HandleState,
         epoch: u64,
-        mut f: impl FnMut(&mut tern_nbd::Client) -> Result<T, tern_nbd::ClientError>,
+        mut f: impl FnMut(&tern_nbd::SharedClient) -> Result<T, tern_nbd::ClientError>,
     ) -> Result<T, Errno> {
         let start = Instant::now();
         loop {
@@ -1125,6 +1140,50 @@ impl FileHandle {
                 Err(_) if start.elapsed() < COORDINATOR_WAIT => {
                     st.redirect = None;
                     std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(_) => return Err(Errno::Io),
+            }
+        }
+    }
+
+    /// Run one read or write against the coordinator *without* the state lock: the lock is
+    /// released once the connection is chosen, so requests of this file are in flight together
+    /// (each NBD reply is matched by cookie). A failed request retries on a new connection
+    /// within COORDINATOR_WAIT, as [`FileHandle::with_redirect`] does; it was never acknowledged,
+    /// so every request that overlaps it was sent while it was in flight, and NBD gives such
+    /// requests no order. Journal replay happens under the lock before the first of these.
+    fn with_redirect_unlocked<'s, T>(
+        &'s self,
+        mut st: MutexGuard<'s, HandleState>,
+        epoch: u64,
+        mut f: impl FnMut(&tern_nbd::SharedClient) -> Result<T, tern_nbd::ClientError>,
+    ) -> Result<T, Errno> {
+        let start = Instant::now();
+        loop {
+            let client = self.redirect(&mut st, epoch).map(Arc::clone);
+            let token = Arc::clone(&st.inflight);
+            drop(st);
+            let res = match &client {
+                Ok(c) => f(c),
+                Err(e) => Err(tern_nbd::ClientError::Remote(*e)),
+            };
+            drop(token);
+            match res {
+                Ok(v) => return Ok(v),
+                Err(tern_nbd::ClientError::Remote(Errno::Perm)) => return Err(Errno::Perm),
+                Err(tern_nbd::ClientError::Remote(Errno::NoSpc)) => return Err(Errno::NoSpc),
+                Err(_) if start.elapsed() < COORDINATOR_WAIT => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    st = lock(&self.state);
+                    // Drop the connection that failed (another request may have replaced it).
+                    if let Ok(c) = &client
+                        && st
+                            .redirect
+                            .as_ref()
+                            .is_some_and(|r| Arc::ptr_eq(c, &r.client))
+                    {
+                        st.redirect = None;
+                    }
                 }
                 Err(_) => return Err(Errno::Io),
             }
@@ -1235,8 +1294,8 @@ impl Backend for FileHandle {
                 Err(_) => self.go_redirected(&mut st),
             }
         }
-        let epoch = node.held_lease(&self.name).map(|h| h.epoch).unwrap_or(0);
-        self.with_redirect(&mut st, epoch, |c| c.read(offset, buf))
+        let epoch = node.held_lease(&self.name).map_or(0, |h| h.epoch);
+        self.with_redirect_unlocked(st, epoch, |c| c.read(offset, buf))
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
@@ -1287,9 +1346,8 @@ impl Backend for FileHandle {
         if !st.journal.is_empty() {
             self.replay_journal(&mut st, held.epoch)?;
         }
-        self.with_redirect(&mut st, held.epoch, |c| c.write(offset, data, fua))?;
-        st.dirty_redirected = !fua || st.dirty_redirected;
-        Ok(())
+        st.dirty_redirected = true;
+        self.with_redirect_unlocked(st, held.epoch, |c| c.write(offset, data, fua))
     }
 
     fn flush(&self) -> Result<(), Errno> {
