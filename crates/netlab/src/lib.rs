@@ -86,11 +86,16 @@ pub enum BuildTopologyError {
     /// Zero hosts, or more than [`MAX_HOSTS`].
     #[error("A topology needs 1 to {MAX_HOSTS} hosts, not {0}")]
     BadHostCount(usize),
-    /// A namespace of that name already exists.
+    /// A namespace of that name already exists (left from an earlier build, or someone else's).
     #[error(
-        "Network namespace {0} already exists: remove it with `tern net down` or build with replace_stale"
+        "Network namespace {namespace} already exists: topology {name:?} (or part of it) is still there"
     )]
-    Exists(String),
+    Exists {
+        /// The namespace found.
+        namespace: String,
+        /// The topology name asked for.
+        name: String,
+    },
     /// An `ip`/`bridge` command failed.
     #[error(transparent)]
     Command(#[from] CommandError),
@@ -141,7 +146,10 @@ impl Topology {
                     // Not ours: do not delete it on drop.
                     let mut t = topology;
                     t.owned = false;
-                    return Err(BuildTopologyError::Exists(ns));
+                    return Err(BuildTopologyError::Exists {
+                        namespace: ns,
+                        name: t.spec.name.clone(),
+                    });
                 }
             }
         }
@@ -365,6 +373,24 @@ impl Topology {
     /// Keeps the namespaces after this value is dropped (for `tern net up`).
     pub fn leak(mut self) {
         self.owned = false;
+    }
+
+    /// Deletes whatever is left of topology `name` — its switch, any `NAME-hN` host and its client —
+    /// even a partial one, and returns the namespaces deleted (none: nothing was there).
+    pub fn remove(name: &str) -> Result<Vec<String>, CommandError> {
+        let existing = list_namespaces()?;
+        let ours = |ns: &str| {
+            ns.strip_prefix(name).is_some_and(|rest| {
+                rest == "-sw"
+                    || rest == "-cl"
+                    || rest
+                        .strip_prefix("-h")
+                        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
+        let found: Vec<String> = existing.into_iter().filter(|ns| ours(ns)).collect();
+        delete_namespaces(&found)?;
+        Ok(found)
     }
 
     /// Deletes every namespace of the topology (their links and bridges go with them).

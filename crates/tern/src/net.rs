@@ -2,8 +2,8 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-use tern_netlab::{Topology, TopologySpec};
+use anyhow::{Context, bail};
+use tern_netlab::{BuildTopologyError, Topology, TopologySpec};
 
 /// Subcommands of `tern net`.
 #[derive(Debug, clap::Subcommand)]
@@ -25,7 +25,8 @@ pub enum NetCommand {
         #[arg(long)]
         replace: bool,
     },
-    /// Remove a topology built by `tern net up`.
+    /// Remove a topology built by `tern net up` (or what is left of it); a missing one is not an
+    /// error.
     Down {
         /// Prefix of the namespace names.
         #[arg(long, default_value = "tern")]
@@ -56,16 +57,24 @@ pub fn run(cmd: NetCommand) -> anyhow::Result<ExitCode> {
                 client: !no_client,
                 replace_stale: replace,
             };
-            let topo = Topology::build(spec).context("building the topology")?;
+            let topo = match Topology::build(spec) {
+                Err(e @ BuildTopologyError::Exists { .. }) => bail!(
+                    "{e}: remove it with `tern net down --name {name}`, or rebuild it with `tern net up --name {name} --replace`"
+                ),
+                other => other.context("building the topology")?,
+            };
             print_status(&topo, false)?;
             topo.leak();
             Ok(ExitCode::SUCCESS)
         }
         NetCommand::Down { name } => {
-            let topo =
-                Topology::open(&name)?.with_context(|| format!("no topology named {name:?}"))?;
-            topo.teardown()?;
-            println!("removed topology {name}");
+            // Idempotent: a topology that is not there (any more) is what `down` wants.
+            let removed = Topology::remove(&name)?;
+            if removed.is_empty() {
+                println!("no topology named {name}: nothing to remove");
+            } else {
+                println!("removed topology {name} ({})", removed.join(", "));
+            }
             Ok(ExitCode::SUCCESS)
         }
         NetCommand::Status { name, json } => {
