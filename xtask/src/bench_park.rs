@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tern_parking::knobs::{Knobs, Plan};
 use tern_parking::policy::{Policy, Sample};
-use tern_parking::power::{CorePower, HostCurve, ParkingPowerModel};
+use tern_parking::power::{CorePower, ParkingPowerModel, PowerSpec};
 use tern_parking::replay::{HostSim, StepOutcome, Strategy, summarise};
 use tern_parking::topology::Topology;
 
@@ -103,6 +103,8 @@ fn load_traces(path: &Path) -> anyhow::Result<BTreeMap<String, BTreeMap<String, 
 #[derive(Default, Clone, Copy)]
 struct Totals {
     energy_j: f64,
+    /// Energy with the per-core shallow-state figure at the low, middle and high end.
+    energy_sens_j: [f64; 3],
     no_parking_j: f64,
     exceeded: usize,
     intervals: usize,
@@ -115,6 +117,7 @@ fn run_strategy(
     hosts: &[Vec<f64>],
     strategy: Strategy,
     model: &ParkingPowerModel,
+    sens: &[ParkingPowerModel; 3],
     dt: f64,
 ) -> Totals {
     let mut t = Totals::default();
@@ -122,6 +125,13 @@ fn run_strategy(
         let mut sim = HostSim::new(strategy, model.clone());
         let steps: Vec<StepOutcome> = demands.iter().map(|&d| sim.step(d)).collect();
         let s = summarise(&steps, dt);
+        // The decisions do not depend on the watts: price the same run under each figure.
+        for (e, m) in t.energy_sens_j.iter_mut().zip(sens) {
+            *e += steps
+                .iter()
+                .map(|st| m.power_w(st.demand, st.unparked) * dt)
+                .sum::<f64>();
+        }
         t.energy_j += s.energy_j;
         t.no_parking_j += s.energy_no_parking_j;
         t.exceeded += s.exceeded_intervals;
@@ -139,18 +149,25 @@ pub fn run(args: BenchParkArgs) -> anyhow::Result<()> {
         "--cores and --substeps must be at least 1"
     );
     let per_host = args.vms_per_host.unwrap_or(2 * args.cores).max(1);
-    let curve = HostCurve::parse(&args.power_model)?;
-    let model = ParkingPowerModel::new(curve, args.cores, CorePower::default())?;
+    let spec = PowerSpec {
+        curve: args.power_model.clone(),
+        ..PowerSpec::default()
+    };
+    let (model, model_line) = spec.resolve(args.cores)?;
+    let figures = CorePower::for_curve(&model.curve);
+    let sens_cores = figures.sensitivity();
+    let sens = sens_cores.map(|c| {
+        ParkingPowerModel::new(model.curve.clone(), args.cores, c)
+            .expect("published figures are valid")
+    });
     let started = Instant::now();
     let days = load_traces(&args.traces)?;
     println!(
-        "# core parking on PlanetLab traces: {} cores/host, {per_host} one-vCPU VMs/host, {} check intervals per 5-min sample ({} s each), power {}, core idle {} W / parked {} W",
+        "# core parking on PlanetLab traces: {} cores/host, {per_host} one-vCPU VMs/host, {} check intervals per 5-min sample ({} s each)\n# {model_line}\n# figures: {}",
         args.cores,
         args.substeps,
         300 / args.substeps,
-        args.power_model,
-        CorePower::default().idle_w,
-        CorePower::default().parked_w
+        figures.source
     );
     let dt = 300.0 / args.substeps as f64;
     let knobs = Knobs {
@@ -207,9 +224,12 @@ pub fn run(args: BenchParkArgs) -> anyhow::Result<()> {
             })
             .collect();
         for (i, (name, st)) in strategies.iter().enumerate() {
-            let t = run_strategy(&hosts, *st, &model, dt);
+            let t = run_strategy(&hosts, *st, &model, &sens, dt);
             let g = &mut grand[i];
             g.energy_j += t.energy_j;
+            for (a, b) in g.energy_sens_j.iter_mut().zip(t.energy_sens_j) {
+                *a += b;
+            }
             g.no_parking_j += t.no_parking_j;
             g.exceeded += t.exceeded;
             g.intervals += t.intervals;
@@ -222,6 +242,40 @@ pub fn run(args: BenchParkArgs) -> anyhow::Result<()> {
     println!();
     for (i, (name, _)) in strategies.iter().enumerate() {
         print_row("all", 0, name, &grand[i], args.substeps);
+    }
+    println!(
+        "\nSensitivity to the per-core C1 figure ({}; shallow share {:.0} %, deep {} W), all days:\n",
+        figures.family,
+        100.0 * figures.core.shallow_share,
+        figures.core.deep_w
+    );
+    let head: Vec<String> = sens_cores
+        .iter()
+        .zip(["low", "mid", "high"])
+        .map(|(c, l)| {
+            format!(
+                "{l}: C1 {} W → {:.2} W per parked core",
+                c.shallow_w,
+                c.saving_w()
+            )
+        })
+        .collect();
+    println!("| strategy | {} |", head.join(" | "));
+    println!("|---|---|---|---|");
+    for (i, (name, _)) in strategies.iter().enumerate() {
+        let g = &grand[i];
+        let cells: Vec<String> = g
+            .energy_sens_j
+            .iter()
+            .map(|e| {
+                format!(
+                    "{:.2} kWh, {:.2} % saved",
+                    e / 3.6e6,
+                    100.0 * (1.0 - e / g.no_parking_j.max(1e-9))
+                )
+            })
+            .collect();
+        println!("| {name} | {} |", cells.join(" | "));
     }
     println!(
         "\n(replay of {days_run} days took {:.1} s)",

@@ -19,13 +19,13 @@ use serde::{Deserialize, Serialize};
 use crate::actuator::{ActReport, Actuator, ActuatorConfig};
 use crate::knobs::Knobs;
 use crate::policy::{Policy, Reason, Sample};
-use crate::power::{CorePower, HostCurve, ParkingPowerModel, PowerModelError};
+use crate::power::{ParkingPowerModel, PowerModelError, PowerSpec};
 use crate::runtime::{Skip, VmEntry, read_entries};
 use crate::telemetry::{
     CpuTimes, HostPaths, IdleState, ThreadReader, ThreadSched, busy_fractions, read_allowed_list,
     read_cpu_times, read_idle_states, residency,
 };
-use crate::topology::{ReadTopologyError, Topology, format_cpu_list};
+use crate::topology::{ReadTopologyError, Topology, format_cpus};
 
 /// The default control socket.
 pub const DEFAULT_SOCKET: &str = "/run/tern/park.sock";
@@ -49,10 +49,8 @@ pub struct DaemonConfig {
     pub irq: bool,
     /// Lower KVM halt-polling to this while running.
     pub halt_poll_ns: Option<u64>,
-    /// Host power curve for the estimate.
-    pub curve: HostCurve,
-    /// Per-core idle/parked power.
-    pub core: CorePower,
+    /// Host power curve and per-core figures for the estimate (`auto` picks by the managed CPUs).
+    pub power: PowerSpec,
     /// Where the policy's per-CPU busy figures come from.
     pub demand: DemandSource,
     /// Log every interval, not only changes.
@@ -146,6 +144,8 @@ pub struct Status {
     pub cpus: Vec<CpuStatus>,
     /// Per VM.
     pub vms: Vec<VmStatus>,
+    /// Which power model the estimates use, and why.
+    pub power_model: String,
     /// Estimated host power now, W.
     pub power_w: f64,
     /// Estimated host power without parking, W.
@@ -253,6 +253,7 @@ struct Daemon {
     policy: Policy,
     actuator: Actuator,
     model: ParkingPowerModel,
+    model_line: String,
     interval: u64,
     last_change_interval: u64,
     last_reason: Reason,
@@ -419,17 +420,19 @@ impl Daemon {
             self.last_change_interval = self.interval;
             self.last_reason = d.reason;
             log(&format!(
-                "interval {}: unparked {} ({:?}, demand {:.2} cores)",
+                "interval {}: unparked {} ({} of {} CPUs; {:?}, demand {:.2} cores)",
                 self.interval,
-                format_cpu_list(&d.unparked),
+                format_cpus(&d.unparked),
+                d.unparked.len(),
+                ids.len(),
                 d.reason,
                 d.demand
             ));
         } else if self.cfg.verbose {
             log(&format!(
-                "interval {}: hold {} (demand {:.2})",
+                "interval {}: hold {} (demand {:.2} cores)",
                 self.interval,
-                format_cpu_list(&d.unparked),
+                format_cpus(&d.unparked),
                 d.demand
             ));
         }
@@ -502,6 +505,7 @@ impl Daemon {
             demand: self.demand,
             cpus,
             vms,
+            power_model: self.model_line.clone(),
             power_w: self.model.power_w(self.demand, unparked.len()),
             power_no_parking_w: self.model.power_no_parking_w(self.demand),
             energy_saved_j: self.energy_saved_j,
@@ -567,7 +571,9 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
         Signals::block(&[Signal::SIGINT, Signal::SIGTERM]).map_err(DaemonError::Signals)?;
     let topology =
         Topology::read(&cfg.paths.sys_root, cfg.cpus.as_deref()).map_err(DaemonError::Topology)?;
-    let model = ParkingPowerModel::new(cfg.curve.clone(), topology.len(), cfg.core)
+    let (model, model_line) = cfg
+        .power
+        .resolve(topology.len())
         .map_err(DaemonError::Power)?;
     let prev_cpu = read_cpu_times(&cfg.paths).map_err(DaemonError::Telemetry)?;
     if cfg.socket.exists() {
@@ -599,16 +605,18 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
     });
     log(&format!(
         "managing CPUs {} every {} ms; VMs from {}; control socket {}",
-        format_cpu_list(&managed),
+        format_cpus(&managed),
         cfg.knobs.interval_ms,
         cfg.runtime_dir.display(),
         cfg.socket.display()
     ));
+    log(&model_line);
     let mut d = Daemon {
         policy: Policy::new(cfg.knobs, topology),
         cfg,
         actuator,
         model,
+        model_line,
         interval: 0,
         last_change_interval: 0,
         last_reason: Reason::Hold,

@@ -6,16 +6,21 @@
 use serde::{Deserialize, Serialize};
 
 /// The knobs of the parking policy. Percentages are whole percent (0–100); times are counted in
-/// check intervals, as Windows counts them.
+/// check intervals, as Windows counts them. Serialised (status JSON) under the names
+/// [`Knobs::set`] and plan files take: `headroom`, not `headroom_pct`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Knobs {
     /// Minimum share of logical CPUs (per NUMA node) kept unparked, % (CPMINCORES). 100 disables parking.
+    #[serde(rename = "min_cores")]
     pub min_cores_pct: u32,
     /// Maximum share of logical CPUs (per NUMA node) unparked, % (CPMAXCORES).
+    #[serde(rename = "max_cores")]
     pub max_cores_pct: u32,
     /// Mean busy % of the unparked CPUs above which more are unparked (increase threshold).
+    #[serde(rename = "increase_threshold")]
     pub increase_threshold_pct: u32,
     /// Mean busy % of the unparked CPUs below which one may be parked (decrease threshold).
+    #[serde(rename = "decrease_threshold")]
     pub decrease_threshold_pct: u32,
     /// Check intervals that must pass after a change before more CPUs may be unparked (CPINCREASETIME).
     pub increase_time: u32,
@@ -23,12 +28,16 @@ pub struct Knobs {
     /// (CPDECREASETIME).
     pub decrease_time: u32,
     /// % of time that must have had at most N CPUs busy for the concurrency to count as N (CPCONCURRENCY).
+    #[serde(rename = "concurrency")]
     pub concurrency_pct: u32,
     /// If the least busy unparked CPU is busier than this %, one more is unparked (CPHEADROOM).
+    #[serde(rename = "headroom")]
     pub headroom_pct: u32,
     /// Target busy % per unparked CPU used to size the set from the demand (CPDISTRIBUTION).
+    #[serde(rename = "distribution")]
     pub distribution_pct: u32,
     /// A CPU busier than this % counts as over-utilised and forces an unpark (over-utilisation threshold).
+    #[serde(rename = "over_utilisation")]
     pub over_utilisation_pct: u32,
     /// The check interval, in milliseconds (PERFCHECK).
     pub interval_ms: u32,
@@ -341,6 +350,30 @@ mod tests {
             (k.min_cores_pct, k.max_cores_pct, k.headroom_pct),
             (55, 60, 30)
         );
+    }
+
+    /// Regression: `status --json` said `headroom_pct` where `set` takes `headroom`.
+    #[test]
+    fn json_names_are_the_knob_names() {
+        let k = Knobs {
+            headroom_pct: 33,
+            ..Knobs::default()
+        };
+        let v = serde_json::to_value(k).unwrap();
+        let obj = v.as_object().unwrap();
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        let mut names: Vec<&str> = KNOB_NAMES.split(", ").collect();
+        keys.sort_unstable();
+        names.sort_unstable();
+        assert_eq!(keys, names);
+        // Every name read back through `set` gives the same knobs.
+        let mut back = Knobs::default();
+        for (name, value) in obj {
+            back.set(name, &value.to_string()).unwrap();
+        }
+        assert_eq!(back, k);
+        assert_eq!(serde_json::from_value::<Knobs>(v).unwrap(), k);
+        assert!(k.to_plan_file().contains("headroom = 33"));
     }
 
     #[test]

@@ -195,9 +195,29 @@ pub fn format_cpu_list(cpus: &[usize]) -> String {
     parts.join(",")
 }
 
+/// Names CPUs for people: `cpu0`, `cpu0-3`, `cpu0-1,cpu8` (a bare `0` in a log reads as a count).
+pub fn format_cpus(cpus: &[usize]) -> String {
+    let list = format_cpu_list(cpus);
+    if list.is_empty() {
+        return "no CPU".into();
+    }
+    list.split(',')
+        .map(|p| format!("cpu{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpus_are_named_not_counted() {
+        assert_eq!(format_cpus(&[0]), "cpu0");
+        assert_eq!(format_cpus(&[3, 2, 1, 0]), "cpu0-3");
+        assert_eq!(format_cpus(&[0, 1, 8]), "cpu0-1,cpu8");
+        assert_eq!(format_cpus(&[]), "no CPU");
+    }
 
     #[test]
     fn cpu_lists_round_trip() {

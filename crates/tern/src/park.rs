@@ -10,11 +10,11 @@ use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use tern_parking::daemon::{self, DaemonConfig, DemandSource, Request, Signals, Status};
 use tern_parking::knobs::{KNOB_NAMES, Knobs, Plan};
-use tern_parking::power::{CorePower, HostCurve, ParkingPowerModel};
+use tern_parking::power::PowerSpec;
 use tern_parking::replay::{self, Strategy};
 use tern_parking::runtime::{DEFAULT_RUNTIME_DIR, VmEntry, write_entry};
 use tern_parking::telemetry::HostPaths;
-use tern_parking::topology::{format_cpu_list, parse_cpu_list};
+use tern_parking::topology::{format_cpus, parse_cpu_list};
 
 /// Subcommands of `tern park`.
 #[derive(Debug, clap::Subcommand)]
@@ -87,26 +87,34 @@ impl KnobArgs {
 /// Power model options shared by `run` and `replay`.
 #[derive(Debug, clap::Args)]
 pub struct PowerArgs {
-    /// Host power curve: `linear:IDLE_W:PEAK_W` or `specpower:MODEL` (CloudSim's SPECpower tables).
-    #[arg(long, default_value = "specpower:IbmX3550XeonX5670")]
+    /// Host power curve: `auto` (the SPECpower server nearest in core count to this host, or to
+    /// `--cores` for replay), `linear:IDLE_W:PEAK_W`, or `specpower:MODEL` (CloudSim's tables).
+    #[arg(long, default_value = "auto")]
     power_model: String,
-    /// Power of an idle but unparked core (shallow C-states), watts.
-    #[arg(long, default_value_t = CorePower::default().idle_w)]
-    core_idle_w: f64,
-    /// Power of a parked core (deepest C-state), watts.
-    #[arg(long, default_value_t = CorePower::default().parked_w)]
-    core_parked_w: f64,
+    /// Power of one core in the shallow idle state (C1) an unparked idle core keeps waking into,
+    /// watts; default: the published figure for the model's CPU (docs/parking.md).
+    #[arg(long, value_name = "W")]
+    core_shallow_w: Option<f64>,
+    /// Power of one parked core in its deepest per-core state (C6), watts; default: the CPU's.
+    #[arg(long, value_name = "W")]
+    core_deep_w: Option<f64>,
+    /// Share (0–1) of an unparked core's idle time spent in the shallow state under load;
+    /// default: the CPU's.
+    #[arg(long, value_name = "SHARE")]
+    shallow_share: Option<f64>,
 }
 
 impl PowerArgs {
-    fn resolve(&self) -> anyhow::Result<(HostCurve, CorePower)> {
-        let curve = HostCurve::parse(&self.power_model)?;
-        let core = CorePower {
-            idle_w: self.core_idle_w,
-            parked_w: self.core_parked_w,
+    /// The spec, checked (curve name, figures) before anything starts.
+    fn resolve(&self) -> anyhow::Result<PowerSpec> {
+        let spec = PowerSpec {
+            curve: self.power_model.clone(),
+            shallow_w: self.core_shallow_w,
+            deep_w: self.core_deep_w,
+            shallow_share: self.shallow_share,
         };
-        ParkingPowerModel::new(curve.clone(), 1, core)?;
-        Ok((curve, core))
+        spec.resolve(1)?;
+        Ok(spec)
     }
 }
 
@@ -150,7 +158,9 @@ pub struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ReplayArgs {
-    /// Trace file: one interval per line, per-VM utilisation % of one core (space/comma separated).
+    /// Trace file: one line per check interval (`interval_ms`, 100 ms unless set), each line the
+    /// utilisation of every VM in % of one core, separated by spaces or commas; `#` starts a
+    /// comment. Format and a sample: docs/parking.md, data/parking/sample-trace.txt.
     #[arg(long, value_name = "FILE")]
     trace: PathBuf,
     /// Cores of the host.
@@ -219,7 +229,7 @@ fn ask(socket: &std::path::Path, req: &Request) -> anyhow::Result<Status> {
 
 fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     let knobs = args.knobs.resolve()?;
-    let (curve, core) = args.power.resolve()?;
+    let power = args.power.resolve()?;
     let cpus = match &args.cpus {
         Some(s) => Some(parse_cpu_list(s).with_context(|| format!("bad CPU list `{s}`"))?),
         None => None,
@@ -239,8 +249,7 @@ fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
         cpuset_dir: args.cpuset,
         irq: args.irq,
         halt_poll_ns: args.halt_poll_ns,
-        curve,
-        core,
+        power,
         demand: if args.demand == "host" {
             DemandSource::Host
         } else {
@@ -256,10 +265,12 @@ fn print_status(s: &Status) {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "interval {} ({} ms): unparked {} since interval {} ({:?}); demand {:.2} cores",
+        "interval {} ({} ms): unparked {} ({} of {} CPUs) since interval {} ({:?}); demand {:.2} cores",
         s.interval,
         s.knobs.interval_ms,
-        format_cpu_list(&s.unparked),
+        format_cpus(&s.unparked),
+        s.unparked.len(),
+        s.cpus.len(),
         s.last_change_interval,
         s.last_reason,
         s.demand
@@ -272,9 +283,10 @@ fn print_status(s: &Status) {
         s.power_no_parking_w - s.power_w,
         s.energy_saved_j
     );
+    let _ = writeln!(o, "{}", s.power_model);
     let _ = writeln!(
         o,
-        "{:>4}  {:<8} {:>6}  idle residency",
+        "{:>6}  {:<8} {:>6}  idle residency",
         "cpu", "state", "busy%"
     );
     for c in &s.cpus {
@@ -285,8 +297,8 @@ fn print_status(s: &Status) {
             .collect();
         let _ = writeln!(
             o,
-            "{:>4}  {:<8} {:>6.1}  {}",
-            c.cpu,
+            "{:>6}  {:<8} {:>6.1}  {}",
+            format!("cpu{}", c.cpu),
             if c.parked { "parked" } else { "unparked" },
             c.busy_pct,
             if res.is_empty() {
@@ -298,10 +310,10 @@ fn print_status(s: &Status) {
     }
     for vm in &s.vms {
         for t in &vm.threads {
-            let last = t.last_cpu.map_or("-".into(), |c| c.to_string());
+            let last = t.last_cpu.map_or("-".into(), |c| format!("cpu{c}"));
             let _ = writeln!(
                 o,
-                "vm {} (pid {}) thread {}: on cpu {last}, allowed {}",
+                "vm {} (pid {}) thread {}: on {last}, allowed CPUs {}",
                 vm.name, vm.pid, t.tid, t.allowed
             );
         }
@@ -318,8 +330,7 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         bail!("--cores must be at least 1");
     }
     let knobs = args.knobs.resolve()?;
-    let (curve, core) = args.power.resolve()?;
-    let model = ParkingPowerModel::new(curve, args.cores, core)?;
+    let (model, model_line) = args.power.resolve()?.resolve(args.cores)?;
     let text = std::fs::read_to_string(&args.trace)
         .with_context(|| format!("cannot read trace {}", args.trace.display()))?;
     let demands =
@@ -328,10 +339,16 @@ fn replay_cmd(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     let (steps, ours) = replay::replay(&demands, dt, Strategy::Policy(knobs), model.clone());
     let (_, naive) = replay::replay(&demands, dt, Strategy::Naive { threshold_pct: 50 }, model);
     if args.json {
-        let v = serde_json::json!({ "timeline": steps, "policy": ours, "naive_50": naive });
+        let v = serde_json::json!({
+            "power_model": model_line,
+            "timeline": steps,
+            "policy": ours,
+            "naive_50": naive,
+        });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
+    println!("{model_line}");
     println!(
         "{:>6} {:>8} {:>8} {:>8}",
         "t", "demand", "unparked", "power_w"

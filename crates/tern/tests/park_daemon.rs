@@ -339,6 +339,14 @@ fn bad_input_gives_one_line_errors() {
             &["park", "run", "--power-model", "specpower:Nope"],
             "tern: error: Unknown SPECpower model `Nope`",
         ),
+        (
+            &["park", "run", "--shallow-share", "2"],
+            "tern: error: The shallow-state share 2 is outside 0..=1",
+        ),
+        (
+            &["park", "run", "--core-deep-w", "9"],
+            "tern: error: A parked core (9 W) must not draw more than an idle unparked one",
+        ),
     ];
     for (args, want) in cases {
         let out = tern(args);
@@ -373,7 +381,7 @@ fn bad_input_gives_one_line_errors() {
         String::from_utf8_lossy(&out.stderr).trim(),
         "tern: error: min_cores (80 %) is above max_cores (20 %)"
     );
-    assert_eq!(d.status()["knobs"]["min_cores_pct"], 4);
+    assert_eq!(d.status()["knobs"]["min_cores"], 4);
     let out = tern(&[
         "park",
         "set",
@@ -390,8 +398,8 @@ fn bad_input_gives_one_line_errors() {
     let s = d.status();
     assert_eq!(
         (
-            s["knobs"]["headroom_pct"].clone(),
-            s["knobs"]["min_cores_pct"].clone()
+            s["knobs"]["headroom"].clone(),
+            s["knobs"]["min_cores"].clone()
         ),
         (30.into(), 100.into())
     );
@@ -466,6 +474,14 @@ fn replay_prints_timeline_energy_and_delay() {
         "min_cores=0",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
+    // Regression: every host was modelled as the 12-core X5670 server; the curve now follows the
+    // core count and the output says which one is used.
+    assert!(
+        text.lines().next().unwrap_or("").starts_with(
+            "power model specpower:IbmX3250XeonX3470 (4-core server), picked for 4 CPUs by core count"
+        ),
+        "{text}"
+    );
     assert!(
         text.contains("policy: energy")
             && text.contains("added delay")
@@ -630,7 +646,7 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
     wait_for("the daemon to park a core", Duration::from_secs(20), || {
         std::fs::read_to_string(&log)
             .unwrap()
-            .contains("unparked 0 (Low")
+            .contains("unparked cpu0 (")
     });
     assert_eq!(
         allowed(load.pid, load.tids[0]),
