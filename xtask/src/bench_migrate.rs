@@ -5,17 +5,20 @@
 //! QEMU runs twice: **tuned** as an operator would tune it to match Tern's settings (downtime limit =
 //! Tern's budget, auto-converge on, multifd with as many channels as Tern's streams, the bandwidth cap
 //! lifted to 10 GB/s, as Tern has none) and with its **defaults** (300 ms downtime limit, 128 MiB/s,
-//! no auto-converge, one stream).
+//! no auto-converge, one stream). The `capped` workload gives Tern and tuned QEMU the same 256 MiB/s
+//! cap, below the max-rate writer's dirty rate, so that both must throttle: it shows what each
+//! throttle costs the guest.
 //!
-//! Guest pause: QEMU restores the guest TSC at its saved value on the target, so a guest clock does
-//! not see QEMU's pause; Tern moves the TSC on by the time since the state was saved, so the guest
-//! clock sees the part of the pause after the save and its overdue heartbeat fires at once on
-//! resume. No single figure sees every pause whole, so three are taken for every run and the pause
-//! is the largest: the host-timed gap between the last source heartbeat line and the first target
-//! line minus the heartbeat period (`tern.hb_ms=20`); the `maxgap_us` of the first target heartbeat
-//! (the guest's clock; start to start of its loop, so blind to a pause while it sleeps); and the
-//! clock shift, how far the guest's clock fell behind the host's (least host-arrival − `t_us` over
-//! the target's lines minus the same over the source's lines before the migration).
+//! Guest pause: a VMM may hide part of its pause from the guest's clock (QEMU restores the guest TSC
+//! at its saved value where the TSC can be offset; Tern moves it on by the time since the state was
+//! saved), and a guest clock that runs on makes the overdue heartbeat fire at once on resume, which
+//! shortens the host-timed gap. No single figure sees every pause whole, so three are taken for every
+//! run and the pause is the largest: the host-timed gap between the last source heartbeat line and
+//! the first target line minus the heartbeat period (`tern.hb_ms=20`); the `maxgap_us` of the first
+//! target heartbeat (the guest's clock, start to start of its loop, so blind to a pause while it
+//! sleeps; it also holds any stall on the source in the last period); and the clock shift, how far the
+//! guest's clock fell behind the host's (least host-arrival − `t_us` over the target's lines minus the
+//! same over the source's lines before the migration).
 //! Also each VMM's own downtime figure, total time, bytes sent, rounds (Tern: rounds; QEMU:
 //! dirty-sync count), the largest throttle, and the guest's work rate (pages written per second)
 //! while the migration ran, against its rate just before.
@@ -56,7 +59,7 @@ pub struct MigrateArgs {
     /// Give up on a QEMU migration after this many seconds (it may never converge).
     #[arg(long, default_value_t = 30)]
     pub qemu_timeout_s: u64,
-    /// Only these workloads (idle, moderate, max); default all.
+    /// Only these workloads (idle, moderate, max, capped); default all.
     #[arg(long)]
     pub workload: Vec<String>,
 }
@@ -66,6 +69,9 @@ struct Workload {
     label: &'static str,
     memory_mib: u64,
     cmdline: &'static str,
+    /// A bandwidth cap for Tern and tuned QEMU alike, MiB/s (so that both must throttle); QEMU's
+    /// defaults are not run then (their own 128 MiB/s cap never converges on this writer).
+    cap_mibps: Option<u64>,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -74,18 +80,28 @@ const WORKLOADS: &[Workload] = &[
         label: "idle 1 GiB",
         memory_mib: 1024,
         cmdline: "tern.hb_ms=20",
+        cap_mibps: None,
     },
     Workload {
         name: "moderate",
         label: "256 MiB @ 20,000 pages/s",
         memory_mib: 1024,
         cmdline: "tern.hb_ms=20 tern.dirty_mib=256 tern.dirty_rate=20000",
+        cap_mibps: None,
     },
     Workload {
         name: "max",
         label: "256 MiB @ max rate",
         memory_mib: 1024,
         cmdline: "tern.hb_ms=20 tern.dirty_mib=256 tern.dirty_rate=0",
+        cap_mibps: None,
+    },
+    Workload {
+        name: "capped",
+        label: "max rate, 256 MiB/s cap",
+        memory_mib: 1024,
+        cmdline: "tern.hb_ms=20 tern.dirty_mib=256 tern.dirty_rate=0",
+        cap_mibps: Some(256),
     },
 ];
 
@@ -402,6 +418,11 @@ fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result
             .args(["--to", &to, "--json"])
             .args(["--streams", &TERN_STREAMS.to_string()])
             .args(["--downtime-ms", &TERN_BUDGET_MS.to_string()])
+            .args(
+                w.cap_mibps
+                    .map(|c| vec!["--max-bandwidth-mibps".to_string(), c.to_string()])
+                    .unwrap_or_default(),
+            )
             .output()?;
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if !(out.status.success() && r["outcome"] == "completed") {
@@ -506,7 +527,7 @@ fn qemu_cmd(qemu: &str, elf: &Path, w: &Workload, tsc_hz: u64, qmp: &Path) -> Co
 }
 
 /// Sets up one side of a tuned migration (`source`: also the source-only parameters).
-fn qemu_tune(q: &mut Qmp, source: bool) -> anyhow::Result<()> {
+fn qemu_tune(q: &mut Qmp, source: bool, cap_mibps: Option<u64>) -> anyhow::Result<()> {
     let mut caps = vec![serde_json::json!({ "capability": "multifd", "state": true })];
     if source {
         caps.push(serde_json::json!({ "capability": "auto-converge", "state": true }));
@@ -518,7 +539,9 @@ fn qemu_tune(q: &mut Qmp, source: bool) -> anyhow::Result<()> {
     let mut params = serde_json::json!({ "multifd-channels": TERN_STREAMS });
     if source {
         params["downtime-limit"] = TERN_BUDGET_MS.into();
-        params["max-bandwidth"] = QEMU_TUNED_BANDWIDTH.into();
+        params["max-bandwidth"] = cap_mibps
+            .map_or(QEMU_TUNED_BANDWIDTH, |c| c * 1024 * 1024)
+            .into();
     }
     q.cmd("migrate-set-parameters", params)?;
     Ok(())
@@ -550,8 +573,8 @@ fn qemu_run(
         let mut q = Qmp::connect(&q1, Duration::from_secs(60))?;
         wait_steady(&mut src, w)?;
         if setup == QemuSetup::Tuned {
-            qemu_tune(&mut qd, false)?;
-            qemu_tune(&mut q, true)?;
+            qemu_tune(&mut qd, false, w.cap_mibps)?;
+            qemu_tune(&mut q, true, w.cap_mibps)?;
         }
         qd.cmd("migrate-incoming", serde_json::json!({ "uri": uri }))?;
         let started = Instant::now();
@@ -712,7 +735,9 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             // Interleaved, so host noise hits all alike.
             t.push(tern_run(&tern, &elf, &dir, w)?);
             qt.push(qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned)?);
-            qd.push(qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults)?);
+            if w.cap_mibps.is_none() {
+                qd.push(qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults)?);
+            }
         }
         rows.push((w, medians(&t), medians(&qt), medians(&qd)));
     }
@@ -723,7 +748,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         args.runs
     );
     println!(
-        "tern: {TERN_STREAMS} streams, {TERN_BUDGET_MS} ms budget, its throttle; qemu tuned: downtime-limit {TERN_BUDGET_MS} ms, auto-converge, multifd {TERN_STREAMS} channels, max-bandwidth {} GB/s; qemu defaults: 300 ms, 128 MiB/s, one stream",
+        "tern: {TERN_STREAMS} streams, {TERN_BUDGET_MS} ms budget, its throttle, no cap; qemu tuned: downtime-limit {TERN_BUDGET_MS} ms, auto-converge, multifd {TERN_STREAMS} channels, max-bandwidth {} GB/s; qemu defaults: 300 ms, 128 MiB/s, one stream; a workload with a cap gives it to tern and qemu tuned alike, and skips qemu defaults",
         QEMU_TUNED_BANDWIDTH / 1_000_000_000
     );
     println!(
@@ -752,6 +777,9 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     );
     for (w, t, qt, qd) in &rows {
         for (name, m) in [("tern", t), ("qemu tuned", qt), ("qemu defaults", qd)] {
+            if m.runs == 0 {
+                continue;
+            }
             println!(
                 "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>10}",
                 w.label,
@@ -770,16 +798,21 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
                 format!("{}nc {}s {}p", m.not_converged, m.target_silent, m.panicked),
             );
         }
-        println!(
-            "{:<26} ratios tern/qemu-tuned: pause {}, total {}, bytes {}; tern/qemu-defaults: pause {}, total {}, bytes {}",
-            "",
+        let mut ratios = format!(
+            "ratios tern/qemu-tuned: pause {}, total {}, bytes {}",
             ratio(t.pause, qt.pause),
             ratio(t.total, qt.total),
             ratio(t.bytes, qt.bytes),
-            ratio(t.pause, qd.pause),
-            ratio(t.total, qd.total),
-            ratio(t.bytes, qd.bytes),
         );
+        if qd.runs > 0 {
+            ratios += &format!(
+                "; tern/qemu-defaults: pause {}, total {}, bytes {}",
+                ratio(t.pause, qd.pause),
+                ratio(t.total, qd.total),
+                ratio(t.bytes, qd.bytes),
+            );
+        }
+        println!("{:<26} {ratios}", "");
     }
     println!(
         "failed: nc = did not complete in time, s = completed but the target never heartbeat, p = a guest panicked (none of these enter the medians)"
