@@ -964,6 +964,53 @@ mod tests {
     }
 
     proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever ranges a DISCARD or WRITE_ZEROES carries, the device never panics; it
+        /// answers OK only when every range is in bounds with known flags, and otherwise leaves
+        /// the image exactly as it was.
+        #[test]
+        fn arbitrary_discard_ranges_are_served_whole_or_not_at_all(
+            ranges in proptest::collection::vec(
+                (proptest::prop_oneof![0u64..70, proptest::prelude::any::<u64>()], 0u32..80, 0u32..3),
+                0..20,
+            ),
+            zero in proptest::prelude::any::<bool>(),
+        ) {
+            let mut r = rig(false);
+            let mem = r.mem.clone();
+            let q = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
+            activate(&mut r, &q);
+            mem.write_slice(&[0x6bu8; 64 * 512], GuestAddress(DATA)).unwrap();
+            request(&r, &q, T_OUT, 0, Some((64 * 512, false)), 0);
+            proptest::prop_assert_eq!(status_of(&mut r), S_OK);
+            let before = image(&mut r);
+            let kind = if zero { T_WRITE_ZEROES } else { T_DISCARD };
+            free_request(&r, &q, kind, &ranges, 3);
+            let status = status_of(&mut r);
+            let known = if zero { SEGMENT_FLAG_UNMAP } else { 0 };
+            let valid = !ranges.is_empty()
+                && ranges.len() <= 16
+                && ranges.iter().all(|&(s, n, f)| {
+                    f & !known == 0 && s.checked_add(u64::from(n)).is_some_and(|e| e <= 64)
+                });
+            proptest::prop_assert_eq!(status == S_OK, valid, "status {}", status);
+            let after = image(&mut r);
+            if valid {
+                for (i, sector) in after.chunks(512).enumerate() {
+                    let freed = ranges
+                        .iter()
+                        .any(|&(s, n, _)| (s..s + u64::from(n)).contains(&(i as u64)));
+                    let want = if freed { 0 } else { 0x6b };
+                    proptest::prop_assert!(sector.iter().all(|&b| b == want), "sector {}", i);
+                }
+            } else {
+                proptest::prop_assert_eq!(after, before);
+            }
+            proptest::prop_assert_eq!(used_idx(&r, &q), 2);
+        }
+    }
+
+    proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
         /// Whatever descriptors a guest puts in the queue (buffers anywhere past the rings, some
         /// outside guest memory), the device never panics and completes every chain it takes.
