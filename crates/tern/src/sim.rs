@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use tern_policy::{Model, PolicySpec, REFERENCE_POLICIES};
 use tern_sim::report::model_name;
-use tern_sim::{SimConfig, TraceSet, Workload, plot, simulate, sweep, synth};
+use tern_sim::{SimConfig, TraceOrder, TraceSet, Workload, plot, simulate, sweep, synth};
 
 /// Subcommands of `tern sim`.
 #[derive(Debug, clap::Subcommand)]
@@ -21,8 +21,8 @@ pub enum SimCommand {
 /// Where the traces are and how to read them.
 #[derive(Debug, clap::Args)]
 pub struct TraceArgs {
-    /// PlanetLab traces: a folder of day folders, or the `traces.tar.xz` as shipped
-    /// [default: data/planetlab/traces.tar.xz of this repository]
+    /// PlanetLab traces: a folder of day folders, or a `.tar.xz` like the one shipped (a relative
+    /// path is taken from the current directory) [default: the ten PlanetLab days built into tern]
     #[arg(long, value_name = "PATH")]
     traces: Option<PathBuf>,
     /// Simulation semantics: `cloudsim` reproduces CloudSim 3.0.3, `paper` follows the paper's text
@@ -49,10 +49,12 @@ pub struct RunArgs {
     /// mmt|rs|mc|mu, e.g. lr-mmt-1.2, mad-rs-2.0.
     #[arg(long, value_parser = parse_policy)]
     policy: PolicySpec,
-    /// Replay a file order (one trace name per line), e.g.
-    /// data/planetlab/cloudsim-listfiles-order/20110303.txt; default: sorted names.
-    #[arg(long, value_name = "FILE")]
-    trace_order: Option<PathBuf>,
+    /// Which trace goes to which VM (VM types come in four blocks of this order): `cloudsim`
+    /// (CloudSim 3.0.3's recorded file order, built in), `sorted` (sorted file names), or an order
+    /// file (one trace name per line; a folder means FOLDER/DAY.txt) [default: `cloudsim` with
+    /// --model cloudsim, `sorted` with --model paper]
+    #[arg(long, value_name = "cloudsim|sorted|FILE")]
+    trace_order: Option<String>,
     /// Instead of traces, a synthetic data centre with this many VMs (PlanetLab-like traces from
     /// --seed; use --hosts for the host count), e.g. --hosts 20000 --synthetic 40000.
     #[arg(long, value_name = "VMS", conflicts_with_all = ["day", "trace_order"])]
@@ -77,10 +79,11 @@ pub struct SweepArgs {
     /// iqr-mmt-1.5, mad-mmt-2.5, lrr-mmt-1.2, lr-mmt-1.2.
     #[arg(long, default_value = "reference")]
     policies: String,
-    /// Folder of per-day order files (<day>.txt) to replay, e.g.
-    /// data/planetlab/cloudsim-listfiles-order; default: sorted names.
-    #[arg(long, value_name = "DIR")]
-    trace_order: Option<PathBuf>,
+    /// Which trace goes to which VM: `cloudsim` (CloudSim 3.0.3's recorded file order, built in),
+    /// `sorted` (sorted file names), or a folder of order files DIR/DAY.txt [default: `cloudsim` with
+    /// --model cloudsim, `sorted` with --model paper]
+    #[arg(long, value_name = "cloudsim|sorted|DIR")]
+    trace_order: Option<String>,
     /// Write all runs as CSV to this file (`-` for stdout, the default prints it after the table).
     #[arg(long, value_name = "FILE")]
     csv: Option<PathBuf>,
@@ -106,17 +109,69 @@ fn parse_policy(s: &str) -> Result<PolicySpec, String> {
         .map_err(|e: tern_policy::ParsePolicyError| e.to_string())
 }
 
-fn default_traces() -> PathBuf {
-    let local = PathBuf::from("data/planetlab/traces.tar.xz");
-    if local.exists() {
-        return local;
+/// A path as given, and where it resolves to when relative (for error messages).
+fn tried(path: &Path) -> String {
+    if path.is_absolute() {
+        return path.display().to_string();
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/planetlab/traces.tar.xz")
+    match std::env::current_dir() {
+        Ok(cwd) => format!("{} (= {})", path.display(), cwd.join(path).display()),
+        Err(_) => path.display().to_string(),
+    }
 }
 
-fn open_traces(t: &TraceArgs) -> anyhow::Result<TraceSet> {
-    let path = t.traces.clone().unwrap_or_else(default_traces);
-    TraceSet::open(&path).with_context(|| format!("opening traces {}", path.display()))
+/// The traces: `--traces PATH`, or the copy built into the binary. `day` limits the decompression of
+/// an archive to that day.
+fn open_traces(t: &TraceArgs, day: Option<&str>) -> anyhow::Result<TraceSet> {
+    match &t.traces {
+        Some(path) => match day {
+            Some(day) => TraceSet::open_day(path, day),
+            None => TraceSet::open(path),
+        }
+        .with_context(|| format!("opening traces {}", tried(path))),
+        None => match day {
+            Some(day) => TraceSet::bundled_day(day),
+            None => TraceSet::bundled(),
+        }
+        .context("opening the built-in traces"),
+    }
+}
+
+/// The order a `--trace-order` value names for `day` (a folder holds DAY.txt files), or the
+/// model's default: CloudSim's recorded order with `--model cloudsim` for the days it was recorded
+/// for, sorted names otherwise.
+fn trace_order(arg: Option<&str>, model: Model, day: &str) -> anyhow::Result<TraceOrder> {
+    Ok(match arg {
+        Some("cloudsim") => TraceOrder::CloudSim,
+        Some("sorted") => TraceOrder::Sorted,
+        Some(path) => {
+            let path = PathBuf::from(path);
+            let meta = std::fs::metadata(&path).with_context(|| {
+                format!(
+                    "reading --trace-order {} (not `cloudsim`, `sorted` or an existing file or folder)",
+                    tried(&path)
+                )
+            })?;
+            if meta.is_dir() {
+                TraceOrder::File(path.join(format!("{day}.txt")))
+            } else {
+                TraceOrder::File(path)
+            }
+        }
+        None => match model {
+            Model::CloudSim if tern_sim::bundled::cloudsim_order(day).is_some() => {
+                TraceOrder::CloudSim
+            }
+            _ => TraceOrder::Sorted,
+        },
+    })
+}
+
+fn load_day(set: &TraceSet, day: &str, order: &TraceOrder) -> anyhow::Result<tern_sim::DayTraces> {
+    set.load_day(day, order).with_context(|| match order {
+        TraceOrder::File(p) => format!("loading day {day} in the order of {}", tried(p)),
+        _ => format!("loading day {day} ({order})"),
+    })
 }
 
 pub fn run(cmd: SimCommand) -> anyhow::Result<ExitCode> {
@@ -156,15 +211,20 @@ fn resources(start: Instant) -> String {
 fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
     let process_start = Instant::now();
     check_hosts(a.t.hosts)?;
-    let w = match a.synthetic {
-        Some(vms) => synth::workload(a.t.hosts, vms, a.t.seed, a.t.model),
+    let (w, order) = match a.synthetic {
+        Some(vms) => (
+            synth::workload(a.t.hosts, vms, a.t.seed, a.t.model),
+            format!("synthetic traces, seed {}", a.t.seed),
+        ),
         None => {
             let day = a.day.as_deref().unwrap_or_default();
-            let path = a.t.traces.clone().unwrap_or_else(default_traces);
-            let set = TraceSet::open_day(&path, day)
-                .with_context(|| format!("opening traces {}", path.display()))?;
-            let d = set.load_day(day, a.trace_order.as_deref())?;
-            Workload::benchmark(day, a.t.hosts, d.samples, a.t.model)
+            let order = trace_order(a.trace_order.as_deref(), a.t.model, day)?;
+            let set = open_traces(&a.t, Some(day))?;
+            let d = load_day(&set, day, &order)?;
+            (
+                Workload::benchmark(day, a.t.hosts, d.samples, a.t.model),
+                order.to_string(),
+            )
         }
     };
     let start = Instant::now();
@@ -189,7 +249,7 @@ fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", r.to_json());
     } else {
         println!(
-            "{} {} ({} model, {} hosts, {} VMs) in {wall:.3} s",
+            "{} {} ({} model, {} hosts, {} VMs, {order}) in {wall:.3} s",
             r.workload,
             r.policy,
             model_name(r.model),
@@ -214,7 +274,7 @@ fn run_one(a: RunArgs) -> anyhow::Result<ExitCode> {
 fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
     let start = Instant::now();
     check_hosts(a.t.hosts)?;
-    let set = open_traces(&a.t)?;
+    let set = open_traces(&a.t, None)?;
     let days: Vec<String> = if a.days == "all" {
         set.days()?
     } else {
@@ -240,11 +300,32 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|p| parse_policy(p).map_err(anyhow::Error::msg))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if let Some(o) = a.trace_order.as_deref()
+        && o != "cloudsim"
+        && o != "sorted"
+        && !Path::new(o).is_dir()
+    {
+        bail!(
+            "--trace-order {} is not `cloudsim`, `sorted` or a folder of DAY.txt order files",
+            tried(Path::new(o))
+        );
+    }
     let mut workloads = Vec::with_capacity(days.len());
+    let mut orders: Vec<String> = Vec::new();
     for day in &days {
-        let order = a.trace_order.as_ref().map(|d| d.join(format!("{day}.txt")));
-        let d = set.load_day(day, order.as_deref())?;
+        let order = trace_order(a.trace_order.as_deref(), a.t.model, day)?;
+        let d = load_day(&set, day, &order)?;
         workloads.push(Workload::benchmark(day, a.t.hosts, d.samples, a.t.model));
+        let label = match &order {
+            TraceOrder::File(_) => format!(
+                "order files from {}",
+                a.trace_order.as_deref().unwrap_or_default()
+            ),
+            o => o.to_string(),
+        };
+        if !orders.contains(&label) {
+            orders.push(label);
+        }
     }
     let load_s = start.elapsed().as_secs_f64();
     let threads = a
@@ -261,23 +342,31 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
     let total_s = start.elapsed().as_secs_f64();
     let summaries = sweep::summarize(&reports);
     println!(
-        "{} days × {} policies, {} model, {threads} threads: {total_s:.2} s ({load_s:.2} s loading traces)\n",
+        "{} days × {} policies, {} model, {}, {threads} threads: {total_s:.2} s ({load_s:.2} s loading traces)\n",
         days.len(),
         policies.len(),
-        model_name(a.t.model)
+        model_name(a.t.model),
+        orders.join(" / ")
     );
     print!("{}", sweep::table(&summaries));
     let csv = sweep::csv(&reports);
     match &a.csv {
         Some(p) if p.as_os_str() != "-" => {
             std::fs::write(p, &csv).with_context(|| format!("writing {}", p.display()))?;
-            println!("\nCSV written to {}", p.display());
+            println!(
+                "\nCSV written to {}",
+                std::path::absolute(p)
+                    .unwrap_or_else(|_| p.clone())
+                    .display()
+            );
         }
         _ => print!("\n{csv}"),
     }
     if let Some(dir) = &a.plot {
-        write_plots(dir, &reports, &days[0])?;
-        println!("plots written to {}", dir.display());
+        println!("\nplots of {} (and ESV over all days) written to:", days[0]);
+        for p in write_plots(dir, &reports, &days[0])? {
+            println!("  {}", p.display());
+        }
     }
     if a.resources {
         eprintln!("{}", resources(start));
@@ -285,8 +374,13 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_plots(dir: &Path, reports: &[tern_sim::Report], day: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Writes the SVG plots into `dir` and returns their paths.
+fn write_plots(
+    dir: &Path,
+    reports: &[tern_sim::Report],
+    day: &str,
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", tried(dir)))?;
     let first: Vec<&tern_sim::Report> = reports.iter().filter(|r| r.workload == day).collect();
     let series = |f: &dyn Fn(&tern_sim::Timeline, usize) -> f64| -> Vec<(String, Vec<(f64, f64)>)> {
         first
@@ -302,53 +396,69 @@ fn write_plots(dir: &Path, reports: &[tern_sim::Report], day: &str) -> anyhow::R
             })
             .collect()
     };
-    let files = [
-        (
-            "active_hosts.svg",
-            plot::lines(
-                &format!("Active hosts, {day}"),
-                "hour",
-                "hosts",
-                &series(&|tl, i| tl.active_hosts[i] as f64),
-            ),
-        ),
-        (
-            "power.svg",
-            plot::lines(
-                &format!("Data-centre power, {day}"),
-                "hour",
-                "kW",
-                &series(&|tl, i| tl.power_w[i] / 1000.0),
-            ),
-        ),
-        (
-            "migrations.svg",
-            plot::lines(
-                &format!("Migrations per step, {day}"),
-                "hour",
-                "migrations",
-                &series(&|tl, i| tl.migrations[i] as f64),
-            ),
-        ),
-    ];
+    let hours = plot::LinearAxis::fixed(24.0, 6.0);
+    // NPA keeps every host at full power all day: drawn, it would squash the other panels' axes,
+    // so the title gives its constant value instead
+    let day_plot = |title: &str, ylabel: &str, f: &dyn Fn(&tern_sim::Timeline, usize) -> f64| {
+        let mut all = series(f);
+        let npa = all.iter().position(|s| s.0 == "npa").map(|i| all.remove(i));
+        let title = match npa.as_ref().and_then(|s| s.1.first()) {
+            Some(&(_, v)) => format!("{title}, {day} (NPA, not drawn: {v:.1} all day)"),
+            None => format!("{title}, {day}"),
+        };
+        plot::small_multiples(&title, "hour of the day", ylabel, &hours, &all)
+    };
     let mut groups: Vec<(String, Vec<f64>)> = Vec::new();
     for r in reports
         .iter()
         .filter(|r| r.policy != "npa" && r.policy != "dvfs")
     {
         match groups.iter_mut().find(|g| g.0 == r.policy) {
-            Some(g) => g.1.push(r.esv * 1e3),
-            None => groups.push((r.policy.clone(), vec![r.esv * 1e3])),
+            Some(g) => g.1.push(r.esv),
+            None => groups.push((r.policy.clone(), vec![r.esv])),
         }
     }
-    let esv = plot::boxes("ESV per policy over the days (×10⁻³)", "ESV ×10⁻³", &groups);
-    for (name, svg) in files
+    let days = reports
         .iter()
-        .map(|(n, s)| (*n, s.as_str()))
-        .chain([("esv_boxplot.svg", esv.as_str())])
-    {
+        .map(|r| r.workload.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len();
+    let files = [
+        (
+            "active_hosts.svg",
+            day_plot("Active hosts", "active hosts", &|tl, i| {
+                tl.active_hosts[i] as f64
+            }),
+        ),
+        (
+            "power.svg",
+            day_plot("Data-centre power", "power (kW)", &|tl, i| {
+                tl.power_w[i] / 1000.0
+            }),
+        ),
+        (
+            "migrations.svg",
+            day_plot(
+                "VM migrations started per 5-minute step",
+                "migrations",
+                &|tl, i| tl.migrations[i] as f64,
+            ),
+        ),
+        (
+            "esv_boxplot.svg",
+            plot::boxes(
+                &format!("ESV per policy over {days} day(s)"),
+                "policy",
+                "ESV (energy × SLAV)",
+                &groups,
+            ),
+        ),
+    ];
+    let mut written = Vec::with_capacity(files.len());
+    for (name, svg) in files {
         let p = dir.join(name);
-        std::fs::write(&p, svg).with_context(|| format!("writing {}", p.display()))?;
+        std::fs::write(&p, svg).with_context(|| format!("writing {}", tried(&p)))?;
+        written.push(std::path::absolute(&p).unwrap_or(p));
     }
-    Ok(())
+    Ok(written)
 }
