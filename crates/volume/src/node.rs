@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tern_nbd::proto::StatusExtent;
+use tern_nbd::server::ZeroFlags;
 use tern_nbd::{Backend, Errno, Exports};
 
 use crate::control::{
@@ -21,7 +23,7 @@ use crate::control::{
     LeaseAction, LeaseGrant, LeaseInfo, Member, NodeStatus, Removed, Reply, Request, Response,
     Revoked, Role,
 };
-use crate::format::{HOLE, LeaseRecord, NodeId, Superblock};
+use crate::format::{EXTENT_SIZE, HOLE, LeaseRecord, NodeId, Superblock};
 use crate::lease::{HeldLease, LeaseError, LeaseOp, LeaseTable, LeaseTimings};
 use crate::lun::{FaultyLun, FileLun, Lun};
 use crate::namespace::{self, NamespaceError};
@@ -222,6 +224,21 @@ impl Node {
             }
         }
         ok
+    }
+
+    /// Flush every open file (a clean stop); returns how many were open. Leases are kept.
+    pub fn flush_all(&self) -> usize {
+        let handles: Vec<Arc<FileHandle>> = lock(&self.handles).values().cloned().collect();
+        for h in &handles {
+            // A failure is left to the client's own FLUSH; nothing more can be done here.
+            let _ = Backend::flush(&**h);
+        }
+        handles.len()
+    }
+
+    /// How many write leases this node holds (valid or lapsed, not yet given up).
+    pub fn held_lease_count(&self) -> usize {
+        lock(&self.held).len()
     }
 
     /// Stop writing `name` at once: wait for an in-flight write, make everything written durable,
@@ -595,6 +612,65 @@ impl Node {
         Ok(())
     }
 
+    /// Zero `len` bytes at `offset` of `name` for the writer (`node`, `epoch`), fenced like a
+    /// write: whole extents of a thin file go back to the volume (one metadata commit), the
+    /// mapped parts of partial ones are overwritten with zeroes, holes stay holes.
+    fn redirected_zero(
+        &self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let mut g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_mut().ok_or(Errno::Shutdown)?;
+        let now = self.now_ms();
+        c.leases
+            .check_write(name, node, epoch, now)
+            .map_err(|_| Errno::Perm)?;
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= f.size)
+            .ok_or(Errno::NoSpc)?;
+        // Whole extents inside the range; the file's last extent counts as whole when the
+        // range reaches the end of the file.
+        let first = offset.div_ceil(EXTENT_SIZE);
+        let last = if end == f.size {
+            end.div_ceil(EXTENT_SIZE)
+        } else {
+            end / EXTENT_SIZE
+        };
+        if first < last {
+            let ch = namespace::deallocate(&c.volume.meta, name, first, last - first)
+                .map_err(|_| Errno::Io)?;
+            if ch.next.seq != c.volume.meta.seq {
+                self.commit_change(c, ch).map_err(|_| Errno::Io)?;
+            }
+        }
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        let zeroes = vec![0u8; EXTENT_SIZE as usize];
+        let mut pos = offset;
+        while pos < end {
+            // At most one extent per step, so `len` fits a usize on any target.
+            let step = (end - pos).min(EXTENT_SIZE - pos % EXTENT_SIZE) as usize;
+            for s in segments(&self.sb, &f.map, pos, step) {
+                if let Segment::Mapped { lun_offset, len } = s {
+                    self.lun
+                        .write_at(&zeroes[..len], lun_offset)
+                        .map_err(|_| Errno::Io)?;
+                }
+            }
+            pos += step as u64;
+        }
+        if fua {
+            self.lun.flush().map_err(|_| Errno::Io)?;
+        }
+        Ok(())
+    }
+
     fn redirected_read(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
         let map = {
             let g = self.coordinator().map_err(|_| Errno::Shutdown)?;
@@ -944,6 +1020,7 @@ impl Node {
             node: Arc::clone(self),
             name: name.to_owned(),
             size: st.size,
+            preallocated: st.preallocated,
             state: Mutex::new(HandleState {
                 map,
                 mode: PathState::Direct,
@@ -952,6 +1029,7 @@ impl Node {
                 dirty_redirected: false,
                 inflight: Arc::default(),
             }),
+            logged_refusal: AtomicU64::new(0),
         });
         let old = lock(&self.handles).insert(name.to_owned(), Arc::clone(&h));
         if let Some(old) = old
@@ -984,6 +1062,25 @@ fn read_segments(
         }
     }
     Ok(())
+}
+
+/// `base:allocation` runs of `len` bytes from `offset` under `map`: holes read as zeroes.
+fn map_status(sb: &Superblock, map: &[u32], offset: u64, len: u32) -> Vec<StatusExtent> {
+    segments(sb, map, offset, len as usize)
+        .into_iter()
+        .map(|s| match s {
+            Segment::Mapped { len, .. } => StatusExtent {
+                len: len as u64,
+                hole: false,
+                zero: false,
+            },
+            Segment::Hole { len, .. } => StatusExtent {
+                len: len as u64,
+                hole: true,
+                zero: true,
+            },
+        })
+        .collect()
 }
 
 /// Direct writes acknowledged since the last successful flush, in order, in one reusable arena.
@@ -1037,11 +1134,20 @@ struct HandleState {
 }
 
 /// A file opened on a node: the NBD backend local clients see.
+///
+/// Besides reads and writes it frees and zeroes ranges (NBD TRIM and WRITE_ZEROES, which is how
+/// `qemu-img`, `nbdcopy` and a VM's volume disk give space back: whole 1 MiB extents of a thin file
+/// return to the volume, partial ones are zeroed) and reports `base:allocation` block status.
 pub struct FileHandle {
     node: Arc<Node>,
     name: String,
     size: u64,
+    /// Preallocated files keep their extents: zeroing them writes every byte.
+    preallocated: bool,
     state: Mutex<HandleState>,
+    /// The errno of the last refused write that was logged (0: none since the last success), so
+    /// a client retrying a refused write does not flood the node's log.
+    logged_refusal: AtomicU64,
 }
 
 impl std::fmt::Debug for FileHandle {
@@ -1248,6 +1354,72 @@ impl FileHandle {
 }
 
 impl FileHandle {
+    /// Log a refused write or zeroing once per cause (until a write succeeds again).
+    fn refused(&self, what: &str, offset: u64, e: Errno) -> Errno {
+        let code = u64::from(e.code());
+        if self.logged_refusal.swap(code, Ordering::Relaxed) != code {
+            let why = match e {
+                Errno::Perm => format!(
+                    "node {} holds no valid write lease (take it with `tern volume lease acquire {} --node {}`), or it was fenced",
+                    self.node.cfg.node_id, self.name, self.node.cfg.listen
+                ),
+                Errno::NoSpc => "no free extent left on the volume (thin files over-commit it; \
+                                 free space with TRIM or `tern volume rm`)"
+                    .to_owned(),
+                e => e.to_string(),
+            };
+            eprintln!(
+                "tern volume: node {}: {what} of {} at offset {offset} refused ({e}): {why}",
+                self.node.cfg.node_id, self.name
+            );
+        }
+        e
+    }
+
+    fn accepted(&self) {
+        if self.logged_refusal.load(Ordering::Relaxed) != 0 {
+            self.logged_refusal.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Zero `len` bytes at `offset`, freeing whole extents of a thin file (the work behind NBD
+    /// TRIM and WRITE_ZEROES). Needs the write lease, like a write. Earlier writes are flushed
+    /// first (so a journal replay can never bring them back over the zeroes), the coordinator
+    /// frees and zeroes under its lease check, and this node's map is refreshed before the reply.
+    ///
+    /// A local direct-I/O client (a VM's volume disk) does the same by sending NBD TRIM or
+    /// WRITE_ZEROES on its connection to this node, and must refresh its own extent map before
+    /// its next direct write: the freed extents may already belong to another file.
+    pub fn zero_range(&self, offset: u64, len: u32, fua: bool) -> Result<(), Errno> {
+        let node = &self.node;
+        let held = node
+            .ensure_lease(&self.name)
+            .ok_or_else(|| self.refused("zeroing", offset, Errno::Perm))?;
+        let mut st = lock(&self.state);
+        self.flush_locked(&mut st, held.epoch)?;
+        let res = if node.is_coordinator() {
+            node.redirected_zero(
+                &self.name,
+                node.cfg.node_id,
+                held.epoch,
+                offset,
+                u64::from(len),
+                fua,
+            )
+        } else {
+            self.with_redirect(&mut st, held.epoch, |c| c.write_zeroes(offset, len, fua))
+        };
+        // Whatever happened, the coordinator's map is the truth from here on.
+        st.map = node
+            .stat_with_map(&self.name)
+            .ok()
+            .and_then(|f| f.map)
+            .ok_or(Errno::Io)?;
+        res.map_err(|e| self.refused("zeroing", offset, e))?;
+        self.accepted();
+        Ok(())
+    }
+
     fn flush_locked(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
         let node = &self.node;
         if self.use_direct(st)? {
@@ -1299,6 +1471,71 @@ impl Backend for FileHandle {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        let res = self.write_inner(data, offset, fua);
+        match res {
+            Ok(()) => self.accepted(),
+            Err(e @ (Errno::Perm | Errno::NoSpc)) => return Err(self.refused("write", offset, e)),
+            Err(_) => {}
+        }
+        res
+    }
+
+    fn flush(&self) -> Result<(), Errno> {
+        let epoch = self
+            .node
+            .held_lease(&self.name)
+            .map(|h| h.epoch)
+            .unwrap_or(0);
+        let mut st = lock(&self.state);
+        self.flush_locked(&mut st, epoch)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), Errno> {
+        if flags.no_hole || self.preallocated {
+            // Every byte is written (the range stays allocated): not faster than a write.
+            if flags.fast {
+                return Err(Errno::NotSup);
+            }
+            return write_zero_buffers(self, offset, len, flags.fua);
+        }
+        self.zero_range(offset, len, flags.fua)
+    }
+
+    fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
+        self.zero_range(offset, len, false)
+    }
+
+    fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {
+        let node = &self.node;
+        let has_hole = {
+            let st = lock(&self.state);
+            segments(&node.sb, &st.map, offset, len as usize)
+                .iter()
+                .any(|s| matches!(s, Segment::Hole { .. }))
+        };
+        if has_hole {
+            // Another node may have allocated since we cached the map.
+            let _ = self.refresh_map(node);
+        }
+        let st = lock(&self.state);
+        Ok(map_status(&node.sb, &st.map, offset, len))
+    }
+}
+
+/// WRITE_ZEROES with `NO_HOLE` (or on a preallocated file): real zero writes, 1 MiB at a time.
+fn write_zero_buffers(b: &dyn Backend, offset: u64, len: u32, fua: bool) -> Result<(), Errno> {
+    let zeroes = vec![0u8; (len as usize).min(EXTENT_SIZE as usize)];
+    let mut done = 0u64;
+    while done < u64::from(len) {
+        let n = (u64::from(len) - done).min(zeroes.len() as u64) as usize;
+        b.write_at(&zeroes[..n], offset + done, false)?;
+        done += n as u64;
+    }
+    if fua { b.flush() } else { Ok(()) }
+}
+
+impl FileHandle {
+    fn write_inner(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
         let node = &self.node;
         let held = node.ensure_lease(&self.name).ok_or(Errno::Perm)?;
         let mut st = lock(&self.state);
@@ -1349,16 +1586,6 @@ impl Backend for FileHandle {
         st.dirty_redirected = true;
         self.with_redirect_unlocked(st, held.epoch, |c| c.write(offset, data, fua))
     }
-
-    fn flush(&self) -> Result<(), Errno> {
-        let epoch = self
-            .node
-            .held_lease(&self.name)
-            .map(|h| h.epoch)
-            .unwrap_or(0);
-        let mut st = lock(&self.state);
-        self.flush_locked(&mut st, epoch)
-    }
 }
 
 /// The coordinator's side of a redirected export `NAME@NODE.EPOCH`.
@@ -1384,6 +1611,28 @@ impl Backend for RedirectTarget {
     fn flush(&self) -> Result<(), Errno> {
         drop(self.node.coordinator().map_err(|_| Errno::Shutdown)?);
         self.node.lun.flush().map_err(|_| Errno::Io)
+    }
+    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), Errno> {
+        if flags.no_hole {
+            if flags.fast {
+                return Err(Errno::NotSup);
+            }
+            return write_zero_buffers(self, offset, len, flags.fua);
+        }
+        let len = u64::from(len);
+        let n = &self.node;
+        n.redirected_zero(&self.name, self.writer, self.epoch, offset, len, flags.fua)
+    }
+    fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
+        let len = u64::from(len);
+        let n = &self.node;
+        n.redirected_zero(&self.name, self.writer, self.epoch, offset, len, false)
+    }
+    fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {
+        let g = self.node.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_ref().ok_or(Errno::Shutdown)?;
+        let f = c.volume.meta.files.get(&self.name).ok_or(Errno::Io)?;
+        Ok(map_status(&self.node.sb, &f.map, offset, len))
     }
 }
 
