@@ -172,6 +172,24 @@ pub enum ServeApiError {
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
+    stopped_by: std::sync::Arc<Mutex<Option<ApiStop>>>,
+}
+
+/// Which request stopped the VM, for the VMM's last message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiStop {
+    /// `shutdown` (`tern vm stop`).
+    Shutdown,
+    /// `snapshot` with `stop`: the VM continues from this file.
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+    },
+    /// A completed `migrate`: the VM runs on this target now.
+    Migrated {
+        /// The target, HOST:PORT.
+        to: String,
+    },
 }
 
 impl Drop for ApiServer {
@@ -191,26 +209,37 @@ impl ApiServer {
             let _ = std::fs::remove_file(path);
         }
         let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let stopped_by = std::sync::Arc::new(Mutex::new(None));
+        let stopped_by2 = stopped_by.clone();
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    let vm = vm.clone();
+                    let (vm, stopped_by) = (vm.clone(), stopped_by2.clone());
                     // One thread per client; clients are few (the CLI, an agent).
                     let _ = std::thread::Builder::new()
                         .name("api-conn".into())
-                        .spawn(move || serve_connection(conn, &vm));
+                        .spawn(move || serve_connection(conn, &vm, &stopped_by));
                 }
             })
             .map_err(bind_err)?;
         Ok(ApiServer {
             path: path.to_path_buf(),
+            stopped_by,
         })
+    }
+
+    /// The request that stopped the VM, if one did.
+    pub fn stopped_by(&self) -> Option<ApiStop> {
+        self.stopped_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
-fn serve_connection(conn: UnixStream, vm: &Vm) {
+fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop>>) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -224,10 +253,17 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        let parsed = parse_request(&line);
+        let stop_cause = match &parsed {
+            Ok(Request::Shutdown) => Some(ApiStop::Shutdown),
+            Ok(Request::Snapshot { path, .. }) => Some(ApiStop::Snapshot { path: path.clone() }),
+            Ok(Request::Migrate(m)) => Some(ApiStop::Migrated { to: m.to.clone() }),
+            _ => None,
+        };
         let (resp, stop_after) = if n > MAX_REQUEST_BYTES {
             (Response::err(ParseRequestError::TooLong), false)
         } else {
-            match parse_request(&line) {
+            match parsed {
                 Err(e) => (Response::err(e), false),
                 Ok(Request::Shutdown) => (Response::ok(), true),
                 Ok(Request::Migrate(m)) => {
@@ -242,6 +278,7 @@ fn serve_connection(conn: UnixStream, vm: &Vm) {
         let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
         // The answer goes out before the stop: the VMM process may exit right after it.
         if stop_after {
+            *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) = stop_cause;
             vm.request_stop();
         }
         if written.is_err() || n > MAX_REQUEST_BYTES {
@@ -421,13 +458,22 @@ pub enum ApiCallError {
     BadResponse(String),
 }
 
-/// Sends one request and reads its response.
+/// Sends one request and reads its response (waiting at most 30 s for it).
 pub fn call(path: &Path, req: &Request) -> Result<Response, ApiCallError> {
+    call_timeout(path, req, Duration::from_secs(30))
+}
+
+/// Sends one request and reads its response, waiting at most `timeout` for it.
+pub fn call_timeout(
+    path: &Path,
+    req: &Request,
+    timeout: Duration,
+) -> Result<Response, ApiCallError> {
     let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
         path: path.display().to_string(),
         source,
     })?;
-    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    conn.set_read_timeout(Some(timeout))?;
     let mut line =
         serde_json::to_string(req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
     line.push('\n');

@@ -369,10 +369,11 @@ impl VmConfigInput {
                     source,
                 })?;
         }
+        // The name first: a VM's default socket is named after it.
+        check_name_free(&self.runtime_dir, &self.name)?;
         if let Some(sock) = &self.api_sock {
             check_api_sock(sock)?;
         }
-        check_name_free(&self.runtime_dir, &self.name)?;
         Ok(VmConfig {
             kernel: self.kernel,
             kernel_format,
@@ -583,20 +584,12 @@ fn check_api_sock(sock: &Path) -> Result<(), ConfigError> {
 }
 
 fn check_name_free(runtime_dir: &Path, name: &str) -> Result<(), ConfigError> {
-    let path = runtime_dir.join(format!("{name}.json"));
-    let Ok(text) = std::fs::read_to_string(&path) else {
-        return Ok(());
-    };
-    let pid = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
-        .and_then(|v| v.get("pid").and_then(|p| p.as_u64()))
-        .and_then(|p| u32::try_from(p).ok());
-    match pid {
-        Some(pid) if Path::new(&format!("/proc/{pid}")).exists() => Err(ConfigError::NameInUse {
+    match crate::runtime::read_entry(runtime_dir, name) {
+        Ok(Some(entry)) if entry.is_live() => Err(ConfigError::NameInUse {
             name: name.to_string(),
-            pid,
+            pid: entry.pid,
         }),
-        // A stale entry of a VMM that died: it is overwritten.
+        // No entry, or a stale one of a VMM that died (or not an entry at all): it is overwritten.
         _ => Ok(()),
     }
 }

@@ -1,5 +1,12 @@
-//! The runtime entry `<dir>/<name>.json` by which host tools find running VMs.
+//! The runtime entry `<dir>/<name>.json` by which host tools find running VMs, and the default
+//! control socket `<dir>/<name>.sock` beside it.
+//!
+//! The entry's format only grows: `name`, `pid`, `api_sock` (a path or `null`) and `vcpu_tids` are
+//! there since the first version (the parking daemon reads just these); `vcpus`, `memory_mib`,
+//! `started_unix_ms` and `pid_start_ticks` were added later and are absent (`None`) in entries an
+//! older VMM wrote. Readers ignore fields they do not know.
 
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// The default runtime directory.
@@ -16,6 +23,54 @@ pub struct RuntimeEntry {
     pub api_sock: Option<PathBuf>,
     /// Thread IDs of the vCPU threads, in vCPU order.
     pub vcpu_tids: Vec<i32>,
+    /// The vCPU count.
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// Guest memory, MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// When the VM started here, ms since the Unix epoch.
+    #[serde(default)]
+    pub started_unix_ms: Option<u64>,
+    /// The VMM process's start time, clock ticks after boot (`/proc/PID/stat` field 22): tells the
+    /// VMM apart from a later process that got the same PID.
+    #[serde(default)]
+    pub pid_start_ticks: Option<u64>,
+}
+
+impl RuntimeEntry {
+    /// Whether the process that wrote this entry still runs (its PID exists and, when the entry
+    /// records it, with the same start time).
+    pub fn is_live(&self) -> bool {
+        match process_start_ticks(self.pid) {
+            None => false,
+            Some(ticks) => self.pid_start_ticks.is_none_or(|t| t == ticks),
+        }
+    }
+}
+
+/// The entry file of VM `name` in `dir`.
+pub fn entry_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+/// The control socket a VM named `name` gets when none is given: `<dir>/<name>.sock`.
+pub fn default_api_sock(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// The start time of process `pid` in clock ticks after boot, or `None` if it does not exist.
+pub fn process_start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_start_ticks(&stat)
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command name (field 2) may hold spaces
+/// and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// Why the entry could not be written.
@@ -26,7 +81,172 @@ pub struct WriteEntryError {
     pub path: PathBuf,
     /// The cause.
     #[source]
-    pub source: std::io::Error,
+    pub source: io::Error,
+}
+
+/// Why one entry could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadEntryError {
+    /// The file could not be read.
+    #[error("cannot read runtime entry {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is not an entry.
+    #[error("runtime entry {path} is not valid: {reason}")]
+    Bad {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Reads the entry of VM `name` in `dir`: `Ok(None)` if there is none.
+pub fn read_entry(dir: &Path, name: &str) -> Result<Option<RuntimeEntry>, ReadEntryError> {
+    read_entry_file(&entry_path(dir, name))
+}
+
+fn read_entry_file(path: &Path) -> Result<Option<RuntimeEntry>, ReadEntryError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ReadEntryError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ReadEntryError::Bad {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+}
+
+/// Why the runtime directory could not be listed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot list the runtime directory {path}")]
+pub struct ListEntriesError {
+    /// The directory.
+    pub path: PathBuf,
+    /// The cause.
+    #[source]
+    pub source: io::Error,
+}
+
+/// One `*.json` file of the runtime directory.
+#[derive(Debug)]
+pub struct ListedEntry {
+    /// The file.
+    pub path: PathBuf,
+    /// Its entry, or why it is not one.
+    pub entry: Result<RuntimeEntry, ReadEntryError>,
+}
+
+/// Every entry file of `dir` (`NAME.json`; the VMM's hidden temporary files are not entries), in
+/// name order, live or not. A missing directory holds no entries.
+pub fn list_entries(dir: &Path) -> Result<Vec<ListedEntry>, ListEntriesError> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(ListEntriesError {
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut files: Vec<PathBuf> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "json")
+                && p.file_name()
+                    .is_some_and(|n| !n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort();
+    Ok(files
+        .into_iter()
+        .filter_map(|path| match read_entry_file(&path) {
+            // Removed between listing and reading: the VM just stopped.
+            Ok(None) => None,
+            Ok(Some(e)) => Some(ListedEntry { path, entry: Ok(e) }),
+            Err(e) => Some(ListedEntry {
+                path,
+                entry: Err(e),
+            }),
+        })
+        .collect())
+}
+
+/// Why a stale entry was not removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveStaleError {
+    /// The VM runs (again): its entry is not stale.
+    #[error("VM {name:?} runs as pid {pid}; its entry is not stale")]
+    Live {
+        /// The name.
+        name: String,
+        /// Its process.
+        pid: u32,
+    },
+    /// The file could not be read or removed.
+    #[error("cannot remove stale runtime entry {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Removes the entry of `name` in `dir` if the process that wrote it is gone, together with its
+/// control socket when that lies in `dir` and nobody serves it. Returns the removed entry, or
+/// `None` if there was no entry.
+pub fn remove_stale(dir: &Path, name: &str) -> Result<Option<RuntimeEntry>, RemoveStaleError> {
+    let path = entry_path(dir, name);
+    let io_err = |source| RemoveStaleError::Io {
+        path: path.clone(),
+        source,
+    };
+    let entry = match read_entry_file(&path) {
+        Ok(None) => return Ok(None),
+        Ok(Some(e)) => e,
+        Err(ReadEntryError::Io { source, .. }) => return Err(io_err(source)),
+        // Not an entry at all: nothing can be running under it.
+        Err(ReadEntryError::Bad { .. }) => {
+            std::fs::remove_file(&path).map_err(io_err)?;
+            return Ok(None);
+        }
+    };
+    if entry.is_live() {
+        return Err(RemoveStaleError::Live {
+            name: entry.name,
+            pid: entry.pid,
+        });
+    }
+    if let Some(sock) = entry
+        .api_sock
+        .as_deref()
+        .filter(|s| s.parent() == Some(dir))
+        && std::os::unix::net::UnixStream::connect(sock).is_err()
+    {
+        let _ = std::fs::remove_file(sock);
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(Some(entry)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Some(entry)),
+        Err(e) => Err(io_err(e)),
+    }
 }
 
 /// A written entry; the file is removed when this is dropped.
@@ -38,7 +258,7 @@ pub struct RuntimeEntryGuard {
 impl RuntimeEntryGuard {
     /// Writes `entry` into `dir` atomically (a temporary file renamed into place).
     pub fn write(dir: &Path, entry: &RuntimeEntry) -> Result<Self, WriteEntryError> {
-        let path = dir.join(format!("{}.json", entry.name));
+        let path = entry_path(dir, &entry.name);
         let err = |source| WriteEntryError {
             path: path.clone(),
             source,
@@ -67,24 +287,118 @@ impl Drop for RuntimeEntryGuard {
 mod tests {
     use super::*;
 
+    fn entry(name: &str, pid: u32) -> RuntimeEntry {
+        RuntimeEntry {
+            name: name.into(),
+            pid,
+            api_sock: Some("/tmp/vm7.sock".into()),
+            vcpu_tids: vec![100, 101],
+            vcpus: Some(2),
+            memory_mib: Some(256),
+            started_unix_ms: Some(1_700_000_000_000),
+            pid_start_ticks: Some(12345),
+        }
+    }
+
     #[test]
     fn the_entry_is_written_with_the_fields_tools_read_and_removed_on_drop() {
         let dir = tempfile::tempdir().unwrap();
-        let e = RuntimeEntry {
-            name: "vm7".into(),
-            pid: 42,
-            api_sock: Some("/tmp/vm7.sock".into()),
-            vcpu_tids: vec![100, 101],
-        };
-        let g = RuntimeEntryGuard::write(&dir.path().join("vms"), &e).unwrap();
+        let g = RuntimeEntryGuard::write(&dir.path().join("vms"), &entry("vm7", 42)).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(g.path()).unwrap()).unwrap();
         assert_eq!(v["name"], "vm7");
         assert_eq!(v["pid"], 42);
         assert_eq!(v["api_sock"], "/tmp/vm7.sock");
         assert_eq!(v["vcpu_tids"], serde_json::json!([100, 101]));
+        assert_eq!(v["vcpus"], 2);
+        assert_eq!(v["memory_mib"], 256);
         let p = g.path().to_path_buf();
         drop(g);
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn an_entry_of_an_older_vmm_without_the_later_fields_still_reads() {
+        let old = r#"{"name":"old","pid":7,"api_sock":null,"vcpu_tids":[8]}"#;
+        let e: RuntimeEntry = serde_json::from_str(old).unwrap();
+        assert_eq!(e.name, "old");
+        assert_eq!(e.api_sock, None);
+        assert_eq!(
+            (e.vcpus, e.memory_mib, e.pid_start_ticks),
+            (None, None, None)
+        );
+    }
+
+    #[test]
+    fn start_ticks_are_field_22_even_when_the_command_name_has_spaces_and_parens() {
+        let stat = "4242 (a b) c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 \
+                    1000 200 18446744073709551615";
+        assert_eq!(parse_stat_start_ticks(stat), Some(987654));
+        assert_eq!(parse_stat_start_ticks("4242 (x) S 1 2"), None);
+        assert_eq!(parse_stat_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn liveness_checks_the_pid_and_its_start_time() {
+        let me = std::process::id();
+        let ticks = process_start_ticks(me).expect("our own stat");
+        let mut e = entry("me", me);
+        e.pid_start_ticks = Some(ticks);
+        assert!(e.is_live());
+        e.pid_start_ticks = None;
+        assert!(
+            e.is_live(),
+            "an older entry without start time: the PID decides"
+        );
+        e.pid_start_ticks = Some(ticks + 1);
+        assert!(!e.is_live(), "same PID, another process");
+        e.pid = u32::MAX - 1;
+        assert!(!e.is_live());
+    }
+
+    #[test]
+    fn listing_reads_entries_in_name_order_and_reports_bad_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(list_entries(&d.join("none")).unwrap().is_empty());
+        let _b = RuntimeEntryGuard::write(d, &entry("b", 2)).unwrap();
+        let _a = RuntimeEntryGuard::write(d, &entry("a", 1)).unwrap();
+        std::fs::write(d.join("c.json"), "{not json").unwrap();
+        std::fs::write(d.join(".a.json.1"), "{").unwrap();
+        std::fs::write(d.join("a.sock"), "").unwrap();
+        let got = list_entries(d).unwrap();
+        let names: Vec<String> = got
+            .iter()
+            .map(|l| l.path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["a.json", "b.json", "c.json"]);
+        assert_eq!(got[0].entry.as_ref().unwrap().name, "a");
+        assert!(matches!(got[2].entry, Err(ReadEntryError::Bad { .. })));
+    }
+
+    #[test]
+    fn only_the_entries_of_gone_processes_are_removed_as_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut live = entry("live", std::process::id());
+        live.pid_start_ticks = process_start_ticks(live.pid);
+        let _l = RuntimeEntryGuard::write(d, &live).unwrap();
+        let mut dead = entry("dead", u32::MAX - 1);
+        let sock = default_api_sock(d, "dead");
+        dead.api_sock = Some(sock.clone());
+        drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+        std::mem::forget(RuntimeEntryGuard::write(d, &dead).unwrap());
+        assert!(matches!(
+            remove_stale(d, "live"),
+            Err(RemoveStaleError::Live { .. })
+        ));
+        assert!(entry_path(d, "live").exists());
+        assert_eq!(remove_stale(d, "dead").unwrap().unwrap().name, "dead");
+        assert!(!entry_path(d, "dead").exists());
+        assert!(
+            !sock.exists(),
+            "the dead VM's socket in the runtime dir goes too"
+        );
+        assert!(remove_stale(d, "nobody").unwrap().is_none());
     }
 }
