@@ -1,5 +1,6 @@
 //! `tern vm run` against tiny hand-made PVH kernels: console output, exit statuses, reset, fault
-//! reports, bad input, the control API and the runtime entry. Needs root and /dev/kvm.
+//! reports, bad input, the control API, the default control socket and the runtime entry. Needs
+//! root and /dev/kvm.
 
 mod common;
 
@@ -278,6 +279,10 @@ fn sigterm_stops_the_vm_and_removes_its_entry() {
     );
     vm.wait_line(Duration::from_secs(20), |l| l == "waiting");
     assert!(rt.join("termtest.json").exists());
+    assert!(
+        std::os::unix::net::UnixStream::connect(rt.join("termtest.sock")).is_ok(),
+        "without --api-sock the VM serves RUNTIME_DIR/NAME.sock"
+    );
     let st = std::process::Command::new("kill")
         .args(["-TERM", &vm.child.id().to_string()])
         .status()
@@ -285,6 +290,7 @@ fn sigterm_stops_the_vm_and_removes_its_entry() {
     assert!(st.success());
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0);
     assert!(!rt.join("termtest.json").exists());
+    assert!(!rt.join("termtest.sock").exists());
 }
 
 #[test]

@@ -1,0 +1,246 @@
+//! `tern vm migrate`: ask a VM's VMM to move it live to a waiting `tern vm receive`, show the
+//! progress it streams back, and print the report.
+
+use std::process::ExitCode;
+
+use tern_vmm::api::{self, Request};
+
+use super::progress;
+use super::target::VmRef;
+
+/// Options of `tern vm migrate`.
+#[derive(Debug, clap::Args)]
+pub struct MigrateArgs {
+    /// The VM.
+    #[command(flatten)]
+    pub vm: VmRef,
+    /// The waiting target, HOST:PORT (required unless --cancel).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "cancel")]
+    pub to: Option<String>,
+    /// Parallel TCP data streams.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub streams: u16,
+    /// Largest acceptable pause (source pause → target running), ms.
+    #[arg(long, default_value_t = 50, value_name = "MS")]
+    pub downtime_ms: u64,
+    /// Give up (or force the switch-over) after this many seconds.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// What to do at the timeout.
+    #[arg(long, value_enum, default_value = "abort")]
+    pub on_timeout: OnTimeoutArg,
+    /// Bandwidth cap, MiB/s (default: none).
+    #[arg(long, value_name = "MIBPS")]
+    pub max_bandwidth_mibps: Option<u64>,
+    /// Compare a digest of all guest memory on the target before it resumes.
+    #[arg(long)]
+    pub verify_memory: bool,
+    /// Print the final report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Cancel the migration under way on this VM.
+    #[arg(long)]
+    pub cancel: bool,
+    /// Offer only this protocol version (testing aid).
+    #[arg(long, hide = true, value_name = "N")]
+    pub x_protocol_version: Option<u16>,
+    /// The node id of the target host's volume node (the node its `tern vm receive --disk
+    /// volume://NODE_ADDR/FILE` names): the disks' write leases are handed to it at switch-over.
+    /// Required when the VM has a writable volume:// disk.
+    #[arg(long, value_name = "NODE_ID")]
+    pub disk_successor: Option<String>,
+}
+
+/// `--on-timeout`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum OnTimeoutArg {
+    /// Give up; the VM keeps running on the source.
+    Abort,
+    /// Switch over anyway, accepting a longer pause.
+    Force,
+}
+
+/// The migration report as the VMM sends it (`tern_migration::MigrationReport`'s JSON).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct ReportView {
+    /// `completed`, `refused`, `cancelled`, `timed_out`, `failed` or `in_doubt`.
+    pub outcome: String,
+    /// Whole migration, ms.
+    pub total_ms: u64,
+    /// Pause seen by the guest, ms.
+    pub downtime_ms: u64,
+    /// Rounds, the stop-and-copy round included.
+    pub rounds: u32,
+    /// Bytes written to the streams.
+    pub bytes_sent: u64,
+    /// Zero pages not sent.
+    pub pages_zero_skipped: u64,
+    /// Highest throttle, percent.
+    pub throttle_max_pct: f64,
+    /// Whether the downtime budget (not the timeout) chose the switch-over.
+    pub converged: bool,
+}
+
+/// One progress line as the VMM sends it (`tern_migration::Progress`'s JSON).
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+struct ProgressView {
+    phase: String,
+    round: u32,
+    bytes_sent: u64,
+    bytes_remaining: u64,
+    dirty_bytes_per_sec: f64,
+    bandwidth_bytes_per_sec: f64,
+    expected_downtime_ms: Option<f64>,
+    throttle_pct: f64,
+}
+
+/// `1.5 GiB`, `64.0 MiB`, `12.0 KiB`, `512 B`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    for (unit, size) in UNITS {
+        if n >= size {
+            return format!("{:.1} {unit}", n as f64 / size as f64);
+        }
+    }
+    format!("{n} B")
+}
+
+/// The report as one line for people: no JSON quoting, sizes in binary units.
+pub fn report_line(r: &ReportView, to: &str) -> String {
+    let outcome = r.outcome.replace('_', " ");
+    format!(
+        "migration to {to} {outcome} in {} ms: downtime {} ms, {} round{}, {} sent, {} zero pages skipped, \
+         throttle max {:.1} %, {}",
+        r.total_ms,
+        r.downtime_ms,
+        r.rounds,
+        if r.rounds == 1 { "" } else { "s" },
+        human_bytes(r.bytes_sent),
+        r.pages_zero_skipped,
+        r.throttle_max_pct,
+        if r.converged {
+            "converged"
+        } else {
+            "switched over at the timeout"
+        }
+    )
+}
+
+pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
+    let sock = a.vm.socket()?;
+    if a.cancel {
+        return super::control_at(&sock, Request::MigrateCancel);
+    }
+    anyhow::ensure!(
+        (1..=64).contains(&a.streams),
+        "--streams {} is out of range (give 1 to 64)",
+        a.streams
+    );
+    anyhow::ensure!(
+        a.timeout.is_finite() && a.timeout > 0.0,
+        "--timeout {} is not a positive number of seconds",
+        a.timeout
+    );
+    let to = a.to.clone().unwrap_or_default();
+    let req = Request::Migrate(api::MigrateRequest {
+        to: to.clone(),
+        streams: a.streams,
+        downtime_ms: a.downtime_ms,
+        timeout_s: a.timeout,
+        force_on_timeout: matches!(a.on_timeout, OnTimeoutArg::Force),
+        max_bandwidth_mibps: a.max_bandwidth_mibps,
+        verify_memory: a.verify_memory,
+        protocol_version: a.x_protocol_version,
+        disk_successor: a.disk_successor.clone(),
+    });
+    let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
+    let mut on_progress = |p: &serde_json::Value| {
+        let Some(b) = &bar else { return };
+        let Ok(p) = serde_json::from_value::<ProgressView>(p.clone()) else {
+            return;
+        };
+        b.set_length(p.bytes_sent + p.bytes_remaining);
+        b.set_position(p.bytes_sent);
+        b.set_prefix(p.round.to_string());
+        b.set_message(format!(
+            "{} dirty {:.0} MiB/s bw {:.0} MiB/s downtime~{} throttle {:.1} %",
+            p.phase.replace('_', "-"),
+            p.dirty_bytes_per_sec / 1048576.0,
+            p.bandwidth_bytes_per_sec / 1048576.0,
+            p.expected_downtime_ms
+                .map_or("?".to_string(), |d| format!("{d:.0} ms")),
+            p.throttle_pct,
+        ));
+    };
+    let resp = api::call_streaming(&sock, &req, &mut on_progress);
+    progress::clear(bar);
+    let resp = resp?;
+    let report: Option<ReportView> = resp
+        .report
+        .as_ref()
+        .and_then(|r| serde_json::from_value(r.clone()).ok());
+    if a.json {
+        println!("{}", resp.report.clone().unwrap_or(serde_json::Value::Null));
+    } else if let Some(r) = &report {
+        eprintln!("{}", report_line(r, &to));
+    }
+    if resp.ok {
+        if !a.json {
+            eprintln!(
+                "tern: {} runs on {to} now; its VMM here has stopped",
+                a.vm.describe()
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let outcome = report.as_ref().map_or("failed", |r| r.outcome.as_str());
+    let why = resp.error.unwrap_or_else(|| "no reason given".into());
+    if outcome == "in_doubt" {
+        eprintln!(
+            "tern: migration in doubt: {why}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
+        );
+        return Ok(ExitCode::from(3));
+    }
+    eprintln!(
+        "tern: migration failed ({}): {why}; the VM keeps running here",
+        outcome.replace('_', " ")
+    );
+    Ok(ExitCode::FAILURE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_line_has_no_json_quotes_and_readable_sizes() {
+        let r: ReportView = serde_json::from_str(
+            r#"{"total_ms":812,"downtime_ms":9,"rounds":3,"bytes_sent":70254592,
+                "pages_zero_skipped":15000,"throttle_max_pct":0.0,"converged":true,
+                "outcome":"completed"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            report_line(&r, "10.0.0.2:7000"),
+            "migration to 10.0.0.2:7000 completed in 812 ms: downtime 9 ms, 3 rounds, 67.0 MiB sent, \
+             15000 zero pages skipped, throttle max 0.0 %, converged"
+        );
+        let t = ReportView {
+            outcome: "timed_out".into(),
+            rounds: 1,
+            converged: false,
+            ..r
+        };
+        let line = report_line(&t, "h:1");
+        assert!(line.starts_with("migration to h:1 timed out in"), "{line}");
+        assert!(line.contains(" 1 round,"), "{line}");
+        assert!(!line.contains('"'), "{line}");
+    }
+
+    #[test]
+    fn sizes_use_the_largest_fitting_binary_unit() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(12 << 10), "12.0 KiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+    }
+}
