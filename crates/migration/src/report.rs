@@ -140,7 +140,8 @@ mod tests {
             "timed_out" exit 1 source runs true
             "failed" exit 1 source runs true
             "in_doubt" exit 3 source runs false
-        "#]].assert_eq(&got);
+        "#]]
+        .assert_eq(&got);
     }
 
     #[test]
