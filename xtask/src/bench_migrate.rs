@@ -116,6 +116,8 @@ enum RunEnd {
     TargetSilent,
     /// A guest printed PANIC.
     Panicked,
+    /// The run itself went wrong (a VMM did not start, a QMP command failed); printed.
+    Error,
 }
 
 /// One migration's figures; `None` fields: not measured.
@@ -587,6 +589,10 @@ fn qemu_run(
             if let Some(t) = i["cpu-throttle-percentage"].as_f64() {
                 throttle_max = throttle_max.max(t);
             }
+            // Right after `migrate`, QEMU may answer `{}` (no migration state yet).
+            if i.as_object().is_some_and(|o| o.is_empty()) && Instant::now() < deadline {
+                continue;
+            }
             let status = i
                 .get("status")
                 .and_then(serde_json::Value::as_str)
@@ -622,6 +628,14 @@ fn qemu_run(
     result
 }
 
+/// A run that went wrong is printed and counted as a failed run; the others go on.
+fn or_error(vmm: &str, r: anyhow::Result<Sample>) -> Sample {
+    r.unwrap_or_else(|e| {
+        eprintln!("{vmm}: run failed: {e:#}");
+        Sample::failed(RunEnd::Error)
+    })
+}
+
 fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
@@ -642,6 +656,7 @@ struct Medians {
     not_converged: usize,
     target_silent: usize,
     panicked: usize,
+    errors: usize,
     pause: Option<f64>,
     host_gap: Option<f64>,
     guest_gap: Option<f64>,
@@ -666,6 +681,7 @@ fn medians(s: &[Sample]) -> Medians {
         not_converged: count(RunEnd::NotConverged),
         target_silent: count(RunEnd::TargetSilent),
         panicked: count(RunEnd::Panicked),
+        errors: count(RunEnd::Error),
         pause: m(&|x| x.pause_ms()),
         host_gap: m(&|x| x.host_gap_ms),
         guest_gap: m(&|x| x.guest_gap_ms),
@@ -733,10 +749,16 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
             // Interleaved, so host noise hits all alike.
-            t.push(tern_run(&tern, &elf, &dir, w)?);
-            qt.push(qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned)?);
+            t.push(or_error("tern", tern_run(&tern, &elf, &dir, w)));
+            qt.push(or_error(
+                "qemu tuned",
+                qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned),
+            ));
             if w.cap_mibps.is_none() {
-                qd.push(qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults)?);
+                qd.push(or_error(
+                    "qemu defaults",
+                    qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults),
+                ));
             }
         }
         rows.push((w, medians(&t), medians(&qt), medians(&qd)));
@@ -759,7 +781,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         load_average()
     );
     println!(
-        "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>10}",
+        "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>13}",
         "workload",
         "vmm",
         "ok",
@@ -781,7 +803,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
                 continue;
             }
             println!(
-                "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>10}",
+                "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>13}",
                 w.label,
                 name,
                 format!("{}/{}", m.ok, m.runs),
@@ -795,7 +817,10 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
                 fmt(m.rounds, 1.0, 0),
                 fmt(m.throttle, 1.0, 0),
                 format!("{}/{}", fmt(m.work_mean, 1.0, 0), fmt(m.work_min, 1.0, 0)),
-                format!("{}nc {}s {}p", m.not_converged, m.target_silent, m.panicked),
+                format!(
+                    "{}nc {}s {}p {}e",
+                    m.not_converged, m.target_silent, m.panicked, m.errors
+                ),
             );
         }
         let mut ratios = format!(
@@ -815,7 +840,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         println!("{:<26} {ratios}", "");
     }
     println!(
-        "failed: nc = did not complete in time, s = completed but the target never heartbeat, p = a guest panicked (none of these enter the medians)"
+        "failed: nc = did not complete in time, s = completed but the target never heartbeat, p = a guest panicked, e = the run went wrong (printed above); none of these enter the medians"
     );
     println!(
         "goals: pause <= 0.5x QEMU's where above ~10 ms noise; total <= QEMU's; bytes <= QEMU's; convergence where QEMU defaults do not"
