@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run one VM in the foreground, and drive running VMs (pause, resume, status, stop).
+    /// Run one VM in the foreground, list this host's VMs, and drive them by name (pause, resume,
+    /// status, stop, snapshot, migrate).
     #[command(subcommand)]
     Vm(vm::VmCommand),
     /// Export a guest image that Tern embeds, so other VMMs can boot the very same guest.

@@ -37,8 +37,10 @@ pub enum VmCommand {
     /// 0 after a reset request or `tern vm stop`, and 70 after a guest fault (the vCPU registers are
     /// printed on stderr).
     Run(Box<RunArgs>),
-    /// List the VMs of this host (from the runtime directory): name, pid, state, vCPUs, memory,
-    /// uptime, control socket. VMs whose process is gone are shown as `dead`.
+    /// List this host's VMs: name, pid, state, vCPUs, memory, uptime, control socket.
+    ///
+    /// Read from the runtime directory; each live VM is asked for its state. Entries left by VMMs
+    /// whose process is gone are shown as `dead` (`--prune` removes them).
     List(list::ListArgs),
     /// Pause every vCPU of a running VM.
     Pause(ApiArgs),

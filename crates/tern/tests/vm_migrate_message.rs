@@ -58,6 +58,26 @@ fn the_source_names_the_target_and_the_report_is_plain_text() {
         l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
     });
 
+    // Nobody listens there: the failure is told in words, and the VM stays here.
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "migrate",
+        "--name",
+        "origin",
+        "--runtime-dir",
+        rts,
+        "--to",
+        &nowhere,
+    ]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(
+        err.contains(&format!("migration to {nowhere} failed in ")),
+        "{err}"
+    );
+    assert!(err.contains("the VM keeps running here"), "{err}");
+    assert!(!err.contains('"'), "no JSON quoting: {err}");
+
     let (rc, out, err) = tern_cmd(&[
         "vm",
         "migrate",

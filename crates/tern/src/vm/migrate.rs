@@ -3,6 +3,7 @@
 
 use std::process::ExitCode;
 
+use tern_migration::Outcome;
 use tern_vmm::api::{self, Request};
 
 use super::progress;
@@ -63,8 +64,8 @@ pub enum OnTimeoutArg {
 /// The migration report as the VMM sends it (`tern_migration::MigrationReport`'s JSON).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct ReportView {
-    /// `completed`, `refused`, `cancelled`, `timed_out`, `failed` or `in_doubt`.
-    pub outcome: String,
+    /// How it ended.
+    pub outcome: Outcome,
     /// Whole migration, ms.
     pub total_ms: u64,
     /// Pause seen by the guest, ms.
@@ -105,9 +106,21 @@ pub fn human_bytes(n: u64) -> String {
     format!("{n} B")
 }
 
+/// An outcome in words.
+fn outcome_words(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Completed => "completed",
+        Outcome::Refused => "refused",
+        Outcome::Cancelled => "cancelled",
+        Outcome::TimedOut => "timed out",
+        Outcome::Failed => "failed",
+        Outcome::InDoubt => "in doubt",
+    }
+}
+
 /// The report as one line for people: no JSON quoting, sizes in binary units.
 pub fn report_line(r: &ReportView, to: &str) -> String {
-    let outcome = r.outcome.replace('_', " ");
+    let outcome = outcome_words(r.outcome);
     format!(
         "migration to {to} {outcome} in {} ms: downtime {} ms, {} round{}, {} sent, {} zero pages skipped, \
          throttle max {:.1} %, {}",
@@ -193,19 +206,19 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let outcome = report.as_ref().map_or("failed", |r| r.outcome.as_str());
+    let outcome = report.as_ref().map_or(Outcome::Failed, |r| r.outcome);
     let why = resp.error.unwrap_or_else(|| "no reason given".into());
-    if outcome == "in_doubt" {
+    if outcome == Outcome::InDoubt {
         eprintln!(
             "tern: migration in doubt: {why}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
         );
-        return Ok(ExitCode::from(3));
+        return Ok(ExitCode::from(outcome.exit_code()));
     }
     eprintln!(
         "tern: migration failed ({}): {why}; the VM keeps running here",
-        outcome.replace('_', " ")
+        outcome_words(outcome)
     );
-    Ok(ExitCode::FAILURE)
+    Ok(ExitCode::from(outcome.exit_code().max(1)))
 }
 
 #[cfg(test)]
@@ -226,7 +239,7 @@ mod tests {
              15000 zero pages skipped, throttle max 0.0 %, converged"
         );
         let t = ReportView {
-            outcome: "timed_out".into(),
+            outcome: Outcome::TimedOut,
             rounds: 1,
             converged: false,
             ..r
