@@ -232,34 +232,7 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
         VolumeCommand::Resize { name, size, node } => {
             client(&node, Request::Resize { name, size }, print_file)
         }
-        VolumeCommand::Ls { node } => client(&node, Request::List, |v| {
-            println!(
-                "{:<32} {:>14} {:>6} {:>10} {:>6} {:>6}",
-                "NAME", "SIZE", "PREALL", "ALLOCATED", "HOLDER", "EPOCH"
-            );
-            for f in v["files"].as_array().into_iter().flatten() {
-                println!(
-                    "{:<32} {:>14} {:>6} {:>10} {:>6} {:>6}",
-                    f["name"].as_str().unwrap_or("?"),
-                    f["size"],
-                    if f["preallocated"].as_bool() == Some(true) {
-                        "yes"
-                    } else {
-                        "no"
-                    },
-                    format!("{} MiB", f["allocated_extents"]),
-                    f["lease"]["holder"]
-                        .as_u64()
-                        .map(|h| h.to_string())
-                        .unwrap_or_else(|| "-".into()),
-                    f["lease"]["epoch"],
-                );
-            }
-            println!(
-                "free: {} of {} extents (generation {})",
-                v["free_extents"], v["extents"], v["generation"]
-            );
-        }),
+        VolumeCommand::Ls { node } => client(&node, Request::List, |v| print!("{}", ls_table(v))),
         VolumeCommand::Stat { name, node } => {
             client(&node, Request::Stat { name, map: false }, print_file)
         }
@@ -278,6 +251,19 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 v["node_id"],
                 v["role"].as_str().unwrap_or("?"),
                 v["path"].as_str().unwrap_or("?")
+            );
+            println!(
+                "LUN: {}{}{}",
+                v["lun"].as_str().unwrap_or("?"),
+                if v["no_direct"].as_bool() == Some(true) {
+                    " (--no-direct: not opened)"
+                } else {
+                    ""
+                },
+                v["fault_file"]
+                    .as_str()
+                    .map(|f| format!(", fault file {f}"))
+                    .unwrap_or_default()
             );
             for n in v["nodes"].as_array().into_iter().flatten() {
                 println!(
@@ -320,11 +306,142 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Bytes in binary units, exact where it can be (`20 GiB`, `1536 KiB`), else one decimal.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    while unit + 1 < UNITS.len() && bytes >= 1 << (10 * (unit + 1)) {
+        unit += 1;
+    }
+    let div = 1u64 << (10 * unit);
+    if bytes % div == 0 {
+        format!("{} {}", bytes / div, UNITS[unit])
+    } else {
+        format!("{:.1} {}", bytes as f64 / div as f64, UNITS[unit])
+    }
+}
+
+/// The `volume ls` table: columns sized to their widest cell, sizes in binary units.
+fn ls_table(v: &serde_json::Value) -> String {
+    let extent = v["extent_size"].as_u64().unwrap_or(EXTENT_SIZE);
+    let mut rows = vec![[
+        "NAME".to_owned(),
+        "SIZE".to_owned(),
+        "ALLOCATED".to_owned(),
+        "TYPE".to_owned(),
+        "WRITER".to_owned(),
+        "EPOCH".to_owned(),
+    ]];
+    for f in v["files"].as_array().into_iter().flatten() {
+        rows.push([
+            f["name"].as_str().unwrap_or("?").to_owned(),
+            human_size(f["size"].as_u64().unwrap_or(0)),
+            human_size(f["allocated_extents"].as_u64().unwrap_or(0) * extent),
+            if f["preallocated"].as_bool() == Some(true) {
+                "prealloc"
+            } else {
+                "thin"
+            }
+            .to_owned(),
+            f["lease"]["holder"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |h| format!("node {h}")),
+            f["lease"]["epoch"].to_string(),
+        ]);
+    }
+    let mut width = [0usize; 6];
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line = format!(
+            "{:<w0$}  {:>w1$}  {:>w2$}  {:<w3$}  {:<w4$}  {:>w5$}",
+            r[0],
+            r[1],
+            r[2],
+            r[3],
+            r[4],
+            r[5],
+            w0 = width[0],
+            w1 = width[1],
+            w2 = width[2],
+            w3 = width[3],
+            w4 = width[4],
+            w5 = width[5],
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    let extents = v["extents"].as_u64().unwrap_or(0);
+    let free = v["free_extents"].as_u64().unwrap_or(0);
+    let sizes: u64 = v["files"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|f| f["size"].as_u64())
+        .sum();
+    out.push_str(&format!(
+        "volume: {} free of {}; files total {}{} (generation {})\n",
+        human_size(free * extent),
+        human_size(extents * extent),
+        human_size(sizes),
+        if sizes > extents * extent {
+            ", over-committed (thin files take space at first write)"
+        } else {
+            ""
+        },
+        v["generation"]
+    ));
+    out
+}
+
+/// How long a client waits for a node that refuses connections (one just started with
+/// `tern volume serve … &` binds its port a moment later).
+const NODE_START_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connect to the node first, so an unreachable node is reported with its cause. A refused
+/// connection is retried for [`NODE_START_WAIT`].
+fn check_reachable(addr: &str) -> anyhow::Result<()> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let hint = || {
+        format!("cannot reach node {addr} (is `tern volume serve --listen {addr}` running there?)")
+    };
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{} — {addr:?} is not a HOST:PORT address", hint()))?
+        .collect();
+    let start = std::time::Instant::now();
+    let mut last = None;
+    loop {
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, std::time::Duration::from_secs(5)) {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        let refused = last
+            .as_ref()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
+        if !refused || start.elapsed() >= NODE_START_WAIT {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    match last {
+        Some(e) => Err(anyhow::Error::new(e).context(hint())),
+        None => anyhow::bail!("{}: {addr:?} resolves to no address", hint()),
+    }
+}
+
 fn client(
     node: &NodeArgs,
     req: Request,
     human: impl Fn(&serde_json::Value),
 ) -> anyhow::Result<ExitCode> {
+    check_reachable(&node.node)?;
     // Generous: a metadata operation may wait through a coordinator take-over.
     let v =
         tern_volume::control::call(&node.node, &req, false, std::time::Duration::from_secs(30))?;
@@ -341,16 +458,17 @@ fn print_file(v: &serde_json::Value) {
         .as_u64()
         .map(|h| format!("node {h}"))
         .unwrap_or_else(|| "none".into());
+    let size = v["size"].as_u64().unwrap_or(0);
     println!(
-        "{}: {} bytes, {}, {} MiB allocated, write lease: {holder} (epoch {})",
+        "{}: {} ({size} bytes), {}, {} allocated, write lease: {holder} (epoch {})",
         v["name"].as_str().unwrap_or("?"),
-        v["size"],
+        human_size(size),
         if v["preallocated"].as_bool() == Some(true) {
             "preallocated"
         } else {
             "thin"
         },
-        v["allocated_extents"],
+        human_size(v["allocated_extents"].as_u64().unwrap_or(0) * EXTENT_SIZE),
         v["lease"]["epoch"],
     );
 }
@@ -449,7 +567,44 @@ fn uuid_now() -> [u8; 16] {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{human_size, ls_table, parse_size};
+
+    #[test]
+    fn sizes_print_in_binary_units() {
+        assert_eq!(human_size(20 << 30), "20 GiB");
+        assert_eq!(human_size(3 << 20), "3 MiB");
+        assert_eq!(human_size(1536 << 10), "1.5 MiB");
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(0), "0 B");
+    }
+
+    #[test]
+    fn ls_columns_line_up_whatever_the_name_lengths() {
+        let v = serde_json::json!({
+            "files": [
+                { "name": "a", "size": 21474836480u64, "preallocated": false, "allocated_extents": 3,
+                  "lease": { "epoch": 12, "holder": 2 } },
+                { "name": "a-much-longer-name-than-the-header.raw", "size": 1048576, "preallocated": true,
+                  "allocated_extents": 1, "lease": { "epoch": 0, "holder": null } },
+            ],
+            "extent_size": 1048576, "extents": 8189, "free_extents": 8185, "generation": 7,
+        });
+        let t = ls_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        // Every column starts at the same place in the header and in each row.
+        let col = |l: &str, what: &str| l.find(what).unwrap_or_else(|| panic!("{what} in {l:?}"));
+        assert_eq!(col(lines[0], "TYPE"), col(lines[1], "thin"));
+        assert_eq!(col(lines[0], "TYPE"), col(lines[2], "prealloc"));
+        assert_eq!(col(lines[0], "WRITER"), col(lines[1], "node 2"));
+        assert_eq!(
+            col(lines[0], "SIZE") + "SIZE".len(),
+            col(lines[1], "20 GiB") + "20 GiB".len(),
+            "sizes are right-aligned under their header"
+        );
+        assert!(lines[3].contains("8185 MiB free of 8189 MiB"), "{t}");
+        assert!(lines[3].contains("over-committed"), "{t}");
+    }
 
     #[test]
     fn sizes_parse_with_binary_units_and_reject_garbage() {

@@ -9,6 +9,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, GetOptions, PutOptions};
@@ -94,7 +95,19 @@ fn members_prefix(node: &Node) -> String {
     format!("tern/volume/{}/nodes/", uuid_hex(node))
 }
 
-/// Run a node until the process is killed.
+/// The etcd leases a node holds: its coordinator session (while campaigning or in office) and
+/// its membership entry. A clean stop revokes both, so the others elect a new coordinator and
+/// drop this node from `status` at once instead of after the TTLs.
+#[derive(Debug, Default)]
+struct EtcdLeases {
+    session: AtomicI64,
+    member: AtomicI64,
+}
+
+/// Run a node until the process is killed, or stopped with SIGINT/SIGTERM: then it flushes
+/// every open file, steps down, leaves the membership list and exits with status 0. Write
+/// leases it holds are not released (a local VM disk may still be writing under them): they
+/// expire after their TTL.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     if opts.node_id == 0 {
         return Err(ServeError::BadNodeId);
@@ -145,11 +158,13 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         }
     })?;
 
+    let leases = Arc::new(EtcdLeases::default());
     if !opts.no_direct {
         rt.spawn(election_loop(
             Arc::clone(&node),
             client.clone(),
             opts.session_ttl_s,
+            Arc::clone(&leases),
         ));
     }
     rt.spawn(leader_loop(Arc::clone(&node), client.clone()));
@@ -157,7 +172,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         Arc::clone(&node),
         client.clone(),
         opts.session_ttl_s,
+        Arc::clone(&leases),
     ));
+    rt.spawn(stop_on_signal(Arc::clone(&node), client.clone(), leases));
     {
         let node = Arc::clone(&node);
         std::thread::spawn(move || {
@@ -191,11 +208,65 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// On SIGINT or SIGTERM: flush, step down, leave the membership list, say so, exit 0.
+async fn stop_on_signal(node: Arc<Node>, mut client: Client, leases: Arc<EtcdLeases>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        eprintln!(
+            "tern volume: node {}: cannot catch SIGINT/SIGTERM; a stop will not be announced",
+            node.id()
+        );
+        return;
+    };
+    let sig = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    eprintln!(
+        "tern volume: node {} stopping ({sig}): flushing open files, leaving the cluster",
+        node.id()
+    );
+    let n = Arc::clone(&node);
+    let flushed = tokio::task::spawn_blocking(move || n.flush_all())
+        .await
+        .unwrap_or(0);
+    // Step down first (no metadata written from here on), then let etcd know.
+    let was_coordinator = node.is_coordinator();
+    node.set_coordinator_deadline(0);
+    for id in [
+        leases.session.swap(0, Ordering::SeqCst),
+        leases.member.swap(0, Ordering::SeqCst),
+    ] {
+        if id != 0 {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.lease_revoke(id)).await;
+        }
+    }
+    let held = node.held_lease_count();
+    eprintln!(
+        "tern volume: node {} stopped: {flushed} open file(s) flushed{}{}",
+        node.id(),
+        if was_coordinator {
+            ", coordinator role given up"
+        } else {
+            ""
+        },
+        if held > 0 {
+            format!(", {held} write lease(s) left to expire after their TTL")
+        } else {
+            String::new()
+        }
+    );
+    std::process::exit(0);
+}
+
 /// Campaign for coordinator under a short-TTL etcd lease; step down when the lease is gone.
-async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64, leases: Arc<EtcdLeases>) {
     let mut last = String::new();
     loop {
-        if let Err(e) = one_term(&node, &mut client, ttl_s).await
+        if let Err(e) = one_term(&node, &mut client, ttl_s, &leases).await
             && e != last
         {
             // Say each distinct problem once, not every retry.
@@ -207,7 +278,12 @@ async fn election_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
     }
 }
 
-async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(), String> {
+async fn one_term(
+    node: &Arc<Node>,
+    client: &mut Client,
+    ttl_s: i64,
+    leases: &EtcdLeases,
+) -> Result<(), String> {
     // etcd starts the session's clock when it grants it, i.e. after we ask: count from before.
     let asked = node.now_ms();
     let lease = client
@@ -215,6 +291,7 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
         .await
         .map_err(|e| e.to_string())?;
     let lease_id = lease.id();
+    leases.session.store(lease_id, Ordering::SeqCst);
     let (mut keeper, mut stream) = client
         .lease_keep_alive(lease_id)
         .await
@@ -287,6 +364,9 @@ async fn one_term(node: &Arc<Node>, client: &mut Client, ttl_s: i64) -> Result<(
     };
     node.set_coordinator_deadline(0);
     keepalive.abort();
+    let _ = leases
+        .session
+        .compare_exchange(lease_id, 0, Ordering::SeqCst, Ordering::SeqCst);
     let _ = client.lease_revoke(lease_id).await;
     result
 }
@@ -319,7 +399,7 @@ async fn leader_loop(node: Arc<Node>, mut client: Client) {
 }
 
 /// Publish this node's membership entry (with its path state) and read everyone else's.
-async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
+async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64, leases: Arc<EtcdLeases>) {
     let mut member_lease: Option<i64> = None;
     let mut last_published = String::new();
     let mut last_refresh = Instant::now();
@@ -332,6 +412,9 @@ async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64) {
                 .await
                 .ok()
                 .map(|l| l.id());
+            leases
+                .member
+                .store(member_lease.unwrap_or(0), Ordering::SeqCst);
             last_published.clear();
         }
         if let Some(id) = member_lease {
