@@ -1,4 +1,4 @@
-//! A VM built from a [`VmConfig`] ([`create`]: one builder step per concern) and controlled:
+//! A VM built from a [`VmConfig`] (`vm/create.rs`: one builder step per concern) and controlled:
 //! pause, resume, stop, status, and its saved state (the aggregate of [`crate::persist`]).
 
 mod create;

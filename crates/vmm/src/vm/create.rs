@@ -45,7 +45,7 @@ static KICK_HANDLER: Once = Once::new();
 
 impl Vm {
     /// Builds the VM: KVM, memory, irqchip, PIT, devices, the kernel, and one thread per vCPU
-    /// (the steps of [`VmBuilder`]). The vCPUs are parked before their first instruction: call
+    /// (the steps of `VmBuilder` in `vm/create.rs`). The vCPUs are parked before their first instruction: call
     /// [`Vm::resume`] to run the guest (after registering the VM, or after
     /// [`Vm::restore_state`] on a migration target).
     pub fn create(cfg: VmConfig) -> Result<Vm, StartVmError> {
