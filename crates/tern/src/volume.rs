@@ -314,7 +314,7 @@ pub fn human_size(bytes: u64) -> String {
         unit += 1;
     }
     let div = 1u64 << (10 * unit);
-    if bytes % div == 0 {
+    if bytes.is_multiple_of(div) {
         format!("{} {}", bytes / div, UNITS[unit])
     } else {
         format!("{:.1} {}", bytes as f64 / div as f64, UNITS[unit])
