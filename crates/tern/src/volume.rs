@@ -602,7 +602,7 @@ mod tests {
             col(lines[1], "20 GiB") + "20 GiB".len(),
             "sizes are right-aligned under their header"
         );
-        assert!(lines[3].contains("8185 MiB free of 8189 MiB"), "{t}");
+        assert!(lines[3].contains("8.0 GiB free of 8.0 GiB"), "{t}");
         assert!(lines[3].contains("over-committed"), "{t}");
     }
 
