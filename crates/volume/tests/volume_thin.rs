@@ -313,3 +313,50 @@ fn an_over_committed_volume_returns_enospc_at_write_time_and_loses_nothing_else(
         tern_volume::store::Volume::open(&FileLun::open(&s.dir.join("lun")).unwrap()).unwrap();
     assert_eq!(reopened.meta.files["big.raw"].size, 64 * MIB);
 }
+
+/// A second node on the same LUN that forwards to the served coordinator (node 1).
+fn second_node(s: &Served, id: u32, no_direct: bool) -> String {
+    let lun = s.dir.join("lun");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let node = Node::new(
+        NodeConfig {
+            node_id: id,
+            listen: addr.clone(),
+            no_direct,
+            lease_ttl_ms: 600_000,
+            lun: lun.clone(),
+            fault_file: None,
+        },
+        &lun,
+    )
+    .unwrap();
+    node.set_leader(Some(tern_volume::node::LeaderInfo {
+        node_id: 1,
+        addr: s.addr.clone(),
+        generation: 1,
+    }));
+    std::thread::spawn(move || tern_nbd::run_listener(listener, Arc::new(NodeExports(node))));
+    addr
+}
+
+#[test]
+fn nodes_that_are_not_the_coordinator_free_extents_through_it() {
+    let s = serve(64);
+    for (id, no_direct) in [(2, false), (3, true)] {
+        let addr = second_node(&s, id, no_direct);
+        let name = format!("f{id}.raw");
+        thin_file(&addr, &name, 16 * MIB);
+        let target = format!("nbd://{addr}/{name}");
+        let io = |cmd: &str| run("qemu-io", &["-f", "raw", &target, "-c", cmd]);
+        io("write -P 0x7e 0 4M");
+        assert_eq!(allocated(&s.addr, &name), 4, "node {id}");
+        io("discard 1M 2M");
+        io("write -z -u 3M 1M");
+        io("discard 512K 512K");
+        assert_eq!(allocated(&s.addr, &name), 1, "node {id}");
+        io("read -P 0x7e 0 512K");
+        io("read -P 0 512K 15872K");
+        assert_eq!(nbdinfo_map(&target), (MIB, 15 * MIB), "node {id}");
+    }
+}
