@@ -338,6 +338,13 @@ fn frozen_holder_queued_writes_are_refused_after_resume() {
         hdisk.write(0, &[0xEF; 512], true),
         Err(ClientError::Remote(Errno::Perm))
     ));
+    // The refusal is in the holder's log (once, not once per retry).
+    let log = std::fs::read_to_string(c.dir.path().join(format!("node{}.log", holder.id))).unwrap();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("write of f at offset 0 refused (EPERM)"))
+        .count();
+    assert_eq!(refusals, 1, "node {} log:\n{log}", holder.id);
     let mut b = vec![0u8; 4096];
     pdisk.read(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 2), "peer's data must stand");
