@@ -1,0 +1,12 @@
+//! The host agent's decision core.
+//!
+//! [`core::Agent`] is a state machine fed [`core::Input`]s (commands from the controller, lease
+//! renewals, VMM exits, ticks) with the current time; the shell carries out its
+//! [`core::Action`]s (spawn or kill a VMM, start a migration, answer a command). It refuses
+//! commands from a controller generation lower than one it has seen, restarts crashed VMMs within
+//! a budget, and kills every VMM before its host's etcd lease can expire when it cannot renew it.
+//! It never links KVM, and never reads a clock itself.
+
+#![forbid(unsafe_code)]
+
+pub mod core;

@@ -1,0 +1,19 @@
+//! The typed messages every Tern client needs, with `Serialize`/`Deserialize` and OpenAPI schemas,
+//! and no KVM: the cluster REST API ([`cluster`]) and the agent protocol ([`agent`]).
+//!
+//! Nothing here does I/O; the controller, the agents and the `tern cluster` client all decode into
+//! these types, so a missing or mistyped field is an error at the edge, never a silent default.
+//!
+//! ```
+//! use tern_api::cluster::VmCreate;
+//! let req: VmCreate = serde_json::from_str(
+//!     r#"{"name":"web-1","vcpus":1,"memory_mib":64,"kernel":"builtin:testguest"}"#,
+//! ).unwrap();
+//! assert!(req.validate().is_ok());
+//! assert_eq!(req.restart_priority, 50);
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod cluster;

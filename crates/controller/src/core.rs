@@ -1,0 +1,2014 @@
+//! The controller's decision core: a state machine fed inputs (etcd changes, agent reports and
+//! replies, API calls) with the time as an argument, and emitting [`Action`]s for the shell to carry
+//! out (commands to agents, lease fencing, desired-state writes). No clock, socket or thread.
+//!
+//! # What it decides
+//! - **Placement** of new and restarted VMs ([`crate::place`], PABFD over `tern-policy`), with
+//!   pinning and anti-affinity, and admission control that keeps room for `ha_reserve_hosts` host
+//!   failures.
+//! - **Migrations** on request and for **maintenance**, at most `max_migrations_per_host` touching
+//!   a host and `max_migrations` in the cluster at once; the rest wait queued.
+//! - **HA**: a host whose lease expired at `t` is fenced (its disk leases' epochs bumped) at
+//!   `t + fence_margin_ms` — by then its agent has killed its VMMs itself, since it could not renew
+//!   before `TTL − margin` — and only then are its VMs restarted elsewhere, highest priority first.
+//! - **In doubt**: a migration whose commit had no answer is settled by asking both agents.
+//!
+//! # Failure rule per command (the table the shell relies on)
+//! | command      | `Done`                              | `Failed` / lost reply           | `InDoubt`          |
+//! |--------------|-------------------------------------|---------------------------------|--------------------|
+//! | start        | VM `starting` (running once seen)   | VM back to `pending` (retried)  | —                  |
+//! | stop         | VM `stopped` / removed              | retried on the next tick        | —                  |
+//! | receive      | send `migrate_out` to the source    | task failed, VM stays           | —                  |
+//! | migrate_out  | VM on the target, task succeeded    | task failed, VM on the source   | query both sides   |
+//! | query        | settle by what each side runs       | ask again on the next tick      | —                  |
+//!
+//! **Invariant:** the core never sends `start` or `receive` for a VM that may run elsewhere: a VM is
+//! started only when it has no host, or its host was fenced; a migration's target becomes the VM's
+//! host only after the source reports success or the target reports it running.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use tern_api::agent::{AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState};
+use tern_api::cluster::{
+    EventInfo, HostInfo, HostState, InvalidInput, TaskInfo, TaskKind, TaskRef, TaskState, VmCreate,
+    VmInfo, VmState,
+};
+
+use crate::place::{self, Candidate, Placement};
+
+/// Events kept for `GET /v1/events`.
+pub const EVENTS_KEPT: usize = 1000;
+
+/// A VM whose start failed is placed again after this long, ms.
+pub const START_RETRY_MS: u64 = 2_000;
+
+/// The controller's knobs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Config {
+    /// Agents' etcd lease TTL, ms.
+    pub lease_ttl_ms: u64,
+    /// Agents self-fence at `TTL − margin`; the controller acts at `expiry + margin`, ms.
+    pub fence_margin_ms: u64,
+    /// A command without a reply after this long counts as failed, ms.
+    pub command_timeout_ms: u64,
+    /// Migrations touching one host at once (in or out).
+    pub max_migrations_per_host: usize,
+    /// Migrations in the cluster at once.
+    pub max_migrations: usize,
+    /// Host failures the cluster keeps room for (admission control).
+    pub ha_reserve_hosts: u32,
+    /// vCPUs per physical core placement allows.
+    pub vcpus_per_core: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            lease_ttl_ms: 5_000,
+            fence_margin_ms: 2_000,
+            command_timeout_ms: 60_000,
+            max_migrations_per_host: 2,
+            max_migrations: 4,
+            ha_reserve_hosts: 1,
+            vcpus_per_core: 4,
+        }
+    }
+}
+
+/// What the core feeds on (besides the API calls, which are methods).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// This controller won the election; `desired` is what etcd holds.
+    Elected {
+        /// The election key's revision: the fencing token of every command.
+        generation: u64,
+        /// The desired state stored by earlier leaders.
+        desired: Vec<VmRecord>,
+        /// Hosts in maintenance.
+        maintenance: Vec<String>,
+    },
+    /// Another controller leads (or the session was lost): stop acting.
+    Deposed,
+    /// A host record appeared or changed in etcd.
+    HostUp(HostRecord),
+    /// A host's record vanished (its lease expired or was revoked).
+    HostExpired {
+        /// The host.
+        host: String,
+    },
+    /// An agent's periodic report.
+    Report(AgentReport),
+    /// The reply to a command.
+    Reply {
+        /// The command's id.
+        cmd: u64,
+        /// The agent's event counter when it answered.
+        seq: u64,
+        /// The reply.
+        reply: CommandReply,
+    },
+    /// A command could not be delivered or its reply was lost.
+    SendFailed {
+        /// The command's id.
+        cmd: u64,
+        /// Why.
+        error: String,
+    },
+    /// The shell fenced a host's disk leases (or failed to).
+    Fenced {
+        /// The host.
+        host: String,
+        /// Leases fenced, or why not.
+        result: Result<u32, String>,
+    },
+    /// Time passed.
+    Tick,
+}
+
+/// A VM as stored in etcd (desired state).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    /// What it was created with.
+    pub spec: VmCreate,
+    /// Where it is placed.
+    pub host: Option<String>,
+    /// Whether it should run.
+    pub run: bool,
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send a command to an agent and feed back its reply ([`Input::Reply`] or
+    /// [`Input::SendFailed`]).
+    Send {
+        /// The host.
+        host: String,
+        /// Its agent's URL.
+        agent_url: String,
+        /// The command.
+        command: Command,
+    },
+    /// Fence the host's disk write leases through the volume coordinator, then feed back
+    /// [`Input::Fenced`].
+    FenceLeases {
+        /// The host.
+        host: String,
+        /// Its volume node id, if it has one.
+        volume_node_id: Option<u32>,
+    },
+    /// Write (or delete) a VM's desired state in etcd, guarded by this leader's key.
+    StoreVm {
+        /// The VM.
+        name: String,
+        /// The record, or `None` to delete it.
+        record: Option<VmRecord>,
+    },
+    /// Record a host's maintenance flag in etcd.
+    StoreMaintenance {
+        /// The host.
+        host: String,
+        /// In maintenance or not.
+        on: bool,
+    },
+}
+
+/// Why an API call is refused; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// Bad input (400).
+    #[error(transparent)]
+    Invalid(#[from] InvalidInput),
+    /// No such VM (404).
+    #[error("unknown VM {0:?}")]
+    UnknownVm(String),
+    /// No such host (404).
+    #[error("unknown host {0:?}")]
+    UnknownHost(String),
+    /// No such task (404).
+    #[error("unknown task {0}")]
+    UnknownTask(u64),
+    /// The name is taken (409).
+    #[error("a VM named {0:?} exists")]
+    Exists(String),
+    /// No host can take the VM (409).
+    #[error("no host fits: {0}")]
+    NoHostFits(String),
+    /// The VM is not in a state that allows this (409).
+    #[error("VM {vm:?} is {state:?}: {why}")]
+    Conflict {
+        /// The VM.
+        vm: String,
+        /// Its state.
+        state: VmState,
+        /// What would be needed.
+        why: String,
+    },
+    /// This controller does not lead (503); the leader's URL is in etcd.
+    #[error("this controller is not the leader")]
+    NotLeader,
+}
+
+impl ApiError {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::Invalid(_) => 400,
+            ApiError::UnknownVm(_) | ApiError::UnknownHost(_) | ApiError::UnknownTask(_) => 404,
+            ApiError::Exists(_) | ApiError::NoHostFits(_) | ApiError::Conflict { .. } => 409,
+            ApiError::NotLeader => 503,
+        }
+    }
+
+    /// The short, stable phrase of the error body.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => "invalid input",
+            ApiError::UnknownVm(_) => "unknown VM",
+            ApiError::UnknownHost(_) => "unknown host",
+            ApiError::UnknownTask(_) => "unknown task",
+            ApiError::Exists(_) => "already exists",
+            ApiError::NoHostFits(_) => "no host fits",
+            ApiError::Conflict { .. } => "conflict",
+            ApiError::NotLeader => "not the leader",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Host {
+    record: HostRecord,
+    state: HostState,
+    /// When the lease expiry was seen.
+    lost_at_ms: Option<u64>,
+    fence_requested: bool,
+    /// When the fence was asked for (asked again if no answer comes in time).
+    fence_asked_ms: u64,
+    /// The host's etcd record exists (its agent holds a lease).
+    registered: bool,
+    /// When its last trusted report (of this term) arrived.
+    report_ms: Option<u64>,
+    /// The last command id that report covered.
+    report_cmd_id: u64,
+    /// The agent's event counter in that report.
+    report_seq: u64,
+    maintenance: bool,
+    observed: BTreeMap<String, ObservedState>,
+    cpu: Option<f64>,
+    vm_cpu: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone)]
+struct Vm {
+    spec: VmCreate,
+    host: Option<String>,
+    state: VmState,
+    run: bool,
+    restarts: u32,
+    last_error: Option<String>,
+    /// The migration task moving it.
+    task: Option<u64>,
+    /// A start command in flight.
+    starting_cmd: Option<u64>,
+    /// After a failed start, placement waits until then.
+    retry_at_ms: u64,
+    /// Lost without a fence of its own (it vanished from its host's report, or its host was
+    /// fenced): placed again only once every host has reported since without it.
+    vanished_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Queued,
+    Receiving {
+        cmd: u64,
+    },
+    Sending {
+        cmd: u64,
+    },
+    /// Asking both sides which runs the VM.
+    Resolving {
+        source: Option<u64>,
+        target: Option<u64>,
+    },
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Task {
+    info: TaskInfo,
+    phase: Phase,
+    /// When both sides were last asked (in doubt).
+    asked_ms: u64,
+    /// For resolving: what each side said.
+    source_says: Option<ObservedState>,
+    target_says: Option<ObservedState>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Ping,
+    Start,
+    Stop,
+    Receive { task: u64 },
+    MigrateOut { task: u64 },
+    QuerySource { task: u64 },
+    QueryTarget { task: u64 },
+    Resume,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    host: String,
+    vm: String,
+    sent_ms: u64,
+    purpose: Purpose,
+}
+
+/// The controller's state machine. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    cfg: Config,
+    generation: Option<u64>,
+    /// When this term began.
+    term_start_ms: u64,
+    hosts: BTreeMap<String, Host>,
+    vms: BTreeMap<String, Vm>,
+    tasks: BTreeMap<u64, Task>,
+    next_task: u64,
+    next_cmd: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// The last command sent to each (host, VM): a report speaks for that VM only once it covers it.
+    last_cmd: BTreeMap<(String, String), u64>,
+    /// The agent's event counter at its last answer about each (host, VM): a report speaks for
+    /// that VM only if it was taken after that answer.
+    seq_floor: BTreeMap<(String, String), u64>,
+    events: VecDeque<EventInfo>,
+    next_event: u64,
+    outbox: Vec<Action>,
+    /// Hosts in maintenance whose host record has not appeared yet.
+    maintenance_pending: BTreeSet<String>,
+    /// Counters for `/metrics`.
+    pub counters: Counters,
+}
+
+/// Running totals for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Migrations that completed.
+    pub migrations_succeeded: u64,
+    /// Migrations that failed (the VM stayed).
+    pub migrations_failed: u64,
+    /// VMs restarted after their host was lost.
+    pub ha_restarts: u64,
+    /// Times this controller became the leader.
+    pub elections_won: u64,
+    /// Hosts whose leases were fenced.
+    pub hosts_fenced: u64,
+}
+
+impl Controller {
+    /// A controller that does not lead yet.
+    pub fn new(cfg: Config) -> Controller {
+        Controller {
+            cfg,
+            generation: None,
+            term_start_ms: 0,
+            hosts: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            tasks: BTreeMap::new(),
+            next_task: 1,
+            next_cmd: 1,
+            pending: BTreeMap::new(),
+            last_cmd: BTreeMap::new(),
+            seq_floor: BTreeMap::new(),
+            events: VecDeque::new(),
+            next_event: 1,
+            outbox: Vec::new(),
+            maintenance_pending: BTreeSet::new(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The generation while leading.
+    pub fn generation(&self) -> Option<u64> {
+        self.generation
+    }
+
+    /// Takes the actions decided so far, oldest first.
+    pub fn drain_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Feeds one input at time `now_ms`, then reconciles.
+    pub fn step(&mut self, input: Input, now_ms: u64) {
+        match input {
+            Input::Elected {
+                generation,
+                desired,
+                maintenance,
+            } => self.elected(generation, desired, maintenance, now_ms),
+            Input::Deposed => self.deposed(now_ms),
+            Input::HostUp(record) => self.host_up(record, now_ms),
+            Input::HostExpired { host } => self.host_expired(&host, now_ms),
+            Input::Report(report) => self.report(report, now_ms),
+            Input::Reply { cmd, seq, reply } => self.reply(cmd, seq, reply, now_ms),
+            Input::SendFailed { cmd, error } => self.send_failed(cmd, &error, now_ms),
+            Input::Fenced { host, result } => self.fenced(&host, result, now_ms),
+            Input::Tick => {}
+        }
+        self.reconcile(now_ms);
+    }
+
+    // ----- inputs -----
+
+    fn elected(
+        &mut self,
+        generation: u64,
+        desired: Vec<VmRecord>,
+        maintenance: Vec<String>,
+        now: u64,
+    ) {
+        self.generation = Some(generation);
+        self.term_start_ms = now;
+        self.counters.elections_won += 1;
+        // What an earlier term knew of host liveness is stale: a registered host is up; one that is
+        // not is lost as of now, and waits out the whole margin before it is fenced.
+        for h in self.hosts.values_mut() {
+            h.fence_requested = false;
+            h.observed.clear();
+            h.report_ms = None;
+            h.report_cmd_id = 0;
+            h.report_seq = 0;
+            if h.registered {
+                h.state = HostState::Up;
+                h.lost_at_ms = None;
+            } else {
+                h.state = HostState::Lost;
+                h.lost_at_ms = Some(now);
+            }
+        }
+        // Commands of an earlier term are void: their replies are ignored.
+        self.pending.clear();
+        self.vms.clear();
+        for rec in desired {
+            let state = match (rec.run, &rec.host) {
+                (false, _) => VmState::Stopped,
+                (true, None) => VmState::Pending,
+                // Confirmed by the agents' next reports; until then assumed to still run.
+                (true, Some(_)) => VmState::Running,
+            };
+            self.vms.insert(
+                rec.spec.name.clone(),
+                Vm {
+                    spec: rec.spec,
+                    host: rec.host,
+                    state,
+                    run: rec.run,
+                    restarts: 0,
+                    last_error: None,
+                    task: None,
+                    starting_cmd: None,
+                    retry_at_ms: 0,
+                    vanished_ms: None,
+                },
+            );
+        }
+        // Tasks of an earlier term that were under way: their VMs may be paused on a source.
+        for t in self.tasks.values_mut() {
+            if !matches!(t.phase, Phase::Done) {
+                t.phase = Phase::Done;
+                t.info.state = TaskState::Failed;
+                t.info.finished_ms = Some(now);
+                t.info.error = Some("the controller that ran it lost the leadership".into());
+            }
+        }
+        for h in maintenance {
+            match self.hosts.get_mut(&h) {
+                Some(host) => host.maintenance = true,
+                None => {
+                    self.maintenance_pending.insert(h);
+                }
+            }
+        }
+        self.event(
+            now,
+            "leader",
+            None,
+            None,
+            format!("leading with generation {generation}"),
+        );
+        // Each agent learns the new generation first: from then on it refuses older commands,
+        // and its reports can be trusted.
+        self.last_cmd.clear();
+        self.seq_floor.clear();
+        let hosts: Vec<String> = self.hosts.keys().cloned().collect();
+        for h in hosts {
+            self.send(&h, "", CommandBody::Ping, Purpose::Ping, now);
+        }
+    }
+
+    fn deposed(&mut self, now: u64) {
+        if self.generation.take().is_some() {
+            self.pending.clear();
+            self.outbox.clear();
+            self.event(now, "deposed", None, None, "no longer the leader".into());
+        }
+    }
+
+    fn host_up(&mut self, record: HostRecord, now: u64) {
+        let name = record.name.clone();
+        let maintenance = self.maintenance_pending.remove(&name);
+        match self.hosts.get_mut(&name) {
+            Some(h) => {
+                let was = h.state;
+                let new_life = h.record.lease != record.lease;
+                h.record = record;
+                h.registered = true;
+                if new_life {
+                    // A new registration: its agent is empty, and nothing said to or about its
+                    // earlier life applies.
+                    h.report_ms = None;
+                    h.report_cmd_id = 0;
+                    h.report_seq = 0;
+                    h.observed.clear();
+                    self.last_cmd.retain(|(host, _), _| host != &name);
+                    self.seq_floor.retain(|(host, _), _| host != &name);
+                }
+                // A fenced host comes back empty (its agent killed its VMMs); a lost host whose
+                // fence was not yet asked for is simply up again (its agent reports what runs).
+                if was != HostState::Up && !(was == HostState::Lost && h.fence_requested) {
+                    h.state = HostState::Up;
+                    h.lost_at_ms = None;
+                    h.fence_requested = false;
+                    self.event(
+                        now,
+                        "host_up",
+                        None,
+                        Some(&name),
+                        format!("host {name} is back"),
+                    );
+                }
+            }
+            None => {
+                self.hosts.insert(
+                    name.clone(),
+                    Host {
+                        record,
+                        state: HostState::Up,
+                        lost_at_ms: None,
+                        fence_requested: false,
+                        fence_asked_ms: 0,
+                        registered: true,
+                        report_ms: None,
+                        report_cmd_id: 0,
+                        report_seq: 0,
+                        maintenance,
+                        observed: BTreeMap::new(),
+                        cpu: None,
+                        vm_cpu: BTreeMap::new(),
+                    },
+                );
+                self.event(
+                    now,
+                    "host_up",
+                    None,
+                    Some(&name),
+                    format!("host {name} joined"),
+                );
+            }
+        }
+        if self.generation.is_some() {
+            self.send(&name, "", CommandBody::Ping, Purpose::Ping, now);
+        }
+    }
+
+    fn host_expired(&mut self, host: &str, now: u64) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            h.registered = false;
+        }
+        if let Some(h) = self.hosts.get_mut(host)
+            && h.state == HostState::Up
+        {
+            h.state = HostState::Lost;
+            h.lost_at_ms = Some(now);
+            h.observed.clear();
+            h.report_ms = None;
+            let msg = format!(
+                "host {host}'s lease expired; its VMs restart elsewhere after {} ms",
+                self.cfg.fence_margin_ms
+            );
+            self.event(now, "host_lost", None, Some(host), msg);
+        }
+    }
+
+    fn report(&mut self, report: AgentReport, now: u64) {
+        let Some(generation) = self.generation else {
+            return;
+        };
+        if report.generation_seen > generation {
+            // A newer leader has spoken to this agent.
+            self.deposed(now);
+            return;
+        }
+        let Some(h) = self.hosts.get_mut(&report.host) else {
+            return;
+        };
+        if h.state != HostState::Up {
+            return;
+        }
+        h.cpu = report.cpu_utilization;
+        h.vm_cpu = report
+            .vms
+            .iter()
+            .filter_map(|v| v.cpu_utilization.map(|u| (v.name.clone(), u)))
+            .collect();
+        // A restarted agent counts from zero again; its command ids of this term still rise.
+        let older = report.last_command_id < h.report_cmd_id
+            || (report.last_command_id == h.report_cmd_id && report.seq < h.report_seq);
+        if report.generation_seen < generation || older {
+            // Taken before the agent heard from this leader, or older than one already seen:
+            // telemetry only.
+            return;
+        }
+        h.observed = report
+            .vms
+            .iter()
+            .map(|v| (v.name.clone(), v.state))
+            .collect();
+        h.report_ms = Some(now);
+        h.report_cmd_id = report.last_command_id;
+        h.report_seq = report.seq;
+        self.reconcile_vms(now);
+    }
+
+    /// Whether host `h`'s latest trusted report speaks for VM `vm` (it covers every command sent
+    /// there about the VM).
+    fn covers(&self, h: &str, vm: &str) -> bool {
+        let Some(host) = self.hosts.get(h) else {
+            return false;
+        };
+        let key = (h.to_string(), vm.to_string());
+        host.report_ms.is_some()
+            && host.report_cmd_id >= self.last_cmd.get(&key).copied().unwrap_or(0)
+            && host.report_seq >= self.seq_floor.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether every host that might run a VM has reported since `t`: all up hosts sent a trusted
+    /// report after it, and no host is lost without being fenced.
+    fn heard_from_all_since(&self, t: u64) -> bool {
+        self.hosts.values().all(|h| match h.state {
+            HostState::Up => h.report_ms.is_some_and(|r| r > t),
+            HostState::Lost => false,
+            HostState::Fenced => true,
+        })
+    }
+
+    /// Where the up hosts' latest trusted reports show `vm`: (running or booting, paused).
+    fn seen_on(&self, vm: &str) -> (Vec<String>, Vec<String>) {
+        let mut running = Vec::new();
+        let mut paused = Vec::new();
+        for (name, h) in &self.hosts {
+            if h.state != HostState::Up || !self.covers(name, vm) {
+                continue;
+            }
+            match h.observed.get(vm) {
+                Some(ObservedState::Running | ObservedState::Starting) => {
+                    running.push(name.clone())
+                }
+                Some(ObservedState::Paused) => paused.push(name.clone()),
+                _ => {}
+            }
+        }
+        (running, paused)
+    }
+
+    /// Squares the placements with what the agents report: a VM found running elsewhere than
+    /// placed is adopted there; a VM missing from its host's covering report has vanished (and
+    /// is placed again once every host has reported without it); extra copies are stopped; a
+    /// paused copy nobody else runs is resumed.
+    fn reconcile_vms(&mut self, now: u64) {
+        let names: Vec<String> = self.vms.keys().cloned().collect();
+        for name in names {
+            let Some(vm) = self.vms.get(&name) else {
+                continue;
+            };
+            let busy = vm
+                .task
+                .and_then(|t| self.tasks.get(&t))
+                .is_some_and(|t| !matches!(t.phase, Phase::Queued | Phase::Done));
+            if busy || !vm.run {
+                continue;
+            }
+            let placed = vm.host.clone();
+            let (running, paused) = self.seen_on(&name);
+            match running.as_slice() {
+                [one] => {
+                    if placed.as_deref() != Some(one.as_str()) {
+                        if let Some(task) = vm.task {
+                            self.task_failed(task, &format!("{name} was found on {one}"), now);
+                        }
+                        let v = self.vms.get_mut(&name).expect("listed above");
+                        v.host = Some(one.clone());
+                        v.vanished_ms = None;
+                        v.starting_cmd = None;
+                        self.store_vm(&name);
+                        let msg = format!("VM {name} found running on {one}; adopted there");
+                        self.event(now, "vm_adopted", Some(&name), Some(one), msg);
+                    }
+                    let v = self.vms.get_mut(&name).expect("listed above");
+                    if v.state != VmState::Running
+                        && self.hosts[one].observed.get(&name) == Some(&ObservedState::Running)
+                    {
+                        v.state = VmState::Running;
+                        v.last_error = None;
+                        let msg = format!("VM {name} runs on {one}");
+                        self.event(now, "vm_running", Some(&name), Some(one), msg);
+                    }
+                    for p in paused {
+                        self.send(
+                            &p,
+                            &name,
+                            CommandBody::Stop { vm: name.clone() },
+                            Purpose::Stop,
+                            now,
+                        );
+                    }
+                }
+                [] => {
+                    let vanished = self.vms[&name].vanished_ms;
+                    match (&placed, paused.as_slice()) {
+                        // Paused on one host and running nowhere, now that everyone has spoken:
+                        // the in-doubt source of an earlier term. It resumes.
+                        (placed_on, [p])
+                            if placed_on.as_ref().is_none_or(|h| h == p)
+                                && self.heard_from_all_since(
+                                    vanished.unwrap_or(0).max(self.term_start_ms),
+                                ) =>
+                        {
+                            let p = p.clone();
+                            let v = self.vms.get_mut(&name).expect("listed above");
+                            v.host = Some(p.clone());
+                            v.vanished_ms = None;
+                            v.state = VmState::Running;
+                            self.store_vm(&name);
+                            let body = CommandBody::Resume { vm: name.clone() };
+                            self.send(&p, &name, body, Purpose::Resume, now);
+                            let msg = format!("VM {name} was paused on {p}; resumed there");
+                            self.event(now, "vm_resumed", Some(&name), Some(&p), msg);
+                        }
+                        (Some(h), []) => {
+                            let h = h.clone();
+                            let state = self.vms[&name].state;
+                            let gone = self.hosts.get(&h).is_some_and(|x| {
+                                x.state == HostState::Up && !x.observed.contains_key(&name)
+                            }) && self.covers(&h, &name);
+                            let exited = self.hosts.get(&h).is_some_and(|x| {
+                                x.state == HostState::Up
+                                    && x.observed.get(&name) == Some(&ObservedState::Exited)
+                            }) && self.covers(&h, &name);
+                            if exited && state == VmState::Running {
+                                // The agent's restart policy gave up on it.
+                                let v = self.vms.get_mut(&name).expect("listed above");
+                                v.state = VmState::Failed;
+                                v.last_error = Some(format!("its VMM exited on {h}"));
+                                let msg = format!("VM {name} exited on {h}");
+                                self.event(now, "vm_failed", Some(&name), Some(&h), msg);
+                            } else if gone
+                                && matches!(
+                                    state,
+                                    VmState::Running | VmState::Starting | VmState::Migrating
+                                )
+                            {
+                                if let Some(task) = self.vms[&name].task {
+                                    self.task_failed(
+                                        task,
+                                        &format!("{name} vanished from {h}"),
+                                        now,
+                                    );
+                                }
+                                let v = self.vms.get_mut(&name).expect("listed above");
+                                v.host = None;
+                                v.state = VmState::Pending;
+                                v.restarts += 1;
+                                v.vanished_ms = Some(now);
+                                v.last_error = Some(format!("its VMM vanished from {h}"));
+                                self.store_vm(&name);
+                                let msg = format!("VM {name} vanished from {h}; placing it again");
+                                self.event(now, "vm_lost", Some(&name), Some(&h), msg);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                many => {
+                    // More than one copy: keep the placed one (or the first), stop the rest.
+                    let keep = placed
+                        .clone()
+                        .filter(|p| many.contains(p))
+                        .unwrap_or_else(|| many[0].clone());
+                    for h in many.iter().filter(|h| **h != keep) {
+                        let msg = format!("stopping an extra copy of {name} on {h}");
+                        self.event(now, "copy_stopped", Some(&name), Some(h), msg);
+                        self.send(
+                            h,
+                            &name,
+                            CommandBody::Stop { vm: name.clone() },
+                            Purpose::Stop,
+                            now,
+                        );
+                    }
+                }
+            }
+        }
+        // VMs the controller does not know (deleted) are stopped wherever they run.
+        let mut strays = Vec::new();
+        for (h, host) in &self.hosts {
+            if host.state != HostState::Up {
+                continue;
+            }
+            for (vm, st) in &host.observed {
+                if !self.vms.contains_key(vm)
+                    && !matches!(st, ObservedState::Exited | ObservedState::Absent)
+                    && self.covers(h, vm)
+                {
+                    strays.push((h.clone(), vm.clone()));
+                }
+            }
+        }
+        for (h, vm) in strays {
+            self.send(
+                &h,
+                &vm,
+                CommandBody::Stop { vm: vm.clone() },
+                Purpose::Stop,
+                now,
+            );
+        }
+    }
+
+    fn reply(&mut self, cmd: u64, seq: u64, reply: CommandReply, now: u64) {
+        let Some(p) = self.pending.remove(&cmd) else {
+            return;
+        };
+        // Reports taken before this answer no longer speak for the VM on that host.
+        if !p.vm.is_empty() {
+            let floor = self
+                .seq_floor
+                .entry((p.host.clone(), p.vm.clone()))
+                .or_insert(0);
+            *floor = (*floor).max(seq);
+        }
+        match reply {
+            CommandReply::StaleGeneration { seen } => {
+                // Another controller leads: stop acting until re-elected.
+                let msg = format!("host {} has seen generation {seen}", p.host);
+                self.event(now, "stale_generation", Some(&p.vm), Some(&p.host), msg);
+                self.deposed(now);
+            }
+            CommandReply::Done {
+                listen,
+                report,
+                vm_state,
+            } => self.done(p, listen, report, vm_state, now),
+            CommandReply::Failed { error } => self.failed(p, &error, now),
+            CommandReply::InDoubt { error } => match p.purpose {
+                Purpose::MigrateOut { task } => self.resolve(task, &error, now),
+                _ => self.failed(p, &error, now),
+            },
+        }
+    }
+
+    fn send_failed(&mut self, cmd: u64, error: &str, now: u64) {
+        if let Some(p) = self.pending.remove(&cmd) {
+            match p.purpose {
+                // A lost reply to migrate_out: the migration may have committed.
+                Purpose::MigrateOut { task } => self.resolve(task, error, now),
+                _ => self.failed(p, error, now),
+            }
+        }
+    }
+
+    fn done(
+        &mut self,
+        p: Pending,
+        listen: Option<String>,
+        report: Option<serde_json::Value>,
+        vm_state: Option<ObservedState>,
+        now: u64,
+    ) {
+        match p.purpose {
+            Purpose::Start => {
+                if let Some(vm) = self.vms.get_mut(&p.vm) {
+                    vm.starting_cmd = None;
+                }
+            }
+            Purpose::Ping | Purpose::Stop | Purpose::Resume => {}
+            Purpose::Receive { task } => {
+                let Some(listen) = listen else {
+                    self.task_failed(task, "the target gave no listen address", now);
+                    return;
+                };
+                self.migrate_out(task, listen, now);
+            }
+            Purpose::MigrateOut { task } => self.migration_succeeded(task, report, now),
+            Purpose::QuerySource { task } | Purpose::QueryTarget { task } => {
+                let Some(t) = self.tasks.get_mut(&task) else {
+                    return;
+                };
+                let said = vm_state.unwrap_or(ObservedState::Absent);
+                if let Phase::Resolving { source, target } = &mut t.phase {
+                    if matches!(p.purpose, Purpose::QuerySource { .. }) {
+                        t.source_says = Some(said);
+                        *source = None;
+                    } else {
+                        t.target_says = Some(said);
+                        *target = None;
+                    }
+                }
+                self.settle(task, now);
+            }
+        }
+    }
+
+    fn failed(&mut self, p: Pending, error: &str, now: u64) {
+        match p.purpose {
+            Purpose::Start => {
+                if let Some(vm) = self.vms.get_mut(&p.vm)
+                    && vm.host.as_deref() == Some(p.host.as_str())
+                {
+                    vm.starting_cmd = None;
+                    vm.host = None;
+                    vm.state = VmState::Pending;
+                    vm.retry_at_ms = now + START_RETRY_MS;
+                    vm.last_error = Some(format!("start on {} failed: {error}", p.host));
+                    self.store_vm(&p.vm);
+                    let msg = format!("VM {} did not start on {}: {error}", p.vm, p.host);
+                    self.event(now, "start_failed", Some(&p.vm), Some(&p.host), msg);
+                }
+            }
+            Purpose::Ping | Purpose::Stop | Purpose::Resume => {}
+            // A receiver may have started even though its answer was lost: task_failed stops it.
+            Purpose::Receive { task } => {
+                self.task_failed(task, &format!("the target could not receive: {error}"), now)
+            }
+            // The source keeps the VM running; the target drops what it received.
+            Purpose::MigrateOut { task } => {
+                self.task_failed(task, &format!("migration failed: {error}"), now);
+            }
+            Purpose::QuerySource { task } | Purpose::QueryTarget { task } => {
+                if let Some(t) = self.tasks.get_mut(&task)
+                    && let Phase::Resolving { source, target } = &mut t.phase
+                {
+                    if matches!(p.purpose, Purpose::QuerySource { .. }) {
+                        *source = None;
+                    } else {
+                        *target = None;
+                    }
+                }
+            }
+        }
+    }
+
+    fn fenced(&mut self, host: &str, result: Result<u32, String>, now: u64) {
+        let Some(h) = self.hosts.get_mut(host) else {
+            return;
+        };
+        if h.state != HostState::Lost || !h.fence_requested {
+            return;
+        }
+        match result {
+            Err(e) => {
+                // Try again on a later tick.
+                h.fence_requested = false;
+                let msg = format!("fencing {host}'s disk leases failed: {e}");
+                self.event(now, "fence_failed", None, Some(host), msg);
+            }
+            Ok(n) => {
+                h.state = HostState::Fenced;
+                self.counters.hosts_fenced += 1;
+                let msg = format!("{n} disk lease(s) of {host} fenced");
+                self.event(now, "leases_fenced", None, Some(host), msg);
+                let mut lost: Vec<(u32, String)> = self
+                    .vms
+                    .iter()
+                    .filter(|(_, vm)| vm.host.as_deref() == Some(host))
+                    .map(|(n, vm)| (vm.spec.restart_priority, n.clone()))
+                    .collect();
+                lost.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                for (_, name) in lost {
+                    // A VM leaving this host after `migrate_out` was sent may already run on the
+                    // target: ask the target before anything restarts it.
+                    let committing = self.vms.get(&name).and_then(|v| v.task).filter(|t| {
+                        self.tasks.get(t).is_some_and(|t| {
+                            matches!(t.phase, Phase::Sending { .. } | Phase::Resolving { .. })
+                        })
+                    });
+                    if let Some(task) = committing {
+                        if let Some(t) = self.tasks.get_mut(&task) {
+                            t.source_says = Some(ObservedState::Absent);
+                        }
+                        self.resolve(task, &format!("the source {host} was lost"), now);
+                        continue;
+                    }
+                    if let Some(task) = self.vms.get(&name).and_then(|v| v.task) {
+                        self.task_failed(task, &format!("host {host} was lost"), now);
+                    }
+                    if let Some(vm) = self.vms.get_mut(&name) {
+                        vm.host = None;
+                        vm.starting_cmd = None;
+                        vm.retry_at_ms = 0;
+                        vm.vanished_ms = Some(now);
+                        if vm.run {
+                            vm.state = VmState::Pending;
+                            vm.restarts += 1;
+                            vm.last_error = Some(format!("host {host} was lost"));
+                        }
+                    }
+                    self.store_vm(&name);
+                }
+                // Migrations towards this host that had not committed: the VM stays where it is.
+                let towards: Vec<u64> = self
+                    .tasks
+                    .iter()
+                    .filter(|(_, t)| {
+                        t.info.to.as_deref() == Some(host)
+                            && matches!(t.phase, Phase::Queued | Phase::Receiving { .. })
+                    })
+                    .map(|(id, _)| *id)
+                    .collect();
+                for task in towards {
+                    self.task_failed(task, &format!("the target {host} was lost"), now);
+                }
+                // Re-registered while being fenced: back in service, empty.
+                if let Some(h) = self.hosts.get_mut(host)
+                    && h.registered
+                {
+                    h.state = HostState::Up;
+                    h.lost_at_ms = None;
+                    h.fence_requested = false;
+                    let msg = format!("host {host} is back");
+                    self.event(now, "host_up", None, Some(host), msg);
+                }
+            }
+        }
+    }
+
+    // ----- the API -----
+
+    fn leading(&self) -> Result<u64, ApiError> {
+        self.generation.ok_or(ApiError::NotLeader)
+    }
+
+    /// `POST /v1/vms`: validates, places and starts a VM. Nothing is created on error.
+    pub fn create_vm(&mut self, spec: VmCreate, now_ms: u64) -> Result<VmInfo, ApiError> {
+        self.leading()?;
+        spec.validate()?;
+        if self.vms.contains_key(&spec.name) {
+            return Err(ApiError::Exists(spec.name));
+        }
+        if let Some(pin) = &spec.host
+            && !self.hosts.contains_key(pin)
+        {
+            return Err(ApiError::UnknownHost(pin.clone()));
+        }
+        let host = match self.choose_host(&spec, None, true) {
+            Placement::Host(h) => h,
+            Placement::None(why) => return Err(ApiError::NoHostFits(why)),
+        };
+        let name = spec.name.clone();
+        self.vms.insert(
+            name.clone(),
+            Vm {
+                spec,
+                host: None,
+                state: VmState::Pending,
+                run: true,
+                restarts: 0,
+                last_error: None,
+                task: None,
+                starting_cmd: None,
+                retry_at_ms: 0,
+                vanished_ms: None,
+            },
+        );
+        self.start_on(&name, &host, now_ms);
+        self.reconcile(now_ms);
+        self.vm(&name)
+    }
+
+    /// `DELETE /v1/vms/{name}`: stops the VM and forgets it.
+    pub fn delete_vm(&mut self, name: &str, now_ms: u64) -> Result<(), ApiError> {
+        self.leading()?;
+        let vm = self
+            .vms
+            .get(name)
+            .ok_or_else(|| ApiError::UnknownVm(name.into()))?;
+        if vm.task.is_some() {
+            return Err(ApiError::Conflict {
+                vm: name.into(),
+                state: vm.state,
+                why: "wait for its migration to end".into(),
+            });
+        }
+        if let Some(host) = vm.host.clone() {
+            let body = CommandBody::Stop { vm: name.into() };
+            self.send(&host, name, body, Purpose::Stop, now_ms);
+        }
+        self.vms.remove(name);
+        self.outbox.push(Action::StoreVm {
+            name: name.into(),
+            record: None,
+        });
+        self.event(
+            now_ms,
+            "vm_deleted",
+            Some(name),
+            None,
+            format!("VM {name} deleted"),
+        );
+        Ok(())
+    }
+
+    /// `POST /v1/vms/{name}/migrate`: queues a live migration (to `to`, or where placement says).
+    pub fn migrate_vm(
+        &mut self,
+        name: &str,
+        to: Option<&str>,
+        now_ms: u64,
+    ) -> Result<TaskRef, ApiError> {
+        self.leading()?;
+        let vm = self
+            .vms
+            .get(name)
+            .ok_or_else(|| ApiError::UnknownVm(name.into()))?;
+        if vm.state != VmState::Running || vm.task.is_some() {
+            return Err(ApiError::Conflict {
+                vm: name.into(),
+                state: vm.state,
+                why: "only a running VM that is not already moving can be migrated".into(),
+            });
+        }
+        let from = vm.host.clone().unwrap_or_default();
+        let spec = vm.spec.clone();
+        let target = match to {
+            Some(t) => {
+                let h = self
+                    .hosts
+                    .get(t)
+                    .ok_or_else(|| ApiError::UnknownHost(t.into()))?;
+                if t == from {
+                    return Err(ApiError::Conflict {
+                        vm: name.into(),
+                        state: VmState::Running,
+                        why: format!("it already runs on {t}"),
+                    });
+                }
+                if h.state != HostState::Up || h.maintenance {
+                    return Err(ApiError::NoHostFits(format!(
+                        "host {t} is not up or is in maintenance"
+                    )));
+                }
+                match self.check_fit(&spec, t) {
+                    Ok(()) => t.to_string(),
+                    Err(why) => return Err(ApiError::NoHostFits(why)),
+                }
+            }
+            None => match self.choose_host(&spec, Some(&from), false) {
+                Placement::Host(h) => h,
+                Placement::None(why) => return Err(ApiError::NoHostFits(why)),
+            },
+        };
+        let task = self.new_migration(name, &from, &target, TaskKind::Migrate, now_ms);
+        self.reconcile(now_ms);
+        Ok(TaskRef { task })
+    }
+
+    /// `POST /v1/hosts/{name}/maintenance`: enter (empty the host live) or leave maintenance.
+    pub fn set_maintenance(
+        &mut self,
+        host: &str,
+        enter: bool,
+        now_ms: u64,
+    ) -> Result<Option<TaskRef>, ApiError> {
+        self.leading()?;
+        let h = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| ApiError::UnknownHost(host.into()))?;
+        if h.maintenance == enter {
+            return Ok(None);
+        }
+        h.maintenance = enter;
+        self.outbox.push(Action::StoreMaintenance {
+            host: host.into(),
+            on: enter,
+        });
+        if !enter {
+            let msg = format!("host {host} left maintenance");
+            self.event(now_ms, "maintenance_off", None, Some(host), msg);
+            return Ok(None);
+        }
+        let id = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(
+            id,
+            Task {
+                info: TaskInfo {
+                    id,
+                    kind: TaskKind::Maintenance,
+                    vm: None,
+                    from: Some(host.into()),
+                    to: None,
+                    state: TaskState::Running,
+                    created_ms: now_ms,
+                    finished_ms: None,
+                    error: None,
+                    report: None,
+                },
+                phase: Phase::Queued,
+                asked_ms: 0,
+                source_says: None,
+                target_says: None,
+            },
+        );
+        let msg = format!("host {host} entered maintenance; moving its VMs away");
+        self.event(now_ms, "maintenance_on", None, Some(host), msg);
+        self.reconcile(now_ms);
+        Ok(Some(TaskRef { task: id }))
+    }
+
+    /// `GET /v1/hosts`.
+    pub fn hosts(&self) -> Vec<HostInfo> {
+        self.hosts
+            .keys()
+            .filter_map(|h| self.host(h).ok())
+            .collect()
+    }
+
+    /// `GET /v1/hosts/{name}`.
+    pub fn host(&self, name: &str) -> Result<HostInfo, ApiError> {
+        let h = self
+            .hosts
+            .get(name)
+            .ok_or_else(|| ApiError::UnknownHost(name.into()))?;
+        let placed: Vec<&Vm> = self
+            .vms
+            .values()
+            .filter(|v| v.host.as_deref() == Some(name))
+            .collect();
+        Ok(HostInfo {
+            name: name.into(),
+            state: h.state,
+            maintenance: h.maintenance,
+            capacity: h.record.capacity.clone(),
+            agent_url: h.record.agent_url.clone(),
+            vms: placed.iter().map(|v| v.spec.name.clone()).collect(),
+            vcpus_used: placed.iter().map(|v| v.spec.vcpus).sum(),
+            memory_mib_used: placed.iter().map(|v| v.spec.memory_mib).sum(),
+            cpu_utilization: h.cpu,
+        })
+    }
+
+    /// `GET /v1/vms`.
+    pub fn vms(&self) -> Vec<VmInfo> {
+        self.vms.keys().filter_map(|v| self.vm(v).ok()).collect()
+    }
+
+    /// `GET /v1/vms/{name}`.
+    pub fn vm(&self, name: &str) -> Result<VmInfo, ApiError> {
+        let vm = self
+            .vms
+            .get(name)
+            .ok_or_else(|| ApiError::UnknownVm(name.into()))?;
+        Ok(VmInfo {
+            name: name.into(),
+            host: vm.host.clone(),
+            state: vm.state,
+            spec: vm.spec.clone(),
+            restarts: vm.restarts,
+            last_error: vm.last_error.clone(),
+        })
+    }
+
+    /// `GET /v1/tasks/{id}`.
+    pub fn task(&self, id: u64) -> Result<TaskInfo, ApiError> {
+        self.tasks
+            .get(&id)
+            .map(|t| t.info.clone())
+            .ok_or(ApiError::UnknownTask(id))
+    }
+
+    /// `GET /v1/events`: events after `since` (0 for all kept), oldest first.
+    pub fn events(&self, since: u64) -> Vec<EventInfo> {
+        self.events
+            .iter()
+            .filter(|e| e.seq > since)
+            .cloned()
+            .collect()
+    }
+
+    /// The VMs and where the controller believes each runs (for invariant checks).
+    pub fn placements(&self) -> BTreeMap<String, (Option<String>, VmState)> {
+        self.vms
+            .iter()
+            .map(|(n, v)| (n.clone(), (v.host.clone(), v.state)))
+            .collect()
+    }
+
+    // ----- reconciliation -----
+
+    fn reconcile(&mut self, now: u64) {
+        if self.generation.is_none() {
+            return;
+        }
+        self.expire_commands(now);
+        self.fence_lost_hosts(now);
+        self.place_pending(now);
+        self.drain_maintenance(now);
+        self.start_queued_migrations(now);
+        self.retry_resolving(now);
+    }
+
+    fn expire_commands(&mut self, now: u64) {
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_sub(p.sent_ms) >= self.cfg.command_timeout_ms)
+            .map(|(c, _)| *c)
+            .collect();
+        for cmd in late {
+            self.send_failed(cmd, "no reply in time", now);
+        }
+    }
+
+    fn fence_lost_hosts(&mut self, now: u64) {
+        let margin = self.cfg.fence_margin_ms;
+        let timeout = self.cfg.command_timeout_ms;
+        let due: Vec<(String, Option<u32>)> = self
+            .hosts
+            .iter_mut()
+            .filter(|(_, h)| {
+                h.state == HostState::Lost
+                    && (!h.fence_requested || now.saturating_sub(h.fence_asked_ms) >= timeout)
+            })
+            .filter_map(|(name, h)| {
+                let lost = h.lost_at_ms?;
+                Some((name, h, lost))
+            })
+            .filter(|(_, _, lost)| self_fence_passed(*lost, margin, now))
+            .map(|(name, h, _)| {
+                h.fence_requested = true;
+                h.fence_asked_ms = now;
+                (name.clone(), h.record.capacity.volume_node_id)
+            })
+            .collect();
+        for (host, volume_node_id) in due {
+            self.outbox.push(Action::FenceLeases {
+                host,
+                volume_node_id,
+            });
+        }
+    }
+
+    fn place_pending(&mut self, now: u64) {
+        let mut pending: Vec<(u32, String)> = self
+            .vms
+            .iter()
+            .filter(|(name, v)| {
+                v.run
+                    && v.host.is_none()
+                    && v.state == VmState::Pending
+                    && now >= v.retry_at_ms
+                    && v.vanished_ms.is_none_or(|t| {
+                        self.heard_from_all_since(t) && self.seen_on(name) == (vec![], vec![])
+                    })
+            })
+            .map(|(n, v)| (v.spec.restart_priority, n.clone()))
+            .collect();
+        pending.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, name) in pending {
+            let spec = self.vms[&name].spec.clone();
+            match self.choose_host(&spec, None, false) {
+                Placement::Host(h) => {
+                    if let Some(v) = self.vms.get_mut(&name) {
+                        v.vanished_ms = None;
+                    }
+                    let restarted = self.vms[&name].restarts > 0;
+                    if restarted {
+                        self.counters.ha_restarts += 1;
+                    }
+                    self.start_on(&name, &h, now);
+                }
+                Placement::None(why) => {
+                    if let Some(vm) = self.vms.get_mut(&name)
+                        && vm.last_error.as_deref() != Some(why.as_str())
+                    {
+                        vm.last_error = Some(why.clone());
+                        let msg = format!("VM {name} waits: {why}");
+                        self.event(now, "vm_waiting", Some(&name), None, msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn drain_maintenance(&mut self, now: u64) {
+        let hosts: Vec<String> = self
+            .hosts
+            .iter()
+            .filter(|(_, h)| h.maintenance && h.state == HostState::Up)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for host in hosts {
+            let to_move: Vec<String> = self
+                .vms
+                .iter()
+                .filter(|(_, v)| {
+                    v.host.as_deref() == Some(host.as_str())
+                        && v.task.is_none()
+                        && v.state == VmState::Running
+                        && now >= v.retry_at_ms
+                })
+                .map(|(n, _)| n.clone())
+                .collect();
+            for name in to_move {
+                let spec = self.vms[&name].spec.clone();
+                if spec.host.as_deref() == Some(host.as_str()) {
+                    continue; // pinned: it stays (reported by the maintenance task)
+                }
+                if let Placement::Host(target) = self.choose_host(&spec, Some(&host), false) {
+                    self.new_migration(&name, &host, &target, TaskKind::Migrate, now);
+                }
+            }
+            // The maintenance task succeeds once nothing but pinned VMs is left.
+            let left: Vec<String> = self
+                .vms
+                .iter()
+                .filter(|(_, v)| v.host.as_deref() == Some(host.as_str()))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let only_pinned = left
+                .iter()
+                .all(|n| self.vms[n].spec.host.as_deref() == Some(&host));
+            let open: Vec<u64> = self
+                .tasks
+                .iter()
+                .filter(|(_, t)| {
+                    t.info.kind == TaskKind::Maintenance
+                        && t.info.state == TaskState::Running
+                        && t.info.from.as_deref() == Some(host.as_str())
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if only_pinned {
+                for id in open {
+                    if let Some(t) = self.tasks.get_mut(&id) {
+                        t.info.state = TaskState::Succeeded;
+                        t.info.finished_ms = Some(now);
+                        t.phase = Phase::Done;
+                        if !left.is_empty() {
+                            t.info.error = Some(format!("pinned VMs stay: {}", left.join(", ")));
+                        }
+                    }
+                    let msg = format!("host {host} is empty");
+                    self.event(now, "maintenance_done", None, Some(&host), msg);
+                }
+            }
+        }
+    }
+
+    fn start_queued_migrations(&mut self, now: u64) {
+        let queued: Vec<u64> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.phase == Phase::Queued && t.info.kind == TaskKind::Migrate)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in queued {
+            let (from, to, vm) = {
+                let t = &self.tasks[&id].info;
+                (
+                    t.from.clone().unwrap_or_default(),
+                    t.to.clone().unwrap_or_default(),
+                    t.vm.clone().unwrap_or_default(),
+                )
+            };
+            let active = self.active_migrations();
+            let touching = |h: &str| active.iter().filter(|(f, t)| f == h || t == h).count();
+            if active.len() >= self.cfg.max_migrations
+                || touching(&from) >= self.cfg.max_migrations_per_host
+                || touching(&to) >= self.cfg.max_migrations_per_host
+            {
+                continue;
+            }
+            let target_up = self
+                .hosts
+                .get(&to)
+                .is_some_and(|h| h.state == HostState::Up);
+            let still_there = self.vms.get(&vm).is_some_and(|v| {
+                v.host.as_deref() == Some(from.as_str()) && v.state == VmState::Running
+            });
+            if !target_up || !still_there {
+                self.task_failed(
+                    id,
+                    "the VM or the target changed before the move began",
+                    now,
+                );
+                continue;
+            }
+            let Some(v) = self.vms.get_mut(&vm) else {
+                continue;
+            };
+            v.state = VmState::Migrating;
+            let body = CommandBody::Receive {
+                spec: v.spec.clone(),
+                disk_url: self.disk_url(&vm, &to),
+            };
+            let cmd = self.send(&to, &vm, body, Purpose::Receive { task: id }, now);
+            if let Some(t) = self.tasks.get_mut(&id) {
+                t.phase = Phase::Receiving { cmd };
+                t.info.state = TaskState::Running;
+            }
+            let msg = format!("moving {vm} from {from} to {to}");
+            self.event(now, "migration_started", Some(&vm), Some(&from), msg);
+        }
+    }
+
+    fn retry_resolving(&mut self, now: u64) {
+        let ids: Vec<u64> = self
+            .tasks
+            .iter()
+            .filter(|(_, t)| {
+                matches!(
+                    t.phase,
+                    Phase::Resolving {
+                        source: None,
+                        target: None
+                    }
+                ) && now.saturating_sub(t.asked_ms) >= START_RETRY_MS
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.ask_both(id, now);
+        }
+    }
+
+    // ----- migrations -----
+
+    fn active_migrations(&self) -> Vec<(String, String)> {
+        self.tasks
+            .values()
+            .filter(|t| {
+                t.info.kind == TaskKind::Migrate && !matches!(t.phase, Phase::Queued | Phase::Done)
+            })
+            .map(|t| {
+                (
+                    t.info.from.clone().unwrap_or_default(),
+                    t.info.to.clone().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn new_migration(&mut self, vm: &str, from: &str, to: &str, kind: TaskKind, now: u64) -> u64 {
+        let id = self.next_task;
+        self.next_task += 1;
+        self.tasks.insert(
+            id,
+            Task {
+                info: TaskInfo {
+                    id,
+                    kind,
+                    vm: Some(vm.into()),
+                    from: Some(from.into()),
+                    to: Some(to.into()),
+                    state: TaskState::Queued,
+                    created_ms: now,
+                    finished_ms: None,
+                    error: None,
+                    report: None,
+                },
+                phase: Phase::Queued,
+                asked_ms: 0,
+                source_says: None,
+                target_says: None,
+            },
+        );
+        if let Some(v) = self.vms.get_mut(vm) {
+            v.task = Some(id);
+        }
+        id
+    }
+
+    fn migrate_out(&mut self, task: u64, listen: String, now: u64) {
+        let Some(t) = self.tasks.get(&task) else {
+            return;
+        };
+        let (vm, from, to) = (
+            t.info.vm.clone().unwrap_or_default(),
+            t.info.from.clone().unwrap_or_default(),
+            t.info.to.clone().unwrap_or_default(),
+        );
+        let disk_successor = self
+            .vms
+            .get(&vm)
+            .and_then(|v| v.spec.disk.as_ref())
+            .and_then(|_| self.hosts.get(&to))
+            .and_then(|h| h.record.capacity.volume_node_id);
+        let body = CommandBody::MigrateOut {
+            vm: vm.clone(),
+            to: listen,
+            disk_successor,
+        };
+        let cmd = self.send(&from, &vm, body, Purpose::MigrateOut { task }, now);
+        if let Some(t) = self.tasks.get_mut(&task) {
+            t.phase = Phase::Sending { cmd };
+        }
+    }
+
+    fn migration_succeeded(&mut self, task: u64, report: Option<serde_json::Value>, now: u64) {
+        let Some(t) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if t.phase == Phase::Done {
+            return;
+        }
+        t.phase = Phase::Done;
+        t.info.state = TaskState::Succeeded;
+        t.info.finished_ms = Some(now);
+        t.info.report = report;
+        let (vm, from, to) = (
+            t.info.vm.clone().unwrap_or_default(),
+            t.info.from.clone().unwrap_or_default(),
+            t.info.to.clone().unwrap_or_default(),
+        );
+        self.counters.migrations_succeeded += 1;
+        let target_up = self
+            .hosts
+            .get(&to)
+            .is_some_and(|h| h.state == HostState::Up);
+        if let Some(v) = self.vms.get_mut(&vm) {
+            v.task = None;
+            if target_up {
+                v.host = Some(to.clone());
+                v.state = VmState::Running;
+            } else {
+                // It moved to a host lost since: placed again.
+                v.host = None;
+                v.state = VmState::Pending;
+                v.last_error = Some(format!("moved to {to}, which was lost"));
+            }
+        }
+        self.store_vm(&vm);
+        let msg = format!("{vm} moved from {from} to {to}");
+        self.event(now, "migration_done", Some(&vm), Some(&to), msg);
+    }
+
+    fn task_failed(&mut self, task: u64, error: &str, now: u64) {
+        let Some(t) = self.tasks.get_mut(&task) else {
+            return;
+        };
+        if t.phase == Phase::Done {
+            return;
+        }
+        let was_started = t.phase != Phase::Queued;
+        // A receiver may be waiting on the target: stop it (not after an in-doubt settlement,
+        // which decides the target's fate itself).
+        let stop_target = matches!(t.phase, Phase::Receiving { .. } | Phase::Sending { .. });
+        t.phase = Phase::Done;
+        t.info.state = TaskState::Failed;
+        t.info.finished_ms = Some(now);
+        t.info.error = Some(error.into());
+        let vm = t.info.vm.clone().unwrap_or_default();
+        let target = t.info.to.clone().unwrap_or_default();
+        if was_started {
+            self.counters.migrations_failed += 1;
+        }
+        if stop_target
+            && self
+                .hosts
+                .get(&target)
+                .is_some_and(|h| h.state == HostState::Up)
+        {
+            let body = CommandBody::Stop { vm: vm.clone() };
+            self.send(&target, &vm, body, Purpose::Stop, now);
+        }
+        if let Some(v) = self.vms.get_mut(&vm)
+            && v.task == Some(task)
+        {
+            v.task = None;
+            v.retry_at_ms = now + START_RETRY_MS;
+            if v.state == VmState::Migrating {
+                v.state = VmState::Running;
+            }
+        }
+        let msg = format!("moving {vm} failed: {error}");
+        self.event(now, "migration_failed", Some(&vm), None, msg);
+    }
+
+    /// A migration with no answer to its commit: ask both sides.
+    fn resolve(&mut self, task: u64, error: &str, now: u64) {
+        if !self
+            .tasks
+            .get(&task)
+            .is_some_and(|t| matches!(t.phase, Phase::Sending { .. } | Phase::Resolving { .. }))
+        {
+            return;
+        }
+        if let Some(t) = self.tasks.get_mut(&task) {
+            t.phase = Phase::Resolving {
+                source: None,
+                target: None,
+            };
+            t.info.error = Some(format!("in doubt: {error}"));
+        }
+        let vm = self.tasks.get(&task).and_then(|t| t.info.vm.clone());
+        if let Some(vm) = vm {
+            let msg = format!("moving {vm} is in doubt ({error}); asking both hosts");
+            self.event(now, "migration_in_doubt", Some(&vm), None, msg);
+        }
+        self.ask_both(task, now);
+    }
+
+    fn ask_both(&mut self, task: u64, now: u64) {
+        let Some(t) = self.tasks.get(&task) else {
+            return;
+        };
+        let (vm, from, to) = (
+            t.info.vm.clone().unwrap_or_default(),
+            t.info.from.clone().unwrap_or_default(),
+            t.info.to.clone().unwrap_or_default(),
+        );
+        let up = |h: &str| self.hosts.get(h).is_some_and(|x| x.state == HostState::Up);
+        let (from_up, to_up) = (up(&from), up(&to));
+        let source = from_up.then(|| {
+            let body = CommandBody::Query { vm: vm.clone() };
+            self.send(&from, &vm, body, Purpose::QuerySource { task }, now)
+        });
+        let target = to_up.then(|| {
+            let body = CommandBody::Query { vm: vm.clone() };
+            self.send(&to, &vm, body, Purpose::QueryTarget { task }, now)
+        });
+        if let Some(t) = self.tasks.get_mut(&task) {
+            t.phase = Phase::Resolving { source, target };
+            t.asked_ms = now;
+        }
+    }
+
+    /// Settles an in-doubt migration once the answers allow it.
+    fn settle(&mut self, task: u64, now: u64) {
+        let Some(t) = self.tasks.get(&task) else {
+            return;
+        };
+        if !matches!(t.phase, Phase::Resolving { .. }) {
+            return;
+        }
+        let (vm, from, to) = (
+            t.info.vm.clone().unwrap_or_default(),
+            t.info.from.clone().unwrap_or_default(),
+            t.info.to.clone().unwrap_or_default(),
+        );
+        match (t.source_says, t.target_says) {
+            // The target runs it: the move happened. The paused source copy is stopped.
+            (_, Some(ObservedState::Running)) => {
+                if t.source_says
+                    .is_some_and(|s| s != ObservedState::Absent && s != ObservedState::Exited)
+                {
+                    self.send(
+                        &from,
+                        &vm,
+                        CommandBody::Stop { vm: vm.clone() },
+                        Purpose::Stop,
+                        now,
+                    );
+                }
+                self.migration_succeeded(task, None, now);
+            }
+            // The target has no running copy and will not get one: the source resumes.
+            (Some(s), Some(target))
+                if target != ObservedState::Running
+                    && matches!(s, ObservedState::Paused | ObservedState::Running) =>
+            {
+                if target != ObservedState::Absent && target != ObservedState::Exited {
+                    self.send(
+                        &to,
+                        &vm,
+                        CommandBody::Stop { vm: vm.clone() },
+                        Purpose::Stop,
+                        now,
+                    );
+                }
+                if s == ObservedState::Paused {
+                    let body = CommandBody::Resume { vm: vm.clone() };
+                    self.send(&from, &vm, body, Purpose::Resume, now);
+                }
+                self.task_failed(
+                    task,
+                    "the target did not take over; the source resumes",
+                    now,
+                );
+            }
+            // Neither runs it (both gone): it is lost, and placed again.
+            (Some(s), Some(target))
+                if !matches!(s, ObservedState::Paused | ObservedState::Running)
+                    && target != ObservedState::Running =>
+            {
+                if target != ObservedState::Absent && target != ObservedState::Exited {
+                    self.send(
+                        &to,
+                        &vm,
+                        CommandBody::Stop { vm: vm.clone() },
+                        Purpose::Stop,
+                        now,
+                    );
+                }
+                self.task_failed(task, "neither host runs the VM", now);
+                if let Some(v) = self.vms.get_mut(&vm) {
+                    v.host = None;
+                    v.state = VmState::Pending;
+                    v.last_error = Some("lost during an in-doubt migration".into());
+                }
+                self.store_vm(&vm);
+            }
+            // Wait for the other answer (or ask again on the next tick).
+            _ => {}
+        }
+    }
+
+    // ----- helpers -----
+
+    fn start_on(&mut self, name: &str, host: &str, now: u64) {
+        let Some(vm) = self.vms.get_mut(name) else {
+            return;
+        };
+        vm.host = Some(host.into());
+        vm.state = VmState::Starting;
+        let spec = vm.spec.clone();
+        // The placement is stored before the command goes: a leader that cannot store it (it was
+        // deposed) must not send it, and the next leader finds the VM where it may run.
+        self.store_vm(name);
+        let body = CommandBody::Start {
+            spec,
+            disk_url: self.disk_url(name, host),
+        };
+        let cmd = self.send(host, name, body, Purpose::Start, now);
+        if let Some(vm) = self.vms.get_mut(name) {
+            vm.starting_cmd = Some(cmd);
+        }
+        let msg = format!("VM {name} placed on {host}");
+        self.event(now, "vm_placed", Some(name), Some(host), msg);
+    }
+
+    /// The disk URL a VMM on `host` opens for VM `name` (`volume://NODE/FILE`), if it has a disk.
+    fn disk_url(&self, name: &str, host: &str) -> Option<String> {
+        let file = self.vms.get(name)?.spec.disk.clone()?;
+        let node = self.hosts.get(host)?.record.capacity.volume_node.clone()?;
+        Some(format!("volume://{node}/{file}"))
+    }
+
+    fn send(&mut self, host: &str, vm: &str, body: CommandBody, purpose: Purpose, now: u64) -> u64 {
+        let id = self.next_cmd;
+        self.next_cmd += 1;
+        let Some(generation) = self.generation else {
+            return id;
+        };
+        let agent_url = self
+            .hosts
+            .get(host)
+            .map(|h| h.record.agent_url.clone())
+            .unwrap_or_default();
+        self.pending.insert(
+            id,
+            Pending {
+                host: host.into(),
+                vm: vm.into(),
+                sent_ms: now,
+                purpose,
+            },
+        );
+        if !vm.is_empty() {
+            self.last_cmd.insert((host.to_string(), vm.to_string()), id);
+        }
+        let host_lease = self.hosts.get(host).map_or(0, |h| h.record.lease);
+        self.outbox.push(Action::Send {
+            host: host.into(),
+            agent_url,
+            command: Command {
+                generation,
+                id,
+                host_lease,
+                body,
+            },
+        });
+        id
+    }
+
+    fn store_vm(&mut self, name: &str) {
+        let record = self.vms.get(name).map(|v| VmRecord {
+            spec: v.spec.clone(),
+            host: v.host.clone(),
+            run: v.run,
+        });
+        self.outbox.push(Action::StoreVm {
+            name: name.into(),
+            record,
+        });
+    }
+
+    fn event(
+        &mut self,
+        now: u64,
+        kind: &str,
+        vm: Option<&str>,
+        host: Option<&str>,
+        message: String,
+    ) {
+        self.events.push_back(EventInfo {
+            seq: self.next_event,
+            at_ms: now,
+            kind: kind.into(),
+            vm: vm.map(Into::into),
+            host: host.map(Into::into),
+            message,
+        });
+        self.next_event += 1;
+        while self.events.len() > EVENTS_KEPT {
+            self.events.pop_front();
+        }
+    }
+
+    fn candidates(&self) -> Vec<Candidate> {
+        self.hosts
+            .iter()
+            .map(|(name, h)| {
+                let placed: Vec<&Vm> = self
+                    .vms
+                    .values()
+                    .filter(|v| {
+                        v.host.as_deref() == Some(name.as_str())
+                            || self.tasks.values().any(|t| {
+                                !matches!(t.phase, Phase::Done)
+                                    && t.info.kind == TaskKind::Migrate
+                                    && t.info.to.as_deref() == Some(name.as_str())
+                                    && t.info.vm.as_deref() == Some(v.spec.name.as_str())
+                            })
+                    })
+                    .collect();
+                Candidate {
+                    name: name.clone(),
+                    usable: h.state == HostState::Up && !h.maintenance,
+                    cores: h.record.capacity.cores,
+                    memory_mib: h.record.capacity.memory_mib,
+                    power_model: h.record.capacity.power_model.clone(),
+                    vcpus_used: placed.iter().map(|v| v.spec.vcpus).sum(),
+                    memory_mib_used: placed.iter().map(|v| v.spec.memory_mib).sum(),
+                    cpu_demand: placed
+                        .iter()
+                        .map(|v| {
+                            h.vm_cpu.get(&v.spec.name).copied().unwrap_or(1.0)
+                                * f64::from(v.spec.vcpus)
+                        })
+                        .sum(),
+                    groups: placed
+                        .iter()
+                        .filter_map(|v| v.spec.anti_affinity.clone())
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    fn choose_host(&self, spec: &VmCreate, leaving: Option<&str>, admission: bool) -> Placement {
+        let cands = self.candidates();
+        let reserve = if admission {
+            self.cfg.ha_reserve_hosts
+        } else {
+            0
+        };
+        place::choose(&cands, spec, leaving, self.cfg.vcpus_per_core, reserve)
+    }
+
+    fn check_fit(&self, spec: &VmCreate, host: &str) -> Result<(), String> {
+        let cands = self.candidates();
+        let c = cands
+            .iter()
+            .find(|c| c.name == host)
+            .ok_or_else(|| format!("unknown host {host}"))?;
+        place::fits(c, spec, self.cfg.vcpus_per_core)
+    }
+}
+
+/// Whether a host whose lease expiry was seen at `lost_at_ms` has certainly self-fenced by `now_ms`:
+/// its agent stops renewing at `TTL − margin` before expiry at the latest, so `margin` after the
+/// expiry every VMM it ran is dead.
+fn self_fence_passed(lost_at_ms: u64, margin_ms: u64, now_ms: u64) -> bool {
+    now_ms >= lost_at_ms.saturating_add(margin_ms)
+}
