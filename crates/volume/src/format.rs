@@ -44,10 +44,17 @@ pub const SUPER_MAGIC: [u8; 8] = *b"TERNVOL\0";
 pub const META_MAGIC: [u8; 8] = *b"TERNMETA";
 /// Map entry of a thin file's unallocated extent.
 pub const HOLE: u32 = u32::MAX;
-/// Largest file: 1 TiB (2^20 extents). Thin files may over-commit the volume (their sum, or one
-/// of them, may exceed it: space is taken at first write); this cap bounds a file's extent map in
-/// memory and in control replies.
+/// Largest thin file beyond the volume's own size: 1 TiB (2^20 extents). Thin files may
+/// over-commit the volume (their sum, or one of them, may exceed it: space is taken at first
+/// write); this cap bounds a file's extent map in memory and in control replies. See
+/// [`max_file_size`].
 pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
+/// The largest file a volume of `extent_count` extents accepts: [`MAX_FILE_SIZE`], or the
+/// volume's own size if that is larger (what format version 1 always allowed).
+pub fn max_file_size(extent_count: u32) -> u64 {
+    MAX_FILE_SIZE.max(u64::from(extent_count) * EXTENT_SIZE)
+}
 /// Longest file name.
 pub const MAX_NAME_LEN: usize = 128;
 
@@ -302,9 +309,10 @@ impl Metadata {
                 handover_from: node_opt(d.u32()?),
             };
             let want = extents_for(size);
-            if size > MAX_FILE_SIZE {
+            if size > max_file_size(extent_count) {
                 return Err(MetadataError::Inconsistent(format!(
-                    "{name}: {size} bytes, larger than the {MAX_FILE_SIZE}-byte maximum"
+                    "{name}: {size} bytes, larger than the {}-byte maximum",
+                    max_file_size(extent_count)
                 )));
             }
             if want > u64::from(extent_count) && preallocated {

@@ -3,7 +3,7 @@
 //! a failed operation leaves nothing half-done.
 
 use crate::format::{
-    EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, MAX_FILE_SIZE, Metadata, extents_for, valid_name,
+    EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, max_file_size, valid_name,
 };
 
 /// Why a namespace operation was refused.
@@ -30,7 +30,7 @@ pub enum NamespaceError {
         /// Extents free.
         free: u64,
     },
-    /// Size zero, larger than [`MAX_FILE_SIZE`], or shrinking.
+    /// Size zero, larger than [`max_file_size`], or shrinking.
     #[error("Invalid size {size}: {why}")]
     InvalidSize {
         /// Requested size.
@@ -72,18 +72,19 @@ fn take_free(m: &Metadata, extent_count: u32, n: u64) -> Result<Vec<u32>, Namesp
     Ok(free[..n as usize].to_vec())
 }
 
-/// A file's size must be 1 byte to [`MAX_FILE_SIZE`]; thin files may exceed the volume.
-fn check_size(size: u64) -> Result<(), NamespaceError> {
+/// A file's size must be 1 byte to [`max_file_size`] (1 TiB, or the volume's size if larger);
+/// thin files may exceed the volume.
+fn check_size(size: u64, extent_count: u32) -> Result<(), NamespaceError> {
     if size == 0 {
         return Err(NamespaceError::InvalidSize {
             size,
             why: "must be at least 1 byte",
         });
     }
-    if size > MAX_FILE_SIZE {
+    if size > max_file_size(extent_count) {
         return Err(NamespaceError::InvalidSize {
             size,
-            why: "larger than the 1 TiB maximum file size",
+            why: "larger than the maximum file size (1 TiB, or the volume's size if larger)",
         });
     }
     Ok(())
@@ -109,7 +110,7 @@ pub fn create(
     if m.files.contains_key(name) {
         return Err(NamespaceError::Exists(name.to_owned()));
     }
-    check_size(size)?;
+    check_size(size, extent_count)?;
     let n = extents_for(size);
     let (map, zero) = if preallocated {
         let ext = take_free(m, extent_count, n)?;
@@ -167,7 +168,7 @@ pub fn resize(
             why: "shrinking a file is not supported",
         });
     }
-    check_size(size)?;
+    check_size(size, extent_count)?;
     let old_n = f.map.len() as u64;
     let new_n = extents_for(size);
     let add = new_n - old_n;
@@ -263,6 +264,7 @@ pub fn extent_index(offset: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::MAX_FILE_SIZE;
 
     #[test]
     fn enospc_leaves_state_untouched_and_reports_counts() {
@@ -320,6 +322,14 @@ mod tests {
         ));
         assert!(matches!(
             resize(&c.next, 2, "big", MAX_FILE_SIZE + 1),
+            Err(NamespaceError::InvalidSize { .. })
+        ));
+        // On a volume larger than 1 TiB a file may be as large as the volume (format 1 allowed it).
+        let n = 1u32 << 21;
+        let vol = u64::from(n) * EXTENT_SIZE;
+        assert!(create(&m, n, "whole", vol, false).is_ok());
+        assert!(matches!(
+            create(&m, n, "whole", vol + 1, false),
             Err(NamespaceError::InvalidSize { .. })
         ));
     }
