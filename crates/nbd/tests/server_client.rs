@@ -260,6 +260,15 @@ fn valid_prefix() -> Vec<u8> {
     v.extend_from_slice(&IHAVEOPT.to_be_bytes());
     v.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
     v.extend_from_slice(&0u32.to_be_bytes());
+    // `base:allocation`, so BLOCK_STATUS requests are executed too.
+    let meta = encode_meta_context(&MetaContextRequest {
+        name: "m".into(),
+        queries: vec![META_BASE_ALLOCATION.into()],
+    });
+    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    v.extend_from_slice(&OPT_SET_META_CONTEXT.to_be_bytes());
+    v.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+    v.extend_from_slice(&meta);
     let go = encode_go(&GoRequest {
         name: "m".into(),
         infos: vec![],
@@ -269,6 +278,36 @@ fn valid_prefix() -> Vec<u8> {
     v.extend_from_slice(&(go.len() as u32).to_be_bytes());
     v.extend_from_slice(&go);
     v
+}
+
+#[test]
+fn block_status_after_set_meta_context_answers_one_data_run_per_request() {
+    let mut input = valid_prefix();
+    for (flags, len) in [(0u16, 65536u32), (CMD_FLAG_REQ_ONE, 4096)] {
+        let h = RequestHeader {
+            flags,
+            command: Command::BlockStatus,
+            cookie: 9,
+            offset: 0,
+            length: len,
+        };
+        input.extend_from_slice(&h.encode());
+    }
+    let ex = mem_exports();
+    let mut out = Vec::new();
+    let _ = tern_nbd::serve(&input[..], &mut out, &ex);
+    // Each reply (in either order: requests run concurrently): a BLOCK_STATUS chunk (done) for
+    // context 1 with one descriptor (len, flags 0).
+    for len in [65536u32, 4096] {
+        let mut want = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, 9, 12).to_vec();
+        want.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+        want.extend_from_slice(&len.to_be_bytes());
+        want.extend_from_slice(&0u32.to_be_bytes());
+        assert!(
+            out.windows(want.len()).any(|w| w == want),
+            "no block status reply of {len} bytes in {out:02x?}"
+        );
+    }
 }
 
 fn request_strategy() -> impl Strategy<Value = Vec<u8>> {
