@@ -86,7 +86,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .status()?;
     anyhow::ensure!(status.success(), "cargo build --release -p tern failed");
     let bin = root().join("target/release/tern");
-    let order = "data/planetlab/cloudsim-listfiles-order/20110303.txt";
+    // CloudSim's recorded file order (built into tern; also its default with --model cloudsim)
+    let order = "cloudsim";
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("tern sim benchmark ({cores} cores; peer figures from the reference notes)\n");
     println!(
@@ -196,7 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "sim",
             "sweep",
             "--trace-order",
-            "data/planetlab/cloudsim-listfiles-order",
+            "cloudsim",
             "--policies",
             "reference",
             "--threads",

@@ -229,26 +229,27 @@ pub fn boxes(title: &str, xlabel: &str, ylabel: &str, groups: &[(String, Vec<f64
     let mut s = svg_open(w, h, title);
     s += &axis_titles(w, h, xlabel, ylabel);
     // value → y pixel, and the tick labels
-    let (to_y, ticks): (Box<dyn Fn(f64) -> f64>, Vec<(f64, String)>) = if log {
+    let (scale, ticks) = if log {
         let lo = pos_min.log10().floor() as i32;
         let hi = max.log10().ceil() as i32;
         let hi = if hi == lo { lo + 1 } else { hi };
-        let span = (hi - lo) as f64;
-        let f = move |v: f64| TOP + ph - ph * (v.log10() - lo as f64) / span;
         (
-            Box::new(f),
+            Scale::Log {
+                lo: lo as f64,
+                span: (hi - lo) as f64,
+            },
             (lo..=hi)
                 .map(|k| (10f64.powi(k), format!("10{}", superscript(k))))
-                .collect(),
+                .collect::<Vec<_>>(),
         )
     } else {
         let axis = LinearAxis::fit(max, 6);
-        let end = axis.end();
         (
-            Box::new(move |v: f64| TOP + ph - ph * v / end),
+            Scale::Linear { end: axis.end() },
             axis.ticks.iter().map(|&v| (v, axis.label(v))).collect(),
         )
     };
+    let to_y = |v: f64| TOP + ph - ph * scale.fraction(v);
     s += &format!(
         "<g class=\"axis\" data-scale=\"{}\">\n",
         if log { "log" } else { "linear" }
@@ -319,6 +320,25 @@ pub fn boxes(title: &str, xlabel: &str, ylabel: &str, groups: &[(String, Vec<f64
         );
     }
     s + "</svg>\n"
+}
+
+/// Where a value sits on the box plot's axis.
+#[derive(Debug, Clone, Copy)]
+enum Scale {
+    /// Decades `lo` to `lo + span`.
+    Log { lo: f64, span: f64 },
+    /// 0 to `end`.
+    Linear { end: f64 },
+}
+
+impl Scale {
+    /// 0 at the bottom of the axis, 1 at the top.
+    fn fraction(self, v: f64) -> f64 {
+        match self {
+            Scale::Log { lo, span } => (v.log10() - lo) / span,
+            Scale::Linear { end } => v / end,
+        }
+    }
 }
 
 fn superscript(k: i32) -> String {

@@ -19,10 +19,32 @@ pub fn run(
     threads: usize,
     timeline: bool,
 ) -> Vec<Report> {
+    run_with_progress(
+        workloads,
+        policies,
+        model,
+        seed,
+        threads,
+        timeline,
+        &|_, _| {},
+    )
+}
+
+/// [`run`], calling `progress(done, total)` from the worker threads as each run finishes.
+pub fn run_with_progress(
+    workloads: &[Workload],
+    policies: &[PolicySpec],
+    model: Model,
+    seed: u64,
+    threads: usize,
+    timeline: bool,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Vec<Report> {
     let jobs: Vec<(usize, usize)> = (0..workloads.len())
         .flat_map(|w| (0..policies.len()).map(move |p| (w, p)))
         .collect();
     let next = AtomicUsize::new(0);
+    let done = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Report>>> = Mutex::new(vec![None; jobs.len()]);
     std::thread::scope(|s| {
         for _ in 0..threads.max(1).min(jobs.len().max(1)) {
@@ -38,6 +60,7 @@ pub fn run(
                     };
                     let r = simulate(&workloads[w], &cfg);
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(r);
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1, jobs.len());
                 }
             });
         }
@@ -161,8 +184,14 @@ mod tests {
             .map(|p| p.parse().unwrap())
             .collect();
         let a = run(&ws, &ps, Model::CloudSim, 9, 1, false);
-        let b = run(&ws, &ps, Model::CloudSim, 9, 3, false);
+        let calls = Mutex::new(Vec::new());
+        let b = run_with_progress(&ws, &ps, Model::CloudSim, 9, 3, false, &|done, total| {
+            calls.lock().unwrap().push((done, total))
+        });
         assert_eq!(a, b);
+        let mut calls = calls.into_inner().unwrap();
+        calls.sort();
+        assert_eq!(calls, (1..=8).map(|d| (d, 8)).collect::<Vec<_>>());
         assert_eq!(a.len(), 8);
         assert_eq!(a[1].workload, ws[0].name);
         assert_eq!(a[5].policy, "thr-rs-0.8");

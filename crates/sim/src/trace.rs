@@ -257,7 +257,7 @@ impl TraceSet {
                     }
                 })?;
                 let label = format!("{}/{day}.txt", crate::bundled::ORDER_LABEL);
-                files = apply_order(files, &label, &text)?;
+                files = apply_order(files, &label, text)?;
             }
             TraceOrder::File(path) => {
                 let text = std::fs::read_to_string(path).map_err(io(path))?;

@@ -1,5 +1,6 @@
 //! `tern sim …`: the data-centre simulator (runs and sweeps of consolidation policies over traces).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -331,14 +332,33 @@ fn run_sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let reports = sweep::run(
+    // a bar on a terminal, nothing when stderr is piped or redirected
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new((workloads.len() * policies.len()) as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "simulating {bar:30} {pos}/{len} runs ({elapsed})",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let reports = sweep::run_with_progress(
         &workloads,
         &policies,
         a.t.model,
         a.t.seed,
         threads,
         a.plot.is_some(),
+        &|done, _| {
+            if let Some(b) = &bar {
+                b.set_position(done as u64);
+            }
+        },
     );
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     let total_s = start.elapsed().as_secs_f64();
     let summaries = sweep::summarize(&reports);
     println!(
