@@ -95,6 +95,13 @@ pub enum Request {
         /// Logical extent.
         logical: u64,
     },
+    /// Take every write lease `node` holds away from it now, each with an epoch bump persisted
+    /// before the reply, so a late write with an old epoch is refused (the cluster controller
+    /// sends it for a host that was lost). Any node forwards it to the coordinator.
+    FenceNode {
+        /// The node to fence.
+        node: NodeId,
+    },
 }
 
 /// A request with its routing flag.
@@ -264,6 +271,15 @@ pub struct Revoked {
     pub dropped_epoch: Option<u64>,
 }
 
+/// The answer to `fence_node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fenced {
+    /// The node fenced.
+    pub node: NodeId,
+    /// The files whose write lease it held, now free at a higher epoch.
+    pub files: Vec<String>,
+}
+
 /// The coordinator as a node knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoordinatorRef {
@@ -340,6 +356,8 @@ pub enum Response {
     Revoked(Revoked),
     /// `status`.
     Status(NodeStatus),
+    /// `fence_node`.
+    Fenced(Fenced),
 }
 
 impl Response {
@@ -352,6 +370,7 @@ impl Response {
             Response::Lease(_) => "lease",
             Response::Revoked(_) => "revoked",
             Response::Status(_) => "status",
+            Response::Fenced(_) => "fenced",
         }
     }
 
@@ -399,6 +418,14 @@ impl Response {
         match self {
             Response::Revoked(r) => Ok(r),
             other => Err(other.unexpected("revoked")),
+        }
+    }
+
+    /// A fence's outcome, or [`ReplyError::Unexpected`].
+    pub fn into_fenced(self) -> Result<Fenced, ReplyError> {
+        match self {
+            Response::Fenced(f) => Ok(f),
+            other => Err(other.unexpected("fenced")),
         }
     }
 

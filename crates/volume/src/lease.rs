@@ -307,6 +307,31 @@ impl LeaseTable {
         })
     }
 
+    /// Takes every write lease `node` holds away from it now (live or lapsed): the epoch is bumped
+    /// and the lease left free, so any write or renewal stamped with the old epoch is refused. A
+    /// pending hand-over from `node` is settled for its destination (the source cannot take it
+    /// back). Returns the files whose record changed, in name order, with whether `node` held
+    /// the lease (`true`) or was only a hand-over's source; each changed record must be persisted
+    /// before the caller answers.
+    pub fn fence_node(&mut self, node: NodeId, now_ms: u64) -> Vec<(String, bool)> {
+        let mut changed = Vec::new();
+        for (name, l) in &mut self.files {
+            if l.record.holder == Some(node) {
+                l.record = LeaseRecord {
+                    epoch: l.record.epoch + 1,
+                    holder: None,
+                    handover_from: None,
+                };
+                l.deadline_ms = now_ms;
+                changed.push((name.clone(), true));
+            } else if l.record.handover_from == Some(node) {
+                l.record.handover_from = None;
+                changed.push((name.clone(), false));
+            }
+        }
+        changed
+    }
+
     /// May `node` write with `epoch` at `now_ms`? (The redirected path asks this for every write.)
     pub fn check_write(
         &self,
@@ -388,6 +413,52 @@ mod tests {
             t.apply("f", LeaseOp::Renew { node: 1, epoch: 1 }, 1001),
             Err(LeaseError::Stale { .. })
         ));
+    }
+
+    #[test]
+    fn fencing_a_node_bumps_its_epochs_and_refuses_its_late_writes() {
+        let mut t = table();
+        t.apply("a", LeaseOp::Acquire { node: 2 }, 0).unwrap();
+        t.apply("b", LeaseOp::Acquire { node: 3 }, 0).unwrap();
+        t.apply("c", LeaseOp::Acquire { node: 2 }, 0).unwrap();
+        // c moves from 2 to 3, unconfirmed: 2 could take it back until fenced.
+        t.apply(
+            "c",
+            LeaseOp::Handover {
+                node: 2,
+                epoch: 1,
+                to: 3,
+            },
+            10,
+        )
+        .unwrap();
+        let fenced = t.fence_node(2, 20);
+        assert_eq!(
+            fenced,
+            vec![("a".to_string(), true), ("c".to_string(), false)]
+        );
+        // a: free at a higher epoch; the old epoch can neither write nor renew.
+        assert_eq!(t.record("a").epoch, 2);
+        assert_eq!(t.holder("a", 20), None);
+        assert!(matches!(
+            t.check_write("a", 2, 1, 21),
+            Err(LeaseError::Stale { .. })
+        ));
+        assert!(
+            t.apply("a", LeaseOp::Renew { node: 2, epoch: 1 }, 21)
+                .is_err()
+        );
+        // Someone else takes it at once, above the fenced epoch.
+        let g = t.apply("a", LeaseOp::Acquire { node: 3 }, 22).unwrap();
+        assert_eq!((g.holder, g.epoch), (Some(3), 3));
+        // b is untouched; c stays with its destination, and the source cannot abort any more.
+        assert_eq!(t.holder("b", 20).map(|h| h.0), Some(3));
+        assert_eq!(t.record("c").holder, Some(3));
+        assert_eq!(
+            t.apply("c", LeaseOp::AbortHandover { node: 2 }, 23),
+            Err(LeaseError::NoHandover)
+        );
+        assert!(t.fence_node(2, 30).is_empty());
     }
 
     #[test]

@@ -19,9 +19,9 @@ use tern_nbd::server::ZeroFlags;
 use tern_nbd::{Backend, Errno, Exports};
 
 use crate::control::{
-    self, ControlError, CoordinatorRef, Envelope, ErrorKind, FileInfo, FileList, HeldLeaseInfo,
-    LeaseAction, LeaseGrant, LeaseInfo, Member, NodeStatus, Removed, Reply, Request, Response,
-    Revoked, Role,
+    self, ControlError, CoordinatorRef, Envelope, ErrorKind, Fenced, FileInfo, FileList,
+    HeldLeaseInfo, LeaseAction, LeaseGrant, LeaseInfo, Member, NodeStatus, Removed, Reply, Request,
+    Response, Revoked, Role,
 };
 use crate::format::{EXTENT_SIZE, HOLE, LeaseRecord, NodeId, Superblock};
 use crate::lease::{HeldLease, LeaseError, LeaseOp, LeaseTable, LeaseTimings};
@@ -545,6 +545,32 @@ impl Node {
                     epoch: grant.epoch,
                     ttl_ms: self.cfg.lease_ttl_ms,
                     remaining_ms: grant.deadline_ms.saturating_sub(now),
+                }))
+            }
+            Request::FenceNode { node } => {
+                let before = c.leases.clone();
+                let changed = c.leases.fence_node(*node, now);
+                if !changed.is_empty() {
+                    let mut next = c.volume.meta.clone();
+                    next.seq += 1;
+                    for (name, _) in &changed {
+                        if let Some(f) = next.files.get_mut(name) {
+                            f.lease = c.leases.record(name);
+                        }
+                    }
+                    if let Err(e) = self.commit_change(c, namespace::Change { next, zero: vec![] })
+                    {
+                        c.leases = before;
+                        return Err(e);
+                    }
+                }
+                Ok(Response::Fenced(Fenced {
+                    node: *node,
+                    files: changed
+                        .into_iter()
+                        .filter(|(_, held)| *held)
+                        .map(|(name, _)| name)
+                        .collect(),
                 }))
             }
             Request::Status | Request::Lease { .. } | Request::Revoke { .. } => Err(
