@@ -2,7 +2,7 @@
 //! `Model::CloudSim` only): the order in which a host's CPU scheduler sums its free MIPS.
 //!
 //! After an update the reference scheduler subtracts the VMs' demands in placement order; after any VM
-//! leaves it rebuilds the figure walking its `HashMap<String, …>` of VM uids ("2-<vm id>", broker 2).
+//! leaves it rebuilds the figure walking its `HashMap<String, …>` of VM uids (`"2-<vm id>"`, broker 2).
 //! The two sums can differ in the last bit, which decides `free ≥ demand` when a VM's demand equals a
 //! host's free MIPS. PABFD's trial placement (create the VM, test for overload, destroy it) counts as a
 //! departure, so every host that passes the free-MIPS test is left rebuilt in hash order. This module
@@ -22,7 +22,7 @@ pub struct SchedOrder {
     pub peak_entries: u32,
 }
 
-/// Java's `String.hashCode` of the reference code's VM uid "2-<id>" (broker id 2), spread as in
+/// Java's `String.hashCode` of the reference code's VM uid `"2-<id>"` (broker id 2), spread as in
 /// `java.util.HashMap.hash`.
 pub fn uid_hash(vm: u32) -> u32 {
     let mut digits = [0u8; 10];
