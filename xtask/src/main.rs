@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench_boot;
+mod bench_cluster;
 mod bench_common;
 mod bench_migrate;
 mod bench_net;
@@ -48,6 +49,9 @@ enum Bench {
     Volume(bench_volume::Args),
     /// Simulator: one PlanetLab day per reference policy, 20k/40k synthetic, the full sweep.
     Sim(bench_sim::Args),
+    /// Cluster control plane: creating 20 VMs, HA restart and controller fail-over times on a
+    /// `tern cluster up` lab; the controller core's decision times at 100 to 10,000 hosts.
+    Cluster(bench_cluster::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,5 +64,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
         Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
         Task::Bench(Bench::Sim(args)) => bench_sim::run(args),
+        Task::Bench(Bench::Cluster(args)) => bench_cluster::run(args),
     }
 }
