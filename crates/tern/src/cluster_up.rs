@@ -1,0 +1,1131 @@
+//! `tern cluster up|down`: a whole test cluster on one machine, in one command.
+//!
+//! ```text
+//!   root namespace                     NAME-cl (the control namespace, 10.77.0.200)
+//!   127.0.0.1:P1 ──relay──────────────▶ tern controller --listen 10.77.0.200:8080
+//!   127.0.0.1:P2 ──relay──────────────▶ tern controller --listen 10.77.0.200:8081
+//!   127.0.0.1:P0 ──relay──────────────▶ etcd 10.77.0.200:2379
+//!                                          │ switch NAME-sw (one layer-2 segment)
+//!   NAME-h0 (10.77.0.10): tern volume serve --node-id 1 :10809, tern agent --host-id h0 :7000, VMMs
+//!   NAME-h1 (10.77.0.11): tern volume serve --node-id 2 :10809, tern agent --host-id h1 :7000, VMMs
+//!   …
+//! ```
+//!
+//! Every host is a network namespace of a `tern-netlab` topology; etcd and the controllers live in
+//! the topology's client namespace, so a host cut off from the switch (its link down) loses etcd
+//! and the controllers as a real host would. The operator's side (the root namespace) reaches the
+//! controllers and etcd through loopback relays that this process runs, so `tern cluster vms
+//! --controller http://127.0.0.1:P1` works from anywhere on the machine.
+//!
+//! All files (etcd's data, the shared LUN, the hosts' runtime folders, logs and the state file
+//! `state.json`) live in `/run/tern/cluster-NAME`. `tern cluster down --name NAME` asks the `up`
+//! process to stop (SIGTERM) and waits; if that process is gone, it removes what the state file
+//! lists itself. Either way nothing stays: no process, no namespace, no file.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tern_netlab::{BuildTopologyError, Topology, TopologySpec};
+use tern_parking::daemon::Signals;
+
+/// Where every cluster's folder lives.
+pub const RUN_DIR: &str = "/run/tern";
+/// etcd's client port in the control namespace.
+pub const ETCD_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
+/// The first controller's port in the control namespace (the next ones follow).
+pub const CONTROLLER_PORT: u16 = 8080;
+/// Each agent's port on its host's address.
+pub const AGENT_PORT: u16 = 7000;
+/// Each volume node's port on its host's address.
+pub const VOLUME_PORT: u16 = 10809;
+/// Most hosts a test cluster may have.
+pub const MAX_HOSTS: usize = 16;
+/// Most controllers a test cluster may have.
+pub const MAX_CONTROLLERS: usize = 5;
+
+/// Options of `tern cluster up`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// The cluster's name: its namespaces are NAME-h0…, NAME-sw and NAME-cl, its folder
+    /// /run/tern/cluster-NAME (1-20 of a-z, 0-9, '-').
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+    /// Hosts (network namespaces, each with a volume node and an agent), 1-16.
+    #[arg(long)]
+    pub hosts: usize,
+    /// Controllers (one leads, the others stand by), 1-5.
+    #[arg(long, default_value_t = 2)]
+    pub controllers: usize,
+    /// Size of the shared LUN (a sparse file), e.g. 4G.
+    #[arg(long, default_value = "4G")]
+    pub lun_size: String,
+    /// Print the cluster's addresses as one JSON line on stdout once it is up (progress goes to
+    /// stderr): `{"controllers": [...], "etcd": "...", "hosts": [...], ...}`.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `tern cluster down`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DownArgs {
+    /// The cluster's name (as given to `tern cluster up`).
+    #[arg(long, default_value = "lab")]
+    pub name: String,
+}
+
+/// What a running cluster is made of; written to `/run/tern/cluster-NAME/state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabState {
+    /// The cluster's name.
+    pub name: String,
+    /// The `tern cluster up` process that owns it.
+    pub pid: u32,
+    /// Its folder.
+    pub dir: PathBuf,
+    /// etcd, as the operator reaches it (a loopback relay).
+    pub etcd: String,
+    /// etcd, as hosts and controllers reach it.
+    pub etcd_internal: String,
+    /// etcd's process.
+    pub etcd_pid: u32,
+    /// The controllers.
+    pub controllers: Vec<LabController>,
+    /// The hosts.
+    pub hosts: Vec<LabHost>,
+    /// The network namespaces of the cluster.
+    pub namespaces: Vec<String>,
+    /// The namespace of etcd and the controllers.
+    pub control_namespace: String,
+}
+
+/// One controller of a test cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabController {
+    /// Its URL for the operator (a loopback relay).
+    pub url: String,
+    /// Its URL inside the cluster.
+    pub internal_url: String,
+    /// Its process.
+    pub pid: u32,
+}
+
+/// One host of a test cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabHost {
+    /// The host's name (its agent's `--host-id`).
+    pub name: String,
+    /// Its network namespace.
+    pub namespace: String,
+    /// Its address.
+    pub address: Ipv4Addr,
+    /// Its agent's URL (inside the cluster).
+    pub agent_url: String,
+    /// Its agent's process.
+    pub agent_pid: u32,
+    /// Its volume node (`ADDR:PORT`).
+    pub volume_node: String,
+    /// Its volume node's id.
+    pub volume_node_id: u32,
+    /// Its volume node's process.
+    pub volume_pid: u32,
+    /// The folder of its VMs' runtime entries and sockets.
+    pub runtime_dir: PathBuf,
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct LabSpec {
+    /// The cluster's name.
+    pub name: String,
+    /// Hosts.
+    pub hosts: usize,
+    /// Controllers.
+    pub controllers: usize,
+    /// LUN size (`tern volume format --size`).
+    pub lun_size: String,
+    /// The `tern` binary every process runs.
+    pub tern: PathBuf,
+}
+
+impl LabSpec {
+    fn validate(&self) -> anyhow::Result<()> {
+        let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+        ensure!(
+            !self.name.is_empty()
+                && self.name.len() <= 20
+                && self.name.chars().all(ok)
+                && !self.name.starts_with('-'),
+            "cluster name {:?} must be 1-20 of a-z, 0-9 and '-', not starting with '-'",
+            self.name
+        );
+        ensure!(
+            (1..=MAX_HOSTS).contains(&self.hosts),
+            "--hosts {} is out of range: a test cluster has 1 to {MAX_HOSTS} hosts",
+            self.hosts
+        );
+        ensure!(
+            (1..=MAX_CONTROLLERS).contains(&self.controllers),
+            "--controllers {} is out of range: a test cluster has 1 to {MAX_CONTROLLERS} controllers",
+            self.controllers
+        );
+        Ok(())
+    }
+}
+
+/// The folder of cluster `name`.
+pub fn cluster_dir(name: &str) -> PathBuf {
+    Path::new(RUN_DIR).join(format!("cluster-{name}"))
+}
+
+/// The state file of cluster `name`.
+pub fn state_path(name: &str) -> PathBuf {
+    cluster_dir(name).join("state.json")
+}
+
+/// Reads the state file of cluster `name`, if there is one.
+pub fn read_state(name: &str) -> anyhow::Result<Option<LabState>> {
+    let path = state_path(name);
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(Some(serde_json::from_slice(&bytes).with_context(|| {
+            format!("{} is not a cluster state file", path.display())
+        })?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+struct Proc {
+    what: String,
+    child: Child,
+}
+
+/// A running test cluster. Dropping it (or [`Lab::shutdown`]) stops every process, deletes the
+/// namespaces and removes the folder.
+pub struct Lab {
+    state: LabState,
+    topology: Option<Topology>,
+    procs: Vec<Proc>,
+    relays_stop: Arc<AtomicBool>,
+    down: bool,
+}
+
+impl std::fmt::Debug for Lab {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lab").field("state", &self.state).finish()
+    }
+}
+
+fn host_name(i: usize) -> String {
+    format!("h{i}")
+}
+
+impl Lab {
+    /// Builds and starts the cluster, reporting each step through `progress`; returns once every
+    /// host's agent is registered with the leading controller.
+    pub fn start(spec: &LabSpec, progress: &dyn Fn(&str)) -> anyhow::Result<Lab> {
+        spec.validate()?;
+        ensure!(
+            is_root(),
+            "tern cluster up needs root (network namespaces, /run/tern, KVM)"
+        );
+        if which("etcd").is_none() {
+            bail!(
+                "etcd is not on PATH: the cluster keeps its state in etcd (Debian: apt install etcd-server, or bash scripts/install-deps.sh)"
+            );
+        }
+        let dir = cluster_dir(&spec.name);
+        if let Some(old) = read_state(&spec.name).ok().flatten() {
+            if pid_alive(old.pid) {
+                bail!(
+                    "cluster {:?} is already up (tern cluster up, pid {}): stop it first with `tern cluster down --name {}`, or pick another --name",
+                    spec.name,
+                    old.pid,
+                    spec.name
+                );
+            }
+            bail!(
+                "cluster {:?} was not taken down (its state file {} is left from pid {}, which is gone): `tern cluster down --name {}` removes what is left",
+                spec.name,
+                state_path(&spec.name).display(),
+                old.pid,
+                spec.name
+            );
+        }
+        progress(&format!(
+            "building {} host namespaces, a switch and the control namespace {}-cl",
+            spec.hosts, spec.name
+        ));
+        let topology = match Topology::build(TopologySpec::new(spec.name.clone(), spec.hosts)) {
+            Ok(t) => t,
+            Err(BuildTopologyError::Exists { namespace, .. }) => bail!(
+                "the name {:?} is in use: network namespace {namespace} exists. `tern cluster down --name {}` (or `tern net down --name {}`) removes it, or pick another --name",
+                spec.name,
+                spec.name,
+                spec.name
+            ),
+            Err(e) => return Err(e).context("cannot build the cluster's namespaces"),
+        };
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir.join("logs"))
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let control_ns = topology.client_ns().context("the topology has a client")?;
+        let control_addr = Topology::client_addr();
+        let namespaces = topology.namespaces();
+        let mut lab = Lab {
+            state: LabState {
+                name: spec.name.clone(),
+                pid: std::process::id(),
+                dir: dir.clone(),
+                etcd: String::new(),
+                etcd_internal: format!("http://{control_addr}:{ETCD_PORT}"),
+                etcd_pid: 0,
+                controllers: Vec::new(),
+                hosts: Vec::new(),
+                namespaces,
+                control_namespace: control_ns.clone(),
+            },
+            topology: Some(topology),
+            procs: Vec::new(),
+            relays_stop: Arc::new(AtomicBool::new(false)),
+            down: false,
+        };
+        // From here on, a failure drops `lab`, which takes everything down again.
+        lab.write_state()?;
+
+        // etcd, in the control namespace.
+        progress(&format!(
+            "starting etcd at {} (in {control_ns})",
+            lab.state.etcd_internal
+        ));
+        let url = lab.state.etcd_internal.clone();
+        let peer = format!("http://127.0.0.1:{ETCD_PEER_PORT}");
+        let mut etcd = Command::new("ip");
+        etcd.args(["netns", "exec", &control_ns, "etcd"])
+            .arg("--data-dir")
+            .arg(dir.join("etcd"))
+            .args(["--name", "default"])
+            .args(["--listen-client-urls", &url])
+            .args(["--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("default={peer}")]);
+        lab.state.etcd_pid = lab.spawn("etcd", etcd)?;
+        let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
+        lab.wait_port("etcd", &control_ns, etcd_addr, Duration::from_secs(20))?;
+        let port = relay(&control_ns, etcd_addr, lab.relays_stop.clone())?;
+        lab.state.etcd = format!("http://127.0.0.1:{port}");
+
+        // The shared LUN.
+        let lun = dir.join("lun");
+        progress(&format!(
+            "formatting the shared LUN {} ({})",
+            lun.display(),
+            spec.lun_size
+        ));
+        let out = Command::new(&spec.tern)
+            .args(["volume", "format", "--lun"])
+            .arg(&lun)
+            .args(["--size", &spec.lun_size])
+            .output()
+            .context("cannot run tern volume format")?;
+        ensure!(
+            out.status.success(),
+            "tern volume format failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+
+        // A volume node and an agent per host.
+        let topology = lab.topology.as_ref().context("topology")?;
+        let hosts: Vec<(String, Ipv4Addr)> = (0..spec.hosts)
+            .map(|i| (topology.host_ns(i), topology.host_addr(i)))
+            .collect();
+        for (i, (ns, addr)) in hosts.iter().enumerate() {
+            let node_id = u32::try_from(i + 1).context("host count")?;
+            let volume_node = format!("{addr}:{VOLUME_PORT}");
+            progress(&format!(
+                "host {}: volume node {node_id} at {volume_node}",
+                host_name(i)
+            ));
+            let mut serve = Command::new("ip");
+            serve
+                .args(["netns", "exec", ns])
+                .arg(&spec.tern)
+                .args(["volume", "serve", "--lun"])
+                .arg(&lun)
+                .args(["--node-id", &node_id.to_string()])
+                .args(["--listen", &volume_node])
+                .args(["--etcd", &url]);
+            let volume_pid = lab.spawn(&format!("volume-{}", host_name(i)), serve)?;
+            lab.state.hosts.push(LabHost {
+                name: host_name(i),
+                namespace: ns.clone(),
+                address: *addr,
+                agent_url: format!("http://{addr}:{AGENT_PORT}"),
+                agent_pid: 0,
+                volume_node,
+                volume_node_id: node_id,
+                volume_pid,
+                runtime_dir: dir.join(host_name(i)),
+            });
+        }
+        for i in 0..spec.hosts {
+            let h = lab.state.hosts[i].clone();
+            let addr = SocketAddr::from((h.address, VOLUME_PORT));
+            lab.wait_port(
+                &format!("volume-{}", h.name),
+                &h.namespace,
+                addr,
+                Duration::from_secs(20),
+            )?;
+        }
+        for i in 0..spec.hosts {
+            let h = lab.state.hosts[i].clone();
+            std::fs::create_dir_all(&h.runtime_dir)?;
+            progress(&format!("host {}: agent at {}", h.name, h.agent_url));
+            let mut agent = Command::new("ip");
+            agent
+                .args(["netns", "exec", &h.namespace])
+                .arg(&spec.tern)
+                .args(["agent", "--host-id", &h.name])
+                .args(["--etcd", &url])
+                .args(["--listen", &format!("{}:{AGENT_PORT}", h.address)])
+                .args(["--volume-node", &h.volume_node])
+                .args(["--volume-node-id", &h.volume_node_id.to_string()])
+                .args(["--cores", "2", "--memory-mib", "4096"])
+                .arg("--runtime-dir")
+                .arg(&h.runtime_dir)
+                .arg("--state-dir")
+                .arg(h.runtime_dir.join("state"));
+            lab.state.hosts[i].agent_pid = lab.spawn(&format!("agent-{}", h.name), agent)?;
+        }
+
+        // The controllers.
+        for c in 0..spec.controllers {
+            let port = CONTROLLER_PORT + u16::try_from(c).context("controller count")?;
+            let addr = SocketAddr::from((control_addr, port));
+            let mut ctl = Command::new("ip");
+            ctl.args(["netns", "exec", &control_ns])
+                .arg(&spec.tern)
+                .args(["controller", "--etcd", &url])
+                .args(["--listen", &addr.to_string()]);
+            let pid = lab.spawn(&format!("controller-{}", c + 1), ctl)?;
+            let relay_port = relay(&control_ns, addr, lab.relays_stop.clone())?;
+            let url = format!("http://127.0.0.1:{relay_port}");
+            progress(&format!(
+                "controller {}: {url} (inside the cluster http://{addr})",
+                c + 1
+            ));
+            lab.state.controllers.push(LabController {
+                url,
+                internal_url: format!("http://{addr}"),
+                pid,
+            });
+        }
+        lab.write_state()?;
+        for h in lab.state.hosts.clone() {
+            let addr = SocketAddr::from((h.address, AGENT_PORT));
+            lab.wait_port(
+                &format!("agent-{}", h.name),
+                &h.namespace,
+                addr,
+                Duration::from_secs(20),
+            )?;
+        }
+        progress("waiting for a leader and every host to register");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            lab.check_alive()?;
+            if let Some(leader) = lab.leader() {
+                let hosts = get_json::<Vec<tern_api::cluster::HostInfo>>(
+                    &lab.state.controllers[leader].url,
+                    "/v1/hosts",
+                );
+                if let Ok(hosts) = hosts {
+                    let up = hosts
+                        .iter()
+                        .filter(|h| h.state == tern_api::cluster::HostState::Up)
+                        .count();
+                    if up == spec.hosts {
+                        break;
+                    }
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the cluster did not come up in 30 s: no controller leads with all {} hosts registered (logs in {})",
+                spec.hosts,
+                dir.join("logs").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(lab)
+    }
+
+    /// What the cluster is made of.
+    pub fn state(&self) -> &LabState {
+        &self.state
+    }
+
+    /// The index of the controller that answers as the leader now, if any.
+    pub fn leader(&self) -> Option<usize> {
+        self.state
+            .controllers
+            .iter()
+            .position(|c| matches!(http(&c.url, "GET", "/v1/hosts", None), Ok((200, _))))
+    }
+
+    /// Kills (SIGKILL) host `i`'s agent and every VMM in its namespace, as a host crash would; its
+    /// volume node keeps running. Returns the processes killed.
+    pub fn kill_host(&mut self, i: usize) -> anyhow::Result<Vec<u32>> {
+        let h = self.state.hosts.get(i).context("no such host")?.clone();
+        let pids = kill_host_processes(&h)?;
+        self.reap();
+        Ok(pids)
+    }
+
+    /// Kills (SIGKILL) controller `i`.
+    pub fn kill_controller(&mut self, i: usize) -> anyhow::Result<()> {
+        let c = self
+            .state
+            .controllers
+            .get(i)
+            .context("no such controller")?;
+        let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
+        self.reap();
+        Ok(())
+    }
+
+    /// The log file of a process (`etcd`, `agent-h0`, `volume-h1`, `controller-1`).
+    pub fn log_path(&self, what: &str) -> PathBuf {
+        self.state.dir.join("logs").join(format!("{what}.log"))
+    }
+
+    fn spawn(&mut self, what: &str, mut cmd: Command) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(self.log_path(what))
+            .with_context(|| format!("cannot create the log of {what}"))?;
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: the operator's Ctrl-C reaches `cluster up` only, which then
+            // stops everything in order.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        let pid = child.id();
+        self.procs.push(Proc {
+            what: what.to_string(),
+            child,
+        });
+        Ok(pid)
+    }
+
+    fn reap(&mut self) {
+        for p in &mut self.procs {
+            let _ = p.child.try_wait();
+        }
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        for p in &mut self.procs {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                let log = self.state.dir.join("logs").join(format!("{}.log", p.what));
+                bail!(
+                    "{} exited while the cluster was starting ({status}); its log {}:\n{}",
+                    p.what,
+                    log.display(),
+                    tail(&log, 15)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_port(
+        &mut self,
+        what: &str,
+        ns: &str,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            self.check_alive()?;
+            if tern_netlab::ns::connect_from(ns, addr, Duration::from_millis(500)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > timeout {
+                let log = self.log_path(what);
+                bail!(
+                    "{what} did not answer on {addr} within {timeout:?}; its log {}:\n{}",
+                    log.display(),
+                    tail(&log, 15)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn write_state(&self) -> anyhow::Result<()> {
+        let path = self.state.dir.join("state.json");
+        let tmp = self.state.dir.join("state.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.state)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Stops everything and removes the namespaces and the folder; returns what was left that
+    /// could not be removed (empty when all went).
+    pub fn shutdown(mut self) -> Vec<String> {
+        self.down = true;
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let files = volume_files(&self.state);
+        // Controllers first (nothing new is started), then agents, then whatever runs in the
+        // hosts (VMMs), then the volume nodes (they flush and step down), then etcd.
+        let groups: [&dyn Fn(&str) -> bool; 4] = [
+            &|w| w.starts_with("controller-"),
+            &|w| w.starts_with("agent-"),
+            &|w| w.starts_with("volume-"),
+            &|w| w == "etcd",
+        ];
+        for (g, in_group) in groups.iter().enumerate() {
+            if g == 2 {
+                for h in &self.state.hosts {
+                    kill_namespace(&h.namespace, &[h.volume_pid]);
+                }
+            }
+            let mut group: Vec<&mut Proc> = self
+                .procs
+                .iter_mut()
+                .filter(|p| in_group(&p.what))
+                .collect();
+            for p in &mut group {
+                if let Ok(None) = p.child.try_wait() {
+                    let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for p in &mut group {
+                while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if matches!(p.child.try_wait(), Ok(None)) {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                }
+            }
+        }
+        for ns in &self.state.namespaces {
+            kill_namespace(ns, &[]);
+        }
+        self.relays_stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.topology.take()
+            && let Err(e) = t.teardown()
+        {
+            problems.push(format!("namespaces: {e}"));
+        }
+        remove_claims(&self.state, &files);
+        if let Err(e) = std::fs::remove_dir_all(&self.state.dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            problems.push(format!("{}: {e}", self.state.dir.display()));
+        }
+        problems
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down {
+            self.down = true;
+            for p in self.teardown() {
+                eprintln!("tern cluster: could not remove {p}");
+            }
+        }
+    }
+}
+
+/// The files of the cluster's volume (their per-host claim files are removed at the end).
+fn volume_files(state: &LabState) -> Vec<String> {
+    let Some(h) = state.hosts.first() else {
+        return Vec::new();
+    };
+    let tern = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("tern"));
+    let out = Command::new("ip")
+        .args(["netns", "exec", &h.namespace])
+        .arg(tern)
+        .args(["volume", "ls", "--json", "--node", &h.volume_node])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    #[derive(Deserialize)]
+    struct Listed {
+        name: String,
+    }
+    out.ok()
+        .and_then(|o| {
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+            let files = v.get("files").cloned().unwrap_or(v);
+            serde_json::from_value::<Vec<Listed>>(files).ok()
+        })
+        .map(|l| l.into_iter().map(|f| f.name).collect())
+        .unwrap_or_default()
+}
+
+/// Removes the per-host claim files (`/run/tern/volume-claims/ADDR_FILE.lock`) of this cluster's
+/// disks; every VMM holding one is gone by now.
+fn remove_claims(state: &LabState, files: &[String]) {
+    let dir = Path::new(tern_volume::client::CLAIM_DIR);
+    for h in &state.hosts {
+        for f in files {
+            let _ = std::fs::remove_file(dir.join(format!("{}_{f}.lock", h.volume_node)));
+        }
+    }
+}
+
+/// SIGKILLs host `h`'s agent, then every other process in its namespace but its volume node.
+pub fn kill_host_processes(h: &LabHost) -> anyhow::Result<Vec<u32>> {
+    let mut killed = vec![h.agent_pid];
+    // Stop the agent first so it cannot start anything while the rest dies.
+    let _ = kill(Pid::from_raw(h.agent_pid as i32), Signal::SIGKILL);
+    for _ in 0..3 {
+        let pids = pids_in_namespace(&h.namespace)?;
+        for pid in pids {
+            if pid != h.volume_pid && pid != h.agent_pid {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                killed.push(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    killed.sort_unstable();
+    killed.dedup();
+    Ok(killed)
+}
+
+/// The processes whose network namespace is `ns`.
+pub fn pids_in_namespace(ns: &str) -> anyhow::Result<Vec<u32>> {
+    let target = std::fs::metadata(format!("/run/netns/{ns}"))
+        .with_context(|| format!("no network namespace {ns}"))?;
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(m) = std::fs::metadata(entry.path().join("ns/net"))
+            && m.ino() == target.ino()
+            && m.dev() == target.dev()
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
+}
+
+fn kill_namespace(ns: &str, except: &[u32]) {
+    for _ in 0..50 {
+        let pids: Vec<u32> = pids_in_namespace(ns)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| !except.contains(p))
+            .collect();
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Listens on a loopback port of the root namespace and relays every connection to `target`,
+/// connecting from inside namespace `ns`. Returns the port.
+fn relay(ns: &str, target: SocketAddr, stop: Arc<AtomicBool>) -> anyhow::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let ns = ns.to_string();
+    std::thread::Builder::new()
+        .name(format!("relay-{port}"))
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let ns = ns.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("relay-conn".into())
+                            .spawn(move || relay_one(client, &ns, target));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })?;
+    Ok(port)
+}
+
+fn relay_one(client: TcpStream, ns: &str, target: SocketAddr) {
+    let _ = client.set_nonblocking(false);
+    let Ok(server) = tern_netlab::ns::connect_from(ns, target, Duration::from_secs(2)) else {
+        return;
+    };
+    let (Ok(mut c2), Ok(mut s2)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let mut client = client;
+        let mut server = server;
+        let _ = std::io::copy(&mut client, &mut server);
+        let _ = server.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut s2, &mut c2);
+    let _ = c2.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
+}
+
+// ----- a small HTTP/1.1 client for the controllers' and agents' JSON APIs -----
+
+/// Sends one request to `base` (`http://HOST:PORT`) + `path` and returns the status and body.
+/// One connection per request (`Connection: close`); 10 s timeouts.
+pub fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let hostport = base
+        .strip_prefix("http://")
+        .with_context(|| format!("{base:?} is not an http:// URL"))?
+        .trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{base:?} does not name ADDR:PORT"))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot connect to {base}"))?;
+    http_on(stream, hostport, method, path, body)
+}
+
+/// Like [`http`], connecting from inside network namespace `ns`.
+pub fn http_in(
+    ns: &str,
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    let hostport = base
+        .strip_prefix("http://")
+        .with_context(|| format!("{base:?} is not an http:// URL"))?
+        .trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{base:?} does not name ADDR:PORT"))?;
+    let stream = tern_netlab::ns::connect_from(ns, addr, Duration::from_secs(3))
+        .with_context(|| format!("cannot connect to {base} from {ns}"))?;
+    http_on(stream, hostport, method, path, body)
+}
+
+fn http_on(
+    mut stream: TcpStream,
+    host: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes())?;
+    let mut reader = BufReader::new(stream);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line)?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad HTTP status line {status_line:?} from {host}"))?;
+    let mut chunked = false;
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = v.parse::<usize>().ok();
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            reader.read_line(&mut size)?;
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16)
+                .context("bad chunk size")?;
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            reader.read_exact(&mut chunk)?;
+            out.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(n) = length {
+        out.resize(n, 0);
+        reader.read_exact(&mut out)?;
+    } else {
+        reader.read_to_end(&mut out)?;
+    }
+    Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// GETs `path` and decodes a 200 answer.
+pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyhow::Result<T> {
+    let (status, body) = http(base, "GET", path, None)?;
+    ensure!(status == 200, "GET {path}: {status} {body}");
+    serde_json::from_str(&body).with_context(|| format!("GET {path}: unexpected body {body}"))
+}
+
+// ----- the commands -----
+
+/// `tern cluster up`.
+pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Blocked before any thread or child exists (threads inherit the mask; children get it reset).
+    let signals = Signals::block(&[Signal::SIGINT, Signal::SIGTERM])
+        .context("cannot set up signal handling")?;
+    let json = args.json;
+    let say = move |s: &str| {
+        if json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    };
+    let spec = LabSpec {
+        name: args.name.clone(),
+        hosts: args.hosts,
+        controllers: args.controllers,
+        lun_size: args.lun_size.clone(),
+        tern: std::env::current_exe().context("cannot find the tern binary")?,
+    };
+    let started = Instant::now();
+    let lab = Lab::start(&spec, &say)?;
+    let st = lab.state().clone();
+    if json {
+        let out = serde_json::json!({
+            "name": st.name,
+            "controllers": st.controllers.iter().map(|c| c.url.clone()).collect::<Vec<_>>(),
+            "etcd": st.etcd,
+            "hosts": st.hosts,
+            "state_file": state_path(&st.name),
+            "pid": st.pid,
+        });
+        println!("{out}");
+    } else {
+        say(&format!(
+            "cluster {} is up in {:.1} s: {} hosts, {} controllers",
+            st.name,
+            started.elapsed().as_secs_f64(),
+            st.hosts.len(),
+            st.controllers.len()
+        ));
+        for c in &st.controllers {
+            say(&format!("  controller {}", c.url));
+        }
+        say(&format!("  etcd       {}", st.etcd));
+        say(&format!(
+            "try: tern cluster hosts --controller {}",
+            st.controllers[0].url
+        ));
+        say(&format!(
+            "stop: Ctrl-C, or tern cluster down --name {}",
+            st.name
+        ));
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        if let Some(sig) = signals.wait(Duration::from_secs(1)) {
+            eprintln!("tern cluster: {sig}: taking cluster {} down", st.name);
+            break;
+        }
+    }
+    let problems = lab.shutdown();
+    if problems.is_empty() {
+        eprintln!("tern cluster: cluster {} is down, nothing left", st.name);
+        Ok(ExitCode::SUCCESS)
+    } else {
+        bail!(
+            "cluster {} is down but left: {}",
+            st.name,
+            problems.join("; ")
+        )
+    }
+}
+
+/// `tern cluster down`.
+pub fn down(args: DownArgs) -> anyhow::Result<ExitCode> {
+    ensure!(
+        is_root(),
+        "tern cluster down needs root (network namespaces, /run/tern)"
+    );
+    let state = read_state(&args.name)?;
+    let Some(state) = state else {
+        let removed = Topology::remove(&args.name).context("cannot remove namespaces")?;
+        let dir = cluster_dir(&args.name);
+        let had_dir = dir.exists();
+        if had_dir {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot remove {}", dir.display()))?;
+        }
+        if removed.is_empty() && !had_dir {
+            println!("no cluster named {}: nothing to remove", args.name);
+        } else {
+            println!(
+                "cluster {}: removed what was left ({} namespaces{})",
+                args.name,
+                removed.len(),
+                if had_dir { ", its folder" } else { "" }
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    if pid_alive(state.pid) {
+        let _ = kill(Pid::from_raw(state.pid as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pid_alive(state.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        ensure!(
+            !pid_alive(state.pid),
+            "tern cluster up (pid {}) did not stop within 60 s",
+            state.pid
+        );
+        if !cluster_dir(&args.name).exists() {
+            println!("cluster {} is down", args.name);
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    // The owner is gone: remove what the state file lists.
+    let files = volume_files(&state);
+    for c in &state.controllers {
+        kill_if(c.pid, &["tern"]);
+    }
+    for h in &state.hosts {
+        kill_if(h.agent_pid, &["tern"]);
+        kill_namespace(&h.namespace, &[]);
+    }
+    for ns in &state.namespaces {
+        kill_namespace(ns, &[]);
+    }
+    kill_if(state.etcd_pid, &["etcd"]);
+    let removed = Topology::remove(&args.name).context("cannot remove namespaces")?;
+    remove_claims(&state, &files);
+    let dir = cluster_dir(&args.name);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    println!(
+        "cluster {} is down (its `up` process had gone; removed {} namespaces and {})",
+        args.name,
+        removed.len(),
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGKILLs `pid` if it still runs one of `programs` (a PID reused by something else is left).
+fn kill_if(pid: u32, programs: &[&str]) {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let first = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+    let name = Path::new(std::str::from_utf8(first).unwrap_or(""))
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("")
+        .to_string();
+    if programs.iter().any(|p| *p == name) {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+}
+
+/// Whether process `pid` exists (and is not a zombie).
+pub fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
+        })
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `tern cluster up|down` until the `cluster` subcommand carries them.
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Start a test cluster.
+    Up(UpArgs),
+    /// Take a test cluster down.
+    Down(DownArgs),
+}
+
+/// Runs a [`LabCommand`].
+pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        LabCommand::Up(a) => up(a),
+        LabCommand::Down(a) => down(a),
+    }
+}
