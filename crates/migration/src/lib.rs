@@ -82,7 +82,7 @@
 //!  pause VM; final sync
 //!  dataᵢ Pages{last dirty pages} ──────────────────────────▶
 //!  dataᵢ DataEnd{frames, pages} ───────────────────────────▶  per-stream count check
-//!  save_state
+//!  save_state; release_storage (disks' write ownership to the target)
 //!  ctl  State{version, bytes} ─────────────────────────────▶
 //!  ctl  Verify{chunk crcs}   (with --verify-memory) ───────▶
 //!  ctl  Commit ────────────────────────────────────────────▶  all DataEnd seen? state?
@@ -93,9 +93,10 @@
 //!
 //!  any failure before Commit is written (cancel, timeout, broken stream, corrupt frame,
 //!  Failed/Abort from the target):  ctl Abort ──▶ target discards;  source set_throttle(0),
-//!  resume if paused.  ctl ◀── Failed{reason} after Commit: the target discarded, the source
-//!  resumes.  No answer after Commit: outcome "in_doubt", the source stays paused (the
-//!  target may be running; two copies must never run).
+//!  if paused acquire_storage then resume.  ctl ◀── Failed{reason} after Commit: the target
+//!  discarded, the source acquires its storage and resumes.  No answer after Commit: outcome
+//!  "in_doubt", the source stays paused, its storage released (the target may be running; two
+//!  copies must never run).
 //! ```
 //!
 //! # Receiver states
@@ -131,9 +132,11 @@
 //! `Failed` from any of them. What a failure does to the source VM depends only on the phase
 //! ([`machine::sender::FailureAction`]): before the pause it keeps running (throttle removed);
 //! paused, it is resumed; after Commit it is resumed only if the target answered `Failed`, else
-//! it stays paused ("in doubt"). [`machine::sender::Sender::finish`] turns that and how the
-//! shell saw the end into the clean-up (tell the target, unthrottle, resume) and the
-//! [`Outcome`].
+//! it stays paused ("in doubt"). The machine also orders the storage hand-over
+//! ([`machine::sender::StorageStep`]): `Release` once the paused VM's state is saved (the commit
+//! is refused until it succeeded), `Acquire` before every resume, never in doubt.
+//! [`machine::sender::Sender::finish`] turns that and how the shell saw the end into the
+//! clean-up (tell the target, unthrottle, take the storage back, resume) and the [`Outcome`].
 //!
 //! # Convergence
 //!

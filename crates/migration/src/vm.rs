@@ -9,8 +9,10 @@ pub type VmError = Box<dyn std::error::Error + Send + Sync + 'static>;
 ///
 /// The migration calls these from one thread, in this order: `describe`, `start_dirty_log`,
 /// (`read_pages`, `fetch_dirty`, `set_throttle`)*, `pause`, `fetch_dirty`, `read_pages`*,
-/// `save_state`, and on failure `resume`. `stop_dirty_log` and `set_throttle(0)` end every
-/// migration, successful or not.
+/// `save_state`, `release_storage`, and on failure after the pause `acquire_storage` then
+/// `resume` (not when the commit is in doubt: the source then stays paused as it is).
+/// `stop_dirty_log` and `set_throttle(0)` end every migration, successful or not. The sender
+/// machine ([`crate::machine::sender::Sender`]) decides when each storage hook is due.
 pub trait MigrationSource {
     /// The VM's shape: memory layout, vCPUs, CPUID, devices.
     fn describe(&self) -> VmConfigDescription;
@@ -51,6 +53,18 @@ pub trait MigrationSource {
     /// The VM's complete saved state (vCPUs, irqchips, clocks, devices) as versioned bytes.
     /// Called while paused. Returns the format version and the bytes.
     fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError>;
+
+    /// Switch-over: hands the storage whose write ownership moves with the VM (e.g. disks
+    /// under an exclusive write lease) to the target. Called once, paused, after `save_state`
+    /// and before the state and commit frames go out; from here the source must not write it.
+    /// An error fails the migration; what was already handed over stays so until
+    /// `acquire_storage`. A VM with no such storage returns `Ok(())`.
+    fn release_storage(&mut self) -> Result<(), VmError>;
+
+    /// Takes back whatever `release_storage` handed over (nothing if it did not run or
+    /// handed nothing). Called before `resume` on every failure after the pause (never in
+    /// doubt); an error leaves the VM paused (its storage may be elsewhere) and is reported.
+    fn acquire_storage(&mut self) -> Result<(), VmError>;
 }
 
 /// A VM being built on the target from an incoming migration.

@@ -13,7 +13,7 @@ use tern_migration::wire::{DecodeError, ReadFrameError};
 use tern_migration::{
     CancelToken, ConvergenceConfig, MigrateError, MigrateOptions, MigrationFailure,
     MigrationReport, OnTimeout, Outcome, PAGE_SIZE, Progress, ReceiveError, ReceiveOptions,
-    ReceiveReport, receive,
+    ReceiveReport, error_chain, receive,
 };
 
 const MIB: u64 = 1 << 20;
@@ -89,6 +89,12 @@ fn assert_moved(src: &MemVm, tgt: &MemVm, report: &MigrationReport) {
         "sequence continues past the source's"
     );
     assert_eq!(src.resumed_count, 0);
+    assert_eq!(
+        src.calls,
+        ["pause", "save_state", "release"],
+        "the storage is handed over once, at switch-over, and never taken back"
+    );
+    assert!(src.storage_away);
 }
 
 /// The migration failed: the source runs (resumed if it was paused), unthrottled, and the
@@ -102,6 +108,16 @@ fn assert_stayed(src: &MemVm, tgt: &MemVm, failure: &MigrationFailure) {
         failure.error
     );
     assert_eq!(src.throttle(), 0.0, "throttle removed");
+    assert!(!src.storage_away, "storage taken back: {:?}", src.calls);
+    if src.calls.contains(&"pause") {
+        // Paused: the storage comes back (whether or not it was released) right before the
+        // one resume.
+        let n = src.calls.len();
+        assert_eq!(src.calls[n - 2..], ["acquire", "resume"], "{:?}", src.calls);
+        assert!(!src.calls[..n - 2].contains(&"acquire"), "{:?}", src.calls);
+    } else {
+        assert!(src.calls.is_empty(), "never paused: {:?}", src.calls);
+    }
     assert!(
         src.wait_writes(20, Duration::from_secs(5)),
         "the source workload must go on"
@@ -454,6 +470,99 @@ fn verify_mismatch_aborts_and_the_source_resumes() {
 }
 
 #[test]
+fn storage_is_handed_over_before_the_target_gets_the_state() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+    let mut src = MemVm::source(8 * MIB, 1000);
+    let released = Arc::new(AtomicBool::new(false));
+    let r2 = released.clone();
+    src.on_release = Some(Box::new(move || r2.store(true, Ordering::SeqCst)));
+    // 0: never restored, 1: restored before the release, 2: after it.
+    let seen = Arc::new(AtomicU8::new(0));
+    let s2 = seen.clone();
+    let mut tgt = MemVm::target(8 * MIB, 1, 5000);
+    tgt.on_restore = Some(Box::new(move || {
+        let v = if released.load(Ordering::SeqCst) {
+            2
+        } else {
+            1
+        };
+        s2.store(v, Ordering::SeqCst);
+    }));
+    let (addr, h) = spawn_target(tgt);
+    let (r, _) = migrate(&mut src, addr, &opts(2, false), &CancelToken::new());
+    let (tgt, rr) = h.join().unwrap();
+    let report = r.unwrap();
+    rr.unwrap();
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "state restored after the release"
+    );
+    assert_moved(&src, &tgt, &report);
+}
+
+#[test]
+fn failed_storage_release_fails_the_migration_and_the_source_takes_it_back() {
+    let mut src = MemVm::source(8 * MIB, 1000);
+    src.fail_release = Some("lease coordinator unreachable");
+    let (addr, h) = spawn_target(MemVm::target(8 * MIB, 1, 5000));
+    let (r, _) = migrate(&mut src, addr, &opts(2, false), &CancelToken::new());
+    let (tgt, rr) = h.join().unwrap();
+    let failure = r.unwrap_err();
+    assert!(
+        matches!(failure.error, MigrateError::Source("release_storage", _)),
+        "{:?}",
+        failure.error
+    );
+    assert!(
+        error_chain(&failure.error).contains("lease coordinator unreachable"),
+        "{}",
+        error_chain(&failure.error)
+    );
+    assert!(matches!(rr, Err(ReceiveError::Aborted(_))), "{rr:?}");
+    assert_eq!(tgt.restored_seq(), None, "the state never went out");
+    assert_eq!(failure.report.outcome, Outcome::Failed);
+    assert_eq!(
+        src.calls,
+        ["pause", "save_state", "release", "acquire", "resume"]
+    );
+    assert_stayed(&src, &tgt, &failure);
+}
+
+#[test]
+fn storage_that_cannot_be_taken_back_leaves_the_source_paused() {
+    let mut src = MemVm::source(16 * MIB, 20_000);
+    src.fail_acquire = Some("lease held elsewhere");
+    let cancel = CancelToken::new();
+    let c = cancel.clone();
+    src.on_pause = Some(Box::new(move || c.cancel()));
+    let (addr, h) = spawn_target(MemVm::target(16 * MIB, 1, 5000));
+    let (r, _) = migrate(&mut src, addr, &opts(2, false), &cancel);
+    let (tgt, rr) = h.join().unwrap();
+    let failure = r.unwrap_err();
+    assert!(matches!(rr, Err(ReceiveError::Aborted(_))), "{rr:?}");
+    assert_eq!(tgt.state(), VmState::Discarded);
+    assert!(
+        matches!(failure.error, MigrateError::Source("acquire_storage", _)),
+        "{:?}",
+        failure.error
+    );
+    assert!(
+        error_chain(&failure.error).contains("lease held elsewhere"),
+        "{}",
+        error_chain(&failure.error)
+    );
+    assert_eq!(
+        src.calls,
+        ["pause", "acquire"],
+        "no resume without the storage"
+    );
+    assert_eq!(src.state(), VmState::Paused);
+    assert_eq!(src.resumed_count, 0);
+}
+
+#[test]
 fn target_refuses_a_stream_of_garbage() {
     use std::io::Write;
     let (addr, h) = spawn_target(MemVm::target(8 * MIB, 1, 5000));
@@ -514,6 +623,11 @@ fn connection_lost_after_commit_leaves_the_source_paused_in_doubt() {
     );
     assert_eq!(src.state(), VmState::Paused, "source stays paused");
     assert_eq!(src.resumed_count, 0);
+    assert_eq!(
+        src.calls,
+        ["pause", "save_state", "release"],
+        "in doubt the storage is not taken back"
+    );
     assert!(tgt.is_running());
     assert!(tgt.wait_writes(20, Duration::from_secs(5)));
     assert_eq!(

@@ -1,8 +1,9 @@
 //! The VM as a live-migration endpoint: [`VmSource`] and [`VmTarget`] implement tern-migration's
 //! traits on a [`Vm`], and [`Throttle`] holds the vCPUs in slices of at most 10 ms. Disks whose
 //! write ownership is exclusive per host (volume files and their write leases) move with the VM:
-//! the source hands them to the named successor at switch-over, the target takes them over
-//! before its first instruction.
+//! the source hands them to the named successor at switch-over (`release_storage`, when the
+//! migration's sender machine orders it) and takes them back before a failed migration resumes
+//! the VM (`acquire_storage`); the target takes them over before its first instruction.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -216,49 +217,6 @@ impl VmSource {
         }
         Ok(())
     }
-
-    /// Source side, at switch-over (vCPUs paused, state taken, before the commit): hand every
-    /// disk's write ownership to the successor; on a failure the ones already handed are taken
-    /// back and the error returned (the migration then fails).
-    pub fn release_storage(&mut self) -> Result<(), VmError> {
-        let Some(to) = self.successor.clone() else {
-            return self.check_handover().map_err(VmError::from);
-        };
-        while self.handed < self.disks.len() {
-            if let Err(e) = self.disks[self.handed].release_to(&to) {
-                let _ = self.acquire_storage();
-                return Err(format!("disk hand-over to {to}: {e}").into());
-            }
-            self.handed += 1;
-        }
-        Ok(())
-    }
-
-    /// Source side, the migration failed after [`Self::release_storage`]: takes back every
-    /// disk handed over, before the VM resumes here (nothing to do if none was).
-    pub fn acquire_storage(&mut self) -> Result<(), VmError> {
-        let mut first = None;
-        while self.handed > 0 {
-            let d = &self.disks[self.handed - 1];
-            // The coordinator may be mid-election: try a few times before giving up.
-            let mut r = d.abort_handover();
-            for _ in 0..4 {
-                if r.is_ok() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(500));
-                r = d.abort_handover();
-            }
-            if let Err(e) = r {
-                first.get_or_insert(e);
-            }
-            self.handed -= 1;
-        }
-        match first {
-            Some(e) => Err(format!("taking the disk lease back: {e}").into()),
-            None => Ok(()),
-        }
-    }
 }
 
 impl MigrationSource for VmSource {
@@ -318,19 +276,57 @@ impl MigrationSource for VmSource {
 
     fn resume(&mut self) -> Result<(), VmError> {
         self.throttle.stop();
-        // The lease comes back before the guest runs again; without it the guest stays paused
-        // (its writes would be refused), and the error says why.
-        self.acquire_storage()?;
         self.vm.resume()?;
         Ok(())
     }
 
     fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError> {
         let s = self.vm.save_state()?;
-        // vCPUs paused, no request in flight: flush and hand the disks over, before Commit.
-        // (MigrationSource has no switch-over hook of its own, so the hand-over is called here.)
-        self.release_storage()?;
         Ok((state::STATE_VERSION, state::encode(&s)))
+    }
+
+    /// vCPUs paused, state saved, no disk request in flight: every disk flushes and hands its
+    /// write ownership to the successor, before the state and commit frames. On a failure the
+    /// ones already handed stay so until `acquire_storage`, which the migration calls before
+    /// resuming the VM.
+    fn release_storage(&mut self) -> Result<(), VmError> {
+        let Some(to) = self.successor.clone() else {
+            return self.check_handover().map_err(VmError::from);
+        };
+        while self.handed < self.disks.len() {
+            self.disks[self.handed]
+                .release_to(&to)
+                .map_err(|e| VmError::from(format!("disk hand-over to {to}: {e}")))?;
+            self.handed += 1;
+        }
+        Ok(())
+    }
+
+    /// The migration failed after the pause: takes back every disk handed over (nothing to do
+    /// if none was), before the VM resumes here. An error leaves the VM paused (its writes
+    /// would be refused) and says why.
+    fn acquire_storage(&mut self) -> Result<(), VmError> {
+        let mut first = None;
+        while self.handed > 0 {
+            let d = &self.disks[self.handed - 1];
+            // The coordinator may be mid-election: try a few times before giving up.
+            let mut r = d.abort_handover();
+            for _ in 0..4 {
+                if r.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+                r = d.abort_handover();
+            }
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+            self.handed -= 1;
+        }
+        match first {
+            Some(e) => Err(format!("taking the disk lease back: {e}").into()),
+            None => Ok(()),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The source side's state machine: phases, rounds, dirty-sync input, the convergence decision,
-//! what each answer of the target means, what a failure does to the source VM, and the outcome
-//! and report. No I/O, no clock: time is passed in (time since the migration started).
+//! what each answer of the target means, when the VM's storage is handed over and taken back,
+//! what a failure does to the source VM, and the outcome and report. No I/O, no clock: time is passed in (time since the migration started).
 
 use std::time::Duration;
 
@@ -76,6 +76,17 @@ pub enum FailureAction {
     InDoubt,
 }
 
+/// A step with the source VM's storage (what moves with the VM under exclusive write
+/// ownership, e.g. disks under a write lease), ordered by the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageStep {
+    /// Hand it to the target ([`crate::MigrationSource::release_storage`]): the VM is paused
+    /// and its state saved; the state and commit frames go out only after this succeeded.
+    Release,
+    /// Take it back ([`crate::MigrationSource::acquire_storage`]) before the source resumes.
+    Acquire,
+}
+
 /// A frame from the target, understood in the sender's phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Heard {
@@ -142,7 +153,12 @@ pub struct Cleanup {
     pub tell_target: bool,
     /// Set the throttle back to 0 (not while in doubt: the source stays exactly as it was).
     pub remove_throttle: bool,
-    /// Resume the source VM.
+    /// Carry out this storage step first: [`StorageStep::Acquire`] whenever the source is
+    /// resumed (whether or not the release ran: taking back nothing is a no-op), never while
+    /// in doubt.
+    pub storage: Option<StorageStep>,
+    /// Resume the source VM, once `storage` succeeded: a VM whose storage could not be taken
+    /// back stays paused (its writes would go where it no longer owns them).
     pub resume: bool,
     /// Disarm the dirty log (it was armed).
     pub stop_dirty_log: bool,
@@ -188,6 +204,10 @@ pub struct Sender {
     /// Bytes sent since the last sync (the round under way).
     round_sent: u64,
     paused_at: Option<Duration>,
+    /// The final state was saved: the storage release is due.
+    state_saved: bool,
+    /// The storage was released: the state and commit may go out.
+    storage_released: bool,
     converged: bool,
     /// The round whose end was sent and whose acknowledgement is awaited.
     awaiting_round: Option<u32>,
@@ -222,6 +242,8 @@ impl Sender {
             dirty_rate: 0.0,
             round_sent: 0,
             paused_at: None,
+            state_saved: false,
+            storage_released: false,
             converged: false,
             awaiting_round: None,
             welcomed: false,
@@ -441,9 +463,42 @@ impl Sender {
         Ok(())
     }
 
+    /// The source VM's state was saved (paused, last pages sent). Returns the step due now,
+    /// before the state frame: release the storage, then report [`Self::storage_released`].
+    pub fn state_saved(&mut self) -> Result<StorageStep, InvalidTransition> {
+        self.expect(SenderPhase::StopAndCopy, "save the state")?;
+        if self.state_saved {
+            return Err(InvalidTransition {
+                phase: self.phase,
+                event: "save the state twice",
+            });
+        }
+        self.state_saved = true;
+        Ok(StorageStep::Release)
+    }
+
+    /// The storage was released: the state, verify and commit frames may go out.
+    pub fn storage_released(&mut self) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::StopAndCopy, "release the storage")?;
+        if !self.state_saved || self.storage_released {
+            return Err(InvalidTransition {
+                phase: self.phase,
+                event: "release the storage other than once after the state is saved",
+            });
+        }
+        self.storage_released = true;
+        Ok(())
+    }
+
     /// The commit frame was written: from now on the source must not resume by itself.
     pub fn commit_sent(&mut self) -> Result<(), InvalidTransition> {
         self.expect(SenderPhase::StopAndCopy, "send commit")?;
+        if !self.storage_released {
+            return Err(InvalidTransition {
+                phase: self.phase,
+                event: "send commit before the storage is released",
+            });
+        }
         self.phase = SenderPhase::AwaitingAck;
         Ok(())
     }
@@ -512,6 +567,7 @@ impl Sender {
                 Some(FailureAction::KeepRunning | FailureAction::ResumeSource)
             ) && !self.answered,
             remove_throttle: action != Some(FailureAction::InDoubt),
+            storage: (action == Some(FailureAction::ResumeSource)).then_some(StorageStep::Acquire),
             resume: action == Some(FailureAction::ResumeSource),
             stop_dirty_log: self.dirty_log_on,
             close_streams: !completed,
@@ -629,6 +685,8 @@ mod tests {
         );
         s.paused(ms(102)).unwrap();
         s.sent(1 << 20, ms(1)).unwrap();
+        assert_eq!(s.state_saved(), Ok(StorageStep::Release));
+        s.storage_released().unwrap();
         s.commit_sent().unwrap();
         assert_eq!(s.running_acked(ms(120)).unwrap(), ms(18));
         assert_eq!(s.phase(), SenderPhase::Completed);
@@ -649,6 +707,12 @@ mod tests {
 
     /// Drives a sender through `script` (one word per event) from a fresh start.
     fn drive(script: &str) -> Sender {
+        drive_logged(script).0
+    }
+
+    /// [`drive`], also returning the storage steps the machine ordered on the way.
+    fn drive_logged(script: &str) -> (Sender, Vec<StorageStep>) {
+        let mut ordered = Vec::new();
         let mut s = Sender::new(ConvergenceConfig {
             timeout: ms(1000),
             ..Default::default()
@@ -691,6 +755,8 @@ mod tests {
                     assert_eq!(s.synced(t, 1 << 30).unwrap(), Decision::Abort);
                 }
                 "pause" => s.paused(t).unwrap(),
+                "save" => ordered.push(s.state_saved().unwrap()),
+                "released" => s.storage_released().unwrap(),
                 "commit" => s.commit_sent().unwrap(),
                 "failed" => heard(
                     &mut s,
@@ -703,13 +769,14 @@ mod tests {
                 other => panic!("unknown step {other}"),
             }
         }
-        s
+        (s, ordered)
     }
 
     fn show_cleanup(c: &Cleanup) -> String {
         let flags = [
             (c.tell_target, "tell-target"),
             (c.remove_throttle, "unthrottle"),
+            (c.storage == Some(StorageStep::Acquire), "acquire"),
             (c.resume, "resume"),
             (c.stop_dirty_log, "stop-log"),
             (c.close_streams, "close"),
@@ -725,6 +792,7 @@ mod tests {
     fn how_a_migration_ends_decides_the_source_vm_and_the_outcome() {
         let pre = "welcome accept arm round";
         let paused = "welcome accept arm round converge pause";
+        let committed = format!("{paused} save released commit");
         let cases: Vec<(String, Ending)> = vec![
             ("".into(), Ending::Failed),
             ("refuse".into(), Ending::Failed),
@@ -737,12 +805,14 @@ mod tests {
             (paused.into(), Ending::Cancelled),
             (paused.into(), Ending::LinkLost),
             (format!("{paused} failed"), Ending::Failed),
-            (format!("{paused} commit"), Ending::NoAnswer),
-            (format!("{paused} commit"), Ending::Cancelled),
-            (format!("{paused} commit failed"), Ending::Failed),
-            (format!("{paused} commit junk"), Ending::Failed),
-            (format!("{paused} commit running"), Ending::Completed),
-            (format!("{paused} commit"), Ending::Completed),
+            (format!("{paused} save"), Ending::Failed),
+            (format!("{paused} save released"), Ending::Cancelled),
+            (committed.clone(), Ending::NoAnswer),
+            (committed.clone(), Ending::Cancelled),
+            (format!("{committed} failed"), Ending::Failed),
+            (format!("{committed} junk"), Ending::Failed),
+            (format!("{committed} running"), Ending::Completed),
+            (committed.clone(), Ending::Completed),
         ];
         let got: String = cases
             .iter()
@@ -753,28 +823,117 @@ mod tests {
                     Some(FailureAction::KeepRunning | FailureAction::ResumeSource)
                 );
                 assert_eq!(c.outcome.source_runs(), runs, "{script} + {ending:?}");
-                format!("{script:>50} + {ending:?}: {}\n", show_cleanup(&c))
+                format!("{script:>60} + {ending:?}: {}\n", show_cleanup(&c))
             })
             .collect();
         expect_test::expect![[r#"
-                                                               + Failed: Failed KeepRunning tell-target,unthrottle,close
-                                                        refuse + Failed: Refused KeepRunning unthrottle,close
-                                                      welcome9 + Failed: Failed KeepRunning tell-target,unthrottle,close
-                                                welcome accept + Failed: Failed KeepRunning tell-target,unthrottle,close
-                                      welcome accept arm round + Cancelled: Cancelled KeepRunning tell-target,unthrottle,stop-log,close
-                                      welcome accept arm round + LinkLost: Failed KeepRunning tell-target,unthrottle,stop-log,close
-                               welcome accept arm round failed + Failed: Failed KeepRunning unthrottle,stop-log,close
-                              welcome accept arm round timeout + Failed: TimedOut KeepRunning tell-target,unthrottle,stop-log,close
-                       welcome accept arm round converge pause + Cancelled: Cancelled ResumeSource tell-target,unthrottle,resume,stop-log,close
-                       welcome accept arm round converge pause + LinkLost: Failed ResumeSource tell-target,unthrottle,resume,stop-log,close
-                welcome accept arm round converge pause failed + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
-                welcome accept arm round converge pause commit + NoAnswer: InDoubt InDoubt stop-log,close
-                welcome accept arm round converge pause commit + Cancelled: InDoubt InDoubt stop-log,close
-            welcome accept arm round converge pause commit failed + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
-            welcome accept arm round converge pause commit junk + Failed: Failed ResumeSource unthrottle,resume,stop-log,close
-            welcome accept arm round converge pause commit running + Completed: Completed - unthrottle,stop-log
-                welcome accept arm round converge pause commit + Completed: InDoubt InDoubt stop-log,close
+                                                                         + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                                                  refuse + Failed: Refused KeepRunning unthrottle,close
+                                                                welcome9 + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                                          welcome accept + Failed: Failed KeepRunning tell-target,unthrottle,close
+                                                welcome accept arm round + Cancelled: Cancelled KeepRunning tell-target,unthrottle,stop-log,close
+                                                welcome accept arm round + LinkLost: Failed KeepRunning tell-target,unthrottle,stop-log,close
+                                         welcome accept arm round failed + Failed: Failed KeepRunning unthrottle,stop-log,close
+                                        welcome accept arm round timeout + Failed: TimedOut KeepRunning tell-target,unthrottle,stop-log,close
+                                 welcome accept arm round converge pause + Cancelled: Cancelled ResumeSource tell-target,unthrottle,acquire,resume,stop-log,close
+                                 welcome accept arm round converge pause + LinkLost: Failed ResumeSource tell-target,unthrottle,acquire,resume,stop-log,close
+                          welcome accept arm round converge pause failed + Failed: Failed ResumeSource unthrottle,acquire,resume,stop-log,close
+                            welcome accept arm round converge pause save + Failed: Failed ResumeSource tell-target,unthrottle,acquire,resume,stop-log,close
+                   welcome accept arm round converge pause save released + Cancelled: Cancelled ResumeSource tell-target,unthrottle,acquire,resume,stop-log,close
+            welcome accept arm round converge pause save released commit + NoAnswer: InDoubt InDoubt stop-log,close
+            welcome accept arm round converge pause save released commit + Cancelled: InDoubt InDoubt stop-log,close
+            welcome accept arm round converge pause save released commit failed + Failed: Failed ResumeSource unthrottle,acquire,resume,stop-log,close
+            welcome accept arm round converge pause save released commit junk + Failed: Failed ResumeSource unthrottle,acquire,resume,stop-log,close
+            welcome accept arm round converge pause save released commit running + Completed: Completed - unthrottle,stop-log
+            welcome accept arm round converge pause save released commit + Completed: InDoubt InDoubt stop-log,close
         "#]].assert_eq(&got);
+    }
+
+    /// The storage hooks, by how the migration ends: the release is ordered once, after the
+    /// pause and the saved state, before anything that lets the target run; the source takes
+    /// its storage back before every resume, and never while in doubt or after completion.
+    #[test]
+    fn storage_is_released_at_switch_over_and_taken_back_before_every_resume() {
+        let pre = "welcome accept arm round";
+        let paused = "welcome accept arm round converge pause";
+        let committed = format!("{paused} save released commit");
+        let cases: Vec<(String, Ending)> = vec![
+            ("refuse".into(), Ending::Failed),
+            (pre.into(), Ending::Cancelled),
+            (format!("{pre} timeout"), Ending::Failed),
+            (paused.into(), Ending::Cancelled),
+            (paused.into(), Ending::LinkLost),
+            // The release itself failed.
+            (format!("{paused} save"), Ending::Failed),
+            (format!("{paused} save released"), Ending::Cancelled),
+            (format!("{paused} save released"), Ending::LinkLost),
+            (committed.clone(), Ending::NoAnswer),
+            (format!("{committed} failed"), Ending::Failed),
+            (format!("{committed} junk"), Ending::Failed),
+            (format!("{committed} running"), Ending::Completed),
+        ];
+        let got: String = cases
+            .iter()
+            .map(|(script, ending)| {
+                let (mut s, mut hooks) = drive_logged(script);
+                let c = s.finish(*ending);
+                assert_eq!(
+                    c.storage.is_some(),
+                    c.action == Some(FailureAction::ResumeSource),
+                    "{script} + {ending:?}: the storage comes back exactly when the source resumes"
+                );
+                hooks.extend(c.storage);
+                let hooks: Vec<_> = hooks.iter().map(|h| format!("{h:?}")).collect();
+                format!(
+                    "{script:>60} + {ending:?}: {:?} [{}]\n",
+                    c.outcome,
+                    hooks.join(" ")
+                )
+            })
+            .collect();
+        expect_test::expect![[r#"
+                                                                  refuse + Failed: Refused []
+                                                welcome accept arm round + Cancelled: Cancelled []
+                                        welcome accept arm round timeout + Failed: TimedOut []
+                                 welcome accept arm round converge pause + Cancelled: Cancelled [Acquire]
+                                 welcome accept arm round converge pause + LinkLost: Failed [Acquire]
+                            welcome accept arm round converge pause save + Failed: Failed [Release Acquire]
+                   welcome accept arm round converge pause save released + Cancelled: Cancelled [Release Acquire]
+                   welcome accept arm round converge pause save released + LinkLost: Failed [Release Acquire]
+            welcome accept arm round converge pause save released commit + NoAnswer: InDoubt [Release]
+            welcome accept arm round converge pause save released commit failed + Failed: Failed [Release Acquire]
+            welcome accept arm round converge pause save released commit junk + Failed: Failed [Release Acquire]
+            welcome accept arm round converge pause save released commit running + Completed: Completed [Release]
+        "#]].assert_eq(&got);
+    }
+
+    #[test]
+    fn storage_steps_are_refused_out_of_order() {
+        let mut s = drive("welcome accept arm round converge");
+        assert_eq!(
+            s.state_saved().unwrap_err().to_string(),
+            "Migration sender cannot save the state while in phase PreCopy"
+        );
+        let mut s = drive("welcome accept arm round converge pause");
+        assert!(
+            s.storage_released().is_err(),
+            "release before the state is saved"
+        );
+        assert_eq!(
+            s.commit_sent().unwrap_err().event,
+            "send commit before the storage is released"
+        );
+        assert_eq!(s.state_saved(), Ok(StorageStep::Release));
+        assert!(s.state_saved().is_err(), "the state is saved once");
+        assert_eq!(
+            s.commit_sent().unwrap_err().event,
+            "send commit before the storage is released",
+            "a release that did not succeed does not let the commit out"
+        );
+        s.storage_released().unwrap();
+        assert!(s.storage_released().is_err(), "released once");
+        s.commit_sent().unwrap();
+        assert!(s.state_saved().is_err(), "after commit");
     }
 
     #[test]
@@ -798,11 +957,11 @@ mod tests {
             ),
             ("welcome accept", Frame::Welcome { version: 1 }),
             (
-                "welcome accept arm round converge pause commit",
+                "welcome accept arm round converge pause save released commit",
                 Frame::Running,
             ),
             (
-                "welcome accept arm round converge pause commit",
+                "welcome accept arm round converge pause save released commit",
                 Frame::RoundAck { round: 0 },
             ),
             ("welcome accept arm round converge pause", Frame::Running),
@@ -837,7 +996,7 @@ mod tests {
 
     #[test]
     fn report_counts_rounds_downtime_and_convergence() {
-        let mut s = drive("welcome accept arm round converge pause commit running");
+        let mut s = drive("welcome accept arm round converge pause save released commit running");
         s.finish(Ending::Completed);
         let r = s.report(ms(400), ms(500), 1234, 7);
         assert_eq!(
@@ -850,7 +1009,8 @@ mod tests {
                 r.pages_zero_skipped,
                 r.converged
             ),
-            (Outcome::Completed, 2, 20, 500, 1234, 7, true)
+            // Paused at the 6th step, running at the 10th: 10 ms a step.
+            (Outcome::Completed, 2, 40, 500, 1234, 7, true)
         );
         // Failed while paused: the pause lasts until the report (the source was resumed).
         let mut s = drive("welcome accept arm round converge pause");
@@ -906,7 +1066,7 @@ mod tests {
             s.progress(ms(3000), true, 0, 0).unwrap().phase,
             ProgressPhase::PreCopy
         );
-        let mut s = drive("welcome accept arm round converge pause commit");
+        let mut s = drive("welcome accept arm round converge pause save released commit");
         assert_eq!(
             s.progress(ms(3000), true, 0, 0).unwrap().phase,
             ProgressPhase::Commit

@@ -1,7 +1,7 @@
 //! The source's I/O shell: TCP control and data streams with a writer thread each, page
 //! reading, the bandwidth cap's sleeps, the clock, progress callbacks and cancel. What to send,
-//! what an answer means and how a failure is undone are the [`Sender`] machine's and
-//! [`pages`]' decisions; this file carries them out.
+//! what an answer means, when the VM's storage is handed over or taken back and how a failure
+//! is undone are the [`Sender`] machine's and [`pages`]' decisions; this file carries them out.
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -14,7 +14,8 @@ use crate::config::{MemoryLayout, PAGE_SIZE};
 use crate::machine::pages::{self, PageAction, PageSet, ZeroTracker};
 use crate::machine::policy::{ConvergenceConfig, Decision, TokenBucket};
 use crate::machine::sender::{
-    Ending, Heard, InvalidTransition, Sender, TARGET_REASON_GRACE, TargetAnswer, check_options,
+    Ending, Heard, InvalidTransition, Sender, StorageStep, TARGET_REASON_GRACE, TargetAnswer,
+    check_options,
 };
 use crate::report::{MigrationReport, Progress};
 use crate::tcp::common::{CancelToken, error_chain};
@@ -190,8 +191,10 @@ struct Run<'a, S: MigrationSource + ?Sized> {
 /// Migrates `source` to the target listening at `to`.
 ///
 /// On success the VM runs on the target and `source` is left paused (the caller tears it
-/// down). On failure before commit the source runs again (resumed if it was paused) and the
-/// target has been told to discard; the returned report says what happened.
+/// down). On failure before commit the source runs again (if it was paused, its storage is
+/// taken back first and it is resumed) and the target has been told to discard; the returned
+/// report says what happened. If the storage cannot be taken back the source stays paused and
+/// the error says so.
 pub fn migrate<S: MigrationSource + ?Sized>(
     source: &mut S,
     to: impl ToSocketAddrs,
@@ -314,6 +317,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             .save_state()
             .map_err(|e| MigrateError::Source("save_state", e))?;
         self.check_cancel_and_target()?;
+        let step = self.machine.state_saved()?;
+        self.storage(step)?;
+        self.machine.storage_released()?;
         self.write_control(&Frame::State { version, bytes })?;
         if self.opts.verify_memory {
             let layout = self.layout.clone();
@@ -640,6 +646,20 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         Ok(PageSet::from_region_bitmaps(&self.layout, &bitmaps))
     }
 
+    /// Carries out a storage step the machine ordered.
+    fn storage(&mut self, step: StorageStep) -> Result<(), MigrateError> {
+        match step {
+            StorageStep::Release => self
+                .source
+                .release_storage()
+                .map_err(|e| MigrateError::Source("release_storage", e)),
+            StorageStep::Acquire => self
+                .source
+                .acquire_storage()
+                .map_err(|e| MigrateError::Source("acquire_storage", e)),
+        }
+    }
+
     fn write_control(&mut self, frame: &Frame) -> Result<(), MigrateError> {
         let bytes = frame.encode();
         let c = self.control.as_mut().expect("connected");
@@ -706,7 +726,15 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         {
             cleanup_error.get_or_insert(MigrateError::Source("set_throttle", e));
         }
+        let storage_ok = match cleanup.storage.map(|step| self.storage(step)) {
+            Some(Err(e)) => {
+                cleanup_error.get_or_insert(e);
+                false
+            }
+            Some(Ok(())) | None => true,
+        };
         if cleanup.resume
+            && storage_ok
             && let Err(e) = self.source.resume()
         {
             cleanup_error.get_or_insert(MigrateError::Source("resume", e));

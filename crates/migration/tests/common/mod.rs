@@ -84,6 +84,17 @@ pub struct MemVm {
     pub on_pages: Option<(u64, Hook)>,
     /// Called in `restore_state` (fault injection after commit).
     pub on_restore: Option<Hook>,
+    /// Called in `release_storage`, after the storage was handed over.
+    pub on_release: Option<Hook>,
+    /// Source fault: `release_storage` fails with this message (nothing handed over).
+    pub fail_release: Option<&'static str>,
+    /// Source fault: `acquire_storage` fails with this message (the storage stays away).
+    pub fail_acquire: Option<&'static str>,
+    /// Source: the lifecycle and storage calls in order (`pause`, `save_state`, `release`,
+    /// `acquire`, `resume`).
+    pub calls: Vec<&'static str>,
+    /// Source: whether the storage is handed over now.
+    pub storage_away: bool,
     pages_written: u64,
     pub resumed_count: u32,
     restored: Option<u64>,
@@ -136,6 +147,11 @@ impl MemVm {
             corrupt_after_pages: None,
             on_pages: None,
             on_restore: None,
+            on_release: None,
+            fail_release: None,
+            fail_acquire: None,
+            calls: Vec::new(),
+            storage_away: false,
             pages_written: 0,
             resumed_count: 0,
             restored: None,
@@ -363,6 +379,7 @@ impl MigrationSource for MemVm {
     }
 
     fn pause(&mut self) -> Result<(), VmError> {
+        self.calls.push("pause");
         {
             let m = self.shared.mem.lock().unwrap();
             self.shared
@@ -379,6 +396,10 @@ impl MigrationSource for MemVm {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        self.calls.push("resume");
+        if self.storage_away {
+            return Err("resumed while the storage is handed over".into());
+        }
         self.resumed_count += 1;
         self.shared
             .state
@@ -387,11 +408,36 @@ impl MigrationSource for MemVm {
     }
 
     fn save_state(&mut self) -> Result<(u32, Vec<u8>), VmError> {
+        self.calls.push("save_state");
         let m = self.shared.mem.lock().unwrap();
         let mut v = b"memvm-state".to_vec();
         v.extend_from_slice(&m.seq.to_le_bytes());
         v.extend_from_slice(&m.rng.to_le_bytes());
         Ok((3, v))
+    }
+
+    fn release_storage(&mut self) -> Result<(), VmError> {
+        self.calls.push("release");
+        if self.state() != VmState::Paused {
+            return Err("storage released while the VM runs".into());
+        }
+        if let Some(msg) = self.fail_release {
+            return Err(msg.into());
+        }
+        self.storage_away = true;
+        if let Some(h) = self.on_release.as_mut() {
+            h();
+        }
+        Ok(())
+    }
+
+    fn acquire_storage(&mut self) -> Result<(), VmError> {
+        self.calls.push("acquire");
+        if let Some(msg) = self.fail_acquire {
+            return Err(msg.into());
+        }
+        self.storage_away = false;
+        Ok(())
     }
 }
 
