@@ -24,10 +24,40 @@ pub fn is_root() -> bool {
 
 /// Panics unless this process is root: the test needs namespaces, taps or `/run/tern`.
 pub fn require_root() {
+    require_root_for("network namespaces, taps, /run/tern");
+}
+
+/// Panics unless this process is root, saying `why` the test needs it (e.g. "it sets thread
+/// affinity").
+pub fn require_root_for(why: &str) {
     assert!(
         is_root(),
-        "this test needs root (network namespaces, taps, /run/tern): run the tests as root"
+        "this test needs root ({why}): run the tests as root"
     );
+}
+
+/// Panics unless this host has at least `n` CPUs (as `std::thread::available_parallelism` sees
+/// them), naming how many it has.
+pub fn require_cpus(n: usize) {
+    let have = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        have >= n,
+        "this test needs at least {n} CPUs, this host has {have}"
+    );
+}
+
+/// The CPUs thread `tid` of process `pid` may run on, as the kernel lists them
+/// (`Cpus_allowed_list` in `/proc/PID/task/TID/status`, e.g. `0-3` or `0,2`). Panics if the thread
+/// does not exist.
+pub fn cpus_allowed(pid: u32, tid: u32) -> String {
+    let path = format!("/proc/{pid}/task/{tid}/status");
+    let status = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_else(|| panic!("{path} has no Cpus_allowed_list line"))
+        .trim()
+        .to_string()
 }
 
 /// Panics unless this process is root and can open `/dev/kvm` read-write: the test boots guests.
@@ -184,6 +214,73 @@ mod tests {
     #[should_panic(expected = "timed out after")]
     fn wait_for_panics_naming_what_it_waited_for() {
         wait_for("never", Duration::from_millis(50), || false);
+    }
+
+    #[test]
+    fn is_root_agrees_with_id_u() {
+        let out = Command::new("id").arg("-u").output().expect("run id -u");
+        let uid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert_eq!(is_root(), uid == "0", "id -u says {uid}");
+    }
+
+    #[test]
+    fn require_root_for_names_the_reason_unless_root() {
+        let got = std::panic::catch_unwind(|| require_root_for("a test reason"));
+        match got {
+            Ok(()) => assert!(is_root()),
+            Err(e) => {
+                assert!(!is_root());
+                let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+                assert!(msg.contains("(a test reason)"), "{msg}");
+            }
+        }
+    }
+
+    #[test]
+    fn require_cpus_passes_for_one_and_names_both_counts_when_short() {
+        require_cpus(1);
+        let e = std::panic::catch_unwind(|| require_cpus(usize::MAX)).expect_err("too many CPUs");
+        let msg = e.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(
+            msg.contains(&format!("at least {} CPUs", usize::MAX)) && msg.contains("this host has"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn cpus_allowed_matches_taskset() {
+        require_tools(&["taskset"]);
+        let pid = std::process::id();
+        let out = Command::new("taskset")
+            .args(["-cp", &pid.to_string()])
+            .output()
+            .expect("run taskset");
+        // "pid N's current affinity list: 0,1"
+        let text = String::from_utf8_lossy(&out.stdout);
+        let want = text.rsplit(": ").next().unwrap_or_default().trim();
+        let got = cpus_allowed(pid, pid);
+        assert_eq!(
+            cpu_set(&got),
+            cpu_set(want),
+            "{got:?}; taskset said {text:?}"
+        );
+    }
+
+    /// The CPUs of a list such as `0-2,5` (the kernel writes ranges, taskset may not).
+    fn cpu_set(list: &str) -> Vec<u32> {
+        let mut cpus = Vec::new();
+        for part in list.split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (u32, u32) = (a.parse().expect("a CPU"), b.parse().expect("a CPU"));
+            cpus.extend(a..=b);
+        }
+        cpus
+    }
+
+    #[test]
+    #[should_panic(expected = "reading /proc/")]
+    fn cpus_allowed_of_a_missing_thread_panics_naming_the_file() {
+        cpus_allowed(std::process::id(), u32::MAX);
     }
 
     #[test]
