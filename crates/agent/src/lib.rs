@@ -6,7 +6,12 @@
 //! commands from a controller generation lower than one it has seen, restarts crashed VMMs within
 //! a budget, and kills every VMM before its host's etcd lease can expire when it cannot renew it.
 //! It never links KVM, and never reads a clock itself.
+//!
+//! [`shell`] is the I/O around it that `tern agent` runs: the etcd lease and host record, the
+//! command API, the supervised VMM children (`tern vm run|receive|migrate|resume`) and telemetry.
+//! The shell never links KVM either: it runs VMMs as child processes.
 
 #![forbid(unsafe_code)]
 
 pub mod core;
+pub mod shell;

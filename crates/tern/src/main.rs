@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod demo;
 mod image;
 mod net;
@@ -47,6 +48,8 @@ enum Command {
     Net(net::NetCommand),
     /// Show the system doing its job on an embedded default (see README.md).
     Demo(demo::DemoArgs),
+    /// The host agent: registers this host in etcd and runs the VMs the cluster's controller asks for.
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +62,7 @@ fn main() -> ExitCode {
         Command::Sim(cmd) => sim::run(cmd),
         Command::Net(cmd) => net::run(cmd),
         Command::Demo(args) => demo::run(args),
+        Command::Agent(args) => agent::run(args),
     };
     match result {
         Ok(code) => code,
