@@ -489,6 +489,12 @@ impl Controller {
                 t.info.error = Some("the controller that ran it lost the leadership".into());
             }
         }
+        // Maintenance flags come from the store alone: one set by an earlier term (or by a call
+        // whose write failed) is void.
+        for h in self.hosts.values_mut() {
+            h.maintenance = false;
+        }
+        self.maintenance_pending.clear();
         for h in maintenance {
             match self.hosts.get_mut(&h) {
                 Some(host) => host.maintenance = true,

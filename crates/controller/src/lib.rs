@@ -9,8 +9,13 @@
 //!
 //! [`place`] chooses hosts: PABFD over `tern-policy`'s power models, never breaking a pin or an
 //! anti-affinity group, with admission control for host failures.
+//!
+//! [`shell`] is the thin I/O layer around the core: the etcd election and desired state, the
+//! REST API (axum, OpenAPI from `tern-api`'s types), commands to the agents over HTTP, and disk
+//! lease fencing through the volume coordinator. It links no KVM; it decides nothing itself.
 
 #![forbid(unsafe_code)]
 
 pub mod core;
 pub mod place;
+pub mod shell;
