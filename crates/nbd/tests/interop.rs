@@ -8,19 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_nbd::{Client, FileBackend, StaticExports};
+use tern_test_support::{free_port, require_tools};
 
 const SIZE: u64 = 4 << 20;
 
 fn tool(name: &str) -> Command {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {name}"))
-        .output()
-        .unwrap();
-    assert!(
-        found.status.success(),
-        "{name} is required for the NBD interop tests (apt-get install qemu-utils libnbd-bin)"
-    );
+    require_tools(&[name]);
     Command::new(name)
 }
 
@@ -155,11 +148,7 @@ fn our_client_against_qemu_nbd() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("q.raw");
     std::fs::write(&img, vec![0u8; SIZE as usize]).unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let mut child = tool("qemu-nbd")
         .args([
             "-f",

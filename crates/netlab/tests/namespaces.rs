@@ -4,19 +4,7 @@
 use std::process::Command;
 
 use tern_netlab::{Topology, TopologySpec};
-
-fn require_root() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1));
-    assert_eq!(
-        euid,
-        Some("0"),
-        "this test builds network namespaces and needs root"
-    );
-}
+use tern_test_support::require_root_for;
 
 fn ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawn");
@@ -39,7 +27,7 @@ fn ping(ns: &str, addr: std::net::Ipv4Addr) -> bool {
 
 #[test]
 fn hosts_and_client_reach_each_other_and_the_switch_follows_a_moved_mac() {
-    require_root();
+    require_root_for("it builds network namespaces");
     let name = format!("tnl{}", std::process::id());
     let mut spec = TopologySpec::new(&name, 2);
     spec.replace_stale = true;
@@ -113,7 +101,7 @@ fn hosts_and_client_reach_each_other_and_the_switch_follows_a_moved_mac() {
 
 #[test]
 fn building_over_an_existing_namespace_is_refused_without_replace() {
-    require_root();
+    require_root_for("it builds network namespaces");
     let name = format!("tnx{}", std::process::id());
     let mut spec = TopologySpec::new(&name, 1);
     spec.client = false;
