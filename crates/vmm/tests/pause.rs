@@ -3,21 +3,14 @@
 //! that is paused reports so. Needs root and /dev/kvm.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tern_vmm::config::{HostLimits, KernelSource, VmConfigInput};
 use tern_vmm::{RunState, Vm};
 
 #[test]
 fn many_pause_resume_cycles_keep_every_vcpus_heartbeat_sequence() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "cannot open /dev/kvm: this test boots a KVM guest and needs root and /dev/kvm"
-    );
+    tern_test_support::require_kvm();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("console.log");
     let cfg = VmConfigInput {
@@ -40,14 +33,11 @@ fn many_pause_resume_cycles_keep_every_vcpus_heartbeat_sequence() {
     let vm = Vm::create(cfg).unwrap();
     assert_eq!(vm.status().state, RunState::Paused, "created parked");
     vm.resume().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("HB seq=2")
-    {
-        assert!(Instant::now() < deadline, "no heartbeats");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    tern_test_support::wait_for("heartbeats", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("HB seq=2")
+    });
     for i in 0..40 {
         vm.pause().unwrap();
         assert_eq!(vm.status().state, RunState::Paused);

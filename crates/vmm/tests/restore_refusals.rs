@@ -5,23 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tern_test_support::{require_kvm, wait_for};
 use tern_vmm::config::{HostLimits, KernelSource, VmConfig, VmConfigInput};
 use tern_vmm::persist::RestoreStateError;
 use tern_vmm::state::VmState;
 use tern_vmm::{Vm, VmExit};
-
-fn require_kvm() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "cannot open /dev/kvm: this test boots a KVM guest and needs root and /dev/kvm"
-    );
-}
 
 fn disk(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.img"));
@@ -47,14 +37,6 @@ fn config(dir: &Path, name: &str, disk: &Path) -> VmConfig {
     }
     .validate(&HostLimits::probe())
     .expect("valid config")
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// The parts of a VM's state that stand still while it is paused, as comparable text: every

@@ -4,22 +4,12 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tern_test_support::{require_kvm, wait_for};
 use tern_vmm::Vm;
 use tern_vmm::config::{HostLimits, KernelSource, VmConfig, VmConfigInput};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
-
-fn require_kvm() {
-    assert!(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/kvm")
-            .is_ok(),
-        "cannot open /dev/kvm: this test boots a KVM guest and needs root and /dev/kvm"
-    );
-}
 
 fn config(dir: &Path, name: &str) -> VmConfig {
     VmConfigInput {
@@ -48,14 +38,6 @@ fn heartbeats(path: &Path) -> Vec<u64> {
         .filter_map(|l| l.strip_prefix("HB seq="))
         .filter_map(|r| r.split_whitespace().next()?.parse().ok())
         .collect()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]
