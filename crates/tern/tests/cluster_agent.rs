@@ -121,7 +121,12 @@ fn start_agent(etcd: &Etcd, host: &str, listen: &str, dir: &Path) -> ChildGuard 
             "--volume-node-id",
             "3",
         ])
-        .args(["--lease-ttl-ms", &TTL_MS.to_string()])
+        .args([
+            "--lease-ttl-ms",
+            &TTL_MS.to_string(),
+            "--report-interval-ms",
+            "300",
+        ])
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--runtime-dir")
@@ -300,6 +305,192 @@ fn the_agent_registers_runs_vms_refuses_stale_commands_and_fences_itself() {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("host record gone {:?} after SIGKILL", killed.elapsed());
+}
+
+/// Puts `key` = `value` into etcd.
+fn etcd_put(url: &str, key: &str, value: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([url], None).await.unwrap();
+        c.put(key, value, None).await.unwrap();
+    });
+}
+
+/// A stand-in for the leading controller's report endpoint: every report body it receives.
+fn fake_leader() -> (String, std::sync::mpsc::Receiver<(String, Value)>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let (head, len) = loop {
+                let n = conn.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break (String::new(), 0);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_string();
+                    buf.drain(..i + 4);
+                    let len = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    break (head, len);
+                }
+            };
+            while buf.len() < len {
+                let n = conn.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let _ = conn.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n");
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            if let Ok(v) = serde_json::from_slice::<Value>(&buf)
+                && tx.send((path, v)).is_err()
+            {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+#[test]
+fn two_agents_move_a_vm_live_and_report_telemetry_to_the_leader() {
+    require_kvm();
+    let etcd = Etcd::start();
+    let (leader, reports) = fake_leader();
+    etcd_put(&etcd.url, "/tern/leader/694d0000000000a1", &leader);
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (ha, hb) = (
+        format!("mig-a-{}", std::process::id()),
+        format!("mig-b-{}", std::process::id()),
+    );
+    let (la, lb) = (
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let _a = start_agent(&etcd, &ha, &la, da.path());
+    let _b = start_agent(&etcd, &hb, &lb, db.path());
+    let lease_of = |addr: &str| {
+        wait_for("a lease", Duration::from_secs(15), || {
+            status(addr)["lease"].as_u64().is_some()
+        });
+        status(addr)["lease"].as_u64().unwrap()
+    };
+    let (lease_a, lease_b) = (lease_of(&la), lease_of(&lb));
+
+    let r = command(&la, 5, 1, lease_a, vm("m1"));
+    assert_eq!(r["reply"]["result"], "done", "{r}");
+    let pid_a = wait_running(&la, da.path(), "m1");
+    let hb_on_a = last_hb(&da.path().join("run/m1.console"));
+
+    // The target listens on a port of its own address; the source moves the VM there.
+    let mut receive = vm("m1");
+    receive["op"] = json!("receive");
+    let r = command(&lb, 5, 1, lease_b, receive);
+    assert_eq!(r["reply"]["result"], "done", "{r}");
+    let listen = r["reply"]["listen"]
+        .as_str()
+        .expect("the receiver's address")
+        .to_string();
+    assert!(listen.starts_with("127.0.0.1:"), "{listen}");
+    assert_eq!(vm_of(&status(&lb), "m1").unwrap()["state"], "receiving");
+    let out = json!({"op": "migrate_out", "vm": "m1", "to": listen, "disk_successor": null});
+    let r = command(&la, 5, 2, lease_a, out);
+    assert_eq!(r["reply"]["result"], "done", "{r}");
+    assert!(
+        r["reply"]["report"].is_object(),
+        "the VMM's migration report: {r}"
+    );
+    assert_eq!(r["reply"]["vm_state"], "absent", "{r}");
+    wait_for("the source VMM to end", Duration::from_secs(10), || {
+        dead(pid_a)
+    });
+    assert!(vm_of(&status(&la), "m1").is_none());
+    let q = command(&la, 5, 3, lease_a, json!({"op": "query", "vm": "m1"}));
+    assert_eq!(q["reply"]["vm_state"], "absent", "{q}");
+    // The target runs it, and the guest goes on counting where it was.
+    let pid_b = wait_running(&lb, db.path(), "m1");
+    assert!(!dead(pid_b));
+    assert!(last_hb(&db.path().join("run/m1.console")) > hb_on_a);
+
+    // Reports reach the leader named in etcd, with the VM's telemetry from the target.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (path, r) = reports
+            .recv_timeout(left)
+            .expect("a report from the target naming m1 running, with telemetry");
+        assert_eq!(path, "/v1/agent/reports");
+        let running = r["vms"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "m1"))
+            .is_some_and(|v| v["state"] == "running" && v["cpu_utilization"].is_number());
+        if r["host"] == hb.as_str() && running {
+            break r;
+        }
+    };
+    assert_eq!(report["generation_seen"], 5, "{report}");
+    assert!(report["seq"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["last_command_id"], 1, "{report}");
+    let m1 = &report["vms"][0];
+    let util = m1["cpu_utilization"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&util), "{report}");
+    assert!(m1["rss_mib"].as_u64().is_some_and(|m| m > 0), "{report}");
+    let host_util = report["cpu_utilization"].as_f64().expect("host CPU");
+    assert!((0.0..=1.0).contains(&host_util), "{report}");
+
+    // A VM whose vCPU never halts shows up busy in the source host's reports; a stop ends it.
+    let mut busy = vm("busy");
+    busy["spec"]["cmdline"] = json!("tern.hb_ms=50 tern.dirty_mib=4 tern.dirty_rate=0");
+    let r = command(&la, 5, 4, lease_a, busy);
+    assert_eq!(r["reply"]["result"], "done", "{r}");
+    let pid_busy = wait_running(&la, da.path(), "busy");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let util = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, r) = reports
+            .recv_timeout(left)
+            .expect("a report naming the busy VM");
+        let util = r["vms"]
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == "busy"))
+            .and_then(|v| v["cpu_utilization"].as_f64());
+        if r["host"] == ha.as_str()
+            && let Some(u) = util
+        {
+            break u;
+        }
+    };
+    assert!(
+        util > 0.2 && util <= 1.0,
+        "a spinning vCPU measured at {util}"
+    );
+    let r = command(&la, 5, 5, lease_a, json!({"op": "stop", "vm": "busy"}));
+    assert_eq!(r["reply"]["result"], "done", "{r}");
+    wait_for("the stopped VMM to end", Duration::from_secs(10), || {
+        dead(pid_busy)
+    });
+    wait_for(
+        "the stopped VM to leave the status",
+        Duration::from_secs(5),
+        || vm_of(&status(&la), "busy").is_none(),
+    );
+    eprintln!("reports: m1 on the target {report}; busy VM at {util:.2}");
 }
 
 #[test]
