@@ -9,6 +9,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod agent;
+mod cluster;
+mod cluster_up;
+mod controller;
 mod demo;
 mod image;
 mod net;
@@ -50,6 +53,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// The host agent: registers this host in etcd and runs the VMs the cluster's controller asks for.
     Agent(agent::AgentArgs),
+    /// The cluster controller: leads through etcd, places, moves and restarts VMs, serves the API.
+    Controller(controller::ControllerArgs),
+    /// The cluster through the controller's API (hosts, VMs, migrations, maintenance); a test
+    /// cluster on this machine (up, down).
+    #[command(subcommand)]
+    Cluster(cluster::ClusterCommand),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +72,8 @@ fn main() -> ExitCode {
         Command::Net(cmd) => net::run(cmd),
         Command::Demo(args) => demo::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Controller(args) => controller::run(args),
+        Command::Cluster(cmd) => cluster::run(cmd),
     };
     match result {
         Ok(code) => code,

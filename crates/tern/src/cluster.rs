@@ -1,0 +1,511 @@
+//! `tern cluster`: a thin client of the controller's REST API (hosts, VMs, migrations,
+//! maintenance), plus the test cluster's `up` and `down` (`cluster_up.rs`).
+//!
+//! The controller's URL comes from `--controller`, else `$TERN_CONTROLLER`, else
+//! `http://127.0.0.1:7100`. A controller that does not lead answers 503 naming the leader's URL;
+//! the client then asks the leader once. Errors are printed from the API's `ErrorBody`.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use serde::de::DeserializeOwned;
+use tern_api::cluster::{
+    ErrorBody, HostInfo, MaintenanceRequest, MigrateRequest, TaskInfo, TaskRef, TaskState,
+    VmCreate, VmInfo,
+};
+use tern_controller::shell::http;
+
+/// The controller URL used when neither `--controller` nor `$TERN_CONTROLLER` is given.
+pub const DEFAULT_CONTROLLER: &str = "http://127.0.0.1:7100";
+
+/// How long one API call may take.
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The cluster: hosts, VMs, migrations and maintenance through the controller's API; a test
+/// cluster on this machine (`up`, `down`).
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// List the hosts: state, maintenance, what is placed on them.
+    Hosts(Conn),
+    /// List the VMs: state and host.
+    Vms(Conn),
+    /// Create, remove and migrate VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Put a host into maintenance (its VMs move away live) or take it out.
+    #[command(subcommand)]
+    Host(HostCommand),
+    #[command(flatten)]
+    Lab(crate::cluster_up::LabCommand),
+}
+
+/// Where the controller is and how to print.
+#[derive(Debug, Clone, Args)]
+pub struct Conn {
+    /// The controller's URL (default: $TERN_CONTROLLER, else http://127.0.0.1:7100)
+    #[arg(long, value_name = "URL")]
+    controller: Option<String>,
+    /// Print the API's JSON instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+/// `tern cluster vm ...`.
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM: the controller places it (PABFD, pins, anti-affinity) and starts it.
+    Create(CreateArgs),
+    /// Stop a VM and forget it.
+    Rm {
+        /// The VM's name
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Move a running VM live to another host.
+    Migrate {
+        /// The VM's name
+        name: String,
+        /// The target host (default: where placement says)
+        #[arg(long, value_name = "HOST")]
+        to: Option<String>,
+        /// Wait until the migration ends (exit status 1 if it failed)
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// `tern cluster vm create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The VM's name (1-63 of a-z, 0-9 and '-')
+    name: String,
+    /// Virtual CPUs (1-64)
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest memory, MiB (16-1048576)
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    memory_mib: u64,
+    /// The kernel: builtin:testguest or an absolute path present on every host
+    #[arg(long, default_value = "builtin:testguest")]
+    kernel: String,
+    /// The kernel command line
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// A file on the shared volume used as the VM's disk
+    #[arg(long, value_name = "FILE")]
+    disk: Option<String>,
+    /// Pin the VM to this host
+    #[arg(long, value_name = "HOST")]
+    host: Option<String>,
+    /// VMs of the same group never share a host
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
+    /// Restart order after a host failure, 0-100 (higher first)
+    #[arg(long, value_name = "N", default_value_t = 50)]
+    restart_priority: u32,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `tern cluster host ...`.
+#[derive(Debug, Subcommand)]
+pub enum HostCommand {
+    /// Enter maintenance (the host's VMs move away live; it takes no new ones) or leave it.
+    Maintenance {
+        /// The host's name
+        host: String,
+        /// Enter maintenance
+        #[arg(long, conflicts_with = "leave", required_unless_present = "leave")]
+        enter: bool,
+        /// Leave maintenance
+        #[arg(long)]
+        leave: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Runs a `tern cluster` command.
+pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ClusterCommand::Hosts(conn) => {
+            let c = Client::new(&conn)?;
+            let hosts: Vec<HostInfo> = c.call("GET", "/v1/hosts", None, 200)?;
+            print(&conn, &hosts, || hosts_table(&hosts))
+        }
+        ClusterCommand::Vms(conn) => {
+            let c = Client::new(&conn)?;
+            let vms: Vec<VmInfo> = c.call("GET", "/v1/vms", None, 200)?;
+            print(&conn, &vms, || vms_table(&vms))
+        }
+        ClusterCommand::Vm(VmCommand::Create(a)) => {
+            let c = Client::new(&a.conn)?;
+            let spec = VmCreate {
+                name: a.name,
+                vcpus: a.vcpus,
+                memory_mib: a.memory_mib,
+                kernel: a.kernel,
+                cmdline: a.cmdline,
+                disk: a.disk,
+                host: a.host,
+                anti_affinity: a.anti_affinity,
+                restart_priority: a.restart_priority,
+            };
+            let vm: VmInfo = c.call("POST", "/v1/vms", Some(to_json(&spec)), 201)?;
+            print(&a.conn, &vm, || {
+                format!(
+                    "VM {} created: {} on {}\n",
+                    vm.name,
+                    state_word(&vm),
+                    vm.host.as_deref().unwrap_or("(no host yet)")
+                )
+            })
+        }
+        ClusterCommand::Vm(VmCommand::Rm { name, conn }) => {
+            let c = Client::new(&conn)?;
+            c.call_empty("DELETE", &format!("/v1/vms/{name}"), None, 204)?;
+            print(&conn, &serde_json::json!({"deleted": name}), || {
+                format!("VM {name} deleted\n")
+            })
+        }
+        ClusterCommand::Vm(VmCommand::Migrate {
+            name,
+            to,
+            wait,
+            conn,
+        }) => {
+            let c = Client::new(&conn)?;
+            let req = MigrateRequest { to };
+            let path = format!("/v1/vms/{name}/migrate");
+            let task: TaskRef = c.call("POST", &path, Some(to_json(&req)), 202)?;
+            if !wait {
+                return print(&conn, &task, || {
+                    format!(
+                        "migration of {name} queued: task {} (tern cluster vm migrate --wait, or GET /v1/tasks/{})\n",
+                        task.task, task.task
+                    )
+                });
+            }
+            let info = c.wait_task(task.task)?;
+            let ok = info.state == TaskState::Succeeded;
+            print(&conn, &info, || {
+                let route = format!(
+                    "{} -> {}",
+                    info.from.as_deref().unwrap_or("?"),
+                    info.to.as_deref().unwrap_or("?")
+                );
+                let secs = info
+                    .finished_ms
+                    .map(|f| f.saturating_sub(info.created_ms) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                match &info.error {
+                    None if ok => format!("{name} moved {route} in {secs:.1} s\n"),
+                    e => format!(
+                        "{name} did not move ({route}): {}\n",
+                        e.as_deref().unwrap_or("failed")
+                    ),
+                }
+            })?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        ClusterCommand::Host(HostCommand::Maintenance {
+            host,
+            enter,
+            leave,
+            conn,
+        }) => {
+            debug_assert!(enter != leave);
+            let c = Client::new(&conn)?;
+            let path = format!("/v1/hosts/{host}/maintenance");
+            let req = to_json(&MaintenanceRequest { enter });
+            let (status, body) = c.send("POST", &path, Some(req))?;
+            match status {
+                202 => {
+                    let t: TaskRef = decode(&body)?;
+                    print(&conn, &t, || {
+                        format!(
+                            "host {host} entering maintenance: task {} moves its VMs away\n",
+                            t.task
+                        )
+                    })
+                }
+                200 => {
+                    let h: HostInfo = decode(&body)?;
+                    print(&conn, &h, || {
+                        format!(
+                            "host {host} is {}in maintenance\n",
+                            if h.maintenance { "" } else { "not " }
+                        )
+                    })
+                }
+                _ => Err(api_error(status, &body, &c.url)),
+            }
+        }
+        ClusterCommand::Lab(cmd) => crate::cluster_up::run(cmd),
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec(v).expect("API types serialise")
+}
+
+fn decode<T: DeserializeOwned>(body: &[u8]) -> anyhow::Result<T> {
+    serde_json::from_slice(body).with_context(|| {
+        format!(
+            "the controller's answer does not parse: {}",
+            String::from_utf8_lossy(body)
+        )
+    })
+}
+
+fn print<T: serde::Serialize>(
+    conn: &Conn,
+    value: &T,
+    text: impl FnOnce() -> String,
+) -> anyhow::Result<ExitCode> {
+    if conn.json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        print!("{}", text());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The error of a non-success answer, from its `ErrorBody`.
+fn api_error(status: u16, body: &[u8], url: &str) -> anyhow::Error {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => anyhow::anyhow!("{}: {} (HTTP {status} from {url})", e.error, e.detail),
+        Err(_) => anyhow::anyhow!(
+            "HTTP {status} from {url}: {}",
+            String::from_utf8_lossy(body).trim()
+        ),
+    }
+}
+
+struct Client {
+    url: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn new(conn: &Conn) -> anyhow::Result<Client> {
+        let url = conn
+            .controller
+            .clone()
+            .or_else(|| std::env::var("TERN_CONTROLLER").ok())
+            .unwrap_or_else(|| DEFAULT_CONTROLLER.to_string());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        Ok(Client {
+            url: url.trim_end_matches('/').to_string(),
+            rt,
+        })
+    }
+
+    /// One request; a 503 from a controller that names the leader is retried there once.
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(u16, Vec<u8>)> {
+        let method: hyper::Method = method.parse().expect("a method");
+        let once = |base: &str| {
+            let url = format!("{base}{path}");
+            self.rt
+                .block_on(http::request(method.clone(), &url, body.clone(), TIMEOUT))
+                .with_context(|| format!("{method} {url}"))
+        };
+        let r = once(&self.url)?;
+        if r.status == 503
+            && let Ok(e) = serde_json::from_slice::<ErrorBody>(&r.body)
+            && let Some((_, leader)) = e.detail.split_once("the leader is at ")
+        {
+            let leader = leader.trim().trim_end_matches('/');
+            if leader != self.url {
+                let r = once(leader)?;
+                return Ok((r.status, r.body));
+            }
+        }
+        Ok((r.status, r.body))
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        want: u16,
+    ) -> anyhow::Result<T> {
+        let (status, bytes) = self.send(method, path, body)?;
+        if status != want {
+            return Err(api_error(status, &bytes, &self.url));
+        }
+        decode(&bytes)
+    }
+
+    fn call_empty(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        want: u16,
+    ) -> anyhow::Result<()> {
+        let (status, bytes) = self.send(method, path, body)?;
+        if status != want {
+            return Err(api_error(status, &bytes, &self.url));
+        }
+        Ok(())
+    }
+
+    /// Polls a task until it ends (up to 10 minutes).
+    fn wait_task(&self, id: u64) -> anyhow::Result<TaskInfo> {
+        let start = Instant::now();
+        loop {
+            let t: TaskInfo = self.call("GET", &format!("/v1/tasks/{id}"), None, 200)?;
+            if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
+                return Ok(t);
+            }
+            if start.elapsed() > Duration::from_secs(600) {
+                bail!(
+                    "task {id} has not ended after 10 minutes (state {:?})",
+                    t.state
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn state_word(vm: &VmInfo) -> String {
+    serde_json::to_value(vm.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Left-aligned columns separated by two spaces.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        format!("{}\n", s.join("  ").trim_end())
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn hosts_table(hosts: &[HostInfo]) -> String {
+    if hosts.is_empty() {
+        return "no hosts registered\n".into();
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let state = serde_json::to_value(h.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            vec![
+                h.name.clone(),
+                state,
+                if h.maintenance { "yes" } else { "no" }.into(),
+                format!("{}/{}", h.vcpus_used, h.capacity.cores),
+                format!("{}/{}", h.memory_mib_used, h.capacity.memory_mib),
+                h.cpu_utilization
+                    .map_or("-".into(), |u| format!("{:.0}%", u * 100.0)),
+                h.vms.len().to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOST",
+            "STATE",
+            "MAINT",
+            "VCPUS/CORES",
+            "MEM MiB",
+            "CPU",
+            "VMS",
+        ],
+        &rows,
+    )
+}
+
+fn vms_table(vms: &[VmInfo]) -> String {
+    if vms.is_empty() {
+        return "no VMs\n".into();
+    }
+    let rows: Vec<Vec<String>> = vms
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                state_word(v),
+                v.host.clone().unwrap_or_else(|| "-".into()),
+                v.spec.vcpus.to_string(),
+                v.spec.memory_mib.to_string(),
+                v.restarts.to_string(),
+                v.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "VM",
+            "STATE",
+            "HOST",
+            "VCPUS",
+            "MEM MiB",
+            "RESTARTS",
+            "LAST ERROR",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_their_columns() {
+        let t = table(
+            &["A", "BB"],
+            &[vec!["xxx".into(), "y".into()], vec!["z".into(), "".into()]],
+        );
+        assert_eq!(t, "A    BB\nxxx  y\nz\n");
+    }
+
+    #[test]
+    fn an_error_body_becomes_its_error_and_detail() {
+        let body = br#"{"error":"unknown VM","detail":"unknown VM \"x\""}"#;
+        let e = api_error(404, body, "http://c").to_string();
+        assert_eq!(e, "unknown VM: unknown VM \"x\" (HTTP 404 from http://c)");
+        let e = api_error(502, b"bad gateway", "http://c").to_string();
+        assert_eq!(e, "HTTP 502 from http://c: bad gateway");
+    }
+}
