@@ -38,6 +38,7 @@ use crate::bench_common::{
 };
 use anyhow::{Context, bail, ensure};
 use tern_guest_image::qemu::{QEMU_FIRMWARE, QemuConfig};
+use tern_test_support::free_port;
 
 /// Tern's settings, passed explicitly; the tuned QEMU row copies them.
 const TERN_STREAMS: u16 = 2;
@@ -252,12 +253,6 @@ fn num(v: &serde_json::Value, path: &[&str]) -> anyhow::Result<f64> {
         .with_context(|| format!("no number at {} in {v}", path.join(".")))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Waits for the guest's steady state: the writer's first report (or, idle, a few heartbeats),
 /// then one more second.
 fn wait_steady(src: &mut Proc, w: &Workload) -> anyhow::Result<()> {
@@ -375,7 +370,7 @@ fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
 }
 
 fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result<Sample> {
-    let port = free_port()?;
+    let port = free_port();
     let to = format!("127.0.0.1:{port}");
     let rt = dir.join("rt");
     let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -557,7 +552,7 @@ fn qemu_run(
     tsc_hz: u64,
     setup: QemuSetup,
 ) -> anyhow::Result<Sample> {
-    let port = free_port()?;
+    let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
     let (q1, q2) = (dir.join("q1.sock"), dir.join("q2.sock"));
     let _ = std::fs::remove_file(&q1);

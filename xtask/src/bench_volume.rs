@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::bench_common::build_release_tern;
 use anyhow::{Context, bail, ensure};
 use tern_nbd::Client;
+use tern_test_support::free_port;
 use tern_volume::control::{self, LeaseAction, Request};
 
 /// Options of the volume benchmark.
@@ -37,10 +38,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
@@ -182,7 +179,7 @@ fn spawn_node(
     extra: &[&str],
     log: &Path,
 ) -> anyhow::Result<(Proc, String)> {
-    let addr = format!("127.0.0.1:{}", free_port()?);
+    let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(tern)
         .args([
             "volume",
@@ -228,7 +225,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
-    let (cp, pp) = (free_port()?, free_port()?);
+    let (cp, pp) = (free_port(), free_port());
     let etcd_url = format!("http://127.0.0.1:{cp}");
     let peer = format!("http://127.0.0.1:{pp}");
     let _etcd = Proc(
@@ -315,7 +312,7 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let raw_addr = l.local_addr()?.to_string();
     std::thread::spawn(move || tern_nbd::run_listener(l, Arc::new(ex)));
-    let qport = free_port()?;
+    let qport = free_port();
     let _qemu = Proc(
         Command::new("qemu-nbd")
             .args([
