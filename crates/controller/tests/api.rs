@@ -506,6 +506,7 @@ async fn openapi_lists_the_v1_paths_and_schemas_and_metrics_are_prometheus_text(
         "tern_vms{state=\"running\"} 0",
         "tern_migrations_total{result=\"succeeded\"} 0",
         "tern_migration_duration_seconds_count 0",
+        "tern_migration_duration_seconds_sum 0",
         "tern_ha_restarts_total 0",
         "tern_controller_elections_won_total 1",
         "# TYPE tern_migration_duration_seconds histogram",

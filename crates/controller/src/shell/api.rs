@@ -454,7 +454,8 @@ pub fn render_metrics(s: &Shared) -> String {
         })
         .collect();
     samples.push(("_bucket{le=\"+Inf\"}".into(), durations.len() as f64));
-    samples.push(("_sum".into(), durations.iter().sum()));
+    // Summed from +0.0: an empty f64 sum is -0.0, which Prometheus text would show as "-0".
+    samples.push(("_sum".into(), durations.iter().fold(0.0, |a, d| a + d)));
     samples.push(("_count".into(), durations.len() as f64));
     let _ = writeln!(
         o,
