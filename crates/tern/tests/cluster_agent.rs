@@ -384,7 +384,7 @@ fn two_agents_move_a_vm_live_and_report_telemetry_to_the_leader() {
         format!("127.0.0.1:{}", free_port()),
     );
     let _a = start_agent(&etcd, &ha, &la, da.path());
-    let _b = start_agent(&etcd, &hb, &lb, db.path());
+    let mut b = start_agent(&etcd, &hb, &lb, db.path());
     let lease_of = |addr: &str| {
         wait_for("a lease", Duration::from_secs(15), || {
             status(addr)["lease"].as_u64().is_some()
@@ -491,6 +491,26 @@ fn two_agents_move_a_vm_live_and_report_telemetry_to_the_leader() {
         || vm_of(&status(&la), "busy").is_none(),
     );
     eprintln!("reports: m1 on the target {report}; busy VM at {util:.2}");
+
+    // SIGTERM: the agent kills its VMMs and revokes its lease, so its record goes at once.
+    signal(b.id() as i32, "TERM");
+    let termed = Instant::now();
+    wait_for(
+        "the VMM to end with a stopped agent",
+        Duration::from_secs(3),
+        || dead(pid_b),
+    );
+    wait_for(
+        "the revoked record to go",
+        Duration::from_millis(TTL_MS / 2),
+        || etcd_get(&etcd.url, &format!("/tern/hosts/{hb}")).is_none(),
+    );
+    let code = b.0.wait().unwrap();
+    assert!(code.success(), "a stopped agent exits 0: {code}");
+    eprintln!(
+        "agent stopped, record revoked {:?} after SIGTERM",
+        termed.elapsed()
+    );
 }
 
 #[test]

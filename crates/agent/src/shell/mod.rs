@@ -367,6 +367,9 @@ struct Shell {
     stored_generation: u64,
     lease: Option<u64>,
     restarts: u64,
+    /// Inputs that arose while carrying out actions (a VMM that could not start): fed after the
+    /// current batch, so actions stay in the core's order.
+    later: Vec<Input>,
 }
 
 impl Shell {
@@ -424,6 +427,15 @@ impl Shell {
     }
 
     fn step(&mut self, input: Input, now: u64) {
+        self.step_one(input, now);
+        while !self.later.is_empty() {
+            for input in std::mem::take(&mut self.later) {
+                self.step_one(input, now);
+            }
+        }
+    }
+
+    fn step_one(&mut self, input: Input, now: u64) {
         let started = match &input {
             Input::Command(Command {
                 body: CommandBody::Start { spec, .. },
@@ -496,20 +508,10 @@ impl Shell {
                 let status = format!("cannot start its VMM: {e}");
                 eprintln!("tern agent: {}: {status}", spec.name);
                 self.children.remove(&spec.name);
-                let now = self.clock.now_ms();
-                self.agent.step(
-                    Input::VmmExited {
-                        vm: spec.name.clone(),
-                        status,
-                    },
-                    now,
-                );
-                // Actions of that exit (a reply to a receive, a later restart) are carried out
-                // with the rest of this step's.
-                let more = self.agent.drain_actions();
-                for a in more {
-                    self.carry_out(a, None);
-                }
+                self.later.push(Input::VmmExited {
+                    vm: spec.name.clone(),
+                    status,
+                });
             }
         }
     }
@@ -635,6 +637,7 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
         stored_generation: generation,
         lease: None,
         restarts: 0,
+        later: Vec::new(),
     };
     // The loop that owns the core.
     let core_loop = tokio::spawn(async move {
@@ -867,6 +870,74 @@ mod tests {
             err.contains("eighteen") && err.contains("generation"),
             "{err}"
         );
+    }
+
+    fn shell(dir: &Path, events: mpsc::Sender<Event>) -> Shell {
+        Shell {
+            agent: Agent::new(core::Config::default()),
+            host: "h1".into(),
+            agent_url: "http://127.0.0.1:1".into(),
+            clock: Clock(tokio::time::Instant::now()),
+            ctx: children::Ctx {
+                exe: dir.join("no-such-tern"),
+                runtime_dir: dir.join("run"),
+                setpriv: None,
+                listen_ip: "127.0.0.1".parse().unwrap(),
+            },
+            events,
+            children: HashMap::new(),
+            next_serial: 0,
+            waiters: HashMap::new(),
+            state_file: dir.join("generation"),
+            stored_generation: 0,
+            lease: None,
+            restarts: 0,
+            later: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_cannot_start_fails_its_command_and_the_generation_is_kept_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, _rx) = mpsc::channel(16);
+        let mut sh = shell(dir.path(), tx);
+        sh.handle(Event::Input(Input::LeaseRenewed {
+            sent_ms: 0,
+            lease: 9,
+        }));
+        let spec: tern_api::cluster::VmCreate = serde_json::from_value(serde_json::json!({
+            "name": "r1", "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
+            "cmdline": "", "disk": null, "host": null, "anti_affinity": null,
+            "restart_priority": 50
+        }))
+        .unwrap();
+        let cmd = Command {
+            generation: 4,
+            id: 1,
+            host_lease: 9,
+            body: CommandBody::Receive {
+                spec,
+                disk_url: None,
+            },
+        };
+        let (first, first_rx) = oneshot::channel();
+        let (again, again_rx) = oneshot::channel();
+        sh.handle(Event::Command(cmd.clone(), first));
+        // The same command again is answered again, not redone.
+        sh.handle(Event::Command(cmd, again));
+        let a = first_rx.await.unwrap();
+        let b = again_rx.await.unwrap();
+        assert_eq!(a.reply, b.reply);
+        assert!(sh.children.is_empty());
+        match a.reply {
+            tern_api::agent::CommandReply::Failed { error } => {
+                assert!(error.contains("cannot start its VMM"), "{error}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(sh.agent.state_of("r1"), ObservedState::Absent);
+        assert_eq!(load_generation(&dir.path().join("generation")).unwrap(), 4);
+        assert_eq!(sh.snapshot(0).status.generation_seen, 4);
     }
 
     fn options() -> Options {
