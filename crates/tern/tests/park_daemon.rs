@@ -11,21 +11,13 @@ use std::time::{Duration, Instant};
 use nix::sched::{CpuSet, sched_setaffinity};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tern_test_support::{cpus_allowed, require_cpus, require_root_for, wait_for};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 fn require_host() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "park_daemon tests need root (they set thread affinity)"
-    );
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    assert!(
-        n >= 2,
-        "park_daemon tests need at least 2 CPUs, this host has {n}"
-    );
+    require_root_for("they set thread affinity");
+    require_cpus(2);
 }
 
 /// A stand-in VM: `tern park load`, killed on drop.
@@ -155,26 +147,6 @@ fn tern(args: &[&str]) -> Output {
     Command::new(TERN).args(args).output().unwrap()
 }
 
-fn allowed(pid: u32, tid: u32) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string()
-}
-
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn all_threads(loads: &[&Load]) -> Vec<(u32, u32)> {
     loads
         .iter()
@@ -204,7 +176,7 @@ fn light_load_is_packed_then_unparked_on_demand_and_restored_on_stop() {
     one.set(1).unwrap();
     sched_setaffinity(Pid::from_raw(c.tids[0] as i32), &one).unwrap();
     let threads = all_threads(&[&a, &b]);
-    let original: Vec<String> = threads.iter().map(|&(p, t)| allowed(p, t)).collect();
+    let original: Vec<String> = threads.iter().map(|&(p, t)| cpus_allowed(p, t)).collect();
     assert!(
         original.iter().all(|o| o != "0"),
         "threads start unconfined: {original:?}"
@@ -222,11 +194,15 @@ fn light_load_is_packed_then_unparked_on_demand_and_restored_on_stop() {
     wait_for(
         "all threads confined to CPU 0",
         Duration::from_secs(20),
-        || threads.iter().all(|&(p, t)| allowed(p, t) == "0"),
+        || threads.iter().all(|&(p, t)| cpus_allowed(p, t) == "0"),
     );
     let s = d.status();
     assert_eq!(unparked(&s), vec![0]);
-    assert_eq!(allowed(c.pid, c.tids[0]), "1", "a user's pin is respected");
+    assert_eq!(
+        cpus_allowed(c.pid, c.tids[0]),
+        "1",
+        "a user's pin is respected"
+    );
     assert_eq!(s["vms"].as_array().unwrap().len(), 3);
 
     // One guest goes flat out: the second core is unparked within the increase time.
@@ -243,17 +219,17 @@ fn light_load_is_packed_then_unparked_on_demand_and_restored_on_stop() {
         changed <= before + 1 + increase_time + 1,
         "unparked at interval {changed}, load rose after interval {before}"
     );
-    assert!(threads.iter().all(|&(p, t)| allowed(p, t) == "0-1"));
+    assert!(threads.iter().all(|&(p, t)| cpus_allowed(p, t) == "0-1"));
 
     // Back to light load: parked again (slowly), then stopped while parked.
     a.signal(Signal::SIGUSR2);
     wait_for("threads parked again", Duration::from_secs(20), || {
-        threads.iter().all(|&(p, t)| allowed(p, t) == "0")
+        threads.iter().all(|&(p, t)| cpus_allowed(p, t) == "0")
     });
     let log = d.stop(Signal::SIGINT);
-    let after: Vec<String> = threads.iter().map(|&(p, t)| allowed(p, t)).collect();
+    let after: Vec<String> = threads.iter().map(|&(p, t)| cpus_allowed(p, t)).collect();
     assert_eq!(after, original, "affinities restored on stop; log:\n{log}");
-    assert_eq!(allowed(c.pid, c.tids[0]), "1");
+    assert_eq!(cpus_allowed(c.pid, c.tids[0]), "1");
     assert!(log.contains("affinities restored"), "{log}");
 }
 
@@ -277,14 +253,14 @@ fn vanished_processes_threads_and_bad_entries_are_skipped_not_fatal() {
     );
     std::fs::write(runtime.join("ghost.json"), ghost).unwrap();
     let dying = Load::start(&runtime, "dying", 2, 5);
-    let original = allowed(live.pid, live.tids[0]);
+    let original = cpus_allowed(live.pid, live.tids[0]);
     let mut d = Daemon::start(
         dir.path(),
         &runtime,
         &["interval_ms=50", "min_cores=0", "decrease_time=2"],
     );
     wait_for("live thread confined", Duration::from_secs(20), || {
-        allowed(live.pid, live.tids[0]) == "0"
+        cpus_allowed(live.pid, live.tids[0]) == "0"
     });
     // Kill a registered process without letting it clean up its entry.
     drop(dying);
@@ -301,7 +277,7 @@ fn vanished_processes_threads_and_bad_entries_are_skipped_not_fatal() {
         assert!(log.contains(want), "log lacks `{want}`:\n{log}");
     }
     assert_eq!(
-        allowed(live.pid, live.tids[0]),
+        cpus_allowed(live.pid, live.tids[0]),
         original,
         "restored on stop"
     );
@@ -585,7 +561,7 @@ fn cpuset_irq_affinity_and_halt_polling_are_applied_and_restored() {
     let was = irq_before.iter().filter(|(_, a)| a == "0").count();
     assert!(movable > was, "no IRQ was moved onto the unparked CPU");
     for &tid in &load.tids {
-        assert_eq!(allowed(load.pid, tid), "0");
+        assert_eq!(cpus_allowed(load.pid, tid), "0");
     }
     let log = d.stop(Signal::SIGTERM);
     assert_eq!(
@@ -597,7 +573,7 @@ fn cpuset_irq_affinity_and_halt_polling_are_applied_and_restored() {
     assert_eq!(irqs(), irq_before, "IRQ affinities restored");
     for &tid in &load.tids {
         assert_eq!(
-            allowed(load.pid, tid),
+            cpus_allowed(load.pid, tid),
             cg_before,
             "thread affinity restored"
         );
@@ -622,7 +598,7 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
     let runtime = dir.path().join("vms");
     let load = Load::start(&runtime, "root-owned", 1, 5);
     std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let before = allowed(load.pid, load.tids[0]);
+    let before = cpus_allowed(load.pid, load.tids[0]);
     let log = dir.path().join("daemon.log");
     let socket = dir.path().join("park.sock");
     // The daemon runs as nobody: it may read the root-owned threads but not move them.
@@ -649,7 +625,7 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
             .contains("unparked cpu0 (")
     });
     assert_eq!(
-        allowed(load.pid, load.tids[0]),
+        cpus_allowed(load.pid, load.tids[0]),
         before,
         "nothing pinned without permission"
     );
@@ -672,5 +648,5 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
         !text.contains("restore thread"),
         "nothing to restore:\n{text}"
     );
-    assert_eq!(allowed(load.pid, load.tids[0]), before);
+    assert_eq!(cpus_allowed(load.pid, load.tids[0]), before);
 }

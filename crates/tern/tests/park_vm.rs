@@ -5,10 +5,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tern_test_support::{cpus_allowed, require_cpus, require_kvm, require_root_for};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const LIGHT: &str = "tern.hb_ms=200 tern.dirty_mib=2 tern.dirty_rate=200";
@@ -17,15 +18,9 @@ const LIGHT: &str = "tern.hb_ms=200 tern.dirty_mib=2 tern.dirty_rate=200";
 const SWITCH_AFTER_MS: u64 = 6000;
 
 fn require_host() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "park_vm needs root (it sets thread affinity)"
-    );
-    assert!(Path::new("/dev/kvm").exists(), "park_vm needs /dev/kvm");
-    let n = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    assert!(n >= 2, "park_vm needs at least 2 CPUs, this host has {n}");
+    require_root_for("it sets thread affinity");
+    require_kvm();
+    require_cpus(2);
 }
 
 struct Vm {
@@ -102,28 +97,11 @@ impl Drop for Stopper {
 }
 
 fn wait_for(what: &str, ok: impl FnMut() -> bool) {
-    wait_within(Duration::from_secs(30), what, ok);
+    tern_test_support::wait_for(what, Duration::from_secs(30), ok);
 }
 
 fn wait_for_long(what: &str, ok: impl FnMut() -> bool) {
-    wait_within(Duration::from_secs(60), what, ok);
-}
-
-fn wait_within(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn allowed(pid: u32, tid: u32) -> String {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-        .unwrap()
-        .trim()
-        .to_string()
+    tern_test_support::wait_for(what, Duration::from_secs(60), ok);
 }
 
 fn status(socket: &Path) -> serde_json::Value {
@@ -152,7 +130,7 @@ fn two_light_guests_share_one_core_and_one_turning_busy_unparks_the_second() {
     );
     let a_threads = a.threads();
     let light: Vec<(u32, u32)> = a_threads.iter().chain(&b.threads()).copied().collect();
-    let original: Vec<String> = light.iter().map(|&(p, t)| allowed(p, t)).collect();
+    let original: Vec<String> = light.iter().map(|&(p, t)| cpus_allowed(p, t)).collect();
 
     let socket = dir.path().join("park.sock");
     let log = dir.path().join("daemon.log");
@@ -177,7 +155,7 @@ fn two_light_guests_share_one_core_and_one_turning_busy_unparks_the_second() {
     wait_for("the daemon's socket", || socket.exists());
 
     wait_for("both light guests on one core", || {
-        light.iter().all(|&(p, t)| allowed(p, t) == "0")
+        light.iter().all(|&(p, t)| cpus_allowed(p, t) == "0")
     });
     assert_eq!(status(&socket)["unparked"], serde_json::json!([0]));
 
@@ -211,18 +189,22 @@ fn two_light_guests_share_one_core_and_one_turning_busy_unparks_the_second() {
         "guest b at maximum rate after interval {before}, second core unparked at {changed}"
     );
     for &(p, t) in a_threads.iter().chain(&b.threads()) {
-        assert_eq!(allowed(p, t), "0-1", "thread {t} may use the unparked core");
+        assert_eq!(
+            cpus_allowed(p, t),
+            "0-1",
+            "thread {t} may use the unparked core"
+        );
     }
 
     // The busy guest stops: parked again; then the daemon stops and restores.
     b.stop();
     wait_for("parked again", || {
-        a_threads.iter().all(|&(p, t)| allowed(p, t) == "0")
+        a_threads.iter().all(|&(p, t)| cpus_allowed(p, t) == "0")
     });
     let mut child = daemon.0.take().unwrap();
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
-    let after: Vec<String> = a_threads.iter().map(|&(p, t)| allowed(p, t)).collect();
+    let after: Vec<String> = a_threads.iter().map(|&(p, t)| cpus_allowed(p, t)).collect();
     assert_eq!(
         after,
         original[..a_threads.len()],

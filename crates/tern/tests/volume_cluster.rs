@@ -2,100 +2,24 @@
 //! binary on one LUN file, real NBD clients. Needs `etcd` (Debian's etcd-server) on PATH; fails
 //! loudly without it.
 
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tern_nbd::{Client, ClientError, Errno};
+use tern_test_support::{ChildGuard, Etcd, free_port, wait_for};
 use tern_volume::control::{self, ErrorKind, LeaseAction, Request};
 
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 const LEASE_TTL_MS: u64 = 1500;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Etcd {
-    _proc: Proc,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let found = Command::new("sh")
-            .args(["-c", "command -v etcd"])
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "etcd is required for the volume cluster tests (apt-get install etcd-server)"
-        );
-        let dir = tempfile::tempdir().unwrap();
-        let (cp, pp) = (free_port(), free_port());
-        let url = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.path().join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let p = Proc(child);
-        wait_for("etcd", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", cp)).is_ok()
-        });
-        Etcd {
-            _proc: p,
-            url,
-            _dir: dir,
-        }
-    }
-}
-
 struct Node {
     id: u32,
     addr: String,
-    proc: Option<Proc>,
+    proc: Option<ChildGuard>,
 }
 
 impl Node {
@@ -187,7 +111,7 @@ impl Cluster {
         let node = Node {
             id,
             addr,
-            proc: Some(Proc(child)),
+            proc: Some(ChildGuard(child)),
         };
         wait_for("node to listen", Duration::from_secs(20), || {
             node.call(Request::Status).is_ok()

@@ -16,29 +16,7 @@ pub fn tern() -> &'static str {
     env!("CARGO_BIN_EXE_tern")
 }
 
-/// Panics with a clear message unless this process may use KVM: these tests boot real guests.
-pub fn require_kvm() {
-    // SAFETY-free check of the effective UID through /proc.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .unwrap_or("?");
-    assert_eq!(
-        euid, "0",
-        "these integration tests boot KVM guests and must run as root (euid is {euid})"
-    );
-    assert!(
-        Path::new("/dev/kvm").exists(),
-        "/dev/kvm is missing: these integration tests need KVM (load kvm / kvm_pvm)"
-    );
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap_or_else(|e| panic!("cannot open /dev/kvm: {e}; these tests need KVM"));
-}
+pub use tern_test_support::{free_port, require_kvm, wait_for};
 
 /// A scratch directory that lives as long as the test.
 pub fn scratch() -> tempfile::TempDir {
@@ -56,31 +34,9 @@ pub struct RunningVm {
 impl RunningVm {
     /// Starts `tern vm run ARGS…` with stdout piped and stderr to a file in `dir`.
     pub fn start(dir: &Path, args: &[&str]) -> RunningVm {
-        let stderr_path = dir.join("stderr.txt");
-        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child = Command::new(tern())
-            .args(["vm", "run"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn tern");
-        let out = child.stdout.take().expect("stdout");
-        let (tx, rx) = channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        RunningVm {
-            child,
-            lines: rx,
-            seen: Vec::new(),
-            stderr_path,
-        }
+        let mut cmd = Command::new(tern());
+        cmd.args(["vm", "run"]).args(args);
+        Self::spawn(cmd, dir.join("stderr.txt"))
     }
 
     /// Waits for a console line matching `pred`, failing the test after `timeout`.
@@ -175,15 +131,9 @@ pub fn field(line: &str, key: &str) -> Option<u64> {
 
 /// Waits until `path` exists, failing the test after `timeout`.
 pub fn wait_for_path(path: &Path, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} did not appear within {timeout:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&format!("{} to appear", path.display()), timeout, || {
+        path.exists()
+    });
 }
 
 impl RunningVm {
@@ -197,8 +147,12 @@ impl RunningVm {
     }
 
     /// Starts `cmd` with stdout piped and stderr to `dir/<tag>.stderr`.
-    pub fn start_command(dir: &Path, tag: &str, mut cmd: Command) -> RunningVm {
-        let stderr_path = dir.join(format!("{tag}.stderr"));
+    pub fn start_command(dir: &Path, tag: &str, cmd: Command) -> RunningVm {
+        Self::spawn(cmd, dir.join(format!("{tag}.stderr")))
+    }
+
+    /// Starts `cmd` with stdout read line by line on a thread and stderr to `stderr_path`.
+    fn spawn(mut cmd: Command, stderr_path: PathBuf) -> RunningVm {
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -241,14 +195,6 @@ impl RunningVm {
             );
         }
     }
-}
-
-/// A TCP port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// Waits until `path` contains `needle`, failing the test after `timeout`.

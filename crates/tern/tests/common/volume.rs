@@ -1,12 +1,12 @@
 //! A shared-volume cluster for the VM-disk tests: a real etcd on loopback and `tern volume serve`
 //! node processes on one LUN file. Needs root, KVM, etcd and qemu-img; fails loudly without them.
 
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
+use tern_test_support::{Etcd, require_tools};
 use tern_volume::control::{self, Request};
 
 use super::{free_port, require_kvm, scratch, tern, tern_cmd};
@@ -16,21 +16,7 @@ pub fn call(addr: &str, req: Request) -> Result<Value, control::ControlError> {
     control::call(addr, &req, false, Duration::from_secs(30))
 }
 
-pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub struct Proc(pub Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+pub use tern_test_support::{ChildGuard as Proc, wait_for};
 
 /// etcd on loopback, volume node processes on one LUN file, and one file `vm1.raw` (4 MiB).
 pub struct Cluster {
@@ -38,41 +24,16 @@ pub struct Cluster {
     pub etcd_url: String,
     pub lun: PathBuf,
     pub nodes: Vec<(String, Proc)>,
-    _etcd: Proc,
+    _etcd: Etcd,
 }
 
 impl Cluster {
     pub fn start() -> Cluster {
         require_kvm();
-        let found = Command::new("sh")
-            .args(["-c", "command -v etcd && command -v qemu-img"])
-            .output()
-            .unwrap();
-        assert!(
-            found.status.success(),
-            "etcd and qemu-img are required (apt-get install etcd-server qemu-utils)"
-        );
+        require_tools(&["etcd", "qemu-img"]);
         let dir = scratch();
-        let (cp, pp) = (free_port(), free_port());
-        let etcd_url = format!("http://127.0.0.1:{cp}");
-        let peer = format!("http://127.0.0.1:{pp}");
-        let etcd = Proc(
-            Command::new("etcd")
-                .arg("--data-dir")
-                .arg(dir.path().join("etcd"))
-                .args(["--listen-client-urls", &etcd_url])
-                .args(["--advertise-client-urls", &etcd_url])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &format!("default={peer}")])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        wait_for("etcd", Duration::from_secs(20), || {
-            TcpStream::connect(("127.0.0.1", cp)).is_ok()
-        });
+        let etcd = Etcd::start();
+        let etcd_url = etcd.url.clone();
         let lun = dir.path().join("lun");
         let (code, _, err) = tern_cmd(&[
             "volume",
