@@ -483,9 +483,15 @@ fn chunk_errno(payload: &[u8]) -> Result<Errno, ClientError> {
 /// What a pipelined request waits for: its reply's data (reads) or just its status.
 type Outcome = Result<Vec<u8>, ClientError>;
 
+/// What a waiting request is told: its outcome, or that it should read replies now.
+enum Msg {
+    Done(Outcome),
+    TakeOver,
+}
+
 /// A request sent on a [`SharedClient`] whose reply has not fully arrived.
 struct Waiter {
-    tx: std::sync::mpsc::SyncSender<Outcome>,
+    tx: std::sync::mpsc::Sender<Msg>,
     offset: u64,
     /// Expected data length for a read (simple replies carry no length).
     read_len: Option<usize>,
@@ -519,9 +525,9 @@ impl SharedState {
         let why = p.dead.clone().unwrap_or_default();
         for (_, w) in p.waiters.drain() {
             // The caller may have given up already.
-            let _ = w.tx.try_send(Err(ClientError::Protocol(format!(
+            let _ = w.tx.send(Msg::Done(Err(ClientError::Protocol(format!(
                 "connection lost: {why}"
-            ))));
+            )))));
         }
         drop(p);
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
@@ -529,8 +535,10 @@ impl SharedState {
 }
 
 /// An NBD client that keeps several requests in flight on one connection: any number of threads
-/// call it at once (`&self`); each request gets its own cookie and waits for its own reply, which
-/// a reader thread matches by cookie (replies may come in any order). Memory stays bounded by the
+/// call it at once (`&self`); each request gets its own cookie and waits for its own reply. One
+/// waiting caller at a time reads replies off the socket and hands each to its request by cookie
+/// (replies may come in any order); when its own has come it passes the reading on to another
+/// waiting caller, so no extra thread sits between a caller and its reply. Memory stays bounded by the
 /// callers' requests: a reply is accepted only for a request in flight and only up to its length.
 ///
 /// A FLUSH sent after a write's reply arrived covers that write (the NBD rule); writes in flight
@@ -539,10 +547,14 @@ impl SharedState {
 pub struct SharedClient {
     w: Mutex<BufWriter<TcpStream>>,
     shared: Arc<SharedState>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    /// The reply side of the socket: whichever waiting caller holds it reads replies (its own
+    /// and others'), and hands it on when its own has come.
+    reader: Mutex<BufReader<TcpStream>>,
     size: u64,
     flags: u16,
     timeout: Duration,
+    /// Threads about to write a request (the last one flushes the writer).
+    sending: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for SharedClient {
@@ -566,9 +578,6 @@ impl SharedClient {
         let Client {
             r, w, size, flags, ..
         } = c;
-        // The reader waits for replies for as long as the connection lives; each request has
-        // its own timeout instead.
-        r.get_ref().set_read_timeout(None)?;
         let shared = Arc::new(SharedState {
             pending: Mutex::new(Pending {
                 next_cookie: 1,
@@ -576,25 +585,14 @@ impl SharedClient {
             }),
             stream: r.get_ref().try_clone()?,
         });
-        let sh = Arc::clone(&shared);
-        let reader = std::thread::Builder::new()
-            .name("nbd-replies".into())
-            .spawn(move || {
-                let mut r = r;
-                let why = loop {
-                    if let Err(e) = read_reply(&mut r, &sh) {
-                        break e.to_string();
-                    }
-                };
-                sh.kill(why);
-            })?;
         Ok(SharedClient {
             w: Mutex::new(w),
             shared,
-            reader: Some(reader),
+            reader: Mutex::new(r),
             size,
             flags,
             timeout,
+            sending: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -632,7 +630,7 @@ impl SharedClient {
         length: u32,
         data: &[u8],
     ) -> Outcome {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = std::sync::mpsc::channel();
         let cookie = {
             let mut p = lock(&self.shared.pending);
             if let Some(why) = &p.dead {
@@ -660,30 +658,87 @@ impl SharedClient {
             offset,
             length,
         };
+        // Senders queue on the writer; the last one queued sends everything buffered, so requests
+        // made together leave in one write to the socket.
+        self.sending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let sent = {
             let mut w = lock(&self.w);
-            w.write_all(&h.encode())
-                .and_then(|()| w.write_all(data))
-                .and_then(|()| w.flush())
+            let res = w.write_all(&h.encode()).and_then(|()| w.write_all(data));
+            if self
+                .sending
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+                == 1
+            {
+                res.and_then(|()| w.flush())
+            } else {
+                res
+            }
         };
         if let Err(e) = sent {
             self.shared.kill(format!("sending a request failed: {e}"));
             return Err(ClientError::Io(e));
         }
-        match rx.recv_timeout(self.timeout) {
-            Ok(outcome) => outcome,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                self.shared
-                    .kill(format!("no reply within {:?}", self.timeout));
-                Err(ClientError::Io(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no NBD reply within {:?}", self.timeout),
-                )))
+        let deadline = std::time::Instant::now() + self.timeout;
+        loop {
+            // Nobody reads replies: we do, until ours has come (at queue depth 1 the caller
+            // reads its own reply, with no thread in between).
+            if let Ok(mut r) = self.reader.try_lock() {
+                let outcome = loop {
+                    match rx.try_recv() {
+                        Ok(Msg::Done(o)) => break Some(o),
+                        Ok(Msg::TakeOver) => continue,
+                        Err(_) => {}
+                    }
+                    if std::time::Instant::now() >= deadline {
+                        break None;
+                    }
+                    // The socket's read timeout bounds this wait too.
+                    if let Err(e) = read_reply(&mut *r, &self.shared) {
+                        if let ClientError::Io(io) = &e
+                            && matches!(
+                                io.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                            )
+                        {
+                            break None;
+                        }
+                        self.shared.kill(e.to_string());
+                        if let Ok(Msg::Done(o)) = rx.try_recv() {
+                            break Some(o);
+                        }
+                        break Some(Err(e));
+                    }
+                };
+                drop(r);
+                // Someone else still waits: it reads next.
+                if let Some(w) = lock(&self.shared.pending).waiters.values().next() {
+                    let _ = w.tx.send(Msg::TakeOver);
+                }
+                match outcome {
+                    Some(o) => return o,
+                    None => return Err(self.timed_out()),
+                }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                Err(ClientError::Protocol("connection lost".into()))
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(Msg::Done(o)) => return o,
+                Ok(Msg::TakeOver) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => return Err(self.timed_out()),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(ClientError::Protocol("connection lost".into()));
+                }
             }
         }
+    }
+
+    fn timed_out(&self) -> ClientError {
+        self.shared
+            .kill(format!("no reply within {:?}", self.timeout));
+        ClientError::Io(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no NBD reply within {:?}", self.timeout),
+        ))
     }
 
     /// Read `buf.len()` bytes at `offset`.
@@ -737,9 +792,6 @@ impl Drop for SharedClient {
         let _ = w.write_all(&h.encode()).and_then(|()| w.flush());
         drop(w);
         self.shared.kill("closed".into());
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
     }
 }
 
@@ -764,7 +816,7 @@ fn read_reply(r: &mut impl Read, sh: &SharedState) -> Result<(), ClientError> {
                 r.read_exact(&mut data)?;
                 Ok(data)
             };
-            let _ = w.tx.try_send(outcome);
+            let _ = w.tx.send(Msg::Done(outcome));
             Ok(())
         }
         STRUCTURED_REPLY_MAGIC => {
@@ -789,7 +841,7 @@ fn read_reply(r: &mut impl Read, sh: &SharedState) -> Result<(), ClientError> {
                     Some(e) => Err(ClientError::Remote(e)),
                     None => Ok(std::mem::take(&mut w.data)),
                 };
-                let _ = w.tx.try_send(outcome);
+                let _ = w.tx.send(Msg::Done(outcome));
             } else {
                 lock(&sh.pending).waiters.insert(cookie, w);
             }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::proto::*;
@@ -466,6 +467,8 @@ struct Conn<'a, R, W> {
     base_allocation: bool,
     state: Mutex<ConnState>,
     freed: Condvar,
+    /// Threads about to write a reply (the last one flushes the writer).
+    replying: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -624,8 +627,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
         let res = match req.command {
             Command::Read => {
                 let res = backend.read_at(&mut buf[..len], req.offset);
-                let mut w = lock(&self.w);
-                match res {
+                return self.send_reply(|w| match res {
                     Ok(()) if structured => {
                         w.write_all(&chunk_header(
                             REPLY_FLAG_DONE,
@@ -634,15 +636,14 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                             8 + req.length,
                         ))?;
                         w.write_all(&req.offset.to_be_bytes())?;
-                        w.write_all(&buf[..len])?;
+                        w.write_all(&buf[..len])
                     }
                     Ok(()) => {
                         w.write_all(&simple_reply(req.cookie, 0))?;
-                        w.write_all(&buf[..len])?;
+                        w.write_all(&buf[..len])
                     }
-                    Err(e) => send_error(&mut *w, structured, req, e)?,
-                }
-                return w.flush();
+                    Err(e) => send_error(w, structured, req, e),
+                });
             }
             Command::Write => backend.write_at(&buf[..len], req.offset, fua),
             Command::Flush => backend.flush(),
@@ -663,8 +664,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                     encode_block_status(META_BASE_ALLOCATION_ID, &ex, req.length, req_one)
                         .ok_or(Errno::Io)
                 });
-                let mut w = lock(&self.w);
-                match res {
+                return self.send_reply(|w| match res {
                     Ok(payload) => {
                         w.write_all(&chunk_header(
                             REPLY_FLAG_DONE,
@@ -672,17 +672,28 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                             req.cookie,
                             payload.len() as u32,
                         ))?;
-                        w.write_all(&payload)?;
+                        w.write_all(&payload)
                     }
-                    Err(e) => send_error(&mut *w, structured, req, e)?,
-                }
-                return w.flush();
+                    Err(e) => send_error(w, structured, req, e),
+                });
             }
             Command::Disc | Command::Unknown(_) | Command::BlockStatus => Err(Errno::Inval),
         };
+        self.send_reply(|w| reply_status(w, structured, req, res))
+    }
+
+    /// Write one reply. Threads queue on the writer; the last one queued sends everything
+    /// buffered, so replies that complete together leave in one write to the socket.
+    fn send_reply(&self, f: impl FnOnce(&mut W) -> io::Result<()>) -> io::Result<()> {
+        self.replying.fetch_add(1, Ordering::SeqCst);
         let mut w = lock(&self.w);
-        reply_status(&mut *w, structured, req, res)?;
-        w.flush()
+        let res = f(&mut w);
+        // Every thread counted here takes the writer after us, and the last one flushes.
+        if self.replying.fetch_sub(1, Ordering::SeqCst) == 1 {
+            res.and_then(|()| w.flush())
+        } else {
+            res
+        }
     }
 }
 
@@ -710,6 +721,7 @@ fn transmission<R: Read + Send, W: Write + Send>(
             ..ConnState::default()
         }),
         freed: Condvar::new(),
+        replying: AtomicUsize::new(0),
     };
     std::thread::scope(|scope| conn.worker(scope));
     let Conn { w, state, .. } = conn;
