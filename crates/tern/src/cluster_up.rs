@@ -230,6 +230,10 @@ impl std::fmt::Debug for Lab {
     }
 }
 
+fn url_etcd(lab: &Lab) -> String {
+    lab.state.etcd_internal.clone()
+}
+
 fn host_name(i: usize) -> String {
     format!("h{i}")
 }
@@ -330,7 +334,7 @@ impl Lab {
         lab.state.etcd_pid = lab.spawn("etcd", etcd)?;
         let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
         lab.wait_port("etcd", &control_ns, etcd_addr, Duration::from_secs(20))?;
-        let port = relay(&control_ns, etcd_addr, lab.relays_stop.clone())?;
+        let port = relay(&control_ns, None, 0, etcd_addr, lab.relays_stop.clone())?;
         lab.state.etcd = format!("http://127.0.0.1:{port}");
 
         // The shared LUN.
@@ -417,20 +421,36 @@ impl Lab {
             lab.state.hosts[i].agent_pid = lab.spawn(&format!("agent-{}", h.name), agent)?;
         }
 
-        // The controllers.
+        // The controllers. Each advertises a loopback URL that works in every namespace: this
+        // process relays it from the root namespace (for the operator) and from each host's
+        // namespace (for its agent, whose connection then leaves through the host's own link, so
+        // a host cut off from the switch cannot reach the controllers).
         for c in 0..spec.controllers {
             let port = CONTROLLER_PORT + u16::try_from(c).context("controller count")?;
             let addr = SocketAddr::from((control_addr, port));
+            let relay_port = relay(&control_ns, None, 0, addr, lab.relays_stop.clone())?;
+            for h in &lab.state.hosts {
+                relay(
+                    &h.namespace,
+                    Some(&h.namespace),
+                    relay_port,
+                    addr,
+                    lab.relays_stop.clone(),
+                )
+                .with_context(|| {
+                    format!("cannot relay 127.0.0.1:{relay_port} in {}", h.namespace)
+                })?;
+            }
+            let url = format!("http://127.0.0.1:{relay_port}");
             let mut ctl = Command::new("ip");
             ctl.args(["netns", "exec", &control_ns])
                 .arg(&spec.tern)
-                .args(["controller", "--etcd", &url])
-                .args(["--listen", &addr.to_string()]);
+                .args(["controller", "--etcd", &url_etcd(&lab)])
+                .args(["--listen", &addr.to_string()])
+                .args(["--advertise-url", &url]);
             let pid = lab.spawn(&format!("controller-{}", c + 1), ctl)?;
-            let relay_port = relay(&control_ns, addr, lab.relays_stop.clone())?;
-            let url = format!("http://127.0.0.1:{relay_port}");
             progress(&format!(
-                "controller {}: {url} (inside the cluster http://{addr})",
+                "controller {}: {url} (listening on http://{addr} in {control_ns})",
                 c + 1
             ));
             lab.state.controllers.push(LabController {
@@ -766,10 +786,23 @@ fn kill_namespace(ns: &str, except: &[u32]) {
     }
 }
 
-/// Listens on a loopback port of the root namespace and relays every connection to `target`,
-/// connecting from inside namespace `ns`. Returns the port.
-fn relay(ns: &str, target: SocketAddr, stop: Arc<AtomicBool>) -> anyhow::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind a loopback port")?;
+/// Listens on loopback port `port` (0: any) of namespace `listen_ns` (`None`: the root
+/// namespace) and relays every connection to `target`, connecting from inside namespace `ns`.
+/// Returns the port.
+fn relay(
+    ns: &str,
+    listen_ns: Option<&str>,
+    port: u16,
+    target: SocketAddr,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u16> {
+    let listener = match listen_ns {
+        None => TcpListener::bind(("127.0.0.1", port)),
+        Some(lns) => {
+            tern_netlab::ns::in_namespace(lns, move || TcpListener::bind(("127.0.0.1", port)))?
+        }
+    }
+    .context("cannot bind a loopback port")?;
     listener.set_nonblocking(true)?;
     let port = listener.local_addr()?.port();
     let ns = ns.to_string();
@@ -1113,7 +1146,7 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// `tern cluster up|down` until the `cluster` subcommand carries them.
+/// `tern cluster up|down` (flattened into `tern cluster`).
 #[derive(Debug, clap::Subcommand)]
 pub enum LabCommand {
     /// Start a test cluster.

@@ -26,7 +26,11 @@ use tern_vmm::api::{self, Request};
 
 /// Options of `tern demo`.
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DemoArgs {
+    /// Another demo instead of the live migration.
+    #[command(subcommand)]
+    pub scenario: Option<Scenario>,
     /// vCPUs of the demo VM.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
@@ -46,6 +50,25 @@ pub struct DemoArgs {
     /// The target's announce schedule after the move (ms offsets, or `off`).
     #[arg(long, default_value = "0,50,200,450,800")]
     pub announce: String,
+}
+
+/// The other demos.
+#[derive(Debug, clap::Subcommand)]
+pub enum Scenario {
+    /// High availability: a 3-host test cluster with 6 VMs on volume disks; one host is killed
+    /// (its agent and VMMs, SIGKILL) and its VMs come back on the others; then the leading
+    /// controller is killed and another takes over. Needs root, KVM and etcd.
+    Ha(HaArgs),
+}
+
+/// Options of `tern demo ha`.
+#[derive(Debug, clap::Args)]
+pub struct HaArgs {
+    /// Print only the figures, as JSON, on stdout (the narrative goes to stderr): `vms`,
+    /// `host_killed`, `vms_restarted`, `restart_s`, `two_copies_seen`, `leases_fenced`,
+    /// `controller_failover_s`.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The guest NIC's MAC in the demo.
@@ -110,6 +133,9 @@ fn command(ns: Option<&str>, exe: &Path) -> Command {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    if let Some(Scenario::Ha(ha)) = args.scenario {
+        return ha::run(ha);
+    }
     let say = Say { json: args.json };
     anyhow::ensure!(
         args.memory_mib >= 80,
@@ -356,4 +382,325 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tern demo ha`: the cluster's high availability, shown on a `tern cluster up` lab run in this
+/// process. Everything is observed the way an operator would: the controllers' REST API for
+/// placement and restarts, the agents' own status endpoints for what actually runs where.
+mod ha {
+    use std::collections::BTreeMap;
+    use std::process::{Command, ExitCode};
+    use std::time::{Duration, Instant};
+
+    use anyhow::{Context, bail, ensure};
+    use serde::Deserialize;
+    use tern_api::cluster::{EventInfo, VmInfo, VmState};
+
+    use super::{HaArgs, Say};
+    use crate::cluster_up::{Lab, LabSpec, http, http_in};
+
+    const VMS: usize = 6;
+
+    /// What the demo measured.
+    #[derive(Debug, serde::Serialize)]
+    struct Figures {
+        vms: usize,
+        host_killed: String,
+        vms_restarted: usize,
+        restart_s: f64,
+        two_copies_seen: bool,
+        leases_fenced: u64,
+        stale_writes_refused: usize,
+        controller_failover_s: f64,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct AgentStatus {
+        vms: Vec<AgentVm>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    struct AgentVm {
+        name: String,
+        state: tern_api::agent::ObservedState,
+    }
+
+    struct Api<'a> {
+        lab: &'a Lab,
+    }
+
+    impl Api<'_> {
+        /// A request to whichever controller leads.
+        fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+            let mut last = String::from("no controller answered");
+            for c in &self.lab.state().controllers {
+                match http(&c.url, method, path, body) {
+                    Ok((s, b)) if (200..300).contains(&s) => return Ok(b),
+                    Ok((503, b)) => last = format!("{}: 503 {b}", c.url),
+                    Ok((s, b)) => bail!("{method} {path}: {s} {b}"),
+                    Err(e) => last = format!("{e:#}"),
+                }
+            }
+            bail!("{method} {path}: {last}")
+        }
+
+        fn vms(&self) -> Vec<VmInfo> {
+            self.call("GET", "/v1/vms", None)
+                .ok()
+                .and_then(|b| serde_json::from_str(&b).ok())
+                .unwrap_or_default()
+        }
+
+        fn events(&self, since: u64) -> Vec<EventInfo> {
+            self.call("GET", &format!("/v1/events?since={since}"), None)
+                .ok()
+                .and_then(|b| serde_json::from_str(&b).ok())
+                .unwrap_or_default()
+        }
+    }
+
+    /// For each VM, the hosts whose agent reports it running now.
+    fn running_copies(lab: &Lab) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for h in &lab.state().hosts {
+            let Ok((200, body)) =
+                http_in(&h.namespace, &h.agent_url, "GET", "/v1/agent/status", None)
+            else {
+                continue;
+            };
+            let Ok(st) = serde_json::from_str::<AgentStatus>(&body) else {
+                continue;
+            };
+            for v in st.vms {
+                if v.state == tern_api::agent::ObservedState::Running {
+                    out.entry(v.name).or_default().push(h.name.clone());
+                }
+            }
+        }
+        out
+    }
+
+    fn volume(lab: &Lab, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let h = &lab.state().hosts[0];
+        let tern = std::env::current_exe()?;
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.namespace])
+            .arg(tern)
+            .arg("volume")
+            .args(args)
+            .args(["--node", &h.volume_node, "--json"])
+            .output()
+            .context("cannot run tern volume")?;
+        ensure!(
+            out.status.success(),
+            "tern volume {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    pub fn run(args: HaArgs) -> anyhow::Result<ExitCode> {
+        let say = Say { json: args.json };
+        let spec = LabSpec {
+            name: format!("ha{}", std::process::id() % 100_000),
+            hosts: 3,
+            controllers: 2,
+            lun_size: "2G".into(),
+            tern: std::env::current_exe().context("cannot find the tern binary")?,
+        };
+        say.line(
+            "starting a test cluster: etcd, 3 hosts (volume node + agent each), 2 controllers",
+        );
+        let mut lab = Lab::start(&spec, &|s| say.line(&format!("  {s}")))?;
+        let api = Api { lab: &lab };
+
+        say.line(&format!(
+            "creating {VMS} VMs (test guest, 64 MiB, 1 vCPU) on volume disks"
+        ));
+        for i in 1..=VMS {
+            let disk = format!("ha-vm{i}.raw");
+            volume(&lab, &["create", &disk, "--size", "16M"])?;
+            let body = serde_json::json!({
+                "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 64,
+                "kernel": "builtin:testguest", "cmdline": "tern.hb_ms=500", "disk": disk,
+            });
+            api.call("POST", "/v1/vms", Some(&body.to_string()))?;
+        }
+        let start = Instant::now();
+        let vms = loop {
+            let vms = api.vms();
+            if vms.len() == VMS && vms.iter().all(|v| v.state == VmState::Running) {
+                break vms;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "the VMs did not all start within 120 s: {vms:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut by_host: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for v in &vms {
+            by_host
+                .entry(v.host.clone().unwrap_or_default())
+                .or_default()
+                .push(v.name.clone());
+        }
+        for (h, names) in &by_host {
+            say.line(&format!("  {h}: {}", names.join(" ")));
+        }
+        let (victim, lost) = by_host
+            .iter()
+            .max_by_key(|(_, v)| v.len())
+            .map(|(h, v)| (h.clone(), v.clone()))
+            .context("no VM placed")?;
+        let victim_idx = lab
+            .state()
+            .hosts
+            .iter()
+            .position(|h| h.name == victim)
+            .context("victim host")?;
+        let victim_node = lab.state().hosts[victim_idx].volume_node_id;
+        let mut old_epochs = Vec::new();
+        for n in &lost {
+            let disk = vms
+                .iter()
+                .find(|v| &v.name == n)
+                .and_then(|v| v.spec.disk.clone())
+                .context("disk")?;
+            let st = volume(&lab, &["stat", &disk])?;
+            let epoch = st["lease"]["epoch"].as_u64().context("lease epoch")?;
+            old_epochs.push((disk, epoch));
+        }
+        let since = api.events(0).last().map_or(0, |e| e.seq);
+
+        say.line(&format!(
+            "killing host {victim}: its agent and VMMs (SIGKILL); its VMs: {}",
+            lost.join(" ")
+        ));
+        drop(api);
+        lab.kill_host(victim_idx)?;
+        let killed = Instant::now();
+        let api = Api { lab: &lab };
+        let mut two_copies = false;
+        let mut seen_events = since;
+        let mut leases_fenced = 0;
+        let restart_s = loop {
+            for e in api.events(seen_events) {
+                seen_events = e.seq;
+                say.line(&format!(
+                    "  +{:5.1} s  {:<16} {}",
+                    killed.elapsed().as_secs_f64(),
+                    e.kind,
+                    e.message
+                ));
+                if e.kind == "leases_fenced" && e.host.as_deref() == Some(victim.as_str()) {
+                    // "N disk lease(s) of HOST fenced"
+                    leases_fenced = e
+                        .message
+                        .split_whitespace()
+                        .next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or(0);
+                }
+            }
+            let copies = running_copies(&lab);
+            if copies.values().any(|h| h.len() > 1) {
+                two_copies = true;
+            }
+            let vms = api.vms();
+            let back = lost.iter().all(|n| {
+                vms.iter().any(|v| {
+                    &v.name == n
+                        && v.state == VmState::Running
+                        && v.host.as_deref().is_some_and(|h| h != victim)
+                })
+            });
+            if back {
+                break killed.elapsed().as_secs_f64();
+            }
+            ensure!(
+                killed.elapsed() < Duration::from_secs(90),
+                "{victim}'s VMs were not running elsewhere 90 s after the kill: {vms:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        say.line(&format!(
+            "all {} VMs of {victim} run elsewhere {restart_s:.1} s after the kill",
+            lost.len()
+        ));
+        // The old write leases are fenced: a write under the dead host's old epoch is refused.
+        let status = volume(&lab, &["status"])?;
+        let coord = status["coordinator"]["node_id"]
+            .as_u64()
+            .context("coordinator")?;
+        let coord_host = lab
+            .state()
+            .hosts
+            .iter()
+            .find(|h| u64::from(h.volume_node_id) == coord)
+            .context("coordinator host")?
+            .clone();
+        let mut refused = 0;
+        for (disk, epoch) in &old_epochs {
+            let export = format!("{disk}@{victim_node}.{epoch}");
+            let addr = coord_host.volume_node.clone();
+            let r = tern_netlab::ns::in_namespace(&coord_host.namespace, move || {
+                let mut c = tern_nbd::Client::connect(addr.as_str(), &export)?;
+                c.write(0, &[0xEE; 512], true)
+            })?;
+            if matches!(r, Err(tern_nbd::ClientError::Remote(tern_nbd::Errno::Perm))) {
+                refused += 1;
+            }
+        }
+        say.line(&format!(
+            "{refused} of {} writes under {victim}'s old lease epochs refused by the volume coordinator",
+            old_epochs.len()
+        ));
+
+        let leader = lab.leader().context("no leader")?;
+        say.line(&format!(
+            "killing the leading controller ({}, SIGKILL)",
+            lab.state().controllers[leader].url
+        ));
+        lab.kill_controller(leader)?;
+        let killed = Instant::now();
+        let failover_s = loop {
+            if let Some(l) = lab.leader()
+                && l != leader
+            {
+                break killed.elapsed().as_secs_f64();
+            }
+            ensure!(
+                killed.elapsed() < Duration::from_secs(30),
+                "no controller took over within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        say.line(&format!(
+            "controller {} leads {failover_s:.1} s later",
+            lab.state().controllers[lab.leader().unwrap_or(0)].url
+        ));
+        let figures = Figures {
+            vms: VMS,
+            host_killed: victim,
+            vms_restarted: lost.len(),
+            restart_s,
+            two_copies_seen: two_copies,
+            leases_fenced,
+            stale_writes_refused: refused,
+            controller_failover_s: failover_s,
+        };
+        if args.json {
+            println!("{}", serde_json::to_string(&figures)?);
+        } else {
+            say.line(&format!(
+                "two copies of a VM ever seen by the agents: {}",
+                if figures.two_copies_seen { "YES" } else { "no" }
+            ));
+        }
+        say.line("taking the cluster down");
+        let left = lab.shutdown();
+        ensure!(left.is_empty(), "the cluster left: {}", left.join("; "));
+        Ok(ExitCode::SUCCESS)
+    }
 }
