@@ -1,7 +1,7 @@
 //! The host's registration in etcd: a lease, the host record bound to it, keep-alives every
 //! TTL/3, and what each keep-alive proves fed to the core; plus the leader's URL for reports.
 //!
-//! A keep-alive that gets no answer within TTL/3 is not a loss: the stream is opened again and
+//! A keep-alive that gets no answer within TTL/6 is not a loss: the stream is opened again and
 //! the same lease renewed, until etcd says the lease is gone (then [`Input::LeaseLost`] and a new
 //! registration). Meanwhile the core fences on its own clock.
 
@@ -17,6 +17,9 @@ use crate::core::Input;
 
 /// The prefix of the controllers' election keys (the lowest create revision leads).
 pub const LEADER_PREFIX: &str = "/tern/leader";
+
+/// The pause before a keep-alive that got no answer is sent again.
+const RETRY: Duration = Duration::from_millis(100);
 
 /// Keeps the host registered for as long as the agent runs.
 pub(crate) async fn keep_registered(
@@ -80,6 +83,10 @@ pub(crate) async fn keep_registered(
 }
 
 /// Renews lease `id` every `period` until etcd says it is gone.
+///
+/// An answer must come within `period / 2`; if none does, the keep-alive is sent again on a new
+/// stream right away, so that one lost answer still leaves a second try before the core's fence
+/// deadline (`TTL − margin` after the last answered send).
 async fn renew_until_lost(
     client: &mut Client,
     id: i64,
@@ -87,32 +94,42 @@ async fn renew_until_lost(
     clock: &Clock,
     events: &mpsc::Sender<Event>,
 ) {
+    let answer_within = period / 2;
+    let retry = || tokio::time::Instant::now() + RETRY;
     let mut next = tokio::time::Instant::now();
     'reopen: loop {
         tokio::time::sleep_until(next).await;
         next = tokio::time::Instant::now() + period;
         // Opening the stream sends a keep-alive and waits for its answer.
         let sent = clock.now_ms();
-        let (mut keeper, mut stream) = match timeout(period, client.lease_keep_alive(id)).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) if e.to_string().contains("lease not found") => return,
-            _ => continue 'reopen,
-        };
+        let (mut keeper, mut stream) =
+            match timeout(answer_within, client.lease_keep_alive(id)).await {
+                Ok(Ok(pair)) => pair,
+                Ok(Err(e)) if e.to_string().contains("lease not found") => return,
+                _ => {
+                    next = retry();
+                    continue 'reopen;
+                }
+            };
         renewed(events, sent, id).await;
         loop {
             tokio::time::sleep_until(next).await;
             next = tokio::time::Instant::now() + period;
             let sent = clock.now_ms();
             if keeper.keep_alive().await.is_err() {
+                next = retry();
                 continue 'reopen;
             }
-            match timeout(period, stream.message()).await {
+            match timeout(answer_within, stream.message()).await {
                 Ok(Ok(Some(r))) if r.ttl() > 0 => renewed(events, sent, id).await,
                 Ok(Ok(Some(_))) => return,
                 Ok(Err(e)) if e.to_string().contains("lease not found") => return,
-                // No answer in time, or the stream broke: open a new one (late answers on the
-                // old stream could not be matched to their send times).
-                _ => continue 'reopen,
+                // No answer in time, or the stream broke: send again on a new stream (late
+                // answers on the old one could not be matched to their send times).
+                _ => {
+                    next = retry();
+                    continue 'reopen;
+                }
             }
         }
     }
