@@ -16,7 +16,7 @@
 //! # Failure rule per command (the table the shell relies on)
 //! | command      | `Done`                              | `Failed` / lost reply           | `InDoubt`          |
 //! |--------------|-------------------------------------|---------------------------------|--------------------|
-//! | start        | VM `starting` (running once seen)   | VM back to `pending` (retried)  | —                  |
+//! | start        | VM `starting` (running once seen)   | `Failed`: back to `pending`; lost: wait for reports | — |
 //! | stop         | VM `stopped` / removed              | retried on the next tick        | —                  |
 //! | receive      | send `migrate_out` to the source    | task failed, VM stays           | —                  |
 //! | migrate_out  | VM on the target, task succeeded    | task failed, VM on the source   | query both sides   |
@@ -208,6 +208,9 @@ pub enum ApiError {
     /// This controller does not lead (503); the leader's URL is in etcd.
     #[error("this controller is not the leader")]
     NotLeader,
+    /// A new leader that has not heard from every host yet (503; retry in a second).
+    #[error("the leader is still gathering every host's report; retry in a moment")]
+    NotReady,
 }
 
 impl ApiError {
@@ -217,7 +220,7 @@ impl ApiError {
             ApiError::Invalid(_) => 400,
             ApiError::UnknownVm(_) | ApiError::UnknownHost(_) | ApiError::UnknownTask(_) => 404,
             ApiError::Exists(_) | ApiError::NoHostFits(_) | ApiError::Conflict { .. } => 409,
-            ApiError::NotLeader => 503,
+            ApiError::NotLeader | ApiError::NotReady => 503,
         }
     }
 
@@ -232,6 +235,7 @@ impl ApiError {
             ApiError::NoHostFits(_) => "no host fits",
             ApiError::Conflict { .. } => "conflict",
             ApiError::NotLeader => "not the leader",
+            ApiError::NotReady => "not ready",
         }
     }
 }
@@ -309,12 +313,22 @@ struct Task {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     Ping,
+    /// Asking a host whether a VM whose start got no answer is there.
+    CheckStart,
     Start,
     Stop,
-    Receive { task: u64 },
-    MigrateOut { task: u64 },
-    QuerySource { task: u64 },
-    QueryTarget { task: u64 },
+    Receive {
+        task: u64,
+    },
+    MigrateOut {
+        task: u64,
+    },
+    QuerySource {
+        task: u64,
+    },
+    QueryTarget {
+        task: u64,
+    },
     Resume,
 }
 
@@ -640,7 +654,16 @@ impl Controller {
             || (report.last_command_id == h.report_cmd_id && report.seq < h.report_seq);
         if report.generation_seen < generation || older {
             // Taken before the agent heard from this leader, or older than one already seen:
-            // telemetry only.
+            // telemetry only. An agent that has not heard this leader yet is told again (the
+            // first word may have been lost).
+            let name = report.host.clone();
+            let ping_pending = self
+                .pending
+                .values()
+                .any(|p| p.host == name && p.purpose == Purpose::Ping);
+            if report.generation_seen < generation && !ping_pending {
+                self.send(&name, "", CommandBody::Ping, Purpose::Ping, now);
+            }
             return;
         }
         h.observed = report
@@ -709,7 +732,35 @@ impl Controller {
                 .task
                 .and_then(|t| self.tasks.get(&t))
                 .is_some_and(|t| !matches!(t.phase, Phase::Queued | Phase::Done));
-            if busy || !vm.run {
+            if !vm.run {
+                // Being deleted: forgotten once its host no longer has it (or was fenced).
+                let host = vm.host.clone();
+                let gone = host.as_ref().is_none_or(|h| {
+                    self.hosts.get(h).is_none_or(|x| {
+                        x.state == HostState::Fenced
+                            || (x.state == HostState::Up
+                                && self.covers(h, &name)
+                                && matches!(
+                                    x.observed.get(&name),
+                                    None | Some(ObservedState::Exited | ObservedState::Absent)
+                                ))
+                    })
+                });
+                if gone {
+                    self.forget(&name, now);
+                } else if let Some(h) = host {
+                    let stopping = self
+                        .pending
+                        .values()
+                        .any(|p| p.host == h && p.vm == name && p.purpose == Purpose::Stop);
+                    if !stopping && self.hosts.get(&h).is_some_and(|x| x.state == HostState::Up) {
+                        let body = CommandBody::Stop { vm: name.clone() };
+                        self.send(&h, &name, body, Purpose::Stop, now);
+                    }
+                }
+                continue;
+            }
+            if busy {
                 continue;
             }
             let placed = vm.host.clone();
@@ -769,8 +820,11 @@ impl Controller {
                             let msg = format!("VM {name} was paused on {p}; resumed there");
                             self.event(now, "vm_resumed", Some(&name), Some(&p), msg);
                         }
-                        (Some(h), []) => {
+                        // Paused copies on other hosts than the placed one are stale (the VM
+                        // moved on from them): they never resume, and go when the VM is re-placed.
+                        (Some(h), stale) if !stale.contains(h) => {
                             let h = h.clone();
+                            let stale = stale.to_vec();
                             let state = self.vms[&name].state;
                             let gone = self.hosts.get(&h).is_some_and(|x| {
                                 x.state == HostState::Up && !x.observed.contains_key(&name)
@@ -808,6 +862,10 @@ impl Controller {
                                 self.store_vm(&name);
                                 let msg = format!("VM {name} vanished from {h}; placing it again");
                                 self.event(now, "vm_lost", Some(&name), Some(&h), msg);
+                                for p in stale {
+                                    let body = CommandBody::Stop { vm: name.clone() };
+                                    self.send(&p, &name, body, Purpose::Stop, now);
+                                }
                             }
                         }
                         _ => {}
@@ -882,7 +940,7 @@ impl Controller {
                 listen,
                 report,
                 vm_state,
-            } => self.done(p, listen, report, vm_state, now),
+            } => self.done(cmd, p, listen, report, vm_state, now),
             CommandReply::Failed { error } => self.failed(p, &error, now),
             CommandReply::InDoubt { error } => match p.purpose {
                 Purpose::MigrateOut { task } => self.resolve(task, &error, now),
@@ -896,6 +954,25 @@ impl Controller {
             match p.purpose {
                 // A lost reply to migrate_out: the migration may have committed.
                 Purpose::MigrateOut { task } => self.resolve(task, error, now),
+                // A lost reply to start (or to the question after it): the VM may run. It stays
+                // `starting` there, and the host is asked what it has.
+                Purpose::Start | Purpose::CheckStart => {
+                    if let Some(vm) = self.vms.get_mut(&p.vm) {
+                        vm.starting_cmd = None;
+                    }
+                    let placed_there = self
+                        .vms
+                        .get(&p.vm)
+                        .is_some_and(|v| v.host.as_deref() == Some(p.host.as_str()));
+                    let host_up = self
+                        .hosts
+                        .get(&p.host)
+                        .is_some_and(|h| h.state == HostState::Up);
+                    if placed_there && host_up {
+                        let body = CommandBody::Query { vm: p.vm.clone() };
+                        self.send(&p.host, &p.vm, body, Purpose::CheckStart, now);
+                    }
+                }
                 _ => self.failed(p, error, now),
             }
         }
@@ -903,6 +980,7 @@ impl Controller {
 
     fn done(
         &mut self,
+        p_cmd: u64,
         p: Pending,
         listen: Option<String>,
         report: Option<serde_json::Value>,
@@ -916,7 +994,40 @@ impl Controller {
                 }
             }
             Purpose::Ping | Purpose::Stop | Purpose::Resume => {}
+            Purpose::CheckStart => {
+                let absent = matches!(
+                    vm_state,
+                    None | Some(ObservedState::Absent | ObservedState::Exited)
+                );
+                if let Some(v) = self.vms.get_mut(&p.vm)
+                    && absent
+                    && v.host.as_deref() == Some(p.host.as_str())
+                    && v.state == VmState::Starting
+                {
+                    v.host = None;
+                    v.state = VmState::Pending;
+                    v.vanished_ms = Some(now);
+                    v.last_error = Some(format!("its start on {} never arrived", p.host));
+                    self.store_vm(&p.vm);
+                }
+            }
             Purpose::Receive { task } => {
+                let live = self
+                    .tasks
+                    .get(&task)
+                    .is_some_and(|t| matches!(t.phase, Phase::Receiving { cmd } if cmd == p_cmd));
+                if !live {
+                    // The move was called off meanwhile: the receiver goes.
+                    let vm = p.vm.clone();
+                    self.send(
+                        &p.host,
+                        &vm,
+                        CommandBody::Stop { vm: vm.clone() },
+                        Purpose::Stop,
+                        now,
+                    );
+                    return;
+                }
                 let Some(listen) = listen else {
                     self.task_failed(task, "the target gave no listen address", now);
                     return;
@@ -959,7 +1070,7 @@ impl Controller {
                     self.event(now, "start_failed", Some(&p.vm), Some(&p.host), msg);
                 }
             }
-            Purpose::Ping | Purpose::Stop | Purpose::Resume => {}
+            Purpose::Ping | Purpose::Stop | Purpose::Resume | Purpose::CheckStart => {}
             // A receiver may have started even though its answer was lost: task_failed stops it.
             Purpose::Receive { task } => {
                 self.task_failed(task, &format!("the target could not receive: {error}"), now)
@@ -1072,9 +1183,25 @@ impl Controller {
         self.generation.ok_or(ApiError::NotLeader)
     }
 
+    /// Whether this term's leader has heard every host's report, so its picture of where VMs run
+    /// is complete: it places and moves nothing before that.
+    pub fn ready(&self) -> bool {
+        self.generation.is_some() && self.heard_from_all_since(self.term_start_ms)
+    }
+
+    fn leading_and_ready(&self) -> Result<u64, ApiError> {
+        let g = self.leading()?;
+        if !self.ready() {
+            return Err(ApiError::NotReady);
+        }
+        Ok(g)
+    }
+
     /// `POST /v1/vms`: validates, places and starts a VM. Nothing is created on error.
     pub fn create_vm(&mut self, spec: VmCreate, now_ms: u64) -> Result<VmInfo, ApiError> {
         self.leading()?;
+        spec.validate()?;
+        self.leading_and_ready()?;
         spec.validate()?;
         if self.vms.contains_key(&spec.name) {
             return Err(ApiError::Exists(spec.name));
@@ -1124,22 +1251,37 @@ impl Controller {
             });
         }
         if let Some(host) = vm.host.clone() {
+            // It is forgotten once its host confirms it stopped; until then it still holds its
+            // place (room and rules) on that host, and a new leader finds it being deleted.
+            if let Some(v) = self.vms.get_mut(name) {
+                v.run = false;
+                v.state = VmState::Stopped;
+            }
+            self.store_vm(name);
             let body = CommandBody::Stop { vm: name.into() };
             self.send(&host, name, body, Purpose::Stop, now_ms);
+            let msg = format!("VM {name} is being deleted: stopping it on {host}");
+            self.event(now_ms, "vm_deleting", Some(name), Some(&host), msg);
+            return Ok(());
         }
+        self.forget(name, now_ms);
+        Ok(())
+    }
+
+    /// Drops a VM for good (deleted, and stopped or never placed).
+    fn forget(&mut self, name: &str, now: u64) {
         self.vms.remove(name);
         self.outbox.push(Action::StoreVm {
             name: name.into(),
             record: None,
         });
         self.event(
-            now_ms,
+            now,
             "vm_deleted",
             Some(name),
             None,
             format!("VM {name} deleted"),
         );
-        Ok(())
     }
 
     /// `POST /v1/vms/{name}/migrate`: queues a live migration (to `to`, or where placement says).
@@ -1149,7 +1291,7 @@ impl Controller {
         to: Option<&str>,
         now_ms: u64,
     ) -> Result<TaskRef, ApiError> {
-        self.leading()?;
+        self.leading_and_ready()?;
         let vm = self
             .vms
             .get(name)
@@ -1320,6 +1462,17 @@ impl Controller {
             .collect()
     }
 
+    /// What the controller holds about a host's reports, for a failing test's message.
+    pub fn debug_host(&self, name: &str) -> String {
+        match self.hosts.get(name) {
+            None => format!("{name}: unknown"),
+            Some(h) => format!(
+                "{name}: {:?} lease {} report_ms {:?} cmd {} seq {} observed {:?}",
+                h.state, h.record.lease, h.report_ms, h.report_cmd_id, h.report_seq, h.observed
+            ),
+        }
+    }
+
     /// The VMs and where the controller believes each runs (for invariant checks).
     pub fn placements(&self) -> BTreeMap<String, (Option<String>, VmState)> {
         self.vms
@@ -1336,6 +1489,10 @@ impl Controller {
         }
         self.expire_commands(now);
         self.fence_lost_hosts(now);
+        if !self.ready() {
+            // Until every host has reported in this term, nothing is placed or moved.
+            return;
+        }
         self.place_pending(now);
         self.drain_maintenance(now);
         self.start_queued_migrations(now);
@@ -1514,10 +1671,10 @@ impl Controller {
             {
                 continue;
             }
-            let target_up = self
-                .hosts
-                .get(&to)
-                .is_some_and(|h| h.state == HostState::Up);
+            // Both ends must be in service when the move begins.
+            let target_up = [&to, &from]
+                .iter()
+                .all(|h| self.hosts.get(*h).is_some_and(|h| h.state == HostState::Up));
             let still_there = self.vms.get(&vm).is_some_and(|v| {
                 v.host.as_deref() == Some(from.as_str()) && v.state == VmState::Running
             });
@@ -1661,7 +1818,9 @@ impl Controller {
             .hosts
             .get(&to)
             .is_some_and(|h| h.state == HostState::Up);
-        if let Some(v) = self.vms.get_mut(&vm) {
+        if let Some(v) = self.vms.get_mut(&vm)
+            && v.task == Some(task)
+        {
             v.task = None;
             if target_up {
                 v.host = Some(to.clone());
@@ -1775,6 +1934,11 @@ impl Controller {
             return;
         };
         if !matches!(t.phase, Phase::Resolving { .. }) {
+            return;
+        }
+        let owner = t.info.vm.clone().unwrap_or_default();
+        if self.vms.get(&owner).is_none_or(|v| v.task != Some(task)) {
+            self.task_failed(task, "the VM was settled otherwise", now);
             return;
         }
         let (vm, from, to) = (

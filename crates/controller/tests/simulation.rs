@@ -12,7 +12,7 @@
 //! and, once the faults stop, that every VM that should run runs on exactly one host, where the
 //! leader believes it is.
 //!
-//! `TERN_SIM_SEEDS=N` sets how many seeds run (default 1000); `TERN_SIM_SEED=S` replays one seed
+//! `TERN_SIM_SEEDS=N` sets how many seeds run (default 2000); `TERN_SIM_SEED=S` replays one seed
 //! and prints its trace.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +44,7 @@ enum Msg {
     KeepAlive {
         host: usize,
         sent_ms: u64,
+        lease: Option<u64>,
     },
     /// etcd → agent.
     Renewed {
@@ -103,7 +104,8 @@ struct Host {
     alive: bool,
     incarnation: u64,
     partitioned_until: u64,
-    has_lease: bool,
+    /// The lease the agent holds (None: it asks for a new one).
+    lease: Option<u64>,
     next_keepalive: u64,
     next_report: u64,
     real: BTreeMap<String, Real>,
@@ -191,7 +193,7 @@ impl World {
                 alive: true,
                 incarnation: 0,
                 partitioned_until: 0,
-                has_lease: false,
+                lease: None,
                 next_keepalive: 0,
                 next_report: 1_000,
                 real: BTreeMap::new(),
@@ -445,7 +447,12 @@ impl World {
                         command.id,
                         short(&command.body)
                     ));
-                    if self.verbose && matches!(command.body, CommandBody::Start { .. }) {
+                    if self.verbose
+                        && matches!(
+                            command.body,
+                            CommandBody::Start { .. } | CommandBody::Receive { .. }
+                        )
+                    {
                         let view = self.ctls[c].core.host(&host).map(|h| h.vms);
                         self.log(format!("   {host} holds {view:?}"));
                         let evs: Vec<String> = self.ctls[c]
@@ -658,7 +665,7 @@ impl World {
                 host.incarnation += 1;
                 // The shell kept the highest generation on disk.
                 host.agent = Agent::restore(self.acfg, self.seen_generation[h]);
-                host.has_lease = false;
+                host.lease = None;
                 host.next_keepalive = now;
                 host.cmd_from.clear();
             }
@@ -668,11 +675,13 @@ impl World {
             self.hosts[h].next_keepalive = now + self.acfg.lease_ttl_ms / 3;
             if self.host_reachable(h) {
                 let d = self.delay();
+                let lease = self.hosts[h].lease;
                 self.send(
                     d,
                     Msg::KeepAlive {
                         host: h,
                         sent_ms: now,
+                        lease,
                     },
                     false,
                 );
@@ -805,35 +814,51 @@ impl World {
 
     fn deliver(&mut self, msg: Msg) {
         match msg {
-            Msg::KeepAlive { host, sent_ms } => {
+            Msg::KeepAlive {
+                host,
+                sent_ms,
+                lease,
+            } => {
                 if !self.etcd_up() || !self.host_reachable(host) {
                     return;
                 }
                 let now = self.now;
                 let ttl = self.acfg.lease_ttl_ms;
-                let had = self.etcd.host_leases.contains_key(&host);
-                if self.hosts[host].has_lease && !had {
-                    let d = self.delay();
-                    self.send(d, Msg::LeaseGone { host }, false);
-                    return;
-                }
-                self.etcd.host_leases.insert(host, now + ttl);
-                if !had {
-                    self.etcd.next_lease += 1;
-                    let id = self.etcd.next_lease;
-                    self.etcd.lease_ids.insert(host, id);
-                    self.log(format!("etcd: h{host} registered"));
-                    let rec = self.record(host);
-                    self.watch_all(Input::HostUp(rec));
-                }
+                let current = self
+                    .etcd
+                    .host_leases
+                    .contains_key(&host)
+                    .then(|| self.etcd.lease_ids.get(&host).copied())
+                    .flatten();
+                let id = match lease {
+                    // A grant: a new lease, the record put with it (replacing any older one).
+                    None => {
+                        self.etcd.next_lease += 1;
+                        let id = self.etcd.next_lease;
+                        self.etcd.lease_ids.insert(host, id);
+                        self.etcd.host_leases.insert(host, now + ttl);
+                        self.log(format!("etcd: h{host} registered with lease {id}"));
+                        let rec = self.record(host);
+                        self.watch_all(Input::HostUp(rec));
+                        id
+                    }
+                    Some(id) if current == Some(id) => {
+                        self.etcd.host_leases.insert(host, now + ttl);
+                        id
+                    }
+                    Some(_) => {
+                        let d = self.delay();
+                        self.send(d, Msg::LeaseGone { host }, false);
+                        return;
+                    }
+                };
                 let d = self.delay();
-                let lease = self.etcd.lease_ids[&host];
                 self.send(
                     d,
                     Msg::Renewed {
                         host,
                         sent_ms,
-                        lease,
+                        lease: id,
                     },
                     false,
                 );
@@ -843,15 +868,15 @@ impl World {
                 sent_ms,
                 lease,
             } => {
-                if self.host_reachable(host) {
-                    self.hosts[host].has_lease = true;
+                if self.host_reachable(host) && self.hosts[host].lease.is_none_or(|l| l == lease) {
+                    self.hosts[host].lease = Some(lease);
                     self.agent_input(host, agent::Input::LeaseRenewed { sent_ms, lease });
                 }
             }
             Msg::LeaseGone { host } => {
                 if self.host_reachable(host) {
                     self.log(format!("h{host}: lease gone"));
-                    self.hosts[host].has_lease = false;
+                    self.hosts[host].lease = None;
                     self.agent_input(host, agent::Input::LeaseLost);
                     self.hosts[host].next_keepalive = self.now;
                 }
@@ -1107,7 +1132,14 @@ impl World {
             if *state == VmState::Pending && copies.is_empty() {
                 let info = self.ctls[c].core.vm(vm).map_err(|e| e.to_string())?;
                 let why = info.last_error.unwrap_or_default();
-                if why.contains("slots") || why.contains("MiB") || why.contains("anti-affinity") {
+                // A placement refusal (no host fits under the rules, or every host is down or in
+                // maintenance) is a legitimate wait; a loss that was never followed by a placement
+                // attempt is not.
+                let placement_refusal = why.contains("slots")
+                    || why.contains("MiB")
+                    || why.contains("anti-affinity")
+                    || why.contains("is down or in maintenance");
+                if placement_refusal {
                     continue;
                 }
                 // Pinned to a host in maintenance: it waits for the host.
@@ -1127,8 +1159,12 @@ impl World {
                 ));
             }
             if copies.len() != 1 {
+                let debug: Vec<String> = (0..HOSTS)
+                    .map(|h| self.ctls[c].core.debug_host(&host_name(h)))
+                    .collect();
                 return Err(format!(
-                    "{vm} runs on {copies:?} after the quiet phase (leader: {host:?} {state:?})"
+                    "{vm} runs on {copies:?} after the quiet phase (leader: {host:?} {state:?})\n{}",
+                    debug.join("\n")
                 ));
             }
             if host.as_deref() != Some(host_name(copies[0]).as_str()) || *state != VmState::Running
@@ -1216,7 +1252,7 @@ fn the_invariants_hold_on_every_step_of_every_seed() {
     let seeds: u64 = std::env::var("TERN_SIM_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(2000);
     let mut created = 0;
     let mut elections = 0;
     let mut fences = 0;
