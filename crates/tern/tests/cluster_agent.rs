@@ -222,6 +222,18 @@ fn the_agent_registers_runs_vms_refuses_stale_commands_and_fences_itself() {
     assert_eq!(r["reply"]["result"], "done", "{r}");
     let pid = wait_running(&listen, dir.path(), "v1");
 
+    // A body that is not a command: 400 with a clear error, nothing done.
+    let (code, text) = http(
+        "POST",
+        &listen,
+        "/v1/agent/commands",
+        Some(&json!({"generation": 10, "id": 9, "body": {"op": "launch"}})),
+    );
+    assert_eq!(code, 400, "{text}");
+    let err: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(err["error"], "bad command", "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("launch"), "{err}");
+
     // A lower generation is refused, and changes nothing.
     let r = command(&listen, 9, 1, lease, vm("v2"));
     assert_eq!(

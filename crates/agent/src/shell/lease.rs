@@ -32,6 +32,14 @@ pub(crate) async fn keep_registered(
 ) {
     let period = Duration::from_millis((ttl_ms / 3).max(100));
     let ttl_s = ttl_ms.div_ceil(1000).max(1) as i64;
+    // Logged when it changes, not on every try.
+    let mut trouble = String::new();
+    let mut log = |now: String| {
+        if now != trouble {
+            eprintln!("tern agent: {now}");
+            trouble = now;
+        }
+    };
     loop {
         // Register: a new lease and the record bound to it.
         let sent = clock.now_ms();
@@ -39,12 +47,14 @@ pub(crate) async fn keep_registered(
         let id = match granted {
             Ok(Ok(r)) => r.id(),
             Ok(Err(e)) => {
-                eprintln!("tern agent: cannot get an etcd lease: {e}");
+                log(format!("cannot get an etcd lease (retrying): {e}"));
                 tokio::time::sleep(period).await;
                 continue;
             }
             Err(_) => {
-                eprintln!("tern agent: etcd did not grant a lease within {period:?}");
+                log(format!(
+                    "etcd did not grant a lease within {period:?} (retrying)"
+                ));
                 continue;
             }
         };
@@ -58,9 +68,9 @@ pub(crate) async fn keep_registered(
         )
         .await;
         if !matches!(put, Ok(Ok(_))) {
-            eprintln!(
-                "tern agent: cannot write the host record under lease {id:x}; registering again"
-            );
+            log(format!(
+                "cannot write the host record under lease {id:x}; registering again"
+            ));
             let _ = timeout(period, client.lease_revoke(id)).await;
             continue;
         }
@@ -71,14 +81,14 @@ pub(crate) async fn keep_registered(
                 lease: id as u64,
             }))
             .await;
-        eprintln!(
-            "tern agent: registered {} under lease {id:x} (TTL {ttl_s} s)",
+        log(format!(
+            "registered {} under lease {id:x} (TTL {ttl_s} s)",
             rec.name
-        );
+        ));
         renew_until_lost(&mut client, id, period, &clock, &events).await;
         lease_id.store(0, std::sync::atomic::Ordering::Relaxed);
         let _ = events.send(Event::Input(Input::LeaseLost)).await;
-        eprintln!("tern agent: lease {id:x} is gone; registering again");
+        log(format!("lease {id:x} is gone; registering again"));
     }
 }
 
