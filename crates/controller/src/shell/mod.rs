@@ -384,6 +384,21 @@ impl Shell {
         self.shared.feed(Input::HostUp(record)).await;
     }
 
+    /// In memory: a host's record vanishes (its agent's lease expired).
+    pub async fn host_expired(&self, name: &str) {
+        self.shared.store.put_host(None, name);
+        let host = name.to_string();
+        self.shared.feed(Input::HostExpired { host }).await;
+    }
+
+    /// Sets the election lease's deadline (ms on [`Shared::now_ms`]'s clock), as keep-alives do:
+    /// no command goes out at or after it.
+    pub fn set_lease_deadline(&self, deadline_ms: u64) {
+        self.shared
+            .lease_deadline_ms
+            .store(deadline_ms, Ordering::SeqCst);
+    }
+
     /// Waits until this controller leads (or `timeout` passes); returns its generation.
     pub async fn wait_leading(&self, timeout: Duration) -> Option<u64> {
         let start = Instant::now();
