@@ -4,7 +4,9 @@
 //! coordinator is killed, with default timings.
 //!
 //! Every path is driven by the same synchronous NBD client at queue depth 1, so the figures differ
-//! only by what sits behind the socket.
+//! only by what sits behind the socket; then by `qemu-img bench` (QEMU's own NBD client, 4 KiB
+//! sequential reads and writes) at several queue depths, which shows whether a path keeps
+//! requests in flight (the redirected path's two hops above all).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
@@ -30,6 +32,12 @@ pub struct Args {
     /// Skip the coordinator take-over measurement.
     #[arg(long)]
     no_takeover: bool,
+    /// 4 KiB operations per `qemu-img bench` run (queue-depth table; 0 skips it).
+    #[arg(long, default_value_t = 20000)]
+    qd_ops: u64,
+    /// Queue depths `qemu-img bench` keeps in flight.
+    #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16, 32])]
+    depths: Vec<u32>,
 }
 
 struct Proc(Child);
@@ -158,6 +166,39 @@ fn run_timed(
     Ok((lat, start.elapsed().as_secs_f64()))
 }
 
+/// One `qemu-img bench` run: IOPS and seconds for `count` 4 KiB operations from `offset`.
+fn qemu_img_bench(
+    url: &str,
+    offset: u64,
+    count: u64,
+    depth: u32,
+    write: bool,
+) -> anyhow::Result<(u64, f64)> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["bench", "-f", "raw", "-s", "4096"])
+        .args(["-c", &count.to_string(), "-d", &depth.to_string()])
+        .args(["-o", &offset.to_string()]);
+    if write {
+        cmd.arg("-w");
+    }
+    let out = cmd.arg(url).output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "qemu-img bench on {url} failed: {}{}",
+        text,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "Run completed in 1.234 seconds."
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Run completed in "))
+        .and_then(|l| l.split_whitespace().next())
+        .context("qemu-img bench printed no run time")?
+        .parse()?;
+    Ok((count, secs))
+}
+
 fn need(tool: &str) -> anyhow::Result<()> {
     let ok = Command::new("sh")
         .arg("-c")
@@ -208,11 +249,57 @@ fn call(addr: &str, req: Request) -> anyhow::Result<serde_json::Value> {
     Ok(control::call(addr, &req, false, Duration::from_secs(30))?)
 }
 
+/// `qemu-img bench` on every path at every depth, reads then writes, in interleaved rounds.
+fn queue_depths(args: &Args, targets: &[(&str, String, u64)], size: u64) -> anyhow::Result<()> {
+    const ROUNDS: u64 = 3;
+    let count = (args.qd_ops / ROUNDS).clamp(1, size / BS as u64);
+    // [target][depth][read/write] = (ops, seconds)
+    let mut cells = vec![vec![[(0u64, 0f64); 2]; args.depths.len()]; targets.len()];
+    for (_, url, off) in targets {
+        qemu_img_bench(url, *off, count.min(2000), 4, false)?; // warm-up
+    }
+    for _ in 0..ROUNDS {
+        for (k, &depth) in args.depths.iter().enumerate() {
+            for (w, write) in [false, true].into_iter().enumerate() {
+                for (i, (_, url, off)) in targets.iter().enumerate() {
+                    let (n, secs) = qemu_img_bench(url, *off, count, depth, write)?;
+                    cells[i][k][w].0 += n;
+                    cells[i][k][w].1 += secs;
+                }
+            }
+        }
+    }
+    let iops = |i: usize, k: usize, w: usize| cells[i][k][w].0 as f64 / cells[i][k][w].1;
+    let peer = targets.len() - 1;
+    println!(
+        "\nqemu-img bench (QEMU's NBD client), 4 KiB sequential, {} ops per cell over {ROUNDS} interleaved rounds\n",
+        count * ROUNDS
+    );
+    println!("| path | depth | read IOPS | vs qemu-nbd | write IOPS | vs qemu-nbd |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, (name, _, _)) in targets.iter().enumerate() {
+        for (k, depth) in args.depths.iter().enumerate() {
+            println!(
+                "| {name} | {depth} | {:.0} | {:.2}× | {:.0} | {:.2}× |",
+                iops(i, k, 0),
+                iops(i, k, 0) / iops(peer, k, 0),
+                iops(i, k, 1),
+                iops(i, k, 1) / iops(peer, k, 1),
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
-    for t in ["etcd", "qemu-nbd"] {
+    for t in ["etcd", "qemu-nbd", "qemu-img"] {
         need(t)?;
     }
-    let tern = build_release_tern()?;
+    // TERN_BENCH_BIN measures a given build instead of building the tree's.
+    let tern = match std::env::var_os("TERN_BENCH_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => build_release_tern()?,
+    };
     let dir = std::env::temp_dir().join(format!("tern-bench-volume-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = bench(&args, &tern, &dir);
@@ -401,6 +488,21 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
                 f.iops / rows[3][j].iops
             );
         }
+    }
+
+    // qemu-nbd serves one client at a time (its default `--shared=1`): close ours first.
+    drop(clients);
+    if args.qd_ops > 0 {
+        queue_depths(
+            args,
+            &[
+                (paths[0], format!("nbd://{a1}/bench"), 0),
+                (paths[1], format!("nbd://{a2}/bench-r"), 0),
+                (paths[2], format!("nbd://{raw_addr}/raw"), base),
+                (paths[3], format!("nbd://{qaddr}/q"), base),
+            ],
+            size,
+        )?;
     }
 
     if !args.no_takeover {
