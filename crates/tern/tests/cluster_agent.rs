@@ -250,9 +250,25 @@ fn the_agent_registers_runs_vms_refuses_stale_commands_and_fences_itself() {
         "tern_agent_vms{state=\"running\"} 1",
         "tern_agent_generation_seen 10",
         "tern_agent_self_fences_total 0",
+        "tern_agent_vm_restarts_total 0",
     ] {
         assert!(metrics.lines().any(|l| l == line), "{line} in\n{metrics}");
     }
+
+    // A VMM that dies unasked is started again by the restart policy.
+    signal(pid as i32, "KILL");
+    wait_for("the VM restarted", Duration::from_secs(15), || {
+        vm_of(&status(&listen), "v1")
+            .is_some_and(|v| v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p != pid))
+    });
+    let pid = wait_running(&listen, dir.path(), "v1");
+    let (_, metrics) = http("GET", &listen, "/metrics", None);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tern_agent_vm_restarts_total 1"),
+        "{metrics}"
+    );
 
     // etcd stops answering: the VMM is killed before the lease could expire. The last keep-alive
     // etcd saw was sent at most KEEPALIVE_MS before the stop, so the lease lives at least until
