@@ -177,7 +177,8 @@ async fn list_hosts(State(s): S) -> Reply {
 async fn get_host(State(s): S, Path(host): Path<String>) -> Reply {
     name("host", &host)?;
     leading(&s)?;
-    let h = s.core().host(&host).map_err(|e| api_error(&s, e))?;
+    let found = s.core().host(&host); // the lock ends here: api_error may take it
+    let h = found.map_err(|e| api_error(&s, e))?;
     Ok(json(StatusCode::OK, &h))
 }
 
@@ -200,7 +201,8 @@ async fn set_maintenance(State(s): S, Path(host): Path<String>, bytes: Bytes) ->
     match task {
         Some(t) => Ok(json(StatusCode::ACCEPTED, &t)),
         None => {
-            let h = s.core().host(&host).map_err(|e| api_error(&s, e))?;
+            let found = s.core().host(&host); // the lock ends here: api_error may take it
+            let h = found.map_err(|e| api_error(&s, e))?;
             Ok(json(StatusCode::OK, &h))
         }
     }
@@ -239,7 +241,8 @@ async fn create_vm(State(s): S, bytes: Bytes) -> Reply {
 async fn get_vm(State(s): S, Path(vm): Path<String>) -> Reply {
     name("VM", &vm)?;
     leading(&s)?;
-    let v = s.core().vm(&vm).map_err(|e| api_error(&s, e))?;
+    let found = s.core().vm(&vm);
+    let v = found.map_err(|e| api_error(&s, e))?;
     Ok(json(StatusCode::OK, &v))
 }
 
@@ -300,7 +303,8 @@ async fn get_task(State(s): S, Path(id): Path<String>) -> Reply {
         )
     })?;
     leading(&s)?;
-    let t = s.core().task(id).map_err(|e| api_error(&s, e))?;
+    let found = s.core().task(id);
+    let t = found.map_err(|e| api_error(&s, e))?;
     Ok(json(StatusCode::OK, &t))
 }
 
