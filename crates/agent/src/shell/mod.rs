@@ -157,6 +157,13 @@ impl Options {
                 self.report_interval_ms
             ));
         }
+        if self.listen.ip().is_unspecified() {
+            return bad(format!(
+                "--listen {}: give this host's own address, not a wildcard (controllers reach the \
+                 agent there, and migration receivers listen on it)",
+                self.listen
+            ));
+        }
         if self.etcd.is_empty() {
             return bad("--etcd needs at least one URL".into());
         }
@@ -994,6 +1001,13 @@ mod tests {
                     ..options()
                 },
                 "100 to 3600000",
+            ),
+            (
+                Options {
+                    listen: "0.0.0.0:7100".parse().unwrap(),
+                    ..options()
+                },
+                "--listen 0.0.0.0:7100",
             ),
         ];
         for (o, want) in cases {
