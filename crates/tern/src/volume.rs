@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use tern_volume::control::{LeaseAction, Request};
+use tern_volume::control::{
+    FileInfo, FileList, LeaseAction, LeaseGrant, ReplyError, Request, Response,
+};
 use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
 use tern_volume::lun::FileLun;
 use tern_volume::store::{self, FormatOptions};
@@ -226,53 +228,55 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
             },
             print_file,
         ),
-        VolumeCommand::Rm { name, node } => client(&node, Request::Remove { name }, |v| {
-            println!("removed {}", v["name"].as_str().unwrap_or("?"));
+        VolumeCommand::Rm { name, node } => client(&node, Request::Remove { name }, |r| {
+            println!("removed {}", r.into_removed()?.name);
+            Ok(())
         }),
         VolumeCommand::Resize { name, size, node } => {
             client(&node, Request::Resize { name, size }, print_file)
         }
-        VolumeCommand::Ls { node } => client(&node, Request::List, |v| print!("{}", ls_table(v))),
+        VolumeCommand::Ls { node } => client(&node, Request::List, |r| {
+            print!("{}", ls_table(&r.into_files()?));
+            Ok(())
+        }),
         VolumeCommand::Stat { name, node } => {
             client(&node, Request::Stat { name, map: false }, print_file)
         }
-        VolumeCommand::Status { node } => client(&node, Request::Status, |v| {
-            match v["coordinator"].as_object() {
+        VolumeCommand::Status { node } => client(&node, Request::Status, |r| {
+            let v = r.into_status()?;
+            match &v.coordinator {
                 Some(c) => println!(
                     "coordinator: node {} at {} (generation {})",
-                    c["node_id"],
-                    c["addr"].as_str().unwrap_or("?"),
-                    c["generation"]
+                    c.node_id, c.addr, c.generation
                 ),
                 None => println!("coordinator: none elected"),
             }
+            let role = match v.role {
+                tern_volume::control::Role::Coordinator => "coordinator",
+                tern_volume::control::Role::Node => "node",
+            };
             println!(
-                "this node: {} ({}), path {}",
-                v["node_id"],
-                v["role"].as_str().unwrap_or("?"),
-                v["path"].as_str().unwrap_or("?")
+                "this node: {} ({role}), path {}",
+                v.node_id,
+                v.path.as_str()
             );
             println!(
                 "LUN: {}{}{}",
-                v["lun"].as_str().unwrap_or("?"),
-                if v["no_direct"].as_bool() == Some(true) {
+                v.lun.display(),
+                if v.no_direct {
                     " (--no-direct: not opened)"
                 } else {
                     ""
                 },
-                v["fault_file"]
-                    .as_str()
-                    .map(|f| format!(", fault file {f}"))
+                v.fault_file
+                    .as_ref()
+                    .map(|f| format!(", fault file {}", f.display()))
                     .unwrap_or_default()
             );
-            for n in v["nodes"].as_array().into_iter().flatten() {
-                println!(
-                    "  node {} at {}: {}",
-                    n["node_id"],
-                    n["addr"].as_str().unwrap_or("?"),
-                    n["path"].as_str().unwrap_or("?")
-                );
+            for n in &v.nodes {
+                println!("  node {} at {}: {}", n.node_id, n.addr, n.path.as_str());
             }
+            Ok(())
         }),
         VolumeCommand::Lease(LeaseCommand::Acquire { name, node }) => client(
             &node,
@@ -322,8 +326,8 @@ pub fn human_size(bytes: u64) -> String {
 }
 
 /// The `volume ls` table: columns sized to their widest cell, sizes in binary units.
-fn ls_table(v: &serde_json::Value) -> String {
-    let extent = v["extent_size"].as_u64().unwrap_or(EXTENT_SIZE);
+fn ls_table(v: &FileList) -> String {
+    let extent = v.extent_size;
     let mut rows = vec![[
         "NAME".to_owned(),
         "SIZE".to_owned(),
@@ -332,21 +336,16 @@ fn ls_table(v: &serde_json::Value) -> String {
         "WRITER".to_owned(),
         "EPOCH".to_owned(),
     ]];
-    for f in v["files"].as_array().into_iter().flatten() {
+    for f in &v.files {
         rows.push([
-            f["name"].as_str().unwrap_or("?").to_owned(),
-            human_size(f["size"].as_u64().unwrap_or(0)),
-            human_size(f["allocated_extents"].as_u64().unwrap_or(0) * extent),
-            if f["preallocated"].as_bool() == Some(true) {
-                "prealloc"
-            } else {
-                "thin"
-            }
-            .to_owned(),
-            f["lease"]["holder"]
-                .as_u64()
+            f.name.clone(),
+            human_size(f.size),
+            human_size(f.allocated_extents * extent),
+            if f.preallocated { "prealloc" } else { "thin" }.to_owned(),
+            f.lease
+                .holder
                 .map_or_else(|| "-".into(), |h| format!("node {h}")),
-            f["lease"]["epoch"].to_string(),
+            f.lease.epoch.to_string(),
         ]);
     }
     let mut width = [0usize; 6];
@@ -375,17 +374,11 @@ fn ls_table(v: &serde_json::Value) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
-    let extents = v["extents"].as_u64().unwrap_or(0);
-    let free = v["free_extents"].as_u64().unwrap_or(0);
-    let sizes: u64 = v["files"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|f| f["size"].as_u64())
-        .sum();
+    let extents = u64::from(v.extents);
+    let sizes: u64 = v.files.iter().map(|f| f.size).sum();
     out.push_str(&format!(
         "volume: {} free of {}; files total {}{} (generation {})\n",
-        human_size(free * extent),
+        human_size(v.free_extents * extent),
         human_size(extents * extent),
         human_size(sizes),
         if sizes > extents * extent {
@@ -393,7 +386,7 @@ fn ls_table(v: &serde_json::Value) -> String {
         } else {
             ""
         },
-        v["generation"]
+        v.generation
     ));
     out
 }
@@ -436,53 +429,56 @@ fn check_reachable(addr: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Sends `req` to the node, then prints the typed answer: as JSON with `--json`, else through
+/// `human`, which fails if the answer is not the kind the request calls for.
 fn client(
     node: &NodeArgs,
     req: Request,
-    human: impl Fn(&serde_json::Value),
+    human: impl Fn(Response) -> Result<(), ReplyError>,
 ) -> anyhow::Result<ExitCode> {
     check_reachable(&node.node)?;
     // Generous: a metadata operation may wait through a coordinator take-over.
-    let v =
-        tern_volume::control::call(&node.node, &req, false, std::time::Duration::from_secs(30))?;
+    let r =
+        tern_volume::control::request(&node.node, &req, false, std::time::Duration::from_secs(30))?;
     if node.json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&r)?);
     } else {
-        human(&v);
+        human(r).with_context(|| format!("node {} answered oddly", node.node))?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_file(v: &serde_json::Value) {
-    let holder = v["lease"]["holder"]
-        .as_u64()
+fn print_file(r: Response) -> Result<(), ReplyError> {
+    let f: FileInfo = r.into_file()?;
+    let holder = f
+        .lease
+        .holder
         .map(|h| format!("node {h}"))
         .unwrap_or_else(|| "none".into());
-    let size = v["size"].as_u64().unwrap_or(0);
     println!(
-        "{}: {} ({size} bytes), {}, {} allocated, write lease: {holder} (epoch {})",
-        v["name"].as_str().unwrap_or("?"),
-        human_size(size),
-        if v["preallocated"].as_bool() == Some(true) {
+        "{}: {} ({} bytes), {}, {} allocated, write lease: {holder} (epoch {})",
+        f.name,
+        human_size(f.size),
+        f.size,
+        if f.preallocated {
             "preallocated"
         } else {
             "thin"
         },
-        human_size(v["allocated_extents"].as_u64().unwrap_or(0) * EXTENT_SIZE),
-        v["lease"]["epoch"],
+        human_size(f.allocated_extents * EXTENT_SIZE),
+        f.lease.epoch,
     );
+    Ok(())
 }
 
-fn print_lease(v: &serde_json::Value) {
-    let holder = v["holder"]
-        .as_u64()
+fn print_lease(r: Response) -> Result<(), ReplyError> {
+    let l: LeaseGrant = r.into_lease()?;
+    let holder = l
+        .holder
         .map(|h| format!("node {h}"))
         .unwrap_or_else(|| "nobody".into());
-    println!(
-        "{}: held by {holder}, epoch {}",
-        v["name"].as_str().unwrap_or("?"),
-        v["epoch"]
-    );
+    println!("{}: held by {holder}, epoch {}", l.name, l.epoch);
+    Ok(())
 }
 
 fn format(a: FormatArgs) -> anyhow::Result<ExitCode> {
@@ -567,7 +563,7 @@ fn uuid_now() -> [u8; 16] {
 
 #[cfg(test)]
 mod tests {
-    use super::{human_size, ls_table, parse_size};
+    use super::{FileList, human_size, ls_table, parse_size};
 
     #[test]
     fn sizes_print_in_binary_units() {
@@ -580,15 +576,19 @@ mod tests {
 
     #[test]
     fn ls_columns_line_up_whatever_the_name_lengths() {
-        let v = serde_json::json!({
+        let v: FileList = serde_json::from_value(serde_json::json!({
             "files": [
                 { "name": "a", "size": 21474836480u64, "preallocated": false, "allocated_extents": 3,
-                  "lease": { "epoch": 12, "holder": 2 } },
+                  "lease": { "epoch": 12, "holder": 2, "remaining_ms": null, "handover_from": null },
+                  "map": null },
                 { "name": "a-much-longer-name-than-the-header.raw", "size": 1048576, "preallocated": true,
-                  "allocated_extents": 1, "lease": { "epoch": 0, "holder": null } },
+                  "allocated_extents": 1,
+                  "lease": { "epoch": 0, "holder": null, "remaining_ms": null, "handover_from": null },
+                  "map": null },
             ],
             "extent_size": 1048576, "extents": 8189, "free_extents": 8185, "generation": 7,
-        });
+        }))
+        .expect("a file list");
         let t = ls_table(&v);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
