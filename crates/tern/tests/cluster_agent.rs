@@ -333,6 +333,26 @@ fn the_agent_registers_runs_vms_refuses_stale_commands_and_fences_itself() {
         std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("host record gone {:?} after SIGKILL", killed.elapsed());
+
+    // Started again, it registers anew, runs nothing, and still refuses the generation below the
+    // highest it saw before the crash.
+    let _again = start_agent(&etcd, &host, &listen, dir.path());
+    wait_for(
+        "the restarted agent's lease",
+        Duration::from_secs(15),
+        || status(&listen)["lease"].as_u64().is_some(),
+    );
+    let st = status(&listen);
+    assert_eq!(st["generation_seen"], 11, "{st}");
+    assert_eq!(st["vms"], json!([]), "{st}");
+    let lease3 = st["lease"].as_u64().unwrap();
+    assert!(lease3 != lease && lease3 != lease2);
+    let r = command(&listen, 10, 3, lease3, json!({"op": "ping"}));
+    assert_eq!(
+        r["reply"],
+        json!({"result": "stale_generation", "seen": 11}),
+        "{r}"
+    );
 }
 
 /// Puts `key` = `value` into etcd.
