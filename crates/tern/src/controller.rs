@@ -14,7 +14,8 @@ use tern_controller::shell::{Shell, ShellConfig};
 /// Several may run: one leads (etcd election `/tern/leader`; the leader key's revision is its
 /// generation, attached to every command and checked in every etcd write). The others answer
 /// every `/v1` call with 503 naming the leader's URL. The API is under `/v1`, its OpenAPI
-/// document at `/openapi.json`, Prometheus metrics at `/metrics` (see docs/cluster.md).
+/// document at `/openapi.json`, Prometheus metrics at `/metrics` (see docs/cluster.md). On SIGINT
+/// or SIGTERM it resigns and revokes its election lease, so another controller leads at once.
 #[derive(Debug, Args)]
 pub struct ControllerArgs {
     /// etcd client URL(s), comma-separated
@@ -73,7 +74,16 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             shell.shared().url(),
             cfg.etcd.join(",")
         );
-        shell.serve_on(listener).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            r = shell.serve_on(listener) => r?,
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        // A clean stop hands the leadership over at once rather than after the lease's TTL.
+        eprintln!("tern controller: stopping; resigning the leadership and revoking the lease");
+        shell.stop().await;
         anyhow::Ok(ExitCode::SUCCESS)
     })
 }

@@ -282,5 +282,42 @@ fn the_other_controller_takes_over_within_the_ttl_with_a_higher_generation_and_t
         let v: Value = serde_json::from_str(&record).unwrap();
         assert_eq!(v["run"], false, "{record}");
     }
+
+    // A third controller joins; SIGTERM the leader: it resigns and revokes its lease, so the third
+    // leads well before the TTL would have run out, and the stopped one exits cleanly.
+    let p3 = free_port();
+    let url3 = format!("http://127.0.0.1:{p3}");
+    let _c3 = controller(&etcd.url, p3, &logs.path().join("c2.log"));
+    wait_for(
+        "the third controller to serve",
+        Duration::from_secs(10),
+        || metric(&url3, "tern_controller_leader") == Some(0),
+    );
+    let mut leader = procs[f].take().unwrap();
+    let stopped = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(leader.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let mut gen3 = 0;
+    wait_for(
+        "the third controller to lead",
+        Duration::from_millis(TTL_MS),
+        || {
+            gen3 = metric(&url3, "tern_controller_generation").unwrap_or(0);
+            gen3 > 0
+        },
+    );
+    let handover = stopped.elapsed();
+    eprintln!("hand-over on SIGTERM: {:.2} s", handover.as_secs_f64());
+    assert!(gen3 > gen2, "generation {gen3} after {gen2}");
+    let status = leader.0.wait().unwrap();
+    assert!(
+        status.success(),
+        "the stopped controller: {status}\n{}",
+        log(f)
+    );
+    assert!(log(f).contains("resigning the leadership"), "{}", log(f));
     drop(procs);
 }

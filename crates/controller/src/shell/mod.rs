@@ -27,7 +27,7 @@ pub mod store;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,10 @@ pub struct Shared {
     inputs: mpsc::UnboundedSender<Input>,
     step_down: Notify,
     leader_changes: AtomicU64,
+    /// Set by [`Shell::stop`]: the election loop resigns and ends.
+    stopping: AtomicBool,
+    /// Set by the election loop when it has ended (leadership resigned, lease revoked).
+    election_done: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -324,6 +328,8 @@ impl Shell {
             lease_deadline_ms: AtomicU64::new(0),
             inputs: tx,
             step_down: Notify::new(),
+            stopping: AtomicBool::new(false),
+            election_done: AtomicBool::new(false),
             leader_changes: AtomicU64::new(0),
         });
         (Shell { shared }, rx)
@@ -370,6 +376,10 @@ impl Shell {
                     eprintln!("tern controller (in memory): {e}");
                 }
                 s.step_down.notified().await;
+                if s.stopping.load(Ordering::SeqCst) {
+                    s.election_done.store(true, Ordering::SeqCst);
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         });
@@ -450,6 +460,22 @@ impl Shell {
         Ok(shell)
     }
 
+    /// Stops campaigning: resigns the leadership (if held) and revokes the election lease, so
+    /// another controller can lead at once instead of after the TTL. Waits up to 3 s.
+    pub async fn stop(&self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        if self.shared.core().generation().is_some() {
+            let _batch = self.shared.exec.lock().await;
+            self.shared.deposed("stopping".into());
+        }
+        let start = Instant::now();
+        while !self.shared.election_done.load(Ordering::SeqCst)
+            && start.elapsed() < Duration::from_secs(3)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Serves the REST API on `listen` until the process ends.
     pub async fn serve(&self, listen: SocketAddr) -> Result<(), StartError> {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -500,7 +526,7 @@ async fn take_office(s: &Arc<Shared>, generation: u64) -> Result<i64, String> {
 
 /// Campaigns, leads while the election lease holds, steps down, and campaigns again.
 async fn election_loop(s: Arc<Shared>, client: etcd_client::Client, ttl_ms: u64) {
-    loop {
+    while !s.stopping.load(Ordering::SeqCst) {
         if let Err(e) = one_term(&s, client.clone(), ttl_ms).await {
             eprintln!("tern controller: {e}");
         }
@@ -509,8 +535,11 @@ async fn election_loop(s: Arc<Shared>, client: etcd_client::Client, ttl_ms: u64)
         if s.core().generation().is_some() {
             s.feed(Input::Deposed).await;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if !s.stopping.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
+    s.election_done.store(true, Ordering::SeqCst);
 }
 
 async fn one_term(
@@ -570,12 +599,18 @@ async fn lead(
 ) -> Result<(), String> {
     let alive = || deadline.load(Ordering::SeqCst) > s.now_ms();
     let campaign = client.campaign(ELECTION, s.url.clone(), lease_id);
+    let stopping = || s.stopping.load(Ordering::SeqCst);
     let won = tokio::select! {
         r = campaign => r.map_err(|e| format!("campaign: {e}"))?,
-        _ = async { while alive() { tokio::time::sleep(Duration::from_millis(50)).await } } => {
-            return Err("the election lease ran out while campaigning".into());
+        _ = async { while alive() && !stopping() { tokio::time::sleep(Duration::from_millis(50)).await } } => {
+            return Err(if stopping() { "stopping".into() } else {
+                "the election lease ran out while campaigning".into()
+            });
         }
     };
+    if stopping() {
+        return Err("stopping".into());
+    }
     let leader = won
         .leader()
         .cloned()
