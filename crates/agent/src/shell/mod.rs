@@ -210,8 +210,8 @@ pub(crate) enum Event {
     },
     /// A view of the agent for status, metrics and reports.
     Snapshot(oneshot::Sender<Snapshot>),
-    /// Kill every VMM (the agent is stopping).
-    Shutdown(oneshot::Sender<()>),
+    /// Kill every VMM (the agent is stopping); answered with their pids.
+    Shutdown(oneshot::Sender<Vec<u32>>),
 }
 
 /// The agent as `GET /v1/agent/status` shows it.
@@ -424,7 +424,7 @@ impl Shell {
                 for c in self.children.values() {
                     c.kill();
                 }
-                let _ = tx.send(());
+                let _ = tx.send(self.children.values().map(|c| c.pid).collect());
             }
         }
     }
@@ -693,13 +693,29 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
     wait_for_stop().await;
     eprintln!("tern agent: stopping: killing the VMMs and revoking the lease");
     let (done_tx, done_rx) = oneshot::channel();
-    if tx.send(Event::Shutdown(done_tx)).await.is_ok() {
-        let _ = done_rx.await;
+    let mut all_gone = false;
+    if tx.send(Event::Shutdown(done_tx)).await.is_ok()
+        && let Ok(pids) = done_rx.await
+    {
+        // The lease goes only once the VMMs are gone (their supervisors reap them).
+        let gone = async {
+            while pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists())
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        all_gone = tokio::time::timeout(Duration::from_secs(5), gone)
+            .await
+            .is_ok();
     }
     let id = lease_id.load(Ordering::Relaxed);
-    if id != 0 {
+    if id != 0 && all_gone {
         let mut c = client.clone();
         let _ = tokio::time::timeout(Duration::from_secs(2), c.lease_revoke(id)).await;
+    } else if id != 0 {
+        eprintln!("tern agent: VMMs outlived SIGKILL by 5 s: the lease is left to expire");
     }
     server.abort();
     core_loop.abort();
