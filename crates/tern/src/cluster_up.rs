@@ -483,7 +483,10 @@ impl Lab {
                         .iter()
                         .filter(|h| h.state == tern_api::cluster::HostState::Up)
                         .count();
-                    if up == spec.hosts {
+                    // Every host's reports reach the leader (it takes requests that change
+                    // something only once it has heard from all of them).
+                    let reporting = hosts.iter().filter(|h| h.cpu_utilization.is_some()).count();
+                    if up == spec.hosts && reporting == spec.hosts {
                         break;
                     }
                 }

@@ -431,7 +431,29 @@ mod ha {
 
     impl Api<'_> {
         /// A request to whichever controller leads.
+        /// A request to whichever controller leads; a leader still gathering its hosts' first
+        /// reports ("not ready") is asked again for up to 20 s.
         fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+            let start = Instant::now();
+            loop {
+                match self.call_once(method, path, body) {
+                    Err(e)
+                        if format!("{e:#}").contains("not ready")
+                            && start.elapsed() < Duration::from_secs(20) =>
+                    {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    r => return r,
+                }
+            }
+        }
+
+        fn call_once(
+            &self,
+            method: &str,
+            path: &str,
+            body: Option<&str>,
+        ) -> anyhow::Result<String> {
             let mut last = String::from("no controller answered");
             for c in &self.lab.state().controllers {
                 match http(&c.url, method, path, body) {

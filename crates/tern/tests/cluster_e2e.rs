@@ -1,0 +1,920 @@
+//! The cluster end to end: `tern cluster up` (real etcd, network-namespace hosts, a shared LUN with
+//! a volume node per host, an agent per host, controllers), VMs running the test guest, driven
+//! through the controllers' REST API only, and checked against what the agents themselves report.
+//!
+//! Needs root, KVM and etcd; each test fails loudly without them. The tests take turns (one lock):
+//! the machine has few cores, and each cluster boots real guests. VMs are tiny (1 vCPU, 64 MiB).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tern_api::cluster::{HostInfo, TaskInfo, TaskState, VmInfo, VmState};
+use tern_test_support::{require_kvm, require_tools, wait_for};
+
+/// One cluster at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn tern() -> &'static str {
+    env!("CARGO_BIN_EXE_tern")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LabHost {
+    name: String,
+    namespace: String,
+    agent_url: String,
+    agent_pid: u32,
+    volume_node: String,
+    volume_node_id: u32,
+    volume_pid: u32,
+    runtime_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct UpInfo {
+    name: String,
+    controllers: Vec<String>,
+    etcd: String,
+    hosts: Vec<LabHost>,
+    state_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ControllerState {
+    url: String,
+    pid: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct StateFile {
+    controllers: Vec<ControllerState>,
+    namespaces: Vec<String>,
+    control_namespace: String,
+}
+
+/// The part of an agent's `GET /v1/agent/status` these tests read.
+#[derive(Debug, Clone, Deserialize)]
+struct AgentStatus {
+    lease: Option<u64>,
+    generation_seen: u64,
+    self_fences: u64,
+    vms: Vec<AgentVm>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct AgentVm {
+    name: String,
+    state: String,
+    pid: Option<u32>,
+}
+
+/// A running `tern cluster up`; dropping it takes the cluster down.
+struct Lab {
+    child: Option<Child>,
+    info: UpInfo,
+    state: StateFile,
+    _scratch: tempfile::TempDir,
+    stderr: PathBuf,
+}
+
+impl Lab {
+    fn up(tag: &str, hosts: usize, controllers: usize) -> Lab {
+        require_kvm();
+        require_tools(&["etcd", "ip"]);
+        let name = format!("e{tag}{}", std::process::id() % 100_000);
+        let scratch = tempfile::tempdir().unwrap();
+        let stderr = scratch.path().join("up.stderr");
+        let mut child = Command::new(tern())
+            .args(["cluster", "up", "--name", &name, "--json"])
+            .args(["--hosts", &hosts.to_string()])
+            .args(["--controllers", &controllers.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("tern cluster up starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
+        let info: UpInfo = match serde_json::from_str(line.trim()) {
+            Ok(i) => i,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "tern cluster up did not print its JSON line ({line:?}); stderr:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        let state: StateFile =
+            serde_json::from_slice(&std::fs::read(&info.state_file).unwrap()).unwrap();
+        assert_eq!(info.name, name);
+        assert_eq!(info.hosts.len(), hosts);
+        assert_eq!(info.controllers.len(), controllers);
+        assert!(info.etcd.starts_with("http://127.0.0.1:"), "{}", info.etcd);
+        Lab {
+            child: Some(child),
+            info,
+            state,
+            _scratch: scratch,
+            stderr,
+        }
+    }
+
+    /// Sends a request to whichever controller leads (a stand-by answers 503); a leader that is
+    /// still gathering its hosts' first reports ("not ready", 503) is asked again for up to 20 s.
+    fn api(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let start = Instant::now();
+        loop {
+            let r = self.api_once(method, path, body);
+            if r.0 == 503 && r.1.contains("not ready") && start.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            return r;
+        }
+    }
+
+    fn api_once(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let body = body.map(|b| b.to_string());
+        let mut last = (0, String::from("no controller answered"));
+        for c in &self.info.controllers {
+            match http(None, c, method, path, body.as_deref()) {
+                Ok((503, b)) => last = (503, b),
+                Ok(r) => return r,
+                Err(e) => last = (0, e),
+            }
+        }
+        last
+    }
+
+    fn vms(&self) -> Vec<VmInfo> {
+        let (st, body) = self.api("GET", "/v1/vms", None);
+        if st != 200 {
+            return Vec::new();
+        }
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /v1/vms: {e}: {body}"))
+    }
+
+    fn vm(&self, name: &str) -> Option<VmInfo> {
+        self.vms().into_iter().find(|v| v.name == name)
+    }
+
+    fn hosts(&self) -> Vec<HostInfo> {
+        let (st, body) = self.api("GET", "/v1/hosts", None);
+        assert_eq!(st, 200, "GET /v1/hosts: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn create(&self, name: &str, disk: Option<&str>, group: Option<&str>) -> VmInfo {
+        let body = json!({
+            "name": name, "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
+            "cmdline": "tern.hb_ms=200", "disk": disk, "anti_affinity": group,
+        });
+        let (st, body) = self.api("POST", "/v1/vms", Some(&body));
+        assert!(st == 200 || st == 201, "POST /v1/vms {name}: {st} {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    fn wait_running(&self, names: &[&str], timeout: Duration) -> Vec<VmInfo> {
+        let start = Instant::now();
+        loop {
+            let last = self.vms();
+            let ok = names.iter().all(|n| {
+                last.iter()
+                    .any(|v| v.name == *n && v.state == VmState::Running && v.host.is_some())
+            });
+            if ok {
+                return last;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{names:?} not all running within {timeout:?}: {last:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn host(&self, name: &str) -> &LabHost {
+        self.info.hosts.iter().find(|h| h.name == name).unwrap()
+    }
+
+    fn agent(&self, host: &str) -> Result<AgentStatus, String> {
+        let h = self.host(host);
+        let (st, body) = http(
+            Some(&h.namespace),
+            &h.agent_url,
+            "GET",
+            "/v1/agent/status",
+            None,
+        )?;
+        if st != 200 {
+            return Err(format!("{st} {body}"));
+        }
+        serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))
+    }
+
+    /// Hosts whose agent reports `vm` as running now.
+    fn running_on(&self, vm: &str) -> Vec<String> {
+        self.info
+            .hosts
+            .iter()
+            .filter(|h| {
+                self.agent(&h.name)
+                    .is_ok_and(|s| s.vms.iter().any(|v| v.name == vm && v.state == "running"))
+            })
+            .map(|h| h.name.clone())
+            .collect()
+    }
+
+    fn volume(&self, host: &str, args: &[&str]) -> Value {
+        let h = self.host(host);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &h.namespace, tern(), "volume"])
+            .args(args)
+            .args(["--node", &h.volume_node, "--json"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tern volume {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn console(&self, host: &str, vm: &str) -> String {
+        std::fs::read_to_string(self.host(host).runtime_dir.join(format!("{vm}.console")))
+            .unwrap_or_default()
+    }
+
+    /// SIGKILLs the host's agent and every process in its namespace but its volume node.
+    fn kill_host(&self, host: &str) {
+        let h = self.host(host);
+        let _ = Command::new("kill")
+            .args(["-KILL", &h.agent_pid.to_string()])
+            .status();
+        let target = std::fs::metadata(format!("/run/netns/{}", h.namespace)).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        for _ in 0..3 {
+            for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                    continue;
+                };
+                if pid == h.volume_pid {
+                    continue;
+                }
+                if let Ok(m) = std::fs::metadata(e.path().join("ns/net"))
+                    && m.ino() == target.ino()
+                    && m.dev() == target.dev()
+                {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        let dir = self.info.state_file.parent().unwrap().join("logs");
+        let mut s = format!(
+            "--- cluster up stderr:\n{}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s += &format!(
+                "\n--- {}:\n{}",
+                e.path().display(),
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            );
+        }
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new(tern())
+                .args(["cluster", "down", "--name", &self.info.name])
+                .status();
+        }
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`), from inside namespace `ns` if given.
+fn http(
+    ns: Option<&str>,
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let addr: SocketAddr = host.parse().map_err(|e| format!("{base}: {e}"))?;
+    let stream = match ns {
+        Some(ns) => tern_netlab::ns::connect_from(ns, addr, Duration::from_secs(2)),
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+    }
+    .map_err(|e| format!("connect {base}: {e}"))?;
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out += &rest[..n];
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn wait_task(lab: &Lab, id: u64, timeout: Duration) -> TaskInfo {
+    let start = Instant::now();
+    loop {
+        let (st, body) = lab.api("GET", &format!("/v1/tasks/{id}"), None);
+        assert_eq!(st, 200, "GET /v1/tasks/{id}: {body}");
+        let t: TaskInfo = serde_json::from_str(&body).unwrap();
+        if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
+            return t;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "task {id} not done in {timeout:?}: {t:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn hb_seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("HB "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("seq=")?.parse().ok())
+        })
+        .collect()
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn task_id(body: &str) -> u64 {
+    let v: Value = serde_json::from_str(body).unwrap();
+    v["task"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no task in {body}"))
+}
+
+#[test]
+fn vms_are_created_listed_migrated_and_deleted_through_the_api_with_anti_affinity() {
+    let _g = lock();
+    let lab = Lab::up("api", 3, 1);
+    let a = lab.create("web-a", None, Some("web"));
+    let b = lab.create("web-b", None, Some("web"));
+    assert_eq!(a.name, "web-a");
+    assert!(
+        matches!(
+            b.state,
+            VmState::Pending | VmState::Starting | VmState::Running
+        ),
+        "{b:?}"
+    );
+    let vms = lab.wait_running(&["web-a", "web-b"], Duration::from_secs(60));
+    let host_of = |vms: &[VmInfo], n: &str| {
+        vms.iter()
+            .find(|v| v.name == n)
+            .and_then(|v| v.host.clone())
+            .unwrap()
+    };
+    let (ha, hb) = (host_of(&vms, "web-a"), host_of(&vms, "web-b"));
+    assert_ne!(ha, hb, "anti-affinity: web-a and web-b share {ha}");
+    // Each runs where the API says, and only there (the agents' own view).
+    assert_eq!(lab.running_on("web-a"), vec![ha.clone()]);
+    assert_eq!(lab.running_on("web-b"), vec![hb.clone()]);
+
+    // A bad request creates nothing.
+    let (st, body) = lab.api(
+        "POST",
+        "/v1/vms",
+        Some(&json!({"name": "Bad_Name", "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest"})),
+    );
+    assert_eq!(st, 400, "{body}");
+    assert!(lab.vm("Bad_Name").is_none());
+
+    // Moving web-a onto web-b's host breaks the rule: refused.
+    let (st, body) = lab.api(
+        "POST",
+        "/v1/vms/web-a/migrate",
+        Some(&json!({"to": hb.clone()})),
+    );
+    assert_eq!(st, 409, "{body}");
+    // To the third host: a live migration, no restart.
+    let third = ["h0", "h1", "h2"]
+        .into_iter()
+        .find(|h| *h != ha && *h != hb)
+        .unwrap();
+    let (st, body) = lab.api("POST", "/v1/vms/web-a/migrate", Some(&json!({"to": third})));
+    assert_eq!(st, 202, "{body}");
+    let t = wait_task(&lab, task_id(&body), Duration::from_secs(90));
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{}", lab.logs());
+    let vms = lab.wait_running(&["web-a"], Duration::from_secs(30));
+    assert_eq!(host_of(&vms, "web-a"), third);
+    wait_for(
+        "web-a running only on its new host",
+        Duration::from_secs(10),
+        || lab.running_on("web-a") == vec![third.to_string()],
+    );
+    let a = lab.vm("web-a").unwrap();
+    assert_eq!(a.restarts, 0, "{a:?}");
+
+    // Delete both: gone from the API and from every agent.
+    for n in ["web-a", "web-b"] {
+        let (st, body) = lab.api("DELETE", &format!("/v1/vms/{n}"), None);
+        assert!(st == 200 || st == 204, "DELETE {n}: {st} {body}");
+    }
+    // A deleted VM may show `stopped` until its host confirms the stop; then it is gone.
+    for v in lab.vms() {
+        assert_eq!(v.state, VmState::Stopped, "{v:?}");
+    }
+    wait_for(
+        "both VMs gone from the API",
+        Duration::from_secs(20),
+        || lab.vms().is_empty(),
+    );
+    wait_for(
+        "the agents to stop both VMs",
+        Duration::from_secs(20),
+        || lab.running_on("web-a").is_empty() && lab.running_on("web-b").is_empty(),
+    );
+    let (st, _) = lab.api("GET", "/v1/vms/web-a", None);
+    assert_eq!(st, 404);
+}
+
+#[test]
+fn maintenance_empties_a_host_with_live_migrations_and_no_guest_restart() {
+    let _g = lock();
+    let lab = Lab::up("mnt", 3, 1);
+    // Two VMs pinned nowhere; find the host that has most of them (placement packs).
+    lab.create("m-1", None, None);
+    lab.create("m-2", None, None);
+    let vms = lab.wait_running(&["m-1", "m-2"], Duration::from_secs(60));
+    let host = vms[0].host.clone().unwrap();
+    let on_host: Vec<String> = vms
+        .iter()
+        .filter(|v| v.host.as_deref() == Some(host.as_str()))
+        .map(|v| v.name.clone())
+        .collect();
+    // Let a few heartbeats go by on the source.
+    wait_for("heartbeats on the source", Duration::from_secs(20), || {
+        on_host
+            .iter()
+            .all(|n| hb_seqs(&lab.console(&host, n)).len() >= 3)
+    });
+    let (st, body) = lab.api(
+        "POST",
+        &format!("/v1/hosts/{host}/maintenance"),
+        Some(&json!({"enter": true})),
+    );
+    assert!(st == 200 || st == 202, "{st} {body}");
+    let start = Instant::now();
+    loop {
+        let vms = lab.vms();
+        let moved = on_host.iter().all(|n| {
+            vms.iter().any(|v| {
+                v.name == *n
+                    && v.state == VmState::Running
+                    && v.host.as_deref().is_some_and(|h| h != host)
+            })
+        });
+        if moved {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{host} not emptied: {vms:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let h = lab.hosts().into_iter().find(|h| h.name == host).unwrap();
+    assert!(h.maintenance && h.vms.is_empty(), "{h:?}");
+    for n in &on_host {
+        let vm = lab.vm(n).unwrap();
+        assert_eq!(vm.restarts, 0, "{vm:?}");
+        let to = vm.host.clone().unwrap();
+        // On the target the guest goes on counting: no boot banner, heartbeats continue from the
+        // source's count.
+        wait_for("heartbeats on the target", Duration::from_secs(20), || {
+            hb_seqs(&lab.console(&to, n)).len() >= 2
+        });
+        let target = lab.console(&to, n);
+        let seqs = hb_seqs(&target);
+        assert!(
+            !target.contains("TERN-GUEST up"),
+            "{n} booted again on {to}:\n{target}"
+        );
+        assert!(seqs[0] > 1, "{n}'s heartbeats restarted on {to}: {seqs:?}");
+        assert_eq!(lab.running_on(n), vec![to]);
+    }
+    // A new VM does not land on the host in maintenance.
+    let v = lab.create("m-3", None, None);
+    let vms = lab.wait_running(&["m-3"], Duration::from_secs(60));
+    let placed = vms.iter().find(|x| x.name == "m-3").unwrap().host.clone();
+    assert_ne!(placed.as_deref(), Some(host.as_str()), "{v:?}");
+}
+
+/// The volume lease of `file`: (holder node id, epoch).
+fn lease_of(lab: &Lab, file: &str) -> (Option<u64>, u64) {
+    let v = lab.volume("h0", &["stat", file]);
+    let lease = &v["lease"];
+    (lease["holder"].as_u64(), lease["epoch"].as_u64().unwrap())
+}
+
+#[test]
+fn a_killed_hosts_vms_run_elsewhere_within_30_s_and_its_old_leases_are_fenced() {
+    let _g = lock();
+    let lab = Lab::up("ha", 3, 1);
+    let files = ["hak-1.raw", "hak-2.raw"];
+    for f in files {
+        lab.volume("h0", &["create", f, "--size", "16M"]);
+    }
+    lab.create("hak-1", Some(files[0]), None);
+    lab.create("hak-2", Some(files[1]), None);
+    let vms = lab.wait_running(&["hak-1", "hak-2"], Duration::from_secs(60));
+    let victim = vms[0].host.clone().unwrap();
+    let lost: Vec<&VmInfo> = vms
+        .iter()
+        .filter(|v| v.host.as_deref() == Some(victim.as_str()))
+        .collect();
+    let victim_node = u64::from(lab.host(&victim).volume_node_id);
+    let old: Vec<(String, u64)> = lost
+        .iter()
+        .map(|v| {
+            let f = v.spec.disk.clone().unwrap();
+            let (holder, epoch) = lease_of(&lab, &f);
+            assert_eq!(holder, Some(victim_node), "{f} held by the VM's host node");
+            (f, epoch)
+        })
+        .collect();
+
+    let killed_at = Instant::now();
+    lab.kill_host(&victim);
+    let names: Vec<&str> = lost.iter().map(|v| v.name.as_str()).collect();
+    loop {
+        let vms = lab.vms();
+        let back = names.iter().all(|n| {
+            vms.iter().any(|v| {
+                v.name == *n
+                    && v.state == VmState::Running
+                    && v.host.as_deref().is_some_and(|h| h != victim)
+            })
+        });
+        if back {
+            break;
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(30),
+            "{names:?} not running elsewhere 30 s after {victim} was killed: {vms:?}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for n in &names {
+        let hosts = lab.running_on(n);
+        assert_eq!(hosts.len(), 1, "{n} runs on {hosts:?}");
+        assert_ne!(hosts[0], victim);
+    }
+    // The old write leases were fenced: a write with the old (node, epoch) is refused by the
+    // coordinator, and the lease moved on to a higher epoch.
+    let status = lab.volume("h0", &["status"]);
+    let coord = status["coordinator"]["node_id"].as_u64().unwrap();
+    let coord_host = lab
+        .info
+        .hosts
+        .iter()
+        .find(|h| u64::from(h.volume_node_id) == coord)
+        .unwrap()
+        .clone();
+    for (file, epoch) in old {
+        let (_, now_epoch) = lease_of(&lab, &file);
+        assert!(now_epoch > epoch, "{file}: epoch {epoch} -> {now_epoch}");
+        let export = format!("{file}@{victim_node}.{epoch}");
+        let addr = coord_host.volume_node.clone();
+        let refused = tern_netlab::ns::in_namespace(&coord_host.namespace, move || {
+            let mut c = tern_nbd::Client::connect(addr.as_str(), &export)?;
+            c.write(0, &[0xEE; 512], true)
+        })
+        .unwrap();
+        assert!(
+            matches!(
+                refused,
+                Err(tern_nbd::ClientError::Remote(tern_nbd::Errno::Perm))
+            ),
+            "a write to {file} with the old epoch {epoch} was not refused: {refused:?}"
+        );
+    }
+}
+
+#[test]
+fn a_host_cut_off_from_etcd_self_fences_before_its_vms_start_elsewhere() {
+    let _g = lock();
+    let lab = Lab::up("cut", 3, 1);
+    lab.create("cut-1", None, None);
+    let vms = lab.wait_running(&["cut-1"], Duration::from_secs(60));
+    let victim = vms[0].host.clone().unwrap();
+    let victim_ns = lab.host(&victim).namespace.clone();
+    let port = format!("{victim}");
+    // Cut the host off: its switch port goes down (etcd, the controllers and the other hosts are
+    // all behind the switch). Its agent can still be asked from inside its own namespace.
+    let sw = format!("{}-sw", lab.info.name);
+    let st = Command::new("ip")
+        .args(["-n", &sw, "link", "set", &port, "down"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cut_at = Instant::now();
+    let mut fenced_at = None;
+    let mut elsewhere_at = None;
+    let mut old_pid_gone_at = None;
+    let old_pid = lab
+        .agent(&victim)
+        .unwrap()
+        .vms
+        .iter()
+        .find(|v| v.name == "cut-1")
+        .and_then(|v| v.pid)
+        .expect("the VMM's pid");
+    while cut_at.elapsed() < Duration::from_secs(40) && elsewhere_at.is_none() {
+        let t = cut_at.elapsed();
+        let mine = lab.agent(&victim).ok();
+        let still_mine = mine.as_ref().is_some_and(|s| {
+            s.vms
+                .iter()
+                .any(|v| v.name == "cut-1" && v.state == "running")
+        });
+        if fenced_at.is_none() && mine.as_ref().is_some_and(|s| s.self_fences > 0) && !still_mine {
+            fenced_at = Some(t);
+        }
+        if old_pid_gone_at.is_none() && !Path::new(&format!("/proc/{old_pid}")).exists() {
+            old_pid_gone_at = Some(t);
+        }
+        let others: Vec<String> = lab
+            .info
+            .hosts
+            .iter()
+            .filter(|h| h.name != victim)
+            .filter(|h| {
+                lab.agent(&h.name).is_ok_and(|s| {
+                    s.vms.iter().any(|v| {
+                        v.name == "cut-1" && matches!(v.state.as_str(), "running" | "starting")
+                    })
+                })
+            })
+            .map(|h| h.name.clone())
+            .collect();
+        if !others.is_empty() {
+            assert!(
+                !still_mine,
+                "two copies of cut-1: on {victim} and on {others:?} at {t:?}"
+            );
+            elsewhere_at = Some(t);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = victim_ns;
+    let fenced_at =
+        fenced_at.unwrap_or_else(|| panic!("{victim} never self-fenced\n{}", lab.logs()));
+    let elsewhere_at =
+        elsewhere_at.unwrap_or_else(|| panic!("cut-1 never started elsewhere\n{}", lab.logs()));
+    let gone_at = old_pid_gone_at.expect("the old VMM was killed");
+    assert!(
+        fenced_at < elsewhere_at && gone_at < elsewhere_at,
+        "self-fence at {fenced_at:?} (VMM gone at {gone_at:?}) must come before the restart elsewhere at {elsewhere_at:?}"
+    );
+    lab.wait_running(&["cut-1"], Duration::from_secs(30));
+    // Heal the link: the host comes back empty, and cut-1 still runs once.
+    let st = Command::new("ip")
+        .args(["-n", &sw, "link", "set", &port, "up"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.running_on("cut-1").len(), 1, "{}", lab.logs());
+}
+
+#[test]
+fn a_killed_leader_is_replaced_within_ttl_plus_5_s_and_agents_refuse_its_generation() {
+    let _g = lock();
+    let lab = Lab::up("ctl", 2, 2);
+    // Who leads, and with which generation (as the agents saw it).
+    let leader = lab
+        .state
+        .controllers
+        .iter()
+        .position(|c| matches!(http(None, &c.url, "GET", "/v1/hosts", None), Ok((200, _))))
+        .expect("a leader");
+    wait_for(
+        "the agents to hear the leader",
+        Duration::from_secs(10),
+        || lab.agent("h0").is_ok_and(|s| s.generation_seen > 0),
+    );
+    let old_generation = lab.agent("h0").unwrap().generation_seen;
+    let _ = Command::new("kill")
+        .args(["-KILL", &lab.state.controllers[leader].pid.to_string()])
+        .status();
+    let killed = Instant::now();
+    let other = 1 - leader;
+    loop {
+        if let Ok((200, _)) = http(
+            None,
+            &lab.state.controllers[other].url,
+            "GET",
+            "/v1/hosts",
+            None,
+        ) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "no new leader within the lease TTL (5 s) + 5 s\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let failover = killed.elapsed();
+    eprintln!("controller fail-over took {failover:?}");
+    // The new leader pings every agent with its generation; from then on the old one is refused.
+    wait_for(
+        "the agents to hear the new leader",
+        Duration::from_secs(10),
+        || {
+            lab.agent("h0")
+                .is_ok_and(|s| s.generation_seen > old_generation)
+        },
+    );
+    let st = lab.agent("h0").unwrap();
+    let cmd = json!({"generation": old_generation, "id": 1_000_000, "host_lease": st.lease.unwrap_or(0),
+        "body": {"op": "start", "disk_url": null, "spec": {"name": "zombie", "vcpus": 1,
+        "memory_mib": 64, "kernel": "builtin:testguest", "cmdline": "", "disk": null, "host": null,
+        "anti_affinity": null, "restart_priority": 50}}});
+    let h = lab.host("h0");
+    let (code, body) = http(
+        Some(&h.namespace),
+        &h.agent_url,
+        "POST",
+        "/v1/agent/commands",
+        Some(&cmd.to_string()),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["reply"]["result"], "stale_generation", "{body}");
+    assert!(
+        v["reply"]["seen"].as_u64().unwrap() > old_generation,
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lab.agent("h0")
+            .unwrap()
+            .vms
+            .iter()
+            .all(|v| v.name != "zombie"),
+        "the stale command started a VM"
+    );
+    // The cluster still answers through the new leader.
+    assert_eq!(lab.hosts().len(), 2);
+    let _ = &lab.state.namespaces;
+    let _ = &lab.state.control_namespace;
+}
+
+#[test]
+fn the_cluster_goes_down_leaving_nothing_behind() {
+    let _g = lock();
+    let mut lab = Lab::up("down", 2, 1);
+    let name = lab.info.name.clone();
+    let dir = lab.info.state_file.parent().unwrap().to_path_buf();
+    let namespaces = lab.state.namespaces.clone();
+    let pids: Vec<u32> = lab
+        .info
+        .hosts
+        .iter()
+        .flat_map(|h| [h.agent_pid, h.volume_pid])
+        .chain(lab.state.controllers.iter().map(|c| c.pid))
+        .collect();
+    // `tern cluster up` under the same name is refused while it runs.
+    let out = Command::new(tern())
+        .args(["cluster", "up", "--name", &name, "--hosts", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already up") && err.contains("tern cluster down"),
+        "{err}"
+    );
+    // `tern cluster down` stops it.
+    let out = Command::new(tern())
+        .args(["cluster", "down", "--name", &name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = lab.child.take().unwrap();
+    let st = child.wait().unwrap();
+    assert!(st.success(), "tern cluster up exited with {st}");
+    assert!(!dir.exists(), "{} is left", dir.display());
+    let list = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    for ns in namespaces {
+        assert!(!list.contains(&ns), "namespace {ns} is left");
+    }
+    for pid in pids {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "process {pid} is left"
+        );
+    }
+}
