@@ -72,6 +72,7 @@ pub(crate) async fn keep_registered(
                 "cannot write the host record under lease {id:x}; registering again"
             ));
             let _ = timeout(period, client.lease_revoke(id)).await;
+            tokio::time::sleep(period).await;
             continue;
         }
         lease_id.store(id, std::sync::atomic::Ordering::Relaxed);
