@@ -514,6 +514,30 @@ async fn openapi_lists_the_v1_paths_and_schemas_and_metrics_are_prometheus_text(
     ] {
         assert!(schemas[s].is_object(), "schema {s} missing");
     }
+    // Every reference resolves.
+    fn refs(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("$ref", Value::String(r)) => out.push(r.clone()),
+                        _ => refs(x, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(all.len() > 20, "{all:?}");
+    for r in &all {
+        let name = r
+            .strip_prefix("#/components/schemas/")
+            .unwrap_or_else(|| panic!("unexpected reference {r}"));
+        assert!(schemas[name].is_object(), "{r} does not resolve");
+    }
     let body = paths["/v1/vms"]["post"]["requestBody"].to_string();
     assert!(body.contains("#/components/schemas/VmCreate"), "{body}");
 
