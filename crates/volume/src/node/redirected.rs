@@ -1,0 +1,194 @@
+//! The coordinator's end of the redirected data path: the export `NAME@NODE.EPOCH` a node writes
+//! through when it has no direct path, each request fenced by the lease table under the
+//! coordinator lock.
+
+use std::sync::Arc;
+
+use tern_nbd::proto::StatusExtent;
+use tern_nbd::server::ZeroFlags;
+use tern_nbd::{Backend, Errno};
+
+use crate::format::{EXTENT_SIZE, NodeId};
+use crate::lun::Lun;
+use crate::namespace::{self, NamespaceError};
+use crate::store::{Segment, segments};
+
+use super::Node;
+use super::data::{map_status, read_segments, write_zero_buffers};
+
+impl Node {
+    /// Redirected write at the coordinator: fenced by the lease table, under the coordinator lock.
+    fn redirected_write(
+        &self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let mut g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_mut().ok_or(Errno::Shutdown)?;
+        let now = self.now_ms();
+        c.leases
+            .check_write(name, node, epoch, now)
+            .map_err(|_| Errno::Perm)?;
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > f.size)
+        {
+            return Err(Errno::NoSpc);
+        }
+        let mut segs = segments(&self.sb, &f.map, offset, data.len());
+        if segs.iter().any(|s| matches!(s, Segment::Hole { .. })) {
+            for s in &segs {
+                if let Segment::Hole { logical, .. } = s {
+                    let ch =
+                        namespace::allocate(&c.volume.meta, self.sb.extent_count, name, *logical)
+                            .map_err(|e| {
+                            if matches!(e, NamespaceError::NoSpace { .. }) {
+                                Errno::NoSpc
+                            } else {
+                                Errno::Io
+                            }
+                        })?;
+                    self.commit_change(c, ch).map_err(|_| Errno::Io)?;
+                }
+            }
+            let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+            segs = segments(&self.sb, &f.map, offset, data.len());
+        }
+        let mut done = 0;
+        for s in segs {
+            if let Segment::Mapped { lun_offset, len } = s {
+                self.lun
+                    .write_at(&data[done..done + len], lun_offset)
+                    .map_err(|_| Errno::Io)?;
+                done += len;
+            } else {
+                return Err(Errno::Io);
+            }
+        }
+        if fua {
+            self.lun.flush().map_err(|_| Errno::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Zero `len` bytes at `offset` of `name` for the writer (`node`, `epoch`), fenced like a
+    /// write: whole extents of a thin file go back to the volume (one metadata commit), the
+    /// mapped parts of partial ones are overwritten with zeroes, holes stay holes.
+    pub(super) fn redirected_zero(
+        &self,
+        name: &str,
+        node: NodeId,
+        epoch: u64,
+        offset: u64,
+        len: u64,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        let mut g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_mut().ok_or(Errno::Shutdown)?;
+        let now = self.now_ms();
+        c.leases
+            .check_write(name, node, epoch, now)
+            .map_err(|_| Errno::Perm)?;
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= f.size)
+            .ok_or(Errno::NoSpc)?;
+        // Whole extents inside the range; the file's last extent counts as whole when the
+        // range reaches the end of the file.
+        let first = offset.div_ceil(EXTENT_SIZE);
+        let last = if end == f.size {
+            end.div_ceil(EXTENT_SIZE)
+        } else {
+            end / EXTENT_SIZE
+        };
+        if first < last {
+            let ch = namespace::deallocate(&c.volume.meta, name, first, last - first)
+                .map_err(|_| Errno::Io)?;
+            if ch.next.seq != c.volume.meta.seq {
+                self.commit_change(c, ch).map_err(|_| Errno::Io)?;
+            }
+        }
+        let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+        let zeroes = vec![0u8; EXTENT_SIZE as usize];
+        let mut pos = offset;
+        while pos < end {
+            // At most one extent per step, so `len` fits a usize on any target.
+            let step = (end - pos).min(EXTENT_SIZE - pos % EXTENT_SIZE) as usize;
+            for s in segments(&self.sb, &f.map, pos, step) {
+                if let Segment::Mapped { lun_offset, len } = s {
+                    self.lun
+                        .write_at(&zeroes[..len], lun_offset)
+                        .map_err(|_| Errno::Io)?;
+                }
+            }
+            pos += step as u64;
+        }
+        if fua {
+            self.lun.flush().map_err(|_| Errno::Io)?;
+        }
+        Ok(())
+    }
+
+    fn redirected_read(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let map = {
+            let g = self.coordinator().map_err(|_| Errno::Shutdown)?;
+            let c = g.as_ref().ok_or(Errno::Shutdown)?;
+            c.volume.meta.files.get(name).ok_or(Errno::Io)?.map.clone()
+        };
+        read_segments(&*self.lun, &self.sb, &map, buf, offset).map_err(|_| Errno::Io)
+    }
+}
+
+/// The coordinator's side of a redirected export `NAME@NODE.EPOCH`.
+pub(super) struct RedirectTarget {
+    pub(super) node: Arc<Node>,
+    pub(super) name: String,
+    pub(super) writer: NodeId,
+    pub(super) epoch: u64,
+    pub(super) size: u64,
+}
+
+impl Backend for RedirectTarget {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        self.node.redirected_read(&self.name, buf, offset)
+    }
+    fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> Result<(), Errno> {
+        self.node
+            .redirected_write(&self.name, self.writer, self.epoch, data, offset, fua)
+    }
+    fn flush(&self) -> Result<(), Errno> {
+        drop(self.node.coordinator().map_err(|_| Errno::Shutdown)?);
+        self.node.lun.flush().map_err(|_| Errno::Io)
+    }
+    fn write_zeroes(&self, offset: u64, len: u32, flags: ZeroFlags) -> Result<(), Errno> {
+        if flags.no_hole {
+            if flags.fast {
+                return Err(Errno::NotSup);
+            }
+            return write_zero_buffers(self, offset, len, flags.fua);
+        }
+        let len = u64::from(len);
+        let n = &self.node;
+        n.redirected_zero(&self.name, self.writer, self.epoch, offset, len, flags.fua)
+    }
+    fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
+        let len = u64::from(len);
+        let n = &self.node;
+        n.redirected_zero(&self.name, self.writer, self.epoch, offset, len, false)
+    }
+    fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {
+        let g = self.node.coordinator().map_err(|_| Errno::Shutdown)?;
+        let c = g.as_ref().ok_or(Errno::Shutdown)?;
+        let f = c.volume.meta.files.get(&self.name).ok_or(Errno::Io)?;
+        Ok(map_status(&self.node.sb, &f.map, offset, len))
+    }
+}
