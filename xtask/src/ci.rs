@@ -5,7 +5,8 @@ use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
 
-/// Runs formatting and lint checks, then the whole workspace's tests, then its doctests.
+/// Runs formatting, the tidy rules and lint checks, then the whole workspace's tests, then its
+/// doctests.
 ///
 /// The KVM, network-namespace and etcd tests need root and `/dev/kvm`; rather than let them be skipped,
 /// this refuses to start without them so a run that could not test everything never looks green.
@@ -13,6 +14,8 @@ pub fn test() -> anyhow::Result<()> {
     preflight()?;
     cargo(&["fmt", "--all", "--", "--check"])
         .context("formatting differs: run `cargo fmt --all`")?;
+    // ARCHITECTURE.md's checkable rules first: a breach names its file and line.
+    crate::tidy::run().context("`cargo xtask tidy` found breaches")?;
     cargo(&[
         "clippy",
         "--workspace",

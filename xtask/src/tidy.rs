@@ -5,8 +5,9 @@
 //! breach is reported as `path:line: rule: what was found`, every breach at once.
 //!
 //! - **pure**: the modules ARCHITECTURE.md calls pure name no clock, socket, thread, file or process
-//!   (outside their `#[cfg(test)]` part). The list below must name files that exist, so it follows
-//!   the code when modules move.
+//!   (outside their `#[cfg(test)]` part), and each opens with `#![deny(clippy::disallowed_methods)]`
+//!   so clippy also refuses clippy.toml's list of clock, thread, socket, file and process calls
+//!   there. The list below must name files that exist, so it follows the code when modules move.
 //! - **anyhow**: only the `tern` binary and `xtask` depend on or name `anyhow`; libraries return
 //!   typed errors.
 //! - **unsafe**: `unsafe` code only in `tern-vmm` (and the freestanding test guest, which is a kernel),
@@ -27,6 +28,11 @@ pub const PURE: &[&str] = &[
     "crates/migration/src/wire.rs",
     "crates/migration/src/config.rs",
     "crates/migration/src/report.rs",
+    "crates/migration/src/vm.rs",
+    "crates/api/src/",
+    "crates/agent/src/core.rs",
+    "crates/controller/src/core.rs",
+    "crates/controller/src/place.rs",
     "crates/volume/src/format.rs",
     "crates/volume/src/namespace.rs",
     "crates/volume/src/lease.rs",
@@ -36,6 +42,9 @@ pub const PURE: &[&str] = &[
     "crates/nbd/src/proto.rs",
     "crates/vmm/src/devices/announce.rs",
 ];
+
+/// The line by which a pure module turns on clippy's check of clippy.toml's disallowed methods.
+const CLIPPY_OPT_IN: &str = "#![deny(clippy::disallowed_methods)]";
 
 /// What a pure module may not name: each with the reason given in a breach.
 const IMPURE: &[(&str, &str)] = &[
@@ -123,6 +132,29 @@ pub fn check_tree(root: &Path) -> anyhow::Result<Vec<Breach>> {
                 line: 0,
                 rule: "pure",
                 what: "listed as pure in xtask/src/tidy.rs but missing: update the list".into(),
+            });
+            continue;
+        }
+        // Clippy checks what it can (clippy.toml's disallowed-methods) where the module opts in.
+        let opt_in = if pure.ends_with('/') {
+            ["lib.rs", "mod.rs"]
+                .iter()
+                .map(|f| path.join(f))
+                .find(|p| p.exists())
+        } else {
+            Some(path.clone())
+        };
+        let denied = opt_in
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .is_some_and(|t| t.lines().any(|l| l.trim() == CLIPPY_OPT_IN));
+        if !denied {
+            breaches.push(Breach {
+                path: PathBuf::from(pure),
+                line: 1,
+                rule: "pure",
+                what: format!(
+                    "a pure module must open with `{CLIPPY_OPT_IN}` (in lib.rs or mod.rs for a folder)"
+                ),
             });
         }
     }

@@ -17,6 +17,7 @@
 //!   receive ──▶ Receiving ──(VM arrives)──▶ Running
 //! ```
 
+#![deny(clippy::disallowed_methods)]
 use std::collections::{BTreeMap, VecDeque};
 
 use tern_api::agent::{Command, CommandBody, CommandReply, ObservedState, ObservedVm};

@@ -13,6 +13,7 @@
 //! assert_eq!(req.restart_priority, 50);
 //! ```
 
+#![deny(clippy::disallowed_methods)]
 #![forbid(unsafe_code)]
 
 pub mod agent;

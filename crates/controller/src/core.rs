@@ -26,6 +26,7 @@
 //! started only when it has no host, or its host was fenced; a migration's target becomes the VM's
 //! host only after the source reports success or the target reports it running.
 
+#![deny(clippy::disallowed_methods)]
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tern_api::agent::{AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState};

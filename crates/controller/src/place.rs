@@ -5,6 +5,7 @@
 //! the hosts with room, the one whose power rises least takes the VM (ties: the first by name), as
 //! in the simulator's placement. Pure: the same candidates always give the same answer.
 
+#![deny(clippy::disallowed_methods)]
 use tern_api::cluster::VmCreate;
 use tern_policy::{HP_ML110_G4, HP_ML110_G5, PowerModel};
 

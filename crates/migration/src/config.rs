@@ -1,5 +1,6 @@
 //! What both ends must agree on before a page moves: the guest memory layout and the VM's shape.
 
+#![deny(clippy::disallowed_methods)]
 use std::fmt;
 
 /// Size of a guest page as carried on the wire. Tern guests use 4 KiB pages only.

@@ -1,5 +1,6 @@
 //! Progress figures during a migration and the final report (JSON on `--json`).
 
+#![deny(clippy::disallowed_methods)]
 use serde::{Deserialize, Serialize};
 
 /// How a migration ended.

@@ -1,5 +1,6 @@
 //! The VM side of a migration: what the VMM implements so the transport can move a VM.
 
+#![deny(clippy::disallowed_methods)]
 use crate::config::VmConfigDescription;
 
 /// Error type the VM side returns: any error, shown in the report's reason.

@@ -15,6 +15,7 @@
 //! payload the frame's kind can have before anything is read or allocated; a page frame's
 //! addresses are checked against the agreed [`MemoryLayout`].
 
+#![deny(clippy::disallowed_methods)]
 use std::io::{self, Read};
 
 use crate::config::{

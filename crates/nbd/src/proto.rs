@@ -2,6 +2,7 @@
 //!
 //! Everything here works on byte slices so that it can be tested and fuzzed without sockets.
 
+#![deny(clippy::disallowed_methods)]
 /// `NBDMAGIC`, first thing the server sends.
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `IHAVEOPT`: second server magic and prefix of every client option.

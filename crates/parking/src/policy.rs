@@ -20,6 +20,7 @@
 //! * `n` stays within `[min, max]`, computed per NUMA node from the min/max percentages; the CPUs
 //!   chosen are the first `n` of [`Topology::unpark_order`] (SMT siblings and packages filled first).
 
+#![deny(clippy::disallowed_methods)]
 use serde::{Deserialize, Serialize};
 
 use crate::knobs::Knobs;

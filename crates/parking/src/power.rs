@@ -21,6 +21,7 @@
 //!
 //! This is the public API the simulator uses: [`ParkingPowerModel::power_w`].
 
+#![deny(clippy::disallowed_methods)]
 use serde::{Deserialize, Serialize};
 
 /// The SPECpower tables shipped with Tern (CloudSim's PowerModelSpecPower* classes).

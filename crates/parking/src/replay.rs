@@ -6,6 +6,7 @@
 //! unparked cores evenly busy, parked cores idle, the excess as run-queue wait. The decision made
 //! after interval `t` applies to interval `t + 1`, as on a real host.
 
+#![deny(clippy::disallowed_methods)]
 use serde::{Deserialize, Serialize};
 
 use crate::knobs::Knobs;

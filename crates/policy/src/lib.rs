@@ -19,6 +19,7 @@
 //! assert_eq!(spec.to_string(), "lr-mmt-1.2");
 //! ```
 
+#![deny(clippy::disallowed_methods)]
 #![forbid(unsafe_code)]
 // Numeric kernels index several parallel arrays at once; index loops read better there.
 #![allow(clippy::needless_range_loop)]

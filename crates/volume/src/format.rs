@@ -16,6 +16,7 @@
 //! (epoch, holder, pending hand-over). The allocation bitmap is derived from the maps, so it can
 //! never disagree with them.
 
+#![deny(clippy::disallowed_methods)]
 use std::collections::BTreeMap;
 
 use crate::codec::{Dec, Enc, Truncated};

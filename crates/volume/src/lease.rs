@@ -20,6 +20,7 @@
 //! memory. A coordinator that loads the table after a take-over gives every holder one full TTL
 //! from that moment to renew with it.
 
+#![deny(clippy::disallowed_methods)]
 use std::collections::BTreeMap;
 
 use crate::format::{LeaseRecord, NodeId};

@@ -2,6 +2,7 @@
 //! extents that must be zeroed before the new state is committed; the input is never modified, so
 //! a failed operation leaves nothing half-done.
 
+#![deny(clippy::disallowed_methods)]
 use crate::format::{
     EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, max_file_size, valid_name,
 };

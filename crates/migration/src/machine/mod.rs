@@ -9,6 +9,7 @@
 //! | [`policy`] | bandwidth estimate, switch-over rule, throttle schedule, timeout, token bucket |
 //! | [`pages`] | which pages go in a round, which stream carries a page, which zero pages are skipped |
 
+#![deny(clippy::disallowed_methods)]
 pub mod pages;
 pub mod policy;
 pub mod receiver;

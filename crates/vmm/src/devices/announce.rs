@@ -1,6 +1,7 @@
 //! The self-announce after a restore or migration: the frames (RARP for the MAC, gratuitous ARP
 //! when the guest's IPv4 address is known) and the schedule they go out on. Pure: no I/O, no clock.
 
+#![deny(clippy::disallowed_methods)]
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
