@@ -963,6 +963,63 @@ mod tests {
         assert_eq!(sh.snapshot(0).status.generation_seen, 4);
     }
 
+    #[tokio::test]
+    async fn a_command_repeated_while_under_way_is_not_fed_to_the_core_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in VMM that starts and never listens: the receive stays under way.
+        let exe = dir.path().join("fake-tern");
+        std::fs::write(&exe, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let (tx, mut rx) = mpsc::channel(16);
+        let mut sh = shell(dir.path(), tx);
+        sh.ctx.exe = exe;
+        sh.handle(Event::Input(Input::LeaseRenewed {
+            sent_ms: 0,
+            lease: 9,
+        }));
+        let spec: tern_api::cluster::VmCreate = serde_json::from_value(serde_json::json!({
+            "name": "r2", "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
+            "cmdline": "", "disk": null, "host": null, "anti_affinity": null,
+            "restart_priority": 50
+        }))
+        .unwrap();
+        let cmd = Command {
+            generation: 4,
+            id: 2,
+            host_lease: 9,
+            body: CommandBody::Receive {
+                spec,
+                disk_url: None,
+            },
+        };
+        let (first, mut first_rx) = oneshot::channel();
+        let (again, mut again_rx) = oneshot::channel();
+        sh.handle(Event::Command(cmd.clone(), first));
+        let seq = sh.agent.seq();
+        sh.handle(Event::Command(cmd, again));
+        assert_eq!(sh.agent.seq(), seq, "the repeat did not reach the core");
+        assert_eq!(sh.children.len(), 1);
+        assert_eq!(sh.agent.state_of("r2"), ObservedState::Receiving);
+        assert!(first_rx.try_recv().is_err() && again_rx.try_recv().is_err());
+        // The receiver dies: both waiters get the one answer.
+        sh.children["r2"].kill();
+        loop {
+            let ev = rx.recv().await.expect("the child's exit");
+            let exited = matches!(ev, Event::ChildExited { .. });
+            sh.handle(ev);
+            if exited {
+                break;
+            }
+        }
+        let (a, b) = (first_rx.await.unwrap(), again_rx.await.unwrap());
+        assert_eq!(a, b);
+        assert!(
+            matches!(a.reply, tern_api::agent::CommandReply::Failed { .. }),
+            "{a:?}"
+        );
+    }
+
     fn options() -> Options {
         Options {
             host_id: "h1".into(),
