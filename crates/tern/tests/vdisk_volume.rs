@@ -2,7 +2,7 @@
 //! (real etcd, real node processes, real KVM): the guest's write/flush/read-back check passes and
 //! the file holds its pattern (read back with `qemu-img convert` over NBD); a second writer is
 //! refused while the first runs, on another host's node and on the same node, and gets in after
-//! the first exits; a read-only open takes no lease; writes made while the node is redirected
+//! the first exits (its claim file removed); a read-only open takes no lease; writes made while the node is redirected
 //! (injected LUN fault) land on the LUN, and the node returns to direct I/O after.
 
 mod common;
@@ -153,6 +153,12 @@ fn volume_disk_verify_and_one_writer_at_a_time() {
         "unclear refusal: {err}"
     );
     // A second writer through the same node: refused by the host's claim.
+    let claim = tern_volume::client::claim_path(&n1, FILE);
+    assert!(
+        claim.exists(),
+        "VM A holds no claim file {}",
+        claim.display()
+    );
     let err = expect_refused(&dir, "b-same-host", &on_n1);
     assert!(
         err.contains("already open for writing by another VM on this host"),
@@ -176,6 +182,11 @@ fn volume_disk_verify_and_one_writer_at_a_time() {
         lease_holder(&n1),
         None,
         "the lease must be released on exit"
+    );
+    assert!(
+        !claim.exists(),
+        "a clean exit must remove the claim file {}",
+        claim.display()
     );
     let (direct, node, _, redirects) = path_counters(&a.stderr());
     assert!(

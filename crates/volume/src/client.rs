@@ -13,7 +13,8 @@
 //!
 //! Ownership on one host: the lease belongs to a node, so two VMs on the same host would both be
 //! "the holder". A writable open therefore also takes an exclusive `flock` on a claim file
-//! (`/run/tern/volume-claims/ADDR_FILE.lock`), which the kernel drops when the process dies.
+//! (`/run/tern/volume-claims/ADDR_FILE.lock`), which the kernel drops when the process dies; a
+//! clean close also removes the file (while still holding the lock).
 //! Across hosts, the coordinator's lease refuses the second writer.
 
 use std::fs::File;
@@ -231,7 +232,7 @@ pub struct VolumeDisk {
     direct: Mutex<Option<Direct>>,
     lease: Arc<LeaseClock>,
     counters: Arc<PathCounters>,
-    _claim: Option<File>,
+    claim: Mutex<Option<Claim>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -248,7 +249,8 @@ pub fn parse_spec(spec: &str) -> Result<(String, String), OpenError> {
     }
 }
 
-fn claim_path(addr: &str, name: &str) -> PathBuf {
+/// The claim file a writable open of `FILE` through node `addr` takes (in [`CLAIM_DIR`]).
+pub fn claim_path(addr: &str, name: &str) -> PathBuf {
     let safe: String = format!("{addr}_{name}")
         .chars()
         .map(|c| {
@@ -262,26 +264,73 @@ fn claim_path(addr: &str, name: &str) -> PathBuf {
     PathBuf::from(CLAIM_DIR).join(format!("{safe}.lock"))
 }
 
-fn take_claim(addr: &str, name: &str) -> Result<File, OpenError> {
+fn take_claim(addr: &str, name: &str) -> Result<Claim, OpenError> {
     let path = claim_path(addr, name);
-    let claim_err = |source| OpenError::Claim {
+    std::fs::create_dir_all(CLAIM_DIR).map_err(|source| OpenError::Claim {
         path: path.clone(),
         source,
-    };
-    std::fs::create_dir_all(CLAIM_DIR).map_err(claim_err)?;
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(claim_err)?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(OpenError::Claimed {
-            name: name.to_owned(),
-            path,
-        }),
-        Err(std::fs::TryLockError::Error(e)) => Err(claim_err(e)),
+    })?;
+    Claim::take(path, name)
+}
+
+/// A held per-host claim: an exclusive `flock` on the claim file. Dropping it removes the file
+/// while the lock is still held, so a clean exit leaves nothing in [`CLAIM_DIR`].
+///
+/// Because a holder unlinks the file, a taker may lock a file that is no longer (or no longer the
+/// same file) at the path: it then checks, after locking, that the path still names the inode it
+/// locked, and starts over if not. Two processes can therefore never both hold the claim: the
+/// path names one inode at a time, and only one open file can hold that inode's lock.
+#[derive(Debug)]
+struct Claim {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Claim {
+    /// Takes the claim at `path` (`name` is the volume file, for the error), or
+    /// [`OpenError::Claimed`] while another open file holds it.
+    fn take(path: PathBuf, name: &str) -> Result<Claim, OpenError> {
+        use std::os::unix::fs::MetadataExt;
+        let claim_err = |source| OpenError::Claim {
+            path: path.clone(),
+            source,
+        };
+        loop {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(claim_err)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(OpenError::Claimed {
+                        name: name.to_owned(),
+                        path,
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(claim_err(e)),
+            }
+            // The previous holder may have unlinked the file between our open and our lock.
+            let locked = file.metadata().map_err(claim_err)?;
+            match std::fs::metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (locked.dev(), locked.ino()) => {
+                    return Ok(Claim { _file: file, path });
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(claim_err(e)),
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // Unlink first, close (and so unlock) after: see the type's comment.
+        // `self._file` is closed after this body, when the fields are dropped.
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -390,7 +439,7 @@ impl VolumeDisk {
             direct: Mutex::new(direct),
             lease,
             counters: Arc::default(),
-            _claim: claim,
+            claim: Mutex::new(claim),
         };
         if mode != Ownership::Reader {
             disk.refresh_map();
@@ -774,8 +823,17 @@ impl VolumeDisk {
         Ok(())
     }
 
-    /// Flushes and releases the lease (a writer) — called when the VM exits. Idempotent.
+    /// Flushes and releases the lease (a writer), then the host's claim (its file removed) —
+    /// called when the VM exits. Idempotent.
     pub fn close(&self) -> Result<(), HandoverError> {
+        let closed = self.close_lease();
+        // After the lease: a VM on this host that takes the claim next must not have its fresh
+        // lease released by our release.
+        drop(lock(&self.claim).take());
+        closed
+    }
+
+    fn close_lease(&self) -> Result<(), HandoverError> {
         let mut owner = lock(&self.owner);
         self.lease.stop.store(true, Ordering::SeqCst);
         if *owner == Ownership::Writer {
@@ -890,5 +948,61 @@ mod tests {
         let a = claim_path("127.0.0.1:1", "vm1.raw");
         assert_eq!(a, PathBuf::from(CLAIM_DIR).join("127.0.0.1_1_vm1.raw.lock"));
         assert_ne!(a, claim_path("127.0.0.1:2", "vm1.raw"));
+    }
+
+    #[test]
+    fn a_claim_is_exclusive_and_its_file_goes_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.lock");
+        let first = Claim::take(path.clone(), "a").unwrap();
+        assert!(path.exists());
+        match Claim::take(path.clone(), "a") {
+            Err(OpenError::Claimed { name, path: p }) => {
+                assert_eq!((name.as_str(), p), ("a", path.clone()))
+            }
+            other => panic!("a second claim while the first is held: {other:?}"),
+        }
+        drop(first);
+        assert!(!path.exists(), "a released claim leaves its file behind");
+        let again = Claim::take(path.clone(), "a").unwrap();
+        assert!(path.exists());
+        drop(again);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn racing_claimers_never_both_hold_the_claim() {
+        use std::sync::atomic::AtomicUsize;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("race.lock");
+        let holders = AtomicUsize::new(0);
+        let wins = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..2000 {
+                        match Claim::take(path.clone(), "race") {
+                            Ok(claim) => {
+                                let before = holders.fetch_add(1, Ordering::SeqCst);
+                                assert_eq!(
+                                    before,
+                                    0,
+                                    "two claimers hold {} at once",
+                                    path.display()
+                                );
+                                wins.fetch_add(1, Ordering::SeqCst);
+                                std::thread::yield_now();
+                                holders.fetch_sub(1, Ordering::SeqCst);
+                                drop(claim);
+                            }
+                            Err(OpenError::Claimed { .. }) => std::thread::yield_now(),
+                            Err(e) => panic!("claiming {}: {e}", path.display()),
+                        }
+                    }
+                });
+            }
+        });
+        assert!(wins.load(Ordering::SeqCst) > 0, "no claimer ever won");
+        assert!(!path.exists(), "the last holder left its claim file behind");
     }
 }
