@@ -590,7 +590,7 @@ pub fn send(
     let reply = tern_nbd::control(addr, &bytes, timeout).map_err(|e| {
         ControlError::new(
             ErrorKind::NoCoordinator,
-            format!("cannot reach node {addr}: {e}"),
+            format!("cannot reach node {addr}: {}", with_causes(&e)),
         )
     })?;
     decode_reply(&reply).map_err(|e| match e.kind {
@@ -602,9 +602,47 @@ pub fn send(
     })
 }
 
+/// `e` and its chain of causes, `: `-separated ("NBD connection failed: Connection refused
+/// (os error 111)"): a [`ControlError`] carries a message only, so the cause must be in it.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_node_is_reported_with_the_cause() {
+        // A port that was just free: nobody listens on it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let e = request(
+            &addr,
+            &Request::Status,
+            false,
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NoCoordinator);
+        assert!(
+            e.message
+                .starts_with(&format!("cannot reach node {addr}: "))
+                && e.message.contains("Connection refused"),
+            "the message must name the node and the cause: {}",
+            e.message
+        );
+    }
 
     #[test]
     fn requests_round_trip_through_json() {
