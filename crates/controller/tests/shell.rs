@@ -10,9 +10,9 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_api::agent::HostRecord;
-use tern_api::cluster::{HostCapacity, HostState};
-use tern_controller::core::Config;
+use tern_api::agent::{AgentReport, HostRecord};
+use tern_api::cluster::{HostCapacity, HostState, VmCreate};
+use tern_controller::core::{Config, Input};
 use tern_controller::shell::Shell;
 use tern_volume::control::{self, LeaseAction, Request};
 use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
@@ -167,4 +167,41 @@ async fn a_lost_hosts_disk_leases_are_fenced_through_a_live_hosts_volume_node() 
     .into_file()
     .unwrap();
     assert_eq!((f.lease.holder, f.lease.epoch), (None, epoch + 1));
+}
+
+#[tokio::test]
+async fn a_change_stored_before_the_deadline_cut_its_command_short_stands() {
+    let cfg = Config {
+        ha_reserve_hosts: 0,
+        ..Config::default()
+    };
+    let shell = Shell::in_memory(cfg, "http://in-memory");
+    assert_eq!(shell.wait_leading(Duration::from_secs(5)).await, Some(1));
+    shell.host_up(host("h1", 1, None)).await;
+    let report = |generation: u64, seq: u64| {
+        Input::Report(AgentReport {
+            host: "h1".into(),
+            generation_seen: generation,
+            seq,
+            last_command_id: 0,
+            vms: vec![],
+            cpu_utilization: None,
+        })
+    };
+    shell.shared().feed(report(1, 1)).await;
+    // The VM's record is stored first; its start command would go out after the deadline.
+    shell.set_lease_deadline(shell.shared().now_ms());
+    let spec: VmCreate = serde_json::from_value(serde_json::json!({
+        "name": "web-1", "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest"
+    }))
+    .unwrap();
+    let vm = shell
+        .shared()
+        .api(|c, now| c.create_vm(spec, now))
+        .await
+        .expect("stored, so it stands");
+    assert_eq!(vm.host.as_deref(), Some("h1"));
+    // The next term finds it in the store.
+    assert_eq!(shell.wait_leading(Duration::from_secs(5)).await, Some(2));
+    assert!(shell.shared().core().vm("web-1").is_ok());
 }

@@ -171,23 +171,39 @@ impl Shared {
         };
         let executed = self.execute(actions).await;
         let value = result.map_err(ApiFailure::Core)?;
-        executed.map_err(ApiFailure::NotStored)?;
-        Ok(value)
+        match executed {
+            // Every write was stored: the change stands (the next leader carries out what a
+            // command cut short by a step-down would have done).
+            Ok(())
+            | Err(Stopped {
+                unstored: false, ..
+            }) => Ok(value),
+            Err(Stopped { why, .. }) => Err(ApiFailure::NotStored(why)),
+        }
     }
 
     /// Carries out `actions` in order. A failed store (or a send past the lease deadline) feeds
     /// `Deposed`, drops the rest and asks the election loop to step down.
-    async fn execute(&self, actions: Vec<Action>) -> Result<(), String> {
-        for action in actions {
+    async fn execute(&self, actions: Vec<Action>) -> Result<(), Stopped> {
+        let mut actions = actions.into_iter();
+        while let Some(action) = actions.next() {
             match action {
                 Action::StoreVm { name, record } => {
                     if let Err(e) = self.store.store_vm(&name, record.as_ref()).await {
-                        return Err(self.deposed(format!("storing VM {name}: {e}")));
+                        let why = self.deposed(format!("storing VM {name}: {e}"));
+                        return Err(Stopped {
+                            why,
+                            unstored: true,
+                        });
                     }
                 }
                 Action::StoreMaintenance { host, on } => {
                     if let Err(e) = self.store.store_maintenance(&host, on).await {
-                        return Err(self.deposed(format!("storing {host}'s maintenance: {e}")));
+                        let why = self.deposed(format!("storing {host}'s maintenance: {e}"));
+                        return Err(Stopped {
+                            why,
+                            unstored: true,
+                        });
                     }
                 }
                 Action::Send {
@@ -196,9 +212,13 @@ impl Shared {
                     command,
                 } => {
                     if self.now_ms() >= self.lease_deadline_ms.load(Ordering::SeqCst) {
-                        return Err(self.deposed(
+                        let why = self.deposed(
                             "the election lease's deadline passed before a command went out".into(),
-                        ));
+                        );
+                        let unstored = actions.any(|a| {
+                            matches!(a, Action::StoreVm { .. } | Action::StoreMaintenance { .. })
+                        });
+                        return Err(Stopped { why, unstored });
                     }
                     let inputs = self.inputs.clone();
                     let timeout = Duration::from_millis(self.core().config().command_timeout_ms);
@@ -242,6 +262,14 @@ impl Shared {
         self.step_down.notify_one();
         why
     }
+}
+
+/// Why a batch of actions was cut short (the shell stepped down).
+#[derive(Debug)]
+struct Stopped {
+    why: String,
+    /// Some desired-state write of the batch was not stored.
+    unstored: bool,
 }
 
 /// Why an API call failed.
