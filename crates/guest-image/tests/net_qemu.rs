@@ -18,21 +18,8 @@ const QEMU: &str = "qemu-system-x86_64";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn require_environment() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("Uid line");
-    assert_eq!(
-        euid, "0",
-        "these tests build network namespaces and boot QEMU/KVM: they must run as root (euid {euid})"
-    );
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .unwrap_or_else(|e| panic!("these tests need /dev/kvm: {e}"));
+    // Root and a usable /dev/kvm.
+    tern_test_support::require_kvm();
     match Command::new(QEMU).arg("--version").output() {
         Ok(o) if o.status.success() => {}
         _ => panic!("{QEMU} is needed for these tests (apt-get install qemu-system-x86)"),

@@ -18,23 +18,8 @@ const QEMU: &str = "qemu-system-x86_64";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn require_environment() {
-    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .expect("Uid line in /proc/self/status");
-    assert_eq!(
-        euid, "0",
-        "these tests boot the guest under QEMU/KVM and must run as root (effective uid is {euid})"
-    );
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("these tests boot the guest under QEMU/KVM and need /dev/kvm: {e}");
-    }
+    // Root and a usable /dev/kvm.
+    tern_test_support::require_kvm();
     match Command::new(QEMU).arg("--version").output() {
         Ok(o) if o.status.success() => {}
         Ok(o) => panic!(
