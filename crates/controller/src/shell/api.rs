@@ -189,7 +189,7 @@ async fn get_host(State(s): S, Path(host): Path<String>) -> Reply {
               (status = 200, description = "Left maintenance (or no change): the host", body = HostInfo),
               (status = 400, description = "Bad JSON or name", body = ErrorBody),
               (status = 404, description = "Unknown host", body = ErrorBody),
-              (status = 503, description = "Not the leader, or not stored", body = ErrorBody)))]
+              (status = 503, description = "Not the leader, not ready (a new leader gathering every host's report), or not stored", body = ErrorBody)))]
 async fn set_maintenance(State(s): S, Path(host): Path<String>, bytes: Bytes) -> Reply {
     name("host", &host)?;
     let req: MaintenanceRequest = body(&bytes, "maintenance request ({\"enter\": true|false})")?;
@@ -221,7 +221,7 @@ async fn list_vms(State(s): S) -> Reply {
               (status = 400, description = "Bad JSON, invalid name, size out of range", body = ErrorBody),
               (status = 404, description = "The pinned host is unknown", body = ErrorBody),
               (status = 409, description = "The name is taken, or no host fits", body = ErrorBody),
-              (status = 503, description = "Not the leader, or not stored", body = ErrorBody)))]
+              (status = 503, description = "Not the leader, not ready (a new leader gathering every host's report), or not stored", body = ErrorBody)))]
 async fn create_vm(State(s): S, bytes: Bytes) -> Reply {
     let spec: VmCreate = body(&bytes, "VM (VmCreate)")?;
     leading(&s)?;
@@ -252,7 +252,7 @@ async fn get_vm(State(s): S, Path(vm): Path<String>) -> Reply {
               (status = 400, description = "Invalid name", body = ErrorBody),
               (status = 404, description = "Unknown VM", body = ErrorBody),
               (status = 409, description = "It is migrating", body = ErrorBody),
-              (status = 503, description = "Not the leader, or not stored", body = ErrorBody)))]
+              (status = 503, description = "Not the leader, not ready (a new leader gathering every host's report), or not stored", body = ErrorBody)))]
 async fn delete_vm(State(s): S, Path(vm): Path<String>) -> Reply {
     name("VM", &vm)?;
     leading(&s)?;
