@@ -7,10 +7,7 @@ use std::process::{Command, Output};
 const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 fn require_root() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "net_cli tests build network namespaces and need root"
-    );
+    tern_test_support::require_root_for("net_cli tests build network namespaces");
 }
 
 fn tern(args: &[&str]) -> Output {

@@ -46,10 +46,7 @@ fn the_shell_blocks_are_extracted_in_order() {
 
 #[test]
 fn parking_quick_start_runs_as_written() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "park_docs runs `tern park run` as the docs do: it needs root"
-    );
+    tern_test_support::require_root_for("park_docs runs `tern park run` as the docs do");
     let md = std::fs::read_to_string(repo().join("docs/parking.md")).unwrap();
     let blocks = sh_blocks(&md);
     assert!(blocks.len() >= 2, "docs/parking.md lost its quick start");

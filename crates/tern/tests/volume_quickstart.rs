@@ -9,21 +9,14 @@
 //!
 //! Needs `etcd`, `qemu-img`, `qemu-io` on PATH; fails loudly without them.
 
-use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const TERN: &str = env!("CARGO_BIN_EXE_tern");
+use tern_test_support::free_port;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 /// The contents of every fenced block opened with "```sh", in order.
 fn sh_blocks(md: &str) -> Vec<String> {
