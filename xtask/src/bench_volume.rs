@@ -8,16 +8,16 @@
 //! sequential reads and writes) at several queue depths, which shows whether a path keeps
 //! requests in flight (the redirected path's two hops above all).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bench_common::build_release_tern;
 use anyhow::{Context, bail, ensure};
 use tern_nbd::Client;
-use tern_test_support::free_port;
+use tern_test_support::{ChildGuard, Etcd, free_port, wait_for};
 use tern_volume::control::{self, LeaseAction, Request};
 
 /// Options of the volume benchmark.
@@ -38,25 +38,6 @@ pub struct Args {
     /// Queue depths `qemu-img bench` keeps in flight.
     #[arg(long, value_delimiter = ',', default_values_t = [1u32, 4, 16, 32])]
     depths: Vec<u32>,
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > timeout {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 const BS: usize = 4096;
@@ -219,7 +200,7 @@ fn spawn_node(
     etcd: &str,
     extra: &[&str],
     log: &Path,
-) -> anyhow::Result<(Proc, String)> {
+) -> anyhow::Result<(ChildGuard, String)> {
     let addr = format!("127.0.0.1:{}", free_port());
     let child = Command::new(tern)
         .args([
@@ -238,10 +219,10 @@ fn spawn_node(
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log)?)
         .spawn()?;
-    let p = Proc(child);
-    wait_until("node", Duration::from_secs(20), || {
+    let p = ChildGuard(child);
+    wait_for("node", Duration::from_secs(20), || {
         control::call(&addr, &Request::Status, false, Duration::from_secs(2)).is_ok()
-    })?;
+    });
     Ok((p, addr))
 }
 
@@ -302,7 +283,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("tern-bench-volume-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = bench(&args, &tern, &dir);
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| bench(&args, &tern, &dir)))
+            .unwrap_or_else(|panic| {
+                // A wait that timed out (wait_for panics): keep the logs as for an error.
+                eprintln!("node logs kept in {}", dir.display());
+                std::panic::resume_unwind(panic)
+            });
     if result.is_ok() {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
@@ -312,33 +299,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
-    let (cp, pp) = (free_port(), free_port());
-    let etcd_url = format!("http://127.0.0.1:{cp}");
-    let peer = format!("http://127.0.0.1:{pp}");
-    let _etcd = Proc(
-        Command::new("etcd")
-            .arg("--data-dir")
-            .arg(dir.join("etcd"))
-            .args([
-                "--listen-client-urls",
-                &etcd_url,
-                "--advertise-client-urls",
-                &etcd_url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("default={peer}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
-    wait_until("etcd", Duration::from_secs(20), || {
-        TcpStream::connect(("127.0.0.1", cp)).is_ok()
-    })?;
+    let etcd = Etcd::start();
+    let etcd_url = etcd.url.clone();
     let lun = dir.join("lun");
     let lun_size = (2 * args.file_mib + 64) << 20;
     let st = Command::new(tern)
@@ -349,11 +311,11 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
     ensure!(st.success(), "format failed");
 
     let (mut n1, a1) = spawn_node(tern, &lun, 1, &etcd_url, &[], &dir.join("n1.log"))?;
-    wait_until("node 1 to coordinate", Duration::from_secs(20), || {
+    wait_for("node 1 to coordinate", Duration::from_secs(20), || {
         call(&a1, Request::Status)
             .map(|s| s["role"] == "coordinator")
             .unwrap_or(false)
-    })?;
+    });
     let (_n2, a2) = spawn_node(
         tern,
         &lun,
@@ -400,7 +362,7 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
     let raw_addr = l.local_addr()?.to_string();
     std::thread::spawn(move || tern_nbd::run_listener(l, Arc::new(ex)));
     let qport = free_port();
-    let _qemu = Proc(
+    let _qemu = ChildGuard(
         Command::new("qemu-nbd")
             .args([
                 "-f",
@@ -420,9 +382,9 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
             .spawn()?,
     );
     let qaddr = format!("127.0.0.1:{qport}");
-    wait_until("qemu-nbd", Duration::from_secs(10), || {
+    wait_for("qemu-nbd", Duration::from_secs(10), || {
         Client::connect(&qaddr, "q").is_ok()
-    })?;
+    });
 
     let blocks = size / BS as u64;
     let patterns = [
@@ -525,7 +487,7 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         let killed = Instant::now();
         drop(std::mem::replace(
             &mut n1,
-            Proc(Command::new("true").spawn()?),
+            ChildGuard(Command::new("true").spawn()?),
         ));
         call(
             &a3,
