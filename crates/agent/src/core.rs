@@ -439,6 +439,14 @@ impl Agent {
             self.last_command_id = 0;
         }
         self.last_command_id = self.last_command_id.max(id);
+        // The same command again while it is still under way (a retried request): its one answer
+        // comes when it ends.
+        let under_way = self.vms.values().any(|v| {
+            v.migrating == Some((generation, id)) || v.receiving == Some((generation, id))
+        });
+        if under_way {
+            return;
+        }
         if let Some(r) = self.replies.get(&(generation, id)) {
             let reply = r.clone();
             self.outbox.push(Action::Reply {
@@ -804,6 +812,51 @@ mod tests {
         }
         assert_eq!(restarts, 3, "restart_limit is 3 within the window");
         assert_eq!(a.state_of("a"), ObservedState::Exited);
+    }
+
+    #[test]
+    fn a_command_repeated_while_under_way_gets_its_one_answer_when_it_ends() {
+        let mut a = leased();
+        let receive = |id| {
+            Input::Command(Command {
+                generation: 1,
+                id,
+                host_lease: 1,
+                body: CommandBody::Receive {
+                    spec: spec("a"),
+                    disk_url: None,
+                },
+            })
+        };
+        a.step(receive(3), 0);
+        assert_eq!(a.drain_actions().len(), 1, "the receiver is started");
+        a.step(receive(3), 1);
+        assert!(
+            a.drain_actions().is_empty(),
+            "no second receiver, no early answer"
+        );
+        a.step(
+            Input::ReceiverListening {
+                vm: "a".into(),
+                listen: "10.0.0.1:7000".into(),
+            },
+            2,
+        );
+        let acts = a.drain_actions();
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [Action::Reply {
+                    id: 3,
+                    reply: CommandReply::Done {
+                        listen: Some(_),
+                        ..
+                    },
+                    ..
+                }]
+            ),
+            "{acts:?}"
+        );
     }
 
     #[test]
