@@ -4,11 +4,9 @@
 
 use std::process::{Command, Output};
 
-const TERN: &str = env!("CARGO_BIN_EXE_tern");
+use tern_test_support::require_root_for;
 
-fn require_root() {
-    tern_test_support::require_root_for("net_cli tests build network namespaces");
-}
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
 
 fn tern(args: &[&str]) -> Output {
     Command::new(TERN).args(args).output().expect("run tern")
@@ -40,7 +38,7 @@ impl Drop for Cleanup {
 /// Regression: the clash message named the internal `replace_stale` and a bare `tern net down`.
 #[test]
 fn up_on_an_existing_name_names_the_flag_and_the_command() {
-    require_root();
+    require_root_for("net_cli tests build network namespaces");
     let name = format!("tnc{}", std::process::id());
     let _cleanup = Cleanup(name.clone());
     let out = tern(&["net", "up", "--name", &name, "--hosts", "1", "--no-client"]);
@@ -72,7 +70,7 @@ fn up_on_an_existing_name_names_the_flag_and_the_command() {
 /// Regression: `tern net down` of a topology that is not there was an error.
 #[test]
 fn down_is_idempotent_and_removes_partial_leftovers() {
-    require_root();
+    require_root_for("net_cli tests build network namespaces");
     let name = format!("tnd{}", std::process::id());
     let _cleanup = Cleanup(name.clone());
     let out = tern(&["net", "down", "--name", &name]);
