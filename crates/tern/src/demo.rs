@@ -599,7 +599,6 @@ mod ha {
             "killing host {victim}: its agent and VMMs (SIGKILL); its VMs: {}",
             lost.join(" ")
         ));
-        drop(api);
         lab.kill_host(victim_idx)?;
         let killed = Instant::now();
         let api = Api { lab: &lab };
