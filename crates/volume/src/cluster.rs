@@ -79,6 +79,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// How long `serve` keeps trying an etcd that does not answer yet before it gives up.
+const ETCD_START_WAIT: Duration = Duration::from_secs(10);
+
 fn uuid_hex(node: &Node) -> String {
     node.superblock()
         .uuid
@@ -145,16 +148,35 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         why,
     };
     // The client connects lazily: make one real request so a wrong --etcd fails here, clearly.
+    // An etcd started a moment ago (`etcd &` just before) gets up to ETCD_START_WAIT to answer.
     let client = rt.block_on(async {
-        let connect = async {
-            let mut c = Client::connect(&opts.etcd, None).await?;
-            c.get("tern/volume/probe", None).await?;
-            Ok::<_, etcd_client::Error>(c)
-        };
-        match tokio::time::timeout(Duration::from_secs(5), connect).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(etcd_error(e.to_string())),
-            Err(_) => Err(etcd_error("no answer within 5 s".into())),
+        let started = tokio::time::Instant::now();
+        let mut told = false;
+        loop {
+            let connect = async {
+                let mut c = Client::connect(&opts.etcd, None).await?;
+                c.get("tern/volume/probe", None).await?;
+                Ok::<_, etcd_client::Error>(c)
+            };
+            let why = match tokio::time::timeout(Duration::from_secs(2), connect).await {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer within 2 s".to_string(),
+            };
+            if started.elapsed() >= ETCD_START_WAIT {
+                return Err(etcd_error(format!(
+                    "{why} (tried for {} s)",
+                    ETCD_START_WAIT.as_secs()
+                )));
+            }
+            if !told {
+                eprintln!(
+                    "tern volume serve: waiting for etcd at {} ({why})",
+                    opts.etcd.join(",")
+                );
+                told = true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     })?;
 
