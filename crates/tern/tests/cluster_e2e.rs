@@ -913,3 +913,31 @@ fn the_cluster_goes_down_leaving_nothing_behind() {
         );
     }
 }
+
+#[test]
+fn the_ha_demo_restarts_the_killed_hosts_vms_once_and_reports_its_figures() {
+    let _g = lock();
+    require_kvm();
+    require_tools(&["etcd", "ip"]);
+    let out = Command::new(tern())
+        .args(["demo", "ha", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tern demo ha failed:\n{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {:?}", out.stdout));
+    assert_eq!(v["vms"], 6, "{v}");
+    let restarted = v["vms_restarted"].as_u64().unwrap();
+    assert!(restarted >= 1, "{v}");
+    assert!(v["host_killed"].as_str().unwrap().starts_with('h'), "{v}");
+    assert_eq!(v["two_copies_seen"], false, "{v}");
+    assert_eq!(v["leases_fenced"].as_u64(), Some(restarted), "{v}");
+    assert_eq!(v["stale_writes_refused"].as_u64(), Some(restarted), "{v}");
+    let restart_s = v["restart_s"].as_f64().unwrap();
+    assert!(restart_s > 0.0 && restart_s < 30.0, "{v}");
+    let failover = v["controller_failover_s"].as_f64().unwrap();
+    assert!(failover > 0.0 && failover < 10.0, "{v}");
+    // The narrative went to stderr, and the cluster is gone.
+    assert!(stderr.contains("killing host"), "{stderr}");
+}
