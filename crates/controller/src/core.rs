@@ -2116,23 +2116,32 @@ impl Controller {
         }
     }
 
+    /// Every host as placement sees it: the VMs placed there, and those migrating there (counted
+    /// on both hosts until the move ends). One pass over the VMs and the tasks.
     fn candidates(&self) -> Vec<Candidate> {
+        let mut on: BTreeMap<&str, Vec<&Vm>> = BTreeMap::new();
+        for v in self.vms.values() {
+            if let Some(h) = v.host.as_deref() {
+                on.entry(h).or_default().push(v);
+            }
+        }
+        for t in self.tasks.values() {
+            if matches!(t.phase, Phase::Done) || t.info.kind != TaskKind::Migrate {
+                continue;
+            }
+            let (Some(to), Some(name)) = (t.info.to.as_deref(), t.info.vm.as_deref()) else {
+                continue;
+            };
+            if let Some(v) = self.vms.get(name)
+                && v.host.as_deref() != Some(to)
+            {
+                on.entry(to).or_default().push(v);
+            }
+        }
         self.hosts
             .iter()
             .map(|(name, h)| {
-                let placed: Vec<&Vm> = self
-                    .vms
-                    .values()
-                    .filter(|v| {
-                        v.host.as_deref() == Some(name.as_str())
-                            || self.tasks.values().any(|t| {
-                                !matches!(t.phase, Phase::Done)
-                                    && t.info.kind == TaskKind::Migrate
-                                    && t.info.to.as_deref() == Some(name.as_str())
-                                    && t.info.vm.as_deref() == Some(v.spec.name.as_str())
-                            })
-                    })
-                    .collect();
+                let placed = on.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
                 Candidate {
                     name: name.clone(),
                     usable: h.state == HostState::Up && !h.maintenance,
