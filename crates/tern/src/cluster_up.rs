@@ -718,13 +718,12 @@ fn volume_files(state: &LabState) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Removes the per-host claim files (`/run/tern/volume-claims/ADDR_FILE.lock`) of this cluster's
+/// Removes the per-host claim files (`tern_volume::client::claim_path`) of this cluster's
 /// disks; every VMM holding one is gone by now.
 fn remove_claims(state: &LabState, files: &[String]) {
-    let dir = Path::new(tern_volume::client::CLAIM_DIR);
     for h in &state.hosts {
         for f in files {
-            let _ = std::fs::remove_file(dir.join(format!("{}_{f}.lock", h.volume_node)));
+            let _ = std::fs::remove_file(tern_volume::client::claim_path(&h.volume_node, f));
         }
     }
 }

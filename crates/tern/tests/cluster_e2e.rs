@@ -938,6 +938,14 @@ fn the_ha_demo_restarts_the_killed_hosts_vms_once_and_reports_its_figures() {
     assert!(restart_s > 0.0 && restart_s < 30.0, "{v}");
     let failover = v["controller_failover_s"].as_f64().unwrap();
     assert!(failover > 0.0 && failover < 10.0, "{v}");
-    // The narrative went to stderr, and the cluster is gone.
+    // The narrative went to stderr, and the cluster is gone, its disks' claim files with it.
     assert!(stderr.contains("killing host"), "{stderr}");
+    let left: Vec<String> = std::fs::read_dir("/run/tern/volume-claims")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("10.77.0.") && n.contains("_ha-vm"))
+        .collect();
+    assert!(left.is_empty(), "claim files left: {left:?}");
 }
