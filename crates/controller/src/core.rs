@@ -667,6 +667,7 @@ impl Controller {
             }
             return;
         }
+        let before: Vec<String> = h.observed.keys().cloned().collect();
         h.observed = report
             .vms
             .iter()
@@ -675,7 +676,18 @@ impl Controller {
         h.report_ms = Some(now);
         h.report_cmd_id = report.last_command_id;
         h.report_seq = report.seq;
-        self.reconcile_vms(now);
+        // Only the VMs this report can say something about: placed on this host, or seen there
+        // now or in its previous report.
+        let host = report.host.clone();
+        let mut scope: BTreeSet<String> = before.into_iter().collect();
+        scope.extend(report.vms.iter().map(|v| v.name.clone()));
+        scope.extend(
+            self.vms
+                .iter()
+                .filter(|(_, v)| v.host.as_deref() == Some(host.as_str()))
+                .map(|(n, _)| n.clone()),
+        );
+        self.reconcile_vms(&host, scope, now);
     }
 
     /// Whether host `h`'s latest trusted report speaks for VM `vm` (it covers every command sent
@@ -723,8 +735,12 @@ impl Controller {
     /// placed is adopted there; a VM missing from its host's covering report has vanished (and
     /// is placed again once every host has reported without it); extra copies are stopped; a
     /// paused copy nobody else runs is resumed.
-    fn reconcile_vms(&mut self, now: u64) {
-        let names: Vec<String> = self.vms.keys().cloned().collect();
+    fn reconcile_vms(&mut self, reporter: &str, scope: BTreeSet<String>, now: u64) {
+        let names: Vec<String> = scope
+            .iter()
+            .filter(|n| self.vms.contains_key(*n))
+            .cloned()
+            .collect();
         for name in names {
             let Some(vm) = self.vms.get(&name) else {
                 continue;
@@ -894,16 +910,15 @@ impl Controller {
         }
         // VMs the controller does not know (deleted) are stopped wherever they run.
         let mut strays = Vec::new();
-        for (h, host) in &self.hosts {
-            if host.state != HostState::Up {
-                continue;
-            }
+        if let Some(host) = self.hosts.get(reporter)
+            && host.state == HostState::Up
+        {
             for (vm, st) in &host.observed {
                 if !self.vms.contains_key(vm)
                     && !matches!(st, ObservedState::Exited | ObservedState::Absent)
-                    && self.covers(h, vm)
+                    && self.covers(reporter, vm)
                 {
-                    strays.push((h.clone(), vm.clone()));
+                    strays.push((reporter.to_string(), vm.clone()));
                 }
             }
         }
@@ -952,6 +967,19 @@ impl Controller {
 
     fn send_failed(&mut self, cmd: u64, error: &str, now: u64) {
         if let Some(p) = self.pending.remove(&cmd) {
+            // The command may never have arrived: until the agent handles a later one, its
+            // reports cannot cover this VM. A ping moves it on (unless one is on its way).
+            let host_up = self
+                .hosts
+                .get(&p.host)
+                .is_some_and(|h| h.state == HostState::Up);
+            let ping_pending = self
+                .pending
+                .values()
+                .any(|q| q.host == p.host && q.purpose == Purpose::Ping);
+            if host_up && !ping_pending {
+                self.send(&p.host, "", CommandBody::Ping, Purpose::Ping, now);
+            }
             match p.purpose {
                 // A lost reply to migrate_out: the migration may have committed.
                 Purpose::MigrateOut { task } => self.resolve(task, error, now),
