@@ -26,10 +26,8 @@ pub struct Args {
     /// Only the controller core's decision times (no root, KVM or etcd needed).
     #[arg(long)]
     pub core_only: bool,
-    /// Simulated host counts for the decision times (10000 takes hours with today's core: each
-    /// step re-derives every host's load from every VM, and the simulated cluster is built step by
-    /// step; see docs/benchmarks.md).
-    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    /// Simulated host counts for the decision times.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
     pub hosts: Vec<usize>,
     /// VMs created through the API in the live part.
     #[arg(long, default_value_t = 20)]
