@@ -565,8 +565,10 @@ mod tests {
     }
 
     const HDR: u64 = 0x8000;
-    const DATA: u64 = 0x9000;
     const STATUS: u64 = 0xa000;
+    // Past HDR, STATUS and SEGS by more than the largest transfer (64 sectors), so writing a
+    // request's header or status never changes the data it carries.
+    const DATA: u64 = 0x10000;
 
     fn request(
         r: &Rig,
