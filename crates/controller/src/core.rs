@@ -311,6 +311,28 @@ struct Task {
     target_says: Option<ObservedState>,
 }
 
+impl Task {
+    /// A task that has not begun.
+    fn new(info: TaskInfo) -> Task {
+        Task {
+            info,
+            phase: Phase::Queued,
+            asked_ms: 0,
+            source_says: None,
+            target_says: None,
+        }
+    }
+
+    /// The VM moved, the host it leaves and the host it goes to (empty where the task has none).
+    fn ends(&self) -> (String, String, String) {
+        (
+            self.info.vm.clone().unwrap_or_default(),
+            self.info.from.clone().unwrap_or_default(),
+            self.info.to.clone().unwrap_or_default(),
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     Ping,
@@ -1396,24 +1418,18 @@ impl Controller {
         self.next_task += 1;
         self.tasks.insert(
             id,
-            Task {
-                info: TaskInfo {
-                    id,
-                    kind: TaskKind::Maintenance,
-                    vm: None,
-                    from: Some(host.into()),
-                    to: None,
-                    state: TaskState::Running,
-                    created_ms: now_ms,
-                    finished_ms: None,
-                    error: None,
-                    report: None,
-                },
-                phase: Phase::Queued,
-                asked_ms: 0,
-                source_says: None,
-                target_says: None,
-            },
+            Task::new(TaskInfo {
+                id,
+                kind: TaskKind::Maintenance,
+                vm: None,
+                from: Some(host.into()),
+                to: None,
+                state: TaskState::Running,
+                created_ms: now_ms,
+                finished_ms: None,
+                error: None,
+                report: None,
+            }),
         );
         let msg = format!("host {host} entered maintenance; moving its VMs away");
         self.event(now_ms, "maintenance_on", None, Some(host), msg);
@@ -1775,24 +1791,18 @@ impl Controller {
         self.next_task += 1;
         self.tasks.insert(
             id,
-            Task {
-                info: TaskInfo {
-                    id,
-                    kind,
-                    vm: Some(vm.into()),
-                    from: Some(from.into()),
-                    to: Some(to.into()),
-                    state: TaskState::Queued,
-                    created_ms: now,
-                    finished_ms: None,
-                    error: None,
-                    report: None,
-                },
-                phase: Phase::Queued,
-                asked_ms: 0,
-                source_says: None,
-                target_says: None,
-            },
+            Task::new(TaskInfo {
+                id,
+                kind,
+                vm: Some(vm.into()),
+                from: Some(from.into()),
+                to: Some(to.into()),
+                state: TaskState::Queued,
+                created_ms: now,
+                finished_ms: None,
+                error: None,
+                report: None,
+            }),
         );
         if let Some(v) = self.vms.get_mut(vm) {
             v.task = Some(id);
@@ -1804,11 +1814,7 @@ impl Controller {
         let Some(t) = self.tasks.get(&task) else {
             return;
         };
-        let (vm, from, to) = (
-            t.info.vm.clone().unwrap_or_default(),
-            t.info.from.clone().unwrap_or_default(),
-            t.info.to.clone().unwrap_or_default(),
-        );
+        let (vm, from, to) = t.ends();
         let disk_successor = self
             .vms
             .get(&vm)
@@ -1837,11 +1843,7 @@ impl Controller {
         t.info.state = TaskState::Succeeded;
         t.info.finished_ms = Some(now);
         t.info.report = report;
-        let (vm, from, to) = (
-            t.info.vm.clone().unwrap_or_default(),
-            t.info.from.clone().unwrap_or_default(),
-            t.info.to.clone().unwrap_or_default(),
-        );
+        let (vm, from, to) = t.ends();
         self.counters.migrations_succeeded += 1;
         let target_up = self
             .hosts
@@ -1936,11 +1938,7 @@ impl Controller {
         let Some(t) = self.tasks.get(&task) else {
             return;
         };
-        let (vm, from, to) = (
-            t.info.vm.clone().unwrap_or_default(),
-            t.info.from.clone().unwrap_or_default(),
-            t.info.to.clone().unwrap_or_default(),
-        );
+        let (vm, from, to) = t.ends();
         let up = |h: &str| self.hosts.get(h).is_some_and(|x| x.state == HostState::Up);
         let (from_up, to_up) = (up(&from), up(&to));
         let source = from_up.then(|| {
@@ -1970,11 +1968,7 @@ impl Controller {
             self.task_failed(task, "the VM was settled otherwise", now);
             return;
         }
-        let (vm, from, to) = (
-            t.info.vm.clone().unwrap_or_default(),
-            t.info.from.clone().unwrap_or_default(),
-            t.info.to.clone().unwrap_or_default(),
-        );
+        let (vm, from, to) = t.ends();
         match (t.source_says, t.target_says) {
             // The target runs it: the move happened. The paused source copy is stopped.
             (_, Some(ObservedState::Running)) => {
