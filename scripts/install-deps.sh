@@ -34,6 +34,8 @@ packages=(
     protobuf-compiler            # etcd-client's build
     xz-utils                     # unpacking the Linux kernel package for the banner test
     linux-image-amd64            # a stock kernel (/boot/vmlinuz-*, initrd) for the Linux boot tests
+    openipmi ipmitool            # ipmi_sim serves each test host's BMC; ipmitool drives host power
+    chromium                     # headless browser for the dashboard tests
 )
 
 missing=()
