@@ -76,6 +76,12 @@ pub struct HostInfo {
     pub memory_mib_used: u64,
     /// Host CPU utilisation at the last telemetry sample (0..1), if any arrived.
     pub cpu_utilization: Option<f64>,
+    /// Power state (`on` when a reply from an older controller leaves it out).
+    #[serde(default)]
+    pub power: crate::automation::HostPower,
+    /// Cores the host's parking policy has parked at the last report, if it reported any.
+    #[serde(default)]
+    pub parked_cores: Option<u32>,
 }
 
 /// A VM's lifecycle state as the controller sees it.

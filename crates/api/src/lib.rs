@@ -17,4 +17,5 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod automation;
 pub mod cluster;

@@ -1466,6 +1466,8 @@ impl Controller {
             vcpus_used: placed.iter().map(|v| v.spec.vcpus).sum(),
             memory_mib_used: placed.iter().map(|v| v.spec.memory_mib).sum(),
             cpu_utilization: h.cpu,
+            power: tern_api::automation::HostPower::On,
+            parked_cores: None,
         })
     }
 
