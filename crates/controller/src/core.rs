@@ -1500,6 +1500,15 @@ impl Controller {
             .ok_or(ApiError::UnknownTask(id))
     }
 
+    /// `GET /v1/tasks`: every task kept, oldest first; with `active`, only queued and running ones.
+    pub fn tasks(&self, active: bool) -> Vec<TaskInfo> {
+        self.tasks
+            .values()
+            .filter(|t| !active || matches!(t.info.state, TaskState::Queued | TaskState::Running))
+            .map(|t| t.info.clone())
+            .collect()
+    }
+
     /// `GET /v1/events`: events after `since` (0 for all kept), oldest first.
     pub fn events(&self, since: u64) -> Vec<EventInfo> {
         self.events

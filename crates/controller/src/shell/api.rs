@@ -52,6 +52,7 @@ use crate::core::{ApiError, Input};
         get_vm,
         delete_vm,
         migrate_vm,
+        list_tasks,
         get_task,
         list_events,
         agent_report
@@ -85,11 +86,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
         .route("/v1/vms/{name}/migrate", post(migrate_vm))
+        .route("/v1/tasks", get(list_tasks))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/events", get(list_events))
         .route("/v1/agent/reports", post(agent_report))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
+        .merge(super::dashboard::router())
         .fallback(not_found)
         .with_state(shared)
 }
@@ -286,6 +289,35 @@ async fn migrate_vm(State(s): S, Path(vm): Path<String>, bytes: Bytes) -> Reply 
         .await
         .map_err(|f| failure(&s, f))?;
     Ok(json(StatusCode::ACCEPTED, &task))
+}
+
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(("active" = Option<bool>, Query, description = "Only queued and running tasks")),
+    responses((status = 200, description = "Tasks, oldest first", body = [TaskInfo]),
+              (status = 400, description = "Bad query", body = ErrorBody),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn list_tasks(State(s): S, RawQuery(q): RawQuery) -> Reply {
+    let mut active = false;
+    for pair in q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        active = match pair {
+            "active=true" => true,
+            "active=false" => false,
+            _ => {
+                return Err(error(
+                    400,
+                    "invalid input",
+                    format!("unknown query parameter {pair:?}: only active=true|false is allowed"),
+                ));
+            }
+        };
+    }
+    leading(&s)?;
+    Ok(json(StatusCode::OK, &s.core().tasks(active)))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",

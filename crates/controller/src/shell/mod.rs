@@ -22,6 +22,7 @@
 //! tests drive the real router against the real core with no etcd.
 
 pub mod api;
+mod dashboard;
 pub mod http;
 pub mod store;
 
