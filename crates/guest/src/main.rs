@@ -15,6 +15,7 @@
 mod apic;
 mod cmdline;
 mod console;
+mod load;
 mod mem;
 mod net;
 mod platform;

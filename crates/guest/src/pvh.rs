@@ -2,7 +2,9 @@
 //! Everything is copied out before the APs start (the trampoline page may overlap the loader's data).
 
 const MAGIC: u32 = 0x336e_c578;
-const CMDLINE_MAX: usize = 1024;
+/// The longest command line kept (Tern's VMM accepts 2048 bytes; a longer one is refused, see
+/// [`BootInfo::cmdline_truncated`]).
+pub const CMDLINE_MAX: usize = 4096;
 const MEMMAP_MAX: usize = 64;
 const E820_RAM: u32 = 1;
 
@@ -19,6 +21,8 @@ pub struct MemRange {
 pub struct BootInfo {
     cmdline: [u8; CMDLINE_MAX],
     cmdline_len: usize,
+    /// The loader's command line did not end within `CMDLINE_MAX` bytes.
+    pub cmdline_truncated: bool,
     pub memmap: [MemRange; MEMMAP_MAX],
     pub memmap_len: usize,
     pub rsdp: u64,
@@ -58,6 +62,7 @@ impl BootInfo {
         let mut info = BootInfo {
             cmdline: [0; CMDLINE_MAX],
             cmdline_len: 0,
+            cmdline_truncated: false,
             memmap: [MemRange::default(); MEMMAP_MAX],
             memmap_len: 0,
             rsdp,
@@ -71,6 +76,8 @@ impl BootInfo {
                 info.cmdline[info.cmdline_len] = b;
                 info.cmdline_len += 1;
             }
+            info.cmdline_truncated = info.cmdline_len == CMDLINE_MAX
+                && read::<u8>(cmdline_paddr + CMDLINE_MAX as u64) != 0;
         }
         if version < 1 {
             return Err(StartInfoError::NoMemoryMap);

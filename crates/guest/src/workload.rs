@@ -1,8 +1,10 @@
-//! The workloads (heartbeat, memory writer, power-off timer) and the boot CPU's bring-up sequence.
+//! The workloads (heartbeat, memory writer, CPU load, power-off timer) and the boot CPU's bring-up
+//! sequence.
 //!
 //! Every CPU runs the same loop. One iteration: measure the gap since the previous iteration (time
 //! the loop chose to sleep does not count), write the pages that are due, print the heartbeat when it
-//! is due, then halt until the next thing is due unless the writer runs at maximum rate.
+//! is due, spin if the CPU load's slice still wants work (`load`), then halt until the next thing is
+//! due unless the writer runs at maximum rate. The boot CPU also polls the serial input.
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -10,7 +12,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use crate::cmdline::{self, Config};
 use crate::pvh::BootInfo;
 use crate::sys::{cpuid, rdtsc};
-use crate::{apic, console, net, platform, println, smp, virtio};
+use crate::{apic, console, load, net, platform, println, smp, virtio};
 
 const PAGE: u64 = 4096;
 /// A paced writer wakes this often (ms) to write the pages that fell due.
@@ -41,6 +43,7 @@ static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 static MAX_AFTER_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
 static NET_TICK_US: AtomicU64 = AtomicU64::new(1000);
+static INPUT_POLL_MS: AtomicU64 = AtomicU64::new(0);
 /// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
 static PREPARE: AtomicBool = AtomicBool::new(false);
 /// APs that have touched their slice of the writer's buffer.
@@ -63,6 +66,9 @@ pub fn bsp_main(start_info: u64) -> ! {
         Ok(b) => b,
         Err(e) => panic!("unusable PVH start info at {start_info:#x}: {e}"),
     };
+    if boot.cmdline_truncated {
+        panic!("command line longer than {} bytes", crate::pvh::CMDLINE_MAX);
+    }
     let config = match cmdline::parse(boot.cmdline()) {
         Ok(c) => c,
         Err(bad) => panic!("bad value for {}: {:?}", bad.key, bad.value),
@@ -88,6 +94,7 @@ pub fn bsp_main(start_info: u64) -> ! {
     if let Some(ms) = config.max_after_ms {
         MAX_AFTER_MS.store(ms, Ordering::Relaxed);
     }
+    INPUT_POLL_MS.store(config.input_poll_ms, Ordering::Relaxed);
 
     let cpus = smp::discover(&boot);
     {
@@ -118,7 +125,12 @@ pub fn bsp_main(start_info: u64) -> ! {
         "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
         boot.mem_mib()
     );
-    START_TSC.store(rdtsc(), Ordering::Relaxed);
+    let start = rdtsc();
+    START_TSC.store(start, Ordering::Relaxed);
+    load::configure(&config, start, tsc_khz);
+    if config.load != cmdline::Load::Off {
+        load::report(start);
+    }
     GO.store(true, Ordering::Release);
 
     if config.selftest_fault {
@@ -322,6 +334,9 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
     let mut maxgap = 0u64;
     let net_tick = NET_TICK_US.load(Ordering::Relaxed).saturating_mul(khz) / 1000;
     let now_us = |t: u64| ((t - boot) * 1000 / khz) as i64;
+    let input_poll = ms(INPUT_POLL_MS.load(Ordering::Relaxed));
+    let mut input = (cpu == 0 && input_poll > 0).then(load::Input::new);
+    let mut next_poll = rdtsc();
 
     loop {
         let now = rdtsc();
@@ -367,11 +382,15 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
             seq += 1;
             let t_us = (now - boot) * 1000 / khz;
             let gap_us = maxgap * 1000 / khz;
-            if suffix_cpu {
-                println!("HB seq={seq} t_us={t_us} maxgap_us={gap_us} cpu={cpu}");
-            } else {
-                println!("HB seq={seq} t_us={t_us} maxgap_us={gap_us}");
+            let mut line = console::Line::new();
+            let _ = write!(line, "HB seq={seq} t_us={t_us} maxgap_us={gap_us}");
+            if let Some(t) = load::target(now) {
+                let _ = write!(line, " load_pct={}", t.pct);
             }
+            if suffix_cpu {
+                let _ = write!(line, " cpu={cpu}");
+            }
+            line.emit();
             if let Some(w) = writer.as_ref() {
                 let rate = (w.written - written_at_hb) as u128 * ticks_per_s as u128
                     / (now - last_hb).max(1) as u128;
@@ -397,12 +416,31 @@ fn run(cpu: usize, n: usize, mut net: Option<net::Net>) -> ! {
             }
         }
 
+        let mut wake_load = u64::MAX;
+        if let Some(input) = input.as_mut() {
+            if now >= next_poll {
+                input.poll();
+                next_poll = rdtsc() + input_poll;
+            }
+            input.report_step(now);
+            wake_load = next_poll;
+        }
+        let mut spinning = false;
+        match load::duty(rdtsc()) {
+            load::Duty::Busy => spinning = true,
+            load::Duty::IdleUntil(t) => wake_load = wake_load.min(t),
+            load::Duty::None => {}
+        }
+
         let last = rdtsc();
         let max_rate = writer.as_ref().is_some_and(|w| w.rate == 0);
-        if max_rate || behind || net_busy {
+        if max_rate || behind || net_busy || spinning {
             continue;
         }
-        let mut wake = next_hb.min(poweroff_at).min(last + ms(IDLE_MS));
+        let mut wake = next_hb
+            .min(poweroff_at)
+            .min(last + ms(IDLE_MS))
+            .min(wake_load);
         if writer.is_some() {
             wake = wake.min(last + ms(BURST_MS));
         }
