@@ -1,5 +1,6 @@
-//! The 16550 UART on COM1 (vm-superio's model), its interrupt line and its output sink. Its
-//! saved state: [`persist`].
+//! The 16550 UART on COM1 (vm-superio's model), its interrupt line, its output sink and its
+//! receive FIFO, which the control API's `console_input` fills (the guest sees LSR bit 0, data
+//! ready, and the received-data interrupt if it enabled it). Its saved state: [`persist`].
 
 pub mod persist;
 
@@ -15,6 +16,37 @@ pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
 /// A partial output line is written out once it grows to this many bytes.
 const LINE_MAX: usize = 4096;
+
+/// Why input for the guest could not be queued; nothing was queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConsoleInputError {
+    /// No bytes.
+    #[error("console input is empty (give 1 to {max} bytes)")]
+    Empty {
+        /// The most accepted at once.
+        max: usize,
+    },
+    /// More bytes than the FIFO holds at all.
+    #[error(
+        "console input of {len} bytes is longer than the UART's {max}-byte receive FIFO (send it in pieces)"
+    )]
+    TooLong {
+        /// Bytes given.
+        len: usize,
+        /// The FIFO's size.
+        max: usize,
+    },
+    /// The guest has not read enough of what was sent before.
+    #[error(
+        "the UART's receive FIFO is full: room for {free} of the {len} bytes (the guest has not read its earlier input yet; retry later)"
+    )]
+    FifoFull {
+        /// Bytes given.
+        len: usize,
+        /// Room left in the FIFO.
+        free: usize,
+    },
+}
 
 /// Raises the UART's interrupt through an eventfd registered with KVM as an irqfd.
 #[derive(Debug)]
@@ -105,6 +137,31 @@ impl SerialDevice {
         let _ = self.uart.write(offset, value);
     }
 
+    /// Queues `data` in the receive FIFO, all of it or (with an error) none of it.
+    pub fn enqueue_input(&mut self, data: &[u8]) -> Result<(), ConsoleInputError> {
+        let max = persist::FIFO_BYTES;
+        if data.is_empty() {
+            return Err(ConsoleInputError::Empty { max });
+        }
+        if data.len() > max {
+            return Err(ConsoleInputError::TooLong {
+                len: data.len(),
+                max,
+            });
+        }
+        let free = self.uart.fifo_capacity();
+        if free < data.len() {
+            return Err(ConsoleInputError::FifoFull {
+                len: data.len(),
+                free,
+            });
+        }
+        // Room was checked, so every byte goes in; an interrupt that cannot be raised leaves the
+        // bytes queued for a polling guest.
+        let _ = self.uart.enqueue_raw_bytes(data);
+        Ok(())
+    }
+
     /// The partial output line not yet written (carried by a snapshot or migration, so that the
     /// line comes out whole where the VM continues).
     pub fn pending_output(&mut self) -> Vec<u8> {
@@ -173,6 +230,65 @@ mod tests {
         dev.write(1, 0x02); // IER: THR empty interrupt
         dev.write(0, b'x');
         assert!(evt.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn input_is_read_back_through_rbr_with_data_ready_in_lsr() {
+        let (mut dev, _, _) = device();
+        assert_eq!(dev.read(5) & 0x01, 0, "nothing received yet");
+        dev.enqueue_input(b"load 70\n").unwrap();
+        let mut got = Vec::new();
+        while dev.read(5) & 0x01 != 0 {
+            got.push(dev.read(0));
+        }
+        assert_eq!(got, b"load 70\n");
+    }
+
+    #[test]
+    fn input_raises_the_receive_interrupt_only_when_enabled() {
+        let (mut dev, _, evt) = device();
+        dev.enqueue_input(b"a").unwrap();
+        assert!(evt.read().is_err(), "no interrupt while IER is 0");
+        dev.read(0);
+        dev.write(1, 0x01); // IER: received data available
+        dev.enqueue_input(b"b").unwrap();
+        assert!(evt.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn input_that_does_not_fit_is_refused_whole() {
+        let (mut dev, _, _) = device();
+        let max = persist::FIFO_BYTES;
+        assert_eq!(
+            dev.enqueue_input(b""),
+            Err(ConsoleInputError::Empty { max })
+        );
+        assert_eq!(
+            dev.enqueue_input(&vec![b'x'; max + 1]),
+            Err(ConsoleInputError::TooLong { len: max + 1, max })
+        );
+        dev.enqueue_input(&vec![b'y'; max - 3]).unwrap();
+        let err = dev.enqueue_input(b"load").unwrap_err();
+        assert_eq!(err, ConsoleInputError::FifoFull { len: 4, free: 3 });
+        assert!(err.to_string().contains("retry later"), "{err}");
+        assert_eq!(dev.save().in_buffer.len(), max - 3, "nothing of it queued");
+        dev.enqueue_input(b"abc").unwrap();
+        assert_eq!(dev.save().in_buffer.len(), max);
+    }
+
+    #[test]
+    fn unread_input_survives_save_and_restore() {
+        let (mut dev, _, _) = device();
+        dev.enqueue_input(b"trace 1,2\n").unwrap();
+        dev.read(0); // the guest read one byte before the snapshot
+        let s = dev.save();
+        let (mut other, _, _) = device();
+        other.restore(&s).unwrap();
+        let mut got = Vec::new();
+        while other.read(5) & 0x01 != 0 {
+            got.push(other.read(0));
+        }
+        assert_eq!(got, b"race 1,2\n");
     }
 
     #[test]
