@@ -20,6 +20,7 @@
 pub mod bundled;
 pub mod engine;
 pub mod plot;
+pub mod preview;
 pub mod report;
 pub mod sweep;
 pub mod synth;
