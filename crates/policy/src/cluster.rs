@@ -88,6 +88,85 @@ impl<'a> View<'a> {
     }
 }
 
+/// Where a VM may go beyond room and load: the caller's must-rules, which [`find_host`] and every
+/// placement [`optimize_with`] makes honour.
+///
+/// Both questions are asked of the round's tentative cluster: `view` lists, on each host, the VMs
+/// placed there so far in the round (and no longer those that left), so a rule such as
+/// anti-affinity sees the VMs the round itself has just moved. Implementations must be pure and
+/// deterministic, like the rest of the round.
+pub trait Rules {
+    /// Whether VM `vm` may leave the host it runs on (`false`: pinned there). A VM that may not
+    /// move is never selected off an overloaded host, and a host holding one is never drained.
+    fn may_move(&self, view: View<'_>, vm: u32) -> bool;
+    /// Whether VM `vm` may go to host `host` now: the host takes VMs (not in maintenance,
+    /// powered off or being emptied), the VM is not pinned elsewhere, no VM it must not share a
+    /// host with is there.
+    fn allows(&self, view: View<'_>, vm: u32, host: usize) -> bool;
+}
+
+/// No rules: every VM may go anywhere there is room. What the simulator runs; the checks compile
+/// away, so [`optimize`] costs what it did before rules existed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRules;
+
+impl Rules for NoRules {
+    #[inline(always)]
+    fn may_move(&self, _: View<'_>, _: u32) -> bool {
+        true
+    }
+    #[inline(always)]
+    fn allows(&self, _: View<'_>, _: u32, _: usize) -> bool {
+        true
+    }
+}
+
+/// The usual must-rules as tables indexed like the [`ClusterView`]: hosts that take no VMs,
+/// VM–host pins and VM–VM anti-affinity groups. A host or VM beyond a table's end has no rule.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleSet {
+    /// Per host id: `true` if it takes no VMs (maintenance, powered off or powering off, being
+    /// emptied). VMs may still leave it.
+    pub closed: Vec<bool>,
+    /// Per VM id: the host it must run on. A pinned VM never moves off that host, and goes
+    /// nowhere else.
+    pub pins: Vec<Option<u32>>,
+    /// Per VM id: its anti-affinity group; no two VMs of one group share a host.
+    pub groups: Vec<Option<u32>>,
+}
+
+impl RuleSet {
+    fn pin(&self, vm: u32) -> Option<u32> {
+        self.pins.get(vm as usize).copied().flatten()
+    }
+    fn group(&self, vm: u32) -> Option<u32> {
+        self.groups.get(vm as usize).copied().flatten()
+    }
+}
+
+impl Rules for RuleSet {
+    fn may_move(&self, view: View<'_>, vm: u32) -> bool {
+        let here = view.vms.get(vm as usize).map(|v| v.host);
+        self.pin(vm).is_none_or(|p| Some(p) != here)
+    }
+
+    fn allows(&self, view: View<'_>, vm: u32, host: usize) -> bool {
+        if self.closed.get(host).copied().unwrap_or(false) {
+            return false;
+        }
+        if self.pin(vm).is_some_and(|p| p as usize != host) {
+            return false;
+        }
+        let Some(g) = self.group(vm) else {
+            return true;
+        };
+        !view.hosts[host]
+            .vms
+            .iter()
+            .any(|&u| u != vm && self.group(u) == Some(g))
+    }
+}
+
 /// Policy configuration for a round.
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyConfig {
@@ -356,11 +435,13 @@ impl Candidates {
         }
     }
 
-    fn each(&self, excluded: &[bool], mut f: impl FnMut(usize)) {
+    /// Calls `f` on every busy host and, per idle type, on the first idle host that is neither
+    /// excluded nor refused by `allowed`, in host order.
+    fn each(&self, excluded: &[bool], allowed: impl Fn(usize) -> bool, mut f: impl FnMut(usize)) {
         let mut firsts: Vec<usize> = Vec::new();
         if self.idle_allowed {
             for (_, set) in &self.idle {
-                if let Some(&h) = set.iter().find(|&&h| !excluded[h]) {
+                if let Some(&h) = set.iter().find(|&&h| !excluded[h] && allowed(h)) {
                     firsts.push(h);
                 }
             }
@@ -447,14 +528,16 @@ impl Round {
     }
 }
 
-/// PABFD host choice for VM `vm`: the non-excluded host whose power rises least and that stays not
-/// overloaded. Ties go to the lower host id.
-pub fn find_host(
+/// PABFD host choice for VM `vm`: among the hosts not `excluded` that `rules` allow, the one whose
+/// power rises least and that stays not overloaded. Ties go to the lower host id. With [`NoRules`]
+/// this is exactly the simulator's placement.
+pub fn find_host<R: Rules + ?Sized>(
     view: View<'_>,
     vm: u32,
     excluded: &[bool],
     round: &mut Round,
     cfg: &PolicyConfig,
+    rules: &R,
 ) -> Option<usize> {
     let Round {
         alloc,
@@ -469,46 +552,50 @@ pub fn find_host(
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
     let mut best = None;
-    cands.each(excluded, |h| {
-        if excluded[h] || pe_mips[h] < req {
-            return;
-        }
-        let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
-            let host = &view.hosts[h];
-            let (sum, avail) = sched.allocation(view, h);
-            let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
-            (sum, avail, base)
-        });
-        if avail < req {
-            return;
-        }
-        // the reference code tries the VM on every such host (create, check, destroy), which can
-        // change how the host sums its free MIPS
-        if sched.trial(h, sum, view.hosts[h].vms.len() as u32) {
-            alloc[h] = None;
-        }
-        let after = (sum + req) / total_mips[h];
-        if after > 1.0 {
-            return;
-        }
-        // the power curves rise at least `min_slope` W per MIPS, so the rise here is at least this
-        // (less a margin far above the rounding error): a host that cannot beat `min` is skipped
-        // without evaluating the curve, exactly as the test below would skip it
-        if base + min_slope[h] * req - 1e-9 >= min {
-            return;
-        }
-        let diff = view.hosts[h].power.watts_at(after) - power_now[h];
-        // checking the power first and the detector only for a would-be winner gives the same
-        // choice as the reverse order, at a fraction of the cost
-        if diff >= min {
-            return;
-        }
-        if sum != 0.0 && is_overloaded_cached(view, h, Some(vm), cfg, hist) {
-            return;
-        }
-        min = diff;
-        best = Some(h);
-    });
+    cands.each(
+        excluded,
+        |h| rules.allows(view, vm, h),
+        |h| {
+            if excluded[h] || pe_mips[h] < req || !rules.allows(view, vm, h) {
+                return;
+            }
+            let (sum, avail, base) = *alloc[h].get_or_insert_with(|| {
+                let host = &view.hosts[h];
+                let (sum, avail) = sched.allocation(view, h);
+                let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
+                (sum, avail, base)
+            });
+            if avail < req {
+                return;
+            }
+            // the reference code tries the VM on every such host (create, check, destroy), which can
+            // change how the host sums its free MIPS
+            if sched.trial(h, sum, view.hosts[h].vms.len() as u32) {
+                alloc[h] = None;
+            }
+            let after = (sum + req) / total_mips[h];
+            if after > 1.0 {
+                return;
+            }
+            // the power curves rise at least `min_slope` W per MIPS, so the rise here is at least this
+            // (less a margin far above the rounding error): a host that cannot beat `min` is skipped
+            // without evaluating the curve, exactly as the test below would skip it
+            if base + min_slope[h] * req - 1e-9 >= min {
+                return;
+            }
+            let diff = view.hosts[h].power.watts_at(after) - power_now[h];
+            // checking the power first and the detector only for a would-be winner gives the same
+            // choice as the reverse order, at a fraction of the cost
+            if diff >= min {
+                return;
+            }
+            if sum != 0.0 && is_overloaded_cached(view, h, Some(vm), cfg, hist) {
+                return;
+            }
+            min = diff;
+            best = Some(h);
+        },
+    );
     best
 }
 
@@ -523,8 +610,22 @@ fn sort_by_demand(view: View<'_>, vms: &mut [u32]) {
 }
 
 /// One consolidation round over `snapshot`, which is only read: the round's tentative placements go
-/// to a copy of the hosts. The returned decisions say what to do.
+/// to a copy of the hosts. The returned decisions say what to do. No rules: [`optimize_with`] with
+/// [`NoRules`], the simulator's round.
 pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64) -> Decisions {
+    optimize_with(snapshot, cfg, rng, &NoRules)
+}
+
+/// [`optimize`] under the caller's must-rules: a VM that may not move is never selected off an
+/// overloaded host, every placement (VMs shed by overloaded hosts, VMs of drained hosts) goes only
+/// where `rules` allow given the round's tentative placements, and an under-loaded host is drained
+/// only if every one of its VMs can be placed so (else it keeps them all).
+pub fn optimize_with<R: Rules + ?Sized>(
+    snapshot: &ClusterView,
+    cfg: &PolicyConfig,
+    rng: &mut SplitMix64,
+    rules: &R,
+) -> Decisions {
     let n = snapshot.hosts.len();
     let mut hosts = snapshot.hosts.clone();
     let vms = &snapshot.vms[..];
@@ -540,11 +641,14 @@ pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         out.overloaded.push(h as u32);
         loop {
             let idx = {
-                let cands: Vec<Candidate<'_>> = hosts[h]
-                    .vms
+                // VMs that may not move are no candidates (with no rules, every VM is one)
+                let movable: Vec<usize> = (0..hosts[h].vms.len())
+                    .filter(|&i| rules.may_move(View::of(&hosts, vms), hosts[h].vms[i]))
+                    .collect();
+                let cands: Vec<Candidate<'_>> = movable
                     .iter()
-                    .map(|&v| {
-                        let vm = &vms[v as usize];
+                    .map(|&i| {
+                        let vm = &vms[hosts[h].vms[i] as usize];
                         Candidate {
                             ram_mb: vm.ram_mb,
                             utilization: vm.utilization,
@@ -552,7 +656,7 @@ pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
                         }
                     })
                     .collect();
-                select::select(cfg.selection, &cands, rng)
+                select::select(cfg.selection, &cands, rng).map(|c| movable[c])
             };
             let Some(idx) = idx else { break };
             let v = hosts[h].vms.remove(idx);
@@ -568,7 +672,7 @@ pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
     sort_by_demand(View::of(&hosts, vms), &mut shed);
     let mut received = vec![false; n];
     for v in shed {
-        if let Some(t) = find_host(View::of(&hosts, vms), v, &over, &mut round, cfg) {
+        if let Some(t) = find_host(View::of(&hosts, vms), v, &over, &mut round, cfg, rules) {
             round.cands.mark_busy(View::of(&hosts, vms), t);
             hosts[t].vms.push(v);
             round.added(t, v, hosts[t].vms.len());
@@ -637,11 +741,25 @@ pub fn optimize(snapshot: &ClusterView, cfg: &PolicyConfig, rng: &mut SplitMix64
         if moving.is_empty() {
             continue;
         }
+        // a host with a VM that may not move keeps them all
+        if !moving
+            .iter()
+            .all(|&v| rules.may_move(View::of(&hosts, vms), v))
+        {
+            continue;
+        }
         sort_by_demand(View::of(&hosts, vms), &mut moving);
         let mut placed: Vec<(u32, usize)> = Vec::with_capacity(moving.len());
         let mut ok = true;
         for &v in &moving {
-            match find_host(View::of(&hosts, vms), v, &excl_place, &mut round, cfg) {
+            match find_host(
+                View::of(&hosts, vms),
+                v,
+                &excl_place,
+                &mut round,
+                cfg,
+                rules,
+            ) {
                 Some(t) => {
                     hosts[t].vms.push(v);
                     round.added(t, v, hosts[t].vms.len());
@@ -893,7 +1011,7 @@ mod tests {
                 view.vms
                     .push(vm(u32::MAX, [500.0, 1000.0, 2000.0][rng.below(3)], 613, u));
                 let want = reference_find_host(view.view(), v, &excluded, &c);
-                let got = find_host(view.view(), v, &excluded, &mut round, &c);
+                let got = find_host(view.view(), v, &excluded, &mut round, &c, &NoRules);
                 assert_eq!(got, want, "case {case}, vm {v}");
                 checked += 1;
                 if let Some(t) = got {
@@ -946,5 +1064,344 @@ mod tests {
             dec.migrations.is_empty() && dec.sleeps.is_empty(),
             "{dec:?}"
         );
+    }
+
+    /// Applies `d`'s migrations in order: where each VM ends the round.
+    fn final_hosts(view: &ClusterView, d: &Decisions) -> Vec<u32> {
+        let mut at: Vec<u32> = view.vms.iter().map(|v| v.host).collect();
+        for m in &d.migrations {
+            at[m.vm as usize] = m.to;
+        }
+        at
+    }
+
+    /// A random cluster of G4/G5 hosts with 0-4 VMs each, utilisations set from the VMs.
+    fn random_cluster(rng: &mut SplitMix64) -> ClusterView {
+        let n_hosts = 2 + rng.below(30);
+        let mut hosts = Vec::new();
+        let mut vms = Vec::new();
+        for h in 0..n_hosts {
+            let (power, pe) = if rng.below(2) == 0 {
+                (HP_ML110_G4, 1860.0)
+            } else {
+                (HP_ML110_G5, 2660.0)
+            };
+            let mut ids = Vec::new();
+            for _ in 0..rng.below(5) {
+                ids.push(vms.len() as u32);
+                let mut v = vm(
+                    h as u32,
+                    [500.0, 1000.0, 2000.0, 2500.0][rng.below(4)],
+                    [613, 870, 1740][rng.below(3)],
+                    0.0,
+                );
+                v.history = (0..HISTORY_LEN).map(|_| rng.next_f64()).collect();
+                v.utilization = v.history[0];
+                v.requested_mips = v.mips * v.utilization;
+                vms.push(v);
+            }
+            hosts.push(host(power, pe, 0.0, &ids));
+        }
+        let mut view = ClusterView { hosts, vms };
+        for h in 0..n_hosts {
+            let (sum, _) = host_allocation(view.view(), h);
+            view.hosts[h].utilization = sum / view.hosts[h].total_mips();
+        }
+        view
+    }
+
+    fn random_cfg(rng: &mut SplitMix64) -> PolicyConfig {
+        let detector = [
+            Detector::Thr(0.8),
+            Detector::Thr(0.6),
+            Detector::Mad(2.5),
+            Detector::Lr(1.2),
+        ][rng.below(4)];
+        let selection = [Selection::Mmt, Selection::Rs, Selection::Mu][rng.below(3)];
+        let model = [Model::CloudSim, Model::Paper][rng.below(2)];
+        PolicyConfig {
+            selection,
+            model,
+            ..cfg(detector)
+        }
+    }
+
+    #[test]
+    fn an_empty_rule_set_decides_exactly_what_no_rules_decide() {
+        let mut rng = SplitMix64::new(0xa11);
+        let mut moved = 0;
+        for case in 0..200 {
+            let view = random_cluster(&mut rng);
+            let c = random_cfg(&mut rng);
+            let seed = rng.next_u64();
+            let plain = optimize(&view, &c, &mut SplitMix64::new(seed));
+            let ruled = optimize_with(&view, &c, &mut SplitMix64::new(seed), &RuleSet::default());
+            assert_eq!(plain, ruled, "case {case}");
+            moved += plain.migrations.len();
+        }
+        assert!(moved > 100, "only {moved} migrations in 200 rounds");
+    }
+
+    #[test]
+    fn no_decision_breaks_a_pin_a_group_or_a_closed_host_on_random_clusters() {
+        let mut rng = SplitMix64::new(0xb0b);
+        let (mut moved, mut kept_by_rules) = (0, 0);
+        for case in 0..300 {
+            let view = random_cluster(&mut rng);
+            let c = random_cfg(&mut rng);
+            let (n_hosts, n_vms) = (view.hosts.len(), view.vms.len());
+            let rules = RuleSet {
+                closed: (0..n_hosts).map(|_| rng.below(6) == 0).collect(),
+                // some VMs pinned where they run, a few to another host
+                pins: view
+                    .vms
+                    .iter()
+                    .map(|v| match rng.below(8) {
+                        0 => Some(v.host),
+                        1 => Some(rng.below(n_hosts) as u32),
+                        _ => None,
+                    })
+                    .collect(),
+                groups: (0..n_vms)
+                    .map(|_| (rng.below(3) == 0).then(|| rng.below(3) as u32))
+                    .collect(),
+            };
+            let seed = rng.next_u64();
+            let d = optimize_with(&view, &c, &mut SplitMix64::new(seed), &rules);
+            let plain = optimize(&view, &c, &mut SplitMix64::new(seed));
+            kept_by_rules += usize::from(d != plain);
+            let at = final_hosts(&view, &d);
+            for m in &d.migrations {
+                moved += 1;
+                let v = m.vm as usize;
+                assert!(
+                    !rules.closed[m.to as usize],
+                    "case {case}: {m:?} to a closed host"
+                );
+                if let Some(p) = rules.pins[v] {
+                    assert_ne!(
+                        p, view.vms[v].host,
+                        "case {case}: {m:?} moves a VM pinned there"
+                    );
+                    assert_eq!(p, m.to, "case {case}: {m:?} goes off its pin");
+                }
+            }
+            // every VM that moved shares its final host with no VM of its group
+            for m in &d.migrations {
+                let v = m.vm as usize;
+                let Some(g) = rules.groups[v] else { continue };
+                if at[v] != m.to {
+                    continue; // moved again later in the round
+                }
+                for u in (0..n_vms).filter(|&u| u != v && at[u] == at[v]) {
+                    assert_ne!(
+                        rules.groups[u],
+                        Some(g),
+                        "case {case}: vm{v} and vm{u} on {}",
+                        at[v]
+                    );
+                }
+            }
+            for &h in &d.sleeps {
+                assert!(
+                    (0..n_vms).all(|u| at[u] != h),
+                    "case {case}: host {h} drained but still holds a VM: {d:?}"
+                );
+            }
+        }
+        assert!(moved > 100, "only {moved} migrations");
+        assert!(
+            kept_by_rules > 50,
+            "the rules changed only {kept_by_rules} rounds"
+        );
+    }
+
+    fn paper(d: Detector) -> PolicyConfig {
+        PolicyConfig {
+            model: Model::Paper,
+            ..cfg(d)
+        }
+    }
+
+    #[test]
+    fn a_pinned_vm_is_not_selected_off_an_overloaded_host_and_goes_only_to_its_pin() {
+        // host 0 (G4) at 95 % with vm0 (1800 MIPS, 1740 MB) and vm1 (1735 MIPS, 613 MB): MMT takes
+        // vm1, the smaller; hosts 1 and 2 (G5) lightly loaded, host 3 (G4) empty.
+        let view = ClusterView {
+            hosts: vec![
+                host(HP_ML110_G4, 1860.0, 0.95, &[0, 1]),
+                host(HP_ML110_G5, 2660.0, 0.30, &[2]),
+                host(HP_ML110_G5, 2660.0, 0.094, &[3]),
+                host(HP_ML110_G4, 1860.0, 0.0, &[]),
+            ],
+            vms: vec![
+                vm(0, 2000.0, 1740, 0.9),
+                vm(0, 2000.0, 613, 0.8675),
+                vm(1, 2500.0, 870, 0.64),
+                vm(2, 1000.0, 613, 0.5),
+            ],
+        };
+        let c = paper(Detector::Thr(0.8));
+        let plain = optimize(&view, &c, &mut SplitMix64::new(1));
+        assert_eq!(plain.migrations[0].vm, 1, "{plain:?}");
+        let vm0_plain = plain.migrations.iter().find(|m| m.vm == 0);
+        assert!(vm0_plain.is_none(), "{plain:?}");
+
+        // vm1 pinned to host 0: vm0 leaves instead
+        let mut rules = RuleSet {
+            pins: vec![None, Some(0), None, None],
+            ..Default::default()
+        };
+        let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+        assert!(d.migrations.iter().all(|m| m.vm != 1), "{d:?}");
+        assert_eq!(d.migrations[0].vm, 0, "{d:?}");
+        // vm0 pinned to the empty host 3 as well: it goes there, whatever PABFD prefers
+        let free_choice = d.migrations[0].to;
+        assert_ne!(free_choice, 3, "pick a pin PABFD would not choose: {d:?}");
+        rules.pins[0] = Some(3);
+        let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+        assert_eq!(
+            d.migrations[0],
+            Migration {
+                vm: 0,
+                from: 0,
+                to: 3
+            },
+            "{d:?}"
+        );
+        // both pinned where they are: host 0 stays overloaded, nothing moves off it
+        rules.pins = vec![Some(0), Some(0), None, None];
+        let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+        assert_eq!(d.overloaded, vec![0]);
+        assert!(d.migrations.iter().all(|m| m.from != 0), "{d:?}");
+    }
+
+    #[test]
+    fn two_shed_vms_of_one_group_do_not_land_on_one_host_in_one_round() {
+        // host 0 (G5) over capacity sheds vm0 and vm1 (200 MIPS, 613 MB each) under THR 1.0. Host 1
+        // (G5 at 90 %) rises 2 W per 10 % there, host 2 (G4 at 50 %) 4 W per 10 % of a smaller
+        // host, so PABFD puts both on host 1 unless they are one anti-affinity group.
+        let view = ClusterView {
+            hosts: vec![
+                host(HP_ML110_G5, 2660.0, 0.99, &[0, 1, 2, 3]),
+                host(HP_ML110_G5, 2660.0, 0.9, &[4, 5]),
+                host(HP_ML110_G4, 1860.0, 0.5, &[6]),
+            ],
+            vms: vec![
+                vm(0, 200.0, 613, 1.0),
+                vm(0, 200.0, 613, 1.0),
+                vm(0, 2600.0, 1740, 1.0),
+                vm(0, 2600.0, 1740, 1.0),
+                vm(1, 2394.0, 870, 1.0),
+                vm(1, 2394.0, 870, 1.0),
+                vm(2, 1860.0, 870, 1.0),
+            ],
+        };
+        let c = paper(Detector::Thr(1.0));
+        let plain = optimize(&view, &c, &mut SplitMix64::new(1));
+        let to: Vec<u32> = plain.migrations.iter().map(|m| m.to).collect();
+        assert_eq!(
+            to,
+            vec![1, 1],
+            "without the rule both go to host 1: {plain:?}"
+        );
+        let mut rules = RuleSet {
+            groups: vec![Some(7), Some(7)],
+            ..Default::default()
+        };
+        let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+        let to: Vec<u32> = d.migrations.iter().map(|m| m.to).collect();
+        assert_eq!(to, vec![1, 2], "{d:?}");
+        // and none joins a host that holds its group already: with host 1 holding one, vm0 goes
+        // to host 2 and vm1 has nowhere to go
+        rules.groups = vec![Some(7), Some(7), None, None, Some(7)];
+        let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+        let to: Vec<(u32, u32)> = d.migrations.iter().map(|m| (m.vm, m.to)).collect();
+        assert_eq!(to, vec![(0, 2)], "{d:?}");
+    }
+
+    #[test]
+    fn a_host_whose_vm_cannot_move_is_not_drained() {
+        // host 0 (G4) at 13 % with one VM; host 1 (G5) at 40 %: without rules host 0 is drained.
+        let view = ClusterView {
+            hosts: vec![
+                host(HP_ML110_G4, 1860.0, 0.134, &[0]),
+                host(HP_ML110_G5, 2660.0, 0.40, &[1]),
+            ],
+            vms: vec![vm(0, 500.0, 613, 1.0), vm(1, 2128.0, 870, 1.0)],
+        };
+        let c = paper(Detector::Thr(0.8));
+        let plain = optimize(&view, &c, &mut SplitMix64::new(1));
+        assert_eq!(plain.sleeps, vec![0], "{plain:?}");
+        assert_eq!(
+            plain.migrations,
+            vec![Migration {
+                vm: 0,
+                from: 0,
+                to: 1
+            }]
+        );
+        let blocked = [
+            // pinned where it runs
+            RuleSet {
+                pins: vec![Some(0)],
+                ..Default::default()
+            },
+            // its only other host holds its group
+            RuleSet {
+                groups: vec![Some(1), Some(1)],
+                ..Default::default()
+            },
+            // its only other host takes no VMs
+            RuleSet {
+                closed: vec![false, true],
+                ..Default::default()
+            },
+        ];
+        for rules in blocked {
+            let d = optimize_with(&view, &c, &mut SplitMix64::new(1), &rules);
+            assert_eq!(
+                d,
+                Decisions {
+                    table_peaks: d.table_peaks.clone(),
+                    ..Default::default()
+                },
+                "{rules:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn find_host_skips_closed_idle_hosts_and_follows_pins() {
+        // four idle G4 hosts: PABFD takes the first, unless it is closed or the VM is pinned
+        let view = ClusterView {
+            hosts: (0..4)
+                .map(|_| host(HP_ML110_G4, 1860.0, 0.0, &[]))
+                .collect(),
+            vms: vec![vm(u32::MAX, 1000.0, 613, 0.5)],
+        };
+        let c = paper(Detector::Thr(0.8));
+        let excluded = vec![false; 4];
+        let pick = |rules: &RuleSet| {
+            let mut round = Round::new(view.view(), false);
+            find_host(view.view(), 0, &excluded, &mut round, &c, rules)
+        };
+        assert_eq!(pick(&RuleSet::default()), Some(0));
+        let closed = RuleSet {
+            closed: vec![true, true],
+            ..Default::default()
+        };
+        assert_eq!(pick(&closed), Some(2));
+        let pinned = RuleSet {
+            pins: vec![Some(3)],
+            ..Default::default()
+        };
+        assert_eq!(pick(&pinned), Some(3));
+        let pinned_closed = RuleSet {
+            closed: vec![false, false, false, true],
+            pins: vec![Some(3)],
+            ..Default::default()
+        };
+        assert_eq!(pick(&pinned_closed), None);
     }
 }

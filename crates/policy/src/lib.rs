@@ -12,6 +12,10 @@
 //! - placement: power-aware best-fit decreasing (PABFD);
 //! - the underload loop that drains the least-used host when all its VMs fit elsewhere.
 //!
+//! A live caller adds its must-rules (VM–host pins, anti-affinity groups, hosts that take no VMs)
+//! through [`Rules`] ([`RuleSet`] holds the usual ones) and [`optimize_with`]; [`optimize`] is the
+//! rule-free round the simulator runs, unchanged by them.
+//!
 //! ```
 //! use tern_policy::{PolicySpec, Policy};
 //! let spec: PolicySpec = "lr-mmt-1.2".parse().unwrap();
@@ -30,7 +34,10 @@ pub mod hash_order;
 pub mod power;
 pub mod select;
 
-pub use cluster::{ClusterView, Decisions, HostView, Migration, PolicyConfig, VmView, optimize};
+pub use cluster::{
+    ClusterView, Decisions, HostView, Migration, NoRules, PolicyConfig, RuleSet, Rules, VmView,
+    optimize, optimize_with,
+};
 pub use detect::{Detector, HostSample};
 pub use power::{HP_ML110_G4, HP_ML110_G5, PowerModel};
 pub use select::Selection;
