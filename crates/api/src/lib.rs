@@ -1,5 +1,6 @@
 //! The typed messages every Tern client needs, with `Serialize`/`Deserialize` and OpenAPI schemas,
-//! and no KVM: the cluster REST API ([`cluster`]) and the agent protocol ([`agent`]).
+//! and no KVM: the cluster REST API ([`cluster`]), the agent protocol ([`agent`]) and the VMM
+//! control protocol with its migration progress and report and the runtime entry ([`vmm`]).
 //!
 //! Nothing here does I/O; the controller, the agents and the `tern cluster` client all decode into
 //! these types, so a missing or mistyped field is an error at the edge, never a silent default.
@@ -19,3 +20,4 @@
 pub mod agent;
 pub mod automation;
 pub mod cluster;
+pub mod vmm;

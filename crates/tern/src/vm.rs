@@ -312,7 +312,12 @@ pub(crate) fn serve(vm: Vm, cfg: &tern_vmm::config::VmConfig) -> anyhow::Result<
         name: cfg.name.clone(),
         pid,
         api_sock: cfg.api_sock.clone(),
-        vcpu_tids: vm.vcpu_tids(),
+        // Thread ids are positive.
+        vcpu_tids: vm
+            .vcpu_tids()
+            .into_iter()
+            .filter_map(|t| u32::try_from(t).ok())
+            .collect(),
         vcpus: Some(cfg.vcpus),
         memory_mib: Some(cfg.memory_mib),
         started_unix_ms: std::time::SystemTime::now()

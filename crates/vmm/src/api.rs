@@ -1,9 +1,12 @@
-//! The control API: newline-delimited JSON over a unix stream socket (see docs/api.md).
+//! The control API server: newline-delimited JSON over a unix stream socket (see docs/api.md).
 //!
 //! One request per line, one response line per request:
 //! `{"op":"status"}` → `{"ok":true,"status":{…}}`; `{"op":"pause"}`, `{"op":"resume"}`,
 //! `{"op":"shutdown"}` → `{"ok":true}`; any failure → `{"ok":false,"error":"…"}`.
-//! [`parse_request`] is pure and bounded (a line longer than [`MAX_REQUEST_BYTES`] is refused).
+//! The messages are `tern-api`'s ([`tern_api::vmm`], re-exported here); [`parse_request`] is pure
+//! and bounded (a line longer than [`MAX_REQUEST_BYTES`] is refused). A new request is a variant
+//! of [`Request`] there and an arm of [`handle`] here (or of `serve_connection`, for one that
+//! streams lines before its answer, as `migrate` does).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -14,145 +17,14 @@ use std::sync::Mutex;
 
 use tern_migration::{CancelToken, ConvergenceConfig, MigrateOptions, OnTimeout, Progress};
 
+pub use tern_api::vmm::{
+    MAX_REQUEST_BYTES, MigrateRequest, ParseRequestError, Request, Response, parse_request,
+};
+
 use crate::config::KernelSource;
 use crate::migrate::VmSource;
 use crate::snapshot::{self, SnapshotMeta};
-use crate::vm::{Vm, VmStatus};
-
-/// The longest request line accepted.
-pub const MAX_REQUEST_BYTES: usize = 4096;
-
-/// A control request.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Request {
-    /// Report the VM's status.
-    Status,
-    /// Park every vCPU.
-    Pause,
-    /// Continue every parked vCPU.
-    Resume,
-    /// Stop the VM; the VMM process exits with status 0.
-    Shutdown,
-    /// Announce the NICs on the network now (RARP / gratuitous ARP on the announce schedule),
-    /// as the resume after a restore does.
-    Announce,
-    /// Pause, write a snapshot file, then resume (or stop the VM with `stop`).
-    Snapshot {
-        /// The file to write.
-        path: PathBuf,
-        /// Stop the VM after the snapshot instead of resuming it.
-        #[serde(default)]
-        stop: bool,
-    },
-    /// Live-migrate the VM to a waiting `tern vm receive`. Progress lines precede the answer.
-    Migrate(MigrateRequest),
-    /// Cancel the migration under way (before its commit).
-    MigrateCancel,
-}
-
-/// The options of a `migrate` request.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MigrateRequest {
-    /// The target, HOST:PORT.
-    pub to: String,
-    /// Parallel data streams.
-    #[serde(default = "default_streams")]
-    pub streams: u16,
-    /// Downtime budget, ms.
-    #[serde(default = "default_downtime")]
-    pub downtime_ms: u64,
-    /// Timeout, seconds.
-    #[serde(default = "default_timeout")]
-    pub timeout_s: f64,
-    /// Force the switch-over at the timeout instead of aborting.
-    #[serde(default)]
-    pub force_on_timeout: bool,
-    /// Bandwidth cap, MiB/s.
-    #[serde(default)]
-    pub max_bandwidth_mibps: Option<u64>,
-    /// Compare a digest of all memory on the target before it resumes.
-    #[serde(default)]
-    pub verify_memory: bool,
-    /// Offer only this protocol version (for testing version refusal).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub protocol_version: Option<u16>,
-    /// The target host's successor for disks with an exclusive write lease (its volume node id);
-    /// required when the VM has such disks.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disk_successor: Option<String>,
-}
-
-fn default_streams() -> u16 {
-    2
-}
-fn default_downtime() -> u64 {
-    50
-}
-fn default_timeout() -> f64 {
-    60.0
-}
-
-/// A response.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Response {
-    /// Whether the request was carried out.
-    pub ok: bool,
-    /// Why not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// The status, for `status`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<VmStatus>,
-    /// A migration's progress (a line before the final answer).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub progress: Option<serde_json::Value>,
-    /// A migration's final report.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub report: Option<serde_json::Value>,
-}
-
-impl Response {
-    fn ok() -> Self {
-        Response {
-            ok: true,
-            error: None,
-            status: None,
-            progress: None,
-            report: None,
-        }
-    }
-    fn err(e: impl std::fmt::Display) -> Self {
-        Response {
-            ok: false,
-            error: Some(e.to_string()),
-            status: None,
-            progress: None,
-            report: None,
-        }
-    }
-}
-
-/// Why a request line was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ParseRequestError {
-    /// Longer than [`MAX_REQUEST_BYTES`].
-    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
-    TooLong,
-    /// Not JSON, or not one of the requests.
-    #[error(
-        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"migrate\"|\"migrate_cancel\"}})"
-    )]
-    Bad(String),
-}
-
-/// Parses one request line.
-pub fn parse_request(line: &str) -> Result<Request, ParseRequestError> {
-    if line.len() > MAX_REQUEST_BYTES {
-        return Err(ParseRequestError::TooLong);
-    }
-    serde_json::from_str(line.trim()).map_err(|e| ParseRequestError::Bad(e.to_string()))
-}
+use crate::vm::Vm;
 
 /// Why the API server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -261,10 +133,10 @@ fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop
             _ => None,
         };
         let (resp, stop_after) = if n > MAX_REQUEST_BYTES {
-            (Response::err(ParseRequestError::TooLong), false)
+            (Response::error(ParseRequestError::TooLong), false)
         } else {
             match parsed {
-                Err(e) => (Response::err(e), false),
+                Err(e) => (Response::error(e), false),
                 Ok(Request::Shutdown) => (Response::ok(), true),
                 Ok(Request::Migrate(m)) => {
                     let (resp, completed) = run_migration(vm, &m, &mut out);
@@ -273,9 +145,9 @@ fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop
                 Ok(req) => handle(vm, req),
             }
         };
-        let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
-        text.push('\n');
-        let written = out.write_all(text.as_bytes()).and_then(|_| out.flush());
+        let written = out
+            .write_all(resp.to_line().as_bytes())
+            .and_then(|_| out.flush());
         // The answer goes out before the stop: the VMM process may exit right after it.
         if stop_after {
             *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) = stop_cause;
@@ -293,23 +165,23 @@ fn handle(vm: &Vm, req: Request) -> (Response, bool) {
             status: Some(vm.status()),
             ..Response::ok()
         },
-        Request::Pause => vm.pause().map_or_else(Response::err, |_| Response::ok()),
-        Request::Resume => vm.resume().map_or_else(Response::err, |_| Response::ok()),
+        Request::Pause => vm.pause().map_or_else(Response::error, |_| Response::ok()),
+        Request::Resume => vm.resume().map_or_else(Response::error, |_| Response::ok()),
         Request::Shutdown => return (Response::ok(), true),
         Request::Snapshot { path, stop } => return snapshot(vm, &path, stop),
-        Request::Migrate(_) => Response::err("internal: migrate is served apart"),
+        Request::Migrate(_) => Response::error("internal: migrate is served apart"),
         Request::MigrateCancel => {
             match MIGRATION.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                 Some(c) => {
                     c.cancel();
                     Response::ok()
                 }
-                None => Response::err("no migration is under way"),
+                None => Response::error("no migration is under way"),
             }
         }
         Request::Announce => vm
             .announce_network()
-            .map_or_else(Response::err, |_| Response::ok()),
+            .map_or_else(Response::error, |_| Response::ok()),
     };
     (r, false)
 }
@@ -341,7 +213,7 @@ fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
     };
     let was_paused = vm.status().state == crate::vm::RunState::Paused;
     if !was_paused && let Err(e) = vm.pause() {
-        return (Response::err(e), false);
+        return (Response::error(e), false);
     }
     let written = snapshot::write(vm, &meta, path);
     if stop && written.is_ok() {
@@ -350,10 +222,10 @@ fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
         return (Response::ok(), true);
     }
     if !was_paused && let Err(e) = vm.resume() {
-        return (Response::err(e), false);
+        return (Response::error(e), false);
     }
     (
-        written.map_or_else(Response::err, |_| Response::ok()),
+        written.map_or_else(Response::error, |_| Response::ok()),
         false,
     )
 }
@@ -364,7 +236,7 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
     let cancel = {
         let mut g = MIGRATION.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_some() {
-            return (Response::err("a migration is already under way"), false);
+            return (Response::error("a migration is already under way"), false);
         }
         let c = CancelToken::new();
         *g = Some(c.clone());
@@ -397,7 +269,7 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
     if let Err(e) = source.check_handover() {
         drop(source);
         *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        return (Response::err(e), false);
+        return (Response::error(e), false);
     }
     let mut client_gone = false;
     let mut show = |p: &Progress| {
@@ -405,13 +277,11 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
             return;
         }
         let r = Response {
-            progress: serde_json::to_value(p).ok(),
+            progress: Some(p.clone()),
             ..Response::ok()
         };
-        let mut text = serde_json::to_string(&r).unwrap_or_default();
-        text.push('\n');
         // Progress is best effort: a client that went away does not stop the migration.
-        client_gone = out.write_all(text.as_bytes()).is_err();
+        client_gone = out.write_all(r.to_line().as_bytes()).is_err();
     };
     let result = tern_migration::migrate(&mut source, m.to.as_str(), &opts, &cancel, &mut show);
     drop(source);
@@ -422,7 +292,7 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
             vm.discard_pending_output();
             (
                 Response {
-                    report: serde_json::to_value(&report).ok(),
+                    report: Some(report),
                     ..Response::ok()
                 },
                 true,
@@ -430,8 +300,8 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         }
         Err(f) => (
             Response {
-                report: serde_json::to_value(&f.report).ok(),
-                ..Response::err(tern_migration::error_chain(&f.error))
+                report: Some(f.report),
+                ..Response::error(tern_migration::error_chain(&f.error))
             },
             false,
         ),
@@ -488,7 +358,7 @@ pub fn call_timeout(
 pub fn call_streaming(
     path: &Path,
     req: &Request,
-    on_progress: &mut dyn FnMut(&serde_json::Value),
+    on_progress: &mut dyn FnMut(&Progress),
 ) -> Result<Response, ApiCallError> {
     let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
         path: path.display().to_string(),
@@ -520,57 +390,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_four_requests_parse() {
-        assert_eq!(parse_request(r#"{"op":"status"}"#), Ok(Request::Status));
-        assert_eq!(parse_request(" {\"op\":\"pause\"}\n"), Ok(Request::Pause));
-        assert_eq!(parse_request(r#"{"op":"resume"}"#), Ok(Request::Resume));
-        assert_eq!(parse_request(r#"{"op":"shutdown"}"#), Ok(Request::Shutdown));
-    }
-
-    #[test]
-    fn unknown_and_malformed_requests_are_refused() {
-        assert!(matches!(
-            parse_request(r#"{"op":"explode"}"#),
-            Err(ParseRequestError::Bad(_))
-        ));
-        assert!(matches!(
-            parse_request("status"),
-            Err(ParseRequestError::Bad(_))
-        ));
-        assert!(matches!(parse_request(""), Err(ParseRequestError::Bad(_))));
-        assert!(matches!(
-            parse_request(r#"{"nop":1}"#),
-            Err(ParseRequestError::Bad(_))
-        ));
-    }
-
-    #[test]
-    fn overlong_requests_are_refused_before_parsing() {
-        let long = format!(
-            r#"{{"op":"status","pad":"{}"}}"#,
-            "x".repeat(MAX_REQUEST_BYTES)
+    fn the_protocol_is_reexported_under_its_old_paths() {
+        // Callers name `tern_vmm::api::{Request, MigrateRequest, parse_request, …}`.
+        let line = serde_json::to_string(&Request::Migrate(MigrateRequest::new("h:1"))).unwrap();
+        assert!(matches!(parse_request(&line), Ok(Request::Migrate(m)) if m.to == "h:1"));
+        assert_eq!(
+            Response::error(ParseRequestError::TooLong).error.as_deref(),
+            Some("request longer than 4096 bytes")
         );
-        assert_eq!(parse_request(&long), Err(ParseRequestError::TooLong));
-    }
-
-    #[test]
-    fn requests_serialize_to_what_the_server_parses() {
-        for r in [
-            Request::Status,
-            Request::Pause,
-            Request::Resume,
-            Request::Shutdown,
-        ] {
-            let line = serde_json::to_string(&r).unwrap();
-            assert_eq!(parse_request(&line), Ok(r));
-        }
-    }
-
-    #[test]
-    fn error_responses_omit_the_status() {
-        let text = serde_json::to_string(&Response::err("nope")).unwrap();
-        assert_eq!(text, r#"{"ok":false,"error":"nope"}"#);
-        let back: Response = serde_json::from_str(&text).unwrap();
-        assert!(!back.ok);
     }
 }

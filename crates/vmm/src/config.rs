@@ -585,7 +585,7 @@ fn check_api_sock(sock: &Path) -> Result<(), ConfigError> {
 
 fn check_name_free(runtime_dir: &Path, name: &str) -> Result<(), ConfigError> {
     match crate::runtime::read_entry(runtime_dir, name) {
-        Ok(Some(entry)) if entry.is_live() => Err(ConfigError::NameInUse {
+        Ok(Some(entry)) if crate::runtime::is_live(&entry) => Err(ConfigError::NameInUse {
             name: name.to_string(),
             pid: entry.pid,
         }),

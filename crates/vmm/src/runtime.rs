@@ -1,76 +1,26 @@
 //! The runtime entry `<dir>/<name>.json` by which host tools find running VMs, and the default
 //! control socket `<dir>/<name>.sock` beside it.
 //!
-//! The entry's format only grows: `name`, `pid`, `api_sock` (a path or `null`) and `vcpu_tids` are
-//! there since the first version (the parking daemon reads just these); `vcpus`, `memory_mib`,
-//! `started_unix_ms` and `pid_start_ticks` were added later and are absent (`None`) in entries an
-//! older VMM wrote. Readers ignore fields they do not know.
+//! The entry ([`RuntimeEntry`]) is `tern-api`'s, whose docs say how its format grows; this module
+//! writes it, reads it back and tells a live VMM's entry from a stale one.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// The default runtime directory.
-pub const DEFAULT_RUNTIME_DIR: &str = "/run/tern/vms";
+pub use tern_api::vmm::{
+    DEFAULT_RUNTIME_DIR, RuntimeEntry, default_api_sock, entry_path, parse_stat_start_ticks,
+};
 
-/// What the entry says.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct RuntimeEntry {
-    /// The VM's name.
-    pub name: String,
-    /// The VMM's process ID.
-    pub pid: u32,
-    /// The control socket, if any.
-    pub api_sock: Option<PathBuf>,
-    /// Thread IDs of the vCPU threads, in vCPU order.
-    pub vcpu_tids: Vec<i32>,
-    /// The vCPU count.
-    #[serde(default)]
-    pub vcpus: Option<u8>,
-    /// Guest memory, MiB.
-    #[serde(default)]
-    pub memory_mib: Option<u64>,
-    /// When the VM started here, ms since the Unix epoch.
-    #[serde(default)]
-    pub started_unix_ms: Option<u64>,
-    /// The VMM process's start time, clock ticks after boot (`/proc/PID/stat` field 22): tells the
-    /// VMM apart from a later process that got the same PID.
-    #[serde(default)]
-    pub pid_start_ticks: Option<u64>,
-}
-
-impl RuntimeEntry {
-    /// Whether the process that wrote this entry still runs (its PID exists and, when the entry
-    /// records it, with the same start time).
-    pub fn is_live(&self) -> bool {
-        match process_start_ticks(self.pid) {
-            None => false,
-            Some(ticks) => self.pid_start_ticks.is_none_or(|t| t == ticks),
-        }
-    }
-}
-
-/// The entry file of VM `name` in `dir`.
-pub fn entry_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.json"))
-}
-
-/// The control socket a VM named `name` gets when none is given: `<dir>/<name>.sock`.
-pub fn default_api_sock(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.sock"))
+/// Whether the process that wrote `entry` still runs (its PID exists and, when the entry
+/// records it, with the same start time).
+pub fn is_live(entry: &RuntimeEntry) -> bool {
+    entry.is_written_by(process_start_ticks(entry.pid))
 }
 
 /// The start time of process `pid` in clock ticks after boot, or `None` if it does not exist.
 pub fn process_start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     parse_stat_start_ticks(&stat)
-}
-
-/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command name (field 2) may hold spaces
-/// and parentheses, so fields are counted after its last `)`.
-pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
-    let (_, rest) = stat.rsplit_once(')')?;
-    // `rest` starts at field 3 (state); starttime is field 22.
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// Why the entry could not be written.
@@ -228,7 +178,7 @@ pub fn remove_stale(dir: &Path, name: &str) -> Result<Option<RuntimeEntry>, Remo
             return Ok(None);
         }
     };
-    if entry.is_live() {
+    if is_live(&entry) {
         return Err(RemoveStaleError::Live {
             name: entry.name,
             pid: entry.pid,
@@ -318,42 +268,21 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_of_an_older_vmm_without_the_later_fields_still_reads() {
-        let old = r#"{"name":"old","pid":7,"api_sock":null,"vcpu_tids":[8]}"#;
-        let e: RuntimeEntry = serde_json::from_str(old).unwrap();
-        assert_eq!(e.name, "old");
-        assert_eq!(e.api_sock, None);
-        assert_eq!(
-            (e.vcpus, e.memory_mib, e.pid_start_ticks),
-            (None, None, None)
-        );
-    }
-
-    #[test]
-    fn start_ticks_are_field_22_even_when_the_command_name_has_spaces_and_parens() {
-        let stat = "4242 (a b) c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 \
-                    1000 200 18446744073709551615";
-        assert_eq!(parse_stat_start_ticks(stat), Some(987654));
-        assert_eq!(parse_stat_start_ticks("4242 (x) S 1 2"), None);
-        assert_eq!(parse_stat_start_ticks("garbage"), None);
-    }
-
-    #[test]
     fn liveness_checks_the_pid_and_its_start_time() {
         let me = std::process::id();
         let ticks = process_start_ticks(me).expect("our own stat");
         let mut e = entry("me", me);
         e.pid_start_ticks = Some(ticks);
-        assert!(e.is_live());
+        assert!(is_live(&e));
         e.pid_start_ticks = None;
         assert!(
-            e.is_live(),
+            is_live(&e),
             "an older entry without start time: the PID decides"
         );
         e.pid_start_ticks = Some(ticks + 1);
-        assert!(!e.is_live(), "same PID, another process");
+        assert!(!is_live(&e), "same PID, another process");
         e.pid = u32::MAX - 1;
-        assert!(!e.is_live());
+        assert!(!is_live(&e));
     }
 
     #[test]

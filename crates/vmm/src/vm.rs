@@ -162,67 +162,8 @@ impl DirtyBitmap {
     }
 }
 
-/// The run state reported by `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunState {
-    /// vCPUs run.
-    Running,
-    /// Every vCPU is parked.
-    Paused,
-    /// Pausing or resuming is under way.
-    Transitioning,
-    /// The VM is stopping.
-    Stopping,
-}
-
-/// What `status` answers.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct VmStatus {
-    /// The VM's name.
-    pub name: String,
-    /// The VMM's process ID.
-    pub pid: u32,
-    /// Run state.
-    pub state: RunState,
-    /// vCPU count.
-    pub vcpus: u8,
-    /// Thread IDs of the vCPU threads, by index.
-    pub vcpu_tids: Vec<i32>,
-    /// Guest memory.
-    pub memory_mib: u64,
-    /// "pvh" or "linux64".
-    pub boot: String,
-    /// TSC frequency given to the guest.
-    pub tsc_khz: u32,
-    /// Milliseconds since the VM started.
-    pub uptime_ms: u64,
-    /// Per-disk request counters.
-    pub disks: Vec<DiskStatus>,
-}
-
-/// One disk's status.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskStatus {
-    /// The image.
-    pub path: String,
-    /// Read-only.
-    pub readonly: bool,
-    /// Read requests.
-    pub reads: u64,
-    /// Write requests.
-    pub writes: u64,
-    /// Flush requests.
-    pub flushes: u64,
-    /// Discard requests.
-    #[serde(default)]
-    pub discards: u64,
-    /// Write-zeroes requests.
-    #[serde(default)]
-    pub write_zeroes: u64,
-    /// Failed requests.
-    pub errors: u64,
-}
+// The status types are the control protocol's, defined in `tern-api` so clients need no KVM.
+pub use tern_api::vmm::{DiskStatus, RunState, VmStatus};
 
 struct VcpuHandle {
     commands: Sender<VcpuCommand>,

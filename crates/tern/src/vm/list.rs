@@ -60,7 +60,7 @@ pub fn run(a: ListArgs) -> anyhow::Result<ExitCode> {
                 continue;
             }
         };
-        let live = entry.is_live();
+        let live = runtime::is_live(&entry);
         if a.prune && !live {
             match runtime::remove_stale(dir, &entry.name) {
                 Ok(_) => eprintln!(

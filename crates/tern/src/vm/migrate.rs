@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use tern_migration::Outcome;
+use tern_api::vmm::{MigrationReport, Outcome, Progress};
 use tern_vmm::api::{self, Request};
 
 use super::progress;
@@ -61,40 +61,6 @@ pub enum OnTimeoutArg {
     Force,
 }
 
-/// The migration report as the VMM sends it (`tern_migration::MigrationReport`'s JSON).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-pub struct ReportView {
-    /// How it ended.
-    pub outcome: Outcome,
-    /// Whole migration, ms.
-    pub total_ms: u64,
-    /// Pause seen by the guest, ms.
-    pub downtime_ms: u64,
-    /// Rounds, the stop-and-copy round included.
-    pub rounds: u32,
-    /// Bytes written to the streams.
-    pub bytes_sent: u64,
-    /// Zero pages not sent.
-    pub pages_zero_skipped: u64,
-    /// Highest throttle, percent.
-    pub throttle_max_pct: f64,
-    /// Whether the downtime budget (not the timeout) chose the switch-over.
-    pub converged: bool,
-}
-
-/// One progress line as the VMM sends it (`tern_migration::Progress`'s JSON).
-#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
-struct ProgressView {
-    phase: String,
-    round: u32,
-    bytes_sent: u64,
-    bytes_remaining: u64,
-    dirty_bytes_per_sec: f64,
-    bandwidth_bytes_per_sec: f64,
-    expected_downtime_ms: Option<f64>,
-    throttle_pct: f64,
-}
-
 /// `1.5 GiB`, `64.0 MiB`, `12.0 KiB`, `512 B`.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [(&str, u64); 3] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
@@ -106,21 +72,9 @@ pub fn human_bytes(n: u64) -> String {
     format!("{n} B")
 }
 
-/// An outcome in words.
-fn outcome_words(o: Outcome) -> &'static str {
-    match o {
-        Outcome::Completed => "completed",
-        Outcome::Refused => "refused",
-        Outcome::Cancelled => "cancelled",
-        Outcome::TimedOut => "timed out",
-        Outcome::Failed => "failed",
-        Outcome::InDoubt => "in doubt",
-    }
-}
-
 /// The report as one line for people: no JSON quoting, sizes in binary units.
-pub fn report_line(r: &ReportView, to: &str) -> String {
-    let outcome = outcome_words(r.outcome);
+pub fn report_line(r: &MigrationReport, to: &str) -> String {
+    let outcome = r.outcome.words();
     format!(
         "migration to {to} {outcome} in {} ms: downtime {} ms, {} round{}, {} sent, {} zero pages skipped, \
          throttle max {:.1} %, {}",
@@ -167,17 +121,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         disk_successor: a.disk_successor.clone(),
     });
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
-    let mut on_progress = |p: &serde_json::Value| {
+    let mut on_progress = |p: &Progress| {
         let Some(b) = &bar else { return };
-        let Ok(p) = serde_json::from_value::<ProgressView>(p.clone()) else {
-            return;
-        };
         b.set_length(p.bytes_sent + p.bytes_remaining);
         b.set_position(p.bytes_sent);
         b.set_prefix(p.round.to_string());
         b.set_message(format!(
             "{} dirty {:.0} MiB/s bw {:.0} MiB/s downtime~{} throttle {:.1} %",
-            p.phase.replace('_', "-"),
+            p.phase.as_str().replace('_', "-"),
             p.dirty_bytes_per_sec / 1048576.0,
             p.bandwidth_bytes_per_sec / 1048576.0,
             p.expected_downtime_ms
@@ -188,12 +139,10 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let resp = api::call_streaming(&sock, &req, &mut on_progress);
     progress::clear(bar);
     let resp = resp?;
-    let report: Option<ReportView> = resp
-        .report
-        .as_ref()
-        .and_then(|r| serde_json::from_value(r.clone()).ok());
+    let report: Option<MigrationReport> = resp.report.clone();
     if a.json {
-        println!("{}", resp.report.clone().unwrap_or(serde_json::Value::Null));
+        // Through a JSON value: its keys in the order this command always printed them.
+        println!("{}", serde_json::to_value(&report)?);
     } else if let Some(r) = &report {
         eprintln!("{}", report_line(r, &to));
     }
@@ -216,7 +165,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     }
     eprintln!(
         "tern: migration failed ({}): {why}; the VM keeps running here",
-        outcome_words(outcome)
+        outcome.words()
     );
     Ok(ExitCode::from(outcome.exit_code().max(1)))
 }
@@ -227,7 +176,7 @@ mod tests {
 
     #[test]
     fn the_report_line_has_no_json_quotes_and_readable_sizes() {
-        let r: ReportView = serde_json::from_str(
+        let r: MigrationReport = serde_json::from_str(
             r#"{"total_ms":812,"downtime_ms":9,"rounds":3,"bytes_sent":70254592,
                 "pages_zero_skipped":15000,"throttle_max_pct":0.0,"converged":true,
                 "outcome":"completed"}"#,
@@ -238,7 +187,7 @@ mod tests {
             "migration to 10.0.0.2:7000 completed in 812 ms: downtime 9 ms, 3 rounds, 67.0 MiB sent, \
              15000 zero pages skipped, throttle max 0.0 %, converged"
         );
-        let t = ReportView {
+        let t = MigrationReport {
             outcome: Outcome::TimedOut,
             rounds: 1,
             converged: false,

@@ -57,7 +57,7 @@ pub fn socket_of(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
             dir.display()
         );
     };
-    if !entry.is_live() {
+    if !runtime::is_live(&entry) {
         anyhow::bail!(
             "VM {name:?} is not running: its process {} is gone and {} is a stale entry \
              (`tern vm list --prune` removes it)",

@@ -1,0 +1,881 @@
+//! The VMM control protocol: the messages a VMM (`tern vm run`, `tern vm receive`) serves on its
+//! unix control socket, the progress and report of a live migration, and the runtime entry by
+//! which host tools find running VMs. `tern-vmm` serves these messages; `tern-vmctl` is the client
+//! the CLI, the agent and the parking daemon share. docs/api.md is the user's description.
+//!
+//! ```text
+//!  client (tern vm …, tern-vmctl)                       VMM (tern-vmm's api server)
+//!    │ {"op":"status"}\n ─────────────────────────────────▶│ parse_request (≤ MAX_REQUEST_BYTES)
+//!    │ ◀────────────────────── {"ok":true,"status":{…}}\n  │
+//!    │ {"op":"migrate","to":"HOST:PORT",…}\n ─────────────▶│ runs the migration
+//!    │ ◀──────────── {"ok":true,"progress":{…}}\n (0..n)   │
+//!    │ ◀──────────── {"ok":true,"report":{…}}\n            │ then the VMM stops: the VM runs there
+//!    │           or {"ok":false,"error":"…","report":{…}}\n│ the VM runs here (or, in doubt, stays paused)
+//! ```
+//!
+//! **Framing.** Newline-delimited JSON, one request per line, one answer per request (a `migrate`
+//! sends progress lines first). A request line longer than [`MAX_REQUEST_BYTES`] is refused.
+//!
+//! **Versioning.** The format only grows. A request with a field this VMM does not know is refused
+//! (a newer client's option is never silently ignored); answers and runtime entries may carry
+//! fields a reader does not know, which it ignores, and fields added later are optional.
+//!
+//! **Untrusted.** The server decodes every request with [`parse_request`], which bounds the line
+//! before parsing and never panics.
+//!
+//! ```
+//! use tern_api::vmm::{parse_request, Request, Response};
+//! assert_eq!(parse_request(r#"{"op":"pause"}"#), Ok(Request::Pause));
+//! let r: Response = serde_json::from_str(r#"{"ok":false,"error":"the VM is not paused"}"#).unwrap();
+//! assert_eq!(r.error.as_deref(), Some("the VM is not paused"));
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// The longest request line accepted.
+pub const MAX_REQUEST_BYTES: usize = 4096;
+
+/// The default runtime directory.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/tern/vms";
+
+/// A control request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Report the VM's status.
+    Status,
+    /// Park every vCPU.
+    Pause,
+    /// Continue every parked vCPU.
+    Resume,
+    /// Stop the VM; the VMM process exits with status 0.
+    Shutdown,
+    /// Announce the NICs on the network now (RARP / gratuitous ARP on the announce schedule),
+    /// as the resume after a restore does.
+    Announce,
+    /// Pause, write a snapshot file, then resume (or stop the VM with `stop`).
+    Snapshot {
+        /// The file to write.
+        #[schema(value_type = String)]
+        path: PathBuf,
+        /// Stop the VM after the snapshot instead of resuming it.
+        #[serde(default)]
+        stop: bool,
+    },
+    /// Live-migrate the VM to a waiting `tern vm receive`. Progress lines precede the answer.
+    Migrate(MigrateRequest),
+    /// Cancel the migration under way (before its commit).
+    MigrateCancel,
+}
+
+/// The options of a `migrate` request; every field but `to` may be left out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The target, HOST:PORT.
+    pub to: String,
+    /// Parallel data streams.
+    #[serde(default = "default_streams")]
+    pub streams: u16,
+    /// Downtime budget, ms.
+    #[serde(default = "default_downtime")]
+    pub downtime_ms: u64,
+    /// Timeout, seconds.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Force the switch-over at the timeout instead of aborting.
+    #[serde(default)]
+    pub force_on_timeout: bool,
+    /// Bandwidth cap, MiB/s.
+    #[serde(default)]
+    pub max_bandwidth_mibps: Option<u64>,
+    /// Compare a digest of all memory on the target before it resumes.
+    #[serde(default)]
+    pub verify_memory: bool,
+    /// Offer only this protocol version (for testing version refusal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u16>,
+    /// The target host's successor for disks with an exclusive write lease (its volume node id);
+    /// required when the VM has such disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_successor: Option<String>,
+}
+
+fn default_streams() -> u16 {
+    2
+}
+fn default_downtime() -> u64 {
+    50
+}
+fn default_timeout() -> f64 {
+    60.0
+}
+
+impl MigrateRequest {
+    /// A migration to `to` with the defaults a request that names only `to` gets.
+    pub fn new(to: impl Into<String>) -> Self {
+        MigrateRequest {
+            to: to.into(),
+            streams: default_streams(),
+            downtime_ms: default_downtime(),
+            timeout_s: default_timeout(),
+            force_on_timeout: false,
+            max_bandwidth_mibps: None,
+            verify_memory: false,
+            protocol_version: None,
+            disk_successor: None,
+        }
+    }
+}
+
+/// An answer line: the final answer to a request, or a migration's progress line (`progress` set).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Response {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The status, for `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<VmStatus>,
+    /// A migration's progress (a line before the final answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// A migration's final report, on success and on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<MigrationReport>,
+}
+
+impl Response {
+    /// `{"ok":true}`.
+    pub fn ok() -> Self {
+        Response {
+            ok: true,
+            error: None,
+            status: None,
+            progress: None,
+            report: None,
+        }
+    }
+
+    /// `{"ok":false,"error":"…"}`.
+    pub fn error(e: impl std::fmt::Display) -> Self {
+        Response {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Response::ok()
+        }
+    }
+
+    /// This answer as one line, newline included.
+    pub fn to_line(&self) -> String {
+        let mut text = serde_json::to_string(self).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        text
+    }
+}
+
+/// Why a request line was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ParseRequestError {
+    /// Longer than [`MAX_REQUEST_BYTES`].
+    #[error("request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    /// Not JSON, or not one of the requests.
+    #[error(
+        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"migrate\"|\"migrate_cancel\"}})"
+    )]
+    Bad(String),
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &str) -> Result<Request, ParseRequestError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ParseRequestError::TooLong);
+    }
+    serde_json::from_str(line.trim()).map_err(|e| ParseRequestError::Bad(e.to_string()))
+}
+
+/// The run state reported by `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// vCPUs run.
+    Running,
+    /// Every vCPU is parked.
+    Paused,
+    /// Pausing or resuming is under way.
+    Transitioning,
+    /// The VM is stopping.
+    Stopping,
+}
+
+impl RunState {
+    /// The state's name on the wire: `running`, `paused`, `transitioning`, `stopping`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Transitioning => "transitioning",
+            RunState::Stopping => "stopping",
+        }
+    }
+}
+
+/// What `status` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatus {
+    /// The VM's name.
+    pub name: String,
+    /// The VMM's process ID.
+    pub pid: u32,
+    /// Run state.
+    pub state: RunState,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Thread IDs of the vCPU threads, by index.
+    pub vcpu_tids: Vec<i32>,
+    /// Guest memory.
+    pub memory_mib: u64,
+    /// "pvh" or "linux64".
+    pub boot: String,
+    /// TSC frequency given to the guest.
+    pub tsc_khz: u32,
+    /// Milliseconds since the VM started.
+    pub uptime_ms: u64,
+    /// Per-disk request counters.
+    pub disks: Vec<DiskStatus>,
+}
+
+/// One disk's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DiskStatus {
+    /// The image.
+    pub path: String,
+    /// Read-only.
+    pub readonly: bool,
+    /// Read requests.
+    pub reads: u64,
+    /// Write requests.
+    pub writes: u64,
+    /// Flush requests.
+    pub flushes: u64,
+    /// Discard requests.
+    #[serde(default)]
+    pub discards: u64,
+    /// Write-zeroes requests.
+    #[serde(default)]
+    pub write_zeroes: u64,
+    /// Failed requests.
+    pub errors: u64,
+}
+
+/// How a migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The VM runs on the target; the source may be torn down.
+    Completed,
+    /// The target refused the handshake (version or configuration).
+    Refused,
+    /// Cancelled by the operator; the source runs.
+    Cancelled,
+    /// The timeout passed with `--on-timeout abort`; the source runs.
+    TimedOut,
+    /// A connection, target or protocol failure; the source runs.
+    Failed,
+    /// Commit was sent but no answer came: the source stays paused, the target may run.
+    InDoubt,
+}
+
+impl Outcome {
+    /// Whether the source VM is running after this outcome.
+    pub fn source_runs(self) -> bool {
+        !matches!(self, Outcome::Completed | Outcome::InDoubt)
+    }
+
+    /// The exit status of `tern vm migrate`: 0 completed (the VM runs on the target), 3 in
+    /// doubt (the source stays paused, an operator decides), 1 for every outcome where the
+    /// source runs.
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Outcome::Completed => 0,
+            Outcome::InDoubt => 3,
+            Outcome::Refused | Outcome::Cancelled | Outcome::TimedOut | Outcome::Failed => 1,
+        }
+    }
+
+    /// The outcome in words: `completed`, `refused`, `cancelled`, `timed out`, `failed`,
+    /// `in doubt`.
+    pub fn words(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Refused => "refused",
+            Outcome::Cancelled => "cancelled",
+            Outcome::TimedOut => "timed out",
+            Outcome::Failed => "failed",
+            Outcome::InDoubt => "in doubt",
+        }
+    }
+}
+
+/// Phase shown in progress reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProgressPhase {
+    /// Handshake.
+    Setup,
+    /// Pre-copy rounds.
+    PreCopy,
+    /// VM paused, last pages and state.
+    StopAndCopy,
+    /// Waiting for the target's "running".
+    Commit,
+}
+
+impl ProgressPhase {
+    /// The phase's name on the wire (`setup`, `pre_copy`, `stop_and_copy`, `commit`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProgressPhase::Setup => "setup",
+            ProgressPhase::PreCopy => "pre_copy",
+            ProgressPhase::StopAndCopy => "stop_and_copy",
+            ProgressPhase::Commit => "commit",
+        }
+    }
+}
+
+/// A progress snapshot, given to the progress callback after every round and about every
+/// 100 ms within a round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Progress {
+    /// Phase.
+    pub phase: ProgressPhase,
+    /// Round (0 = the full copy).
+    pub round: u32,
+    /// Bytes written to the streams so far.
+    pub bytes_sent: u64,
+    /// Bytes still to send in this round plus dirty bytes known.
+    pub bytes_remaining: u64,
+    /// Dirty rate at the last sync, bytes/s.
+    pub dirty_bytes_per_sec: f64,
+    /// Bandwidth estimate, bytes/s (0 before the first measurement).
+    pub bandwidth_bytes_per_sec: f64,
+    /// Expected pause if switching over now, ms (`None` while unknown).
+    pub expected_downtime_ms: Option<f64>,
+    /// Current throttle, percent.
+    pub throttle_pct: f64,
+    /// Time since the start, ms.
+    pub elapsed_ms: u64,
+}
+
+/// The final report of a migration, successful or not.
+///
+/// Serialises to JSON with exactly the fields `total_ms`, `downtime_ms`, `rounds`,
+/// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationReport {
+    /// Start of the handshake → end (ack, or source resumed), ms.
+    pub total_ms: u64,
+    /// Source pause → target "running" ack (or → source resumed on failure), ms; 0 if the
+    /// source never paused.
+    pub downtime_ms: u64,
+    /// Pre-copy rounds plus the stop-and-copy round.
+    pub rounds: u32,
+    /// Bytes written to all streams, frame headers included.
+    pub bytes_sent: u64,
+    /// Zero pages not sent at all.
+    pub pages_zero_skipped: u64,
+    /// Highest throttle applied, percent (e.g. 99.9).
+    pub throttle_max_pct: f64,
+    /// Whether the switch-over came from the downtime budget (not forced by the timeout).
+    pub converged: bool,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+impl MigrationReport {
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// The runtime entry `<runtime-dir>/<name>.json` a VMM writes once its vCPU threads exist and
+/// removes when it stops.
+///
+/// The format only grows: `name`, `pid`, `api_sock` (a path or `null`) and `vcpu_tids` are there
+/// since the first version (all the parking daemon needs); `vcpus`, `memory_mib`,
+/// `started_unix_ms` and `pid_start_ticks` were added later and are `None` in entries an older
+/// VMM wrote. Readers ignore fields they do not know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RuntimeEntry {
+    /// The VM's name.
+    pub name: String,
+    /// The VMM's process ID.
+    pub pid: u32,
+    /// The control socket, if any.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub api_sock: Option<PathBuf>,
+    /// Thread IDs of the vCPU threads, in vCPU order.
+    pub vcpu_tids: Vec<u32>,
+    /// The vCPU count.
+    #[serde(default)]
+    pub vcpus: Option<u8>,
+    /// Guest memory, MiB.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
+    /// When the VM started here, ms since the Unix epoch.
+    #[serde(default)]
+    pub started_unix_ms: Option<u64>,
+    /// The VMM process's start time, clock ticks after boot (`/proc/PID/stat` field 22): tells the
+    /// VMM apart from a later process that got the same PID.
+    #[serde(default)]
+    pub pid_start_ticks: Option<u64>,
+}
+
+impl RuntimeEntry {
+    /// An entry with only the first version's fields.
+    pub fn new(name: impl Into<String>, pid: u32, vcpu_tids: Vec<u32>) -> Self {
+        RuntimeEntry {
+            name: name.into(),
+            pid,
+            api_sock: None,
+            vcpu_tids,
+            vcpus: None,
+            memory_mib: None,
+            started_unix_ms: None,
+            pid_start_ticks: None,
+        }
+    }
+
+    /// Whether a process with this entry's PID, started at `start_ticks` (`None`: no such
+    /// process), is the one that wrote it. An older entry without a start time trusts the PID.
+    pub fn is_written_by(&self, start_ticks: Option<u64>) -> bool {
+        match start_ticks {
+            None => false,
+            Some(ticks) => self.pid_start_ticks.is_none_or(|t| t == ticks),
+        }
+    }
+}
+
+/// The entry file of VM `name` in `dir`.
+pub fn entry_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.json"))
+}
+
+/// The control socket a VM named `name` gets when none is given: `<dir>/<name>.sock`.
+pub fn default_api_sock(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.sock"))
+}
+
+/// Field 22 (`starttime`) of a `/proc/PID/stat` line. The command name (field 2) may hold spaces
+/// and parentheses, so fields are counted after its last `)`.
+pub fn parse_stat_start_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // `rest` starts at field 3 (state); starttime is field 22.
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T>(v: &T) -> T
+    where
+        T: Serialize + for<'de> Deserialize<'de>,
+    {
+        serde_json::from_str(&serde_json::to_string(v).unwrap()).unwrap()
+    }
+
+    fn status() -> VmStatus {
+        VmStatus {
+            name: "vm1".into(),
+            pid: 4242,
+            state: RunState::Paused,
+            vcpus: 2,
+            vcpu_tids: vec![4244, 4245],
+            memory_mib: 256,
+            boot: "pvh".into(),
+            tsc_khz: 2_596_132,
+            uptime_ms: 10_234,
+            disks: vec![DiskStatus {
+                path: "/var/lib/tern/a.img".into(),
+                readonly: false,
+                reads: 10,
+                writes: 2048,
+                flushes: 1,
+                discards: 3,
+                write_zeroes: 0,
+                errors: 0,
+            }],
+        }
+    }
+
+    fn progress() -> Progress {
+        Progress {
+            phase: ProgressPhase::StopAndCopy,
+            round: 3,
+            bytes_sent: 70_254_592,
+            bytes_remaining: 4096,
+            dirty_bytes_per_sec: 1.5e6,
+            bandwidth_bytes_per_sec: 2.5e9,
+            expected_downtime_ms: Some(4.5),
+            throttle_pct: 20.0,
+            elapsed_ms: 812,
+        }
+    }
+
+    fn report(outcome: Outcome) -> MigrationReport {
+        MigrationReport {
+            total_ms: 812,
+            downtime_ms: 9,
+            rounds: 3,
+            bytes_sent: 70_254_592,
+            pages_zero_skipped: 15_000,
+            throttle_max_pct: 97.5,
+            converged: true,
+            outcome,
+        }
+    }
+
+    fn entry() -> RuntimeEntry {
+        RuntimeEntry {
+            api_sock: Some("/run/tern/vms/vm1.sock".into()),
+            vcpus: Some(2),
+            memory_mib: Some(256),
+            started_unix_ms: Some(1_765_051_200_000),
+            pid_start_ticks: Some(812_345),
+            ..RuntimeEntry::new("vm1", 4242, vec![4244, 4245])
+        }
+    }
+
+    #[test]
+    fn the_four_requests_parse() {
+        assert_eq!(parse_request(r#"{"op":"status"}"#), Ok(Request::Status));
+        assert_eq!(parse_request(" {\"op\":\"pause\"}\n"), Ok(Request::Pause));
+        assert_eq!(parse_request(r#"{"op":"resume"}"#), Ok(Request::Resume));
+        assert_eq!(parse_request(r#"{"op":"shutdown"}"#), Ok(Request::Shutdown));
+    }
+
+    #[test]
+    fn unknown_and_malformed_requests_are_refused() {
+        for bad in [
+            r#"{"op":"explode"}"#,
+            "status",
+            "",
+            r#"{"nop":1}"#,
+            r#"{"op":"snapshot"}"#,
+            r#"{"op":"migrate"}"#,
+            r#"{"op":"migrate","to":"h:1","streams":-1}"#,
+            r#"{"op":"snapshot","path":"/x","stop":"yes"}"#,
+        ] {
+            assert!(
+                matches!(parse_request(bad), Err(ParseRequestError::Bad(_))),
+                "{bad:?} parsed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_with_a_field_the_vmm_does_not_know_is_refused() {
+        for bad in [
+            r#"{"op":"migrate","to":"h:1","disk_succesor":"2"}"#,
+            r#"{"op":"snapshot","path":"/x","sotp":true}"#,
+        ] {
+            let e = parse_request(bad).unwrap_err();
+            assert!(e.to_string().contains("unknown field"), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn overlong_requests_are_refused_before_parsing() {
+        let long = format!(
+            r#"{{"op":"status","pad":"{}"}}"#,
+            "x".repeat(MAX_REQUEST_BYTES)
+        );
+        assert_eq!(parse_request(&long), Err(ParseRequestError::TooLong));
+    }
+
+    #[test]
+    fn every_request_serializes_to_what_the_server_parses() {
+        let mut full = MigrateRequest::new("10.0.0.2:7000");
+        full.streams = 4;
+        full.downtime_ms = 20;
+        full.timeout_s = 2.5;
+        full.force_on_timeout = true;
+        full.max_bandwidth_mibps = Some(100);
+        full.verify_memory = true;
+        full.protocol_version = Some(1);
+        full.disk_successor = Some("2".into());
+        for r in [
+            Request::Status,
+            Request::Pause,
+            Request::Resume,
+            Request::Shutdown,
+            Request::Announce,
+            Request::Snapshot {
+                path: "/tmp/a.snap".into(),
+                stop: true,
+            },
+            Request::Migrate(MigrateRequest::new("h:1")),
+            Request::Migrate(full),
+            Request::MigrateCancel,
+        ] {
+            let line = serde_json::to_string(&r).unwrap();
+            assert!(!line.contains('\n'), "{line}");
+            assert_eq!(parse_request(&line), Ok(r));
+        }
+    }
+
+    #[test]
+    fn requests_in_the_documented_format_still_parse_with_their_defaults() {
+        // docs/api.md's lines, as every released client wrote them.
+        assert_eq!(
+            parse_request(r#"{"op":"snapshot","path":"/abs/file"}"#),
+            Ok(Request::Snapshot {
+                path: "/abs/file".into(),
+                stop: false
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"migrate","to":"HOST:PORT"}"#),
+            Ok(Request::Migrate(MigrateRequest::new("HOST:PORT")))
+        );
+        let doc = r#"{"op":"migrate","to":"HOST:PORT","streams":2,"downtime_ms":50,"timeout_s":60,"force_on_timeout":false,"max_bandwidth_mibps":null,"verify_memory":false}"#;
+        assert_eq!(
+            parse_request(doc),
+            Ok(Request::Migrate(MigrateRequest::new("HOST:PORT")))
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"migrate_cancel"}"#),
+            Ok(Request::MigrateCancel)
+        );
+        // The serialized form leaves the optional testing and lease fields out.
+        assert_eq!(
+            serde_json::to_string(&Request::Migrate(MigrateRequest::new("h:1"))).unwrap(),
+            r#"{"op":"migrate","to":"h:1","streams":2,"downtime_ms":50,"timeout_s":60.0,"force_on_timeout":false,"max_bandwidth_mibps":null,"verify_memory":false}"#
+        );
+    }
+
+    #[test]
+    fn answers_keep_their_wire_form() {
+        assert_eq!(
+            serde_json::to_string(&Response::error("nope")).unwrap(),
+            r#"{"ok":false,"error":"nope"}"#
+        );
+        assert_eq!(Response::ok().to_line(), "{\"ok\":true}\n");
+        let st = Response {
+            status: Some(status()),
+            ..Response::ok()
+        };
+        let v: serde_json::Value = serde_json::to_value(&st).unwrap();
+        assert_eq!(v["status"]["state"], "paused");
+        assert_eq!(v["status"]["vcpu_tids"], serde_json::json!([4244, 4245]));
+        let p = Response {
+            progress: Some(progress()),
+            ..Response::ok()
+        };
+        let v: serde_json::Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["progress"]["phase"], "stop_and_copy");
+        assert_eq!(v["progress"]["expected_downtime_ms"], 4.5);
+        assert!(v.get("report").is_none() && v.get("error").is_none());
+    }
+
+    #[test]
+    fn every_answer_round_trips() {
+        for r in [
+            Response::ok(),
+            Response::error("the VM is not paused"),
+            Response {
+                status: Some(status()),
+                ..Response::ok()
+            },
+            Response {
+                progress: Some(progress()),
+                ..Response::ok()
+            },
+            Response {
+                report: Some(report(Outcome::Completed)),
+                ..Response::ok()
+            },
+            Response {
+                report: Some(report(Outcome::InDoubt)),
+                ..Response::error("no answer to the commit")
+            },
+        ] {
+            assert_eq!(round_trip(&r), r);
+        }
+        assert_eq!(round_trip(&status()), status());
+        assert_eq!(round_trip(&progress()), progress());
+        assert_eq!(round_trip(&entry()), entry());
+        let mut p = progress();
+        p.expected_downtime_ms = None;
+        assert_eq!(round_trip(&p), p);
+    }
+
+    #[test]
+    fn answers_of_the_documented_form_decode_into_the_typed_fields() {
+        let status_line = r#"{"ok":true,"status":{
+            "name": "vm1", "pid": 4242, "state": "running",
+            "vcpus": 2, "vcpu_tids": [4244, 4245],
+            "memory_mib": 256, "boot": "pvh", "tsc_khz": 2596132, "uptime_ms": 10234,
+            "disks": [{"path": "/var/lib/tern/a.img", "readonly": false,
+                       "reads": 10, "writes": 2048, "flushes": 1, "discards": 3,
+                       "write_zeroes": 0, "errors": 0}]}}"#;
+        let r: Response = serde_json::from_str(status_line).unwrap();
+        let st = r.status.unwrap();
+        assert_eq!(
+            (st.state, st.vcpus, st.disks[0].writes),
+            (RunState::Running, 2, 2048)
+        );
+        // A disk counter an older VMM did not send reads as 0; a newer field is ignored.
+        let old_disk = r#"{"path":"a","readonly":true,"reads":1,"writes":0,"flushes":0,"errors":0,"future":1}"#;
+        let d: DiskStatus = serde_json::from_str(old_disk).unwrap();
+        assert_eq!((d.discards, d.write_zeroes), (0, 0));
+        let failed = r#"{"ok":false,"error":"connection refused","report":{"total_ms":3,"downtime_ms":0,
+            "rounds":0,"bytes_sent":0,"pages_zero_skipped":0,"throttle_max_pct":0.0,
+            "converged":false,"outcome":"failed"}}"#;
+        let r: Response = serde_json::from_str(failed).unwrap();
+        assert_eq!(r.report.unwrap().outcome, Outcome::Failed);
+        let progress_line = r#"{"ok":true,"progress":{"phase":"pre_copy","round":0,"bytes_sent":1,
+            "bytes_remaining":2,"dirty_bytes_per_sec":0.0,"bandwidth_bytes_per_sec":0.0,
+            "expected_downtime_ms":null,"throttle_pct":0.0,"elapsed_ms":5}}"#;
+        let r: Response = serde_json::from_str(progress_line).unwrap();
+        assert_eq!(r.progress.unwrap().phase, ProgressPhase::PreCopy);
+    }
+
+    #[test]
+    fn exit_code_follows_where_the_vm_runs() {
+        let all = [
+            Outcome::Completed,
+            Outcome::Refused,
+            Outcome::Cancelled,
+            Outcome::TimedOut,
+            Outcome::Failed,
+            Outcome::InDoubt,
+        ];
+        let got: Vec<String> = all
+            .iter()
+            .map(|o| {
+                format!(
+                    "{} {} exit {} source runs {}",
+                    serde_json::to_string(o).unwrap(),
+                    o.words(),
+                    o.exit_code(),
+                    o.source_runs()
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "\"completed\" completed exit 0 source runs false",
+                "\"refused\" refused exit 1 source runs true",
+                "\"cancelled\" cancelled exit 1 source runs true",
+                "\"timed_out\" timed out exit 1 source runs true",
+                "\"failed\" failed exit 1 source runs true",
+                "\"in_doubt\" in doubt exit 3 source runs false",
+            ]
+        );
+    }
+
+    #[test]
+    fn report_json_has_exactly_the_documented_fields() {
+        let v: serde_json::Value =
+            serde_json::from_str(&report(Outcome::TimedOut).to_json()).unwrap();
+        let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "bytes_sent",
+                "converged",
+                "downtime_ms",
+                "outcome",
+                "pages_zero_skipped",
+                "rounds",
+                "throttle_max_pct",
+                "total_ms"
+            ]
+        );
+        assert_eq!(v["outcome"], "timed_out");
+        assert_eq!(v["downtime_ms"], 9);
+        assert_eq!(v["throttle_max_pct"], 97.5);
+    }
+
+    #[test]
+    fn phase_and_state_names_match_their_serde_names() {
+        for p in [
+            ProgressPhase::Setup,
+            ProgressPhase::PreCopy,
+            ProgressPhase::StopAndCopy,
+            ProgressPhase::Commit,
+        ] {
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        for s in [
+            RunState::Running,
+            RunState::Paused,
+            RunState::Transitioning,
+            RunState::Stopping,
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn the_runtime_entry_keeps_its_documented_form() {
+        let v = serde_json::to_value(entry()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"name": "vm1", "pid": 4242, "api_sock": "/run/tern/vms/vm1.sock",
+                "vcpu_tids": [4244, 4245], "vcpus": 2, "memory_mib": 256,
+                "started_unix_ms": 1765051200000u64, "pid_start_ticks": 812345})
+        );
+    }
+
+    #[test]
+    fn an_entry_of_an_older_vmm_without_the_later_fields_still_reads() {
+        let old = r#"{"name":"old","pid":7,"api_sock":null,"vcpu_tids":[8],"future":true}"#;
+        let e: RuntimeEntry = serde_json::from_str(old).unwrap();
+        assert_eq!(e, RuntimeEntry::new("old", 7, vec![8]));
+        // A negative thread id is no thread.
+        let bad = r#"{"name":"x","pid":7,"api_sock":null,"vcpu_tids":[-1]}"#;
+        assert!(serde_json::from_str::<RuntimeEntry>(bad).is_err());
+    }
+
+    #[test]
+    fn an_entry_belongs_to_the_process_with_its_pid_and_start_time() {
+        let mut e = entry();
+        assert!(e.is_written_by(Some(812_345)));
+        assert!(!e.is_written_by(Some(812_346)), "same PID, another process");
+        assert!(!e.is_written_by(None), "no such process");
+        e.pid_start_ticks = None;
+        assert!(e.is_written_by(Some(1)), "an older entry: the PID decides");
+    }
+
+    #[test]
+    fn start_ticks_are_field_22_even_when_the_command_name_has_spaces_and_parens() {
+        let stat = "4242 (a b) c)) S 1 4242 4242 0 -1 4194560 100 0 0 0 5 6 0 0 20 0 3 0 987654 \
+                    1000 200 18446744073709551615";
+        assert_eq!(parse_stat_start_ticks(stat), Some(987654));
+        assert_eq!(parse_stat_start_ticks("4242 (x) S 1 2"), None);
+        assert_eq!(parse_stat_start_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn entry_and_socket_paths_follow_the_name() {
+        let d = Path::new(DEFAULT_RUNTIME_DIR);
+        assert_eq!(entry_path(d, "web"), Path::new("/run/tern/vms/web.json"));
+        assert_eq!(
+            default_api_sock(d, "web"),
+            Path::new("/run/tern/vms/web.sock")
+        );
+    }
+}
