@@ -8,9 +8,11 @@
 //! | [`receiver`] | the target's phases: which frame it accepts when, when a commit may proceed |
 //! | [`policy`] | bandwidth estimate, switch-over rule, throttle schedule, timeout, token bucket |
 //! | [`pages`] | which pages go in a round, which stream carries a page, which zero pages are skipped |
+//! | [`predict`] | a migration's cost before it starts (time, bytes, rounds, pause, convergence), by running [`sender`] against a modelled guest and link |
 
 #![deny(clippy::disallowed_methods)]
 pub mod pages;
 pub mod policy;
+pub mod predict;
 pub mod receiver;
 pub mod sender;
