@@ -174,7 +174,7 @@ pub fn preview(input: &PreviewInput, scenario: &Scenario) -> PreviewOutcome {
     }
     let mut host_of: Vec<u32> = input.vms.iter().map(|v| v.host).collect();
     // power-offs waiting for their host to empty: (host, delay)
-    let mut pending_off: Vec<(u32, f64)> = scenario
+    let pending_off: Vec<(u32, f64)> = scenario
         .power_off
         .iter()
         .copied()
