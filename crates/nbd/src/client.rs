@@ -217,9 +217,19 @@ impl Client {
         Client::go(open_timeout(addr, timeout)?, export)
     }
 
-    fn go((mut r, mut w): Halves, export: &str) -> Result<Client, ClientError> {
-        send_opt(&mut w, OPT_STRUCTURED_REPLY, &[])?;
-        let structured = recv_opt(&mut r, OPT_STRUCTURED_REPLY)?.reply == REP_ACK;
+    fn go(halves: Halves, export: &str) -> Result<Client, ClientError> {
+        Client::go_with(halves, export, true)
+    }
+
+    fn go_with(
+        (mut r, mut w): Halves,
+        export: &str,
+        want_structured: bool,
+    ) -> Result<Client, ClientError> {
+        let structured = want_structured && {
+            send_opt(&mut w, OPT_STRUCTURED_REPLY, &[])?;
+            recv_opt(&mut r, OPT_STRUCTURED_REPLY)?.reply == REP_ACK
+        };
         let go = encode_go(&GoRequest {
             name: export.to_owned(),
             infos: vec![INFO_BLOCK_SIZE],
@@ -883,6 +893,148 @@ fn apply_chunk(w: &mut Waiter, kind: u16, payload: &[u8]) -> Result<(), ClientEr
     Ok(())
 }
 
+/// One NBD connection that relays requests: one thread sends them (with cookies of its own
+/// choosing), another receives the replies as the server sends them, in any order. No request
+/// waits for another and no thread sits between the two, so a relaying server keeps as many
+/// requests in flight as its client sends. Only simple replies are negotiated, so the reply to a
+/// read is its header followed by exactly the bytes asked for (or no bytes, with an error).
+pub struct RelayConnection {
+    w: Mutex<BufWriter<TcpStream>>,
+    r: Mutex<BufReader<TcpStream>>,
+    stream: TcpStream,
+    size: u64,
+    flags: u16,
+}
+
+impl std::fmt::Debug for RelayConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayConnection")
+            .field("size", &self.size)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The header of one reply received by [`RelayConnection::recv`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelayReply {
+    /// The cookie of the request it answers.
+    pub cookie: u64,
+    /// The server's error, if any (a failed read carries no data).
+    pub error: Option<Errno>,
+}
+
+impl RelayConnection {
+    /// Connect and select `export` (simple replies), with `timeout` on connecting, the handshake
+    /// and every later socket read and write (an idle [`RelayConnection::recv`] returns a
+    /// `WouldBlock` or `TimedOut` I/O error after it).
+    pub fn connect_timeout(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: Duration,
+    ) -> Result<RelayConnection, ClientError> {
+        let Client {
+            r, w, size, flags, ..
+        } = Client::go_with(open_timeout(addr, timeout)?, export, false)?;
+        let stream = r.get_ref().try_clone()?;
+        Ok(RelayConnection {
+            w: Mutex::new(w),
+            r: Mutex::new(r),
+            stream,
+            size,
+            flags,
+        })
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Transmission flags the server sent.
+    pub fn transmission_flags(&self) -> u16 {
+        self.flags
+    }
+
+    /// Queue one request (with its payload, for a write); with `flush`, send everything queued.
+    /// The caller picks unique cookies and checks ranges (the server refuses bad ones).
+    pub fn send(&self, header: &RequestHeader, data: &[u8], flush: bool) -> io::Result<()> {
+        let mut w = lock(&self.w);
+        w.write_all(&header.encode())?;
+        w.write_all(data)?;
+        if flush { w.flush() } else { Ok(()) }
+    }
+
+    /// Send every queued request.
+    pub fn flush(&self) -> io::Result<()> {
+        lock(&self.w).flush()
+    }
+
+    /// Receive the next reply. `read_len(cookie)` gives the data length a successful reply to
+    /// that cookie carries (0 for anything but a read; `None`: no such request, a protocol
+    /// error); the data lands in `buf[..len]`.
+    pub fn recv(
+        &self,
+        buf: &mut Vec<u8>,
+        read_len: impl FnOnce(u64) -> Option<usize>,
+    ) -> Result<RelayReply, ClientError> {
+        let mut r = lock(&self.r);
+        let mut h = [0u8; 16];
+        r.read_exact(&mut h)?;
+        if be32(&h[0..4]) != SIMPLE_REPLY_MAGIC {
+            return Err(ClientError::Protocol(format!(
+                "bad reply magic {:#x}",
+                be32(&h[0..4])
+            )));
+        }
+        let err = be32(&h[4..8]);
+        let cookie = be64(&h[8..16]);
+        let len = read_len(cookie)
+            .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {cookie}")))?;
+        if err != 0 {
+            return Ok(RelayReply {
+                cookie,
+                error: Some(Errno::from_code(err)),
+            });
+        }
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        r.read_exact(&mut buf[..len])?;
+        Ok(RelayReply {
+            cookie,
+            error: None,
+        })
+    }
+
+    /// Whether a whole reply header is already buffered (the next [`RelayConnection::recv`]
+    /// will not wait for the network to learn which request it answers).
+    pub fn reply_buffered(&self) -> bool {
+        self.r.try_lock().is_ok_and(|r| r.buffer().len() >= 16)
+    }
+
+    /// Close the socket both ways: a thread blocked in [`RelayConnection::recv`] wakes with an
+    /// error, and later sends fail.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+impl Drop for RelayConnection {
+    fn drop(&mut self) {
+        // Best effort: a soft disconnect before the socket goes.
+        let h = RequestHeader {
+            flags: 0,
+            command: Command::Disc,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        let _ = self.send(&h, &[], true);
+        self.shutdown();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -899,6 +1051,8 @@ mod tests {
     }
 
     const GATED: u64 = 0;
+    /// A read at this offset fails with `EIO`.
+    const FAILING: u64 = 3;
     const SIZE: u64 = 1 << 20;
 
     impl Backend for Gated {
@@ -906,6 +1060,9 @@ mod tests {
             SIZE
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+            if offset == FAILING {
+                return Err(Errno::Io);
+            }
             if offset == GATED {
                 let g = lock(&self.seen_other);
                 let (g, _) = self
@@ -1028,6 +1185,133 @@ mod tests {
         assert!(
             matches!(e, ClientError::Protocol(ref m) if m.contains("connection lost")),
             "{e}"
+        );
+    }
+
+    /// A backend that relays every read to `upstream` (the gated server) through a
+    /// [`RelayConnection`]; executing anything itself is an error the test would see.
+    struct Forwarder {
+        upstream: String,
+    }
+
+    struct ForwardRelay {
+        up: RelayConnection,
+        pending: Mutex<std::collections::HashMap<u64, RequestHeader>>,
+        next: std::sync::atomic::AtomicU64,
+        closed: std::sync::atomic::AtomicBool,
+    }
+
+    impl Backend for Forwarder {
+        fn size(&self) -> u64 {
+            SIZE
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> Result<(), Errno> {
+            Err(Errno::Inval)
+        }
+        fn write_at(&self, _: &[u8], _: u64, _: bool) -> Result<(), Errno> {
+            Err(Errno::Inval)
+        }
+        fn flush(&self) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn relay(self: Arc<Self>) -> Option<Box<dyn crate::server::Relay>> {
+            let up = RelayConnection::connect_timeout(&self.upstream, "g", Duration::from_secs(10))
+                .ok()?;
+            Some(Box::new(ForwardRelay {
+                up,
+                pending: Mutex::default(),
+                next: 1.into(),
+                closed: false.into(),
+            }))
+        }
+    }
+
+    impl crate::server::Relay for ForwardRelay {
+        fn forward(&self, request: &RequestHeader, data: &[u8], more: bool) -> bool {
+            let cookie = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            lock(&self.pending).insert(cookie, *request);
+            let h = RequestHeader { cookie, ..*request };
+            self.up.send(&h, data, !more).is_ok()
+        }
+        fn push(&self) {
+            self.up.flush().unwrap();
+        }
+        fn next_reply(&self, buf: &mut Vec<u8>) -> Option<crate::server::Relayed> {
+            loop {
+                if self.closed.load(std::sync::atomic::Ordering::SeqCst)
+                    && lock(&self.pending).is_empty()
+                {
+                    return None;
+                }
+                let reply = match self.up.recv(buf, |c| {
+                    lock(&self.pending).get(&c).map(|r| match r.command {
+                        Command::Read => r.length as usize,
+                        _ => 0,
+                    })
+                }) {
+                    Ok(r) => r,
+                    // The idle connection was shut down by `close`.
+                    Err(_) => continue,
+                };
+                let request = lock(&self.pending).remove(&reply.cookie).unwrap();
+                let result = reply.error.map_or(Ok(()), Err);
+                return Some(crate::server::Relayed { request, result });
+            }
+        }
+        fn reply_ready(&self) -> bool {
+            self.up.reply_buffered()
+        }
+        fn close(&self) {
+            self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+            if lock(&self.pending).is_empty() {
+                self.up.shutdown();
+            }
+        }
+    }
+
+    #[test]
+    fn a_relay_keeps_requests_in_flight_and_fails_only_the_request_upstream_refuses() {
+        let upstream = server(Duration::from_micros(100));
+        let mut ex = StaticExports::new();
+        ex.insert("r", Arc::new(Forwarder { upstream }));
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || run_listener(l, Arc::new(ex)));
+        let c = SharedClient::connect_timeout(&addr, "r", Duration::from_secs(10)).unwrap();
+        std::thread::scope(|s| {
+            // Completes only if a later read reaches the upstream while it is in flight there.
+            let gated = s.spawn(|| {
+                let mut b = vec![0u8; 4096];
+                c.read(GATED, &mut b).map(|()| b)
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            for t in 0..16u64 {
+                let c = &c;
+                s.spawn(move || {
+                    for i in 0..40u64 {
+                        if i % 10 == t % 10 {
+                            let e = c.read(FAILING, &mut [0u8; 64]).unwrap_err();
+                            assert!(matches!(e, ClientError::Remote(Errno::Io)), "{e}");
+                            continue;
+                        }
+                        let off = 4096 + (t * 40 + i) * 997 % (SIZE - 16384);
+                        let mut b = vec![0u8; 512 + (t * 40 + i) as usize % 4096];
+                        c.read(off, &mut b).unwrap();
+                        assert!(
+                            b.iter()
+                                .enumerate()
+                                .all(|(k, &x)| x == (off + k as u64) as u8),
+                            "thread {t} read {i} at {off} got another request's bytes"
+                        );
+                    }
+                });
+            }
+            let b = gated.join().unwrap().expect("the gated read completes");
+            assert!(b.iter().enumerate().all(|(i, &x)| x == i as u8));
+        });
+        assert!(
+            c.is_alive(),
+            "the failed reads did not break the connection"
         );
     }
 }

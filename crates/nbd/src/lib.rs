@@ -15,8 +15,9 @@
 //! request passes before any data is touched: bad magic closes the connection, an oversized or
 //! out-of-range request gets an NBD error reply, and no allocation exceeds
 //! [`proto::MAX_REQUEST_LEN`]. [`server::serve`] runs over any `Read`/`Write` pair, so tests feed it
-//! arbitrary bytes; [`client::SharedClient`] is what the volume service uses for redirected I/O
-//! (many requests in flight on one connection to the coordinator).
+//! arbitrary bytes; the volume service's redirected I/O relays each client connection to the
+//! coordinator ([`server::Relay`] over a [`client::RelayConnection`]: many requests in flight, no
+//! thread per request) and uses [`client::SharedClient`] for everything else.
 
 #![forbid(unsafe_code)]
 
@@ -24,8 +25,11 @@ pub mod client;
 pub mod proto;
 pub mod server;
 
-pub use client::{Client, ClientError, SharedClient, control, list_exports};
+pub use client::{
+    Client, ClientError, RelayConnection, RelayReply, SharedClient, control, list_exports,
+};
 pub use proto::Errno;
 pub use server::{
-    Backend, Exports, FileBackend, ServeError, StaticExports, run_listener, serve, serve_tcp,
+    Backend, Exports, FileBackend, Relay, Relayed, ServeError, StaticExports, run_listener, serve,
+    serve_tcp,
 };

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::proto::*;
@@ -62,6 +62,49 @@ pub trait Backend: Send + Sync {
             zero: false,
         }])
     }
+    /// A backend that sends reads and writes on to another NBD server returns a [`Relay`] for
+    /// one connection (asked once, when the connection starts transmission): the connection's
+    /// reads and writes it forwards are in flight together without a serving thread each. The
+    /// default: none, every request is executed through the methods above.
+    fn relay(self: Arc<Self>) -> Option<Box<dyn Relay>> {
+        None
+    }
+}
+
+/// Forwarding of one connection's reads and writes to another server ([`Backend::relay`]).
+///
+/// The connection's reading thread offers each validated READ and WRITE to [`Relay::forward`];
+/// a forwarded request is answered when [`Relay::next_reply`] hands back its completion, on the
+/// connection's one relay thread, which writes the reply at once. So any number of requests
+/// (up to [`MAX_RELAYED`], within [`MAX_IN_FLIGHT_BYTES`]) are in flight through a relay, and
+/// neither side has a thread per request. A write is answered only once the relay reports it
+/// done, so FLUSH keeps its meaning. Requests a relay declines, and every other command, are
+/// executed through the [`Backend`] as usual.
+pub trait Relay: Send + Sync {
+    /// Forward a validated READ or WRITE (`data`: a write's payload, to be copied if kept).
+    /// `false`: not forwarded, the server executes it through the backend. With `more`, the
+    /// next request is already buffered: the relay may hold this one back until a later
+    /// `forward` without `more` or [`Relay::push`].
+    fn forward(&self, request: &RequestHeader, data: &[u8], more: bool) -> bool;
+    /// Send on everything held back (the server is about to wait, or to execute a request).
+    fn push(&self);
+    /// Wait for the next forwarded request to complete: the request and its result, a read's
+    /// data in `buf[..request.length]`. `None` once [`Relay::close`] was called and every
+    /// forwarded request has been handed back.
+    fn next_reply(&self, buf: &mut Vec<u8>) -> Option<Relayed>;
+    /// Whether another completion is ready now (the server then holds back flushing).
+    fn reply_ready(&self) -> bool;
+    /// No more requests will be forwarded (the connection is ending).
+    fn close(&self);
+}
+
+/// A forwarded request's completion ([`Relay::next_reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Relayed {
+    /// The request, as it was forwarded.
+    pub request: RequestHeader,
+    /// Its result.
+    pub result: Result<(), Errno>,
 }
 
 /// Flags of a WRITE_ZEROES request.
@@ -250,10 +293,12 @@ fn transmission_flags(backend: &dyn Backend, structured: bool) -> u16 {
 /// Serve one client from handshake to disconnect. Returns `Ok` on a clean end (DISC, ABORT, EOF
 /// during the handshake counts as an error).
 pub fn serve<R: Read + Send, W: Write + Send>(
-    mut r: R,
+    r: R,
     mut w: W,
     exports: &dyn Exports,
 ) -> Result<(), ServeError> {
+    // Our own buffer, so the transmission phase can tell whether another request is waiting.
+    let mut r = BufReader::with_capacity(256 * 1024, r);
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
@@ -274,7 +319,8 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         None => return Ok(()),
     };
     let meta = session.base_allocation && session.structured;
-    transmission(r, w, &*backend, session.structured, meta)
+    let relay = Arc::clone(&backend).relay();
+    transmission(r, w, &*backend, relay, session.structured, meta)
 }
 
 fn handshake<R: Read, W: Write>(
@@ -456,12 +502,17 @@ pub const MAX_IN_FLIGHT: usize = 16;
 /// (and with it the reading of later ones) until earlier ones free enough. At least one request
 /// of [`MAX_REQUEST_LEN`] always fits.
 pub const MAX_IN_FLIGHT_BYTES: u64 = 2 * MAX_REQUEST_LEN as u64;
+/// Requests one connection may have forwarded through its [`Relay`] at once.
+pub const MAX_RELAYED: usize = 128;
 
 /// What the threads serving one connection share.
 struct Conn<'a, R, W> {
-    r: Mutex<R>,
+    r: Mutex<BufReader<R>>,
     w: Mutex<W>,
     backend: &'a dyn Backend,
+    relay: Option<Box<dyn Relay>>,
+    /// The relay thread runs (started at the first forwarded request).
+    relaying: AtomicBool,
     structured: bool,
     /// `base:allocation` negotiated: BLOCK_STATUS is allowed.
     base_allocation: bool,
@@ -479,6 +530,10 @@ struct ConnState {
     threads: usize,
     /// Threads waiting to read the next request.
     waiting: usize,
+    /// Threads waiting for `bytes` or `relayed` to go down.
+    blocked: usize,
+    /// Requests forwarded through the relay and not yet answered.
+    relayed: usize,
     /// No more requests are read (DISC, or an error).
     stop: bool,
     /// The first error that ended the connection.
@@ -501,12 +556,21 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
         let mut st = lock(&self.state);
         st.stop = true;
         st.error.get_or_insert(e);
+        drop(st);
         self.freed.notify_all();
+        self.close_relay();
+    }
+
+    /// No more requests are read: stop the relay once its requests are answered.
+    fn close_relay(&self) {
+        if let Some(relay) = &self.relay {
+            relay.close();
+        }
     }
 
     /// Read and validate the next request (the caller holds the reader). Rejected requests are
     /// answered here; accepted ones reserve their bytes before anything is allocated.
-    fn next(&self, r: &mut R, buf: &mut Vec<u8>) -> Result<Next, ServeError> {
+    fn next(&self, r: &mut BufReader<R>, buf: &mut Vec<u8>) -> Result<Next, ServeError> {
         let mut hb = [0u8; REQUEST_HEADER_LEN];
         r.read_exact(&mut hb)?;
         let req = match RequestHeader::decode(&hb) {
@@ -538,9 +602,26 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
             _ => 0,
         };
         {
+            let mut pushed = false;
             let mut st = lock(&self.state);
-            while st.bytes > 0 && st.bytes + bytes > MAX_IN_FLIGHT_BYTES && !st.stop {
+            loop {
+                let full = (st.bytes > 0 && st.bytes + bytes > MAX_IN_FLIGHT_BYTES)
+                    || st.relayed >= MAX_RELAYED;
+                if !full || st.stop {
+                    break;
+                }
+                // Requests the relay holds back must go out before we wait for their replies
+                // (never with the state lock held: the relay thread needs it to free them).
+                if let (Some(relay), false) = (&self.relay, pushed) {
+                    drop(st);
+                    relay.push();
+                    pushed = true;
+                    st = lock(&self.state);
+                    continue;
+                }
+                st.blocked += 1;
                 st = self.freed.wait(st).unwrap_or_else(|e| e.into_inner());
+                st.blocked -= 1;
             }
             if st.stop {
                 return Ok(Next::Stop);
@@ -560,8 +641,87 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
     }
 
     fn release(&self, bytes: u64) {
-        lock(&self.state).bytes -= bytes;
-        self.freed.notify_all();
+        let mut st = lock(&self.state);
+        st.bytes -= bytes;
+        let wake = st.blocked > 0;
+        drop(st);
+        if wake {
+            self.freed.notify_all();
+        }
+    }
+
+    /// Offer a request just read (its payload in `buf`) to the relay; `true`: forwarded, its
+    /// reply will come from the relay thread (started here the first time).
+    fn try_relay<'s>(
+        &'s self,
+        scope: &'s std::thread::Scope<'s, '_>,
+        req: &RequestHeader,
+        buf: &[u8],
+        r: &BufReader<R>,
+    ) -> bool
+    where
+        R: 's,
+        W: 's,
+    {
+        let Some(relay) = &self.relay else {
+            return false;
+        };
+        let data = match req.command {
+            Command::Read => &[][..],
+            Command::Write => &buf[..req.length as usize],
+            _ => return false,
+        };
+        // Counted first: the relay thread may answer it before `forward` returns.
+        lock(&self.state).relayed += 1;
+        let more = r.buffer().len() >= REQUEST_HEADER_LEN;
+        if relay.forward(req, data, more) {
+            if !self.relaying.swap(true, Ordering::SeqCst) {
+                scope.spawn(move || self.relay_thread(&**relay));
+            }
+            true
+        } else {
+            lock(&self.state).relayed -= 1;
+            false
+        }
+    }
+
+    /// The relay thread: write each forwarded request's reply as it completes, flushing when
+    /// no other completion is ready, until the relay is closed and drained.
+    fn relay_thread(&self, relay: &dyn Relay) {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut broken = false;
+        while let Some(done) = relay.next_reply(&mut buf) {
+            let req = done.request;
+            if !broken {
+                let last = !relay.reply_ready();
+                let res = self.send_reply_when(last, |w| match (req.command, done.result) {
+                    (Command::Read, Ok(())) => {
+                        write_read_reply(w, self.structured, &req, &buf[..req.length as usize])
+                    }
+                    (_, res) => reply_status(w, self.structured, &req, res),
+                });
+                if let Err(e) = res {
+                    // Keep draining the relay (its requests must still be released).
+                    broken = true;
+                    self.fail(e.into());
+                }
+            }
+            let bytes = match req.command {
+                Command::Read | Command::Write => u64::from(req.length),
+                _ => 0,
+            };
+            let mut st = lock(&self.state);
+            st.bytes -= bytes;
+            st.relayed -= 1;
+            let wake = st.blocked > 0;
+            drop(st);
+            if wake {
+                self.freed.notify_all();
+            }
+            if buf.capacity() > 1 << 20 {
+                buf = Vec::new();
+            }
+        }
     }
 
     /// One serving thread: take the reader, read one request, hand the reader on, execute the
@@ -586,15 +746,29 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                 if stop {
                     return;
                 }
-                self.next(&mut r, &mut buf)
+                // A request the relay forwards needs no thread: keep reading.
+                loop {
+                    let next = self.next(&mut r, &mut buf);
+                    match &next {
+                        Ok(Next::Execute(req, _)) if self.try_relay(scope, req, &buf, &r) => {}
+                        _ => break next,
+                    }
+                }
             };
+            if let Some(relay) = &self.relay {
+                // Whatever comes next (a wait, or executing a request here), nothing forwarded
+                // may stay behind.
+                relay.push();
+            }
             let (req, bytes) = match next {
                 Ok(Next::Execute(req, bytes)) => (req, bytes),
                 Ok(Next::Handled) => continue,
                 Ok(Next::Stop) => {
                     let mut st = lock(&self.state);
                     st.stop = true;
+                    drop(st);
                     self.freed.notify_all();
+                    self.close_relay();
                     return;
                 }
                 Err(e) => return self.fail(e),
@@ -628,20 +802,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
             Command::Read => {
                 let res = backend.read_at(&mut buf[..len], req.offset);
                 return self.send_reply(|w| match res {
-                    Ok(()) if structured => {
-                        w.write_all(&chunk_header(
-                            REPLY_FLAG_DONE,
-                            REPLY_TYPE_OFFSET_DATA,
-                            req.cookie,
-                            8 + req.length,
-                        ))?;
-                        w.write_all(&req.offset.to_be_bytes())?;
-                        w.write_all(&buf[..len])
-                    }
-                    Ok(()) => {
-                        w.write_all(&simple_reply(req.cookie, 0))?;
-                        w.write_all(&buf[..len])
-                    }
+                    Ok(()) => write_read_reply(w, structured, req, &buf[..len]),
                     Err(e) => send_error(w, structured, req, e),
                 });
             }
@@ -685,11 +846,21 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
     /// Write one reply. Threads queue on the writer; the last one queued sends everything
     /// buffered, so replies that complete together leave in one write to the socket.
     fn send_reply(&self, f: impl FnOnce(&mut W) -> io::Result<()>) -> io::Result<()> {
+        self.send_reply_when(true, f)
+    }
+
+    /// [`Self::send_reply`], where `last` false means the caller has another reply to send at
+    /// once (and will flush then).
+    fn send_reply_when(
+        &self,
+        last: bool,
+        f: impl FnOnce(&mut W) -> io::Result<()>,
+    ) -> io::Result<()> {
         self.replying.fetch_add(1, Ordering::SeqCst);
         let mut w = lock(&self.w);
         let res = f(&mut w);
         // Every thread counted here takes the writer after us, and the last one flushes.
-        if self.replying.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.replying.fetch_sub(1, Ordering::SeqCst) == 1 && last {
             res.and_then(|()| w.flush())
         } else {
             res
@@ -704,9 +875,10 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
 /// flush only once read, so it covers every write replied to before it was sent. DISC stops the
 /// reading; requests already read still complete and are answered before the connection ends.
 fn transmission<R: Read + Send, W: Write + Send>(
-    r: R,
+    r: BufReader<R>,
     w: W,
     backend: &dyn Backend,
+    relay: Option<Box<dyn Relay>>,
     structured: bool,
     base_allocation: bool,
 ) -> Result<(), ServeError> {
@@ -714,6 +886,8 @@ fn transmission<R: Read + Send, W: Write + Send>(
         r: Mutex::new(r),
         w: Mutex::new(w),
         backend,
+        relay,
+        relaying: AtomicBool::new(false),
         structured,
         base_allocation,
         state: Mutex::new(ConnState {
@@ -733,6 +907,28 @@ fn transmission<R: Read + Send, W: Write + Send>(
     Ok(())
 }
 
+/// A successful READ's reply: one data chunk (structured) or the simple reply and the data.
+fn write_read_reply<W: Write>(
+    w: &mut W,
+    structured: bool,
+    req: &RequestHeader,
+    data: &[u8],
+) -> io::Result<()> {
+    if structured {
+        w.write_all(&chunk_header(
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_OFFSET_DATA,
+            req.cookie,
+            8 + req.length,
+        ))?;
+        w.write_all(&req.offset.to_be_bytes())?;
+        w.write_all(data)
+    } else {
+        w.write_all(&simple_reply(req.cookie, 0))?;
+        w.write_all(data)
+    }
+}
+
 fn reply_status<W: Write>(
     w: &mut W,
     structured: bool,
@@ -748,7 +944,8 @@ fn reply_status<W: Write>(
 /// Serve one TCP connection (buffered both ways).
 pub fn serve_tcp(stream: TcpStream, exports: &dyn Exports) -> Result<(), ServeError> {
     stream.set_nodelay(true)?;
-    let r = BufReader::with_capacity(256 * 1024, stream.try_clone()?);
+    // `serve` buffers the reading side itself.
+    let r = stream.try_clone()?;
     let w = BufWriter::with_capacity(256 * 1024, stream);
     serve(r, w, exports)
 }

@@ -138,8 +138,8 @@ pub(super) struct HandleState {
 /// `qemu-img`, `nbdcopy` and a VM's volume disk give space back: whole 1 MiB extents of a thin file
 /// return to the volume, partial ones are zeroed) and reports `base:allocation` block status.
 pub struct FileHandle {
-    node: Arc<Node>,
-    name: String,
+    pub(super) node: Arc<Node>,
+    pub(super) name: String,
     size: u64,
     /// Preallocated files keep their extents: zeroing them writes every byte.
     preallocated: bool,
@@ -188,6 +188,23 @@ impl FileHandle {
             node.redirected_files.fetch_sub(1, Ordering::SeqCst);
         }
         Ok(st.mode == PathState::Direct && ok)
+    }
+
+    /// For the relay ([`super::relay`]): whether a read or write of this file goes to the
+    /// coordinator now (redirected, and for a write no journal left to replay first), and if so
+    /// the token that keeps the file from going back to direct I/O until it is answered.
+    pub(super) fn redirected_token(&self, write: bool) -> Option<Arc<()>> {
+        let mut st = lock(&self.state);
+        if !matches!(self.use_direct(&mut st), Ok(false)) {
+            return None;
+        }
+        if write {
+            if !st.journal.is_empty() {
+                return None;
+            }
+            st.dirty_redirected = true;
+        }
+        Some(Arc::clone(&st.inflight))
     }
 
     fn go_redirected(&self, st: &mut HandleState) {
@@ -354,7 +371,7 @@ impl FileHandle {
 
 impl FileHandle {
     /// Log a refused write or zeroing once per cause (until a write succeeds again).
-    fn refused(&self, what: &str, offset: u64, e: Errno) -> Errno {
+    pub(super) fn refused(&self, what: &str, offset: u64, e: Errno) -> Errno {
         let code = u64::from(e.code());
         if self.logged_refusal.swap(code, Ordering::Relaxed) != code {
             let why = match e {
@@ -375,7 +392,7 @@ impl FileHandle {
         e
     }
 
-    fn accepted(&self) {
+    pub(super) fn accepted(&self) {
         if self.logged_refusal.load(Ordering::Relaxed) != 0 {
             self.logged_refusal.store(0, Ordering::Relaxed);
         }
@@ -502,6 +519,10 @@ impl Backend for FileHandle {
 
     fn trim(&self, offset: u64, len: u32) -> Result<(), Errno> {
         self.zero_range(offset, len, false)
+    }
+
+    fn relay(self: Arc<Self>) -> Option<Box<dyn tern_nbd::Relay>> {
+        Some(Box::new(super::relay::FileRelay::new(self)))
     }
 
     fn block_status(&self, offset: u64, len: u32) -> Result<Vec<StatusExtent>, Errno> {

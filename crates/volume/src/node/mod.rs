@@ -12,8 +12,9 @@
 //! The node is cut by role: `coordinator.rs` (taking office, metadata changes and the lease table
 //! at the coordinator), `redirected.rs` (the coordinator's end of the redirected data path),
 //! `leases.rs` (the write leases this node holds), `data.rs` (an open file: direct and redirected
-//! I/O with its replay journal from `journal.rs`) and `exports.rs` (the NBD exports and control
-//! dispatch). This file holds the node itself, its path state and the request routing.
+//! I/O with its replay journal from `journal.rs`), `relay.rs` (a client connection's redirected
+//! reads and writes relayed to the coordinator, many in flight) and `exports.rs` (the NBD exports
+//! and control dispatch). This file holds the node itself, its path state and the request routing.
 
 mod coordinator;
 mod data;
@@ -21,6 +22,7 @@ mod exports;
 mod journal;
 mod leases;
 mod redirected;
+mod relay;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -248,6 +250,11 @@ impl Node {
     /// Who the coordinator is.
     pub fn leader(&self) -> Option<LeaderInfo> {
         lock(&self.leader).clone()
+    }
+
+    /// The coordinator's generation (no copy of its address).
+    fn leader_generation(&self) -> Option<u64> {
+        lock(&self.leader).as_ref().map(|l| l.generation)
     }
 
     /// Send a request to the coordinator (ourselves if we are it), retrying through a take-over.
