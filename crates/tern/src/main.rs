@@ -13,6 +13,7 @@ mod cluster;
 mod cluster_up;
 mod controller;
 mod demo;
+mod host_power;
 mod image;
 mod net;
 mod park;
@@ -59,6 +60,9 @@ enum Command {
     /// cluster on this machine (up, down).
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
+    /// Host power: on, off and status through a host's BMC (IPMI), and Wake-on-LAN.
+    #[command(subcommand)]
+    Host(host_power::HostCommand),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +78,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => agent::run(args),
         Command::Controller(args) => controller::run(args),
         Command::Cluster(cmd) => cluster::run(cmd),
+        Command::Host(cmd) => host_power::run(cmd),
     };
     match result {
         Ok(code) => code,
