@@ -235,6 +235,9 @@ pub struct RoundReport {
     pub drained: Vec<String>,
     /// Moves the policy wanted that the rules or the hysteresis took out: (VM, why).
     pub dropped: Vec<(String, String)>,
+    /// VMs on overloaded hosts held back because their move is predicted not to converge:
+    /// (VM, why).
+    pub held_back: Vec<(String, String)>,
     /// The plan made this round, if any.
     pub plan: Option<u64>,
     /// Capacity short since, if it is.
@@ -878,6 +881,20 @@ impl Loop {
                 h.under_since = None;
             }
         }
+        for &h in &decisions.overloaded {
+            for &v in &view.hosts[h as usize].vms {
+                if rules.fixed[v as usize] == Some(Fixed::WouldNotConverge) {
+                    let p = &predictions[v as usize];
+                    report.held_back.push((
+                        vm_names[v as usize].clone(),
+                        format!(
+                            "predicted not to converge: {:.0} ms pause over the {:.0} ms budget",
+                            p.downtime_ms, self.cfg.downtime_budget_ms
+                        ),
+                    ));
+                }
+            }
+        }
         report.overloaded = decisions
             .overloaded
             .iter()
@@ -1025,6 +1042,9 @@ impl Loop {
         }
         for h in &shed_hosts {
             reasons.push(format!("relieve overloaded host {}", name_of(*h)));
+        }
+        for (vm, why) in &report.held_back {
+            reasons.push(format!("{vm} not moved: {why}"));
         }
         let keep = power.spare_hosts + self.cfg.ha_reserve_hosts;
         let empty_on = self.empty_on_hosts();
