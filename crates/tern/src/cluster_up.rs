@@ -75,6 +75,13 @@ pub struct UpArgs {
     /// stderr): `{"controllers": [...], "etcd": "...", "hosts": [...], ...}`.
     #[arg(long)]
     pub json: bool,
+    /// Give every host a test BMC (OpenIPMI's ipmi_sim, in the control namespace): `ipmitool …
+    /// chassis power off` kills everything on that host (agent, VMMs, volume node), `power on`
+    /// starts its volume node and agent again, `power soft` stops them with SIGTERM first. Their
+    /// addresses and credentials are printed (with --json under "bmcs"); reach them with
+    /// `tern host power … --netns NAME-cl`.
+    #[arg(long)]
+    pub bmc: bool,
 }
 
 /// Options of `tern cluster down`.
@@ -222,6 +229,7 @@ pub struct Lab {
     procs: Vec<Proc>,
     relays_stop: Arc<AtomicBool>,
     down: bool,
+    bmcs: Vec<tern_power::bmc_sim::SimBmc>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -310,6 +318,7 @@ impl Lab {
             procs: Vec::new(),
             relays_stop: Arc::new(AtomicBool::new(false)),
             down: false,
+            bmcs: Vec::new(),
         };
         // From here on, a failure drops `lab`, which takes everything down again.
         lab.write_state()?;
@@ -625,6 +634,8 @@ impl Lab {
 
     fn teardown(&mut self) -> Vec<String> {
         let mut problems = Vec::new();
+        // The BMCs first: no power request starts anything while the rest goes down.
+        self.bmcs.clear();
         let files = volume_files(&self.state);
         // Controllers first (nothing new is started), then agents, then whatever runs in the
         // hosts (VMMs), then the volume nodes (they flush and step down), then etcd.
@@ -961,6 +972,135 @@ pub fn get_json<T: serde::de::DeserializeOwned>(base: &str, path: &str) -> anyho
     serde_json::from_str(&body).with_context(|| format!("GET {path}: unexpected body {body}"))
 }
 
+// ----- test BMCs (`tern cluster up --bmc`) -----
+
+/// One host's test BMC, as `tern cluster up` prints it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BmcInfo {
+    /// The host it powers.
+    pub host: String,
+    /// Its address (`ADDR:PORT`, UDP), in `netns`.
+    pub bmc: String,
+    /// The network namespace it listens in (the control namespace).
+    pub netns: String,
+    /// The admin user.
+    pub user: String,
+    /// Its password.
+    pub password: String,
+    /// A file holding the password (for `tern host power --password-file`).
+    pub password_file: PathBuf,
+}
+
+/// The BMC user of every test host.
+pub const BMC_USER: &str = "admin";
+
+impl Lab {
+    /// Gives every host a test BMC (ipmi_sim) in the control namespace. Its power-off kills every
+    /// process in the host's namespace, as pulling the plug would; its soft-off sends SIGTERM
+    /// first; its power-on starts the host's volume node and, once that listens, its agent, with
+    /// the very command lines they run now (read from `/proc`).
+    pub fn add_bmcs(&mut self, progress: &dyn Fn(&str)) -> anyhow::Result<()> {
+        use tern_power::bmc_sim::conf::sh_quote;
+        use tern_power::bmc_sim::{SimBmc, SimBmcOptions};
+        let dir = self.state.dir.clone();
+        let mut secret = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut secret))
+            .context("cannot read /dev/urandom for the BMC password")?;
+        let password: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let password_file = dir.join("bmc-password");
+        std::fs::write(&password_file, format!("{password}\n"))
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &password_file,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                )
+            })
+            .with_context(|| format!("cannot write {}", password_file.display()))?;
+        let logs = dir.join("logs");
+        for h in self.state.hosts.clone() {
+            let argv = |pid: u32, what: &str| -> anyhow::Result<String> {
+                let raw = std::fs::read(format!("/proc/{pid}/cmdline")).with_context(|| {
+                    format!("cannot read the command line of {what} (pid {pid})")
+                })?;
+                let args: Vec<String> = raw
+                    .split(|&b| b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| sh_quote(&String::from_utf8_lossy(a)))
+                    .collect();
+                ensure!(
+                    args.len() > 1,
+                    "{what} (pid {pid}) has no command line: is it still running?"
+                );
+                Ok(args.join(" "))
+            };
+            let volume = argv(h.volume_pid, &format!("volume-{}", h.name))?;
+            let agent = argv(h.agent_pid, &format!("agent-{}", h.name))?;
+            let ns = sh_quote(&h.namespace);
+            let log = |what: &str| {
+                sh_quote(
+                    &logs
+                        .join(format!("{what}-{}.log", h.name))
+                        .display()
+                        .to_string(),
+                )
+            };
+            let on = format!(
+                "(\n  setsid ip netns exec {ns} {volume} </dev/null >>{vlog} 2>&1 &\n  \
+                 i=0\n  \
+                 until ip netns exec {ns} ss -Hltn 'sport = :{VOLUME_PORT}' | grep -q . || [ \"$i\" -ge 100 ]; do sleep 0.1; i=$((i+1)); done\n  \
+                 setsid ip netns exec {ns} {agent} </dev/null >>{alog} 2>&1 &\n\
+                 ) </dev/null >/dev/null 2>&1 &",
+                vlog = log("volume"),
+                alog = log("agent"),
+            );
+            let off = format!(
+                "for i in 1 2 3; do ip netns pids {ns} | xargs -r kill -KILL; sleep 0.05; done"
+            );
+            let soft = format!(
+                "ip netns pids {ns} | xargs -r kill -TERM\n\
+                 i=0\n\
+                 while [ -n \"$(ip netns pids {ns})\" ] && [ \"$i\" -lt 20 ]; do sleep 0.1; i=$((i+1)); done\n\
+                 {off}"
+            );
+            let mut o = SimBmcOptions::new(h.name.clone(), BMC_USER, password.clone());
+            o.addr = Topology::client_addr();
+            o.netns = Some(self.state.control_namespace.clone());
+            o.power_on_cmd = Some(on);
+            o.power_off_cmd = Some(off);
+            o.soft_off_cmd = Some(soft);
+            o.initially_on = true;
+            o.power_off_on_drop = false;
+            o.parent_dir = Some(dir.clone());
+            let bmc = SimBmc::start(o)
+                .with_context(|| format!("cannot start the test BMC of host {}", h.name))?;
+            progress(&format!(
+                "host {}: BMC at {} (in {})",
+                h.name,
+                bmc.addr(),
+                self.state.control_namespace
+            ));
+            self.bmcs.push(bmc);
+        }
+        Ok(())
+    }
+
+    /// The test BMCs (empty without `--bmc`).
+    pub fn bmc_info(&self) -> Vec<BmcInfo> {
+        self.bmcs
+            .iter()
+            .map(|b| BmcInfo {
+                host: b.host().to_string(),
+                bmc: b.addr().to_string(),
+                netns: self.state.control_namespace.clone(),
+                user: b.user().to_string(),
+                password: b.password().to_string(),
+                password_file: self.state.dir.join("bmc-password"),
+            })
+            .collect()
+    }
+}
+
 // ----- the commands -----
 
 /// `tern cluster up`.
@@ -984,7 +1124,11 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         tern: std::env::current_exe().context("cannot find the tern binary")?,
     };
     let started = Instant::now();
-    let lab = Lab::start(&spec, &say)?;
+    let mut lab = Lab::start(&spec, &say)?;
+    if args.bmc {
+        lab.add_bmcs(&say)?;
+    }
+    let bmcs = lab.bmc_info();
     let st = lab.state().clone();
     if json {
         let out = serde_json::json!({
@@ -994,6 +1138,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             "hosts": st.hosts,
             "state_file": state_path(&st.name),
             "pid": st.pid,
+            "bmcs": bmcs,
         });
         println!("{out}");
     } else {
@@ -1008,6 +1153,16 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             say(&format!("  controller {}", c.url));
         }
         say(&format!("  etcd       {}", st.etcd));
+        for b in &bmcs {
+            say(&format!(
+                "  BMC of {}  {} in {} (user {}, password file {})",
+                b.host,
+                b.bmc,
+                b.netns,
+                b.user,
+                b.password_file.display()
+            ));
+        }
         say(&format!(
             "try: tern cluster hosts --controller {}",
             st.controllers[0].url

@@ -46,6 +46,9 @@ pub struct SimBmcOptions {
     pub program: PathBuf,
     /// How long start may wait for ipmi_sim to listen (default 5 s).
     pub start_timeout: Duration,
+    /// Make the BMC's folder inside this one (default: the system's temporary folder), e.g. a
+    /// test cluster's own folder, so that whoever removes that removes the BMC's files too.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl SimBmcOptions {
@@ -69,6 +72,7 @@ impl SimBmcOptions {
             power_off_on_drop: true,
             program: PathBuf::from("ipmi_sim"),
             start_timeout: Duration::from_secs(5),
+            parent_dir: None,
         }
     }
 }
@@ -191,10 +195,15 @@ impl SimBmc {
             path: path.to_path_buf(),
             source,
         };
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("tern-bmc-{host}-"))
-            .tempdir()
-            .map_err(|e| files(Path::new("a temporary folder"), e))?;
+        let prefix = format!("tern-bmc-{host}-");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix);
+        let dir = match &opts.parent_dir {
+            Some(parent) => builder.tempdir_in(parent).map_err(|e| files(parent, e))?,
+            None => builder
+                .tempdir()
+                .map_err(|e| files(Path::new("a temporary folder"), e))?,
+        };
         let d = dir.path().to_path_buf();
         let d_str = d.display().to_string();
         let write = |name: &str, text: &str, exec: bool| -> Result<(), StartSimBmcError> {
