@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 
-use crate::runtime::{Skip, VmEntry};
+use crate::runtime::{RuntimeEntry, Skip};
 use crate::telemetry::HostPaths;
 use crate::topology::{format_cpu_list, parse_cpu_list};
 
@@ -131,7 +131,7 @@ impl Actuator {
 
     /// Confines every vCPU thread of `vms` to `cpus` (must not be empty). Threads confined earlier
     /// that are no longer listed get their original affinity back.
-    pub fn apply(&mut self, vms: &[VmEntry], cpus: &[usize]) -> ActReport {
+    pub fn apply(&mut self, vms: &[RuntimeEntry], cpus: &[usize]) -> ActReport {
         let mut rep = ActReport::default();
         if cpus.is_empty() {
             rep.skips.push(Skip {

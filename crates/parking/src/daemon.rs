@@ -20,7 +20,7 @@ use crate::actuator::{ActReport, Actuator, ActuatorConfig};
 use crate::knobs::Knobs;
 use crate::policy::{Policy, Reason, Sample};
 use crate::power::{ParkingPowerModel, PowerModelError, PowerSpec};
-use crate::runtime::{Skip, VmEntry, read_entries};
+use crate::runtime::{RuntimeEntry, Skip, read_entries};
 use crate::telemetry::{
     CpuTimes, HostPaths, IdleState, ThreadReader, ThreadSched, busy_fractions, read_allowed_list,
     read_cpu_times, read_idle_states, residency,
@@ -261,7 +261,7 @@ struct Daemon {
     prev_threads: BTreeMap<u32, ThreadSched>,
     prev_idle: BTreeMap<usize, Vec<IdleState>>,
     last_tick: Instant,
-    vms: Vec<VmEntry>,
+    vms: Vec<RuntimeEntry>,
     busy: Vec<f64>,
     demand: f64,
     threads: BTreeMap<u32, ThreadSched>,

@@ -1,32 +1,17 @@
-//! The VMM runtime directory: one `NAME.json` per running VM, `{"name", "pid", "api_sock", "vcpu_tids"}`.
+//! The VMM runtime directory as the parking daemon sees it: one `NAME.json` entry per running
+//! VM ([`RuntimeEntry`], read through `tern-vmctl`), of which it needs the PID and the vCPU
+//! threads.
 //!
-//! `tern vm run` writes an entry when a VM starts and removes it when it stops. Entries whose process
-//! is gone, or that do not parse, are skipped with a reason (the daemon logs it), never fatal.
+//! `tern vm run` writes an entry when a VM starts and removes it when it stops. Entries whose
+//! process is gone, or that do not parse, are skipped with a reason (the daemon logs it), never
+//! fatal.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+pub use tern_vmctl::runtime::{DEFAULT_RUNTIME_DIR, RuntimeEntry, WriteEntryError};
 
 use crate::telemetry::HostPaths;
-
-/// The default runtime directory.
-pub const DEFAULT_RUNTIME_DIR: &str = "/run/tern/vms";
-
-/// One running VM as the VMM describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmEntry {
-    /// VM name.
-    pub name: String,
-    /// VMM process id.
-    pub pid: u32,
-    /// The VMM's API socket, if it has one (`null` in the JSON otherwise).
-    #[serde(default)]
-    pub api_sock: Option<String>,
-    /// Thread ids of the vCPU threads.
-    pub vcpu_tids: Vec<u32>,
-}
 
 /// An entry that was not used, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,38 +23,33 @@ pub struct Skip {
 }
 
 /// Reads every `*.json` entry of `dir`. A missing directory means no VMs. Entries whose process is
-/// gone are skipped; vCPU threads that are gone are dropped from their entry (with a skip).
-pub fn read_entries(dir: &Path, paths: &HostPaths) -> (Vec<VmEntry>, Vec<Skip>) {
+/// gone (under `paths.proc_root`) are skipped; vCPU threads that are gone are dropped from their
+/// entry (with a skip).
+pub fn read_entries(dir: &Path, paths: &HostPaths) -> (Vec<RuntimeEntry>, Vec<Skip>) {
     let mut vms = Vec::new();
     let mut skips = Vec::new();
-    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(rd) => rd
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|x| x == "json"))
-            .collect(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return (vms, skips),
+    let listed = match tern_vmctl::runtime::list_entries(dir) {
+        Ok(l) => l,
         Err(e) => {
             skips.push(Skip {
                 what: dir.display().to_string(),
-                why: e.to_string(),
+                why: e.source.to_string(),
             });
             return (vms, skips);
         }
     };
-    files.sort();
-    for file in files {
-        let what = file.display().to_string();
-        let entry: VmEntry = match fs::read_to_string(&file)
-            .map_err(|e| e.to_string())
-            .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("bad entry: {e}")))
-        {
+    for l in listed {
+        let what = l.path.display().to_string();
+        let entry = match l.entry {
             Ok(e) => e,
-            Err(why) => {
-                // A file being replaced may vanish between listing and reading.
-                if !why.contains("No such file") {
-                    skips.push(Skip { what, why });
-                }
+            Err(e) => {
+                let why = match e {
+                    tern_vmctl::runtime::ReadEntryError::Bad { reason, .. } => {
+                        format!("bad entry: {reason}")
+                    }
+                    tern_vmctl::runtime::ReadEntryError::Io { source, .. } => source.to_string(),
+                };
+                skips.push(Skip { what, why });
                 continue;
             }
         };
@@ -95,7 +75,7 @@ pub fn read_entries(dir: &Path, paths: &HostPaths) -> (Vec<VmEntry>, Vec<Skip>) 
                 });
             }
         }
-        vms.push(VmEntry {
+        vms.push(RuntimeEntry {
             vcpu_tids: alive,
             ..entry
         });
@@ -104,18 +84,14 @@ pub fn read_entries(dir: &Path, paths: &HostPaths) -> (Vec<VmEntry>, Vec<Skip>) 
 }
 
 /// Writes an entry atomically (temporary file, then rename), creating the directory.
-pub fn write_entry(dir: &Path, entry: &VmEntry) -> io::Result<PathBuf> {
-    fs::create_dir_all(dir)?;
-    let path = dir.join(format!("{}.json", entry.name));
-    let tmp = dir.join(format!(".{}.json.tmp", entry.name));
-    fs::write(&tmp, serde_json::to_vec(entry).map_err(io::Error::other)?)?;
-    fs::rename(&tmp, &path)?;
-    Ok(path)
+pub fn write_entry(dir: &Path, entry: &RuntimeEntry) -> Result<PathBuf, WriteEntryError> {
+    tern_vmctl::runtime::write_entry(dir, entry)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     #[test]
     fn skips_gone_processes_threads_and_garbage() {
@@ -126,18 +102,13 @@ mod tests {
         };
         fs::create_dir_all(paths.proc_root.join("10/task/11")).unwrap();
         let dir = root.path().join("vms");
-        let e = |name: &str, pid, tids: Vec<u32>| VmEntry {
-            name: name.into(),
-            pid,
-            api_sock: None,
-            vcpu_tids: tids,
-        };
+        let e = |name: &str, pid, tids: Vec<u32>| RuntimeEntry::new(name, pid, tids);
         write_entry(&dir, &e("a", 10, vec![11, 12])).unwrap();
         write_entry(&dir, &e("b", 99, vec![100])).unwrap();
         fs::write(dir.join("c.json"), "{not json").unwrap();
         // The VMM's own temporary files are not entries.
         fs::write(dir.join(".d.json.10"), "{").unwrap();
-        // The VMM's format: api_sock may be null, tids are signed in its code.
+        // The VMM's first format: api_sock may be null, and nothing else.
         fs::write(
             dir.join("e.json"),
             r#"{"name":"e","pid":10,"api_sock":null,"vcpu_tids":[11]}"#,

@@ -12,7 +12,7 @@ use tern_parking::daemon::{self, DaemonConfig, DemandSource, Request, Signals, S
 use tern_parking::knobs::{KNOB_NAMES, Knobs, Plan};
 use tern_parking::power::PowerSpec;
 use tern_parking::replay::{self, Strategy};
-use tern_parking::runtime::{DEFAULT_RUNTIME_DIR, VmEntry, write_entry};
+use tern_parking::runtime::{DEFAULT_RUNTIME_DIR, RuntimeEntry, write_entry};
 use tern_parking::telemetry::HostPaths;
 use tern_parking::topology::{format_cpus, parse_cpu_list};
 
@@ -421,12 +421,7 @@ fn load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     drop(tx);
     let mut tids: Vec<u32> = rx.iter().take(args.threads as usize).collect();
     tids.sort_unstable();
-    let entry = VmEntry {
-        name: args.name.clone(),
-        pid: std::process::id(),
-        api_sock: None,
-        vcpu_tids: tids.clone(),
-    };
+    let entry = RuntimeEntry::new(args.name.clone(), std::process::id(), tids.clone());
     let path = write_entry(&args.runtime_dir, &entry).with_context(|| {
         format!(
             "cannot write runtime entry in {}",

@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tern_vmm::api::{self, ApiServer, ApiStop, Request};
+use tern_vmctl::Request;
+use tern_vmm::api::{ApiServer, ApiStop};
 use tern_vmm::config::{HostLimits, KernelSource, VmConfigInput};
 use tern_vmm::runtime::{self, DEFAULT_RUNTIME_DIR, RuntimeEntry, RuntimeEntryGuard};
 use tern_vmm::{Vm, VmExit, signals};
@@ -406,13 +407,7 @@ fn control(vm: &VmRef, req: Request) -> anyhow::Result<ExitCode> {
 
 /// Sends one request to the VM at `sock` and prints the answer (`ok`, or the status as JSON).
 fn control_at(sock: &Path, req: Request) -> anyhow::Result<ExitCode> {
-    let resp = api::call(sock, &req)?;
-    if !resp.ok {
-        anyhow::bail!(
-            "the VM refused: {}",
-            resp.error.unwrap_or_else(|| "no reason given".into())
-        );
-    }
+    let resp = tern_vmctl::request(sock, &req)?;
     match resp.status {
         Some(status) => println!("{}", serde_json::to_string_pretty(&status)?),
         None => println!("ok"),
@@ -424,15 +419,9 @@ fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
     let sock = a.vm.socket()?;
     let path = std::path::absolute(&a.out).unwrap_or(a.out);
     let spinner = progress::spinner(format!("writing a snapshot to {}", path.display()));
-    let resp = api::call(&sock, &Request::Snapshot { path, stop: a.stop });
+    let resp = tern_vmctl::request(&sock, &Request::Snapshot { path, stop: a.stop });
     progress::clear(spinner);
-    let resp = resp?;
-    if !resp.ok {
-        anyhow::bail!(
-            "the VM refused: {}",
-            resp.error.unwrap_or_else(|| "no reason given".into())
-        );
-    }
+    resp?;
     println!("ok");
     Ok(ExitCode::SUCCESS)
 }
@@ -559,5 +548,62 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::FAILURE)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn parse(args: Vec<String>) -> VmCommand {
+        let argv = std::iter::once("tern".to_string()).chain(args);
+        match crate::Cli::try_parse_from(argv) {
+            Ok(crate::Cli {
+                command: crate::Command::Vm(cmd),
+            }) => cmd,
+            Ok(other) => panic!("not a vm command: {other:?}"),
+            Err(e) => panic!("tern vm refuses the agent's arguments: {e}"),
+        }
+    }
+
+    fn spec() -> tern_api::cluster::VmCreate {
+        serde_json::from_str(
+            r#"{"name":"db","vcpus":2,"memory_mib":128,"kernel":"builtin:testguest","cmdline":"tern.hb_ms=50"}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_vmm_command_line_tern_vmctl_builds_is_the_one_tern_vm_run_parses() {
+        let args = tern_vmctl::VmmArgs::run(&spec(), Path::new("/run/t"))
+            .disk("volume://10.0.0.1:7000/db")
+            .to_args();
+        let VmCommand::Run(r) = parse(args) else {
+            panic!("not run");
+        };
+        assert_eq!(r.kernel.as_deref(), Some("builtin:testguest"));
+        assert_eq!(r.cmdline, "tern.hb_ms=50");
+        assert_eq!((r.vcpus, r.memory_mib), (2, 128));
+        assert_eq!(r.name.as_deref(), Some("db"));
+        assert_eq!(r.runtime_dir, Path::new("/run/t"));
+        assert_eq!(r.serial, "file:/run/t/db.console");
+        assert_eq!(r.disk, ["volume://10.0.0.1:7000/db"]);
+        assert_eq!(r.api_sock, None);
+    }
+
+    #[test]
+    fn the_receive_command_line_tern_vmctl_builds_is_the_one_tern_vm_receive_parses() {
+        let args = tern_vmctl::VmmArgs::receive(&spec(), "10.0.0.2:7001", Path::new("/run/t"))
+            .api_sock("/tmp/db.sock")
+            .to_args();
+        let VmCommand::Receive(r) = parse(args) else {
+            panic!("not receive");
+        };
+        assert_eq!(r.listen, "10.0.0.2:7001");
+        assert_eq!((r.vcpus, r.memory_mib), (Some(2), Some(128)));
+        assert_eq!(r.name.as_deref(), Some("db"));
+        assert_eq!(r.api_sock.as_deref(), Some(Path::new("/tmp/db.sock")));
+        assert_eq!(r.serial, "file:/run/t/db.console");
     }
 }

@@ -3,10 +3,10 @@
 //! One request per line, one response line per request:
 //! `{"op":"status"}` → `{"ok":true,"status":{…}}`; `{"op":"pause"}`, `{"op":"resume"}`,
 //! `{"op":"shutdown"}` → `{"ok":true}`; any failure → `{"ok":false,"error":"…"}`.
-//! The messages are `tern-api`'s ([`tern_api::vmm`], re-exported here); [`parse_request`] is pure
-//! and bounded (a line longer than [`MAX_REQUEST_BYTES`] is refused). A new request is a variant
-//! of [`Request`] there and an arm of [`handle`] here (or of `serve_connection`, for one that
-//! streams lines before its answer, as `migrate` does).
+//! The messages are `tern-api`'s ([`tern_api::vmm`], re-exported here, as is `tern-vmctl`'s
+//! client); [`parse_request`] is pure and bounded (a line longer than [`MAX_REQUEST_BYTES`] is
+//! refused). A new request is a variant of [`Request`] there and an arm of [`handle`] here (or of
+//! `serve_connection`, for one that streams lines before its answer, as `migrate` does).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -20,6 +20,8 @@ use tern_migration::{CancelToken, ConvergenceConfig, MigrateOptions, OnTimeout, 
 pub use tern_api::vmm::{
     MAX_REQUEST_BYTES, MigrateRequest, ParseRequestError, Request, Response, parse_request,
 };
+/// The client half lives in `tern-vmctl`; re-exported for callers that name it here.
+pub use tern_vmctl::client::{CallError as ApiCallError, call, call_streaming, call_timeout};
 
 use crate::config::KernelSource;
 use crate::migrate::VmSource;
@@ -305,83 +307,6 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
             },
             false,
         ),
-    }
-}
-
-/// Why a client call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiCallError {
-    /// The socket could not be reached.
-    #[error("cannot connect to {path} (is the VM running with --api-sock {path}?)")]
-    Connect {
-        /// The path.
-        path: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The exchange failed.
-    #[error("API exchange failed: {0}")]
-    Io(#[from] std::io::Error),
-    /// The answer was not a response.
-    #[error("bad response from the VMM: {0}")]
-    BadResponse(String),
-}
-
-/// Sends one request and reads its response (waiting at most 30 s for it).
-pub fn call(path: &Path, req: &Request) -> Result<Response, ApiCallError> {
-    call_timeout(path, req, Duration::from_secs(30))
-}
-
-/// Sends one request and reads its response, waiting at most `timeout` for it.
-pub fn call_timeout(
-    path: &Path,
-    req: &Request,
-    timeout: Duration,
-) -> Result<Response, ApiCallError> {
-    let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
-        path: path.display().to_string(),
-        source,
-    })?;
-    conn.set_read_timeout(Some(timeout))?;
-    let mut line =
-        serde_json::to_string(req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
-    line.push('\n');
-    conn.write_all(line.as_bytes())?;
-    let mut answer = String::new();
-    BufReader::new(conn.take(1 << 20)).read_line(&mut answer)?;
-    serde_json::from_str(&answer).map_err(|e| ApiCallError::BadResponse(format!("{e}: {answer:?}")))
-}
-
-/// Sends one request and reads response lines until the final one (a line without
-/// `progress`), giving each progress value to `on_progress`. For `migrate`; no read timeout.
-pub fn call_streaming(
-    path: &Path,
-    req: &Request,
-    on_progress: &mut dyn FnMut(&Progress),
-) -> Result<Response, ApiCallError> {
-    let mut conn = UnixStream::connect(path).map_err(|source| ApiCallError::Connect {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let mut line =
-        serde_json::to_string(req).map_err(|e| ApiCallError::BadResponse(e.to_string()))?;
-    line.push('\n');
-    conn.write_all(line.as_bytes())?;
-    let mut reader = BufReader::new(conn);
-    loop {
-        let mut answer = String::new();
-        if (&mut reader).take(1 << 20).read_line(&mut answer)? == 0 {
-            return Err(ApiCallError::BadResponse(
-                "the VMM closed the connection without an answer".into(),
-            ));
-        }
-        let r: Response = serde_json::from_str(&answer)
-            .map_err(|e| ApiCallError::BadResponse(format!("{e}: {answer:?}")))?;
-        match &r.progress {
-            Some(p) => on_progress(p),
-            None => return Ok(r),
-        }
     }
 }
 

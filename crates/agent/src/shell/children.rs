@@ -1,5 +1,6 @@
-//! The VMM children: `tern vm run` and `tern vm receive` processes supervised by the agent, and the
-//! short-lived `tern vm migrate` / `tern vm resume` commands.
+//! The VMM children: `tern vm run` and `tern vm receive` processes supervised by the agent (their
+//! command line built by `tern-vmctl`'s [`VmmArgs`]), and the migrate and resume requests the
+//! agent sends their control sockets through `tern-vmctl`, on blocking tasks.
 //!
 //! Every VMM child is started through `setpriv --pdeathsig KILL` when setpriv exists, so the VMMs
 //! die with the agent (a restarted agent starts empty, and an agent that crashed cannot leave VMs
@@ -12,6 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tern_api::cluster::VmCreate;
+use tern_vmctl::{MigrateRequest, MigrationEnd, RuntimeEntry, VmmArgs};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -48,18 +50,9 @@ impl Child {
     }
 }
 
-/// The fields of a runtime entry the agent uses (readers ignore the others).
-#[derive(Debug, serde::Deserialize)]
-pub(crate) struct Entry {
-    pub pid: u32,
-    #[serde(default)]
-    pub vcpu_tids: Vec<i32>,
-}
-
-/// Reads the runtime entry of `vm`, if there is one.
-pub(crate) fn read_entry(dir: &Path, vm: &str) -> Option<Entry> {
-    let text = std::fs::read_to_string(dir.join(format!("{vm}.json"))).ok()?;
-    serde_json::from_str(&text).ok()
+/// Reads the runtime entry of `vm`, if there is one (a bad or unreadable entry is none).
+pub(crate) fn read_entry(dir: &Path, vm: &str) -> Option<RuntimeEntry> {
+    tern_vmctl::read_entry(dir, vm).ok().flatten()
 }
 
 fn command(ctx: &Ctx, args: &[String]) -> Command {
@@ -75,27 +68,6 @@ fn command(ctx: &Ctx, args: &[String]) -> Command {
     cmd
 }
 
-fn vm_args(spec: &VmCreate, disk_url: Option<&str>, ctx: &Ctx) -> Vec<String> {
-    let dir = ctx.runtime_dir.display().to_string();
-    let mut a = vec![
-        "--name".into(),
-        spec.name.clone(),
-        "--vcpus".into(),
-        spec.vcpus.to_string(),
-        "--memory-mib".into(),
-        spec.memory_mib.to_string(),
-        "--runtime-dir".into(),
-        dir.clone(),
-        "--serial".into(),
-        format!("file:{dir}/{}.console", spec.name),
-    ];
-    if let Some(d) = disk_url {
-        a.push("--disk".into());
-        a.push(d.to_string());
-    }
-    a
-}
-
 /// Starts a VMM for `spec`: `tern vm run`, or, with `receive`, `tern vm receive` on a free port of
 /// the agent's address. Reports [`Event::ChildListening`] (receivers), [`Event::ChildRunning`] and
 /// [`Event::ChildExited`].
@@ -107,25 +79,22 @@ pub(crate) fn spawn_vmm(
     serial: u64,
     events: &mpsc::Sender<Event>,
 ) -> std::io::Result<Child> {
-    let mut args: Vec<String> = vec!["vm".into()];
     let mut listen = None;
-    if receive {
+    let mut vmm = if receive {
         let port = std::net::TcpListener::bind((ctx.listen_ip, 0))?
             .local_addr()?
             .port();
         let addr = std::net::SocketAddr::new(ctx.listen_ip, port).to_string();
-        args.extend(["receive".into(), "--listen".into(), addr.clone()]);
+        let vmm = VmmArgs::receive(spec, &addr, &ctx.runtime_dir);
         listen = Some((addr, port));
+        vmm
     } else {
-        args.extend([
-            "run".into(),
-            "--kernel".into(),
-            spec.kernel.clone(),
-            "--cmdline".into(),
-            spec.cmdline.clone(),
-        ]);
+        VmmArgs::run(spec, &ctx.runtime_dir)
+    };
+    if let Some(d) = disk_url {
+        vmm = vmm.disk(d);
     }
-    args.extend(vm_args(spec, disk_url, ctx));
+    let args = vmm.to_args();
     std::fs::create_dir_all(&ctx.runtime_dir)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -206,16 +175,17 @@ pub(crate) fn spawn_vmm(
     })
 }
 
-/// The outcome a `tern vm migrate` exit status means (0 completed, 3 in doubt, else failed).
-pub(crate) fn migration_outcome(code: Option<i32>) -> MigrationOutcome {
-    match code {
-        Some(0) => MigrationOutcome::Completed,
-        Some(3) => MigrationOutcome::InDoubt,
-        _ => MigrationOutcome::Failed,
+/// The core's view of where a migrated VM runs.
+pub(crate) fn migration_outcome(end: MigrationEnd) -> MigrationOutcome {
+    match end {
+        MigrationEnd::Completed => MigrationOutcome::Completed,
+        MigrationEnd::Failed => MigrationOutcome::Failed,
+        MigrationEnd::InDoubt => MigrationOutcome::InDoubt,
     }
 }
 
-/// Runs `tern vm migrate` for `vm` and reports [`Input::MigrationEnded`].
+/// Migrates `vm` to `to` through its control socket (on a blocking task: the call lasts the
+/// whole migration) and reports [`Input::MigrationEnded`] with the VMM's report.
 pub(crate) fn migrate(
     ctx: &Ctx,
     vm: String,
@@ -223,77 +193,52 @@ pub(crate) fn migrate(
     disk_successor: Option<u32>,
     events: &mpsc::Sender<Event>,
 ) {
-    let mut args: Vec<String> = vec![
-        "vm".into(),
-        "migrate".into(),
-        "--name".into(),
-        vm.clone(),
-        "--runtime-dir".into(),
-        ctx.runtime_dir.display().to_string(),
-        "--to".into(),
-        to,
-        "--json".into(),
-    ];
-    if let Some(n) = disk_successor {
-        args.extend(["--disk-successor".into(), n.to_string()]);
-    }
-    let mut cmd = command(ctx, &args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let dir = ctx.runtime_dir.clone();
     let events = events.clone();
     tokio::spawn(async move {
-        let (outcome, report) = match cmd.output().await {
-            Ok(out) => {
-                let report = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-                    .ok()
-                    .filter(|v| !v.is_null());
-                let outcome = migration_outcome(out.status.code());
-                if outcome != MigrationOutcome::Completed {
-                    eprintln!(
-                        "tern agent: migrating {vm}: {outcome:?}: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    );
-                }
-                (outcome, report)
+        let name = vm.clone();
+        let ended = tokio::task::spawn_blocking(move || {
+            let found = tern_vmctl::find(&dir, &name)
+                .map_err(|e| format!("cannot find its control socket: {e}"))?;
+            let mut req = MigrateRequest::new(to);
+            req.disk_successor = disk_successor.map(|n| n.to_string());
+            Ok::<_, String>(tern_vmctl::migrate(&found.sock, req, &mut |_| {}))
+        })
+        .await;
+        let (end, report) = match ended {
+            Ok(Ok(Ok(report))) => (MigrationEnd::Completed, Some(report)),
+            Ok(Ok(Err(e))) => {
+                eprintln!("tern agent: migrating {vm}: {:?}: {e}", e.end());
+                (e.end(), e.report().cloned())
+            }
+            Ok(Err(why)) => {
+                eprintln!("tern agent: migrating {vm}: {why}");
+                (MigrationEnd::Failed, None)
             }
             Err(e) => {
-                eprintln!("tern agent: cannot run tern vm migrate for {vm}: {e}");
-                (MigrationOutcome::Failed, None)
+                eprintln!("tern agent: migrating {vm}: the migration task failed: {e}");
+                (MigrationEnd::Failed, None)
             }
         };
         let input = Input::MigrationEnded {
             vm,
-            outcome,
-            report,
+            outcome: migration_outcome(end),
+            report: report.and_then(|r| serde_json::to_value(r).ok()),
         };
         let _ = events.send(Event::Input(input)).await;
     });
 }
 
-/// Runs `tern vm resume` for `vm` (a failure is logged: the VM stays paused and reports say so
-/// only through its exit or a later command).
+/// Resumes `vm` through its control socket (a failure is logged: the VM stays paused and reports
+/// say so only through its exit or a later command).
 pub(crate) fn resume(ctx: &Ctx, vm: String) {
-    let args: Vec<String> = vec![
-        "vm".into(),
-        "resume".into(),
-        "--name".into(),
-        vm.clone(),
-        "--runtime-dir".into(),
-        ctx.runtime_dir.display().to_string(),
-    ];
-    let mut cmd = command(ctx, &args);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    tokio::spawn(async move {
-        match cmd.output().await {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "tern agent: resuming {vm} failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-            Err(e) => eprintln!("tern agent: cannot run tern vm resume for {vm}: {e}"),
+    let dir = ctx.runtime_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        let resumed = tern_vmctl::find(&dir, &vm)
+            .map_err(|e| e.to_string())
+            .and_then(|found| tern_vmctl::resume(&found.sock).map_err(|e| e.to_string()));
+        if let Err(e) = resumed {
+            eprintln!("tern agent: resuming {vm} failed: {e}");
         }
     });
 }
@@ -303,10 +248,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn migrate_exit_statuses_map_to_outcomes() {
-        assert_eq!(migration_outcome(Some(0)), MigrationOutcome::Completed);
-        assert_eq!(migration_outcome(Some(1)), MigrationOutcome::Failed);
-        assert_eq!(migration_outcome(Some(3)), MigrationOutcome::InDoubt);
-        assert_eq!(migration_outcome(None), MigrationOutcome::Failed);
+    fn migration_ends_map_to_the_cores_outcomes() {
+        for (code, outcome) in [
+            (Some(0), MigrationOutcome::Completed),
+            (Some(1), MigrationOutcome::Failed),
+            (Some(3), MigrationOutcome::InDoubt),
+            (None, MigrationOutcome::Failed),
+        ] {
+            assert_eq!(
+                migration_outcome(MigrationEnd::from_exit_code(code)),
+                outcome
+            );
+        }
     }
 }

@@ -60,7 +60,7 @@ pub fn parse_net_tcp_listens(text: &str, port: u16) -> bool {
 }
 
 /// `utime + stime` of thread `tid` of process `pid`, clock ticks.
-pub fn thread_cpu_ticks(pid: u32, tid: i32) -> Option<u64> {
+pub fn thread_cpu_ticks(pid: u32, tid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     parse_stat_cpu_ticks(&text)
 }
@@ -169,7 +169,7 @@ mod tests {
         let tid = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .flatten()
-            .find_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
             .unwrap();
         assert!(thread_cpu_ticks(pid, tid).is_some());
     }

@@ -6,9 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use tern_vmm::RunState;
-use tern_vmm::api::{self, Request};
-use tern_vmm::runtime::{self, DEFAULT_RUNTIME_DIR, RuntimeEntry};
+use tern_vmctl::runtime::{self, DEFAULT_RUNTIME_DIR, RuntimeEntry};
 
 /// Options of `tern vm list`.
 #[derive(Debug, clap::Args)]
@@ -119,22 +117,14 @@ fn row(entry: RuntimeEntry, path: PathBuf, live: bool, now_ms: u64) -> Row {
         r.state = "unknown".into();
         return r;
     };
-    match api::call_timeout(sock, &Request::Status, STATUS_TIMEOUT) {
-        Ok(api::Response {
-            status: Some(st), ..
-        }) => {
-            r.state = match st.state {
-                RunState::Running => "running",
-                RunState::Paused => "paused",
-                RunState::Transitioning => "transitioning",
-                RunState::Stopping => "stopping",
-            }
-            .into();
+    match tern_vmctl::status(sock, STATUS_TIMEOUT) {
+        Ok(st) => {
+            r.state = st.state.as_str().into();
             r.vcpus = Some(st.vcpus);
             r.memory_mib = Some(st.memory_mib);
             r.uptime_ms = Some(st.uptime_ms);
         }
-        _ => r.state = "unresponsive".into(),
+        Err(_) => r.state = "unresponsive".into(),
     }
     r
 }

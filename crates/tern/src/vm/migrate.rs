@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use tern_api::vmm::{MigrationReport, Outcome, Progress};
-use tern_vmm::api::{self, Request};
+use tern_vmctl::{MigrateError, MigrateRequest, MigrationReport, Progress, Request};
 
 use super::progress;
 use super::target::VmRef;
@@ -109,7 +108,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         a.timeout
     );
     let to = a.to.clone().unwrap_or_default();
-    let req = Request::Migrate(api::MigrateRequest {
+    let req = MigrateRequest {
         to: to.clone(),
         streams: a.streams,
         downtime_ms: a.downtime_ms,
@@ -119,7 +118,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         verify_memory: a.verify_memory,
         protocol_version: a.x_protocol_version,
         disk_successor: a.disk_successor.clone(),
-    });
+    };
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
     let mut on_progress = |p: &Progress| {
         let Some(b) = &bar else { return };
@@ -136,43 +135,56 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
             p.throttle_pct,
         ));
     };
-    let resp = api::call_streaming(&sock, &req, &mut on_progress);
+    let result = tern_vmctl::migrate(&sock, req, &mut on_progress);
     progress::clear(bar);
-    let resp = resp?;
-    let report: Option<MigrationReport> = resp.report.clone();
+    let failure = match result {
+        Ok(report) => Ok(report),
+        // Not even asked, or no answer: an error, as any refused command.
+        Err(MigrateError::Call(e)) => return Err(e.into()),
+        Err(e) => Err(e),
+    };
+    let report: Option<MigrationReport> = match &failure {
+        Ok(r) => Some(r.clone()),
+        Err(e) => e.report().cloned(),
+    };
     if a.json {
         // Through a JSON value: its keys in the order this command always printed them.
         println!("{}", serde_json::to_value(&report)?);
     } else if let Some(r) = &report {
         eprintln!("{}", report_line(r, &to));
     }
-    if resp.ok {
-        if !a.json {
-            eprintln!(
-                "tern: {} runs on {to} now; its VMM here has stopped",
-                a.vm.describe()
-            );
+    let e = match failure {
+        Ok(_) => {
+            if !a.json {
+                eprintln!(
+                    "tern: {} runs on {to} now; its VMM here has stopped",
+                    a.vm.describe()
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
         }
-        return Ok(ExitCode::SUCCESS);
+        Err(e) => e,
+    };
+    let code = ExitCode::from(e.end().exit_code());
+    match e {
+        MigrateError::InDoubt { reason, .. } => eprintln!(
+            "tern: migration in doubt: {reason}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
+        ),
+        MigrateError::Failed {
+            outcome, reason, ..
+        } => eprintln!(
+            "tern: migration failed ({}): {reason}; the VM keeps running here",
+            outcome.words()
+        ),
+        other => anyhow::bail!(other),
     }
-    let outcome = report.as_ref().map_or(Outcome::Failed, |r| r.outcome);
-    let why = resp.error.unwrap_or_else(|| "no reason given".into());
-    if outcome == Outcome::InDoubt {
-        eprintln!(
-            "tern: migration in doubt: {why}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
-        );
-        return Ok(ExitCode::from(outcome.exit_code()));
-    }
-    eprintln!(
-        "tern: migration failed ({}): {why}; the VM keeps running here",
-        outcome.words()
-    );
-    Ok(ExitCode::from(outcome.exit_code().max(1)))
+    Ok(code)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_api::vmm::Outcome;
 
     #[test]
     fn the_report_line_has_no_json_quotes_and_readable_sizes() {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tern_vmm::runtime::{self, DEFAULT_RUNTIME_DIR};
+use tern_vmctl::DEFAULT_RUNTIME_DIR;
 
 /// `--api-sock PATH | --name NAME [--runtime-dir DIR]`, shared by every control subcommand.
 #[derive(Debug, Clone, clap::Args)]
@@ -50,26 +50,5 @@ impl VmRef {
 
 /// The control socket of the live VM named `name` in `dir`.
 pub fn socket_of(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let Some(entry) = runtime::read_entry(dir, name)? else {
-        anyhow::bail!(
-            "no VM named {name:?} in {} (`tern vm list --runtime-dir {}` shows the VMs there)",
-            dir.display(),
-            dir.display()
-        );
-    };
-    if !runtime::is_live(&entry) {
-        anyhow::bail!(
-            "VM {name:?} is not running: its process {} is gone and {} is a stale entry \
-             (`tern vm list --prune` removes it)",
-            entry.pid,
-            runtime::entry_path(dir, name).display()
-        );
-    }
-    entry.api_sock.ok_or_else(|| {
-        anyhow::anyhow!(
-            "VM {name:?} (pid {}) was started without a control socket; stop it with `kill -TERM {}`",
-            entry.pid,
-            entry.pid
-        )
-    })
+    Ok(tern_vmctl::find(dir, name)?.sock)
 }
