@@ -14,6 +14,8 @@
 //!   each `unsafe` block preceded by a `// SAFETY:` comment.
 //! - **decoded-default**: no value decoded from another process is defaulted silently: no
 //!   `v["field"].as_u64().unwrap_or(..)`-style reads.
+//! - **no-kvm**: the crates ARCHITECTURE.md keeps away from KVM ([`NO_KVM`]) reach neither
+//!   `tern-vmm` nor a KVM crate through any dependency, by Cargo.lock's dependency graph.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -70,6 +72,19 @@ const IMPURE: &[(&str, &str)] = &[
 
 /// Crates (by folder) allowed to use `anyhow`.
 const ANYHOW_ALLOWED: &[&str] = &["crates/tern", "xtask"];
+
+/// Packages that never link KVM (ARCHITECTURE.md): the agent and the controller run VMMs only as
+/// child processes, and the clients' crates stay usable where no KVM is.
+pub const NO_KVM: &[&str] = &[
+    "tern-agent",
+    "tern-controller",
+    "tern-api",
+    "tern-vmctl",
+    "tern-migration",
+];
+
+/// Packages that link KVM.
+const KVM_PACKAGES: &[&str] = &["tern-vmm", "kvm-ioctls", "kvm-bindings"];
 
 /// Crates (by folder) allowed to contain `unsafe` code.
 const UNSAFE_ALLOWED: &[&str] = &["crates/vmm", "crates/guest"];
@@ -157,6 +172,9 @@ pub fn check_tree(root: &Path) -> anyhow::Result<Vec<Breach>> {
                 ),
             });
         }
+    }
+    if let Ok(lock) = std::fs::read_to_string(root.join("Cargo.lock")) {
+        breaches.extend(check_no_kvm(&lock));
     }
     let mut files = Vec::new();
     for top in ["crates", "xtask"] {
@@ -322,6 +340,63 @@ pub fn check_manifest(rel: &Path, text: &str) -> Vec<Breach> {
             what: "depends on `anyhow`: only crates/tern and xtask may".into(),
         })
         .collect()
+}
+
+/// The packages `name` depends on, directly or not, by the `[[package]]` tables of a Cargo.lock
+/// (dev-dependencies of workspace members included; versions are ignored, so a name stands for
+/// all its versions).
+pub fn lock_closure(lock: &str, name: &str) -> std::collections::BTreeSet<String> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut deps: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for pkg in lock.split("[[package]]").skip(1) {
+        let Some(pkg_name) = pkg
+            .lines()
+            .find_map(|l| l.strip_prefix("name = "))
+            .map(|n| n.trim().trim_matches('"'))
+        else {
+            continue;
+        };
+        let list = deps.entry(pkg_name).or_default();
+        if let Some((_, rest)) = pkg.split_once("dependencies = [") {
+            let body = rest.split(']').next().unwrap_or("");
+            list.extend(
+                body.split(',')
+                    .map(|d| d.trim().trim_matches('"'))
+                    .filter_map(|d| d.split_whitespace().next()),
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    let mut todo = vec![name];
+    while let Some(n) = todo.pop() {
+        for &d in deps.get(n).map(Vec::as_slice).unwrap_or_default() {
+            if seen.insert(d.to_string()) {
+                todo.push(d);
+            }
+        }
+    }
+    seen
+}
+
+/// The **no-kvm** rule over a Cargo.lock.
+pub fn check_no_kvm(lock: &str) -> Vec<Breach> {
+    let mut out = Vec::new();
+    for &krate in NO_KVM {
+        let closure = lock_closure(lock, krate);
+        for &kvm in KVM_PACKAGES {
+            if closure.contains(kvm) {
+                out.push(Breach {
+                    path: PathBuf::from("Cargo.lock"),
+                    line: 0,
+                    rule: "no-kvm",
+                    what: format!(
+                        "{krate} depends on {kvm} (ARCHITECTURE.md: it never links KVM; talk to a VMM through tern-vmctl)"
+                    ),
+                });
+            }
+        }
+    }
+    out
 }
 
 /// The **unsafe** rule for one file: no `unsafe` outside the allowed crates; inside them, each
@@ -551,6 +626,28 @@ mod tests {
         let found = check_decoded_defaults(p(), text);
         let lines: Vec<usize> = found.iter().map(|b| b.line).collect();
         assert_eq!(lines, vec![1, 2, 3], "{found:?}");
+    }
+
+    #[test]
+    fn no_kvm_rule_follows_dependencies_through_the_lock() {
+        let lock = "version = 4\n\n[[package]]\nname = \"tern-agent\"\nversion = \"0.1.0\"\ndependencies = [\n \"tern-vmctl\",\n \"serde 1.0.0\",\n]\n\n[[package]]\nname = \"tern-vmctl\"\nversion = \"0.1.0\"\ndependencies = [\n \"tern-api\",\n]\n\n[[package]]\nname = \"tern-api\"\nversion = \"0.1.0\"\n";
+        let closure = lock_closure(lock, "tern-agent");
+        assert_eq!(
+            closure.into_iter().collect::<Vec<_>>(),
+            ["serde", "tern-api", "tern-vmctl"]
+        );
+        assert!(check_no_kvm(lock).is_empty());
+        let bad = lock.replace("\"tern-api\",\n]", "\"tern-api\",\n \"tern-vmm\",\n]");
+        let found: Vec<String> = check_no_kvm(&bad).iter().map(|b| b.what.clone()).collect();
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("tern-agent depends on tern-vmm"),
+            "{found:?}"
+        );
+        assert!(
+            found[1].starts_with("tern-vmctl depends on tern-vmm"),
+            "{found:?}"
+        );
     }
 
     #[test]
