@@ -520,16 +520,18 @@ struct Conn<'a, R, W> {
     freed: Condvar,
     /// Threads about to write a reply (the last one flushes the writer).
     replying: AtomicUsize,
+    /// Threads serving this connection (besides the relay thread).
+    threads: AtomicUsize,
+    /// Threads waiting to read the next request.
+    waiting: AtomicUsize,
+    /// `ConnState::stop`, readable without the lock.
+    stopped: AtomicBool,
 }
 
 #[derive(Default)]
 struct ConnState {
     /// Bytes reserved by requests being executed.
     bytes: u64,
-    /// Threads serving this connection.
-    threads: usize,
-    /// Threads waiting to read the next request.
-    waiting: usize,
     /// Threads waiting for `bytes` or `relayed` to go down.
     blocked: usize,
     /// Requests forwarded through the relay and not yet answered.
@@ -555,6 +557,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
     fn fail(&self, e: ServeError) {
         let mut st = lock(&self.state);
         st.stop = true;
+        self.stopped.store(true, Ordering::SeqCst);
         st.error.get_or_insert(e);
         drop(st);
         self.freed.notify_all();
@@ -735,15 +738,11 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
     {
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            lock(&self.state).waiting += 1;
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             let next = {
                 let mut r = lock(&self.r);
-                let stop = {
-                    let mut st = lock(&self.state);
-                    st.waiting -= 1;
-                    st.stop
-                };
-                if stop {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                if self.stopped.load(Ordering::SeqCst) {
                     return;
                 }
                 // A request the relay forwards needs no thread: keep reading.
@@ -766,6 +765,7 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                 Ok(Next::Stop) => {
                     let mut st = lock(&self.state);
                     st.stop = true;
+                    self.stopped.store(true, Ordering::SeqCst);
                     drop(st);
                     self.freed.notify_all();
                     self.close_relay();
@@ -773,12 +773,16 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                 }
                 Err(e) => return self.fail(e),
             };
+            if self.waiting.load(Ordering::SeqCst) == 0
+                && !self.stopped.load(Ordering::SeqCst)
+                && self
+                    .threads
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                        (n < MAX_IN_FLIGHT).then_some(n + 1)
+                    })
+                    .is_ok()
             {
-                let mut st = lock(&self.state);
-                if st.waiting == 0 && st.threads < MAX_IN_FLIGHT && !st.stop {
-                    st.threads += 1;
-                    scope.spawn(move || self.worker(scope));
-                }
+                scope.spawn(move || self.worker(scope));
             }
             let res = self.execute(&req, &mut buf);
             self.release(bytes);
@@ -890,12 +894,12 @@ fn transmission<R: Read + Send, W: Write + Send>(
         relaying: AtomicBool::new(false),
         structured,
         base_allocation,
-        state: Mutex::new(ConnState {
-            threads: 1,
-            ..ConnState::default()
-        }),
+        state: Mutex::new(ConnState::default()),
         freed: Condvar::new(),
         replying: AtomicUsize::new(0),
+        threads: AtomicUsize::new(1),
+        waiting: AtomicUsize::new(0),
+        stopped: AtomicBool::new(false),
     };
     std::thread::scope(|scope| conn.worker(scope));
     let Conn { w, state, .. } = conn;

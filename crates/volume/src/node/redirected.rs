@@ -14,7 +14,7 @@ use crate::namespace::{self, NamespaceError};
 use crate::store::{Segment, segments};
 
 use super::Node;
-use super::data::{map_status, read_segments, write_zero_buffers};
+use super::data::{map_status, write_zero_buffers};
 
 impl Node {
     /// Redirected write at the coordinator: fenced by the lease table, under the coordinator lock.
@@ -136,12 +136,29 @@ impl Node {
     }
 
     fn redirected_read(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
-        let map = {
+        // Only the request's segments are taken under the lock (not a copy of the whole map).
+        let segs = {
             let g = self.coordinator().map_err(|_| Errno::Shutdown)?;
             let c = g.as_ref().ok_or(Errno::Shutdown)?;
-            c.volume.meta.files.get(name).ok_or(Errno::Io)?.map.clone()
+            let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
+            segments(&self.sb, &f.map, offset, buf.len())
         };
-        read_segments(&*self.lun, &self.sb, &map, buf, offset).map_err(|_| Errno::Io)
+        let mut done = 0;
+        for s in segs {
+            match s {
+                Segment::Mapped { lun_offset, len } => {
+                    self.lun
+                        .read_at(&mut buf[done..done + len], lun_offset)
+                        .map_err(|_| Errno::Io)?;
+                    done += len;
+                }
+                Segment::Hole { len, .. } => {
+                    buf[done..done + len].fill(0);
+                    done += len;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
