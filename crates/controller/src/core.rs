@@ -2206,7 +2206,24 @@ impl Controller {
         } else {
             0
         };
-        place::choose(&cands, spec, leaving, self.cfg.vcpus_per_core, reserve)
+        // the VM's utilisation as its host last measured it, with that host's power model
+        let measured = self
+            .vms
+            .get(&spec.name)
+            .and_then(|v| v.host.as_deref())
+            .and_then(|h| self.hosts.get(h))
+            .and_then(|h| {
+                let u = h.vm_cpu.get(&spec.name)?;
+                Some((h.record.capacity.power_model.as_str(), *u))
+            });
+        place::choose(
+            &cands,
+            spec,
+            leaving,
+            measured,
+            self.cfg.vcpus_per_core,
+            reserve,
+        )
     }
 
     fn check_fit(&self, spec: &VmCreate, host: &str) -> Result<(), String> {

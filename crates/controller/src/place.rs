@@ -1,13 +1,39 @@
-//! Where a VM goes: power-aware best-fit decreasing (PABFD) over the hosts that fit it, with the
-//! rules that must never break (pinning, anti-affinity) and admission control for host failures.
+//! Where a VM goes: the hosts that break no must-rule, then `tern-policy`'s PABFD among them.
 //!
-//! The power figures come from `tern-policy`'s SPECpower models, the ones the simulator uses: among
-//! the hosts with room, the one whose power rises least takes the VM (ties: the first by name), as
-//! in the simulator's placement. Pure: the same candidates always give the same answer.
+//! The must-rules are checked here, host by host: the host is up and not in maintenance, the VM's
+//! vCPUs fit the host's vCPU slots (`vcpus_per_core` × cores) and its memory fits, the VM is not
+//! pinned elsewhere, no VM of its anti-affinity group is there; and, for a new VM, admission
+//! control keeps room for the HA reserve. The hosts that fail one are marked excluded, and the
+//! choice among the others is [`tern_policy::cluster::find_host`], the very function the
+//! simulator's consolidation round places VMs with: the host whose power rises least and that
+//! stays within its capacity, ties to the first by name. Only when no permitted host has the CPU
+//! room PABFD asks for (the cluster is over-committed, e.g. by new VMs not yet measured, each
+//! counted at whole vCPUs) does the VM go to the permitted host left least loaded.
+//!
+//! How a host's record maps to the policy's view ([`host_view`]): its power model by name
+//! ([`power_model`]), the MIPS of one of its cores from that model ([`tern_policy::power::core_mips`]:
+//! the server's clock in MHz, as CloudSim rates it), its capacity cores × that, as one processing
+//! element ([`tern_policy::HostView::live`]). Its load is the CPU its VMs demand ([`host_load_mips`]).
+//! Pure: the same candidates always give the same answer.
 
 #![deny(clippy::disallowed_methods)]
 use tern_api::cluster::VmCreate;
-use tern_policy::{HP_ML110_G4, HP_ML110_G5, PowerModel};
+use tern_policy::cluster::{NoRules, Round, find_host};
+use tern_policy::{
+    ClusterView, Detector, HP_ML110_G4, HP_ML110_G5, HostView, Model, PolicyConfig, PowerModel,
+    Selection, VmView,
+};
+
+/// The policy configuration placement runs [`find_host`] with: a host may take a VM while its
+/// demand stays within its capacity (THR 1.0), with the paper's semantics (nothing of CloudSim's
+/// peculiarities). Selection and migration speed play no part in placement.
+pub const PLACEMENT_POLICY: PolicyConfig = PolicyConfig {
+    detector: Detector::Thr(1.0),
+    selection: Selection::Mmt,
+    model: Model::Paper,
+    migration_mb_per_s: 125.0,
+    interval_s: 300.0,
+};
 
 /// One host as placement sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +79,46 @@ pub fn known_power_model(name: &str) -> Option<PowerModel> {
         "HpProLiantMl110G4Xeon3040" | "hp-ml110-g4" => Some(HP_ML110_G4),
         "HpProLiantMl110G5Xeon3075" | "hp-ml110-g5" => Some(HP_ML110_G5),
         _ => None,
+    }
+}
+
+/// MIPS of one core of a host with power model `name` (the model's server clock; 2660, the
+/// ML110 G5's, for a name Tern does not know).
+pub fn core_mips(name: &str) -> f64 {
+    let model = power_model(name);
+    tern_policy::power::core_mips(model.name).unwrap_or(2660.0)
+}
+
+/// A host as `tern-policy` sees it: `cores` cores of its power model's MIPS, empty and idle.
+pub fn host_view(cores: u32, power_model_name: &str) -> HostView {
+    HostView::live(
+        cores.max(1),
+        power_model(power_model_name),
+        core_mips(power_model_name),
+    )
+}
+
+/// The CPU the VMs on `c` demand, MIPS: their demand in cores (measured utilisation × vCPUs, or
+/// whole vCPUs while unmeasured) × the MIPS of one of its cores.
+pub fn host_load_mips(c: &Candidate) -> f64 {
+    c.cpu_demand * core_mips(&c.power_model)
+}
+
+/// The CPU a VM to place demands, MIPS: measured utilisation × vCPUs × the MIPS of a core of the
+/// host it was measured on (`measured`: that host's power model name and the utilisation, 0..1);
+/// unmeasured, whole vCPUs at the fastest core among `cands` (in a cluster of one host type: whole
+/// cores, wherever it goes).
+pub fn vm_demand_mips(cands: &[Candidate], vm: &VmCreate, measured: Option<(&str, f64)>) -> f64 {
+    let vcpus = f64::from(vm.vcpus);
+    match measured {
+        Some((model, u)) => u.clamp(0.0, 1.0) * vcpus * core_mips(model),
+        None => {
+            let fastest = cands
+                .iter()
+                .map(|c| core_mips(&c.power_model))
+                .fold(0.0, f64::max);
+            vcpus * if fastest > 0.0 { fastest } else { 2660.0 }
+        }
     }
 }
 
@@ -124,44 +190,105 @@ pub fn admits(
     Ok(())
 }
 
-/// Chooses a host for `vm` by PABFD; `leaving` (the host a VM moves away from) is excluded.
+/// Chooses a host for `vm`: the hosts that break no must-rule (see the module doc; `leaving`, the
+/// host a VM moves away from, is excluded too), then PABFD ([`find_host`]) among them. `measured`
+/// is the VM's measured utilisation and the power model of the host it was measured on, if any.
 pub fn choose(
     cands: &[Candidate],
     vm: &VmCreate,
     leaving: Option<&str>,
+    measured: Option<(&str, f64)>,
     vcpus_per_core: u32,
     reserve: u32,
 ) -> Placement {
     if let Err(why) = admits(cands, vm, vcpus_per_core, reserve) {
         return Placement::None(why);
     }
-    let mut best: Option<(f64, &Candidate)> = None;
+    let mut excluded = Vec::with_capacity(cands.len());
     let mut reasons = Vec::new();
     for c in cands {
-        if Some(c.name.as_str()) == leaving {
-            continue;
-        }
-        if !c.usable {
-            reasons.push(format!("{} is down or in maintenance", c.name));
-            continue;
-        }
-        if let Err(why) = fits(c, vm, vcpus_per_core) {
+        let why = if Some(c.name.as_str()) == leaving {
+            Some(None)
+        } else if !c.usable {
+            Some(Some(format!("{} is down or in maintenance", c.name)))
+        } else {
+            fits(c, vm, vcpus_per_core).err().map(Some)
+        };
+        excluded.push(why.is_some());
+        if let Some(Some(why)) = why {
             reasons.push(why);
-            continue;
-        }
-        let model = power_model(&c.power_model);
-        let cores = f64::from(c.cores.max(1));
-        let before = model.watts_at(c.cpu_demand / cores);
-        let after = model.watts_at((c.cpu_demand + f64::from(vm.vcpus)) / cores);
-        let rise = after - before;
-        if best.is_none_or(|(b, _)| rise < b) {
-            best = Some((rise, c));
         }
     }
-    match best {
-        Some((_, c)) => Placement::Host(c.name.clone()),
-        None if reasons.is_empty() => Placement::None("no host is registered".into()),
-        None => Placement::None(reasons.join("; ")),
+    if excluded.iter().all(|&x| x) {
+        return if reasons.is_empty() {
+            Placement::None("no host is registered".into())
+        } else {
+            Placement::None(reasons.join("; "))
+        };
+    }
+    let req = vm_demand_mips(cands, vm, measured);
+    match pabfd(cands, &excluded, req) {
+        Some(h) => Placement::Host(cands[h].name.clone()),
+        None => {
+            // over-committed: the permitted host left least loaded (ties: the first)
+            let mut best: Option<(f64, usize)> = None;
+            for (i, c) in cands.iter().enumerate() {
+                if excluded[i] {
+                    continue;
+                }
+                let cap = host_view(c.cores, &c.power_model).total_mips();
+                let after = (host_load_mips(c) + req) / cap;
+                if best.is_none_or(|(b, _)| after < b) {
+                    best = Some((after, i));
+                }
+            }
+            match best {
+                Some((_, i)) => Placement::Host(cands[i].name.clone()),
+                None => Placement::None(reasons.join("; ")),
+            }
+        }
+    }
+}
+
+/// PABFD over the candidates: each host's view from its record with its VMs' demand as one load,
+/// the new VM (demanding `req` MIPS) last, and the simulator's [`find_host`].
+fn pabfd(cands: &[Candidate], excluded: &[bool], req: f64) -> Option<usize> {
+    let mut view = ClusterView {
+        hosts: Vec::with_capacity(cands.len()),
+        vms: Vec::with_capacity(cands.len() + 1),
+    };
+    for (i, c) in cands.iter().enumerate() {
+        let mut h = host_view(c.cores, &c.power_model);
+        if c.vcpus_used > 0 || c.cpu_demand > 0.0 {
+            let load = host_load_mips(c);
+            h.utilization = load.min(h.total_mips()) / h.total_mips();
+            h.vms.push(view.vms.len() as u32);
+            view.vms.push(load_vm(i as u32, load));
+        }
+        view.hosts.push(h);
+    }
+    let vm = view.vms.len() as u32;
+    view.vms.push(load_vm(u32::MAX, req));
+    let mut round = Round::new(view.view(), false);
+    find_host(
+        view.view(),
+        vm,
+        excluded,
+        &mut round,
+        &PLACEMENT_POLICY,
+        &NoRules,
+    )
+}
+
+/// A VM of `mips` MIPS, all of them in demand, on `host`.
+fn load_vm(host: u32, mips: f64) -> VmView {
+    VmView {
+        host,
+        mips,
+        ram_mb: 0,
+        requested_mips: mips,
+        utilization: if mips > 0.0 { 1.0 } else { 0.0 },
+        history: Vec::new(),
     }
 }
 
@@ -208,7 +335,7 @@ mod tests {
         };
         let expect = if rise(3.0) < rise(0.0) { "b" } else { "a" };
         assert_eq!(
-            choose(&cands, &vm("x", 1, 64), None, 4, 0),
+            choose(&cands, &vm("x", 1, 64), None, None, 4, 0),
             Placement::Host(expect.into())
         );
     }
@@ -222,11 +349,11 @@ mod tests {
         v.anti_affinity = Some("db".into());
         // a lacks memory and holds group db; b fits.
         assert_eq!(
-            choose(&[a.clone(), b.clone()], &v, None, 4, 0),
+            choose(&[a.clone(), b.clone()], &v, None, None, 4, 0),
             Placement::Host("b".into())
         );
         v.host = Some("a".into());
-        let Placement::None(why) = choose(&[a, b], &v, None, 4, 0) else {
+        let Placement::None(why) = choose(&[a, b], &v, None, None, 4, 0) else {
             panic!("pinned to a host that cannot take it");
         };
         assert!(why.contains("MiB"), "{why}");
@@ -236,18 +363,18 @@ mod tests {
     fn admission_keeps_room_for_a_host_failure() {
         let cands = [host("a", 1, 1024, 0.0), host("b", 1, 1024, 0.0)];
         assert_eq!(
-            choose(&cands, &vm("x", 1, 1024), None, 4, 1),
+            choose(&cands, &vm("x", 1, 1024), None, None, 4, 1),
             Placement::Host("a".into())
         );
         let mut full = cands.clone();
         full[0].memory_mib_used = 512;
-        let Placement::None(why) = choose(&full, &vm("x", 1, 1024), None, 4, 1) else {
+        let Placement::None(why) = choose(&full, &vm("x", 1, 1024), None, None, 4, 1) else {
             panic!("admitted past the reserve");
         };
         assert!(why.contains("admission control"), "{why}");
         // Without the reserve it fits on b.
         assert_eq!(
-            choose(&full, &vm("x", 1, 1024), None, 4, 0),
+            choose(&full, &vm("x", 1, 1024), None, None, 4, 0),
             Placement::Host("b".into())
         );
     }
@@ -257,13 +384,64 @@ mod tests {
         let mut a = host("a", 4, 4096, 0.0);
         let b = host("b", 4, 4096, 0.0);
         assert_eq!(
-            choose(&[a.clone(), b.clone()], &vm("x", 1, 64), Some("a"), 4, 0),
+            choose(
+                &[a.clone(), b.clone()],
+                &vm("x", 1, 64),
+                Some("a"),
+                None,
+                4,
+                0
+            ),
             Placement::Host("b".into())
         );
         a.usable = false;
         assert_eq!(
-            choose(&[a, b], &vm("x", 1, 64), None, 4, 0),
+            choose(&[a, b], &vm("x", 1, 64), None, None, 4, 0),
             Placement::Host("b".into())
         );
+    }
+
+    #[test]
+    fn an_over_committed_cluster_places_on_the_least_loaded_permitted_host() {
+        // every host's CPU is taken by unmeasured VMs (whole vCPUs): PABFD finds no room, the
+        // vCPU slots still allow the VM, and the host left least loaded takes it
+        let cands = [
+            host("a", 2, 4096, 2.0),
+            host("b", 4, 4096, 4.0),
+            host("c", 2, 4096, 3.0),
+        ];
+        assert_eq!(
+            choose(&cands, &vm("x", 1, 64), None, None, 4, 0),
+            Placement::Host("b".into())
+        );
+        // a VM measured nearly idle (1 %) finds no free MIPS on full hosts either
+        assert_eq!(
+            choose(
+                &cands,
+                &vm("x", 1, 64),
+                None,
+                Some(("hp-ml110-g5", 0.01)),
+                4,
+                0
+            ),
+            Placement::Host("b".into())
+        );
+    }
+
+    #[test]
+    fn host_views_map_cores_and_power_model_names_alike() {
+        let g4 = host_view(2, "hp-ml110-g4");
+        assert_eq!(
+            (g4.pes, g4.pe_mips, g4.power.name),
+            (1, 3720.0, HP_ML110_G4.name)
+        );
+        let g5 = host_view(4, "HpProLiantMl110G5Xeon3075");
+        assert_eq!((g5.pes, g5.pe_mips), (1, 4.0 * 2660.0));
+        assert_eq!(g5.power, HP_ML110_G5);
+        // a measured VM's demand is in MIPS of the host it was measured on
+        let v = vm("x", 2, 64);
+        assert_eq!(vm_demand_mips(&[], &v, Some(("hp-ml110-g4", 0.5))), 1860.0);
+        let cands = [host("a", 2, 4096, 0.0)];
+        assert_eq!(vm_demand_mips(&cands, &v, None), 2.0 * 2660.0);
     }
 }

@@ -50,6 +50,23 @@ impl HostView {
     pub fn total_mips(&self) -> f64 {
         self.pe_mips * self.pes as f64
     }
+
+    /// A live host with `cores` cores of `core_mips` MIPS each (see [`crate::power::core_mips`])
+    /// and power model `power`, idle and empty (the caller adds its VMs and utilisation).
+    ///
+    /// It is one processing element of all its cores: a live VM's vCPUs may keep several cores
+    /// busy, and the per-core cap that fits CloudSim's one-core VMs would cut such a VM's demand.
+    /// Capacity and power curve are the same either way.
+    pub fn live(cores: u32, power: PowerModel, core_mips: f64) -> HostView {
+        HostView {
+            pes: 1,
+            pe_mips: f64::from(cores) * core_mips,
+            power,
+            utilization: 0.0,
+            vms: Vec::new(),
+            sched: SchedOrder::default(),
+        }
+    }
 }
 
 /// A snapshot of the cluster, as the caller hands it to [`optimize`] (which only reads it).

@@ -25,6 +25,24 @@ pub const HP_ML110_G5: PowerModel = PowerModel {
     ],
 };
 
+/// MIPS of one core of the server a SPECpower model (by its [`PowerModel::name`]) was measured on,
+/// as CloudSim rates its hosts: the core clock in MHz. `None` for a server not listed.
+///
+/// | model | cores × MHz |
+/// |---|---|
+/// | `HpProLiantMl110G4Xeon3040` | 2 × 1860 |
+/// | `HpProLiantMl110G5Xeon3075` | 2 × 2660 |
+/// | `IbmX3250XeonX3470` | 4 × 2933 |
+/// | `IbmX3550XeonX5670` | 12 × 2933 |
+pub fn core_mips(model_name: &str) -> Option<f64> {
+    match model_name {
+        "HpProLiantMl110G4Xeon3040" => Some(1860.0),
+        "HpProLiantMl110G5Xeon3075" => Some(2660.0),
+        "IbmX3250XeonX3470" | "IbmX3550XeonX5670" => Some(2933.0),
+        _ => None,
+    }
+}
+
 impl PowerModel {
     /// Power in watts at CPU utilisation `u` (0.0 ..= 1.0; values outside are clamped).
     ///
@@ -91,6 +109,13 @@ mod tests {
             let listed = u == 0.0 || u == 0.1 || u == 0.2 || u == 0.4 || u == 0.8;
             assert_eq!(by_fmod, listed, "{u}");
         }
+    }
+
+    #[test]
+    fn core_mips_are_the_servers_clocks() {
+        assert_eq!(core_mips(HP_ML110_G4.name), Some(1860.0));
+        assert_eq!(core_mips(HP_ML110_G5.name), Some(2660.0));
+        assert_eq!(core_mips("hp-ml110-g5"), None);
     }
 
     #[test]

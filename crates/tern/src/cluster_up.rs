@@ -65,6 +65,11 @@ pub struct UpArgs {
     /// Hosts (network namespaces, each with a volume node and an agent), 1-16.
     #[arg(long)]
     pub hosts: usize,
+    /// The capacity each host's agent declares, one CORES:POWER_MODEL per host in host order
+    /// (e.g. `2:hp-ml110-g5,4:hp-ml110-g4`); default 2:hp-ml110-g5 for every host. Placement
+    /// reads these (docs/cluster.md, "Placement"); the VMs still share this machine's CPUs.
+    #[arg(long, value_delimiter = ',')]
+    pub host_shape: Vec<String>,
     /// Controllers (one leads, the others stand by), 1-5.
     #[arg(long, default_value_t = 2)]
     pub controllers: usize,
@@ -246,11 +251,78 @@ fn host_name(i: usize) -> String {
     format!("h{i}")
 }
 
+/// The capacity a test host's agent declares (`--host-shape CORES:POWER_MODEL`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostShape {
+    /// `--cores`.
+    pub cores: u32,
+    /// `--power-model`.
+    pub power_model: String,
+}
+
+impl Default for HostShape {
+    fn default() -> Self {
+        HostShape {
+            cores: 2,
+            power_model: "hp-ml110-g5".into(),
+        }
+    }
+}
+
+/// Parses `--host-shape` values: none, or exactly one per host.
+pub fn parse_host_shapes(values: &[String], hosts: usize) -> anyhow::Result<Vec<HostShape>> {
+    if values.is_empty() {
+        return Ok(vec![HostShape::default(); hosts]);
+    }
+    ensure!(
+        values.len() == hosts,
+        "--host-shape gives {} shape(s) for {hosts} host(s): give one CORES:POWER_MODEL per host",
+        values.len()
+    );
+    values
+        .iter()
+        .map(|v| {
+            let bad = || {
+                anyhow::anyhow!(
+                    "--host-shape {v:?} is not CORES:POWER_MODEL with CORES in 1..=1024 and a power model the agent knows (hp-ml110-g4, hp-ml110-g5)"
+                )
+            };
+            let (cores, model) = v.split_once(':').ok_or_else(bad)?;
+            let cores: u32 = cores.parse().map_err(|_| bad())?;
+            ensure!((1..=1024).contains(&cores), bad());
+            ensure!(
+                tern_controller::place::known_power_model(model).is_some(),
+                bad()
+            );
+            Ok(HostShape {
+                cores,
+                power_model: model.to_string(),
+            })
+        })
+        .collect()
+}
+
 impl Lab {
     /// Builds and starts the cluster, reporting each step through `progress`; returns once every
-    /// host's agent is registered with the leading controller.
+    /// host's agent is registered with the leading controller. Every host declares the default
+    /// shape.
     pub fn start(spec: &LabSpec, progress: &dyn Fn(&str)) -> anyhow::Result<Lab> {
+        Lab::start_shaped(spec, &vec![HostShape::default(); spec.hosts], progress)
+    }
+
+    /// [`Lab::start`] with the capacity each host's agent declares (one shape per host).
+    pub fn start_shaped(
+        spec: &LabSpec,
+        shapes: &[HostShape],
+        progress: &dyn Fn(&str),
+    ) -> anyhow::Result<Lab> {
         spec.validate()?;
+        ensure!(
+            shapes.len() == spec.hosts,
+            "{} host shape(s) for {} host(s)",
+            shapes.len(),
+            spec.hosts
+        );
         ensure!(
             is_root(),
             "tern cluster up needs root (network namespaces, /run/tern, KVM)"
@@ -409,7 +481,7 @@ impl Lab {
                 Duration::from_secs(20),
             )?;
         }
-        for i in 0..spec.hosts {
+        for (i, shape) in shapes.iter().enumerate() {
             let h = lab.state.hosts[i].clone();
             std::fs::create_dir_all(&h.runtime_dir)?;
             progress(&format!("host {}: agent at {}", h.name, h.agent_url));
@@ -422,7 +494,9 @@ impl Lab {
                 .args(["--listen", &format!("{}:{AGENT_PORT}", h.address)])
                 .args(["--volume-node", &h.volume_node])
                 .args(["--volume-node-id", &h.volume_node_id.to_string()])
-                .args(["--cores", "2", "--memory-mib", "4096"])
+                .args(["--cores", &shape.cores.to_string()])
+                .args(["--memory-mib", "4096"])
+                .args(["--power-model", &shape.power_model])
                 .arg("--runtime-dir")
                 .arg(&h.runtime_dir)
                 .arg("--state-dir")
@@ -1123,8 +1197,9 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         lun_size: args.lun_size.clone(),
         tern: std::env::current_exe().context("cannot find the tern binary")?,
     };
+    let shapes = parse_host_shapes(&args.host_shape, args.hosts)?;
     let started = Instant::now();
-    let mut lab = Lab::start(&spec, &say)?;
+    let mut lab = Lab::start_shaped(&spec, &shapes, &say)?;
     if args.bmc {
         lab.add_bmcs(&say)?;
     }
