@@ -69,6 +69,48 @@ pub enum Request {
     Migrate(MigrateRequest),
     /// Cancel the migration under way (before its commit).
     MigrateCancel,
+    /// Queue bytes on the serial port's receive side (the guest reads them from COM1): at most
+    /// [`CONSOLE_INPUT_MAX_BYTES`], all or none.
+    ConsoleInput {
+        /// The bytes, as text (e.g. `"load 70\n"`).
+        data: String,
+        /// Wait up to this long (ms, at most [`CONSOLE_INPUT_MAX_WAIT_MS`]) for the guest to make
+        /// room in the FIFO; 0 = refuse at once when it is full.
+        #[serde(default)]
+        wait_ms: u64,
+    },
+    /// Measure the guest's dirty-page rate: dirty logging on for `window_ms`, pages counted, off.
+    /// Refused while a migration runs (it owns dirty logging).
+    DirtyRate {
+        /// The sampling window, ms ([`DIRTY_RATE_WINDOW_MS`]).
+        #[serde(default = "default_dirty_window")]
+        window_ms: u64,
+    },
+}
+
+/// The most bytes one `console_input` carries (the 16550's receive FIFO).
+pub const CONSOLE_INPUT_MAX_BYTES: usize = 64;
+/// The longest `wait_ms` of a `console_input`.
+pub const CONSOLE_INPUT_MAX_WAIT_MS: u64 = 10_000;
+/// The shortest and longest `dirty_rate` window, ms.
+pub const DIRTY_RATE_WINDOW_MS: (u64, u64) = (10, 10_000);
+
+fn default_dirty_window() -> u64 {
+    200
+}
+
+/// What a `dirty_rate` request measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DirtyRate {
+    /// Pages (4 KiB) dirtied per second over the window.
+    pub pages_per_s: u64,
+    /// The window as measured, ms (the request's, plus scheduling delay).
+    pub window_ms: u64,
+    /// Distinct pages dirtied in the window.
+    pub pages: u64,
+    /// Time the VMM spent turning dirty logging on, reading it and turning it off, µs (the
+    /// guest's cost is extra: one write-protection fault per page it dirties in the window).
+    pub cost_us: u64,
 }
 
 /// The options of a `migrate` request; every field but `to` may be left out.
@@ -148,6 +190,9 @@ pub struct Response {
     /// A migration's final report, on success and on failure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<MigrationReport>,
+    /// The sample, for `dirty_rate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_rate: Option<DirtyRate>,
 }
 
 impl Response {
@@ -159,6 +204,7 @@ impl Response {
             status: None,
             progress: None,
             report: None,
+            dirty_rate: None,
         }
     }
 
@@ -187,7 +233,7 @@ pub enum ParseRequestError {
     TooLong,
     /// Not JSON, or not one of the requests.
     #[error(
-        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"migrate\"|\"migrate_cancel\"}})"
+        "bad request: {0} (send one of {{\"op\":\"status\"|\"pause\"|\"resume\"|\"shutdown\"|\"snapshot\"|\"migrate\"|\"migrate_cancel\"|\"console_input\"|\"dirty_rate\"}})"
     )]
     Bad(String),
 }
@@ -626,6 +672,11 @@ mod tests {
             Request::Migrate(MigrateRequest::new("h:1")),
             Request::Migrate(full),
             Request::MigrateCancel,
+            Request::ConsoleInput {
+                data: "load 70\n".into(),
+                wait_ms: 500,
+            },
+            Request::DirtyRate { window_ms: 250 },
         ] {
             let line = serde_json::to_string(&r).unwrap();
             assert!(!line.contains('\n'), "{line}");
@@ -655,6 +706,17 @@ mod tests {
         assert_eq!(
             parse_request(r#"{"op":"migrate_cancel"}"#),
             Ok(Request::MigrateCancel)
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"console_input","data":"load 70\n"}"#),
+            Ok(Request::ConsoleInput {
+                data: "load 70\n".into(),
+                wait_ms: 0
+            })
+        );
+        assert_eq!(
+            parse_request(r#"{"op":"dirty_rate"}"#),
+            Ok(Request::DirtyRate { window_ms: 200 })
         );
         // The serialized form leaves the optional testing and lease fields out.
         assert_eq!(

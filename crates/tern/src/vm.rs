@@ -17,6 +17,7 @@ use tern_vmm::{Vm, VmExit, signals};
 /// Exit status of `tern vm run` when the guest faulted or hit an exit Tern does not handle.
 pub const EXIT_GUEST_FAULT: u8 = 70;
 
+mod guest_io;
 mod list;
 mod migrate;
 mod progress;
@@ -66,6 +67,16 @@ pub enum VmCommand {
     /// running here. Exit status: 0 completed, 1 failed (VM still runs here), 3 in doubt (the VM
     /// stays paused here; check the target before resuming it).
     Migrate(migrate::MigrateArgs),
+    /// Send text to a running VM's serial port (the test guest reads commands such as `load 70`
+    /// there and answers on its console).
+    ///
+    /// A newline is added unless the text ends with one (or --raw). Text longer than the UART's
+    /// 64-byte receive FIFO goes in several requests, each waiting for the guest to make room.
+    ConsoleInput(guest_io::ConsoleInputArgs),
+    /// Measure how fast a running VM dirties its memory (pages per second over a short window).
+    ///
+    /// Dirty logging is on only for the window (default 200 ms); refused while the VM migrates.
+    DirtyRate(guest_io::DirtyRateArgs),
     /// Wait for an incoming live migration, then run the VM here.
     ///
     /// Start this first. The VM is built from the source's description; a refused, failed or
@@ -202,6 +213,8 @@ pub fn run(cmd: VmCommand) -> anyhow::Result<ExitCode> {
         VmCommand::Snapshot(a) => snapshot(a),
         VmCommand::Migrate(a) => migrate::run(a),
         VmCommand::Receive(a) => receive(a),
+        VmCommand::ConsoleInput(a) => guest_io::console_input(a),
+        VmCommand::DirtyRate(a) => guest_io::dirty_rate(a),
     }
 }
 

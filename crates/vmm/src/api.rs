@@ -184,6 +184,35 @@ fn handle(vm: &Vm, req: Request) -> (Response, bool) {
         Request::Announce => vm
             .announce_network()
             .map_or_else(Response::error, |_| Response::ok()),
+        Request::ConsoleInput { data, wait_ms } => {
+            if wait_ms > tern_api::vmm::CONSOLE_INPUT_MAX_WAIT_MS {
+                Response::error(format!(
+                    "wait_ms {wait_ms} is out of range (give 0 to {} ms)",
+                    tern_api::vmm::CONSOLE_INPUT_MAX_WAIT_MS
+                ))
+            } else {
+                vm.console_input(data.as_bytes(), Duration::from_millis(wait_ms))
+                    .map_or_else(Response::error, |_| Response::ok())
+            }
+        }
+        Request::DirtyRate { window_ms } => {
+            // A migration owns dirty logging from before it arms it until after it ends.
+            if MIGRATION
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
+                Response::error(crate::vm::DirtyRateError::LoggingBusy)
+            } else {
+                match vm.sample_dirty_rate(Duration::from_millis(window_ms)) {
+                    Ok(d) => Response {
+                        dirty_rate: Some(d),
+                        ..Response::ok()
+                    },
+                    Err(e) => Response::error(e),
+                }
+            }
+        }
     };
     (r, false)
 }

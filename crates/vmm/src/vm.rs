@@ -126,6 +126,29 @@ pub enum ControlError {
     },
 }
 
+/// Why a dirty-rate sample was refused or failed ([`Vm::sample_dirty_rate`]).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DirtyRateError {
+    /// The window is too short to mean anything or too long to hold dirty logging.
+    #[error("dirty-rate window of {window_ms} ms is out of range (give {min} to {max} ms)")]
+    Window {
+        /// The window asked for.
+        window_ms: u64,
+        /// The shortest accepted.
+        min: u64,
+        /// The longest accepted.
+        max: u64,
+    },
+    /// Dirty logging is on: a migration owns it.
+    #[error(
+        "dirty logging is in use by a migration under way; sample the dirty rate after it ends"
+    )]
+    LoggingBusy,
+    /// Dirty logging could not be turned on, read or turned off.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
 /// One guest RAM region and its KVM memory slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemoryRegionInfo {
@@ -543,6 +566,33 @@ impl Vm {
             .set_pending_output(&[]);
     }
 
+    /// Queues `data` on the serial port's receive side, waiting up to `wait` for the guest to
+    /// make room in the FIFO (all of it goes in, or none).
+    pub fn console_input(
+        &self,
+        data: &[u8],
+        wait: Duration,
+    ) -> Result<(), devices::serial::ConsoleInputError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let queued = self
+                .shared
+                .devices
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(data);
+            match queued {
+                Err(devices::serial::ConsoleInputError::FifoFull { .. })
+                    if Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// The TSC frequency the guest runs with, kHz.
     pub fn tsc_khz(&self) -> u32 {
         self.shared.tsc_khz
@@ -668,6 +718,83 @@ impl Vm {
             out.push(DirtyBitmap { region: info, bits });
         }
         Ok(out)
+    }
+
+    /// Measures how fast the guest dirties its memory: turns KVM's dirty logging on for `window`,
+    /// counts the pages written meanwhile (KVM's log OR'd with the VMM's own writes) and turns
+    /// logging off again. It holds the dirty-logging lock throughout, so a migration starting
+    /// meanwhile waits for the window to end (and then arms logging itself); while logging is on
+    /// (a migration owns it) the sample is refused. The guest pays one write-protection fault per
+    /// page it dirties in the window (a few µs each here); the VMM's own cost is in `cost_us`.
+    pub fn sample_dirty_rate(
+        &self,
+        window: Duration,
+    ) -> Result<tern_api::vmm::DirtyRate, DirtyRateError> {
+        let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+        if !(tern_api::vmm::DIRTY_RATE_WINDOW_MS.0..=tern_api::vmm::DIRTY_RATE_WINDOW_MS.1)
+            .contains(&window_ms)
+        {
+            return Err(DirtyRateError::Window {
+                window_ms,
+                min: tern_api::vmm::DIRTY_RATE_WINDOW_MS.0,
+                max: tern_api::vmm::DIRTY_RATE_WINDOW_MS.1,
+            });
+        }
+        let on = self
+            .shared
+            .dirty_logging
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *on {
+            return Err(DirtyRateError::LoggingBusy);
+        }
+        let t0 = Instant::now();
+        self.register_slots(kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES)?;
+        for r in self.memory().iter() {
+            vm_memory::mmap::MmapRegion::bitmap(r).reset();
+        }
+        let armed = Instant::now();
+        std::thread::sleep(window);
+        let read_at = Instant::now();
+        let mut pages = 0u64;
+        let mut counted = Ok(());
+        for (info, region) in self.memory_regions().into_iter().zip(self.memory().iter()) {
+            match self
+                .shared
+                .kvm_vm
+                .get_dirty_log(info.slot, info.size as usize)
+            {
+                Ok(mut bits) => {
+                    let vmm = vm_memory::mmap::MmapRegion::bitmap(region).get_and_reset();
+                    for (k, v) in bits.iter_mut().zip(vmm.iter()) {
+                        *k |= *v;
+                    }
+                    pages += bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                }
+                Err(cause) => {
+                    counted = Err(ControlError::Kvm {
+                        what: "KVM_GET_DIRTY_LOG",
+                        cause,
+                    });
+                    break;
+                }
+            }
+        }
+        // Logging goes off even when the count failed.
+        let off = self.register_slots(0);
+        let done = Instant::now();
+        counted?;
+        off?;
+        let measured = read_at - armed;
+        let measured_us = measured.as_micros().max(1);
+        Ok(tern_api::vmm::DirtyRate {
+            pages,
+            window_ms: u64::try_from(measured.as_millis()).unwrap_or(u64::MAX),
+            pages_per_s: u64::try_from(u128::from(pages) * 1_000_000 / measured_us)
+                .unwrap_or(u64::MAX),
+            cost_us: u64::try_from(((armed - t0) + (done - read_at)).as_micros())
+                .unwrap_or(u64::MAX),
+        })
     }
 
     fn ensure_paused(&self) -> Result<(), ControlError> {
