@@ -6,8 +6,9 @@
 //! hosts and the VMs where the API says they run, with a command line full of markup shown as
 //! text (no element made from it); shows a migration in flight (the target's agent is frozen with
 //! SIGSTOP so the task stays running) and the VM on its new host once it is done, without a
-//! reload; and on the follower, names the leader and links to it. Needs root, KVM, etcd and
-//! chromium (fails loudly without them).
+//! reload; on the follower, names the leader and links to it; plots the automation loop's series;
+//! and that clicking "Apply" on a proposed plan makes the controller carry it out. Needs root, KVM,
+//! etcd and chromium (fails loudly without them).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -121,7 +122,7 @@ fn dechunk(mut s: &str) -> String {
             break;
         }
         out.push_str(&rest[..n]);
-        s = &rest[n..].trim_start_matches("\r\n");
+        s = rest[n..].trim_start_matches("\r\n");
     }
     out
 }
@@ -474,7 +475,7 @@ impl Cdp {
 // ----- the test -----
 
 #[test]
-fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
+fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
     require_kvm();
     require_tools(&["chromium", "etcd"]);
     let etcd = Etcd::start();
@@ -642,7 +643,8 @@ fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
         "/v1/vms/web-1/migrate",
         Some(&json!({"to": to})),
     );
-    let moved = (|| {
+    // (If this panics, dropping the agent's guard kills it, stopped or not.)
+    let moved = {
         assert_eq!(r.status, 202, "{}", r.body);
         let task = r.body["task"].as_u64().unwrap();
         cdp.wait("the migration in flight", Duration::from_secs(15), |c| {
@@ -656,7 +658,7 @@ fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
             })
         });
         task
-    })();
+    };
     signal(target_agent.id(), "CONT");
     wait_for("the migration to succeed", Duration::from_secs(60), || {
         let t = get(leader, &format!("/v1/tasks/{moved}"));
@@ -689,4 +691,132 @@ fn the_dashboard_shows_the_cluster_live_in_a_real_browser() {
     );
     assert_eq!(cdp.rows("hosts-body").len(), 0);
     cdp.assert_no_errors("the follower's page");
+
+    // 4. The automation loop's series plotted, and a proposed plan applied from the page.
+    plan_applied_from_the_page(&mut cdp, leader, &logs);
+    cdp.assert_no_errors("applying a plan");
+}
+
+/// Manual automation: the loop only proposes. Two idle VMs on two hosts: draining one host is the
+/// consolidation it proposes. The page plots the loop's series, lists the plan with its buttons,
+/// and a real click on "Apply" makes the controller move the VM.
+fn plan_applied_from_the_page(cdp: &mut Cdp, leader: &str, logs: &dyn Fn() -> String) {
+    let hosts = get(leader, "/v1/hosts");
+    let used = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| !h["vms"].as_array().unwrap().is_empty())
+        .count();
+    assert_eq!(used, 2, "each host runs one VM: {hosts}");
+    let mut policy = get(leader, "/v1/policy");
+    policy["automation"] = json!("manual");
+    policy["interval_s"] = json!(2);
+    policy["hold_s"] = json!(0);
+    policy["min_improvement_pct"] = json!(0);
+    policy["cooldown_s"] = json!(0);
+    policy["power"]["enabled"] = json!(false);
+    let r = http("PUT", leader, "/v1/policy", Some(&policy));
+    assert_eq!(r.status, 200, "PUT /v1/policy: {}", r.body);
+
+    let mut plan = Value::Null;
+    wait_for("a proposed plan", Duration::from_secs(60), || {
+        let plans = get(leader, "/v1/plans");
+        plan = plans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["state"] == "proposed")
+            .cloned()
+            .unwrap_or(Value::Null);
+        !plan.is_null()
+    });
+    let id = plan["id"].as_u64().unwrap();
+    let moves: Vec<(String, String)> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "migrate")
+        .map(|a| {
+            (
+                a["vm"].as_str().unwrap().to_string(),
+                a["to"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(!moves.is_empty(), "plan {id} moves nothing: {plan}");
+
+    cdp.navigate(&format!("{leader}/"));
+    // The series: each plot draws a line through the loop's points, the latest value in its
+    // caption.
+    cdp.wait("the plots", Duration::from_secs(20), |c| {
+        c.eval(
+            "['plot-hosts', 'plot-energy', 'plot-sla'].every(id => { \
+               const l = document.querySelector('#' + id + ' polyline'); \
+               return l && l.getAttribute('points').split(' ').length >= 2; })",
+        ) == true
+    });
+    let series = get(leader, "/v1/stats/series");
+    let last_on = series["points"].as_array().unwrap().last().unwrap()["hosts_on"].clone();
+    cdp.wait("the hosts-on caption", Duration::from_secs(10), |c| {
+        c.eval("document.querySelector('#plot-hosts figcaption span').textContent")
+            == format!("(now {last_on})").as_str()
+    });
+
+    // The plan's row, with labelled buttons; a real click on Apply.
+    let apply = format!("#plans-body button[aria-label=\"Apply plan {id}\"]");
+    let reject = format!("#plans-body button[aria-label=\"Reject plan {id}\"]");
+    let exists = |c: &mut Cdp, sel: &str| {
+        c.eval(&format!(
+            "!!document.querySelector({})",
+            serde_json::to_string(sel).unwrap()
+        )) == true
+    };
+    cdp.wait("the plan's Apply button", Duration::from_secs(15), |c| {
+        exists(c, &apply)
+    });
+    assert!(exists(cdp, &reject), "plan {id} has no Reject button");
+    let row = cdp
+        .rows("plans-body")
+        .into_iter()
+        .find(|r| r[0] == id.to_string())
+        .unwrap();
+    assert_eq!(row[1], "proposed", "{row:?}");
+    for (vm, to) in &moves {
+        assert!(
+            row[3].contains(&format!("migrate {vm} from")) && row[3].contains(&format!("to {to}")),
+            "{row:?}"
+        );
+    }
+    cdp.click(&apply);
+    wait_for("the plan to be applied", Duration::from_secs(30), || {
+        let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
+        assert!(
+            state == "proposed" || state == "applying" || state == "applied",
+            "plan {id} is {state}\n{}",
+            logs()
+        );
+        state == "applying" || state == "applied"
+    });
+    cdp.wait("the page to say so", Duration::from_secs(10), |c| {
+        let msg = c.eval("document.getElementById('plans-msg').textContent");
+        msg.as_str()
+            .unwrap_or("")
+            .starts_with(&format!("Plan {id} applied"))
+    });
+    // Carried out: the VMs run where the plan sends them, and the page shows the plan applied.
+    wait_for("the plan's moves", Duration::from_secs(60), || {
+        let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
+        assert!(state != "failed", "plan {id} failed\n{}", logs());
+        state == "applied"
+            && moves.iter().all(|(vm, to)| {
+                let v = vm_info(leader, vm);
+                v["host"] == to.as_str() && v["state"] == "running"
+            })
+    });
+    cdp.wait("the plan shown applied", Duration::from_secs(10), |c| {
+        c.rows("plans-body")
+            .iter()
+            .any(|r| r[0] == id.to_string() && r[1] == "applied")
+    });
 }
