@@ -154,6 +154,10 @@ fn parse_pct(s: &str) -> Option<u8> {
 
 /// A command read from the serial input (one line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the guest has no allocator to box the trace; one command lives at a time"
+)]
 pub enum Command {
     /// `load <pct>`: a constant load.
     Load(u8),

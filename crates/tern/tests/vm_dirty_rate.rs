@@ -54,7 +54,7 @@ fn start(dir: &std::path::Path, cmdline: &str) -> (RunningVm, std::path::PathBuf
 #[test]
 fn the_sampled_rate_matches_the_guests_writer() {
     let dir = scratch();
-    let (mut vm, sock) = start(
+    let (vm, sock) = start(
         dir.path(),
         "tern.hb_ms=500 tern.dirty_mib=32 tern.dirty_rate=5000",
     );
