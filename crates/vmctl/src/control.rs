@@ -1,13 +1,13 @@
 //! The one-request operations: [`request`] (any request, a refusal as an error), [`status`],
-//! [`pause`], [`resume`], and [`stop`], which asks for a shutdown and kills the VMM if it does
-//! not go.
+//! [`pause`], [`resume`], [`dirty_rate`], and [`stop`], which asks for a shutdown and kills the
+//! VMM if it does not go.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tern_api::vmm::{Request, Response, RuntimeEntry, VmStatus};
+use tern_api::vmm::{DirtyRate, Request, Response, RuntimeEntry, VmStatus};
 
 use crate::client::{CallError, call, call_timeout};
 use crate::runtime::is_live;
@@ -59,6 +59,19 @@ pub fn pause(sock: &Path) -> Result<(), ControlError> {
 /// Continues a paused VM.
 pub fn resume(sock: &Path) -> Result<(), ControlError> {
     request(sock, &Request::Resume).map(drop)
+}
+
+/// Samples the guest's dirty-page rate: the VMM turns dirty logging on for `window` (10 ms to
+/// 10 s), counts the pages, and turns it off. Refused while a migration runs (it owns dirty
+/// logging); the guest pays one write-protection fault per page it dirties in the window.
+pub fn dirty_rate(sock: &Path, window: Duration) -> Result<DirtyRate, ControlError> {
+    let window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+    let req = Request::DirtyRate { window_ms };
+    refused_is_error(call_timeout(sock, &req, window + Duration::from_secs(5))?)?
+        .dirty_rate
+        .ok_or(ControlError::BadAnswer(
+            "a dirty_rate answer without the sample",
+        ))
 }
 
 /// How [`stop`] ended the VM.
@@ -181,6 +194,33 @@ mod tests {
         let (sock, _h) = fake_vmm(dir.path(), vec![r#"{"ok":true}"#.into(), String::new()]);
         let e = status(&sock, Duration::from_secs(5)).unwrap_err();
         assert!(matches!(e, ControlError::BadAnswer(_)), "{e}");
+    }
+
+    #[test]
+    fn a_dirty_rate_sample_asks_for_its_window_and_decodes_the_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (sock, h) = fake_vmm(
+            dir.path(),
+            vec![r#"{"ok":true,"dirty_rate":{"pages_per_s":5000,"window_ms":251,"pages":1255,"cost_us":90}}"#.into()],
+        );
+        let d = dirty_rate(&sock, Duration::from_millis(250)).unwrap();
+        assert_eq!((d.pages_per_s, d.pages, d.window_ms), (5000, 1255, 251));
+        assert_eq!(
+            h.join().unwrap(),
+            "{\"op\":\"dirty_rate\",\"window_ms\":250}\n"
+        );
+        let (sock, _h) = fake_vmm(
+            dir.path(),
+            vec![
+                r#"{"ok":false,"error":"dirty logging is in use by a migration under way"}"#.into(),
+                String::new(),
+            ],
+        );
+        let e = dirty_rate(&sock, Duration::from_millis(250)).unwrap_err();
+        assert!(
+            matches!(e, ControlError::Refused(ref r) if r.contains("migration")),
+            "{e}"
+        );
     }
 
     fn sleeper() -> (std::process::Child, RuntimeEntry) {

@@ -7,7 +7,8 @@
 //!   stale entry (PID and process start time), remove stale entries, and [`find`] a VM's socket
 //!   by name.
 //! - [`client`]: [`call`], [`call_timeout`] and [`call_streaming`] (typed [`Progress`] lines).
-//! - [`control`]: [`pause`], [`resume`], [`status`], and [`stop`] (shutdown, then SIGKILL).
+//! - [`control`]: [`pause`], [`resume`], [`status`], [`dirty_rate`], and [`stop`] (shutdown,
+//!   then SIGKILL).
 //! - [`migrate`](mod@migrate): [`migrate()`] and the three ends of a migration
 //!   ([`MigrationEnd`]: completed / failed / in doubt, `tern vm migrate`'s exit 0 / 1 / 3).
 //! - [`args`]: [`VmmArgs`], the `tern vm run|receive` command line for a spec.
@@ -41,7 +42,9 @@ pub mod runtime;
 
 pub use args::{VmmArgs, VmmMode};
 pub use client::{CallError, call, call_streaming, call_timeout};
-pub use control::{ControlError, StopError, Stopped, pause, request, resume, status, stop};
+pub use control::{
+    ControlError, StopError, Stopped, dirty_rate, pause, request, resume, status, stop,
+};
 pub use migrate::{MigrateError, MigrationEnd, cancel, migrate};
 pub use runtime::{DEFAULT_RUNTIME_DIR, FindVmError, FoundVm, find, is_live, read_entry};
 pub use tern_api::vmm::{
