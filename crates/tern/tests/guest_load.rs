@@ -297,3 +297,54 @@ fn console_input_into_a_full_fifo_is_refused_with_a_clear_error() {
     vm.wait_line(Duration::from_secs(5), |l| l.starts_with("HB "));
     vm.assert_no_panic();
 }
+
+#[test]
+fn input_the_guest_has_not_read_survives_a_snapshot_and_restore() {
+    let _one = one_at_a_time();
+    let dir = scratch();
+    let (mut vm, _, sock) = start(dir.path(), "tern.hb_ms=200");
+    let s = sock.to_str().unwrap();
+    // Paused, the guest cannot read: the command stays in the FIFO and goes into the snapshot.
+    let (rc, _, err) = tern_cmd(&["vm", "pause", "--api-sock", s]);
+    assert_eq!(rc, 0, "{err}");
+    let (rc, _, err) = tern_cmd(&["vm", "console-input", "--api-sock", s, "load 80"]);
+    assert_eq!(rc, 0, "{err}");
+    let snap = dir.path().join("vm.snap");
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "snapshot",
+        "--api-sock",
+        s,
+        "--out",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert_eq!(rc, 0, "snapshot: {err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0);
+    vm.collect_for(Duration::from_millis(200));
+    assert!(
+        !vm.seen.iter().any(|l| l.starts_with("LOAD const")),
+        "the paused guest read nothing: {:?}",
+        vm.seen
+    );
+
+    let sock_b = dir.path().join("b.sock");
+    let mut b = RunningVm::start_tern(
+        dir.path(),
+        "b",
+        &[
+            "vm",
+            "run",
+            "--restore",
+            snap.to_str().unwrap(),
+            "--api-sock",
+            sock_b.to_str().unwrap(),
+            "--runtime-dir",
+            dir.path().join("rt").to_str().unwrap(),
+        ],
+    );
+    b.wait_line(Duration::from_secs(20), |l| l == "LOAD const pct=80");
+    let hb = b.wait_line(Duration::from_secs(5), |l| l.starts_with("HB "));
+    assert_eq!(field(&hb, "load_pct"), Some(80), "{hb}");
+    b.assert_no_panic();
+}
