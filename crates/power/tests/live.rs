@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tern_power::bmc_sim::{SimBmc, SimBmcOptions};
 use tern_power::ipmi::{IpmiDriver, IpmiInterface, Password};
-use tern_power::wol::{MacAddr, WolConfig, WolDriver, WolListener};
+use tern_power::wol::{MacAddr, WakeWatcher, WolConfig, WolDriver, WolListener};
 use tern_power::{
     IpmiFailure, OffMode, OffOutcome, PowerDriver, PowerOffError, PowerOnError, PowerStatus,
     StatusError,
@@ -496,4 +496,37 @@ fn a_magic_packet_crosses_from_one_namespace_to_a_listener_in_another() {
         listener.recv_timeout(Duration::from_millis(100)).unwrap(),
         None
     );
+}
+
+#[test]
+fn a_wake_watcher_powers_its_host_on_through_the_bmc_when_its_magic_packet_comes() {
+    tools();
+    require_root_for("network namespaces");
+    let ns = Netns::new("ww");
+    let scratch = tempfile::tempdir().unwrap();
+    let (opts, pf) = sleeper_opts("live-wake", scratch.path());
+    let bmc = SimBmc::start(opts).unwrap();
+    let mac: MacAddr = "52:54:00:aa:bb:02".parse().unwrap();
+    let listener = WolListener::bind(Some(&ns.0), "127.0.0.1:9".parse().unwrap()).unwrap();
+    let driver = bmc.driver();
+    let watcher = WakeWatcher::spawn(listener, mac, move |_| {
+        let _ = driver.power_on();
+    });
+    let send = |m: &str| {
+        let mut cfg = WolConfig::new("live-wake", m.parse().unwrap());
+        cfg.netns = Some(ns.0.clone());
+        cfg.target = "127.0.0.1:9".parse().unwrap();
+        WolDriver::new(cfg).power_on().unwrap();
+    };
+    // Another host's packet first: the watcher sees packets in order, so by the time its own
+    // has woken the host the other one was seen and skipped.
+    send("52:54:00:aa:bb:03");
+    send("52:54:00:aa:bb:02");
+    wait_for("the host to be woken", Duration::from_secs(5), || {
+        alive(&pf)
+    });
+    assert_eq!(watcher.wakes(), 1, "only its own MAC counts");
+    assert_eq!(bmc.events(), ["on"]);
+    assert_eq!(bmc.driver().status().unwrap(), PowerStatus::On);
+    drop(watcher);
 }

@@ -84,7 +84,8 @@ pub struct UpArgs {
     /// chassis power off` kills everything on that host (agent, VMMs, volume node), `power on`
     /// starts its volume node and agent again, `power soft` stops them with SIGTERM first. Their
     /// addresses and credentials are printed (with --json under "bmcs"); reach them with
-    /// `tern host power … --netns NAME-cl`.
+    /// `tern host power … --netns NAME-cl`. A Wake-on-LAN magic packet for a host's br0 MAC
+    /// (`tern host wake --netns NAME-cl --broadcast 10.77.0.255 --mac MAC`) powers it on too.
     #[arg(long)]
     pub bmc: bool,
 }
@@ -234,7 +235,7 @@ pub struct Lab {
     procs: Vec<Proc>,
     relays_stop: Arc<AtomicBool>,
     down: bool,
-    bmcs: Vec<tern_power::bmc_sim::SimBmc>,
+    bmcs: Vec<LabBmc>,
 }
 
 impl std::fmt::Debug for Lab {
@@ -1063,6 +1064,29 @@ pub struct BmcInfo {
     pub password: String,
     /// A file holding the password (for `tern host power --password-file`).
     pub password_file: PathBuf,
+    /// The MAC whose Wake-on-LAN magic packet powers the host on (its br0's).
+    pub wake_mac: String,
+}
+
+/// A host's test BMC and its Wake-on-LAN listener (which powers it on through the BMC).
+#[derive(Debug)]
+struct LabBmc {
+    waker: tern_power::wol::WakeWatcher,
+    bmc: tern_power::bmc_sim::SimBmc,
+}
+
+/// The MAC of bridge br0 in namespace `ns` (a test host's address lives on it).
+fn host_mac(ns: &str) -> anyhow::Result<tern_power::wol::MacAddr> {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-br", "link", "show", "br0"])
+        .output()
+        .with_context(|| format!("cannot run ip link show br0 in {ns}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mac = text
+        .split_whitespace()
+        .nth(2)
+        .with_context(|| format!("no br0 in {ns}: {text:?}"))?;
+    Ok(mac.parse()?)
 }
 
 /// The BMC user of every test host.
@@ -1074,6 +1098,7 @@ impl Lab {
     /// first; its power-on starts the host's volume node and, once that listens, its agent, with
     /// the very command lines they run now (read from `/proc`).
     pub fn add_bmcs(&mut self, progress: &dyn Fn(&str)) -> anyhow::Result<()> {
+        use tern_power::PowerDriver;
         use tern_power::bmc_sim::conf::sh_quote;
         use tern_power::bmc_sim::{SimBmc, SimBmcOptions};
         let dir = self.state.dir.clone();
@@ -1154,7 +1179,22 @@ impl Lab {
                 bmc.addr(),
                 self.state.control_namespace
             ));
-            self.bmcs.push(bmc);
+            let mac = host_mac(&h.namespace)?;
+            let listener = tern_power::wol::WolListener::bind(
+                Some(&h.namespace),
+                std::net::SocketAddrV4::new(
+                    Ipv4Addr::UNSPECIFIED,
+                    tern_power::wol::packet::DEFAULT_PORT,
+                ),
+            )
+            .with_context(|| format!("cannot listen for magic packets in {}", h.namespace))?;
+            let driver = bmc.driver();
+            let waker = tern_power::wol::WakeWatcher::spawn(listener, mac, move |_| {
+                if let Err(e) = driver.power_on() {
+                    eprintln!("tern cluster: Wake-on-LAN: {e}");
+                }
+            });
+            self.bmcs.push(LabBmc { waker, bmc });
         }
         Ok(())
     }
@@ -1163,13 +1203,14 @@ impl Lab {
     pub fn bmc_info(&self) -> Vec<BmcInfo> {
         self.bmcs
             .iter()
-            .map(|b| BmcInfo {
+            .map(|LabBmc { waker, bmc: b }| BmcInfo {
                 host: b.host().to_string(),
                 bmc: b.addr().to_string(),
                 netns: self.state.control_namespace.clone(),
                 user: b.user().to_string(),
                 password: b.password().to_string(),
                 password_file: self.state.dir.join("bmc-password"),
+                wake_mac: waker.mac().to_string(),
             })
             .collect()
     }

@@ -27,6 +27,7 @@ struct Bmc {
     user: String,
     password: String,
     password_file: PathBuf,
+    wake_mac: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,7 +108,7 @@ fn processes_in(ns: &str) -> Vec<String> {
 }
 
 #[test]
-fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on() {
+fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on_or_woken() {
     require_root_for("tern cluster up (network namespaces, /run/tern)");
     require_tools(&["etcd", "ip", "ipmi_sim", "ipmitool"]);
     let name = format!("pw{}", std::process::id() % 100_000);
@@ -206,6 +207,38 @@ fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on()
         "soft"
     );
     assert!(processes_in(&h1.namespace).is_empty());
+
+    // Wake-on-LAN: a magic packet for h1's MAC, broadcast from the control namespace over the
+    // switch, powers it on through its BMC; it registers again.
+    let o = Command::new(tern())
+        .args(["host", "wake", "--mac", &b1.wake_mac, "--netns", &b1.netns])
+        .args(["--broadcast", "10.77.0.255"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    wait_for(
+        "h1 to register again after its wake",
+        Duration::from_secs(60),
+        || host_state(controller, "h1") == Some(HostState::Up),
+    );
+    assert_eq!(json_of(&power(b1, &["status"]))["status"], "on");
+    // h1's BMC saw every change, the wake's power-on last.
+    let dir = info.state_file.parent().unwrap();
+    let bmc_dir = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("tern-bmc-h1-")
+        })
+        .expect("h1's BMC folder in the cluster's folder");
+    assert_eq!(
+        std::fs::read_to_string(bmc_dir.join("events")).unwrap(),
+        "off\non\nsoft\non\n"
+    );
 
     // Down: nothing of the cluster or its BMCs is left.
     let dir = info.state_file.parent().unwrap().to_path_buf();

@@ -6,6 +6,9 @@ pub mod packet;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tern_netlab::ns::{NamespaceError, in_namespace};
@@ -240,6 +243,71 @@ impl WolListener {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(ListenWolError::Recv(e)),
             }
+        }
+    }
+}
+
+/// A listener on its own thread that calls `on_wake` for every magic packet naming its MAC: a
+/// test host's Wake-on-LAN circuit, which keeps listening in the host's namespace while the host
+/// is off (the socket belongs to this process, not to the host's). Dropping it stops the thread.
+#[derive(Debug)]
+pub struct WakeWatcher {
+    mac: MacAddr,
+    stop: Arc<AtomicBool>,
+    wakes: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WakeWatcher {
+    /// Watches `listener` for magic packets naming `mac`; packets for other MACs are skipped.
+    pub fn spawn(
+        listener: WolListener,
+        mac: MacAddr,
+        mut on_wake: impl FnMut(Wake) + Send + 'static,
+    ) -> WakeWatcher {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wakes = Arc::new(AtomicU64::new(0));
+        let (stop2, wakes2) = (stop.clone(), wakes.clone());
+        let thread = std::thread::Builder::new()
+            .name(format!("wol-{mac}"))
+            .spawn(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    match listener.recv_timeout(Duration::from_millis(100)) {
+                        Ok(Some(w)) if w.mac == mac => {
+                            wakes2.fetch_add(1, Ordering::Relaxed);
+                            on_wake(w);
+                        }
+                        Ok(_) => {}
+                        // A broken socket: nothing more will arrive.
+                        Err(_) => break,
+                    }
+                }
+            })
+            .ok();
+        WakeWatcher {
+            mac,
+            stop,
+            wakes,
+            thread,
+        }
+    }
+
+    /// The MAC it wakes for.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// How many magic packets for its MAC it has seen.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for WakeWatcher {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
