@@ -1338,18 +1338,21 @@ impl Loop {
                 matches!(a, PlanAction::Migrate { .. }) && a.status() == ActionStatus::Running
             })
             .count();
-        let migrations_done = |actions: &[PlanAction]| {
-            actions.iter().all(|a| {
-                !matches!(a, PlanAction::Migrate { .. }) || a.status() == ActionStatus::Done
-            })
-        };
+        // starting actions turns none of the plan's migrations done, so this holds for the pass
+        let all_moved = rec.plan.actions.iter().all(|a| {
+            !matches!(a, PlanAction::Migrate { .. }) || a.status() == ActionStatus::Done
+        });
+        let occupied: BTreeSet<String> = self
+            .vms
+            .values()
+            .filter_map(|v| v.sample.host.clone())
+            .collect();
         let mut stop: Option<String> = None;
         if !failed {
             for i in 0..rec.plan.actions.len() {
                 if rec.plan.actions[i].status() != ActionStatus::Pending {
                     continue;
                 }
-                let all_moved = migrations_done(&rec.plan.actions);
                 match &mut rec.plan.actions[i] {
                     PlanAction::PowerOn { host, status, .. } => {
                         let Some(h) = self.hosts.get_mut(host.as_str()) else {
@@ -1412,11 +1415,7 @@ impl Loop {
                         if !all_moved {
                             break;
                         }
-                        let occupied = self
-                            .vms
-                            .values()
-                            .any(|v| v.sample.host.as_deref() == Some(host.as_str()));
-                        if occupied {
+                        if occupied.contains(host) {
                             stop = Some(format!("host {host} is no longer empty"));
                             break;
                         }

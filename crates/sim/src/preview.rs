@@ -196,6 +196,7 @@ pub fn preview(input: &PreviewInput, scenario: &Scenario) -> PreviewOutcome {
     let mut alloc_sum = vec![0.0f64; nh];
     let mut req_sum = vec![0.0f64; nh];
     let mut busy = vec![false; nh];
+    let mut occupied = vec![false; nh];
     for w in events.windows(2) {
         let (a, b) = (w[0], w[1]);
         // complete the moves due by `a`
@@ -209,13 +210,21 @@ pub fn preview(input: &PreviewInput, scenario: &Scenario) -> PreviewOutcome {
             }
         }
         // a host emptied by the plan powers off after its delay
-        for (h, delay) in &pending_off {
-            let h = *h as usize;
-            let empty = (0..nv).all(|v| {
-                host_of[v] as usize != h && moving[v].is_none_or(|(to, _)| to as usize != h)
-            });
-            if empty && off_at[h].is_none() {
-                off_at[h] = Some(a + delay);
+        if !pending_off.is_empty() {
+            occupied.fill(false);
+            for v in 0..nv {
+                if let Some(o) = occupied.get_mut(host_of[v] as usize) {
+                    *o = true;
+                }
+                if let Some((to, _)) = moving[v] {
+                    occupied[to as usize] = true;
+                }
+            }
+            for &(h, delay) in &pending_off {
+                let h = h as usize;
+                if !occupied[h] && off_at[h].is_none() {
+                    off_at[h] = Some(a + delay);
+                }
             }
         }
         for h in 0..nh {
