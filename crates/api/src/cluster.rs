@@ -319,6 +319,23 @@ pub struct TaskInfo {
     pub report: Option<serde_json::Value>,
 }
 
+/// `GET /v1/tasks/{id}` and `GET /v1/tasks`: a task, and for a migration its predicted cost (the
+/// migration policy's model, when the controller made one) and its measured cost (from the source
+/// VMM's report, once it succeeded). The two extra fields are absent elsewhere, so a [`TaskInfo`]
+/// reader parses this too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TaskDetail {
+    /// The task.
+    #[serde(flatten)]
+    pub task: TaskInfo,
+    /// A migration's predicted cost, if one was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<crate::automation::MigrationPrediction>,
+    /// A migration's measured cost, once it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<crate::automation::MigrationActual>,
+}
+
 /// `202 Accepted` for a started task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct TaskRef {

@@ -22,14 +22,20 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tern_api::agent::AgentReport;
+use tern_api::automation::{
+    ActionStatus, AutomationLevel, DetectorKind, HostPower, MigrationActual, MigrationPrediction,
+    Plan, PlanAction, PlanEffect, PlanState, Policy, PowerPolicy, PredictedOutcome, SelectionKind,
+    SeriesPoint, StatsSeries,
+};
 use tern_api::cluster::{
     ErrorBody, EventInfo, HostCapacity, HostInfo, HostState, MaintenanceRequest, MigrateRequest,
-    TaskInfo, TaskKind, TaskRef, TaskState, VmCreate, VmInfo, VmState, validate_name,
+    TaskDetail, TaskInfo, TaskKind, TaskRef, TaskState, VmCreate, VmInfo, VmState, validate_name,
 };
+use tern_automation::PlanError;
 use utoipa::OpenApi;
 
 use super::{ApiFailure, Shared};
@@ -41,7 +47,8 @@ use crate::core::{ApiError, Input};
     info(
         title = "Tern controller API",
         description = "The cluster controller's REST API: hosts, VMs, migrations, maintenance, \
-            tasks and events. A controller that does not lead answers 503 naming the leader's URL."
+            tasks and events, and the automation loop (policy, plans, series). A controller that \
+            does not lead answers 503 naming the leader's URL."
     ),
     paths(
         list_hosts,
@@ -55,7 +62,14 @@ use crate::core::{ApiError, Input};
         list_tasks,
         get_task,
         list_events,
-        agent_report
+        agent_report,
+        get_policy,
+        put_policy,
+        list_plans,
+        get_plan,
+        apply_plan,
+        reject_plan,
+        stats_series
     ),
     components(schemas(
         ErrorBody,
@@ -72,7 +86,24 @@ use crate::core::{ApiError, Input};
         TaskKind,
         TaskState,
         EventInfo,
-        AgentReport
+        AgentReport,
+        TaskDetail,
+        Policy,
+        PowerPolicy,
+        AutomationLevel,
+        DetectorKind,
+        SelectionKind,
+        Plan,
+        PlanState,
+        PlanAction,
+        ActionStatus,
+        MigrationPrediction,
+        MigrationActual,
+        PlanEffect,
+        PredictedOutcome,
+        HostPower,
+        StatsSeries,
+        SeriesPoint
     ))
 )]
 pub struct ApiDoc;
@@ -90,6 +121,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/events", get(list_events))
         .route("/v1/agent/reports", post(agent_report))
+        .route("/v1/policy", get(get_policy).merge(put(put_policy)))
+        .route("/v1/plans", get(list_plans))
+        .route("/v1/plans/{id}", get(get_plan))
+        .route("/v1/plans/{id}/apply", post(apply_plan))
+        .route("/v1/plans/{id}/reject", post(reject_plan))
+        .route("/v1/stats/series", get(stats_series))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .merge(super::dashboard::router())
@@ -293,7 +330,7 @@ async fn migrate_vm(State(s): S, Path(vm): Path<String>, bytes: Bytes) -> Reply 
 
 #[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
     params(("active" = Option<bool>, Query, description = "Only queued and running tasks")),
-    responses((status = 200, description = "Tasks, oldest first", body = [TaskInfo]),
+    responses((status = 200, description = "Tasks, oldest first (migrations with their predicted and measured cost)", body = [TaskDetail]),
               (status = 400, description = "Bad query", body = ErrorBody),
               (status = 503, description = "Not the leader", body = ErrorBody)))]
 async fn list_tasks(State(s): S, RawQuery(q): RawQuery) -> Reply {
@@ -317,12 +354,15 @@ async fn list_tasks(State(s): S, RawQuery(q): RawQuery) -> Reply {
         };
     }
     leading(&s)?;
-    Ok(json(StatusCode::OK, &s.core().tasks(active)))
+    let tasks = s.core().tasks(active); // the core's lock ends here, before the loop's
+    let a = s.automation();
+    let tasks: Vec<TaskDetail> = tasks.into_iter().map(|t| a.detail(t)).collect();
+    Ok(json(StatusCode::OK, &tasks))
 }
 
 #[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
     params(("id" = u64, Path, description = "The task's id")),
-    responses((status = 200, body = TaskInfo),
+    responses((status = 200, description = "The task (a migration with its predicted and measured cost)", body = TaskDetail),
               (status = 400, description = "Not a number", body = ErrorBody),
               (status = 404, description = "Unknown task", body = ErrorBody),
               (status = 503, description = "Not the leader", body = ErrorBody)))]
@@ -337,6 +377,7 @@ async fn get_task(State(s): S, Path(id): Path<String>) -> Reply {
     leading(&s)?;
     let found = s.core().task(id);
     let t = found.map_err(|e| api_error(&s, e))?;
+    let t = s.automation().detail(t);
     Ok(json(StatusCode::OK, &t))
 }
 
@@ -379,8 +420,117 @@ async fn list_events(State(s): S, RawQuery(q): RawQuery) -> Reply {
 async fn agent_report(State(s): S, bytes: Bytes) -> Reply {
     let report: AgentReport = body(&bytes, "agent report")?;
     leading(&s)?;
+    super::automation::note_report(&s, &report);
     s.feed(Input::Report(report)).await;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(get, path = "/v1/policy", tag = "automation",
+    responses((status = 200, description = "The automation policy in force", body = Policy),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn get_policy(State(s): S) -> Reply {
+    leading(&s)?;
+    let p = s.automation().policy().clone();
+    Ok(json(StatusCode::OK, &p))
+}
+
+#[utoipa::path(put, path = "/v1/policy", tag = "automation", request_body = Policy,
+    responses((status = 200, description = "Stored and in force", body = Policy),
+              (status = 400, description = "Bad JSON, a missing or unknown field, or a value out of its range (named); nothing changed", body = ErrorBody),
+              (status = 503, description = "Not the leader, or not stored", body = ErrorBody)))]
+async fn put_policy(State(s): S, bytes: Bytes) -> Reply {
+    use super::automation::SetPolicyError;
+    let policy: Policy = body(&bytes, "automation policy (every field)")?;
+    leading(&s)?;
+    match super::automation::set_policy(&s, policy).await {
+        Ok(p) => Ok(json(StatusCode::OK, &p)),
+        Err(SetPolicyError::Invalid(e)) => Err(error(400, "invalid input", e.to_string())),
+        Err(SetPolicyError::NotLeader) => Err(not_leader(&s)),
+        Err(e @ SetPolicyError::NotStored(_)) => Err(error(503, "not stored", e.to_string())),
+    }
+}
+
+#[utoipa::path(get, path = "/v1/plans", tag = "automation",
+    responses((status = 200, description = "Plans kept, newest first", body = [Plan]),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn list_plans(State(s): S) -> Reply {
+    leading(&s)?;
+    let plans = s.automation().plans();
+    Ok(json(StatusCode::OK, &plans))
+}
+
+fn plan_id(id: &str) -> Result<u64, Response> {
+    id.parse().map_err(|_| {
+        error(
+            400,
+            "invalid input",
+            format!("plan id {id:?} is not a number (0..={})", u64::MAX),
+        )
+    })
+}
+
+fn plan_error(e: PlanError) -> Response {
+    match e {
+        PlanError::Unknown(_) => error(404, "unknown plan", e.to_string()),
+        PlanError::NotProposed { .. } | PlanError::Superseded { .. } | PlanError::Busy { .. } => {
+            error(409, "conflict", e.to_string())
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/v1/plans/{id}", tag = "automation",
+    params(("id" = u64, Path, description = "The plan's id")),
+    responses((status = 200, body = Plan),
+              (status = 400, description = "Not a number", body = ErrorBody),
+              (status = 404, description = "Unknown plan", body = ErrorBody),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn get_plan(State(s): S, Path(id): Path<String>) -> Reply {
+    let id = plan_id(&id)?;
+    leading(&s)?;
+    let plan = s.automation().plan(id);
+    let plan = plan.ok_or_else(|| plan_error(PlanError::Unknown(id)))?;
+    Ok(json(StatusCode::OK, &plan))
+}
+
+#[utoipa::path(post, path = "/v1/plans/{id}/apply", tag = "automation",
+    params(("id" = u64, Path, description = "The plan's id")),
+    responses((status = 202, description = "Being applied: its migrations are tasks now", body = Plan),
+              (status = 400, description = "Not a number", body = ErrorBody),
+              (status = 404, description = "Unknown plan", body = ErrorBody),
+              (status = 409, description = "Not proposed (applied, rejected, superseded, failed, vetoed), superseded now (the cluster changed since it was computed), or another plan is being applied", body = ErrorBody),
+              (status = 503, description = "Not the leader, or not ready", body = ErrorBody)))]
+async fn apply_plan(State(s): S, Path(id): Path<String>) -> Reply {
+    let id = plan_id(&id)?;
+    leading(&s)?;
+    let ready = s.core().ready(); // the lock ends here: api_error may take it
+    if !ready {
+        return Err(api_error(&s, ApiError::NotReady));
+    }
+    let plan = super::automation::apply(&s, id).await.map_err(plan_error)?;
+    Ok(json(StatusCode::ACCEPTED, &plan))
+}
+
+#[utoipa::path(post, path = "/v1/plans/{id}/reject", tag = "automation",
+    params(("id" = u64, Path, description = "The plan's id")),
+    responses((status = 200, description = "Rejected", body = Plan),
+              (status = 400, description = "Not a number", body = ErrorBody),
+              (status = 404, description = "Unknown plan", body = ErrorBody),
+              (status = 409, description = "Not proposed", body = ErrorBody),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn reject_plan(State(s): S, Path(id): Path<String>) -> Reply {
+    let id = plan_id(&id)?;
+    leading(&s)?;
+    let plan = super::automation::reject(&s, id).map_err(plan_error)?;
+    Ok(json(StatusCode::OK, &plan))
+}
+
+#[utoipa::path(get, path = "/v1/stats/series", tag = "automation",
+    responses((status = 200, description = "One point per loop round, oldest first", body = StatsSeries),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn stats_series(State(s): S) -> Reply {
+    leading(&s)?;
+    let series = s.automation().series();
+    Ok(json(StatusCode::OK, &series))
 }
 
 async fn openapi() -> Response {
@@ -523,6 +673,32 @@ pub fn render_metrics(s: &Shared) -> String {
         "tern_controller_leader_changes_total",
         "Times the leader key changed hands, as this controller saw it.",
         s.leader_changes(),
+    );
+    let a = s.automation().counters(); // after the core's lock, as everywhere
+    for (state, n) in [
+        ("proposed", a.proposed),
+        ("applied", a.applied),
+        ("superseded", a.superseded),
+        ("vetoed", a.vetoed),
+        ("rejected", a.rejected),
+        ("failed", a.failed),
+    ] {
+        metric(
+            &format!("tern_automation_plans_{state}_total"),
+            &format!("Automation plans that became {state}."),
+            n,
+        );
+    }
+    metric(
+        "tern_automation_cycles_total",
+        "Automation loop cycles run while leading.",
+        a.cycles,
+    );
+    let _ = writeln!(
+        o,
+        "# HELP tern_automation_cycle_seconds The last automation cycle's duration.\n\
+         # TYPE tern_automation_cycle_seconds gauge\ntern_automation_cycle_seconds {}",
+        a.last_cycle_s
     );
     o
 }

@@ -22,6 +22,7 @@
 //! tests drive the real router against the real core with no etcd.
 
 pub mod api;
+pub mod automation;
 mod dashboard;
 pub mod http;
 pub mod store;
@@ -101,6 +102,8 @@ pub struct Shared {
     stopping: AtomicBool,
     /// Set by the election loop when it has ended (leadership resigned, lease revoked).
     election_done: AtomicBool,
+    /// The automation loop ([`automation`]); locked after the core when both are held.
+    automation: Mutex<automation::Automation>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -145,6 +148,11 @@ impl Shared {
     /// The desired-state store.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The automation loop's state, locked (take the core's lock first when holding both).
+    pub fn automation(&self) -> MutexGuard<'_, automation::Automation> {
+        lock(&self.automation)
     }
 
     /// Feeds one input, then carries out the actions it caused, in order.
@@ -360,6 +368,7 @@ impl Shell {
             stopping: AtomicBool::new(false),
             election_done: AtomicBool::new(false),
             leader_changes: AtomicU64::new(0),
+            automation: Mutex::new(automation::Automation::new(core.ha_reserve_hosts)),
         });
         (Shell { shared }, rx)
     }
@@ -367,6 +376,12 @@ impl Shell {
     /// The shared state (for the API router and tests).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Gives the automation loop a power driver for `host` (its power actions fail with "no power
+    /// driver for host …" otherwise).
+    pub fn set_power_driver(&self, host: &str, driver: Arc<dyn tern_power::PowerDriver>) {
+        self.shared.automation().set_driver(host, driver);
     }
 
     /// Starts the input and tick loops (call inside a tokio runtime).
@@ -388,6 +403,7 @@ impl Shell {
                 }
             }
         });
+        automation::start(Arc::clone(&self.shared));
     }
 
     /// A shell on an in-process store that leads at once (generation 1, then one more each time
@@ -546,6 +562,7 @@ async fn take_office(s: &Arc<Shared>, generation: u64) -> Result<i64, String> {
         maintenance: loaded.maintenance,
     })
     .await;
+    automation::take_office(s, generation).await;
     eprintln!(
         "tern controller: leading at {} with generation {generation}",
         s.url

@@ -165,6 +165,12 @@ impl Store {
         }
     }
 
+    /// The value under `key`, if any (unguarded: a read).
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let (kvs, _) = self.prefix(key).await?;
+        Ok(kvs.into_iter().find(|(k, _)| k.is_empty()).map(|(_, v)| v))
+    }
+
     /// Stores a VM's desired state (or deletes it).
     pub async fn store_vm(&self, name: &str, record: Option<&VmRecord>) -> Result<(), StoreError> {
         let value = record.map(|r| serde_json::to_vec(r).expect("a VmRecord serialises"));

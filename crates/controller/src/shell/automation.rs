@@ -1,0 +1,629 @@
+//! The automation loop inside the controller: the shell around [`tern_automation::Loop`].
+//!
+//! While this controller leads (and has heard every host, [`Controller::ready`]), every
+//! [`CYCLE`] it
+//!
+//! 1. builds a [`Telemetry`] snapshot from the core (hosts, their state and maintenance, VMs and
+//!    where they run) and the agents' latest reports (per-VM and host CPU utilisation, which
+//!    [`note_report`] takes from `POST /v1/agent/reports` before the core sees them);
+//! 2. feeds it to the loop (`observe`) and ticks it: every `interval_s` the loop runs a policy
+//!    round and makes a plan — stored as `proposed` in manual and partial mode, applied at once
+//!    in full mode;
+//! 3. carries out the loop's actions: a migration goes through the core's own task machinery
+//!    ([`Controller::migrate_vm`], so its queueing and concurrency limits hold), a host power
+//!    action through that host's [`PowerDriver`] (none configured: the action fails with "no power
+//!    driver for host …" and the plan records it);
+//! 4. reports back what became of each: a migration task that succeeded (with the measured time,
+//!    bytes and pause from the agent's migration report) or failed, a power action done or not.
+//!
+//! The policy is stored in etcd (`/tern/desired/automation/policy`, a guarded write like every
+//! desired-state write), so a new leader runs under the same knobs; plans are not stored — a new
+//! leader starts with none and proposes afresh from what it sees. Plan times (`created_ms`) are on
+//! the leading controller's clock (ms since it started).
+//!
+//! Every migration task gets a predicted cost when it is seen (the plan's prediction, or the
+//! loop's model for an operator's move) and, once done, the measured one: `GET /v1/tasks/{id}`
+//! shows both.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tern_api::agent::AgentReport;
+use tern_api::automation::{
+    MigrationActual, MigrationPrediction, Plan, PlanAction, PlanState, Policy, StatsSeries,
+};
+use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
+use tern_automation::cost::{MoveInput, predict_move};
+use tern_automation::{
+    Action, HostSample, Loop, LoopConfig, Outcome, PlanError, Telemetry, VmSample,
+};
+use tern_power::{OffMode, PowerDriver};
+
+use super::Shared;
+use super::store::StoreError;
+use crate::core::Controller;
+
+/// How often the loop is fed and ticked (its own `interval_s` decides when a round runs).
+pub const CYCLE: Duration = Duration::from_millis(500);
+
+/// Where the policy is stored.
+pub const POLICY_KEY: &str = "/tern/desired/automation/policy";
+
+/// A host powered on must register (its agent up) within this long, or it failed to wake.
+pub const WAKE_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// How long a soft power-off may take before the power is cut.
+pub const SOFT_OFF_GRACE: Duration = Duration::from_secs(10);
+
+/// Totals for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AutomationCounters {
+    /// Plans that reached each state (counted once per plan and state).
+    pub proposed: u64,
+    /// Plans applied in full.
+    pub applied: u64,
+    /// Plans superseded (the cluster changed under them).
+    pub superseded: u64,
+    /// Plans vetoed (predicted harmful).
+    pub vetoed: u64,
+    /// Plans rejected by an operator.
+    pub rejected: u64,
+    /// Plans failed (an action failed).
+    pub failed: u64,
+    /// Loop cycles run.
+    pub cycles: u64,
+    /// The last cycle's duration (observe, tick, carrying out), seconds.
+    pub last_cycle_s: f64,
+}
+
+/// The controller's automation state.
+#[derive(Debug)]
+pub struct Automation {
+    lp: Loop,
+    /// The generation the loop was built for.
+    generation: Option<u64>,
+    /// Latest per-VM CPU utilisation from the agents' reports.
+    vm_cpu: BTreeMap<String, f64>,
+    /// Latest host CPU utilisation.
+    host_cpu: BTreeMap<String, f64>,
+    /// Migration tasks started for a plan: task → (plan, VM).
+    plan_tasks: BTreeMap<u64, (u64, String)>,
+    /// Predicted cost of every migration task seen.
+    predicted: BTreeMap<u64, MigrationPrediction>,
+    /// Power-ons sent, awaiting the host's registration: host → (plan, deadline).
+    waking: BTreeMap<String, (u64, Instant)>,
+    /// Power drivers by host.
+    drivers: BTreeMap<String, Arc<dyn PowerDriver>>,
+    /// Last state counted per plan (for the totals).
+    seen: BTreeMap<u64, PlanState>,
+    counters: AutomationCounters,
+}
+
+impl Automation {
+    /// A loop under the default policy (a leader loads the stored one when it takes office).
+    pub fn new(ha_reserve_hosts: u32) -> Automation {
+        Automation {
+            lp: new_loop(Policy::default(), ha_reserve_hosts),
+            generation: None,
+            vm_cpu: BTreeMap::new(),
+            host_cpu: BTreeMap::new(),
+            plan_tasks: BTreeMap::new(),
+            predicted: BTreeMap::new(),
+            waking: BTreeMap::new(),
+            drivers: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            counters: AutomationCounters::default(),
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        self.lp.policy()
+    }
+
+    /// Every plan kept, newest first.
+    pub fn plans(&self) -> Vec<Plan> {
+        self.lp.plans().into_iter().cloned().collect()
+    }
+
+    /// One plan.
+    pub fn plan(&self, id: u64) -> Option<Plan> {
+        self.lp.plan(id).cloned()
+    }
+
+    /// What the loop's last round saw and decided (diagnostics).
+    pub fn last_round(&self) -> tern_automation::RoundReport {
+        self.lp.last_round().clone()
+    }
+
+    /// The dashboard's series.
+    pub fn series(&self) -> StatsSeries {
+        self.lp.series()
+    }
+
+    /// The totals for `/metrics`.
+    pub fn counters(&self) -> AutomationCounters {
+        self.counters
+    }
+
+    /// Sets (or replaces) the power driver of `host`.
+    pub fn set_driver(&mut self, host: &str, driver: Arc<dyn PowerDriver>) {
+        self.drivers.insert(host.to_string(), driver);
+    }
+
+    /// A task with a migration's predicted and measured cost.
+    pub fn detail(&self, t: TaskInfo) -> TaskDetail {
+        let migration = t.kind != TaskKind::Maintenance;
+        TaskDetail {
+            predicted: migration
+                .then(|| self.predicted.get(&t.id).copied())
+                .flatten(),
+            actual: if migration { actual_of(&t) } else { None },
+            task: t,
+        }
+    }
+
+    /// Counts plans that reached a state they were not in at the last count.
+    fn count(&mut self) {
+        let now: Vec<(u64, PlanState)> = self.lp.plans().iter().map(|p| (p.id, p.state)).collect();
+        for (id, state) in now {
+            if self.seen.get(&id) == Some(&state) {
+                continue;
+            }
+            self.seen.insert(id, state);
+            let c = &mut self.counters;
+            match state {
+                PlanState::Proposed => c.proposed += 1,
+                PlanState::Applied => c.applied += 1,
+                PlanState::Superseded => c.superseded += 1,
+                PlanState::Vetoed => c.vetoed += 1,
+                PlanState::Rejected => c.rejected += 1,
+                PlanState::Failed => c.failed += 1,
+                PlanState::Applying => {}
+            }
+        }
+        let kept: Vec<u64> = self.lp.plans().iter().map(|p| p.id).collect();
+        self.seen.retain(|id, _| kept.contains(id));
+    }
+}
+
+fn new_loop(policy: Policy, ha_reserve_hosts: u32) -> Loop {
+    let cfg = LoopConfig {
+        ha_reserve_hosts,
+        ..LoopConfig::default()
+    };
+    Loop::new(policy, cfg)
+        .unwrap_or_else(|_| Loop::new(Policy::default(), cfg).expect("the default policy is valid"))
+}
+
+/// What a migration task measured, from the source VMM's report (total time, bytes, pause).
+pub fn actual_of(t: &TaskInfo) -> Option<MigrationActual> {
+    if t.state != TaskState::Succeeded {
+        return None;
+    }
+    let r = t.report.as_ref()?;
+    Some(MigrationActual {
+        time_s: r.get("total_ms")?.as_f64()? / 1000.0,
+        bytes: r.get("bytes_sent")?.as_u64()?,
+        downtime_ms: r.get("downtime_ms")?.as_f64()?,
+    })
+}
+
+fn lock(s: &Shared) -> MutexGuard<'_, Automation> {
+    s.automation.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes the utilisation figures of an agent's report (called before the core sees it).
+pub fn note_report(s: &Shared, report: &AgentReport) {
+    let mut a = lock(s);
+    if let Some(u) = report.cpu_utilization {
+        a.host_cpu.insert(report.host.clone(), u);
+    }
+    for v in &report.vms {
+        if let Some(u) = v.cpu_utilization {
+            a.vm_cpu.insert(v.name.clone(), u);
+        }
+    }
+}
+
+/// The snapshot the loop observes: the core's hosts and VMs with the reported utilisation.
+fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
+    let hosts = core
+        .hosts()
+        .into_iter()
+        .map(|h| HostSample {
+            cores: h.capacity.cores,
+            power_model: h.capacity.power_model.clone(),
+            up: h.state == HostState::Up,
+            maintenance: h.maintenance,
+            cpu_utilization: a.host_cpu.get(&h.name).copied().or(h.cpu_utilization),
+            parked_cores: h.parked_cores,
+            name: h.name,
+        })
+        .collect();
+    let vms = core
+        .vms()
+        .into_iter()
+        .filter(|v| {
+            matches!(
+                v.state,
+                VmState::Running | VmState::Migrating | VmState::Starting
+            )
+        })
+        .map(|v| VmSample {
+            host: v.host.clone(),
+            vcpus: v.spec.vcpus,
+            memory_mib: v.spec.memory_mib,
+            cpu_utilization: a.vm_cpu.get(&v.name).copied(),
+            dirty_pages_per_sec: None,
+            pinned: v.spec.host.is_some(),
+            anti_affinity: v.spec.anti_affinity.clone(),
+            migrating: v.state == VmState::Migrating,
+            name: v.name,
+        })
+        .collect();
+    Telemetry { hosts, vms }
+}
+
+/// Called when this controller takes office: loads the stored policy and starts a fresh loop.
+pub async fn take_office(s: &Arc<Shared>, generation: u64) {
+    let stored = match s.store.get(POLICY_KEY).await {
+        Ok(Some(bytes)) => match serde_json::from_slice::<Policy>(&bytes) {
+            Ok(p) if p.validate().is_ok() => Some(p),
+            Ok(_) | Err(_) => {
+                eprintln!(
+                    "tern controller: the stored automation policy is invalid; using the default"
+                );
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("tern controller: cannot read the automation policy: {e}; using the default");
+            None
+        }
+    };
+    let reserve = s.core().config().ha_reserve_hosts;
+    let mut a = lock(s);
+    a.lp = new_loop(stored.unwrap_or_default(), reserve);
+    a.generation = Some(generation);
+    a.plan_tasks.clear();
+    a.waking.clear();
+    a.seen.clear();
+}
+
+/// Why a policy change was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SetPolicyError {
+    /// A field out of range (400).
+    #[error(transparent)]
+    Invalid(#[from] tern_api::automation::PolicyError),
+    /// Not leading (503).
+    #[error("this controller is not the leader")]
+    NotLeader,
+    /// The store refused (503).
+    #[error("the policy could not be stored ({0})")]
+    NotStored(StoreError),
+}
+
+/// `PUT /v1/policy`: checks, stores, then puts the policy in force. Nothing changes on error.
+pub async fn set_policy(s: &Arc<Shared>, policy: Policy) -> Result<Policy, SetPolicyError> {
+    policy.validate()?;
+    if s.core().generation().is_none() {
+        return Err(SetPolicyError::NotLeader);
+    }
+    // One change at a time, in the order the store took them.
+    let _batch = s.exec.lock().await;
+    let bytes = serde_json::to_vec(&policy).expect("a policy serialises");
+    s.store
+        .put_guarded(POLICY_KEY, Some(bytes))
+        .await
+        .map_err(SetPolicyError::NotStored)?;
+    let mut a = lock(s);
+    a.lp.set_policy(policy.clone())?;
+    Ok(policy)
+}
+
+/// `POST /v1/plans/{id}/apply`: the loop first sees the cluster as it is now (a plan computed on an
+/// older picture is superseded), then starts the plan's actions.
+pub async fn apply(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
+    let now = s.now_ms();
+    let actions = {
+        let t = {
+            let core = s.core();
+            let a = lock(s);
+            telemetry(&core, &a)
+        };
+        let mut a = lock(s);
+        if let Err(e) = a.lp.observe(now, &t) {
+            eprintln!("tern controller: automation telemetry refused: {e}");
+        }
+        let r = a.lp.apply(now, id);
+        a.count();
+        r?
+    };
+    carry_out(s, actions).await;
+    let a = lock(s);
+    a.lp.plan(id).cloned().ok_or(PlanError::Unknown(id))
+}
+
+/// `POST /v1/plans/{id}/reject`.
+pub fn reject(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
+    let now = s.now_ms();
+    let mut a = lock(s);
+    let plan = a.lp.reject(now, id)?.clone();
+    a.count();
+    Ok(plan)
+}
+
+/// One cycle: observe, tick, carry out, collect outcomes. Does nothing unless leading and ready.
+pub async fn cycle(s: &Arc<Shared>) {
+    let started = Instant::now();
+    let (generation, ready) = {
+        let core = s.core();
+        (core.generation(), core.ready())
+    };
+    let Some(generation) = generation else {
+        return;
+    };
+    if !ready || lock(s).generation != Some(generation) {
+        return;
+    }
+    let now = s.now_ms();
+    let mut actions = collect_outcomes(s, now);
+    {
+        let t = {
+            let core = s.core();
+            let a = lock(s);
+            telemetry(&core, &a)
+        };
+        let mut a = lock(s);
+        if let Err(e) = a.lp.observe(now, &t) {
+            eprintln!("tern controller: automation telemetry refused: {e}");
+        }
+        actions.extend(a.lp.tick(now));
+        a.count();
+    }
+    carry_out(s, actions).await;
+    predict_tasks(s);
+    let mut a = lock(s);
+    a.count();
+    a.counters.cycles += 1;
+    a.counters.last_cycle_s = started.elapsed().as_secs_f64();
+}
+
+/// Outcomes of the plan's migration tasks that ended and of power-ons that registered (or timed
+/// out); returns the loop's follow-up actions.
+fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
+    let (tasks, up): (Vec<(u64, Option<TaskInfo>)>, Vec<String>) = {
+        let core = s.core();
+        let a = lock(s);
+        let tasks = a
+            .plan_tasks
+            .keys()
+            .map(|&id| (id, core.task(id).ok()))
+            .collect();
+        let up = core
+            .hosts()
+            .into_iter()
+            .filter(|h| h.state == HostState::Up)
+            .map(|h| h.name)
+            .collect();
+        (tasks, up)
+    };
+    let mut a = lock(s);
+    let mut out = Vec::new();
+    for (id, info) in tasks {
+        let Some((plan, vm)) = a.plan_tasks.get(&id).cloned() else {
+            continue;
+        };
+        let outcome = match info {
+            None => Outcome::MigrationFailed {
+                plan,
+                vm,
+                error: format!("task {id} is gone"),
+            },
+            Some(t) => match t.state {
+                TaskState::Succeeded => Outcome::Migrated {
+                    plan,
+                    vm,
+                    actual: actual_of(&t),
+                },
+                TaskState::Failed => Outcome::MigrationFailed {
+                    plan,
+                    vm,
+                    error: t.error.unwrap_or_else(|| format!("task {id} failed")),
+                },
+                TaskState::Queued | TaskState::Running => continue,
+            },
+        };
+        a.plan_tasks.remove(&id);
+        match a.lp.report(now, outcome) {
+            Ok(more) => out.extend(more),
+            Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
+        }
+    }
+    let waking: Vec<(String, u64, Instant)> = a
+        .waking
+        .iter()
+        .map(|(h, (p, d))| (h.clone(), *p, *d))
+        .collect();
+    for (host, plan, deadline) in waking {
+        let outcome = if up.contains(&host) {
+            Outcome::PoweredOn {
+                plan,
+                host: host.clone(),
+            }
+        } else if Instant::now() >= deadline {
+            Outcome::PowerOnFailed {
+                plan,
+                host: host.clone(),
+                error: format!("its agent did not register within {WAKE_TIMEOUT:?}"),
+            }
+        } else {
+            continue;
+        };
+        a.waking.remove(&host);
+        match a.lp.report(now, outcome) {
+            Ok(more) => out.extend(more),
+            Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
+        }
+    }
+    a.count();
+    out
+}
+
+/// Carries out the loop's actions in order, feeding back the immediate outcomes (and carrying
+/// out what those lead to).
+async fn carry_out(s: &Arc<Shared>, actions: Vec<Action>) {
+    let mut queue: std::collections::VecDeque<Action> = actions.into();
+    while let Some(action) = queue.pop_front() {
+        let outcome = match action {
+            Action::Migrate { plan, vm, to, .. } => {
+                let r = s.api(|c, now| c.migrate_vm(&vm, Some(&to), now)).await;
+                match r {
+                    Ok(task) => {
+                        let mut a = lock(s);
+                        a.plan_tasks.insert(task.task, (plan, vm.clone()));
+                        let predicted = a.lp.plan(plan).and_then(|p| {
+                            p.actions.iter().find_map(|x| match x {
+                                PlanAction::Migrate {
+                                    vm: v, predicted, ..
+                                } if *v == vm => *predicted,
+                                _ => None,
+                            })
+                        });
+                        if let Some(p) = predicted {
+                            a.predicted.insert(task.task, p);
+                        }
+                        None
+                    }
+                    Err(e) => Some(Outcome::MigrationFailed {
+                        plan,
+                        vm,
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            Action::PowerOff { plan, host } => {
+                let driver = lock(s).drivers.get(&host).cloned();
+                Some(match driver {
+                    None => Outcome::PowerOffFailed {
+                        plan,
+                        error: format!("no power driver for host {host}"),
+                        host,
+                    },
+                    Some(d) => {
+                        let r = tokio::task::spawn_blocking(move || {
+                            d.power_off(OffMode::SoftThenHard {
+                                grace: SOFT_OFF_GRACE,
+                            })
+                        })
+                        .await;
+                        match r {
+                            Ok(Ok(_)) => Outcome::PoweredOff { plan, host },
+                            Ok(Err(e)) => Outcome::PowerOffFailed {
+                                plan,
+                                host,
+                                error: chain(&e),
+                            },
+                            Err(e) => Outcome::PowerOffFailed {
+                                plan,
+                                host,
+                                error: e.to_string(),
+                            },
+                        }
+                    }
+                })
+            }
+            Action::PowerOn { plan, host } => {
+                let driver = lock(s).drivers.get(&host).cloned();
+                match driver {
+                    None => Some(Outcome::PowerOnFailed {
+                        plan,
+                        error: format!("no power driver for host {host}"),
+                        host,
+                    }),
+                    Some(d) => {
+                        let r = tokio::task::spawn_blocking(move || d.power_on()).await;
+                        match r {
+                            Ok(Ok(())) => {
+                                lock(s)
+                                    .waking
+                                    .insert(host, (plan, Instant::now() + WAKE_TIMEOUT));
+                                None
+                            }
+                            Ok(Err(e)) => Some(Outcome::PowerOnFailed {
+                                plan,
+                                host,
+                                error: chain(&e),
+                            }),
+                            Err(e) => Some(Outcome::PowerOnFailed {
+                                plan,
+                                host,
+                                error: e.to_string(),
+                            }),
+                        }
+                    }
+                }
+            }
+        };
+        if let Some(o) = outcome {
+            let now = s.now_ms();
+            let mut a = lock(s);
+            match a.lp.report(now, o) {
+                Ok(more) => queue.extend(more),
+                Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
+            }
+            a.count();
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Gives every migration task without a prediction one: the loop's model from the VM's memory
+/// and the configured link.
+fn predict_tasks(s: &Arc<Shared>) {
+    let core = s.core();
+    let mut a = lock(s);
+    let cfg = *a.lp.config();
+    for t in core.tasks(false) {
+        if t.kind == TaskKind::Maintenance || a.predicted.contains_key(&t.id) {
+            continue;
+        }
+        let Some(vm) = t.vm.as_deref().and_then(|v| core.vm(v).ok()) else {
+            continue;
+        };
+        let p = predict_move(&MoveInput {
+            memory_bytes: vm.spec.memory_mib << 20,
+            dirty_pages_per_sec: 0.0,
+            link_bytes_per_sec: cfg.link_bytes_per_sec,
+            downtime_budget_ms: cfg.downtime_budget_ms,
+        });
+        a.predicted.insert(t.id, p);
+    }
+}
+
+/// Runs [`cycle`] every [`CYCLE`] for the life of the process.
+pub fn start(s: Arc<Shared>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(CYCLE);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            cycle(&s).await;
+        }
+    });
+}

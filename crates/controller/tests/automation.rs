@@ -1,0 +1,649 @@
+//! The automation loop wired into the controller, in-process: the real router, core and loop
+//! behind the in-memory store, and three fake agents (HTTP servers that carry out commands on a
+//! shared table of which VM runs where, and report every 100 ms as real agents do).
+//!
+//! * Knob validation: each bad field of `PUT /v1/policy` is a 400 naming the field and its range,
+//!   and the policy in force (and stored) stays as it was; a good one is stored and in force.
+//! * Manual mode only proposes: a plan to drain a host appears in `GET /v1/plans` and nothing
+//!   moves until `POST /v1/plans/{id}/apply`, which runs its migrations as controller tasks
+//!   (each with a predicted and, once done, a measured cost); the host ends empty.
+//! * A plan computed before the cluster changed is refused with 409 (superseded), and so is a
+//!   second apply of a plan no longer proposed; an unknown plan is 404.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::routing::post;
+use hyper::Method;
+use serde_json::{Value, json};
+use tern_api::agent::{
+    AgentReport, Command, CommandBody, CommandReply, CommandResponse, HostRecord, ObservedState,
+    ObservedVm,
+};
+use tern_api::cluster::HostCapacity;
+use tern_controller::core::Config;
+use tern_controller::shell::automation::POLICY_KEY;
+use tern_controller::shell::{Shell, http};
+use tern_power::{
+    DriverKind, OffMode, OffOutcome, PowerDriver, PowerOffError, PowerOnError, PowerStatus,
+    StatusError,
+};
+
+const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+/// Which VM runs where, as the fake agents see it, and each host's event counter.
+#[derive(Debug, Default)]
+struct Table {
+    vms: BTreeMap<String, String>,
+    seq: BTreeMap<String, u64>,
+    last_cmd: BTreeMap<String, u64>,
+    migrations: u64,
+    /// Hosts powered off through their (fake) power driver: their agents are gone.
+    off: Vec<String>,
+}
+
+/// A host's power driver that "powers off" a fake host: its agent stops and its registration
+/// expires, as a real host's would.
+#[derive(Debug)]
+struct FakePower {
+    host: String,
+    table: Arc<Mutex<Table>>,
+    expired: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl PowerDriver for FakePower {
+    fn host(&self) -> &str {
+        &self.host
+    }
+    fn kind(&self) -> DriverKind {
+        DriverKind::Ipmi
+    }
+    fn power_on(&self) -> Result<(), PowerOnError> {
+        self.table.lock().unwrap().off.retain(|h| *h != self.host);
+        Ok(())
+    }
+    fn power_off(&self, _: OffMode) -> Result<OffOutcome, PowerOffError> {
+        self.table.lock().unwrap().off.push(self.host.clone());
+        let _ = self.expired.send(self.host.clone());
+        Ok(OffOutcome::Soft)
+    }
+    fn status(&self) -> Result<PowerStatus, StatusError> {
+        let off = self.table.lock().unwrap().off.contains(&self.host);
+        Ok(if off {
+            PowerStatus::Off
+        } else {
+            PowerStatus::On
+        })
+    }
+}
+
+#[derive(Clone)]
+struct Agent {
+    host: String,
+    table: Arc<Mutex<Table>>,
+}
+
+async fn command(State(a): State<Agent>, body: axum::body::Bytes) -> axum::Json<CommandResponse> {
+    let cmd: Command = serde_json::from_slice(&body).expect("a command");
+    let mut t = a.table.lock().unwrap();
+    let done = |listen: Option<String>, report: Option<Value>, vm_state| CommandReply::Done {
+        listen,
+        report,
+        vm_state,
+    };
+    let reply = match cmd.body {
+        CommandBody::Ping | CommandBody::Resume { .. } => done(None, None, None),
+        CommandBody::Start { spec, .. } => {
+            t.vms.insert(spec.name, a.host.clone());
+            done(None, None, None)
+        }
+        CommandBody::Stop { vm } => {
+            t.vms.remove(&vm);
+            done(None, None, None)
+        }
+        CommandBody::Receive { .. } => done(Some(format!("fake:{}", a.host)), None, None),
+        CommandBody::MigrateOut { vm, to, .. } => {
+            let target = to.trim_start_matches("fake:").to_string();
+            t.vms.insert(vm, target);
+            t.migrations += 1;
+            let report = json!({"total_ms": 1200, "downtime_ms": 12, "rounds": 2,
+                "bytes_sent": 70_000_000u64, "pages_zero_skipped": 0, "throttle_max_pct": 0.0,
+                "converged": true, "outcome": "completed"});
+            done(None, Some(report), None)
+        }
+        CommandBody::Query { vm } => {
+            let here = t.vms.get(&vm) == Some(&a.host);
+            let state = if here {
+                ObservedState::Running
+            } else {
+                ObservedState::Absent
+            };
+            done(None, None, Some(state))
+        }
+    };
+    let seq = {
+        let s = t.seq.entry(a.host.clone()).or_default();
+        *s += 1;
+        *s
+    };
+    let last = t.last_cmd.entry(a.host.clone()).or_default();
+    *last = (*last).max(cmd.id);
+    axum::Json(CommandResponse { seq, reply })
+}
+
+struct Lab {
+    shell: Shell,
+    base: String,
+    table: Arc<Mutex<Table>>,
+}
+
+impl Lab {
+    async fn start() -> Lab {
+        let cfg = Config {
+            ha_reserve_hosts: 0,
+            ..Config::default()
+        };
+        let shell = Shell::in_memory(cfg, "http://in-memory");
+        assert_eq!(shell.wait_leading(Duration::from_secs(5)).await, Some(1));
+        let table = Arc::new(Mutex::new(Table::default()));
+        for (i, host) in HOSTS.iter().enumerate() {
+            let agent = Agent {
+                host: host.to_string(),
+                table: Arc::clone(&table),
+            };
+            let app = Router::new()
+                .route("/v1/agent/commands", post(command))
+                .with_state(agent);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(listener, app).await });
+            shell
+                .host_up(HostRecord {
+                    name: host.to_string(),
+                    agent_url: url,
+                    capacity: HostCapacity {
+                        cores: 4,
+                        memory_mib: 8192,
+                        power_model: "hp-ml110-g5".into(),
+                        volume_node: None,
+                        volume_node_id: None,
+                    },
+                    lease: 100 + i as u64,
+                })
+                .await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let s = shell.clone();
+        tokio::spawn(async move { s.serve_on(listener).await });
+        let (expired, mut gone) = tokio::sync::mpsc::unbounded_channel::<String>();
+        for host in HOSTS {
+            let driver = FakePower {
+                host: host.into(),
+                table: Arc::clone(&table),
+                expired: expired.clone(),
+            };
+            shell.set_power_driver(host, Arc::new(driver));
+        }
+        let s = shell.clone();
+        tokio::spawn(async move {
+            while let Some(host) = gone.recv().await {
+                s.host_expired(&host).await;
+            }
+        });
+        let lab = Lab { shell, base, table };
+        lab.start_reports();
+        lab
+    }
+
+    /// Every 100 ms each fake agent reports its VMs, running at 5 % CPU, to the leader.
+    fn start_reports(&self) {
+        let table = Arc::clone(&self.table);
+        let shell = self.shell.clone();
+        let base = self.base.clone();
+        tokio::spawn(async move {
+            loop {
+                let generation = shell.shared().core().generation().unwrap_or(0);
+                for host in HOSTS {
+                    let report = {
+                        let mut t = table.lock().unwrap();
+                        if t.off.iter().any(|h| h == host) {
+                            continue;
+                        }
+                        let seq = {
+                            let s = t.seq.entry(host.to_string()).or_default();
+                            *s += 1;
+                            *s
+                        };
+                        AgentReport {
+                            host: host.into(),
+                            generation_seen: generation,
+                            seq,
+                            last_command_id: t.last_cmd.get(host).copied().unwrap_or(0),
+                            vms: t
+                                .vms
+                                .iter()
+                                .filter(|(_, h)| h.as_str() == host)
+                                .map(|(name, _)| ObservedVm {
+                                    name: name.clone(),
+                                    state: ObservedState::Running,
+                                    cpu_utilization: Some(0.05),
+                                    rss_mib: Some(64),
+                                })
+                                .collect(),
+                            cpu_utilization: Some(0.05),
+                        }
+                    };
+                    let body = serde_json::to_vec(&report).unwrap();
+                    let url = format!("{base}/v1/agent/reports");
+                    let _ =
+                        http::request(Method::POST, &url, Some(body), Duration::from_secs(5)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let r = http::request(
+            method,
+            &format!("{}{path}", self.base),
+            body.map(|b| b.to_string().into_bytes()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let v = if r.body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&r.body)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
+        };
+        (r.status, v)
+    }
+
+    async fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl AsyncFnMut() -> Option<T>,
+    ) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Creates 1-vCPU VMs (unpinned, so the loop may move them), waits until each runs, and
+    /// moves each to its host with an operator's migration, so they are spread out.
+    async fn create_vms(&self, names: &[(&str, &str)]) {
+        for (name, _) in names {
+            let spec = json!({"name": name, "vcpus": 1, "memory_mib": 256,
+                "kernel": "builtin:testguest"});
+            self.wait(
+                "the leader to be ready",
+                Duration::from_secs(10),
+                async || {
+                    let (st, v) = self.call(Method::POST, "/v1/vms", Some(&spec)).await;
+                    match st {
+                        201 => Some(()),
+                        503 => None,
+                        _ => panic!("create {name}: {st} {v}"),
+                    }
+                },
+            )
+            .await;
+        }
+        self.wait("every VM running", Duration::from_secs(10), async || {
+            let (_, v) = self.call(Method::GET, "/v1/vms", None).await;
+            v.as_array()?
+                .iter()
+                .all(|vm| vm["state"] == "running")
+                .then_some(())
+        })
+        .await;
+        for (name, host) in names {
+            let (_, v) = self
+                .call(Method::GET, &format!("/v1/vms/{name}"), None)
+                .await;
+            if v["host"] == *host {
+                continue;
+            }
+            let to = json!({ "to": host });
+            let path = format!("/v1/vms/{name}/migrate");
+            let (st, v) = self.call(Method::POST, &path, Some(&to)).await;
+            assert_eq!(st, 202, "{v}");
+            self.wait("the spreading move", Duration::from_secs(10), async || {
+                let (_, v) = self
+                    .call(Method::GET, &format!("/v1/vms/{name}"), None)
+                    .await;
+                (v["host"] == *host && v["state"] == "running").then_some(())
+            })
+            .await;
+        }
+        self.table.lock().unwrap().migrations = 0;
+    }
+
+    async fn policy(&self) -> Value {
+        let (st, v) = self.call(Method::GET, "/v1/policy", None).await;
+        assert_eq!(st, 200, "{v}");
+        v
+    }
+
+    async fn put_policy(&self, p: &Value) -> (u16, Value) {
+        self.call(Method::PUT, "/v1/policy", Some(p)).await
+    }
+
+    /// A manual, eager policy with no hold, no cooldown, drained hosts powered off at once.
+    fn eager(&self, base: &Value) -> Value {
+        let mut p = base.clone();
+        p["automation"] = "manual".into();
+        p["aggressiveness"] = 5.into();
+        p["interval_s"] = 2.into();
+        p["hold_s"] = 0.into();
+        p["cooldown_s"] = 0.into();
+        p["min_improvement_pct"] = 0.0.into();
+        p["power"]["enabled"] = true.into();
+        p["power"]["off_hold_s"] = 0.into();
+        p
+    }
+
+    async fn first_proposed(&self) -> Value {
+        self.wait("a proposed plan", Duration::from_secs(20), async || {
+            let (st, v) = self.call(Method::GET, "/v1/plans", None).await;
+            assert_eq!(st, 200, "{v}");
+            v.as_array()?
+                .iter()
+                .find(|p| p["state"] == "proposed")
+                .cloned()
+        })
+        .await
+    }
+}
+
+#[tokio::test]
+async fn each_bad_knob_is_a_400_naming_its_range_and_changes_nothing() {
+    let lab = Lab::start().await;
+    let before = lab.policy().await;
+    assert_eq!(before["automation"], "manual", "{before}");
+    let cases: [(&str, Value, &str); 12] = [
+        (
+            "aggressiveness",
+            0.into(),
+            "aggressiveness = 0 is out of range: allowed 1..=5",
+        ),
+        ("aggressiveness", 6.into(), "allowed 1..=5"),
+        (
+            "interval_s",
+            1.into(),
+            "interval_s = 1 is out of range: allowed 2..=3600",
+        ),
+        ("interval_s", 3601.into(), "allowed 2..=3600"),
+        (
+            "parameter",
+            2.5.into(),
+            "parameter = 2.5 is out of range for detector lr: allowed 0.5..=2",
+        ),
+        (
+            "hold_s",
+            86_401.into(),
+            "hold_s = 86401 is out of range: allowed 0..=86400",
+        ),
+        (
+            "min_improvement_pct",
+            101.into(),
+            "min_improvement_pct = 101 is out of range: allowed 0..=100",
+        ),
+        (
+            "cooldown_s",
+            100_000.into(),
+            "cooldown_s = 100000 is out of range: allowed 0..=86400",
+        ),
+        (
+            "max_migrations",
+            0.into(),
+            "max_migrations = 0 is out of range: allowed 1..=64",
+        ),
+        ("max_migrations", 65.into(), "allowed 1..=64"),
+        (
+            "power.spare_hosts",
+            1001.into(),
+            "power.spare_hosts = 1001 is out of range: allowed 0..=1000",
+        ),
+        (
+            "power.off_hold_s",
+            90_000.into(),
+            "power.off_hold_s = 90000 is out of range: allowed 0..=86400",
+        ),
+    ];
+    for (field, value, detail) in cases {
+        let mut p = before.clone();
+        match field.split_once('.') {
+            Some((a, b)) => p[a][b] = value.clone(),
+            None => p[field] = value.clone(),
+        }
+        let (st, v) = lab.put_policy(&p).await;
+        assert_eq!(st, 400, "{field} = {value}: {v}");
+        assert_eq!(v["error"], "invalid input", "{v}");
+        let d = v["detail"].as_str().unwrap();
+        assert!(
+            d.contains(detail),
+            "{field} = {value}: {d:?} lacks {detail:?}"
+        );
+        assert_eq!(
+            lab.policy().await,
+            before,
+            "{field} = {value} changed the policy"
+        );
+    }
+    // A wrong type, an unknown field and a missing field are 400s naming the problem.
+    let mut p = before.clone();
+    p["automation"] = "sometimes".into();
+    let (st, v) = lab.put_policy(&p).await;
+    assert_eq!((st, v["error"].as_str()), (400, Some("bad JSON")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("sometimes"), "{v}");
+    let mut p = before.clone();
+    p["colour"] = "red".into();
+    let (st, v) = lab.put_policy(&p).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("colour"), "{v}");
+    let mut p = before.clone();
+    p.as_object_mut().unwrap().remove("hold_s");
+    let (st, v) = lab.put_policy(&p).await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("hold_s"), "{v}");
+    assert_eq!(lab.policy().await, before);
+    assert_eq!(
+        lab.shell.shared().store().get(POLICY_KEY).await.unwrap(),
+        None,
+        "nothing refused was stored"
+    );
+
+    // A good one is in force and stored.
+    let good = lab.eager(&before);
+    let (st, v) = lab.put_policy(&good).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v, good);
+    assert_eq!(lab.policy().await, good);
+    let stored = lab.shell.shared().store().get(POLICY_KEY).await.unwrap();
+    let stored: Value = serde_json::from_slice(&stored.expect("stored")).unwrap();
+    assert_eq!(stored, good);
+    // A store that refuses writes: 503, and the policy in force stays.
+    lab.shell.shared().store().set_fail_writes(true);
+    let mut other = good.clone();
+    other["aggressiveness"] = 2.into();
+    let (st, v) = lab.put_policy(&other).await;
+    assert_eq!((st, v["error"].as_str()), (503, Some("not stored")), "{v}");
+    lab.shell.shared().store().set_fail_writes(false);
+    assert_eq!(lab.policy().await, good);
+}
+
+#[tokio::test]
+async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_tasks() {
+    let lab = Lab::start().await;
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let (_, tasks_before) = lab.call(Method::GET, "/v1/tasks", None).await;
+    let tasks_before = tasks_before.as_array().unwrap().len();
+    let before = lab.policy().await;
+    let (st, v) = lab.put_policy(&lab.eager(&before)).await;
+    assert_eq!(st, 200, "{v}");
+    let plan = lab.first_proposed().await;
+    let id = plan["id"].as_u64().unwrap();
+    assert_eq!(plan["automation"], "manual");
+    let moves: Vec<&Value> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "migrate")
+        .collect();
+    assert!(!moves.is_empty(), "a drain plan moves VMs: {plan}");
+    for m in &moves {
+        assert!(m["predicted"]["time_s"].as_f64().unwrap() > 0.0, "{m}");
+        assert_eq!(m["status"], "pending", "{m}");
+    }
+    // Manual: nothing moves on its own, however many rounds pass.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        lab.table.lock().unwrap().migrations,
+        0,
+        "manual mode moved a VM"
+    );
+    let (st, v) = lab.call(Method::GET, "/v1/tasks", None).await;
+    assert_eq!(
+        (st, v.as_array().map(Vec::len)),
+        (200, Some(tasks_before)),
+        "{v}"
+    );
+    let (st, same) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(st, 200, "{same}");
+
+    // Apply: 202, the plan is applying and its migrations are tasks.
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    assert_eq!(st, 202, "{v}");
+    assert!(v["state"] == "applying" || v["state"] == "applied", "{v}");
+    let drained = moves[0]["from"].as_str().unwrap().to_string();
+    let done = lab
+        .wait("the plan applied", Duration::from_secs(20), async || {
+            let (_, p) = lab
+                .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                .await;
+            (p["state"] == "applied").then_some(p)
+        })
+        .await;
+    for a in done["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{done}");
+        if a["kind"] == "migrate" {
+            assert_eq!(a["actual"]["bytes"], 70_000_000, "{done}");
+        }
+        if a["kind"] == "power_off" {
+            // Through the host's power driver: its agent is gone.
+            let host = a["host"].as_str().unwrap();
+            assert!(
+                lab.table.lock().unwrap().off.iter().any(|h| h == host),
+                "{done}"
+            );
+        }
+    }
+    // The host ends empty, and each migration task carries its predicted and measured cost.
+    let (_, h) = lab
+        .call(Method::GET, &format!("/v1/hosts/{drained}"), None)
+        .await;
+    assert_eq!(h["vms"], json!([]), "{h}");
+    let (_, tasks) = lab.call(Method::GET, "/v1/tasks", None).await;
+    let tasks = &tasks.as_array().unwrap()[tasks_before..];
+    assert_eq!(tasks.len(), moves.len(), "{tasks:?}");
+    for t in tasks {
+        let id = t["id"].as_u64().unwrap();
+        let (st, t) = lab
+            .call(Method::GET, &format!("/v1/tasks/{id}"), None)
+            .await;
+        assert_eq!(st, 200, "{t}");
+        assert_eq!(t["state"], "succeeded", "{t}");
+        assert!(t["predicted"]["time_s"].as_f64().unwrap() > 0.0, "{t}");
+        assert_eq!(t["actual"]["time_s"], 1.2, "{t}");
+        assert_eq!(t["actual"]["downtime_ms"], 12.0, "{t}");
+    }
+    // Applied once: a second apply is a conflict naming the state.
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    assert_eq!((st, v["error"].as_str()), (409, Some("conflict")), "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("applied"), "{v}");
+    let metrics = lab.call(Method::GET, "/metrics", None).await.1;
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains("tern_automation_plans_applied_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("tern_automation_cycle_seconds "), "{text}");
+}
+
+#[tokio::test]
+async fn a_plan_made_before_the_cluster_changed_is_refused_as_superseded() {
+    let lab = Lab::start().await;
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let before = lab.policy().await;
+    let p = lab.eager(&before);
+    let (st, v) = lab.put_policy(&p).await;
+    assert_eq!(st, 200, "{v}");
+    let plan = lab.first_proposed().await;
+    let id = plan["id"].as_u64().unwrap();
+    // Long rounds from now on: no newer round replaces this plan while the cluster changes.
+    let mut slow = p.clone();
+    slow["interval_s"] = 3600.into();
+    let (st, v) = lab.put_policy(&slow).await;
+    assert_eq!(st, 200, "{v}");
+    let (_, still) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(still["state"], "proposed", "{still}");
+    // The cluster changes under it: a new VM.
+    let spec = json!({"name": "d", "vcpus": 1, "memory_mib": 256, "kernel": "builtin:testguest"});
+    let (st, v) = lab.call(Method::POST, "/v1/vms", Some(&spec)).await;
+    assert_eq!(st, 201, "{v}");
+    lab.wait("d running", Duration::from_secs(10), async || {
+        let (_, v) = lab.call(Method::GET, "/v1/vms/d", None).await;
+        (v["state"] == "running").then_some(())
+    })
+    .await;
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    assert_eq!((st, v["error"].as_str()), (409, Some("conflict")), "{v}");
+    let d = v["detail"].as_str().unwrap();
+    assert!(d.contains(&format!("plan {id} is superseded")), "{d}");
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "superseded", "{p}");
+    assert_eq!(lab.table.lock().unwrap().migrations, 0);
+    // Unknown plans and bad ids.
+    let (st, v) = lab.call(Method::POST, "/v1/plans/999/apply", None).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (404, Some("unknown plan")),
+        "{v}"
+    );
+    let (st, v) = lab.call(Method::POST, "/v1/plans/x/reject", None).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/reject"), None)
+        .await;
+    assert_eq!((st, v["error"].as_str()), (409, Some("conflict")), "{v}");
+}
