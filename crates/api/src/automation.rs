@@ -540,7 +540,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named_with_its_range() {
-        let cases: Vec<(fn(&mut Policy), &str)> = vec![
+        type Case = (fn(&mut Policy), &'static str);
+        let cases: Vec<Case> = vec![
             (
                 |p| p.aggressiveness = 0,
                 "aggressiveness = 0 is out of range: allowed 1..=5",

@@ -1339,9 +1339,10 @@ impl Loop {
             })
             .count();
         // starting actions turns none of the plan's migrations done, so this holds for the pass
-        let all_moved = rec.plan.actions.iter().all(|a| {
-            !matches!(a, PlanAction::Migrate { .. }) || a.status() == ActionStatus::Done
-        });
+        let all_moved =
+            rec.plan.actions.iter().all(|a| {
+                !matches!(a, PlanAction::Migrate { .. }) || a.status() == ActionStatus::Done
+            });
         let occupied: BTreeSet<String> = self
             .vms
             .values()

@@ -92,8 +92,10 @@ mod tests {
 
     #[test]
     fn the_levels_follow_the_table() {
-        let mut p = Policy::default();
-        p.aggressiveness = 1;
+        let mut p = Policy {
+            aggressiveness: 1,
+            ..Policy::default()
+        };
         let k = Knobs::of(&p);
         assert_eq!(k.drain_below, None);
         assert_eq!(k.hold_ms, 60_000);

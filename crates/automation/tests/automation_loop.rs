@@ -344,7 +344,13 @@ fn cooldown_with_back_off_stops_a_vm_ping_ponging_on_an_oscillating_trace() {
         c.host("h2", 2, G5, true);
         let osc = |phase: usize| {
             (0..60)
-                .map(|k| if (k + phase) % 2 == 0 { 0.9 } else { 0.1 })
+                .map(|k| {
+                    if (k + phase).is_multiple_of(2) {
+                        0.9
+                    } else {
+                        0.1
+                    }
+                })
                 .collect()
         };
         // a and b are pinned, so x is the only VM that can relieve either host
@@ -497,8 +503,10 @@ fn full_mode_starts_at_most_max_migrations_at_once() {
 
 #[test]
 fn bad_knobs_are_refused_with_the_field_and_range_and_change_nothing() {
-    let mut p = Policy::default();
-    p.interval_s = 1;
+    let p = Policy {
+        interval_s: 1,
+        ..Policy::default()
+    };
     let e = Loop::new(p, LoopConfig::default()).unwrap_err();
     assert!(matches!(
         e,
