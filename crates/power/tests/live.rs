@@ -530,3 +530,23 @@ fn a_wake_watcher_powers_its_host_on_through_the_bmc_when_its_magic_packet_comes
     assert_eq!(bmc.driver().status().unwrap(), PowerStatus::On);
     drop(watcher);
 }
+
+#[test]
+fn a_port_in_use_is_refused_with_ipmi_sims_own_words() {
+    tools();
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut opts = SimBmcOptions::new("live-port", "admin", "pw");
+    opts.port = Some(taken.local_addr().unwrap().port());
+    let t0 = Instant::now();
+    let e = SimBmc::start(opts).unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let shown = e.to_string();
+    assert!(
+        shown.contains("exited during start") && shown.contains("Address already in use"),
+        "{shown}"
+    );
+}
