@@ -1,6 +1,7 @@
 //! The typed messages every Tern client needs, with `Serialize`/`Deserialize` and OpenAPI schemas,
-//! and no KVM: the cluster REST API ([`cluster`]), the agent protocol ([`agent`]) and the VMM
-//! control protocol with its migration progress and report and the runtime entry ([`vmm`]).
+//! and no KVM: the cluster REST API ([`cluster`]), the automation loop's policy, plans and host
+//! power states ([`automation`]), the agent protocol ([`agent`]) and the VMM control protocol with
+//! its migration progress and report and the runtime entry ([`vmm`]).
 //!
 //! Nothing here does I/O; the controller, the agents and the `tern cluster` client all decode into
 //! these types, so a missing or mistyped field is an error at the edge, never a silent default.
