@@ -200,6 +200,14 @@ impl LabSpec {
     }
 }
 
+/// Extras of a test cluster.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    /// Give every host a test BMC (ipmi_sim) and the controllers their addresses, so the
+    /// automation loop can power hosts off and on.
+    pub bmc: bool,
+}
+
 /// The folder of cluster `name`.
 pub fn cluster_dir(name: &str) -> PathBuf {
     Path::new(RUN_DIR).join(format!("cluster-{name}"))
@@ -315,6 +323,16 @@ impl Lab {
     pub fn start_shaped(
         spec: &LabSpec,
         shapes: &[HostShape],
+        progress: &dyn Fn(&str),
+    ) -> anyhow::Result<Lab> {
+        Lab::start_with(spec, shapes, &LabOptions::default(), progress)
+    }
+
+    /// [`Lab::start_shaped`] with the extras of [`LabOptions`].
+    pub fn start_with(
+        spec: &LabSpec,
+        shapes: &[HostShape],
+        opts: &LabOptions,
         progress: &dyn Fn(&str),
     ) -> anyhow::Result<Lab> {
         spec.validate()?;
@@ -505,6 +523,37 @@ impl Lab {
             lab.state.hosts[i].agent_pid = lab.spawn(&format!("agent-{}", h.name), agent)?;
         }
 
+        // The BMCs come before the controllers, which get their addresses (`--power-file`).
+        let mut power_file = None;
+        if opts.bmc {
+            // a BMC's power-on reruns the agent's command line read from /proc: wait until the
+            // agents run (listen), so it is theirs and not `ip netns exec`'s
+            for h in lab.state.hosts.clone() {
+                let addr = SocketAddr::from((h.address, AGENT_PORT));
+                lab.wait_port(
+                    &format!("agent-{}", h.name),
+                    &h.namespace,
+                    addr,
+                    Duration::from_secs(20),
+                )?;
+            }
+            lab.add_bmcs(progress)?;
+            let path = lab.state.dir.join("power.json");
+            let entries: Vec<serde_json::Value> = lab
+                .bmc_info()
+                .into_iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "host": b.host, "bmc": b.bmc, "user": b.user,
+                        "password_file": b.password_file,
+                    })
+                })
+                .collect();
+            std::fs::write(&path, serde_json::to_string_pretty(&entries)?)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            power_file = Some(path);
+        }
+
         // The controllers. Each advertises a loopback URL that works in every namespace: this
         // process relays it from the root namespace (for the operator) and from each host's
         // namespace (for its agent, whose connection then leaves through the host's own link, so
@@ -532,6 +581,9 @@ impl Lab {
                 .args(["controller", "--etcd", &url_etcd(&lab)])
                 .args(["--listen", &addr.to_string()])
                 .args(["--advertise-url", &url]);
+            if let Some(p) = &power_file {
+                ctl.arg("--power-file").arg(p);
+            }
             let pid = lab.spawn(&format!("controller-{}", c + 1), ctl)?;
             progress(&format!(
                 "controller {}: {url} (listening on http://{addr} in {control_ns})",
@@ -1240,10 +1292,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let shapes = parse_host_shapes(&args.host_shape, args.hosts)?;
     let started = Instant::now();
-    let mut lab = Lab::start_shaped(&spec, &shapes, &say)?;
-    if args.bmc {
-        lab.add_bmcs(&say)?;
-    }
+    let opts = LabOptions { bmc: args.bmc };
+    let lab = Lab::start_with(&spec, &shapes, &opts, &say)?;
     let bmcs = lab.bmc_info();
     let st = lab.state().clone();
     if json {

@@ -3,10 +3,13 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use anyhow::Context;
 use clap::Args;
 use tern_controller::core::Config;
 use tern_controller::shell::{Shell, ShellConfig};
+use tern_power::ipmi::{BmcAddr, IpmiConfig, IpmiDriver};
 
 /// Run a cluster controller: campaign for leadership in etcd, and while leading place, move and
 /// restart VMs and serve the REST API.
@@ -37,6 +40,52 @@ pub struct ControllerArgs {
     /// Host failures the cluster keeps room for when placing new VMs
     #[arg(long, value_name = "N", default_value_t = Config::default().ha_reserve_hosts)]
     ha_reserve_hosts: u32,
+    /// The hosts' BMCs, for the automation loop's host power actions: a JSON array of
+    /// `{"host": NAME, "bmc": "ADDR:PORT", "user": USER, "password_file": PATH}` (IPMI over LAN
+    /// with ipmitool, lanplus; other fields are ignored, so `tern cluster up --json`'s `bmcs`
+    /// list works as it is). Without it, power actions fail with "no power driver for host".
+    #[arg(long, value_name = "FILE")]
+    power_file: Option<std::path::PathBuf>,
+}
+
+/// One entry of `--power-file`.
+#[derive(Debug, serde::Deserialize)]
+struct PowerEntry {
+    host: String,
+    bmc: String,
+    user: String,
+    password_file: std::path::PathBuf,
+}
+
+/// The IPMI drivers `--power-file` names, by host; every entry is checked (address, password
+/// file) before the controller starts.
+fn power_drivers(path: &std::path::Path) -> anyhow::Result<Vec<(String, IpmiDriver)>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --power-file {}", path.display()))?;
+    let entries: Vec<PowerEntry> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "--power-file {} is not a JSON array of {{\"host\", \"bmc\", \"user\", \"password_file\"}} objects",
+            path.display()
+        )
+    })?;
+    let mut out: Vec<(String, IpmiDriver)> = Vec::new();
+    for e in entries {
+        anyhow::ensure!(
+            !out.iter().any(|(h, _)| *h == e.host),
+            "--power-file {} names host {:?} twice",
+            path.display(),
+            e.host
+        );
+        let bmc: BmcAddr = e
+            .bmc
+            .parse()
+            .with_context(|| format!("--power-file: host {}", e.host))?;
+        let password = crate::host_power::read_password(&e.password_file)
+            .with_context(|| format!("--power-file: host {}", e.host))?;
+        let driver = IpmiDriver::new(IpmiConfig::new(e.host.clone(), bmc, e.user, password));
+        out.push((e.host, driver));
+    }
+    Ok(out)
 }
 
 /// Runs `tern controller` until the process is killed.
@@ -51,6 +100,10 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         "--agent-lease-ttl-ms {} is too short: at least 1000",
         args.agent_lease_ttl_ms
     );
+    let drivers = match &args.power_file {
+        Some(p) => power_drivers(p)?,
+        None => Vec::new(),
+    };
     let cfg = ShellConfig {
         etcd: args.etcd,
         listen: args.listen,
@@ -68,6 +121,9 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", cfg.listen))?;
         let shell = Shell::start_etcd(&cfg).await?;
+        for (host, driver) in drivers {
+            shell.set_power_driver(&host, Arc::new(driver));
+        }
         eprintln!(
             "tern controller: API on http://{} ({}); campaigning in etcd at {}",
             cfg.listen,

@@ -190,7 +190,7 @@ fn ipmi_driver(args: &BmcArgs) -> anyhow::Result<IpmiDriver> {
 }
 
 /// The first line of the password file, without its line end.
-fn read_password(path: &Path) -> anyhow::Result<Password> {
+pub(crate) fn read_password(path: &Path) -> anyhow::Result<Password> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the BMC password file {}", path.display()))?;
     let line = text.lines().next().unwrap_or("");
