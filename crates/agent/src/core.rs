@@ -267,8 +267,14 @@ impl Agent {
                 state: v.state,
                 cpu_utilization: None,
                 rss_mib: None,
+                dirty_pages_per_sec: None,
             })
             .collect()
+    }
+
+    /// Whether a migration out of `vm` is under way (its VMM then refuses a dirty-rate sample).
+    pub fn is_migrating(&self, vm: &str) -> bool {
+        self.vms.get(vm).is_some_and(|v| v.migrating.is_some())
     }
 
     /// What the agent sees of one VM.

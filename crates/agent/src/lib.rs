@@ -10,8 +10,12 @@
 //! [`shell`] is the I/O around it that `tern agent` runs: the etcd lease and host record, the
 //! command API, the supervised VMM children (`tern vm run|receive|migrate|resume`) and telemetry.
 //! The shell never links KVM either: it runs VMMs as child processes.
+//!
+//! [`telemetry`] is the pure arithmetic of the reports: utilisation under `--cpu-share`, the
+//! staggered dirty-rate sampling schedule, the parking mode and the parked cores reported.
 
 #![forbid(unsafe_code)]
 
 pub mod core;
 pub mod shell;
+pub mod telemetry;

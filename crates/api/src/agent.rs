@@ -160,9 +160,9 @@ pub enum ObservedState {
     Absent,
 }
 
-/// One VM in an [`AgentReport`].
+/// One VM in an [`AgentReport`]. Telemetry only grows: unknown fields are ignored (see
+/// [`AgentReport`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ObservedVm {
     /// The VM's name.
     pub name: String,
@@ -172,11 +172,22 @@ pub struct ObservedVm {
     pub cpu_utilization: Option<f64>,
     /// Resident memory of the VMM, MiB, if measured.
     pub rss_mib: Option<u64>,
+    /// Guest pages (4 KiB) dirtied per second at the last sample, if measured: the VMM's dirty
+    /// log over a short window, taken every few intervals (absent while the VM migrates, and
+    /// from agents older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dirty_pages_per_sec: Option<f64>,
 }
 
 /// Sent by each agent to the leading controller every telemetry interval (never stored in etcd).
+///
+/// **Compatibility.** Unlike commands and replies, a report (and each [`ObservedVm`] in it)
+/// ignores fields it does not know, and every field added after the first version is an
+/// `Option` that is left out when `None` and read as `None` when missing. So a newer agent's
+/// report is taken by an older controller (which ignores the telemetry it cannot use, instead of
+/// refusing the report and losing the host), and an older agent's report by a newer one. Fields
+/// that change what a command does never go here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct AgentReport {
     /// The host.
     pub host: String,
@@ -193,6 +204,10 @@ pub struct AgentReport {
     pub vms: Vec<ObservedVm>,
     /// Host CPU utilisation over the last interval (0..1), if measured.
     pub cpu_utilization: Option<f64>,
+    /// Cores the core-parking policy has parked on this host, if it runs (`tern agent
+    /// --parking report|on`), at most the host's declared cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_cores: Option<u32>,
 }
 
 #[cfg(test)]
@@ -214,6 +229,38 @@ mod tests {
         let json = serde_json::to_string(&c).unwrap();
         assert!(json.contains(r#""op":"migrate_out""#), "{json}");
         assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn reports_take_unknown_fields_and_leave_out_absent_telemetry() {
+        // An older agent's report: no dirty rate, no parked cores.
+        let old = r#"{"host":"h1","generation_seen":3,"seq":9,"last_command_id":2,
+            "vms":[{"name":"a","state":"running","cpu_utilization":0.5,"rss_mib":70}],
+            "cpu_utilization":0.25}"#;
+        let r: AgentReport = serde_json::from_str(old).unwrap();
+        assert_eq!(r.parked_cores, None);
+        assert_eq!(r.vms[0].dirty_pages_per_sec, None);
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            !json.contains("parked_cores") && !json.contains("dirty_pages_per_sec"),
+            "absent telemetry is left out, so an older controller reads it: {json}"
+        );
+        // A newer agent's report, with a field this version does not know.
+        let newer = old
+            .replace(
+                r#""rss_mib":70"#,
+                r#""rss_mib":70,"dirty_pages_per_sec":812.5,"x":1"#,
+            )
+            .replace(
+                r#""cpu_utilization":0.25"#,
+                r#""cpu_utilization":0.25,"parked_cores":1,"y":[2]"#,
+            );
+        let r: AgentReport = serde_json::from_str(&newer).unwrap();
+        assert_eq!(r.parked_cores, Some(1));
+        assert_eq!(r.vms[0].dirty_pages_per_sec, Some(812.5));
+        // Commands still refuse what they do not know.
+        let cmd = r#"{"generation":1,"id":1,"host_lease":1,"body":{"op":"ping"},"x":1}"#;
+        assert!(serde_json::from_str::<Command>(cmd).is_err());
     }
 
     #[test]

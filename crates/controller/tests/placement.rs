@@ -197,9 +197,11 @@ fn cluster() -> Controller {
                         state: ObservedState::Running,
                         cpu_utilization: Some(u),
                         rss_mib: Some(64),
+                        dirty_pages_per_sec: None,
                     })
                     .collect(),
                 cpu_utilization: Some(0.5),
+                parked_cores: None,
             }),
             3,
         );

@@ -186,6 +186,7 @@ async fn a_change_stored_before_the_deadline_cut_its_command_short_stands() {
             last_command_id: 0,
             vms: vec![],
             cpu_utilization: None,
+            parked_cores: None,
         })
     };
     shell.shared().feed(report(1, 1)).await;

@@ -697,6 +697,7 @@ impl World {
                     last_command_id: self.hosts[h].agent.last_command_id(),
                     vms: self.hosts[h].agent.observed(),
                     cpu_utilization: Some(0.1),
+                    parked_cores: None,
                 };
                 for c in 0..CONTROLLERS {
                     let d = self.delay();

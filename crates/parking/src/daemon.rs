@@ -248,8 +248,13 @@ pub enum ClientError {
     BadReply(String),
 }
 
-struct Daemon {
+/// The daemon's state and one check interval of it ([`Daemon::tick`]), usable as a library by a
+/// process with its own loop (the host agent): [`Daemon::new`] needs no socket and no signals.
+pub struct Daemon {
     cfg: DaemonConfig,
+    /// Whether decisions are applied (affinities written); off, the policy runs on the same
+    /// telemetry and only reports.
+    actuate: bool,
     policy: Policy,
     actuator: Actuator,
     model: ParkingPowerModel,
@@ -273,6 +278,17 @@ struct Daemon {
     runtime_mtime: Option<std::time::SystemTime>,
     reread_entries: bool,
     last_idle_read: Instant,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("runtime_dir", &self.cfg.runtime_dir)
+            .field("actuate", &self.actuate)
+            .field("interval", &self.interval)
+            .field("unparked", &self.policy.unparked())
+            .finish_non_exhaustive()
+    }
 }
 
 fn log(msg: &str) {
@@ -318,7 +334,83 @@ impl Daemon {
         self.vms = vms;
     }
 
-    fn tick(&mut self) {
+    /// A daemon over `cfg`'s CPUs and VMs that has not ticked yet (nothing applied until then).
+    pub fn new(cfg: DaemonConfig) -> Result<Daemon, DaemonError> {
+        let topology = Topology::read(&cfg.paths.sys_root, cfg.cpus.as_deref())
+            .map_err(DaemonError::Topology)?;
+        let (model, model_line) = cfg
+            .power
+            .resolve(topology.len())
+            .map_err(DaemonError::Power)?;
+        let prev_cpu = read_cpu_times(&cfg.paths).map_err(DaemonError::Telemetry)?;
+        let managed: Vec<usize> = topology.cpus.iter().map(|c| c.id).collect();
+        let actuator = Actuator::new(ActuatorConfig {
+            paths: cfg.paths.clone(),
+            managed,
+            cpuset_dir: cfg.cpuset_dir.clone(),
+            irq: cfg.irq,
+            halt_poll_ns: cfg.halt_poll_ns,
+        });
+        Ok(Daemon {
+            policy: Policy::new(cfg.knobs.clone(), topology),
+            cfg,
+            actuate: true,
+            actuator,
+            model,
+            model_line,
+            interval: 0,
+            last_change_interval: 0,
+            last_reason: Reason::Hold,
+            prev_cpu,
+            prev_threads: BTreeMap::new(),
+            prev_idle: BTreeMap::new(),
+            last_tick: Instant::now(),
+            vms: Vec::new(),
+            busy: Vec::new(),
+            demand: 0.0,
+            threads: BTreeMap::new(),
+            residency: BTreeMap::new(),
+            energy_saved_j: 0.0,
+            skips: Vec::new(),
+            seen_skips: BTreeSet::new(),
+            readers: BTreeMap::new(),
+            runtime_mtime: None,
+            reread_entries: true,
+            last_idle_read: Instant::now() - Duration::from_secs(10),
+        })
+    }
+
+    /// Report-only (`false`): the policy keeps deciding, but no affinity or file is written (and
+    /// whatever was written is restored).
+    pub fn set_actuate(&mut self, actuate: bool) {
+        if self.actuate && !actuate {
+            self.restore();
+        }
+        self.actuate = actuate;
+    }
+
+    /// The managed CPUs the policy has parked now.
+    pub fn parked_cpus(&self) -> usize {
+        self.policy.topology().len() - self.policy.unparked().len()
+    }
+
+    /// The managed CPUs.
+    pub fn managed_cpus(&self) -> usize {
+        self.policy.topology().len()
+    }
+
+    /// The check interval, from the knobs.
+    pub fn period(&self) -> Duration {
+        Duration::from_millis(u64::from(self.policy.knobs().interval_ms))
+    }
+
+    /// Restores every affinity and file the actuator changed.
+    pub fn restore(&mut self) -> ActReport {
+        self.actuator.restore()
+    }
+
+    /// One check interval: sample, decide, and (unless report-only) apply.
+    pub fn tick(&mut self) {
         self.interval += 1;
         let now = Instant::now();
         let elapsed = now.duration_since(self.last_tick);
@@ -436,8 +528,10 @@ impl Daemon {
                 d.demand
             ));
         }
-        let ActReport { skips, .. } = self.actuator.apply(&vms, &d.unparked);
-        self.note_skips(skips);
+        if self.actuate {
+            let ActReport { skips, .. } = self.actuator.apply(&vms, &d.unparked);
+            self.note_skips(skips);
+        }
         self.vms = vms;
         // C-state residency is for people reading `status`: every 5 s is plenty.
         let idle_window = now.duration_since(self.last_idle_read);
@@ -569,13 +663,6 @@ impl Daemon {
 pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
     let signals =
         Signals::block(&[Signal::SIGINT, Signal::SIGTERM]).map_err(DaemonError::Signals)?;
-    let topology =
-        Topology::read(&cfg.paths.sys_root, cfg.cpus.as_deref()).map_err(DaemonError::Topology)?;
-    let (model, model_line) = cfg
-        .power
-        .resolve(topology.len())
-        .map_err(DaemonError::Power)?;
-    let prev_cpu = read_cpu_times(&cfg.paths).map_err(DaemonError::Telemetry)?;
     if cfg.socket.exists() {
         if UnixStream::connect(&cfg.socket).is_ok() {
             return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
@@ -585,59 +672,28 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
     if let Some(dir) = cfg.socket.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
-    let listener = UnixListener::bind(&cfg.socket).map_err(|source| DaemonError::Socket {
-        path: cfg.socket.clone(),
+    let socket = cfg.socket.clone();
+    let mut d = Daemon::new(cfg)?;
+    let listener = UnixListener::bind(&socket).map_err(|source| DaemonError::Socket {
+        path: socket.clone(),
         source,
     })?;
     listener
         .set_nonblocking(true)
         .map_err(|source| DaemonError::Socket {
-            path: cfg.socket.clone(),
+            path: socket.clone(),
             source,
         })?;
-    let managed: Vec<usize> = topology.cpus.iter().map(|c| c.id).collect();
-    let actuator = Actuator::new(ActuatorConfig {
-        paths: cfg.paths.clone(),
-        managed: managed.clone(),
-        cpuset_dir: cfg.cpuset_dir.clone(),
-        irq: cfg.irq,
-        halt_poll_ns: cfg.halt_poll_ns,
-    });
+    let managed: Vec<usize> = d.policy.topology().cpus.iter().map(|c| c.id).collect();
     log(&format!(
         "managing CPUs {} every {} ms; VMs from {}; control socket {}",
         format_cpus(&managed),
-        cfg.knobs.interval_ms,
-        cfg.runtime_dir.display(),
-        cfg.socket.display()
+        d.cfg.knobs.interval_ms,
+        d.cfg.runtime_dir.display(),
+        socket.display()
     ));
-    log(&model_line);
-    let mut d = Daemon {
-        policy: Policy::new(cfg.knobs, topology),
-        cfg,
-        actuator,
-        model,
-        model_line,
-        interval: 0,
-        last_change_interval: 0,
-        last_reason: Reason::Hold,
-        prev_cpu,
-        prev_threads: BTreeMap::new(),
-        prev_idle: BTreeMap::new(),
-        last_tick: Instant::now(),
-        vms: Vec::new(),
-        busy: Vec::new(),
-        demand: 0.0,
-        threads: BTreeMap::new(),
-        residency: BTreeMap::new(),
-        energy_saved_j: 0.0,
-        skips: Vec::new(),
-        seen_skips: BTreeSet::new(),
-        readers: BTreeMap::new(),
-        runtime_mtime: None,
-        reread_entries: true,
-        last_idle_read: Instant::now() - Duration::from_secs(10),
-    };
-    let period = |d: &Daemon| Duration::from_millis(u64::from(d.policy.knobs().interval_ms));
+    log(&d.model_line);
+    let period = |d: &Daemon| d.period();
     let mut next = Instant::now() + period(&d);
     let stop = loop {
         let now = Instant::now();

@@ -15,7 +15,9 @@ use tern_api::cluster::HostCapacity;
 /// lease cannot be renewed until TTL minus the fence margin, the agent kills its VMMs (so the
 /// controller may restart them elsewhere once the lease has expired). Commands come in on
 /// `POST /v1/agent/commands`; `GET /v1/agent/status` and `GET /metrics` show the agent's view.
-/// Each VM runs as a child `tern vm run` process, and dies with the agent.
+/// Each VM runs as a child `tern vm run` process, and dies with the agent. Every report carries
+/// each VM's CPU utilisation and dirty-page rate (sampled every 5 s over 200 ms), the host's
+/// utilisation and, unless `--parking off`, the cores the parking policy parked.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
     /// The host's name (its key under /tern/hosts/)
@@ -63,6 +65,15 @@ pub struct AgentArgs {
     /// How long a command may take (a migration out) before its request answers 504, seconds
     #[arg(long, value_name = "SECONDS", default_value_t = 600)]
     command_timeout: u64,
+    /// The fraction of one real CPU each declared core stands for (0 < F <= 1): VM utilisation is
+    /// vCPU time / (vCPUs x F); below 1, host utilisation is its VMMs' CPU time / (cores x F)
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
+    cpu_share: f64,
+    /// Core parking on this host: off; report (run the policy on this host's vCPU threads and
+    /// report parked cores, change nothing); on (also confine this agent's vCPU threads to the
+    /// unparked CPUs)
+    #[arg(long, value_name = "off|report|on", default_value = "report")]
+    parking: String,
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -101,6 +112,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         Some(m) => m,
         None => host_memory_mib().context("cannot read /proc/meminfo; give --memory-mib")?,
     };
+    let cpu_share = tern_agent::telemetry::CpuShare::new(a.cpu_share)?;
+    let parking: tern_agent::telemetry::ParkingMode = a.parking.parse()?;
     let opts = tern_agent::shell::Options {
         state_dir: a
             .state_dir
@@ -124,6 +137,8 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         report_interval_ms: a.report_interval_ms,
         command_timeout: Duration::from_secs(a.command_timeout.max(1)),
         exe: std::env::current_exe().context("cannot find the tern binary to run VMMs with")?,
+        cpu_share,
+        parking,
     };
     tern_agent::shell::run(opts)?;
     Ok(ExitCode::SUCCESS)

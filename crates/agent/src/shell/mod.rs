@@ -17,6 +17,7 @@ mod children;
 mod http;
 mod lease;
 pub mod procfs;
+mod report;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -34,6 +35,7 @@ use tern_api::cluster::HostCapacity;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{self, Action, Agent, Input};
+use crate::telemetry::{CpuShare, ParkingMode};
 
 /// How often the core is ticked.
 const TICK: Duration = Duration::from_millis(100);
@@ -65,6 +67,10 @@ pub struct Options {
     pub command_timeout: Duration,
     /// The `tern` binary that runs VMMs (`tern vm run|receive|migrate|resume`).
     pub exe: PathBuf,
+    /// The fraction of one real CPU each declared core stands for (see [`crate::telemetry`]).
+    pub cpu_share: CpuShare,
+    /// Whether the core-parking policy runs here, and whether it acts.
+    pub parking: ParkingMode,
 }
 
 /// Why the agent could not run.
@@ -210,6 +216,8 @@ pub(crate) enum Event {
     },
     /// A view of the agent for status, metrics and reports.
     Snapshot(oneshot::Sender<Snapshot>),
+    /// The report the telemetry task took last (shown in the status).
+    Telemetry(AgentReport),
     /// Kill every VMM (the agent is stopping); answered with their pids.
     Shutdown(oneshot::Sender<Vec<u32>>),
 }
@@ -239,6 +247,8 @@ pub struct AgentStatus {
     pub restarts: u64,
     /// The VMs supervised here.
     pub vms: Vec<VmStatus>,
+    /// The last telemetry report taken (what went, or would have gone, to the leader).
+    pub telemetry: Option<AgentReport>,
 }
 
 /// One VM in [`AgentStatus`].
@@ -250,6 +260,8 @@ pub struct VmStatus {
     pub state: ObservedState,
     /// Its VMM's process id, while one runs.
     pub pid: Option<u32>,
+    /// Whether a migration out of it is under way.
+    pub migrating: bool,
 }
 
 /// A consistent view of the agent at one moment.
@@ -374,6 +386,8 @@ struct Shell {
     stored_generation: u64,
     lease: Option<u64>,
     restarts: u64,
+    /// The last telemetry report.
+    last_report: Option<AgentReport>,
     /// Inputs that arose while carrying out actions (a VMM that could not start): fed after the
     /// current batch, so actions stay in the core's order.
     later: Vec<Input>,
@@ -420,6 +434,7 @@ impl Shell {
             Event::Snapshot(tx) => {
                 let _ = tx.send(self.snapshot(now));
             }
+            Event::Telemetry(report) => self.last_report = Some(report),
             Event::Shutdown(tx) => {
                 for c in self.children.values() {
                     c.kill();
@@ -530,6 +545,7 @@ impl Shell {
             .into_iter()
             .map(|v| VmStatus {
                 pid: self.children.get(&v.name).map(|c| c.pid),
+                migrating: self.agent.is_migrating(&v.name),
                 name: v.name,
                 state: v.state,
             })
@@ -549,6 +565,7 @@ impl Shell {
             self_fences: self.agent.self_fences,
             restarts: self.restarts,
             vms,
+            telemetry: self.last_report.clone(),
         };
         let report = AgentReport {
             host: self.host.clone(),
@@ -557,6 +574,7 @@ impl Shell {
             last_command_id: self.agent.last_command_id(),
             vms: self.agent.observed(),
             cpu_utilization: None,
+            parked_cores: None,
         };
         Snapshot {
             metrics: render_metrics(&status),
@@ -644,8 +662,10 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
         stored_generation: generation,
         lease: None,
         restarts: 0,
+        last_report: None,
         later: Vec::new(),
     };
+    let mut parking = report::Parking::start(opts.parking, opts.runtime_dir.clone());
     // The loop that owns the core.
     let core_loop = tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
@@ -678,11 +698,16 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
         tx.clone(),
         lease_id.clone(),
     ));
-    tokio::spawn(telemetry(
+    tokio::spawn(report::run(
         client.clone(),
         tx.clone(),
-        opts.runtime_dir.clone(),
-        Duration::from_millis(opts.report_interval_ms),
+        report::Config {
+            interval: Duration::from_millis(opts.report_interval_ms),
+            runtime_dir: opts.runtime_dir.clone(),
+            cpu_share: opts.cpu_share,
+            cores: opts.capacity.cores,
+            parked: parking.parked.clone(),
+        },
     ));
     let app = http::router(tx.clone(), opts.command_timeout);
     let server = tokio::spawn(async move { axum::serve(listener, app).await });
@@ -719,6 +744,7 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
     }
     server.abort();
     core_loop.abort();
+    tokio::task::block_in_place(|| parking.stop());
     Ok(())
 }
 
@@ -739,92 +765,6 @@ async fn wait_for_stop() {
     }
 }
 
-/// Per-VM CPU time at the previous sample: `(pid, ticks, at_ms)`.
-type CpuSample = (u32, u64, u64);
-
-/// Samples telemetry every `interval` and posts a report to the leading controller.
-async fn telemetry(
-    mut client: etcd_client::Client,
-    events: mpsc::Sender<Event>,
-    runtime_dir: PathBuf,
-    interval: Duration,
-) {
-    let start = tokio::time::Instant::now();
-    let mut prev_vm: HashMap<String, CpuSample> = HashMap::new();
-    let mut prev_host: Option<(u64, u64)> = None;
-    let mut leader: Option<String> = None;
-    let mut last_error = String::new();
-    let mut every = tokio::time::interval(interval);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        every.tick().await;
-        let (tx, rx) = oneshot::channel();
-        if events.send(Event::Snapshot(tx)).await.is_err() {
-            return;
-        }
-        let Ok(snap) = rx.await else { return };
-        let now = start.elapsed().as_millis() as u64;
-        let mut report = snap.report;
-        let pids: HashMap<String, u32> = snap
-            .status
-            .vms
-            .iter()
-            .filter_map(|v| Some((v.name.clone(), v.pid?)))
-            .collect();
-        for vm in &mut report.vms {
-            let Some(&pid) = pids.get(&vm.name) else {
-                continue;
-            };
-            vm.rss_mib = procfs::rss_mib(pid);
-            let Some(entry) = children::read_entry(&runtime_dir, &vm.name).filter(|e| e.pid == pid)
-            else {
-                continue;
-            };
-            let ticks: u64 = entry
-                .vcpu_tids
-                .iter()
-                .filter_map(|&t| procfs::thread_cpu_ticks(pid, t))
-                .sum();
-            if let Some(&(p, t0, at)) = prev_vm.get(&vm.name)
-                && p == pid
-            {
-                vm.cpu_utilization = procfs::utilization(
-                    ticks.saturating_sub(t0),
-                    now.saturating_sub(at),
-                    entry.vcpu_tids.len() as u32,
-                );
-            }
-            prev_vm.insert(vm.name.clone(), (pid, ticks, now));
-        }
-        prev_vm.retain(|name, _| pids.contains_key(name));
-        if let Some((busy, total)) = procfs::host_cpu() {
-            if let Some((b0, t0)) = prev_host
-                && total > t0
-            {
-                report.cpu_utilization =
-                    Some((busy.saturating_sub(b0)) as f64 / (total - t0) as f64);
-            }
-            prev_host = Some((busy, total));
-        }
-        if let Some(url) = lease::leader_url(&mut client).await {
-            leader = Some(url);
-        }
-        let Some(url) = &leader else { continue };
-        let body = serde_json::to_vec(&report).unwrap_or_default();
-        let sent = http::post_json(url, "/v1/agent/reports", body, interval.max(TICK)).await;
-        let error = match sent {
-            Ok(code) if (200..300).contains(&code) => String::new(),
-            Ok(code) => format!("the controller at {url} answered {code} to a report"),
-            Err(e) => e,
-        };
-        // Log a change of trouble, not every interval.
-        if error != last_error && !error.is_empty() {
-            eprintln!("tern agent: {error}");
-        }
-        last_error = error;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -841,21 +781,25 @@ mod tests {
             seq: 9,
             self_fences: 1,
             restarts: 2,
+            telemetry: None,
             vms: vec![
                 VmStatus {
                     name: "a".into(),
                     state: ObservedState::Running,
                     pid: Some(10),
+                    migrating: false,
                 },
                 VmStatus {
                     name: "b".into(),
                     state: ObservedState::Running,
                     pid: Some(11),
+                    migrating: false,
                 },
                 VmStatus {
                     name: "c".into(),
                     state: ObservedState::Exited,
                     pid: None,
+                    migrating: false,
                 },
             ],
         }
@@ -915,6 +859,7 @@ mod tests {
             stored_generation: 0,
             lease: None,
             restarts: 0,
+            last_report: None,
             later: Vec::new(),
         }
     }
@@ -1040,6 +985,8 @@ mod tests {
             runtime_dir: "/tmp".into(),
             command_timeout: Duration::from_secs(600),
             exe: "/bin/true".into(),
+            cpu_share: CpuShare::WHOLE,
+            parking: ParkingMode::Report,
         }
     }
 

@@ -65,6 +65,12 @@ pub fn thread_cpu_ticks(pid: u32, tid: u32) -> Option<u64> {
     parse_stat_cpu_ticks(&text)
 }
 
+/// `utime + stime` of process `pid` (all its threads), clock ticks.
+pub fn process_cpu_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu_ticks(&text)
+}
+
 /// Resident memory of process `pid`, MiB.
 pub fn rss_mib(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -159,6 +165,7 @@ mod tests {
     fn this_process_is_read_live() {
         let pid = std::process::id();
         assert!(rss_mib(pid).is_some());
+        assert!(process_cpu_ticks(pid).is_some());
         let (busy, total) = host_cpu().expect("/proc/stat");
         assert!(busy <= total && total > 0);
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
