@@ -232,9 +232,11 @@ impl Lab {
                                     state: ObservedState::Running,
                                     cpu_utilization: Some(0.05),
                                     rss_mib: Some(64),
+                                    dirty_pages_per_sec: None,
                                 })
                                 .collect(),
                             cpu_utilization: Some(0.05),
+                            parked_cores: None,
                         }
                     };
                     let body = serde_json::to_vec(&report).unwrap();

@@ -87,6 +87,9 @@ pub struct Automation {
     vm_cpu: BTreeMap<String, f64>,
     /// Latest host CPU utilisation.
     host_cpu: BTreeMap<String, f64>,
+    /// Latest per-VM dirty-page rate (pages/s) and per-host parked cores from the reports.
+    vm_dirty: BTreeMap<String, f64>,
+    host_parked: BTreeMap<String, u32>,
     /// Migration tasks started for a plan: task → (plan, VM).
     plan_tasks: BTreeMap<u64, (u64, String)>,
     /// Predicted cost of every migration task seen.
@@ -108,6 +111,8 @@ impl Automation {
             generation: None,
             vm_cpu: BTreeMap::new(),
             host_cpu: BTreeMap::new(),
+            vm_dirty: BTreeMap::new(),
+            host_parked: BTreeMap::new(),
             plan_tasks: BTreeMap::new(),
             predicted: BTreeMap::new(),
             waking: BTreeMap::new(),
@@ -220,10 +225,18 @@ pub fn note_report(s: &Shared, report: &AgentReport) {
     if let Some(u) = report.cpu_utilization {
         a.host_cpu.insert(report.host.clone(), u);
     }
+    match report.parked_cores {
+        Some(p) => a.host_parked.insert(report.host.clone(), p),
+        None => a.host_parked.remove(&report.host),
+    };
     for v in &report.vms {
         if let Some(u) = v.cpu_utilization {
             a.vm_cpu.insert(v.name.clone(), u);
         }
+        match v.dirty_pages_per_sec {
+            Some(d) => a.vm_dirty.insert(v.name.clone(), d),
+            None => a.vm_dirty.remove(&v.name),
+        };
     }
 }
 
@@ -238,7 +251,7 @@ fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
             up: h.state == HostState::Up,
             maintenance: h.maintenance,
             cpu_utilization: a.host_cpu.get(&h.name).copied().or(h.cpu_utilization),
-            parked_cores: h.parked_cores,
+            parked_cores: a.host_parked.get(&h.name).copied().or(h.parked_cores),
             name: h.name,
         })
         .collect();
@@ -256,7 +269,7 @@ fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
             vcpus: v.spec.vcpus,
             memory_mib: v.spec.memory_mib,
             cpu_utilization: a.vm_cpu.get(&v.name).copied(),
-            dirty_pages_per_sec: None,
+            dirty_pages_per_sec: a.vm_dirty.get(&v.name).copied(),
             pinned: v.spec.host.is_some(),
             anti_affinity: v.spec.anti_affinity.clone(),
             migrating: v.state == VmState::Migrating,
