@@ -46,7 +46,7 @@ pub struct LoopConfig {
     pub ha_reserve_hosts: u32,
     /// The migration link, bytes per second.
     pub link_bytes_per_sec: f64,
-    /// The longest acceptable pause of a migration, milliseconds.
+    /// The longest acceptable pause of a migration, milliseconds (the migration's own default).
     pub downtime_budget_ms: f64,
     /// How far the preview looks ahead, seconds (0: no preview, no veto by preview).
     pub preview_horizon_s: u32,
@@ -66,7 +66,7 @@ impl Default for LoopConfig {
             seed: 1,
             ha_reserve_hosts: 0,
             link_bytes_per_sec: 125e6,
-            downtime_budget_ms: 300.0,
+            downtime_budget_ms: 50.0,
             preview_horizon_s: 600,
             forecast: Forecast::Replay,
             demand_high_water: 0.8,

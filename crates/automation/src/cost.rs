@@ -1,22 +1,18 @@
 //! A move's predicted cost: total time, bytes and downtime, and whether it converges.
 //!
-//! [`predict_move`] is the one call the loop makes. Today it runs a placeholder pre-copy model
-//! of its own ([`placeholder_predict`]); `tern_migration`'s predictor (which runs the real sender
-//! machine against a modelled guest) replaces it inside `predict_move` once it is in the tree, with
-//! no change to callers.
-//!
-//! The placeholder, round by round: round 0 sends the whole memory `M` over the link `B`; each
-//! later round sends what the guest dirtied during the previous one (`D × t`, at most `M`); the
-//! switch-over happens when a round's bytes would take at most the downtime budget; after
-//! [`MAX_ROUNDS`] rounds without that, the move is predicted not to converge (its pause would
-//! exceed the budget).
+//! [`predict_move`] is the one call the loop (and the controller, for its tasks) makes. It runs
+//! `tern_migration`'s predictor, which drives the real sender machine — the same switch-over
+//! rule, throttle schedule, timeout and bandwidth estimator a migration follows — against a
+//! modelled guest (its memory and measured dirty rate) and link, under the migration's default
+//! convergence settings with the loop's downtime budget. A move converges when the switch-over
+//! rule fires within the budget; one that would be forced or abandoned at the timeout does not,
+//! and the loop holds it back.
+
+use std::time::Duration;
 
 use tern_api::automation::MigrationPrediction;
-
-/// Bytes of a guest page.
-pub const PAGE_BYTES: f64 = 4096.0;
-/// Pre-copy rounds before the placeholder gives up.
-pub const MAX_ROUNDS: u32 = 30;
+use tern_migration::machine::policy::ConvergenceConfig;
+use tern_migration::machine::predict::{PredictInput, predict};
 
 /// What a move's cost depends on.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,40 +27,31 @@ pub struct MoveInput {
     pub downtime_budget_ms: f64,
 }
 
-/// The loop's one entry point for a move's cost (see the module docs).
+/// The predicted cost of moving the guest in `input` (module docs). An input the predictor
+/// refuses (no memory, no link, a negative rate) is predicted not to converge, with no time.
 pub fn predict_move(input: &MoveInput) -> MigrationPrediction {
-    placeholder_predict(input)
-}
-
-/// The placeholder pre-copy model (module docs).
-pub fn placeholder_predict(input: &MoveInput) -> MigrationPrediction {
-    let m = input.memory_bytes as f64;
-    let b = input.link_bytes_per_sec.max(1.0);
-    let d = (input.dirty_pages_per_sec.max(0.0) * PAGE_BYTES).min(m * 1e3);
-    let budget_s = input.downtime_budget_ms.max(0.0) / 1000.0;
-    let mut sent = m;
-    let mut time = m / b;
-    let mut round_bytes = m;
-    for _ in 0..MAX_ROUNDS {
-        let dirty = (d * round_bytes / b).min(m);
-        if dirty / b <= budget_s {
-            return MigrationPrediction {
-                time_s: time + dirty / b,
-                bytes: (sent + dirty) as u64,
-                downtime_ms: 1000.0 * dirty / b,
-                converges: true,
-            };
-        }
-        sent += dirty;
-        time += dirty / b;
-        round_bytes = dirty;
-    }
-    let dirty = (d * round_bytes / b).min(m);
-    MigrationPrediction {
-        time_s: time + dirty / b,
-        bytes: (sent + dirty) as u64,
-        downtime_ms: 1000.0 * dirty / b,
-        converges: false,
+    let cfg = ConvergenceConfig {
+        downtime_budget: Duration::from_secs_f64(input.downtime_budget_ms.max(0.0) / 1000.0),
+        ..ConvergenceConfig::default()
+    };
+    let guest = PredictInput::new(
+        input.memory_bytes,
+        input.dirty_pages_per_sec,
+        input.link_bytes_per_sec,
+    );
+    match predict(&cfg, &guest) {
+        Ok(p) => MigrationPrediction {
+            time_s: p.total.as_secs_f64(),
+            bytes: p.bytes_sent,
+            downtime_ms: p.downtime.as_secs_f64() * 1000.0,
+            converges: p.converges(),
+        },
+        Err(_) => MigrationPrediction {
+            time_s: f64::INFINITY,
+            bytes: 0,
+            downtime_ms: 0.0,
+            converges: false,
+        },
     }
 }
 
@@ -77,34 +64,40 @@ mod tests {
             memory_bytes: mib << 20,
             dirty_pages_per_sec: pages,
             link_bytes_per_sec: 125e6,
-            downtime_budget_ms: 300.0,
+            downtime_budget_ms: 50.0,
         }
     }
 
     #[test]
-    fn an_idle_guest_moves_in_memory_over_bandwidth() {
-        let p = predict_move(&input(1024, 0.0));
+    fn an_idle_guest_moves_in_about_memory_over_bandwidth() {
+        let p = predict_move(&input(512, 0.0));
         assert!(p.converges);
-        assert!((p.time_s - (1024.0 * 1048576.0 / 125e6)).abs() < 1e-9);
-        assert_eq!(p.bytes, 1 << 30);
-        assert_eq!(p.downtime_ms, 0.0);
+        let floor = (512u64 << 20) as f64 / 125e6;
+        assert!(p.time_s >= floor && p.time_s < floor * 1.05, "{p:?}");
+        assert!(p.bytes >= 512 << 20);
+        assert!(p.downtime_ms <= 50.0);
     }
 
     #[test]
-    fn a_moderate_writer_converges_after_a_few_rounds_and_costs_more() {
-        // 10,000 pages/s = 41 MB/s on a 125 MB/s link: each round a third of the one before
-        let p = predict_move(&input(1024, 10_000.0));
-        assert!(p.converges);
-        assert!(p.time_s > 8.59 && p.time_s < 8.59 * 1.6, "{p:?}");
-        assert!(p.downtime_ms <= 300.0);
-        assert!(p.bytes > 1 << 30);
+    fn a_writer_costs_more_time_and_bytes_than_an_idle_guest() {
+        let idle = predict_move(&input(1024, 0.0));
+        let busy = predict_move(&input(1024, 10_000.0));
+        assert!(busy.converges);
+        assert!(
+            busy.time_s > idle.time_s && busy.bytes > idle.bytes,
+            "{busy:?} {idle:?}"
+        );
     }
 
     #[test]
-    fn a_writer_faster_than_the_link_does_not_converge() {
-        // 40,000 pages/s = 164 MB/s > 125 MB/s
-        let p = predict_move(&input(1024, 40_000.0));
-        assert!(!p.converges);
-        assert!(p.downtime_ms > 300.0);
+    fn a_big_fast_writer_does_not_converge_before_the_timeout() {
+        // 8 GiB take 69 s on the link, past the 60 s timeout, and are dirtied faster than sent
+        let p = predict_move(&input(8192, 1e6));
+        assert!(!p.converges, "{p:?}");
+        let bad = predict_move(&MoveInput {
+            link_bytes_per_sec: 0.0,
+            ..input(512, 0.0)
+        });
+        assert!(!bad.converges);
     }
 }

@@ -86,7 +86,7 @@ fn an_overload_held_for_hold_s_becomes_a_migration_plan_with_its_reason() {
     else {
         panic!("{plan:?}")
     };
-    assert!(p.converges && p.bytes == 256 << 20, "{p:?}");
+    assert!(p.converges && p.bytes >= 256 << 20, "{p:?}");
     let effect = plan.effect.expect("previewed");
     assert!(
         effect.with.slatah_pct < effect.without.slatah_pct,
@@ -392,24 +392,35 @@ fn cooldown_with_back_off_stops_a_vm_ping_ponging_on_an_oscillating_trace() {
 
 #[test]
 fn a_move_predicted_not_to_converge_is_held_back_and_another_vm_moves() {
-    let mut c = overloaded();
-    // b (least memory, MMT's choice) writes 40,000 pages/s: faster than the 125 MB/s link
-    c.vms.get_mut("b").unwrap().dirty = Some(40_000.0);
-    let mut p = policy(AutomationLevel::Manual);
-    p.hold_s = 0;
-    let mut lp = Loop::new(p, LoopConfig::default()).unwrap();
-    c.step(&mut lp, STEP_MS);
-    let plan = lp.plans()[0].clone();
+    // selection MU: b, the least busy VM of the overloaded h1, is the one to leave
+    let run = |dirty: Option<f64>| {
+        let mut c = overloaded();
+        c.hosts.get_mut("h2").unwrap().cores = 4;
+        let b = c.vms.get_mut("b").unwrap();
+        b.trace = vec![0.5];
+        b.memory_mib = 8192;
+        b.dirty = dirty;
+        let mut p = policy(AutomationLevel::Manual);
+        p.hold_s = 0;
+        p.selection = tern_api::automation::SelectionKind::Mu;
+        let mut lp = Loop::new(p, LoopConfig::default()).unwrap();
+        c.step(&mut lp, STEP_MS);
+        (lp.plans()[0].clone(), lp.last_round().clone())
+    };
+    // idle, b's 8 GiB move converges (69 s on the link) and b goes
+    let (plan, _) = run(None);
+    assert!(migrations(&plan).iter().any(|m| m.0 == "b"), "{plan:?}");
+    // writing a million pages a second, it would still be copying at the 60 s timeout: held back
+    let (plan, round) = run(Some(1e6));
     let m = migrations(&plan);
-    assert_eq!(m.len(), 1, "{plan:?}");
-    assert_ne!(m[0].0, "b");
+    assert!(!m.is_empty() && m.iter().all(|m| m.0 != "b"), "{plan:?}");
     assert!(
         plan.reason
             .contains("b not moved: predicted not to converge"),
         "{}",
         plan.reason
     );
-    assert_eq!(lp.last_round().held_back[0].0, "b");
+    assert_eq!(round.held_back[0].0, "b");
 }
 
 #[test]
