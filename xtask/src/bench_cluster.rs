@@ -166,6 +166,7 @@ fn simulated_cluster(hosts: usize) -> Controller {
                 state: ObservedState::Running,
                 cpu_utilization: Some(0.2),
                 rss_mib: Some(4096),
+                dirty_pages_per_sec: None,
             })
             .collect();
         c.step(
@@ -176,6 +177,7 @@ fn simulated_cluster(hosts: usize) -> Controller {
                 last_command_id: id,
                 vms,
                 cpu_utilization: Some(0.2),
+                parked_cores: None,
             }),
             3,
         );
