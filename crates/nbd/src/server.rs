@@ -504,6 +504,21 @@ pub const MAX_IN_FLIGHT: usize = 16;
 pub const MAX_IN_FLIGHT_BYTES: u64 = 2 * MAX_REQUEST_LEN as u64;
 /// Requests one connection may have forwarded through its [`Relay`] at once.
 pub const MAX_RELAYED: usize = 128;
+/// Small reads and writes a serving thread takes with the one it read, when they are already
+/// buffered, and executes after it: fewer hand-overs of the reader between threads.
+const MAX_BATCH: usize = 8;
+/// The largest request taken into a batch.
+const BATCH_REQUEST_LEN: u32 = 64 * 1024;
+
+/// Whether `buffered` starts with the header of a small READ or WRITE (which may join a batch).
+fn small_request_next(buffered: &[u8]) -> bool {
+    let Some(h) = buffered.first_chunk::<REQUEST_HEADER_LEN>() else {
+        return false;
+    };
+    RequestHeader::decode(h).is_ok_and(|h| {
+        matches!(h.command, Command::Read | Command::Write) && h.length <= BATCH_REQUEST_LEN
+    })
+}
 
 /// What the threads serving one connection share.
 struct Conn<'a, R, W> {
@@ -737,7 +752,12 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
         W: 's,
     {
         let mut buf: Vec<u8> = Vec::new();
+        // Requests read after the first while the next ones were already buffered, and spare
+        // buffers for them.
+        let mut batch: Vec<(RequestHeader, u64, Vec<u8>)> = Vec::new();
+        let mut spare: Vec<Vec<u8>> = Vec::new();
         loop {
+            let mut after: Option<Result<Next, ServeError>> = None;
             self.waiting.fetch_add(1, Ordering::SeqCst);
             let next = {
                 let mut r = lock(&self.r);
@@ -746,13 +766,37 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
                     return;
                 }
                 // A request the relay forwards needs no thread: keep reading.
-                loop {
+                let next = loop {
                     let next = self.next(&mut r, &mut buf);
                     match &next {
                         Ok(Next::Execute(req, _)) if self.try_relay(scope, req, &buf, &r) => {}
                         _ => break next,
                     }
+                };
+                // Small reads and writes already buffered behind a small one join it.
+                if self.relay.is_none()
+                    && let Ok(Next::Execute(req, _)) = &next
+                    && matches!(req.command, Command::Read | Command::Write)
+                    && req.length <= BATCH_REQUEST_LEN
+                {
+                    while batch.len() < MAX_BATCH && small_request_next(r.buffer()) {
+                        let mut b = spare.pop().unwrap_or_default();
+                        match self.next(&mut r, &mut b) {
+                            Ok(Next::Execute(q, bytes)) => batch.push((q, bytes, b)),
+                            Ok(Next::Handled) => spare.push(b),
+                            other => {
+                                // The reading ends here: nobody may read after us.
+                                let mut st = lock(&self.state);
+                                st.stop = true;
+                                self.stopped.store(true, Ordering::SeqCst);
+                                drop(st);
+                                after = Some(other);
+                                break;
+                            }
+                        }
+                    }
                 }
+                next
             };
             if let Some(relay) = &self.relay {
                 // Whatever comes next (a wait, or executing a request here), nothing forwarded
@@ -787,7 +831,34 @@ impl<R: Read + Send, W: Write + Send> Conn<'_, R, W> {
             let res = self.execute(&req, &mut buf);
             self.release(bytes);
             if let Err(e) = res {
-                return self.fail(e.into());
+                self.fail(e.into());
+            }
+            for (req, bytes, mut b) in batch.drain(..) {
+                let res =
+                    if self.stopped.load(Ordering::SeqCst) && lock(&self.state).error.is_some() {
+                        Ok(())
+                    } else {
+                        self.execute(&req, &mut b)
+                    };
+                self.release(bytes);
+                if let Err(e) = res {
+                    self.fail(e.into());
+                }
+                if b.capacity() <= BATCH_REQUEST_LEN as usize {
+                    spare.push(b);
+                }
+            }
+            match after {
+                Some(Ok(_)) => {
+                    self.freed.notify_all();
+                    self.close_relay();
+                    return;
+                }
+                Some(Err(e)) => return self.fail(e),
+                None => {}
+            }
+            if self.stopped.load(Ordering::SeqCst) && lock(&self.state).error.is_some() {
+                return;
             }
             // Keep an idle thread from pinning a 32 MiB allocation.
             if buf.capacity() > 1 << 20 {
