@@ -23,7 +23,6 @@ use tern_api::automation::{
     StatsSeries,
 };
 use tern_policy::cluster::HISTORY_LEN;
-use tern_policy::hash_order::SchedOrder;
 use tern_policy::{ClusterView, HostView, Model, PolicyConfig, SplitMix64, VmView};
 use tern_sim::preview::{
     Forecast, PreviewHost, PreviewInput, PreviewMove, PreviewOutcome, PreviewVm, Scenario, preview,
@@ -762,17 +761,10 @@ impl Loop {
             hosts: host_names
                 .iter()
                 .map(|n| {
-                    // one processing element of all its cores: the policy caps a VM's demand at
-                    // one element, and a live VM's vCPUs may keep several cores busy
+                    // one processing element of all its cores, as the controller's placement
+                    // sees a host: a live VM's vCPUs may keep several cores busy
                     let h = &self.hosts[n];
-                    HostView {
-                        pes: 1,
-                        pe_mips: f64::from(h.sample.cores) * h.spec.core_mips(),
-                        power: h.spec.model,
-                        utilization: 0.0,
-                        vms: Vec::new(),
-                        sched: SchedOrder::default(),
-                    }
+                    HostView::live(h.sample.cores, h.spec.model, h.spec.core_mips())
                 })
                 .collect(),
             vms: Vec::new(),

@@ -71,14 +71,11 @@ impl HostPowerSpec {
         }
     }
 
-    /// Capacity of one core in the policy's units (MIPS: the core clock in MHz of the server the
-    /// curve was measured on, as CloudSim rates its hosts).
+    /// Capacity of one core in the policy's units: `tern_policy::power::core_mips` (the core clock
+    /// in MHz of the server the curve was measured on, as CloudSim rates its hosts), the same figure
+    /// the controller's placement uses.
     pub fn core_mips(&self) -> f64 {
-        match self.model.name {
-            "HpProLiantMl110G4Xeon3040" => 1860.0,
-            "HpProLiantMl110G5Xeon3075" => 2660.0,
-            _ => 2933.0, // both IBM servers
-        }
+        tern_policy::power::core_mips(self.model.name).unwrap_or(1000.0)
     }
 
     /// Power at utilisation `u` (0..1) with `parked` cores parked, watts.
