@@ -88,6 +88,11 @@ pub struct UpArgs {
     /// (`tern host wake --netns NAME-cl --broadcast 10.77.0.255 --mac MAC`) powers it on too.
     #[arg(long)]
     pub bmc: bool,
+    /// The fraction of one real CPU each host's declared core stands for (0 < F <= 1), passed to
+    /// every agent as `--cpu-share F`: e.g. 4 hosts of 2 cores on a 2-core machine at 0.25 see
+    /// real, varying load from their VMs' vCPU threads at a quarter of the cost (docs/cluster.md).
+    #[arg(long, value_name = "F")]
+    pub host_cpu_share: Option<f64>,
 }
 
 /// Options of `tern cluster down`.
@@ -206,6 +211,8 @@ pub struct LabOptions {
     /// Give every host a test BMC (ipmi_sim) and the controllers their addresses, so the
     /// automation loop can power hosts off and on.
     pub bmc: bool,
+    /// Every agent's `--cpu-share` (the agent's default, 1, when `None`).
+    pub host_cpu_share: Option<f64>,
 }
 
 /// The folder of cluster `name`.
@@ -516,6 +523,12 @@ impl Lab {
                 .args(["--cores", &shape.cores.to_string()])
                 .args(["--memory-mib", "4096"])
                 .args(["--power-model", &shape.power_model])
+                .args(
+                    opts.host_cpu_share
+                        .map(|f| ["--cpu-share".to_string(), f.to_string()])
+                        .into_iter()
+                        .flatten(),
+                )
                 .arg("--runtime-dir")
                 .arg(&h.runtime_dir)
                 .arg("--state-dir")
@@ -1292,7 +1305,13 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     };
     let shapes = parse_host_shapes(&args.host_shape, args.hosts)?;
     let started = Instant::now();
-    let opts = LabOptions { bmc: args.bmc };
+    if let Some(f) = args.host_cpu_share {
+        tern_agent::telemetry::CpuShare::new(f).context("--host-cpu-share")?;
+    }
+    let opts = LabOptions {
+        bmc: args.bmc,
+        host_cpu_share: args.host_cpu_share,
+    };
     let lab = Lab::start_with(&spec, &shapes, &opts, &say)?;
     let bmcs = lab.bmc_info();
     let st = lab.state().clone();

@@ -1,0 +1,237 @@
+//! `tern agent`'s telemetry against real VMMs: a test-guest VM with a known writer rate shows that
+//! dirty-page rate in the agent's report, one with a known CPU load shows a utilisation that
+//! matches its vCPU thread's CPU time under `--cpu-share`, and the report carries the parked cores
+//! of the parking policy run in report-only mode (which leaves every affinity alone). Needs root,
+//! KVM and the etcd binary.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tern_test_support::{ChildGuard, Etcd, cpus_allowed, free_port, require_kvm, wait_for};
+
+/// The agent's `--cpu-share`.
+const SHARE: f64 = 0.5;
+/// The writer's configured rate, pages per second.
+const WRITER_RATE: f64 = 2_000.0;
+
+fn http(method: &str, addr: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
+fn status(addr: &str) -> Value {
+    let (code, body) = http("GET", addr, "/v1/agent/status", None);
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+fn start_vm(addr: &str, id: u64, lease: u64, name: &str, cmdline: &str) {
+    let body = json!({"op": "start", "disk_url": null, "spec": {
+        "name": name, "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
+        "cmdline": cmdline, "disk": null, "host": null, "anti_affinity": null,
+        "restart_priority": 50}});
+    let cmd = json!({"generation": 1, "id": id, "host_lease": lease, "body": body});
+    let (code, text) = http("POST", addr, "/v1/agent/commands", Some(&cmd));
+    assert_eq!(code, 200, "{text}");
+    let resp: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(resp["reply"]["result"], "done", "{resp}");
+}
+
+fn report_vm<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
+    report["vms"].as_array()?.iter().find(|v| v["name"] == name)
+}
+
+/// `utime + stime` of a thread, clock ticks (100 a second).
+fn thread_ticks(pid: u64, tid: u64) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap();
+    let rest = &text[text.rfind(')').unwrap() + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() {
+    require_kvm();
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let host = format!("telemetry-{}", std::process::id());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["agent", "--host-id", &host, "--etcd", &etcd.url])
+        .args(["--listen", &listen, "--cores", "2", "--memory-mib", "2048"])
+        .args(["--report-interval-ms", "500", "--parking", "report"])
+        .args(["--cpu-share", &SHARE.to_string()])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("tern agent starts");
+    let _agent = ChildGuard(agent);
+    wait_for("the agent's lease", Duration::from_secs(20), || {
+        TcpStream::connect(&listen).is_ok() && status(&listen)["lease"].as_u64().is_some()
+    });
+    let lease = status(&listen)["lease"].as_u64().unwrap();
+
+    // One VM writes WRITER_RATE pages a second; the other spins 25 % of every slice.
+    let (writer, loaded) = ("tel-writer", "tel-load");
+    start_vm(
+        &listen,
+        1,
+        lease,
+        writer,
+        &format!("tern.hb_ms=0 tern.dirty_mib=16 tern.dirty_rate={WRITER_RATE}"),
+    );
+    start_vm(&listen, 2, lease, loaded, "tern.hb_ms=0 tern.cpu_pct=25");
+    let log_text = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+
+    // Both VMs get a dirty-rate sample within a sampling period or two (every 5 s, staggered).
+    let deadline = Duration::from_secs(30);
+    let start = Instant::now();
+    let last = loop {
+        let st = status(&listen);
+        let last = st["telemetry"].clone();
+        let sampled = |name| {
+            report_vm(&last, name).is_some_and(|v| v["dirty_pages_per_sec"].as_f64().is_some())
+        };
+        if sampled(writer) && sampled(loaded) {
+            break last;
+        }
+        assert!(
+            start.elapsed() < deadline,
+            "no dirty-rate sample of both VMs in {deadline:?}: {last}\nagent log:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let rate = report_vm(&last, writer).unwrap()["dirty_pages_per_sec"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (0.5 * WRITER_RATE..=1.5 * WRITER_RATE).contains(&rate),
+        "the writer dirties {WRITER_RATE} pages/s; the agent reports {rate}: {last}"
+    );
+    let idle_rate = report_vm(&last, loaded).unwrap()["dirty_pages_per_sec"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        idle_rate < 0.25 * WRITER_RATE,
+        "the loaded VM writes no buffer; the agent reports {idle_rate} pages/s: {last}"
+    );
+
+    // CPU: the agent's figures over ~5 s against the vCPU thread's own CPU time over that span.
+    let st = status(&listen);
+    let pid = st["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == loaded)
+        .and_then(|v| v["pid"].as_u64())
+        .expect("the loaded VM's pid");
+    let entry: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join(format!("run/{loaded}.json"))).unwrap(),
+    )
+    .unwrap();
+    let tid = entry["vcpu_tids"][0].as_u64().unwrap();
+    let (t0, ticks0) = (Instant::now(), thread_ticks(pid, tid));
+    let mut seen_seq = Vec::new();
+    let (mut vm_u, mut host_u, mut parked) = (Vec::new(), Vec::new(), Vec::new());
+    while t0.elapsed() < Duration::from_secs(5) {
+        let r = status(&listen)["telemetry"].clone();
+        let seq = r["seq"].as_u64().unwrap_or(0);
+        let key = (seq, r.to_string());
+        if !seen_seq.contains(&key) {
+            if let Some(u) = report_vm(&r, loaded).and_then(|v| v["cpu_utilization"].as_f64()) {
+                vm_u.push(u);
+            }
+            if let Some(u) = r["cpu_utilization"].as_f64() {
+                host_u.push(u);
+            }
+            parked.push(r["parked_cores"].as_u64());
+            seen_seq.push(key);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let used_s = thread_ticks(pid, tid).saturating_sub(ticks0) as f64 / 100.0;
+    let expected = (used_s / (t0.elapsed().as_secs_f64() * SHARE)).min(1.0);
+    assert!(
+        vm_u.len() >= 5,
+        "reports with the VM's utilisation: {vm_u:?}"
+    );
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let vm_mean = mean(&vm_u);
+    assert!(
+        expected > 0.1,
+        "a 25 % load on one vCPU at a share of {SHARE} is visible ({expected:.2})"
+    );
+    assert!(
+        (vm_mean - expected).abs() <= 0.15 + 0.2 * expected,
+        "the agent reports {vm_mean:.2} (from {vm_u:?}); the vCPU thread used {used_s:.2} \
+         CPU-s, which is {expected:.2} of one vCPU worth {SHARE} of a CPU"
+    );
+    // The host: its VMMs' CPU time over 2 declared cores x SHARE; the VMMs used at least the
+    // loaded vCPU's time, and the host's capacity is twice the VM's.
+    assert!(!host_u.is_empty(), "no host utilisation in the reports");
+    let host_mean = mean(&host_u);
+    assert!(
+        host_mean >= 0.4 * vm_mean && host_mean <= 1.0,
+        "host {host_mean:.2} (from {host_u:?}) against the VM's {vm_mean:.2}"
+    );
+
+    eprintln!(
+        "dirty {rate:.0} pages/s (configured {WRITER_RATE}), idle VM {idle_rate:.0}; VM \
+         utilisation {vm_mean:.2} (thread time says {expected:.2}), host {host_mean:.2}; \
+         parked {parked:?}"
+    );
+    // Parked cores come from the parking policy, at most the 2 declared cores; in report-only
+    // mode no vCPU thread is confined.
+    assert!(
+        parked.iter().all(|p| p.is_some_and(|n| n <= 2)),
+        "parked cores in every report, at most 2: {parked:?}"
+    );
+    let all = cpus_allowed(std::process::id(), std::process::id());
+    for name in [writer, loaded] {
+        let e: Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("run/{name}.json"))).unwrap(),
+        )
+        .unwrap();
+        let vpid = e["pid"].as_u64().unwrap() as u32;
+        for t in e["vcpu_tids"].as_array().unwrap() {
+            assert_eq!(
+                cpus_allowed(vpid, t.as_u64().unwrap() as u32),
+                all,
+                "--parking report leaves {name}'s vCPU threads alone"
+            );
+        }
+    }
+    assert!(
+        Path::new(&dir.path().join("run")).exists(),
+        "the agent's runtime directory"
+    );
+}
