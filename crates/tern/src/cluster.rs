@@ -1,5 +1,5 @@
 //! `tern cluster`: a thin client of the controller's REST API (hosts, VMs, migrations,
-//! maintenance), plus the test cluster's `up` and `down` (`cluster_up.rs`).
+//! maintenance, the automation loop's policy and plans), plus the test cluster's `up` and `down` (`cluster_up.rs`).
 //!
 //! The controller's URL comes from `--controller`, else `$TERN_CONTROLLER`, else
 //! `http://127.0.0.1:7100`. A controller that does not lead answers 503 naming the leader's URL;
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use serde::de::DeserializeOwned;
+use tern_api::automation::{Plan, PlanAction, Policy};
 use tern_api::cluster::{
     ErrorBody, HostInfo, MaintenanceRequest, MigrateRequest, TaskInfo, TaskRef, TaskState,
     VmCreate, VmInfo,
@@ -37,6 +38,18 @@ pub enum ClusterCommand {
     /// Put a host into maintenance (its VMs move away live) or take it out.
     #[command(subcommand)]
     Host(HostCommand),
+    /// The automation loop's policy: show it, or change some knobs (the rest stay).
+    Policy {
+        #[command(subcommand)]
+        cmd: Option<PolicyCommand>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The automation loop's plans, newest first.
+    Plans(Conn),
+    /// Apply or reject a proposed plan.
+    #[command(subcommand)]
+    Plan(PlanCommand),
     #[command(flatten)]
     Lab(crate::cluster_up::LabCommand),
 }
@@ -128,6 +141,199 @@ pub enum HostCommand {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// `tern cluster policy ...`.
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the policy in force (the default).
+    Get(Conn),
+    /// Change the knobs given; the others keep their values. Out-of-range values are refused
+    /// with the valid range, and nothing changes.
+    Set(PolicySet),
+}
+
+/// `tern cluster policy set`.
+#[derive(Debug, Args)]
+pub struct PolicySet {
+    /// How far the loop acts on its own
+    #[arg(long, value_enum)]
+    automation: Option<AutomationArg>,
+    /// 1 (only relieve overloads) to 5 (consolidate eagerly)
+    #[arg(long, value_name = "1-5")]
+    aggressiveness: Option<u8>,
+    /// The loop's period, seconds (2-3600)
+    #[arg(long, value_name = "S")]
+    interval_s: Option<u32>,
+    /// Overload detector: thr, iqr, mad, lr, lrr
+    #[arg(long, value_name = "NAME")]
+    detector: Option<String>,
+    /// VM selection: mmt, rs, mc, mu
+    #[arg(long, value_name = "NAME")]
+    selection: Option<String>,
+    /// The detector's parameter
+    #[arg(long, value_name = "X")]
+    parameter: Option<f64>,
+    /// Hysteresis: a host stays over/under this long before a plan acts, seconds
+    #[arg(long, value_name = "S")]
+    hold_s: Option<u32>,
+    /// A consolidation plan must save at least this much energy, percent
+    #[arg(long, value_name = "PCT")]
+    min_improvement_pct: Option<f64>,
+    /// Per-VM cooldown after a move, seconds
+    #[arg(long, value_name = "S")]
+    cooldown_s: Option<u32>,
+    /// Migrations the loop may run at once (1-64)
+    #[arg(long, value_name = "N")]
+    max_migrations: Option<u32>,
+    /// Host power management on or off
+    #[arg(long, value_name = "BOOL")]
+    power: Option<bool>,
+    /// Powered-on empty hosts kept beyond need
+    #[arg(long, value_name = "N")]
+    spare_hosts: Option<u32>,
+    /// A drained host stays empty this long before power-off, seconds
+    #[arg(long, value_name = "S")]
+    off_hold_s: Option<u32>,
+    /// Capacity short this long before a host is powered on, seconds
+    #[arg(long, value_name = "S")]
+    on_hold_s: Option<u32>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+/// `--automation`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AutomationArg {
+    /// Plans are proposals; an operator applies them
+    Manual,
+    /// Placement automatic, migrations need approval
+    Partial,
+    /// Plans are applied as soon as they are made
+    Full,
+}
+
+/// `tern cluster plan ...`.
+#[derive(Debug, Subcommand)]
+pub enum PlanCommand {
+    /// Start applying a proposed plan (its migrations become tasks).
+    Apply {
+        /// The plan's id
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Reject a proposed plan.
+    Reject {
+        /// The plan's id
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Builds the policy to PUT: the one in force with the knobs given changed.
+fn changed_policy(mut p: serde_json::Value, s: &PolicySet) -> serde_json::Value {
+    let mut set = |key: &str, v: Option<serde_json::Value>| {
+        if let Some(v) = v {
+            match key.split_once('.') {
+                Some((a, b)) => p[a][b] = v,
+                None => p[key] = v,
+            }
+        }
+    };
+    let level = s.automation.map(|a| match a {
+        AutomationArg::Manual => "manual",
+        AutomationArg::Partial => "partial",
+        AutomationArg::Full => "full",
+    });
+    set("automation", level.map(Into::into));
+    set("aggressiveness", s.aggressiveness.map(Into::into));
+    set("interval_s", s.interval_s.map(Into::into));
+    set("detector", s.detector.clone().map(Into::into));
+    set("selection", s.selection.clone().map(Into::into));
+    set("parameter", s.parameter.map(Into::into));
+    set("hold_s", s.hold_s.map(Into::into));
+    set("min_improvement_pct", s.min_improvement_pct.map(Into::into));
+    set("cooldown_s", s.cooldown_s.map(Into::into));
+    set("max_migrations", s.max_migrations.map(Into::into));
+    set("power.enabled", s.power.map(Into::into));
+    set("power.spare_hosts", s.spare_hosts.map(Into::into));
+    set("power.off_hold_s", s.off_hold_s.map(Into::into));
+    set("power.on_hold_s", s.on_hold_s.map(Into::into));
+    p
+}
+
+fn policy_text(p: &Policy) -> String {
+    format!(
+        "automation {}, aggressiveness {}, every {} s, {}-{}-{}, hold {} s, min improvement {} %, \
+         cooldown {} s, max {} migrations; power {} (spare {}, off after {} s, on after {} s)\n",
+        serde_json::to_value(p.automation)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        p.aggressiveness,
+        p.interval_s,
+        p.detector.name(),
+        p.selection.name(),
+        p.parameter,
+        p.hold_s,
+        p.min_improvement_pct,
+        p.cooldown_s,
+        p.max_migrations,
+        if p.power.enabled { "on" } else { "off" },
+        p.power.spare_hosts,
+        p.power.off_hold_s,
+        p.power.on_hold_s
+    )
+}
+
+fn plans_table(plans: &[Plan]) -> String {
+    use std::fmt::Write;
+    let mut o = format!(
+        "{:>4}  {:<10}  {:<8}  {}\n",
+        "ID", "STATE", "LEVEL", "ACTIONS / REASON"
+    );
+    for p in plans {
+        let _ = writeln!(
+            o,
+            "{:>4}  {:<10}  {:<8}  {}",
+            p.id,
+            p.state.name(),
+            serde_json::to_value(p.automation)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            p.reason
+        );
+        for a in &p.actions {
+            let what = match a {
+                PlanAction::Migrate {
+                    vm,
+                    from,
+                    to,
+                    predicted,
+                    ..
+                } => {
+                    let cost = predicted
+                        .map(|c| format!(" (~{:.1} s, pause ~{:.0} ms)", c.time_s, c.downtime_ms))
+                        .unwrap_or_default();
+                    format!("migrate {vm} {from} -> {to}{cost}")
+                }
+                PlanAction::PowerOff { host, .. } => format!("power off {host}"),
+                PlanAction::PowerOn { host, .. } => format!("power on {host}"),
+            };
+            let status = serde_json::to_value(a.status())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let _ = writeln!(o, "{:>28}  {what} [{status}]", "");
+        }
+        if let Some(d) = &p.detail {
+            let _ = writeln!(o, "{:>28}  {d}", "");
+        }
+    }
+    o
 }
 
 /// Runs a `tern cluster` command.
@@ -249,6 +455,43 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                 }
                 _ => Err(api_error(status, &body, &c.url)),
             }
+        }
+        ClusterCommand::Policy { cmd, conn } => {
+            let (conn, set) = match cmd {
+                None => (conn, None),
+                Some(PolicyCommand::Get(c)) => (c, None),
+                Some(PolicyCommand::Set(set)) => (set.conn.clone(), Some(set)),
+            };
+            let c = Client::new(&conn)?;
+            let p: Policy = match set {
+                None => c.call("GET", "/v1/policy", None, 200)?,
+                Some(set) => {
+                    let now: serde_json::Value = c.call("GET", "/v1/policy", None, 200)?;
+                    let want = changed_policy(now, &set);
+                    c.call("PUT", "/v1/policy", Some(to_json(&want)), 200)?
+                }
+            };
+            print(&conn, &p, || policy_text(&p))
+        }
+        ClusterCommand::Plans(conn) => {
+            let c = Client::new(&conn)?;
+            let plans: Vec<Plan> = c.call("GET", "/v1/plans", None, 200)?;
+            print(&conn, &plans, || plans_table(&plans))
+        }
+        ClusterCommand::Plan(PlanCommand::Apply { id, conn }) => {
+            let c = Client::new(&conn)?;
+            let p: Plan = c.call("POST", &format!("/v1/plans/{id}/apply"), None, 202)?;
+            print(&conn, &p, || {
+                format!(
+                    "plan {id} is {} (tern cluster plans shows its progress)\n",
+                    p.state.name()
+                )
+            })
+        }
+        ClusterCommand::Plan(PlanCommand::Reject { id, conn }) => {
+            let c = Client::new(&conn)?;
+            let p: Plan = c.call("POST", &format!("/v1/plans/{id}/reject"), None, 200)?;
+            print(&conn, &p, || format!("plan {id} is {}\n", p.state.name()))
         }
         ClusterCommand::Lab(cmd) => crate::cluster_up::run(cmd),
     }
