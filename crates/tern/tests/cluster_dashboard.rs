@@ -188,6 +188,26 @@ fn vm_info(leader: &str, name: &str) -> Value {
     get(leader, &format!("/v1/vms/{name}"))
 }
 
+/// Polls `ok` every 100 ms until it holds; after `timeout` panics naming `what` with `context()`
+/// (the API's view and the processes' logs).
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ok: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    while !ok() {
+        if start.elapsed() >= timeout {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 // ----- Chromium and the DevTools protocol -----
 
 /// A headless Chromium in its own process group, its profile in a scratch directory; on drop
@@ -559,9 +579,12 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
         }
     }
     for vm in ["web-1", "db-1"] {
-        wait_for(&format!("{vm} running"), Duration::from_secs(60), || {
-            vm_info(leader, vm)["state"] == "running"
-        });
+        wait_until(
+            &format!("{vm} running"),
+            Duration::from_secs(60),
+            || vm_info(leader, vm)["state"] == "running",
+            || format!("{}\n{}", vm_info(leader, vm), logs()),
+        );
     }
 
     // The page's headers.
@@ -660,11 +683,17 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
         task
     };
     signal(target_agent.id(), "CONT");
-    wait_for("the migration to succeed", Duration::from_secs(60), || {
-        let t = get(leader, &format!("/v1/tasks/{moved}"));
-        assert_ne!(t["state"], "failed", "{t}\n{}", logs());
-        t["state"] == "succeeded"
-    });
+    let task = || get(leader, &format!("/v1/tasks/{moved}"));
+    wait_until(
+        "the migration to succeed",
+        Duration::from_secs(60),
+        || {
+            let t = task();
+            assert_ne!(t["state"], "failed", "{t}\n{}", logs());
+            t["state"] == "succeeded"
+        },
+        || format!("{}\n{}", task(), logs()),
+    );
     // The page follows without a reload: the VM on its new host, nothing in flight.
     cdp.wait("web-1 on its new host", Duration::from_secs(15), |c| {
         let vms = c.rows("vms-body");
@@ -720,17 +749,32 @@ fn plan_applied_from_the_page(cdp: &mut Cdp, leader: &str, logs: &dyn Fn() -> St
     assert_eq!(r.status, 200, "PUT /v1/policy: {}", r.body);
 
     let mut plan = Value::Null;
-    wait_for("a proposed plan", Duration::from_secs(60), || {
+    let why = || {
+        let series = get(leader, "/v1/stats/series");
+        let hosts = get(leader, "/v1/hosts");
+        let vms = get(leader, "/v1/vms");
         let plans = get(leader, "/v1/plans");
-        plan = plans
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["state"] == "proposed")
-            .cloned()
-            .unwrap_or(Value::Null);
-        !plan.is_null()
-    });
+        format!(
+            "plans {plans}\nseries {series}\nhosts {hosts}\nvms {vms}\n{}",
+            logs()
+        )
+    };
+    wait_until(
+        "a proposed plan",
+        Duration::from_secs(60),
+        || {
+            let plans = get(leader, "/v1/plans");
+            plan = plans
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["state"] == "proposed")
+                .cloned()
+                .unwrap_or(Value::Null);
+            !plan.is_null()
+        },
+        why,
+    );
     let id = plan["id"].as_u64().unwrap();
     let moves: Vec<(String, String)> = plan["actions"]
         .as_array()
@@ -789,15 +833,20 @@ fn plan_applied_from_the_page(cdp: &mut Cdp, leader: &str, logs: &dyn Fn() -> St
         );
     }
     cdp.click(&apply);
-    wait_for("the plan to be applied", Duration::from_secs(30), || {
-        let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
-        assert!(
-            state == "proposed" || state == "applying" || state == "applied",
-            "plan {id} is {state}\n{}",
-            logs()
-        );
-        state == "applying" || state == "applied"
-    });
+    wait_until(
+        "the plan to be applied",
+        Duration::from_secs(30),
+        || {
+            let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
+            assert!(
+                state == "proposed" || state == "applying" || state == "applied",
+                "plan {id} is {state}\n{}",
+                logs()
+            );
+            state == "applying" || state == "applied"
+        },
+        why,
+    );
     cdp.wait("the page to say so", Duration::from_secs(10), |c| {
         let msg = c.eval("document.getElementById('plans-msg').textContent");
         msg.as_str()
@@ -805,15 +854,20 @@ fn plan_applied_from_the_page(cdp: &mut Cdp, leader: &str, logs: &dyn Fn() -> St
             .starts_with(&format!("Plan {id} applied"))
     });
     // Carried out: the VMs run where the plan sends them, and the page shows the plan applied.
-    wait_for("the plan's moves", Duration::from_secs(60), || {
-        let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
-        assert!(state != "failed", "plan {id} failed\n{}", logs());
-        state == "applied"
-            && moves.iter().all(|(vm, to)| {
-                let v = vm_info(leader, vm);
-                v["host"] == to.as_str() && v["state"] == "running"
-            })
-    });
+    wait_until(
+        "the plan's moves",
+        Duration::from_secs(60),
+        || {
+            let state = &get(leader, &format!("/v1/plans/{id}"))["state"];
+            assert!(state != "failed", "plan {id} failed\n{}", logs());
+            state == "applied"
+                && moves.iter().all(|(vm, to)| {
+                    let v = vm_info(leader, vm);
+                    v["host"] == to.as_str() && v["state"] == "running"
+                })
+        },
+        why,
+    );
     cdp.wait("the plan shown applied", Duration::from_secs(10), |c| {
         c.rows("plans-body")
             .iter()
