@@ -352,7 +352,7 @@ impl Daemon {
             halt_poll_ns: cfg.halt_poll_ns,
         });
         Ok(Daemon {
-            policy: Policy::new(cfg.knobs.clone(), topology),
+            policy: Policy::new(cfg.knobs, topology),
             cfg,
             actuate: true,
             actuator,
