@@ -593,6 +593,12 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
         "{text}"
     );
     assert!(text.contains("tern_automation_cycle_seconds "), "{text}");
+    // Every migration (the spreading ones too) was predicted and measured.
+    let all = tasks_before + moves.len();
+    assert!(
+        text.contains(&format!("tern_migration_predictions_compared {all}\n")),
+        "{text}"
+    );
 }
 
 #[tokio::test]

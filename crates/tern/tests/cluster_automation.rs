@@ -4,7 +4,7 @@
 //! A plan to drain a host appears in `GET /v1/plans` and nothing moves; `tern cluster plan apply`
 //! runs its migrations live (the guests' heartbeats go on from where they were, no reboot), the
 //! drained host ends empty, and each migration task carries its predicted and measured cost. The
-//! hosts have no power drivers, so the plan's power-off fails naming that, after the moves.
+//! hosts have no power drivers: a power-off in the plan would fail naming that, after the moves.
 //!
 //! Needs root, KVM and etcd; fails loudly without them.
 
@@ -531,11 +531,23 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
         assert!(t["predicted"]["time_s"].as_f64().unwrap() > 0.0, "{t}");
         assert!(t["actual"]["time_s"].as_f64().unwrap() > 0.0, "{t}");
         assert!(t["actual"]["bytes"].as_u64().unwrap() > 0, "{t}");
+        eprintln!(
+            "task {}: {} predicted {:.2} s / {} B / pause {:.0} ms, measured {:.2} s / {} B / pause {:.0} ms",
+            t["id"],
+            t["vm"],
+            t["predicted"]["time_s"].as_f64().unwrap(),
+            t["predicted"]["bytes"],
+            t["predicted"]["downtime_ms"].as_f64().unwrap_or(0.0),
+            t["actual"]["time_s"].as_f64().unwrap(),
+            t["actual"]["bytes"],
+            t["actual"]["downtime_ms"].as_f64().unwrap_or(0.0),
+        );
     }
     let metrics = lab.api("GET", "/metrics", None).1;
     assert!(
         metrics.contains("tern_automation_plans_proposed_total"),
         "{metrics}"
     );
+    eprintln!("plan {id} ended {}: {}", done["state"], done["detail"]);
     eprintln!("cluster_automation took {:?}", started.elapsed());
 }

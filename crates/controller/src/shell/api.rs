@@ -674,6 +674,7 @@ pub fn render_metrics(s: &Shared) -> String {
         "Times the leader key changed hands, as this controller saw it.",
         s.leader_changes(),
     );
+    let (predicted_n, predicted_err) = s.automation().prediction_error(&core.tasks(false));
     let a = s.automation().counters(); // after the core's lock, as everywhere
     for (state, n) in [
         ("proposed", a.proposed),
@@ -693,6 +694,17 @@ pub fn render_metrics(s: &Shared) -> String {
         "tern_automation_cycles_total",
         "Automation loop cycles run while leading.",
         a.cycles,
+    );
+    let _ = writeln!(
+        o,
+        "# HELP tern_migration_prediction_error_ratio Mean |predicted - measured| / measured time \
+         of the succeeded migrations that had a prediction.\n\
+         # TYPE tern_migration_prediction_error_ratio gauge\n\
+         tern_migration_prediction_error_ratio {predicted_err}\n\
+         # HELP tern_migration_predictions_compared Succeeded migrations with a prediction and a \
+         measured time.\n\
+         # TYPE tern_migration_predictions_compared gauge\n\
+         tern_migration_predictions_compared {predicted_n}"
     );
     let _ = writeln!(
         o,

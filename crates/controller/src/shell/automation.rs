@@ -169,6 +169,26 @@ impl Automation {
         }
     }
 
+    /// Over the succeeded migrations among `tasks` with both a prediction and a measured time:
+    /// how many, and the mean absolute error of the predicted time relative to the measured one.
+    pub fn prediction_error(&self, tasks: &[TaskInfo]) -> (u64, f64) {
+        let errors: Vec<f64> = tasks
+            .iter()
+            .filter_map(|t| {
+                let p = self.predicted.get(&t.id)?;
+                let a = actual_of(t)?;
+                (a.time_s > 0.0).then(|| (p.time_s - a.time_s).abs() / a.time_s)
+            })
+            .collect();
+        let n = errors.len() as u64;
+        let mean = if n == 0 {
+            0.0
+        } else {
+            errors.iter().sum::<f64>() / n as f64
+        };
+        (n, mean)
+    }
+
     /// Counts plans that reached a state they were not in at the last count.
     fn count(&mut self) {
         let now: Vec<(u64, PlanState)> = self.lp.plans().iter().map(|p| (p.id, p.state)).collect();
@@ -606,8 +626,8 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Gives every migration task without a prediction one: the loop's model from the VM's memory
-/// and the configured link.
+/// Gives every migration task without a prediction one: the loop's model (the migration's own
+/// predictor) from the VM's memory, its last reported dirty rate and the configured link.
 fn predict_tasks(s: &Arc<Shared>) {
     let core = s.core();
     let mut a = lock(s);
@@ -621,7 +641,7 @@ fn predict_tasks(s: &Arc<Shared>) {
         };
         let p = predict_move(&MoveInput {
             memory_bytes: vm.spec.memory_mib << 20,
-            dirty_pages_per_sec: 0.0,
+            dirty_pages_per_sec: a.vm_dirty.get(&vm.name).copied().unwrap_or(0.0),
             link_bytes_per_sec: cfg.link_bytes_per_sec,
             downtime_budget_ms: cfg.downtime_budget_ms,
         });
