@@ -43,6 +43,12 @@ pub const PURE: &[&str] = &[
     "crates/parking/src/replay.rs",
     "crates/nbd/src/proto.rs",
     "crates/vmm/src/devices/announce.rs",
+    "crates/automation/src/",
+    "crates/sim/src/preview.rs",
+    "crates/power/src/ipmi/cli.rs",
+    "crates/power/src/wol/packet.rs",
+    "crates/power/src/state.rs",
+    "crates/power/src/bmc_sim/conf.rs",
 ];
 
 /// The line by which a pure module turns on clippy's check of clippy.toml's disallowed methods.
@@ -81,6 +87,8 @@ pub const NO_KVM: &[&str] = &[
     "tern-api",
     "tern-vmctl",
     "tern-migration",
+    "tern-automation",
+    "tern-power",
 ];
 
 /// Packages that link KVM.
