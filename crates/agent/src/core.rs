@@ -734,6 +734,45 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_counts_as_migrating_from_the_command_until_the_migration_ends() {
+        let mut a = leased();
+        a.step(start(1, 1, "m"), 10);
+        a.step(Input::VmmRunning { vm: "m".into() }, 20);
+        assert!(!a.is_migrating("m"));
+        let out = |id| {
+            Input::Command(Command {
+                generation: 1,
+                id,
+                host_lease: 1,
+                body: CommandBody::MigrateOut {
+                    vm: "m".into(),
+                    to: "10.0.0.2:7000".into(),
+                    disk_successor: None,
+                },
+            })
+        };
+        a.step(out(2), 30);
+        assert!(
+            a.is_migrating("m"),
+            "its VMM would refuse a dirty-rate sample"
+        );
+        a.step(
+            Input::MigrationEnded {
+                vm: "m".into(),
+                outcome: MigrationOutcome::Failed,
+                report: None,
+            },
+            40,
+        );
+        assert!(
+            !a.is_migrating("m"),
+            "a failed migration leaves it running here"
+        );
+        assert_eq!(a.state_of("m"), ObservedState::Running);
+        assert!(!a.is_migrating("nope"));
+    }
+
+    #[test]
     fn a_command_from_an_older_generation_is_refused_and_changes_nothing() {
         let mut a = leased();
         a.step(start(5, 1, "a"), 10);

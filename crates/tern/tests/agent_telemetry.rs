@@ -235,3 +235,79 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
         "the agent's runtime directory"
     );
 }
+
+/// How many CPUs a `Cpus_allowed_list` value ("0-1", "0,2-3", "1") names.
+fn count_cpus(list: &str) -> usize {
+    list.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
+#[test]
+fn parking_on_confines_only_the_agents_own_vcpu_threads_to_the_unparked_cpus() {
+    require_kvm();
+    let all = cpus_allowed(std::process::id(), std::process::id());
+    assert!(
+        count_cpus(&all) >= 2,
+        "this test needs 2 CPUs to park one (allowed: {all})"
+    );
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let host = format!("parking-{}", std::process::id());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["agent", "--host-id", &host, "--etcd", &etcd.url])
+        .args(["--listen", &listen, "--cores", "2", "--memory-mib", "2048"])
+        .args(["--report-interval-ms", "300", "--parking", "on"])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("run"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("tern agent starts");
+    let _agent = ChildGuard(agent);
+    wait_for("the agent's lease", Duration::from_secs(20), || {
+        TcpStream::connect(&listen).is_ok() && status(&listen)["lease"].as_u64().is_some()
+    });
+    let lease = status(&listen)["lease"].as_u64().unwrap();
+    let name = "park-idle";
+    start_vm(&listen, 1, lease, name, "tern.hb_ms=0");
+    let entry_path = dir.path().join(format!("run/{name}.json"));
+    wait_for("the VM's runtime entry", Duration::from_secs(30), || {
+        entry_path.exists()
+    });
+    let entry: Value =
+        serde_json::from_str(&std::fs::read_to_string(&entry_path).unwrap()).unwrap();
+    let (pid, tid) = (
+        entry["pid"].as_u64().unwrap() as u32,
+        entry["vcpu_tids"][0].as_u64().unwrap() as u32,
+    );
+    // An idle VM: the policy parks down to its minimum, and its vCPU thread follows.
+    let log_text = || std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let parked = status(&listen)["telemetry"]["parked_cores"].clone();
+        let allowed = cpus_allowed(pid, tid);
+        if parked.as_u64().is_some_and(|p| p >= 1)
+            && count_cpus(&allowed) + parked.as_u64().unwrap() as usize == count_cpus(&all)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no parked core with the vCPU confined to the rest in 20 s (parked {parked}, allowed {allowed}; \
+             all: {all})\nagent log:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Only the agent's own VMs: this process's threads keep every CPU.
+    assert_eq!(cpus_allowed(std::process::id(), std::process::id()), all);
+}
