@@ -9,6 +9,8 @@
 //!   (each with a predicted and, once done, a measured cost); the host ends empty.
 //! * A plan computed before the cluster changed is refused with 409 (superseded), and so is a
 //!   second apply of a plan no longer proposed; an unknown plan is 404.
+//! * Full mode applies its own plan at once (no apply call), through the same tasks.
+//! * A new leader (the in-memory shell taking office again) runs under the stored policy.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -654,4 +656,82 @@ async fn a_plan_made_before_the_cluster_changed_is_refused_as_superseded() {
         .call(Method::POST, &format!("/v1/plans/{id}/reject"), None)
         .await;
     assert_eq!((st, v["error"].as_str()), (409, Some("conflict")), "{v}");
+}
+
+#[tokio::test]
+async fn full_mode_applies_its_plan_at_once() {
+    let lab = Lab::start().await;
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let before = lab.policy().await;
+    let mut p = lab.eager(&before);
+    p["automation"] = "full".into();
+    let (st, v) = lab.put_policy(&p).await;
+    assert_eq!(st, 200, "{v}");
+    // No apply: the loop's own plan runs, its migrations through the controller's tasks.
+    let plan = lab
+        .wait(
+            "a plan applied on its own",
+            Duration::from_secs(20),
+            async || {
+                let (_, v) = lab.call(Method::GET, "/v1/plans", None).await;
+                v.as_array()?
+                    .iter()
+                    .find(|p| p["state"] == "applied")
+                    .cloned()
+            },
+        )
+        .await;
+    assert_eq!(plan["automation"], "full", "{plan}");
+    let moved = lab.table.lock().unwrap().migrations;
+    let moves = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "migrate")
+        .count() as u64;
+    assert!(moves > 0 && moved >= moves, "{moved} moves for {plan}");
+    let (_, hosts) = lab.call(Method::GET, "/v1/hosts", None).await;
+    let empty = hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["vms"] == json!([]))
+        .count();
+    assert!(empty >= 1, "{hosts}");
+}
+
+#[tokio::test]
+async fn a_new_leader_runs_under_the_stored_policy() {
+    let lab = Lab::start().await;
+    let before = lab.policy().await;
+    let good = lab.eager(&before);
+    let (st, v) = lab.put_policy(&good).await;
+    assert_eq!(st, 200, "{v}");
+    // The election lease runs out: the next command makes this controller step down, and (in
+    // memory) it takes office again with a higher generation, reading the stored state afresh.
+    lab.shell.set_lease_deadline(lab.shell.shared().now_ms());
+    lab.shell
+        .host_up(HostRecord {
+            name: "h4".into(),
+            agent_url: "http://127.0.0.1:9".into(),
+            capacity: HostCapacity {
+                cores: 4,
+                memory_mib: 8192,
+                power_model: "hp-ml110-g5".into(),
+                volume_node: None,
+                volume_node_id: None,
+            },
+            lease: 200,
+        })
+        .await;
+    lab.wait("a new term", Duration::from_secs(10), async || {
+        (lab.shell.shared().core().generation() == Some(2)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        lab.policy().await,
+        good,
+        "the new term lost the stored policy"
+    );
 }
