@@ -655,7 +655,8 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
     );
     cdp.assert_no_errors("the leader's page");
 
-    // 2. A migration in flight: the target's agent is frozen, so the task stays running.
+    // 2. A migration in flight, with its predicted cost: the target's agent is frozen, so the task
+    // stays running.
     let from = where_("web-1");
     let to = if from == "h1" { "h2" } else { "h1" };
     let target_agent = &agents[if to == "h1" { 0 } else { 1 }];
@@ -678,6 +679,9 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
                     && r[3] == from
                     && r[4] == to
                     && r[5] == "running"
+                    // the controller's prediction for it (time and pause)
+                    && r[6].ends_with(" ms")
+                    && r[6].contains(" s, downtime ")
             })
         });
         task
