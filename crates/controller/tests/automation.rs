@@ -490,6 +490,28 @@ async fn each_bad_knob_is_a_400_naming_its_range_and_changes_nothing() {
     assert_eq!((st, v["error"].as_str()), (503, Some("not stored")), "{v}");
     lab.shell.shared().store().set_fail_writes(false);
     assert_eq!(lab.policy().await, good);
+    // The OpenAPI document lists the automation paths and their bodies.
+    let (st, doc) = lab.call(Method::GET, "/openapi.json", None).await;
+    assert_eq!(st, 200);
+    for path in [
+        "/v1/policy",
+        "/v1/plans",
+        "/v1/plans/{id}",
+        "/v1/plans/{id}/apply",
+        "/v1/plans/{id}/reject",
+        "/v1/stats/series",
+    ] {
+        assert!(
+            doc["paths"][path].is_object(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    for schema in ["Policy", "Plan", "PlanAction", "StatsSeries", "TaskDetail"] {
+        assert!(
+            doc["components"]["schemas"][schema].is_object(),
+            "{schema} missing from the OpenAPI document"
+        );
+    }
 }
 
 #[tokio::test]
