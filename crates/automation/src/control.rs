@@ -1038,10 +1038,23 @@ impl Loop {
         for (vm, why) in &report.held_back {
             reasons.push(format!("{vm} not moved: {why}"));
         }
-        let keep = power.spare_hosts + self.cfg.ha_reserve_hosts;
+        // Empty hosts kept on: the spares. The HA reserve is capacity, not empty hosts: a host
+        // goes off only if the hosts left on, less the reserve's largest hosts, still carry the
+        // demand under the high-water mark (so a host failure's VMs find room).
+        let keep = power.spare_hosts as usize;
+        let reserve_cores = self.ha_reserve_cores();
         let empty_on = self.empty_on_hosts();
+        let mut left_cores = on_cores;
         for (k, h) in filtered.drained.iter().enumerate() {
-            let off = power.enabled && empty_on.len() + k + 1 > keep as usize;
+            let cores = hosts
+                .get(name_of(*h))
+                .map_or(0.0, |t| f64::from(t.sample.cores));
+            let off = power.enabled
+                && empty_on.len() + k + 1 > keep
+                && demand <= self.cfg.demand_high_water * (left_cores - cores - reserve_cores);
+            if off {
+                left_cores -= cores;
+            }
             reasons.push(if off {
                 format!(
                     "drain under-loaded host {} to power it off after {} s empty",
@@ -1057,7 +1070,7 @@ impl Loop {
         }
         if actions.is_empty() && power.enabled && short_why.is_none() {
             // power off empty hosts held long enough, keeping the spares and the HA reserve
-            let spare = empty_on.len().saturating_sub(keep as usize);
+            let spare = empty_on.len().saturating_sub(keep);
             let any_on_left = self.hosts.values().filter(|h| h.power.is_on()).count();
             let mut left_cores = on_cores;
             for (name, since) in empty_on
@@ -1066,12 +1079,12 @@ impl Loop {
                 .take(spare.min(any_on_left.saturating_sub(1)))
             {
                 let cores = f64::from(self.hosts[name].sample.cores);
-                if demand > self.cfg.demand_high_water * (left_cores - cores) {
+                if demand > self.cfg.demand_high_water * (left_cores - cores - reserve_cores) {
                     break;
                 }
                 left_cores -= cores;
                 let reason = format!(
-                    "empty for {} s; keeping {} spare + {} HA reserve host(s) on",
+                    "empty for {} s; keeping {} spare host(s) on and room for {} host failure(s)",
                     (now_ms - since) / 1000,
                     power.spare_hosts,
                     self.cfg.ha_reserve_hosts
@@ -1154,6 +1167,23 @@ impl Loop {
     }
 
     /// Empty powered-on hosts that take VMs, least efficient first: (name, empty since).
+    /// The cores the HA reserve keeps free: those of the `ha_reserve_hosts` largest powered-on
+    /// hosts that take VMs (their failure must find room on the rest).
+    fn ha_reserve_cores(&self) -> f64 {
+        let mut cores: Vec<u32> = self
+            .hosts
+            .values()
+            .filter(|h| Self::takes_vms(h))
+            .map(|h| h.sample.cores)
+            .collect();
+        cores.sort_unstable_by(|a, b| b.cmp(a));
+        cores
+            .iter()
+            .take(self.cfg.ha_reserve_hosts as usize)
+            .map(|&c| f64::from(c))
+            .sum()
+    }
+
     fn empty_on_hosts(&self) -> Vec<(String, u64)> {
         let mut v: Vec<(&String, &HostTrack)> = self
             .hosts

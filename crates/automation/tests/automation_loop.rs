@@ -226,11 +226,17 @@ fn an_under_loaded_host_is_drained_then_powered_off_after_off_hold() {
 
 #[test]
 fn the_ha_reserve_and_spare_hosts_stay_on() {
+    // 2.4 cores of demand on a 4-core h1. Powering off one empty 2-core host leaves 6 cores on;
+    // less the HA reserve (room for the largest host's failure: h1's 4 cores) that is 2 cores,
+    // 2 × 0.8 = 1.6 < 2.4, so both stay on. Without the reserve 6 × 0.8 = 4.8: one goes, the
+    // spare stays.
     let mut c = Cluster::default();
-    c.host("h1", 2, G5, true);
+    c.host("h1", 4, G5, true);
     c.host("h2", 2, G5, true);
     c.host("h3", 2, G5, true);
-    c.vm("a", "h1", vec![0.3]);
+    c.vm("a", "h1", vec![0.8]);
+    c.vm("b", "h1", vec![0.8]);
+    c.vm("c", "h1", vec![0.8]);
     let mut p = policy(AutomationLevel::Full);
     p.power.off_hold_s = 20;
     p.power.spare_hosts = 1;
