@@ -261,6 +261,7 @@ struct Host {
     maintenance: bool,
     observed: BTreeMap<String, ObservedState>,
     cpu: Option<f64>,
+    parked: Option<u32>,
     vm_cpu: BTreeMap<String, f64>,
 }
 
@@ -615,6 +616,7 @@ impl Controller {
                         maintenance,
                         observed: BTreeMap::new(),
                         cpu: None,
+                        parked: None,
                         vm_cpu: BTreeMap::new(),
                     },
                 );
@@ -667,6 +669,7 @@ impl Controller {
             return;
         }
         h.cpu = report.cpu_utilization;
+        h.parked = report.parked_cores;
         h.vm_cpu = report
             .vms
             .iter()
@@ -1467,7 +1470,7 @@ impl Controller {
             memory_mib_used: placed.iter().map(|v| v.spec.memory_mib).sum(),
             cpu_utilization: h.cpu,
             power: tern_api::automation::HostPower::On,
-            parked_cores: None,
+            parked_cores: h.parked,
         })
     }
 

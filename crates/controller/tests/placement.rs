@@ -201,13 +201,22 @@ fn cluster() -> Controller {
                     })
                     .collect(),
                 cpu_utilization: Some(0.5),
-                parked_cores: None,
+                parked_cores: Some(1),
             }),
             3,
         );
     }
     c.drain_actions();
     assert!(c.ready(), "every host reported");
+    for h in c.hosts() {
+        assert_eq!(
+            h.parked_cores,
+            Some(1),
+            "{}: the reported parked cores",
+            h.name
+        );
+        assert_eq!(h.cpu_utilization, Some(0.5), "{}", h.name);
+    }
     c
 }
 
