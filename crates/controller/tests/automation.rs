@@ -583,6 +583,14 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
                 lab.table.lock().unwrap().off.iter().any(|h| h == host),
                 "{done}"
             );
+            // and the API says so
+            let (_, h) = lab
+                .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+                .await;
+            assert_eq!(h["power"], "off", "{h}");
+            let (_, all) = lab.call(Method::GET, "/v1/hosts", None).await;
+            let listed = all.as_array().unwrap().iter().find(|x| x["name"] == host);
+            assert_eq!(listed.unwrap()["power"], "off", "{all}");
         }
     }
     // The host ends empty, and each migration task carries its predicted and measured cost.
@@ -623,6 +631,54 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
         text.contains(&format!("tern_migration_predictions_compared {all}\n")),
         "{text}"
     );
+    // The emptied hosts' power-off comes as the next proposal; applied, the BMC powers the host
+    // off and the API shows it off.
+    let off_plan = lab
+        .wait(
+            "a power-off proposal",
+            Duration::from_secs(20),
+            async || {
+                let (_, plans) = lab.call(Method::GET, "/v1/plans", None).await;
+                plans.as_array().unwrap().iter().find_map(|p| {
+                    (p["state"] == "proposed"
+                        && p["actions"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|a| a["kind"] == "power_off"))
+                    .then(|| p.clone())
+                })
+            },
+        )
+        .await;
+    let off_id = off_plan["id"].as_u64().unwrap();
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{off_id}/apply"), None)
+        .await;
+    assert_eq!(st, 202, "{v}");
+    let off_done = lab
+        .wait(
+            "the power-off applied",
+            Duration::from_secs(20),
+            async || {
+                let (_, p) = lab
+                    .call(Method::GET, &format!("/v1/plans/{off_id}"), None)
+                    .await;
+                (p["state"] == "applied").then_some(p)
+            },
+        )
+        .await;
+    for a in off_done["actions"].as_array().unwrap() {
+        let host = a["host"].as_str().unwrap();
+        assert!(
+            lab.table.lock().unwrap().off.iter().any(|h| h == host),
+            "{off_done}"
+        );
+        let (_, h) = lab
+            .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await;
+        assert_eq!(h["power"], "off", "{h}");
+    }
 }
 
 #[tokio::test]

@@ -205,7 +205,8 @@ fn name(what: &'static str, n: &str) -> Result<(), Response> {
               (status = 503, description = "Not the leader", body = ErrorBody)))]
 async fn list_hosts(State(s): S) -> Reply {
     leading(&s)?;
-    Ok(json(StatusCode::OK, &s.core().hosts()))
+    let hosts = s.core().hosts(); // one lock at a time
+    Ok(json(StatusCode::OK, &s.automation().with_power(hosts)))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts",
@@ -219,6 +220,7 @@ async fn get_host(State(s): S, Path(host): Path<String>) -> Reply {
     leading(&s)?;
     let found = s.core().host(&host); // the lock ends here: api_error may take it
     let h = found.map_err(|e| api_error(&s, e))?;
+    let h = s.automation().with_power(vec![h]).remove(0);
     Ok(json(StatusCode::OK, &h))
 }
 

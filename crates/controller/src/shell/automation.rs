@@ -122,6 +122,20 @@ impl Automation {
         }
     }
 
+    /// `hosts` with each one's power state as the loop tracks it (the core knows none: a host
+    /// the loop never touched is on).
+    pub fn with_power(
+        &self,
+        mut hosts: Vec<tern_api::cluster::HostInfo>,
+    ) -> Vec<tern_api::cluster::HostInfo> {
+        for h in &mut hosts {
+            if let Some(p) = self.lp.host_power(&h.name) {
+                h.power = p;
+            }
+        }
+        hosts
+    }
+
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         self.lp.policy()
