@@ -59,6 +59,12 @@ pub enum Scenario {
     /// (its agent and VMMs, SIGKILL) and its VMs come back on the others; then the leading
     /// controller is killed and another takes over. Needs root, KVM and etcd.
     Ha(HaArgs),
+    /// The automation loop: 4 hosts (network namespaces with IPMI BMCs), 12 VMs on volume disks
+    /// following PlanetLab CPU traces; the controller packs them with live migrations, powers the
+    /// emptied hosts off through their BMCs and one on again as load rises; a live table, the
+    /// dashboard's URL, and a report beside the simulator's prediction of the same scenario.
+    /// Needs root, KVM, etcd, ipmi_sim and ipmitool.
+    Cluster(crate::demo_cluster::ClusterDemoArgs),
 }
 
 /// Options of `tern demo ha`.
@@ -133,8 +139,10 @@ fn command(ns: Option<&str>, exe: &Path) -> Command {
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    if let Some(Scenario::Ha(ha)) = args.scenario {
-        return ha::run(ha);
+    match args.scenario {
+        Some(Scenario::Ha(ha)) => return ha::run(ha),
+        Some(Scenario::Cluster(c)) => return crate::demo_cluster::run(c),
+        None => {}
     }
     let say = Say { json: args.json };
     anyhow::ensure!(

@@ -13,6 +13,7 @@ mod cluster;
 mod cluster_up;
 mod controller;
 mod demo;
+mod demo_cluster;
 mod host_power;
 mod image;
 mod net;

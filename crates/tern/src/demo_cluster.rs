@@ -1,0 +1,606 @@
+//! `tern demo cluster`: the automation loop on a live test cluster, side by side with the simulator.
+//!
+//! Four network-namespace hosts (each with a volume node, an agent and an ipmi_sim BMC) and a
+//! controller; twelve test-guest VMs on volume disks, each following a PlanetLab CPU trace played
+//! at one 5-minute sample per step (2 s by default). The controller runs in `full` automation: it
+//! packs the VMs onto fewer hosts with live migrations, powers the emptied hosts off through
+//! their BMCs (ipmitool), and powers one on again when load rises — the demo raises it half-way
+//! by telling four guests, over their serial consoles, to load their vCPUs.
+//!
+//! The hosts share this machine's few cores, so every host declares 2 cores that each stand for a
+//! quarter of a real one (`--host-cpu-share`): a guest spinning 10 % of a real CPU reads as 40 %
+//! of its vCPU, and the whole demo costs well under one real core of guest load.
+//!
+//! At the end it prints what happened (with `--json`, as a report) beside what `tern-sim`
+//! predicts for the same hosts, VMs, traces and policy: the active-host series, migrations and
+//! energy, and how well they agree.
+
+use std::collections::BTreeMap;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde::Serialize;
+use tern_api::automation::{HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries};
+use tern_api::cluster::{HostInfo, TaskInfo, TaskKind, TaskState, VmInfo, VmState};
+
+use crate::cluster_up::{HostShape, Lab, LabOptions, LabSpec, http};
+
+/// Options of `tern demo cluster`.
+#[derive(Debug, clap::Args)]
+pub struct ClusterDemoArgs {
+    /// Print only the final report, as JSON, on stdout (the live table goes to stderr): `hosts`,
+    /// `vms`, `migrations`, `host_power_offs`, `host_power_ons`, `energy_kwh`, `slatah_pct`,
+    /// `pdm_pct`, `vms_lost`, `hosts_on_series` and `sim` (the simulator's prediction of the same
+    /// scenario, with the agreement figures).
+    #[arg(long)]
+    pub json: bool,
+    /// Trace samples to play (each a 5-minute PlanetLab sample), 20-288.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(20..=288))]
+    pub samples: u64,
+    /// Real time per sample, seconds (the loop runs once per sample), 2-30.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(2..=30))]
+    pub step_s: u64,
+    /// The PlanetLab day whose traces the VMs follow (built into the binary).
+    #[arg(long, default_value = "20110303")]
+    pub day: String,
+}
+
+/// Hosts in the demo.
+const HOSTS: usize = 4;
+/// VMs in the demo.
+const VMS: usize = 12;
+/// Cores each host declares.
+const HOST_CORES: u32 = 2;
+/// The real CPU each declared core stands for.
+const CPU_SHARE: f64 = 0.25;
+/// The power model of every host.
+const POWER_MODEL: &str = "hp-ml110-g5";
+/// VMs raised half-way, and the load they are raised to (percent of a vCPU, as the agents report it).
+const RAISED_VMS: usize = 4;
+const RAISED_PCT: f64 = 90.0;
+/// Simulated seconds per trace sample (PlanetLab's 5 minutes).
+const SAMPLE_S: f64 = 300.0;
+
+/// Twelve traces of `day` for the demo: those whose mean over the first `samples` values lies in
+/// 5-30 % and whose peak stays under 70 % (light, varied VMs), spread evenly over the day's
+/// sorted file list; the first `samples` values of each.
+pub fn pick_traces(day: &str, samples: usize) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let set = tern_sim::TraceSet::bundled().context("cannot open the built-in PlanetLab traces")?;
+    let traces = set
+        .load_day(day, &tern_sim::TraceOrder::Sorted)
+        .with_context(|| format!("cannot load PlanetLab day {day}"))?;
+    let fit: Vec<(String, Vec<u8>)> = traces
+        .names
+        .iter()
+        .zip(&traces.samples)
+        .filter_map(|(name, s)| {
+            let w = &s[..samples];
+            let mean = w.iter().map(|&v| f64::from(v)).sum::<f64>() / w.len() as f64;
+            let peak = w.iter().copied().max().unwrap_or(0);
+            ((5.0..=30.0).contains(&mean) && peak < 70).then(|| (name.clone(), w.to_vec()))
+        })
+        .collect();
+    ensure!(
+        fit.len() >= VMS,
+        "day {day} has only {} light traces (mean 5-30 %, peak < 70 %) over its first {samples} samples; {VMS} are needed",
+        fit.len()
+    );
+    Ok((0..VMS).map(|i| fit[i * fit.len() / VMS].clone()).collect())
+}
+
+/// A trace as the guest's command line gives it: each value scaled to real CPU (× the cpu share),
+/// as whole percent, runs written `V*N`.
+pub fn guest_trace(values: &[u8], share: f64) -> String {
+    let scaled: Vec<u32> = values
+        .iter()
+        .map(|&v| (f64::from(v) * share).round() as u32)
+        .collect();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < scaled.len() {
+        let mut j = i;
+        while j < scaled.len() && scaled[j] == scaled[i] {
+            j += 1;
+        }
+        out.push(match j - i {
+            1 => scaled[i].to_string(),
+            n => format!("{}*{n}", scaled[i]),
+        });
+        i = j;
+    }
+    out.join(",")
+}
+
+/// The simulator's view of the same scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimFigures {
+    /// Energy over the played samples, kWh (simulated time: 5 minutes per sample).
+    pub energy_kwh: f64,
+    /// Migrations started over the played samples.
+    pub migrations: u64,
+    /// Hosts with load, per sample.
+    pub hosts_on_series: Vec<u32>,
+    /// Samples where live hosts-on and simulated active hosts differ by at most one host, percent.
+    pub hosts_on_agreement_pct: f64,
+    /// Live migrations ÷ simulated ones.
+    pub migrations_ratio: Option<f64>,
+    /// Live energy ÷ simulated energy.
+    pub energy_ratio: Option<f64>,
+}
+
+/// Runs the simulator on the demo's hosts, VMs and traces (as the agents report them: the trace
+/// values, with the raised VMs at [`RAISED_PCT`] from `raise_at`) under LR-MMT-1.2.
+pub fn simulate(
+    traces: &[Vec<u8>],
+    raised: &[usize],
+    raise_at: usize,
+    samples: usize,
+) -> anyhow::Result<(tern_sim::Report, usize)> {
+    use tern_sim::workload::{HostSpec, SAMPLES, VmSpec, Workload};
+    let model = tern_controller::place::power_model(POWER_MODEL);
+    let mips = tern_controller::place::core_mips(POWER_MODEL);
+    let host = HostSpec {
+        pes: HOST_CORES,
+        pe_mips: mips,
+        ram_mb: 1 << 20,
+        power: model,
+    };
+    let mut full: Vec<[u8; SAMPLES]> = Vec::new();
+    for (i, t) in traces.iter().enumerate() {
+        let mut f = [0u8; SAMPLES];
+        for (k, slot) in f.iter_mut().enumerate() {
+            let v = t.get(k).or(t.last()).copied().unwrap_or(0);
+            *slot = if raised.contains(&i) && k >= raise_at {
+                RAISED_PCT as u8
+            } else {
+                v
+            };
+        }
+        full.push(f);
+    }
+    let w = Workload {
+        name: "demo-cluster".into(),
+        hosts: vec![host; HOSTS],
+        vms: vec![VmSpec { mips, ram_mb: 64 }; traces.len()],
+        traces: full,
+    };
+    let cfg = tern_sim::SimConfig {
+        policy: "lr-mmt-1.2"
+            .parse()
+            .map_err(|e| anyhow::anyhow!("policy: {e}"))?,
+        model: tern_policy::Model::Paper,
+        seed: 1,
+        timeline: true,
+    };
+    Ok((tern_sim::simulate(&w, &cfg), samples))
+}
+
+/// The final report of `tern demo cluster --json`.
+#[derive(Debug, Serialize)]
+struct Figures {
+    hosts: usize,
+    vms: usize,
+    samples: u64,
+    step_s: u64,
+    /// Simulated seconds each real second stands for (a sample's 300 s per step).
+    time_scale: f64,
+    migrations: u64,
+    migrations_failed: u64,
+    host_power_offs: u64,
+    host_power_ons: u64,
+    /// Modelled energy of the hosts powered on, kWh, in trace time (× time_scale).
+    energy_kwh: f64,
+    slatah_pct: f64,
+    /// CPU lost to migrations (10 % of a moving VM's demand while it moves) ÷ CPU demanded, percent.
+    pdm_pct: f64,
+    vms_lost: usize,
+    hosts_on_series: Vec<u32>,
+    plans: BTreeMap<String, u64>,
+    dashboard: String,
+    sim: SimFigures,
+}
+
+struct Say {
+    json: bool,
+}
+
+impl Say {
+    fn line(&self, s: &str) {
+        if self.json {
+            eprintln!("{s}");
+        } else {
+            println!("{s}");
+        }
+    }
+}
+
+struct Api {
+    url: String,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<String> {
+        let start = Instant::now();
+        loop {
+            let (status, text) = http(&self.url, method, path, body)?;
+            if (200..300).contains(&status) {
+                return Ok(text);
+            }
+            // a leader still gathering its hosts' first reports answers 503 "not ready"
+            if status == 503 && start.elapsed() < Duration::from_secs(20) {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            bail!("{method} {path}: {status} {text}");
+        }
+    }
+
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let text = self.call("GET", path, None)?;
+        serde_json::from_str(&text).with_context(|| format!("GET {path}: unexpected answer {text}"))
+    }
+}
+
+/// Runs `tern volume ARGS --node N --json` in a host's namespace.
+fn volume(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
+    let h = &lab.state().hosts[0];
+    let out = Command::new("ip")
+        .args(["netns", "exec", &h.namespace])
+        .arg(std::env::current_exe()?)
+        .arg("volume")
+        .args(args)
+        .args(["--node", &h.volume_node, "--json"])
+        .output()
+        .context("cannot run tern volume")?;
+    ensure!(
+        out.status.success(),
+        "tern volume {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Sends `text` to VM `vm`'s serial console on whichever host runs it.
+fn console_input(lab: &Lab, host: &str, vm: &str, text: &str) -> anyhow::Result<()> {
+    let h = lab
+        .state()
+        .hosts
+        .iter()
+        .find(|h| h.name == host)
+        .with_context(|| format!("no host {host}"))?;
+    let out = Command::new("ip")
+        .args(["netns", "exec", &h.namespace])
+        .arg(std::env::current_exe()?)
+        .args(["vm", "console-input", "--name", vm, "--runtime-dir"])
+        .arg(&h.runtime_dir)
+        .arg(text)
+        .output()
+        .context("cannot run tern vm console-input")?;
+    ensure!(
+        out.status.success(),
+        "tern vm console-input {vm}: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+fn count_actions(plans: &[Plan]) -> (u64, u64) {
+    let mut offs = 0;
+    let mut ons = 0;
+    for p in plans.iter().filter(|p| p.state == PlanState::Applied) {
+        for a in &p.actions {
+            match a {
+                PlanAction::PowerOff { .. } => offs += 1,
+                PlanAction::PowerOn { .. } => ons += 1,
+                PlanAction::Migrate { .. } => {}
+            }
+        }
+    }
+    (offs, ons)
+}
+
+fn table_line(t: f64, hosts: &[HostInfo], vms: &[VmInfo], migrations: u64) -> String {
+    let mut s = format!("{t:6.0} s ");
+    for h in hosts {
+        let power = match h.power {
+            HostPower::On => "on",
+            HostPower::PoweringOff => "powering off",
+            HostPower::Off => "off",
+            HostPower::PoweringOn => "powering on",
+            HostPower::FailedToWake => "failed to wake",
+        };
+        let n = vms
+            .iter()
+            .filter(|v| v.host.as_deref() == Some(h.name.as_str()) && v.state != VmState::Stopped)
+            .count();
+        let u = h
+            .cpu_utilization
+            .map_or("  -".into(), |u| format!("{:3.0}", u * 100.0));
+        s.push_str(&format!("| {} {:<12} {:2} VMs {u}% ", h.name, power, n));
+    }
+    s.push_str(&format!("| migrations {migrations}"));
+    s
+}
+
+/// `tern demo cluster`.
+pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
+    let say = Say { json: args.json };
+    let samples = args.samples as usize;
+    let traces = pick_traces(&args.day, samples)?;
+    let spec = LabSpec {
+        name: format!("dc{}", std::process::id() % 100_000),
+        hosts: HOSTS,
+        controllers: 1,
+        lun_size: "2G".into(),
+        tern: std::env::current_exe().context("cannot find the tern binary")?,
+    };
+    say.line(&format!(
+        "starting a test cluster: etcd, {HOSTS} hosts (volume node, agent and IPMI BMC each, {HOST_CORES} cores of {CPU_SHARE} real CPU), a controller"
+    ));
+    let shapes = vec![
+        HostShape {
+            cores: HOST_CORES,
+            power_model: POWER_MODEL.into(),
+        };
+        HOSTS
+    ];
+    let opts = LabOptions {
+        bmc: true,
+        host_cpu_share: Some(CPU_SHARE),
+    };
+    let lab = Lab::start_with(&spec, &shapes, &opts, &|s| say.line(&format!("  {s}")))?;
+    let api = Api {
+        url: lab.state().controllers[0].url.clone(),
+    };
+    let dashboard = format!("{}/", api.url);
+    say.line(&format!("dashboard: {dashboard}"));
+
+    // VMs arrive in three waves, so placement sees the first ones' measured load.
+    let step_ms = args.step_s * 1000;
+    for (wave, chunk) in traces.chunks(VMS / 3).enumerate() {
+        for (k, (name, values)) in chunk.iter().enumerate() {
+            let i = wave * (VMS / 3) + k + 1;
+            let disk = format!("dc-vm{i}.raw");
+            volume(&lab, &["create", &disk, "--size", "8M"])?;
+            let cmdline = format!(
+                "tern.hb_ms=1000 tern.cpu_trace={} tern.trace_step_ms={step_ms} tern.trace_end=hold",
+                guest_trace(values, CPU_SHARE)
+            );
+            let body = serde_json::json!({
+                "name": format!("vm{i}"), "vcpus": 1, "memory_mib": 64,
+                "kernel": "builtin:testguest", "cmdline": cmdline, "disk": disk,
+            });
+            api.call("POST", "/v1/vms", Some(&body.to_string()))
+                .with_context(|| format!("creating vm{i} (trace {name})"))?;
+        }
+        let start = Instant::now();
+        loop {
+            let vms: Vec<VmInfo> = api.get("/v1/vms")?;
+            if vms.iter().all(|v| v.state == VmState::Running) {
+                let hosts: Vec<HostInfo> = api.get("/v1/hosts")?;
+                say.line(&table_line(0.0, &hosts, &vms, 0));
+                break;
+            }
+            ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "the VMs did not all start within 120 s: {vms:?}"
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // let the agents measure the wave's load before the next one is placed
+        std::thread::sleep(Duration::from_secs(2 * args.step_s));
+    }
+
+    let policy_json = api.call("GET", "/v1/policy", None)?;
+    let mut policy: Policy = serde_json::from_str(&policy_json)?;
+    policy.automation = tern_api::automation::AutomationLevel::Full;
+    policy.interval_s = args.step_s as u32;
+    policy.hold_s = (2 * args.step_s) as u32;
+    policy.cooldown_s = (10 * args.step_s) as u32;
+    policy.power.enabled = true;
+    policy.power.spare_hosts = 0;
+    policy.power.off_hold_s = (3 * args.step_s) as u32;
+    policy.power.on_hold_s = (2 * args.step_s) as u32;
+    api.call("PUT", "/v1/policy", Some(&serde_json::to_string(&policy)?))
+        .context("setting the automation policy")?;
+    say.line(&format!(
+        "automation: full, LR-MMT-{}, interval {} s, host power on; playing {samples} samples",
+        policy.parameter, args.step_s
+    ));
+
+    let energy_before = api
+        .get::<StatsSeries>("/v1/stats/series")
+        .ok()
+        .and_then(|s| s.points.last().map(|p| p.energy_kwh))
+        .unwrap_or(0.0);
+    let start = Instant::now();
+    let raise_at = samples / 2;
+    let mut raised: Vec<usize> = Vec::new();
+    let mut hosts_on_series: Vec<u32> = Vec::new();
+    let mut ever_lost: Vec<String> = Vec::new();
+    for k in 0..samples {
+        let due = start + Duration::from_secs(args.step_s * (k as u64 + 1));
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let hosts: Vec<HostInfo> = api.get("/v1/hosts").unwrap_or_default();
+        let vms: Vec<VmInfo> = api.get("/v1/vms").unwrap_or_default();
+        let tasks: Vec<TaskInfo> = api.get("/v1/tasks").unwrap_or_default();
+        let done = tasks
+            .iter()
+            .filter(|t| t.kind == TaskKind::Migrate && t.state == TaskState::Succeeded)
+            .count() as u64;
+        hosts_on_series.push(
+            hosts
+                .iter()
+                .filter(|h| !matches!(h.power, HostPower::Off | HostPower::FailedToWake))
+                .count() as u32,
+        );
+        for v in &vms {
+            if v.state == VmState::Failed && !ever_lost.contains(&v.name) {
+                ever_lost.push(v.name.clone());
+            }
+        }
+        say.line(&table_line(
+            start.elapsed().as_secs_f64(),
+            &hosts,
+            &vms,
+            done,
+        ));
+        if k + 1 == raise_at {
+            // the busiest host's first VMs load their vCPUs
+            let mut by_host: BTreeMap<&str, Vec<&VmInfo>> = BTreeMap::new();
+            for v in vms.iter().filter(|v| v.state == VmState::Running) {
+                if let Some(h) = v.host.as_deref() {
+                    by_host.entry(h).or_default().push(v);
+                }
+            }
+            let busiest = by_host
+                .values()
+                .max_by_key(|v| v.len())
+                .cloned()
+                .unwrap_or_default();
+            let pct = (RAISED_PCT * CPU_SHARE).round();
+            for v in busiest.iter().take(RAISED_VMS) {
+                let host = v.host.clone().unwrap_or_default();
+                console_input(&lab, &host, &v.name, &format!("load {pct}\n"))?;
+                let idx: usize = v.name.trim_start_matches("vm").parse::<usize>()? - 1;
+                raised.push(idx);
+            }
+            say.line(&format!(
+                "raising the load: {} now spin {RAISED_PCT:.0} % of their vCPU",
+                busiest
+                    .iter()
+                    .take(RAISED_VMS)
+                    .map(|v| v.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ));
+        }
+    }
+
+    let plans: Vec<Plan> = api.get("/v1/plans")?;
+    let tasks: Vec<TaskInfo> = api.get("/v1/tasks")?;
+    let series: StatsSeries = api.get("/v1/stats/series")?;
+    let vms: Vec<VmInfo> = api.get("/v1/vms")?;
+    let migrations: Vec<&TaskInfo> = tasks
+        .iter()
+        .filter(|t| t.kind == TaskKind::Migrate)
+        .collect();
+    let succeeded = migrations
+        .iter()
+        .filter(|t| t.state == TaskState::Succeeded)
+        .count() as u64;
+    let failed = migrations
+        .iter()
+        .filter(|t| t.state == TaskState::Failed)
+        .count() as u64;
+    let (offs, ons) = count_actions(&plans);
+    let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
+    for p in &plans {
+        *by_state
+            .entry(format!("{:?}", p.state).to_lowercase())
+            .or_default() += 1;
+    }
+    let time_scale = SAMPLE_S / args.step_s as f64;
+    let last = series.points.last();
+    let energy_kwh = (last.map_or(0.0, |p| p.energy_kwh) - energy_before).max(0.0) * time_scale;
+    let slatah_pct = last.map_or(0.0, |p| p.slatah_pct);
+    // PDM: each migration costs 10 % of the moving VM's demand (its trace's mean) while it moves
+    let run_s = start.elapsed().as_secs_f64();
+    let mean_of = |name: &str| -> f64 {
+        let idx = name
+            .trim_start_matches("vm")
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| i.checked_sub(1));
+        idx.and_then(|i| traces.get(i)).map_or(0.0, |(_, v)| {
+            v.iter().map(|&x| f64::from(x) / 100.0).sum::<f64>() / v.len().max(1) as f64
+        })
+    };
+    let lost_cpu: f64 = migrations
+        .iter()
+        .filter(|t| t.state == TaskState::Succeeded)
+        .filter_map(|t| {
+            let s = t.finished_ms?.saturating_sub(t.created_ms) as f64 / 1000.0;
+            Some(0.1 * s * mean_of(t.vm.as_deref()?))
+        })
+        .sum();
+    let demand: f64 = (1..=VMS).map(|i| mean_of(&format!("vm{i}"))).sum::<f64>() * run_s;
+    let pdm_pct = if demand > 0.0 {
+        100.0 * lost_cpu / demand
+    } else {
+        0.0
+    };
+    let vms_lost = vms
+        .iter()
+        .filter(|v| v.state != VmState::Running)
+        .count()
+        .max(ever_lost.len());
+
+    let values: Vec<Vec<u8>> = traces.iter().map(|(_, v)| v.clone()).collect();
+    let (report, n) = simulate(&values, &raised, raise_at, samples)?;
+    let tl = report.timeline.clone().unwrap_or_default();
+    let sim_hosts: Vec<u32> = tl.active_hosts.iter().take(n).copied().collect();
+    let sim_migrations: u64 = tl.migrations.iter().take(n).map(|&m| u64::from(m)).sum();
+    let sim_energy: f64 =
+        tl.power_w.iter().take(n).map(|w| w * SAMPLE_S).sum::<f64>() / 3_600_000.0;
+    let agree = hosts_on_series
+        .iter()
+        .zip(&sim_hosts)
+        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .count();
+    let sim = SimFigures {
+        energy_kwh: sim_energy,
+        migrations: sim_migrations,
+        hosts_on_series: sim_hosts.clone(),
+        hosts_on_agreement_pct: 100.0 * agree as f64 / sim_hosts.len().max(1) as f64,
+        migrations_ratio: (sim_migrations > 0).then(|| succeeded as f64 / sim_migrations as f64),
+        energy_ratio: (sim_energy > 0.0).then(|| energy_kwh / sim_energy),
+    };
+    let figures = Figures {
+        hosts: HOSTS,
+        vms: VMS,
+        samples: args.samples,
+        step_s: args.step_s,
+        time_scale,
+        migrations: succeeded,
+        migrations_failed: failed,
+        host_power_offs: offs,
+        host_power_ons: ons,
+        energy_kwh,
+        slatah_pct,
+        pdm_pct,
+        vms_lost,
+        hosts_on_series,
+        plans: by_state,
+        dashboard,
+        sim,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&figures)?);
+    } else {
+        say.line(&format!(
+            "done: {} migrations ({} failed), {} host power-offs, {} power-ons, {:.3} kWh (model, trace time), SLATAH {:.2} %, PDM {:.3} %, VMs lost {}",
+            figures.migrations,
+            figures.migrations_failed,
+            figures.host_power_offs,
+            figures.host_power_ons,
+            figures.energy_kwh,
+            figures.slatah_pct,
+            figures.pdm_pct,
+            figures.vms_lost
+        ));
+        say.line(&format!(
+            "simulated: {} migrations, {:.3} kWh; hosts on within one host of the simulation in {:.0} % of samples",
+            figures.sim.migrations, figures.sim.energy_kwh, figures.sim.hosts_on_agreement_pct
+        ));
+    }
+    say.line("taking the cluster down");
+    let left = lab.shutdown();
+    ensure!(left.is_empty(), "the cluster left: {}", left.join("; "));
+    Ok(if figures.vms_lost == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

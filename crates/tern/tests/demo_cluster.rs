@@ -1,0 +1,56 @@
+//! `tern demo cluster --json`, the README's main demo, end to end: a 4-host test cluster with IPMI
+//! BMCs, 12 VMs following PlanetLab traces, the controller's loop in full automation. The loop
+//! must drain hosts with live migrations and power them off through their BMCs (ipmitool against
+//! ipmi_sim), power one back on when the demo raises the load, and lose no VM.
+//!
+//! Needs root, KVM, etcd, ipmi_sim and ipmitool; fails loudly without them. About 2 minutes.
+
+use std::process::Command;
+
+use tern_test_support::{require_kvm, require_tools};
+
+#[test]
+fn the_loop_packs_powers_hosts_off_and_wakes_one_as_load_rises_losing_no_vm() {
+    require_kvm();
+    require_tools(&["etcd", "ipmi_sim", "ipmitool"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["demo", "cluster", "--json", "--samples", "36"])
+        .output()
+        .expect("run tern demo cluster");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "tern demo cluster failed:\n{stderr}");
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stderr}"));
+    let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {r}"));
+    assert_eq!((n("hosts"), n("vms")), (4, 12), "{r}");
+    assert_eq!(n("vms_lost"), 0, "{r}\n{stderr}");
+    assert!(n("migrations") >= 2, "the VMs were packed: {r}\n{stderr}");
+    assert_eq!(n("migrations_failed"), 0, "{r}\n{stderr}");
+    assert!(
+        n("host_power_offs") >= 1,
+        "a drained host was powered off: {r}\n{stderr}"
+    );
+    assert!(
+        n("host_power_ons") >= 1,
+        "a host was powered on as load rose: {r}\n{stderr}"
+    );
+    // fewer hosts on at some point than at the start, and more again after the raise
+    let series: Vec<u64> = r["hosts_on_series"]
+        .as_array()
+        .expect("hosts_on_series")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(series.len(), 36, "{r}");
+    let low = series.iter().copied().min().unwrap();
+    let low_at = series.iter().position(|&v| v == low).unwrap();
+    assert!(low < 4, "no host ever off: {series:?}");
+    assert!(
+        series[low_at..].iter().any(|&v| v > low),
+        "no host came back on after the low point: {series:?}"
+    );
+    assert!(r["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
+    let sim = &r["sim"];
+    assert_eq!(sim["hosts_on_series"].as_array().unwrap().len(), 36, "{r}");
+    assert!(sim["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
+}
