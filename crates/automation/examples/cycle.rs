@@ -37,6 +37,7 @@ fn main() {
                 maintenance: false,
                 cpu_utilization: None,
                 parked_cores: None,
+                migration_link_bytes_per_sec: None,
             })
             .collect(),
         vms: (0..vms)
@@ -45,6 +46,7 @@ fn main() {
                 host: Some(format!("h{}", i % hosts)),
                 vcpus: 1,
                 memory_mib: [613, 870, 1740, 1740][i % 4],
+                resident_mib: None,
                 cpu_utilization: Some(0.0),
                 dirty_pages_per_sec: Some(1000.0),
                 pinned: i % 50 == 0,

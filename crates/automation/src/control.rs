@@ -28,7 +28,7 @@ use tern_sim::preview::{
     Forecast, PreviewHost, PreviewInput, PreviewMove, PreviewOutcome, PreviewVm, Scenario, preview,
 };
 
-use crate::cost::{MoveInput, predict_move};
+use crate::cost::{MoveInput, predict_move, typical_link};
 use crate::energy::{HostPowerSpec, KNOWN_MODELS};
 use crate::knobs::Knobs;
 use crate::power::{PowerRequestError, PowerTracker};
@@ -43,7 +43,8 @@ pub struct LoopConfig {
     /// Empty powered-on hosts the controller's HA admission control wants kept (beyond
     /// `spare_hosts`).
     pub ha_reserve_hosts: u32,
-    /// The migration link, bytes per second.
+    /// The migration link, bytes per second, for hosts whose telemetry carries no measured one
+    /// (`HostSample::migration_link_bytes_per_sec`).
     pub link_bytes_per_sec: f64,
     /// The longest acceptable pause of a migration, milliseconds (the migration's own default).
     pub downtime_budget_ms: f64,
@@ -774,6 +775,12 @@ impl Loop {
         let mut predictions: Vec<MigrationPrediction> = Vec::new();
         let mut groups: BTreeMap<String, u32> = BTreeMap::new();
         let mb_per_s = self.cfg.link_bytes_per_sec / 1e6;
+        let link = typical_link(
+            host_names
+                .iter()
+                .map(|n| self.hosts[n].sample.migration_link_bytes_per_sec),
+            self.cfg.link_bytes_per_sec,
+        );
         for (name, v) in &self.vms {
             let Some(h) = v.sample.host.as_deref().and_then(|h| host_idx.get(h)) else {
                 continue;
@@ -789,12 +796,12 @@ impl Loop {
                 .spec
                 .core_mips();
             let mips = core * f64::from(v.sample.vcpus);
-            let pred = predict_move(&MoveInput {
-                memory_bytes: v.sample.memory_mib << 20,
-                dirty_pages_per_sec: v.sample.dirty_pages_per_sec.unwrap_or(0.0),
-                link_bytes_per_sec: self.cfg.link_bytes_per_sec,
-                downtime_budget_ms: self.cfg.downtime_budget_ms,
-            });
+            // the target is not chosen yet: the typical measured link into the hosts in view
+            let pred = predict_move(&MoveInput::for_vm(
+                &v.sample,
+                link,
+                self.cfg.downtime_budget_ms,
+            ));
             // MMT and the regression's look-ahead read RAM / bandwidth: hand them the predicted
             // time as an equivalent RAM (a move that would not converge sorts last)
             let ram_mb = if pred.converges {
@@ -1026,7 +1033,17 @@ impl Loop {
                 from: from.clone(),
                 to: name_of(m.to).clone(),
                 reason,
-                predicted: Some(predictions[m.vm as usize]),
+                // over the link into the chosen target, measured or the default
+                predicted: Some(match self.hosts.get(name_of(m.to)) {
+                    Some(h) => predict_move(&MoveInput::for_vm(
+                        &self.vms[&vm_names[m.vm as usize]].sample,
+                        h.sample
+                            .migration_link_bytes_per_sec
+                            .unwrap_or(self.cfg.link_bytes_per_sec),
+                        self.cfg.downtime_budget_ms,
+                    )),
+                    None => predictions[m.vm as usize],
+                }),
                 actual: None,
                 status: ActionStatus::Pending,
             });

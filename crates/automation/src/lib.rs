@@ -21,9 +21,10 @@
 //! let host = |name: &str| HostSample {
 //!     name: name.into(), cores: 2, power_model: "hp-ml110-g5".into(), up: true,
 //!     maintenance: false, cpu_utilization: None, parked_cores: None,
+//!     migration_link_bytes_per_sec: None,
 //! };
 //! let vm = |name: &str, host: &str, u: f64| VmSample {
-//!     name: name.into(), host: Some(host.into()), vcpus: 1, memory_mib: 512,
+//!     name: name.into(), host: Some(host.into()), vcpus: 1, memory_mib: 512, resident_mib: None,
 //!     cpu_utilization: Some(u), dirty_pages_per_sec: None, pinned: false,
 //!     anti_affinity: None, migrating: false,
 //! };

@@ -19,6 +19,10 @@ pub struct HostSample {
     pub cpu_utilization: Option<f64>,
     /// Cores its parking policy has parked, if reported.
     pub parked_cores: Option<u32>,
+    /// Measured bandwidth of live migrations into this host, bytes/s: the shell's estimate from
+    /// the migrations it has seen land here ([`crate::cost::LinkEstimator`]). `None`:
+    /// [`crate::LoopConfig::link_bytes_per_sec`].
+    pub migration_link_bytes_per_sec: Option<f64>,
 }
 
 /// One VM at the time of the snapshot.
@@ -32,6 +36,11 @@ pub struct VmSample {
     pub vcpus: u32,
     /// Guest memory, MiB.
     pub memory_mib: u64,
+    /// Resident memory, MiB, if reported: the agent's figure is the VMM process's RSS, which
+    /// holds every guest page ever touched plus the VMM's own pages. A migration's full copy sends
+    /// only touched, non-zero guest pages, so this is an upper bound of what it sends (clamped
+    /// to `memory_mib`). `None`: all of the guest's memory is assumed sent.
+    pub resident_mib: Option<u64>,
     /// CPU utilisation measured over its vCPUs (0..1), if reported.
     pub cpu_utilization: Option<f64>,
     /// Pages it dirties per second, if measured (the migration cost model's input).
@@ -135,6 +144,16 @@ impl Telemetry {
             range("host", &h.name, "cores", f64::from(h.cores), 1.0, 4096.0)?;
             if let Some(u) = h.cpu_utilization {
                 range("host", &h.name, "cpu_utilization", u, 0.0, 1.0)?;
+            }
+            if let Some(b) = h.migration_link_bytes_per_sec {
+                range(
+                    "host",
+                    &h.name,
+                    "migration_link_bytes_per_sec",
+                    b,
+                    1.0,
+                    1e12,
+                )?;
             }
             if let Some(p) = h.parked_cores {
                 range(

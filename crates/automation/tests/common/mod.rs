@@ -86,6 +86,7 @@ impl Cluster {
                     maintenance: h.maintenance,
                     cpu_utilization: None,
                     parked_cores: None,
+                    migration_link_bytes_per_sec: None,
                 })
                 .collect(),
             vms: self
@@ -98,6 +99,7 @@ impl Cluster {
                         host: Some(v.host.clone()),
                         vcpus: v.vcpus,
                         memory_mib: v.memory_mib,
+                        resident_mib: None,
                         cpu_utilization: Some(v.trace[i]),
                         dirty_pages_per_sec: v.dirty,
                         pinned: v.pinned,
