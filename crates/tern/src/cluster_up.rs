@@ -796,9 +796,16 @@ impl Lab {
                 .iter_mut()
                 .filter(|p| in_group(&p.what))
                 .collect();
+            // etcd inherits this process's blocked SIGTERM (see `up`) and holds nothing worth a
+            // clean stop: its folder goes with the cluster's
+            let sig = if g == 3 {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            };
             for p in &mut group {
                 if let Ok(None) = p.child.try_wait() {
-                    let _ = kill(Pid::from_raw(p.child.id() as i32), Signal::SIGTERM);
+                    let _ = kill(Pid::from_raw(p.child.id() as i32), sig);
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -1285,7 +1292,9 @@ impl Lab {
 
 /// `tern cluster up`.
 pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
-    // Blocked before any thread or child exists (threads inherit the mask; children get it reset).
+    // Blocked before any thread or child exists (threads inherit the mask). Children inherit it
+    // too: the `tern` processes unblock them as they start (main.rs); etcd keeps it and is
+    // stopped with SIGKILL, the BMCs (ipmi_sim) are killed by their own drop.
     let signals = Signals::block(&[Signal::SIGINT, Signal::SIGTERM])
         .context("cannot set up signal handling")?;
     let json = args.json;

@@ -67,6 +67,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // A signal mask survives fork and exec: a parent that takes SIGINT/SIGTERM through a signalfd
+    // (`tern cluster up`, `tern park daemon`) has them blocked, and every `tern` it starts (the
+    // test cluster's volume nodes, agents, controllers) would never see a SIGTERM and could only
+    // be killed. Each command starts with them unblocked and installs what it needs.
+    let mut stop = nix::sys::signal::SigSet::empty();
+    stop.add(nix::sys::signal::Signal::SIGINT);
+    stop.add(nix::sys::signal::Signal::SIGTERM);
+    let _ = stop.thread_unblock();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vm(cmd) => vm::run(cmd),

@@ -34,6 +34,19 @@ struct Bmc {
 struct Host {
     name: String,
     namespace: String,
+    volume_node: String,
+    volume_node_id: u64,
+}
+
+/// The volume coordinator's node id, as host `h`'s node reports it.
+fn coordinator(h: &Host) -> Option<u64> {
+    let o = Command::new("ip")
+        .args(["netns", "exec", &h.namespace, tern(), "volume", "status"])
+        .args(["--node", &h.volume_node, "--json"])
+        .output()
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;
+    v["coordinator"]["node_id"].as_u64()
 }
 
 #[derive(Debug, Deserialize)]
@@ -94,6 +107,12 @@ fn host_state(controller: &str, name: &str) -> Option<HostState> {
 }
 
 /// The commands of the processes in network namespace `ns`.
+/// The log of a cluster process (`volume-h0`, `agent-h1`, …).
+fn dir_log(info: &UpInfo, what: &str) -> String {
+    let dir = info.state_file.parent().unwrap().join("logs");
+    std::fs::read_to_string(dir.join(format!("{what}.log"))).unwrap_or_default()
+}
+
 fn processes_in(ns: &str) -> Vec<String> {
     let o = Command::new("ip")
         .args(["netns", "pids", ns])
@@ -238,6 +257,46 @@ fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on_o
     assert_eq!(
         std::fs::read_to_string(bmc_dir.join("events")).unwrap(),
         "off\non\nsoft\non\n"
+    );
+
+    // The coordinator's host, soft powered off (the automation loop's default), hands the volume
+    // coordinator role over as it goes: its node steps down on the SIGTERM, and the other node
+    // coordinates without waiting for the old one's etcd lease to run out.
+    wait_for(
+        "both nodes to agree on a coordinator",
+        Duration::from_secs(30),
+        || {
+            let c = coordinator(&info.hosts[0]);
+            c.is_some() && c == coordinator(&info.hosts[1])
+        },
+    );
+    let c = coordinator(&info.hosts[0]).unwrap();
+    let (from, to) = if c == info.hosts[0].volume_node_id {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    assert_eq!(
+        json_of(&power(&info.bmcs[from], &["off", "--grace", "10"]))["outcome"],
+        "soft"
+    );
+    let off = Instant::now();
+    let log = dir_log(&info, &format!("volume-{}", info.hosts[from].name));
+    assert!(
+        log.contains("coordinator role given up"),
+        "the coordinator's node stepped down on its way off:\n{log}"
+    );
+    let new = info.hosts[to].volume_node_id;
+    wait_for(
+        "the other node to coordinate",
+        Duration::from_secs(20),
+        || coordinator(&info.hosts[to]) == Some(new),
+    );
+    eprintln!(
+        "coordinator handed over from {} to {} {:.2} s after the soft power-off",
+        info.hosts[from].name,
+        info.hosts[to].name,
+        off.elapsed().as_secs_f64()
     );
 
     // Down: nothing of the cluster or its BMCs is left.
