@@ -24,8 +24,14 @@
 //! Every migration task gets a predicted cost when it is seen (the plan's prediction, or the
 //! loop's model for an operator's move) and, once done, the measured one: `GET /v1/tasks/{id}`
 //! shows both.
+//!
+//! The model's inputs beyond the VM's memory: its resident memory (the VMM's RSS from the
+//! agent's report: an upper bound of the pages sent) and dirty rate, and the link into the
+//! target host, learned from every succeeded migration task that landed there
+//! ([`tern_automation::cost::link_from_migration`] into a [`LinkEstimator`]; the loop's default
+//! link until then).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,7 +40,7 @@ use tern_api::automation::{
     MigrationActual, MigrationPrediction, Plan, PlanAction, PlanState, Policy, StatsSeries,
 };
 use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
-use tern_automation::cost::{MoveInput, predict_move};
+use tern_automation::cost::{LinkEstimator, MoveInput, link_from_migration, predict_move};
 use tern_automation::{
     Action, HostSample, Loop, LoopConfig, Outcome, PlanError, Telemetry, VmSample,
 };
@@ -90,6 +96,12 @@ pub struct Automation {
     /// Latest per-VM dirty-page rate (pages/s) and per-host parked cores from the reports.
     vm_dirty: BTreeMap<String, f64>,
     host_parked: BTreeMap<String, u32>,
+    /// Latest per-VM resident memory (the VMM's RSS), MiB.
+    vm_rss: BTreeMap<String, u64>,
+    /// Measured migration bandwidth into each host.
+    links: LinkEstimator,
+    /// Succeeded migration tasks already measured into `links`.
+    measured: BTreeSet<u64>,
     /// Migration tasks started for a plan: task → (plan, VM).
     plan_tasks: BTreeMap<u64, (u64, String)>,
     /// Predicted cost of every migration task seen.
@@ -113,6 +125,9 @@ impl Automation {
             host_cpu: BTreeMap::new(),
             vm_dirty: BTreeMap::new(),
             host_parked: BTreeMap::new(),
+            vm_rss: BTreeMap::new(),
+            links: LinkEstimator::default(),
+            measured: BTreeSet::new(),
             plan_tasks: BTreeMap::new(),
             predicted: BTreeMap::new(),
             waking: BTreeMap::new(),
@@ -271,6 +286,10 @@ pub fn note_report(s: &Shared, report: &AgentReport) {
             Some(d) => a.vm_dirty.insert(v.name.clone(), d),
             None => a.vm_dirty.remove(&v.name),
         };
+        // kept while the VM migrates (the agent measures only running VMs)
+        if let Some(r) = v.rss_mib {
+            a.vm_rss.insert(v.name.clone(), r);
+        }
     }
 }
 
@@ -286,6 +305,7 @@ fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
             maintenance: h.maintenance,
             cpu_utilization: a.host_cpu.get(&h.name).copied().or(h.cpu_utilization),
             parked_cores: a.host_parked.get(&h.name).copied().or(h.parked_cores),
+            migration_link_bytes_per_sec: a.links.get(&h.name),
             name: h.name,
         })
         .collect();
@@ -302,6 +322,7 @@ fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
             host: v.host.clone(),
             vcpus: v.spec.vcpus,
             memory_mib: v.spec.memory_mib,
+            resident_mib: a.vm_rss.get(&v.name).copied(),
             cpu_utilization: a.vm_cpu.get(&v.name).copied(),
             dirty_pages_per_sec: a.vm_dirty.get(&v.name).copied(),
             pinned: v.spec.host.is_some(),
@@ -641,26 +662,53 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Gives every migration task without a prediction one: the loop's model (the migration's own
-/// predictor) from the VM's memory, its last reported dirty rate and the configured link.
+/// predictor) from the VM's memory, its last reported resident memory and dirty rate, and the
+/// link into the task's target (measured, else the configured default). Then measures the link
+/// of every succeeded migration task not measured yet (in task order).
 fn predict_tasks(s: &Arc<Shared>) {
     let core = s.core();
     let mut a = lock(s);
     let cfg = *a.lp.config();
-    for t in core.tasks(false) {
+    let tasks = core.tasks(false);
+    for t in &tasks {
         if t.kind == TaskKind::Maintenance || a.predicted.contains_key(&t.id) {
             continue;
         }
         let Some(vm) = t.vm.as_deref().and_then(|v| core.vm(v).ok()) else {
             continue;
         };
+        let link =
+            t.to.as_deref()
+                .and_then(|h| a.links.get(h))
+                .unwrap_or(cfg.link_bytes_per_sec);
         let p = predict_move(&MoveInput {
             memory_bytes: vm.spec.memory_mib << 20,
+            resident_bytes: a.vm_rss.get(&vm.name).map(|r| r << 20),
             dirty_pages_per_sec: a.vm_dirty.get(&vm.name).copied().unwrap_or(0.0),
-            link_bytes_per_sec: cfg.link_bytes_per_sec,
+            link_bytes_per_sec: link,
             downtime_budget_ms: cfg.downtime_budget_ms,
         });
         a.predicted.insert(t.id, p);
     }
+    for t in &tasks {
+        if t.kind == TaskKind::Maintenance || a.measured.contains(&t.id) {
+            continue;
+        }
+        let (Some(actual), Some(to)) = (actual_of(t), t.to.as_deref()) else {
+            continue;
+        };
+        a.measured.insert(t.id);
+        let memory =
+            t.vm.as_deref()
+                .and_then(|v| core.vm(v).ok())
+                .map_or(0, |v| v.spec.memory_mib << 20);
+        if let Some(b) = link_from_migration(memory, &actual, cfg.downtime_budget_ms) {
+            a.links.observe(to, b);
+        }
+    }
+    // forget tasks the core no longer keeps
+    let kept: BTreeSet<u64> = tasks.iter().map(|t| t.id).collect();
+    a.measured.retain(|id| kept.contains(id));
 }
 
 /// Runs [`cycle`] every [`CYCLE`] for the life of the process.
