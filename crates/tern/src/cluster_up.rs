@@ -541,15 +541,7 @@ impl Lab {
         if opts.bmc {
             // a BMC's power-on reruns the agent's command line read from /proc: wait until the
             // agents run (listen), so it is theirs and not `ip netns exec`'s
-            for h in lab.state.hosts.clone() {
-                let addr = SocketAddr::from((h.address, AGENT_PORT));
-                lab.wait_port(
-                    &format!("agent-{}", h.name),
-                    &h.namespace,
-                    addr,
-                    Duration::from_secs(20),
-                )?;
-            }
+            lab.wait_agents()?;
             lab.add_bmcs(progress)?;
             let path = lab.state.dir.join("power.json");
             let entries: Vec<serde_json::Value> = lab
@@ -609,15 +601,7 @@ impl Lab {
             });
         }
         lab.write_state()?;
-        for h in lab.state.hosts.clone() {
-            let addr = SocketAddr::from((h.address, AGENT_PORT));
-            lab.wait_port(
-                &format!("agent-{}", h.name),
-                &h.namespace,
-                addr,
-                Duration::from_secs(20),
-            )?;
-        }
+        lab.wait_agents()?;
         progress("waiting for a leader and every host to register");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -682,6 +666,20 @@ impl Lab {
             .context("no such controller")?;
         let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
         self.reap();
+        Ok(())
+    }
+
+    /// Waits until every host's agent listens (20 s each at most).
+    fn wait_agents(&mut self) -> anyhow::Result<()> {
+        for h in self.state.hosts.clone() {
+            let addr = SocketAddr::from((h.address, AGENT_PORT));
+            self.wait_port(
+                &format!("agent-{}", h.name),
+                &h.namespace,
+                addr,
+                Duration::from_secs(20),
+            )?;
+        }
         Ok(())
     }
 

@@ -80,12 +80,13 @@ pub struct HaArgs {
 /// The guest NIC's MAC in the demo.
 const DEMO_MAC: &str = "52:54:00:de:40:01";
 
-struct Say {
-    json: bool,
+/// Where a demo's narrative goes: stdout, or stderr when stdout carries its JSON report.
+pub(crate) struct Say {
+    pub(crate) json: bool,
 }
 
 impl Say {
-    fn line(&self, s: &str) {
+    pub(crate) fn line(&self, s: &str) {
         if self.json {
             eprintln!("{s}");
         } else {
