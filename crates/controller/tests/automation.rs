@@ -609,6 +609,14 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
         assert_eq!(st, 200, "{t}");
         assert_eq!(t["state"], "succeeded", "{t}");
         assert!(t["predicted"]["time_s"].as_f64().unwrap() > 0.0, "{t}");
+        eprintln!(
+            "task {id} to {}: predicted {:.3} s / {} B, measured {} s / {} B",
+            t["to"],
+            t["predicted"]["time_s"].as_f64().unwrap_or(f64::NAN),
+            t["predicted"]["bytes"],
+            t["actual"]["time_s"],
+            t["actual"]["bytes"]
+        );
         assert_eq!(t["actual"]["time_s"], 1.2, "{t}");
         assert_eq!(t["actual"]["downtime_ms"], 12.0, "{t}");
     }
