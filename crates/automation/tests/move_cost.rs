@@ -180,3 +180,18 @@ fn a_move_too_small_or_too_fast_teaches_nothing_about_the_link() {
         Some(tern_automation::cost::LINK_SEARCH_BYTES_PER_SEC.0)
     );
 }
+
+#[test]
+fn a_measured_link_out_of_range_is_refused_by_name() {
+    let t = Telemetry {
+        hosts: vec![host("h1", Some(0.5)), host("h2", None)],
+        vms: vec![vm("a", "h1", 0.5, Some(8))],
+    };
+    let err = t.validate().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "host h1: migration_link_bytes_per_sec = 0.5 is out of range: allowed 1..=1000000000000"
+    );
+    let mut lp = Loop::new(Policy::default(), LoopConfig::default()).unwrap();
+    assert_eq!(lp.observe(0, &t).unwrap_err().to_string(), err);
+}
