@@ -25,14 +25,17 @@ use tern_api::automation::{HostPower, Plan, PlanAction, PlanState, Policy, Stats
 use tern_api::cluster::{HostInfo, TaskInfo, TaskKind, TaskState, VmInfo, VmState};
 
 use crate::cluster_up::{HostShape, Lab, LabOptions, LabSpec, http};
+use crate::demo::Say;
 
 /// Options of `tern demo cluster`.
 #[derive(Debug, clap::Args)]
 pub struct ClusterDemoArgs {
     /// Print only the final report, as JSON, on stdout (the live table goes to stderr): `hosts`,
     /// `vms`, `migrations`, `host_power_offs`, `host_power_ons`, `energy_kwh`, `slatah_pct`,
-    /// `pdm_pct`, `vms_lost`, `hosts_on_series` and `sim` (the simulator's prediction of the same
-    /// scenario, with the agreement figures).
+    /// `pdm_pct`, `vms_lost`, `hosts_on_series`, `hosts_series` (each sample's hosts: power and
+    /// measured utilisation), `migration_times` (each migration's predicted and measured seconds),
+    /// `cycle_s_series` (the loop's last cycle time per sample) and `sim` (the simulator's
+    /// prediction of the same scenario, with the agreement figures).
     #[arg(long)]
     pub json: bool,
     /// Trace samples to play (each a 5-minute PlanetLab sample), 20-288.
@@ -127,6 +130,11 @@ pub struct SimFigures {
     pub migrations_ratio: Option<f64>,
     /// Live energy ÷ simulated energy.
     pub energy_ratio: Option<f64>,
+    /// SLATAH over the whole simulated day (the played samples, then each trace held at its last
+    /// value): the engine reports it only for the day, not per sample.
+    pub day_slatah_pct: f64,
+    /// PDM over the whole simulated day, as `day_slatah_pct`.
+    pub day_pdm_pct: f64,
 }
 
 /// Runs the simulator on the demo's hosts, VMs and traces (as the agents report them: the trace
@@ -176,6 +184,28 @@ pub fn simulate(
     Ok((tern_sim::simulate(&w, &cfg), samples))
 }
 
+/// One host at one sample, as the API showed it.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostAtSample {
+    /// Powered on (or powering on/off): counted in `hosts_on_series`.
+    pub on: bool,
+    /// Measured CPU utilisation, 0..1 of its declared cores.
+    pub cpu_utilization: Option<f64>,
+    /// Cores parked at its last report.
+    pub parked_cores: Option<u32>,
+}
+
+/// A migration's predicted and measured time (`GET /v1/tasks/{id}`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationTime {
+    /// The VM moved.
+    pub vm: Option<String>,
+    /// The migration model's predicted total time, seconds, if the controller made one.
+    pub predicted_s: Option<f64>,
+    /// The measured total time from the source VMM's report, once it succeeded.
+    pub actual_s: Option<f64>,
+}
+
 /// The final report of `tern demo cluster --json`.
 #[derive(Debug, Serialize)]
 struct Figures {
@@ -196,23 +226,17 @@ struct Figures {
     pdm_pct: f64,
     vms_lost: usize,
     hosts_on_series: Vec<u32>,
+    /// Cores each host declares and the power model they all share.
+    host_cores: u32,
+    power_model: &'static str,
+    /// Per sample, per host (by name order).
+    hosts_series: Vec<Vec<HostAtSample>>,
+    migration_times: Vec<MigrationTime>,
+    /// `tern_automation_cycle_seconds` from the controller's /metrics at each sample.
+    cycle_s_series: Vec<f64>,
     plans: BTreeMap<String, u64>,
     dashboard: String,
     sim: SimFigures,
-}
-
-struct Say {
-    json: bool,
-}
-
-impl Say {
-    fn line(&self, s: &str) {
-        if self.json {
-            eprintln!("{s}");
-        } else {
-            println!("{s}");
-        }
-    }
 }
 
 struct Api {
@@ -283,6 +307,13 @@ fn console_input(lab: &Lab, host: &str, vm: &str, text: &str) -> anyhow::Result<
         String::from_utf8_lossy(&out.stderr).trim()
     );
     Ok(())
+}
+
+/// The value of an unlabelled gauge in a Prometheus text exposition.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn count_actions(plans: &[Plan]) -> (u64, u64) {
@@ -418,6 +449,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let raise_at = samples / 2;
     let mut raised: Vec<usize> = Vec::new();
     let mut hosts_on_series: Vec<u32> = Vec::new();
+    let mut hosts_series: Vec<Vec<HostAtSample>> = Vec::new();
+    let mut cycle_s_series: Vec<f64> = Vec::new();
     let mut ever_lost: Vec<String> = Vec::new();
     for k in 0..samples {
         let due = start + Duration::from_secs(args.step_s * (k as u64 + 1));
@@ -435,6 +468,23 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
                 .filter(|h| !matches!(h.power, HostPower::Off | HostPower::FailedToWake))
                 .count() as u32,
         );
+        hosts_series.push(
+            hosts
+                .iter()
+                .map(|h| HostAtSample {
+                    on: !matches!(h.power, HostPower::Off | HostPower::FailedToWake),
+                    cpu_utilization: h.cpu_utilization,
+                    parked_cores: h.parked_cores,
+                })
+                .collect(),
+        );
+        if let Some(c) = api
+            .call("GET", "/metrics", None)
+            .ok()
+            .and_then(|m| metric(&m, "tern_automation_cycle_seconds"))
+        {
+            cycle_s_series.push(c);
+        }
         for v in &vms {
             if v.state == VmState::Failed && !ever_lost.contains(&v.name) {
                 ever_lost.push(v.name.clone());
@@ -494,6 +544,15 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .filter(|t| t.state == TaskState::Failed)
         .count() as u64;
+    let mut migration_times = Vec::new();
+    for t in &migrations {
+        let d: tern_api::cluster::TaskDetail = api.get(&format!("/v1/tasks/{}", t.id))?;
+        migration_times.push(MigrationTime {
+            vm: t.vm.clone(),
+            predicted_s: d.predicted.map(|p| p.time_s),
+            actual_s: d.actual.map(|a| a.time_s),
+        });
+    }
     let (offs, ons) = count_actions(&plans);
     let mut by_state: BTreeMap<String, u64> = BTreeMap::new();
     for p in &plans {
@@ -556,6 +615,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         hosts_on_agreement_pct: 100.0 * agree as f64 / sim_hosts.len().max(1) as f64,
         migrations_ratio: (sim_migrations > 0).then(|| succeeded as f64 / sim_migrations as f64),
         energy_ratio: (sim_energy > 0.0).then(|| energy_kwh / sim_energy),
+        day_slatah_pct: report.slatah_pct,
+        day_pdm_pct: report.pdm_pct,
     };
     let figures = Figures {
         hosts: HOSTS,
@@ -572,6 +633,11 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         pdm_pct,
         vms_lost,
         hosts_on_series,
+        host_cores: HOST_CORES,
+        power_model: POWER_MODEL,
+        hosts_series,
+        migration_times,
+        cycle_s_series,
         plans: by_state,
         dashboard,
         sim,

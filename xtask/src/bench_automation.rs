@@ -1,0 +1,371 @@
+//! `cargo xtask bench automation`: the automation loop live against the simulator, and its cost.
+//!
+//! - **Live** (root, KVM, etcd, ipmi_sim): runs `tern demo cluster --json` (release build) — four
+//!   netns hosts, twelve VMs on PlanetLab traces, the controller in full automation — and prints
+//!   its figures beside the demo's `sim` part (`tern-sim`'s engine, LR-MMT-1.2, on the same hosts,
+//!   traces and raised load), with the agreement figures issue 11 asks for.
+//! - **Energy saved**, from the same run's per-sample host series and the live loop's own energy
+//!   model (`tern_automation::energy`): against no consolidation (all four hosts on, the measured
+//!   demand spread over them) and against consolidation without parked cores.
+//! - **Cycle time**: the controller's `tern_automation_cycle_seconds` at each sample of the live
+//!   run (12 VMs), and `tern-automation`'s `cycle` example at 10,000 simulated hosts.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, ensure};
+use serde::Deserialize;
+use tern_automation::energy::{HostPowerSpec, NEHALEM_PARKED_CORE_SAVING_W};
+
+use crate::bench_common;
+
+/// Options of `cargo xtask bench automation`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Trace samples the live run plays (`tern demo cluster --samples`, 20-288).
+    #[arg(long, default_value_t = 75)]
+    pub samples: u64,
+    /// Simulated hosts for the cycle time (`tern-automation`'s `cycle` example; 0 skips it).
+    #[arg(long, default_value_t = 10_000)]
+    pub sim_hosts: usize,
+    /// Only the cycle time at `--sim-hosts` (no root, KVM or etcd needed).
+    #[arg(long)]
+    pub cycle_only: bool,
+}
+
+/// Trace time of one sample, seconds (PlanetLab's 5 minutes), as the demo counts energy.
+const SAMPLE_S: f64 = 300.0;
+
+#[derive(Debug, Deserialize)]
+struct HostAtSample {
+    on: bool,
+    cpu_utilization: Option<f64>,
+    parked_cores: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+struct MigrationTime {
+    vm: Option<String>,
+    predicted_s: Option<f64>,
+    actual_s: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Sim {
+    energy_kwh: f64,
+    migrations: u64,
+    hosts_on_series: Vec<u32>,
+    day_slatah_pct: f64,
+    day_pdm_pct: f64,
+}
+
+/// The fields of `tern demo cluster --json` this bench reads.
+#[derive(Debug, Deserialize)]
+struct Demo {
+    hosts: usize,
+    vms: usize,
+    samples: u64,
+    step_s: u64,
+    migrations: u64,
+    migrations_failed: u64,
+    host_power_offs: u64,
+    host_power_ons: u64,
+    energy_kwh: f64,
+    slatah_pct: f64,
+    pdm_pct: f64,
+    vms_lost: usize,
+    hosts_on_series: Vec<u32>,
+    host_cores: u32,
+    power_model: String,
+    hosts_series: Vec<Vec<HostAtSample>>,
+    migration_times: Vec<MigrationTime>,
+    cycle_s_series: Vec<f64>,
+    sim: Sim,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    println!("load average: {}", bench_common::load_average());
+    if !args.cycle_only {
+        live(&args)?;
+    }
+    if args.sim_hosts > 0 {
+        cycle_at_scale(args.sim_hosts)?;
+    }
+    println!("load average: {}", bench_common::load_average());
+    Ok(())
+}
+
+/// `goal met` / `goal NOT met` for a figure.
+fn verdict(met: bool) -> &'static str {
+    if met { "goal met" } else { "goal NOT met" }
+}
+
+/// Live ÷ simulated, and whether it lies within ±15 % (both zero counts as agreeing).
+fn ratio(live: f64, sim: f64) -> (String, bool) {
+    if sim > 0.0 {
+        let r = live / sim;
+        (format!("{r:.2}"), (r - 1.0).abs() <= 0.15)
+    } else if live == 0.0 {
+        ("both 0".into(), true)
+    } else {
+        ("sim 0".into(), false)
+    }
+}
+
+fn live(args: &Args) -> anyhow::Result<()> {
+    let tern = bench_common::build_release_tern()?;
+    println!(
+        "== live: tern demo cluster --json --samples {} (about {} min) ==",
+        args.samples,
+        (args.samples * 2 + 60) / 60
+    );
+    let out = Command::new(&tern)
+        .args(["demo", "cluster", "--json", "--samples"])
+        .arg(args.samples.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run tern demo cluster")?;
+    ensure!(
+        out.status.success(),
+        "tern demo cluster failed ({}); its report: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let d: Demo = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "unexpected report from tern demo cluster: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+
+    println!(
+        "\n{} hosts ({} cores, {}), {} VMs, {} samples of {} s (each stands for {SAMPLE_S:.0} s of trace time)",
+        d.hosts, d.host_cores, d.power_model, d.vms, d.samples, d.step_s
+    );
+    println!(
+        "live: {} migrations ({} failed), {} host power-offs, {} power-ons, energy {:.4} kWh, \
+         SLATAH {:.2} %, PDM {:.4} %, VMs lost {}",
+        d.migrations,
+        d.migrations_failed,
+        d.host_power_offs,
+        d.host_power_ons,
+        d.energy_kwh,
+        d.slatah_pct,
+        d.pdm_pct,
+        d.vms_lost
+    );
+    println!(
+        "sim:  {} migrations, energy {:.4} kWh (played samples); SLATAH {:.2} %, PDM {:.4} % \
+         (whole simulated day: the engine reports these only per day)",
+        d.sim.migrations, d.sim.energy_kwh, d.sim.day_slatah_pct, d.sim.day_pdm_pct
+    );
+    let digits = |s: &[u32]| s.iter().map(u32::to_string).collect::<String>();
+    println!("hosts on, per sample:");
+    println!("  live {}", digits(&d.hosts_on_series));
+    println!("  sim  {}", digits(&d.sim.hosts_on_series));
+
+    println!("\n== agreement, live vs simulated (issue 11's goals) ==");
+    let n = d.hosts_on_series.len().min(d.sim.hosts_on_series.len());
+    let within = d
+        .hosts_on_series
+        .iter()
+        .zip(&d.sim.hosts_on_series)
+        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .count();
+    let pct = 100.0 * within as f64 / n.max(1) as f64;
+    println!(
+        "active hosts within ±1 host: {pct:.0} % of {n} intervals (goal ≥ 90 %): {}",
+        verdict(pct >= 90.0)
+    );
+    for (name, l, s, note) in [
+        (
+            "migrations",
+            d.migrations as f64,
+            d.sim.migrations as f64,
+            "",
+        ),
+        ("energy", d.energy_kwh, d.sim.energy_kwh, ""),
+        (
+            "SLATAH",
+            d.slatah_pct,
+            d.sim.day_slatah_pct,
+            " (sim: whole day)",
+        ),
+        ("PDM", d.pdm_pct, d.sim.day_pdm_pct, " (sim: whole day)"),
+    ] {
+        let (r, ok) = ratio(l, s);
+        println!(
+            "{name}: live {l:.4}, sim {s:.4}{note}, live/sim {r} (goal within 15 %): {}",
+            verdict(ok)
+        );
+    }
+    let pairs: Vec<(f64, f64)> = d
+        .migration_times
+        .iter()
+        .filter_map(|m| Some((m.predicted_s?, m.actual_s?)))
+        .filter(|(_, a)| *a > 0.0)
+        .collect();
+    for m in &d.migration_times {
+        println!(
+            "  migration of {}: predicted {}, measured {}",
+            m.vm.as_deref().unwrap_or("?"),
+            m.predicted_s.map_or("-".into(), |p| format!("{p:.3} s")),
+            m.actual_s.map_or("-".into(), |a| format!("{a:.3} s")),
+        );
+    }
+    if pairs.is_empty() {
+        println!(
+            "predicted migration time: no migration had both a prediction and a measured time"
+        );
+    } else {
+        let mape =
+            100.0 * pairs.iter().map(|(p, a)| (p - a).abs() / a).sum::<f64>() / pairs.len() as f64;
+        let mae_s = pairs.iter().map(|(p, a)| (p - a).abs()).sum::<f64>() / pairs.len() as f64;
+        println!(
+            "predicted migration time: mean absolute error {mape:.0} % ({mae_s:.3} s) over {} migrations (goal within 20 %): {}",
+            pairs.len(),
+            verdict(mape <= 20.0)
+        );
+    }
+
+    energy_saved(&d)?;
+
+    println!("\n== cycle time, live (12 VMs, 4 hosts) ==");
+    let mut c: Vec<f64> = d
+        .cycle_s_series
+        .iter()
+        .copied()
+        .filter(|&c| c > 0.0)
+        .collect();
+    c.sort_by(f64::total_cmp);
+    if c.is_empty() {
+        println!("tern_automation_cycle_seconds: no cycle seen");
+    } else {
+        println!(
+            "tern_automation_cycle_seconds over {} samples: median {:.2} ms, max {:.2} ms (goal < 1 s): {}",
+            c.len(),
+            1e3 * c[c.len() / 2],
+            1e3 * c[c.len() - 1],
+            verdict(c[c.len() - 1] < 1.0)
+        );
+    }
+    Ok(())
+}
+
+/// Energy of the same run's per-sample host series under three layouts, with the live loop's
+/// model: as run (hosts on at their measured utilisation and parked cores), no consolidation (all
+/// hosts on, the same measured demand spread evenly), and consolidation without parking (as run,
+/// parked cores ignored). The demo's hosts are HP ML110 G5 (Core 2, no per-core deep C-state, so
+/// parking saves 0 W by the model); a labelled what-if gives their cores Tern's Nehalem figure.
+fn energy_saved(d: &Demo) -> anyhow::Result<()> {
+    let spec = HostPowerSpec::by_name(&d.power_model)
+        .with_context(|| format!("unknown power model {}", d.power_model))?;
+    let what_if = HostPowerSpec {
+        parked_core_saving_w: NEHALEM_PARKED_CORE_SAVING_W,
+        ..spec
+    };
+    let cores = f64::from(d.host_cores);
+    let kwh = |w: f64| w * SAMPLE_S / 3.6e6;
+    let (mut run, mut npa, mut no_park, mut parked_what_if) = (0.0, 0.0, 0.0, 0.0);
+    let mut parked_seen = 0u32;
+    for hosts in &d.hosts_series {
+        let mut demand = 0.0;
+        for h in hosts.iter().filter(|h| h.on) {
+            let u = h.cpu_utilization.unwrap_or(0.0).clamp(0.0, 1.0);
+            let parked = h.parked_cores.unwrap_or(0);
+            parked_seen += parked;
+            demand += u * cores;
+            run += kwh(spec.power_w(u, parked));
+            no_park += kwh(spec.power_w(u, 0));
+            parked_what_if +=
+                kwh(what_if.power_w(u, tern_sim::preview::idle_cores(d.host_cores, u)));
+        }
+        let u_npa = (demand / (cores * hosts.len().max(1) as f64)).min(1.0);
+        npa += hosts.len() as f64 * kwh(spec.power_w(u_npa, 0));
+    }
+    let saved = |base: f64, x: f64| {
+        if base > 0.0 {
+            100.0 * (base - x) / base
+        } else {
+            0.0
+        }
+    };
+    println!(
+        "\n== energy saved (the run's per-sample host series, the live loop's model, {SAMPLE_S:.0} s per sample) =="
+    );
+    println!(
+        "as run: {run:.4} kWh (the demo's own figure, integrated from the controller's series: {:.4} kWh)",
+        d.energy_kwh
+    );
+    println!(
+        "no consolidation (all {} hosts on, the same demand spread evenly): {npa:.4} kWh; saved {:.1} %",
+        d.hosts,
+        saved(npa, run)
+    );
+    println!(
+        "consolidation without parking: {no_park:.4} kWh; parking saved {:.1} % ({} parked core-samples reported; {} has no per-core deep C-state, 0 W per parked core)",
+        saved(no_park, run),
+        parked_seen,
+        d.power_model
+    );
+    println!(
+        "what-if, {NEHALEM_PARKED_CORE_SAVING_W:.2} W per parked core (Nehalem) with the load's idle cores parked: {parked_what_if:.4} kWh; {:.2} % under no parking",
+        saved(no_park, parked_what_if)
+    );
+    Ok(())
+}
+
+/// The loop's cycle time at `hosts` simulated hosts: `tern-automation`'s `cycle` example.
+fn cycle_at_scale(hosts: usize) -> anyhow::Result<()> {
+    println!(
+        "\n== cycle time, simulated: {hosts} hosts, {} VMs ==",
+        2 * hosts
+    );
+    let out = Command::new(env!("CARGO"))
+        .current_dir(bench_common::workspace_root())
+        .args([
+            "run",
+            "--release",
+            "--quiet",
+            "-p",
+            "tern-automation",
+            "--example",
+            "cycle",
+        ])
+        .arg(hosts.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .context("cannot run tern-automation's cycle example")?;
+    ensure!(out.status.success(), "the cycle example failed");
+    let text = String::from_utf8_lossy(&out.stdout);
+    print!("{text}");
+    let worst = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("worst cycle time")?
+                .rsplit_once(": ")?
+                .1
+                .strip_suffix(" s")?
+                .parse::<f64>()
+                .ok()
+        })
+        .context("the cycle example printed no worst cycle time")?;
+    println!(
+        "worst cycle at {hosts} hosts after the first round: {worst:.3} s (goal < 1 s): {}",
+        verdict(worst < 1.0)
+    );
+    // round 0 packs the spread cluster in one plan (thousands of drains); the example leaves it
+    // out of its worst figure, so it is stated on its own
+    let secs = |l: &str, key: &str| -> Option<f64> {
+        l.split(key).nth(1)?.split(' ').next()?.parse().ok()
+    };
+    if let Some(first) = text.lines().find(|l| l.starts_with("round 0:"))
+        && let (Some(o), Some(t)) = (secs(first, "observe "), secs(first, "tick "))
+    {
+        println!(
+            "first round (the initial pack) at {hosts} hosts: {:.3} s (goal < 1 s): {}",
+            o + t,
+            verdict(o + t < 1.0)
+        );
+    }
+    Ok(())
+}
