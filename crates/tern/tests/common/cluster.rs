@@ -1,0 +1,344 @@
+//! A test cluster for the `tern cluster` integration tests: a running `tern cluster up` (real
+//! etcd, network-namespace hosts, an agent and a volume node per host, controllers) read through
+//! its JSON line and state file, REST calls to whichever controller leads, plain HTTP/1.1 from
+//! inside a host's namespace, and the guests' heartbeats. Needs root, KVM and etcd; fails loudly
+//! without them.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::channel;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tern_api::cluster::{HostInfo, VmInfo, VmState};
+use tern_test_support::{require_kvm, require_tools};
+
+use super::tern;
+
+/// One host of the test cluster, as `tern cluster up --json` prints it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub namespace: String,
+    pub agent_url: String,
+    pub agent_pid: u32,
+    pub volume_node: String,
+    pub volume_node_id: u32,
+    pub volume_pid: u32,
+    pub runtime_dir: PathBuf,
+}
+
+/// The JSON line `tern cluster up --json` prints once the cluster is up.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UpInfo {
+    pub name: String,
+    pub controllers: Vec<String>,
+    pub etcd: String,
+    pub hosts: Vec<LabHost>,
+    pub state_file: PathBuf,
+}
+
+/// A controller in the cluster's state file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ControllerState {
+    pub url: String,
+    pub pid: u32,
+}
+
+/// The part of the cluster's state file these tests read.
+#[derive(Debug, Clone, Deserialize)]
+pub struct StateFile {
+    pub controllers: Vec<ControllerState>,
+    pub namespaces: Vec<String>,
+}
+
+/// A running `tern cluster up`; dropping it takes the cluster down.
+pub struct Lab {
+    pub child: Option<Child>,
+    pub info: UpInfo,
+    pub state: StateFile,
+    _scratch: tempfile::TempDir,
+    stderr: PathBuf,
+}
+
+impl Lab {
+    /// `tern cluster up --hosts HOSTS --controllers CONTROLLERS`, named after `tag` and this process.
+    pub fn up(tag: &str, hosts: usize, controllers: usize) -> Lab {
+        Lab::up_with(tag, hosts, controllers, &[])
+    }
+
+    /// [`Lab::up`] with more `tern cluster up` options.
+    pub fn up_with(tag: &str, hosts: usize, controllers: usize, extra: &[&str]) -> Lab {
+        require_kvm();
+        require_tools(&["etcd", "ip"]);
+        let name = format!("e{tag}{}", std::process::id() % 100_000);
+        let scratch = tempfile::tempdir().unwrap();
+        let stderr = scratch.path().join("up.stderr");
+        let mut child = Command::new(tern())
+            .args(["cluster", "up", "--name", &name, "--json"])
+            .args(["--hosts", &hosts.to_string()])
+            .args(["--controllers", &controllers.to_string()])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("tern cluster up starts");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(out).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_default();
+        let info: UpInfo = match serde_json::from_str(line.trim()) {
+            Ok(i) => i,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "tern cluster up did not print its JSON line ({line:?}); stderr:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+        };
+        let state: StateFile =
+            serde_json::from_slice(&std::fs::read(&info.state_file).unwrap()).unwrap();
+        assert_eq!(info.name, name);
+        assert_eq!(info.hosts.len(), hosts);
+        assert_eq!(info.controllers.len(), controllers);
+        assert!(info.etcd.starts_with("http://127.0.0.1:"), "{}", info.etcd);
+        Lab {
+            child: Some(child),
+            info,
+            state,
+            _scratch: scratch,
+            stderr,
+        }
+    }
+
+    /// Sends a request to whichever controller leads (a stand-by answers 503); a leader that is
+    /// still gathering its hosts' first reports ("not ready", 503) is asked again for up to 20 s.
+    pub fn api(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let start = Instant::now();
+        loop {
+            let r = self.api_once(method, path, body);
+            if r.0 == 503 && r.1.contains("not ready") && start.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            return r;
+        }
+    }
+
+    fn api_once(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, String) {
+        let body = body.map(|b| b.to_string());
+        let mut last = (0, String::from("no controller answered"));
+        for c in &self.info.controllers {
+            match http(None, c, method, path, body.as_deref()) {
+                Ok((503, b)) => last = (503, b),
+                Ok(r) => return r,
+                Err(e) => last = (0, e),
+            }
+        }
+        last
+    }
+
+    /// `GET /v1/vms` (empty while no controller answers 200).
+    pub fn vms(&self) -> Vec<VmInfo> {
+        let (st, body) = self.api("GET", "/v1/vms", None);
+        if st != 200 {
+            return Vec::new();
+        }
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /v1/vms: {e}: {body}"))
+    }
+
+    pub fn vm(&self, name: &str) -> Option<VmInfo> {
+        self.vms().into_iter().find(|v| v.name == name)
+    }
+
+    pub fn hosts(&self) -> Vec<HostInfo> {
+        let (st, body) = self.api("GET", "/v1/hosts", None);
+        assert_eq!(st, 200, "GET /v1/hosts: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// A 1-vCPU, 64 MiB test guest with a heartbeat every 200 ms, placed by the controller, on
+    /// volume file `disk` and in anti-affinity group `group` if given.
+    pub fn create(&self, name: &str, disk: Option<&str>, group: Option<&str>) -> VmInfo {
+        self.create_on(name, disk, group, None)
+    }
+
+    /// [`Lab::create`], pinned to `host` if given.
+    pub fn create_on(
+        &self,
+        name: &str,
+        disk: Option<&str>,
+        group: Option<&str>,
+        host: Option<&str>,
+    ) -> VmInfo {
+        let body = json!({
+            "name": name, "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
+            "cmdline": "tern.hb_ms=200", "disk": disk, "anti_affinity": group, "host": host,
+        });
+        let (st, body) = self.api("POST", "/v1/vms", Some(&body));
+        assert!(st == 200 || st == 201, "POST /v1/vms {name}: {st} {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Waits until every VM in `names` runs on a host, failing the test (with the logs) after
+    /// `timeout`.
+    pub fn wait_running(&self, names: &[&str], timeout: Duration) -> Vec<VmInfo> {
+        let start = Instant::now();
+        loop {
+            let last = self.vms();
+            let ok = names.iter().all(|n| {
+                last.iter()
+                    .any(|v| v.name == *n && v.state == VmState::Running && v.host.is_some())
+            });
+            if ok {
+                return last;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{names:?} not all running within {timeout:?}: {last:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn host(&self, name: &str) -> &LabHost {
+        self.info.hosts.iter().find(|h| h.name == name).unwrap()
+    }
+
+    /// What VM `vm`'s console wrote on `host` so far.
+    pub fn console(&self, host: &str, vm: &str) -> String {
+        std::fs::read_to_string(self.host(host).runtime_dir.join(format!("{vm}.console")))
+            .unwrap_or_default()
+    }
+
+    /// `tern cluster up`'s stderr and the last lines of each of the cluster's logs.
+    pub fn logs(&self) -> String {
+        let dir = self.info.state_file.parent().unwrap().join("logs");
+        let mut s = format!(
+            "--- cluster up stderr:\n{}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            s += &format!(
+                "\n--- {}:\n{}",
+                e.path().display(),
+                lines[lines.len().saturating_sub(12)..].join("\n")
+            );
+        }
+        s
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !matches!(child.try_wait(), Ok(Some(_))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new(tern())
+                .args(["cluster", "down", "--name", &self.info.name])
+                .status();
+        }
+    }
+}
+
+/// One HTTP/1.1 request (`Connection: close`), from inside namespace `ns` if given.
+pub fn http(
+    ns: Option<&str>,
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Result<(u16, String), String> {
+    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let addr: SocketAddr = host.parse().map_err(|e| format!("{base}: {e}"))?;
+    let stream = match ns {
+        Some(ns) => tern_netlab::ns::connect_from(ns, addr, Duration::from_secs(2)),
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
+    }
+    .map_err(|e| format!("connect {base}: {e}"))?;
+    let mut stream = stream;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(req.as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or("no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response.
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out += &rest[..n];
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The sequence numbers of the `HB ` lines in a test guest's console, in order.
+pub fn hb_seqs(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("HB "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("seq=")?.parse().ok())
+        })
+        .collect()
+}
