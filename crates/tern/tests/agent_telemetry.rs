@@ -4,13 +4,15 @@
 //! of the parking policy run in report-only mode (which leaves every affinity alone). Needs root,
 //! KVM and the etcd binary.
 
-use std::io::{Read, Write};
+mod common;
+
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use common::agent::{command, start_vm_body, status, vm_of};
+use serde_json::Value;
 use tern_test_support::{ChildGuard, Etcd, cpus_allowed, free_port, require_kvm, wait_for};
 
 /// The agent's `--cpu-share`.
@@ -18,50 +20,9 @@ const SHARE: f64 = 0.5;
 /// The writer's configured rate, pages per second.
 const WRITER_RATE: f64 = 2_000.0;
 
-fn http(method: &str, addr: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (code, body)
-}
-
-fn status(addr: &str) -> Value {
-    let (code, body) = http("GET", addr, "/v1/agent/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn start_vm(addr: &str, id: u64, lease: u64, name: &str, cmdline: &str) {
-    let body = json!({"op": "start", "disk_url": null, "spec": {
-        "name": name, "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
-        "cmdline": cmdline, "disk": null, "host": null, "anti_affinity": null,
-        "restart_priority": 50}});
-    let cmd = json!({"generation": 1, "id": id, "host_lease": lease, "body": body});
-    let (code, text) = http("POST", addr, "/v1/agent/commands", Some(&cmd));
-    assert_eq!(code, 200, "{text}");
-    let resp: Value = serde_json::from_str(&text).unwrap();
+    let resp = command(addr, 1, id, lease, start_vm_body(name, cmdline));
     assert_eq!(resp["reply"]["result"], "done", "{resp}");
-}
-
-fn report_vm<'a>(report: &'a Value, name: &str) -> Option<&'a Value> {
-    report["vms"].as_array()?.iter().find(|v| v["name"] == name)
 }
 
 /// `utime + stime` of a thread, clock ticks (100 a second).
@@ -117,9 +78,8 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
     let last = loop {
         let st = status(&listen);
         let last = st["telemetry"].clone();
-        let sampled = |name| {
-            report_vm(&last, name).is_some_and(|v| v["dirty_pages_per_sec"].as_f64().is_some())
-        };
+        let sampled =
+            |name| vm_of(&last, name).is_some_and(|v| v["dirty_pages_per_sec"].as_f64().is_some());
         if sampled(writer) && sampled(loaded) {
             break last;
         }
@@ -130,14 +90,14 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    let rate = report_vm(&last, writer).unwrap()["dirty_pages_per_sec"]
+    let rate = vm_of(&last, writer).unwrap()["dirty_pages_per_sec"]
         .as_f64()
         .unwrap();
     assert!(
         (0.5 * WRITER_RATE..=1.5 * WRITER_RATE).contains(&rate),
         "the writer dirties {WRITER_RATE} pages/s; the agent reports {rate}: {last}"
     );
-    let idle_rate = report_vm(&last, loaded).unwrap()["dirty_pages_per_sec"]
+    let idle_rate = vm_of(&last, loaded).unwrap()["dirty_pages_per_sec"]
         .as_f64()
         .unwrap();
     assert!(
@@ -167,7 +127,7 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
         let seq = r["seq"].as_u64().unwrap_or(0);
         let key = (seq, r.to_string());
         if !seen_seq.contains(&key) {
-            if let Some(u) = report_vm(&r, loaded).and_then(|v| v["cpu_utilization"].as_f64()) {
+            if let Some(u) = vm_of(&r, loaded).and_then(|v| v["cpu_utilization"].as_f64()) {
                 vm_u.push(u);
             }
             if let Some(u) = r["cpu_utilization"].as_f64() {

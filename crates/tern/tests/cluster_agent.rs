@@ -2,56 +2,21 @@
 //! HTTP command, the generation fence, self-fencing when etcd stops answering, and the record and
 //! VMMs gone after the agent is SIGKILLed. Needs root, KVM and the etcd binary.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::agent::{command, http, start_vm_body, status, vm_of};
 use serde_json::{Value, json};
 use tern_test_support::{ChildGuard, Etcd, free_port, require_kvm, wait_for};
 
 const TTL_MS: u64 = 5_000;
 /// Keep-alives go out every TTL/3.
 const KEEPALIVE_MS: u64 = TTL_MS / 3;
-
-/// One HTTP/1.1 request; the status code and the body.
-fn http(method: &str, addr: &str, path: &str, body: Option<&Value>) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    (code, body)
-}
-
-fn status(addr: &str) -> Value {
-    let (code, body) = http("GET", addr, "/v1/agent/status", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn command(addr: &str, generation: u64, id: u64, lease: u64, body: Value) -> Value {
-    let cmd = json!({"generation": generation, "id": id, "host_lease": lease, "body": body});
-    let (code, text) = http("POST", addr, "/v1/agent/commands", Some(&cmd));
-    assert_eq!(code, 200, "{text}");
-    serde_json::from_str(&text).unwrap()
-}
 
 /// The value of `key` in etcd, if it exists.
 fn etcd_get(url: &str, key: &str) -> Option<String> {
@@ -143,10 +108,7 @@ fn start_agent(etcd: &Etcd, host: &str, listen: &str, dir: &Path) -> ChildGuard 
 }
 
 fn vm(name: &str) -> Value {
-    json!({"op": "start", "disk_url": null, "spec": {
-        "name": name, "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest",
-        "cmdline": "tern.hb_ms=50", "disk": null, "host": null, "anti_affinity": null,
-        "restart_priority": 50}})
+    start_vm_body(name, "tern.hb_ms=50")
 }
 
 /// The highest heartbeat sequence number on a VM's console file.
@@ -161,10 +123,6 @@ fn last_hb(console: &Path) -> u64 {
         })
         .max()
         .unwrap_or(0)
-}
-
-fn vm_of<'a>(st: &'a Value, name: &str) -> Option<&'a Value> {
-    st["vms"].as_array()?.iter().find(|v| v["name"] == name)
 }
 
 /// Waits until `name` runs (the agent says so, its runtime entry names the VMM, heartbeats flow);
