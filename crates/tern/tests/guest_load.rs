@@ -98,25 +98,8 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 /// VM, its vCPU thread ID and the API socket.
 fn start(dir: &std::path::Path, cmdline: &str) -> (RunningVm, u32, std::path::PathBuf) {
     require_kvm();
-    let sock = dir.join("api.sock");
-    let rt = dir.join("rt");
-    let mut vm = RunningVm::start(
-        dir,
-        &[
-            "--kernel",
-            "builtin:testguest",
-            "--memory-mib",
-            "64",
-            "--cmdline",
-            cmdline,
-            "--name",
-            &format!("load{}", std::process::id()),
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--runtime-dir",
-            rt.to_str().unwrap(),
-        ],
-    );
+    let (mut vm, sock) =
+        RunningVm::start_testguest(dir, &format!("load{}", std::process::id()), 64, cmdline);
     vm.wait_line(BOOT, |l| l.starts_with("TERN-GUEST up"));
     let pid = vm.child.id();
     let tid = thread_named(pid, "vcpu0");

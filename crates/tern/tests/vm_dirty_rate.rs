@@ -28,25 +28,8 @@ fn dirty_rate(sock: &std::path::Path, window_ms: u64) -> (i32, serde_json::Value
 
 fn start(dir: &std::path::Path, cmdline: &str) -> (RunningVm, std::path::PathBuf) {
     require_kvm();
-    let sock = dir.join("api.sock");
-    let rt = dir.join("rt");
-    let mut vm = RunningVm::start(
-        dir,
-        &[
-            "--kernel",
-            "builtin:testguest",
-            "--memory-mib",
-            "128",
-            "--cmdline",
-            cmdline,
-            "--name",
-            &format!("dr{}", std::process::id()),
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--runtime-dir",
-            rt.to_str().unwrap(),
-        ],
-    );
+    let (mut vm, sock) =
+        RunningVm::start_testguest(dir, &format!("dr{}", std::process::id()), 128, cmdline);
     vm.wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));
     (vm, sock)
 }

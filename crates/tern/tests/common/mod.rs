@@ -199,6 +199,39 @@ impl RunningVm {
     }
 }
 
+impl RunningVm {
+    /// Starts `tern vm run` with the built-in test guest (`memory_mib` MiB, kernel command line
+    /// `cmdline`) named `name`, its API socket `dir/api.sock` and its runtime directory `dir/rt`;
+    /// the VM and its API socket. Waits for nothing.
+    pub fn start_testguest(
+        dir: &Path,
+        name: &str,
+        memory_mib: u64,
+        cmdline: &str,
+    ) -> (RunningVm, PathBuf) {
+        let sock = dir.join("api.sock");
+        let rt = dir.join("rt");
+        let vm = RunningVm::start(
+            dir,
+            &[
+                "--kernel",
+                "builtin:testguest",
+                "--memory-mib",
+                &memory_mib.to_string(),
+                "--cmdline",
+                cmdline,
+                "--name",
+                name,
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--runtime-dir",
+                rt.to_str().unwrap(),
+            ],
+        );
+        (vm, sock)
+    }
+}
+
 /// Waits until `path` contains `needle`, failing the test after `timeout`.
 pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
