@@ -13,7 +13,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{RunningVm, field, require_kvm, scratch, tern_cmd};
+use common::{RunningVm, field, require_kvm, scratch, snapshot, tern_cmd};
 
 const BOOT: Duration = Duration::from_secs(30);
 
@@ -293,15 +293,7 @@ fn input_the_guest_has_not_read_survives_a_snapshot_and_restore() {
     let (rc, _, err) = tern_cmd(&["vm", "console-input", "--api-sock", s, "load 80"]);
     assert_eq!(rc, 0, "{err}");
     let snap = dir.path().join("vm.snap");
-    let (rc, _, err) = tern_cmd(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        s,
-        "--out",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
+    let (rc, _, err) = snapshot(&sock, &snap, true);
     assert_eq!(rc, 0, "snapshot: {err}");
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0);
     vm.collect_for(Duration::from_millis(200));
@@ -312,20 +304,7 @@ fn input_the_guest_has_not_read_survives_a_snapshot_and_restore() {
     );
 
     let sock_b = dir.path().join("b.sock");
-    let mut b = RunningVm::start_tern(
-        dir.path(),
-        "b",
-        &[
-            "vm",
-            "run",
-            "--restore",
-            snap.to_str().unwrap(),
-            "--api-sock",
-            sock_b.to_str().unwrap(),
-            "--runtime-dir",
-            dir.path().join("rt").to_str().unwrap(),
-        ],
-    );
+    let mut b = RunningVm::restore(dir.path(), "b", &snap, &sock_b, &dir.path().join("rt"));
     b.wait_line(Duration::from_secs(20), |l| l == "LOAD const pct=80");
     let hb = b.wait_line(Duration::from_secs(5), |l| l.starts_with("HB "));
     assert_eq!(field(&hb, "load_pct"), Some(80), "{hb}");

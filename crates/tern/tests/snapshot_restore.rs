@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{RunningVm, field, require_kvm, scratch, tern_cmd, wait_for_path};
+use common::{RunningVm, field, require_kvm, scratch, snapshot, tern_cmd, wait_for_path};
 
 #[test]
 fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
@@ -36,15 +36,7 @@ fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
     a.wait_line(Duration::from_secs(30), |l| {
         l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 5)
     });
-    let (rc, _, err) = tern_cmd(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--out",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
+    let (rc, _, err) = snapshot(&sock, &snap, true);
     assert_eq!(rc, 0, "snapshot: {err}");
     assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
     a.collect_for(Duration::from_millis(200));
@@ -60,20 +52,7 @@ fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
     std::thread::sleep(Duration::from_millis(500));
 
     let sock_b = dir.path().join("b.sock");
-    let mut b = RunningVm::start_tern(
-        dir.path(),
-        "b",
-        &[
-            "vm",
-            "run",
-            "--restore",
-            snap.to_str().unwrap(),
-            "--api-sock",
-            sock_b.to_str().unwrap(),
-            "--runtime-dir",
-            rt.to_str().unwrap(),
-        ],
-    );
+    let mut b = RunningVm::restore(dir.path(), "b", &snap, &sock_b, &rt);
     let first = b.wait_line(Duration::from_secs(20), |l| l.starts_with("HB "));
     assert_eq!(
         field(&first, "seq"),
@@ -124,14 +103,7 @@ fn a_snapshot_without_stop_leaves_the_vm_running() {
     a.wait_line(Duration::from_secs(30), |l| {
         l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
     });
-    let (rc, _, err) = tern_cmd(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--out",
-        snap.to_str().unwrap(),
-    ]);
+    let (rc, _, err) = snapshot(&sock, &snap, false);
     assert_eq!(rc, 0, "snapshot: {err}");
     assert!(snap.exists(), "the snapshot file is written");
     let before = a.last_hb().unwrap();
@@ -181,15 +153,7 @@ fn a_snapshot_whose_state_has_an_older_format_is_refused_naming_both_formats() {
         ],
     );
     a.wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));
-    let (rc, _, err) = tern_cmd(&[
-        "vm",
-        "snapshot",
-        "--api-sock",
-        sock.to_str().unwrap(),
-        "--out",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
+    let (rc, _, err) = snapshot(&sock, &snap, true);
     assert_eq!(rc, 0, "snapshot: {err}");
     assert_eq!(a.wait_exit(Duration::from_secs(10)), 0);
     wait_for_path(&snap, Duration::from_secs(1));

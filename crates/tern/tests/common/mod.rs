@@ -232,6 +232,44 @@ impl RunningVm {
     }
 }
 
+impl RunningVm {
+    /// Starts `tern vm run --restore SNAP` with its API socket `sock` and runtime directory `rt`,
+    /// stdout piped and stderr to `dir/<tag>.stderr`.
+    pub fn restore(dir: &Path, tag: &str, snap: &Path, sock: &Path, rt: &Path) -> RunningVm {
+        Self::start_tern(
+            dir,
+            tag,
+            &[
+                "vm",
+                "run",
+                "--restore",
+                snap.to_str().unwrap(),
+                "--api-sock",
+                sock.to_str().unwrap(),
+                "--runtime-dir",
+                rt.to_str().unwrap(),
+            ],
+        )
+    }
+}
+
+/// `tern vm snapshot --api-sock SOCK --out SNAP` (with `--stop` if `stop`) to completion:
+/// (exit code, stdout, stderr).
+pub fn snapshot(sock: &Path, snap: &Path, stop: bool) -> (i32, String, String) {
+    let mut args = vec![
+        "vm",
+        "snapshot",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--out",
+        snap.to_str().unwrap(),
+    ];
+    if stop {
+        args.push("--stop");
+    }
+    tern_cmd(&args)
+}
+
 /// Waits until `path` contains `needle`, failing the test after `timeout`.
 pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
