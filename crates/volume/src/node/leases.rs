@@ -1,6 +1,11 @@
 //! The write leases this node holds: taking, giving away and handing them over through the
 //! coordinator, renewing them, and the check before every write.
 
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::client::claim_path;
 use crate::control::{ControlError, ErrorKind, LeaseAction, Request, Response};
 use crate::lease::HeldLease;
 
@@ -92,13 +97,53 @@ impl Node {
     }
 
     /// Renew every held lease (called periodically); drops those the coordinator refuses.
+    ///
+    /// A lease whose VM disk is gone is released instead: a writable volume disk on this host
+    /// holds the claim `flock` on [`claim_path`]`(listen, FILE)` for as long as its process
+    /// lives, and removes the file on a clean close. A claim file that exists but is no longer
+    /// locked therefore means the VMM died (the kernel dropped its lock) without releasing; the
+    /// node takes the claim, releases the lease (so another node may take it at once), and
+    /// removes the file while still holding the lock, as a clean close would. Leases without a
+    /// claim file (taken with `tern volume lease acquire`) are renewed as before. A lease in
+    /// hand-over is not in this table on the source (the coordinator already names the
+    /// successor), so a migration is never disturbed by this.
     pub fn renew_leases(&self) {
         let held: Vec<(String, HeldLease)> = lock(&self.held)
             .iter()
             .map(|(n, h)| (n.clone(), *h))
             .collect();
         for (name, h) in held {
+            if let Some(claim) = orphaned_claim(&claim_path(&self.cfg.listen, &name)) {
+                self.release_orphaned(&name, claim);
+                continue;
+            }
             self.renew_one(&name, h);
+        }
+    }
+
+    /// Releases `name`, whose claim holder died; on success the claim file goes too. On failure
+    /// (coordinator unreachable) the lease is simply not renewed, so it lapses within one TTL,
+    /// and the next tick tries again.
+    fn release_orphaned(&self, name: &str, claim: OrphanedClaim) {
+        match self.lease_action(name, LeaseAction::Release) {
+            Ok(_) => {
+                eprintln!(
+                    "tern-volume: node {}: the VM writing {name} is gone (its claim {} is free): \
+                     write lease released",
+                    self.cfg.node_id,
+                    claim.path.display()
+                );
+                // Unlink first, unlock after (when `claim` is dropped): see `client::Claim`.
+                let _ = std::fs::remove_file(&claim.path);
+            }
+            Err(e) if e.kind == ErrorKind::Stale => {
+                let _ = std::fs::remove_file(&claim.path);
+            }
+            Err(e) => eprintln!(
+                "tern-volume: node {}: the VM writing {name} is gone, but releasing its lease \
+                 failed ({e}); it is no longer renewed",
+                self.cfg.node_id
+            ),
         }
     }
 
@@ -152,5 +197,55 @@ impl Node {
             .get(name)
             .copied()
             .filter(|h| h.valid_at(self.now_ms()))
+    }
+}
+
+/// A dead VM disk's claim, now locked by the node (the lock goes when this is dropped).
+struct OrphanedClaim {
+    _file: File,
+    path: PathBuf,
+}
+
+/// The claim at `path` if its file exists and nobody holds its lock: locked now by us, after
+/// checking that the path still names the file we locked (a clean close unlinks it while
+/// holding the lock). `None` when there is no claim file, or a live process holds it.
+fn orphaned_claim(path: &Path) -> Option<OrphanedClaim> {
+    // Open without creating: no file means no VM disk took (or still has) the claim.
+    let file = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+    file.try_lock().ok()?;
+    let locked = file.metadata().ok()?;
+    let now = std::fs::metadata(path).ok()?;
+    ((now.dev(), now.ino()) == (locked.dev(), locked.ino())).then(|| OrphanedClaim {
+        _file: file,
+        path: path.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_unlocked_existing_claim_file_is_orphaned() {
+        let dir = std::env::temp_dir().join(format!("tern-orphan-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("x.lock");
+        let _ = std::fs::remove_file(&path);
+        assert!(orphaned_claim(&path).is_none(), "no file, no orphan");
+        assert!(!path.exists(), "the check must not create the claim file");
+        let live = File::create(&path).unwrap();
+        live.lock().unwrap();
+        assert!(
+            orphaned_claim(&path).is_none(),
+            "a held claim is not orphaned"
+        );
+        drop(live); // The holder dies: the kernel drops its lock, the file stays.
+        let orphan = orphaned_claim(&path).expect("a free claim file is orphaned");
+        // While we hold it, nobody else can take it.
+        let other = File::open(&path).unwrap();
+        assert!(other.try_lock().is_err());
+        drop(orphan);
+        assert!(other.try_lock().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
