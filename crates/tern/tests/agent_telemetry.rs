@@ -20,6 +20,37 @@ const SHARE: f64 = 0.5;
 /// The writer's configured rate, pages per second.
 const WRITER_RATE: f64 = 2_000.0;
 
+/// Starts `tern agent` as `host` on `listen` (2 cores, 2048 MiB, its state and runtime directories
+/// and its log `agent.log` in `dir`) with `extra` options, and waits for its host lease; the agent
+/// and the lease.
+fn start_agent(
+    etcd: &Etcd,
+    host: &str,
+    listen: &str,
+    dir: &Path,
+    extra: &[&str],
+) -> (ChildGuard, u64) {
+    let log = std::fs::File::create(dir.join("agent.log")).unwrap();
+    let agent = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(["agent", "--host-id", host, "--etcd", &etcd.url])
+        .args(["--listen", listen, "--cores", "2", "--memory-mib", "2048"])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--runtime-dir")
+        .arg(dir.join("run"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("tern agent starts");
+    let agent = ChildGuard(agent);
+    wait_for("the agent's lease", Duration::from_secs(20), || {
+        TcpStream::connect(listen).is_ok() && status(listen)["lease"].as_u64().is_some()
+    });
+    let lease = status(listen)["lease"].as_u64().unwrap();
+    (agent, lease)
+}
+
 fn start_vm(addr: &str, id: u64, lease: u64, name: &str, cmdline: &str) {
     let resp = command(addr, 1, id, lease, start_vm_body(name, cmdline));
     assert_eq!(resp["reply"]["result"], "done", "{resp}");
@@ -40,25 +71,20 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
     let dir = tempfile::tempdir().unwrap();
     let host = format!("telemetry-{}", std::process::id());
     let listen = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["agent", "--host-id", &host, "--etcd", &etcd.url])
-        .args(["--listen", &listen, "--cores", "2", "--memory-mib", "2048"])
-        .args(["--report-interval-ms", "500", "--parking", "report"])
-        .args(["--cpu-share", &SHARE.to_string()])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--runtime-dir")
-        .arg(dir.path().join("run"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("tern agent starts");
-    let _agent = ChildGuard(agent);
-    wait_for("the agent's lease", Duration::from_secs(20), || {
-        TcpStream::connect(&listen).is_ok() && status(&listen)["lease"].as_u64().is_some()
-    });
-    let lease = status(&listen)["lease"].as_u64().unwrap();
+    let (_agent, lease) = start_agent(
+        &etcd,
+        &host,
+        &listen,
+        dir.path(),
+        &[
+            "--report-interval-ms",
+            "500",
+            "--parking",
+            "report",
+            "--cpu-share",
+            &SHARE.to_string(),
+        ],
+    );
 
     // One VM writes WRITER_RATE pages a second; the other spins 25 % of every slice.
     let (writer, loaded) = ("tel-writer", "tel-load");
@@ -219,24 +245,13 @@ fn parking_on_confines_only_the_agents_own_vcpu_threads_to_the_unparked_cpus() {
     let dir = tempfile::tempdir().unwrap();
     let host = format!("parking-{}", std::process::id());
     let listen = format!("127.0.0.1:{}", free_port());
-    let log = std::fs::File::create(dir.path().join("agent.log")).unwrap();
-    let agent = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(["agent", "--host-id", &host, "--etcd", &etcd.url])
-        .args(["--listen", &listen, "--cores", "2", "--memory-mib", "2048"])
-        .args(["--report-interval-ms", "300", "--parking", "on"])
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .arg("--runtime-dir")
-        .arg(dir.path().join("run"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("tern agent starts");
-    let _agent = ChildGuard(agent);
-    wait_for("the agent's lease", Duration::from_secs(20), || {
-        TcpStream::connect(&listen).is_ok() && status(&listen)["lease"].as_u64().is_some()
-    });
-    let lease = status(&listen)["lease"].as_u64().unwrap();
+    let (_agent, lease) = start_agent(
+        &etcd,
+        &host,
+        &listen,
+        dir.path(),
+        &["--report-interval-ms", "300", "--parking", "on"],
+    );
     let name = "park-idle";
     start_vm(&listen, 1, lease, name, "tern.hb_ms=0");
     let entry_path = dir.path().join(format!("run/{name}.json"));
