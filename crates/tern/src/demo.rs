@@ -72,6 +72,7 @@ pub enum Scenario {
 pub struct HaArgs {
     /// Print only the figures, as JSON, on stdout (the narrative goes to stderr): `vms`,
     /// `host_killed`, `vms_restarted`, `restart_s`, `two_copies_seen`, `leases_fenced`,
+    /// `leases_released_by_node` (by the host's surviving volume node once its VMMs died),
     /// `controller_failover_s`.
     #[arg(long)]
     pub json: bool,
@@ -419,6 +420,7 @@ mod ha {
         restart_s: f64,
         two_copies_seen: bool,
         leases_fenced: u64,
+        leases_released_by_node: usize,
         stale_writes_refused: usize,
         controller_failover_s: f64,
     }
@@ -686,6 +688,17 @@ mod ha {
             "{refused} of {} writes under {victim}'s old lease epochs refused by the volume coordinator",
             old_epochs.len()
         ));
+        // The victim's volume node outlives its VMMs here (only the agent and the VMMs were
+        // killed): it releases the leases of the disks whose VMM died by itself, and the
+        // controller then finds those already free to fence.
+        let released = std::fs::read_to_string(lab.log_path(&format!("volume-{victim}")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("write lease released"))
+            .count();
+        say.line(&format!(
+            "{released} lease(s) released by {victim}'s own volume node after its VMMs died, {leases_fenced} fenced by the controller"
+        ));
 
         let leader = lab.leader().context("no leader")?;
         say.line(&format!(
@@ -717,6 +730,7 @@ mod ha {
             restart_s,
             two_copies_seen: two_copies,
             leases_fenced,
+            leases_released_by_node: released,
             stale_writes_refused: refused,
             controller_failover_s: failover_s,
         };
