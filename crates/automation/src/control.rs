@@ -1395,20 +1395,13 @@ impl Loop {
                 }
                 match &mut rec.plan.actions[i] {
                     PlanAction::PowerOn { host, status, .. } => {
-                        let Some(h) = self.hosts.get_mut(host.as_str()) else {
-                            stop = Some(format!("host {host} is gone"));
-                            break;
-                        };
-                        match h.power.request_on(now_ms) {
-                            Ok(()) => {
+                        match request_power(&mut self.hosts, id, host, true, now_ms) {
+                            Ok(a) => {
                                 *status = ActionStatus::Running;
-                                out.push(Action::PowerOn {
-                                    plan: id,
-                                    host: host.clone(),
-                                });
+                                out.push(a);
                             }
                             Err(e) => {
-                                stop = Some(e.to_string());
+                                stop = Some(e);
                                 break;
                             }
                         }
@@ -1459,20 +1452,13 @@ impl Loop {
                             stop = Some(format!("host {host} is no longer empty"));
                             break;
                         }
-                        let Some(h) = self.hosts.get_mut(host.as_str()) else {
-                            stop = Some(format!("host {host} is gone"));
-                            break;
-                        };
-                        match h.power.request_off(now_ms) {
-                            Ok(()) => {
+                        match request_power(&mut self.hosts, id, host, false, now_ms) {
+                            Ok(a) => {
                                 *status = ActionStatus::Running;
-                                out.push(Action::PowerOff {
-                                    plan: id,
-                                    host: host.clone(),
-                                });
+                                out.push(a);
                             }
                             Err(e) => {
-                                stop = Some(e.to_string());
+                                stop = Some(e);
                                 break;
                             }
                         }
@@ -1618,4 +1604,30 @@ fn zero_outcome() -> PredictedOutcome {
         pdm_pct: 0.0,
         hosts_on: 0,
     }
+}
+
+/// Asks `host`'s power tracker to turn it on (`on`) or off at `now_ms`: the action for the shell
+/// to carry out for plan `plan`, or why not.
+fn request_power(
+    hosts: &mut BTreeMap<String, HostTrack>,
+    plan: u64,
+    host: &str,
+    on: bool,
+    now_ms: u64,
+) -> Result<Action, String> {
+    let h = hosts
+        .get_mut(host)
+        .ok_or_else(|| format!("host {host} is gone"))?;
+    let asked = if on {
+        h.power.request_on(now_ms)
+    } else {
+        h.power.request_off(now_ms)
+    };
+    asked.map_err(|e| e.to_string())?;
+    let host = host.to_string();
+    Ok(if on {
+        Action::PowerOn { plan, host }
+    } else {
+        Action::PowerOff { plan, host }
+    })
 }
