@@ -10,6 +10,7 @@ mod bench_migrate;
 mod bench_net;
 mod bench_park;
 mod bench_sim;
+mod bench_tls;
 mod bench_volume;
 mod ci;
 mod tidy;
@@ -56,6 +57,9 @@ enum Bench {
     /// The automation loop live (`tern demo cluster`) against tern-sim on the same scenario:
     /// agreement, energy saved, predicted migration times; its cycle time live and at 10,000 hosts.
     Automation(bench_automation::Args),
+    /// What trust costs: migration over mutual TLS vs plain and vs QEMU's TLS migration, NBD over
+    /// TLS vs `qemu-nbd --tls-creds`, seccomp's cost on the guest's echo throughput.
+    Tls(bench_tls::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -70,5 +74,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Sim(args)) => bench_sim::run(args),
         Task::Bench(Bench::Cluster(args)) => bench_cluster::run(args),
         Task::Bench(Bench::Automation(args)) => bench_automation::run(args),
+        Task::Bench(Bench::Tls(args)) => bench_tls::run(args),
     }
 }
