@@ -46,7 +46,37 @@ fn preflight() -> anyhow::Result<()> {
     if !Path::new("/dev/kvm").exists() {
         bail!("/dev/kvm is missing: the VMM tests need KVM (load kvm_intel, kvm_amd or kvm_pvm)");
     }
+    let free = free_disk_gib(Path::new("."))?;
+    eprintln!("xtask: {free:.1} GiB free on the build disk");
+    // A fresh test build with its test images takes about 5 GiB; below this a run would die
+    // half-way with ENOSPC inside some compiler, far from the cause.
+    ensure!(
+        free >= MIN_FREE_GIB,
+        "only {free:.1} GiB free on the disk holding the build; the tests need at least \
+         {MIN_FREE_GIB} GiB (target/ and /tmp): free some space first"
+    );
     Ok(())
+}
+
+const MIN_FREE_GIB: f64 = 8.0;
+
+/// Free space, in GiB, on the file system holding `dir` (from POSIX `df -Pk`).
+fn free_disk_gib(dir: &Path) -> anyhow::Result<f64> {
+    let out = Command::new("df")
+        .arg("-Pk")
+        .arg(dir)
+        .output()
+        .context("running df")?;
+    ensure!(out.status.success(), "df -Pk {} failed", dir.display());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The second line's fourth field is the space available to unprivileged users, in KiB.
+    let kib: f64 = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|f| f.parse().ok())
+        .with_context(|| format!("unexpected df output: {text:?}"))?;
+    Ok(kib / (1024.0 * 1024.0))
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
