@@ -28,7 +28,8 @@ pub enum AutomationLevel {
     /// Plans are proposals only; an operator applies (`POST /v1/plans/{id}/apply`) or rejects them.
     #[default]
     Manual,
-    /// Placement of new VMs is automatic; migrations and power actions need approval.
+    /// Placements and plans that move no running VM (a host powered on for capacity, an empty host
+    /// powered off) are applied at once; plans with migrations wait for approval.
     Partial,
     /// Plans are applied as soon as they are made (unless the preview vetoes them).
     Full,

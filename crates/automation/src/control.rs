@@ -1174,12 +1174,27 @@ impl Loop {
         self.last_report = report;
         match id {
             Some(id)
-                if self.policy.automation == AutomationLevel::Full
-                    && self.plans[&id].plan.state == PlanState::Proposed =>
+                if self.plans[&id].plan.state == PlanState::Proposed
+                    && Self::acts_alone(self.policy.automation, &self.plans[&id].plan) =>
             {
                 self.apply(now_ms, id).unwrap_or_default()
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// Whether a fresh plan is applied without an operator: every plan in `full`; in `partial`
+    /// only plans that move no running VM (powering a host on for capacity, powering off hosts
+    /// already empty), so migrations wait for approval as DRS's partial level has them; in
+    /// `manual` none.
+    fn acts_alone(level: AutomationLevel, plan: &Plan) -> bool {
+        match level {
+            AutomationLevel::Full => true,
+            AutomationLevel::Partial => !plan
+                .actions
+                .iter()
+                .any(|a| matches!(a, PlanAction::Migrate { .. })),
+            AutomationLevel::Manual => false,
         }
     }
 

@@ -225,6 +225,53 @@ fn an_under_loaded_host_is_drained_then_powered_off_after_off_hold() {
 }
 
 #[test]
+fn partial_mode_waits_for_approval_of_a_drain_but_powers_off_an_empty_host_alone() {
+    let mut c = Cluster::default();
+    c.host("h1", 2, G5, true);
+    c.host("h2", 2, G5, true);
+    c.vm("a", "h1", vec![0.3]);
+    c.vm("b", "h1", vec![0.3]);
+    c.vm("d", "h2", vec![0.1]);
+    let mut p = policy(AutomationLevel::Partial);
+    p.power.off_hold_s = 60;
+    let mut lp = Loop::new(p, LoopConfig::default()).unwrap();
+    for _ in 0..10 {
+        c.step(&mut lp, STEP_MS);
+    }
+    // the drain is proposed, not carried out
+    assert!(c.log.is_empty(), "partial mode migrated alone: {:?}", c.log);
+    let drain = lp
+        .plans()
+        .into_iter()
+        .find(|p| !migrations(p).is_empty())
+        .expect("a drain plan")
+        .clone();
+    assert_eq!(drain.state, PlanState::Proposed);
+    assert_eq!(drain.automation, AutomationLevel::Partial);
+
+    // the operator approves it; the empty host then goes off without anyone's approval
+    let now = u64::from(c.step) * STEP_MS;
+    let actions = lp.apply(now, drain.id).unwrap();
+    c.take(actions);
+    let approved_at = c.step;
+    for _ in 0..12 {
+        c.step(&mut lp, STEP_MS);
+    }
+    assert_eq!(lp.plan(drain.id).unwrap().state, PlanState::Applied);
+    let offs: Vec<&(u32, Action)> = c
+        .log
+        .iter()
+        .filter(|(_, a)| matches!(a, Action::PowerOff { .. }))
+        .collect();
+    assert_eq!(offs.len(), 1, "{:?}", c.log);
+    assert!(matches!(&offs[0].1, Action::PowerOff { host, .. } if host == "h2"));
+    // the move lands in the next step, whose observation finds h2 empty; off one hold (60 s,
+    // 6 steps) after that observation
+    assert_eq!(offs[0].0, approved_at + 6, "{:?}", c.log);
+    assert_eq!(lp.host_power("h2"), Some(HostPower::Off));
+}
+
+#[test]
 fn the_ha_reserve_and_spare_hosts_stay_on() {
     // 2.4 cores of demand on a 4-core h1. Powering off one empty 2-core host leaves 6 cores on;
     // less the HA reserve (room for the largest host's failure: h1's 4 cores) that is 2 cores,
