@@ -1,0 +1,400 @@
+//! Loading a `--tls-dir`, building rustls configurations (ring provider, client certificates required),
+//! reading a verified peer's identity, and blocking handshakes with a deadline.
+
+use std::fs;
+use std::io;
+use std::net::{IpAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{
+    ClientConfig, ClientConnection, CommonState, RootCertStore, ServerConfig, ServerConnection,
+    StreamOwned,
+};
+
+use crate::{Identity, Role, files};
+
+/// Why a `--tls-dir` could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// A file the directory must hold is missing.
+    #[error(
+        "{path} is missing: a --tls-dir holds ca-cert.pem, server-cert.pem and server-key.pem (or client-cert.pem and client-key.pem); create one with `tern pki issue`"
+    )]
+    Missing { path: PathBuf },
+    /// A file could not be read.
+    #[error("Cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A file holds no usable PEM of the expected kind.
+    #[error("{path} holds no valid PEM {what}")]
+    Pem {
+        path: PathBuf,
+        what: &'static str,
+        #[source]
+        source: Option<rustls::pki_types::pem::Error>,
+    },
+    /// The private key is readable by others than its owner.
+    #[error(
+        "{path} has mode {mode:04o}: a private key must not be readable by group or others (chmod 600)"
+    )]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    /// The CA certificate cannot serve as a trust anchor.
+    #[error("{path} is not a usable CA certificate")]
+    Ca {
+        path: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    /// Our own certificate carries no Tern identity.
+    #[error("{path} carries no Tern identity")]
+    Identity {
+        path: PathBuf,
+        #[source]
+        source: PeerError,
+    },
+    /// rustls refused the key or certificate.
+    #[error("rustls refused the certificate or key in {dir}")]
+    Config {
+        dir: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// Why a peer's identity could not be read or is not the one required.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The peer presented no certificate (cannot happen after a mutual-TLS handshake).
+    #[error("The peer presented no certificate")]
+    NoCertificate,
+    /// The certificate is not valid DER X.509.
+    #[error("The peer certificate cannot be parsed: {0}")]
+    Parse(String),
+    /// The certificate has no subject CN.
+    #[error("The peer certificate has no subject CN")]
+    NoName,
+    /// The certificate's OU is missing or not a Tern role.
+    #[error("The peer certificate's OU {ou:?} is not a role (host, controller, user)")]
+    NoRole { ou: Option<String> },
+    /// The peer's role is not the one this endpoint accepts.
+    #[error("Peer {name} has role {role}, but only {expected} is accepted here")]
+    WrongRole {
+        name: String,
+        role: Role,
+        expected: Role,
+    },
+}
+
+/// Why a handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The handshake did not complete within the deadline.
+    #[error("The TLS handshake did not complete within {}ms", after.as_millis())]
+    Timeout { after: Duration },
+    /// The peer closed the connection before the handshake completed (a port scan, a plain client).
+    #[error("The peer closed the connection during the TLS handshake")]
+    Closed,
+    /// TLS refused the peer: not TLS at all, an unknown CA, an expired certificate, a wrong name...
+    #[error("TLS handshake failed")]
+    Tls(#[source] rustls::Error),
+    /// The socket failed.
+    #[error("I/O error during the TLS handshake")]
+    Io(#[source] io::Error),
+    /// The handshake completed but the peer's certificate carries no Tern identity.
+    #[error("The peer's certificate carries no Tern identity")]
+    Peer(#[source] PeerError),
+}
+
+/// A loaded `--tls-dir`: the CA as trust anchor, our certificate and key, and the rustls
+/// configurations built from them (ring provider, TLS 1.2 and 1.3, client certificates required).
+#[derive(Debug, Clone)]
+pub struct TlsDir {
+    dir: PathBuf,
+    identity: Identity,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+impl TlsDir {
+    /// Loads `dir/ca-cert.pem` and `dir/server-{cert,key}.pem` (or, when a directory only holds
+    /// QEMU's client names, `dir/client-{cert,key}.pem`). The key must be mode 0600 or tighter.
+    pub fn load(dir: &Path) -> Result<TlsDir, LoadError> {
+        let ca_path = dir.join(files::CA_CERT);
+        let (cert_path, key_path) = if dir.join(files::SERVER_CERT).exists() {
+            (dir.join(files::SERVER_CERT), dir.join(files::SERVER_KEY))
+        } else if dir.join(files::CLIENT_CERT).exists() {
+            (dir.join(files::CLIENT_CERT), dir.join(files::CLIENT_KEY))
+        } else {
+            return Err(LoadError::Missing {
+                path: dir.join(files::SERVER_CERT),
+            });
+        };
+        let ca = read_certs(&ca_path)?;
+        let chain = read_certs(&cert_path)?;
+        let key = read_key(&key_path)?;
+
+        let mut roots = RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|source| LoadError::Ca {
+                path: ca_path.clone(),
+                source,
+            })?;
+        }
+        let roots = Arc::new(roots);
+        let identity = identity_of_cert(&chain[0]).map_err(|source| LoadError::Identity {
+            path: cert_path.clone(),
+            source,
+        })?;
+        let cfg_err = |source| LoadError::Config {
+            dir: dir.to_owned(),
+            source,
+        };
+        // ring, not aws-lc-rs (no cmake/C toolchain in the build); rustls 0.23.48 deprecates it only
+        // because it lacks post-quantum key exchange, which nothing in the cluster needs yet.
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+
+        let client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| cfg_err(rustls::Error::General(e.to_string())))?;
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(cfg_err)?
+            .with_client_cert_verifier(client_verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(cfg_err)?;
+        // Every connection authenticates in full: no tickets, no session cache.
+        server.send_tls13_tickets = 0;
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| cfg_err(rustls::Error::General(e.to_string())))?;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(cfg_err)?
+            .with_webpki_verifier(server_verifier)
+            .with_client_auth_cert(chain, key)
+            .map_err(cfg_err)?;
+        client.resumption = Resumption::disabled();
+
+        Ok(TlsDir {
+            dir: dir.to_owned(),
+            identity,
+            server: Arc::new(server),
+            client: Arc::new(client),
+        })
+    }
+
+    /// The directory this was loaded from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Our own identity (from our certificate).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Server side: requires a client certificate chained to the CA and presents ours.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.server.clone()
+    }
+
+    /// Client side: presents our certificate and verifies that the server's chains to the CA and is
+    /// valid for the [`ServerName`] given to [`connect`].
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.client.clone()
+    }
+
+    /// The name a client expects the server's certificate to carry: an IP address or a DNS name.
+    /// A string that is neither yields a name no certificate can carry, so the handshake fails
+    /// with "not valid for name" (use [`TlsDir::try_server_name`] to reject it up front).
+    pub fn server_name(name_or_ip: &str) -> ServerName<'static> {
+        Self::try_server_name(name_or_ip)
+            .unwrap_or(ServerName::IpAddress(IpAddr::from([0, 0, 0, 0]).into()))
+    }
+
+    /// [`TlsDir::server_name`], refusing a string that is neither an IP address nor a DNS name.
+    pub fn try_server_name(name_or_ip: &str) -> Result<ServerName<'static>, String> {
+        ServerName::try_from(name_or_ip.to_owned())
+            .map_err(|_| format!("{name_or_ip:?} is neither an IP address nor a DNS name"))
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> {
+    let bytes = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| LoadError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            source: Some(e),
+        })?;
+    if certs.is_empty() {
+        return Err(LoadError::Pem {
+            path: path.to_owned(),
+            what: "certificate",
+            source: None,
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, LoadError> {
+    let meta = fs::metadata(path).map_err(|source| read_err(path, source))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(LoadError::KeyPermissions {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    let bytes = read(path)?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| LoadError::Pem {
+        path: path.to_owned(),
+        what: "private key",
+        source: Some(e),
+    })
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
+    fs::read(path).map_err(|source| read_err(path, source))
+}
+
+fn read_err(path: &Path, source: io::Error) -> LoadError {
+    if source.kind() == io::ErrorKind::NotFound {
+        LoadError::Missing {
+            path: path.to_owned(),
+        }
+    } else {
+        LoadError::Read {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Name (subject CN) and role (subject OU) of a DER certificate. Only meaningful for a certificate
+/// whose chain was verified (as rustls does during the handshake).
+pub fn identity_of_cert(der: &CertificateDer<'_>) -> Result<Identity, PeerError> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| PeerError::Parse(e.to_string()))?;
+    let subject = cert.subject();
+    let name = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(PeerError::NoName)?
+        .to_owned();
+    let ou = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .map(str::to_owned);
+    let role = ou
+        .as_deref()
+        .and_then(|s| s.parse::<Role>().ok())
+        .ok_or(PeerError::NoRole { ou })?;
+    Ok(Identity { name, role })
+}
+
+/// Name and role of the peer of an established connection (from its end-entity certificate).
+pub fn peer_identity(conn: &CommonState) -> Result<Identity, PeerError> {
+    let certs = conn.peer_certificates().ok_or(PeerError::NoCertificate)?;
+    let leaf = certs.first().ok_or(PeerError::NoCertificate)?;
+    identity_of_cert(leaf)
+}
+
+/// Server side of a handshake over an accepted socket, within `deadline`. On success the socket's
+/// timeouts are cleared (blocking, no timeout) and the peer's verified identity is returned; the
+/// caller checks its role.
+pub fn accept(
+    cfg: Arc<ServerConfig>,
+    tcp: TcpStream,
+    deadline: Duration,
+) -> Result<(StreamOwned<ServerConnection, TcpStream>, Identity), HandshakeError> {
+    let conn = ServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    handshake(&mut stream.conn, &mut stream.sock, deadline)?;
+    let id = peer_identity(&stream.conn).map_err(HandshakeError::Peer)?;
+    Ok((stream, id))
+}
+
+/// Client side of a handshake, within `deadline`, verifying the server's certificate against the CA
+/// and `name`. With TLS 1.3 the server checks our certificate after we finish, so a refusal of *our*
+/// certificate shows as an error on the first read.
+pub fn connect(
+    cfg: Arc<ClientConfig>,
+    name: ServerName<'static>,
+    tcp: TcpStream,
+    deadline: Duration,
+) -> Result<(StreamOwned<ClientConnection, TcpStream>, Identity), HandshakeError> {
+    let conn = ClientConnection::new(cfg, name).map_err(HandshakeError::Tls)?;
+    let mut stream = StreamOwned::new(conn, tcp);
+    handshake(&mut stream.conn, &mut stream.sock, deadline)?;
+    let id = peer_identity(&stream.conn).map_err(HandshakeError::Peer)?;
+    Ok((stream, id))
+}
+
+fn handshake<C, D>(
+    conn: &mut C,
+    tcp: &mut TcpStream,
+    deadline: Duration,
+) -> Result<(), HandshakeError>
+where
+    C: std::ops::DerefMut<Target = rustls::ConnectionCommon<D>>,
+    D: rustls::SideData,
+{
+    let start = Instant::now();
+    tcp.set_nonblocking(false).map_err(HandshakeError::Io)?;
+    let timeout = HandshakeError::Timeout { after: deadline };
+    while conn.is_handshaking() || conn.wants_write() {
+        let left = deadline.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(timeout);
+        }
+        tcp.set_read_timeout(Some(left))
+            .and_then(|()| tcp.set_write_timeout(Some(left)))
+            .map_err(HandshakeError::Io)?;
+        match conn.complete_io(tcp) {
+            Ok((0, 0)) if conn.is_handshaking() && !conn.wants_write() => {
+                // Nothing moved and nothing to send: the peer closed.
+                return Err(HandshakeError::Closed);
+            }
+            Ok(_) => {}
+            Err(e) => return Err(classify(e, deadline)),
+        }
+    }
+    tcp.set_read_timeout(None)
+        .and_then(|()| tcp.set_write_timeout(None))
+        .map_err(HandshakeError::Io)?;
+    Ok(())
+}
+
+fn classify(e: io::Error, deadline: Duration) -> HandshakeError {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return HandshakeError::Tls(tls.clone());
+    }
+    match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+            HandshakeError::Timeout { after: deadline }
+        }
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => HandshakeError::Closed,
+        _ => HandshakeError::Io(e),
+    }
+}
