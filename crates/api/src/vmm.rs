@@ -422,7 +422,8 @@ pub struct Progress {
 /// The final report of a migration, successful or not.
 ///
 /// Serialises to JSON with exactly the fields `total_ms`, `downtime_ms`, `rounds`,
-/// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`.
+/// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`, and
+/// `downtime_steps` when the migration completed (absent otherwise).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationReport {
     /// Start of the handshake → end (ack, or source resumed), ms.
@@ -442,6 +443,79 @@ pub struct MigrationReport {
     pub converged: bool,
     /// How it ended.
     pub outcome: Outcome,
+    /// A completed migration's pause step by step, in order; the steps' `us` add up to the
+    /// downtime. Empty (and absent from the JSON) otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub downtime_steps: Vec<DowntimeStep>,
+}
+
+/// A step of a migration's pause (docs/migration.md, "Where the pause goes"). Each ends at the
+/// event it is named after and starts where the one before ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseStep {
+    /// Source: the vCPUs stopped → the last dirty-log read.
+    DirtyLog,
+    /// Source: → the final pages and every data stream's end written to the sockets.
+    FinalPages,
+    /// Source: → the VM state saved (vCPUs, irqchips, clocks, devices).
+    SaveState,
+    /// Source: → the disks' write ownership handed to the target.
+    ReleaseStorage,
+    /// Source: → the state, the memory digest (`--verify-memory`) and the commit written.
+    StateSent,
+    /// Target: commit read → every data stream ended and all its pages written.
+    TargetData,
+    /// Target: → the memory digest compared (`--verify-memory`).
+    TargetVerify,
+    /// Target: → the VM state restored.
+    TargetRestore,
+    /// Target: → the vCPUs running (the disks taken over first).
+    TargetResume,
+    /// Source: the rest of the time from the commit written to the target's "running" read: the
+    /// commit's and the answer's way through the network and both ends' threads (all of the
+    /// target's time too, if its protocol version does not report its timings).
+    Ack,
+}
+
+impl PauseStep {
+    /// The step's name on the wire (`dirty_log`, `final_pages`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseStep::DirtyLog => "dirty_log",
+            PauseStep::FinalPages => "final_pages",
+            PauseStep::SaveState => "save_state",
+            PauseStep::ReleaseStorage => "release_storage",
+            PauseStep::StateSent => "state_sent",
+            PauseStep::TargetData => "target_data",
+            PauseStep::TargetVerify => "target_verify",
+            PauseStep::TargetRestore => "target_restore",
+            PauseStep::TargetResume => "target_resume",
+            PauseStep::Ack => "ack",
+        }
+    }
+
+    /// Whether the target timed it (on its own clock).
+    pub fn on_target(self) -> bool {
+        matches!(
+            self,
+            PauseStep::TargetData
+                | PauseStep::TargetVerify
+                | PauseStep::TargetRestore
+                | PauseStep::TargetResume
+        )
+    }
+}
+
+/// One step of the pause and what it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DowntimeStep {
+    /// Which step.
+    pub step: PauseStep,
+    /// How long, µs.
+    pub us: u64,
+    /// Bytes the step wrote to the streams (frame headers included), 0 if none.
+    pub bytes: u64,
 }
 
 impl MigrationReport {
@@ -587,6 +661,7 @@ mod tests {
             throttle_max_pct: 97.5,
             converged: true,
             outcome,
+            downtime_steps: Vec::new(),
         }
     }
 

@@ -6,4 +6,6 @@
 
 #![deny(clippy::disallowed_methods)]
 
-pub use tern_api::vmm::{MigrationReport, Outcome, Progress, ProgressPhase};
+pub use tern_api::vmm::{
+    DowntimeStep, MigrationReport, Outcome, PauseStep, Progress, ProgressPhase,
+};

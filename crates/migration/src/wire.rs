@@ -29,8 +29,11 @@ pub const MAGIC: [u8; 4] = *b"TRNM";
 pub const FRAME_FORMAT: u8 = 1;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
-/// The protocol version this build speaks (negotiated in the handshake).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks (negotiated in the handshake). Version 2 adds the
+/// target's timings to the `Running` frame ([`TargetTimings`]); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 2;
+/// The first protocol version whose `Running` frame carries [`TargetTimings`].
+pub const TIMINGS_PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// Most pages in one page frame.
@@ -70,7 +73,8 @@ pub enum FrameKind {
     Verify = 8,
     /// Source → target, control stream: restore and resume now.
     Commit = 9,
-    /// Target → source: the VM runs on the target.
+    /// Target → source: the VM runs on the target (from protocol 2 with the target's
+    /// [`TargetTimings`]; empty in protocol 1).
     Running = 10,
     /// Target → source: the target could not commit and discarded the VM.
     Failed = 11,
@@ -127,7 +131,8 @@ impl FrameKind {
             DataEnd => 16,
             State => 4 + MAX_STATE_BYTES,
             Verify => 8 + 4 + 4 * MAX_VERIFY_CHUNKS,
-            Commit | Running => 0,
+            Commit => 0,
+            Running => TargetTimings::BYTES,
             RoundEnd | RoundAck => 4,
         }
     }
@@ -327,6 +332,25 @@ impl MemoryDigest {
     }
 }
 
+/// What the target timed from reading `Commit` to writing `Running`, each step in µs of its own
+/// clock (the source adds them to its breakdown of the pause; docs/migration.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TargetTimings {
+    /// `Commit` read from its socket → every data stream ended and all its pages written.
+    pub data_us: u64,
+    /// → the memory digest compared (0 without `--verify-memory`).
+    pub verify_us: u64,
+    /// → the VM state restored.
+    pub restore_us: u64,
+    /// → the vCPUs running (the disks taken over first).
+    pub resume_us: u64,
+}
+
+impl TargetTimings {
+    /// Payload bytes of a `Running` frame that carries timings.
+    pub const BYTES: usize = 4 * 8;
+}
+
 /// One decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -370,7 +394,10 @@ pub enum Frame {
     /// See [`FrameKind::Commit`].
     Commit,
     /// See [`FrameKind::Running`].
-    Running,
+    Running {
+        /// What the target timed (protocol 2 on); `None` encodes the protocol 1 frame.
+        timings: Option<TargetTimings>,
+    },
     /// See [`FrameKind::Failed`].
     Failed {
         /// Why.
@@ -515,7 +542,7 @@ impl Frame {
             Frame::State { .. } => FrameKind::State,
             Frame::Verify(_) => FrameKind::Verify,
             Frame::Commit => FrameKind::Commit,
-            Frame::Running => FrameKind::Running,
+            Frame::Running { .. } => FrameKind::Running,
             Frame::Failed { .. } => FrameKind::Failed,
             Frame::Abort { .. } => FrameKind::Abort,
             Frame::RoundEnd { .. } => FrameKind::RoundEnd,
@@ -579,7 +606,14 @@ impl Frame {
             Frame::RoundEnd { round } | Frame::RoundAck { round } => {
                 out.extend_from_slice(&round.to_le_bytes())
             }
-            Frame::Commit | Frame::Running | Frame::Pages(_) => {}
+            Frame::Running { timings } => {
+                if let Some(t) = timings {
+                    for v in [t.data_us, t.verify_us, t.restore_us, t.resume_us] {
+                        out.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            Frame::Commit | Frame::Pages(_) => {}
         }
         finish(&mut out);
         out
@@ -729,7 +763,17 @@ fn parse_checked(
         FrameKind::Commit => Frame::Commit,
         FrameKind::RoundEnd => Frame::RoundEnd { round: r.u32()? },
         FrameKind::RoundAck => Frame::RoundAck { round: r.u32()? },
-        FrameKind::Running => Frame::Running,
+        FrameKind::Running => Frame::Running {
+            timings: match r.remaining() {
+                0 => None,
+                _ => Some(TargetTimings {
+                    data_us: r.u64()?,
+                    verify_us: r.u64()?,
+                    restore_us: r.u64()?,
+                    resume_us: r.u64()?,
+                }),
+            },
+        },
     };
     if r.remaining() != 0 {
         return Err(r.bad("trailing bytes"));
@@ -1036,7 +1080,17 @@ mod tests {
             Just(Frame::Commit),
             any::<u32>().prop_map(|round| Frame::RoundEnd { round }),
             any::<u32>().prop_map(|round| Frame::RoundAck { round }),
-            Just(Frame::Running),
+            Just(Frame::Running { timings: None }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(data_us, verify_us, restore_us, resume_us)| Frame::Running {
+                    timings: Some(TargetTimings {
+                        data_us,
+                        verify_us,
+                        restore_us,
+                        resume_us,
+                    }),
+                }
+            ),
             text().prop_map(|reason| Frame::Failed { reason }),
             text().prop_map(|reason| Frame::Abort { reason }),
         ]
@@ -1160,6 +1214,34 @@ mod tests {
             Err(ReadFrameError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof),
             other => panic!("expected EOF error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn running_is_empty_in_protocol_1_and_carries_exactly_the_timings_from_protocol_2() {
+        // Protocol 1 peers read a header-only frame (their maximum payload is 0).
+        let v1 = Frame::Running { timings: None }.encode();
+        assert_eq!(v1.len(), HEADER_LEN);
+        assert_eq!(&v1[8..12], &0u32.to_le_bytes());
+        let t = TargetTimings {
+            data_us: 1,
+            verify_us: 2,
+            restore_us: 300,
+            resume_us: 4_000,
+        };
+        let v2 = Frame::Running { timings: Some(t) }.encode();
+        assert_eq!(v2.len(), HEADER_LEN + TargetTimings::BYTES);
+        assert_eq!(
+            decode(&v2, None).unwrap().0,
+            Frame::Running { timings: Some(t) }
+        );
+        // Anything but 0 or all the timings is refused.
+        let cut = seal(FrameKind::Running as u8, &v2[HEADER_LEN..HEADER_LEN + 8]);
+        assert!(decode(&cut, None).is_err());
+        let long = seal(FrameKind::Running as u8, &[0u8; TargetTimings::BYTES + 8]);
+        assert!(matches!(
+            decode(&long, None),
+            Err(DecodeError::TooLong { .. })
+        ));
     }
 
     #[test]

@@ -5,7 +5,10 @@
 use std::time::Duration;
 
 use crate::config::{MemoryLayout, VmConfigDescription};
-use crate::wire::{Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION, PageBatch};
+use crate::wire::{
+    Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION, PageBatch,
+    TIMINGS_PROTOCOL_VERSION, TargetTimings,
+};
 
 /// After a stream error, how long the shell listens for the source's Abort (a source that
 /// gives up says why on the control stream, then closes everything).
@@ -453,6 +456,14 @@ impl Receiver {
         Ok(())
     }
 
+    /// The answer once the VM runs here: `Running`, with the target's timings from the protocol
+    /// version that carries them on (an older source reads only the empty frame).
+    pub fn running_frame(&self, timings: TargetTimings) -> Frame {
+        Frame::Running {
+            timings: (self.version >= TIMINGS_PROTOCOL_VERSION).then_some(timings),
+        }
+    }
+
     /// Abort, a stream error or a lost connection. Returns true if the VM side must discard
     /// (false once running: the VM stays).
     pub fn abort(&mut self) -> bool {
@@ -546,12 +557,26 @@ mod tests {
         let got = r.hello(&hello(7, 9, 1)).unwrap().unwrap_err();
         assert_eq!(
             got.to_string(),
-            "Protocol version mismatch: source speaks 7..=9, target 1..=1"
+            "Protocol version mismatch: source speaks 7..=9, target 1..=2"
         );
         assert_eq!(r.phase(), ReceiverPhase::Discarded);
         // A newer source that still speaks our version is accepted at ours.
         let mut r = Receiver::new();
-        assert_eq!(r.hello(&hello(1, 5, 1)).unwrap(), Ok(1));
+        assert_eq!(r.hello(&hello(1, 5, 1)).unwrap(), Ok(2));
+    }
+
+    #[test]
+    fn running_carries_the_timings_only_to_a_source_that_reads_them() {
+        let t = TargetTimings {
+            restore_us: 900,
+            ..Default::default()
+        };
+        let mut old = Receiver::new();
+        assert_eq!(old.hello(&hello(1, 1, 1)).unwrap(), Ok(1));
+        assert_eq!(old.running_frame(t), Frame::Running { timings: None });
+        let mut new = Receiver::new();
+        assert_eq!(new.hello(&hello(1, 2, 1)).unwrap(), Ok(2));
+        assert_eq!(new.running_frame(t), Frame::Running { timings: Some(t) });
     }
 
     #[test]

@@ -5,8 +5,10 @@
 use std::time::Duration;
 
 use crate::machine::policy::{BandwidthEstimator, ConvergenceConfig, Decision, SyncInput};
-use crate::report::{MigrationReport, Outcome, Progress, ProgressPhase};
-use crate::wire::{Frame, FrameKind, MAX_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+use crate::report::{DowntimeStep, MigrationReport, Outcome, PauseStep, Progress, ProgressPhase};
+use crate::wire::{
+    Frame, FrameKind, MAX_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TargetTimings,
+};
 
 /// Progress is reported at most this often within a round (always at a sync).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
@@ -14,6 +16,66 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 /// After a broken stream, how long the shell listens for the target's reason (a target that
 /// gives up says why on the control stream, then closes everything).
 pub const TARGET_REASON_GRACE: Duration = Duration::from_millis(100);
+
+/// The steps of the pause the source times, in their order (docs/migration.md).
+pub const SOURCE_STEPS: [PauseStep; 5] = [
+    PauseStep::DirtyLog,
+    PauseStep::FinalPages,
+    PauseStep::SaveState,
+    PauseStep::ReleaseStorage,
+    PauseStep::StateSent,
+];
+
+/// The pause from `paused_at` to the answer read at `acked`, step by step: the source's steps
+/// (`marks`: step, end, bytes), then the target's timings fitted into the time from the last
+/// source step to the answer (never more than that window: they happened inside it), then the
+/// rest of that window as [`PauseStep::Ack`]. The steps add up to `acked − paused_at`.
+pub fn breakdown(
+    paused_at: Duration,
+    marks: &[(PauseStep, Duration, u64)],
+    target: Option<TargetTimings>,
+    acked: Duration,
+) -> Vec<DowntimeStep> {
+    let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    let mut steps = Vec::new();
+    let mut at = paused_at;
+    for &(step, end, bytes) in marks {
+        let end = end.clamp(at, acked.max(at));
+        steps.push(DowntimeStep {
+            step,
+            us: us(end - at),
+            bytes,
+        });
+        at = end;
+    }
+    let mut window = us(acked.saturating_sub(at));
+    if let Some(t) = target {
+        for (step, took) in [
+            (PauseStep::TargetData, t.data_us),
+            (PauseStep::TargetVerify, t.verify_us),
+            (PauseStep::TargetRestore, t.restore_us),
+            (PauseStep::TargetResume, t.resume_us),
+        ] {
+            if step == PauseStep::TargetVerify && took == 0 {
+                continue;
+            }
+            let took = took.min(window);
+            window -= took;
+            steps.push(DowntimeStep {
+                step,
+                us: took,
+                bytes: 0,
+            });
+        }
+    }
+    steps.push(DowntimeStep {
+        step: PauseStep::Ack,
+        us: window,
+        bytes: 0,
+    });
+    // Whole µs per step: the sum may fall short of the downtime by under 1 µs per step.
+    steps
+}
 
 /// Where the source is in a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +283,10 @@ pub struct Sender {
     dirty_log_on: bool,
     last_progress: Option<Duration>,
     acked_downtime: Option<Duration>,
+    /// The source's steps of the pause so far: which, when it ended (since the start), bytes.
+    pause_marks: Vec<(PauseStep, Duration, u64)>,
+    /// The pause step by step, once the target's answer arrived.
+    downtime_steps: Vec<DowntimeStep>,
     outcome: Option<Outcome>,
 }
 
@@ -253,6 +319,8 @@ impl Sender {
             dirty_log_on: false,
             last_progress: None,
             acked_downtime: None,
+            pause_marks: Vec::new(),
+            downtime_steps: Vec::new(),
             outcome: None,
         }
     }
@@ -384,10 +452,12 @@ impl Sender {
                 self.answered = true;
                 Err(TargetAnswer::Failed(reason))
             }
-            (SenderPhase::AwaitingAck, Frame::Running) => {
+            (SenderPhase::AwaitingAck, Frame::Running { timings }) => {
                 self.phase = SenderPhase::Completed;
-                let downtime = now.saturating_sub(self.paused_at.unwrap_or(now));
+                let paused_at = self.paused_at.unwrap_or(now);
+                let downtime = now.saturating_sub(paused_at);
                 self.acked_downtime = Some(downtime);
+                self.downtime_steps = breakdown(paused_at, &self.pause_marks, timings, now);
                 Ok(Heard::Running(downtime))
             }
             (SenderPhase::AwaitingAck, other) => {
@@ -463,6 +533,40 @@ impl Sender {
         Ok(())
     }
 
+    /// A source step of the pause ended at `now` having written `bytes` to the streams (for the
+    /// report's breakdown). Steps come in their order, each once, between the pause and the
+    /// target's answer (the last one, the commit written, is told just after
+    /// [`Self::commit_sent`]).
+    pub fn pause_step(
+        &mut self,
+        step: PauseStep,
+        now: Duration,
+        bytes: u64,
+    ) -> Result<(), InvalidTransition> {
+        if !matches!(
+            self.phase,
+            SenderPhase::StopAndCopy | SenderPhase::AwaitingAck
+        ) {
+            return Err(InvalidTransition {
+                phase: self.phase,
+                event: "time a step of the pause",
+            });
+        }
+        let order = |s: PauseStep| SOURCE_STEPS.iter().position(|&x| x == s);
+        let after_last = match self.pause_marks.last() {
+            None => true,
+            Some(&(last, ..)) => order(last) < order(step),
+        };
+        if order(step).is_none() || !after_last {
+            return Err(InvalidTransition {
+                phase: self.phase,
+                event: "time a step of the pause out of order",
+            });
+        }
+        self.pause_marks.push((step, now, bytes));
+        Ok(())
+    }
+
     /// The source VM's state was saved (paused, last pages sent). Returns the step due now,
     /// before the state frame: release the storage, then report [`Self::storage_released`].
     pub fn state_saved(&mut self) -> Result<StorageStep, InvalidTransition> {
@@ -506,7 +610,7 @@ impl Sender {
     /// The target reports "running"; returns the downtime (pause → ack).
     pub fn running_acked(&mut self, now: Duration) -> Result<Duration, InvalidTransition> {
         self.expect(SenderPhase::AwaitingAck, "take a running ack")?;
-        match self.heard(now, Frame::Running) {
+        match self.heard(now, Frame::Running { timings: None }) {
             Ok(Heard::Running(d)) => Ok(d),
             _ => Err(InvalidTransition {
                 phase: self.phase,
@@ -600,6 +704,11 @@ impl Sender {
             throttle_max_pct: self.throttle_max_pct,
             converged: self.converged && outcome == Outcome::Completed,
             outcome,
+            downtime_steps: if outcome == Outcome::Completed {
+                self.downtime_steps.clone()
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -765,7 +874,10 @@ mod tests {
                     },
                 ),
                 "junk" => heard(&mut s, Frame::Commit),
-                "running" => assert!(matches!(s.heard(t, Frame::Running), Ok(Heard::Running(_)))),
+                "running" => assert!(matches!(
+                    s.heard(t, Frame::Running { timings: None }),
+                    Ok(Heard::Running(_))
+                )),
                 other => panic!("unknown step {other}"),
             }
         }
@@ -958,13 +1070,16 @@ mod tests {
             ("welcome accept", Frame::Welcome { version: 1 }),
             (
                 "welcome accept arm round converge pause save released commit",
-                Frame::Running,
+                Frame::Running { timings: None },
             ),
             (
                 "welcome accept arm round converge pause save released commit",
                 Frame::RoundAck { round: 0 },
             ),
-            ("welcome accept arm round converge pause", Frame::Running),
+            (
+                "welcome accept arm round converge pause",
+                Frame::Running { timings: None },
+            ),
         ];
         let mut got = String::new();
         for (script, frame) in cases {
@@ -1024,6 +1139,100 @@ mod tests {
         let mut s = drive("refuse");
         s.finish(Ending::Failed);
         assert_eq!(s.report(ms(20), ms(20), 10, 0).rounds, 0);
+    }
+
+    #[test]
+    fn the_pause_breaks_down_into_steps_that_add_up_to_the_downtime() {
+        let us = |v: u64| Duration::from_micros(v);
+        let mut s = drive("welcome accept arm round converge pause");
+        let p = s.paused_at().unwrap();
+        s.pause_step(PauseStep::DirtyLog, p + us(400), 0).unwrap();
+        s.pause_step(PauseStep::FinalPages, p + us(3_400), 2 << 20)
+            .unwrap();
+        assert!(
+            s.pause_step(PauseStep::DirtyLog, p + us(3_500), 0).is_err(),
+            "steps come in order, once"
+        );
+        assert!(
+            s.pause_step(PauseStep::TargetData, p + us(3_500), 0)
+                .is_err()
+        );
+        s.state_saved().unwrap();
+        s.pause_step(PauseStep::SaveState, p + us(3_600), 0)
+            .unwrap();
+        s.storage_released().unwrap();
+        s.pause_step(PauseStep::ReleaseStorage, p + us(3_610), 0)
+            .unwrap();
+        s.commit_sent().unwrap();
+        s.pause_step(PauseStep::StateSent, p + us(3_700), 9_000)
+            .unwrap();
+        assert!(
+            s.pause_step(PauseStep::StateSent, p + us(3_800), 0)
+                .is_err()
+        );
+        let timings = TargetTimings {
+            data_us: 100,
+            verify_us: 0,
+            restore_us: 1_000,
+            resume_us: 200,
+        };
+        let acked = p + us(5_500);
+        assert_eq!(
+            s.heard(
+                acked,
+                Frame::Running {
+                    timings: Some(timings)
+                }
+            ),
+            Ok(Heard::Running(us(5_500)))
+        );
+        s.finish(Ending::Completed);
+        let r = s.report(acked, acked, 0, 0);
+        let shown: Vec<_> = r
+            .downtime_steps
+            .iter()
+            .map(|d| format!("{} {} {}", d.step.as_str(), d.us, d.bytes))
+            .collect();
+        expect_test::expect![[r#"
+            [
+                "dirty_log 400 0",
+                "final_pages 3000 2097152",
+                "save_state 200 0",
+                "release_storage 10 0",
+                "state_sent 90 9000",
+                "target_data 100 0",
+                "target_restore 1000 0",
+                "target_resume 200 0",
+                "ack 500 0",
+            ]
+        "#]]
+        .assert_debug_eq(&shown);
+        let sum: u64 = r.downtime_steps.iter().map(|d| d.us).sum();
+        assert_eq!(sum, 5_500);
+        assert_eq!(r.downtime_ms, 5);
+
+        // The target's figures never exceed the window they happened in; without them (a
+        // protocol 1 target) the window is one step.
+        let marks = [(PauseStep::StateSent, us(1_000), 0)];
+        let long = TargetTimings {
+            data_us: 10_000,
+            verify_us: 7,
+            restore_us: 5,
+            resume_us: 5,
+        };
+        let fitted = breakdown(Duration::ZERO, &marks, Some(long), us(3_000));
+        assert_eq!(fitted.iter().map(|d| d.us).sum::<u64>(), 3_000);
+        assert_eq!(fitted[1].us, 2_000);
+        assert!(fitted[2..].iter().all(|d| d.us == 0));
+        let old = breakdown(Duration::ZERO, &marks, None, us(3_000));
+        assert_eq!(
+            old.iter().map(|d| (d.step, d.us)).collect::<Vec<_>>(),
+            [(PauseStep::StateSent, 1_000), (PauseStep::Ack, 2_000)]
+        );
+        // Only a completed migration reports steps.
+        let mut s = drive("welcome accept arm round converge pause");
+        s.finish(Ending::LinkLost);
+        assert!(s.report(ms(200), ms(300), 0, 0).downtime_steps.is_empty());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::machine::receiver::{
 };
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::vm::{MigrationTarget, VmError};
-use crate::wire::{Frame, MemoryDigest, ReadFrameError, read_frame};
+use crate::wire::{Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame};
 
 /// Options of an incoming migration.
 #[derive(Debug, Clone)]
@@ -98,7 +98,8 @@ pub enum ReceiveError {
 }
 
 enum Event {
-    Frame(StreamName, Frame),
+    /// A frame and when its reader had it whole.
+    Frame(StreamName, Frame, Instant),
     Error(StreamName, ReadFrameError),
 }
 
@@ -219,11 +220,12 @@ fn spawn_reader(
     let _ = thread::Builder::new()
         .name(format!("migrate-rx-{name}"))
         .spawn(move || {
+            crate::thread_start::run();
             loop {
                 match read_frame(&mut socket, layout.as_ref()) {
                     Ok(f) => {
                         let end = matches!(f, Frame::DataEnd { .. });
-                        if tx.send(Event::Frame(name, f)).is_err() {
+                        if tx.send(Event::Frame(name, f, Instant::now())).is_err() {
                             return;
                         }
                         if end {
@@ -231,7 +233,7 @@ fn spawn_reader(
                             match read_frame(&mut socket, layout.as_ref()) {
                                 Err(ReadFrameError::Closed) => return,
                                 Ok(f) => {
-                                    let _ = tx.send(Event::Frame(name, f));
+                                    let _ = tx.send(Event::Frame(name, f, Instant::now()));
                                     return;
                                 }
                                 Err(e) => {
@@ -330,15 +332,15 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 }
             };
             idle_since = Instant::now();
-            let (stream, frame) = match ev {
-                Event::Frame(stream, frame) => (stream, frame),
+            let (stream, frame, read_at) = match ev {
+                Event::Frame(stream, frame, read_at) => (stream, frame, read_at),
                 Event::Error(stream, source) => {
                     // A source that gives up sends Abort on the control stream and then
                     // closes everything: give its reason a moment to arrive.
                     let grace = Instant::now() + SOURCE_REASON_GRACE;
                     while let Some(left) = grace.checked_duration_since(Instant::now()) {
                         match rx.recv_timeout(left) {
-                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason })) => {
+                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason }, _)) => {
                                 return Err(ReceiveError::Aborted(reason));
                             }
                             Ok(_) => {}
@@ -374,12 +376,17 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 Step::Aborted(reason) => return Err(ReceiveError::Aborted(reason)),
             }
             if is_commit {
-                commit_at = Some(Instant::now());
+                commit_at = Some(read_at);
             }
         }
 
         // Commit: every stream ended; check, restore, resume.
         let commit_at = commit_at.unwrap_or_else(Instant::now);
+        let since = |t: Instant| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let mut timings = TargetTimings {
+            data_us: since(commit_at),
+            ..Default::default()
+        };
         let CommitWork {
             state: (version, bytes),
             digest,
@@ -394,21 +401,26 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 let _ = self.machine.committed(false);
                 return Err(ReceiveError::VerifyMismatch { chunk });
             }
+            timings.verify_us = since(commit_at) - timings.data_us;
         }
         if let Err(e) = self.target.restore_state(version, &bytes) {
             let _ = self.machine.committed(false);
             return Err(ReceiveError::Target("restore_state", e));
         }
+        timings.restore_us = since(commit_at) - timings.data_us - timings.verify_us;
         if let Err(e) = self.target.resume() {
             let _ = self.machine.committed(false);
             return Err(ReceiveError::Target("resume", e));
         }
+        timings.resume_us =
+            since(commit_at) - timings.data_us - timings.verify_us - timings.restore_us;
         self.machine.committed(true)?;
         self.report.commit_ms = commit_at.elapsed().as_millis() as u64;
         self.report.total_ms = self.start.elapsed().as_millis() as u64;
         // The VM runs here now; if this write fails the source stays paused (in doubt), which
         // keeps exactly one copy running.
-        let _ = self.send_control(&Frame::Running);
+        let running = self.machine.running_frame(timings);
+        let _ = self.send_control(&running);
         Ok(())
     }
 }

@@ -17,7 +17,7 @@ use crate::machine::sender::{
     Ending, Heard, InvalidTransition, Sender, StorageStep, TARGET_REASON_GRACE, TargetAnswer,
     check_options,
 };
-use crate::report::{MigrationReport, Progress};
+use crate::report::{MigrationReport, PauseStep, Progress};
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::vm::{MigrationSource, VmError};
 use crate::wire::{
@@ -299,6 +299,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             .map_err(|e| MigrateError::Source("pause", e))?;
         self.machine.paused(self.now())?;
         let since = self.fetch_dirty()?;
+        self.machine
+            .pause_step(PauseStep::DirtyLog, self.now(), 0)?;
         let set = pages::stop_and_copy(set, &since);
         let (t0, scan0) = (Instant::now(), self.zero_scan);
         let before = self.bytes_sent;
@@ -312,14 +314,22 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.flush_all()?;
         let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
         self.machine.sent(self.bytes_sent - before, busy)?;
+        let now = self.now();
+        self.machine
+            .pause_step(PauseStep::FinalPages, now, self.bytes_sent - before)?;
         let (version, bytes) = self
             .source
             .save_state()
             .map_err(|e| MigrateError::Source("save_state", e))?;
+        self.machine
+            .pause_step(PauseStep::SaveState, self.now(), 0)?;
         self.check_cancel_and_target()?;
         let step = self.machine.state_saved()?;
         self.storage(step)?;
         self.machine.storage_released()?;
+        self.machine
+            .pause_step(PauseStep::ReleaseStorage, self.now(), 0)?;
+        let before = self.bytes_sent;
         self.write_control(&Frame::State { version, bytes })?;
         if self.opts.verify_memory {
             let layout = self.layout.clone();
@@ -333,7 +343,12 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         // The last chance to cancel: after this frame the target may run the VM.
         self.check_cancel_and_target()?;
         self.write_control(&Frame::Commit)?;
+        let now = self.now();
         self.machine.commit_sent()?;
+        // Only a figure: with the commit out nothing here may fail the migration.
+        let _ = self
+            .machine
+            .pause_step(PauseStep::StateSent, now, self.bytes_sent - before);
         self.report_progress(true);
 
         let rx = self.control_rx.as_ref().expect("control reader runs");
@@ -386,6 +401,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         thread::Builder::new()
             .name("migrate-ctl-rx".into())
             .spawn(move || {
+                crate::thread_start::run();
                 loop {
                     let f = read_frame(&mut control, None);
                     let stop = f.is_err();
@@ -428,6 +444,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let handle = thread::Builder::new()
                 .name(format!("migrate-tx-{i}"))
                 .spawn(move || {
+                    crate::thread_start::run();
                     for msg in rx {
                         match msg {
                             WriterMsg::Frame(b) => {
