@@ -18,6 +18,7 @@ mod host_power;
 mod image;
 mod net;
 mod park;
+mod pki;
 mod sim;
 mod vm;
 mod volume;
@@ -64,6 +65,9 @@ enum Command {
     /// Host power: on, off and status through a host's BMC (IPMI), and Wake-on-LAN.
     #[command(subcommand)]
     Host(host_power::HostCommand),
+    /// The cluster PKI: a CA and host, controller and user certificates for `--tls-dir`.
+    #[command(subcommand)]
+    Pki(pki::PkiCommand),
 }
 
 fn main() -> ExitCode {
@@ -88,6 +92,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => controller::run(args),
         Command::Cluster(cmd) => cluster::run(cmd),
         Command::Host(cmd) => host_power::run(cmd),
+        Command::Pki(cmd) => pki::run(cmd),
     };
     match result {
         Ok(code) => code,
