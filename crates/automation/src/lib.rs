@@ -52,7 +52,8 @@
 //! Modules: [`telemetry`] (the inputs), [`control`] (the loop: [`Loop`]), [`rules`] (pins,
 //! anti-affinity, hosts that take no VMs; where the policy is called), [`knobs`] (aggressiveness),
 //! [`energy`] (host power with parked cores), [`cost`] (a move's predicted cost), [`power`] (a
-//! host's power state). The REST types are in `tern_api::automation`; docs/automation.md is the
+//! host's power state), [`replay`] (the loop driven over traces on a modelled cluster: the live
+//! loop simulated). The REST types are in `tern_api::automation`; docs/automation.md is the
 //! user's page.
 
 #![deny(clippy::disallowed_methods)]
@@ -63,6 +64,7 @@ pub mod cost;
 pub mod energy;
 pub mod knobs;
 pub mod power;
+pub mod replay;
 pub mod rules;
 pub mod telemetry;
 

@@ -147,6 +147,9 @@ fn manual_mode_only_proposes_apply_executes_and_a_stale_plan_is_superseded() {
     let actions = lp.apply(now, id3).unwrap();
     assert!(matches!(&actions[0], Action::Migrate { vm, .. } if vm == "b"));
     c.take(actions);
+    // given at this step's time, the move lands one step later
+    c.step(&mut lp, STEP_MS);
+    assert_eq!(lp.plan(id3).unwrap().state, PlanState::Applying);
     c.step(&mut lp, STEP_MS);
     assert_eq!(lp.plan(id3).unwrap().state, PlanState::Applied);
     assert_eq!(c.vms["b"].host, "h2");
@@ -265,9 +268,9 @@ fn partial_mode_waits_for_approval_of_a_drain_but_powers_off_an_empty_host_alone
         .collect();
     assert_eq!(offs.len(), 1, "{:?}", c.log);
     assert!(matches!(&offs[0].1, Action::PowerOff { host, .. } if host == "h2"));
-    // the move lands in the next step, whose observation finds h2 empty; off one hold (60 s,
-    // 6 steps) after that observation
-    assert_eq!(offs[0].0, approved_at + 6, "{:?}", c.log);
+    // the move lands one step after the approval, whose observation finds h2 empty; off one
+    // hold (60 s, 6 steps) after that observation
+    assert_eq!(offs[0].0, approved_at + 1 + 6, "{:?}", c.log);
     assert_eq!(lp.host_power("h2"), Some(HostPower::Off));
 }
 
@@ -559,7 +562,7 @@ fn full_mode_starts_at_most_max_migrations_at_once() {
     let mut most = 0;
     for _ in 0..6 {
         c.step(&mut lp, STEP_MS);
-        most = most.max(c.moving.len());
+        most = most.max(c.in_flight());
     }
     assert_eq!(most, 1);
     assert!(c.moves().len() >= 2, "{:?}", c.log);
@@ -592,7 +595,7 @@ fn bad_knobs_are_refused_with_the_field_and_range_and_change_nothing() {
 #[test]
 fn a_snapshot_with_an_unknown_power_model_or_a_dangling_host_is_refused_whole() {
     let mut c = overloaded();
-    c.hosts.get_mut("h2").unwrap().model = "dell-r740";
+    c.hosts.get_mut("h2").unwrap().model = "dell-r740".into();
     let mut lp = Loop::new(Policy::default(), LoopConfig::default()).unwrap();
     let e = lp.observe(0, &c.telemetry()).unwrap_err();
     assert!(matches!(e, TelemetryError::UnknownPowerModel { .. }));
