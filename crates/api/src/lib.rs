@@ -1,6 +1,6 @@
 //! The typed messages every Tern client needs, with `Serialize`/`Deserialize` and OpenAPI schemas,
 //! and no KVM: the cluster REST API ([`cluster`]), the automation loop's policy, plans and host
-//! power states ([`automation`]), the agent protocol ([`agent`]) and the VMM control protocol with
+//! power states ([`automation`]), the agent protocol ([`agent`]), who may call the API ([`auth`]) and the VMM control protocol with
 //! its migration progress and report and the runtime entry ([`vmm`]).
 //!
 //! Nothing here does I/O; the controller, the agents and the `tern cluster` client all decode into
@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod auth;
 pub mod automation;
 pub mod cluster;
 pub mod vmm;

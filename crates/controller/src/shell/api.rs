@@ -418,9 +418,27 @@ async fn list_events(State(s): S, RawQuery(q): RawQuery) -> Reply {
 #[utoipa::path(post, path = "/v1/agent/reports", tag = "agents", request_body = AgentReport,
     responses((status = 204, description = "Taken"),
               (status = 400, description = "Bad JSON", body = ErrorBody),
+              (status = 403, description = "Over TLS: not a host certificate, or another host's report", body = ErrorBody),
               (status = 503, description = "Not the leader", body = ErrorBody)))]
-async fn agent_report(State(s): S, bytes: Bytes) -> Reply {
+async fn agent_report(
+    State(s): S,
+    caller: Option<axum::Extension<super::auth::Caller>>,
+    bytes: Bytes,
+) -> Reply {
     let report: AgentReport = body(&bytes, "agent report")?;
+    // Over TLS a host reports only for itself: the name comes from its certificate.
+    if let Some(axum::Extension(super::auth::Caller::Host(name))) = &caller
+        && *name != report.host
+    {
+        return Err(error(
+            403,
+            "forbidden",
+            format!(
+                "host certificate {name:?} may report only for host {name:?}, not {:?}",
+                report.host
+            ),
+        ));
+    }
     leading(&s)?;
     super::automation::note_report(&s, &report);
     s.feed(Input::Report(report)).await;

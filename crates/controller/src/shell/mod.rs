@@ -16,19 +16,26 @@
 //!   margin) has passed: it feeds `Deposed` instead;
 //! * serves the REST API ([`api`]); an API call answers success only after the `Store*` actions it
 //!   caused succeeded (else 503, and the next leader reloads what etcd holds: nothing half-made).
+//!   With `--tls-dir` it serves only TLS ([`tls`]), recognises every caller by certificate or
+//!   bearer token and checks its role ([`auth`]); it then reaches etcd over TLS with its
+//!   certificate and commands each agent over mutual TLS, checking that the agent's certificate
+//!   names the host it commands.
 //!
 //! [`Shell::in_memory`] runs the same shell with an in-process store instead of etcd (always the
 //! leader, generation rising by one each time it steps down and takes office again): the API
 //! tests drive the real router against the real core with no etcd.
 
 pub mod api;
+pub mod auth;
 pub mod automation;
 mod dashboard;
 pub mod http;
 pub mod store;
+pub mod tls;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -65,6 +72,9 @@ pub enum StartError {
     /// A bad setting.
     #[error("{0}")]
     Invalid(String),
+    /// The `--tls-dir` could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsSetupError),
 }
 
 /// The shell's settings.
@@ -81,6 +91,27 @@ pub struct ShellConfig {
     pub lease_ttl_ms: u64,
     /// The core's knobs.
     pub core: Config,
+    /// The controller's `--tls-dir` (CA, certificate, key): etcd and the agents are then reached
+    /// over TLS with it. `None`: plain connections everywhere.
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// etcd connection options for a `--tls-dir`: the CA as the only trust anchor, our certificate
+/// as the client certificate (etcd's `--client-cert-auth`).
+pub fn etcd_options(tls_dir: Option<&Path>) -> Result<etcd_client::ConnectOptions, StartError> {
+    let opts = etcd_client::ConnectOptions::new();
+    let Some(dir) = tls_dir else { return Ok(opts) };
+    let read = |name: &str| {
+        std::fs::read(dir.join(name))
+            .map_err(|e| StartError::Invalid(format!("--tls-dir {}: {name}: {e}", dir.display())))
+    };
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca-cert.pem")?))
+        .identity(etcd_client::Identity::from_pem(
+            read("client-cert.pem")?,
+            read("client-key.pem")?,
+        ));
+    Ok(opts.with_tls(tls))
 }
 
 /// State shared by the API handlers, the election loop and the background tasks.
@@ -104,6 +135,8 @@ pub struct Shared {
     election_done: AtomicBool,
     /// The automation loop ([`automation`]); locked after the core when both are held.
     automation: Mutex<automation::Automation>,
+    /// How commands reach the agents (TLS settings once given).
+    agents: Mutex<http::Client>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -231,8 +264,10 @@ impl Shared {
                     }
                     let inputs = self.inputs.clone();
                     let timeout = Duration::from_millis(self.core().config().command_timeout_ms);
+                    let client = lock(&self.agents).clone();
                     tokio::spawn(async move {
-                        let input = send_command(&host, &agent_url, &command, timeout).await;
+                        let input =
+                            send_command(&client, &host, &agent_url, &command, timeout).await;
                         let _ = inputs.send(input);
                     });
                 }
@@ -294,7 +329,9 @@ pub enum ApiFailure {
 }
 
 /// POSTs a command to an agent and turns the answer into the core's input.
+/// POSTs a command to an agent; over TLS the agent's certificate must be host `host`'s.
 async fn send_command(
+    client: &http::Client,
     host: &str,
     agent_url: &str,
     command: &tern_api::agent::Command,
@@ -306,7 +343,15 @@ async fn send_command(
         cmd: command.id,
         error,
     };
-    match http::request(hyper::Method::POST, &url, Some(body), timeout).await {
+    let expect = tern_pki::Identity {
+        name: host.to_string(),
+        role: tern_pki::Role::Host,
+    };
+    let client = client.clone().expecting(Some(expect));
+    match client
+        .request(hyper::Method::POST, &url, Some(body), timeout)
+        .await
+    {
         Err(e) => failed(format!("sending to {host}: {e}")),
         Ok(r) if r.status != 200 => failed(format!(
             "{host} answered {}: {}",
@@ -369,6 +414,7 @@ impl Shell {
             election_done: AtomicBool::new(false),
             leader_changes: AtomicU64::new(0),
             automation: Mutex::new(automation::Automation::new(core.ha_reserve_hosts)),
+            agents: Mutex::new(http::Client::plain()),
         });
         (Shell { shared }, rx)
     }
@@ -376,6 +422,11 @@ impl Shell {
     /// The shared state (for the API router and tests).
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Sends the commands to agents with `client` (TLS settings: [`http::Client::tls`]).
+    pub fn set_agent_client(&self, client: http::Client) {
+        *lock(&self.shared.agents) = client;
     }
 
     /// Gives the automation loop a power driver for `host` (its power actions fail with "no power
@@ -476,25 +527,34 @@ impl Shell {
                 cfg.lease_ttl_ms
             )));
         }
-        let client =
-            tokio::time::timeout(ETCD_TIMEOUT, etcd_client::Client::connect(&cfg.etcd, None))
-                .await
-                .map_err(|_| {
-                    StartError::Invalid(format!("etcd at {} did not answer", cfg.etcd.join(",")))
-                })?
-                .map_err(|source| StartError::Etcd {
-                    endpoints: cfg.etcd.join(","),
-                    source,
-                })?;
-        let url = cfg
-            .url
-            .clone()
-            .unwrap_or_else(|| format!("http://{}", cfg.listen));
+        let tls = cfg
+            .tls_dir
+            .as_deref()
+            .map(tls::ServerTls::load)
+            .transpose()?;
+        let options = etcd_options(cfg.tls_dir.as_deref())?;
+        let connect = etcd_client::Client::connect(&cfg.etcd, Some(options));
+        let client = tokio::time::timeout(ETCD_TIMEOUT, connect)
+            .await
+            .map_err(|_| {
+                StartError::Invalid(format!("etcd at {} did not answer", cfg.etcd.join(",")))
+            })?
+            .map_err(|source| StartError::Etcd {
+                endpoints: cfg.etcd.join(","),
+                source,
+            })?;
+        let url = cfg.url.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{}", cfg.listen)
+        });
         let store = Store::Etcd {
             client: Box::new(client.clone()),
             guard: Mutex::new(None),
         };
         let (shell, rx) = Shell::build(store, url, cfg.core);
+        if let Some(t) = &tls {
+            shell.set_agent_client(http::Client::tls(t.dir.client_config()));
+        }
         shell.start_loops(rx);
         tokio::spawn(election_loop(
             Arc::clone(&shell.shared),
@@ -541,6 +601,20 @@ impl Shell {
         axum::serve(listener, api::router(Arc::clone(&self.shared)))
             .await
             .map_err(|source| StartError::Listen { addr, source })
+    }
+
+    /// Serves the REST API on a bound listener over TLS only, every call checked by
+    /// [`auth::check`] against `access`, until the process ends.
+    pub async fn serve_tls_on(
+        &self,
+        listener: tokio::net::TcpListener,
+        tls: &tls::ServerTls,
+        access: auth::Access,
+    ) {
+        let router = api::router(Arc::clone(&self.shared)).layer(
+            axum::middleware::from_fn_with_state(Arc::new(access), auth::check),
+        );
+        tls::serve_tls(listener, router, Arc::clone(&tls.config), "tern controller").await;
     }
 }
 

@@ -1,0 +1,163 @@
+//! The REST API over TLS: a `--tls-dir` loaded into rustls configurations (ring provider), the
+//! accept loop that completes each handshake before any byte of HTTP is read, and the verified
+//! peer certificate handed to the handlers as a request extension ([`PeerCert`]).
+//!
+//! The controller's server configuration *asks* for a client certificate but also serves
+//! clients without one (a browser, `curl` with a bearer token): a presented certificate must
+//! chain to the cluster CA and be in date, or the handshake fails; a client without one is then
+//! a caller with no identity, which [`super::auth`] answers 401 unless it shows a token. A plain
+//! TCP client (no TLS at all) fails the handshake and is dropped: nothing in clear is served.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::TokioIo;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tern_pki::{Identity, TlsDir};
+
+/// How long a client has to complete the TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a `--tls-dir` could not be turned into a server configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    /// The directory is incomplete, unreadable or its key too open.
+    #[error("--tls-dir {dir}: {source}")]
+    Load {
+        /// The directory.
+        dir: PathBuf,
+        /// The cause.
+        #[source]
+        source: tern_pki::LoadError,
+    },
+    /// rustls refused the CA, certificate or key.
+    #[error("--tls-dir {dir}: {why}")]
+    Config {
+        /// The directory.
+        dir: PathBuf,
+        /// What rustls said.
+        why: String,
+    },
+}
+
+/// The verified certificate of the connection a request came on (`None`: the client presented
+/// none). Inserted into every request's extensions by [`serve_tls`].
+#[derive(Debug, Clone)]
+pub struct PeerCert(pub Option<Identity>);
+
+/// The controller's TLS settings: its own identity and the server configuration.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// This controller's certificate identity.
+    pub identity: Identity,
+    /// Requests a client certificate, verifies it when given, serves without.
+    pub config: Arc<ServerConfig>,
+    /// The directory, loaded (its client configuration calls the agents).
+    pub dir: TlsDir,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    // ring, as tern-pki: no C toolchain in the build.
+    #[allow(deprecated)]
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl ServerTls {
+    /// Loads `dir` (checked by [`TlsDir::load`]: files present, key 0600) into a server
+    /// configuration with an optional, verified client certificate.
+    pub fn load(dir: &Path) -> Result<ServerTls, TlsSetupError> {
+        let loaded = TlsDir::load(dir).map_err(|source| TlsSetupError::Load {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        let bad = |why: String| TlsSetupError::Config {
+            dir: dir.to_owned(),
+            why,
+        };
+        let certs = |name: &str| {
+            CertificateDer::pem_file_iter(dir.join(name))
+                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| bad(format!("{name}: {e}")))
+        };
+        let (cert_file, key_file) = if dir.join("server-cert.pem").exists() {
+            ("server-cert.pem", "server-key.pem")
+        } else {
+            ("client-cert.pem", "client-key.pem")
+        };
+        let ca = certs("ca-cert.pem")?;
+        let chain = certs(cert_file)?;
+        let key = PrivateKeyDer::from_pem_file(dir.join(key_file))
+            .map_err(|e| bad(format!("{key_file}: {e}")))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in ca {
+            roots.add(c).map_err(|e| bad(format!("ca-cert.pem: {e}")))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let mut config = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| bad(e.to_string()))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ServerTls {
+            identity: loaded.identity().clone(),
+            config: Arc::new(config),
+            dir: loaded,
+        })
+    }
+}
+
+/// Serves `router` over TLS on `listener` until the process ends: each accepted connection must
+/// complete the handshake within [`HANDSHAKE_TIMEOUT`] (else it is logged and dropped); its
+/// verified peer certificate goes into every request as a [`PeerCert`]. An `accept` error (out of
+/// file descriptors, an aborted connection) is logged and retried, never fatal.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    config: Arc<ServerConfig>,
+    what: &'static str,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{what}: accept failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let acceptor = acceptor.clone();
+        let router = router.clone();
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    eprintln!("{what}: refused a connection from {from}: TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => {
+                    eprintln!(
+                        "{what}: dropped a connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                    );
+                    return;
+                }
+            };
+            let peer = tern_pki::peer_identity(stream.get_ref().1).ok();
+            let svc = router.layer(axum::Extension(PeerCert(peer)));
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
