@@ -8,9 +8,30 @@ use std::path::{Path, PathBuf};
 
 use crate::workload::SAMPLES;
 
+/// The largest trace file read, bytes (a PlanetLab file of 288 samples is under 1 KiB).
+pub const MAX_TRACE_FILE_BYTES: u64 = 64 << 10;
+/// The most entries an archive may hold.
+pub const MAX_ARCHIVE_ENTRIES: usize = 200_000;
+/// The most trace bytes kept from one archive (the built-in ten days hold 18 MB).
+pub const MAX_ARCHIVE_BYTES: u64 = 256 << 20;
+
 /// Error reading traces.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
+    /// A file or archive is larger than a bound, checked before anything of its size is read.
+    #[error("{what} is too large: {found} {unit}, more than the limit {limit} ({limit_name})")]
+    TooLarge {
+        /// The file, or the archive.
+        what: String,
+        /// Its size or count.
+        found: u64,
+        /// The bound.
+        limit: u64,
+        /// Bytes or entries.
+        unit: &'static str,
+        /// The bound's name.
+        limit_name: &'static str,
+    },
     /// A file or folder could not be read.
     #[error("Cannot read {path}")]
     Io {
@@ -158,8 +179,19 @@ impl TraceSet {
     ) -> Result<Self, TraceError> {
         let mut archive = tar::Archive::new(xz2::read::XzDecoder::new(reader));
         let mut days: BTreeMap<String, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+        let (mut entries, mut kept) = (0usize, 0u64);
         for entry in archive.entries().map_err(io(path))? {
             let mut entry = entry.map_err(io(path))?;
+            entries += 1;
+            if entries > MAX_ARCHIVE_ENTRIES {
+                return Err(TraceError::TooLarge {
+                    what: format!("archive {}", path.display()),
+                    found: entries as u64,
+                    limit: MAX_ARCHIVE_ENTRIES as u64,
+                    unit: "entries",
+                    limit_name: "MAX_ARCHIVE_ENTRIES",
+                });
+            }
             if !entry.header().entry_type().is_file() {
                 continue;
             }
@@ -186,8 +218,33 @@ impl TraceSet {
                 days.entry(day).or_default();
                 continue;
             }
-            let mut bytes = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut bytes).map_err(io(path))?;
+            let size = entry.size();
+            let what = || format!("{}/{day}/{name}", path.display());
+            if size > MAX_TRACE_FILE_BYTES {
+                return Err(TraceError::TooLarge {
+                    what: what(),
+                    found: size,
+                    limit: MAX_TRACE_FILE_BYTES,
+                    unit: "bytes",
+                    limit_name: "MAX_TRACE_FILE_BYTES",
+                });
+            }
+            kept += size;
+            if kept > MAX_ARCHIVE_BYTES {
+                return Err(TraceError::TooLarge {
+                    what: format!("archive {}", path.display()),
+                    found: kept,
+                    limit: MAX_ARCHIVE_BYTES,
+                    unit: "bytes of traces",
+                    limit_name: "MAX_ARCHIVE_BYTES",
+                });
+            }
+            // The header's size is bounded above; the read is bounded by it too.
+            let mut bytes = Vec::with_capacity(size as usize);
+            (&mut entry)
+                .take(MAX_TRACE_FILE_BYTES)
+                .read_to_end(&mut bytes)
+                .map_err(io(path))?;
             days.entry(day).or_default().push((name, bytes));
         }
         Ok(TraceSet::Archive(path.to_path_buf(), days))
@@ -239,6 +296,16 @@ impl TraceSet {
                     let e = e.map_err(io(&dir))?;
                     if !e.file_type().map_err(io(&dir))?.is_file() {
                         continue;
+                    }
+                    let len = e.metadata().map_err(io(&e.path()))?.len();
+                    if len > MAX_TRACE_FILE_BYTES {
+                        return Err(TraceError::TooLarge {
+                            what: e.path().display().to_string(),
+                            found: len,
+                            limit: MAX_TRACE_FILE_BYTES,
+                            unit: "bytes",
+                            limit_name: "MAX_TRACE_FILE_BYTES",
+                        });
                     }
                     let bytes = std::fs::read(e.path()).map_err(io(&e.path()))?;
                     v.push((e.file_name().to_string_lossy().into_owned(), bytes));
@@ -360,6 +427,73 @@ mod tests {
 
     fn good() -> String {
         (0..SAMPLES).map(|i| format!("{}\n", i % 100)).collect()
+    }
+
+    /// A `.tar.xz` of the given (path, claimed size, data) entries, headers as written.
+    fn archive(entries: &[(&str, u64, &[u8])]) -> Vec<u8> {
+        let mut tar = Vec::new();
+        for &(path, size, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(path).unwrap();
+            h.set_size(size);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_cksum();
+            tar.extend_from_slice(h.as_bytes());
+            tar.extend_from_slice(data);
+            tar.resize(tar.len().div_ceil(512) * 512, 0);
+        }
+        tar.resize(tar.len() + 1024, 0);
+        let mut xz = Vec::new();
+        let mut enc = xz2::write::XzEncoder::new(&mut xz, 1);
+        std::io::Write::write_all(&mut enc, &tar).unwrap();
+        enc.finish().unwrap();
+        xz
+    }
+
+    #[test]
+    fn archive_entries_are_bounded_before_they_are_read() {
+        let label = Path::new("t.tar.xz");
+        // A header that claims a terabyte, with no data behind it: refused by its claim.
+        let huge = archive(&[("20110303/vm1", 1 << 40, b"")]);
+        let e = TraceSet::read_archive(label, &huge[..], None).unwrap_err();
+        expect![[r#"t.tar.xz/20110303/vm1 is too large: 1099511627776 bytes, more than the limit 65536 (MAX_TRACE_FILE_BYTES)"#]]
+            .assert_eq(&e.to_string());
+        let big = vec![b'1'; (MAX_TRACE_FILE_BYTES + 1) as usize];
+        let over = archive(&[("20110303/vm1", big.len() as u64, &big)]);
+        assert!(matches!(
+            TraceSet::read_archive(label, &over[..], None),
+            Err(TraceError::TooLarge {
+                limit_name: "MAX_TRACE_FILE_BYTES",
+                ..
+            })
+        ));
+        // Within the bound: read whole.
+        let g = good();
+        let ok = archive(&[("20110303/vm1", g.len() as u64, g.as_bytes())]);
+        let set = TraceSet::read_archive(label, &ok[..], None).unwrap();
+        let day = set.load_day("20110303", &TraceOrder::Sorted).unwrap();
+        assert_eq!(day.names, ["vm1"]);
+    }
+
+    #[test]
+    fn a_folder_trace_file_over_the_bound_is_refused_naming_it() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir(t.path().join("20110303")).unwrap();
+        let f = t.path().join("20110303/vm1");
+        std::fs::File::create(&f)
+            .unwrap()
+            .set_len(MAX_TRACE_FILE_BYTES + 1)
+            .unwrap();
+        let e = TraceSet::open(t.path())
+            .unwrap()
+            .load_day("20110303", &TraceOrder::Sorted)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("vm1 is too large")
+                && e.to_string().contains("MAX_TRACE_FILE_BYTES"),
+            "{e}"
+        );
     }
 
     #[test]
