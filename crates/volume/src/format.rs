@@ -624,6 +624,40 @@ mod tests {
         assert_eq!(Superblock::for_size(MIN_LUN_SIZE - 1, [0; 16]), None);
     }
 
+    /// A payload that claims a file or a map far larger than the volume allows is refused before
+    /// anything of that size is allocated.
+    #[test]
+    fn claimed_sizes_and_map_lengths_are_bounded_before_allocation() {
+        let payload = |size: u64, runs: &[(u32, u32)], nruns: u32| {
+            let mut e = Enc::default();
+            e.u32(1);
+            e.bytes16(b"a");
+            e.u64(size);
+            e.u8(0);
+            e.u64(1);
+            e.u32(0);
+            e.u32(0);
+            e.u32(nruns);
+            for &(start, len) in runs {
+                e.u32(start);
+                e.u32(len);
+            }
+            e.0
+        };
+        let e = Metadata::decode_payload(&payload(u64::MAX, &[], 0), 1, 1, EXTENTS).unwrap_err();
+        assert!(e.to_string().contains("larger than the"), "{e}");
+        // A hole run of 2^32 - 2 extents in a one-extent file: refused, not expanded.
+        let e =
+            Metadata::decode_payload(&payload(EXTENT_SIZE, &[(HOLE, HOLE - 1)], 1), 1, 1, EXTENTS)
+                .unwrap_err();
+        assert!(e.to_string().contains("map longer than the file"), "{e}");
+        // A run count the bytes cannot hold.
+        assert!(matches!(
+            Metadata::decode_payload(&payload(EXTENT_SIZE, &[], u32::MAX), 1, 1, EXTENTS),
+            Err(MetadataError::Malformed)
+        ));
+    }
+
     #[test]
     fn names_are_restricted_to_safe_characters() {
         assert!(valid_name("vm-01.raw"));

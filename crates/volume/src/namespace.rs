@@ -85,7 +85,8 @@ fn check_size(size: u64, extent_count: u32) -> Result<(), NamespaceError> {
     if size > max_file_size(extent_count) {
         return Err(NamespaceError::InvalidSize {
             size,
-            why: "larger than the maximum file size (1 TiB, or the volume's size if larger)",
+            why: "larger than the largest file this volume takes (give 1 byte to 1 TiB, or up to \
+                  the volume's size if that is larger)",
         });
     }
     Ok(())
@@ -266,6 +267,39 @@ pub fn extent_index(offset: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::format::MAX_FILE_SIZE;
+
+    #[test]
+    fn resizing_past_the_largest_file_is_a_typed_error_naming_size_and_range() {
+        let m = create(&Metadata::default(), 4, "a", EXTENT_SIZE, false)
+            .unwrap()
+            .next;
+        for size in [u64::MAX, u64::MAX - EXTENT_SIZE + 2, MAX_FILE_SIZE + 1] {
+            let e = resize(&m, 4, "a", size).unwrap_err();
+            assert!(
+                matches!(e, NamespaceError::InvalidSize { size: s, .. } if s == size),
+                "{e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains(&size.to_string()) && text.contains("1 TiB"),
+                "{text}"
+            );
+        }
+        // The largest size is accepted for a thin file, and the map has one hole per extent.
+        let c = resize(&m, 4, "a", MAX_FILE_SIZE).unwrap();
+        assert_eq!(
+            c.next.files["a"].map.len() as u64,
+            MAX_FILE_SIZE / EXTENT_SIZE
+        );
+        // A preallocated file cannot outgrow the extents the volume has.
+        let p = create(&Metadata::default(), 4, "p", EXTENT_SIZE, true)
+            .unwrap()
+            .next;
+        assert!(matches!(
+            resize(&p, 4, "p", 5 * EXTENT_SIZE),
+            Err(NamespaceError::NoSpace { needed: 4, free: 3 })
+        ));
+    }
 
     #[test]
     fn enospc_leaves_state_untouched_and_reports_counts() {
