@@ -71,6 +71,10 @@ pub struct Options {
     pub cpu_share: CpuShare,
     /// Whether the core-parking policy runs here, and whether it acts.
     pub parking: ParkingMode,
+    /// The host's `--tls-dir` (CA, certificate, key; the certificate's name must be the host id
+    /// and its role `host`): the command API then serves only mutual TLS, etcd and the controller
+    /// are reached over TLS with it. `None`: plain connections everywhere.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// Why the agent could not run.
@@ -118,6 +122,14 @@ pub enum AgentError {
         /// Why.
         #[source]
         source: etcd_client::Error,
+    },
+    /// The `--tls-dir` could not be loaded or is not this host's.
+    #[error("--tls-dir {dir}: {why}")]
+    Tls {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// The command API could not listen.
     #[error("cannot listen on {addr} (give a free ADDR:PORT): {source}")]
@@ -584,6 +596,43 @@ impl Shell {
     }
 }
 
+/// Loads the host's `--tls-dir` and checks that its certificate is host `host_id`'s.
+fn load_tls(dir: &Path, host_id: &str) -> Result<tern_pki::TlsDir, AgentError> {
+    let bad = |why: String| AgentError::Tls {
+        dir: dir.to_owned(),
+        why,
+    };
+    let t = tern_pki::TlsDir::load(dir).map_err(|e| bad(e.to_string()))?;
+    let id = t.identity();
+    if id.role != tern_pki::Role::Host || id.name != host_id {
+        return Err(bad(format!(
+            "its certificate is {id}, but this agent is host {host_id:?}: give it the directory \
+             `tern pki issue --name {host_id} --role host` made"
+        )));
+    }
+    Ok(t)
+}
+
+/// etcd connection options for a `--tls-dir`: the CA as the only trust anchor, the host's
+/// certificate as the client certificate (etcd's `--client-cert-auth`).
+fn etcd_options(tls_dir: Option<&Path>) -> Result<etcd_client::ConnectOptions, AgentError> {
+    let opts = etcd_client::ConnectOptions::new();
+    let Some(dir) = tls_dir else { return Ok(opts) };
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| AgentError::Tls {
+            dir: dir.to_owned(),
+            why: format!("{name}: {e}"),
+        })
+    };
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca-cert.pem")?))
+        .identity(etcd_client::Identity::from_pem(
+            read("client-cert.pem")?,
+            read("client-key.pem")?,
+        ));
+    Ok(opts.with_tls(tls))
+}
+
 /// Runs the agent until SIGINT or SIGTERM (then its VMMs are killed and its lease revoked).
 pub fn run(opts: Options) -> Result<(), AgentError> {
     opts.validate()?;
@@ -619,11 +668,16 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
         addr: opts.listen,
         source,
     })?;
+    let tls = match &opts.tls_dir {
+        Some(dir) => Some(load_tls(dir, &opts.host_id)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let agent_url = opts
         .advertise_url
         .clone()
-        .unwrap_or_else(|| format!("http://{local}"));
-    let connect = etcd_client::ConnectOptions::new()
+        .unwrap_or_else(|| format!("{scheme}://{local}"));
+    let connect = etcd_options(opts.tls_dir.as_deref())?
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));
     let client = etcd_client::Client::connect(&opts.etcd, Some(connect))
@@ -707,10 +761,18 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
             cpu_share: opts.cpu_share,
             cores: opts.capacity.cores,
             parked: parking.parked.clone(),
+            tls: tls.as_ref().map(|t| t.client_config()),
         },
     ));
-    let app = http::router(tx.clone(), opts.command_timeout);
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let app = http::router(tx.clone(), opts.command_timeout, tls.is_some());
+    let server = match &tls {
+        Some(t) => tokio::spawn(http::serve_tls(listener, app, t.server_config())),
+        None => tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("tern agent: the command API stopped: {e}");
+            }
+        }),
+    };
     eprintln!(
         "tern agent: {} serving {agent_url}, generation seen {generation}",
         opts.host_id
@@ -987,6 +1049,7 @@ mod tests {
             exe: "/bin/true".into(),
             cpu_share: CpuShare::WHOLE,
             parking: ParkingMode::Report,
+            tls_dir: None,
         }
     }
 

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub cores: u32,
     /// The parking thread's latest parked-CPU count ([`NO_FIGURE`] until it has one).
     pub parked: Arc<AtomicU64>,
+    /// TLS to the controller (the host's certificate), when the agent has a `--tls-dir`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// A VM's CPU times at the previous interval.
@@ -210,7 +212,8 @@ pub(crate) async fn run(mut client: etcd_client::Client, events: mpsc::Sender<Ev
         }
         let Some(url) = &leader else { continue };
         let body = serde_json::to_vec(&report).unwrap_or_default();
-        let sent = http::post_json(url, "/v1/agent/reports", body, cfg.interval.max(TICK)).await;
+        let within = cfg.interval.max(TICK);
+        let sent = http::post_json(url, "/v1/agent/reports", body, within, cfg.tls.as_ref()).await;
         let error = match sent {
             Ok(code) if (200..300).contains(&code) => String::new(),
             Ok(code) => format!("the controller at {url} answered {code} to a report"),
