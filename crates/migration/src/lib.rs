@@ -172,6 +172,7 @@ pub mod config;
 pub mod machine;
 pub mod report;
 pub mod tcp;
+pub mod thread_start;
 pub mod vm;
 pub mod wire;
 
@@ -180,6 +181,7 @@ pub use machine::policy::{ConvergenceConfig, OnTimeout, ThrottleSlice};
 pub use machine::receiver::StreamName;
 pub use report::{MigrationReport, Outcome, Progress, ProgressPhase};
 pub use tcp::common::{CancelToken, error_chain};
-pub use tcp::recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive};
-pub use tcp::send::{MigrateError, MigrateOptions, MigrationFailure, migrate};
+pub use tcp::recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive, receive_guarded};
+pub use tcp::send::{MigrateError, MigrateOptions, MigrationFailure, migrate, migrate_with_tls};
+pub use tcp::transport::{ListenGuard, Rejected, TlsClient};
 pub use vm::{MigrationSource, MigrationTarget, VmError};

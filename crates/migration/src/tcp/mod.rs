@@ -8,3 +8,4 @@
 pub mod common;
 pub mod recv;
 pub mod send;
+pub mod transport;

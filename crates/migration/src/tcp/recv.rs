@@ -2,7 +2,7 @@
 //! per stream, hand every frame to the [`Receiver`] machine and carry out its step (apply
 //! pages, acknowledge a round, verify, restore, resume, answer); discard on any failure.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::thread;
@@ -14,6 +14,7 @@ use crate::machine::receiver::{
     CommitWork, Failure, ProtocolViolation, Receiver, SOURCE_REASON_GRACE, Step,
 };
 use crate::tcp::common::{CancelToken, error_chain};
+use crate::tcp::transport::{AcceptFailure, Acceptor, ConnWriter, ListenGuard, Rejected};
 use crate::vm::{MigrationTarget, VmError};
 use crate::wire::{Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame};
 
@@ -51,6 +52,9 @@ pub struct ReceiveReport {
     pub total_ms: u64,
     /// Commit received → running sent (verify, restore, resume), ms.
     pub commit_ms: u64,
+    /// Connections the listener dropped (failed handshake, foreign certificate, garbage, a port
+    /// scan) while it waited for the source's streams.
+    pub rejected_connections: u32,
 }
 
 /// Why an incoming migration did not complete. In every case the target discarded the VM.
@@ -59,6 +63,14 @@ pub enum ReceiveError {
     /// No source connected in time, or accepting failed.
     #[error("No migration source connected")]
     Accept(#[source] std::io::Error),
+    /// Too many connections failed the listener's checks; the last one's reason.
+    #[error("Gave up after dropping {count} connections that were not the source (last: {last})")]
+    TooManyRejected {
+        /// Connections dropped.
+        count: u32,
+        /// Why the last one was.
+        last: String,
+    },
     /// A stream failed or closed early.
     #[error("Stream {stream} failed")]
     Stream {
@@ -108,7 +120,7 @@ struct Incoming<'a, T: MigrationTarget + ?Sized> {
     opts: &'a ReceiveOptions,
     cancel: &'a CancelToken,
     machine: Receiver,
-    control: Option<TcpStream>,
+    control: Option<ConnWriter>,
     sockets: Vec<TcpStream>,
     start: Instant,
     report: ReceiveReport,
@@ -121,6 +133,7 @@ impl ReceiveError {
             ReceiveError::Aborted(_) => Failure::SourceGone,
             ReceiveError::Refused(_) => Failure::Refused,
             ReceiveError::Accept(_)
+            | ReceiveError::TooManyRejected { .. }
             | ReceiveError::Stream { .. }
             | ReceiveError::Protocol(_)
             | ReceiveError::VerifyMismatch { .. }
@@ -132,7 +145,7 @@ impl ReceiveError {
     }
 }
 
-/// Receives one migration on `listener` into `target`.
+/// Receives one migration on `listener` into `target`, over plain TCP.
 ///
 /// Returns once the VM runs on the target and "running" was sent; on any error the target
 /// was discarded and the source told (when still reachable).
@@ -140,6 +153,18 @@ pub fn receive<T: MigrationTarget + ?Sized>(
     listener: &TcpListener,
     target: &mut T,
     opts: &ReceiveOptions,
+    cancel: &CancelToken,
+) -> Result<ReceiveReport, ReceiveError> {
+    receive_guarded(listener, target, opts, &ListenGuard::default(), cancel)
+}
+
+/// [`receive`], with `guard` deciding how connections are authenticated (mutual TLS or plain)
+/// and how many foreign ones are dropped before giving up (see [`crate::tcp::transport`]).
+pub fn receive_guarded<T: MigrationTarget + ?Sized>(
+    listener: &TcpListener,
+    target: &mut T,
+    opts: &ReceiveOptions,
+    guard: &ListenGuard,
     cancel: &CancelToken,
 ) -> Result<ReceiveReport, ReceiveError> {
     let mut run = Incoming {
@@ -156,9 +181,10 @@ pub fn receive<T: MigrationTarget + ?Sized>(
             frames: 0,
             total_ms: 0,
             commit_ms: 0,
+            rejected_connections: 0,
         },
     };
-    let result = run.execute(listener);
+    let result = run.execute(listener, guard);
     if let Err(e) = &result {
         let cleanup = run.machine.failed(e.failure());
         if cleanup.discard {
@@ -171,48 +197,27 @@ pub fn receive<T: MigrationTarget + ?Sized>(
             let _ = c.write_all(&Frame::Failed { reason }.encode());
         }
     }
-    for s in run.sockets.iter().chain(run.control.iter()) {
+    for s in &run.sockets {
         let _ = s.shutdown(Shutdown::Both);
+    }
+    if let Some(c) = &run.control {
+        let _ = c.shutdown();
     }
     result.map(|()| run.report)
 }
 
-fn accept(
-    listener: &TcpListener,
-    deadline: Option<Instant>,
-    cancel: &CancelToken,
-) -> Result<TcpStream, ReceiveError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(ReceiveError::Accept)?;
-    let r = loop {
-        match listener.accept() {
-            Ok((s, _)) => break Ok(s),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if cancel.is_cancelled() {
-                    break Err(ReceiveError::Cancelled);
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    break Err(ReceiveError::Accept(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "timed out waiting for a connection",
-                    )));
-                }
-                thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => break Err(ReceiveError::Accept(e)),
+fn accept_failure(f: AcceptFailure) -> ReceiveError {
+    match f {
+        AcceptFailure::Io(e) => ReceiveError::Accept(e),
+        AcceptFailure::TooManyRejected(count, last) => {
+            ReceiveError::TooManyRejected { count, last }
         }
-    };
-    let _ = listener.set_nonblocking(false);
-    let s = r?;
-    s.set_nonblocking(false).map_err(ReceiveError::Accept)?;
-    let _ = s.set_nodelay(true);
-    Ok(s)
+        AcceptFailure::Cancelled => ReceiveError::Cancelled,
+    }
 }
 
 fn spawn_reader(
-    mut socket: TcpStream,
+    mut socket: impl Read + Send + 'static,
     name: StreamName,
     layout: Option<MemoryLayout>,
     tx: SyncSender<Event>,
@@ -258,18 +263,30 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         c.write_all(&f.encode()).map_err(ReceiveError::Write)
     }
 
-    fn execute(&mut self, listener: &TcpListener) -> Result<(), ReceiveError> {
+    fn execute(&mut self, listener: &TcpListener, guard: &ListenGuard) -> Result<(), ReceiveError> {
         let deadline = self.opts.accept_timeout.map(|t| Instant::now() + t);
-        let mut control = accept(listener, deadline, self.cancel)?;
+        let mut acceptor = Acceptor::new(listener, guard, self.opts.handshake_timeout)
+            .map_err(ReceiveError::Accept)?;
+        let cancel = self.cancel.clone();
+        let cancelled = move || cancel.is_cancelled();
+        // The control stream: the first connection that passes the guard and opens with a hello.
+        let (control, source_id, first) = loop {
+            let a = acceptor
+                .next(deadline, &cancelled)
+                .map_err(accept_failure)?;
+            if matches!(a.first, Frame::Hello(_)) {
+                break (a.conn, a.identity, a.first);
+            }
+            acceptor
+                .reject(Rejected {
+                    peer: Some(a.peer),
+                    reason: "a data stream's join before any hello".into(),
+                })
+                .map_err(accept_failure)?;
+        };
         self.start = Instant::now();
-        control
-            .set_read_timeout(Some(self.opts.handshake_timeout))
-            .map_err(ReceiveError::Write)?;
-        self.control = Some(control.try_clone().map_err(ReceiveError::Write)?);
-        let first = read_frame(&mut control, None).map_err(|source| ReceiveError::Stream {
-            stream: StreamName::Control,
-            source,
-        })?;
+        let (control, writer) = control.split().map_err(ReceiveError::Write)?;
+        self.control = Some(writer);
         let version = match self.machine.control_opened(first)? {
             Ok(_) => {
                 let described = self.machine.described().cloned().expect("hello accepted");
@@ -290,27 +307,47 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         }
         let layout = self.machine.layout().cloned();
         let (tx, rx) = mpsc::sync_channel::<Event>(64);
-        control
-            .set_read_timeout(None)
-            .map_err(ReceiveError::Write)?;
         spawn_reader(control, StreamName::Control, layout.clone(), tx.clone());
 
-        // Data streams: each must open with its join.
+        // Data streams: each must open with a join carrying the session token of the hello and,
+        // with TLS, come from the control stream's certificate; anything else is dropped.
         let join_deadline = Instant::now() + self.opts.handshake_timeout;
         while !self.machine.all_joined() {
-            let mut s = accept(listener, Some(join_deadline), self.cancel)?;
-            s.set_read_timeout(Some(self.opts.handshake_timeout))
-                .map_err(ReceiveError::Write)?;
-            let first = read_frame(&mut s, None).map_err(|source| ReceiveError::Stream {
-                stream: StreamName::Control,
-                source,
-            })?;
-            let stream = self.machine.data_opened(first)?;
-            s.set_read_timeout(None).map_err(ReceiveError::Write)?;
+            let a = acceptor
+                .next(Some(join_deadline), &cancelled)
+                .map_err(accept_failure)?;
+            let why_not = match &a.first {
+                _ if a.identity != source_id => Some(format!(
+                    "a data stream from {}, not from the control stream's {}",
+                    a.identity
+                        .as_ref()
+                        .map_or("plain TCP".into(), |i| i.to_string()),
+                    source_id
+                        .as_ref()
+                        .map_or("plain TCP".into(), |i| i.to_string()),
+                )),
+                Frame::Join { session, .. } if *session != self.machine.session() => {
+                    Some("a join with a foreign session token".into())
+                }
+                Frame::Join { .. } => None,
+                _ => Some("a second hello".into()),
+            };
+            if let Some(reason) = why_not {
+                acceptor
+                    .reject(Rejected {
+                        peer: Some(a.peer),
+                        reason,
+                    })
+                    .map_err(accept_failure)?;
+                continue;
+            }
+            let stream = self.machine.data_opened(a.first)?;
             self.sockets
-                .push(s.try_clone().map_err(ReceiveError::Write)?);
-            spawn_reader(s, StreamName::Data(stream), layout.clone(), tx.clone());
+                .push(a.conn.shutdown_handle().map_err(ReceiveError::Write)?);
+            spawn_reader(a.conn, StreamName::Data(stream), layout.clone(), tx.clone());
         }
+        self.report.rejected_connections = acceptor.rejected();
+        drop(acceptor);
         drop(tx);
 
         let mut commit_at: Option<Instant> = None;

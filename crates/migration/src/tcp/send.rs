@@ -19,6 +19,7 @@ use crate::machine::sender::{
 };
 use crate::report::{MigrationReport, PauseStep, Progress};
 use crate::tcp::common::{CancelToken, error_chain};
+use crate::tcp::transport::{self, ConnWriter, TlsClient};
 use crate::vm::{MigrationSource, VmError};
 use crate::wire::{
     Frame, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION,
@@ -175,7 +176,7 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     start: Instant,
     machine: Sender,
     layout: MemoryLayout,
-    control: Option<TcpStream>,
+    control: Option<ConnWriter>,
     control_rx: Option<ChanRx<Result<Frame, ReadFrameError>>>,
     data: Vec<DataStream>,
     bucket: Option<TokenBucket>,
@@ -202,6 +203,20 @@ pub fn migrate<S: MigrationSource + ?Sized>(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<MigrationReport, MigrationFailure> {
+    migrate_with_tls(source, to, opts, None, cancel, progress)
+}
+
+/// [`migrate`], over mutual TLS when `tls` is given: every stream is its own TLS connection, the
+/// target must present a `host` certificate of our CA carrying `tls.target_name`, and every data
+/// stream must reach the same certificate as the control stream (see [`crate::tcp::transport`]).
+pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
+    source: &mut S,
+    to: impl ToSocketAddrs,
+    opts: &MigrateOptions,
+    tls: Option<&TlsClient>,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrationFailure> {
     let start = Instant::now();
     let layout = source.describe().layout;
     let mut run = Run {
@@ -225,7 +240,7 @@ pub fn migrate<S: MigrationSource + ?Sized>(
         round_remaining: 0,
         zero_scan: Duration::ZERO,
     };
-    let result = run.execute(to);
+    let result = run.execute(to, tls);
     run.finish(result)
 }
 
@@ -234,7 +249,11 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.start.elapsed()
     }
 
-    fn execute(&mut self, to: impl ToSocketAddrs) -> Result<Duration, MigrateError> {
+    fn execute(
+        &mut self,
+        to: impl ToSocketAddrs,
+        tls: Option<&TlsClient>,
+    ) -> Result<Duration, MigrateError> {
         check_options(self.opts.streams, &self.opts.convergence)
             .map_err(|e| MigrateError::Options(e.to_string()))?;
         let addrs: Vec<SocketAddr> = to
@@ -248,7 +267,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             addr: "?".into(),
             source: std::io::Error::other("address resolves to nothing"),
         })?;
-        self.handshake(addr)?;
+        self.handshake(addr, tls)?;
         self.machine.accepted(self.now())?;
         self.source
             .start_dirty_log()
@@ -366,22 +385,22 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
     }
 
-    /// Connects the control stream, says hello, hands the answer to the machine, then opens
-    /// and joins the data streams with a writer thread each.
-    fn handshake(&mut self, addr: SocketAddr) -> Result<(), MigrateError> {
-        let connect = |addr: &SocketAddr| -> Result<TcpStream, MigrateError> {
-            let s =
-                TcpStream::connect_timeout(addr, self.opts.connect_timeout).map_err(|source| {
-                    MigrateError::Connect {
-                        addr: addr.to_string(),
-                        source,
-                    }
+    /// Connects the control stream (with `tls`: handshake and the target's certificate checked
+    /// first), says hello, hands the answer to the machine, then opens and joins the data streams
+    /// with a writer thread each.
+    fn handshake(&mut self, addr: SocketAddr, tls: Option<&TlsClient>) -> Result<(), MigrateError> {
+        let connect = |addr: &SocketAddr, expect| {
+            let (s, id) = transport::connect(addr, tls, expect, self.opts.connect_timeout)
+                .map_err(|source| MigrateError::Connect {
+                    addr: addr.to_string(),
+                    source,
                 })?;
-            let _ = s.set_nodelay(true);
-            let _ = s.set_write_timeout(Some(self.opts.io_timeout));
-            Ok(s)
+            let _ = s.tcp().set_write_timeout(Some(self.opts.io_timeout));
+            Ok::<_, MigrateError>((s, id))
         };
-        let mut control = connect(&addr)?;
+        let (control, target_id) = connect(&addr, None)?;
+        let (mut control, mut control_writer) =
+            control.split().map_err(MigrateError::Connection)?;
         let session = session_id();
         let hello = Frame::Hello(Hello {
             min_version: self.opts.protocol_versions.0,
@@ -391,11 +410,11 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             config: self.source.describe(),
         });
         let bytes = hello.encode();
-        control
+        control_writer
             .write_all(&bytes)
             .map_err(MigrateError::Connection)?;
         self.bytes_sent += bytes.len() as u64;
-        self.control = Some(control.try_clone().map_err(MigrateError::Connection)?);
+        self.control = Some(control_writer);
         // Control reader: every frame from the target ends up in this channel.
         let (tx, rx) = mpsc::sync_channel(4);
         thread::Builder::new()
@@ -433,11 +452,11 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.machine.heard(now, answer)?;
 
         for i in 0..self.opts.streams {
-            let mut s = connect(&addr)?;
+            let (mut s, _) = connect(&addr, target_id.as_ref())?;
             let join = Frame::Join { session, stream: i }.encode();
             s.write_all(&join).map_err(MigrateError::Connection)?;
             self.bytes_sent += join.len() as u64;
-            let socket = s.try_clone().map_err(MigrateError::Connection)?;
+            let socket = s.shutdown_handle().map_err(MigrateError::Connection)?;
             let (tx, rx) = mpsc::sync_channel::<WriterMsg>(8);
             let error = Arc::new(Mutex::new(None));
             let err2 = error.clone();
@@ -773,7 +792,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
         }
         if let Some(c) = &self.control {
-            let _ = c.shutdown(Shutdown::Both);
+            let _ = c.shutdown();
         }
         let report = self
             .machine
@@ -788,8 +807,18 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     }
 }
 
+/// The session token data streams present in their join: random (from the kernel's generator),
+/// and with TLS only ever sent encrypted, so a stream cannot join a session it did not see.
 fn session_id() -> u64 {
     use std::hash::{BuildHasher, Hasher};
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()
