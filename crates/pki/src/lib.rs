@@ -52,7 +52,8 @@ mod tls;
 
 pub use ca::{InitError, IssueError, IssueOptions, init_ca, init_ca_with, issue};
 pub use tls::{
-    HandshakeError, LoadError, PeerError, TlsDir, accept, connect, identity_of_cert, peer_identity,
+    HandshakeError, LoadError, PeerError, PemFiles, TlsDir, accept, connect, identity_of_cert,
+    peer_identity,
 };
 
 /// Re-exported so callers name the same rustls this crate configures.

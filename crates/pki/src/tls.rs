@@ -1,6 +1,7 @@
 //! Loading a `--tls-dir`, building rustls configurations (ring provider, client certificates required),
 //! reading a verified peer's identity, and blocking handshakes with a deadline.
 
+use std::fmt;
 use std::fs;
 use std::io;
 use std::net::{IpAddr, TcpStream};
@@ -129,19 +130,24 @@ impl TlsDir {
     /// Loads `dir/ca-cert.pem` and `dir/server-{cert,key}.pem` (or, when a directory only holds
     /// QEMU's client names, `dir/client-{cert,key}.pem`). The key must be mode 0600 or tighter.
     pub fn load(dir: &Path) -> Result<TlsDir, LoadError> {
+        let pem = PemFiles::read(dir)?;
+        Self::from_pem(dir, &pem)
+    }
+
+    /// Builds from PEM already read (a process that cannot read the files itself, e.g. a VMM that
+    /// dropped its privileges, gets them from one that can). `dir` only labels errors.
+    pub fn from_pem(dir: &Path, pem: &PemFiles) -> Result<TlsDir, LoadError> {
         let ca_path = dir.join(files::CA_CERT);
-        let (cert_path, key_path) = if dir.join(files::SERVER_CERT).exists() {
-            (dir.join(files::SERVER_CERT), dir.join(files::SERVER_KEY))
-        } else if dir.join(files::CLIENT_CERT).exists() {
-            (dir.join(files::CLIENT_CERT), dir.join(files::CLIENT_KEY))
-        } else {
-            return Err(LoadError::Missing {
-                path: dir.join(files::SERVER_CERT),
-            });
-        };
-        let ca = read_certs(&ca_path)?;
-        let chain = read_certs(&cert_path)?;
-        let key = read_key(&key_path)?;
+        let cert_path = dir.join(files::SERVER_CERT);
+        let key_path = dir.join(files::SERVER_KEY);
+        let ca = parse_certs(&ca_path, pem.ca_cert.as_bytes())?;
+        let chain = parse_certs(&cert_path, pem.cert.as_bytes())?;
+        let key =
+            PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).map_err(|e| LoadError::Pem {
+                path: key_path.clone(),
+                what: "private key",
+                source: Some(e),
+            })?;
 
         let mut roots = RootCertStore::empty();
         for c in ca {
@@ -233,9 +239,8 @@ impl TlsDir {
     }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> {
-    let bytes = read(path)?;
-    let certs = CertificateDer::pem_slice_iter(&bytes)
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, LoadError> {
+    let certs = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| LoadError::Pem {
             path: path.to_owned(),
@@ -252,21 +257,61 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> {
     Ok(certs)
 }
 
-fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, LoadError> {
-    let meta = fs::metadata(path).map_err(|source| read_err(path, source))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(LoadError::KeyPermissions {
-            path: path.to_owned(),
-            mode,
-        });
+/// The three PEM files of a `--tls-dir`, as text.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemFiles {
+    /// `ca-cert.pem`.
+    pub ca_cert: String,
+    /// `server-cert.pem` (or `client-cert.pem`).
+    pub cert: String,
+    /// `server-key.pem` (or `client-key.pem`).
+    pub key: String,
+}
+
+impl fmt::Debug for PemFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PemFiles")
+            .field("ca_cert", &self.ca_cert.len())
+            .field("cert", &self.cert.len())
+            .field("key", &"<redacted>")
+            .finish()
     }
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| LoadError::Pem {
-        path: path.to_owned(),
-        what: "private key",
-        source: Some(e),
-    })
+}
+
+impl PemFiles {
+    /// Reads `dir`'s CA certificate, certificate and key (the key must be 0600 or tighter).
+    pub fn read(dir: &Path) -> Result<PemFiles, LoadError> {
+        let (cert_path, key_path) = if dir.join(files::SERVER_CERT).exists() {
+            (dir.join(files::SERVER_CERT), dir.join(files::SERVER_KEY))
+        } else if dir.join(files::CLIENT_CERT).exists() {
+            (dir.join(files::CLIENT_CERT), dir.join(files::CLIENT_KEY))
+        } else {
+            return Err(LoadError::Missing {
+                path: dir.join(files::SERVER_CERT),
+            });
+        };
+        let text = |path: &Path| {
+            let bytes = read(path)?;
+            String::from_utf8(bytes).map_err(|_| LoadError::Pem {
+                path: path.to_owned(),
+                what: "text",
+                source: None,
+            })
+        };
+        let meta = fs::metadata(&key_path).map_err(|source| read_err(&key_path, source))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(LoadError::KeyPermissions {
+                path: key_path,
+                mode,
+            });
+        }
+        Ok(PemFiles {
+            ca_cert: text(&dir.join(files::CA_CERT))?,
+            cert: text(&cert_path)?,
+            key: text(&key_path)?,
+        })
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, LoadError> {
