@@ -171,6 +171,7 @@ impl Api {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let s = shell.clone();
+        let access = Arc::new(std::sync::RwLock::new(access));
         tokio::spawn(async move { s.serve_tls_on(listener, &tls, access).await });
         let api = Api {
             pki,

@@ -16,7 +16,7 @@
 //! recognised [`Caller`] goes into the request's extensions for the handlers.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
@@ -35,6 +35,9 @@ pub struct Access {
     /// Names of `user` certificates that are admins (the others are viewers).
     pub admins: BTreeSet<String>,
 }
+
+/// The [`Access`] in force, replaced as a whole when the token file changes.
+pub type SharedAccess = Arc<RwLock<Access>>;
 
 /// The caller of a request, once recognised.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +141,7 @@ pub fn allowed(need: Need, caller: &Caller, what: &str) -> Result<(), String> {
 }
 
 /// The middleware (see the module docs).
-pub async fn check(State(access): State<Arc<Access>>, mut req: Request, next: Next) -> Response {
+pub async fn check(State(access): State<SharedAccess>, mut req: Request, next: Next) -> Response {
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
     let what = format!("{method} {path}");
@@ -148,7 +151,11 @@ pub async fn check(State(access): State<Arc<Access>>, mut req: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().unwrap_or("").to_string());
-    let caller = match recognise(&access, authorization.as_deref(), peer.as_ref()) {
+    let recognised = {
+        let access = access.read().unwrap_or_else(|e| e.into_inner());
+        recognise(&access, authorization.as_deref(), peer.as_ref())
+    };
+    let caller = match recognised {
         Ok(Some(c)) => c,
         Ok(None) if need == Need::Public => return next.run(req).await,
         Ok(None) => {

@@ -7,6 +7,12 @@
 //! (a missing one makes its panel say "not available"), polls every 1.5 s, and builds every
 //! element through the DOM (text nodes, never markup from the API).
 //!
+//! On a controller served over TLS the page itself needs no credentials (it holds no cluster
+//! data) but every call does: the page takes a bearer token from the URL's fragment
+//! (`https://CONTROLLER/#token=…`, never sent to the server, removed from the address bar at
+//! once) or from a form shown when a call answers 401, keeps it in the tab's `sessionStorage` and
+//! sends it only as `Authorization: Bearer`, never in a query string.
+//!
 //! Headers: a Content-Security-Policy that allows nothing but the page's own inline `<script>`
 //! and `<style>` (by their SHA-256, computed once from the embedded page) and requests to this
 //! origin; no caching (`no-cache`, so an upgraded controller serves its new page at once),

@@ -604,16 +604,16 @@ impl Shell {
     }
 
     /// Serves the REST API on a bound listener over TLS only, every call checked by
-    /// [`auth::check`] against `access`, until the process ends.
+    /// [`auth::check`] against `access` (which the caller may replace, e.g. when the token file
+    /// changes), until the process ends.
     pub async fn serve_tls_on(
         &self,
         listener: tokio::net::TcpListener,
         tls: &tls::ServerTls,
-        access: auth::Access,
+        access: auth::SharedAccess,
     ) {
-        let router = api::router(Arc::clone(&self.shared)).layer(
-            axum::middleware::from_fn_with_state(Arc::new(access), auth::check),
-        );
+        let router = api::router(Arc::clone(&self.shared))
+            .layer(axum::middleware::from_fn_with_state(access, auth::check));
         tls::serve_tls(listener, router, Arc::clone(&tls.config), "tern controller").await;
     }
 }
