@@ -115,26 +115,228 @@ pub fn guest_trace(values: &[u8], share: f64) -> String {
     out.join(",")
 }
 
-/// The simulator's view of the same scenario.
+/// The simulated side of the same scenario.
 #[derive(Debug, Clone, Serialize)]
 pub struct SimFigures {
-    /// Energy over the played samples, kWh (simulated time: 5 minutes per sample).
+    /// How it was simulated.
+    pub method: &'static str,
+    /// Energy over the played samples, kWh (trace time, as the live `energy_kwh`).
     pub energy_kwh: f64,
     /// Migrations started over the played samples.
     pub migrations: u64,
+    /// Host power actions over the played samples.
+    pub host_power_offs: u64,
+    pub host_power_ons: u64,
+    /// Hosts powered on after each sample.
+    pub hosts_on_series: Vec<u32>,
+    /// The loop's SLATAH and PDM over the played samples (as the live figures are made).
+    pub slatah_pct: f64,
+    pub pdm_pct: f64,
+    /// Samples where live and simulated hosts-on differ by at most one host, percent.
+    pub hosts_on_agreement_pct: f64,
+    /// Live ÷ simulated, for each figure (`None` when the simulated one is zero).
+    pub migrations_ratio: Option<f64>,
+    pub energy_ratio: Option<f64>,
+    pub slatah_ratio: Option<f64>,
+    pub pdm_ratio: Option<f64>,
+    /// How long the simulated actions took, in samples (the live run's medians).
+    pub migration_samples: u32,
+    pub power_on_samples: u32,
+    /// `tern-sim`'s whole-day engine on the same hosts, traces and raised load, for reference:
+    /// the CloudSim-faithful policy run (placed by PABFD at t = 0, no hold, cool-down, preview,
+    /// HA reserve or high-water mark).
+    pub engine: EngineFigures,
+}
+
+/// `tern-sim`'s engine on the demo's scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineFigures {
+    /// Energy over the played samples, kWh.
+    pub energy_kwh: f64,
+    /// Migrations over the played samples.
+    pub migrations: u64,
     /// Hosts with load, per sample.
     pub hosts_on_series: Vec<u32>,
-    /// Samples where live hosts-on and simulated active hosts differ by at most one host, percent.
-    pub hosts_on_agreement_pct: f64,
-    /// Live migrations ÷ simulated ones.
-    pub migrations_ratio: Option<f64>,
-    /// Live energy ÷ simulated energy.
-    pub energy_ratio: Option<f64>,
-    /// SLATAH over the whole simulated day (the played samples, then each trace held at its last
-    /// value): the engine reports it only for the day, not per sample.
+    /// SLATAH and PDM over the whole simulated day (the engine reports them only per day).
     pub day_slatah_pct: f64,
-    /// PDM over the whole simulated day, as `day_slatah_pct`.
     pub day_pdm_pct: f64,
+}
+
+/// What the live cluster looked like when the automation started.
+#[derive(Debug, Clone, Default)]
+pub struct LiveStart {
+    /// Its hosts: name, powered on.
+    pub hosts: Vec<(String, bool)>,
+    /// Its VMs.
+    pub vms: Vec<StartVm>,
+}
+
+/// A VM when the automation started.
+#[derive(Debug, Clone)]
+pub struct StartVm {
+    /// `vmN`, following the demo's trace N.
+    pub name: String,
+    pub host: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// How many samples into its trace its guest was (it starts its trace at boot).
+    pub trace_offset: usize,
+}
+
+impl LiveStart {
+    /// From the API's view, and when each VM was seen running.
+    fn from_api(
+        hosts: &[HostInfo],
+        vms: &[VmInfo],
+        offsets: &BTreeMap<String, usize>,
+    ) -> anyhow::Result<LiveStart> {
+        Ok(LiveStart {
+            hosts: hosts
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.clone(),
+                        !matches!(h.power, HostPower::Off | HostPower::FailedToWake),
+                    )
+                })
+                .collect(),
+            vms: vms
+                .iter()
+                .map(|v| {
+                    Ok(StartVm {
+                        name: v.name.clone(),
+                        host: v.host.clone().with_context(|| {
+                            format!("{} had no host when the automation started", v.name)
+                        })?,
+                        vcpus: v.spec.vcpus,
+                        memory_mib: v.spec.memory_mib,
+                        trace_offset: offsets.get(&v.name).copied().unwrap_or(0),
+                    })
+                })
+                .collect::<anyhow::Result<_>>()?,
+        })
+    }
+}
+
+/// What the replayed loop did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    pub hosts_on_series: Vec<u32>,
+    /// The VMs moved, in order.
+    pub migrated: Vec<String>,
+    pub host_power_offs: u64,
+    pub host_power_ons: u64,
+    /// The loop's energy over the samples, kWh of real time (scale by the time scale).
+    pub energy_kwh: f64,
+    pub slatah_pct: f64,
+}
+
+/// The live loop's own code (`tern_automation::replay`) over the demo's scenario, started from
+/// `start` with the controller's policy and loop configuration: per VM, its trace from where its
+/// guest was, as the agents report it (the raised VMs at [`RAISED_PCT`] from `raise_at`); each
+/// action taking `timing`'s samples.
+pub fn replay_loop(
+    start: &LiveStart,
+    traces: &[Vec<u8>],
+    raised: &[usize],
+    raise_at: usize,
+    samples: usize,
+    policy: &Policy,
+    step_s: u64,
+    timing: tern_automation::replay::Timing,
+) -> anyhow::Result<Replayed> {
+    use tern_automation::replay::Replay;
+    let mut r = Replay::default();
+    r.timing = timing;
+    for (name, on) in &start.hosts {
+        r.host(name, HOST_CORES, POWER_MODEL, *on);
+    }
+    for v in &start.vms {
+        let idx: usize = v
+            .name
+            .trim_start_matches("vm")
+            .parse::<usize>()
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .filter(|&i| i < traces.len())
+            .with_context(|| format!("VM {} follows none of the demo's traces", v.name))?;
+        let offset = v.trace_offset;
+        let values = &traces[idx];
+        let trace: Vec<f64> = (0..samples)
+            .map(|k| {
+                if raised.contains(&idx) && k >= raise_at {
+                    RAISED_PCT / 100.0
+                } else {
+                    let v = values
+                        .get(offset + k)
+                        .or(values.last())
+                        .copied()
+                        .unwrap_or(0);
+                    f64::from(v) / 100.0
+                }
+            })
+            .collect();
+        let vm = r.vm(&v.name, &v.host, trace);
+        vm.vcpus = v.vcpus;
+        vm.memory_mib = v.memory_mib;
+    }
+    let cfg = tern_automation::LoopConfig {
+        ha_reserve_hosts: tern_controller::core::Config::default().ha_reserve_hosts,
+        ..tern_automation::LoopConfig::default()
+    };
+    let mut lp = tern_automation::Loop::new(policy.clone(), cfg)
+        .map_err(|e| anyhow::anyhow!("the live policy: {e}"))?;
+    let step_ms = step_s * 1000;
+    let mut hosts_on_series = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        r.step(&mut lp, step_ms)
+            .context("replaying the automation loop")?;
+        hosts_on_series.push(r.hosts_on());
+    }
+    let series = lp.series();
+    let last = series.points.last();
+    let mut out = Replayed {
+        hosts_on_series,
+        migrated: Vec::new(),
+        host_power_offs: 0,
+        host_power_ons: 0,
+        energy_kwh: last.map_or(0.0, |p| p.energy_kwh),
+        slatah_pct: last.map_or(0.0, |p| p.slatah_pct),
+    };
+    for (_, a) in &r.log {
+        match a {
+            tern_automation::Action::Migrate { vm, .. } => out.migrated.push(vm.clone()),
+            tern_automation::Action::PowerOff { .. } => out.host_power_offs += 1,
+            tern_automation::Action::PowerOn { .. } => out.host_power_ons += 1,
+        }
+    }
+    Ok(out)
+}
+
+/// The demo's automation policy on top of the controller's `base`: full automation, one round
+/// per sample, holds and cool-down counted in samples, host power on with no spare host.
+pub fn demo_policy(base: Policy, step_s: u64) -> Policy {
+    let mut policy = base;
+    policy.automation = tern_api::automation::AutomationLevel::Full;
+    policy.interval_s = step_s as u32;
+    policy.hold_s = (2 * step_s) as u32;
+    policy.cooldown_s = (10 * step_s) as u32;
+    policy.power.enabled = true;
+    policy.power.spare_hosts = 0;
+    policy.power.off_hold_s = (3 * step_s) as u32;
+    policy.power.on_hold_s = (2 * step_s) as u32;
+    policy
+}
+
+/// The median of `secs` in samples of `step_s` (at least one), or `default` without data.
+fn median_samples(mut secs: Vec<f64>, step_s: u64, default: u32) -> u32 {
+    secs.retain(|s| s.is_finite() && *s >= 0.0);
+    if secs.is_empty() {
+        return default;
+    }
+    secs.sort_by(f64::total_cmp);
+    let m = secs[secs.len() / 2];
+    ((m / step_s as f64).ceil() as u32).max(1)
 }
 
 /// Runs the simulator on the demo's hosts, VMs and traces (as the agents report them: the trace
@@ -379,6 +581,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let opts = LabOptions {
         bmc: true,
         host_cpu_share: Some(CPU_SHARE),
+        ..LabOptions::default()
     };
     let lab = Lab::start_with(&spec, &shapes, &opts, &|s| say.line(&format!("  {s}")))?;
     let api = Api {
@@ -389,6 +592,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
 
     // VMs arrive in three waves, so placement sees the first ones' measured load.
     let step_ms = args.step_s * 1000;
+    // when each VM was seen running: its guest's trace starts at boot
+    let mut booted: BTreeMap<String, Instant> = BTreeMap::new();
     for (wave, chunk) in traces.chunks(VMS / 3).enumerate() {
         for (k, (name, values)) in chunk.iter().enumerate() {
             let i = wave * (VMS / 3) + k + 1;
@@ -409,6 +614,9 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         loop {
             let vms: Vec<VmInfo> = api.get("/v1/vms")?;
             if vms.iter().all(|v| v.state == VmState::Running) {
+                for v in &vms {
+                    booted.entry(v.name.clone()).or_insert_with(Instant::now);
+                }
                 let hosts: Vec<HostInfo> = api.get("/v1/hosts")?;
                 say.line(&table_line(0.0, &hosts, &vms, 0));
                 break;
@@ -424,15 +632,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     }
 
     let policy_json = api.call("GET", "/v1/policy", None)?;
-    let mut policy: Policy = serde_json::from_str(&policy_json)?;
-    policy.automation = tern_api::automation::AutomationLevel::Full;
-    policy.interval_s = args.step_s as u32;
-    policy.hold_s = (2 * args.step_s) as u32;
-    policy.cooldown_s = (10 * args.step_s) as u32;
-    policy.power.enabled = true;
-    policy.power.spare_hosts = 0;
-    policy.power.off_hold_s = (3 * args.step_s) as u32;
-    policy.power.on_hold_s = (2 * args.step_s) as u32;
+    let policy = demo_policy(serde_json::from_str(&policy_json)?, args.step_s);
     api.call("PUT", "/v1/policy", Some(&serde_json::to_string(&policy)?))
         .context("setting the automation policy")?;
     say.line(&format!(
@@ -440,12 +640,22 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         policy.parameter, args.step_s
     ));
 
+    // the state the automation starts from: the simulated side starts here too
+    let start_hosts: Vec<HostInfo> = api.get("/v1/hosts")?;
+    let start_vms: Vec<VmInfo> = api.get("/v1/vms")?;
     let energy_before = api
         .get::<StatsSeries>("/v1/stats/series")
         .ok()
         .and_then(|s| s.points.last().map(|p| p.energy_kwh))
         .unwrap_or(0.0);
     let start = Instant::now();
+    let trace_offsets: BTreeMap<String, usize> = booted
+        .iter()
+        .map(|(n, t)| {
+            let ahead = start.saturating_duration_since(*t).as_secs_f64();
+            (n.clone(), (ahead / args.step_s as f64).round() as usize)
+        })
+        .collect();
     let raise_at = samples / 2;
     let mut raised: Vec<usize> = Vec::new();
     let mut hosts_on_series: Vec<u32> = Vec::new();
@@ -597,26 +807,93 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         .max(ever_lost.len());
 
     let values: Vec<Vec<u8>> = traces.iter().map(|(_, v)| v.clone()).collect();
-    let (report, n) = simulate(&values, &raised, raise_at, samples)?;
-    let tl = report.timeline.clone().unwrap_or_default();
-    let sim_hosts: Vec<u32> = tl.active_hosts.iter().take(n).copied().collect();
-    let sim_migrations: u64 = tl.migrations.iter().take(n).map(|&m| u64::from(m)).sum();
-    let sim_energy: f64 =
-        tl.power_w.iter().take(n).map(|w| w * SAMPLE_S).sum::<f64>() / 3_600_000.0;
+    // the simulated side: the same loop, from the same start, its actions taking the live
+    // run's median times
+    let migration_samples = median_samples(
+        migrations
+            .iter()
+            .filter(|t| t.state == TaskState::Succeeded)
+            .filter_map(|t| Some(t.finished_ms?.saturating_sub(t.created_ms) as f64 / 1000.0))
+            .collect(),
+        args.step_s,
+        1,
+    );
+    let power_on_samples = median_samples(
+        plans
+            .iter()
+            .filter(|p| p.state == PlanState::Applied)
+            .filter(|p| {
+                p.actions
+                    .iter()
+                    .any(|a| matches!(a, PlanAction::PowerOn { .. }))
+            })
+            .filter_map(|p| Some(p.finished_ms?.saturating_sub(p.created_ms) as f64 / 1000.0))
+            .collect(),
+        args.step_s,
+        1,
+    );
+    let live_start = LiveStart::from_api(&start_hosts, &start_vms, &trace_offsets)?;
+    let replayed = replay_loop(
+        &live_start,
+        &values,
+        &raised,
+        raise_at,
+        samples,
+        &policy,
+        args.step_s,
+        tern_automation::replay::Timing {
+            migration_steps: migration_samples,
+            power_on_steps: power_on_samples,
+            power_off_steps: 1,
+        },
+    )?;
+    let sim_lost: f64 = replayed
+        .migrated
+        .iter()
+        .map(|vm| 0.1 * f64::from(migration_samples) * args.step_s as f64 * mean_of(vm))
+        .sum();
+    let sim_demand: f64 = (1..=VMS).map(|i| mean_of(&format!("vm{i}"))).sum::<f64>()
+        * (samples as u64 * args.step_s) as f64;
+    let sim_energy = replayed.energy_kwh * time_scale;
+    let sim_hosts = replayed.hosts_on_series.clone();
+    let sim_migrations = replayed.migrated.len() as u64;
+    let sim_pdm = if sim_demand > 0.0 {
+        100.0 * sim_lost / sim_demand
+    } else {
+        0.0
+    };
     let agree = hosts_on_series
         .iter()
         .zip(&sim_hosts)
         .filter(|(a, b)| a.abs_diff(**b) <= 1)
         .count();
-    let sim = SimFigures {
-        energy_kwh: sim_energy,
-        migrations: sim_migrations,
-        hosts_on_series: sim_hosts.clone(),
-        hosts_on_agreement_pct: 100.0 * agree as f64 / sim_hosts.len().max(1) as f64,
-        migrations_ratio: (sim_migrations > 0).then(|| succeeded as f64 / sim_migrations as f64),
-        energy_ratio: (sim_energy > 0.0).then(|| energy_kwh / sim_energy),
+    let ratio = |live: f64, sim: f64| (sim > 0.0).then(|| live / sim);
+    let (report, n) = simulate(&values, &raised, raise_at, samples)?;
+    let tl = report.timeline.clone().unwrap_or_default();
+    let engine = EngineFigures {
+        energy_kwh: tl.power_w.iter().take(n).map(|w| w * SAMPLE_S).sum::<f64>() / 3_600_000.0,
+        migrations: tl.migrations.iter().take(n).map(|&m| u64::from(m)).sum(),
+        hosts_on_series: tl.active_hosts.iter().take(n).copied().collect(),
         day_slatah_pct: report.slatah_pct,
         day_pdm_pct: report.pdm_pct,
+    };
+    let sim = SimFigures {
+        method: "the live loop's code (tern_automation::replay) from the live start",
+        energy_kwh: sim_energy,
+        migrations: sim_migrations,
+        host_power_offs: replayed.host_power_offs,
+        host_power_ons: replayed.host_power_ons,
+        hosts_on_series: sim_hosts.clone(),
+        slatah_pct: replayed.slatah_pct,
+        pdm_pct: sim_pdm,
+        hosts_on_agreement_pct: 100.0 * agree as f64 / sim_hosts.len().max(1) as f64,
+        migrations_ratio: ratio(succeeded as f64, sim_migrations as f64),
+        energy_ratio: ratio(energy_kwh, sim_energy),
+        slatah_ratio: ratio(slatah_pct, replayed.slatah_pct),
+        pdm_ratio: ratio(pdm_pct, sim_pdm),
+        migration_samples,
+        power_on_samples,
+        engine,
     };
     let figures = Figures {
         hosts: HOSTS,
@@ -669,4 +946,108 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four hosts up, twelve 1-vCPU VMs spread three to a host, each at `pct` of its vCPU.
+    fn spread(pct: u8, samples: usize) -> (LiveStart, Vec<Vec<u8>>) {
+        let start = LiveStart {
+            hosts: (1..=HOSTS).map(|h| (format!("h{h}"), true)).collect(),
+            vms: (1..=VMS)
+                .map(|i| StartVm {
+                    name: format!("vm{i}"),
+                    host: format!("h{}", (i - 1) % HOSTS + 1),
+                    vcpus: 1,
+                    memory_mib: 64,
+                    trace_offset: 0,
+                })
+                .collect(),
+        };
+        (start, vec![vec![pct; samples]; VMS])
+    }
+
+    fn policy() -> Policy {
+        demo_policy(Policy::default(), 2)
+    }
+
+    #[test]
+    fn the_replayed_loop_packs_a_light_spread_cluster_and_powers_hosts_off() {
+        let (start, traces) = spread(10, 30);
+        let r = replay_loop(
+            &start,
+            &traces,
+            &[],
+            30,
+            30,
+            &policy(),
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(r.hosts_on_series.len(), 30);
+        assert_eq!(r.hosts_on_series[0], 4, "{r:?}");
+        let last = *r.hosts_on_series.last().unwrap();
+        // 1.2 cores of demand: one host carries it, one more is the HA reserve
+        assert_eq!(last, 2, "{r:?}");
+        assert_eq!(r.host_power_offs, 2, "{r:?}");
+        assert_eq!(r.host_power_ons, 0, "{r:?}");
+        assert!(r.migrated.len() >= 6, "two hosts' VMs moved: {r:?}");
+        assert!(r.energy_kwh > 0.0);
+    }
+
+    #[test]
+    fn raised_load_wakes_a_host_and_offsets_shift_the_traces() {
+        let (mut start, traces) = spread(10, 40);
+        let calm = replay_loop(
+            &start,
+            &traces,
+            &[],
+            40,
+            40,
+            &policy(),
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        let raised = replay_loop(
+            &start,
+            &traces,
+            &[0, 1, 2, 3],
+            20,
+            40,
+            &policy(),
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(calm.host_power_ons, 0, "{calm:?}");
+        assert!(raised.host_power_ons >= 1, "{raised:?}");
+        assert!(
+            raised.hosts_on_series.last() > calm.hosts_on_series.last(),
+            "{raised:?} vs {calm:?}"
+        );
+        // a trace whose first half is idle and second half busy, read from half-way: busy at once
+        let mut steps = vec![0u8; 20];
+        steps.extend(vec![90u8; 20]);
+        let traces = vec![steps; VMS];
+        for v in &mut start.vms {
+            v.trace_offset = 20;
+        }
+        let busy = replay_loop(
+            &start,
+            &traces,
+            &[],
+            40,
+            10,
+            &policy(),
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        assert_eq!(busy.host_power_offs, 0, "{busy:?}");
+        assert!(busy.hosts_on_series.iter().all(|&h| h == 4), "{busy:?}");
+    }
 }
