@@ -74,6 +74,11 @@ pub struct AgentArgs {
     /// unparked CPUs)
     #[arg(long, value_name = "off|report|on", default_value = "report")]
     parking: String,
+    /// This host's TLS directory (`tern pki issue --name ID --role host`): the command API then
+    /// serves only mutual TLS (commands from controller certificates only), and etcd and the
+    /// controller are reached over TLS with this certificate
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<PathBuf>,
 }
 
 fn host_memory_mib() -> Option<u64> {
@@ -139,6 +144,7 @@ pub fn run(a: AgentArgs) -> anyhow::Result<ExitCode> {
         exe: std::env::current_exe().context("cannot find the tern binary to run VMMs with")?,
         cpu_share,
         parking,
+        tls_dir: a.tls_dir,
     };
     tern_agent::shell::run(opts)?;
     Ok(ExitCode::SUCCESS)

@@ -4,6 +4,12 @@
 //! The controller's URL comes from `--controller`, else `$TERN_CONTROLLER`, else
 //! `http://127.0.0.1:7100`. A controller that does not lead answers 503 naming the leader's URL;
 //! the client then asks the leader once. Errors are printed from the API's `ErrorBody`.
+//!
+//! Credentials for a controller served over TLS: `--tls-dir DIR` (else `$TERN_TLS_DIR`) holds
+//! the cluster CA (`ca-cert.pem`, the only certificate trusted for `https://`) and, if the user
+//! has one, a user certificate and key (`client-cert.pem`, `client-key.pem`); `--token TOKEN`
+//! (else `$TERN_TOKEN`) is sent as `Authorization: Bearer`. `tern cluster token add` makes a
+//! token and appends its hash to the controller's `--tokens` file.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -50,6 +56,9 @@ pub enum ClusterCommand {
     /// Apply or reject a proposed plan.
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// Bearer tokens for a controller's --tokens file.
+    #[command(subcommand)]
+    Token(TokenCommand),
     #[command(flatten)]
     Lab(crate::cluster_up::LabCommand),
 }
@@ -63,6 +72,31 @@ pub struct Conn {
     /// Print the API's JSON instead of a table
     #[arg(long)]
     json: bool,
+    /// TLS directory: the cluster CA (ca-cert.pem) and, optionally, a user certificate
+    /// (client-cert.pem, client-key.pem) (default: $TERN_TLS_DIR)
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// Bearer token for the controller (default: $TERN_TOKEN)
+    #[arg(long, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+/// `tern cluster token ...`.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a random bearer token, append its hash to the controller's token file (created 0600
+    /// if absent) and print the token once: it is stored nowhere else.
+    Add {
+        /// The token file (the one given to `tern controller --tokens`)
+        #[arg(long, value_name = "FILE")]
+        file: std::path::PathBuf,
+        /// Who holds it (1-63 of a-z, A-Z, 0-9, '-', '_', '.', '@'; unique in the file)
+        #[arg(long)]
+        name: String,
+        /// viewer (reads everything) or admin (also changes)
+        #[arg(long, value_name = "viewer|admin")]
+        role: tern_api::auth::Role,
+    },
 }
 
 /// `tern cluster vm ...`.
@@ -493,8 +527,87 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
             let p: Plan = c.call("POST", &format!("/v1/plans/{id}/reject"), None, 200)?;
             print(&conn, &p, || format!("plan {id} is {}\n", p.state.name()))
         }
+        ClusterCommand::Token(TokenCommand::Add { file, name, role }) => {
+            let token = add_token(&file, &name, role)?;
+            eprintln!(
+                "token {name:?} ({role}) added to {}; it is printed once, here:",
+                file.display()
+            );
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
         ClusterCommand::Lab(cmd) => crate::cluster_up::run(cmd),
     }
+}
+
+/// Makes a random token (32 bytes from the kernel's CSPRNG, hex, `tern_` in front), appends
+/// `NAME ROLE SHA256` to `file` (created 0600 when absent) after checking the file still parses
+/// with it, and returns the token.
+pub fn add_token(
+    file: &std::path::Path,
+    name: &str,
+    role: tern_api::auth::Role,
+) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut random = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("cannot read /dev/urandom")?;
+    let token: String = std::iter::once("tern_".to_string())
+        .chain(random.iter().map(|b| format!("{b:02x}")))
+        .collect();
+    let line = tern_api::auth::token_line(name, role, &token)?;
+    let old = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", file.display())),
+    };
+    let sep = if old.is_empty() || old.ends_with('\n') {
+        ""
+    } else {
+        "\n"
+    };
+    tern_api::auth::TokenFile::parse(&format!("{old}{sep}{line}\n"))
+        .with_context(|| format!("{} with the new line", file.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(file)
+        .with_context(|| format!("cannot open {}", file.display()))?;
+    f.write_all(format!("{sep}{line}\n").as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(token)
+}
+
+/// The rustls client configuration for `dir`: its `ca-cert.pem` as the only trust anchor, and
+/// its user certificate if it holds one.
+pub fn client_tls(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls::ClientConfig>> {
+    if dir.join("client-cert.pem").exists() || dir.join("server-cert.pem").exists() {
+        let t =
+            tern_pki::TlsDir::load(dir).with_context(|| format!("--tls-dir {}", dir.display()))?;
+        return Ok(t.client_config());
+    }
+    use rustls::pki_types::pem::PemObject;
+    let ca = dir.join("ca-cert.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca)
+        .with_context(|| format!("--tls-dir {}: cannot read ca-cert.pem", dir.display()))?
+    {
+        let c = c.with_context(|| format!("{} holds no valid PEM certificate", ca.display()))?;
+        roots
+            .add(c)
+            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
+    }
+    #[allow(deprecated)] // ring, as tern-pki (no C toolchain)
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -537,6 +650,7 @@ fn api_error(status: u16, body: &[u8], url: &str) -> anyhow::Error {
 struct Client {
     url: String,
     rt: tokio::runtime::Runtime,
+    http: http::Client,
 }
 
 impl Client {
@@ -550,9 +664,23 @@ impl Client {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        let tls_dir = conn
+            .tls_dir
+            .clone()
+            .or_else(|| std::env::var_os("TERN_TLS_DIR").map(Into::into));
+        let token = conn
+            .token
+            .clone()
+            .or_else(|| std::env::var("TERN_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        let http = match &tls_dir {
+            Some(dir) => http::Client::tls(client_tls(dir)?),
+            None => http::Client::plain(),
+        };
         Ok(Client {
             url: url.trim_end_matches('/').to_string(),
             rt,
+            http: http.with_token(token),
         })
     }
 
@@ -567,7 +695,10 @@ impl Client {
         let once = |base: &str| {
             let url = format!("{base}{path}");
             self.rt
-                .block_on(http::request(method.clone(), &url, body.clone(), TIMEOUT))
+                .block_on(
+                    self.http
+                        .request(method.clone(), &url, body.clone(), TIMEOUT),
+                )
                 .with_context(|| format!("{method} {url}"))
         };
         let r = once(&self.url)?;

@@ -17,8 +17,15 @@
 //! controllers and etcd through loopback relays that this process runs, so `tern cluster vms
 //! --controller http://127.0.0.1:P1` works from anywhere on the machine.
 //!
-//! All files (etcd's data, the shared LUN, the hosts' runtime folders, logs and the state file
-//! `state.json`) live in `/run/tern/cluster-NAME`. `tern cluster down --name NAME` asks the `up`
+//! By default the cluster runs over TLS: it makes a PKI in `/run/tern/cluster-NAME/pki` (a CA,
+//! a host certificate per host named like the host with its address as SAN, one per controller,
+//! one for etcd and an `admin` user), starts etcd on https with client-certificate auth, and
+//! gives every process its `--tls-dir`; the controllers take `--admins admin` and the token file
+//! `/run/tern/cluster-NAME/tokens` (`tern cluster token add` appends to it). `--insecure` runs
+//! everything on plain HTTP instead.
+//!
+//! All files (etcd's data, the shared LUN, the PKI, the hosts' runtime folders, logs and the
+//! state file `state.json`) live in `/run/tern/cluster-NAME`. `tern cluster down --name NAME` asks the `up`
 //! process to stop (SIGTERM) and waits; if that process is gone, it removes what the state file
 //! lists itself. Either way nothing stays: no process, no namespace, no file.
 
@@ -93,6 +100,10 @@ pub struct UpArgs {
     /// real, varying load from their VMs' vCPU threads at a quarter of the cost (docs/cluster.md).
     #[arg(long, value_name = "F")]
     pub host_cpu_share: Option<f64>,
+    /// Plain HTTP everywhere (etcd, controllers, agents): no PKI, no authentication. By default
+    /// the cluster runs over TLS with certificates made for it (docs/cluster.md).
+    #[arg(long)]
+    pub insecure: bool,
 }
 
 /// Options of `tern cluster down`.
@@ -127,7 +138,25 @@ pub struct LabState {
     pub namespaces: Vec<String>,
     /// The namespace of etcd and the controllers.
     pub control_namespace: String,
+    /// The cluster's PKI folder (CA and one `--tls-dir` per process), `None` with `--insecure`.
+    #[serde(default)]
+    pub pki: Option<PathBuf>,
 }
+
+impl LabState {
+    /// The admin user's `--tls-dir` (`None` with `--insecure`).
+    pub fn admin_tls_dir(&self) -> Option<PathBuf> {
+        self.pki.as_ref().map(|p| p.join(ADMIN))
+    }
+
+    /// The controllers' token file (`None` with `--insecure`).
+    pub fn tokens_file(&self) -> Option<PathBuf> {
+        self.pki.as_ref().map(|_| self.dir.join("tokens"))
+    }
+}
+
+/// The name of the test cluster's admin user certificate.
+pub const ADMIN: &str = "admin";
 
 /// One controller of a test cluster.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -213,6 +242,8 @@ pub struct LabOptions {
     pub bmc: bool,
     /// Every agent's `--cpu-share` (the agent's default, 1, when `None`).
     pub host_cpu_share: Option<f64>,
+    /// Plain HTTP everywhere, no PKI (default: TLS).
+    pub insecure: bool,
 }
 
 /// The folder of cluster `name`.
@@ -411,6 +442,7 @@ impl Lab {
                 hosts: Vec::new(),
                 namespaces,
                 control_namespace: control_ns.clone(),
+                pki: None,
             },
             topology: Some(topology),
             procs: Vec::new(),
@@ -420,6 +452,35 @@ impl Lab {
         };
         // From here on, a failure drops `lab`, which takes everything down again.
         lab.write_state()?;
+
+        // The PKI: a CA and one certificate per process, plus the admin user.
+        let host_addrs: Vec<Ipv4Addr> = {
+            let t = lab.topology.as_ref().context("topology")?;
+            (0..spec.hosts).map(|i| t.host_addr(i)).collect()
+        };
+        if !opts.insecure {
+            progress(&format!(
+                "making the cluster's PKI in {}",
+                dir.join("pki").display()
+            ));
+            let pki = make_pki(&dir, &host_addrs, spec.controllers, control_addr)?;
+            set_client_tls(Some(crate::cluster::client_tls(&pki.join(ADMIN))?));
+            lab.state.pki = Some(pki);
+            lab.write_state()?;
+        }
+        let pki = lab.state.pki.clone();
+        let tls_dir = |name: &str| pki.as_ref().map(|p| p.join(name));
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        // etcd over TLS needs every client to have a certificate, the volume nodes included.
+        let volume_tls = volume_takes_tls_dir(&spec.tern);
+        let etcd_tls = pki.is_some() && volume_tls;
+        if pki.is_some() && !volume_tls {
+            progress("this tern volume serve takes no --tls-dir: etcd stays on plain HTTP");
+        }
+        if etcd_tls {
+            lab.state.etcd_internal = format!("https://{control_addr}:{ETCD_PORT}");
+        }
+        let etcd_scheme = if etcd_tls { "https" } else { "http" };
 
         // etcd, in the control namespace.
         progress(&format!(
@@ -438,11 +499,22 @@ impl Lab {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("default={peer}")]);
+        if let Some(d) = tls_dir("etcd").filter(|_| etcd_tls) {
+            // Clients must present a certificate of the cluster CA (the peer URL is loopback in
+            // the control namespace, with no other member).
+            etcd.arg("--cert-file")
+                .arg(d.join("server-cert.pem"))
+                .arg("--key-file")
+                .arg(d.join("server-key.pem"))
+                .arg("--trusted-ca-file")
+                .arg(d.join("ca-cert.pem"))
+                .arg("--client-cert-auth");
+        }
         lab.state.etcd_pid = lab.spawn("etcd", etcd)?;
         let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
         lab.wait_port("etcd", &control_ns, etcd_addr, Duration::from_secs(20))?;
         let port = relay(&control_ns, None, 0, etcd_addr, lab.relays_stop.clone())?;
-        lab.state.etcd = format!("http://127.0.0.1:{port}");
+        lab.state.etcd = format!("{etcd_scheme}://127.0.0.1:{port}");
 
         // The shared LUN.
         let lun = dir.join("lun");
@@ -484,12 +556,15 @@ impl Lab {
                 .args(["--node-id", &node_id.to_string()])
                 .args(["--listen", &volume_node])
                 .args(["--etcd", &url]);
+            if let Some(d) = tls_dir(&host_name(i)).filter(|_| volume_tls) {
+                serve.arg("--tls-dir").arg(d);
+            }
             let volume_pid = lab.spawn(&format!("volume-{}", host_name(i)), serve)?;
             lab.state.hosts.push(LabHost {
                 name: host_name(i),
                 namespace: ns.clone(),
                 address: *addr,
-                agent_url: format!("http://{addr}:{AGENT_PORT}"),
+                agent_url: format!("{scheme}://{addr}:{AGENT_PORT}"),
                 agent_pid: 0,
                 volume_node,
                 volume_node_id: node_id,
@@ -533,6 +608,9 @@ impl Lab {
                 .arg(&h.runtime_dir)
                 .arg("--state-dir")
                 .arg(h.runtime_dir.join("state"));
+            if let Some(d) = tls_dir(&h.name) {
+                agent.arg("--tls-dir").arg(d);
+            }
             lab.state.hosts[i].agent_pid = lab.spawn(&format!("agent-{}", h.name), agent)?;
         }
 
@@ -579,24 +657,32 @@ impl Lab {
                     format!("cannot relay 127.0.0.1:{relay_port} in {}", h.namespace)
                 })?;
             }
-            let url = format!("http://127.0.0.1:{relay_port}");
+            let url = format!("{scheme}://127.0.0.1:{relay_port}");
             let mut ctl = Command::new("ip");
             ctl.args(["netns", "exec", &control_ns])
                 .arg(&spec.tern)
                 .args(["controller", "--etcd", &url_etcd(&lab)])
                 .args(["--listen", &addr.to_string()])
                 .args(["--advertise-url", &url]);
+            if let Some(d) = tls_dir(&format!("controller-{}", c + 1)) {
+                let tokens = lab.state.tokens_file().context("a token file")?;
+                ctl.arg("--tls-dir")
+                    .arg(d)
+                    .arg("--tokens")
+                    .arg(tokens)
+                    .args(["--admins", ADMIN]);
+            }
             if let Some(p) = &power_file {
                 ctl.arg("--power-file").arg(p);
             }
             let pid = lab.spawn(&format!("controller-{}", c + 1), ctl)?;
             progress(&format!(
-                "controller {}: {url} (listening on http://{addr} in {control_ns})",
+                "controller {}: {url} (listening on {scheme}://{addr} in {control_ns})",
                 c + 1
             ));
             lab.state.controllers.push(LabController {
                 url,
-                internal_url: format!("http://{addr}"),
+                internal_url: format!("{scheme}://{addr}"),
                 pid,
             });
         }
@@ -1006,24 +1092,71 @@ fn relay_one(client: TcpStream, ns: &str, target: SocketAddr) {
 
 // ----- a small HTTP/1.1 client for the controllers' and agents' JSON APIs -----
 
-/// Sends one request to `base` (`http://HOST:PORT`) + `path` and returns the status and body.
-/// One connection per request (`Connection: close`); 10 s timeouts.
+/// The TLS settings of [`http`] and [`http_in`] for `https://` URLs (the admin user's, set by
+/// [`Lab::start_with`] for a TLS cluster).
+static CLIENT_TLS: std::sync::Mutex<Option<Arc<rustls::ClientConfig>>> =
+    std::sync::Mutex::new(None);
+
+/// Sets the TLS settings [`http`] and [`http_in`] use for `https://` URLs.
+pub fn set_client_tls(cfg: Option<Arc<rustls::ClientConfig>>) {
+    *CLIENT_TLS.lock().unwrap_or_else(|e| e.into_inner()) = cfg;
+}
+
+/// `ADDR:PORT` of an `http://` or `https://` URL, and whether it is https.
+fn url_addr(base: &str) -> anyhow::Result<(&str, SocketAddr, bool)> {
+    let (hostport, tls) = match base.split_once("://") {
+        Some(("http", rest)) => (rest, false),
+        Some(("https", rest)) => (rest, true),
+        _ => bail!("{base:?} is not an http:// or https:// URL"),
+    };
+    let hostport = hostport.trim_end_matches('/');
+    let addr: SocketAddr = hostport
+        .parse()
+        .with_context(|| format!("{base:?} does not name ADDR:PORT"))?;
+    Ok((hostport, addr, tls))
+}
+
+/// Sends one request to `base` (`http://HOST:PORT`, or `https://` with the settings of
+/// [`set_client_tls`]) + `path` and returns the status and body. One connection per request
+/// (`Connection: close`); 10 s timeouts.
 pub fn http(
     base: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let hostport = base
-        .strip_prefix("http://")
-        .with_context(|| format!("{base:?} is not an http:// URL"))?
-        .trim_end_matches('/');
-    let addr: SocketAddr = hostport
-        .parse()
-        .with_context(|| format!("{base:?} does not name ADDR:PORT"))?;
+    let (hostport, addr, tls) = url_addr(base)?;
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("cannot connect to {base}"))?;
-    http_on(stream, hostport, method, path, body)
+    http_over(stream, addr, tls, hostport, method, path, body)
+}
+
+fn http_over(
+    stream: TcpStream,
+    addr: SocketAddr,
+    tls: bool,
+    hostport: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    if !tls {
+        return http_on(stream, hostport, method, path, body);
+    }
+    let cfg = CLIENT_TLS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .with_context(|| {
+            format!("https://{hostport}: no TLS settings (the cluster's admin --tls-dir)")
+        })?;
+    let name = tern_pki::TlsDir::server_name(&addr.ip().to_string());
+    let conn =
+        rustls::ClientConnection::new(cfg, name).with_context(|| format!("TLS to {hostport}"))?;
+    let tls = rustls::StreamOwned::new(conn, stream);
+    http_on(tls, hostport, method, path, body).with_context(|| format!("https://{hostport}"))
 }
 
 /// Like [`http`], connecting from inside network namespace `ns`.
@@ -1034,27 +1167,19 @@ pub fn http_in(
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    let hostport = base
-        .strip_prefix("http://")
-        .with_context(|| format!("{base:?} is not an http:// URL"))?
-        .trim_end_matches('/');
-    let addr: SocketAddr = hostport
-        .parse()
-        .with_context(|| format!("{base:?} does not name ADDR:PORT"))?;
+    let (hostport, addr, tls) = url_addr(base)?;
     let stream = tern_netlab::ns::connect_from(ns, addr, Duration::from_secs(3))
         .with_context(|| format!("cannot connect to {base} from {ns}"))?;
-    http_on(stream, hostport, method, path, body)
+    http_over(stream, addr, tls, hostport, method, path, body)
 }
 
-fn http_on(
-    mut stream: TcpStream,
+fn http_on<S: Read + Write>(
+    mut stream: S,
     host: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> anyhow::Result<(u16, String)> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let body = body.unwrap_or("");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -1105,9 +1230,18 @@ fn http_on(
         out.resize(n, 0);
         reader.read_exact(&mut out)?;
     } else {
-        reader.read_to_end(&mut out)?;
+        read_to_close(&mut reader, &mut out)?;
     }
     Ok((status, String::from_utf8_lossy(&out).into_owned()))
+}
+
+/// Reads until the peer closes; a TLS peer that closes without `close_notify` (as hyper does
+/// after `Connection: close`) ends the body as well.
+fn read_to_close<R: Read>(r: &mut R, out: &mut Vec<u8>) -> std::io::Result<()> {
+    match r.read_to_end(out) {
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 /// GETs `path` and decodes a 200 answer.
@@ -1318,6 +1452,7 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let opts = LabOptions {
         bmc: args.bmc,
         host_cpu_share: args.host_cpu_share,
+        insecure: args.insecure,
     };
     let lab = Lab::start_with(&spec, &shapes, &opts, &say)?;
     let bmcs = lab.bmc_info();
@@ -1331,6 +1466,8 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
             "state_file": state_path(&st.name),
             "pid": st.pid,
             "bmcs": bmcs,
+            "tls_dir": st.admin_tls_dir(),
+            "tokens": st.tokens_file(),
         });
         println!("{out}");
     } else {
@@ -1355,10 +1492,29 @@ pub fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 b.password_file.display()
             ));
         }
-        say(&format!(
-            "try: tern cluster hosts --controller {}",
-            st.controllers[0].url
-        ));
+        match (st.admin_tls_dir(), st.tokens_file()) {
+            (Some(admin), Some(tokens)) => {
+                say(&format!(
+                    "TLS: the admin user's certificate is in {} (CA, certificate, key); pass it as --tls-dir or:",
+                    admin.display()
+                ));
+                say(&format!("  export TERN_TLS_DIR={}", admin.display()));
+                say(&format!(
+                    "  tern cluster hosts --controller {}",
+                    st.controllers[0].url
+                ));
+                say(&format!(
+                    "a bearer token (e.g. for the dashboard at {}/#token=TOKEN, CA {}): tern cluster token add --file {} --name NAME --role viewer|admin",
+                    st.controllers[0].url,
+                    admin.join("ca-cert.pem").display(),
+                    tokens.display()
+                ));
+            }
+            _ => say(&format!(
+                "try: tern cluster hosts --controller {} (plain HTTP, no authentication: --insecure)",
+                st.controllers[0].url
+            )),
+        }
         say(&format!(
             "stop: Ctrl-C, or tern cluster down --name {}",
             st.name
@@ -1510,4 +1666,59 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Up(a) => up(a),
         LabCommand::Down(a) => down(a),
     }
+}
+
+/// Makes the cluster's PKI in `DIR/pki`: the CA, `etcd` (role controller, SAN the control
+/// address), one host certificate per host named like the host (SAN its address), `controller-N`
+/// per controller (SAN the control address; 127.0.0.1 is always in) and the `admin` user; and an
+/// empty token file `DIR/tokens` (0600). Returns the PKI folder.
+fn make_pki(
+    dir: &Path,
+    hosts: &[Ipv4Addr],
+    controllers: usize,
+    control_addr: Ipv4Addr,
+) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use tern_pki::{IssueOptions, Role};
+    let pki = dir.join("pki");
+    tern_pki::init_ca(&pki).with_context(|| format!("cannot make a CA in {}", pki.display()))?;
+    let with_san = |ip: Ipv4Addr| IssueOptions {
+        sans: vec![ip.to_string()],
+        ..IssueOptions::default()
+    };
+    let issue = |name: &str, role: Role, opts: &IssueOptions| {
+        tern_pki::issue(&pki, name, role, opts)
+            .with_context(|| format!("cannot issue the certificate of {name}"))
+            .map(|_| ())
+    };
+    issue("etcd", Role::Controller, &with_san(control_addr))?;
+    for (i, addr) in hosts.iter().enumerate() {
+        issue(&host_name(i), Role::Host, &with_san(*addr))?;
+    }
+    for c in 0..controllers {
+        issue(
+            &format!("controller-{}", c + 1),
+            Role::Controller,
+            &with_san(control_addr),
+        )?;
+    }
+    issue(ADMIN, Role::User, &IssueOptions::default())?;
+    let tokens = dir.join("tokens");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tokens)
+        .with_context(|| format!("cannot create {}", tokens.display()))?;
+    Ok(pki)
+}
+
+/// Whether `tern volume serve` takes `--tls-dir` (so its etcd client can present a certificate).
+fn volume_takes_tls_dir(tern: &Path) -> bool {
+    Command::new(tern)
+        .args(["volume", "serve", "--help"])
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--tls-dir"))
+        .unwrap_or(false)
 }

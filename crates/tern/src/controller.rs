@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use tern_api::auth::TokenFile;
 use tern_controller::core::Config;
+use tern_controller::shell::auth::{Access, SharedAccess};
+use tern_controller::shell::tls::ServerTls;
 use tern_controller::shell::{Shell, ShellConfig};
 use tern_power::ipmi::{BmcAddr, IpmiConfig, IpmiDriver};
 
@@ -46,6 +49,53 @@ pub struct ControllerArgs {
     /// list works as it is). Without it, power actions fail with "no power driver for host".
     #[arg(long, value_name = "FILE")]
     power_file: Option<std::path::PathBuf>,
+    /// This controller's TLS directory (`tern pki issue --role controller`): the API then serves
+    /// only TLS and checks every caller (a client certificate of the cluster CA or a bearer
+    /// token; viewers read, admins change), and etcd and the agents are reached over TLS with
+    /// this certificate. Without it the API is open to anyone who can connect
+    #[arg(long, value_name = "DIR")]
+    tls_dir: Option<std::path::PathBuf>,
+    /// Bearer tokens: lines `NAME ROLE SHA256-HEX` (role viewer or admin; `tern cluster token
+    /// add` writes them). Re-read when the file changes. Needs --tls-dir
+    #[arg(long, value_name = "FILE")]
+    tokens: Option<std::path::PathBuf>,
+    /// Names of user certificates that are admins (other user certificates are viewers),
+    /// comma-separated. Needs --tls-dir
+    #[arg(long, value_name = "NAME", value_delimiter = ',')]
+    admins: Vec<String>,
+}
+
+/// Reads the token file (an absent `path`: no tokens).
+fn read_tokens(path: Option<&std::path::Path>) -> anyhow::Result<TokenFile> {
+    let Some(path) = path else {
+        return Ok(TokenFile::default());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --tokens {}", path.display()))?;
+    TokenFile::parse(&text).with_context(|| format!("--tokens {}", path.display()))
+}
+
+/// Re-reads the token file whenever its modification time changes (checked every 2 s); a file
+/// that no longer parses keeps the tokens in force and says why.
+async fn watch_tokens(path: std::path::PathBuf, access: SharedAccess) {
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last = stamp(&path);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let now = stamp(&path);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match read_tokens(Some(&path)) {
+            Ok(tokens) => {
+                let n = tokens.entries().len();
+                access.write().unwrap_or_else(|e| e.into_inner()).tokens = tokens;
+                eprintln!("tern controller: {} re-read: {n} token(s)", path.display());
+            }
+            Err(e) => eprintln!("tern controller: keeping the tokens in force: {e:#}"),
+        }
+    }
 }
 
 /// One entry of `--power-file`.
@@ -104,6 +154,15 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         Some(p) => power_drivers(p)?,
         None => Vec::new(),
     };
+    anyhow::ensure!(
+        args.tls_dir.is_some() || (args.tokens.is_none() && args.admins.is_empty()),
+        "--tokens and --admins need --tls-dir: a bearer token over plain HTTP is readable by anyone on the path"
+    );
+    let tls = args.tls_dir.as_deref().map(ServerTls::load).transpose()?;
+    let access: SharedAccess = Arc::new(std::sync::RwLock::new(Access {
+        tokens: read_tokens(args.tokens.as_deref())?,
+        admins: args.admins.iter().cloned().collect(),
+    }));
     let cfg = ShellConfig {
         etcd: args.etcd,
         listen: args.listen,
@@ -114,6 +173,7 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             ha_reserve_hosts: args.ha_reserve_hosts,
             ..Config::default()
         },
+        tls_dir: args.tls_dir.clone(),
     };
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
@@ -124,16 +184,34 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         for (host, driver) in drivers {
             shell.set_power_driver(&host, Arc::new(driver));
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         eprintln!(
-            "tern controller: API on http://{} ({}); campaigning in etcd at {}",
+            "tern controller: API on {scheme}://{} ({}); campaigning in etcd at {}",
             cfg.listen,
             shell.shared().url(),
             cfg.etcd.join(",")
         );
+        if tls.is_none() {
+            eprintln!(
+                "tern controller: no --tls-dir: the API is plain HTTP and anyone who can connect may change the cluster"
+            );
+        }
+        if let Some(path) = args.tokens.clone() {
+            tokio::spawn(watch_tokens(path, Arc::clone(&access)));
+        }
+        let serve = async {
+            match &tls {
+                Some(t) => {
+                    shell.serve_tls_on(listener, t, access).await;
+                    Ok(())
+                }
+                None => shell.serve_on(listener).await,
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
         tokio::select! {
-            r = shell.serve_on(listener) => r?,
+            r = serve => r?,
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }

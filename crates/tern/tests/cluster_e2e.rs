@@ -43,6 +43,7 @@ impl Lab {
     fn agent(&self, host: &str) -> Result<AgentStatus, String> {
         let h = self.host(host);
         let (st, body) = http(
+            self.tls.as_ref(),
             Some(&h.namespace),
             &h.agent_url,
             "GET",
@@ -577,7 +578,10 @@ fn a_killed_leader_is_replaced_within_ttl_plus_5_s_and_agents_refuse_its_generat
         .state
         .controllers
         .iter()
-        .position(|c| matches!(http(None, &c.url, "GET", "/v1/hosts", None), Ok((200, _))))
+        .position(|c| {
+            let r = http(lab.tls.as_ref(), None, &c.url, "GET", "/v1/hosts", None);
+            matches!(r, Ok((200, _)))
+        })
         .expect("a leader");
     wait_for(
         "the agents to hear the leader",
@@ -592,6 +596,7 @@ fn a_killed_leader_is_replaced_within_ttl_plus_5_s_and_agents_refuse_its_generat
     let other = 1 - leader;
     loop {
         if let Ok((200, _)) = http(
+            lab.tls.as_ref(),
             None,
             &lab.state.controllers[other].url,
             "GET",
@@ -624,7 +629,10 @@ fn a_killed_leader_is_replaced_within_ttl_plus_5_s_and_agents_refuse_its_generat
         "memory_mib": 64, "kernel": "builtin:testguest", "cmdline": "", "disk": null, "host": null,
         "anti_affinity": null, "restart_priority": 50}}});
     let h = lab.host("h0");
+    // Sent as a controller would (a user certificate may not command an agent).
+    let controller_tls = lab.pki_client(&format!("controller-{}", leader + 1));
     let (code, body) = http(
+        controller_tls.as_ref(),
         Some(&h.namespace),
         &h.agent_url,
         "POST",

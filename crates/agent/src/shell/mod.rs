@@ -613,11 +613,18 @@ fn load_tls(dir: &Path, host_id: &str) -> Result<tern_pki::TlsDir, AgentError> {
     Ok(t)
 }
 
-/// etcd connection options for a `--tls-dir`: the CA as the only trust anchor, the host's
-/// certificate as the client certificate (etcd's `--client-cert-auth`).
-fn etcd_options(tls_dir: Option<&Path>) -> Result<etcd_client::ConnectOptions, AgentError> {
+/// etcd connection options for a `--tls-dir` and `https://` endpoints: the CA as the only trust
+/// anchor, the host's certificate as the client certificate (etcd's `--client-cert-auth`).
+fn etcd_options(
+    tls_dir: Option<&Path>,
+    endpoints: &[String],
+) -> Result<etcd_client::ConnectOptions, AgentError> {
     let opts = etcd_client::ConnectOptions::new();
-    let Some(dir) = tls_dir else { return Ok(opts) };
+    // TLS for https:// endpoints only (an http:// etcd is the operator's explicit choice).
+    let https = endpoints.iter().any(|e| e.starts_with("https://"));
+    let Some(dir) = tls_dir.filter(|_| https) else {
+        return Ok(opts);
+    };
     let read = |name: &str| {
         std::fs::read(dir.join(name)).map_err(|e| AgentError::Tls {
             dir: dir.to_owned(),
@@ -677,7 +684,7 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
         .advertise_url
         .clone()
         .unwrap_or_else(|| format!("{scheme}://{local}"));
-    let connect = etcd_options(opts.tls_dir.as_deref())?
+    let connect = etcd_options(opts.tls_dir.as_deref(), &opts.etcd)?
         .with_connect_timeout(Duration::from_secs(2))
         .with_timeout(Duration::from_secs(5));
     let client = etcd_client::Client::connect(&opts.etcd, Some(connect))

@@ -96,11 +96,18 @@ pub struct ShellConfig {
     pub tls_dir: Option<PathBuf>,
 }
 
-/// etcd connection options for a `--tls-dir`: the CA as the only trust anchor, our certificate
-/// as the client certificate (etcd's `--client-cert-auth`).
-pub fn etcd_options(tls_dir: Option<&Path>) -> Result<etcd_client::ConnectOptions, StartError> {
+/// etcd connection options for a `--tls-dir` and `https://` endpoints: the CA as the only trust
+/// anchor, our certificate as the client certificate (etcd's `--client-cert-auth`).
+pub fn etcd_options(
+    tls_dir: Option<&Path>,
+    endpoints: &[String],
+) -> Result<etcd_client::ConnectOptions, StartError> {
     let opts = etcd_client::ConnectOptions::new();
-    let Some(dir) = tls_dir else { return Ok(opts) };
+    // TLS for https:// endpoints only (an http:// etcd is the operator's explicit choice).
+    let https = endpoints.iter().any(|e| e.starts_with("https://"));
+    let Some(dir) = tls_dir.filter(|_| https) else {
+        return Ok(opts);
+    };
     let read = |name: &str| {
         std::fs::read(dir.join(name))
             .map_err(|e| StartError::Invalid(format!("--tls-dir {}: {name}: {e}", dir.display())))
@@ -532,7 +539,7 @@ impl Shell {
             .as_deref()
             .map(tls::ServerTls::load)
             .transpose()?;
-        let options = etcd_options(cfg.tls_dir.as_deref())?;
+        let options = etcd_options(cfg.tls_dir.as_deref(), &cfg.etcd)?;
         let connect = etcd_client::Client::connect(&cfg.etcd, Some(options));
         let client = tokio::time::timeout(ETCD_TIMEOUT, connect)
             .await

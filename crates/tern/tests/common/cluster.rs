@@ -1,13 +1,15 @@
 //! A test cluster for the `tern cluster` integration tests: a running `tern cluster up` (real
 //! etcd, network-namespace hosts, an agent and a volume node per host, controllers) read through
-//! its JSON line and state file, REST calls to whichever controller leads, plain HTTP/1.1 from
-//! inside a host's namespace, and the guests' heartbeats. Needs root, KVM and etcd; fails loudly
-//! without them.
+//! its JSON line and state file, REST calls to whichever controller leads (over TLS with the
+//! cluster's admin certificate, as `tern cluster up` runs by default), HTTP/1.1 from inside a
+//! host's namespace, and the guests' heartbeats. Needs root, KVM and etcd; fails loudly without
+//! them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::time::{Duration, Instant};
 
@@ -39,6 +41,10 @@ pub struct UpInfo {
     pub etcd: String,
     pub hosts: Vec<LabHost>,
     pub state_file: PathBuf,
+    /// The admin user's TLS directory (`null` with `--insecure`).
+    pub tls_dir: Option<PathBuf>,
+    /// The controllers' token file (`null` with `--insecure`).
+    pub tokens: Option<PathBuf>,
 }
 
 /// A controller in the cluster's state file.
@@ -60,6 +66,8 @@ pub struct Lab {
     pub child: Option<Child>,
     pub info: UpInfo,
     pub state: StateFile,
+    /// TLS as the admin user (`None` with `--insecure`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     _scratch: tempfile::TempDir,
     stderr: PathBuf,
 }
@@ -113,11 +121,20 @@ impl Lab {
         assert_eq!(info.name, name);
         assert_eq!(info.hosts.len(), hosts);
         assert_eq!(info.controllers.len(), controllers);
-        assert!(info.etcd.starts_with("http://127.0.0.1:"), "{}", info.etcd);
+        let insecure = extra.contains(&"--insecure");
+        let scheme = if insecure { "http" } else { "https" };
+        assert!(
+            info.etcd.starts_with(&format!("{scheme}://127.0.0.1:")),
+            "{}",
+            info.etcd
+        );
+        assert_eq!(info.tls_dir.is_none(), insecure, "{:?}", info.tls_dir);
+        let tls = info.tls_dir.as_deref().map(client_config);
         Lab {
             child: Some(child),
             info,
             state,
+            tls,
             _scratch: scratch,
             stderr,
         }
@@ -142,13 +159,19 @@ impl Lab {
         let body = body.map(|b| b.to_string());
         let mut last = (0, String::from("no controller answered"));
         for c in &self.info.controllers {
-            match http(None, c, method, path, body.as_deref()) {
+            match http(self.tls.as_ref(), None, c, method, path, body.as_deref()) {
                 Ok((503, b)) => last = (503, b),
                 Ok(r) => return r,
                 Err(e) => last = (0, e),
             }
         }
         last
+    }
+
+    /// TLS as `name` of the cluster's PKI (`controller-1`, `h0`, ...; `None` with `--insecure`).
+    pub fn pki_client(&self, name: &str) -> Option<Arc<rustls::ClientConfig>> {
+        let pki = self.info.tls_dir.as_ref()?.parent()?.to_path_buf();
+        Some(client_config(&pki.join(name)))
     }
 
     /// `GET /v1/vms` (empty while no controller answers 200).
@@ -270,22 +293,37 @@ impl Drop for Lab {
     }
 }
 
-/// One HTTP/1.1 request (`Connection: close`), from inside namespace `ns` if given.
+/// The rustls client configuration of a `tern pki` directory (its CA trusted, its certificate
+/// presented).
+pub fn client_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+    tern_pki::TlsDir::load(dir)
+        .unwrap_or_else(|e| panic!("--tls-dir {}: {e}", dir.display()))
+        .client_config()
+}
+
+/// One HTTP/1.1 request (`Connection: close`), from inside namespace `ns` if given; an
+/// `https://` URL needs `tls`.
 pub fn http(
+    tls: Option<&Arc<rustls::ClientConfig>>,
     ns: Option<&str>,
     base: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> Result<(u16, String), String> {
-    let host = base.trim_start_matches("http://").trim_end_matches('/');
+    let (host, https) = match base.split_once("://") {
+        Some(("https", rest)) => (rest.trim_end_matches('/'), true),
+        _ => (
+            base.trim_start_matches("http://").trim_end_matches('/'),
+            false,
+        ),
+    };
     let addr: SocketAddr = host.parse().map_err(|e| format!("{base}: {e}"))?;
     let stream = match ns {
         Some(ns) => tern_netlab::ns::connect_from(ns, addr, Duration::from_secs(2)),
         None => TcpStream::connect_timeout(&addr, Duration::from_secs(2)),
     }
     .map_err(|e| format!("connect {base}: {e}"))?;
-    let mut stream = stream;
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
@@ -294,11 +332,28 @@ pub fn http(
         "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream
-        .write_all(req.as_bytes())
-        .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    if https {
+        let cfg = tls.ok_or_else(|| format!("{base}: an https URL and no TLS settings"))?;
+        let name = tern_pki::TlsDir::server_name(&addr.ip().to_string());
+        let conn =
+            rustls::ClientConnection::new(Arc::clone(cfg), name).map_err(|e| e.to_string())?;
+        let mut tls = rustls::StreamOwned::new(conn, stream);
+        tls.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+        match tls.read_to_end(&mut raw) {
+            // hyper closes after `Connection: close` without TLS's close_notify
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            r => {
+                r.map_err(|e| e.to_string())?;
+            }
+        }
+    } else {
+        let mut stream = stream;
+        stream
+            .write_all(req.as_bytes())
+            .map_err(|e| e.to_string())?;
+        stream.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").ok_or("no header end")?;
     let status = head
