@@ -41,10 +41,10 @@ use tern_guest_image::qemu::{QEMU_FIRMWARE, QemuConfig};
 use tern_test_support::free_port;
 
 /// Tern's settings, passed explicitly; the tuned QEMU row copies them.
-const TERN_STREAMS: u16 = 2;
-const TERN_BUDGET_MS: u64 = 50;
+pub(crate) const TERN_STREAMS: u16 = 2;
+pub(crate) const TERN_BUDGET_MS: u64 = 50;
 /// The guest's heartbeat period (`tern.hb_ms`).
-const HB_MS: u64 = 20;
+pub(crate) const HB_MS: u64 = 20;
 /// Tuned QEMU's bandwidth cap, bytes/s (QEMU's default is 128 MiB/s; Tern has no cap).
 const QEMU_TUNED_BANDWIDTH: u64 = 10_000_000_000;
 
@@ -65,17 +65,17 @@ pub struct MigrateArgs {
     pub workload: Vec<String>,
 }
 
-struct Workload {
-    name: &'static str,
-    label: &'static str,
-    memory_mib: u64,
-    cmdline: &'static str,
+pub(crate) struct Workload {
+    pub(crate) name: &'static str,
+    pub(crate) label: &'static str,
+    pub(crate) memory_mib: u64,
+    pub(crate) cmdline: &'static str,
     /// A bandwidth cap for Tern and tuned QEMU alike, MiB/s (so that both must throttle); QEMU's
     /// defaults are not run then (their own 128 MiB/s cap never converges on this writer).
-    cap_mibps: Option<u64>,
+    pub(crate) cap_mibps: Option<u64>,
 }
 
-const WORKLOADS: &[Workload] = &[
+pub(crate) const WORKLOADS: &[Workload] = &[
     Workload {
         name: "idle",
         label: "idle 1 GiB",
@@ -108,7 +108,7 @@ const WORKLOADS: &[Workload] = &[
 
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RunEnd {
+pub(crate) enum RunEnd {
     /// Completed, the target heartbeats, no panic: the only runs the medians use.
     Ok,
     /// The VMM gave up or did not converge in time.
@@ -123,7 +123,7 @@ enum RunEnd {
 
 /// One migration's figures; `None` fields: not measured.
 #[derive(Debug, Clone)]
-struct Sample {
+pub(crate) struct Sample {
     end: RunEnd,
     /// Host time between the last source heartbeat line and the first target one, minus `HB_MS`.
     host_gap_ms: Option<f64>,
@@ -178,14 +178,14 @@ struct WorkRate {
 }
 
 /// A process whose stdout lines are read on a thread, each with its arrival time.
-struct Proc {
+pub(crate) struct Proc {
     child: Child,
     lines: Receiver<(Instant, String)>,
-    seen: Vec<(Instant, String)>,
+    pub(crate) seen: Vec<(Instant, String)>,
 }
 
 impl Proc {
-    fn spawn(mut cmd: Command) -> anyhow::Result<Proc> {
+    pub(crate) fn spawn(mut cmd: Command) -> anyhow::Result<Proc> {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -208,7 +208,11 @@ impl Proc {
         })
     }
 
-    fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    pub(crate) fn wait_line(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let (t, l) = self
@@ -233,13 +237,13 @@ impl Proc {
         }
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn field(line: &str, key: &str) -> Option<u64> {
+pub(crate) fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .and_then(|v| v.parse().ok())
@@ -369,7 +373,16 @@ fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
     })
 }
 
-fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result<Sample> {
+/// One Tern migration of workload `w`; `receive_extra` and `migrate_extra` are added to the
+/// `tern vm receive` and `tern vm migrate` command lines (e.g. `--tls-dir`).
+pub(crate) fn tern_run(
+    tern: &Path,
+    elf: &Path,
+    dir: &Path,
+    w: &Workload,
+    receive_extra: &[&str],
+    migrate_extra: &[&str],
+) -> anyhow::Result<Sample> {
     let port = free_port();
     let to = format!("127.0.0.1:{port}");
     let rt = dir.join("rt");
@@ -387,7 +400,8 @@ fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result
         ])
         .arg(&dsock)
         .arg("--runtime-dir")
-        .arg(&rt);
+        .arg(&rt)
+        .args(receive_extra);
         c
     })?;
     let mut src = Proc::spawn({
@@ -420,6 +434,7 @@ fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result
                     .map(|c| vec!["--max-bandwidth-mibps".to_string(), c.to_string()])
                     .unwrap_or_default(),
             )
+            .args(migrate_extra)
             .output()?;
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         if !(out.status.success() && r["outcome"] == "completed") {
@@ -446,7 +461,7 @@ fn tern_run(tern: &Path, elf: &Path, dir: &Path, w: &Workload) -> anyhow::Result
     result
 }
 
-struct Qmp {
+pub(crate) struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
 }
@@ -478,7 +493,11 @@ impl Qmp {
         Ok(serde_json::from_str(&line)?)
     }
 
-    fn cmd(&mut self, name: &str, args: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+    pub(crate) fn cmd(
+        &mut self,
+        name: &str,
+        args: serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
         let mut m = serde_json::json!({ "execute": name, "arguments": args }).to_string();
         m.push('\n');
         self.w.write_all(m.as_bytes())?;
@@ -497,7 +516,7 @@ impl Qmp {
 
 /// QEMU's migration settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum QemuSetup {
+pub(crate) enum QemuSetup {
     /// As an operator would tune it to match Tern: downtime limit = Tern's budget, auto-converge,
     /// multifd with Tern's stream count, bandwidth cap lifted.
     Tuned,
@@ -544,13 +563,17 @@ fn qemu_tune(q: &mut Qmp, source: bool, cap_mibps: Option<u64>) -> anyhow::Resul
     Ok(())
 }
 
-fn qemu_run(
+/// One QEMU migration of workload `w`; `prepare(qmp, is_source)` runs on each side after the
+/// tuning and before the target listens (e.g. to add TLS credentials).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn qemu_run(
     args: &MigrateArgs,
     elf: &Path,
     dir: &Path,
     w: &Workload,
     tsc_hz: u64,
     setup: QemuSetup,
+    prepare: &dyn Fn(&mut Qmp, bool) -> anyhow::Result<()>,
 ) -> anyhow::Result<Sample> {
     let port = free_port();
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -573,6 +596,8 @@ fn qemu_run(
             qemu_tune(&mut qd, false, w.cap_mibps)?;
             qemu_tune(&mut q, true, w.cap_mibps)?;
         }
+        prepare(&mut qd, false)?;
+        prepare(&mut q, true)?;
         qd.cmd("migrate-incoming", serde_json::json!({ "uri": uri }))?;
         let started = Instant::now();
         q.cmd("migrate", serde_json::json!({ "uri": uri }))?;
@@ -624,14 +649,14 @@ fn qemu_run(
 }
 
 /// A run that went wrong is printed and counted as a failed run; the others go on.
-fn or_error(vmm: &str, r: anyhow::Result<Sample>) -> Sample {
+pub(crate) fn or_error(vmm: &str, r: anyhow::Result<Sample>) -> Sample {
     r.unwrap_or_else(|e| {
         eprintln!("{vmm}: run failed: {e:#}");
         Sample::failed(RunEnd::Error)
     })
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
+pub(crate) fn median(mut v: Vec<f64>) -> Option<f64> {
     if v.is_empty() {
         return None;
     }
@@ -645,28 +670,28 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Medians {
-    ok: usize,
-    runs: usize,
-    not_converged: usize,
-    target_silent: usize,
-    panicked: usize,
-    errors: usize,
-    pause: Option<f64>,
-    host_gap: Option<f64>,
-    guest_gap: Option<f64>,
-    clock_shift: Option<f64>,
-    total: Option<f64>,
-    bytes: Option<f64>,
-    rounds: Option<f64>,
-    downtime: Option<f64>,
-    throttle: Option<f64>,
-    work_mean: Option<f64>,
-    work_min: Option<f64>,
+pub(crate) struct Medians {
+    pub(crate) ok: usize,
+    pub(crate) runs: usize,
+    pub(crate) not_converged: usize,
+    pub(crate) target_silent: usize,
+    pub(crate) panicked: usize,
+    pub(crate) errors: usize,
+    pub(crate) pause: Option<f64>,
+    pub(crate) host_gap: Option<f64>,
+    pub(crate) guest_gap: Option<f64>,
+    pub(crate) clock_shift: Option<f64>,
+    pub(crate) total: Option<f64>,
+    pub(crate) bytes: Option<f64>,
+    pub(crate) rounds: Option<f64>,
+    pub(crate) downtime: Option<f64>,
+    pub(crate) throttle: Option<f64>,
+    pub(crate) work_mean: Option<f64>,
+    pub(crate) work_min: Option<f64>,
 }
 
 /// Medians over the runs that ended well only; the others are counted by how they ended.
-fn medians(s: &[Sample]) -> Medians {
+pub(crate) fn medians(s: &[Sample]) -> Medians {
     let ok: Vec<&Sample> = s.iter().filter(|x| x.end == RunEnd::Ok).collect();
     let m = |f: &dyn Fn(&Sample) -> Option<f64>| median(ok.iter().filter_map(|x| f(x)).collect());
     let count = |e: RunEnd| s.iter().filter(|x| x.end == e).count();
@@ -691,11 +716,11 @@ fn medians(s: &[Sample]) -> Medians {
     }
 }
 
-fn fmt(v: Option<f64>, scale: f64, prec: usize) -> String {
+pub(crate) fn fmt(v: Option<f64>, scale: f64, prec: usize) -> String {
     v.map_or("–".into(), |x| format!("{:.*}", prec, x / scale))
 }
 
-fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     match (a, b) {
         (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
         (Some(_), None) => "peer did not converge".into(),
@@ -744,15 +769,17 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
             // Interleaved, so host noise hits all alike.
-            t.push(or_error("tern", tern_run(&tern, &elf, &dir, w)));
+            t.push(or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[])));
             qt.push(or_error(
                 "qemu tuned",
-                qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned),
+                qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned, &|_, _| Ok(())),
             ));
             if w.cap_mibps.is_none() {
                 qd.push(or_error(
                     "qemu defaults",
-                    qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults),
+                    qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults, &|_, _| {
+                        Ok(())
+                    }),
                 ));
             }
         }

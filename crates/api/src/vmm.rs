@@ -144,6 +144,37 @@ pub struct MigrateRequest {
     /// required when the VM has such disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_successor: Option<String>,
+    /// Migrate over mutual TLS with this identity (absent: plain TCP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrateTls>,
+}
+
+/// The source's TLS identity for one migration: the contents of its `--tls-dir` (read by the
+/// `tern vm migrate` client, which can read the 0600 key; a jailed VMM could not) and the name the
+/// target's certificate must carry. Sent only over the VMM's 0600 API socket.
+#[derive(Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateTls {
+    /// Where the files came from (for messages).
+    pub dir: String,
+    /// `ca-cert.pem`: the cluster CA the target's certificate must chain to.
+    pub ca_cert_pem: String,
+    /// `server-cert.pem`: the certificate this host presents (role `host`).
+    pub cert_pem: String,
+    /// `server-key.pem`.
+    pub key_pem: String,
+    /// The name (DNS or IP SAN) the target's certificate must carry.
+    pub target_name: String,
+}
+
+impl std::fmt::Debug for MigrateTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrateTls")
+            .field("dir", &self.dir)
+            .field("target_name", &self.target_name)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_streams() -> u16 {
@@ -169,6 +200,7 @@ impl MigrateRequest {
             verify_memory: false,
             protocol_version: None,
             disk_successor: None,
+            tls: None,
         }
     }
 }

@@ -133,6 +133,12 @@ pub struct ReceiveArgs {
     /// Give up if no source connects within this many seconds (default: wait forever).
     #[arg(long, value_name = "SECONDS")]
     pub accept_timeout: Option<f64>,
+    /// Accept only mutual TLS from a source holding a host certificate of this directory's CA
+    /// (`tern pki issue --role host`); plain connections are refused. Connections that fail
+    /// (plain TCP, scans, other CAs, expired or user certificates) are logged and dropped while
+    /// the receive keeps waiting.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Directory of runtime entries.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
     pub runtime_dir: PathBuf,
@@ -460,6 +466,14 @@ fn with_network(
 }
 
 fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
+    // Read the certificate and key before the sandbox closes the files off.
+    let tls = match &a.tls_dir {
+        Some(d) => Some(Arc::new(
+            tern_pki::TlsDir::load(d)
+                .with_context(|| format!("cannot use --tls-dir {}", d.display()))?,
+        )),
+        None => None,
+    };
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;
     signals::block_termination_signals().context("cannot block termination signals")?;
@@ -536,8 +550,17 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         accept_timeout: a.accept_timeout.map(std::time::Duration::from_secs_f64),
         ..Default::default()
     };
-    eprintln!("tern: waiting for a migration on {}", a.listen);
-    let report = tern_migration::receive(&listener, &mut target, &opts, &cancel);
+    let guard = tern_migration::ListenGuard {
+        tls,
+        on_rejected: Some(Arc::new(|r: &tern_migration::Rejected| eprintln!("tern: {r}"))),
+        ..Default::default()
+    };
+    eprintln!(
+        "tern: waiting for a migration on {}{}",
+        a.listen,
+        if guard.tls.is_some() { " (mutual TLS)" } else { "" }
+    );
+    let report = tern_migration::receive_guarded(&listener, &mut target, &opts, &guard, &cancel);
     drop(listener);
     match report {
         Ok(r) => {

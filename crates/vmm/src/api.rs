@@ -314,10 +314,34 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         // Progress is best effort: a client that went away does not stop the migration.
         client_gone = out.write_all(r.to_line().as_bytes()).is_err();
     };
-    let result = tern_migration::migrate(&mut source, m.to.as_str(), &opts, &cancel, &mut show);
+    let result = tern_migration::migrate_with_tls(
+        &mut source,
+        m.to.as_str(),
+        &opts,
+        tls.as_ref(),
+        &cancel,
+        &mut show,
+    );
     drop(source);
     *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match result {
+    // Mutual TLS: the identity the client read from its --tls-dir.
+    let tls = match m.tls.as_ref().map(|t| {
+        tern_migration::TlsClient::from_pem(
+            &t.dir,
+            &t.ca_cert_pem,
+            &t.cert_pem,
+            &t.key_pem,
+            &t.target_name,
+        )
+    }) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            let e = tern_migration::error_chain(&e);
+            return (Response::error(format!("bad TLS identity: {e}")), false);
+        }
+    };
         Ok(report) => {
             // The VM runs on the target now; its partial console line is printed there.
             vm.discard_pending_output();

@@ -53,6 +53,28 @@ pub struct TlsClient {
     pub target_name: String,
 }
 
+impl TlsClient {
+    /// From the PEM text of a `--tls-dir` (read by a process allowed to read the key) and the
+    /// target's expected name. `dir` only labels errors.
+    pub fn from_pem(
+        dir: &str,
+        ca_cert_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        target_name: &str,
+    ) -> Result<TlsClient, tern_pki::LoadError> {
+        let pem = tern_pki::PemFiles {
+            ca_cert: ca_cert_pem.to_owned(),
+            cert: cert_pem.to_owned(),
+            key: key_pem.to_owned(),
+        };
+        Ok(TlsClient {
+            dir: Arc::new(TlsDir::from_pem(std::path::Path::new(dir), &pem)?),
+            target_name: target_name.to_owned(),
+        })
+    }
+}
+
 /// A connection the target's listener dropped, and why.
 #[derive(Debug, Clone)]
 pub struct Rejected {
@@ -650,7 +672,8 @@ fn admit(
     timeout: Duration,
 ) -> Result<Accepted, String> {
     let start = Instant::now();
-    tcp.set_nonblocking(false).map_err(|e| e.to_string())?;
+    // Blocking already: accept(2) does not pass the listener's O_NONBLOCK on (and an ioctl here
+    // would be outside the migration threads' seccomp filter).
     let _ = tcp.set_nodelay(true);
     let (mut conn, identity) = match tls {
         None => (Conn::Plain(tcp), None),

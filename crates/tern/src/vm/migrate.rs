@@ -1,7 +1,10 @@
 //! `tern vm migrate`: ask a VM's VMM to move it live to a waiting `tern vm receive`, show the
 //! progress it streams back, and print the report.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
 
 use tern_vmctl::{MigrateError, MigrateRequest, MigrationReport, Progress, Request};
 
@@ -49,6 +52,23 @@ pub struct MigrateArgs {
     /// Required when the VM has a writable volume:// disk.
     #[arg(long, value_name = "NODE_ID")]
     pub disk_successor: Option<String>,
+    /// Migrate over mutual TLS with this host's certificate (`tern pki issue --role host`): every
+    /// stream is TLS, the target must present a host certificate of the same CA. The files are
+    /// read here and handed to the VMM over its API socket.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// The name the target's certificate must carry (its `tern pki issue --name` or a --san)
+    /// [default: the host part of --to].
+    #[arg(long, value_name = "NAME", requires = "tls_dir")]
+    pub tls_name: Option<String>,
+}
+
+/// The host part of HOST:PORT (`[v6]:port` too), the default name a target's certificate must carry.
+fn host_of(to: &str) -> &str {
+    let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
 }
 
 /// `--on-timeout`.
@@ -144,6 +164,26 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => Err(e),
     };
     let report: Option<MigrationReport> = match &failure {
+    let tls = match &a.tls_dir {
+        None => None,
+        Some(dir) => {
+            let pem = tern_pki::PemFiles::read(dir)
+                .with_context(|| format!("cannot use --tls-dir {}", dir.display()))?;
+            let target_name = a
+                .tls_name
+                .clone()
+                .unwrap_or_else(|| host_of(&to).to_owned());
+            tern_pki::TlsDir::try_server_name(&target_name)
+                .map_err(|e| anyhow::anyhow!("bad --tls-name: {e}"))?;
+            Some(tern_api::vmm::MigrateTls {
+                dir: dir.display().to_string(),
+                ca_cert_pem: pem.ca_cert,
+                cert_pem: pem.cert,
+                key_pem: pem.key,
+                target_name,
+            })
+        }
+    };
         Ok(r) => Some(r.clone()),
         Err(e) => e.report().cloned(),
     };
@@ -154,6 +194,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{}", report_line(r, &to));
     }
     let e = match failure {
+        tls,
         Ok(_) => {
             if !a.json {
                 eprintln!(
@@ -218,3 +259,11 @@ mod tests {
         assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 }
+
+    #[test]
+    fn the_default_tls_name_is_the_host_of_the_target_address() {
+        assert_eq!(host_of("node-b:7000"), "node-b");
+        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(host_of("[fd00::2]:7000"), "fd00::2");
+        assert_eq!(host_of("node-b"), "node-b");
+    }
