@@ -26,14 +26,14 @@ fn issue(ca: &Path, name: &str, role: Role) -> TlsDir {
 
 /// Runs one handshake: the server side in a thread (it echoes one line after the handshake), the
 /// client side here, expecting the server under `name`. Returns both sides' results.
-fn handshake(
-    server: &TlsDir,
-    client: &TlsDir,
-    name: &str,
-) -> (
+/// What each side of one handshake saw: the server the client's identity; the client the server's
+/// identity and the echoed bytes.
+type Outcome = (
     Result<tern_pki::Identity, HandshakeError>,
     Result<(tern_pki::Identity, Vec<u8>), String>,
-) {
+);
+
+fn handshake(server: &TlsDir, client: &TlsDir, name: &str) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let cfg = server.server_config();
