@@ -19,7 +19,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -180,16 +179,17 @@ pub struct PathCounters {
 struct LeaseClock {
     epoch: AtomicU64,
     ttl_ms: AtomicU64,
-    /// Milliseconds after `origin`.
+    /// Milliseconds after `origin_ms`.
     deadline_ms: AtomicU64,
-    origin: Instant,
+    /// `CLOCK_BOOTTIME` at open ([`crate::node::boottime_ms`]): deadlines pass during a suspend.
+    origin_ms: u64,
     renewing: AtomicBool,
     stop: AtomicBool,
 }
 
 impl LeaseClock {
     fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        crate::node::boottime_ms().saturating_sub(self.origin_ms)
     }
     fn valid(&self) -> bool {
         self.renewing.load(Ordering::SeqCst)
@@ -200,7 +200,7 @@ impl LeaseClock {
 /// The direct path of a writer.
 #[derive(Debug)]
 struct Direct {
-    lun: File,
+    lun: crate::lun::DirectFile,
     sb: Superblock,
     map: Vec<u32>,
     fault_file: Option<PathBuf>,
@@ -391,7 +391,7 @@ impl VolumeDisk {
             epoch: AtomicU64::new(0),
             ttl_ms: AtomicU64::new(0),
             deadline_ms: AtomicU64::new(0),
-            origin: Instant::now(),
+            origin_ms: crate::node::boottime_ms(),
             renewing: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         });
@@ -639,6 +639,7 @@ impl VolumeDisk {
                     return Err(io::Error::other("lease lapsed inside a write"));
                 }
                 d.path_ok()?;
+                crate::lun::stop_point("disk-pwrite");
                 d.lun.write_all_at(&data[done..done + len], lun_offset)?;
                 done += len;
             }
@@ -882,11 +883,7 @@ fn open_direct(status: &NodeStatus) -> Option<Direct> {
     if status.no_direct {
         return None;
     }
-    let lun = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&status.lun)
-        .ok()?;
+    let lun = crate::lun::DirectFile::open(&status.lun).ok()?;
     let mut sector = vec![0u8; SECTOR as usize];
     lun.read_exact_at(&mut sector, 0).ok()?;
     let sb = Superblock::decode(&sector).ok()?;

@@ -30,12 +30,82 @@ use crate::format::{LeaseRecord, NodeId};
 pub struct LeaseTimings {
     /// How long a grant or renewal lasts at the coordinator.
     pub ttl_ms: u64,
+    /// How long after a lease lapsed (not released) the coordinator still refuses to give it to
+    /// anyone else: the holder's host watchdog kills a writer whose lease lapsed within this
+    /// margin ([`WatchdogTimings`]), so a re-grant never meets a live old writer.
+    pub regrant_margin_ms: u64,
+}
+
+impl LeaseTimings {
+    /// The timings for a TTL, with the watchdog's margin ([`WatchdogTimings::for_ttl`]).
+    pub fn for_ttl(ttl_ms: u64) -> LeaseTimings {
+        LeaseTimings {
+            ttl_ms,
+            regrant_margin_ms: WatchdogTimings::for_ttl(ttl_ms).margin_ms,
+        }
+    }
 }
 
 impl Default for LeaseTimings {
     fn default() -> Self {
-        LeaseTimings { ttl_ms: 4000 }
+        LeaseTimings::for_ttl(4000)
     }
+}
+
+/// The host watchdog's timings (as sanlock's: kill the lease's users when it cannot be renewed,
+/// and let the others wait long enough for the kill to have happened).
+///
+/// With `D` the holder node's local deadline (`request sent + TTL`, never later than the
+/// coordinator's `D_c`): the watchdog looks every `tick_ms` and SIGKILLs the writer once
+/// `now ≥ D + grace_ms`; the coordinator re-grants to another node only at `D_c + margin_ms`.
+/// The kill is therefore done by `D + grace + tick ≤ D_c + grace + tick`, which leaves
+/// `margin − grace − tick` for the kill to take effect before the earliest re-grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchdogTimings {
+    /// How long after the local deadline the watchdog waits for a late renewal (a coordinator
+    /// take-over, a slow reply) before it kills.
+    pub grace_ms: u64,
+    /// How often the watchdog looks.
+    pub tick_ms: u64,
+    /// How long after the coordinator's deadline a lapsed lease stays unavailable to others.
+    pub margin_ms: u64,
+}
+
+impl WatchdogTimings {
+    /// Grace TTL/4, tick TTL/20 (10–100 ms), margin TTL/2: at the default TTL of 4 s, the kill
+    /// comes 1–1.1 s after the local deadline and the re-grant 2 s after the coordinator's.
+    pub fn for_ttl(ttl_ms: u64) -> WatchdogTimings {
+        WatchdogTimings {
+            grace_ms: ttl_ms / 4,
+            tick_ms: (ttl_ms / 20).clamp(10, 100),
+            margin_ms: ttl_ms / 2,
+        }
+    }
+
+    /// What the watchdog does about a writer whose lease (as its node holds it) is `held` at
+    /// `now_ms`.
+    pub fn verdict(&self, held: &HeldLease, now_ms: u64) -> WatchdogVerdict {
+        if now_ms < held.deadline_ms.saturating_add(self.grace_ms) {
+            WatchdogVerdict::Keep
+        } else if now_ms < held.deadline_ms.saturating_add(self.margin_ms) {
+            WatchdogVerdict::Kill
+        } else {
+            WatchdogVerdict::TooLate
+        }
+    }
+}
+
+/// The watchdog's decision for one writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchdogVerdict {
+    /// The lease is valid, or lapsed less than the grace ago: leave the writer alone.
+    Keep,
+    /// Lapsed beyond the grace, before the earliest re-grant: SIGKILL the writer now.
+    Kill,
+    /// Lapsed beyond the margin: the watchdog itself was not running (its node frozen or
+    /// suspended), so another node may already write; killing now is no fence any more, the
+    /// writer's own deadline and the coordinator's refusal are what is left.
+    TooLate,
 }
 
 /// A request to the lease table.
@@ -143,6 +213,11 @@ pub struct Grant {
 struct Live {
     record: LeaseRecord,
     deadline_ms: u64,
+    /// Before this, only `last_holder` may be granted the lease (see
+    /// [`LeaseTimings::regrant_margin_ms`]); a release sets it to the release's time.
+    regrant_at_ms: u64,
+    /// The node that held the lease last, if it may take it again at once (not after a fence).
+    last_holder: Option<NodeId>,
 }
 
 /// The coordinator's lease table.
@@ -167,6 +242,11 @@ impl LeaseTable {
                     Live {
                         record,
                         deadline_ms: now_ms + timings.ttl_ms,
+                        regrant_at_ms: match record.holder {
+                            Some(_) => now_ms + timings.ttl_ms + timings.regrant_margin_ms,
+                            None => 0,
+                        },
+                        last_holder: record.holder,
                     },
                 )
             })
@@ -219,7 +299,15 @@ impl LeaseTable {
                     return Err(LeaseError::Busy {
                         holder: h,
                         epoch: cur,
-                        remaining_ms: l.deadline_ms - now_ms,
+                        remaining_ms: l.regrant_at_ms.max(l.deadline_ms) - now_ms,
+                    });
+                }
+                // Lapsed, not released: its writer may be alive until its watchdog killed it.
+                None if now_ms < l.regrant_at_ms && l.last_holder != Some(node) => {
+                    return Err(LeaseError::Busy {
+                        holder: l.record.holder.or(l.last_holder).unwrap_or(0),
+                        epoch: cur,
+                        remaining_ms: l.regrant_at_ms - now_ms,
                     });
                 }
                 None => (
@@ -293,11 +381,18 @@ impl LeaseTable {
                 )
             }
         };
+        let released = matches!(op, LeaseOp::Release { .. });
         self.files.insert(
             name.to_owned(),
             Live {
                 record,
                 deadline_ms: deadline,
+                regrant_at_ms: if released {
+                    now_ms
+                } else {
+                    deadline + self.timings.regrant_margin_ms
+                },
+                last_holder: record.holder.or(l.last_holder),
             },
         );
         Ok(Grant {
@@ -323,7 +418,13 @@ impl LeaseTable {
                     holder: None,
                     handover_from: None,
                 };
+                // Free at once for writes (refused from now), but not re-granted before the
+                // fenced holder's watchdog has had its margin.
+                l.regrant_at_ms = l
+                    .regrant_at_ms
+                    .max(l.deadline_ms + self.timings.regrant_margin_ms);
                 l.deadline_ms = now_ms;
+                l.last_holder = None;
                 changed.push((name.clone(), true));
             } else if l.record.handover_from == Some(node) {
                 l.record.handover_from = None;
@@ -390,7 +491,10 @@ mod tests {
 
     fn table() -> LeaseTable {
         LeaseTable {
-            timings: LeaseTimings { ttl_ms: TTL },
+            timings: LeaseTimings {
+                ttl_ms: TTL,
+                regrant_margin_ms: 0,
+            },
             files: BTreeMap::new(),
         }
     }
@@ -414,6 +518,108 @@ mod tests {
             t.apply("f", LeaseOp::Renew { node: 1, epoch: 1 }, 1001),
             Err(LeaseError::Stale { .. })
         ));
+    }
+
+    fn table_with_margin(margin: u64) -> LeaseTable {
+        LeaseTable {
+            timings: LeaseTimings {
+                ttl_ms: TTL,
+                regrant_margin_ms: margin,
+            },
+            files: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_lapsed_lease_goes_to_another_node_only_after_the_watchdog_margin() {
+        let mut t = table_with_margin(500);
+        t.apply("f", LeaseOp::Acquire { node: 1 }, 0).unwrap();
+        t.apply("f", LeaseOp::Renew { node: 1, epoch: 1 }, 200)
+            .unwrap();
+        // Lapsed at 1200 (no writes, no renewals), but not given away before 1700.
+        assert_eq!(t.holder("f", 1200), None);
+        assert!(t.check_write("f", 1, 1, 1200).is_err());
+        match t.apply("f", LeaseOp::Acquire { node: 2 }, 1699) {
+            Err(LeaseError::Busy {
+                holder: 1,
+                remaining_ms: 1,
+                ..
+            }) => {}
+            other => panic!("re-granted inside the watchdog margin: {other:?}"),
+        }
+        let g = t.apply("f", LeaseOp::Acquire { node: 2 }, 1700).unwrap();
+        assert_eq!((g.holder, g.epoch), (Some(2), 2));
+        // Its own last holder may take a lapsed lease back at once (its old writer is the one
+        // it replaces on the same host), above the old epoch.
+        let g = t.apply("f", LeaseOp::Acquire { node: 2 }, 2700).unwrap();
+        assert_eq!((g.holder, g.epoch), (Some(2), 3));
+        // A release frees it for everybody at once.
+        t.apply("f", LeaseOp::Release { node: 2, epoch: 3 }, 2800)
+            .unwrap();
+        let g = t.apply("f", LeaseOp::Acquire { node: 3 }, 2800).unwrap();
+        assert_eq!((g.holder, g.epoch), (Some(3), 4));
+    }
+
+    #[test]
+    fn a_fenced_lease_waits_for_the_fenced_holders_deadline_and_margin() {
+        let mut t = table_with_margin(500);
+        t.apply("f", LeaseOp::Acquire { node: 1 }, 0).unwrap();
+        assert_eq!(t.fence_node(1, 100), vec![("f".to_string(), true)]);
+        // Writes and renewals of node 1 are refused at once...
+        assert!(t.check_write("f", 1, 1, 100).is_err());
+        assert!(
+            t.apply("f", LeaseOp::Renew { node: 1, epoch: 1 }, 100)
+                .is_err()
+        );
+        // ...but its lease ran to 1000 on the coordinator's clock: nobody (node 1 included)
+        // gets it before 1500.
+        for n in [1, 2] {
+            assert!(matches!(
+                t.apply("f", LeaseOp::Acquire { node: n }, 1499),
+                Err(LeaseError::Busy { .. })
+            ));
+        }
+        let g = t.apply("f", LeaseOp::Acquire { node: 2 }, 1500).unwrap();
+        assert_eq!((g.holder, g.epoch), (Some(2), 3));
+    }
+
+    #[test]
+    fn a_new_coordinator_waits_a_ttl_and_the_margin_before_giving_a_held_lease_away() {
+        let rec = LeaseRecord {
+            epoch: 7,
+            holder: Some(1),
+            handover_from: None,
+        };
+        let mut t = LeaseTable::load(
+            LeaseTimings {
+                ttl_ms: TTL,
+                regrant_margin_ms: 500,
+            },
+            [("f", rec)],
+            10_000,
+        );
+        assert!(t.apply("f", LeaseOp::Acquire { node: 2 }, 11_499).is_err());
+        assert_eq!(
+            t.apply("f", LeaseOp::Acquire { node: 2 }, 11_500)
+                .unwrap()
+                .epoch,
+            8
+        );
+    }
+
+    #[test]
+    fn the_watchdog_kills_between_grace_and_margin_only() {
+        let w = WatchdogTimings::for_ttl(4000);
+        assert_eq!((w.grace_ms, w.tick_ms, w.margin_ms), (1000, 100, 2000));
+        let h = HeldLease::from_grant(3, 500, 4000);
+        assert_eq!(w.verdict(&h, 4499), WatchdogVerdict::Keep);
+        assert_eq!(w.verdict(&h, 5499), WatchdogVerdict::Keep);
+        assert_eq!(w.verdict(&h, 5500), WatchdogVerdict::Kill);
+        assert_eq!(w.verdict(&h, 6499), WatchdogVerdict::Kill);
+        assert_eq!(w.verdict(&h, 6500), WatchdogVerdict::TooLate);
+        let small = WatchdogTimings::for_ttl(100);
+        assert_eq!(small.tick_ms, 10);
+        assert!(small.grace_ms + small.tick_ms < small.margin_ms);
     }
 
     #[test]
@@ -449,8 +655,10 @@ mod tests {
             t.apply("a", LeaseOp::Renew { node: 2, epoch: 1 }, 21)
                 .is_err()
         );
-        // Someone else takes it at once, above the fenced epoch.
-        let g = t.apply("a", LeaseOp::Acquire { node: 3 }, 22).unwrap();
+        // Someone else takes it once the fenced holder's own deadline (1000) and the margin
+        // (0 here) are over, above the fenced epoch.
+        assert!(t.apply("a", LeaseOp::Acquire { node: 3 }, 999).is_err());
+        let g = t.apply("a", LeaseOp::Acquire { node: 3 }, 1000).unwrap();
         assert_eq!((g.holder, g.epoch), (Some(3), 3));
         // b is untouched; c stays with its destination, and the source cannot abort any more.
         assert_eq!(t.holder("b", 20).map(|h| h.0), Some(3));
@@ -517,10 +725,12 @@ mod tests {
             holder: Some(3),
             handover_from: None,
         };
-        let mut t = LeaseTable::load(LeaseTimings { ttl_ms: TTL }, [("f", rec)], 5000);
+        let mut t = LeaseTable::load(LeaseTimings::for_ttl(TTL), [("f", rec)], 5000);
         t.apply("f", LeaseOp::Renew { node: 3, epoch: 41 }, 5500)
             .unwrap();
-        let g = t.apply("f", LeaseOp::Acquire { node: 1 }, 6500).unwrap();
+        // Lapsed at 6500; another node gets it after the watchdog margin (TTL/2).
+        assert!(t.apply("f", LeaseOp::Acquire { node: 1 }, 6500).is_err());
+        let g = t.apply("f", LeaseOp::Acquire { node: 1 }, 7000).unwrap();
         assert_eq!(g.epoch, 42);
     }
 
@@ -606,6 +816,40 @@ mod tests {
             let last_local_write = held.deadline_ms.saturating_sub(1).max(sent + delay);
             let other = t.apply("f", LeaseOp::Acquire { node: 2 }, last_local_write);
             prop_assert!(other.is_err(), "re-granted while the holder may still write");
+        }
+    }
+
+    proptest! {
+        /// The timing argument of the watchdog: for any TTL and any delays of the renewal on
+        /// its way to the coordinator, a watchdog that ticks on time kills the lapsed writer
+        /// (at its first tick at or after `D + grace`) strictly before the coordinator gives
+        /// the lease to another node, with room left for the kill to take effect.
+        #[test]
+        fn the_watchdog_kills_before_any_regrant(
+            ttl in 200u64..60_000,
+            sent in 0u64..100_000,
+            delay in 0u64..5_000,
+            phase in 0u64..100,
+        ) {
+            let w = WatchdogTimings::for_ttl(ttl);
+            let mut t = LeaseTable {
+                timings: LeaseTimings::for_ttl(ttl),
+                files: BTreeMap::new(),
+            };
+            let g = t.apply("f", LeaseOp::Acquire { node: 1 }, sent + delay).unwrap();
+            let held = HeldLease::from_grant(g.epoch, sent, ttl);
+            // The first tick at or after D + grace (ticks at phase + k * tick).
+            let due = held.deadline_ms + w.grace_ms;
+            let phase = phase % w.tick_ms;
+            let k = due.saturating_sub(phase).div_ceil(w.tick_ms);
+            let kill_at = phase + k * w.tick_ms;
+            prop_assert_eq!(w.verdict(&held, kill_at), WatchdogVerdict::Kill);
+            // The earliest re-grant to another node.
+            let regrant = g.deadline_ms + w.margin_ms;
+            let other = LeaseOp::Acquire { node: 2 };
+            prop_assert!(t.clone().apply("f", other, regrant - 1).is_err());
+            prop_assert!(t.apply("f", other, regrant).is_ok());
+            prop_assert!(regrant >= kill_at + (w.margin_ms - w.grace_ms - w.tick_ms));
         }
     }
 }

@@ -50,7 +50,7 @@ pub enum OpenError {
     #[error("No valid metadata slot on the LUN: {0}")]
     NoMetadata(String),
     /// I/O failed.
-    #[error("Reading the LUN failed")]
+    #[error("Opening or reading the LUN failed")]
     Io(#[from] io::Error),
 }
 

@@ -51,9 +51,7 @@ impl Node {
             .map(|(n, f)| (n.clone(), f.lease))
             .collect();
         let leases = LeaseTable::load(
-            LeaseTimings {
-                ttl_ms: self.cfg.lease_ttl_ms,
-            },
+            LeaseTimings::for_ttl(self.cfg.lease_ttl_ms),
             records.iter().map(|(n, r)| (n.as_str(), *r)),
             now,
         );

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use crate::client::claim_path;
 use crate::control::{ControlError, ErrorKind, LeaseAction, Request, Response};
-use crate::lease::HeldLease;
+use crate::lease::{HeldLease, WatchdogTimings, WatchdogVerdict};
 
 use super::{Node, lock};
 
@@ -107,18 +107,92 @@ impl Node {
     /// claim file (taken with `tern volume lease acquire`) are renewed as before. A lease in
     /// hand-over is not in this table on the source (the coordinator already names the
     /// successor), so a migration is never disturbed by this.
+    ///
+    /// A lease whose claim a live process holds is not renewed here: that VM disk renews it
+    /// itself through this node every TTL/4 ([`Node::lease_action`]), so the lease lapses when
+    /// the VMM stops renewing (frozen, hung), and [`Node::watchdog_tick`] kills it.
     pub fn renew_leases(&self) {
         let held: Vec<(String, HeldLease)> = lock(&self.held)
             .iter()
             .map(|(n, h)| (n.clone(), *h))
             .collect();
         for (name, h) in held {
-            if let Some(claim) = orphaned_claim(&claim_path(&self.cfg.listen, &name)) {
+            let claim = claim_path(&self.cfg.listen, &name);
+            if let Some(claim) = orphaned_claim(&claim) {
                 self.release_orphaned(&name, claim);
+                continue;
+            }
+            if claim_holder(&claim).is_some() {
                 continue;
             }
             self.renew_one(&name, h);
         }
+    }
+
+    /// The host watchdog, run every [`WatchdogTimings::tick_ms`]: every VM disk on this host
+    /// (a process holding the claim of a lease this node holds) whose lease lapsed more than the
+    /// grace ago without a renewal is killed with SIGKILL, which also ends a frozen (SIGSTOPped)
+    /// process without letting it run again, so a write it had checked but not yet issued never
+    /// lands. The coordinator gives a lapsed lease to another node only after its own deadline
+    /// plus the margin, by which time the kill is done (the timing argument is in
+    /// `docs/volume.md`). A lapse found only after the margin (this node was itself frozen or
+    /// suspended) is too late to be a fence: it is logged and the process left to the deadline
+    /// checks. Acts once per lapse; returns the pids it killed.
+    pub fn watchdog_tick(&self) -> Vec<u32> {
+        let w = WatchdogTimings::for_ttl(self.cfg.lease_ttl_ms);
+        let held = lock(&self.held);
+        let now = self.now_ms();
+        let mut killed = Vec::new();
+        let mut done = lock(&self.watchdog_done);
+        for (name, h) in held.iter() {
+            let verdict = w.verdict(h, now);
+            if verdict == WatchdogVerdict::Keep || done.get(name) == Some(&h.deadline_ms) {
+                continue;
+            }
+            let claim = claim_path(&self.cfg.listen, name);
+            let Some(pid) = claim_holder(&claim) else {
+                continue;
+            };
+            done.insert(name.clone(), h.deadline_ms);
+            let late = now - h.deadline_ms;
+            let id = self.cfg.node_id;
+            if verdict == WatchdogVerdict::TooLate {
+                eprintln!(
+                    "tern-volume: node {id}: watchdog: the write lease of {name} (epoch {}) \
+                     lapsed {late} ms ago while this node was not running (frozen or \
+                     suspended), past the {} ms margin: too late to fence pid {pid} by killing \
+                     it; its writes are refused by their deadline and epoch",
+                    h.epoch, w.margin_ms
+                );
+                continue;
+            }
+            if pid == std::process::id() {
+                eprintln!(
+                    "tern-volume: node {id}: watchdog: the write lease of {name} lapsed, but \
+                     its writer is this very process ({pid}): not killed"
+                );
+                continue;
+            }
+            let sent = rustix::process::Pid::from_raw(pid as i32)
+                .map(|p| rustix::process::kill_process(p, rustix::process::Signal::KILL));
+            match sent {
+                Some(Ok(())) => {
+                    eprintln!(
+                        "tern-volume: node {id}: watchdog: the write lease of {name} (epoch {}) \
+                         lapsed {late} ms ago without renewal: killed its writer, pid {pid} \
+                         (SIGKILL)",
+                        h.epoch
+                    );
+                    killed.push(pid);
+                }
+                other => eprintln!(
+                    "tern-volume: node {id}: watchdog: killing pid {pid}, the writer of {name} \
+                     whose lease lapsed, failed: {other:?}"
+                ),
+            }
+        }
+        done.retain(|n, _| held.contains_key(n));
+        killed
     }
 
     /// Releases `name`, whose claim holder died; on success the claim file goes too. On failure
@@ -200,6 +274,30 @@ impl Node {
     }
 }
 
+/// The pid of the process holding the claim `flock` on `path` (from `/proc/locks`), if any.
+fn claim_holder(path: &Path) -> Option<u32> {
+    let md = std::fs::metadata(path).ok()?;
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    flock_holder(&locks, md.dev(), md.ino())
+}
+
+/// In the text of `/proc/locks`, the pid holding a `FLOCK` on the file `(dev, ino)`. Lines look
+/// like `3: FLOCK  ADVISORY  WRITE 4242 fe:00:1234 0 EOF` (device as hex major:minor); waiters
+/// (`3: -> FLOCK ...`) are not holders.
+fn flock_holder(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+    let key = format!(
+        "{:02x}:{:02x}:{ino}",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    );
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&key.as_str()))
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })
+}
+
 /// A dead VM disk's claim, now locked by the node (the lock goes when this is dropped).
 struct OrphanedClaim {
     _file: File,
@@ -224,6 +322,35 @@ fn orphaned_claim(path: &Path) -> Option<OrphanedClaim> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_holder_of_a_claim_is_found_in_proc_locks() {
+        let text = "1: POSIX  ADVISORY  WRITE 77 fe:00:99 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 4242 fe:00:1234 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 4343 fe:00:1234 0 EOF\n\
+                    3: FLOCK  ADVISORY  WRITE 5151 00:1a:1234 0 EOF\n";
+        let fe00 = rustix::fs::makedev(0xfe, 0);
+        assert_eq!(flock_holder(text, fe00, 1234), Some(4242));
+        assert_eq!(
+            flock_holder(text, rustix::fs::makedev(0, 0x1a), 1234),
+            Some(5151)
+        );
+        assert_eq!(
+            flock_holder(text, fe00, 99),
+            None,
+            "a POSIX lock is not a claim"
+        );
+        assert_eq!(flock_holder(text, fe00, 5), None);
+        // And on this host: a lock we take is found with our pid, and gone when dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.lock");
+        let f = File::create(&path).unwrap();
+        assert_eq!(claim_holder(&path), None);
+        f.lock().unwrap();
+        assert_eq!(claim_holder(&path), Some(std::process::id()));
+        drop(f);
+        assert_eq!(claim_holder(&path), None);
+    }
 
     #[test]
     fn only_an_unlocked_existing_claim_file_is_orphaned() {

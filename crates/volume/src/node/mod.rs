@@ -36,7 +36,7 @@ use crate::control::{
     NodeStatus, Request, Response, Revoked, Role,
 };
 use crate::format::{NodeId, Superblock};
-use crate::lease::{HeldLease, LeaseError};
+use crate::lease::{HeldLease, LeaseError, WatchdogTimings};
 use crate::lun::{FaultyLun, FileLun, Lun};
 use crate::namespace::NamespaceError;
 
@@ -81,13 +81,16 @@ pub struct Node {
     cfg: NodeConfig,
     lun: Arc<FaultyLun<FileLun>>,
     sb: Superblock,
-    epoch0: Instant,
+    /// [`boottime_ms`] when the node was made; `now_ms` counts from here.
+    epoch0_ms: u64,
     coord: Mutex<Option<Coordinator>>,
     coord_deadline_ms: AtomicU64,
     leader: Mutex<Option<LeaderInfo>>,
     path_ok: AtomicBool,
     redirected_files: AtomicU64,
     held: Mutex<BTreeMap<String, HeldLease>>,
+    /// Per file, the lapsed deadline the watchdog already acted on.
+    watchdog_done: Mutex<BTreeMap<String, u64>>,
     handles: Mutex<BTreeMap<String, Arc<FileHandle>>>,
     /// Injected partition: requests to other nodes fail.
     partitioned: AtomicBool,
@@ -103,6 +106,14 @@ impl std::fmt::Debug for Node {
             .field("cfg", &self.cfg)
             .finish_non_exhaustive()
     }
+}
+
+/// Milliseconds of `CLOCK_BOOTTIME`: monotonic, and unlike `CLOCK_MONOTONIC` (`Instant`) it
+/// also counts the time the host was suspended. Every lease deadline of the volume (the node's,
+/// the coordinator's, a VM disk's) is taken on it.
+pub fn boottime_ms() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+    (t.tv_sec as u64) * 1000 + (t.tv_nsec as u64) / 1_000_000
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,27 +161,43 @@ impl Node {
         let lun = Arc::new(FaultyLun::new(FileLun::open(lun_path)?, Default::default()));
         let sb = crate::store::read_superblock(&*lun)?;
         let path_ok = !cfg.no_direct;
-        Ok(Arc::new(Node {
+        let tick = Duration::from_millis(WatchdogTimings::for_ttl(cfg.lease_ttl_ms).tick_ms);
+        let node = Arc::new(Node {
             cfg,
             lun,
             sb,
-            epoch0: Instant::now(),
+            epoch0_ms: boottime_ms(),
             coord: Mutex::new(None),
             coord_deadline_ms: AtomicU64::new(0),
             leader: Mutex::new(None),
             path_ok: AtomicBool::new(path_ok),
             redirected_files: AtomicU64::new(0),
             held: Mutex::new(BTreeMap::new()),
+            watchdog_done: Mutex::new(BTreeMap::new()),
             handles: Mutex::new(BTreeMap::new()),
             members: Mutex::new(BTreeMap::new()),
             peers: Mutex::new(BTreeMap::new()),
             partitioned: AtomicBool::new(false),
-        }))
+        });
+        // The host watchdog lives as long as the node.
+        let weak = Arc::downgrade(&node);
+        std::thread::Builder::new()
+            .name("volume-watchdog".into())
+            .spawn(move || {
+                while let Some(node) = weak.upgrade() {
+                    node.watchdog_tick();
+                    drop(node);
+                    std::thread::sleep(tick);
+                }
+            })?;
+        Ok(node)
     }
 
-    /// Milliseconds on this node's monotonic clock.
+    /// Milliseconds on this node's clock: `CLOCK_BOOTTIME`, which keeps counting while the host
+    /// is suspended, so every deadline (write leases, the coordinator's session) has passed when
+    /// a suspended host resumes, as it has for the other hosts.
     pub fn now_ms(&self) -> u64 {
-        self.epoch0.elapsed().as_millis() as u64
+        boottime_ms().saturating_sub(self.epoch0_ms)
     }
 
     /// Node id.
