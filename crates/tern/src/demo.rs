@@ -152,7 +152,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         "--memory-mib must be at least 80 (the writer uses all but 64 MiB)"
     );
     let dir = std::env::temp_dir().join(format!("tern-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).context("cannot create a scratch directory")?;
+    // The VMs' API sockets live here: it must be private (0700).
+    tern_vmctl::local::ensure_private_dir(&dir).context("cannot create a scratch directory")?;
     let exe = std::env::current_exe().context("cannot find the tern binary")?;
     let topo = if is_root() && !args.loopback {
         let spec = TopologySpec {

@@ -19,6 +19,7 @@ pub const EXIT_GUEST_FAULT: u8 = 70;
 
 mod guest_io;
 mod list;
+mod local;
 mod migrate;
 mod progress;
 mod target;
@@ -33,7 +34,7 @@ pub enum VmCommand {
     ///
     /// The command stays in the foreground with the serial console on stdout; drive the VM from
     /// another terminal (`tern vm list`, `tern vm stop --name NAME`). Every VM has a control
-    /// socket: --api-sock, or RUNTIME_DIR/NAME.sock by default.
+    /// socket: --api-sock, or RUNTIME_DIR/api/NAME.sock by default.
     ///
     /// The process exits with the status the guest wrote to port 0x501 (0 = clean power-off),
     /// 0 after a reset request or `tern vm stop`, and 70 after a guest fault (the vCPU registers are
@@ -90,7 +91,9 @@ pub struct SnapshotArgs {
     /// The VM.
     #[command(flatten)]
     pub vm: VmRef,
-    /// The snapshot file to write.
+    /// The snapshot file to write: a file name in the VM's snapshot directory (its VMM's
+    /// --snapshot-dir, default RUNTIME_DIR/snapshots), or a path directly inside it. An existing
+    /// file is never overwritten.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
     /// Stop the VM after the snapshot instead of resuming it.
@@ -105,7 +108,7 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: String,
     /// Serve the control API on this unix socket once the VM runs (default:
-    /// RUNTIME_DIR/NAME.sock).
+    /// RUNTIME_DIR/api/NAME.sock).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// Where the serial console goes: stdout, null or file:PATH.
@@ -124,6 +127,9 @@ pub struct ReceiveArgs {
     /// When the NICs announce themselves once the VM resumes here: offsets in ms, or `off`.
     #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
     pub announce: String,
+    /// Who may use the API socket, and where snapshots go.
+    #[command(flatten)]
+    pub local: local::LocalArgs,
     /// Refuse a VM that does not have exactly this many vCPUs.
     #[arg(long, value_name = "N")]
     pub vcpus: Option<u32>,
@@ -154,10 +160,15 @@ pub struct RunArgs {
         required_unless_present = "restore"
     )]
     pub kernel: Option<String>,
-    /// Continue a VM from a snapshot file (`tern vm snapshot`); kernel, memory, vCPUs, command
-    /// line and disks come from the snapshot.
+    /// Continue a VM from a snapshot file (`tern vm snapshot`); memory, vCPUs and command line
+    /// come from the snapshot, disks from --disk (one per snapshot disk) or, allowed by
+    /// --restore-allow-disk, from the snapshot.
     #[arg(long, value_name = "FILE")]
     pub restore: Option<PathBuf>,
+    /// With --restore and no --disk: a file or directory the snapshot's own disks may name;
+    /// repeat for more. A snapshot never opens other host files by itself.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    pub restore_allow_disk: Vec<PathBuf>,
     /// An initramfs for a Linux kernel.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -185,12 +196,15 @@ pub struct RunArgs {
     /// resume, or `off`.
     #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
     pub announce: String,
-    /// Serve the control API on this unix socket (default: RUNTIME_DIR/NAME.sock).
+    /// Serve the control API on this unix socket (default: RUNTIME_DIR/api/NAME.sock).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
     /// The VM's name (default: vm-<pid>); names the runtime entry NAME.json.
     #[arg(long)]
     pub name: Option<String>,
+    /// Who may use the API socket, and where snapshots go.
+    #[command(flatten)]
+    pub local: local::LocalArgs,
     /// Directory of runtime entries.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
     pub runtime_dir: PathBuf,
@@ -252,12 +266,14 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let (kernel, cmdline, memory_mib, vcpus, disks) = match &snap {
+        // The snapshot's memory replaces the kernel's: the kernel is a placeholder, and no file
+        // the snapshot names is opened unless the command line names or allows it.
         Some(s) => (
-            s.meta.kernel.clone(),
+            "builtin:testguest".to_string(),
             s.meta.cmdline.clone(),
             s.meta.memory_mib,
             u32::from(s.meta.vcpus),
-            s.meta.disks.clone(),
+            local::restore_disks(&s.meta.disks, &args.disk, &args.restore_allow_disk)?,
         ),
         None => (
             args.kernel.clone().unwrap_or_default(),
@@ -270,7 +286,8 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     let name = args
         .name
         .unwrap_or_else(|| format!("vm-{}", std::process::id()));
-    let api_sock = api_sock_or_default(args.api_sock, &args.runtime_dir, &name)?;
+    let api_sock = local::api_sock(args.api_sock, &args.runtime_dir, &name)?;
+    let api_opts = args.local.api_options(&args.runtime_dir);
     let input = VmConfigInput {
         kernel: kernel_source(&kernel)?,
         initrd: args.initrd,
@@ -310,14 +327,18 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
     }
-    serve(vm, &cfg)
+    serve(vm, &cfg, api_opts)
 }
 
 /// Registers a built, parked VM (API socket, runtime entry), resumes it and waits for its end.
-pub(crate) fn serve(vm: Vm, cfg: &tern_vmm::config::VmConfig) -> anyhow::Result<ExitCode> {
+pub(crate) fn serve(
+    vm: Vm,
+    cfg: &tern_vmm::config::VmConfig,
+    api_opts: tern_vmm::api::ApiOptions,
+) -> anyhow::Result<ExitCode> {
     signals::stop_on_termination(vm.clone()).context("cannot watch termination signals")?;
     let api = match &cfg.api_sock {
-        Some(path) => match ApiServer::start(path, vm.clone()) {
+        Some(path) => match ApiServer::start(path, vm.clone(), api_opts) {
             Ok(s) => Some(s),
             Err(e) => {
                 vm.request_stop();
@@ -401,25 +422,6 @@ fn stopped_message(by: Option<&ApiStop>) -> String {
     }
 }
 
-/// The control socket a VM serves: `--api-sock`, or `RUNTIME_DIR/NAME.sock` (the runtime
-/// directory is created for it).
-fn api_sock_or_default(
-    given: Option<PathBuf>,
-    runtime_dir: &Path,
-    name: &str,
-) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p);
-    }
-    std::fs::create_dir_all(runtime_dir).with_context(|| {
-        format!(
-            "cannot create the runtime directory {} (run as root, or give a writable --runtime-dir)",
-            runtime_dir.display()
-        )
-    })?;
-    Ok(runtime::default_api_sock(runtime_dir, name))
-}
-
 fn control(vm: &VmRef, req: Request) -> anyhow::Result<ExitCode> {
     control_at(&vm.socket()?, req)
 }
@@ -436,7 +438,14 @@ fn control_at(sock: &Path, req: Request) -> anyhow::Result<ExitCode> {
 
 fn snapshot(a: SnapshotArgs) -> anyhow::Result<ExitCode> {
     let sock = a.vm.socket()?;
-    let path = std::path::absolute(&a.out).unwrap_or(a.out);
+    // A bare file name goes into the VM's snapshot directory; any other relative path is made
+    // absolute here, and the VMM refuses it unless it lies directly in that directory.
+    let bare = a.out.parent().is_some_and(|p| p.as_os_str().is_empty());
+    let path = if bare {
+        a.out
+    } else {
+        std::path::absolute(&a.out).unwrap_or(a.out)
+    };
     let spinner = progress::spinner(format!("writing a snapshot to {}", path.display()));
     let resp = tern_vmctl::request(&sock, &Request::Snapshot { path, stop: a.stop });
     progress::clear(spinner);
@@ -468,10 +477,11 @@ fn with_network(
 fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     // Read the certificate and key before the sandbox closes the files off.
     let tls = match &a.tls_dir {
-        Some(d) => Some(Arc::new(
-            tern_pki::TlsDir::load(d)
-                .with_context(|| format!("cannot use --tls-dir {}", d.display()))?,
-        )),
+        Some(d) => {
+            Some(Arc::new(tern_pki::TlsDir::load(d).with_context(|| {
+                format!("cannot use --tls-dir {}", d.display())
+            })?))
+        }
         None => None,
     };
     let listener = std::net::TcpListener::bind(&a.listen)
@@ -483,11 +493,8 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| format!("vm-{}", std::process::id()));
     let built: Arc<std::sync::Mutex<Option<tern_vmm::config::VmConfig>>> = Arc::default();
     let built2 = built.clone();
-    let api_sock = Some(api_sock_or_default(
-        a.api_sock.clone(),
-        &a.runtime_dir,
-        &name,
-    )?);
+    let api_sock = Some(local::api_sock(a.api_sock.clone(), &a.runtime_dir, &name)?);
+    let api_opts = a.local.api_options(&a.runtime_dir);
     let (serial, disks, runtime_dir) = (a.serial.clone(), a.disk.clone(), a.runtime_dir.clone());
     let (want_vcpus, want_mib) = (a.vcpus, a.memory_mib);
     let (nets, announce) = (a.net.clone(), a.announce.clone());
@@ -552,13 +559,19 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     };
     let guard = tern_migration::ListenGuard {
         tls,
-        on_rejected: Some(Arc::new(|r: &tern_migration::Rejected| eprintln!("tern: {r}"))),
+        on_rejected: Some(Arc::new(|r: &tern_migration::Rejected| {
+            eprintln!("tern: {r}")
+        })),
         ..Default::default()
     };
     eprintln!(
         "tern: waiting for a migration on {}{}",
         a.listen,
-        if guard.tls.is_some() { " (mutual TLS)" } else { "" }
+        if guard.tls.is_some() {
+            " (mutual TLS)"
+        } else {
+            ""
+        }
     );
     let report = tern_migration::receive_guarded(&listener, &mut target, &opts, &guard, &cancel);
     drop(listener);
@@ -575,7 +588,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|e| e.into_inner())
                 .take()
                 .context("no VM configuration after the migration")?;
-            serve(vm, &cfg)
+            serve(vm, &cfg, api_opts)
         }
         Err(e) => {
             eprintln!(

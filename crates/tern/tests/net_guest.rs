@@ -334,7 +334,16 @@ fn a_snapshot_restored_on_another_host_keeps_the_tcp_connection() {
     let ip = Topology::guest_addr(0);
     let mac = "52:54:00:4e:00:03";
     let cmdline = format!("tern.hb_ms=500 tern.ip={ip}/24");
-    let mut a = NetVm::start(&topo, 0, dir.path(), "tnsnap0", mac, &cmdline, &[]);
+    let snap_dir = dir.path().to_str().expect("utf-8 path").to_string();
+    let mut a = NetVm::start(
+        &topo,
+        0,
+        dir.path(),
+        "tnsnap0",
+        mac,
+        &cmdline,
+        &["--snapshot-dir", &snap_dir],
+    );
     a.wait_line(|l| l.starts_with("NET up"));
     a.api("announce");
     let client = topo.client_ns().expect("a client namespace");

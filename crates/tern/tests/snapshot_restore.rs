@@ -31,6 +31,8 @@ fn a_restored_snapshot_continues_the_heartbeat_sequence_and_the_writer() {
             sock.to_str().unwrap(),
             "--runtime-dir",
             rt.to_str().unwrap(),
+            "--snapshot-dir",
+            dir.path().to_str().unwrap(),
         ],
     );
     a.wait_line(Duration::from_secs(30), |l| {
@@ -98,6 +100,8 @@ fn a_snapshot_without_stop_leaves_the_vm_running() {
             sock.to_str().unwrap(),
             "--runtime-dir",
             dir.path().join("rt").to_str().unwrap(),
+            "--snapshot-dir",
+            dir.path().to_str().unwrap(),
         ],
     );
     a.wait_line(Duration::from_secs(30), |l| {
@@ -150,6 +154,8 @@ fn a_snapshot_whose_state_has_an_older_format_is_refused_naming_both_formats() {
             sock.to_str().unwrap(),
             "--runtime-dir",
             dir.path().join("rt").to_str().unwrap(),
+            "--snapshot-dir",
+            dir.path().to_str().unwrap(),
         ],
     );
     a.wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));

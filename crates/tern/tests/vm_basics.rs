@@ -280,8 +280,8 @@ fn sigterm_stops_the_vm_and_removes_its_entry() {
     vm.wait_line(Duration::from_secs(20), |l| l == "waiting");
     assert!(rt.join("termtest.json").exists());
     assert!(
-        std::os::unix::net::UnixStream::connect(rt.join("termtest.sock")).is_ok(),
-        "without --api-sock the VM serves RUNTIME_DIR/NAME.sock"
+        std::os::unix::net::UnixStream::connect(rt.join("api/termtest.sock")).is_ok(),
+        "without --api-sock the VM serves RUNTIME_DIR/api/NAME.sock"
     );
     let st = std::process::Command::new("kill")
         .args(["-TERM", &vm.child.id().to_string()])
@@ -290,7 +290,7 @@ fn sigterm_stops_the_vm_and_removes_its_entry() {
     assert!(st.success());
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0);
     assert!(!rt.join("termtest.json").exists());
-    assert!(!rt.join("termtest.sock").exists());
+    assert!(!rt.join("api/termtest.sock").exists());
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `tern vm list` and `--name` against real test-guest VMs: every VM gets a control socket in the
-//! runtime directory by default, the control commands find it by name, and entries left by VMMs
+//! runtime directory's private `api/` directory by default, the control commands find it by name, and entries left by VMMs
 //! that died are shown as `dead` and removed by `--prune`. Needs root and /dev/kvm.
 
 mod common;
@@ -30,6 +30,8 @@ fn start_guest(dir: &Path, rt: &Path, name: &str, vcpus: &str, mib: &str) -> Run
             name,
             "--runtime-dir",
             rt.to_str().unwrap(),
+            "--snapshot-dir",
+            dir.to_str().unwrap(),
         ],
     );
     vm.wait_line(Duration::from_secs(30), |l| {
@@ -79,9 +81,9 @@ fn list_shows_running_vms_and_name_drives_them_through_their_default_sockets() {
     let mut one = start_guest(dir.path(), &rt, "one", "1", "64");
     let mut two = start_guest(dir.path(), &rt, "two", "2", "96");
 
-    // Started without --api-sock, each VM serves RUNTIME_DIR/NAME.sock.
+    // Started without --api-sock, each VM serves RUNTIME_DIR/api/NAME.sock.
     for name in ["one", "two"] {
-        let sock = rt.join(format!("{name}.sock"));
+        let sock = rt.join(format!("api/{name}.sock"));
         assert!(
             std::os::unix::net::UnixStream::connect(&sock).is_ok(),
             "{} is not served",
@@ -100,7 +102,7 @@ fn list_shows_running_vms_and_name_drives_them_through_their_default_sockets() {
         assert!(r["uptime_ms"].as_u64().is_some_and(|u| u > 0), "{r}");
         assert_eq!(
             r["api_sock"],
-            rt.join(format!("{name}.sock")).to_str().unwrap(),
+            rt.join(format!("api/{name}.sock")).to_str().unwrap(),
             "{r}"
         );
     }
@@ -124,7 +126,7 @@ fn list_shows_running_vms_and_name_drives_them_through_their_default_sockets() {
     let sock_col = lines[0].find("SOCKET").unwrap();
     assert_eq!(
         &lines[1][sock_col..],
-        rt.join("one.sock").to_str().unwrap(),
+        rt.join("api/one.sock").to_str().unwrap(),
         "columns are aligned:\n{out}"
     );
 
@@ -176,7 +178,7 @@ fn list_shows_running_vms_and_name_drives_them_through_their_default_sockets() {
         one.stderr()
     );
     assert!(
-        !rt.join("one.sock").exists(),
+        !rt.join("api/one.sock").exists(),
         "the default socket goes with the VM"
     );
     assert!(!rt.join("one.json").exists());

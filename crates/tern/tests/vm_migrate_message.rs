@@ -16,7 +16,7 @@ fn the_source_names_the_target_and_the_report_is_plain_text() {
     let rts = rt.to_str().unwrap();
     let port = free_port();
     let to = format!("127.0.0.1:{port}");
-    // Neither VMM is given --api-sock: both serve RUNTIME_DIR/NAME.sock.
+    // Neither VMM is given --api-sock: both serve RUNTIME_DIR/api/NAME.sock.
     let mut dst = RunningVm::start_tern(
         dir.path(),
         "dst",
@@ -131,7 +131,10 @@ fn the_source_names_the_target_and_the_report_is_plain_text() {
     assert_eq!(rows.len(), 1, "only the target is left: {rows:?}");
     assert_eq!(rows[0]["name"], "moved");
     assert_eq!(rows[0]["state"], "running");
-    assert_eq!(rows[0]["api_sock"], rt.join("moved.sock").to_str().unwrap());
+    assert_eq!(
+        rows[0]["api_sock"],
+        rt.join("api/moved.sock").to_str().unwrap()
+    );
 
     let (rc, _, err) = tern_cmd(&["vm", "stop", "--name", "moved", "--runtime-dir", rts]);
     assert_eq!(rc, 0, "stop the target by name: {err}");

@@ -38,6 +38,8 @@ fn a_snapshot_draws_a_spinner_on_a_terminal_and_nothing_when_piped() {
             "spun",
             "--runtime-dir",
             rts,
+            "--snapshot-dir",
+            dir.path().to_str().unwrap(),
         ],
     );
     vm.wait_line(Duration::from_secs(30), |l| {

@@ -49,8 +49,12 @@ fn send(path: &Path, req: &Request) -> Result<UnixStream, CallError> {
     })?;
     let mut line = serde_json::to_string(req).map_err(|e| CallError::BadResponse(e.to_string()))?;
     line.push('\n');
-    conn.write_all(line.as_bytes())?;
-    Ok(conn)
+    match conn.write_all(line.as_bytes()) {
+        // The VMM closed first (a refused peer): its answer, if any, says why.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(conn),
+        Err(e) => Err(e.into()),
+        Ok(()) => Ok(conn),
+    }
 }
 
 fn read_answer(reader: &mut impl BufRead) -> Result<Response, CallError> {

@@ -12,6 +12,8 @@
 //! - [`migrate`](mod@migrate): [`migrate()`] and the three ends of a migration
 //!   ([`MigrationEnd`]: completed / failed / in doubt, `tern vm migrate`'s exit 0 / 1 / 3).
 //! - [`args`]: [`VmmArgs`], the `tern vm run|receive` command line for a spec.
+//! - [`local`]: the control sockets' private directory (0700), mode (0600) and peer check
+//!   (`SO_PEERCRED` against allowed uids), shared by the VMM and the parking daemon.
 //!
 //! Everything here is blocking std I/O: an async caller runs it on a blocking task. No KVM and
 //! no async runtime are linked (ARCHITECTURE.md: the agent and the controller never link KVM).
@@ -37,6 +39,7 @@
 pub mod args;
 pub mod client;
 pub mod control;
+pub mod local;
 pub mod migrate;
 pub mod runtime;
 

@@ -9,7 +9,7 @@
 //! `serve_connection`, for one that streams lines before its answer, as `migrate` does).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ pub use tern_api::vmm::{
 };
 /// The client half lives in `tern-vmctl`; re-exported for callers that name it here.
 pub use tern_vmctl::client::{CallError as ApiCallError, call, call_streaming, call_timeout};
+pub use tern_vmctl::local::{BindPrivateError, PeerPolicy, PeerRefused};
 
 use crate::config::KernelSource;
 use crate::migrate::VmSource;
@@ -31,15 +32,29 @@ use crate::vm::Vm;
 /// Why the API server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeApiError {
-    /// The socket could not be bound.
-    #[error("cannot listen on API socket {path} (give a writable path that no running VM uses)")]
+    /// The socket could not be bound (or its directory is not private).
+    #[error(
+        "cannot listen on API socket {path} (give a path in a 0700 directory of yours that no running VM uses)"
+    )]
     Bind {
         /// The path.
         path: PathBuf,
         /// The cause.
         #[source]
-        source: std::io::Error,
+        source: BindPrivateError,
     },
+    /// The serving thread could not start.
+    #[error("cannot start the API thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Who may use the API socket and where `snapshot` may write.
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    /// The peers allowed by uid (`SO_PEERCRED`); default: this process's uid and root.
+    pub peers: PeerPolicy,
+    /// The only directory `snapshot` writes into (created 0700 at the first snapshot).
+    pub snapshot_dir: PathBuf,
 }
 
 /// A bound API socket; the socket file is removed when this is dropped.
@@ -73,31 +88,42 @@ impl Drop for ApiServer {
 }
 
 impl ApiServer {
-    /// Binds `path` (replacing a stale socket nobody serves) and serves `vm` on a thread.
-    pub fn start(path: &Path, vm: Vm) -> Result<ApiServer, ServeApiError> {
-        let bind_err = |source| ServeApiError::Bind {
-            path: path.to_path_buf(),
-            source,
-        };
-        if path.exists() && UnixStream::connect(path).is_err() {
-            let _ = std::fs::remove_file(path);
-        }
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+    /// Binds `path` 0600 inside a private (0700) directory, replacing a stale socket nobody
+    /// serves, and serves `vm` on a thread to the peers `opts` allows.
+    pub fn start(path: &Path, vm: Vm, opts: ApiOptions) -> Result<ApiServer, ServeApiError> {
+        // SAFETY: getuid takes no arguments, touches no memory and cannot fail. (Asked here rather
+        // than geteuid inside `bind_private`: the VMM is not set-uid, and the API's seccomp
+        // filter allows getuid.)
+        let uid = unsafe { libc::getuid() };
+        let listener = tern_vmctl::local::bind_private_for(path, uid).map_err(|source| {
+            ServeApiError::Bind {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         let stopped_by = std::sync::Arc::new(Mutex::new(None));
         let stopped_by2 = stopped_by.clone();
-        std::thread::Builder::new()
+        let opts = std::sync::Arc::new(opts);
+        let spawned = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
                 for conn in listener.incoming() {
                     let Ok(conn) = conn else { continue };
-                    let (vm, stopped_by) = (vm.clone(), stopped_by2.clone());
-                    // One thread per client; clients are few (the CLI, an agent).
+                    let (vm, stopped_by, opts) = (vm.clone(), stopped_by2.clone(), opts.clone());
+                    // One thread per client; clients are few (the CLI, an agent). The peer is
+                    // checked there, so a refused one never holds up the next accept.
                     let _ = std::thread::Builder::new()
                         .name("api-conn".into())
-                        .spawn(move || serve_connection(conn, &vm, &stopped_by));
+                        .spawn(move || match opts.peers.check(&conn) {
+                            Err(refused) => refuse(conn, &refused),
+                            Ok(_) => serve_connection(conn, &vm, &stopped_by, &opts),
+                        });
                 }
-            })
-            .map_err(bind_err)?;
+            });
+        if let Err(e) = spawned {
+            let _ = std::fs::remove_file(path);
+            return Err(ServeApiError::Thread(e));
+        }
         Ok(ApiServer {
             path: path.to_path_buf(),
             stopped_by,
@@ -113,7 +139,27 @@ impl ApiServer {
     }
 }
 
-fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop>>) {
+/// Answers a refused peer with one error line (it may not be listening) and logs it. Its request
+/// line is read first (bounded, 200 ms at most), so that it is not cut off while still writing.
+fn refuse(mut conn: UnixStream, why: &PeerRefused) {
+    eprintln!("tern: API connection refused: {why}");
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = BufReader::new(&conn)
+        .take(MAX_REQUEST_BYTES as u64 + 1)
+        .read_line(&mut String::new());
+    let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
+    let resp = Response::error(format!(
+        "refused: {why} (the VMM's --api-allow-uid sets who may connect)"
+    ));
+    let _ = conn.write_all(resp.to_line().as_bytes());
+}
+
+fn serve_connection(
+    conn: UnixStream,
+    vm: &Vm,
+    stopped_by: &Mutex<Option<ApiStop>>,
+    opts: &ApiOptions,
+) {
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
@@ -130,7 +176,9 @@ fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop
         let parsed = parse_request(&line);
         let stop_cause = match &parsed {
             Ok(Request::Shutdown) => Some(ApiStop::Shutdown),
-            Ok(Request::Snapshot { path, .. }) => Some(ApiStop::Snapshot { path: path.clone() }),
+            Ok(Request::Snapshot { path, .. }) => Some(ApiStop::Snapshot {
+                path: snapshot::resolve_path(&opts.snapshot_dir, path).unwrap_or(path.clone()),
+            }),
             Ok(Request::Migrate(m)) => Some(ApiStop::Migrated { to: m.to.clone() }),
             _ => None,
         };
@@ -144,7 +192,7 @@ fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop
                     let (resp, completed) = run_migration(vm, &m, &mut out);
                     (resp, completed)
                 }
-                Ok(req) => handle(vm, req),
+                Ok(req) => handle(vm, req, opts),
             }
         };
         let written = out
@@ -161,7 +209,7 @@ fn serve_connection(conn: UnixStream, vm: &Vm, stopped_by: &Mutex<Option<ApiStop
     }
 }
 
-fn handle(vm: &Vm, req: Request) -> (Response, bool) {
+fn handle(vm: &Vm, req: Request, opts: &ApiOptions) -> (Response, bool) {
     let r = match req {
         Request::Status => Response {
             status: Some(vm.status()),
@@ -170,7 +218,7 @@ fn handle(vm: &Vm, req: Request) -> (Response, bool) {
         Request::Pause => vm.pause().map_or_else(Response::error, |_| Response::ok()),
         Request::Resume => vm.resume().map_or_else(Response::error, |_| Response::ok()),
         Request::Shutdown => return (Response::ok(), true),
-        Request::Snapshot { path, stop } => return snapshot(vm, &path, stop),
+        Request::Snapshot { path, stop } => return snapshot(vm, &opts.snapshot_dir, &path, stop),
         Request::Migrate(_) => Response::error("internal: migrate is served apart"),
         Request::MigrateCancel => {
             match MIGRATION.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -220,7 +268,13 @@ fn handle(vm: &Vm, req: Request) -> (Response, bool) {
 /// The cancel token of the migration under way (one VM per VMM process).
 static MIGRATION: Mutex<Option<CancelToken>> = Mutex::new(None);
 
-fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
+fn snapshot(vm: &Vm, dir: &Path, requested: &Path, stop: bool) -> (Response, bool) {
+    // The file is checked before the VM pauses: a refused name costs the guest nothing.
+    let path = match snapshot::resolve_path(dir, requested) {
+        Ok(p) => p,
+        Err(e) => return (Response::error(e), false),
+    };
+    let path = path.as_path();
     let cfg = vm.config();
     let meta = SnapshotMeta {
         kernel: match &cfg.kernel {
@@ -264,6 +318,23 @@ fn snapshot(vm: &Vm, path: &Path, stop: bool) -> (Response, bool) {
 /// Runs a migration on this connection: progress lines, then the answer. Returns whether the
 /// VM now runs on the target (the VMM must then stop).
 fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response, bool) {
+    // Mutual TLS: the identity the client read from its --tls-dir.
+    let tls = match m.tls.as_ref().map(|t| {
+        tern_migration::TlsClient::from_pem(
+            &t.dir,
+            &t.ca_cert_pem,
+            &t.cert_pem,
+            &t.key_pem,
+            &t.target_name,
+        )
+    }) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            let e = tern_migration::error_chain(&e);
+            return (Response::error(format!("bad TLS identity: {e}")), false);
+        }
+    };
     let cancel = {
         let mut g = MIGRATION.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_some() {
@@ -325,23 +396,6 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
     drop(source);
     *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match result {
-    // Mutual TLS: the identity the client read from its --tls-dir.
-    let tls = match m.tls.as_ref().map(|t| {
-        tern_migration::TlsClient::from_pem(
-            &t.dir,
-            &t.ca_cert_pem,
-            &t.cert_pem,
-            &t.key_pem,
-            &t.target_name,
-        )
-    }) {
-        None => None,
-        Some(Ok(t)) => Some(t),
-        Some(Err(e)) => {
-            let e = tern_migration::error_chain(&e);
-            return (Response::error(format!("bad TLS identity: {e}")), false);
-        }
-    };
         Ok(report) => {
             // The VM runs on the target now; its partial console line is printed there.
             vm.discard_pending_output();

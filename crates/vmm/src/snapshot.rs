@@ -7,6 +7,17 @@
 //! | pages: { gpa u64 | 4096 bytes }* | u64::MAX | crc32c of the page records u32
 //! ```
 //! Zero pages are not written: the restoring VM's memory starts zeroed.
+//!
+//! Where a snapshot may go: only directly inside the VMM's snapshot directory (`--snapshot-dir`,
+//! created 0700 and refused if another user owns it or it is looser), named by a bare file name or
+//! a path whose parent is that directory ([`resolve_path`]; `..` and `.` are refused), created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW` (never an existing file, never through a symlink) and mode 0600.
+//!
+//! What a snapshot file may make the restoring VMM do: nothing outside the VM. The description's
+//! kernel and disks are not opened by themselves (see `tern vm run --restore`); every length is
+//! bounded before it is allocated (description [`MAX_META`] bytes, state
+//! [`state::MAX_STATE_BYTES`]); every page address is checked, with `checked_add`, to lie inside
+//! the restoring VM's memory.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -21,7 +32,8 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"TERNSNAP";
 /// The snapshot file format version.
 pub const SNAPSHOT_VERSION: u32 = 1;
 const PAGE: usize = 4096;
-const MAX_META: u32 = 1 << 20;
+/// The longest description a snapshot file may carry, bytes.
+pub const MAX_META: u32 = 1 << 20;
 
 /// What is needed to build the VM again before its state is restored.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,6 +85,79 @@ pub enum SnapshotError {
     /// Guest memory could not be read or written.
     #[error("guest memory access at {0:#x} failed")]
     Memory(u64),
+    /// The file exists already: snapshots never overwrite.
+    #[error(
+        "snapshot file {path} exists already; a snapshot never overwrites a file (choose a new name, or remove it)"
+    )]
+    Exists {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The snapshot directory is not private.
+    #[error("snapshot directory refused")]
+    Dir(#[from] tern_vmctl::local::PrivateDirError),
+}
+
+/// Why a requested snapshot path was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotPathError {
+    /// `..`, `.`, an empty name or a path ending in a directory.
+    #[error("snapshot path {path} must name a file without `..` or `.` components")]
+    BadName {
+        /// The path as requested.
+        path: PathBuf,
+    },
+    /// Not directly inside the snapshot directory.
+    #[error(
+        "snapshot path {path} is outside this VM's snapshot directory {dir} (give a file name, or a path directly inside {dir}; the VMM's --snapshot-dir sets it)"
+    )]
+    OutsideDir {
+        /// The path as requested.
+        path: PathBuf,
+        /// The snapshot directory.
+        dir: PathBuf,
+    },
+}
+
+/// Where a snapshot requested as `requested` goes: `dir/NAME` for a bare file name `NAME`, or
+/// `requested` itself when its parent is `dir` (compared as given, then as the same directory).
+/// Anything else — `..` or `.` components, subdirectories, other directories — is refused.
+pub fn resolve_path(dir: &Path, requested: &Path) -> Result<PathBuf, SnapshotPathError> {
+    use std::path::Component;
+    let bad = || SnapshotPathError::BadName {
+        path: requested.to_path_buf(),
+    };
+    let outside = || SnapshotPathError::OutsideDir {
+        path: requested.to_path_buf(),
+        dir: dir.to_path_buf(),
+    };
+    let text = requested.as_os_str().as_encoded_bytes();
+    if text.is_empty() || text.ends_with(b"/") || text.ends_with(b"/.") {
+        return Err(bad());
+    }
+    let mut comps = requested.components();
+    if comps.any(|c| matches!(c, Component::ParentDir | Component::CurDir)) {
+        return Err(bad());
+    }
+    let name = requested.file_name().ok_or_else(bad)?;
+    let parent = requested.parent().unwrap_or(Path::new(""));
+    if requested.is_relative() {
+        return if parent.as_os_str().is_empty() {
+            Ok(dir.join(name))
+        } else {
+            Err(outside())
+        };
+    }
+    if parent == dir {
+        return Ok(dir.join(name));
+    }
+    // The same directory by another name (a symlink on the way): the same device and inode.
+    // (Compared with stat, not realpath: the API thread's seccomp filter has no readlink.)
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(parent), std::fs::metadata(dir)) {
+        (Ok(p), Ok(d)) if (p.dev(), p.ino()) == (d.dev(), d.ino()) => Ok(dir.join(name)),
+        _ => Err(outside()),
+    }
 }
 
 /// Writes a snapshot of `vm`, which must be paused. Returns the bytes written.
@@ -82,8 +167,49 @@ pub fn write(vm: &Vm, meta: &SnapshotMeta, path: &Path) -> Result<u64, SnapshotE
         source,
     };
     let st = vm.save_state()?;
-    let tmp = path.with_extension("partial");
-    let file = std::fs::File::create(&tmp).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        // SAFETY: getuid takes no arguments, touches no memory and cannot fail. (The real uid:
+        // the VMM is not set-uid, and a jailed VMM sets all its uids at once.)
+        let uid = unsafe { libc::getuid() };
+        tern_vmctl::local::ensure_private_dir_for(dir, uid)?;
+    }
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true) // O_CREAT | O_EXCL
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+    };
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(SnapshotError::Exists {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(io(e)),
+    };
+    // A failure part-way removes the file (this call created it: O_EXCL).
+    let written = write_body(vm, meta, &st, file, path);
+    if written.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    written
+}
+
+fn write_body(
+    vm: &Vm,
+    meta: &SnapshotMeta,
+    st: &VmState,
+    file: std::fs::File,
+    path: &Path,
+) -> Result<u64, SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut w = BufWriter::with_capacity(1 << 20, file);
     let meta_bytes = bincode::serialize(meta).unwrap_or_default();
     let mut n = 0u64;
@@ -95,7 +221,7 @@ pub fn write(vm: &Vm, meta: &SnapshotMeta, path: &Path) -> Result<u64, SnapshotE
     put(&mut w, &SNAPSHOT_VERSION.to_le_bytes())?;
     put(&mut w, &(meta_bytes.len() as u32).to_le_bytes())?;
     put(&mut w, &meta_bytes)?;
-    put(&mut w, &state::encode(&st))?;
+    put(&mut w, &state::encode(st))?;
     let mut crc = 0u32;
     let mut page = [0u8; PAGE];
     for r in vm.memory_regions() {
@@ -118,8 +244,6 @@ pub fn write(vm: &Vm, meta: &SnapshotMeta, path: &Path) -> Result<u64, SnapshotE
     put(&mut w, &crc.to_le_bytes())?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)?;
     Ok(n)
 }
 
@@ -160,8 +284,16 @@ pub fn open(path: &Path) -> Result<Snapshot, SnapshotError> {
     }
     let mut meta = vec![0u8; meta_len as usize];
     r.read_exact(&mut meta).map_err(|_| format("truncated"))?;
-    let meta: SnapshotMeta =
-        bincode::deserialize(&meta).map_err(|e| format(&format!("description: {e}")))?;
+    let meta: SnapshotMeta = {
+        use bincode::Options;
+        // `bincode::serialize`'s encoding, with every length bounded by the bytes there are.
+        bincode::DefaultOptions::new()
+            .with_fixint_encoding()
+            .allow_trailing_bytes()
+            .with_limit(u64::from(MAX_META))
+            .deserialize(&meta)
+            .map_err(|e| format(&format!("description: {e}")))?
+    };
     let mut sh = [0u8; state::STATE_HEADER_BYTES];
     r.read_exact(&mut sh).map_err(|_| format("truncated"))?;
     let mut len8 = [0u8; 8];
@@ -210,11 +342,14 @@ impl Snapshot {
             if gpa == u64::MAX {
                 break;
             }
-            if gpa % PAGE as u64 != 0
-                || !regions
-                    .iter()
-                    .any(|r| gpa >= r.guest_addr && gpa + PAGE as u64 <= r.guest_addr + r.size)
-            {
+            let inside = |r: &&crate::vm::MemoryRegionInfo| match (
+                gpa.checked_add(PAGE as u64),
+                r.guest_addr.checked_add(r.size),
+            ) {
+                (Some(end), Some(r_end)) => gpa >= r.guest_addr && end <= r_end,
+                _ => false,
+            };
+            if gpa % PAGE as u64 != 0 || !regions.iter().any(|r| inside(&r)) {
                 return Err(format(&format!("page {gpa:#x} outside guest memory")));
             }
             self.reader

@@ -20,9 +20,14 @@ pub fn tern() -> &'static str {
 
 pub use tern_test_support::{free_port, require_kvm, wait_for};
 
-/// A scratch directory that lives as long as the test.
+/// A scratch directory that lives as long as the test, mode 0700: a VMM refuses to put its API
+/// socket in a directory others may enter.
 pub fn scratch() -> tempfile::TempDir {
-    tempfile::tempdir().expect("a temporary directory")
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .expect("a temporary directory")
 }
 
 /// A running `tern vm run` with its stdout read line by line on a thread.
@@ -201,8 +206,8 @@ impl RunningVm {
 
 impl RunningVm {
     /// Starts `tern vm run` with the built-in test guest (`memory_mib` MiB, kernel command line
-    /// `cmdline`) named `name`, its API socket `dir/api.sock` and its runtime directory `dir/rt`;
-    /// the VM and its API socket. Waits for nothing.
+    /// `cmdline`) named `name`, its API socket `dir/api.sock`, its runtime directory `dir/rt` and
+    /// its snapshot directory `dir`; the VM and its API socket. Waits for nothing.
     pub fn start_testguest(
         dir: &Path,
         name: &str,
@@ -226,6 +231,8 @@ impl RunningVm {
                 sock.to_str().unwrap(),
                 "--runtime-dir",
                 rt.to_str().unwrap(),
+                "--snapshot-dir",
+                dir.to_str().unwrap(),
             ],
         );
         (vm, sock)
