@@ -3,13 +3,26 @@
 //!
 //! Control protocol: the client connects, writes one JSON [`Request`] line, reads one JSON
 //! [`Response`] line. Example: `{"op":"set","assignments":["headroom=30"]}`.
+//!
+//! The control socket never holds up the tick: it is bound 0600 in a private (0700) directory,
+//! an acceptor thread checks each peer's uid (`SO_PEERCRED`, default this process's uid and
+//! root) and hands the connection to a client thread (at most [`MAX_CLIENTS`] at once) that reads
+//! at most [`MAX_REQUEST_BYTES`] within [`CLIENT_DEADLINE`]; only a complete, parsed request
+//! reaches the tick thread, through a channel it drains between ticks, and the answer goes back
+//! the same way. A silent client, a half line or a client that never reads its answer costs one
+//! client thread until its deadline, never a tick.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use tern_vmctl::local::{BindPrivateError, PeerPolicy};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
@@ -27,8 +40,14 @@ use crate::telemetry::{
 };
 use crate::topology::{ReadTopologyError, Topology, format_cpus};
 
-/// The default control socket.
-pub const DEFAULT_SOCKET: &str = "/run/tern/park.sock";
+/// The default control socket (its directory is private: 0700).
+pub const DEFAULT_SOCKET: &str = "/run/tern/park/park.sock";
+/// The longest request line, bytes (a `set` of every knob is far below this).
+pub const MAX_REQUEST_BYTES: usize = 64 << 10;
+/// How long a client has to send its request and take its answer.
+pub const CLIENT_DEADLINE: Duration = Duration::from_secs(2);
+/// Client connections served at once; more wait in the listen backlog.
+pub const MAX_CLIENTS: usize = 16;
 
 /// Everything the daemon needs.
 #[derive(Debug, Clone)]
@@ -169,6 +188,8 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    #[error("Cannot listen on the control socket")]
+    Bind(#[source] BindPrivateError),
     #[error("Cannot set up signal handling")]
     Signals(#[source] nix::Error),
     #[error("Bad power model")]
@@ -228,6 +249,7 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
     stream.write_all(line.as_bytes()).map_err(ClientError::Io)?;
     let mut reply = String::new();
     BufReader::new(stream)
+        .take(16 << 20)
         .read_line(&mut reply)
         .map_err(ClientError::Io)?;
     serde_json::from_str(&reply).map_err(|e| ClientError::BadReply(e.to_string()))
@@ -607,32 +629,18 @@ impl Daemon {
         }
     }
 
-    fn handle(&mut self, stream: UnixStream) {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-        let mut line = String::new();
-        let mut reader = BufReader::new(&stream);
-        if reader.read_line(&mut line).is_err() {
-            return;
-        }
-        let resp = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response {
-                ok: false,
-                error: Some(format!("Bad request: {e}")),
-                status: None,
-            },
-            Ok(Request::Status) => Response {
+    /// Answers one control request (on the tick thread, between ticks).
+    fn handle_request(&mut self, req: Request) -> Response {
+        match req {
+            Request::Status => Response {
                 ok: true,
                 error: None,
                 status: Some(self.status()),
             },
-            Ok(Request::Set { assignments }) => {
+            Request::Set { assignments } => {
                 let mut knobs = *self.policy.knobs();
                 match knobs.apply_assignments(&assignments) {
-                    Err(e) => Response {
-                        ok: false,
-                        error: Some(e.to_string()),
-                        status: None,
-                    },
+                    Err(e) => Response::error(e.to_string()),
                     Ok(()) => {
                         let d = self.policy.set_knobs(knobs);
                         log(&format!("knobs set: {}", assignments.join(" ")));
@@ -651,39 +659,178 @@ impl Daemon {
                     }
                 }
             }
+        }
+    }
+}
+
+impl Response {
+    fn error(msg: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(msg),
+            status: None,
+        }
+    }
+}
+
+/// Why a request line was refused (pure).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Longer than [`MAX_REQUEST_BYTES`].
+    #[error("Request longer than {MAX_REQUEST_BYTES} bytes")]
+    TooLong,
+    /// Not a request.
+    #[error("Bad request: {0}")]
+    Bad(String),
+}
+
+/// Parses one request line (without or with its newline), bounded (pure).
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(RequestError::TooLong);
+    }
+    serde_json::from_slice(line).map_err(|e| RequestError::Bad(e.to_string()))
+}
+
+/// A parsed request on its way to the tick thread, with where its answer goes.
+type Pending = (Request, mpsc::SyncSender<Response>);
+
+/// Reads one request line from `stream` by `deadline`: at most [`MAX_REQUEST_BYTES`] and its
+/// newline (a client that closes after a full line without a newline is served too).
+fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Vec<u8>, String> {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(stream);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "No complete request within {} ms",
+                CLIENT_DEADLINE.as_millis()
+            ));
+        }
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let room = (MAX_REQUEST_BYTES + 1 - line.len()) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            Ok(0) if line.is_empty() => return Err("The client sent nothing".into()),
+            Ok(0) => return Ok(line),
+            Ok(_) if line.ends_with(b"\n") => return Ok(line),
+            Ok(_) if line.len() > MAX_REQUEST_BYTES => {
+                return Err(RequestError::TooLong.to_string());
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// One client, on its own thread: read the request by the deadline, hand it to the tick thread,
+/// write its answer by the deadline.
+fn serve_client(stream: UnixStream, to_tick: &mpsc::Sender<Pending>, wake: &UnixStream) {
+    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let resp = match read_request(&stream, deadline)
+        .and_then(|l| parse_request(&l).map_err(|e| e.to_string()))
+    {
+        Err(e) => Response::error(e),
+        Ok(req) => {
+            let (tx, rx) = mpsc::sync_channel(1);
+            if to_tick.send((req, tx)).is_err() {
+                return;
+            }
+            let _ = (&*wake).write(&[1]);
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(r) => r,
+                Err(_) => Response::error("The daemon did not answer in time".into()),
+            }
+        }
+    };
+    let mut out = serde_json::to_string(&resp).unwrap_or_default();
+    out.push('\n');
+    let left = deadline.saturating_duration_since(Instant::now());
+    let _ = stream.set_write_timeout(Some(left.max(Duration::from_millis(100))));
+    let _ = (&stream).write_all(out.as_bytes());
+}
+
+/// The acceptor: peer check, client cap, one thread per client. Accept errors (EMFILE,
+/// ECONNABORTED, …) are waited out, never fatal.
+fn accept_clients(
+    listener: UnixListener,
+    peers: PeerPolicy,
+    to_tick: mpsc::Sender<Pending>,
+    wake: UnixStream,
+) {
+    let wake = Arc::new(wake);
+    let active = Arc::new(AtomicUsize::new(0));
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) => {
+                log(&format!(
+                    "accept on the control socket failed ({e}); retrying"
+                ));
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
         };
-        let mut out = serde_json::to_string(&resp).expect("responses serialise");
-        out.push('\n');
-        let _ = (&stream).write_all(out.as_bytes());
+        if let Err(why) = peers.check(&stream) {
+            log(&format!("control connection refused: {why}"));
+            let mut out = serde_json::to_string(&Response::error(format!("Refused: {why}")))
+                .unwrap_or_default();
+            out.push('\n');
+            let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+            let _ = (&stream).write_all(out.as_bytes());
+            continue;
+        }
+        // At the cap, the acceptor waits for a client thread to finish (each within its deadline).
+        while active.load(Ordering::Acquire) >= MAX_CLIENTS {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        active.fetch_add(1, Ordering::AcqRel);
+        let (to_tick, wake, active2) = (to_tick.clone(), wake.clone(), active.clone());
+        let spawned = std::thread::Builder::new()
+            .name("park-client".into())
+            .spawn(move || {
+                serve_client(stream, &to_tick, &wake);
+                active2.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM, then restores every affinity and file it changed.
-/// Returns the number of check intervals run.
-pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
+/// The control socket admits the peers `peers` allows. Returns the number of check intervals run.
+pub fn run(cfg: DaemonConfig, peers: PeerPolicy) -> Result<u64, DaemonError> {
     let signals =
         Signals::block(&[Signal::SIGINT, Signal::SIGTERM]).map_err(DaemonError::Signals)?;
-    if cfg.socket.exists() {
-        if UnixStream::connect(&cfg.socket).is_ok() {
-            return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
-        }
-        let _ = std::fs::remove_file(&cfg.socket);
-    }
-    if let Some(dir) = cfg.socket.parent() {
-        let _ = std::fs::create_dir_all(dir);
-    }
     let socket = cfg.socket.clone();
     let mut d = Daemon::new(cfg)?;
-    let listener = UnixListener::bind(&socket).map_err(|source| DaemonError::Socket {
+    let listener = match tern_vmctl::local::bind_private(&socket) {
+        Ok(l) => l,
+        Err(BindPrivateError::InUse { path }) => return Err(DaemonError::AlreadyRunning(path)),
+        Err(e) => return Err(DaemonError::Bind(e)),
+    };
+    let sock_err = |source| DaemonError::Socket {
         path: socket.clone(),
         source,
-    })?;
-    listener
-        .set_nonblocking(true)
-        .map_err(|source| DaemonError::Socket {
-            path: socket.clone(),
-            source,
-        })?;
+    };
+    // Client threads wake the tick thread through this pair when a request waits.
+    let (wake_rx, wake_tx) = UnixStream::pair().map_err(sock_err)?;
+    wake_rx.set_nonblocking(true).map_err(sock_err)?;
+    wake_tx.set_nonblocking(true).map_err(sock_err)?;
+    let (to_tick, requests) = mpsc::channel::<Pending>();
+    std::thread::Builder::new()
+        .name("park-accept".into())
+        .spawn(move || accept_clients(listener, peers, to_tick, wake_tx))
+        .map_err(sock_err)?;
     let managed: Vec<usize> = d.policy.topology().cpus.iter().map(|c| c.id).collect();
     log(&format!(
         "managing CPUs {} every {} ms; VMs from {}; control socket {}",
@@ -711,21 +858,23 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
         let wait = PollTimeout::try_from(wait_ms as u64).unwrap_or(PollTimeout::MAX);
         let mut fds = [
             PollFd::new(signals.fd.as_fd(), PollFlags::POLLIN),
-            PollFd::new(listener.as_fd(), PollFlags::POLLIN),
+            PollFd::new(wake_rx.as_fd(), PollFlags::POLLIN),
         ];
         if poll(&mut fds, wait).is_err() {
             continue;
         }
         let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN));
-        let (signal_ready, client_ready) = (ready(&fds[0]), ready(&fds[1]));
+        let (signal_ready, request_ready) = (ready(&fds[0]), ready(&fds[1]));
         if signal_ready && let Some(sig) = signals.pending() {
             break sig;
         }
-        if client_ready {
-            while let Ok((stream, _)) = listener.accept() {
-                let _ = stream.set_nonblocking(false);
-                d.handle(stream);
-            }
+        if request_ready {
+            let mut drain = [0u8; 64];
+            while matches!((&wake_rx).read(&mut drain), Ok(n) if n > 0) {}
+        }
+        // Parsed requests only: answering one is as quick as a status.
+        while let Ok((req, reply)) = requests.try_recv() {
+            let _ = reply.try_send(d.handle_request(req));
         }
     };
     let rep = d.actuator.restore();
@@ -738,4 +887,52 @@ pub fn run(cfg: DaemonConfig) -> Result<u64, DaemonError> {
         d.interval, rep.written
     ));
     Ok(d.interval)
+}
+
+#[cfg(test)]
+mod control_tests {
+    use super::*;
+
+    #[test]
+    fn request_lines_are_bounded_and_typed() {
+        assert_eq!(parse_request(b"{\"op\":\"status\"}\n"), Ok(Request::Status));
+        let long = vec![b' '; MAX_REQUEST_BYTES + 1];
+        assert_eq!(parse_request(&long), Err(RequestError::TooLong));
+        assert!(
+            matches!(parse_request(b"{\"op\":\"nope\"}"), Err(RequestError::Bad(m)) if m.contains("nope"))
+        );
+    }
+
+    #[test]
+    fn a_silent_or_half_line_client_is_dropped_at_its_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = Instant::now();
+        let e = read_request(&a, t + Duration::from_millis(150)).unwrap_err();
+        assert!(e.contains("No complete request"), "{e}");
+        b.write_all(b"{\"op\":").unwrap();
+        let e = read_request(&a, Instant::now() + Duration::from_millis(150)).unwrap_err();
+        assert!(e.contains("No complete request"), "{e}");
+        b.write_all(b"\"status\"}\n").unwrap();
+        // What came after the deadline is a line of its own now: the first half is gone.
+        let l = read_request(&a, Instant::now() + Duration::from_millis(150)).unwrap();
+        assert_eq!(l, b"\"status\"}\n");
+        assert!(t.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_endless_line_is_refused_at_the_size_limit() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'x'; 8192];
+            for _ in 0..(MAX_REQUEST_BYTES / 8192 + 4) {
+                if b.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+        });
+        let e = read_request(&a, Instant::now() + Duration::from_secs(5)).unwrap_err();
+        assert!(e.contains("longer than 65536 bytes"), "{e}");
+        drop(a);
+        writer.join().unwrap();
+    }
 }

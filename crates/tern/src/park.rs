@@ -127,9 +127,14 @@ pub struct RunArgs {
     /// The VMM runtime directory listing running VMs (`NAME.json`).
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR)]
     runtime_dir: PathBuf,
-    /// Control socket for `status` and `set`.
+    /// Control socket for `status` and `set` (created 0600; its directory must be 0700 and
+    /// yours, or missing).
     #[arg(long, default_value = daemon::DEFAULT_SOCKET)]
     socket: PathBuf,
+    /// A uid allowed on the control socket besides the daemon's own (SO_PEERCRED); repeat for
+    /// more. Default: the daemon's own uid and root. Once given, root is allowed only if listed.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
     /// Manage only these CPUs (kernel list, e.g. `0-3`); default all online.
     #[arg(long)]
     cpus: Option<String>,
@@ -237,26 +242,30 @@ fn run_daemon(args: RunArgs) -> anyhow::Result<ExitCode> {
     if cpus.as_ref().is_some_and(|c| c.is_empty()) {
         bail!("--cpus must name at least one CPU");
     }
-    daemon::run(DaemonConfig {
-        knobs,
-        paths: HostPaths {
-            proc_root: args.proc_root,
-            sys_root: args.sys_root,
+    let peers = tern_vmctl::local::PeerPolicy::owner_and(&args.allow_uid);
+    daemon::run(
+        DaemonConfig {
+            knobs,
+            paths: HostPaths {
+                proc_root: args.proc_root,
+                sys_root: args.sys_root,
+            },
+            runtime_dir: args.runtime_dir,
+            socket: args.socket,
+            cpus,
+            cpuset_dir: args.cpuset,
+            irq: args.irq,
+            halt_poll_ns: args.halt_poll_ns,
+            power,
+            demand: if args.demand == "host" {
+                DemandSource::Host
+            } else {
+                DemandSource::Vcpu
+            },
+            verbose: args.verbose,
         },
-        runtime_dir: args.runtime_dir,
-        socket: args.socket,
-        cpus,
-        cpuset_dir: args.cpuset,
-        irq: args.irq,
-        halt_poll_ns: args.halt_poll_ns,
-        power,
-        demand: if args.demand == "host" {
-            DemandSource::Host
-        } else {
-            DemandSource::Vcpu
-        },
-        verbose: args.verbose,
-    })?;
+        peers,
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -75,7 +75,7 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path, runtime: &Path, knobs: &[&str]) -> Daemon {
-        let socket = dir.join("park.sock");
+        let socket = dir.join("ctl/park.sock");
         let log = dir.join("daemon.log");
         let child = Command::new(TERN)
             .args(["park", "run", "--runtime-dir"])
@@ -600,7 +600,7 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
     std::fs::set_permissions(&runtime, std::fs::Permissions::from_mode(0o777)).unwrap();
     let before = cpus_allowed(load.pid, load.tids[0]);
     let log = dir.path().join("daemon.log");
-    let socket = dir.path().join("park.sock");
+    let socket = dir.path().join("ctl/park.sock");
     // The daemon runs as nobody: it may read the root-owned threads but not move them.
     let mut child = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
@@ -649,4 +649,85 @@ fn no_permission_is_a_logged_skip_and_nothing_stays_pinned() {
         "nothing to restore:\n{text}"
     );
     assert_eq!(cpus_allowed(load.pid, load.tids[0]), before);
+}
+
+/// The control socket cannot freeze the tick: a client that connects and says nothing, one that
+/// sends half a line and one that sends an endless line are each answered with an error at their
+/// deadline or the size limit, while intervals keep counting and `status` answers at once. The
+/// socket is 0600 in a 0700 directory, and another uid cannot reach it.
+#[test]
+fn silent_half_line_and_oversized_clients_do_not_stop_the_ticks() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::UnixStream;
+    require_host();
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("vms");
+    let mut d = Daemon::start(dir.path(), &runtime, &["interval_ms=50"]);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&d.socket), 0o600);
+    assert_eq!(mode(d.socket.parent().unwrap()), 0o700);
+
+    let silent = UnixStream::connect(&d.socket).unwrap();
+    let mut half = UnixStream::connect(&d.socket).unwrap();
+    half.write_all(b"{\"op\":\"sta").unwrap();
+    let mut endless = UnixStream::connect(&d.socket).unwrap();
+    let flood = std::thread::spawn(move || {
+        let chunk = vec![b' '; 4096];
+        // The daemon stops reading past its limit and answers; the write then fails.
+        for _ in 0..64 {
+            if endless.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut answer = String::new();
+        let _ = endless.read_to_string(&mut answer);
+        answer
+    });
+
+    let first = d.status()["interval"].as_u64().unwrap();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(200));
+        let t = Instant::now();
+        d.status();
+        slowest = slowest.max(t.elapsed());
+    }
+    let last = d.status()["interval"].as_u64().unwrap();
+    assert!(
+        last >= first + 5,
+        "ticks go on with stuck clients connected: interval {first} → {last} in 1 s"
+    );
+    assert!(
+        slowest < Duration::from_millis(500),
+        "status answers at once: slowest {slowest:?}"
+    );
+
+    let answer = |mut s: UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut a = String::new();
+        s.read_to_string(&mut a).unwrap();
+        a
+    };
+    let t = Instant::now();
+    let a = answer(silent);
+    assert!(a.contains("No complete request within 2000 ms"), "{a}");
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let a = answer(half);
+    assert!(a.contains("No complete request"), "{a}");
+    let a = flood.join().unwrap();
+    assert!(a.contains("Request longer than 65536 bytes"), "{a}");
+
+    // Another uid cannot reach the socket (its directory is 0700).
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", TERN])
+        .args(["park", "status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .expect("run setpriv (util-linux)");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No parking daemon at"), "{err}");
+    let log = d.stop(Signal::SIGTERM);
+    assert!(!log.contains("panicked"), "{log}");
 }

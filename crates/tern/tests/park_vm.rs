@@ -132,7 +132,7 @@ fn two_light_guests_share_one_core_and_one_turning_busy_unparks_the_second() {
     let light: Vec<(u32, u32)> = a_threads.iter().chain(&b.threads()).copied().collect();
     let original: Vec<String> = light.iter().map(|&(p, t)| cpus_allowed(p, t)).collect();
 
-    let socket = dir.path().join("park.sock");
+    let socket = dir.path().join("ctl/park.sock");
     let log = dir.path().join("daemon.log");
     let increase_time = 2u64;
     let daemon = Command::new(TERN)
