@@ -24,6 +24,7 @@ pub mod migrate;
 pub mod mptable;
 pub mod persist;
 pub mod runtime;
+pub mod seccomp;
 pub mod signals;
 pub mod snapshot;
 pub mod state;

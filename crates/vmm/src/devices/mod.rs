@@ -272,6 +272,7 @@ pub fn spawn_announcer(
     std::thread::Builder::new()
         .name("net-announce".into())
         .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Device);
             let start = std::time::Instant::now();
             let mut sent = 0;
             for at in schedule.offsets {

@@ -404,6 +404,7 @@ where
     std::thread::Builder::new()
         .name("virtio-net-rx".into())
         .spawn(move || {
+            crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Device);
             let mut blocked = false;
             loop {
                 let mut fds = [

@@ -311,6 +311,7 @@ impl VmBuilder {
                 .spawn(move || {
                     let control = t.control.clone();
                     let id = t.id;
+                    crate::seccomp::enter_or_exit(crate::seccomp::ThreadKind::Vcpu);
                     // A bug in a device model must stop the VM with a report, not leave it hung.
                     if let Err(panic) =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| t.run()))
