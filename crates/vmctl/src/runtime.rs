@@ -200,11 +200,11 @@ pub fn remove_stale(dir: &Path, name: &str) -> Result<Option<RuntimeEntry>, Remo
             pid: entry.pid,
         });
     }
-    if let Some(sock) = entry
-        .api_sock
-        .as_deref()
-        .filter(|s| s.parent() == Some(dir))
-        && std::os::unix::net::UnixStream::connect(sock).is_err()
+    if let Some(sock) = entry.api_sock.as_deref().filter(|s| {
+        // A socket of its own (RUNTIME_DIR/NAME.sock, or the default RUNTIME_DIR/api/NAME.sock).
+        s.parent() == Some(dir)
+            || s.parent() == Some(dir.join(crate::local::API_SOCKET_DIR).as_path())
+    }) && std::os::unix::net::UnixStream::connect(sock).is_err()
     {
         let _ = std::fs::remove_file(sock);
     }
@@ -373,7 +373,8 @@ mod tests {
         let d = dir.path();
         write_entry(d, &me("live")).unwrap();
         let mut dead = entry("dead", u32::MAX - 1);
-        let sock = default_api_sock(d, "dead");
+        let sock = crate::local::default_api_sock(d, "dead");
+        std::fs::create_dir(sock.parent().unwrap()).unwrap();
         dead.api_sock = Some(sock.clone());
         drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
         write_entry(d, &dead).unwrap();
