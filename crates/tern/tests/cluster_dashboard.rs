@@ -7,14 +7,19 @@
 //! text (no element made from it); shows a migration in flight (the target's agent is frozen with
 //! SIGSTOP so the task stays running) and the VM on its new host once it is done, without a
 //! reload; on the follower, names the leader and links to it; plots the automation loop's series;
-//! and that clicking "Apply" on a proposed plan makes the controller carry it out. Needs root, KVM,
-//! etcd and chromium (fails loudly without them).
+//! and that clicking "Apply" on a proposed plan makes the controller carry it out. Everything runs
+//! over TLS with certificates of a scratch CA (`tern-pki`): the test calls the API as the admin
+//! user, Chromium (which ignores the scratch CA being unknown to it) opens the page with an admin
+//! bearer token in the URL's fragment, which the page must take off the address bar; at the end,
+//! with no token stored, the page asks for one (401) and shows the cluster once it is typed in.
+//! Needs root, KVM, etcd and chromium (fails loudly without them).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -26,6 +31,15 @@ use tungstenite::{Message, WebSocket};
 const CONTROLLER_TTL_MS: u64 = 3_000;
 /// The agents' lease: long, so an agent frozen for a few seconds keeps its host.
 const AGENT_TTL_MS: u64 = 30_000;
+/// The admin's bearer token (its hash is in the controllers' token file).
+const ADMIN_TOKEN: &str = "dashboard-admin-token-0123456789";
+
+/// TLS as the admin user, for the test's own `https://` calls.
+static ADMIN_TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+
+/// A byte stream, plain or TLS.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
 
 // ----- HTTP to the controllers (status, headers, body) -----
 
@@ -42,9 +56,20 @@ fn http(method: &str, base: &str, path: &str, body: Option<&Value>) -> Reply {
 
 /// [`http`], or the error if nothing listens (yet).
 fn try_http(method: &str, base: &str, path: &str, body: Option<&Value>) -> std::io::Result<Reply> {
-    let addr = base.trim_start_matches("http://");
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let https = base.starts_with("https://");
+    let addr = base
+        .trim_start_matches("https://")
+        .trim_start_matches("http://");
+    let tcp = TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut s: Box<dyn Stream> = if https {
+        let cfg = ADMIN_TLS.get().expect("the admin's TLS settings").clone();
+        let conn = rustls::ClientConnection::new(cfg, tern_pki::TlsDir::server_name("127.0.0.1"))
+            .map_err(std::io::Error::other)?;
+        Box::new(rustls::StreamOwned::new(conn, tcp))
+    } else {
+        Box::new(tcp)
+    };
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     write!(
         s,
@@ -93,9 +118,13 @@ fn try_http(method: &str, base: &str, path: &str, body: Option<&Value>) -> std::
             }
             rest.truncate(len);
         }
-        None => {
-            s.read_to_end(&mut rest).unwrap();
-        }
+        None => match s.read_to_end(&mut rest) {
+            // a TLS peer closing without close_notify after `Connection: close`
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            r => {
+                r.unwrap();
+            }
+        },
     }
     let rest = String::from_utf8_lossy(&rest).into_owned();
     let chunked = head
@@ -142,9 +171,14 @@ fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
 
 // ----- the cluster -----
 
-fn controller(etcd: &str, port: u16, log: &Path) -> ChildGuard {
+fn controller(etcd: &str, port: u16, pki: &Path, name: &str, log: &Path) -> ChildGuard {
     let child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["controller", "--etcd", etcd])
+        .arg("--tls-dir")
+        .arg(pki.join(name))
+        .arg("--tokens")
+        .arg(pki.join("tokens"))
+        .args(["--admins", "admin"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--lease-ttl-ms", &CONTROLLER_TTL_MS.to_string()])
         .args(["--agent-lease-ttl-ms", &AGENT_TTL_MS.to_string()])
@@ -156,10 +190,12 @@ fn controller(etcd: &str, port: u16, log: &Path) -> ChildGuard {
     ChildGuard(child)
 }
 
-fn agent(etcd: &str, host: &str, port: u16, dir: &Path) -> ChildGuard {
+fn agent(etcd: &str, host: &str, port: u16, pki: &Path, dir: &Path) -> ChildGuard {
     std::fs::create_dir_all(dir).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["agent", "--host-id", host, "--etcd", etcd])
+        .arg("--tls-dir")
+        .arg(pki.join(host))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--cores", "2", "--memory-mib", "2048"])
         .args(["--lease-ttl-ms", &AGENT_TTL_MS.to_string()])
@@ -232,6 +268,8 @@ impl Chromium {
             .arg(format!("--user-data-dir={}", profile.display()))
             // Root cannot use Chromium's sandbox.
             .args(["--no-sandbox", "--disable-gpu", "--no-first-run"])
+            // The scratch CA is not in its trust store.
+            .arg("--ignore-certificate-errors")
             .args(["--no-default-browser-check", "--disable-extensions"])
             .args(["--disable-background-networking", "--disable-sync"])
             .arg("about:blank")
@@ -504,21 +542,42 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
         .tempdir()
         .unwrap();
 
+    // The PKI: a CA, the controllers', the hosts' and the admin's certificates, an admin token.
+    let pki = dir.path().join("pki");
+    tern_pki::init_ca(&pki).unwrap();
+    let o = tern_pki::IssueOptions::default();
+    for (name, role) in [
+        ("c0", tern_pki::Role::Controller),
+        ("c1", tern_pki::Role::Controller),
+        ("h1", tern_pki::Role::Host),
+        ("h2", tern_pki::Role::Host),
+        ("admin", tern_pki::Role::User),
+    ] {
+        tern_pki::issue(&pki, name, role, &o).unwrap();
+    }
+    let line = tern_api::auth::token_line("browser", tern_api::auth::Role::Admin, ADMIN_TOKEN);
+    std::fs::write(pki.join("tokens"), line.unwrap() + "\n").unwrap();
+    let admin = tern_pki::TlsDir::load(&pki.join("admin")).unwrap();
+    let _ = ADMIN_TLS.set(admin.client_config());
+
     let ports = [free_port(), free_port()];
     let urls: Vec<String> = ports
         .iter()
-        .map(|p| format!("http://127.0.0.1:{p}"))
+        .map(|p| format!("https://127.0.0.1:{p}"))
         .collect();
     let _controllers: Vec<ChildGuard> = ports
         .iter()
         .enumerate()
-        .map(|(i, p)| controller(&etcd.url, *p, &dir.path().join(format!("c{i}.log"))))
+        .map(|(i, p)| {
+            let log = dir.path().join(format!("c{i}.log"));
+            controller(&etcd.url, *p, &pki, &format!("c{i}"), &log)
+        })
         .collect();
     let agent_ports = [free_port(), free_port()];
     let agents: Vec<ChildGuard> = ["h1", "h2"]
         .iter()
         .zip(agent_ports)
-        .map(|(h, p)| agent(&etcd.url, h, p, &dir.path().join(h)))
+        .map(|(h, p)| agent(&etcd.url, h, p, &pki, &dir.path().join(h)))
         .collect();
     let logs = || {
         let mut s = String::new();
@@ -604,8 +663,18 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
     let chromium = Chromium::start();
     let mut cdp = Cdp::connect(&chromium.page_socket());
 
-    // 1. The leader's page shows the hosts and the VMs where the API says they run.
-    cdp.navigate(&format!("{leader}/"));
+    // 1. The leader's page shows the hosts and the VMs where the API says they run. The token
+    // comes in the URL's fragment and leaves the address bar at once.
+    cdp.navigate(&format!("{leader}/#token={ADMIN_TOKEN}"));
+    cdp.wait(
+        "the token off the address bar",
+        Duration::from_secs(10),
+        |c| c.eval("location.hash") == "",
+    );
+    assert_eq!(
+        cdp.eval("sessionStorage.getItem('tern-token')"),
+        ADMIN_TOKEN
+    );
     cdp.wait("the hosts table", Duration::from_secs(20), |c| {
         let names: Vec<String> = c.rows("hosts-body").iter().map(|r| r[0].clone()).collect();
         names == ["h1", "h2"]
@@ -709,8 +778,9 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
     });
     cdp.assert_no_errors("the migration");
 
-    // 3. The follower's page names the leader and links to its dashboard, asking /v1 nothing.
-    cdp.navigate(&format!("{follower}/"));
+    // 3. The follower's page names the leader and links to its dashboard, asking /v1 nothing
+    // (another origin: its own sessionStorage, so the token comes again in the fragment).
+    cdp.navigate(&format!("{follower}/#token={ADMIN_TOKEN}"));
     cdp.wait("the not-the-leader banner", Duration::from_secs(10), |c| {
         c.eval("document.getElementById('banner').hidden") == false
             && c.eval(&format!(
@@ -728,6 +798,36 @@ fn the_dashboard_shows_the_cluster_live_and_applies_a_plan_in_a_real_browser() {
     // 4. The automation loop's series plotted, and a proposed plan applied from the page.
     plan_applied_from_the_page(&mut cdp, leader, &logs);
     cdp.assert_no_errors("applying a plan");
+
+    // 5. No token stored: the page gets 401, asks for one, and shows the cluster once it is typed.
+    cdp.eval("sessionStorage.clear()");
+    cdp.navigate(&format!("{leader}/"));
+    cdp.wait("the token form", Duration::from_secs(10), |c| {
+        c.eval("document.getElementById('login').hidden") == false
+    });
+    assert_eq!(
+        cdp.rows("hosts-body").len(),
+        0,
+        "data shown without a token"
+    );
+    cdp.eval(&format!(
+        "document.getElementById('login-token').value = {}; \
+         document.getElementById('login').requestSubmit(); true",
+        serde_json::to_string(ADMIN_TOKEN).unwrap()
+    ));
+    cdp.wait(
+        "the hosts with the typed token",
+        Duration::from_secs(20),
+        |c| {
+            c.rows("hosts-body").len() == 2
+                && c.eval("document.getElementById('login').hidden") == true
+        },
+    );
+    let errors = cdp.errors();
+    assert!(
+        errors.iter().all(|e| e.contains("401")),
+        "only the 401 before the token was typed: {errors:#?}"
+    );
 }
 
 /// Manual automation: the loop only proposes. Two idle VMs on two hosts: draining one host is the
@@ -794,7 +894,7 @@ fn plan_applied_from_the_page(cdp: &mut Cdp, leader: &str, logs: &dyn Fn() -> St
         .collect();
     assert!(!moves.is_empty(), "plan {id} moves nothing: {plan}");
 
-    cdp.navigate(&format!("{leader}/"));
+    cdp.navigate(&format!("{leader}/#token={ADMIN_TOKEN}"));
     // The series: each plot draws a line through the loop's points, the latest value in its
     // caption.
     cdp.wait("the plots", Duration::from_secs(20), |c| {
