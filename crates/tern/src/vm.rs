@@ -18,6 +18,7 @@ use tern_vmm::{Vm, VmExit, signals};
 pub const EXIT_GUEST_FAULT: u8 = 70;
 
 mod guest_io;
+mod jail;
 mod list;
 mod local;
 mod migrate;
@@ -127,6 +128,9 @@ pub struct ReceiveArgs {
     /// When the NICs announce themselves once the VM resumes here: offsets in ms, or `off`.
     #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
     pub announce: String,
+    /// The VMM's sandbox: seccomp filters and the jail.
+    #[command(flatten)]
+    pub sandbox: jail::SandboxArgs,
     /// Who may use the API socket, and where snapshots go.
     #[command(flatten)]
     pub local: local::LocalArgs,
@@ -196,6 +200,9 @@ pub struct RunArgs {
     /// resume, or `off`.
     #[arg(long, default_value = "0,50,200,450,800", value_name = "MS,MS,...|off")]
     pub announce: String,
+    /// The VMM's sandbox: seccomp filters and the jail.
+    #[command(flatten)]
+    pub sandbox: jail::SandboxArgs,
     /// Serve the control API on this unix socket (default: RUNTIME_DIR/api/NAME.sock).
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -305,6 +312,11 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         &args.net,
         &args.announce,
     )?;
+    jail::start(
+        &args.sandbox,
+        &cfg.name,
+        &jail::JailFiles::for_config(&cfg)?,
+    )?;
     signals::block_termination_signals().context("cannot block termination signals")?;
     let vm = Vm::create(cfg.clone())?;
     if let Some(s) = snap.as_mut() {
@@ -336,6 +348,7 @@ pub(crate) fn serve(
     cfg: &tern_vmm::config::VmConfig,
     api_opts: tern_vmm::api::ApiOptions,
 ) -> anyhow::Result<ExitCode> {
+    jail::enter_api_filter()?;
     signals::stop_on_termination(vm.clone()).context("cannot watch termination signals")?;
     let api = match &cfg.api_sock {
         Some(path) => match ApiServer::start(path, vm.clone(), api_opts) {
@@ -375,6 +388,11 @@ pub(crate) fn serve(
             return Err(e.into());
         }
     };
+    if let Err(e) = jail::lock_down(cfg) {
+        vm.request_stop();
+        vm.wait();
+        return Err(e);
+    }
     if vm.status().state != tern_vmm::RunState::Running
         && let Err(e) = vm.resume()
     {
@@ -484,6 +502,18 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    let jail_name = a
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("vm-{}", std::process::id()));
+    let jail_files = jail::JailFiles::for_receive(
+        &a.disk,
+        !a.net.is_empty(),
+        a.api_sock.as_deref(),
+        &a.runtime_dir,
+        &a.serial,
+    )?;
+    jail::start(&a.sandbox, &jail_name, &jail_files)?;
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;
     signals::block_termination_signals().context("cannot block termination signals")?;

@@ -1,0 +1,197 @@
+//! The sandboxed VMM: every thread runs under its seccomp filter, a thread that makes a syscall
+//! outside it stops the VMM with a report naming the thread kind and the syscall (through the
+//! debug-build trigger `TERN_SECCOMP_TEST_TRIGGER`), and `--jail` runs the test guest as an
+//! unprivileged user in its own mount namespace. Needs root and /dev/kvm.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{RunningVm, require_kvm, scratch, tern, tern_cmd, wait_for_path};
+
+const EXIT_VIOLATION: i32 = 159;
+
+fn testguest(dir: &Path, extra: &[&str], trigger: Option<&str>) -> (RunningVm, std::path::PathBuf) {
+    let sock = dir.join("api.sock");
+    let mut cmd = Command::new(tern());
+    cmd.args([
+        "vm",
+        "run",
+        "--kernel",
+        "builtin:testguest",
+        "--memory-mib",
+        "64",
+    ])
+    .args(["--cmdline", "tern.hb_ms=50", "--name"])
+    .arg(format!("sbx-{}", std::process::id()))
+    .arg("--api-sock")
+    .arg(&sock)
+    .arg("--runtime-dir")
+    .arg(dir.join("rt"))
+    .args(extra);
+    match trigger {
+        Some(kind) => cmd.env("TERN_SECCOMP_TEST_TRIGGER", kind),
+        None => cmd.env_remove("TERN_SECCOMP_TEST_TRIGGER"),
+    };
+    (RunningVm::start_command(dir, "vmm", cmd), sock)
+}
+
+fn status_field(pid: u32, tid: Option<&str>, key: &str) -> String {
+    let path = match tid {
+        Some(t) => format!("/proc/{pid}/task/{t}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    let s = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {path}"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_thread_outside_its_filter_stops_the_vmm_with_a_report_naming_it() {
+    require_kvm();
+    for (kind, thread) in [("vcpu", "vcpu0"), ("api", "main"), ("main", "main")] {
+        let dir = scratch();
+        let (mut vm, _) = testguest(dir.path(), &[], Some(kind));
+        let code = vm.wait_exit(Duration::from_secs(30));
+        let err = vm.stderr();
+        assert_eq!(code, EXIT_VIOLATION, "trigger {kind}: stderr:\n{err}");
+        let want = format!(
+            "tern: seccomp: thread {thread} (filter {kind}) made syscall {} (ptrace) outside its allow-list",
+            nix::libc::SYS_ptrace
+        );
+        assert!(
+            err.contains(&want),
+            "trigger {kind}: want {want:?} in:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn with_seccomp_off_the_same_trigger_does_nothing_and_the_guest_runs() {
+    require_kvm();
+    let dir = scratch();
+    let (mut vm, sock) = testguest(dir.path(), &["--seccomp", "off"], Some("vcpu"));
+    vm.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("HB ") && l.contains("seq=3")
+    });
+    let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0, "{}", vm.stderr());
+}
+
+#[test]
+fn every_vmm_thread_runs_under_a_filter_and_the_vm_is_controllable() {
+    require_kvm();
+    let dir = scratch();
+    let (mut vm, sock) = testguest(dir.path(), &["--vcpus", "2"], None);
+    vm.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("HB ") && l.contains("seq=2")
+    });
+    let s = sock.to_str().unwrap();
+    // Pause, resume and status go through the filtered API thread and the vCPUs' pause protocol.
+    for op in ["pause", "resume", "status"] {
+        let (code, _, err) = tern_cmd(&["vm", op, "--api-sock", s]);
+        assert_eq!(code, 0, "{op}: {err}\n{}", vm.stderr());
+    }
+    let pid = vm.child.id();
+    let mut seen = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = t.unwrap().file_name().into_string().unwrap();
+        let name = status_field(pid, Some(&tid), "Name");
+        // 2 = SECCOMP_MODE_FILTER.
+        assert_eq!(
+            status_field(pid, Some(&tid), "Seccomp"),
+            "2",
+            "thread {name} is not filtered"
+        );
+        seen.push(name);
+    }
+    for want in ["vcpu0", "vcpu1", "api", "signals"] {
+        assert!(
+            seen.iter().any(|n| n == want),
+            "no thread {want} among {seen:?}"
+        );
+    }
+    vm.wait_line(Duration::from_secs(10), |l| {
+        l.starts_with("HB ") && l.contains("seq=6")
+    });
+    let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0, "{}", vm.stderr());
+}
+
+#[test]
+fn jail_runs_the_guest_as_an_unprivileged_user_in_its_own_mount_namespace() {
+    require_kvm();
+    let dir = scratch();
+    let disk = dir.path().join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let jail_dir = dir.path().join("jail");
+    let (mut vm, sock) = testguest(
+        dir.path(),
+        &[
+            "--jail",
+            "--jail-uid",
+            "65534",
+            "--jail-gid",
+            "65534",
+            "--jail-dir",
+            jail_dir.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
+        ],
+        None,
+    );
+    vm.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("HB ") && l.contains("seq=2")
+    });
+    wait_for_path(&sock, Duration::from_secs(5));
+    let pid = vm.child.id();
+    assert_eq!(status_field(pid, None, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(pid, None, "Gid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(pid, None, "Groups"), "");
+    assert_eq!(status_field(pid, None, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, None, "CapEff"), "0000000000000000");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "the VMM shares our mount namespace"
+    );
+    // Only what the VM needs is in its root: no /etc, no /usr; /dev has kvm and nothing else.
+    let root = format!("/proc/{pid}/root");
+    assert!(
+        !Path::new(&format!("{root}/etc")).exists(),
+        "the jail shows /etc"
+    );
+    assert!(
+        !Path::new(&format!("{root}/usr")).exists(),
+        "the jail shows /usr"
+    );
+    let dev: Vec<_> = std::fs::read_dir(format!("{root}/dev"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(dev, ["kvm"]);
+    assert!(Path::new(&format!("{root}{}", disk.display())).exists());
+    // The API socket still serves the owner; the guest keeps running after a pause.
+    let s = sock.to_str().unwrap();
+    for op in ["pause", "resume", "status"] {
+        let (code, _, err) = tern_cmd(&["vm", op, "--api-sock", s]);
+        assert_eq!(code, 0, "{op}: {err}\n{}", vm.stderr());
+    }
+    vm.wait_line(Duration::from_secs(10), |l| {
+        l.starts_with("HB ") && l.contains("seq=6")
+    });
+    let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0, "{}", vm.stderr());
+}
