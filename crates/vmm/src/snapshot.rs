@@ -372,3 +372,49 @@ impl Snapshot {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_path_is_a_file_directly_in_the_snapshot_directory() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path();
+        let ok = |p: &str| resolve_path(d, Path::new(p));
+        assert_eq!(ok("a.snap").unwrap(), d.join("a.snap"));
+        assert_eq!(
+            resolve_path(d, &d.join("b.snap")).unwrap(),
+            d.join("b.snap")
+        );
+        // The same directory through a symlink: accepted, placed under the configured name.
+        let link = d.join("link");
+        std::os::unix::fs::symlink(d, &link).unwrap();
+        assert_eq!(
+            resolve_path(d, &link.join("c.snap")).unwrap(),
+            d.join("c.snap")
+        );
+        for bad in [
+            "",
+            "..",
+            ".",
+            "../a.snap",
+            "x/../a.snap",
+            "a.snap/",
+            "./a.snap",
+        ] {
+            assert!(
+                matches!(ok(bad), Err(SnapshotPathError::BadName { .. })),
+                "{bad:?}: {:?}",
+                ok(bad)
+            );
+        }
+        for outside in ["sub/a.snap", "/etc/a.snap"] {
+            let e = ok(outside).unwrap_err();
+            assert!(matches!(e, SnapshotPathError::OutsideDir { .. }), "{e}");
+            assert!(e.to_string().contains("--snapshot-dir"), "{e}");
+        }
+        let e = resolve_path(d, &d.join("..").join("a.snap")).unwrap_err();
+        assert!(matches!(e, SnapshotPathError::BadName { .. }), "{e}");
+    }
+}
