@@ -8,7 +8,9 @@
 
 mod common;
 
+use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -57,6 +59,24 @@ fn another_uid_cannot_use_the_api_socket_and_the_owner_can() {
     let (rc, out, err) = tern_cmd(&["vm", "status", "--api-sock", s]);
     assert_eq!(rc, 0, "the owner is served: {err}");
     assert!(out.contains("\"running\""), "{out}");
+
+    // Connections are capped: idle ones up to the cap, then an answer that says so; once they
+    // close the VM serves again.
+    let idle: Vec<UnixStream> = (0..tern_vmm::api::MAX_API_CONNECTIONS)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = UnixStream::connect(&sock).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    extra.read_to_string(&mut answer).unwrap();
+    assert!(answer.contains("API connections at most"), "{answer}");
+    drop(idle);
+    common::wait_for("the VM to serve again", Duration::from_secs(5), || {
+        tern_cmd(&["vm", "status", "--api-sock", s]).0 == 0
+    });
 
     // The default socket's directory, RUNTIME_DIR/api, is created 0700.
     let rt = dir.path().join("rt2");

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tern_migration::{CancelToken, ConvergenceConfig, MigrateOptions, OnTimeout, Progress};
 
@@ -107,17 +108,38 @@ impl ApiServer {
         let spawned = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
+                let active = std::sync::Arc::new(AtomicUsize::new(0));
                 for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
+                    let conn = match conn {
+                        Ok(c) => c,
+                        Err(_) => {
+                            // EMFILE, ECONNABORTED…: wait a little and go on, never a busy loop.
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue;
+                        }
+                    };
+                    if active.load(Ordering::Acquire) >= MAX_API_CONNECTIONS {
+                        refuse_busy(conn);
+                        continue;
+                    }
+                    active.fetch_add(1, Ordering::AcqRel);
                     let (vm, stopped_by, opts) = (vm.clone(), stopped_by2.clone(), opts.clone());
+                    let active2 = active.clone();
                     // One thread per client; clients are few (the CLI, an agent). The peer is
                     // checked there, so a refused one never holds up the next accept.
-                    let _ = std::thread::Builder::new()
-                        .name("api-conn".into())
-                        .spawn(move || match opts.peers.check(&conn) {
-                            Err(refused) => refuse(conn, &refused),
-                            Ok(_) => serve_connection(conn, &vm, &stopped_by, &opts),
-                        });
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("api-conn".into())
+                            .spawn(move || {
+                                match opts.peers.check(&conn) {
+                                    Err(refused) => refuse(conn, &refused),
+                                    Ok(_) => serve_connection(conn, &vm, &stopped_by, &opts),
+                                }
+                                active2.fetch_sub(1, Ordering::AcqRel);
+                            });
+                    if spawned.is_err() {
+                        active.fetch_sub(1, Ordering::AcqRel);
+                    }
                 }
             });
         if let Err(e) = spawned {
@@ -137,6 +159,20 @@ impl ApiServer {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
+}
+
+/// Client connections served at once; more are answered with an error and closed.
+pub const MAX_API_CONNECTIONS: usize = 32;
+/// How long a connection may stay silent between requests before it is closed.
+pub const API_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Answers a connection beyond [`MAX_API_CONNECTIONS`] and closes it.
+fn refuse_busy(mut conn: UnixStream) {
+    let _ = conn.set_write_timeout(Some(Duration::from_millis(200)));
+    let resp = Response::error(format!(
+        "the VMM serves {MAX_API_CONNECTIONS} API connections at most; try again"
+    ));
+    let _ = conn.write_all(resp.to_line().as_bytes());
 }
 
 /// Answers a refused peer with one error line (it may not be listening) and logs it. Its request
@@ -160,6 +196,8 @@ fn serve_connection(
     stopped_by: &Mutex<Option<ApiStop>>,
     opts: &ApiOptions,
 ) {
+    // A client that says nothing for this long is gone (the CLI and the agent send at once).
+    let _ = conn.set_read_timeout(Some(API_IDLE_TIMEOUT));
     let Ok(mut out) = conn.try_clone() else {
         return;
     };
