@@ -68,6 +68,10 @@ pub enum CommitError {
     /// Does not fit.
     #[error(transparent)]
     TooLarge(#[from] MetadataError),
+    /// The coordinator's session ended (its deadline passed) during the commit: nothing more is
+    /// written, and the header never is.
+    #[error("The coordinator's session ended during the commit; nothing was committed")]
+    Expired,
     /// I/O failed.
     #[error("Writing metadata failed")]
     Io(#[from] io::Error),
@@ -115,13 +119,45 @@ pub fn format(lun: &dyn Lun, opts: FormatOptions) -> Result<Superblock, FormatEr
 }
 
 fn write_slot(lun: &dyn Lun, slot: usize, m: &Metadata) -> Result<(), io::Error> {
+    match write_slot_fenced(lun, slot, m, &|| true) {
+        Ok(()) => Ok(()),
+        Err(CommitError::Io(e)) => Err(e),
+        Err(e) => Err(io::Error::other(e.to_string())),
+    }
+}
+
+/// Writes slot `slot`: the payload sector by sector, flush, then the header, flush. Fencing:
+/// `still_ours` (the coordinator's deadline) is asked before every payload sector, and right
+/// before the header both it and the generations of the slot headers on the LUN are checked
+/// again (`m.generation` must still be the newest), so a coordinator frozen anywhere in the
+/// commit and deposed meanwhile never makes its payload valid.
+fn write_slot_fenced(
+    lun: &dyn Lun,
+    slot: usize,
+    m: &Metadata,
+    still_ours: &dyn Fn() -> bool,
+) -> Result<(), CommitError> {
     let payload = m.encode_payload();
     let base = META_SLOT_OFFSETS[slot];
     // Payload first, sector by sector (the unit a crash may tear), then the header that makes it valid.
     for (i, chunk) in payload.chunks(SECTOR as usize).enumerate() {
+        if !still_ours() {
+            return Err(CommitError::Expired);
+        }
         lun.write_at(chunk, base + SECTOR * (1 + i as u64))?;
     }
     lun.flush()?;
+    crate::lun::stop_point("commit-header");
+    if !still_ours() {
+        return Err(CommitError::Expired);
+    }
+    let on_disk = newest_generation(lun)?;
+    if on_disk > m.generation {
+        return Err(CommitError::Fenced {
+            on_disk,
+            ours: m.generation,
+        });
+    }
     let h = SlotHeader {
         seq: m.seq,
         generation: m.generation,
@@ -129,7 +165,57 @@ fn write_slot(lun: &dyn Lun, slot: usize, m: &Metadata) -> Result<(), io::Error>
         payload_crc: crc32c::crc32c(&payload),
     };
     lun.write_at(&h.encode(), base)?;
-    lun.flush()
+    lun.flush()?;
+    Ok(())
+}
+
+/// The highest coordinator generation among the valid slot *headers* on the LUN (a header is
+/// written last and alone, so a successor's commit shows here as soon as it is made; a payload
+/// being rewritten does not hide it). 0 on a LUN with no valid header.
+pub fn newest_generation(lun: &dyn Lun) -> io::Result<u64> {
+    let mut newest = 0;
+    for base in META_SLOT_OFFSETS {
+        let mut hb = vec![0u8; SECTOR as usize];
+        lun.read_at(&mut hb, base)?;
+        if let Some(h) = SlotHeader::decode(&hb) {
+            newest = newest.max(h.generation);
+        }
+    }
+    Ok(newest)
+}
+
+/// Zeroes physical extents for coordinator `generation` (before a commit maps them into a
+/// file), fenced per extent: before each extent's write, `still_ours` (the coordinator's
+/// deadline) and the newest generation on the LUN are checked, so a coordinator deposed
+/// mid-way (frozen, partitioned) stops at the next extent. It needs no lock: the extents are
+/// free in the committed metadata and reserved by the caller.
+pub fn zero_extents_fenced(
+    lun: &dyn Lun,
+    sb: &Superblock,
+    extents: &[u32],
+    generation: u64,
+    still_ours: &dyn Fn() -> bool,
+) -> Result<(), CommitError> {
+    if extents.is_empty() {
+        return Ok(());
+    }
+    let z = vec![0u8; EXTENT_SIZE as usize];
+    for &e in extents {
+        if !still_ours() {
+            return Err(CommitError::Expired);
+        }
+        let on_disk = newest_generation(lun)?;
+        if on_disk > generation {
+            return Err(CommitError::Fenced {
+                on_disk,
+                ours: generation,
+            });
+        }
+        crate::lun::stop_point("zero-extent");
+        lun.write_at(&z, sb.extent_offset(e))?;
+    }
+    lun.flush()?;
+    Ok(())
 }
 
 /// Read slot `slot`: `Ok(None)` when the header is absent or invalid or the payload fails its checksum.
@@ -209,8 +295,21 @@ impl Volume {
     pub fn commit(
         &mut self,
         lun: &dyn Lun,
+        next: Metadata,
+        generation: u64,
+    ) -> Result<(), CommitError> {
+        self.commit_fenced(lun, next, generation, &|| true)
+    }
+
+    /// [`Volume::commit`] for a coordinator whose right to write ends: `still_ours` (its
+    /// session deadline) is asked before every payload sector and, with the generations on the
+    /// LUN, right before the header write ([`CommitError::Expired`], [`CommitError::Fenced`]).
+    pub fn commit_fenced(
+        &mut self,
+        lun: &dyn Lun,
         mut next: Metadata,
         generation: u64,
+        still_ours: &dyn Fn() -> bool,
     ) -> Result<(), CommitError> {
         let on_disk = Volume::open(lun).map_err(|e| match e {
             OpenError::Io(io) => CommitError::Io(io),
@@ -229,7 +328,7 @@ impl Volume {
             return Err(MetadataError::TooLarge(len).into());
         }
         let slot = 1 - on_disk.active_slot;
-        write_slot(lun, slot, &next)?;
+        write_slot_fenced(lun, slot, &next, still_ours)?;
         self.meta = next;
         self.active_slot = slot;
         Ok(())
@@ -286,4 +385,143 @@ pub fn segments(sb: &Superblock, map: &[u32], offset: u64, len: usize) -> Vec<Se
         pos += n as u64;
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{EXTENT_SIZE, FileEntry, MIN_LUN_SIZE};
+    use crate::lun::FileLun;
+    use std::cell::Cell;
+
+    fn formatted() -> (tempfile::TempDir, FileLun) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lun");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MIN_LUN_SIZE + 8 * EXTENT_SIZE)
+            .unwrap();
+        let lun = FileLun::open(&path).unwrap();
+        format(
+            &lun,
+            FormatOptions {
+                force: false,
+                uuid: [1; 16],
+            },
+        )
+        .unwrap();
+        (dir, lun)
+    }
+
+    fn with_file(m: &Metadata, name: &str) -> Metadata {
+        let mut next = m.clone();
+        next.seq += 1;
+        next.files.insert(
+            name.into(),
+            FileEntry {
+                size: 4096,
+                preallocated: false,
+                map: vec![HOLE],
+                lease: Default::default(),
+            },
+        );
+        next
+    }
+
+    #[test]
+    fn a_successor_committing_before_our_header_fences_it() {
+        let (_d, lun) = formatted();
+        let mut old = Volume::open(&lun).unwrap();
+        old.commit(&lun, with_file(&old.meta, "a"), 5).unwrap();
+        let next = with_file(&old.meta, "late");
+        let sectors = next.encode_payload().len().div_ceil(SECTOR as usize);
+        // The successor opens the LUN now and commits right before our header (our payload
+        // is written by then; its commit goes to the same slot, since our header is not).
+        let calls = Cell::new(0);
+        let still_ours = || {
+            calls.set(calls.get() + 1);
+            if calls.get() == sectors + 1 {
+                let mut succ = Volume::open(&lun).unwrap();
+                succ.commit(&lun, with_file(&succ.meta, "b"), 6).unwrap();
+            }
+            true
+        };
+        let e = old.commit_fenced(&lun, next, 5, &still_ours).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommitError::Fenced {
+                    on_disk: 6,
+                    ours: 5
+                }
+            ),
+            "{e:?}"
+        );
+        let now = Volume::open(&lun).unwrap();
+        assert_eq!(now.meta.generation, 6);
+        assert!(now.meta.files.contains_key("b") && !now.meta.files.contains_key("late"));
+    }
+
+    #[test]
+    fn a_session_ending_mid_commit_writes_no_header() {
+        let (_d, lun) = formatted();
+        let mut v = Volume::open(&lun).unwrap();
+        let before = v.meta.clone();
+        for stop_at in [1, 2] {
+            let calls = Cell::new(0);
+            let still_ours = || {
+                calls.set(calls.get() + 1);
+                calls.get() < stop_at
+            };
+            let e = v
+                .commit_fenced(&lun, with_file(&before, "x"), 3, &still_ours)
+                .unwrap_err();
+            assert!(matches!(e, CommitError::Expired), "{e:?}");
+            assert_eq!(Volume::open(&lun).unwrap().meta, before);
+        }
+    }
+
+    #[test]
+    fn zeroing_is_fenced_per_extent() {
+        let (_d, lun) = formatted();
+        let sb = read_superblock(&lun).unwrap();
+        let junk = vec![0xee; EXTENT_SIZE as usize];
+        for e in 0..3 {
+            lun.write_at(&junk, sb.extent_offset(e)).unwrap();
+        }
+        let first_byte = |e: u32| {
+            let mut b = [0u8; 512];
+            lun.read_at(&mut b, sb.extent_offset(e)).unwrap();
+            b[0]
+        };
+        // The session ends after the first extent: the second and third keep their data.
+        let calls = Cell::new(0);
+        let still_ours = || {
+            calls.set(calls.get() + 1);
+            calls.get() < 2
+        };
+        let e = zero_extents_fenced(&lun, &sb, &[0, 1, 2], 1, &still_ours).unwrap_err();
+        assert!(matches!(e, CommitError::Expired), "{e:?}");
+        assert_eq!(
+            (first_byte(0), first_byte(1), first_byte(2)),
+            (0, 0xee, 0xee)
+        );
+        // A higher generation on the LUN: nothing is zeroed.
+        let mut v = Volume::open(&lun).unwrap();
+        v.commit(&lun, with_file(&v.meta, "g"), 9).unwrap();
+        let e = zero_extents_fenced(&lun, &sb, &[1, 2], 8, &|| true).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommitError::Fenced {
+                    on_disk: 9,
+                    ours: 8
+                }
+            ),
+            "{e:?}"
+        );
+        assert_eq!((first_byte(1), first_byte(2)), (0xee, 0xee));
+        zero_extents_fenced(&lun, &sb, &[1, 2], 9, &|| true).unwrap();
+        assert_eq!((first_byte(1), first_byte(2)), (0, 0));
+    }
 }

@@ -2,6 +2,8 @@
 //! remove, resize, allocate) and the lease table (grants, hand-overs, fencing a node), each
 //! committed under the coordinator lock while the etcd session lasts.
 
+use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::sync::MutexGuard;
 use std::sync::atomic::Ordering;
 
@@ -9,7 +11,7 @@ use crate::control::{
     self, ControlError, ErrorKind, Fenced, FileInfo, FileList, LeaseAction, LeaseGrant, LeaseInfo,
     Member, Removed, Request, Response,
 };
-use crate::format::{HOLE, LeaseRecord, NodeId};
+use crate::format::{EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, NodeId};
 use crate::lease::{LeaseError, LeaseOp, LeaseTable, LeaseTimings};
 use crate::namespace::{self, NamespaceError};
 use crate::store::Volume;
@@ -24,6 +26,37 @@ pub(super) struct Coordinator {
     /// Files whose hand-over is being aborted: the destination is being told to stop, and may
     /// not re-acquire or renew meanwhile.
     aborting: std::collections::BTreeSet<String>,
+    /// Free extents being zeroed outside the lock for a change not yet committed
+    /// ([`Node::change_zeroing_outside`]): no other change may take them meanwhile.
+    pub(super) zeroing: BTreeSet<u32>,
+}
+
+/// The name of the stand-in file that holds the extents being zeroed in the metadata *views*
+/// changes are computed on ([`reserved_view`]); never committed (NUL is no valid file name).
+const RESERVED: &str = "\0zeroing";
+
+/// `meta` as a change must see it: with the extents in `reserved` taken (by a stand-in file).
+pub(super) fn reserved_view<'a>(meta: &'a Metadata, reserved: &BTreeSet<u32>) -> Cow<'a, Metadata> {
+    if reserved.is_empty() {
+        return Cow::Borrowed(meta);
+    }
+    let mut m = meta.clone();
+    m.files.insert(
+        RESERVED.to_owned(),
+        FileEntry {
+            size: reserved.len() as u64 * EXTENT_SIZE,
+            preallocated: true,
+            map: reserved.iter().copied().collect(),
+            lease: LeaseRecord::default(),
+        },
+    );
+    Cow::Owned(m)
+}
+
+/// A change computed on a [`reserved_view`], without the stand-in.
+pub(super) fn without_reserved(mut ch: namespace::Change) -> namespace::Change {
+    ch.next.files.remove(RESERVED);
+    ch
 }
 
 impl Node {
@@ -66,6 +99,7 @@ impl Node {
             volume,
             leases,
             aborting: Default::default(),
+            zeroing: BTreeSet::new(),
         });
         self.set_leader(Some(LeaderInfo {
             node_id: self.cfg.node_id,
@@ -121,31 +155,94 @@ impl Node {
         })
     }
 
+    /// Whether this node's coordinator session still lasts (the deadline every write of the
+    /// coordinator is checked against).
+    fn session_alive(&self) -> bool {
+        self.now_ms() < self.coord_deadline_ms.load(Ordering::SeqCst)
+    }
+
     pub(super) fn commit_change(
         &self,
         c: &mut Coordinator,
         change: namespace::Change,
     ) -> Result<(), ControlError> {
         // Re-check the session right before touching the LUN.
-        if self.now_ms() >= self.coord_deadline_ms.load(Ordering::SeqCst) {
+        if !self.session_alive() {
             return Err(ControlError::new(
                 ErrorKind::NotCoordinator,
                 "coordinator session expired",
             ));
         }
-        c.volume
-            .zero_extents(&*self.lun, &change.zero)
-            .map_err(failed)?;
         let generation = c.generation;
+        let alive = || self.session_alive();
+        crate::store::zero_extents_fenced(&*self.lun, &self.sb, &change.zero, generation, &alive)
+            .map_err(commit_err)?;
         c.volume
-            .commit(&*self.lun, change.next, generation)
-            .map_err(|e| {
-                if matches!(e, crate::store::CommitError::Fenced { .. }) {
-                    ControlError::new(ErrorKind::NotCoordinator, e.to_string())
-                } else {
-                    failed(e)
+            .commit_fenced(&*self.lun, change.next, generation, &alive)
+            .map_err(commit_err)
+    }
+
+    /// Computes a change with `compute` and commits it, zeroing the extents it maps *outside*
+    /// the coordinator lock (a preallocated file of many GiB takes seconds to zero; lease
+    /// renewals and other requests go on meanwhile). Under the lock, the extents to zero are
+    /// reserved (other changes are computed on a view where they are taken); outside it they
+    /// are zeroed, fenced per extent; back under the lock the change is computed again on the
+    /// current state, and committed if everything it maps is zeroed (else the new ones are
+    /// reserved and zeroed, and so on). The reservation ends with the commit or the error.
+    pub(super) fn change_zeroing_outside(
+        &self,
+        compute: impl Fn(&Metadata) -> Result<namespace::Change, ControlError>,
+    ) -> Result<(), ControlError> {
+        let mut ours: BTreeSet<u32> = BTreeSet::new();
+        let release = |ours: &BTreeSet<u32>| {
+            if let Some(c) = lock(&self.coord).as_mut() {
+                c.zeroing.retain(|e| !ours.contains(e));
+            }
+        };
+        loop {
+            let step = (|| {
+                let mut g = self.coordinator()?;
+                let c = g.as_mut().ok_or_else(|| {
+                    ControlError::new(ErrorKind::NotCoordinator, "not coordinator")
+                })?;
+                let others: BTreeSet<u32> = c.zeroing.difference(&ours).copied().collect();
+                let mut ch = without_reserved(compute(&reserved_view(&c.volume.meta, &others))?);
+                let todo: Vec<u32> = ch
+                    .zero
+                    .iter()
+                    .copied()
+                    .filter(|e| !ours.contains(e))
+                    .collect();
+                if todo.is_empty() {
+                    ch.zero.clear();
+                    if ch.next.seq != c.volume.meta.seq {
+                        self.commit_change(c, ch)?;
+                    }
+                    return Ok(None);
                 }
-            })
+                c.zeroing.extend(&todo);
+                Ok(Some((todo, c.generation)))
+            })();
+            let (todo, generation) = match step {
+                Ok(None) => {
+                    release(&ours);
+                    return Ok(());
+                }
+                Ok(Some(t)) => t,
+                Err(e) => {
+                    release(&ours);
+                    return Err(e);
+                }
+            };
+            ours.extend(&todo);
+            let alive = || self.session_alive();
+            if let Err(e) =
+                crate::store::zero_extents_fenced(&*self.lun, &self.sb, &todo, generation, &alive)
+            {
+                release(&ours);
+                return Err(commit_err(e));
+            }
+        }
     }
 
     pub(super) fn coordinate(&self, req: &Request) -> Result<Response, ControlError> {
@@ -180,6 +277,34 @@ impl Node {
     }
 
     fn coordinate_locked(&self, req: &Request) -> Result<Response, ControlError> {
+        let n = self.sb.extent_count;
+        let name = match req {
+            Request::Create {
+                name,
+                size,
+                preallocated,
+            } => {
+                self.change_zeroing_outside(|m| {
+                    namespace::create(m, n, name, *size, *preallocated).map_err(ns_err)
+                })?;
+                name
+            }
+            Request::Resize { name, size } => {
+                self.change_zeroing_outside(|m| {
+                    namespace::resize(m, n, name, *size).map_err(ns_err)
+                })?;
+                name
+            }
+            _ => return self.coordinate_under_lock(req),
+        };
+        let g = self.coordinator()?;
+        let c = g
+            .as_ref()
+            .ok_or_else(|| ControlError::new(ErrorKind::NotCoordinator, "not coordinator"))?;
+        Node::file_info(c, name, false, self.now_ms()).map(Response::File)
+    }
+
+    fn coordinate_under_lock(&self, req: &Request) -> Result<Response, ControlError> {
         let mut g = self.coordinator()?;
         let c = g
             .as_mut()
@@ -187,16 +312,11 @@ impl Node {
         let n = self.sb.extent_count;
         let now = self.now_ms();
         match req {
-            Request::Create {
-                name,
-                size,
-                preallocated,
-            } => {
-                let ch = namespace::create(&c.volume.meta, n, name, *size, *preallocated)
-                    .map_err(ns_err)?;
-                self.commit_change(c, ch)?;
-                Node::file_info(c, name, false, now).map(Response::File)
-            }
+            // Committed by `change_zeroing_outside` (`coordinate_locked`), not here.
+            Request::Create { .. } | Request::Resize { .. } => Err(ControlError::new(
+                ErrorKind::Invalid,
+                "create and resize are committed with their zeroing outside the lock",
+            )),
             Request::Remove { name } => {
                 if let Some((h, _, _)) = c.leases.holder(name, now) {
                     return Err(ns_err(NamespaceError::Busy {
@@ -216,13 +336,11 @@ impl Node {
                     removed: true,
                 }))
             }
-            Request::Resize { name, size } => {
-                let ch = namespace::resize(&c.volume.meta, n, name, *size).map_err(ns_err)?;
-                self.commit_change(c, ch)?;
-                Node::file_info(c, name, false, now).map(Response::File)
-            }
             Request::Allocate { name, logical } => {
-                let ch = namespace::allocate(&c.volume.meta, n, name, *logical).map_err(ns_err)?;
+                let view = reserved_view(&c.volume.meta, &c.zeroing);
+                let ch = without_reserved(
+                    namespace::allocate(&view, n, name, *logical).map_err(ns_err)?,
+                );
                 if ch.next.seq != c.volume.meta.seq {
                     self.commit_change(c, ch)?;
                 }
@@ -396,5 +514,16 @@ impl Node {
                 ),
             ))
         }
+    }
+}
+
+/// A failed commit as a control error: a deposed or expired coordinator is `NotCoordinator`
+/// (the caller retries at the new one).
+fn commit_err(e: crate::store::CommitError) -> ControlError {
+    use crate::store::CommitError;
+    if matches!(e, CommitError::Fenced { .. } | CommitError::Expired) {
+        ControlError::new(ErrorKind::NotCoordinator, e.to_string())
+    } else {
+        failed(e)
     }
 }

@@ -44,15 +44,16 @@ impl Node {
         if segs.iter().any(|s| matches!(s, Segment::Hole { .. })) {
             for s in &segs {
                 if let Segment::Hole { logical, .. } = s {
-                    let ch =
-                        namespace::allocate(&c.volume.meta, self.sb.extent_count, name, *logical)
-                            .map_err(|e| {
+                    let view = super::coordinator::reserved_view(&c.volume.meta, &c.zeroing);
+                    let ch = namespace::allocate(&view, self.sb.extent_count, name, *logical)
+                        .map_err(|e| {
                             if matches!(e, NamespaceError::NoSpace { .. }) {
                                 Errno::NoSpc
                             } else {
                                 Errno::Io
                             }
                         })?;
+                    let ch = super::coordinator::without_reserved(ch);
                     self.commit_change(c, ch).map_err(|_| Errno::Io)?;
                 }
             }

@@ -1,0 +1,167 @@
+//! A coordinator frozen mid-commit cannot commit after its successor took over (real etcd, real
+//! node processes).
+//!
+//! Node 1 is the coordinator. Its second metadata commit (a `create`) freezes it (SIGSTOP, the
+//! debug-only fault point `commit-header`: the payload is written and flushed, the header that
+//! would make it valid is not). Its etcd session runs out, node 2 takes office and commits under
+//! a higher generation — into the very slot node 1's payload went to, since node 1's header was
+//! never written. Node 2 is then frozen too (so nothing it does can repair the LUN) and node 1
+//! is continued: its commit re-checks its session deadline and the generations on the LUN right
+//! before the header write and gives up, so the newest valid metadata on the LUN is still node
+//! 2's. (Without that check, node 1's late header would land over node 2's slot: the slot's
+//! checksum fails and the LUN falls back to node 1's older state and generation.)
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::volume::{Proc, call};
+use common::{free_port, scratch, tern, tern_cmd, wait_for};
+use tern_test_support::{Etcd, require_tools};
+use tern_volume::control::Request;
+use tern_volume::lun::FileLun;
+use tern_volume::store::Volume;
+
+fn serve(dir: &Path, lun: &Path, etcd: &str, id: u32, env: &[(&str, &str)]) -> (String, Proc) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let log = std::fs::File::create(dir.join(format!("node{id}.log"))).unwrap();
+    let mut cmd = Command::new(tern());
+    cmd.args(["volume", "serve", "--node-id", &id.to_string()])
+        .args(["--listen", &addr, "--etcd", etcd])
+        .args(["--lease-ttl-ms", "1500", "--session-ttl", "2", "--lun"])
+        .arg(lun)
+        .stdout(Stdio::null())
+        .stderr(log);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    (addr, Proc(child))
+}
+
+fn status(addr: &str) -> Option<serde_json::Value> {
+    call(addr, Request::Status).ok()
+}
+
+fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim().chars().next()
+}
+
+fn signal(pid: u32, sig: &str) {
+    assert!(
+        Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn a_coordinator_frozen_mid_commit_cannot_commit_after_its_successor() {
+    require_tools(&["etcd"]);
+    #[cfg(not(debug_assertions))]
+    panic!("the fault point this test freezes the coordinator at exists in debug builds only");
+    let dir = scratch();
+    let etcd = Etcd::start();
+    let lun = dir.path().join("lun");
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "format",
+        "--size",
+        "64M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let log = |id: u32| {
+        std::fs::read_to_string(dir.path().join(format!("node{id}.log"))).unwrap_or_default()
+    };
+
+    // Node 1 alone: it becomes coordinator (commit 1, let through) before node 2 starts.
+    let (n1, p1) = serve(
+        dir.path(),
+        &lun,
+        &etcd.url,
+        1,
+        &[
+            ("TERN_TEST_STOP_AT", "commit-header"),
+            ("TERN_TEST_STOP_SKIP", "1"),
+        ],
+    );
+    wait_for("node 1 to coordinate", Duration::from_secs(30), || {
+        status(&n1).is_some_and(|s| s["coordinator"]["node_id"] == 1)
+    });
+    let g1 = status(&n1).unwrap()["coordinator"]["generation"]
+        .as_u64()
+        .unwrap();
+    let (n2, p2) = serve(dir.path(), &lun, &etcd.url, 2, &[]);
+    wait_for("node 2 to answer", Duration::from_secs(30), || {
+        status(&n2).is_some()
+    });
+    let pid1 = p1.0.id();
+    let pid2 = p2.0.id();
+
+    // Commit 2 freezes node 1 between its payload and its header.
+    let mut create = Command::new(tern())
+        .args([
+            "volume", "create", "late.raw", "--size", "4M", "--node", &n1,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while proc_state(pid1) != Some('T') {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "node 1 never reached its stop point; log:\n{}",
+            log(1)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // Node 2 takes office (a commit under its own, higher generation).
+    wait_for("node 2 to take office", Duration::from_secs(30), || {
+        status(&n2).is_some_and(|s| s["role"] == "coordinator")
+    });
+    let g2 = status(&n2).unwrap()["coordinator"]["generation"]
+        .as_u64()
+        .unwrap();
+    assert!(g2 > g1, "generations {g1} -> {g2}");
+    let before = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
+    assert_eq!(before.meta.generation, g2, "node 2's take-over commit");
+    assert!(!before.meta.files.contains_key("late.raw"));
+
+    // Nothing node 2 does can mend the LUN from here; node 1 resumes mid-commit.
+    signal(pid2, "-STOP");
+    signal(pid1, "-CONT");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
+    signal(pid2, "-CONT");
+    assert_eq!(
+        (after.meta.generation, after.meta.seq),
+        (g2, before.meta.seq),
+        "the frozen coordinator's commit landed after its successor's (node 1 log:\n{})",
+        log(1)
+    );
+    assert!(
+        !after.meta.files.contains_key("late.raw"),
+        "node 1's late create became valid"
+    );
+
+    // The cluster carries on under node 2: the create, retried there, and another one.
+    let status = create.wait().unwrap();
+    assert!(status.success(), "the create retried at node 2 failed");
+    let (code, _, err) = tern_cmd(&[
+        "volume", "create", "next.raw", "--size", "4M", "--node", &n2,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let fin = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
+    assert_eq!(fin.meta.generation, g2);
+    assert!(fin.meta.files.contains_key("late.raw") && fin.meta.files.contains_key("next.raw"));
+    drop((p1, p2));
+}
