@@ -35,7 +35,7 @@ fn lease(addr: &str) -> (Option<u64>, u64) {
 
 fn start_vm(dir: &Path, tag: &str, disk: &str, poweroff: bool) -> RunningVm {
     let vm_dir = dir.join(tag);
-    std::fs::create_dir_all(&vm_dir).unwrap();
+    common::private_dir(&vm_dir);
     let rt = vm_dir.join("rt").display().to_string();
     let sock = vm_dir.join("api.sock").display().to_string();
     let cmdline = if poweroff {

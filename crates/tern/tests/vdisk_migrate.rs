@@ -151,7 +151,7 @@ fn volume_disk_lease_moves_with_the_vm() {
     let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
     assert_eq!(code, 0, "{err}");
     let dir = c.dir.path().join("vms");
-    std::fs::create_dir_all(&dir).unwrap();
+    common::private_dir(&dir);
     let mut p = Pair::start(&dir, &n1);
     let (holder, epoch_before) = lease(&n1);
     assert_eq!(holder, Some(1), "the source host holds the write lease");
@@ -233,7 +233,7 @@ fn failed_migrations_leave_the_lease_and_the_guest_on_the_source() {
     let (code, _, err) = tern_cmd(&["volume", "create", FILE, "--size", "4M", "--node", &n1]);
     assert_eq!(code, 0, "{err}");
     let dir = c.dir.path().join("vms");
-    std::fs::create_dir_all(&dir).unwrap();
+    common::private_dir(&dir);
     let mut p = Pair::start(&dir, &n1);
     let (_, epoch0) = lease(&n1);
 

@@ -71,7 +71,7 @@ fn pattern_mismatch(image: &[u8]) -> Option<u64> {
 /// Starts a test-guest VM on `disk` running the virtio-blk check; `poweroff` ends it after.
 fn start_vm(dir: &Path, tag: &str, disk: &str, poweroff: bool) -> RunningVm {
     let vm_dir = dir.join(tag);
-    std::fs::create_dir_all(&vm_dir).unwrap();
+    common::private_dir(&vm_dir);
     let rt = vm_dir.join("rt").display().to_string();
     let sock = vm_dir.join("api.sock").display().to_string();
     let cmdline = if poweroff {

@@ -30,6 +30,17 @@ pub fn scratch() -> tempfile::TempDir {
         .expect("a temporary directory")
 }
 
+/// Creates `path` (and missing parents) mode 0700: a VMM's API socket may only live in such a
+/// directory.
+pub fn private_dir(path: &Path) {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .expect("a private directory");
+}
+
 /// A running `tern vm run` with its stdout read line by line on a thread.
 pub struct RunningVm {
     pub child: Child,
