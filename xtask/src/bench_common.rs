@@ -29,7 +29,10 @@ pub fn build_release_tern() -> anyhow::Result<PathBuf> {
 /// A fresh scratch folder for benchmark `name`, unique to this process.
 pub fn scratch_dir(name: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("tern-bench-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // 0700: the VMMs' API sockets go here, and a VMM refuses a directory others may enter.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 

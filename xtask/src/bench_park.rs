@@ -353,7 +353,9 @@ fn daemon_cost(args: &BenchParkArgs) -> anyhow::Result<()> {
     };
     let dir = std::env::temp_dir().join(format!("tern-bench-park-{}", std::process::id()));
     let runtime = dir.join("vms");
-    std::fs::create_dir_all(&runtime)?;
+    // 0700: the daemon's control socket goes into `dir`, which must be private.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&runtime)?;
     let mut loads = Vec::new();
     for i in 0..4 {
         let mut c = Command::new(&tern)
