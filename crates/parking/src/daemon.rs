@@ -246,7 +246,11 @@ pub fn request(socket: &Path, req: &Request) -> Result<Response, ClientError> {
         .map_err(ClientError::Io)?;
     let mut line = serde_json::to_string(req).expect("requests serialise");
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(ClientError::Io)?;
+    match stream.write_all(line.as_bytes()) {
+        // The daemon closed first (a refused peer): its answer, if any, says why.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        r => r.map_err(ClientError::Io)?,
+    }
     let mut reply = String::new();
     BufReader::new(stream)
         .take(16 << 20)
@@ -758,7 +762,19 @@ fn serve_client(stream: UnixStream, to_tick: &mpsc::Sender<Pending>, wake: &Unix
     let _ = (&stream).write_all(out.as_bytes());
 }
 
-/// The acceptor: peer check, client cap, one thread per client. Accept errors (EMFILE,
+/// Answers a peer whose uid is not allowed, after reading its request (bounded, 200 ms at most, so
+/// that it is not cut off while still writing), and logs it.
+fn refuse(stream: UnixStream, why: &str) {
+    log(&format!("control connection refused: {why}"));
+    let _ = read_request(&stream, Instant::now() + Duration::from_millis(200));
+    let mut out =
+        serde_json::to_string(&Response::error(format!("Refused: {why}"))).unwrap_or_default();
+    out.push('\n');
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
+    let _ = (&stream).write_all(out.as_bytes());
+}
+
+/// The acceptor: client cap, one thread per client (which checks the peer). Accept errors (EMFILE,
 /// ECONNABORTED, …) are waited out, never fatal.
 fn accept_clients(
     listener: UnixListener,
@@ -779,25 +795,21 @@ fn accept_clients(
                 continue;
             }
         };
-        if let Err(why) = peers.check(&stream) {
-            log(&format!("control connection refused: {why}"));
-            let mut out = serde_json::to_string(&Response::error(format!("Refused: {why}")))
-                .unwrap_or_default();
-            out.push('\n');
-            let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-            let _ = (&stream).write_all(out.as_bytes());
-            continue;
-        }
         // At the cap, the acceptor waits for a client thread to finish (each within its deadline).
         while active.load(Ordering::Acquire) >= MAX_CLIENTS {
             std::thread::sleep(Duration::from_millis(10));
         }
         active.fetch_add(1, Ordering::AcqRel);
         let (to_tick, wake, active2) = (to_tick.clone(), wake.clone(), active.clone());
+        let peers = peers.clone();
+        // The peer is checked on the client's thread: a refused one never holds up the acceptor.
         let spawned = std::thread::Builder::new()
             .name("park-client".into())
             .spawn(move || {
-                serve_client(stream, &to_tick, &wake);
+                match peers.check(&stream) {
+                    Ok(_) => serve_client(stream, &to_tick, &wake),
+                    Err(why) => refuse(stream, &why.to_string()),
+                }
                 active2.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {

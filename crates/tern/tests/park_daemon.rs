@@ -731,3 +731,68 @@ fn silent_half_line_and_oversized_clients_do_not_stop_the_ticks() {
     let log = d.stop(Signal::SIGTERM);
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// A daemon run as `nobody` that allows only its own uid: root, who can reach every file, is
+/// refused by its peer credentials (`SO_PEERCRED`) with a one-line answer and a log line, and
+/// `nobody` is served.
+#[test]
+fn a_peer_whose_uid_is_not_allowed_is_refused_by_its_credentials() {
+    use std::os::unix::fs::PermissionsExt;
+    require_host();
+    let dir = std::env::temp_dir().join(format!("tern-park-peer-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let socket = dir.join("ctl/park.sock");
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("daemon.log");
+    let child = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", TERN])
+        .args(["park", "run", "interval_ms=50", "--allow-uid", "65534"])
+        .arg("--runtime-dir")
+        .arg(dir.join("vms"))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run setpriv (util-linux)");
+    let mut d = Daemon {
+        child: Some(child),
+        socket: socket.clone(),
+        log,
+    };
+    wait_for("the control socket", Duration::from_secs(10), || {
+        socket.exists()
+    });
+    let sock = socket.to_str().unwrap();
+    let out = tern(&["park", "status", "--socket", sock]);
+    assert!(!out.status.success(), "root is not on the daemon's list");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("Refused: uid 0 (pid ") && err.contains("allowed uids: 65534"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", TERN])
+        .args(["park", "status", "--json", "--socket", sock])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nobody is served: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(s["interval"].as_u64().is_some(), "{s}");
+    let log = d.stop(Signal::SIGTERM);
+    assert!(log.contains("control connection refused: uid 0"), "{log}");
+}
