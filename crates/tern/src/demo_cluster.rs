@@ -588,7 +588,17 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         url: lab.state().controllers[0].url.clone(),
     };
     let dashboard = format!("{}/", api.url);
-    say.line(&format!("dashboard: {dashboard}"));
+    match (lab.state().tokens_file(), lab.state().pki.as_ref()) {
+        // Over TLS: an admin token for the browser, in the fragment (never sent to the server).
+        (Some(tokens), Some(pki)) => {
+            let token = crate::cluster::add_token(&tokens, "demo", tern_api::auth::Role::Admin)?;
+            say.line(&format!(
+                "dashboard: {dashboard}#token={token} (HTTPS: the browser must trust {} or accept the certificate)",
+                pki.join("ca-cert.pem").display()
+            ));
+        }
+        _ => say.line(&format!("dashboard: {dashboard}")),
+    }
 
     // VMs arrive in three waves, so placement sees the first ones' measured load.
     let step_ms = args.step_s * 1000;

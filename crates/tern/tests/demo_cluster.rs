@@ -1,7 +1,8 @@
 //! `tern demo cluster --json`, the README's main demo, end to end: a 4-host test cluster with IPMI
 //! BMCs, 12 VMs following PlanetLab traces, the controller's loop in full automation. The loop
 //! must drain hosts with live migrations and power them off through their BMCs (ipmitool against
-//! ipmi_sim), power one back on when the demo raises the load, and lose no VM.
+//! ipmi_sim), power one back on when the demo raises the load, and lose no VM. The cluster runs
+//! over TLS (the dashboard's line carries a token).
 //!
 //! Needs root, KVM, etcd, ipmi_sim and ipmitool; fails loudly without them. About 2 minutes.
 
@@ -19,6 +20,11 @@ fn the_loop_packs_powers_hosts_off_and_wakes_one_as_load_rises_losing_no_vm() {
         .expect("run tern demo cluster");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "tern demo cluster failed:\n{stderr}");
+    // Over TLS, the dashboard's line carries a token in the fragment.
+    assert!(
+        stderr.contains("dashboard: https://127.0.0.1:") && stderr.contains("/#token=tern_"),
+        "{stderr}"
+    );
     let r: serde_json::Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("the report is not JSON ({e}):\n{stderr}"));
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("{k} missing: {r}"));

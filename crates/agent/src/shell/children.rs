@@ -31,6 +31,10 @@ pub(crate) struct Ctx {
     pub setpriv: Option<PathBuf>,
     /// The address receivers listen on (the agent's own).
     pub listen_ip: IpAddr,
+    /// The host's `--tls-dir`: receivers then take only mutual TLS from a host certificate of the
+    /// cluster CA, and migrations out go over mutual TLS with it, the target's certificate
+    /// checked against the target's address.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// A VMM child as the agent's loop knows it.
@@ -94,7 +98,10 @@ pub(crate) fn spawn_vmm(
     if let Some(d) = disk_url {
         vmm = vmm.disk(d);
     }
-    let args = vmm.to_args();
+    let mut args = vmm.to_args();
+    if let (true, Some(dir)) = (receive, &ctx.tls_dir) {
+        args.extend(["--tls-dir".to_string(), dir.display().to_string()]);
+    }
     std::fs::create_dir_all(&ctx.runtime_dir)?;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -194,14 +201,34 @@ pub(crate) fn migrate(
     events: &mpsc::Sender<Event>,
 ) {
     let dir = ctx.runtime_dir.clone();
+    let tls_dir = ctx.tls_dir.clone();
     let events = events.clone();
     tokio::spawn(async move {
         let name = vm.clone();
         let ended = tokio::task::spawn_blocking(move || {
             let found = tern_vmctl::find(&dir, &name)
                 .map_err(|e| format!("cannot find its control socket: {e}"))?;
+            let tls = match &tls_dir {
+                None => None,
+                Some(d) => {
+                    let pem = tern_pki::PemFiles::read(d)
+                        .map_err(|e| format!("--tls-dir {}: {e}", d.display()))?;
+                    // The target's certificate must carry its address (the lab issues the host
+                    // certificates with it as SAN).
+                    let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    Some(tern_api::vmm::MigrateTls {
+                        dir: d.display().to_string(),
+                        ca_cert_pem: pem.ca_cert,
+                        cert_pem: pem.cert,
+                        key_pem: pem.key,
+                        target_name: host.to_string(),
+                    })
+                }
+            };
             let mut req = MigrateRequest::new(to);
             req.disk_successor = disk_successor.map(|n| n.to_string());
+            req.tls = tls;
             Ok::<_, String>(tern_vmctl::migrate(&found.sock, req, &mut |_| {}))
         })
         .await;
