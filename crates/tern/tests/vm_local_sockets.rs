@@ -50,7 +50,7 @@ fn another_uid_cannot_use_the_api_socket_and_the_owner_can() {
     let (rc, out, err) = tern_as_nobody(&["vm", "status", "--api-sock", s]);
     assert_ne!(rc, 0, "nobody must not get a status: {out}");
     assert!(
-        err.contains("cannot connect to") && err.contains("ermission denied"),
+        err.contains("permission denied on") && err.contains("the VMM owner's only"),
         "{err}"
     );
     let (rc, _, err) = tern_as_nobody(&["vm", "stop", "--api-sock", s]);

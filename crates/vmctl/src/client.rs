@@ -29,6 +29,15 @@ pub enum CallError {
         #[source]
         source: std::io::Error,
     },
+    /// The socket or its directory is not this user's (a control socket is 0600 in a 0700
+    /// directory of the VMM's user).
+    #[error(
+        "permission denied on {path}: the socket and its directory are the VMM owner's only (run as that user or root)"
+    )]
+    Denied {
+        /// The path.
+        path: String,
+    },
     /// The exchange failed.
     #[error("API exchange failed: {0}")]
     Io(#[from] std::io::Error),
@@ -43,9 +52,17 @@ pub fn call(path: &Path, req: &Request) -> Result<Response, CallError> {
 }
 
 fn send(path: &Path, req: &Request) -> Result<UnixStream, CallError> {
-    let mut conn = UnixStream::connect(path).map_err(|source| CallError::Connect {
-        path: path.display().to_string(),
-        source,
+    let mut conn = UnixStream::connect(path).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::PermissionDenied {
+            CallError::Denied {
+                path: path.display().to_string(),
+            }
+        } else {
+            CallError::Connect {
+                path: path.display().to_string(),
+                source,
+            }
+        }
     })?;
     let mut line = serde_json::to_string(req).map_err(|e| CallError::BadResponse(e.to_string()))?;
     line.push('\n');
