@@ -377,6 +377,57 @@ impl Snapshot {
 mod tests {
     use super::*;
 
+    /// Lengths claimed by a file are checked before anything of that size is allocated.
+    #[test]
+    fn claimed_description_and_state_lengths_are_bounded_before_allocation() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("s.snap");
+        let head = |meta_len: u32| {
+            let mut b = SNAPSHOT_MAGIC.to_vec();
+            b.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+            b.extend_from_slice(&meta_len.to_le_bytes());
+            b
+        };
+        std::fs::write(&f, head(u32::MAX)).unwrap();
+        let e = open(&f).unwrap_err();
+        assert!(e.to_string().contains("description too long"), "{e}");
+
+        let meta = bincode::serialize(&SnapshotMeta {
+            kernel: "builtin:testguest".into(),
+            cmdline: String::new(),
+            memory_mib: 32,
+            vcpus: 1,
+            disks: vec![],
+        })
+        .unwrap();
+        let mut b = head(meta.len() as u32);
+        b.extend_from_slice(&meta);
+        let mut sh = vec![0u8; state::STATE_HEADER_BYTES];
+        sh[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        b.extend_from_slice(&sh);
+        std::fs::write(&f, &b).unwrap();
+        let e = open(&f).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SnapshotError::State {
+                    source: StateDecodeError::TooLong(u64::MAX),
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        // A description whose disk list claims more entries than its bytes hold.
+        let mut lying = meta.clone();
+        let n = lying.len();
+        lying[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        let mut b = head(lying.len() as u32);
+        b.extend_from_slice(&lying);
+        std::fs::write(&f, &b).unwrap();
+        let e = open(&f).unwrap_err();
+        assert!(e.to_string().contains("description"), "{e}");
+    }
+
     #[test]
     fn a_snapshot_path_is_a_file_directly_in_the_snapshot_directory() {
         let t = tempfile::tempdir().unwrap();
