@@ -21,12 +21,15 @@ use tern_test_support::wait_for;
 
 /// `tern cluster ARGS --controller URL`: (exit status, stdout, stderr).
 fn cli(lab: &Lab, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(tern())
-        .arg("cluster")
+    let mut cmd = Command::new(tern());
+    cmd.arg("cluster")
         .args(args)
-        .args(["--controller", &lab.info.controllers[0]])
-        .output()
-        .unwrap();
+        .args(["--controller", &lab.info.controllers[0]]);
+    // The cluster runs over TLS: the CLI as its admin.
+    if let Some(dir) = &lab.info.tls_dir {
+        cmd.env("TERN_TLS_DIR", dir);
+    }
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -56,6 +56,8 @@ struct UpInfo {
     hosts: Vec<Host>,
     bmcs: Vec<Bmc>,
     state_file: PathBuf,
+    /// The admin's TLS directory (the cluster runs over TLS).
+    tls_dir: Option<PathBuf>,
 }
 
 /// `tern cluster up`, taken down (SIGTERM, then waited for) when dropped.
@@ -97,9 +99,11 @@ fn json_of(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-fn host_state(controller: &str, name: &str) -> Option<HostState> {
+fn host_state(controller: &str, tls: &std::path::Path, name: &str) -> Option<HostState> {
     let o = Command::new(tern())
         .args(["cluster", "hosts", "--controller", controller, "--json"])
+        .arg("--tls-dir")
+        .arg(tls)
         .output()
         .ok()?;
     let hosts: Vec<HostInfo> = serde_json::from_slice(&o.stdout).ok()?;
@@ -175,7 +179,8 @@ fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on_o
     let h1 = &info.hosts[1];
     assert_eq!(h1.name, "h1");
     let controller = &info.controllers[0];
-    assert_eq!(host_state(controller, "h1"), Some(HostState::Up));
+    let tls = info.tls_dir.as_deref().expect("the cluster runs over TLS");
+    assert_eq!(host_state(controller, tls, "h1"), Some(HostState::Up));
 
     // On: the host's agent and volume node run in its namespace.
     assert_eq!(json_of(&power(b1, &["status"]))["status"], "on");
@@ -201,17 +206,17 @@ fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on_o
         Duration::from_secs(60),
         || {
             matches!(
-                host_state(controller, "h1"),
+                host_state(controller, tls, "h1"),
                 Some(HostState::Lost | HostState::Fenced)
             )
         },
     );
-    assert_eq!(host_state(controller, "h0"), Some(HostState::Up));
+    assert_eq!(host_state(controller, tls, "h0"), Some(HostState::Up));
 
     // On: the volume node and the agent start again and the host registers again.
     assert_eq!(json_of(&power(b1, &["on"]))["outcome"], "on");
     wait_for("h1 to register again", Duration::from_secs(60), || {
-        host_state(controller, "h1") == Some(HostState::Up)
+        host_state(controller, tls, "h1") == Some(HostState::Up)
     });
     let after = processes_in(&h1.namespace);
     assert!(
@@ -238,7 +243,7 @@ fn a_host_powered_off_through_ipmi_is_lost_and_registers_again_when_powered_on_o
     wait_for(
         "h1 to register again after its wake",
         Duration::from_secs(60),
-        || host_state(controller, "h1") == Some(HostState::Up),
+        || host_state(controller, tls, "h1") == Some(HostState::Up),
     );
     assert_eq!(json_of(&power(b1, &["status"]))["status"], "on");
     // h1's BMC saw every change, the wake's power-on last.
