@@ -5,9 +5,9 @@
 //! [`Response`] line. Example: `{"op":"set","assignments":["headroom=30"]}`.
 //!
 //! The control socket never holds up the tick: it is bound 0600 in a private (0700) directory,
-//! an acceptor thread checks each peer's uid (`SO_PEERCRED`, default this process's uid and
-//! root) and hands the connection to a client thread (at most [`MAX_CLIENTS`] at once) that reads
-//! at most [`MAX_REQUEST_BYTES`] within [`CLIENT_DEADLINE`]; only a complete, parsed request
+//! an acceptor thread hands each connection to a client thread (at most [`MAX_CLIENTS`] at once)
+//! that checks the peer's uid (`SO_PEERCRED`, default this process's uid and root) and reads at
+//! most [`MAX_REQUEST_BYTES`] within [`CLIENT_DEADLINE`]; only a complete, parsed request
 //! reaches the tick thread, through a channel it drains between ticks, and the answer goes back
 //! the same way. A silent client, a half line or a client that never reads its answer costs one
 //! client thread until its deadline, never a tick.
