@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::proto::*;
+use crate::tls::{self, ClientTls, NetReader, NetWriter};
 
 /// Errors of a client operation.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,9 @@ pub enum ClientError {
     /// The server answered a request with an error.
     #[error("NBD server replied {0}")]
     Remote(Errno),
+    /// The TLS handshake failed (the server's certificate was refused, or ours).
+    #[error("TLS handshake with the NBD server failed")]
+    Tls(#[source] io::Error),
     /// The request is outside what the export allows.
     #[error("Request outside the export (offset {offset}, length {length}, size {size})")]
     OutOfRange {
@@ -46,8 +50,8 @@ pub enum ClientError {
 /// A connected client in the transmission phase.
 #[derive(Debug)]
 pub struct Client {
-    r: BufReader<TcpStream>,
-    w: BufWriter<TcpStream>,
+    r: BufReader<NetReader>,
+    w: BufWriter<NetWriter>,
     size: u64,
     flags: u16,
     structured: bool,
@@ -75,16 +79,17 @@ struct OptReply {
     data: Vec<u8>,
 }
 
-type Halves = (BufReader<TcpStream>, BufWriter<TcpStream>);
+type Halves = (BufReader<NetReader>, BufWriter<NetWriter>);
 
 fn open(addr: impl ToSocketAddrs) -> Result<Halves, ClientError> {
     let s = TcpStream::connect(addr)?;
-    handshake_start(s)
+    handshake_start(s, None)
 }
 
 fn open_timeout(
     addr: impl ToSocketAddrs,
     timeout: std::time::Duration,
+    tls: Option<&ClientTls>,
 ) -> Result<Halves, ClientError> {
     let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing")
@@ -92,13 +97,19 @@ fn open_timeout(
     let s = TcpStream::connect_timeout(&sa, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    handshake_start(s)
+    handshake_start(s, tls.map(|t| (t, sa.to_string(), timeout)))
 }
 
-fn handshake_start(s: TcpStream) -> Result<Halves, ClientError> {
+/// Greeting and client flags; with `tls` (settings, the address as dialled, handshake
+/// timeout), `NBD_OPT_STARTTLS` and the TLS handshake, so option haggling continues inside TLS.
+fn handshake_start(
+    s: TcpStream,
+    tls: Option<(&ClientTls, String, Duration)>,
+) -> Result<Halves, ClientError> {
     s.set_nodelay(true)?;
-    let mut r = BufReader::with_capacity(256 * 1024, s.try_clone()?);
-    let mut w = BufWriter::with_capacity(256 * 1024, s);
+    let (r, w) = tls::plain(s)?;
+    let mut r = BufReader::with_capacity(256 * 1024, r);
+    let mut w = BufWriter::with_capacity(256 * 1024, w);
     if rd64(&mut r)? != NBDMAGIC || rd64(&mut r)? != IHAVEOPT {
         return Err(ClientError::Protocol("not a newstyle NBD server".into()));
     }
@@ -111,7 +122,24 @@ fn handshake_start(s: TcpStream) -> Result<Halves, ClientError> {
         cflags |= CLIENT_NO_ZEROES;
     }
     w.write_all(&cflags.to_be_bytes())?;
-    Ok((r, w))
+    let Some((tls, addr, timeout)) = tls else {
+        return Ok((r, w));
+    };
+    send_opt(&mut w, OPT_STARTTLS, &[])?;
+    let rep = recv_opt(&mut r, OPT_STARTTLS)?;
+    if rep.reply != REP_ACK || !r.buffer().is_empty() {
+        return Err(ClientError::Protocol(format!(
+            "unexpected STARTTLS reply {:#x}",
+            rep.reply
+        )));
+    }
+    let tcp = r.into_inner().tcp().try_clone()?;
+    drop(w);
+    let (r, w) = tls::connect(tls, &addr, tcp, timeout).map_err(ClientError::Tls)?;
+    Ok((
+        BufReader::with_capacity(256 * 1024, r),
+        BufWriter::with_capacity(256 * 1024, w),
+    ))
 }
 
 fn send_opt(w: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
@@ -157,7 +185,19 @@ fn recv_opt_max(r: &mut impl Read, option: u32, max: u32) -> Result<OptReply, Cl
 
 /// List the exports of a server.
 pub fn list_exports(addr: impl ToSocketAddrs) -> Result<Vec<String>, ClientError> {
-    let (mut r, mut w) = open(addr)?;
+    list_from(open(addr)?)
+}
+
+/// [`list_exports`] over TLS, with `timeout` on connecting and each read and write.
+pub fn list_exports_tls(
+    addr: impl ToSocketAddrs,
+    tls: &ClientTls,
+    timeout: Duration,
+) -> Result<Vec<String>, ClientError> {
+    list_from(open_timeout(addr, timeout, Some(tls))?)
+}
+
+fn list_from((mut r, mut w): Halves) -> Result<Vec<String>, ClientError> {
     send_opt(&mut w, OPT_LIST, &[])?;
     let mut names = Vec::new();
     loop {
@@ -189,7 +229,17 @@ pub fn control(
     request: &[u8],
     timeout: std::time::Duration,
 ) -> Result<Vec<u8>, ClientError> {
-    let (mut r, mut w) = open_timeout(addr, timeout)?;
+    control_tls(addr, request, timeout, None)
+}
+
+/// [`control`], over TLS when `tls` is given.
+pub fn control_tls(
+    addr: impl ToSocketAddrs,
+    request: &[u8],
+    timeout: std::time::Duration,
+    tls: Option<&ClientTls>,
+) -> Result<Vec<u8>, ClientError> {
+    let (mut r, mut w) = open_timeout(addr, timeout, tls)?;
     send_opt(&mut w, OPT_TERN_CONTROL, request)?;
     let rep = recv_opt_max(&mut r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)?;
     if rep.reply != REP_TERN_CONTROL {
@@ -214,7 +264,17 @@ impl Client {
         export: &str,
         timeout: std::time::Duration,
     ) -> Result<Client, ClientError> {
-        Client::go(open_timeout(addr, timeout)?, export)
+        Client::go(open_timeout(addr, timeout, None)?, export)
+    }
+
+    /// [`Client::connect_timeout`], over TLS when `tls` is given (`NBD_OPT_STARTTLS` first).
+    pub fn connect_tls(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: std::time::Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<Client, ClientError> {
+        Client::go(open_timeout(addr, timeout, tls)?, export)
     }
 
     fn go(halves: Halves, export: &str) -> Result<Client, ClientError> {
@@ -555,11 +615,11 @@ impl SharedState {
 /// together have no order between them, as on any NBD connection. A timeout, a protocol violation
 /// or a socket error kills the connection: every request in flight and every later one fails.
 pub struct SharedClient {
-    w: Mutex<BufWriter<TcpStream>>,
+    w: Mutex<BufWriter<NetWriter>>,
     shared: Arc<SharedState>,
     /// The reply side of the socket: whichever waiting caller holds it reads replies (its own
     /// and others'), and hands it on when its own has come.
-    reader: Mutex<BufReader<TcpStream>>,
+    reader: Mutex<BufReader<NetReader>>,
     size: u64,
     flags: u16,
     timeout: Duration,
@@ -584,7 +644,17 @@ impl SharedClient {
         export: &str,
         timeout: Duration,
     ) -> Result<SharedClient, ClientError> {
-        let c = Client::connect_timeout(addr, export, timeout)?;
+        SharedClient::connect_tls(addr, export, timeout, None)
+    }
+
+    /// [`SharedClient::connect_timeout`], over TLS when `tls` is given.
+    pub fn connect_tls(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<SharedClient, ClientError> {
+        let c = Client::connect_tls(addr, export, timeout, tls)?;
         let Client {
             r, w, size, flags, ..
         } = c;
@@ -593,7 +663,7 @@ impl SharedClient {
                 next_cookie: 1,
                 ..Pending::default()
             }),
-            stream: r.get_ref().try_clone()?,
+            stream: r.get_ref().tcp().try_clone()?,
         });
         Ok(SharedClient {
             w: Mutex::new(w),
@@ -899,8 +969,8 @@ fn apply_chunk(w: &mut Waiter, kind: u16, payload: &[u8]) -> Result<(), ClientEr
 /// requests in flight as its client sends. Only simple replies are negotiated, so the reply to a
 /// read is its header followed by exactly the bytes asked for (or no bytes, with an error).
 pub struct RelayConnection {
-    w: Mutex<BufWriter<TcpStream>>,
-    r: Mutex<BufReader<TcpStream>>,
+    w: Mutex<BufWriter<NetWriter>>,
+    r: Mutex<BufReader<NetReader>>,
     stream: TcpStream,
     size: u64,
     flags: u16,
@@ -933,10 +1003,20 @@ impl RelayConnection {
         export: &str,
         timeout: Duration,
     ) -> Result<RelayConnection, ClientError> {
+        RelayConnection::connect_tls(addr, export, timeout, None)
+    }
+
+    /// [`RelayConnection::connect_timeout`], over TLS when `tls` is given.
+    pub fn connect_tls(
+        addr: impl ToSocketAddrs,
+        export: &str,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+    ) -> Result<RelayConnection, ClientError> {
         let Client {
             r, w, size, flags, ..
-        } = Client::go_with(open_timeout(addr, timeout)?, export, false)?;
-        let stream = r.get_ref().try_clone()?;
+        } = Client::go_with(open_timeout(addr, timeout, tls)?, export, false)?;
+        let stream = r.get_ref().tcp().try_clone()?;
         Ok(RelayConnection {
             w: Mutex::new(w),
             r: Mutex::new(r),

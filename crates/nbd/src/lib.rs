@@ -24,12 +24,15 @@
 pub mod client;
 pub mod proto;
 pub mod server;
+pub mod tls;
 
 pub use client::{
-    Client, ClientError, RelayConnection, RelayReply, SharedClient, control, list_exports,
+    Client, ClientError, RelayConnection, RelayReply, SharedClient, control, control_tls,
+    list_exports, list_exports_tls,
 };
 pub use proto::Errno;
 pub use server::{
-    Backend, Exports, FileBackend, Relay, Relayed, ServeError, StaticExports, run_listener, serve,
-    serve_tcp,
+    Backend, Exports, FileBackend, ListenerOptions, ListenerStats, Peer, Refusal, Relay, Relayed,
+    ServeError, StaticExports, run_listener, run_listener_with, serve, serve_tcp, serve_tcp_with,
 };
+pub use tls::{ClientTls, PeerId, ServerTls};

@@ -31,6 +31,8 @@ pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
 /// List exports.
 pub const OPT_LIST: u32 = 3;
+/// Upgrade the connection to TLS; option haggling then starts again inside it.
+pub const OPT_STARTTLS: u32 = 5;
 /// Ask about an export without entering transmission.
 pub const OPT_INFO: u32 = 6;
 /// Select an export and enter transmission.
@@ -74,8 +76,12 @@ pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option not supported.
 pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+/// Refused by the server's policy (the client's identity may not use this export).
+pub const REP_ERR_POLICY: u32 = REP_FLAG_ERROR | 2;
 /// Option malformed.
 pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+/// The server requires TLS before this option (`NBD_OPT_STARTTLS` first).
+pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 /// Export unknown.
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 /// Option data too big.

@@ -12,9 +12,11 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use crate::proto::*;
+use crate::tls::{self, PeerId, ServerTls};
 
 /// What an export must provide. Implementations are shared between connections.
 pub trait Backend: Send + Sync {
@@ -128,6 +130,39 @@ pub trait Exports: Send + Sync {
     fn control(&self, _request: &[u8]) -> Option<Vec<u8>> {
         None
     }
+    /// [`Exports::list`] for a given client (the server calls this one). Default: the same
+    /// list for everyone.
+    fn list_for(&self, _peer: &Peer) -> Vec<String> {
+        self.list()
+    }
+    /// [`Exports::open`] for a given client (the server calls this one): a set that decides by
+    /// the client's identity refuses with [`Refusal::Policy`] or opens read-only. Default:
+    /// everyone gets the same.
+    fn open_for(&self, name: &str, _peer: &Peer) -> Result<Arc<dyn Backend>, Refusal> {
+        self.open(name).ok_or(Refusal::Unknown)
+    }
+    /// [`Exports::control`] for a given client (the server calls this one).
+    fn control_for(&self, request: &[u8], _peer: &Peer) -> Option<Vec<u8>> {
+        self.control(request)
+    }
+}
+
+/// The client of one connection, as far as the server knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Its address, when it came over TCP.
+    pub addr: Option<std::net::SocketAddr>,
+    /// Its verified identity, when it came over TLS.
+    pub id: Option<PeerId>,
+}
+
+/// Why [`Exports::open_for`] gives no export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No such export (`NBD_REP_ERR_UNKNOWN`).
+    Unknown,
+    /// The client may not use it (`NBD_REP_ERR_POLICY`, with this message).
+    Policy(String),
 }
 
 /// A fixed map of names to backends.
@@ -237,9 +272,17 @@ pub enum ServeError {
     /// An option or request too large to skip.
     #[error("Request too large: {0} bytes")]
     TooLarge(u64),
+    /// The server requires TLS and the client selected an export without it (or aborted).
+    #[error("Client did not start TLS, which this server requires")]
+    TlsRequired,
+    /// The TLS handshake failed, or the client's certificate was refused.
+    #[error("TLS handshake failed")]
+    Tls(#[source] io::Error),
 }
 
 struct Session {
+    /// Option haggling runs inside TLS (`NBD_OPT_STARTTLS` is then invalid).
+    tls: bool,
     structured: bool,
     no_zeroes: bool,
     /// `base:allocation` was selected with `NBD_OPT_SET_META_CONTEXT`.
@@ -299,34 +342,104 @@ pub fn serve<R: Read + Send, W: Write + Send>(
 ) -> Result<(), ServeError> {
     // Our own buffer, so the transmission phase can tell whether another request is waiting.
     let mut r = BufReader::with_capacity(256 * 1024, r);
+    let no_zeroes = greet(&mut r, &mut w)?;
+    serve_session(
+        r,
+        w,
+        exports,
+        &Peer::default(),
+        no_zeroes,
+        false,
+        &mut || {},
+    )
+}
+
+/// The server's greeting, then the client's flags: whether the client agreed to skip the
+/// 124 zero bytes.
+fn greet(r: &mut impl Read, w: &mut impl Write) -> Result<bool, ServeError> {
     w.write_all(&NBDMAGIC.to_be_bytes())?;
     w.write_all(&IHAVEOPT.to_be_bytes())?;
     w.write_all(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes())?;
     w.flush()?;
-    let cflags = read_u32(&mut r)?;
+    let cflags = read_u32(r)?;
     if cflags & CLIENT_FIXED_NEWSTYLE == 0
         || cflags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
     {
         return Err(ServeError::ClientFlags(cflags));
     }
+    Ok(cflags & CLIENT_NO_ZEROES != 0)
+}
+
+/// Option haggling (inside TLS when `tls`), then transmission. `on_transmission` runs once an
+/// export was selected, before the first request is read.
+fn serve_session<R: Read + Send, W: Write + Send>(
+    mut r: BufReader<R>,
+    mut w: W,
+    exports: &dyn Exports,
+    peer: &Peer,
+    no_zeroes: bool,
+    tls: bool,
+    on_transmission: &mut dyn FnMut(),
+) -> Result<(), ServeError> {
     let mut session = Session {
+        tls,
         structured: false,
-        no_zeroes: cflags & CLIENT_NO_ZEROES != 0,
+        no_zeroes,
         base_allocation: false,
     };
-    let backend = match handshake(&mut r, &mut w, exports, &mut session)? {
+    let backend = match handshake(&mut r, &mut w, exports, peer, &mut session)? {
         Some(b) => b,
         None => return Ok(()),
     };
+    on_transmission();
     let meta = session.base_allocation && session.structured;
     let relay = Arc::clone(&backend).relay();
     transmission(r, w, &*backend, relay, session.structured, meta)
+}
+
+/// Before TLS, on a server that requires it: answer every option but `NBD_OPT_STARTTLS` with
+/// `NBD_REP_ERR_TLS_REQD` (and close on `NBD_OPT_EXPORT_NAME`, which has no error reply).
+/// `Ok(true)`: STARTTLS was acknowledged, the TLS handshake comes next; `Ok(false)`: the client
+/// aborted.
+fn await_starttls(r: &mut impl Read, w: &mut impl Write) -> Result<bool, ServeError> {
+    loop {
+        let magic = read_u64(r)?;
+        if magic != IHAVEOPT {
+            return Err(ServeError::BadMagic(magic));
+        }
+        let option = read_u32(r)?;
+        let len = read_u32(r)?;
+        if option == OPT_EXPORT_NAME {
+            return Err(ServeError::TlsRequired);
+        }
+        skip(r, u64::from(len))?;
+        match option {
+            OPT_STARTTLS if len == 0 => {
+                send_opt_reply(w, option, REP_ACK, &[])?;
+                w.flush()?;
+                return Ok(true);
+            }
+            OPT_STARTTLS => send_opt_reply(w, option, REP_ERR_INVALID, b"STARTTLS takes no data")?,
+            OPT_ABORT => {
+                let _ = send_opt_reply(w, option, REP_ACK, &[]).and_then(|()| w.flush());
+                return Ok(false);
+            }
+            _ => send_opt_reply(
+                w,
+                option,
+                REP_ERR_TLS_REQD,
+                b"this server requires TLS: send NBD_OPT_STARTTLS first",
+            )?,
+        }
+        w.flush()?;
+    }
 }
 
 fn handshake<R: Read, W: Write>(
     r: &mut R,
     w: &mut W,
     exports: &dyn Exports,
+    peer: &Peer,
     session: &mut Session,
 ) -> Result<Option<Arc<dyn Backend>>, ServeError> {
     loop {
@@ -350,7 +463,7 @@ fn handshake<R: Read, W: Write>(
         match option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(b) = exports.open(&name) else {
+                let Ok(b) = exports.open_for(&name, peer) else {
                     return Err(ServeError::UnknownExport(name));
                 };
                 w.write_all(&b.size().to_be_bytes())?;
@@ -371,7 +484,7 @@ fn handshake<R: Read, W: Write>(
                 if !data.is_empty() {
                     send_opt_reply(w, option, REP_ERR_INVALID, b"LIST takes no data")?;
                 } else {
-                    for name in exports.list() {
+                    for name in exports.list_for(peer) {
                         let mut d = (name.len() as u32).to_be_bytes().to_vec();
                         d.extend_from_slice(name.as_bytes());
                         send_opt_reply(w, option, REP_SERVER, &d)?;
@@ -394,9 +507,14 @@ fn handshake<R: Read, W: Write>(
             }
             OPT_INFO | OPT_GO => match decode_go(&data) {
                 Err(_) => send_opt_reply(w, option, REP_ERR_INVALID, b"malformed GO/INFO data")?,
-                Ok(req) => match exports.open(&req.name) {
-                    None => send_opt_reply(w, option, REP_ERR_UNKNOWN, b"no such export")?,
-                    Some(b) => {
+                Ok(req) => match exports.open_for(&req.name, peer) {
+                    Err(Refusal::Unknown) => {
+                        send_opt_reply(w, option, REP_ERR_UNKNOWN, b"no such export")?
+                    }
+                    Err(Refusal::Policy(why)) => {
+                        send_opt_reply(w, option, REP_ERR_POLICY, why.as_bytes())?
+                    }
+                    Ok(b) => {
                         let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                         info.extend_from_slice(&b.size().to_be_bytes());
                         info.extend_from_slice(
@@ -426,7 +544,10 @@ fn handshake<R: Read, W: Write>(
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
                 meta_context(w, option, &data, session)?
             }
-            OPT_TERN_CONTROL => match exports.control(&data) {
+            OPT_STARTTLS if session.tls => {
+                send_opt_reply(w, option, REP_ERR_INVALID, b"TLS is already running")?
+            }
+            OPT_TERN_CONTROL => match exports.control_for(&data, peer) {
                 Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
                 None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
             },
@@ -1016,22 +1137,366 @@ fn reply_status<W: Write>(
     }
 }
 
-/// Serve one TCP connection (buffered both ways).
+/// Serve one TCP connection (buffered both ways), plain, with no limits.
 pub fn serve_tcp(stream: TcpStream, exports: &dyn Exports) -> Result<(), ServeError> {
-    stream.set_nodelay(true)?;
-    // `serve` buffers the reading side itself.
-    let r = stream.try_clone()?;
-    let w = BufWriter::with_capacity(256 * 1024, stream);
-    serve(r, w, exports)
+    let peer = Peer {
+        addr: stream.peer_addr().ok(),
+        id: None,
+    };
+    serve_conn(stream, exports, None, &peer, Instant::now(), &mut || {})
 }
 
-/// Accept connections forever, one thread per client.
+/// Serve one TCP connection: plain when `tls` is `None`; otherwise TLS is required (options
+/// before `NBD_OPT_STARTTLS` get `NBD_REP_ERR_TLS_REQD`), the TLS handshake must end by
+/// `deadline`, and the client's certificate names it ([`Peer::id`]).
+fn serve_conn(
+    stream: TcpStream,
+    exports: &dyn Exports,
+    tls: Option<&ServerTls>,
+    peer: &Peer,
+    deadline: Instant,
+    on_transmission: &mut dyn FnMut(),
+) -> Result<(), ServeError> {
+    stream.set_nodelay(true)?;
+    let Some(tls) = tls else {
+        // `serve` buffers the reading side itself.
+        let r = stream.try_clone()?;
+        let w = BufWriter::with_capacity(256 * 1024, stream);
+        let mut r = BufReader::with_capacity(256 * 1024, r);
+        let mut w = w;
+        let no_zeroes = greet(&mut r, &mut w)?;
+        return serve_session(r, w, exports, peer, no_zeroes, false, on_transmission);
+    };
+    // Before TLS: unbuffered, so no byte of the TLS handshake is read as NBD.
+    let mut plain = &stream;
+    let mut w = &stream;
+    let no_zeroes = greet(&mut plain, &mut w)?;
+    if !await_starttls(&mut plain, &mut w)? {
+        return Ok(());
+    }
+    let (r, w, id) = tls::accept(tls, stream, deadline).map_err(ServeError::Tls)?;
+    let peer = Peer {
+        addr: peer.addr,
+        id: Some(id),
+    };
+    let r = BufReader::with_capacity(256 * 1024, r);
+    let w = BufWriter::with_capacity(256 * 1024, w);
+    serve_session(r, w, exports, &peer, no_zeroes, true, on_transmission)
+}
+
+/// Limits and TLS of a listener ([`run_listener_with`]).
+#[derive(Debug, Clone)]
+pub struct ListenerOptions {
+    /// With it, TLS is required and plain clients are refused.
+    pub tls: Option<ServerTls>,
+    /// Connections served at once; one more is accepted and closed at once (so the backlog
+    /// keeps draining), and counted in [`ListenerStats::over_cap`].
+    pub max_connections: usize,
+    /// From accept to the selected export (greeting, STARTTLS, TLS handshake, options): a
+    /// connection still haggling after it is closed.
+    pub handshake_timeout: Duration,
+    /// In transmission: a connection that sends no request for this long is closed. `None`:
+    /// idle connections stay (a VM's disk may be idle for hours).
+    pub idle_timeout: Option<Duration>,
+    /// Refusals (TLS, cap, accept errors) are written to stderr with this prefix; `None`: silent.
+    pub log_prefix: Option<String>,
+}
+
+impl Default for ListenerOptions {
+    fn default() -> Self {
+        ListenerOptions {
+            tls: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: None,
+            log_prefix: None,
+        }
+    }
+}
+
+/// Default of [`ListenerOptions::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default of [`ListenerOptions::handshake_timeout`].
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counters of a listener, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Connections being served now.
+    pub live: AtomicUsize,
+    /// Connections accepted and closed at once because [`ListenerOptions::max_connections`]
+    /// were being served.
+    pub over_cap: AtomicUsize,
+    /// Connections closed by the handshake deadline.
+    pub handshake_timeouts: AtomicUsize,
+    /// `accept` errors retried (`EMFILE`, `ECONNABORTED`, …).
+    pub accept_errors: AtomicUsize,
+}
+
+/// What to do after an `accept` error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AcceptRetry {
+    /// A connection died before we took it (`ECONNABORTED`, `EPROTO`, `EINTR`): next one.
+    Now,
+    /// Out of descriptors or memory (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`): wait, then retry.
+    Later,
+    /// The listening socket itself is unusable (`EBADF`, `EINVAL`, `ENOTSOCK`, `EOPNOTSUPP`).
+    Fatal,
+}
+
+/// Classify an `accept` error (pure).
+fn accept_retry(e: &io::Error) -> AcceptRetry {
+    match e.raw_os_error() {
+        Some(9 | 22 | 88 | 95) => AcceptRetry::Fatal,
+        Some(23 | 24 | 105 | 12) => AcceptRetry::Later,
+        _ => AcceptRetry::Now,
+    }
+}
+
+/// The back-off after `n` accept errors in a row that asked to wait: 10 ms doubling, at most 1 s.
+fn accept_backoff(n: u32) -> Duration {
+    Duration::from_millis(10u64.saturating_mul(1 << n.min(7)).min(1000))
+}
+
+/// Closes connections whose handshake deadline passed (one thread per listener).
+struct Watchdog {
+    armed: Mutex<BTreeMap<u64, (Instant, TcpStream)>>,
+    changed: Condvar,
+}
+
+impl Watchdog {
+    fn arm(&self, id: u64, deadline: Instant, stream: TcpStream) {
+        lock(&self.armed).insert(id, (deadline, stream));
+        self.changed.notify_one();
+    }
+    fn disarm(&self, id: u64) {
+        lock(&self.armed).remove(&id);
+    }
+    /// Run until the listener is gone.
+    fn run(me: Weak<Watchdog>, stats: Weak<ListenerStats>) {
+        loop {
+            let Some(w) = me.upgrade() else { return };
+            let mut armed = lock(&w.armed);
+            let now = Instant::now();
+            let expired: Vec<u64> = armed
+                .iter()
+                .filter(|(_, (d, _))| *d <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in expired {
+                if let Some((_, s)) = armed.remove(&id) {
+                    if let Some(st) = stats.upgrade() {
+                        st.handshake_timeouts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            let next = armed
+                .values()
+                .map(|(d, _)| d.saturating_duration_since(now))
+                .min()
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(5), Duration::from_secs(1));
+            drop(w.changed.wait_timeout(armed, next));
+        }
+    }
+}
+
+/// Accept connections forever, one thread per client, plain and with the default limits.
 pub fn run_listener(listener: TcpListener, exports: Arc<dyn Exports>) -> io::Result<()> {
+    run_listener_with(
+        listener,
+        exports,
+        ListenerOptions::default(),
+        Arc::default(),
+    )
+}
+
+/// Accept connections until the listening socket itself fails, one thread per client, within
+/// `opts`' limits: at most `max_connections` at once, each closed if it has not selected an
+/// export `handshake_timeout` after it was accepted, and in transmission after `idle_timeout`
+/// without a request. An `accept` error never ends the loop unless the listening socket is
+/// unusable: a lost connection is skipped, running out of descriptors or memory waits (10 ms
+/// doubling to 1 s) and tries again.
+pub fn run_listener_with(
+    listener: TcpListener,
+    exports: Arc<dyn Exports>,
+    opts: ListenerOptions,
+    stats: Arc<ListenerStats>,
+) -> io::Result<()> {
+    let opts = Arc::new(opts);
+    let watchdog = Arc::new(Watchdog {
+        armed: Mutex::new(BTreeMap::new()),
+        changed: Condvar::new(),
+    });
+    {
+        let (w, st) = (Arc::downgrade(&watchdog), Arc::downgrade(&stats));
+        std::thread::Builder::new()
+            .name("nbd-watchdog".into())
+            .spawn(move || Watchdog::run(w, st))?;
+    }
+    let log = |msg: &str| {
+        if let Some(p) = &opts.log_prefix {
+            eprintln!("{p}: {msg}");
+        }
+    };
+    let mut waits = 0u32;
+    let mut next_id = 0u64;
     loop {
-        let (stream, _) = listener.accept()?;
-        let exports = Arc::clone(&exports);
-        std::thread::spawn(move || {
-            let _ = serve_tcp(stream, &*exports);
-        });
+        let (stream, addr) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                let n = stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                match accept_retry(&e) {
+                    AcceptRetry::Fatal => return Err(e),
+                    AcceptRetry::Now => {}
+                    AcceptRetry::Later => {
+                        let wait = accept_backoff(waits);
+                        waits = waits.saturating_add(1);
+                        if n.is_power_of_two() || n == 0 {
+                            log(&format!("accept failed ({e}); retrying in {wait:?}"));
+                        }
+                        std::thread::sleep(wait);
+                    }
+                }
+                continue;
+            }
+        };
+        waits = 0;
+        if stats.live.load(Ordering::SeqCst) >= opts.max_connections {
+            let n = stats.over_cap.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() || n == 0 {
+                log(&format!(
+                    "{} connections open, the most allowed: closing {addr} ({} refused so far)",
+                    opts.max_connections,
+                    n + 1
+                ));
+            }
+            continue;
+        }
+        next_id += 1;
+        let id = next_id;
+        let deadline = Instant::now() + opts.handshake_timeout;
+        match stream.try_clone() {
+            Ok(s) => watchdog.arm(id, deadline, s),
+            // Out of descriptors: this one goes, the next accept waits.
+            Err(_) => continue,
+        }
+        stats.live.fetch_add(1, Ordering::SeqCst);
+        let conn = ConnSlot {
+            id,
+            watchdog: Arc::clone(&watchdog),
+            stats: Arc::clone(&stats),
+        };
+        let (exports, opts2) = (Arc::clone(&exports), Arc::clone(&opts));
+        let spawned = std::thread::Builder::new()
+            .name("nbd-conn".into())
+            .spawn(move || {
+                let peer = Peer {
+                    addr: Some(addr),
+                    id: None,
+                };
+                let idle = opts2.idle_timeout;
+                let tcp = stream.try_clone().ok();
+                let mut on_transmission = || {
+                    conn.watchdog.disarm(conn.id);
+                    if let Some(t) = &tcp {
+                        let _ = t.set_read_timeout(idle);
+                    }
+                };
+                let res = serve_conn(
+                    stream,
+                    &*exports,
+                    opts2.tls.as_ref(),
+                    &peer,
+                    deadline,
+                    &mut on_transmission,
+                );
+                if let (Err(e @ (ServeError::Tls(_) | ServeError::TlsRequired)), Some(p)) =
+                    (&res, &opts2.log_prefix)
+                {
+                    eprintln!("{p}: refused {addr}: {}", error_chain(e));
+                }
+                drop(conn);
+            });
+        if spawned.is_err() {
+            // No thread for it (the slot's guard went with the closure): keep accepting.
+            log("cannot start a connection thread; connection closed");
+        }
+    }
+}
+
+/// `e: cause: cause…` on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut c = e.source();
+    while let Some(x) = c {
+        out.push_str(": ");
+        out.push_str(&x.to_string());
+        c = x.source();
+    }
+    out
+}
+
+/// One served connection: frees its place in the cap and its watchdog entry when it ends.
+struct ConnSlot {
+    id: u64,
+    watchdog: Arc<Watchdog>,
+    stats: Arc<ListenerStats>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.watchdog.disarm(self.id);
+        self.stats.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serve one TCP connection with `opts`' TLS and no listener (tests, single connections):
+/// the handshake deadline is enforced on the TLS handshake only.
+pub fn serve_tcp_with(
+    stream: TcpStream,
+    exports: &dyn Exports,
+    opts: &ListenerOptions,
+) -> Result<(), ServeError> {
+    let peer = Peer {
+        addr: stream.peer_addr().ok(),
+        id: None,
+    };
+    let deadline = Instant::now() + opts.handshake_timeout;
+    serve_conn(
+        stream,
+        exports,
+        opts.tls.as_ref(),
+        &peer,
+        deadline,
+        &mut || {},
+    )
+}
+
+#[cfg(test)]
+mod listener_tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_that_concern_one_connection_are_skipped_and_exhaustion_waits() {
+        let e = |n| io::Error::from_raw_os_error(n);
+        assert_eq!(accept_retry(&e(103)), AcceptRetry::Now); // ECONNABORTED
+        assert_eq!(accept_retry(&e(71)), AcceptRetry::Now); // EPROTO
+        assert_eq!(accept_retry(&e(4)), AcceptRetry::Now); // EINTR
+        assert_eq!(accept_retry(&e(24)), AcceptRetry::Later); // EMFILE
+        assert_eq!(accept_retry(&e(23)), AcceptRetry::Later); // ENFILE
+        assert_eq!(accept_retry(&e(105)), AcceptRetry::Later); // ENOBUFS
+        assert_eq!(accept_retry(&e(9)), AcceptRetry::Fatal); // EBADF
+        assert_eq!(accept_retry(&e(22)), AcceptRetry::Fatal); // EINVAL (not listening)
+    }
+
+    #[test]
+    fn accept_backoff_doubles_from_10_ms_up_to_1_s() {
+        assert_eq!(accept_backoff(0), Duration::from_millis(10));
+        assert_eq!(accept_backoff(1), Duration::from_millis(20));
+        assert_eq!(accept_backoff(6), Duration::from_millis(640));
+        assert_eq!(accept_backoff(7), Duration::from_millis(1000));
+        assert_eq!(accept_backoff(u32::MAX), Duration::from_millis(1000));
     }
 }
