@@ -5,7 +5,8 @@
 //! Refused: plain TCP (no TLS), a client certificate of another CA, an expired one, no
 //! credentials (401), an unknown bearer token (401), a host certificate used as a user (403), a
 //! viewer changing anything (403 naming the role needed), a host reporting for another host.
-//! After every refusal the legitimate admin is still served.
+//! After every refusal the legitimate admin is still served. And the controller's client sends a
+//! command meant for one host only to a server holding that host's certificate.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -452,4 +453,50 @@ async fn a_host_certificate_is_not_a_user_and_reports_only_for_its_own_host() {
         .unwrap();
     assert_eq!(st, 403, "{v}");
     api.still_serves_the_admin().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_for_one_host_is_not_sent_to_another_hosts_certificate() {
+    let pki = Pki::new();
+    // An agent-like TLS server holding host h1's certificate.
+    let tls = ServerTls::load(&pki.dir("h1")).unwrap();
+    let router = axum::Router::new().route("/ping", axum::routing::post(|| async { "pong" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}/ping", listener.local_addr().unwrap());
+    tokio::spawn(tern_controller::shell::tls::serve_tls(
+        listener,
+        router,
+        tls.config.clone(),
+        "test agent",
+    ));
+    let host = |name: &str| tern_pki::Identity {
+        name: name.into(),
+        role: Role::Host,
+    };
+    let ctl = pki.client("ctl");
+    let send = |who: tern_pki::Identity| {
+        let c = ctl.clone().expecting(Some(who));
+        let url = url.clone();
+        async move {
+            c.request(Method::POST, &url, None, Duration::from_secs(10))
+                .await
+        }
+    };
+    let r = send(host("h1")).await.unwrap();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"pong"[..]));
+    let r = send(host("h2")).await;
+    match r {
+        Err(http::HttpError::WrongPeer { expected, why, .. }) => {
+            assert_eq!(expected, "h2 (host)");
+            assert!(why.contains("h1 (host)"), "{why}");
+        }
+        other => panic!("a command for h2 went to h1's certificate: {other:?}"),
+    }
+    // A controller's certificate is not a host's either.
+    let r = send(tern_pki::Identity {
+        name: "h1".into(),
+        role: Role::Controller,
+    })
+    .await;
+    assert!(matches!(r, Err(http::HttpError::WrongPeer { .. })), "{r:?}");
 }
