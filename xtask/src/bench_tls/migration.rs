@@ -10,6 +10,7 @@
 //! +10 % of its plain pause and its total time within +25 %; Tern's TLS pause ≤ 0.5× QEMU's TLS
 //! pause.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -113,14 +114,26 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
     let (src_dir, dst_dir) = issue_certificates(&tern, &dir)?;
     let tsc_hz = guest_tsc_hz(&tern, &elf, &dir)?;
     let load_before = load_average();
-    let args = MigrateArgs {
-        runs,
-        qemu: QEMU.into(),
-        qemu_timeout_s: 30,
-        workload: Vec::new(),
-    };
+    // bench migrate's options at their defaults (whatever fields it grows), with our run count.
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        args: MigrateArgs,
+    }
+    let args = <Defaults as clap::Parser>::try_parse_from([
+        "bench-migrate",
+        "--runs",
+        &runs.to_string(),
+        "--qemu",
+        QEMU,
+    ])?
+    .args;
     let tern_tls_receive = ["--tls-dir", dst_dir.as_str()];
     let tern_tls_migrate = ["--tls-dir", src_dir.as_str(), "--tls-name", TARGET_NAME];
+    // The VMMs' API sockets go in a 0700 directory (a VMM refuses one others may enter).
+    let socks = dir.join("run");
+    std::fs::create_dir_all(&socks)?;
+    std::fs::set_permissions(&socks, std::fs::Permissions::from_mode(0o700))?;
     let tls = qemu_tls(&src_dir, &dst_dir);
     let plain = |_: &mut Qmp, _: bool| Ok(());
 
@@ -132,10 +145,10 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
         let (mut t, mut tt, mut q, mut qt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..runs {
             eprintln!("{}: run {}/{runs}", w.label, i + 1);
-            t.push(or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[])));
+            t.push(or_error("tern", tern_run(&tern, &elf, &socks, w, &[], &[])));
             tt.push(or_error(
                 "tern tls",
-                tern_run(&tern, &elf, &dir, w, &tern_tls_receive, &tern_tls_migrate),
+                tern_run(&tern, &elf, &socks, w, &tern_tls_receive, &tern_tls_migrate),
             ));
             q.push(or_error(
                 "qemu tuned",
