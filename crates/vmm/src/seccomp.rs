@@ -32,7 +32,7 @@
 //! (`audit: type=1326 … syscall=N comm=…` in the kernel log), for building the lists.
 //!
 //! Debug builds only: `TERN_SECCOMP_TEST_TRIGGER=KIND` makes the first thread of that kind issue
-//! a syscall outside its filter right after entering it (the tests' proof that a violating thread
+//! a syscall outside its filter (`getppid`) right after entering it (the tests' proof that a violating thread
 //! is caught and reported). Release builds compile the trigger out.
 
 use std::cell::Cell;
@@ -163,6 +163,10 @@ struct Compiled {
     filters: Vec<BpfProgram>,
     /// `clone3` → `ENOSYS`, everything else allowed; installed before each allow-list.
     no_clone3: BpfProgram,
+    /// `openat`/`open` → `EACCES`, everything else allowed; installed before the allow-list of the
+    /// kinds that open no files (their lists let `openat` through to it instead of trapping).
+    no_open: BpfProgram,
+    opts: FilterOptions,
 }
 
 static CONFIG: OnceLock<Compiled> = OnceLock::new();
@@ -180,9 +184,20 @@ pub fn mode() -> SeccompMode {
     CONFIG.get().map_or(SeccompMode::Off, |c| c.mode)
 }
 
+/// What the filters must allow beyond the VMM's fixed needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilterOptions {
+    /// The ids a jailed VMM will drop to.
+    pub drop_ids: Option<DropIds>,
+    /// The VM has volume disks, whose vCPU-thread I/O (re)connects to the node and reopens the
+    /// LUN's direct path: those threads may then make unix/IPv4/IPv6 sockets, connect them, and
+    /// open and stat files.
+    pub volume_disks: bool,
+}
+
 /// Compiles every kind's filter for `mode` and, for `kill`, installs the SIGSYS handler. Call
-/// once, before the VM is built. `drop_ids`: the ids a jailed VMM will drop to.
-pub fn configure(mode: SeccompMode, drop_ids: Option<DropIds>) -> Result<(), SeccompError> {
+/// once, before the VM is built.
+pub fn configure(mode: SeccompMode, opts: FilterOptions) -> Result<(), SeccompError> {
     if CONFIG.get().is_some() {
         return Err(SeccompError::AlreadyConfigured);
     }
@@ -194,7 +209,7 @@ pub fn configure(mode: SeccompMode, drop_ids: Option<DropIds>) -> Result<(), Sec
     let mut filters = Vec::new();
     for kind in ThreadKind::ALL {
         filters.push(compile(
-            allowed(kind, pid, drop_ids),
+            allowed(kind, pid, opts),
             mismatch.clone(),
             SeccompAction::Allow,
             kind.name(),
@@ -208,6 +223,17 @@ pub fn configure(mode: SeccompMode, drop_ids: Option<DropIds>) -> Result<(), Sec
         SeccompAction::Errno(libc::ENOSYS as u32),
         "clone3",
     )?;
+    // glibc's malloc reads /proc/sys/vm/overcommit_memory once per process, from whichever thread
+    // first trims a heap, and copes with a failed open: those threads get EACCES, not a trap.
+    let mut opens = BTreeMap::new();
+    opens.insert(libc::SYS_openat, vec![]);
+    opens.insert(libc::SYS_open, vec![]);
+    let no_open = compile(
+        opens,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        "open",
+    )?;
     if mode == SeccompMode::Kill {
         install_sigsys_handler()?;
     }
@@ -217,6 +243,8 @@ pub fn configure(mode: SeccompMode, drop_ids: Option<DropIds>) -> Result<(), Sec
             mode,
             filters,
             no_clone3,
+            no_open,
+            opts,
         })
         .map_err(|_| SeccompError::AlreadyConfigured)
 }
@@ -257,6 +285,9 @@ pub fn enter(kind: ThreadKind) -> Result<(), SeccompError> {
         })
     };
     apply(&c.no_clone3)?;
+    if opens_no_files(kind, c.opts) {
+        apply(&c.no_open)?;
+    }
     apply(&c.filters[kind.index()])?;
     #[cfg(debug_assertions)]
     if trigger.as_deref() == Some(kind.name()) {
@@ -274,11 +305,15 @@ pub fn enter_or_exit(kind: ThreadKind) {
     }
 }
 
+/// The syscall the test trigger makes: harmless (so `--seccomp log` lets it through and the
+/// VMM carries on) and in no allow-list.
+pub const TEST_TRIGGER_SYSCALL: i64 = libc::SYS_getppid;
+
 /// A syscall no filter allows, issued on purpose (debug builds only).
 #[cfg(debug_assertions)]
 fn test_trigger() {
-    // SAFETY: `ptrace(PTRACE_TRACEME)` has no memory arguments; no filter allows it, so it traps.
-    unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) };
+    // SAFETY: getppid has no arguments and no side effects.
+    unsafe { libc::syscall(TEST_TRIGGER_SYSCALL) };
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -374,6 +409,8 @@ macro_rules! syscalls {
 
 syscalls!(
     SYS_read,
+    SYS_flock,
+    SYS_open,
     SYS_write,
     SYS_close,
     SYS_fstat,
@@ -514,6 +551,15 @@ fn allow_if(r: &mut Rules, nr: i64, rules: Vec<SeccompRule>) {
         None => {
             r.insert(nr, rules);
         }
+    }
+}
+
+/// The kinds whose `openat` fails with `EACCES` (see [`configure`]).
+fn opens_no_files(kind: ThreadKind, opts: FilterOptions) -> bool {
+    match kind {
+        ThreadKind::Vcpu => !opts.volume_disks,
+        ThreadKind::Device | ThreadKind::Migration => true,
+        ThreadKind::Api | ThreadKind::Main => false,
     }
 }
 
@@ -720,13 +766,19 @@ fn files_and_sockets(r: &mut Rules) {
             SYS_dup,
             SYS_dup3,
             SYS_eventfd2,
-            SYS_connect,
-            SYS_getsockname,
-            SYS_getpeername,
             SYS_rt_sigtimedwait,
             SYS_getuid,
         ],
     );
+    sockets(r);
+}
+
+/// New unix, IPv4 and IPv6 sockets, connected.
+fn sockets(r: &mut Rules) {
+    use libc::*;
+    allow(r, &[SYS_connect, SYS_getsockname, SYS_getpeername]);
+    // std's connect_timeout and set_nonblocking.
+    allow_ioctls(r, &[FIONBIO, FIOCLEX]);
     allow_if(
         r,
         SYS_socket,
@@ -735,18 +787,28 @@ fn files_and_sockets(r: &mut Rules) {
             .map(|&d| rule(vec![cond32(0, d as u64)]))
             .collect(),
     );
-    allow_ioctls(r, &[FIONBIO, FIOCLEX]);
 }
 
-/// The allow-list of `kind`. `pid`: this process (tgkill's target); `drop_ids`: see [`configure`].
-fn allowed(kind: ThreadKind, pid: u32, drop_ids: Option<DropIds>) -> Rules {
+/// The allow-list of `kind`. `pid`: this process (tgkill's target); `opts`: see [`configure`].
+fn allowed(kind: ThreadKind, pid: u32, opts: FilterOptions) -> Rules {
     use kvm_nr::*;
     use libc::*;
     let mut r = Rules::new();
-    common(&mut r, pid, drop_ids);
+    common(&mut r, pid, opts.drop_ids);
+    if opens_no_files(kind, opts) {
+        // Answered EACCES by the filter installed before this one.
+        allow(&mut r, &[SYS_openat, SYS_open]);
+    }
     match kind {
         ThreadKind::Vcpu => {
             disk_io(&mut r);
+            if opts.volume_disks {
+                sockets(&mut r);
+                allow(
+                    &mut r,
+                    &[SYS_openat, SYS_newfstatat, SYS_statx, SYS_fstat, SYS_flock],
+                );
+            }
             allow_ioctls(
                 &mut r,
                 &[
@@ -845,16 +907,17 @@ mod tests {
 
     #[test]
     fn every_kind_compiles_with_and_without_drop_ids() {
-        for ids in [
-            None,
-            Some(DropIds {
+        let jailed = FilterOptions {
+            drop_ids: Some(DropIds {
                 uid: 65534,
                 gid: 65534,
             }),
-        ] {
+            volume_disks: true,
+        };
+        for opts in [FilterOptions::default(), jailed] {
             for kind in ThreadKind::ALL {
                 let p = compile(
-                    allowed(kind, 42, ids),
+                    allowed(kind, 42, opts),
                     SeccompAction::Trap,
                     SeccompAction::Allow,
                     kind.name(),
@@ -882,7 +945,7 @@ mod tests {
     #[test]
     fn no_kind_may_exec_fork_trace_or_mount() {
         for kind in ThreadKind::ALL {
-            let r = allowed(kind, 1, None);
+            let r = allowed(kind, 1, FilterOptions::default());
             for nr in [
                 libc::SYS_execve,
                 libc::SYS_fork,
@@ -898,9 +961,28 @@ mod tests {
                 );
             }
         }
+        // The test trigger's syscall is in no list.
+        for kind in ThreadKind::ALL {
+            assert!(
+                !allowed(kind, 1, FilterOptions::default()).contains_key(&TEST_TRIGGER_SYSCALL)
+            );
+        }
+        // vCPU threads make sockets only for volume disks.
+        let vcpu = |volume_disks| {
+            let opts = FilterOptions {
+                volume_disks,
+                ..Default::default()
+            };
+            allowed(ThreadKind::Vcpu, 1, opts).contains_key(&libc::SYS_socket)
+        };
+        assert!(!vcpu(false) && vcpu(true));
         // Only the API and main threads start threads; vCPUs and devices cannot even clone.
-        assert!(!allowed(ThreadKind::Vcpu, 1, None).contains_key(&libc::SYS_clone));
-        assert!(allowed(ThreadKind::Api, 1, None).contains_key(&libc::SYS_clone));
+        assert!(
+            !allowed(ThreadKind::Vcpu, 1, FilterOptions::default()).contains_key(&libc::SYS_clone)
+        );
+        assert!(
+            allowed(ThreadKind::Api, 1, FilterOptions::default()).contains_key(&libc::SYS_clone)
+        );
     }
 
     #[test]

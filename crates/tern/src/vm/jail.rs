@@ -29,7 +29,7 @@ use nix::sched::{CloneFlags, unshare};
 use nix::sys::resource::{Resource, setrlimit};
 use nix::unistd::{Gid, Group, Uid, User};
 use tern_vmm::config::{KernelSource, VmConfig};
-use tern_vmm::seccomp::{self, DropIds, SeccompMode, ThreadKind};
+use tern_vmm::seccomp::{self, DropIds, FilterOptions, SeccompMode, ThreadKind};
 
 /// Where the per-VM jail directories are made.
 pub const DEFAULT_JAIL_DIR: &str = "/run/tern/jail";
@@ -81,6 +81,8 @@ pub struct JailFiles {
     pub dirs: Vec<PathBuf>,
     /// Whether taps are opened (`/dev/net/tun`).
     pub tun: bool,
+    /// Volume disks (`volume://…`), which a jail cannot hold yet.
+    pub volume_disks: Vec<PathBuf>,
 }
 
 impl JailFiles {
@@ -137,10 +139,8 @@ impl JailFiles {
     ) -> anyhow::Result<()> {
         for (path, readonly) in disks {
             if path.to_string_lossy().contains("://") {
-                bail!(
-                    "--jail does not take volume disks yet ({}): give a raw image file",
-                    path.display()
-                );
+                self.volume_disks.push(path);
+                continue;
             }
             let path = std::path::absolute(&path).unwrap_or(path);
             if readonly {
@@ -169,7 +169,11 @@ pub fn start(args: &SandboxArgs, name: &str, files: &JailFiles) -> anyhow::Resul
     } else {
         None
     };
-    seccomp::configure(mode, drop_to).context("cannot set up the seccomp filters")
+    let opts = FilterOptions {
+        drop_ids: drop_to,
+        volume_disks: !files.volume_disks.is_empty(),
+    };
+    seccomp::configure(mode, opts).context("cannot set up the seccomp filters")
 }
 
 /// The filter of the API and of the threads started from the main thread from here on
@@ -220,6 +224,12 @@ fn one_thread() -> bool {
 }
 
 fn enter_jail(root: &Path, files: &JailFiles) -> anyhow::Result<()> {
+    if let Some(v) = files.volume_disks.first() {
+        bail!(
+            "--jail does not take volume disks yet ({}): give a raw image file",
+            v.display()
+        );
+    }
     if !one_thread() {
         bail!("--jail must be set up before the VMM starts any thread");
     }
