@@ -78,6 +78,10 @@ pub struct NodeArgs {
     /// The node's --listen address.
     #[arg(long, default_value = "127.0.0.1:10809")]
     node: String,
+    /// Talk to a node started with --tls-dir: a directory from `tern pki issue` (CA, certificate,
+    /// key); the node's certificate must name the --node host (an IP SAN for an address).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -148,6 +152,23 @@ pub struct ServeArgs {
     /// TTL of write leases in milliseconds.
     #[arg(long, default_value_t = 4000)]
     lease_ttl_ms: u64,
+    /// Require mutual TLS on the port (NBD_OPT_STARTTLS; plain connections are refused) and use
+    /// it to reach the other nodes: a directory from `tern pki issue --role host --name node-ID`
+    /// (the certificate's name must be node-ID for this --node-id; give it the listen address
+    /// with --san so peers can check it).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Connections served at once; more are accepted and closed at once.
+    #[arg(long, default_value_t = tern_nbd::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// A connection must have selected an export (greeting, TLS, options) within this many
+    /// milliseconds of being accepted, or it is closed.
+    #[arg(long, default_value_t = 10_000)]
+    handshake_timeout_ms: u64,
+    /// Close a connection that sends no request for this many seconds (0: never; VM disks may
+    /// be idle for long).
+    #[arg(long, default_value_t = 0)]
+    idle_timeout_s: u64,
 }
 
 /// `tern volume format`.
@@ -201,6 +222,14 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 "--session-ttl must be at least 1 second"
             );
             anyhow::ensure!(a.lease_ttl_ms >= 100, "--lease-ttl-ms must be at least 100");
+            anyhow::ensure!(
+                a.max_connections >= 1,
+                "--max-connections must be at least 1"
+            );
+            anyhow::ensure!(
+                a.handshake_timeout_ms >= 100,
+                "--handshake-timeout-ms must be at least 100"
+            );
             tern_volume::cluster::serve(tern_volume::cluster::ServeOptions {
                 lun: a.lun,
                 node_id: a.node_id,
@@ -211,6 +240,11 @@ pub fn run(cmd: VolumeCommand) -> anyhow::Result<ExitCode> {
                 partition_file: a.partition_file,
                 session_ttl_s: a.session_ttl,
                 lease_ttl_ms: a.lease_ttl_ms,
+                tls_dir: a.tls_dir,
+                max_connections: a.max_connections,
+                handshake_timeout: std::time::Duration::from_millis(a.handshake_timeout_ms),
+                idle_timeout: (a.idle_timeout_s > 0)
+                    .then(|| std::time::Duration::from_secs(a.idle_timeout_s)),
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -436,6 +470,10 @@ fn client(
     req: Request,
     human: impl Fn(Response) -> Result<(), ReplyError>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(d) = &node.tls_dir {
+        tern_volume::control::set_client_tls(d)
+            .with_context(|| format!("--tls-dir {}", d.display()))?;
+    }
     check_reachable(&node.node)?;
     // Generous: a metadata operation may wait through a coordinator take-over.
     let r =

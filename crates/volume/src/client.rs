@@ -416,7 +416,11 @@ impl VolumeDisk {
                 })?;
             note_grant(&lease, &grant, sent);
         }
-        let conn = match Client::connect(&addr, &name) {
+        let conn = match control::client_tls() {
+            None => Client::connect(&addr, &name),
+            Some(tls) => Client::connect_tls(&addr, &name, CONTROL_TIMEOUT, Some(tls)),
+        };
+        let conn = match conn {
             Ok(c) => c,
             Err(source) => {
                 if mode == Ownership::Writer {

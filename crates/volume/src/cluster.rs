@@ -40,6 +40,15 @@ pub struct ServeOptions {
     pub session_ttl_s: i64,
     /// Write-lease TTL, milliseconds.
     pub lease_ttl_ms: u64,
+    /// Mutual TLS (a `tern pki issue` directory for host `node-ID`): required on the port, and
+    /// presented to the other nodes.
+    pub tls_dir: Option<PathBuf>,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// From accept to the selected export.
+    pub handshake_timeout: Duration,
+    /// Idle connections in transmission are closed after this (`None`: never).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// Why the service could not start or stopped.
@@ -74,9 +83,47 @@ pub enum ServeError {
         /// What went wrong.
         why: String,
     },
+    /// The TLS directory is unusable, or its certificate is not this node's.
+    #[error("Cannot use --tls-dir {dir}: {why}")]
+    Tls {
+        /// The directory.
+        dir: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// Runtime failure.
     #[error("Service I/O failed")]
     Io(#[from] std::io::Error),
+}
+
+/// Load the node's TLS directory and check its certificate is volume node `node_id`'s.
+fn node_tls(dir: &std::path::Path, node_id: NodeId) -> Result<tern_nbd::ServerTls, ServeError> {
+    let err = |why: String| ServeError::Tls {
+        dir: dir.to_owned(),
+        why,
+    };
+    let tls = tern_pki::TlsDir::load(dir).map_err(|e| err(crate::control::error_chain(&e)))?;
+    let me = tls.identity();
+    let want = crate::control::certificate_name_of_node(node_id);
+    if me.role != tern_pki::Role::Host || me.name != want {
+        return Err(err(format!(
+            "its certificate is {me} (name {:?}, role {}); node {node_id} needs a host certificate \
+             named {want:?} (tern pki issue --role host --name {want})",
+            me.name, me.role
+        )));
+    }
+    crate::control::set_client_tls(dir).map_err(|e| err(crate::control::error_chain(&e)))?;
+    Ok(tern_nbd::ServerTls {
+        config: tls.server_config(),
+        identify: Arc::new(|c| {
+            tern_pki::peer_identity(c)
+                .map(|i| tern_nbd::PeerId {
+                    name: i.name,
+                    role: i.role.to_string(),
+                })
+                .map_err(|e| e.to_string())
+        }),
+    })
 }
 
 /// How long `serve` keeps trying an etcd that does not answer yet before it gives up.
@@ -115,6 +162,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     if opts.node_id == 0 {
         return Err(ServeError::BadNodeId);
     }
+    let tls = match &opts.tls_dir {
+        Some(d) => Some(node_tls(d, opts.node_id)?),
+        None => None,
+    };
     // Bind first, so a `:0` port resolves to the address peers must use.
     let listener = TcpListener::bind(&opts.listen).map_err(|source| ServeError::Listen {
         addr: opts.listen.clone(),
@@ -225,8 +276,24 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
             }
         });
     }
-    eprintln!("tern volume: node {} serving on {listen}", opts.node_id);
-    tern_nbd::run_listener(listener, Arc::new(NodeExports(node)))?;
+    eprintln!(
+        "tern volume: node {} serving on {listen}{}",
+        opts.node_id,
+        if tls.is_some() { " (TLS required)" } else { "" }
+    );
+    let limits = tern_nbd::ListenerOptions {
+        tls,
+        max_connections: opts.max_connections,
+        handshake_timeout: opts.handshake_timeout,
+        idle_timeout: opts.idle_timeout,
+        log_prefix: Some(format!("tern volume: node {}", opts.node_id)),
+    };
+    tern_nbd::run_listener_with(
+        listener,
+        Arc::new(NodeExports(node)),
+        limits,
+        Arc::default(),
+    )?;
     Ok(())
 }
 

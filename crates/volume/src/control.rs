@@ -1,7 +1,10 @@
 //! The control protocol between `tern volume` clients, nodes and the coordinator: JSON requests
 //! carried in Tern's private NBD option, so one port serves NBD and control.
 
+use std::sync::OnceLock;
+
 use serde::{Deserialize, Serialize};
+use tern_nbd::{ClientTls, PeerId};
 
 use crate::format::NodeId;
 
@@ -142,6 +145,8 @@ pub enum ErrorKind {
     /// The peer's reply did not follow the protocol (a field missing or of the wrong type, or
     /// an answer to another kind of request).
     BadReply,
+    /// The client's certificate does not allow this request (TLS nodes).
+    Denied,
 }
 
 /// Whether a node's data path is direct or redirected.
@@ -579,6 +584,162 @@ pub fn call(
     serde_json::to_value(&r).map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))
 }
 
+/// The certificate this process presents to volume nodes (`--tls-dir`), set once at start:
+/// every connection it makes to a node (control, redirected I/O, relays, volume disks) then
+/// runs `NBD_OPT_STARTTLS` with it. Unset: plain connections, as before TLS.
+static CLIENT_TLS: OnceLock<ClientTls> = OnceLock::new();
+
+/// Why [`set_client_tls`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetTlsError {
+    /// The directory does not hold a usable CA, certificate and key.
+    #[error("Cannot load the TLS directory")]
+    Load(#[from] tern_pki::LoadError),
+    /// A different TLS directory was set already in this process.
+    #[error("This process already uses another TLS directory")]
+    AlreadySet,
+}
+
+/// Use the certificate in `dir` for every connection this process makes to a volume node.
+/// Returns the certificate's identity.
+pub fn set_client_tls(dir: &std::path::Path) -> Result<tern_pki::Identity, SetTlsError> {
+    let tls = tern_pki::TlsDir::load(dir)?;
+    let id = tls.identity().clone();
+    CLIENT_TLS
+        .set(ClientTls {
+            config: tls.client_config(),
+            server_name: None,
+        })
+        .map_err(|_| SetTlsError::AlreadySet)?;
+    Ok(id)
+}
+
+/// The TLS settings of this process's connections to volume nodes ([`set_client_tls`]).
+pub fn client_tls() -> Option<&'static ClientTls> {
+    CLIENT_TLS.get()
+}
+
+/// The node id a volume node's certificate stands for: a host certificate named `node-N`
+/// (N ≥ 1, decimal) is node N. Any other certificate is not a volume node.
+pub fn node_of_certificate(peer: &PeerId) -> Option<NodeId> {
+    if peer.role != "host" {
+        return None;
+    }
+    let digits = peer.name.strip_prefix("node-")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) || digits.starts_with('0') {
+        return None;
+    }
+    digits.parse().ok().filter(|&n: &NodeId| n >= 1)
+}
+
+/// The certificate name a volume node with id `node` must carry.
+pub fn certificate_name_of_node(node: NodeId) -> String {
+    format!("node-{node}")
+}
+
+/// What a client's certificate lets it do on a volume node (pure; `None` peer = TLS off, all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No TLS: everything, as before (only on a node started without `--tls-dir`).
+    Unauthenticated,
+    /// Volume node N (a host certificate `node-N`): node-to-node requests as node N, the
+    /// redirected exports `FILE@N.EPOCH`, and everything a host may do.
+    Node(NodeId),
+    /// A controller certificate: every client request (files, leases, fencing a node).
+    Controller,
+    /// Any other host certificate (an agent, a VMM): every client request but fencing.
+    Host,
+    /// A user certificate: read-only (`list`, `stat`, `status`; files opened read-only).
+    User,
+}
+
+impl Access {
+    /// The access of a connection's client.
+    pub fn of(peer: Option<&PeerId>) -> Access {
+        let Some(p) = peer else {
+            return Access::Unauthenticated;
+        };
+        if let Some(n) = node_of_certificate(p) {
+            return Access::Node(n);
+        }
+        match p.role.as_str() {
+            "controller" => Access::Controller,
+            "host" => Access::Host,
+            _ => Access::User,
+        }
+    }
+
+    /// Whether files may be opened for writing.
+    pub fn may_write(self) -> bool {
+        !matches!(self, Access::User)
+    }
+
+    /// Whether this client may open the redirected export of `writer`'s writes (`FILE@N.EPOCH`).
+    pub fn may_write_as(self, writer: NodeId) -> bool {
+        match self {
+            Access::Unauthenticated => true,
+            Access::Node(n) => n == writer,
+            _ => false,
+        }
+    }
+
+    /// Whether this client may send `env` (pure). `Err` says why not.
+    pub fn check(self, env: &Envelope) -> Result<(), String> {
+        let node = match self {
+            Access::Unauthenticated => return Ok(()),
+            Access::Node(n) => Some(n),
+            _ => None,
+        };
+        let me = |what: &str| match node {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "{what} is accepted only from a volume node's certificate"
+            )),
+        };
+        if env.forwarded {
+            me("a forwarded request")?;
+        }
+        if let Some((from, _)) = &env.from {
+            me("a request naming its sending node")?;
+            if Some(*from) != node {
+                return Err(format!(
+                    "the request says it comes from node {from}, the certificate is node {}'s",
+                    node.unwrap_or_default()
+                ));
+            }
+        }
+        match &env.request {
+            Request::List | Request::Stat { .. } | Request::Status => Ok(()),
+            Request::Create { .. }
+            | Request::Remove { .. }
+            | Request::Resize { .. }
+            | Request::Lease { .. } => {
+                if self.may_write() {
+                    Ok(())
+                } else {
+                    Err("a user certificate may only read (list, stat, status)".into())
+                }
+            }
+            Request::FenceNode { .. } => match self {
+                Access::Controller | Access::Node(_) => Ok(()),
+                _ => Err("fencing a node is accepted only from a controller certificate".into()),
+            },
+            Request::Revoke { .. } => me("revoke"),
+            Request::Allocate { .. } => me("allocate"),
+            Request::CoordLease { node: n, .. } => {
+                me("a coordinator lease request")?;
+                if Some(*n) != node {
+                    return Err(format!(
+                        "a lease request for node {n} from node {}'s certificate",
+                        node.unwrap_or_default()
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Send an envelope as is.
 pub fn send(
     addr: &str,
@@ -587,7 +748,7 @@ pub fn send(
 ) -> Result<Response, ControlError> {
     let bytes = serde_json::to_vec(&env)
         .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
-    let reply = tern_nbd::control(addr, &bytes, timeout).map_err(|e| {
+    let reply = tern_nbd::control_tls(addr, &bytes, timeout, client_tls()).map_err(|e| {
         ControlError::new(
             ErrorKind::NoCoordinator,
             format!("cannot reach node {addr}: {}", with_causes(&e)),
@@ -600,6 +761,11 @@ pub fn send(
         ),
         _ => e,
     })
+}
+
+/// `e` and its chain of causes, `: `-separated.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    with_causes(e)
 }
 
 /// `e` and its chain of causes, `: `-separated ("NBD connection failed: Connection refused
@@ -838,5 +1004,117 @@ mod tests {
         assert!(matches!(f.into_map(), Err(ReplyError::Missing("map"))));
         let e: ControlError = ReplyError::Missing("map").into();
         assert_eq!(e.kind, ErrorKind::BadReply);
+    }
+
+    fn peer(name: &str, role: &str) -> PeerId {
+        PeerId {
+            name: name.into(),
+            role: role.into(),
+        }
+    }
+
+    fn env(request: Request, forwarded: bool, from: Option<NodeId>) -> Envelope {
+        Envelope {
+            forwarded,
+            request,
+            from: from.map(|n| (n, format!("10.0.0.{n}:10809"))),
+        }
+    }
+
+    #[test]
+    fn only_host_certificates_named_node_n_are_volume_nodes() {
+        assert_eq!(node_of_certificate(&peer("node-3", "host")), Some(3));
+        assert_eq!(node_of_certificate(&peer("node-3", "controller")), None);
+        assert_eq!(node_of_certificate(&peer("node-3", "user")), None);
+        for bad in [
+            "node-",
+            "node-0",
+            "node-03",
+            "node-x",
+            "node3",
+            "h0",
+            "node-4294967296",
+        ] {
+            assert_eq!(node_of_certificate(&peer(bad, "host")), None, "{bad}");
+        }
+        assert_eq!(certificate_name_of_node(12), "node-12");
+    }
+
+    #[test]
+    fn node_to_node_messages_only_from_the_node_they_name() {
+        let n1 = Access::of(Some(&peer("node-1", "host")));
+        let n2 = Access::of(Some(&peer("node-2", "host")));
+        let host = Access::of(Some(&peer("h0", "host")));
+        let ctl = Access::of(Some(&peer("ctl", "controller")));
+        let user = Access::of(Some(&peer("alice", "user")));
+        let revoke = Request::Revoke { name: "f".into() };
+        let coord = |node| Request::CoordLease {
+            name: "f".into(),
+            node,
+            epoch: 1,
+            action: LeaseAction::Acquire,
+            renew: false,
+        };
+        assert!(n1.check(&env(revoke.clone(), true, Some(1))).is_ok());
+        assert!(n1.check(&env(coord(1), true, Some(1))).is_ok());
+        // Claiming another node's id, in `from` or in the lease request.
+        assert!(n2.check(&env(coord(1), true, Some(1))).is_err());
+        assert!(n2.check(&env(coord(1), true, Some(2))).is_err());
+        for who in [host, ctl, user] {
+            assert!(who.check(&env(revoke.clone(), false, None)).is_err());
+            assert!(who.check(&env(Request::List, true, None)).is_err());
+            assert!(who.check(&env(coord(1), false, None)).is_err());
+            let alloc = Request::Allocate {
+                name: "f".into(),
+                logical: 0,
+            };
+            assert!(who.check(&env(alloc, false, None)).is_err());
+        }
+        // Without TLS everything passes, as before.
+        assert!(
+            Access::of(None)
+                .check(&env(coord(1), true, Some(2)))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn users_only_read_and_only_controllers_fence() {
+        let host = Access::of(Some(&peer("h0", "host")));
+        let ctl = Access::of(Some(&peer("ctl", "controller")));
+        let user = Access::of(Some(&peer("alice", "user")));
+        let create = Request::Create {
+            name: "f".into(),
+            size: 1 << 20,
+            preallocated: false,
+        };
+        let lease = Request::Lease {
+            name: "f".into(),
+            action: LeaseAction::Acquire,
+        };
+        let fence = Request::FenceNode { node: 2 };
+        for r in [
+            Request::List,
+            Request::Status,
+            Request::Stat {
+                name: "f".into(),
+                map: false,
+            },
+        ] {
+            for who in [host, ctl, user] {
+                assert!(who.check(&env(r.clone(), false, None)).is_ok());
+            }
+        }
+        for r in [create, lease] {
+            assert!(host.check(&env(r.clone(), false, None)).is_ok());
+            assert!(ctl.check(&env(r.clone(), false, None)).is_ok());
+            assert!(user.check(&env(r, false, None)).is_err());
+        }
+        assert!(ctl.check(&env(fence.clone(), false, None)).is_ok());
+        assert!(host.check(&env(fence.clone(), false, None)).is_err());
+        assert!(user.check(&env(fence, false, None)).is_err());
+        assert!(!user.may_write() && host.may_write() && ctl.may_write());
+        assert!(Access::Node(1).may_write_as(1) && !Access::Node(2).may_write_as(1));
+        assert!(!host.may_write_as(1) && !ctl.may_write_as(1) && !user.may_write_as(1));
     }
 }

@@ -228,8 +228,13 @@ impl FileHandle {
         if stale {
             let export = format!("{}@{}.{}", self.name, self.node.cfg.node_id, epoch);
             let client =
-                tern_nbd::SharedClient::connect_timeout(&leader.addr, &export, CALL_TIMEOUT)
-                    .map_err(|_| Errno::Io)?;
+                tern_nbd::SharedClient::connect_tls(
+                    &leader.addr,
+                    &export,
+                    CALL_TIMEOUT,
+                    crate::control::client_tls(),
+                )
+                .map_err(|_| Errno::Io)?;
             st.redirect = Some(Redirect {
                 client: Arc::new(client),
                 epoch,

@@ -120,7 +120,13 @@ impl FileRelay {
         let node = &self.handle.node;
         let leader = node.leader().filter(|l| l.generation == generation)?;
         let export = format!("{}@{}.{}", self.handle.name, node.cfg.node_id, epoch);
-        let conn = RelayConnection::connect_timeout(&leader.addr, &export, CALL_TIMEOUT).ok()?;
+        let conn = RelayConnection::connect_tls(
+            &leader.addr,
+            &export,
+            CALL_TIMEOUT,
+            crate::control::client_tls(),
+        )
+        .ok()?;
         let up = Arc::new(Upstream {
             conn,
             epoch,
