@@ -471,16 +471,9 @@ impl Lab {
         let pki = lab.state.pki.clone();
         let tls_dir = |name: &str| pki.as_ref().map(|p| p.join(name));
         let scheme = if pki.is_some() { "https" } else { "http" };
-        // etcd over TLS needs every client to have a certificate, the volume nodes included.
-        let volume_tls = volume_takes_tls_dir(&spec.tern);
-        let etcd_tls = pki.is_some() && volume_tls;
-        if pki.is_some() && !volume_tls {
-            progress("this tern volume serve takes no --tls-dir: etcd stays on plain HTTP");
-        }
-        if etcd_tls {
+        if pki.is_some() {
             lab.state.etcd_internal = format!("https://{control_addr}:{ETCD_PORT}");
         }
-        let etcd_scheme = if etcd_tls { "https" } else { "http" };
 
         // etcd, in the control namespace.
         progress(&format!(
@@ -499,7 +492,7 @@ impl Lab {
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("default={peer}")]);
-        if let Some(d) = tls_dir("etcd").filter(|_| etcd_tls) {
+        if let Some(d) = tls_dir("etcd") {
             // Clients must present a certificate of the cluster CA (the peer URL is loopback in
             // the control namespace, with no other member).
             etcd.arg("--cert-file")
@@ -514,7 +507,7 @@ impl Lab {
         let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
         lab.wait_port("etcd", &control_ns, etcd_addr, Duration::from_secs(20))?;
         let port = relay(&control_ns, None, 0, etcd_addr, lab.relays_stop.clone())?;
-        lab.state.etcd = format!("{etcd_scheme}://127.0.0.1:{port}");
+        lab.state.etcd = format!("{scheme}://127.0.0.1:{port}");
 
         // The shared LUN.
         let lun = dir.join("lun");
@@ -547,6 +540,24 @@ impl Lab {
                 "host {}: volume node {node_id} at {volume_node}",
                 host_name(i)
             ));
+            // `tern volume serve` has no --tls-dir for etcd yet: over TLS its node reaches etcd
+            // through a sidecar in its host's namespace that carries each connection to etcd over
+            // TLS with the host's certificate (the plain hop never leaves the host's loopback).
+            let volume_etcd = match tls_dir(&host_name(i)) {
+                Some(d) => {
+                    let mut cfg = (*tern_pki::TlsDir::load(&d)
+                        .with_context(|| format!("--tls-dir {}", d.display()))?
+                        .client_config())
+                    .clone();
+                    // etcd serves gRPC over TLS only to clients that negotiate HTTP/2.
+                    cfg.alpn_protocols = vec![b"h2".to_vec()];
+                    let cfg = Arc::new(cfg);
+                    let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
+                    let port = tls_sidecar(ns, etcd_addr, cfg, lab.relays_stop.clone())?;
+                    format!("http://127.0.0.1:{port}")
+                }
+                None => url.clone(),
+            };
             let mut serve = Command::new("ip");
             serve
                 .args(["netns", "exec", ns])
@@ -555,10 +566,7 @@ impl Lab {
                 .arg(&lun)
                 .args(["--node-id", &node_id.to_string()])
                 .args(["--listen", &volume_node])
-                .args(["--etcd", &url]);
-            if let Some(d) = tls_dir(&host_name(i)).filter(|_| volume_tls) {
-                serve.arg("--tls-dir").arg(d);
-            }
+                .args(["--etcd", &volume_etcd]);
             let volume_pid = lab.spawn(&format!("volume-{}", host_name(i)), serve)?;
             lab.state.hosts.push(LabHost {
                 name: host_name(i),
@@ -1713,12 +1721,60 @@ fn make_pki(
     Ok(pki)
 }
 
-/// Whether `tern volume serve` takes `--tls-dir` (so its etcd client can present a certificate).
-fn volume_takes_tls_dir(tern: &Path) -> bool {
-    Command::new(tern)
-        .args(["volume", "serve", "--help"])
-        .stdin(Stdio::null())
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains("--tls-dir"))
-        .unwrap_or(false)
+/// A TLS sidecar in network namespace `ns`: plain TCP on `127.0.0.1:PORT` there (the returned
+/// port), each connection carried on to `target` over TLS from `ns` with `cfg` (the host's
+/// certificate as client certificate, the server's checked for `target`'s address), until `stop`.
+fn tls_sidecar(
+    ns: &str,
+    target: SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<u16> {
+    let listener = tern_netlab::ns::in_namespace(ns, || TcpListener::bind(("127.0.0.1", 0)))?
+        .with_context(|| format!("cannot bind a loopback port in {ns}"))?;
+    listener.set_nonblocking(true)?;
+    let port = listener.local_addr()?.port();
+    let ns = ns.to_string();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the sidecar's runtime")?;
+    std::thread::Builder::new()
+        .name(format!("tls-sidecar-{port}"))
+        .spawn(move || {
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let connector = tokio_rustls::TlsConnector::from(cfg);
+                while !stop.load(Ordering::Relaxed) {
+                    let accepted =
+                        tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+                    let Ok(Ok((mut client, _))) = accepted else {
+                        continue;
+                    };
+                    let (ns, connector) = (ns.clone(), connector.clone());
+                    tokio::spawn(async move {
+                        let connect = tokio::task::spawn_blocking(move || {
+                            let s =
+                                tern_netlab::ns::connect_from(&ns, target, Duration::from_secs(2))?;
+                            s.set_nonblocking(true)?;
+                            Ok::<_, std::io::Error>(s)
+                        });
+                        let Ok(Ok(server)) = connect.await else {
+                            return;
+                        };
+                        let Ok(server) = tokio::net::TcpStream::from_std(server) else {
+                            return;
+                        };
+                        let name = tern_pki::TlsDir::server_name(&target.ip().to_string());
+                        let Ok(mut tls) = connector.connect(name, server).await else {
+                            return;
+                        };
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut tls).await;
+                    });
+                }
+            });
+        })?;
+    Ok(port)
 }

@@ -122,12 +122,12 @@ impl Lab {
         assert_eq!(info.hosts.len(), hosts);
         assert_eq!(info.controllers.len(), controllers);
         let insecure = extra.contains(&"--insecure");
-        let etcd_ok = if insecure {
-            info.etcd.starts_with("http://127.0.0.1:")
-        } else {
-            info.etcd.starts_with("https://127.0.0.1:") || info.etcd.starts_with("http://127.0.0.1:")
-        };
-        assert!(etcd_ok, "{}", info.etcd);
+        let scheme = if insecure { "http" } else { "https" };
+        assert!(
+            info.etcd.starts_with(&format!("{scheme}://127.0.0.1:")),
+            "{}",
+            info.etcd
+        );
         assert_eq!(info.tls_dir.is_none(), insecure, "{:?}", info.tls_dir);
         let tls = info.tls_dir.as_deref().map(client_config);
         Lab {
