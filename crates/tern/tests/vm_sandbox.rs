@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{RunningVm, require_kvm, scratch, tern, tern_cmd, wait_for_path};
+use common::{RunningVm, free_port, require_kvm, scratch, tern, tern_cmd, wait_for_path};
 
 const EXIT_VIOLATION: i32 = 159;
 
@@ -54,9 +54,17 @@ fn status_field(pid: u32, tid: Option<&str>, key: &str) -> String {
 #[test]
 fn a_thread_outside_its_filter_stops_the_vmm_with_a_report_naming_it() {
     require_kvm();
-    for (kind, thread) in [("vcpu", "vcpu0"), ("api", "main"), ("main", "main")] {
+    // The device thread needs a NIC: a tap of our own (not persistent: it goes with the VMM).
+    let tap = format!("sbx{}", std::process::id() % 100_000);
+    let net = format!("tap={tap},mac=52:54:00:5b:00:01");
+    for (kind, thread, extra) in [
+        ("vcpu", "vcpu0", vec![]),
+        ("api", "main", vec![]),
+        ("main", "main", vec![]),
+        ("device", "virtio-net-rx", vec!["--net", net.as_str()]),
+    ] {
         let dir = scratch();
-        let (mut vm, _) = testguest(dir.path(), &[], Some(kind));
+        let (mut vm, _) = testguest(dir.path(), &extra, Some(kind));
         let code = vm.wait_exit(Duration::from_secs(30));
         let err = vm.stderr();
         assert_eq!(code, EXIT_VIOLATION, "trigger {kind}: stderr:\n{err}");
@@ -201,4 +209,55 @@ fn jail_runs_the_guest_as_an_unprivileged_user_in_its_own_mount_namespace() {
     let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", s]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(vm.wait_exit(Duration::from_secs(10)), 0, "{}", vm.stderr());
+}
+
+#[test]
+fn a_migration_thread_outside_its_filter_stops_the_target_and_the_source_keeps_the_vm() {
+    require_kvm();
+    let dir = scratch();
+    let (mut src, sock) = testguest(dir.path(), &[], None);
+    src.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("HB ") && l.contains("seq=2")
+    });
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(tern());
+    cmd.args(["vm", "receive", "--listen", &listen, "--serial", "null"])
+        .arg("--api-sock")
+        .arg(dir.path().join("target.sock"))
+        .arg("--runtime-dir")
+        .arg(dir.path().join("rt"))
+        .env("TERN_SECCOMP_TEST_TRIGGER", "migration");
+    let mut target = RunningVm::start_command(dir.path(), "target", cmd);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = sock.to_str().unwrap();
+    let (code, _, err) = tern_cmd(&["vm", "migrate", "--api-sock", s, "--to", &listen]);
+    assert_ne!(code, 0, "the migration succeeded: {err}");
+    assert_eq!(
+        target.wait_exit(Duration::from_secs(20)),
+        EXIT_VIOLATION,
+        "{}",
+        target.stderr()
+    );
+    let err = target.stderr();
+    assert!(
+        err.contains("(filter migration) made syscall") && err.contains("thread migrate-"),
+        "{err}"
+    );
+    // The source still runs the guest.
+    let (code, out, err) = tern_cmd(&["vm", "status", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"running\""), "{out}");
+    let seq = src.last_hb().unwrap_or(0);
+    src.wait_line(Duration::from_secs(10), |l| {
+        l.starts_with("HB ") && common::field(l, "seq").is_some_and(|n| n > seq + 2)
+    });
+    let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", s]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        0,
+        "{}",
+        src.stderr()
+    );
 }
