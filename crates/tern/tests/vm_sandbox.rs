@@ -261,3 +261,61 @@ fn a_migration_thread_outside_its_filter_stops_the_target_and_the_source_keeps_t
         src.stderr()
     );
 }
+
+#[test]
+fn a_jailed_receive_runs_the_migrated_guest_as_an_unprivileged_user() {
+    require_kvm();
+    let dir = scratch();
+    let (mut src, sock) = testguest(dir.path(), &[], None);
+    src.wait_line(Duration::from_secs(20), |l| {
+        l.starts_with("HB ") && l.contains("seq=2")
+    });
+    let listen = format!("127.0.0.1:{}", free_port());
+    let target_sock = dir.path().join("target.sock");
+    let mut cmd = Command::new(tern());
+    cmd.args(["vm", "receive", "--listen", &listen, "--jail"])
+        .args(["--jail-uid", "65534", "--jail-gid", "65534"])
+        .arg("--jail-dir")
+        .arg(dir.path().join("jail"))
+        .arg("--api-sock")
+        .arg(&target_sock)
+        .arg("--runtime-dir")
+        .arg(dir.path().join("rt"))
+        .env_remove("TERN_SECCOMP_TEST_TRIGGER");
+    let mut target = RunningVm::start_command(dir.path(), "target", cmd);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, _, err) = tern_cmd(&[
+        "vm",
+        "migrate",
+        "--api-sock",
+        sock.to_str().unwrap(),
+        "--to",
+        &listen,
+    ]);
+    assert_eq!(code, 0, "{err}\ntarget:\n{}", target.stderr());
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(10)),
+        0,
+        "{}",
+        src.stderr()
+    );
+    // The guest's heartbeats go on on the target's console.
+    let seq = src.last_hb().unwrap_or(0);
+    target.wait_line(Duration::from_secs(10), |l| {
+        l.starts_with("HB ") && common::field(l, "seq").is_some_and(|n| n > seq + 3)
+    });
+    let pid = target.child.id();
+    assert_eq!(status_field(pid, None, "Uid"), "65534\t65534\t65534\t65534");
+    assert_eq!(status_field(pid, None, "NoNewPrivs"), "1");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(ns(&pid.to_string()), ns("self"));
+    let t = target_sock.to_str().unwrap();
+    let (code, _, err) = tern_cmd(&["vm", "stop", "--api-sock", t]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        target.wait_exit(Duration::from_secs(10)),
+        0,
+        "{}",
+        target.stderr()
+    );
+}
