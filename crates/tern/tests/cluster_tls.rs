@@ -37,6 +37,7 @@ impl Pki {
             ("h1", Role::Host),
             ("admin", Role::User),
             ("viewer", Role::User),
+            ("node-1", Role::Host),
         ] {
             tern_pki::issue(&ca, name, role, &o).unwrap();
         }
@@ -457,5 +458,59 @@ fn etcd_the_controller_and_the_agent_refuse_strangers_and_keep_serving_their_pee
     assert_eq!(
         etcd_get(&etcd.url, Some(etcd_tls(&ca, Some(&host)))),
         Ok(())
+    );
+
+    // A volume node with its --tls-dir reaches the same etcd with its certificate: it joins and
+    // answers `tern volume status` (as the admin) naming itself the coordinator.
+    let lun = scratch.path().join("lun");
+    let (ok, _, err) = tern(
+        &[
+            "volume",
+            "format",
+            "--lun",
+            lun.to_str().unwrap(),
+            "--size",
+            "64M",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    let node = format!("127.0.0.1:{}", free_port());
+    let _volume = ChildGuard(
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "volume",
+                "serve",
+                "--lun",
+                lun.to_str().unwrap(),
+                "--node-id",
+                "1",
+            ])
+            .args(["--listen", &node, "--etcd", &etcd.url])
+            .arg("--tls-dir")
+            .arg(pki.ours("node-1"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(scratch.path().join("volume.log")).unwrap())
+            .spawn()
+            .expect("tern volume serve starts"),
+    );
+    let admin_dir = admin_dir.to_str().unwrap();
+    let status = || {
+        tern(
+            &["volume", "status", "--node", &node, "--tls-dir", admin_dir],
+            &[],
+        )
+    };
+    for _ in 0..100 {
+        if status().1.contains("coordinator: node 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, out, err) = status();
+    assert!(
+        out.contains("coordinator: node 1"),
+        "the volume node did not take office through etcd over TLS: {out}{err}\n{}",
+        std::fs::read_to_string(scratch.path().join("volume.log")).unwrap_or_default()
     );
 }

@@ -198,6 +198,26 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         endpoints: opts.etcd.clone(),
         why,
     };
+    // With --tls-dir and https:// endpoints, etcd is reached over TLS: the CA as the only trust
+    // anchor, the node's certificate as client certificate (etcd's --client-cert-auth).
+    let etcd_options = match &opts.tls_dir {
+        Some(dir) if opts.etcd.iter().any(|e| e.starts_with("https://")) => {
+            let read = |name: &str| {
+                std::fs::read(dir.join(name)).map_err(|e| ServeError::Tls {
+                    dir: dir.clone(),
+                    why: format!("{name}: {e}"),
+                })
+            };
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("ca-cert.pem")?))
+                .identity(etcd_client::Identity::from_pem(
+                    read("client-cert.pem")?,
+                    read("client-key.pem")?,
+                ));
+            Some(etcd_client::ConnectOptions::new().with_tls(tls))
+        }
+        _ => None,
+    };
     // The client connects lazily: make one real request so a wrong --etcd fails here, clearly.
     // An etcd started a moment ago (`etcd &` just before) gets up to ETCD_START_WAIT to answer.
     let client = rt.block_on(async {
@@ -205,7 +225,7 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         let mut told = false;
         loop {
             let connect = async {
-                let mut c = Client::connect(&opts.etcd, None).await?;
+                let mut c = Client::connect(&opts.etcd, etcd_options.clone()).await?;
                 c.get("tern/volume/probe", None).await?;
                 Ok::<_, etcd_client::Error>(c)
             };
