@@ -540,7 +540,8 @@ impl Lab {
                 "host {}: volume node {node_id} at {volume_node}",
                 host_name(i)
             ));
-            // `tern volume serve` has no --tls-dir for etcd yet: over TLS its node reaches etcd
+            // The volume nodes run without --tls-dir for now (it makes their NBD port TLS-only,
+            // and the VMMs' volume disks present no certificate yet): over TLS each reaches etcd
             // through a sidecar in its host's namespace that carries each connection to etcd over
             // TLS with the host's certificate (the plain hop never leaves the host's loopback).
             let volume_etcd = match tls_dir(&host_name(i)) {
