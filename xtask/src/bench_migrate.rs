@@ -23,6 +23,9 @@
 //! dirty-sync count), the largest throttle, and the guest's work rate (pages written per second)
 //! while the migration ran, against its rate just before.
 //!
+//! For Tern also its own breakdown of the pause (the report's `downtime_steps`, timed on both
+//! sides): per step the median and the slowest run, printed under each workload.
+//!
 //! A run counts only if it completed, the target printed heartbeats afterwards and no guest
 //! panicked; others are counted as failures, never medians' inputs.
 
@@ -63,6 +66,27 @@ pub struct MigrateArgs {
     /// Only these workloads (idle, moderate, max, capped); default all.
     #[arg(long)]
     pub workload: Vec<String>,
+    /// Run this tern binary instead of building the workspace's (e.g. an earlier build, for
+    /// before/after figures in one sitting).
+    #[arg(long, value_name = "PATH")]
+    pub tern: Option<std::path::PathBuf>,
+    /// Run Tern and tuned QEMU only (QEMU's defaults never converge at the maximum rate and
+    /// take 30 s a run there).
+    #[arg(long)]
+    pub skip_qemu_defaults: bool,
+    /// `--seccomp` for Tern's VMMs (default: tern's own default).
+    #[arg(long, value_name = "off|log|kill")]
+    pub tern_seccomp: Option<String>,
+}
+
+/// `--tern-seccomp`, for every Tern VMM this process starts.
+static TERN_SECCOMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+fn seccomp_args() -> Vec<&'static str> {
+    TERN_SECCOMP
+        .get()
+        .map(|m| vec!["--seccomp", m.as_str()])
+        .unwrap_or_default()
 }
 
 pub(crate) struct Workload {
@@ -140,6 +164,8 @@ pub(crate) struct Sample {
     /// The largest throttle the VMM applied, %.
     throttle_max_pct: f64,
     work: Option<WorkRate>,
+    /// The VMM's own breakdown of its pause (Tern's `downtime_steps`): step, ms, bytes.
+    steps: Vec<(String, f64, f64)>,
 }
 
 impl Sample {
@@ -155,6 +181,7 @@ impl Sample {
             vmm_downtime_ms: 0.0,
             throttle_max_pct: 0.0,
             work: None,
+            steps: Vec::new(),
         }
     }
 
@@ -373,6 +400,60 @@ fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
     })
 }
 
+/// Tern's report's `downtime_steps` as (step, ms, bytes).
+fn downtime_steps(r: &serde_json::Value) -> Vec<(String, f64, f64)> {
+    r["downtime_steps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| {
+                    Some((
+                        s["step"].as_str()?.to_string(),
+                        s["us"].as_f64()? / 1000.0,
+                        s["bytes"].as_f64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The pause step by step over the runs that ended well: per step (in the first run's order)
+/// the median ms, the slowest run's ms and the median bytes; then the median of the sums.
+fn breakdown_line(s: &[Sample]) -> Option<String> {
+    let ok: Vec<&Sample> = s
+        .iter()
+        .filter(|x| x.end == RunEnd::Ok && !x.steps.is_empty())
+        .collect();
+    let first = ok.first()?;
+    let mut out = String::new();
+    for (name, _, _) in &first.steps {
+        let of = |f: &dyn Fn(&(String, f64, f64)) -> f64| -> Vec<f64> {
+            ok.iter()
+                .filter_map(|x| x.steps.iter().find(|st| &st.0 == name).map(f))
+                .collect()
+        };
+        let ms = of(&|st| st.1);
+        let max = ms.iter().copied().fold(0.0, f64::max);
+        let bytes = median(of(&|st| st.2)).unwrap_or(0.0);
+        out += &format!(
+            "{name} {} (max {max:.1}){} | ",
+            fmt(median(ms), 1.0, 1),
+            if bytes > 0.0 {
+                format!(" {:.2} MiB", bytes / 1048576.0)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let sums = ok
+        .iter()
+        .map(|x| x.steps.iter().map(|st| st.1).sum())
+        .collect();
+    out += &format!("sum {} ms", fmt(median(sums), 1.0, 1));
+    Some(out)
+}
+
 /// One Tern migration of workload `w`; `receive_extra` and `migrate_extra` are added to the
 /// `tern vm receive` and `tern vm migrate` command lines (e.g. `--tls-dir`).
 pub(crate) fn tern_run(
@@ -389,19 +470,13 @@ pub(crate) fn tern_run(
     let (ssock, dsock) = (dir.join("src.sock"), dir.join("dst.sock"));
     let mut dst = Proc::spawn({
         let mut c = Command::new(tern);
-        c.args([
-            "vm",
-            "receive",
-            "--listen",
-            &to,
-            "--name",
-            "bench-dst",
-            "--api-sock",
-        ])
-        .arg(&dsock)
-        .arg("--runtime-dir")
-        .arg(&rt)
-        .args(receive_extra);
+        c.args(["vm", "receive", "--listen", &to, "--name", "bench-dst"])
+            .args(seccomp_args())
+            .arg("--api-sock")
+            .arg(&dsock)
+            .arg("--runtime-dir")
+            .arg(&rt)
+            .args(receive_extra);
         c
     })?;
     let mut src = Proc::spawn({
@@ -414,6 +489,7 @@ pub(crate) fn tern_run(
                 "--cmdline",
                 w.cmdline,
             ])
+            .args(seccomp_args())
             .args(["--name", "bench-src", "--api-sock"])
             .arg(&ssock)
             .arg("--runtime-dir")
@@ -452,6 +528,7 @@ pub(crate) fn tern_run(
             vmm_downtime_ms: num(&r, &["downtime_ms"])?,
             throttle_max_pct: num(&r, &["throttle_max_pct"])?,
             work: work_rate(&src.seen, started),
+            steps: downtime_steps(&r),
         })
     })();
     src.stop();
@@ -641,6 +718,7 @@ pub(crate) fn qemu_run(
             vmm_downtime_ms: num(&info, &["downtime"])?,
             throttle_max_pct: throttle_max,
             work: work_rate(&src.seen, started),
+            steps: Vec::new(),
         })
     })();
     src.stop();
@@ -730,7 +808,13 @@ pub(crate) fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let tern = build_release_tern()?;
+    if let Some(m) = &args.tern_seccomp {
+        let _ = TERN_SECCOMP.set(m.clone());
+    }
+    let tern = match &args.tern {
+        Some(t) => t.clone(),
+        None => build_release_tern()?,
+    };
     let dir = scratch_dir("migrate")?;
     let elf = export_testguest(&tern, &dir)?;
     let qemu_version = peer_version(&args.qemu)?;
@@ -772,18 +856,32 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             t.push(or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[])));
             qt.push(or_error(
                 "qemu tuned",
-                qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned, &|_, _| Ok(())),
+                qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned, &|_, _| {
+                    Ok(())
+                }),
             ));
-            if w.cap_mibps.is_none() {
+            if w.cap_mibps.is_none() && !args.skip_qemu_defaults {
                 qd.push(or_error(
                     "qemu defaults",
-                    qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Defaults, &|_, _| {
-                        Ok(())
-                    }),
+                    qemu_run(
+                        &args,
+                        &elf,
+                        &dir,
+                        w,
+                        tsc_hz,
+                        QemuSetup::Defaults,
+                        &|_, _| Ok(()),
+                    ),
                 ));
             }
         }
-        rows.push((w, medians(&t), medians(&qt), medians(&qd)));
+        rows.push((
+            w,
+            medians(&t),
+            medians(&qt),
+            medians(&qd),
+            breakdown_line(&t),
+        ));
     }
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -802,6 +900,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "load average: before {load_before}, after {}",
         load_average()
     );
+    println!("tern binary: {}", tern.display());
     println!(
         "{:<26} {:<14} {:>5} {:>8} {:>8} {:>9} {:>8} {:>7} {:>8} {:>8} {:>6} {:>9} {:>12} {:>13}",
         "workload",
@@ -819,7 +918,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "work % m/min",
         "failed"
     );
-    for (w, t, qt, qd) in &rows {
+    for (w, t, qt, qd, tb) in &rows {
         for (name, m) in [("tern", t), ("qemu tuned", qt), ("qemu defaults", qd)] {
             if m.runs == 0 {
                 continue;
@@ -860,6 +959,12 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
         println!("{:<26} {ratios}", "");
+        if let Some(b) = tb {
+            println!(
+                "{:<26} tern pause by step, ms (median over {} runs, slowest): {b}",
+                "", t.ok
+            );
+        }
     }
     println!(
         "failed: nc = did not complete in time, s = completed but the target never heartbeat, p = a guest panicked, e = the run went wrong (printed above); none of these enter the medians"
@@ -940,6 +1045,33 @@ mod tests {
             ..Sample::failed(RunEnd::Ok)
         };
         assert_eq!(s.pause_ms(), Some(30.0));
+    }
+
+    #[test]
+    fn the_breakdown_takes_medians_per_step_over_the_good_runs_only() {
+        let r: serde_json::Value = serde_json::from_str(
+            r#"{"downtime_steps":[{"step":"dirty_log","us":500,"bytes":0},
+                {"step":"final_pages","us":3000,"bytes":2097152},{"step":"ack","us":1500,"bytes":0}]}"#,
+        )
+        .unwrap();
+        let run = |scale: f64, end: RunEnd| Sample {
+            steps: downtime_steps(&r)
+                .into_iter()
+                .map(|(n, ms, b)| (n, ms * scale, b))
+                .collect(),
+            ..Sample::failed(end)
+        };
+        let runs = [
+            run(1.0, RunEnd::Ok),
+            run(3.0, RunEnd::Ok),
+            run(2.0, RunEnd::Ok),
+            run(100.0, RunEnd::TargetSilent),
+        ];
+        assert_eq!(
+            breakdown_line(&runs).unwrap(),
+            "dirty_log 1.0 (max 1.5) | final_pages 6.0 (max 9.0) 2.00 MiB | ack 3.0 (max 4.5) | sum 10.0 ms"
+        );
+        assert_eq!(breakdown_line(&runs[3..]), None);
     }
 
     #[test]

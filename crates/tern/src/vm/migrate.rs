@@ -112,10 +112,51 @@ pub fn report_line(r: &MigrationReport, to: &str) -> String {
     )
 }
 
+/// The pause step by step on one line (`None` if the report has no steps): ms per step, the
+/// bytes where a step wrote any, the target's steps grouped.
+pub fn breakdown_line(r: &MigrationReport) -> Option<String> {
+    if r.downtime_steps.is_empty() {
+        return None;
+    }
+    let total: u64 = r.downtime_steps.iter().map(|s| s.us).sum();
+    let mut out = format!("pause {:.1} ms:", total as f64 / 1000.0);
+    let mut side = None;
+    for s in &r.downtime_steps {
+        let target = s.step.on_target();
+        if side != Some(target) {
+            out += if side.is_none() {
+                " source"
+            } else if target {
+                " | target"
+            } else {
+                " |"
+            };
+            side = Some(target);
+        } else {
+            out.push(',');
+        }
+        let name = s.step.as_str();
+        let name = name
+            .strip_prefix("target_")
+            .unwrap_or(name)
+            .replace('_', " ");
+        out += &format!(" {name} {:.1}", s.us as f64 / 1000.0);
+        if s.bytes > 0 {
+            out += &format!(" ({})", human_bytes(s.bytes));
+        }
+    }
+    Some(out)
+}
+
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let sock = a.vm.socket()?;
     if a.cancel {
         return super::control_at(&sock, Request::MigrateCancel);
+    }
+    if a.resolve {
+        let tls = a.tls_dir.as_deref().map(|d| (d, a.tls_name.as_deref()));
+        let to = a.to.as_deref().unwrap_or_default();
+        return super::resolve::run(&sock, &a.vm.describe(), to, tls);
     }
     anyhow::ensure!(
         (1..=64).contains(&a.streams),
@@ -192,9 +233,11 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_value(&report)?);
     } else if let Some(r) = &report {
         eprintln!("{}", report_line(r, &to));
+        if let Some(line) = breakdown_line(r) {
+            eprintln!("  {line}");
+        }
     }
     let e = match failure {
-        tls,
         Ok(_) => {
             if !a.json {
                 eprintln!(
@@ -250,6 +293,33 @@ mod tests {
         assert!(line.starts_with("migration to h:1 timed out in"), "{line}");
         assert!(line.contains(" 1 round,"), "{line}");
         assert!(!line.contains('"'), "{line}");
+    }
+
+    #[test]
+    fn the_breakdown_line_shows_each_step_by_side() {
+        let r: MigrationReport = serde_json::from_str(
+            r#"{"total_ms":812,"downtime_ms":5,"rounds":3,"bytes_sent":70254592,
+                "pages_zero_skipped":15000,"throttle_max_pct":0.0,"converged":true,
+                "outcome":"completed","downtime_steps":[
+                {"step":"dirty_log","us":400,"bytes":0},
+                {"step":"final_pages","us":3000,"bytes":2097152},
+                {"step":"state_sent","us":90,"bytes":9000},
+                {"step":"target_data","us":100,"bytes":0},
+                {"step":"target_restore","us":1000,"bytes":0},
+                {"step":"target_resume","us":200,"bytes":0},
+                {"step":"ack","us":710,"bytes":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            breakdown_line(&r).unwrap(),
+            "pause 5.5 ms: source dirty log 0.4, final pages 3.0 (2.0 MiB), state sent 0.1 (8.8 KiB) \
+             | target data 0.1, restore 1.0, resume 0.2 | ack 0.7"
+        );
+        let none = MigrationReport {
+            downtime_steps: Vec::new(),
+            ..r
+        };
+        assert_eq!(breakdown_line(&none), None);
     }
 
     #[test]
