@@ -1,0 +1,424 @@
+//! Volume nodes with mutual TLS (`tern volume serve --tls-dir`): real etcd, two node processes
+//! on one LUN file, certificates from tern-pki, `qemu-img`/`qemu-io`/`nbdinfo` as the standard
+//! clients. Each refusal (plain TCP, a user writing, a node claiming another's id, node-to-node
+//! messages from a non-node certificate) is followed by the legitimate client being served.
+//! Needs `etcd`, `qemu-img`, `qemu-io`, `nbdinfo` on PATH; fails loudly without them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_nbd::proto::{REP_ERR_POLICY, REP_ERR_TLS_REQD};
+use tern_nbd::{Client, ClientError, ClientTls};
+use tern_pki::{IssueOptions, Role, TlsDir};
+use tern_test_support::{ChildGuard, Etcd, free_port, require_tools, wait_for};
+use tern_volume::control::{Envelope, ErrorKind, LeaseAction, Reply, Request};
+
+const TERN: &str = env!("CARGO_BIN_EXE_tern");
+const T: Duration = Duration::from_secs(30);
+const FILE_SIZE: u64 = 8 << 20;
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        tern_pki::init_ca(&dir.path().join("ca")).unwrap();
+        Pki { dir }
+    }
+    fn issue(&self, name: &str, role: Role) -> PathBuf {
+        tern_pki::issue(
+            &self.dir.path().join("ca"),
+            name,
+            role,
+            &IssueOptions::default(),
+        )
+        .unwrap()
+    }
+}
+
+fn client_tls(dir: &Path) -> ClientTls {
+    ClientTls {
+        config: TlsDir::load(dir).unwrap().client_config(),
+        server_name: None,
+    }
+}
+
+/// One control request with the certificate in `dir`: the node's reply.
+fn call(addr: &str, dir: &Path, env: &Envelope) -> Reply {
+    try_call(addr, dir, env).unwrap()
+}
+
+fn try_call(addr: &str, dir: &Path, env: &Envelope) -> Result<Reply, ClientError> {
+    let bytes = serde_json::to_vec(env).unwrap();
+    let reply = tern_nbd::control_tls(addr, &bytes, T, Some(&client_tls(dir)))?;
+    Ok(serde_json::from_slice(&reply).unwrap())
+}
+
+fn plain(request: Request) -> Envelope {
+    Envelope {
+        forwarded: false,
+        request,
+        from: None,
+    }
+}
+
+fn assert_denied(r: &Reply, what: &str) {
+    assert!(!r.ok, "{what} was accepted: {r:?}");
+    assert_eq!(r.kind, Some(ErrorKind::Denied), "{what}: {r:?}");
+}
+
+fn tern(args: &[&str]) -> std::process::Output {
+    Command::new(TERN).args(args).output().unwrap()
+}
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn tern_ok(args: &[&str]) -> String {
+    let o = tern(args);
+    assert!(o.status.success(), "tern {args:?}: {}", text(&o));
+    text(&o)
+}
+
+struct Node {
+    addr: String,
+    _proc: ChildGuard,
+}
+
+fn spawn_node(id: u32, lun: &Path, etcd: &Etcd, tls: &Path, log: &Path) -> Node {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(TERN)
+        .args(["volume", "serve", "--node-id", &id.to_string()])
+        .args(["--listen", &addr, "--etcd", &etcd.url])
+        .args(["--lease-ttl-ms", "1500", "--handshake-timeout-ms", "3000"])
+        .arg("--lun")
+        .arg(lun)
+        .arg("--tls-dir")
+        .arg(tls)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Node {
+        addr,
+        _proc: ChildGuard(child),
+    }
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2654435761).wrapping_add(seed) >> 13) as u8)
+        .collect()
+}
+
+/// `--object tls-creds-x509` and `--image-opts` for export `name` of the node at `addr`.
+fn qemu_nbd_tls(creds: &Path, addr: &str, name: &str) -> Vec<String> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=client",
+            creds.display()
+        ),
+        "--image-opts".into(),
+        format!("driver=nbd,host={host},port={port},export={name},tls-creds=tls0"),
+    ]
+}
+
+fn qemu_img_read(creds: &Path, addr: &str, name: &str, out: &Path) -> Result<Vec<u8>, String> {
+    let o = Command::new("qemu-img")
+        .arg("convert")
+        .args(qemu_nbd_tls(creds, addr, name))
+        .args(["-O", "raw"])
+        .arg(out)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(std::fs::read(out).unwrap())
+    } else {
+        Err(text(&o))
+    }
+}
+
+#[test]
+fn tls_volume_nodes_serve_standard_clients_and_authorize_by_certificate() {
+    require_tools(&["qemu-img", "qemu-io", "nbdinfo"]);
+    let pki = Pki::new();
+    let n1 = pki.issue("node-1", Role::Host);
+    let n2 = pki.issue("node-2", Role::Host);
+    let host = pki.issue("h0", Role::Host);
+    let ctl = pki.issue("ctl", Role::Controller);
+    let user = pki.issue("alice", Role::User);
+    let etcd = Etcd::start();
+    let work = tempfile::tempdir().unwrap();
+    let lun = work.path().join("lun");
+    tern_ok(&[
+        "volume",
+        "format",
+        "--size",
+        "128M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    let node1 = spawn_node(1, &lun, &etcd, &n1, &work.path().join("node1.log"));
+    let node2 = spawn_node(2, &lun, &etcd, &n2, &work.path().join("node2.log"));
+    let (a1, a2) = (node1.addr.as_str(), node2.addr.as_str());
+    let status = |addr: &str| call(addr, &ctl, &plain(Request::Status));
+    wait_for("both nodes see a coordinator", T, || {
+        [a1, a2].iter().all(|a| {
+            try_call(a, &ctl, &plain(Request::Status)).is_ok_and(|r| {
+                r.ok && serde_json::to_value(&r).unwrap()["data"]["coordinator"]["node_id"].is_u64()
+            })
+        })
+    });
+    let coord = serde_json::to_value(status(a1)).unwrap()["data"]["coordinator"].clone();
+    let coord_id = coord["node_id"].as_u64().unwrap() as u32;
+    let coord_addr = coord["addr"].as_str().unwrap().to_owned();
+
+    // The CLI: plain refused, with the controller's certificate fine.
+    let o = tern(&["volume", "status", "--node", a1]);
+    assert!(
+        !o.status.success(),
+        "plain tern volume status: {}",
+        text(&o)
+    );
+    let ctl_s = ctl.to_str().unwrap();
+    let host_s = host.to_str().unwrap();
+    tern_ok(&["volume", "status", "--node", a1, "--tls-dir", ctl_s]);
+    tern_ok(&[
+        "volume",
+        "create",
+        "disk",
+        "--size",
+        "8M",
+        "--node",
+        a1,
+        "--tls-dir",
+        host_s,
+    ]);
+    tern_ok(&[
+        "volume",
+        "lease",
+        "acquire",
+        "disk",
+        "--node",
+        a1,
+        "--tls-dir",
+        host_s,
+    ]);
+
+    // A host writes the file through node 1 (which holds the lease) with Tern's TLS client…
+    let data = pattern(FILE_SIZE as usize, 11);
+    {
+        let mut c = Client::connect_tls(a1, "disk", T, Some(&client_tls(&host))).unwrap();
+        for (i, chunk) in data.chunks(1 << 20).enumerate() {
+            c.write((i as u64) << 20, chunk, false).unwrap();
+        }
+        c.flush().unwrap();
+        c.disconnect().unwrap();
+    }
+    // …and qemu-img with tls-creds-x509 reads it back byte for byte, from either node.
+    let out = work.path().join("out.raw");
+    assert_eq!(qemu_img_read(&host, a1, "disk", &out).unwrap(), data);
+    assert_eq!(qemu_img_read(&user, a2, "disk", &out).unwrap(), data);
+    // qemu-io writes over TLS.
+    let o = Command::new("qemu-io")
+        .args(qemu_nbd_tls(&host, a1, "disk"))
+        .args(["-c", "write -P 0x3c 1048576 65536", "-c", "flush"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-io write over TLS: {}", text(&o));
+    let mut want = data.clone();
+    want[1 << 20..(1 << 20) + 65536].fill(0x3c);
+    assert_eq!(qemu_img_read(&host, a1, "disk", &out).unwrap(), want);
+
+    // Without TLS: refused (qemu-img, and NBD_REP_ERR_TLS_REQD to our client).
+    let o = Command::new("qemu-img")
+        .args(["convert", "-O", "raw"])
+        .arg(format!("nbd://{a1}/disk"))
+        .arg(work.path().join("plain.raw"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "plain qemu-img convert: {}", text(&o));
+    assert!(matches!(
+        Client::connect_timeout(a1, "disk", T),
+        Err(ClientError::Refused { reply, .. }) if reply == REP_ERR_TLS_REQD
+    ));
+    // nbdinfo over nbds:// lists the files.
+    let o = Command::new("nbdinfo")
+        .arg("--list")
+        .arg(format!("nbds://{a1}/?tls-certificates={}", host.display()))
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success() && text(&o).contains("disk"),
+        "{}",
+        text(&o)
+    );
+
+    // A user reads but does not write: the export is read-only, and control writes are denied.
+    let o = Command::new("qemu-io")
+        .args(qemu_nbd_tls(&user, a1, "disk"))
+        .args(["-c", "write -P 0x77 0 4096"])
+        .output()
+        .unwrap();
+    let said = text(&o);
+    assert!(
+        !o.status.success() || said.contains("ermission") || said.contains("read-only"),
+        "a user certificate wrote: {said}"
+    );
+    assert_eq!(qemu_img_read(&host, a1, "disk", &out).unwrap(), want);
+    let r = call(
+        a1,
+        &user,
+        &plain(Request::Create {
+            name: "mine".into(),
+            size: 1 << 20,
+            preallocated: false,
+        }),
+    );
+    assert_denied(&r, "create by a user");
+    assert_denied(
+        &call(
+            a1,
+            &user,
+            &plain(Request::Lease {
+                name: "disk".into(),
+                action: LeaseAction::Release,
+            }),
+        ),
+        "lease release by a user",
+    );
+
+    // A node cannot claim another's id: node 2's certificate opening node 1's redirected export
+    // at the coordinator, or sending a coordinator lease request for node 1.
+    let epoch = serde_json::to_value(call(
+        a1,
+        &ctl,
+        &plain(Request::Stat {
+            name: "disk".into(),
+            map: false,
+        }),
+    ))
+    .unwrap()["data"]["lease"]["epoch"]
+        .as_u64()
+        .unwrap();
+    // The node that is not the coordinator claims the coordinator's id.
+    let (other, other_dir) = if coord_id == 1 { (2, &n2) } else { (1, &n1) };
+    let victim = coord_id;
+    let export = format!("disk@{victim}.{epoch}");
+    match Client::connect_tls(&coord_addr, &export, T, Some(&client_tls(other_dir))) {
+        Err(ClientError::Refused { reply, message, .. }) => {
+            assert_eq!(reply, REP_ERR_POLICY, "{message}");
+            assert!(message.contains(&format!("node-{victim}")), "{message}");
+        }
+        other => panic!("node {other:?} opened {export}"),
+    }
+    let forged = Envelope {
+        forwarded: true,
+        request: Request::CoordLease {
+            name: "disk".into(),
+            node: victim,
+            epoch,
+            action: LeaseAction::Release,
+            renew: false,
+        },
+        from: Some((victim, "127.0.0.1:1".into())),
+    };
+    assert_denied(
+        &call(&coord_addr, other_dir, &forged),
+        "a lease release for another node",
+    );
+    // Node-to-node messages from certificates that are not volume nodes.
+    for (who, dir) in [("host", &host), ("controller", &ctl), ("user", &user)] {
+        assert_denied(
+            &call(
+                a1,
+                dir,
+                &plain(Request::Revoke {
+                    name: "disk".into(),
+                }),
+            ),
+            &format!("revoke from a {who} certificate"),
+        );
+        assert_denied(
+            &call(&coord_addr, dir, &forged),
+            &format!("forwarded from a {who}"),
+        );
+    }
+    assert_denied(
+        &call(a1, &host, &plain(Request::FenceNode { node: 2 })),
+        "fence from a host certificate",
+    );
+
+    // After every refusal: node 1 still holds the lease at the same epoch, both nodes serve.
+    let st = serde_json::to_value(call(
+        a2,
+        &ctl,
+        &plain(Request::Stat {
+            name: "disk".into(),
+            map: false,
+        }),
+    ))
+    .unwrap();
+    assert_eq!(st["data"]["lease"]["holder"].as_u64(), Some(1), "{st}");
+    assert_eq!(st["data"]["lease"]["epoch"].as_u64(), Some(epoch), "{st}");
+    assert_eq!(qemu_img_read(&host, a2, "disk", &out).unwrap(), want);
+    let mut c = Client::connect_tls(a1, "disk", T, Some(&client_tls(&host))).unwrap();
+    c.write(0, &[9u8; 4096], true).unwrap();
+    c.disconnect().unwrap();
+    want[..4096].fill(9);
+    assert_eq!(qemu_img_read(&user, a1, "disk", &out).unwrap(), want);
+}
+
+#[test]
+fn a_node_refuses_to_start_with_a_certificate_not_its_own() {
+    let pki = Pki::new();
+    let work = tempfile::tempdir().unwrap();
+    let lun = work.path().join("lun");
+    tern_ok(&[
+        "volume",
+        "format",
+        "--size",
+        "64M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    for (name, role) in [
+        ("node-2", Role::Host),
+        ("node-1", Role::User),
+        ("h0", Role::Host),
+    ] {
+        let d = pki.issue(name, role);
+        let o = Command::new(TERN)
+            .args([
+                "volume",
+                "serve",
+                "--node-id",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--etcd", "http://127.0.0.1:1", "--lun"])
+            .arg(&lun)
+            .arg("--tls-dir")
+            .arg(&d)
+            .output()
+            .unwrap();
+        let said = text(&o);
+        assert!(!o.status.success(), "{name}/{role}: {said}");
+        assert!(
+            said.contains("node-1") && said.contains("--tls-dir"),
+            "{said}"
+        );
+    }
+}
