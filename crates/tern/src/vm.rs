@@ -315,7 +315,7 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
     jail::start(
         &args.sandbox,
         &cfg.name,
-        &jail::JailFiles::for_config(&cfg)?,
+        &jail::JailFiles::for_config(&cfg)?.with_snapshot_dir(&api_opts.snapshot_dir),
     )?;
     signals::block_termination_signals().context("cannot block termination signals")?;
     let vm = Vm::create(cfg.clone())?;
@@ -512,7 +512,8 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         a.api_sock.as_deref(),
         &a.runtime_dir,
         &a.serial,
-    )?;
+    )?
+    .with_snapshot_dir(&a.local.api_options(&a.runtime_dir).snapshot_dir);
     jail::start(&a.sandbox, &jail_name, &jail_files)?;
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;

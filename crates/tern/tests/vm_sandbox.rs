@@ -14,7 +14,17 @@ use common::{RunningVm, free_port, require_kvm, scratch, tern, tern_cmd, wait_fo
 const EXIT_VIOLATION: i32 = 159;
 
 fn testguest(dir: &Path, extra: &[&str], trigger: Option<&str>) -> (RunningVm, std::path::PathBuf) {
-    let sock = dir.join("api.sock");
+    // The socket in a private directory of its own, so that a jail binds only that directory and
+    // the runtime directory beside it stays reachable for the jail user (the scratch directory
+    // itself is root's, 0700).
+    let api_dir = dir.join("api");
+    std::fs::create_dir_all(&api_dir).unwrap();
+    std::fs::set_permissions(
+        &api_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let sock = api_dir.join("api.sock");
     let mut cmd = Command::new(tern());
     cmd.args([
         "vm",
@@ -197,12 +207,19 @@ fn jail_runs_the_guest_as_an_unprivileged_user_in_its_own_mount_namespace() {
         .collect();
     assert_eq!(dev, ["kvm"]);
     assert!(Path::new(&format!("{root}{}", disk.display())).exists());
-    // The API socket still serves the owner; the guest keeps running after a pause.
+    // The API socket still serves the owner; the guest keeps running after a pause and a
+    // snapshot, which the unprivileged VMM writes into the snapshot directory the jail made for it.
     let s = sock.to_str().unwrap();
     for op in ["pause", "resume", "status"] {
         let (code, _, err) = tern_cmd(&["vm", op, "--api-sock", s]);
         assert_eq!(code, 0, "{op}: {err}\n{}", vm.stderr());
     }
+    let (code, _, err) = tern_cmd(&["vm", "snapshot", "--api-sock", s, "--out", "jailed.snap"]);
+    assert_eq!(code, 0, "snapshot: {err}\n{}", vm.stderr());
+    let snap = dir.path().join("rt/snapshots/jailed.snap");
+    let md = std::fs::metadata(&snap).unwrap();
+    assert!(md.len() > 4096, "{} is {} bytes", snap.display(), md.len());
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&md), 65534);
     vm.wait_line(Duration::from_secs(10), |l| {
         l.starts_with("HB ") && l.contains("seq=6")
     });

@@ -83,6 +83,9 @@ pub struct JailFiles {
     pub tun: bool,
     /// Volume disks (`volume://…`), which a jail cannot hold yet.
     pub volume_disks: Vec<PathBuf>,
+    /// The API's snapshot directory: bound read-write, and when missing created 0700 for the
+    /// jail user (the unprivileged VMM writes the snapshots).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 impl JailFiles {
@@ -132,6 +135,12 @@ impl JailFiles {
         Ok(j)
     }
 
+    /// Adds the API's snapshot directory.
+    pub fn with_snapshot_dir(mut self, dir: &Path) -> JailFiles {
+        self.snapshot_dir = Some(std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf()));
+        self
+    }
+
     /// Adds disks given as `PATH[,readonly]` or already parsed.
     pub fn add_disks(
         &mut self,
@@ -163,7 +172,7 @@ pub fn start(args: &SandboxArgs, name: &str, files: &JailFiles) -> anyhow::Resul
     let mode: SeccompMode = args.seccomp.parse()?;
     let drop_to = if args.jail {
         let ids = jail_ids(args)?;
-        enter_jail(&args.jail_dir.join(name), files)?;
+        enter_jail(&args.jail_dir.join(name), files, ids)?;
         let _ = DROP_TO.set(ids);
         Some(ids)
     } else {
@@ -223,7 +232,7 @@ fn one_thread() -> bool {
     std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
 }
 
-fn enter_jail(root: &Path, files: &JailFiles) -> anyhow::Result<()> {
+fn enter_jail(root: &Path, files: &JailFiles, ids: DropIds) -> anyhow::Result<()> {
     if let Some(v) = files.volume_disks.first() {
         bail!(
             "--jail does not take volume disks yet ({}): give a raw image file",
@@ -285,6 +294,23 @@ fn enter_jail(root: &Path, files: &JailFiles) -> anyhow::Result<()> {
         bind(f, false, true)?;
     }
     for d in &files.dirs {
+        bind(d, true, false)?;
+    }
+    if let Some(d) = &files.snapshot_dir {
+        if !d.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .with_context(|| format!("cannot create the snapshot directory {}", d.display()))?;
+            nix::unistd::chown(
+                d,
+                Some(Uid::from_raw(ids.uid)),
+                Some(Gid::from_raw(ids.gid)),
+            )
+            .with_context(|| format!("cannot give {} to the jail user", d.display()))?;
+        }
         bind(d, true, false)?;
     }
     let proc_dir = inside(Path::new("/proc"));
