@@ -6,7 +6,8 @@
 //! 2. a tmpfs at `JAIL_DIR/NAME` holding only what the VM needs, bind-mounted at the same
 //!    absolute paths as outside: `/dev/kvm`, `/dev/net/tun` (with NICs), the kernel and initrd
 //!    files, each disk (read-only disks read-only), the directories of the API socket, the runtime
-//!    entry and the serial file, and a fresh `/proc`;
+//!    entry and the serial file, the API's snapshot directory (made 0700 for the jail user when
+//!    missing), and a fresh `/proc`;
 //! 3. `pivot_root` into it, the old root detached: nothing else of the host's file system is
 //!    reachable;
 //! 4. `no_new_privs`.
