@@ -46,6 +46,11 @@ pub struct ConvergenceConfig {
     pub throttle_saturated_pct: f64,
     /// Length of one throttle slice (run + sleep); at most 10 ms.
     pub throttle_slice: Duration,
+    /// Once the remainder fits the budget, at most this many more rounds to shrink the pause
+    /// (each only if predicted to at least halve it; 0: switch over at the first fit).
+    pub shrink_rounds_max: u32,
+    /// No round to shrink the pause once the remainder takes at most this long to send.
+    pub shrink_floor: Duration,
 }
 
 impl Default for ConvergenceConfig {
@@ -64,6 +69,8 @@ impl Default for ConvergenceConfig {
             throttle_run_factor: 0.5,
             throttle_saturated_pct: 99.0,
             throttle_slice: Duration::from_millis(10),
+            shrink_rounds_max: 3,
+            shrink_floor: Duration::from_millis(1),
         }
     }
 }
@@ -151,6 +158,9 @@ pub struct SyncInput {
     pub dirty_bytes_per_sec: f64,
     /// Bytes the round just finished sent (0 when unknown).
     pub round_sent_bytes: u64,
+    /// Syncs in a row before this one whose remainder already fit the budget (rounds spent
+    /// shrinking the pause).
+    pub fitted_before: u32,
 }
 
 impl SyncInput {
@@ -218,11 +228,33 @@ impl ConvergenceConfig {
         ((1.0 - share) * 10_000.0).round() / 100.0
     }
 
-    /// The switch-over rule, the throttle schedule and the timeout, in that order.
+    /// Whether one more round is predicted to at least halve a remainder that already fits the
+    /// budget: the round sends it in `remaining / B`, while the guest dirties `rate × that`, which
+    /// is at most half of it when the dirty rate is at most half the bandwidth. Not for a
+    /// saturated working set (its rate is only a lower bound), nor once the remainder takes at
+    /// most [`Self::shrink_floor`] to send, nor after [`Self::shrink_rounds_max`] such rounds,
+    /// nor at the timeout.
+    pub fn another_round_pays(&self, i: &SyncInput) -> bool {
+        let Some(bw) = self.effective_bandwidth(i.bandwidth).filter(|b| *b > 0.0) else {
+            return false;
+        };
+        let send = Duration::from_secs_f64(i.remaining_bytes as f64 / bw);
+        i.fitted_before < self.shrink_rounds_max
+            && i.elapsed < self.timeout
+            && send > self.shrink_floor
+            && !i.saturated()
+            && i.dirty_bytes_per_sec <= bw / 2.0
+    }
+
+    /// The switch-over rule (with the rounds that shrink the pause), the throttle schedule and
+    /// the timeout, in that order.
     pub fn decide(&self, i: &SyncInput) -> Decision {
         if let Some(d) = self.expected_downtime(i.remaining_bytes, i.bandwidth)
             && d <= self.downtime_budget
         {
+            if self.another_round_pays(i) {
+                return Decision::Continue;
+            }
             return Decision::SwitchOver { forced: false };
         }
         if i.elapsed >= self.timeout {
@@ -345,7 +377,11 @@ mod tests {
 
     #[test]
     fn switches_over_when_remainder_fits_the_budget() {
-        let c = ConvergenceConfig::default();
+        // The first fit (no rounds to shrink the pause: `another_round_pays` below).
+        let c = ConvergenceConfig {
+            shrink_rounds_max: 0,
+            ..Default::default()
+        };
         let fits = SyncInput {
             elapsed: ms(100),
             remaining_bytes: 20 * MIB,
@@ -355,6 +391,7 @@ mod tests {
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: 0.0,
             round_sent_bytes: 0,
+            fitted_before: 0,
         };
         // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
         assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
@@ -389,6 +426,63 @@ mod tests {
             .decide(&empty),
             Decision::SwitchOver { forced: false }
         );
+    }
+
+    #[test]
+    fn a_remainder_that_fits_gets_another_round_while_that_halves_the_pause() {
+        let c = ConvergenceConfig::default();
+        // 24 MiB at 1 GB/s: 25 ms to send, within the budget; the guest dirties 80 MB/s, so
+        // during one more round it dirties ~2 MB: the pause shrinks ~12 times.
+        let fits = SyncInput {
+            elapsed: ms(400),
+            remaining_bytes: 24 * MIB,
+            previous_remaining_bytes: None,
+            round: 0,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 80e6,
+            round_sent_bytes: 260 * MIB,
+            fitted_before: 0,
+        };
+        assert!(c.another_round_pays(&fits));
+        assert_eq!(c.decide(&fits), Decision::Continue);
+        // What the next round leaves (~2 MB, 2 ms) gets one more; below the 1 ms floor none.
+        let next = SyncInput {
+            remaining_bytes: 2 * MIB,
+            fitted_before: 1,
+            ..fits
+        };
+        assert_eq!(c.decide(&next), Decision::Continue);
+        let small = SyncInput {
+            remaining_bytes: 900_000,
+            fitted_before: 2,
+            ..fits
+        };
+        assert_eq!(c.decide(&small), Decision::SwitchOver { forced: false });
+        // No more than `shrink_rounds_max` such rounds, none at the timeout.
+        let many = SyncInput {
+            fitted_before: c.shrink_rounds_max,
+            ..fits
+        };
+        assert_eq!(c.decide(&many), Decision::SwitchOver { forced: false });
+        let late = SyncInput {
+            elapsed: c.timeout,
+            ..fits
+        };
+        assert_eq!(c.decide(&late), Decision::SwitchOver { forced: false });
+        // A guest dirtying more than half the bandwidth, or a saturated working set, would
+        // leave as much again: switch over now.
+        let busy = SyncInput {
+            dirty_bytes_per_sec: 0.6 * GBPS,
+            ..fits
+        };
+        assert_eq!(c.decide(&busy), Decision::SwitchOver { forced: false });
+        let saturated = SyncInput {
+            round_sent_bytes: 30 * MIB,
+            ..fits
+        };
+        assert!(saturated.saturated());
+        assert_eq!(c.decide(&saturated), Decision::SwitchOver { forced: false });
     }
 
     #[test]
@@ -428,6 +522,7 @@ mod tests {
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: dirty_rate,
             round_sent_bytes: 0,
+            fitted_before: 0,
         };
         // 60 MiB at 1 GB/s is a 63 ms round; 50 ms of budget carries 50 MB, so the guest may
         // dirty ~0.8 GB/s. At 0.9 GB/s a small cut does: the schedule's 20 % is stronger.
@@ -471,6 +566,7 @@ mod tests {
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: 0.0,
             round_sent_bytes: 0,
+            fitted_before: 0,
         };
         assert_eq!(c.decide(&stuck), Decision::Abort);
         let f = ConvergenceConfig {
@@ -522,6 +618,7 @@ mod tests {
                 bandwidth: est.bytes_per_sec(),
                 dirty_bytes_per_sec: dirtied as f64 / t.as_secs_f64(),
                 round_sent_bytes: to_send,
+                fitted_before: 0,
             };
             match c.decide(&input) {
                 Decision::Continue => {}
@@ -596,6 +693,7 @@ mod tests {
             bandwidth: Some(GBPS),
             dirty_bytes_per_sec: 0.1 * GBPS,
             round_sent_bytes: 1 << 30,
+            fitted_before: 0,
         };
         assert!(!i.saturated());
         assert_eq!(c.decide(&i), Decision::Continue);

@@ -384,9 +384,10 @@ mod tests {
         assert!(p.converges(), "{p:?}");
         // Round 0 carries the resident memory and leaves the working set saturated: the
         // saturated jump throttles to 99 %; round 1 re-sends the working set once, during
-        // which the guest dirties 1 % of 2 GB/s × 0.27 s ≈ 5.4 MB, which fits the budget.
+        // which the guest dirties 1 % of 2 GB/s × 0.27 s ≈ 5.4 MB, which fits the budget; one
+        // more round sends those (the guest dirties ~0.1 MB meanwhile) to shrink the pause.
         assert_eq!(p.throttle_max_pct, cfg.throttle_saturated_pct);
-        assert_eq!(p.rounds, 2);
+        assert_eq!(p.rounds, 3);
         let ideal_bytes = (ws + 4 * MIB) + ws;
         assert!(
             p.bytes_sent > ideal_bytes && p.bytes_sent < ideal_bytes + 16 * MIB,
@@ -425,10 +426,23 @@ mod tests {
             ..PredictInput::new(300 * MIB, 20_000.0, bw)
         };
         // At 1 GB/s the full copy takes 0.27 s, the guest dirties ~22 MB meanwhile, and that
-        // fits the 50 ms budget at once.
+        // fits the 50 ms budget at once; but the guest dirties far below half the bandwidth, so
+        // a round re-sending those (~1.8 MB dirtied meanwhile) and another (~0.15 MB) shrink
+        // the pause to the state and the restore estimate.
         let fast = predict(&cfg, &input(1e9)).unwrap();
         assert!(fast.converges(), "{fast:?}");
-        assert_eq!(fast.rounds, 1, "{fast:?}");
+        assert_eq!(fast.rounds, 3, "{fast:?}");
+        assert!(fast.downtime < cfg.restore_estimate * 2, "{fast:?}");
+        let first_fit = ConvergenceConfig {
+            shrink_rounds_max: 0,
+            ..cfg.clone()
+        };
+        let once = predict(&first_fit, &input(1e9)).unwrap();
+        assert_eq!(once.rounds, 1, "{once:?}");
+        assert!(
+            once.downtime > fast.downtime * 4,
+            "{once:?} against {fast:?}"
+        );
         // At 200 MB/s each round leaves less than half the previous one (falling fast, so no
         // throttle) until the rest fits.
         let slow = predict(&cfg, &input(2e8)).unwrap();
@@ -455,10 +469,17 @@ mod tests {
         assert_eq!(predict(&tight, &input).unwrap().end, PredictedEnd::TimesOut);
         let loose = ConvergenceConfig {
             downtime_budget: Duration::from_millis(500),
+            shrink_rounds_max: 0,
             ..Default::default()
         };
         let p = predict(&loose, &input).unwrap();
         assert!(p.converges() && p.rounds == 1, "{p:?}");
+        // Rounds to shrink the pause follow their knob.
+        let shrink = ConvergenceConfig {
+            shrink_rounds_max: 1,
+            ..loose
+        };
+        assert_eq!(predict(&shrink, &input).unwrap().rounds, 2);
     }
 
     #[test]

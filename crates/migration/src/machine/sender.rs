@@ -265,6 +265,8 @@ pub struct Sender {
     dirty_rate: f64,
     /// Bytes sent since the last sync (the round under way).
     round_sent: u64,
+    /// Syncs in a row whose remainder fit the budget (rounds spent shrinking the pause).
+    fitted_in_a_row: u32,
     paused_at: Option<Duration>,
     /// The final state was saved: the storage release is due.
     state_saved: bool,
@@ -307,6 +309,7 @@ impl Sender {
             last_sync: Duration::ZERO,
             dirty_rate: 0.0,
             round_sent: 0,
+            fitted_in_a_row: 0,
             paused_at: None,
             state_saved: false,
             storage_released: false,
@@ -504,7 +507,13 @@ impl Sender {
             bandwidth: self.bandwidth.bytes_per_sec(),
             dirty_bytes_per_sec: self.dirty_rate,
             round_sent_bytes: self.round_sent,
+            fitted_before: self.fitted_in_a_row,
         });
+        let fits = self
+            .cfg
+            .expected_downtime(dirty_bytes, self.bandwidth.bytes_per_sec())
+            .is_some_and(|d| d <= self.cfg.downtime_budget);
+        self.fitted_in_a_row = if fits { self.fitted_in_a_row + 1 } else { 0 };
         self.round_sent = 0;
         self.awaiting_round = None;
         match decision {
@@ -1307,8 +1316,13 @@ mod tests {
     #[test]
     fn round_zero_throttles_only_a_saturated_working_set() {
         // Moderate: the full copy sent 300 MiB while 80 MiB were dirtied: above the budget, but
-        // no throttle after round 0, and the next round's remainder converges.
-        let mut s = Sender::new(ConvergenceConfig::default());
+        // no throttle after round 0, and the next round's remainder converges (at the first
+        // fit: no rounds to shrink the pause here).
+        let first_fit = ConvergenceConfig {
+            shrink_rounds_max: 0,
+            ..Default::default()
+        };
+        let mut s = Sender::new(first_fit.clone());
         s.accepted(ms(0)).unwrap();
         s.sent(300 << 20, ms(300)).unwrap();
         assert_eq!(s.synced(ms(300), 80 << 20).unwrap(), Decision::Continue);
@@ -1319,7 +1333,7 @@ mod tests {
         );
         assert_eq!(s.figures().throttle_max_pct, 0.0);
         // Saturated: the full copy sent 260 MiB and 256 MiB of it were dirty again.
-        let mut s = Sender::new(ConvergenceConfig::default());
+        let mut s = Sender::new(first_fit);
         s.accepted(ms(0)).unwrap();
         s.sent(260 << 20, ms(260)).unwrap();
         assert_eq!(
