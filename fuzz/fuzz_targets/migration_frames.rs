@@ -11,8 +11,14 @@ use tern_migration::{MemoryLayout, PAGE_SIZE, Region};
 
 fuzz_target!(|data: &[u8]| {
     let layout = MemoryLayout::new(vec![
-        Region { guest_addr: 0, size: 64 * PAGE_SIZE },
-        Region { guest_addr: 1 << 32, size: 16 * PAGE_SIZE },
+        Region {
+            guest_addr: 0,
+            size: 64 * PAGE_SIZE,
+        },
+        Region {
+            guest_addr: 1 << 32,
+            size: 16 * PAGE_SIZE,
+        },
     ])
     .expect("valid layout");
     let sealed;

@@ -13,6 +13,8 @@ mod bench_sim;
 mod bench_tls;
 mod bench_volume;
 mod ci;
+mod fuzz;
+mod fuzz_seeds;
 mod tidy;
 
 #[derive(Debug, Parser)]
@@ -32,6 +34,9 @@ enum Task {
     /// Benchmarks against peers (figures printed, compared in the same run).
     #[command(subcommand)]
     Bench(Bench),
+    /// Build every fuzz target in fuzz/ and run each for a bounded time on its seed corpus
+    /// (needs cargo-fuzz); `--seed-corpus` rewrites the seed corpora.
+    Fuzz(fuzz::Args),
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +71,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Test => ci::test(),
         Task::Tidy => tidy::run(),
+        Task::Fuzz(args) => fuzz::run(args),
         Task::Bench(Bench::Boot(args)) => bench_boot::run(args),
         Task::Bench(Bench::Migrate(args)) => bench_migrate::run(args),
         Task::Bench(Bench::NetMigrate(args)) => bench_net::run(args),

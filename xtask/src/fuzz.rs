@@ -1,0 +1,413 @@
+//! `cargo xtask fuzz`: builds every cargo-fuzz target in `fuzz/` once, then runs each for a
+//! bounded time on its committed seed corpus (`fuzz/corpus/<target>/`, read-only here: new
+//! inputs go to a scratch directory under `fuzz/target/`), two at a time by default. Any crash,
+//! leak of memory past the RSS limit or hang fails the run, naming the input that caused it and
+//! the command that reproduces it. `--seed-corpus` rewrites the seed corpora instead
+//! (`fuzz_seeds.rs`). docs/security.md, "Fuzzing", explains the targets and the budget.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+
+/// The cargo-fuzz version CI installs (scripts/install-deps.sh).
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Wall-clock budget of a whole default run on a 2-core CI machine, build included.
+const BUDGET: Duration = Duration::from_secs(300);
+
+/// What the default per-target time assumes the build takes when `fuzz/target` is cold
+/// (measured: docs/security.md, "Fuzzing"); a warm build takes seconds.
+const COLD_BUILD: Duration = Duration::from_secs(180);
+
+/// The shortest run worth starting.
+const MIN_SECONDS: u64 = 5;
+
+/// Options of `cargo xtask fuzz`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Seconds each target runs. Default: what fits every target, two at a time, into a
+    /// 5-minute budget after a cold build.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Run only these targets (repeatable); default: every target in fuzz/.
+    #[arg(long = "target")]
+    targets: Vec<String>,
+    /// Targets run at the same time (each fuzzer uses one core).
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Rewrite the seed corpora in fuzz/corpus/ from the encoders and exit.
+    #[arg(long)]
+    seed_corpus: bool,
+    /// Build the targets and exit.
+    #[arg(long)]
+    build_only: bool,
+}
+
+/// The fuzz tree: `<workspace>/fuzz`.
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .join("fuzz")
+}
+
+/// Flags of every build and of the reproduction command, so a crash reproduces in the very
+/// build that found it: no sanitizer (the parsers are safe Rust: ASan would find nothing more
+/// and halve the speed), debug assertions and overflow checks on, optimised.
+const BUILD_FLAGS: &[&str] = &["--sanitizer", "none", "--debug-assertions", "--release"];
+
+/// libFuzzer options of every run: per-input timeout (a hang is a finding), the RSS cap (memory
+/// growth is a finding), final statistics for the report.
+const RUN_FLAGS: &[&str] = &["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"];
+
+fn cargo_fuzz(dir: &Path) -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.arg("fuzz").current_dir(dir).env("RUSTC_BOOTSTRAP", "1");
+    c
+}
+
+/// Runs `cargo xtask fuzz`.
+pub fn run(args: Args) -> Result<()> {
+    let dir = fuzz_dir();
+    if args.seed_corpus {
+        let corpora = crate::fuzz_seeds::all()?;
+        let n = crate::fuzz_seeds::write(&dir.join("corpus"), &corpora)?;
+        println!(
+            "fuzz: wrote {n} seeds for {} targets in {}",
+            corpora.len(),
+            dir.join("corpus").display()
+        );
+        return Ok(());
+    }
+    check_cargo_fuzz(&dir)?;
+    let all = list_targets(&dir)?;
+    let targets: Vec<String> = if args.targets.is_empty() {
+        all.clone()
+    } else {
+        for t in &args.targets {
+            ensure!(
+                all.contains(t),
+                "no fuzz target {t:?}; the targets are: {}",
+                all.join(", ")
+            );
+        }
+        args.targets.clone()
+    };
+    ensure!(args.jobs >= 1, "--jobs must be at least 1");
+
+    let t0 = Instant::now();
+    let status = cargo_fuzz(&dir)
+        .arg("build")
+        .args(BUILD_FLAGS)
+        .args(["--codegen-units", "16"])
+        .status()
+        .context("running cargo fuzz build")?;
+    ensure!(status.success(), "cargo fuzz build failed ({status})");
+    let build = t0.elapsed();
+    println!("fuzz: built {} targets in {:.0?}", all.len(), build);
+    if args.build_only {
+        return Ok(());
+    }
+
+    let seconds = args
+        .seconds
+        .unwrap_or_else(|| default_seconds(targets.len(), args.jobs));
+    ensure!(seconds >= 1, "--seconds must be at least 1");
+    println!(
+        "fuzz: running {} targets for {seconds} s each, {} at a time",
+        targets.len(),
+        args.jobs
+    );
+    let results = run_all(&dir, &targets, seconds, args.jobs)?;
+    report(&dir, &results, t0.elapsed())
+}
+
+/// Seconds per target so that a cold build plus every target, `jobs` at a time, fits the budget.
+fn default_seconds(targets: usize, jobs: usize) -> u64 {
+    let waves = targets.div_ceil(jobs.max(1)).max(1) as u64;
+    let left = BUDGET.saturating_sub(COLD_BUILD).as_secs();
+    // Each run also loads its corpus and prints its statistics: a second of slack per wave.
+    (left / waves).saturating_sub(1).max(MIN_SECONDS)
+}
+
+fn check_cargo_fuzz(dir: &Path) -> Result<()> {
+    let out = cargo_fuzz(dir).arg("--version").output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        _ => bail!(
+            "cargo-fuzz is not installed: `cargo install cargo-fuzz --version {CARGO_FUZZ_VERSION} --locked` \
+             (scripts/install-deps.sh does this)"
+        ),
+    }
+}
+
+fn list_targets(dir: &Path) -> Result<Vec<String>> {
+    let out = cargo_fuzz(dir)
+        .arg("list")
+        .output()
+        .context("running cargo fuzz list")?;
+    ensure!(
+        out.status.success(),
+        "cargo fuzz list failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let targets: Vec<String> = String::from_utf8(out.stdout)?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    ensure!(!targets.is_empty(), "fuzz/ has no targets");
+    Ok(targets)
+}
+
+/// One target's run.
+#[derive(Debug)]
+struct RunResult {
+    target: String,
+    ok: bool,
+    runs: Option<u64>,
+    seconds: f64,
+    crash: Option<PathBuf>,
+    log: PathBuf,
+}
+
+struct Running {
+    target: String,
+    child: Child,
+    started: Instant,
+    log: PathBuf,
+}
+
+fn start(dir: &Path, target: &str, seconds: u64) -> Result<Running> {
+    let bin = dir
+        .join("target/x86_64-unknown-linux-gnu/release")
+        .join(target);
+    ensure!(bin.exists(), "{} was not built", bin.display());
+    let work = dir.join("target/fuzz-run");
+    let scratch = work.join("corpus").join(target);
+    let artifacts = dir.join("artifacts").join(target);
+    let logs = work.join("logs");
+    for d in [&scratch, &artifacts, &logs] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let log = logs.join(format!("{target}.log"));
+    let log_file =
+        std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(&bin);
+    cmd.args(RUN_FLAGS)
+        .arg(format!("-max_total_time={seconds}"))
+        .arg(format!("-artifact_prefix={}/", artifacts.display()));
+    let dict = dir.join("dict").join(format!("{target}.dict"));
+    if dict.exists() {
+        cmd.arg(format!("-dict={}", dict.display()));
+    }
+    // New inputs go to the scratch directory (first); the committed seeds are only read.
+    cmd.arg(&scratch);
+    let seeds = dir.join("corpus").join(target);
+    if seeds.exists() {
+        cmd.arg(&seeds);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    Ok(Running {
+        target: target.to_owned(),
+        child,
+        started: Instant::now(),
+        log,
+    })
+}
+
+fn finish(mut r: Running) -> Result<RunResult> {
+    let status = r.child.wait()?;
+    let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+    let runs = text
+        .lines()
+        .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+        .and_then(|v| v.trim().parse().ok());
+    let crash = text
+        .lines()
+        .find_map(|l| l.split_once("Test unit written to ").map(|(_, p)| p.trim()))
+        .map(PathBuf::from);
+    Ok(RunResult {
+        target: r.target,
+        ok: status.success() && crash.is_none(),
+        runs,
+        seconds: r.started.elapsed().as_secs_f64(),
+        crash,
+        log: r.log,
+    })
+}
+
+fn run_all(dir: &Path, targets: &[String], seconds: u64, jobs: usize) -> Result<Vec<RunResult>> {
+    let mut queue = targets.iter();
+    let mut running: Vec<Running> = Vec::new();
+    let mut done = Vec::new();
+    loop {
+        while running.len() < jobs {
+            match queue.next() {
+                Some(t) => running.push(start(dir, t, seconds)?),
+                None => break,
+            }
+        }
+        if running.is_empty() {
+            return Ok(done);
+        }
+        let mut i = 0;
+        while i < running.len() {
+            if running[i].child.try_wait()?.is_some() {
+                let r = finish(running.swap_remove(i))?;
+                println!(
+                    "fuzz: {:<20} {} ({} runs in {:.0} s)",
+                    r.target,
+                    if r.ok { "ok" } else { "FAILED" },
+                    r.runs.map_or("?".into(), |n| n.to_string()),
+                    r.seconds
+                );
+                done.push(r);
+            } else {
+                i += 1;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn report(dir: &Path, results: &[RunResult], total: Duration) -> Result<()> {
+    println!("fuzz: {:<20} {:>12} {:>10}", "target", "runs", "runs/s");
+    for r in results {
+        let rate = r
+            .runs
+            .map_or("?".into(), |n| format!("{:.0}", n as f64 / r.seconds));
+        println!(
+            "fuzz: {:<20} {:>12} {:>10}",
+            r.target,
+            r.runs.map_or("?".into(), |n| n.to_string()),
+            rate
+        );
+    }
+    println!("fuzz: {:.0?} in all, build included", total);
+    let failed: Vec<&RunResult> = results.iter().filter(|r| !r.ok).collect();
+    if failed.is_empty() {
+        return Ok(());
+    }
+    for r in &failed {
+        eprintln!(
+            "fuzz: target {} failed; its log: {}",
+            r.target,
+            r.log.display()
+        );
+        let text = std::fs::read_to_string(&r.log).unwrap_or_default();
+        for l in text
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+        {
+            eprintln!("    {l}");
+        }
+        match &r.crash {
+            Some(input) => eprintln!(
+                "fuzz: the input: {}\nfuzz: reproduce: (cd {} && RUSTC_BOOTSTRAP=1 cargo fuzz run {} {} {})",
+                input.display(),
+                dir.display(),
+                BUILD_FLAGS.join(" "),
+                r.target,
+                input.display()
+            ),
+            None => eprintln!("fuzz: the fuzzer exited without writing an input (see the log)"),
+        }
+    }
+    bail!(
+        "{} of {} fuzz targets failed: {}",
+        failed.len(),
+        results.len(),
+        failed
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fuzz targets declared in fuzz/Cargo.toml.
+    fn declared_targets() -> Vec<String> {
+        let manifest = std::fs::read_to_string(fuzz_dir().join("Cargo.toml")).unwrap();
+        manifest
+            .split("[[bin]]")
+            .skip(1)
+            .map(|bin| {
+                let line = bin.lines().find(|l| l.starts_with("name = ")).unwrap();
+                line["name = ".len()..].trim_matches('"').to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ci_installs_the_cargo_fuzz_version_xtask_names() {
+        let root = fuzz_dir().parent().unwrap().to_path_buf();
+        let script = std::fs::read_to_string(root.join("scripts/install-deps.sh")).unwrap();
+        assert!(
+            script.contains(&format!("cargo_fuzz_version={CARGO_FUZZ_VERSION}\n")),
+            "scripts/install-deps.sh does not install cargo-fuzz {CARGO_FUZZ_VERSION}"
+        );
+    }
+
+    #[test]
+    fn every_target_has_seeds_a_generator_and_documentation() {
+        let targets = declared_targets();
+        assert!(targets.len() >= 12, "fuzz/Cargo.toml declares {targets:?}");
+        let seeds = crate::fuzz_seeds::all().expect("the seed generator runs");
+        let docs = std::fs::read_to_string(fuzz_dir().join("../docs/security.md")).unwrap();
+        let section = docs
+            .split("## Fuzzing")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("docs/security.md has a Fuzzing section");
+        for t in &targets {
+            let committed = std::fs::read_dir(fuzz_dir().join("corpus").join(t))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            assert!(committed > 0, "fuzz/corpus/{t} has no seeds");
+            assert!(
+                seeds.get(t.as_str()).is_some_and(|s| !s.is_empty()),
+                "the seed generator writes nothing for {t}"
+            );
+            assert!(
+                section.contains(&format!("`{t}`")),
+                "docs/security.md's Fuzzing section does not describe {t}"
+            );
+        }
+        assert_eq!(
+            seeds.len(),
+            targets.len(),
+            "seeds for targets that do not exist"
+        );
+    }
+
+    #[test]
+    fn the_default_run_fits_the_budget_after_a_cold_build() {
+        for (targets, jobs) in [(12, 2), (12, 1), (20, 2), (1, 2)] {
+            let s = default_seconds(targets, jobs);
+            assert!(s >= MIN_SECONDS);
+            let waves = (targets as u64).div_ceil(jobs as u64);
+            let total = COLD_BUILD.as_secs() + waves * (s + 1);
+            assert!(
+                total <= BUDGET.as_secs() || s == MIN_SECONDS,
+                "{targets} targets, {jobs} jobs: {s} s each makes {total} s"
+            );
+        }
+    }
+}
