@@ -410,6 +410,11 @@ fn await_starttls(r: &mut impl Read, w: &mut impl Write) -> Result<bool, ServeEr
         let option = read_u32(r)?;
         let len = read_u32(r)?;
         if option == OPT_EXPORT_NAME {
+            // No error reply exists for it: close (after reading the name, so the client sees
+            // an orderly end rather than a reset).
+            if len <= MAX_OPTION_LEN {
+                skip(r, u64::from(len))?;
+            }
             return Err(ServeError::TlsRequired);
         }
         skip(r, u64::from(len))?;
@@ -1229,8 +1234,11 @@ pub struct ListenerStats {
     pub over_cap: AtomicUsize,
     /// Connections closed by the handshake deadline.
     pub handshake_timeouts: AtomicUsize,
-    /// `accept` errors retried (`EMFILE`, `ECONNABORTED`, …).
+    /// `accept` errors retried (`EMFILE`, `ECONNABORTED`, …), and connections dropped for want
+    /// of a descriptor.
     pub accept_errors: AtomicUsize,
+    /// Of those, `accept` itself out of descriptors or memory (`EMFILE`, `ENFILE`, …).
+    pub accept_emfile: AtomicUsize,
 }
 
 /// What to do after an `accept` error.
@@ -1347,6 +1355,10 @@ pub fn run_listener_with(
             Ok(c) => c,
             Err(e) => {
                 let n = stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                stats.accept_emfile.fetch_add(
+                    usize::from(accept_retry(&e) == AcceptRetry::Later),
+                    Ordering::Relaxed,
+                );
                 match accept_retry(&e) {
                     AcceptRetry::Fatal => return Err(e),
                     AcceptRetry::Now => {}
@@ -1379,8 +1391,17 @@ pub fn run_listener_with(
         let deadline = Instant::now() + opts.handshake_timeout;
         match stream.try_clone() {
             Ok(s) => watchdog.arm(id, deadline, s),
-            // Out of descriptors: this one goes, the next accept waits.
-            Err(_) => continue,
+            Err(e) => {
+                // Out of descriptors: this one goes, and the next accept waits.
+                stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                let wait = accept_backoff(waits);
+                waits = waits.saturating_add(1);
+                log(&format!(
+                    "no descriptor for a new connection ({e}); waiting {wait:?}"
+                ));
+                std::thread::sleep(wait);
+                continue;
+            }
         }
         stats.live.fetch_add(1, Ordering::SeqCst);
         let conn = ConnSlot {
