@@ -23,6 +23,7 @@ mod list;
 mod local;
 mod migrate;
 mod progress;
+mod resolve;
 mod target;
 mod volume_disk;
 
@@ -583,7 +584,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         })
         .context("cannot watch termination signals")?;
     }
-    let mut target = tern_vmm::migrate::VmTarget::new(build);
+    let mut target = resolve::FaultHooks::new(tern_vmm::migrate::VmTarget::new(build));
     let opts = tern_migration::ReceiveOptions {
         accept_timeout: a.accept_timeout.map(std::time::Duration::from_secs_f64),
         ..Default::default()
@@ -605,14 +606,18 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         }
     );
     let report = tern_migration::receive_guarded(&listener, &mut target, &opts, &guard, &cancel);
-    drop(listener);
     match report {
         Ok(r) => {
             eprintln!(
                 "tern: migration received in {} ms; the VM runs here",
                 r.total_ms
             );
-            let vm = target.into_vm().context("no VM after the migration")?;
+            let vm = target
+                .into_inner()
+                .into_vm()
+                .context("no VM after the migration")?;
+            // The receive address stays ours while the VM runs: it answers `--resolve` queries.
+            resolve::start_responder(listener, vm.clone(), guard.tls.clone());
             *handed.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.clone());
             let cfg = built
                 .lock()
@@ -622,6 +627,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             serve(vm, &cfg, api_opts)
         }
         Err(e) => {
+            drop(listener);
             eprintln!(
                 "tern: incoming migration failed: {}; nothing runs here",
                 tern_migration::error_chain(&e)

@@ -44,6 +44,14 @@ pub struct MigrateArgs {
     /// Cancel the migration under way on this VM.
     #[arg(long)]
     pub cancel: bool,
+    /// Settle a migration that ended in doubt (exit 3: the commit went out unanswered, the VM
+    /// is paused here): ask the target at --to (over mutual TLS with --tls-dir) whether it
+    /// committed and has the VM. It does: the paused copy here stops (exit 0). Nothing listens
+    /// at --to (connection refused: the receive is gone, and a target that committed keeps its
+    /// address while the VM runs there): the copy here resumes (exit 1). No answer, no route, or
+    /// an answer that does not fit: nothing changes, still in doubt (exit 3).
+    #[arg(long, conflicts_with = "cancel")]
+    pub resolve: bool,
     /// Offer only this protocol version (testing aid).
     #[arg(long, hide = true, value_name = "N")]
     pub x_protocol_version: Option<u16>,
@@ -64,7 +72,7 @@ pub struct MigrateArgs {
 }
 
 /// The host part of HOST:PORT (`[v6]:port` too), the default name a target's certificate must carry.
-fn host_of(to: &str) -> &str {
+pub(super) fn host_of(to: &str) -> &str {
     let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
     host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
@@ -169,6 +177,26 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         a.timeout
     );
     let to = a.to.clone().unwrap_or_default();
+    let tls = match &a.tls_dir {
+        None => None,
+        Some(dir) => {
+            let pem = tern_pki::PemFiles::read(dir)
+                .with_context(|| format!("cannot use --tls-dir {}", dir.display()))?;
+            let target_name = a
+                .tls_name
+                .clone()
+                .unwrap_or_else(|| host_of(&to).to_owned());
+            tern_pki::TlsDir::try_server_name(&target_name)
+                .map_err(|e| anyhow::anyhow!("bad --tls-name: {e}"))?;
+            Some(tern_api::vmm::MigrateTls {
+                dir: dir.display().to_string(),
+                ca_cert_pem: pem.ca_cert,
+                cert_pem: pem.cert,
+                key_pem: pem.key,
+                target_name,
+            })
+        }
+    };
     let req = MigrateRequest {
         to: to.clone(),
         streams: a.streams,
@@ -179,6 +207,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         verify_memory: a.verify_memory,
         protocol_version: a.x_protocol_version,
         disk_successor: a.disk_successor.clone(),
+        tls,
     };
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
     let mut on_progress = |p: &Progress| {
@@ -205,26 +234,6 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => Err(e),
     };
     let report: Option<MigrationReport> = match &failure {
-    let tls = match &a.tls_dir {
-        None => None,
-        Some(dir) => {
-            let pem = tern_pki::PemFiles::read(dir)
-                .with_context(|| format!("cannot use --tls-dir {}", dir.display()))?;
-            let target_name = a
-                .tls_name
-                .clone()
-                .unwrap_or_else(|| host_of(&to).to_owned());
-            tern_pki::TlsDir::try_server_name(&target_name)
-                .map_err(|e| anyhow::anyhow!("bad --tls-name: {e}"))?;
-            Some(tern_api::vmm::MigrateTls {
-                dir: dir.display().to_string(),
-                ca_cert_pem: pem.ca_cert,
-                cert_pem: pem.cert,
-                key_pem: pem.key,
-                target_name,
-            })
-        }
-    };
         Ok(r) => Some(r.clone()),
         Err(e) => e.report().cloned(),
     };
@@ -268,6 +277,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_default_tls_name_is_the_host_of_the_target_address() {
+        assert_eq!(host_of("node-b:7000"), "node-b");
+        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
+        assert_eq!(host_of("[fd00::2]:7000"), "fd00::2");
+        assert_eq!(host_of("node-b"), "node-b");
+    }
     use tern_api::vmm::Outcome;
 
     #[test]
@@ -329,11 +346,3 @@ mod tests {
         assert_eq!(human_bytes(3 << 29), "1.5 GiB");
     }
 }
-
-    #[test]
-    fn the_default_tls_name_is_the_host_of_the_target_address() {
-        assert_eq!(host_of("node-b:7000"), "node-b");
-        assert_eq!(host_of("10.0.0.2:7000"), "10.0.0.2");
-        assert_eq!(host_of("[fd00::2]:7000"), "fd00::2");
-        assert_eq!(host_of("node-b"), "node-b");
-    }
