@@ -492,6 +492,14 @@ async fn a_command_for_one_host_is_not_sent_to_another_hosts_certificate() {
         }
         other => panic!("a command for h2 went to h1's certificate: {other:?}"),
     }
+    // No downgrade: the same client does not send it over plain HTTP.
+    let plain = url.replace("https://", "http://");
+    let r = ctl
+        .clone()
+        .expecting(Some(host("h1")))
+        .request(Method::POST, &plain, None, Duration::from_secs(10))
+        .await;
+    assert!(matches!(r, Err(http::HttpError::BadUrl { .. })), "{r:?}");
     // A controller's certificate is not a host's either.
     let r = send(tern_pki::Identity {
         name: "h1".into(),

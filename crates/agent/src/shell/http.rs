@@ -198,7 +198,7 @@ async fn metrics(State(app): State<App>) -> Response {
 
 /// POSTs `body` as JSON to `base` (`http://HOST:PORT`, or `https://` with `tls`) + `path`; the
 /// answer's status code. Over TLS the server's certificate must be valid for the URL's host and
-/// be a controller's.
+/// be a controller's; with `tls` a plain `http://` leader is refused (no downgrade).
 pub(crate) async fn post_json(
     base: &str,
     path: &str,
@@ -207,6 +207,11 @@ pub(crate) async fn post_json(
     tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<u16, String> {
     let (authority, tls) = match (base.split_once("://"), tls) {
+        (Some(("http", _)), Some(_)) => {
+            return Err(format!(
+                "{base:?} is plain http://: an agent with a --tls-dir reports only over TLS"
+            ));
+        }
         (Some(("http", rest)), _) => (rest, None),
         (Some(("https", rest)), Some(cfg)) => (rest, Some(Arc::clone(cfg))),
         (Some(("https", _)), None) => {

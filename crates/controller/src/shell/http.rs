@@ -107,7 +107,9 @@ impl Client {
         self
     }
 
-    /// Requires the server's certificate to carry this name and role (TLS only).
+    /// Requires the server's certificate to carry this name and role. A client with TLS settings
+    /// and an expected peer refuses `http://` URLs (no downgrade: plain HTTP proves no one);
+    /// without TLS settings the expectation is moot (a plain cluster).
     pub fn expecting(mut self, who: Option<tern_pki::Identity>) -> Client {
         self.expect = who;
         self
@@ -130,6 +132,11 @@ impl Client {
             .parse()
             .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
         let tls = match (uri.scheme_str(), &self.tls) {
+            (Some("http"), Some(_)) if self.expect.is_some() => {
+                return Err(bad(
+                    "plain http:// cannot show the peer's certificate; this client speaks only TLS to it",
+                ));
+            }
             (Some("http"), _) => None,
             (Some("https"), Some(cfg)) => Some(Arc::clone(cfg)),
             (Some("https"), None) => {
