@@ -350,7 +350,7 @@ pub fn serve<R: Read + Send, W: Write + Send>(
         &Peer::default(),
         no_zeroes,
         false,
-        &mut || {},
+        &mut |_| {},
     )
 }
 
@@ -370,8 +370,19 @@ fn greet(r: &mut impl Read, w: &mut impl Write) -> Result<bool, ServeError> {
     Ok(cflags & CLIENT_NO_ZEROES != 0)
 }
 
-/// Option haggling (inside TLS when `tls`), then transmission. `on_transmission` runs once an
-/// export was selected, before the first request is read.
+/// Where a connection is, for the listener's deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The server works on a control request (the client waits for us: no deadline).
+    Working,
+    /// Back to option haggling after a control request (a fresh handshake deadline).
+    Options,
+    /// An export was selected; the first request comes next.
+    Transmission,
+}
+
+/// Option haggling (inside TLS when `tls`), then transmission. `on_phase` is told when a control
+/// request starts and ends and when an export was selected, before the first request is read.
 fn serve_session<R: Read + Send, W: Write + Send>(
     mut r: BufReader<R>,
     mut w: W,
@@ -379,7 +390,7 @@ fn serve_session<R: Read + Send, W: Write + Send>(
     peer: &Peer,
     no_zeroes: bool,
     tls: bool,
-    on_transmission: &mut dyn FnMut(),
+    on_phase: &mut dyn FnMut(Phase),
 ) -> Result<(), ServeError> {
     let mut session = Session {
         tls,
@@ -387,11 +398,11 @@ fn serve_session<R: Read + Send, W: Write + Send>(
         no_zeroes,
         base_allocation: false,
     };
-    let backend = match handshake(&mut r, &mut w, exports, peer, &mut session)? {
+    let backend = match handshake(&mut r, &mut w, exports, peer, &mut session, on_phase)? {
         Some(b) => b,
         None => return Ok(()),
     };
-    on_transmission();
+    on_phase(Phase::Transmission);
     let meta = session.base_allocation && session.structured;
     let relay = Arc::clone(&backend).relay();
     transmission(r, w, &*backend, relay, session.structured, meta)
@@ -446,6 +457,7 @@ fn handshake<R: Read, W: Write>(
     exports: &dyn Exports,
     peer: &Peer,
     session: &mut Session,
+    on_phase: &mut dyn FnMut(Phase),
 ) -> Result<Option<Arc<dyn Backend>>, ServeError> {
     loop {
         let magic = read_u64(r)?;
@@ -552,10 +564,16 @@ fn handshake<R: Read, W: Write>(
             OPT_STARTTLS if session.tls => {
                 send_opt_reply(w, option, REP_ERR_INVALID, b"TLS is already running")?
             }
-            OPT_TERN_CONTROL => match exports.control_for(&data, peer) {
-                Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
-                None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
-            },
+            OPT_TERN_CONTROL => {
+                // A control request may wait for a coordinator: not the client's delay.
+                on_phase(Phase::Working);
+                let reply = exports.control_for(&data, peer);
+                on_phase(Phase::Options);
+                match reply {
+                    Some(reply) => send_opt_reply(w, option, REP_TERN_CONTROL, &reply)?,
+                    None => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
+                }
+            }
             _ => send_opt_reply(w, option, REP_ERR_UNSUP, b"option not supported")?,
         }
         w.flush()?;
@@ -1148,7 +1166,7 @@ pub fn serve_tcp(stream: TcpStream, exports: &dyn Exports) -> Result<(), ServeEr
         addr: stream.peer_addr().ok(),
         id: None,
     };
-    serve_conn(stream, exports, None, &peer, Instant::now(), &mut || {})
+    serve_conn(stream, exports, None, &peer, Instant::now(), &mut |_| {})
 }
 
 /// Serve one TCP connection: plain when `tls` is `None`; otherwise TLS is required (options
@@ -1160,7 +1178,7 @@ fn serve_conn(
     tls: Option<&ServerTls>,
     peer: &Peer,
     deadline: Instant,
-    on_transmission: &mut dyn FnMut(),
+    on_phase: &mut dyn FnMut(Phase),
 ) -> Result<(), ServeError> {
     stream.set_nodelay(true)?;
     let Some(tls) = tls else {
@@ -1170,7 +1188,7 @@ fn serve_conn(
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let mut w = w;
         let no_zeroes = greet(&mut r, &mut w)?;
-        return serve_session(r, w, exports, peer, no_zeroes, false, on_transmission);
+        return serve_session(r, w, exports, peer, no_zeroes, false, on_phase);
     };
     // Before TLS: unbuffered, so no byte of the TLS handshake is read as NBD.
     let mut plain = &stream;
@@ -1186,7 +1204,7 @@ fn serve_conn(
     };
     let r = BufReader::with_capacity(256 * 1024, r);
     let w = BufWriter::with_capacity(256 * 1024, w);
-    serve_session(r, w, exports, &peer, no_zeroes, true, on_transmission)
+    serve_session(r, w, exports, &peer, no_zeroes, true, on_phase)
 }
 
 /// Limits and TLS of a listener ([`run_listener_with`]).
@@ -1268,13 +1286,21 @@ fn accept_backoff(n: u32) -> Duration {
 
 /// Closes connections whose handshake deadline passed (one thread per listener).
 struct Watchdog {
-    armed: Mutex<BTreeMap<u64, (Instant, TcpStream)>>,
+    /// Per connection: its deadline (`None`: paused while the server works) and its socket.
+    armed: Mutex<BTreeMap<u64, (Option<Instant>, TcpStream)>>,
     changed: Condvar,
 }
 
 impl Watchdog {
     fn arm(&self, id: u64, deadline: Instant, stream: TcpStream) {
-        lock(&self.armed).insert(id, (deadline, stream));
+        lock(&self.armed).insert(id, (Some(deadline), stream));
+        self.changed.notify_one();
+    }
+    /// A new deadline (`None`: none for now) for a connection still watched.
+    fn set_deadline(&self, id: u64, deadline: Option<Instant>) {
+        if let Some(e) = lock(&self.armed).get_mut(&id) {
+            e.0 = deadline;
+        }
         self.changed.notify_one();
     }
     fn disarm(&self, id: u64) {
@@ -1288,7 +1314,7 @@ impl Watchdog {
             let now = Instant::now();
             let expired: Vec<u64> = armed
                 .iter()
-                .filter(|(_, (d, _))| *d <= now)
+                .filter(|(_, (d, _))| d.is_some_and(|d| d <= now))
                 .map(|(id, _)| *id)
                 .collect();
             for id in expired {
@@ -1301,7 +1327,7 @@ impl Watchdog {
             }
             let next = armed
                 .values()
-                .map(|(d, _)| d.saturating_duration_since(now))
+                .filter_map(|(d, _)| d.map(|d| d.saturating_duration_since(now)))
                 .min()
                 .unwrap_or(Duration::from_secs(1))
                 .clamp(Duration::from_millis(5), Duration::from_secs(1));
@@ -1419,10 +1445,17 @@ pub fn run_listener_with(
                 };
                 let idle = opts2.idle_timeout;
                 let tcp = stream.try_clone().ok();
-                let mut on_transmission = || {
-                    conn.watchdog.disarm(conn.id);
-                    if let Some(t) = &tcp {
-                        let _ = t.set_read_timeout(idle);
+                let handshake_timeout = opts2.handshake_timeout;
+                let mut on_phase = |p: Phase| match p {
+                    Phase::Working => conn.watchdog.set_deadline(conn.id, None),
+                    Phase::Options => conn
+                        .watchdog
+                        .set_deadline(conn.id, Some(Instant::now() + handshake_timeout)),
+                    Phase::Transmission => {
+                        conn.watchdog.disarm(conn.id);
+                        if let Some(t) = &tcp {
+                            let _ = t.set_read_timeout(idle);
+                        }
                     }
                 };
                 let res = serve_conn(
@@ -1431,7 +1464,7 @@ pub fn run_listener_with(
                     opts2.tls.as_ref(),
                     &peer,
                     deadline,
-                    &mut on_transmission,
+                    &mut on_phase,
                 );
                 if let (Err(e @ (ServeError::Tls(_) | ServeError::TlsRequired)), Some(p)) =
                     (&res, &opts2.log_prefix)
@@ -1491,7 +1524,7 @@ pub fn serve_tcp_with(
         opts.tls.as_ref(),
         &peer,
         deadline,
-        &mut || {},
+        &mut |_| {},
     )
 }
 

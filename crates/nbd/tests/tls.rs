@@ -393,3 +393,34 @@ fn a_thousand_idle_connections_do_not_stop_a_real_tls_client() {
         stats.live.load(std::sync::atomic::Ordering::SeqCst) == 0
     });
 }
+
+/// Control requests answered slowly (as a node waiting for its coordinator does).
+struct SlowControl;
+
+impl tern_nbd::Exports for SlowControl {
+    fn list(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn open(&self, _name: &str) -> Option<Arc<dyn tern_nbd::Backend>> {
+        None
+    }
+    fn control(&self, request: &[u8]) -> Option<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(800));
+        Some(request.to_vec())
+    }
+}
+
+#[test]
+fn the_handshake_deadline_does_not_count_the_time_the_server_works_on_a_control_request() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let opts = ListenerOptions {
+        handshake_timeout: Duration::from_millis(300),
+        ..ListenerOptions::default()
+    };
+    std::thread::spawn(move || {
+        tern_nbd::run_listener_with(l, Arc::new(SlowControl), opts, Arc::default())
+    });
+    let reply = tern_nbd::control(&addr, b"ping", T).unwrap();
+    assert_eq!(reply, b"ping");
+}
