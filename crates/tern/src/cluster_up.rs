@@ -15,7 +15,9 @@
 //! the topology's client namespace, so a host cut off from the switch (its link down) loses etcd
 //! and the controllers as a real host would. The operator's side (the root namespace) reaches the
 //! controllers and etcd through loopback relays that this process runs, so `tern cluster vms
-//! --controller http://127.0.0.1:P1` works from anywhere on the machine.
+//! --controller https://127.0.0.1:P1` (with the admin's `--tls-dir`) works from anywhere on the
+//! machine. Over TLS each host's volume node reaches etcd through a TLS sidecar in its namespace
+//! ([`tls_sidecar`]).
 //!
 //! By default the cluster runs over TLS: it makes a PKI in `/run/tern/cluster-NAME/pki` (a CA,
 //! a host certificate per host named like the host with its address as SAN, one per controller,
