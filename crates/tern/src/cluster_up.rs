@@ -17,7 +17,7 @@
 //! controllers and etcd through loopback relays that this process runs, so `tern cluster vms
 //! --controller https://127.0.0.1:P1` (with the admin's `--tls-dir`) works from anywhere on the
 //! machine. Over TLS each host's volume node reaches etcd through a TLS sidecar in its namespace
-//! ([`tls_sidecar`]).
+//! (`tls_sidecar`).
 //!
 //! By default the cluster runs over TLS: it makes a PKI in `/run/tern/cluster-NAME/pki` (a CA,
 //! a host certificate per host named like the host with its address as SAN, one per controller,
