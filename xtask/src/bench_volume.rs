@@ -155,14 +155,29 @@ fn qemu_img_bench(
     depth: u32,
     write: bool,
 ) -> anyhow::Result<(u64, f64)> {
+    let offset = offset.to_string();
+    qemu_img_bench_on(&["-f", "raw", url], &["-o", &offset], count, depth, write)
+}
+
+/// One `qemu-img bench` run of `count` 4 KiB operations on `target` (`-f raw URL`, or
+/// `--object … --image-opts …`; the image last) with extra options (`-o OFFSET`, `-S STEP`):
+/// operations and seconds.
+pub(crate) fn qemu_img_bench_on(
+    target: &[&str],
+    opts: &[&str],
+    count: u64,
+    depth: u32,
+    write: bool,
+) -> anyhow::Result<(u64, f64)> {
+    let url = target.last().copied().unwrap_or_default();
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["bench", "-f", "raw", "-s", "4096"])
+    cmd.args(["bench", "-s", "4096"])
         .args(["-c", &count.to_string(), "-d", &depth.to_string()])
-        .args(["-o", &offset.to_string()]);
+        .args(opts);
     if write {
         cmd.arg("-w");
     }
-    let out = cmd.arg(url).output()?;
+    let out = cmd.args(target).output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     ensure!(
         out.status.success(),
@@ -180,7 +195,7 @@ fn qemu_img_bench(
     Ok((count, secs))
 }
 
-fn need(tool: &str) -> anyhow::Result<()> {
+pub(crate) fn need(tool: &str) -> anyhow::Result<()> {
     let ok = Command::new("sh")
         .arg("-c")
         .arg(format!("command -v {tool}"))
