@@ -472,3 +472,124 @@ fn target_crash_during_restore() {
 fn cancel() {
     run_fault(Fault::Cancel);
 }
+
+/// `tern pki init` in `dir/ca` and `tern pki issue` of host certificates; returns the CA dir.
+fn pki(dir: &Path, names: &[&str]) -> PathBuf {
+    let ca = dir.join("ca");
+    let (rc, _, err) = tern_cmd(&["pki", "init", "--dir", ca.to_str().unwrap()]);
+    assert_eq!(rc, 0, "pki init: {err}");
+    for name in names {
+        let (rc, _, err) = tern_cmd(&[
+            "pki",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+            "--role",
+            "host",
+        ]);
+        assert_eq!(rc, 0, "pki issue {name}: {err}");
+    }
+    ca
+}
+
+/// The status query over mutual TLS: a receive with --tls-dir that committed answers only a host
+/// certificate of its CA, and checks out by name. A paused VM of the migrated VM's shape stands in
+/// for a source left in doubt (a real one is in the matrix above). --resolve refuses a VM that is
+/// not paused; a plain query and one with another CA's certificate leave it paused (exit 3); the
+/// right certificate stops it (exit 0) while the target runs on.
+#[test]
+fn resolve_asks_over_mutual_tls_and_refuses_a_running_vm() {
+    require_kvm();
+    let tmp = scratch();
+    let ca = pki(tmp.path(), &["node-a", "node-b"]);
+    let other = pki(&tmp.path().join("other"), &["node-a"]);
+    let mut p = common::MigrationPair::start(
+        64,
+        1,
+        "tern.hb_ms=50",
+        &["--tls-dir", ca.join("node-b").to_str().unwrap()],
+    );
+    let src_tls = ca.join("node-a");
+    let (rc, report, err) = p.migrate(&[
+        "--tls-dir",
+        src_tls.to_str().unwrap(),
+        "--tls-name",
+        "node-b",
+    ]);
+    assert_eq!((rc, &report["outcome"]), (0, &"completed".into()), "{err}");
+    assert_eq!(p.src.wait_exit(Duration::from_secs(15)), 0);
+
+    let vm_dir = tmp.path().join("copy");
+    common::private_dir(&vm_dir);
+    let (mut copy, sock) = RunningVm::start_testguest(&vm_dir, "copy", 64, "tern.hb_ms=50");
+    copy.wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));
+    let to = format!("127.0.0.1:{}", p.port);
+    let resolve = |extra: &[&str]| {
+        let mut args = vec![
+            "vm",
+            "migrate",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--to",
+            &to,
+            "--resolve",
+        ];
+        args.extend_from_slice(extra);
+        let (rc, _, err) = tern_cmd(&args);
+        (rc, err)
+    };
+    let with_tls = |dir: &Path| {
+        [
+            "--tls-dir".to_string(),
+            dir.to_str().unwrap().to_string(),
+            "--tls-name".to_string(),
+            "node-b".to_string(),
+        ]
+    };
+
+    let (rc, err) = resolve(&[]);
+    assert_eq!(rc, 1, "a running VM is refused: {err}");
+    assert!(err.contains("not paused"), "{err}");
+    assert!(Cell::status(&sock).contains("\"running\""));
+
+    let (rc, _, err) = tern_cmd(&["vm", "pause", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(rc, 0, "pause: {err}");
+    let (rc, err) = resolve(&[]);
+    assert_eq!(
+        rc, 3,
+        "a plain query gets no answer from a TLS receive: {err}"
+    );
+    assert!(err.contains("still in doubt"), "{err}");
+    let foreign = with_tls(&other.join("node-a"));
+    let foreign: Vec<&str> = foreign.iter().map(String::as_str).collect();
+    let (rc, err) = resolve(&foreign);
+    assert_eq!(rc, 3, "another CA's certificate gets no answer: {err}");
+    assert!(
+        Cell::status(&sock).contains("\"paused\""),
+        "nothing changed"
+    );
+
+    let good = with_tls(&src_tls);
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    let (rc, err) = resolve(&good);
+    assert_eq!(rc, 0, "the target answers the cluster's host: {err}");
+    assert!(err.contains("committed the migration"), "{err}");
+    assert_eq!(
+        copy.wait_exit(Duration::from_secs(15)),
+        0,
+        "the paused copy stops"
+    );
+    Cell::assert_runs(&mut p.dst, "target", "tls");
+    assert!(
+        p.dst
+            .stderr()
+            .contains("migration status query not answered"),
+        "the refused queries are logged: {}",
+        p.dst.stderr()
+    );
+    let (rc, _, err) = tern_cmd(&["vm", "stop", "--api-sock", p.dst_sock.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(p.dst.wait_exit(Duration::from_secs(15)), 0);
+}
