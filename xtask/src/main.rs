@@ -6,6 +6,7 @@ mod bench_automation;
 mod bench_boot;
 mod bench_cluster;
 mod bench_common;
+mod bench_faults;
 mod bench_migrate;
 mod bench_net;
 mod bench_park;
@@ -54,6 +55,9 @@ enum Bench {
     Park(bench_park::BenchParkArgs),
     /// Cluster shared volume: direct and redirected 4 KiB I/O vs raw file and qemu-nbd; take-over time.
     Volume(bench_volume::Args),
+    /// Cluster shared volume under random faults: acknowledged writes lost and stale writes
+    /// landed (goal 0), the longest unavailability per kind of fault.
+    Faults(bench_faults::Args),
     /// Simulator: one PlanetLab day per reference policy, 20k/40k synthetic, the full sweep.
     Sim(bench_sim::Args),
     /// Cluster control plane: creating 20 VMs, HA restart and controller fail-over times on a
@@ -77,6 +81,7 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::NetMigrate(args)) => bench_net::run(args),
         Task::Bench(Bench::Park(args)) => bench_park::run(args),
         Task::Bench(Bench::Volume(args)) => bench_volume::run(args),
+        Task::Bench(Bench::Faults(args)) => bench_faults::run(args),
         Task::Bench(Bench::Sim(args)) => bench_sim::run(args),
         Task::Bench(Bench::Cluster(args)) => bench_cluster::run(args),
         Task::Bench(Bench::Automation(args)) => bench_automation::run(args),

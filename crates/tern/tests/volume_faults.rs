@@ -494,6 +494,9 @@ fn randomized_faults_lose_no_acknowledged_write() {
         .map(|n| n.addr.clone())
         .unwrap();
     let mut violations = Vec::new();
+    // Blocks holding an older write of the same writer than one it had acknowledged (lost
+    // acknowledgements), and blocks holding an earlier lease holder's write (stale writes).
+    let (mut lost, mut stale) = (0, 0);
     let mut checked = 0;
     for (fi, name) in FILES.iter().enumerate() {
         let mut r = loop {
@@ -512,13 +515,21 @@ fn randomized_faults_lose_no_acknowledged_write() {
             checked += 1;
             match (parse(&b), newest) {
                 (Err(e), _) => violations.push(format!("{name} block {block}: {e}")),
-                (Ok(None), Some(a)) => violations.push(format!(
+                (Ok(None), Some(a)) => {
+                    lost += 1;
+                    violations.push(format!(
                     "{name} block {block}: acknowledged write lost (writer {} epoch {} seq {}), block empty",
                     a.writer, a.epoch, a.seq
-                )),
+                    ))
+                }
                 (Ok(Some((e, s, w))), Some(a))
                     if order(e, w, s) < order(a.epoch, a.writer, a.seq) =>
                 {
+                    if e < a.epoch || w != a.writer {
+                        stale += 1;
+                    } else {
+                        lost += 1;
+                    }
                     violations.push(format!(
                         "{name} block {block}: holds writer {w} epoch {e} seq {s}, older than the \
                          acknowledged writer {} epoch {} seq {} ({})",
@@ -558,7 +569,7 @@ fn randomized_faults_lose_no_acknowledged_write() {
         acks.iter().map(|a| (a.file, a.epoch)).collect();
     eprintln!(
         "volume_faults: seed={seed} acknowledged={} blocks_checked={checked} epochs={} faults={injected:?} \
-         violations={} elapsed_ms={} longest_ack_gap_ms={:?}",
+         violations={} lost={lost} stale={stale} elapsed_ms={} longest_ack_gap_ms={:?}",
         acks.len(),
         epochs.len(),
         violations.len(),
