@@ -49,5 +49,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# cargo-fuzz drives the fuzz targets in fuzz/ (cargo xtask fuzz): pinned, built from its own lock file.
+cargo_fuzz_version=0.13.2
+if ! cargo fuzz --version 2>/dev/null | grep -qx "cargo-fuzz $cargo_fuzz_version"; then
+    echo "install-deps: installing cargo-fuzz $cargo_fuzz_version"
+    cargo install cargo-fuzz --version "$cargo_fuzz_version" --locked --quiet
+fi
+
 qemu_version=$(qemu-system-x86_64 --version | head -n1)
 echo "install-deps: ready ($qemu_version)"
