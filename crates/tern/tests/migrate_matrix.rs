@@ -593,3 +593,64 @@ fn resolve_asks_over_mutual_tls_and_refuses_a_running_vm() {
     assert_eq!(rc, 0, "{err}");
     assert_eq!(p.dst.wait_exit(Duration::from_secs(15)), 0);
 }
+
+/// The black-holed link for real, between two network-namespace hosts: the target's switch port
+/// is taken down in the middle of pre-copy (no RST, no data). The source gives up on its write
+/// or acknowledgement timeout and keeps the VM; the target discards on its idle timeout and exits
+/// non-zero without ever running the guest.
+#[test]
+fn link_down_between_namespaced_hosts_mid_pre_copy() {
+    require_kvm();
+    let spec = tern_netlab::TopologySpec {
+        client: false,
+        replace_stale: true,
+        ..tern_netlab::TopologySpec::new(format!("mmb{}", std::process::id() % 10_000), 2)
+    };
+    let topo = tern_netlab::Topology::build(spec)
+        .expect("build the two-host topology (needs root, iproute2)");
+    let mut p = common::MigrationPair::start_on(
+        Some(&topo.host_ns(0)),
+        Some((&topo.host_ns(1), topo.host_addr(1))),
+        64,
+        1,
+        GUEST,
+        &[],
+    );
+    // 4 MiB/s: round 0 takes a few seconds.
+    let m = Command::new(tern())
+        .args(["vm", "migrate", "--api-sock", p.src_sock.to_str().unwrap()])
+        .args([
+            "--to",
+            &format!("{}:{}", topo.host_addr(1), p.port),
+            "--json",
+        ])
+        .args(["--max-bandwidth-mibps", "4"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tern vm migrate");
+    thread::sleep(Duration::from_millis(1000));
+    let st = Command::new("ip")
+        .args(["-n", &topo.switch_ns(), "link", "set"])
+        .arg(topo.switch_port_of_host(1))
+        .arg("down")
+        .status()
+        .expect("run ip");
+    assert!(st.success(), "ip link set down");
+    let t0 = Instant::now();
+    let out = m.wait_with_output().expect("migrate output");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), &report["outcome"]),
+        (Some(1), &"failed".into()),
+        "the source gives up and keeps the VM: {err} {report}"
+    );
+    eprintln!(
+        "link down mid pre-copy: source gave up after {:.1} s: {err}",
+        t0.elapsed().as_secs_f64()
+    );
+    p.assert_source_kept();
+    drop(p);
+    topo.teardown().expect("tear down the topology");
+}
