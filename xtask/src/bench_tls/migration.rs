@@ -107,7 +107,12 @@ fn qemu_tls(src_dir: &str, dst_dir: &str) -> impl Fn(&mut Qmp, bool) -> anyhow::
 
 pub fn run(runs: usize) -> anyhow::Result<()> {
     ensure!(runs > 0, "--runs must be at least 1");
-    let tern = build_release_tern()?;
+    // TERN_BENCH_BIN=PATH runs that tern binary instead of building the workspace's (as bench
+    // migrate's --tern: an earlier build, or a tree that is mid-edit).
+    let tern = match std::env::var_os("TERN_BENCH_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => build_release_tern()?,
+    };
     let dir = scratch_dir("tls-migration")?;
     let elf = export_testguest(&tern, &dir)?;
     let qemu_version = peer_version(QEMU)?;
