@@ -25,6 +25,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -39,6 +40,9 @@ pub const QUERY: &str = "TERN-MIGRATION-STATUS 1\n";
 /// How long either side waits for the other's line (and a TLS handshake).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Status queries answered at once; connections beyond are closed unanswered.
+const MAX_QUERIES: usize = 8;
+
 /// Answers status queries on `listener` for as long as the process lives (the VM runs here: the
 /// receive committed). With `tls`, only a host certificate of the CA gets an answer.
 pub fn start_responder(listener: TcpListener, vm: Vm, tls: Option<Arc<TlsDir>>) {
@@ -50,11 +54,26 @@ pub fn start_responder(listener: TcpListener, vm: Vm, tls: Option<Arc<TlsDir>>) 
                 eprintln!("tern: migration status answers disabled: {e:#}");
                 return;
             }
+            let busy = Arc::new(AtomicUsize::new(0));
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
-                // One query at a time: each is a line each way, bounded by the timeout.
-                if let Err(e) = answer(conn, &vm, tls.as_deref()) {
-                    eprintln!("tern: migration status query not answered: {e:#}");
+                // Each query on its own thread (a silent peer holds only its own, for at most
+                // the timeout), at most MAX_QUERIES at once; more are closed unanswered.
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_QUERIES {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                let (vm, tls, held) = (vm.clone(), tls.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("api-resolve-q".into())
+                    .spawn(move || {
+                        if let Err(e) = answer(conn, &vm, tls.as_deref()) {
+                            eprintln!("tern: migration status query not answered: {e:#}");
+                        }
+                        held.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         });
