@@ -917,9 +917,13 @@ fn read_reply(r: &mut impl Read, sh: &SharedState) -> Result<(), ClientError> {
             r.read_exact(&mut payload)?;
             apply_chunk(&mut w, kind, &payload)?;
             if flags & REPLY_FLAG_DONE != 0 {
-                let outcome = match w.error {
-                    Some(e) => Err(ClientError::Remote(e)),
-                    None => Ok(std::mem::take(&mut w.data)),
+                let outcome = match (w.error, w.read_len) {
+                    (Some(e), _) => Err(ClientError::Remote(e)),
+                    // A read that ends without a data or hole chunk: the caller gets no bytes.
+                    (None, Some(n)) if w.data.len() != n => Err(ClientError::Protocol(format!(
+                        "the reply to a {n}-byte read ended without its data"
+                    ))),
+                    (None, _) => Ok(std::mem::take(&mut w.data)),
                 };
                 let _ = w.tx.send(Msg::Done(outcome));
             } else {
@@ -1184,6 +1188,46 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         std::thread::spawn(move || run_listener(l, Arc::new(ex)));
         addr
+    }
+
+    /// A server that completes the handshake (structured replies, export `m` of 64 KiB), then
+    /// sends `replies` and reads until the client goes.
+    fn scripted_server(replies: Vec<u8>) -> std::net::SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut out = NBDMAGIC.to_be_bytes().to_vec();
+            out.extend_from_slice(&IHAVEOPT.to_be_bytes());
+            out.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+            out.extend_from_slice(&option_reply(OPT_STRUCTURED_REPLY, REP_ACK, 0));
+            out.extend_from_slice(&option_reply(OPT_GO, REP_INFO, 12));
+            out.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+            out.extend_from_slice(&(64u64 << 10).to_be_bytes());
+            out.extend_from_slice(&(TF_HAS_FLAGS | TF_SEND_FLUSH).to_be_bytes());
+            out.extend_from_slice(&option_reply(OPT_GO, REP_ACK, 0));
+            out.extend_from_slice(&replies);
+            s.write_all(&out).unwrap();
+            let _ = io::copy(&mut s, &mut io::sink());
+        });
+        addr
+    }
+
+    #[test]
+    fn a_structured_read_reply_without_data_is_a_protocol_error_not_a_panic() {
+        // Found by fuzz/fuzz_targets/nbd_client.rs: the reply's only chunk is a final NONE.
+        let addr = scripted_server(chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, 1, 0).to_vec());
+        let c = SharedClient::connect_timeout(addr, "m", Duration::from_secs(5)).unwrap();
+        let mut buf = [0u8; 512];
+        match c.read(0, &mut buf) {
+            Err(ClientError::Protocol(why)) => {
+                assert!(
+                    why.contains("512-byte read ended without its data"),
+                    "{why}"
+                )
+            }
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
     }
 
     #[test]
