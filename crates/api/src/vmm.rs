@@ -494,7 +494,8 @@ pub enum PauseStep {
     SaveState,
     /// Source: → the disks' write ownership handed to the target.
     ReleaseStorage,
-    /// Source: → the state, the memory digest (`--verify-memory`) and the commit written.
+    /// Source: → the state and the memory digest (`--verify-memory`) written, the commit about
+    /// to go out.
     StateSent,
     /// Target: commit read → every data stream ended and all its pages written.
     TargetData,
@@ -504,9 +505,9 @@ pub enum PauseStep {
     TargetRestore,
     /// Target: → the vCPUs running (the disks taken over first).
     TargetResume,
-    /// Source: the rest of the time from the commit written to the target's "running" read: the
-    /// commit's and the answer's way through the network and both ends' threads (all of the
-    /// target's time too, if its protocol version does not report its timings).
+    /// Source: the rest of the time until the target's "running" is read: the commit's write and
+    /// way and the answer's through the network and both ends' threads (all of the target's
+    /// time too, if its protocol version does not report its timings).
     Ack,
 }
 

@@ -59,10 +59,11 @@ fn a_writing_guests_pause_is_accounted_for_step_by_step() {
         "steps add up to {sum_us} µs, the downtime is {downtime_ms} ms: {report}"
     );
     let by = |name: &str| steps.iter().find(|s| s.0 == name).unwrap();
-    // A guest writing 20,000 pages/s has dirtied pages since the last round: they go in the
-    // pause, as does the state (State frame, digest, commit).
-    assert!(by("final_pages").2 > 4096, "{report}");
-    assert!(by("state_sent").2 > 0, "{report}");
+    // The final round ends every data stream (and carries what the guest dirtied since the
+    // last round, often nothing once the rounds that shrink the pause ran); the state step
+    // carries the State and Verify frames.
+    assert!(by("final_pages").2 > 0, "{report}");
+    assert!(by("state_sent").2 > 4096, "{report}");
     // The target's clock measured real work: verifying 300 MiB and restoring take time.
     assert!(by("target_verify").1 > 0, "{report}");
     assert!(by("target_restore").1 > 0, "{report}");

@@ -544,8 +544,7 @@ impl Sender {
 
     /// A source step of the pause ended at `now` having written `bytes` to the streams (for the
     /// report's breakdown). Steps come in their order, each once, between the pause and the
-    /// target's answer (the last one, the commit written, is told just after
-    /// [`Self::commit_sent`]).
+    /// target's answer.
     pub fn pause_step(
         &mut self,
         step: PauseStep,

@@ -361,13 +361,12 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.report_progress(true);
         // The last chance to cancel: after this frame the target may run the VM.
         self.check_cancel_and_target()?;
+        // Timed before the commit goes out: the target's steps start when it reads it, so they
+        // fall inside the window from here to the answer even if this thread is preempted.
+        self.machine
+            .pause_step(PauseStep::StateSent, self.now(), self.bytes_sent - before)?;
         self.write_control(&Frame::Commit)?;
-        let now = self.now();
         self.machine.commit_sent()?;
-        // Only a figure: with the commit out nothing here may fail the migration.
-        let _ = self
-            .machine
-            .pause_step(PauseStep::StateSent, now, self.bytes_sent - before);
         self.report_progress(true);
 
         let rx = self.control_rx.as_ref().expect("control reader runs");
