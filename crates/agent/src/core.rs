@@ -267,6 +267,7 @@ impl Agent {
                 state: v.state,
                 cpu_utilization: None,
                 rss_mib: None,
+                guest_resident_kib: None,
                 dirty_pages_per_sec: None,
             })
             .collect()

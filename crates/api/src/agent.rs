@@ -172,6 +172,11 @@ pub struct ObservedVm {
     pub cpu_utilization: Option<f64>,
     /// Resident memory of the VMM, MiB, if measured.
     pub rss_mib: Option<u64>,
+    /// Resident guest RAM, KiB, if measured: the guest pages it ever touched (the VMM's guest
+    /// memory mappings' resident set), which bounds what a migration's first pass sends. Absent
+    /// from agents older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_resident_kib: Option<u64>,
     /// Guest pages (4 KiB) dirtied per second at the last sample, if measured: the VMM's dirty
     /// log over a short window, taken every few intervals (absent while the VM migrates, and
     /// from agents older than this field).
@@ -240,9 +245,12 @@ mod tests {
         let r: AgentReport = serde_json::from_str(old).unwrap();
         assert_eq!(r.parked_cores, None);
         assert_eq!(r.vms[0].dirty_pages_per_sec, None);
+        assert_eq!(r.vms[0].guest_resident_kib, None);
         let json = serde_json::to_string(&r).unwrap();
         assert!(
-            !json.contains("parked_cores") && !json.contains("dirty_pages_per_sec"),
+            !json.contains("parked_cores")
+                && !json.contains("dirty_pages_per_sec")
+                && !json.contains("guest_resident_kib"),
             "absent telemetry is left out, so an older controller reads it: {json}"
         );
         // A newer agent's report, with a field this version does not know.

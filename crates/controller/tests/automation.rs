@@ -234,6 +234,7 @@ impl Lab {
                                     state: ObservedState::Running,
                                     cpu_utilization: Some(0.05),
                                     rss_mib: Some(64),
+                                    guest_resident_kib: None,
                                     dirty_pages_per_sec: None,
                                 })
                                 .collect(),

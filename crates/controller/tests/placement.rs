@@ -197,6 +197,7 @@ fn cluster() -> Controller {
                         state: ObservedState::Running,
                         cpu_utilization: Some(u),
                         rss_mib: Some(64),
+                        guest_resident_kib: None,
                         dirty_pages_per_sec: None,
                     })
                     .collect(),

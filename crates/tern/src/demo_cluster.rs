@@ -231,21 +231,34 @@ pub struct Replayed {
     pub slatah_pct: f64,
 }
 
+/// The load the demo plays: each VM's trace values (percent of a vCPU), the VMs raised to
+/// [`RAISED_PCT`] from sample `raise_at`, and how many samples are played.
+#[derive(Debug, Clone, Copy)]
+pub struct PlayedLoad<'a> {
+    pub traces: &'a [Vec<u8>],
+    pub raised: &'a [usize],
+    pub raise_at: usize,
+    pub samples: usize,
+}
+
 /// The live loop's own code (`tern_automation::replay`) over the demo's scenario, started from
 /// `start` with the controller's policy and loop configuration: per VM, its trace from where its
 /// guest was, as the agents report it (the raised VMs at [`RAISED_PCT`] from `raise_at`); each
 /// action taking `timing`'s samples.
 pub fn replay_loop(
     start: &LiveStart,
-    traces: &[Vec<u8>],
-    raised: &[usize],
-    raise_at: usize,
-    samples: usize,
+    load: &PlayedLoad<'_>,
     policy: &Policy,
     step_s: u64,
     timing: tern_automation::replay::Timing,
 ) -> anyhow::Result<Replayed> {
     use tern_automation::replay::Replay;
+    let PlayedLoad {
+        traces,
+        raised,
+        raise_at,
+        samples,
+    } = *load;
     let mut r = Replay::default();
     r.timing = timing;
     for (name, on) in &start.hosts {
@@ -843,12 +856,15 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         1,
     );
     let live_start = LiveStart::from_api(&start_hosts, &start_vms, &trace_offsets)?;
-    let replayed = replay_loop(
-        &live_start,
-        &values,
-        &raised,
+    let played = PlayedLoad {
+        traces: &values,
+        raised: &raised,
         raise_at,
         samples,
+    };
+    let replayed = replay_loop(
+        &live_start,
+        &played,
         &policy,
         args.step_s,
         tern_automation::replay::Timing {
@@ -983,15 +999,26 @@ mod tests {
         demo_policy(Policy::default(), 2)
     }
 
+    fn load<'a>(
+        traces: &'a [Vec<u8>],
+        raised: &'a [usize],
+        raise_at: usize,
+        samples: usize,
+    ) -> PlayedLoad<'a> {
+        PlayedLoad {
+            traces,
+            raised,
+            raise_at,
+            samples,
+        }
+    }
+
     #[test]
     fn the_replayed_loop_packs_a_light_spread_cluster_and_powers_hosts_off() {
         let (start, traces) = spread(10, 30);
         let r = replay_loop(
             &start,
-            &traces,
-            &[],
-            30,
-            30,
+            &load(&traces, &[], 30, 30),
             &policy(),
             2,
             Default::default(),
@@ -1013,10 +1040,7 @@ mod tests {
         let (mut start, traces) = spread(10, 40);
         let calm = replay_loop(
             &start,
-            &traces,
-            &[],
-            40,
-            40,
+            &load(&traces, &[], 40, 40),
             &policy(),
             2,
             Default::default(),
@@ -1024,10 +1048,7 @@ mod tests {
         .unwrap();
         let raised = replay_loop(
             &start,
-            &traces,
-            &[0, 1, 2, 3],
-            20,
-            40,
+            &load(&traces, &[0, 1, 2, 3], 20, 40),
             &policy(),
             2,
             Default::default(),
@@ -1048,10 +1069,7 @@ mod tests {
         }
         let busy = replay_loop(
             &start,
-            &traces,
-            &[],
-            40,
-            10,
+            &load(&traces, &[], 40, 10),
             &policy(),
             2,
             Default::default(),

@@ -457,6 +457,15 @@ fn two_agents_move_a_vm_live_and_report_telemetry_to_the_leader() {
     let util = m1["cpu_utilization"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&util), "{report}");
     assert!(m1["rss_mib"].as_u64().is_some_and(|m| m > 0), "{report}");
+    // the guest's own resident RAM: some of it touched, far less than the VMM's RSS and its size
+    let guest_kib = m1["guest_resident_kib"]
+        .as_u64()
+        .expect("guest resident RAM");
+    assert!(guest_kib > 0, "{report}");
+    assert!(
+        guest_kib < m1["rss_mib"].as_u64().unwrap() * 1024,
+        "{report}"
+    );
     let host_util = report["cpu_utilization"].as_f64().expect("host CPU");
     assert!((0.0..=1.0).contains(&host_util), "{report}");
 

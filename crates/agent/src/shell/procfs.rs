@@ -27,6 +27,52 @@ pub fn parse_status_rss_kib(text: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Resident guest RAM in KiB from the text of `/proc/PID/smaps` of a VMM: the sum of `Rss` over
+/// the mappings that hold guest memory, or `None` if there are none.
+///
+/// The VMM maps each guest RAM region as one private anonymous read-write mapping created with
+/// `MAP_NORESERVE` (vm-memory's anonymous regions): `rw-p`, no file, `nr` among its `VmFlags`.
+/// glibc's per-thread arenas are `MAP_NORESERVE` too, but their reservations are `---p` and
+/// their usable parts grow from 132 KiB; thread stacks are not `nr`. So the `rw-p` `nr`
+/// anonymous mappings of at least [`GUEST_RAM_MIN_KIB`] are the guest's RAM — where the kernel
+/// merged an arena's usable part into a guest region (as seen on a migration target), that
+/// part's few resident pages are counted with it. The resident pages are the ones the guest
+/// touched: what a migration's first pass can send (it also skips pages that read as zero).
+pub fn parse_smaps_guest_rss_kib(text: &str) -> Option<u64> {
+    let mut total = None;
+    let mut cur: Option<(bool, u64, u64)> = None; // (shape matches so far, size, rss)
+    let flush = |c: Option<(bool, u64, u64)>, total: &mut Option<u64>| {
+        if let Some((true, size, rss)) = c
+            && size >= GUEST_RAM_MIN_KIB
+        {
+            *total = Some(total.unwrap_or(0) + rss);
+        }
+    };
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let Some(first) = f.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // a mapping's header: ADDR-ADDR PERMS OFFSET DEV INODE [PATH]
+            flush(cur.take(), &mut total);
+            let perms = f.next().unwrap_or("");
+            let inode = f.nth(2).unwrap_or("");
+            let path = f.next();
+            cur = Some((perms == "rw-p" && inode == "0" && path.is_none(), 0, 0));
+            continue;
+        }
+        let Some(c) = cur.as_mut() else { continue };
+        let value = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
+        match first {
+            "Size:" => c.1 = value().unwrap_or(0),
+            "Rss:" => c.2 = value().unwrap_or(0),
+            "VmFlags:" => c.0 &= f.clone().any(|fl| fl == "nr"),
+            _ => {}
+        }
+    }
+    flush(cur, &mut total);
+    total
+}
+
 /// The host's CPU time from the first line of `/proc/stat`: `(busy, total)` in clock ticks, where
 /// idle and iowait count as not busy (guest time is already inside user time).
 pub fn parse_host_cpu(text: &str) -> Option<(u64, u64)> {
@@ -77,6 +123,15 @@ pub fn rss_mib(pid: u32) -> Option<u64> {
     parse_status_rss_kib(&text).map(|k| k / 1024)
 }
 
+/// The smallest mapping [`parse_smaps_guest_rss_kib`] takes for guest RAM, KiB (the smallest
+/// guest Tern runs has more).
+pub const GUEST_RAM_MIN_KIB: u64 = 4096;
+
+/// Resident guest RAM of VMM `pid`, KiB ([`parse_smaps_guest_rss_kib`]).
+pub fn guest_rss_kib(pid: u32) -> Option<u64> {
+    parse_smaps_guest_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?)
+}
+
 /// The host's `(busy, total)` CPU ticks.
 pub fn host_cpu() -> Option<(u64, u64)> {
     parse_host_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
@@ -102,6 +157,58 @@ pub fn utilization(ticks: u64, elapsed_ms: u64, cpus: u32) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Excerpt of a test-guest VMM's smaps (64 MiB guest): the binary, a glibc arena
+    /// reservation, a thread stack, the guest's RAM (188 KiB touched) and libc.
+    const SMAPS: &str = "\
+55c3e089c000-55c3e1391000 r--p 00000000 fe:00 16295834                   /usr/bin/tern
+Size:              11220 kB
+Rss:                3472 kB
+VmFlags: rd mr mw me
+7fea28021000-7fea2c000000 ---p 00000000 00:00 0
+Size:              65404 kB
+Rss:                   0 kB
+VmFlags: mr mw me nr
+7fea36600000-7fea36800000 rw-p 00000000 00:00 0
+Size:               2048 kB
+Rss:                  20 kB
+VmFlags: rd wr mr mw me ac nh
+7fea2c000000-7fea2c021000 rw-p 00000000 00:00 0
+Size:                132 kB
+Rss:                  60 kB
+VmFlags: rd wr mr mw me nr
+7fea36800000-7fea3a800000 rw-p 00000000 00:00 0
+Size:              65536 kB
+KernelPageSize:        4 kB
+Rss:                 188 kB
+Pss:                 188 kB
+VmFlags: rd wr mr mw me nr
+7fea3a980000-7fea3aad6000 r-xp 00026000 fe:00 326279                     /usr/lib/x86_64-linux-gnu/libc.so.6
+Size:               1368 kB
+Rss:                1024 kB
+VmFlags: rd ex mr mw me
+";
+
+    #[test]
+    fn guest_ram_is_the_anonymous_noreserve_whole_mib_mappings() {
+        assert_eq!(parse_smaps_guest_rss_kib(SMAPS), Some(188));
+        // a guest split around the MMIO gap: two regions, summed
+        let split = format!(
+            "{SMAPS}7f0000000000-7f0040000000 rw-p 00000000 00:00 0\nSize: 1048576 kB\nRss: 512 kB\nVmFlags: rd wr mr mw me nr\n"
+        );
+        assert_eq!(parse_smaps_guest_rss_kib(&split), Some(700));
+        // a migration target's guest region merged with an arena's first 132 KiB
+        let merged = SMAPS.replace(
+            "7fea36800000-7fea3a800000 rw-p 00000000 00:00 0\nSize:              65536 kB",
+            "7fea36800000-7fea3a821000 rw-p 00000000 00:00 0\nSize:              65668 kB",
+        );
+        assert_ne!(merged, SMAPS);
+        assert_eq!(parse_smaps_guest_rss_kib(&merged), Some(188));
+        // no such mapping (not a VMM): nothing, so the caller falls back on VmRSS
+        let only_libc = &SMAPS[SMAPS.find("7fea3a980000").unwrap()..];
+        assert_eq!(parse_smaps_guest_rss_kib(only_libc), None);
+        assert_eq!(parse_smaps_guest_rss_kib(""), None);
+    }
 
     #[test]
     fn thread_stat_times_are_counted_after_a_name_with_spaces_and_parens() {

@@ -137,6 +137,7 @@ pub(crate) async fn run(mut client: etcd_client::Client, events: mpsc::Sender<Ev
                 continue;
             };
             vm.rss_mib = procfs::rss_mib(pid);
+            vm.guest_resident_kib = procfs::guest_rss_kib(pid);
             let Some(entry) =
                 children::read_entry(&cfg.runtime_dir, &vm.name).filter(|e| e.pid == pid)
             else {

@@ -25,8 +25,9 @@
 //! loop's model for an operator's move) and, once done, the measured one: `GET /v1/tasks/{id}`
 //! shows both.
 //!
-//! The model's inputs beyond the VM's memory: its resident memory (the VMM's RSS from the
-//! agent's report: an upper bound of the pages sent) and dirty rate, and the link into the
+//! The model's inputs beyond the VM's memory: its resident memory (the guest RAM the agent
+//! found resident in the VMM, an upper bound of the pages the first pass sends; the VMM's RSS
+//! from older agents) and dirty rate, and the link into the
 //! target host, learned from every succeeded migration task that landed there
 //! ([`tern_automation::cost::link_from_migration`] into a [`LinkEstimator`]; the loop's default
 //! link until then).
@@ -96,7 +97,8 @@ pub struct Automation {
     /// Latest per-VM dirty-page rate (pages/s) and per-host parked cores from the reports.
     vm_dirty: BTreeMap<String, f64>,
     host_parked: BTreeMap<String, u32>,
-    /// Latest per-VM resident memory (the VMM's RSS), MiB.
+    /// Latest per-VM resident memory, MiB: the guest's resident RAM, or the VMM's RSS from
+    /// agents that do not report it.
     vm_rss: BTreeMap<String, u64>,
     /// Measured migration bandwidth into each host.
     links: LinkEstimator,
@@ -286,8 +288,11 @@ pub fn note_report(s: &Shared, report: &AgentReport) {
             Some(d) => a.vm_dirty.insert(v.name.clone(), d),
             None => a.vm_dirty.remove(&v.name),
         };
-        // kept while the VM migrates (the agent measures only running VMs)
-        if let Some(r) = v.rss_mib {
+        // kept while the VM migrates (the agent measures only running VMs); the guest's own
+        // resident RAM (KiB, rounded up to whole MiB) where the agent reports it, else the
+        // VMM's RSS, which also counts the VMM's own pages
+        let resident = v.guest_resident_kib.map(|k| k.div_ceil(1024)).or(v.rss_mib);
+        if let Some(r) = resident {
             a.vm_rss.insert(v.name.clone(), r);
         }
     }
