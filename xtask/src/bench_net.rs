@@ -43,7 +43,7 @@ pub struct NetMigrateArgs {
     pub qemu: String,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len();
     if n == 0 {
@@ -284,7 +284,15 @@ fn echo_throughput(topo: &Topology, bytes: usize) -> anyhow::Result<f64> {
     Ok(bytes as f64 / secs / 1e6)
 }
 
-fn tern_throughput(topo: &Topology, tern: &Path, dir: &Path, bytes: usize) -> anyhow::Result<f64> {
+/// Boots the test guest under `tern` (plus `extra` arguments) on the topology's host 0 and echoes
+/// `bytes` through it; MB/s.
+pub(crate) fn tern_throughput(
+    topo: &Topology,
+    tern: &Path,
+    dir: &Path,
+    bytes: usize,
+    extra: &[&str],
+) -> anyhow::Result<f64> {
     let ip = Topology::guest_addr(0);
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &topo.host_ns(0)])
@@ -302,7 +310,8 @@ fn tern_throughput(topo: &Topology, tern: &Path, dir: &Path, bytes: usize) -> an
         .arg("--api-sock")
         .arg(dir.join("tput.sock"))
         .arg("--runtime-dir")
-        .arg(dir);
+        .arg(dir)
+        .args(extra);
     let vm = Proc::spawn(c)?;
     vm.wait_line("NET up")?;
     let _ = Command::new(tern)
@@ -397,7 +406,7 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         );
         qemu_stalls.push(q.echo.max_stall_ms);
     }
-    let tt = tern_throughput(&topo, &tern, &dir, args.throughput_bytes)?;
+    let tt = tern_throughput(&topo, &tern, &dir, args.throughput_bytes, &[])?;
     let qt = qemu_throughput(&topo, &args, &elf, tsc_hz, &dir)?;
     let _ = std::fs::remove_dir_all(&dir);
 
