@@ -513,7 +513,27 @@ fn record_server(client: impl FnOnce(std::net::SocketAddr)) -> Result<Vec<u8>> {
 fn nbd_client_script(script: u8, addr: std::net::SocketAddr) {
     let timeout = Duration::from_secs(5);
     match script & 3 {
-        0 | 1 => {
+        1 => {
+            let Ok(c) = tern_nbd::SharedClient::connect_timeout(addr, "m", timeout) else {
+                return;
+            };
+            let mut buf = vec![0u8; if script & 4 != 0 { 8192 } else { 512 }];
+            let _ = c.read(0, &mut buf);
+            if script & 8 != 0 {
+                let _ = c.write(4096, &buf[..512], script & 16 != 0);
+            }
+            if script & 32 != 0 {
+                let _ = c.flush();
+            }
+            if script & 64 != 0 {
+                let _ = c.trim(0, 4096);
+            }
+            if script & 128 != 0 {
+                let _ = c.write_zeroes(0, 4096, false);
+            }
+            let _ = c.read(512, &mut buf[..512]);
+        }
+        0 => {
             let Ok(mut c) = tern_nbd::Client::connect_timeout(addr, "m", timeout) else {
                 return;
             };
@@ -545,7 +565,7 @@ fn nbd_client_script(script: u8, addr: std::net::SocketAddr) {
 
 fn nbd_client() -> Result<Vec<Vec<u8>>> {
     let mut seeds = Vec::new();
-    for script in [0x00u8, 0x04, 0xf8, 0xfc, 0x02, 0x03] {
+    for script in [0x00u8, 0x04, 0xf8, 0xfc, 0x01, 0xfd, 0x02, 0x03] {
         let server = record_server(|addr| nbd_client_script(script, addr))
             .with_context(|| format!("recording the NBD server for script {script:#x}"))?;
         seeds.push([vec![script], server].concat());
