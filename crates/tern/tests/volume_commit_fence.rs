@@ -139,29 +139,42 @@ fn a_coordinator_frozen_mid_commit_cannot_commit_after_its_successor() {
     // Nothing node 2 does can mend the LUN from here; node 1 resumes mid-commit.
     signal(pid2, "-STOP");
     signal(pid1, "-CONT");
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(1000));
     let after = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
     signal(pid2, "-CONT");
-    assert_eq!(
-        (after.meta.generation, after.meta.seq),
-        (g2, before.meta.seq),
-        "the frozen coordinator's commit landed after its successor's (node 1 log:\n{})",
+    // Node 2's session may run out while it is frozen, and node 1 may legitimately take office
+    // again (a higher generation still); what must never be is node 1's stale commit (or the
+    // LUN falling back to node 1's older generation).
+    assert!(
+        after.meta.generation >= g2,
+        "the LUN went back to generation {} (< {g2}): the frozen coordinator's late header \
+         landed over its successor's commit (node 1 log:\n{})",
+        after.meta.generation,
         log(1)
     );
-    assert!(
-        !after.meta.files.contains_key("late.raw"),
-        "node 1's late create became valid"
-    );
+    if after.meta.generation == g2 {
+        assert_eq!(
+            after.meta.seq, before.meta.seq,
+            "node 1's commit under {g2}?"
+        );
+        assert!(
+            !after.meta.files.contains_key("late.raw"),
+            "node 1's late create became valid"
+        );
+    }
 
-    // The cluster carries on under node 2: the create, retried there, and another one.
+    // The cluster carries on: the create, retried at the coordinator, and another one.
     let status = create.wait().unwrap();
-    assert!(status.success(), "the create retried at node 2 failed");
+    assert!(
+        status.success(),
+        "the create retried at the new coordinator failed"
+    );
     let (code, _, err) = tern_cmd(&[
         "volume", "create", "next.raw", "--size", "4M", "--node", &n2,
     ]);
     assert_eq!(code, 0, "{err}");
     let fin = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
-    assert_eq!(fin.meta.generation, g2);
+    assert!(fin.meta.generation >= g2);
     assert!(fin.meta.files.contains_key("late.raw") && fin.meta.files.contains_key("next.raw"));
     drop((p1, p2));
 }
