@@ -166,6 +166,7 @@ fn simulated_cluster(hosts: usize) -> Controller {
                 state: ObservedState::Running,
                 cpu_utilization: Some(0.2),
                 rss_mib: Some(4096),
+                guest_resident_kib: None,
                 dirty_pages_per_sec: None,
             })
             .collect();
