@@ -78,7 +78,7 @@ pub enum MigrateError {
         source: std::io::Error,
     },
     /// The connection failed while sending.
-    #[error("Connection to the target failed")]
+    #[error("Connection to the target failed{}", stalled_hint(.0))]
     Connection(#[source] std::io::Error),
     /// Reading the target's answer failed.
     #[error("Reading from the target failed")]
@@ -104,6 +104,17 @@ pub enum MigrateError {
     /// Commit was sent but the target's answer never came; the source stays paused.
     #[error("No answer to commit: the target may be running, the source stays paused")]
     InDoubt(#[source] Option<ReadFrameError>),
+}
+
+/// What a send that ran into the socket's write timeout means (the OS reports it as `EAGAIN`,
+/// "Resource temporarily unavailable"): the target stopped taking data.
+fn stalled_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            " (it took no data within the write timeout: the target is frozen or the link is down)"
+        }
+        _ => "",
+    }
 }
 
 /// A migration that did not complete: the error and the report (outcome, figures).
@@ -827,4 +838,22 @@ fn session_id() -> u64 {
     );
     h.write_u32(std::process::id());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_timeout_is_named_as_a_stalled_target() {
+        let stalled = MigrateError::Connection(std::io::ErrorKind::WouldBlock.into());
+        assert!(
+            stalled
+                .to_string()
+                .contains("took no data within the write timeout"),
+            "{stalled}"
+        );
+        let reset = MigrateError::Connection(std::io::ErrorKind::ConnectionReset.into());
+        assert_eq!(reset.to_string(), "Connection to the target failed");
+    }
 }
