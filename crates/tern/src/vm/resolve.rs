@@ -102,23 +102,36 @@ fn answer_on<S: Read + Write>(mut s: S, vm: &Vm) -> anyhow::Result<()> {
     BufReader::new((&mut s).take(QUERY.len() as u64)).read_line(&mut line)?;
     anyhow::ensure!(line == QUERY, "not a status query: {line:?}");
     let st = vm.status();
-    let reply = serde_json::json!({
-        "committed": true,
-        "state": st.state,
-        "name": st.name,
-        "vcpus": st.vcpus,
-        "memory_mib": st.memory_mib,
-    });
+    let reply = serde_json::to_string(&Committed {
+        committed: true,
+        state: st.state,
+        name: st.name,
+        vcpus: st.vcpus,
+        memory_mib: st.memory_mib,
+    })?;
     s.write_all(format!("{reply}\n").as_bytes())?;
     s.flush()?;
     Ok(())
+}
+
+/// A committed target's answer to [`QUERY`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Committed {
+    /// Always true: only a committed target answers.
+    committed: bool,
+    /// The VM's state there.
+    state: tern_api::vmm::RunState,
+    name: String,
+    vcpus: u8,
+    memory_mib: u64,
 }
 
 /// What the target's address said.
 #[derive(Debug)]
 enum Verdict {
     /// It committed and has a VM of this shape in this state.
-    Committed(serde_json::Value),
+    Committed(Committed),
     /// Nothing listens there.
     Gone(String),
     /// No usable answer.
@@ -164,8 +177,8 @@ fn ask(to: &str, tls: Option<(&TlsDir, &str)>) -> Verdict {
     };
     match line {
         Err(e) => Verdict::Unknown(format!("{to} gave no answer: {e:#}")),
-        Ok(line) => match serde_json::from_str::<serde_json::Value>(line.trim()) {
-            Ok(v) if v["committed"] == true => Verdict::Committed(v),
+        Ok(line) => match serde_json::from_str::<Committed>(line.trim()) {
+            Ok(c) if c.committed => Verdict::Committed(c),
             _ => Verdict::Unknown(format!("{to} answered something else: {:?}", line.trim())),
         },
     }
@@ -211,15 +224,13 @@ pub fn run(
     };
     let verdict = ask(to, tls_dir.as_ref().map(|(t, n)| (t, n.as_str())));
     match verdict {
-        Verdict::Committed(v)
-            if v["vcpus"] == u64::from(here.vcpus) && v["memory_mib"] == here.memory_mib =>
-        {
+        Verdict::Committed(v) if v.vcpus == here.vcpus && v.memory_mib == here.memory_mib => {
             tern_vmctl::request(sock, &Request::Shutdown)
                 .with_context(|| format!("the target runs the VM, but stopping {what} failed"))?;
             eprintln!(
                 "tern: the target {to} committed the migration and has the VM ({} there); \
                  the paused copy here is stopped",
-                v["state"].as_str().unwrap_or("?")
+                serde_json::to_string(&v.state)?.trim_matches('"')
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -227,7 +238,7 @@ pub fn run(
             eprintln!(
                 "tern: still in doubt: {to} runs a VM of another shape ({} vCPUs, {} MiB; here {} vCPUs, \
                  {} MiB), not this one's copy; nothing changed (the VM stays paused here)",
-                v["vcpus"], v["memory_mib"], here.vcpus, here.memory_mib
+                v.vcpus, v.memory_mib, here.vcpus, here.memory_mib
             );
             Ok(ExitCode::from(3))
         }
