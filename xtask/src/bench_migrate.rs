@@ -83,10 +83,10 @@ pub struct MigrateArgs {
 static TERN_SECCOMP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 fn seccomp_args() -> Vec<&'static str> {
-    TERN_SECCOMP
-        .get()
-        .map(|m| vec!["--seccomp", m.as_str()])
-        .unwrap_or_default()
+    match TERN_SECCOMP.get() {
+        Some(m) => vec!["--seccomp", m.as_str()],
+        None => Vec::new(),
+    }
 }
 
 pub(crate) struct Workload {
@@ -400,22 +400,27 @@ fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
     })
 }
 
-/// Tern's report's `downtime_steps` as (step, ms, bytes).
-fn downtime_steps(r: &serde_json::Value) -> Vec<(String, f64, f64)> {
-    r["downtime_steps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| {
-                    Some((
-                        s["step"].as_str()?.to_string(),
-                        s["us"].as_f64()? / 1000.0,
-                        s["bytes"].as_f64()?,
-                    ))
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+/// One step of Tern's report's `downtime_steps`.
+#[derive(Debug, serde::Deserialize)]
+struct DowntimeStep {
+    step: String,
+    us: f64,
+    bytes: f64,
+}
+
+/// Tern's report's `downtime_steps` as (step, ms, bytes); a report without them or with a
+/// malformed step is an error.
+fn downtime_steps(r: &serde_json::Value) -> anyhow::Result<Vec<(String, f64, f64)>> {
+    let steps: Vec<DowntimeStep> = serde_json::from_value(
+        r.get("downtime_steps")
+            .cloned()
+            .context("the migration report has no downtime_steps")?,
+    )
+    .context("the migration report's downtime_steps")?;
+    Ok(steps
+        .into_iter()
+        .map(|s| (s.step, s.us / 1000.0, s.bytes))
+        .collect())
 }
 
 /// The pause step by step over the runs that ended well: per step (in the first run's order)
@@ -528,7 +533,7 @@ pub(crate) fn tern_run(
             vmm_downtime_ms: num(&r, &["downtime_ms"])?,
             throttle_max_pct: num(&r, &["throttle_max_pct"])?,
             work: work_rate(&src.seen, started),
-            steps: downtime_steps(&r),
+            steps: downtime_steps(&r)?,
         })
     })();
     src.stop();
@@ -1056,6 +1061,7 @@ mod tests {
         .unwrap();
         let run = |scale: f64, end: RunEnd| Sample {
             steps: downtime_steps(&r)
+                .unwrap()
                 .into_iter()
                 .map(|(n, ms, b)| (n, ms * scale, b))
                 .collect(),
