@@ -59,6 +59,18 @@ pub fn max_file_size(extent_count: u32) -> u64 {
 /// Longest file name.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// The most logical extents all files of a volume may map together on a small volume: 16 TiB of
+/// file sizes, whose maps take 64 MiB in every node's memory. Thin files over-commit the volume
+/// up to this; without a bound, a metadata slot of thin 1 TiB files would make every node that
+/// reads it build ~100 GiB of maps.
+pub const MAX_MAPPED_EXTENTS: u64 = 1 << 24;
+
+/// The most logical extents all files of a volume of `extent_count` extents may map together:
+/// [`MAX_MAPPED_EXTENTS`], or four times the volume's extents if that is more.
+pub fn max_mapped_extents(extent_count: u32) -> u64 {
+    MAX_MAPPED_EXTENTS.max(4 * u64::from(extent_count))
+}
+
 /// A node of the cluster (1-based; 0 is never a node).
 pub type NodeId = u32;
 
@@ -289,6 +301,7 @@ impl Metadata {
         let n = d.u32()?;
         let mut files = BTreeMap::new();
         let mut used = vec![false; extent_count as usize];
+        let mut mapped = 0u64;
         for _ in 0..n {
             let name = std::str::from_utf8(d.bytes16()?)
                 .map_err(|_| MetadataError::Malformed)?
@@ -319,6 +332,13 @@ impl Metadata {
             if want > u64::from(extent_count) && preallocated {
                 return Err(MetadataError::Inconsistent(format!(
                     "{name}: larger than the volume"
+                )));
+            }
+            mapped += want;
+            if mapped > max_mapped_extents(extent_count) {
+                return Err(MetadataError::Inconsistent(format!(
+                    "the files map more than {} extents in total (at {name})",
+                    max_mapped_extents(extent_count)
                 )));
             }
             let nruns = d.u32()? as usize;
@@ -656,6 +676,40 @@ mod tests {
             Metadata::decode_payload(&payload(EXTENT_SIZE, &[], u32::MAX), 1, 1, EXTENTS),
             Err(MetadataError::Malformed)
         ));
+    }
+
+    /// Thin 1 TiB files, each one hole run (41 bytes of payload for 4 MiB of map): past the
+    /// volume-wide bound the payload is refused at the file that crosses it, before its map is
+    /// built, so a slot full of them cannot exhaust a node's memory.
+    #[test]
+    fn thin_files_map_at_most_the_volume_wide_bound_together() {
+        let tib = MAX_FILE_SIZE;
+        let per_file = extents_for(tib);
+        let files = (MAX_MAPPED_EXTENTS / per_file) as u32 + 1;
+        let mut e = Enc::default();
+        e.u32(files);
+        for i in 0..files {
+            e.bytes16(format!("thin{i}").as_bytes());
+            e.u64(tib);
+            e.u8(0);
+            e.u64(1);
+            e.u32(0);
+            e.u32(0);
+            e.u32(1);
+            e.u32(HOLE);
+            e.u32(per_file as u32);
+        }
+        let e = Metadata::decode_payload(&e.0, 1, 1, EXTENTS).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!(
+                "more than {MAX_MAPPED_EXTENTS} extents in total (at thin{})",
+                files - 1
+            )),
+            "{e}"
+        );
+        // a large volume allows four times its extents
+        assert_eq!(max_mapped_extents(1 << 23), 4 << 23);
+        assert_eq!(max_mapped_extents(EXTENTS), MAX_MAPPED_EXTENTS);
     }
 
     #[test]

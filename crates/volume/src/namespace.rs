@@ -4,7 +4,8 @@
 
 #![deny(clippy::disallowed_methods)]
 use crate::format::{
-    EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, max_file_size, valid_name,
+    EXTENT_SIZE, FileEntry, HOLE, LeaseRecord, Metadata, extents_for, max_file_size,
+    max_mapped_extents, valid_name,
 };
 
 /// Why a namespace operation was refused.
@@ -46,6 +47,19 @@ pub enum NamespaceError {
         name: String,
         /// Holder.
         holder: u32,
+    },
+    /// The files would map more logical extents together than the volume allows
+    /// ([`max_mapped_extents`]): thin files over-commit the volume only so far.
+    #[error(
+        "Too much thin over-commit: the files would map {total} extents of 1 MiB in total, the \
+         most this volume takes is {max} (its size times four, at least 16 TiB); delete or \
+         shrink files first"
+    )]
+    OverCommitted {
+        /// Extents all files would map.
+        total: u64,
+        /// The most allowed.
+        max: u64,
     },
     /// Logical extent beyond the file.
     #[error("Offset beyond the end of {0:?}")]
@@ -92,6 +106,16 @@ fn check_size(size: u64, extent_count: u32) -> Result<(), NamespaceError> {
     Ok(())
 }
 
+/// Refuses a change that makes all files map more than [`max_mapped_extents`] together.
+fn check_mapped(m: &Metadata, extent_count: u32, add: u64) -> Result<(), NamespaceError> {
+    let total = m.files.values().map(|f| f.map.len() as u64).sum::<u64>() + add;
+    let max = max_mapped_extents(extent_count);
+    if total > max {
+        return Err(NamespaceError::OverCommitted { total, max });
+    }
+    Ok(())
+}
+
 fn bump(m: &Metadata) -> Metadata {
     let mut next = m.clone();
     next.seq = m.seq + 1;
@@ -114,6 +138,7 @@ pub fn create(
     }
     check_size(size, extent_count)?;
     let n = extents_for(size);
+    check_mapped(m, extent_count, n)?;
     let (map, zero) = if preallocated {
         let ext = take_free(m, extent_count, n)?;
         (ext.clone(), ext)
@@ -174,6 +199,7 @@ pub fn resize(
     let old_n = f.map.len() as u64;
     let new_n = extents_for(size);
     let add = new_n - old_n;
+    check_mapped(m, extent_count, add)?;
     let mut zero = Vec::new();
     let mut extra = vec![HOLE; add as usize];
     if f.preallocated && add > 0 {
@@ -267,6 +293,44 @@ pub fn extent_index(offset: u64) -> u64 {
 mod tests {
     use super::*;
     use crate::format::MAX_FILE_SIZE;
+
+    #[test]
+    fn thin_over_commit_stops_at_the_volume_wide_map_bound() {
+        use crate::format::MAX_MAPPED_EXTENTS;
+        let per_file = MAX_FILE_SIZE / EXTENT_SIZE;
+        let fit = MAX_MAPPED_EXTENTS / per_file;
+        let mut m = Metadata::default();
+        for i in 0..fit {
+            m = create(&m, 4, &format!("t{i}"), MAX_FILE_SIZE, false)
+                .unwrap()
+                .next;
+        }
+        let e = create(&m, 4, "one-more", EXTENT_SIZE, false).unwrap_err();
+        assert_eq!(
+            e,
+            NamespaceError::OverCommitted {
+                total: MAX_MAPPED_EXTENTS + 1,
+                max: MAX_MAPPED_EXTENTS
+            }
+        );
+        assert!(e.to_string().contains("Too much thin over-commit"), "{e}");
+        // growing a file past the bound is refused the same way
+        let mut m = delete(&m, "t0").unwrap().next;
+        for name in ["r", "s"] {
+            m = create(&m, 4, name, EXTENT_SIZE, false).unwrap().next;
+        }
+        let e = resize(&m, 4, "s", MAX_FILE_SIZE).unwrap_err();
+        assert_eq!(
+            e,
+            NamespaceError::OverCommitted {
+                total: MAX_MAPPED_EXTENTS + 1,
+                max: MAX_MAPPED_EXTENTS
+            }
+        );
+        // without "r" it fits exactly
+        let m = delete(&m, "r").unwrap().next;
+        assert!(resize(&m, 4, "s", MAX_FILE_SIZE).is_ok());
+    }
 
     #[test]
     fn resizing_past_the_largest_file_is_a_typed_error_naming_size_and_range() {

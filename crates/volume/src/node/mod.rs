@@ -127,7 +127,7 @@ fn ns_err(e: NamespaceError) -> ControlError {
         | NamespaceError::OutOfRange(_) => ErrorKind::Invalid,
         NamespaceError::Exists(_) => ErrorKind::Exists,
         NamespaceError::NotFound(_) => ErrorKind::NotFound,
-        NamespaceError::NoSpace { .. } => ErrorKind::NoSpace,
+        NamespaceError::NoSpace { .. } | NamespaceError::OverCommitted { .. } => ErrorKind::NoSpace,
         NamespaceError::Busy { .. } => ErrorKind::Busy,
     };
     ControlError::new(kind, e.to_string())
