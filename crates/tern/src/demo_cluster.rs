@@ -341,15 +341,16 @@ pub fn demo_policy(base: Policy, step_s: u64) -> Policy {
     policy
 }
 
-/// The median of `secs` in samples of `step_s` (at least one), or `default` without data.
-fn median_samples(mut secs: Vec<f64>, step_s: u64, default: u32) -> u32 {
+/// The median of `secs`, if any is a number of seconds.
+fn median_s(mut secs: Vec<f64>) -> Option<f64> {
     secs.retain(|s| s.is_finite() && *s >= 0.0);
-    if secs.is_empty() {
-        return default;
-    }
     secs.sort_by(f64::total_cmp);
-    let m = secs[secs.len() / 2];
-    ((m / step_s as f64).ceil() as u32).max(1)
+    secs.get(secs.len() / 2).copied()
+}
+
+/// `secs` in whole samples of `step_s`, at least one.
+fn in_samples(secs: f64, step_s: u64) -> u32 {
+    ((secs / step_s as f64).ceil() as u32).max(1)
 }
 
 /// Runs the simulator on the demo's hosts, VMs and traces (as the agents report them: the trace
@@ -832,16 +833,15 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let values: Vec<Vec<u8>> = traces.iter().map(|(_, v)| v.clone()).collect();
     // the simulated side: the same loop, from the same start, its actions taking the live
     // run's median times
-    let migration_samples = median_samples(
+    let migration_s = median_s(
         migrations
             .iter()
             .filter(|t| t.state == TaskState::Succeeded)
             .filter_map(|t| Some(t.finished_ms?.saturating_sub(t.created_ms) as f64 / 1000.0))
             .collect(),
-        args.step_s,
-        1,
     );
-    let power_on_samples = median_samples(
+    let migration_samples = migration_s.map_or(1, |s| in_samples(s, args.step_s));
+    let power_on_s = median_s(
         plans
             .iter()
             .filter(|p| p.state == PlanState::Applied)
@@ -852,9 +852,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
             })
             .filter_map(|p| Some(p.finished_ms?.saturating_sub(p.created_ms) as f64 / 1000.0))
             .collect(),
-        args.step_s,
-        1,
     );
+    let power_on_samples = power_on_s.map_or(1, |s| in_samples(s, args.step_s));
     let live_start = LiveStart::from_api(&start_hosts, &start_vms, &trace_offsets)?;
     let played = PlayedLoad {
         traces: &values,
@@ -876,7 +875,11 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let sim_lost: f64 = replayed
         .migrated
         .iter()
-        .map(|vm| 0.1 * f64::from(migration_samples) * args.step_s as f64 * mean_of(vm))
+        // a simulated migration lasts what a live one took (the median), as the live PDM counts
+        .map(|vm| {
+            0.1 * migration_s.unwrap_or(f64::from(migration_samples) * args.step_s as f64)
+                * mean_of(vm)
+        })
         .sum();
     let sim_demand: f64 = (1..=VMS).map(|i| mean_of(&format!("vm{i}"))).sum::<f64>()
         * (samples as u64 * args.step_s) as f64;
