@@ -541,13 +541,15 @@ impl Vm {
     }
 
     /// Announces every NIC's new location on the network (RARP, and gratuitous ARP when the
-    /// guest's IPv4 address is known) out of its tap, on the configured schedule, from a thread;
-    /// the handle yields the number of frames sent. The resume after `restore_state` calls it.
+    /// guest's IPv4 address is known) out of its tap, on the configured schedule: the rounds due
+    /// at once on this thread before it returns, the rest from a thread whose handle yields the
+    /// number of frames it sent. The resume after `restore_state` calls it before the vCPUs run.
     pub fn announce_network(&self) -> std::io::Result<JoinHandle<usize>> {
-        devices::spawn_announcer(
-            self.shared.devices.clone(),
-            self.shared.config.announce.clone(),
-        )
+        let (now, later) = self.shared.config.announce.split_now();
+        for _ in 0..now {
+            self.shared.devices.announce_round();
+        }
+        devices::spawn_announcer(self.shared.devices.clone(), later)
     }
 
     /// The CPUID entries vCPU 0 was given.

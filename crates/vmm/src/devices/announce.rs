@@ -38,6 +38,18 @@ impl AnnounceSchedule {
         AnnounceSchedule { offsets: vec![] }
     }
 
+    /// Splits off the rounds due at once (offset 0): how many there are, and the schedule of the
+    /// rest (offsets unchanged). The resume sends the first on its own thread before the guest
+    /// runs, since a new thread can take milliseconds to start on a loaded host and every frame the
+    /// network still sends to the old host meanwhile is lost.
+    pub fn split_now(&self) -> (usize, AnnounceSchedule) {
+        let now = self.offsets.iter().take_while(|o| o.is_zero()).count();
+        let later = AnnounceSchedule {
+            offsets: self.offsets[now..].to_vec(),
+        };
+        (now, later)
+    }
+
     /// Parses `0,50,200,450,800` (milliseconds) or `off`.
     pub fn parse(s: &str) -> Option<Self> {
         if s == "off" || s == "none" {
@@ -162,6 +174,18 @@ mod tests {
         assert_eq!(AnnounceSchedule::parse("off").unwrap().offsets.len(), 0);
         assert_eq!(AnnounceSchedule::parse("5,x"), None);
         assert_eq!(AnnounceSchedule::parse(""), None);
+    }
+
+    #[test]
+    fn the_rounds_due_at_once_are_split_off() {
+        let (now, later) = AnnounceSchedule::default().split_now();
+        assert_eq!(now, 1);
+        assert_eq!(later, AnnounceSchedule::from_millis(&[50, 200, 450, 800]));
+        let (now, later) = AnnounceSchedule::from_millis(&[0, 0, 30]).split_now();
+        assert_eq!((now, later.offsets.len()), (2, 1));
+        let (now, later) = AnnounceSchedule::from_millis(&[10, 20]).split_now();
+        assert_eq!((now, later.offsets.len()), (0, 2));
+        assert_eq!(AnnounceSchedule::disabled().split_now().0, 0);
     }
 
     #[test]
