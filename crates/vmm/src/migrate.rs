@@ -21,6 +21,24 @@ use crate::devices::block_backend::BlockBackend;
 use crate::state;
 use crate::vm::Vm;
 
+/// The nice value every migration thread (source and target) runs at: when the host is short of
+/// CPU the guest's vCPUs and device threads come first, and the copy takes what is left. With
+/// `tern demo` (20,000 pages/s writer, 2 loaded cores) the source guest stopped for up to
+/// 65–135 ms at a time during pre-copy at nice 0 (its own heartbeat gaps, and the client's TCP
+/// echo waited as long), 3–8 ms at nice 10; total time and downtime did not grow.
+pub const MIGRATION_THREAD_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`MIGRATION_THREAD_NICE`] (run first by every
+/// migration thread, before its seccomp filter); a failure leaves the priority as it was.
+pub fn lower_this_threads_priority() {
+    // SAFETY: plain syscalls on the calling thread's own id (Linux nice values are per thread);
+    // no memory is passed.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, MIGRATION_THREAD_NICE);
+    }
+}
+
 /// Lists the disk backends of this process's VM whose write ownership moves with it (the
 /// embedding program opened them through a registered scheme and keeps a handle).
 pub type HandoverDisks = Box<dyn Fn() -> Vec<Arc<dyn BlockBackend>> + Send + Sync>;

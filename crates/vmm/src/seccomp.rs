@@ -237,7 +237,10 @@ pub fn configure(mode: SeccompMode, opts: FilterOptions) -> Result<(), SeccompEr
     if mode == SeccompMode::Kill {
         install_sigsys_handler()?;
     }
-    tern_migration::thread_start::set_hook(|| enter_or_exit(ThreadKind::Migration));
+    tern_migration::thread_start::set_hook(|| {
+        crate::migrate::lower_this_threads_priority();
+        enter_or_exit(ThreadKind::Migration)
+    });
     CONFIG
         .set(Compiled {
             mode,
@@ -860,6 +863,8 @@ fn allowed(kind: ThreadKind, pid: u32, opts: FilterOptions) -> Rules {
         ThreadKind::Api | ThreadKind::Main => {
             files_and_sockets(&mut r);
             spawn_threads(&mut r);
+            // A migration thread they spawn lowers its own priority before its filter goes on.
+            allow(&mut r, &[SYS_setpriority]);
             allow_ioctls(
                 &mut r,
                 &[
