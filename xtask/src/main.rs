@@ -11,6 +11,7 @@ mod bench_migrate;
 mod bench_net;
 mod bench_park;
 mod bench_sim;
+mod bench_soak;
 mod bench_tls;
 mod bench_volume;
 mod ci;
@@ -69,6 +70,10 @@ enum Bench {
     /// What trust costs: migration over mutual TLS vs plain and vs QEMU's TLS migration, NBD over
     /// TLS vs `qemu-nbd --tls-creds`, seccomp's cost on the guest's echo throughput.
     Tls(bench_tls::Args),
+    /// Migration soak: N consecutive live migrations between two netns hosts of a guest writing
+    /// memory, with a shared-volume disk and a TCP client; failures, broken connections, pauses,
+    /// VMM and volume-node RSS and file descriptors per hop (goal: flat).
+    Soak(bench_soak::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -86,5 +91,6 @@ fn main() -> anyhow::Result<()> {
         Task::Bench(Bench::Cluster(args)) => bench_cluster::run(args),
         Task::Bench(Bench::Automation(args)) => bench_automation::run(args),
         Task::Bench(Bench::Tls(args)) => bench_tls::run(args),
+        Task::Bench(Bench::Soak(args)) => bench_soak::run(args),
     }
 }
