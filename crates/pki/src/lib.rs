@@ -48,6 +48,8 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+#[cfg(feature = "http")]
+pub mod http;
 mod tls;
 
 pub use ca::{InitError, IssueError, IssueOptions, init_ca, init_ca_with, issue};

@@ -46,10 +46,9 @@ pub(crate) fn router(events: mpsc::Sender<Event>, command_timeout: Duration, tls
     }
 }
 
-/// The verified client certificate of a TLS connection (every one has a certificate: the agent
-/// requires it in the handshake).
-#[derive(Debug, Clone)]
-pub(crate) struct PeerCert(pub Option<tern_pki::Identity>);
+// The verified client certificate of a TLS connection (every one has a certificate: the agent
+// requires it in the handshake).
+use tern_pki::http::PeerCert;
 
 /// Over TLS: commands only from a controller's certificate; reads from any of the CA's.
 async fn only_controllers_command(
@@ -78,50 +77,13 @@ async fn only_controllers_command(
     next.run(req).await
 }
 
-/// How long a client has to complete the TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves `router` over mutual TLS until the process ends (see the module docs); a failed
-/// handshake is logged and dropped, an `accept` error retried.
+/// Serves `router` over mutual TLS until the process ends (see the module docs).
 pub(crate) async fn serve_tls(
     listener: tokio::net::TcpListener,
     router: Router,
     config: Arc<rustls::ServerConfig>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("tern agent: accept failed ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    eprintln!("tern agent: refused a connection from {from}: TLS handshake: {e}");
-                    return;
-                }
-                Err(_) => {
-                    eprintln!(
-                        "tern agent: dropped a connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
-                    );
-                    return;
-                }
-            };
-            let peer = tern_pki::peer_identity(stream.get_ref().1).ok();
-            let svc = router.layer(axum::Extension(PeerCert(peer)));
-            let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+    tern_pki::http::serve_tls(listener, router, config, "tern agent").await;
 }
 
 fn error(code: StatusCode, error: &str, detail: String) -> Response {

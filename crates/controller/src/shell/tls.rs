@@ -10,18 +10,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::Router;
-use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tern_pki::{Identity, TlsDir};
 
-/// How long a client has to complete the TLS handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use tern_pki::http::{HANDSHAKE_TIMEOUT, PeerCert, serve_tls};
 
 /// Why a `--tls-dir` could not be turned into a server configuration.
 #[derive(Debug, thiserror::Error)]
@@ -44,11 +40,6 @@ pub enum TlsSetupError {
         why: String,
     },
 }
-
-/// The verified certificate of the connection a request came on (`None`: the client presented
-/// none). Inserted into every request's extensions by [`serve_tls`].
-#[derive(Debug, Clone)]
-pub struct PeerCert(pub Option<Identity>);
 
 /// The controller's TLS settings: its own identity and the server configuration.
 #[derive(Debug, Clone)]
@@ -113,51 +104,5 @@ impl ServerTls {
             config: Arc::new(config),
             dir: loaded,
         })
-    }
-}
-
-/// Serves `router` over TLS on `listener` until the process ends: each accepted connection must
-/// complete the handshake within [`HANDSHAKE_TIMEOUT`] (else it is logged and dropped); its
-/// verified peer certificate goes into every request as a [`PeerCert`]. An `accept` error (out of
-/// file descriptors, an aborted connection) is logged and retried, never fatal.
-pub async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    config: Arc<ServerConfig>,
-    what: &'static str,
-) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    loop {
-        let (tcp, from) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{what}: accept failed ({e}); retrying");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let acceptor = acceptor.clone();
-        let router = router.clone();
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    eprintln!("{what}: refused a connection from {from}: TLS handshake: {e}");
-                    return;
-                }
-                Err(_) => {
-                    eprintln!(
-                        "{what}: dropped a connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
-                    );
-                    return;
-                }
-            };
-            let peer = tern_pki::peer_identity(stream.get_ref().1).ok();
-            let svc = router.layer(axum::Extension(PeerCert(peer)));
-            let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
     }
 }
