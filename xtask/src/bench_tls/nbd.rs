@@ -1,30 +1,34 @@
 //! The nbd section of `cargo xtask bench tls`: 4 KiB scattered reads and writes under
-//! `qemu-img bench` (QEMU's NBD client, with a `tls-creds-x509` object) against a Tern volume
+//! `qemu-io` (QEMU's NBD client, with a `tls-creds-x509` object) against a Tern volume
 //! node started with `--tls-dir` and against `qemu-nbd --tls-creds` serving the very same bytes
 //! (the file's extents in the LUN, through a raw `offset`/`size` window); then the same with TLS
 //! off on both, for what TLS itself costs. Goal (issue 12): Tern with TLS ≥ 1× qemu-nbd with TLS.
 //!
-//! `qemu-img bench` has no random mode: a step of 7919 blocks (a prime), wrapped at the end of
-//! the 256 MiB file, scatters the offsets over the whole file instead. Tern and qemu-nbd of one
-//! phase run in alternating rounds, so a busy neighbour slows both alike; the tables give medians.
+//! `qemu-img bench` would be the natural load but takes no `--object` (QEMU 10), so it cannot
+//! use TLS: `qemu-io` runs a script instead — `read`/`write` one at a time (depth 1), or
+//! `aio_read`/`aio_write` in batches of 16 closed by `aio_flush` (depth 16). Offsets step by 7919
+//! blocks (a prime), wrapped at the end of the 256 MiB file, so they scatter over the whole
+//! file. Each run's time includes connecting (and the TLS handshake), the same for both servers.
+//! Tern and qemu-nbd of one phase run in alternating rounds, so a busy neighbour slows both
+//! alike; the tables give medians.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use tern_test_support::{ChildGuard, Etcd, free_port, wait_for};
 
 use crate::bench_common::{build_release_tern, load_average, peer_version, scratch_dir};
-use crate::bench_volume::{need, qemu_img_bench_on};
+use crate::bench_volume::need;
 
 const FILE_MIB: u64 = 256;
-/// `-S` of `qemu-img bench`, in bytes: 7919 blocks of 4 KiB.
+/// Between two offsets, in bytes: 7919 blocks of 4 KiB.
 const STEP: u64 = 7919 * 4096;
 const DEPTHS: [u32; 2] = [1, 16];
-const OPS: u64 = 20_000;
+const OPS: u64 = 10_000;
 
-/// Where and how to reach one server: `--object`/`--image-opts` arguments for `qemu-img`.
+/// Where and how to reach one server: `--object`/`--image-opts` arguments for `qemu-io`.
 struct Target {
     args: Vec<String>,
 }
@@ -46,12 +50,50 @@ impl Target {
         Target { args }
     }
 
-    /// IOPS of one run.
+    /// IOPS of one run: `OPS` 4 KiB operations at scattered offsets, `depth` in flight (in
+    /// batches: `depth` aio requests, then `aio_flush` waits for them).
     fn iops(&self, depth: u32, write: bool) -> anyhow::Result<f64> {
-        let target: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let step = STEP.to_string();
-        let (n, secs) = qemu_img_bench_on(&target, &["-S", &step], OPS, depth, write)?;
-        Ok(n as f64 / secs)
+        let size = FILE_MIB << 20;
+        let mut script = String::new();
+        for i in 0..OPS {
+            let off = (i * STEP) % (size - 4096);
+            let cmd = match (depth, write) {
+                (1, false) => "read -q",
+                (1, true) => "write -q -P 0x5a",
+                (_, false) => "aio_read -q",
+                (_, true) => "aio_write -q -P 0x5a",
+            };
+            script.push_str(&format!("{cmd} {off} 4096\n"));
+            if depth > 1 && (i + 1) % u64::from(depth) == 0 {
+                script.push_str("aio_flush\n");
+            }
+        }
+        script.push_str(if depth > 1 {
+            "aio_flush\nflush\n"
+        } else {
+            "flush\n"
+        });
+        let mut child = Command::new("qemu-io")
+            .args(&self.args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let t = Instant::now();
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().context("qemu-io stdin")?;
+            stdin.write_all(script.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(
+            out.status.success() && out.stderr.is_empty(),
+            "qemu-io {}: {}",
+            self.args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(OPS as f64 / secs)
     }
 }
 
@@ -163,7 +205,7 @@ fn measure(runs: usize, tern: &Target, qemu: &Target) -> anyhow::Result<Table> {
 }
 
 pub fn run(runs: usize) -> anyhow::Result<()> {
-    for t in ["etcd", "qemu-nbd", "qemu-img"] {
+    for t in ["etcd", "qemu-nbd", "qemu-io"] {
         need(t)?;
     }
     let tern = build_release_tern()?;
@@ -265,9 +307,9 @@ fn bench(runs: usize, tern: &Path, dir: &Path) -> anyhow::Result<()> {
     drop(node);
 
     println!(
-        "\nNBD, 4 KiB scattered (step 7919 blocks) over a {FILE_MIB} MiB volume file, qemu-img bench \
+        "\nNBD, 4 KiB scattered (step 7919 blocks) over a {FILE_MIB} MiB volume file, qemu-io \
          ({}), {OPS} ops per run, median of {runs} runs; load average {}\n",
-        peer_version("qemu-img")?,
+        peer_version("qemu-io")?,
         load_average()
     );
     println!(
