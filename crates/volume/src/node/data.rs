@@ -227,14 +227,13 @@ impl FileHandle {
             .is_none_or(|r| r.epoch != epoch || r.generation != leader.generation);
         if stale {
             let export = format!("{}@{}.{}", self.name, self.node.cfg.node_id, epoch);
-            let client =
-                tern_nbd::SharedClient::connect_tls(
-                    &leader.addr,
-                    &export,
-                    CALL_TIMEOUT,
-                    crate::control::client_tls(),
-                )
-                .map_err(|_| Errno::Io)?;
+            let client = tern_nbd::SharedClient::connect_tls(
+                &leader.addr,
+                &export,
+                CALL_TIMEOUT,
+                crate::control::client_tls(),
+            )
+            .map_err(|_| Errno::Io)?;
             st.redirect = Some(Redirect {
                 client: Arc::new(client),
                 epoch,
