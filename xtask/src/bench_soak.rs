@@ -331,6 +331,14 @@ fn spread(name: &str, unit: &str, ys: &[f64]) {
     );
 }
 
+/// The fields of `tern vm migrate --json`'s report the soak reads.
+#[derive(Debug, serde::Deserialize)]
+struct MigrateJson {
+    outcome: String,
+    total_ms: f64,
+    downtime_ms: f64,
+}
+
 /// One hop's figures.
 #[derive(Debug, Default, Clone)]
 struct Hop {
@@ -516,12 +524,14 @@ fn soak(lab: &mut Lab, args: &Args) -> anyhow::Result<bool> {
         let report = String::from_utf8_lossy(&out.stdout)
             .lines()
             .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .unwrap_or_default();
-        let outcome = report["outcome"].as_str().unwrap_or("?").to_string();
+            .find_map(|l| serde_json::from_str::<MigrateJson>(l).ok());
+        let outcome = match &report {
+            Some(r) => r.outcome.clone(),
+            None => "no report on stdout".to_string(),
+        };
         let mut hop = Hop {
-            total_ms: report["total_ms"].as_f64().unwrap_or(f64::NAN),
-            downtime_ms: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+            total_ms: report.as_ref().map_or(f64::NAN, |r| r.total_ms),
+            downtime_ms: report.as_ref().map_or(f64::NAN, |r| r.downtime_ms),
             ..Hop::default()
         };
         let mut problem = None;
