@@ -254,7 +254,11 @@ fn handle(vm: &Vm, req: Request, opts: &ApiOptions) -> (Response, bool) {
             ..Response::ok()
         },
         Request::Pause => vm.pause().map_or_else(Response::error, |_| Response::ok()),
-        Request::Resume => vm.resume().map_or_else(Response::error, |_| Response::ok()),
+        // A source a migration left in doubt first takes back the disks it handed over; if the
+        // target took them, it stays paused.
+        Request::Resume => crate::migrate::take_back_storage()
+            .and_then(|_| vm.resume().map_err(|e| e.to_string()))
+            .map_or_else(Response::error, |_| Response::ok()),
         Request::Shutdown => return (Response::ok(), true),
         Request::Snapshot { path, stop } => return snapshot(vm, &opts.snapshot_dir, &path, stop),
         Request::Migrate(_) => Response::error("internal: migrate is served apart"),

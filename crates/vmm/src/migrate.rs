@@ -193,6 +193,41 @@ impl Drop for Throttle {
     }
 }
 
+/// Disks a migration handed over and never took back: its commit went out unanswered (in
+/// doubt), or it completed (the VMM then exits). [`take_back_storage`] gives them back before the
+/// VM may resume here.
+fn pending_handovers() -> &'static Mutex<Vec<Arc<dyn BlockBackend>>> {
+    static PENDING: OnceLock<Mutex<Vec<Arc<dyn BlockBackend>>>> = OnceLock::new();
+    PENDING.get_or_init(|| Mutex::new(Vec::new()))
+}
+
+/// Before a paused source resumes after a migration left in doubt: takes back every write lease
+/// it handed over (`abort_handover`, retried for about 2 s while a coordinator may be
+/// mid-election). The coordinator refuses once the target confirmed the hand-over (it took the
+/// disk over to run the VM): then this fails, the disk stays with the target, and the VM must
+/// stay paused. Returns how many disks came back (0: none was pending).
+pub fn take_back_storage() -> Result<usize, String> {
+    let mut pending = pending_handovers()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut back = 0;
+    while let Some(d) = pending.last() {
+        let mut r = d.abort_handover();
+        for _ in 0..4 {
+            if r.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            r = d.abort_handover();
+        }
+        // A refused disk stays pending: the VM stays paused, a later resume asks again.
+        r.map_err(|e| format!("taking the disk's write lease back: {e}"))?;
+        pending.pop();
+        back += 1;
+    }
+    Ok(back)
+}
+
 /// A running VM migrating away.
 #[derive(Debug)]
 pub struct VmSource {
@@ -234,6 +269,19 @@ impl VmSource {
             ));
         }
         Ok(())
+    }
+}
+
+impl Drop for VmSource {
+    fn drop(&mut self) {
+        // Whatever is still handed over when the migration ends stays so until a resume here
+        // takes it back (`take_back_storage`).
+        if self.handed > 0 {
+            pending_handovers()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(self.disks.drain(..self.handed));
+        }
     }
 }
 

@@ -13,7 +13,9 @@
 //!   the target answers that it committed and has the VM (same vCPUs and memory) → the paused copy
 //!   here is stopped (exit 0); nothing listens at the address (connection refused: the target's
 //!   receive is gone, and a committed one would hold the address while its VM runs) → the copy here
-//!   resumes (exit 1, "the source runs"); anything else (no route, a timeout, a frozen or silent
+//!   resumes (exit 1, "the source runs") after the VMM took back the write lease of every volume
+//!   disk the migration handed over — if the coordinator refuses (the target confirmed the
+//!   hand-over: it took the disk to run the VM), the copy stays paused (exit 3); anything else (no route, a timeout, a frozen or silent
 //!   peer, a refused TLS handshake, an answer that does not match) → nothing changes (exit 3).
 //!
 //! Debug builds only: `TERN_TEST_FAULT=crash-after-restore` in a receive's environment aborts the
@@ -243,8 +245,18 @@ pub fn run(
             Ok(ExitCode::from(3))
         }
         Verdict::Gone(why) => {
-            tern_vmctl::request(sock, &Request::Resume)
-                .with_context(|| format!("the target is gone, but resuming {what} failed"))?;
+            // The VMM's resume first takes back the write lease of every volume disk the
+            // migration handed over. The coordinator refuses that once the target confirmed the
+            // hand-over (it took the disk to run the VM, and its writes may be on it): then the
+            // copy here must not run either, and it stays paused, in doubt.
+            if let Err(e) = tern_vmctl::request(sock, &Request::Resume) {
+                eprintln!(
+                    "tern: still in doubt: {why}, but {what} cannot resume: {e:#}; the VM stays \
+                     paused here (if the target took the disk over, it ran the VM there: stop \
+                     this copy and start the VM again from its disk)"
+                );
+                return Ok(ExitCode::from(3));
+            }
             eprintln!(
                 "tern: {why}: the target's receive is gone without the VM (a committed target keeps \
                  its address while the VM runs there); {what} resumed here"
