@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
 use tern_nbd::proto::{REP_ERR_POLICY, REP_ERR_TLS_REQD};
 use tern_nbd::{Client, ClientError, ClientTls};
 use tern_pki::{IssueOptions, Role, TlsDir};
@@ -313,7 +312,7 @@ fn tls_volume_nodes_serve_standard_clients_and_authorize_by_certificate() {
         .as_u64()
         .unwrap();
     // The node that is not the coordinator claims the coordinator's id.
-    let (other, other_dir) = if coord_id == 1 { (2, &n2) } else { (1, &n1) };
+    let (other_id, other_dir) = if coord_id == 1 { (2, &n2) } else { (1, &n1) };
     let victim = coord_id;
     let export = format!("disk@{victim}.{epoch}");
     match Client::connect_tls(&coord_addr, &export, T, Some(&client_tls(other_dir))) {
@@ -321,7 +320,7 @@ fn tls_volume_nodes_serve_standard_clients_and_authorize_by_certificate() {
             assert_eq!(reply, REP_ERR_POLICY, "{message}");
             assert!(message.contains(&format!("node-{victim}")), "{message}");
         }
-        other => panic!("node {other:?} opened {export}"),
+        other => panic!("node {other_id} opened {export}: {other:?}"),
     }
     let forged = Envelope {
         forwarded: true,
