@@ -251,16 +251,7 @@ impl Cell {
     }
 
     fn resolve(&self) -> (i32, String) {
-        let (rc, _, err) = tern_cmd(&[
-            "vm",
-            "migrate",
-            "--api-sock",
-            self.src_sock.to_str().unwrap(),
-            "--to",
-            &format!("127.0.0.1:{}", self.port),
-            "--resolve",
-        ]);
-        (rc, err)
+        common::resolve_in_doubt(&self.src_sock, self.port)
     }
 
     /// The heartbeats of `vm` advance by at least 5 within 1.5 s.

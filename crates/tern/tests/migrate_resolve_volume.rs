@@ -143,16 +143,7 @@ impl Setup {
 
     /// `tern vm migrate --resolve` against the target's own address.
     fn resolve(&self) -> (i32, String) {
-        let (rc, _, err) = tern_cmd(&[
-            "vm",
-            "migrate",
-            "--api-sock",
-            self.src_sock.to_str().unwrap(),
-            "--to",
-            &format!("127.0.0.1:{}", self.port),
-            "--resolve",
-        ]);
-        (rc, err)
+        common::resolve_in_doubt(&self.src_sock, self.port)
     }
 
     fn src_state(&self) -> String {

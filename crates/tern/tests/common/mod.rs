@@ -130,6 +130,21 @@ impl Drop for RunningVm {
     }
 }
 
+/// `tern vm migrate --resolve` for the VM behind `src_sock`, asking the target that listened on
+/// 127.0.0.1:`port`: its exit code and stderr.
+pub fn resolve_in_doubt(src_sock: &Path, port: u16) -> (i32, String) {
+    let (rc, _, err) = tern_cmd(&[
+        "vm",
+        "migrate",
+        "--api-sock",
+        src_sock.to_str().unwrap(),
+        "--to",
+        &format!("127.0.0.1:{port}"),
+        "--resolve",
+    ]);
+    (rc, err)
+}
+
 /// Runs `tern ARGS…` to completion and returns (exit code, stdout, stderr).
 pub fn tern_cmd(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(tern()).args(args).output().expect("run tern");
