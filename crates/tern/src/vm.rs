@@ -147,7 +147,8 @@ pub struct ReceiveArgs {
     /// Accept only mutual TLS from a source holding a host certificate of this directory's CA
     /// (`tern pki issue --role host`); plain connections are refused. Connections that fail
     /// (plain TCP, scans, other CAs, expired or user certificates) are logged and dropped while
-    /// the receive keeps waiting.
+    /// the receive keeps waiting. The same certificate is what `volume://` disks present to
+    /// their node (as `tern vm run --tls-dir`).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
     /// Directory of runtime entries.
@@ -213,6 +214,11 @@ pub struct RunArgs {
     /// Who may use the API socket, and where snapshots go.
     #[command(flatten)]
     pub local: local::LocalArgs,
+    /// The certificate `volume://` disks present to their node (a `tern pki issue --role host`
+    /// directory, normally this host's): the NBD connection runs NBD_OPT_STARTTLS with it and
+    /// the lease messages go over TLS. Needed when the node runs with --tls-dir.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Directory of runtime entries.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
     pub runtime_dir: PathBuf,
@@ -269,6 +275,8 @@ pub(crate) fn kernel_source(arg: &str) -> anyhow::Result<KernelSource> {
 }
 
 fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
+    // Read the certificate and key before the sandbox closes the files off.
+    volume_disk::use_tls(args.tls_dir.as_deref())?;
     let mut snap = match &args.restore {
         Some(p) => Some(tern_vmm::snapshot::open(p)?),
         None => None,
@@ -503,6 +511,7 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    volume_disk::use_tls(a.tls_dir.as_deref())?;
     let jail_name = a
         .name
         .clone()
@@ -676,6 +685,28 @@ mod tests {
         assert_eq!(r.serial, "file:/run/t/db.console");
         assert_eq!(r.disk, ["volume://10.0.0.1:7000/db"]);
         assert_eq!(r.api_sock, None);
+        assert_eq!(r.tls_dir, None);
+    }
+
+    #[test]
+    fn the_agents_tls_dir_reaches_run_and_receive() {
+        // The agent appends its host directory to every VMM's command line.
+        let spec = spec();
+        let tls = ["--tls-dir".to_string(), "/pki/h0".to_string()];
+        let run = tern_vmctl::VmmArgs::run(&spec, Path::new("/run/t"))
+            .disk("volume://10.0.0.1:7000/db")
+            .to_args();
+        let VmCommand::Run(r) = parse(run.into_iter().chain(tls.clone()).collect()) else {
+            panic!("not run");
+        };
+        assert_eq!(r.tls_dir.as_deref(), Some(Path::new("/pki/h0")));
+        let recv = tern_vmctl::VmmArgs::receive(&spec, "10.0.0.2:7001", Path::new("/run/t"))
+            .disk("volume://10.0.0.2:7000/db")
+            .to_args();
+        let VmCommand::Receive(r) = parse(recv.into_iter().chain(tls).collect()) else {
+            panic!("not receive");
+        };
+        assert_eq!(r.tls_dir.as_deref(), Some(Path::new("/pki/h0")));
     }
 
     #[test]

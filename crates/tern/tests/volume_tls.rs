@@ -2,7 +2,13 @@
 //! on one LUN file, certificates from tern-pki, `qemu-img`/`qemu-io`/`nbdinfo` as the standard
 //! clients. Each refusal (plain TCP, a user writing, a node claiming another's id, node-to-node
 //! messages from a non-node certificate) is followed by the legitimate client being served.
-//! Needs `etcd`, `qemu-img`, `qemu-io`, `nbdinfo` on PATH; fails loudly without them.
+//! And a KVM test guest on a `volume://` disk of TLS-only nodes (`tern vm run|receive
+//! --tls-dir`): a VMM without a certificate or with another CA's is refused, the host's
+//! certificate reads and writes, the VM migrates with its lease over TLS, and a jailed VMM
+//! writes the LUN directly. Needs `etcd`, `qemu-img`, `qemu-io`, `nbdinfo` on PATH (and root
+//! and /dev/kvm for the VM test); fails loudly without them.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -420,4 +426,299 @@ fn a_node_refuses_to_start_with_a_certificate_not_its_own() {
             "{said}"
         );
     }
+}
+
+/// Starts both TLS nodes on a fresh LUN and waits until each knows the coordinator.
+fn tls_cluster(work: &Path, etcd: &Etcd, n1: &Path, n2: &Path, ctl: &Path) -> (Node, Node) {
+    let lun = work.join("lun");
+    tern_ok(&[
+        "volume",
+        "format",
+        "--size",
+        "128M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    let node1 = spawn_node(1, &lun, etcd, n1, &work.join("node1.log"));
+    let node2 = spawn_node(2, &lun, etcd, n2, &work.join("node2.log"));
+    wait_for("both nodes see a coordinator", T, || {
+        [&node1.addr, &node2.addr].iter().all(|a| {
+            try_call(a, ctl, &plain(Request::Status)).is_ok_and(|r| {
+                r.ok && serde_json::to_value(&r).unwrap()["data"]["coordinator"]["node_id"].is_u64()
+            })
+        })
+    });
+    (node1, node2)
+}
+
+/// (holder, epoch) of `file`'s write lease, asked with the controller's certificate.
+fn lease_of(addr: &str, ctl: &Path, file: &str) -> (Option<u64>, u64) {
+    let v = serde_json::to_value(call(
+        addr,
+        ctl,
+        &plain(Request::Stat {
+            name: file.into(),
+            map: false,
+        }),
+    ))
+    .unwrap();
+    (
+        v["data"]["lease"]["holder"].as_u64(),
+        v["data"]["lease"]["epoch"].as_u64().unwrap(),
+    )
+}
+
+/// `tern vm run` of the test guest on `disk` (virtio-blk check, then heartbeats), its API socket
+/// in the private directory `dir/TAG`, with `extra` arguments (`--tls-dir`, `--jail` …).
+fn run_guest(dir: &Path, tag: &str, disk: &str, extra: &[&str]) -> (common::RunningVm, PathBuf) {
+    let api = dir.join(tag);
+    common::private_dir(&api);
+    let sock = api.join("api.sock");
+    let mut args = vec![
+        "vm".to_string(),
+        "run".into(),
+        "--kernel".into(),
+        "builtin:testguest".into(),
+        "--memory-mib".into(),
+        "64".into(),
+        "--disk".into(),
+        disk.into(),
+        "--cmdline".into(),
+        "tern.hb_ms=50 tern.blk=verify".into(),
+        "--name".into(),
+        format!("{tag}-{}", std::process::id()),
+        "--api-sock".into(),
+        sock.display().to_string(),
+        "--runtime-dir".into(),
+        dir.join("rt").display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (common::RunningVm::start_tern(dir, tag, &args), sock)
+}
+
+fn expect_blk_ok(vm: &mut common::RunningVm) {
+    let line = vm.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
+    assert!(line.starts_with("BLK verify ok"), "{line}");
+    vm.wait_line(Duration::from_secs(30), |l| {
+        l.starts_with("HB ") && common::field(l, "seq").is_some_and(|s| s >= 3)
+    });
+}
+
+/// A VMM that must not get its disk: it exits non-zero without running the guest. Its stderr.
+fn expect_refused(dir: &Path, tag: &str, disk: &str, extra: &[&str]) -> String {
+    let (mut vm, _) = run_guest(dir, tag, disk, extra);
+    let code = vm.wait_exit(Duration::from_secs(60));
+    let err = vm.stderr();
+    assert_ne!(code, 0, "{tag}: the VMM got its disk: {err}");
+    assert!(
+        vm.collect_for(Duration::from_millis(10))
+            .iter()
+            .all(|l| !l.starts_with("BLK")),
+        "{tag}: the refused VM ran its guest"
+    );
+    err
+}
+
+/// The VMM's path counters for its volume disk (direct writes, writes through the node), from
+/// its exit line.
+fn disk_counters(stderr: &str) -> (u64, u64) {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("volume disk"))
+        .unwrap_or_else(|| panic!("no volume disk counters on stderr:\n{stderr}"));
+    let f = |k| common::field(line, k).unwrap_or_else(|| panic!("no {k} in {line}"));
+    (f("direct_writes"), f("node_writes"))
+}
+
+#[test]
+fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed() {
+    common::require_kvm();
+    require_tools(&["qemu-img"]);
+    const FILE: &str = "vm1.raw";
+    let pki = Pki::new();
+    let (n1, n2) = (
+        pki.issue("node-1", Role::Host),
+        pki.issue("node-2", Role::Host),
+    );
+    let (h0, h1) = (pki.issue("h0", Role::Host), pki.issue("h1", Role::Host));
+    let ctl = pki.issue("ctl", Role::Controller);
+    let user = pki.issue("alice", Role::User);
+    let foreign = Pki::new();
+    let stranger = foreign.issue("h0", Role::Host);
+    let etcd = Etcd::start();
+    let work = common::scratch();
+    let dir = work.path();
+    let (node1, node2) = tls_cluster(dir, &etcd, &n1, &n2, &ctl);
+    let (a1, a2) = (node1.addr.as_str(), node2.addr.as_str());
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    tern_ok(&[
+        "volume",
+        "create",
+        FILE,
+        "--size",
+        "4M",
+        "--node",
+        a1,
+        "--tls-dir",
+        &s(&h0),
+    ]);
+    let on_n1 = format!("volume://{a1}/{FILE}");
+    let on_n2 = format!("volume://{a2}/{FILE}");
+
+    // A VMM without a certificate, with another CA's, or with a user's (read-only) cannot open
+    // the disk for writing; none of them takes the lease.
+    let err = expect_refused(dir, "plain", &on_n1, &[]);
+    assert!(err.contains(a1) && err.contains("--tls-dir"), "{err}");
+    let err = expect_refused(dir, "foreign", &on_n1, &["--tls-dir", &s(&stranger)]);
+    assert!(err.contains(a1) && err.contains("UnknownIssuer"), "{err}");
+    let err = expect_refused(dir, "user", &on_n1, &["--tls-dir", &s(&user)]);
+    assert!(err.contains("may only read"), "{err}");
+    assert_eq!(
+        lease_of(a1, &ctl, FILE).0,
+        None,
+        "a refused VMM took the lease"
+    );
+
+    // With the host's certificate: the guest writes, flushes and reads its pattern back.
+    let (mut src, src_sock) = run_guest(dir, "src", &on_n1, &["--tls-dir", &s(&h0)]);
+    expect_blk_ok(&mut src);
+    let (holder, epoch_before) = lease_of(a1, &ctl, FILE);
+    assert_eq!(holder, Some(1), "node 1 holds the lease for the VM");
+
+    // Live migration to node 2's host, over TLS on every wire: the lease moves with the VM.
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let dst_api = dir.join("dst");
+    common::private_dir(&dst_api);
+    let dst_sock = dst_api.join("api.sock");
+    let mut dst = common::RunningVm::start_tern(
+        dir,
+        "dst",
+        &[
+            "vm",
+            "receive",
+            "--listen",
+            &listen,
+            "--name",
+            &format!("dst-{}", std::process::id()),
+            "--disk",
+            &on_n2,
+            "--api-sock",
+            &s(&dst_sock),
+            "--runtime-dir",
+            &s(&dir.join("rt")),
+            "--tls-dir",
+            &s(&h1),
+        ],
+    );
+    common::wait_for_text(
+        &dir.join("dst.stderr"),
+        "waiting for a migration",
+        Duration::from_secs(20),
+    );
+    let (rc, out, err) = common::tern_cmd(&[
+        "vm",
+        "migrate",
+        "--api-sock",
+        &s(&src_sock),
+        "--to",
+        &listen,
+        "--tls-dir",
+        &s(&h0),
+        "--disk-successor",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(rc, 0, "migrate: {err}\n{out}\nsource: {}", src.stderr());
+    assert_eq!(
+        src.wait_exit(Duration::from_secs(15)),
+        0,
+        "{}",
+        src.stderr()
+    );
+    src.collect_for(Duration::from_millis(200));
+    let last = src.last_hb().unwrap();
+    let first = dst.wait_line(Duration::from_secs(10), |l| l.starts_with("HB "));
+    assert_eq!(common::field(&first, "seq"), Some(last + 1), "{first}");
+    let (holder, epoch_after) = lease_of(a2, &ctl, FILE);
+    assert_eq!(
+        holder,
+        Some(2),
+        "node 2 holds the lease after the hand-over"
+    );
+    assert!(
+        epoch_after > epoch_before,
+        "{epoch_before} -> {epoch_after}"
+    );
+    let (rc, _, err) = common::tern_cmd(&["vm", "stop", "--api-sock", &s(&dst_sock)]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(
+        dst.wait_exit(Duration::from_secs(15)),
+        0,
+        "{}",
+        dst.stderr()
+    );
+    assert_eq!(
+        lease_of(a1, &ctl, FILE).0,
+        None,
+        "the lease is released at exit"
+    );
+
+    // What the guest wrote is on the volume, read back over TLS by qemu-img.
+    let image = qemu_img_read(&h0, a1, FILE, &dir.join("readback.raw")).unwrap();
+    assert_eq!(
+        tern_guest_image::blk_pattern_mismatch(&image, tern_guest_image::BLK_VERIFY_SECTORS),
+        None
+    );
+
+    // Jailed: the VMM opens the node connection (TLS) and the LUN before it drops to nobody,
+    // writes the (now allocated) extents directly, and releases the lease over TLS at exit.
+    let jail = dir.join("jail");
+    let (mut vm, sock) = run_guest(
+        dir,
+        "jailed",
+        &on_n1,
+        &[
+            "--tls-dir",
+            &s(&h0),
+            "--jail",
+            "--jail-uid",
+            "65534",
+            "--jail-gid",
+            "65534",
+            "--jail-dir",
+            &s(&jail),
+        ],
+    );
+    expect_blk_ok(&mut vm);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l == "Uid:\t65534\t65534\t65534\t65534"),
+        "the jailed VMM runs as nobody:\n{status}"
+    );
+    assert_eq!(lease_of(a1, &ctl, FILE).0, Some(1));
+    let (rc, _, err) = common::tern_cmd(&["vm", "stop", "--api-sock", &s(&sock)]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(15)), 0, "{}", vm.stderr());
+    let (direct, _) = disk_counters(&vm.stderr());
+    assert!(
+        direct > 0,
+        "the jailed VMM wrote no extent directly: {}",
+        vm.stderr()
+    );
+    assert_eq!(
+        lease_of(a1, &ctl, FILE).0,
+        None,
+        "the jailed VMM released its lease"
+    );
+    let image = qemu_img_read(&h0, a2, FILE, &dir.join("readback2.raw")).unwrap();
+    assert_eq!(
+        tern_guest_image::blk_pattern_mismatch(&image, tern_guest_image::BLK_VERIFY_SECTORS),
+        None
+    );
+    // The unprivileged VMM could not unlink its claim file from root's claim directory.
+    let _ = std::fs::remove_file(tern_volume::client::claim_path(a1, FILE));
 }

@@ -5,8 +5,9 @@
 //! 1. a new mount namespace (`unshare(CLONE_NEWNS)`, every mount made private);
 //! 2. a tmpfs at `JAIL_DIR/NAME` holding only what the VM needs, bind-mounted at the same
 //!    absolute paths as outside: `/dev/kvm`, `/dev/net/tun` (with NICs), the kernel and initrd
-//!    files, each disk (read-only disks read-only), the directories of the API socket, the runtime
-//!    entry and the serial file, the API's snapshot directory (made 0700 for the jail user when
+//!    files, each disk (read-only disks read-only), for writable `volume://` disks the LUN their
+//!    node names and the claim directory, the directories of the API socket, the runtime entry
+//!    and the serial file, the API's snapshot directory (made 0700 for the jail user when
 //!    missing), and a fresh `/proc`;
 //! 3. `pivot_root` into it, the old root detached: nothing else of the host's file system is
 //!    reachable;
@@ -71,6 +72,10 @@ pub struct SandboxArgs {
 /// The ids this VMM drops to at [`lock_down`], set by [`start`] with `--jail`.
 static DROP_TO: OnceLock<DropIds> = OnceLock::new();
 
+/// The largest LUN a jailed VMM's volume disks write directly (bytes), set by [`start`]: the
+/// file-size limit must let `pwrite` reach its end.
+static LUN_BYTES: OnceLock<u64> = OnceLock::new();
+
 /// What a jail must make visible, besides `/dev/kvm`.
 #[derive(Debug, Default)]
 pub struct JailFiles {
@@ -82,8 +87,9 @@ pub struct JailFiles {
     pub dirs: Vec<PathBuf>,
     /// Whether taps are opened (`/dev/net/tun`).
     pub tun: bool,
-    /// Volume disks (`volume://…`), which a jail cannot hold yet.
-    pub volume_disks: Vec<PathBuf>,
+    /// Volume disks (`volume://…`, read-only or not): their node tells, before the jail is
+    /// entered, which host files they need (`volume_disk::jail_paths`).
+    pub volume_disks: Vec<(PathBuf, bool)>,
     /// The API's snapshot directory: bound read-write, and when missing created 0700 for the
     /// jail user (the unprivileged VMM writes the snapshots).
     pub snapshot_dir: Option<PathBuf>,
@@ -149,7 +155,7 @@ impl JailFiles {
     ) -> anyhow::Result<()> {
         for (path, readonly) in disks {
             if path.to_string_lossy().contains("://") {
-                self.volume_disks.push(path);
+                self.volume_disks.push((path, readonly));
                 continue;
             }
             let path = std::path::absolute(&path).unwrap_or(path);
@@ -234,12 +240,20 @@ fn one_thread() -> bool {
 }
 
 fn enter_jail(root: &Path, files: &JailFiles, ids: DropIds) -> anyhow::Result<()> {
-    if let Some(v) = files.volume_disks.first() {
-        bail!(
-            "--jail does not take volume disks yet ({}): give a raw image file",
-            v.display()
-        );
+    // Volume disks: their node names the LUN (opened as root inside the jail, like any disk) and
+    // writers take a claim in the claim directory; the node connection is a socket, opened
+    // inside the jail before the drop and again by the disk's lease messages afterwards (the
+    // jail keeps the host's network namespace).
+    let mut luns: Vec<PathBuf> = Vec::new();
+    let mut claim_dirs: Vec<PathBuf> = Vec::new();
+    let mut lun_bytes = 0;
+    for (disk, readonly) in &files.volume_disks {
+        let p = super::volume_disk::jail_paths(disk, *readonly)?;
+        lun_bytes = lun_bytes.max(p.lun_bytes);
+        luns.extend(p.lun.filter(|l| !luns.contains(l)));
+        claim_dirs.extend(p.claim_dir.filter(|d| !claim_dirs.contains(d)));
     }
+    let _ = LUN_BYTES.set(lun_bytes);
     if !one_thread() {
         bail!("--jail must be set up before the VMM starts any thread");
     }
@@ -288,13 +302,15 @@ fn enter_jail(root: &Path, files: &JailFiles, ids: DropIds) -> anyhow::Result<()
     if files.tun {
         bind(Path::new("/dev/net/tun"), false, false)?;
     }
-    for f in &files.files {
+    // Every file's mount point is made in the jail's tmpfs before any directory is bound over
+    // it (a mount point made inside a bound directory would be a host file).
+    for f in files.files.iter().chain(&luns) {
         bind(f, false, false)?;
     }
     for f in &files.readonly_files {
         bind(f, false, true)?;
     }
-    for d in &files.dirs {
+    for d in files.dirs.iter().chain(&claim_dirs) {
         bind(d, true, false)?;
     }
     if let Some(d) = &files.snapshot_dir {
@@ -344,8 +360,9 @@ fn drop_privileges(ids: DropIds, cfg: &VmConfig) -> anyhow::Result<()> {
         .unwrap_or(0);
     let memory = cfg.memory_bytes();
     // Files the VMM may grow: disks (never past their size), snapshots (memory + state), the
-    // console.
-    let file_size = largest_disk.max(memory) + (1 << 30);
+    // console; and volume disks' LUNs, written directly anywhere up to their end.
+    let luns = LUN_BYTES.get().copied().unwrap_or(0);
+    let file_size = largest_disk.max(memory).max(luns) + (1 << 30);
     let limits = [
         (Resource::RLIMIT_NOFILE, MAX_OPEN_FILES),
         (Resource::RLIMIT_NPROC, MAX_PROCESSES),

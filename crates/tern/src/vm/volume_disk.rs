@@ -3,11 +3,74 @@
 //! lease back when the command ends. Keeps tern-vmm free of tern-volume.
 
 use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context;
 use tern_vmm::devices::block_backend::{self, BlockBackend};
 use tern_volume::client::VolumeDisk;
+use tern_volume::control::{self, Request};
+
+/// `--tls-dir`: the certificate every connection of this process to a volume node presents
+/// (NBD_OPT_STARTTLS on the disks' NBD connections, TLS for their lease messages). Loaded now,
+/// before the jail closes the files off; without it the connections stay plain.
+pub fn use_tls(dir: Option<&Path>) -> anyhow::Result<()> {
+    if let Some(d) = dir {
+        control::set_client_tls(d).with_context(|| {
+            format!(
+                "cannot use --tls-dir {} for volume disks (give a `tern pki issue --role host` \
+                 directory)",
+                d.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// What a jailed VMM must see of a `volume://` disk's host files, asked of its node before the
+/// jail is entered (the jail then holds only these): the LUN, which a writable disk opens for
+/// direct I/O as root inside the jail, and the per-host claim directory. The node's
+/// `--fault-file` (a test-only injection) is not made visible: a jailed disk sees real I/O errors
+/// of the LUN only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JailPaths {
+    /// The LUN (`None`: a reader, or a node without a direct path, `--no-direct`).
+    pub lun: Option<PathBuf>,
+    /// Its size in bytes (0 when unknown): a jailed VMM's file-size limit must allow writes
+    /// anywhere in it.
+    pub lun_bytes: u64,
+    /// The claim directory (`tern_volume::client::CLAIM_DIR`), for writable disks.
+    pub claim_dir: Option<PathBuf>,
+}
+
+/// The host files volume disk `path` (`volume://NODE_ADDR/FILE`) needs, from its node's status.
+pub fn jail_paths(path: &Path, readonly: bool) -> anyhow::Result<JailPaths> {
+    if readonly {
+        // A reader does all its I/O over NBD.
+        return Ok(JailPaths {
+            lun: None,
+            lun_bytes: 0,
+            claim_dir: None,
+        });
+    }
+    let text = path.to_string_lossy();
+    let spec = text.strip_prefix("volume://").unwrap_or(&text);
+    let (addr, _) = tern_volume::client::parse_spec(spec)?;
+    let status = control::request(&addr, &Request::Status, false, Duration::from_secs(30))
+        .and_then(|r| Ok(r.into_status()?))
+        .with_context(|| format!("cannot ask volume node {addr} where its LUN is (for --jail)"))?;
+    let lun = (!status.no_direct).then_some(status.lun);
+    Ok(JailPaths {
+        lun_bytes: lun
+            .as_deref()
+            .and_then(|l| std::fs::metadata(l).ok())
+            .map_or(0, |m| m.len()),
+        lun,
+        claim_dir: Some(PathBuf::from(tern_volume::client::CLAIM_DIR)),
+    })
+}
 
 /// A volume file as a VMM block backend.
 #[derive(Debug)]
@@ -82,7 +145,16 @@ pub fn register(incoming: bool) -> VolumeDisks {
             } else {
                 VolumeDisk::open(spec, readonly)
             };
-            let disk = disk.map(Arc::new).map_err(|e| e.to_string())?;
+            let disk = disk.map(Arc::new).map_err(|e| match e {
+                // A node that takes only TLS refuses the plain first message: say what to give.
+                tern_volume::client::OpenError::Node { .. } if control::client_tls().is_none() => {
+                    format!(
+                        "{e} (a volume node started with --tls-dir needs this VMM's --tls-dir: \
+                         the host's certificate)"
+                    )
+                }
+                e => e.to_string(),
+            })?;
             list.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push(Arc::clone(&disk));
