@@ -29,6 +29,7 @@ pub mod signals;
 pub mod snapshot;
 pub mod state;
 pub mod testing;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 
