@@ -147,6 +147,9 @@ pub struct MigrateRequest {
     /// Migrate over mutual TLS with this identity (absent: plain TCP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MigrateTls>,
+    /// Switch to post-copy after this many pre-copy rounds (absent: pre-copy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy_after: Option<u32>,
 }
 
 /// The source's TLS identity for one migration: the contents of its `--tls-dir` (read by the
@@ -201,6 +204,7 @@ impl MigrateRequest {
             protocol_version: None,
             disk_successor: None,
             tls: None,
+            post_copy_after: None,
         }
     }
 }
@@ -368,21 +372,30 @@ pub enum Outcome {
     Failed,
     /// Commit was sent but no answer came: the source stays paused, the target may run.
     InDoubt,
+    /// Post-copy (`--post-copy-after`) failed after the switch: the guest's memory was split
+    /// across both hosts, so the target stopped the guest and the source stays paused without
+    /// resuming (its copy is stale): the VM is lost, as in QEMU's post-copy.
+    FailedPostCopy,
 }
 
 impl Outcome {
     /// Whether the source VM is running after this outcome.
     pub fn source_runs(self) -> bool {
-        !matches!(self, Outcome::Completed | Outcome::InDoubt)
+        !matches!(
+            self,
+            Outcome::Completed | Outcome::InDoubt | Outcome::FailedPostCopy
+        )
     }
 
     /// The exit status of `tern vm migrate`: 0 completed (the VM runs on the target), 3 in
-    /// doubt (the source stays paused, an operator decides), 1 for every outcome where the
-    /// source runs.
+    /// doubt (the source stays paused, an operator decides), 4 failed in post-copy (the VM is
+    /// lost: stopped on the target, paused for good on the source), 1 for every outcome where
+    /// the source runs.
     pub fn exit_code(self) -> u8 {
         match self {
             Outcome::Completed => 0,
             Outcome::InDoubt => 3,
+            Outcome::FailedPostCopy => 4,
             Outcome::Refused | Outcome::Cancelled | Outcome::TimedOut | Outcome::Failed => 1,
         }
     }
@@ -397,6 +410,7 @@ impl Outcome {
             Outcome::TimedOut => "timed out",
             Outcome::Failed => "failed",
             Outcome::InDoubt => "in doubt",
+            Outcome::FailedPostCopy => "failed in post-copy (the VM is lost)",
         }
     }
 }
@@ -479,6 +493,26 @@ pub struct MigrationReport {
     /// downtime. Empty (and absent from the JSON) otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub downtime_steps: Vec<DowntimeStep>,
+    /// The post-copy phase of a migration that switched to post-copy (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub post_copy: Option<Box<PostCopyFigures>>,
+}
+
+/// What the post-copy phase of a migration (`--post-copy-after`) did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PostCopyFigures {
+    /// Pages still owed when the guest resumed on the target.
+    pub pages_owed: u64,
+    /// Pages the source sent because the target asked for them (a fault and its window).
+    pub pages_demanded: u64,
+    /// Pages the source pushed in the background.
+    pub pages_pushed: u64,
+    /// Guest faults on owed pages that waited for a request (as the target counted them).
+    pub demand_faults: u64,
+    /// The target's "running" → its report that every owed page was placed, ms.
+    pub post_copy_ms: u64,
+    /// The longest demand fault: the target read the fault → the page placed, µs.
+    pub max_fault_latency_us: u64,
 }
 
 /// A step of a migration's pause (docs/migration.md, "Where the pause goes"). Each ends at the
@@ -695,6 +729,7 @@ mod tests {
             converged: true,
             outcome,
             downtime_steps: Vec::new(),
+            post_copy: None,
         }
     }
 
@@ -929,6 +964,7 @@ mod tests {
             Outcome::TimedOut,
             Outcome::Failed,
             Outcome::InDoubt,
+            Outcome::FailedPostCopy,
         ];
         let got: Vec<String> = all
             .iter()
@@ -951,6 +987,7 @@ mod tests {
                 "\"timed_out\" timed out exit 1 source runs true",
                 "\"failed\" failed exit 1 source runs true",
                 "\"in_doubt\" in doubt exit 3 source runs false",
+                "\"failed_post_copy\" failed in post-copy (the VM is lost) exit 4 source runs false",
             ]
         );
     }

@@ -186,4 +186,4 @@ pub use tcp::common::{CancelToken, error_chain};
 pub use tcp::recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive, receive_guarded};
 pub use tcp::send::{MigrateError, MigrateOptions, MigrationFailure, migrate, migrate_with_tls};
 pub use tcp::transport::{ListenGuard, Rejected, TlsClient};
-pub use vm::{MigrationSource, MigrationTarget, VmError};
+pub use vm::{MigrationSource, MigrationTarget, MissingMemory, VmError};

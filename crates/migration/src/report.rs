@@ -7,5 +7,5 @@
 #![deny(clippy::disallowed_methods)]
 
 pub use tern_api::vmm::{
-    DowntimeStep, MigrationReport, Outcome, PauseStep, Progress, ProgressPhase,
+    DowntimeStep, MigrationReport, Outcome, PauseStep, PostCopyFigures, Progress, ProgressPhase,
 };

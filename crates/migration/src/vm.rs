@@ -95,4 +95,35 @@ pub trait MigrationTarget {
 
     /// Drops everything received; the VM never ran here.
     fn discard(&mut self);
+
+    // ── post-copy (docs/migration.md, "Post-copy") ──
+
+    /// Post-copy, after `restore_state` and before `resume`: drops the `owed` guest ranges
+    /// `(gpa, len)` and makes every absent page of guest memory (owed, or never written) wait
+    /// for the returned handle instead of reading as zeros. The default: not supported.
+    fn post_copy_memory(
+        &mut self,
+        owed: &[(u64, u64)],
+    ) -> Result<std::sync::Arc<dyn MissingMemory>, VmError> {
+        let _ = owed;
+        Err("this VMM does not support post-copy".into())
+    }
+
+    /// Post-copy failed after `resume`: stops the guest, which cannot go on without the pages
+    /// it lacks, and keeps every absent page waiting (never zero-filled) until the process
+    /// ends. The default: nothing (a target without `post_copy_memory` never gets here).
+    fn stop_post_copy_guest(&mut self) {}
+}
+
+/// Guest memory of a target during post-copy: owed pages are absent until placed, and an
+/// access to one waits (a fault event). Used from several threads at once.
+pub trait MissingMemory: Send + Sync {
+    /// Waits up to `timeout` for the next fault; the faulting page's guest address.
+    fn next_fault(&self, timeout: std::time::Duration) -> Result<Option<u64>, VmError>;
+
+    /// Places one page of data at `gpa` and wakes its waiters; `false` if it was present.
+    fn place(&self, gpa: u64, data: &[u8]) -> Result<bool, VmError>;
+
+    /// Places a zero page at `gpa` and wakes its waiters; `false` if it was present.
+    fn place_zero(&self, gpa: u64) -> Result<bool, VmError>;
 }

@@ -30,8 +30,19 @@ pub const FRAME_FORMAT: u8 = 1;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks (negotiated in the handshake). Version 2 adds the
-/// target's timings to the `Running` frame ([`TargetTimings`]); everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// target's timings to the `Running` frame ([`TargetTimings`]); version 3 adds post-copy
+/// (`PostCopy`, `PageRequest`, `PostCopyDone`, [`POST_COPY_PROTOCOL_VERSION`]); everything else
+/// is as in 1.
+pub const PROTOCOL_VERSION: u16 = 3;
+/// The first protocol version with post-copy: a source asked for post-copy offers no older one,
+/// so an older target refuses the hello with both version ranges in the reason.
+pub const POST_COPY_PROTOCOL_VERSION: u16 = 3;
+/// Most runs of owed pages one `PostCopy` frame may list.
+pub const MAX_OWED_RUNS: usize = 1 << 20;
+/// Most pages one `PageRequest` may ask for.
+pub const MAX_REQUEST_PAGES: u32 = 256;
+/// The round number post-copy page frames carry (pushed and demanded pages alike).
+pub const POST_COPY_ROUND: u32 = u32::MAX;
 /// The first protocol version whose `Running` frame carries [`TargetTimings`].
 pub const TIMINGS_PROTOCOL_VERSION: u16 = 2;
 /// The oldest protocol version this build still accepts.
@@ -84,6 +95,14 @@ pub enum FrameKind {
     RoundEnd = 13,
     /// Target → source, control stream: every page of round `round` was applied.
     RoundAck = 14,
+    // ── post-copy (protocol 3) ──
+    /// Source → target, control stream, before `Commit`: the pages still owed (runs of page
+    /// indexes); the target resumes without them and fetches them on demand.
+    PostCopy = 15,
+    /// Target → source, control stream (the demand stream after the switch): send these pages.
+    PageRequest = 16,
+    /// Target → source, control stream: every owed page arrived; the source may stop.
+    PostCopyDone = 17,
 }
 
 impl FrameKind {
@@ -104,6 +123,9 @@ impl FrameKind {
             12 => Abort,
             13 => RoundEnd,
             14 => RoundAck,
+            15 => PostCopy,
+            16 => PageRequest,
+            17 => PostCopyDone,
             _ => return None,
         })
     }
@@ -134,6 +156,9 @@ impl FrameKind {
             Commit => 0,
             Running => TargetTimings::BYTES,
             RoundEnd | RoundAck => 4,
+            PostCopy => 4 + MAX_OWED_RUNS * 12,
+            PageRequest => 12,
+            PostCopyDone => 24,
         }
     }
 }
@@ -418,6 +443,28 @@ pub enum Frame {
         /// The pre-copy round fully applied.
         round: u32,
     },
+    /// See [`FrameKind::PostCopy`].
+    PostCopy {
+        /// Owed pages as runs `(first page index, pages)`, ascending, not overlapping, inside
+        /// the agreed layout.
+        owed: Vec<(u64, u32)>,
+    },
+    /// See [`FrameKind::PageRequest`].
+    PageRequest {
+        /// First page index asked for.
+        first: u64,
+        /// Pages from there (1..=[`MAX_REQUEST_PAGES`]).
+        pages: u32,
+    },
+    /// See [`FrameKind::PostCopyDone`].
+    PostCopyDone {
+        /// Owed pages the target placed.
+        pages: u64,
+        /// Guest faults on owed pages that had to wait for a request.
+        demand_faults: u64,
+        /// The longest of those waits (fault read → page placed), µs.
+        max_fault_us: u64,
+    },
 }
 
 /// Why bytes are not a valid frame.
@@ -547,6 +594,9 @@ impl Frame {
             Frame::Abort { .. } => FrameKind::Abort,
             Frame::RoundEnd { .. } => FrameKind::RoundEnd,
             Frame::RoundAck { .. } => FrameKind::RoundAck,
+            Frame::PostCopy { .. } => FrameKind::PostCopy,
+            Frame::PageRequest { .. } => FrameKind::PageRequest,
+            Frame::PostCopyDone { .. } => FrameKind::PostCopyDone,
         }
     }
 
@@ -611,6 +661,26 @@ impl Frame {
                     for v in [t.data_us, t.verify_us, t.restore_us, t.resume_us] {
                         out.extend_from_slice(&v.to_le_bytes());
                     }
+                }
+            }
+            Frame::PostCopy { owed } => {
+                out.extend_from_slice(&(owed.len() as u32).to_le_bytes());
+                for (first, pages) in owed {
+                    out.extend_from_slice(&first.to_le_bytes());
+                    out.extend_from_slice(&pages.to_le_bytes());
+                }
+            }
+            Frame::PageRequest { first, pages } => {
+                out.extend_from_slice(&first.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+            }
+            Frame::PostCopyDone {
+                pages,
+                demand_faults,
+                max_fault_us,
+            } => {
+                for v in [pages, demand_faults, max_fault_us] {
+                    out.extend_from_slice(&v.to_le_bytes());
                 }
             }
             Frame::Commit | Frame::Pages(_) => {}
@@ -763,6 +833,39 @@ fn parse_checked(
         FrameKind::Commit => Frame::Commit,
         FrameKind::RoundEnd => Frame::RoundEnd { round: r.u32()? },
         FrameKind::RoundAck => Frame::RoundAck { round: r.u32()? },
+        FrameKind::PostCopy => {
+            let layout = layout.ok_or(DecodeError::NoLayout(kind))?;
+            let n = r.u32()? as usize;
+            if n > MAX_OWED_RUNS {
+                return Err(r.bad("too many owed runs"));
+            }
+            let mut owed = Vec::with_capacity(n.min(r.remaining() / 12));
+            let mut next_free = 0u64;
+            for _ in 0..n {
+                let (first, pages) = (r.u64()?, r.u32()?);
+                let end = first.checked_add(u64::from(pages));
+                if pages == 0 || first < next_free || end.is_none_or(|e| e > layout.total_pages()) {
+                    return Err(r.bad("owed run empty, out of order or outside the layout"));
+                }
+                next_free = end.unwrap_or(u64::MAX);
+                owed.push((first, pages));
+            }
+            Frame::PostCopy { owed }
+        }
+        FrameKind::PageRequest => {
+            // The source's reader has no layout: the post-copy machine checks the range.
+            let (first, pages) = (r.u64()?, r.u32()?);
+            if pages == 0 || pages > MAX_REQUEST_PAGES || first.checked_add(pages.into()).is_none()
+            {
+                return Err(r.bad("page request empty, too long or overflowing"));
+            }
+            Frame::PageRequest { first, pages }
+        }
+        FrameKind::PostCopyDone => Frame::PostCopyDone {
+            pages: r.u64()?,
+            demand_faults: r.u64()?,
+            max_fault_us: r.u64()?,
+        },
         FrameKind::Running => Frame::Running {
             timings: match r.remaining() {
                 0 => None,
@@ -1080,6 +1183,26 @@ mod tests {
             Just(Frame::Commit),
             any::<u32>().prop_map(|round| Frame::RoundEnd { round }),
             any::<u32>().prop_map(|round| Frame::RoundAck { round }),
+            prop::collection::vec((0u64..4, 1u32..4), 0..6).prop_map(|gaps| {
+                let mut at = 0;
+                let owed = gaps
+                    .into_iter()
+                    .map(|(gap, pages)| {
+                        let run = (at + gap, pages);
+                        at = run.0 + u64::from(pages);
+                        run
+                    })
+                    .collect();
+                Frame::PostCopy { owed }
+            }),
+            (0u64..64, 1u32..=16).prop_map(|(first, pages)| Frame::PageRequest { first, pages }),
+            (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+                |(pages, demand_faults, max_fault_us)| Frame::PostCopyDone {
+                    pages,
+                    demand_faults,
+                    max_fault_us
+                }
+            ),
             Just(Frame::Running { timings: None }),
             (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
                 |(data_us, verify_us, restore_us, resume_us)| Frame::Running {

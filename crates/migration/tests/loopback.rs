@@ -324,7 +324,7 @@ fn version_mismatch_is_refused_before_any_page() {
     assert_eq!(failure.report.rounds, 0);
     assert_eq!(
         failure.error.to_string(),
-        "Target refused the migration: Protocol version mismatch: source speaks 7..=9, target 1..=2"
+        "Target refused the migration: Protocol version mismatch: source speaks 7..=9, target 1..=3"
     );
     assert!(matches!(rr, Err(ReceiveError::Refused(_))));
     assert_stayed(&src, &tgt, &failure);

@@ -31,6 +31,8 @@ impl MigrationEnd {
         match outcome {
             Outcome::Completed => MigrationEnd::Completed,
             Outcome::InDoubt => MigrationEnd::InDoubt,
+            // Post-copy lost the VM: paused here for good, stopped on the target (exit 4).
+            Outcome::FailedPostCopy => MigrationEnd::InDoubt,
             Outcome::Refused | Outcome::Cancelled | Outcome::TimedOut | Outcome::Failed => {
                 MigrationEnd::Failed
             }
@@ -50,7 +52,7 @@ impl MigrationEnd {
     pub fn from_exit_code(code: Option<i32>) -> Self {
         match code {
             Some(0) => MigrationEnd::Completed,
-            Some(3) => MigrationEnd::InDoubt,
+            Some(3) | Some(4) => MigrationEnd::InDoubt,
             _ => MigrationEnd::Failed,
         }
     }
@@ -121,7 +123,7 @@ pub fn migrate(
     }
     let reason = resp.error.unwrap_or_else(|| "no reason given".into());
     match resp.report {
-        Some(report) if report.outcome == Outcome::InDoubt => {
+        Some(report) if matches!(report.outcome, Outcome::InDoubt | Outcome::FailedPostCopy) => {
             Err(MigrateError::InDoubt { reason, report })
         }
         report => Err(MigrateError::Failed {
@@ -252,6 +254,10 @@ mod tests {
                 end
             );
         }
+        assert_eq!(
+            MigrationEnd::from_exit_code(Some(i32::from(Outcome::FailedPostCopy.exit_code()))),
+            MigrationEnd::of(Outcome::FailedPostCopy)
+        );
         assert_eq!(MigrationEnd::from_exit_code(None), MigrationEnd::Failed);
         assert_eq!(MigrationEnd::from_exit_code(Some(2)), MigrationEnd::Failed);
     }

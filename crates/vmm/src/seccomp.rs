@@ -11,7 +11,7 @@
 //! | `vcpu` | `vcpuN` | the vCPU thread itself (`vm/create.rs`) |
 //! | `device` | `virtio-net-rx`, `net-announce` | the device thread itself |
 //! | `api` | `signals`, `api`, `api-conn`, `throttle` and the threads they start | the main thread, just before it starts them (`tern vm` `serve`) |
-//! | `migration` | `migrate-tx-N`, `migrate-ctl-rx`, `migrate-rx-*` | each migration thread, through `tern_migration::thread_start` |
+//! | `migration` | `migrate-tx-N`, `migrate-ctl-rx`, `migrate-rx-*`, post-copy's `migrate-pc-*` (with the userfaultfd ioctls) | each migration thread, through `tern_migration::thread_start` |
 //! | `main` | the main thread once the VM runs | the main thread, after the API is up |
 //!
 //! The lists were measured (strace -f on the test guest doing boot, virtio-blk, virtio-net over a
@@ -572,6 +572,11 @@ fn allow_ioctls(r: &mut Rules, requests: &[u64]) {
     allow_if(r, libc::SYS_ioctl, rules);
 }
 
+// userfaultfd ioctl numbers (linux/userfaultfd.h, as in crate::uffd).
+const UFFDIO_COPY: u64 = 0xc028_aa03;
+const UFFDIO_ZEROPAGE: u64 = 0xc020_aa04;
+const UFFDIO_WAKE: u64 = 0x8010_aa02;
+
 // KVM ioctl numbers (linux/kvm.h), as _IO/_IOR/_IOW/_IOWR of KVMIO with the structures' sizes.
 const KVMIO: u64 = 0xAE;
 const fn ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -859,6 +864,9 @@ fn allowed(kind: ThreadKind, pid: u32, opts: FilterOptions) -> Rules {
                     SYS_readv,
                 ],
             );
+            // Post-copy's target threads (`migrate-pc-fault`, `migrate-pc-rx`) place pages
+            // and wake faulting accesses through the userfaultfd (crate::uffd).
+            allow_ioctls(&mut r, &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE]);
         }
         ThreadKind::Api | ThreadKind::Main => {
             files_and_sockets(&mut r);

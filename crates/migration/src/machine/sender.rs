@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use crate::machine::policy::{BandwidthEstimator, ConvergenceConfig, Decision, SyncInput};
-use crate::report::{DowntimeStep, MigrationReport, Outcome, PauseStep, Progress, ProgressPhase};
+use crate::report::{
+    DowntimeStep, MigrationReport, Outcome, PauseStep, PostCopyFigures, Progress, ProgressPhase,
+};
 use crate::wire::{
     Frame, FrameKind, MAX_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TargetTimings,
 };
@@ -290,6 +292,13 @@ pub struct Sender {
     /// The pause step by step, once the target's answer arrived.
     downtime_steps: Vec<DowntimeStep>,
     outcome: Option<Outcome>,
+    // ── post-copy (machine::postcopy) ──
+    /// The commit went out with pages still owed: from here only a completed post-copy ends
+    /// well; no answer, or a lost link, is `failed_post_copy`.
+    post_copy_switched: bool,
+    /// The target reported every owed page placed.
+    post_copy_done: bool,
+    post_copy: Option<Box<PostCopyFigures>>,
 }
 
 impl Sender {
@@ -325,7 +334,31 @@ impl Sender {
             pause_marks: Vec::new(),
             downtime_steps: Vec::new(),
             outcome: None,
+            post_copy_switched: false,
+            post_copy_done: false,
+            post_copy: None,
         }
+    }
+
+    // ── post-copy hooks (decisions in machine::postcopy) ──
+
+    /// The commit is about to go out with pages still owed (post-copy).
+    pub fn post_copy_switched(&mut self) -> Result<(), InvalidTransition> {
+        self.expect(SenderPhase::StopAndCopy, "switch to post-copy")?;
+        self.post_copy_switched = true;
+        Ok(())
+    }
+
+    /// Whether this migration switched to post-copy.
+    pub fn in_post_copy(&self) -> bool {
+        self.post_copy_switched
+    }
+
+    /// The post-copy phase ended (`done`: the target placed every owed page); its figures go
+    /// into the report.
+    pub fn post_copy_ended(&mut self, done: bool, figures: PostCopyFigures) {
+        self.post_copy_done = done && self.phase == SenderPhase::Completed;
+        self.post_copy = Some(Box::new(figures));
     }
 
     /// The protocol versions the hello offered (oldest, newest).
@@ -655,11 +688,17 @@ impl Sender {
     /// The migration ended as the shell saw it: what to undo, what to tell the target, and
     /// the outcome.
     pub fn finish(&mut self, ending: Ending) -> Cleanup {
-        let completed = ending == Ending::Completed && self.phase == SenderPhase::Completed;
+        let completed = ending == Ending::Completed
+            && self.phase == SenderPhase::Completed
+            && (!self.post_copy_switched || self.post_copy_done);
         let action = (!completed).then(|| self.failed());
         // The outcome says whether the source runs: it must agree with the action.
         let outcome = if completed {
             Outcome::Completed
+        } else if action == Some(FailureAction::InDoubt) && self.post_copy_switched {
+            // Post-copy: the target either never resumed or cannot go on without the source's
+            // pages; the source, stale once the target ran, stays paused (machine::postcopy).
+            Outcome::FailedPostCopy
         } else if action == Some(FailureAction::InDoubt) {
             Outcome::InDoubt
         } else if self.refused {
@@ -717,6 +756,7 @@ impl Sender {
             } else {
                 Vec::new()
             },
+            post_copy: self.post_copy.clone(),
         }
     }
 

@@ -6,6 +6,7 @@
 //! shell imports the other.
 
 pub mod common;
+pub mod postcopy;
 pub mod recv;
 pub mod send;
 pub mod transport;

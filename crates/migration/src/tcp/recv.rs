@@ -17,6 +17,10 @@ use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{AcceptFailure, Acceptor, ConnWriter, ListenGuard, Rejected};
 use crate::vm::{MigrationTarget, VmError};
 use crate::wire::{Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame};
+// ── post-copy (tcp::postcopy, machine::postcopy) ──
+use crate::machine::postcopy::TargetPages;
+use crate::tcp::postcopy::{self as pc, PostCopyError, TargetLink};
+use crate::wire::POST_COPY_PROTOCOL_VERSION;
 
 /// Options of an incoming migration.
 #[derive(Debug, Clone)]
@@ -107,6 +111,9 @@ pub enum ReceiveError {
     /// Writing to the source failed.
     #[error("Writing to the source failed")]
     Write(#[source] std::io::Error),
+    /// Post-copy failed (after the switch: the guest was stopped, the VM is lost).
+    #[error("Post-copy failed after the switch: the guest was stopped, the VM is lost")]
+    PostCopy(#[source] PostCopyError),
 }
 
 enum Event {
@@ -140,7 +147,8 @@ impl ReceiveError {
             | ReceiveError::Target(..)
             | ReceiveError::Idle(_)
             | ReceiveError::Cancelled
-            | ReceiveError::Write(_) => Failure::Other,
+            | ReceiveError::Write(_)
+            | ReceiveError::PostCopy(_) => Failure::Other,
         }
     }
 }
@@ -257,7 +265,136 @@ fn spawn_reader(
         });
 }
 
+/// What the commit of a post-copy migration hands to [`Incoming::post_copy`].
+struct PostCopyStart {
+    owed: Vec<(u64, u32)>,
+    state: (u32, Vec<u8>),
+    digest: Option<MemoryDigest>,
+    commit_at: Instant,
+    timings: TargetTimings,
+}
+
 impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
+    /// Post-copy's commit: checks the pages present, restores, arms the missing pages, resumes
+    /// and answers `Running`; then serves faults until every owed page is placed
+    /// (`tcp::postcopy::run_target`). A failure once the guest runs stops it: the VM is lost.
+    fn post_copy(
+        &mut self,
+        start: PostCopyStart,
+        layout: MemoryLayout,
+        listener: &TcpListener,
+        guard: &ListenGuard,
+        source_id: Option<tern_pki::Identity>,
+        rx: mpsc::Receiver<Event>,
+    ) -> Result<(), ReceiveError> {
+        let PostCopyStart {
+            owed,
+            state: (version, bytes),
+            digest,
+            commit_at,
+            mut timings,
+        } = start;
+        let since = |t: Instant| u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let pages = TargetPages::new(layout.total_pages(), &owed);
+        // Before the guest runs a failure discards, as in pre-copy (the source resumes).
+        if let Some(d) = &digest {
+            let checked = pc::verify_present(&layout, d, &pages, |gpa, buf| {
+                self.target.read_pages(gpa, buf)
+            });
+            if let Err(e) = checked {
+                let _ = self.machine.committed(false);
+                return Err(ReceiveError::PostCopy(e));
+            }
+            timings.verify_us = since(commit_at) - timings.data_us;
+        }
+        if let Err(e) = self.target.restore_state(version, &bytes) {
+            let _ = self.machine.committed(false);
+            return Err(ReceiveError::Target("restore_state", e));
+        }
+        let memory = match pc::arm(self.target, &layout, &owed) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = self.machine.committed(false);
+                return Err(ReceiveError::Target("post_copy_memory", e));
+            }
+        };
+        timings.restore_us = since(commit_at) - timings.data_us - timings.verify_us;
+        if let Err(e) = self.target.resume() {
+            let _ = self.machine.committed(false);
+            return Err(ReceiveError::Target("resume", e));
+        }
+        timings.resume_us =
+            since(commit_at) - timings.data_us - timings.verify_us - timings.restore_us;
+        self.machine.committed(true)?;
+        self.report.commit_ms = commit_at.elapsed().as_millis() as u64;
+        // From here the guest runs with pages missing: any failure loses it.
+        let running = self.machine.running_frame(timings);
+        let result = match self.send_control(&running) {
+            Err(ReceiveError::Write(e)) => {
+                Err(PostCopyError::Link(format!("sending running: {e}")))
+            }
+            Err(e) => Err(PostCopyError::Link(e.to_string())),
+            Ok(()) => {
+                let session = self.machine.session();
+                let push_stream = self.machine.stream_count() as u16;
+                let control = self.control.take().expect("control connected");
+                let deadline = Instant::now() + self.opts.handshake_timeout;
+                let mut acceptor = Acceptor::new(listener, guard, self.opts.handshake_timeout)
+                    .map_err(|e| PostCopyError::Link(e.to_string()));
+                let mut accept_push = || -> Result<_, String> {
+                    let acceptor = acceptor.as_mut().map_err(|e| e.to_string())?;
+                    loop {
+                        let a = acceptor
+                            .next(Some(deadline), &|| false)
+                            .map_err(|e| format!("the push stream did not join: {e:?}"))?;
+                        if a.identity == source_id
+                            && pc::push_join_ok(&a.first, session, push_stream)
+                        {
+                            return Ok(a.conn);
+                        }
+                        acceptor
+                            .reject(Rejected {
+                                peer: Some(a.peer),
+                                reason: "not the source's post-copy push stream".into(),
+                            })
+                            .map_err(|e| format!("{e:?}"))?;
+                    }
+                };
+                let mut next_control = |t: Duration| match rx.recv_timeout(t) {
+                    Ok(Event::Frame(StreamName::Control, f, _)) => Some(Ok(f)),
+                    Ok(Event::Frame(name, f, _)) => {
+                        Some(Err(format!("{:?} on {name} after its end", f.kind())))
+                    }
+                    Ok(Event::Error(name, e)) => Some(Err(format!("{name}: {}", error_chain(&e)))),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => Some(Err("every stream closed".into())),
+                };
+                pc::run_target(
+                    memory,
+                    &layout,
+                    pages,
+                    digest,
+                    TargetLink {
+                        control,
+                        next_control: &mut next_control,
+                        accept_push: &mut accept_push,
+                        idle_timeout: self.opts.idle_timeout,
+                    },
+                )
+            }
+        };
+        match result {
+            Ok(_) => {
+                self.report.total_ms = self.start.elapsed().as_millis() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.target.stop_post_copy_guest();
+                Err(ReceiveError::PostCopy(e))
+            }
+        }
+    }
+
     fn send_control(&mut self, f: &Frame) -> Result<(), ReceiveError> {
         let c = self.control.as_mut().expect("control connected");
         c.write_all(&f.encode()).map_err(ReceiveError::Write)
@@ -295,6 +432,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             }
             Err(refusal) => Err(refusal),
         };
+        let negotiated = version.as_ref().map_or(0, |v| *v);
         match version {
             Ok(version) => self.send_control(&Frame::Welcome { version })?,
             Err(refusal) => {
@@ -352,6 +490,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
 
         let mut commit_at: Option<Instant> = None;
         let mut idle_since = Instant::now();
+        let mut post_copy_owed: Option<Vec<(u64, u32)>> = None;
         while !self.machine.ready_to_commit() {
             if self.cancel.is_cancelled() && self.machine.cancellable() {
                 return Err(ReceiveError::Cancelled);
@@ -387,6 +526,19 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     return Err(ReceiveError::Stream { stream, source });
                 }
             };
+            // Post-copy hook: the owed pages, on the control stream, once, before Commit.
+            if let Frame::PostCopy { owed } = frame {
+                if stream != StreamName::Control
+                    || negotiated < POST_COPY_PROTOCOL_VERSION
+                    || post_copy_owed.is_some()
+                {
+                    return Err(ReceiveError::PostCopy(PostCopyError::Protocol(format!(
+                        "a PostCopy frame on {stream} at protocol {negotiated}, or a second one"
+                    ))));
+                }
+                post_copy_owed = Some(owed);
+                continue;
+            }
             let is_commit = matches!(frame, Frame::Commit);
             match self.machine.frame(stream, frame)? {
                 Step::Apply(batch) => {
@@ -428,6 +580,17 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             state: (version, bytes),
             digest,
         } = self.machine.commit()?;
+        if let Some(owed) = post_copy_owed.take() {
+            let layout = layout.expect("layout agreed");
+            let resumed = PostCopyStart {
+                owed,
+                state: (version, bytes),
+                digest,
+                commit_at,
+                timings,
+            };
+            return self.post_copy(resumed, layout, listener, guard, source_id, rx);
+        }
         if let Some(want) = digest {
             let layout = layout.expect("layout agreed");
             let got = MemoryDigest::of_memory(&layout, want.chunk_bytes, |gpa, buf| {

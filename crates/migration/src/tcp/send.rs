@@ -25,6 +25,10 @@ use crate::wire::{
     Frame, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION,
     PageBatch, ReadFrameError, VERIFY_CHUNK_BYTES, read_frame,
 };
+// ── post-copy (tcp::postcopy, machine::postcopy) ──
+use crate::machine::postcopy;
+use crate::tcp::postcopy::{PostCopyError, SourceLink, serve_source};
+use crate::wire::{MAX_OWED_RUNS, MAX_STREAMS, MAX_VERIFY_CHUNKS, POST_COPY_PROTOCOL_VERSION};
 
 const PAGE: usize = PAGE_SIZE as usize;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
@@ -46,6 +50,21 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// Protocol versions offered (oldest, newest). Default: all this build speaks.
     pub protocol_versions: (u16, u16),
+    /// Switch to post-copy after this many pre-copy rounds (`--post-copy-after`; `None`:
+    /// pre-copy only). After the switch a lost link loses the VM (`failed_post_copy`).
+    pub post_copy_after: Option<u32>,
+}
+
+/// The protocol versions a migration offers: post-copy needs [`POST_COPY_PROTOCOL_VERSION`]
+/// at least, so an older target refuses the hello rather than meeting post-copy frames.
+fn offered_versions(opts: &MigrateOptions) -> (u16, u16) {
+    match opts.post_copy_after {
+        Some(_) => (
+            opts.protocol_versions.0.max(POST_COPY_PROTOCOL_VERSION),
+            opts.protocol_versions.1,
+        ),
+        None => opts.protocol_versions,
+    }
 }
 
 impl Default for MigrateOptions {
@@ -58,6 +77,7 @@ impl Default for MigrateOptions {
             ack_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(10),
             protocol_versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
+            post_copy_after: None,
         }
     }
 }
@@ -104,6 +124,9 @@ pub enum MigrateError {
     /// Commit was sent but the target's answer never came; the source stays paused.
     #[error("No answer to commit: the target may be running, the source stays paused")]
     InDoubt(#[source] Option<ReadFrameError>),
+    /// Post-copy failed after the switch: the VM is lost (the source stays paused).
+    #[error("Post-copy failed after the switch, the VM is lost (the source stays paused)")]
+    PostCopy(#[source] PostCopyError),
 }
 
 /// What a send that ran into the socket's write timeout means (the OS reports it as `EAGAIN`,
@@ -133,7 +156,9 @@ impl MigrateError {
     fn ending(&self) -> Ending {
         match self {
             MigrateError::Cancelled => Ending::Cancelled,
-            MigrateError::Connection(_) | MigrateError::Read(_) => Ending::LinkLost,
+            MigrateError::Connection(_) | MigrateError::Read(_) | MigrateError::PostCopy(_) => {
+                Ending::LinkLost
+            }
             MigrateError::InDoubt(_) => Ending::NoAnswer,
             MigrateError::Options(_)
             | MigrateError::Connect { .. }
@@ -198,6 +223,9 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     /// Time spent on runs of pages that were all zero and skipped: taken out of the round's
     /// time for the bandwidth estimate, since the final round carries dirty (data) pages.
     zero_scan: Duration,
+    // ── post-copy: what opening the push stream after the switch needs ──
+    tls: Option<&'a TlsClient>,
+    target: Option<(SocketAddr, Option<tern_pki::Identity>, u64)>,
 }
 
 /// Migrates `source` to the target listening at `to`.
@@ -231,7 +259,11 @@ pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
     let start = Instant::now();
     let layout = source.describe().layout;
     let mut run = Run {
-        machine: Sender::new(opts.convergence.clone()).with_versions(opts.protocol_versions),
+        machine: Sender::new(postcopy::pre_copy_convergence(
+            &opts.convergence,
+            opts.post_copy_after,
+        ))
+        .with_versions(offered_versions(opts)),
         bucket: opts
             .convergence
             .max_bandwidth
@@ -250,6 +282,8 @@ pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
         zero_skipped: 0,
         round_remaining: 0,
         zero_scan: Duration::ZERO,
+        tls,
+        target: None,
     };
     let result = run.execute(to, tls);
     run.finish(result)
@@ -267,6 +301,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     ) -> Result<Duration, MigrateError> {
         check_options(self.opts.streams, &self.opts.convergence)
             .map_err(|e| MigrateError::Options(e.to_string()))?;
+        self.check_post_copy_options()?;
         let addrs: Vec<SocketAddr> = to
             .to_socket_addrs()
             .map_err(|source| MigrateError::Connect {
@@ -291,6 +326,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             .collect();
         let (mut set, skipped) = pages::round_zero(&self.layout, &known_zero);
         self.zero_skipped += skipped;
+        let mut post_copy = false;
         loop {
             let (t0, scan0) = (Instant::now(), self.zero_scan);
             let before = self.bytes_sent;
@@ -309,6 +345,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
             self.machine.sent(self.bytes_sent - before, busy)?;
             set = self.fetch_dirty()?;
+            // Post-copy hook: after N rounds the rest is owed, whatever pre-copy would decide.
+            if let Some(n) = self.opts.post_copy_after
+                && postcopy::switch_due(n, self.machine.round())
+            {
+                post_copy = true;
+                break;
+            }
             let decision = self.machine.synced(self.now(), set.bytes())?;
             self.report_progress(true);
             match decision {
@@ -332,6 +375,12 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.machine
             .pause_step(PauseStep::DirtyLog, self.now(), 0)?;
         let set = pages::stop_and_copy(set, &since);
+        // Post-copy: the final set is owed, not sent during the pause.
+        let (set, owed) = if post_copy {
+            (pages::PageSet::empty(set.universe()), Some(set))
+        } else {
+            (set, None)
+        };
         let (t0, scan0) = (Instant::now(), self.zero_scan);
         let before = self.bytes_sent;
         self.round_remaining = set.bytes();
@@ -363,7 +412,13 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.write_control(&Frame::State { version, bytes })?;
         if self.opts.verify_memory {
             let layout = self.layout.clone();
-            let digest = MemoryDigest::of_memory(&layout, VERIFY_CHUNK_BYTES, |gpa, buf| {
+            // Post-copy checks owed pages one by one as they arrive: one checksum per page.
+            let chunk = if owed.is_some() {
+                PAGE_SIZE
+            } else {
+                VERIFY_CHUNK_BYTES
+            };
+            let digest = MemoryDigest::of_memory(&layout, chunk, |gpa, buf| {
                 self.source.read_pages(gpa, buf)
             })
             .map_err(|e| MigrateError::Source("read_pages", e))?;
@@ -376,6 +431,17 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         // fall inside the window from here to the answer even if this thread is preempted.
         self.machine
             .pause_step(PauseStep::StateSent, self.now(), self.bytes_sent - before)?;
+        if let Some(owed) = &owed {
+            let owed = postcopy::owed_runs(owed);
+            if owed.len() > MAX_OWED_RUNS {
+                return Err(MigrateError::Options(format!(
+                    "post-copy: {} runs of owed pages, more than the {MAX_OWED_RUNS} a frame carries",
+                    owed.len()
+                )));
+            }
+            self.machine.post_copy_switched()?;
+            self.write_control(&Frame::PostCopy { owed })?;
+        }
         self.write_control(&Frame::Commit)?;
         self.machine.commit_sent()?;
         self.report_progress(true);
@@ -383,7 +449,10 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         let rx = self.control_rx.as_ref().expect("control reader runs");
         match rx.recv_timeout(self.opts.ack_timeout) {
             Ok(Ok(frame)) => match self.machine.heard(self.now(), frame)? {
-                Heard::Running(downtime) => Ok(downtime),
+                Heard::Running(downtime) => match owed {
+                    Some(owed) => self.post_copy(owed).map(|()| downtime),
+                    None => Ok(downtime),
+                },
                 other => Err(MigrateError::Protocol(format!(
                     "{other:?} instead of running"
                 ))),
@@ -412,9 +481,10 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         let (mut control, mut control_writer) =
             control.split().map_err(MigrateError::Connection)?;
         let session = session_id();
+        self.target = Some((addr, target_id.clone(), session));
         let hello = Frame::Hello(Hello {
-            min_version: self.opts.protocol_versions.0,
-            max_version: self.opts.protocol_versions.1,
+            min_version: offered_versions(self.opts).0,
+            max_version: offered_versions(self.opts).1,
             session,
             streams: self.opts.streams,
             config: self.source.describe(),
@@ -500,6 +570,78 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             });
         }
         Ok(())
+    }
+
+    // ── post-copy ──
+
+    /// Refuses post-copy options that cannot work, before anything is sent.
+    fn check_post_copy_options(&self) -> Result<(), MigrateError> {
+        let Some(n) = self.opts.post_copy_after else {
+            return Ok(());
+        };
+        let bad = |m: String| Err(MigrateError::Options(m));
+        if let Err(e) = postcopy::check_after_rounds(n) {
+            return bad(e.to_string());
+        }
+        if self.opts.streams >= MAX_STREAMS {
+            return bad(format!(
+                "post-copy needs a stream of its own: at most {} data streams, not {}",
+                MAX_STREAMS - 1,
+                self.opts.streams
+            ));
+        }
+        let (min, max) = offered_versions(self.opts);
+        if min > max {
+            return bad(format!(
+                "post-copy needs protocol {POST_COPY_PROTOCOL_VERSION}, but only {}..={max} is offered",
+                self.opts.protocol_versions.0
+            ));
+        }
+        if self.opts.verify_memory && self.layout.total_pages() > MAX_VERIFY_CHUNKS as u64 {
+            return bad(format!(
+                "--verify-memory with post-copy checks every page and covers at most {} GiB",
+                (MAX_VERIFY_CHUNKS as u64 * PAGE_SIZE) >> 30
+            ));
+        }
+        Ok(())
+    }
+
+    /// The post-copy phase: opens the push stream, then serves the owed pages until the target
+    /// placed every one. The source stays paused whatever happens.
+    fn post_copy(&mut self, owed: pages::PageSet) -> Result<(), MigrateError> {
+        let (addr, id, session) = self.target.clone().expect("connected");
+        let conn = transport::connect(&addr, self.tls, id.as_ref(), self.opts.connect_timeout)
+            .and_then(|(c, _)| {
+                crate::tcp::postcopy::write_timeout(c.tcp(), self.opts.io_timeout);
+                crate::tcp::postcopy::join_push(c, session, self.opts.streams)
+            });
+        let push = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                let err = PostCopyError::Link(format!("opening the push stream: {e}"));
+                self.machine.post_copy_ended(false, Default::default());
+                return Err(MigrateError::PostCopy(err));
+            }
+        };
+        let layout = self.layout.clone();
+        let link = SourceLink {
+            control: self.control.as_mut().expect("connected"),
+            control_rx: self.control_rx.as_ref().expect("control reader runs"),
+            push,
+            max_bandwidth: self.opts.convergence.max_bandwidth,
+            answer_timeout: self.opts.ack_timeout,
+            bytes_sent: &mut self.bytes_sent,
+        };
+        match serve_source(self.source, &layout, owed, link) {
+            Ok(figures) => {
+                self.machine.post_copy_ended(true, figures);
+                Ok(())
+            }
+            Err((e, figures)) => {
+                self.machine.post_copy_ended(false, figures);
+                Err(MigrateError::PostCopy(e))
+            }
+        }
     }
 
     fn writer_error(&self, i: usize) -> MigrateError {

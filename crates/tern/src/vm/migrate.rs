@@ -38,6 +38,15 @@ pub struct MigrateArgs {
     /// Compare a digest of all guest memory on the target before it resumes.
     #[arg(long)]
     pub verify_memory: bool,
+    /// Switch to post-copy after N pre-copy rounds (1..=1000): the source pauses for good,
+    /// sends the state and the list of pages still dirty, and the target resumes the guest at
+    /// once, fetching each missing page on demand while the source pushes the rest. Failure
+    /// rule: after the switch the VM's memory is split across both hosts, so if the link is
+    /// lost the target stops the guest and the source cannot resume either: the VM is lost,
+    /// as in QEMU's post-copy (outcome failed_post_copy, exit 4). The target needs
+    /// userfaultfd (root). See docs/migration.md, "Post-copy".
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub post_copy_after: Option<u32>,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -208,6 +217,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         protocol_version: a.x_protocol_version,
         disk_successor: a.disk_successor.clone(),
         tls,
+        post_copy_after: a.post_copy_after,
     };
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
     let mut on_progress = |p: &Progress| {
@@ -245,6 +255,17 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         if let Some(line) = breakdown_line(r) {
             eprintln!("  {line}");
         }
+        if let Some(p) = &r.post_copy {
+            eprintln!(
+                "  post-copy {} ms: {} pages owed, {} demanded ({} faults, longest {:.1} ms), {} pushed",
+                p.post_copy_ms,
+                p.pages_owed,
+                p.pages_demanded,
+                p.demand_faults,
+                p.max_fault_latency_us as f64 / 1000.0,
+                p.pages_pushed
+            );
+        }
     }
     let e = match failure {
         Ok(_) => {
@@ -259,6 +280,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => e,
     };
     let code = ExitCode::from(e.end().exit_code());
+    if let Some(r) = e.report()
+        && r.outcome == tern_api::vmm::Outcome::FailedPostCopy
+    {
+        eprintln!(
+            "tern: post-copy failed after the switch: {e}; the VM is lost: the target stopped it and the paused copy here must not be resumed (its memory is stale)"
+        );
+        return Ok(ExitCode::from(r.outcome.exit_code()));
+    }
     match e {
         MigrateError::InDoubt { reason, .. } => eprintln!(
             "tern: migration in doubt: {reason}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"

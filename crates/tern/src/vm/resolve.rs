@@ -321,4 +321,13 @@ impl<T: MigrationTarget> MigrationTarget for FaultHooks<T> {
     fn discard(&mut self) {
         self.inner.discard()
     }
+    fn post_copy_memory(
+        &mut self,
+        owed: &[(u64, u64)],
+    ) -> Result<std::sync::Arc<dyn tern_migration::MissingMemory>, VmError> {
+        self.inner.post_copy_memory(owed)
+    }
+    fn stop_post_copy_guest(&mut self) {
+        self.inner.stop_post_copy_guest()
+    }
 }
