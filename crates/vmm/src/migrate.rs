@@ -437,6 +437,8 @@ pub type BuildVm = Box<dyn FnMut(&VmConfigDescription) -> Result<Vm, String> + S
 pub struct VmTarget {
     build: BuildVm,
     vm: Option<Vm>,
+    /// Post-copy: the guest memory's missing pages (`crate::uffd`), while they are owed.
+    post_copy: Option<Arc<PostCopyPages>>,
 }
 
 impl std::fmt::Debug for VmTarget {
@@ -450,7 +452,11 @@ impl std::fmt::Debug for VmTarget {
 impl VmTarget {
     /// A target that builds its VM with `build` when the handshake describes it.
     pub fn new(build: BuildVm) -> Self {
-        VmTarget { build, vm: None }
+        VmTarget {
+            build,
+            vm: None,
+            post_copy: None,
+        }
     }
 
     /// The VM, once the migration completed (it runs).
@@ -525,6 +531,29 @@ impl MigrationTarget for VmTarget {
         Ok(())
     }
 
+    fn post_copy_memory(
+        &mut self,
+        owed: &[(u64, u64)],
+    ) -> Result<Arc<dyn tern_migration::MissingMemory>, VmError> {
+        let pages = crate::uffd::MissingPages::arm(self.vm()?.memory(), owed)?;
+        let pages = Arc::new(PostCopyPages(pages));
+        self.post_copy = Some(pages.clone());
+        Ok(pages)
+    }
+
+    fn stop_post_copy_guest(&mut self) {
+        if let Some(vm) = &self.vm {
+            // Running vCPUs stop; one waiting on a missing page stays blocked until the
+            // process exits.
+            vm.request_stop();
+        }
+        // Never close the userfaultfd now: a vCPU waiting on a missing page would go on with
+        // a zero page. It goes with the process.
+        if let Some(p) = self.post_copy.take() {
+            std::mem::forget(p);
+        }
+    }
+
     fn discard(&mut self) {
         if let Some(vm) = self.vm.take() {
             // A restored console line belongs to the source, which goes on printing it.
@@ -532,5 +561,23 @@ impl MigrationTarget for VmTarget {
             vm.request_stop();
             vm.wait();
         }
+    }
+}
+
+/// Post-copy's missing pages as tern-migration sees them.
+#[derive(Debug)]
+struct PostCopyPages(crate::uffd::MissingPages);
+
+impl tern_migration::MissingMemory for PostCopyPages {
+    fn next_fault(&self, timeout: Duration) -> Result<Option<u64>, VmError> {
+        Ok(self.0.next_fault(timeout)?)
+    }
+
+    fn place(&self, gpa: u64, data: &[u8]) -> Result<bool, VmError> {
+        Ok(self.0.place(gpa, data)?)
+    }
+
+    fn place_zero(&self, gpa: u64) -> Result<bool, VmError> {
+        Ok(self.0.place_zero(gpa)?)
     }
 }
