@@ -1,0 +1,166 @@
+//! Post-copy live migration (`tern vm migrate --post-copy-after N`) of real KVM guests on
+//! loopback: the test guest writing at its maximum rate moves with its memory verified page by
+//! page and keeps running on the target; a link lost after the switch loses the VM as
+//! documented (docs/migration.md, "Post-copy"): the target stops the guest, the source stays
+//! paused, the outcome is `failed_post_copy` (exit 4), and no running copy is claimed.
+//!
+//! Needs root (userfaultfd without `UFFD_USER_MODE_ONLY`) and KVM; fails loudly without.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MigrationPair, field, tern, tern_cmd};
+
+/// 64 MiB written at the guest's maximum rate: every round re-dirties all of it.
+const MAX_RATE: &str = "tern.hb_ms=50 tern.dirty_mib=64 tern.dirty_rate=0";
+
+fn require_root() {
+    // SAFETY-free check: the effective user id through `id -u`.
+    let out = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .expect("run id -u");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "post-copy tests need root: the target opens a userfaultfd that KVM's faults reach"
+    );
+}
+
+fn spawn_migrate(p: &MigrationPair, extra: &[&str]) -> std::process::Child {
+    std::process::Command::new(tern())
+        .args(["vm", "migrate", "--api-sock"])
+        .arg(&p.src_sock)
+        .args(["--to", &format!("127.0.0.1:{}", p.port), "--json"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tern vm migrate")
+}
+
+fn finish(child: std::process::Child) -> (i32, serde_json::Value, String) {
+    let out = child.wait_with_output().expect("migrate output");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status(sock: &std::path::Path) -> String {
+    let (rc, out, err) = tern_cmd(&["vm", "status", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(rc, 0, "status: {err}");
+    out
+}
+
+#[test]
+fn maximum_rate_writer_moves_by_post_copy_with_its_memory_verified() {
+    require_root();
+    let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
+    let (rc, report, err) = p.migrate(&["--post-copy-after", "2", "--verify-memory"]);
+    assert_eq!(rc, 0, "post-copy migration failed: {err}\nreport: {report}");
+    assert_eq!(report["outcome"], "completed", "{report}");
+    let pc = &report["post_copy"];
+    assert!(
+        pc.is_object(),
+        "the report must carry post-copy figures: {report}"
+    );
+    let n = |k: &str| {
+        pc[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("post_copy.{k} missing: {report}"))
+    };
+    // The writer dirties its whole 64 MiB between syncs: thousands of pages are owed.
+    assert!(n("pages_owed") > 4096, "{report}");
+    assert!(
+        n("pages_demanded") + n("pages_pushed") >= n("pages_owed"),
+        "every owed page was sent one way or the other: {report}"
+    );
+    assert!(
+        n("demand_faults") > 0 && n("pages_demanded") > 0,
+        "a maximum-rate writer faults on owed pages at once: {report}"
+    );
+    assert!(n("max_fault_latency_us") > 0, "{report}");
+    assert_eq!(
+        report["rounds"].as_u64(),
+        Some(3),
+        "two pre-copy rounds, then the switch: {report}"
+    );
+    assert_eq!(
+        report["throttle_max_pct"].as_f64(),
+        Some(0.0),
+        "the guest is not throttled before a post-copy switch: {report}"
+    );
+    eprintln!("post-copy report: {report}");
+    // Heartbeats continue the source's sequence on the target, the guest's own memory check
+    // stays quiet, the runtime entry moved, and the target stops cleanly.
+    p.assert_moved();
+}
+
+/// Starts a slow post-copy (1 round, 16 MiB/s push) and waits until the guest runs on the
+/// target: its first heartbeat there.
+fn switched_slowly() -> (MigrationPair, std::process::Child) {
+    require_root();
+    let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
+    let m = spawn_migrate(
+        &p,
+        &["--post-copy-after", "1", "--max-bandwidth-mibps", "16"],
+    );
+    let first = p
+        .dst
+        .wait_line(Duration::from_secs(30), |l| l.starts_with("HB "));
+    assert!(field(&first, "seq").is_some(), "{first}");
+    (p, m)
+}
+
+#[test]
+fn killing_the_target_during_post_copy_loses_the_vm_and_the_source_stays_paused() {
+    let (mut p, m) = switched_slowly();
+    p.dst.child.kill().expect("kill the target");
+    let (rc, report, err) = finish(m);
+    assert_eq!(rc, 4, "post-copy lost: exit 4\n{err}\n{report}");
+    assert_eq!(report["outcome"], "failed_post_copy", "{report}");
+    assert!(report["post_copy"].is_object(), "{report}");
+    assert!(err.contains("the VM is lost"), "{err}");
+    // The source never resumes: paused, and its console stays silent.
+    let s = status(&p.src_sock);
+    assert!(s.contains("\"paused\""), "the source must stay paused: {s}");
+    p.src.collect_for(Duration::from_millis(200));
+    let before = p.src.last_hb();
+    p.src.collect_for(Duration::from_millis(1500));
+    assert_eq!(
+        p.src.last_hb(),
+        before,
+        "the source guest must not run again after a failed post-copy"
+    );
+    assert!(
+        !p.runtime.join("dst.json").exists(),
+        "the killed target claims no running VM"
+    );
+    let _ = tern_cmd(&["vm", "stop", "--api-sock", p.src_sock.to_str().unwrap()]);
+    p.src.wait_exit(Duration::from_secs(10));
+}
+
+#[test]
+fn losing_the_source_during_post_copy_stops_the_guest_on_the_target() {
+    let (mut p, m) = switched_slowly();
+    p.src.child.kill().expect("kill the source VMM");
+    let rc = p.dst.wait_exit(Duration::from_secs(40));
+    assert_ne!(rc, 0, "the target must fail: {}", p.dst.stderr());
+    let err = p.dst.stderr();
+    eprintln!("target's stderr:\n{err}");
+    assert!(
+        err.contains("ost-copy"),
+        "the target must say post-copy failed: {err}"
+    );
+    assert!(
+        !p.runtime.join("dst.json").exists(),
+        "a target that lost post-copy claims no running VM"
+    );
+    // The migrate client lost its VMM: it fails too, claiming nothing.
+    let (rc, report, err) = finish(m);
+    assert_ne!(rc, 0, "{err} {report}");
+    assert_ne!(report["outcome"], "completed", "{report}");
+}
