@@ -2,8 +2,8 @@
 //! LUN at the mapped extents, the switch to the coordinator when the path fails (replaying the
 //! journal of unflushed writes) and back when it returns, flushes, and freeing or zeroing ranges.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tern_nbd::proto::StatusExtent;
@@ -52,12 +52,14 @@ impl Node {
             state: Mutex::new(HandleState {
                 map,
                 mode: PathState::Direct,
-                journal: Journal::default(),
                 redirect: None,
                 dirty_redirected: false,
                 inflight: Arc::default(),
             }),
             logged_refusal: AtomicU64::new(0),
+            direct: AtomicBool::new(true),
+            io: Mutex::default(),
+            io_done: Condvar::new(),
         });
         let old = lock(&self.handles).insert(name.to_owned(), Arc::clone(&h));
         if let Some(old) = old
@@ -67,29 +69,6 @@ impl Node {
         }
         Some(h)
     }
-}
-
-pub(super) fn read_segments(
-    lun: &dyn Lun,
-    sb: &Superblock,
-    map: &[u32],
-    buf: &mut [u8],
-    offset: u64,
-) -> std::io::Result<()> {
-    let mut done = 0;
-    for s in segments(sb, map, offset, buf.len()) {
-        match s {
-            Segment::Mapped { lun_offset, len } => {
-                lun.read_at(&mut buf[done..done + len], lun_offset)?;
-                done += len;
-            }
-            Segment::Hole { len, .. } => {
-                buf[done..done + len].fill(0);
-                done += len;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// `base:allocation` runs of `len` bytes from `offset` under `map`: holes read as zeroes.
@@ -123,8 +102,6 @@ struct Redirect {
 pub(super) struct HandleState {
     map: Vec<u32>,
     mode: PathState,
-    /// Direct writes since the last successful flush, for replay through the coordinator.
-    journal: Journal,
     redirect: Option<Redirect>,
     dirty_redirected: bool,
     /// One clone per request in flight to the coordinator without the state lock held
@@ -147,6 +124,68 @@ pub struct FileHandle {
     /// The errno of the last refused write that was logged (0: none since the last success), so
     /// a client retrying a refused write does not flood the node's log.
     logged_refusal: AtomicU64,
+    /// `state.mode` is direct (a copy readable without the lock, for the relay's fast refusal).
+    direct: AtomicBool,
+    /// Direct reads and writes issued on the LUN without the state lock ([`DirectIo`]).
+    io: Mutex<DirectIo>,
+    /// `io` went down: an op ended.
+    io_done: Condvar,
+}
+
+/// The direct I/O of a file on the LUN. Requests take the state lock only to pick their path
+/// and extents, register here, and issue the `pread`/`pwrite` after dropping it, so one file's
+/// requests reach the LUN together. They leave when done without the state lock, so whoever
+/// holds the state lock can wait for them all ([`FileHandle::drain_io`]): a flush, a zeroing,
+/// the switch to redirected I/O and giving the lease away all happen with no direct I/O in
+/// flight and none starting. A write overlapping one in flight waits for it before it is
+/// issued, so overlapping writes reach the LUN, and the journal, in the order they were sent.
+#[derive(Default)]
+struct DirectIo {
+    /// Reads and writes issued and not yet done.
+    ops: usize,
+    /// The byte ranges `[start, end)` (of the file) of the writes among them.
+    writes: Vec<(u64, u64)>,
+    /// Threads waiting in `drain_io` or for an overlapping write.
+    waiters: usize,
+    /// Direct writes done since the last successful flush, for replay through the coordinator
+    /// (each added as it ends; taken or cleared only with the state lock held and nothing in
+    /// flight).
+    journal: Journal,
+}
+
+/// One registered direct op ([`FileHandle::begin_io`]); dropping it ends the op.
+struct IoGuard<'a> {
+    handle: &'a FileHandle,
+    write: Option<(u64, u64)>,
+    /// A write to journal as it ends.
+    written: Option<(u64, &'a [u8])>,
+}
+
+impl<'a> IoGuard<'a> {
+    /// End a write that reached the LUN (or may have: the path failed), journaling it.
+    fn written(mut self, offset: u64, data: &'a [u8]) {
+        self.written = Some((offset, data));
+    }
+}
+
+impl Drop for IoGuard<'_> {
+    fn drop(&mut self) {
+        let mut io = lock(&self.handle.io);
+        if let Some((offset, data)) = self.written {
+            io.journal.push(offset, data);
+        }
+        io.ops -= 1;
+        if let Some(r) = self.write
+            && let Some(i) = io.writes.iter().position(|w| *w == r)
+        {
+            io.writes.swap_remove(i);
+        }
+        let wake = io.waiters > 0;
+        drop(io);
+        if wake {
+            self.handle.io_done.notify_all();
+        }
+    }
 }
 
 impl std::fmt::Debug for FileHandle {
@@ -159,6 +198,37 @@ impl std::fmt::Debug for FileHandle {
 }
 
 impl FileHandle {
+    /// Register a direct op (the caller holds the state lock, so nothing drains meanwhile); a
+    /// write (`write`: its byte range) first waits for in-flight writes it overlaps.
+    fn begin_io(&self, write: Option<(u64, u64)>) -> IoGuard<'_> {
+        let mut io = lock(&self.io);
+        if let Some((s, e)) = write {
+            while io.writes.iter().any(|&(ws, we)| ws < e && s < we) {
+                io.waiters += 1;
+                io = self.io_done.wait(io).unwrap_or_else(|e| e.into_inner());
+                io.waiters -= 1;
+            }
+            io.writes.push((s, e));
+        }
+        io.ops += 1;
+        IoGuard {
+            handle: self,
+            write,
+            written: None,
+        }
+    }
+
+    /// Wait until no direct op is in flight (the caller holds the state lock, so none starts).
+    /// In-flight ops end without the state lock.
+    fn drain_io(&self) {
+        let mut io = lock(&self.io);
+        while io.ops > 0 {
+            io.waiters += 1;
+            io = self.io_done.wait(io).unwrap_or_else(|e| e.into_inner());
+            io.waiters -= 1;
+        }
+    }
+
     pub(super) fn refresh_map(&self, node: &Node) -> Result<(), Errno> {
         let map = node
             .stat_with_map(&self.name)
@@ -185,9 +255,17 @@ impl FileHandle {
             st.redirect = None;
             st.dirty_redirected = false;
             st.mode = PathState::Direct;
+            self.direct.store(true, Ordering::SeqCst);
             node.redirected_files.fetch_sub(1, Ordering::SeqCst);
         }
         Ok(st.mode == PathState::Direct && ok)
+    }
+
+    /// Whether the file is on the direct path and the LUN answers, read without the state lock
+    /// (for the relay: such a request is not forwarded, and is executed here without a look
+    /// at the state first). A `false` is only a hint: [`FileHandle::redirected_token`] decides.
+    pub(super) fn direct_now(&self) -> bool {
+        self.direct.load(Ordering::SeqCst) && self.node.path_ok.load(Ordering::SeqCst)
     }
 
     /// For the relay ([`super::relay`]): whether a read or write of this file goes to the
@@ -199,7 +277,7 @@ impl FileHandle {
             return None;
         }
         if write {
-            if !st.journal.is_empty() {
+            if !lock(&self.io).journal.is_empty() {
                 return None;
             }
             st.dirty_redirected = true;
@@ -208,8 +286,11 @@ impl FileHandle {
     }
 
     fn go_redirected(&self, st: &mut HandleState) {
+        // Direct ops in flight land (or fail) before anything goes to the coordinator.
+        self.drain_io();
         if st.mode == PathState::Direct {
             st.mode = PathState::Redirected;
+            self.direct.store(false, Ordering::SeqCst);
             self.node.redirected_files.fetch_add(1, Ordering::SeqCst);
         }
         self.node.path_ok.store(false, Ordering::SeqCst);
@@ -317,25 +398,38 @@ impl FileHandle {
     }
 
     fn replay_journal(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
-        let mut journal = std::mem::take(&mut st.journal);
-        for (off, data) in journal.iter() {
-            self.with_redirect(st, epoch, |c| c.write(off, data, false))?;
+        self.drain_io();
+        let mut journal = std::mem::take(&mut lock(&self.io).journal);
+        let res = journal.iter().try_for_each(|(off, data)| {
+            self.with_redirect(st, epoch, |c| c.write(off, data, false))
+        });
+        if res.is_err() {
+            // Not replayed: kept for the next try (nothing was journaled meanwhile: the file
+            // is redirected and the state lock held).
+            lock(&self.io).journal = journal;
+            return res;
         }
         st.dirty_redirected |= !journal.is_empty();
         // Keep the buffers (no page faults on the next run of direct writes).
         journal.clear();
-        st.journal = journal;
+        lock(&self.io).journal = journal;
         Ok(())
     }
 
-    fn direct_write(
+    fn journal_is_empty(&self) -> bool {
+        lock(&self.io).journal.is_empty()
+    }
+
+    /// The LUN pieces of a direct write of `len` bytes at `offset`, after allocating the holes
+    /// it covers (under the state lock: the map changes).
+    fn map_for_write(
         &self,
         st: &mut HandleState,
-        data: &[u8],
+        len: usize,
         offset: u64,
-    ) -> Result<(), DirectFail> {
+    ) -> Result<Vec<Segment>, Errno> {
         let node = &self.node;
-        let mut segs = segments(&node.sb, &st.map, offset, data.len());
+        let mut segs = segments(&node.sb, &st.map, offset, len);
         for s in segs.clone() {
             if let Segment::Hole { logical, .. } = s {
                 let v = node
@@ -345,19 +439,26 @@ impl FileHandle {
                     })
                     .and_then(|r| Ok(r.into_file()?.into_map()?))
                     .map_err(|e| {
-                        DirectFail::Refused(if e.kind == ErrorKind::NoSpace {
+                        if e.kind == ErrorKind::NoSpace {
                             Errno::NoSpc
                         } else {
                             Errno::Io
-                        })
+                        }
                     })?;
                 st.map = v;
-                segs = segments(&node.sb, &st.map, offset, data.len());
+                segs = segments(&node.sb, &st.map, offset, len);
             }
         }
+        Ok(segs)
+    }
+
+    /// Write `data` at the mapped `segs` on the LUN (without the state lock: the op is
+    /// registered with [`FileHandle::begin_io`]).
+    fn pwrite_segments(&self, segs: &[Segment], data: &[u8]) -> Result<(), DirectFail> {
+        let node = &self.node;
         let mut done = 0;
         for s in segs {
-            let Segment::Mapped { lun_offset, len } = s else {
+            let Segment::Mapped { lun_offset, len } = *s else {
                 return Err(DirectFail::Refused(Errno::Io));
             };
             // Fencing on the direct path: the lease must still be ours right before the write.
@@ -371,6 +472,24 @@ impl FileHandle {
         }
         Ok(())
     }
+}
+
+/// Fill `buf` from the mapped `segs` (holes read as zeroes).
+fn pread_segments(lun: &dyn Lun, segs: &[Segment], buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    for s in segs {
+        match *s {
+            Segment::Mapped { lun_offset, len } => {
+                lun.read_at(&mut buf[done..done + len], lun_offset)?;
+                done += len;
+            }
+            Segment::Hole { len, .. } => {
+                buf[done..done + len].fill(0);
+                done += len;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl FileHandle {
@@ -442,14 +561,17 @@ impl FileHandle {
 
     pub(super) fn flush_locked(&self, st: &mut HandleState, epoch: u64) -> Result<(), Errno> {
         let node = &self.node;
+        // Every direct write sent so far must be done before the flush that clears the journal
+        // (and a node giving its lease away waits here for its writes in flight).
+        self.drain_io();
         if self.use_direct(st)? {
             if node.lun.flush().is_ok() {
-                st.journal.clear();
+                lock(&self.io).journal.clear();
                 return Ok(());
             }
             self.go_redirected(st);
         }
-        if !st.journal.is_empty() {
+        if !self.journal_is_empty() {
             self.replay_journal(st, epoch)?;
         }
         self.with_redirect(st, epoch, |c| c.flush())?;
@@ -472,18 +594,25 @@ impl Backend for FileHandle {
         let node = &self.node;
         let mut st = lock(&self.state);
         if self.use_direct(&mut st)? {
-            if segments(&node.sb, &st.map, offset, buf.len())
-                .iter()
-                .any(|s| matches!(s, Segment::Hole { .. }))
-            {
+            let mut segs = segments(&node.sb, &st.map, offset, buf.len());
+            if segs.iter().any(|s| matches!(s, Segment::Hole { .. })) {
                 // Another node may have allocated since we cached the map.
                 drop(st);
                 let _ = self.refresh_map(node);
                 st = lock(&self.state);
+                segs = segments(&node.sb, &st.map, offset, buf.len());
             }
-            match read_segments(&*node.lun, &node.sb, &st.map, buf, offset) {
-                Ok(()) => return Ok(()),
-                Err(_) => self.go_redirected(&mut st),
+            if self.use_direct(&mut st)? {
+                // The read runs without the state lock, beside the file's other requests.
+                let io = self.begin_io(None);
+                drop(st);
+                let res = pread_segments(&*node.lun, &segs, buf);
+                drop(io);
+                if res.is_ok() {
+                    return Ok(());
+                }
+                st = lock(&self.state);
+                self.go_redirected(&mut st);
             }
         }
         let epoch = node.held_lease(&self.name).map_or(0, |h| h.epoch);
@@ -569,39 +698,37 @@ impl FileHandle {
         let held = node.ensure_lease(&self.name).ok_or(Errno::Perm)?;
         let mut st = lock(&self.state);
         if self.use_direct(&mut st)? {
-            match self.direct_write(&mut st, data, offset) {
+            let segs = self.map_for_write(&mut st, data.len(), offset)?;
+            if lock(&self.io).journal.bytes() > JOURNAL_MAX_BYTES {
+                // Make the journaled writes durable (all of them: none is in flight after the
+                // drain) and start a new journal; a failing LUN sends them to the coordinator.
+                self.drain_io();
+                if node.lun.flush().is_ok() {
+                    lock(&self.io).journal.clear();
+                } else {
+                    self.go_redirected(&mut st);
+                    self.replay_journal(&mut st, held.epoch)?;
+                    return self.write_redirected(st, held.epoch, data, offset, fua);
+                }
+            }
+            // Issued without the state lock, beside the file's other requests.
+            let io = self.begin_io(Some((offset, offset + data.len() as u64)));
+            drop(st);
+            match self.pwrite_segments(&segs, data) {
                 Ok(()) => {
-                    if fua {
-                        match node.lun.flush() {
-                            Ok(()) => {
-                                st.journal.clear();
-                                return Ok(());
-                            }
-                            Err(_) => {
-                                st.journal.push(offset, data);
-                                self.go_redirected(&mut st);
-                            }
-                        }
-                    } else {
-                        st.journal.push(offset, data);
-                        if st.journal.bytes() > JOURNAL_MAX_BYTES {
-                            if node.lun.flush().is_ok() {
-                                st.journal.clear();
-                            } else {
-                                self.go_redirected(&mut st);
-                                self.replay_journal(&mut st, held.epoch)?;
-                            }
-                        }
+                    io.written(offset, data);
+                    // With FUA the journal keeps the entry all the same: a replay of durable
+                    // bytes writes the same bytes again.
+                    if !fua || node.lun.flush().is_ok() {
                         return Ok(());
                     }
                 }
+                Err(DirectFail::Path) => io.written(offset, data),
                 Err(DirectFail::Refused(e)) => return Err(e),
-                Err(DirectFail::Path) => {
-                    st.journal.push(offset, data);
-                    self.go_redirected(&mut st);
-                }
             }
             // The path failed: replay everything not yet known durable, this write included.
+            st = lock(&self.state);
+            self.go_redirected(&mut st);
             self.replay_journal(&mut st, held.epoch)?;
             if fua {
                 self.with_redirect(&mut st, held.epoch, |c| c.flush())?;
@@ -609,10 +736,22 @@ impl FileHandle {
             }
             return Ok(());
         }
-        if !st.journal.is_empty() {
-            self.replay_journal(&mut st, held.epoch)?;
+        self.write_redirected(st, held.epoch, data, offset, fua)
+    }
+
+    /// A write through the coordinator (the file is redirected), after the journal's replay.
+    fn write_redirected(
+        &self,
+        mut st: MutexGuard<'_, HandleState>,
+        epoch: u64,
+        data: &[u8],
+        offset: u64,
+        fua: bool,
+    ) -> Result<(), Errno> {
+        if !self.journal_is_empty() {
+            self.replay_journal(&mut st, epoch)?;
         }
         st.dirty_redirected = true;
-        self.with_redirect_unlocked(st, held.epoch, |c| c.write(offset, data, fua))
+        self.with_redirect_unlocked(st, epoch, |c| c.write(offset, data, fua))
     }
 }
