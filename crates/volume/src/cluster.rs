@@ -16,6 +16,7 @@ use etcd_client::{Client, GetOptions, PutOptions};
 use serde_json::json;
 
 use crate::format::NodeId;
+use crate::lease::WatchdogTimings;
 use crate::node::{LeaderInfo, Node, NodeConfig, NodeExports};
 
 /// Options of `tern volume serve`.
@@ -159,6 +160,9 @@ struct EtcdLeases {
 /// leases it holds are not released (a local VM disk may still be writing under them): they
 /// expire after their TTL.
 pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
+    if let Ok(spec) = std::env::var(COMMIT_WATCHDOG_ENV) {
+        return commit_watchdog_main(&spec, opts.node_id);
+    }
     if opts.node_id == 0 {
         return Err(ServeError::BadNodeId);
     }
@@ -189,6 +193,12 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
     })?;
     if opts.fault_file.is_some() {
         node.set_volatile_cache(true);
+    }
+    if !opts.no_direct {
+        node.set_commit_watchdog(Box::new(spawn_commit_watchdog(
+            opts.node_id,
+            opts.session_ttl_s as u64 * 1000,
+        )?));
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -442,6 +452,11 @@ async fn one_term(
         Err(e) => Err(e.to_string()),
         Ok(None) => Err("etcd answered the campaign without the election key".to_string()),
         Ok(Some(generation)) => {
+            // A predecessor stalled between a write's check and the write itself is killed by
+            // its commit watchdog within the grace after its deadline, which passed before we
+            // won: wait the margin before our first write (the take-over commit).
+            let margin = WatchdogTimings::for_ttl(ttl_s as u64 * 1000).margin_ms;
+            tokio::time::sleep(Duration::from_millis(margin)).await;
             let d = deadline.load(std::sync::atomic::Ordering::SeqCst);
             if d <= node.now_ms() {
                 Err("session expired while campaigning".to_string())
@@ -478,6 +493,111 @@ async fn one_term(
         .compare_exchange(lease_id, 0, Ordering::SeqCst, Ordering::SeqCst);
     let _ = client.lease_revoke(lease_id).await;
     result
+}
+
+/// The environment variable that turns `tern volume serve` into the commit watchdog of its
+/// parent (value: `PID TTL_MS`, the parent's pid and etcd session TTL).
+const COMMIT_WATCHDOG_ENV: &str = "TERN_VOLUME_COMMIT_WATCHDOG";
+
+/// The node's end of its commit watchdog: one line per change of the armed deadline on the
+/// watchdog's stdin (`-` when nothing is armed).
+struct ChildWatchdog {
+    stdin: std::sync::Mutex<std::process::ChildStdin>,
+}
+
+impl crate::node::CommitWatchdog for ChildWatchdog {
+    fn arm(&self, deadline_ms: Option<u64>) -> std::io::Result<()> {
+        use std::io::Write;
+        let line = match deadline_ms {
+            Some(d) => format!("{d}\n"),
+            None => "-\n".to_string(),
+        };
+        let mut w = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(line.as_bytes())
+    }
+}
+
+/// Start the commit watchdog of this node: this executable again, with the same arguments and
+/// [`COMMIT_WATCHDOG_ENV`] set, so it needs no files of its own. It lives until this process
+/// ends (its stdin closes); if it dies first, every metadata write is refused.
+fn spawn_commit_watchdog(node_id: NodeId, ttl_ms: u64) -> Result<ChildWatchdog, ServeError> {
+    let exe = std::env::current_exe()?;
+    let mut child = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(
+            COMMIT_WATCHDOG_ENV,
+            format!("{} {ttl_ms}", std::process::id()),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| std::io::Error::other("the commit watchdog has no stdin"))?;
+    std::thread::spawn(move || {
+        let status = child.wait();
+        eprintln!("tern volume: node {node_id}: the commit watchdog ended ({status:?})");
+    });
+    Ok(ChildWatchdog {
+        stdin: std::sync::Mutex::new(stdin),
+    })
+}
+
+/// The commit watchdog process (see [`WatchdogTimings::commit_watchdog_kills`]): reads the
+/// armed deadline from stdin, and SIGKILLs the parent (through a pidfd, so never another
+/// process under a reused pid) when a write stays armed past the deadline plus the grace.
+/// A stopped (SIGSTOP) parent is killed without running again, so its checked write never
+/// lands. Exits when the parent does.
+fn commit_watchdog_main(spec: &str, node_id: NodeId) -> Result<(), ServeError> {
+    let bad =
+        || std::io::Error::other(format!("{COMMIT_WATCHDOG_ENV}={spec:?}: want 'PID TTL_MS'"));
+    let mut it = spec.split_whitespace().map(|v| v.parse::<u64>());
+    let (Some(Ok(pid)), Some(Ok(ttl_ms))) = (it.next(), it.next()) else {
+        return Err(bad().into());
+    };
+    let parent = rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u64);
+    if parent != Some(pid) {
+        // The node is gone already (this process was re-parented).
+        return Ok(());
+    }
+    let pid = rustix::process::Pid::from_raw(pid as i32).ok_or_else(bad)?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+        .map_err(std::io::Error::from)?;
+    let timings = WatchdogTimings::for_ttl(ttl_ms);
+    let armed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    {
+        let armed = Arc::clone(&armed);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::stdin().lock().lines() {
+                let Ok(line) = line else { break };
+                armed.store(line.trim().parse().unwrap_or(0), Ordering::SeqCst);
+            }
+            // The node ended (or closed the pipe): nothing left to guard.
+            std::process::exit(0);
+        });
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(timings.tick_ms));
+        let a = armed.load(Ordering::SeqCst);
+        let now = crate::node::boottime_ms();
+        let deadline = (a != 0).then_some(a);
+        if timings.commit_watchdog_kills(deadline, now) {
+            eprintln!(
+                "tern volume: node {node_id}: commit watchdog: a metadata write was still pending \
+                 {} ms after the coordinator session's deadline: killing the node, pid {pid} \
+                 (SIGKILL)",
+                now - a
+            );
+            if let Err(e) =
+                rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL)
+            {
+                eprintln!("tern volume: node {node_id}: commit watchdog: the kill failed: {e}");
+            }
+            std::process::exit(0);
+        }
+    }
 }
 
 /// Track who the coordinator is.

@@ -8,8 +8,9 @@
 //! Each metadata slot is one 4 KiB header (magic, sequence number, coordinator generation, payload
 //! length and CRC-32C, header CRC-32C) followed by the payload. A commit writes the complete new
 //! state into the slot *not* holding the newest valid state, payload first, then the header, with a
-//! flush after each; readers take the valid slot with the highest sequence. A crash at any write
-//! therefore leaves either the old state (the new slot fails its checksums) or the new one.
+//! flush after each; readers take the valid slot with the highest generation, then sequence. A
+//! crash at any write therefore leaves either the old state (the new slot fails its checksums) or
+//! the new one.
 //!
 //! The payload is the namespace: for each virtual-disk file its size, whether it is preallocated,
 //! its extent map (logical extent → physical extent, or a hole for thin files) and its lease record

@@ -95,6 +95,19 @@ impl WatchdogTimings {
     }
 }
 
+impl WatchdogTimings {
+    /// The coordinator's commit watchdog (a process of its own next to every node that may
+    /// coordinate, `cluster.rs`), with these timings taken for the etcd session's TTL: before
+    /// each metadata or zeroing write the coordinator checks its session deadline `D` and arms
+    /// the watchdog with it; whenever a write is armed and `now ≥ D + grace`, the coordinator
+    /// process is SIGKILLed. A successor writes its first metadata only `margin` after it won
+    /// the election, which is after the old session's expiry `E ≥ D`: the old coordinator, if
+    /// it stalled between a check and its write, is dead by `D + grace + tick < E + margin`.
+    pub fn commit_watchdog_kills(&self, armed_deadline_ms: Option<u64>, now_ms: u64) -> bool {
+        armed_deadline_ms.is_some_and(|d| now_ms >= d.saturating_add(self.grace_ms))
+    }
+}
+
 /// The watchdog's decision for one writer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchdogVerdict {
@@ -850,6 +863,34 @@ mod tests {
             prop_assert!(t.clone().apply("f", other, regrant - 1).is_err());
             prop_assert!(t.apply("f", other, regrant).is_ok());
             prop_assert!(regrant >= kill_at + (w.margin_ms - w.grace_ms - w.tick_ms));
+        }
+    }
+
+    proptest! {
+        /// The timing argument of the commit watchdog: a coordinator that checked its session
+        /// deadline `D` (never later than etcd's expiry `E` of the session) and stalled before
+        /// its write is killed, by a watchdog ticking on time, before its successor (elected
+        /// at `W ≥ E`, writing from `W + margin`) writes anything; a write not yet past
+        /// `D + grace`, or not armed, is left alone.
+        #[test]
+        fn the_commit_watchdog_kills_before_the_successor_writes(
+            ttl in 1_000u64..60_000,
+            d in 0u64..100_000,
+            expiry_after_d in 0u64..5_000,
+            elected_after_expiry in 0u64..5_000,
+            phase in 0u64..100,
+        ) {
+            let w = WatchdogTimings::for_ttl(ttl);
+            let due = d + w.grace_ms;
+            let phase = phase % w.tick_ms;
+            let k = due.saturating_sub(phase).div_ceil(w.tick_ms);
+            let kill_at = phase + k * w.tick_ms;
+            prop_assert!(w.commit_watchdog_kills(Some(d), kill_at));
+            prop_assert!(!w.commit_watchdog_kills(Some(d), due - 1));
+            prop_assert!(!w.commit_watchdog_kills(None, kill_at + ttl));
+            let successor_writes = d + expiry_after_d + elected_after_expiry + w.margin_ms;
+            prop_assert!(successor_writes >= kill_at + (w.margin_ms - w.grace_ms - w.tick_ms));
+            prop_assert!(w.margin_ms > w.grace_ms + w.tick_ms);
         }
     }
 }

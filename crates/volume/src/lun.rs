@@ -170,6 +170,10 @@ pub fn stop_point(point: &str) {
                 rustix::process::getpid(),
                 rustix::process::Signal::STOP,
             );
+            // The signal is for the process: another thread may take it, and this one would
+            // run on past the point (through the next checks, into the next write) before the
+            // group stop reaches it. It reaches a sleeping thread at once, so sleep.
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
     #[cfg(not(debug_assertions))]

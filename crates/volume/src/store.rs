@@ -267,7 +267,13 @@ impl Volume {
         for slot in 0..2 {
             match read_slot(lun, &sb, slot)? {
                 Ok(m) => {
-                    if best.as_ref().is_none_or(|(_, b)| m.seq > b.seq) {
+                    // The newest coordinator's state wins, then the newest commit: a slot a
+                    // deposed coordinator made valid late (an older generation under a higher
+                    // sequence) never outranks its successor's.
+                    if best
+                        .as_ref()
+                        .is_none_or(|(_, b)| (m.generation, m.seq) > (b.generation, b.seq))
+                    {
                         best = Some((slot, m));
                     }
                 }
@@ -460,6 +466,46 @@ mod tests {
         let now = Volume::open(&lun).unwrap();
         assert_eq!(now.meta.generation, 6);
         assert!(now.meta.files.contains_key("b") && !now.meta.files.contains_key("late"));
+    }
+
+    #[test]
+    fn readers_never_prefer_an_older_generation() {
+        // Slot 0: the successor's state (generation 6); slot 1: a deposed coordinator's
+        // commit (generation 5) made valid late, under a higher sequence.
+        let (_d, lun) = formatted();
+        let base = Volume::open(&lun).unwrap().meta;
+        let mut succ = with_file(&base, "b");
+        succ.seq = 3;
+        succ.generation = 6;
+        let mut late = with_file(&base, "late");
+        late.seq = 4;
+        late.generation = 5;
+        write_slot(&lun, 1, &late).unwrap();
+        write_slot(&lun, 0, &succ).unwrap();
+        let v = Volume::open(&lun).unwrap();
+        assert_eq!((v.meta.generation, v.meta.seq), (6, 3));
+        assert!(v.meta.files.contains_key("b") && !v.meta.files.contains_key("late"));
+        // The next commit goes to the other slot, over the stale one.
+        let mut v = v;
+        v.commit(&lun, with_file(&v.meta, "c"), 6).unwrap();
+        let now = Volume::open(&lun).unwrap();
+        assert_eq!((now.meta.generation, now.meta.seq), (6, 4));
+        assert!(now.meta.files.contains_key("b") && now.meta.files.contains_key("c"));
+        // The deposed generation is refused.
+        let e = now
+            .clone()
+            .commit(&lun, with_file(&now.meta, "x"), 5)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CommitError::Fenced {
+                    on_disk: 6,
+                    ours: 5
+                }
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

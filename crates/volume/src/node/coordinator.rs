@@ -69,12 +69,19 @@ impl Node {
     }
 
     /// Become coordinator with `generation`: load the metadata and lease table, then commit once
-    /// under the new generation so any older coordinator is fenced on disk.
+    /// under the new generation so any older coordinator is fenced on disk. The commit is fenced
+    /// as every other one (`deadline_ms`, the commit watchdog), and is made under the
+    /// coordinator lock, so a write of this node's previous term still in progress ends first.
+    /// (`cluster.rs` calls this only the commit watchdog's margin after the election, when a
+    /// predecessor stalled mid-write has been killed.)
     pub fn become_coordinator(
         &self,
         generation: u64,
         deadline_ms: u64,
     ) -> Result<(), ControlError> {
+        let mut slot = lock(&self.coord);
+        *slot = None;
+        self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
         let mut volume = Volume::open(&*self.lun).map_err(failed)?;
         let now = self.now_ms();
         let records: Vec<(String, LeaseRecord)> = volume
@@ -90,17 +97,20 @@ impl Node {
         );
         let mut next = volume.meta.clone();
         next.seq += 1;
-        volume
-            .commit(&*self.lun, next, generation)
-            .map_err(failed)?;
-        self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
-        *lock(&self.coord) = Some(Coordinator {
+        {
+            let fence = self.write_fence();
+            volume
+                .commit_fenced(&*self.lun, next, generation, &|| fence.may_write())
+                .map_err(commit_err)?;
+        }
+        *slot = Some(Coordinator {
             generation,
             volume,
             leases,
             aborting: Default::default(),
             zeroing: BTreeSet::new(),
         });
+        drop(slot);
         self.set_leader(Some(LeaderInfo {
             node_id: self.cfg.node_id,
             addr: self.cfg.listen.clone(),
@@ -174,7 +184,8 @@ impl Node {
             ));
         }
         let generation = c.generation;
-        let alive = || self.session_alive();
+        let fence = self.write_fence();
+        let alive = || fence.may_write();
         crate::store::zero_extents_fenced(&*self.lun, &self.sb, &change.zero, generation, &alive)
             .map_err(commit_err)?;
         c.volume
@@ -235,7 +246,8 @@ impl Node {
                 }
             };
             ours.extend(&todo);
-            let alive = || self.session_alive();
+            let fence = self.write_fence();
+            let alive = || fence.may_write();
             if let Err(e) =
                 crate::store::zero_extents_fenced(&*self.lun, &self.sb, &todo, generation, &alive)
             {

@@ -26,7 +26,7 @@ mod relay;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use tern_nbd::Backend;
@@ -76,6 +76,68 @@ pub struct LeaderInfo {
     pub generation: u64,
 }
 
+/// The coordinator's commit watchdog as the node sees it: a process of its own that SIGKILLs
+/// this one when a metadata or zeroing write stays armed past its session deadline plus the
+/// grace (`cluster.rs` runs it; [`WatchdogTimings::commit_watchdog_kills`]).
+pub trait CommitWatchdog: Send + Sync {
+    /// Tell the watchdog the earliest session deadline (`CLOCK_BOOTTIME` ms, [`boottime_ms`])
+    /// a write that passed its check but may not be issued yet was checked against, or `None`
+    /// when no write is pending. An error means the watchdog is gone: the write is refused.
+    fn arm(&self, deadline_ms: Option<u64>) -> std::io::Result<()>;
+}
+
+/// The writes of the coordinator currently armed: id → session deadline (absolute ms).
+#[derive(Default)]
+struct Armed {
+    next_id: u64,
+    pending: BTreeMap<u64, u64>,
+}
+
+/// One fenced sequence of coordinator writes (a commit, an extent zeroing): [`WriteFence::
+/// may_write`] before each write arms the commit watchdog with the session deadline it checks,
+/// and the drop disarms it. Without a watchdog (a node built outside `cluster::serve`, as in
+/// tests) only the deadline is checked.
+pub(crate) struct WriteFence<'a> {
+    node: &'a Node,
+    id: u64,
+}
+
+impl WriteFence<'_> {
+    /// Whether the next write may be issued: the watchdog is armed with the current session
+    /// deadline *first*, then the deadline is checked, so a process that stalls after a
+    /// positive answer is killed once the deadline plus the grace passes.
+    pub(crate) fn may_write(&self) -> bool {
+        let n = self.node;
+        let deadline = n.coord_deadline_ms.load(Ordering::SeqCst);
+        if let Some(w) = n.commit_watchdog.get() {
+            let abs = deadline.saturating_add(n.epoch0_ms);
+            let mut a = lock(&n.armed);
+            a.pending.insert(self.id, abs);
+            let earliest = a.pending.values().min().copied();
+            if let Err(e) = w.arm(earliest) {
+                eprintln!(
+                    "tern volume: node {}: the commit watchdog is gone ({e}): metadata writes refused",
+                    n.cfg.node_id
+                );
+                return false;
+            }
+        }
+        n.now_ms() < deadline
+    }
+}
+
+impl Drop for WriteFence<'_> {
+    fn drop(&mut self) {
+        let n = self.node;
+        if let Some(w) = n.commit_watchdog.get() {
+            let mut a = lock(&n.armed);
+            if a.pending.remove(&self.id).is_some() {
+                let _ = w.arm(a.pending.values().min().copied());
+            }
+        }
+    }
+}
+
 /// A node of the volume cluster.
 pub struct Node {
     cfg: NodeConfig,
@@ -85,6 +147,10 @@ pub struct Node {
     epoch0_ms: u64,
     coord: Mutex<Option<Coordinator>>,
     coord_deadline_ms: AtomicU64,
+    /// The commit watchdog, when the node runs under `cluster::serve`.
+    commit_watchdog: OnceLock<Box<dyn CommitWatchdog>>,
+    /// Coordinator writes armed with the watchdog.
+    armed: Mutex<Armed>,
     leader: Mutex<Option<LeaderInfo>>,
     path_ok: AtomicBool,
     redirected_files: AtomicU64,
@@ -169,6 +235,8 @@ impl Node {
             epoch0_ms: boottime_ms(),
             coord: Mutex::new(None),
             coord_deadline_ms: AtomicU64::new(0),
+            commit_watchdog: OnceLock::new(),
+            armed: Mutex::new(Armed::default()),
             leader: Mutex::new(None),
             path_ok: AtomicBool::new(path_ok),
             redirected_files: AtomicU64::new(0),
@@ -198,6 +266,22 @@ impl Node {
     /// a suspended host resumes, as it has for the other hosts.
     pub fn now_ms(&self) -> u64 {
         boottime_ms().saturating_sub(self.epoch0_ms)
+    }
+
+    /// Install the commit watchdog (once; later calls are ignored): from here on every
+    /// coordinator write is armed with it ([`WriteFence`]).
+    pub fn set_commit_watchdog(&self, w: Box<dyn CommitWatchdog>) {
+        let _ = self.commit_watchdog.set(w);
+    }
+
+    /// A fence for one sequence of coordinator writes.
+    pub(crate) fn write_fence(&self) -> WriteFence<'_> {
+        let mut a = lock(&self.armed);
+        a.next_id += 1;
+        WriteFence {
+            node: self,
+            id: a.next_id,
+        }
     }
 
     /// Node id.
@@ -410,5 +494,107 @@ impl Node {
     /// This node's entry in the membership list, as published in etcd.
     pub fn member_json(&self) -> serde_json::Value {
         serde_json::to_value(self.member()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{EXTENT_SIZE, MIN_LUN_SIZE};
+
+    /// A commit watchdog that records what it is told.
+    struct Recorder {
+        log: Arc<Mutex<Vec<Option<u64>>>>,
+    }
+
+    impl CommitWatchdog for Recorder {
+        fn arm(&self, deadline_ms: Option<u64>) -> std::io::Result<()> {
+            lock(&self.log).push(deadline_ms);
+            Ok(())
+        }
+    }
+
+    fn node(dir: &std::path::Path) -> Arc<Node> {
+        let path = dir.join("lun");
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MIN_LUN_SIZE + 8 * EXTENT_SIZE)
+            .unwrap();
+        let lun = FileLun::open(&path).unwrap();
+        crate::store::format(
+            &lun,
+            crate::store::FormatOptions {
+                force: false,
+                uuid: [7; 16],
+            },
+        )
+        .unwrap();
+        Node::new(
+            NodeConfig {
+                node_id: 1,
+                listen: "127.0.0.1:1".into(),
+                no_direct: false,
+                lease_ttl_ms: 4000,
+                lun: path.clone(),
+                fault_file: None,
+            },
+            &path,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_coordinator_write_is_armed_with_the_session_deadline_and_disarmed_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        let log = Arc::new(Mutex::new(Vec::new()));
+        n.set_commit_watchdog(Box::new(Recorder {
+            log: Arc::clone(&log),
+        }));
+        let deadline = n.now_ms() + 60_000;
+        n.become_coordinator(3, deadline).unwrap();
+        let abs = deadline + n.epoch0_ms;
+        {
+            let l = lock(&log);
+            // Armed with the deadline before the first write (the take-over commit writes a
+            // payload sector and the header, each checked), disarmed at the end.
+            assert!(l.len() >= 3, "{l:?}");
+            assert!(l[..l.len() - 1].iter().all(|a| *a == Some(abs)), "{l:?}");
+            assert_eq!(l.last(), Some(&None), "{l:?}");
+        }
+        // A coordinator whose session has passed arms first, then finds the deadline passed
+        // and writes nothing: the metadata on the LUN stays the take-over commit's.
+        lock(&log).clear();
+        let seq = crate::store::Volume::open(&*n.lun).unwrap().meta.seq;
+        n.set_coordinator_deadline(n.now_ms());
+        *lock(&n.coord) = None;
+        let e = n.become_coordinator(4, n.now_ms()).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotCoordinator, "{e:?}");
+        let after = crate::store::Volume::open(&*n.lun).unwrap().meta;
+        assert_eq!((after.generation, after.seq), (3, seq));
+        let l = lock(&log);
+        assert_eq!(l.first().map(|a| a.is_some()), Some(true), "{l:?}");
+        assert_eq!(l.last(), Some(&None), "{l:?}");
+    }
+
+    /// A commit watchdog that is gone.
+    struct Gone;
+
+    impl CommitWatchdog for Gone {
+        fn arm(&self, _: Option<u64>) -> std::io::Result<()> {
+            Err(std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+        }
+    }
+
+    #[test]
+    fn without_its_commit_watchdog_a_coordinator_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        n.set_commit_watchdog(Box::new(Gone));
+        let before = crate::store::Volume::open(&*n.lun).unwrap().meta;
+        let e = n.become_coordinator(3, u64::MAX / 2).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotCoordinator, "{e:?}");
+        assert_eq!(crate::store::Volume::open(&*n.lun).unwrap().meta, before);
+        assert!(!n.is_coordinator());
     }
 }
