@@ -72,8 +72,9 @@ fn maximum_rate_writer_moves_by_post_copy_with_its_memory_verified() {
             .as_u64()
             .unwrap_or_else(|| panic!("post_copy.{k} missing: {report}"))
     };
-    // The writer dirties its whole 64 MiB between syncs: thousands of pages are owed.
-    assert!(n("pages_owed") > 4096, "{report}");
+    // The writer re-dirties its 64 MiB as fast as it can: at the switch, far more than a
+    // megabyte of it is owed (how much depends on how long the last round took).
+    assert!(n("pages_owed") > 256, "{report}");
     assert!(
         n("pages_demanded") + n("pages_pushed") >= n("pages_owed"),
         "every owed page was sent one way or the other: {report}"
@@ -96,6 +97,38 @@ fn maximum_rate_writer_moves_by_post_copy_with_its_memory_verified() {
     eprintln!("post-copy report: {report}");
     // Heartbeats continue the source's sequence on the target, the guest's own memory check
     // stays quiet, the runtime entry moved, and the target stops cleanly.
+    p.assert_moved();
+}
+
+#[test]
+fn post_copy_over_mutual_tls_joins_its_push_stream_with_the_sources_certificate() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = common::pki(tmp.path(), &[("node-a", "host"), ("node-b", "host")]);
+    let (src_tls, dst_tls) = (ca.join("node-a"), ca.join("node-b"));
+    let mut p = MigrationPair::start(128, 1, MAX_RATE, &["--tls-dir", dst_tls.to_str().unwrap()]);
+    let (rc, report, err) = p.migrate(&[
+        "--post-copy-after",
+        "1",
+        "--verify-memory",
+        "--tls-dir",
+        src_tls.to_str().unwrap(),
+        "--tls-name",
+        "node-b",
+    ]);
+    assert_eq!(
+        rc, 0,
+        "post-copy over TLS failed: {err}
+report: {report}"
+    );
+    assert_eq!(report["outcome"], "completed", "{report}");
+    let pushed = report["post_copy"]["pages_pushed"].as_u64().unwrap_or(0);
+    assert!(pushed > 0, "the push stream carried pages: {report}");
+    assert!(
+        !p.dst.stderr().contains("dropped a connection"),
+        "{}",
+        p.dst.stderr()
+    );
     p.assert_moved();
 }
 

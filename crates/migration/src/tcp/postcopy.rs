@@ -193,13 +193,16 @@ fn serve_loop<S: MigrationSource + ?Sized>(
     let mut bucket =
         max_bandwidth.map(|r| TokenBucket::new(r, (r / 20).max(1 << 20), Duration::ZERO));
     let mut pending: Vec<Vec<u8>> = Vec::new();
+    // The push waits (for the cap, or a full queue) until then; a request ends the wait at once.
     let mut not_before = Instant::now();
     let mut silent_since = Instant::now();
     loop {
         // Demand first: every request that is there, served at once.
         let busy = !pending.is_empty() || !pages.all_sent();
         let wait = if busy {
-            Duration::ZERO
+            not_before
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(1))
         } else {
             Duration::from_millis(20)
         };
@@ -256,10 +259,8 @@ fn serve_loop<S: MigrationSource + ?Sized>(
             pending.reverse();
         }
         if let Some(bytes) = pending.pop() {
-            let now = Instant::now();
-            if now < not_before {
+            if Instant::now() < not_before {
                 pending.push(bytes);
-                thread::sleep((not_before - now).min(Duration::from_millis(1)));
                 continue;
             }
             let len = bytes.len() as u64;
@@ -272,7 +273,7 @@ fn serve_loop<S: MigrationSource + ?Sized>(
                 }
                 Err(TrySendError::Full(bytes)) => {
                     pending.push(bytes);
-                    thread::sleep(Duration::from_micros(100));
+                    not_before = Instant::now() + Duration::from_micros(200);
                 }
                 Err(TrySendError::Disconnected(_)) => {
                     let e = lock(push_error).take();

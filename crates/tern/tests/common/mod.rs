@@ -540,3 +540,24 @@ impl MigrationPair {
         self.src.wait_exit(Duration::from_secs(10));
     }
 }
+
+/// A cluster PKI in `dir/ca`: `tern pki init`, then `tern pki issue` for each (name, role);
+/// returns the CA directory (each certificate in `ca/NAME`, usable as `--tls-dir`).
+pub fn pki(dir: &Path, certs: &[(&str, &str)]) -> PathBuf {
+    let ca = dir.join("ca");
+    let (rc, _, err) = tern_cmd(&["pki", "init", "--dir", ca.to_str().unwrap()]);
+    assert_eq!(rc, 0, "pki init: {err}");
+    for (name, role) in certs {
+        let args = [
+            "pki",
+            "issue",
+            "--dir",
+            ca.to_str().unwrap(),
+            "--name",
+            name,
+        ];
+        let (rc, _, err) = tern_cmd(&[&args[..], &["--role", role]].concat());
+        assert_eq!(rc, 0, "pki issue {name}: {err}");
+    }
+    ca
+}
