@@ -77,6 +77,10 @@ pub struct MigrateArgs {
     /// `--seccomp` for Tern's VMMs (default: tern's own default).
     #[arg(long, value_name = "off|log|kill")]
     pub tern_seccomp: Option<String>,
+    /// Also run Tern with `--post-copy-after 2` on the writing workloads (a `tern post-copy`
+    /// row).
+    #[arg(long)]
+    pub post_copy: bool,
 }
 
 /// `--tern-seccomp`, for every Tern VMM this process starts.
@@ -855,10 +859,16 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             continue;
         }
         let (mut t, mut qt, mut qd) = (Vec::new(), Vec::new(), Vec::new());
+        let mut tp = Vec::new(); // post-copy row
+        let post_copy: &[&str] = &["--post-copy-after", "2"];
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
             // Interleaved, so host noise hits all alike.
             t.push(or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[])));
+            if args.post_copy && w.name != "idle" {
+                let r = tern_run(&tern, &elf, &dir, w, &[], post_copy);
+                tp.push(or_error("tern post-copy", r));
+            }
             qt.push(or_error(
                 "qemu tuned",
                 qemu_run(&args, &elf, &dir, w, tsc_hz, QemuSetup::Tuned, &|_, _| {
@@ -886,6 +896,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             medians(&qt),
             medians(&qd),
             breakdown_line(&t),
+            medians(&tp),
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -923,8 +934,12 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "work % m/min",
         "failed"
     );
-    for (w, t, qt, qd, tb) in &rows {
-        for (name, m) in [("tern", t), ("qemu tuned", qt), ("qemu defaults", qd)] {
+    for (w, t, qt, qd, tb, tp) in &rows {
+        let rows = [("tern", t), ("tern post-copy", tp)];
+        for (name, m) in rows
+            .into_iter()
+            .chain([("qemu tuned", qt), ("qemu defaults", qd)])
+        {
             if m.runs == 0 {
                 continue;
             }
