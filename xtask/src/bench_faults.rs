@@ -33,11 +33,13 @@ pub struct Args {
 const PEERS: &[(&str, &str)] = &[
     (
         "sanlock (io_timeout 10 s)",
-        "host_dead_seconds 140 s; lease re-acquired after id_renewal_fail 80 s + watchdog 60 s",
+        "host_dead_seconds 140 s: pids killed from id_renewal_fail 80 s, watchdog reset by 120-139 s, \
+         others take the lease at 140 s after the last good renewal (src/timeouts.h)",
     ),
     (
         "Ceph RBD exclusive-lock",
-        "osd_client_watch_timeout 30 s before a dead holder's lock is broken (after blocklisting)",
+        "osd_client_watch_timeout 30 s before a dead holder's watch expires and its lock is \
+         broken (after blocklisting it at the OSDs)",
     ),
 ];
 
@@ -86,6 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "stale",
         "violations",
         "epochs",
+        "nodes_killed_by_commit_watchdog",
         "elapsed_ms",
     ] {
         if let Some(v) = fields.get(key) {
@@ -94,6 +97,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(gaps) = fields.get("longest_ack_gap_ms") {
         println!("| longest wait for an acknowledgement after a fault, ms | {gaps} |");
+    }
+    // What happened around the longest wait after each kind of fault (the test's timelines).
+    let mut in_timeline = false;
+    for l in text.lines() {
+        if l.starts_with("volume_faults: longest wait after ") {
+            if !in_timeline {
+                println!("\nThe longest wait after each kind of fault, and what happened then:\n");
+                println!("```");
+            }
+            in_timeline = true;
+            println!("{l}");
+        } else if in_timeline && l.starts_with("  ") {
+            println!("{l}");
+        } else if in_timeline {
+            in_timeline = false;
+            println!("```");
+        }
+    }
+    if in_timeline {
+        println!("```");
     }
     println!("\nPeers (documented, not measured here):\n");
     for (peer, timing) in PEERS {

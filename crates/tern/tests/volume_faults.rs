@@ -172,6 +172,13 @@ struct Ack {
 /// are the newer ones. So writes are ordered by (epoch, open order, sequence).
 type Opens = Arc<Mutex<BTreeMap<u32, u64>>>;
 
+/// What happened when, for explaining the longest waits (printed with the summary).
+type Events = Arc<Mutex<Vec<(Instant, String)>>>;
+
+fn event(events: &Events, what: String) {
+    events.lock().unwrap().push((Instant::now(), what));
+}
+
 struct Run {
     dir: PathBuf,
     lun: PathBuf,
@@ -183,6 +190,11 @@ struct Run {
     next_writer: u32,
     acks: Arc<Mutex<Vec<Ack>>>,
     opens: Opens,
+    events: Events,
+    /// Nodes stopped (SIGSTOP) right now: not asked anything until continued.
+    frozen: std::collections::BTreeSet<usize>,
+    /// Nodes found dead that the test did not kill (their commit watchdog's doing).
+    watchdog_kills: u64,
 }
 
 impl Run {
@@ -208,6 +220,7 @@ impl Run {
             .spawn()
             .unwrap();
         n.child = Some(child);
+        event(&self.events, format!("node {} started", i + 1));
     }
 
     fn spawn_writer(&mut self, node: u32, file: u32) {
@@ -225,11 +238,17 @@ impl Run {
         let out = child.stdout.take().unwrap();
         let acks = self.acks.clone();
         let opens = self.opens.clone();
+        let events = self.events.clone();
+        event(
+            &events,
+            format!("writer {id} spawned on node {} for file {file}", node + 1),
+        );
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 let f: Vec<&str> = line.split(' ').collect();
                 // The first line may follow libtest's "test NAME ... " on the same line.
                 if line.contains("OPEN ") {
+                    event(&events, format!("writer {id} opened file {file}: {line}"));
                     let mut o = opens.lock().unwrap();
                     let n = o.len() as u64;
                     o.insert(id, n);
@@ -251,8 +270,18 @@ impl Run {
 
     /// Replace dead writers so that every file has two (one writing, one waiting).
     fn top_up(&mut self, rng: &mut Rng) {
-        self.writers
-            .retain(|_, w| w.child.try_wait().map(|s| s.is_none()).unwrap_or(false));
+        let events = self.events.clone();
+        self.writers.retain(|id, w| match w.child.try_wait() {
+            Ok(None) => true,
+            Ok(Some(s)) => {
+                event(
+                    &events,
+                    format!("writer {id} (node {}) exited: {s}", w.node + 1),
+                );
+                false
+            }
+            Err(_) => false,
+        });
         for file in 0..FILES.len() as u32 {
             while self.writers.values().filter(|w| w.file == file).count() < 2 {
                 let live: Vec<u32> = (0..NODES)
@@ -264,12 +293,43 @@ impl Run {
         }
     }
 
+    /// Who the nodes say the coordinator is. Frozen and dead nodes are not asked (a request
+    /// to a stopped node would hold this loop, and with it the node's SIGCONT, until its
+    /// timeout), and nobody is waited for long.
     fn coordinator(&self) -> Option<usize> {
-        self.nodes.iter().find_map(|n| {
-            let s = call(&n.addr, Request::Status).ok()?;
+        self.nodes.iter().enumerate().find_map(|(i, n)| {
+            if n.child.is_none() || self.frozen.contains(&i) {
+                return None;
+            }
+            let s = tern_volume::control::call(
+                &n.addr,
+                &Request::Status,
+                false,
+                Duration::from_secs(2),
+            )
+            .ok()?;
             let id = s["coordinator"]["node_id"].as_u64()?;
             Some(id as usize - 1)
         })
+    }
+
+    /// A node that died without the test killing it was killed by its commit watchdog (it
+    /// stalled, frozen, past its coordinator session with a metadata write pending): start it
+    /// again, as its host's service manager would.
+    fn restart_dead_nodes(&mut self) {
+        for i in 0..self.nodes.len() {
+            let dead = match self.nodes[i].child.as_mut().map(|c| c.try_wait()) {
+                Some(Ok(Some(s))) => Some(s),
+                _ => None,
+            };
+            if let Some(s) = dead {
+                self.nodes[i].child = None;
+                self.frozen.remove(&i);
+                self.watchdog_kills += 1;
+                event(&self.events, format!("node {} found dead ({s})", i + 1));
+                self.start_node(i);
+            }
+        }
     }
 }
 
@@ -290,6 +350,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 /// A fault in progress, to be healed at `until`.
 enum Pending {
     Cont(u32),
+    ContNode(usize, u32),
     RemoveFile(PathBuf),
     Restart(usize),
 }
@@ -353,6 +414,9 @@ fn randomized_faults_lose_no_acknowledged_write() {
         next_writer: 1,
         acks: Arc::new(Mutex::new(Vec::new())),
         opens: Arc::new(Mutex::new(BTreeMap::new())),
+        events: Arc::new(Mutex::new(Vec::new())),
+        frozen: Default::default(),
+        watchdog_kills: 0,
     };
     for i in 0..NODES as usize {
         run.start_node(i);
@@ -390,12 +454,18 @@ fn randomized_faults_lose_no_acknowledged_write() {
         for (_, p) in due {
             match p {
                 Pending::Cont(pid) => signal(pid, "-CONT"),
+                Pending::ContNode(i, pid) => {
+                    signal(pid, "-CONT");
+                    run.frozen.remove(&i);
+                    event(&run.events, format!("node {} continued", i + 1));
+                }
                 Pending::RemoveFile(f) => {
                     let _ = std::fs::remove_file(f);
                 }
                 Pending::Restart(i) => run.start_node(i),
             }
         }
+        run.restart_dead_nodes();
         run.top_up(&mut rng);
         let acked = run.acks.lock().unwrap().len() as u64;
         if acked >= ops && n_faults >= faults && pending.is_empty() {
@@ -417,6 +487,7 @@ fn randomized_faults_lose_no_acknowledged_write() {
                 "writer_freeze" | "writer_kill" => {
                     let id = ids[rng.below(ids.len() as u64) as usize];
                     let pid = run.writers[&id].child.id();
+                    event(&run.events, format!("{kind}: writer {id}"));
                     if kind == "writer_kill" {
                         signal(pid, "-KILL");
                     } else {
@@ -437,15 +508,17 @@ fn randomized_faults_lose_no_acknowledged_write() {
                 "node_freeze" => {
                     if let Some(c) = &run.nodes[node].child {
                         signal(c.id(), "-STOP");
+                        run.frozen.insert(node);
                         pending.push((
                             now + hold.min(Duration::from_millis(1500)),
-                            Pending::Cont(c.id()),
+                            Pending::ContNode(node, c.id()),
                         ));
                     }
                 }
                 _ => {
                     // The coordinator's host crashes: its node and its writers.
                     let c = run.coordinator().unwrap_or(node);
+                    event(&run.events, format!("{kind}: node {}", c + 1));
                     if let Some(mut child) = run.nodes[c].child.take() {
                         let _ = child.kill();
                         let _ = child.wait();
@@ -457,6 +530,14 @@ fn randomized_faults_lose_no_acknowledged_write() {
                 }
             }
             *injected.entry(kind).or_default() += 1;
+            event(
+                &run.events,
+                format!(
+                    "FAULT {kind} (node {}, hold {} ms)",
+                    node + 1,
+                    hold.as_millis()
+                ),
+            );
             fault_log.push((
                 now,
                 kind,
@@ -487,6 +568,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
     let order = |epoch: u64, writer: u32, seq: u64| {
         (epoch, opens.get(&writer).copied().unwrap_or(u64::MAX), seq)
     };
+    run.frozen.clear();
+    run.restart_dead_nodes();
     let reader_node = run
         .nodes
         .iter()
@@ -550,6 +633,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
     }
     // The longest wait for an acknowledgement of a file, and the last fault injected before it.
     let mut longest: BTreeMap<&str, Duration> = BTreeMap::new();
+    // Per kind, the longest gap's file and window, to print what happened in it.
+    let mut longest_at: BTreeMap<&str, (u32, Instant, Instant)> = BTreeMap::new();
     for fi in 0..FILES.len() as u32 {
         let mut times: Vec<Instant> = acks.iter().filter(|a| a.file == fi).map(|a| a.at).collect();
         times.sort();
@@ -561,7 +646,27 @@ fn randomized_faults_lose_no_acknowledged_write() {
                 .find(|(t, _, _)| *t <= w[0] + Duration::from_millis(50))
             {
                 let e = longest.entry(kind).or_default();
-                *e = (*e).max(gap);
+                if gap > *e {
+                    *e = gap;
+                    longest_at.insert(kind, (fi, w[0], w[1]));
+                }
+            }
+        }
+    }
+    {
+        let events = run.events.lock().unwrap();
+        for (kind, (fi, from, to)) in &longest_at {
+            eprintln!(
+                "volume_faults: longest wait after {kind}: file {fi}, {} ms (from {} ms):",
+                (*to - *from).as_millis(),
+                (*from - started).as_millis()
+            );
+            for (t, what) in events
+                .iter()
+                .filter(|(t, _)| *t + Duration::from_secs(3) >= *from && *t <= *to)
+                .take(60)
+            {
+                eprintln!("  {:>8} ms  {what}", (*t - started).as_millis());
             }
         }
     }
@@ -569,10 +674,12 @@ fn randomized_faults_lose_no_acknowledged_write() {
         acks.iter().map(|a| (a.file, a.epoch)).collect();
     eprintln!(
         "volume_faults: seed={seed} acknowledged={} blocks_checked={checked} epochs={} faults={injected:?} \
-         violations={} lost={lost} stale={stale} elapsed_ms={} longest_ack_gap_ms={:?}",
+         violations={} lost={lost} stale={stale} nodes_killed_by_commit_watchdog={} elapsed_ms={} \
+         longest_ack_gap_ms={:?}",
         acks.len(),
         epochs.len(),
         violations.len(),
+        run.watchdog_kills,
         started.elapsed().as_millis(),
         longest
             .iter()
