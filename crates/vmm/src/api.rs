@@ -256,7 +256,8 @@ fn handle(vm: &Vm, req: Request, opts: &ApiOptions) -> (Response, bool) {
         Request::Pause => vm.pause().map_or_else(Response::error, |_| Response::ok()),
         // A source a migration left in doubt first takes back the disks it handed over; if the
         // target took them, it stays paused.
-        Request::Resume => crate::migrate::take_back_storage()
+        Request::Resume => crate::migrate::may_run_again()
+            .and_then(|()| crate::migrate::take_back_storage())
             .and_then(|_| vm.resume().map_err(|e| e.to_string()))
             .map_or_else(Response::error, |_| Response::ok()),
         Request::Shutdown => return (Response::ok(), true),
@@ -377,6 +378,9 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
             return (Response::error(format!("bad TLS identity: {e}")), false);
         }
     };
+    if let Err(e) = crate::migrate::may_run_again() {
+        return (Response::error(e), false);
+    }
     let cancel = {
         let mut g = MIGRATION.lock().unwrap_or_else(|e| e.into_inner());
         if g.is_some() {
@@ -452,7 +456,12 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         }
         Err(f) => (
             Response {
-                report: Some(f.report),
+                report: Some({
+                    if f.report.outcome == tern_migration::Outcome::FailedPostCopy {
+                        crate::migrate::post_copy_lost();
+                    }
+                    f.report
+                }),
                 ..Response::error(tern_migration::error_chain(&f.error))
             },
             false,

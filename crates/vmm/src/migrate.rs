@@ -581,3 +581,24 @@ impl tern_migration::MissingMemory for PostCopyPages {
         Ok(self.0.place_zero(gpa)?)
     }
 }
+
+/// Set once a post-copy migration of this process's VM failed after the switch: its memory is
+/// stale (the target ran the guest), so it must never run again, here or elsewhere.
+static POST_COPY_LOST: AtomicBool = AtomicBool::new(false);
+
+/// Records that this VM's post-copy migration failed after the switch (outcome
+/// `failed_post_copy`): from now on [`may_run_again`] refuses.
+pub fn post_copy_lost() {
+    POST_COPY_LOST.store(true, Ordering::SeqCst);
+}
+
+/// Whether this VM may be resumed or migrated again: not after a failed post-copy.
+pub fn may_run_again() -> Result<(), String> {
+    if POST_COPY_LOST.load(Ordering::SeqCst) {
+        return Err("this VM's post-copy migration failed after the switch: the target ran it, \
+                    so this paused copy is stale and must not run again (stop it and start the \
+                    VM from its disks)"
+            .into());
+    }
+    Ok(())
+}

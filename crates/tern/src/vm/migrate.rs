@@ -283,8 +283,14 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     if let Some(r) = e.report()
         && r.outcome == tern_api::vmm::Outcome::FailedPostCopy
     {
+        let reason = match &e {
+            MigrateError::InDoubt { reason, .. } | MigrateError::Failed { reason, .. } => {
+                reason.clone()
+            }
+            other => other.to_string(),
+        };
         eprintln!(
-            "tern: post-copy failed after the switch: {e}; the VM is lost: the target stopped it and the paused copy here must not be resumed (its memory is stale)"
+            "tern: {reason}; the VM is lost: the target stopped it, and the paused copy here refuses to run again (its memory is stale): stop it and start the VM from its disks"
         );
         return Ok(ExitCode::from(r.outcome.exit_code()));
     }
