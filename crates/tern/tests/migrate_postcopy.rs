@@ -162,7 +162,10 @@ fn killing_the_target_during_post_copy_loses_the_vm_and_the_source_stays_paused(
     assert!(s.contains("\"paused\""), "the source must stay paused: {s}");
     // And it refuses to run again: resuming it would run a stale copy.
     let (rc, _, err) = tern_cmd(&["vm", "resume", "--api-sock", p.src_sock.to_str().unwrap()]);
-    assert_ne!(rc, 0, "resuming a source after a failed post-copy must be refused");
+    assert_ne!(
+        rc, 0,
+        "resuming a source after a failed post-copy must be refused"
+    );
     assert!(err.contains("stale"), "{err}");
     assert!(status(&p.src_sock).contains("\"paused\""));
     p.src.collect_for(Duration::from_millis(200));
