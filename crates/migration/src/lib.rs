@@ -11,10 +11,12 @@
 //! | [`machine::pages`] | which pages a round sends, on which stream, which zero pages are skipped | none |
 //! | [`machine::sender`] | the source's phases, what the target's answers mean, what a failure does to the source VM, the outcome | none |
 //! | [`machine::receiver`] | the target's phases: which frame it accepts on which stream when | none |
+//! | [`machine::postcopy`] | post-copy (`--post-copy-after N`): when to switch, the owed pages, what a target fault asks for, demand before push, when it is over, what a failure does | none |
 //! | [`report`] | progress snapshots and the final JSON report | none |
 //! | [`vm`] | [`MigrationSource`] / [`MigrationTarget`]: what the VMM implements | — |
 //! | [`tcp::send`], [`tcp::recv`] | TCP streams, threads, the clock, progress callbacks, cancel | TCP |
 //! | [`tcp::common`] | what both shells use: [`CancelToken`], [`error_chain`] | — |
+//! | [`tcp::postcopy`] | post-copy's I/O: the source's demand and push, the target's fault thread and push reader (userfaultfd through [`MissingMemory`]) | TCP |
 //!
 //! Everything outside [`tcp`] is pure: no clock, socket, thread or file; time is an argument
 //! (time since the migration started). Every decision — which pages go in a round, what a frame

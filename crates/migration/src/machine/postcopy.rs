@@ -562,6 +562,75 @@ mod tests {
         assert_eq!(s.figures(), (6, 4, 2, 300));
     }
 
+    /// The sender machine with its post-copy hook: how a migration that switched ends.
+    #[test]
+    fn the_sender_reports_a_switched_migration_by_the_post_copy_rule() {
+        use crate::machine::sender::{Ending, FailureAction, Sender};
+        use crate::wire::Frame;
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let switched = || {
+            let mut s = Sender::new(ConvergenceConfig::default());
+            s.accepted(ms(1)).unwrap();
+            s.sent(100 << 20, ms(100)).unwrap();
+            s.paused(ms(102)).unwrap();
+            s.state_saved().unwrap();
+            s.storage_released().unwrap();
+            s.post_copy_switched().unwrap();
+            s.commit_sent().unwrap();
+            s
+        };
+        let figures = crate::report::PostCopyFigures {
+            pages_owed: 10,
+            ..Default::default()
+        };
+        // Completed only with every owed page placed.
+        let mut s = switched();
+        s.running_acked(ms(110)).unwrap();
+        s.post_copy_ended(true, figures);
+        let c = s.finish(Ending::Completed);
+        assert_eq!(c.outcome, Outcome::Completed);
+        assert!(!c.resume);
+        let r = s.report(ms(900), ms(900), 1, 0);
+        assert_eq!(r.post_copy.as_deref(), Some(&figures));
+        // Running, then the link lost during post-copy: the VM is lost, the source stays paused.
+        let mut s = switched();
+        s.running_acked(ms(110)).unwrap();
+        s.post_copy_ended(false, figures);
+        let c = s.finish(Ending::LinkLost);
+        assert_eq!(c.outcome, Outcome::FailedPostCopy);
+        assert_eq!(c.action, Some(FailureAction::InDoubt));
+        assert!(!c.resume && c.storage.is_none() && !c.tell_target);
+        // No answer to the commit at all: the target may have resumed without the owed pages
+        // and cannot finish without the source: also lost, never in doubt.
+        let mut s = switched();
+        let c = s.finish(Ending::NoAnswer);
+        assert_eq!(c.outcome, Outcome::FailedPostCopy);
+        assert!(!c.resume);
+        // The target answered Failed (it discarded before the guest ran): the source resumes.
+        let mut s = switched();
+        assert!(
+            s.heard(
+                ms(110),
+                Frame::Failed {
+                    reason: "restore".into()
+                }
+            )
+            .is_err()
+        );
+        let c = s.finish(Ending::Failed);
+        assert_eq!(c.outcome, Outcome::Failed);
+        assert!(c.resume);
+        // A migration that never switched is not touched by the hook.
+        let mut s = Sender::new(ConvergenceConfig::default());
+        s.accepted(ms(1)).unwrap();
+        s.paused(ms(2)).unwrap();
+        s.state_saved().unwrap();
+        s.storage_released().unwrap();
+        s.commit_sent().unwrap();
+        assert_eq!(s.finish(Ending::NoAnswer).outcome, Outcome::InDoubt);
+    }
+
     #[test]
     fn after_the_switch_every_failure_loses_the_vm_on_both_sides() {
         let ok = ending(PostCopyEnd::Completed);
