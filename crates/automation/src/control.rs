@@ -28,7 +28,7 @@ use tern_sim::preview::{
     Forecast, PreviewHost, PreviewInput, PreviewMove, PreviewOutcome, PreviewVm, Scenario, preview,
 };
 
-use crate::cost::{MoveInput, predict_move, typical_link};
+use crate::cost::{MoveInput, Overhead, predict_move, typical_link};
 use crate::energy::{HostPowerSpec, KNOWN_MODELS};
 use crate::knobs::Knobs;
 use crate::power::{PowerRequestError, PowerTracker};
@@ -281,6 +281,13 @@ impl VmTrack {
 #[derive(Debug, Clone)]
 struct PlanRec {
     plan: Plan,
+    /// The placement it was computed on ([`Loop::placement_fingerprint`]).
+    fingerprint: u64,
+    /// Restored from another loop (a previous leader): its basis is that loop's version until
+    /// this loop's first snapshot shows the same placement.
+    restored: bool,
+    /// Made by another loop (restored).
+    inherited: bool,
 }
 
 /// The automation loop's pure core. See the crate docs for a walk-through.
@@ -297,7 +304,10 @@ pub struct Loop {
     next_plan: u64,
     applying: Option<u64>,
     last_round_ms: Option<u64>,
+    /// The first snapshot's time.
+    first_seen_ms: Option<u64>,
     short_since: Option<u64>,
+    overhead: Overhead,
     series: VecDeque<SeriesPoint>,
     energy_kwh: f64,
     active_rounds: u64,
@@ -325,7 +335,9 @@ impl Loop {
             next_plan: 1,
             applying: None,
             last_round_ms: None,
+            first_seen_ms: None,
             short_since: None,
+            overhead: Overhead::default(),
             series: VecDeque::new(),
             energy_kwh: 0.0,
             active_rounds: 0,
@@ -352,6 +364,13 @@ impl Loop {
         &self.cfg
     }
 
+    /// The measured cost of a move beyond the migration model's time (the shell learns it with
+    /// [`crate::cost::OverheadEstimator`]): added to each planned move's predicted time. The
+    /// policy's choice (MMT's time order) reads the model's time alone.
+    pub fn set_overhead(&mut self, overhead: Overhead) {
+        self.overhead = overhead;
+    }
+
     /// The HA reserve the controller's admission control keeps (empty hosts kept on).
     pub fn set_ha_reserve(&mut self, hosts: u32) {
         self.cfg.ha_reserve_hosts = hosts;
@@ -360,6 +379,95 @@ impl Loop {
     /// The cluster version: bumped on every placement or host-state change the loop is told of.
     pub fn version(&self) -> u64 {
         self.version
+    }
+
+    /// A fingerprint of what a plan's validity rests on: the hosts that take VMs (name, cores)
+    /// and every VM's placement and rules (name, host, vCPUs, pinned, anti-affinity group).
+    /// Two loops that see the same cluster give the same figure (FNV-1a over a fixed order),
+    /// so a plan made by one can be checked by the other.
+    pub fn placement_fingerprint(&self) -> u64 {
+        let mut h = Fnv::default();
+        for (name, t) in self.hosts.iter().filter(|(_, t)| Self::takes_vms(t)) {
+            h.str(name);
+            h.u64(u64::from(t.sample.cores));
+        }
+        h.u64(u64::MAX);
+        for (name, v) in &self.vms {
+            h.str(name);
+            h.str(v.sample.host.as_deref().unwrap_or(""));
+            h.u64(u64::from(v.sample.vcpus));
+            h.u64(u64::from(v.sample.pinned));
+            h.str(v.sample.anti_affinity.as_deref().unwrap_or(""));
+        }
+        h.0
+    }
+
+    /// A plan with the placement fingerprint it was computed on, for the shell to store.
+    pub fn plan_fingerprint(&self, id: u64) -> Option<u64> {
+        self.plans.get(&id).map(|r| r.fingerprint)
+    }
+
+    /// Takes the plans a previous leader stored (each with its placement fingerprint), before
+    /// this loop acts: new plans are numbered after them. A proposal stays proposed; on the
+    /// loop's first snapshot it is rebased on this loop's version if that snapshot shows the
+    /// placement it was computed on, else superseded. A plan that was being applied is failed
+    /// (the leader carrying it out is gone; its migrations end as the agents carry them out,
+    /// and the next snapshots show where the VMs are). Final plans are kept as they were.
+    /// Nothing is restored over a plan this loop already holds.
+    pub fn restore_plans(&mut self, now_ms: u64, plans: Vec<(Plan, u64)>) {
+        for (mut plan, fingerprint) in plans {
+            if self.plans.contains_key(&plan.id) {
+                continue;
+            }
+            self.next_plan = self.next_plan.max(plan.id.saturating_add(1));
+            if plan.state == PlanState::Applying {
+                for a in &mut plan.actions {
+                    set_status_if(a, ActionStatus::Running, ActionStatus::Failed);
+                    set_status_if(a, ActionStatus::Pending, ActionStatus::Skipped);
+                }
+                finish(
+                    &mut plan,
+                    PlanState::Failed,
+                    now_ms,
+                    "interrupted: the controller applying it stopped leading".into(),
+                );
+            }
+            let restored = plan.state == PlanState::Proposed;
+            self.plans.insert(
+                plan.id,
+                PlanRec {
+                    plan,
+                    fingerprint,
+                    restored,
+                    inherited: true,
+                },
+            );
+        }
+    }
+
+    /// Rebases restored proposals on this loop's version, or supersedes them (after a snapshot).
+    fn rebase_restored(&mut self, now_ms: u64) {
+        if !self.plans.values().any(|r| r.restored) {
+            return;
+        }
+        let now = self.placement_fingerprint();
+        let version = self.version;
+        for r in self.plans.values_mut().filter(|r| r.restored) {
+            r.restored = false;
+            if r.plan.state != PlanState::Proposed {
+                continue;
+            }
+            if r.fingerprint == now {
+                r.plan.basis = version;
+            } else {
+                finish(
+                    &mut r.plan,
+                    PlanState::Superseded,
+                    now_ms,
+                    "the cluster changed since it was computed (seen by the next leader)".into(),
+                );
+            }
+        }
     }
 
     /// Tells the loop the cluster changed in a way telemetry will not show at once (an operator's
@@ -476,6 +584,8 @@ impl Loop {
         if changed {
             self.version += 1;
         }
+        self.first_seen_ms.get_or_insert(now_ms);
+        self.rebase_restored(now_ms);
         Ok(())
     }
 
@@ -688,6 +798,13 @@ impl Loop {
     /// What the last round saw and decided.
     pub fn last_round(&self) -> &RoundReport {
         &self.last_report
+    }
+
+    /// The counts behind the series' SLATAH since the loop started: (host-intervals with load,
+    /// of which overloaded), one per powered-on host with VMs per round. Two readings give the
+    /// SLATAH of the rounds between them.
+    pub fn sla_counts(&self) -> (u64, u64) {
+        (self.active_rounds, self.overloaded_rounds)
     }
 
     /// Migrations of the loop under way: (plan, VM, target).
@@ -1033,17 +1150,23 @@ impl Loop {
                 from: from.clone(),
                 to: name_of(m.to).clone(),
                 reason,
-                // over the link into the chosen target, measured or the default
-                predicted: Some(match self.hosts.get(name_of(m.to)) {
-                    Some(h) => predict_move(&MoveInput::for_vm(
-                        &self.vms[&vm_names[m.vm as usize]].sample,
-                        h.sample
-                            .migration_link_bytes_per_sec
-                            .unwrap_or(self.cfg.link_bytes_per_sec),
-                        self.cfg.downtime_budget_ms,
-                    )),
-                    None => predictions[m.vm as usize],
-                }),
+                // over the link into the chosen target, measured or the default, with the
+                // measured overhead of a move
+                predicted: Some(
+                    self.overhead.add_to(
+                        match self.hosts.get(name_of(m.to)) {
+                            Some(h) => predict_move(&MoveInput::for_vm(
+                                &self.vms[&vm_names[m.vm as usize]].sample,
+                                h.sample
+                                    .migration_link_bytes_per_sec
+                                    .unwrap_or(self.cfg.link_bytes_per_sec),
+                                self.cfg.downtime_budget_ms,
+                            )),
+                            None => predictions[m.vm as usize],
+                        },
+                        view.vms[m.vm as usize].utilization,
+                    ),
+                ),
                 actual: None,
                 status: ActionStatus::Pending,
             });
@@ -1124,10 +1247,17 @@ impl Loop {
             }
         }
         if actions.is_empty() {
-            self.retire_proposals(
-                now_ms,
-                "no longer proposed: the latest round found nothing to do",
-            );
+            // a previous leader's proposals stand until this loop has watched the cluster for
+            // a hold time and a round (its hold timers start from nothing)
+            let warm = self
+                .first_seen_ms
+                .is_some_and(|t| now_ms >= t + self.knobs.hold_ms + ms(self.policy.interval_s));
+            let why = "no longer proposed: the latest round found nothing to do";
+            for r in self.plans.values_mut() {
+                if r.plan.state == PlanState::Proposed && (warm || !r.inherited) {
+                    finish(&mut r.plan, PlanState::Superseded, now_ms, why.to_string());
+                }
+            }
             self.last_report = report;
             return Vec::new();
         }
@@ -1351,7 +1481,16 @@ impl Loop {
         self.next_plan += 1;
         self.retire_proposals(now_ms, &format!("replaced by plan {id}"));
         plan.id = id;
-        self.plans.insert(id, PlanRec { plan });
+        let fingerprint = self.placement_fingerprint();
+        self.plans.insert(
+            id,
+            PlanRec {
+                plan,
+                fingerprint,
+                restored: false,
+                inherited: false,
+            },
+        );
         // forget the oldest final plans beyond the limit
         while self.plans.len() > self.cfg.plans_kept {
             let Some(old) = self
@@ -1560,6 +1699,33 @@ impl Loop {
         while self.series.len() > self.cfg.series_kept {
             self.series.pop_front();
         }
+    }
+}
+
+/// FNV-1a, 64 bits: a hash that is the same in every process and build.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 ^= u64::from(x);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.bytes(s.as_bytes());
     }
 }
 

@@ -177,6 +177,110 @@ impl LinkEstimator {
     }
 }
 
+/// What a migration costs beyond the model's time: per-move costs the model does not count —
+/// the agents' round trips, the target VMM's start, the TLS set-up of its streams, the volume
+/// disk's lease hand-over — and the migration threads' share of a CPU the guest's own vCPUs keep
+/// busy (they run at nice 10, so a busy guest's copy waits for CPU). Measured, not assumed:
+/// [`OverheadEstimator`] learns it from finished migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Overhead {
+    /// Seconds every move costs beyond the model.
+    pub fixed_s: f64,
+    /// Further seconds per unit of the moving VM's CPU utilisation (0..1 of its vCPUs).
+    pub per_utilization_s: f64,
+}
+
+impl Overhead {
+    /// The overhead of moving a VM at `utilization` (clamped to 0..=1), seconds, never negative.
+    pub fn at(&self, utilization: f64) -> f64 {
+        let u = if utilization.is_finite() {
+            utilization.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        (self.fixed_s + self.per_utilization_s * u).max(0.0)
+    }
+
+    /// `p` with this overhead added to its time (a move that does not converge keeps its time).
+    pub fn add_to(&self, mut p: MigrationPrediction, utilization: f64) -> MigrationPrediction {
+        if p.time_s.is_finite() {
+            p.time_s += self.at(utilization);
+        }
+        p
+    }
+}
+
+/// How much an older migration counts against the newest in [`OverheadEstimator`]: each new
+/// one multiplies the weight of those before by this.
+pub const OVERHEAD_FORGET: f64 = 0.8;
+
+/// Learns [`Overhead`] from finished migrations: each gives its residual — measured time less
+/// the model's predicted time for the same move — and the VM's CPU utilisation when it was
+/// predicted; the estimate is the exponentially weighted least-squares line through them
+/// (residual = fixed + slope × utilisation; weight [`OVERHEAD_FORGET`] per newer move). Until
+/// the moves span at least 0.1 of utilisation, or when the fitted slope is negative, the
+/// slope is 0 and the fixed part the weighted mean residual; the fixed part is never below 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OverheadEstimator {
+    w: f64,
+    wx: f64,
+    wy: f64,
+    wxx: f64,
+    wxy: f64,
+    n: u64,
+}
+
+impl OverheadEstimator {
+    /// Takes one finished migration: the VM's utilisation (0..1) and the residual, seconds.
+    /// A figure that is not a finite number (or a residual over an hour) is ignored (false).
+    pub fn observe(&mut self, utilization: f64, residual_s: f64) -> bool {
+        if !(utilization.is_finite() && residual_s.is_finite() && residual_s.abs() <= 3600.0) {
+            return false;
+        }
+        let x = utilization.clamp(0.0, 1.0);
+        let y = residual_s;
+        let f = OVERHEAD_FORGET;
+        self.w = f * self.w + 1.0;
+        self.wx = f * self.wx + x;
+        self.wy = f * self.wy + y;
+        self.wxx = f * self.wxx + x * x;
+        self.wxy = f * self.wxy + x * y;
+        self.n += 1;
+        true
+    }
+
+    /// Migrations taken.
+    pub fn count(&self) -> u64 {
+        self.n
+    }
+
+    /// The estimate (zero before the first migration).
+    pub fn estimate(&self) -> Overhead {
+        if self.n == 0 || self.w <= 0.0 {
+            return Overhead::default();
+        }
+        let mean_x = self.wx / self.w;
+        let mean_y = self.wy / self.w;
+        let var_x = self.wxx / self.w - mean_x * mean_x;
+        let flat = Overhead {
+            fixed_s: mean_y.max(0.0),
+            per_utilization_s: 0.0,
+        };
+        // a spread of at least 0.1 of utilisation (standard deviation 0.05) to fit a slope
+        if var_x < 0.05 * 0.05 {
+            return flat;
+        }
+        let slope = (self.wxy / self.w - mean_x * mean_y) / var_x;
+        if !(slope.is_finite() && slope > 0.0) {
+            return flat;
+        }
+        Overhead {
+            fixed_s: (mean_y - slope * mean_x).max(0.0),
+            per_utilization_s: slope,
+        }
+    }
+}
+
 /// The link a move whose target is not known yet is predicted over: the mean of the measured
 /// links among `measured`, or `default` if none is measured.
 pub fn typical_link(measured: impl IntoIterator<Item = Option<f64>>, default: f64) -> f64 {
@@ -220,6 +324,61 @@ mod tests {
             busy.time_s > idle.time_s && busy.bytes > idle.bytes,
             "{busy:?} {idle:?}"
         );
+    }
+
+    #[test]
+    fn the_overhead_estimate_recovers_a_fixed_cost_and_a_slope_in_utilisation() {
+        let mut e = OverheadEstimator::default();
+        assert_eq!(e.estimate(), Overhead::default());
+        // one move: its residual is the fixed cost
+        e.observe(0.1, 0.005);
+        assert!(
+            (e.estimate().fixed_s - 0.005).abs() < 1e-12,
+            "{:?}",
+            e.estimate()
+        );
+        assert_eq!(e.estimate().per_utilization_s, 0.0);
+        // residual = 4 ms + 80 ms × utilisation, over a spread of utilisations
+        let mut e = OverheadEstimator::default();
+        for &u in &[0.05, 0.1, 0.9, 0.15, 0.6, 0.1, 0.3] {
+            e.observe(u, 0.004 + 0.08 * u);
+        }
+        let o = e.estimate();
+        assert!((o.fixed_s - 0.004).abs() < 1e-9, "{o:?}");
+        assert!((o.per_utilization_s - 0.08).abs() < 1e-9, "{o:?}");
+        assert!((o.at(0.5) - 0.044).abs() < 1e-9);
+        assert_eq!(o.at(f64::NAN), o.fixed_s);
+        // refused figures change nothing
+        assert!(!e.observe(f64::NAN, 1.0) && !e.observe(0.1, f64::INFINITY));
+        assert_eq!(e.estimate(), o);
+    }
+
+    #[test]
+    fn the_overhead_follows_the_newest_moves_and_is_never_negative() {
+        let mut e = OverheadEstimator::default();
+        for _ in 0..5 {
+            e.observe(0.1, 0.010);
+        }
+        for _ in 0..10 {
+            e.observe(0.1, 0.002);
+        }
+        let o = e.estimate();
+        // 0.8^10 ≈ 0.11 of the weight left on the old figure
+        assert!(o.fixed_s > 0.002 && o.fixed_s < 0.003, "{o:?}");
+        let mut neg = OverheadEstimator::default();
+        neg.observe(0.2, -0.004);
+        neg.observe(0.3, -0.001);
+        assert_eq!(neg.estimate().fixed_s, 0.0);
+        // a slope fitted negative is dropped for the mean
+        let mut down = OverheadEstimator::default();
+        for &(u, r) in &[(0.1, 0.02), (0.9, 0.01), (0.5, 0.015)] {
+            down.observe(u, r);
+        }
+        assert_eq!(down.estimate().per_utilization_s, 0.0);
+        assert!(down.estimate().fixed_s > 0.01);
+        let p = predict_move(&input(64, 0.0));
+        let with = o.add_to(p, 0.5);
+        assert!((with.time_s - p.time_s - o.at(0.5)).abs() < 1e-12);
     }
 
     #[test]
