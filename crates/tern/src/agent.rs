@@ -75,8 +75,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "off|report|on", default_value = "report")]
     parking: String,
     /// This host's TLS directory (`tern pki issue --name ID --role host`): the command API then
-    /// serves only mutual TLS (commands from controller certificates only), and etcd and the
-    /// controller are reached over TLS with this certificate
+    /// serves only mutual TLS (commands from controller certificates only), etcd and the
+    /// controller are reached over TLS with this certificate, and the VMMs present it to the
+    /// volume node (their volume:// disks) and to each other (live migrations)
     #[arg(long, value_name = "DIR")]
     tls_dir: Option<PathBuf>,
 }

@@ -16,21 +16,23 @@
 //! and the controllers as a real host would. The operator's side (the root namespace) reaches the
 //! controllers and etcd through loopback relays that this process runs, so `tern cluster vms
 //! --controller https://127.0.0.1:P1` (with the admin's `--tls-dir`) works from anywhere on the
-//! machine. Over TLS each host's volume node reaches etcd through a TLS sidecar in its namespace
-//! (`tls_sidecar`).
+//! machine.
 //!
 //! By default the cluster runs over TLS: it makes a PKI in `/run/tern/cluster-NAME/pki` (a CA,
-//! a host certificate per host named like the host with its address as SAN, one per controller,
-//! one for etcd and an `admin` user), starts etcd on https with client-certificate auth, and
-//! gives every process its `--tls-dir`; the controllers take `--admins admin` and the token file
-//! `/run/tern/cluster-NAME/tokens` (`tern cluster token add` appends to it). `--insecure` runs
-//! everything on plain HTTP instead.
+//! a host certificate per host named like the host with its address as SAN, a host certificate
+//! `node-N` per volume node with the same address, one per controller, one for etcd and an
+//! `admin` user), starts etcd on https with client-certificate auth, and gives every process its
+//! `--tls-dir`: the volume nodes serve only NBD over TLS and reach etcd over TLS themselves, and
+//! the VMMs the agents start present their host's certificate to them. The controllers take
+//! `--admins admin` and the token file `/run/tern/cluster-NAME/tokens` (`tern cluster token add`
+//! appends to it). `--insecure` runs everything on plain HTTP and plain NBD instead.
 //!
 //! All files (etcd's data, the shared LUN, the PKI, the hosts' runtime folders, logs and the
 //! state file `state.json`) live in `/run/tern/cluster-NAME`. `tern cluster down --name NAME` asks the `up`
 //! process to stop (SIGTERM) and waits; if that process is gone, it removes what the state file
 //! lists itself. Either way nothing stays: no process, no namespace, no file.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -194,6 +196,10 @@ pub struct LabHost {
     pub volume_pid: u32,
     /// The folder of its VMs' runtime entries and sockets.
     pub runtime_dir: PathBuf,
+    /// The host's `--tls-dir` (its `host` certificate; `None` with `--insecure`): what `tern
+    /// volume --tls-dir` takes in its namespace to reach its TLS-only volume node.
+    #[serde(default)]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// What to build.
@@ -298,6 +304,11 @@ fn url_etcd(lab: &Lab) -> String {
 
 fn host_name(i: usize) -> String {
     format!("h{i}")
+}
+
+/// The certificate name of volume node `id` (`tern volume serve` requires it).
+fn node_name(id: u32) -> String {
+    tern_volume::control::certificate_name_of_node(id)
 }
 
 /// The capacity a test host's agent declares (`--host-shape CORES:POWER_MODEL`).
@@ -542,25 +553,8 @@ impl Lab {
                 "host {}: volume node {node_id} at {volume_node}",
                 host_name(i)
             ));
-            // The volume nodes run without --tls-dir for now (it makes their NBD port TLS-only,
-            // and the VMMs' volume disks present no certificate yet): over TLS each reaches etcd
-            // through a sidecar in its host's namespace that carries each connection to etcd over
-            // TLS with the host's certificate (the plain hop never leaves the host's loopback).
-            let volume_etcd = match tls_dir(&host_name(i)) {
-                Some(d) => {
-                    let mut cfg = (*tern_pki::TlsDir::load(&d)
-                        .with_context(|| format!("--tls-dir {}", d.display()))?
-                        .client_config())
-                    .clone();
-                    // etcd serves gRPC over TLS only to clients that negotiate HTTP/2.
-                    cfg.alpn_protocols = vec![b"h2".to_vec()];
-                    let cfg = Arc::new(cfg);
-                    let etcd_addr = SocketAddr::from((control_addr, ETCD_PORT));
-                    let port = tls_sidecar(ns, etcd_addr, cfg, lab.relays_stop.clone())?;
-                    format!("http://127.0.0.1:{port}")
-                }
-                None => url.clone(),
-            };
+            // Over TLS the node serves only NBD_OPT_STARTTLS with its `node-N` certificate
+            // (the agents' VMMs present their host's) and reaches etcd with it directly.
             let mut serve = Command::new("ip");
             serve
                 .args(["netns", "exec", ns])
@@ -569,7 +563,10 @@ impl Lab {
                 .arg(&lun)
                 .args(["--node-id", &node_id.to_string()])
                 .args(["--listen", &volume_node])
-                .args(["--etcd", &volume_etcd]);
+                .args(["--etcd", &url]);
+            if let Some(d) = tls_dir(&node_name(node_id)) {
+                serve.arg("--tls-dir").arg(d);
+            }
             let volume_pid = lab.spawn(&format!("volume-{}", host_name(i)), serve)?;
             lab.state.hosts.push(LabHost {
                 name: host_name(i),
@@ -581,6 +578,7 @@ impl Lab {
                 volume_node_id: node_id,
                 volume_pid,
                 runtime_dir: dir.join(host_name(i)),
+                tls_dir: tls_dir(&host_name(i)),
             });
         }
         for i in 0..spec.hosts {
@@ -954,6 +952,11 @@ fn volume_files(state: &LabState) -> Vec<String> {
         .args(["netns", "exec", &h.namespace])
         .arg(tern)
         .args(["volume", "ls", "--json", "--node", &h.volume_node])
+        .args(
+            h.tls_dir
+                .iter()
+                .flat_map(|d| [OsStr::new("--tls-dir"), d.as_os_str()]),
+        )
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output();
@@ -1705,6 +1708,10 @@ fn make_pki(
     issue("etcd", Role::Controller, &with_san(control_addr))?;
     for (i, addr) in hosts.iter().enumerate() {
         issue(&host_name(i), Role::Host, &with_san(*addr))?;
+        // The host's volume node: its certificate names the node id, and its address as SAN
+        // (the VMMs and the other nodes check it against the address they dial).
+        let node = u32::try_from(i + 1).context("host count")?;
+        issue(&node_name(node), Role::Host, &with_san(*addr))?;
     }
     for c in 0..controllers {
         issue(
@@ -1722,62 +1729,4 @@ fn make_pki(
         .open(&tokens)
         .with_context(|| format!("cannot create {}", tokens.display()))?;
     Ok(pki)
-}
-
-/// A TLS sidecar in network namespace `ns`: plain TCP on `127.0.0.1:PORT` there (the returned
-/// port), each connection carried on to `target` over TLS from `ns` with `cfg` (the host's
-/// certificate as client certificate, the server's checked for `target`'s address), until `stop`.
-fn tls_sidecar(
-    ns: &str,
-    target: SocketAddr,
-    cfg: Arc<rustls::ClientConfig>,
-    stop: Arc<AtomicBool>,
-) -> anyhow::Result<u16> {
-    let listener = tern_netlab::ns::in_namespace(ns, || TcpListener::bind(("127.0.0.1", 0)))?
-        .with_context(|| format!("cannot bind a loopback port in {ns}"))?;
-    listener.set_nonblocking(true)?;
-    let port = listener.local_addr()?.port();
-    let ns = ns.to_string();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the sidecar's runtime")?;
-    std::thread::Builder::new()
-        .name(format!("tls-sidecar-{port}"))
-        .spawn(move || {
-            rt.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
-                let connector = tokio_rustls::TlsConnector::from(cfg);
-                while !stop.load(Ordering::Relaxed) {
-                    let accepted =
-                        tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
-                    let Ok(Ok((mut client, _))) = accepted else {
-                        continue;
-                    };
-                    let (ns, connector) = (ns.clone(), connector.clone());
-                    tokio::spawn(async move {
-                        let connect = tokio::task::spawn_blocking(move || {
-                            let s =
-                                tern_netlab::ns::connect_from(&ns, target, Duration::from_secs(2))?;
-                            s.set_nonblocking(true)?;
-                            Ok::<_, std::io::Error>(s)
-                        });
-                        let Ok(Ok(server)) = connect.await else {
-                            return;
-                        };
-                        let Ok(server) = tokio::net::TcpStream::from_std(server) else {
-                            return;
-                        };
-                        let name = tern_pki::TlsDir::server_name(&target.ip().to_string());
-                        let Ok(mut tls) = connector.connect(name, server).await else {
-                            return;
-                        };
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut tls).await;
-                    });
-                }
-            });
-        })?;
-    Ok(port)
 }

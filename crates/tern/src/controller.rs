@@ -159,6 +159,11 @@ pub fn run(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         "--tokens and --admins need --tls-dir: a bearer token over plain HTTP is readable by anyone on the path"
     );
     let tls = args.tls_dir.as_deref().map(ServerTls::load).transpose()?;
+    // Its requests to volume nodes (fencing a lost host's leases) present the same certificate.
+    if let Some(d) = &args.tls_dir {
+        tern_volume::control::set_client_tls(d)
+            .with_context(|| format!("--tls-dir {} for volume nodes", d.display()))?;
+    }
     let access: SharedAccess = Arc::new(std::sync::RwLock::new(Access {
         tokens: read_tokens(args.tokens.as_deref())?,
         admins: args.admins.iter().cloned().collect(),

@@ -523,6 +523,11 @@ mod ha {
             .arg("volume")
             .args(args)
             .args(["--node", &h.volume_node, "--json"])
+            .args(
+                h.tls_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
+            )
             .output()
             .context("cannot run tern volume")?;
         ensure!(
@@ -673,12 +678,29 @@ mod ha {
             .find(|h| u64::from(h.volume_node_id) == coord)
             .context("coordinator host")?
             .clone();
+        // The writes come as the dead host's volume node would send them: over TLS with its
+        // certificate (only node N may open FILE@N.EPOCH).
+        let node_tls = match &lab.state().pki {
+            Some(pki) => {
+                let dir = pki.join(tern_volume::control::certificate_name_of_node(victim_node));
+                let tls = tern_pki::TlsDir::load(&dir)
+                    .with_context(|| format!("--tls-dir {}", dir.display()))?;
+                Some(tern_nbd::ClientTls {
+                    config: tls.client_config(),
+                    server_name: None,
+                })
+            }
+            None => None,
+        };
         let mut refused = 0;
         for (disk, epoch) in &old_epochs {
             let export = format!("{disk}@{victim_node}.{epoch}");
             let addr = coord_host.volume_node.clone();
+            let tls = node_tls.clone();
             let r = tern_netlab::ns::in_namespace(&coord_host.namespace, move || {
-                let mut c = tern_nbd::Client::connect(addr.as_str(), &export)?;
+                let timeout = Duration::from_secs(10);
+                let mut c =
+                    tern_nbd::Client::connect_tls(addr.as_str(), &export, timeout, tls.as_ref())?;
                 c.write(0, &[0xEE; 512], true)
             })?;
             if matches!(r, Err(tern_nbd::ClientError::Remote(tern_nbd::Errno::Perm))) {

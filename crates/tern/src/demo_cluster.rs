@@ -491,6 +491,7 @@ fn volume(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
         .arg("volume")
         .args(args)
         .args(["--node", &h.volume_node, "--json"])
+        .args(h.tls_dir.iter().flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]))
         .output()
         .context("cannot run tern volume")?;
     ensure!(

@@ -75,6 +75,11 @@ impl Lab {
             .args(["netns", "exec", &h.namespace, tern(), "volume"])
             .args(args)
             .args(["--node", &h.volume_node, "--json"])
+            .args(
+                h.tls_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
+            )
             .output()
             .unwrap();
         assert!(
@@ -469,8 +474,17 @@ fn a_killed_hosts_vms_run_elsewhere_within_30_s_and_its_old_leases_are_fenced() 
         assert!(now_epoch > epoch, "{file}: epoch {epoch} -> {now_epoch}");
         let export = format!("{file}@{victim_node}.{epoch}");
         let addr = coord_host.volume_node.clone();
+        // As the dead host's volume node would send it: over TLS with its certificate (only
+        // node N may open FILE@N.EPOCH).
+        let tls = lab
+            .pki_client(&format!("node-{victim_node}"))
+            .map(|config| tern_nbd::ClientTls {
+                config,
+                server_name: None,
+            });
         let refused = tern_netlab::ns::in_namespace(&coord_host.namespace, move || {
-            let mut c = tern_nbd::Client::connect(addr.as_str(), &export)?;
+            let t = Duration::from_secs(10);
+            let mut c = tern_nbd::Client::connect_tls(addr.as_str(), &export, t, tls.as_ref())?;
             c.write(0, &[0xEE; 512], true)
         })
         .unwrap();

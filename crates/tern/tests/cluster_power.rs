@@ -36,6 +36,8 @@ struct Host {
     namespace: String,
     volume_node: String,
     volume_node_id: u64,
+    /// The host's certificate: its volume node takes only TLS.
+    tls_dir: Option<PathBuf>,
 }
 
 /// The volume coordinator's node id, as host `h`'s node reports it.
@@ -43,6 +45,11 @@ fn coordinator(h: &Host) -> Option<u64> {
     let o = Command::new("ip")
         .args(["netns", "exec", &h.namespace, tern(), "volume", "status"])
         .args(["--node", &h.volume_node, "--json"])
+        .args(
+            h.tls_dir
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
+        )
         .output()
         .ok()?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).ok()?;

@@ -9,6 +9,12 @@
 //! (certificate or token) changing anything, and serves the admin after each refusal; `tern
 //! cluster` with `--tls-dir`/`--token` (and `TERN_TLS_DIR`/`TERN_TOKEN`) and `tern cluster token
 //! add` work against it. Needs root and the etcd binary (fails loudly without them).
+//!
+//! And `tern cluster up` as it runs by default (TLS): its volume nodes refuse plain NBD, a VM on
+//! a volume disk runs with its host's certificate, and a live migration through the API moves
+//! the disk's lease to the other host's node over TLS (root, KVM and etcd).
+
+mod common;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -512,5 +518,147 @@ fn etcd_the_controller_and_the_agent_refuse_strangers_and_keep_serving_their_pee
         out.contains("coordinator: node 1"),
         "the volume node did not take office through etcd over TLS: {out}{err}\n{}",
         std::fs::read_to_string(scratch.path().join("volume.log")).unwrap_or_default()
+    );
+}
+
+/// The command line of the VMM process running VM `name` (`tern vm run|receive … --name NAME`).
+fn vmm_cmdline(name: &str) -> Option<Vec<String>> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = raw
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let named = args.windows(2).any(|w| w[0] == "--name" && w[1] == name);
+        let vmm = args
+            .windows(2)
+            .any(|w| w[0] == "vm" && (w[1] == "run" || w[1] == "receive"));
+        (named
+            && vmm
+            && !args
+                .iter()
+                .any(|a| a == "setpriv" || a.ends_with("/setpriv")))
+        .then_some(args)
+    })
+}
+
+#[test]
+fn the_test_cluster_runs_and_migrates_a_vm_on_tls_only_volume_nodes() {
+    let lab = common::cluster::Lab::up("vtls", 2, 1);
+    // No volume node of the cluster speaks plain NBD.
+    for h in &lab.info.hosts {
+        let addr = h.volume_node.clone();
+        let r = tern_netlab::ns::in_namespace(&h.namespace, move || {
+            tern_nbd::Client::connect_timeout(addr.as_str(), "any", Duration::from_secs(10))
+                .map(drop)
+        })
+        .unwrap();
+        assert!(
+            matches!(&r, Err(tern_nbd::ClientError::Refused { reply, .. })
+                if *reply == tern_nbd::proto::REP_ERR_TLS_REQD),
+            "plain NBD to {}'s node: {r:?}",
+            h.name
+        );
+    }
+    // `tern volume` in h0's namespace with h0's certificate.
+    let h0 = lab.host("h0").clone();
+    let h0_tls = h0.tls_dir.clone().expect("the cluster runs over TLS");
+    let volume = |args: &[&str]| -> Value {
+        let o = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &h0.namespace,
+                env!("CARGO_BIN_EXE_tern"),
+                "volume",
+            ])
+            .args(args)
+            .args(["--node", &h0.volume_node, "--json", "--tls-dir"])
+            .arg(&h0_tls)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "tern volume {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let lease = || {
+        let v = volume(&["stat", "vt-1.raw"]);
+        (
+            v["lease"]["holder"].as_u64(),
+            v["lease"]["epoch"].as_u64().unwrap(),
+        )
+    };
+    volume(&["create", "vt-1.raw", "--size", "16M"]);
+    lab.create("vt-1", Some("vt-1.raw"), None);
+    let vms = lab.wait_running(&["vt-1"], Duration::from_secs(60));
+    let from = lab.host(vms[0].host.as_deref().unwrap()).clone();
+    let to = lab
+        .info
+        .hosts
+        .iter()
+        .find(|h| h.name != from.name)
+        .unwrap()
+        .clone();
+    let (holder, epoch) = lease();
+    assert_eq!(
+        holder,
+        Some(u64::from(from.volume_node_id)),
+        "{}",
+        lab.logs()
+    );
+    // The VMM presents its host's certificate to the node.
+    let args = vmm_cmdline("vt-1").expect("the VMM of vt-1");
+    let i = args
+        .iter()
+        .position(|a| a == "--tls-dir")
+        .unwrap_or_else(|| {
+            panic!("the VMM runs without --tls-dir: {args:?}");
+        });
+    assert_eq!(
+        Some(Path::new(&args[i + 1])),
+        from.tls_dir.as_deref(),
+        "{args:?}"
+    );
+    wait_for(
+        "heartbeats before the move",
+        Duration::from_secs(20),
+        || common::cluster::hb_seqs(&lab.console(&from.name, "vt-1")).len() >= 3,
+    );
+
+    // A live migration to the other host: the lease goes to its node at a higher epoch.
+    let (st, body) = lab.api(
+        "POST",
+        "/v1/vms/vt-1/migrate",
+        Some(&json!({"to": to.name.clone()})),
+    );
+    assert_eq!(st, 202, "{body}");
+    wait_for(
+        "vt-1 running on the other host",
+        Duration::from_secs(90),
+        || {
+            lab.vms().iter().any(|v| {
+                v.name == "vt-1"
+                    && v.state == tern_api::cluster::VmState::Running
+                    && v.host.as_deref() == Some(to.name.as_str())
+            })
+        },
+    );
+    wait_for(
+        "the lease with the other host's node",
+        Duration::from_secs(20),
+        || lease().0 == Some(u64::from(to.volume_node_id)),
+    );
+    assert!(lease().1 > epoch, "{epoch} -> {:?}", lease());
+    assert_eq!(lab.vm("vt-1").unwrap().restarts, 0);
+    wait_for("heartbeats after the move", Duration::from_secs(20), || {
+        common::cluster::hb_seqs(&lab.console(&to.name, "vt-1")).len() >= 2
+    });
+    let seqs = common::cluster::hb_seqs(&lab.console(&to.name, "vt-1"));
+    assert!(
+        seqs[0] > 1,
+        "vt-1's heartbeats restarted after the move: {seqs:?}"
     );
 }

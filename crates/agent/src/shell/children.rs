@@ -31,9 +31,11 @@ pub(crate) struct Ctx {
     pub setpriv: Option<PathBuf>,
     /// The address receivers listen on (the agent's own).
     pub listen_ip: IpAddr,
-    /// The host's `--tls-dir`: receivers then take only mutual TLS from a host certificate of the
-    /// cluster CA, and migrations out go over mutual TLS with it, the target's certificate
-    /// checked against the target's address.
+    /// The host's `--tls-dir`: every VMM gets it (`tern vm run|receive --tls-dir`), so its
+    /// `volume://` disk reaches the host's TLS-only volume node with the host's certificate;
+    /// receivers take only mutual TLS from a host certificate of the cluster CA, and migrations
+    /// out go over mutual TLS with it, the target's certificate checked against the target's
+    /// address.
     pub tls_dir: Option<PathBuf>,
 }
 
@@ -99,7 +101,7 @@ pub(crate) fn spawn_vmm(
         vmm = vmm.disk(d);
     }
     let mut args = vmm.to_args();
-    if let (true, Some(dir)) = (receive, &ctx.tls_dir) {
+    if let Some(dir) = &ctx.tls_dir {
         args.extend(["--tls-dir".to_string(), dir.display().to_string()]);
     }
     std::fs::create_dir_all(&ctx.runtime_dir)?;

@@ -73,7 +73,8 @@ pub struct Options {
     pub parking: ParkingMode,
     /// The host's `--tls-dir` (CA, certificate, key; the certificate's name must be the host id
     /// and its role `host`): the command API then serves only mutual TLS, etcd and the controller
-    /// are reached over TLS with it. `None`: plain connections everywhere.
+    /// are reached over TLS with it, and every VMM it starts gets it for its volume disk and
+    /// migrations. `None`: plain connections everywhere.
     pub tls_dir: Option<PathBuf>,
 }
 

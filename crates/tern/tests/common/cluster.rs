@@ -31,6 +31,9 @@ pub struct LabHost {
     pub volume_node_id: u32,
     pub volume_pid: u32,
     pub runtime_dir: PathBuf,
+    /// The host's certificate (`null` with `--insecure`): `tern volume --tls-dir` in its
+    /// namespace, whose volume node takes only TLS.
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The JSON line `tern cluster up --json` prints once the cluster is up.
