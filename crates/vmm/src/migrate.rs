@@ -228,12 +228,23 @@ pub fn take_back_storage() -> Result<usize, String> {
     Ok(back)
 }
 
+/// Pages whose dirty bits [`VmSource`] clears together, just before it copies the first of them
+/// (with manual dirty-log protection): 4 MiB, 16 bitmap words. Smaller ranges leave pages
+/// writable for longer before they are copied (a write meanwhile costs the guest no fault and
+/// is carried by this copy); each range is one `KVM_CLEAR_DIRTY_LOG`.
+pub const CLEAR_CHUNK_PAGES: u64 = 1024;
+
 /// A running VM migrating away.
 #[derive(Debug)]
 pub struct VmSource {
     vm: Vm,
     throttle: Throttle,
     pending: HashMap<usize, Vec<u64>>,
+    /// Per region, the dirty bits read and not yet cleared in KVM (manual protection only): a
+    /// range is cleared (its pages write-protected again) when a page of it is first copied.
+    uncleared: Vec<Vec<u64>>,
+    /// Paused for the switch-over: copies no longer clear (the VM writes nothing more here).
+    paused: bool,
     successor: Option<String>,
     disks: Vec<Arc<dyn BlockBackend>>,
     /// How many of `disks` (a prefix) were handed to the successor.
@@ -248,6 +259,8 @@ impl VmSource {
             throttle: Throttle::new(vm.clone()),
             vm,
             pending: HashMap::new(),
+            uncleared: Vec::new(),
+            paused: false,
             successor: None,
             disks: handover_disks(),
             handed: 0,
@@ -292,6 +305,8 @@ impl MigrationSource for VmSource {
 
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
         self.pending.clear();
+        self.uncleared.clear();
+        self.paused = false;
         self.vm.set_dirty_logging(true)?;
         // Clear what the registration may have left.
         self.vm.take_dirty_bitmaps()?;
@@ -300,22 +315,35 @@ impl MigrationSource for VmSource {
 
     fn stop_dirty_log(&mut self) -> Result<(), VmError> {
         self.pending.clear();
+        self.uncleared.clear();
         self.vm.set_dirty_logging(false)?;
         Ok(())
     }
 
     fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+        if !self.paused {
+            self.clear_before_copy(gpa, buf.len() as u64)?;
+        }
         self.vm.memory().read_slice(buf, GuestAddress(gpa))?;
         Ok(())
     }
 
+    /// With manual dirty-log protection the read leaves KVM's bits set and the pages writable;
+    /// [`MigrationSource::read_pages`] clears each [`CLEAR_CHUNK_PAGES`] range just before it
+    /// copies the first page of it (a page written after its range was cleared is reported by
+    /// the next read; one written between this read and the clear is carried by the copy).
+    /// Pages read and never copied keep their bits and are reported again.
     fn fetch_dirty(&mut self, region: usize) -> Result<Vec<u64>, VmError> {
         if let Some(bits) = self.pending.remove(&region) {
             return Ok(bits);
         }
         // One KVM sync covers every region; the others wait for their turn.
+        let maps = self.vm.peek_dirty_bitmaps()?;
+        if self.vm.dirty_log_manual_protect() && !self.paused {
+            self.uncleared = maps.iter().map(|b| b.bits.clone()).collect();
+        }
         let mut mine = None;
-        for (i, b) in self.vm.take_dirty_bitmaps()?.into_iter().enumerate() {
+        for (i, b) in maps.into_iter().enumerate() {
             if i == region {
                 mine = Some(b.bits);
             } else {
@@ -337,12 +365,17 @@ impl MigrationSource for VmSource {
     fn pause(&mut self) -> Result<(), VmError> {
         self.throttle.stop();
         self.vm.pause()?;
+        // Paused, nothing is written: the final copy needs no protection, so the switch-over
+        // pays for no write-protection at all.
+        self.paused = true;
+        self.uncleared.clear();
         Ok(())
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
         self.throttle.stop();
         self.vm.resume()?;
+        self.paused = false;
         Ok(())
     }
 
@@ -393,6 +426,45 @@ impl MigrationSource for VmSource {
             Some(e) => Err(format!("taking the disk lease back: {e}").into()),
             None => Ok(()),
         }
+    }
+}
+
+impl VmSource {
+    /// Clears, in KVM's dirty log, the uncleared bits of every [`CLEAR_CHUNK_PAGES`] range that
+    /// `len` bytes at `gpa` touch (manual protection; nothing otherwise).
+    fn clear_before_copy(&mut self, gpa: u64, len: u64) -> Result<(), VmError> {
+        if self.uncleared.is_empty() || len == 0 {
+            return Ok(());
+        }
+        let Some((region, info)) = self
+            .vm
+            .memory_regions()
+            .into_iter()
+            .enumerate()
+            .find(|(_, r)| gpa >= r.guest_addr && gpa - r.guest_addr < r.size)
+        else {
+            return Ok(());
+        };
+        let Some(bits) = self.uncleared.get_mut(region) else {
+            return Ok(());
+        };
+        let first = (gpa - info.guest_addr) / 4096;
+        let last = (gpa - info.guest_addr + len - 1) / 4096;
+        let words_per_chunk = (CLEAR_CHUNK_PAGES / 64) as usize;
+        for chunk in first / CLEAR_CHUNK_PAGES..=last / CLEAR_CHUNK_PAGES {
+            let w0 = chunk as usize * words_per_chunk;
+            if w0 >= bits.len() {
+                break;
+            }
+            let w1 = (w0 + words_per_chunk).min(bits.len());
+            if bits[w0..w1].iter().all(|w| *w == 0) {
+                continue;
+            }
+            self.vm
+                .clear_dirty_pages(region, w0 as u64 * 64, &bits[w0..w1])?;
+            bits[w0..w1].fill(0);
+        }
+        Ok(())
     }
 }
 
@@ -595,10 +667,12 @@ pub fn post_copy_lost() {
 /// Whether this VM may be resumed or migrated again: not after a failed post-copy.
 pub fn may_run_again() -> Result<(), String> {
     if POST_COPY_LOST.load(Ordering::SeqCst) {
-        return Err("this VM's post-copy migration failed after the switch: the target ran it, \
+        return Err(
+            "this VM's post-copy migration failed after the switch: the target ran it, \
                     so this paused copy is stale and must not run again (stop it and start the \
                     VM from its disks)"
-            .into());
+                .into(),
+        );
     }
     Ok(())
 }

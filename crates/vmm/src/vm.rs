@@ -196,6 +196,9 @@ struct VcpuHandle {
 struct Shared {
     kvm_vm: VmFd,
     dirty_logging: Mutex<bool>,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: a dirty-log read leaves the pages writable and
+    /// their bits set until [`Vm::clear_dirty_pages`] (see [`enable_manual_dirty_protect`]).
+    manual_dirty_protect: bool,
     control: Arc<Control>,
     devices: Arc<Devices>,
     vcpus: Mutex<Vec<VcpuHandle>>,
@@ -221,6 +224,35 @@ impl std::fmt::Debug for Vm {
             .field("name", &self.shared.config.name)
             .finish_non_exhaustive()
     }
+}
+
+vmm_sys_util::ioctl_iowr_nr!(
+    kvm_clear_dirty_log_nr,
+    kvm_bindings::KVMIO,
+    0xc0,
+    kvm_bindings::kvm_clear_dirty_log
+);
+
+/// Turns on KVM's manual dirty-log protection (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`) where the
+/// host offers it, on a new VM fd (the thread that creates VMs is never under a seccomp filter).
+/// Then `KVM_GET_DIRTY_LOG` only copies the bitmap: pages are write-protected again by
+/// `KVM_CLEAR_DIRTY_LOG`, range by range, when the caller asks ([`Vm::clear_dirty_pages`]),
+/// rather than all at once inside every read. Without it (an older kernel) the classic
+/// read-and-protect is used. `KVM_DIRTY_LOG_INITIALLY_SET` is not asked for: round 0 skips the
+/// pages known to be zero, which would then stay dirty. Returns whether it is on.
+pub(crate) fn enable_manual_dirty_protect(fd: &VmFd) -> bool {
+    let cap = kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
+    let offered = fd.check_extension_raw(libc::c_ulong::from(cap));
+    let enable = kvm_bindings::KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+    if offered < 0 || (offered as u32) & enable == 0 {
+        return false;
+    }
+    let mut c = kvm_bindings::kvm_enable_cap {
+        cap,
+        ..Default::default()
+    };
+    c.args[0] = u64::from(enable);
+    fd.enable_cap(&c).is_ok()
 }
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN`.
@@ -693,8 +725,31 @@ impl Vm {
     }
 
     /// The pages written since the previous call (or since logging was turned on), per region:
-    /// KVM's log of guest writes OR'd with the VMM's own writes. Reading clears both.
+    /// KVM's log of guest writes OR'd with the VMM's own writes. Reading clears both (and
+    /// write-protects the pages again, all at once).
     pub fn take_dirty_bitmaps(&self) -> Result<Vec<DirtyBitmap>, ControlError> {
+        let maps = self.peek_dirty_bitmaps()?;
+        if self.shared.manual_dirty_protect {
+            for (i, m) in maps.iter().enumerate() {
+                self.clear_dirty_pages(i, 0, &m.bits)?;
+            }
+        }
+        Ok(maps)
+    }
+
+    /// Whether KVM runs in manual dirty-log protection here: [`Vm::peek_dirty_bitmaps`] then
+    /// leaves the pages writable until [`Vm::clear_dirty_pages`].
+    pub fn dirty_log_manual_protect(&self) -> bool {
+        self.shared.manual_dirty_protect
+    }
+
+    /// As [`Vm::take_dirty_bitmaps`], but with manual protection
+    /// ([`Vm::dirty_log_manual_protect`]) KVM's bits stay set and the pages stay writable: a
+    /// later read reports them again until [`Vm::clear_dirty_pages`] clears them (the caller
+    /// clears a range just before it copies it, so writes between the read and the copy cost
+    /// the guest nothing and are not reported twice). The VMM's own bitmap is reset either way.
+    /// Without manual protection this is [`Vm::take_dirty_bitmaps`].
+    pub fn peek_dirty_bitmaps(&self) -> Result<Vec<DirtyBitmap>, ControlError> {
         if !*self
             .shared
             .dirty_logging
@@ -720,6 +775,65 @@ impl Vm {
             out.push(DirtyBitmap { region: info, bits });
         }
         Ok(out)
+    }
+
+    /// With manual protection: clears KVM's dirty bits of region `region` set in `bits` (bit `i`
+    /// of word `i / 64` is page `first_page + i`) and write-protects those pages again
+    /// (`KVM_CLEAR_DIRTY_LOG`). `first_page` must be a multiple of 64; bits past the region's end
+    /// are ignored. Without manual protection (or with no bit set) it does nothing.
+    pub fn clear_dirty_pages(
+        &self,
+        region: usize,
+        first_page: u64,
+        bits: &[u64],
+    ) -> Result<(), ControlError> {
+        if !self.shared.manual_dirty_protect || bits.iter().all(|w| *w == 0) {
+            return Ok(());
+        }
+        let bad = |errno| ControlError::Kvm {
+            what: "KVM_CLEAR_DIRTY_LOG",
+            cause: kvm_ioctls::Error::new(errno),
+        };
+        let info = self
+            .memory_regions()
+            .into_iter()
+            .nth(region)
+            .ok_or(bad(libc::EINVAL))?;
+        let region_pages = info.size / 4096;
+        if !first_page.is_multiple_of(64) || first_page >= region_pages {
+            return Err(bad(libc::EINVAL));
+        }
+        // KVM wants a multiple of 64 pages unless the range ends at the slot's end.
+        let pages = (bits.len() as u64 * 64).min(region_pages - first_page);
+        let mut words = bits[..pages.div_ceil(64) as usize].to_vec();
+        if !pages.is_multiple_of(64) {
+            let last = words.len() - 1;
+            words[last] &= (1u64 << (pages % 64)) - 1;
+        }
+        let mut clear = kvm_bindings::kvm_clear_dirty_log {
+            slot: info.slot,
+            num_pages: u32::try_from(pages).map_err(|_| bad(libc::EINVAL))?,
+            first_page,
+            ..Default::default()
+        };
+        clear.__bindgen_anon_1.dirty_bitmap = words.as_mut_ptr().cast();
+        // SAFETY: KVM_CLEAR_DIRTY_LOG reads `num_pages` bits from `dirty_bitmap`, which points
+        // at `words` (at least `num_pages.div_ceil(64)` u64s), alive until the call returns; the
+        // structure is the kernel's layout (kvm-bindings).
+        let r = unsafe {
+            vmm_sys_util::ioctl::ioctl_with_ref(
+                &self.shared.kvm_vm,
+                kvm_clear_dirty_log_nr(),
+                &clear,
+            )
+        };
+        if r < 0 {
+            return Err(ControlError::Kvm {
+                what: "KVM_CLEAR_DIRTY_LOG",
+                cause: kvm_ioctls::Error::last(),
+            });
+        }
+        Ok(())
     }
 
     /// Measures how fast the guest dirties its memory: turns KVM's dirty logging on for `window`,

@@ -337,10 +337,12 @@ impl VmBuilder {
             });
         }
         let n = handles.len();
+        let manual_dirty_protect = super::enable_manual_dirty_protect(&self.fd);
         let vm = Vm {
             shared: Arc::new(Shared {
                 kvm_vm: self.fd,
                 dirty_logging: Mutex::new(false),
+                manual_dirty_protect,
                 control,
                 devices,
                 vcpus: Mutex::new(handles),
