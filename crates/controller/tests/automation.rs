@@ -822,3 +822,85 @@ async fn a_new_leader_runs_under_the_stored_policy() {
         "the new term lost the stored policy"
     );
 }
+
+#[tokio::test]
+async fn a_new_leader_takes_over_the_stored_plans_and_applies_a_proposal() {
+    let lab = Lab::start().await;
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let before = lab.policy().await;
+    let (st, v) = lab.put_policy(&lab.eager(&before)).await;
+    assert_eq!(st, 200, "{v}");
+    lab.first_proposed().await;
+    // No more rounds for an hour, and a hold longer than the test: the proposal stands, and
+    // the next leader's own rounds (its hold timers start afresh) propose nothing over it.
+    let mut slow = lab.eager(&before);
+    slow["interval_s"] = 3600.into();
+    slow["hold_s"] = 600.into();
+    let (st, v) = lab.put_policy(&slow).await;
+    assert_eq!(st, 200, "{v}");
+    let plan = lab.first_proposed().await;
+    let id = plan["id"].as_u64().unwrap();
+    let key = format!("/tern/desired/automation/plans/{id:020}");
+    let stored = lab
+        .wait(
+            "the plan in the store",
+            Duration::from_secs(5),
+            async || lab.shell.shared().store().get(&key).await.unwrap(),
+        )
+        .await;
+    let stored: Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(stored["plan"]["state"], "proposed", "{stored}");
+
+    lab.shell.step_down("test: fail-over").await;
+    lab.wait("a new term", Duration::from_secs(10), async || {
+        (lab.shell.shared().core().generation() == Some(2)).then_some(())
+    })
+    .await;
+    // The new term shows the plan as it was, and several cycles later still.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (st, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(st, 200, "{p}");
+    assert_eq!(p["state"], "proposed", "{p}");
+    assert_eq!(p["actions"], plan["actions"], "{p}");
+    // Applied on the new term: its migrations run.
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    assert_eq!(st, 202, "{v}");
+    let done = lab
+        .wait("the plan applied", Duration::from_secs(20), async || {
+            let (_, p) = lab
+                .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                .await;
+            (p["state"] == "applied").then_some(p)
+        })
+        .await;
+    assert!(lab.table.lock().unwrap().migrations >= 1, "{done}");
+    // and the store holds the final state
+    let stored: Value =
+        serde_json::from_slice(&lab.shell.shared().store().get(&key).await.unwrap().unwrap())
+            .unwrap();
+    assert_eq!(stored["plan"]["state"], "applied", "{stored}");
+    // A rejected plan stays rejected across a term too.
+    let (st, v) = lab.put_policy(&lab.eager(&before)).await;
+    assert_eq!(st, 200, "{v}");
+    let next = lab.first_proposed().await;
+    let next_id = next["id"].as_u64().unwrap();
+    assert!(next_id > id, "{next}");
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{next_id}/reject"), None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    lab.shell.step_down("test: second fail-over").await;
+    lab.wait("a third term", Duration::from_secs(10), async || {
+        (lab.shell.shared().core().generation() == Some(3)).then_some(())
+    })
+    .await;
+    let (st, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{next_id}"), None)
+        .await;
+    assert_eq!((st, p["state"].as_str()), (200, Some("rejected")), "{p}");
+}

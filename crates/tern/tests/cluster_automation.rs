@@ -13,7 +13,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Lab, hb_seqs};
+use common::cluster::{Lab, hb_seqs, http};
 use common::tern;
 use serde_json::{Value, json};
 use tern_api::cluster::VmState;
@@ -43,18 +43,9 @@ fn get(lab: &Lab, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
-#[test]
-fn a_manual_plan_drains_a_host_live_once_applied() {
-    let started = Instant::now();
-    let lab = Lab::up("aut", 3, 1);
-    let hosts: Vec<String> = lab.info.hosts.iter().map(|h| h.name.clone()).collect();
-    let names = ["au-1", "au-2", "au-3"];
-    for n in names {
-        lab.create(n, None, None);
-    }
-    lab.wait_running(&names, Duration::from_secs(60));
-    // Placement packs; spread the VMs one per host with operator migrations.
-    for (n, h) in names.iter().zip(&hosts) {
+/// Placement packs; spreads the VMs one per host with operator migrations.
+fn spread(lab: &Lab, names: &[&str], hosts: &[String]) {
+    for (n, h) in names.iter().zip(hosts) {
         if lab.vm(n).unwrap().host.as_deref() == Some(h.as_str()) {
             continue;
         }
@@ -70,6 +61,45 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
             })
         });
     }
+}
+
+/// The index of the controller that leads (by its `/metrics`), once exactly one does.
+fn leader(lab: &Lab) -> usize {
+    let leading = || -> Vec<usize> {
+        (0..lab.info.controllers.len())
+            .filter(|&i| {
+                http(
+                    lab.tls.as_ref(),
+                    None,
+                    &lab.info.controllers[i],
+                    "GET",
+                    "/metrics",
+                    None,
+                )
+                .is_ok_and(|(st, m)| st == 200 && m.contains("\ntern_controller_leader 1\n"))
+            })
+            .collect()
+    };
+    let mut one = None;
+    wait_for("one controller to lead", Duration::from_secs(30), || {
+        let l = leading();
+        one = l.first().copied().filter(|_| l.len() == 1);
+        one.is_some()
+    });
+    one.unwrap()
+}
+
+#[test]
+fn a_manual_plan_drains_a_host_live_once_applied() {
+    let started = Instant::now();
+    let lab = Lab::up("aut", 3, 1);
+    let hosts: Vec<String> = lab.info.hosts.iter().map(|h| h.name.clone()).collect();
+    let names = ["au-1", "au-2", "au-3"];
+    for n in names {
+        lab.create(n, None, None);
+    }
+    lab.wait_running(&names, Duration::from_secs(60));
+    spread(&lab, &names, &hosts);
     let tasks_before = get(&lab, "/v1/tasks").as_array().unwrap().len();
 
     // An eager manual policy through the CLI; an out-of-range knob is refused naming its range.
@@ -274,4 +304,144 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
     );
     eprintln!("plan {id} ended {}: {}", done["state"], done["detail"]);
     eprintln!("cluster_automation took {:?}", started.elapsed());
+}
+
+/// Plans live in etcd: a plan proposed under one controller is listed by the next leader after
+/// the first is SIGKILLed, and applying it there runs its migrations.
+#[test]
+fn a_proposed_plan_survives_the_leader_and_is_applied_on_the_next() {
+    let lab = Lab::up("apf", 3, 2);
+    let hosts: Vec<String> = lab.info.hosts.iter().map(|h| h.name.clone()).collect();
+    let names = ["ap-1", "ap-2", "ap-3"];
+    for n in names {
+        lab.create(n, None, None);
+    }
+    lab.wait_running(&names, Duration::from_secs(60));
+    spread(&lab, &names, &hosts);
+    let first = leader(&lab);
+
+    // An eager manual policy proposes a drain; then rounds an hour apart and a hold longer than
+    // the test, so the proposal stands and the next leader's own first rounds (whose hold
+    // timers start afresh) propose nothing over it.
+    let mut policy = get(&lab, "/v1/policy");
+    for (k, v) in [
+        ("automation", json!("manual")),
+        ("aggressiveness", json!(5)),
+        ("interval_s", json!(2)),
+        ("hold_s", json!(0)),
+        ("cooldown_s", json!(0)),
+        ("min_improvement_pct", json!(0)),
+    ] {
+        policy[k] = v;
+    }
+    let (st, body) = lab.api("PUT", "/v1/policy", Some(&policy));
+    assert_eq!(st, 200, "{body}");
+    let proposed = || {
+        let start = Instant::now();
+        loop {
+            let plans = get(&lab, "/v1/plans");
+            if let Some(p) = plans
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["state"] == "proposed")
+            {
+                return p.clone();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "no plan proposed: {plans}\n{}",
+                lab.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    proposed();
+    policy["interval_s"] = json!(3600);
+    policy["hold_s"] = json!(600);
+    let (st, body) = lab.api("PUT", "/v1/policy", Some(&policy));
+    assert_eq!(st, 200, "{body}");
+    let plan = proposed();
+    let id = plan["id"].as_u64().unwrap();
+    let moves: Vec<Value> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "migrate")
+        .cloned()
+        .collect();
+    assert!(!moves.is_empty(), "{plan}");
+
+    // SIGKILL the leader; the other leads and lists the plan as it was.
+    let pid = lab.state.controllers[first].pid;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed = Instant::now();
+    let next = {
+        let mut next = first;
+        wait_for(
+            "the other controller to lead",
+            Duration::from_secs(30),
+            || {
+                next = leader(&lab);
+                next != first
+            },
+        );
+        next
+    };
+    eprintln!(
+        "controller {next} leads {:.1} s after controller {first} was killed",
+        killed.elapsed().as_secs_f64()
+    );
+    let listed = get(&lab, "/v1/plans");
+    let p = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap_or_else(|| panic!("plan {id} lost in the fail-over: {listed}"));
+    assert_eq!(p["state"], "proposed", "{p}");
+    assert_eq!(p["actions"], plan["actions"], "{p}");
+
+    // Applied on the new leader: its migrations run, the drained hosts end empty.
+    let (st, body) = lab.api("POST", &format!("/v1/plans/{id}/apply"), None);
+    assert_eq!(st, 202, "{body}");
+    let start = Instant::now();
+    let done = loop {
+        let p = get(&lab, &format!("/v1/plans/{id}"));
+        let moved = p["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "migrate")
+            .all(|a| a["status"] == "done");
+        if moved && p["state"] != "applying" {
+            break p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "plan {id} not carried out: {p}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    // the hosts have no power drivers: a power-off after the moves fails naming that
+    assert!(
+        done["state"] == "applied"
+            || done["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("no power driver for host")),
+        "{done}"
+    );
+    for m in &moves {
+        let (vm, from) = (m["vm"].as_str().unwrap(), m["from"].as_str().unwrap());
+        let v = lab.vm(vm).unwrap();
+        assert_eq!(v.host.as_deref(), m["to"].as_str(), "{v:?}");
+        assert_eq!(v.restarts, 0, "{v:?}");
+        let host = lab.hosts().into_iter().find(|x| x.name == from).unwrap();
+        assert!(host.vms.is_empty(), "{from} not drained: {host:?}");
+    }
 }

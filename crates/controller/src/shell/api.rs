@@ -540,7 +540,9 @@ async fn apply_plan(State(s): S, Path(id): Path<String>) -> Reply {
 async fn reject_plan(State(s): S, Path(id): Path<String>) -> Reply {
     let id = plan_id(&id)?;
     leading(&s)?;
-    let plan = super::automation::reject(&s, id).map_err(plan_error)?;
+    let plan = super::automation::reject(&s, id)
+        .await
+        .map_err(plan_error)?;
     Ok(json(StatusCode::OK, &plan))
 }
 
@@ -695,6 +697,14 @@ pub fn render_metrics(s: &Shared) -> String {
         s.leader_changes(),
     );
     let (predicted_n, predicted_err) = s.automation().prediction_error(&core.tasks(false));
+    let (active, overloaded) = s.automation().sla_counts();
+    let (overhead, overhead_n) = s.automation().overhead();
+    let vm_cpu: Vec<(String, f64)> = s
+        .automation()
+        .vm_utilization()
+        .iter()
+        .map(|(vm, u)| (format!("{{vm=\"{vm}\"}}"), *u))
+        .collect();
     let a = s.automation().counters(); // after the core's lock, as everywhere
     for (state, n) in [
         ("proposed", a.proposed),
@@ -715,6 +725,17 @@ pub fn render_metrics(s: &Shared) -> String {
         "Automation loop cycles run while leading.",
         a.cycles,
     );
+    metric(
+        "tern_automation_host_intervals_active_total",
+        "Host-intervals with load the loop counted since this controller took office (SLATAH's \
+         denominator: a powered-on host with VMs, once per round).",
+        active,
+    );
+    metric(
+        "tern_automation_host_intervals_overloaded_total",
+        "Of those, host-intervals whose VMs' demand reached the host's cores (SLATAH's numerator).",
+        overloaded,
+    );
     let _ = writeln!(
         o,
         "# HELP tern_migration_prediction_error_ratio Mean |predicted - measured| / measured time \
@@ -726,6 +747,27 @@ pub fn render_metrics(s: &Shared) -> String {
          # TYPE tern_migration_predictions_compared gauge\n\
          tern_migration_predictions_compared {predicted_n}"
     );
+    let _ = writeln!(
+        o,
+        "# HELP tern_migration_overhead_seconds A move's measured time beyond the migration \
+         model's: fixed seconds, and seconds per unit of the VM's CPU utilisation (learnt from \
+         tern_migration_overhead_samples migrations).\n\
+         # TYPE tern_migration_overhead_seconds gauge\n\
+         tern_migration_overhead_seconds{{part=\"fixed\"}} {}\n\
+         tern_migration_overhead_seconds{{part=\"per_utilization\"}} {}\n\
+         # HELP tern_migration_overhead_samples Migrations the overhead was learnt from.\n\
+         # TYPE tern_migration_overhead_samples gauge\n\
+         tern_migration_overhead_samples {overhead_n}",
+        overhead.fixed_s, overhead.per_utilization_s
+    );
+    let _ = writeln!(
+        o,
+        "# HELP tern_vm_cpu_utilization Each VM's latest CPU utilisation from its agent (0..1 of \
+         its vCPUs), as the automation loop reads it.\n# TYPE tern_vm_cpu_utilization gauge"
+    );
+    for (labels, u) in vm_cpu {
+        let _ = writeln!(o, "tern_vm_cpu_utilization{labels} {u}");
+    }
     let _ = writeln!(
         o,
         "# HELP tern_automation_cycle_seconds The last automation cycle's duration.\n\

@@ -17,9 +17,13 @@
 //!    bytes and pause from the agent's migration report) or failed, a power action done or not.
 //!
 //! The policy is stored in etcd (`/tern/desired/automation/policy`, a guarded write like every
-//! desired-state write), so a new leader runs under the same knobs; plans are not stored — a new
-//! leader starts with none and proposes afresh from what it sees. Plan times (`created_ms`) are on
-//! the leading controller's clock (ms since it started).
+//! desired-state write), so a new leader runs under the same knobs. So are the plans, each under
+//! `/tern/desired/automation/plans/ID` (its `Plan` JSON and the placement fingerprint it was
+//! computed on), written whenever its state changes — an applied plan's `applying` before its
+//! first action is carried out — and deleted when the loop forgets it: a new leader takes them
+//! over ([`tern_automation::Loop::restore_plans`]), so a proposal made under the old leader can be
+//! applied on the new one while the placement is what it was computed on. Plan times
+//! (`created_ms`) are on the clock of the controller that made the plan (ms since it started).
 //!
 //! Every migration task gets a predicted cost when it is seen (the plan's prediction, or the
 //! loop's model for an operator's move) and, once done, the measured one: `GET /v1/tasks/{id}`
@@ -41,7 +45,9 @@ use tern_api::automation::{
     MigrationActual, MigrationPrediction, Plan, PlanAction, PlanState, Policy, StatsSeries,
 };
 use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
-use tern_automation::cost::{LinkEstimator, MoveInput, link_from_migration, predict_move};
+use tern_automation::cost::{
+    LinkEstimator, MoveInput, OverheadEstimator, link_from_migration, predict_move,
+};
 use tern_automation::{
     Action, HostSample, Loop, LoopConfig, Outcome, PlanError, Telemetry, VmSample,
 };
@@ -56,6 +62,18 @@ pub const CYCLE: Duration = Duration::from_millis(500);
 
 /// Where the policy is stored.
 pub const POLICY_KEY: &str = "/tern/desired/automation/policy";
+
+/// Where the plans are stored: one key per plan, `PLANS_PREFIX` + the id in 20 digits.
+pub const PLANS_PREFIX: &str = "/tern/desired/automation/plans/";
+
+/// A plan as stored: the plan and the placement fingerprint it was computed on.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredPlan {
+    /// The plan.
+    pub plan: Plan,
+    /// [`tern_automation::Loop::placement_fingerprint`] when it was computed.
+    pub fingerprint: u64,
+}
 
 /// A host powered on must register (its agent up) within this long, or it failed to wake.
 pub const WAKE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -108,12 +126,19 @@ pub struct Automation {
     plan_tasks: BTreeMap<u64, (u64, String)>,
     /// Predicted cost of every migration task seen.
     predicted: BTreeMap<u64, MigrationPrediction>,
+    /// Per migration task: the model's own time for it (no overhead) and the VM's utilisation
+    /// when it was first seen.
+    model_time: BTreeMap<u64, (f64, f64)>,
+    /// The measured overhead of a move beyond the model's time.
+    overhead: OverheadEstimator,
     /// Power-ons sent, awaiting the host's registration: host → (plan, deadline).
     waking: BTreeMap<String, (u64, Instant)>,
     /// Power drivers by host.
     drivers: BTreeMap<String, Arc<dyn PowerDriver>>,
     /// Last state counted per plan (for the totals).
     seen: BTreeMap<u64, PlanState>,
+    /// What the store holds per plan (its JSON), as last written or read.
+    stored_plans: BTreeMap<u64, Vec<u8>>,
     counters: AutomationCounters,
 }
 
@@ -132,9 +157,12 @@ impl Automation {
             measured: BTreeSet::new(),
             plan_tasks: BTreeMap::new(),
             predicted: BTreeMap::new(),
+            model_time: BTreeMap::new(),
+            overhead: OverheadEstimator::default(),
             waking: BTreeMap::new(),
             drivers: BTreeMap::new(),
             seen: BTreeMap::new(),
+            stored_plans: BTreeMap::new(),
             counters: AutomationCounters::default(),
         }
     }
@@ -181,6 +209,24 @@ impl Automation {
     /// The totals for `/metrics`.
     pub fn counters(&self) -> AutomationCounters {
         self.counters
+    }
+
+    /// The measured overhead of a move beyond the migration model's time, and the migrations
+    /// it was learnt from.
+    pub fn overhead(&self) -> (tern_automation::cost::Overhead, u64) {
+        (self.overhead.estimate(), self.overhead.count())
+    }
+
+    /// The loop's SLATAH counts since this controller took office: (host-intervals with load,
+    /// of which overloaded).
+    pub fn sla_counts(&self) -> (u64, u64) {
+        self.lp.sla_counts()
+    }
+
+    /// Each VM's latest CPU utilisation from its agent's reports (0..1 of its vCPUs), as the
+    /// loop reads it.
+    pub fn vm_utilization(&self) -> &BTreeMap<String, f64> {
+        &self.vm_cpu
     }
 
     /// Sets (or replaces) the power driver of `host`.
@@ -357,13 +403,92 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
             None
         }
     };
+    // the plans the previous leaders stored
+    let mut plans: Vec<(Plan, u64)> = Vec::new();
+    let mut stored_plans = BTreeMap::new();
+    match s.store.get_prefix(PLANS_PREFIX).await {
+        Ok(kvs) => {
+            for (key, bytes) in kvs {
+                match serde_json::from_slice::<StoredPlan>(&bytes) {
+                    Ok(p) => {
+                        stored_plans.insert(p.plan.id, bytes);
+                        plans.push((p.plan, p.fingerprint));
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "tern controller: skipping the stored plan {PLANS_PREFIX}{key}: {e}"
+                        )
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("tern controller: cannot read the stored plans: {e}; starting with none")
+        }
+    }
     let reserve = s.core().config().ha_reserve_hosts;
+    let now = s.now_ms();
     let mut a = lock(s);
     a.lp = new_loop(stored.unwrap_or_default(), reserve);
+    a.lp.restore_plans(now, plans);
     a.generation = Some(generation);
     a.plan_tasks.clear();
     a.waking.clear();
-    a.seen.clear();
+    a.seen = a.lp.plans().iter().map(|p| (p.id, p.state)).collect();
+    a.stored_plans = stored_plans;
+}
+
+/// Writes to the store every plan whose state changed since it was last written, and deletes
+/// the plans the loop no longer keeps. A write that fails is tried again at the next call.
+pub async fn persist_plans(s: &Arc<Shared>) {
+    let _one = s.plans_store.lock().await;
+    let (writes, deletes): (Vec<(u64, Vec<u8>)>, Vec<u64>) = {
+        let a = lock(s);
+        let mut writes = Vec::new();
+        let mut kept = BTreeSet::new();
+        for p in a.lp.plans() {
+            kept.insert(p.id);
+            let stored = StoredPlan {
+                plan: p.clone(),
+                fingerprint: a.lp.plan_fingerprint(p.id).unwrap_or(0),
+            };
+            let bytes = serde_json::to_vec(&stored).expect("a plan serialises");
+            if a.stored_plans.get(&p.id) != Some(&bytes) {
+                writes.push((p.id, bytes));
+            }
+        }
+        let deletes = a
+            .stored_plans
+            .keys()
+            .filter(|id| !kept.contains(id))
+            .copied()
+            .collect();
+        (writes, deletes)
+    };
+    for (id, bytes) in writes {
+        let key = format!("{PLANS_PREFIX}{id:020}");
+        match s.store.put_guarded(&key, Some(bytes.clone())).await {
+            Ok(()) => {
+                lock(s).stored_plans.insert(id, bytes);
+            }
+            Err(e) => {
+                eprintln!("tern controller: plan {id} not stored: {e}");
+                return;
+            }
+        }
+    }
+    for id in deletes {
+        let key = format!("{PLANS_PREFIX}{id:020}");
+        match s.store.put_guarded(&key, None).await {
+            Ok(()) => {
+                lock(s).stored_plans.remove(&id);
+            }
+            Err(e) => {
+                eprintln!("tern controller: forgotten plan {id} not deleted from the store: {e}");
+                return;
+            }
+        }
+    }
 }
 
 /// Why a policy change was refused.
@@ -414,19 +539,26 @@ pub async fn apply(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
         }
         let r = a.lp.apply(now, id);
         a.count();
-        r?
+        r
     };
-    carry_out(s, actions).await;
+    // stored first: a plan superseded here, or applying before its first action runs
+    persist_plans(s).await;
+    carry_out(s, actions?).await;
+    persist_plans(s).await;
     let a = lock(s);
     a.lp.plan(id).cloned().ok_or(PlanError::Unknown(id))
 }
 
 /// `POST /v1/plans/{id}/reject`.
-pub fn reject(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
+pub async fn reject(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
     let now = s.now_ms();
-    let mut a = lock(s);
-    let plan = a.lp.reject(now, id)?.clone();
-    a.count();
+    let plan = {
+        let mut a = lock(s);
+        let plan = a.lp.reject(now, id)?.clone();
+        a.count();
+        plan
+    };
+    persist_plans(s).await;
     Ok(plan)
 }
 
@@ -458,8 +590,12 @@ pub async fn cycle(s: &Arc<Shared>) {
         actions.extend(a.lp.tick(now));
         a.count();
     }
+    if !actions.is_empty() {
+        persist_plans(s).await;
+    }
     carry_out(s, actions).await;
     predict_tasks(s);
+    persist_plans(s).await;
     let mut a = lock(s);
     a.count();
     a.counters.cycles += 1;
@@ -676,7 +812,7 @@ fn predict_tasks(s: &Arc<Shared>) {
     let cfg = *a.lp.config();
     let tasks = core.tasks(false);
     for t in &tasks {
-        if t.kind == TaskKind::Maintenance || a.predicted.contains_key(&t.id) {
+        if t.kind == TaskKind::Maintenance || a.model_time.contains_key(&t.id) {
             continue;
         }
         let Some(vm) = t.vm.as_deref().and_then(|v| core.vm(v).ok()) else {
@@ -693,16 +829,29 @@ fn predict_tasks(s: &Arc<Shared>) {
             link_bytes_per_sec: link,
             downtime_budget_ms: cfg.downtime_budget_ms,
         });
-        a.predicted.insert(t.id, p);
+        let u = a.vm_cpu.get(&vm.name).copied().unwrap_or(0.0);
+        a.model_time.insert(t.id, (p.time_s, u));
+        // a plan's move has its prediction already (with the overhead when it was planned)
+        if !a.predicted.contains_key(&t.id) {
+            let with = a.overhead.estimate().add_to(p, u);
+            a.predicted.insert(t.id, with);
+        }
     }
     for t in &tasks {
         if t.kind == TaskKind::Maintenance || a.measured.contains(&t.id) {
             continue;
         }
-        let (Some(actual), Some(to)) = (actual_of(t), t.to.as_deref()) else {
+        let (Some(mut actual), Some(to)) = (actual_of(t), t.to.as_deref()) else {
             continue;
         };
         a.measured.insert(t.id);
+        // what the move took beyond the model teaches the overhead; the link is then measured
+        // on the time less that overhead
+        let (model_s, u) = a.model_time.get(&t.id).copied().unwrap_or((f64::NAN, 0.0));
+        if model_s.is_finite() {
+            a.overhead.observe(u, actual.time_s - model_s);
+        }
+        actual.time_s -= a.overhead.estimate().at(u);
         let memory =
             t.vm.as_deref()
                 .and_then(|v| core.vm(v).ok())
@@ -711,9 +860,12 @@ fn predict_tasks(s: &Arc<Shared>) {
             a.links.observe(to, b);
         }
     }
+    let overhead = a.overhead.estimate();
+    a.lp.set_overhead(overhead);
     // forget tasks the core no longer keeps
     let kept: BTreeSet<u64> = tasks.iter().map(|t| t.id).collect();
     a.measured.retain(|id| kept.contains(id));
+    a.model_time.retain(|id, _| kept.contains(id));
 }
 
 /// Runs [`cycle`] every [`CYCLE`] for the life of the process.

@@ -142,6 +142,9 @@ pub struct Shared {
     election_done: AtomicBool,
     /// The automation loop ([`automation`]); locked after the core when both are held.
     automation: Mutex<automation::Automation>,
+    /// Held while plans are written to the store: writes of plan states never overtake each
+    /// other.
+    plans_store: tokio::sync::Mutex<()>,
     /// How commands reach the agents (TLS settings once given).
     agents: Mutex<http::Client>,
 }
@@ -421,6 +424,7 @@ impl Shell {
             election_done: AtomicBool::new(false),
             leader_changes: AtomicU64::new(0),
             automation: Mutex::new(automation::Automation::new(core.ha_reserve_hosts)),
+            plans_store: tokio::sync::Mutex::new(()),
             agents: Mutex::new(http::Client::plain()),
         });
         (Shell { shared }, rx)
@@ -495,6 +499,13 @@ impl Shell {
             .store
             .put_host(Some(&record), &record.name.clone());
         self.shared.feed(Input::HostUp(record)).await;
+    }
+
+    /// Steps down as if the election lease had run out (in memory, the shell then takes office
+    /// again with the next generation, reading the stored state afresh).
+    pub async fn step_down(&self, why: &str) {
+        let _batch = self.shared.exec.lock().await;
+        self.shared.deposed(why.to_string());
     }
 
     /// In memory: a host's record vanishes (its agent's lease expired).

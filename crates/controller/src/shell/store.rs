@@ -171,6 +171,11 @@ impl Store {
         Ok(kvs.into_iter().find(|(k, _)| k.is_empty()).map(|(_, v)| v))
     }
 
+    /// Everything under `prefix`: key (without the prefix) → value (unguarded: a read).
+    pub async fn get_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        Ok(self.prefix(prefix).await?.0)
+    }
+
     /// Stores a VM's desired state (or deletes it).
     pub async fn store_vm(&self, name: &str, record: Option<&VmRecord>) -> Result<(), StoreError> {
         let value = record.map(|r| serde_json::to_vec(r).expect("a VmRecord serialises"));
