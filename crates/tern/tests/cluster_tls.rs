@@ -12,7 +12,8 @@
 //!
 //! And `tern cluster up` as it runs by default (TLS): its volume nodes refuse plain NBD, a VM on
 //! a volume disk runs with its host's certificate, and a live migration through the API moves
-//! the disk's lease to the other host's node over TLS (root, KVM and etcd).
+//! the disk's lease to the other host's node over TLS; with `--insecure` the plain path stays
+//! (a VM's disk and a plain NBD client served without certificates) (root, KVM and etcd).
 
 mod common;
 
@@ -661,4 +662,44 @@ fn the_test_cluster_runs_and_migrates_a_vm_on_tls_only_volume_nodes() {
         seqs[0] > 1,
         "vt-1's heartbeats restarted after the move: {seqs:?}"
     );
+}
+
+#[test]
+fn an_insecure_test_cluster_keeps_plain_nbd_for_its_vm_disks() {
+    let lab = common::cluster::Lab::up_with("vpln", 2, 1, &["--insecure"]);
+    let h0 = lab.host("h0").clone();
+    assert_eq!(h0.tls_dir, None);
+    let o = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &h0.namespace,
+            env!("CARGO_BIN_EXE_tern"),
+            "volume",
+            "create",
+            "vp-1.raw",
+            "--size",
+            "16M",
+            "--node",
+            &h0.volume_node,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    lab.create_on("vp-1", Some("vp-1.raw"), None, Some("h0"));
+    lab.wait_running(&["vp-1"], Duration::from_secs(60));
+    let args = vmm_cmdline("vp-1").expect("the VMM of vp-1");
+    assert!(!args.iter().any(|a| a == "--tls-dir"), "{args:?}");
+    wait_for("heartbeats", Duration::from_secs(20), || {
+        common::cluster::hb_seqs(&lab.console("h0", "vp-1")).len() >= 2
+    });
+    // The node serves plain NBD: a plain client reads the VM's disk.
+    let addr = h0.volume_node.clone();
+    let size = tern_netlab::ns::in_namespace(&h0.namespace, move || {
+        tern_nbd::Client::connect_timeout(addr.as_str(), "vp-1.raw", Duration::from_secs(10))
+            .map(|c| c.size())
+    })
+    .unwrap()
+    .expect("a plain NBD client of an --insecure cluster's node");
+    assert_eq!(size, 16 << 20);
 }
