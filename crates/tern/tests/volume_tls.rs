@@ -520,6 +520,34 @@ fn expect_refused(dir: &Path, tag: &str, disk: &str, extra: &[&str]) -> String {
     err
 }
 
+/// Every thread of the VMM `pid` runs under a seccomp filter (`Seccomp: 2`), the volume disk's
+/// lease renewer (`volume-renew`, which makes the disk's TLS connections) among them.
+fn assert_every_thread_filtered(pid: u32) {
+    let mut names = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(st) = std::fs::read_to_string(t.path().join("status")) else {
+            continue; // the thread ended meanwhile
+        };
+        let field = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let name = field("Name:");
+        assert_eq!(
+            field("Seccomp:"),
+            "2",
+            "thread {name} of the VMM runs unfiltered"
+        );
+        names.push(name);
+    }
+    assert!(names.iter().any(|n| n == "volume-renew"), "{names:?}");
+}
+
 /// The VMM's path counters for its volume disk (direct writes, writes through the node), from
 /// its exit line.
 fn disk_counters(stderr: &str) -> (u64, u64) {
@@ -583,6 +611,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
     // With the host's certificate: the guest writes, flushes and reads its pattern back.
     let (mut src, src_sock) = run_guest(dir, "src", &on_n1, &["--tls-dir", &s(&h0)]);
     expect_blk_ok(&mut src);
+    assert_every_thread_filtered(src.child.id());
     let (holder, epoch_before) = lease_of(a1, &ctl, FILE);
     assert_eq!(holder, Some(1), "node 1 holds the lease for the VM");
 
@@ -692,6 +721,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
         ],
     );
     expect_blk_ok(&mut vm);
+    assert_every_thread_filtered(vm.child.id());
     let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
     assert!(
         status

@@ -40,6 +40,17 @@ pub const CLAIM_DIR: &str = "/run/tern/volume-claims";
 
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What every thread a [`VolumeDisk`] starts (its lease renewer, `volume-renew`) runs first.
+type ThreadStart = Box<dyn Fn() + Send + Sync>;
+static THREAD_START: std::sync::OnceLock<ThreadStart> = std::sync::OnceLock::new();
+
+/// Sets what every thread a [`VolumeDisk`] of this process starts runs before anything else: a
+/// VMM enters its seccomp filter there, as each of its own threads does (this crate knows no
+/// filters). Set once; `false` when it was set already.
+pub fn on_thread_start(f: ThreadStart) -> bool {
+    THREAD_START.set(f).is_ok()
+}
+
 /// Why a volume disk could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -94,6 +105,9 @@ pub enum OpenError {
         #[source]
         source: io::Error,
     },
+    /// The thread that renews the write lease could not be started.
+    #[error("cannot start the lease renewer: {0}")]
+    Renewer(#[source] io::Error),
     /// The NBD connection failed.
     #[error("cannot open {name} over NBD at {addr}: {source}")]
     Nbd {
@@ -447,7 +461,8 @@ impl VolumeDisk {
         };
         if mode != Ownership::Reader {
             disk.refresh_map();
-            disk.spawn_renewer();
+            // On failure the disk is dropped, which gives the lease back.
+            disk.spawn_renewer().map_err(OpenError::Renewer)?;
         }
         Ok(disk)
     }
@@ -485,34 +500,45 @@ impl VolumeDisk {
 
     /// Renews the lease through the node every TTL/4 while this disk writes; the local deadline
     /// is `request sent + TTL` of the last confirmed renewal.
-    fn spawn_renewer(&self) {
+    fn spawn_renewer(&self) -> io::Result<()> {
         let (clock, addr, name, node) = (
             Arc::clone(&self.lease),
             self.addr.clone(),
             self.name.clone(),
             self.node_id,
         );
-        std::thread::spawn(move || {
-            while !clock.stop.load(Ordering::SeqCst) {
-                let ttl = clock.ttl_ms.load(Ordering::SeqCst).max(200);
-                std::thread::sleep(Duration::from_millis(ttl / 4));
-                if !clock.renewing.load(Ordering::SeqCst) {
-                    continue;
+        std::thread::Builder::new()
+            .name("volume-renew".into())
+            .spawn(move || {
+                if let Some(start) = THREAD_START.get() {
+                    start();
                 }
-                let sent = clock.now_ms();
-                let req = Request::Lease {
-                    name: name.clone(),
-                    action: LeaseAction::Acquire,
-                };
-                if let Ok(Ok(v)) =
-                    control::request(&addr, &req, false, CONTROL_TIMEOUT).map(|r| r.into_lease())
-                    && v.holder == Some(node)
-                    && v.epoch == clock.epoch.load(Ordering::SeqCst)
-                {
-                    note_grant(&clock, &v, sent);
-                }
+                Self::renew_loop(&clock, &addr, &name, node);
+            })
+            .map(drop)
+    }
+
+    /// The renewer's loop: every TTL/4, while the disk writes, renew the lease through the node.
+    fn renew_loop(clock: &LeaseClock, addr: &str, name: &str, node: NodeId) {
+        while !clock.stop.load(Ordering::SeqCst) {
+            let ttl = clock.ttl_ms.load(Ordering::SeqCst).max(200);
+            std::thread::sleep(Duration::from_millis(ttl / 4));
+            if !clock.renewing.load(Ordering::SeqCst) {
+                continue;
             }
-        });
+            let sent = clock.now_ms();
+            let req = Request::Lease {
+                name: name.to_owned(),
+                action: LeaseAction::Acquire,
+            };
+            if let Ok(Ok(v)) =
+                control::request(addr, &req, false, CONTROL_TIMEOUT).map(|r| r.into_lease())
+                && v.holder == Some(node)
+                && v.epoch == clock.epoch.load(Ordering::SeqCst)
+            {
+                note_grant(clock, &v, sent);
+            }
+        }
     }
 
     /// The file's size in bytes.

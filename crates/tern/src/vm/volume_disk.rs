@@ -125,6 +125,11 @@ pub struct VolumeDisks(Arc<Mutex<Vec<Arc<VolumeDisk>>>>);
 /// Registers `volume://` disks. `incoming`: a migration target, whose writable disks wait for
 /// the hand-over (`VolumeDisk::open_incoming`) instead of acquiring the lease.
 pub fn register(incoming: bool) -> VolumeDisks {
+    // A disk's lease renewer is a thread of this VMM, so it runs under a filter like every
+    // other: the API's, which covers the lease messages (sockets, TLS) the API thread sends too.
+    tern_volume::client::on_thread_start(Box::new(|| {
+        tern_vmm::seccomp::enter_or_exit(tern_vmm::seccomp::ThreadKind::Api)
+    }));
     let opened: Arc<Mutex<Vec<Arc<VolumeDisk>>>> = Arc::default();
     let list = Arc::clone(&opened);
     let for_migration = Arc::clone(&opened);
