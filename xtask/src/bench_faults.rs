@@ -27,6 +27,10 @@ pub struct Args {
     /// Replay a fault schedule.
     #[arg(long)]
     seed: Option<u64>,
+    /// One fault at a time: inject the next this many ms after the previous one healed (0:
+    /// a fault every 0.1-0.6 s, overlapping). Isolated faults give each kind's own wait.
+    #[arg(long, default_value_t = 0)]
+    spacing_ms: u64,
 }
 
 /// Peers' documented timings: how long until another host may write after a holder is lost.
@@ -58,14 +62,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         ])
         .env("TERN_FAULT_OPS", args.ops.to_string())
         .env("TERN_FAULT_FAULTS", args.faults.to_string())
+        .env("TERN_FAULT_SPACING_MS", args.spacing_ms.to_string())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if let Some(s) = args.seed {
         cmd.env("TERN_FAULT_SEED", s.to_string());
     }
     eprintln!(
-        "bench faults: {} acknowledged writes, {} faults (cargo test -p tern --test volume_faults)",
-        args.ops, args.faults
+        "bench faults: {} acknowledged writes, {} faults, spacing {} ms (cargo test -p tern --test \
+         volume_faults)",
+        args.ops, args.faults, args.spacing_ms
     );
     let out = cmd.output().context("running cargo test")?;
     let text =
@@ -82,6 +88,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("|---|---|");
     for key in [
         "seed",
+        "spacing_ms",
         "acknowledged",
         "faults",
         "lost",

@@ -380,8 +380,12 @@ fn randomized_faults_lose_no_acknowledged_write() {
     );
     let ops = env_u64("TERN_FAULT_OPS", 2000);
     let faults = env_u64("TERN_FAULT_FAULTS", 50);
+    // 0: a fault every 0.1-0.6 s, overlapping (the default); N: one fault at a time, the next
+    // N ms after the previous one healed, so each wait belongs to one fault.
+    let spacing = env_u64("TERN_FAULT_SPACING_MS", 0);
     eprintln!(
-        "volume_faults: seed={seed} ops={ops} faults={faults} (replay: TERN_FAULT_SEED={seed})"
+        "volume_faults: seed={seed} ops={ops} faults={faults} spacing_ms={spacing} (replay: \
+         TERN_FAULT_SEED={seed})"
     );
     let mut rng = Rng(seed);
 
@@ -443,7 +447,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
     let mut injected: BTreeMap<&str, u64> = BTreeMap::new();
     let mut fault_log: Vec<(Instant, &str, String)> = Vec::new();
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(60 + ops / 10 + faults * 3);
+    let deadline =
+        started + Duration::from_secs(60 + ops / 10 + faults * (3 + 2 * spacing.div_ceil(1000)));
     let mut next_fault = Instant::now() + Duration::from_millis(500);
     let mut n_faults = 0;
     loop {
@@ -451,6 +456,9 @@ fn randomized_faults_lose_no_acknowledged_write() {
         // Heal what is due.
         let (due, rest): (Vec<_>, Vec<_>) = pending.into_iter().partition(|(t, _)| *t <= now);
         pending = rest;
+        if spacing > 0 && !due.is_empty() && pending.is_empty() {
+            next_fault = now + Duration::from_millis(spacing);
+        }
         for (_, p) in due {
             match p {
                 Pending::Cont(pid) => signal(pid, "-CONT"),
@@ -477,12 +485,13 @@ fn randomized_faults_lose_no_acknowledged_write() {
             n_faults,
             started.elapsed()
         );
-        if n_faults < faults && now >= next_fault {
+        if n_faults < faults && now >= next_fault && (spacing == 0 || pending.is_empty()) {
             n_faults += 1;
             let kind = KINDS[rng.below(KINDS.len() as u64) as usize];
             let hold = Duration::from_millis(rng.range(200, 2500));
             let ids: Vec<u32> = run.writers.keys().copied().collect();
             let node = rng.below(u64::from(NODES)) as usize;
+            let mut applied = true;
             match kind {
                 "writer_freeze" | "writer_kill" => {
                     let id = ids[rng.below(ids.len() as u64) as usize];
@@ -506,7 +515,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
                     pending.push((now + hold, Pending::RemoveFile(f.clone())));
                 }
                 "node_freeze" => {
-                    if let Some(c) = &run.nodes[node].child {
+                    applied = !run.frozen.contains(&node) && run.nodes[node].child.is_some();
+                    if let Some(c) = run.nodes[node].child.as_ref().filter(|_| applied) {
                         signal(c.id(), "-STOP");
                         run.frozen.insert(node);
                         pending.push((
@@ -516,9 +526,13 @@ fn randomized_faults_lose_no_acknowledged_write() {
                     }
                 }
                 _ => {
-                    // The coordinator's host crashes: its node and its writers.
-                    let c = run.coordinator().unwrap_or(node);
+                    // The coordinator's host crashes: its node and its writers. (The others
+                    // may still name a coordinator that crashed a moment ago: then the random
+                    // node's host crashes, if it is up.)
+                    let alive = |i: usize| run.nodes[i].child.is_some();
+                    let c = run.coordinator().filter(|&c| alive(c)).unwrap_or(node);
                     event(&run.events, format!("{kind}: node {}", c + 1));
+                    applied = alive(c);
                     if let Some(mut child) = run.nodes[c].child.take() {
                         let _ = child.kill();
                         let _ = child.wait();
@@ -528,6 +542,13 @@ fn randomized_faults_lose_no_acknowledged_write() {
                         pending.push((now + hold, Pending::Restart(c)));
                     }
                 }
+            }
+            if !applied {
+                // The node was down or already frozen: nothing happened, try again soon.
+                n_faults -= 1;
+                next_fault = now + Duration::from_millis(100);
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             *injected.entry(kind).or_default() += 1;
             event(
@@ -543,7 +564,12 @@ fn randomized_faults_lose_no_acknowledged_write() {
                 kind,
                 format!("node {}, hold {} ms", node + 1, hold.as_millis()),
             ));
-            next_fault = now + Duration::from_millis(rng.range(100, 600));
+            next_fault = now
+                + Duration::from_millis(if spacing > 0 {
+                    spacing
+                } else {
+                    rng.range(100, 600)
+                });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -663,8 +689,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
             );
             for (t, what) in events
                 .iter()
-                .filter(|(t, _)| *t + Duration::from_secs(3) >= *from && *t <= *to)
-                .take(60)
+                .filter(|(t, _)| *t + Duration::from_secs(1) >= *from && *t <= *to)
+                .take(200)
             {
                 eprintln!("  {:>8} ms  {what}", (*t - started).as_millis());
             }
@@ -673,7 +699,8 @@ fn randomized_faults_lose_no_acknowledged_write() {
     let epochs: std::collections::BTreeSet<(u32, u64)> =
         acks.iter().map(|a| (a.file, a.epoch)).collect();
     eprintln!(
-        "volume_faults: seed={seed} acknowledged={} blocks_checked={checked} epochs={} faults={injected:?} \
+        "volume_faults: seed={seed} spacing_ms={spacing} acknowledged={} blocks_checked={checked} \
+         epochs={} faults={injected:?} \
          violations={} lost={lost} stale={stale} nodes_killed_by_commit_watchdog={} elapsed_ms={} \
          longest_ack_gap_ms={:?}",
         acks.len(),
