@@ -42,8 +42,9 @@ pub struct MigrateArgs {
     /// sends the state and the list of pages still dirty, and the target resumes the guest at
     /// once, fetching each missing page on demand while the source pushes the rest. Failure
     /// rule: after the switch the VM's memory is split across both hosts, so if the link is
-    /// lost the target stops the guest and the source cannot resume either: the VM is lost,
-    /// as in QEMU's post-copy (outcome failed_post_copy, exit 4). The target needs
+    /// lost the target stops the guest and the source cannot resume either (it stays paused
+    /// and refuses to run again): the VM is lost, as in QEMU's post-copy (outcome
+    /// failed_post_copy, exit 4). The target needs
     /// userfaultfd (root). See docs/migration.md, "Post-copy".
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub post_copy_after: Option<u32>,
