@@ -32,6 +32,10 @@ pub struct Args {
     /// Only the cycle time at `--sim-hosts` (no root, KVM or etcd needed).
     #[arg(long)]
     pub cycle_only: bool,
+    /// Also write the demo's whole `--json` report here (`tern demo cluster --sim-from` reads it
+    /// back).
+    #[arg(long, value_name = "FILE")]
+    pub save: Option<std::path::PathBuf>,
 }
 
 /// Trace time of one sample, seconds (PlanetLab's 5 minutes), as the demo counts energy.
@@ -46,6 +50,7 @@ struct HostAtSample {
 
 #[derive(Debug, Deserialize)]
 struct MigrationTime {
+    sample: usize,
     vm: Option<String>,
     predicted_s: Option<f64>,
     actual_s: Option<f64>,
@@ -63,7 +68,31 @@ struct Sim {
     pdm_pct: f64,
     migration_samples: u32,
     power_on_samples: u32,
+    migration_s: f64,
+    as_asked: AsAsked,
+    load: Load,
     engine: Engine,
+}
+
+/// The replay on the load the guests were asked for.
+#[derive(Debug, Deserialize)]
+struct AsAsked {
+    energy_kwh: f64,
+    migrations: u64,
+    host_power_offs: u64,
+    host_power_ons: u64,
+    hosts_on_series: Vec<u32>,
+    slatah_pct: f64,
+    pdm_pct: f64,
+}
+
+/// Asked against measured load (mean, 0..1 of a vCPU).
+#[derive(Debug, Deserialize)]
+struct Load {
+    asked: f64,
+    measured: f64,
+    raised_asked: f64,
+    raised_measured: f64,
 }
 
 /// `tern-sim`'s whole-day engine on the same scenario, for reference.
@@ -148,6 +177,11 @@ fn live(args: &Args) -> anyhow::Result<()> {
         out.status,
         String::from_utf8_lossy(&out.stdout)
     );
+    if let Some(path) = &args.save {
+        std::fs::write(path, &out.stdout)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("report saved to {}", path.display());
+    }
     let d: Demo = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "unexpected report from tern demo cluster: {}",
@@ -184,6 +218,30 @@ fn live(args: &Args) -> anyhow::Result<()> {
         d.sim.migration_samples,
         d.sim.power_on_samples
     );
+    let a = &d.sim.as_asked;
+    println!(
+        "sim on the load as asked (trace values, raised VMs at {:.0} %): {} migrations, {} host \
+         power-offs, {} power-ons, energy {:.4} kWh, SLATAH {:.2} %, PDM {:.4} %",
+        100.0 * d.sim.load.raised_asked,
+        a.migrations,
+        a.host_power_offs,
+        a.host_power_ons,
+        a.energy_kwh,
+        a.slatah_pct,
+        a.pdm_pct
+    );
+    println!(
+        "load asked vs measured (mean of a vCPU): all VMs {:.3} vs {:.3} ({:.0} % delivered), \
+         raised VMs after the raise {:.3} vs {:.3} ({:.0} %); a simulated migration counts {:.3} s \
+         in PDM (the live mean)",
+        d.sim.load.asked,
+        d.sim.load.measured,
+        100.0 * d.sim.load.measured / d.sim.load.asked.max(1e-9),
+        d.sim.load.raised_asked,
+        d.sim.load.raised_measured,
+        100.0 * d.sim.load.raised_measured / d.sim.load.raised_asked.max(1e-9),
+        d.sim.migration_s
+    );
     let e = &d.sim.engine;
     println!(
         "engine (reference: tern-sim's whole-day CloudSim-faithful run, placed by PABFD at t = 0): \
@@ -194,6 +252,7 @@ fn live(args: &Args) -> anyhow::Result<()> {
     println!("hosts on, per sample:");
     println!("  live   {}", digits(&d.hosts_on_series));
     println!("  sim    {}", digits(&d.sim.hosts_on_series));
+    println!("  asked  {}", digits(&a.hosts_on_series));
     println!("  engine {}", digits(&e.hosts_on_series));
 
     println!("\n== agreement, live vs simulated (issue 11's goals) ==");
@@ -253,6 +312,24 @@ fn live(args: &Args) -> anyhow::Result<()> {
             pairs.len(),
             verdict(mape <= 20.0)
         );
+        // the first sample's moves were predicted before any migration had been measured, so
+        // before the controller had learnt the overhead of a move
+        let first = d.migration_times.iter().map(|m| m.sample).min();
+        let later: Vec<f64> = d
+            .migration_times
+            .iter()
+            .filter(|m| Some(m.sample) != first)
+            .filter_map(|m| Some((m.predicted_s?, m.actual_s?)))
+            .filter(|(_, a)| *a > 0.0)
+            .map(|(p, a)| (p - a).abs() / a)
+            .collect();
+        if !later.is_empty() {
+            println!(
+                "  of which the {} moves after the first sample's (predicted once migrations had been measured): {:.0} %",
+                later.len(),
+                100.0 * later.iter().sum::<f64>() / later.len() as f64
+            );
+        }
     }
 
     energy_saved(&d)?;

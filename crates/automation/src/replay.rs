@@ -64,11 +64,13 @@ impl Vm {
     }
 }
 
-/// How many steps the modelled cluster takes to carry out an action (at least one: an action
-/// given at a step is answered at a later one).
+/// How many steps the modelled cluster takes to carry out an action. A power action given at a
+/// step is answered at a later one (at least one step); a migration of 0 steps is shorter than a
+/// step: it lands within the step it started in, and the loop hears of it (and starts what
+/// follows, e.g. the next move of a drain) before the next step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timing {
-    /// A migration, from its start until it lands.
+    /// A migration, from its start until it lands (0: within its step).
     pub migration_steps: u32,
     /// Powering a host on, until it reports.
     pub power_on_steps: u32,
@@ -248,7 +250,7 @@ impl Replay {
                     plan,
                     vm,
                     to,
-                    lands_at: self.step + self.timing.migration_steps.max(1),
+                    lands_at: self.step + self.timing.migration_steps,
                 }),
                 Action::PowerOff { plan, host } => self.powering.push(Powering {
                     plan,
@@ -322,21 +324,7 @@ impl Replay {
     /// and tick; the actions it gives are taken.
     pub fn step(&mut self, lp: &mut Loop, interval_ms: u64) -> Result<(), ReplayError> {
         let now = u64::from(self.step) * interval_ms;
-        let mut outcomes = Vec::new();
-        let (due, later): (Vec<Moving>, Vec<Moving>) = std::mem::take(&mut self.moving)
-            .into_iter()
-            .partition(|m| m.lands_at <= self.step);
-        self.moving = later;
-        for m in due {
-            if let Some(v) = self.vms.get_mut(&m.vm) {
-                v.host = m.to;
-            }
-            outcomes.push(Outcome::Migrated {
-                plan: m.plan,
-                vm: m.vm,
-                actual: None,
-            });
-        }
+        let mut outcomes = self.land(self.step);
         let (due, later): (Vec<Powering>, Vec<Powering>) = std::mem::take(&mut self.powering)
             .into_iter()
             .partition(|p| p.done_at <= self.step);
@@ -372,8 +360,39 @@ impl Replay {
         }
         let actions = lp.tick(now);
         self.take(actions)?;
+        // migrations shorter than a step land within it, and what follows them starts
+        loop {
+            let landed = self.land(self.step);
+            if landed.is_empty() {
+                break;
+            }
+            for o in landed {
+                let more = lp.report(now, o)?;
+                self.take(more)?;
+            }
+        }
         self.step += 1;
         Ok(())
+    }
+
+    /// Lands the migrations due by `step`: their VMs move, and their outcomes are returned.
+    fn land(&mut self, step: u32) -> Vec<Outcome> {
+        let (due, later): (Vec<Moving>, Vec<Moving>) = std::mem::take(&mut self.moving)
+            .into_iter()
+            .partition(|m| m.lands_at <= step);
+        self.moving = later;
+        due.into_iter()
+            .map(|m| {
+                if let Some(v) = self.vms.get_mut(&m.vm) {
+                    v.host = m.to;
+                }
+                Outcome::Migrated {
+                    plan: m.plan,
+                    vm: m.vm,
+                    actual: None,
+                }
+            })
+            .collect()
     }
 
     /// Migrations started and not yet landed.
@@ -460,6 +479,42 @@ mod tests {
         ));
         r.take(vec![go]).unwrap();
         assert_eq!(r.log.len(), 1);
+    }
+
+    #[test]
+    fn migrations_shorter_than_a_step_land_within_it_and_a_drain_goes_on() {
+        // three light VMs on h1, one on h2: the loop drains h1 (two moves at once at most);
+        // with moves shorter than a step the whole drain is done in the step it started in
+        let mut r = Replay {
+            timing: Timing {
+                migration_steps: 0,
+                ..Timing::default()
+            },
+            ..Replay::default()
+        };
+        r.host("h1", 2, "hp-ml110-g5", true);
+        r.host("h2", 2, "hp-ml110-g5", true);
+        for v in ["a", "b", "c"] {
+            r.vm(v, "h1", vec![0.05]);
+        }
+        r.vm("d", "h2", vec![0.3]);
+        let mut lp = full();
+        for _ in 0..12 {
+            r.step(&mut lp, 10_000).unwrap();
+            if !r.log.is_empty() {
+                break;
+            }
+        }
+        let started: Vec<u32> = r
+            .log
+            .iter()
+            .filter(|(_, a)| matches!(a, Action::Migrate { .. }))
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(started.len(), 3, "{:?}", r.log);
+        assert!(started.iter().all(|&s| s == started[0]), "{:?}", r.log);
+        assert_eq!(r.in_flight(), 0);
+        assert!(r.vms.values().all(|v| v.host == "h2"), "{:?}", r.vms);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tern_api::automation::{HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries};
 use tern_api::cluster::{HostInfo, TaskInfo, TaskKind, TaskState, VmInfo, VmState};
 
@@ -47,6 +47,10 @@ pub struct ClusterDemoArgs {
     /// The PlanetLab day whose traces the VMs follow (built into the binary).
     #[arg(long, default_value = "20110303")]
     pub day: String,
+    /// Start no cluster: compute the simulated side (`sim`) again from a saved `--json` report
+    /// and print it as JSON.
+    #[arg(long, value_name = "REPORT")]
+    pub sim_from: Option<std::path::PathBuf>,
 }
 
 /// Hosts in the demo.
@@ -115,11 +119,9 @@ pub fn guest_trace(values: &[u8], share: f64) -> String {
     out.join(",")
 }
 
-/// The simulated side of the same scenario.
+/// What the replayed loop did over the played samples, and how it compares with the live run.
 #[derive(Debug, Clone, Serialize)]
-pub struct SimFigures {
-    /// How it was simulated.
-    pub method: &'static str,
+pub struct ReplayFigures {
     /// Energy over the played samples, kWh (trace time, as the live `energy_kwh`).
     pub energy_kwh: f64,
     /// Migrations started over the played samples.
@@ -129,7 +131,8 @@ pub struct SimFigures {
     pub host_power_ons: u64,
     /// Hosts powered on after each sample.
     pub hosts_on_series: Vec<u32>,
-    /// The loop's SLATAH and PDM over the played samples (as the live figures are made).
+    /// The loop's SLATAH over the played samples (its own count, as the live figure is read),
+    /// and PDM (10 % of a moving VM's load for a live migration's mean duration).
     pub slatah_pct: f64,
     pub pdm_pct: f64,
     /// Samples where live and simulated hosts-on differ by at most one host, percent.
@@ -139,13 +142,54 @@ pub struct SimFigures {
     pub energy_ratio: Option<f64>,
     pub slatah_ratio: Option<f64>,
     pub pdm_ratio: Option<f64>,
-    /// How long the simulated actions took, in samples (the live run's medians).
+    /// The migrations, in order: the sample each started at, VM, source and target.
+    pub moves: Vec<Move>,
+}
+
+/// One migration started by a loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Move {
+    pub sample: usize,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+}
+
+/// The simulated side of the same scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct SimFigures {
+    /// How it was simulated.
+    pub method: &'static str,
+    /// The replay on the load the agents measured: the goals' figures.
+    #[serde(flatten)]
+    pub measured: ReplayFigures,
+    /// The same replay on the load the guests were asked for (the trace values and the raise,
+    /// in the whole percent of real CPU the guests play): what the scenario would do on a
+    /// machine that delivered every guest its CPU.
+    pub as_asked: ReplayFigures,
+    /// Asked against delivered load.
+    pub load: LoadFigures,
+    /// How long the simulated actions took, in whole samples (the live run's medians; a
+    /// migration of 0 lands within the sample it started in).
     pub migration_samples: u32,
     pub power_on_samples: u32,
+    /// The duration each simulated migration counts for in PDM: the live migrations' mean, s.
+    pub migration_s: f64,
     /// `tern-sim`'s whole-day engine on the same hosts, traces and raised load, for reference:
     /// the CloudSim-faithful policy run (placed by PABFD at t = 0, no hold, cool-down, preview,
     /// HA reserve or high-water mark).
     pub engine: EngineFigures,
+}
+
+/// The load the guests were asked to play against the load their agents measured (mean over VMs
+/// and played samples, 0..1 of a vCPU).
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadFigures {
+    pub asked: f64,
+    pub measured: f64,
+    /// The raised VMs after the raise.
+    pub raised_asked: f64,
+    pub raised_measured: f64,
 }
 
 /// `tern-sim`'s engine on the demo's scenario.
@@ -163,7 +207,7 @@ pub struct EngineFigures {
 }
 
 /// What the live cluster looked like when the automation started.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct LiveStart {
     /// Its hosts: name, powered on.
     pub hosts: Vec<(String, bool)>,
@@ -172,7 +216,7 @@ pub struct LiveStart {
 }
 
 /// A VM when the automation started.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StartVm {
     /// `vmN`, following the demo's trace N.
     pub name: String,
@@ -218,37 +262,67 @@ impl LiveStart {
     }
 }
 
-/// What the replayed loop did.
+/// What the replayed loop did over the played samples.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Replayed {
     pub hosts_on_series: Vec<u32>,
-    /// The VMs moved, in order.
-    pub migrated: Vec<String>,
+    /// The migrations started, in order.
+    pub moves: Vec<Move>,
     pub host_power_offs: u64,
     pub host_power_ons: u64,
     /// The loop's energy over the samples, kWh of real time (scale by the time scale).
     pub energy_kwh: f64,
+    /// The loop's SLATAH over the samples.
     pub slatah_pct: f64,
+    /// Each VM's utilisation per played sample, as the replay fed it (0..1 of its vCPUs).
+    pub load: BTreeMap<String, Vec<f64>>,
 }
 
 /// The load the demo plays: each VM's trace values (percent of a vCPU), the VMs raised to
-/// [`RAISED_PCT`] from sample `raise_at`, and how many samples are played.
+/// [`RAISED_PCT`] from sample `raise_at`, and how many samples are played; `measured`, when
+/// given, is what the agents measured instead (per played sample, per VM).
 #[derive(Debug, Clone, Copy)]
 pub struct PlayedLoad<'a> {
     pub traces: &'a [Vec<u8>],
     pub raised: &'a [usize],
     pub raise_at: usize,
     pub samples: usize,
+    pub measured: Option<&'a [BTreeMap<String, f64>]>,
+    /// With `measured`: what the agents measured before the start, (seconds before, loads).
+    pub boot: &'a [(f64, BTreeMap<String, f64>)],
+}
+
+/// A trace value (percent of a vCPU) as the guest plays it: it is given whole percent of a real
+/// CPU (`guest_trace`), so the value the agents can read is that, over the CPU share.
+pub fn played(pct: f64) -> f64 {
+    ((pct * CPU_SHARE).round() / CPU_SHARE / 100.0).clamp(0.0, 1.0)
+}
+
+/// The index of the demo trace VM `name` (`vmN`) follows.
+fn trace_index(name: &str, traces: usize) -> anyhow::Result<usize> {
+    name.trim_start_matches("vm")
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| i.checked_sub(1))
+        .filter(|&i| i < traces)
+        .with_context(|| format!("VM {name} follows none of the demo's traces"))
 }
 
 /// The live loop's own code (`tern_automation::replay`) over the demo's scenario, started from
-/// `start` with the controller's policy and loop configuration: per VM, its trace from where its
-/// guest was, as the agents report it (the raised VMs at [`RAISED_PCT`] from `raise_at`); each
-/// action taking `timing`'s samples.
+/// `start` with the controller's loop configuration, under `policy`: per VM, its trace from where
+/// its guest was, as the guest plays it ([`played`]; the raised VMs at [`RAISED_PCT`] from
+/// `raise_at`) — or, with `load.measured`, what the agents measured; each action taking
+/// `timing`'s samples.
+///
+/// `before`: the policy the live loop ran under while the VMs booted. The replay then first
+/// plays those samples too (each VM from the sample its guest booted, on its start host, at its
+/// trace), as the live loop saw them, so its history and hold timers at the start are the live
+/// loop's; figures count the played samples only.
 pub fn replay_loop(
     start: &LiveStart,
     load: &PlayedLoad<'_>,
     policy: &Policy,
+    before: Option<&Policy>,
     step_s: u64,
     timing: tern_automation::replay::Timing,
 ) -> anyhow::Result<Replayed> {
@@ -258,67 +332,130 @@ pub fn replay_loop(
         raised,
         raise_at,
         samples,
+        measured,
+        boot,
     } = *load;
+    let warm = if before.is_some() {
+        start.vms.iter().map(|v| v.trace_offset).max().unwrap_or(0)
+    } else {
+        0
+    };
     let mut r = Replay::default();
     r.timing = timing;
     for (name, on) in &start.hosts {
         r.host(name, HOST_CORES, POWER_MODEL, *on);
     }
+    // per VM: the replay step it joins at and its utilisation at every replay step
+    let mut joining: Vec<(usize, &StartVm, Vec<f64>)> = Vec::new();
     for v in &start.vms {
-        let idx: usize = v
-            .name
-            .trim_start_matches("vm")
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| i.checked_sub(1))
-            .filter(|&i| i < traces.len())
-            .with_context(|| format!("VM {} follows none of the demo's traces", v.name))?;
-        let offset = v.trace_offset;
+        let idx = trace_index(&v.name, traces.len())?;
         let values = &traces[idx];
-        let trace: Vec<f64> = (0..samples)
-            .map(|k| {
-                if raised.contains(&idx) && k >= raise_at {
-                    RAISED_PCT / 100.0
+        let asked = |i: usize| {
+            played(f64::from(
+                values.get(i).or(values.last()).copied().unwrap_or(0),
+            ))
+        };
+        let join = warm - v.trace_offset.min(warm);
+        let mut u = vec![0.0; warm + samples];
+        let mut last = None;
+        for (s, slot) in u.iter_mut().enumerate().skip(join) {
+            *slot = if s < warm {
+                // the reading nearest the round's time, if one lies within a step of it
+                let before_s = ((warm - s) * step_s as usize) as f64;
+                let read = measured.and(
+                    boot.iter()
+                        .filter(|(t, _)| (t - before_s).abs() <= step_s as f64 / 2.0)
+                        .min_by(|a, b| (a.0 - before_s).abs().total_cmp(&(b.0 - before_s).abs()))
+                        .and_then(|(_, l)| l.get(&v.name).copied()),
+                );
+                read.unwrap_or_else(|| asked(v.trace_offset + s - warm))
+            } else {
+                let k = s - warm;
+                let want = if raised.contains(&idx) && k >= raise_at {
+                    played(RAISED_PCT)
                 } else {
-                    let v = values
-                        .get(offset + k)
-                        .or(values.last())
-                        .copied()
-                        .unwrap_or(0);
-                    f64::from(v) / 100.0
+                    asked(v.trace_offset + k)
+                };
+                match measured {
+                    // sample k is read at its end, a step after the round at its start: the
+                    // round at step k saw what sample k - 1 read
+                    Some(m) => {
+                        let x = k
+                            .checked_sub(1)
+                            .and_then(|i| m.get(i))
+                            .and_then(|m| m.get(&v.name))
+                            .copied()
+                            .or(last)
+                            .unwrap_or(want);
+                        last = Some(x);
+                        x.clamp(0.0, 1.0)
+                    }
+                    None => want,
                 }
-            })
-            .collect();
-        let vm = r.vm(&v.name, &v.host, trace);
-        vm.vcpus = v.vcpus;
-        vm.memory_mib = v.memory_mib;
+            };
+        }
+        joining.push((join, v, u));
     }
     let cfg = tern_automation::LoopConfig {
         ha_reserve_hosts: tern_controller::core::Config::default().ha_reserve_hosts,
         ..tern_automation::LoopConfig::default()
     };
-    let mut lp = tern_automation::Loop::new(policy.clone(), cfg)
+    let mut lp = tern_automation::Loop::new(before.unwrap_or(policy).clone(), cfg)
         .map_err(|e| anyhow::anyhow!("the live policy: {e}"))?;
     let step_ms = step_s * 1000;
     let mut hosts_on_series = Vec::with_capacity(samples);
-    for _ in 0..samples {
+    let energy =
+        |lp: &tern_automation::Loop| lp.series().points.last().map_or(0.0, |p| p.energy_kwh);
+    let (mut energy0, mut sla0) = (0.0, (0, 0));
+    for s in 0..warm + samples {
+        if s == warm {
+            lp.set_policy(policy.clone())
+                .map_err(|e| anyhow::anyhow!("the live policy: {e}"))?;
+            energy0 = energy(&lp);
+            sla0 = lp.sla_counts();
+        }
+        for (join, v, u) in &joining {
+            if *join == s {
+                let vm = r.vm(&v.name, &v.host, u.clone());
+                vm.vcpus = v.vcpus;
+                vm.memory_mib = v.memory_mib;
+            }
+        }
         r.step(&mut lp, step_ms)
             .context("replaying the automation loop")?;
-        hosts_on_series.push(r.hosts_on());
+        if s >= warm {
+            hosts_on_series.push(r.hosts_on());
+        }
     }
-    let series = lp.series();
-    let last = series.points.last();
+    let (active, overloaded) = lp.sla_counts();
+    let (active, overloaded) = (active - sla0.0, overloaded - sla0.1);
     let mut out = Replayed {
         hosts_on_series,
-        migrated: Vec::new(),
+        moves: Vec::new(),
         host_power_offs: 0,
         host_power_ons: 0,
-        energy_kwh: last.map_or(0.0, |p| p.energy_kwh),
-        slatah_pct: last.map_or(0.0, |p| p.slatah_pct),
+        energy_kwh: energy(&lp) - energy0,
+        slatah_pct: if active > 0 {
+            100.0 * overloaded as f64 / active as f64
+        } else {
+            0.0
+        },
+        load: joining
+            .into_iter()
+            .map(|(_, v, u)| (v.name.clone(), u[warm..].to_vec()))
+            .collect(),
     };
-    for (_, a) in &r.log {
+    for (s, a) in &r.log {
+        let Some(sample) = (*s as usize).checked_sub(warm) else {
+            continue;
+        };
         match a {
-            tern_automation::Action::Migrate { vm, .. } => out.migrated.push(vm.clone()),
+            tern_automation::Action::Migrate { vm, from, to, .. } => out.moves.push(Move {
+                sample,
+                vm: vm.clone(),
+                from: from.clone(),
+                to: to.clone(),
+            }),
             tern_automation::Action::PowerOff { .. } => out.host_power_offs += 1,
             tern_automation::Action::PowerOn { .. } => out.host_power_ons += 1,
         }
@@ -411,15 +548,72 @@ pub struct HostAtSample {
     pub parked_cores: Option<u32>,
 }
 
-/// A migration's predicted and measured time (`GET /v1/tasks/{id}`).
-#[derive(Debug, Clone, Serialize)]
+/// A migration task of the live run (`GET /v1/tasks/{id}`): when, what, and its predicted and
+/// measured time.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrationTime {
-    /// The VM moved.
+    /// The task.
+    #[serde(default)]
+    pub task: u64,
+    /// The played sample it was first seen at.
+    #[serde(default)]
+    pub sample: usize,
+    /// The VM moved, and from where to where.
     pub vm: Option<String>,
+    #[serde(default)]
+    pub from: Option<String>,
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Whether it succeeded.
+    #[serde(default)]
+    pub succeeded: bool,
+    /// The task's duration on the controller (request to completion), seconds, once it ended.
+    #[serde(default)]
+    pub task_s: Option<f64>,
     /// The migration model's predicted total time, seconds, if the controller made one.
     pub predicted_s: Option<f64>,
     /// The measured total time from the source VMM's report, once it succeeded.
     pub actual_s: Option<f64>,
+    /// Bytes the migration sent, from the same report.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
+/// What the simulated side needs of a live run, kept in the report so `--sim-from` can compute
+/// it again without a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Recorded {
+    /// The PlanetLab day and the samples played.
+    pub day: String,
+    pub samples: usize,
+    pub step_s: u64,
+    /// The policy in force while the VMs booted, and the demo's.
+    pub policy_before: Policy,
+    pub policy: Policy,
+    /// The cluster when the automation started.
+    pub start: LiveStart,
+    /// The raised VMs (trace indices) and the sample they were raised at.
+    pub raised: Vec<usize>,
+    pub raise_at: usize,
+    /// Per played sample, each VM's utilisation as its agent last reported it (0..1 of its
+    /// vCPUs), read from the controller's `/metrics`.
+    pub vm_load: Vec<BTreeMap<String, f64>>,
+    /// The same while the VMs booted, a reading per step: (seconds before the start, loads).
+    #[serde(default)]
+    pub boot_load: Vec<(f64, BTreeMap<String, f64>)>,
+    /// The median time of the plans that powered a host on, seconds.
+    pub power_on_s: Option<f64>,
+}
+
+/// The live figures the comparison reads.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveFigures {
+    pub migrations: u64,
+    pub energy_kwh: f64,
+    pub slatah_pct: f64,
+    pub pdm_pct: f64,
+    pub hosts_on_series: Vec<u32>,
+    pub migration_times: Vec<MigrationTime>,
 }
 
 /// The final report of `tern demo cluster --json`.
@@ -437,8 +631,10 @@ struct Figures {
     host_power_ons: u64,
     /// Modelled energy of the hosts powered on, kWh, in trace time (× time_scale).
     energy_kwh: f64,
+    /// The loop's SLATAH over the played samples (`/metrics`' host-interval counts).
     slatah_pct: f64,
-    /// CPU lost to migrations (10 % of a moving VM's demand while it moves) ÷ CPU demanded, percent.
+    /// CPU lost to migrations (10 % of a moving VM's measured load for the task's duration) ÷
+    /// the VMs' measured load over the played samples, percent.
     pdm_pct: f64,
     vms_lost: usize,
     hosts_on_series: Vec<u32>,
@@ -452,7 +648,193 @@ struct Figures {
     cycle_s_series: Vec<f64>,
     plans: BTreeMap<String, u64>,
     dashboard: String,
+    recorded: Recorded,
     sim: SimFigures,
+}
+
+/// A saved report, as `--sim-from` reads it.
+#[derive(Debug, Deserialize)]
+struct Saved {
+    recorded: Recorded,
+    migrations: u64,
+    energy_kwh: f64,
+    slatah_pct: f64,
+    pdm_pct: f64,
+    hosts_on_series: Vec<u32>,
+    migration_times: Vec<MigrationTime>,
+}
+
+/// The simulated side of a recorded live run: the loop replayed on the measured load and on
+/// the asked load, the engine for reference, and how each compares with the live figures.
+pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures> {
+    let traces: Vec<Vec<u8>> = pick_traces(&rec.day, rec.samples)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let succeeded: Vec<&MigrationTime> = live
+        .migration_times
+        .iter()
+        .filter(|m| m.succeeded)
+        .collect();
+    let task_s: Vec<f64> = succeeded.iter().filter_map(|m| m.task_s).collect();
+    // a migration shorter than a sample lands within the sample it started in (0)
+    let migration_samples =
+        median_s(task_s.clone()).map_or(1, |s| (s / rec.step_s as f64).floor() as u32);
+    // PDM adds the migrations' durations up: a simulated one counts for the live mean
+    let migration_s = if task_s.is_empty() {
+        f64::from(migration_samples.max(1)) * rec.step_s as f64
+    } else {
+        task_s.iter().sum::<f64>() / task_s.len() as f64
+    };
+    let power_on_samples = rec.power_on_s.map_or(1, |s| in_samples(s, rec.step_s));
+    let timing = tern_automation::replay::Timing {
+        migration_steps: migration_samples,
+        power_on_steps: power_on_samples,
+        power_off_steps: 1,
+    };
+    let time_scale = SAMPLE_S / rec.step_s as f64;
+    let figures =
+        |measured: Option<&[BTreeMap<String, f64>]>| -> anyhow::Result<(ReplayFigures, Replayed)> {
+            let load = PlayedLoad {
+                traces: &traces,
+                raised: &rec.raised,
+                raise_at: rec.raise_at,
+                samples: rec.samples,
+                measured,
+                boot: &rec.boot_load,
+            };
+            let r = replay_loop(
+                &rec.start,
+                &load,
+                &rec.policy,
+                Some(&rec.policy_before),
+                rec.step_s,
+                timing,
+            )?;
+            let lost: f64 = r
+                .moves
+                .iter()
+                .map(|m| {
+                    0.1 * migration_s
+                        * r.load
+                            .get(&m.vm)
+                            .and_then(|l| l.get(m.sample))
+                            .copied()
+                            .unwrap_or(0.0)
+                })
+                .sum();
+            let demand: f64 = r.load.values().flatten().sum::<f64>() * rec.step_s as f64;
+            let pdm_pct = if demand > 0.0 {
+                100.0 * lost / demand
+            } else {
+                0.0
+            };
+            let energy_kwh = r.energy_kwh * time_scale;
+            let agree = live
+                .hosts_on_series
+                .iter()
+                .zip(&r.hosts_on_series)
+                .filter(|(a, b)| a.abs_diff(**b) <= 1)
+                .count();
+            let ratio = |l: f64, s: f64| (s > 0.0).then(|| l / s);
+            let f = ReplayFigures {
+                energy_kwh,
+                migrations: r.moves.len() as u64,
+                host_power_offs: r.host_power_offs,
+                host_power_ons: r.host_power_ons,
+                hosts_on_series: r.hosts_on_series.clone(),
+                slatah_pct: r.slatah_pct,
+                pdm_pct,
+                hosts_on_agreement_pct: 100.0 * agree as f64
+                    / r.hosts_on_series.len().max(1) as f64,
+                migrations_ratio: ratio(live.migrations as f64, r.moves.len() as f64),
+                energy_ratio: ratio(live.energy_kwh, energy_kwh),
+                slatah_ratio: ratio(live.slatah_pct, r.slatah_pct),
+                pdm_ratio: ratio(live.pdm_pct, pdm_pct),
+                moves: r.moves.clone(),
+            };
+            Ok((f, r))
+        };
+    let (measured, _) = figures(Some(&rec.vm_load))?;
+    let (as_asked, asked_run) = figures(None)?;
+    // asked against measured, over the VMs and samples both have
+    let (mut a, mut m, mut n, mut ra, mut rm, mut rn) = (0.0, 0.0, 0u32, 0.0, 0.0, 0u32);
+    for (vm, asked) in &asked_run.load {
+        let idx = trace_index(vm, traces.len())?;
+        for (k, want) in asked.iter().enumerate() {
+            let Some(got) = rec.vm_load.get(k).and_then(|l| l.get(vm)) else {
+                continue;
+            };
+            a += want;
+            m += got;
+            n += 1;
+            if rec.raised.contains(&idx) && k >= rec.raise_at {
+                ra += want;
+                rm += got;
+                rn += 1;
+            }
+        }
+    }
+    let mean = |x: f64, n: u32| if n > 0 { x / f64::from(n) } else { 0.0 };
+    let (report, n_samples) = simulate(&traces, &rec.raised, rec.raise_at, rec.samples)?;
+    let tl = report.timeline.clone().unwrap_or_default();
+    let engine = EngineFigures {
+        energy_kwh: tl
+            .power_w
+            .iter()
+            .take(n_samples)
+            .map(|w| w * SAMPLE_S)
+            .sum::<f64>()
+            / 3_600_000.0,
+        migrations: tl
+            .migrations
+            .iter()
+            .take(n_samples)
+            .map(|&m| u64::from(m))
+            .sum(),
+        hosts_on_series: tl.active_hosts.iter().take(n_samples).copied().collect(),
+        day_slatah_pct: report.slatah_pct,
+        day_pdm_pct: report.pdm_pct,
+    };
+    Ok(SimFigures {
+        method: "the live loop's code (tern_automation::replay) from the live start, its boot \
+                 samples replayed first, on the load the agents measured",
+        measured,
+        as_asked,
+        load: LoadFigures {
+            asked: mean(a, n),
+            measured: mean(m, n),
+            raised_asked: mean(ra, rn),
+            raised_measured: mean(rm, rn),
+        },
+        migration_samples,
+        power_on_samples,
+        migration_s,
+        engine,
+    })
+}
+
+/// `tern demo cluster --sim-from REPORT`: the simulated side of a saved report, as JSON.
+fn sim_from(path: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let saved: Saved = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a tern demo cluster --json report",
+            path.display()
+        )
+    })?;
+    let live = LiveFigures {
+        migrations: saved.migrations,
+        energy_kwh: saved.energy_kwh,
+        slatah_pct: saved.slatah_pct,
+        pdm_pct: saved.pdm_pct,
+        hosts_on_series: saved.hosts_on_series,
+        migration_times: saved.migration_times,
+    };
+    let sim = sim_side(&saved.recorded, &live)?;
+    println!("{}", serde_json::to_string(&sim)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 struct Api {
@@ -491,7 +873,11 @@ fn volume(lab: &Lab, args: &[&str]) -> anyhow::Result<()> {
         .arg("volume")
         .args(args)
         .args(["--node", &h.volume_node, "--json"])
-        .args(h.tls_dir.iter().flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]))
+        .args(
+            h.tls_dir
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
+        )
         .output()
         .context("cannot run tern volume")?;
     ensure!(
@@ -531,6 +917,17 @@ fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
+}
+
+/// Each VM's `tern_vm_cpu_utilization{vm="NAME"}` in a Prometheus text exposition.
+fn vm_utilization(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("tern_vm_cpu_utilization{vm=\"")?;
+            let (vm, v) = rest.split_once("\"} ")?;
+            Some((vm.to_string(), v.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 fn count_actions(plans: &[Plan]) -> (u64, u64) {
@@ -573,6 +970,9 @@ fn table_line(t: f64, hosts: &[HostInfo], vms: &[VmInfo], migrations: u64) -> St
 
 /// `tern demo cluster`.
 pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
+    if let Some(report) = &args.sim_from {
+        return sim_from(report);
+    }
     let say = Say { json: args.json };
     let samples = args.samples as usize;
     let traces = pick_traces(&args.day, samples)?;
@@ -619,6 +1019,17 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let step_ms = args.step_s * 1000;
     // when each VM was seen running: its guest's trace starts at boot
     let mut booted: BTreeMap<String, Instant> = BTreeMap::new();
+    // what the agents measured while the VMs boot, a reading per step (the live loop already
+    // runs then, and the replay plays those samples too)
+    let mut boot_readings: Vec<(Instant, BTreeMap<String, f64>)> = Vec::new();
+    let read_boot = |readings: &mut Vec<(Instant, BTreeMap<String, f64>)>| {
+        let due = readings
+            .last()
+            .is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(args.step_s));
+        if due && let Ok(m) = api.call("GET", "/metrics", None) {
+            readings.push((Instant::now(), vm_utilization(&m)));
+        }
+    };
     for (wave, chunk) in traces.chunks(VMS / 3).enumerate() {
         for (k, (name, values)) in chunk.iter().enumerate() {
             let i = wave * (VMS / 3) + k + 1;
@@ -650,14 +1061,20 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
                 start.elapsed() < Duration::from_secs(120),
                 "the VMs did not all start within 120 s: {vms:?}"
             );
+            read_boot(&mut boot_readings);
             std::thread::sleep(Duration::from_millis(250));
         }
         // let the agents measure the wave's load before the next one is placed
-        std::thread::sleep(Duration::from_secs(2 * args.step_s));
+        let until = Instant::now() + Duration::from_secs(2 * args.step_s);
+        while Instant::now() < until {
+            read_boot(&mut boot_readings);
+            std::thread::sleep(Duration::from_millis(250).min(until - Instant::now()));
+        }
     }
 
     let policy_json = api.call("GET", "/v1/policy", None)?;
-    let policy = demo_policy(serde_json::from_str(&policy_json)?, args.step_s);
+    let policy_before: Policy = serde_json::from_str(&policy_json)?;
+    let policy = demo_policy(policy_before.clone(), args.step_s);
     api.call("PUT", "/v1/policy", Some(&serde_json::to_string(&policy)?))
         .context("setting the automation policy")?;
     say.line(&format!(
@@ -673,7 +1090,20 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         .ok()
         .and_then(|s| s.points.last().map(|p| p.energy_kwh))
         .unwrap_or(0.0);
+    // the loop's SLATAH counts so far, so the live SLATAH covers the played samples only
+    let sla = |text: &str| {
+        (
+            metric(text, "tern_automation_host_intervals_active_total").unwrap_or(0.0),
+            metric(text, "tern_automation_host_intervals_overloaded_total").unwrap_or(0.0),
+        )
+    };
+    let sla_before = sla(&api.call("GET", "/metrics", None)?);
+    let mut sla_last = sla_before;
     let start = Instant::now();
+    let boot_load: Vec<(f64, BTreeMap<String, f64>)> = boot_readings
+        .into_iter()
+        .map(|(t, l)| (start.saturating_duration_since(t).as_secs_f64(), l))
+        .collect();
     let trace_offsets: BTreeMap<String, usize> = booted
         .iter()
         .map(|(n, t)| {
@@ -685,6 +1115,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let mut raised: Vec<usize> = Vec::new();
     let mut hosts_on_series: Vec<u32> = Vec::new();
     let mut hosts_series: Vec<Vec<HostAtSample>> = Vec::new();
+    let mut vm_load: Vec<BTreeMap<String, f64>> = Vec::new();
+    let mut first_seen: BTreeMap<u64, usize> = BTreeMap::new();
     let mut cycle_s_series: Vec<f64> = Vec::new();
     let mut ever_lost: Vec<String> = Vec::new();
     for k in 0..samples {
@@ -693,6 +1125,9 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         let hosts: Vec<HostInfo> = api.get("/v1/hosts").unwrap_or_default();
         let vms: Vec<VmInfo> = api.get("/v1/vms").unwrap_or_default();
         let tasks: Vec<TaskInfo> = api.get("/v1/tasks").unwrap_or_default();
+        for t in tasks.iter().filter(|t| t.kind == TaskKind::Migrate) {
+            first_seen.entry(t.id).or_insert(k);
+        }
         let done = tasks
             .iter()
             .filter(|t| t.kind == TaskKind::Migrate && t.state == TaskState::Succeeded)
@@ -713,13 +1148,14 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
                 })
                 .collect(),
         );
-        if let Some(c) = api
-            .call("GET", "/metrics", None)
-            .ok()
-            .and_then(|m| metric(&m, "tern_automation_cycle_seconds"))
-        {
-            cycle_s_series.push(c);
+        let metrics = api.call("GET", "/metrics", None).ok();
+        if let Some(m) = &metrics {
+            if let Some(c) = metric(m, "tern_automation_cycle_seconds") {
+                cycle_s_series.push(c);
+            }
+            sla_last = sla(m);
         }
+        vm_load.push(metrics.as_deref().map(vm_utilization).unwrap_or_default());
         for v in &vms {
             if v.state == VmState::Failed && !ever_lost.contains(&v.name) {
                 ever_lost.push(v.name.clone());
@@ -783,9 +1219,18 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     for t in &migrations {
         let d: tern_api::cluster::TaskDetail = api.get(&format!("/v1/tasks/{}", t.id))?;
         migration_times.push(MigrationTime {
+            task: t.id,
+            sample: first_seen.get(&t.id).copied().unwrap_or(samples),
             vm: t.vm.clone(),
+            from: t.from.clone(),
+            to: t.to.clone(),
+            succeeded: t.state == TaskState::Succeeded,
+            task_s: t
+                .finished_ms
+                .map(|f| f.saturating_sub(t.created_ms) as f64 / 1000.0),
             predicted_s: d.predicted.map(|p| p.time_s),
             actual_s: d.actual.map(|a| a.time_s),
+            bytes: d.actual.map(|a| a.bytes),
         });
     }
     let (offs, ons) = count_actions(&plans);
@@ -798,28 +1243,27 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let time_scale = SAMPLE_S / args.step_s as f64;
     let last = series.points.last();
     let energy_kwh = (last.map_or(0.0, |p| p.energy_kwh) - energy_before).max(0.0) * time_scale;
-    let slatah_pct = last.map_or(0.0, |p| p.slatah_pct);
-    // PDM: each migration costs 10 % of the moving VM's demand (its trace's mean) while it moves
-    let run_s = start.elapsed().as_secs_f64();
-    let mean_of = |name: &str| -> f64 {
-        let idx = name
-            .trim_start_matches("vm")
-            .parse::<usize>()
-            .ok()
-            .and_then(|i| i.checked_sub(1));
-        idx.and_then(|i| traces.get(i)).map_or(0.0, |(_, v)| {
-            v.iter().map(|&x| f64::from(x) / 100.0).sum::<f64>() / v.len().max(1) as f64
-        })
+    let (active, overloaded) = (sla_last.0 - sla_before.0, sla_last.1 - sla_before.1);
+    let slatah_pct = if active > 0.0 {
+        100.0 * overloaded / active
+    } else {
+        0.0
     };
-    let lost_cpu: f64 = migrations
+    // PDM: each migration costs 10 % of the moving VM's measured load while its task runs, over
+    // the load the VMs were measured at through the played samples
+    let load_at = |vm: &str, k: usize| {
+        vm_load
+            .get(k)
+            .and_then(|l| l.get(vm))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let lost_cpu: f64 = migration_times
         .iter()
-        .filter(|t| t.state == TaskState::Succeeded)
-        .filter_map(|t| {
-            let s = t.finished_ms?.saturating_sub(t.created_ms) as f64 / 1000.0;
-            Some(0.1 * s * mean_of(t.vm.as_deref()?))
-        })
+        .filter(|m| m.succeeded)
+        .filter_map(|m| Some(0.1 * m.task_s? * load_at(m.vm.as_deref()?, m.sample)))
         .sum();
-    let demand: f64 = (1..=VMS).map(|i| mean_of(&format!("vm{i}"))).sum::<f64>() * run_s;
+    let demand: f64 = vm_load.iter().flat_map(|l| l.values()).sum::<f64>() * args.step_s as f64;
     let pdm_pct = if demand > 0.0 {
         100.0 * lost_cpu / demand
     } else {
@@ -831,17 +1275,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         .count()
         .max(ever_lost.len());
 
-    let values: Vec<Vec<u8>> = traces.iter().map(|(_, v)| v.clone()).collect();
     // the simulated side: the same loop, from the same start, its actions taking the live
     // run's median times
-    let migration_s = median_s(
-        migrations
-            .iter()
-            .filter(|t| t.state == TaskState::Succeeded)
-            .filter_map(|t| Some(t.finished_ms?.saturating_sub(t.created_ms) as f64 / 1000.0))
-            .collect(),
-    );
-    let migration_samples = migration_s.map_or(1, |s| in_samples(s, args.step_s));
     let power_on_s = median_s(
         plans
             .iter()
@@ -854,77 +1289,28 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
             .filter_map(|p| Some(p.finished_ms?.saturating_sub(p.created_ms) as f64 / 1000.0))
             .collect(),
     );
-    let power_on_samples = power_on_s.map_or(1, |s| in_samples(s, args.step_s));
-    let live_start = LiveStart::from_api(&start_hosts, &start_vms, &trace_offsets)?;
-    let played = PlayedLoad {
-        traces: &values,
-        raised: &raised,
-        raise_at,
+    let recorded = Recorded {
+        day: args.day.clone(),
         samples,
+        step_s: args.step_s,
+        policy_before,
+        policy,
+        start: LiveStart::from_api(&start_hosts, &start_vms, &trace_offsets)?,
+        raised,
+        raise_at,
+        vm_load,
+        boot_load,
+        power_on_s,
     };
-    let replayed = replay_loop(
-        &live_start,
-        &played,
-        &policy,
-        args.step_s,
-        tern_automation::replay::Timing {
-            migration_steps: migration_samples,
-            power_on_steps: power_on_samples,
-            power_off_steps: 1,
-        },
-    )?;
-    let sim_lost: f64 = replayed
-        .migrated
-        .iter()
-        // a simulated migration lasts what a live one took (the median), as the live PDM counts
-        .map(|vm| {
-            0.1 * migration_s.unwrap_or(f64::from(migration_samples) * args.step_s as f64)
-                * mean_of(vm)
-        })
-        .sum();
-    let sim_demand: f64 = (1..=VMS).map(|i| mean_of(&format!("vm{i}"))).sum::<f64>()
-        * (samples as u64 * args.step_s) as f64;
-    let sim_energy = replayed.energy_kwh * time_scale;
-    let sim_hosts = replayed.hosts_on_series.clone();
-    let sim_migrations = replayed.migrated.len() as u64;
-    let sim_pdm = if sim_demand > 0.0 {
-        100.0 * sim_lost / sim_demand
-    } else {
-        0.0
+    let live = LiveFigures {
+        migrations: succeeded,
+        energy_kwh,
+        slatah_pct,
+        pdm_pct,
+        hosts_on_series: hosts_on_series.clone(),
+        migration_times: migration_times.clone(),
     };
-    let agree = hosts_on_series
-        .iter()
-        .zip(&sim_hosts)
-        .filter(|(a, b)| a.abs_diff(**b) <= 1)
-        .count();
-    let ratio = |live: f64, sim: f64| (sim > 0.0).then(|| live / sim);
-    let (report, n) = simulate(&values, &raised, raise_at, samples)?;
-    let tl = report.timeline.clone().unwrap_or_default();
-    let engine = EngineFigures {
-        energy_kwh: tl.power_w.iter().take(n).map(|w| w * SAMPLE_S).sum::<f64>() / 3_600_000.0,
-        migrations: tl.migrations.iter().take(n).map(|&m| u64::from(m)).sum(),
-        hosts_on_series: tl.active_hosts.iter().take(n).copied().collect(),
-        day_slatah_pct: report.slatah_pct,
-        day_pdm_pct: report.pdm_pct,
-    };
-    let sim = SimFigures {
-        method: "the live loop's code (tern_automation::replay) from the live start",
-        energy_kwh: sim_energy,
-        migrations: sim_migrations,
-        host_power_offs: replayed.host_power_offs,
-        host_power_ons: replayed.host_power_ons,
-        hosts_on_series: sim_hosts.clone(),
-        slatah_pct: replayed.slatah_pct,
-        pdm_pct: sim_pdm,
-        hosts_on_agreement_pct: 100.0 * agree as f64 / sim_hosts.len().max(1) as f64,
-        migrations_ratio: ratio(succeeded as f64, sim_migrations as f64),
-        energy_ratio: ratio(energy_kwh, sim_energy),
-        slatah_ratio: ratio(slatah_pct, replayed.slatah_pct),
-        pdm_ratio: ratio(pdm_pct, sim_pdm),
-        migration_samples,
-        power_on_samples,
-        engine,
-    };
+    let sim = sim_side(&recorded, &live)?;
     let figures = Figures {
         hosts: HOSTS,
         vms: VMS,
@@ -947,6 +1333,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         cycle_s_series,
         plans: by_state,
         dashboard,
+        recorded,
         sim,
     };
     if args.json {
@@ -965,7 +1352,9 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         ));
         say.line(&format!(
             "simulated: {} migrations, {:.3} kWh; hosts on within one host of the simulation in {:.0} % of samples",
-            figures.sim.migrations, figures.sim.energy_kwh, figures.sim.hosts_on_agreement_pct
+            figures.sim.measured.migrations,
+            figures.sim.measured.energy_kwh,
+            figures.sim.measured.hosts_on_agreement_pct
         ));
     }
     say.line("taking the cluster down");
@@ -1014,6 +1403,8 @@ mod tests {
             raised,
             raise_at,
             samples,
+            measured: None,
+            boot: &[],
         }
     }
 
@@ -1024,6 +1415,7 @@ mod tests {
             &start,
             &load(&traces, &[], 30, 30),
             &policy(),
+            None,
             2,
             Default::default(),
         )
@@ -1035,7 +1427,7 @@ mod tests {
         assert_eq!(last, 2, "{r:?}");
         assert_eq!(r.host_power_offs, 2, "{r:?}");
         assert_eq!(r.host_power_ons, 0, "{r:?}");
-        assert!(r.migrated.len() >= 6, "two hosts' VMs moved: {r:?}");
+        assert!(r.moves.len() >= 6, "two hosts' VMs moved: {r:?}");
         assert!(r.energy_kwh > 0.0);
     }
 
@@ -1046,6 +1438,7 @@ mod tests {
             &start,
             &load(&traces, &[], 40, 40),
             &policy(),
+            None,
             2,
             Default::default(),
         )
@@ -1054,6 +1447,7 @@ mod tests {
             &start,
             &load(&traces, &[0, 1, 2, 3], 20, 40),
             &policy(),
+            None,
             2,
             Default::default(),
         )
@@ -1075,11 +1469,69 @@ mod tests {
             &start,
             &load(&traces, &[], 40, 10),
             &policy(),
+            None,
             2,
             Default::default(),
         )
         .unwrap();
         assert_eq!(busy.host_power_offs, 0, "{busy:?}");
         assert!(busy.hosts_on_series.iter().all(|&h| h == 4), "{busy:?}");
+    }
+
+    #[test]
+    fn the_boot_samples_are_replayed_first_so_the_loop_starts_warm() {
+        let (mut start, traces) = spread(10, 40);
+        for v in &mut start.vms {
+            v.trace_offset = 6;
+        }
+        let played = load(&traces, &[], 40, 30);
+        let cold = replay_loop(&start, &played, &policy(), None, 2, Default::default()).unwrap();
+        // the controller's default policy ran while the VMs booted: hold timers and history
+        // are under way at the start, so the first drain comes at once
+        let before = Policy::default();
+        let warm = replay_loop(
+            &start,
+            &played,
+            &policy(),
+            Some(&before),
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        let first = |r: &Replayed| r.moves.first().map(|m| m.sample);
+        assert_eq!(first(&warm), Some(0), "{warm:?}");
+        assert!(first(&cold) > Some(0), "{cold:?}");
+        assert_eq!(warm.hosts_on_series.len(), 30);
+        assert_eq!(warm.load["vm1"].len(), 30);
+    }
+
+    #[test]
+    fn the_measured_load_replaces_the_trace_and_the_played_values_are_whole_percent() {
+        let (start, traces) = spread(10, 30);
+        let busy: Vec<BTreeMap<String, f64>> = (0..30)
+            .map(|_| start.vms.iter().map(|v| (v.name.clone(), 0.6)).collect())
+            .collect();
+        let measured = PlayedLoad {
+            measured: Some(&busy),
+            ..load(&traces, &[], 30, 30)
+        };
+        let r = replay_loop(&start, &measured, &policy(), None, 2, Default::default()).unwrap();
+        // 12 VMs at 0.6 of a core need all four 2-core hosts: nothing is powered off
+        assert_eq!(r.host_power_offs, 0, "{r:?}");
+        assert!((r.load["vm3"][5] - 0.6).abs() < 1e-12);
+        // the trace's 10 % played as 3 % of a real CPU at a 0.25 share reads 12 %
+        assert!((played(10.0) - 0.12).abs() < 1e-12);
+        assert!((played(RAISED_PCT) - 0.92).abs() < 1e-12);
+        let asked = replay_loop(
+            &start,
+            &load(&traces, &[], 30, 30),
+            &policy(),
+            None,
+            2,
+            Default::default(),
+        )
+        .unwrap();
+        assert!((asked.load["vm3"][5] - 0.12).abs() < 1e-12);
+        assert!(asked.host_power_offs >= 1, "{asked:?}");
     }
 }
