@@ -7,10 +7,13 @@
 //! Needs root (userfaultfd without `UFFD_USER_MODE_ONLY`) and KVM; fails loudly without.
 
 mod common;
+#[path = "common/faultproxy.rs"]
+mod faultproxy;
 
 use std::time::Duration;
 
 use common::{MigrationPair, field, tern, tern_cmd};
+use faultproxy::{Disposition, FaultProxy, Phase};
 
 /// 64 MiB written at the guest's maximum rate: every round re-dirties all of it.
 const MAX_RATE: &str = "tern.hb_ms=50 tern.dirty_mib=64 tern.dirty_rate=0";
@@ -204,4 +207,40 @@ fn losing_the_source_during_post_copy_stops_the_guest_on_the_target() {
     let (rc, report, err) = finish(m);
     assert_ne!(rc, 0, "{err} {report}");
     assert_ne!(report["outcome"], "completed", "{report}");
+}
+
+#[test]
+fn a_dead_link_during_post_copy_loses_the_vm_on_both_sides() {
+    require_root();
+    let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
+    // Every stream goes silent (no data, no reset) when the target asks for its first page.
+    let proxy = FaultProxy::start(p.port, Phase::PostCopy, || Disposition::BlackHole);
+    let (rc, report, err) = p.migrate_to(proxy.port, &["--post-copy-after", "1"]);
+    assert!(
+        proxy.fired(),
+        "the target never asked for a page: {report}\n{err}"
+    );
+    assert_eq!(
+        rc, 4,
+        "a dead link after the switch: exit 4\n{err}\n{report}"
+    );
+    assert_eq!(report["outcome"], "failed_post_copy", "{report}");
+    assert!(
+        status(&p.src_sock).contains("\"paused\""),
+        "the source stays paused"
+    );
+    // The target gives up on its own (a timeout: nothing says the link died) and stops the
+    // guest.
+    let rc = p.dst.wait_exit(Duration::from_secs(60));
+    assert_ne!(rc, 0, "the target must fail: {}", p.dst.stderr());
+    let dst_err = p.dst.stderr();
+    // Its push stream may not have joined yet, or it waits for pages: either way the link.
+    assert!(dst_err.contains("post-copy link lost"), "{dst_err}");
+    assert!(
+        !p.runtime.join("dst.json").exists(),
+        "no running VM claimed"
+    );
+    drop(proxy);
+    let _ = tern_cmd(&["vm", "stop", "--api-sock", p.src_sock.to_str().unwrap()]);
+    p.src.wait_exit(Duration::from_secs(10));
 }

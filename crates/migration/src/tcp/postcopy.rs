@@ -298,6 +298,8 @@ struct Shared {
     pages: TargetPages,
     /// Faulting pages whose request is out, and when the fault was read.
     waiting: HashMap<u64, Instant>,
+    /// When a page frame last arrived, on either stream.
+    last_frame: Instant,
 }
 
 /// Places the pages of one post-copy frame; checks each against the digest when there is one.
@@ -315,6 +317,7 @@ fn place_batch(
             batch.round()
         )));
     }
+    lock(shared).last_frame = Instant::now();
     for (gpa, data) in batch.iter() {
         let page = layout
             .page_index(gpa)
@@ -375,6 +378,7 @@ pub(crate) fn run_target(
     let shared = Arc::new(Mutex::new(Shared {
         pages: owed,
         waiting: HashMap::new(),
+        last_frame: Instant::now(),
     }));
     let control = Arc::new(Mutex::new(link.control));
     let stop = Arc::new(AtomicBool::new(false));
@@ -486,7 +490,6 @@ pub(crate) fn run_target(
                 })
                 .map_err(|e| PostCopyError::Vm(e.to_string()))?
         };
-        let mut heard = Instant::now();
         loop {
             if let Ok(e) = err_rx.try_recv() {
                 return Err(e);
@@ -496,7 +499,6 @@ pub(crate) fn run_target(
             }
             match (link.next_control)(Duration::from_millis(5)) {
                 Some(Ok(Frame::Pages(b))) => {
-                    heard = Instant::now();
                     place_batch(&*memory, &shared, layout, digest.as_deref(), &b)?;
                 }
                 Some(Ok(Frame::Abort { reason } | Frame::Failed { reason })) => {
@@ -510,7 +512,9 @@ pub(crate) fn run_target(
                 }
                 Some(Err(e)) => return Err(PostCopyError::Link(e)),
                 None => {
-                    if push_thread.is_finished() && heard.elapsed() >= link.idle_timeout {
+                    // Pages still missing and nothing on either stream (a dead link shows
+                    // neither data nor a reset): the guest cannot go on.
+                    if lock(&shared).last_frame.elapsed() >= link.idle_timeout {
                         return Err(PostCopyError::Link(format!(
                             "nothing from the source for {:?}",
                             link.idle_timeout

@@ -30,6 +30,9 @@ pub enum Phase {
     Commit,
     /// The target's `Running` (kind 10), held back from the source: the VM runs on the target.
     AfterCommit,
+    /// Post-copy only (not in [`Phase::ALL`]): the target's first `PageRequest` (kind 16), held
+    /// back: the guest runs on the target and waits for an owed page.
+    PostCopy,
 }
 
 impl Phase {
@@ -48,6 +51,7 @@ impl Phase {
             Phase::StopAndCopy => "stop-and-copy",
             Phase::Commit => "commit",
             Phase::AfterCommit => "after-commit",
+            Phase::PostCopy => "post-copy",
         }
     }
 
@@ -58,6 +62,7 @@ impl Phase {
             Phase::StopAndCopy => to_target && kind == 6,
             Phase::Commit => to_target && kind == 9,
             Phase::AfterCommit => !to_target && kind == 10,
+            Phase::PostCopy => !to_target && kind == 16,
         }
     }
 }
