@@ -42,7 +42,9 @@ pub struct ConvergenceConfig {
     /// Throttle applied at once, from any round (round 0 included), when the guest re-dirtied
     /// at least half of what the round just sent: its measured dirty rate is then only a lower
     /// bound (the working set saturated), and a gentler start would re-send the whole working
-    /// set once per step.
+    /// set once per step. 90 % by default: strong enough that the next round's remainder
+    /// usually halves, and the schedule climbs from there only while it does not (99 % at once
+    /// froze the guest for the whole round: its loop gaps, not the switch-over, were the pause).
     pub throttle_saturated_pct: f64,
     /// Length of one throttle slice (run + sleep); at most 10 ms.
     pub throttle_slice: Duration,
@@ -67,7 +69,7 @@ impl Default for ConvergenceConfig {
             throttle_initial_pct: 20.0,
             throttle_max_pct: 99.9,
             throttle_run_factor: 0.5,
-            throttle_saturated_pct: 99.0,
+            throttle_saturated_pct: 90.0,
             throttle_slice: Duration::from_millis(10),
             shrink_rounds_max: 3,
             shrink_floor: Duration::from_millis(1),
@@ -209,10 +211,13 @@ impl ConvergenceConfig {
         next.min(max)
     }
 
-    /// The throttle that would make the next round converge if the guest's unthrottled dirty
-    /// rate stayed as measured: the round takes `remaining / B`, during which the guest may
-    /// dirty only what the budget can carry, `B × budget`. 0 when unknown. The schedule's
-    /// next step is used when it is stronger; this lets a very busy guest skip steps.
+    /// The throttle that would make the next round at least halve the remainder (or bring it
+    /// within the budget, if that allows more) if the guest's unthrottled dirty rate stayed as
+    /// measured: the round takes `remaining / B`, during which the guest may dirty
+    /// `max(remaining / 2, B × budget)`. 0 when unknown. The schedule's next step is used when
+    /// it is stronger; this lets a very busy guest skip steps. Halving rather than converging
+    /// in one round keeps the guest running: converging at once asked ~99 % of a guest whose
+    /// rate is several times the link's, and its loop then stalled for tens of ms per turn.
     pub fn needed_throttle(&self, i: &SyncInput) -> f64 {
         let Some(bw) = self.effective_bandwidth(i.bandwidth) else {
             return 0.0;
@@ -222,7 +227,7 @@ impl ConvergenceConfig {
             return 0.0;
         }
         let round_secs = i.remaining_bytes as f64 / bw;
-        let allowed_rate = bw * self.downtime_budget.as_secs_f64() / round_secs;
+        let allowed_rate = (bw * self.downtime_budget.as_secs_f64() / round_secs).max(bw / 2.0);
         let unthrottled = i.dirty_bytes_per_sec / run_share;
         let share = (allowed_rate / unthrottled).clamp(0.0, 1.0);
         ((1.0 - share) * 10_000.0).round() / 100.0
@@ -656,28 +661,29 @@ mod tests {
     }
 
     #[test]
-    fn max_rate_dirtying_throttles_from_round_one_and_sends_the_working_set_about_twice() {
+    fn max_rate_dirtying_is_throttled_at_once_but_only_as_hard_as_halving_needs() {
         // The guest dirties 4 GB/s over a 256 MiB working set, four times the link; the rest of
         // its memory is zero (skipped), so the full copy carries 260 MiB.
         let c = ConvergenceConfig::default();
         let mem = 260 * MIB;
         let (d, rounds, thr, dt, sent) = simulate(&c, mem, 256 * MIB, 4.0 * GBPS, GBPS);
         assert_eq!(d, Decision::SwitchOver { forced: false });
-        assert!(thr >= c.throttle_saturated_pct, "throttle reached {thr}");
+        // The saturated start (90 %) already halves each round (the guest keeps 10 %, 0.4 GB/s
+        // against 1 GB/s): the throttle goes no higher, and the guest is never held at 99 %.
+        assert_eq!(thr, c.throttle_saturated_pct);
         assert!(dt <= c.downtime_budget);
-        // Full copy, one re-send of the working set under the throttle, then the pause.
-        assert!(rounds <= 2, "rounds {rounds}");
-        assert!(sent <= mem + 256 * MIB + 20 * MIB, "sent {sent}");
+        // The working set goes over in the full copy and then in shrinking rounds (256, ~107,
+        // ~45 … MiB): less than twice more in all.
+        assert!(rounds <= 8, "rounds {rounds}");
+        assert!(sent <= mem + 2 * 256 * MIB, "sent {sent}");
         // Without the saturated start (only the step schedule from round 1), the working set
-        // goes over more often.
+        // goes over in full more often.
         let gentle = ConvergenceConfig {
             throttle_saturated_pct: 0.0,
             ..c
         };
-        let (_, gentle_rounds, _, _, gentle_sent) =
-            simulate(&gentle, mem, 256 * MIB, 4.0 * GBPS, GBPS);
-        assert!(gentle_sent > sent + 128 * MIB, "{gentle_sent} vs {sent}");
-        assert!(gentle_rounds > rounds);
+        let (_, _, _, _, gentle_sent) = simulate(&gentle, mem, 256 * MIB, 4.0 * GBPS, GBPS);
+        assert!(gentle_sent > sent, "{gentle_sent} vs {sent}");
     }
 
     #[test]
@@ -703,7 +709,7 @@ mod tests {
             ..i
         };
         assert!(sat.saturated());
-        assert_eq!(c.decide(&sat), Decision::Throttle(99.0));
+        assert_eq!(c.decide(&sat), Decision::Throttle(90.0));
         // Falling fast (halved since the previous sync) still wins: no throttle needed.
         let falling = SyncInput {
             previous_remaining_bytes: Some(600 * MIB),

@@ -447,7 +447,7 @@ mod tests {
             round_sent_bytes: 64 << 20,
             fitted_before: 0,
         };
-        assert!(matches!(cfg.decide(&sync), Decision::Throttle(p) if p > 90.0));
+        assert!(matches!(cfg.decide(&sync), Decision::Throttle(p) if p >= 90.0));
         let pc = pre_copy_convergence(&cfg, Some(2));
         assert!(
             !matches!(pc.decide(&sync), Decision::Throttle(p) if p > 0.0),
