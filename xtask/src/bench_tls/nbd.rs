@@ -10,7 +10,8 @@
 //! blocks (a prime), wrapped at the end of the 256 MiB file, so they scatter over the whole
 //! file. Each run's time includes connecting (and the TLS handshake), the same for both servers.
 //! Tern and qemu-nbd of one phase run in alternating rounds, so a busy neighbour slows both
-//! alike; the tables give medians.
+//! alike; the tables give medians. `TERN_BENCH_BIN=PATH` measures that tern binary instead of
+//! building the workspace's (an earlier build, for a before/after in the same conditions).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -208,7 +209,11 @@ pub fn run(runs: usize) -> anyhow::Result<()> {
     for t in ["etcd", "qemu-nbd", "qemu-io"] {
         need(t)?;
     }
-    let tern = build_release_tern()?;
+    // TERN_BENCH_BIN=PATH: that tern binary instead of the workspace's (an earlier build).
+    let tern = match std::env::var_os("TERN_BENCH_BIN") {
+        Some(p) => std::path::PathBuf::from(p),
+        None => build_release_tern()?,
+    };
     let dir = scratch_dir("tls-nbd")?;
     let res = bench(runs.max(1), &tern, &dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -313,16 +318,17 @@ fn bench(runs: usize, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         load_average()
     );
     println!(
-        "| depth | op | Tern TLS IOPS | qemu-nbd TLS IOPS | Tern TLS / qemu-nbd TLS | Tern plain IOPS | Tern TLS / plain | qemu-nbd plain IOPS | qemu-nbd TLS / plain |"
+        "| depth | op | Tern TLS IOPS | qemu-nbd TLS IOPS | Tern TLS / qemu-nbd TLS | Tern plain IOPS | qemu-nbd plain IOPS | Tern plain / qemu-nbd plain | Tern TLS / plain | qemu-nbd TLS / plain |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (i, depth) in DEPTHS.iter().enumerate() {
         for (k, op) in ["read", "write"].iter().enumerate() {
             let (tt, qt) = tls[i][k];
             let (tp, qp) = plain[i][k];
             println!(
-                "| {depth} | {op} | {tt:.0} | {qt:.0} | {:.2}× | {tp:.0} | {:.2}× | {qp:.0} | {:.2}× |",
+                "| {depth} | {op} | {tt:.0} | {qt:.0} | {:.2}× | {tp:.0} | {qp:.0} | {:.2}× | {:.2}× | {:.2}× |",
                 tt / qt,
+                tp / qp,
                 tt / tp,
                 qt / qp
             );
