@@ -13,7 +13,7 @@ mod faultproxy;
 use std::time::Duration;
 
 use common::{MigrationPair, field, tern, tern_cmd};
-use faultproxy::{Disposition, FaultProxy, Phase};
+use faultproxy::{Disposition, FaultProxy};
 
 /// 64 MiB written at the guest's maximum rate: every round re-dirties all of it.
 const MAX_RATE: &str = "tern.hb_ms=50 tern.dirty_mib=64 tern.dirty_rate=0";
@@ -214,7 +214,7 @@ fn a_dead_link_during_post_copy_loses_the_vm_on_both_sides() {
     require_root();
     let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
     // Every stream goes silent (no data, no reset) when the target asks for its first page.
-    let proxy = FaultProxy::start(p.port, Phase::PostCopy, || Disposition::BlackHole);
+    let proxy = FaultProxy::start_at_frame(p.port, false, 16, || Disposition::BlackHole);
     let (rc, report, err) = p.migrate_to(proxy.port, &["--post-copy-after", "1"]);
     assert!(
         proxy.fired(),

@@ -30,9 +30,6 @@ pub enum Phase {
     Commit,
     /// The target's `Running` (kind 10), held back from the source: the VM runs on the target.
     AfterCommit,
-    /// Post-copy only (not in [`Phase::ALL`]): the target's first `PageRequest` (kind 16), held
-    /// back: the guest runs on the target and waits for an owed page.
-    PostCopy,
 }
 
 impl Phase {
@@ -51,7 +48,6 @@ impl Phase {
             Phase::StopAndCopy => "stop-and-copy",
             Phase::Commit => "commit",
             Phase::AfterCommit => "after-commit",
-            Phase::PostCopy => "post-copy",
         }
     }
 
@@ -62,7 +58,6 @@ impl Phase {
             Phase::StopAndCopy => to_target && kind == 6,
             Phase::Commit => to_target && kind == 9,
             Phase::AfterCommit => !to_target && kind == 10,
-            Phase::PostCopy => !to_target && kind == 16,
         }
     }
 }
@@ -81,8 +76,27 @@ pub enum Disposition {
 
 type Fault = Box<dyn FnOnce() -> Disposition + Send>;
 
+/// What marks the moment the fault strikes: a phase, or any frame kind in one direction.
+#[derive(Debug, Clone, Copy)]
+enum Marker {
+    Phase(Phase),
+    Frame { to_target: bool, kind: u8 },
+}
+
+impl Marker {
+    fn marked_by(self, to_target: bool, kind: u8, payload: &[u8]) -> bool {
+        match self {
+            Marker::Phase(p) => p.marked_by(to_target, kind, payload),
+            Marker::Frame {
+                to_target: t,
+                kind: k,
+            } => t == to_target && k == kind,
+        }
+    }
+}
+
 struct Shared {
-    phase: Phase,
+    phase: Marker,
     fault: Mutex<Option<Fault>>,
     fired: AtomicBool,
     hole: AtomicBool,
@@ -100,6 +114,26 @@ impl FaultProxy {
     pub fn start(
         target_port: u16,
         phase: Phase,
+        fault: impl FnOnce() -> Disposition + Send + 'static,
+    ) -> FaultProxy {
+        Self::start_marked(target_port, Marker::Phase(phase), fault)
+    }
+
+    /// Like [`FaultProxy::start`], striking at the first frame of kind `kind` (the wire's kind
+    /// byte) going to the target (`to_target`) or back, e.g. post-copy's first `PageRequest`
+    /// (16, from the target).
+    pub fn start_at_frame(
+        target_port: u16,
+        to_target: bool,
+        kind: u8,
+        fault: impl FnOnce() -> Disposition + Send + 'static,
+    ) -> FaultProxy {
+        Self::start_marked(target_port, Marker::Frame { to_target, kind }, fault)
+    }
+
+    fn start_marked(
+        target_port: u16,
+        phase: Marker,
         fault: impl FnOnce() -> Disposition + Send + 'static,
     ) -> FaultProxy {
         let l = TcpListener::bind("127.0.0.1:0").expect("proxy listener");
