@@ -4,6 +4,7 @@
 use crate::detect::{Detector, HostSample};
 use crate::hash_order::Emulation;
 pub use crate::hash_order::SchedOrder;
+use crate::place_index::{PlaceIndex, order_key};
 use crate::power::PowerModel;
 use crate::select::{self, Candidate, Selection};
 use crate::{Model, SplitMix64};
@@ -439,6 +440,10 @@ impl Candidates {
         c
     }
 
+    fn is_busy(&self, h: usize) -> bool {
+        self.busy.binary_search(&h).is_ok()
+    }
+
     /// Host `h` just received a VM: it is no longer idle.
     pub fn mark_busy(&mut self, view: View<'_>, h: usize) {
         let k = type_key(&view.hosts[h]);
@@ -495,13 +500,37 @@ pub struct Round {
     cands: Candidates,
     /// The reference scheduler's summing order (inert under `Model::Paper`).
     sched: Emulation,
+    /// The busy hosts indexed for a best-first PABFD search (`None`: scan them all).
+    index: Option<PlaceIndex>,
+}
+
+/// Host `h`'s (allocated MIPS, free MIPS, power at the allocated load − power now), cached.
+fn alloc_entry(
+    alloc: &mut [Option<(f64, f64, f64)>],
+    sched: &Emulation,
+    power_now: &[f64],
+    view: View<'_>,
+    h: usize,
+) -> (f64, f64, f64) {
+    *alloc[h].get_or_insert_with(|| {
+        let host = &view.hosts[h];
+        let (sum, avail) = sched.allocation(view, h);
+        let base = host.power.watts_at(sum / host.total_mips()) - power_now[h];
+        (sum, avail, base)
+    })
 }
 
 impl Round {
     /// Fresh caches for `view`; `emulate` switches on the reference scheduler's summing order.
     pub fn new(view: View<'_>, emulate: bool) -> Self {
+        Self::build(view, emulate, true)
+    }
+
+    /// As [`Round::new`]; `indexed: false` keeps [`find_host`] on the list-order scan (the tests'
+    /// reference for the index).
+    fn build(view: View<'_>, emulate: bool, indexed: bool) -> Self {
         let n = view.hosts.len();
-        Round {
+        let mut round = Round {
             alloc: vec![None; n],
             min_slope: view
                 .hosts
@@ -523,6 +552,44 @@ impl Round {
                 .collect(),
             cands: Candidates::new(view),
             sched: Emulation::new(view.hosts, emulate),
+            index: None,
+        };
+        if indexed {
+            let mut index = PlaceIndex::new(view.hosts);
+            for h in round.cands.busy.clone() {
+                index.touch(h);
+            }
+            round.index = Some(index);
+            round.refresh(view);
+        }
+        round
+    }
+
+    /// Files the hosts whose VM list changed in the index again; `false` (and no index from then
+    /// on) if one cannot be filed.
+    fn refresh(&mut self, view: View<'_>) -> bool {
+        let Some(index) = &mut self.index else {
+            return false;
+        };
+        for h in index.take_dirty() {
+            let h = h as usize;
+            if !self.cands.is_busy(h) {
+                continue;
+            }
+            let (sum, avail, base) =
+                alloc_entry(&mut self.alloc, &self.sched, &self.power_now, view, h);
+            if !index.file(h, sum, avail, base, self.sched.untried(h, sum)) {
+                self.index = None;
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Host `h` takes no VM for the rest of the round (every later [`find_host`] excludes it).
+    fn exclude(&mut self, h: usize) {
+        if let Some(index) = &mut self.index {
+            index.remove_for_good(h);
         }
     }
 
@@ -542,13 +609,133 @@ impl Round {
     pub fn invalidate(&mut self, h: usize) {
         self.alloc[h] = None;
         self.hist[h] = None;
+        if let Some(index) = &mut self.index {
+            index.touch(h);
+        }
     }
 }
 
 /// PABFD host choice for VM `vm`: among the hosts not `excluded` that `rules` allow, the one whose
 /// power rises least and that stays not overloaded. Ties go to the lower host id. With [`NoRules`]
 /// this is exactly the simulator's placement.
+///
+/// The busy hosts are searched best-first through the round's index (`place_index`), which chooses
+/// exactly as the list-order scan below does, trial placements of the emulated scheduler included.
 pub fn find_host<R: Rules + ?Sized>(
+    view: View<'_>,
+    vm: u32,
+    excluded: &[bool],
+    round: &mut Round,
+    cfg: &PolicyConfig,
+    rules: &R,
+) -> Option<usize> {
+    let req = view.vms[vm as usize].requested_mips;
+    if round.index.is_some() && req.is_finite() && req >= 0.0 && round.refresh(view) {
+        return find_host_indexed(view, vm, excluded, round, cfg, rules);
+    }
+    find_host_scan(view, vm, excluded, round, cfg, rules)
+}
+
+/// [`find_host`] by the index: the groups of hosts in increasing order of a lower bound on their
+/// power rise, each group's hosts in increasing bound order, until the bounds pass the best rise
+/// found. The best is kept as the scan keeps it (a host replaces it with a smaller rise, or an equal
+/// one and a lower id, and only if the detector finds it not overloaded), so the choice is the
+/// scan's.
+fn find_host_indexed<R: Rules + ?Sized>(
+    view: View<'_>,
+    vm: u32,
+    excluded: &[bool],
+    round: &mut Round,
+    cfg: &PolicyConfig,
+    rules: &R,
+) -> Option<usize> {
+    let Round {
+        alloc,
+        pe_mips,
+        total_mips,
+        hist,
+        power_now,
+        cands,
+        sched,
+        index,
+        ..
+    } = round;
+    let index = index.as_mut()?;
+    let req = view.vms[vm as usize].requested_mips;
+    // The reference code tries the VM on every host that fits (create, check, destroy), which can
+    // change how a host sums its free MIPS (`Model::CloudSim`). Only a host not tried since its VM
+    // list changed can change; this placement still sees its old figures, the next one the new.
+    let mut changed: Vec<usize> = Vec::new();
+    let mut tried: Vec<usize> = Vec::new();
+    for h in index.untried_fitting(req) {
+        if excluded[h] || pe_mips[h] < req || !rules.allows(view, vm, h) {
+            continue;
+        }
+        let (sum, _, _) = alloc_entry(alloc, sched, power_now, view, h);
+        if sched.trial(h, sum, view.hosts[h].vms.len() as u32) {
+            changed.push(h);
+        }
+        tried.push(h);
+    }
+    for &h in &tried {
+        index.tried(h);
+    }
+    // (rise, host) of the best host so far
+    let mut best: Option<(f64, usize)> = None;
+    // the scan's checks, in its order, up to the rise (the trials are done above)
+    let mut consider = |h: usize, best: &mut Option<(f64, usize)>| {
+        if excluded[h] || pe_mips[h] < req || !rules.allows(view, vm, h) {
+            return;
+        }
+        let (sum, avail, _) = alloc_entry(alloc, sched, power_now, view, h);
+        if avail < req {
+            return;
+        }
+        let after = (sum + req) / total_mips[h];
+        if after > 1.0 {
+            return;
+        }
+        let diff = view.hosts[h].power.watts_at(after) - power_now[h];
+        if best.is_some_and(|(min, b)| diff > min || (diff == min && h > b)) {
+            return;
+        }
+        if sum != 0.0 && is_overloaded_cached(view, h, Some(vm), cfg, hist) {
+            return;
+        }
+        *best = Some((diff, h));
+    };
+    if cands.idle_allowed {
+        // idle empty hosts of one type all rise alike: the first allowed one of each type
+        for (_, set) in &cands.idle {
+            if let Some(&h) = set
+                .iter()
+                .find(|&&h| !excluded[h] && rules.allows(view, vm, h))
+            {
+                consider(h, &mut best);
+            }
+        }
+    }
+    let search = &*index;
+    for (first, g, add) in search.plan(req) {
+        if best.is_some_and(|(min, _)| first > order_key(min)) {
+            break;
+        }
+        for (base, h) in search.hosts(g) {
+            if best.is_some_and(|(min, _)| base + add > min) {
+                break;
+            }
+            consider(h, &mut best);
+        }
+    }
+    for h in changed {
+        alloc[h] = None;
+        index.touch(h);
+    }
+    best.map(|(_, h)| h)
+}
+
+/// [`find_host`] by scanning the candidates in host order (the reference code's loop).
+fn find_host_scan<R: Rules + ?Sized>(
     view: View<'_>,
     vm: u32,
     excluded: &[bool],
@@ -565,6 +752,7 @@ pub fn find_host<R: Rules + ?Sized>(
         power_now,
         cands,
         sched,
+        index: _,
     } = round;
     let req = view.vms[vm as usize].requested_mips;
     let mut min = f64::MAX;
@@ -643,10 +831,22 @@ pub fn optimize_with<R: Rules + ?Sized>(
     rng: &mut SplitMix64,
     rules: &R,
 ) -> Decisions {
+    round_with(snapshot, cfg, rng, rules, true)
+}
+
+/// [`optimize_with`]; `indexed: false` places by the list-order scan only.
+fn round_with<R: Rules + ?Sized>(
+    snapshot: &ClusterView,
+    cfg: &PolicyConfig,
+    rng: &mut SplitMix64,
+    rules: &R,
+    indexed: bool,
+) -> Decisions {
     let n = snapshot.hosts.len();
     let mut hosts = snapshot.hosts.clone();
     let vms = &snapshot.vms[..];
-    let mut round = Round::new(snapshot.view(), cfg.model == Model::CloudSim);
+    let emulate = cfg.model == Model::CloudSim;
+    let mut round = Round::build(snapshot.view(), emulate, indexed);
     let mut out = Decisions::default();
 
     // 1. overloaded hosts and the VMs they shed
@@ -655,6 +855,8 @@ pub fn optimize_with<R: Rules + ?Sized>(
         .collect();
     let mut shed: Vec<u32> = Vec::new();
     for h in (0..n).filter(|&h| over[h]) {
+        // never a target this round (excluded from both placements below)
+        round.exclude(h);
         out.overloaded.push(h as u32);
         loop {
             let idx = {
@@ -713,6 +915,9 @@ pub fn optimize_with<R: Rules + ?Sized>(
         .map(|h| over[h] || off[h] || (cfg.model == Model::Paper && received[h]))
         .collect();
     let mut excl_place: Vec<bool> = (0..n).map(|h| over[h] || off[h]).collect();
+    for h in (0..n).filter(|&h| excl_place[h]) {
+        round.exclude(h);
+    }
     // idle empty hosts count as switched off in both models, so the underload phase never uses them
     round.cands.idle_allowed = false;
     let mut n_excl_under = excl_under.iter().filter(|&&x| x).count();
@@ -754,6 +959,7 @@ pub fn optimize_with<R: Rules + ?Sized>(
         excl_under[h] = true;
         n_excl_under += 1;
         excl_place[h] = true;
+        round.exclude(h);
         let mut moving = hosts[h].vms.clone();
         if moving.is_empty() {
             continue;
@@ -1060,6 +1266,111 @@ mod tests {
         }
         assert_eq!(checked, 300 * 8);
         assert!(ties > 50, "only {ties} placements had a tie to break");
+    }
+
+    /// A cluster for the index's test: many hosts of a few kinds at a few load levels (so exact
+    /// ties are common), some idle, some measured above or below their VMs' demand.
+    fn tie_heavy_cluster(rng: &mut SplitMix64) -> ClusterView {
+        let n_hosts = 20 + rng.below(300);
+        let levels = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.4, 0.6, 0.8, 1.0];
+        let mut hosts = Vec::new();
+        let mut vms = Vec::new();
+        for h in 0..n_hosts {
+            let mut hv = match rng.below(4) {
+                0 => host(HP_ML110_G4, 1860.0, 0.0, &[]),
+                1 => host(HP_ML110_G5, 2660.0, 0.0, &[]),
+                // live hosts: one processing element of all cores
+                2 => HostView::live(2, HP_ML110_G5, 2660.0),
+                _ => HostView::live(4, HP_ML110_G4, 1860.0),
+            };
+            // the reference scheduler's state from earlier rounds (read under `Model::CloudSim`)
+            hv.sched = SchedOrder {
+                by_uid: rng.below(2) == 0,
+                peak_entries: [0, 3, 6, 12, 13][rng.below(5)],
+            };
+            let n_vms = [0, 1, 2, 2, 3, 4, 6][rng.below(7)];
+            for _ in 0..n_vms {
+                hv.vms.push(vms.len() as u32);
+                let mips = [500.0, 1000.0, 1860.0, 2660.0][rng.below(4)];
+                let mut v = vm(h as u32, mips, [613, 870, 1740][rng.below(3)], 0.0);
+                let level = levels[rng.below(levels.len())];
+                let len = [3, 10, 12, HISTORY_LEN][rng.below(4)];
+                v.history = (0..len)
+                    .map(|_| {
+                        if rng.below(3) == 0 {
+                            level
+                        } else {
+                            (level + 0.1 * rng.next_f64()).min(1.0)
+                        }
+                    })
+                    .collect();
+                v.utilization = v.history[0];
+                v.requested_mips = v.mips * v.utilization;
+                vms.push(v);
+            }
+            hosts.push(hv);
+        }
+        let mut view = ClusterView { hosts, vms };
+        for h in 0..n_hosts {
+            let (sum, _) = host_allocation(view.view(), h);
+            let u = sum / view.hosts[h].total_mips();
+            view.hosts[h].utilization = match rng.below(5) {
+                0 => (u + 0.05 * rng.next_f64()).min(1.0),
+                1 => (u - 0.05 * rng.next_f64()).max(0.0),
+                _ => u,
+            };
+        }
+        view
+    }
+
+    #[test]
+    fn indexed_placement_decides_exactly_as_the_scan_on_random_clusters() {
+        let mut rng = SplitMix64::new(0x1d3);
+        let (mut moved, mut drained) = (0, 0);
+        for case in 0..600 {
+            let view = tie_heavy_cluster(&mut rng);
+            let detector = [
+                Detector::Thr(0.8),
+                Detector::Thr(1.0),
+                Detector::Mad(2.5),
+                Detector::Iqr(1.5),
+                Detector::Lr(1.2),
+                Detector::Lrr(1.2),
+            ][rng.below(6)];
+            let c = PolicyConfig {
+                model: [Model::Paper, Model::CloudSim][case % 2],
+                selection: [Selection::Mmt, Selection::Rs, Selection::Mu][rng.below(3)],
+                ..cfg(detector)
+            };
+            let (n_hosts, n_vms) = (view.hosts.len(), view.vms.len());
+            let rules = if rng.below(2) == 0 {
+                RuleSet::default()
+            } else {
+                RuleSet {
+                    closed: (0..n_hosts).map(|_| rng.below(10) == 0).collect(),
+                    pins: view
+                        .vms
+                        .iter()
+                        .map(|v| match rng.below(12) {
+                            0 => Some(v.host),
+                            1 => Some(rng.below(n_hosts) as u32),
+                            _ => None,
+                        })
+                        .collect(),
+                    groups: (0..n_vms)
+                        .map(|_| (rng.below(4) == 0).then(|| rng.below(5) as u32))
+                        .collect(),
+                }
+            };
+            let seed = rng.next_u64();
+            let scan = round_with(&view, &c, &mut SplitMix64::new(seed), &rules, false);
+            let indexed = round_with(&view, &c, &mut SplitMix64::new(seed), &rules, true);
+            assert_eq!(indexed, scan, "case {case}: {detector:?}");
+            moved += scan.migrations.len();
+            drained += scan.sleeps.len();
+        }
+        assert!(moved > 3000, "only {moved} migrations");
+        assert!(drained > 750, "only {drained} hosts drained");
     }
 
     #[test]

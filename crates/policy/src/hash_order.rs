@@ -128,6 +128,12 @@ impl Emulation {
         (sum, free)
     }
 
+    /// Whether a trial placement on host `h` (allocation `sum` MIPS) could still change anything:
+    /// the emulation is on, the host holds load, and it was not tried since its VM list changed.
+    pub fn untried(&self, h: usize, sum: f64) -> bool {
+        self.on && sum != 0.0 && !self.settled[h]
+    }
+
     /// PABFD tried a VM on host `h` (holding `len` VMs, allocation `sum` MIPS), which the reference
     /// code does by creating and destroying it. Returns whether that changed how the host sums its
     /// free MIPS (a cached allocation must then be recomputed).

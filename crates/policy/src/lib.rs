@@ -31,6 +31,7 @@
 pub mod cluster;
 pub mod detect;
 pub mod hash_order;
+mod place_index;
 pub mod power;
 pub mod select;
 
