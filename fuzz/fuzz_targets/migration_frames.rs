@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
     let sealed;
     let bytes = match data.first() {
         Some(&b) if b & 0x80 != 0 => {
-            sealed = seal(b & 0x0f, &data[1..]);
+            sealed = seal(b & 0x1f, &data[1..]);
             &sealed[..]
         }
         _ => data,

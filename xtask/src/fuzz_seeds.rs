@@ -171,9 +171,20 @@ fn migration_frames() -> Vec<Vec<u8>> {
         .encode(),
         Frame::RoundEnd { round: 2 }.encode(),
         Frame::RoundAck { round: 2 }.encode(),
+        Frame::PostCopy {
+            owed: vec![(3, 5), (1 << 20, 1)],
+        }
+        .encode(),
+        Frame::PageRequest { first: 7, pages: 16 }.encode(),
+        Frame::PostCopyDone {
+            pages: 6,
+            demand_faults: 2,
+            max_fault_us: 850,
+        }
+        .encode(),
     ];
     let mut seeds = Vec::new();
-    // The target: first byte with the top bit set = `seal(b & 0x0f, rest)`; else a raw stream.
+    // The target: first byte with the top bit set = `seal(b & 0x1f, rest)`; else a raw stream.
     for f in &frames {
         seeds.push(f.clone());
         let mut s = vec![0x80 | f[5]];
