@@ -287,6 +287,9 @@ impl Run {
                 let live: Vec<u32> = (0..NODES)
                     .filter(|&i| self.nodes[i as usize].child.is_some())
                     .collect();
+                if live.is_empty() {
+                    return;
+                }
                 let node = live[rng.below(live.len() as u64) as usize];
                 self.spawn_writer(node, file);
             }
@@ -526,14 +529,17 @@ fn randomized_faults_lose_no_acknowledged_write() {
                     }
                 }
                 _ => {
-                    // The coordinator's host crashes: its node and its writers. (The others
-                    // may still name a coordinator that crashed a moment ago: then the random
-                    // node's host crashes, if it is up.)
+                    // The coordinator's host crashes: its node and its writers (the random
+                    // node's when none is named). Not when the one named crashed a moment ago
+                    // (the others still name it) or is the last node up: drawn again.
                     let alive = |i: usize| run.nodes[i].child.is_some();
-                    let c = run.coordinator().filter(|&c| alive(c)).unwrap_or(node);
-                    event(&run.events, format!("{kind}: node {}", c + 1));
-                    applied = alive(c);
-                    if let Some(mut child) = run.nodes[c].child.take() {
+                    let c = run.coordinator().unwrap_or(node);
+                    let up = (0..run.nodes.len()).filter(|&i| alive(i)).count();
+                    applied = alive(c) && up > 1;
+                    if applied {
+                        event(&run.events, format!("{kind}: node {}", c + 1));
+                    }
+                    if applied && let Some(mut child) = run.nodes[c].child.take() {
                         let _ = child.kill();
                         let _ = child.wait();
                         for w in run.writers.values_mut().filter(|w| w.node == c as u32) {
