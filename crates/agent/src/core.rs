@@ -111,6 +111,9 @@ pub enum MigrationOutcome {
     Failed,
     /// The commit had no answer; the VM is paused here.
     InDoubt,
+    /// Post-copy failed after the switch: the target stopped the guest and the copy here is
+    /// stale (it refuses to run), so the agent kills it; the VM runs nowhere.
+    Lost,
 }
 
 /// What the shell must do.
@@ -687,6 +690,20 @@ impl Agent {
                     error: "the target did not confirm the commit; the VM is paused here".into(),
                 }
             }
+            MigrationOutcome::Lost => {
+                // The paused copy refuses to run (its memory is stale): it is killed at once and
+                // reported exited from this answer on, so no later report shows a paused copy
+                // that a controller could try to resume.
+                v.state = ObservedState::Exited;
+                v.stopping = true;
+                v.restart_at_ms = None;
+                self.outbox.push(Action::Kill { vm: vm.to_string() });
+                CommandReply::Lost {
+                    error: "post-copy failed after the switch; the target stopped the VM and \
+                            its stale paused copy here was killed"
+                        .into(),
+                }
+            }
         };
         self.reply(generation, id, reply);
     }
@@ -771,6 +788,85 @@ mod tests {
         );
         assert_eq!(a.state_of("m"), ObservedState::Running);
         assert!(!a.is_migrating("nope"));
+    }
+
+    #[test]
+    fn a_post_copy_loss_is_answered_as_lost_and_the_paused_copy_is_not_restarted() {
+        let mut a = leased();
+        a.step(start(1, 1, "m"), 10);
+        a.step(Input::VmmRunning { vm: "m".into() }, 20);
+        a.step(
+            Input::Command(Command {
+                generation: 1,
+                id: 2,
+                host_lease: 1,
+                body: CommandBody::MigrateOut {
+                    vm: "m".into(),
+                    to: "10.0.0.2:7000".into(),
+                    disk_successor: None,
+                },
+            }),
+            30,
+        );
+        a.drain_actions();
+        a.step(
+            Input::MigrationEnded {
+                vm: "m".into(),
+                outcome: MigrationOutcome::Lost,
+                report: None,
+            },
+            40,
+        );
+        let acts = a.drain_actions();
+        assert!(
+            matches!(
+                acts.as_slice(),
+                [
+                    Action::Kill { vm },
+                    Action::Reply {
+                        generation: 1,
+                        id: 2,
+                        reply: CommandReply::Lost { .. },
+                        ..
+                    }
+                ] if vm == "m"
+            ),
+            "the stale copy is killed, then the answer given: {acts:?}"
+        );
+        assert_eq!(
+            a.state_of("m"),
+            ObservedState::Exited,
+            "never reported paused again"
+        );
+        assert!(!a.is_migrating("m"));
+        // Its VMM exits: the stale copy is never started again here.
+        a.step(
+            Input::VmmExited {
+                vm: "m".into(),
+                status: "exit status: 1".into(),
+            },
+            50,
+        );
+        // Well past the restart back-off (500 ms), with the lease kept.
+        for now in [600, 1_200, 2_400] {
+            let lease = Input::LeaseRenewed {
+                sent_ms: now,
+                lease: 1,
+            };
+            a.step(lease, now);
+            a.step(Input::Tick, now);
+        }
+        assert!(
+            !a.drain_actions()
+                .iter()
+                .any(|x| matches!(x, Action::Spawn { .. })),
+            "a lost VM's paused copy must not be restarted"
+        );
+        assert_eq!(
+            a.state_of("m"),
+            ObservedState::Absent,
+            "gone once its VMM exited"
+        );
     }
 
     #[test]

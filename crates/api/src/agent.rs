@@ -135,6 +135,14 @@ pub enum CommandReply {
         /// Why.
         error: String,
     },
+    /// A `migrate_out` in post-copy failed after the switch (`tern vm migrate` exit 4, outcome
+    /// `failed_post_copy`): the target stopped the guest, and the paused copy here, which
+    /// refuses to run (its memory is stale), has been killed. The VM runs nowhere; nothing is in
+    /// doubt.
+    Lost {
+        /// Why.
+        error: String,
+    },
     /// The command's generation is below one this agent has seen: refused, nothing done.
     StaleGeneration {
         /// The highest generation the agent has seen.

@@ -14,13 +14,13 @@
 //! - **In doubt**: a migration whose commit had no answer is settled by asking both agents.
 //!
 //! # Failure rule per command (the table the shell relies on)
-//! | command      | `Done`                              | `Failed` / lost reply           | `InDoubt`          |
-//! |--------------|-------------------------------------|---------------------------------|--------------------|
-//! | start        | VM `starting` (running once seen)   | `Failed`: back to `pending`; lost: wait for reports | — |
-//! | stop         | VM `stopped` / removed              | retried on the next tick        | —                  |
-//! | receive      | send `migrate_out` to the source    | task failed, VM stays           | —                  |
-//! | migrate_out  | VM on the target, task succeeded    | task failed, VM on the source   | query both sides   |
-//! | query        | settle by what each side runs       | ask again on the next tick      | —                  |
+//! | command      | `Done`                              | `Failed` / lost reply           | `InDoubt`          | `Lost` |
+//! |--------------|-------------------------------------|---------------------------------|--------------------|--------|
+//! | start        | VM `starting` (running once seen)   | `Failed`: back to `pending`; lost: wait for reports | — | — |
+//! | stop         | VM `stopped` / removed              | retried on the next tick        | —                  | — |
+//! | receive      | send `migrate_out` to the source    | task failed, VM stays           | —                  | — |
+//! | migrate_out  | VM on the target, task succeeded    | task failed, VM on the source   | query both sides   | task failed, both copies stopped, VM `pending` (starts from its disk) |
+//! | query        | settle by what each side runs       | ask again on the next tick      | —                  | — |
 //!
 //! **Invariant:** the core never sends `start` or `receive` for a VM that may run elsewhere: a VM is
 //! started only when it has no host, or its host was fenced; a migration's target becomes the VM's
@@ -987,6 +987,10 @@ impl Controller {
                 Purpose::MigrateOut { task } => self.resolve(task, &error, now),
                 _ => self.failed(p, &error, now),
             },
+            CommandReply::Lost { error } => match p.purpose {
+                Purpose::MigrateOut { task } => self.lost_in_post_copy(task, &error, now),
+                _ => self.failed(p, &error, now),
+            },
         }
     }
 
@@ -1922,6 +1926,42 @@ impl Controller {
         }
         let msg = format!("moving {vm} failed: {error}");
         self.event(now, "migration_failed", Some(&vm), None, msg);
+    }
+
+    /// A post-copy migration that failed after the switch: no copy runs (the target stopped the
+    /// guest, the source's stays paused and refuses to run), so nothing is in doubt. The task
+    /// fails, both copies are stopped, and the VM is placed again to start from its disk, as
+    /// after a host failure.
+    fn lost_in_post_copy(&mut self, task: u64, error: &str, now: u64) {
+        let Some(t) = self.tasks.get(&task) else {
+            return;
+        };
+        if !matches!(t.phase, Phase::Sending { .. }) {
+            return;
+        }
+        let (vm, from, _) = t.ends();
+        // Stops the target's copy (the task was sending).
+        self.task_failed(task, &format!("lost in post-copy: {error}"), now);
+        if self
+            .hosts
+            .get(&from)
+            .is_some_and(|h| h.state == HostState::Up)
+        {
+            let body = CommandBody::Stop { vm: vm.clone() };
+            self.send(&from, &vm, body, Purpose::Stop, now);
+        }
+        if let Some(v) = self.vms.get_mut(&vm)
+            && v.host.as_deref() == Some(from.as_str())
+        {
+            v.host = None;
+            v.state = VmState::Pending;
+            v.last_error = Some(format!(
+                "lost in a post-copy migration from {from}: {error}"
+            ));
+            self.store_vm(&vm);
+        }
+        let msg = format!("{vm} was lost in post-copy ({error}); it starts again from its disk");
+        self.event(now, "migration_lost", Some(&vm), Some(&from), msg);
     }
 
     /// A migration with no answer to its commit: ask both sides.

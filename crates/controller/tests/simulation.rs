@@ -723,11 +723,17 @@ impl World {
             && self.hosts[dst].real.get(vm) == Some(&Real::Receiving);
         let dst_inc = self.hosts[dst].incarnation;
         let roll: f64 = self.rng.random();
-        let (fail, doubt) = if self.faults { (0.1, 0.1) } else { (0.0, 0.0) };
+        let (fail, doubt, lost) = if self.faults {
+            (0.1, 0.1, 0.05)
+        } else {
+            (0.0, 0.0, 0.0)
+        };
         let outcome = if !src_running || !dst_ready || roll < fail {
             MigrationOutcome::Failed
         } else if roll < fail + doubt {
             MigrationOutcome::InDoubt
+        } else if roll < fail + doubt + lost {
+            MigrationOutcome::Lost
         } else {
             MigrationOutcome::Completed
         };
@@ -759,6 +765,23 @@ impl World {
                         false,
                     );
                 }
+            }
+            MigrationOutcome::Lost => {
+                // Post-copy failed after the switch: the source stays paused for good and the
+                // target stopped the guest (its VMM exits).
+                if let Some(r) = self.hosts[src].real.get_mut(vm) {
+                    *r = Real::Paused;
+                }
+                self.hosts[dst].real.remove(vm);
+                self.send(
+                    1,
+                    Msg::Local {
+                        host: dst,
+                        incarnation: dst_inc,
+                        ev: LocalEv::VmmExited(vm.into()),
+                    },
+                    false,
+                );
             }
             MigrationOutcome::InDoubt => {
                 // The source paused for the commit; the target may or may not have run it.

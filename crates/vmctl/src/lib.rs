@@ -29,6 +29,7 @@
 //! }) {
 //!     Ok(report) => println!("moved, {} ms downtime", report.downtime_ms),
 //!     Err(e) if e.end() == MigrationEnd::InDoubt => eprintln!("{e}: check the target"),
+//!     Err(e) if e.end() == MigrationEnd::Lost => eprintln!("{e}: start it from its disks"),
 //!     Err(e) => eprintln!("{e}; the VM runs here"),
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())

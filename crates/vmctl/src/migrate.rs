@@ -1,12 +1,13 @@
 //! Live migration from the client's side: send `migrate`, pass the progress lines on, and read
-//! the end as one of three facts about where the VM runs ([`MigrationEnd`]), the contract behind
-//! `tern vm migrate`'s exit status 0 / 1 / 3.
+//! the end as one of four facts about where the VM runs ([`MigrationEnd`]), the contract behind
+//! `tern vm migrate`'s exit status 0 / 1 / 3 / 4.
 //!
 //! | end | exit | the VM |
 //! |---|---|---|
 //! | `Completed` | 0 | runs on the target; the source VMM has stopped |
 //! | `Failed` | 1 | runs here as before (refused, cancelled, timed out, failed, or the VMM could not be asked) |
 //! | `InDoubt` | 3 | stays paused here: the commit went out unanswered, the target may run it |
+//! | `Lost` | 4 | runs nowhere: post-copy failed after the switch, the target stopped it and the copy here stays paused for good |
 
 use std::path::Path;
 
@@ -23,6 +24,9 @@ pub enum MigrationEnd {
     Failed,
     /// Paused here, perhaps running on the target (exit 3).
     InDoubt,
+    /// Nowhere: post-copy failed after the switch; stopped on the target, paused for good here
+    /// (its memory is stale), so only a start from its disks brings it back (exit 4).
+    Lost,
 }
 
 impl MigrationEnd {
@@ -31,20 +35,20 @@ impl MigrationEnd {
         match outcome {
             Outcome::Completed => MigrationEnd::Completed,
             Outcome::InDoubt => MigrationEnd::InDoubt,
-            // Post-copy lost the VM: paused here for good, stopped on the target (exit 4).
-            Outcome::FailedPostCopy => MigrationEnd::InDoubt,
+            Outcome::FailedPostCopy => MigrationEnd::Lost,
             Outcome::Refused | Outcome::Cancelled | Outcome::TimedOut | Outcome::Failed => {
                 MigrationEnd::Failed
             }
         }
     }
 
-    /// `tern vm migrate`'s exit status: 0, 1 or 3.
+    /// `tern vm migrate`'s exit status: 0, 1, 3 or 4.
     pub fn exit_code(self) -> u8 {
         match self {
             MigrationEnd::Completed => 0,
             MigrationEnd::Failed => 1,
             MigrationEnd::InDoubt => 3,
+            MigrationEnd::Lost => 4,
         }
     }
 
@@ -52,7 +56,8 @@ impl MigrationEnd {
     pub fn from_exit_code(code: Option<i32>) -> Self {
         match code {
             Some(0) => MigrationEnd::Completed,
-            Some(3) | Some(4) => MigrationEnd::InDoubt,
+            Some(3) => MigrationEnd::InDoubt,
+            Some(4) => MigrationEnd::Lost,
             _ => MigrationEnd::Failed,
         }
     }
@@ -83,6 +88,15 @@ pub enum MigrateError {
         /// The report.
         report: MigrationReport,
     },
+    /// Post-copy failed after the switch (outcome `failed_post_copy`): the target stopped the
+    /// guest and the VM stays paused here for good; it is lost.
+    #[error("the migration failed in post-copy; the VM is lost: {reason}")]
+    Lost {
+        /// The VMM's reason.
+        reason: String,
+        /// The report.
+        report: MigrationReport,
+    },
     /// The VMM answered success without its report.
     #[error("bad response from the VMM: a completed migration without its report")]
     NoReport,
@@ -93,6 +107,7 @@ impl MigrateError {
     pub fn end(&self) -> MigrationEnd {
         match self {
             MigrateError::InDoubt { .. } => MigrationEnd::InDoubt,
+            MigrateError::Lost { .. } => MigrationEnd::Lost,
             // A success answer without its report: the VMM stops, the VM runs on the target.
             MigrateError::NoReport => MigrationEnd::Completed,
             MigrateError::Call(_) | MigrateError::Failed { .. } => MigrationEnd::Failed,
@@ -103,7 +118,9 @@ impl MigrateError {
     pub fn report(&self) -> Option<&MigrationReport> {
         match self {
             MigrateError::Failed { report, .. } => report.as_ref(),
-            MigrateError::InDoubt { report, .. } => Some(report),
+            MigrateError::InDoubt { report, .. } | MigrateError::Lost { report, .. } => {
+                Some(report)
+            }
             MigrateError::Call(_) | MigrateError::NoReport => None,
         }
     }
@@ -123,8 +140,11 @@ pub fn migrate(
     }
     let reason = resp.error.unwrap_or_else(|| "no reason given".into());
     match resp.report {
-        Some(report) if matches!(report.outcome, Outcome::InDoubt | Outcome::FailedPostCopy) => {
+        Some(report) if report.outcome == Outcome::InDoubt => {
             Err(MigrateError::InDoubt { reason, report })
+        }
+        Some(report) if report.outcome == Outcome::FailedPostCopy => {
+            Err(MigrateError::Lost { reason, report })
         }
         report => Err(MigrateError::Failed {
             // A report claiming completion on a refusal is no completion: the VM runs here.
@@ -208,6 +228,15 @@ mod tests {
                 "the migration is in doubt: no answer to the commit",
             ),
             (
+                format!(
+                    r#"{{"ok":false,"error":"the target stopped answering page requests","report":{}}}"#,
+                    report("failed_post_copy")
+                ),
+                MigrationEnd::Lost,
+                Some(Outcome::FailedPostCopy),
+                "the migration failed in post-copy; the VM is lost: the target stopped answering page requests",
+            ),
+            (
                 format!(r#"{{"ok":false,"report":{}}}"#, report("completed")),
                 MigrationEnd::Failed,
                 Some(Outcome::Completed),
@@ -246,6 +275,7 @@ mod tests {
             Outcome::TimedOut,
             Outcome::Failed,
             Outcome::InDoubt,
+            Outcome::FailedPostCopy,
         ] {
             let end = MigrationEnd::of(o);
             assert_eq!(end.exit_code(), o.exit_code(), "{o:?}");
@@ -255,8 +285,8 @@ mod tests {
             );
         }
         assert_eq!(
-            MigrationEnd::from_exit_code(Some(i32::from(Outcome::FailedPostCopy.exit_code()))),
-            MigrationEnd::of(Outcome::FailedPostCopy)
+            MigrationEnd::of(Outcome::FailedPostCopy),
+            MigrationEnd::Lost
         );
         assert_eq!(MigrationEnd::from_exit_code(None), MigrationEnd::Failed);
         assert_eq!(MigrationEnd::from_exit_code(Some(2)), MigrationEnd::Failed);

@@ -190,6 +190,7 @@ pub(crate) fn migration_outcome(end: MigrationEnd) -> MigrationOutcome {
         MigrationEnd::Completed => MigrationOutcome::Completed,
         MigrationEnd::Failed => MigrationOutcome::Failed,
         MigrationEnd::InDoubt => MigrationOutcome::InDoubt,
+        MigrationEnd::Lost => MigrationOutcome::Lost,
     }
 }
 
@@ -282,6 +283,7 @@ mod tests {
             (Some(0), MigrationOutcome::Completed),
             (Some(1), MigrationOutcome::Failed),
             (Some(3), MigrationOutcome::InDoubt),
+            (Some(4), MigrationOutcome::Lost),
             (None, MigrationOutcome::Failed),
         ] {
             assert_eq!(

@@ -281,23 +281,12 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Err(e) => e,
     };
     let code = ExitCode::from(e.end().exit_code());
-    if let Some(r) = e.report()
-        && r.outcome == tern_api::vmm::Outcome::FailedPostCopy
-    {
-        let reason = match &e {
-            MigrateError::InDoubt { reason, .. } | MigrateError::Failed { reason, .. } => {
-                reason.clone()
-            }
-            other => other.to_string(),
-        };
-        eprintln!(
-            "tern: {reason}; the VM is lost: the target stopped it, and the paused copy here refuses to run again (its memory is stale): stop it and start the VM from its disks"
-        );
-        return Ok(ExitCode::from(r.outcome.exit_code()));
-    }
     match e {
         MigrateError::InDoubt { reason, .. } => eprintln!(
             "tern: migration in doubt: {reason}; the VM stays paused here; check the target, then `tern vm resume` or `tern vm stop`"
+        ),
+        MigrateError::Lost { reason, .. } => eprintln!(
+            "tern: {reason}; the VM is lost: the target stopped it, and the paused copy here refuses to run again (its memory is stale): stop it and start the VM from its disks"
         ),
         MigrateError::Failed {
             outcome, reason, ..
