@@ -12,32 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{MigrationPair, tern, tern_cmd};
+use common::{MigrationPair, tern_cmd};
 
 /// A slow migration: 64 MiB of non-zero pages at 16 MiB/s take about 4 s in round 0.
 const BUSY: &str = "tern.hb_ms=50 tern.dirty_mib=64 tern.dirty_rate=20000";
 const SLOW: &[&str] = &["--max-bandwidth-mibps", "16"];
-
-fn spawn_migrate(p: &MigrationPair, port: u16, extra: &[&str]) -> std::process::Child {
-    std::process::Command::new(tern())
-        .args(["vm", "migrate", "--api-sock"])
-        .arg(&p.src_sock)
-        .args(["--to", &format!("127.0.0.1:{port}"), "--json"])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tern vm migrate")
-}
-
-fn finish(child: std::process::Child) -> (i32, serde_json::Value, String) {
-    let out = child.wait_with_output().expect("migrate output");
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// A TCP proxy to `target`: `corrupt_after` flips one byte of a connection's source→target
 /// bytes once that many have passed; `cut` closes every connection.
@@ -119,10 +98,10 @@ fn proxy(target: u16, corrupt_after: Option<usize>) -> Proxy {
 #[test]
 fn killing_the_target_mid_round_leaves_the_source_running() {
     let mut p = MigrationPair::start(128, 1, BUSY, &[]);
-    let m = spawn_migrate(&p, p.port, SLOW);
+    let m = p.spawn_migrate(p.port, SLOW);
     thread::sleep(Duration::from_millis(1200));
     p.dst.child.kill().expect("kill the target");
-    let (rc, report, err) = finish(m);
+    let (rc, report, err) = common::migrate_output(m);
     assert_eq!(rc, 1, "migrate must fail: {err} {report}");
     assert_eq!(report["outcome"], "failed", "{report}");
     p.assert_source_kept();
@@ -138,7 +117,7 @@ fn cutting_the_connection_during_stop_and_copy_resumes_the_source() {
         &[],
     );
     let px = proxy(p.port, None);
-    let m = spawn_migrate(&p, px.port, &["--verify-memory"]);
+    let m = p.spawn_migrate(px.port, &["--verify-memory"]);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, out, _) = tern_cmd(&["vm", "status", "--api-sock", p.src_sock.to_str().unwrap()]);
@@ -149,7 +128,7 @@ fn cutting_the_connection_during_stop_and_copy_resumes_the_source() {
         assert!(Instant::now() < deadline, "the source never paused");
         thread::sleep(Duration::from_millis(1));
     }
-    let (rc, report, err) = finish(m);
+    let (rc, report, err) = common::migrate_output(m);
     assert_eq!(rc, 1, "migrate must fail: {err} {report}");
     assert_eq!(report["outcome"], "failed", "{report}");
     p.assert_source_kept();
@@ -199,7 +178,7 @@ fn a_config_mismatch_is_refused_before_any_page() {
 #[test]
 fn cancel_stops_the_migration_and_the_source_keeps_running() {
     let mut p = MigrationPair::start(128, 1, BUSY, &[]);
-    let m = spawn_migrate(&p, p.port, SLOW);
+    let m = p.spawn_migrate(p.port, SLOW);
     thread::sleep(Duration::from_millis(1200));
     let (rc, _, err) = tern_cmd(&[
         "vm",
@@ -209,7 +188,7 @@ fn cancel_stops_the_migration_and_the_source_keeps_running() {
         "--cancel",
     ]);
     assert_eq!(rc, 0, "cancel: {err}");
-    let (rc, report, err) = finish(m);
+    let (rc, report, err) = common::migrate_output(m);
     assert_eq!(rc, 1, "{err}");
     assert_eq!(report["outcome"], "cancelled", "{report}");
     p.assert_source_kept();

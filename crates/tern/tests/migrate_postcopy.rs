@@ -12,7 +12,7 @@ mod faultproxy;
 
 use std::time::Duration;
 
-use common::{MigrationPair, field, tern, tern_cmd};
+use common::{MigrationPair, field, tern_cmd};
 use faultproxy::{Disposition, FaultProxy};
 
 /// 64 MiB written at the guest's maximum rate: every round re-dirties all of it.
@@ -29,27 +29,6 @@ fn require_root() {
         "0",
         "post-copy tests need root: the target opens a userfaultfd that KVM's faults reach"
     );
-}
-
-fn spawn_migrate(p: &MigrationPair, extra: &[&str]) -> std::process::Child {
-    std::process::Command::new(tern())
-        .args(["vm", "migrate", "--api-sock"])
-        .arg(&p.src_sock)
-        .args(["--to", &format!("127.0.0.1:{}", p.port), "--json"])
-        .args(extra)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn tern vm migrate")
-}
-
-fn finish(child: std::process::Child) -> (i32, serde_json::Value, String) {
-    let out = child.wait_with_output().expect("migrate output");
-    (
-        out.status.code().unwrap_or(-1),
-        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn status(sock: &std::path::Path) -> String {
@@ -140,8 +119,8 @@ report: {report}"
 fn switched_slowly() -> (MigrationPair, std::process::Child) {
     require_root();
     let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
-    let m = spawn_migrate(
-        &p,
+    let m = p.spawn_migrate(
+        p.port,
         &["--post-copy-after", "1", "--max-bandwidth-mibps", "16"],
     );
     let first = p
@@ -155,7 +134,7 @@ fn switched_slowly() -> (MigrationPair, std::process::Child) {
 fn killing_the_target_during_post_copy_loses_the_vm_and_the_source_stays_paused() {
     let (mut p, m) = switched_slowly();
     p.dst.child.kill().expect("kill the target");
-    let (rc, report, err) = finish(m);
+    let (rc, report, err) = common::migrate_output(m);
     assert_eq!(rc, 4, "post-copy lost: exit 4\n{err}\n{report}");
     assert_eq!(report["outcome"], "failed_post_copy", "{report}");
     assert!(report["post_copy"].is_object(), "{report}");
@@ -204,7 +183,7 @@ fn losing_the_source_during_post_copy_stops_the_guest_on_the_target() {
         "a target that lost post-copy claims no running VM"
     );
     // The migrate client lost its VMM: it fails too, claiming nothing.
-    let (rc, report, err) = finish(m);
+    let (rc, report, err) = common::migrate_output(m);
     assert_ne!(rc, 0, "{err} {report}");
     assert_ne!(report["outcome"], "completed", "{report}");
 }

@@ -437,13 +437,32 @@ impl MigrationPair {
         self.migrate_to(self.port, extra)
     }
 
-    /// Like [`MigrationPair::migrate`] with another target port (a proxy).
-    pub fn migrate_to(&self, port: u16, extra: &[&str]) -> (i32, serde_json::Value, String) {
-        let to = if port == self.port {
+    /// The `--to` address for `port`: the receiver's own, or a loopback proxy's.
+    fn target(&self, port: u16) -> String {
+        if port == self.port {
             format!("{}:{port}", self.to_host)
         } else {
             format!("127.0.0.1:{port}")
-        };
+        }
+    }
+
+    /// Starts `tern vm migrate --api-sock SRC --to …:PORT --json EXTRA…` in the background (for
+    /// a test that acts while it runs); [`migrate_output`] waits for it.
+    pub fn spawn_migrate(&self, port: u16, extra: &[&str]) -> std::process::Child {
+        std::process::Command::new(tern())
+            .args(["vm", "migrate", "--api-sock"])
+            .arg(&self.src_sock)
+            .args(["--to", &self.target(port), "--json"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tern vm migrate")
+    }
+
+    /// Like [`MigrationPair::migrate`] with another target port (a proxy).
+    pub fn migrate_to(&self, port: u16, extra: &[&str]) -> (i32, serde_json::Value, String) {
+        let to = self.target(port);
         let mut args = vec![
             "vm",
             "migrate",
@@ -539,6 +558,17 @@ impl MigrationPair {
         let _ = tern_cmd(&["vm", "stop", "--api-sock", self.src_sock.to_str().unwrap()]);
         self.src.wait_exit(Duration::from_secs(10));
     }
+}
+
+/// Waits for a `tern vm migrate` started by [`MigrationPair::spawn_migrate`]: its exit code (-1
+/// when killed by a signal), the JSON report (null if none) and stderr.
+pub fn migrate_output(child: std::process::Child) -> (i32, serde_json::Value, String) {
+    let out = child.wait_with_output().expect("migrate output");
+    (
+        out.status.code().unwrap_or(-1),
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A cluster PKI in `dir/ca`: `tern pki init`, then `tern pki issue` for each (name, role);
