@@ -8,32 +8,11 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{MigrationPair, tern_cmd};
+use common::{MigrationPair, pki, tern_cmd};
 use tern_pki::{IssueOptions, Role};
-
-/// `tern pki init` in `dir/ca` and `tern pki issue` for each (name, role); returns the CA dir.
-fn pki(dir: &Path, certs: &[(&str, &str)]) -> PathBuf {
-    let ca = dir.join("ca");
-    let (rc, _, err) = tern_cmd(&["pki", "init", "--dir", ca.to_str().unwrap()]);
-    assert_eq!(rc, 0, "pki init: {err}");
-    for (name, role) in certs {
-        let (rc, _, err) = tern_cmd(&[
-            "pki",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--name",
-            name,
-            "--role",
-            role,
-        ]);
-        assert_eq!(rc, 0, "pki issue {name}: {err}");
-    }
-    ca
-}
 
 fn completed(report: &serde_json::Value, rc: i32, err: &str) {
     assert_eq!(rc, 0, "migrate failed: {err}\nreport: {report}");
