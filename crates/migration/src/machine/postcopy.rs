@@ -88,11 +88,12 @@ pub fn owed_runs(owed: &PageSet) -> Vec<(u64, u32)> {
     runs
 }
 
-/// The owed set from wire runs (already checked by the decoder to lie inside the layout).
+/// The owed set from wire runs (already checked by the decoder to lie inside the layout; a run
+/// that reaches past `total_pages` anyway is cut there, never a panic).
 pub fn owed_from_runs(total_pages: u64, runs: &[(u64, u32)]) -> PageSet {
     let mut set = PageSet::empty(total_pages);
     for &(first, n) in runs {
-        for p in first..(first + u64::from(n)).min(total_pages) {
+        for p in first..first.saturating_add(u64::from(n)).min(total_pages) {
             set.insert(p);
         }
     }
@@ -455,6 +456,12 @@ mod tests {
             pc.decide(&sync)
         );
         assert_eq!(pre_copy_convergence(&cfg, None), cfg);
+    }
+
+    #[test]
+    fn owed_runs_past_the_layout_are_cut_at_its_end_without_a_panic() {
+        let back = owed_from_runs(40, &[(38, 5), (u64::MAX - 1, u32::MAX)]);
+        assert_eq!(back.iter().collect::<Vec<_>>(), vec![38, 39]);
     }
 
     #[test]
