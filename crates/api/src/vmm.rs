@@ -401,7 +401,7 @@ impl Outcome {
     }
 
     /// The outcome in words: `completed`, `refused`, `cancelled`, `timed out`, `failed`,
-    /// `in doubt`.
+    /// `in doubt`, `failed in post-copy (the VM is lost)`.
     pub fn words(self) -> &'static str {
         match self {
             Outcome::Completed => "completed",
