@@ -1536,11 +1536,9 @@ impl Loop {
             rec.plan.actions.iter().all(|a| {
                 !matches!(a, PlanAction::Migrate { .. }) || a.status() == ActionStatus::Done
             });
-        let occupied: BTreeSet<String> = self
-            .vms
-            .values()
-            .filter_map(|v| v.sample.host.clone())
-            .collect();
+        // Hosts with a VM, built only when a power-off is reached: a dispatch runs at every
+        // outcome report, and a plan of thousands of moves reports thousands of times.
+        let mut occupied: Option<BTreeSet<String>> = None;
         let mut stop: Option<String> = None;
         if !failed {
             for i in 0..rec.plan.actions.len() {
@@ -1602,6 +1600,12 @@ impl Loop {
                         if !all_moved {
                             break;
                         }
+                        let occupied = occupied.get_or_insert_with(|| {
+                            self.vms
+                                .values()
+                                .filter_map(|v| v.sample.host.clone())
+                                .collect()
+                        });
                         if occupied.contains(host) {
                             stop = Some(format!("host {host} is no longer empty"));
                             break;
