@@ -175,7 +175,11 @@ fn migration_frames() -> Vec<Vec<u8>> {
             owed: vec![(3, 5), (1 << 20, 1)],
         }
         .encode(),
-        Frame::PageRequest { first: 7, pages: 16 }.encode(),
+        Frame::PageRequest {
+            first: 7,
+            pages: 16,
+        }
+        .encode(),
         Frame::PostCopyDone {
             pages: 6,
             demand_faults: 2,
