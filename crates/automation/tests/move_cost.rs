@@ -3,6 +3,8 @@
 //!
 //! `cargo test -p tern-automation --test move_cost`
 
+mod common;
+
 use tern_api::automation::{MigrationActual, MigrationPrediction, PlanAction, Policy};
 use tern_automation::cost::{
     LINK_EWMA_WEIGHT, LinkEstimator, MIN_LINK_SAMPLE_BYTES, MoveInput, link_from_migration,
@@ -15,29 +17,16 @@ const MEMORY_MIB: u64 = 1024;
 
 fn host(name: &str, link: Option<f64>) -> HostSample {
     HostSample {
-        name: name.into(),
-        cores: 2,
-        power_model: "hp-ml110-g5".into(),
-        up: true,
-        maintenance: false,
-        cpu_utilization: None,
-        parked_cores: None,
         migration_link_bytes_per_sec: link,
+        ..common::host(name)
     }
 }
 
 fn vm(name: &str, host: &str, u: f64, resident_mib: Option<u64>) -> VmSample {
     VmSample {
-        name: name.into(),
-        host: Some(host.into()),
-        vcpus: 1,
         memory_mib: MEMORY_MIB,
         resident_mib,
-        cpu_utilization: Some(u),
-        dirty_pages_per_sec: None,
-        pinned: false,
-        anti_affinity: None,
-        migrating: false,
+        ..common::vm(name, host, u)
     }
 }
 

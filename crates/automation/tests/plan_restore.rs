@@ -2,37 +2,12 @@
 //! proposals stay proposed and can be applied when the cluster is as they were computed on, are
 //! superseded when it is not, and a plan that was being applied is failed.
 
+mod common;
+
+use common::{host, vm};
 use tern_api::automation::{ActionStatus, PlanAction, PlanState, Policy};
-use tern_automation::telemetry::{HostSample, Telemetry, VmSample};
+use tern_automation::telemetry::Telemetry;
 use tern_automation::{Action, Loop, LoopConfig};
-
-fn host(name: &str) -> HostSample {
-    HostSample {
-        name: name.into(),
-        cores: 2,
-        power_model: "hp-ml110-g5".into(),
-        up: true,
-        maintenance: false,
-        cpu_utilization: None,
-        parked_cores: None,
-        migration_link_bytes_per_sec: None,
-    }
-}
-
-fn vm(name: &str, host: &str, u: f64) -> VmSample {
-    VmSample {
-        name: name.into(),
-        host: Some(host.into()),
-        vcpus: 1,
-        memory_mib: 512,
-        resident_mib: None,
-        cpu_utilization: Some(u),
-        dirty_pages_per_sec: None,
-        pinned: false,
-        anti_affinity: None,
-        migrating: false,
-    }
-}
 
 /// h1 overloaded (2.7 of 2 cores), h2 light.
 fn cluster() -> Telemetry {

@@ -8,7 +8,38 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::{Deref, DerefMut};
 
 use tern_automation::replay::Replay;
+use tern_automation::telemetry::{HostSample, VmSample};
 use tern_automation::{Action, Loop};
+
+/// An up 2-core host out of maintenance, with no measurements yet.
+pub fn host(name: &str) -> HostSample {
+    HostSample {
+        name: name.into(),
+        cores: 2,
+        power_model: "hp-ml110-g5".into(),
+        up: true,
+        maintenance: false,
+        cpu_utilization: None,
+        parked_cores: None,
+        migration_link_bytes_per_sec: None,
+    }
+}
+
+/// A 1-vCPU, 512 MiB VM on `host` using `u` of its vCPU, free to move.
+pub fn vm(name: &str, host: &str, u: f64) -> VmSample {
+    VmSample {
+        name: name.into(),
+        host: Some(host.into()),
+        vcpus: 1,
+        memory_mib: 512,
+        resident_mib: None,
+        cpu_utilization: Some(u),
+        dirty_pages_per_sec: None,
+        pinned: false,
+        anti_affinity: None,
+        migrating: false,
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Cluster(pub Replay);
