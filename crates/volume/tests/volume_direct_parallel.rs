@@ -10,94 +10,23 @@
 //! Nodes are served in-process (no etcd: node 1 is made coordinator directly, node 2 is told who
 //! it is), driven by pipelining clients.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::{Cluster, DIRECT, MIB, TIMEOUT, ctl, lease};
 use tern_nbd::{ClientError, Errno, SharedClient};
-use tern_volume::control::{self, LeaseAction, Request, Response};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
-use tern_volume::lun::FileLun;
-use tern_volume::node::{LeaderInfo, Node, NodeConfig, NodeExports};
-use tern_volume::store::{self, FormatOptions};
-
-const MIB: u64 = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
+use tern_volume::control::{LeaseAction, Request};
 const BLOCK: usize = 4096;
 const BLOCKS: u64 = 64;
 const WRITERS: u64 = 8;
 
-fn format_lun(dir: &Path, extents: u64) -> PathBuf {
-    let lun = dir.join("lun");
-    std::fs::File::create(&lun)
-        .unwrap()
-        .set_len(MIN_LUN_SIZE + (extents - 1) * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [7; 16],
-        },
-    )
-    .unwrap();
-    lun
-}
-
-/// Start node `id` on the LUN with direct I/O; node 1 becomes coordinator, the others follow.
-fn node(lun: &Path, id: u32, leader: Option<&LeaderInfo>) -> (Arc<Node>, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let n = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct: false,
-            lease_ttl_ms: 600_000,
-            lun: lun.to_owned(),
-            fault_file: None,
-        },
-        lun,
-    )
-    .unwrap();
-    match leader {
-        None => n.become_coordinator(1, u64::MAX).unwrap(),
-        Some(l) => n.set_leader(Some(l.clone())),
-    }
-    let exports = Arc::new(NodeExports(Arc::clone(&n)));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, exports));
-    (n, addr)
-}
-
-fn ctl(addr: &str, req: Request) -> Response {
-    control::request(addr, &req, false, TIMEOUT).unwrap_or_else(|e| panic!("{req:?}: {e}"))
-}
-
-fn lease(addr: &str, name: &str, action: LeaseAction) -> u64 {
-    ctl(
-        addr,
-        Request::Lease {
-            name: name.into(),
-            action,
-        },
-    )
-    .into_lease()
-    .unwrap()
-    .epoch
-}
-
 fn two_nodes(dir: &Path) -> (String, String) {
-    let lun = format_lun(dir, 32);
-    let (_n1, a1) = node(&lun, 1, None);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let (_n2, a2) = node(&lun, 2, Some(&leader));
-    (a1, a2)
+    let c = Cluster::new(dir, 32, DIRECT);
+    let (_n2, a2) = c.follower(2, DIRECT);
+    (c.addr, a2)
 }
 
 /// Block `i` filled with `tag` (its first 8 bytes: `tag` and `i`, the rest `tag`'s low byte).

@@ -7,66 +7,11 @@
 //! * A write stamped with the fenced node's old epoch is refused (`EPERM`) and changes nothing.
 //! * The bumped epochs are on the LUN before the reply: a coordinator that opens it afresh sees them.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
+use common::{Cluster, MIB, NO_DIRECT, NodeOptions, TIMEOUT, create, ctl, lease, node};
 use tern_nbd::{ClientError, Errno, SharedClient};
-use tern_volume::control::{self, LeaseAction, Request, Response};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
-use tern_volume::lun::FileLun;
-use tern_volume::node::{LeaderInfo, Node, NodeConfig, NodeExports};
-use tern_volume::store::{self, FormatOptions};
-
-const MIB: u64 = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn format_lun(dir: &Path) -> PathBuf {
-    let lun = dir.join("lun");
-    std::fs::File::create(&lun)
-        .unwrap()
-        .set_len(MIN_LUN_SIZE + 31 * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [9; 16],
-        },
-    )
-    .unwrap();
-    lun
-}
-
-/// Node `id` on the LUN: the coordinator (with `generation`) when `leader` is `None`.
-fn node(lun: &Path, id: u32, leader: Option<&LeaderInfo>, generation: u64) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let n = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct: true,
-            lease_ttl_ms: 600_000,
-            lun: lun.to_owned(),
-            fault_file: None,
-        },
-        lun,
-    )
-    .unwrap();
-    match leader {
-        None => n.become_coordinator(generation, u64::MAX).unwrap(),
-        Some(l) => n.set_leader(Some(l.clone())),
-    }
-    let exports = Arc::new(NodeExports(n));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, exports));
-    addr
-}
-
-fn ctl(addr: &str, req: Request) -> Response {
-    control::request(addr, &req, false, TIMEOUT).unwrap_or_else(|e| panic!("{req:?}: {e}"))
-}
+use tern_volume::control::{LeaseAction, Request};
 
 fn stat(addr: &str, name: &str) -> (u64, Option<u32>) {
     let f = ctl(
@@ -82,38 +27,17 @@ fn stat(addr: &str, name: &str) -> (u64, Option<u32>) {
 }
 
 fn acquire(addr: &str, name: &str) -> u64 {
-    ctl(
-        addr,
-        Request::Create {
-            name: name.into(),
-            size: 4 * MIB,
-            preallocated: true,
-        },
-    );
-    ctl(
-        addr,
-        Request::Lease {
-            name: name.into(),
-            action: LeaseAction::Acquire,
-        },
-    )
-    .into_lease()
-    .unwrap()
-    .epoch
+    create(addr, name, 4 * MIB, true);
+    lease(addr, name, LeaseAction::Acquire)
 }
 
 #[test]
 fn fencing_a_node_takes_its_leases_persists_the_epochs_and_refuses_its_late_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let lun = format_lun(dir.path());
-    let a1 = node(&lun, 1, None, 1);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let a2 = node(&lun, 2, Some(&leader), 0);
-    let a3 = node(&lun, 3, Some(&leader), 0);
+    let c = Cluster::new(dir.path(), 32, NO_DIRECT);
+    let a1 = c.addr.clone();
+    let (_n2, a2) = c.follower(2, NO_DIRECT);
+    let (_n3, a3) = c.follower(3, NO_DIRECT);
 
     let e_a = acquire(&a2, "a.raw");
     let e_b = acquire(&a2, "b.raw");
@@ -148,7 +72,15 @@ fn fencing_a_node_takes_its_leases_persists_the_epochs_and_refuses_its_late_writ
     assert!(again.files.is_empty());
 
     // The bumped epochs were committed to the LUN: a coordinator opening it afresh sees them.
-    let fresh = node(&lun, 4, None, 2);
+    let (_n4, fresh) = node(
+        &c.lun,
+        4,
+        None,
+        NodeOptions {
+            generation: 2,
+            ..NO_DIRECT
+        },
+    );
     assert_eq!(stat(&fresh, "a.raw"), (e_a + 1, None));
     assert_eq!(stat(&fresh, "b.raw"), (e_b + 1, None));
 }

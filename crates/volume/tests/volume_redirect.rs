@@ -9,92 +9,14 @@
 //! * A node whose LUN path flaps while writers keep requests in flight loses no acknowledged
 //!   write (journal replay, redirected writes, the switch back to direct after they landed).
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
+use common::{Cluster, DIRECT, MIB, NO_DIRECT, TIMEOUT, create, lease};
 use tern_nbd::{ClientError, Errno, SharedClient};
-use tern_volume::control::{self, LeaseAction, Request, Response};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
-use tern_volume::lun::FileLun;
-use tern_volume::node::{LeaderInfo, Node, NodeConfig, NodeExports, PathState};
-use tern_volume::store::{self, FormatOptions};
-
-const MIB: u64 = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn format_lun(dir: &Path, extents: u64) -> PathBuf {
-    let lun = dir.join("lun");
-    std::fs::File::create(&lun)
-        .unwrap()
-        .set_len(MIN_LUN_SIZE + (extents - 1) * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [5; 16],
-        },
-    )
-    .unwrap();
-    lun
-}
-
-/// Start node `id` on the LUN; node 1 becomes coordinator, the others follow it.
-fn node(lun: &Path, id: u32, no_direct: bool, leader: Option<&LeaderInfo>) -> (Arc<Node>, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let n = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct,
-            lease_ttl_ms: 600_000,
-            lun: lun.to_owned(),
-            fault_file: None,
-        },
-        lun,
-    )
-    .unwrap();
-    match leader {
-        None => n.become_coordinator(1, u64::MAX).unwrap(),
-        Some(l) => n.set_leader(Some(l.clone())),
-    }
-    let exports = Arc::new(NodeExports(Arc::clone(&n)));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, exports));
-    (n, addr)
-}
-
-fn ctl(addr: &str, req: Request) -> Response {
-    control::request(addr, &req, false, TIMEOUT).unwrap_or_else(|e| panic!("{req:?}: {e}"))
-}
-
-fn create(addr: &str, name: &str, size: u64, preallocated: bool) {
-    ctl(
-        addr,
-        Request::Create {
-            name: name.into(),
-            size,
-            preallocated,
-        },
-    )
-    .into_file()
-    .unwrap();
-}
-
-fn lease(addr: &str, name: &str, action: LeaseAction) -> u64 {
-    let g = ctl(
-        addr,
-        Request::Lease {
-            name: name.into(),
-            action,
-        },
-    )
-    .into_lease()
-    .unwrap();
-    g.epoch
-}
+use tern_volume::control::LeaseAction;
+use tern_volume::node::PathState;
 
 /// The block `i` as writer `t` writes it in round `round`.
 fn pattern(t: u64, i: u64, round: u64, len: usize) -> Vec<u8> {
@@ -150,14 +72,9 @@ fn check_final(c: &SharedClient, round: u64, what: &str) {
 #[test]
 fn pipelined_writes_through_two_hops_land_and_stale_epochs_are_fenced_for_every_request() {
     let dir = tempfile::tempdir().unwrap();
-    let lun = format_lun(dir.path(), 64);
-    let (_n1, a1) = node(&lun, 1, false, None);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let (_n2, a2) = node(&lun, 2, true, Some(&leader));
+    let c = Cluster::new(dir.path(), 64, DIRECT);
+    let a1 = c.addr.clone();
+    let (_n2, a2) = c.follower(2, NO_DIRECT);
     for (name, preallocated) in [("pre", true), ("thin", false)] {
         create(&a1, name, 8 * MIB, preallocated);
         let epoch = lease(&a2, name, LeaseAction::Acquire);
@@ -196,14 +113,9 @@ fn pipelined_writes_through_two_hops_land_and_stale_epochs_are_fenced_for_every_
 #[test]
 fn a_flapping_path_with_requests_in_flight_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
-    let lun = format_lun(dir.path(), 64);
-    let (_n1, a1) = node(&lun, 1, false, None);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let (n3, a3) = node(&lun, 3, false, Some(&leader));
+    let c = Cluster::new(dir.path(), 64, DIRECT);
+    let a1 = c.addr.clone();
+    let (n3, a3) = c.follower(3, DIRECT);
     create(&a1, "f", 8 * MIB, false);
     lease(&a3, "f", LeaseAction::Acquire);
     let c = SharedClient::connect_timeout(&a3, "f", TIMEOUT).unwrap();

@@ -12,104 +12,28 @@
 //!   `ESHUTDOWN`, each is executed again through the file on the new coordinator, and every
 //!   acknowledged write is there.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Cluster, DIRECT, MIB, NO_DIRECT, TIMEOUT, create, ctl, lease};
 use tern_nbd::{ClientError, Errno, SharedClient};
-use tern_volume::control::{self, LeaseAction, Request, Response};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
-use tern_volume::lun::FileLun;
-use tern_volume::node::{LeaderInfo, Node, NodeConfig, NodeExports, PathState};
-use tern_volume::store::{self, FormatOptions};
-
-const MIB: u64 = 1 << 20;
-const TIMEOUT: Duration = Duration::from_secs(10);
-
-fn format_lun(dir: &Path, extents: u64) -> PathBuf {
-    let lun = dir.join("lun");
-    std::fs::File::create(&lun)
-        .unwrap()
-        .set_len(MIN_LUN_SIZE + (extents - 1) * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [7; 16],
-        },
-    )
-    .unwrap();
-    lun
-}
-
-/// Start node `id` on the LUN; node 1 becomes coordinator, the others follow it.
-fn node(lun: &Path, id: u32, no_direct: bool, leader: Option<&LeaderInfo>) -> (Arc<Node>, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let n = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct,
-            lease_ttl_ms: 600_000,
-            lun: lun.to_owned(),
-            fault_file: None,
-        },
-        lun,
-    )
-    .unwrap();
-    match leader {
-        None => n.become_coordinator(1, u64::MAX).unwrap(),
-        Some(l) => n.set_leader(Some(l.clone())),
-    }
-    let exports = Arc::new(NodeExports(Arc::clone(&n)));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, exports));
-    (n, addr)
-}
+use tern_volume::control::{LeaseAction, Request};
+use tern_volume::format::EXTENT_SIZE;
+use tern_volume::node::{LeaderInfo, Node, PathState};
 
 /// A coordinator (node 1) and a `--no-direct` node 2 on a LUN of `extents` extents.
 fn two_nodes(dir: &Path, extents: u64) -> (String, Arc<Node>, String, Arc<Node>) {
-    let lun = format_lun(dir, extents);
-    let (n1, a1) = node(&lun, 1, false, None);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let (n2, a2) = node(&lun, 2, true, Some(&leader));
-    (a1, n1, a2, n2)
-}
-
-fn ctl(addr: &str, req: Request) -> Response {
-    control::request(addr, &req, false, TIMEOUT).unwrap_or_else(|e| panic!("{req:?}: {e}"))
-}
-
-fn create(addr: &str, name: &str, size: u64, preallocated: bool) {
-    ctl(
-        addr,
-        Request::Create {
-            name: name.into(),
-            size,
-            preallocated,
-        },
-    )
-    .into_file()
-    .unwrap();
+    let c = Cluster::new(dir, extents, DIRECT);
+    let (n2, a2) = c.follower(2, NO_DIRECT);
+    (c.addr, c.coordinator, a2, n2)
 }
 
 fn acquire(addr: &str, name: &str) {
-    ctl(
-        addr,
-        Request::Lease {
-            name: name.into(),
-            action: LeaseAction::Acquire,
-        },
-    )
-    .into_lease()
-    .unwrap();
+    lease(addr, name, LeaseAction::Acquire);
 }
 
 fn allocated(addr: &str, name: &str) -> u64 {
@@ -331,15 +255,10 @@ fn a_write_the_coordinator_refuses_fails_alone_among_requests_in_flight() {
 #[test]
 fn writes_in_flight_when_the_coordinator_changes_are_retried_on_the_new_one() {
     let dir = tempfile::tempdir().unwrap();
-    let lun = format_lun(dir.path(), 64);
-    let (n1, a1) = node(&lun, 1, false, None);
-    let first = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
-    };
-    let (n2, a2) = node(&lun, 2, true, Some(&first));
-    let (n3, a3) = node(&lun, 3, false, Some(&first));
+    let c = Cluster::new(dir.path(), 64, DIRECT);
+    let (n1, a1) = (Arc::clone(&c.coordinator), c.addr.clone());
+    let (n2, a2) = c.follower(2, NO_DIRECT);
+    let (n3, a3) = c.follower(3, DIRECT);
     create(&a1, "f", 8 * MIB, true);
     acquire(&a2, "f");
     let c = SharedClient::connect_timeout(&a2, "f", TIMEOUT).unwrap();

@@ -10,68 +10,37 @@
 //!
 //! Needs `qemu-img`, `qemu-io`, `nbdinfo`, `nbdcopy` on PATH (fails loudly without them).
 
-use std::net::TcpListener;
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::time::Duration;
 
+use common::{Cluster, DIRECT, MIB, NO_DIRECT, TIMEOUT};
 use tern_nbd::{Client, ClientError, Errno};
 use tern_volume::control::{self, LeaseAction, Request};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
 use tern_volume::lun::FileLun;
-use tern_volume::node::{Node, NodeConfig, NodeExports};
-use tern_volume::store::{self, FormatOptions};
-
-const MIB: u64 = 1 << 20;
 
 struct Served {
     _dir: tempfile::TempDir,
     dir: PathBuf,
     addr: String,
+    cluster: Cluster,
 }
 
 /// Format a LUN of `extents` data extents and serve it from one in-process coordinator node.
 fn serve(extents: u64) -> Served {
     let dir = tempfile::tempdir().unwrap();
-    let lun = dir.path().join("lun");
-    let f = std::fs::File::create(&lun).unwrap();
-    f.set_len(MIN_LUN_SIZE + (extents - 1) * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [3; 16],
-        },
-    )
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let node = Node::new(
-        NodeConfig {
-            node_id: 1,
-            listen: addr.clone(),
-            no_direct: false,
-            lease_ttl_ms: 600_000,
-            lun: lun.clone(),
-            fault_file: None,
-        },
-        &lun,
-    )
-    .unwrap();
-    node.become_coordinator(1, u64::MAX).unwrap();
-    std::thread::spawn(move || tern_nbd::run_listener(listener, Arc::new(NodeExports(node))));
+    let cluster = Cluster::new(dir.path(), extents, DIRECT);
     Served {
         dir: dir.path().to_owned(),
         _dir: dir,
-        addr,
+        addr: cluster.addr.clone(),
+        cluster,
     }
 }
 
 fn ctl(addr: &str, req: Request) -> serde_json::Value {
-    control::call(addr, &req, false, Duration::from_secs(10))
-        .unwrap_or_else(|e| panic!("{req:?} failed: {e}"))
+    control::call(addr, &req, false, TIMEOUT).unwrap_or_else(|e| panic!("{req:?} failed: {e}"))
 }
 
 /// Create a thin file and take its write lease for the node.
@@ -316,28 +285,8 @@ fn an_over_committed_volume_returns_enospc_at_write_time_and_loses_nothing_else(
 
 /// A second node on the same LUN that forwards to the served coordinator (node 1).
 fn second_node(s: &Served, id: u32, no_direct: bool) -> String {
-    let lun = s.dir.join("lun");
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let node = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct,
-            lease_ttl_ms: 600_000,
-            lun: lun.clone(),
-            fault_file: None,
-        },
-        &lun,
-    )
-    .unwrap();
-    node.set_leader(Some(tern_volume::node::LeaderInfo {
-        node_id: 1,
-        addr: s.addr.clone(),
-        generation: 1,
-    }));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, Arc::new(NodeExports(node))));
-    addr
+    let opts = if no_direct { NO_DIRECT } else { DIRECT };
+    s.cluster.follower(id, opts).1
 }
 
 #[test]

@@ -9,72 +9,25 @@
 //! Without the watchdog the continued writer's queued `pwrite` would overwrite node 3's block.
 //! Before it freezes, the writer runs (and renews) for more than two TTLs without being killed.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{Cluster, DIRECT, NodeOptions, TIMEOUT};
 use tern_nbd::SharedClient;
 use tern_volume::client::VolumeDisk;
 use tern_volume::control::{self, LeaseAction, Request, Response};
-use tern_volume::format::{EXTENT_SIZE, MIN_LUN_SIZE};
 use tern_volume::lease::WatchdogTimings;
-use tern_volume::lun::FileLun;
-use tern_volume::node::{LeaderInfo, Node, NodeConfig, NodeExports};
-use tern_volume::store::{self, FormatOptions};
 
 const FILE: &str = "vm.raw";
 const TTL_MS: u64 = 1000;
 const BLOCKS: u64 = 16;
 /// The writer freezes before its 31st direct write (30 skipped): about 3 TTLs after it starts.
 const STOP_SKIP: u64 = 30;
-const TIMEOUT: Duration = Duration::from_secs(10);
 const CHILD_ENV: &str = "TERN_WATCHDOG_TEST_WRITER";
-
-fn format_lun(dir: &Path) -> PathBuf {
-    let lun = dir.join("lun");
-    std::fs::File::create(&lun)
-        .unwrap()
-        .set_len(MIN_LUN_SIZE + 15 * EXTENT_SIZE)
-        .unwrap();
-    store::format(
-        &FileLun::open(&lun).unwrap(),
-        FormatOptions {
-            force: false,
-            uuid: [7; 16],
-        },
-    )
-    .unwrap();
-    lun
-}
-
-/// Node `id` with a direct path: the coordinator when `leader` is `None`.
-fn node(lun: &Path, id: u32, leader: Option<&LeaderInfo>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let n = Node::new(
-        NodeConfig {
-            node_id: id,
-            listen: addr.clone(),
-            no_direct: false,
-            lease_ttl_ms: TTL_MS,
-            lun: lun.to_owned(),
-            fault_file: None,
-        },
-        lun,
-    )
-    .unwrap();
-    match leader {
-        None => n.become_coordinator(1, u64::MAX).unwrap(),
-        Some(l) => n.set_leader(Some(l.clone())),
-    }
-    let exports = Arc::new(NodeExports(n));
-    std::thread::spawn(move || tern_nbd::run_listener(listener, exports));
-    addr
-}
 
 fn ctl(addr: &str, req: Request) -> Result<Response, control::ControlError> {
     control::request(addr, &req, false, TIMEOUT)
@@ -113,15 +66,14 @@ fn a_frozen_writer_is_killed_before_its_lease_is_given_away() {
     #[cfg(not(debug_assertions))]
     panic!("the fault point this test freezes the writer at exists in debug builds only");
     let dir = tempfile::tempdir().unwrap();
-    let lun = format_lun(dir.path());
-    let a1 = node(&lun, 1, None);
-    let leader = LeaderInfo {
-        node_id: 1,
-        addr: a1.clone(),
-        generation: 1,
+    let opts = NodeOptions {
+        lease_ttl_ms: TTL_MS,
+        ..DIRECT
     };
-    let a2 = node(&lun, 2, Some(&leader));
-    let a3 = node(&lun, 3, Some(&leader));
+    let c = Cluster::new(dir.path(), 16, opts);
+    let a1 = c.addr.clone();
+    let (_n2, a2) = c.follower(2, opts);
+    let (_n3, a3) = c.follower(3, opts);
     ctl(
         &a1,
         Request::Create {
