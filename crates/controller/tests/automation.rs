@@ -374,6 +374,26 @@ impl Lab {
         })
         .await
     }
+    /// Applies plan `id` (a 202, the plan applying or already applied) and waits until it is
+    /// applied; the applied plan.
+    async fn apply_and_wait(&self, id: u64) -> Value {
+        let (st, v) = self
+            .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+            .await;
+        assert_eq!(st, 202, "{v}");
+        assert!(v["state"] == "applying" || v["state"] == "applied", "{v}");
+        self.wait(
+            &format!("plan {id} applied"),
+            Duration::from_secs(20),
+            async || {
+                let (_, p) = self
+                    .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                    .await;
+                (p["state"] == "applied").then_some(p)
+            },
+        )
+        .await
+    }
 }
 
 #[tokio::test]
@@ -558,20 +578,8 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
     assert_eq!(st, 200, "{same}");
 
     // Apply: 202, the plan is applying and its migrations are tasks.
-    let (st, v) = lab
-        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
-        .await;
-    assert_eq!(st, 202, "{v}");
-    assert!(v["state"] == "applying" || v["state"] == "applied", "{v}");
     let drained = moves[0]["from"].as_str().unwrap().to_string();
-    let done = lab
-        .wait("the plan applied", Duration::from_secs(20), async || {
-            let (_, p) = lab
-                .call(Method::GET, &format!("/v1/plans/{id}"), None)
-                .await;
-            (p["state"] == "applied").then_some(p)
-        })
-        .await;
+    let done = lab.apply_and_wait(id).await;
     for a in done["actions"].as_array().unwrap() {
         assert_eq!(a["status"], "done", "{done}");
         if a["kind"] == "migrate" {
@@ -661,22 +669,7 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
         )
         .await;
     let off_id = off_plan["id"].as_u64().unwrap();
-    let (st, v) = lab
-        .call(Method::POST, &format!("/v1/plans/{off_id}/apply"), None)
-        .await;
-    assert_eq!(st, 202, "{v}");
-    let off_done = lab
-        .wait(
-            "the power-off applied",
-            Duration::from_secs(20),
-            async || {
-                let (_, p) = lab
-                    .call(Method::GET, &format!("/v1/plans/{off_id}"), None)
-                    .await;
-                (p["state"] == "applied").then_some(p)
-            },
-        )
-        .await;
+    let off_done = lab.apply_and_wait(off_id).await;
     for a in off_done["actions"].as_array().unwrap() {
         let host = a["host"].as_str().unwrap();
         assert!(
@@ -866,18 +859,7 @@ async fn a_new_leader_takes_over_the_stored_plans_and_applies_a_proposal() {
     assert_eq!(p["state"], "proposed", "{p}");
     assert_eq!(p["actions"], plan["actions"], "{p}");
     // Applied on the new term: its migrations run.
-    let (st, v) = lab
-        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
-        .await;
-    assert_eq!(st, 202, "{v}");
-    let done = lab
-        .wait("the plan applied", Duration::from_secs(20), async || {
-            let (_, p) = lab
-                .call(Method::GET, &format!("/v1/plans/{id}"), None)
-                .await;
-            (p["state"] == "applied").then_some(p)
-        })
-        .await;
+    let done = lab.apply_and_wait(id).await;
     assert!(lab.table.lock().unwrap().migrations >= 1, "{done}");
     // and the store holds the final state
     let stored: Value =

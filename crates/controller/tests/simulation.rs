@@ -270,6 +270,19 @@ impl World {
         self.net.push((self.now + delay, self.seq, msg));
     }
 
+    /// A host's own event (its VMM's or its agent's), never lost: it does not cross the network.
+    fn local(&mut self, delay: u64, host: usize, incarnation: u64, ev: LocalEv) {
+        self.send(
+            delay,
+            Msg::Local {
+                host,
+                incarnation,
+                ev,
+            },
+            false,
+        );
+    }
+
     fn delay(&mut self) -> u64 {
         self.rng.random_range(1..40)
     }
@@ -595,41 +608,17 @@ impl World {
                 agent::Action::Spawn { spec, .. } => {
                     self.hosts[h].real.insert(spec.name.clone(), Real::Booting);
                     let d = self.rng.random_range(100..400);
-                    self.send(
-                        d,
-                        Msg::Local {
-                            host: h,
-                            incarnation: inc,
-                            ev: LocalEv::VmmUp(spec.name),
-                        },
-                        false,
-                    );
+                    self.local(d, h, inc, LocalEv::VmmUp(spec.name));
                 }
                 agent::Action::SpawnReceiver { spec, .. } => {
                     self.hosts[h]
                         .real
                         .insert(spec.name.clone(), Real::Receiving);
-                    self.send(
-                        50,
-                        Msg::Local {
-                            host: h,
-                            incarnation: inc,
-                            ev: LocalEv::Listening(spec.name),
-                        },
-                        false,
-                    );
+                    self.local(50, h, inc, LocalEv::Listening(spec.name));
                 }
                 agent::Action::Kill { vm } => {
                     self.hosts[h].real.remove(&vm);
-                    self.send(
-                        10,
-                        Msg::Local {
-                            host: h,
-                            incarnation: inc,
-                            ev: LocalEv::VmmExited(vm),
-                        },
-                        false,
-                    );
+                    self.local(10, h, inc, LocalEv::VmmExited(vm));
                 }
                 agent::Action::Resume { vm } => {
                     if let Some(r) = self.hosts[h].real.get_mut(&vm)
@@ -641,15 +630,7 @@ impl World {
                 agent::Action::Migrate { vm, to, .. } => {
                     let Some(t) = host_index(&to) else { continue };
                     let d = self.rng.random_range(200..1_500);
-                    self.send(
-                        d,
-                        Msg::Local {
-                            host: h,
-                            incarnation: inc,
-                            ev: LocalEv::MigrationEnd { vm, to: t },
-                        },
-                        false,
-                    );
+                    self.local(d, h, inc, LocalEv::MigrationEnd { vm, to: t });
                 }
             }
         }
@@ -742,28 +723,12 @@ impl World {
             MigrationOutcome::Completed => {
                 self.hosts[src].real.remove(vm);
                 self.hosts[dst].real.insert(vm.into(), Real::Running);
-                self.send(
-                    1,
-                    Msg::Local {
-                        host: dst,
-                        incarnation: dst_inc,
-                        ev: LocalEv::VmmUp(vm.into()),
-                    },
-                    false,
-                );
+                self.local(1, dst, dst_inc, LocalEv::VmmUp(vm.into()));
             }
             MigrationOutcome::Failed => {
                 if self.hosts[dst].real.get(vm) == Some(&Real::Receiving) {
                     self.hosts[dst].real.remove(vm);
-                    self.send(
-                        1,
-                        Msg::Local {
-                            host: dst,
-                            incarnation: dst_inc,
-                            ev: LocalEv::VmmExited(vm.into()),
-                        },
-                        false,
-                    );
+                    self.local(1, dst, dst_inc, LocalEv::VmmExited(vm.into()));
                 }
             }
             MigrationOutcome::Lost => {
@@ -773,15 +738,7 @@ impl World {
                     *r = Real::Paused;
                 }
                 self.hosts[dst].real.remove(vm);
-                self.send(
-                    1,
-                    Msg::Local {
-                        host: dst,
-                        incarnation: dst_inc,
-                        ev: LocalEv::VmmExited(vm.into()),
-                    },
-                    false,
-                );
+                self.local(1, dst, dst_inc, LocalEv::VmmExited(vm.into()));
             }
             MigrationOutcome::InDoubt => {
                 // The source paused for the commit; the target may or may not have run it.
@@ -790,26 +747,10 @@ impl World {
                 }
                 if self.rng.random_bool(0.5) {
                     self.hosts[dst].real.insert(vm.into(), Real::Running);
-                    self.send(
-                        1,
-                        Msg::Local {
-                            host: dst,
-                            incarnation: dst_inc,
-                            ev: LocalEv::VmmUp(vm.into()),
-                        },
-                        false,
-                    );
+                    self.local(1, dst, dst_inc, LocalEv::VmmUp(vm.into()));
                 } else {
                     self.hosts[dst].real.remove(vm);
-                    self.send(
-                        1,
-                        Msg::Local {
-                            host: dst,
-                            incarnation: dst_inc,
-                            ev: LocalEv::VmmExited(vm.into()),
-                        },
-                        false,
-                    );
+                    self.local(1, dst, dst_inc, LocalEv::VmmExited(vm.into()));
                 }
             }
         }
