@@ -12,6 +12,9 @@
 //! Tern and qemu-nbd of one phase run in alternating rounds, so a busy neighbour slows both
 //! alike; the tables give medians. `TERN_BENCH_BIN=PATH` measures that tern binary instead of
 //! building the workspace's (an earlier build, for a before/after in the same conditions).
+//! `TERN_BENCH_QEMU_CACHE=none` runs qemu-nbd with `--cache=none --aio=native` (`O_DIRECT`, as
+//! a Tern node reads its LUN, and as a LUN shared by several hosts must be served) instead of
+//! its default here, `--cache=writeback` (reads from this host's page cache).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -153,7 +156,8 @@ fn qemu_nbd(
     let port = free_port();
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-x", "q", "-b", "127.0.0.1", "-p", &port.to_string(), "-t"])
-        .args(["--shared=8", "--cache=writeback"]);
+        .arg("--shared=8")
+        .args(qemu_cache_args());
     if let Some(dir) = creds {
         cmd.arg("--object")
             .arg(format!(
@@ -171,6 +175,14 @@ fn qemu_nbd(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     Ok((child, port))
+}
+
+/// qemu-nbd's cache arguments: `TERN_BENCH_QEMU_CACHE=none` for `O_DIRECT`, else writeback.
+fn qemu_cache_args() -> &'static [&'static str] {
+    match std::env::var("TERN_BENCH_QEMU_CACHE").as_deref() {
+        Ok("none") => &["--cache=none", "--aio=native"],
+        _ => &["--cache=writeback"],
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -313,8 +325,9 @@ fn bench(runs: usize, tern: &Path, dir: &Path) -> anyhow::Result<()> {
 
     println!(
         "\nNBD, 4 KiB scattered (step 7919 blocks) over a {FILE_MIB} MiB volume file, qemu-io \
-         ({}), {OPS} ops per run, median of {runs} runs; load average {}\n",
+         ({}), qemu-nbd {}, {OPS} ops per run, median of {runs} runs; load average {}\n",
         peer_version("qemu-io")?,
+        qemu_cache_args().join(" "),
         load_average()
     );
     println!(
