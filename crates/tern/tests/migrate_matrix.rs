@@ -17,7 +17,9 @@ use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{RunningVm, field, free_port, require_kvm, scratch, tern, tern_cmd, wait_for_text};
+use common::{
+    RunningVm, field, free_port, pki, require_kvm, scratch, tern, tern_cmd, wait_for_text,
+};
 use faultproxy::{Disposition, FaultProxy, Phase};
 
 /// 64 MiB guest, heartbeat every 50 ms, a writer dirtying 8 MiB at 2,000 pages/s.
@@ -464,27 +466,6 @@ fn cancel() {
     run_fault(Fault::Cancel);
 }
 
-/// `tern pki init` in `dir/ca` and `tern pki issue` of host certificates; returns the CA dir.
-fn pki(dir: &Path, names: &[&str]) -> PathBuf {
-    let ca = dir.join("ca");
-    let (rc, _, err) = tern_cmd(&["pki", "init", "--dir", ca.to_str().unwrap()]);
-    assert_eq!(rc, 0, "pki init: {err}");
-    for name in names {
-        let (rc, _, err) = tern_cmd(&[
-            "pki",
-            "issue",
-            "--dir",
-            ca.to_str().unwrap(),
-            "--name",
-            name,
-            "--role",
-            "host",
-        ]);
-        assert_eq!(rc, 0, "pki issue {name}: {err}");
-    }
-    ca
-}
-
 /// The status query over mutual TLS: a receive with --tls-dir that committed answers only a host
 /// certificate of its CA, and checks out by name. A paused VM of the migrated VM's shape stands in
 /// for a source left in doubt (a real one is in the matrix above). --resolve refuses a VM that is
@@ -494,8 +475,8 @@ fn pki(dir: &Path, names: &[&str]) -> PathBuf {
 fn resolve_asks_over_mutual_tls_and_refuses_a_running_vm() {
     require_kvm();
     let tmp = scratch();
-    let ca = pki(tmp.path(), &["node-a", "node-b"]);
-    let other = pki(&tmp.path().join("other"), &["node-a"]);
+    let ca = pki(tmp.path(), &[("node-a", "host"), ("node-b", "host")]);
+    let other = pki(&tmp.path().join("other"), &[("node-a", "host")]);
     let mut p = common::MigrationPair::start(
         64,
         1,
