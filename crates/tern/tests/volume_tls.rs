@@ -550,6 +550,23 @@ fn assert_every_thread_filtered(pid: u32) {
 
 /// The VMM's path counters for its volume disk (direct writes, writes through the node), from
 /// its exit line.
+/// `tern vm stop` of the VM at `sock`; it exits 0 within 15 s.
+fn stop_vm(vm: &mut common::RunningVm, sock: &Path) {
+    let (rc, _, err) = common::tern_cmd(&["vm", "stop", "--api-sock", sock.to_str().unwrap()]);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(vm.wait_exit(Duration::from_secs(15)), 0, "{}", vm.stderr());
+}
+
+/// The test guest's block pattern is whole in `file`, read through the node at `addr` over TLS
+/// (with the credentials in `creds`) into `out`.
+fn assert_guest_pattern(creds: &Path, addr: &str, file: &str, out: &Path) {
+    let image = qemu_img_read(creds, addr, file, out).unwrap();
+    assert_eq!(
+        tern_guest_image::blk_pattern_mismatch(&image, tern_guest_image::BLK_VERIFY_SECTORS),
+        None
+    );
+}
+
 fn disk_counters(stderr: &str) -> (u64, u64) {
     let line = stderr
         .lines()
@@ -680,14 +697,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
         epoch_after > epoch_before,
         "{epoch_before} -> {epoch_after}"
     );
-    let (rc, _, err) = common::tern_cmd(&["vm", "stop", "--api-sock", &s(&dst_sock)]);
-    assert_eq!(rc, 0, "{err}");
-    assert_eq!(
-        dst.wait_exit(Duration::from_secs(15)),
-        0,
-        "{}",
-        dst.stderr()
-    );
+    stop_vm(&mut dst, &dst_sock);
     assert_eq!(
         lease_of(a1, &ctl, FILE).0,
         None,
@@ -695,11 +705,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
     );
 
     // What the guest wrote is on the volume, read back over TLS by qemu-img.
-    let image = qemu_img_read(&h0, a1, FILE, &dir.join("readback.raw")).unwrap();
-    assert_eq!(
-        tern_guest_image::blk_pattern_mismatch(&image, tern_guest_image::BLK_VERIFY_SECTORS),
-        None
-    );
+    assert_guest_pattern(&h0, a1, FILE, &dir.join("readback.raw"));
 
     // Jailed: the VMM opens the node connection (TLS) and the LUN before it drops to nobody,
     // writes the (now allocated) extents directly, and releases the lease over TLS at exit.
@@ -730,9 +736,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
         "the jailed VMM runs as nobody:\n{status}"
     );
     assert_eq!(lease_of(a1, &ctl, FILE).0, Some(1));
-    let (rc, _, err) = common::tern_cmd(&["vm", "stop", "--api-sock", &s(&sock)]);
-    assert_eq!(rc, 0, "{err}");
-    assert_eq!(vm.wait_exit(Duration::from_secs(15)), 0, "{}", vm.stderr());
+    stop_vm(&mut vm, &sock);
     let (direct, _) = disk_counters(&vm.stderr());
     assert!(
         direct > 0,
@@ -744,11 +748,7 @@ fn a_vm_disk_over_tls_is_refused_without_a_certificate_migrates_and_runs_jailed(
         None,
         "the jailed VMM released its lease"
     );
-    let image = qemu_img_read(&h0, a2, FILE, &dir.join("readback2.raw")).unwrap();
-    assert_eq!(
-        tern_guest_image::blk_pattern_mismatch(&image, tern_guest_image::BLK_VERIFY_SECTORS),
-        None
-    );
+    assert_guest_pattern(&h0, a2, FILE, &dir.join("readback2.raw"));
     // The unprivileged VMM could not unlink its claim file from root's claim directory.
     let _ = std::fs::remove_file(tern_volume::client::claim_path(a1, FILE));
 }
