@@ -43,6 +43,28 @@ fn get(lab: &Lab, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// A proposed plan in `GET /v1/plans`, waiting up to `timeout` for one.
+fn proposed_plan(lab: &Lab, timeout: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let plans = get(lab, "/v1/plans");
+        if let Some(p) = plans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["state"] == "proposed")
+        {
+            return p.clone();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "no plan proposed: {plans}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Placement packs; spreads the VMs one per host with operator migrations.
 fn spread(lab: &Lab, names: &[&str], hosts: &[String]) {
     for (n, h) in names.iter().zip(hosts) {
@@ -142,26 +164,7 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
 
     // A plan to drain a host is proposed; nothing moves on its own. (Each round makes a fresh
     // plan that replaces the one before, so the newest proposed plan is the one to apply.)
-    let newest_proposed = || {
-        let start = Instant::now();
-        loop {
-            let plans = get(&lab, "/v1/plans");
-            if let Some(p) = plans
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["state"] == "proposed")
-            {
-                return p.clone();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "no plan proposed: {plans}\n{}",
-                lab.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let newest_proposed = || proposed_plan(&lab, Duration::from_secs(20));
     let first = newest_proposed();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
@@ -336,26 +339,7 @@ fn a_proposed_plan_survives_the_leader_and_is_applied_on_the_next() {
     }
     let (st, body) = lab.api("PUT", "/v1/policy", Some(&policy));
     assert_eq!(st, 200, "{body}");
-    let proposed = || {
-        let start = Instant::now();
-        loop {
-            let plans = get(&lab, "/v1/plans");
-            if let Some(p) = plans
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|p| p["state"] == "proposed")
-            {
-                return p.clone();
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "no plan proposed: {plans}\n{}",
-                lab.logs()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let proposed = || proposed_plan(&lab, Duration::from_secs(30));
     proposed();
     policy["interval_s"] = json!(3600);
     policy["hold_s"] = json!(600);
