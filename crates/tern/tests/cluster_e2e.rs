@@ -70,24 +70,7 @@ impl Lab {
     }
 
     fn volume(&self, host: &str, args: &[&str]) -> Value {
-        let h = self.host(host);
-        let out = Command::new("ip")
-            .args(["netns", "exec", &h.namespace, tern(), "volume"])
-            .args(args)
-            .args(["--node", &h.volume_node, "--json"])
-            .args(
-                h.tls_dir
-                    .iter()
-                    .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
-            )
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "tern volume {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        self.host(host).volume(args)
     }
 
     /// SIGKILLs the host's agent and every process in its namespace but its volume node.

@@ -563,36 +563,15 @@ fn the_test_cluster_runs_and_migrates_a_vm_on_tls_only_volume_nodes() {
     }
     // `tern volume` in h0's namespace with h0's certificate.
     let h0 = lab.host("h0").clone();
-    let h0_tls = h0.tls_dir.clone().expect("the cluster runs over TLS");
-    let volume = |args: &[&str]| -> Value {
-        let o = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &h0.namespace,
-                env!("CARGO_BIN_EXE_tern"),
-                "volume",
-            ])
-            .args(args)
-            .args(["--node", &h0.volume_node, "--json", "--tls-dir"])
-            .arg(&h0_tls)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "tern volume {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        serde_json::from_slice(&o.stdout).unwrap()
-    };
+    assert!(h0.tls_dir.is_some(), "the cluster runs over TLS");
     let lease = || {
-        let v = volume(&["stat", "vt-1.raw"]);
+        let v = h0.volume(&["stat", "vt-1.raw"]);
         (
             v["lease"]["holder"].as_u64(),
             v["lease"]["epoch"].as_u64().unwrap(),
         )
     };
-    volume(&["create", "vt-1.raw", "--size", "16M"]);
+    h0.volume(&["create", "vt-1.raw", "--size", "16M"]);
     lab.create("vt-1", Some("vt-1.raw"), None);
     let vms = lab.wait_running(&["vt-1"], Duration::from_secs(60));
     let from = lab.host(vms[0].host.as_deref().unwrap()).clone();
@@ -669,23 +648,7 @@ fn an_insecure_test_cluster_keeps_plain_nbd_for_its_vm_disks() {
     let lab = common::cluster::Lab::up_with("vpln", 2, 1, &["--insecure"]);
     let h0 = lab.host("h0").clone();
     assert_eq!(h0.tls_dir, None);
-    let o = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &h0.namespace,
-            env!("CARGO_BIN_EXE_tern"),
-            "volume",
-            "create",
-            "vp-1.raw",
-            "--size",
-            "16M",
-            "--node",
-            &h0.volume_node,
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    h0.volume(&["create", "vp-1.raw", "--size", "16M"]);
     lab.create_on("vp-1", Some("vp-1.raw"), None, Some("h0"));
     lab.wait_running(&["vp-1"], Duration::from_secs(60));
     let args = vmm_cmdline("vp-1").expect("the VMM of vp-1");

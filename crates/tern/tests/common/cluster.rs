@@ -36,6 +36,31 @@ pub struct LabHost {
     pub tls_dir: Option<PathBuf>,
 }
 
+impl LabHost {
+    /// `tern volume ARGS --json` in the host's namespace against its volume node (with its
+    /// certificate when the cluster runs over TLS); it must succeed, and its JSON output.
+    pub fn volume(&self, args: &[&str]) -> Value {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, tern(), "volume"])
+            .args(args)
+            .args(["--node", &self.volume_node, "--json"])
+            .args(
+                self.tls_dir
+                    .iter()
+                    .flat_map(|d| [std::ffi::OsStr::new("--tls-dir"), d.as_os_str()]),
+            )
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tern volume {args:?} on {}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
 /// The JSON line `tern cluster up --json` prints once the cluster is up.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UpInfo {
