@@ -65,6 +65,29 @@ fn proposed_plan(lab: &Lab, timeout: Duration) -> Value {
     }
 }
 
+/// Plan `id` once its migrations are done and it is no longer applying, waiting up to 60 s.
+fn carried_out(lab: &Lab, id: u64) -> Value {
+    let start = Instant::now();
+    loop {
+        let p = get(lab, &format!("/v1/plans/{id}"));
+        let moved = p["actions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["kind"] == "migrate")
+            .all(|a| a["status"] == "done");
+        if moved && p["state"] != "applying" {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "plan {id} not carried out: {p}\n{}",
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// Placement packs; spreads the VMs one per host with operator migrations.
 fn spread(lab: &Lab, names: &[&str], hosts: &[String]) {
     for (n, h) in names.iter().zip(hosts) {
@@ -220,25 +243,7 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
         .collect();
 
     // Its migrations run live; the drained hosts end empty.
-    let start = Instant::now();
-    let done = loop {
-        let p = get(&lab, &format!("/v1/plans/{id}"));
-        let moved = p["actions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["kind"] == "migrate")
-            .all(|a| a["status"] == "done");
-        if moved && p["state"] != "applying" {
-            break p;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "plan {id} not carried out: {p}\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let done = carried_out(&lab, id);
     match done["state"].as_str() {
         Some("applied") => {}
         Some("failed") => assert!(
@@ -393,25 +398,7 @@ fn a_proposed_plan_survives_the_leader_and_is_applied_on_the_next() {
     // Applied on the new leader: its migrations run, the drained hosts end empty.
     let (st, body) = lab.api("POST", &format!("/v1/plans/{id}/apply"), None);
     assert_eq!(st, 202, "{body}");
-    let start = Instant::now();
-    let done = loop {
-        let p = get(&lab, &format!("/v1/plans/{id}"));
-        let moved = p["actions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["kind"] == "migrate")
-            .all(|a| a["status"] == "done");
-        if moved && p["state"] != "applying" {
-            break p;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "plan {id} not carried out: {p}\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let done = carried_out(&lab, id);
     // the hosts have no power drivers: a power-off after the moves fails naming that
     assert!(
         done["state"] == "applied"
