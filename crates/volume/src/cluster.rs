@@ -452,6 +452,7 @@ async fn one_term(
         Err(e) => Err(e.to_string()),
         Ok(None) => Err("etcd answered the campaign without the election key".to_string()),
         Ok(Some(generation)) => {
+            let elected_ms = node.now_ms();
             // A predecessor stalled between a write's check and the write itself is killed by
             // its commit watchdog within the grace after its deadline, which passed before we
             // won: wait the margin before our first write (the take-over commit).
@@ -462,8 +463,10 @@ async fn one_term(
                 Err("session expired while campaigning".to_string())
             } else {
                 let n2 = Arc::clone(node);
-                let became =
-                    tokio::task::spawn_blocking(move || n2.become_coordinator(generation, d)).await;
+                let became = tokio::task::spawn_blocking(move || {
+                    n2.become_coordinator_elected_at(generation, d, elected_ms)
+                })
+                .await;
                 match became {
                     Ok(Ok(())) => {
                         eprintln!(

@@ -79,11 +79,25 @@ impl Node {
         generation: u64,
         deadline_ms: u64,
     ) -> Result<(), ControlError> {
+        self.become_coordinator_elected_at(generation, deadline_ms, self.now_ms())
+    }
+
+    /// [`Node::become_coordinator`] for a node that won the election at `elected_ms` (this
+    /// node's clock) and waited since. The leases held at the take-over are counted from the
+    /// election, not from now: the predecessor renewed none after its own session deadline,
+    /// which passed before the election, so each ends by `elected_ms` + TTL at the latest, and
+    /// the wait for the commit watchdog's margin need not be added to the lease's re-grant.
+    pub fn become_coordinator_elected_at(
+        &self,
+        generation: u64,
+        deadline_ms: u64,
+        elected_ms: u64,
+    ) -> Result<(), ControlError> {
         let mut slot = lock(&self.coord);
         *slot = None;
         self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
         let mut volume = Volume::open(&*self.lun).map_err(failed)?;
-        let now = self.now_ms();
+        let now = elected_ms.min(self.now_ms());
         let records: Vec<(String, LeaseRecord)> = volume
             .meta
             .files

@@ -577,6 +577,39 @@ mod tests {
         assert_eq!(l.last(), Some(&None), "{l:?}");
     }
 
+    #[test]
+    fn leases_held_at_a_take_over_are_counted_from_the_election() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        // A file whose write lease node 2 held under the predecessor.
+        let mut v = crate::store::Volume::open(&*n.lun).unwrap();
+        let mut next = v.meta.clone();
+        next.seq += 1;
+        next.files.insert(
+            "f".into(),
+            crate::format::FileEntry {
+                size: 0,
+                preallocated: false,
+                map: Vec::new(),
+                lease: crate::format::LeaseRecord {
+                    epoch: 5,
+                    holder: Some(2),
+                    handover_from: None,
+                },
+            },
+        );
+        v.commit(&*n.lun, next, 2).unwrap();
+        let elected = n.now_ms().saturating_sub(1500);
+        n.become_coordinator_elected_at(3, n.now_ms() + 60_000, elected)
+            .unwrap();
+        let now = n.now_ms();
+        let g = lock(&n.coord);
+        let (holder, epoch, deadline) = g.as_ref().unwrap().leases.holder("f", now).unwrap();
+        assert_eq!((holder, epoch), (2, 5));
+        // Live until the election + TTL, not the take-over + TTL.
+        assert_eq!(deadline, elected + 4000);
+    }
+
     /// A commit watchdog that is gone.
     struct Gone;
 
