@@ -190,7 +190,10 @@ impl Lab {
             match http(self.tls.as_ref(), None, c, method, path, body.as_deref()) {
                 Ok((503, b)) => last = (503, b),
                 Ok(r) => return r,
-                Err(e) => last = (0, e),
+                // A dead controller's refusal must not hide a live one's 503 (its "not ready"
+                // is what `api` waits out after a fail-over).
+                Err(e) if last.0 != 503 => last = (0, e),
+                Err(_) => {}
             }
         }
         last
