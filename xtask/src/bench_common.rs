@@ -68,3 +68,13 @@ pub fn load_average() -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
 }
+
+/// qemu-nbd's cache arguments for the NBD benchmarks: `TERN_BENCH_QEMU_CACHE=none` gives
+/// `--cache=none --aio=native` (`O_DIRECT`, as a Tern node reads its LUN and as a LUN shared by
+/// hosts must be served), anything else `--cache=writeback` (this host's page cache).
+pub fn qemu_nbd_cache_args() -> &'static [&'static str] {
+    match std::env::var("TERN_BENCH_QEMU_CACHE").as_deref() {
+        Ok("none") => &["--cache=none", "--aio=native"],
+        _ => &["--cache=writeback"],
+    }
+}

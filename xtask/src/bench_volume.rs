@@ -6,7 +6,9 @@
 //! Every path is driven by the same synchronous NBD client at queue depth 1, so the figures differ
 //! only by what sits behind the socket; then by `qemu-img bench` (QEMU's own NBD client, 4 KiB
 //! sequential reads and writes) at several queue depths, which shows whether a path keeps
-//! requests in flight (the redirected path's two hops above all).
+//! requests in flight (the redirected path's two hops above all). `TERN_BENCH_QEMU_CACHE=none`
+//! serves the peer with `O_DIRECT`, as the node reads its LUN (default: qemu-nbd's writeback
+//! page cache).
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -389,8 +391,8 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
                 "-p",
                 &qport.to_string(),
                 "-t",
-                "--cache=writeback",
             ])
+            .args(crate::bench_common::qemu_nbd_cache_args())
             .arg(&lun)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -446,9 +448,10 @@ fn bench(args: &Args, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         .map(|r| r.iter().map(Cell::figures).collect())
         .collect();
     println!(
-        "\n4 KiB I/O, queue depth 1, {} ops per pattern and path over a {} MiB file, {ROUNDS} interleaved rounds\n",
+        "\n4 KiB I/O, queue depth 1, {} ops per pattern and path over a {} MiB file, {ROUNDS} interleaved rounds; qemu-nbd {}\n",
         per_round * ROUNDS,
-        args.file_mib
+        args.file_mib,
+        crate::bench_common::qemu_nbd_cache_args().join(" ")
     );
     println!("| path | pattern | MiB/s | IOPS | mean µs | p99 µs | vs raw | vs qemu-nbd |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use tern_test_support::{ChildGuard, Etcd, free_port, wait_for};
 
-use crate::bench_common::{build_release_tern, load_average, peer_version, scratch_dir};
+use crate::bench_common::{
+    build_release_tern, load_average, peer_version, qemu_nbd_cache_args, scratch_dir,
+};
 use crate::bench_volume::need;
 
 const FILE_MIB: u64 = 256;
@@ -157,7 +159,7 @@ fn qemu_nbd(
     let mut cmd = Command::new("qemu-nbd");
     cmd.args(["-x", "q", "-b", "127.0.0.1", "-p", &port.to_string(), "-t"])
         .arg("--shared=8")
-        .args(qemu_cache_args());
+        .args(qemu_nbd_cache_args());
     if let Some(dir) = creds {
         cmd.arg("--object")
             .arg(format!(
@@ -175,14 +177,6 @@ fn qemu_nbd(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
     Ok((child, port))
-}
-
-/// qemu-nbd's cache arguments: `TERN_BENCH_QEMU_CACHE=none` for `O_DIRECT`, else writeback.
-fn qemu_cache_args() -> &'static [&'static str] {
-    match std::env::var("TERN_BENCH_QEMU_CACHE").as_deref() {
-        Ok("none") => &["--cache=none", "--aio=native"],
-        _ => &["--cache=writeback"],
-    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -327,7 +321,7 @@ fn bench(runs: usize, tern: &Path, dir: &Path) -> anyhow::Result<()> {
         "\nNBD, 4 KiB scattered (step 7919 blocks) over a {FILE_MIB} MiB volume file, qemu-io \
          ({}), qemu-nbd {}, {OPS} ops per run, median of {runs} runs; load average {}\n",
         peer_version("qemu-io")?,
-        qemu_cache_args().join(" "),
+        qemu_nbd_cache_args().join(" "),
         load_average()
     );
     println!(
