@@ -64,7 +64,10 @@ impl Node {
     pub fn set_coordinator_deadline(&self, deadline_ms: u64) {
         self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
         if deadline_ms == 0 {
-            *lock(&self.coord) = None;
+            let mut slot = lock(&self.coord);
+            // As when the writes were made under the lock: the office ends after them.
+            self.redirected_in_flight.wait_idle();
+            *slot = None;
         }
     }
 
@@ -94,6 +97,8 @@ impl Node {
         elected_ms: u64,
     ) -> Result<(), ControlError> {
         let mut slot = lock(&self.coord);
+        // A redirected write of this node's previous term still in flight ends first.
+        self.redirected_in_flight.wait_idle();
         *slot = None;
         self.coord_deadline_ms.store(deadline_ms, Ordering::SeqCst);
         let mut volume = Volume::open(&*self.lun).map_err(failed)?;
@@ -196,6 +201,14 @@ impl Node {
                 ErrorKind::NotCoordinator,
                 "coordinator session expired",
             ));
+        }
+        // A change that frees or moves an extent, removes a file or changes a lease waits for
+        // the redirected writes in flight (none can register while we hold the lock), so none
+        // lands in an extent given to another file or after its writer's right ended. A
+        // change that only maps holes (an allocation, maybe by a redirected write itself,
+        // which registers only after it) does not wait.
+        if !only_maps_holes(&c.volume.meta, &change.next) {
+            self.redirected_in_flight.wait_idle();
         }
         let generation = c.generation;
         let fence = self.write_fence();
@@ -426,6 +439,12 @@ impl Node {
                         epoch: *epoch,
                     },
                 };
+                // Anything but a renewal may end a writer's right (a release, a hand-over, its
+                // abort or confirmation, a re-grant to another node): the redirected writes in
+                // flight, checked against the lease as it was, end first.
+                if !matches!(op, LeaseOp::Renew { .. }) {
+                    self.redirected_in_flight.wait_idle();
+                }
                 let before = c.leases.clone();
                 let grant = c.leases.apply(name, op, now).map_err(lease_err)?;
                 if grant.persist {
@@ -449,6 +468,9 @@ impl Node {
                 }))
             }
             Request::FenceNode { node } => {
+                // The fenced node's redirected writes in flight end before the fence is
+                // committed and confirmed.
+                self.redirected_in_flight.wait_idle();
                 let before = c.leases.clone();
                 let changed = c.leases.fence_node(*node, now);
                 if !changed.is_empty() {
@@ -541,6 +563,20 @@ impl Node {
             ))
         }
     }
+}
+
+/// Whether `next` differs from `prev` only by extents mapped where `prev` had holes (and the
+/// sequence number): no file removed, no lease changed, no mapped extent freed or moved.
+fn only_maps_holes(prev: &Metadata, next: &Metadata) -> bool {
+    prev.files.iter().all(|(name, p)| {
+        next.files.get(name).is_some_and(|n| {
+            n.lease == p.lease
+                && p.map
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &e)| e == HOLE || n.map.get(i) == Some(&e))
+        })
+    })
 }
 
 /// A failed commit as a control error: a deposed or expired coordinator is `NotCoordinator`

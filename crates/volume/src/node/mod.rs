@@ -164,6 +164,9 @@ pub struct Node {
     peers: Mutex<BTreeMap<NodeId, String>>,
     /// Extra peers' status for `status` (filled by the cluster layer).
     pub members: Mutex<BTreeMap<NodeId, serde_json::Value>>,
+    /// Redirected writes past their check still writing to the LUN (outside the coordinator
+    /// lock); see [`redirected::InFlight`].
+    redirected_in_flight: redirected::InFlight,
 }
 
 impl std::fmt::Debug for Node {
@@ -246,6 +249,7 @@ impl Node {
             members: Mutex::new(BTreeMap::new()),
             peers: Mutex::new(BTreeMap::new()),
             partitioned: AtomicBool::new(false),
+            redirected_in_flight: Default::default(),
         });
         // The host watchdog lives as long as the node.
         let weak = Arc::downgrade(&node);
@@ -608,6 +612,100 @@ mod tests {
         assert_eq!((holder, epoch), (2, 5));
         // Live until the election + TTL, not the take-over + TTL.
         assert_eq!(deadline, elected + 4000);
+    }
+
+    /// A redirected write blocked in its LUN I/O (outside the coordinator lock) holds back the
+    /// fence of its writer, and so do the take-over and a change that frees its extents; a
+    /// write that comes after the fence is refused.
+    #[test]
+    fn a_fence_waits_for_the_redirected_writes_in_flight() {
+        use std::sync::mpsc::{RecvTimeoutError, channel};
+        use std::time::Duration;
+        use tern_nbd::Errno;
+
+        let dir = tempfile::tempdir().unwrap();
+        let n = node(dir.path());
+        n.become_coordinator(3, n.now_ms() + 600_000).unwrap();
+        let create = Request::Create {
+            name: "f".into(),
+            size: 2 * EXTENT_SIZE,
+            preallocated: false,
+        };
+        n.coordinate(&create).unwrap();
+        let acquire = Request::CoordLease {
+            name: "f".into(),
+            node: 2,
+            epoch: 0,
+            action: LeaseAction::Acquire,
+            renew: false,
+        };
+        let Response::Lease(grant) = n.coordinate(&acquire).unwrap() else {
+            panic!("not a lease grant");
+        };
+        let epoch = grant.epoch;
+
+        // The writer stops right before its LUN write until released.
+        let (entered_tx, entered) = channel::<()>();
+        let (release, release_rx) = channel::<()>();
+        let writer = {
+            let n = Arc::clone(&n);
+            std::thread::spawn(move || {
+                redirected::BEFORE_LUN_WRITE.with(|h| {
+                    *h.borrow_mut() = Some(Box::new(move || {
+                        entered_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                    }));
+                });
+                // A hole: allocated under the lock before the write registers.
+                n.redirected_write("f", 2, epoch, &[0xab; 4096], EXTENT_SIZE, false)
+            })
+        };
+        entered.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The coordinator lock is free meanwhile: a read and a renewal go through.
+        let mut buf = [1u8; 512];
+        n.redirected_read("f", &mut buf, 0).unwrap();
+        assert_eq!(buf, [0u8; 512]);
+        let renew = Request::CoordLease {
+            name: "f".into(),
+            node: 2,
+            epoch,
+            action: LeaseAction::Acquire,
+            renew: true,
+        };
+        n.coordinate(&renew).unwrap();
+
+        let (done_tx, done) = channel();
+        let fencer = {
+            let n = Arc::clone(&n);
+            std::thread::spawn(move || {
+                let r = n.coordinate(&Request::FenceNode { node: 2 });
+                done_tx.send(()).unwrap();
+                r
+            })
+        };
+        assert_eq!(
+            done.recv_timeout(Duration::from_millis(500)),
+            Err(RecvTimeoutError::Timeout),
+            "the fence completed while a write of the fenced node was in flight"
+        );
+        release.send(()).unwrap();
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the fence did not complete once the write ended");
+        assert_eq!(writer.join().unwrap(), Ok(()));
+        let Response::Fenced(fenced) = fencer.join().unwrap().unwrap() else {
+            panic!("not a fence answer");
+        };
+        assert_eq!(fenced.files, vec!["f".to_owned()]);
+
+        // The write landed before the fence; one after it is refused.
+        let mut buf = [0u8; 4096];
+        n.redirected_read("f", &mut buf, EXTENT_SIZE).unwrap();
+        assert_eq!(buf, [0xab; 4096]);
+        assert_eq!(
+            n.redirected_write("f", 2, epoch, &[0xcd; 4096], EXTENT_SIZE, false),
+            Err(Errno::Perm)
+        );
+        assert_eq!(*lock(&n.redirected_in_flight.count), 0);
     }
 
     /// A commit watchdog that is gone.

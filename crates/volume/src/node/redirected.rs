@@ -1,8 +1,10 @@
 //! The coordinator's end of the redirected data path: the export `NAME@NODE.EPOCH` a node writes
 //! through when it has no direct path, each request fenced by the lease table under the
-//! coordinator lock.
+//! coordinator lock. The LUN I/O itself runs outside the lock, registered as in flight
+//! ([`InFlight`]), and every change that ends a writer's right or frees extents waits, under the
+//! lock, for the writes in flight to end.
 
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 use tern_nbd::proto::StatusExtent;
 use tern_nbd::server::ZeroFlags;
@@ -13,12 +15,73 @@ use crate::lun::Lun;
 use crate::namespace::{self, NamespaceError};
 use crate::store::{Segment, segments};
 
-use super::Node;
 use super::data::{map_status, write_zero_buffers};
+use super::{Node, lock};
+
+/// The redirected writes past their check that are still writing to the LUN, kept outside the
+/// coordinator mutex. A write registers under the coordinator lock, after its check and its
+/// extent mapping, and ends (the [`InFlightWrite`] guard is dropped) once its LUN I/O returns;
+/// [`InFlight::wait_idle`], called under the coordinator lock so no write can register meanwhile,
+/// returns once none is left.
+#[derive(Default)]
+pub(super) struct InFlight {
+    pub(super) count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    /// Registers one write; call it with the coordinator lock held.
+    pub(super) fn register(&self) -> InFlightWrite<'_> {
+        *lock(&self.count) += 1;
+        InFlightWrite { of: self }
+    }
+
+    /// Waits until no registered write is left. Call it with the coordinator lock held (writes
+    /// in flight never take that lock, so they can always end).
+    pub(super) fn wait_idle(&self) {
+        let mut n = lock(&self.count);
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One registered redirected write: ends on drop (also on an error or a panic).
+pub(super) struct InFlightWrite<'a> {
+    of: &'a InFlight,
+}
+
+impl Drop for InFlightWrite<'_> {
+    fn drop(&mut self) {
+        let mut n = lock(&self.of.count);
+        *n -= 1;
+        if *n == 0 {
+            self.of.idle.notify_all();
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Test seam: run on this thread by a redirected write or zeroing once it is registered in
+    /// flight and the coordinator lock is released, right before its LUN I/O.
+    pub(super) static BEFORE_LUN_WRITE: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn before_lun_write() {
+    #[cfg(test)]
+    BEFORE_LUN_WRITE.with(|h| {
+        if let Some(f) = h.borrow_mut().as_mut() {
+            f();
+        }
+    });
+}
 
 impl Node {
-    /// Redirected write at the coordinator: fenced by the lease table, under the coordinator lock.
-    fn redirected_write(
+    /// Redirected write at the coordinator: checked against the lease table and mapped (holes
+    /// allocated) under the coordinator lock, then registered in flight and written without it.
+    pub(super) fn redirected_write(
         &self,
         name: &str,
         node: NodeId,
@@ -60,6 +123,10 @@ impl Node {
             let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
             segs = segments(&self.sb, &f.map, offset, data.len());
         }
+        // Registered only after the allocation (whose commit may wait for the writes in flight).
+        let _in_flight = self.redirected_in_flight.register();
+        drop(g);
+        before_lun_write();
         let mut done = 0;
         for s in segs {
             if let Segment::Mapped { lun_offset, len } = s {
@@ -116,19 +183,28 @@ impl Node {
             }
         }
         let f = c.volume.meta.files.get(name).ok_or(Errno::Io)?;
-        let zeroes = vec![0u8; EXTENT_SIZE as usize];
+        // The mapped parts left (at most the partial extents at either end), one extent per
+        // step so each `len` fits a usize on any target.
+        let mut mapped = Vec::new();
         let mut pos = offset;
         while pos < end {
-            // At most one extent per step, so `len` fits a usize on any target.
             let step = (end - pos).min(EXTENT_SIZE - pos % EXTENT_SIZE) as usize;
             for s in segments(&self.sb, &f.map, pos, step) {
                 if let Segment::Mapped { lun_offset, len } = s {
-                    self.lun
-                        .write_at(&zeroes[..len], lun_offset)
-                        .map_err(|_| Errno::Io)?;
+                    mapped.push((lun_offset, len));
                 }
             }
             pos += step as u64;
+        }
+        // Registered only after the deallocation (whose commit waits for the writes in flight).
+        let _in_flight = self.redirected_in_flight.register();
+        drop(g);
+        before_lun_write();
+        let zeroes = vec![0u8; EXTENT_SIZE as usize];
+        for (lun_offset, len) in mapped {
+            self.lun
+                .write_at(&zeroes[..len], lun_offset)
+                .map_err(|_| Errno::Io)?;
         }
         if fua {
             self.lun.flush().map_err(|_| Errno::Io)?;
@@ -136,7 +212,12 @@ impl Node {
         Ok(())
     }
 
-    fn redirected_read(&self, name: &str, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+    pub(super) fn redirected_read(
+        &self,
+        name: &str,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<(), Errno> {
         // Only the request's segments are taken under the lock (not a copy of the whole map).
         let segs = {
             let g = self.coordinator().map_err(|_| Errno::Shutdown)?;
