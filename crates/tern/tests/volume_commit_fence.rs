@@ -200,3 +200,81 @@ fn a_coordinator_frozen_mid_commit_cannot_commit_after_its_successor() {
     assert!(fin.meta.files.contains_key("late.raw") && fin.meta.files.contains_key("next.raw"));
     drop((p1, p2));
 }
+
+/// The node's commit watchdog process: the child of `pid` started with the watchdog variable.
+fn watchdog_of(pid: u32) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        let env = std::fs::read(format!("/proc/{child}/environ")).unwrap_or_default();
+        if ppid == Some(pid)
+            && env
+                .split(|&b| b == 0)
+                .any(|v| v.starts_with(b"TERN_VOLUME_COMMIT_WATCHDOG="))
+        {
+            return Some(child);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_coordinator_whose_commit_watchdog_was_killed_starts_another_and_goes_on_committing() {
+    // Before, a node that outlived its watchdog refused every metadata write while keeping the
+    // coordinator's office: creates, lease changes and fencing failed until the node died.
+    require_tools(&["etcd"]);
+    let dir = scratch();
+    let etcd = Etcd::start();
+    let lun = dir.path().join("lun");
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "format",
+        "--size",
+        "64M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (n1, p1) = serve(dir.path(), &lun, &etcd.url, 1, &[]);
+    wait_for("node 1 to coordinate", Duration::from_secs(30), || {
+        status(&n1).is_some_and(|s| s["coordinator"]["node_id"] == 1)
+    });
+    let pid1 = p1.0.id();
+    let first = watchdog_of(pid1).expect("node 1 runs a commit watchdog");
+    signal(first, "-KILL");
+    let log = || std::fs::read_to_string(dir.path().join("node1.log")).unwrap_or_default();
+    wait_for(
+        "node 1 to see its watchdog end",
+        Duration::from_secs(10),
+        || log().contains("the commit watchdog ended"),
+    );
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "create",
+        "after.raw",
+        "--size",
+        "4M",
+        "--node",
+        &n1,
+    ]);
+    assert_eq!(
+        code,
+        0,
+        "a create after the watchdog's death: {err}\nnode log:\n{}",
+        log()
+    );
+    let second = watchdog_of(pid1).expect("a new commit watchdog");
+    assert_ne!(second, first);
+    assert!(log().contains("starting another"), "{}", log());
+    let v = Volume::open(&FileLun::open(&lun).unwrap()).unwrap();
+    assert!(v.meta.files.contains_key("after.raw"));
+}

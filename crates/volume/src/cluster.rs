@@ -503,8 +503,12 @@ async fn one_term(
 const COMMIT_WATCHDOG_ENV: &str = "TERN_VOLUME_COMMIT_WATCHDOG";
 
 /// The node's end of its commit watchdog: one line per change of the armed deadline on the
-/// watchdog's stdin (`-` when nothing is armed).
+/// watchdog's stdin (`-` when nothing is armed). A watchdog that died (killed on its own: the
+/// node outlived it) is started again at the next arming, so the node goes on writing instead
+/// of holding the coordinator's office while refusing every write.
 struct ChildWatchdog {
+    node_id: NodeId,
+    ttl_ms: u64,
     stdin: std::sync::Mutex<std::process::ChildStdin>,
 }
 
@@ -516,14 +520,39 @@ impl crate::node::CommitWatchdog for ChildWatchdog {
             None => "-\n".to_string(),
         };
         let mut w = self.stdin.lock().unwrap_or_else(|e| e.into_inner());
-        w.write_all(line.as_bytes())
+        match w.write_all(line.as_bytes()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                eprintln!(
+                    "tern volume: node {}: the commit watchdog is gone: starting another",
+                    self.node_id
+                );
+                *w = spawn_commit_watchdog_process(self.node_id, self.ttl_ms)?;
+                // The write is issued only once the new watchdog holds its deadline.
+                w.write_all(line.as_bytes())
+            }
+            r => r,
+        }
     }
 }
 
 /// Start the commit watchdog of this node: this executable again, with the same arguments and
 /// [`COMMIT_WATCHDOG_ENV`] set, so it needs no files of its own. It lives until this process
-/// ends (its stdin closes); if it dies first, every metadata write is refused.
+/// ends (its stdin closes); if it dies first, the next arming starts another, and a write is
+/// refused only when none can be started.
 fn spawn_commit_watchdog(node_id: NodeId, ttl_ms: u64) -> Result<ChildWatchdog, ServeError> {
+    let stdin = spawn_commit_watchdog_process(node_id, ttl_ms)?;
+    Ok(ChildWatchdog {
+        node_id,
+        ttl_ms,
+        stdin: std::sync::Mutex::new(stdin),
+    })
+}
+
+/// One commit watchdog process; its stdin is the node's end.
+fn spawn_commit_watchdog_process(
+    node_id: NodeId,
+    ttl_ms: u64,
+) -> std::io::Result<std::process::ChildStdin> {
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))
@@ -542,9 +571,7 @@ fn spawn_commit_watchdog(node_id: NodeId, ttl_ms: u64) -> Result<ChildWatchdog, 
         let status = child.wait();
         eprintln!("tern volume: node {node_id}: the commit watchdog ended ({status:?})");
     });
-    Ok(ChildWatchdog {
-        stdin: std::sync::Mutex::new(stdin),
-    })
+    Ok(stdin)
 }
 
 /// The commit watchdog process (see [`WatchdogTimings::commit_watchdog_kills`]): reads the
