@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::volume::{Proc, call};
+use common::volume::{Proc, call, format_lun};
 use common::{free_port, scratch, tern, tern_cmd, wait_for};
 use tern_test_support::{Etcd, require_tools};
 use tern_volume::control::Request;
@@ -72,15 +72,7 @@ fn a_coordinator_frozen_mid_commit_cannot_commit_after_its_successor() {
     let dir = scratch();
     let etcd = Etcd::start();
     let lun = dir.path().join("lun");
-    let (code, _, err) = tern_cmd(&[
-        "volume",
-        "format",
-        "--size",
-        "64M",
-        "--lun",
-        lun.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    format_lun(&lun);
     let log = |id: u32| {
         std::fs::read_to_string(dir.path().join(format!("node{id}.log"))).unwrap_or_default()
     };
@@ -235,15 +227,7 @@ fn a_coordinator_whose_commit_watchdog_was_killed_starts_another_and_goes_on_com
     let dir = scratch();
     let etcd = Etcd::start();
     let lun = dir.path().join("lun");
-    let (code, _, err) = tern_cmd(&[
-        "volume",
-        "format",
-        "--size",
-        "64M",
-        "--lun",
-        lun.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    format_lun(&lun);
     let (n1, p1) = serve(dir.path(), &lun, &etcd.url, 1, &[]);
     wait_for("node 1 to coordinate", Duration::from_secs(30), || {
         status(&n1).is_some_and(|s| s["coordinator"]["node_id"] == 1)

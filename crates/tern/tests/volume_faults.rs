@@ -28,7 +28,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::volume::call;
+use common::volume::{call, format_lun};
 use common::{free_port, scratch, tern, tern_cmd, wait_for};
 use tern_test_support::{Etcd, require_tools};
 use tern_volume::client::VolumeDisk;
@@ -395,15 +395,7 @@ fn randomized_faults_lose_no_acknowledged_write() {
     let dir = scratch();
     let etcd = Etcd::start();
     let lun = dir.path().join("lun");
-    let (code, _, err) = tern_cmd(&[
-        "volume",
-        "format",
-        "--size",
-        "64M",
-        "--lun",
-        lun.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{err}");
+    format_lun(&lun);
     let mut run = Run {
         dir: dir.path().to_owned(),
         lun,

@@ -12,6 +12,19 @@ use tern_volume::control::{self, Request};
 use super::{free_port, require_kvm, scratch, tern, tern_cmd};
 
 /// A volume control request to the node at `addr`.
+/// Formats a 64 MiB LUN file at `lun` with `tern volume format`.
+pub fn format_lun(lun: &std::path::Path) {
+    let (code, _, err) = tern_cmd(&[
+        "volume",
+        "format",
+        "--size",
+        "64M",
+        "--lun",
+        lun.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
 pub fn call(addr: &str, req: Request) -> Result<Value, control::ControlError> {
     control::call(addr, &req, false, Duration::from_secs(30))
 }
@@ -35,15 +48,7 @@ impl Cluster {
         let etcd = Etcd::start();
         let etcd_url = etcd.url.clone();
         let lun = dir.path().join("lun");
-        let (code, _, err) = tern_cmd(&[
-            "volume",
-            "format",
-            "--size",
-            "64M",
-            "--lun",
-            lun.to_str().unwrap(),
-        ]);
-        assert_eq!(code, 0, "{err}");
+        format_lun(&lun);
         Cluster {
             dir,
             etcd_url,
