@@ -307,22 +307,13 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             }
             timings.verify_us = since(commit_at) - timings.data_us;
         }
-        if let Err(e) = self.target.restore_state(version, &bytes) {
-            let _ = self.machine.committed(false);
-            return Err(ReceiveError::Target("restore_state", e));
-        }
-        let memory = match pc::arm(self.target, &layout, &owed) {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = self.machine.committed(false);
-                return Err(ReceiveError::Target("post_copy_memory", e));
-            }
-        };
+        let r = self.target.restore_state(version, &bytes);
+        self.target_step("restore_state", r)?;
+        let r = pc::arm(self.target, &layout, &owed);
+        let memory = self.target_step("post_copy_memory", r)?;
         timings.restore_us = since(commit_at) - timings.data_us - timings.verify_us;
-        if let Err(e) = self.target.resume() {
-            let _ = self.machine.committed(false);
-            return Err(ReceiveError::Target("resume", e));
-        }
+        let r = self.target.resume();
+        self.target_step("resume", r)?;
         timings.resume_us =
             since(commit_at) - timings.data_us - timings.verify_us - timings.restore_us;
         self.machine.committed(true)?;
@@ -393,6 +384,19 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 Err(ReceiveError::PostCopy(e))
             }
         }
+    }
+
+    /// The result of a target step after the commit (restore, arming the memory, resume): on
+    /// failure the commit is recorded as failed first, so the source keeps its copy.
+    fn target_step<R>(
+        &mut self,
+        step: &'static str,
+        r: Result<R, VmError>,
+    ) -> Result<R, ReceiveError> {
+        r.map_err(|e| {
+            let _ = self.machine.committed(false);
+            ReceiveError::Target(step, e)
+        })
     }
 
     fn send_control(&mut self, f: &Frame) -> Result<(), ReceiveError> {
@@ -603,15 +607,11 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             }
             timings.verify_us = since(commit_at) - timings.data_us;
         }
-        if let Err(e) = self.target.restore_state(version, &bytes) {
-            let _ = self.machine.committed(false);
-            return Err(ReceiveError::Target("restore_state", e));
-        }
+        let r = self.target.restore_state(version, &bytes);
+        self.target_step("restore_state", r)?;
         timings.restore_us = since(commit_at) - timings.data_us - timings.verify_us;
-        if let Err(e) = self.target.resume() {
-            let _ = self.machine.committed(false);
-            return Err(ReceiveError::Target("resume", e));
-        }
+        let r = self.target.resume();
+        self.target_step("resume", r)?;
         timings.resume_us =
             since(commit_at) - timings.data_us - timings.verify_us - timings.restore_us;
         self.machine.committed(true)?;
