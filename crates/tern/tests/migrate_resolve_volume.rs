@@ -14,8 +14,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::volume::Cluster;
-use common::{RunningVm, field, free_port, tern, tern_cmd, wait_for_text};
+use common::volume::{Cluster, start_volume_guest};
+use common::{RunningVm, free_port, tern, tern_cmd, wait_for_text};
 use faultproxy::{Disposition, FaultProxy, Phase};
 use serde_json::Value;
 use tern_volume::client::{OpenError, VolumeDisk};
@@ -66,33 +66,7 @@ impl Setup {
         let rt = dir.join("rt");
         let src_sock = dir.join("src.sock");
         let dst_sock = dir.join("dst.sock");
-        let mut src = RunningVm::start_tern(
-            &dir,
-            "src",
-            &[
-                "vm",
-                "run",
-                "--kernel",
-                "builtin:testguest",
-                "--memory-mib",
-                "64",
-                "--disk",
-                &format!("volume://{n1}/{FILE}"),
-                "--cmdline",
-                "tern.hb_ms=50 tern.blk=verify",
-                "--name",
-                "src",
-                "--api-sock",
-                src_sock.to_str().unwrap(),
-                "--runtime-dir",
-                rt.to_str().unwrap(),
-            ],
-        );
-        let line = src.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
-        assert!(line.starts_with("BLK verify ok"), "{line}");
-        src.wait_line(Duration::from_secs(30), |l| {
-            l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
-        });
+        let src = start_volume_guest(&dir, &format!("volume://{n1}/{FILE}"), &src_sock, &rt);
         let port = free_port();
         let mut rcv = Command::new(tern());
         rcv.args(["vm", "receive", "--listen", &format!("127.0.0.1:{port}")])

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::volume::Cluster;
+use common::volume::{Cluster, start_volume_guest};
 use common::{RunningVm, field, free_port, tern_cmd, wait_for_text};
 use serde_json::Value;
 use tern_volume::client::{OpenError, VolumeDisk};
@@ -41,33 +41,8 @@ impl Pair {
     fn start(dir: &Path, src_node: &str) -> Pair {
         let rt = dir.join("rt");
         let src_sock = dir.join("src.sock");
-        let mut src = RunningVm::start_tern(
-            dir,
-            "src",
-            &[
-                "vm",
-                "run",
-                "--kernel",
-                "builtin:testguest",
-                "--memory-mib",
-                "64",
-                "--disk",
-                &format!("volume://{src_node}/{FILE}"),
-                "--cmdline",
-                "tern.hb_ms=50 tern.blk=verify",
-                "--name",
-                "src",
-                "--api-sock",
-                src_sock.to_str().unwrap(),
-                "--runtime-dir",
-                rt.to_str().unwrap(),
-            ],
-        );
-        let line = src.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
-        assert!(line.starts_with("BLK verify ok"), "{line}");
-        src.wait_line(Duration::from_secs(30), |l| {
-            l.starts_with("HB ") && field(l, "seq").is_some_and(|s| s >= 3)
-        });
+        let src =
+            start_volume_guest(dir, &format!("volume://{src_node}/{FILE}"), &src_sock, &rt);
         Pair {
             dir: dir.to_path_buf(),
             src,

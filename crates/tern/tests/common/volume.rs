@@ -85,3 +85,41 @@ impl Cluster {
         std::fs::read_to_string(self.dir.path().join(format!("node{id}.log"))).unwrap_or_default()
     }
 }
+
+/// The test guest as `src` on the volume disk `disk` (`volume://NODE/FILE`), API socket `sock`,
+/// runtime directory `rt`, once its disk check passed and it has beaten three times.
+pub fn start_volume_guest(
+    dir: &std::path::Path,
+    disk: &str,
+    sock: &std::path::Path,
+    rt: &std::path::Path,
+) -> super::RunningVm {
+    let mut src = super::RunningVm::start_tern(
+        dir,
+        "src",
+        &[
+            "vm",
+            "run",
+            "--kernel",
+            "builtin:testguest",
+            "--memory-mib",
+            "64",
+            "--disk",
+            disk,
+            "--cmdline",
+            "tern.hb_ms=50 tern.blk=verify",
+            "--name",
+            "src",
+            "--api-sock",
+            sock.to_str().unwrap(),
+            "--runtime-dir",
+            rt.to_str().unwrap(),
+        ],
+    );
+    let line = src.wait_line(Duration::from_secs(60), |l| l.starts_with("BLK verify"));
+    assert!(line.starts_with("BLK verify ok"), "{line}");
+    src.wait_line(Duration::from_secs(30), |l| {
+        l.starts_with("HB ") && super::field(l, "seq").is_some_and(|s| s >= 3)
+    });
+    src
+}
