@@ -43,6 +43,17 @@ fn get(lab: &Lab, path: &str) -> Value {
     serde_json::from_str(&body).unwrap()
 }
 
+/// The migrations of a plan.
+fn plan_moves(plan: &Value) -> Vec<Value> {
+    plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["kind"] == "migrate")
+        .cloned()
+        .collect()
+}
+
 /// A proposed plan in `GET /v1/plans`, waiting up to `timeout` for one.
 fn proposed_plan(lab: &Lab, timeout: Duration) -> Value {
     let start = Instant::now();
@@ -210,13 +221,7 @@ fn a_manual_plan_drains_a_host_live_once_applied() {
     let (id, moves, seq_before) = loop {
         let plan = newest_proposed();
         let id = plan["id"].as_u64().unwrap();
-        let moves: Vec<Value> = plan["actions"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|a| a["kind"] == "migrate")
-            .cloned()
-            .collect();
+        let moves = plan_moves(&plan);
         assert!(!moves.is_empty(), "{plan}");
         // Heartbeats before the apply, on the hosts to be drained. (A target's console file may
         // hold an earlier stay of the VM there: only what is written after its length counts.)
@@ -352,13 +357,7 @@ fn a_proposed_plan_survives_the_leader_and_is_applied_on_the_next() {
     assert_eq!(st, 200, "{body}");
     let plan = proposed();
     let id = plan["id"].as_u64().unwrap();
-    let moves: Vec<Value> = plan["actions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|a| a["kind"] == "migrate")
-        .cloned()
-        .collect();
+    let moves = plan_moves(&plan);
     assert!(!moves.is_empty(), "{plan}");
 
     // SIGKILL the leader; the other leads and lists the plan as it was.

@@ -41,8 +41,7 @@ impl Pair {
     fn start(dir: &Path, src_node: &str) -> Pair {
         let rt = dir.join("rt");
         let src_sock = dir.join("src.sock");
-        let src =
-            start_volume_guest(dir, &format!("volume://{src_node}/{FILE}"), &src_sock, &rt);
+        let src = start_volume_guest(dir, &format!("volume://{src_node}/{FILE}"), &src_sock, &rt);
         Pair {
             dir: dir.to_path_buf(),
             src,
