@@ -1028,6 +1028,11 @@ fn cluster_api() -> Result<Vec<Vec<u8>>> {
         (1, r#"{"to":null}"#.into()),
         (2, r#"{"enter":true}"#.into()),
         (3, policy),
+        // A float whose shortest decimal an inexact parser reads one ulp off.
+        (
+            3,
+            r#"{"automation":"manual","aggressiveness":3,"interval_s":10,"detector":"lr","selection":"mmt","parameter":1.2,"hold_s":30,"min_improvement_pct":4.444444444444445e+63,"cooldown_s":120,"max_migrations":0,"power":{"enabled":true,"spare_hosts":0,"off_hold_s":60,"on_hold_s":10}}"#.into(),
+        ),
         (
             4,
             r#"{"host":"host-1","generation_seen":3,"seq":41,"last_command_id":7,"vms":[],"cpu_utilization":0.42,"parked_cores":2}"#.into(),
