@@ -201,11 +201,11 @@ impl Sample {
 
 /// The writer's pace on the source while the migration ran, as a share of its pace just before.
 #[derive(Debug, Clone, Copy)]
-struct WorkRate {
+pub(crate) struct WorkRate {
     /// Pages written per second over the whole migration / over the second before it.
-    mean_pct: f64,
+    pub(crate) mean_pct: f64,
     /// The slowest heartbeat period during the migration / the pace before.
-    min_pct: f64,
+    pub(crate) min_pct: f64,
 }
 
 /// A process whose stdout lines are read on a thread, each with its arrival time.
@@ -379,7 +379,7 @@ fn judge(
 
 /// The writer's pace during the migration (from `started` to the source's last heartbeat) against
 /// the second before it, from the source's `DIRTY pages=<total> rate=<pages/s>` lines.
-fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
+pub(crate) fn work_rate(src: &[(Instant, String)], started: Instant) -> Option<WorkRate> {
     let dirty: Vec<(Instant, u64, u64)> = src
         .iter()
         .filter(|(_, l)| l.starts_with("DIRTY pages="))

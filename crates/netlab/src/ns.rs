@@ -82,6 +82,9 @@ pub struct EchoReport {
     pub mismatched: bool,
     /// What broke the connection, if it broke.
     pub error: Option<String>,
+    /// When the slowest request was sent.
+    #[serde(skip)]
+    pub max_stall_sent: Option<Instant>,
 }
 
 /// The request with sequence number `seq`: 16 bytes `REQ` + 12 digits + newline, so any lost,
@@ -135,7 +138,11 @@ pub fn stream_echo_from(
             fail(&mut report, format!("receive: {e}"));
             break;
         }
-        max = max.max(sent.elapsed());
+        let took = sent.elapsed();
+        if took > max {
+            max = took;
+            report.max_stall_sent = Some(sent);
+        }
         if got != req {
             report.mismatched = true;
             fail(
@@ -204,5 +211,6 @@ mod tests {
         assert_eq!(r.requests, 5);
         assert!(r.connection_broken && r.mismatched, "{r:?}");
         assert!(r.max_stall_ms > 0.0);
+        assert!(r.max_stall_sent.is_some(), "{r:?}");
     }
 }

@@ -1,7 +1,9 @@
 //! A live migration under network load, as the tests, the demo and the benchmark run it: the test
 //! guest runs under `tern vm run` on host h0 with its tap on h0's bridge, `tern vm receive` waits
 //! on h1 with the same MAC, a client in the client namespace streams TCP echo requests to the
-//! guest, and `tern vm migrate` moves the VM; the client reports the longest stall.
+//! guest, and `tern vm migrate` moves the VM; the client reports the longest stall. Optionally the
+//! guest also runs its memory writer (`tern.dirty_mib`, `tern.dirty_rate`), so the migration has
+//! pages to chase while the client talks to the guest.
 //!
 //! The `tern` binary is given by path (the caller's own executable or the test's build).
 
@@ -42,6 +44,51 @@ pub struct MigrationScenario {
     /// Keep the connection idle during the migration (the client stops before it and sends again
     /// right after it): then nothing but the announce tells the switch where the guest went.
     pub quiet: bool,
+    /// The guest's memory writer, if any.
+    pub writer: Option<GuestWriter>,
+    /// The guest's heartbeat period, ms (`tern.hb_ms`; its `DIRTY` lines come with it).
+    pub hb_ms: u64,
+    /// How often the guest polls its NIC while idle, µs (`tern.net_tick_us`; `None`: the guest's
+    /// default).
+    pub net_tick_us: Option<u64>,
+}
+
+/// The test guest's memory writer: `mib` MiB rewritten at `pages_per_s` pages per second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestWriter {
+    /// The buffer, MiB (`tern.dirty_mib`).
+    pub mib: u64,
+    /// Pages per second (`tern.dirty_rate`; 0 = as fast as it can).
+    pub pages_per_s: u64,
+}
+
+/// RAM the test guest needs besides its writer's buffer (its image, stacks, network buffers).
+pub const GUEST_OVERHEAD_MIB: u64 = 64;
+
+/// The kernel command line of the scenario's guest at `ip`/24 (echo server on port 7).
+pub fn guest_cmdline(
+    ip: std::net::Ipv4Addr,
+    hb_ms: u64,
+    writer: Option<GuestWriter>,
+    net_tick_us: Option<u64>,
+) -> String {
+    let mut c = format!("tern.hb_ms={hb_ms} tern.ip={ip}/24 tern.echo_port=7");
+    if let Some(w) = writer {
+        c += &format!(
+            " tern.dirty_mib={} tern.dirty_rate={}",
+            w.mib, w.pages_per_s
+        );
+    }
+    if let Some(t) = net_tick_us {
+        c += &format!(" tern.net_tick_us={t}");
+    }
+    c
+}
+
+/// The guest memory a scenario needs: `asked`, or the writer's buffer plus
+/// [`GUEST_OVERHEAD_MIB`] if that is more.
+pub fn guest_memory_mib(asked: u64, writer: Option<GuestWriter>) -> u64 {
+    writer.map_or(asked, |w| asked.max(w.mib + GUEST_OVERHEAD_MIB))
 }
 
 impl MigrationScenario {
@@ -56,6 +103,9 @@ impl MigrationScenario {
             after: Duration::from_millis(1500),
             memory_mib: 256,
             quiet: false,
+            writer: None,
+            hb_ms: 500,
+            net_tick_us: None,
         }
     }
 }
@@ -73,6 +123,15 @@ pub struct MigrationOutcome {
     pub switch_port_after: Option<String>,
     /// The guest's console lines on the target (its heartbeats continue there).
     pub target_console: Vec<String>,
+    /// The guest's console lines on the source, each with when it arrived.
+    #[serde(skip)]
+    pub source_console: Vec<(Instant, String)>,
+    /// When `tern vm migrate` was started.
+    #[serde(skip)]
+    pub migrate_started: Option<Instant>,
+    /// When the client sent its slowest request, ms after `tern vm migrate` started (negative:
+    /// before it).
+    pub max_stall_at_ms: Option<f64>,
 }
 
 /// A scenario failure: one line for the operator.
@@ -86,7 +145,7 @@ fn err(s: impl Into<String>) -> ScenarioError {
 
 struct Proc {
     child: Child,
-    lines: Receiver<String>,
+    lines: Receiver<(Instant, String)>,
     stderr: PathBuf,
 }
 
@@ -102,7 +161,7 @@ impl Proc {
         let (tx, lines) = channel();
         std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
+                if tx.send((Instant::now(), line)).is_err() {
                     break;
                 }
             }
@@ -126,7 +185,7 @@ impl Proc {
                 .lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
             {
-                Ok(l) if pred(&l) => return Ok(l),
+                Ok((_, l)) if pred(&l) => return Ok(l),
                 Ok(_) => {}
                 Err(_) => {
                     return Err(err(format!(
@@ -164,12 +223,13 @@ pub fn run_migration(
     let tern = s.tern.to_string_lossy().into_owned();
 
     let mut cmd = Command::new("ip");
+    let memory_mib = guest_memory_mib(s.memory_mib, s.writer);
     cmd.args(["netns", "exec", &topo.host_ns(0), &tern, "vm", "run"])
         .args(["--kernel", "builtin:testguest", "--name", "netmig-src"])
-        .args(["--memory-mib", &s.memory_mib.to_string()])
+        .args(["--memory-mib", &memory_mib.to_string()])
         .args([
             "--cmdline",
-            &format!("tern.hb_ms=500 tern.ip={ip}/24 tern.echo_port=7"),
+            &guest_cmdline(ip, s.hb_ms, s.writer, s.net_tick_us),
         ])
         .args(["--net", &format!("tap=nmsrc,mac={GUEST_MAC},bridge=br0")])
         .arg("--api-sock")
@@ -237,7 +297,10 @@ pub fn run_migration(
             stop2.load(Ordering::Relaxed)
         });
         first.requests += second.requests;
-        first.max_stall_ms = first.max_stall_ms.max(second.max_stall_ms);
+        if second.max_stall_ms > first.max_stall_ms {
+            first.max_stall_ms = second.max_stall_ms;
+            first.max_stall_sent = second.max_stall_sent;
+        }
         first.connection_broken = second.connection_broken;
         first.mismatched |= second.mismatched;
         first.error = second.error;
@@ -250,6 +313,7 @@ pub fn run_migration(
     }
 
     let t = Instant::now();
+    let migrate_started = Some(t);
     let out = Command::new(&s.tern)
         .args(["vm", "migrate", "--api-sock"])
         .arg(&src_sock)
@@ -278,7 +342,9 @@ pub fn run_migration(
     let switch_port_after = topo
         .switch_port_of_mac(GUEST_MAC)
         .map_err(|e| err(e.to_string()))?;
-    let target_console: Vec<String> = dst.lines.try_iter().collect();
+    let target_console: Vec<String> = dst.lines.try_iter().map(|(_, l)| l).collect();
+    let source_console: Vec<(Instant, String)> = src.lines.try_iter().collect();
+    let max_stall_at_ms = echo.max_stall_sent.map(|at| signed_ms(at, t));
     // Stop the target VM (the source VMM exited after the migration).
     let _ = Command::new(&s.tern)
         .args(["vm", "stop", "--api-sock"])
@@ -292,5 +358,60 @@ pub fn run_migration(
         migrate_wall_ms,
         switch_port_after,
         target_console,
+        source_console,
+        migrate_started,
+        max_stall_at_ms,
     })
+}
+
+/// `at - origin` in ms, negative when `at` is earlier.
+pub fn signed_ms(at: Instant, origin: Instant) -> f64 {
+    match at.checked_duration_since(origin) {
+        Some(d) => d.as_secs_f64() * 1000.0,
+        None => -(origin.duration_since(at).as_secs_f64() * 1000.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cmdline_carries_the_writer_and_the_tick_only_when_asked() {
+        let ip = std::net::Ipv4Addr::new(10, 77, 0, 2);
+        assert_eq!(
+            guest_cmdline(ip, 500, None, None),
+            "tern.hb_ms=500 tern.ip=10.77.0.2/24 tern.echo_port=7"
+        );
+        let w = GuestWriter {
+            mib: 256,
+            pages_per_s: 20_000,
+        };
+        assert_eq!(
+            guest_cmdline(ip, 50, Some(w), Some(250)),
+            "tern.hb_ms=50 tern.ip=10.77.0.2/24 tern.echo_port=7 \
+             tern.dirty_mib=256 tern.dirty_rate=20000 tern.net_tick_us=250"
+        );
+    }
+
+    #[test]
+    fn the_guest_gets_room_for_its_writer() {
+        let w = |mib| {
+            Some(GuestWriter {
+                mib,
+                pages_per_s: 1,
+            })
+        };
+        assert_eq!(guest_memory_mib(256, None), 256);
+        assert_eq!(guest_memory_mib(256, w(256)), 256 + GUEST_OVERHEAD_MIB);
+        assert_eq!(guest_memory_mib(1024, w(256)), 1024);
+    }
+
+    #[test]
+    fn signed_ms_is_negative_before_the_origin() {
+        let o = Instant::now();
+        let later = o + std::time::Duration::from_millis(5);
+        assert!((signed_ms(later, o) - 5.0).abs() < 1e-9);
+        assert!((signed_ms(o, later) + 5.0).abs() < 1e-9);
+    }
 }
