@@ -22,13 +22,35 @@
 //! - at the switch-over the pause is the policy's own [`ConvergenceConfig::expected_downtime`]
 //!   of the last sync's dirty bytes: transfer of those and the state estimate, plus the restore
 //!   estimate.
+//!
+//! With post-copy (`--post-copy-after N`, [`predict_with`]) the rounds before the switch run
+//! under [`postcopy::pre_copy_convergence`] (no throttle) and the switch comes where the shell
+//! takes it: at the sync after round `N − 1`, asked before the pre-copy decision
+//! ([`postcopy::switch_due`]); a pre-copy that converges earlier ends as plain pre-copy. At the
+//! switch the last sync's dirty pages are owed, the pause carries only the state and the
+//! restore, and the post-copy phase is simulated window by window (16 pages, the fault
+//! prefetch) on the same sweeping-writer model:
+//!
+//! - the owed pages are the stretch of the working set the guest swept during the last round,
+//!   and the guest goes on sweeping from where it stood — the model puts it in the middle of
+//!   its working set (it is anywhere in its sweep; the middle is the expectation);
+//! - the source pushes the owed windows in address order, one window's wire bytes over the
+//!   link per step, and a demanded window goes first — every request is answered, even for a
+//!   window the push sent while the request travelled, as [`postcopy::SourcePages::request`]
+//!   does, so a guest that catches up with the push costs pages sent twice;
+//! - the guest runs on the target at its unthrottled rate through present pages; at an owed
+//!   window not yet placed it faults and waits: the request's way out (half of
+//!   [`PredictInput::fault_round_trip`]), its window's transfer, the way back;
+//! - the phase ends one round trip after the last owed window is placed (the push stream's
+//!   connection and the target's `PostCopyDone`).
 
 use std::time::Duration;
 
 use crate::config::PAGE_SIZE;
 use crate::machine::policy::{ConvergenceConfig, Decision, TokenBucket};
+use crate::machine::postcopy::{self, PREFETCH_PAGES, PostCopyOptionError};
 use crate::machine::sender::{InvalidTransition, Sender, check_options};
-use crate::wire::{Frame, HEADER_LEN, MAX_PAGES_PER_FRAME, PROTOCOL_VERSION};
+use crate::wire::{Frame, HEADER_LEN, MAX_PAGES_PER_FRAME, MAX_STREAMS, PROTOCOL_VERSION};
 
 /// Bytes a page takes on the wire: its address word and its contents.
 const PAGE_WIRE_BYTES: u64 = 8 + PAGE_SIZE;
@@ -36,6 +58,9 @@ const PAGE_WIRE_BYTES: u64 = 8 + PAGE_SIZE;
 const FRAME_WIRE_BYTES: u64 = HEADER_LEN as u64 + 6;
 /// Rounds simulated before the prediction gives up (a policy that never decides).
 const MAX_ROUNDS: u32 = 1_000_000;
+/// Most windows the post-copy phase is simulated in; a larger working set is simulated in
+/// proportionally larger windows (beyond 256 GiB).
+const MAX_POST_COPY_WINDOWS: u64 = 1 << 22;
 
 /// The guest and the link a migration would run over.
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +80,9 @@ pub struct PredictInput {
     pub round_overhead: Duration,
     /// Time before round 0: the handshake and arming the dirty log.
     pub setup: Duration,
+    /// Post-copy: a demand fault's round trip beyond its window's transfer (the target's fault
+    /// thread, the request, the source's page read, placing the pages and waking the vCPU).
+    pub fault_round_trip: Duration,
 }
 
 impl PredictInput {
@@ -62,6 +90,8 @@ impl PredictInput {
     pub const DEFAULT_ROUND_OVERHEAD: Duration = Duration::from_millis(2);
     /// Default time before round 0.
     pub const DEFAULT_SETUP: Duration = Duration::from_millis(5);
+    /// Default round trip of a post-copy demand fault.
+    pub const DEFAULT_FAULT_ROUND_TRIP: Duration = Duration::from_millis(1);
 
     /// A guest of `memory_bytes`, all resident and all in its working set, dirtying
     /// `dirty_pages_per_sec`, over a link of `link_bytes_per_sec`, with the default fixed costs.
@@ -74,6 +104,7 @@ impl PredictInput {
             link_bytes_per_sec,
             round_overhead: Self::DEFAULT_ROUND_OVERHEAD,
             setup: Self::DEFAULT_SETUP,
+            fault_round_trip: Self::DEFAULT_FAULT_ROUND_TRIP,
         }
     }
 
@@ -95,6 +126,44 @@ pub enum PredictedEnd {
     Forced,
     /// The timeout passed and the policy gives up: the VM stays on the source.
     TimesOut,
+    /// The switch to post-copy came after the asked rounds, before pre-copy converged: the
+    /// pause carries only the state, and the owed pages follow while the guest runs on the
+    /// target ([`Prediction::post_copy`]).
+    PostCopy,
+}
+
+/// How a migration is run, beyond its convergence policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PredictOptions {
+    /// Data streams (`--streams`): checked as the migration checks them; the model's link is
+    /// the path between the hosts, which the streams share, so they do not change its pace.
+    pub streams: u16,
+    /// `--post-copy-after N`: switch to post-copy after `N` pre-copy rounds.
+    pub post_copy_after: Option<u32>,
+}
+
+impl Default for PredictOptions {
+    fn default() -> Self {
+        Self {
+            streams: 2,
+            post_copy_after: None,
+        }
+    }
+}
+
+/// The predicted post-copy phase of a migration that switches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PostCopyPrediction {
+    /// Pages owed at the switch.
+    pub pages_owed: u64,
+    /// Owed pages the guest is expected to ask for (demand faults and their windows).
+    pub pages_demanded: u64,
+    /// Owed pages pushed in the background.
+    pub pages_pushed: u64,
+    /// Demand faults: windows the guest waits for.
+    pub demand_faults: u64,
+    /// The target running → every owed page placed (the report's `post_copy_ms`).
+    pub duration: Duration,
 }
 
 /// What a migration is predicted to cost.
@@ -112,12 +181,21 @@ pub struct Prediction {
     pub downtime: Duration,
     /// The highest throttle the policy applies, percent.
     pub throttle_max_pct: f64,
+    /// The post-copy phase, when the migration switches to post-copy (it is part of `total`
+    /// and `bytes_sent`).
+    pub post_copy: Option<PostCopyPrediction>,
 }
 
 impl Prediction {
-    /// Whether the migration switches over within the downtime budget.
+    /// Whether pre-copy switches over within the downtime budget.
     pub fn converges(&self) -> bool {
         self.end == PredictedEnd::Converges
+    }
+
+    /// Whether the VM ends up running on the target: pre-copy converged or was forced, or
+    /// post-copy finished it.
+    pub fn completes(&self) -> bool {
+        self.end != PredictedEnd::TimesOut
     }
 }
 
@@ -137,6 +215,9 @@ pub enum PredictError {
     /// The convergence configuration would be refused by the migration itself.
     #[error("the convergence configuration is invalid")]
     Options(#[source] crate::machine::sender::InvalidOptions),
+    /// `post_copy_after` out of range.
+    #[error("the post-copy option is invalid")]
+    PostCopy(#[source] PostCopyOptionError),
     /// The policy neither switched over nor gave up within the simulated rounds.
     #[error("no switch-over, abort or timeout decision after {0} simulated rounds")]
     NoDecision(u32),
@@ -151,7 +232,11 @@ impl From<InvalidTransition> for PredictError {
     }
 }
 
-fn check(input: &PredictInput, cfg: &ConvergenceConfig) -> Result<(), PredictError> {
+fn check(
+    input: &PredictInput,
+    cfg: &ConvergenceConfig,
+    opts: &PredictOptions,
+) -> Result<(), PredictError> {
     let out = |field, value: String, valid| {
         Err(PredictError::OutOfRange {
             field,
@@ -190,7 +275,18 @@ fn check(input: &PredictInput, cfg: &ConvergenceConfig) -> Result<(), PredictErr
             "a finite number >= 1",
         );
     }
-    check_options(1, cfg).map_err(PredictError::Options)
+    check_options(opts.streams, cfg).map_err(PredictError::Options)?;
+    if let Some(n) = opts.post_copy_after {
+        postcopy::check_after_rounds(n).map_err(PredictError::PostCopy)?;
+        if opts.streams >= MAX_STREAMS {
+            return out(
+                "streams",
+                opts.streams.to_string(),
+                "1..=63 with post-copy (the push stream takes the next index)",
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Wire bytes of `bytes` worth of pages.
@@ -199,10 +295,22 @@ fn wire_bytes(bytes: u64) -> u64 {
     pages * PAGE_WIRE_BYTES + pages.div_ceil(MAX_PAGES_PER_FRAME as u64) * FRAME_WIRE_BYTES
 }
 
-/// Predicts a migration of the guest in `input` under `cfg`, by running the sender machine
-/// round by round against the modelled guest and link.
+/// Predicts a pre-copy migration of the guest in `input` under `cfg`, by running the sender
+/// machine round by round against the modelled guest and link.
 pub fn predict(cfg: &ConvergenceConfig, input: &PredictInput) -> Result<Prediction, PredictError> {
-    check(input, cfg)?;
+    predict_with(cfg, input, &PredictOptions::default())
+}
+
+/// Predicts a migration run with `opts` (streams, post-copy) of the guest in `input` under
+/// `cfg` (module docs).
+pub fn predict_with(
+    cfg: &ConvergenceConfig,
+    input: &PredictInput,
+    opts: &PredictOptions,
+) -> Result<Prediction, PredictError> {
+    check(input, cfg, opts)?;
+    // The policy of the rounds before a post-copy switch, as the shell builds its machine.
+    let cfg = &postcopy::pre_copy_convergence(cfg, opts.post_copy_after);
     // The cap's token bucket, as the shell builds it (burst 1/20 s, at least 1 MiB).
     let mut bucket = cfg
         .max_bandwidth
@@ -246,6 +354,12 @@ pub fn predict(cfg: &ConvergenceConfig, input: &PredictInput) -> Result<Predicti
         let dirtied_pages = input.dirty_pages_per_sec * run_share * round.as_secs_f64();
         let dirty =
             ((dirtied_pages * PAGE_SIZE as f64) as u64 / PAGE_SIZE * PAGE_SIZE).min(working_set);
+        // The shell asks the post-copy hook first, before the pre-copy decision.
+        if let Some(n) = opts.post_copy_after
+            && postcopy::switch_due(n, sender.round())
+        {
+            return switch_to_post_copy(cfg, input, sender, now, bytes_sent, dirty);
+        }
         match sender.synced(now, dirty)? {
             Decision::Continue => {}
             Decision::Throttle(p) => {
@@ -266,6 +380,7 @@ pub fn predict(cfg: &ConvergenceConfig, input: &PredictInput) -> Result<Predicti
                     rounds: sender.round() + 1,
                     downtime,
                     throttle_max_pct: throttle_max,
+                    post_copy: None,
                 });
             }
             Decision::Abort => {
@@ -276,12 +391,159 @@ pub fn predict(cfg: &ConvergenceConfig, input: &PredictInput) -> Result<Predicti
                     rounds: sender.round() + 1,
                     downtime: Duration::ZERO,
                     throttle_max_pct: throttle_max,
+                    post_copy: None,
                 });
             }
         }
         to_send = dirty;
     }
     Err(PredictError::NoDecision(MAX_ROUNDS))
+}
+
+/// The switch at `now`, after a round that left `owed_bytes` dirty: the sender machine goes
+/// through the pause as the shell drives it (no pages sent in it), the pause is the policy's
+/// estimate of the state and the restore, and the post-copy phase follows.
+fn switch_to_post_copy(
+    cfg: &ConvergenceConfig,
+    input: &PredictInput,
+    mut sender: Sender,
+    now: Duration,
+    bytes_sent: u64,
+    owed_bytes: u64,
+) -> Result<Prediction, PredictError> {
+    let bandwidth = cfg
+        .effective_bandwidth(Some(input.link_bytes_per_sec))
+        .unwrap_or(input.link_bytes_per_sec);
+    sender.paused(now)?;
+    sender.state_saved()?;
+    sender.storage_released()?;
+    sender.post_copy_switched()?;
+    sender.commit_sent()?;
+    let downtime = cfg
+        .expected_downtime(0, Some(bandwidth))
+        .unwrap_or(cfg.restore_estimate);
+    sender.running_acked(now + downtime)?;
+    let phase = post_copy_phase(input, bandwidth, owed_bytes / PAGE_SIZE);
+    Ok(Prediction {
+        end: PredictedEnd::PostCopy,
+        total: now + downtime + phase.duration,
+        // Owed pages go once, and again when a request asked for a window the push had sent.
+        bytes_sent: bytes_sent
+            + cfg.state_bytes_estimate
+            + wire_bytes((phase.pages_demanded + phase.pages_pushed) * PAGE_SIZE),
+        rounds: sender.round() + 1,
+        downtime,
+        throttle_max_pct: 0.0,
+        post_copy: Some(phase),
+    })
+}
+
+/// The post-copy phase of `owed_pages` over a link of `bandwidth` bytes/s, window by window
+/// (module docs).
+fn post_copy_phase(input: &PredictInput, bandwidth: f64, owed_pages: u64) -> PostCopyPrediction {
+    let working_pages = (input.working_set() / PAGE_SIZE).max(owed_pages).max(1);
+    let window = PREFETCH_PAGES.max(working_pages.div_ceil(MAX_POST_COPY_WINDOWS));
+    let windows = working_pages.div_ceil(window);
+    let owed_windows = owed_pages.div_ceil(window);
+    // Pages of window `w` (the last one may be short).
+    let pages_of = |w: u64| window.min(working_pages - w * window);
+    let step = Duration::from_secs_f64(wire_bytes(window * PAGE_SIZE) as f64 / bandwidth);
+    let half_trip = input.fault_round_trip / 2;
+    // The guest stands in the middle; the owed windows are the ones it swept just before.
+    let guest_start = windows / 2;
+    let first_owed = (guest_start + windows - owed_windows) % windows;
+    let is_owed = |w: u64| (w + windows - first_owed) % windows < owed_windows;
+    let mut placed = vec![false; windows as usize];
+    let mut missing = owed_windows;
+    // The push goes in address order over the owed windows not yet sent.
+    let mut push_order = (0..windows).filter(|&w| is_owed(w));
+    // Requests on their way to the source or queued there: (window, arrival). The source
+    // serves each, even a window the push placed since (the target asked while it was missing).
+    let mut requests: std::collections::VecDeque<(u64, Duration)> = Default::default();
+    // The guest: its window and its progress into it (pages), or the window it waits for and
+    // when it may go on.
+    let rate = input.dirty_pages_per_sec;
+    let mut at = guest_start;
+    let mut progress = 0.0f64;
+    let mut waiting: Option<(u64, Duration)> = None;
+    let (mut demanded, mut pushed) = (0u64, 0u64);
+    let mut t = Duration::ZERO;
+    let mut last_placed = Duration::ZERO;
+    while missing > 0 {
+        // The link carries one window this step: a request that reached the source first.
+        let sent = match requests.front() {
+            Some(&(w, arrives)) if arrives <= t => {
+                requests.pop_front();
+                demanded += 1;
+                if let Some((waits_for, _)) = waiting
+                    && waits_for == w
+                {
+                    waiting = Some((w, t + step + half_trip));
+                }
+                Some(w)
+            }
+            _ => push_order
+                .find(|&w| !placed[w as usize])
+                .inspect(|_| pushed += 1),
+        };
+        t += step;
+        if let Some(w) = sent
+            && !placed[w as usize]
+        {
+            placed[w as usize] = true;
+            missing -= 1;
+            last_placed = t;
+        }
+        // The guest: waits for its window, or runs through present pages.
+        if let Some((w, resume)) = waiting {
+            if placed[w as usize] && resume <= t {
+                waiting = None;
+            } else {
+                continue;
+            }
+        }
+        if rate <= 0.0 {
+            continue;
+        }
+        progress += rate * step.as_secs_f64();
+        let mut walked = 0u64;
+        while progress >= 1.0 && walked <= windows {
+            if is_owed(at) && !placed[at as usize] {
+                requests.push_back((at, t + half_trip));
+                waiting = Some((at, t));
+                progress = 0.0;
+                break;
+            }
+            let pages = pages_of(at) as f64;
+            if progress < pages {
+                break;
+            }
+            progress -= pages;
+            at = (at + 1) % windows;
+            walked += 1;
+        }
+        if walked > windows {
+            // A full sweep found nothing missing: the rest of this step is idle.
+            progress = 0.0;
+        }
+    }
+    // Every request the guest made is a demand fault, answered or not when the last page went.
+    let faults = demanded + requests.len() as u64;
+    // Windows to pages: the owed pages spread over the owed windows.
+    let pages = |n: u64| {
+        if owed_windows == 0 {
+            0
+        } else {
+            (u128::from(owed_pages) * u128::from(n) / u128::from(owed_windows)) as u64
+        }
+    };
+    PostCopyPrediction {
+        pages_owed: owed_pages,
+        pages_demanded: pages(demanded),
+        pages_pushed: pages(pushed),
+        demand_faults: faults,
+        duration: last_placed + input.fault_round_trip,
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +747,259 @@ mod tests {
         assert_eq!(predict(&shrink, &input).unwrap().rounds, 2);
     }
 
+    /// The max-rate test guest of `migrate_postcopy`: 128 MiB, 64 MiB written as fast as it
+    /// can (far above the link), over a 1 GB/s link.
+    fn max_rate_guest() -> PredictInput {
+        PredictInput {
+            working_set_bytes: Some(64 * MIB),
+            resident_bytes: Some(68 * MIB),
+            ..PredictInput::new(128 * MIB, 2e6, 1e9)
+        }
+    }
+
+    fn post_copy(n: u32) -> PredictOptions {
+        PredictOptions {
+            post_copy_after: Some(n),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn post_copy_switches_after_the_asked_rounds_with_only_the_state_in_the_pause() {
+        let cfg = ConvergenceConfig::default();
+        let input = max_rate_guest();
+        let p = predict_with(&cfg, &input, &post_copy(2)).unwrap();
+        assert_eq!(p.end, PredictedEnd::PostCopy, "{p:?}");
+        assert!(p.completes() && !p.converges());
+        // Two pre-copy rounds and the pause, as the report counts them; never throttled.
+        assert_eq!(p.rounds, 3, "{p:?}");
+        assert_eq!(p.throttle_max_pct, 0.0);
+        // The pause: the state estimate over the link and the restore.
+        let pause = cfg.state_bytes_estimate as f64 / 1e9 + cfg.restore_estimate.as_secs_f64();
+        assert!((secs(p.downtime) - pause).abs() < 1e-6, "{p:?}");
+        // The writer re-dirtied its whole working set during round 1: all of it is owed, and
+        // the guest, running on the target at once, faults on it.
+        let pc = p.post_copy.unwrap();
+        assert_eq!(pc.pages_owed, 64 * MIB / PAGE_SIZE, "{pc:?}");
+        assert!(pc.demand_faults > 0 && pc.pages_demanded > 0, "{pc:?}");
+        // Every owed page goes one way or the other; a request for a window the push had sent
+        // meanwhile sends it again (the guest, faster than the push, catches up with it).
+        let sent = pc.pages_demanded + pc.pages_pushed;
+        assert!(
+            sent >= pc.pages_owed && sent < pc.pages_owed * 3 / 2,
+            "{pc:?}"
+        );
+        // The link stays busy (push or demand) until the last page: what it sent and one round
+        // trip.
+        let link = wire_bytes(sent * PAGE_SIZE) as f64 / 1e9;
+        assert!(
+            (secs(pc.duration) - link - 0.001).abs() < 0.002,
+            "{pc:?} against {link} s"
+        );
+        // Total: the full copy, round 1 (the working set), the pause and the phase.
+        let rounds =
+            wire_bytes(68 * MIB) as f64 / 1e9 + wire_bytes(64 * MIB) as f64 / 1e9 + 0.004 + 0.005;
+        assert!(
+            (secs(p.total) - (rounds + pause + secs(pc.duration))).abs() < 0.002,
+            "{p:?}"
+        );
+        // Bytes: the full copy, the working set once in pre-copy, what post-copy sent, the state.
+        let bytes = wire_bytes(68 * MIB)
+            + wire_bytes(64 * MIB)
+            + wire_bytes(sent * PAGE_SIZE)
+            + cfg.state_bytes_estimate;
+        assert_eq!(p.bytes_sent, bytes, "{p:?}");
+
+        // The same guest pre-copy only, with the throttle off (as before a switch), never
+        // converges; with post-copy after 1 round it switches after the full copy.
+        let no_throttle = ConvergenceConfig {
+            throttle_max_pct: 0.0,
+            timeout: Duration::from_secs(5),
+            ..cfg.clone()
+        };
+        assert_eq!(
+            predict(&no_throttle, &input).unwrap().end,
+            PredictedEnd::TimesOut
+        );
+        let one = predict_with(&cfg, &input, &post_copy(1)).unwrap();
+        assert_eq!(
+            (one.end, one.rounds),
+            (PredictedEnd::PostCopy, 2),
+            "{one:?}"
+        );
+        assert!(one.total < p.total && one.bytes_sent < p.bytes_sent);
+    }
+
+    #[test]
+    fn a_pre_copy_that_converges_before_the_switch_ends_as_pre_copy() {
+        // An idle guest: round 0 leaves nothing dirty and the switch-over rule fires at its
+        // sync, before round 1 would switch.
+        let cfg = ConvergenceConfig::default();
+        let input = PredictInput::new(256 * MIB, 0.0, 1e9);
+        let p = predict_with(&cfg, &input, &post_copy(2)).unwrap();
+        assert_eq!(p, predict(&cfg, &input).unwrap());
+        assert_eq!(p.end, PredictedEnd::Converges);
+        assert!(p.post_copy.is_none());
+        // After 1 round the hook comes first: the switch, with nothing owed.
+        let p = predict_with(&cfg, &input, &post_copy(1)).unwrap();
+        assert_eq!(p.end, PredictedEnd::PostCopy);
+        let pc = p.post_copy.unwrap();
+        assert_eq!((pc.pages_owed, pc.demand_faults), (0, 0), "{pc:?}");
+    }
+
+    #[test]
+    fn a_guest_slower_than_the_push_is_never_caught_by_a_missing_page() {
+        // 2,000 pages/s over 64 MiB: after round 0 (0.27 s) ~540 pages are owed, the stretch
+        // just behind the guest; the guest sweeps the other 16,000 pages first, and by then the
+        // push (250,000 pages/s) is long done.
+        let cfg = ConvergenceConfig::default();
+        let input = PredictInput {
+            working_set_bytes: Some(64 * MIB),
+            ..PredictInput::new(256 * MIB, 2_000.0, 1e9)
+        };
+        let p = predict_with(&cfg, &input, &post_copy(1)).unwrap();
+        let pc = p.post_copy.unwrap();
+        assert!(pc.pages_owed > 500, "{pc:?}");
+        assert_eq!(
+            (pc.pages_demanded, pc.demand_faults, pc.pages_pushed),
+            (0, 0, pc.pages_owed),
+            "{pc:?}"
+        );
+    }
+
+    /// The post-copy phase run with the real machines — `machine::postcopy`'s `TargetPages`
+    /// (fault windows, arrivals) and `SourcePages` (demand first, the push in batches of
+    /// `PUSH_BATCH_PAGES`) — on the guest and link of the model, page by page: the owed
+    /// stretch behind a guest in the middle of its working set, sweeping on at `rate`; the link
+    /// carries a demanded window or a push batch at a time. Returns (pages demanded, faults,
+    /// the time the last owed page is placed).
+    fn machine_phase(
+        working_pages: u64,
+        owed_pages: u64,
+        rate: f64,
+        bandwidth: f64,
+        trip: Duration,
+    ) -> (u64, u64, Duration) {
+        use crate::machine::pages::PageSet;
+        use crate::machine::postcopy::{
+            FaultAnswer, PUSH_BATCH_PAGES, SourcePages, TargetPages, owed_runs,
+        };
+        let start = working_pages / PREFETCH_PAGES / 2 * PREFETCH_PAGES;
+        let mut owed = PageSet::empty(working_pages);
+        for i in 0..owed_pages {
+            owed.insert((start + working_pages - owed_pages + i) % working_pages);
+        }
+        let mut target = TargetPages::new(working_pages, &owed_runs(&owed));
+        let mut source = SourcePages::new(owed);
+        let (mut at, mut progress, mut t, mut last) =
+            (start, 0.0f64, Duration::ZERO, Duration::ZERO);
+        let mut requests: std::collections::VecDeque<(u64, u32, Duration)> = Default::default();
+        let mut waiting: Option<(u64, Duration)> = None; // (page, resumes no earlier than)
+        let mut demanded_pages = 0;
+        while !target.complete() {
+            let demand = requests
+                .front()
+                .copied()
+                .filter(|&(_, _, arrives)| arrives <= t);
+            let sent = match demand {
+                Some((first, n, _)) => {
+                    requests.pop_front();
+                    let pages = source.request(first, n).unwrap();
+                    demanded_pages += pages.len() as u64;
+                    pages
+                }
+                None => source.next_push(PUSH_BATCH_PAGES),
+            };
+            let step = wire_bytes(sent.len().max(1) as u64 * PAGE_SIZE) as f64 / bandwidth;
+            let step = Duration::from_secs_f64(step);
+            t += step;
+            for &p in &sent {
+                target.arrived(p).unwrap();
+                last = t;
+            }
+            if let Some((first, n, _)) = demand
+                && let Some((page, _)) = waiting
+                && (first..first + u64::from(n)).contains(&page)
+            {
+                waiting = Some((page, t + trip / 2));
+            }
+            if let Some((page, resume)) = waiting {
+                if !target.is_missing(page) && resume <= t {
+                    waiting = None;
+                } else {
+                    continue;
+                }
+            }
+            progress += rate * step.as_secs_f64();
+            let mut walked = 0;
+            while progress >= 1.0 && walked <= working_pages {
+                match target.fault(at) {
+                    FaultAnswer::Request { first, pages } => {
+                        requests.push_back((first, pages, t + trip / 2));
+                        waiting = Some((at, t));
+                        break;
+                    }
+                    FaultAnswer::Wait => {
+                        waiting = Some((at, t));
+                        break;
+                    }
+                    FaultAnswer::Zero | FaultAnswer::Present => {}
+                }
+                progress -= 1.0;
+                at = (at + 1) % working_pages;
+                walked += 1;
+            }
+            if waiting.is_some() {
+                progress = 0.0;
+            }
+        }
+        let (_, faults, _) = target.done_figures();
+        (demanded_pages, faults, last + trip)
+    }
+
+    #[test]
+    fn the_post_copy_model_agrees_with_the_real_post_copy_machines() {
+        let trip = PredictInput::DEFAULT_FAULT_ROUND_TRIP;
+        let ws = 64 * MIB / PAGE_SIZE;
+        for (owed, rate, bw) in [
+            // the max-rate writer: everything owed, the guest faults at once
+            (ws, 2e6, 1e9),
+            // everything owed, a slower guest that the push overtakes partly
+            (ws, 50_000.0, 2e8),
+            // a quarter owed behind a fast guest: it sweeps the rest of its working set and
+            // catches up with the push from behind
+            (ws / 4, 2e6, 1e9),
+            // a quarter owed, a slow guest: the push is done before the guest gets there
+            (ws / 4, 20_000.0, 1e9),
+        ] {
+            let input = PredictInput {
+                working_set_bytes: Some(ws * PAGE_SIZE),
+                fault_round_trip: trip,
+                ..PredictInput::new(128 * MIB, rate, bw)
+            };
+            let model = post_copy_phase(&input, bw, owed);
+            let (demanded, faults, took) = machine_phase(ws, owed, rate, bw, trip);
+            let case = format!(
+                "owed {owed} rate {rate} bw {bw}: {model:?} against machines {demanded} pages, {faults} faults, {took:?}"
+            );
+            eprintln!("{case}");
+            // Pages within 10 % of the owed set, faults within 10 % (+2), time within 5 %.
+            assert!(
+                model.pages_demanded.abs_diff(demanded) <= owed / 10,
+                "{case}"
+            );
+            assert!(
+                model.demand_faults.abs_diff(faults) <= faults / 10 + 2,
+                "{case}"
+            );
+            assert!(
+                (secs(model.duration) - secs(took)).abs() <= secs(took) * 0.05,
+                "{case}"
+            );
+            assert!(model.pages_demanded + model.pages_pushed >= owed, "{case}");
+        }
+    }
+
     #[test]
     fn bad_inputs_name_the_field_and_the_range() {
         let cfg = ConvergenceConfig::default();
@@ -549,6 +1064,23 @@ mod tests {
             assert!(e.to_string().starts_with(field), "{e}");
             assert!(e.to_string().contains("valid"), "{e}");
         }
+        assert!(matches!(
+            predict_with(&cfg, &ok, &post_copy(0)),
+            Err(PredictError::PostCopy(_))
+        ));
+        let e = predict_with(
+            &cfg,
+            &ok,
+            &PredictOptions {
+                streams: 64,
+                post_copy_after: Some(2),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().starts_with("streams is 64; valid: 1..=63"),
+            "{e}"
+        );
         let zero_cap = ConvergenceConfig {
             max_bandwidth: Some(0),
             ..cfg
