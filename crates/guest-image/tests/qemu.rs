@@ -612,7 +612,7 @@ fn guest_fault_is_reported_and_powers_off_with_value_one() {
         .find(|l| l.starts_with("PANIC "))
         .unwrap_or_else(|| panic!("no PANIC line: {console:?}"));
     assert!(panic.starts_with("PANIC exception vector=14 "), "{panic}");
-    assert!(panic.contains(" cr2=0x100000000 "), "{panic}");
+    assert!(panic.contains(" cr2=0x400000000 "), "{panic}");
     assert_eq!(qemu::debug_exit_value(code), Some(1), "exit status {code}");
 }
 

@@ -418,23 +418,26 @@ tss_array:
 idt:
     .fill NVEC * 16, 1, 0
 
-# Identity map of the first 4 GiB with 2 MiB pages, user-accessible (the workloads run at CPL3 and
-# drive devices directly); the top GiB (MMIO: virtio-mmio, LAPIC) uncached.
+# Identity map of the first 16 GiB (MAP_GIB) with 2 MiB pages, user-accessible (the workloads run at
+# CPL3 and drive devices directly); the GiB below 4 GiB (MMIO: virtio-mmio, LAPIC) uncached. RAM above
+# the 32-bit MMIO hole (a guest of more than 3 GiB) is mapped too, for the memory writer's buffer.
+.set MAP_GIB, 16
 .balign 4096
 .globl pml4
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
 pdpt:
-    .quad pd + 0x7
-    .quad pd + 0x1007
-    .quad pd + 0x2007
-    .quad pd + 0x3007
-    .fill 508, 8, 0
+.set i, 0
+.rept MAP_GIB
+    .quad pd + i * 0x1000 + 0x7
+    .set i, i + 1
+.endr
+    .fill 512 - MAP_GIB, 8, 0
 pd:
 .set i, 0
-.rept 2048
-    .if i < 1536
+.rept MAP_GIB * 512
+    .if i < 1536 || i >= 2048
     .quad (i << 21) | 0x87
     .else
     .quad (i << 21) | 0x9f

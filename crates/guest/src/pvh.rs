@@ -111,10 +111,23 @@ impl BootInfo {
             .filter(|r| r.kind == E820_RAM)
     }
 
-    /// The end of the highest RAM range, in MiB (rounded up).
+    /// The guest's memory size in MiB (rounded up): the end of the highest RAM range, less the
+    /// 32-bit MMIO hole when RAM lies above 4 GiB (from the end of the RAM below 4 GiB to 4 GiB).
     pub fn mem_mib(&self) -> u64 {
+        const FOUR_GIB: u64 = 1 << 32;
         let top = self.ram().map(|r| r.addr + r.size).max().unwrap_or(0);
-        top.div_ceil(1 << 20)
+        let low_top = self
+            .ram()
+            .map(|r| r.addr + r.size)
+            .filter(|&end| end <= FOUR_GIB)
+            .max()
+            .unwrap_or(0);
+        let hole = if top > FOUR_GIB {
+            FOUR_GIB - low_top
+        } else {
+            0
+        };
+        (top - hole).div_ceil(1 << 20)
     }
 
     /// Whether `[addr, addr + len)` lies inside one RAM range.

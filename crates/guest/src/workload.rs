@@ -23,8 +23,14 @@ const MAX_RATE_CHUNK: u64 = 256;
 const PACED_CHUNK: u64 = 4096;
 /// An idle loop still wakes this often (ms).
 const IDLE_MS: u64 = 1000;
-/// `tern.selftest=pagefault` reads here (the identity map ends at 4 GiB).
-const SELFTEST_FAULT_ADDR: u64 = 0x1_0000_0000;
+/// The end of the identity map (`MAP_GIB` in boot.s): 16 GiB.
+const MAP_END: u64 = 16 << 30;
+/// The start of the 32-bit MMIO hole: RAM below it is the low range.
+const LOW_RAM_LIMIT: u64 = 0xc000_0000;
+/// The first byte above the 32-bit MMIO hole.
+const HIGH_RAM_START: u64 = 1 << 32;
+/// `tern.selftest=pagefault` reads here: the end of the identity map, never mapped whatever the RAM.
+const SELFTEST_FAULT_ADDR: u64 = MAP_END;
 
 unsafe extern "C" {
     static __image_end: u8;
@@ -121,10 +127,19 @@ pub fn bsp_main(start_info: u64) -> ! {
     while (PREPARED.load(Ordering::Acquire) as usize) < n - 1 {
         core::hint::spin_loop();
     }
-    println!(
-        "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
-        boot.mem_mib()
-    );
+    let dirty_base = DIRTY_BASE.load(Ordering::Relaxed);
+    if dirty_base == 0 {
+        println!(
+            "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={}",
+            boot.mem_mib()
+        );
+    } else {
+        println!(
+            "TERN-GUEST up cpus={n} tsc_khz={tsc_khz} mem_mib={} dirty_base_mib={}",
+            boot.mem_mib(),
+            dirty_base >> 20
+        );
+    }
     let start = rdtsc();
     START_TSC.store(start, Ordering::Relaxed);
     load::configure(&config, start, tsc_khz);
@@ -134,7 +149,7 @@ pub fn bsp_main(start_info: u64) -> ! {
     GO.store(true, Ordering::Release);
 
     if config.selftest_fault {
-        // Nothing is mapped above 4 GiB: this read takes a page fault to the kernel, which reports it.
+        // Nothing is mapped from 16 GiB on: this read takes a page fault to the kernel, which reports it.
         // SAFETY: deliberately faulting; the read never completes.
         let v = unsafe { core::ptr::read_volatile(SELFTEST_FAULT_ADDR as *const u64) };
         panic!("read of unmapped memory returned {v:#x}");
@@ -167,23 +182,34 @@ pub fn bsp_main(start_info: u64) -> ! {
     run(0, n, net)
 }
 
-/// Places the writer's buffer after the image, 2 MiB aligned, and checks it is RAM.
+/// Places the writer's buffer, 2 MiB aligned, and checks it is RAM: at the start of the first RAM
+/// range above the 32-bit MMIO hole if it fits there below the end of the identity map (a guest of
+/// more than 3 GiB writes its working set in its high memory), else after the image, below 3 GiB.
 fn plan_writer(boot: &BootInfo, config: &Config) {
     if config.dirty_mib == 0 {
         return;
     }
-    let end = &raw const __image_end as u64;
-    let base = end.next_multiple_of(2 << 20);
     let len = config.dirty_mib.saturating_mul(1 << 20);
-    let top = base.saturating_add(len);
-    if top > 0xc000_0000 || !boot.is_ram(base, len) {
-        panic!(
-            "tern.dirty_mib={} does not fit: the buffer at {base:#x} needs RAM up to {} MiB, below 3 GiB (have {} MiB)",
+    let fits = |base: u64, limit: u64| {
+        base.checked_add(len).is_some_and(|top| top <= limit) && boot.is_ram(base, len)
+    };
+    let high = boot
+        .ram()
+        .map(|r| r.addr.next_multiple_of(2 << 20))
+        .filter(|&b| b >= HIGH_RAM_START)
+        .find(|&b| fits(b, MAP_END));
+    let low = (&raw const __image_end as u64).next_multiple_of(2 << 20);
+    let base = match high {
+        Some(b) => b,
+        None if fits(low, LOW_RAM_LIMIT) => low,
+        None => panic!(
+            "tern.dirty_mib={} does not fit: the buffer at {low:#x} needs RAM up to {} MiB below 3 GiB, or {} MiB in one RAM range from 4 GiB to 16 GiB (have {} MiB)",
             config.dirty_mib,
-            top >> 20,
+            low.saturating_add(len) >> 20,
+            config.dirty_mib,
             boot.mem_mib()
-        );
-    }
+        ),
+    };
     DIRTY_BASE.store(base, Ordering::Relaxed);
     DIRTY_PAGES.store(len / PAGE, Ordering::Relaxed);
     DIRTY_RATE.store(config.dirty_rate, Ordering::Relaxed);
