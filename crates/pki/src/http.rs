@@ -42,6 +42,9 @@ pub async fn serve_tls(
                 continue;
             }
         };
+        // Answers go out at once, not held for the client's delayed ACK (Nagle: ~40 ms per
+        // request after a handshake).
+        let _ = tcp.set_nodelay(true);
         let acceptor = acceptor.clone();
         let router = router.clone();
         tokio::spawn(async move {

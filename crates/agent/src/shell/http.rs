@@ -188,6 +188,8 @@ pub(crate) async fn post_json(
         let stream = tokio::net::TcpStream::connect(&authority)
             .await
             .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        // Small request after the TLS handshake: not held for the peer's delayed ACK (Nagle).
+        let _ = stream.set_nodelay(true);
         match tls {
             None => {
                 send(

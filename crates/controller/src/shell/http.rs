@@ -165,6 +165,9 @@ impl Client {
                     addr: addr.clone(),
                     source,
                 })?;
+            // Without it the request waits behind the handshake's last unacknowledged segment
+            // for the peer's delayed ACK (Nagle): ~40 ms on every command to an agent.
+            let _ = tcp.set_nodelay(true);
             match tls {
                 None => {
                     self.exchange(tcp, &addr, &authority, method, path, json)
