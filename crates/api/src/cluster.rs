@@ -317,6 +317,33 @@ pub struct TaskInfo {
     pub error: Option<String>,
     /// The migration report as the source's VMM gave it (JSON), if any.
     pub report: Option<serde_json::Value>,
+    /// Where a migration's time went, phase by phase (absent for maintenance tasks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<TaskPhases>,
+}
+
+/// Where a migration task's time went, ms on the controller's clock: each phase from the
+/// controller's sending of a command to its handling of the agent's answer, so the agents'
+/// round trips are in them. A phase not reached (yet) is absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TaskPhases {
+    /// Accepted → the target asked to receive (waiting for a migration slot).
+    pub queued_ms: Option<u64>,
+    /// `receive` sent → the target's answer that its receiver listens: the target VMM's start
+    /// in receive mode (with its disk opened) and the agent's round trip.
+    pub target_start_ms: Option<u64>,
+    /// `migrate_out` sent → the source's answer: the migration itself (its report's
+    /// `total_ms`: connection, rounds, the pause with the disk's hand-over, the target's
+    /// resume) and the agent's round trip.
+    pub migrate_ms: Option<u64>,
+}
+
+impl TaskPhases {
+    /// The move's whole time, ms: the target's start and the migration (`None` until both
+    /// are known). The time a task waited for a slot is not part of it.
+    pub fn move_ms(&self) -> Option<u64> {
+        Some(self.target_start_ms? + self.migrate_ms?)
+    }
 }
 
 /// `GET /v1/tasks/{id}` and `GET /v1/tasks`: a task, and for a migration its predicted cost (the

@@ -31,8 +31,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tern_api::agent::{AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState};
 use tern_api::cluster::{
-    EventInfo, HostInfo, HostState, InvalidInput, TaskInfo, TaskKind, TaskRef, TaskState, VmCreate,
-    VmInfo, VmState,
+    EventInfo, HostInfo, HostState, InvalidInput, TaskInfo, TaskKind, TaskPhases, TaskRef,
+    TaskState, VmCreate, VmInfo, VmState,
 };
 
 use crate::place::{self, Candidate, Placement};
@@ -310,6 +310,9 @@ struct Task {
     /// For resolving: what each side said.
     source_says: Option<ObservedState>,
     target_says: Option<ObservedState>,
+    /// When `receive` and `migrate_out` went out (the phases' starts).
+    receive_sent_ms: Option<u64>,
+    migrate_sent_ms: Option<u64>,
 }
 
 impl Task {
@@ -321,6 +324,21 @@ impl Task {
             asked_ms: 0,
             source_says: None,
             target_says: None,
+            receive_sent_ms: None,
+            migrate_sent_ms: None,
+        }
+    }
+
+    /// Records the end of the phase under way at `now` (the receiver listens, or the source
+    /// answered `migrate_out`), in the task's [`TaskPhases`].
+    fn phase_ended(&mut self, now: u64) {
+        let p = self.info.phases.get_or_insert_with(TaskPhases::default);
+        match (self.phase, self.receive_sent_ms, self.migrate_sent_ms) {
+            (Phase::Receiving { .. }, Some(t), _) => {
+                p.target_start_ms = Some(now.saturating_sub(t));
+            }
+            (Phase::Sending { .. }, _, Some(t)) => p.migrate_ms = Some(now.saturating_sub(t)),
+            _ => {}
         }
     }
 
@@ -1086,6 +1104,9 @@ impl Controller {
                     );
                     return;
                 }
+                if let Some(t) = self.tasks.get_mut(&task) {
+                    t.phase_ended(now);
+                }
                 let Some(listen) = listen else {
                     self.task_failed(task, "the target gave no listen address", now);
                     return;
@@ -1436,6 +1457,7 @@ impl Controller {
                 finished_ms: None,
                 error: None,
                 report: None,
+                phases: None,
             }),
         );
         let msg = format!("host {host} entered maintenance; moving its VMs away");
@@ -1761,6 +1783,11 @@ impl Controller {
             if let Some(t) = self.tasks.get_mut(&id) {
                 t.phase = Phase::Receiving { cmd };
                 t.info.state = TaskState::Running;
+                t.receive_sent_ms = Some(now);
+                t.info.phases = Some(TaskPhases {
+                    queued_ms: Some(now.saturating_sub(t.info.created_ms)),
+                    ..TaskPhases::default()
+                });
             }
             let msg = format!("moving {vm} from {from} to {to}");
             self.event(now, "migration_started", Some(&vm), Some(&from), msg);
@@ -1820,6 +1847,7 @@ impl Controller {
                 finished_ms: None,
                 error: None,
                 report: None,
+                phases: None,
             }),
         );
         if let Some(v) = self.vms.get_mut(vm) {
@@ -1847,6 +1875,7 @@ impl Controller {
         let cmd = self.send(&from, &vm, body, Purpose::MigrateOut { task }, now);
         if let Some(t) = self.tasks.get_mut(&task) {
             t.phase = Phase::Sending { cmd };
+            t.migrate_sent_ms = Some(now);
         }
     }
 
@@ -1857,6 +1886,7 @@ impl Controller {
         if t.phase == Phase::Done {
             return;
         }
+        t.phase_ended(now);
         t.phase = Phase::Done;
         t.info.state = TaskState::Succeeded;
         t.info.finished_ms = Some(now);
@@ -1894,6 +1924,9 @@ impl Controller {
             return;
         }
         let was_started = t.phase != Phase::Queued;
+        if was_started {
+            t.phase_ended(now);
+        }
         // A receiver may be waiting on the target: stop it (not after an in-doubt settlement,
         // which decides the target's fate itself).
         let stop_target = matches!(t.phase, Phase::Receiving { .. } | Phase::Sending { .. });

@@ -33,7 +33,8 @@ use tern_api::automation::{
 };
 use tern_api::cluster::{
     ErrorBody, EventInfo, HostCapacity, HostInfo, HostState, MaintenanceRequest, MigrateRequest,
-    TaskDetail, TaskInfo, TaskKind, TaskRef, TaskState, VmCreate, VmInfo, VmState, validate_name,
+    TaskDetail, TaskInfo, TaskKind, TaskPhases, TaskRef, TaskState, VmCreate, VmInfo, VmState,
+    validate_name,
 };
 use tern_automation::PlanError;
 use utoipa::OpenApi;
@@ -83,6 +84,7 @@ use crate::core::{ApiError, Input};
         MigrateRequest,
         TaskRef,
         TaskInfo,
+        TaskPhases,
         TaskKind,
         TaskState,
         EventInfo,

@@ -299,14 +299,20 @@ fn new_loop(policy: Policy, ha_reserve_hosts: u32) -> Loop {
         .unwrap_or_else(|_| Loop::new(Policy::default(), cfg).expect("the default policy is valid"))
 }
 
-/// What a migration task measured, from the source VMM's report (total time, bytes, pause).
+/// What a migration task measured: the whole move's time — the target's start and the migration,
+/// as the task's phases timed them ([`tern_api::cluster::TaskPhases::move_ms`]; the source VMM's
+/// `total_ms` where they are not known) — and the bytes and pause from the VMM's report.
 pub fn actual_of(t: &TaskInfo) -> Option<MigrationActual> {
     if t.state != TaskState::Succeeded {
         return None;
     }
     let r = t.report.as_ref()?;
+    let time_ms = match t.phases.and_then(|p| p.move_ms()) {
+        Some(ms) => ms as f64,
+        None => r.get("total_ms")?.as_f64()?,
+    };
     Some(MigrationActual {
-        time_s: r.get("total_ms")?.as_f64()? / 1000.0,
+        time_s: time_ms / 1000.0,
         bytes: r.get("bytes_sent")?.as_u64()?,
         downtime_ms: r.get("downtime_ms")?.as_f64()?,
     })
