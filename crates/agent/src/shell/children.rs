@@ -39,6 +39,12 @@ pub(crate) struct Ctx {
     pub tls_dir: Option<PathBuf>,
 }
 
+/// How often the watcher looks for a receiver's listening socket: the migration waits for it,
+/// so a coarse poll adds up to a whole period to every move (it was 50 ms).
+const LISTEN_POLL: Duration = Duration::from_millis(2);
+/// How often the watcher looks for a VMM's runtime entry otherwise.
+const WATCH_POLL: Duration = Duration::from_millis(50);
+
 /// A VMM child as the agent's loop knows it.
 #[derive(Debug)]
 pub(crate) struct Child {
@@ -146,10 +152,13 @@ pub(crate) fn spawn_vmm(
     // The watcher: listening (receivers), then running (its runtime entry names this process).
     {
         let (events, dir) = (events.clone(), ctx.runtime_dir.clone());
+        let spawned = std::time::Instant::now();
         tokio::spawn(async move {
             let mut listening = listen.is_none();
             loop {
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // A migration waits for the receiver to listen: look often until it does.
+                let poll = if listening { WATCH_POLL } else { LISTEN_POLL };
+                tokio::time::sleep(poll).await;
                 if !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
                 }
@@ -158,6 +167,10 @@ pub(crate) fn spawn_vmm(
                     && procfs::listens(pid, *port)
                 {
                     listening = true;
+                    eprintln!(
+                        "tern agent: the receiver of {vm} listens {} ms after its spawn",
+                        spawned.elapsed().as_millis()
+                    );
                     let listen = addr.clone();
                     let ev = Event::ChildListening {
                         vm: vm.clone(),
