@@ -740,7 +740,8 @@ impl Access {
     }
 }
 
-/// Send an envelope as is.
+/// Send an envelope as is, on a kept-alive connection to `addr` when one is idle
+/// ([`crate::control_conn`]).
 pub fn send(
     addr: &str,
     env: Envelope,
@@ -748,12 +749,13 @@ pub fn send(
 ) -> Result<Response, ControlError> {
     let bytes = serde_json::to_vec(&env)
         .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
-    let reply = tern_nbd::control_tls(addr, &bytes, timeout, client_tls()).map_err(|e| {
-        ControlError::new(
-            ErrorKind::NoCoordinator,
-            format!("cannot reach node {addr}: {}", with_causes(&e)),
-        )
-    })?;
+    let reply =
+        crate::control_conn::exchange(addr, &bytes, timeout, client_tls()).map_err(|e| {
+            ControlError::new(
+                ErrorKind::NoCoordinator,
+                format!("cannot reach node {addr}: {}", with_causes(&e)),
+            )
+        })?;
     decode_reply(&reply).map_err(|e| match e.kind {
         ErrorKind::BadReply => ControlError::new(
             ErrorKind::BadReply,

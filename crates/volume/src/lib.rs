@@ -7,6 +7,7 @@
 //! * [`control`]: the JSON control messages.
 //!
 //! Shells:
+//! * [`control_conn`]: kept-alive control connections, one pool per process.
 //! * [`lun`]: positional I/O on the LUN, with a fault-injecting wrapper (crash at step N, torn
 //!   writes, path loss, volatile cache).
 //! * [`store`]: format/open/commit on a [`lun::Lun`], recovery of the newest valid metadata, and
@@ -29,6 +30,7 @@ pub mod client;
 pub mod cluster;
 pub mod codec;
 pub mod control;
+pub mod control_conn;
 pub mod format;
 pub mod lease;
 pub mod lun;

@@ -358,8 +358,18 @@ impl Node {
     }
 
     /// Record who the coordinator is.
+    /// When it changed, the idle control connections to the previous one are closed: requests
+    /// to the new one start on new connections (the receiver judges each request on its own
+    /// state either way: `crate::control_conn`).
     pub fn set_leader(&self, l: Option<LeaderInfo>) {
-        *lock(&self.leader) = l;
+        let old = std::mem::replace(&mut *lock(&self.leader), l.clone());
+        if let Some(old) = old
+            && old.node_id != self.cfg.node_id
+            && l.as_ref()
+                .is_none_or(|n| n.addr != old.addr || n.generation != old.generation)
+        {
+            crate::control_conn::forget(&old.addr);
+        }
     }
 
     /// Who the coordinator is.
