@@ -219,6 +219,13 @@ mod cmdline_tests {
         );
         assert!(parse("tern.selftest=pagefault").unwrap().selftest_fault);
         assert!(parse("tern.selftest=corruptpage").unwrap().selftest_corrupt);
+        assert!(!c.dirty_fill);
+        assert!(parse("tern.dirty_fill=data").unwrap().dirty_fill);
+        assert!(
+            !parse("tern.dirty_fill=data tern.dirty_fill=zero")
+                .unwrap()
+                .dirty_fill
+        );
     }
 
     #[test]
@@ -231,6 +238,7 @@ mod cmdline_tests {
             ("tern.poweroff_ms=99999999999999999999", "tern.poweroff_ms"),
             ("tern.selftest=gp", "tern.selftest"),
             ("tern.max_after_ms=soon", "tern.max_after_ms"),
+            ("tern.dirty_fill=random", "tern.dirty_fill"),
         ] {
             let err = parse(line).unwrap_err();
             assert_eq!(err.key, key, "{line}");

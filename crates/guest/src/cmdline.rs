@@ -13,6 +13,9 @@ pub struct Config {
     pub dirty_rate: u64,
     /// Switch the writer to its maximum rate after this many ms of workload.
     pub max_after_ms: Option<u64>,
+    /// The writer fills its buffer with data before the workload starts (`tern.dirty_fill=data`),
+    /// instead of zeroes a VMM can skip.
+    pub dirty_fill: bool,
     /// Run the virtio-blk check.
     pub blk_verify: bool,
     /// Power off after this many ms of workload.
@@ -269,6 +272,7 @@ impl Config {
         dirty_mib: 0,
         dirty_rate: 0,
         max_after_ms: None,
+        dirty_fill: false,
         blk_verify: false,
         poweroff_ms: None,
         selftest_fault: false,
@@ -325,6 +329,11 @@ pub fn parse(cmdline: &str) -> Result<Config, BadValue<'_>> {
             "tern.dirty_rate" => c.dirty_rate = num()?,
             "tern.poweroff_ms" => c.poweroff_ms = Some(num()?),
             "tern.max_after_ms" => c.max_after_ms = Some(num()?),
+            "tern.dirty_fill" => match value {
+                "data" => c.dirty_fill = true,
+                "zero" => c.dirty_fill = false,
+                _ => return Err(bad),
+            },
             "tern.ip" => c.ip = Some(parse_cidr(value).ok_or(bad)?),
             "tern.echo_port" => {
                 c.echo_port = value.parse::<u16>().ok().filter(|p| *p != 0).ok_or(bad)?

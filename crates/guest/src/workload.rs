@@ -48,6 +48,8 @@ static POWEROFF_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 /// ms of workload after which a paced writer switches to its maximum rate (`tern.max_after_ms`).
 static MAX_AFTER_MS: AtomicU64 = AtomicU64::new(u64::MAX);
 static SELFTEST_CORRUPT: AtomicBool = AtomicBool::new(false);
+/// `tern.dirty_fill=data`: the first touch of each page writes data, not zero.
+static DIRTY_FILL: AtomicBool = AtomicBool::new(false);
 static NET_TICK_US: AtomicU64 = AtomicU64::new(1000);
 static INPUT_POLL_MS: AtomicU64 = AtomicU64::new(0);
 /// Set by the boot CPU once every AP runs (the vCPU count is final): time to touch the buffer.
@@ -213,6 +215,7 @@ fn plan_writer(boot: &BootInfo, config: &Config) {
     DIRTY_BASE.store(base, Ordering::Relaxed);
     DIRTY_PAGES.store(len / PAGE, Ordering::Relaxed);
     DIRTY_RATE.store(config.dirty_rate, Ordering::Relaxed);
+    DIRTY_FILL.store(config.dirty_fill, Ordering::Relaxed);
 }
 
 /// An application processor, entered at CPL3 from the trampoline path in boot.s.
@@ -269,11 +272,15 @@ impl Writer {
         })
     }
 
-    /// Writes every page of the slice once (with 0, what the first pass expects nothing of).
+    /// Writes every page of the slice once, with 0 or, with `tern.dirty_fill=data`, the page's
+    /// own address (never 0: the buffer lies above 1 MiB), so that the buffer is data a VMM must
+    /// send rather than zero pages it may skip. The first pass checks nothing of either.
     fn pretouch(&self) {
+        let fill = DIRTY_FILL.load(Ordering::Relaxed);
         for i in 0..self.pages {
+            let p = self.base + i * PAGE;
             // SAFETY: the page lies in this CPU's slice of the RAM buffer plan_writer checked.
-            unsafe { ((self.base + i * PAGE) as *mut u64).write_volatile(0) };
+            unsafe { (p as *mut u64).write_volatile(if fill { p } else { 0 }) };
         }
     }
 
