@@ -17,6 +17,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use tern_api::automation::{MigrationActual, MigrationPrediction};
 use tern_migration::machine::policy::ConvergenceConfig;
 use tern_migration::machine::predict::{PredictInput, predict};
@@ -175,6 +177,21 @@ impl LinkEstimator {
     pub fn get(&self, to: &str) -> Option<f64> {
         self.links.get(to).copied()
     }
+
+    /// Every measured link, by target host (to keep them across a controller's restart).
+    pub fn measured(&self) -> &BTreeMap<String, f64> {
+        &self.links
+    }
+
+    /// An estimator that starts from `links` (as [`LinkEstimator::measured`] gave them); a
+    /// figure [`LinkEstimator::observe`] would refuse is left out.
+    pub fn from_measured(links: &BTreeMap<String, f64>) -> LinkEstimator {
+        let mut e = LinkEstimator::default();
+        for (to, &b) in links {
+            e.observe(to, b);
+        }
+        e
+    }
 }
 
 /// What a migration costs beyond the model's time: per-move costs the model does not count —
@@ -208,6 +225,40 @@ impl Overhead {
         }
         p
     }
+}
+
+/// The whole of what an [`OverheadEstimator`] has learnt: its weighted sums and count, so a
+/// controller can keep it in etcd and the next one (after a fail-over or a restart) goes on
+/// from it instead of predicting its first moves with no overhead at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct OverheadState {
+    /// Sum of the weights.
+    pub w: f64,
+    /// Weighted sums of utilisation, residual, utilisation², utilisation × residual.
+    pub wx: f64,
+    /// See `wx`.
+    pub wy: f64,
+    /// See `wx`.
+    pub wxx: f64,
+    /// See `wx`.
+    pub wxy: f64,
+    /// Migrations taken.
+    pub n: u64,
+}
+
+/// Why an [`OverheadState`] was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+pub enum RestoreOverheadError {
+    /// A sum is not a finite number, or the weights are negative or exceed what `n` moves give.
+    #[error(
+        "the stored move overhead is not a state an estimator can reach (weight {w} over {n} moves)"
+    )]
+    Unreachable {
+        /// The stored weight.
+        w: f64,
+        /// The stored count.
+        n: u64,
+    },
 }
 
 /// How much an older migration counts against the newest in [`OverheadEstimator`]: each new
@@ -252,6 +303,47 @@ impl OverheadEstimator {
     /// Migrations taken.
     pub fn count(&self) -> u64 {
         self.n
+    }
+
+    /// What it has learnt ([`OverheadEstimator::restore`] takes it back).
+    pub fn state(&self) -> OverheadState {
+        OverheadState {
+            w: self.w,
+            wx: self.wx,
+            wy: self.wy,
+            wxx: self.wxx,
+            wxy: self.wxy,
+            n: self.n,
+        }
+    }
+
+    /// An estimator that goes on from `s` exactly as the one that gave it would. A state no
+    /// estimator can reach (a sum not finite, a negative weight or utilisation sum, a weight
+    /// above `1 / (1 − OVERHEAD_FORGET)` or not matching `n`'s zero) is refused.
+    pub fn restore(s: OverheadState) -> Result<OverheadEstimator, RestoreOverheadError> {
+        let finite = [s.w, s.wx, s.wy, s.wxx, s.wxy]
+            .iter()
+            .all(|v| v.is_finite());
+        let max_w = 1.0 / (1.0 - OVERHEAD_FORGET) + 1e-9;
+        let reachable = finite
+            && s.w >= 0.0
+            && s.w <= max_w
+            && (s.n == 0) == (s.w == 0.0)
+            && s.wx >= 0.0
+            && s.wx <= s.w + 1e-9
+            && s.wxx >= 0.0
+            && s.wxx <= s.wx + 1e-9;
+        if !reachable {
+            return Err(RestoreOverheadError::Unreachable { w: s.w, n: s.n });
+        }
+        Ok(OverheadEstimator {
+            w: s.w,
+            wx: s.wx,
+            wy: s.wy,
+            wxx: s.wxx,
+            wxy: s.wxy,
+            n: s.n,
+        })
     }
 
     /// The estimate (zero before the first migration).
@@ -379,6 +471,88 @@ mod tests {
         let p = predict_move(&input(64, 0.0));
         let with = o.add_to(p, 0.5);
         assert!((with.time_s - p.time_s - o.at(0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_restored_overhead_goes_on_as_the_one_that_was_stored() {
+        let moves = [
+            (0.05, 0.21),
+            (0.3, 0.26),
+            (0.1, 0.19),
+            (0.8, 0.35),
+            (0.2, 0.24),
+        ];
+        let mut whole = OverheadEstimator::default();
+        let mut first = OverheadEstimator::default();
+        for &(u, r) in &moves[..3] {
+            whole.observe(u, r);
+            first.observe(u, r);
+        }
+        // kept as JSON (the controller's etcd value) and read back by the next controller
+        let json = serde_json::to_string(&first.state()).unwrap();
+        let back: OverheadState = serde_json::from_str(&json).unwrap();
+        let mut next = OverheadEstimator::restore(back).unwrap();
+        assert_eq!(next.estimate(), first.estimate());
+        assert_eq!(next.count(), 3);
+        for &(u, r) in &moves[3..] {
+            whole.observe(u, r);
+            next.observe(u, r);
+        }
+        assert_eq!(next, whole);
+        assert!(next.estimate().fixed_s > 0.15, "{:?}", next.estimate());
+        // a fresh estimator's state is a fresh estimator
+        let fresh = OverheadEstimator::restore(OverheadState::default()).unwrap();
+        assert_eq!(fresh.estimate(), Overhead::default());
+    }
+
+    #[test]
+    fn a_stored_overhead_no_estimator_can_reach_is_refused() {
+        let good = {
+            let mut e = OverheadEstimator::default();
+            e.observe(0.5, 0.1);
+            e.observe(0.2, 0.2);
+            e.state()
+        };
+        for bad in [
+            OverheadState {
+                wy: f64::NAN,
+                ..good
+            },
+            OverheadState { w: -1.0, ..good },
+            OverheadState { w: 6.0, ..good },
+            OverheadState { n: 0, ..good },
+            OverheadState { wx: 3.0, ..good },
+            OverheadState {
+                w: 0.0,
+                ..OverheadState::default()
+            }
+            .with_n(2),
+        ] {
+            let e = OverheadEstimator::restore(bad).unwrap_err();
+            assert!(
+                e.to_string().contains("not a state an estimator can reach"),
+                "{e}"
+            );
+        }
+    }
+
+    impl OverheadState {
+        fn with_n(self, n: u64) -> OverheadState {
+            OverheadState { n, ..self }
+        }
+    }
+
+    #[test]
+    fn measured_links_are_kept_and_bad_ones_left_out() {
+        let mut e = LinkEstimator::default();
+        e.observe("h1", 1e9);
+        e.observe("h2", 2e8);
+        let back = LinkEstimator::from_measured(e.measured());
+        assert_eq!(back, e);
+        let mut bad = e.measured().clone();
+        bad.insert("h3".into(), f64::NAN);
+        bad.insert("h4".into(), 0.5);
+        assert_eq!(LinkEstimator::from_measured(&bad), e);
     }
 
     #[test]

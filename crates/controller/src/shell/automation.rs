@@ -46,7 +46,7 @@ use tern_api::automation::{
 };
 use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
 use tern_automation::cost::{
-    LinkEstimator, MoveInput, OverheadEstimator, link_from_migration, predict_move,
+    LinkEstimator, MoveInput, OverheadEstimator, OverheadState, link_from_migration, predict_move,
 };
 use tern_automation::{
     Action, HostSample, Loop, LoopConfig, Outcome, PlanError, Telemetry, VmSample,
@@ -65,6 +65,41 @@ pub const POLICY_KEY: &str = "/tern/desired/automation/policy";
 
 /// Where the plans are stored: one key per plan, `PLANS_PREFIX` + the id in 20 digits.
 pub const PLANS_PREFIX: &str = "/tern/desired/automation/plans/";
+
+/// Where what the controller learnt of moves is stored ([`StoredMoveCost`]): a new leader, after
+/// a fail-over or a restart, predicts its first moves with it instead of with the model alone.
+pub const MOVE_COST_KEY: &str = "/tern/desired/automation/move_cost";
+
+/// What the controller learnt of moves, as stored: the overhead of a move beyond the model
+/// ([`OverheadEstimator`]'s state) and the measured link into each host.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredMoveCost {
+    /// The overhead estimator's state.
+    pub overhead: OverheadState,
+    /// The measured link into each host, bytes/s.
+    pub links: BTreeMap<String, f64>,
+}
+
+impl StoredMoveCost {
+    /// What `a` has learnt, as stored (`None` before its first measured move).
+    fn of(a: &Automation) -> Option<Vec<u8>> {
+        if a.overhead.count() == 0 && a.links.measured().is_empty() {
+            return None;
+        }
+        let stored = StoredMoveCost {
+            overhead: a.overhead.state(),
+            links: a.links.measured().clone(),
+        };
+        Some(serde_json::to_vec(&stored).expect("the learnt move cost serialises"))
+    }
+
+    /// The estimators stored in `bytes`, or why they are not usable.
+    fn read(bytes: &[u8]) -> Result<(OverheadEstimator, LinkEstimator), String> {
+        let m: StoredMoveCost = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let overhead = OverheadEstimator::restore(m.overhead).map_err(|e| e.to_string())?;
+        Ok((overhead, LinkEstimator::from_measured(&m.links)))
+    }
+}
 
 /// A plan as stored: the plan and the placement fingerprint it was computed on.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -131,6 +166,8 @@ pub struct Automation {
     model_time: BTreeMap<u64, (f64, f64)>,
     /// The measured overhead of a move beyond the model's time.
     overhead: OverheadEstimator,
+    /// What the store holds of `overhead` and `links` (JSON), as last written or read.
+    stored_move_cost: Option<Vec<u8>>,
     /// Power-ons sent, awaiting the host's registration: host → (plan, deadline).
     waking: BTreeMap<String, (u64, Instant)>,
     /// Power drivers by host.
@@ -159,6 +196,7 @@ impl Automation {
             predicted: BTreeMap::new(),
             model_time: BTreeMap::new(),
             overhead: OverheadEstimator::default(),
+            stored_move_cost: None,
             waking: BTreeMap::new(),
             drivers: BTreeMap::new(),
             seen: BTreeMap::new(),
@@ -432,10 +470,38 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
             eprintln!("tern controller: cannot read the stored plans: {e}; starting with none")
         }
     }
+    // what the previous leaders learnt of moves
+    let learnt = match s.store.get(MOVE_COST_KEY).await {
+        Ok(Some(bytes)) => match StoredMoveCost::read(&bytes) {
+            Ok((overhead, links)) => Some((overhead, links, bytes)),
+            Err(e) => {
+                eprintln!(
+                    "tern controller: the stored move cost {MOVE_COST_KEY} is not usable ({e}); \
+                     keeping what this controller learnt"
+                );
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!(
+                "tern controller: cannot read the stored move cost: {e}; keeping what this \
+                 controller learnt"
+            );
+            None
+        }
+    };
     let reserve = s.core().config().ha_reserve_hosts;
     let now = s.now_ms();
     let mut a = lock(s);
     a.lp = new_loop(stored.unwrap_or_default(), reserve);
+    if let Some((overhead, links, bytes)) = learnt {
+        a.overhead = overhead;
+        a.links = links;
+        a.stored_move_cost = Some(bytes);
+    }
+    let overhead = a.overhead.estimate();
+    a.lp.set_overhead(overhead);
     a.lp.restore_plans(now, plans);
     a.generation = Some(generation);
     a.plan_tasks.clear();
@@ -494,6 +560,26 @@ pub async fn persist_plans(s: &Arc<Shared>) {
                 return;
             }
         }
+    }
+}
+
+/// Writes what was learnt of moves (the overhead and the links) to the store when it changed
+/// since it was last written; a failed write is tried again at the next call.
+pub async fn persist_move_cost(s: &Arc<Shared>) {
+    let bytes = {
+        let a = lock(s);
+        match StoredMoveCost::of(&a) {
+            Some(b) if a.stored_move_cost.as_ref() != Some(&b) => b,
+            _ => return,
+        }
+    };
+    match s
+        .store
+        .put_guarded(MOVE_COST_KEY, Some(bytes.clone()))
+        .await
+    {
+        Ok(()) => lock(s).stored_move_cost = Some(bytes),
+        Err(e) => eprintln!("tern controller: the learnt move cost not stored: {e}"),
     }
 }
 
@@ -602,6 +688,7 @@ pub async fn cycle(s: &Arc<Shared>) {
     carry_out(s, actions).await;
     predict_tasks(s);
     persist_plans(s).await;
+    persist_move_cost(s).await;
     let mut a = lock(s);
     a.count();
     a.counters.cycles += 1;
