@@ -152,6 +152,8 @@ pub enum Action {
         to: String,
         /// The volume node id to hand the disk lease to.
         disk_successor: Option<u32>,
+        /// Switch to post-copy after this many pre-copy rounds.
+        post_copy_after: Option<u32>,
     },
     /// Resume the paused VM.
     Resume {
@@ -567,6 +569,7 @@ impl Agent {
                 vm,
                 to,
                 disk_successor,
+                post_copy_after,
             } => match self.vms.get_mut(&vm) {
                 Some(v) if v.state == ObservedState::Running && v.migrating.is_none() => {
                     v.migrating = Some((generation, id));
@@ -574,6 +577,7 @@ impl Agent {
                         vm,
                         to,
                         disk_successor,
+                        post_copy_after,
                     });
                 }
                 other => {
@@ -766,6 +770,7 @@ mod tests {
                     vm: "m".into(),
                     to: "10.0.0.2:7000".into(),
                     disk_successor: None,
+                    post_copy_after: None,
                 },
             })
         };
@@ -804,11 +809,22 @@ mod tests {
                     vm: "m".into(),
                     to: "10.0.0.2:7000".into(),
                     disk_successor: None,
+                    post_copy_after: Some(2),
                 },
             }),
             30,
         );
-        a.drain_actions();
+        // The rounds asked for reach the migration the shell starts.
+        assert!(
+            a.drain_actions().iter().any(|x| matches!(
+                x,
+                Action::Migrate {
+                    post_copy_after: Some(2),
+                    ..
+                }
+            )),
+            "post_copy_after must reach the migration"
+        );
         a.step(
             Input::MigrationEnded {
                 vm: "m".into(),

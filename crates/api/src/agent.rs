@@ -86,6 +86,9 @@ pub enum CommandBody {
         to: String,
         /// The volume node id that takes over the disk's write lease.
         disk_successor: Option<u32>,
+        /// Switch to post-copy after this many pre-copy rounds (absent: pre-copy only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        post_copy_after: Option<u32>,
     },
     /// Resume a VM paused here (a migration source whose move did not happen).
     Resume {
@@ -237,11 +240,24 @@ mod tests {
                 vm: "a".into(),
                 to: "10.77.0.12:7000".into(),
                 disk_successor: Some(2),
+                post_copy_after: None,
             },
         };
         let json = serde_json::to_string(&c).unwrap();
         assert!(json.contains(r#""op":"migrate_out""#), "{json}");
+        // Pre-copy only: the field is left out, so an agent that predates it takes the command.
+        assert!(!json.contains("post_copy_after"), "{json}");
         assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), c);
+        let mut post_copy = c.clone();
+        if let CommandBody::MigrateOut {
+            post_copy_after, ..
+        } = &mut post_copy.body
+        {
+            *post_copy_after = Some(2);
+        }
+        let json = serde_json::to_string(&post_copy).unwrap();
+        assert!(json.contains(r#""post_copy_after":2"#), "{json}");
+        assert_eq!(serde_json::from_str::<Command>(&json).unwrap(), post_copy);
     }
 
     #[test]

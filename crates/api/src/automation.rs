@@ -155,7 +155,21 @@ pub struct Policy {
     pub max_migrations: u32,
     /// Host power management.
     pub power: PowerPolicy,
+    /// A move predicted not to converge by pre-copy is planned with post-copy (after
+    /// [`POST_COPY_FALLBACK_AFTER_ROUNDS`] rounds) when post-copy is predicted to finish it,
+    /// instead of being held back. Off by default: after the switch a lost link loses the VM
+    /// (the cluster restarts it from its disk). Absent in a policy stored by an older
+    /// controller: off.
+    #[serde(default)]
+    pub post_copy_fallback: bool,
 }
+
+/// The pre-copy rounds before the switch of a move [`Policy::post_copy_fallback`] plans with
+/// post-copy: the full copy alone. Such a move is one pre-copy would not finish (its guest
+/// dirties pages faster than rounds carry them, or the full copy alone nearly fills the
+/// timeout), so a further round would re-send pages that are owed again by its end — and the
+/// timeout, checked after each round, could abandon the move before a later switch.
+pub const POST_COPY_FALLBACK_AFTER_ROUNDS: u32 = 1;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -171,6 +185,7 @@ impl Default for Policy {
             cooldown_s: 120,
             max_migrations: 2,
             power: PowerPolicy::default(),
+            post_copy_fallback: false,
         }
     }
 }
@@ -389,6 +404,10 @@ pub enum PlanAction {
         /// Where this step stands.
         #[serde(default)]
         status: ActionStatus,
+        /// Moved with post-copy after this many pre-copy rounds ([`Policy::post_copy_fallback`]);
+        /// absent: pre-copy only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        post_copy_after: Option<u32>,
     },
     /// Power a host off (it is empty).
     PowerOff {
@@ -637,6 +656,35 @@ mod tests {
     }
 
     #[test]
+    fn the_post_copy_fallback_is_off_by_default_and_a_boolean() {
+        let p = Policy::default();
+        assert!(!p.post_copy_fallback);
+        // A policy stored before the knob existed reads as off.
+        let mut v = serde_json::to_value(&p).unwrap();
+        v.as_object_mut().unwrap().remove("post_copy_fallback");
+        assert_eq!(serde_json::from_value::<Policy>(v).unwrap(), p);
+        // On: valid, and kept through a round trip.
+        let on = Policy {
+            post_copy_fallback: true,
+            ..Policy::default()
+        };
+        assert_eq!(on.validate(), Ok(()));
+        let v = serde_json::to_value(&on).unwrap();
+        assert_eq!(v["post_copy_fallback"], true);
+        assert_eq!(serde_json::from_value::<Policy>(v).unwrap(), on);
+        // Anything but a boolean is refused.
+        for bad in [
+            serde_json::json!(1),
+            serde_json::json!("yes"),
+            serde_json::json!(null),
+        ] {
+            let mut v = serde_json::to_value(&p).unwrap();
+            v["post_copy_fallback"] = bad.clone();
+            assert!(serde_json::from_value::<Policy>(v).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn a_plan_serialises_as_the_contract_shows() {
         let plan = Plan {
             id: 7,
@@ -660,6 +708,7 @@ mod tests {
                     }),
                     actual: None,
                     status: ActionStatus::Pending,
+                    post_copy_after: None,
                 },
                 PlanAction::PowerOff {
                     host: "h2".into(),
@@ -674,6 +723,8 @@ mod tests {
         assert_eq!(v["state"], "proposed");
         assert_eq!(v["actions"][0]["kind"], "migrate");
         assert_eq!(v["actions"][0]["predicted"]["converges"], true);
+        // A pre-copy move leaves post_copy_after out, as a plan stored before it existed.
+        assert!(v["actions"][0].get("post_copy_after").is_none(), "{v}");
         assert_eq!(v["actions"][1]["kind"], "power_off");
         assert_eq!(v["actions"][1]["status"], "pending");
         let back: Plan = serde_json::from_value(v).unwrap();

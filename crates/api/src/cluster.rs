@@ -254,12 +254,41 @@ pub struct VmInfo {
 }
 
 /// `POST /v1/vms/{name}/migrate`: move a VM live; `to: null` lets the controller choose.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
     /// The target host, or `null`.
     #[serde(default)]
     pub to: Option<String>,
+    /// Switch to post-copy after this many pre-copy rounds (1..=1000); absent: pre-copy only.
+    /// After the switch the VM's memory is split across both hosts: a lost link loses it, and
+    /// the cluster restarts it from its disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1000)]
+    pub post_copy_after: Option<u32>,
+}
+
+/// The rounds `post_copy_after` accepts (those of `tern vm migrate --post-copy-after`).
+pub const POST_COPY_AFTER_RANGE: std::ops::RangeInclusive<u32> = 1..=1000;
+
+impl MigrateRequest {
+    /// Checks the target's name and `post_copy_after`'s range.
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        if let Some(to) = &self.to {
+            validate_name("host", to)?;
+        }
+        if let Some(n) = self.post_copy_after
+            && !POST_COPY_AFTER_RANGE.contains(&n)
+        {
+            return Err(InvalidInput::Range {
+                field: "post_copy_after",
+                value: u64::from(n),
+                min: u64::from(*POST_COPY_AFTER_RANGE.start()),
+                max: u64::from(*POST_COPY_AFTER_RANGE.end()),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `POST /v1/hosts/{name}/maintenance`.
@@ -408,6 +437,39 @@ mod tests {
     #[test]
     fn a_good_request_validates() {
         assert_eq!(vm().validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_migrate_request_names_post_copy_after_and_its_range() {
+        let req = |n| MigrateRequest {
+            to: Some("h2".into()),
+            post_copy_after: n,
+        };
+        for n in [None, Some(1), Some(2), Some(1000)] {
+            assert_eq!(req(n).validate(), Ok(()), "{n:?}");
+        }
+        for n in [0, 1001, u32::MAX] {
+            assert_eq!(
+                req(Some(n)).validate().unwrap_err().to_string(),
+                format!("post_copy_after = {n} is out of range: allowed 1..=1000")
+            );
+        }
+        let bad_host = MigrateRequest {
+            to: Some("H_2".into()),
+            post_copy_after: None,
+        };
+        assert!(matches!(
+            bad_host.validate(),
+            Err(InvalidInput::Name { .. })
+        ));
+        // The field is optional on the wire, absent when not asked, and nothing else is taken.
+        let none: MigrateRequest = serde_json::from_str(r#"{"to":null}"#).unwrap();
+        assert_eq!(none, MigrateRequest::default());
+        assert_eq!(serde_json::to_string(&none).unwrap(), r#"{"to":null}"#);
+        let two: MigrateRequest =
+            serde_json::from_str(r#"{"to":"h2","post_copy_after":2}"#).unwrap();
+        assert_eq!(two, req(Some(2)));
+        assert!(serde_json::from_str::<MigrateRequest>(r#"{"post_copy":2}"#).is_err());
     }
 
     #[test]

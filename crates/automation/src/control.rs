@@ -28,8 +28,9 @@ use tern_sim::preview::{
     Forecast, PreviewHost, PreviewInput, PreviewMove, PreviewOutcome, PreviewVm, Scenario, preview,
 };
 
-use crate::cost::{MoveInput, Overhead, predict_move, typical_link};
+use crate::cost::{MoveInput, Overhead, typical_link};
 use crate::energy::{HostPowerSpec, KNOWN_MODELS};
+use crate::fallback::plan_move;
 use crate::knobs::Knobs;
 use crate::power::{PowerRequestError, PowerTracker};
 use crate::rules::{Filtered, Fixed, MoveKind, Rules, enforce, optimize_with_rules};
@@ -89,6 +90,9 @@ pub enum Action {
         from: String,
         /// Its destination.
         to: String,
+        /// Switch to post-copy after this many pre-copy rounds (a move planned by the
+        /// post-copy fallback); `None`: pre-copy only.
+        post_copy_after: Option<u32>,
     },
     /// Power `host` off (it is empty).
     PowerOff {
@@ -889,7 +893,7 @@ impl Loop {
         };
         let mut vm_names: Vec<String> = Vec::new();
         let mut rules = Rules::default();
-        let mut predictions: Vec<MigrationPrediction> = Vec::new();
+        let mut predictions: Vec<crate::fallback::PlannedMove> = Vec::new();
         let mut groups: BTreeMap<String, u32> = BTreeMap::new();
         let mb_per_s = self.cfg.link_bytes_per_sec / 1e6;
         let link = typical_link(
@@ -913,15 +917,16 @@ impl Loop {
                 .spec
                 .core_mips();
             let mips = core * f64::from(v.sample.vcpus);
-            // the target is not chosen yet: the typical measured link into the hosts in view
-            let pred = predict_move(&MoveInput::for_vm(
-                &v.sample,
-                link,
-                self.cfg.downtime_budget_ms,
-            ));
+            // the target is not chosen yet: the typical measured link into the hosts in view;
+            // a move pre-copy would not finish may fall back to post-copy (policy knob)
+            let planned = plan_move(
+                &MoveInput::for_vm(&v.sample, link, self.cfg.downtime_budget_ms),
+                self.policy.post_copy_fallback,
+            );
+            let pred = planned.predicted;
             // MMT and the regression's look-ahead read RAM / bandwidth: hand them the predicted
             // time as an equivalent RAM (a move that would not converge sorts last)
-            let ram_mb = if pred.converges {
+            let ram_mb = if planned.movable() {
                 (pred.time_s * mb_per_s)
                     .ceil()
                     .clamp(1.0, f64::from(u32::MAX / 4)) as u32
@@ -943,7 +948,7 @@ impl Loop {
                 Some(Fixed::Migrating)
             } else if v.cooldown_until_ms > now_ms {
                 Some(Fixed::Cooldown(v.cooldown_until_ms))
-            } else if !pred.converges {
+            } else if !planned.movable() {
                 Some(Fixed::WouldNotConverge)
             } else {
                 None
@@ -956,7 +961,7 @@ impl Loop {
                     .as_ref()
                     .map(|g| *groups.entry(g.clone()).or_insert(next)),
             );
-            predictions.push(pred);
+            predictions.push(planned);
             vm_names.push(name.clone());
         }
         for h in &mut view.hosts {
@@ -1000,7 +1005,7 @@ impl Loop {
         for &h in &decisions.overloaded {
             for &v in &view.hosts[h as usize].vms {
                 if rules.fixed[v as usize] == Some(Fixed::WouldNotConverge) {
-                    let p = &predictions[v as usize];
+                    let p = &predictions[v as usize].predicted;
                     report.held_back.push((
                         vm_names[v as usize].clone(),
                         format!(
@@ -1145,30 +1150,37 @@ impl Loop {
                 }
                 MoveKind::Drain => format!("under-loaded host {from} drained"),
             };
+            // over the link into the chosen target, measured or the default
+            let planned = match self.hosts.get(name_of(m.to)) {
+                Some(h) => plan_move(
+                    &MoveInput::for_vm(
+                        &self.vms[&vm_names[m.vm as usize]].sample,
+                        h.sample
+                            .migration_link_bytes_per_sec
+                            .unwrap_or(self.cfg.link_bytes_per_sec),
+                        self.cfg.downtime_budget_ms,
+                    ),
+                    self.policy.post_copy_fallback,
+                ),
+                None => predictions[m.vm as usize],
+            };
+            let reason = match planned.fallback_reason(self.cfg.downtime_budget_ms) {
+                Some(why) => format!("{reason}; {why}"),
+                None => reason,
+            };
             actions.push(PlanAction::Migrate {
                 vm: vm_names[m.vm as usize].clone(),
                 from: from.clone(),
                 to: name_of(m.to).clone(),
                 reason,
-                // over the link into the chosen target, measured or the default, with the
-                // measured overhead of a move
+                // with the measured overhead of a move
                 predicted: Some(
-                    self.overhead.add_to(
-                        match self.hosts.get(name_of(m.to)) {
-                            Some(h) => predict_move(&MoveInput::for_vm(
-                                &self.vms[&vm_names[m.vm as usize]].sample,
-                                h.sample
-                                    .migration_link_bytes_per_sec
-                                    .unwrap_or(self.cfg.link_bytes_per_sec),
-                                self.cfg.downtime_budget_ms,
-                            )),
-                            None => predictions[m.vm as usize],
-                        },
-                        view.vms[m.vm as usize].utilization,
-                    ),
+                    self.overhead
+                        .add_to(planned.predicted, view.vms[m.vm as usize].utilization),
                 ),
                 actual: None,
                 status: ActionStatus::Pending,
+                post_copy_after: planned.post_copy_after(),
             });
             scenario.moves.push(PreviewMove { vm: m.vm, to: m.to });
         }
@@ -1264,7 +1276,9 @@ impl Loop {
         // 9. the preview, and the veto
         let fixes = !shed_hosts.is_empty() || !scenario.power_on.is_empty();
         let (effect, veto) = if self.cfg.preview_horizon_s > 0 {
-            let input = self.preview_input(&view, &predictions, &extra_hosts);
+            let predicted: Vec<MigrationPrediction> =
+                predictions.iter().map(|p| p.predicted).collect();
+            let input = self.preview_input(&view, &predicted, &extra_hosts);
             let without = preview(&input, &Scenario::default());
             let with = preview(&input, &scenario);
             let effect = PlanEffect {
@@ -1563,6 +1577,7 @@ impl Loop {
                         from,
                         to,
                         status,
+                        post_copy_after,
                         ..
                     } => {
                         if running >= max {
@@ -1594,6 +1609,7 @@ impl Loop {
                             vm: vm.clone(),
                             from: from.clone(),
                             to: to.clone(),
+                            post_copy_after: *post_copy_after,
                         });
                     }
                     PlanAction::PowerOff { host, status, .. } => {

@@ -51,7 +51,8 @@
 //!
 //! Modules: [`telemetry`] (the inputs), [`control`] (the loop: [`Loop`]), [`rules`] (pins,
 //! anti-affinity, hosts that take no VMs; where the policy is called), [`knobs`] (aggressiveness),
-//! [`energy`] (host power with parked cores), [`cost`] (a move's predicted cost), [`power`] (a
+//! [`energy`] (host power with parked cores), [`cost`] (a move's predicted cost), [`fallback`]
+//! (a move pre-copy would not finish planned with post-copy, when the policy allows), [`power`] (a
 //! host's power state), [`replay`] (the loop driven over traces on a modelled cluster: the live
 //! loop simulated). The REST types are in `tern_api::automation`; docs/automation.md is the
 //! user's page.
@@ -62,6 +63,7 @@
 pub mod control;
 pub mod cost;
 pub mod energy;
+pub mod fallback;
 pub mod knobs;
 pub mod power;
 pub mod replay;

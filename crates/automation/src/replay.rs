@@ -459,6 +459,7 @@ mod tests {
             vm: "a".into(),
             from: "h1".into(),
             to: "h2".into(),
+            post_copy_after: None,
         };
         let e = r.take(vec![go.clone(), bad]).unwrap_err();
         assert_eq!(

@@ -305,6 +305,8 @@ enum Phase {
 struct Task {
     info: TaskInfo,
     phase: Phase,
+    /// A migration's `post_copy_after` (rounds before a post-copy switch), as asked.
+    post_copy_after: Option<u32>,
     /// When both sides were last asked (in doubt).
     asked_ms: u64,
     /// For resolving: what each side said.
@@ -321,6 +323,7 @@ impl Task {
         Task {
             info,
             phase: Phase::Queued,
+            post_copy_after: None,
             asked_ms: 0,
             source_says: None,
             target_says: None,
@@ -1363,13 +1366,34 @@ impl Controller {
         );
     }
 
-    /// `POST /v1/vms/{name}/migrate`: queues a live migration (to `to`, or where placement says).
+    /// `POST /v1/vms/{name}/migrate`: queues a pre-copy live migration (to `to`, or where
+    /// placement says); [`Controller::migrate_vm_with`] with no post-copy.
     pub fn migrate_vm(
         &mut self,
         name: &str,
         to: Option<&str>,
         now_ms: u64,
     ) -> Result<TaskRef, ApiError> {
+        self.migrate_vm_with(name, to, None, now_ms)
+    }
+
+    /// `POST /v1/vms/{name}/migrate`: queues a live migration (to `to`, or where placement says)
+    /// that switches to post-copy after `post_copy_after` pre-copy rounds if given
+    /// ([`tern_api::cluster::POST_COPY_AFTER_RANGE`]; out of it: 400, nothing queued). After the
+    /// switch a lost link loses the VM; the agent reports it `lost` and the VM is placed again
+    /// from its disk ("Lost in post-copy", docs/cluster.md).
+    pub fn migrate_vm_with(
+        &mut self,
+        name: &str,
+        to: Option<&str>,
+        post_copy_after: Option<u32>,
+        now_ms: u64,
+    ) -> Result<TaskRef, ApiError> {
+        tern_api::cluster::MigrateRequest {
+            to: to.map(str::to_string),
+            post_copy_after,
+        }
+        .validate()?;
         self.leading_and_ready()?;
         let vm = self
             .vms
@@ -1413,6 +1437,9 @@ impl Controller {
             },
         };
         let task = self.new_migration(name, &from, &target, TaskKind::Migrate, now_ms);
+        if let Some(t) = self.tasks.get_mut(&task) {
+            t.post_copy_after = post_copy_after;
+        }
         self.reconcile(now_ms);
         Ok(TaskRef { task })
     }
@@ -1861,6 +1888,7 @@ impl Controller {
             return;
         };
         let (vm, from, to) = t.ends();
+        let post_copy_after = t.post_copy_after;
         let disk_successor = self
             .vms
             .get(&vm)
@@ -1871,6 +1899,7 @@ impl Controller {
             vm: vm.clone(),
             to: listen,
             disk_successor,
+            post_copy_after,
         };
         let cmd = self.send(&from, &vm, body, Purpose::MigrateOut { task }, now);
         if let Some(t) = self.tasks.get_mut(&task) {

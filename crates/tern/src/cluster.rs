@@ -118,6 +118,14 @@ pub enum VmCommand {
         /// The target host (default: where placement says)
         #[arg(long, value_name = "HOST")]
         to: Option<String>,
+        /// Switch to post-copy after N pre-copy rounds (1-1000): the source pauses for good, and
+        /// the VM runs on the target at once, fetching the pages still owed on demand while the
+        /// source pushes the rest. Failure rule: after the switch the VM's memory is split across
+        /// both hosts, so a lost link is fatal (as in QEMU's post-copy): the target stops the
+        /// guest, the paused source is killed, and the cluster restarts the VM from its disk.
+        /// The target host needs userfaultfd (its agent runs as root). Default: pre-copy only
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+        post_copy_after: Option<u32>,
         /// Wait until the migration ends (exit status 1 if it failed)
         #[arg(long)]
         wait: bool,
@@ -232,6 +240,10 @@ pub struct PolicySet {
     /// Capacity short this long before a host is powered on, seconds
     #[arg(long, value_name = "S")]
     on_hold_s: Option<u32>,
+    /// Plan a move pre-copy is predicted not to finish with post-copy instead of holding it
+    /// back (a lost link during post-copy loses the VM: the cluster restarts it from its disk)
+    #[arg(long, value_name = "BOOL")]
+    post_copy_fallback: Option<bool>,
     #[command(flatten)]
     conn: Conn,
 }
@@ -295,13 +307,15 @@ fn changed_policy(mut p: serde_json::Value, s: &PolicySet) -> serde_json::Value 
     set("power.spare_hosts", s.spare_hosts.map(Into::into));
     set("power.off_hold_s", s.off_hold_s.map(Into::into));
     set("power.on_hold_s", s.on_hold_s.map(Into::into));
+    set("post_copy_fallback", s.post_copy_fallback.map(Into::into));
     p
 }
 
 fn policy_text(p: &Policy) -> String {
     format!(
         "automation {}, aggressiveness {}, every {} s, {}-{}-{}, hold {} s, min improvement {} %, \
-         cooldown {} s, max {} migrations; power {} (spare {}, off after {} s, on after {} s)\n",
+         cooldown {} s, max {} migrations; power {} (spare {}, off after {} s, on after {} s); \
+         post-copy fallback {}\n",
         serde_json::to_value(p.automation)
             .ok()
             .and_then(|v| v.as_str().map(str::to_string))
@@ -318,7 +332,8 @@ fn policy_text(p: &Policy) -> String {
         if p.power.enabled { "on" } else { "off" },
         p.power.spare_hosts,
         p.power.off_hold_s,
-        p.power.on_hold_s
+        p.power.on_hold_s,
+        if p.post_copy_fallback { "on" } else { "off" }
     )
 }
 
@@ -416,11 +431,15 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
         ClusterCommand::Vm(VmCommand::Migrate {
             name,
             to,
+            post_copy_after,
             wait,
             conn,
         }) => {
             let c = Client::new(&conn)?;
-            let req = MigrateRequest { to };
+            let req = MigrateRequest {
+                to,
+                post_copy_after,
+            };
             let path = format!("/v1/vms/{name}/migrate");
             let task: TaskRef = c.call("POST", &path, Some(to_json(&req)), 202)?;
             if !wait {
@@ -443,8 +462,25 @@ pub fn run(cmd: ClusterCommand) -> anyhow::Result<ExitCode> {
                     .finished_ms
                     .map(|f| f.saturating_sub(info.created_ms) as f64 / 1000.0)
                     .unwrap_or(0.0);
+                // A post-copy move: what was owed at the switch and how it came over.
+                let post_copy = info
+                    .report
+                    .clone()
+                    .and_then(|r| serde_json::from_value::<tern_api::vmm::MigrationReport>(r).ok())
+                    .and_then(|r| r.post_copy)
+                    .map(|p| {
+                        format!(
+                            " (post-copy: {} pages owed, {} demanded in {} faults, {} pushed, {} ms)",
+                            p.pages_owed,
+                            p.pages_demanded,
+                            p.demand_faults,
+                            p.pages_pushed,
+                            p.post_copy_ms
+                        )
+                    });
+                let post_copy = post_copy.as_deref().unwrap_or("");
                 match &info.error {
-                    None if ok => format!("{name} moved {route} in {secs:.1} s\n"),
+                    None if ok => format!("{name} moved {route} in {secs:.1} s{post_copy}\n"),
                     e => format!(
                         "{name} did not move ({route}): {}\n",
                         e.as_deref().unwrap_or("failed")

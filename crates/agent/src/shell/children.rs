@@ -208,12 +208,14 @@ pub(crate) fn migration_outcome(end: MigrationEnd) -> MigrationOutcome {
 }
 
 /// Migrates `vm` to `to` through its control socket (on a blocking task: the call lasts the
-/// whole migration) and reports [`Input::MigrationEnded`] with the VMM's report.
+/// whole migration) and reports [`Input::MigrationEnded`] with the VMM's report; with
+/// `post_copy_after`, a post-copy migration that switches after that many rounds.
 pub(crate) fn migrate(
     ctx: &Ctx,
     vm: String,
     to: String,
     disk_successor: Option<u32>,
+    post_copy_after: Option<u32>,
     events: &mpsc::Sender<Event>,
 ) {
     let dir = ctx.runtime_dir.clone();
@@ -245,6 +247,7 @@ pub(crate) fn migrate(
             let mut req = MigrateRequest::new(to);
             req.disk_successor = disk_successor.map(|n| n.to_string());
             req.tls = tls;
+            req.post_copy_after = post_copy_after;
             Ok::<_, String>(tern_vmctl::migrate(&found.sock, req, &mut |_| {}))
         })
         .await;

@@ -520,7 +520,15 @@ impl Shell {
                 vm,
                 to,
                 disk_successor,
-            } => children::migrate(&self.ctx, vm, to, disk_successor, &self.events),
+                post_copy_after,
+            } => children::migrate(
+                &self.ctx,
+                vm,
+                to,
+                disk_successor,
+                post_copy_after,
+                &self.events,
+            ),
             Action::Resume { vm } => children::resume(&self.ctx, vm),
             Action::Kill { vm } => {
                 if let Some(c) = self.children.get(&vm) {

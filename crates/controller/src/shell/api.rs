@@ -310,23 +310,28 @@ async fn delete_vm(State(s): S, Path(vm): Path<String>) -> Reply {
     params(("name" = String, Path, description = "The VM's name")),
     request_body = MigrateRequest,
     responses((status = 202, description = "The migration task", body = TaskRef),
-              (status = 400, description = "Bad JSON or name", body = ErrorBody),
+              (status = 400, description = "Bad JSON, a bad name, or post_copy_after outside 1..=1000", body = ErrorBody),
               (status = 404, description = "Unknown VM or host", body = ErrorBody),
               (status = 409, description = "Not running, already moving, or no host fits", body = ErrorBody),
               (status = 503, description = "Not the leader", body = ErrorBody)))]
 async fn migrate_vm(State(s): S, Path(vm): Path<String>, bytes: Bytes) -> Reply {
     name("VM", &vm)?;
     let req: MigrateRequest = if bytes.is_empty() {
-        MigrateRequest { to: None }
+        MigrateRequest::default()
     } else {
-        body(&bytes, "migrate request ({\"to\": HOST or null})")?
+        body(
+            &bytes,
+            "migrate request ({\"to\": HOST or null, \"post_copy_after\": 1..=1000, optional})",
+        )?
     };
     if let Some(to) = &req.to {
         name("host", to)?;
     }
+    req.validate()
+        .map_err(|e| error(400, "invalid input", e.to_string()))?;
     leading(&s)?;
     let task = s
-        .api(|c, now| c.migrate_vm(&vm, req.to.as_deref(), now))
+        .api(|c, now| c.migrate_vm_with(&vm, req.to.as_deref(), req.post_copy_after, now))
         .await
         .map_err(|f| failure(&s, f))?;
     Ok(json(StatusCode::ACCEPTED, &task))

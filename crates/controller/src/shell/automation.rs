@@ -782,8 +782,16 @@ async fn carry_out(s: &Arc<Shared>, actions: Vec<Action>) {
     let mut queue: std::collections::VecDeque<Action> = actions.into();
     while let Some(action) = queue.pop_front() {
         let outcome = match action {
-            Action::Migrate { plan, vm, to, .. } => {
-                let r = s.api(|c, now| c.migrate_vm(&vm, Some(&to), now)).await;
+            Action::Migrate {
+                plan,
+                vm,
+                to,
+                post_copy_after,
+                ..
+            } => {
+                let r = s
+                    .api(|c, now| c.migrate_vm_with(&vm, Some(&to), post_copy_after, now))
+                    .await;
                 match r {
                     Ok(task) => {
                         let mut a = lock(s);
