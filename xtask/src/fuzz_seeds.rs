@@ -1026,6 +1026,7 @@ fn cluster_api() -> Result<Vec<Vec<u8>>> {
         ),
         (1, r#"{"to":"host-2"}"#.into()),
         (1, r#"{"to":null}"#.into()),
+        (1, r#"{"to":"host-2","post_copy_after":2}"#.into()),
         (2, r#"{"enter":true}"#.into()),
         (3, policy),
         // A float whose shortest decimal an inexact parser reads one ulp off.
@@ -1044,6 +1045,10 @@ fn cluster_api() -> Result<Vec<Vec<u8>>> {
         (
             5,
             r#"{"generation":3,"id":9,"host_lease":77,"body":{"op":"migrate_out","vm":"web-1","to":"10.77.0.12:7000","disk_successor":2}}"#.into(),
+        ),
+        (
+            5,
+            r#"{"generation":3,"id":10,"host_lease":77,"body":{"op":"migrate_out","vm":"web-1","to":"10.77.0.12:7000","disk_successor":null,"post_copy_after":1}}"#.into(),
         ),
         (5, r#"{"generation":4,"id":1,"host_lease":77,"body":{"op":"ping"}}"#.into()),
     ];
