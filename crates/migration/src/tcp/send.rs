@@ -22,8 +22,8 @@ use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{self, ConnWriter, TlsClient};
 use crate::vm::{MigrationSource, VmError};
 use crate::wire::{
-    Frame, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION,
-    PageBatch, ReadFrameError, VERIFY_CHUNK_BYTES, read_frame,
+    Frame, FrameKind, HEADER_LEN, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest,
+    PROTOCOL_VERSION, ReadFrameError, VERIFY_CHUNK_BYTES, read_frame, seal,
 };
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
 use crate::machine::postcopy;
@@ -31,7 +31,6 @@ use crate::tcp::postcopy::{PostCopyError, SourceLink, serve_source};
 use crate::wire::{MAX_OWED_RUNS, MAX_STREAMS, MAX_VERIFY_CHUNKS, POST_COPY_PROTOCOL_VERSION};
 
 const PAGE: usize = PAGE_SIZE as usize;
-static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 
 /// Options of an outgoing migration.
 #[derive(Debug, Clone)]
@@ -189,17 +188,133 @@ impl From<InvalidTransition> for MigrateError {
     }
 }
 
+/// The low bit of a page entry's address: the page is all zeros and no data follows
+/// (docs/migration.md, the `Pages` frame).
+const ZERO_ENTRY_FLAG: u64 = 1;
+/// Bytes of a page frame's payload before its entries: round `u32`, count `u16`.
+const PAGES_PREFIX: usize = 6;
+/// Bytes of a full page frame.
+const FULL_PAGE_FRAME: usize = HEADER_LEN + PAGES_PREFIX + MAX_PAGES_PER_FRAME * (8 + PAGE);
+/// Page frame buffers kept for reuse (a writer hands each back once it is on the socket).
+const SPARE_FRAMES: usize = 32;
+
+/// A page frame built in place: each page is read from the VM straight into its entry (one
+/// copy of guest memory on the way out), a page found zero shrinks back to its address entry
+/// or out of the frame, and the finished frame is sealed (length, crc32c) where it lies. The
+/// buffer keeps its full size, so reusing it costs no allocation, no page fault and no memset.
+struct FrameBuf {
+    buf: Vec<u8>,
+    /// Bytes of the frame so far.
+    len: usize,
+    round: u32,
+    count: u16,
+}
+
+impl FrameBuf {
+    /// An empty frame of round `round`, in `buf` (a spare, or a new buffer when `None`).
+    fn new(buf: Option<Vec<u8>>, round: u32) -> Self {
+        let mut buf = buf.unwrap_or_default();
+        if buf.len() < FULL_PAGE_FRAME {
+            buf.resize(FULL_PAGE_FRAME, 0);
+        }
+        Self {
+            buf,
+            len: HEADER_LEN + PAGES_PREFIX,
+            round,
+            count: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn is_full(&self) -> bool {
+        usize::from(self.count) >= MAX_PAGES_PER_FRAME
+    }
+
+    fn pages(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Adds the page at `gpa`, its 4096 bytes filled by `fill` (straight from guest memory),
+    /// then asks `action` what the filled page is to be (given whether it is all zeros).
+    fn push_page<E>(
+        &mut self,
+        gpa: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+        action: impl FnOnce(bool) -> PageAction,
+    ) -> Result<PageAction, E> {
+        assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
+        let at = self.len;
+        let data = &mut self.buf[at + 8..at + 8 + PAGE];
+        fill(data)?;
+        let what = action(is_zero(data));
+        let entry = match what {
+            PageAction::Skip => return Ok(what),
+            PageAction::Zero => {
+                self.len += 8;
+                gpa | ZERO_ENTRY_FLAG
+            }
+            PageAction::Data => {
+                self.len += 8 + PAGE;
+                gpa
+            }
+        };
+        self.buf[at..at + 8].copy_from_slice(&entry.to_le_bytes());
+        self.count += 1;
+        Ok(what)
+    }
+
+    /// Seals the frame (header, round, count, length, crc32c) and returns the buffer and how
+    /// many of its bytes are the frame.
+    fn seal(mut self) -> (Vec<u8>, usize) {
+        let head = pages_header_start();
+        self.buf[..8].copy_from_slice(&head);
+        let len = u32::try_from(self.len - HEADER_LEN).unwrap_or(u32::MAX);
+        self.buf[8..12].copy_from_slice(&len.to_le_bytes());
+        self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.round.to_le_bytes());
+        self.buf[HEADER_LEN + 4..HEADER_LEN + 6].copy_from_slice(&self.count.to_le_bytes());
+        let crc = crc32c::crc32c_append(
+            crc32c::crc32c(&self.buf[..12]),
+            &self.buf[HEADER_LEN..self.len],
+        );
+        self.buf[12..16].copy_from_slice(&crc.to_le_bytes());
+        (self.buf, self.len)
+    }
+}
+
+/// The first 8 header bytes of a page frame (magic, format, kind, flags), as the wire module
+/// writes them.
+fn pages_header_start() -> [u8; 8] {
+    let empty = seal(FrameKind::Pages as u8, &[]);
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&empty[..8]);
+    head
+}
+
+/// Whether a page is all zeros (word by word: a data page usually differs in its first word).
+fn is_zero(page: &[u8]) -> bool {
+    let (words, rest) = page.as_chunks::<8>();
+    words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
+}
+
 enum WriterMsg {
     Frame(Vec<u8>),
+    /// A page frame: the first `.1` bytes of the buffer, which goes back to the spares.
+    Pages(Vec<u8>, usize),
     Flush(SyncSender<()>),
 }
+
+/// Page frame buffers the writers handed back, for the next frames.
+type Spares = Arc<Mutex<Vec<Vec<u8>>>>;
 
 struct DataStream {
     tx: Option<SyncSender<WriterMsg>>,
     handle: Option<JoinHandle<()>>,
     socket: TcpStream,
     error: Arc<Mutex<Option<std::io::Error>>>,
-    batch: PageBatch,
+    batch: FrameBuf,
     frames: u64,
     pages: u64,
 }
@@ -215,6 +330,7 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     control: Option<ConnWriter>,
     control_rx: Option<ChanRx<Result<Frame, ReadFrameError>>>,
     data: Vec<DataStream>,
+    spares: Spares,
     bucket: Option<TokenBucket>,
     zeros: ZeroTracker,
     bytes_sent: u64,
@@ -278,6 +394,7 @@ pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
         control: None,
         control_rx: None,
         data: Vec::new(),
+        spares: Arc::new(Mutex::new(Vec::new())),
         bytes_sent: 0,
         zero_skipped: 0,
         round_remaining: 0,
@@ -540,6 +657,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let (tx, rx) = mpsc::sync_channel::<WriterMsg>(8);
             let error = Arc::new(Mutex::new(None));
             let err2 = error.clone();
+            let spares = self.spares.clone();
             let handle = thread::Builder::new()
                 .name(format!("migrate-tx-{i}"))
                 .spawn(move || {
@@ -550,6 +668,16 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                                 if let Err(e) = s.write_all(&b) {
                                     *err2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
                                     return;
+                                }
+                            }
+                            WriterMsg::Pages(b, len) => {
+                                if let Err(e) = s.write_all(&b[..len]) {
+                                    *err2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                                    return;
+                                }
+                                let mut spares = spares.lock().unwrap_or_else(|p| p.into_inner());
+                                if spares.len() < SPARE_FRAMES {
+                                    spares.push(b);
                                 }
                             }
                             WriterMsg::Flush(done) => {
@@ -564,7 +692,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 handle: Some(handle),
                 socket,
                 error,
-                batch: PageBatch::new(0),
+                batch: FrameBuf::new(None, 0),
                 frames: 0,
                 pages: 0,
             });
@@ -655,16 +783,31 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     }
 
     fn push_frame(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
-        let len = bytes.len() as u64;
+        self.push_msg(i, WriterMsg::Frame(bytes))
+    }
+
+    /// Hands a frame to writer `i` within the bandwidth cap.
+    fn push_msg(&mut self, i: usize, msg: WriterMsg) -> Result<(), MigrateError> {
+        let len = match &msg {
+            WriterMsg::Frame(b) => b.len(),
+            WriterMsg::Pages(_, n) => *n,
+            WriterMsg::Flush(_) => 0,
+        } as u64;
         if let Some(bucket) = &mut self.bucket {
             let wait = bucket.take(len, self.start.elapsed());
             if !wait.is_zero() {
                 thread::sleep(wait);
             }
         }
-        self.send_to_writer(i, WriterMsg::Frame(bytes))?;
+        self.send_to_writer(i, msg)?;
         self.bytes_sent += len;
         Ok(())
+    }
+
+    /// An empty page frame of the current round, in a spare buffer when there is one.
+    fn new_frame(&self) -> FrameBuf {
+        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        FrameBuf::new(spare, self.machine.round())
     }
 
     /// Hands a message to writer `i`, waiting while its queue is full but never past a cancel.
@@ -689,11 +832,12 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         if self.data[i].batch.is_empty() {
             return Ok(());
         }
-        let round = self.machine.round();
-        let batch = std::mem::replace(&mut self.data[i].batch, PageBatch::new(round));
+        let fresh = self.new_frame();
+        let batch = std::mem::replace(&mut self.data[i].batch, fresh);
         self.data[i].frames += 1;
-        self.data[i].pages += batch.len() as u64;
-        self.push_frame(i, batch.into_frame_bytes())
+        self.data[i].pages += batch.pages() as u64;
+        let (buf, len) = batch.seal();
+        self.push_msg(i, WriterMsg::Pages(buf, len))
     }
 
     /// Sends every pending batch and waits until every writer has written all it was given.
@@ -785,27 +929,28 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     /// Sends the pages of `set`, in the runs and on the streams [`pages::runs`] gives; zero
     /// pages as [`ZeroTracker`] says.
     fn send_pages(&mut self, set: &PageSet) -> Result<(), MigrateError> {
-        let mut buf = vec![0u8; MAX_PAGES_PER_FRAME * PAGE];
         let mut batches = 0u32;
         let layout = self.layout.clone();
         for run in pages::runs(&layout, set, self.data.len()) {
             let n = run.pages as usize;
             let run_start = Instant::now();
             let mut pushed = false;
-            self.source
-                .read_pages(run.gpa, &mut buf[..n * PAGE])
-                .map_err(|e| MigrateError::Source("read_pages", e))?;
             let stream = run.stream;
             for k in 0..n {
-                let page = &buf[k * PAGE..(k + 1) * PAGE];
                 let gpa = run.gpa + k as u64 * PAGE_SIZE;
-                match self.zeros.page(run.first + k as u64, page == ZERO_PAGE) {
-                    PageAction::Skip => {
-                        self.zero_skipped += 1;
-                        continue;
-                    }
-                    PageAction::Zero => self.data[stream].batch.push_zero(gpa),
-                    PageAction::Data => self.data[stream].batch.push_data(gpa, page),
+                let page = run.first + k as u64;
+                let (source, zeros) = (&mut *self.source, &mut self.zeros);
+                let action = self.data[stream]
+                    .batch
+                    .push_page(
+                        gpa,
+                        |buf| source.read_pages(gpa, buf),
+                        |is_zero| zeros.page(page, is_zero),
+                    )
+                    .map_err(|e| MigrateError::Source("read_pages", e))?;
+                if action == PageAction::Skip {
+                    self.zero_skipped += 1;
+                    continue;
                 }
                 pushed = true;
                 if self.data[stream].batch.is_full() {
@@ -985,6 +1130,137 @@ fn session_id() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Region;
+    use crate::wire::decode;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(vec![Region {
+            guest_addr: 0,
+            size: 4 * MAX_PAGES_PER_FRAME as u64 * PAGE_SIZE,
+        }])
+        .unwrap()
+    }
+
+    /// Fills a page the way a VM read would: byte `k` of page `gpa` is `(gpa / 4096 + k) % 251
+    /// + 1` (never zero), or all zeros when `zero`.
+    fn fill(gpa: u64, zero: bool, buf: &mut [u8]) -> Result<(), VmError> {
+        for (k, b) in buf.iter_mut().enumerate() {
+            *b = if zero {
+                0
+            } else {
+                ((gpa / PAGE_SIZE + k as u64) % 251 + 1) as u8
+            };
+        }
+        Ok(())
+    }
+
+    fn page_of(gpa: u64) -> Vec<u8> {
+        let mut p = vec![0; PAGE];
+        fill(gpa, false, &mut p).unwrap();
+        p
+    }
+
+    #[test]
+    fn a_frame_built_in_place_decodes_to_its_pages_zero_markers_and_nothing_for_skipped_pages() {
+        let mut f = FrameBuf::new(None, 7);
+        assert!(f.is_empty());
+        // page 0 data, 1 zero marker, 2 skipped, 3 data; the action sees whether it is zero.
+        let plan = [
+            (0u64, false, PageAction::Data),
+            (1, true, PageAction::Zero),
+            (2, true, PageAction::Skip),
+            (3, false, PageAction::Data),
+        ];
+        for (p, zero, act) in plan {
+            let got = f
+                .push_page(
+                    p * PAGE_SIZE,
+                    |buf| fill(p * PAGE_SIZE, zero, buf),
+                    |is_zero| {
+                        assert_eq!(is_zero, zero, "page {p}");
+                        act
+                    },
+                )
+                .unwrap();
+            assert_eq!(got, act);
+        }
+        assert_eq!(f.pages(), 3);
+        let (buf, len) = f.seal();
+        assert_eq!(len, HEADER_LEN + PAGES_PREFIX + 3 * 8 + 2 * PAGE);
+        let (frame, used) = decode(&buf[..len], Some(&layout())).unwrap();
+        assert_eq!(used, len);
+        let Frame::Pages(batch) = frame else {
+            panic!("not a page frame: {frame:?}");
+        };
+        assert_eq!(batch.round(), 7);
+        let pages: Vec<(u64, Option<Vec<u8>>)> = batch
+            .iter()
+            .map(|(g, d)| (g, d.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            pages,
+            vec![
+                (0, Some(page_of(0))),
+                (PAGE_SIZE, None),
+                (3 * PAGE_SIZE, Some(page_of(3 * PAGE_SIZE))),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_reused_buffer_carries_nothing_of_its_previous_frame() {
+        let mut f = FrameBuf::new(None, 1);
+        for p in 0..MAX_PAGES_PER_FRAME as u64 {
+            f.push_page(
+                p * PAGE_SIZE,
+                |b| fill(p * PAGE_SIZE, false, b),
+                |_| PageAction::Data,
+            )
+            .unwrap();
+        }
+        assert!(f.is_full());
+        let (buf, len) = f.seal();
+        assert_eq!(len, FULL_PAGE_FRAME);
+        // The same buffer again, one zero marker only: the old bytes past the frame stay,
+        // but the frame's length and checksum cover just the new entry.
+        let mut g = FrameBuf::new(Some(buf), 2);
+        g.push_page(5 * PAGE_SIZE, |b| fill(0, true, b), |_| PageAction::Zero)
+            .unwrap();
+        let (buf, len) = g.seal();
+        assert_eq!(len, HEADER_LEN + PAGES_PREFIX + 8);
+        let (frame, _) = decode(&buf[..len], Some(&layout())).unwrap();
+        let Frame::Pages(batch) = frame else {
+            panic!("not a page frame");
+        };
+        assert_eq!(batch.round(), 2);
+        assert_eq!(
+            batch.iter().collect::<Vec<_>>(),
+            vec![(5 * PAGE_SIZE, None)]
+        );
+    }
+
+    #[test]
+    fn a_failed_read_adds_no_page() {
+        let mut f = FrameBuf::new(None, 0);
+        let r = f.push_page(
+            0,
+            |_| Err::<(), _>(VmError::from("read failed".to_string())),
+            |_| PageAction::Data,
+        );
+        assert!(r.is_err());
+        assert!(f.is_empty());
+    }
+
+    #[test]
+    fn zero_check_finds_a_single_set_byte_anywhere() {
+        let mut p = vec![0u8; PAGE];
+        assert!(is_zero(&p));
+        for at in [0, 7, 8, 2047, PAGE - 1] {
+            p[at] = 1;
+            assert!(!is_zero(&p), "byte {at}");
+            p[at] = 0;
+        }
+    }
 
     #[test]
     fn a_write_timeout_is_named_as_a_stalled_target() {
