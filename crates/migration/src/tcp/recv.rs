@@ -14,7 +14,7 @@ use crate::machine::receiver::{
     CommitWork, Failure, ProtocolViolation, Receiver, SOURCE_REASON_GRACE, Step,
 };
 use crate::tcp::common::{CancelToken, error_chain};
-use crate::tcp::transport::{AcceptFailure, Acceptor, ConnWriter, ListenGuard, Rejected};
+use crate::tcp::transport::{AcceptFailure, Acceptor, Conn, ConnWriter, ListenGuard, Rejected};
 use crate::vm::{MigrationTarget, VmError};
 use crate::wire::{Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame};
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
@@ -486,7 +486,13 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             let stream = self.machine.data_opened(a.first)?;
             self.sockets
                 .push(a.conn.shutdown_handle().map_err(ReceiveError::Write)?);
-            spawn_reader(a.conn, StreamName::Data(stream), layout.clone(), tx.clone());
+            let name = StreamName::Data(stream);
+            match a.conn {
+                // The socket itself, not the enum around it: std reads a socket into the frame's
+                // buffer without zeroing the buffer first (a memset of every page received).
+                Conn::Plain(s) => spawn_reader(s, name, layout.clone(), tx.clone()),
+                tls => spawn_reader(tls, name, layout.clone(), tx.clone()),
+            }
         }
         self.report.rejected_connections = acceptor.rejected();
         drop(acceptor);
