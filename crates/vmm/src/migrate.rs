@@ -21,14 +21,19 @@ use crate::devices::block_backend::BlockBackend;
 use crate::state;
 use crate::vm::Vm;
 
-/// The nice value every migration thread (source and target) runs at: when the host is short of
-/// CPU the guest's vCPUs and device threads come first, and the copy takes what is left. With
-/// `tern demo` (20,000 pages/s writer, 2 loaded cores) the source guest stopped for up to
-/// 65–135 ms at a time during pre-copy at nice 0 (its own heartbeat gaps, and the client's TCP
-/// echo waited as long), 3–8 ms at nice 10; total time and downtime did not grow.
-pub const MIGRATION_THREAD_NICE: i32 = 10;
+/// The nice value every migration stream thread (source writers, target readers, post-copy's
+/// threads) runs at: 0, the priority of the threads that feed them (the source's copy loop and
+/// the target's page writer run on the caller's threads, never lowered). These threads do
+/// little work — 5–25 ms of CPU per 350 MiB migration on this host — but sit between every two
+/// steps of the pipeline, and at nice 10 each of their wake-ups waited behind the guest's
+/// vCPU and any other runnable thread for its slice: on 2 loaded cores they spent 8–10× their
+/// run time waiting to run (200–600 ms of a 600–1000 ms migration of the max-rate guest), the
+/// rounds ran at ~0.5 GB/s, the guest dirtied more meanwhile and was throttled to 90 %. At
+/// nice 0 the same migrations took 290–470 ms with no throttle (docs/benchmarks.md, "Pre-copy
+/// rounds at the link's speed").
+pub const MIGRATION_THREAD_NICE: i32 = 0;
 
-/// Lowers the calling thread's CPU priority to [`MIGRATION_THREAD_NICE`] (run first by every
+/// Sets the calling thread's CPU priority to [`MIGRATION_THREAD_NICE`] (run first by every
 /// migration thread, before its seccomp filter); a failure leaves the priority as it was.
 pub fn lower_this_threads_priority() {
     // SAFETY: plain syscalls on the calling thread's own id (Linux nice values are per thread);
