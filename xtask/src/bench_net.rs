@@ -10,14 +10,21 @@
 //! announces the guest with its self-announce (RARP, 0/50/200/450/800 ms), Tern with its own.
 //!
 //! With `--dirty-mib N` the guest also runs its memory writer (`tern.dirty_mib=N
-//! tern.dirty_rate=--dirty-rate`, RAM N + 64 MiB, heartbeat every 50 ms) under both VMMs. Every run
-//! then prints the client's longest stall next to the VMM's own downtime (Tern: the sum of its
-//! report's `downtime_steps`, to the µs, else `downtime_ms`; QEMU: `query-migrate`'s `downtime`) and
-//! their difference, the part of the client's wait the pause does not explain (issue 14's goal:
-//! ≤ 5 ms), when the slowest request was sent against when the pause began (total − downtime after
-//! the migration started), and the guest's work rate during the migration (the writer's pages/s
-//! while it ran against the second before, from the source's `DIRTY` lines, as `cargo xtask bench
-//! migrate` does).
+//! tern.dirty_rate=--dirty-rate`, RAM N + 64 MiB, heartbeat every 50 ms) under both VMMs.
+//!
+//! Every run prints the client's longest wait among the requests that overlap the migration (sent
+//! before its end, answered after its start; the start is the migrate command, the end its return
+//! for Tern and the first `completed` of `query-migrate`, polled every 5 ms, for QEMU) next to the
+//! VMM's own downtime (Tern: the sum of its report's `downtime_steps`, to the µs, else
+//! `downtime_ms`; QEMU: `query-migrate`'s `downtime`) and their difference, the part of the wait
+//! the pause does not explain (issue 14's goal: ≤ 5 ms); when the slowest of those requests was
+//! sent against when the pause began (total − downtime after the start); the longest wait in the
+//! second before the migration and after it (the host's noise floor: on a loaded host the guest's
+//! vCPU thread waits for a core now and then, migration or not); the guest's own longest loop gap
+//! (its heartbeats' `maxgap_us`) before, on the source during, and on the target after the
+//! migration; and the guest's work rate during the migration (the writer's pages/s while it ran
+//! against the second before, from the source's `DIRTY` lines, as `cargo xtask bench migrate`
+//! does).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -30,10 +37,10 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use crate::bench_common::{build_release_tern, load_average, peer_version, scratch_dir};
-use crate::bench_migrate::{WorkRate, work_rate};
+use crate::bench_migrate::{WorkRate, field, work_rate};
 use anyhow::{Context, bail, ensure};
 use tern_guest_image::qemu::{QemuConfig, QemuNet};
-use tern_netlab::ns::{EchoReport, connect_from, stream_echo};
+use tern_netlab::ns::{EchoReport, connect_from, longest_overlapping, stream_echo};
 use tern_netlab::scenario::{
     GUEST_MAC, GuestWriter, MIGRATION_PORT, MigrationScenario, guest_cmdline, guest_memory_mib,
     run_migration, signed_ms,
@@ -61,6 +68,14 @@ pub struct NetMigrateArgs {
     /// The writer's pace, pages per second (0 = as fast as it can).
     #[arg(long, default_value_t = 20_000)]
     pub dirty_rate: u64,
+    /// Run this tern binary instead of building the workspace's (e.g. an earlier build, for
+    /// before/after figures in one sitting).
+    #[arg(long, value_name = "PATH")]
+    pub tern: Option<std::path::PathBuf>,
+    /// Tern's migrations only: no QEMU runs and no throughput figures (to look into Tern's
+    /// figures; no comparison).
+    #[arg(long)]
+    pub tern_only: bool,
 }
 
 impl NetMigrateArgs {
@@ -81,12 +96,83 @@ impl NetMigrateArgs {
 /// One migration's figures, for either VMM.
 #[derive(Debug, Clone, Default)]
 struct RunFigures {
+    /// The client's longest wait that overlaps the migration (from the command to its end).
     stall_ms: f64,
+    /// The client's longest wait in the second before the migration: the host's noise floor.
+    stall_before_ms: Option<f64>,
+    /// The client's longest wait after the migration, to the end of the stream.
+    stall_after_ms: Option<f64>,
     downtime_ms: Option<f64>,
     total_ms: Option<f64>,
-    /// When the slowest request was sent, ms after the migration was asked for.
+    /// When the slowest request of the migration was sent, ms after the migration was asked for.
     stall_at_ms: Option<f64>,
     work: Option<WorkRate>,
+    /// The guest's own longest loop gap (`maxgap_us` of its heartbeats), ms: in the second before
+    /// the migration, on the source during it, and on the target after its first heartbeat
+    /// (whose gap holds the pause itself).
+    gap_before_ms: Option<f64>,
+    gap_during_ms: Option<f64>,
+    gap_after_ms: Option<f64>,
+}
+
+/// What one migration left behind, for [`RunFigures::measure`].
+struct RunRecord<'a> {
+    samples: &'a [(Instant, Duration)],
+    source_console: &'a [(Instant, String)],
+    target_console: &'a [String],
+    started: Instant,
+    finished: Instant,
+}
+
+/// A heartbeat line's `maxgap_us`, ms.
+fn heartbeat_gap_ms(line: &str) -> Option<f64> {
+    line.starts_with("HB ")
+        .then(|| field(line, "maxgap_us"))
+        .flatten()
+        .map(|us| us as f64 / 1000.0)
+}
+
+impl RunFigures {
+    /// The client's and the guest's figures of a run; the VMM's own are filled in by the caller.
+    fn measure(r: &RunRecord<'_>) -> RunFigures {
+        let second = Duration::from_secs(1);
+        let before_from = r.started.checked_sub(second).unwrap_or(r.started);
+        let during = longest_overlapping(r.samples, r.started, r.finished);
+        let after = r
+            .samples
+            .iter()
+            .filter(|(sent, _)| *sent > r.finished)
+            .map(|(_, took)| took.as_secs_f64() * 1000.0)
+            .reduce(f64::max);
+        let src_gaps = |keep: &dyn Fn(Instant) -> bool| {
+            r.source_console
+                .iter()
+                .filter(|(at, _)| keep(*at))
+                .filter_map(|(_, l)| heartbeat_gap_ms(l))
+                .reduce(f64::max)
+        };
+        RunFigures {
+            stall_ms: during.map_or(0.0, |d| d.1),
+            stall_before_ms: r
+                .samples
+                .iter()
+                .filter(|(sent, took)| *sent >= before_from && *sent + *took < r.started)
+                .map(|(_, took)| took.as_secs_f64() * 1000.0)
+                .reduce(f64::max),
+            stall_after_ms: after,
+            stall_at_ms: during.map(|d| signed_ms(d.0, r.started)),
+            work: work_rate(r.source_console, r.started),
+            gap_before_ms: src_gaps(&|at| at >= before_from && at < r.started),
+            gap_during_ms: src_gaps(&|at| at >= r.started),
+            gap_after_ms: r
+                .target_console
+                .iter()
+                .filter_map(|l| heartbeat_gap_ms(l))
+                .skip(1)
+                .reduce(f64::max),
+            ..RunFigures::default()
+        }
+    }
 }
 
 /// Issue 14's bound on the client's wait beyond the VMM's downtime.
@@ -110,13 +196,21 @@ impl RunFigures {
             format!("{:.0}% (slowest period {:.0}%)", w.mean_pct, w.min_pct)
         });
         format!(
-            "{vmm} run {i}: stall {:.1} ms, downtime {} ms, stall - downtime {} ms; slowest request sent at {} ms, pause at ~{} ms, total {} ms; work rate {work}; {requests} requests",
+            "{vmm} run {i}: client's longest wait during the migration {:.1} ms, downtime {} ms, wait - downtime {} ms \
+             (slowest request sent at {} ms, pause at ~{} ms, total {} ms); \
+             longest wait in the second before {} ms, after {} ms; \
+             guest's own longest gap before/during/after {}/{}/{} ms; work rate {work}; {requests} requests",
             self.stall_ms,
             o(self.downtime_ms),
             o(self.excess_ms()),
             o(self.stall_at_ms),
             o(self.pause_at_ms()),
             o(self.total_ms),
+            o(self.stall_before_ms),
+            o(self.stall_after_ms),
+            o(self.gap_before_ms),
+            o(self.gap_during_ms),
+            o(self.gap_after_ms),
         )
     }
 }
@@ -125,6 +219,8 @@ impl RunFigures {
 #[derive(Debug, Clone, PartialEq)]
 struct Summary {
     stall_ms: f64,
+    before_ms: f64,
+    after_ms: f64,
     downtime_ms: f64,
     excess_ms: f64,
     work_mean_pct: f64,
@@ -137,6 +233,8 @@ fn summarise(runs: &[RunFigures]) -> Summary {
     let of = |f: &dyn Fn(&RunFigures) -> Option<f64>| median(runs.iter().filter_map(f).collect());
     Summary {
         stall_ms: of(&|r| Some(r.stall_ms)),
+        before_ms: of(&|r| r.stall_before_ms),
+        after_ms: of(&|r| r.stall_after_ms),
         downtime_ms: of(&|r| r.downtime_ms),
         excess_ms: of(&|r| r.excess_ms()),
         work_mean_pct: of(&|r| r.work.map(|w| w.mean_pct)),
@@ -146,6 +244,23 @@ fn summarise(runs: &[RunFigures]) -> Summary {
             .count(),
         runs: runs.len(),
     }
+}
+
+/// Tern's pause step by step from its report's `downtime_steps`: `step ms` each.
+fn steps_line(report: &serde_json::Value) -> String {
+    let Some(steps) = report.get("downtime_steps").and_then(|s| s.as_array()) else {
+        return "no downtime_steps in the report".into();
+    };
+    steps
+        .iter()
+        .filter_map(|st| {
+            let name = st.get("step")?.as_str()?;
+            let us = st.get("us")?.as_f64()?;
+            Some(format!("{name} {:.2}", us / 1000.0))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+        + " ms"
 }
 
 /// Tern's downtime from its migration report: the sum of `downtime_steps` (µs) when it has them,
@@ -335,6 +450,7 @@ fn qemu_migration(
         &["-incoming".into(), format!("tcp:{listen}")],
     ))?;
     let mut qmp_src = Qmp::connect(&qs)?;
+    let dst_lines = &_dst.lines;
     let _qmp_dst = Qmp::connect(&qd)?;
     topo.attach_to_host_bridge(1, "qdst")?;
     // The source guest says where it is (as `tern vm announce` does for Tern's source).
@@ -369,6 +485,7 @@ fn qemu_migration(
         ensure!(Instant::now() < deadline, "QEMU migration did not complete");
         std::thread::sleep(Duration::from_millis(5));
     };
+    let finished = Instant::now();
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let echo = client_thread
@@ -377,12 +494,17 @@ fn qemu_migration(
     // The source QEMU stays up (paused) after the migration: its console up to now is all.
     let console: Vec<(Instant, String)> = src.lines.try_iter().collect();
     drop(src);
+    let target: Vec<String> = dst_lines.try_iter().map(|(_, l)| l).collect();
     let figures = RunFigures {
-        stall_ms: echo.max_stall_ms,
         downtime_ms: info.get("downtime").and_then(|v| v.as_f64()),
         total_ms: info.get("total-time").and_then(|v| v.as_f64()),
-        stall_at_ms: echo.max_stall_sent.map(|at| signed_ms(at, started)),
-        work: work_rate(&console, started),
+        ..RunFigures::measure(&RunRecord {
+            samples: &echo.samples,
+            source_console: &console,
+            target_console: &target,
+            started,
+            finished,
+        })
     };
     Ok(QemuRun { echo, figures })
 }
@@ -481,7 +603,10 @@ fn qemu_throughput(
 
 pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
     ensure!(args.runs > 0, "--runs must be at least 1");
-    let tern = build_release_tern()?;
+    let tern = match &args.tern {
+        Some(t) => t.clone(),
+        None => build_release_tern()?,
+    };
     let dir = scratch_dir("net")?;
     let elf = dir.join("testguest.elf");
     std::fs::write(&elf, tern_guest_image::testguest_elf())?;
@@ -505,21 +630,30 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
             t.echo
         );
         let report = t.migration.clone().unwrap_or_default();
+        let (Some(started), Some(finished)) = (t.migrate_started, t.migrate_finished) else {
+            bail!("Tern run {i}: the scenario did not time the migration");
+        };
         let f = RunFigures {
-            stall_ms: t.echo.max_stall_ms,
             downtime_ms: tern_downtime_ms(&report),
             total_ms: report.get("total_ms").and_then(|v| v.as_f64()),
-            stall_at_ms: t.max_stall_at_ms,
-            work: t
-                .migrate_started
-                .and_then(|at| work_rate(&t.source_console, at)),
+            ..RunFigures::measure(&RunRecord {
+                samples: &t.echo.samples,
+                source_console: &t.source_console,
+                target_console: &t.target_console,
+                started,
+                finished,
+            })
         };
         println!(
             "{}; throttle max {}%",
             f.line("tern", i, t.echo.requests),
             report.get("throttle_max_pct").cloned().unwrap_or_default()
         );
+        println!("  tern run {i}'s pause: {}", steps_line(&report));
         tern_runs.push(f);
+        if args.tern_only {
+            continue;
+        }
 
         let q = qemu_migration(&topo, &args, &elf, tsc_hz, &dir)?;
         ensure!(
@@ -530,8 +664,14 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         println!("{}", q.figures.line("qemu", i, q.echo.requests));
         qemu_runs.push(q.figures);
     }
-    let tt = tern_throughput(&topo, &tern, &dir, args.throughput_bytes, &[])?;
-    let qt = qemu_throughput(&topo, &args, &elf, tsc_hz, &dir)?;
+    let throughput = if args.tern_only {
+        None
+    } else {
+        Some((
+            tern_throughput(&topo, &tern, &dir, args.throughput_bytes, &[])?,
+            qemu_throughput(&topo, &args, &elf, tsc_hz, &dir)?,
+        ))
+    };
     let _ = std::fs::remove_dir_all(&dir);
 
     let (ts, qs) = (summarise(&tern_runs), summarise(&qemu_runs));
@@ -553,23 +693,41 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         load_average()
     );
     println!(
-        "  {:<6} {:>10} {:>8} {:>10} {:>16} {:>14} {:>10}",
-        "", "stall ms", "max ms", "downtime", "stall-downtime", "goal (<= 5 ms)", "work rate"
+        "  {:<6} {:>10} {:>8} {:>10} {:>14} {:>14} {:>10} {:>10} {:>10}",
+        "",
+        "wait ms",
+        "max ms",
+        "downtime",
+        "wait-downtime",
+        "goal (<= 5 ms)",
+        "work rate",
+        "1 s before",
+        "after"
     );
     for (name, s, runs) in [("tern", &ts, &tern_runs), ("qemu", &qs, &qemu_runs)] {
+        if runs.is_empty() {
+            continue;
+        }
         println!(
-            "  {name:<6} {:>10.1} {:>8.1} {:>10.1} {:>16.1} {:>14} {:>9.0}%",
+            "  {name:<6} {:>10.1} {:>8.1} {:>10.1} {:>14.1} {:>14} {:>9.0}% {:>10.1} {:>10.1}",
             s.stall_ms,
             max(runs),
             s.downtime_ms,
             s.excess_ms,
             format!("{} of {}", s.met, s.runs),
-            s.work_mean_pct
+            s.work_mean_pct,
+            s.before_ms,
+            s.after_ms
         );
     }
     println!(
-        "  (medians; downtime as each VMM reports it; work rate: the writer's pages/s during the migration against the second before)"
+        "  (medians; wait: the client's longest wait overlapping the migration; downtime as each VMM reports it; \
+         work rate: the writer's pages/s during the migration against the second before; \
+         1 s before / after: the longest wait outside the migration, the host's noise floor)"
     );
+    let Some((tt, qt)) = throughput else {
+        return Ok(());
+    };
     println!(
         "  tern/qemu median: {:.2} (goal <= 0.5, and tern below TCP's 200 ms minimum RTO)",
         tm / qm
@@ -591,12 +749,63 @@ mod tests {
             stall_ms: stall,
             downtime_ms: downtime,
             total_ms: Some(200.0),
-            stall_at_ms: None,
             work: work.map(|w| WorkRate {
                 mean_pct: w,
                 min_pct: w,
             }),
+            ..RunFigures::default()
         }
+    }
+
+    #[test]
+    fn a_runs_figures_split_the_client_and_the_guest_at_the_migration() {
+        let o = Instant::now() + Duration::from_secs(5);
+        let ms = Duration::from_millis;
+        let started = o + ms(1000);
+        let finished = o + ms(1100);
+        let samples = [
+            (o - ms(10), ms(9)),    // before the second before: ignored
+            (o + ms(500), ms(7)),   // the second before
+            (o + ms(995), ms(20)),  // straddles the start: during
+            (o + ms(1050), ms(3)),  // during
+            (o + ms(1101), ms(30)), // after
+        ];
+        let src: Vec<(Instant, String)> = [
+            (o + ms(400), "HB seq=1 t_us=1 maxgap_us=2000"),
+            (o + ms(450), "DIRTY pages=0 rate=2000"),
+            (o + ms(900), "HB seq=2 t_us=2 maxgap_us=4000"),
+            (o + ms(950), "DIRTY pages=1000 rate=2000"),
+            (o + ms(1040), "HB seq=3 t_us=3 maxgap_us=6500"),
+            (o + ms(1045), "DIRTY pages=1171 rate=1800"),
+        ]
+        .into_iter()
+        .map(|(t, l)| (t, l.to_string()))
+        .collect();
+        let dst = [
+            "HB seq=4 t_us=4 maxgap_us=50000".to_string(),
+            "NET tcp_accepts=1".into(),
+            "HB seq=5 t_us=5 maxgap_us=1500".into(),
+        ];
+        let f = RunFigures::measure(&RunRecord {
+            samples: &samples,
+            source_console: &src,
+            target_console: &dst,
+            started,
+            finished,
+        });
+        assert_eq!(f.stall_ms, 20.0);
+        assert!((f.stall_at_ms.unwrap() + 5.0).abs() < 1e-6, "{f:?}");
+        assert_eq!(f.stall_before_ms, Some(7.0));
+        assert_eq!(f.stall_after_ms, Some(30.0));
+        assert_eq!(f.gap_before_ms, Some(4.0));
+        assert_eq!(f.gap_during_ms, Some(6.5));
+        assert_eq!(
+            f.gap_after_ms,
+            Some(1.5),
+            "the first target heartbeat holds the pause"
+        );
+        let w = f.work.expect("a work rate");
+        assert!((w.mean_pct - 90.0).abs() < 0.5, "{w:?}");
     }
 
     #[test]
@@ -628,6 +837,7 @@ mod tests {
             "downtime_steps": [{"step": "a", "us": 1500.0}, {"step": "b", "us": 2250.0}]
         });
         assert_eq!(tern_downtime_ms(&r), Some(3.75));
+        assert_eq!(steps_line(&r), "a 1.50, b 2.25 ms");
         let r = serde_json::json!({"downtime_ms": 3, "downtime_steps": []});
         assert_eq!(tern_downtime_ms(&r), Some(3.0));
         assert_eq!(tern_downtime_ms(&serde_json::json!({})), None);

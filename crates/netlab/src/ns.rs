@@ -85,6 +85,24 @@ pub struct EchoReport {
     /// When the slowest request was sent.
     #[serde(skip)]
     pub max_stall_sent: Option<Instant>,
+    /// Every answered request: when it was sent and how long its echo took.
+    #[serde(skip)]
+    pub samples: Vec<(Instant, Duration)>,
+}
+
+/// The longest wait among `samples` (send time, wait) whose wait overlaps `from..=to`: a request
+/// sent before `from` but answered after it counts, as does one sent at `to`. Its send time and
+/// wait in ms; `None` if no request overlaps.
+pub fn longest_overlapping(
+    samples: &[(Instant, Duration)],
+    from: Instant,
+    to: Instant,
+) -> Option<(Instant, f64)> {
+    samples
+        .iter()
+        .filter(|(sent, took)| *sent <= to && *sent + *took >= from)
+        .max_by_key(|(_, took)| *took)
+        .map(|(sent, took)| (*sent, took.as_secs_f64() * 1000.0))
 }
 
 /// The request with sequence number `seq`: 16 bytes `REQ` + 12 digits + newline, so any lost,
@@ -155,6 +173,7 @@ pub fn stream_echo_from(
             break;
         }
         report.requests += 1;
+        report.samples.push((sent, took));
         seq += 1;
         next += interval;
         let now = Instant::now();
@@ -212,5 +231,24 @@ mod tests {
         assert!(r.connection_broken && r.mismatched, "{r:?}");
         assert!(r.max_stall_ms > 0.0);
         assert!(r.max_stall_sent.is_some(), "{r:?}");
+        assert_eq!(r.samples.len(), 5, "the corrupted echo is no sample");
+    }
+
+    #[test]
+    fn the_longest_overlapping_wait_counts_requests_straddling_the_window() {
+        let o = Instant::now();
+        let ms = Duration::from_millis;
+        let samples = [
+            (o, ms(50)),           // 0-50: ends before the window
+            (o + ms(90), ms(30)),  // 90-120: straddles its start
+            (o + ms(130), ms(5)),  // inside
+            (o + ms(200), ms(40)), // sent at its end
+            (o + ms(201), ms(90)), // after it
+        ];
+        let (sent, took) = longest_overlapping(&samples, o + ms(100), o + ms(200)).unwrap();
+        assert_eq!((sent, took), (o + ms(200), 40.0));
+        let (sent, took) = longest_overlapping(&samples, o + ms(100), o + ms(199)).unwrap();
+        assert_eq!((sent, took), (o + ms(90), 30.0));
+        assert!(longest_overlapping(&samples, o + ms(60), o + ms(80)).is_none());
     }
 }

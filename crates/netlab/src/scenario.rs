@@ -129,6 +129,9 @@ pub struct MigrationOutcome {
     /// When `tern vm migrate` was started.
     #[serde(skip)]
     pub migrate_started: Option<Instant>,
+    /// When `tern vm migrate` returned.
+    #[serde(skip)]
+    pub migrate_finished: Option<Instant>,
     /// When the client sent its slowest request, ms after `tern vm migrate` started (negative:
     /// before it).
     pub max_stall_at_ms: Option<f64>,
@@ -297,6 +300,7 @@ pub fn run_migration(
             stop2.load(Ordering::Relaxed)
         });
         first.requests += second.requests;
+        first.samples.extend(second.samples);
         if second.max_stall_ms > first.max_stall_ms {
             first.max_stall_ms = second.max_stall_ms;
             first.max_stall_sent = second.max_stall_sent;
@@ -321,6 +325,7 @@ pub fn run_migration(
         .output()
         .map_err(|e| err(format!("cannot run tern vm migrate: {e}")))?;
     let migrate_wall_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let migrate_finished = Some(Instant::now());
     go.store(true, Ordering::Relaxed);
     if !out.status.success() {
         stop.store(true, Ordering::Relaxed);
@@ -360,6 +365,7 @@ pub fn run_migration(
         target_console,
         source_console,
         migrate_started,
+        migrate_finished,
         max_stall_at_ms,
     })
 }
