@@ -514,6 +514,20 @@ async fn openapi_lists_the_v1_paths_and_schemas_and_metrics_are_prometheus_text(
     ] {
         assert!(schemas[s].is_object(), "schema {s} missing");
     }
+    // post_copy_after: optional, with its range.
+    let pc = &schemas["MigrateRequest"]["properties"]["post_copy_after"];
+    assert_eq!(
+        (pc["minimum"].as_f64(), pc["maximum"].as_f64()),
+        (Some(1.0), Some(1000.0)),
+        "{pc}"
+    );
+    assert!(
+        schemas["MigrateRequest"]["required"]
+            .as_array()
+            .is_none_or(|r| !r.iter().any(|f| f == "post_copy_after")),
+        "{}",
+        schemas["MigrateRequest"]
+    );
     // Every reference resolves.
     fn refs(v: &Value, out: &mut Vec<String>) {
         match v {
