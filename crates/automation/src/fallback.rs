@@ -144,6 +144,13 @@ mod tests {
     }
 
     #[test]
+    fn the_cluster_api_takes_the_rounds_the_migration_takes() {
+        use tern_migration::machine::postcopy::{AFTER_ROUNDS_RANGE, check_after_rounds};
+        assert_eq!(tern_api::cluster::POST_COPY_AFTER_RANGE, AFTER_ROUNDS_RANGE);
+        assert_eq!(check_after_rounds(POST_COPY_FALLBACK_AFTER_ROUNDS), Ok(()));
+    }
+
+    #[test]
     fn a_move_that_converges_is_planned_as_pre_copy_whatever_the_knob() {
         let input = MoveInput {
             memory_bytes: 1024 * MIB,
