@@ -53,7 +53,21 @@ struct MigrationTime {
     sample: usize,
     vm: Option<String>,
     predicted_s: Option<f64>,
+    /// The whole move (target start + migration; the VMM's total in older reports).
     actual_s: Option<f64>,
+    /// Where the task's time went (absent in older reports).
+    #[serde(default)]
+    phases: Option<Phases>,
+    /// The source VMM's own total, seconds (absent in older reports).
+    #[serde(default)]
+    vmm_s: Option<f64>,
+}
+
+/// A migration task's phases, ms (`tern_api::cluster::TaskPhases`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct Phases {
+    target_start_ms: Option<u64>,
+    migrate_ms: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -291,12 +305,54 @@ fn live(args: &Args) -> anyhow::Result<()> {
         .filter_map(|m| Some((m.predicted_s?, m.actual_s?)))
         .filter(|(_, a)| *a > 0.0)
         .collect();
+    let ms = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v} ms"));
     for m in &d.migration_times {
+        let phases = m.phases.map_or(String::new(), |p| {
+            format!(
+                " (target start {}, migration {} of which the VMM {})",
+                ms(p.target_start_ms),
+                ms(p.migrate_ms),
+                m.vmm_s
+                    .map_or("-".into(), |v| format!("{:.0} ms", v * 1000.0))
+            )
+        });
         println!(
-            "  migration of {}: predicted {}, measured {}",
+            "  migration of {} at sample {}: predicted {}, measured {}{phases}",
             m.vm.as_deref().unwrap_or("?"),
+            m.sample,
             m.predicted_s.map_or("-".into(), |p| format!("{p:.3} s")),
             m.actual_s.map_or("-".into(), |a| format!("{a:.3} s")),
+        );
+    }
+    // where the moves' time went, on average
+    let mean = |v: Vec<f64>| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+    let timed: Vec<(&MigrationTime, Phases)> = d
+        .migration_times
+        .iter()
+        .filter_map(|m| Some((m, m.phases?)))
+        .collect();
+    let start = mean(
+        timed
+            .iter()
+            .filter_map(|(_, p)| Some(p.target_start_ms? as f64))
+            .collect(),
+    );
+    let migrate = mean(
+        timed
+            .iter()
+            .filter_map(|(_, p)| Some(p.migrate_ms? as f64))
+            .collect(),
+    );
+    let vmm = mean(
+        timed
+            .iter()
+            .filter_map(|(m, _)| Some(m.vmm_s? * 1000.0))
+            .collect(),
+    );
+    if let (Some(start), Some(migrate), Some(vmm)) = (start, migrate, vmm) {
+        println!(
+            "where a move's time went (mean over {} moves): target start {start:.0} ms, migration {migrate:.0} ms of which the source VMM's total {vmm:.0} ms",
+            timed.len()
         );
     }
     if pairs.is_empty() {

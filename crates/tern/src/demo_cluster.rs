@@ -572,11 +572,18 @@ pub struct MigrationTime {
     pub task_s: Option<f64>,
     /// The migration model's predicted total time, seconds, if the controller made one.
     pub predicted_s: Option<f64>,
-    /// The measured total time from the source VMM's report, once it succeeded.
+    /// The measured time of the whole move (the task's target start and migration phases;
+    /// the source VMM's total in reports made before the tasks had phases), once it succeeded.
     pub actual_s: Option<f64>,
-    /// Bytes the migration sent, from the same report.
+    /// Bytes the migration sent, from the source VMM's report.
     #[serde(default)]
     pub bytes: Option<u64>,
+    /// Where the task's time went (`GET /v1/tasks/{id}`), if it started.
+    #[serde(default)]
+    pub phases: Option<tern_api::cluster::TaskPhases>,
+    /// The source VMM's own total time (its report's `total_ms`), seconds.
+    #[serde(default)]
+    pub vmm_s: Option<f64>,
 }
 
 /// What the simulated side needs of a live run, kept in the report so `--sim-from` can compute
@@ -1231,6 +1238,12 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
             predicted_s: d.predicted.map(|p| p.time_s),
             actual_s: d.actual.map(|a| a.time_s),
             bytes: d.actual.map(|a| a.bytes),
+            phases: t.phases,
+            vmm_s: t
+                .report
+                .as_ref()
+                .and_then(|r| r.get("total_ms")?.as_f64())
+                .map(|ms| ms / 1000.0),
         });
     }
     let (offs, ons) = count_actions(&plans);
