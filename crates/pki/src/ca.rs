@@ -15,9 +15,9 @@ use time::{Duration as TimeDuration, OffsetDateTime};
 use crate::{Role, files, validate_name};
 
 /// How long a new CA is valid.
-const CA_VALID_DAYS: i64 = 3650;
+pub(crate) const CA_VALID_DAYS: i64 = 3650;
 /// Back-dating of every `not_before`, so hosts with slightly slow clocks accept a fresh certificate.
-const CLOCK_SKEW_MINUTES: i64 = 5;
+pub(crate) const CLOCK_SKEW_MINUTES: i64 = 5;
 /// The longest validity `issue` accepts (the CA's own).
 pub const MAX_VALID_DAYS: u32 = 3650;
 
@@ -61,6 +61,9 @@ pub enum InitError {
         #[source]
         source: io::Error,
     },
+    /// The CA's first (empty) CRL could not be written.
+    #[error("Cannot write the CA's revocation list")]
+    Crl(#[source] Box<crate::RevokeError>),
 }
 
 /// Why `issue` failed.
@@ -141,6 +144,10 @@ pub fn init_ca_with(dir: &Path, overwrite: bool) -> Result<(), InitError> {
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600).map_err(write_err(&key_path))?;
     let cert_path = dir.join(files::CA_CERT);
     write_file(&cert_path, cert.pem().as_bytes(), 0o644).map_err(write_err(&cert_path))?;
+    // An empty CRL signed by the new CA (a stale one of a replaced CA would match no issuer).
+    let crl_path = dir.join(files::CA_CRL);
+    let _ = fs::remove_file(&crl_path);
+    crate::crl::ensure_crl(dir).map_err(|e| InitError::Crl(Box::new(e)))?;
     Ok(())
 }
 
@@ -251,6 +258,18 @@ pub fn issue(
         let path = out.join(file);
         write_file(&path, bytes, mode).map_err(write_err(&path))?;
     }
+    // The CA's current revocation list, if it has one (a CA made before CRLs existed has none).
+    let crl_path = out.join(files::CA_CRL);
+    match fs::read(dir.join(files::CA_CRL)) {
+        Ok(crl) => write_file(&crl_path, &crl, 0o644).map_err(write_err(&crl_path))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(IssueError::Read {
+                path: dir.join(files::CA_CRL),
+                source,
+            });
+        }
+    }
     Ok(out)
 }
 
@@ -261,7 +280,7 @@ fn dns(name: &str) -> Result<rcgen::string::Ia5String, IssueError> {
     })
 }
 
-fn load_issuer(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), IssueError> {
+pub(crate) fn load_issuer(dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), IssueError> {
     let read = |file: &'static str| {
         let path = dir.join(file);
         fs::read_to_string(&path).map_err(|source| {
@@ -300,7 +319,7 @@ fn make_private_dir(dir: &Path) -> io::Result<()> {
 
 /// Writes `bytes` to `path` with `mode`, through a temporary file renamed into place, so a key is never
 /// visible with a wider mode and a crash leaves the old file or the new one.
-fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension("pem.tmp");
     let _ = fs::remove_file(&tmp);
     let mut f = OpenOptions::new()

@@ -8,14 +8,25 @@
 //!
 //! ```text
 //! D/ca-cert.pem                  0644  the CA certificate (self-signed)
-//! D/ca-key.pem                   0600  the CA key: only `tern pki issue` reads it
+//! D/ca-key.pem                   0600  the CA key: only `tern pki issue` and `revoke` read it
+//! D/ca-crl.pem                   0644  the CA's revocation list (empty at first)
 //! D/N/                           0700  what `--tls-dir D/N` names
 //! D/N/ca-cert.pem                0644  a copy of the CA certificate (the trust anchor)
 //! D/N/server-cert.pem            0644  N's certificate ...
 //! D/N/client-cert.pem            0644  ... the same certificate under QEMU's client name
 //! D/N/server-key.pem             0600  N's key ...
 //! D/N/client-key.pem             0600  ... the same key under QEMU's client name
+//! D/N/ca-crl.pem                 0644  a copy of the revocation list (QEMU reads it too)
 //! ```
+//!
+//! # Revocation
+//!
+//! [`revoke`] adds a certificate's serial to the CA's CRL and writes the new CRL into `D/` and
+//! every `D/N/`. Every configuration [`TlsDir`] builds checks its directory's `ca-crl.pem` and
+//! re-reads it when the file changes (at the next handshake, no restart): a revoked peer is
+//! refused as a server and as a client (rustls' `CertificateError::Revoked`; the refused side sees
+//! the `CertificateRevoked` alert). A host whose `--tls-dir` is not under `D/` needs the new
+//! `ca-crl.pem` copied into it.
 //!
 //! One key pair and one certificate carrying both the `serverAuth` and `clientAuth` extended key
 //! usages serve a node as a listener and as a client.
@@ -48,11 +59,14 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+mod crl;
 #[cfg(feature = "http")]
 pub mod http;
+mod revocation;
 mod tls;
 
 pub use ca::{InitError, IssueError, IssueOptions, init_ca, init_ca_with, issue};
+pub use crl::{RevokeError, Revoked, ensure_crl, revoke, serial_hex, serial_of};
 pub use tls::{
     HandshakeError, LoadError, PeerError, PemFiles, TlsDir, accept, connect, identity_of_cert,
     peer_identity,
@@ -78,6 +92,9 @@ pub mod files {
     pub const CLIENT_CERT: &str = "client-cert.pem";
     /// The holder's key under QEMU's client name (same bytes as the server one).
     pub const CLIENT_KEY: &str = "client-key.pem";
+    /// The CA's certificate revocation list, in the CA directory and copied into every issued
+    /// directory (QEMU's `tls-creds-x509` name for it).
+    pub const CA_CRL: &str = "ca-crl.pem";
 }
 
 /// What a certificate's holder is allowed to be in the cluster.

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::client::{Resumption, WebPkiServerVerifier};
+use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
 use rustls::{
     ClientConfig, ClientConnection, CommonState, RootCertStore, ServerConfig, ServerConnection,
     StreamOwned,
 };
 
+use crate::revocation::{ClientVerifier, ServerVerifier};
 use crate::{Identity, Role, files};
 
 /// Why a `--tls-dir` could not be loaded.
@@ -63,6 +63,9 @@ pub enum LoadError {
         #[source]
         source: PeerError,
     },
+    /// The revocation list (`ca-crl.pem`) cannot be read or used.
+    #[error("Cannot use the revocation list {path}: {why}")]
+    Crl { path: PathBuf, why: String },
     /// rustls refused the key or certificate.
     #[error("rustls refused the certificate or key in {dir}")]
     Config {
@@ -170,10 +173,14 @@ impl TlsDir {
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()
-                .map_err(|e| cfg_err(rustls::Error::General(e.to_string())))?;
+        // Both sides check the directory's revocation list and follow its changes (revocation.rs).
+        let crl = dir.join(files::CA_CRL);
+        let crl_err = |why: String| LoadError::Crl {
+            path: crl.clone(),
+            why,
+        };
+        let client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
+            Arc::new(ClientVerifier::new(&crl, roots.clone(), provider.clone()).map_err(crl_err)?);
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(cfg_err)?
@@ -184,13 +191,13 @@ impl TlsDir {
         server.send_tls13_tickets = 0;
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 
-        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-            .build()
-            .map_err(|e| cfg_err(rustls::Error::General(e.to_string())))?;
+        let server_verifier =
+            Arc::new(ServerVerifier::new(&crl, roots, provider.clone()).map_err(crl_err)?);
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(cfg_err)?
-            .with_webpki_verifier(server_verifier)
+            .dangerous()
+            .with_custom_certificate_verifier(server_verifier)
             .with_client_auth_cert(chain, key)
             .map_err(cfg_err)?;
         client.resumption = Resumption::disabled();

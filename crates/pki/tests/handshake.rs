@@ -342,3 +342,50 @@ fn init_refuses_to_replace_a_ca_unless_asked_and_issue_needs_one() {
     }
     assert!(!ca.path().join("../evil").exists());
 }
+
+#[test]
+fn a_revoked_certificate_is_refused_both_ways_by_running_configurations() {
+    let ca = ca();
+    // Loaded before the revocation: the configurations follow the CRL file as it changes.
+    let server = issue(ca.path(), "node-a", Role::Host);
+    let client = issue(ca.path(), "ctl", Role::Controller);
+    let other = issue(ca.path(), "ctl-2", Role::Controller);
+    let (srv, cli) = handshake(&server, &client, "node-a");
+    srv.unwrap();
+    cli.unwrap();
+
+    let r = tern_pki::revoke(ca.path(), "ctl").unwrap();
+    assert!(!r.already);
+    let (srv, cli) = handshake(&server, &client, "node-a");
+    match srv {
+        Err(HandshakeError::Tls(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked,
+        ))) => {}
+        other => panic!("server accepted a revoked client: {other:?}"),
+    }
+    let cli = cli.unwrap_err();
+    assert!(cli.contains("CertificateRevoked"), "{cli}");
+    // An unrevoked client of the same CA is still served.
+    let (srv, cli) = handshake(&server, &other, "node-a");
+    assert_eq!(srv.unwrap().name, "ctl-2");
+    cli.unwrap();
+
+    // A revoked server (by serial this time) is refused by its clients.
+    let serial = tern_pki::serial_hex(&tern_pki::serial_of(server.dir()).unwrap());
+    tern_pki::revoke(ca.path(), &serial).unwrap();
+    let (srv, cli) = handshake(&server, &other, "node-a");
+    assert!(srv.is_err());
+    let cli = cli.unwrap_err();
+    assert!(cli.contains("Revoked"), "{cli}");
+}
+
+#[test]
+fn a_damaged_revocation_list_is_refused_at_load() {
+    let ca = ca();
+    let dir = tern_pki::issue(ca.path(), "node-a", Role::Host, &IssueOptions::default()).unwrap();
+    std::fs::write(dir.join("ca-crl.pem"), "not a CRL").unwrap();
+    match TlsDir::load(&dir) {
+        Err(LoadError::Crl { path, .. }) => assert_eq!(path, dir.join("ca-crl.pem")),
+        other => panic!("loaded with a damaged CRL: {other:?}"),
+    }
+}

@@ -1,0 +1,253 @@
+//! Certificate verifiers that check the `--tls-dir`'s `ca-crl.pem` and re-read it when it changes.
+//!
+//! Each verifier wraps rustls' WebPKI verifier (chain to the CA, dates, key usage, name) built with
+//! the CRLs of the file. At every verification it compares the file's identity (inode, size,
+//! modification time) with the one it was built from, and rebuilds on a change, so a revocation
+//! written by `tern pki revoke` reaches a running server or client at its next handshake. A missing
+//! file means no CRL. A file that cannot be read or parsed keeps the last good CRL in force (and is
+//! reported once on stderr): a process that dropped its privileges and cannot read the directory
+//! keeps what it loaded at start. A CRL of another issuer than the peer's (a directory mixing two
+//! CAs' files) decides nothing: only a CRL signed by the certificate's CA revokes it.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+
+/// What identifies one version of the CRL file: `None` when it is absent.
+type Stamp = Option<(u64, u64, i64, i64)>;
+
+fn stamp(path: &Path) -> io::Result<Stamp> {
+    match fs::metadata(path) {
+        Ok(m) => Ok(Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the CRLs of `path` (none when it is absent).
+pub(crate) fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    };
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} holds no valid PEM CRL: {e}", path.display()))?;
+    if crls.is_empty() && !bytes.is_empty() {
+        return Err(format!("{} holds no PEM CRL", path.display()));
+    }
+    Ok(crls)
+}
+
+/// The part both verifiers share: the CRL file and when it was last (re)built from.
+#[derive(Debug)]
+struct Watch<V: ?Sized> {
+    path: PathBuf,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<(Stamp, Arc<V>)>,
+}
+
+impl<V: ?Sized> Watch<V> {
+    fn get(
+        &self,
+        build: impl Fn(
+            Arc<RootCertStore>,
+            Arc<CryptoProvider>,
+            Vec<CertificateRevocationListDer<'static>>,
+        ) -> Result<Arc<V>, String>,
+    ) -> Arc<V> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let now = match stamp(&self.path) {
+            Ok(s) => s,
+            // Cannot even stat it: keep what is in force.
+            Err(_) => return cur.1.clone(),
+        };
+        if now != cur.0 {
+            let rebuilt = read_crls(&self.path)
+                .and_then(|crls| build(self.roots.clone(), self.provider.clone(), crls));
+            match rebuilt {
+                Ok(v) => cur.1 = v,
+                Err(e) => eprintln!("tern-pki: {e}; the previous revocation list stays in force"),
+            }
+            // Also on failure: report a bad file once, not at every handshake.
+            cur.0 = now;
+        }
+        cur.1.clone()
+    }
+}
+
+fn build_client(
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, String> {
+    WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| format!("cannot build the client verifier: {e}"))
+}
+
+fn build_server(
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<WebPkiServerVerifier>, String> {
+    WebPkiServerVerifier::builder_with_provider(roots, provider)
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| format!("cannot build the server verifier: {e}"))
+}
+
+/// Verifies clients' certificates against the CA and the CRL file (module docs).
+#[derive(Debug)]
+pub(crate) struct ClientVerifier {
+    watch: Watch<dyn ClientCertVerifier>,
+    hints: Vec<DistinguishedName>,
+}
+
+impl ClientVerifier {
+    /// Builds from the CRL file as it is now: an unreadable or invalid file is an error here.
+    pub(crate) fn new(
+        crl: &Path,
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, String> {
+        let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
+        let inner = build_client(roots.clone(), provider.clone(), read_crls(crl)?)?;
+        let hints = inner.root_hint_subjects().to_vec();
+        Ok(ClientVerifier {
+            watch: Watch {
+                path: crl.to_owned(),
+                roots,
+                provider,
+                current: Mutex::new((s, inner)),
+            },
+            hints,
+        })
+    }
+
+    fn inner(&self) -> Arc<dyn ClientCertVerifier> {
+        self.watch.get(build_client)
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &self.hints
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.inner()
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
+}
+
+/// Verifies servers' certificates against the CA, the name dialled and the CRL file.
+#[derive(Debug)]
+pub(crate) struct ServerVerifier {
+    watch: Watch<WebPkiServerVerifier>,
+}
+
+impl ServerVerifier {
+    /// Builds from the CRL file as it is now: an unreadable or invalid file is an error here.
+    pub(crate) fn new(
+        crl: &Path,
+        roots: Arc<RootCertStore>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, String> {
+        let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
+        let inner = build_server(roots.clone(), provider.clone(), read_crls(crl)?)?;
+        Ok(ServerVerifier {
+            watch: Watch {
+                path: crl.to_owned(),
+                roots,
+                provider,
+                current: Mutex::new((s, inner)),
+            },
+        })
+    }
+
+    fn inner(&self) -> Arc<WebPkiServerVerifier> {
+        self.watch.get(build_server)
+    }
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner().supported_verify_schemes()
+    }
+}
