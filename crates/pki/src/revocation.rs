@@ -90,16 +90,25 @@ impl<V: ?Sized> Watch<V> {
 }
 
 fn build_client(
-    roots: Arc<RootCertStore>,
-    provider: Arc<CryptoProvider>,
-    crls: Vec<CertificateRevocationListDer<'static>>,
+    mandatory: bool,
+) -> impl Fn(
+    Arc<RootCertStore>,
+    Arc<CryptoProvider>,
+    Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    WebPkiClientVerifier::builder_with_provider(roots, provider)
-        .with_crls(crls)
-        .only_check_end_entity_revocation()
-        .allow_unknown_revocation_status()
-        .build()
-        .map_err(|e| format!("cannot build the client verifier: {e}"))
+    move |roots, provider, crls| {
+        let b = WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status();
+        let b = if mandatory {
+            b
+        } else {
+            b.allow_unauthenticated()
+        };
+        b.build()
+            .map_err(|e| format!("cannot build the client verifier: {e}"))
+    }
 }
 
 fn build_server(
@@ -120,6 +129,8 @@ fn build_server(
 pub(crate) struct ClientVerifier {
     watch: Watch<dyn ClientCertVerifier>,
     hints: Vec<DistinguishedName>,
+    /// False: a client may present no certificate (it then authenticates otherwise, e.g. a token).
+    mandatory: bool,
 }
 
 impl ClientVerifier {
@@ -128,9 +139,10 @@ impl ClientVerifier {
         crl: &Path,
         roots: Arc<RootCertStore>,
         provider: Arc<CryptoProvider>,
+        mandatory: bool,
     ) -> Result<Self, String> {
         let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
-        let inner = build_client(roots.clone(), provider.clone(), read_crls(crl)?)?;
+        let inner = build_client(mandatory)(roots.clone(), provider.clone(), read_crls(crl)?)?;
         let hints = inner.root_hint_subjects().to_vec();
         Ok(ClientVerifier {
             watch: Watch {
@@ -140,15 +152,20 @@ impl ClientVerifier {
                 current: Mutex::new((s, inner)),
             },
             hints,
+            mandatory,
         })
     }
 
     fn inner(&self) -> Arc<dyn ClientCertVerifier> {
-        self.watch.get(build_client)
+        self.watch.get(build_client(self.mandatory))
     }
 }
 
 impl ClientCertVerifier for ClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &self.hints
     }

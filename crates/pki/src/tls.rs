@@ -20,6 +20,7 @@ use rustls::{
 
 use crate::revocation::{ClientVerifier, ServerVerifier};
 use crate::{Identity, Role, files};
+use rustls::server::danger::ClientCertVerifier;
 
 /// Why a `--tls-dir` could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +128,7 @@ pub struct TlsDir {
     identity: Identity,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    optional_client_verifier: Arc<dyn ClientCertVerifier>,
 }
 
 impl TlsDir {
@@ -179,8 +181,12 @@ impl TlsDir {
             path: crl.clone(),
             why,
         };
-        let client_verifier: Arc<dyn rustls::server::danger::ClientCertVerifier> =
-            Arc::new(ClientVerifier::new(&crl, roots.clone(), provider.clone()).map_err(crl_err)?);
+        let client_verifier: Arc<dyn ClientCertVerifier> = Arc::new(
+            ClientVerifier::new(&crl, roots.clone(), provider.clone(), true).map_err(crl_err)?,
+        );
+        let optional_client_verifier: Arc<dyn ClientCertVerifier> = Arc::new(
+            ClientVerifier::new(&crl, roots.clone(), provider.clone(), false).map_err(crl_err)?,
+        );
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(cfg_err)?
@@ -207,6 +213,7 @@ impl TlsDir {
             identity,
             server: Arc::new(server),
             client: Arc::new(client),
+            optional_client_verifier,
         })
     }
 
@@ -223,6 +230,14 @@ impl TlsDir {
     /// Server side: requires a client certificate chained to the CA and presents ours.
     pub fn server_config(&self) -> Arc<ServerConfig> {
         self.server.clone()
+    }
+
+    /// For a server that also takes clients without a certificate (they authenticate otherwise,
+    /// e.g. with a token): verifies a certificate when one is presented — chain to the CA, dates,
+    /// key usage and the directory's revocation list, followed as it changes — like
+    /// [`TlsDir::server_config`]'s, but does not require one.
+    pub fn optional_client_verifier(&self) -> Arc<dyn ClientCertVerifier> {
+        self.optional_client_verifier.clone()
     }
 
     /// Client side: presents our certificate and verifies that the server's chains to the CA and is

@@ -389,3 +389,79 @@ fn a_damaged_revocation_list_is_refused_at_load() {
         other => panic!("loaded with a damaged CRL: {other:?}"),
     }
 }
+
+#[test]
+fn the_optional_client_verifier_serves_certificate_less_clients_but_refuses_revoked_ones() {
+    let ca = ca();
+    let server = issue(ca.path(), "ctl", Role::Controller);
+    let user = issue(ca.path(), "alice", Role::User);
+    let v = server.optional_client_verifier();
+    assert!(!v.client_auth_mandatory());
+    #[allow(deprecated)]
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(v)
+            .with_single_cert(
+                rustls::pki_types::CertificateDer::pem_file_iter(
+                    server.dir().join("server-cert.pem"),
+                )
+                .unwrap()
+                .map(Result::unwrap)
+                .collect(),
+                rustls::pki_types::PrivateKeyDer::from_pem_file(
+                    server.dir().join("server-key.pem"),
+                )
+                .unwrap(),
+            )
+            .unwrap(),
+    );
+    let serve = |client: std::sync::Arc<rustls::ClientConfig>| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = cfg.clone();
+        let srv = thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = rustls::ServerConnection::new(cfg).unwrap();
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            let mut buf = [0u8; 2];
+            s.read_exact(&mut buf)
+                .map(|()| s.conn.peer_certificates().is_some())
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let conn = rustls::ClientConnection::new(client, TlsDir::server_name("ctl")).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        let w = s.write_all(b"hi").and_then(|()| s.flush());
+        let mut buf = [0u8; 1];
+        let r = s.read(&mut buf);
+        (srv.join().unwrap(), w.and(r.map(|_| ())))
+    };
+    use rustls::pki_types::pem::PemObject;
+    // No certificate: served (a token client).
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_file(ca.path().join("ca-cert.pem"))
+                .unwrap(),
+        )
+        .unwrap();
+    let anonymous = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    assert!(!serve(anonymous).0.unwrap(), "no certificate expected");
+    // A valid certificate: served and seen.
+    assert!(serve(user.client_config()).0.unwrap());
+    // Revoked: refused, and the client reads the alert naming it.
+    tern_pki::revoke(ca.path(), "alice").unwrap();
+    let (srv, cli) = serve(user.client_config());
+    let srv = srv.unwrap_err().to_string();
+    assert!(srv.contains("Revoked"), "{srv}");
+    let cli = cli.unwrap_err().to_string();
+    assert!(cli.contains("CertificateRevoked"), "{cli}");
+}

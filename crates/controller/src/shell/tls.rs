@@ -14,7 +14,6 @@ use std::sync::Arc;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
 use tern_pki::{Identity, TlsDir};
 
 pub use tern_pki::http::{HANDSHAKE_TIMEOUT, PeerCert, serve_tls};
@@ -80,18 +79,12 @@ impl ServerTls {
         } else {
             ("client-cert.pem", "client-key.pem")
         };
-        let ca = certs("ca-cert.pem")?;
         let chain = certs(cert_file)?;
         let key = PrivateKeyDer::from_pem_file(dir.join(key_file))
             .map_err(|e| bad(format!("{key_file}: {e}")))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in ca {
-            roots.add(c).map_err(|e| bad(format!("ca-cert.pem: {e}")))?;
-        }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| bad(e.to_string()))?;
+        // A certificate is optional (token clients) but checked when presented, against the CA
+        // and the directory's revocation list (re-read when it changes).
+        let verifier = loaded.optional_client_verifier();
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| bad(e.to_string()))?
