@@ -91,24 +91,21 @@ impl<V: ?Sized> Watch<V> {
 
 fn build_client(
     mandatory: bool,
-) -> impl Fn(
-    Arc<RootCertStore>,
-    Arc<CryptoProvider>,
-    Vec<CertificateRevocationListDer<'static>>,
+    roots: Arc<RootCertStore>,
+    provider: Arc<CryptoProvider>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    move |roots, provider, crls| {
-        let b = WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status();
-        let b = if mandatory {
-            b
-        } else {
-            b.allow_unauthenticated()
-        };
-        b.build()
-            .map_err(|e| format!("cannot build the client verifier: {e}"))
-    }
+    let b = WebPkiClientVerifier::builder_with_provider(roots, provider)
+        .with_crls(crls)
+        .only_check_end_entity_revocation()
+        .allow_unknown_revocation_status();
+    let b = if mandatory {
+        b
+    } else {
+        b.allow_unauthenticated()
+    };
+    b.build()
+        .map_err(|e| format!("cannot build the client verifier: {e}"))
 }
 
 fn build_server(
@@ -142,7 +139,7 @@ impl ClientVerifier {
         mandatory: bool,
     ) -> Result<Self, String> {
         let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
-        let inner = build_client(mandatory)(roots.clone(), provider.clone(), read_crls(crl)?)?;
+        let inner = build_client(mandatory, roots.clone(), provider.clone(), read_crls(crl)?)?;
         let hints = inner.root_hint_subjects().to_vec();
         Ok(ClientVerifier {
             watch: Watch {
@@ -157,7 +154,8 @@ impl ClientVerifier {
     }
 
     fn inner(&self) -> Arc<dyn ClientCertVerifier> {
-        self.watch.get(build_client(self.mandatory))
+        self.watch
+            .get(|r, p, c| build_client(self.mandatory, r, p, c))
     }
 }
 
