@@ -27,6 +27,28 @@ pub enum PkiCommand {
         after_help = "Examples:\n  tern pki issue --dir /etc/tern/pki --name node-a --role host --san 10.0.0.11\n  tern pki issue --dir /etc/tern/pki --name alice --role user --days 30"
     )]
     Issue(IssueArgs),
+    /// Revoke a certificate: add its serial to the CA's revocation list DIR/ca-crl.pem.
+    ///
+    /// The new list, signed by the CA, is written to DIR/ca-crl.pem and into every directory
+    /// under DIR that `tern pki issue` made (DIR/*/ca-crl.pem). Tern's servers and clients (and
+    /// etcd's --client-crl-file, and QEMU's tls-creds-x509) read the ca-crl.pem of their --tls-dir
+    /// and follow its changes at the next connection, without a restart; copy it into any
+    /// --tls-dir kept elsewhere. Connections already open stay open.
+    #[command(
+        after_help = "Examples:\n  tern pki revoke --dir /etc/tern/pki node-a\n  tern pki revoke --dir /etc/tern/pki 3f:09:a1:5c:02:7e:d4:11"
+    )]
+    Revoke(RevokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The CA directory (`tern pki init --dir DIR`).
+    #[arg(long, value_name = "DIR")]
+    dir: PathBuf,
+    /// The certificate: the NAME it was issued to (its directory DIR/NAME), or its serial number
+    /// in hex (':' separators allowed).
+    #[arg(value_name = "NAME|SERIAL")]
+    what: String,
 }
 
 #[derive(Debug, Args)]
@@ -82,6 +104,22 @@ pub fn run(cmd: PkiCommand) -> Result<ExitCode> {
                 "{} ({role}) issued: use --tls-dir {}",
                 a.name,
                 out.display()
+            );
+        }
+        PkiCommand::Revoke(a) => {
+            let r = tern_pki::revoke(&a.dir, &a.what)
+                .with_context(|| format!("Cannot revoke {}", a.what))?;
+            let state = if r.already {
+                "was already revoked"
+            } else {
+                "revoked"
+            };
+            println!(
+                "{} (serial {}) {state}: the revocation list is in {} and {} directories under it",
+                a.what,
+                r.serial,
+                a.dir.join(tern_pki::files::CA_CRL).display(),
+                r.written.len().saturating_sub(1)
             );
         }
     }
