@@ -21,26 +21,42 @@ use crate::devices::block_backend::BlockBackend;
 use crate::state;
 use crate::vm::Vm;
 
-/// The nice value every migration stream thread (source writers, target readers, post-copy's
-/// threads) runs at: 0, the priority of the threads that feed them (the source's copy loop and
-/// the target's page writer run on the caller's threads, never lowered). These threads do
-/// little work — 5–25 ms of CPU per 350 MiB migration on this host — but sit between every two
-/// steps of the pipeline, and at nice 10 each of their wake-ups waited behind the guest's
-/// vCPU and any other runnable thread for its slice: on 2 loaded cores they spent 8–10× their
-/// run time waiting to run (200–600 ms of a 600–1000 ms migration of the max-rate guest), the
-/// rounds ran at ~0.5 GB/s, the guest dirtied more meanwhile and was throttled to 90 %. At
-/// nice 0 the same migrations took 290–470 ms with no throttle (docs/benchmarks.md, "Pre-copy
-/// rounds at the link's speed").
-pub const MIGRATION_THREAD_NICE: i32 = 0;
+/// The nice value of the source's migration stream threads (its data stream writers, post-copy's
+/// threads): they yield to the guest they migrate, whose vCPUs and device threads come first when
+/// the host is short of CPU. With `tern demo` (20,000 pages/s writer, 2 loaded cores) the guest's
+/// client waited 35–140 ms during pre-copy with every migration thread at nice 0, a median 10 ms
+/// at nice 10 (docs/net.md); measured again with the December 2026 copy path, 4 runs each: 20–57
+/// ms at nice 0 against 9–11 ms at nice 10 (one run of each also had a ~210 ms retransmission).
+pub const MIGRATION_THREAD_NICE: i32 = 10;
 
-/// Sets the calling thread's CPU priority to [`MIGRATION_THREAD_NICE`] (run first by every
-/// migration thread, before its seccomp filter); a failure leaves the priority as it was.
+/// The nice value of the target's migration stream threads (its data stream readers, post-copy's
+/// threads): 0. No guest runs on the target before the switch-over, so there is nothing of its own
+/// to yield to, and these threads sit between every two steps of a round: at nice 10 each wake-up
+/// waited behind every runnable nice-0 thread of the host for up to 8–10× its own run time, which
+/// with the test guest writing at its maximum rate halved the rounds' speed (a max-rate migration
+/// took 360–1380 ms, sent 394–437 MiB and throttled the guest to 90 % in 2 of 3 runs; with the
+/// target's threads at nice 0 it took 364–413 ms, 367–379 MiB, no throttle; docs/benchmarks.md,
+/// "Pre-copy rounds at the link's speed").
+pub const TARGET_THREAD_NICE: i32 = 0;
+
+/// Whether this process's VM is being received (set by [`VmTarget::new`], cleared by
+/// [`VmSource::new`]: one VM per VMM process, received first and migrated away later).
+static TARGET_SIDE: AtomicBool = AtomicBool::new(false);
+
+/// Sets the calling thread's CPU priority to [`MIGRATION_THREAD_NICE`] or [`TARGET_THREAD_NICE`] by
+/// the side this process is on (run first by every migration thread, before its seccomp filter);
+/// a failure leaves the priority as it was.
 pub fn lower_this_threads_priority() {
+    let nice = if TARGET_SIDE.load(Ordering::Relaxed) {
+        TARGET_THREAD_NICE
+    } else {
+        MIGRATION_THREAD_NICE
+    };
     // SAFETY: plain syscalls on the calling thread's own id (Linux nice values are per thread);
     // no memory is passed.
     unsafe {
         let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, MIGRATION_THREAD_NICE);
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice);
     }
 }
 
@@ -262,6 +278,7 @@ impl VmSource {
     /// The source side of `vm`; its disks with exclusive write ownership come from
     /// [`register_handover_disks`].
     pub fn new(vm: Vm) -> Self {
+        TARGET_SIDE.store(false, Ordering::Relaxed);
         VmSource {
             throttle: Throttle::new(vm.clone()),
             regions: vm
@@ -535,6 +552,7 @@ impl std::fmt::Debug for VmTarget {
 impl VmTarget {
     /// A target that builds its VM with `build` when the handshake describes it.
     pub fn new(build: BuildVm) -> Self {
+        TARGET_SIDE.store(true, Ordering::Relaxed);
         VmTarget {
             build,
             vm: None,
