@@ -22,6 +22,7 @@ mod exports;
 mod journal;
 mod leases;
 mod redirected;
+mod redirected_io;
 mod relay;
 
 use std::collections::BTreeMap;

@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use tern_nbd::proto::StatusExtent;
 use tern_nbd::server::ZeroFlags;
-use tern_nbd::{Backend, Errno};
+use tern_nbd::{Backend, Errno, Relay};
 
 use crate::format::{EXTENT_SIZE, NodeId};
 use crate::lun::Lun;
@@ -289,5 +289,10 @@ impl Backend for RedirectTarget {
         let c = g.as_ref().ok_or(Errno::Shutdown)?;
         let f = c.volume.meta.files.get(&self.name).ok_or(Errno::Io)?;
         Ok(map_status(&self.node.sb, &f.map, offset, len))
+    }
+    /// Reads and writes run on the connection's I/O threads, many at once
+    /// ([`super::redirected_io`]).
+    fn relay(self: Arc<Self>) -> Option<Box<dyn Relay>> {
+        Some(Box::new(super::redirected_io::RedirectIo::new(self)))
     }
 }
