@@ -1,13 +1,15 @@
-//! Certificate verifiers that check the `--tls-dir`'s `ca-crl.pem` and re-read it when it changes.
+//! Certificate verifiers that check the CA's revocation list (`ca-crl.pem`), either as read once
+//! or following the file as it changes.
 //!
 //! Each verifier wraps rustls' WebPKI verifier (chain to the CA, dates, key usage, name) built with
-//! the CRLs of the file. At every verification it compares the file's identity (inode, size,
-//! modification time) with the one it was built from, and rebuilds on a change, so a revocation
-//! written by `tern pki revoke` reaches a running server or client at its next handshake. A missing
-//! file means no CRL. A file that cannot be read or parsed keeps the last good CRL in force (and is
-//! reported once on stderr): a process that dropped its privileges and cannot read the directory
-//! keeps what it loaded at start. A CRL of another issuer than the peer's (a directory mixing two
-//! CAs' files) decides nothing: only a CRL signed by the certificate's CA revokes it.
+//! the CRLs. A *fixed* verifier never touches the file system after it is built: what a process
+//! that sandboxes itself (a VMM under seccomp, where a `stat` would kill it) must use. A *following*
+//! one compares, at every verification, the file's identity (inode, size, modification time) with
+//! the one it was built from, and rebuilds on a change, so a revocation written by `tern pki
+//! revoke` reaches a running server or client at its next handshake. A missing file means no CRL.
+//! A file that cannot be read or parsed keeps the last good CRL in force (and is reported once on
+//! stderr). A CRL of another issuer than the peer's (a directory mixing two CAs' files) decides
+//! nothing: only a CRL signed by the certificate's CA revokes it.
 
 use std::fs;
 use std::io;
@@ -42,7 +44,15 @@ pub(crate) fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+    parse_crls(path, &bytes)
+}
+
+/// The CRLs in PEM `bytes` (`path` labels errors); empty text is no CRL.
+pub(crate) fn parse_crls(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+    let crls = CertificateRevocationListDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} holds no valid PEM CRL: {e}", path.display()))?;
     if crls.is_empty() && !bytes.is_empty() {
@@ -51,10 +61,19 @@ pub(crate) fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<
     Ok(crls)
 }
 
-/// The part both verifiers share: the CRL file and when it was last (re)built from.
+/// Where a verifier's CRLs come from.
+#[derive(Debug, Clone)]
+pub(crate) enum CrlSource {
+    /// These, for the verifier's whole life (no file access after it is built).
+    Fixed(Vec<CertificateRevocationListDer<'static>>),
+    /// This file, re-read when it changes.
+    Follow(PathBuf),
+}
+
+/// The part both verifiers share: the CRL file followed (if any) and when it was last read.
 #[derive(Debug)]
 struct Watch<V: ?Sized> {
-    path: PathBuf,
+    path: Option<PathBuf>,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     current: Mutex<(Stamp, Arc<V>)>,
@@ -70,13 +89,16 @@ impl<V: ?Sized> Watch<V> {
         ) -> Result<Arc<V>, String>,
     ) -> Arc<V> {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let now = match stamp(&self.path) {
+        let Some(path) = &self.path else {
+            return cur.1.clone();
+        };
+        let now = match stamp(path) {
             Ok(s) => s,
             // Cannot even stat it: keep what is in force.
             Err(_) => return cur.1.clone(),
         };
         if now != cur.0 {
-            let rebuilt = read_crls(&self.path)
+            let rebuilt = read_crls(path)
                 .and_then(|crls| build(self.roots.clone(), self.provider.clone(), crls));
             match rebuilt {
                 Ok(v) => cur.1 = v,
@@ -86,6 +108,26 @@ impl<V: ?Sized> Watch<V> {
             cur.0 = now;
         }
         cur.1.clone()
+    }
+}
+
+/// The first CRLs of a source, the followed file and its stamp.
+fn initial(
+    crl: &CrlSource,
+) -> Result<
+    (
+        Stamp,
+        Option<PathBuf>,
+        Vec<CertificateRevocationListDer<'static>>,
+    ),
+    String,
+> {
+    match crl {
+        CrlSource::Fixed(crls) => Ok((None, None, crls.clone())),
+        CrlSource::Follow(path) => {
+            let s = stamp(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Ok((s, Some(path.clone()), read_crls(path)?))
+        }
     }
 }
 
@@ -131,19 +173,19 @@ pub(crate) struct ClientVerifier {
 }
 
 impl ClientVerifier {
-    /// Builds from the CRL file as it is now: an unreadable or invalid file is an error here.
+    /// Builds from `crl` (a followed file as it is now: unreadable or invalid is an error here).
     pub(crate) fn new(
-        crl: &Path,
+        crl: &CrlSource,
         roots: Arc<RootCertStore>,
         provider: Arc<CryptoProvider>,
         mandatory: bool,
     ) -> Result<Self, String> {
-        let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
-        let inner = build_client(mandatory, roots.clone(), provider.clone(), read_crls(crl)?)?;
+        let (s, path, crls) = initial(crl)?;
+        let inner = build_client(mandatory, roots.clone(), provider.clone(), crls)?;
         let hints = inner.root_hint_subjects().to_vec();
         Ok(ClientVerifier {
             watch: Watch {
-                path: crl.to_owned(),
+                path,
                 roots,
                 provider,
                 current: Mutex::new((s, inner)),
@@ -208,17 +250,17 @@ pub(crate) struct ServerVerifier {
 }
 
 impl ServerVerifier {
-    /// Builds from the CRL file as it is now: an unreadable or invalid file is an error here.
+    /// Builds from `crl` (a followed file as it is now: unreadable or invalid is an error here).
     pub(crate) fn new(
-        crl: &Path,
+        crl: &CrlSource,
         roots: Arc<RootCertStore>,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, String> {
-        let s = stamp(crl).map_err(|e| format!("cannot read {}: {e}", crl.display()))?;
-        let inner = build_server(roots.clone(), provider.clone(), read_crls(crl)?)?;
+        let (s, path, crls) = initial(crl)?;
+        let inner = build_server(roots.clone(), provider.clone(), crls)?;
         Ok(ServerVerifier {
             watch: Watch {
-                path: crl.to_owned(),
+                path,
                 roots,
                 provider,
                 current: Mutex::new((s, inner)),

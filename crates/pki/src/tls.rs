@@ -18,7 +18,7 @@ use rustls::{
     StreamOwned,
 };
 
-use crate::revocation::{ClientVerifier, ServerVerifier};
+use crate::revocation::{ClientVerifier, CrlSource, ServerVerifier, parse_crls, read_crls};
 use crate::{Identity, Role, files};
 use rustls::server::danger::ClientCertVerifier;
 
@@ -133,15 +133,52 @@ pub struct TlsDir {
 
 impl TlsDir {
     /// Loads `dir/ca-cert.pem` and `dir/server-{cert,key}.pem` (or, when a directory only holds
-    /// QEMU's client names, `dir/client-{cert,key}.pem`). The key must be mode 0600 or tighter.
+    /// QEMU's client names, `dir/client-{cert,key}.pem`), and the revocation list `dir/ca-crl.pem`
+    /// if present, read once: the configurations never touch the file system afterwards (what a
+    /// process that sandboxes itself needs). The key must be mode 0600 or tighter. A long-running
+    /// service uses [`TlsDir::load_watching`] instead.
     pub fn load(dir: &Path) -> Result<TlsDir, LoadError> {
         let pem = PemFiles::read(dir)?;
-        Self::from_pem(dir, &pem)
+        let path = dir.join(files::CA_CRL);
+        let crls = read_crls(&path).map_err(|why| LoadError::Crl { path, why })?;
+        Self::build(dir, &pem, &CrlSource::Fixed(crls))
+    }
+
+    /// [`TlsDir::load`], but every configuration follows `dir/ca-crl.pem`: it re-reads the file
+    /// when it changes (checked with a `stat` at each handshake), so a certificate revoked while
+    /// the process runs is refused at its next connection. Not for a process under a seccomp
+    /// filter that forbids `stat`/`open`.
+    pub fn load_watching(dir: &Path) -> Result<TlsDir, LoadError> {
+        let pem = PemFiles::read(dir)?;
+        Self::build(dir, &pem, &CrlSource::Follow(dir.join(files::CA_CRL)))
     }
 
     /// Builds from PEM already read (a process that cannot read the files itself, e.g. a VMM that
-    /// dropped its privileges, gets them from one that can). `dir` only labels errors.
+    /// dropped its privileges, gets them from one that can), with no revocation list. `dir` only
+    /// labels errors; no file is read.
     pub fn from_pem(dir: &Path, pem: &PemFiles) -> Result<TlsDir, LoadError> {
+        Self::build(dir, pem, &CrlSource::Fixed(Vec::new()))
+    }
+
+    /// [`TlsDir::from_pem`] with the revocation list's PEM (`ca-crl.pem`'s text, as
+    /// [`PemFiles::read_crl`] returns it) checked for the configurations' whole life. No file is read.
+    pub fn from_pem_with_crl(
+        dir: &Path,
+        pem: &PemFiles,
+        crl: Option<&str>,
+    ) -> Result<TlsDir, LoadError> {
+        let path = dir.join(files::CA_CRL);
+        let crls = match crl {
+            Some(text) => parse_crls(&path, text.as_bytes()).map_err(|why| LoadError::Crl {
+                path: path.clone(),
+                why,
+            })?,
+            None => Vec::new(),
+        };
+        Self::build(dir, pem, &CrlSource::Fixed(crls))
+    }
+
+    fn build(dir: &Path, pem: &PemFiles, crl_source: &CrlSource) -> Result<TlsDir, LoadError> {
         let ca_path = dir.join(files::CA_CERT);
         let cert_path = dir.join(files::SERVER_CERT);
         let key_path = dir.join(files::SERVER_KEY);
@@ -175,17 +212,17 @@ impl TlsDir {
         #[allow(deprecated)]
         let provider = Arc::new(rustls::crypto::ring::default_provider());
 
-        // Both sides check the directory's revocation list and follow its changes (revocation.rs).
-        let crl = dir.join(files::CA_CRL);
+        // Both sides check the revocation list, fixed or followed (revocation.rs).
+        let crl = crl_source;
         let crl_err = |why: String| LoadError::Crl {
-            path: crl.clone(),
+            path: dir.join(files::CA_CRL),
             why,
         };
         let client_verifier: Arc<dyn ClientCertVerifier> = Arc::new(
-            ClientVerifier::new(&crl, roots.clone(), provider.clone(), true).map_err(crl_err)?,
+            ClientVerifier::new(crl, roots.clone(), provider.clone(), true).map_err(crl_err)?,
         );
         let optional_client_verifier: Arc<dyn ClientCertVerifier> = Arc::new(
-            ClientVerifier::new(&crl, roots.clone(), provider.clone(), false).map_err(crl_err)?,
+            ClientVerifier::new(crl, roots.clone(), provider.clone(), false).map_err(crl_err)?,
         );
         let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -198,7 +235,7 @@ impl TlsDir {
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 
         let server_verifier =
-            Arc::new(ServerVerifier::new(&crl, roots, provider.clone()).map_err(crl_err)?);
+            Arc::new(ServerVerifier::new(crl, roots, provider.clone()).map_err(crl_err)?);
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(cfg_err)?
@@ -333,6 +370,19 @@ impl PemFiles {
             cert: text(&cert_path)?,
             key: text(&key_path)?,
         })
+    }
+}
+
+impl PemFiles {
+    /// `dir/ca-crl.pem`'s text, `None` when the directory has none (for
+    /// [`TlsDir::from_pem_with_crl`] in a process that cannot read the directory itself).
+    pub fn read_crl(dir: &Path) -> Result<Option<String>, LoadError> {
+        let path = dir.join(files::CA_CRL);
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(LoadError::Read { path, source }),
+        }
     }
 }
 

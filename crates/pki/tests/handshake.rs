@@ -33,6 +33,11 @@ type Outcome = (
     Result<(tern_pki::Identity, Vec<u8>), String>,
 );
 
+fn issue_watching(ca: &Path, name: &str, role: Role) -> TlsDir {
+    let dir = tern_pki::issue(ca, name, role, &IssueOptions::default()).unwrap();
+    TlsDir::load_watching(&dir).unwrap()
+}
+
 fn handshake(server: &TlsDir, client: &TlsDir, name: &str) -> Outcome {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -346,10 +351,12 @@ fn init_refuses_to_replace_a_ca_unless_asked_and_issue_needs_one() {
 #[test]
 fn a_revoked_certificate_is_refused_both_ways_by_running_configurations() {
     let ca = ca();
-    // Loaded before the revocation: the configurations follow the CRL file as it changes.
-    let server = issue(ca.path(), "node-a", Role::Host);
-    let client = issue(ca.path(), "ctl", Role::Controller);
-    let other = issue(ca.path(), "ctl-2", Role::Controller);
+    // Loaded before the revocation: these configurations follow the CRL file as it changes.
+    let server = issue_watching(ca.path(), "node-a", Role::Host);
+    let client = issue_watching(ca.path(), "ctl", Role::Controller);
+    let other = issue_watching(ca.path(), "ctl-2", Role::Controller);
+    // Read once (what a sandboxed VMM uses): it keeps the list it loaded.
+    let fixed = TlsDir::load(server.dir()).unwrap();
     let (srv, cli) = handshake(&server, &client, "node-a");
     srv.unwrap();
     cli.unwrap();
@@ -365,6 +372,23 @@ fn a_revoked_certificate_is_refused_both_ways_by_running_configurations() {
     }
     let cli = cli.unwrap_err();
     assert!(cli.contains("CertificateRevoked"), "{cli}");
+    let (srv, cli) = handshake(&fixed, &client, "node-a");
+    assert_eq!(
+        srv.unwrap().name,
+        "ctl",
+        "a fixed configuration read the file again"
+    );
+    cli.unwrap();
+    // Loaded again, it has the new list.
+    let reloaded = TlsDir::load(server.dir()).unwrap();
+    let (srv, _) = handshake(&reloaded, &client, "node-a");
+    assert!(srv.is_err(), "{srv:?}");
+    // So does one built from PEM with the list's text (a VMM's, handed over by its parent).
+    let pem = tern_pki::PemFiles::read(server.dir()).unwrap();
+    let crl = tern_pki::PemFiles::read_crl(server.dir()).unwrap();
+    let from_pem = TlsDir::from_pem_with_crl(server.dir(), &pem, crl.as_deref()).unwrap();
+    let (srv, _) = handshake(&from_pem, &client, "node-a");
+    assert!(srv.is_err(), "{srv:?}");
     // An unrevoked client of the same CA is still served.
     let (srv, cli) = handshake(&server, &other, "node-a");
     assert_eq!(srv.unwrap().name, "ctl-2");
@@ -393,8 +417,8 @@ fn a_damaged_revocation_list_is_refused_at_load() {
 #[test]
 fn the_optional_client_verifier_serves_certificate_less_clients_but_refuses_revoked_ones() {
     let ca = ca();
-    let server = issue(ca.path(), "ctl", Role::Controller);
-    let user = issue(ca.path(), "alice", Role::User);
+    let server = issue_watching(ca.path(), "ctl", Role::Controller);
+    let user = issue_watching(ca.path(), "alice", Role::User);
     let v = server.optional_client_verifier();
     assert!(!v.client_auth_mandatory());
     #[allow(deprecated)]

@@ -611,7 +611,8 @@ fn load_tls(dir: &Path, host_id: &str) -> Result<tern_pki::TlsDir, AgentError> {
         dir: dir.to_owned(),
         why,
     };
-    let t = tern_pki::TlsDir::load(dir).map_err(|e| bad(e.to_string()))?;
+    // Follows the CA's revocation list as it changes (the agent runs no seccomp filter).
+    let t = tern_pki::TlsDir::load_watching(dir).map_err(|e| bad(e.to_string()))?;
     let id = t.identity();
     if id.role != tern_pki::Role::Host || id.name != host_id {
         return Err(bad(format!(

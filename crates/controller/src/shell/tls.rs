@@ -61,7 +61,7 @@ impl ServerTls {
     /// Loads `dir` (checked by [`TlsDir::load`]: files present, key 0600) into a server
     /// configuration with an optional, verified client certificate.
     pub fn load(dir: &Path) -> Result<ServerTls, TlsSetupError> {
-        let loaded = TlsDir::load(dir).map_err(|source| TlsSetupError::Load {
+        let loaded = TlsDir::load_watching(dir).map_err(|source| TlsSetupError::Load {
             dir: dir.to_owned(),
             source,
         })?;
