@@ -83,3 +83,49 @@ fn without_the_announce_an_idle_connection_stalls_after_migration() {
         with.echo.max_stall_ms
     );
 }
+
+#[test]
+fn a_streaming_connection_survives_migration_of_a_guest_writing_memory() {
+    let topo = topology("tnmiw");
+    let dir = common::scratch();
+    let mut s = MigrationScenario::new(common::tern(), dir.path());
+    s.writer = Some(tern_netlab::scenario::GuestWriter {
+        mib: 64,
+        pages_per_s: 20_000,
+    });
+    s.hb_ms = 50;
+    let out = run_migration(&topo, &s).unwrap_or_else(|e| panic!("migration: {e}"));
+    eprintln!(
+        "with the writer: {} requests, max stall {:.1} ms (request sent {:?} ms after the migrate command), migration {:?}",
+        out.echo.requests, out.echo.max_stall_ms, out.max_stall_at_ms, out.migration
+    );
+    assert!(!out.echo.connection_broken, "{:?}", out.echo);
+    assert!(!out.echo.mismatched, "{:?}", out.echo);
+    assert_eq!(out.switch_port_after.as_deref(), Some("h1"));
+    let outcome = out
+        .migration
+        .as_ref()
+        .and_then(|m| m.get("outcome"))
+        .and_then(|o| o.as_str());
+    assert_eq!(outcome, Some("completed"), "{:?}", out.migration);
+    // The writer checks every page it rewrites against what it wrote a pass earlier and panics on
+    // a difference: its lines continuing on the target, with no panic, say memory moved whole.
+    let target_dirty = out
+        .target_console
+        .iter()
+        .filter(|l| l.starts_with("DIRTY pages="))
+        .count();
+    assert!(
+        target_dirty >= 2 && !out.target_console.iter().any(|l| l.contains("PANIC")),
+        "the writer runs on the target: {:?}",
+        out.target_console
+    );
+    let started = out.migrate_started.expect("the migration was timed");
+    assert!(
+        out.source_console
+            .iter()
+            .any(|(at, l)| *at < started && l.starts_with("DIRTY pages=")),
+        "the writer ran on the source before the migration: {:?}",
+        out.source_console
+    );
+}
