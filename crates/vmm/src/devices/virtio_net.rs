@@ -140,6 +140,36 @@ impl VirtioNet {
         sent
     }
 
+    /// Sends back out of the backend the frames for the guest that reached it after its state was
+    /// saved, and returns how many. A paused source never reads its tap again, so a frame the
+    /// network still delivered there between the save's drain and the target's announce would be
+    /// lost (a TCP peer then waits out its 200 ms retransmission timeout). Called on the source
+    /// once the target has acknowledged (it announced before that), the frames go out through
+    /// this host's bridge, which the announce taught the guest's new port, to the target. Only
+    /// frames unicast to the guest's MAC are sent (broadcasts reached the target themselves); the
+    /// rest, and the frames already carried in the state, are left alone. At most
+    /// [`MAX_PENDING_FRAMES`] frames.
+    pub fn forward_late_frames(&mut self) -> usize {
+        let mut buf = vec![0u8; MAX_FRAME + 64];
+        let mut sent = 0;
+        for _ in 0..MAX_PENDING_FRAMES {
+            let n = match self.backend.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            let frame = &buf[..n.min(buf.len())];
+            if (14..=MAX_FRAME).contains(&n) && frame[..6] == self.mac {
+                if self.backend.send(frame).is_ok() {
+                    sent += 1;
+                }
+            } else {
+                self.counters.dropped += 1;
+            }
+        }
+        sent
+    }
+
     /// A guest read of `data.len()` bytes at `offset` in the slot.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
         // mac[6], status u16 (VIRTIO_NET_S_LINK_UP).
@@ -747,6 +777,40 @@ mod tests {
         mem.read_slice(&mut got, GuestAddress(0x20000 + NET_HDR_LEN as u64))
             .unwrap();
         assert_eq!(got, frames[1]);
+    }
+
+    #[test]
+    fn late_frames_for_the_guest_go_back_out_and_the_rest_are_dropped() {
+        let mut r = rig();
+        let mut broadcast = frame(64, 7);
+        broadcast[..6].copy_from_slice(&[0xff; 6]);
+        let mut other = frame(64, 8);
+        other[..6].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
+        // One frame drained into the state by the save, then three that came later.
+        r.wire.0.lock().unwrap().to_guest.push_back(frame(64, 5));
+        r.dev.drain_backend();
+        r.wire
+            .0
+            .lock()
+            .unwrap()
+            .to_guest
+            .extend([frame(70, 6), broadcast, other]);
+        assert_eq!(r.dev.forward_late_frames(), 1);
+        let w = r.wire.0.lock().unwrap();
+        assert_eq!(
+            w.from_guest,
+            vec![frame(70, 6)],
+            "only the late unicast frame"
+        );
+        assert!(w.to_guest.is_empty(), "the backend was read dry");
+        drop(w);
+        assert_eq!(
+            r.dev.state().rx_pending,
+            vec![frame(64, 5)],
+            "the state's frame stays"
+        );
+        assert_eq!(r.dev.counters().dropped, 2);
+        assert_eq!(r.dev.forward_late_frames(), 0, "nothing twice");
     }
 
     #[test]
