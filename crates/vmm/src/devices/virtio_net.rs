@@ -148,7 +148,9 @@ impl VirtioNet {
     /// this host's bridge, which the announce taught the guest's new port, to the target. Only
     /// frames unicast to the guest's MAC are sent (broadcasts reached the target themselves); the
     /// rest, and the frames already carried in the state, are left alone. At most
-    /// [`MAX_PENDING_FRAMES`] frames.
+    /// [`MAX_PENDING_FRAMES`] frames. The bridge learns each sender's MAC on this tap's port from
+    /// them, until the tap goes with the source VMM or the sender speaks again: call it just
+    /// before the source's VMM closes the tap.
     pub fn forward_late_frames(&mut self) -> usize {
         let mut buf = vec![0u8; MAX_FRAME + 64];
         let mut sent = 0;
