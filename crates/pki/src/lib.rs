@@ -22,11 +22,11 @@
 //! # Revocation
 //!
 //! [`revoke`] adds a certificate's serial to the CA's CRL and writes the new CRL into `D/` and
-//! every `D/N/`. Every configuration [`TlsDir`] builds checks its directory's `ca-crl.pem` and
-//! re-reads it when the file changes (at the next handshake, no restart): a revoked peer is
-//! refused as a server and as a client (rustls' `CertificateError::Revoked`; the refused side sees
-//! the `CertificateRevoked` alert). A host whose `--tls-dir` is not under `D/` needs the new
-//! `ca-crl.pem` copied into it.
+//! every `D/N/`. Every configuration [`TlsDir`] builds checks its directory's `ca-crl.pem`: read
+//! once by [`TlsDir::load`], re-read whenever the file changes (at the next handshake, no restart)
+//! by [`TlsDir::load_watching`]. A revoked peer is refused as a server and as a client (rustls'
+//! `CertificateError::Revoked`; the refused side sees the `CertificateRevoked` alert). A host whose
+//! `--tls-dir` is not under `D/` needs the new `ca-crl.pem` copied into it.
 //!
 //! One key pair and one certificate carrying both the `serverAuth` and `clientAuth` extended key
 //! usages serve a node as a listener and as a client.

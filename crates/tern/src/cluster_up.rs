@@ -21,11 +21,12 @@
 //! By default the cluster runs over TLS: it makes a PKI in `/run/tern/cluster-NAME/pki` (a CA,
 //! a host certificate per host named like the host with its address as SAN, a host certificate
 //! `node-N` per volume node with the same address, one per controller, one for etcd and an
-//! `admin` user), starts etcd on https with client-certificate auth, and gives every process its
-//! `--tls-dir`: the volume nodes serve only NBD over TLS and reach etcd over TLS themselves, and
-//! the VMMs the agents start present their host's certificate to them. The controllers take
-//! `--admins admin` and the token file `/run/tern/cluster-NAME/tokens` (`tern cluster token add`
-//! appends to it). `--insecure` runs everything on plain HTTP and plain NBD instead.
+//! `admin` user), starts etcd on https with client-certificate auth, the CA's revocation list and
+//! one etcd user per certificate with only the keys its kind uses ([`etcd_rbac`]), and gives every
+//! process its `--tls-dir`: the volume nodes serve only NBD over TLS and reach etcd over TLS
+//! themselves, and the VMMs the agents start present their host's certificate to them. The
+//! controllers take `--admins admin` and the token file `/run/tern/cluster-NAME/tokens` (`tern
+//! cluster token add` appends to it). `--insecure` runs everything on plain HTTP and plain NBD instead.
 //!
 //! All files (etcd's data, the shared LUN, the PKI, the hosts' runtime folders, logs and the
 //! state file `state.json`) live in `/run/tern/cluster-NAME`. `tern cluster down --name NAME` asks the `up`
@@ -506,14 +507,17 @@ impl Lab {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("default={peer}")]);
         if let Some(d) = tls_dir("etcd") {
-            // Clients must present a certificate of the cluster CA (the peer URL is loopback in
-            // the control namespace, with no other member).
+            // Clients must present a certificate of the cluster CA that the CA's revocation list
+            // (re-read at each connection) does not name (the peer URL is loopback in the control
+            // namespace, with no other member).
             etcd.arg("--cert-file")
                 .arg(d.join("server-cert.pem"))
                 .arg("--key-file")
                 .arg(d.join("server-key.pem"))
                 .arg("--trusted-ca-file")
                 .arg(d.join("ca-cert.pem"))
+                .arg("--client-crl-file")
+                .arg(d.join(tern_pki::files::CA_CRL))
                 .arg("--client-cert-auth");
         }
         lab.state.etcd_pid = lab.spawn("etcd", etcd)?;
@@ -521,6 +525,18 @@ impl Lab {
         lab.wait_port("etcd", &control_ns, etcd_addr, Duration::from_secs(20))?;
         let port = relay(&control_ns, None, 0, etcd_addr, lab.relays_stop.clone())?;
         lab.state.etcd = format!("{scheme}://127.0.0.1:{port}");
+        if let Some(p) = &pki {
+            progress("etcd: users and roles per certificate, then authentication on");
+            let controllers: Vec<String> = (1..=spec.controllers)
+                .map(|c| format!("controller-{c}"))
+                .collect();
+            let hosts: Vec<String> = (0..spec.hosts).map(host_name).collect();
+            let nodes = (1..=spec.hosts)
+                .map(|n| u32::try_from(n).map(node_name))
+                .collect::<Result<Vec<_>, _>>()
+                .context("host count")?;
+            etcd_rbac(&lab.state.etcd, p, &controllers, &hosts, &nodes)?;
+        }
 
         // The shared LUN.
         let lun = dir.join("lun");
@@ -1680,6 +1696,110 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<ExitCode> {
         LabCommand::Up(a) => up(a),
         LabCommand::Down(a) => down(a),
     }
+}
+
+/// etcd's role for the controllers: the whole Tern keyspace.
+const ETCD_ROLE_CONTROLLER: &str = "tern-controller";
+/// etcd's role for the agents: reading who leads (`/tern/leader`); each host also gets a role of
+/// its own for its record (`tern-host-NAME`).
+const ETCD_ROLE_AGENT: &str = "tern-agent";
+/// etcd's role for the volume nodes: their election and membership keys (`tern/volume/`).
+const ETCD_ROLE_VOLUME: &str = "tern-volume";
+
+/// Least privilege in the cluster's etcd (docs/security.md "etcd"): with `--client-cert-auth`,
+/// etcd takes a client certificate's CN as its user once authentication is on. Adds a user per
+/// certificate that talks to etcd (no password: only the certificate authenticates it) with the
+/// role of its kind — `controller-N`: read-write `/tern/`; host `NAME` (its agent): read
+/// `/tern/leader*`, read-write the key `/tern/hosts/NAME` only; `node-N` (a volume node): read-write
+/// `tern/volume/*` — then `root` (etcd requires it; no certificate names it, so nobody can change
+/// this afterwards) and turns authentication on. Any other certificate of the CA (the `admin` user,
+/// `etcd`'s own) is refused every key. Connects through `url` with `etcd`'s certificate.
+fn etcd_rbac(
+    url: &str,
+    pki: &Path,
+    controllers: &[String],
+    hosts: &[String],
+    nodes: &[String],
+) -> anyhow::Result<()> {
+    use etcd_client::{Permission, UserAddOptions};
+    let dir = pki.join("etcd");
+    let read = |f: &str| {
+        std::fs::read(dir.join(f)).with_context(|| format!("cannot read {}", dir.join(f).display()))
+    };
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(read("ca-cert.pem")?))
+        .identity(etcd_client::Identity::from_pem(
+            read("client-cert.pem")?,
+            read("client-key.pem")?,
+        ));
+    let opts = etcd_client::ConnectOptions::new()
+        .with_tls(tls)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("a tokio runtime")?;
+    rt.block_on(async {
+        let mut c = etcd_client::Client::connect([url], Some(opts))
+            .await
+            .with_context(|| format!("cannot connect to etcd at {url}"))?;
+        let mut grants: Vec<(String, Permission)> = vec![
+            (
+                ETCD_ROLE_CONTROLLER.into(),
+                Permission::read_write("/tern/").with_prefix(),
+            ),
+            (
+                ETCD_ROLE_AGENT.into(),
+                Permission::read(tern_controller::shell::store::ELECTION).with_prefix(),
+            ),
+            (
+                ETCD_ROLE_VOLUME.into(),
+                Permission::read_write("tern/volume/").with_prefix(),
+            ),
+        ];
+        let mut users: Vec<(&str, Vec<String>)> = Vec::new();
+        for n in controllers {
+            users.push((n, vec![ETCD_ROLE_CONTROLLER.into()]));
+        }
+        for h in hosts {
+            let own = format!("tern-host-{h}");
+            let key = format!("{}{h}", tern_api::agent::HOSTS_PREFIX);
+            grants.push((own.clone(), Permission::read_write(key)));
+            users.push((h, vec![ETCD_ROLE_AGENT.into(), own]));
+        }
+        for n in nodes {
+            users.push((n, vec![ETCD_ROLE_VOLUME.into()]));
+        }
+        users.push(("root", vec!["root".into()]));
+        let mut roles: Vec<&str> = vec!["root"];
+        roles.extend(grants.iter().map(|(r, _)| r.as_str()));
+        roles.dedup();
+        for r in roles {
+            c.role_add(r)
+                .await
+                .with_context(|| format!("etcd: cannot add role {r}"))?;
+        }
+        for (r, p) in grants {
+            c.role_grant_permission(r.as_str(), p)
+                .await
+                .with_context(|| format!("etcd: cannot grant role {r} its keys"))?;
+        }
+        for (u, rs) in users {
+            c.user_add(u, "", Some(UserAddOptions::new().with_no_pwd()))
+                .await
+                .with_context(|| format!("etcd: cannot add user {u}"))?;
+            for r in rs {
+                c.user_grant_role(u, r.as_str())
+                    .await
+                    .with_context(|| format!("etcd: cannot grant role {r} to {u}"))?;
+            }
+        }
+        c.auth_enable()
+            .await
+            .context("etcd: cannot turn authentication on")?;
+        anyhow::Ok(())
+    })
 }
 
 /// Makes the cluster's PKI in `DIR/pki`: the CA, `etcd` (role controller, SAN the control
