@@ -32,7 +32,7 @@ pub const MIGRATION_THREAD_NICE: i32 = 10;
 /// The nice value of the target's migration stream threads (its data stream readers, post-copy's
 /// threads): 0. No guest runs on the target before the switch-over, so there is nothing of its own
 /// to yield to, and these threads sit between every two steps of a round: at nice 10 each wake-up
-/// waited behind every runnable nice-0 thread of the host for up to 8–10× its own run time, which
+/// waited behind every runnable nice-0 thread of the host for 5–10× its own run time, which
 /// with the test guest writing at its maximum rate halved the rounds' speed (a max-rate migration
 /// took 360–1380 ms, sent 394–437 MiB and throttled the guest to 90 % in 2 of 3 runs; with the
 /// target's threads at nice 0 it took 364–413 ms, 367–379 MiB, no throttle; docs/benchmarks.md,
