@@ -637,11 +637,35 @@ pub fn client_tls(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls
             .add(c)
             .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
     }
+    // The CA's revocation list, when the directory has one: a revoked controller is refused.
+    let crl_path = dir.join("ca-crl.pem");
+    let crls = match tern_pki::PemFiles::read_crl(dir)
+        .with_context(|| format!("--tls-dir {}", dir.display()))?
+    {
+        Some(text) => {
+            let crls =
+                rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(text.as_bytes())
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("{} holds no valid PEM CRL", crl_path.display()))?;
+            if crls.is_empty() && !text.is_empty() {
+                bail!("{} holds no PEM CRL", crl_path.display());
+            }
+            crls
+        }
+        None => Vec::new(),
+    };
     #[allow(deprecated)] // ring, as tern-pki (no C toolchain)
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider.clone())
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .allow_unknown_revocation_status()
+            .build()
+            .with_context(|| format!("cannot use the revocation list {}", crl_path.display()))?;
     let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(verifier)
         .with_no_client_auth();
     Ok(std::sync::Arc::new(cfg))
 }
@@ -917,5 +941,98 @@ mod tests {
         assert_eq!(e, "unknown VM: unknown VM \"x\" (HTTP 404 from http://c)");
         let e = api_error(502, b"bad gateway", "http://c").to_string();
         assert_eq!(e, "HTTP 502 from http://c: bad gateway");
+    }
+
+    /// A controller-like server for `dir`'s certificate that, as the API, takes clients without a
+    /// certificate (token users).
+    fn api_server(dir: &std::path::Path) -> std::sync::Arc<rustls::ServerConfig> {
+        use rustls::pki_types::pem::PemObject;
+        let tls = tern_pki::TlsDir::load(dir).unwrap();
+        let pem = tern_pki::PemFiles::read(dir).unwrap();
+        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(pem.cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap();
+        #[allow(deprecated)]
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(tls.optional_client_verifier())
+            .with_single_cert(chain, key)
+            .unwrap();
+        std::sync::Arc::new(cfg)
+    }
+
+    /// One handshake of `client_tls(dir)` with `server`, expected under the name "ctl".
+    fn handshake_with(
+        server: &std::sync::Arc<rustls::ServerConfig>,
+        dir: &std::path::Path,
+    ) -> Result<String, String> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = server.clone();
+        let srv = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let mut conn = rustls::ServerConnection::new(cfg).unwrap();
+            let mut tcp = tcp;
+            tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            // Until the handshake ends either way (a refusing client sends an alert and closes).
+            while conn.is_handshaking() {
+                if conn.complete_io(&mut tcp).is_err() {
+                    break;
+                }
+            }
+        });
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        let r = client_tls(dir)
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|cfg| {
+                tern_pki::connect(
+                    cfg,
+                    tern_pki::TlsDir::server_name("ctl"),
+                    tcp,
+                    Duration::from_secs(5),
+                )
+                .map(|(_, id)| id.name)
+                .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+            });
+        srv.join().unwrap();
+        r
+    }
+
+    #[test]
+    fn a_token_users_ca_only_directory_refuses_a_revoked_controller() {
+        let ca = tempfile::tempdir().unwrap();
+        tern_pki::init_ca(ca.path()).unwrap();
+        let ctl_dir = tern_pki::issue(
+            ca.path(),
+            "ctl",
+            tern_pki::Role::Controller,
+            &tern_pki::IssueOptions::default(),
+        )
+        .unwrap();
+        // Loaded once before the revocation: this server keeps presenting its certificate.
+        let server = api_server(&ctl_dir);
+        // A token user's directory: the CA certificate only (no CRL yet).
+        let user = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            ca.path().join("ca-cert.pem"),
+            user.path().join("ca-cert.pem"),
+        )
+        .unwrap();
+        assert_eq!(handshake_with(&server, user.path()).unwrap(), "ctl");
+
+        tern_pki::revoke(ca.path(), "ctl").unwrap();
+        // No list in the user's directory yet: nothing tells it the controller is revoked.
+        assert_eq!(handshake_with(&server, user.path()).unwrap(), "ctl");
+        std::fs::copy(ca.path().join("ca-crl.pem"), user.path().join("ca-crl.pem")).unwrap();
+        let after = handshake_with(&server, user.path()).unwrap_err();
+        assert!(after.contains("Revoked"), "{after}");
+
+        // A damaged list is refused with its path, not ignored.
+        std::fs::write(user.path().join("ca-crl.pem"), "not a CRL").unwrap();
+        let e = format!("{:#}", client_tls(user.path()).unwrap_err());
+        assert!(e.contains("ca-crl.pem"), "{e}");
     }
 }
