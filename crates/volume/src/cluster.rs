@@ -97,13 +97,17 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// Load the node's TLS directory and check its certificate is volume node `node_id`'s.
+/// Load the node's TLS directory and check its certificate is volume node `node_id`'s. The
+/// server side follows `ca-crl.pem` as it changes (a node is long-running and never runs inside
+/// the sandboxed VMM, whose volume-disk client keeps [`crate::control::set_client_tls`]'s list
+/// read once), so a revoked peer is refused at its next connection without a restart.
 fn node_tls(dir: &std::path::Path, node_id: NodeId) -> Result<tern_nbd::ServerTls, ServeError> {
     let err = |why: String| ServeError::Tls {
         dir: dir.to_owned(),
         why,
     };
-    let tls = tern_pki::TlsDir::load(dir).map_err(|e| err(crate::control::error_chain(&e)))?;
+    let tls =
+        tern_pki::TlsDir::load_watching(dir).map_err(|e| err(crate::control::error_chain(&e)))?;
     let me = tls.identity();
     let want = crate::control::certificate_name_of_node(node_id);
     if me.role != tern_pki::Role::Host || me.name != want {
@@ -718,5 +722,56 @@ async fn watch_loop(node: Arc<Node>, mut client: Client, ttl_s: i64, leases: Arc
             *node.members.lock().unwrap_or_else(|e| e.into_inner()) = m;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `client`'s handshake with a node server built from `server` is accepted.
+    fn accepted(server: &tern_nbd::ServerTls, client: &tern_pki::TlsDir) -> bool {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = server.config.clone();
+        let srv = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            tern_pki::accept(cfg, tcp, Duration::from_secs(5)).map(|(_, id)| id.name)
+        });
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        // In TLS 1.3 the client's side may complete before the server refuses it: the server's
+        // verdict is what counts.
+        let _ = tern_pki::connect(
+            client.client_config(),
+            tern_pki::TlsDir::server_name("node-1"),
+            tcp,
+            Duration::from_secs(5),
+        );
+        let srv = srv.join().unwrap();
+        match srv {
+            Ok(name) => {
+                assert_eq!(name, "ctl");
+                true
+            }
+            Err(e) => {
+                assert!(format!("{e:?}").contains("Revoked"), "{e:?}");
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_server_refuses_a_client_revoked_while_it_runs() {
+        let ca = tempfile::tempdir().unwrap();
+        tern_pki::init_ca(ca.path()).unwrap();
+        let opts = tern_pki::IssueOptions::default();
+        let node = tern_pki::issue(ca.path(), "node-1", tern_pki::Role::Host, &opts).unwrap();
+        let ctl = tern_pki::issue(ca.path(), "ctl", tern_pki::Role::Controller, &opts).unwrap();
+        let server = node_tls(&node, 1).unwrap();
+        let client = tern_pki::TlsDir::load(&ctl).unwrap();
+        assert!(accepted(&server, &client));
+        // `tern pki revoke` rewrites the node directory's ca-crl.pem: the running server sees it.
+        tern_pki::revoke(ca.path(), "ctl").unwrap();
+        assert!(!accepted(&server, &client), "a revoked client was served");
     }
 }
