@@ -166,6 +166,9 @@ pub struct MigrateTls {
     pub cert_pem: String,
     /// `server-key.pem`.
     pub key_pem: String,
+    /// `ca-crl.pem`, when the directory has one: a target whose certificate it revokes is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_pem: Option<String>,
     /// The name (DNS or IP SAN) the target's certificate must carry.
     pub target_name: String,
 }

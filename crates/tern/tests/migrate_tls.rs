@@ -179,3 +179,25 @@ fn a_source_with_tls_refuses_a_target_of_another_name() {
     completed(&report, rc, &err);
     p.assert_moved();
 }
+
+#[test]
+fn a_source_refuses_a_target_revoked_after_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = pki(tmp.path(), &[("node-a", "host"), ("node-b", "host")]);
+    // The target loaded its certificate before the revocation: it keeps presenting it.
+    let mut p = MigrationPair::start(
+        64,
+        1,
+        "tern.hb_ms=50",
+        &["--tls-dir", ca.join("node-b").to_str().unwrap()],
+    );
+    // `tern pki revoke` writes the list into every issued directory, the source's too; the
+    // source's VMM gets its text with the PEM handed over by `tern vm migrate`.
+    tern_pki::revoke(&ca, "node-b").unwrap();
+    let src = ca.join("node-a");
+    let args = ["--tls-dir", src.to_str().unwrap(), "--tls-name", "node-b"];
+    let (rc, report, err) = p.migrate(&args);
+    assert_ne!(rc, 0, "migrated to a revoked target: {report}");
+    assert!(err.contains("Revoked"), "{err}\n{report}");
+    refused(&mut p, "a revoked target", &args);
+}

@@ -363,11 +363,12 @@ fn snapshot(vm: &Vm, dir: &Path, requested: &Path, stop: bool) -> (Response, boo
 fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response, bool) {
     // Mutual TLS: the identity the client read from its --tls-dir.
     let tls = match m.tls.as_ref().map(|t| {
-        tern_migration::TlsClient::from_pem(
+        tern_migration::TlsClient::from_pem_with_crl(
             &t.dir,
             &t.ca_cert_pem,
             &t.cert_pem,
             &t.key_pem,
+            t.crl_pem.as_deref(),
             &t.target_name,
         )
     }) {

@@ -231,6 +231,8 @@ pub(crate) fn migrate(
                 Some(d) => {
                     let pem = tern_pki::PemFiles::read(d)
                         .map_err(|e| format!("--tls-dir {}: {e}", d.display()))?;
+                    let crl = tern_pki::PemFiles::read_crl(d)
+                        .map_err(|e| format!("--tls-dir {}: {e}", d.display()))?;
                     // The target's certificate must carry its address (the lab issues the host
                     // certificates with it as SAN).
                     let host = to.rsplit_once(':').map_or(to.as_str(), |(h, _)| h);
@@ -240,6 +242,7 @@ pub(crate) fn migrate(
                         ca_cert_pem: pem.ca_cert,
                         cert_pem: pem.cert,
                         key_pem: pem.key,
+                        crl_pem: crl,
                         target_name: host.to_string(),
                     })
                 }

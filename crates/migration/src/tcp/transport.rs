@@ -73,6 +73,28 @@ impl TlsClient {
             target_name: target_name.to_owned(),
         })
     }
+
+    /// [`TlsClient::from_pem`] with the text of the directory's `ca-crl.pem` (`None`: it has
+    /// none): a target whose certificate it lists is refused. No file is read.
+    pub fn from_pem_with_crl(
+        dir: &str,
+        ca_cert_pem: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        crl_pem: Option<&str>,
+        target_name: &str,
+    ) -> Result<TlsClient, tern_pki::LoadError> {
+        let pem = tern_pki::PemFiles {
+            ca_cert: ca_cert_pem.to_owned(),
+            cert: cert_pem.to_owned(),
+            key: key_pem.to_owned(),
+        };
+        let dir = std::path::Path::new(dir);
+        Ok(TlsClient {
+            dir: Arc::new(TlsDir::from_pem_with_crl(dir, &pem, crl_pem)?),
+            target_name: target_name.to_owned(),
+        })
+    }
 }
 
 /// A connection the target's listener dropped, and why.

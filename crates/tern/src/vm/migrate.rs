@@ -192,6 +192,8 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         Some(dir) => {
             let pem = tern_pki::PemFiles::read(dir)
                 .with_context(|| format!("cannot use --tls-dir {}", dir.display()))?;
+            let crl_pem = tern_pki::PemFiles::read_crl(dir)
+                .with_context(|| format!("cannot use --tls-dir {}", dir.display()))?;
             let target_name = a
                 .tls_name
                 .clone()
@@ -203,6 +205,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
                 ca_cert_pem: pem.ca_cert,
                 cert_pem: pem.cert,
                 key_pem: pem.key,
+                crl_pem,
                 target_name,
             })
         }
