@@ -144,9 +144,10 @@ pub struct MigrateRequest {
     /// required when the VM has such disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_successor: Option<String>,
-    /// Migrate over mutual TLS with this identity (absent: plain TCP).
+    /// Migrate over mutual TLS with this identity (absent: plain TCP). Boxed: it holds PEM text
+    /// and would make every `Request` as large as itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<MigrateTls>,
+    pub tls: Option<Box<MigrateTls>>,
     /// Switch to post-copy after this many pre-copy rounds (absent: pre-copy only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_after: Option<u32>,

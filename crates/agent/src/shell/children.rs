@@ -249,7 +249,7 @@ pub(crate) fn migrate(
             };
             let mut req = MigrateRequest::new(to);
             req.disk_successor = disk_successor.map(|n| n.to_string());
-            req.tls = tls;
+            req.tls = tls.map(Box::new);
             req.post_copy_after = post_copy_after;
             Ok::<_, String>(tern_vmctl::migrate(&found.sock, req, &mut |_| {}))
         })

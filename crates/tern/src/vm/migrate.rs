@@ -220,7 +220,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         verify_memory: a.verify_memory,
         protocol_version: a.x_protocol_version,
         disk_successor: a.disk_successor.clone(),
-        tls,
+        tls: tls.map(Box::new),
         post_copy_after: a.post_copy_after,
     };
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
