@@ -15,7 +15,9 @@
 //! to [`MAX_IO_THREADS`] threads of the connection take them in turn and issue them to the LUN
 //! together, and the server's relay thread sends each reply as it completes (those ready
 //! together in one socket write). A relay thread with nothing to answer executes a queued
-//! request itself, so at depth 1 a request changes threads once on its way, as before.
+//! request itself. A request that comes alone (nothing buffered behind it, nothing of the
+//! relay's under way) is left to the server's thread that read it, as before: at depth 1
+//! nothing changes hands.
 //!
 //! Fencing is unchanged: each write is checked (node, epoch, deadline) and registered in flight
 //! by [`Node::redirected_write`](super::Node) when its I/O thread executes it, under the
@@ -141,13 +143,16 @@ impl<B: Backend + 'static> Shared<B> {
 }
 
 impl<B: Backend + 'static> Relay for RedirectIo<B> {
-    fn forward(&self, request: &RequestHeader, data: &[u8], _more: bool) -> bool {
+    fn forward(&self, request: &RequestHeader, data: &[u8], more: bool) -> bool {
         if !matches!(request.command, Command::Read | Command::Write) {
             return false;
         }
         let s = &self.0;
         let mut st = lock(&s.st);
-        if st.closed {
+        // A request alone (none buffered behind it, none of ours under way) is executed by the
+        // server's thread that read it, as before: no hand-over to another thread. (With a
+        // relay the server takes no batches, so requests it executes run in parallel too.)
+        if st.closed || (!more && st.outstanding == 0) {
             return false;
         }
         let mut buf = st.free.pop().unwrap_or_default();
@@ -333,6 +338,8 @@ mod tests {
         const N: u64 = 4;
         let g = gate(N as usize);
         let io = RedirectIo::new(Arc::clone(&g));
+        // Buffered together: the first three with more behind them, the last with the others
+        // under way.
         for c in 1..=N {
             assert!(io.forward(&req(Command::Read, c), &[], c < N));
         }
@@ -359,6 +366,24 @@ mod tests {
     }
 
     #[test]
+    fn a_request_alone_is_left_to_the_server_thread_that_read_it() {
+        let g = gate(1);
+        let io = RedirectIo::new(Arc::clone(&g));
+        assert!(
+            !io.forward(&req(Command::Read, 1), &[], false),
+            "alone: declined"
+        );
+        assert!(
+            io.forward(&req(Command::Read, 2), &[], true),
+            "more behind: taken"
+        );
+        let mut buf = Vec::new();
+        assert_eq!(io.next_reply(&mut buf).unwrap().request.cookie, 2);
+        io.close();
+        assert!(io.next_reply(&mut buf).is_none());
+    }
+
+    #[test]
     fn a_closed_relay_answers_every_request_it_took_then_ends() {
         let g = gate(1);
         let io = RedirectIo::new(Arc::clone(&g));
@@ -374,7 +399,7 @@ mod tests {
             } else {
                 &[][..]
             };
-            assert!(io.forward(&req(command, c), payload, false));
+            assert!(io.forward(&req(command, c), payload, true));
         }
         io.close();
         assert!(
