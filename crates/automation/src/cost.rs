@@ -55,9 +55,11 @@ impl MoveInput {
     }
 }
 
-/// The predicted cost of moving the guest in `input` (module docs). An input the predictor
-/// refuses (no memory, no link, a negative rate) is predicted not to converge, with no time.
-pub fn predict_move(input: &MoveInput) -> MigrationPrediction {
+/// The migration policy and the guest of `input` as the migration model takes them: the
+/// default convergence rules with the move's downtime budget, and its memory (resident part
+/// capped at the whole), dirty rate and link. Shared by [`predict_move`] and the post-copy
+/// fallback, so both predict from the same model set-up.
+pub(crate) fn model_input(input: &MoveInput) -> (ConvergenceConfig, PredictInput) {
     let cfg = ConvergenceConfig {
         downtime_budget: Duration::from_secs_f64(input.downtime_budget_ms.max(0.0) / 1000.0),
         ..ConvergenceConfig::default()
@@ -68,6 +70,13 @@ pub fn predict_move(input: &MoveInput) -> MigrationPrediction {
         input.link_bytes_per_sec,
     );
     guest.resident_bytes = input.resident_bytes.map(|r| r.min(input.memory_bytes));
+    (cfg, guest)
+}
+
+/// The predicted cost of moving the guest in `input` (module docs). An input the predictor
+/// refuses (no memory, no link, a negative rate) is predicted not to converge, with no time.
+pub fn predict_move(input: &MoveInput) -> MigrationPrediction {
+    let (cfg, guest) = model_input(input);
     match predict(&cfg, &guest) {
         Ok(p) => MigrationPrediction {
             time_s: p.total.as_secs_f64(),

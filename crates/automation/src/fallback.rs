@@ -9,15 +9,12 @@
 //! migration switches (after [`POST_COPY_FALLBACK_AFTER_ROUNDS`] unthrottled rounds), with the
 //! post-copy phase simulated for its length and the pages the guest is expected to ask for.
 
-use std::time::Duration;
-
 use tern_api::automation::{MigrationPrediction, POST_COPY_FALLBACK_AFTER_ROUNDS};
-use tern_migration::machine::policy::ConvergenceConfig;
 use tern_migration::machine::predict::{
-    PostCopyPrediction, PredictInput, PredictOptions, PredictedEnd, predict_with,
+    PostCopyPrediction, PredictOptions, PredictedEnd, predict_with,
 };
 
-use crate::cost::{MoveInput, predict_move};
+use crate::cost::{MoveInput, model_input, predict_move};
 
 /// Why a move falls back to post-copy, and what post-copy is predicted to do.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,17 +86,8 @@ pub fn plan_move(input: &MoveInput, post_copy_fallback: bool) -> PlannedMove {
         return plain;
     }
     // The guest and the policy as `predict_move` models them.
-    let budget = Duration::from_secs_f64(input.downtime_budget_ms.max(0.0) / 1000.0);
-    let cfg = ConvergenceConfig {
-        downtime_budget: budget,
-        ..ConvergenceConfig::default()
-    };
-    let mut guest = PredictInput::new(
-        input.memory_bytes,
-        input.dirty_pages_per_sec,
-        input.link_bytes_per_sec,
-    );
-    guest.resident_bytes = input.resident_bytes.map(|r| r.min(input.memory_bytes));
+    let (cfg, guest) = model_input(input);
+    let budget = cfg.downtime_budget;
     let opts = PredictOptions {
         post_copy_after: Some(POST_COPY_FALLBACK_AFTER_ROUNDS),
         ..PredictOptions::default()
