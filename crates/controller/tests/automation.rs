@@ -12,6 +12,8 @@
 //! * Full mode applies its own plan at once (no apply call), through the same tasks.
 //! * A new leader (the in-memory shell taking office again) runs under the stored policy.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +28,6 @@ use tern_api::agent::{
     ObservedVm,
 };
 use tern_api::cluster::HostCapacity;
-use tern_controller::core::Config;
 use tern_controller::shell::automation::POLICY_KEY;
 use tern_controller::shell::{Shell, http};
 use tern_power::{
@@ -144,43 +145,17 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Lab {
-        let cfg = Config {
-            ha_reserve_hosts: 0,
-            ..Config::default()
-        };
-        let shell = Shell::in_memory(cfg, "http://in-memory");
-        assert_eq!(shell.wait_leading(Duration::from_secs(5)).await, Some(1));
         let table = Arc::new(Mutex::new(Table::default()));
-        for (i, host) in HOSTS.iter().enumerate() {
+        let (shell, base) = common::in_memory_shell(&HOSTS, |host| {
             let agent = Agent {
                 host: host.to_string(),
                 table: Arc::clone(&table),
             };
-            let app = Router::new()
+            Router::new()
                 .route("/v1/agent/commands", post(command))
-                .with_state(agent);
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let url = format!("http://{}", listener.local_addr().unwrap());
-            tokio::spawn(async move { axum::serve(listener, app).await });
-            shell
-                .host_up(HostRecord {
-                    name: host.to_string(),
-                    agent_url: url,
-                    capacity: HostCapacity {
-                        cores: 4,
-                        memory_mib: 8192,
-                        power_model: "hp-ml110-g5".into(),
-                        volume_node: None,
-                        volume_node_id: None,
-                    },
-                    lease: 100 + i as u64,
-                })
-                .await;
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let base = format!("http://{}", listener.local_addr().unwrap());
-        let s = shell.clone();
-        tokio::spawn(async move { s.serve_on(listener).await });
+                .with_state(agent)
+        })
+        .await;
         let (expired, mut gone) = tokio::sync::mpsc::unbounded_channel::<String>();
         for host in HOSTS {
             let driver = FakePower {

@@ -7,6 +7,8 @@
 //! 30 ms, a migration takes 60 ms — and report every 100 ms, so each move takes about 90 ms
 //! against a model time of about 20 ms for the guest's 1 MiB resident.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,14 +19,11 @@ use axum::routing::post;
 use hyper::Method;
 use serde_json::{Value, json};
 use tern_api::agent::{
-    AgentReport, Command, CommandBody, CommandReply, CommandResponse, HostRecord, ObservedState,
-    ObservedVm,
+    AgentReport, Command, CommandBody, CommandReply, CommandResponse, ObservedState, ObservedVm,
 };
-use tern_api::cluster::HostCapacity;
 use tern_automation::cost::OverheadEstimator;
-use tern_controller::core::Config;
 use tern_controller::shell::automation::{MOVE_COST_KEY, StoredMoveCost};
-use tern_controller::shell::{Shell, http};
+use tern_controller::shell::http;
 
 const HOSTS: [&str; 2] = ["h1", "h2"];
 
@@ -162,43 +161,17 @@ async fn move_once(base: &str, vm: &str) -> Value {
 
 #[tokio::test]
 async fn the_learnt_move_cost_is_stored_and_a_new_term_predicts_with_the_stored_one() {
-    let cfg = Config {
-        ha_reserve_hosts: 0,
-        ..Config::default()
-    };
-    let shell = Shell::in_memory(cfg, "http://in-memory");
-    assert_eq!(shell.wait_leading(Duration::from_secs(5)).await, Some(1));
     let table = Arc::new(Mutex::new(Table::default()));
-    for (i, host) in HOSTS.iter().enumerate() {
+    let (shell, base) = common::in_memory_shell(&HOSTS, |host| {
         let agent = Agent {
             host: host.to_string(),
             table: Arc::clone(&table),
         };
-        let app = Router::new()
+        Router::new()
             .route("/v1/agent/commands", post(command))
-            .with_state(agent);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        shell
-            .host_up(HostRecord {
-                name: host.to_string(),
-                agent_url: url,
-                capacity: HostCapacity {
-                    cores: 4,
-                    memory_mib: 8192,
-                    power_model: "hp-ml110-g5".into(),
-                    volume_node: None,
-                    volume_node_id: None,
-                },
-                lease: 100 + i as u64,
-            })
-            .await;
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let s = shell.clone();
-    tokio::spawn(async move { s.serve_on(listener).await });
+            .with_state(agent)
+    })
+    .await;
     // the agents report every 100 ms: each VM running at 10 % with 1 MiB resident
     {
         let (table, shell, base) = (Arc::clone(&table), shell.clone(), base.clone());

@@ -9,9 +9,11 @@
 //! measured on, or whole vCPUs at the fastest core while unmeasured) — not by calling the code
 //! under test.
 
-use tern_api::agent::{AgentReport, CommandReply, HostRecord, ObservedState, ObservedVm};
+mod common;
+
+use tern_api::agent::{AgentReport, HostRecord, ObservedState, ObservedVm};
 use tern_api::cluster::{HostCapacity, VmCreate};
-use tern_controller::core::{Action, Config, Controller, Input, VmRecord};
+use tern_controller::core::{Config, Controller, Input, VmRecord};
 
 /// SPECpower_ssj2008 watts at 0 %, 10 %, …, 100 % load: HP ProLiant ML110 G4 (Xeon 3040).
 const G4_WATTS: [f64; 11] = [
@@ -160,25 +162,15 @@ fn cluster() -> Controller {
         1,
     );
     // every agent answers the new leader's ping, then reports its VMs running and measured
-    let pings: Vec<(String, u64)> = c
-        .drain_actions()
-        .into_iter()
-        .filter_map(|a| match a {
-            Action::Send { host, command, .. } => Some((host, command.id)),
-            _ => None,
-        })
-        .collect();
+    let pings = common::sent(&mut c);
     assert_eq!(pings.len(), HOSTS.len(), "one ping per host");
-    for (host, id) in pings {
+    for (host, cmd) in pings {
+        let id = cmd.id;
         c.step(
             Input::Reply {
                 cmd: id,
                 seq: 1,
-                reply: CommandReply::Done {
-                    listen: None,
-                    report: None,
-                    vm_state: None,
-                },
+                reply: common::done(None, None),
             },
             2,
         );

@@ -4,107 +4,12 @@
 //! `pending` to start again from its disk. And how post-copy is asked for: `post_copy_after`
 //! travels from the request to the source's `migrate_out`, and one out of range is refused.
 
-use tern_api::agent::{
-    AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState, ObservedVm,
-};
-use tern_api::cluster::{HostCapacity, TaskState, VmCreate, VmState};
-use tern_controller::core::{Action, Config, Controller, Input, VmRecord};
+mod common;
 
-const HOSTS: [&str; 2] = ["h1", "h2"];
-
-fn done(listen: Option<&str>) -> CommandReply {
-    CommandReply::Done {
-        listen: listen.map(Into::into),
-        report: None,
-        vm_state: None,
-    }
-}
-
-/// The commands the core sent since the last call, as (host, command).
-fn sent(c: &mut Controller) -> Vec<(String, Command)> {
-    c.drain_actions()
-        .into_iter()
-        .filter_map(|a| match a {
-            Action::Send { host, command, .. } => Some((host, command)),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A leading, ready controller over two hosts, VM `m` running on h1.
-fn cluster() -> Controller {
-    let mut c = Controller::new(Config::default());
-    for (i, h) in HOSTS.iter().enumerate() {
-        let record = HostRecord {
-            name: (*h).into(),
-            agent_url: format!("http://{h}:7000"),
-            capacity: HostCapacity {
-                cores: 4,
-                memory_mib: 16 * 1024,
-                power_model: "hp-ml110-g5".into(),
-                volume_node: None,
-                volume_node_id: None,
-            },
-            lease: i as u64 + 1,
-        };
-        c.step(Input::HostUp(record), 0);
-    }
-    let spec = VmCreate {
-        name: "m".into(),
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: "builtin:testguest".into(),
-        cmdline: String::new(),
-        disk: None,
-        host: None,
-        anti_affinity: None,
-        restart_priority: 50,
-    };
-    let desired = vec![VmRecord {
-        spec,
-        host: Some("h1".into()),
-        run: true,
-    }];
-    let elected = Input::Elected {
-        generation: 1,
-        desired,
-        maintenance: vec![],
-    };
-    c.step(elected, 1);
-    for (host, cmd) in sent(&mut c) {
-        let reply = Input::Reply {
-            cmd: cmd.id,
-            seq: 1,
-            reply: done(None),
-        };
-        c.step(reply, 2);
-        let vms = if host == "h1" {
-            vec![ObservedVm {
-                name: "m".into(),
-                state: ObservedState::Running,
-                cpu_utilization: Some(0.2),
-                rss_mib: Some(64),
-                guest_resident_kib: None,
-                dirty_pages_per_sec: None,
-            }]
-        } else {
-            vec![]
-        };
-        let report = AgentReport {
-            host,
-            generation_seen: 1,
-            seq: 2,
-            last_command_id: cmd.id,
-            vms,
-            cpu_utilization: Some(0.2),
-            parked_cores: Some(0),
-        };
-        c.step(Input::Report(report), 3);
-    }
-    sent(&mut c);
-    assert!(c.ready(), "every host reported");
-    c
-}
+use common::{cluster, done, sent};
+use tern_api::agent::{CommandBody, CommandReply};
+use tern_api::cluster::{TaskState, VmState};
+use tern_controller::core::Input;
 
 #[test]
 fn a_migration_lost_in_post_copy_fails_stops_both_copies_and_places_the_vm_again() {
@@ -122,7 +27,7 @@ fn a_migration_lost_in_post_copy_fails_stops_both_copies_and_places_the_vm_again
     let listening = Input::Reply {
         cmd: receive.id,
         seq: 3,
-        reply: done(Some("10.0.0.2:7100")),
+        reply: done(Some("10.0.0.2:7100"), None),
     };
     c.step(listening, 20);
     let cmds = sent(&mut c);
@@ -198,7 +103,7 @@ fn migrate_out_body(post_copy_after: Option<u32>) -> CommandBody {
         Input::Reply {
             cmd: receive.id,
             seq: 3,
-            reply: done(Some("10.0.0.2:7100")),
+            reply: done(Some("10.0.0.2:7100"), None),
         },
         20,
     );

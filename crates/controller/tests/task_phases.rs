@@ -3,113 +3,17 @@
 //! and the migration (`migrate_out` sent → the source's answer), and the measured time the
 //! automation learns from — the whole move, not the source VMM's `total_ms` alone.
 
-use tern_api::agent::{
-    AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState, ObservedVm,
-};
-use tern_api::cluster::{HostCapacity, TaskPhases, TaskState, VmCreate};
-use tern_controller::core::{Action, Config, Controller, Input, VmRecord};
-use tern_controller::shell::automation::actual_of;
+mod common;
 
-fn done(listen: Option<&str>, report: Option<serde_json::Value>) -> CommandReply {
-    CommandReply::Done {
-        listen: listen.map(Into::into),
-        report,
-        vm_state: None,
-    }
-}
+use common::{cluster, done};
+use tern_api::agent::{Command, CommandBody, CommandReply};
+use tern_api::cluster::{TaskPhases, TaskState};
+use tern_controller::core::{Controller, Input};
+use tern_controller::shell::automation::actual_of;
 
 /// The commands the core sent since the last call.
 fn sent(c: &mut Controller) -> Vec<Command> {
-    c.drain_actions()
-        .into_iter()
-        .filter_map(|a| match a {
-            Action::Send { command, .. } => Some(command),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A leading, ready controller over h1 and h2 with VM `m` running on h1, at t = 3 ms.
-fn cluster() -> Controller {
-    let mut c = Controller::new(Config::default());
-    for (i, h) in ["h1", "h2"].iter().enumerate() {
-        let record = HostRecord {
-            name: (*h).into(),
-            agent_url: format!("http://{h}:7000"),
-            capacity: HostCapacity {
-                cores: 4,
-                memory_mib: 16 * 1024,
-                power_model: "hp-ml110-g5".into(),
-                volume_node: None,
-                volume_node_id: None,
-            },
-            lease: i as u64 + 1,
-        };
-        c.step(Input::HostUp(record), 0);
-    }
-    let spec = VmCreate {
-        name: "m".into(),
-        vcpus: 1,
-        memory_mib: 64,
-        kernel: "builtin:testguest".into(),
-        cmdline: String::new(),
-        disk: None,
-        host: None,
-        anti_affinity: None,
-        restart_priority: 50,
-    };
-    let desired = vec![VmRecord {
-        spec,
-        host: Some("h1".into()),
-        run: true,
-    }];
-    let elected = Input::Elected {
-        generation: 1,
-        desired,
-        maintenance: vec![],
-    };
-    c.step(elected, 1);
-    let pings: Vec<(String, u64)> = c
-        .drain_actions()
-        .into_iter()
-        .filter_map(|a| match a {
-            Action::Send { host, command, .. } => Some((host, command.id)),
-            _ => None,
-        })
-        .collect();
-    for (host, id) in pings {
-        let reply = Input::Reply {
-            cmd: id,
-            seq: 1,
-            reply: done(None, None),
-        };
-        c.step(reply, 2);
-        let vms = if host == "h1" {
-            vec![ObservedVm {
-                name: "m".into(),
-                state: ObservedState::Running,
-                cpu_utilization: Some(0.2),
-                rss_mib: Some(64),
-                guest_resident_kib: None,
-                dirty_pages_per_sec: None,
-            }]
-        } else {
-            vec![]
-        };
-        let report = AgentReport {
-            host,
-            generation_seen: 1,
-            seq: 2,
-            last_command_id: id,
-            vms,
-            cpu_utilization: Some(0.2),
-            parked_cores: Some(0),
-        };
-        c.step(Input::Report(report), 3);
-    }
-    sent(&mut c);
-    assert!(c.ready(), "every host reported");
-    c
+    common::sent(c).into_iter().map(|(_, cmd)| cmd).collect()
 }
 
 /// The one command of `cmds` with a body `is` accepts.
