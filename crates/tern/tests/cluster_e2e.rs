@@ -13,10 +13,10 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Lab, hb_seqs, http};
-use common::tern;
+use common::{tern, tern_ok};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tern_api::cluster::{HostInfo, TaskInfo, TaskState, VmInfo, VmState};
+use tern_api::cluster::{HostInfo, TaskState, VmInfo, VmState};
 use tern_test_support::{require_kvm, require_tools, wait_for};
 
 /// One cluster at a time.
@@ -103,24 +103,6 @@ impl Lab {
     }
 }
 
-fn wait_task(lab: &Lab, id: u64, timeout: Duration) -> TaskInfo {
-    let start = Instant::now();
-    loop {
-        let (st, body) = lab.api("GET", &format!("/v1/tasks/{id}"), None);
-        assert_eq!(st, 200, "GET /v1/tasks/{id}: {body}");
-        let t: TaskInfo = serde_json::from_str(&body).unwrap();
-        if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
-            return t;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "task {id} not done in {timeout:?}: {t:?}\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -182,7 +164,7 @@ fn vms_are_created_listed_migrated_and_deleted_through_the_api_with_anti_affinit
         .unwrap();
     let (st, body) = lab.api("POST", "/v1/vms/web-a/migrate", Some(&json!({"to": third})));
     assert_eq!(st, 202, "{body}");
-    let t = wait_task(&lab, task_id(&body), Duration::from_secs(90));
+    let t = lab.wait_task(task_id(&body), Duration::from_secs(90));
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{}", lab.logs());
     let vms = lab.wait_running(&["web-a"], Duration::from_secs(30));
     assert_eq!(host_of(&vms, "web-a"), third);
@@ -683,15 +665,7 @@ fn the_cluster_goes_down_leaving_nothing_behind() {
         "{err}"
     );
     // `tern cluster down` stops it.
-    let out = Command::new(tern())
-        .args(["cluster", "down", "--name", &name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    tern_ok(["cluster", "down", "--name", &name]);
     let mut child = lab.child.take().unwrap();
     let st = child.wait().unwrap();
     assert!(st.success(), "tern cluster up exited with {st}");

@@ -9,29 +9,11 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::Lab;
 use serde_json::{Value, json};
-use tern_api::cluster::{TaskInfo, TaskState, VmState};
-
-fn wait_task(lab: &Lab, id: u64, timeout: Duration) -> TaskInfo {
-    let start = Instant::now();
-    loop {
-        let (st, body) = lab.api("GET", &format!("/v1/tasks/{id}"), None);
-        assert_eq!(st, 200, "GET /v1/tasks/{id}: {body}");
-        let t: TaskInfo = serde_json::from_str(&body).unwrap();
-        if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
-            return t;
-        }
-        assert!(
-            start.elapsed() < timeout,
-            "task {id} not done in {timeout:?}: {t:?}\n{}",
-            lab.logs()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
+use tern_api::cluster::{TaskState, VmState};
 
 #[test]
 fn a_maximum_rate_writer_moves_by_post_copy_through_the_controller() {
@@ -75,7 +57,7 @@ fn a_maximum_rate_writer_moves_by_post_copy_through_the_controller() {
     assert_eq!(st, 202, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     let id = v["task"].as_u64().expect("a task id");
-    let t = wait_task(&lab, id, Duration::from_secs(60));
+    let t = lab.wait_task(id, Duration::from_secs(60));
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}\n{}", lab.logs());
     let report = t.report.clone().expect("the source VMM's report");
     assert_eq!(report["outcome"], "completed", "{report}");

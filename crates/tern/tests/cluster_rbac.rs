@@ -14,11 +14,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{Lab, client_config, http};
-use common::tern;
+use common::tern_ok;
 
 /// etcd-client over TLS with the certificate in `pki/name`, within 10 s: runs `f`.
 fn with_etcd<T>(
@@ -133,18 +132,7 @@ fn etcd_gives_each_certificate_only_its_keys_and_revoked_certificates_are_refuse
     let agent0 = &lab.info.hosts[0];
     let before = http(Some(&h1), None, ctl, "GET", "/v1/hosts", None);
     assert!(before.is_ok(), "h1 before revocation: {before:?}");
-    let out = Command::new(tern())
-        .args(["pki", "revoke", "--dir"])
-        .arg(&pki)
-        .arg("h1")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let said = String::from_utf8_lossy(&out.stdout);
+    let said = tern_ok(["pki", "revoke", "--dir", pki.to_str().unwrap(), "h1"]);
     assert!(
         said.contains("h1 (serial ") && said.contains("revoked"),
         "{said}"

@@ -2,6 +2,8 @@
 //! binary on one LUN file, real NBD clients. Needs `etcd` (Debian's etcd-server) on PATH; fails
 //! loudly without it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -63,16 +65,14 @@ impl Cluster {
         let etcd = Etcd::start();
         let dir = tempfile::tempdir().unwrap();
         let lun = dir.path().join("lun");
-        let out = Command::new(TERN)
-            .args(["volume", "format", "--size", "256M", "--lun"])
-            .arg(&lun)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::tern_ok([
+            "volume",
+            "format",
+            "--size",
+            "256M",
+            "--lun",
+            lun.to_str().unwrap(),
+        ]);
         let mut c = Cluster {
             etcd,
             dir,

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tern_api::cluster::{HostInfo, VmInfo, VmState};
+use tern_api::cluster::{HostInfo, TaskInfo, TaskState, VmInfo, VmState};
 use tern_test_support::{require_kvm, require_tools};
 
 use super::tern;
@@ -263,6 +263,26 @@ impl Lab {
             assert!(
                 start.elapsed() < timeout,
                 "{names:?} not all running within {timeout:?}: {last:?}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits until task `id` has succeeded or failed, failing the test (with the logs) after
+    /// `timeout`; the task.
+    pub fn wait_task(&self, id: u64, timeout: Duration) -> TaskInfo {
+        let start = Instant::now();
+        loop {
+            let (st, body) = self.api("GET", &format!("/v1/tasks/{id}"), None);
+            assert_eq!(st, 200, "GET /v1/tasks/{id}: {body}");
+            let t: TaskInfo = serde_json::from_str(&body).unwrap();
+            if matches!(t.state, TaskState::Succeeded | TaskState::Failed) {
+                return t;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "task {id} not done in {timeout:?}: {t:?}\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(200));

@@ -155,6 +155,18 @@ pub fn tern_cmd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `tern ARGS…` to completion, failing the test with its stderr unless it succeeds; its
+/// stdout.
+pub fn tern_ok(args: impl IntoIterator<Item = impl AsRef<std::ffi::OsStr>>) -> String {
+    let out = Command::new(tern()).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Parses `key=value` out of a console line.
 pub fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
