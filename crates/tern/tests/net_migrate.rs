@@ -20,6 +20,11 @@ fn topology(name: &str) -> Topology {
     Topology::build(spec).unwrap_or_else(|e| panic!("cannot build topology {name}: {e}"))
 }
 
+/// The `outcome` of a migration's JSON report.
+fn outcome(migration: Option<&serde_json::Value>) -> Option<&str> {
+    migration?.get("outcome")?.as_str()
+}
+
 #[test]
 fn a_streaming_tcp_connection_survives_migration_between_hosts() {
     let topo = topology("tnmig");
@@ -34,11 +39,7 @@ fn a_streaming_tcp_connection_survives_migration_between_hosts() {
     assert!(!out.echo.mismatched, "{:?}", out.echo);
     assert!(out.echo.requests > 200, "{:?}", out.echo);
     assert_eq!(out.switch_port_after.as_deref(), Some("h1"));
-    let outcome = out
-        .migration
-        .as_ref()
-        .and_then(|m| m.get("outcome"))
-        .and_then(|o| o.as_str());
+    let outcome = outcome(out.migration.as_ref());
     assert_eq!(outcome, Some("completed"), "{:?}", out.migration);
     assert!(
         out.target_console.iter().any(|l| l.starts_with("HB ")),
@@ -102,11 +103,7 @@ fn a_streaming_connection_survives_migration_of_a_guest_writing_memory() {
     assert!(!out.echo.connection_broken, "{:?}", out.echo);
     assert!(!out.echo.mismatched, "{:?}", out.echo);
     assert_eq!(out.switch_port_after.as_deref(), Some("h1"));
-    let outcome = out
-        .migration
-        .as_ref()
-        .and_then(|m| m.get("outcome"))
-        .and_then(|o| o.as_str());
+    let outcome = outcome(out.migration.as_ref());
     assert_eq!(outcome, Some("completed"), "{:?}", out.migration);
     // The writer checks every page it rewrites against what it wrote a pass earlier and panics on
     // a difference: its lines continuing on the target, with no panic, say memory moved whole.
