@@ -83,7 +83,7 @@ type Halves = (BufReader<NetReader>, BufWriter<NetWriter>);
 
 fn open(addr: impl ToSocketAddrs) -> Result<Halves, ClientError> {
     let s = TcpStream::connect(addr)?;
-    handshake_start(s, None)
+    handshake_start(s, None, 256 * 1024)
 }
 
 fn open_timeout(
@@ -91,13 +91,30 @@ fn open_timeout(
     timeout: std::time::Duration,
     tls: Option<&ClientTls>,
 ) -> Result<Halves, ClientError> {
+    option_channel(addr, timeout, tls, 256 * 1024)
+}
+
+/// The halves of a connection in the option phase: reads and writes buffered, over TLS when
+/// it was asked for.
+pub type OptionHalves = (BufReader<NetReader>, BufWriter<NetWriter>);
+
+/// Connect within `timeout` (also set as the socket's read and write timeout), greet, and
+/// with `tls` upgrade with `NBD_OPT_STARTTLS`: the connection is left in the option phase,
+/// for [`send_option`] and [`recv_option`], with buffers of `buf_capacity` bytes. Used for
+/// the private control requests by callers that keep such a connection open.
+pub fn option_channel(
+    addr: impl ToSocketAddrs,
+    timeout: std::time::Duration,
+    tls: Option<&ClientTls>,
+    buf_capacity: usize,
+) -> Result<OptionHalves, ClientError> {
     let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing")
     })?;
     let s = TcpStream::connect_timeout(&sa, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    handshake_start(s, tls.map(|t| (t, sa.to_string(), timeout)))
+    handshake_start(s, tls.map(|t| (t, sa.to_string(), timeout)), buf_capacity)
 }
 
 /// Greeting and client flags; with `tls` (settings, the address as dialled, handshake
@@ -105,11 +122,12 @@ fn open_timeout(
 fn handshake_start(
     s: TcpStream,
     tls: Option<(&ClientTls, String, Duration)>,
+    buf_capacity: usize,
 ) -> Result<Halves, ClientError> {
     s.set_nodelay(true)?;
     let (r, w) = tls::plain(s)?;
-    let mut r = BufReader::with_capacity(256 * 1024, r);
-    let mut w = BufWriter::with_capacity(256 * 1024, w);
+    let mut r = BufReader::with_capacity(buf_capacity, r);
+    let mut w = BufWriter::with_capacity(buf_capacity, w);
     if rd64(&mut r)? != NBDMAGIC || rd64(&mut r)? != IHAVEOPT {
         return Err(ClientError::Protocol("not a newstyle NBD server".into()));
     }
@@ -123,6 +141,7 @@ fn handshake_start(
     }
     w.write_all(&cflags.to_be_bytes())?;
     let Some((tls, addr, timeout)) = tls else {
+        w.flush()?;
         return Ok((r, w));
     };
     send_opt(&mut w, OPT_STARTTLS, &[])?;
@@ -137,9 +156,26 @@ fn handshake_start(
     drop(w);
     let (r, w) = tls::connect(tls, &addr, tcp, timeout).map_err(ClientError::Tls)?;
     Ok((
-        BufReader::with_capacity(256 * 1024, r),
-        BufWriter::with_capacity(256 * 1024, w),
+        BufReader::with_capacity(buf_capacity, r),
+        BufWriter::with_capacity(buf_capacity, w),
     ))
+}
+
+/// Send option `option` with `data` and flush (on an [`option_channel`]).
+pub fn send_option(w: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
+    send_opt(w, option, data)
+}
+
+/// Read the reply to `option`: its reply type and data. An error reply is
+/// [`ClientError::Refused`] with the server's message; a reply for another option, or of more
+/// than `max` bytes, is a protocol error.
+pub fn recv_option(
+    r: &mut impl Read,
+    option: u32,
+    max: u32,
+) -> Result<(u32, Vec<u8>), ClientError> {
+    let rep = recv_opt_max(r, option, max)?;
+    Ok((rep.reply, rep.data))
 }
 
 fn send_opt(w: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {

@@ -22,19 +22,15 @@
 //! (the server may have acted), as with a new connection.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::io::{self, BufRead, BufReader, BufWriter};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tern_nbd::ClientError;
-use tern_nbd::proto::{
-    CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-    MAX_CONTROL_REPLY, NBDMAGIC, OPT_ABORT, OPT_REPLY_MAGIC, OPT_STARTTLS, OPT_TERN_CONTROL,
-    REP_ACK, REP_FLAG_ERROR, REP_TERN_CONTROL,
-};
-use tern_nbd::tls::{self, ClientTls, NetReader, NetWriter};
+use tern_nbd::client;
+use tern_nbd::proto::{MAX_CONTROL_REPLY, OPT_ABORT, OPT_TERN_CONTROL, REP_TERN_CONTROL};
+use tern_nbd::tls::{ClientTls, NetReader, NetWriter};
 
 /// Default of [`set_idle_limit`].
 pub const DEFAULT_IDLE_LIMIT: Duration = Duration::from_secs(5);
@@ -98,7 +94,7 @@ impl Drop for Conn {
             .get_ref()
             .tcp()
             .set_write_timeout(Some(Duration::from_millis(100)));
-        if send_opt(&mut self.w, OPT_ABORT, &[]).is_ok() {
+        if client::send_option(&mut self.w, OPT_ABORT, &[]).is_ok() {
             self.w.get_mut().close();
         }
     }
@@ -191,55 +187,14 @@ fn put_back(key: (String, bool), mut conn: Conn) {
 }
 
 impl Conn {
-    /// Connect, greeting, client flags and, with `tls`, `NBD_OPT_STARTTLS` and the handshake.
+    /// Connect, greeting, client flags and, with `tls`, `NBD_OPT_STARTTLS` and the handshake
+    /// (tern-nbd's option channel).
     fn open(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<Conn, ClientError> {
-        let sa = addr.to_socket_addrs()?.next().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, "address resolves to nothing")
-        })?;
-        let s = TcpStream::connect_timeout(&sa, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        s.set_nodelay(true)?;
+        let (r, w) = client::option_channel(addr, timeout, tls, 16 * 1024)?;
         OPENED.fetch_add(1, Ordering::SeqCst);
-        let (r, w) = tls::plain(s)?;
-        let mut r = BufReader::with_capacity(16 * 1024, r);
-        let mut w = BufWriter::with_capacity(16 * 1024, w);
-        if rd64(&mut r)? != NBDMAGIC || rd64(&mut r)? != IHAVEOPT {
-            return Err(ClientError::Protocol("not a newstyle NBD server".into()));
-        }
-        let hflags = rd16(&mut r)?;
-        if hflags & FLAG_FIXED_NEWSTYLE == 0 {
-            return Err(ClientError::Protocol("server is not fixed-newstyle".into()));
-        }
-        let mut cflags = CLIENT_FIXED_NEWSTYLE;
-        if hflags & FLAG_NO_ZEROES != 0 {
-            cflags |= CLIENT_NO_ZEROES;
-        }
-        w.write_all(&cflags.to_be_bytes())?;
-        let Some(tls) = tls else {
-            w.flush()?;
-            return Ok(Conn {
-                r,
-                w,
-                idle_since: Instant::now(),
-            });
-        };
-        send_opt(&mut w, OPT_STARTTLS, &[])?;
-        let (reply, data) = recv_opt(&mut r, OPT_STARTTLS, 4096)?;
-        if reply != REP_ACK || !r.buffer().is_empty() {
-            return Err(refused_or(
-                OPT_STARTTLS,
-                reply,
-                &data,
-                "unexpected STARTTLS reply",
-            ));
-        }
-        let tcp = r.into_inner().tcp().try_clone()?;
-        drop(w);
-        let (r, w) = tls::connect(tls, &sa.to_string(), tcp, timeout).map_err(ClientError::Tls)?;
         Ok(Conn {
-            r: BufReader::with_capacity(16 * 1024, r),
-            w: BufWriter::with_capacity(16 * 1024, w),
+            r,
+            w,
             idle_since: Instant::now(),
         })
     }
@@ -270,7 +225,7 @@ impl Conn {
         tcp.set_read_timeout(Some(timeout))
             .and_then(|()| tcp.set_write_timeout(Some(timeout)))
             .map_err(|e| Failure::Other(e.into()))?;
-        send_opt(&mut self.w, OPT_TERN_CONTROL, request).map_err(|e| {
+        client::send_option(&mut self.w, OPT_TERN_CONTROL, request).map_err(|e| {
             if is_timeout(&e) {
                 Failure::Other(e.into())
             } else {
@@ -291,15 +246,12 @@ impl Conn {
             Err(e) if is_timeout(&e) => return Err(Failure::Other(e.into())),
             Err(e) => return Err(Failure::NotTaken(e.into())),
         }
-        let (reply, data) =
-            recv_opt(&mut self.r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY).map_err(Failure::Other)?;
+        let (reply, data) = client::recv_option(&mut self.r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)
+            .map_err(Failure::Other)?;
         if reply != REP_TERN_CONTROL {
-            return Err(Failure::Other(refused_or(
-                OPT_TERN_CONTROL,
-                reply,
-                &data,
-                "unexpected control reply",
-            )));
+            return Err(Failure::Other(ClientError::Protocol(format!(
+                "unexpected control reply {reply:#x}"
+            ))));
         }
         Ok(data)
     }
@@ -312,72 +264,26 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
-/// An error reply as [`ClientError::Refused`], any other as a protocol violation.
-fn refused_or(option: u32, reply: u32, data: &[u8], what: &str) -> ClientError {
-    if reply & REP_FLAG_ERROR != 0 {
-        ClientError::Refused {
-            option,
-            reply,
-            message: String::from_utf8_lossy(data).into_owned(),
-        }
-    } else {
-        ClientError::Protocol(format!("{what} {reply:#x}"))
-    }
-}
-
-fn send_opt(w: &mut impl Write, option: u32, data: &[u8]) -> io::Result<()> {
-    w.write_all(&IHAVEOPT.to_be_bytes())?;
-    w.write_all(&option.to_be_bytes())?;
-    w.write_all(&(data.len() as u32).to_be_bytes())?;
-    w.write_all(data)?;
-    w.flush()
-}
-
-/// One option reply: its type and data (at most `max` bytes).
-fn recv_opt(r: &mut impl Read, option: u32, max: u32) -> Result<(u32, Vec<u8>), ClientError> {
-    if rd64(r)? != OPT_REPLY_MAGIC {
-        return Err(ClientError::Protocol("bad option reply magic".into()));
-    }
-    let opt = rd32(r)?;
-    let reply = rd32(r)?;
-    let len = rd32(r)?;
-    if opt != option {
-        return Err(ClientError::Protocol(format!(
-            "reply for option {opt}, expected {option}"
-        )));
-    }
-    if len > max {
-        return Err(ClientError::Protocol(format!(
-            "option reply of {len} bytes"
-        )));
-    }
-    let mut data = vec![0u8; len as usize];
-    r.read_exact(&mut data)?;
-    Ok((reply, data))
-}
-
-fn rd16(r: &mut impl Read) -> io::Result<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-
-fn rd32(r: &mut impl Read) -> io::Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn rd64(r: &mut impl Read) -> io::Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::net::TcpListener;
+    use tern_nbd::proto::{
+        FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, NBDMAGIC, OPT_REPLY_MAGIC,
+    };
+
+    fn rd32(r: &mut impl Read) -> io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_be_bytes(b))
+    }
+
+    fn rd64(r: &mut impl Read) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_be_bytes(b))
+    }
 
     /// A scripted plain server: greets, then answers each control request on a connection with
     /// its data reversed; on connection 1, the second request is read and the connection closed
