@@ -63,15 +63,7 @@ impl TlsClient {
         key_pem: &str,
         target_name: &str,
     ) -> Result<TlsClient, tern_pki::LoadError> {
-        let pem = tern_pki::PemFiles {
-            ca_cert: ca_cert_pem.to_owned(),
-            cert: cert_pem.to_owned(),
-            key: key_pem.to_owned(),
-        };
-        Ok(TlsClient {
-            dir: Arc::new(TlsDir::from_pem(std::path::Path::new(dir), &pem)?),
-            target_name: target_name.to_owned(),
-        })
+        Self::from_pem_with_crl(dir, ca_cert_pem, cert_pem, key_pem, None, target_name)
     }
 
     /// [`TlsClient::from_pem`] with the text of the directory's `ca-crl.pem` (`None`: it has
