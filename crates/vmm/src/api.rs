@@ -238,6 +238,11 @@ fn serve_connection(
             .and_then(|_| out.flush());
         // The answer goes out before the stop: the VMM process may exit right after it.
         if stop_after {
+            // Migrated (never after a failure: `stop_after` is false then): the frames that still
+            // reached this source's taps go on to the target before the taps close.
+            if matches!(stop_cause, Some(ApiStop::Migrated { .. })) {
+                crate::migrate::forward_late_frames(vm);
+            }
             *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) = stop_cause;
             vm.request_stop();
         }

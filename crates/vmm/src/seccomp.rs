@@ -956,6 +956,24 @@ mod tests {
     }
 
     #[test]
+    fn the_api_connection_may_forward_late_frames() {
+        // A migrated source's API connection thread forwards the frames that reached the taps
+        // late (`crate::migrate::forward_late_frames`): tap reads and writes, and sleeps between.
+        for opts in [
+            FilterOptions::default(),
+            FilterOptions {
+                volume_disks: true,
+                ..Default::default()
+            },
+        ] {
+            let r = allowed(ThreadKind::Api, 1, opts);
+            for nr in [libc::SYS_read, libc::SYS_write, libc::SYS_clock_nanosleep] {
+                assert!(r.contains_key(&nr), "api lacks {:?}", syscall_name(nr));
+            }
+        }
+    }
+
+    #[test]
     fn no_kind_may_exec_fork_trace_or_mount() {
         for kind in ThreadKind::ALL {
             let r = allowed(kind, 1, FilterOptions::default());

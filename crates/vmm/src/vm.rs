@@ -584,6 +584,13 @@ impl Vm {
         devices::spawn_announcer(self.shared.devices.clone(), later)
     }
 
+    /// A migrated-away source, just before it exits: sends the frames for the guest that reached
+    /// its taps after the state was saved back out, to where the target's announce moved the
+    /// guest (`crate::migrate::forward_late_frames` runs it for a bounded time); returns how many.
+    pub fn forward_late_frames(&self) -> usize {
+        self.shared.devices.forward_late_frames()
+    }
+
     /// The CPUID entries vCPU 0 was given.
     pub fn cpuid(&self) -> &[kvm_bindings::kvm_cpuid_entry2] {
         &self.shared.cpuid0

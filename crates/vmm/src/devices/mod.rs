@@ -155,6 +155,15 @@ impl Devices {
             .sum()
     }
 
+    /// Sends the late frames for the guest out of every NIC's tap again
+    /// ([`VirtioNet::forward_late_frames`]); returns how many.
+    pub fn forward_late_frames(&self) -> usize {
+        self.nets
+            .iter()
+            .map(|(_, d)| lock(d).forward_late_frames())
+            .sum()
+    }
+
     /// The saved state of every device (frames waiting in the taps join the NICs' state).
     pub fn save(&self) -> DevicesState {
         DevicesState {
