@@ -179,52 +179,43 @@ impl Lab {
     /// Every 100 ms each fake agent reports its VMs, running at 5 % CPU, to the leader.
     fn start_reports(&self) {
         let table = Arc::clone(&self.table);
-        let shell = self.shell.clone();
-        let base = self.base.clone();
-        tokio::spawn(async move {
-            loop {
-                let generation = shell.shared().core().generation().unwrap_or(0);
-                for host in HOSTS {
-                    let report = {
-                        let mut t = table.lock().unwrap();
-                        if t.off.iter().any(|h| h == host) {
-                            continue;
-                        }
-                        let seq = {
-                            let s = t.seq.entry(host.to_string()).or_default();
-                            *s += 1;
-                            *s
-                        };
-                        AgentReport {
-                            host: host.into(),
-                            generation_seen: generation,
-                            seq,
-                            last_command_id: t.last_cmd.get(host).copied().unwrap_or(0),
-                            vms: t
-                                .vms
-                                .iter()
-                                .filter(|(_, h)| h.as_str() == host)
-                                .map(|(name, _)| ObservedVm {
-                                    name: name.clone(),
-                                    state: ObservedState::Running,
-                                    cpu_utilization: Some(0.05),
-                                    rss_mib: Some(64),
-                                    guest_resident_kib: None,
-                                    dirty_pages_per_sec: None,
-                                })
-                                .collect(),
-                            cpu_utilization: Some(0.05),
-                            parked_cores: None,
-                        }
-                    };
-                    let body = serde_json::to_vec(&report).unwrap();
-                    let url = format!("{base}/v1/agent/reports");
-                    let _ =
-                        http::request(Method::POST, &url, Some(body), Duration::from_secs(5)).await;
+        common::spawn_reports(
+            self.shell.clone(),
+            self.base.clone(),
+            &HOSTS,
+            move |host, generation| {
+                let mut t = table.lock().unwrap();
+                if t.off.iter().any(|h| h == host) {
+                    return None;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+                let seq = {
+                    let s = t.seq.entry(host.to_string()).or_default();
+                    *s += 1;
+                    *s
+                };
+                Some(AgentReport {
+                    host: host.into(),
+                    generation_seen: generation,
+                    seq,
+                    last_command_id: t.last_cmd.get(host).copied().unwrap_or(0),
+                    vms: t
+                        .vms
+                        .iter()
+                        .filter(|(_, h)| h.as_str() == host)
+                        .map(|(name, _)| ObservedVm {
+                            name: name.clone(),
+                            state: ObservedState::Running,
+                            cpu_utilization: Some(0.05),
+                            rss_mib: Some(64),
+                            guest_resident_kib: None,
+                            dirty_pages_per_sec: None,
+                        })
+                        .collect(),
+                    cpu_utilization: Some(0.05),
+                    parked_cores: None,
+                })
+            },
+        );
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<&Value>) -> (u16, Value) {

@@ -174,46 +174,39 @@ async fn the_learnt_move_cost_is_stored_and_a_new_term_predicts_with_the_stored_
     .await;
     // the agents report every 100 ms: each VM running at 10 % with 1 MiB resident
     {
-        let (table, shell, base) = (Arc::clone(&table), shell.clone(), base.clone());
-        tokio::spawn(async move {
-            loop {
-                let generation = shell.shared().core().generation().unwrap_or(0);
-                for host in HOSTS {
-                    let report = {
-                        let mut t = table.lock().unwrap();
-                        let seq = {
-                            let s = t.seq.entry(host.to_string()).or_default();
-                            *s += 1;
-                            *s
-                        };
-                        let vms = t.vms.iter().filter(|(_, h)| h.as_str() == host);
-                        AgentReport {
-                            host: host.into(),
-                            generation_seen: generation,
-                            seq,
-                            last_command_id: t.last_cmd.get(host).copied().unwrap_or(0),
-                            vms: vms
-                                .map(|(name, _)| ObservedVm {
-                                    name: name.clone(),
-                                    state: ObservedState::Running,
-                                    cpu_utilization: Some(0.1),
-                                    rss_mib: Some(1),
-                                    guest_resident_kib: Some(1024),
-                                    dirty_pages_per_sec: None,
-                                })
-                                .collect(),
+        let table = Arc::clone(&table);
+        common::spawn_reports(
+            shell.clone(),
+            base.clone(),
+            &HOSTS,
+            move |host, generation| {
+                let mut t = table.lock().unwrap();
+                let seq = {
+                    let s = t.seq.entry(host.to_string()).or_default();
+                    *s += 1;
+                    *s
+                };
+                let vms = t.vms.iter().filter(|(_, h)| h.as_str() == host);
+                Some(AgentReport {
+                    host: host.into(),
+                    generation_seen: generation,
+                    seq,
+                    last_command_id: t.last_cmd.get(host).copied().unwrap_or(0),
+                    vms: vms
+                        .map(|(name, _)| ObservedVm {
+                            name: name.clone(),
+                            state: ObservedState::Running,
                             cpu_utilization: Some(0.1),
-                            parked_cores: None,
-                        }
-                    };
-                    let body = serde_json::to_vec(&report).unwrap();
-                    let url = format!("{base}/v1/agent/reports");
-                    let _ =
-                        http::request(Method::POST, &url, Some(body), Duration::from_secs(5)).await;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        });
+                            rss_mib: Some(1),
+                            guest_resident_kib: Some(1024),
+                            dirty_pages_per_sec: None,
+                        })
+                        .collect(),
+                    cpu_utilization: Some(0.1),
+                    parked_cores: None,
+                })
+            },
+        );
     }
     let spec = json!({"name": "m", "vcpus": 1, "memory_mib": 64, "kernel": "builtin:testguest"});
     wait("the VM created", async || {

@@ -7,11 +7,12 @@
 use std::time::Duration;
 
 use axum::Router;
+use hyper::Method;
 use serde_json::Value;
 use tern_api::agent::{AgentReport, Command, CommandReply, HostRecord, ObservedState, ObservedVm};
 use tern_api::cluster::{HostCapacity, VmCreate};
 use tern_controller::core::{Action, Config, Controller, Input, VmRecord};
-use tern_controller::shell::Shell;
+use tern_controller::shell::{Shell, http};
 
 /// An agent's `done` answer.
 pub fn done(listen: Option<&str>, report: Option<Value>) -> CommandReply {
@@ -143,4 +144,28 @@ pub async fn in_memory_shell(hosts: &[&str], agent: impl Fn(&str) -> Router) -> 
     let s = shell.clone();
     tokio::spawn(async move { s.serve_on(listener).await });
     (shell, base)
+}
+
+/// Spawns the fake agents' reports: every 100 ms, for each of `hosts`, `report(host, the
+/// leader's generation)` posted to the controller at `base` (`None`: that host stays silent).
+pub fn spawn_reports(
+    shell: Shell,
+    base: String,
+    hosts: &'static [&'static str],
+    mut report: impl FnMut(&str, u64) -> Option<AgentReport> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        loop {
+            let generation = shell.shared().core().generation().unwrap_or(0);
+            for host in hosts {
+                let Some(report) = report(host, generation) else {
+                    continue;
+                };
+                let body = serde_json::to_vec(&report).unwrap();
+                let url = format!("{base}/v1/agent/reports");
+                let _ = http::request(Method::POST, &url, Some(body), Duration::from_secs(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
 }
