@@ -11,7 +11,6 @@ use tern_volume::control::{self, Request};
 
 use super::{free_port, require_kvm, scratch, tern, tern_cmd};
 
-/// A volume control request to the node at `addr`.
 /// Formats a 64 MiB LUN file at `lun` with `tern volume format`.
 pub fn format_lun(lun: &std::path::Path) {
     let (code, _, err) = tern_cmd(&[
@@ -25,6 +24,7 @@ pub fn format_lun(lun: &std::path::Path) {
     assert_eq!(code, 0, "{err}");
 }
 
+/// A volume control request to the node at `addr`.
 pub fn call(addr: &str, req: Request) -> Result<Value, control::ControlError> {
     control::call(addr, &req, false, Duration::from_secs(30))
 }
