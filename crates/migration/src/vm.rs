@@ -68,6 +68,10 @@ pub trait MigrationSource {
     fn acquire_storage(&mut self) -> Result<(), VmError>;
 }
 
+/// Makes the guest memory at `(gpa, len)` ready to be written (see
+/// [`MigrationTarget::prefault`]); called from several threads at once.
+pub type Prefault = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
+
 /// A VM being built on the target from an incoming migration.
 ///
 /// Its memory starts zeroed. The migration calls `prepare` first, then `write_page` /
@@ -95,6 +99,16 @@ pub trait MigrationTarget {
 
     /// Drops everything received; the VM never ran here.
     fn discard(&mut self);
+
+    /// After `prepare`: a function the data streams' reader threads call with each received
+    /// run of pages `(gpa, len)` (checked against the layout, data to come by `write_page`)
+    /// before they hand the frame on, so that the memory is ready when the pages are written
+    /// (the target's first touch of its memory, page faults, then happens on the readers, in
+    /// parallel with the writer). Best effort: it reports nothing and must leave the memory's
+    /// contents alone. The default: none.
+    fn prefault(&mut self) -> Option<Prefault> {
+        None
+    }
 
     // ── post-copy (docs/migration.md, "Post-copy") ──
 

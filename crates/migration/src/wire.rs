@@ -255,6 +255,28 @@ impl PageBatch {
         self.count += 1;
     }
 
+    /// The runs of consecutive data pages (zero pages leave them out), `(gpa, bytes)`, in
+    /// the batch's order: where `iter`'s data will be written.
+    pub fn data_runs(&self) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (gpa, data) in self.iter() {
+            if data.is_none() {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
+                _ => runs.push((gpa, PAGE_SIZE)),
+            }
+        }
+        runs
+    }
+
+    /// The buffer the batch was in, for the next frame to be read into
+    /// ([`read_frame_into`]).
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+
     /// The pages: guest address and data (`None` for a zero page).
     pub fn iter(&self) -> impl Iterator<Item = (u64, Option<&[u8]>)> + '_ {
         let body = self.entries();
@@ -1033,6 +1055,17 @@ pub fn read_frame<R: Read>(
     r: &mut R,
     layout: Option<&MemoryLayout>,
 ) -> Result<Frame, ReadFrameError> {
+    read_frame_into(r, layout, Vec::new())
+}
+
+/// [`read_frame`] into `buf` (its contents are dropped, its capacity used): a receiver hands
+/// back a page batch's buffer ([`PageBatch::into_buf`]) once its pages are written, so that
+/// a frame does not cost a fresh allocation (and its page faults) each.
+pub fn read_frame_into<R: Read>(
+    r: &mut R,
+    layout: Option<&MemoryLayout>,
+    mut buf: Vec<u8>,
+) -> Result<Frame, ReadFrameError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -1050,7 +1083,9 @@ pub fn read_frame<R: Read>(
         }
     }
     let header = parse_header(&h).map_err(ReadFrameError::Decode)?;
-    let mut payload = Vec::with_capacity(header.len.min(1 << 20));
+    buf.clear();
+    buf.reserve(header.len.min(1 << 20));
+    let mut payload = buf;
     r.take(header.len as u64)
         .read_to_end(&mut payload)
         .map_err(ReadFrameError::Io)?;
@@ -1075,6 +1110,59 @@ pub fn read_frame<R: Read>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn data_runs_join_consecutive_data_pages_and_skip_zero_pages() {
+        let page = [7u8; PAGE_BYTES];
+        let mut b = PageBatch::new(0);
+        for gpa in [0, PAGE_SIZE, 2 * PAGE_SIZE] {
+            b.push_data(gpa, &page);
+        }
+        b.push_zero(3 * PAGE_SIZE);
+        b.push_data(4 * PAGE_SIZE, &page);
+        b.push_data(9 * PAGE_SIZE, &page);
+        b.push_data(10 * PAGE_SIZE, &page);
+        b.push_data(5 * PAGE_SIZE, &page);
+        assert_eq!(
+            b.data_runs(),
+            vec![
+                (0, 3 * PAGE_SIZE),
+                (4 * PAGE_SIZE, PAGE_SIZE),
+                (9 * PAGE_SIZE, 2 * PAGE_SIZE),
+                (5 * PAGE_SIZE, PAGE_SIZE),
+            ]
+        );
+        assert!(PageBatch::new(0).data_runs().is_empty());
+    }
+
+    #[test]
+    fn a_page_batch_buffer_is_read_into_again_without_reallocating() {
+        let l = layout();
+        let mut sent = Vec::new();
+        for (round, byte) in [(0u32, 1u8), (1, 2)] {
+            let mut b = PageBatch::new(round);
+            b.push_data(PAGE_SIZE, &[byte; PAGE_BYTES]);
+            b.push_data(2 * PAGE_SIZE, &[byte; PAGE_BYTES]);
+            sent.push(Frame::Pages(b));
+        }
+        let mut bytes = Vec::new();
+        for f in &sent {
+            bytes.extend_from_slice(&f.encode());
+        }
+        let mut cursor = io::Cursor::new(&bytes);
+        let Frame::Pages(first) = read_frame(&mut cursor, Some(&l)).unwrap() else {
+            panic!("not a page frame");
+        };
+        assert_eq!(Frame::Pages(first.clone()), sent[0]);
+        let buf = first.into_buf();
+        let at = buf.as_ptr();
+        let Frame::Pages(second) = read_frame_into(&mut cursor, Some(&l), buf).unwrap() else {
+            panic!("not a page frame");
+        };
+        assert_eq!(Frame::Pages(second.clone()), sent[1]);
+        let again = second.into_buf();
+        assert_eq!(again.as_ptr(), at, "the buffer was allocated again");
+    }
 
     fn layout() -> MemoryLayout {
         MemoryLayout::new(vec![
@@ -1230,7 +1318,11 @@ mod tests {
             prop_assert_eq!(used, bytes.len());
             prop_assert_eq!(&back, &f);
             let mut cursor = io::Cursor::new(&bytes);
-            prop_assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), f);
+            prop_assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), f.clone());
+            // Into a used buffer, longer than the frame and full of other bytes: the same.
+            let mut cursor = io::Cursor::new(&bytes);
+            let used = vec![0x5a; MAX_PAGE_FRAME + 100];
+            prop_assert_eq!(read_frame_into(&mut cursor, Some(&l), used).unwrap(), f);
         }
 
         #[test]

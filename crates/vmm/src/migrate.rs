@@ -674,6 +674,22 @@ impl MigrationTarget for VmTarget {
             vm.wait();
         }
     }
+
+    fn prefault(&mut self) -> Option<tern_migration::vm::Prefault> {
+        // Each data stream's reader faults its frame's pages in (`crate::vm::populate_write`)
+        // before the writer copies them: one call per run of pages instead of a page fault per
+        // page on the writer. Done with the data streams, before post-copy drops any page.
+        let mem = self.vm.as_ref()?.memory().clone();
+        let supported = Arc::new(AtomicBool::new(true));
+        Some(Arc::new(move |gpa, len| {
+            if supported.load(Ordering::Relaxed)
+                && !matches!(crate::vm::populate_write(&mem, gpa, len), Ok(true))
+            {
+                // An old kernel (or a refusal): the writer's own page faults do it.
+                supported.store(false, Ordering::Relaxed);
+            }
+        }))
+    }
 }
 
 /// Post-copy's missing pages as tern-migration sees them.

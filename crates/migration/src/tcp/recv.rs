@@ -5,6 +5,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,10 @@ use crate::machine::receiver::{
 };
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{AcceptFailure, Acceptor, Conn, ConnWriter, ListenGuard, Rejected};
-use crate::vm::{MigrationTarget, VmError};
-use crate::wire::{Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame};
+use crate::vm::{MigrationTarget, Prefault, VmError};
+use crate::wire::{
+    Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame, read_frame_into,
+};
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
 use crate::machine::postcopy::TargetPages;
 use crate::tcp::postcopy::{self as pc, PostCopyError, TargetLink};
@@ -228,6 +231,8 @@ fn spawn_reader(
     mut socket: impl Read + Send + 'static,
     name: StreamName,
     layout: Option<MemoryLayout>,
+    prefault: Option<Prefault>,
+    spare: Option<Spare>,
     tx: SyncSender<Event>,
 ) {
     let _ = thread::Builder::new()
@@ -235,8 +240,14 @@ fn spawn_reader(
         .spawn(move || {
             crate::thread_start::run();
             loop {
-                match read_frame(&mut socket, layout.as_ref()) {
+                let buf = spare.as_ref().and_then(Spare::take).unwrap_or_default();
+                match read_frame_into(&mut socket, layout.as_ref(), buf) {
                     Ok(f) => {
+                        if let (Some(prefault), Frame::Pages(batch)) = (&prefault, &f) {
+                            for (gpa, len) in batch.data_runs() {
+                                prefault(gpa, len);
+                            }
+                        }
                         let end = matches!(f, Frame::DataEnd { .. });
                         if tx.send(Event::Frame(name, f, Instant::now())).is_err() {
                             return;
@@ -263,6 +274,30 @@ fn spawn_reader(
                 }
             }
         });
+}
+
+/// Page frames' buffers handed back by the receiving thread once their pages are written, for
+/// the data streams' readers to read the next frames into (no allocation per frame, nor the
+/// page faults of fresh memory). Holds at most [`Spare::KEEP`].
+#[derive(Clone, Default)]
+struct Spare(Arc<Mutex<Vec<Vec<u8>>>>);
+
+impl Spare {
+    /// Enough for the frames in flight between the readers and the writer most of the time
+    /// (the channel holds up to 64 at a time, 512 KiB each when full).
+    const KEEP: usize = 16;
+
+    fn take(&self) -> Option<Vec<u8>> {
+        self.0.lock().ok()?.pop()
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut v) = self.0.lock()
+            && v.len() < Self::KEEP
+        {
+            v.push(buf);
+        }
+    }
 }
 
 /// What the commit of a post-copy migration hands to [`Incoming::post_copy`].
@@ -448,8 +483,18 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             }
         }
         let layout = self.machine.layout().cloned();
+        // Only with a layout: the readers check each page's address against it first.
+        let prefault = layout.as_ref().and_then(|_| self.target.prefault());
+        let spare = Spare::default();
         let (tx, rx) = mpsc::sync_channel::<Event>(64);
-        spawn_reader(control, StreamName::Control, layout.clone(), tx.clone());
+        spawn_reader(
+            control,
+            StreamName::Control,
+            layout.clone(),
+            None,
+            None,
+            tx.clone(),
+        );
 
         // Data streams: each must open with a join carrying the session token of the hello and,
         // with TLS, come from the control stream's certificate; anything else is dropped.
@@ -490,8 +535,22 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             match a.conn {
                 // The socket itself, not the enum around it: std reads a socket into the frame's
                 // buffer without zeroing the buffer first (a memset of every page received).
-                Conn::Plain(s) => spawn_reader(s, name, layout.clone(), tx.clone()),
-                tls => spawn_reader(tls, name, layout.clone(), tx.clone()),
+                Conn::Plain(s) => spawn_reader(
+                    s,
+                    name,
+                    layout.clone(),
+                    prefault.clone(),
+                    Some(spare.clone()),
+                    tx.clone(),
+                ),
+                tls => spawn_reader(
+                    tls,
+                    name,
+                    layout.clone(),
+                    prefault.clone(),
+                    Some(spare.clone()),
+                    tx.clone(),
+                ),
             }
         }
         self.report.rejected_connections = acceptor.rejected();
@@ -569,6 +628,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                             }
                         }
                     }
+                    spare.give(batch.into_buf());
                 }
                 Step::AckRound(round) => self.send_control(&Frame::RoundAck { round })?,
                 Step::Wait => {}
