@@ -96,7 +96,8 @@ pub fn predict_move(input: &MoveInput) -> MigrationPrediction {
 /// Moves smaller than this teach nothing about the link: their time is mostly fixed costs
 /// (handshake, round barriers, the restore), which the model's own fixed costs do not match
 /// closely enough on every host (an idle 64 MiB test guest sends ~200 KB in 20–40 ms, of which
-/// the model puts ~12 ms on fixed costs; the rest would read as a 20–30 MB/s link on a veth pair).
+/// the model puts ~20 ms on fixed costs; the rest, a few ms of noise, would read as a link of a
+/// few tens of MB/s on a veth pair).
 pub const MIN_LINK_SAMPLE_BYTES: u64 = 8 << 20;
 
 /// The slowest and fastest link [`link_from_migration`] can find, bytes/s.
