@@ -321,6 +321,9 @@ impl<T: MigrationTarget> MigrationTarget for FaultHooks<T> {
     fn discard(&mut self) {
         self.inner.discard()
     }
+    fn prefault(&mut self) -> Option<tern_migration::vm::Prefault> {
+        self.inner.prefault()
+    }
     fn post_copy_memory(
         &mut self,
         owed: &[(u64, u64)],
