@@ -49,6 +49,7 @@ fn main() {
                 resident_mib: None,
                 cpu_utilization: Some(0.0),
                 dirty_pages_per_sec: Some(1000.0),
+                volume_disks: 0,
                 pinned: i % 50 == 0,
                 anti_affinity: (i % 7 == 0).then(|| format!("g{}", i % 100)),
                 migrating: false,

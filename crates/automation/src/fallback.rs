@@ -128,6 +128,7 @@ mod tests {
             dirty_pages_per_sec: 1e6,
             link_bytes_per_sec: 125e6,
             downtime_budget_ms: 50.0,
+            volume_disks: 0,
         }
     }
 

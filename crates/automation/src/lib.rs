@@ -25,7 +25,7 @@
 //! };
 //! let vm = |name: &str, host: &str, u: f64| VmSample {
 //!     name: name.into(), host: Some(host.into()), vcpus: 1, memory_mib: 512, resident_mib: None,
-//!     cpu_utilization: Some(u), dirty_pages_per_sec: None, pinned: false,
+//!     cpu_utilization: Some(u), dirty_pages_per_sec: None, volume_disks: 0, pinned: false,
 //!     anti_affinity: None, migrating: false,
 //! };
 //! // h1 carries three busy VMs (2.7 of its 2 cores), h2 one light VM

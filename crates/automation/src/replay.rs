@@ -42,6 +42,8 @@ pub struct Vm {
     pub resident_mib: Option<u64>,
     /// Pages dirtied per second, if measured.
     pub dirty: Option<f64>,
+    /// Its disks on the shared volume (the move cost's hand-overs).
+    pub volume_disks: u32,
     /// Pinned to its host.
     pub pinned: bool,
     /// Anti-affinity group.
@@ -191,6 +193,7 @@ impl Replay {
                 memory_mib: 512,
                 resident_mib: None,
                 dirty: None,
+                volume_disks: 0,
                 pinned: false,
                 group: None,
                 trace,
@@ -229,6 +232,7 @@ impl Replay {
                     resident_mib: v.resident_mib,
                     cpu_utilization: Some(v.utilization_at(self.step).clamp(0.0, 1.0)),
                     dirty_pages_per_sec: v.dirty,
+                    volume_disks: v.volume_disks,
                     pinned: v.pinned,
                     anti_affinity: v.group.clone(),
                     migrating: moving.contains(n.as_str()),

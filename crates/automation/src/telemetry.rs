@@ -45,6 +45,9 @@ pub struct VmSample {
     pub cpu_utilization: Option<f64>,
     /// Pages it dirties per second, if measured (the migration cost model's input).
     pub dirty_pages_per_sec: Option<f64>,
+    /// Its disks on the shared volume: each one's write lease is handed over in a move's pause
+    /// (the migration cost model's `volume_disks`).
+    pub volume_disks: u32,
     /// Pinned to its host: never moved.
     pub pinned: bool,
     /// VMs of one anti-affinity group never share a host.

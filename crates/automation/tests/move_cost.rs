@@ -99,6 +99,7 @@ fn a_measured_migration_sets_the_link_the_next_prediction_uses() {
         dirty_pages_per_sec: 0.0,
         link_bytes_per_sec: b,
         downtime_budget_ms: budget,
+        volume_disks: 0,
     });
     let actual = MigrationActual {
         time_s: seen.time_s,

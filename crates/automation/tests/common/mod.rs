@@ -35,6 +35,7 @@ pub fn vm(name: &str, host: &str, u: f64) -> VmSample {
         resident_mib: None,
         cpu_utilization: Some(u),
         dirty_pages_per_sec: None,
+        volume_disks: 0,
         pinned: false,
         anti_affinity: None,
         migrating: false,

@@ -420,6 +420,8 @@ fn telemetry(core: &Controller, a: &Automation) -> Telemetry {
             resident_mib: a.vm_rss.get(&v.name).copied(),
             cpu_utilization: a.vm_cpu.get(&v.name).copied(),
             dirty_pages_per_sec: a.vm_dirty.get(&v.name).copied(),
+            // a cluster VM's disk is a file on the shared volume
+            volume_disks: u32::from(v.spec.disk.is_some()),
             pinned: v.spec.host.is_some(),
             anti_affinity: v.spec.anti_affinity.clone(),
             migrating: v.state == VmState::Migrating,
@@ -904,8 +906,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Gives every migration task without a prediction one: the loop's model (the migration's own
-/// predictor) from the VM's memory, its last reported resident memory and dirty rate, and the
-/// link into the task's target (measured, else the configured default). Then measures the link
+/// predictor) from the VM's memory, its last reported resident memory and dirty rate, its volume
+/// disk, and the link into the task's target (measured, else the configured default). Then measures the link
 /// of every succeeded migration task not measured yet (in task order).
 fn predict_tasks(s: &Arc<Shared>) {
     let core = s.core();
@@ -929,6 +931,7 @@ fn predict_tasks(s: &Arc<Shared>) {
             dirty_pages_per_sec: a.vm_dirty.get(&vm.name).copied().unwrap_or(0.0),
             link_bytes_per_sec: link,
             downtime_budget_ms: cfg.downtime_budget_ms,
+            volume_disks: u32::from(vm.spec.disk.is_some()),
         });
         let u = a.vm_cpu.get(&vm.name).copied().unwrap_or(0.0);
         a.model_time.insert(t.id, (p.time_s, u));
