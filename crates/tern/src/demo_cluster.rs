@@ -419,6 +419,8 @@ pub fn replay_loop(
                 let vm = r.vm(&v.name, &v.host, u.clone());
                 vm.vcpus = v.vcpus;
                 vm.memory_mib = v.memory_mib;
+                // every demo VM runs on a volume disk, as the live controller's samples say
+                vm.volume_disks = 1;
             }
         }
         r.step(&mut lp, step_ms)
