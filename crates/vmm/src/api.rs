@@ -266,7 +266,11 @@ fn handle(vm: &Vm, req: Request, opts: &ApiOptions) -> (Response, bool) {
             .and_then(|_| vm.resume().map_err(|e| e.to_string()))
             .map_or_else(Response::error, |_| Response::ok()),
         Request::Shutdown => return (Response::ok(), true),
-        Request::Snapshot { path, stop } => return snapshot(vm, &opts.snapshot_dir, &path, stop),
+        // A snapshot of a copy that another host runs would restore as a second copy.
+        Request::Snapshot { path, stop } => match crate::migrate::may_run_again() {
+            Ok(()) => return snapshot(vm, &opts.snapshot_dir, &path, stop),
+            Err(e) => Response::error(e),
+        },
         Request::Migrate(_) => Response::error("internal: migrate is served apart"),
         Request::MigrateCancel => {
             match MIGRATION.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
@@ -447,6 +451,11 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         &mut show,
     );
     drop(source);
+    if result.is_ok() {
+        // Before the migration slot frees: a resume or migration asked on another connection
+        // from here on is refused (the target runs the guest; this copy is stale).
+        crate::migrate::migrated_away();
+    }
     *MIGRATION.lock().unwrap_or_else(|e| e.into_inner()) = None;
     match result {
         Ok(report) => {

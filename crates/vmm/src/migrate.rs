@@ -759,32 +759,78 @@ pub fn forward_late_frames(vm: &Vm) -> usize {
     )
 }
 
-/// Set once a post-copy migration of this process's VM failed after the switch: its memory is
-/// stale (the target ran the guest), so it must never run again, here or elsewhere.
-static POST_COPY_LOST: AtomicBool = AtomicBool::new(false);
+/// Whether this process's VM may still run: cleared for good once another copy has run it.
+struct RunGuard {
+    /// A post-copy migration failed after the switch: its memory is stale (the target ran the
+    /// guest), so it must never run again, here or elsewhere.
+    post_copy_lost: AtomicBool,
+    /// The migration completed: the target runs the guest, and this paused copy only waits to
+    /// stop (forwarding late frames first).
+    migrated_away: AtomicBool,
+}
+
+impl RunGuard {
+    const fn new() -> RunGuard {
+        RunGuard {
+            post_copy_lost: AtomicBool::new(false),
+            migrated_away: AtomicBool::new(false),
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.migrated_away.load(Ordering::SeqCst) {
+            return Err(
+                "this VM has migrated away: the target runs it, so this paused copy is stale \
+                 and is stopping"
+                    .into(),
+            );
+        }
+        if self.post_copy_lost.load(Ordering::SeqCst) {
+            return Err(
+                "this VM's post-copy migration failed after the switch: the target ran it, \
+                 so this paused copy is stale and must not run again (stop it and start the \
+                 VM from its disks)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+static RUN_GUARD: RunGuard = RunGuard::new();
 
 /// Records that this VM's post-copy migration failed after the switch (outcome
 /// `failed_post_copy`): from now on [`may_run_again`] refuses.
 pub fn post_copy_lost() {
-    POST_COPY_LOST.store(true, Ordering::SeqCst);
+    RUN_GUARD.post_copy_lost.store(true, Ordering::SeqCst);
 }
 
-/// Whether this VM may be resumed or migrated again: not after a failed post-copy.
+/// Records that this VM's migration completed: from now on [`may_run_again`] refuses (the
+/// source stays up a few ms after it to forward late frames, still serving its API).
+pub fn migrated_away() {
+    RUN_GUARD.migrated_away.store(true, Ordering::SeqCst);
+}
+
+/// Whether this VM may be resumed, migrated or snapshotted again: not after a failed post-copy,
+/// nor after a completed migration.
 pub fn may_run_again() -> Result<(), String> {
-    if POST_COPY_LOST.load(Ordering::SeqCst) {
-        return Err(
-            "this VM's post-copy migration failed after the switch: the target ran it, \
-                    so this paused copy is stale and must not run again (stop it and start the \
-                    VM from its disks)"
-                .into(),
-        );
-    }
-    Ok(())
+    RUN_GUARD.check()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_that_migrated_away_or_lost_its_post_copy_may_not_run_again() {
+        let g = RunGuard::new();
+        assert_eq!(g.check(), Ok(()));
+        g.migrated_away.store(true, Ordering::SeqCst);
+        assert!(g.check().unwrap_err().contains("migrated away"));
+        let g = RunGuard::new();
+        g.post_copy_lost.store(true, Ordering::SeqCst);
+        assert!(g.check().unwrap_err().contains("post-copy"));
+    }
 
     #[test]
     fn late_frames_are_forwarded_for_a_bounded_window() {
