@@ -682,10 +682,12 @@ impl MigrationTarget for VmTarget {
         let mem = self.vm.as_ref()?.memory().clone();
         let supported = Arc::new(AtomicBool::new(true));
         Some(Arc::new(move |gpa, len| {
+            // An old kernel (EINVAL: no MADV_POPULATE_WRITE before Linux 5.14) stops it for the
+            // rest of the migration; any other refusal (e.g. ENOMEM, EINTR) skips this run only.
+            // Either way the writer's own page faults do what was not done.
             if supported.load(Ordering::Relaxed)
-                && !matches!(crate::vm::populate_write(&mem, gpa, len), Ok(true))
+                && matches!(crate::vm::populate_write(&mem, gpa, len), Ok(false))
             {
-                // An old kernel (or a refusal): the writer's own page faults do it.
                 supported.store(false, Ordering::Relaxed);
             }
         }))
