@@ -269,8 +269,7 @@ impl FrameBuf {
     /// Seals the frame (header, round, count, length, crc32c) and returns the buffer and how
     /// many of its bytes are the frame.
     fn seal(mut self) -> (Vec<u8>, usize) {
-        let head = pages_header_start();
-        self.buf[..8].copy_from_slice(&head);
+        self.buf[..8].copy_from_slice(&*PAGES_HEADER_START);
         let len = u32::try_from(self.len - HEADER_LEN).unwrap_or(u32::MAX);
         self.buf[8..12].copy_from_slice(&len.to_le_bytes());
         self.buf[HEADER_LEN..HEADER_LEN + 4].copy_from_slice(&self.round.to_le_bytes());
@@ -283,6 +282,10 @@ impl FrameBuf {
         (self.buf, self.len)
     }
 }
+
+/// The first 8 header bytes of a page frame, made once (no allocation per frame).
+static PAGES_HEADER_START: std::sync::LazyLock<[u8; 8]> =
+    std::sync::LazyLock::new(pages_header_start);
 
 /// The first 8 header bytes of a page frame (magic, format, kind, flags), as the wire module
 /// writes them.
