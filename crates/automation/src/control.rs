@@ -1594,6 +1594,16 @@ impl Loop {
                             stop = Some(format!("{to} no longer takes VMs"));
                             break;
                         }
+                        // Planned with post-copy (which can lose the VM with its link) under a
+                        // policy that allowed it: not carried out once the operator took that
+                        // back, nor as pre-copy, which was predicted not to converge.
+                        if post_copy_after.is_some() && !self.policy.post_copy_fallback {
+                            stop = Some(format!(
+                                "{vm}'s move was planned with post-copy, which the policy no \
+                                 longer allows (post_copy_fallback is off)"
+                            ));
+                            break;
+                        }
                         *status = ActionStatus::Running;
                         running += 1;
                         let v = self.vms.get_mut(vm.as_str()).expect("checked above");

@@ -9,8 +9,8 @@ mod common;
 
 use common::Cluster;
 use tern_api::automation::{
-    AutomationLevel, POST_COPY_FALLBACK_AFTER_ROUNDS, Plan, PlanAction, PlanState, Policy,
-    SelectionKind,
+    ActionStatus, AutomationLevel, POST_COPY_FALLBACK_AFTER_ROUNDS, Plan, PlanAction, PlanState,
+    Policy, SelectionKind,
 };
 use tern_automation::replay::Replay;
 use tern_automation::{Action, Loop, LoopConfig, RoundReport};
@@ -141,4 +141,36 @@ fn applying_the_plan_asks_the_migration_for_post_copy_and_the_move_lands() {
     }
     assert_eq!(lp.plan(plan.id).unwrap().state, PlanState::Applied);
     assert_eq!(c.vms["b"].host, "h2");
+}
+
+#[test]
+fn a_post_copy_move_is_not_carried_out_once_the_knob_is_turned_off() {
+    let (_, mut lp, plan, _) = round(true, AutomationLevel::Manual);
+    let off = Policy {
+        post_copy_fallback: false,
+        ..lp.policy().clone()
+    };
+    lp.set_policy(off).unwrap();
+    let actions = lp.apply(STEP_MS, plan.id).unwrap_or_default();
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, Action::Migrate { vm, .. } if vm == "b")),
+        "b's post-copy move must not start: {actions:?}"
+    );
+    // b's move is failed with the reason (a's, planned with pre-copy, may still run)
+    let p = lp.plan(plan.id).unwrap();
+    let b_status = p.actions.iter().find_map(|a| match a {
+        PlanAction::Migrate { vm, status, .. } if vm == "b" => Some(*status),
+        _ => None,
+    });
+    assert_eq!(b_status, Some(ActionStatus::Failed), "{p:?}");
+    assert_ne!(p.state, PlanState::Applied, "{p:?}");
+    assert!(
+        p.detail
+            .as_deref()
+            .unwrap_or("")
+            .contains("no longer allows"),
+        "{p:?}"
+    );
 }
