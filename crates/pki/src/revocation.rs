@@ -6,9 +6,10 @@
 //! that sandboxes itself (a VMM under seccomp, where a `stat` would kill it) must use. A *following*
 //! one compares, at every verification, the file's identity (inode, size, modification time) with
 //! the one it was built from, and rebuilds on a change, so a revocation written by `tern pki
-//! revoke` reaches a running server or client at its next handshake. A missing file means no CRL.
-//! A file that cannot be read or parsed keeps the last good CRL in force (and is reported once on
-//! stderr). A CRL of another issuer than the peer's (a directory mixing two CAs' files) decides
+//! revoke` reaches a running server or client at its next handshake. A file missing when the
+//! verifier is built means no CRL. Once a list was loaded, a file that goes missing or empty (an
+//! in-place copy truncates before it writes) or that cannot be read or parsed keeps the last good
+//! list in force, reported once on stderr: a revocation is never undone by a half-written file. A CRL of another issuer than the peer's (a directory mixing two CAs' files) decides
 //! nothing: only a CRL signed by the certificate's CA revokes it.
 
 use std::fs;
@@ -76,7 +77,16 @@ struct Watch<V: ?Sized> {
     path: Option<PathBuf>,
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
-    current: Mutex<(Stamp, Arc<V>)>,
+    current: Mutex<Current<V>>,
+}
+
+/// The verifier in force, the stamp of the file it was last compared with, and whether it holds a
+/// list (then a missing or empty file does not replace it).
+#[derive(Debug)]
+struct Current<V: ?Sized> {
+    stamp: Stamp,
+    verifier: Arc<V>,
+    has_list: bool,
 }
 
 impl<V: ?Sized> Watch<V> {
@@ -90,24 +100,33 @@ impl<V: ?Sized> Watch<V> {
     ) -> Arc<V> {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let Some(path) = &self.path else {
-            return cur.1.clone();
+            return cur.verifier.clone();
         };
         let now = match stamp(path) {
             Ok(s) => s,
             // Cannot even stat it: keep what is in force.
-            Err(_) => return cur.1.clone(),
+            Err(_) => return cur.verifier.clone(),
         };
-        if now != cur.0 {
-            let rebuilt = read_crls(path)
-                .and_then(|crls| build(self.roots.clone(), self.provider.clone(), crls));
+        if now != cur.stamp {
+            let has_list = cur.has_list;
+            let rebuilt = read_crls(path).and_then(|crls| {
+                if crls.is_empty() && has_list {
+                    return Err(format!("{} is missing or empty", path.display()));
+                }
+                let holds = !crls.is_empty();
+                build(self.roots.clone(), self.provider.clone(), crls).map(|v| (v, holds))
+            });
             match rebuilt {
-                Ok(v) => cur.1 = v,
+                Ok((v, holds)) => {
+                    cur.verifier = v;
+                    cur.has_list = holds;
+                }
                 Err(e) => eprintln!("tern-pki: {e}; the previous revocation list stays in force"),
             }
             // Also on failure: report a bad file once, not at every handshake.
-            cur.0 = now;
+            cur.stamp = now;
         }
-        cur.1.clone()
+        cur.verifier.clone()
     }
 }
 
@@ -181,6 +200,7 @@ impl ClientVerifier {
         mandatory: bool,
     ) -> Result<Self, String> {
         let (s, path, crls) = initial(crl)?;
+        let has_list = !crls.is_empty();
         let inner = build_client(mandatory, roots.clone(), provider.clone(), crls)?;
         let hints = inner.root_hint_subjects().to_vec();
         Ok(ClientVerifier {
@@ -188,7 +208,11 @@ impl ClientVerifier {
                 path,
                 roots,
                 provider,
-                current: Mutex::new((s, inner)),
+                current: Mutex::new(Current {
+                    stamp: s,
+                    verifier: inner,
+                    has_list,
+                }),
             },
             hints,
             mandatory,
@@ -257,13 +281,18 @@ impl ServerVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, String> {
         let (s, path, crls) = initial(crl)?;
+        let has_list = !crls.is_empty();
         let inner = build_server(roots.clone(), provider.clone(), crls)?;
         Ok(ServerVerifier {
             watch: Watch {
                 path,
                 roots,
                 provider,
-                current: Mutex::new((s, inner)),
+                current: Mutex::new(Current {
+                    stamp: s,
+                    verifier: inner,
+                    has_list,
+                }),
             },
         })
     }
@@ -306,5 +335,108 @@ impl ServerCertVerifier for ServerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner().supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IssueOptions, Role, files, init_ca, issue, revoke};
+
+    fn cert(dir: &Path) -> CertificateDer<'static> {
+        CertificateDer::from_pem_file(dir.join(files::CLIENT_CERT)).unwrap()
+    }
+
+    #[test]
+    fn a_followed_list_that_goes_missing_or_empty_keeps_the_last_good_one() {
+        let d = tempfile::tempdir().unwrap();
+        init_ca(d.path()).unwrap();
+        let opts = IssueOptions::default();
+        let srv = issue(d.path(), "srv", Role::Host, &opts).unwrap();
+        let bad = issue(d.path(), "bad", Role::User, &opts).unwrap();
+        let crl_path = srv.join(files::CA_CRL);
+        let before = fs::read(&crl_path).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(d.path().join(files::CA_CERT)).unwrap())
+            .unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v = ClientVerifier::new(
+            &CrlSource::Follow(crl_path.clone()),
+            Arc::new(roots),
+            provider,
+            true,
+        )
+        .unwrap();
+        let verify = || v.verify_client_cert(&cert(&bad), &[], UnixTime::now());
+        verify().expect("not revoked yet");
+
+        revoke(d.path(), "bad").unwrap();
+        let revoked = || {
+            matches!(
+                verify(),
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            )
+        };
+        assert!(revoked(), "{:?}", verify());
+        // Truncated (the first step of an in-place copy): the list stays.
+        fs::write(&crl_path, b"").unwrap();
+        assert!(
+            revoked(),
+            "an empty file undid the revocation: {:?}",
+            verify()
+        );
+        // Removed: the list stays.
+        fs::remove_file(&crl_path).unwrap();
+        assert!(
+            revoked(),
+            "a missing file undid the revocation: {:?}",
+            verify()
+        );
+        // Damaged: the list stays.
+        fs::write(&crl_path, b"not a CRL").unwrap();
+        assert!(
+            revoked(),
+            "a damaged file undid the revocation: {:?}",
+            verify()
+        );
+        // A valid list replaces it, even one that revokes less (an older copy put back).
+        fs::write(&crl_path, &before).unwrap();
+        verify().expect("the valid list written last is in force");
+    }
+
+    #[test]
+    fn a_followed_file_absent_at_start_means_no_list_until_one_appears() {
+        let d = tempfile::tempdir().unwrap();
+        init_ca(d.path()).unwrap();
+        let opts = IssueOptions::default();
+        let srv = issue(d.path(), "srv", Role::Host, &opts).unwrap();
+        let bad = issue(d.path(), "bad", Role::User, &opts).unwrap();
+        let crl_path = srv.join(files::CA_CRL);
+        fs::remove_file(&crl_path).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(d.path().join(files::CA_CERT)).unwrap())
+            .unwrap();
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let v = ClientVerifier::new(
+            &CrlSource::Follow(crl_path.clone()),
+            Arc::new(roots),
+            provider,
+            true,
+        )
+        .unwrap();
+        let verify = || v.verify_client_cert(&cert(&bad), &[], UnixTime::now());
+        verify().expect("no list: nothing revoked");
+        // An empty file is still no list.
+        fs::write(&crl_path, b"").unwrap();
+        verify().expect("an empty file: nothing revoked");
+        // The revocation (written into every issued directory) reaches it.
+        revoke(d.path(), "bad").unwrap();
+        assert!(verify().is_err(), "the list that appeared was not followed");
     }
 }
