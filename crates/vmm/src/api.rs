@@ -239,8 +239,11 @@ fn serve_connection(
         // The answer goes out before the stop: the VMM process may exit right after it.
         if stop_after {
             // Migrated (never after a failure: `stop_after` is false then): the frames that still
-            // reached this source's taps go on to the target before the taps close.
-            if matches!(stop_cause, Some(ApiStop::Migrated { .. })) {
+            // reached this source's taps go on to the target before the taps close. Not after
+            // post-copy: its phase ends long after the switch, so what the taps hold by then is
+            // old, and the senders have long heard the announce.
+            let post_copied = resp.report.as_ref().is_some_and(|r| r.post_copy.is_some());
+            if matches!(stop_cause, Some(ApiStop::Migrated { .. })) && !post_copied {
                 crate::migrate::forward_late_frames(vm);
             }
             *stopped_by.lock().unwrap_or_else(|e| e.into_inner()) = stop_cause;
