@@ -42,6 +42,10 @@ pub(crate) struct Ctx {
 /// How often the watcher looks for a receiver's listening socket: the migration waits for it,
 /// so a coarse poll adds up to a whole period to every move (it was 50 ms).
 const LISTEN_POLL: Duration = Duration::from_millis(2);
+/// How long the watcher polls at [`LISTEN_POLL`] (a receiver listens 3–13 ms after its spawn on
+/// the test cluster); a receiver not listening by then is looked for at [`WATCH_POLL`], so a
+/// stuck one does not cost ~500 reads of the namespace's socket tables a second.
+const LISTEN_FAST_FOR: Duration = Duration::from_millis(250);
 /// How often the watcher looks for a VMM's runtime entry otherwise.
 const WATCH_POLL: Duration = Duration::from_millis(50);
 
@@ -156,8 +160,13 @@ pub(crate) fn spawn_vmm(
         tokio::spawn(async move {
             let mut listening = listen.is_none();
             loop {
-                // A migration waits for the receiver to listen: look often until it does.
-                let poll = if listening { WATCH_POLL } else { LISTEN_POLL };
+                // A migration waits for the receiver to listen: look often until it does (for a
+                // while).
+                let poll = if listening || spawned.elapsed() > LISTEN_FAST_FOR {
+                    WATCH_POLL
+                } else {
+                    LISTEN_POLL
+                };
                 tokio::time::sleep(poll).await;
                 if !Path::new(&format!("/proc/{pid}")).exists() {
                     return;
