@@ -315,6 +315,10 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         opts.node_id,
         if tls.is_some() { " (TLS required)" } else { "" }
     );
+    // Our kept control connections to the other nodes are never used near their handshake
+    // deadline (ours: the cluster's nodes share `--handshake-timeout-ms`), which closes a
+    // connection idle in option haggling.
+    crate::control_conn::keep_idle_below(opts.handshake_timeout);
     let limits = tern_nbd::ListenerOptions {
         tls,
         max_connections: opts.max_connections,

@@ -107,6 +107,41 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether executing the request twice leaves the state, and gives the answer, of executing
+    /// it once: only such a request is sent again when a kept connection ends before its reply
+    /// began, since the server may have executed it ([`crate::control_conn`]).
+    ///
+    /// * `status`, `list`, `stat`: they read only.
+    /// * A lease `acquire` (a client's `lease`, a node's `coord_lease`, renewal or not): the
+    ///   lease table answers an acquire by the live holder with its lease as it is, renewed,
+    ///   at the same epoch (`LeaseOp::Acquire` in `lease.rs`), and a renewal extends it again.
+    /// * `allocate`: a logical extent already mapped is answered with the map as it is
+    ///   (`namespace::allocate`), so a second allocation maps nothing new.
+    ///
+    /// Not resent: `create` (a second one finds the file: `exists`), `remove` (`not_found`),
+    /// `release`, `handover`, `abort_handover`, `confirm_handover` (each moves the lease or its
+    /// epoch: a second one is refused as stale, or acts on the new state), `revoke` and
+    /// `fence_node` (a second one acts again and answers differently: no epoch dropped, no file
+    /// fenced), `resize` (an absolute size, but a resize by another client in between would
+    /// turn the second into a refusal; an operator's command, which fails as before).
+    pub fn is_idempotent(&self) -> bool {
+        match self {
+            Request::Status | Request::List | Request::Stat { .. } | Request::Allocate { .. } => {
+                true
+            }
+            Request::Lease { action, .. } | Request::CoordLease { action, .. } => {
+                *action == LeaseAction::Acquire
+            }
+            Request::Create { .. }
+            | Request::Remove { .. }
+            | Request::Resize { .. }
+            | Request::Revoke { .. }
+            | Request::FenceNode { .. } => false,
+        }
+    }
+}
+
 /// A request with its routing flag.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -741,7 +776,8 @@ impl Access {
 }
 
 /// Send an envelope as is, on a kept-alive connection to `addr` when one is idle
-/// ([`crate::control_conn`]).
+/// ([`crate::control_conn`]; sent again on a new connection after the kept one ended before the
+/// reply only when [`Request::is_idempotent`]).
 pub fn send(
     addr: &str,
     env: Envelope,
@@ -749,8 +785,9 @@ pub fn send(
 ) -> Result<Response, ControlError> {
     let bytes = serde_json::to_vec(&env)
         .map_err(|e| ControlError::new(ErrorKind::Failed, e.to_string()))?;
-    let reply =
-        crate::control_conn::exchange(addr, &bytes, timeout, client_tls()).map_err(|e| {
+    let resend = env.request.is_idempotent();
+    let reply = crate::control_conn::exchange(addr, &bytes, timeout, client_tls(), resend)
+        .map_err(|e| {
             ControlError::new(
                 ErrorKind::NoCoordinator,
                 format!("cannot reach node {addr}: {}", with_causes(&e)),
@@ -786,6 +823,63 @@ fn with_causes(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_reads_acquires_and_allocations_are_idempotent() {
+        let name = || "f".to_string();
+        let lease = |action| Request::Lease {
+            name: name(),
+            action,
+        };
+        let coord = |action, renew| Request::CoordLease {
+            name: name(),
+            node: 2,
+            epoch: 3,
+            action,
+            renew,
+        };
+        for r in [
+            Request::Status,
+            Request::List,
+            Request::Stat {
+                name: name(),
+                map: true,
+            },
+            Request::Allocate {
+                name: name(),
+                logical: 4,
+            },
+            lease(LeaseAction::Acquire),
+            coord(LeaseAction::Acquire, true),
+            coord(LeaseAction::Acquire, false),
+        ] {
+            assert!(r.is_idempotent(), "{r:?}");
+        }
+        for r in [
+            Request::Create {
+                name: name(),
+                size: 1,
+                preallocated: false,
+            },
+            Request::Remove { name: name() },
+            Request::Resize {
+                name: name(),
+                size: 1,
+            },
+            Request::Revoke { name: name() },
+            Request::FenceNode { node: 2 },
+            lease(LeaseAction::Release),
+            lease(LeaseAction::Handover { to: 3 }),
+            lease(LeaseAction::AbortHandover),
+            lease(LeaseAction::ConfirmHandover),
+            coord(LeaseAction::Release, false),
+            coord(LeaseAction::Handover { to: 3 }, false),
+            coord(LeaseAction::AbortHandover, false),
+            coord(LeaseAction::ConfirmHandover, false),
+        ] {
+            assert!(!r.is_idempotent(), "{r:?}");
+        }
+    }
 
     #[test]
     fn an_unreachable_node_is_reported_with_the_cause() {

@@ -7,8 +7,15 @@
 //! of requests, one at a time. The pool keeps, per node address (and plain or TLS), the
 //! connections that are idle: a request takes one (or opens one), sends, reads the reply and
 //! puts it back. A connection idle longer than the idle limit ([`set_idle_limit`], 5 s by
-//! default, under the server's 10 s handshake deadline that closes an idle one) is closed rather
-//! than reused.
+//! default; a node lowers it to half its server's handshake deadline, [`keep_idle_below`], since
+//! the server closes a connection idle in option haggling after that deadline, restarted after
+//! each request) is closed rather than reused.
+//!
+//! **Age cap.** A connection opened more than [`set_max_age`] ago (60 s by default) is closed at
+//! its next use instead of carrying the request, however busy it is: renewals every TTL/4 would
+//! otherwise keep it open forever, and certificates (and their revocation) are checked only at
+//! the TLS handshake. So a revoked certificate's connections are given up within the cap, and
+//! the next handshake meets the server's current revocation list.
 //!
 //! **Nothing about fencing rides on the connection.** The receiver decides every request on its
 //! own state when it reads it (a deposed coordinator answers `not_coordinator`, a stale epoch is
@@ -16,10 +23,15 @@
 //! coordinator when the coordinator changes ([`forget`]).
 //!
 //! **Resending.** A reused connection may have been closed by the server meanwhile (its handshake
-//! deadline, a restart). When sending on a reused connection fails, or it ends (EOF, reset)
-//! before the first byte of the reply, the server never took the request in: it is sent once
-//! more on a new connection. A timeout, or a failure after the reply began, is returned as is
-//! (the server may have acted), as with a new connection.
+//! deadline, a restart); one seen closed before sending is not used. When sending on a reused
+//! connection fails, or it ends (EOF, reset) before the first byte of the reply, the server may
+//! still have executed the request: it can have read the request whole and then crashed before
+//! replying, or its handshake deadline can have shut the socket down just after it read the
+//! request (the request is still executed, its reply lost). So only an idempotent request
+//! (`resend`, [`crate::control::Request::is_idempotent`]: running it twice leaves the state and
+//! the answer of running it once) is sent once more on a new connection; any other gets the
+//! error, as when every request had its own connection. A timeout, or a failure after the reply
+//! began, is returned as is.
 
 use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, BufWriter};
@@ -35,11 +47,17 @@ use tern_nbd::tls::{ClientTls, NetReader, NetWriter};
 /// Default of [`set_idle_limit`].
 pub const DEFAULT_IDLE_LIMIT: Duration = Duration::from_secs(5);
 
+/// Default of [`set_max_age`].
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
+
 /// Idle connections kept per node address; more are closed when they come back.
 const MAX_IDLE_PER_NODE: usize = 8;
 
 /// The idle limit in milliseconds ([`set_idle_limit`]).
 static IDLE_LIMIT_MS: AtomicU64 = AtomicU64::new(DEFAULT_IDLE_LIMIT.as_millis() as u64);
+
+/// The age cap in milliseconds ([`set_max_age`]).
+static MAX_AGE_MS: AtomicU64 = AtomicU64::new(DEFAULT_MAX_AGE.as_millis() as u64);
 
 /// Connections this process opened for control requests (for tests and measurements).
 static OPENED: AtomicU64 = AtomicU64::new(0);
@@ -59,6 +77,23 @@ pub fn set_idle_limit(limit: Duration) {
     }
 }
 
+/// Lower the idle limit to half of `server_deadline` if it is above that: a node calls it with
+/// its own server's handshake deadline (the cluster's nodes share `--handshake-timeout-ms`), so
+/// a kept connection is never used near the moment the peer's deadline closes it.
+pub fn keep_idle_below(server_deadline: Duration) {
+    let half = (server_deadline / 2).as_millis() as u64;
+    IDLE_LIMIT_MS.fetch_min(half, Ordering::SeqCst);
+    if half == 0 {
+        drop(pool().take());
+    }
+}
+
+/// Close a connection opened more than `age` ago at its next use instead of reusing it, however
+/// recently it was used (certificates are checked only when a connection is opened).
+pub fn set_max_age(age: Duration) {
+    MAX_AGE_MS.store(age.as_millis() as u64, Ordering::SeqCst);
+}
+
 /// How many control connections this process has opened.
 pub fn opened_connections() -> u64 {
     OPENED.load(Ordering::SeqCst)
@@ -66,13 +101,31 @@ pub fn opened_connections() -> u64 {
 
 /// Close the idle connections to `addr` (the coordinator changed: the next request opens anew).
 pub fn forget(addr: &str) {
+    let mut closed = Vec::new();
     if let Some(p) = pool().as_mut() {
-        p.retain(|(a, _), _| a != addr);
+        p.retain(|(a, _), conns| {
+            if a == addr {
+                closed.append(conns);
+            }
+            a != addr
+        });
     }
+    // Closed outside the pool's lock (each sends NBD_OPT_ABORT).
+    drop(closed);
 }
 
 fn idle_limit() -> Duration {
     Duration::from_millis(IDLE_LIMIT_MS.load(Ordering::SeqCst))
+}
+
+fn max_age() -> Duration {
+    Duration::from_millis(MAX_AGE_MS.load(Ordering::SeqCst))
+}
+
+/// Whether a kept connection may carry another request: idle for less than `idle_limit` and
+/// opened less than `max_age` ago.
+fn reusable(idle: Duration, age: Duration, idle_limit: Duration, max_age: Duration) -> bool {
+    idle < idle_limit && age < max_age
 }
 
 fn pool() -> MutexGuard<'static, Option<Idle>> {
@@ -84,6 +137,7 @@ struct Conn {
     r: BufReader<NetReader>,
     w: BufWriter<NetWriter>,
     idle_since: Instant,
+    opened_at: Instant,
 }
 
 impl Drop for Conn {
@@ -102,20 +156,24 @@ impl Drop for Conn {
 
 /// How a request on a connection failed.
 enum Failure {
-    /// Before the server can have taken the request in (sending failed, or the connection
-    /// ended before the first byte of the reply): safe to send again.
-    NotTaken(ClientError),
+    /// Sending failed, or the connection ended before the first byte of the reply: the server
+    /// may or may not have executed the request (it may have read it whole and then crashed, or
+    /// been shut down by its handshake deadline before replying).
+    Closed(ClientError),
     /// Anything else (a timeout, a broken reply, a refusal).
     Other(ClientError),
 }
 
 /// Send one control request to the node at `addr` and return the reply's bytes, on a kept
-/// connection when one is idle, else on a new one (kept afterwards).
+/// connection when one is idle, else on a new one (kept afterwards). `resend`: the request is
+/// idempotent, so when a kept connection fails or ends before the reply begins, it is sent once
+/// more on a new connection; otherwise that error is returned.
 pub fn exchange(
     addr: &str,
     request: &[u8],
     timeout: Duration,
     tls: Option<&ClientTls>,
+    resend: bool,
 ) -> Result<Vec<u8>, ClientError> {
     let key = (addr.to_owned(), tls.is_some());
     if let Some(mut conn) = take_idle(&key) {
@@ -124,8 +182,8 @@ pub fn exchange(
                 put_back(key, conn);
                 return Ok(reply);
             }
-            Err(Failure::NotTaken(_)) => {}
-            Err(Failure::Other(e)) => return Err(e),
+            Err(Failure::Closed(_)) if resend => {}
+            Err(Failure::Closed(e) | Failure::Other(e)) => return Err(e),
         }
     }
     let mut conn = Conn::open(addr, timeout, tls)?;
@@ -134,22 +192,23 @@ pub fn exchange(
             put_back(key, conn);
             Ok(reply)
         }
-        Err(Failure::NotTaken(e) | Failure::Other(e)) => Err(e),
+        Err(Failure::Closed(e) | Failure::Other(e)) => Err(e),
     }
 }
 
-/// An idle connection to `key` still young enough and not closed by the server; older ones go.
+/// An idle connection to `key` not idle too long, not past the age cap and not closed by the
+/// server; the others go.
 fn take_idle(key: &(String, bool)) -> Option<Conn> {
-    let limit = idle_limit();
+    let (limit, age) = (idle_limit(), max_age());
     let mut closed = Vec::new();
     let found = {
         let mut g = pool();
         let p = g.get_or_insert_with(HashMap::new);
         // Every node's stale connections go, not only this one's.
         for conns in p.values_mut() {
-            let (keep, old) = conns
-                .drain(..)
-                .partition(|c: &Conn| c.idle_since.elapsed() < limit);
+            let (keep, old) = conns.drain(..).partition(|c: &Conn| {
+                reusable(c.idle_since.elapsed(), c.opened_at.elapsed(), limit, age)
+            });
             *conns = keep;
             closed.extend(old);
         }
@@ -172,7 +231,7 @@ fn take_idle(key: &(String, bool)) -> Option<Conn> {
 }
 
 fn put_back(key: (String, bool), mut conn: Conn) {
-    if idle_limit().is_zero() {
+    if idle_limit().is_zero() || conn.opened_at.elapsed() >= max_age() {
         return;
     }
     conn.idle_since = Instant::now();
@@ -192,10 +251,12 @@ impl Conn {
     fn open(addr: &str, timeout: Duration, tls: Option<&ClientTls>) -> Result<Conn, ClientError> {
         let (r, w) = client::option_channel(addr, timeout, tls, 16 * 1024)?;
         OPENED.fetch_add(1, Ordering::SeqCst);
+        let now = Instant::now();
         Ok(Conn {
             r,
             w,
-            idle_since: Instant::now(),
+            idle_since: now,
+            opened_at: now,
         })
     }
 
@@ -229,12 +290,12 @@ impl Conn {
             if is_timeout(&e) {
                 Failure::Other(e.into())
             } else {
-                Failure::NotTaken(e.into())
+                Failure::Closed(e.into())
             }
         })?;
         match self.r.fill_buf() {
             Ok([]) => {
-                return Err(Failure::NotTaken(
+                return Err(Failure::Closed(
                     io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "the node closed the connection",
@@ -244,7 +305,7 @@ impl Conn {
             }
             Ok(_) => {}
             Err(e) if is_timeout(&e) => return Err(Failure::Other(e.into())),
-            Err(e) => return Err(Failure::NotTaken(e.into())),
+            Err(e) => return Err(Failure::Closed(e.into())),
         }
         let (reply, data) = client::recv_option(&mut self.r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)
             .map_err(Failure::Other)?;
@@ -285,14 +346,19 @@ mod tests {
         Ok(u64::from_be_bytes(b))
     }
 
+    /// Requests a scripted server read: (connection number, request).
+    type Seen = Vec<(usize, Vec<u8>)>;
+
     /// A scripted plain server: greets, then answers each control request on a connection with
     /// its data reversed; on connection 1, the second request is read and the connection closed
-    /// without a reply (the server going away as the request arrives).
-    fn scripted_server() -> (String, std::thread::JoinHandle<usize>) {
+    /// without a reply (the server going away, or its deadline firing, once it has read the
+    /// request). Returns every request it read, with the connection (1, 2) it came on.
+    fn scripted_server() -> (String, std::thread::JoinHandle<Seen>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let h = std::thread::spawn(move || {
             let mut connections = 0;
+            let mut seen = Vec::new();
             for s in l.incoming() {
                 connections += 1;
                 let mut s = s.unwrap();
@@ -312,6 +378,7 @@ mod tests {
                     if option == OPT_ABORT {
                         break;
                     }
+                    seen.push((connections, data.clone()));
                     if connections == 1 && answered == 1 {
                         break;
                     }
@@ -325,23 +392,74 @@ mod tests {
                     answered += 1;
                 }
                 if connections == 2 {
-                    return connections;
+                    break;
                 }
             }
-            connections
+            seen
         });
         (addr, h)
     }
 
     #[test]
-    fn a_request_the_server_closed_on_unanswered_is_sent_again_on_a_new_connection() {
+    fn an_idempotent_request_the_server_closed_on_unanswered_is_sent_again() {
         let (addr, server) = scripted_server();
         let t = Duration::from_secs(5);
-        assert_eq!(exchange(&addr, b"abc", t, None).unwrap(), b"cba");
+        assert_eq!(exchange(&addr, b"abc", t, None, true).unwrap(), b"cba");
         // Kept: the second request goes on the same connection, which the server closes
         // without answering; it is sent again on a second connection and answered there.
-        assert_eq!(exchange(&addr, b"xyz", t, None).unwrap(), b"zyx");
+        assert_eq!(exchange(&addr, b"xyz", t, None, true).unwrap(), b"zyx");
         forget(&addr);
-        assert_eq!(server.join().unwrap(), 2, "two connections in all");
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                (1, b"abc".to_vec()),
+                (1, b"xyz".to_vec()),
+                (2, b"xyz".to_vec())
+            ],
+            "read on the kept connection, then again on a new one"
+        );
+    }
+
+    #[test]
+    fn another_request_the_server_closed_on_unanswered_is_not_sent_again() {
+        let (addr, server) = scripted_server();
+        let t = Duration::from_secs(5);
+        assert_eq!(exchange(&addr, b"abc", t, None, false).unwrap(), b"cba");
+        // The server read it and may have executed it: the error is returned, not a resend.
+        let e = exchange(&addr, b"xyz", t, None, false).expect_err("no reply came");
+        assert!(
+            matches!(&e, ClientError::Io(io) if matches!(
+                io.kind(),
+                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
+            )),
+            "{e:?}"
+        );
+        // The next request opens a new connection.
+        assert_eq!(exchange(&addr, b"123", t, None, false).unwrap(), b"321");
+        forget(&addr);
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [
+                (1, b"abc".to_vec()),
+                (1, b"xyz".to_vec()),
+                (2, b"123".to_vec())
+            ],
+            "the unanswered request was read once"
+        );
+    }
+
+    #[test]
+    fn a_connection_is_reusable_only_within_the_idle_limit_and_the_age_cap() {
+        let ms = Duration::from_millis;
+        let (idle, age) = (ms(5000), ms(60_000));
+        assert!(reusable(ms(10), ms(59_999), idle, age));
+        assert!(!reusable(ms(10), ms(60_000), idle, age), "too old");
+        assert!(!reusable(ms(5000), ms(10), idle, age), "idle too long");
+        assert!(
+            !reusable(ms(0), ms(0), Duration::ZERO, age),
+            "keeping is off"
+        );
     }
 }

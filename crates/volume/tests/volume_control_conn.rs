@@ -1,7 +1,8 @@
 //! Kept-alive control connections (`control_conn`), over mutual TLS as in a cluster with
 //! `--tls-dir`: a VM disk's lease renewals to its node, and the node's forwards to the
 //! coordinator, each use one connection however many there are; a connection the server closed
-//! is reopened without the request failing; after a coordinator change a request on the old
+//! is reopened without the request failing; one older than the age cap is replaced however busy
+//! it is; after a coordinator change a request on the old
 //! coordinator's connection is still refused, and the renewals go to the new one.
 //!
 //! Connections are counted by the servers (the distinct client addresses their control requests
@@ -87,10 +88,14 @@ fn pki() -> &'static Pki {
     })
 }
 
-/// Tests here share the process's pool and counters: one at a time.
+/// Tests here share the process's pool and counters: one at a time, each from the default idle
+/// limit and age cap.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    control_conn::set_idle_limit(control_conn::DEFAULT_IDLE_LIMIT);
+    control_conn::set_max_age(control_conn::DEFAULT_MAX_AGE);
+    g
 }
 
 struct TestNode {
@@ -279,6 +284,31 @@ fn connections_idle_past_the_limit_are_not_reused() {
     // The server closed its end of the old ones when the client did (NBD_OPT_ABORT): none is
     // left for its handshake deadline.
     assert_eq!(n2.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn connections_older_than_the_age_cap_are_not_reused_however_busy() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let (n1, n2, epoch) = two_nodes(dir.path(), Duration::from_secs(10));
+    control_conn::set_max_age(Duration::from_millis(300));
+    let (c1, c2) = (n1.exports.connections(), n2.exports.connections());
+    // A renewal every 50 ms for 1 s: never idle near the 5 s limit, so only the age cap can
+    // end a connection.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        assert_eq!(renew(&n2.addr, "f"), epoch);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    control_conn::set_max_age(control_conn::DEFAULT_MAX_AGE);
+    let (d1, d2) = (n1.exports.connections() - c1, n2.exports.connections() - c2);
+    // 1 s of connections at most 300 ms old each: at least 3 new ones per hop; far fewer than
+    // one per renewal (~20).
+    assert!((3..=10).contains(&d2), "node 2: {d2} new connections");
+    assert!((3..=10).contains(&d1), "node 1: {d1} new connections");
+    // The old ones were closed by the client (NBD_OPT_ABORT), not left to the server's deadline.
+    assert_eq!(n2.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
+    assert_eq!(n1.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
 }
 
 #[test]
