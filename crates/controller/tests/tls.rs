@@ -4,7 +4,8 @@
 //!
 //! Refused: plain TCP (no TLS), a client certificate of another CA, an expired one, no
 //! credentials (401), an unknown bearer token (401), a host certificate used as a user (403), a
-//! viewer changing anything (403 naming the role needed), a host reporting for another host.
+//! viewer changing anything (403 naming the role needed), a host reporting for another host, a
+//! client revoked after it was served (no session is ever resumed, so a saved ticket does not help).
 //! After every refusal the legitimate admin is still served. And the controller's client sends a
 //! command meant for one host only to a server holding that host's certificate.
 
@@ -507,4 +508,70 @@ async fn a_command_for_one_host_is_not_sent_to_another_hosts_certificate() {
     })
     .await;
     assert!(matches!(r, Err(http::HttpError::WrongPeer { .. })), "{r:?}");
+}
+
+/// One request over raw rustls with `cfg` (its session store kept between calls): how the
+/// handshake went and the HTTP status line, or why it failed.
+fn raw_get(
+    addr: std::net::SocketAddr,
+    cfg: Arc<rustls::ClientConfig>,
+) -> Result<(Option<rustls::HandshakeKind>, String), String> {
+    let name = rustls::pki_types::ServerName::try_from("ctl").unwrap();
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+    let tcp = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    tls.write_all(b"GET /v1/vms HTTP/1.1\r\nHost: ctl\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    // The server closes without close_notify after `Connection: close`: what was read counts.
+    let read = tls.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.lines().next().unwrap_or("").to_owned();
+    if !status.starts_with("HTTP/1.1") {
+        return Err(format!("no HTTP answer ({read:?})"));
+    }
+    Ok((tls.conn.handshake_kind(), status))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_session_is_resumed_so_a_revoked_client_with_a_saved_ticket_is_refused() {
+    let api = Api::start().await;
+    let addr = api.addr;
+    // rustls' default client: keeps tickets and offers them on the next connection.
+    let client_cfg = |name: &str| {
+        let dir = api.pki.dir(name);
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots(&dir.join("ca-cert.pem")))
+                .with_client_auth_cert(
+                    certs(&dir.join("client-cert.pem")),
+                    key(&dir.join("client-key.pem")),
+                )
+                .unwrap(),
+        )
+    };
+    let get =
+        |cfg: Arc<rustls::ClientConfig>| tokio::task::spawn_blocking(move || raw_get(addr, cfg));
+
+    // The admin connects twice: both handshakes are full (nothing to resume).
+    let alice = client_cfg("alice");
+    for _ in 0..2 {
+        let (kind, status) = get(alice.clone()).await.unwrap().unwrap();
+        assert_eq!(kind, Some(rustls::HandshakeKind::Full), "{status}");
+        assert!(status.contains(" 200 "), "{status}");
+    }
+
+    // Bob is served, then revoked; his next connection, offering whatever the first left him,
+    // is refused at the handshake.
+    let bob = client_cfg("bob");
+    let (kind, status) = get(bob.clone()).await.unwrap().unwrap();
+    assert_eq!(kind, Some(rustls::HandshakeKind::Full), "{status}");
+    assert!(status.starts_with("HTTP/1.1"), "{status}");
+    tern_pki::revoke(&api.pki.ca, "bob").unwrap();
+    let r = get(bob).await.unwrap();
+    assert!(r.is_err(), "a revoked client was served: {r:?}");
+    api.still_serves_the_admin().await;
 }

@@ -92,6 +92,11 @@ impl ServerTls {
             .with_single_cert(chain, key)
             .map_err(|e| bad(e.to_string()))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // Every connection authenticates in full, as `TlsDir`'s: on a resumption rustls restores
+        // the stored client certificate without asking the verifier, so a ticket saved before a
+        // `tern pki revoke` would let the revoked key back in. No tickets, no session cache.
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         Ok(ServerTls {
             identity: loaded.identity().clone(),
             config: Arc::new(config),
