@@ -1825,7 +1825,9 @@ fn make_pki(
             .with_context(|| format!("cannot issue the certificate of {name}"))
             .map(|_| ())
     };
-    issue("etcd", Role::Controller, &with_san(control_addr))?;
+    // etcd's own certificate with the narrowest role that serves: it is no controller, so its key
+    // (on the etcd machine) cannot command agents or fence volume nodes.
+    issue("etcd", Role::Host, &with_san(control_addr))?;
     for (i, addr) in hosts.iter().enumerate() {
         issue(&host_name(i), Role::Host, &with_san(*addr))?;
         // The host's volume node: its certificate names the node id, and its address as SAN

@@ -31,10 +31,11 @@ pub enum PkiCommand {
     ///
     /// The new list, signed by the CA, is written to DIR/ca-crl.pem and into every directory
     /// under DIR that `tern pki issue` made (DIR/*/ca-crl.pem). Every Tern process (and QEMU's
-    /// tls-creds-x509) checks the ca-crl.pem of its --tls-dir: the controller, the agents and
-    /// etcd (--client-crl-file) from their next connection on, without a restart; volume nodes
-    /// and VMMs when they start. Copy it into any --tls-dir kept elsewhere. Connections already
-    /// open stay open.
+    /// tls-creds-x509) checks the ca-crl.pem of its --tls-dir: the controller, the agents, the
+    /// volume nodes' servers and etcd (--client-crl-file) from their next connection on, without
+    /// a restart; a volume node's own connections to other nodes, and VMMs, as the list was when
+    /// they started. Copy it into any --tls-dir kept elsewhere (write and rename). Connections
+    /// already open stay open.
     #[command(
         after_help = "Examples:\n  tern pki revoke --dir /etc/tern/pki node-a\n  tern pki revoke --dir /etc/tern/pki 3f:09:a1:5c:02:7e:d4:11"
     )]
