@@ -472,8 +472,9 @@ pub struct Progress {
 /// The final report of a migration, successful or not.
 ///
 /// Serialises to JSON with exactly the fields `total_ms`, `downtime_ms`, `rounds`,
-/// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`, and
-/// `downtime_steps` when the migration completed (absent otherwise).
+/// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`,
+/// `downtime_steps` when the migration completed, `post_copy` after a switch to post-copy and
+/// `rounds_detail` once a round ran (each absent otherwise).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationReport {
     /// Start of the handshake → end (ack, or source resumed), ms.
@@ -495,11 +496,81 @@ pub struct MigrationReport {
     pub outcome: Outcome,
     /// A completed migration's pause step by step, in order; the steps' `us` add up to the
     /// downtime. Empty (and absent from the JSON) otherwise.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub downtime_steps: Vec<DowntimeStep>,
+    /// (A boxed slice, like `rounds_detail` boxed: a failed migration's error carries the
+    /// report, which stays small.)
+    #[serde(default, skip_serializing_if = "<[DowntimeStep]>::is_empty")]
+    pub downtime_steps: Box<[DowntimeStep]>,
     /// The post-copy phase of a migration that switched to post-copy (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy: Option<Box<PostCopyFigures>>,
+    /// Round by round, in order (absent from an older VMM's report and when no round ran): one
+    /// entry per round counted in `rounds`, the stop-and-copy round last. One pointer wide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[allow(clippy::box_collection)]
+    pub rounds_detail: Option<Box<Vec<RoundFigures>>>,
+}
+
+/// What one round of a migration did (docs/migration.md, "The report").
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoundFigures {
+    /// The round (0 = the full copy).
+    pub round: u32,
+    /// The round's start → its end (the dirty-log sync; the final pages written for the
+    /// stop-and-copy round), µs.
+    pub us: u64,
+    /// Pages sent with their data.
+    pub pages_data: u64,
+    /// Zero pages: sent as a marker, or skipped.
+    pub pages_zero: u64,
+    /// Bytes the round wrote to the data streams (frame headers and its end included).
+    pub bytes: u64,
+    /// Pages found dirty at the round's end: the next round's work (0 after stop-and-copy).
+    pub dirty_pages: u64,
+    /// The throttle in force during the round, percent.
+    pub throttle_pct: f64,
+    /// What the convergence policy decided at the round's end.
+    pub decision: RoundDecision,
+}
+
+/// The convergence policy's decision at the end of a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundDecision {
+    /// Another round: the remainder is above the budget.
+    Continue,
+    /// Another round under a stronger throttle.
+    Throttle,
+    /// Another round although the remainder fits the budget: predicted to shrink the pause.
+    Shrink,
+    /// Switch over: the remainder fits the budget.
+    SwitchOver,
+    /// Switch over at the timeout, the budget not met.
+    ForcedSwitchOver,
+    /// Give up at the timeout.
+    Abort,
+    /// Switch to post-copy (`--post-copy-after`): the remainder is owed.
+    PostCopy,
+    /// The stop-and-copy round (the VM paused).
+    StopAndCopy,
+    /// The round did not end (the migration failed or was cancelled in it).
+    Unfinished,
+}
+
+impl RoundDecision {
+    /// The decision's name on the wire (`continue`, `shrink`, `switch_over`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoundDecision::Continue => "continue",
+            RoundDecision::Throttle => "throttle",
+            RoundDecision::Shrink => "shrink",
+            RoundDecision::SwitchOver => "switch_over",
+            RoundDecision::ForcedSwitchOver => "forced_switch_over",
+            RoundDecision::Abort => "abort",
+            RoundDecision::PostCopy => "post_copy",
+            RoundDecision::StopAndCopy => "stop_and_copy",
+            RoundDecision::Unfinished => "unfinished",
+        }
+    }
 }
 
 /// What the post-copy phase of a migration (`--post-copy-after`) did.
@@ -732,8 +803,9 @@ mod tests {
             throttle_max_pct: 97.5,
             converged: true,
             outcome,
-            downtime_steps: Vec::new(),
+            downtime_steps: Box::default(),
             post_copy: None,
+            rounds_detail: None,
         }
     }
 
@@ -1018,6 +1090,65 @@ mod tests {
         assert_eq!(v["outcome"], "timed_out");
         assert_eq!(v["downtime_ms"], 9);
         assert_eq!(v["throttle_max_pct"], 97.5);
+    }
+
+    #[test]
+    fn rounds_detail_round_trips_and_a_report_without_it_still_reads() {
+        let mut r = report(Outcome::Completed);
+        r.rounds_detail = Some(Box::new(vec![
+            RoundFigures {
+                round: 0,
+                us: 260_000,
+                pages_data: 16_000,
+                pages_zero: 500,
+                bytes: 66_000_000,
+                dirty_pages: 1_200,
+                throttle_pct: 0.0,
+                decision: RoundDecision::Shrink,
+            },
+            RoundFigures {
+                round: 1,
+                us: 3_000,
+                pages_data: 1_200,
+                pages_zero: 0,
+                bytes: 4_254_592,
+                dirty_pages: 0,
+                throttle_pct: 0.0,
+                decision: RoundDecision::StopAndCopy,
+            },
+        ]));
+        let text = r.to_json();
+        assert!(text.contains(r#""decision":"shrink""#), "{text}");
+        assert!(text.contains(r#""decision":"stop_and_copy""#), "{text}");
+        let back: MigrationReport = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        // A reader that knows no rounds_detail (an older agent) ignores it, and this one reads
+        // an older VMM's report as having none.
+        #[derive(Deserialize)]
+        struct Older {
+            rounds: u32,
+        }
+        assert_eq!(serde_json::from_str::<Older>(&text).unwrap().rounds, 3);
+        let older = report(Outcome::Completed).to_json();
+        assert!(!older.contains("rounds_detail"), "{older}");
+        let read: MigrationReport = serde_json::from_str(&older).unwrap();
+        assert_eq!(read.rounds_detail, None);
+        for d in [
+            RoundDecision::Continue,
+            RoundDecision::Throttle,
+            RoundDecision::Shrink,
+            RoundDecision::SwitchOver,
+            RoundDecision::ForcedSwitchOver,
+            RoundDecision::Abort,
+            RoundDecision::PostCopy,
+            RoundDecision::StopAndCopy,
+            RoundDecision::Unfinished,
+        ] {
+            assert_eq!(
+                serde_json::to_value(d).unwrap(),
+                serde_json::Value::from(d.as_str())
+            );
+        }
     }
 
     #[test]

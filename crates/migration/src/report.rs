@@ -8,4 +8,5 @@
 
 pub use tern_api::vmm::{
     DowntimeStep, MigrationReport, Outcome, PauseStep, PostCopyFigures, Progress, ProgressPhase,
+    RoundDecision, RoundFigures,
 };

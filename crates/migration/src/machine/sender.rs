@@ -4,9 +4,11 @@
 
 use std::time::Duration;
 
+use crate::PAGE_SIZE;
 use crate::machine::policy::{BandwidthEstimator, ConvergenceConfig, Decision, SyncInput};
 use crate::report::{
     DowntimeStep, MigrationReport, Outcome, PauseStep, PostCopyFigures, Progress, ProgressPhase,
+    RoundDecision, RoundFigures,
 };
 use crate::wire::{
     Frame, FrameKind, MAX_STREAMS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, TargetTimings,
@@ -267,6 +269,11 @@ pub struct Sender {
     dirty_rate: f64,
     /// Bytes sent since the last sync (the round under way).
     round_sent: u64,
+    /// The round under way: when it started (since the start), data pages, zero pages.
+    round_start: Duration,
+    round_pages: (u64, u64),
+    /// The rounds that ended, for the report.
+    rounds_detail: Vec<RoundFigures>,
     /// Syncs in a row whose remainder fit the budget (rounds spent shrinking the pause).
     fitted_in_a_row: u32,
     paused_at: Option<Duration>,
@@ -318,6 +325,9 @@ impl Sender {
             last_sync: Duration::ZERO,
             dirty_rate: 0.0,
             round_sent: 0,
+            round_start: Duration::ZERO,
+            round_pages: (0, 0),
+            rounds_detail: Vec::new(),
             fitted_in_a_row: 0,
             paused_at: None,
             state_saved: false,
@@ -422,6 +432,7 @@ impl Sender {
         self.expect(SenderPhase::Handshake, "accept a welcome")?;
         self.phase = SenderPhase::PreCopy;
         self.last_sync = now;
+        self.round_start = now;
         Ok(())
     }
 
@@ -445,6 +456,30 @@ impl Sender {
                 event: "send pages",
             }),
         }
+    }
+
+    /// The round under way handled `data` pages sent with their data and `zero` zero pages (sent
+    /// as a marker or skipped), for the report's rounds.
+    pub fn pages(&mut self, data: u64, zero: u64) {
+        self.round_pages.0 += data;
+        self.round_pages.1 += zero;
+    }
+
+    /// Closes the round under way into the report's rounds.
+    fn end_round(&mut self, now: Duration, dirty_bytes: u64, decision: RoundDecision) {
+        self.rounds_detail.push(RoundFigures {
+            round: self.round,
+            us: now.saturating_sub(self.round_start).as_micros() as u64,
+            pages_data: self.round_pages.0,
+            pages_zero: self.round_pages.1,
+            bytes: self.round_sent,
+            dirty_pages: dirty_bytes.div_ceil(PAGE_SIZE),
+            throttle_pct: self.throttle_pct,
+            decision,
+        });
+        self.round_start = now;
+        self.round_pages = (0, 0);
+        self.round_sent = 0;
     }
 
     /// The end of the current pre-copy round was sent on every data stream: the target's
@@ -547,7 +582,16 @@ impl Sender {
             .expected_downtime(dirty_bytes, self.bandwidth.bytes_per_sec())
             .is_some_and(|d| d <= self.cfg.downtime_budget);
         self.fitted_in_a_row = if fits { self.fitted_in_a_row + 1 } else { 0 };
-        self.round_sent = 0;
+        let kind = match decision {
+            Decision::Continue if fits => RoundDecision::Shrink,
+            Decision::Continue => RoundDecision::Continue,
+            Decision::Throttle(_) => RoundDecision::Throttle,
+            Decision::SwitchOver { forced: false } => RoundDecision::SwitchOver,
+            Decision::SwitchOver { forced: true } => RoundDecision::ForcedSwitchOver,
+            Decision::Abort => RoundDecision::Abort,
+        };
+        // The throttle recorded is the one the round ran under (the decision changes it next).
+        self.end_round(now, dirty_bytes, kind);
         self.awaiting_round = None;
         match decision {
             Decision::Continue => self.round += 1,
@@ -569,9 +613,15 @@ impl Sender {
     /// The source VM is paused: stop-and-copy begins.
     pub fn paused(&mut self, now: Duration) -> Result<(), InvalidTransition> {
         self.expect(SenderPhase::PreCopy, "pause the VM")?;
+        if self.dirty_log_on && self.rounds_detail.last().map(|r| r.round) != Some(self.round) {
+            // A pre-copy round that ended without a sync decision: the switch to post-copy.
+            // Its remainder is owed (the report's `post_copy.pages_owed`), not dirty for a round.
+            self.end_round(now, 0, RoundDecision::PostCopy);
+        }
         self.phase = SenderPhase::StopAndCopy;
         self.paused_at = Some(now);
         self.round += 1;
+        self.round_start = now;
         Ok(())
     }
 
@@ -605,6 +655,9 @@ impl Sender {
             });
         }
         self.pause_marks.push((step, now, bytes));
+        if step == PauseStep::FinalPages {
+            self.end_round(now, 0, RoundDecision::StopAndCopy);
+        }
         Ok(())
     }
 
@@ -752,12 +805,36 @@ impl Sender {
             converged: self.converged && outcome == Outcome::Completed,
             outcome,
             downtime_steps: if outcome == Outcome::Completed {
-                self.downtime_steps.clone()
+                self.downtime_steps.clone().into_boxed_slice()
             } else {
-                Vec::new()
+                Box::default()
             },
             post_copy: self.post_copy.clone(),
+            rounds_detail: self.rounds_detail(now),
         }
+    }
+
+    /// The report's rounds: those that ended, then the one under way if the migration ended in
+    /// it (`None` if the dirty log was never armed: no round counted).
+    #[allow(clippy::box_collection)] // the report's field: one pointer wide
+    fn rounds_detail(&self, now: Duration) -> Option<Box<Vec<RoundFigures>>> {
+        if !self.dirty_log_on {
+            return None;
+        }
+        let mut rounds = self.rounds_detail.clone();
+        if rounds.last().map(|r| r.round) != Some(self.round) {
+            rounds.push(RoundFigures {
+                round: self.round,
+                us: now.saturating_sub(self.round_start).as_micros() as u64,
+                pages_data: self.round_pages.0,
+                pages_zero: self.round_pages.1,
+                bytes: self.round_sent,
+                dirty_pages: 0,
+                throttle_pct: self.throttle_pct,
+                decision: RoundDecision::Unfinished,
+            });
+        }
+        Some(Box::new(rounds))
     }
 
     /// The phase shown in progress reports.
@@ -1187,6 +1264,96 @@ mod tests {
         let mut s = drive("refuse");
         s.finish(Ending::Failed);
         assert_eq!(s.report(ms(20), ms(20), 10, 0).rounds, 0);
+    }
+
+    #[test]
+    fn the_rounds_in_the_report_add_up_to_its_totals() {
+        // About 1 MiB per ms: a saturated full copy (throttled), a round whose remainder fits
+        // the budget but is worth shrinking, one that switches over, then the stop-and-copy.
+        let mut s = Sender::new(ConvergenceConfig::default()).with_versions((1, 2));
+        s.heard(ms(0), Frame::Welcome { version: 2 }).unwrap();
+        s.accepted(ms(1)).unwrap();
+        s.dirty_log_armed().unwrap();
+        let round = |s: &mut Sender, data: u64, zero: u64, bytes: u64, at: u64, dirty: u64| {
+            s.pages(data, zero);
+            s.sent(bytes, ms(bytes >> 20)).unwrap();
+            let r = s.round_end_sent().unwrap();
+            s.heard(ms(at), Frame::RoundAck { round: r }).unwrap();
+            s.synced(ms(at), dirty).unwrap()
+        };
+        assert_eq!(
+            round(&mut s, 66_000, 500, 260 << 20, 261, 256 << 20),
+            Decision::Throttle(90.0)
+        );
+        assert_eq!(
+            round(&mut s, 65_536, 0, 256 << 20, 517, 20 << 20),
+            Decision::Continue
+        );
+        assert_eq!(
+            round(&mut s, 5_120, 0, 20 << 20, 537, 64 << 10),
+            Decision::SwitchOver { forced: false }
+        );
+        s.paused(ms(540)).unwrap();
+        s.pages(14, 2);
+        s.sent(70_000, ms(1)).unwrap();
+        s.pause_step(PauseStep::DirtyLog, ms(541), 0).unwrap();
+        s.pause_step(PauseStep::FinalPages, ms(543), 70_000)
+            .unwrap();
+        s.state_saved().unwrap();
+        s.storage_released().unwrap();
+        s.commit_sent().unwrap();
+        s.heard(ms(560), Frame::Running { timings: None }).unwrap();
+        s.finish(Ending::Completed);
+        let total_sent = (260u64 << 20) + (256 << 20) + (20 << 20) + 70_000;
+        let r = s.report(ms(560), ms(560), total_sent, 502);
+        let rounds = *r.rounds_detail.clone().unwrap();
+        let shown: Vec<_> = rounds
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} {}us {}+{} {}B dirty {} at {}% {}",
+                    d.round,
+                    d.us,
+                    d.pages_data,
+                    d.pages_zero,
+                    d.bytes,
+                    d.dirty_pages,
+                    d.throttle_pct,
+                    d.decision.as_str()
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "0 260000us 66000+500 272629760B dirty 65536 at 0% throttle",
+                "1 256000us 65536+0 268435456B dirty 5120 at 90% shrink",
+                "2 20000us 5120+0 20971520B dirty 16 at 90% switch_over",
+                "3 3000us 14+2 70000B dirty 0 at 90% stop_and_copy",
+            ]
+        );
+        assert_eq!(rounds.len() as u32, r.rounds);
+        assert_eq!(rounds.iter().map(|d| d.bytes).sum::<u64>(), r.bytes_sent);
+        let round_ms = rounds.iter().map(|d| d.us).sum::<u64>() / 1000;
+        assert!(
+            round_ms <= r.total_ms,
+            "{round_ms} ms of rounds in {} ms",
+            r.total_ms
+        );
+
+        // Failed in the middle of a round: that round is there, unfinished, and still counted.
+        let mut s = drive("welcome accept arm round");
+        s.pages(10, 1);
+        s.finish(Ending::LinkLost);
+        let r = s.report(ms(100), ms(100), 1 << 20, 0);
+        let rounds = *r.rounds_detail.clone().unwrap();
+        assert_eq!(rounds.len() as u32, r.rounds);
+        assert_eq!(rounds[0].decision, RoundDecision::Unfinished);
+        assert_eq!((rounds[0].pages_data, rounds[0].bytes), (10, 1 << 20));
+        // No round ran: no rounds.
+        let mut s = drive("refuse");
+        s.finish(Ending::Failed);
+        assert_eq!(s.report(ms(20), ms(20), 10, 0).rounds_detail, None);
     }
 
     #[test]

@@ -446,6 +446,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             .collect();
         let (mut set, skipped) = pages::round_zero(&self.layout, &known_zero);
         self.zero_skipped += skipped;
+        self.machine.pages(0, skipped);
         let mut post_copy = false;
         loop {
             let (t0, scan0) = (Instant::now(), self.zero_scan);
@@ -933,6 +934,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     /// pages as [`ZeroTracker`] says.
     fn send_pages(&mut self, set: &PageSet) -> Result<(), MigrateError> {
         let mut batches = 0u32;
+        let (mut data, mut zero) = (0u64, 0u64);
         let layout = self.layout.clone();
         for run in pages::runs(&layout, set, self.data.len()) {
             let n = run.pages as usize;
@@ -951,6 +953,11 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                         |is_zero| zeros.page(page, is_zero),
                     )
                     .map_err(|e| MigrateError::Source("read_pages", e))?;
+                if action == PageAction::Data {
+                    data += 1;
+                } else {
+                    zero += 1;
+                }
                 if action == PageAction::Skip {
                     self.zero_skipped += 1;
                     continue;
@@ -970,6 +977,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             }
             self.round_remaining = self.round_remaining.saturating_sub(n as u64 * PAGE_SIZE);
         }
+        self.machine.pages(data, zero);
         self.check_cancel_and_target()
     }
 

@@ -166,6 +166,31 @@ pub fn breakdown_line(r: &MigrationReport) -> Option<String> {
     Some(out)
 }
 
+/// The rounds on one line (`None` if the report has none, as an older VMM's): per round its
+/// time, bytes, the throttle when there was one, the dirty pages left and the decision.
+pub fn rounds_line(r: &MigrationReport) -> Option<String> {
+    let rounds = r.rounds_detail.as_ref().filter(|d| !d.is_empty())?;
+    let shown: Vec<_> = rounds
+        .iter()
+        .map(|d| {
+            let throttle = if d.throttle_pct > 0.0 {
+                format!(" at {:.1} %", d.throttle_pct)
+            } else {
+                String::new()
+            };
+            format!(
+                "{} {:.1} ms {}{throttle} -> {} dirty, {}",
+                d.round,
+                d.us as f64 / 1000.0,
+                human_bytes(d.bytes),
+                d.dirty_pages,
+                d.decision.as_str().replace('_', " ")
+            )
+        })
+        .collect();
+    Some(format!("rounds: {}", shown.join("; ")))
+}
+
 pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
     let sock = a.vm.socket()?;
     if a.cancel {
@@ -256,6 +281,9 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_value(&report)?);
     } else if let Some(r) = &report {
         eprintln!("{}", report_line(r, &to));
+        if let Some(line) = rounds_line(r) {
+            eprintln!("  {line}");
+        }
         if let Some(line) = breakdown_line(r) {
             eprintln!("  {line}");
         }
@@ -361,10 +389,42 @@ mod tests {
              | target data 0.1, restore 1.0, resume 0.2 | ack 0.7"
         );
         let none = MigrationReport {
-            downtime_steps: Vec::new(),
+            downtime_steps: Box::default(),
             ..r
         };
         assert_eq!(breakdown_line(&none), None);
+    }
+
+    #[test]
+    fn the_rounds_line_shows_each_round_and_is_absent_from_an_older_report() {
+        let r: MigrationReport = serde_json::from_str(
+            r#"{"total_ms":600,"downtime_ms":5,"rounds":3,"bytes_sent":70254592,
+                "pages_zero_skipped":15000,"throttle_max_pct":90.0,"converged":true,
+                "outcome":"completed","rounds_detail":[
+                {"round":0,"us":260000,"pages_data":66000,"pages_zero":500,"bytes":272629760,
+                 "dirty_pages":65536,"throttle_pct":0.0,"decision":"throttle"},
+                {"round":1,"us":20500,"pages_data":5120,"pages_zero":0,"bytes":20971520,
+                 "dirty_pages":16,"throttle_pct":90.0,"decision":"switch_over"},
+                {"round":2,"us":3000,"pages_data":14,"pages_zero":2,"bytes":70000,
+                 "dirty_pages":0,"throttle_pct":90.0,"decision":"stop_and_copy"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            rounds_line(&r).unwrap(),
+            "rounds: 0 260.0 ms 260.0 MiB -> 65536 dirty, throttle; \
+             1 20.5 ms 20.0 MiB at 90.0 % -> 16 dirty, switch over; \
+             2 3.0 ms 68.4 KiB at 90.0 % -> 0 dirty, stop and copy"
+        );
+        let older = MigrationReport {
+            rounds_detail: None,
+            ..r
+        };
+        assert_eq!(rounds_line(&older), None);
+        assert!(
+            !serde_json::to_string(&older)
+                .unwrap()
+                .contains("rounds_detail")
+        );
     }
 
     #[test]
