@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tern_api::agent::{AgentReport, Command, CommandResponse};
 use tern_api::automation::Policy;
-use tern_api::cluster::{MaintenanceRequest, MigrateRequest, VmCreate, validate_name};
+use tern_api::cluster::{MaintenanceRequest, MigrateRequest, VmCreate};
 
 fn decode<T: Serialize + DeserializeOwned>(body: &[u8]) -> Option<T> {
     let v: T = serde_json::from_slice(body).ok()?;
@@ -40,8 +40,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         1 => {
-            if let Some(MigrateRequest { to: Some(host) }) = decode::<MigrateRequest>(body) {
-                let _ = validate_name("host", &host);
+            if let Some(m) = decode::<MigrateRequest>(body) {
+                let _ = m.validate();
             }
         }
         2 => {
