@@ -178,6 +178,48 @@ impl TlsDir {
         Self::build(dir, pem, &CrlSource::Fixed(crls))
     }
 
+    /// A client configuration for a directory that holds only the CA (a token user's): its
+    /// `ca-cert.pem` as the only trust anchor and, when it has one, its `ca-crl.pem` (read once)
+    /// refusing revoked servers; no client certificate, no resumption.
+    pub fn ca_only_client_config(dir: &Path) -> Result<Arc<ClientConfig>, LoadError> {
+        let ca_path = dir.join(files::CA_CERT);
+        let mut roots = RootCertStore::empty();
+        for c in parse_certs(&ca_path, &read(&ca_path)?)? {
+            roots.add(c).map_err(|source| LoadError::Ca {
+                path: ca_path.clone(),
+                source,
+            })?;
+        }
+        let crl_path = dir.join(files::CA_CRL);
+        let crls = match PemFiles::read_crl(dir)? {
+            Some(text) => parse_crls(&crl_path, text.as_bytes()).map_err(|why| LoadError::Crl {
+                path: crl_path.clone(),
+                why,
+            })?,
+            None => Vec::new(),
+        };
+        // ring, as `build`
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            ServerVerifier::new(&CrlSource::Fixed(crls), Arc::new(roots), provider.clone())
+                .map_err(|why| LoadError::Crl {
+                    path: crl_path,
+                    why,
+                })?;
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|source| LoadError::Config {
+                dir: dir.to_owned(),
+                source,
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth();
+        client.resumption = Resumption::disabled();
+        Ok(Arc::new(client))
+    }
+
     fn build(dir: &Path, pem: &PemFiles, crl_source: &CrlSource) -> Result<TlsDir, LoadError> {
         let ca_path = dir.join(files::CA_CERT);
         let cert_path = dir.join(files::SERVER_CERT);

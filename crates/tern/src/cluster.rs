@@ -626,48 +626,10 @@ pub fn client_tls(dir: &std::path::Path) -> anyhow::Result<std::sync::Arc<rustls
             tern_pki::TlsDir::load(dir).with_context(|| format!("--tls-dir {}", dir.display()))?;
         return Ok(t.client_config());
     }
-    use rustls::pki_types::pem::PemObject;
-    let ca = dir.join("ca-cert.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca)
-        .with_context(|| format!("--tls-dir {}: cannot read ca-cert.pem", dir.display()))?
-    {
-        let c = c.with_context(|| format!("{} holds no valid PEM certificate", ca.display()))?;
-        roots
-            .add(c)
-            .with_context(|| format!("{} is not a usable CA certificate", ca.display()))?;
-    }
-    // The CA's revocation list, when the directory has one: a revoked controller is refused.
-    let crl_path = dir.join("ca-crl.pem");
-    let crls = match tern_pki::PemFiles::read_crl(dir)
-        .with_context(|| format!("--tls-dir {}", dir.display()))?
-    {
-        Some(text) => {
-            let crls =
-                rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(text.as_bytes())
-                    .collect::<Result<Vec<_>, _>>()
-                    .with_context(|| format!("{} holds no valid PEM CRL", crl_path.display()))?;
-            if crls.is_empty() && !text.is_empty() {
-                bail!("{} holds no PEM CRL", crl_path.display());
-            }
-            crls
-        }
-        None => Vec::new(),
-    };
-    #[allow(deprecated)] // ring, as tern-pki (no C toolchain)
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let verifier =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider.clone())
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .allow_unknown_revocation_status()
-            .build()
-            .with_context(|| format!("cannot use the revocation list {}", crl_path.display()))?;
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_webpki_verifier(verifier)
-        .with_no_client_auth();
-    Ok(std::sync::Arc::new(cfg))
+    // Only the CA (a token user): its revocation list, when it has one, refuses a revoked
+    // controller.
+    tern_pki::TlsDir::ca_only_client_config(dir)
+        .with_context(|| format!("--tls-dir {}", dir.display()))
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
