@@ -49,6 +49,7 @@ use crate::bench_common::{
     build_release_tern, export_testguest, load_average, peer_version, scratch_dir,
 };
 use anyhow::{Context, bail, ensure};
+use tern_api::vmm::RoundFigures;
 use tern_guest_image::qemu::{QEMU_FIRMWARE, QemuConfig};
 use tern_test_support::free_port;
 
@@ -187,6 +188,9 @@ pub(crate) struct Sample {
     work: Option<WorkRate>,
     /// The VMM's own breakdown of its pause (Tern's `downtime_steps`): step, ms, bytes.
     steps: Vec<(String, f64, f64)>,
+    /// Tern's rounds one by one (its report's `rounds_detail`; empty for QEMU, or a Tern build
+    /// whose report has none).
+    rounds_detail: Vec<RoundFigures>,
 }
 
 impl Sample {
@@ -203,6 +207,7 @@ impl Sample {
             throttle_max_pct: 0.0,
             work: None,
             steps: Vec::new(),
+            rounds_detail: Vec::new(),
         }
     }
 
@@ -444,6 +449,82 @@ fn downtime_steps(r: &serde_json::Value) -> anyhow::Result<Vec<(String, f64, f64
         .collect())
 }
 
+/// Tern's report's `rounds_detail` (empty when the report has none: a build from before it); a
+/// malformed one is an error.
+fn rounds_detail(r: &serde_json::Value) -> anyhow::Result<Vec<RoundFigures>> {
+    match r.get("rounds_detail") {
+        None | Some(serde_json::Value::Null) => Ok(Vec::new()),
+        Some(d) => {
+            serde_json::from_value(d.clone()).context("the migration report's rounds_detail")
+        }
+    }
+}
+
+/// One migration's rounds, one line each: time, pages with data and zero pages, bytes, the
+/// throttle it ran under, the pages dirty at its end and the policy's decision; a header line
+/// first (`who`: which run).
+fn rounds_lines(who: &str, rounds: &[RoundFigures]) -> Vec<String> {
+    if rounds.is_empty() {
+        return vec![format!("{who}: no rounds_detail in the report")];
+    }
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let total_bytes: u64 = rounds.iter().map(|d| d.bytes).sum();
+    let total_us: u64 = rounds.iter().map(|d| d.us).sum();
+    let mut out = vec![format!(
+        "{who}: {} rounds, {:.1} ms, {:.1} MiB in the rounds",
+        rounds.len(),
+        total_us as f64 / 1000.0,
+        mib(total_bytes)
+    )];
+    for d in rounds {
+        let throttle = if d.throttle_pct > 0.0 {
+            format!(", throttle {:.1} %", d.throttle_pct)
+        } else {
+            String::new()
+        };
+        out.push(format!(
+            "    round {:>2} {:>8.1} ms {:>8} data + {:>7} zero pages {:>8.1} MiB{throttle} -> {} dirty, {}",
+            d.round,
+            d.us as f64 / 1000.0,
+            d.pages_data,
+            d.pages_zero,
+            mib(d.bytes),
+            d.dirty_pages,
+            d.decision.as_str().replace('_', " ")
+        ));
+    }
+    out
+}
+
+/// A workload's rounds over its runs that ended well, one line: per run the MiB of each round and
+/// the decisions (`run 1: 257.0 + 86.2 + 0.1 MiB (shrink, switch over, stop and copy)`).
+fn rounds_summary(s: &[Sample]) -> Option<String> {
+    let runs: Vec<String> = s
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| x.end == RunEnd::Ok && !x.rounds_detail.is_empty())
+        .map(|(i, x)| {
+            let mib: Vec<String> = x
+                .rounds_detail
+                .iter()
+                .map(|d| format!("{:.1}", d.bytes as f64 / 1048576.0))
+                .collect();
+            let decisions: Vec<String> = x
+                .rounds_detail
+                .iter()
+                .map(|d| d.decision.as_str().replace('_', " "))
+                .collect();
+            format!(
+                "run {}: {} MiB ({})",
+                i + 1,
+                mib.join(" + "),
+                decisions.join(", ")
+            )
+        })
+        .collect();
+    (!runs.is_empty()).then(|| runs.join(" | "))
+}
+
 /// The pause step by step over the runs that ended well: per step (in the first run's order)
 /// the median ms, the slowest run's ms and the median bytes; then the median of the sums.
 fn breakdown_line(s: &[Sample]) -> Option<String> {
@@ -555,6 +636,7 @@ pub(crate) fn tern_run(
             throttle_max_pct: num(&r, &["throttle_max_pct"])?,
             work: work_rate(&src.seen, started),
             steps: downtime_steps(&r)?,
+            rounds_detail: rounds_detail(&r)?,
         })
     })();
     src.stop();
@@ -745,6 +827,7 @@ pub(crate) fn qemu_run(
             throttle_max_pct: throttle_max,
             work: work_rate(&src.seen, started),
             steps: Vec::new(),
+            rounds_detail: Vec::new(),
         })
     })();
     src.stop();
@@ -892,7 +975,14 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
             // Interleaved, so host noise hits all alike.
-            t.push(or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[])));
+            let s = or_error("tern", tern_run(&tern, &elf, &dir, w, &[], &[]));
+            if s.end == RunEnd::Ok {
+                let who = format!("tern, {}, run {}", w.label, run + 1);
+                for l in rounds_lines(&who, &s.rounds_detail) {
+                    println!("{l}");
+                }
+            }
+            t.push(s);
             if args.post_copy && w.name != "idle" {
                 let r = tern_run(&tern, &elf, &dir, w, &[], post_copy);
                 tp.push(or_error("tern post-copy", r));
@@ -923,7 +1013,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             medians(&t),
             medians(&qt),
             medians(&qd),
-            breakdown_line(&t),
+            (breakdown_line(&t), rounds_summary(&t)),
             medians(&tp),
         ));
     }
@@ -962,7 +1052,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "work % m/min",
         "failed"
     );
-    for (w, t, qt, qd, tb, tp) in &rows {
+    for (w, t, qt, qd, (tb, tr), tp) in &rows {
         let rows = [("tern", t), ("tern post-copy", tp)];
         for (name, m) in rows
             .into_iter()
@@ -1012,6 +1102,9 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
                 "{:<26} tern pause by step, ms (median over {} runs, slowest): {b}",
                 "", t.ok
             );
+        }
+        if let Some(r) = tr {
+            println!("{:<26} tern rounds by run: {r}", "");
         }
     }
     println!(
@@ -1121,6 +1214,67 @@ mod tests {
             "dirty_log 1.0 (max 1.5) | final_pages 6.0 (max 9.0) 2.00 MiB | ack 3.0 (max 4.5) | sum 10.0 ms"
         );
         assert_eq!(breakdown_line(&runs[3..]), None);
+    }
+
+    #[test]
+    fn rounds_print_one_line_each_and_a_summary_per_workload() {
+        let r: serde_json::Value = serde_json::from_str(
+            r#"{"rounds_detail":[
+                {"round":0,"us":195000,"pages_data":65536,"pages_zero":120,"bytes":269484032,
+                 "dirty_pages":21000,"throttle_pct":0.0,"decision":"shrink"},
+                {"round":1,"us":46500,"pages_data":21000,"pages_zero":0,"bytes":86114304,
+                 "dirty_pages":300,"throttle_pct":90.0,"decision":"switch_over"},
+                {"round":2,"us":600,"pages_data":310,"pages_zero":2,"bytes":1310720,
+                 "dirty_pages":0,"throttle_pct":0.0,"decision":"stop_and_copy"}]}"#,
+        )
+        .unwrap();
+        let rounds = rounds_detail(&r).unwrap();
+        let lines = rounds_lines("tern, max, run 1", &rounds);
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert_eq!(
+            lines[0],
+            "tern, max, run 1: 3 rounds, 242.1 ms, 340.4 MiB in the rounds"
+        );
+        assert_eq!(
+            lines[1],
+            "    round  0    195.0 ms    65536 data +     120 zero pages    257.0 MiB -> 21000 dirty, shrink"
+        );
+        assert!(
+            lines[2].ends_with("82.1 MiB, throttle 90.0 % -> 300 dirty, switch over"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[3].ends_with("-> 0 dirty, stop and copy"),
+            "{}",
+            lines[3]
+        );
+
+        // An older report has none; a malformed one is an error, not an empty list.
+        assert!(
+            rounds_detail(&serde_json::json!({"rounds": 3}))
+                .unwrap()
+                .is_empty()
+        );
+        assert!(rounds_detail(&serde_json::json!({"rounds_detail": [{"round": 0}]})).is_err());
+        assert_eq!(
+            rounds_lines("x", &[]),
+            vec!["x: no rounds_detail in the report".to_string()]
+        );
+
+        let ok = Sample {
+            rounds_detail: rounds.clone(),
+            ..Sample::failed(RunEnd::Ok)
+        };
+        let failed = Sample {
+            rounds_detail: rounds,
+            ..Sample::failed(RunEnd::TargetSilent)
+        };
+        assert_eq!(
+            rounds_summary(&[failed, ok]).unwrap(),
+            "run 2: 257.0 + 82.1 + 1.2 MiB (shrink, switch over, stop and copy)"
+        );
+        assert_eq!(rounds_summary(&[Sample::failed(RunEnd::Ok)]), None);
     }
 
     #[test]
