@@ -785,11 +785,7 @@ async fn run_async(opts: Options) -> Result<(), AgentError> {
     let app = http::router(tx.clone(), opts.command_timeout, tls.is_some());
     let server = match &tls {
         Some(t) => tokio::spawn(http::serve_tls(listener, app, t.server_config())),
-        None => tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                eprintln!("tern agent: the command API stopped: {e}");
-            }
-        }),
+        None => tokio::spawn(http::serve_plain(listener, app)),
     };
     eprintln!(
         "tern agent: {} serving {agent_url}, generation seen {generation}",

@@ -616,9 +616,12 @@ impl Shell {
             addr: "0.0.0.0:0".parse().expect("an address"),
             source,
         })?;
-        axum::serve(listener, api::router(Arc::clone(&self.shared)))
-            .await
-            .map_err(|source| StartError::Listen { addr, source })
+        axum::serve(
+            tls::plain_listener(listener),
+            api::router(Arc::clone(&self.shared)),
+        )
+        .await
+        .map_err(|source| StartError::Listen { addr, source })
     }
 
     /// Serves the REST API on a bound listener over TLS only, every call checked by
