@@ -84,6 +84,10 @@ pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
 pub const REP_ERR_TLS_REQD: u32 = REP_FLAG_ERROR | 5;
 /// Export unknown.
 pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+/// The server will not go on with option haggling on this connection and closes it; the
+/// option it answers was not carried out (Tern's server: the connection spent longer than its
+/// `max_option_age` in option haggling; the client may send the option again on a new one).
+pub const REP_ERR_SHUTDOWN: u32 = REP_FLAG_ERROR | 7;
 /// Option data too big.
 pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 

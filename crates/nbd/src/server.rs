@@ -278,6 +278,20 @@ pub enum ServeError {
     /// The TLS handshake failed, or the client's certificate was refused.
     #[error("TLS handshake failed")]
     Tls(#[source] io::Error),
+    /// An option came after the connection had spent its [`ListenerOptions::max_option_age`]
+    /// in option haggling: it was answered `NBD_REP_ERR_SHUTDOWN`, not carried out, and the
+    /// connection closed.
+    #[error(
+        "Connection in option haggling for {} ms, longer than the {} ms allowed: closed at its next option",
+        age.as_millis(),
+        max.as_millis()
+    )]
+    OptionAge {
+        /// Since the connection was accepted.
+        age: Duration,
+        /// The limit.
+        max: Duration,
+    },
 }
 
 struct Session {
@@ -287,6 +301,35 @@ struct Session {
     no_zeroes: bool,
     /// `base:allocation` was selected with `NBD_OPT_SET_META_CONTEXT`.
     base_allocation: bool,
+    /// When the connection was accepted and how long it may haggle: an option read later is
+    /// refused (`None`: no limit).
+    option_age: Option<OptionAge>,
+}
+
+impl Session {
+    /// A connection's session before its first option.
+    fn new(no_zeroes: bool, tls: bool, option_age: Option<OptionAge>) -> Session {
+        Session {
+            tls,
+            structured: false,
+            no_zeroes,
+            base_allocation: false,
+            option_age,
+        }
+    }
+}
+
+/// The age limit of a connection's option haggling ([`ListenerOptions::max_option_age`]).
+#[derive(Debug, Clone, Copy)]
+struct OptionAge {
+    accepted: Instant,
+    max: Duration,
+}
+
+/// Whether an option read `age` after the connection was accepted is still carried out, under
+/// a limit of `max` (pure). `NBD_OPT_ABORT` always is: the client leaves anyway.
+fn option_allowed(option: u32, age: Duration, max: Duration) -> bool {
+    option == OPT_ABORT || age < max
 }
 
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
@@ -343,15 +386,8 @@ pub fn serve<R: Read + Send, W: Write + Send>(
     // Our own buffer, so the transmission phase can tell whether another request is waiting.
     let mut r = BufReader::with_capacity(256 * 1024, r);
     let no_zeroes = greet(&mut r, &mut w)?;
-    serve_session(
-        r,
-        w,
-        exports,
-        &Peer::default(),
-        no_zeroes,
-        false,
-        &mut |_| {},
-    )
+    let session = Session::new(no_zeroes, false, None);
+    serve_session(r, w, exports, &Peer::default(), session, &mut |_| {})
 }
 
 /// The server's greeting, then the client's flags: whether the client agreed to skip the
@@ -381,23 +417,17 @@ enum Phase {
     Transmission,
 }
 
-/// Option haggling (inside TLS when `tls`), then transmission. `on_phase` is told when a control
-/// request starts and ends and when an export was selected, before the first request is read.
+/// Option haggling (inside TLS when `session.tls`; within `session.option_age` when given),
+/// then transmission. `on_phase` is told when a control request starts and ends and when an
+/// export was selected, before the first request is read.
 fn serve_session<R: Read + Send, W: Write + Send>(
     mut r: BufReader<R>,
     mut w: W,
     exports: &dyn Exports,
     peer: &Peer,
-    no_zeroes: bool,
-    tls: bool,
+    mut session: Session,
     on_phase: &mut dyn FnMut(Phase),
 ) -> Result<(), ServeError> {
-    let mut session = Session {
-        tls,
-        structured: false,
-        no_zeroes,
-        base_allocation: false,
-    };
     let backend = match handshake(&mut r, &mut w, exports, peer, &mut session, on_phase)? {
         Some(b) => b,
         None => return Ok(()),
@@ -466,6 +496,16 @@ fn handshake<R: Read, W: Write>(
         }
         let option = read_u32(r)?;
         let len = read_u32(r)?;
+        if let Some(limit) = session.option_age {
+            let age = limit.accepted.elapsed();
+            if !option_allowed(option, age, limit.max) {
+                refuse_old(r, w, option, len, age, limit.max)?;
+                return Err(ServeError::OptionAge {
+                    age,
+                    max: limit.max,
+                });
+            }
+        }
         if len > MAX_OPTION_LEN {
             if option == OPT_EXPORT_NAME {
                 return Err(ServeError::TooLarge(u64::from(len)));
@@ -578,6 +618,34 @@ fn handshake<R: Read, W: Write>(
         }
         w.flush()?;
     }
+}
+
+/// Refuse an option that came after the connection's option age ran out: read its data (so
+/// closing does not reset the connection under the reply), answer `NBD_REP_ERR_SHUTDOWN` (none
+/// for `NBD_OPT_EXPORT_NAME`, which has no error reply). The caller then closes.
+fn refuse_old(
+    r: &mut impl Read,
+    w: &mut impl Write,
+    option: u32,
+    len: u32,
+    age: Duration,
+    max: Duration,
+) -> io::Result<()> {
+    if len > MAX_OPTION_LEN {
+        return Ok(());
+    }
+    skip(r, u64::from(len))?;
+    if option == OPT_EXPORT_NAME {
+        return Ok(());
+    }
+    let why = format!(
+        "connection in option haggling for {} ms, more than the {} ms this server allows: \
+         option not carried out, reconnect",
+        age.as_millis(),
+        max.as_millis()
+    );
+    send_opt_reply(w, option, REP_ERR_SHUTDOWN, why.as_bytes())?;
+    w.flush()
 }
 
 /// Answer LIST/SET_META_CONTEXT: we offer `base:allocation` only (for every export).
@@ -1166,18 +1234,28 @@ pub fn serve_tcp(stream: TcpStream, exports: &dyn Exports) -> Result<(), ServeEr
         addr: stream.peer_addr().ok(),
         id: None,
     };
-    serve_conn(stream, exports, None, &peer, Instant::now(), &mut |_| {})
+    serve_conn(
+        stream,
+        exports,
+        None,
+        &peer,
+        Instant::now(),
+        None,
+        &mut |_| {},
+    )
 }
 
 /// Serve one TCP connection: plain when `tls` is `None`; otherwise TLS is required (options
 /// before `NBD_OPT_STARTTLS` get `NBD_REP_ERR_TLS_REQD`), the TLS handshake must end by
-/// `deadline`, and the client's certificate names it ([`Peer::id`]).
+/// `deadline`, and the client's certificate names it ([`Peer::id`]). With `option_age`, an
+/// option read after it ran out is refused and the connection closed.
 fn serve_conn(
     stream: TcpStream,
     exports: &dyn Exports,
     tls: Option<&ServerTls>,
     peer: &Peer,
     deadline: Instant,
+    option_age: Option<OptionAge>,
     on_phase: &mut dyn FnMut(Phase),
 ) -> Result<(), ServeError> {
     stream.set_nodelay(true)?;
@@ -1188,7 +1266,8 @@ fn serve_conn(
         let mut r = BufReader::with_capacity(256 * 1024, r);
         let mut w = w;
         let no_zeroes = greet(&mut r, &mut w)?;
-        return serve_session(r, w, exports, peer, no_zeroes, false, on_phase);
+        let session = Session::new(no_zeroes, false, option_age);
+        return serve_session(r, w, exports, peer, session, on_phase);
     };
     // Before TLS: unbuffered, so no byte of the TLS handshake is read as NBD.
     let mut plain = &stream;
@@ -1204,7 +1283,8 @@ fn serve_conn(
     };
     let r = BufReader::with_capacity(256 * 1024, r);
     let w = BufWriter::with_capacity(256 * 1024, w);
-    serve_session(r, w, exports, &peer, no_zeroes, true, on_phase)
+    let session = Session::new(no_zeroes, true, option_age);
+    serve_session(r, w, exports, &peer, session, on_phase)
 }
 
 /// Limits and TLS of a listener ([`run_listener_with`]).
@@ -1215,9 +1295,19 @@ pub struct ListenerOptions {
     /// Connections served at once; one more is accepted and closed at once (so the backlog
     /// keeps draining), and counted in [`ListenerStats::over_cap`].
     pub max_connections: usize,
-    /// From accept to the selected export (greeting, STARTTLS, TLS handshake, options): a
-    /// connection still haggling after it is closed.
+    /// From accept to the selected export (greeting, STARTTLS, TLS handshake, options), and
+    /// after each control request ([`OPT_TERN_CONTROL`]) to the next option: a connection still
+    /// haggling after it is closed. The time the server spends on a control request does not
+    /// count.
     pub handshake_timeout: Duration,
+    /// How long a connection may stay in option haggling in all, from accept: an option read
+    /// later (a control request on a kept connection, say) is answered `NBD_REP_ERR_SHUTDOWN`,
+    /// not carried out, and the connection closed. Control connections that a client keeps
+    /// open for one request after another are thus cut at their first request past it, so a
+    /// certificate revoked meanwhile meets the revocation list at the next TLS handshake even
+    /// when its client ignores its own age cap. With `handshake_timeout` this bounds the whole
+    /// option phase: `max_option_age + handshake_timeout` plus the server's own work.
+    pub max_option_age: Duration,
     /// In transmission: a connection that sends no request for this long is closed. `None`:
     /// idle connections stay (a VM's disk may be idle for hours).
     pub idle_timeout: Option<Duration>,
@@ -1231,6 +1321,7 @@ impl Default for ListenerOptions {
             tls: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_option_age: DEFAULT_MAX_OPTION_AGE,
             idle_timeout: None,
             log_prefix: None,
         }
@@ -1241,6 +1332,9 @@ impl Default for ListenerOptions {
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default of [`ListenerOptions::handshake_timeout`].
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of [`ListenerOptions::max_option_age`]: a revoked peer's kept control connection
+/// ends within about a minute.
+pub const DEFAULT_MAX_OPTION_AGE: Duration = Duration::from_secs(60);
 
 /// Counters of a listener, readable while it runs.
 #[derive(Debug, Default)]
@@ -1252,6 +1346,8 @@ pub struct ListenerStats {
     pub over_cap: AtomicUsize,
     /// Connections closed by the handshake deadline.
     pub handshake_timeouts: AtomicUsize,
+    /// Connections closed at an option that came after [`ListenerOptions::max_option_age`].
+    pub option_age_closes: AtomicUsize,
     /// `accept` errors retried (`EMFILE`, `ECONNABORTED`, …), and connections dropped for want
     /// of a descriptor.
     pub accept_errors: AtomicUsize,
@@ -1348,8 +1444,9 @@ pub fn run_listener(listener: TcpListener, exports: Arc<dyn Exports>) -> io::Res
 
 /// Accept connections until the listening socket itself fails, one thread per client, within
 /// `opts`' limits: at most `max_connections` at once, each closed if it has not selected an
-/// export `handshake_timeout` after it was accepted, and in transmission after `idle_timeout`
-/// without a request. An `accept` error never ends the loop unless the listening socket is
+/// export `handshake_timeout` after it was accepted (or after its last control request), at its
+/// first option later than `max_option_age` after it was accepted, and in transmission after
+/// `idle_timeout` without a request. An `accept` error never ends the loop unless the listening socket is
 /// unusable: a lost connection is skipped, running out of descriptors or memory waits (10 ms
 /// doubling to 1 s) and tries again.
 pub fn run_listener_with(
@@ -1414,7 +1511,8 @@ pub fn run_listener_with(
         }
         next_id += 1;
         let id = next_id;
-        let deadline = Instant::now() + opts.handshake_timeout;
+        let accepted = Instant::now();
+        let deadline = accepted + opts.handshake_timeout;
         match stream.try_clone() {
             Ok(s) => watchdog.arm(id, deadline, s),
             Err(e) => {
@@ -1458,18 +1556,37 @@ pub fn run_listener_with(
                         }
                     }
                 };
+                let option_age = OptionAge {
+                    accepted,
+                    max: opts2.max_option_age,
+                };
                 let res = serve_conn(
                     stream,
                     &*exports,
                     opts2.tls.as_ref(),
                     &peer,
                     deadline,
+                    Some(option_age),
                     &mut on_phase,
                 );
-                if let (Err(e @ (ServeError::Tls(_) | ServeError::TlsRequired)), Some(p)) =
-                    (&res, &opts2.log_prefix)
+                if let Err(ServeError::OptionAge { .. }) = &res {
+                    conn.stats.option_age_closes.fetch_add(1, Ordering::Relaxed);
+                }
+                if let (
+                    Err(
+                        e @ (ServeError::Tls(_)
+                        | ServeError::TlsRequired
+                        | ServeError::OptionAge { .. }),
+                    ),
+                    Some(p),
+                ) = (&res, &opts2.log_prefix)
                 {
-                    eprintln!("{p}: refused {addr}: {}", error_chain(e));
+                    let what = if matches!(e, ServeError::OptionAge { .. }) {
+                        "closed"
+                    } else {
+                        "refused"
+                    };
+                    eprintln!("{p}: {what} {addr}: {}", error_chain(e));
                 }
                 drop(conn);
             });
@@ -1507,7 +1624,8 @@ impl Drop for ConnSlot {
 }
 
 /// Serve one TCP connection with `opts`' TLS and no listener (tests, single connections):
-/// the handshake deadline is enforced on the TLS handshake only.
+/// the handshake deadline is enforced on the TLS handshake only, the option age as by a
+/// listener.
 pub fn serve_tcp_with(
     stream: TcpStream,
     exports: &dyn Exports,
@@ -1517,13 +1635,18 @@ pub fn serve_tcp_with(
         addr: stream.peer_addr().ok(),
         id: None,
     };
-    let deadline = Instant::now() + opts.handshake_timeout;
+    let accepted = Instant::now();
+    let option_age = OptionAge {
+        accepted,
+        max: opts.max_option_age,
+    };
     serve_conn(
         stream,
         exports,
         opts.tls.as_ref(),
         &peer,
-        deadline,
+        accepted + opts.handshake_timeout,
+        Some(option_age),
         &mut |_| {},
     )
 }
@@ -1531,6 +1654,21 @@ pub fn serve_tcp_with(
 #[cfg(test)]
 mod listener_tests {
     use super::*;
+
+    #[test]
+    fn options_are_carried_out_only_within_the_option_age_but_abort_always() {
+        let ms = Duration::from_millis;
+        let max = ms(60_000);
+        assert!(option_allowed(OPT_TERN_CONTROL, ms(59_999), max));
+        assert!(!option_allowed(OPT_TERN_CONTROL, ms(60_000), max));
+        assert!(!option_allowed(OPT_GO, ms(60_001), max));
+        assert!(!option_allowed(OPT_EXPORT_NAME, ms(3_600_000), max));
+        assert!(option_allowed(OPT_ABORT, ms(3_600_000), max));
+        assert!(
+            !option_allowed(OPT_LIST, ms(0), Duration::ZERO),
+            "limit 0: none"
+        );
+    }
 
     #[test]
     fn accept_errors_that_concern_one_connection_are_skipped_and_exhaustion_waits() {

@@ -424,3 +424,210 @@ fn the_handshake_deadline_does_not_count_the_time_the_server_works_on_a_control_
     let reply = tern_nbd::control(&addr, b"ping", T).unwrap();
     assert_eq!(reply, b"ping");
 }
+
+/// Control requests echoed back at once, counted (a refused one must not be carried out).
+#[derive(Default)]
+struct EchoControl {
+    carried_out: std::sync::atomic::AtomicUsize,
+}
+
+impl tern_nbd::Exports for EchoControl {
+    fn list(&self) -> Vec<String> {
+        vec!["disk".into()]
+    }
+    fn open(&self, _name: &str) -> Option<Arc<dyn tern_nbd::Backend>> {
+        None
+    }
+    fn control(&self, request: &[u8]) -> Option<Vec<u8>> {
+        self.carried_out
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Some(request.to_vec())
+    }
+}
+
+impl EchoControl {
+    fn carried_out(&self) -> usize {
+        self.carried_out.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A listener for `ex` with `opts`, its address and counters.
+fn listen_control(ex: Arc<EchoControl>, opts: ListenerOptions) -> (String, Arc<ListenerStats>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let stats = Arc::new(ListenerStats::default());
+    let st = Arc::clone(&stats);
+    std::thread::spawn(move || tern_nbd::run_listener_with(l, ex, opts, st));
+    (addr, stats)
+}
+
+type Halves = tern_nbd::client::OptionHalves;
+
+/// One control request on a kept option channel: the echoed bytes, or the client's error.
+fn control_on((r, w): &mut Halves, request: &[u8]) -> Result<Vec<u8>, ClientError> {
+    tern_nbd::client::send_option(w, OPT_TERN_CONTROL, request)?;
+    let (reply, data) = tern_nbd::client::recv_option(r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)?;
+    assert_eq!(reply, REP_TERN_CONTROL);
+    Ok(data)
+}
+
+/// The connection ends: nothing more to read (EOF, or a reset).
+fn assert_closed((r, _): &mut Halves) {
+    let mut rest = Vec::new();
+    let _ = r.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "bytes after the refusal: {rest:?}");
+}
+
+fn relaxed(a: &std::sync::atomic::AtomicUsize) -> usize {
+    a.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[test]
+fn a_client_that_keeps_sending_control_requests_is_cut_off_at_its_first_past_the_option_age() {
+    let ex = Arc::new(EchoControl::default());
+    let max = Duration::from_millis(1000);
+    let (addr, stats) = listen_control(
+        Arc::clone(&ex),
+        ListenerOptions {
+            handshake_timeout: Duration::from_millis(400),
+            max_option_age: max,
+            ..ListenerOptions::default()
+        },
+    );
+    let t0 = Instant::now();
+    let mut ch = tern_nbd::client::option_channel(&addr, T, None, 16 * 1024).unwrap();
+    // A request every 100 ms: each one restarts the 400 ms handshake deadline, so only the
+    // option age can end the connection.
+    let mut answered = 0;
+    let refusal = loop {
+        match control_on(&mut ch, format!("req {answered}").as_bytes()) {
+            Ok(echo) => {
+                assert_eq!(echo, format!("req {answered}").as_bytes());
+                answered += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < T, "still served after {:?}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = t0.elapsed();
+    match &refusal {
+        ClientError::Refused { reply, message, .. } => {
+            assert_eq!(*reply, REP_ERR_SHUTDOWN, "{message}");
+            assert!(message.contains("not carried out"), "{message}");
+        }
+        other => panic!("expected NBD_REP_ERR_SHUTDOWN, got {other:?}"),
+    }
+    assert!(
+        took >= max && took < max + Duration::from_secs(2),
+        "cut off after {took:?}"
+    );
+    assert!(
+        answered >= 5,
+        "only {answered} requests answered before the limit"
+    );
+    assert_closed(&mut ch);
+    assert_eq!(
+        ex.carried_out(),
+        answered,
+        "the refused request was not carried out"
+    );
+    assert_eq!(relaxed(&stats.option_age_closes), 1);
+    assert_eq!(relaxed(&stats.handshake_timeouts), 0);
+    // A new connection is served.
+    assert_eq!(tern_nbd::control(&addr, b"again", T).unwrap(), b"again");
+}
+
+#[test]
+fn a_client_haggling_without_control_requests_is_cut_off_at_the_handshake_deadline() {
+    let ex = Arc::new(EchoControl::default());
+    let (addr, stats) = listen_control(
+        Arc::clone(&ex),
+        ListenerOptions {
+            handshake_timeout: Duration::from_millis(300),
+            ..ListenerOptions::default()
+        },
+    );
+    let t0 = Instant::now();
+    let (mut r, mut w) = tern_nbd::client::option_channel(&addr, T, None, 16 * 1024).unwrap();
+    // NBD_OPT_LIST every 20 ms: answered, but it buys no time.
+    let mut lists = 0;
+    let ended = loop {
+        let res = tern_nbd::client::send_option(&mut w, OPT_LIST, &[])
+            .map_err(ClientError::from)
+            .and_then(|()| {
+                let (reply, _) = tern_nbd::client::recv_option(&mut r, OPT_LIST, 4096)?;
+                assert_eq!(reply, REP_SERVER);
+                tern_nbd::client::recv_option(&mut r, OPT_LIST, 4096)
+            });
+        match res {
+            Ok((reply, _)) => {
+                assert_eq!(reply, REP_ACK);
+                lists += 1;
+            }
+            Err(e) => break e,
+        }
+        assert!(t0.elapsed() < T, "still haggling after {:?}", t0.elapsed());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let took = t0.elapsed();
+    assert!(matches!(ended, ClientError::Io(_)), "{ended:?}");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "cut off after {took:?}"
+    );
+    assert!(lists >= 3, "only {lists} lists answered");
+    assert_eq!(relaxed(&stats.handshake_timeouts), 1);
+    assert_eq!(relaxed(&stats.option_age_closes), 0);
+}
+
+#[test]
+fn a_kept_tls_connection_past_the_option_age_is_closed_and_its_reconnection_meets_the_crl() {
+    let pki = Pki::new();
+    let srv_dir = tern_pki::issue(&pki.ca, "srv", Role::Host, &IssueOptions::default()).unwrap();
+    // The server follows the CA's revocation list as a volume node's does.
+    let srv = TlsDir::load_watching(&srv_dir).unwrap();
+    let cli = pki.issue("cli", Role::Host);
+    let ex = Arc::new(EchoControl::default());
+    let max = Duration::from_millis(800);
+    let (addr, stats) = listen_control(
+        Arc::clone(&ex),
+        ListenerOptions {
+            handshake_timeout: Duration::from_secs(5),
+            max_option_age: max,
+            ..tls_opts(&srv)
+        },
+    );
+    let tls = client_tls(&cli);
+    let t0 = Instant::now();
+    let mut ch = tern_nbd::client::option_channel(&addr, T, Some(&tls), 16 * 1024).unwrap();
+    assert_eq!(control_on(&mut ch, b"before").unwrap(), b"before");
+    tern_pki::revoke(&pki.ca, "cli").unwrap();
+    // Revocation is checked at handshakes: the open connection still carries requests until
+    // its age runs out (or the client's own, shorter cap makes it reconnect).
+    assert_eq!(control_on(&mut ch, b"revoked").unwrap(), b"revoked");
+    assert!(t0.elapsed() < max, "too slow to test: {:?}", t0.elapsed());
+    std::thread::sleep(max.saturating_sub(t0.elapsed()) + Duration::from_millis(100));
+    match control_on(&mut ch, b"too old") {
+        Err(ClientError::Refused { reply, .. }) => assert_eq!(reply, REP_ERR_SHUTDOWN),
+        other => panic!("expected NBD_REP_ERR_SHUTDOWN, got {other:?}"),
+    }
+    assert_closed(&mut ch);
+    assert_eq!(
+        ex.carried_out(),
+        2,
+        "the refused request was not carried out"
+    );
+    assert_eq!(relaxed(&stats.option_age_closes), 1);
+    // The client must reconnect, and the new handshake meets the current list. (In TLS 1.3
+    // the client may finish its side before the server's verdict: the refusal then ends the
+    // first exchange.)
+    let again = tern_nbd::client::option_channel(&addr, T, Some(&tls), 16 * 1024)
+        .and_then(|mut ch| control_on(&mut ch, b"reconnected"));
+    let e = again.expect_err("a revoked client was served on a new connection");
+    assert!(
+        format!("{e:?}").contains("Revoked"),
+        "not refused for its revocation: {e:?}"
+    );
+    assert_eq!(ex.carried_out(), 2);
+}

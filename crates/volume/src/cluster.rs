@@ -323,6 +323,9 @@ pub fn serve(opts: ServeOptions) -> Result<(), ServeError> {
         tls,
         max_connections: opts.max_connections,
         handshake_timeout: opts.handshake_timeout,
+        // A peer's control connection kept past its own cap (`control_conn`, 50 s) is refused
+        // at its next request: a revoked peer's ends within about a minute.
+        max_option_age: tern_nbd::server::DEFAULT_MAX_OPTION_AGE,
         idle_timeout: opts.idle_timeout,
         log_prefix: Some(format!("tern volume: node {}", opts.node_id)),
     };

@@ -11,11 +11,18 @@
 //! the server closes a connection idle in option haggling after that deadline, restarted after
 //! each request) is closed rather than reused.
 //!
-//! **Age cap.** A connection opened more than [`set_max_age`] ago (60 s by default) is closed at
+//! **Age cap.** A connection opened more than [`set_max_age`] ago (50 s by default) is closed at
 //! its next use instead of carrying the request, however busy it is: renewals every TTL/4 would
 //! otherwise keep it open forever, and certificates (and their revocation) are checked only at
 //! the TLS handshake. So a revoked certificate's connections are given up within the cap, and
-//! the next handshake meets the server's current revocation list.
+//! the next handshake meets the server's current revocation list. The server enforces the same
+//! on its side for clients that do not keep to this: a connection still in option haggling
+//! 60 s after it was accepted (`tern_nbd::ListenerOptions::max_option_age`) has its next
+//! request answered `NBD_REP_ERR_SHUTDOWN`, not carried out, and is closed. Our cap stays below
+//! the server's (the server counts from accept, before the TLS handshake), so a client that
+//! keeps to it does not meet the refusal; when it does anyway (a server with a lower limit), the
+//! request is sent again on a new connection, whatever it is, since the server did not carry it
+//! out.
 //!
 //! **Nothing about fencing rides on the connection.** The receiver decides every request on its
 //! own state when it reads it (a deposed coordinator answers `not_coordinator`, a stale epoch is
@@ -41,14 +48,23 @@ use std::time::{Duration, Instant};
 
 use tern_nbd::ClientError;
 use tern_nbd::client;
-use tern_nbd::proto::{MAX_CONTROL_REPLY, OPT_ABORT, OPT_TERN_CONTROL, REP_TERN_CONTROL};
+use tern_nbd::proto::{
+    MAX_CONTROL_REPLY, OPT_ABORT, OPT_TERN_CONTROL, REP_ERR_SHUTDOWN, REP_TERN_CONTROL,
+};
 use tern_nbd::tls::{ClientTls, NetReader, NetWriter};
 
 /// Default of [`set_idle_limit`].
 pub const DEFAULT_IDLE_LIMIT: Duration = Duration::from_secs(5);
 
-/// Default of [`set_max_age`].
-pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(60);
+/// Default of [`set_max_age`]: below the servers' own limit on a connection's option haggling
+/// (`tern_nbd::server::DEFAULT_MAX_OPTION_AGE`, 60 s), so a kept connection is given up before
+/// a server refuses it.
+pub const DEFAULT_MAX_AGE: Duration = Duration::from_secs(50);
+
+const _: () = assert!(
+    DEFAULT_MAX_AGE.as_millis() + 5_000 <= tern_nbd::server::DEFAULT_MAX_OPTION_AGE.as_millis(),
+    "the client's age cap must stay well below the server's option age"
+);
 
 /// Idle connections kept per node address; more are closed when they come back.
 const MAX_IDLE_PER_NODE: usize = 8;
@@ -160,6 +176,10 @@ enum Failure {
     /// may or may not have executed the request (it may have read it whole and then crashed, or
     /// been shut down by its handshake deadline before replying).
     Closed(ClientError),
+    /// The server answered `NBD_REP_ERR_SHUTDOWN`: it did not carry the request out and closes
+    /// the connection (Tern's server: the connection was in option haggling longer than it
+    /// allows).
+    NotCarriedOut(ClientError),
     /// Anything else (a timeout, a broken reply, a refusal).
     Other(ClientError),
 }
@@ -167,7 +187,9 @@ enum Failure {
 /// Send one control request to the node at `addr` and return the reply's bytes, on a kept
 /// connection when one is idle, else on a new one (kept afterwards). `resend`: the request is
 /// idempotent, so when a kept connection fails or ends before the reply begins, it is sent once
-/// more on a new connection; otherwise that error is returned.
+/// more on a new connection; otherwise that error is returned. A request the server refused
+/// on a kept connection without carrying it out (`NBD_REP_ERR_SHUTDOWN`: the connection is too
+/// old for it) is sent again on a new connection whatever it is.
 pub fn exchange(
     addr: &str,
     request: &[u8],
@@ -183,6 +205,7 @@ pub fn exchange(
                 return Ok(reply);
             }
             Err(Failure::Closed(_)) if resend => {}
+            Err(Failure::NotCarriedOut(_)) => {}
             Err(Failure::Closed(e) | Failure::Other(e)) => return Err(e),
         }
     }
@@ -192,7 +215,7 @@ pub fn exchange(
             put_back(key, conn);
             Ok(reply)
         }
-        Err(Failure::Closed(e) | Failure::Other(e)) => Err(e),
+        Err(Failure::Closed(e) | Failure::NotCarriedOut(e) | Failure::Other(e)) => Err(e),
     }
 }
 
@@ -308,7 +331,13 @@ impl Conn {
             Err(e) => return Err(Failure::Closed(e.into())),
         }
         let (reply, data) = client::recv_option(&mut self.r, OPT_TERN_CONTROL, MAX_CONTROL_REPLY)
-            .map_err(Failure::Other)?;
+            .map_err(|e| match e {
+            ClientError::Refused {
+                reply: REP_ERR_SHUTDOWN,
+                ..
+            } => Failure::NotCarriedOut(e),
+            e => Failure::Other(e),
+        })?;
         if reply != REP_TERN_CONTROL {
             return Err(Failure::Other(ClientError::Protocol(format!(
                 "unexpected control reply {reply:#x}"
@@ -349,11 +378,21 @@ mod tests {
     /// Requests a scripted server read: (connection number, request).
     type Seen = Vec<(usize, Vec<u8>)>;
 
+    /// What the scripted server does with the second request on its first connection.
+    #[derive(Clone, Copy)]
+    enum Second {
+        /// Reads it and closes without a reply (the server going away, or its deadline
+        /// firing, once it has read the request).
+        Close,
+        /// Answers `NBD_REP_ERR_SHUTDOWN` and closes (the connection is past the server's
+        /// option age: the request was not carried out).
+        RefuseAsTooOld,
+    }
+
     /// A scripted plain server: greets, then answers each control request on a connection with
-    /// its data reversed; on connection 1, the second request is read and the connection closed
-    /// without a reply (the server going away, or its deadline firing, once it has read the
-    /// request). Returns every request it read, with the connection (1, 2) it came on.
-    fn scripted_server() -> (String, std::thread::JoinHandle<Seen>) {
+    /// its data reversed; on connection 1, the second request gets `second`. Returns every
+    /// request it carried out, with the connection (1, 2) it came on.
+    fn scripted_server(second: Second) -> (String, std::thread::JoinHandle<Seen>) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let h = std::thread::spawn(move || {
@@ -378,10 +417,22 @@ mod tests {
                     if option == OPT_ABORT {
                         break;
                     }
-                    seen.push((connections, data.clone()));
                     if connections == 1 && answered == 1 {
+                        match second {
+                            Second::Close => seen.push((connections, data.clone())),
+                            Second::RefuseAsTooOld => {
+                                let why = b"too old: not carried out";
+                                let mut rep = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+                                rep.extend_from_slice(&option.to_be_bytes());
+                                rep.extend_from_slice(&REP_ERR_SHUTDOWN.to_be_bytes());
+                                rep.extend_from_slice(&(why.len() as u32).to_be_bytes());
+                                rep.extend_from_slice(why);
+                                s.write_all(&rep).unwrap();
+                            }
+                        }
                         break;
                     }
+                    seen.push((connections, data.clone()));
                     data.reverse();
                     let mut rep = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
                     rep.extend_from_slice(&option.to_be_bytes());
@@ -402,7 +453,7 @@ mod tests {
 
     #[test]
     fn an_idempotent_request_the_server_closed_on_unanswered_is_sent_again() {
-        let (addr, server) = scripted_server();
+        let (addr, server) = scripted_server(Second::Close);
         let t = Duration::from_secs(5);
         assert_eq!(exchange(&addr, b"abc", t, None, true).unwrap(), b"cba");
         // Kept: the second request goes on the same connection, which the server closes
@@ -423,7 +474,7 @@ mod tests {
 
     #[test]
     fn another_request_the_server_closed_on_unanswered_is_not_sent_again() {
-        let (addr, server) = scripted_server();
+        let (addr, server) = scripted_server(Second::Close);
         let t = Duration::from_secs(5);
         assert_eq!(exchange(&addr, b"abc", t, None, false).unwrap(), b"cba");
         // The server read it and may have executed it: the error is returned, not a resend.
@@ -447,6 +498,22 @@ mod tests {
                 (2, b"123".to_vec())
             ],
             "the unanswered request was read once"
+        );
+    }
+
+    #[test]
+    fn any_request_the_server_refused_as_too_old_is_sent_again_on_a_new_connection() {
+        let (addr, server) = scripted_server(Second::RefuseAsTooOld);
+        let t = Duration::from_secs(5);
+        assert_eq!(exchange(&addr, b"abc", t, None, false).unwrap(), b"cba");
+        // Not idempotent, but the refusal says it was not carried out: sent again.
+        assert_eq!(exchange(&addr, b"xyz", t, None, false).unwrap(), b"zyx");
+        forget(&addr);
+        let seen = server.join().unwrap();
+        assert_eq!(
+            seen,
+            [(1, b"abc".to_vec()), (2, b"xyz".to_vec())],
+            "carried out once, on the new connection"
         );
     }
 

@@ -2,7 +2,8 @@
 //! `--tls-dir`: a VM disk's lease renewals to its node, and the node's forwards to the
 //! coordinator, each use one connection however many there are; a connection the server closed
 //! is reopened without the request failing; one older than the age cap is replaced however busy
-//! it is; after a coordinator change a request on the old
+//! it is; a client that ignores the cap is cut off by the servers' option age without a request
+//! failing or running twice; after a coordinator change a request on the old
 //! coordinator's connection is still refused, and the renewals go to the new one.
 //!
 //! Connections are counted by the servers (the distinct client addresses their control requests
@@ -19,6 +20,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::{MIB, TIMEOUT, format_lun};
+use tern_nbd::server::DEFAULT_MAX_OPTION_AGE;
 use tern_nbd::{Backend, Exports, ListenerOptions, ListenerStats, Peer, PeerId, Refusal};
 use tern_pki::{IssueOptions, Role, TlsDir};
 use tern_volume::control::{self, Envelope, ErrorKind, LeaseAction, Request};
@@ -119,6 +121,17 @@ enum Start<'a> {
 /// Node `id` on `lun` behind a TLS-only listener (its certificate `node-ID`) that closes a
 /// connection idle in option haggling after `handshake_timeout`.
 fn tls_node(lun: &Path, id: u32, start: Start<'_>, handshake_timeout: Duration) -> TestNode {
+    tls_node_aged(lun, id, start, handshake_timeout, DEFAULT_MAX_OPTION_AGE)
+}
+
+/// [`tls_node`] whose listener refuses options on a connection older than `max_option_age`.
+fn tls_node_aged(
+    lun: &Path,
+    id: u32,
+    start: Start<'_>,
+    handshake_timeout: Duration,
+    max_option_age: Duration,
+) -> TestNode {
     let pki = pki();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -157,6 +170,7 @@ fn tls_node(lun: &Path, id: u32, start: Start<'_>, handshake_timeout: Duration) 
             }),
         }),
         handshake_timeout,
+        max_option_age,
         ..ListenerOptions::default()
     };
     let (ex, st) = (Arc::clone(&exports) as Arc<dyn Exports>, Arc::clone(&stats));
@@ -184,13 +198,29 @@ fn renew(addr: &str, name: &str) -> u64 {
 
 /// The coordinator (node 1) and node 2 following it, a file `f` whose lease node 2 holds.
 fn two_nodes(dir: &Path, handshake_timeout: Duration) -> (TestNode, TestNode, u64) {
+    two_nodes_aged(dir, handshake_timeout, DEFAULT_MAX_OPTION_AGE)
+}
+
+/// [`two_nodes`] whose listeners refuse options on connections older than `max_option_age`.
+fn two_nodes_aged(
+    dir: &Path,
+    handshake_timeout: Duration,
+    max_option_age: Duration,
+) -> (TestNode, TestNode, u64) {
     let lun = format_lun(dir, 8);
-    let n1 = tls_node(&lun, 1, Start::Coordinator, handshake_timeout);
-    let n2 = tls_node(
+    let n1 = tls_node_aged(
+        &lun,
+        1,
+        Start::Coordinator,
+        handshake_timeout,
+        max_option_age,
+    );
+    let n2 = tls_node_aged(
         &lun,
         2,
         Start::Follower(&leader_of(&n1, 1)),
         handshake_timeout,
+        max_option_age,
     );
     common::create(&n2.addr, "f", MIB, false);
     let epoch = renew(&n2.addr, "f");
@@ -307,6 +337,49 @@ fn connections_older_than_the_age_cap_are_not_reused_however_busy() {
     assert!((3..=10).contains(&d2), "node 2: {d2} new connections");
     assert!((3..=10).contains(&d1), "node 1: {d1} new connections");
     // The old ones were closed by the client (NBD_OPT_ABORT), not left to the server's deadline.
+    assert_eq!(n2.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
+    assert_eq!(n1.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn a_client_ignoring_its_age_cap_is_cut_off_by_the_servers_without_a_request_failing() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    // The servers refuse options on a connection older than 500 ms; this process keeps its
+    // connections for an hour, as a client that ignores its cap would.
+    let age = Duration::from_millis(500);
+    let (n1, n2, epoch) = two_nodes_aged(dir.path(), Duration::from_secs(10), age);
+    control_conn::set_max_age(Duration::from_secs(3600));
+    let (c1, c2) = (n1.exports.connections(), n2.exports.connections());
+    // A renewal every 50 ms for 1.6 s: never idle, so only the servers' option age ends a
+    // connection; each refused renewal is sent again on a new one.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1600) {
+        assert_eq!(renew(&n2.addr, "f"), epoch);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A create is not idempotent (a second run answers `exists`): on kept connections past
+    // the age it is refused on both hops without being carried out, and sent again.
+    std::thread::sleep(age + Duration::from_millis(100));
+    common::create(&n2.addr, "g", MIB, false);
+    control_conn::set_max_age(control_conn::DEFAULT_MAX_AGE);
+    let closes = |n: &TestNode| n.stats.option_age_closes.load(Ordering::SeqCst);
+    let (k1, k2) = (closes(&n1), closes(&n2));
+    assert!(k2 >= 3, "node 2's server cut {k2} connections");
+    assert!(k1 >= 3, "node 1's server cut {k1} connections");
+    let (d1, d2) = (n1.exports.connections() - c1, n2.exports.connections() - c2);
+    assert!(
+        (k2..=k2 + 2).contains(&d2),
+        "node 2: {d2} new connections, {k2} cut"
+    );
+    assert!(
+        (k1..=k1 + 2).contains(&d1),
+        "node 1: {d1} new connections, {k1} cut"
+    );
+    assert!(
+        d2 <= 10 && d1 <= 10,
+        "{d2} and {d1}: not a connection per request"
+    );
     assert_eq!(n2.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
     assert_eq!(n1.stats.handshake_timeouts.load(Ordering::SeqCst), 0);
 }
