@@ -21,9 +21,10 @@ use crate::devices::block_backend::BlockBackend;
 use crate::state;
 use crate::vm::Vm;
 
-/// The nice value of the source's migration stream threads (its data stream writers, post-copy's
-/// threads): they yield to the guest they migrate, whose vCPUs and device threads come first when
-/// the host is short of CPU. With `tern demo` (20,000 pages/s writer, 2 loaded cores) the guest's
+/// The nice value of the source's migration stream threads (its control stream reader, post-copy's
+/// threads; the data streams are written by the migration's own thread, at its priority): they
+/// yield to the guest they migrate, whose vCPUs and device threads come first when the host is
+/// short of CPU. With `tern demo` (20,000 pages/s writer, 2 loaded cores) the guest's
 /// client waited 35–140 ms during pre-copy with every migration thread at nice 0, a median 10 ms
 /// at nice 10 (docs/net.md); measured again with the December 2026 copy path, 4 runs each: 20–57
 /// ms at nice 0 against 9–11 ms at nice 10 (one run of each also had a ~210 ms retransmission).

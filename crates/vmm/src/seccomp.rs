@@ -11,7 +11,7 @@
 //! | `vcpu` | `vcpuN` | the vCPU thread itself (`vm/create.rs`) |
 //! | `device` | `virtio-net-rx`, `net-announce` | the device thread itself |
 //! | `api` | `signals`, `api`, `api-conn`, `throttle` and the threads they start | the main thread, just before it starts them (`tern vm` `serve`) |
-//! | `migration` | `migrate-tx-N`, `migrate-ctl-rx`, `migrate-rx-*`, post-copy's `migrate-pc-*` (with the userfaultfd ioctls) | each migration thread, through `tern_migration::thread_start` |
+//! | `migration` | `migrate-ctl-rx`, `migrate-rx-*`, post-copy's `migrate-pc-*` (with the userfaultfd ioctls) | each migration thread, through `tern_migration::thread_start` |
 //! | `main` | the main thread once the VM runs | the main thread, after the API is up |
 //!
 //! The lists were measured (strace -f on the test guest doing boot, virtio-blk, virtio-net over a

@@ -1,13 +1,12 @@
-//! The source's I/O shell: TCP control and data streams with a writer thread each, page
-//! reading, the bandwidth cap's sleeps, the clock, progress callbacks and cancel. What to send,
+//! The source's I/O shell: TCP control and data streams (the data streams written by the copy
+//! loop itself, without blocking), page reading, the bandwidth cap's sleeps, the clock, progress callbacks and cancel. What to send,
 //! what an answer means, when the VM's storage is handed over or taken back and how a failure
 //! is undone are the [`Sender`] machine's and [`pages`]' decisions; this file carries them out.
 
 use std::io::Write;
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{self, Receiver as ChanRx, RecvTimeoutError, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::sync::mpsc::{self, Receiver as ChanRx, RecvTimeoutError, TryRecvError};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::config::{MemoryLayout, PAGE_SIZE};
@@ -19,7 +18,7 @@ use crate::machine::sender::{
 };
 use crate::report::{MigrationReport, PauseStep, Progress};
 use crate::tcp::common::{CancelToken, error_chain};
-use crate::tcp::transport::{self, ConnWriter, TlsClient};
+use crate::tcp::transport::{self, ConnWriter, DataSender, TlsClient, wait_writable};
 use crate::vm::{MigrationSource, VmError};
 use crate::wire::{
     Frame, FrameKind, HEADER_LEN, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest,
@@ -195,8 +194,13 @@ const ZERO_ENTRY_FLAG: u64 = 1;
 const PAGES_PREFIX: usize = 6;
 /// Bytes of a full page frame.
 const FULL_PAGE_FRAME: usize = HEADER_LEN + PAGES_PREFIX + MAX_PAGES_PER_FRAME * (8 + PAGE);
-/// Page frame buffers kept for reuse (a writer hands each back once it is on the socket).
+/// Page frame buffers kept for reuse (each comes back once it is on the socket).
 const SPARE_FRAMES: usize = 32;
+/// Bytes a data stream may hold queued beyond what its socket took before the copy loop waits
+/// for it: two full page frames, so the next frame is ready when the socket drains.
+const STREAM_QUEUE_MAX: usize = 2 * FULL_PAGE_FRAME;
+/// The longest single wait for a data stream's socket to take more (cancel is checked between).
+const WRITABLE_WAIT: Duration = Duration::from_millis(20);
 
 /// A page frame built in place: each page is read from the VM straight into its entry (one
 /// copy of guest memory on the way out), a page found zero shrinks back to its address entry
@@ -302,21 +306,10 @@ fn is_zero(page: &[u8]) -> bool {
     words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
 }
 
-enum WriterMsg {
-    Frame(Vec<u8>),
-    /// A page frame: the first `.1` bytes of the buffer, which goes back to the spares.
-    Pages(Vec<u8>, usize),
-    Flush(SyncSender<()>),
-}
-
-/// Page frame buffers the writers handed back, for the next frames.
-type Spares = Arc<Mutex<Vec<Vec<u8>>>>;
-
+/// One data stream: its socket, written by the copy loop without blocking, and the page frame
+/// being built for it.
 struct DataStream {
-    tx: Option<SyncSender<WriterMsg>>,
-    handle: Option<JoinHandle<()>>,
-    socket: TcpStream,
-    error: Arc<Mutex<Option<std::io::Error>>>,
+    out: DataSender,
     batch: FrameBuf,
     frames: u64,
     pages: u64,
@@ -333,7 +326,11 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     control: Option<ConnWriter>,
     control_rx: Option<ChanRx<Result<Frame, ReadFrameError>>>,
     data: Vec<DataStream>,
-    spares: Spares,
+    /// Page frame buffers wholly written, for the next frames; other written frames land here
+    /// too and are dropped by [`Run::recycle`].
+    spares: Vec<Vec<u8>>,
+    /// Buffers the last writes finished with.
+    written: Vec<Vec<u8>>,
     bucket: Option<TokenBucket>,
     zeros: ZeroTracker,
     bytes_sent: u64,
@@ -397,7 +394,8 @@ pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
         control: None,
         control_rx: None,
         data: Vec::new(),
-        spares: Arc::new(Mutex::new(Vec::new())),
+        spares: Vec::new(),
+        written: Vec::new(),
         bytes_sent: 0,
         zero_skipped: 0,
         round_remaining: 0,
@@ -587,7 +585,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
 
     /// Connects the control stream (with `tls`: handshake and the target's certificate checked
     /// first), says hello, hands the answer to the machine, then opens and joins the data streams
-    /// with a writer thread each.
+    /// (non-blocking from then on: the copy loop writes them).
     fn handshake(&mut self, addr: SocketAddr, tls: Option<&TlsClient>) -> Result<(), MigrateError> {
         let connect = |addr: &SocketAddr, expect| {
             let (s, id) = transport::connect(addr, tls, expect, self.opts.connect_timeout)
@@ -657,45 +655,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let join = Frame::Join { session, stream: i }.encode();
             s.write_all(&join).map_err(MigrateError::Connection)?;
             self.bytes_sent += join.len() as u64;
-            let socket = s.shutdown_handle().map_err(MigrateError::Connection)?;
-            let (tx, rx) = mpsc::sync_channel::<WriterMsg>(8);
-            let error = Arc::new(Mutex::new(None));
-            let err2 = error.clone();
-            let spares = self.spares.clone();
-            let handle = thread::Builder::new()
-                .name(format!("migrate-tx-{i}"))
-                .spawn(move || {
-                    crate::thread_start::run();
-                    for msg in rx {
-                        match msg {
-                            WriterMsg::Frame(b) => {
-                                if let Err(e) = s.write_all(&b) {
-                                    *err2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                                    return;
-                                }
-                            }
-                            WriterMsg::Pages(b, len) => {
-                                if let Err(e) = s.write_all(&b[..len]) {
-                                    *err2.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                                    return;
-                                }
-                                let mut spares = spares.lock().unwrap_or_else(|p| p.into_inner());
-                                if spares.len() < SPARE_FRAMES {
-                                    spares.push(b);
-                                }
-                            }
-                            WriterMsg::Flush(done) => {
-                                let _ = done.send(());
-                            }
-                        }
-                    }
-                })
-                .map_err(MigrateError::Connection)?;
             self.data.push(DataStream {
-                tx: Some(tx),
-                handle: Some(handle),
-                socket,
-                error,
+                out: DataSender::new(s).map_err(MigrateError::Connection)?,
                 batch: FrameBuf::new(None, 0),
                 frames: 0,
                 pages: 0,
@@ -776,60 +737,76 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
     }
 
-    fn writer_error(&self, i: usize) -> MigrateError {
-        let e = self.data[i]
-            .error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .unwrap_or_else(|| std::io::Error::other("data stream writer stopped"));
-        MigrateError::Connection(e)
-    }
-
     fn push_frame(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
-        self.push_msg(i, WriterMsg::Frame(bytes))
+        let len = bytes.len();
+        self.push_bytes(i, bytes, len)
     }
 
-    /// Hands a frame to writer `i` within the bandwidth cap.
-    fn push_msg(&mut self, i: usize, msg: WriterMsg) -> Result<(), MigrateError> {
-        let len = match &msg {
-            WriterMsg::Frame(b) => b.len(),
-            WriterMsg::Pages(_, n) => *n,
-            WriterMsg::Flush(_) => 0,
-        } as u64;
+    /// Queues the first `len` bytes of `buf` (one frame) on data stream `i` within the bandwidth
+    /// cap, writes what the sockets take now, and waits while stream `i` holds more than
+    /// [`STREAM_QUEUE_MAX`] unwritten.
+    fn push_bytes(&mut self, i: usize, buf: Vec<u8>, len: usize) -> Result<(), MigrateError> {
         if let Some(bucket) = &mut self.bucket {
-            let wait = bucket.take(len, self.start.elapsed());
+            let wait = bucket.take(len as u64, self.start.elapsed());
             if !wait.is_zero() {
                 thread::sleep(wait);
             }
         }
-        self.send_to_writer(i, msg)?;
-        self.bytes_sent += len;
-        Ok(())
+        self.data[i]
+            .out
+            .push(buf, len, &mut self.written)
+            .map_err(MigrateError::Connection)?;
+        self.bytes_sent += len as u64;
+        self.write_until(|data| data[i].out.queued() <= STREAM_QUEUE_MAX)
+    }
+
+    /// Writes the data streams until `done` holds, waiting for their sockets when they are full,
+    /// never past a cancel; a stream that takes nothing for the I/O timeout fails the migration.
+    fn write_until(&mut self, done: impl Fn(&[DataStream]) -> bool) -> Result<(), MigrateError> {
+        let mut last_progress = Instant::now();
+        loop {
+            let mut wrote = 0;
+            for d in &mut self.data {
+                if d.out.pending() {
+                    wrote += d
+                        .out
+                        .drain(&mut self.written)
+                        .map_err(MigrateError::Connection)?;
+                }
+            }
+            self.recycle();
+            if done(&self.data) {
+                return Ok(());
+            }
+            if wrote > 0 {
+                last_progress = Instant::now();
+            } else if last_progress.elapsed() >= self.opts.io_timeout {
+                return Err(MigrateError::Connection(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no data stream took a byte for {:?}", self.opts.io_timeout),
+                )));
+            }
+            if self.cancel.is_cancelled() && self.machine.cancellable() {
+                return Err(MigrateError::Cancelled);
+            }
+            let left = self.opts.io_timeout.saturating_sub(last_progress.elapsed());
+            wait_writable(self.data.iter().map(|d| &d.out), left.min(WRITABLE_WAIT))
+                .map_err(MigrateError::Connection)?;
+        }
+    }
+
+    /// Keeps the written page frame buffers for the next frames (up to [`SPARE_FRAMES`]).
+    fn recycle(&mut self) {
+        for buf in self.written.drain(..) {
+            if buf.len() >= FULL_PAGE_FRAME && self.spares.len() < SPARE_FRAMES {
+                self.spares.push(buf);
+            }
+        }
     }
 
     /// An empty page frame of the current round, in a spare buffer when there is one.
-    fn new_frame(&self) -> FrameBuf {
-        let spare = self.spares.lock().unwrap_or_else(|p| p.into_inner()).pop();
-        FrameBuf::new(spare, self.machine.round())
-    }
-
-    /// Hands a message to writer `i`, waiting while its queue is full but never past a cancel.
-    fn send_to_writer(&mut self, i: usize, mut msg: WriterMsg) -> Result<(), MigrateError> {
-        loop {
-            let tx = self.data[i].tx.as_ref().expect("writer runs");
-            match tx.try_send(msg) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::TrySendError::Disconnected(_)) => return Err(self.writer_error(i)),
-                Err(mpsc::TrySendError::Full(m)) => {
-                    msg = m;
-                    if self.cancel.is_cancelled() && self.machine.cancellable() {
-                        return Err(MigrateError::Cancelled);
-                    }
-                    thread::sleep(Duration::from_micros(200));
-                }
-            }
-        }
+    fn new_frame(&mut self) -> FrameBuf {
+        FrameBuf::new(self.spares.pop(), self.machine.round())
     }
 
     fn flush_batch(&mut self, i: usize) -> Result<(), MigrateError> {
@@ -841,38 +818,15 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         self.data[i].frames += 1;
         self.data[i].pages += batch.pages() as u64;
         let (buf, len) = batch.seal();
-        self.push_msg(i, WriterMsg::Pages(buf, len))
+        self.push_bytes(i, buf, len)
     }
 
-    /// Sends every pending batch and waits until every writer has written all it was given.
+    /// Sends every pending batch and waits until every stream's socket took all it was given.
     fn flush_all(&mut self) -> Result<(), MigrateError> {
         for i in 0..self.data.len() {
             self.flush_batch(i)?;
         }
-        self.wait_writers()
-    }
-
-    fn wait_writers(&mut self) -> Result<(), MigrateError> {
-        let mut waits = Vec::new();
-        for i in 0..self.data.len() {
-            let (tx, rx) = mpsc::sync_channel(1);
-            self.send_to_writer(i, WriterMsg::Flush(tx))?;
-            waits.push((i, rx));
-        }
-        for (i, rx) in waits {
-            loop {
-                match rx.recv_timeout(Duration::from_millis(20)) {
-                    Ok(()) => break,
-                    Err(RecvTimeoutError::Disconnected) => return Err(self.writer_error(i)),
-                    Err(RecvTimeoutError::Timeout) => {
-                        if self.cancel.is_cancelled() && self.machine.cancellable() {
-                            return Err(MigrateError::Cancelled);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.write_until(|data| data.iter().all(|d| !d.out.pending()))
     }
 
     /// Waits for the target's acknowledgement of the round whose end was sent, watching
@@ -1087,16 +1041,10 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         if cleanup.stop_dirty_log {
             let _ = self.source.stop_dirty_log();
         }
-        // Close everything: writers end when their channel closes.
-        for d in &mut self.data {
-            if cleanup.close_streams {
-                let _ = d.socket.shutdown(Shutdown::Both);
-            }
-            d.tx = None;
-        }
-        for d in &mut self.data {
-            if let Some(h) = d.handle.take() {
-                let _ = h.join();
+        // Close everything (the data streams also close when the run is dropped).
+        if cleanup.close_streams {
+            for d in &self.data {
+                let _ = d.out.tcp().shutdown(Shutdown::Both);
             }
         }
         if let Some(c) = &self.control {

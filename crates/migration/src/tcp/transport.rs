@@ -433,6 +433,193 @@ impl TlsWriter {
     }
 }
 
+/// The source's sending half of one data stream, written without blocking by the thread that
+/// builds the frames: no writer thread sits between the copy loop and the socket. Frames are
+/// queued in order and written as far as the socket takes them (a frame may go out in several
+/// parts); plain TCP writes the queued frames with one `writev`, TLS encrypts each frame into
+/// rustls's buffer when it is queued (the frame's buffer is free at once) and writes the records
+/// from there. The socket is non-blocking: [`wait_writable`] is how the caller waits.
+pub(crate) struct DataSender {
+    link: SendLink,
+    /// Plain TCP: frames not yet wholly on the socket, with the bytes of each already written.
+    queue: std::collections::VecDeque<Queued>,
+    /// Bytes queued and not yet written (TLS: plaintext bytes, an estimate once records are
+    /// partly out; exact at 0).
+    queued: usize,
+}
+
+/// A frame in a [`DataSender`]'s queue: the first `len` bytes of `buf`, `done` of them written.
+struct Queued {
+    buf: Vec<u8>,
+    len: usize,
+    done: usize,
+}
+
+enum SendLink {
+    Plain(TcpStream),
+    Tls {
+        conn: Box<ClientConnection>,
+        tcp: TcpStream,
+    },
+}
+
+/// Frames one `writev` carries at most.
+const WRITEV_FRAMES: usize = 8;
+
+impl DataSender {
+    /// The sending half of a connected data stream (the source's side: plain or TLS client),
+    /// its socket switched to non-blocking.
+    pub(crate) fn new(conn: Conn) -> io::Result<Self> {
+        let link = match conn {
+            Conn::Plain(tcp) => SendLink::Plain(tcp),
+            Conn::Client(s) => {
+                let (mut conn, sock) = s.into_parts();
+                conn.set_buffer_limit(None);
+                // Bytes the handshake's buffered read took (session tickets) are not needed:
+                // the source never reads a data stream.
+                SendLink::Tls {
+                    conn: Box::new(conn),
+                    tcp: sock.0.into_inner(),
+                }
+            }
+            Conn::Server(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a data stream's sender is the TLS client",
+                ));
+            }
+        };
+        let s = Self {
+            link,
+            queue: Default::default(),
+            queued: 0,
+        };
+        s.tcp().set_nonblocking(true)?;
+        Ok(s)
+    }
+
+    /// The TCP socket underneath (shutdown, poll).
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match &self.link {
+            SendLink::Plain(t) | SendLink::Tls { tcp: t, .. } => t,
+        }
+    }
+
+    /// Bytes queued and not yet on the socket.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Whether anything is left to write.
+    pub(crate) fn pending(&self) -> bool {
+        match &self.link {
+            SendLink::Plain(_) => !self.queue.is_empty(),
+            SendLink::Tls { conn, .. } => conn.wants_write(),
+        }
+    }
+
+    /// Queues the first `len` bytes of `buf` (one whole frame) after the frames queued before.
+    /// Nothing is written yet ([`DataSender::drain`]); with TLS the frame is encrypted now and
+    /// its buffer handed back in `free`.
+    pub(crate) fn push(
+        &mut self,
+        buf: Vec<u8>,
+        len: usize,
+        free: &mut Vec<Vec<u8>>,
+    ) -> io::Result<()> {
+        let len = len.min(buf.len());
+        match &mut self.link {
+            SendLink::Plain(_) => self.queue.push_back(Queued { buf, len, done: 0 }),
+            SendLink::Tls { conn, .. } => {
+                conn.writer().write_all(&buf[..len])?;
+                free.push(buf);
+            }
+        }
+        self.queued += len;
+        Ok(())
+    }
+
+    /// Writes as much as the socket takes now without blocking; every buffer wholly written
+    /// goes to `free`. Returns the bytes written (0: the socket is full, or nothing was queued).
+    pub(crate) fn drain(&mut self, free: &mut Vec<Vec<u8>>) -> io::Result<usize> {
+        let mut total = 0;
+        match &mut self.link {
+            SendLink::Plain(tcp) => {
+                while !self.queue.is_empty() {
+                    let slices: Vec<io::IoSlice<'_>> = self
+                        .queue
+                        .iter()
+                        .take(WRITEV_FRAMES)
+                        .map(|q| io::IoSlice::new(&q.buf[q.done..q.len]))
+                        .collect();
+                    let n = match tcp.write_vectored(&slices) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    };
+                    total += n;
+                    self.queued = self.queued.saturating_sub(n);
+                    let mut left = n;
+                    while left > 0 {
+                        let front = self.queue.front_mut().expect("written bytes were queued");
+                        let step = left.min(front.len - front.done);
+                        front.done += step;
+                        left -= step;
+                        if front.done == front.len {
+                            let q = self.queue.pop_front().expect("front exists");
+                            free.push(q.buf);
+                        }
+                    }
+                }
+            }
+            SendLink::Tls { conn, tcp } => {
+                while conn.wants_write() {
+                    match conn.write_tls(tcp) {
+                        Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                        Ok(n) => {
+                            total += n;
+                            self.queued = self.queued.saturating_sub(n);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !conn.wants_write() {
+                    self.queued = 0;
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+/// Waits up to `timeout` until a sender of `senders` with bytes left can take more (or its
+/// socket failed: the next [`DataSender::drain`] reports the error). Returns at once when none
+/// has bytes left.
+pub(crate) fn wait_writable<'a>(
+    senders: impl IntoIterator<Item = &'a DataSender>,
+    timeout: Duration,
+) -> io::Result<()> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let mut fds: Vec<PollFd<'_>> = senders
+        .into_iter()
+        .filter(|s| s.pending())
+        .map(|s| PollFd::new(s.tcp().as_fd(), PollFlags::POLLOUT))
+        .collect();
+    if fds.is_empty() {
+        return Ok(());
+    }
+    let ms = u16::try_from(timeout.as_millis().max(1)).unwrap_or(u16::MAX);
+    match poll(&mut fds, PollTimeout::from(ms)) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 /// Opens one stream to the target: TCP, then (with `tls`) the handshake, the target's certificate
 /// checked for role `host` and, when `expect` is given, for that exact identity. Returns the
 /// stream and the target's identity (`None` in plain TCP).
@@ -792,6 +979,128 @@ pub(crate) fn accept_error_is_transient(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frame `k` of stream `s`: a length that varies from a few bytes to 96 KiB, and bytes that
+    /// name the stream, the frame and the offset (so a lost, doubled or reordered part shows).
+    fn frame(s: usize, k: usize) -> Vec<u8> {
+        let len = 7 + (k * 7919) % (96 * 1024);
+        (0..len)
+            .map(|i| (s * 131 + k * 31 + i * 7 + i / 251) as u8)
+            .collect()
+    }
+
+    /// A connected loopback pair with small socket buffers (the sender's tiny): the sender's side
+    /// and the receiver's.
+    fn tiny_pair() -> (TcpStream, TcpStream) {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tx = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (rx, _) = l.accept().unwrap();
+        // As `connect` sets it: without, Nagle waits for delayed acknowledgements.
+        tx.set_nodelay(true).unwrap();
+        setsockopt(&tx, sockopt::SndBuf, &4096).unwrap();
+        // The receiver keeps a window of at least one loopback segment (64 KiB): below, the
+        // sender waits for its persist timer.
+        setsockopt(&rx, sockopt::RcvBuf, &(128 * 1024)).unwrap();
+        (tx, rx)
+    }
+
+    #[test]
+    fn frames_written_without_blocking_arrive_whole_and_in_order_on_both_streams() {
+        let (mut senders, mut readers) = (Vec::new(), Vec::new());
+        for _ in 0..2 {
+            let (tx, mut rx) = tiny_pair();
+            senders.push(DataSender::new(Conn::Plain(tx)).unwrap());
+            // A slow reader: the socket fills, and writes go out in parts.
+            readers.push(thread::spawn(move || {
+                let (mut got, mut buf) = (Vec::new(), vec![0u8; 16 * 1024]);
+                loop {
+                    match rx.read(&mut buf).unwrap() {
+                        0 => return got,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                    thread::sleep(Duration::from_micros(300));
+                }
+            }));
+        }
+        const FRAMES: usize = 60;
+        let (mut free, mut partial) = (Vec::new(), 0);
+        let mut expected = vec![Vec::new(); 2];
+        let drain_all = |senders: &mut Vec<DataSender>, free: &mut Vec<Vec<u8>>| {
+            for s in senders.iter_mut() {
+                s.drain(free).unwrap();
+            }
+        };
+        for k in 0..FRAMES {
+            let s = k % 2;
+            let mut f = frame(s, k);
+            expected[s].extend_from_slice(&f);
+            // A buffer longer than its frame: only the first `len` bytes go out.
+            let len = f.len();
+            f.extend_from_slice(b"not part of the frame");
+            senders[s].push(f, len, &mut free).unwrap();
+            drain_all(&mut senders, &mut free);
+            if senders[s].queued() > 0 {
+                partial += 1;
+            }
+            while senders[s].queued() > 64 * 1024 {
+                wait_writable(&senders, Duration::from_millis(20)).unwrap();
+                drain_all(&mut senders, &mut free);
+            }
+        }
+        while senders.iter().any(DataSender::pending) {
+            wait_writable(&senders, Duration::from_millis(20)).unwrap();
+            drain_all(&mut senders, &mut free);
+        }
+        assert!(senders.iter().all(|s| s.queued() == 0));
+        // Every buffer came back once, when its frame was wholly written.
+        assert_eq!(free.len(), FRAMES);
+        assert!(
+            partial > 0,
+            "the tiny socket buffers never filled: nothing tested the partial writes"
+        );
+        drop(senders);
+        for (s, r) in readers.into_iter().enumerate() {
+            let got = r.join().unwrap();
+            assert_eq!(got.len(), expected[s].len(), "stream {s}");
+            assert!(got == expected[s], "stream {s}: bytes differ");
+        }
+    }
+
+    #[test]
+    fn waiting_on_senders_with_nothing_queued_returns_at_once() {
+        let (tx, _rx) = tiny_pair();
+        let s = DataSender::new(Conn::Plain(tx)).unwrap();
+        let t = Instant::now();
+        wait_writable([&s], Duration::from_secs(5)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_sender_whose_peer_closed_reports_the_error() {
+        let (tx, rx) = tiny_pair();
+        let mut s = DataSender::new(Conn::Plain(tx)).unwrap();
+        drop(rx);
+        let mut free = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let err = loop {
+            assert!(Instant::now() < deadline, "no error after the peer closed");
+            if let Err(e) = s.push(vec![1; 64 * 1024], 64 * 1024, &mut free) {
+                break e;
+            }
+            if let Err(e) = s.drain(&mut free) {
+                break e;
+            }
+            let _ = wait_writable([&s], Duration::from_millis(20));
+        };
+        assert!(
+            matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn descriptor_exhaustion_and_aborted_connections_are_retried() {
