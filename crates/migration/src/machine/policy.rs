@@ -49,10 +49,14 @@ pub struct ConvergenceConfig {
     /// Length of one throttle slice (run + sleep); at most 10 ms.
     pub throttle_slice: Duration,
     /// Once the remainder fits the budget, at most this many more rounds to shrink the pause
-    /// (each only if predicted to at least halve it; 0: switch over at the first fit).
+    /// (each only if predicted to pay: [`Self::shrink_pays`]; 0: switch over at the first fit).
     pub shrink_rounds_max: u32,
     /// No round to shrink the pause once the remainder takes at most this long to send.
     pub shrink_floor: Duration,
+    /// What a round costs besides sending its pages (the round barrier's round trip, the
+    /// dirty-log fetch): the guest dirties pages meanwhile too. Used to predict what a round to
+    /// shrink the pause leaves.
+    pub round_overhead: Duration,
 }
 
 impl Default for ConvergenceConfig {
@@ -73,6 +77,7 @@ impl Default for ConvergenceConfig {
             throttle_slice: Duration::from_millis(10),
             shrink_rounds_max: 3,
             shrink_floor: Duration::from_millis(1),
+            round_overhead: Duration::from_millis(1),
         }
     }
 }
@@ -233,12 +238,32 @@ impl ConvergenceConfig {
         ((1.0 - share) * 10_000.0).round() / 100.0
     }
 
-    /// Whether one more round is predicted to at least halve a remainder that already fits the
-    /// budget: the round sends it in `remaining / B`, while the guest dirties `rate × that`, which
-    /// is at most half of it when the dirty rate is at most half the bandwidth. Not for a
-    /// saturated working set (its rate is only a lower bound), nor once the remainder takes at
-    /// most [`Self::shrink_floor`] to send, nor after [`Self::shrink_rounds_max`] such rounds,
-    /// nor at the timeout.
+    /// Bytes one more round is predicted to leave dirty: the guest goes on dirtying at the rate
+    /// measured over the last round (under the same throttle) while the round sends the
+    /// remainder at `bw` and pays its fixed cost ([`Self::round_overhead`]). Pages are counted
+    /// as distinct (a sweeping writer), so the prediction errs high for a guest re-writing a
+    /// few pages.
+    pub fn predicted_remainder(&self, i: &SyncInput, bw: f64) -> f64 {
+        let round = i.remaining_bytes as f64 / bw + self.round_overhead.as_secs_f64();
+        i.dirty_bytes_per_sec.max(0.0) * round
+    }
+
+    /// Whether a round to shrink the pause pays: the pause it saves — the remainder `R` less
+    /// what the round leaves, `R'` — is at least what it adds to the total time, its fixed
+    /// cost and `R'` sent once more: `(R − R') / B ≥ overhead + R' / B`. In bytes: the round
+    /// adds no more than it takes off the final copy. (The rule before asked only for a dirty
+    /// rate of at most half the bandwidth, so it ran rounds whose fixed cost let the guest
+    /// dirty about as much as they sent: 490 pages in, 613 left.)
+    pub fn shrink_pays(&self, i: &SyncInput, bw: f64) -> bool {
+        let r = i.remaining_bytes as f64;
+        let left = self.predicted_remainder(i, bw);
+        r - left >= left + bw * self.round_overhead.as_secs_f64()
+    }
+
+    /// Whether one more round runs to shrink a remainder that already fits the budget: while
+    /// fewer than [`Self::shrink_rounds_max`] ran, before the timeout, not for a saturated
+    /// working set (its rate is only a lower bound), not once the remainder takes at most
+    /// [`Self::shrink_floor`] to send, and only if the round pays ([`Self::shrink_pays`]).
     pub fn another_round_pays(&self, i: &SyncInput) -> bool {
         let Some(bw) = self.effective_bandwidth(i.bandwidth).filter(|b| *b > 0.0) else {
             return false;
@@ -248,7 +273,7 @@ impl ConvergenceConfig {
             && i.elapsed < self.timeout
             && send > self.shrink_floor
             && !i.saturated()
-            && i.dirty_bytes_per_sec <= bw / 2.0
+            && self.shrink_pays(i, bw)
     }
 
     /// The switch-over rule (with the rounds that shrink the pause), the throttle schedule and
@@ -434,10 +459,11 @@ mod tests {
     }
 
     #[test]
-    fn a_remainder_that_fits_gets_another_round_while_that_halves_the_pause() {
+    fn a_remainder_that_fits_gets_another_round_while_that_pays() {
         let c = ConvergenceConfig::default();
         // 24 MiB at 1 GB/s: 25 ms to send, within the budget; the guest dirties 80 MB/s, so
-        // during one more round it dirties ~2 MB: the pause shrinks ~12 times.
+        // during one more round (and its 1 ms fixed cost) it dirties ~2 MB: the pause shrinks
+        // by 23 ms for 2 MB and 3 ms more in all.
         let fits = SyncInput {
             elapsed: ms(400),
             remaining_bytes: 24 * MIB,
@@ -449,6 +475,8 @@ mod tests {
             round_sent_bytes: 260 * MIB,
             fitted_before: 0,
         };
+        let left = c.predicted_remainder(&fits, GBPS);
+        assert!((left - 80e6 * (24.0 * MIB as f64 / GBPS + 0.001)).abs() < 1.0);
         assert!(c.another_round_pays(&fits));
         assert_eq!(c.decide(&fits), Decision::Continue);
         // What the next round leaves (~2 MB, 2 ms) gets one more; below the 1 ms floor none.
@@ -475,19 +503,64 @@ mod tests {
             ..fits
         };
         assert_eq!(c.decide(&late), Decision::SwitchOver { forced: false });
-        // A guest dirtying more than half the bandwidth, or a saturated working set, would
-        // leave as much again: switch over now.
-        let busy = SyncInput {
-            dirty_bytes_per_sec: 0.6 * GBPS,
-            ..fits
-        };
-        assert_eq!(c.decide(&busy), Decision::SwitchOver { forced: false });
+        // A saturated working set would leave as much again: switch over now.
         let saturated = SyncInput {
             round_sent_bytes: 30 * MIB,
             ..fits
         };
         assert!(saturated.saturated());
         assert_eq!(c.decide(&saturated), Decision::SwitchOver { forced: false });
+    }
+
+    #[test]
+    fn a_round_to_shrink_the_pause_runs_only_if_it_saves_more_than_it_costs() {
+        let c = ConvergenceConfig::default();
+        // 490 pages (2 MB, 2 ms at 1 GB/s) with the guest dirtying 300 MB/s: in the 3 ms of
+        // the round (its 1 ms fixed cost included) the guest dirties 0.9 MB, so the round
+        // would save 1.1 ms of pause for 1.9 ms more in all. The rule before (a dirty rate of
+        // at most half the bandwidth) ran it. Switch over.
+        let tail = SyncInput {
+            elapsed: ms(400),
+            remaining_bytes: 490 * 4096,
+            previous_remaining_bytes: Some(2215 * 4096),
+            round: 3,
+            throttle_pct: 0.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.3 * GBPS,
+            round_sent_bytes: 2215 * 4096,
+            fitted_before: 2,
+        };
+        let left = c.predicted_remainder(&tail, GBPS);
+        assert!((left - 0.3 * GBPS * (490.0 * 4096.0 / GBPS + 0.001)).abs() < 1.0);
+        assert!(!c.shrink_pays(&tail, GBPS));
+        assert_eq!(c.decide(&tail), Decision::SwitchOver { forced: false });
+        // Without the fixed cost the same round would pay (it halves the remainder).
+        let free = ConvergenceConfig {
+            round_overhead: Duration::ZERO,
+            ..c.clone()
+        };
+        assert_eq!(free.decide(&tail), Decision::Continue);
+        // Four times the remainder at the same rate pays: 8 MB in, ~3 MB left.
+        let bigger = SyncInput {
+            remaining_bytes: 4 * 490 * 4096,
+            round_sent_bytes: 20 * MIB,
+            ..tail
+        };
+        assert!(c.shrink_pays(&bigger, GBPS));
+        assert_eq!(c.decide(&bigger), Decision::Continue);
+        // 24 MiB with the guest dirtying 0.6 GB/s: the round would leave ~16 MB, 9 ms less
+        // pause for 17 ms more in all.
+        let busy = SyncInput {
+            remaining_bytes: 24 * MIB,
+            previous_remaining_bytes: None,
+            round: 1,
+            dirty_bytes_per_sec: 0.6 * GBPS,
+            round_sent_bytes: 100 * MIB,
+            fitted_before: 0,
+            ..tail
+        };
+        assert!(!c.shrink_pays(&busy, GBPS));
+        assert_eq!(c.decide(&busy), Decision::SwitchOver { forced: false });
     }
 
     #[test]
