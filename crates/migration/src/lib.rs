@@ -146,8 +146,9 @@
 //! sending time (bytes over the round's time, less the time spent on runs of pages that were
 //! all zero and skipped), capped by `--max-bandwidth`, the switch-over happens when
 //! `(dirty bytes + state estimate) / B + restore estimate ≤ downtime budget` (default 50 ms),
-//! after up to 3 more rounds while each is predicted to at least halve that remainder (the
-//! measured dirty rate at most half of `B`), so the pause carries little more than the state.
+//! after up to 3 more rounds while each pays: the pause it is predicted to save is at least what
+//! it adds to the total (its fixed cost and what the guest dirties meanwhile, sent once more),
+//! so the pause carries little more than the state.
 //! Otherwise, from round 1 on (the first round of dirty pages), unless the remainder halved
 //! since the last sync, the vCPUs are throttled harder: 20 %, then the run share they keep
 //! halves each step (60, 80, 90, 95, 97.5, … up to 99.9 %), applied in slices of at most 10 ms

@@ -763,9 +763,9 @@ mod tests {
             ..PredictInput::new(300 * MIB, 20_000.0, bw)
         };
         // At 1 GB/s the full copy takes 0.27 s, the guest dirties ~22 MB meanwhile, and that
-        // fits the 50 ms budget at once; but the guest dirties far below half the bandwidth, so
-        // a round re-sending those (~1.8 MB dirtied meanwhile) and another (~0.15 MB) shrink
-        // the pause to the state and the restore estimate.
+        // fits the 50 ms budget at once; but the guest dirties far below the bandwidth, so a
+        // round re-sending those (~1.8 MB dirtied meanwhile) and another (~0.15 MB) pay for
+        // themselves and shrink the pause to the state and the restore estimate.
         let fast = predict(&cfg, &input(1e9)).unwrap();
         assert!(fast.converges(), "{fast:?}");
         assert_eq!(fast.rounds, 3, "{fast:?}");
