@@ -758,7 +758,7 @@ pub fn render_metrics(s: &Shared) -> String {
         o,
         "# HELP tern_migration_overhead_seconds A move's measured time beyond the migration \
          model's: fixed seconds, and seconds per unit of the VM's CPU utilisation (learnt from \
-         tern_migration_overhead_samples migrations).\n\
+         tern_migration_overhead_samples migrations; the prior before the first).\n\
          # TYPE tern_migration_overhead_seconds gauge\n\
          tern_migration_overhead_seconds{{part=\"fixed\"}} {}\n\
          tern_migration_overhead_seconds{{part=\"per_utilization\"}} {}\n\

@@ -67,7 +67,8 @@ pub const POLICY_KEY: &str = "/tern/desired/automation/policy";
 pub const PLANS_PREFIX: &str = "/tern/desired/automation/plans/";
 
 /// Where what the controller learnt of moves is stored ([`StoredMoveCost`]): a new leader, after
-/// a fail-over or a restart, predicts its first moves with it instead of with the model alone.
+/// a fail-over or a restart, predicts its first moves with it instead of starting again from the
+/// prior.
 pub const MOVE_COST_KEY: &str = "/tern/desired/automation/move_cost";
 
 /// What the controller learnt of moves, as stored: the overhead of a move beyond the model
