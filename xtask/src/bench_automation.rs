@@ -61,6 +61,28 @@ struct MigrationTime {
     /// The source VMM's own total, seconds (absent in older reports).
     #[serde(default)]
     vmm_s: Option<f64>,
+    /// The source VMM's migration report (absent in older reports).
+    #[serde(default)]
+    vmm_report: Option<serde_json::Value>,
+}
+
+/// Where the source VMM's time went, from its report: the pre-copy rounds, the pause, and the
+/// rest (the set-up before round 0 and the end after the target's acknowledgement), ms.
+fn vmm_breakdown(r: &serde_json::Value) -> Option<String> {
+    let total = r.get("total_ms")?.as_f64()?;
+    let pause = r.get("downtime_ms")?.as_f64()?;
+    let rounds = r.get("rounds_detail")?.as_array()?;
+    let pre_us: f64 = rounds
+        .iter()
+        .filter(|x| x.get("decision").and_then(|d| d.as_str()) != Some("stop_and_copy"))
+        .filter_map(|x| x.get("us")?.as_f64())
+        .sum();
+    let pre = pre_us / 1000.0;
+    Some(format!(
+        "{} round(s): pre-copy {pre:.0} ms, pause {pause:.0} ms, set-up and end {:.0} ms",
+        rounds.len(),
+        (total - pre - pause).max(0.0)
+    ))
 }
 
 /// A migration task's phases, ms (`tern_api::cluster::TaskPhases`).
@@ -316,8 +338,13 @@ fn live(args: &Args) -> anyhow::Result<()> {
                     .map_or("-".into(), |v| format!("{:.0} ms", v * 1000.0))
             )
         });
+        let vmm = m
+            .vmm_report
+            .as_ref()
+            .and_then(vmm_breakdown)
+            .map_or(String::new(), |b| format!("; the VMM's {b}"));
         println!(
-            "  migration of {} at sample {}: predicted {}, measured {}{phases}",
+            "  migration of {} at sample {}: predicted {}, measured {}{phases}{vmm}",
             m.vm.as_deref().unwrap_or("?"),
             m.sample,
             m.predicted_s.map_or("-".into(), |p| format!("{p:.3} s")),

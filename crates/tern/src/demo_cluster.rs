@@ -586,6 +586,10 @@ pub struct MigrationTime {
     /// The source VMM's own total time (its report's `total_ms`), seconds.
     #[serde(default)]
     pub vmm_s: Option<f64>,
+    /// The source VMM's whole migration report (`GET /v1/tasks/{id}`'s `report`: the pause
+    /// step by step, each round's time), to tell where a slow move's time went.
+    #[serde(default)]
+    pub vmm_report: Option<serde_json::Value>,
 }
 
 /// What the simulated side needs of a live run, kept in the report so `--sim-from` can compute
@@ -1246,6 +1250,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .and_then(|r| r.get("total_ms")?.as_f64())
                 .map(|ms| ms / 1000.0),
+            vmm_report: t.report.clone(),
         });
     }
     let (offs, ons) = count_actions(&plans);
