@@ -40,7 +40,9 @@ use crate::bench_common::{build_release_tern, load_average, peer_version, scratc
 use crate::bench_migrate::{WorkRate, field, work_rate};
 use anyhow::{Context, bail, ensure};
 use tern_guest_image::qemu::{QemuConfig, QemuNet};
-use tern_netlab::ns::{EchoReport, connect_from, longest_overlapping, stream_echo};
+use tern_netlab::ns::{
+    EchoReport, connect_from, longest_overlapping, realtime_this_thread, stream_echo,
+};
 use tern_netlab::scenario::{
     GUEST_MAC, GuestWriter, MIGRATION_PORT, MigrationScenario, guest_cmdline, guest_memory_mib,
     run_migration, signed_ms,
@@ -76,6 +78,12 @@ pub struct NetMigrateArgs {
     /// figures; no comparison).
     #[arg(long)]
     pub tern_only: bool,
+    /// The client thread's scheduling, for both VMMs: `normal` (default) leaves it a normal
+    /// thread, which waits its turn for a core behind the VMMs' threads and whatever else runs on
+    /// this host (that wait then counts as the VM's); `fifo` runs it in the SCHED_FIFO class at
+    /// priority 1, as a client on a machine of its own would answer at once.
+    #[arg(long, default_value = "normal", value_parser = ["fifo", "normal"])]
+    pub client_sched: String,
 }
 
 impl NetMigrateArgs {
@@ -91,7 +99,16 @@ impl NetMigrateArgs {
     fn hb_ms(&self) -> u64 {
         if self.writer().is_some() { 50 } else { 500 }
     }
+
+    /// The client thread's SCHED_FIFO priority, if it gets one.
+    fn client_realtime(&self) -> Option<u8> {
+        (self.client_sched == "fifo").then_some(CLIENT_FIFO_PRIORITY)
+    }
 }
+
+/// The client thread's SCHED_FIFO priority with `--client-sched fifo`: the lowest real-time one,
+/// above every normal thread.
+const CLIENT_FIFO_PRIORITY: u8 = 1;
 
 /// One migration's figures, for either VMM.
 #[derive(Debug, Clone, Default)]
@@ -113,6 +130,91 @@ struct RunFigures {
     gap_before_ms: Option<f64>,
     gap_during_ms: Option<f64>,
     gap_after_ms: Option<f64>,
+    /// Tern's migration phases on the bench's clock (empty for QEMU): where the slowest request
+    /// fell.
+    phases: Vec<Phase>,
+}
+
+/// A phase of a Tern migration, ms after the migrate command was started.
+#[derive(Debug, Clone, PartialEq)]
+struct Phase {
+    name: String,
+    from_ms: f64,
+    to_ms: f64,
+}
+
+/// Tern's migration phases, ms after the migrate command was started, from its report: the
+/// connection and handshake, each pre-copy round (`rounds_detail`, laid back to back ending at the
+/// pause) and the pause (its downtime). The VMM's clock starts `total_ms` before the command
+/// returned (`returned_ms`; the command's own exit adds well under a ms). Empty when the report
+/// has no rounds.
+fn tern_phases(report: &serde_json::Value, returned_ms: f64) -> Vec<Phase> {
+    let (Some(total), Some(downtime)) = (
+        report.get("total_ms").and_then(|v| v.as_f64()),
+        tern_downtime_ms(report),
+    ) else {
+        return Vec::new();
+    };
+    let rounds: Vec<(u64, f64)> = report
+        .get("rounds_detail")
+        .and_then(|d| d.as_array())
+        .map(|d| {
+            d.iter()
+                .filter(|r| r.get("decision").and_then(|x| x.as_str()) != Some("stop_and_copy"))
+                .filter_map(|r| Some((r.get("round")?.as_u64()?, r.get("us")?.as_f64()? / 1000.0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    if rounds.is_empty() {
+        return Vec::new();
+    }
+    let start = returned_ms - total;
+    let pause_at = start + total - downtime;
+    let mut out = Vec::new();
+    let mut end = pause_at;
+    for (round, ms) in rounds.iter().rev() {
+        let from = (end - ms).max(start);
+        out.push(Phase {
+            name: format!("round {round}"),
+            from_ms: from,
+            to_ms: end,
+        });
+        end = from;
+    }
+    out.push(Phase {
+        name: "handshake".into(),
+        from_ms: start,
+        to_ms: end,
+    });
+    out.reverse();
+    out.push(Phase {
+        name: "pause".into(),
+        from_ms: pause_at,
+        to_ms: pause_at + downtime,
+    });
+    out
+}
+
+/// The phase at `at_ms` (`before`, `after`, or a phase's name).
+fn phase_at(phases: &[Phase], at_ms: f64) -> &str {
+    match (phases.first(), phases.last()) {
+        (Some(f), _) if at_ms < f.from_ms => "before",
+        (_, Some(l)) if at_ms >= l.to_ms => "after",
+        _ => phases
+            .iter()
+            .find(|p| at_ms < p.to_ms)
+            .map_or("?", |p| p.name.as_str()),
+    }
+}
+
+/// The phases on one line: `handshake 0.0-2.1, round 0 2.1-98.3, …, pause 120.4-122.0 ms`.
+fn phases_line(phases: &[Phase]) -> String {
+    phases
+        .iter()
+        .map(|p| format!("{} {:.1}-{:.1}", p.name, p.from_ms, p.to_ms))
+        .collect::<Vec<_>>()
+        .join(", ")
+        + " ms"
 }
 
 /// What one migration left behind, for [`RunFigures::measure`].
@@ -188,6 +290,17 @@ impl RunFigures {
     /// downtime; the acknowledgement's trip is in neither).
     fn pause_at_ms(&self) -> Option<f64> {
         Some(self.total_ms? - self.downtime_ms?)
+    }
+
+    /// Where the slowest request of the migration was sent and answered (Tern: the phases).
+    fn slowest_in(&self) -> Option<(String, String)> {
+        let at = self.stall_at_ms?;
+        (!self.phases.is_empty()).then(|| {
+            (
+                phase_at(&self.phases, at).to_string(),
+                phase_at(&self.phases, at + self.stall_ms).to_string(),
+            )
+        })
     }
 
     fn line(&self, vmm: &str, i: usize, requests: u64) -> String {
@@ -464,10 +577,17 @@ fn qemu_migration(
     let stop = Arc::new(AtomicBool::new(false));
     let stop2 = stop.clone();
     let interval = Duration::from_millis(args.interval_ms);
+    let realtime = args.client_realtime();
     let client_thread = std::thread::spawn(move || {
-        stream_echo(&mut stream, interval, Duration::from_secs(10), || {
-            stop2.load(Ordering::Relaxed)
-        })
+        if let Some(priority) = realtime {
+            realtime_this_thread(priority)?;
+        }
+        Ok::<_, tern_netlab::ns::RealtimeError>(stream_echo(
+            &mut stream,
+            interval,
+            Duration::from_secs(10),
+            || stop2.load(Ordering::Relaxed),
+        ))
     });
     std::thread::sleep(Duration::from_secs(1));
     let started = Instant::now();
@@ -490,7 +610,7 @@ fn qemu_migration(
     stop.store(true, Ordering::Relaxed);
     let echo = client_thread
         .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     // The source QEMU stays up (paused) after the migration: its console up to now is all.
     let console: Vec<(Instant, String)> = src.lines.try_iter().collect();
     drop(src);
@@ -623,6 +743,7 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         s.interval = Duration::from_millis(args.interval_ms);
         s.writer = args.writer();
         s.hb_ms = args.hb_ms();
+        s.client_realtime = args.client_realtime();
         let t = run_migration(&topo, &s)?;
         ensure!(
             !t.echo.connection_broken,
@@ -636,6 +757,7 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         let f = RunFigures {
             downtime_ms: tern_downtime_ms(&report),
             total_ms: report.get("total_ms").and_then(|v| v.as_f64()),
+            phases: tern_phases(&report, signed_ms(finished, started)),
             ..RunFigures::measure(&RunRecord {
                 samples: &t.echo.samples,
                 source_console: &t.source_console,
@@ -650,6 +772,12 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
             report.get("throttle_max_pct").cloned().unwrap_or_default()
         );
         println!("  tern run {i}'s pause: {}", steps_line(&report));
+        if let Some((sent, answered)) = f.slowest_in() {
+            println!(
+                "  tern run {i}'s slowest request: sent in {sent}, answered in {answered}; phases {}",
+                phases_line(&f.phases)
+            );
+        }
         tern_runs.push(f);
         if args.tern_only {
             continue;
@@ -687,8 +815,12 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
         None => "256 MiB idle guest".into(),
     };
     println!(
-        "\nlongest client stall during a live migration h0 -> h1 (TCP echo request every {} ms, {guest}, {} runs each, load average {}); peer: {qemu_version}",
+        "\nlongest client stall during a live migration h0 -> h1 (TCP echo request every {} ms, client thread {}, {guest}, {} runs each, load average {}); peer: {qemu_version}",
         args.interval_ms,
+        match args.client_realtime() {
+            Some(p) => format!("SCHED_FIFO {p}"),
+            None => "normal".into(),
+        },
         args.runs,
         load_average()
     );
@@ -719,6 +851,24 @@ pub fn run(args: NetMigrateArgs) -> anyhow::Result<()> {
             s.before_ms,
             s.after_ms
         );
+    }
+    let wheres: Vec<String> = tern_runs
+        .iter()
+        .filter_map(|r| {
+            let (sent, answered) = r.slowest_in()?;
+            Some(format!(
+                "{:.1} ms over, sent in {sent}{}",
+                r.excess_ms()?,
+                if answered == sent {
+                    String::new()
+                } else {
+                    format!(" (answered in {answered})")
+                }
+            ))
+        })
+        .collect();
+    if !wheres.is_empty() {
+        println!("  tern's slowest request per run: {}", wheres.join("; "));
     }
     println!(
         "  (medians; wait: the client's longest wait overlapping the migration; downtime as each VMM reports it; \
@@ -828,6 +978,45 @@ mod tests {
         assert_eq!(s.work_mean_pct, 90.0);
         assert_eq!(runs[0].pause_at_ms(), Some(194.0));
         assert_eq!(runs[3].pause_at_ms(), None);
+    }
+
+    #[test]
+    fn the_phases_end_at_the_pause_and_place_the_slowest_request() {
+        // The command returned 130 ms after it started; the VMM's migration took 125 ms (so it
+        // began at 5 ms), its pause the last 2 ms; rounds of 100 and 15 ms before it.
+        let r = serde_json::json!({
+            "total_ms": 125,
+            "downtime_ms": 2,
+            "downtime_steps": [{"step": "final_pages", "us": 1500.0}, {"step": "ack", "us": 500.0}],
+            "rounds_detail": [
+                {"round": 0, "us": 100000, "decision": "continue"},
+                {"round": 1, "us": 15000, "decision": "switch_over"},
+                {"round": 2, "us": 1500, "decision": "stop_and_copy"}
+            ]
+        });
+        let p = tern_phases(&r, 130.0);
+        assert_eq!(
+            phases_line(&p),
+            "handshake 5.0-13.0, round 0 13.0-113.0, round 1 113.0-128.0, pause 128.0-130.0 ms"
+        );
+        assert_eq!(phase_at(&p, 1.0), "before");
+        assert_eq!(phase_at(&p, 50.0), "round 0");
+        assert_eq!(phase_at(&p, 113.0), "round 1");
+        assert_eq!(phase_at(&p, 129.0), "pause");
+        assert_eq!(phase_at(&p, 131.0), "after");
+        let f = RunFigures {
+            stall_ms: 20.0,
+            stall_at_ms: Some(100.0),
+            phases: p,
+            ..RunFigures::default()
+        };
+        assert_eq!(
+            f.slowest_in(),
+            Some(("round 0".to_string(), "round 1".to_string()))
+        );
+        // No rounds (an older report, or QEMU): no phases.
+        assert!(tern_phases(&serde_json::json!({"total_ms": 1, "downtime_ms": 0}), 2.0).is_empty());
+        assert_eq!(RunFigures::default().slowest_in(), None);
     }
 
     #[test]

@@ -63,6 +63,58 @@ where
         .map_err(|_| NamespaceError::Thread(ns.to_string()))?
 }
 
+/// Why the calling thread could not be given a real-time priority.
+#[derive(Debug, thiserror::Error)]
+pub enum RealtimeError {
+    /// The priority is outside SCHED_FIFO's range.
+    #[error("real-time priority {0} is out of range (give 1 to 99)")]
+    Priority(u8),
+    /// `chrt` could not be run.
+    #[error("cannot run chrt to give thread {tid} a real-time priority (util-linux)")]
+    Spawn {
+        /// The thread.
+        tid: i32,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `chrt` refused.
+    #[error("chrt --fifo --pid {priority} {tid} failed (needs root): {stderr}")]
+    Refused {
+        /// The thread.
+        tid: i32,
+        /// The priority asked for.
+        priority: u8,
+        /// What chrt said.
+        stderr: String,
+    },
+}
+
+/// Puts the calling thread in the SCHED_FIFO class at `priority` (1..=99), with `chrt`. A client
+/// that shares the host with the VMMs it measures then gets a core as soon as it has something to
+/// do, as a client on a machine of its own would: its wait is the VM's answer, not its own turn
+/// behind the VMMs' threads and whatever else runs on the host. The thread must block between
+/// requests (a real-time thread that never sleeps would starve the host's normal threads).
+pub fn realtime_this_thread(priority: u8) -> Result<(), RealtimeError> {
+    if !(1..=99).contains(&priority) {
+        return Err(RealtimeError::Priority(priority));
+    }
+    let tid = rustix::thread::gettid().as_raw_nonzero().get();
+    let out = std::process::Command::new("chrt")
+        .args(["--fifo", "--pid", &priority.to_string(), &tid.to_string()])
+        .output()
+        .map_err(|source| RealtimeError::Spawn { tid, source })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RealtimeError::Refused {
+            tid,
+            priority,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
 /// Connects to `addr` from inside namespace `ns`.
 pub fn connect_from(ns: &str, addr: SocketAddr, timeout: Duration) -> std::io::Result<TcpStream> {
     in_namespace(ns, move || TcpStream::connect_timeout(&addr, timeout))
@@ -190,6 +242,37 @@ pub fn stream_echo_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The scheduling policy of the calling thread (field 41 of its `stat`: 0 normal, 1 FIFO).
+    fn this_threads_policy() -> u32 {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+        // The fields after the command name (in parentheses, which may hold spaces) start at 3.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        rest.split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_thread_made_real_time_runs_in_the_fifo_class() {
+        tern_test_support::require_root_for("giving a thread a real-time priority");
+        let policy = std::thread::spawn(|| {
+            let before = this_threads_policy();
+            realtime_this_thread(1).unwrap();
+            (before, this_threads_policy())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(policy, (0, 1), "SCHED_OTHER, then SCHED_FIFO");
+        // The caller's other threads keep their class.
+        assert_eq!(this_threads_policy(), 0);
+        for bad in [0, 100] {
+            let e = realtime_this_thread(bad).unwrap_err();
+            assert!(e.to_string().contains("give 1 to 99"), "{e}");
+        }
+    }
 
     #[test]
     fn requests_are_distinct_fixed_size_lines() {

@@ -51,6 +51,10 @@ pub struct MigrationScenario {
     /// How often the guest polls its NIC while idle, µs (`tern.net_tick_us`; `None`: the guest's
     /// default).
     pub net_tick_us: Option<u64>,
+    /// Run the client's thread in the SCHED_FIFO class at this priority
+    /// ([`crate::ns::realtime_this_thread`]), so that its waits are the VM's and not its own turn
+    /// for a core on the host it shares with both VMMs; `None`: a normal thread.
+    pub client_realtime: Option<u8>,
 }
 
 /// The test guest's memory writer: `mib` MiB rewritten at `pages_per_s` pages per second.
@@ -106,6 +110,7 @@ impl MigrationScenario {
             writer: None,
             hb_ms: 500,
             net_tick_us: None,
+            client_realtime: None,
         }
     }
 }
@@ -281,8 +286,18 @@ pub fn run_migration(
     // In quiet mode the client streams `before`, pauses until `go` is set, then streams again.
     let go = Arc::new(AtomicBool::new(false));
     let go2 = go.clone();
+    let realtime = s.client_realtime;
     let client_thread = std::thread::spawn(move || {
         let give_up = Duration::from_secs(5);
+        if let Some(priority) = realtime
+            && let Err(e) = crate::ns::realtime_this_thread(priority)
+        {
+            return EchoReport {
+                connection_broken: true,
+                error: Some(format!("the client: {e}")),
+                ..EchoReport::default()
+            };
+        }
         if !quiet {
             return stream_echo(&mut stream, interval, give_up, || {
                 stop2.load(Ordering::Relaxed)
