@@ -167,6 +167,7 @@ fn simulated_cluster(hosts: usize) -> Controller {
                 cpu_utilization: Some(0.2),
                 rss_mib: Some(4096),
                 guest_resident_kib: None,
+                guest_nonzero_kib: None,
                 dirty_pages_per_sec: None,
             })
             .collect();

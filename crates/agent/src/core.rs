@@ -273,6 +273,7 @@ impl Agent {
                 cpu_utilization: None,
                 rss_mib: None,
                 guest_resident_kib: None,
+                guest_nonzero_kib: None,
                 dirty_pages_per_sec: None,
             })
             .collect()

@@ -188,6 +188,12 @@ pub struct ObservedVm {
     /// from agents older than this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_resident_kib: Option<u64>,
+    /// Resident guest RAM that is not zero, KiB, if measured: estimated by reading a sample of
+    /// the resident pages, taken with the dirty-rate sample. What a migration's first pass sends
+    /// (it skips zero pages); the resident figure counts a whole 2 MiB for every transparent
+    /// huge page the guest touched. Absent from agents older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_nonzero_kib: Option<u64>,
     /// Guest pages (4 KiB) dirtied per second at the last sample, if measured: the VMM's dirty
     /// log over a short window, taken every few intervals (absent while the VM migrates, and
     /// from agents older than this field).
@@ -270,18 +276,20 @@ mod tests {
         assert_eq!(r.parked_cores, None);
         assert_eq!(r.vms[0].dirty_pages_per_sec, None);
         assert_eq!(r.vms[0].guest_resident_kib, None);
+        assert_eq!(r.vms[0].guest_nonzero_kib, None);
         let json = serde_json::to_string(&r).unwrap();
         assert!(
             !json.contains("parked_cores")
                 && !json.contains("dirty_pages_per_sec")
-                && !json.contains("guest_resident_kib"),
+                && !json.contains("guest_resident_kib")
+                && !json.contains("guest_nonzero_kib"),
             "absent telemetry is left out, so an older controller reads it: {json}"
         );
         // A newer agent's report, with a field this version does not know.
         let newer = old
             .replace(
                 r#""rss_mib":70"#,
-                r#""rss_mib":70,"dirty_pages_per_sec":812.5,"x":1"#,
+                r#""rss_mib":70,"dirty_pages_per_sec":812.5,"guest_nonzero_kib":240,"x":1"#,
             )
             .replace(
                 r#""cpu_utilization":0.25"#,
@@ -290,6 +298,7 @@ mod tests {
         let r: AgentReport = serde_json::from_str(&newer).unwrap();
         assert_eq!(r.parked_cores, Some(1));
         assert_eq!(r.vms[0].dirty_pages_per_sec, Some(812.5));
+        assert_eq!(r.vms[0].guest_nonzero_kib, Some(240));
         // Commands still refuse what they do not know.
         let cmd = r#"{"generation":1,"id":1,"host_lease":1,"body":{"op":"ping"},"x":1}"#;
         assert!(serde_json::from_str::<Command>(cmd).is_err());

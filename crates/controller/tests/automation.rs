@@ -208,6 +208,7 @@ impl Lab {
                             cpu_utilization: Some(0.05),
                             rss_mib: Some(64),
                             guest_resident_kib: None,
+                            guest_nonzero_kib: None,
                             dirty_pages_per_sec: None,
                         })
                         .collect(),

@@ -199,6 +199,7 @@ async fn the_learnt_move_cost_is_stored_and_a_new_term_predicts_with_the_stored_
                             cpu_utilization: Some(0.1),
                             rss_mib: Some(1),
                             guest_resident_kib: Some(1024),
+                            guest_nonzero_kib: None,
                             dirty_pages_per_sec: None,
                         })
                         .collect(),

@@ -190,6 +190,7 @@ fn cluster() -> Controller {
                         cpu_utilization: Some(u),
                         rss_mib: Some(64),
                         guest_resident_kib: None,
+                        guest_nonzero_kib: None,
                         dirty_pages_per_sec: None,
                     })
                     .collect(),

@@ -130,6 +130,26 @@ fn reports_carry_the_dirty_rate_the_cpu_load_under_the_share_and_parked_cores() 
         idle_rate < 0.25 * WRITER_RATE,
         "the loaded VM writes no buffer; the agent reports {idle_rate} pages/s: {last}"
     );
+    // With the dirty-rate sample, the guest RAM that is resident and not zero: the writer's
+    // 16 MiB buffer (rewritten every ~2 s) against the other guest's few pages, each within its
+    // resident figure (which counts every touched huge page whole).
+    let kib = |name, field| vm_of(&last, name).unwrap()[field].as_u64();
+    let (w_nonzero, w_resident) = (
+        kib(writer, "guest_nonzero_kib").expect("the writer's non-zero RAM"),
+        kib(writer, "guest_resident_kib").expect("the writer's resident RAM"),
+    );
+    assert!(
+        (8 * 1024..=w_resident).contains(&w_nonzero),
+        "the writer fills 16 MiB; non-zero {w_nonzero} KiB of {w_resident} resident: {last}"
+    );
+    let (l_nonzero, l_resident) = (
+        kib(loaded, "guest_nonzero_kib").expect("the loaded VM's non-zero RAM"),
+        kib(loaded, "guest_resident_kib").expect("the loaded VM's resident RAM"),
+    );
+    assert!(
+        l_nonzero > 0 && l_nonzero <= l_resident.min(2048),
+        "the loaded VM touches little; non-zero {l_nonzero} KiB of {l_resident} resident: {last}"
+    );
 
     // CPU: the agent's figures over ~5 s against the vCPU thread's own CPU time over that span.
     let st = status(&listen);

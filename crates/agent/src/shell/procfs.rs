@@ -39,13 +39,36 @@ pub fn parse_status_rss_kib(text: &str) -> Option<u64> {
 /// part's few resident pages are counted with it. The resident pages are the ones the guest
 /// touched: what a migration's first pass can send (it also skips pages that read as zero).
 pub fn parse_smaps_guest_rss_kib(text: &str) -> Option<u64> {
-    let mut total = None;
-    let mut cur: Option<(bool, u64, u64)> = None; // (shape matches so far, size, rss)
-    let flush = |c: Option<(bool, u64, u64)>, total: &mut Option<u64>| {
-        if let Some((true, size, rss)) = c
+    let ram = parse_smaps_guest_ram(text);
+    (!ram.is_empty()).then(|| ram.iter().map(|r| r.rss_kib).sum())
+}
+
+/// One guest RAM mapping of a VMM, as [`parse_smaps_guest_rss_kib`] finds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRam {
+    /// Its first address in the VMM.
+    pub start: u64,
+    /// The address after its last byte.
+    pub end: u64,
+    /// Resident, KiB.
+    pub rss_kib: u64,
+}
+
+/// The guest RAM mappings in the text of `/proc/PID/smaps` of a VMM (the rule of
+/// [`parse_smaps_guest_rss_kib`]), in address order.
+pub fn parse_smaps_guest_ram(text: &str) -> Vec<GuestRam> {
+    let mut found = Vec::new();
+    // (shape matches so far, start, end, size, rss)
+    let mut cur: Option<(bool, u64, u64, u64, u64)> = None;
+    let flush = |c: Option<(bool, u64, u64, u64, u64)>, found: &mut Vec<GuestRam>| {
+        if let Some((true, start, end, size, rss_kib)) = c
             && size >= GUEST_RAM_MIN_KIB
         {
-            *total = Some(total.unwrap_or(0) + rss);
+            found.push(GuestRam {
+                start,
+                end,
+                rss_kib,
+            });
         }
     };
     for line in text.lines() {
@@ -53,24 +76,55 @@ pub fn parse_smaps_guest_rss_kib(text: &str) -> Option<u64> {
         let Some(first) = f.next() else { continue };
         if first.contains('-') && !first.ends_with(':') {
             // a mapping's header: ADDR-ADDR PERMS OFFSET DEV INODE [PATH]
-            flush(cur.take(), &mut total);
+            flush(cur.take(), &mut found);
+            let (start, end) = first
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((
+                        u64::from_str_radix(a, 16).ok()?,
+                        u64::from_str_radix(b, 16).ok()?,
+                    ))
+                })
+                .unwrap_or((0, 0));
             let perms = f.next().unwrap_or("");
             let inode = f.nth(2).unwrap_or("");
             let path = f.next();
-            cur = Some((perms == "rw-p" && inode == "0" && path.is_none(), 0, 0));
+            let shape = perms == "rw-p" && inode == "0" && path.is_none() && end > start;
+            cur = Some((shape, start, end, 0, 0));
             continue;
         }
         let Some(c) = cur.as_mut() else { continue };
         let value = || f.clone().next().and_then(|v| v.parse::<u64>().ok());
         match first {
-            "Size:" => c.1 = value().unwrap_or(0),
-            "Rss:" => c.2 = value().unwrap_or(0),
+            "Size:" => c.3 = value().unwrap_or(0),
+            "Rss:" => c.4 = value().unwrap_or(0),
             "VmFlags:" => c.0 &= f.clone().any(|fl| fl == "nr"),
             _ => {}
         }
     }
-    flush(cur, &mut total);
-    total
+    flush(cur, &mut found);
+    found
+}
+
+/// How many resident guest pages [`guest_nonzero_kib`] reads at most.
+pub const NONZERO_SAMPLE_PAGES: usize = 512;
+
+/// Which of `present` resident pages to read: all of them up to `max`, else `max` spread
+/// evenly over them (the first of every `present / max`), so the pages read stand for all.
+pub fn pick_samples(present: usize, max: usize) -> Vec<usize> {
+    if present <= max {
+        return (0..present).collect();
+    }
+    (0..max).map(|k| k * present / max).collect()
+}
+
+/// The non-zero part of `present` resident pages, KiB, when `nonzero` of `sampled` of them read
+/// as non-zero (4 KiB pages; rounded up, so one non-zero page seen counts).
+pub fn nonzero_estimate_kib(present: u64, sampled: u64, nonzero: u64) -> Option<u64> {
+    if sampled == 0 {
+        return (present == 0).then_some(0);
+    }
+    Some((present * nonzero * 4).div_ceil(sampled))
 }
 
 /// The host's CPU time from the first line of `/proc/stat`: `(busy, total)` in clock ticks, where
@@ -130,6 +184,61 @@ pub const GUEST_RAM_MIN_KIB: u64 = 4096;
 /// Resident guest RAM of VMM `pid`, KiB ([`parse_smaps_guest_rss_kib`]).
 pub fn guest_rss_kib(pid: u32) -> Option<u64> {
     parse_smaps_guest_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?)
+}
+
+/// The guest RAM of VMM `pid` that is resident and not zero, KiB: what a migration's first pass
+/// sends (it skips pages that read as zero), estimated from a sample. The guest RAM's resident
+/// pages are found in `/proc/PID/pagemap` and up to [`NONZERO_SAMPLE_PAGES`] of them, spread
+/// evenly, are read through `/proc/PID/mem`. The resident figure alone counts a whole 2 MiB huge
+/// page for every huge page the guest touched (the VMM asks for transparent huge pages): an idle
+/// 64 MiB test guest showed 6 MiB resident where a migration sent 59 pages. `None` if the VMM's
+/// memory cannot be read (another user's process, a process gone).
+pub fn guest_nonzero_kib(pid: u32) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let ram = parse_smaps_guest_ram(&smaps);
+    if ram.is_empty() {
+        return None;
+    }
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+    const PAGE: u64 = 4096;
+    const PRESENT: u64 = 1 << 63;
+    // smaps counts the resident pages; the page map says which they are, in address order
+    let resident = ram.iter().map(|r| r.rss_kib / 4).sum::<u64>() as usize;
+    let picks = pick_samples(resident, NONZERO_SAMPLE_PAGES);
+    let mut next = picks.iter().copied().peekable();
+    let (mut seen, mut sampled, mut nonzero) = (0usize, 0u64, 0u64);
+    let mut entries = vec![0u8; 8 * 4096];
+    let mut data = [0u8; PAGE as usize];
+    'ranges: for r in &ram {
+        let mut page = r.start / PAGE;
+        let last = r.end / PAGE;
+        while page < last {
+            let n = ((last - page) as usize).min(4096);
+            let buf = &mut entries[..8 * n];
+            pagemap.read_exact_at(buf, page * 8).ok()?;
+            for (k, e) in buf.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                if e & PRESENT == 0 {
+                    continue;
+                }
+                if next.peek() == Some(&seen) {
+                    next.next();
+                    mem.read_exact_at(&mut data, (page + k as u64) * PAGE)
+                        .ok()?;
+                    sampled += 1;
+                    nonzero += u64::from(data.iter().any(|&b| b != 0));
+                }
+                seen += 1;
+                if next.peek().is_none() {
+                    break 'ranges;
+                }
+            }
+            page += n as u64;
+        }
+    }
+    nonzero_estimate_kib(resident as u64, sampled, nonzero)
 }
 
 /// The host's `(busy, total)` CPU ticks.
@@ -208,6 +317,44 @@ VmFlags: rd ex mr mw me
         let only_libc = &SMAPS[SMAPS.find("7fea3a980000").unwrap()..];
         assert_eq!(parse_smaps_guest_rss_kib(only_libc), None);
         assert_eq!(parse_smaps_guest_rss_kib(""), None);
+    }
+
+    #[test]
+    fn guest_ram_mappings_carry_their_addresses_for_the_page_map() {
+        assert_eq!(
+            parse_smaps_guest_ram(SMAPS),
+            vec![GuestRam {
+                start: 0x7fea_3680_0000,
+                end: 0x7fea_3a80_0000,
+                rss_kib: 188,
+            }]
+        );
+        // a header whose range does not parse is not guest RAM
+        let bad = SMAPS.replace("7fea36800000-7fea3a800000", "7fea36800000-zz");
+        assert_eq!(parse_smaps_guest_ram(&bad), vec![]);
+    }
+
+    #[test]
+    fn the_pages_read_are_spread_over_the_resident_ones_and_stand_for_them() {
+        assert_eq!(pick_samples(3, 512), vec![0, 1, 2]);
+        assert_eq!(pick_samples(0, 512), Vec::<usize>::new());
+        let picks = pick_samples(1536, 512);
+        assert_eq!(picks.len(), 512);
+        assert_eq!((picks[0], picks[1], picks[511]), (0, 3, 1533));
+        assert!(picks.windows(2).all(|w| w[0] < w[1]));
+        // 6 MiB resident (three touched huge pages), 20 of the 512 pages read are not zero
+        assert_eq!(nonzero_estimate_kib(1536, 512, 20), Some(240));
+        // one non-zero page seen counts at least a page
+        assert_eq!(nonzero_estimate_kib(1_000_000, 512, 1), Some(7813));
+        assert_eq!(nonzero_estimate_kib(10, 10, 0), Some(0));
+        assert_eq!(nonzero_estimate_kib(0, 0, 0), Some(0));
+        // resident pages but none could be read: no figure
+        assert_eq!(nonzero_estimate_kib(10, 0, 0), None);
+    }
+
+    #[test]
+    fn the_non_zero_guest_ram_of_a_process_that_is_gone_is_unknown() {
+        assert_eq!(guest_nonzero_kib(u32::MAX), None);
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!   [`DIRTY_WINDOW`], through `tern_vmctl::dirty_rate` on a blocking task so the interval never
 //!   waits for it. Every report carries the VM's last sample; a failed sample is logged once per
 //!   VMM and leaves the field out.
+//! - **Non-zero guest RAM**: with each dirty-rate sample, the resident guest pages that are not
+//!   zero, estimated from a sample of them ([`procfs::guest_nonzero_kib`]): what a migration's
+//!   first pass sends, which the resident figure over-counts by whole huge pages.
 //! - **Parked cores**: the parking daemon's own code (`tern_parking::daemon::Daemon`) runs on a
 //!   thread of its own over this agent's runtime directory, so it sees and (with `--parking on`)
 //!   confines only this agent's vCPU threads.
@@ -60,6 +63,8 @@ struct CpuPrev {
 struct Dirty {
     /// VM → (its VMM's pid, last rate in pages/s, or `None` after a failure).
     last: HashMap<String, (u32, Option<f64>)>,
+    /// VM → (its VMM's pid, its non-zero resident guest RAM in KiB), taken with each sample.
+    nonzero: HashMap<String, (u32, u64)>,
     /// VMs with a sample under way.
     in_flight: HashSet<String>,
     /// (VM, pid) whose failure was logged.
@@ -78,8 +83,13 @@ fn sample_dirty(dirty: &Arc<Mutex<Dirty>>, vm: String, pid: u32, sock: PathBuf) 
     let dirty = dirty.clone();
     tokio::task::spawn_blocking(move || {
         let got = tern_vmctl::dirty_rate(&sock, DIRTY_WINDOW);
+        let nonzero = procfs::guest_nonzero_kib(pid);
         let mut d = lock(&dirty);
         d.in_flight.remove(&vm);
+        match nonzero {
+            Some(k) => d.nonzero.insert(vm.clone(), (pid, k)),
+            None => d.nonzero.remove(&vm),
+        };
         match got {
             Ok(r) if r.window_ms > 0 => {
                 let rate = r.pages as f64 * 1000.0 / r.window_ms as f64;
@@ -185,7 +195,10 @@ pub(crate) async fn run(mut client: etcd_client::Client, events: mpsc::Sender<Ev
         {
             let mut d = lock(&dirty);
             d.last.retain(|name, (pid, _)| pids.get(name) == Some(pid));
+            d.nonzero
+                .retain(|name, (pid, _)| pids.get(name) == Some(pid));
             for vm in &mut report.vms {
+                vm.guest_nonzero_kib = d.nonzero.get(&vm.name).map(|&(_, k)| k);
                 vm.dirty_pages_per_sec = d
                     .last
                     .get(&vm.name)

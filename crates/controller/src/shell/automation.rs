@@ -30,8 +30,8 @@
 //! shows both.
 //!
 //! The model's inputs beyond the VM's memory: its resident memory (the guest RAM the agent
-//! found resident in the VMM, an upper bound of the pages the first pass sends; the VMM's RSS
-//! from older agents) and dirty rate, and the link into the
+//! found resident and not zero in the VMM, what the first pass sends; the resident guest RAM,
+//! an upper bound, or the VMM's RSS from older agents) and dirty rate, and the link into the
 //! target host, learned from every succeeded migration task that landed there
 //! ([`tern_automation::cost::link_from_migration`] into a [`LinkEstimator`]; the loop's default
 //! link until then).
@@ -379,10 +379,16 @@ pub fn note_report(s: &Shared, report: &AgentReport) {
             Some(d) => a.vm_dirty.insert(v.name.clone(), d),
             None => a.vm_dirty.remove(&v.name),
         };
-        // kept while the VM migrates (the agent measures only running VMs); the guest's own
-        // resident RAM (KiB, rounded up to whole MiB) where the agent reports it, else the
-        // VMM's RSS, which also counts the VMM's own pages
-        let resident = v.guest_resident_kib.map(|k| k.div_ceil(1024)).or(v.rss_mib);
+        // kept while the VM migrates (the agent measures only running VMs); what the first
+        // pass sends: the guest's resident RAM that is not zero where the agent reports it
+        // (never above the resident figure), else the guest's resident RAM (which counts a
+        // whole 2 MiB for each huge page touched), else the VMM's RSS, which also counts the
+        // VMM's own pages; KiB rounded up to whole MiB
+        let nonzero = match (v.guest_nonzero_kib, v.guest_resident_kib) {
+            (Some(n), Some(r)) => Some(n.min(r)),
+            (n, r) => n.or(r),
+        };
+        let resident = nonzero.map(|k| k.div_ceil(1024)).or(v.rss_mib);
         if let Some(r) = resident {
             a.vm_rss.insert(v.name.clone(), r);
         }

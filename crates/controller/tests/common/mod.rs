@@ -88,6 +88,7 @@ pub fn cluster() -> Controller {
                 cpu_utilization: Some(0.2),
                 rss_mib: Some(64),
                 guest_resident_kib: None,
+                guest_nonzero_kib: None,
                 dirty_pages_per_sec: None,
             }]
         } else {
