@@ -1083,17 +1083,19 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
         let mut ratios = format!(
-            "ratios tern/qemu-tuned: pause {}, total {}, bytes {}",
+            "ratios tern/qemu-tuned: pause {}, total {}, bytes {}, work {}",
             ratio(t.pause, qt.pause),
             ratio(t.total, qt.total),
             ratio(t.bytes, qt.bytes),
+            ratio(t.work_mean, qt.work_mean),
         );
         if qd.runs > 0 {
             ratios += &format!(
-                "; tern/qemu-defaults: pause {}, total {}, bytes {}",
+                "; tern/qemu-defaults: pause {}, total {}, bytes {}, work {}",
                 ratio(t.pause, qd.pause),
                 ratio(t.total, qd.total),
                 ratio(t.bytes, qd.bytes),
+                ratio(t.work_mean, qd.work_mean),
             );
         }
         println!("{:<26} {ratios}", "");
@@ -1111,7 +1113,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "failed: nc = did not complete in time, s = completed but the target never heartbeat, p = a guest panicked, e = the run went wrong (printed above); none of these enter the medians"
     );
     println!(
-        "goals: pause <= 0.5x QEMU's where above ~10 ms noise; total <= QEMU's; bytes <= QEMU's; convergence where QEMU defaults do not"
+        "goals: pause <= 0.5x QEMU's where above ~10 ms noise; total <= QEMU's; bytes <= QEMU's; work (the guest writer's pace during the migration) >= QEMU's; convergence where QEMU defaults do not"
     );
     Ok(())
 }
@@ -1214,6 +1216,14 @@ mod tests {
             "dirty_log 1.0 (max 1.5) | final_pages 6.0 (max 9.0) 2.00 MiB | ack 3.0 (max 4.5) | sum 10.0 ms"
         );
         assert_eq!(breakdown_line(&runs[3..]), None);
+    }
+
+    #[test]
+    fn ratios_name_a_peer_that_did_not_converge() {
+        assert_eq!(ratio(Some(1.0), Some(2.0)), "0.50x");
+        assert_eq!(ratio(Some(1.0), None), "peer did not converge");
+        assert_eq!(ratio(None, None), "–");
+        assert_eq!(ratio(Some(1.0), Some(0.0)), "–");
     }
 
     #[test]
