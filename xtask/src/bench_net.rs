@@ -145,9 +145,10 @@ struct Phase {
 
 /// Tern's migration phases, ms after the migrate command was started, from its report: the
 /// connection and handshake, each pre-copy round (`rounds_detail`, laid back to back ending at the
-/// pause) and the pause (its downtime). The VMM's clock starts `total_ms` before the command
-/// returned (`returned_ms`; the command's own exit adds well under a ms). Empty when the report
-/// has no rounds.
+/// pause) and the pause (its downtime). The VMM's clock is taken to start `total_ms` before the
+/// command returned (`returned_ms`), so the phases sit late by the command's own answer and exit
+/// (the "pause at ~" figure, counted from the command's start, sits early by its start-up; the two
+/// differed by 2–5 ms here). Empty when the report has no rounds.
 fn tern_phases(report: &serde_json::Value, returned_ms: f64) -> Vec<Phase> {
     let (Some(total), Some(downtime)) = (
         report.get("total_ms").and_then(|v| v.as_f64()),
