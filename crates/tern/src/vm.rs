@@ -151,6 +151,12 @@ pub struct ReceiveArgs {
     /// their node (as `tern vm run --tls-dir`).
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Back guest RAM with transparent huge pages (madvise MADV_HUGEPAGE) or not (MADV_NOHUGEPAGE):
+    /// on or off. Default: on where this host's THP mode (/sys/kernel/mm/transparent_hugepage/enabled)
+    /// is madvise or always, off elsewhere; `on` is refused where it is never.
+    /// This host's own choice: the source's setting does not travel (the guest cannot see it).
+    #[arg(long, value_name = "on|off")]
+    pub huge_pages: Option<tern_vmm::config::HugePages>,
     /// Directory of runtime entries.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
     pub runtime_dir: PathBuf,
@@ -219,6 +225,11 @@ pub struct RunArgs {
     /// the lease messages go over TLS. Needed when the node runs with --tls-dir.
     #[arg(long, value_name = "DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// Back guest RAM with transparent huge pages (madvise MADV_HUGEPAGE) or not (MADV_NOHUGEPAGE):
+    /// on or off. Default: on where this host's THP mode (/sys/kernel/mm/transparent_hugepage/enabled)
+    /// is madvise or always, off elsewhere; `on` is refused where it is never.
+    #[arg(long, value_name = "on|off")]
+    pub huge_pages: Option<tern_vmm::config::HugePages>,
     /// Directory of runtime entries.
     #[arg(long, default_value = DEFAULT_RUNTIME_DIR, value_name = "DIR")]
     pub runtime_dir: PathBuf,
@@ -316,10 +327,11 @@ fn run_vm(args: RunArgs) -> anyhow::Result<ExitCode> {
         name,
         runtime_dir: args.runtime_dir,
     };
-    let cfg = with_network(
-        input.validate(&HostLimits::probe())?,
-        &args.net,
-        &args.announce,
+    let host = HostLimits::probe();
+    let cfg = with_huge_pages(
+        with_network(input.validate(&host)?, &args.net, &args.announce)?,
+        args.huge_pages,
+        &host,
     )?;
     jail::start(
         &args.sandbox,
@@ -501,6 +513,18 @@ fn with_network(
     Ok(cfg)
 }
 
+/// `--huge-pages` when given; the configuration's default (by the host's THP mode) otherwise.
+fn with_huge_pages(
+    cfg: tern_vmm::config::VmConfig,
+    huge_pages: Option<tern_vmm::config::HugePages>,
+    host: &HostLimits,
+) -> anyhow::Result<tern_vmm::config::VmConfig> {
+    Ok(match huge_pages {
+        Some(h) => cfg.with_huge_pages(h, host)?,
+        None => cfg,
+    })
+}
+
 fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
     // Read the certificate and key before the sandbox closes the files off.
     let tls = match &a.tls_dir {
@@ -524,6 +548,12 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
         &a.serial,
     )?
     .with_snapshot_dir(&a.local.api_options(&a.runtime_dir).snapshot_dir);
+    // Probed now: a jailed VMM does not see /sys (its THP mode).
+    let host = HostLimits::probe();
+    let huge_pages = a.huge_pages;
+    if huge_pages == Some(tern_vmm::config::HugePages::On) && !host.thp.allows_huge_pages() {
+        return Err(tern_vmm::config::ConfigError::HugePagesUnavailable(host.thp).into());
+    }
     jail::start(&a.sandbox, &jail_name, &jail_files)?;
     let listener = std::net::TcpListener::bind(&a.listen)
         .with_context(|| format!("cannot listen on {} (give a free HOST:PORT)", a.listen))?;
@@ -571,10 +601,9 @@ fn receive(a: ReceiveArgs) -> anyhow::Result<ExitCode> {
             name: name.clone(),
             runtime_dir: runtime_dir.clone(),
         };
-        let cfg = input
-            .validate(&HostLimits::probe())
-            .map_err(|e| e.to_string())?;
+        let cfg = input.validate(&host).map_err(|e| e.to_string())?;
         let cfg = with_network(cfg, &nets, &announce).map_err(|e| format!("{e:#}"))?;
+        let cfg = with_huge_pages(cfg, huge_pages, &host).map_err(|e| format!("{e:#}"))?;
         let vm = Vm::create(cfg.clone()).map_err(|e| format!("cannot build the VM here: {e}"))?;
         *built2.lock().unwrap_or_else(|e| e.into_inner()) = Some(cfg);
         Ok(vm)

@@ -1,6 +1,7 @@
 //! Live migration of real KVM guests between two `tern` processes on loopback: idle, moderate
 //! (20,000 pages/s over 256 MiB) and maximum-rate dirtying, and a 2-vCPU guest, each with
-//! `--verify-memory`. The guest's own memory self-check must stay quiet on the target.
+//! `--verify-memory`. The guest's own memory self-check must stay quiet on the target. Guest RAM
+//! on transparent huge pages (`--huge-pages`) at both ends, or at the source only.
 
 mod common;
 
@@ -81,4 +82,71 @@ fn two_vcpu_guest_migrates_and_both_vcpus_continue() {
         "vCPU 1 must keep beating on the target: {:?}",
         p.dst.seen
     );
+}
+
+/// The `AnonHugePages` (KiB) of process `pid`'s guest RAM: its one mapping of `mib` MiB that is
+/// eligible for huge pages, or of any eligibility when `eligible` is false.
+fn guest_ram_huge_kib(pid: u32, mib: u64, eligible: bool) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/smaps: {e}"));
+    let want = format!("{}", mib * 1024);
+    let mut found = Vec::new();
+    let (mut size, mut huge) = (None, 0u64);
+    for line in smaps.lines() {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("Size:") => size = w.next().map(str::to_string),
+            Some("AnonHugePages:") => huge = w.next().unwrap().parse().unwrap(),
+            Some("THPeligible:") => {
+                let thp = w.next() == Some("1");
+                if size.as_deref() == Some(want.as_str()) && thp == eligible {
+                    found.push(huge);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        found.len(),
+        1,
+        "pid {pid}: one {mib} MiB guest RAM mapping with THPeligible {} expected, found {found:?}",
+        u8::from(eligible)
+    );
+    found[0]
+}
+
+/// Huge pages by default at the source (the host's THP mode is madvise or always) and by
+/// `--huge-pages on` at the target: both back the guest's written 256 MiB with huge pages, and
+/// the memory arrives intact. A target given `--huge-pages off` keeps to 4 KiB pages: the
+/// setting is each host's, it does not travel with the VM.
+#[test]
+fn guest_ram_on_huge_pages_migrates_intact_and_the_target_keeps_its_own_setting() {
+    let thp = tern_vmm::config::HostLimits::probe().thp;
+    assert!(
+        thp.allows_huge_pages(),
+        "this test needs transparent huge pages in madvise or always mode (the host's is {thp})"
+    );
+    // `dirty_fill=data`: the whole buffer holds data from the start, so every page of it travels.
+    let cmdline = "tern.hb_ms=50 tern.dirty_mib=256 tern.dirty_rate=20000 tern.dirty_fill=data";
+    for (target, target_huge) in [("on", true), ("off", false)] {
+        let mut p = MigrationPair::start(300, 1, cmdline, &["--huge-pages", target]);
+        let src = guest_ram_huge_kib(p.src.child.id(), 300, true);
+        assert!(
+            src >= 200 << 10,
+            "the source's written 256 MiB should sit on huge pages: {src} KiB"
+        );
+        let (rc, report, err) = p.migrate(&["--verify-memory", "--streams", "2"]);
+        completed(&report, rc, &err);
+        // Read while the VM runs there (assert_moved stops it).
+        let dst = guest_ram_huge_kib(p.dst.child.id(), 300, target_huge);
+        if target_huge {
+            assert!(
+                dst >= 200 << 10,
+                "target --huge-pages on: the received 256 MiB should sit on huge pages: {dst} KiB"
+            );
+        } else {
+            assert_eq!(dst, 0, "target --huge-pages off: no huge page");
+        }
+        p.assert_moved();
+    }
 }

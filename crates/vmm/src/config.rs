@@ -17,6 +17,89 @@ pub const MAX_VCPUS: u8 = 254;
 pub const MAX_CMDLINE_BYTES: usize = 2048;
 /// Smallest guest memory Tern accepts.
 pub const MIN_MEMORY_MIB: u64 = 4;
+/// Guest RAM's huge pages when `--huge-pages` is not given and the host's THP allows them
+/// (measured: docs/vmm.md, "Huge pages").
+pub const DEFAULT_HUGE_PAGES: HugePages = HugePages::On;
+/// Where the kernel tells its transparent huge page mode.
+pub const THP_ENABLED_PATH: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+
+/// Whether guest RAM is backed by transparent huge pages (`--huge-pages on|off`).
+///
+/// A host-side choice the guest cannot see: a migration's target follows its own setting, not
+/// its source's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HugePages {
+    /// `madvise(MADV_HUGEPAGE)` on every RAM region: the kernel backs each 2 MiB-aligned range
+    /// of it with one huge page where it can, at its first touch.
+    On,
+    /// `madvise(MADV_NOHUGEPAGE)`: 4 KiB pages only, even on a host whose THP mode is `always`.
+    Off,
+}
+
+impl std::fmt::Display for HugePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HugePages::On => "on",
+            HugePages::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for HugePages {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "on" => Ok(HugePages::On),
+            "off" => Ok(HugePages::Off),
+            _ => Err(ConfigError::BadHugePages(s.to_string())),
+        }
+    }
+}
+
+/// The host's transparent huge page mode, the selected word of [`THP_ENABLED_PATH`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThpMode {
+    /// Every anonymous mapping gets huge pages.
+    Always,
+    /// Only mappings advised with `MADV_HUGEPAGE` get them.
+    Madvise,
+    /// None.
+    Never,
+    /// No THP in this kernel (the file is missing or unreadable).
+    Unsupported,
+}
+
+impl ThpMode {
+    /// The mode from the file's text, e.g. `always [madvise] never`.
+    pub fn parse(text: &str) -> ThpMode {
+        let selected = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'));
+        match selected {
+            Some("always") => ThpMode::Always,
+            Some("madvise") => ThpMode::Madvise,
+            Some("never") => ThpMode::Never,
+            _ => ThpMode::Unsupported,
+        }
+    }
+
+    /// Whether `MADV_HUGEPAGE` gets a mapping huge pages under this mode.
+    pub fn allows_huge_pages(self) -> bool {
+        matches!(self, ThpMode::Always | ThpMode::Madvise)
+    }
+}
+
+impl std::fmt::Display for ThpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ThpMode::Always => "always",
+            ThpMode::Madvise => "madvise",
+            ThpMode::Never => "never",
+            ThpMode::Unsupported => "not built into this kernel",
+        })
+    }
+}
 
 /// Where the guest kernel comes from.
 #[derive(Clone)]
@@ -150,6 +233,9 @@ pub struct VmConfig {
     pub name: String,
     /// The runtime directory.
     pub runtime_dir: PathBuf,
+    /// Transparent huge pages for guest RAM: [`DEFAULT_HUGE_PAGES`] where the host allows them,
+    /// else off; [`VmConfig::with_huge_pages`] sets it.
+    pub huge_pages: HugePages,
 }
 
 impl VmConfig {
@@ -164,6 +250,8 @@ impl VmConfig {
 pub struct HostLimits {
     /// The host's total memory in MiB.
     pub mem_total_mib: u64,
+    /// The host's transparent huge page mode.
+    pub thp: ThpMode,
 }
 
 impl HostLimits {
@@ -174,7 +262,10 @@ impl HostLimits {
             .and_then(|s| parse_meminfo_total_kib(&s))
             .map(|kib| kib / 1024)
             .unwrap_or(u64::MAX >> 20);
-        HostLimits { mem_total_mib }
+        let thp = std::fs::read_to_string(THP_ENABLED_PATH)
+            .map(|s| ThpMode::parse(&s))
+            .unwrap_or(ThpMode::Unsupported);
+        HostLimits { mem_total_mib, thp }
     }
 }
 
@@ -284,6 +375,14 @@ pub enum ConfigError {
     /// A bad serial destination.
     #[error("bad --serial {0:?} (write stdout, null or file:PATH)")]
     BadSerial(String),
+    /// A `--huge-pages` value that is neither on nor off.
+    #[error("bad --huge-pages {0:?} (write on or off)")]
+    BadHugePages(String),
+    /// Huge pages asked for on a host whose THP mode gives none.
+    #[error(
+        "--huge-pages on, but this host's transparent huge pages are {0} ({THP_ENABLED_PATH}); set it to madvise or always, or give --huge-pages off"
+    )]
+    HugePagesUnavailable(ThpMode),
     /// An API socket that another process is serving.
     #[error(
         "API socket {0} is in use by a running process (stop that VM or give another --api-sock)"
@@ -388,6 +487,11 @@ impl VmConfigInput {
             api_sock: self.api_sock,
             name: self.name,
             runtime_dir: self.runtime_dir,
+            huge_pages: if host.thp.allows_huge_pages() {
+                DEFAULT_HUGE_PAGES
+            } else {
+                HugePages::Off
+            },
         })
     }
 }
@@ -526,6 +630,20 @@ impl VmConfig {
         self.nets = nets;
         Ok(self)
     }
+
+    /// Sets guest RAM's huge pages (`--huge-pages`); `on` is refused on a host whose THP mode
+    /// gives none (`never`, or no THP in its kernel).
+    pub fn with_huge_pages(
+        mut self,
+        huge_pages: HugePages,
+        host: &HostLimits,
+    ) -> Result<Self, ConfigError> {
+        if huge_pages == HugePages::On && !host.thp.allows_huge_pages() {
+            return Err(ConfigError::HugePagesUnavailable(host.thp));
+        }
+        self.huge_pages = huge_pages;
+        Ok(self)
+    }
 }
 
 /// Finds the format of a kernel image from its first bytes.
@@ -624,6 +742,7 @@ mod tests {
 
     const HOST: HostLimits = HostLimits {
         mem_total_mib: 1024,
+        thp: ThpMode::Madvise,
     };
 
     #[test]
@@ -802,6 +921,59 @@ mod tests {
             i.validate(&HOST).unwrap_err(),
             ConfigError::ApiSockDirMissing(_)
         ));
+    }
+
+    #[test]
+    fn huge_pages_follow_the_default_where_the_host_allows_them_and_are_off_elsewhere() {
+        assert_eq!(
+            input().validate(&HOST).unwrap().huge_pages,
+            DEFAULT_HUGE_PAGES
+        );
+        for thp in [ThpMode::Always, ThpMode::Madvise] {
+            let host = HostLimits { thp, ..HOST };
+            let cfg = input().validate(&host).unwrap();
+            assert_eq!(cfg.huge_pages, DEFAULT_HUGE_PAGES, "{thp}");
+            for hp in [HugePages::On, HugePages::Off] {
+                let c = cfg.clone().with_huge_pages(hp, &host).unwrap();
+                assert_eq!(c.huge_pages, hp, "{thp}");
+            }
+        }
+        for thp in [ThpMode::Never, ThpMode::Unsupported] {
+            let host = HostLimits { thp, ..HOST };
+            let cfg = input().validate(&host).unwrap();
+            assert_eq!(cfg.huge_pages, HugePages::Off, "{thp}");
+            let off = cfg.clone().with_huge_pages(HugePages::Off, &host).unwrap();
+            assert_eq!(off.huge_pages, HugePages::Off);
+            let e = cfg.with_huge_pages(HugePages::On, &host).unwrap_err();
+            assert!(
+                matches!(e, ConfigError::HugePagesUnavailable(m) if m == thp),
+                "{e}"
+            );
+            let msg = e.to_string();
+            assert!(
+                msg.contains(THP_ENABLED_PATH) && msg.contains("--huge-pages off"),
+                "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn huge_pages_and_thp_modes_parse() {
+        assert_eq!("on".parse::<HugePages>().unwrap(), HugePages::On);
+        assert_eq!("off".parse::<HugePages>().unwrap(), HugePages::Off);
+        for bad in ["", "On", "yes", "2M"] {
+            let e = bad.parse::<HugePages>().unwrap_err();
+            assert!(
+                matches!(&e, ConfigError::BadHugePages(v) if v == bad),
+                "{e}"
+            );
+            assert!(e.to_string().contains("on or off"), "{e}");
+        }
+        assert_eq!(ThpMode::parse("always [madvise] never\n"), ThpMode::Madvise);
+        assert_eq!(ThpMode::parse("[always] madvise never"), ThpMode::Always);
+        assert_eq!(ThpMode::parse("always madvise [never]"), ThpMode::Never);
+        assert_eq!(ThpMode::parse(""), ThpMode::Unsupported);
+        assert_eq!(ThpMode::parse("always madvise never"), ThpMode::Unsupported);
     }
 
     #[test]

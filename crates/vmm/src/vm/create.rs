@@ -2,7 +2,8 @@
 //!
 //! 1. [`VmBuilder::machine`]: open KVM, check the vCPU limit, create the VM with its TSS, the
 //!    in-kernel irqchip and the PIT;
-//! 2. [`VmBuilder::memory`]: guest RAM and its KVM memory slots;
+//! 2. [`VmBuilder::memory`]: guest RAM (with or without transparent huge pages) and its KVM
+//!    memory slots;
 //! 3. [`VmBuilder::devices`]: COM1, the disks and the NICs, with their interrupt lines;
 //! 4. [`VmBuilder::boot`]: the MP table, the command line and the kernel;
 //! 5. [`VmBuilder::vcpus`]: one KVM vCPU per index, with its CPUID, boot MSRs, LAPIC and (vCPU
@@ -27,7 +28,7 @@ use vmm_sys_util::signal::register_signal_handler;
 
 use super::{CONTROL_TIMEOUT, Shared, StartVmError, VcpuHandle, Vm, kick_signal, kvm_err};
 use crate::boot::{self, BootPlan};
-use crate::config::{SerialOutput, VmConfig};
+use crate::config::{HugePages, SerialOutput, VmConfig};
 use crate::cpuid::{self, CpuidParams};
 use crate::devices::serial::{COM1_GSI, SerialDevice};
 use crate::devices::virtio_blk::VirtioBlk;
@@ -99,7 +100,8 @@ impl VmBuilder {
         Ok(VmBuilder { cfg, kvm, fd })
     }
 
-    /// Allocates guest RAM (with the 3–4 GiB gap) and registers each region as a KVM slot.
+    /// Allocates guest RAM (with the 3–4 GiB gap), advises it for huge pages or against them
+    /// (`--huge-pages`), and registers each region as a KVM slot.
     pub(super) fn memory(&self) -> Result<GuestMemory, StartVmError> {
         let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(self.cfg.memory_bytes())
             .into_iter()
@@ -109,6 +111,9 @@ impl VmBuilder {
             mib: self.cfg.memory_mib,
             source,
         })?;
+        // Before KVM maps any of it and before the kernel is loaded: the first touches then
+        // already take huge pages.
+        advise_huge_pages(&mem, self.cfg.huge_pages)?;
         for (slot, region) in mem.iter().enumerate() {
             let host = mem
                 .get_host_address(region.start_addr())
@@ -373,6 +378,47 @@ impl VmBuilder {
         }
         Ok(vm)
     }
+}
+
+/// `madvise(MADV_HUGEPAGE)` on every RAM region for [`HugePages::On`]; `MADV_NOHUGEPAGE` for
+/// [`HugePages::Off`], so that off holds on a host whose THP mode is `always` too (a kernel
+/// without THP refuses both with `EINVAL`: off is then what it is anyway). The advice belongs to
+/// the mapping, so it outlives `MADV_DONTNEED` ([`Vm::zero_memory`]).
+pub(crate) fn advise_huge_pages(
+    mem: &GuestMemory,
+    huge_pages: HugePages,
+) -> Result<(), StartVmError> {
+    let (advice, what) = match huge_pages {
+        HugePages::On => (
+            libc::MADV_HUGEPAGE,
+            "madvise(MADV_HUGEPAGE) on guest memory",
+        ),
+        HugePages::Off => (
+            libc::MADV_NOHUGEPAGE,
+            "madvise(MADV_NOHUGEPAGE) on guest memory",
+        ),
+    };
+    for region in mem.iter() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|_| StartVmError::Os {
+                what,
+                source: std::io::Error::from_raw_os_error(libc::EFAULT),
+            })?;
+        // SAFETY: `host` and `region.len()` describe one private anonymous mapping owned by
+        // `mem`, alive for this call. MADV_HUGEPAGE and MADV_NOHUGEPAGE only set or clear a flag
+        // of that mapping that says which page size later faults may use (and whether
+        // khugepaged may collapse it); they change no byte of it and unmap nothing.
+        let rc = unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
+        if rc != 0 {
+            let source = std::io::Error::last_os_error();
+            if huge_pages == HugePages::Off && source.raw_os_error() == Some(libc::EINVAL) {
+                continue;
+            }
+            return Err(StartVmError::Os { what, source });
+        }
+    }
+    Ok(())
 }
 
 fn serial_out(cfg: &VmConfig) -> Result<Box<dyn Write + Send>, StartVmError> {
