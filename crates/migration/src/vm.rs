@@ -72,10 +72,21 @@ pub trait MigrationSource {
 /// [`MigrationTarget::prefault`]); called from several threads at once.
 pub type Prefault = std::sync::Arc<dyn Fn(u64, u64) + Send + Sync>;
 
+/// Places received pages straight into the target's guest memory, from the data streams'
+/// reader threads (see [`MigrationTarget::placer`]); used from several threads at once.
+pub trait PagePlacer: Send + Sync {
+    /// Writes every page of `batch` into guest memory, in the batch's order: a data page's
+    /// bytes, or zeros for a zero page. The addresses were checked against the agreed layout.
+    /// On an error some pages may have been written; the caller then writes the batch again
+    /// with `write_page` / `zero_page`.
+    fn place(&self, batch: &crate::wire::PageBatch) -> Result<(), VmError>;
+}
+
 /// A VM being built on the target from an incoming migration.
 ///
 /// Its memory starts zeroed. The migration calls `prepare` first, then `write_page` /
-/// `zero_page` many times, then `read_pages` (with verify), `restore_state` and `resume`; or
+/// `zero_page` many times (or the data streams' readers write the pages through `placer`),
+/// then `read_pages` (with verify), `restore_state` and `resume`; or
 /// `discard` at any point before `resume` succeeded.
 pub trait MigrationTarget {
     /// Checks that this host can run the VM described (and builds it if it builds on demand).
@@ -101,12 +112,23 @@ pub trait MigrationTarget {
     fn discard(&mut self);
 
     /// After `prepare`: a function the data streams' reader threads call with each received
-    /// run of pages `(gpa, len)` (checked against the layout, data to come by `write_page`)
-    /// before they hand the frame on, so that the memory is ready when the pages are written
-    /// (the target's first touch of its memory, page faults, then happens on the readers, in
-    /// parallel with the writer). Best effort: it reports nothing and must leave the memory's
-    /// contents alone. The default: none.
+    /// run of pages `(gpa, len)` (checked against the layout, data to come by `placer` or
+    /// `write_page`) before they write or hand the frame on, so that the memory is ready when
+    /// the pages are written (the target's first touch of its memory, page faults, happens on
+    /// the readers, one call per run). Best effort: it reports nothing and must leave the
+    /// memory's contents alone. The default: none.
     fn prefault(&mut self) -> Option<Prefault> {
+        None
+    }
+
+    /// After `prepare`: a handle with which the data streams' reader threads write each
+    /// checked page frame into guest memory themselves, in parallel, instead of handing its
+    /// pages to `write_page` / `zero_page` on the receiving thread. Used only before `resume`
+    /// and never after post-copy armed the memory: every data stream has ended by then. The
+    /// readers keep it (and what it holds, e.g. the memory's mapping) until they end, which
+    /// may be after `discard`; what they write then is not read by anyone. The default: none
+    /// (every page goes through `write_page` / `zero_page`).
+    fn placer(&mut self) -> Option<std::sync::Arc<dyn PagePlacer>> {
         None
     }
 

@@ -693,6 +693,39 @@ impl MigrationTarget for VmTarget {
             }
         }))
     }
+
+    fn placer(&mut self) -> Option<Arc<dyn tern_migration::vm::PagePlacer>> {
+        // The data streams' readers write their frames' pages themselves, in parallel, instead
+        // of handing each page to `write_page` on the receiving thread.
+        let mem = self.vm.as_ref()?.memory().clone();
+        Some(Arc::new(GuestPlacer(mem)))
+    }
+}
+
+/// Writes received page frames into the target's guest memory from the data streams' reader
+/// threads ([`MigrationTarget::placer`]). It holds its own handle on the memory's mappings,
+/// so they stay mapped while a reader writes, even after the VM was discarded.
+struct GuestPlacer(crate::layout::GuestMemory);
+
+impl tern_migration::vm::PagePlacer for GuestPlacer {
+    fn place(&self, batch: &tern_migration::wire::PageBatch) -> Result<(), VmError> {
+        static ZERO: [u8; 4096] = [0; 4096];
+        for (gpa, data) in batch.iter() {
+            let data = data.unwrap_or(&ZERO);
+            // A plain copy, as in `write_page`: no dirty bitmap before the VM's first run.
+            let slice = self.0.get_slice(GuestAddress(gpa), data.len())?;
+            let dst = slice.ptr_guard_mut();
+            // SAFETY: `get_slice` checked that the `data.len()` bytes at `gpa` lie in one
+            // mapped region, which stays mapped while `self.0` holds it; `data` is the reader's
+            // own frame buffer (or a static), so the two do not overlap. The guest has not run
+            // (placers are used only before `resume`), and each page is written by the one
+            // reader of the stream it travels on, rounds fenced by the receiver (no other
+            // access to these bytes at the same time; a race would only garble a VM that the
+            // failed migration discards, never Rust memory).
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), data.len()) };
+        }
+        Ok(())
+    }
 }
 
 /// Post-copy's missing pages as tern-migration sees them.

@@ -258,6 +258,7 @@ impl Receiver {
     pub fn frame(&mut self, stream: StreamName, frame: Frame) -> Result<Step, ProtocolViolation> {
         match (stream, frame) {
             (StreamName::Data(i), Frame::Pages(batch)) => {
+                self.page_fence(i)?;
                 self.pages(i, batch.len())?;
                 Ok(Step::Apply(batch))
             }
@@ -361,6 +362,32 @@ impl Receiver {
         s.frames += 1;
         s.pages += pages as u64;
         Ok(())
+    }
+
+    /// Checks that a page frame may arrive on `stream` now: a stream that ended rounds
+    /// `0..k` carries round `k`'s pages (a frame's round field is not relied on: a source may
+    /// fill a frame it started before the round's end), and they may only come once every
+    /// stream ended round `k - 1` (the target acknowledged it). So no page arrives while an
+    /// older copy of it may still be on its way on another stream: the data streams' readers
+    /// place the pages of an acknowledged stream position straight into guest memory, in
+    /// parallel (`tcp::recv`), and rely on this fence (the source sends round `k` only after
+    /// `RoundAck(k - 1)`, the pages after the pause only after the last acknowledgement).
+    pub fn page_fence(&mut self, stream: u16) -> Result<(), ProtocolViolation> {
+        self.expect(ReceiverPhase::Receiving, "page frame")?;
+        let round = self.stream(stream)?.next_round;
+        if let Some(behind) = self.streams.iter().position(|s| s.next_round < round) {
+            return Err(self.violation(format!(
+                "pages of round {round} on stream {stream} before stream {behind} ended round {}",
+                round - 1
+            )));
+        }
+        Ok(())
+    }
+
+    /// Pre-copy rounds every data stream ended (and the target acknowledged): a page frame on
+    /// a stream that ended at most this many rounds has no older copy in flight.
+    pub fn acknowledged_rounds(&self) -> u32 {
+        self.streams.iter().map(|s| s.next_round).min().unwrap_or(0)
     }
 
     /// Pre-copy round `round` ended on `stream`. Returns the round to acknowledge once every
@@ -649,6 +676,52 @@ mod tests {
             r.committed(false).unwrap();
             assert!(ev(&mut r).is_err(), "{name} after discard");
         }
+    }
+
+    #[test]
+    fn pages_of_a_round_wait_until_every_stream_ended_the_one_before() {
+        use crate::wire::PageBatch;
+        let pages = |round: u32| {
+            let mut b = PageBatch::new(round);
+            b.push_zero(0);
+            Frame::Pages(b)
+        };
+        let mut r = receiving(2);
+        r.join(0, 7).unwrap();
+        r.join(1, 7).unwrap();
+        assert_eq!(r.acknowledged_rounds(), 0);
+        r.frame(StreamName::Data(0), pages(0)).unwrap();
+        r.frame(StreamName::Data(1), pages(0)).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), None);
+        assert_eq!(r.acknowledged_rounds(), 0, "stream 1 is still in round 0");
+        // Round 1 on stream 0 while stream 1 may still carry round 0's copy of a page.
+        let mut early = r.clone();
+        let e = early.frame(StreamName::Data(0), pages(1)).unwrap_err();
+        assert_eq!(
+            e.what,
+            "pages of round 1 on stream 0 before stream 1 ended round 0"
+        );
+        assert_eq!(early.phase(), ReceiverPhase::Discarded);
+        // The frame's round field does not decide: its stream's position does.
+        let mut labelled = r.clone();
+        let e = labelled.frame(StreamName::Data(0), pages(0)).unwrap_err();
+        assert_eq!(
+            e.what,
+            "pages of round 1 on stream 0 before stream 1 ended round 0"
+        );
+        r.clone().frame(StreamName::Data(1), pages(1)).unwrap();
+        // Once every stream ended round 0 (acknowledged), round 1 may come on either.
+        assert_eq!(r.round_end(1, 0).unwrap(), Some(0));
+        assert_eq!(r.acknowledged_rounds(), 1);
+        r.frame(StreamName::Data(1), pages(1)).unwrap();
+        r.frame(StreamName::Data(0), pages(0)).unwrap();
+        // Stream 1 runs ahead into round 2 while stream 0 is still in round 1.
+        assert_eq!(r.round_end(1, 1).unwrap(), None);
+        let e = r.frame(StreamName::Data(1), pages(2)).unwrap_err();
+        assert_eq!(
+            e.what,
+            "pages of round 2 on stream 1 before stream 0 ended round 1"
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -16,7 +17,7 @@ use crate::machine::receiver::{
 };
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{AcceptFailure, Acceptor, Conn, ConnWriter, ListenGuard, Rejected};
-use crate::vm::{MigrationTarget, Prefault, VmError};
+use crate::vm::{MigrationTarget, PagePlacer, Prefault, VmError};
 use crate::wire::{
     Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame, read_frame_into,
 };
@@ -120,8 +121,9 @@ pub enum ReceiveError {
 }
 
 enum Event {
-    /// A frame and when its reader had it whole.
-    Frame(StreamName, Frame, Instant),
+    /// A frame, when its reader had it whole, and whether the reader placed its pages in
+    /// guest memory already ([`Placement`]).
+    Frame(StreamName, Frame, Instant, bool),
     Error(StreamName, ReadFrameError),
 }
 
@@ -227,11 +229,42 @@ fn accept_failure(f: AcceptFailure) -> ReceiveError {
     }
 }
 
+/// The rounds whose pages the data streams' readers may place in guest memory themselves:
+/// the receiving thread opens the gate to round `k + 1` once every stream ended round `k`
+/// (before it acknowledges `k`), so a reader never writes a page while an older copy of it may
+/// still be on its way on another stream ([`Receiver::page_fence`] is the same rule, checked
+/// on every frame). A stream's round is its position: the round ends it passed. A frame
+/// outside the gate goes to the receiving thread unplaced, whose machine then refuses it.
+#[derive(Clone, Default)]
+struct RoundGate(Arc<AtomicU32>);
+
+impl RoundGate {
+    /// Every stream ended (and the target acknowledged) the rounds below `acknowledged`.
+    fn open_to(&self, acknowledged: u32) {
+        // Release: a reader that sees the new value also sees every page the other readers
+        // placed before they sent the round's ends (which the receiving thread read).
+        self.0.fetch_max(acknowledged, Ordering::Release);
+    }
+
+    /// Whether a reader whose stream ended `stream_round` rounds may place a page frame.
+    fn admits(&self, stream_round: u32) -> bool {
+        stream_round <= self.0.load(Ordering::Acquire)
+    }
+}
+
+/// What a data stream's reader needs to place the pages of the frames it reads itself.
+#[derive(Clone)]
+struct Placement {
+    placer: Arc<dyn PagePlacer>,
+    gate: RoundGate,
+}
+
 fn spawn_reader(
     mut socket: impl Read + Send + 'static,
     name: StreamName,
     layout: Option<MemoryLayout>,
     prefault: Option<Prefault>,
+    placement: Option<Placement>,
     spare: Option<Spare>,
     tx: SyncSender<Event>,
 ) {
@@ -239,6 +272,8 @@ fn spawn_reader(
         .name(format!("migrate-rx-{name}"))
         .spawn(move || {
             crate::thread_start::run();
+            // The pre-copy round this stream is in, as its own round ends tell.
+            let mut stream_round = 0u32;
             loop {
                 let buf = spare.as_ref().and_then(Spare::take).unwrap_or_default();
                 match read_frame_into(&mut socket, layout.as_ref(), buf) {
@@ -248,8 +283,23 @@ fn spawn_reader(
                                 prefault(gpa, len);
                             }
                         }
+                        let placed = match (&placement, &f) {
+                            (Some(p), Frame::Pages(batch)) if p.gate.admits(stream_round) => {
+                                // On an error the receiving thread writes the pages itself
+                                // and reports what fails there.
+                                p.placer.place(batch).is_ok()
+                            }
+                            (_, Frame::RoundEnd { round }) if *round == stream_round => {
+                                stream_round += 1;
+                                false
+                            }
+                            _ => false,
+                        };
                         let end = matches!(f, Frame::DataEnd { .. });
-                        if tx.send(Event::Frame(name, f, Instant::now())).is_err() {
+                        if tx
+                            .send(Event::Frame(name, f, Instant::now(), placed))
+                            .is_err()
+                        {
                             return;
                         }
                         if end {
@@ -257,7 +307,7 @@ fn spawn_reader(
                             match read_frame(&mut socket, layout.as_ref()) {
                                 Err(ReadFrameError::Closed) => return,
                                 Ok(f) => {
-                                    let _ = tx.send(Event::Frame(name, f, Instant::now()));
+                                    let _ = tx.send(Event::Frame(name, f, Instant::now(), false));
                                     return;
                                 }
                                 Err(e) => {
@@ -387,8 +437,8 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     }
                 };
                 let mut next_control = |t: Duration| match rx.recv_timeout(t) {
-                    Ok(Event::Frame(StreamName::Control, f, _)) => Some(Ok(f)),
-                    Ok(Event::Frame(name, f, _)) => {
+                    Ok(Event::Frame(StreamName::Control, f, ..)) => Some(Ok(f)),
+                    Ok(Event::Frame(name, f, ..)) => {
                         Some(Err(format!("{:?} on {name} after its end", f.kind())))
                     }
                     Ok(Event::Error(name, e)) => Some(Err(format!("{name}: {}", error_chain(&e)))),
@@ -485,12 +535,21 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         let layout = self.machine.layout().cloned();
         // Only with a layout: the readers check each page's address against it first.
         let prefault = layout.as_ref().and_then(|_| self.target.prefault());
+        let gate = RoundGate::default();
+        let placement = layout
+            .as_ref()
+            .and_then(|_| self.target.placer())
+            .map(|placer| Placement {
+                placer,
+                gate: gate.clone(),
+            });
         let spare = Spare::default();
         let (tx, rx) = mpsc::sync_channel::<Event>(64);
         spawn_reader(
             control,
             StreamName::Control,
             layout.clone(),
+            None,
             None,
             None,
             tx.clone(),
@@ -540,6 +599,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     name,
                     layout.clone(),
                     prefault.clone(),
+                    placement.clone(),
                     Some(spare.clone()),
                     tx.clone(),
                 ),
@@ -548,6 +608,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     name,
                     layout.clone(),
                     prefault.clone(),
+                    placement.clone(),
                     Some(spare.clone()),
                     tx.clone(),
                 ),
@@ -577,15 +638,15 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 }
             };
             idle_since = Instant::now();
-            let (stream, frame, read_at) = match ev {
-                Event::Frame(stream, frame, read_at) => (stream, frame, read_at),
+            let (stream, frame, read_at, placed) = match ev {
+                Event::Frame(stream, frame, read_at, placed) => (stream, frame, read_at, placed),
                 Event::Error(stream, source) => {
                     // A source that gives up sends Abort on the control stream and then
                     // closes everything: give its reason a moment to arrive.
                     let grace = Instant::now() + SOURCE_REASON_GRACE;
                     while let Some(left) = grace.checked_duration_since(Instant::now()) {
                         match rx.recv_timeout(left) {
-                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason }, _)) => {
+                            Ok(Event::Frame(StreamName::Control, Frame::Abort { reason }, ..)) => {
                                 return Err(ReceiveError::Aborted(reason));
                             }
                             Ok(_) => {}
@@ -610,6 +671,14 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             }
             let is_commit = matches!(frame, Frame::Commit);
             match self.machine.frame(stream, frame)? {
+                Step::Apply(batch) if placed => {
+                    // Its reader wrote the pages already, in the round the machine admits.
+                    self.report.frames += 1;
+                    let data = batch.iter().filter(|(_, d)| d.is_some()).count() as u64;
+                    self.report.pages_written += data;
+                    self.report.pages_zeroed += batch.len() as u64 - data;
+                    spare.give(batch.into_buf());
+                }
                 Step::Apply(batch) => {
                     self.report.frames += 1;
                     for (gpa, data) in batch.iter() {
@@ -630,7 +699,12 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     }
                     spare.give(batch.into_buf());
                 }
-                Step::AckRound(round) => self.send_control(&Frame::RoundAck { round })?,
+                Step::AckRound(round) => {
+                    // Every reader placed its pages of `round` before it passed the round's
+                    // end on: the next round's may now be placed on arrival.
+                    gate.open_to(self.machine.acknowledged_rounds());
+                    self.send_control(&Frame::RoundAck { round })?
+                }
                 Step::Wait => {}
                 Step::Aborted(reason) => return Err(ReceiveError::Aborted(reason)),
             }
@@ -688,5 +762,266 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         let running = self.machine.running_frame(timings);
         let _ = self.send_control(&running);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CpuidDigest, PAGE_SIZE, Region, VmConfigDescription};
+    use crate::wire::{Hello, PROTOCOL_VERSION, PageBatch};
+
+    const PAGES: usize = 16;
+
+    /// Guest memory shared by a fake target and its placer; the placer logs each frame's first
+    /// page and the first byte it wrote there.
+    #[derive(Default)]
+    struct Memory {
+        bytes: Mutex<Vec<u8>>,
+        placed: Mutex<Vec<(u64, u8)>>,
+    }
+
+    impl Memory {
+        fn write(&self, gpa: u64, data: Option<&[u8]>) {
+            let mut m = self.bytes.lock().unwrap();
+            let at = gpa as usize;
+            let page = &mut m[at..at + PAGE_SIZE as usize];
+            match data {
+                Some(d) => page.copy_from_slice(d),
+                None => page.fill(0),
+            }
+        }
+        fn first_byte(&self, page: u64) -> u8 {
+            self.bytes.lock().unwrap()[(page * PAGE_SIZE) as usize]
+        }
+    }
+
+    struct Placer(Arc<Memory>);
+
+    impl PagePlacer for Placer {
+        fn place(&self, batch: &PageBatch) -> Result<(), VmError> {
+            for (gpa, data) in batch.iter() {
+                self.0.write(gpa, data);
+            }
+            let (gpa, data) = batch.iter().next().expect("a frame with pages");
+            let first = data.map_or(0, |d| d[0]);
+            self.0.placed.lock().unwrap().push((gpa, first));
+            Ok(())
+        }
+    }
+
+    struct Target {
+        mem: Arc<Memory>,
+        written: u64,
+        resumed: bool,
+        discarded: bool,
+    }
+
+    impl MigrationTarget for Target {
+        fn prepare(&mut self, _: &VmConfigDescription) -> Result<(), String> {
+            Ok(())
+        }
+        fn write_page(&mut self, gpa: u64, data: &[u8]) -> Result<(), VmError> {
+            self.written += 1;
+            self.mem.write(gpa, Some(data));
+            Ok(())
+        }
+        fn zero_page(&mut self, gpa: u64) -> Result<(), VmError> {
+            self.written += 1;
+            self.mem.write(gpa, None);
+            Ok(())
+        }
+        fn read_pages(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), VmError> {
+            let m = self.mem.bytes.lock().unwrap();
+            buf.copy_from_slice(&m[gpa as usize..gpa as usize + buf.len()]);
+            Ok(())
+        }
+        fn restore_state(&mut self, _: u32, _: &[u8]) -> Result<(), VmError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), VmError> {
+            self.resumed = true;
+            Ok(())
+        }
+        fn discard(&mut self) {
+            self.discarded = true;
+        }
+        fn placer(&mut self) -> Option<Arc<dyn PagePlacer>> {
+            Some(Arc::new(Placer(self.mem.clone())))
+        }
+    }
+
+    fn pages(round: u32, page: u64, fill: u8) -> Vec<u8> {
+        let mut b = PageBatch::new(round);
+        b.push_data(page * PAGE_SIZE, &[fill; PAGE_SIZE as usize]);
+        Frame::Pages(b).encode()
+    }
+
+    /// A hand-driven source: control stream (hello answered by welcome) and two data streams.
+    struct Source {
+        control: TcpStream,
+        data: [TcpStream; 2],
+    }
+
+    impl Source {
+        fn connect(addr: std::net::SocketAddr) -> Source {
+            let mut control = TcpStream::connect(addr).unwrap();
+            let hello = Hello {
+                min_version: 1,
+                max_version: PROTOCOL_VERSION,
+                session: 7,
+                streams: 2,
+                config: VmConfigDescription {
+                    layout: MemoryLayout::new(vec![Region {
+                        guest_addr: 0,
+                        size: PAGES as u64 * PAGE_SIZE,
+                    }])
+                    .unwrap(),
+                    vcpus: 1,
+                    cpuid: CpuidDigest(1),
+                    devices: vec![],
+                },
+            };
+            control.write_all(&Frame::Hello(hello).encode()).unwrap();
+            let welcome = read_frame(&mut control, None).unwrap();
+            assert!(matches!(welcome, Frame::Welcome { .. }), "{welcome:?}");
+            let data = [0u16, 1].map(|stream| {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.write_all(&Frame::Join { session: 7, stream }.encode())
+                    .unwrap();
+                s
+            });
+            Source { control, data }
+        }
+
+        fn send(&mut self, stream: usize, frame: &[u8]) {
+            self.data[stream].write_all(frame).unwrap();
+        }
+    }
+
+    type Received = thread::JoinHandle<(Target, Result<ReceiveReport, ReceiveError>)>;
+
+    fn receive_in_thread(mem: &Arc<Memory>) -> (std::net::SocketAddr, Received) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut target = Target {
+            mem: mem.clone(),
+            written: 0,
+            resumed: false,
+            discarded: false,
+        };
+        let h = thread::spawn(move || {
+            let opts = ReceiveOptions {
+                accept_timeout: Some(Duration::from_secs(20)),
+                handshake_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(10),
+            };
+            let r = receive(&listener, &mut target, &opts, &CancelToken::new());
+            (target, r)
+        });
+        (addr, h)
+    }
+
+    fn memory() -> Arc<Memory> {
+        Arc::new(Memory {
+            bytes: Mutex::new(vec![0; PAGES * PAGE_SIZE as usize]),
+            placed: Mutex::default(),
+        })
+    }
+
+    #[test]
+    fn the_readers_place_every_page_and_a_later_round_s_copy_wins() {
+        let mem = memory();
+        let (addr, h) = receive_in_thread(&mem);
+        let mut src = Source::connect(addr);
+        src.send(0, &pages(0, 0, 0xa0));
+        src.send(1, &pages(0, 1, 0xb0));
+        for i in 0..2 {
+            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
+        }
+        let ack = read_frame(&mut src.control, None).unwrap();
+        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        // Page 0 again, in the round after, and a zero page, as after a pause.
+        src.send(0, &pages(1, 0, 0xa1));
+        let mut zero = PageBatch::new(1);
+        zero.push_zero(PAGE_SIZE);
+        src.send(1, &Frame::Pages(zero).encode());
+        src.send(
+            0,
+            &Frame::DataEnd {
+                frames: 2,
+                pages: 2,
+            }
+            .encode(),
+        );
+        src.send(
+            1,
+            &Frame::DataEnd {
+                frames: 2,
+                pages: 2,
+            }
+            .encode(),
+        );
+        let state = Frame::State {
+            version: 1,
+            bytes: vec![],
+        };
+        src.control.write_all(&state.encode()).unwrap();
+        src.control.write_all(&Frame::Commit.encode()).unwrap();
+        let running = read_frame(&mut src.control, None).unwrap();
+        assert!(matches!(running, Frame::Running { .. }), "{running:?}");
+        let (target, r) = h.join().unwrap();
+        let report = r.unwrap();
+        assert!(target.resumed && !target.discarded);
+        assert_eq!(
+            target.written, 0,
+            "the receiving thread wrote no page itself"
+        );
+        assert_eq!((report.pages_written, report.pages_zeroed), (3, 1));
+        assert_eq!((mem.first_byte(0), mem.first_byte(1)), (0xa1, 0));
+        let mut placed = mem.placed.lock().unwrap().clone();
+        placed.sort();
+        assert_eq!(
+            placed,
+            [(0, 0xa0), (0, 0xa1), (PAGE_SIZE, 0), (PAGE_SIZE, 0xb0)]
+        );
+    }
+
+    #[test]
+    fn a_page_frame_before_every_stream_ended_the_round_before_is_never_placed() {
+        let mem = memory();
+        let (addr, h) = receive_in_thread(&mem);
+        let mut src = Source::connect(addr);
+        src.send(0, &pages(0, 0, 0xa0));
+        src.send(0, &Frame::RoundEnd { round: 0 }.encode());
+        // Stream 1 has not ended round 0: this frame must not reach guest memory.
+        src.send(0, &pages(1, 0, 0xa1));
+        let (target, r) = h.join().unwrap();
+        let e = r.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Protocol violation in phase Receiving: pages of round 1 on stream 0 before stream 1 \
+             ended round 0"
+        );
+        assert!(target.discarded && !target.resumed);
+        assert_eq!(target.written, 0);
+        assert_eq!(mem.first_byte(0), 0xa0, "the early copy was not written");
+        assert_eq!(*mem.placed.lock().unwrap(), [(0, 0xa0)]);
+    }
+
+    #[test]
+    fn the_round_gate_admits_a_stream_s_pages_once_the_rounds_before_were_acknowledged() {
+        let gate = RoundGate::default();
+        let reader = gate.clone();
+        assert!(reader.admits(0), "round 0 needs no acknowledgement");
+        // A stream that ended round 0 while another has not: its round-1 pages wait.
+        assert!(!reader.admits(1));
+        gate.open_to(1);
+        assert!(reader.admits(1));
+        assert!(reader.admits(0));
+        assert!(!reader.admits(2));
+        // Never closes again (the receiving thread only opens it further).
+        gate.open_to(0);
+        assert!(reader.admits(1));
     }
 }

@@ -324,6 +324,9 @@ impl<T: MigrationTarget> MigrationTarget for FaultHooks<T> {
     fn prefault(&mut self) -> Option<tern_migration::vm::Prefault> {
         self.inner.prefault()
     }
+    fn placer(&mut self) -> Option<std::sync::Arc<dyn tern_migration::vm::PagePlacer>> {
+        self.inner.placer()
+    }
     fn post_copy_memory(
         &mut self,
         owed: &[(u64, u64)],
