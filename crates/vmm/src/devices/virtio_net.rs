@@ -148,10 +148,13 @@ impl VirtioNet {
     /// this host's bridge, which the announce taught the guest's new port, to the target. Only
     /// frames unicast to the guest's MAC are sent (broadcasts reached the target themselves); the
     /// rest, and the frames already carried in the state, are left alone. At most
-    /// [`MAX_PENDING_FRAMES`] frames. The bridge learns each sender's MAC on this tap's port from
-    /// them, until the tap goes with the source VMM or the sender speaks again: call it just
-    /// before the source's VMM closes the tap.
+    /// [`MAX_PENDING_FRAMES`] frames. Each goes out with [`forwarder_mac`] as its source, not its
+    /// sender's: a bridge learns a frame's source on the port it came in by, and sent unchanged
+    /// it taught this host's bridge and the switch the *sender* behind this dead tap, so the
+    /// guest's answer (addressed by its neighbour cache, which only ARP fills) went here and the
+    /// sender waited out its retransmission. Call it just before the source's VMM closes the tap.
     pub fn forward_late_frames(&mut self) -> usize {
+        let forwarder = forwarder_mac(self.mac);
         let mut buf = vec![0u8; MAX_FRAME + 64];
         let mut sent = 0;
         for _ in 0..MAX_PENDING_FRAMES {
@@ -160,8 +163,10 @@ impl VirtioNet {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             };
-            let frame = &buf[..n.min(buf.len())];
+            let len = n.min(buf.len());
+            let frame = &mut buf[..len];
             if (14..=MAX_FRAME).contains(&n) && frame[..6] == self.mac {
+                frame[6..12].copy_from_slice(&forwarder);
                 if self.backend.send(frame).is_ok() {
                     sent += 1;
                 }
@@ -467,6 +472,17 @@ where
                 blocked = d.lock().unwrap_or_else(|e| e.into_inner()).process_rx(&mem);
             }
         })
+}
+
+/// The source MAC a migrated-away source puts on the late frames it forwards
+/// ([`VirtioNet::forward_late_frames`]): the guest's MAC with bit 2 of its first octet flipped,
+/// marked locally administered and unicast. It is no station's own, so the bridges that learn
+/// it on the old tap's port send nothing anyone waits for there; the guest's MAC and every
+/// sender's stay where they are.
+pub fn forwarder_mac(guest: [u8; 6]) -> [u8; 6] {
+    let mut m = guest;
+    m[0] = ((guest[0] ^ 0x04) | 0x02) & !0x01;
+    m
 }
 
 #[cfg(test)]
@@ -799,10 +815,12 @@ mod tests {
             .extend([frame(70, 6), broadcast, other]);
         assert_eq!(r.dev.forward_late_frames(), 1);
         let w = r.wire.0.lock().unwrap();
+        let mut forwarded = frame(70, 6);
+        forwarded[6..12].copy_from_slice(&forwarder_mac(MAC));
         assert_eq!(
             w.from_guest,
-            vec![frame(70, 6)],
-            "only the late unicast frame"
+            vec![forwarded],
+            "only the late unicast frame, from the forwarder's MAC"
         );
         assert!(w.to_guest.is_empty(), "the backend was read dry");
         drop(w);
@@ -813,6 +831,24 @@ mod tests {
         );
         assert_eq!(r.dev.counters().dropped, 2);
         assert_eq!(r.dev.forward_late_frames(), 0, "nothing twice");
+    }
+
+    #[test]
+    fn the_forwarder_mac_is_unicast_local_and_neither_the_guests_nor_a_senders() {
+        for guest in [
+            MAC,
+            [0, 0x16, 0x3e, 1, 2, 3],
+            [0xfe, 0xff, 0xff, 0xff, 0xff, 0xfe],
+        ] {
+            let f = forwarder_mac(guest);
+            assert_ne!(f, guest);
+            assert_eq!(f[0] & 0x01, 0, "unicast: {f:02x?}");
+            assert_eq!(f[0] & 0x02, 0x02, "locally administered: {f:02x?}");
+            assert_eq!(f[1..], guest[1..], "the rest is the guest's");
+        }
+        // The late frame's own sender (frame()'s source bytes) is never what goes out.
+        let late = frame(70, 6);
+        assert_ne!(late[6..12], forwarder_mac(MAC));
     }
 
     #[test]
