@@ -8,9 +8,10 @@
 //!   [`DIRTY_WINDOW`], through `tern_vmctl::dirty_rate` on a blocking task so the interval never
 //!   waits for it. Every report carries the VM's last sample; a failed sample is logged once per
 //!   VMM and leaves the field out.
-//! - **Non-zero guest RAM**: with each dirty-rate sample, the resident guest pages that are not
-//!   zero, estimated from a sample of them ([`procfs::guest_nonzero_kib`]): what a migration's
-//!   first pass sends, which the resident figure over-counts by whole huge pages.
+//! - **Non-zero guest RAM**: after each good dirty-rate sample, the resident guest pages that are
+//!   not zero, estimated from pages drawn at random ([`procfs::guest_nonzero_kib`]): what a
+//!   migration's first pass sends, which the resident figure over-counts by whole huge pages. A
+//!   failed estimate is logged once per VMM and leaves the field out.
 //! - **Parked cores**: the parking daemon's own code (`tern_parking::daemon::Daemon`) runs on a
 //!   thread of its own over this agent's runtime directory, so it sees and (with `--parking on`)
 //!   confines only this agent's vCPU threads.
@@ -69,27 +70,50 @@ struct Dirty {
     in_flight: HashSet<String>,
     /// (VM, pid) whose failure was logged.
     logged: HashSet<(String, u32)>,
+    /// (VM, pid) whose non-zero RAM failure was logged.
+    logged_nonzero: HashSet<(String, u32)>,
 }
 
 fn lock(d: &Mutex<Dirty>) -> std::sync::MutexGuard<'_, Dirty> {
     d.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts one dirty-rate sample of `vm` (VMM `pid`, control socket `sock`) on a blocking task.
-fn sample_dirty(dirty: &Arc<Mutex<Dirty>>, vm: String, pid: u32, sock: PathBuf) {
+/// Starts one dirty-rate sample of `vm` (VMM `pid` started at `start_ticks`, control socket
+/// `sock`) on a blocking task, and after a good one the non-zero RAM estimate.
+fn sample_dirty(dirty: &Arc<Mutex<Dirty>>, vm: String, pid: u32, start_ticks: u64, sock: PathBuf) {
     if !lock(dirty).in_flight.insert(vm.clone()) {
         return;
     }
     let dirty = dirty.clone();
     tokio::task::spawn_blocking(move || {
         let got = tern_vmctl::dirty_rate(&sock, DIRTY_WINDOW);
-        let nonzero = procfs::guest_nonzero_kib(pid);
+        // only after a good sample: a failed one says the VMM is busy or gone
+        let nonzero = got.is_ok().then(|| {
+            let seed = std::hash::BuildHasher::hash_one(&std::hash::RandomState::new(), pid);
+            procfs::guest_nonzero_kib(pid, start_ticks, seed)
+        });
         let mut d = lock(&dirty);
         d.in_flight.remove(&vm);
         match nonzero {
-            Some(k) => d.nonzero.insert(vm.clone(), (pid, k)),
-            None => d.nonzero.remove(&vm),
-        };
+            Some(Ok(k)) => {
+                d.nonzero.insert(vm.clone(), (pid, k));
+            }
+            Some(Err(e)) => {
+                if d.logged_nonzero.insert((vm.clone(), pid)) {
+                    let mut msg = e.to_string();
+                    let mut cause = std::error::Error::source(&e);
+                    while let Some(c) = cause {
+                        msg += &format!(": {c}");
+                        cause = c.source();
+                    }
+                    eprintln!("tern agent: cannot estimate the non-zero guest RAM of {vm}: {msg}");
+                }
+                d.nonzero.remove(&vm);
+            }
+            None => {
+                d.nonzero.remove(&vm);
+            }
+        }
         match got {
             Ok(r) if r.window_ms > 0 => {
                 let rate = r.pages as f64 * 1000.0 / r.window_ms as f64;
@@ -187,8 +211,11 @@ pub(crate) async fn run(mut client: etcd_client::Client, events: mpsc::Sender<Ev
             if let Some(i) = sampleable.iter().position(|(n, _)| n == &vm.name)
                 && calc::dirty_due(interval_no, i, every)
                 && let Some(sock) = entry.api_sock.clone()
+                && let Some(start_ticks) = entry
+                    .pid_start_ticks
+                    .or_else(|| tern_vmctl::runtime::process_start_ticks(pid))
             {
-                sample_dirty(&dirty, vm.name.clone(), pid, sock);
+                sample_dirty(&dirty, vm.name.clone(), pid, start_ticks, sock);
             }
         }
         prev_vm.retain(|name, _| pids.contains_key(name));
