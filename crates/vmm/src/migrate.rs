@@ -717,11 +717,14 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
             let dst = slice.ptr_guard_mut();
             // SAFETY: `get_slice` checked that the `data.len()` bytes at `gpa` lie in one
             // mapped region, which stays mapped while `self.0` holds it; `data` is the reader's
-            // own frame buffer (or a static), so the two do not overlap. The guest has not run
-            // (placers are used only before `resume`), and each page is written by the one
-            // reader of the stream it travels on, rounds fenced by the receiver (no other
-            // access to these bytes at the same time; a race would only garble a VM that the
-            // failed migration discards, never Rust memory).
+            // own frame buffer (or a static), outside guest memory, so the two do not overlap.
+            // Guest memory is memory shared with KVM that vm-memory never hands out as Rust
+            // references (only volatile slices and raw pointers), and the guest has not run
+            // (placers are used only before `resume`). Another write to the same bytes at the
+            // same time — the receiving thread writing a frame the gate refused, or a faulty
+            // source sending one page on two streams in a round — can only leave those guest
+            // bytes garbled, never touch memory Rust code reads; the receiver's round fence
+            // keeps an honest source's copies of a page in order.
             unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst.as_ptr(), data.len()) };
         }
         Ok(())

@@ -234,7 +234,10 @@ fn accept_failure(f: AcceptFailure) -> ReceiveError {
 /// (before it acknowledges `k`), so a reader never writes a page while an older copy of it may
 /// still be on its way on another stream ([`Receiver::page_fence`] is the same rule, checked
 /// on every frame). A stream's round is its position: the round ends it passed. A frame
-/// outside the gate goes to the receiving thread unplaced, whose machine then refuses it.
+/// outside the gate goes to the receiving thread unplaced: its machine refuses it if the other
+/// streams still have not ended the round before, and otherwise (their round ends were handled
+/// in between) accepts it and the receiving thread writes it, before any later round's pages
+/// can be placed.
 #[derive(Clone, Default)]
 struct RoundGate(Arc<AtomicU32>);
 

@@ -202,6 +202,10 @@ const STREAM_QUEUE_MAX: usize = 2 * FULL_PAGE_FRAME;
 /// The longest single wait for a data stream's socket to take more (cancel is checked between).
 const WRITABLE_WAIT: Duration = Duration::from_millis(20);
 
+/// The pause after a wait for writable data sockets that was followed by nothing written (see
+/// `write_until`), so a socket that poll reports writable but that takes nothing is not spun on.
+const FRUITLESS_WAIT_PAUSE: Duration = Duration::from_millis(1);
+
 /// A page frame built in place: each page is read from the VM straight into its entry (one
 /// copy of guest memory on the way out), a page found zero shrinks back to its address entry
 /// or out of the frame, and the finished frame is sealed (length, crc32c) where it lies. The
@@ -764,6 +768,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
     /// never past a cancel; a stream that takes nothing for the I/O timeout fails the migration.
     fn write_until(&mut self, done: impl Fn(&[DataStream]) -> bool) -> Result<(), MigrateError> {
         let mut last_progress = Instant::now();
+        let mut waited = false;
         loop {
             let mut wrote = 0;
             for d in &mut self.data {
@@ -789,9 +794,16 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             if self.cancel.is_cancelled() && self.machine.cancellable() {
                 return Err(MigrateError::Cancelled);
             }
+            if waited && wrote == 0 {
+                // The sockets were reported writable (or the wait ran out) and still took
+                // nothing: under host-wide TCP memory pressure a write can fail with EAGAIN while
+                // poll says POLLOUT. Pause instead of spinning on it until the I/O timeout.
+                thread::sleep(FRUITLESS_WAIT_PAUSE);
+            }
             let left = self.opts.io_timeout.saturating_sub(last_progress.elapsed());
             wait_writable(self.data.iter().map(|d| &d.out), left.min(WRITABLE_WAIT))
                 .map_err(MigrateError::Connection)?;
+            waited = true;
         }
     }
 

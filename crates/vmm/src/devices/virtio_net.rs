@@ -476,9 +476,10 @@ where
 
 /// The source MAC a migrated-away source puts on the late frames it forwards
 /// ([`VirtioNet::forward_late_frames`]): the guest's MAC with bit 2 of its first octet flipped,
-/// marked locally administered and unicast. It is no station's own, so the bridges that learn
-/// it on the old tap's port send nothing anyone waits for there; the guest's MAC and every
-/// sender's stay where they are.
+/// marked locally administered and unicast. It is assumed to be no station's own on the
+/// segment (the operator assigns the guests' MACs: a guest at `02:…` makes `06:…`, which
+/// another VM there must not use), so the bridges that learn it on the old tap's port send
+/// nothing anyone waits for there; the guest's MAC and every sender's stay where they are.
 pub fn forwarder_mac(guest: [u8; 6]) -> [u8; 6] {
     let mut m = guest;
     m[0] = ((guest[0] ^ 0x04) | 0x02) & !0x01;
