@@ -14,7 +14,7 @@
 
 use std::io::Write;
 use std::sync::mpsc::channel;
-use std::sync::{Arc, Mutex, Once};
+use std::sync::{Arc, Mutex, Once, Weak};
 use std::time::Instant;
 
 use kvm_bindings::{
@@ -22,7 +22,11 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::{FromRangesError, MmapRegion, MmapRegionError};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::register_signal_handler;
 
@@ -100,14 +104,15 @@ impl VmBuilder {
         Ok(VmBuilder { cfg, kvm, fd })
     }
 
-    /// Allocates guest RAM (with the 3–4 GiB gap), advises it for huge pages or against them
-    /// (`--huge-pages`), and registers each region as a KVM slot.
+    /// Allocates guest RAM (with the 3–4 GiB gap), each region at a 2 MiB-aligned host address
+    /// ([`map_guest_ram`]), advises it for huge pages or against them (`--huge-pages`), and
+    /// registers each region as a KVM slot.
     pub(super) fn memory(&self) -> Result<GuestMemory, StartVmError> {
         let regions: Vec<(GuestAddress, usize)> = layout::ram_regions(self.cfg.memory_bytes())
             .into_iter()
             .map(|(a, s)| (GuestAddress(a), s as usize))
             .collect();
-        let mem = GuestMemory::from_ranges(&regions).map_err(|source| StartVmError::Memory {
+        let mem = map_guest_ram(&regions).map_err(|source| StartVmError::Memory {
             mib: self.cfg.memory_mib,
             source,
         })?;
@@ -380,6 +385,131 @@ impl VmBuilder {
     }
 }
 
+/// The host alignment of every guest RAM region: KVM maps the guest with 2 MiB pages only where
+/// the guest-physical and host addresses agree modulo 2 MiB, and every region starts at a 2 MiB
+/// multiple in guest-physical space (0 and 4 GiB).
+const RAM_ALIGN: usize = 2 << 20;
+
+/// The host's base page size (x86-64).
+const PAGE_SIZE: usize = 4096;
+
+/// The flags of every guest RAM mapping (those vm-memory's own anonymous regions use).
+const RAM_MMAP_FLAGS: i32 = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+const RAM_MMAP_PROT: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+/// A guest RAM mapping made by [`map_aligned`]: vm-memory's region over it does not own it (a
+/// region built from a raw pointer never unmaps), so it is unmapped here once no region is left.
+struct RamMapping {
+    region: Weak<MmapRegion<AtomicBitmap>>,
+    addr: usize,
+    len: usize,
+}
+
+/// Every guest RAM mapping of this process still mapped.
+static RAM_MAPPINGS: Mutex<Vec<RamMapping>> = Mutex::new(Vec::new());
+
+/// Unmaps the guest RAM mappings no `GuestMemory` refers to any more (the VMs they served and
+/// every clone of their memory are gone). Called before each new VM's memory is mapped; what a
+/// process's last VM leaves goes with the process.
+fn unmap_released_ram() {
+    let mut maps = RAM_MAPPINGS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|m| {
+        if m.region.strong_count() > 0 {
+            return true;
+        }
+        // SAFETY: `[addr, addr + len)` is a mapping made by `map_aligned` and unmapped only
+        // here, once: the entry is removed with it. Its one `MmapRegion` is dropped (no strong
+        // reference is left, and a `Weak` cannot be upgraded again), so no `GuestMemory`, and
+        // hence no guest memory access of this process, can reach these addresses any more.
+        unsafe { libc::munmap(m.addr as *mut libc::c_void, m.len) };
+        false
+    });
+}
+
+/// Maps `len` bytes of private anonymous memory at a host address that is a multiple of
+/// [`RAM_ALIGN`], whatever the kernel's placement: `len + RAM_ALIGN` bytes are mapped and the
+/// slack before and after the aligned start is unmapped again. Linux ≥ 6.7 aligns large
+/// anonymous mappings itself (since 6.13 only those whose length is a multiple of 2 MiB); older
+/// kernels do not.
+fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let Some(total) = len.checked_add(RAM_ALIGN) else {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+    };
+    // SAFETY: a new anonymous mapping at an address the kernel chooses (no MAP_FIXED): it
+    // replaces nothing of this process.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            RAM_MMAP_PROT,
+            RAM_MMAP_FLAGS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = raw as usize;
+    let start = base.next_multiple_of(RAM_ALIGN);
+    let head = start - base;
+    let tail = total - head - len;
+    // SAFETY: `[base, start)` and `[start + len, base + total)` lie inside the mapping just made,
+    // which nothing else knows of yet; `head` and `tail` are multiples of the page size (`base`
+    // is page-aligned, `len` (checked above) and `RAM_ALIGN` are page multiples). Unmapping them
+    // leaves `[start, start + len)` mapped.
+    unsafe {
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap((start + len) as *mut libc::c_void, tail);
+        }
+    }
+    Ok(start as *mut u8)
+}
+
+/// Guest RAM: one private anonymous mapping per `(guest address, length)` region, each at a
+/// 2 MiB-aligned host address ([`map_aligned`]), so that transparent huge pages can back it and
+/// KVM can map it with 2 MiB pages on every kernel. The lengths are page multiples
+/// (`layout::ram_regions`; any other is refused with `EINVAL`).
+fn map_guest_ram(regions: &[(GuestAddress, usize)]) -> Result<GuestMemory, FromRangesError> {
+    unmap_released_ram();
+    let mut built = Vec::with_capacity(regions.len());
+    for &(guest, len) in regions {
+        let addr = map_aligned(len).map_err(MmapRegionError::Mmap)?;
+        // SAFETY: `addr` and `len` are exactly the live mapping `map_aligned` just made, with
+        // these prot and flags; nothing else refers to it. The region does not own it: the
+        // mapping is registered below and unmapped by `unmap_released_ram` once this region is
+        // dropped.
+        let region = match unsafe {
+            MmapRegion::<AtomicBitmap>::build_raw(addr, len, RAM_MMAP_PROT, RAM_MMAP_FLAGS)
+        } {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                // SAFETY: the mapping `map_aligned` just made, which no region refers to.
+                unsafe { libc::munmap(addr.cast(), len) };
+                return Err(e.into());
+            }
+        };
+        RAM_MAPPINGS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(RamMapping {
+                region: Arc::downgrade(&region),
+                addr: addr as usize,
+                len,
+            });
+        built.push(
+            GuestRegionMmap::with_arc(region, guest).ok_or(FromRangesError::InvalidGuestRegion)?,
+        );
+    }
+    Ok(GuestMemory::from_regions(built)?)
+}
+
 /// `madvise(MADV_HUGEPAGE)` on every RAM region for [`HugePages::On`]; `MADV_NOHUGEPAGE` for
 /// [`HugePages::Off`], so that off holds on a host whose THP mode is `always` too (a kernel
 /// without THP refuses both with `EINVAL`: off is then what it is anyway). The advice belongs to
@@ -481,4 +611,62 @@ fn setup_lapic(fd: &VcpuFd) -> Result<(), StartVmError> {
         }
     }
     fd.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registered(addr: usize) -> bool {
+        RAM_MAPPINGS.lock().unwrap().iter().any(|m| m.addr == addr)
+    }
+
+    /// Every region sits at a 2 MiB-aligned host address whatever its length (odd MiB counts
+    /// included), holds its length, and is unmapped once the last clone of the memory is gone.
+    #[test]
+    fn guest_ram_regions_are_2_mib_aligned_and_unmapped_once_released() {
+        let mem = map_guest_ram(&[
+            (GuestAddress(0), 65 << 20),
+            (GuestAddress(4 << 30), 3 << 20),
+        ])
+        .unwrap();
+        let clone = mem.clone();
+        let mut addrs = Vec::new();
+        for region in mem.iter() {
+            let host = mem.get_host_address(region.start_addr()).unwrap() as usize;
+            assert_eq!(host % RAM_ALIGN, 0, "region at {host:#x}");
+            assert!(registered(host));
+            addrs.push(host);
+        }
+        assert_eq!(
+            mem.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            [65 << 20, 3 << 20]
+        );
+        // Writable to the last byte of each region.
+        mem.write_slice(&[7], GuestAddress((65 << 20) - 1)).unwrap();
+        mem.write_slice(&[9], GuestAddress((4 << 30) + (3 << 20) - 1))
+            .unwrap();
+        drop(mem);
+        unmap_released_ram();
+        assert!(
+            addrs.iter().all(|&a| registered(a)),
+            "a clone still holds it"
+        );
+        let mut b = [0u8];
+        clone
+            .read_slice(&mut b, GuestAddress((65 << 20) - 1))
+            .unwrap();
+        assert_eq!(b, [7]);
+        drop(clone);
+        unmap_released_ram();
+        assert!(addrs.iter().all(|&a| !registered(a)));
+    }
+
+    #[test]
+    fn a_length_that_is_not_a_page_multiple_is_refused() {
+        for len in [0, 4095, (1 << 20) + 1] {
+            let e = map_aligned(len).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{len}");
+        }
+    }
 }
