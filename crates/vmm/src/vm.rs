@@ -3,6 +3,7 @@
 
 mod create;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -126,6 +127,10 @@ pub enum ControlError {
     },
 }
 
+/// How often a dirty-rate sample's window looks whether someone waits to turn dirty logging on
+/// ([`Vm::sample_dirty_rate`]): a migration starting during a sample waits at most this long.
+pub const DIRTY_RATE_SLICE: Duration = Duration::from_millis(1);
+
 /// Why a dirty-rate sample was refused or failed ([`Vm::sample_dirty_rate`]).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DirtyRateError {
@@ -196,6 +201,9 @@ struct VcpuHandle {
 struct Shared {
     kvm_vm: VmFd,
     dirty_logging: Mutex<bool>,
+    /// Callers of [`Vm::set_dirty_logging`] waiting for `dirty_logging`: a dirty-rate sample
+    /// holding it ends its window early when this is not 0 (a migration does not wait for it).
+    dirty_logging_wanted: AtomicU32,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is on: a dirty-log read leaves the pages writable and
     /// their bits set until [`Vm::clear_dirty_pages`] (see [`enable_manual_dirty_protect`]).
     manual_dirty_protect: bool,
@@ -711,11 +719,17 @@ impl Vm {
     /// Turns KVM's dirty-page logging on or off for all guest RAM. Turning it on also clears the
     /// VMM-side bitmap, so that [`Vm::take_dirty_bitmaps`] reports writes from then on.
     pub fn set_dirty_logging(&self, enabled: bool) -> Result<(), ControlError> {
+        self.shared
+            .dirty_logging_wanted
+            .fetch_add(1, Ordering::SeqCst);
         let mut on = self
             .shared
             .dirty_logging
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.shared
+            .dirty_logging_wanted
+            .fetch_sub(1, Ordering::SeqCst);
         let flags = if enabled {
             kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
         } else {
@@ -845,9 +859,10 @@ impl Vm {
 
     /// Measures how fast the guest dirties its memory: turns KVM's dirty logging on for `window`,
     /// counts the pages written meanwhile (KVM's log OR'd with the VMM's own writes) and turns
-    /// logging off again. It holds the dirty-logging lock throughout, so a migration starting
-    /// meanwhile waits for the window to end (and then arms logging itself); while logging is on
-    /// (a migration owns it) the sample is refused. The guest pays one write-protection fault per
+    /// logging off again. It holds the dirty-logging lock throughout; a migration starting
+    /// meanwhile ends the window early (checked every [`DIRTY_RATE_SLICE`]: the sample reports
+    /// the window it really had) and then arms logging itself; while logging is on (a migration
+    /// owns it) the sample is refused. The guest pays one write-protection fault per
     /// page it dirties in the window (a few µs each here); the VMM's own cost is in `cost_us`.
     pub fn sample_dirty_rate(
         &self,
@@ -877,7 +892,16 @@ impl Vm {
             vm_memory::mmap::MmapRegion::bitmap(r).reset();
         }
         let armed = Instant::now();
-        std::thread::sleep(window);
+        // The window, in slices, cut short when a migration (or anything else turning logging
+        // on or off) waits for the lock: it then starts at once and the sample counts what it
+        // saw so far.
+        loop {
+            let left = window.saturating_sub(armed.elapsed());
+            if left.is_zero() || self.shared.dirty_logging_wanted.load(Ordering::SeqCst) != 0 {
+                break;
+            }
+            std::thread::sleep(left.min(DIRTY_RATE_SLICE));
+        }
         let read_at = Instant::now();
         let mut pages = 0u64;
         let mut counted = Ok(());

@@ -227,3 +227,41 @@ fn both_vcpus_of_a_moved_smp_guest_continue() {
     b.request_stop();
     b.wait();
 }
+
+#[test]
+fn a_dirty_rate_sample_ends_early_when_dirty_logging_is_wanted() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "e");
+    cfg.cmdline = "tern.hb_ms=50 tern.dirty_mib=8 tern.dirty_rate=20000".into();
+    let vm = Arc::new(Vm::create(cfg).expect("VM e"));
+    vm.resume().unwrap();
+    let log = dir.path().join("e.log");
+    wait_for("the writer", Duration::from_secs(20), || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("DIRTY pages=")
+    });
+    // A long sample; a migration arming logging 100 ms into it must not wait for its end.
+    let sampler = {
+        let vm = Arc::clone(&vm);
+        std::thread::spawn(move || vm.sample_dirty_rate(Duration::from_secs(8)))
+    };
+    std::thread::sleep(Duration::from_millis(100));
+    vm.set_dirty_logging(true).unwrap();
+    let sample = sampler.join().unwrap().expect("the cut-short sample");
+    assert!(
+        sample.window_ms < 4_000,
+        "the 8 s window was cut short when logging was wanted: {sample:?}"
+    );
+    assert!(
+        sample.pages > 0,
+        "the writer's pages were counted: {sample:?}"
+    );
+    // Logging is the migration's now: it stays on, and a new sample is refused.
+    assert!(vm.take_dirty_bitmaps().is_ok(), "logging left on");
+    assert!(vm.sample_dirty_rate(Duration::from_millis(10)).is_err());
+    vm.set_dirty_logging(false).unwrap();
+    vm.request_stop();
+    vm.wait();
+}

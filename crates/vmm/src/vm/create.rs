@@ -352,6 +352,7 @@ impl VmBuilder {
             shared: Arc::new(Shared {
                 kvm_vm: self.fd,
                 dirty_logging: Mutex::new(false),
+                dirty_logging_wanted: std::sync::atomic::AtomicU32::new(0),
                 manual_dirty_protect,
                 control,
                 devices,
