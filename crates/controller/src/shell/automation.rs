@@ -94,11 +94,20 @@ impl StoredMoveCost {
         Some(serde_json::to_vec(&stored).expect("the learnt move cost serialises"))
     }
 
-    /// The estimators stored in `bytes`, or why they are not usable.
-    fn read(bytes: &[u8]) -> Result<(OverheadEstimator, LinkEstimator), String> {
-        let m: StoredMoveCost = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        let overhead = OverheadEstimator::restore(m.overhead).map_err(|e| e.to_string())?;
-        Ok((overhead, LinkEstimator::from_measured(&m.links)))
+    /// The estimators stored in `bytes`, or why they are not usable. The measured links are
+    /// read from any stored form that has them; the overhead alone may be unusable (an older
+    /// controller stored it in another form), which comes back as its reason, and the caller
+    /// starts it from the prior without losing the links.
+    fn read(bytes: &[u8]) -> Result<(Result<OverheadEstimator, String>, LinkEstimator), String> {
+        #[derive(serde::Deserialize)]
+        struct Links {
+            links: BTreeMap<String, f64>,
+        }
+        let l: Links = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        let overhead = serde_json::from_slice::<StoredMoveCost>(bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|m| OverheadEstimator::restore(m.overhead).map_err(|e| e.to_string()));
+        Ok((overhead, LinkEstimator::from_measured(&l.links)))
     }
 }
 
@@ -482,7 +491,15 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     // what the previous leaders learnt of moves
     let learnt = match s.store.get(MOVE_COST_KEY).await {
         Ok(Some(bytes)) => match StoredMoveCost::read(&bytes) {
-            Ok((overhead, links)) => Some((overhead, links, bytes)),
+            Ok((Ok(overhead), links)) => Some((overhead, links, Some(bytes))),
+            Ok((Err(e), links)) => {
+                eprintln!(
+                    "tern controller: the stored move cost {MOVE_COST_KEY} has measured links \
+                     but no usable overhead ({e}); the overhead starts from the prior"
+                );
+                // No stored bytes kept: the next measured move writes the whole state anew.
+                Some((OverheadEstimator::default(), links, None))
+            }
             Err(e) => {
                 eprintln!(
                     "tern controller: the stored move cost {MOVE_COST_KEY} is not usable ({e}); \
@@ -507,7 +524,7 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     if let Some((overhead, links, bytes)) = learnt {
         a.overhead = overhead;
         a.links = links;
-        a.stored_move_cost = Some(bytes);
+        a.stored_move_cost = bytes;
     }
     let overhead = a.overhead.estimate();
     a.lp.set_overhead(overhead);
@@ -989,4 +1006,42 @@ pub fn start(s: Arc<Shared>) {
             cycle(&s).await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_move_cost_of_the_older_form_keeps_its_links_and_starts_the_overhead_afresh() {
+        // The form controllers stored before the overhead became a window of recent moves.
+        let older = br#"{"overhead":{"w":6.0,"wx":0.6,"wy":2.4,"wxx":0.08,"wxy":0.24,"n":6},
+            "links":{"h1":900000000.0,"h2":400000000.0}}"#;
+        let (overhead, links) = StoredMoveCost::read(older).expect("the links are read");
+        assert!(overhead.is_err(), "the older overhead is not taken");
+        assert_eq!(links.measured().get("h1"), Some(&9e8));
+        assert_eq!(links.measured().get("h2"), Some(&4e8));
+
+        // The current form comes back whole.
+        let mut o = OverheadEstimator::default();
+        for u in [0.05, 0.1, 0.2] {
+            o.observe(u, 0.4);
+        }
+        let mut l = LinkEstimator::default();
+        l.observe("h1", 9e8);
+        let bytes = serde_json::to_vec(&StoredMoveCost {
+            overhead: o.state(),
+            links: l.measured().clone(),
+        })
+        .unwrap();
+        let (overhead, links) = StoredMoveCost::read(&bytes).unwrap();
+        let overhead = overhead.expect("the current overhead is taken");
+        assert_eq!(overhead.count(), 3);
+        assert_eq!(overhead.estimate(), o.estimate());
+        assert_eq!(links.measured(), l.measured());
+
+        // Bytes that are not a move cost at all are refused whole.
+        assert!(StoredMoveCost::read(b"{\"links\":7}").is_err());
+        assert!(StoredMoveCost::read(b"not json").is_err());
+    }
 }
