@@ -77,24 +77,9 @@ async fn only_controllers_command(
     next.run(req).await
 }
 
-/// The listener of the plain (no `--tls-dir`) API: every accepted connection gets
-/// `TCP_NODELAY`, as the TLS accept loop's do, so an answer goes out at once instead of waiting
-/// for the client's delayed ACK (Nagle: ~40 ms on every command).
-pub(crate) fn plain_listener(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn nodelay(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            eprintln!("tern agent: cannot set TCP_NODELAY on an API connection: {e}");
-        }
-    }
-    listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream))
-}
-
 /// Serves `router` over plain HTTP until the process ends (no `--tls-dir`).
 pub(crate) async fn serve_plain(listener: tokio::net::TcpListener, router: Router) {
-    if let Err(e) = axum::serve(plain_listener(listener), router).await {
+    if let Err(e) = axum::serve(tern_pki::http::plain_listener(listener), router).await {
         eprintln!("tern agent: the command API stopped: {e}");
     }
 }
@@ -319,29 +304,6 @@ mod tests {
             .unwrap();
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         Ok(resp.status().as_u16())
-    }
-
-    #[tokio::test]
-    async fn the_plain_api_sets_tcp_nodelay_on_every_accepted_connection() {
-        use axum::serve::Listener;
-        let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = raw.local_addr().unwrap();
-        // Without it the kernel's default holds: Nagle on (what the check below must tell).
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (plain, _) = raw.accept().await.unwrap();
-        assert!(
-            !plain.nodelay().unwrap(),
-            "TCP_NODELAY is on by default here"
-        );
-        let mut l = plain_listener(raw);
-        for _ in 0..2 {
-            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (tcp, _) = Listener::accept(&mut l).await;
-            assert!(
-                tcp.nodelay().unwrap(),
-                "an accepted connection without TCP_NODELAY"
-            );
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -617,7 +617,7 @@ impl Shell {
             source,
         })?;
         axum::serve(
-            tls::plain_listener(listener),
+            tern_pki::http::plain_listener(listener),
             api::router(Arc::clone(&self.shared)),
         )
         .await

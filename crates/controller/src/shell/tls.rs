@@ -8,8 +8,8 @@
 //! a caller with no identity, which [`super::auth`] answers 401 unless it shows a token. A plain
 //! TCP client (no TLS at all) fails the handshake and is dropped: nothing in clear is served.
 //!
-//! Without `--tls-dir` the API is served in clear on [`plain_listener`], whose accepted
-//! connections get `TCP_NODELAY` as the TLS loop's do.
+//! Without `--tls-dir` the API is served in clear on [`tern_pki::http::plain_listener`], whose
+//! accepted connections get `TCP_NODELAY` as the TLS loop's do.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,48 +105,5 @@ impl ServerTls {
             config: Arc::new(config),
             dir: loaded,
         })
-    }
-}
-
-/// The listener of the plain (no `--tls-dir`) API: every accepted connection gets
-/// `TCP_NODELAY`, as the TLS accept loop's do, so an answer goes out at once instead of waiting
-/// for the client's delayed ACK (Nagle: ~40 ms on every call).
-pub fn plain_listener(
-    listener: tokio::net::TcpListener,
-) -> axum::serve::TapIo<tokio::net::TcpListener, fn(&mut tokio::net::TcpStream)> {
-    use axum::serve::ListenerExt;
-    fn nodelay(tcp: &mut tokio::net::TcpStream) {
-        if let Err(e) = tcp.set_nodelay(true) {
-            eprintln!("tern controller: cannot set TCP_NODELAY on an API connection: {e}");
-        }
-    }
-    listener.tap_io(nodelay as fn(&mut tokio::net::TcpStream))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_plain_api_sets_tcp_nodelay_on_every_accepted_connection() {
-        use axum::serve::Listener;
-        let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = raw.local_addr().unwrap();
-        // Without it the kernel's default holds: Nagle on (what the check below must tell).
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (plain, _) = raw.accept().await.unwrap();
-        assert!(
-            !plain.nodelay().unwrap(),
-            "TCP_NODELAY is on by default here"
-        );
-        let mut l = plain_listener(raw);
-        for _ in 0..2 {
-            let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-            let (tcp, _) = Listener::accept(&mut l).await;
-            assert!(
-                tcp.nodelay().unwrap(),
-                "an accepted connection without TCP_NODELAY"
-            );
-        }
     }
 }
