@@ -156,16 +156,21 @@ fn tern_phases(report: &serde_json::Value, returned_ms: f64) -> Vec<Phase> {
     ) else {
         return Vec::new();
     };
-    let rounds: Vec<(u64, f64)> = report
-        .get("rounds_detail")
-        .and_then(|d| d.as_array())
-        .map(|d| {
-            d.iter()
-                .filter(|r| r.get("decision").and_then(|x| x.as_str()) != Some("stop_and_copy"))
-                .filter_map(|r| Some((r.get("round")?.as_u64()?, r.get("us")?.as_f64()? / 1000.0)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let detail = match report.get("rounds_detail") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(d) => match serde_json::from_value::<Vec<tern_api::vmm::RoundFigures>>(d.clone()) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("the migration report's rounds_detail is malformed ({e}): no phases");
+                Vec::new()
+            }
+        },
+    };
+    let rounds: Vec<(u64, f64)> = detail
+        .iter()
+        .filter(|r| r.decision != tern_api::vmm::RoundDecision::StopAndCopy)
+        .map(|r| (u64::from(r.round), r.us as f64 / 1000.0))
+        .collect();
     if rounds.is_empty() {
         return Vec::new();
     }
@@ -990,9 +995,15 @@ mod tests {
             "downtime_ms": 2,
             "downtime_steps": [{"step": "final_pages", "us": 1500.0}, {"step": "ack", "us": 500.0}],
             "rounds_detail": [
-                {"round": 0, "us": 100000, "decision": "continue"},
-                {"round": 1, "us": 15000, "decision": "switch_over"},
-                {"round": 2, "us": 1500, "decision": "stop_and_copy"}
+                {"round": 0, "us": 100000, "pages_data": 65536, "pages_zero": 196608,
+                 "bytes": 268435456, "dirty_pages": 4000, "throttle_pct": 0.0,
+                 "decision": "continue"},
+                {"round": 1, "us": 15000, "pages_data": 4000, "pages_zero": 0,
+                 "bytes": 16384000, "dirty_pages": 100, "throttle_pct": 0.0,
+                 "decision": "switch_over"},
+                {"round": 2, "us": 1500, "pages_data": 100, "pages_zero": 0,
+                 "bytes": 409600, "dirty_pages": 0, "throttle_pct": 0.0,
+                 "decision": "stop_and_copy"}
             ]
         });
         let p = tern_phases(&r, 130.0);
