@@ -242,8 +242,12 @@ impl ConvergenceConfig {
     /// measured over the last round (under the same throttle) while the round sends the
     /// remainder at `bw` and pays its fixed cost ([`Self::round_overhead`]). Pages are counted
     /// as distinct (a sweeping writer), so the prediction errs high for a guest re-writing a
-    /// few pages.
+    /// few pages. A bandwidth that is not a positive finite figure is no measurement: the
+    /// prediction is then the whole remainder.
     pub fn predicted_remainder(&self, i: &SyncInput, bw: f64) -> f64 {
+        if !(bw.is_finite() && bw > 0.0) {
+            return i.remaining_bytes as f64;
+        }
         let round = i.remaining_bytes as f64 / bw + self.round_overhead.as_secs_f64();
         i.dirty_bytes_per_sec.max(0.0) * round
     }
@@ -253,8 +257,12 @@ impl ConvergenceConfig {
     /// cost and `R'` sent once more: `(R − R') / B ≥ overhead + R' / B`. In bytes: the round
     /// adds no more than it takes off the final copy. (The rule before asked only for a dirty
     /// rate of at most half the bandwidth, so it ran rounds whose fixed cost let the guest
-    /// dirty about as much as they sent: 490 pages in, 613 left.)
+    /// dirty about as much as they sent: 490 pages in, 613 left.) Never with a bandwidth that
+    /// is not positive and finite.
     pub fn shrink_pays(&self, i: &SyncInput, bw: f64) -> bool {
+        if !(bw.is_finite() && bw > 0.0) {
+            return false;
+        }
         let r = i.remaining_bytes as f64;
         let left = self.predicted_remainder(i, bw);
         r - left >= left + bw * self.round_overhead.as_secs_f64()
@@ -548,6 +556,15 @@ mod tests {
         };
         assert!(c.shrink_pays(&bigger, GBPS));
         assert_eq!(c.decide(&bigger), Decision::Continue);
+        // A link that sends nothing never pays, and leaves the whole remainder (no NaN).
+        for bw in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            assert!(!c.shrink_pays(&bigger, bw), "bandwidth {bw}");
+            assert_eq!(
+                c.predicted_remainder(&bigger, bw),
+                bigger.remaining_bytes as f64,
+                "bandwidth {bw}"
+            );
+        }
         // 24 MiB with the guest dirtying 0.6 GB/s: the round would leave ~16 MB, 9 ms less
         // pause for 17 ms more in all.
         let busy = SyncInput {
