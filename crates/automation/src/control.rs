@@ -36,6 +36,11 @@ use crate::power::{PowerRequestError, PowerTracker};
 use crate::rules::{Filtered, Fixed, MoveKind, Rules, enforce, optimize_with_rules};
 use crate::telemetry::{HostSample, Telemetry, TelemetryError, VmSample};
 
+/// Relative difference in predicted energy below which a plan counts as meeting the policy's
+/// `min_improvement_pct` ([`Loop`]'s preview veto): model noise, not a saving or a loss (a
+/// 50 ms migration's modelled CPU on two hosts is about 1e-9 of a 10-minute horizon's energy).
+pub const ENERGY_TIE: f64 = 1e-6;
+
 /// Settings of the loop that are not the operator's policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoopConfig {
@@ -1451,7 +1456,10 @@ impl Loop {
                 with.slatah_pct, without.slatah_pct
             ));
         }
-        let want = without.energy_kwh * (1.0 - self.knobs.min_improvement);
+        // A plan must cut energy by `min_improvement`; one within ENERGY_TIE of that is taken
+        // as meeting it, so that at a margin of 0 a plan that changes nothing but adds a short
+        // migration's modelled CPU (a few 1e-9 of the total) is not vetoed by that noise.
+        let want = without.energy_kwh * (1.0 - self.knobs.min_improvement + ENERGY_TIE);
         if !fixes && with.energy_kwh > want {
             return Some(format!(
                 "vetoed by the preview: {:.4} kWh with the plan against {:.4} kWh doing nothing \

@@ -614,3 +614,41 @@ fn a_snapshot_with_an_unknown_power_model_or_a_dangling_host_is_refused_whole() 
         "VM a: cpu_utilization = 1.5 is out of range: allowed 0..=1"
     );
 }
+
+#[test]
+fn at_a_margin_of_zero_a_drain_whose_energy_ties_is_not_vetoed_by_noise() {
+    // Power management off: draining h2 leaves both hosts on, and both loads (3 % and 2 %,
+    // 5 % packed) stay in the power model's first linear segment, so the plan changes the
+    // energy only by the move's modelled CPU, far below ENERGY_TIE. With a 0 % margin that is
+    // a tie, which meets "cut energy by at least 0 %": the plan is proposed, not vetoed (the
+    // dashboard's browser test met this case and saw its plan vetoed by 1e-9 of the energy).
+    let mut c = Cluster::default();
+    c.host("h1", 2, G5, true);
+    c.host("h2", 2, G5, true);
+    // Small guests, as in the dashboard's test: a move of a few MiB, tens of ms.
+    for (name, host, u) in [("a", "h1", 0.03), ("d", "h2", 0.02)] {
+        let v = c.vm(name, host, vec![u]);
+        v.memory_mib = 64;
+        v.resident_mib = Some(4);
+    }
+    let mut p = policy(AutomationLevel::Manual);
+    p.hold_s = 0;
+    p.min_improvement_pct = 0.0;
+    p.power.enabled = false;
+    let mut lp = Loop::new(p, LoopConfig::default()).unwrap();
+    for _ in 0..3 {
+        c.step(&mut lp, STEP_MS);
+    }
+    let plans = lp.plans();
+    assert!(!plans.is_empty(), "no plan at all");
+    assert!(
+        plans.iter().all(|p| p.state != PlanState::Vetoed),
+        "a tie was vetoed: {plans:?}"
+    );
+    let e = plans[0].effect.as_ref().expect("a previewed plan");
+    let diff = (e.with.energy_kwh - e.without.energy_kwh).abs() / e.without.energy_kwh;
+    assert!(
+        diff < tern_automation::control::ENERGY_TIE,
+        "not a tie: {e:?}"
+    );
+}
