@@ -312,7 +312,9 @@ pub struct Loop {
     plans: BTreeMap<u64, PlanRec>,
     next_plan: u64,
     applying: Option<u64>,
-    last_round_ms: Option<u64>,
+    /// The grid point of the last round (see [`Loop::tick`]): rounds fall due every interval
+    /// from it, whenever within the tolerance the shell's tick lands.
+    round_due_ms: Option<u64>,
     /// The first snapshot's time.
     first_seen_ms: Option<u64>,
     short_since: Option<u64>,
@@ -323,6 +325,10 @@ pub struct Loop {
     overloaded_rounds: u64,
     last_report: RoundReport,
 }
+
+/// A round runs this fraction of the interval before its grid point at the earliest
+/// ([`Loop::tick`]): 100 ms at 2 s.
+pub const ROUND_TOLERANCE_DIV: u64 = 20;
 
 fn ms(s: u32) -> u64 {
     u64::from(s) * 1000
@@ -343,7 +349,7 @@ impl Loop {
             plans: BTreeMap::new(),
             next_plan: 1,
             applying: None,
-            last_round_ms: None,
+            round_due_ms: None,
             first_seen_ms: None,
             short_since: None,
             overhead: Overhead::default(),
@@ -598,15 +604,35 @@ impl Loop {
         Ok(())
     }
 
-    /// Runs a round when an interval has passed since the last, and carries on with a plan being
-    /// applied. Returns the actions to carry out, in order.
+    /// Runs a round when one is due, and carries on with a plan being applied. Returns the
+    /// actions to carry out, in order.
+    ///
+    /// Rounds fall on a fixed grid of the interval anchored at the first round: the next is due
+    /// at the last one's grid point plus the interval, not its actual time, and runs at the
+    /// first tick at or after the due time less [`ROUND_TOLERANCE_DIV`]th of the interval, so a
+    /// shell that ticks every few hundred milliseconds with some jitter runs one round per
+    /// interval. A round more than an interval past its due time (a long gap in the ticks)
+    /// runs once and anchors the grid afresh at its own time, rather than running the missed
+    /// rounds in a burst.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
-        let due = self
-            .last_round_ms
-            .is_none_or(|t| now_ms >= t + ms(self.policy.interval_s));
+        let interval = ms(self.policy.interval_s);
+        let tolerance = interval / ROUND_TOLERANCE_DIV;
+        let run = match self.round_due_ms {
+            None => Some(now_ms),
+            Some(last) => {
+                let due = last + interval;
+                if now_ms + tolerance < due {
+                    None
+                } else if now_ms > due + interval {
+                    Some(now_ms)
+                } else {
+                    Some(due)
+                }
+            }
+        };
         let mut out = Vec::new();
-        if due {
-            self.last_round_ms = Some(now_ms);
+        if let Some(grid) = run {
+            self.round_due_ms = Some(grid);
             out.extend(self.round(now_ms));
         }
         out.extend(self.dispatch(now_ms));

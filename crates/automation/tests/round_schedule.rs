@@ -1,0 +1,96 @@
+//! When the loop runs its rounds: on a fixed grid of the interval anchored at the first round,
+//! whatever the jitter of the shell's ticks, and re-anchored after a long gap instead of running
+//! a burst of rounds.
+
+mod common;
+
+use common::{host, vm};
+use tern_api::automation::{AutomationLevel, Policy};
+use tern_automation::{Loop, LoopConfig, Telemetry};
+
+const INTERVAL_MS: u64 = 2_000;
+/// The controller's cycle.
+const CYCLE_MS: u64 = 500;
+
+fn two_second_loop() -> Loop {
+    let policy = Policy {
+        automation: AutomationLevel::Manual,
+        interval_s: (INTERVAL_MS / 1000) as u32,
+        ..Policy::default()
+    };
+    Loop::new(policy, LoopConfig::default()).expect("a valid policy")
+}
+
+fn snapshot() -> Telemetry {
+    Telemetry {
+        hosts: vec![host("h1")],
+        vms: vec![vm("a", "h1", 0.3)],
+    }
+}
+
+/// Observes and ticks at each of `times`; returns the times a round ran.
+fn rounds_at(lp: &mut Loop, times: impl IntoIterator<Item = u64>) -> Vec<u64> {
+    let t = snapshot();
+    let mut rounds = Vec::new();
+    let mut last = None;
+    for now in times {
+        lp.observe(now, &t).expect("a valid snapshot");
+        lp.tick(now);
+        let at = lp.last_round().at_ms;
+        if last != Some(at) {
+            rounds.push(at);
+            last = Some(at);
+        }
+    }
+    rounds
+}
+
+#[test]
+fn a_half_second_cycle_with_jitter_runs_one_round_per_interval_on_the_grid() {
+    // 150 s of cycles 500 ms apart, each woken 0, 1 or 3 ms late in turn: the round's wake-up
+    // jitter is often larger than the next one's, which must not push a round a cycle later
+    let jitter = [0, 1, 3];
+    let mut lp = two_second_loop();
+    let times = (0..300u64).map(|k| k * CYCLE_MS + jitter[(k % 3) as usize]);
+    let rounds = rounds_at(&mut lp, times);
+    assert_eq!(
+        rounds.len(),
+        75,
+        "one round per 2 s over 150 s, got {} at {rounds:?}",
+        rounds.len()
+    );
+    for (k, at) in rounds.iter().enumerate() {
+        let grid = k as u64 * INTERVAL_MS;
+        assert!(
+            at.abs_diff(grid) <= 3,
+            "round {k} ran at {at} ms, off its grid point {grid} ms"
+        );
+    }
+    // SLATAH counts one host-interval per round for the loaded host
+    assert_eq!(lp.sla_counts().0, 75);
+    assert_eq!(lp.series().points.len(), 75);
+}
+
+#[test]
+fn a_tick_a_little_early_runs_the_round_and_keeps_the_grid() {
+    let mut lp = two_second_loop();
+    // within a twentieth of the interval before the grid point: due; further before: not yet
+    let rounds = rounds_at(&mut lp, [0, 1_950, 2_500, 3_850, 3_950, 5_999, 6_500]);
+    assert_eq!(rounds, vec![0, 1_950, 3_950, 5_999]);
+}
+
+#[test]
+fn after_a_long_gap_one_round_runs_and_the_grid_starts_again_from_it() {
+    let mut lp = two_second_loop();
+    // rounds at 0 and 2 s, then nothing until 9.3 s (more than an interval past the 4 s due):
+    // one round, not three to catch up, and the next ones 2 s after it
+    let times = [
+        0, 2_000, 9_300, 9_800, 10_300, 10_800, 11_300, 11_800, 13_300,
+    ];
+    let rounds = rounds_at(&mut lp, times);
+    assert_eq!(rounds, vec![0, 2_000, 9_300, 11_300, 13_300]);
+    // a round late by less than an interval keeps the grid: due at 15.3 s, run at 16.0 s, the
+    // next due at 17.3 s
+    let rounds = rounds_at(&mut lp, [16_000, 16_800, 17_300]);
+    assert_eq!(rounds, vec![16_000, 17_300]);
+}
