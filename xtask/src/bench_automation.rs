@@ -127,6 +127,8 @@ struct AsAsked {
 struct Load {
     asked: f64,
     measured: f64,
+    /// The load the live loop's rounds decided on.
+    decided: Option<f64>,
     raised_asked: f64,
     raised_measured: f64,
 }
@@ -155,6 +157,11 @@ struct Demo {
     energy_kwh: f64,
     slatah_pct: f64,
     pdm_pct: f64,
+    /// PDM on the agents' readings at each sample, for reference.
+    pdm_read_pct: f64,
+    /// Rounds the live loop ran over the played samples, and samples without one.
+    live_rounds: usize,
+    samples_without_round: usize,
     vms_lost: usize,
     hosts_on_series: Vec<u32>,
     host_cores: u32,
@@ -277,6 +284,18 @@ fn live(args: &Args) -> anyhow::Result<()> {
         d.sim.load.raised_measured,
         100.0 * d.sim.load.raised_measured / d.sim.load.raised_asked.max(1e-9),
         d.sim.migration_s
+    );
+    println!(
+        "live rounds over the {} played samples: {} ({} samples without one); the load they \
+         decided on {}; PDM on the readings at each sample {:.4} %",
+        d.samples,
+        d.live_rounds,
+        d.samples_without_round,
+        d.sim
+            .load
+            .decided
+            .map_or("(not kept)".into(), |x| format!("{x:.3} of a vCPU")),
+        d.pdm_read_pct
     );
     let e = &d.sim.engine;
     println!(

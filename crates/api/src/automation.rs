@@ -1,6 +1,6 @@
 //! The automation loop's REST bodies: the policy (`GET|PUT /v1/policy`), plans (`GET /v1/plans`,
-//! `POST /v1/plans/{id}/apply|reject`), host power states and the dashboard's time series
-//! (`GET /v1/stats/series`).
+//! `POST /v1/plans/{id}/apply|reject`), host power states, the dashboard's time series
+//! (`GET /v1/stats/series`) and the loop's recent rounds (`GET /v1/automation/rounds`).
 //!
 //! A [`Policy`] arrives whole (every field present, unknown fields refused) and is checked by
 //! [`Policy::validate`] before anything changes; each refusal names the field and its range.
@@ -542,6 +542,41 @@ pub struct StatsSeries {
     pub interval_s: u32,
     /// Oldest first.
     pub points: Vec<SeriesPoint>,
+}
+
+/// One VM's history point in a round: the mean of its utilisation samples since the round
+/// before, 0..1 of its vCPUs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RoundPoint {
+    pub vm: String,
+    pub utilization: f64,
+}
+
+/// One round of the automation loop: when it ran, the load it decided on, and what it found.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AutomationRound {
+    /// When it ran, ms on the controller's clock.
+    pub at_ms: u64,
+    /// The history point each VM got (a VM with no sample since the round before is left out),
+    /// by VM name.
+    pub points: Vec<RoundPoint>,
+    /// Hosts the detector found overloaded.
+    pub overloaded: Vec<String>,
+    /// Hosts the round's plan drained.
+    pub drained: Vec<String>,
+    /// The plan the round made, if any.
+    pub plan: Option<u64>,
+}
+
+/// `GET /v1/automation/rounds`: the leader's most recent rounds since it took office, oldest
+/// first (at most 256).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AutomationRounds {
+    /// The controller's clock when it answered, ms (to place `at_ms` on the caller's clock).
+    pub now_ms: u64,
+    /// The loop's period, seconds.
+    pub interval_s: u32,
+    pub rounds: Vec<AutomationRound>,
 }
 
 #[cfg(test)]

@@ -251,6 +251,10 @@ pub struct RoundReport {
     pub plan: Option<u64>,
     /// Capacity short since, if it is.
     pub short_since_ms: Option<u64>,
+    /// The history point each VM got this round (step 1 of a round: the mean of its utilisation
+    /// samples since the last round, 0..1 of its vCPUs); a VM with no sample since is not in it.
+    /// What the round decided on, for a replay fed the loop's own inputs.
+    pub points: BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -315,6 +319,8 @@ pub struct Loop {
     /// The grid point of the last round (see [`Loop::tick`]): rounds fall due every interval
     /// from it, whenever within the tolerance the shell's tick lands.
     round_due_ms: Option<u64>,
+    /// Rounds run since the loop started.
+    rounds_run: u64,
     /// The first snapshot's time.
     first_seen_ms: Option<u64>,
     short_since: Option<u64>,
@@ -350,6 +356,7 @@ impl Loop {
             next_plan: 1,
             applying: None,
             round_due_ms: None,
+            rounds_run: 0,
             first_seen_ms: None,
             short_since: None,
             overhead: Overhead::default(),
@@ -835,6 +842,12 @@ impl Loop {
         &self.last_report
     }
 
+    /// How many rounds the loop has run since it started (a shell that keeps every round's
+    /// report reads [`Loop::last_round`] when this moved on).
+    pub fn rounds_run(&self) -> u64 {
+        self.rounds_run
+    }
+
     /// The counts behind the series' SLATAH since the loop started: (host-intervals with load,
     /// of which overloaded), one per powered-on host with VMs per round. Two readings give the
     /// SLATAH of the rounds between them.
@@ -864,13 +877,17 @@ impl Loop {
     }
 
     fn round(&mut self, now_ms: u64) -> Vec<Action> {
+        self.rounds_run += 1;
         // 1. a history point per VM: the mean of the samples since the last round
-        for v in self.vms.values_mut() {
+        let mut points = BTreeMap::new();
+        for (name, v) in &mut self.vms {
             if v.acc_n > 0 {
-                v.history.push_front(v.acc_sum / f64::from(v.acc_n));
+                let point = v.acc_sum / f64::from(v.acc_n);
+                v.history.push_front(point);
                 v.history.truncate(HISTORY_LEN);
                 v.acc_sum = 0.0;
                 v.acc_n = 0;
+                points.insert(name.clone(), point);
             }
         }
         self.push_series_point(now_ms);
@@ -891,6 +908,7 @@ impl Loop {
         }
         let mut report = RoundReport {
             at_ms: now_ms,
+            points,
             ..RoundReport::default()
         };
         if self.applying.is_some() {

@@ -21,7 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
-use tern_api::automation::{HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries};
+use tern_api::automation::{
+    AutomationRounds, HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries,
+};
 use tern_api::cluster::{HostInfo, TaskInfo, TaskKind, TaskState, VmInfo, VmState};
 
 use crate::cluster_up::{HostShape, Lab, LabOptions, LabSpec, http};
@@ -187,6 +189,9 @@ pub struct SimFigures {
 pub struct LoadFigures {
     pub asked: f64,
     pub measured: f64,
+    /// The load the live loop's rounds decided on, over the same VMs and samples (`None` in a
+    /// report from before the rounds were kept).
+    pub decided: Option<f64>,
     /// The raised VMs after the raise.
     pub raised_asked: f64,
     pub raised_measured: f64,
@@ -290,6 +295,10 @@ pub struct PlayedLoad<'a> {
     pub measured: Option<&'a [BTreeMap<String, f64>]>,
     /// With `measured`: what the agents measured before the start, (seconds before, loads).
     pub boot: &'a [(f64, BTreeMap<String, f64>)],
+    /// With `measured`: the load the live loop's round in each played sample decided on
+    /// ([`round_load`]), which replaces `measured` for the played samples (a VM missing from a
+    /// sample's round falls back to `measured`).
+    pub rounds: Option<&'a [BTreeMap<String, f64>]>,
 }
 
 /// A trace value (percent of a vCPU) as the guest plays it: it is given whole percent of a real
@@ -306,6 +315,48 @@ fn trace_index(name: &str, traces: usize) -> anyhow::Result<usize> {
         .and_then(|i| i.checked_sub(1))
         .filter(|&i| i < traces)
         .with_context(|| format!("VM {name} follows none of the demo's traces"))
+}
+
+/// The live loop's rounds (`GET /v1/automation/rounds`; each one's time in seconds from the
+/// demo's start, and the history point each VM got) on the `samples` played samples of `step_s`:
+/// per sample, each VM's load as the live round in that sample decided on it — carried from the
+/// sample before where no round ran, or the VM had no point — and that round's time (`None` when
+/// carried). The rounds run on a grid of the interval; the first played round sets its phase,
+/// and a round goes to the sample whose grid point it is nearest, so a round a few milliseconds
+/// either side of a sample's start is not counted twice in one sample and not at all in the next.
+#[allow(clippy::type_complexity)]
+pub fn round_load(
+    rounds: &[(f64, BTreeMap<String, f64>)],
+    samples: usize,
+    step_s: u64,
+) -> (Vec<BTreeMap<String, f64>>, Vec<Option<f64>>) {
+    let step = step_s as f64;
+    let end = samples as f64 * step;
+    let played: Vec<&(f64, BTreeMap<String, f64>)> = rounds
+        .iter()
+        .filter(|(t, _)| *t >= 0.0 && *t < end)
+        .collect();
+    let mut at: Vec<Option<&(f64, BTreeMap<String, f64>)>> = vec![None; samples];
+    if let Some((first, _)) = played.first() {
+        let phase = first.rem_euclid(step);
+        for r in &played {
+            let k = ((r.0 - phase) / step).round();
+            if k >= 0.0 && (k as usize) < samples && at[k as usize].is_none() {
+                at[k as usize] = Some(r);
+            }
+        }
+    }
+    let mut carried: BTreeMap<String, f64> = BTreeMap::new();
+    let mut load = Vec::with_capacity(samples);
+    let mut times = Vec::with_capacity(samples);
+    for r in at {
+        if let Some((_, points)) = r {
+            carried.extend(points.iter().map(|(v, u)| (v.clone(), *u)));
+        }
+        load.push(carried.clone());
+        times.push(r.map(|(t, _)| *t));
+    }
+    (load, times)
 }
 
 /// The live loop's own code (`tern_automation::replay`) over the demo's scenario, started from
@@ -334,6 +385,7 @@ pub fn replay_loop(
         samples,
         measured,
         boot,
+        rounds,
     } = *load;
     let warm = if before.is_some() {
         start.vms.iter().map(|v| v.trace_offset).max().unwrap_or(0)
@@ -376,10 +428,19 @@ pub fn replay_loop(
                 } else {
                     asked(v.trace_offset + k)
                 };
-                match measured {
+                let round = rounds
+                    .and_then(|r| r.get(k))
+                    .and_then(|r| r.get(&v.name))
+                    .copied();
+                match (measured, round) {
+                    // the load the live round in sample k decided on
+                    (Some(_), Some(x)) => {
+                        last = Some(x);
+                        x.clamp(0.0, 1.0)
+                    }
                     // sample k is read at its end, a step after the round at its start: the
                     // round at step k saw what sample k - 1 read
-                    Some(m) => {
+                    (Some(m), None) => {
                         let x = k
                             .checked_sub(1)
                             .and_then(|i| m.get(i))
@@ -390,7 +451,7 @@ pub fn replay_loop(
                         last = Some(x);
                         x.clamp(0.0, 1.0)
                     }
-                    None => want,
+                    (None, _) => want,
                 }
             };
         }
@@ -614,6 +675,16 @@ pub struct Recorded {
     /// The same while the VMs booted, a reading per step: (seconds before the start, loads).
     #[serde(default)]
     pub boot_load: Vec<(f64, BTreeMap<String, f64>)>,
+    /// Per played sample, each VM's load as the live loop's round in that sample decided on it
+    /// (its history point: the mean of the controller's 500 ms readings since the round
+    /// before; [`round_load`]), from `GET /v1/automation/rounds`. Empty in reports made before
+    /// the controller kept its rounds: the replay is then fed `vm_load`.
+    #[serde(default)]
+    pub round_load: Vec<BTreeMap<String, f64>>,
+    /// Per played sample, when its live round ran, seconds from the start (`None`: no round
+    /// ran in it and the sample before's load was carried).
+    #[serde(default)]
+    pub round_at_s: Vec<Option<f64>>,
     /// The median time of the plans that powered a host on, seconds.
     pub power_on_s: Option<f64>,
 }
@@ -646,9 +717,16 @@ struct Figures {
     energy_kwh: f64,
     /// The loop's SLATAH over the played samples (`/metrics`' host-interval counts).
     slatah_pct: f64,
-    /// CPU lost to migrations (10 % of a moving VM's measured load for the task's duration) ÷
-    /// the VMs' measured load over the played samples, percent.
+    /// CPU lost to migrations (10 % of a moving VM's load for the task's duration) ÷ the VMs'
+    /// load over the played samples, percent: the load the live loop's rounds decided on
+    /// (`recorded.round_load`), as the replay's PDM counts it.
     pdm_pct: f64,
+    /// The same on the agents' readings at each sample (`recorded.vm_load`), for reference.
+    pdm_read_pct: f64,
+    /// Rounds the live loop ran over the played samples (one per sample is the schedule), and
+    /// samples in which none ran (the load of the sample before was carried).
+    live_rounds: usize,
+    samples_without_round: usize,
     vms_lost: usize,
     hosts_on_series: Vec<u32>,
     /// Cores each host declares and the power model they all share.
@@ -706,6 +784,7 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
         power_off_steps: 1,
     };
     let time_scale = SAMPLE_S / rec.step_s as f64;
+    let rounds = (!rec.round_load.is_empty()).then_some(rec.round_load.as_slice());
     let figures =
         |measured: Option<&[BTreeMap<String, f64>]>| -> anyhow::Result<(ReplayFigures, Replayed)> {
             let load = PlayedLoad {
@@ -715,6 +794,7 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
                 samples: rec.samples,
                 measured,
                 boot: &rec.boot_load,
+                rounds: measured.and(rounds),
             };
             let r = replay_loop(
                 &rec.start,
@@ -772,6 +852,7 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
     let (as_asked, asked_run) = figures(None)?;
     // asked against measured, over the VMs and samples both have
     let (mut a, mut m, mut n, mut ra, mut rm, mut rn) = (0.0, 0.0, 0u32, 0.0, 0.0, 0u32);
+    let (mut d, mut dn) = (0.0, 0u32);
     for (vm, asked) in &asked_run.load {
         let idx = trace_index(vm, traces.len())?;
         for (k, want) in asked.iter().enumerate() {
@@ -781,6 +862,10 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
             a += want;
             m += got;
             n += 1;
+            if let Some(x) = rec.round_load.get(k).and_then(|l| l.get(vm)) {
+                d += x;
+                dn += 1;
+            }
             if rec.raised.contains(&idx) && k >= rec.raise_at {
                 ra += want;
                 rm += got;
@@ -810,13 +895,21 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
         day_pdm_pct: report.pdm_pct,
     };
     Ok(SimFigures {
-        method: "the live loop's code (tern_automation::replay) from the live start, its boot \
-                 samples replayed first, on the load the agents measured",
+        method: if rounds.is_some() {
+            "the live loop's code (tern_automation::replay) from the live start, its boot \
+             samples replayed first (on the agents' readings), then fed per sample the load the \
+             live loop's round in that sample decided on (GET /v1/automation/rounds)"
+        } else {
+            "the live loop's code (tern_automation::replay) from the live start, its boot \
+             samples replayed first, on the load the agents measured (the controller's /metrics \
+             read at each sample: a report from before the controller kept its rounds)"
+        },
         measured,
         as_asked,
         load: LoadFigures {
             asked: mean(a, n),
             measured: mean(m, n),
+            decided: (dn > 0).then(|| d / f64::from(dn)),
             raised_asked: mean(ra, rn),
             raised_measured: mean(rm, rn),
         },
@@ -1112,7 +1205,14 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     };
     let sla_before = sla(&api.call("GET", "/metrics", None)?);
     let mut sla_last = sla_before;
+    // the controller's clock at the start, to place the live rounds on the played samples: its
+    // answer is taken as given halfway through the request
+    let asked_at = Instant::now();
+    let clock: AutomationRounds = api
+        .get("/v1/automation/rounds")
+        .context("reading the controller's clock (GET /v1/automation/rounds)")?;
     let start = Instant::now();
+    let start_ms = clock.now_ms as f64 + start.duration_since(asked_at).as_secs_f64() * 500.0;
     let boot_load: Vec<(f64, BTreeMap<String, f64>)> = boot_readings
         .into_iter()
         .map(|(t, l)| (start.saturating_duration_since(t).as_secs_f64(), l))
@@ -1215,6 +1315,27 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let plans: Vec<Plan> = api.get("/v1/plans")?;
     let tasks: Vec<TaskInfo> = api.get("/v1/tasks")?;
     let series: StatsSeries = api.get("/v1/stats/series")?;
+    // the load the live loop's rounds decided on, per played sample
+    let live_rounds: AutomationRounds = api.get("/v1/automation/rounds")?;
+    let rounds: Vec<(f64, BTreeMap<String, f64>)> = live_rounds
+        .rounds
+        .iter()
+        .map(|r| {
+            (
+                (r.at_ms as f64 - start_ms) / 1000.0,
+                r.points
+                    .iter()
+                    .map(|p| (p.vm.clone(), p.utilization))
+                    .collect(),
+            )
+        })
+        .collect();
+    let (round_load, round_at_s) = round_load(&rounds, samples, args.step_s);
+    let end_s = samples as f64 * args.step_s as f64;
+    let live_rounds_played = rounds
+        .iter()
+        .filter(|(t, _)| (0.0..end_s).contains(t))
+        .count();
     let vms: Vec<VmInfo> = api.get("/v1/vms")?;
     let migrations: Vec<&TaskInfo> = tasks
         .iter()
@@ -1269,25 +1390,28 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         0.0
     };
-    // PDM: each migration costs 10 % of the moving VM's measured load while its task runs, over
-    // the load the VMs were measured at through the played samples
-    let load_at = |vm: &str, k: usize| {
-        vm_load
-            .get(k)
-            .and_then(|l| l.get(vm))
-            .copied()
-            .unwrap_or(0.0)
+    // PDM: each migration costs 10 % of the moving VM's load while its task runs, over the
+    // VMs' load through the played samples: the load the live rounds decided on (the replay's
+    // too), and for reference the agents' readings at each sample
+    let pdm = |load: &[BTreeMap<String, f64>]| {
+        let load_at = |vm: &str, k: usize| load.get(k).and_then(|l| l.get(vm)).copied();
+        let lost_cpu: f64 = migration_times
+            .iter()
+            .filter(|m| m.succeeded)
+            .filter_map(|m| Some(0.1 * m.task_s? * load_at(m.vm.as_deref()?, m.sample)?))
+            .sum();
+        let demand: f64 = load.iter().flat_map(|l| l.values()).sum::<f64>() * args.step_s as f64;
+        if demand > 0.0 {
+            100.0 * lost_cpu / demand
+        } else {
+            0.0
+        }
     };
-    let lost_cpu: f64 = migration_times
-        .iter()
-        .filter(|m| m.succeeded)
-        .filter_map(|m| Some(0.1 * m.task_s? * load_at(m.vm.as_deref()?, m.sample)))
-        .sum();
-    let demand: f64 = vm_load.iter().flat_map(|l| l.values()).sum::<f64>() * args.step_s as f64;
-    let pdm_pct = if demand > 0.0 {
-        100.0 * lost_cpu / demand
+    let pdm_read_pct = pdm(&vm_load);
+    let pdm_pct = if round_load.iter().any(|l| !l.is_empty()) {
+        pdm(&round_load)
     } else {
-        0.0
+        pdm_read_pct
     };
     let vms_lost = vms
         .iter()
@@ -1320,6 +1444,8 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         raise_at,
         vm_load,
         boot_load,
+        round_load,
+        round_at_s,
         power_on_s,
     };
     let live = LiveFigures {
@@ -1344,6 +1470,9 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         energy_kwh,
         slatah_pct,
         pdm_pct,
+        pdm_read_pct,
+        live_rounds: live_rounds_played,
+        samples_without_round: recorded.round_at_s.iter().filter(|t| t.is_none()).count(),
         vms_lost,
         hosts_on_series,
         host_cores: HOST_CORES,
@@ -1425,6 +1554,7 @@ mod tests {
             samples,
             measured: None,
             boot: &[],
+            rounds: None,
         }
     }
 
@@ -1553,5 +1683,85 @@ mod tests {
         .unwrap();
         assert!((asked.load["vm3"][5] - 0.12).abs() < 1e-12);
         assert!(asked.host_power_offs >= 1, "{asked:?}");
+    }
+
+    #[test]
+    fn each_sample_gets_the_live_round_that_ran_in_it_and_a_missing_one_is_carried() {
+        let pt = |pairs: &[(&str, f64)]| -> BTreeMap<String, f64> {
+            pairs.iter().map(|(v, u)| (v.to_string(), *u)).collect()
+        };
+        // 2 s rounds on a grid whose phase is a few ms before the samples' starts, woken up
+        // to 5 ms late: a round just before a sample's start belongs to that sample; a round
+        // before the start is the boot's; none ran in sample 3; vm2 had no point at 4.0 s
+        let rounds = vec![
+            (-0.003, pt(&[("vm1", 0.9)])),
+            (1.998, pt(&[("vm1", 0.1), ("vm2", 0.5)])),
+            (4.002, pt(&[("vm1", 0.2)])),
+            (5.997, pt(&[("vm1", 0.3), ("vm2", 0.6)])),
+            (9.999, pt(&[("vm1", 0.4), ("vm2", 0.7)])),
+            (12.0, pt(&[("vm1", 0.8)])),
+        ];
+        let (load, at) = round_load(&rounds, 6, 2);
+        assert_eq!(
+            at,
+            [
+                Some(1.998),
+                Some(4.002),
+                Some(5.997),
+                None,
+                Some(9.999),
+                None
+            ]
+        );
+        let vm = |k: usize, v: &str| load[k].get(v).copied();
+        assert_eq!(vm(0, "vm1"), Some(0.1));
+        assert_eq!((vm(1, "vm1"), vm(1, "vm2")), (Some(0.2), Some(0.5)));
+        assert_eq!((vm(2, "vm1"), vm(2, "vm2")), (Some(0.3), Some(0.6)));
+        assert_eq!((vm(3, "vm1"), vm(3, "vm2")), (Some(0.3), Some(0.6)));
+        assert_eq!((vm(4, "vm1"), vm(4, "vm2")), (Some(0.4), Some(0.7)));
+        assert_eq!(
+            vm(5, "vm1"),
+            Some(0.4),
+            "the round at 12.0 s is past the samples"
+        );
+        assert_eq!(round_load(&[], 3, 2).0, vec![BTreeMap::new(); 3]);
+    }
+
+    #[test]
+    fn the_live_rounds_load_is_fed_at_its_own_sample_and_replaces_the_readings() {
+        let (start, traces) = spread(10, 30);
+        let read: Vec<BTreeMap<String, f64>> = (0..30)
+            .map(|_| start.vms.iter().map(|v| (v.name.clone(), 0.2)).collect())
+            .collect();
+        // the rounds decided on 0.6 for every VM but vm1, which no round had a point for
+        let decided: Vec<BTreeMap<String, f64>> = (0..30)
+            .map(|k| {
+                start
+                    .vms
+                    .iter()
+                    .filter(|v| v.name != "vm1")
+                    .map(|v| (v.name.clone(), 0.5 + k as f64 / 300.0))
+                    .collect()
+            })
+            .collect();
+        let fed = PlayedLoad {
+            measured: Some(&read),
+            rounds: Some(&decided),
+            ..load(&traces, &[], 30, 30)
+        };
+        let r = replay_loop(&start, &fed, &policy(), None, 2, Default::default()).unwrap();
+        // step k gets sample k's round (not k - 1's, as the readings taken at a sample's end)
+        for k in [0, 7, 29] {
+            assert!(
+                (r.load["vm3"][k] - (0.5 + k as f64 / 300.0)).abs() < 1e-12,
+                "{k}"
+            );
+        }
+        assert!(
+            (r.load["vm1"][7] - 0.2).abs() < 1e-12,
+            "vm1 falls back to the readings"
+        );
+        // eleven VMs at 0.5+ of a core and one at 0.2 need all four hosts
+        assert_eq!(r.host_power_offs, 0, "{r:?}");
     }
 }

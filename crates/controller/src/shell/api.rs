@@ -27,9 +27,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tern_api::agent::AgentReport;
 use tern_api::automation::{
-    ActionStatus, AutomationLevel, DetectorKind, HostPower, MigrationActual, MigrationPrediction,
-    Plan, PlanAction, PlanEffect, PlanState, Policy, PowerPolicy, PredictedOutcome, SelectionKind,
-    SeriesPoint, StatsSeries,
+    ActionStatus, AutomationLevel, AutomationRound, AutomationRounds, DetectorKind, HostPower,
+    MigrationActual, MigrationPrediction, Plan, PlanAction, PlanEffect, PlanState, Policy,
+    PowerPolicy, PredictedOutcome, RoundPoint, SelectionKind, SeriesPoint, StatsSeries,
 };
 use tern_api::cluster::{
     ErrorBody, EventInfo, HostCapacity, HostInfo, HostState, MaintenanceRequest, MigrateRequest,
@@ -70,7 +70,8 @@ use crate::core::{ApiError, Input};
         get_plan,
         apply_plan,
         reject_plan,
-        stats_series
+        stats_series,
+        automation_rounds
     ),
     components(schemas(
         ErrorBody,
@@ -105,7 +106,10 @@ use crate::core::{ApiError, Input};
         PredictedOutcome,
         HostPower,
         StatsSeries,
-        SeriesPoint
+        SeriesPoint,
+        AutomationRounds,
+        AutomationRound,
+        RoundPoint
     ))
 )]
 pub struct ApiDoc;
@@ -129,6 +133,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/plans/{id}/apply", post(apply_plan))
         .route("/v1/plans/{id}/reject", post(reject_plan))
         .route("/v1/stats/series", get(stats_series))
+        .route("/v1/automation/rounds", get(automation_rounds))
         .route("/openapi.json", get(openapi))
         .route("/metrics", get(metrics))
         .merge(super::dashboard::router())
@@ -560,6 +565,16 @@ async fn stats_series(State(s): S) -> Reply {
     leading(&s)?;
     let series = s.automation().series();
     Ok(json(StatusCode::OK, &series))
+}
+
+#[utoipa::path(get, path = "/v1/automation/rounds", tag = "automation",
+    responses((status = 200, description = "The loop's most recent rounds since this controller took office (at most 256), oldest first: when each ran and the load it decided on", body = AutomationRounds),
+              (status = 503, description = "Not the leader", body = ErrorBody)))]
+async fn automation_rounds(State(s): S) -> Reply {
+    leading(&s)?;
+    let now = s.now_ms();
+    let rounds = s.automation().rounds(now);
+    Ok(json(StatusCode::OK, &rounds))
 }
 
 async fn openapi() -> Response {

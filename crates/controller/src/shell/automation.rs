@@ -36,13 +36,14 @@
 //! ([`tern_automation::cost::link_from_migration`] into a [`LinkEstimator`]; the loop's default
 //! link until then).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tern_api::agent::AgentReport;
 use tern_api::automation::{
-    MigrationActual, MigrationPrediction, Plan, PlanAction, PlanState, Policy, StatsSeries,
+    AutomationRound, AutomationRounds, MigrationActual, MigrationPrediction, Plan, PlanAction,
+    PlanState, Policy, RoundPoint, StatsSeries,
 };
 use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
 use tern_automation::cost::{
@@ -59,6 +60,9 @@ use crate::core::Controller;
 
 /// How often the loop is fed and ticked (its own `interval_s` decides when a round runs).
 pub const CYCLE: Duration = Duration::from_millis(500);
+
+/// Rounds kept for `GET /v1/automation/rounds` (the newest; 8.5 minutes at a 2 s interval).
+pub const ROUNDS_KEPT: usize = 256;
 
 /// Where the policy is stored.
 pub const POLICY_KEY: &str = "/tern/desired/automation/policy";
@@ -187,6 +191,11 @@ pub struct Automation {
     /// What the store holds per plan (its JSON), as last written or read.
     stored_plans: BTreeMap<u64, Vec<u8>>,
     counters: AutomationCounters,
+    /// The loop's most recent rounds since this controller took office, oldest first (at most
+    /// [`ROUNDS_KEPT`]).
+    rounds: VecDeque<AutomationRound>,
+    /// The loop's `rounds_run` when `rounds` was last added to.
+    rounds_noted: u64,
 }
 
 impl Automation {
@@ -212,6 +221,8 @@ impl Automation {
             seen: BTreeMap::new(),
             stored_plans: BTreeMap::new(),
             counters: AutomationCounters::default(),
+            rounds: VecDeque::new(),
+            rounds_noted: 0,
         }
     }
 
@@ -252,6 +263,42 @@ impl Automation {
     /// The dashboard's series.
     pub fn series(&self) -> StatsSeries {
         self.lp.series()
+    }
+
+    /// `GET /v1/automation/rounds`: the rounds kept, oldest first, with the controller's clock
+    /// `now_ms`.
+    pub fn rounds(&self, now_ms: u64) -> AutomationRounds {
+        AutomationRounds {
+            now_ms,
+            interval_s: self.lp.policy().interval_s,
+            rounds: self.rounds.iter().cloned().collect(),
+        }
+    }
+
+    /// Keeps the loop's last round if it is one not kept yet (called after each tick).
+    fn note_round(&mut self) {
+        if self.lp.rounds_run() == self.rounds_noted {
+            return;
+        }
+        self.rounds_noted = self.lp.rounds_run();
+        let r = self.lp.last_round();
+        self.rounds.push_back(AutomationRound {
+            at_ms: r.at_ms,
+            points: r
+                .points
+                .iter()
+                .map(|(vm, u)| RoundPoint {
+                    vm: vm.clone(),
+                    utilization: *u,
+                })
+                .collect(),
+            overloaded: r.overloaded.clone(),
+            drained: r.drained.clone(),
+            plan: r.plan,
+        });
+        while self.rounds.len() > ROUNDS_KEPT {
+            self.rounds.pop_front();
+        }
     }
 
     /// The totals for `/metrics`.
@@ -534,6 +581,8 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     a.waking.clear();
     a.seen = a.lp.plans().iter().map(|p| (p.id, p.state)).collect();
     a.stored_plans = stored_plans;
+    a.rounds.clear();
+    a.rounds_noted = 0;
 }
 
 /// Writes to the store every plan whose state changed since it was last written, and deletes
@@ -706,6 +755,7 @@ pub async fn cycle(s: &Arc<Shared>) {
             eprintln!("tern controller: automation telemetry refused: {e}");
         }
         actions.extend(a.lp.tick(now));
+        a.note_round();
         a.count();
     }
     if !actions.is_empty() {
@@ -1043,5 +1093,67 @@ mod tests {
         // Bytes that are not a move cost at all are refused whole.
         assert!(StoredMoveCost::read(b"{\"links\":7}").is_err());
         assert!(StoredMoveCost::read(b"not json").is_err());
+    }
+
+    #[test]
+    fn every_round_is_kept_with_the_load_it_decided_on_up_to_rounds_kept() {
+        let mut a = Automation::new(0);
+        a.lp.set_policy(Policy {
+            interval_s: 2,
+            ..Policy::default()
+        })
+        .unwrap();
+        let host = HostSample {
+            name: "h1".into(),
+            cores: 2,
+            power_model: "hp-ml110-g5".into(),
+            up: true,
+            maintenance: false,
+            cpu_utilization: None,
+            parked_cores: None,
+            migration_link_bytes_per_sec: None,
+        };
+        let vm = |u: f64| VmSample {
+            name: "a".into(),
+            host: Some("h1".into()),
+            vcpus: 1,
+            memory_mib: 64,
+            resident_mib: None,
+            cpu_utilization: Some(u),
+            dirty_pages_per_sec: None,
+            volume_disks: 1,
+            pinned: false,
+            anti_affinity: None,
+            migrating: false,
+        };
+        // a cycle every 500 ms, a little late now and then, the VM's load rising by 0.0005 a
+        // cycle: 300 rounds in 600 s
+        for k in 0..1200u64 {
+            let now = k * 500 + [0, 2, 1][(k % 3) as usize];
+            let t = Telemetry {
+                hosts: vec![host.clone()],
+                vms: vec![vm(k as f64 / 2000.0)],
+            };
+            a.lp.observe(now, &t).unwrap();
+            a.lp.tick(now);
+            a.note_round();
+        }
+        let r = a.rounds(600_000);
+        assert_eq!((r.now_ms, r.interval_s), (600_000, 2));
+        assert_eq!(r.rounds.len(), ROUNDS_KEPT, "the newest {ROUNDS_KEPT} of 300");
+        for (i, round) in r.rounds.iter().enumerate() {
+            // round n ran at cycle 4n, on the 2 s grid; it kept the newest ones
+            let n = (300 - ROUNDS_KEPT + i) as u64;
+            assert!(round.at_ms.abs_diff(n * 2000) <= 2, "{i}: {round:?}");
+            // its point is the mean of the four cycles' loads since the round before
+            let want = (4 * n) as f64 / 2000.0 - 1.5 / 2000.0;
+            assert_eq!(round.points.len(), 1, "{round:?}");
+            assert_eq!(round.points[0].vm, "a");
+            assert!(
+                (round.points[0].utilization - want).abs() < 1e-9,
+                "round {n}: {} against {want}",
+                round.points[0].utilization
+            );
+        }
     }
 }
