@@ -62,7 +62,11 @@ fn exports(path: &Path) -> Arc<StaticExports> {
 }
 
 /// A listener on a free port, with `opts`; its address and counters.
-fn listen(ex: Arc<StaticExports>, opts: ListenerOptions) -> (String, Arc<ListenerStats>) {
+/// Serves `ex` (any exports: static disks, or the control echo below) on a fresh loopback port.
+fn listen<E: tern_nbd::Exports + 'static>(
+    ex: Arc<E>,
+    opts: ListenerOptions,
+) -> (String, Arc<ListenerStats>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     let stats = Arc::new(ListenerStats::default());
@@ -452,15 +456,6 @@ impl EchoControl {
 }
 
 /// A listener for `ex` with `opts`, its address and counters.
-fn listen_control(ex: Arc<EchoControl>, opts: ListenerOptions) -> (String, Arc<ListenerStats>) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let stats = Arc::new(ListenerStats::default());
-    let st = Arc::clone(&stats);
-    std::thread::spawn(move || tern_nbd::run_listener_with(l, ex, opts, st));
-    (addr, stats)
-}
-
 type Halves = tern_nbd::client::OptionHalves;
 
 /// One control request on a kept option channel: the echoed bytes, or the client's error.
@@ -486,7 +481,7 @@ fn relaxed(a: &std::sync::atomic::AtomicUsize) -> usize {
 fn a_client_that_keeps_sending_control_requests_is_cut_off_at_its_first_past_the_option_age() {
     let ex = Arc::new(EchoControl::default());
     let max = Duration::from_millis(1000);
-    let (addr, stats) = listen_control(
+    let (addr, stats) = listen(
         Arc::clone(&ex),
         ListenerOptions {
             handshake_timeout: Duration::from_millis(400),
@@ -541,7 +536,7 @@ fn a_client_that_keeps_sending_control_requests_is_cut_off_at_its_first_past_the
 #[test]
 fn a_client_haggling_without_control_requests_is_cut_off_at_the_handshake_deadline() {
     let ex = Arc::new(EchoControl::default());
-    let (addr, stats) = listen_control(
+    let (addr, stats) = listen(
         Arc::clone(&ex),
         ListenerOptions {
             handshake_timeout: Duration::from_millis(300),
@@ -591,7 +586,7 @@ fn a_kept_tls_connection_past_the_option_age_is_closed_and_its_reconnection_meet
     let ex = Arc::new(EchoControl::default());
     // Room for two TLS handshakes and a revocation on a loaded machine before the age runs out.
     let max = Duration::from_millis(1500);
-    let (addr, stats) = listen_control(
+    let (addr, stats) = listen(
         Arc::clone(&ex),
         ListenerOptions {
             handshake_timeout: Duration::from_secs(5),
