@@ -640,7 +640,7 @@ impl Loop {
         let mut out = Vec::new();
         if let Some(grid) = run {
             self.round_due_ms = Some(grid);
-            out.extend(self.round(now_ms));
+            out.extend(self.round(now_ms, grid));
         }
         out.extend(self.dispatch(now_ms));
         out
@@ -876,7 +876,10 @@ impl Loop {
         h.sample.up && !h.sample.maintenance && h.power.phase() == HostPower::On
     }
 
-    fn round(&mut self, now_ms: u64) -> Vec<Action> {
+    /// A round at `now_ms` whose grid point ([`Loop::tick`]) is `grid_ms`: the hold timers
+    /// (overloaded, under-loaded, capacity short) start and are read at the grid point, so a
+    /// hold of whole intervals is met at the same round whatever the jitter of the ticks.
+    fn round(&mut self, now_ms: u64, grid_ms: u64) -> Vec<Action> {
         self.rounds_run += 1;
         // 1. a history point per VM: the mean of the samples since the last round
         let mut points = BTreeMap::new();
@@ -1038,7 +1041,7 @@ impl Loop {
             let hv = &view.hosts[i];
             let h = self.hosts.get_mut(n).expect("view host");
             if over.contains(&(i as u32)) {
-                h.over_since.get_or_insert(now_ms);
+                h.over_since.get_or_insert(grid_ms);
             } else {
                 h.over_since = None;
             }
@@ -1046,7 +1049,7 @@ impl Loop {
                 && !hv.vms.is_empty()
                 && self.knobs.drain_below.is_some_and(|b| hv.utilization < b);
             if under {
-                h.under_since.get_or_insert(now_ms);
+                h.under_since.get_or_insert(grid_ms);
             } else {
                 h.under_since = None;
             }
@@ -1080,11 +1083,11 @@ impl Loop {
             &decisions,
             &rules,
             |h| match hosts[name_of(h)].over_since {
-                Some(t) if t + hold <= now_ms => Ok(()),
+                Some(t) if t + hold <= grid_ms => Ok(()),
                 Some(t) => Err(format!(
                     "host {} overloaded for {} s only (hold {} s)",
                     name_of(h),
-                    (now_ms - t) / 1000,
+                    grid_ms.saturating_sub(t) / 1000,
                     hold / 1000
                 )),
                 None => Err(format!("host {} not overloaded", name_of(h))),
@@ -1094,11 +1097,11 @@ impl Loop {
                     return Err("aggressiveness 1 relieves overloads only".to_string());
                 };
                 match hosts[name_of(h)].under_since {
-                    Some(t) if t + hold <= now_ms => Ok(()),
+                    Some(t) if t + hold <= grid_ms => Ok(()),
                     Some(t) => Err(format!(
                         "host {} under-loaded for {} s only (hold {} s)",
                         name_of(h),
-                        (now_ms - t) / 1000,
+                        grid_ms.saturating_sub(t) / 1000,
                         hold / 1000
                     )),
                     None => Err(format!(
@@ -1139,7 +1142,7 @@ impl Loop {
             .filter(|&&h| {
                 hosts[name_of(h)]
                     .over_since
-                    .is_some_and(|t| t + hold <= now_ms)
+                    .is_some_and(|t| t + hold <= grid_ms)
                     && !decisions.migrations.iter().any(|m| m.from == h)
             })
             .map(|&h| name_of(h))
@@ -1156,7 +1159,7 @@ impl Loop {
             None
         };
         if short_why.is_some() {
-            self.short_since.get_or_insert(now_ms);
+            self.short_since.get_or_insert(grid_ms);
         } else {
             self.short_since = None;
         }
@@ -1174,10 +1177,13 @@ impl Loop {
         if power.enabled
             && !powering_on
             && let (Some(since), Some(why)) = (self.short_since, &short_why)
-            && since + ms(power.on_hold_s) <= now_ms
+            && since + ms(power.on_hold_s) <= grid_ms
             && let Some(host) = self.wake_candidate()
         {
-            let reason = format!("capacity short for {} s: {why}", (now_ms - since) / 1000);
+            let reason = format!(
+                "capacity short for {} s: {why}",
+                grid_ms.saturating_sub(since) / 1000
+            );
             reasons.push(format!("power on {host}: {reason}"));
             actions.push(PlanAction::PowerOn {
                 host: host.clone(),

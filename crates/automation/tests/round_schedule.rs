@@ -94,3 +94,45 @@ fn after_a_long_gap_one_round_runs_and_the_grid_starts_again_from_it() {
     let rounds = rounds_at(&mut lp, [16_000, 16_800, 17_300]);
     assert_eq!(rounds, vec![16_000, 17_300]);
 }
+
+#[test]
+fn a_hold_of_whole_intervals_is_met_at_the_same_round_whatever_the_ticks_jitter() {
+    // hold 4 s = two intervals: an overload seen at round 0 is acted on at round 2, whether
+    // round 0's tick came 3 ms late and round 2's on time, or the other way round
+    let plan_round = |jitter: [u64; 4]| {
+        let policy = Policy {
+            automation: AutomationLevel::Manual,
+            interval_s: 2,
+            hold_s: 4,
+            detector: tern_api::automation::DetectorKind::Thr,
+            parameter: 0.8,
+            ..Policy::default()
+        };
+        let mut lp = Loop::new(policy, LoopConfig::default()).unwrap();
+        let t = Telemetry {
+            hosts: vec![host("h1"), host("h2")],
+            vms: vec![
+                vm("a", "h1", 0.9),
+                vm("b", "h1", 0.9),
+                vm("c", "h1", 0.9),
+                vm("d", "h2", 0.1),
+            ],
+        };
+        for (k, j) in jitter.iter().enumerate() {
+            let now = k as u64 * INTERVAL_MS + j;
+            lp.observe(now, &t).unwrap();
+            lp.tick(now);
+            if lp.last_round().plan.is_some() {
+                return Some(k);
+            }
+        }
+        None
+    };
+    assert_eq!(plan_round([0, 0, 0, 0]), Some(2));
+    assert_eq!(
+        plan_round([3, 0, 0, 0]),
+        Some(2),
+        "round 0 late, round 2 on time"
+    );
+    assert_eq!(plan_round([0, 0, 3, 0]), Some(2), "round 2 late");
+}
