@@ -70,6 +70,8 @@ const RAISED_VMS: usize = 4;
 const RAISED_PCT: f64 = 90.0;
 /// Simulated seconds per trace sample (PlanetLab's 5 minutes).
 const SAMPLE_S: f64 = 300.0;
+/// The played samples start this long before the first round under the demo's policy.
+const ROUND_LEAD_MS: u64 = 50;
 
 /// Twelve traces of `day` for the demo: those whose mean over the first `samples` values lies in
 /// 5-30 % and whose peak stays under 70 % (light, varied VMs), spread evenly over the day's
@@ -653,6 +655,14 @@ pub struct MigrationTime {
     pub vmm_report: Option<serde_json::Value>,
 }
 
+/// A live round: when, seconds from the start; the plan it made; the point each VM got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveRound {
+    pub t_s: f64,
+    pub plan: Option<u64>,
+    pub points: BTreeMap<String, f64>,
+}
+
 /// What the simulated side needs of a live run, kept in the report so `--sim-from` can compute
 /// it again without a cluster.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -685,6 +695,9 @@ pub struct Recorded {
     /// ran in it and the sample before's load was carried).
     #[serde(default)]
     pub round_at_s: Vec<Option<f64>>,
+    /// Every round the controller kept (the boot's too: before the start, `t_s` < 0).
+    #[serde(default)]
+    pub live_rounds: Vec<LiveRound>,
     /// The median time of the plans that powered a host on, seconds.
     pub power_on_s: Option<f64>,
 }
@@ -1181,14 +1194,9 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     let policy_json = api.call("GET", "/v1/policy", None)?;
     let policy_before: Policy = serde_json::from_str(&policy_json)?;
     let policy = demo_policy(policy_before.clone(), args.step_s);
-    api.call("PUT", "/v1/policy", Some(&serde_json::to_string(&policy)?))
-        .context("setting the automation policy")?;
-    say.line(&format!(
-        "automation: full, LR-MMT-{}, interval {} s, host power on; playing {samples} samples",
-        policy.parameter, args.step_s
-    ));
 
-    // the state the automation starts from: the simulated side starts here too
+    // the state the automation starts from, read before the demo's policy is in force (under
+    // the controller's, manual, nothing moves): the simulated side starts here too
     let start_hosts: Vec<HostInfo> = api.get("/v1/hosts")?;
     let start_vms: Vec<VmInfo> = api.get("/v1/vms")?;
     let energy_before = api
@@ -1205,14 +1213,43 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
     };
     let sla_before = sla(&api.call("GET", "/metrics", None)?);
     let mut sla_last = sla_before;
-    // the controller's clock at the start, to place the live rounds on the played samples: its
-    // answer is taken as given halfway through the request
-    let asked_at = Instant::now();
-    let clock: AutomationRounds = api
+    let before_put: AutomationRounds = api
         .get("/v1/automation/rounds")
-        .context("reading the controller's clock (GET /v1/automation/rounds)")?;
-    let start = Instant::now();
-    let start_ms = clock.now_ms as f64 + start.duration_since(asked_at).as_secs_f64() * 500.0;
+        .context("reading the loop's rounds (GET /v1/automation/rounds)")?;
+    api.call("PUT", "/v1/policy", Some(&serde_json::to_string(&policy)?))
+        .context("setting the automation policy")?;
+    say.line(&format!(
+        "automation: full, LR-MMT-{}, interval {} s, host power on; playing {samples} samples",
+        policy.parameter, args.step_s
+    ));
+    // The played samples start just before the first round under the demo's policy, so that
+    // each holds one live round, at its start, as each replay step does: started at the PUT,
+    // that round (within a cycle of it) fell before the start or after it by chance, and a
+    // drain it made was compared with the replay's round a sample later. The controller's
+    // clock is placed on ours by its answer, taken as given halfway through the request.
+    let waiting = Instant::now();
+    let (first_round_ms, clock_ms, clock_at) = loop {
+        let asked_at = Instant::now();
+        let r: AutomationRounds = api.get("/v1/automation/rounds")?;
+        let got = Instant::now();
+        if let Some(first) = r.rounds.iter().find(|x| x.at_ms > before_put.now_ms) {
+            break (
+                first.at_ms,
+                r.now_ms,
+                asked_at + got.duration_since(asked_at) / 2,
+            );
+        }
+        ensure!(
+            waiting.elapsed() < Duration::from_secs(30),
+            "the automation loop ran no round within 30 s of the demo's policy"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let start_ms = first_round_ms.saturating_sub(ROUND_LEAD_MS);
+    let start = clock_at
+        .checked_sub(Duration::from_millis(clock_ms.saturating_sub(start_ms)))
+        .context("the controller's clock is ahead of this process's")?;
+    let start_ms = start_ms as f64;
     let boot_load: Vec<(f64, BTreeMap<String, f64>)> = boot_readings
         .into_iter()
         .map(|(t, l)| (start.saturating_duration_since(t).as_secs_f64(), l))
@@ -1331,6 +1368,16 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let (round_load, round_at_s) = round_load(&rounds, samples, args.step_s);
+    let live_rounds_kept: Vec<LiveRound> = live_rounds
+        .rounds
+        .iter()
+        .zip(&rounds)
+        .map(|(r, (t_s, points))| LiveRound {
+            t_s: *t_s,
+            plan: r.plan,
+            points: points.clone(),
+        })
+        .collect();
     let end_s = samples as f64 * args.step_s as f64;
     let live_rounds_played = rounds
         .iter()
@@ -1446,6 +1493,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         boot_load,
         round_load,
         round_at_s,
+        live_rounds: live_rounds_kept,
         power_on_s,
     };
     let live = LiveFigures {
