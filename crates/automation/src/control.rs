@@ -618,7 +618,9 @@ impl Loop {
     /// at the last one's grid point plus the interval, not its actual time, and runs at the
     /// first tick at or after the due time less [`ROUND_TOLERANCE_DIV`]th of the interval, so a
     /// shell that ticks every few hundred milliseconds with some jitter runs one round per
-    /// interval. A round more than an interval past its due time (a long gap in the ticks)
+    /// interval. A round a whole interval late (within the tolerance) takes the grid point it
+    /// falls on, skipping the one missed. A round more than an interval past its due time (a
+    /// long gap in the ticks)
     /// runs once and anchors the grid afresh at its own time, rather than running the missed
     /// rounds in a burst.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
@@ -632,6 +634,9 @@ impl Loop {
                     None
                 } else if now_ms > due + interval {
                     Some(now_ms)
+                } else if now_ms + tolerance >= due + interval {
+                    // a whole interval late: the grid point it falls on, not the one missed
+                    Some(due + interval)
                 } else {
                     Some(due)
                 }

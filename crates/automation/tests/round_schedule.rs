@@ -136,3 +136,12 @@ fn a_hold_of_whole_intervals_is_met_at_the_same_round_whatever_the_ticks_jitter(
     );
     assert_eq!(plan_round([0, 0, 3, 0]), Some(2), "round 2 late");
 }
+
+#[test]
+fn a_round_a_whole_interval_late_takes_the_grid_point_it_falls_on() {
+    let mut lp = two_second_loop();
+    // due at 2 s, first tick at 4 s: the round is at the 4 s grid point (the 2 s one is
+    // skipped), so the next is due at 6 s, not at once
+    let rounds = rounds_at(&mut lp, [0, 4_000, 4_500, 5_000, 5_950]);
+    assert_eq!(rounds, vec![0, 4_000, 5_950]);
+}

@@ -70,8 +70,11 @@ const RAISED_VMS: usize = 4;
 const RAISED_PCT: f64 = 90.0;
 /// Simulated seconds per trace sample (PlanetLab's 5 minutes).
 const SAMPLE_S: f64 = 300.0;
-/// The played samples start this long before the first round under the demo's policy.
-const ROUND_LEAD_MS: u64 = 50;
+/// The played samples start this share of a step before the first round under the demo's
+/// policy: each round then runs half-way through its sample, clear of the reads at the
+/// samples' ends (a round 50 ms after a read's due time raced the read's requests, and its
+/// moves were counted in the sample before).
+const ROUND_LEAD_STEPS: f64 = 0.5;
 
 /// Twelve traces of `day` for the demo: those whose mean over the first `samples` values lies in
 /// 5-30 % and whose peak stays under 70 % (light, varied VMs), spread evenly over the day's
@@ -1222,10 +1225,11 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         "automation: full, LR-MMT-{}, interval {} s, host power on; playing {samples} samples",
         policy.parameter, args.step_s
     ));
-    // The played samples start just before the first round under the demo's policy, so that
-    // each holds one live round, at its start, as each replay step does: started at the PUT,
-    // that round (within a cycle of it) fell before the start or after it by chance, and a
-    // drain it made was compared with the replay's round a sample later. The controller's
+    // The played samples start half a step before the first round under the demo's policy,
+    // so that each holds one live round, whose moves the read at the sample's end sees, as each
+    // replay step does: started at the PUT, that round (within a cycle of it) fell before the
+    // start or after it by chance, and a drain it made was compared with the replay's round a
+    // sample later. The controller's
     // clock is placed on ours by its answer, taken as given halfway through the request.
     let waiting = Instant::now();
     let (first_round_ms, clock_ms, clock_at) = loop {
@@ -1245,7 +1249,7 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    let start_ms = first_round_ms.saturating_sub(ROUND_LEAD_MS);
+    let start_ms = first_round_ms.saturating_sub((ROUND_LEAD_STEPS * step_ms as f64) as u64);
     let start = clock_at
         .checked_sub(Duration::from_millis(clock_ms.saturating_sub(start_ms)))
         .context("the controller's clock is ahead of this process's")?;
