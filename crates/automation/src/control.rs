@@ -618,11 +618,9 @@ impl Loop {
     /// at the last one's grid point plus the interval, not its actual time, and runs at the
     /// first tick at or after the due time less [`ROUND_TOLERANCE_DIV`]th of the interval, so a
     /// shell that ticks every few hundred milliseconds with some jitter runs one round per
-    /// interval. A round a whole interval late (within the tolerance) takes the grid point it
-    /// falls on, skipping the one missed. A round more than an interval past its due time (a
-    /// long gap in the ticks)
-    /// runs once and anchors the grid afresh at its own time, rather than running the missed
-    /// rounds in a burst.
+    /// interval. A tick an interval or more past the due time (a gap in the ticks: a cycle held
+    /// up) runs one round, on the latest grid point at or before it: the points missed are
+    /// skipped rather than run in a burst, and the grid keeps its phase.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Action> {
         let interval = ms(self.policy.interval_s);
         let tolerance = interval / ROUND_TOLERANCE_DIV;
@@ -632,13 +630,11 @@ impl Loop {
                 let due = last + interval;
                 if now_ms + tolerance < due {
                     None
-                } else if now_ms > due + interval {
-                    Some(now_ms)
-                } else if now_ms + tolerance >= due + interval {
-                    // a whole interval late: the grid point it falls on, not the one missed
-                    Some(due + interval)
                 } else {
-                    Some(due)
+                    // the latest grid point at or before the tick (within the tolerance): late
+                    // by an interval or more, the points missed are skipped, not run
+                    let missed = (now_ms + tolerance - due) / interval.max(1);
+                    Some(due + missed * interval)
                 }
             }
         };

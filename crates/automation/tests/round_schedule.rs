@@ -80,19 +80,18 @@ fn a_tick_a_little_early_runs_the_round_and_keeps_the_grid() {
 }
 
 #[test]
-fn after_a_long_gap_one_round_runs_and_the_grid_starts_again_from_it() {
+fn after_a_gap_one_round_runs_and_the_grid_keeps_its_phase() {
     let mut lp = two_second_loop();
-    // rounds at 0 and 2 s, then nothing until 9.3 s (more than an interval past the 4 s due):
-    // one round, not three to catch up, and the next ones 2 s after it
+    // rounds at 0 and 2 s, then no tick until 9.3 s (the 4, 6 and 8 s points missed): one
+    // round, on the 8 s point, not three to catch up; the next ones on 10 and 12 s
     let times = [
         0, 2_000, 9_300, 9_800, 10_300, 10_800, 11_300, 11_800, 13_300,
     ];
     let rounds = rounds_at(&mut lp, times);
-    assert_eq!(rounds, vec![0, 2_000, 9_300, 11_300, 13_300]);
-    // a round late by less than an interval keeps the grid: due at 15.3 s, run at 16.0 s, the
-    // next due at 17.3 s
-    let rounds = rounds_at(&mut lp, [16_000, 16_800, 17_300]);
-    assert_eq!(rounds, vec![16_000, 17_300]);
+    assert_eq!(rounds, vec![0, 2_000, 9_300, 10_300, 13_300]);
+    // late by less than an interval: the 14 s point runs at 15 s, and the 16 s point at 16 s
+    let rounds = rounds_at(&mut lp, [15_000, 16_000, 16_800, 17_300, 17_950]);
+    assert_eq!(rounds, vec![15_000, 16_000, 17_950]);
 }
 
 #[test]
