@@ -105,6 +105,7 @@ struct Sim {
     migration_samples: u32,
     power_on_samples: u32,
     migration_s: f64,
+    migration_fit: MoveTimeFit,
     as_asked: AsAsked,
     load: Load,
     engine: Engine,
@@ -120,6 +121,16 @@ struct AsAsked {
     hosts_on_series: Vec<u32>,
     slatah_pct: f64,
     pdm_pct: f64,
+}
+
+/// A simulated migration's duration in PDM: fixed + per_load × the VM's load, within the live
+/// range.
+#[derive(Debug, Deserialize)]
+struct MoveTimeFit {
+    fixed_s: f64,
+    per_load_s: f64,
+    min_s: f64,
+    max_s: f64,
 }
 
 /// Asked against measured load (mean, 0..1 of a vCPU).
@@ -275,15 +286,19 @@ fn live(args: &Args) -> anyhow::Result<()> {
     );
     println!(
         "load asked vs measured (mean of a vCPU): all VMs {:.3} vs {:.3} ({:.0} % delivered), \
-         raised VMs after the raise {:.3} vs {:.3} ({:.0} %); a simulated migration counts {:.3} s \
-         in PDM (the live mean)",
+         raised VMs after the raise {:.3} vs {:.3} ({:.0} %); the live moves' mean {:.3} s, a \
+         simulated one counts in PDM {:.3} s + {:.3} s x its VM's load, within {:.3}-{:.3} s",
         d.sim.load.asked,
         d.sim.load.measured,
         100.0 * d.sim.load.measured / d.sim.load.asked.max(1e-9),
         d.sim.load.raised_asked,
         d.sim.load.raised_measured,
         100.0 * d.sim.load.raised_measured / d.sim.load.raised_asked.max(1e-9),
-        d.sim.migration_s
+        d.sim.migration_s,
+        d.sim.migration_fit.fixed_s,
+        d.sim.migration_fit.per_load_s,
+        d.sim.migration_fit.min_s,
+        d.sim.migration_fit.max_s
     );
     println!(
         "live rounds over the {} played samples: {} ({} samples without one); the load they \
