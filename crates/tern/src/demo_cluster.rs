@@ -307,6 +307,10 @@ pub struct PlayedLoad<'a> {
     /// ([`round_load`]), which replaces `measured` for the played samples (a VM missing from a
     /// sample's round falls back to `measured`).
     pub rounds: Option<&'a [BTreeMap<String, f64>]>,
+    /// With `rounds`: the live rounds up to the first played one, (seconds from the start,
+    /// points). A boot step gets the point of the first of them at or after its time (the
+    /// round whose mean it was part of), so the replay's rounds average what the live ones did.
+    pub boot_rounds: &'a [(f64, BTreeMap<String, f64>)],
 }
 
 /// A trace value (percent of a vCPU) as the guest plays it: it is given whole percent of a real
@@ -416,6 +420,15 @@ pub fn round_load(
     (load, times)
 }
 
+/// The point `vm` got in the first of `rounds` (oldest first, seconds from the start) at or after
+/// `t_s`: the live round whose mean the load at `t_s` was part of.
+pub fn covering_point(rounds: &[(f64, BTreeMap<String, f64>)], t_s: f64, vm: &str) -> Option<f64> {
+    rounds
+        .iter()
+        .find(|(t, _)| *t >= t_s)
+        .and_then(|(_, l)| l.get(vm).copied())
+}
+
 /// The live loop's own code (`tern_automation::replay`) over the demo's scenario, started from
 /// `start` with the controller's loop configuration, under `policy`: per VM, its trace from where
 /// its guest was, as the guest plays it ([`played`]; the raised VMs at [`RAISED_PCT`] from
@@ -443,6 +456,7 @@ pub fn replay_loop(
         measured,
         boot,
         rounds,
+        boot_rounds,
     } = *load;
     let warm = if before.is_some() {
         start.vms.iter().map(|v| v.trace_offset).max().unwrap_or(0)
@@ -471,12 +485,13 @@ pub fn replay_loop(
             *slot = if s < warm {
                 // the reading nearest the round's time, if one lies within a step of it
                 let before_s = ((warm - s) * step_s as usize) as f64;
-                let read = measured.and(
+                let covering = rounds.and(covering_point(boot_rounds, -before_s, &v.name));
+                let read = covering.or(measured.and(
                     boot.iter()
                         .filter(|(t, _)| (t - before_s).abs() <= step_s as f64 / 2.0)
                         .min_by(|a, b| (a.0 - before_s).abs().total_cmp(&(b.0 - before_s).abs()))
                         .and_then(|(_, l)| l.get(&v.name).copied()),
-                );
+                ));
                 read.unwrap_or_else(|| asked(v.trace_offset + s - warm))
             } else {
                 let k = s - warm;
@@ -873,6 +888,15 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
     };
     let time_scale = SAMPLE_S / rec.step_s as f64;
     let rounds = (!rec.round_load.is_empty()).then_some(rec.round_load.as_slice());
+    // the live rounds up to the first played one, oldest first (reports from before they were
+    // kept have none: the boot steps then take the readings)
+    let first_played = rec.live_rounds.iter().position(|r| r.t_s >= 0.0);
+    let boot_rounds: Vec<(f64, BTreeMap<String, f64>)> = rec
+        .live_rounds
+        .iter()
+        .take(first_played.map_or(0, |i| i + 1))
+        .map(|r| (r.t_s, r.points.clone()))
+        .collect();
     let figures =
         |measured: Option<&[BTreeMap<String, f64>]>| -> anyhow::Result<(ReplayFigures, Replayed)> {
             let load = PlayedLoad {
@@ -883,6 +907,7 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
                 measured,
                 boot: &rec.boot_load,
                 rounds: measured.and(rounds),
+                boot_rounds: &boot_rounds,
             };
             let r = replay_loop(
                 &rec.start,
@@ -1681,6 +1706,7 @@ mod tests {
             measured: None,
             boot: &[],
             rounds: None,
+            boot_rounds: &[],
         }
     }
 
@@ -1842,6 +1868,18 @@ mod tests {
         assert_eq!(f.per_load_s, 0.0);
         assert!((f.at(0.9) - 0.07).abs() < 1e-12);
         assert_eq!(move_time_fit(&[]), None);
+    }
+
+    #[test]
+    fn a_boot_step_gets_the_point_of_the_live_round_that_averaged_it() {
+        let pt = |u: f64| -> BTreeMap<String, f64> { [("vm1".to_string(), u)].into() };
+        // 10 s boot rounds at -16.0 and -6.5 s, the first played one at +1.0 s
+        let rounds = vec![(-16.0, pt(0.1)), (-6.5, pt(0.2)), (1.0, pt(0.3))];
+        assert_eq!(covering_point(&rounds, -10.0, "vm1"), Some(0.2));
+        assert_eq!(covering_point(&rounds, -6.5, "vm1"), Some(0.2));
+        assert_eq!(covering_point(&rounds, -4.0, "vm1"), Some(0.3));
+        assert_eq!(covering_point(&rounds, -2.0, "vm2"), None);
+        assert_eq!(covering_point(&rounds, 2.0, "vm1"), None);
     }
 
     #[test]
