@@ -584,12 +584,12 @@ mod tests {
         let got = r.hello(&hello(7, 9, 1)).unwrap().unwrap_err();
         assert_eq!(
             got.to_string(),
-            "Protocol version mismatch: source speaks 7..=9, target 1..=3"
+            "Protocol version mismatch: source speaks 7..=9, target 1..=4"
         );
         assert_eq!(r.phase(), ReceiverPhase::Discarded);
         // A newer source that still speaks our version is accepted at ours.
         let mut r = Receiver::new();
-        assert_eq!(r.hello(&hello(1, 5, 1)).unwrap(), Ok(3));
+        assert_eq!(r.hello(&hello(1, 6, 1)).unwrap(), Ok(4));
     }
 
     #[test]
