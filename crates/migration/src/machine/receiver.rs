@@ -258,8 +258,7 @@ impl Receiver {
     pub fn frame(&mut self, stream: StreamName, frame: Frame) -> Result<Step, ProtocolViolation> {
         match (stream, frame) {
             (StreamName::Data(i), Frame::Pages(batch)) => {
-                self.page_fence(i)?;
-                self.pages(i, batch.len())?;
+                self.placed_pages(StreamName::Data(i), batch.len())?;
                 Ok(Step::Apply(batch))
             }
             (StreamName::Data(i), Frame::RoundEnd { round }) => {
@@ -287,6 +286,25 @@ impl Receiver {
                 "unexpected {:?} frame on stream {stream}",
                 other.kind()
             ))),
+        }
+    }
+
+    /// A page frame of `pages` entries arrived on `stream` whose pages its reader already wrote
+    /// into guest memory (a `PageData` frame read in place): the checks and counts of a
+    /// `Pages` frame in [`Receiver::frame`], without the batch.
+    pub fn placed_pages(
+        &mut self,
+        stream: StreamName,
+        pages: usize,
+    ) -> Result<(), ProtocolViolation> {
+        match stream {
+            StreamName::Data(i) => {
+                self.page_fence(i)?;
+                self.pages(i, pages)
+            }
+            StreamName::Control => {
+                Err(self.violation(format!("unexpected Pages frame on stream {stream}")))
+            }
         }
     }
 
