@@ -726,19 +726,17 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             if let Some(g) = &self.guest
                 && !out.send_in_place(g.clone())
             {
-                self.guest = None;
+                return Err(MigrateError::Protocol(
+                    "a data stream that cannot send pages in place on a plain TCP link".into(),
+                ));
             }
+            let batch = self.new_frame();
             self.data.push(DataStream {
                 out,
-                batch: Batch::Copy(FrameBuf::new(None, 0)),
+                batch,
                 frames: 0,
                 pages: 0,
             });
-        }
-        if self.guest.is_some() {
-            for d in &mut self.data {
-                d.batch = Batch::InPlace(PageDataFrame::new(0));
-            }
         }
         Ok(())
     }
