@@ -1813,7 +1813,7 @@ mod tests {
     fn page_data_with_a_bad_count_length_or_address_is_refused() {
         let l = layout();
         let data = PAGE_SIZE;
-        let zero = 2 * PAGE_SIZE | ZERO_FLAG;
+        let zero = (2 * PAGE_SIZE) | ZERO_FLAG;
         // The well-formed one first, so the failures below are the defect's alone.
         assert!(decode(&page_data_raw(2, &[data, zero], PAGE_BYTES), Some(&l)).is_ok());
         let malformed = |bytes: Vec<u8>, what: &str| {
@@ -1835,7 +1835,9 @@ mod tests {
             );
         };
         malformed(page_data_raw(0, &[], 0), "count 0");
-        let many: Vec<u64> = (0..129).map(|i| (i % 64) * PAGE_SIZE | ZERO_FLAG).collect();
+        let many: Vec<u64> = (0..129)
+            .map(|i| ((i % 64) * PAGE_SIZE) | ZERO_FLAG)
+            .collect();
         malformed(page_data_raw(129, &many, 0), "count 129");
         malformed(
             page_data_raw(2, &[data], 0),
@@ -1851,10 +1853,10 @@ mod tests {
             page_data_raw(2, &[data, zero], 2 * PAGE_BYTES),
             "a page too many",
         );
-        let outside = page_data_raw(2, &[data, 64 * PAGE_SIZE | ZERO_FLAG], PAGE_BYTES);
+        let outside = page_data_raw(2, &[data, (64 * PAGE_SIZE) | ZERO_FLAG], PAGE_BYTES);
         assert_eq!(
             decode(&outside, Some(&l)).unwrap_err(),
-            DecodeError::PageOutsideLayout(64 * PAGE_SIZE | ZERO_FLAG)
+            DecodeError::PageOutsideLayout((64 * PAGE_SIZE) | ZERO_FLAG)
         );
         let unaligned = page_data_raw(1, &[PAGE_SIZE + 8], PAGE_BYTES);
         assert_eq!(
