@@ -95,12 +95,12 @@ pub trait GuestPages: Send + Sync {
     fn is_zero(&self, gpa: u64) -> Result<bool, VmError>;
 
     /// Writes bytes `skip..` of `head` followed by the 4096 bytes of each page in `pages`
-    /// (page-aligned guest addresses inside the layout) to `socket` with one `writev`, as far
-    /// as the socket takes them without blocking. Returns the bytes written; a full socket is
-    /// `WouldBlock`, as from `write`.
+    /// (page-aligned guest addresses inside the layout) to `socket` (a connected, non-blocking
+    /// TCP socket) with one `writev`, as far as the socket takes them without blocking. Returns
+    /// the bytes written; a full socket is `WouldBlock`, as from `write`.
     fn write_frame(
         &self,
-        socket: &std::net::TcpStream,
+        socket: std::os::fd::BorrowedFd<'_>,
         head: &[u8],
         pages: &[u64],
         skip: usize,
@@ -125,14 +125,15 @@ pub trait PagePlacer: Send + Sync {
         false
     }
 
-    /// Reads a `PageData` frame's data straight from `socket` (blocking) into guest memory:
+    /// Reads a `PageData` frame's data straight from `socket` (a connected, blocking TCP
+    /// socket) into guest memory:
     /// the next `4096 * data.len()` bytes of the stream go to the pages at `data`, in order,
     /// then the pages at `zero` are zeroed. The addresses were checked against the agreed
     /// layout. An error leaves the stream at an unknown position: the caller fails the stream.
     /// Called only when [`PagePlacer::reads_in_place`] says so; the default refuses.
     fn read_into(
         &self,
-        socket: &std::net::TcpStream,
+        socket: std::os::fd::BorrowedFd<'_>,
         data: &[u64],
         zero: &[u64],
     ) -> std::io::Result<()> {

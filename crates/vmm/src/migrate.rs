@@ -750,7 +750,7 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
 
     fn read_into(
         &self,
-        socket: &std::net::TcpStream,
+        socket: std::os::fd::BorrowedFd<'_>,
         data: &[u64],
         zero: &[u64],
     ) -> std::io::Result<()> {
@@ -873,7 +873,7 @@ impl tern_migration::GuestPages for SendInPlace {
 
     fn write_frame(
         &self,
-        socket: &std::net::TcpStream,
+        socket: std::os::fd::BorrowedFd<'_>,
         head: &[u8],
         pages: &[u64],
         skip: usize,

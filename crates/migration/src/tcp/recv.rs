@@ -195,7 +195,11 @@ fn read_data_frame<S: DataSocket>(
     match (in_place, socket.plain()) {
         (Some(placer), Some(tcp)) => {
             placer
-                .read_into(tcp, &head.data_gpas(), &head.zero_gpas())
+                .read_into(
+                    std::os::fd::AsFd::as_fd(tcp),
+                    &head.data_gpas(),
+                    &head.zero_gpas(),
+                )
                 .map_err(ReadFrameError::Io)?;
             let data = head.data_pages() as u64;
             Ok(Read1::Placed(PlacedPages {

@@ -606,7 +606,10 @@ impl DataSender {
                         tcp.write_vectored(&slices)
                     } else {
                         match &self.guest {
-                            Some(g) => g.write_frame(tcp, &front.buf, &front.pages, front.done),
+                            Some(g) => {
+                                use std::os::fd::AsFd;
+                                g.write_frame(tcp.as_fd(), &front.buf, &front.pages, front.done)
+                            }
                             None => Err(io::ErrorKind::Unsupported.into()),
                         }
                     };

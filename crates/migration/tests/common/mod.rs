@@ -141,7 +141,7 @@ impl GuestPages for MemPages {
 
     fn write_frame(
         &self,
-        socket: &TcpStream,
+        socket: std::os::fd::BorrowedFd<'_>,
         head: &[u8],
         pages: &[u64],
         skip: usize,
@@ -156,7 +156,8 @@ impl GuestPages for MemPages {
                 all.extend_from_slice(&m.bytes[off..off + PAGE]);
             }
         }
-        let r = (&*socket).write(&all[skip..]);
+        // A second descriptor of the same socket (safe, unlike writing the borrowed one).
+        let r = TcpStream::from(socket.try_clone_to_owned()?).write(&all[skip..]);
         if skip == 0 && matches!(r, Ok(n) if n > 0) {
             self.counts.frames_written.fetch_add(1, Ordering::SeqCst);
         }
@@ -182,9 +183,14 @@ impl PagePlacer for MemPages {
         true
     }
 
-    fn read_into(&self, socket: &TcpStream, data: &[u64], zero: &[u64]) -> std::io::Result<()> {
+    fn read_into(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        data: &[u64],
+        zero: &[u64],
+    ) -> std::io::Result<()> {
         let mut buf = vec![0u8; data.len() * PAGE];
-        (&*socket).read_exact(&mut buf)?;
+        TcpStream::from(socket.try_clone_to_owned()?).read_exact(&mut buf)?;
         let mut m = self.shared.mem.lock().unwrap();
         for (gpa, d) in data.iter().zip(buf.chunks(PAGE)) {
             let off = self.offset(*gpa).map_err(std::io::Error::other)?;
