@@ -110,6 +110,14 @@ fn pages(round: u32, data: &[u64], zero: &[u64]) -> Frame {
     frame
 }
 
+/// A `PageData` frame (protocol 4): the same pages as [`pages`] makes, entries first.
+fn page_data(round: u32, data: &[u64], zero: &[u64]) -> Vec<u8> {
+    let Frame::Pages(b) = pages(round, data, zero) else {
+        unreachable!("pages() makes a page frame")
+    };
+    b.to_page_data_bytes()
+}
+
 fn verify() -> Frame {
     let layout = target_vm().layout;
     let d = MemoryDigest::of_memory(&layout, wire::VERIFY_CHUNK_BYTES, |_, buf| {
@@ -148,6 +156,7 @@ fn migration_frames() -> Vec<Vec<u8>> {
         }
         .encode(),
         pages(0, &[0, 1 << 32], &[PAGE_SIZE, 63 * PAGE_SIZE]).encode(),
+        page_data(1, &[2 * PAGE_SIZE, (1 << 32) + PAGE_SIZE], &[3 * PAGE_SIZE]),
         Frame::DataEnd {
             frames: 3,
             pages: 9,

@@ -189,4 +189,4 @@ pub use tcp::common::{CancelToken, error_chain};
 pub use tcp::recv::{ReceiveError, ReceiveOptions, ReceiveReport, receive, receive_guarded};
 pub use tcp::send::{MigrateError, MigrateOptions, MigrationFailure, migrate, migrate_with_tls};
 pub use tcp::transport::{ListenGuard, Rejected, TlsClient};
-pub use vm::{MigrationSource, MigrationTarget, MissingMemory, VmError};
+pub use vm::{GuestPages, MigrationSource, MigrationTarget, MissingMemory, PagePlacer, VmError};

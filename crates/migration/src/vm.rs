@@ -66,6 +66,45 @@ pub trait MigrationSource {
     /// handed nothing). Called before `resume` on every failure after the pause (never in
     /// doubt); an error leaves the VM paused (its storage may be elsewhere) and is reported.
     fn acquire_storage(&mut self) -> Result<(), VmError>;
+
+    /// Guest memory the data streams may send pages from in place, without copying them
+    /// first ([`GuestPages`]): used on plain TCP links at protocol 4 or newer
+    /// ([`crate::wire::PAGE_DATA_PROTOCOL_VERSION`]). Called once, after the handshake. The
+    /// default: none (every page is copied with `read_pages`).
+    fn guest_pages(&self) -> Option<std::sync::Arc<dyn GuestPages>> {
+        None
+    }
+
+    /// Before a page at `gpa` is sent in place ([`MigrationSource::guest_pages`]): whatever
+    /// `read_pages` does before its copy (e.g. re-arming the dirty log's write protection of
+    /// the page's range, so that a write from here on shows up in `fetch_dirty`). The
+    /// default: nothing.
+    fn before_send_in_place(&mut self, gpa: u64) -> Result<(), VmError> {
+        let _ = gpa;
+        Ok(())
+    }
+}
+
+/// The source's guest memory as the data streams send it in place: pages are classified zero
+/// or data where they lie and written to the socket from there, so a page the guest rewrites
+/// while its frame is queued goes out with whatever bytes it has when the kernel copies them
+/// (the dirty log then has it for the next round, as for a copy taken earlier). Used from the
+/// migration's thread; the memory must stay mapped as long as the handle lives.
+pub trait GuestPages: Send + Sync {
+    /// Whether the page at `gpa` (page-aligned, inside the layout) is all zeros, read in place.
+    fn is_zero(&self, gpa: u64) -> Result<bool, VmError>;
+
+    /// Writes bytes `skip..` of `head` followed by the 4096 bytes of each page in `pages`
+    /// (page-aligned guest addresses inside the layout) to `socket` (a connected, non-blocking
+    /// TCP socket) with one `writev`, as far as the socket takes them without blocking. Returns
+    /// the bytes written; a full socket is `WouldBlock`, as from `write`.
+    fn write_frame(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        head: &[u8],
+        pages: &[u64],
+        skip: usize,
+    ) -> std::io::Result<usize>;
 }
 
 /// Makes the guest memory at `(gpa, len)` ready to be written (see
@@ -80,6 +119,27 @@ pub trait PagePlacer: Send + Sync {
     /// On an error some pages may have been written; the caller then writes the batch again
     /// with `write_page` / `zero_page`.
     fn place(&self, batch: &crate::wire::PageBatch) -> Result<(), VmError>;
+
+    /// Whether [`PagePlacer::read_into`] is supported. The default: no.
+    fn reads_in_place(&self) -> bool {
+        false
+    }
+
+    /// Reads a `PageData` frame's data straight from `socket` (a connected, blocking TCP
+    /// socket) into guest memory:
+    /// the next `4096 * data.len()` bytes of the stream go to the pages at `data`, in order,
+    /// then the pages at `zero` are zeroed. The addresses were checked against the agreed
+    /// layout. An error leaves the stream at an unknown position: the caller fails the stream.
+    /// Called only when [`PagePlacer::reads_in_place`] says so; the default refuses.
+    fn read_into(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        data: &[u64],
+        zero: &[u64],
+    ) -> std::io::Result<()> {
+        let _ = (socket, data, zero);
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A VM being built on the target from an incoming migration.

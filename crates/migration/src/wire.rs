@@ -11,9 +11,13 @@
 //!   magic    u8=1    u8     u16=0    u32      u32      len bytes
 //! ```
 //!
-//! `crc32c` covers header bytes 0..12 and the payload. `len` is checked against the largest
-//! payload the frame's kind can have before anything is read or allocated; a page frame's
-//! addresses are checked against the agreed [`MemoryLayout`].
+//! `crc32c` covers header bytes 0..12 and the payload, except in a `PageData` frame (protocol 4),
+//! where it covers the payload's round, count and entries but not the page data that follows
+//! them: that data is sent straight from a running guest's memory and received straight into the
+//! target's, and its integrity rests on TCP (or TLS) and on `--verify-memory`
+//! (docs/migration.md). `len` is checked against the largest payload the frame's kind can have
+//! before anything is read or allocated; a page frame's addresses are checked against the agreed
+//! [`MemoryLayout`].
 
 #![deny(clippy::disallowed_methods)]
 use std::io::{self, Read};
@@ -31,9 +35,13 @@ pub const FRAME_FORMAT: u8 = 1;
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks (negotiated in the handshake). Version 2 adds the
 /// target's timings to the `Running` frame ([`TargetTimings`]); version 3 adds post-copy
-/// (`PostCopy`, `PageRequest`, `PostCopyDone`, [`POST_COPY_PROTOCOL_VERSION`]); everything else
-/// is as in 1.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// (`PostCopy`, `PageRequest`, `PostCopyDone`, [`POST_COPY_PROTOCOL_VERSION`]); version 4 adds
+/// the `PageData` frame ([`PAGE_DATA_PROTOCOL_VERSION`]); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 4;
+/// The first protocol version with `PageData` frames (pages sent from and received into guest
+/// memory in place, their data outside the frame checksum). A source sends them only on plain
+/// TCP at this version or newer; a target of any version from 4 reads them.
+pub const PAGE_DATA_PROTOCOL_VERSION: u16 = 4;
 /// The first protocol version with post-copy: a source asked for post-copy offers no older one,
 /// so an older target refuses the hello with both version ranges in the reason.
 pub const POST_COPY_PROTOCOL_VERSION: u16 = 3;
@@ -103,6 +111,10 @@ pub enum FrameKind {
     PageRequest = 16,
     /// Target → source, control stream: every owed page arrived; the source may stop.
     PostCopyDone = 17,
+    // ── protocol 4 ──
+    /// Source → target, data stream: a batch of pages as `Pages`, but the entries first and
+    /// the data of the non-zero ones after them, outside the checksum ([`PageDataFrame`]).
+    PageData = 18,
 }
 
 impl FrameKind {
@@ -126,6 +138,7 @@ impl FrameKind {
             15 => PostCopy,
             16 => PageRequest,
             17 => PostCopyDone,
+            18 => PageData,
             _ => return None,
         })
     }
@@ -149,7 +162,7 @@ impl FrameKind {
             Welcome => 2,
             Refuse | Failed | Abort => 2 + MAX_REASON_BYTES,
             Join => 8 + 2,
-            Pages => 4 + 2 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES),
+            Pages | PageData => 4 + 2 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES),
             DataEnd => 16,
             State => 4 + MAX_STATE_BYTES,
             Verify => 8 + 4 + 4 * MAX_VERIFY_CHUNKS,
@@ -258,17 +271,7 @@ impl PageBatch {
     /// The runs of consecutive data pages (zero pages leave them out), `(gpa, bytes)`, in
     /// the batch's order: where `iter`'s data will be written.
     pub fn data_runs(&self) -> Vec<(u64, u64)> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (gpa, data) in self.iter() {
-            if data.is_none() {
-                continue;
-            }
-            match runs.last_mut() {
-                Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
-                _ => runs.push((gpa, PAGE_SIZE)),
-            }
-        }
-        runs
+        runs_of(self.iter().filter(|(_, d)| d.is_some()).map(|(gpa, _)| gpa))
     }
 
     /// The buffer the batch was in, for the next frame to be read into
@@ -317,6 +320,267 @@ impl PageBatch {
         out.extend_from_slice(self.entries());
         finish(&mut out);
         out
+    }
+}
+
+impl PageBatch {
+    /// Encodes this batch as a `PageData` frame (protocol 4): entries first, then the data of
+    /// the non-zero pages in entry order, outside the checksum. The source builds these frames
+    /// from guest memory in place ([`PageDataFrame`]); this copy is for tests and fuzzing.
+    pub fn to_page_data_bytes(&self) -> Vec<u8> {
+        let mut f = PageDataFrame::new(self.round);
+        for (gpa, data) in self.iter() {
+            match data {
+                Some(_) => f.push_data(gpa),
+                None => f.push_zero(gpa),
+            }
+        }
+        let (mut out, _) = f.seal();
+        for (_, data) in self.iter() {
+            if let Some(d) = data {
+                out.extend_from_slice(d);
+            }
+        }
+        out
+    }
+}
+
+/// Bytes of a `PageData` frame before its entries: header, round `u32`, count `u16`.
+pub const PAGE_DATA_PREFIX: usize = HEADER_LEN + 6;
+
+/// A `PageData` frame as the source builds it: the head (header, round, count, entries) in one
+/// buffer, and the guest addresses of its data pages, whose 4096 bytes each follow the head on
+/// the wire in entry order. The data never passes through a buffer: the sender writes it from
+/// guest memory with the head in one `writev`.
+#[derive(Debug, Clone)]
+pub struct PageDataFrame {
+    head: Vec<u8>,
+    data: Vec<u64>,
+    count: u16,
+}
+
+impl PageDataFrame {
+    /// An empty frame of pre-copy round `round`.
+    pub fn new(round: u32) -> Self {
+        let mut head = Vec::with_capacity(PAGE_DATA_PREFIX + 8 * MAX_PAGES_PER_FRAME);
+        begin(&mut head, FrameKind::PageData);
+        head.extend_from_slice(&round.to_le_bytes());
+        head.extend_from_slice(&0u16.to_le_bytes());
+        Self {
+            head,
+            data: Vec::with_capacity(MAX_PAGES_PER_FRAME),
+            count: 0,
+        }
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        usize::from(self.count)
+    }
+
+    /// Whether the frame has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Whether no more entry fits.
+    pub fn is_full(&self) -> bool {
+        self.len() >= MAX_PAGES_PER_FRAME
+    }
+
+    /// Adds a data page: its 4096 bytes at `gpa` (page-aligned) follow the head.
+    pub fn push_data(&mut self, gpa: u64) {
+        assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
+        self.head.extend_from_slice(&gpa.to_le_bytes());
+        self.data.push(gpa);
+        self.count += 1;
+    }
+
+    /// Adds a page that is now all zeros (no data follows).
+    pub fn push_zero(&mut self, gpa: u64) {
+        assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
+        self.head
+            .extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+        self.count += 1;
+    }
+
+    /// Seals the head (count, length, checksum of header bytes 0..12, round, count and
+    /// entries) and returns it with the data pages' addresses: the frame is the head's bytes
+    /// followed by 4096 bytes of each data page, [`PageDataFrame::wire_len`] in all.
+    pub fn seal(mut self) -> (Vec<u8>, Vec<u64>) {
+        self.head[HEADER_LEN + 4..PAGE_DATA_PREFIX].copy_from_slice(&self.count.to_le_bytes());
+        let len = self.head.len() - HEADER_LEN + self.data.len() * PAGE_BYTES;
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        self.head[8..12].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&self.head[..12]), &self.head[HEADER_LEN..]);
+        self.head[12..16].copy_from_slice(&crc.to_le_bytes());
+        (self.head, self.data)
+    }
+
+    /// Bytes on the wire of a sealed frame with this head and these data pages.
+    pub fn wire_len(head: &[u8], data: &[u64]) -> usize {
+        head.len() + data.len() * PAGE_BYTES
+    }
+}
+
+/// The checked head of a received `PageData` frame: its round and entries. The data of its
+/// [`PageDataHead::data_pages`] pages (4096 bytes each, in entry order) is the rest of the frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageDataHead {
+    round: u32,
+    /// Entries as on the wire: guest address, low bit set for a zero page.
+    entries: Vec<u64>,
+    data_pages: usize,
+}
+
+impl PageDataHead {
+    /// The round the pages belong to.
+    pub fn round(&self) -> u32 {
+        self.round
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the frame has no entry (never true of a checked head).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Number of data pages (entries without the zero flag).
+    pub fn data_pages(&self) -> usize {
+        self.data_pages
+    }
+
+    /// Guest addresses of the data pages, in entry order: where the data goes.
+    pub fn data_gpas(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|e| *e & ZERO_FLAG == 0)
+            .copied()
+            .collect()
+    }
+
+    /// Guest addresses of the pages that are now zero.
+    pub fn zero_gpas(&self) -> Vec<u64> {
+        self.entries
+            .iter()
+            .filter(|e| *e & ZERO_FLAG != 0)
+            .map(|e| e & !ZERO_FLAG)
+            .collect()
+    }
+
+    /// The runs of consecutive data pages, `(gpa, bytes)`, as [`PageBatch::data_runs`].
+    pub fn data_runs(&self) -> Vec<(u64, u64)> {
+        runs_of(self.data_gpas().into_iter())
+    }
+}
+
+/// Runs of consecutive pages among `gpas`, in order, `(gpa, bytes)`.
+fn runs_of(gpas: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for gpa in gpas {
+        match runs.last_mut() {
+            Some((start, len)) if *start + *len == gpa => *len += PAGE_SIZE,
+            _ => runs.push((gpa, PAGE_SIZE)),
+        }
+    }
+    runs
+}
+
+/// Bytes of a `PageData` frame's entries, from its header and the payload's first 6 bytes
+/// (round, count): checks the count and that the length can hold the entries.
+pub fn page_data_entries_len(header: Header, prefix: &[u8; 6]) -> Result<usize, DecodeError> {
+    let count = usize::from(u16::from_le_bytes([prefix[4], prefix[5]]));
+    let bad = |what| DecodeError::Malformed {
+        kind: FrameKind::PageData,
+        what,
+    };
+    if count == 0 || count > MAX_PAGES_PER_FRAME {
+        return Err(bad("page count out of range"));
+    }
+    if header.len < 6 + 8 * count {
+        return Err(bad("payload ends early"));
+    }
+    Ok(8 * count)
+}
+
+/// Checks a `PageData` frame's head: `prefix` (round, count) and `entries` are the payload's
+/// first bytes ([`page_data_entries_len`] of entries). Checks the checksum (header bytes 0..12,
+/// prefix, entries), every address against `layout`, and that the length is exactly the head
+/// and the data of the non-zero entries.
+pub fn check_page_data_head(
+    raw_header: &[u8; HEADER_LEN],
+    header: Header,
+    prefix: &[u8; 6],
+    entries: &[u8],
+    layout: &MemoryLayout,
+) -> Result<PageDataHead, DecodeError> {
+    let want = page_data_entries_len(header, prefix)?;
+    if entries.len() != want {
+        return Err(DecodeError::Truncated {
+            needed: want.saturating_sub(entries.len()),
+        });
+    }
+    let crc = crc32c::crc32c_append(
+        crc32c::crc32c_append(crc32c::crc32c(&raw_header[..12]), prefix),
+        entries,
+    );
+    if crc != header.crc {
+        return Err(DecodeError::Checksum {
+            expected: header.crc,
+            actual: crc,
+        });
+    }
+    let (chunks, _) = entries.as_chunks::<8>();
+    let mut list = Vec::with_capacity(chunks.len());
+    let mut data_pages = 0;
+    for c in chunks {
+        let tagged = u64::from_le_bytes(*c);
+        let gpa = tagged & !ZERO_FLAG;
+        if tagged & (PAGE_SIZE - 1) & !ZERO_FLAG != 0 || layout.page_index(gpa).is_none() {
+            return Err(DecodeError::PageOutsideLayout(tagged));
+        }
+        if tagged & ZERO_FLAG == 0 {
+            data_pages += 1;
+        }
+        list.push(tagged);
+    }
+    if header.len != 6 + want + data_pages * PAGE_BYTES {
+        return Err(DecodeError::Malformed {
+            kind: FrameKind::PageData,
+            what: "length is not the entries and their pages' data",
+        });
+    }
+    Ok(PageDataHead {
+        round: u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]),
+        entries: list,
+        data_pages,
+    })
+}
+
+/// A `PageData` frame's checked head and its data (`data`, 4096 bytes per data page in entry
+/// order) as a [`PageBatch`] (a copy), laid out in `buf`'s capacity.
+fn page_data_batch(head: &PageDataHead, data: &[u8], mut buf: Vec<u8>) -> PageBatch {
+    buf.clear();
+    buf.reserve(6 + 8 * head.len() + data.len());
+    buf.extend_from_slice(&head.round.to_le_bytes());
+    buf.extend_from_slice(&(head.len() as u16).to_le_bytes());
+    let mut at = 0;
+    for e in &head.entries {
+        buf.extend_from_slice(&e.to_le_bytes());
+        if e & ZERO_FLAG == 0 {
+            buf.extend_from_slice(&data[at..at + PAGE_BYTES]);
+            at += PAGE_BYTES;
+        }
+    }
+    PageBatch {
+        round: head.round,
+        count: head.len() as u16,
+        buf,
+        start: 6,
     }
 }
 
@@ -606,6 +870,7 @@ impl Frame {
             Frame::Welcome { .. } => FrameKind::Welcome,
             Frame::Refuse { .. } => FrameKind::Refuse,
             Frame::Join { .. } => FrameKind::Join,
+            // A decoded `PageData` frame is a `Pages` frame too; it is encoded as one.
             Frame::Pages(_) => FrameKind::Pages,
             Frame::DataEnd { .. } => FrameKind::DataEnd,
             Frame::State { .. } => FrameKind::State,
@@ -786,6 +1051,19 @@ fn parse_checked(
             needed: header.len.saturating_sub(payload.len()),
         });
     }
+    if header.kind == FrameKind::PageData {
+        let layout = layout.ok_or(DecodeError::NoLayout(header.kind))?;
+        let Some(prefix) = payload.first_chunk::<6>() else {
+            return Err(DecodeError::Malformed {
+                kind: header.kind,
+                what: "payload ends early",
+            });
+        };
+        let n = page_data_entries_len(header, prefix)?;
+        let head = check_page_data_head(raw_header, header, prefix, &payload[6..6 + n], layout)?;
+        let batch = page_data_batch(&head, &payload[6 + n..], Vec::new());
+        return Ok(Parsed::Frame(Frame::Pages(batch)));
+    }
     let actual = crc32c::crc32c_append(crc32c::crc32c(&raw_header[..12]), payload);
     if actual != header.crc {
         return Err(DecodeError::Checksum {
@@ -883,6 +1161,8 @@ fn parse_checked(
             }
             Frame::PageRequest { first, pages }
         }
+        // Parsed above, before the whole payload's checksum.
+        FrameKind::PageData => return Err(r.bad("page data parsed out of place")),
         FrameKind::PostCopyDone => Frame::PostCopyDone {
             pages: r.u64()?,
             demand_faults: r.u64()?,
@@ -1064,8 +1344,15 @@ pub fn read_frame<R: Read>(
 pub fn read_frame_into<R: Read>(
     r: &mut R,
     layout: Option<&MemoryLayout>,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
 ) -> Result<Frame, ReadFrameError> {
+    let (h, header) = read_header(r)?;
+    read_frame_after_header(r, &h, header, layout, buf)
+}
+
+/// Reads and checks a frame header from a stream: [`ReadFrameError::Closed`] if the stream ends
+/// before its first byte.
+pub fn read_header<R: Read>(r: &mut R) -> Result<([u8; HEADER_LEN], Header), ReadFrameError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     while got < HEADER_LEN {
@@ -1083,6 +1370,85 @@ pub fn read_frame_into<R: Read>(
         }
     }
     let header = parse_header(&h).map_err(ReadFrameError::Decode)?;
+    Ok((h, header))
+}
+
+/// Reads exactly `n` bytes from `r` onto the end of `buf` (no zeroing first).
+fn read_onto<R: Read>(r: &mut R, n: usize, buf: &mut Vec<u8>) -> Result<(), ReadFrameError> {
+    let want = buf.len() + n;
+    buf.reserve(n);
+    r.take(n as u64)
+        .read_to_end(buf)
+        .map_err(ReadFrameError::Io)?;
+    if buf.len() != want {
+        return Err(ReadFrameError::Io(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed inside a frame",
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the rest of a `PageData` frame whose header was read: its round, count and entries,
+/// checked ([`check_page_data_head`]) before anything else is read. Its data, 4096 bytes per
+/// [`PageDataHead::data_pages`], is left on the stream ([`read_page_data`], or straight into
+/// guest memory).
+pub fn read_page_data_head<R: Read>(
+    r: &mut R,
+    raw_header: &[u8; HEADER_LEN],
+    header: Header,
+    layout: &MemoryLayout,
+) -> Result<PageDataHead, ReadFrameError> {
+    let mut prefix = [0u8; 6];
+    r.read_exact(&mut prefix).map_err(ReadFrameError::Io)?;
+    let n = page_data_entries_len(header, &prefix).map_err(ReadFrameError::Decode)?;
+    let mut entries = Vec::with_capacity(n);
+    read_onto(r, n, &mut entries)?;
+    check_page_data_head(raw_header, header, &prefix, &entries, layout)
+        .map_err(ReadFrameError::Decode)
+}
+
+/// Reads the data of a `PageData` frame whose head was read, into a [`PageBatch`] laid out in
+/// `buf`'s capacity.
+pub fn read_page_data<R: Read>(
+    r: &mut R,
+    head: &PageDataHead,
+    mut buf: Vec<u8>,
+) -> Result<PageBatch, ReadFrameError> {
+    buf.clear();
+    buf.reserve(6 + 8 * head.len() + head.data_pages * PAGE_BYTES);
+    buf.extend_from_slice(&head.round.to_le_bytes());
+    buf.extend_from_slice(&(head.len() as u16).to_le_bytes());
+    for e in &head.entries {
+        buf.extend_from_slice(&e.to_le_bytes());
+        if e & ZERO_FLAG == 0 {
+            read_onto(r, PAGE_BYTES, &mut buf)?;
+        }
+    }
+    Ok(PageBatch {
+        round: head.round,
+        count: head.len() as u16,
+        buf,
+        start: 6,
+    })
+}
+
+/// Reads the payload of a frame whose header was read ([`read_header`]) and decodes it, into
+/// `buf` as [`read_frame_into`]. A `PageData` frame comes out as [`Frame::Pages`].
+pub fn read_frame_after_header<R: Read>(
+    r: &mut R,
+    h: &[u8; HEADER_LEN],
+    header: Header,
+    layout: Option<&MemoryLayout>,
+    mut buf: Vec<u8>,
+) -> Result<Frame, ReadFrameError> {
+    if header.kind == FrameKind::PageData {
+        let layout = layout
+            .ok_or(DecodeError::NoLayout(header.kind))
+            .map_err(ReadFrameError::Decode)?;
+        let head = read_page_data_head(r, h, header, layout)?;
+        return read_page_data(r, &head, buf).map(Frame::Pages);
+    }
     buf.clear();
     buf.reserve(header.len.min(1 << 20));
     let mut payload = buf;
@@ -1095,7 +1461,7 @@ pub fn read_frame_into<R: Read>(
             "connection closed inside a frame",
         )));
     }
-    match parse_checked(&h, header, &payload, layout).map_err(ReadFrameError::Decode)? {
+    match parse_checked(h, header, &payload, layout).map_err(ReadFrameError::Decode)? {
         Parsed::Frame(f) => Ok(f),
         Parsed::Pages { round, count } => Ok(Frame::Pages(PageBatch {
             round,
@@ -1355,6 +1721,192 @@ mod tests {
             let l = layout();
             prop_assert!(decode(&bytes, Some(&l)).is_err(), "flip at byte {i} undetected");
         }
+    }
+
+    proptest! {
+        #[test]
+        fn a_page_data_frame_decodes_to_the_same_batch_from_a_slice_and_a_stream(b in pages()) {
+            let l = layout();
+            let bytes = b.to_page_data_bytes();
+            prop_assert_eq!(bytes[5], FrameKind::PageData as u8);
+            let (f, used) = decode(&bytes, Some(&l)).unwrap();
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(&f, &Frame::Pages(b.clone()));
+            // Two frames back to back on a stream: the first leaves the second intact.
+            let mut two = bytes.clone();
+            two.extend_from_slice(&bytes);
+            let mut cursor = io::Cursor::new(&two);
+            for _ in 0..2 {
+                prop_assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), Frame::Pages(b.clone()));
+            }
+            prop_assert!(matches!(read_frame(&mut cursor, Some(&l)), Err(ReadFrameError::Closed)));
+        }
+
+        #[test]
+        fn a_flip_in_a_page_data_head_is_detected(b in pages(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let mut bytes = b.to_page_data_bytes();
+            let head = PAGE_DATA_PREFIX + 8 * b.len();
+            let i = at.index(head);
+            bytes[i] ^= 1 << bit;
+            let l = layout();
+            prop_assert!(decode(&bytes, Some(&l)).is_err(), "flip at byte {i} undetected");
+            let mut cursor = io::Cursor::new(&bytes);
+            prop_assert!(read_frame(&mut cursor, Some(&l)).is_err(), "flip at byte {i} undetected");
+        }
+    }
+
+    /// A batch of one data page at `PAGE_SIZE` (bytes 0x5a) and one zero page at 0.
+    fn one_data_one_zero() -> PageBatch {
+        let mut b = PageBatch::new(3);
+        b.push_data(PAGE_SIZE, &[0x5a; PAGE_BYTES]);
+        b.push_zero(0);
+        b
+    }
+
+    #[test]
+    fn a_flipped_address_byte_fails_the_checksum_but_a_flipped_data_byte_does_not() {
+        let l = layout();
+        let b = one_data_one_zero();
+        let good = b.to_page_data_bytes();
+        // Byte 1 of the first entry's address (0x1000 becomes 0x1100): the checksum fails
+        // before the address is looked at.
+        let mut bad = good.clone();
+        bad[PAGE_DATA_PREFIX + 1] ^= 0x01;
+        assert!(
+            matches!(decode(&bad, Some(&l)), Err(DecodeError::Checksum { .. })),
+            "{:?}",
+            decode(&bad, Some(&l))
+        );
+        // The page data is outside the checksum (docs/migration.md, "PageData"): a flipped data
+        // byte decodes, with the flipped byte. TCP's (or TLS's) own integrity and
+        // --verify-memory are what protect it.
+        let mut flipped = good.clone();
+        let data_at = PAGE_DATA_PREFIX + 16 + 100;
+        flipped[data_at] ^= 0xff;
+        let (f, _) = decode(&flipped, Some(&l)).unwrap();
+        let Frame::Pages(got) = f else {
+            panic!("not a page frame");
+        };
+        let pages: Vec<_> = got.iter().map(|(g, d)| (g, d.map(|d| d[100]))).collect();
+        assert_eq!(pages, vec![(PAGE_SIZE, Some(0x5a ^ 0xff)), (0, None)]);
+    }
+
+    /// A `PageData` frame with a valid checksum over whatever head and length it is given.
+    fn page_data_raw(count: u16, entries: &[u64], extra_data: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        begin(&mut out, FrameKind::PageData);
+        out.extend_from_slice(&7u32.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+        for e in entries {
+            out.extend_from_slice(&e.to_le_bytes());
+        }
+        let head_end = out.len();
+        out.resize(head_end + extra_data, 0x33);
+        let len = (out.len() - HEADER_LEN) as u32;
+        out[8..12].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..12]), &out[HEADER_LEN..head_end]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn page_data_with_a_bad_count_length_or_address_is_refused() {
+        let l = layout();
+        let data = PAGE_SIZE;
+        let zero = (2 * PAGE_SIZE) | ZERO_FLAG;
+        // The well-formed one first, so the failures below are the defect's alone.
+        assert!(decode(&page_data_raw(2, &[data, zero], PAGE_BYTES), Some(&l)).is_ok());
+        let malformed = |bytes: Vec<u8>, what: &str| {
+            let err = decode(&bytes, Some(&l)).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DecodeError::Malformed {
+                        kind: FrameKind::PageData,
+                        ..
+                    }
+                ),
+                "{what}: {err}"
+            );
+            let err = read_frame(&mut io::Cursor::new(&bytes), Some(&l)).unwrap_err();
+            assert!(
+                matches!(err, ReadFrameError::Decode(DecodeError::Malformed { .. })),
+                "{what} (stream): {err}"
+            );
+        };
+        malformed(page_data_raw(0, &[], 0), "count 0");
+        let many: Vec<u64> = (0..129)
+            .map(|i| ((i % 64) * PAGE_SIZE) | ZERO_FLAG)
+            .collect();
+        malformed(page_data_raw(129, &many, 0), "count 129");
+        malformed(
+            page_data_raw(2, &[data], 0),
+            "entries cut short by the length",
+        );
+        malformed(page_data_raw(2, &[data, zero], 0), "data missing");
+        malformed(
+            page_data_raw(2, &[data, zero], PAGE_BYTES - 1),
+            "data short",
+        );
+        malformed(page_data_raw(2, &[data, zero], PAGE_BYTES + 1), "data long");
+        malformed(
+            page_data_raw(2, &[data, zero], 2 * PAGE_BYTES),
+            "a page too many",
+        );
+        let outside = page_data_raw(2, &[data, (64 * PAGE_SIZE) | ZERO_FLAG], PAGE_BYTES);
+        assert_eq!(
+            decode(&outside, Some(&l)).unwrap_err(),
+            DecodeError::PageOutsideLayout((64 * PAGE_SIZE) | ZERO_FLAG)
+        );
+        let unaligned = page_data_raw(1, &[PAGE_SIZE + 8], PAGE_BYTES);
+        assert_eq!(
+            decode(&unaligned, Some(&l)).unwrap_err(),
+            DecodeError::PageOutsideLayout(PAGE_SIZE + 8)
+        );
+        assert_eq!(
+            decode(&page_data_raw(2, &[data, zero], PAGE_BYTES), None).unwrap_err(),
+            DecodeError::NoLayout(FrameKind::PageData)
+        );
+        // Longer than a full frame can be: refused from the header alone.
+        let mut huge = page_data_raw(1, &[zero], 0);
+        let max = FrameKind::PageData.max_payload() as u32 + 1;
+        huge[8..12].copy_from_slice(&max.to_le_bytes());
+        assert!(matches!(
+            read_frame(&mut io::Cursor::new(&huge), Some(&l)),
+            Err(ReadFrameError::Decode(DecodeError::TooLong { .. }))
+        ));
+    }
+
+    #[test]
+    fn a_page_data_head_read_from_a_stream_leaves_exactly_its_data() {
+        let l = layout();
+        let mut b = PageBatch::new(9);
+        b.push_data(5 * PAGE_SIZE, &[1; PAGE_BYTES]);
+        b.push_zero(6 * PAGE_SIZE);
+        b.push_data(7 * PAGE_SIZE, &[2; PAGE_BYTES]);
+        let mut bytes = b.to_page_data_bytes();
+        bytes.extend_from_slice(&Frame::RoundEnd { round: 9 }.encode());
+        let mut cursor = io::Cursor::new(&bytes);
+        let (h, header) = read_header(&mut cursor).unwrap();
+        assert_eq!(header.kind, FrameKind::PageData);
+        let head = read_page_data_head(&mut cursor, &h, header, &l).unwrap();
+        assert_eq!(head.round(), 9);
+        assert_eq!(head.len(), 3);
+        assert_eq!(head.data_pages(), 2);
+        assert_eq!(head.data_gpas(), vec![5 * PAGE_SIZE, 7 * PAGE_SIZE]);
+        assert_eq!(head.zero_gpas(), vec![6 * PAGE_SIZE]);
+        assert_eq!(
+            head.data_runs(),
+            vec![(5 * PAGE_SIZE, PAGE_SIZE), (7 * PAGE_SIZE, PAGE_SIZE)]
+        );
+        let mut data = vec![0u8; 2 * PAGE_BYTES];
+        cursor.read_exact(&mut data).unwrap();
+        assert!(data[..PAGE_BYTES].iter().all(|&x| x == 1));
+        assert!(data[PAGE_BYTES..].iter().all(|&x| x == 2));
+        assert_eq!(
+            read_frame(&mut cursor, Some(&l)).unwrap(),
+            Frame::RoundEnd { round: 9 }
+        );
     }
 
     fn pages_frame_with_addr(tagged: u64) -> Vec<u8> {

@@ -41,7 +41,16 @@ fn status(sock: &std::path::Path) -> String {
 fn maximum_rate_writer_moves_by_post_copy_with_its_memory_verified() {
     require_root();
     let mut p = MigrationPair::start(128, 1, MAX_RATE, &[]);
-    let (rc, report, err) = p.migrate(&["--post-copy-after", "2", "--verify-memory"]);
+    // A 5 ms pause budget: pre-copy must not converge before the switch. (With the pages sent
+    // in place a round 0 of this guest runs at ~1 GB/s, and the 50 ms default then let pre-copy
+    // switch over after round 0 with the writer's dirty ~40 MB.)
+    let (rc, report, err) = p.migrate(&[
+        "--post-copy-after",
+        "2",
+        "--verify-memory",
+        "--downtime-ms",
+        "5",
+    ]);
     assert_eq!(rc, 0, "post-copy migration failed: {err}\nreport: {report}");
     assert_eq!(report["outcome"], "completed", "{report}");
     let pc = &report["post_copy"];

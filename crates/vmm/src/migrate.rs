@@ -387,6 +387,20 @@ impl MigrationSource for VmSource {
         unbacked_pages(&self.vm, region)
     }
 
+    fn guest_pages(&self) -> Option<Arc<dyn tern_migration::GuestPages>> {
+        Some(Arc::new(SendInPlace(self.vm.memory().clone())))
+    }
+
+    /// As `read_pages` before its copy: the page's dirty-log range is cleared (write protection
+    /// re-armed) before the page is classified and queued, so a write from here on, while the
+    /// frame waits or while the kernel copies it, shows up in the next `fetch_dirty`.
+    fn before_send_in_place(&mut self, gpa: u64) -> Result<(), VmError> {
+        if !self.paused {
+            self.clear_before_copy(gpa, 4096)?;
+        }
+        Ok(())
+    }
+
     fn set_throttle(&mut self, pct: f64) -> Result<(), VmError> {
         self.throttle.set(pct)?;
         Ok(())
@@ -729,6 +743,181 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
         }
         Ok(())
     }
+
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
+    fn read_into(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        data: &[u64],
+        zero: &[u64],
+    ) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let mut iov = Vec::with_capacity(data.len());
+        page_iovecs(&self.0, data, &mut iov)?;
+        let mut left = data.len() * PAGE;
+        while left > 0 {
+            let n = iov.len().min(1024) as libc::c_int;
+            // SAFETY: every iovec points into a page of guest memory that `page_ptr` checked
+            // lies in a mapped region, which `self.0` keeps mapped; the kernel writes the
+            // socket's bytes there. As in `place`: the guest has not run, vm-memory hands out
+            // no Rust reference to guest memory, and a concurrent write to the same page (a
+            // faulty source) can only garble guest bytes; the round fence keeps an honest
+            // source's copies of a page in order.
+            let r = unsafe { libc::readv(socket.as_raw_fd(), iov.as_ptr(), n) };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if r == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a frame's page data",
+                ));
+            }
+            let r = r as usize;
+            left -= r.min(left);
+            advance_iovecs(&mut iov, r);
+        }
+        for &gpa in zero {
+            let at = page_ptr(&self.0, gpa)?;
+            // SAFETY: `page_ptr` checked that the page lies in one mapped region, kept mapped
+            // by `self.0`; the same as `place` zeroing a zero page.
+            unsafe { std::ptr::write_bytes(at, 0, PAGE) };
+        }
+        Ok(())
+    }
+}
+
+/// Bytes of a page.
+const PAGE: usize = 4096;
+
+/// The host address of the page at `gpa` in `mem`: one page inside one mapped region.
+fn page_ptr(mem: &crate::layout::GuestMemory, gpa: u64) -> std::io::Result<*mut u8> {
+    let slice = mem
+        .get_slice(GuestAddress(gpa), PAGE)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    Ok(slice.ptr_guard_mut().as_ptr())
+}
+
+/// `iovec`s for the pages at `gpas` in `mem`, pages adjacent in host memory joined into one.
+fn page_iovecs(
+    mem: &crate::layout::GuestMemory,
+    gpas: &[u64],
+    out: &mut Vec<libc::iovec>,
+) -> std::io::Result<()> {
+    for &gpa in gpas {
+        let at = page_ptr(mem, gpa)?;
+        match out.last_mut() {
+            Some(last) if (last.iov_base as usize).wrapping_add(last.iov_len) == at as usize => {
+                last.iov_len += PAGE
+            }
+            _ => out.push(libc::iovec {
+                iov_base: at.cast(),
+                iov_len: PAGE,
+            }),
+        }
+    }
+    Ok(())
+}
+
+/// Drops the first `n` bytes of `iov` (a partial `readv` / `writev`).
+fn advance_iovecs(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut whole = 0;
+    for v in iov.iter_mut() {
+        if n < v.iov_len {
+            v.iov_base = (v.iov_base as usize + n) as *mut libc::c_void;
+            v.iov_len -= n;
+            break;
+        }
+        n -= v.iov_len;
+        whole += 1;
+    }
+    iov.drain(..whole);
+}
+
+/// The source's guest memory as the data streams send it in place (`PageData` frames): pages
+/// are checked for zero where they lie and written to the socket from there with `writev`.
+/// It holds its own handle on the memory's mappings (the VM also outlives every migration of
+/// it), so they stay mapped while a frame that names them is queued.
+struct SendInPlace(crate::layout::GuestMemory);
+
+impl tern_migration::GuestPages for SendInPlace {
+    fn is_zero(&self, gpa: u64) -> Result<bool, VmError> {
+        let at = page_ptr(&self.0, gpa)?.cast::<u64>();
+        let words = PAGE / 8;
+        let mut i = 0;
+        while i < words {
+            let mut any = 0u64;
+            for k in 0..8 {
+                // SAFETY: `page_ptr` checked that the page at `gpa` lies in one mapped region,
+                // which `self.0` keeps mapped; the page is 4096-aligned (regions are mapped
+                // page-aligned and `gpa` is page-aligned), so every u64 is aligned and in it.
+                // The guest may write the page meanwhile: volatile reads of guest memory
+                // (never a Rust reference to it) see some value of each word, and a page that
+                // changes after its check is in the dirty log for the next round.
+                any |= unsafe { std::ptr::read_volatile(at.add(i + k)) };
+            }
+            if any != 0 {
+                return Ok(false);
+            }
+            i += 8;
+        }
+        Ok(true)
+    }
+
+    fn write_frame(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        head: &[u8],
+        pages: &[u64],
+        skip: usize,
+    ) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(1 + pages.len());
+        let mut first = 0;
+        let mut into_page = 0;
+        if skip < head.len() {
+            iov.push(libc::iovec {
+                iov_base: head[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: head.len() - skip,
+            });
+        } else {
+            first = (skip - head.len()) / PAGE;
+            into_page = (skip - head.len()) % PAGE;
+        }
+        let Some(rest) = pages.get(first..).filter(|r| !r.is_empty()) else {
+            return Ok(0);
+        };
+        let start = iov.len();
+        page_iovecs(&self.0, rest, &mut iov)?;
+        if into_page > 0 {
+            advance_iovecs_from(&mut iov, start, into_page);
+        }
+        let n = iov.len().min(1024) as libc::c_int;
+        // SAFETY: every iovec points into `head` (borrowed for this call) or into a page of
+        // guest memory that `page_ptr` checked lies in a mapped region, which `self.0` keeps
+        // mapped; `writev` only reads them. The guest may write those pages while the kernel
+        // copies them: the bytes sent are then some mix of old and new, which the dirty log
+        // has for the next round (the frame's checksum does not cover page data).
+        let r = unsafe { libc::writev(socket.as_raw_fd(), iov.as_ptr(), n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r as usize)
+    }
+}
+
+/// Drops the first `n` bytes of the iovecs from index `from` on (`n` within the first).
+fn advance_iovecs_from(iov: &mut Vec<libc::iovec>, from: usize, n: usize) {
+    let mut tail = iov.split_off(from);
+    advance_iovecs(&mut tail, n);
+    iov.extend(tail);
 }
 
 /// Post-copy's missing pages as tern-migration sees them.

@@ -258,8 +258,7 @@ impl Receiver {
     pub fn frame(&mut self, stream: StreamName, frame: Frame) -> Result<Step, ProtocolViolation> {
         match (stream, frame) {
             (StreamName::Data(i), Frame::Pages(batch)) => {
-                self.page_fence(i)?;
-                self.pages(i, batch.len())?;
+                self.placed_pages(StreamName::Data(i), batch.len())?;
                 Ok(Step::Apply(batch))
             }
             (StreamName::Data(i), Frame::RoundEnd { round }) => {
@@ -287,6 +286,25 @@ impl Receiver {
                 "unexpected {:?} frame on stream {stream}",
                 other.kind()
             ))),
+        }
+    }
+
+    /// A page frame of `pages` entries arrived on `stream` whose pages its reader already wrote
+    /// into guest memory (a `PageData` frame read in place): the checks and counts of a
+    /// `Pages` frame in [`Receiver::frame`], without the batch.
+    pub fn placed_pages(
+        &mut self,
+        stream: StreamName,
+        pages: usize,
+    ) -> Result<(), ProtocolViolation> {
+        match stream {
+            StreamName::Data(i) => {
+                self.page_fence(i)?;
+                self.pages(i, pages)
+            }
+            StreamName::Control => {
+                Err(self.violation(format!("unexpected Pages frame on stream {stream}")))
+            }
         }
     }
 
@@ -584,12 +602,12 @@ mod tests {
         let got = r.hello(&hello(7, 9, 1)).unwrap().unwrap_err();
         assert_eq!(
             got.to_string(),
-            "Protocol version mismatch: source speaks 7..=9, target 1..=3"
+            "Protocol version mismatch: source speaks 7..=9, target 1..=4"
         );
         assert_eq!(r.phase(), ReceiverPhase::Discarded);
         // A newer source that still speaks our version is accepted at ours.
         let mut r = Receiver::new();
-        assert_eq!(r.hello(&hello(1, 5, 1)).unwrap(), Ok(3));
+        assert_eq!(r.hello(&hello(1, 6, 1)).unwrap(), Ok(4));
     }
 
     #[test]

@@ -19,7 +19,8 @@ use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{AcceptFailure, Acceptor, Conn, ConnWriter, ListenGuard, Rejected};
 use crate::vm::{MigrationTarget, PagePlacer, Prefault, VmError};
 use crate::wire::{
-    Frame, MemoryDigest, ReadFrameError, TargetTimings, read_frame, read_frame_into,
+    Frame, FrameKind, MemoryDigest, ReadFrameError, TargetTimings, read_frame,
+    read_frame_after_header, read_header, read_page_data, read_page_data_head,
 };
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
 use crate::machine::postcopy::TargetPages;
@@ -124,7 +125,90 @@ enum Event {
     /// A frame, when its reader had it whole, and whether the reader placed its pages in
     /// guest memory already ([`Placement`]).
     Frame(StreamName, Frame, Instant, bool),
+    /// A `PageData` frame whose reader read its data straight into guest memory
+    /// ([`PagePlacer::read_into`]): what the receiving thread's accounts need of it.
+    Placed(StreamName, PlacedPages),
     Error(StreamName, ReadFrameError),
+}
+
+/// A page frame read into guest memory in place: its pages, by kind.
+struct PlacedPages {
+    data: u64,
+    zero: u64,
+}
+
+/// A data stream's socket as its reader reads it: the plain TCP socket itself, which a
+/// `PageData` frame's data can be read from straight into guest memory, or a TLS stream.
+trait DataSocket: Read + Send + 'static {
+    /// The TCP socket, when the stream is plain TCP.
+    fn plain(&self) -> Option<&TcpStream>;
+}
+
+impl DataSocket for TcpStream {
+    fn plain(&self) -> Option<&TcpStream> {
+        Some(self)
+    }
+}
+
+impl DataSocket for Conn {
+    fn plain(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl DataSocket for crate::tcp::transport::ConnReader {
+    fn plain(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+/// What a reader did with the frame whose header it read.
+enum Read1 {
+    /// Read whole: hand it on (its data pages already prefaulted when `prefaulted`).
+    Frame(Frame, bool),
+    /// A `PageData` frame's data was read into guest memory in place.
+    Placed(PlacedPages),
+}
+
+/// Reads the frame whose header `h` is, on a data stream: a `PageData` frame on plain TCP whose
+/// round the gate admits goes straight into guest memory (its head checked first, its runs
+/// prefaulted), any other frame into `buf` as [`read_frame_after_header`] reads it.
+fn read_data_frame<S: DataSocket>(
+    socket: &mut S,
+    h: &[u8; crate::wire::HEADER_LEN],
+    header: crate::wire::Header,
+    layout: Option<&MemoryLayout>,
+    prefault: Option<&Prefault>,
+    in_place: Option<&dyn PagePlacer>,
+    buf: Vec<u8>,
+) -> Result<Read1, ReadFrameError> {
+    let Some(layout) = layout.filter(|_| header.kind == FrameKind::PageData) else {
+        return read_frame_after_header(socket, h, header, layout, buf)
+            .map(|f| Read1::Frame(f, false));
+    };
+    let head = read_page_data_head(socket, h, header, layout)?;
+    if let Some(prefault) = prefault {
+        for (gpa, len) in head.data_runs() {
+            prefault(gpa, len);
+        }
+    }
+    match (in_place, socket.plain()) {
+        (Some(placer), Some(tcp)) => {
+            placer
+                .read_into(
+                    std::os::fd::AsFd::as_fd(tcp),
+                    &head.data_gpas(),
+                    &head.zero_gpas(),
+                )
+                .map_err(ReadFrameError::Io)?;
+            let data = head.data_pages() as u64;
+            Ok(Read1::Placed(PlacedPages {
+                data,
+                zero: head.len() as u64 - data,
+            }))
+        }
+        _ => read_page_data(socket, &head, buf).map(|b| Read1::Frame(Frame::Pages(b), true)),
+    }
 }
 
 struct Incoming<'a, T: MigrationTarget + ?Sized> {
@@ -263,7 +347,7 @@ struct Placement {
 }
 
 fn spawn_reader(
-    mut socket: impl Read + Send + 'static,
+    mut socket: impl DataSocket,
     name: StreamName,
     layout: Option<MemoryLayout>,
     prefault: Option<Prefault>,
@@ -279,9 +363,37 @@ fn spawn_reader(
             let mut stream_round = 0u32;
             loop {
                 let buf = spare.as_ref().and_then(Spare::take).unwrap_or_default();
-                match read_frame_into(&mut socket, layout.as_ref(), buf) {
-                    Ok(f) => {
-                        if let (Some(prefault), Frame::Pages(batch)) = (&prefault, &f) {
+                let read = read_header(&mut socket).and_then(|(h, header)| {
+                    // Straight into guest memory only where the round gate admits the frame.
+                    let in_place = placement
+                        .as_ref()
+                        .filter(|p| p.placer.reads_in_place() && p.gate.admits(stream_round))
+                        .map(|p| &*p.placer);
+                    read_data_frame(
+                        &mut socket,
+                        &h,
+                        header,
+                        layout.as_ref(),
+                        prefault.as_ref(),
+                        in_place,
+                        buf,
+                    )
+                });
+                let read = match read {
+                    Ok(Read1::Placed(pages)) => {
+                        if tx.send(Event::Placed(name, pages)).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(Read1::Frame(f, prefaulted)) => Ok((f, prefaulted)),
+                    Err(e) => Err(e),
+                };
+                match read {
+                    Ok((f, prefaulted)) => {
+                        if let (Some(prefault), Frame::Pages(batch), false) =
+                            (&prefault, &f, prefaulted)
+                        {
                             for (gpa, len) in batch.data_runs() {
                                 prefault(gpa, len);
                             }
@@ -443,6 +555,9 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     Ok(Event::Frame(StreamName::Control, f, ..)) => Some(Ok(f)),
                     Ok(Event::Frame(name, f, ..)) => {
                         Some(Err(format!("{:?} on {name} after its end", f.kind())))
+                    }
+                    Ok(Event::Placed(name, _)) => {
+                        Some(Err(format!("a page frame on {name} after its end")))
                     }
                     Ok(Event::Error(name, e)) => Some(Err(format!("{name}: {}", error_chain(&e)))),
                     Err(RecvTimeoutError::Timeout) => None,
@@ -643,6 +758,15 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             idle_since = Instant::now();
             let (stream, frame, read_at, placed) = match ev {
                 Event::Frame(stream, frame, read_at, placed) => (stream, frame, read_at, placed),
+                Event::Placed(stream, pages) => {
+                    // Its reader wrote the pages already, in the round the machine admits.
+                    self.machine
+                        .placed_pages(stream, (pages.data + pages.zero) as usize)?;
+                    self.report.frames += 1;
+                    self.report.pages_written += pages.data;
+                    self.report.pages_zeroed += pages.zero;
+                    continue;
+                }
                 Event::Error(stream, source) => {
                     // A source that gives up sends Abort on the control stream and then
                     // closes everything: give its reason a moment to arrive.

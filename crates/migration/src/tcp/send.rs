@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver as ChanRx, RecvTimeoutError, TryRecvError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -19,10 +20,11 @@ use crate::machine::sender::{
 use crate::report::{MigrationReport, PauseStep, Progress};
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{self, ConnWriter, DataSender, TlsClient, wait_writable};
-use crate::vm::{MigrationSource, VmError};
+use crate::vm::{GuestPages, MigrationSource, VmError};
 use crate::wire::{
     Frame, FrameKind, HEADER_LEN, Hello, MAX_PAGES_PER_FRAME, MIN_PROTOCOL_VERSION, MemoryDigest,
-    PROTOCOL_VERSION, ReadFrameError, VERIFY_CHUNK_BYTES, read_frame, seal,
+    PAGE_DATA_PROTOCOL_VERSION, PROTOCOL_VERSION, PageDataFrame, ReadFrameError,
+    VERIFY_CHUNK_BYTES, read_frame, seal,
 };
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
 use crate::machine::postcopy;
@@ -310,11 +312,59 @@ fn is_zero(page: &[u8]) -> bool {
     words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
 }
 
+/// The page frame being built for a data stream: a copy of each page in a `Pages` frame, or
+/// (plain TCP, protocol 4, a VM that offers its memory) a `PageData` frame whose pages are
+/// written to the socket from guest memory in place.
+enum Batch {
+    Copy(FrameBuf),
+    InPlace(PageDataFrame),
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        match self {
+            Batch::Copy(f) => f.is_empty(),
+            Batch::InPlace(f) => f.is_empty(),
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        match self {
+            Batch::Copy(f) => f.is_full(),
+            Batch::InPlace(f) => f.is_full(),
+        }
+    }
+
+    fn pages(&self) -> usize {
+        match self {
+            Batch::Copy(f) => f.pages(),
+            Batch::InPlace(f) => f.len(),
+        }
+    }
+}
+
+/// A sealed page frame on its way to a data stream's queue.
+enum Outgoing {
+    /// The first `len` bytes of a buffer.
+    Bytes(Vec<u8>, usize),
+    /// A `PageData` frame's head and its data pages' guest addresses.
+    InPlace(Vec<u8>, Vec<u64>),
+}
+
+impl Outgoing {
+    fn len(&self) -> usize {
+        match self {
+            Outgoing::Bytes(_, len) => *len,
+            Outgoing::InPlace(head, pages) => PageDataFrame::wire_len(head, pages),
+        }
+    }
+}
+
 /// One data stream: its socket, written by the copy loop without blocking, and the page frame
 /// being built for it.
 struct DataStream {
     out: DataSender,
-    batch: FrameBuf,
+    batch: Batch,
     frames: u64,
     pages: u64,
 }
@@ -336,6 +386,9 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     /// Buffers the last writes finished with.
     written: Vec<Vec<u8>>,
     bucket: Option<TokenBucket>,
+    /// Guest memory the data streams send `PageData` frames from (plain TCP, protocol 4, and a
+    /// VM that offers it); `None`: pages are copied into `Pages` frames.
+    guest: Option<Arc<dyn GuestPages>>,
     zeros: ZeroTracker,
     bytes_sent: u64,
     zero_skipped: u64,
@@ -393,6 +446,7 @@ pub fn migrate_with_tls<S: MigrationSource + ?Sized>(
         cancel,
         progress,
         start,
+        guest: None,
         zeros: ZeroTracker::new(layout.total_pages()),
         layout,
         control: None,
@@ -652,16 +706,34 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         };
         self.control_rx = Some(rx);
         let now = self.now();
-        self.machine.heard(now, answer)?;
+        let version = match self.machine.heard(now, answer)? {
+            Heard::Welcomed(v) => v,
+            _ => 0,
+        };
+        // Pages straight from guest memory: plain TCP only (TLS encrypts a copy anyway), with a
+        // target that reads `PageData` frames, and a VM that offers its memory.
+        self.guest = match tls {
+            None if version >= PAGE_DATA_PROTOCOL_VERSION => self.source.guest_pages(),
+            _ => None,
+        };
 
         for i in 0..self.opts.streams {
             let (mut s, _) = connect(&addr, target_id.as_ref())?;
             let join = Frame::Join { session, stream: i }.encode();
             s.write_all(&join).map_err(MigrateError::Connection)?;
             self.bytes_sent += join.len() as u64;
+            let mut out = DataSender::new(s).map_err(MigrateError::Connection)?;
+            if let Some(g) = &self.guest
+                && !out.send_in_place(g.clone())
+            {
+                return Err(MigrateError::Protocol(
+                    "a data stream that cannot send pages in place on a plain TCP link".into(),
+                ));
+            }
+            let batch = self.new_frame();
             self.data.push(DataStream {
-                out: DataSender::new(s).map_err(MigrateError::Connection)?,
-                batch: FrameBuf::new(None, 0),
+                out,
+                batch,
                 frames: 0,
                 pages: 0,
             });
@@ -743,23 +815,25 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
 
     fn push_frame(&mut self, i: usize, bytes: Vec<u8>) -> Result<(), MigrateError> {
         let len = bytes.len();
-        self.push_bytes(i, bytes, len)
+        self.push_out(i, Outgoing::Bytes(bytes, len))
     }
 
-    /// Queues the first `len` bytes of `buf` (one frame) on data stream `i` within the bandwidth
-    /// cap, writes what the sockets take now, and waits while stream `i` holds more than
-    /// [`STREAM_QUEUE_MAX`] unwritten.
-    fn push_bytes(&mut self, i: usize, buf: Vec<u8>, len: usize) -> Result<(), MigrateError> {
+    /// Queues one frame on data stream `i` within the bandwidth cap, writes what the sockets
+    /// take now, and waits while stream `i` holds more than [`STREAM_QUEUE_MAX`] unwritten.
+    fn push_out(&mut self, i: usize, frame: Outgoing) -> Result<(), MigrateError> {
+        let len = frame.len();
         if let Some(bucket) = &mut self.bucket {
             let wait = bucket.take(len as u64, self.start.elapsed());
             if !wait.is_zero() {
                 thread::sleep(wait);
             }
         }
-        self.data[i]
-            .out
-            .push(buf, len, &mut self.written)
-            .map_err(MigrateError::Connection)?;
+        let out = &mut self.data[i].out;
+        match frame {
+            Outgoing::Bytes(buf, len) => out.push(buf, len, &mut self.written),
+            Outgoing::InPlace(head, pages) => out.push_in_place(head, pages),
+        }
+        .map_err(MigrateError::Connection)?;
         self.bytes_sent += len as u64;
         self.write_until(|data| data[i].out.queued() <= STREAM_QUEUE_MAX)
     }
@@ -816,9 +890,14 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         }
     }
 
-    /// An empty page frame of the current round, in a spare buffer when there is one.
-    fn new_frame(&mut self) -> FrameBuf {
-        FrameBuf::new(self.spares.pop(), self.machine.round())
+    /// An empty page frame of the current round: in place when the streams send so, else in a
+    /// spare buffer when there is one.
+    fn new_frame(&mut self) -> Batch {
+        let round = self.machine.round();
+        match self.guest {
+            Some(_) => Batch::InPlace(PageDataFrame::new(round)),
+            None => Batch::Copy(FrameBuf::new(self.spares.pop(), round)),
+        }
     }
 
     fn flush_batch(&mut self, i: usize) -> Result<(), MigrateError> {
@@ -829,8 +908,17 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         let batch = std::mem::replace(&mut self.data[i].batch, fresh);
         self.data[i].frames += 1;
         self.data[i].pages += batch.pages() as u64;
-        let (buf, len) = batch.seal();
-        self.push_bytes(i, buf, len)
+        let frame = match batch {
+            Batch::Copy(f) => {
+                let (buf, len) = f.seal();
+                Outgoing::Bytes(buf, len)
+            }
+            Batch::InPlace(f) => {
+                let (head, pages) = f.seal();
+                Outgoing::InPlace(head, pages)
+            }
+        };
+        self.push_out(i, frame)
     }
 
     /// Sends every pending batch and waits until every stream's socket took all it was given.
@@ -902,6 +990,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         let mut batches = 0u32;
         let (mut data, mut zero) = (0u64, 0u64);
         let layout = self.layout.clone();
+        let guest = self.guest.clone();
         for run in pages::runs(&layout, set, self.data.len()) {
             let n = run.pages as usize;
             let run_start = Instant::now();
@@ -911,14 +1000,35 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                 let gpa = run.gpa + k as u64 * PAGE_SIZE;
                 let page = run.first + k as u64;
                 let (source, zeros) = (&mut *self.source, &mut self.zeros);
-                let action = self.data[stream]
-                    .batch
-                    .push_page(
-                        gpa,
-                        |buf| source.read_pages(gpa, buf),
-                        |is_zero| zeros.page(page, is_zero),
-                    )
-                    .map_err(|e| MigrateError::Source("read_pages", e))?;
+                let action = match &mut self.data[stream].batch {
+                    Batch::InPlace(f) => {
+                        let Some(guest) = &guest else {
+                            return Err(MigrateError::Protocol(
+                                "a page frame in place without guest memory".into(),
+                            ));
+                        };
+                        source
+                            .before_send_in_place(gpa)
+                            .and_then(|()| guest.is_zero(gpa))
+                            .map(|is_zero| {
+                                let action = zeros.page(page, is_zero);
+                                match action {
+                                    PageAction::Data => f.push_data(gpa),
+                                    PageAction::Zero => f.push_zero(gpa),
+                                    PageAction::Skip => {}
+                                }
+                                action
+                            })
+                            .map_err(|e| MigrateError::Source("reading a page in place", e))?
+                    }
+                    Batch::Copy(f) => f
+                        .push_page(
+                            gpa,
+                            |buf| source.read_pages(gpa, buf),
+                            |is_zero| zeros.page(page, is_zero),
+                        )
+                        .map_err(|e| MigrateError::Source("read_pages", e))?,
+                };
                 if action == PageAction::Data {
                     data += 1;
                 } else {

@@ -37,7 +37,8 @@ use std::time::{Duration, Instant};
 use tern_pki::rustls::{self, ClientConnection, ServerConnection, StreamOwned};
 use tern_pki::{Identity, Role, TlsDir};
 
-use crate::wire::{Frame, ReadFrameError, read_frame};
+use crate::vm::GuestPages;
+use crate::wire::{Frame, PageDataFrame, ReadFrameError, read_frame};
 
 /// Bytes the TLS layer reads from the socket at once (rustls alone reads 4 KiB per call).
 const SOCKET_READ_BUF: usize = 256 * 1024;
@@ -446,13 +447,18 @@ pub(crate) struct DataSender {
     /// Bytes queued and not yet written (TLS: plaintext bytes, an estimate once records are
     /// partly out; exact at 0).
     queued: usize,
+    /// Plain TCP with `PageData` frames: the guest memory their pages are written from.
+    guest: Option<Arc<dyn GuestPages>>,
 }
 
-/// A frame in a [`DataSender`]'s queue: the first `len` bytes of `buf`, `done` of them written.
+/// A frame in a [`DataSender`]'s queue: the first `len` bytes of `buf`, `done` of them written;
+/// or, when `pages` is not empty, a `PageData` frame: its head in `buf`, then the 4096 bytes
+/// of each page of `pages` read from guest memory as they are written (`len` in all).
 struct Queued {
     buf: Vec<u8>,
     len: usize,
     done: usize,
+    pages: Vec<u64>,
 }
 
 enum SendLink {
@@ -493,6 +499,7 @@ impl DataSender {
             link,
             queue: Default::default(),
             queued: 0,
+            guest: None,
         };
         s.tcp().set_nonblocking(true)?;
         Ok(s)
@@ -529,12 +536,53 @@ impl DataSender {
     ) -> io::Result<()> {
         let len = len.min(buf.len());
         match &mut self.link {
-            SendLink::Plain(_) => self.queue.push_back(Queued { buf, len, done: 0 }),
+            SendLink::Plain(_) => self.queue.push_back(Queued {
+                buf,
+                len,
+                done: 0,
+                pages: Vec::new(),
+            }),
             SendLink::Tls { conn, .. } => {
                 conn.writer().write_all(&buf[..len])?;
                 free.push(buf);
             }
         }
+        self.queued += len;
+        Ok(())
+    }
+
+    /// Sends `PageData` frames from `guest` ([`DataSender::push_in_place`]): plain TCP only.
+    /// Returns whether the link takes them (false with TLS, whose records need the bytes).
+    pub(crate) fn send_in_place(&mut self, guest: Arc<dyn GuestPages>) -> bool {
+        match self.link {
+            SendLink::Plain(_) => {
+                self.guest = Some(guest);
+                true
+            }
+            SendLink::Tls { .. } => false,
+        }
+    }
+
+    /// Queues a sealed `PageData` frame: `head` (header, round, count, entries) and the data
+    /// pages `pages`, written from guest memory when the socket takes them. Nothing is
+    /// written yet ([`DataSender::drain`]). Only after [`DataSender::send_in_place`].
+    pub(crate) fn push_in_place(&mut self, head: Vec<u8>, pages: Vec<u64>) -> io::Result<()> {
+        if self.guest.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "page data in place on a link that does not send it",
+            ));
+        }
+        let len = PageDataFrame::wire_len(&head, &pages);
+        if pages.is_empty() {
+            return self.push(head, len, &mut Vec::new());
+        }
+        self.queue.push_back(Queued {
+            buf: head,
+            len,
+            done: 0,
+            pages,
+        });
         self.queued += len;
         Ok(())
     }
@@ -545,14 +593,27 @@ impl DataSender {
         let mut total = 0;
         match &mut self.link {
             SendLink::Plain(tcp) => {
-                while !self.queue.is_empty() {
-                    let slices: Vec<io::IoSlice<'_>> = self
-                        .queue
-                        .iter()
-                        .take(WRITEV_FRAMES)
-                        .map(|q| io::IoSlice::new(&q.buf[q.done..q.len]))
-                        .collect();
-                    let n = match tcp.write_vectored(&slices) {
+                while let Some(front) = self.queue.front() {
+                    let written = if front.pages.is_empty() {
+                        // Frames in buffers, up to the next in-place frame: one writev.
+                        let slices: Vec<io::IoSlice<'_>> = self
+                            .queue
+                            .iter()
+                            .take(WRITEV_FRAMES)
+                            .take_while(|q| q.pages.is_empty())
+                            .map(|q| io::IoSlice::new(&q.buf[q.done..q.len]))
+                            .collect();
+                        tcp.write_vectored(&slices)
+                    } else {
+                        match &self.guest {
+                            Some(g) => {
+                                use std::os::fd::AsFd;
+                                g.write_frame(tcp.as_fd(), &front.buf, &front.pages, front.done)
+                            }
+                            None => Err(io::ErrorKind::Unsupported.into()),
+                        }
+                    };
+                    let n = match written {
                         Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                         Ok(n) => n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

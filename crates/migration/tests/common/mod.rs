@@ -12,9 +12,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use tern_migration::ThrottleSlice;
+use tern_migration::wire::PageBatch;
 use tern_migration::{
-    CpuidDigest, MemoryLayout, MigrationSource, MigrationTarget, PAGE_SIZE, Region,
-    VmConfigDescription, VmError,
+    CpuidDigest, GuestPages, MemoryLayout, MigrationSource, MigrationTarget, PAGE_SIZE, PagePlacer,
+    Region, VmConfigDescription, VmError,
 };
 
 const PAGE: usize = PAGE_SIZE as usize;
@@ -98,6 +99,110 @@ pub struct MemVm {
     pages_written: u64,
     pub resumed_count: u32,
     restored: Option<u64>,
+    /// Pages moved in place (`PageData` frames): the source offers its memory
+    /// (`guest_pages`), the target reads into it (`placer`, `read_into`); `None`: neither.
+    pub in_place: Option<Arc<InPlaceCounts>>,
+}
+
+/// What [`MemVm::with_in_place`] saw: frames written from memory and frames read into it.
+#[derive(Debug, Default)]
+pub struct InPlaceCounts {
+    /// `PageData` frames the source began writing from its memory.
+    pub frames_written: AtomicU64,
+    /// `PageData` frames whose data the target read straight into its memory.
+    pub frames_read: AtomicU64,
+    /// Frames placed from a buffer (`place`).
+    pub frames_placed: AtomicU64,
+}
+
+/// The memory of a [`MemVm`] as the in-place traits see it.
+struct MemPages {
+    shared: Arc<Shared>,
+    layout: MemoryLayout,
+    counts: Arc<InPlaceCounts>,
+}
+
+impl MemPages {
+    fn offset(&self, gpa: u64) -> Result<usize, VmError> {
+        let idx = self
+            .layout
+            .page_index(gpa)
+            .ok_or("address outside memory")?;
+        Ok((idx * PAGE_SIZE) as usize)
+    }
+}
+
+impl GuestPages for MemPages {
+    fn is_zero(&self, gpa: u64) -> Result<bool, VmError> {
+        let off = self.offset(gpa)?;
+        let m = self.shared.mem.lock().unwrap();
+        Ok(m.bytes[off..off + PAGE].iter().all(|&b| b == 0))
+    }
+
+    fn write_frame(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        head: &[u8],
+        pages: &[u64],
+        skip: usize,
+    ) -> std::io::Result<usize> {
+        // A copy here (no unsafe outside the VMM), taken when the socket is written: the bytes
+        // are whatever the memory holds now, as when the kernel reads guest memory.
+        let mut all = head.to_vec();
+        {
+            let m = self.shared.mem.lock().unwrap();
+            for &gpa in pages {
+                let off = self.offset(gpa).map_err(std::io::Error::other)?;
+                all.extend_from_slice(&m.bytes[off..off + PAGE]);
+            }
+        }
+        // A second descriptor of the same socket (safe, unlike writing the borrowed one).
+        let r = TcpStream::from(socket.try_clone_to_owned()?).write(&all[skip..]);
+        if skip == 0 && matches!(r, Ok(n) if n > 0) {
+            self.counts.frames_written.fetch_add(1, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+impl PagePlacer for MemPages {
+    fn place(&self, batch: &PageBatch) -> Result<(), VmError> {
+        self.counts.frames_placed.fetch_add(1, Ordering::SeqCst);
+        let mut m = self.shared.mem.lock().unwrap();
+        for (gpa, data) in batch.iter() {
+            let off = self.offset(gpa)?;
+            match data {
+                Some(d) => m.bytes[off..off + PAGE].copy_from_slice(d),
+                None => m.bytes[off..off + PAGE].fill(0),
+            }
+        }
+        Ok(())
+    }
+
+    fn reads_in_place(&self) -> bool {
+        true
+    }
+
+    fn read_into(
+        &self,
+        socket: std::os::fd::BorrowedFd<'_>,
+        data: &[u64],
+        zero: &[u64],
+    ) -> std::io::Result<()> {
+        let mut buf = vec![0u8; data.len() * PAGE];
+        TcpStream::from(socket.try_clone_to_owned()?).read_exact(&mut buf)?;
+        let mut m = self.shared.mem.lock().unwrap();
+        for (gpa, d) in data.iter().zip(buf.chunks(PAGE)) {
+            let off = self.offset(*gpa).map_err(std::io::Error::other)?;
+            m.bytes[off..off + PAGE].copy_from_slice(d);
+        }
+        for gpa in zero {
+            let off = self.offset(*gpa).map_err(std::io::Error::other)?;
+            m.bytes[off..off + PAGE].fill(0);
+        }
+        self.counts.frames_read.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Two regions with a hole between them: `bytes * 3/4` at 0 and `bytes / 4` at 4 GiB.
@@ -155,7 +260,24 @@ impl MemVm {
             pages_written: 0,
             resumed_count: 0,
             restored: None,
+            in_place: None,
         }
+    }
+
+    /// Moves pages in place: as a source it offers its memory to the data streams, as a target
+    /// it reads `PageData` frames' data into its memory; `counts` tells what happened.
+    pub fn with_in_place(mut self, counts: Arc<InPlaceCounts>) -> Self {
+        self.in_place = Some(counts);
+        self
+    }
+
+    fn mem_pages(&self) -> Option<Arc<MemPages>> {
+        let counts = self.in_place.clone()?;
+        Some(Arc::new(MemPages {
+            shared: self.shared.clone(),
+            layout: self.layout.clone(),
+            counts,
+        }))
     }
 
     /// A running source VM of `bytes` bytes whose workload writes `rate` pages/s (0 = max).
@@ -439,6 +561,10 @@ impl MigrationSource for MemVm {
         self.storage_away = false;
         Ok(())
     }
+
+    fn guest_pages(&self) -> Option<Arc<dyn GuestPages>> {
+        self.mem_pages().map(|p| p as Arc<dyn GuestPages>)
+    }
 }
 
 impl MigrationTarget for MemVm {
@@ -522,6 +648,10 @@ impl MigrationTarget for MemVm {
             .state
             .store(VmState::Discarded as u8, Ordering::SeqCst);
         self.shared.mem.lock().unwrap().bytes.fill(0);
+    }
+
+    fn placer(&mut self) -> Option<Arc<dyn PagePlacer>> {
+        self.mem_pages().map(|p| p as Arc<dyn PagePlacer>)
     }
 }
 

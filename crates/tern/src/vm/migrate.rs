@@ -35,7 +35,9 @@ pub struct MigrateArgs {
     /// Bandwidth cap, MiB/s (default: none).
     #[arg(long, value_name = "MIBPS")]
     pub max_bandwidth_mibps: Option<u64>,
-    /// Compare a digest of all guest memory on the target before it resumes.
+    /// Compare a digest of all guest memory on the target before it resumes. On plain TCP the
+    /// pages travel from and into guest memory without a checksum of their data (only TCP's):
+    /// this is the end-to-end check that they arrived intact.
     #[arg(long)]
     pub verify_memory: bool,
     /// Switch to post-copy after N pre-copy rounds (1..=1000): the source pauses for good,
