@@ -1140,7 +1140,11 @@ mod tests {
         }
         let r = a.rounds(600_000);
         assert_eq!((r.now_ms, r.interval_s), (600_000, 2));
-        assert_eq!(r.rounds.len(), ROUNDS_KEPT, "the newest {ROUNDS_KEPT} of 300");
+        assert_eq!(
+            r.rounds.len(),
+            ROUNDS_KEPT,
+            "the newest {ROUNDS_KEPT} of 300"
+        );
         for (i, round) in r.rounds.iter().enumerate() {
             // round n ran at cycle 4n, on the 2 s grid; it kept the newest ones
             let n = (300 - ROUNDS_KEPT + i) as u64;
