@@ -92,6 +92,11 @@ pub struct MigrateArgs {
     /// row).
     #[arg(long)]
     pub post_copy: bool,
+    /// Also run Tern with `--pages-in-place` (pages sent from and read into guest memory
+    /// without copies, their data outside the frame checksum) on every workload: a
+    /// `tern in place` row, with its own ratios to tuned QEMU.
+    #[arg(long)]
+    pub pages_in_place: bool,
 }
 
 /// `--tern-seccomp`, for every Tern VMM this process starts.
@@ -976,6 +981,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         }
         let (mut t, mut qt, mut qd) = (Vec::new(), Vec::new(), Vec::new());
         let mut tp = Vec::new(); // post-copy row
+        let mut ti = Vec::new(); // in-place row
         let post_copy: &[&str] = &["--post-copy-after", "2"];
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
@@ -991,6 +997,10 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             if args.post_copy && w.name != "idle" {
                 let r = tern_run(&tern, &elf, &dir, w, &[], post_copy);
                 tp.push(or_error("tern post-copy", r));
+            }
+            if args.pages_in_place {
+                let r = tern_run(&tern, &elf, &dir, w, &[], &["--pages-in-place"]);
+                ti.push(or_error("tern in place", r));
             }
             qt.push(or_error(
                 "qemu tuned",
@@ -1020,6 +1030,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             medians(&qd),
             (breakdown_line(&t), rounds_summary(&t)),
             medians(&tp),
+            medians(&ti),
         ));
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -1057,8 +1068,8 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "work % m/min",
         "failed"
     );
-    for (w, t, qt, qd, (tb, tr), tp) in &rows {
-        let rows = [("tern", t), ("tern post-copy", tp)];
+    for (w, t, qt, qd, (tb, tr), tp, ti) in &rows {
+        let rows = [("tern", t), ("tern post-copy", tp), ("tern in place", ti)];
         for (name, m) in rows
             .into_iter()
             .chain([("qemu tuned", qt), ("qemu defaults", qd)])
@@ -1104,6 +1115,16 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
             );
         }
         println!("{:<26} {ratios}", "");
+        if ti.runs > 0 {
+            println!(
+                "{:<26} ratios tern-in-place/qemu-tuned: pause {}, total {}, bytes {}, work {}",
+                "",
+                ratio(ti.pause, qt.pause),
+                ratio(ti.total, qt.total),
+                ratio(ti.bytes, qt.bytes),
+                ratio(ti.work_mean, qt.work_mean),
+            );
+        }
         if let Some(b) = tb {
             println!(
                 "{:<26} tern pause by step, ms (median over {} runs, slowest): {b}",

@@ -151,6 +151,10 @@ pub struct MigrateRequest {
     /// Switch to post-copy after this many pre-copy rounds (absent: pre-copy only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_after: Option<u32>,
+    /// Send pages straight from guest memory on plain TCP, their data covered by TCP's checksum
+    /// only (`tern vm migrate --pages-in-place`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pages_in_place: bool,
 }
 
 /// The source's TLS identity for one migration: the contents of its `--tls-dir` (read by the
@@ -209,6 +213,7 @@ impl MigrateRequest {
             disk_successor: None,
             tls: None,
             post_copy_after: None,
+            pages_in_place: false,
         }
     }
 }

@@ -1399,6 +1399,14 @@ pub fn read_page_data_head<R: Read>(
     header: Header,
     layout: &MemoryLayout,
 ) -> Result<PageDataHead, ReadFrameError> {
+    // Round, count and one entry at least: a shorter frame is refused before a byte of it is
+    // read (reading on would take the next frame's bytes as this one's).
+    if header.len < 6 + 8 {
+        return Err(ReadFrameError::Decode(DecodeError::Malformed {
+            kind: FrameKind::PageData,
+            what: "payload ends early",
+        }));
+    }
     let mut prefix = [0u8; 6];
     r.read_exact(&mut prefix).map_err(ReadFrameError::Io)?;
     let n = page_data_entries_len(header, &prefix).map_err(ReadFrameError::Decode)?;

@@ -144,27 +144,28 @@ fn pages_move_in_place_on_plain_tcp_and_arrive_intact_under_a_writer() {
     let counts = std::sync::Arc::new(common::InPlaceCounts::default());
     let mut src = MemVm::source(64 * MIB, 20_000).with_in_place(counts.clone());
     let (addr, h) = spawn_target(MemVm::target(64 * MIB, 1, 5000).with_in_place(counts.clone()));
-    let (r, _) = migrate(&mut src, addr, &opts(2, true), &CancelToken::new());
+    let o = MigrateOptions {
+        pages_in_place: true,
+        ..opts(2, true)
+    };
+    let (r, _) = migrate(&mut src, addr, &o, &CancelToken::new());
     let (tgt, rr) = h.join().unwrap();
     let report = r.unwrap_or_else(|f| panic!("{}: {:?}", error_chain(&f.error), f.report));
-    let rr = rr.unwrap();
+    rr.unwrap();
     assert_moved(&src, &tgt, &report);
     let written = counts
         .frames_written
         .load(std::sync::atomic::Ordering::SeqCst);
     let read = counts.frames_read.load(std::sync::atomic::Ordering::SeqCst);
-    let placed = counts
-        .frames_placed
-        .load(std::sync::atomic::Ordering::SeqCst);
     assert!(written > 0, "no page frame was written from guest memory");
-    // Every frame with data went in place; all-zero frames travel as one buffer and are
-    // placed from it, as are frames the round gate held back (none with an honest source).
+    // Every frame with data is written from guest memory; a frame of zero pages only goes out
+    // as one buffer (nothing to write in place) and is read in place all the same, so the
+    // target reads at least as many in place as the source writes.
     assert!(read > 0, "no page frame was read into guest memory");
-    assert_eq!(
-        read, written,
-        "frames written in place = frames read in place"
+    assert!(
+        read >= written,
+        "every frame written in place is read in place: {read} read, {written} written"
     );
-    assert_eq!(rr.frames, read + placed, "{rr:?}");
     assert!(
         report.rounds >= 2,
         "the writer makes more than one round: {report:?}"
@@ -175,11 +176,26 @@ fn pages_move_in_place_on_plain_tcp_and_arrive_intact_under_a_writer() {
 /// no newer): the pages go as `Pages` frames, copied, and the migration completes intact.
 #[test]
 fn a_source_limited_to_protocol_3_sends_copied_page_frames() {
+    let mut o = opts(2, true);
+    o.protocol_versions = (1, 3);
+    o.pages_in_place = true;
+    copied_page_frames_only(o);
+}
+
+/// Without `pages_in_place` (the default) every page goes in a copied, checksummed `Pages`
+/// frame, though both VMs offer their memory and both ends speak protocol 4.
+#[test]
+fn pages_are_copied_under_their_checksum_unless_asked_to_go_in_place() {
+    assert!(!MigrateOptions::default().pages_in_place);
+    copied_page_frames_only(opts(2, true));
+}
+
+/// Migrates a writer between VMs that offer their memory in place with `o`, and checks that no
+/// page frame went in place.
+fn copied_page_frames_only(o: MigrateOptions) {
     let counts = std::sync::Arc::new(common::InPlaceCounts::default());
     let mut src = MemVm::source(32 * MIB, 5000).with_in_place(counts.clone());
     let (addr, h) = spawn_target(MemVm::target(32 * MIB, 1, 5000).with_in_place(counts.clone()));
-    let mut o = opts(2, true);
-    o.protocol_versions = (1, 3);
     let (r, _) = migrate(&mut src, addr, &o, &CancelToken::new());
     let (tgt, rr) = h.join().unwrap();
     let report = r.unwrap_or_else(|f| panic!("{}: {:?}", error_chain(&f.error), f.report));

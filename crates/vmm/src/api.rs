@@ -407,6 +407,7 @@ fn run_migration(vm: &Vm, m: &MigrateRequest, out: &mut UnixStream) -> (Response
         streams: m.streams,
         verify_memory: m.verify_memory,
         post_copy_after: m.post_copy_after,
+        pages_in_place: m.pages_in_place,
         convergence: ConvergenceConfig {
             downtime_budget: Duration::from_millis(m.downtime_ms),
             timeout: Duration::from_secs_f64(m.timeout_s.clamp(0.1, 86_400.0)),

@@ -53,6 +53,12 @@ pub struct MigrateOptions {
     /// Switch to post-copy after this many pre-copy rounds (`--post-copy-after`; `None`:
     /// pre-copy only). After the switch a lost link loses the VM (`failed_post_copy`).
     pub post_copy_after: Option<u32>,
+    /// Send pages straight from guest memory in `PageData` frames (protocol 4, plain TCP, a VM
+    /// that offers its memory; `--pages-in-place`): no copy into a frame and no checksum of
+    /// the page data, whose integrity then rests on TCP's checksum and on `verify_memory`
+    /// (docs/migration.md, "What protects the page data"). Default off: every page's bytes are
+    /// covered by its frame's crc32c.
+    pub pages_in_place: bool,
 }
 
 /// The protocol versions a migration offers: post-copy needs [`POST_COPY_PROTOCOL_VERSION`]
@@ -78,6 +84,7 @@ impl Default for MigrateOptions {
             io_timeout: Duration::from_secs(10),
             protocol_versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
             post_copy_after: None,
+            pages_in_place: false,
         }
     }
 }
@@ -713,7 +720,9 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         // Pages straight from guest memory: plain TCP only (TLS encrypts a copy anyway), with a
         // target that reads `PageData` frames, and a VM that offers its memory.
         self.guest = match tls {
-            None if version >= PAGE_DATA_PROTOCOL_VERSION => self.source.guest_pages(),
+            None if self.opts.pages_in_place && version >= PAGE_DATA_PROTOCOL_VERSION => {
+                self.source.guest_pages()
+            }
             _ => None,
         };
 
