@@ -65,9 +65,33 @@ const HOST_CORES: u32 = 2;
 const CPU_SHARE: f64 = 0.25;
 /// The power model of every host.
 const POWER_MODEL: &str = "hp-ml110-g5";
-/// VMs raised half-way, and the load they are raised to (percent of a vCPU, as the agents report it).
+/// VMs raised half-way when the loop has packed the cluster onto two hosts (more when more are
+/// on: [`raised_count`]), and the load they are raised to (percent of a vCPU, as the agents
+/// report it).
 const RAISED_VMS: usize = 4;
 const RAISED_PCT: f64 = 90.0;
+
+/// How many VMs the raise loads with `hosts_on` hosts powered on: [`RAISED_VMS`] on two hosts,
+/// two more per host beyond two, so that the raised demand outgrows the hosts on whether the
+/// loop packed the cluster onto two hosts or three (on two cores shared by everything the raised
+/// VMs deliver about 0.7 of a vCPU: four of them and the eight light ones fill two hosts' four
+/// cores, six fill three hosts' six), and the loop has to wake a host.
+fn raised_count(hosts_on: usize) -> usize {
+    (RAISED_VMS + 2 * hosts_on.saturating_sub(2)).min(VMS)
+}
+
+/// The VMs the raise loads, of the running VMs `(name, host)` in the API's order: the busiest
+/// host's first, then the next busiest host's (hosts with as many VMs in reverse name order),
+/// `n` in all.
+fn raised_vms<'a>(running: &[(&'a str, &'a str)], n: usize) -> Vec<&'a str> {
+    let mut by_host: BTreeMap<&str, Vec<&'a str>> = BTreeMap::new();
+    for &(vm, host) in running {
+        by_host.entry(host).or_default().push(vm);
+    }
+    let mut hosts: Vec<(&str, Vec<&'a str>)> = by_host.into_iter().collect();
+    hosts.sort_by(|a, b| b.1.len().cmp(&a.1.len()).then(b.0.cmp(a.0)));
+    hosts.into_iter().flat_map(|(_, v)| v).take(n).collect()
+}
 /// Simulated seconds per trace sample (PlanetLab's 5 minutes).
 const SAMPLE_S: f64 = 300.0;
 /// The played samples start this share of a step before the first round under the demo's
@@ -1421,33 +1445,31 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
             done,
         ));
         if k + 1 == raise_at {
-            // the busiest host's first VMs load their vCPUs
-            let mut by_host: BTreeMap<&str, Vec<&VmInfo>> = BTreeMap::new();
-            for v in vms.iter().filter(|v| v.state == VmState::Running) {
-                if let Some(h) = v.host.as_deref() {
-                    by_host.entry(h).or_default().push(v);
-                }
-            }
-            let busiest = by_host
-                .values()
-                .max_by_key(|v| v.len())
-                .cloned()
-                .unwrap_or_default();
+            // the busiest hosts' first VMs load their vCPUs, enough to outgrow the hosts on
+            let on = hosts
+                .iter()
+                .filter(|h| !matches!(h.power, HostPower::Off | HostPower::FailedToWake))
+                .count();
+            let running: Vec<(&str, &str)> = vms
+                .iter()
+                .filter(|v| v.state == VmState::Running)
+                .filter_map(|v| Some((v.name.as_str(), v.host.as_deref()?)))
+                .collect();
+            let busiest = raised_vms(&running, raised_count(on));
             let pct = (RAISED_PCT * CPU_SHARE).round();
-            for v in busiest.iter().take(RAISED_VMS) {
-                let host = v.host.clone().unwrap_or_default();
-                console_input(&lab, &host, &v.name, &format!("load {pct}\n"))?;
-                let idx: usize = v.name.trim_start_matches("vm").parse::<usize>()? - 1;
+            for &name in &busiest {
+                let host = running
+                    .iter()
+                    .find(|(v, _)| *v == name)
+                    .map(|(_, h)| *h)
+                    .unwrap_or_default();
+                console_input(&lab, host, name, &format!("load {pct}\n"))?;
+                let idx: usize = name.trim_start_matches("vm").parse::<usize>()? - 1;
                 raised.push(idx);
             }
             say.line(&format!(
                 "raising the load: {} now spin {RAISED_PCT:.0} % of their vCPU",
-                busiest
-                    .iter()
-                    .take(RAISED_VMS)
-                    .map(|v| v.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                busiest.join(" ")
             ));
         }
     }
@@ -1669,6 +1691,41 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_raise_loads_enough_vms_to_outgrow_the_hosts_on_busiest_hosts_first() {
+        use super::{raised_count, raised_vms};
+        assert_eq!(
+            raised_count(2),
+            4,
+            "packed onto two hosts: four VMs, as always"
+        );
+        assert_eq!(raised_count(3), 6);
+        assert_eq!(raised_count(4), 8);
+        assert_eq!(raised_count(1), 4);
+        assert_eq!(raised_count(9), 12, "never more than the demo's VMs");
+        // three hosts on: h0 and h3 hold four VMs each, h2 three; the later of the tied hosts
+        // first (as the demo always chose), then the other, then the rest
+        let running = [
+            ("vm1", "h0"),
+            ("vm2", "h3"),
+            ("vm3", "h0"),
+            ("vm4", "h2"),
+            ("vm5", "h3"),
+            ("vm6", "h0"),
+            ("vm7", "h3"),
+            ("vm8", "h2"),
+            ("vm9", "h0"),
+            ("vm10", "h3"),
+            ("vm11", "h2"),
+        ];
+        assert_eq!(
+            raised_vms(&running, raised_count(3)),
+            ["vm2", "vm5", "vm7", "vm10", "vm1", "vm3"]
+        );
+        assert_eq!(raised_vms(&running, 4), ["vm2", "vm5", "vm7", "vm10"]);
+        assert_eq!(raised_vms(&running, 20).len(), running.len());
+    }
+
     use super::*;
 
     /// Four hosts up, twelve 1-vCPU VMs spread three to a host, each at `pct` of its vCPU.
