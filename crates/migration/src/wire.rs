@@ -563,25 +563,40 @@ pub fn check_page_data_head(
 
 /// A `PageData` frame's checked head and its data (`data`, 4096 bytes per data page in entry
 /// order) as a [`PageBatch`] (a copy), laid out in `buf`'s capacity.
-fn page_data_batch(head: &PageDataHead, data: &[u8], mut buf: Vec<u8>) -> PageBatch {
+fn page_data_batch(head: &PageDataHead, data: &[u8], buf: Vec<u8>) -> PageBatch {
+    let mut pages = data.chunks_exact(PAGE_BYTES);
+    let filled: Result<PageBatch, std::convert::Infallible> = batch_of(head, buf, |out| {
+        out.extend_from_slice(pages.next().unwrap_or(&[]));
+        Ok(())
+    });
+    match filled {
+        Ok(b) => b,
+    }
+}
+
+/// A [`PageBatch`] laid out in `buf` from a `PageData` frame's head, each data page's bytes
+/// appended by `page` in entry order.
+fn batch_of<E>(
+    head: &PageDataHead,
+    mut buf: Vec<u8>,
+    mut page: impl FnMut(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<PageBatch, E> {
     buf.clear();
-    buf.reserve(6 + 8 * head.len() + data.len());
+    buf.reserve(6 + 8 * head.len() + head.data_pages * PAGE_BYTES);
     buf.extend_from_slice(&head.round.to_le_bytes());
     buf.extend_from_slice(&(head.len() as u16).to_le_bytes());
-    let mut at = 0;
     for e in &head.entries {
         buf.extend_from_slice(&e.to_le_bytes());
         if e & ZERO_FLAG == 0 {
-            buf.extend_from_slice(&data[at..at + PAGE_BYTES]);
-            at += PAGE_BYTES;
+            page(&mut buf)?;
         }
     }
-    PageBatch {
+    Ok(PageBatch {
         round: head.round,
         count: head.len() as u16,
         buf,
         start: 6,
-    }
+    })
 }
 
 /// Chunk size of the memory verification digest the source sends.
@@ -1421,24 +1436,9 @@ pub fn read_page_data_head<R: Read>(
 pub fn read_page_data<R: Read>(
     r: &mut R,
     head: &PageDataHead,
-    mut buf: Vec<u8>,
+    buf: Vec<u8>,
 ) -> Result<PageBatch, ReadFrameError> {
-    buf.clear();
-    buf.reserve(6 + 8 * head.len() + head.data_pages * PAGE_BYTES);
-    buf.extend_from_slice(&head.round.to_le_bytes());
-    buf.extend_from_slice(&(head.len() as u16).to_le_bytes());
-    for e in &head.entries {
-        buf.extend_from_slice(&e.to_le_bytes());
-        if e & ZERO_FLAG == 0 {
-            read_onto(r, PAGE_BYTES, &mut buf)?;
-        }
-    }
-    Ok(PageBatch {
-        round: head.round,
-        count: head.len() as u16,
-        buf,
-        start: 6,
-    })
+    batch_of(head, buf, |out| read_onto(r, PAGE_BYTES, out))
 }
 
 /// Reads the payload of a frame whose header was read ([`read_header`]) and decodes it, into
