@@ -652,3 +652,88 @@ fn at_a_margin_of_zero_a_drain_whose_energy_ties_is_not_vetoed_by_noise() {
         "not a tie: {e:?}"
     );
 }
+
+#[test]
+fn a_host_stays_powering_off_until_the_outcome_however_many_rounds_it_takes() {
+    // The controller reports a power-off when its driver answers, seconds (rounds) later: until
+    // then the host is on its way off — counted on, in no round's view, nobody's target — and
+    // its plan is applying, so no other plan is made.
+    let mut p = policy(AutomationLevel::Full);
+    p.aggressiveness = 1; // overloads only: no drain competes with the power-off
+    p.hold_s = 0;
+    p.power.off_hold_s = 0;
+    p.cooldown_s = 0;
+    let mut lp = Loop::new(p, LoopConfig::default()).unwrap();
+    let snapshot = |h3_up: bool, load: f64| tern_automation::Telemetry {
+        hosts: vec![
+            common::host("h1"),
+            common::host("h2"),
+            tern_automation::HostSample {
+                up: h3_up,
+                ..common::host("h3")
+            },
+        ],
+        vms: vec![
+            common::vm("a", "h1", load),
+            common::vm("b", "h1", load),
+            common::vm("c", "h1", load),
+            common::vm("d", "h2", 0.1),
+        ],
+    };
+    let mut off = None;
+    for k in 0..3u64 {
+        let now = k * STEP_MS;
+        lp.observe(now, &snapshot(true, 0.2)).unwrap();
+        for a in lp.tick(now) {
+            match a {
+                Action::PowerOff { plan, host } => off = Some((plan, host, now)),
+                other => panic!("only the empty host's power-off: {other:?}"),
+            }
+        }
+        if off.is_some() {
+            break;
+        }
+    }
+    let (plan, host, at) = off.expect("the empty h3 is powered off");
+    assert_eq!(host, "h3");
+    // Ten rounds without an answer; its agent is gone from the fourth, and h1 overloads (three
+    // VMs at 0.9 on 2 cores) from the sixth: h3 would be the target, but nothing moves.
+    for k in 1..=10u64 {
+        let now = at + k * STEP_MS;
+        let load = if k >= 6 { 0.9 } else { 0.2 };
+        lp.observe(now, &snapshot(k < 4, load)).unwrap();
+        let actions = lp.tick(now);
+        assert!(actions.is_empty(), "round {k}: {actions:?}");
+        assert_eq!(
+            lp.host_power("h3"),
+            Some(HostPower::PoweringOff),
+            "round {k}"
+        );
+        assert_eq!(lp.plan(plan).unwrap().state, PlanState::Applying);
+        assert_eq!(lp.plans().len(), 1, "round {k}: no other plan");
+        assert_eq!(lp.series().points.last().unwrap().hosts_on, 3, "round {k}");
+    }
+    // The answer: off, the plan applied, and the next round sheds h1 onto h2 only.
+    let now = at + 11 * STEP_MS;
+    assert!(
+        lp.report(now, tern_automation::Outcome::PoweredOff { plan, host })
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
+    assert_eq!(lp.plan(plan).unwrap().state, PlanState::Applied);
+    assert_eq!(lp.plan(plan).unwrap().finished_ms, Some(now));
+    lp.observe(now, &snapshot(false, 0.9)).unwrap();
+    let actions = lp.tick(now);
+    assert!(!actions.is_empty(), "the overload is acted on at once");
+    for a in &actions {
+        match a {
+            Action::Migrate { from, to, .. } => {
+                assert_eq!((from.as_str(), to.as_str()), ("h1", "h2"))
+            }
+            Action::PowerOn { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(lp.series().points.last().unwrap().hosts_on, 2);
+}

@@ -11,6 +11,8 @@
 //!   second apply of a plan no longer proposed; an unknown plan is 404.
 //! * Full mode applies its own plan at once (no apply call), through the same tasks.
 //! * A new leader (the in-memory shell taking office again) runs under the stored policy.
+//! * A slow power-off (3 s) holds neither the cycle nor the apply call: the host is powering
+//!   off meanwhile, and the driver's answer is reported when it comes.
 
 mod common;
 
@@ -46,6 +48,8 @@ struct Table {
     migrations: u64,
     /// Hosts powered off through their (fake) power driver: their agents are gone.
     off: Vec<String>,
+    /// Each power-off's host, start and end, as the driver ran it.
+    off_calls: Vec<(String, Instant, Instant)>,
 }
 
 /// A host's power driver that "powers off" a fake host: its agent stops and its registration
@@ -55,6 +59,8 @@ struct FakePower {
     host: String,
     table: Arc<Mutex<Table>>,
     expired: tokio::sync::mpsc::UnboundedSender<String>,
+    /// How long a power-off takes (a soft-off waits for the host to shut down).
+    off_takes: Duration,
 }
 
 impl PowerDriver for FakePower {
@@ -69,7 +75,13 @@ impl PowerDriver for FakePower {
         Ok(())
     }
     fn power_off(&self, _: OffMode) -> Result<OffOutcome, PowerOffError> {
-        self.table.lock().unwrap().off.push(self.host.clone());
+        let started = Instant::now();
+        std::thread::sleep(self.off_takes);
+        let mut t = self.table.lock().unwrap();
+        t.off.push(self.host.clone());
+        t.off_calls
+            .push((self.host.clone(), started, Instant::now()));
+        drop(t);
         let _ = self.expired.send(self.host.clone());
         Ok(OffOutcome::Soft)
     }
@@ -145,6 +157,11 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Lab {
+        Lab::start_with(Duration::ZERO).await
+    }
+
+    /// A lab whose hosts' power-offs take `off_takes` each.
+    async fn start_with(off_takes: Duration) -> Lab {
         let table = Arc::new(Mutex::new(Table::default()));
         let (shell, base) = common::in_memory_shell(&HOSTS, |host| {
             let agent = Agent {
@@ -162,6 +179,7 @@ impl Lab {
                 host: host.into(),
                 table: Arc::clone(&table),
                 expired: expired.clone(),
+                off_takes,
             };
             shell.set_power_driver(host, Arc::new(driver));
         }
@@ -648,6 +666,135 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
             lab.table.lock().unwrap().off.iter().any(|h| h == host),
             "{off_done}"
         );
+        let (_, h) = lab
+            .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await;
+        assert_eq!(h["power"], "off", "{h}");
+    }
+}
+
+/// A metric's value from the controller's `/metrics` text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+#[tokio::test]
+async fn a_slow_power_off_holds_neither_the_cycle_nor_the_api_and_its_outcome_is_reported() {
+    // Every power-off takes 3 s (a soft-off waiting for the host to shut down).
+    let off_takes = Duration::from_secs(3);
+    let lab = Lab::start_with(off_takes).await;
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let before = lab.policy().await;
+    let (st, v) = lab.put_policy(&lab.eager(&before)).await;
+    assert_eq!(st, 200, "{v}");
+    let drain = lab.first_proposed().await;
+    lab.apply_and_wait(drain["id"].as_u64().unwrap()).await;
+    let off_plan = lab
+        .wait(
+            "a power-off proposal",
+            Duration::from_secs(20),
+            async || {
+                let (_, plans) = lab.call(Method::GET, "/v1/plans", None).await;
+                plans.as_array().unwrap().iter().find_map(|p| {
+                    (p["state"] == "proposed"
+                        && p["actions"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .any(|a| a["kind"] == "power_off"))
+                    .then(|| p.clone())
+                })
+            },
+        )
+        .await;
+    let id = off_plan["id"].as_u64().unwrap();
+    let hosts: Vec<String> = off_plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["host"].as_str().unwrap().to_string())
+        .collect();
+    let (_, series) = lab.call(Method::GET, "/v1/stats/series", None).await;
+    let on_before = series["points"].as_array().unwrap().last().unwrap()["hosts_on"].clone();
+    let metrics = lab.call(Method::GET, "/metrics", None).await.1;
+    let cycles_before = metric(metrics.as_str().unwrap(), "tern_automation_cycles_total");
+
+    // The apply answers at once: the power-offs run in the background.
+    let asked = Instant::now();
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    let answered = asked.elapsed();
+    assert_eq!(st, 202, "{v}");
+    assert_eq!(v["state"], "applying", "{v}");
+    assert!(
+        answered < Duration::from_secs(1),
+        "the apply waited {answered:?} for a power-off"
+    );
+    for a in v["actions"].as_array().unwrap() {
+        assert_eq!(
+            a["status"], "running",
+            "every power-off started at once: {v}"
+        );
+    }
+
+    // Meanwhile the cycles go on, each short, and the hosts are powering off: neither off nor
+    // counted off, nor anyone's target.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert!(asked.elapsed() < off_takes, "the check came too late");
+    let metrics = lab.call(Method::GET, "/metrics", None).await.1;
+    let text = metrics.as_str().unwrap();
+    let cycles = metric(text, "tern_automation_cycles_total");
+    assert!(
+        cycles >= cycles_before + 3.0,
+        "{cycles_before} → {cycles} cycles in 2 s of power-off"
+    );
+    let cycle_s = metric(text, "tern_automation_cycle_seconds");
+    assert!(cycle_s < 0.5, "a cycle took {cycle_s} s");
+    for host in &hosts {
+        let (_, h) = lab
+            .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await;
+        assert_eq!(h["power"], "powering_off", "{h}");
+        assert!(!lab.table.lock().unwrap().off.contains(host), "{host}");
+    }
+    let (_, series) = lab.call(Method::GET, "/v1/stats/series", None).await;
+    let last = series["points"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["hosts_on"], on_before, "{series}");
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "applying", "{p}");
+
+    // The driver's answer is reported when it comes: the plan applied, the hosts off.
+    let done = lab
+        .wait(
+            &format!("plan {id} applied"),
+            Duration::from_secs(10),
+            async || {
+                let (_, p) = lab
+                    .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                    .await;
+                (p["state"] != "applying").then_some(p)
+            },
+        )
+        .await;
+    let took = asked.elapsed();
+    assert_eq!(done["state"], "applied", "{done}");
+    assert!(took >= off_takes, "applied after {took:?}");
+    // the power-offs ran at once, not one after the other
+    let calls = lab.table.lock().unwrap().off_calls.clone();
+    assert_eq!(calls.len(), hosts.len(), "{calls:?}");
+    let last_start = calls.iter().map(|c| c.1).max().unwrap();
+    let first_end = calls.iter().map(|c| c.2).min().unwrap();
+    assert!(last_start < first_end, "{calls:?}");
+    let finished = done["finished_ms"].as_u64().unwrap() - done["created_ms"].as_u64().unwrap();
+    assert!(finished >= 3000, "{done}");
+    for host in &hosts {
+        assert!(lab.table.lock().unwrap().off.contains(host), "{host}");
         let (_, h) = lab
             .call(Method::GET, &format!("/v1/hosts/{host}"), None)
             .await;

@@ -12,9 +12,14 @@
 //! 3. carries out the loop's actions: a migration goes through the core's own task machinery
 //!    ([`Controller::migrate_vm`], so its queueing and concurrency limits hold), a host power
 //!    action through that host's [`PowerDriver`] (none configured: the action fails with "no power
-//!    driver for host …" and the plan records it);
-//! 4. reports back what became of each: a migration task that succeeded (with the measured time,
-//!    bytes and pause from the agent's migration report) or failed, a power action done or not.
+//!    driver for host …" and the plan records it). Neither holds the cycle: a migration is a
+//!    task, a power-on waits for the host's agent to register, and a power-off (soft, then hard
+//!    after [`SOFT_OFF_GRACE`]: seconds) runs on a blocking task of its own while the host stays
+//!    powering off for the loop — counted on, taking no VMs — and the dashboard;
+//! 4. reports back what became of each, at the first cycle that finds it: a migration task that
+//!    succeeded (with the measured time, bytes and pause from the agent's migration report) or
+//!    failed, a power-on registered or timed out, a power-off's driver answer (or
+//!    [`POWER_OFF_TIMEOUT`] without one).
 //!
 //! The policy is stored in etcd (`/tern/desired/automation/policy`, a guarded write like every
 //! desired-state write), so a new leader runs under the same knobs. So are the plans, each under
@@ -130,6 +135,24 @@ pub const WAKE_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a soft power-off may take before the power is cut.
 pub const SOFT_OFF_GRACE: Duration = Duration::from_secs(10);
 
+/// A power-off whose driver has not answered within this long failed (the soft-off's grace,
+/// then the hard power-off's and the status reads' `ipmitool` calls, with room to spare).
+pub const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A power-off under way: the driver runs on a blocking task of its own while the cycles go on.
+#[derive(Debug)]
+struct PoweringOff {
+    /// The plan it is for.
+    plan: u64,
+    /// Which power-off this is ([`Automation::power_offs_started`] when it started): a driver
+    /// answering for an earlier one (timed out, or a former term's) finds another number.
+    token: u64,
+    /// When it counts as failed if the driver has not answered.
+    deadline: Instant,
+    /// The driver's answer, once it came: done, or why not.
+    answer: Option<Result<(), String>>,
+}
+
 /// Totals for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct AutomationCounters {
@@ -184,6 +207,10 @@ pub struct Automation {
     stored_move_cost: Option<Vec<u8>>,
     /// Power-ons sent, awaiting the host's registration: host → (plan, deadline).
     waking: BTreeMap<String, (u64, Instant)>,
+    /// Power-offs under way, awaiting their driver's answer, by host.
+    powering_off: BTreeMap<String, PoweringOff>,
+    /// Power-offs started by this controller (each one's token).
+    power_offs_started: u64,
     /// Power drivers by host.
     drivers: BTreeMap<String, Arc<dyn PowerDriver>>,
     /// Last state counted per plan (for the totals).
@@ -217,6 +244,8 @@ impl Automation {
             overhead: OverheadEstimator::default(),
             stored_move_cost: None,
             waking: BTreeMap::new(),
+            powering_off: BTreeMap::new(),
+            power_offs_started: 0,
             drivers: BTreeMap::new(),
             seen: BTreeMap::new(),
             stored_plans: BTreeMap::new(),
@@ -579,6 +608,7 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     a.generation = Some(generation);
     a.plan_tasks.clear();
     a.waking.clear();
+    a.powering_off.clear();
     a.seen = a.lp.plans().iter().map(|p| (p.id, p.state)).collect();
     a.stored_plans = stored_plans;
     a.rounds.clear();
@@ -771,8 +801,9 @@ pub async fn cycle(s: &Arc<Shared>) {
     a.counters.last_cycle_s = started.elapsed().as_secs_f64();
 }
 
-/// Outcomes of the plan's migration tasks that ended and of power-ons that registered (or timed
-/// out); returns the loop's follow-up actions.
+/// Outcomes of the plan's migration tasks that ended, of power-ons that registered (or timed
+/// out) and of power-offs whose driver answered (or timed out); returns the loop's follow-up
+/// actions.
 fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
     let (tasks, up): (Vec<(u64, Option<TaskInfo>)>, Vec<String>) = {
         let core = s.core();
@@ -848,8 +879,79 @@ fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
             Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
         }
     }
+    let clock = Instant::now();
+    let answered: Vec<String> = a
+        .powering_off
+        .iter()
+        .filter(|(_, p)| p.answer.is_some() || clock >= p.deadline)
+        .map(|(h, _)| h.clone())
+        .collect();
+    for host in answered {
+        let p = a.powering_off.remove(&host).expect("listed above");
+        let plan = p.plan;
+        let outcome = match p.answer {
+            Some(Ok(())) => Outcome::PoweredOff { plan, host },
+            Some(Err(error)) => Outcome::PowerOffFailed { plan, host, error },
+            None => Outcome::PowerOffFailed {
+                plan,
+                error: format!("its power driver did not answer within {POWER_OFF_TIMEOUT:?}"),
+                host,
+            },
+        };
+        match a.lp.report(now, outcome) {
+            Ok(more) => out.extend(more),
+            Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
+        }
+    }
     a.count();
     out
+}
+
+/// Starts `host`'s power-off (soft, then hard after [`SOFT_OFF_GRACE`]) on a blocking task and
+/// returns at once: the host stays powering off for the loop (counted on, taking no VMs) until
+/// [`collect_outcomes`] finds the driver's answer, or [`POWER_OFF_TIMEOUT`] passed without one.
+fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn PowerDriver>) {
+    let token = {
+        let mut a = lock(s);
+        a.power_offs_started += 1;
+        let token = a.power_offs_started;
+        a.powering_off.insert(
+            host.clone(),
+            PoweringOff {
+                plan,
+                token,
+                deadline: Instant::now() + POWER_OFF_TIMEOUT,
+                answer: None,
+            },
+        );
+        token
+    };
+    let s = Arc::clone(s);
+    tokio::spawn(async move {
+        let r = tokio::task::spawn_blocking(move || {
+            driver.power_off(OffMode::SoftThenHard {
+                grace: SOFT_OFF_GRACE,
+            })
+        })
+        .await;
+        let answer = match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(chain(&e)),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut a = lock(&s);
+        match a.powering_off.get_mut(&host) {
+            Some(p) if p.token == token => p.answer = Some(answer),
+            // timed out (reported failed), or this controller left office since
+            _ => eprintln!(
+                "tern controller: host {host}'s power driver answered too late ({}); ignored",
+                match &answer {
+                    Ok(()) => "powered off".to_string(),
+                    Err(e) => e.clone(),
+                }
+            ),
+        }
+    });
 }
 
 /// Carries out the loop's actions in order, feeding back the immediate outcomes (and carrying
@@ -894,34 +996,17 @@ async fn carry_out(s: &Arc<Shared>, actions: Vec<Action>) {
             }
             Action::PowerOff { plan, host } => {
                 let driver = lock(s).drivers.get(&host).cloned();
-                Some(match driver {
-                    None => Outcome::PowerOffFailed {
+                match driver {
+                    None => Some(Outcome::PowerOffFailed {
                         plan,
                         error: format!("no power driver for host {host}"),
                         host,
-                    },
+                    }),
                     Some(d) => {
-                        let r = tokio::task::spawn_blocking(move || {
-                            d.power_off(OffMode::SoftThenHard {
-                                grace: SOFT_OFF_GRACE,
-                            })
-                        })
-                        .await;
-                        match r {
-                            Ok(Ok(_)) => Outcome::PoweredOff { plan, host },
-                            Ok(Err(e)) => Outcome::PowerOffFailed {
-                                plan,
-                                host,
-                                error: chain(&e),
-                            },
-                            Err(e) => Outcome::PowerOffFailed {
-                                plan,
-                                host,
-                                error: e.to_string(),
-                            },
-                        }
+                        start_power_off(s, plan, host, d);
+                        None
                     }
-                })
+                }
             }
             Action::PowerOn { plan, host } => {
                 let driver = lock(s).drivers.get(&host).cloned();
