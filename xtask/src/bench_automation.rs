@@ -104,6 +104,9 @@ struct Sim {
     pdm_pct: f64,
     migration_samples: u32,
     power_on_samples: u32,
+    /// Absent in reports from before the live power-offs were timed.
+    #[serde(default)]
+    power_off_samples: Option<u32>,
     migration_s: f64,
     migration_fit: MoveTimeFit,
     as_asked: AsAsked,
@@ -180,7 +183,31 @@ struct Demo {
     hosts_series: Vec<Vec<HostAtSample>>,
     migration_times: Vec<MigrationTime>,
     cycle_s_series: Vec<f64>,
+    recorded: Recorded,
     sim: Sim,
+}
+
+/// What the demo kept for the replay (the fields this bench prints).
+#[derive(Debug, Deserialize)]
+struct Recorded {
+    /// Each live power-off's time from the action to its outcome, s (absent in older reports).
+    #[serde(default)]
+    power_off_s: Vec<f64>,
+    power_on_s: Option<f64>,
+    /// Each live plan's times (absent in older reports).
+    #[serde(default)]
+    plan_times: Vec<PlanTimes>,
+}
+
+/// A live plan's times, s from the start.
+#[derive(Debug, Deserialize)]
+struct PlanTimes {
+    id: u64,
+    state: String,
+    actions: String,
+    decided_s: f64,
+    applied_s: Option<f64>,
+    finished_s: Option<f64>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -261,7 +288,8 @@ fn live(args: &Args) -> anyhow::Result<()> {
     );
     println!(
         "sim:  {} migrations, {} host power-offs, {} power-ons, energy {:.4} kWh, SLATAH {:.2} %, \
-         PDM {:.4} % ({}; actions taking the live medians: migration {} sample(s), power-on {})",
+         PDM {:.4} % ({}; actions taking the live medians: migration {} sample(s), power-on {}, \
+         power-off {})",
         d.sim.migrations,
         d.sim.host_power_offs,
         d.sim.host_power_ons,
@@ -270,8 +298,37 @@ fn live(args: &Args) -> anyhow::Result<()> {
         d.sim.pdm_pct,
         d.sim.method,
         d.sim.migration_samples,
-        d.sim.power_on_samples
+        d.sim.power_on_samples,
+        d.sim
+            .power_off_samples
+            .map_or("1 (not timed live)".into(), |n| n.to_string())
     );
+    let secs = |v: &[f64]| {
+        v.iter()
+            .map(|s| format!("{s:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "live power actions: power-offs took {} s (action to reported outcome); power-on plans' \
+         median {}",
+        secs(&d.recorded.power_off_s),
+        d.recorded
+            .power_on_s
+            .map_or("-".into(), |s| format!("{s:.2} s"))
+    );
+    let opt = |v: Option<f64>| v.map_or("-".into(), |s| format!("{s:.2}"));
+    for p in &d.recorded.plan_times {
+        println!(
+            "  plan {} ({}): decided {:.2} s, applied {}, finished {} ({})",
+            p.id,
+            p.actions,
+            p.decided_s,
+            opt(p.applied_s),
+            opt(p.finished_s),
+            p.state
+        );
+    }
     let a = &d.sim.as_asked;
     println!(
         "sim on the load as asked (trace values, raised VMs at {:.0} %): {} migrations, {} host \

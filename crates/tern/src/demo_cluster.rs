@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde::{Deserialize, Serialize};
 use tern_api::automation::{
-    AutomationRounds, HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries,
+    AutomationLevel, AutomationRounds, HostPower, Plan, PlanAction, PlanState, Policy, StatsSeries,
 };
 use tern_api::cluster::{HostInfo, TaskInfo, TaskKind, TaskState, VmInfo, VmState};
 
@@ -204,6 +204,9 @@ pub struct SimFigures {
     /// migration of 0 lands within the sample it started in).
     pub migration_samples: u32,
     pub power_on_samples: u32,
+    /// The live power-offs' median (from the action to its reported outcome) in whole samples;
+    /// 1 for a report that did not keep them.
+    pub power_off_samples: u32,
     /// The live migrations' mean duration, s.
     pub migration_s: f64,
     /// The duration each simulated migration counts for in PDM, s: `fixed + per_load × load`
@@ -749,6 +752,77 @@ pub struct MigrationTime {
     pub vmm_report: Option<serde_json::Value>,
 }
 
+/// A live plan's times, seconds from the start (on the demo's clock): when the loop decided it,
+/// when it was applied (at once under full automation, which the demo runs; `None` otherwise:
+/// the API's plan carries no apply time), and when it reached its final state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanTimes {
+    pub id: u64,
+    pub state: PlanState,
+    /// Its actions by kind, e.g. `3 migrate, 1 power_off`.
+    pub actions: String,
+    pub decided_s: f64,
+    pub applied_s: Option<f64>,
+    pub finished_s: Option<f64>,
+}
+
+impl PlanTimes {
+    /// `p`'s times, with the controller's clock at `start_ms` as the start.
+    pub fn of(p: &Plan, start_ms: f64) -> PlanTimes {
+        let at = |ms: u64| (ms as f64 - start_ms) / 1000.0;
+        let (mut moves, mut offs, mut ons) = (0, 0, 0);
+        for a in &p.actions {
+            match a {
+                PlanAction::Migrate { .. } => moves += 1,
+                PlanAction::PowerOff { .. } => offs += 1,
+                PlanAction::PowerOn { .. } => ons += 1,
+            }
+        }
+        let actions = [(moves, "migrate"), (offs, "power_off"), (ons, "power_on")]
+            .iter()
+            .filter(|(n, _)| *n > 0)
+            .map(|(n, k)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let applied = p.automation == AutomationLevel::Full
+            && matches!(
+                p.state,
+                PlanState::Applying | PlanState::Applied | PlanState::Failed
+            );
+        PlanTimes {
+            id: p.id,
+            state: p.state,
+            actions,
+            decided_s: at(p.created_ms),
+            applied_s: applied.then(|| at(p.created_ms)),
+            finished_s: p.finished_ms.map(at),
+        }
+    }
+}
+
+/// How long each live power-off took, seconds, oldest first: from the action to the outcome the
+/// loop was told, i.e. each applied plan of power-offs only (the loop makes power-offs a plan of
+/// their own), applied at its round (full automation), from its decision to its end. A plan of
+/// several power-offs counts once (they run at once).
+pub fn power_off_times(plans: &[Plan]) -> Vec<f64> {
+    let mut out: Vec<(u64, f64)> = plans
+        .iter()
+        .filter(|p| p.state == PlanState::Applied && p.automation == AutomationLevel::Full)
+        .filter(|p| {
+            !p.actions.is_empty()
+                && p.actions
+                    .iter()
+                    .all(|a| matches!(a, PlanAction::PowerOff { .. }))
+        })
+        .filter_map(|p| {
+            let f = p.finished_ms?;
+            Some((p.id, f.saturating_sub(p.created_ms) as f64 / 1000.0))
+        })
+        .collect();
+    out.sort_by_key(|(id, _)| *id);
+    out.into_iter().map(|(_, s)| s).collect()
+}
+
 /// A live round: when, seconds from the start; the plan it made; the point each VM got.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveRound {
@@ -794,6 +868,13 @@ pub struct Recorded {
     pub live_rounds: Vec<LiveRound>,
     /// The median time of the plans that powered a host on, seconds.
     pub power_on_s: Option<f64>,
+    /// How long each live power-off took, seconds ([`power_off_times`]); empty in a report
+    /// from before they were kept (the replay's power-off then takes one sample).
+    #[serde(default)]
+    pub power_off_s: Vec<f64>,
+    /// Every live plan's times ([`PlanTimes`]), oldest first.
+    #[serde(default)]
+    pub plan_times: Vec<PlanTimes>,
 }
 
 /// The live figures the comparison reads.
@@ -905,10 +986,12 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
         max_s: migration_s,
     });
     let power_on_samples = rec.power_on_s.map_or(1, |s| in_samples(s, rec.step_s));
+    let power_off_samples =
+        median_s(rec.power_off_s.clone()).map_or(1, |s| in_samples(s, rec.step_s));
     let timing = tern_automation::replay::Timing {
         migration_steps: migration_samples,
         power_on_steps: power_on_samples,
-        power_off_steps: 1,
+        power_off_steps: power_off_samples,
     };
     let time_scale = SAMPLE_S / rec.step_s as f64;
     let rounds = (!rec.round_load.is_empty()).then_some(rec.round_load.as_slice());
@@ -1053,6 +1136,7 @@ pub fn sim_side(rec: &Recorded, live: &LiveFigures) -> anyhow::Result<SimFigures
         },
         migration_samples,
         power_on_samples,
+        power_off_samples,
         migration_s,
         migration_fit,
         engine,
@@ -1620,6 +1704,12 @@ pub fn run(args: ClusterDemoArgs) -> anyhow::Result<ExitCode> {
         round_at_s,
         live_rounds: live_rounds_kept,
         power_on_s,
+        power_off_s: power_off_times(&plans),
+        plan_times: {
+            let mut t: Vec<PlanTimes> = plans.iter().map(|p| PlanTimes::of(p, start_ms)).collect();
+            t.sort_by_key(|p| p.id);
+            t
+        },
     };
     let live = LiveFigures {
         migrations: succeeded,
@@ -1788,6 +1878,134 @@ mod tests {
         assert_eq!(r.host_power_ons, 0, "{r:?}");
         assert!(r.moves.len() >= 6, "two hosts' VMs moved: {r:?}");
         assert!(r.energy_kwh > 0.0);
+    }
+
+    #[test]
+    fn the_live_power_off_time_keeps_the_replayed_host_on_as_long() {
+        let (start, traces) = spread(10, 30);
+        let run = |power_off_steps| {
+            let timing = tern_automation::replay::Timing {
+                power_off_steps,
+                ..Default::default()
+            };
+            replay_loop(
+                &start,
+                &load(&traces, &[], 30, 30),
+                &policy(),
+                None,
+                2,
+                timing,
+            )
+            .unwrap()
+        };
+        let (one, three) = (run(1), run(3));
+        // the same moves and power-offs, each powered-off host counted on two samples longer
+        assert_eq!(one.moves, three.moves, "{one:?} vs {three:?}");
+        assert_eq!((one.host_power_offs, three.host_power_offs), (2, 2));
+        let on = |r: &Replayed| r.hosts_on_series.iter().sum::<u32>();
+        assert_eq!(on(&three), on(&one) + 2 * 2, "{one:?} vs {three:?}");
+        assert!(three.energy_kwh > one.energy_kwh);
+    }
+
+    #[test]
+    fn each_live_power_off_is_timed_from_its_decision_to_its_outcome() {
+        use tern_api::automation::{ActionStatus, AutomationLevel, Plan, PlanAction, PlanState};
+        let off = |host: &str| PlanAction::PowerOff {
+            host: host.into(),
+            reason: "empty".into(),
+            status: ActionStatus::Done,
+        };
+        let plan = |id, state, automation, created_ms, finished_ms, actions| Plan {
+            id,
+            state,
+            created_ms,
+            finished_ms,
+            automation,
+            basis: 1,
+            reason: "r".into(),
+            actions,
+            effect: None,
+            detail: None,
+        };
+        let mv = PlanAction::Migrate {
+            vm: "a".into(),
+            from: "h1".into(),
+            to: "h2".into(),
+            reason: "drain".into(),
+            predicted: None,
+            actual: None,
+            status: ActionStatus::Done,
+            post_copy_after: None,
+        };
+        let (full, manual) = (AutomationLevel::Full, AutomationLevel::Manual);
+        let plans = vec![
+            // newest first, as the API lists them
+            plan(
+                7,
+                PlanState::Applied,
+                full,
+                30_000,
+                Some(33_250),
+                vec![off("h3"), off("h4")],
+            ),
+            plan(
+                5,
+                PlanState::Applied,
+                full,
+                20_000,
+                Some(20_700),
+                vec![mv.clone()],
+            ),
+            plan(
+                4,
+                PlanState::Failed,
+                full,
+                12_000,
+                Some(13_000),
+                vec![off("h2")],
+            ),
+            plan(
+                3,
+                PlanState::Applied,
+                manual,
+                9_000,
+                Some(15_000),
+                vec![off("h2")],
+            ),
+            plan(
+                2,
+                PlanState::Applied,
+                full,
+                10_000,
+                Some(11_500),
+                vec![off("h1")],
+            ),
+            plan(
+                1,
+                PlanState::Vetoed,
+                full,
+                8_000,
+                Some(8_000),
+                vec![mv, off("h1")],
+            ),
+        ];
+        // plans 2 and 7: full automation applied them at their round; a plan of two power-offs
+        // counts once; a manual plan's apply time is not known, a failed one never powered off
+        assert_eq!(power_off_times(&plans), vec![1.5, 3.25]);
+        let t = PlanTimes::of(&plans[0], 1_000.0);
+        assert_eq!(t.actions, "2 power_off");
+        assert_eq!(
+            (t.decided_s, t.applied_s, t.finished_s),
+            (29.0, Some(29.0), Some(32.25))
+        );
+        let t = PlanTimes::of(&plans[3], 1_000.0);
+        assert_eq!((t.applied_s, t.finished_s), (None, Some(14.0)));
+        let t = PlanTimes::of(&plans[5], 1_000.0);
+        assert_eq!(
+            (t.actions.as_str(), t.applied_s),
+            ("1 migrate, 1 power_off", None)
+        );
+        assert_eq!(in_samples(3.25, 2), 2);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! BMCs, 12 VMs following PlanetLab traces, the controller's loop in full automation. The loop
 //! must drain hosts with live migrations and power them off through their BMCs (ipmitool against
 //! ipmi_sim), power one back on when the demo raises the load, and lose no VM. The cluster runs
-//! over TLS (the dashboard's line carries a token).
+//! over TLS (the dashboard's line carries a token). Each power-off is timed in the report and
+//! handed to the replay.
 //!
 //! Needs root, KVM, etcd, ipmi_sim and ipmitool; fails loudly without them. About 2 minutes.
 
@@ -56,7 +57,27 @@ fn the_loop_packs_powers_hosts_off_and_wakes_one_as_load_rises_losing_no_vm() {
         "no host came back on after the low point: {series:?}"
     );
     assert!(r["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
+    // each live power-off timed from its action to the outcome the loop was told (soft-off
+    // through the BMC, then the host's fence), and the replay's power-off given that time
+    let offs: Vec<f64> = r["recorded"]["power_off_s"]
+        .as_array()
+        .expect("recorded.power_off_s")
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(!offs.is_empty(), "no power-off timed: {r}");
+    assert!(offs.iter().all(|&s| s > 0.0 && s < 70.0), "{offs:?}");
+    let plans = r["recorded"]["plan_times"].as_array().expect("plan_times");
+    assert!(
+        plans
+            .iter()
+            .any(|p| p["actions"].as_str().unwrap().contains("power_off")
+                && p["applied_s"].is_f64()
+                && p["finished_s"].as_f64() >= p["decided_s"].as_f64()),
+        "{plans:?}"
+    );
     let sim = &r["sim"];
+    assert!(sim["power_off_samples"].as_u64().unwrap() >= 1, "{r}");
     assert_eq!(sim["hosts_on_series"].as_array().unwrap().len(), 36, "{r}");
     assert!(sim["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
 }
