@@ -227,17 +227,22 @@ pub struct Overhead {
 }
 
 impl Overhead {
-    /// What a move costs outside the source VMM, which the model (it starts at the source VMM's
-    /// handshake) does not count, before any move has been measured: the target's start — the
-    /// `receive` command's round trip, the receiver's spawn until it listens and the agent's
-    /// 2 ms look for its socket — 7–21 ms (means 9–13 ms), and the `migrate_out` command's round
-    /// trip with the agent's call into the source VMM beyond the VMM's own time, means 7–9 ms:
-    /// the task phases of 32 moves between the test cluster's hosts, over TLS, on a 2-core
-    /// machine (docs/benchmarks.md, "Automation", runs 8–10). No agent has started a receiver
-    /// before a cluster's first move into its host, so nothing better is measured then; the
-    /// first measured moves take over ([`OverheadEstimator`]).
+    /// What a move costs beyond the model before any move has been measured: the residual
+    /// (whole move less the model's time) that predicts the recorded first moves best under the
+    /// goal's own loss, the mean relative error, each bench run weighing alike
+    /// ([`PRIOR_EVIDENCE`]; docs/automation.md, "Before any move is measured").
+    ///
+    /// Two parts make it up, neither counted by the model: what a move costs outside the source
+    /// VMM — the target's start and the `migrate_out` command beyond the VMM's own time, 17 ms in
+    /// the task phases of runs 8–10, which was the whole prior before — and the source VMM's
+    /// set-up and end beyond the model's (the model's 10 ms and 1 ms a connection were measured
+    /// on loopback on an idle machine; on the test cluster the VMM's set-up and end took
+    /// 31–122 ms a move in runs 16–24). The first moves of runs 16–24 all took at least the
+    /// 0.054 s the older prior predicted, and up to 0.127 s. Over all 17 recorded runs the
+    /// loss is flat from 0.060 to 0.065 s for the demo's move (model 0.037 s), lowest at 0.063 s:
+    /// 26 ms beyond the model. The first measured moves take over ([`OverheadEstimator`]).
     pub const PRIOR: Overhead = Overhead {
-        fixed_s: 0.017,
+        fixed_s: 0.026,
         per_utilization_s: 0.0,
         max_utilization: 0.0,
     };
@@ -269,6 +274,40 @@ pub const OVERHEAD_WINDOW: usize = 9;
 /// values with its prior: the first two moves cannot move the estimate off the prior on their
 /// own, three can if they agree.
 pub const OVERHEAD_PRIOR_FILL: usize = 5;
+
+/// The recorded first moves [`Overhead::PRIOR`] is chosen on: per run of the automation bench
+/// (docs/benchmarks.md, "Automation"), the whole moves of the first sample's plan, predicted
+/// before any move was measured, in seconds. Runs 8–15 are the moves as measured. For runs 16–24
+/// the report keeps only the mean absolute error over all moves and over those after the first
+/// sample's, so each stands as the one time at which the prediction then made (0.054 s) has the
+/// first sample's recorded error: its three moves' error is `(n × all − (n − 3) × after) / 3`
+/// with `n` the run's moves, and as those moves took 0.053–0.127 s (none much under 0.054 s),
+/// it is `1 − 0.054 / m` with `m` their harmonic mean (run 16, say: `n` = 10, 23 % and 20 %,
+/// error 30 %, `m` = 0.077 s). A prediction `p` up to the run's fastest first move errs by
+/// `1 − p / m` on them exactly; above it, `|1 − p / m|` is an estimate.
+pub const PRIOR_EVIDENCE: &[(u32, &[f64])] = &[
+    (8, &[0.064, 0.065, 0.046]),
+    (9, &[0.058, 0.061, 0.063]),
+    (10, &[0.174, 0.155, 0.052]),
+    (11, &[0.063, 0.066, 0.051]),
+    (12, &[0.053, 0.048, 0.041]),
+    (13, &[0.059, 0.053, 0.051]),
+    (14, &[0.047, 0.049, 0.038]),
+    (15, &[0.053, 0.054, 0.038]),
+    (16, &[0.0771]),
+    (17, &[0.1125]),
+    (18, &[0.0880]),
+    (19, &[0.0857]),
+    (20, &[0.1473]),
+    (21, &[0.0743]),
+    (22, &[0.0651]),
+    (23, &[0.1059]),
+    (24, &[0.0783]),
+];
+
+/// The model's time for the demo's move (an idle 64 MiB test guest with 59 non-zero pages and
+/// one volume disk, over the default link), against which [`PRIOR_EVIDENCE`] is read.
+pub const PRIOR_EVIDENCE_MODEL_S: f64 = 0.037;
 
 /// The whole of what an [`OverheadEstimator`] has learnt: its newest moves and how many it
 /// took, so a controller can keep it in etcd and the next one (after a fail-over or a restart)
@@ -620,7 +659,7 @@ mod tests {
 
     /// The model's time for the demo's moves (an idle 64 MiB test guest on a volume disk over
     /// the default link), as the controller predicted them in the recorded runs below.
-    const DEMO_MODEL_S: f64 = 0.037;
+    const DEMO_MODEL_S: f64 = PRIOR_EVIDENCE_MODEL_S;
 
     /// Mean absolute error of the predictions `model + overhead` for recorded whole moves,
     /// each plan's moves (a batch) predicted with what the moves before the plan taught: all
@@ -687,6 +726,66 @@ mod tests {
             "run 10: {later} after the first plan, predicted {p:?}"
         );
         assert!(p[3..].iter().all(|&x| x < 0.075), "run 10: predicted {p:?}");
+    }
+
+    /// The recorded first moves' mean relative error when each is predicted at `p`, each run
+    /// weighing alike: over the runs `runs` selects.
+    fn first_move_error(p: f64, runs: impl Fn(u32) -> bool) -> f64 {
+        let per_run: Vec<f64> = PRIOR_EVIDENCE
+            .iter()
+            .filter(|(run, _)| runs(*run))
+            .map(|(_, moves)| {
+                moves.iter().map(|m| (p - m).abs() / m).sum::<f64>() / moves.len() as f64
+            })
+            .collect();
+        per_run.iter().sum::<f64>() / per_run.len() as f64
+    }
+
+    #[test]
+    fn the_prior_predicts_the_recorded_first_moves_best_under_the_goals_loss() {
+        // runs 16-24's stand-ins from the recorded errors: all / after the first sample's, moves
+        let recorded = [
+            (16, 0.23, 0.20, 10),
+            (17, 0.25, 0.16, 12),
+            (18, 0.28, 0.24, 11),
+            (19, 0.23, 0.17, 10),
+            (20, 0.33, 0.20, 10),
+            (21, 0.25, 0.24, 10),
+            (22, 0.31, 0.37, 10),
+            (23, 0.25, 0.13, 9),
+            (24, 0.24, 0.21, 10),
+        ];
+        for (run, all, after, n) in recorded {
+            let first = (n as f64 * all - (n - 3) as f64 * after) / 3.0;
+            let m = PRIOR_EVIDENCE.iter().find(|(r, _)| *r == run).unwrap().1[0];
+            assert!(
+                ((1.0 - 0.054 / m) - first).abs() < 0.002,
+                "run {run}: {m} s for an error of {first}"
+            );
+        }
+        let p = PRIOR_EVIDENCE_MODEL_S + Overhead::PRIOR.at(0.0);
+        // the prediction is the best over every run, to the half millisecond
+        let all = |_| true;
+        let best = (80..=200)
+            .map(|k| k as f64 * 0.0005)
+            .min_by(|a, b| first_move_error(*a, all).total_cmp(&first_move_error(*b, all)))
+            .unwrap();
+        assert!((p - best).abs() < 0.001, "{p} against the best {best}");
+        // better than the older prior's 0.054 s over all runs and over the newest code's runs,
+        // and not much worse on runs 8-15, whose first moves were faster
+        let (new, old) = (first_move_error(p, all), first_move_error(0.054, all));
+        assert!(new < old - 0.015, "{new} against {old}");
+        let newest = |r| r >= 16;
+        assert!(
+            first_move_error(p, newest) < first_move_error(0.054, newest) - 0.08,
+            "{} against {}",
+            first_move_error(p, newest),
+            first_move_error(0.054, newest)
+        );
+        assert!(first_move_error(p, |r| r < 16) < 0.26);
+        // the prior is what the model leaves out, never a move in itself
+        let prior = OverheadEstimator::default().estimate();
+        assert!(prior.fixed_s < PRIOR_EVIDENCE_MODEL_S, "{prior:?}");
     }
 
     #[test]
