@@ -200,7 +200,7 @@ pub struct SimFigures {
     pub as_asked: ReplayFigures,
     /// Asked against delivered load.
     pub load: LoadFigures,
-    /// How long the simulated actions took, in whole samples (the live run's medians; a
+    /// How long the simulated actions took, in steps (the live run's medians; a
     /// migration of 0 lands within the sample it started in).
     pub migration_samples: u32,
     pub power_on_samples: u32,
@@ -647,9 +647,13 @@ fn median_s(mut secs: Vec<f64>) -> Option<f64> {
     secs.get(secs.len() / 2).copied()
 }
 
-/// `secs` in whole samples of `step_s`, at least one.
+/// A live power action of `secs` as the replay's steps of `step_s`, at least one (the replay
+/// answers a power action at the start of a later step). A live round runs
+/// [`ROUND_LEAD_STEPS`] into its sample, so an action it starts that takes `secs` is read done at
+/// the end of the sample `ceil(secs / step − ROUND_LEAD_STEPS)` on; rounded up from the
+/// sample's start instead, the bench's run 25 put a 2.5 s power-off a sample after the live one.
 fn in_samples(secs: f64, step_s: u64) -> u32 {
-    ((secs / step_s as f64).ceil() as u32).max(1)
+    ((secs / step_s as f64 - ROUND_LEAD_STEPS).ceil().max(1.0)) as u32
 }
 
 /// Runs the simulator on the demo's hosts, VMs and traces (as the agents report them: the trace
@@ -2005,7 +2009,12 @@ mod tests {
             (t.actions.as_str(), t.applied_s),
             ("1 migrate, 1 power_off", None)
         );
+        // started half-way through a 2 s sample: done by the end of the next one up to 3 s
         assert_eq!(in_samples(3.25, 2), 2);
+        assert_eq!(in_samples(2.5, 2), 1);
+        assert_eq!(in_samples(3.0, 2), 1);
+        assert_eq!(in_samples(0.5, 2), 1, "at least a step");
+        assert_eq!(in_samples(f64::NAN, 2), 1);
     }
 
     #[test]
