@@ -116,7 +116,7 @@ pub enum FrameKind {
     PageRequest = 16,
     /// Target → source, control stream: every owed page arrived; the source may stop.
     PostCopyDone = 17,
-    // ── protocol 4 ──
+    // ── protocol 5 (protocol 4 had another layout, without page checksums) ──
     /// Source → target, data stream: a batch of pages as `Pages`, but the entries first and
     /// the data of the non-zero ones after them, outside the frame checksum but each data page
     /// under its own crc32c in its entry ([`PageDataFrame`]).

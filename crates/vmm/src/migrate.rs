@@ -807,7 +807,10 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
 /// Bytes of a page.
 const PAGE: usize = 4096;
 
-/// The host address of the page at `gpa` in `mem`: one page inside one mapped region.
+/// The host address of the page at `gpa` in `mem`: one page inside one mapped region. The guard
+/// `ptr_guard_mut` returns unmaps only Xen's foreign mappings; this memory is plain `mmap`ed
+/// (`GuestMemoryMmap` without the `xen` feature), whose guard does nothing on drop, so the
+/// address stays valid as long as `mem` holds the region.
 fn page_ptr(mem: &crate::layout::GuestMemory, gpa: u64) -> std::io::Result<*mut u8> {
     let slice = mem
         .get_slice(GuestAddress(gpa), PAGE)
@@ -836,6 +839,30 @@ fn copy_page(
         *w = v.to_ne_bytes();
     }
     Ok(any != 0)
+}
+
+/// Whether the page at `gpa` in `mem` is all zeros, read where it lies with volatile word reads,
+/// eight words at a time (a data page usually differs in its first words).
+fn is_zero_in_place(mem: &crate::layout::GuestMemory, gpa: u64) -> std::io::Result<bool> {
+    let at = page_ptr(mem, gpa)?.cast::<u64>();
+    let words = PAGE / 8;
+    let mut i = 0;
+    while i < words {
+        let mut any = 0u64;
+        for k in 0..8 {
+            // SAFETY: `page_ptr` checked that the page at `gpa` lies in one mapped region,
+            // which `mem` keeps mapped; the page is 4096-aligned (regions are mapped
+            // page-aligned and `gpa` is page-aligned), so every u64 is aligned and in it.
+            // The guest may write the page meanwhile: volatile reads of guest memory (never a
+            // Rust reference to it) see some value of each word.
+            any |= unsafe { std::ptr::read_volatile(at.add(i + k)) };
+        }
+        if any != 0 {
+            return Ok(false);
+        }
+        i += 8;
+    }
+    Ok(true)
 }
 
 /// `iovec`s for the pages at `gpas` in `mem`, pages adjacent in host memory joined into one.
@@ -882,13 +909,18 @@ struct SendInPlace(crate::layout::GuestMemory);
 
 impl tern_migration::GuestPages for SendInPlace {
     fn check(&self, gpa: u64) -> Result<Option<u32>, VmError> {
-        // One read of the page serves the zero check and the checksum, so both describe the
-        // same bytes. The guest may write the page meanwhile (and before `writev` sends it):
-        // the target then finds the checksum does not match and waits for the next round's
-        // copy, which the dirty log has.
+        // A zero page is read once, word by word, as before there were page checksums; a data
+        // page (usually told by its first words) is then read whole into a buffer and its
+        // checksum taken there. The guest may write the page meanwhile (and before `writev`
+        // sends it): the target then finds the checksum does not match and waits for the next
+        // round's copy, which the dirty log has; a page zeroed in between goes as data, its
+        // checksum that of zeros.
+        if is_zero_in_place(&self.0, gpa)? {
+            return Ok(None);
+        }
         let mut copy = [0u8; PAGE];
-        let data = copy_page(&self.0, gpa, &mut copy)?;
-        Ok(data.then(|| crc32c::crc32c(&copy)))
+        copy_page(&self.0, gpa, &mut copy)?;
+        Ok(Some(crc32c::crc32c(&copy)))
     }
 
     fn write_frame(
