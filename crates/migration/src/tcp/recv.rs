@@ -1259,7 +1259,15 @@ mod tests {
         let ack = read_frame(&mut src.control, None).unwrap();
         assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
         src.send(0, &page_data(1, 2, 0xa1, true));
-        end_all(&mut src, [2, 0], [2, 0]);
+        // Stream 0's end alone fails it: nothing after its last round end can replace the page.
+        src.send(
+            0,
+            &Frame::DataEnd {
+                frames: 2,
+                pages: 2,
+            }
+            .encode(),
+        );
         let failed = read_frame(&mut src.control, None).unwrap();
         let Frame::Failed { reason } = failed else {
             panic!("expected failed, got {failed:?}");
