@@ -171,8 +171,8 @@ impl DataSocket for crate::tcp::transport::ConnReader {
 
 /// What a reader did with the frame whose header it read.
 enum Read1 {
-    /// Read whole: hand it on (its data pages already prefaulted when `prefaulted`).
-    Frame(Frame, bool),
+    /// Read whole: hand it on (a page frame's data pages prefaulted).
+    Frame(Frame),
     /// A `PageData` frame's data was read into guest memory in place.
     Placed(PlacedPages),
 }
@@ -180,8 +180,10 @@ enum Read1 {
 /// Reads the frame whose header `h` is, on a data stream: a `PageData` frame on plain TCP whose
 /// round the gate admits goes straight into guest memory (its head checked first, its runs
 /// prefaulted, each data page's checksum compared once it is there), any other frame into a
-/// buffer from `buf` as [`read_frame_after_header`] reads it. A `PageData` frame is refused
-/// unless `page_data` (the negotiated version defines it: [`Receiver::accepts_page_data`]).
+/// buffer from `buf` as [`read_frame_after_header`] reads it. The one place the readers
+/// prefault: a page frame's data runs, before its data is read in place or once it was read
+/// whole. A `PageData` frame is refused unless `page_data` (the negotiated version defines it:
+/// [`Receiver::accepts_page_data`]).
 #[allow(clippy::too_many_arguments)]
 fn read_data_frame<S: DataSocket>(
     socket: &mut S,
@@ -198,16 +200,22 @@ fn read_data_frame<S: DataSocket>(
             FrameKind::PageData,
         )));
     }
+    let prefault_runs = |runs: Vec<(u64, u64)>| {
+        if let Some(prefault) = prefault {
+            for (gpa, len) in runs {
+                prefault(gpa, len);
+            }
+        }
+    };
     let Some(layout) = layout.filter(|_| header.kind == FrameKind::PageData) else {
-        return read_frame_after_header(socket, h, header, layout, buf())
-            .map(|f| Read1::Frame(f, false));
+        let f = read_frame_after_header(socket, h, header, layout, buf())?;
+        if let Frame::Pages(batch) = &f {
+            prefault_runs(batch.data_runs());
+        }
+        return Ok(Read1::Frame(f));
     };
     let head = read_page_data_head(socket, h, header, layout)?;
-    if let Some(prefault) = prefault {
-        for (gpa, len) in head.data_runs() {
-            prefault(gpa, len);
-        }
-    }
+    prefault_runs(head.data_runs());
     match (in_place, socket.plain()) {
         (Some(placer), Some(tcp)) => {
             let mismatched = placer
@@ -226,7 +234,7 @@ fn read_data_frame<S: DataSocket>(
                 mismatched,
             }))
         }
-        _ => read_page_data(socket, &head, buf()).map(|b| Read1::Frame(Frame::Pages(b), true)),
+        _ => read_page_data(socket, &head, buf()).map(|b| Read1::Frame(Frame::Pages(b))),
     }
 }
 
@@ -410,18 +418,11 @@ fn spawn_reader(
                         }
                         continue;
                     }
-                    Ok(Read1::Frame(f, prefaulted)) => Ok((f, prefaulted)),
+                    Ok(Read1::Frame(f)) => Ok(f),
                     Err(e) => Err(e),
                 };
                 match read {
-                    Ok((f, prefaulted)) => {
-                        if let (Some(prefault), Frame::Pages(batch), false) =
-                            (&prefault, &f, prefaulted)
-                        {
-                            for (gpa, len) in batch.data_runs() {
-                                prefault(gpa, len);
-                            }
-                        }
+                    Ok(f) => {
                         let placed = match (&placement, &f) {
                             (Some(p), Frame::Pages(batch)) if p.gate.admits(stream_round) => {
                                 // On an error the receiving thread writes the pages itself
