@@ -1,6 +1,7 @@
 //! Fuzz target: the migration receiver — frames as the target reads them from the source on the
-//! control and data streams, decoded as `tcp/recv.rs` decodes them and fed to
-//! `machine::receiver::Receiver` in arrival order.
+//! control and data streams, decoded as `tcp/recv.rs` decodes them (a `PageData` frame refused
+//! below the version that defines it) and fed to `machine::receiver::Receiver` in arrival
+//! order, a decoded `PageData` frame's pages that do not match their checksums included.
 //!
 //! Input: records `[connection: u8] [frame]`, `frame` as `tern_fuzz::next_frame` reads it
 //! (`[0x80|kind][len u16][payload]` sealed, or raw frame bytes). Connection 0 is the control
@@ -14,7 +15,7 @@ use std::collections::HashMap;
 
 use libfuzzer_sys::fuzz_target;
 use tern_migration::machine::receiver::{Failure, Receiver, ReceiverPhase, Step};
-use tern_migration::wire::{MemoryDigest, decode};
+use tern_migration::wire::{FrameKind, MemoryDigest, decode};
 use tern_migration::{PAGE_SIZE, StreamName};
 
 fuzz_target!(|data: &[u8]| {
@@ -37,7 +38,9 @@ fuzz_target!(|data: &[u8]| {
             !joined.contains_key(&conn)
         };
         let layout = if first { None } else { rx.layout().cloned() };
-        let Ok((frame, _)) = decode(&bytes, layout.as_ref()) else {
+        let page_data = bytes.get(5) == Some(&(FrameKind::PageData as u8));
+        let decoded = decode(&bytes, layout.as_ref()).ok();
+        let Some((frame, _)) = decoded.filter(|_| !page_data || rx.accepts_page_data()) else {
             // A stream that breaks fails the whole migration.
             rx.failed(Failure::Other);
             break;
@@ -80,6 +83,10 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
             Ok(Step::Aborted(_)) => break,
+            Ok(Step::ChecksumFailed(_)) => {
+                rx.failed(Failure::Other);
+                break;
+            }
             Ok(Step::AckRound(_) | Step::Wait) => {}
             Err(_violation) => {
                 rx.failed(Failure::Other);
@@ -89,7 +96,7 @@ fuzz_target!(|data: &[u8]| {
         if rx.ready_to_commit() {
             assert!(rx.all_ended(), "commit before every stream ended");
             let layout = rx.layout().cloned().expect("agreed layout");
-            match rx.commit() {
+            match rx.commit(None) {
                 Ok(work) => {
                     if let Some(want) = work.digest {
                         let got = MemoryDigest::of_memory(&layout, want.chunk_bytes, |_, buf| {

@@ -92,11 +92,12 @@ pub struct MigrateArgs {
     /// row).
     #[arg(long)]
     pub post_copy: bool,
-    /// Also run Tern with `--pages-in-place` (pages sent from and read into guest memory
-    /// without copies, their data outside the frame checksum) on every workload: a
-    /// `tern in place` row, with its own ratios to tuned QEMU.
+    /// Also run Tern with `--copy-pages` (every page copied into a frame under the frame's
+    /// checksum, instead of the default: sent from and read into guest memory in place, each
+    /// page under its own checksum) on every workload: a `tern copied` row, with its own
+    /// ratios to tuned QEMU.
     #[arg(long)]
-    pub pages_in_place: bool,
+    pub copy_pages: bool,
 }
 
 /// `--tern-seccomp`, for every Tern VMM this process starts.
@@ -629,6 +630,9 @@ pub(crate) fn tern_run(
             return Ok(Sample::failed(RunEnd::NotConverged));
         }
         let (end, pause) = after_completion(&mut src, &mut dst, started);
+        if let Some(n) = r["pages_resent_after_checksum_mismatch"].as_u64() {
+            eprintln!("  pages sent again after a checksum mismatch: {n}");
+        }
         Ok(Sample {
             end,
             host_gap_ms: pause.host_gap_ms,
@@ -981,7 +985,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         }
         let (mut t, mut qt, mut qd) = (Vec::new(), Vec::new(), Vec::new());
         let mut tp = Vec::new(); // post-copy row
-        let mut ti = Vec::new(); // in-place row
+        let mut ti = Vec::new(); // copied row
         let post_copy: &[&str] = &["--post-copy-after", "2"];
         for run in 0..args.runs {
             eprintln!("{}: run {}/{}", w.label, run + 1, args.runs);
@@ -998,9 +1002,9 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
                 let r = tern_run(&tern, &elf, &dir, w, &[], post_copy);
                 tp.push(or_error("tern post-copy", r));
             }
-            if args.pages_in_place {
-                let r = tern_run(&tern, &elf, &dir, w, &[], &["--pages-in-place"]);
-                ti.push(or_error("tern in place", r));
+            if args.copy_pages {
+                let r = tern_run(&tern, &elf, &dir, w, &[], &["--copy-pages"]);
+                ti.push(or_error("tern copied", r));
             }
             qt.push(or_error(
                 "qemu tuned",
@@ -1069,7 +1073,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         "failed"
     );
     for (w, t, qt, qd, (tb, tr), tp, ti) in &rows {
-        let rows = [("tern", t), ("tern post-copy", tp), ("tern in place", ti)];
+        let rows = [("tern", t), ("tern post-copy", tp), ("tern copied", ti)];
         for (name, m) in rows
             .into_iter()
             .chain([("qemu tuned", qt), ("qemu defaults", qd)])
@@ -1117,7 +1121,7 @@ pub fn run(args: MigrateArgs) -> anyhow::Result<()> {
         println!("{:<26} {ratios}", "");
         if ti.runs > 0 {
             println!(
-                "{:<26} ratios tern-in-place/qemu-tuned: pause {}, total {}, bytes {}, work {}",
+                "{:<26} ratios tern-copied/qemu-tuned: pause {}, total {}, bytes {}, work {}",
                 "",
                 ratio(ti.pause, qt.pause),
                 ratio(ti.total, qt.total),

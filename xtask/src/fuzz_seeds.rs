@@ -110,12 +110,23 @@ fn pages(round: u32, data: &[u64], zero: &[u64]) -> Frame {
     frame
 }
 
-/// A `PageData` frame (protocol 4): the same pages as [`pages`] makes, entries first.
+/// A `PageData` frame (protocol 5): the same pages as [`pages`] makes, entries first, each
+/// data page's entry with the crc32c of its data.
 fn page_data(round: u32, data: &[u64], zero: &[u64]) -> Vec<u8> {
     let Frame::Pages(b) = pages(round, data, zero) else {
         unreachable!("pages() makes a page frame")
     };
     b.to_page_data_bytes()
+}
+
+/// [`page_data`] with the last data byte flipped after the checksums were taken: the last data
+/// page does not match its checksum (as a page the guest rewrote while it was sent).
+fn page_data_damaged(round: u32, data: &[u64], zero: &[u64]) -> Vec<u8> {
+    let mut f = page_data(round, data, zero);
+    if let Some(last) = f.last_mut() {
+        *last ^= 0x40;
+    }
+    f
 }
 
 fn verify() -> Frame {
@@ -157,6 +168,7 @@ fn migration_frames() -> Vec<Vec<u8>> {
         .encode(),
         pages(0, &[0, 1 << 32], &[PAGE_SIZE, 63 * PAGE_SIZE]).encode(),
         page_data(1, &[2 * PAGE_SIZE, (1 << 32) + PAGE_SIZE], &[3 * PAGE_SIZE]),
+        page_data_damaged(2, &[4 * PAGE_SIZE], &[]),
         Frame::DataEnd {
             frames: 3,
             pages: 9,
@@ -299,25 +311,61 @@ fn migration_receiver() -> Vec<Vec<u8>> {
         })
         .encode(),
     );
-    // The same whole migration with raw (unsealed) frames.
+    // The same whole migration with raw (unsealed) frames: connection, a mode byte without the
+    // top bit (`tern_fuzz::next_frame`: raw bytes follow), the frame.
     let raw = [
-        vec![0],
+        vec![0, 0],
         hello(1).encode(),
-        vec![1],
+        vec![1, 0],
         join(0),
-        vec![1],
+        vec![1, 0],
         Frame::DataEnd {
             frames: 0,
             pages: 0,
         }
         .encode(),
-        vec![0],
+        vec![0, 0],
         state.clone(),
-        vec![0],
+        vec![0, 0],
         Frame::Commit.encode(),
     ]
     .concat();
-    vec![full, single, aborted, foreign, raw]
+    // In place (protocol 5): a page that fails its checksum in round 0 and comes again intact
+    // after the pause; and one that fails it after the last round end.
+    let in_place = |final_damaged: bool| {
+        let last = if final_damaged {
+            page_data_damaged(1, &[PAGE_SIZE], &[])
+        } else {
+            page_data(1, &[PAGE_SIZE], &[])
+        };
+        [
+            record(0, &hello(1).encode()),
+            record(1, &join(0)),
+            record(1, &page_data_damaged(0, &[0, PAGE_SIZE], &[2 * PAGE_SIZE])),
+            record(1, &Frame::RoundEnd { round: 0 }.encode()),
+            record(1, &last),
+            record(
+                1,
+                &Frame::DataEnd {
+                    frames: 2,
+                    pages: 4,
+                }
+                .encode(),
+            ),
+            record(0, &state),
+            record(0, &Frame::Commit.encode()),
+        ]
+        .concat()
+    };
+    vec![
+        full,
+        single,
+        aborted,
+        foreign,
+        raw,
+        in_place(false),
+        in_place(true),
+    ]
 }
 
 fn migration_sender() -> Vec<Vec<u8>> {
@@ -1075,4 +1123,69 @@ fn cluster_api() -> Result<Vec<Vec<u8>>> {
         seeds.push([vec![mode], body.into_bytes()].concat());
     }
     Ok(seeds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_migration::StreamName;
+    use tern_migration::machine::receiver::{ChecksumStage, Receiver, Step};
+
+    /// Replays a `migration_receiver` seed as the fuzz target reads it (sealed records only)
+    /// through the receiver machine: the last step, and whether the commit went through.
+    fn replay(seed: &[u8]) -> (Receiver, Option<Step>, bool) {
+        let mut rx = Receiver::new();
+        let mut rest = seed;
+        let mut streams: BTreeMap<u8, u16> = BTreeMap::new();
+        let mut last = None;
+        while let [conn, mode, a, b, tail @ ..] = rest {
+            assert!(mode & 0x80 != 0, "sealed records only");
+            let len = usize::from(u16::from_le_bytes([*a, *b]));
+            let bytes = wire::seal(mode & 0x7f, &tail[..len]);
+            rest = &tail[len..];
+            let layout = rx.layout().cloned();
+            let (frame, _) = wire::decode(&bytes, layout.as_ref()).expect("a seed frame decodes");
+            if *conn == 0 && rx.layout().is_none() {
+                rx.control_opened(frame).unwrap().unwrap();
+                rx.prepared(Ok(())).unwrap().unwrap();
+            } else if let Some(&i) = streams.get(conn) {
+                let step = rx.frame(StreamName::Data(i), frame).unwrap();
+                if matches!(step, Step::ChecksumFailed(_)) {
+                    return (rx, Some(step), false);
+                }
+                last = Some(step);
+            } else if *conn == 0 {
+                last = Some(rx.frame(StreamName::Control, frame).unwrap());
+            } else {
+                streams.insert(*conn, rx.data_opened(frame).unwrap());
+            }
+            if rx.ready_to_commit() {
+                let ok = rx.commit(None).is_ok();
+                return (rx, last, ok);
+            }
+        }
+        (rx, last, false)
+    }
+
+    #[test]
+    fn the_in_place_receiver_seeds_reach_the_page_checks() {
+        let seeds = migration_receiver();
+        let [.., good, bad] = &seeds[..] else {
+            panic!("the in-place seeds are the last two");
+        };
+        // A page fails its checksum in round 0 and comes again intact: the commit goes
+        // through with one page sent again.
+        let (rx, _, committed) = replay(good);
+        assert!(rx.accepts_page_data());
+        assert!(committed, "the whole in-place migration commits");
+        assert_eq!(rx.checksum_mismatches(), 1);
+        assert_eq!(rx.suspect_pages(), 0);
+        // The same page fails it again after the last round end: the stream's end fails it.
+        let (_, last, committed) = replay(bad);
+        assert!(!committed);
+        assert!(
+            matches!(last, Some(Step::ChecksumFailed(ref f)) if f.stage == ChecksumStage::Paused),
+            "{last:?}"
+        );
+    }
 }

@@ -151,9 +151,11 @@ pub struct MigrateRequest {
     /// Switch to post-copy after this many pre-copy rounds (absent: pre-copy only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy_after: Option<u32>,
-    /// Send pages straight from guest memory on plain TCP, their data covered by TCP's checksum
-    /// only (`tern vm migrate --pages-in-place`).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Send pages straight from guest memory on plain TCP, each data page under its own
+    /// crc32c that the target checks once the page is in its memory (the default); `false`
+    /// (`tern vm migrate --copy-pages`) copies every page into a frame whose crc32c covers
+    /// every byte. TLS always copies. Absent: `true`.
+    #[serde(default = "default_pages_in_place", skip_serializing_if = "is_true")]
     pub pages_in_place: bool,
 }
 
@@ -197,6 +199,12 @@ fn default_downtime() -> u64 {
 fn default_timeout() -> f64 {
     60.0
 }
+fn default_pages_in_place() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
 
 impl MigrateRequest {
     /// A migration to `to` with the defaults a request that names only `to` gets.
@@ -213,7 +221,7 @@ impl MigrateRequest {
             disk_successor: None,
             tls: None,
             post_copy_after: None,
-            pages_in_place: false,
+            pages_in_place: true,
         }
     }
 }
@@ -478,8 +486,9 @@ pub struct Progress {
 ///
 /// Serialises to JSON with exactly the fields `total_ms`, `downtime_ms`, `rounds`,
 /// `bytes_sent`, `pages_zero_skipped`, `throttle_max_pct`, `converged`, `outcome`,
-/// `downtime_steps` when the migration completed, `post_copy` after a switch to post-copy and
-/// `rounds_detail` once a round ran (each absent otherwise).
+/// `downtime_steps` when the migration completed, `post_copy` after a switch to post-copy,
+/// `rounds_detail` once a round ran and `pages_resent_after_checksum_mismatch` when the target
+/// counted them (each absent otherwise).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct MigrationReport {
     /// Start of the handshake → end (ack, or source resumed), ms.
@@ -513,6 +522,13 @@ pub struct MigrationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(clippy::box_collection)]
     pub rounds_detail: Option<Box<Vec<RoundFigures>>>,
+    /// Pages sent in place whose data did not match their own checksum on the target (the
+    /// guest rewrote them while the source's kernel copied them) and that came again before
+    /// the commit, as the target counted them (migration protocol 5 on; absent when the target
+    /// did not say: an older target, or a migration that did not complete). A `u32` (at most
+    /// 16 TiB of pages; more reads as `u32::MAX`), so a failure carrying the report stays small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pages_resent_after_checksum_mismatch: Option<u32>,
 }
 
 /// What one round of a migration did (docs/migration.md, "The report").
@@ -811,6 +827,7 @@ mod tests {
             downtime_steps: Box::default(),
             post_copy: None,
             rounds_detail: None,
+            pages_resent_after_checksum_mismatch: None,
         }
     }
 

@@ -68,7 +68,7 @@ pub trait MigrationSource {
     fn acquire_storage(&mut self) -> Result<(), VmError>;
 
     /// Guest memory the data streams may send pages from in place, without copying them
-    /// first ([`GuestPages`]): used on plain TCP links at protocol 4 or newer
+    /// first ([`GuestPages`]): used on plain TCP links at protocol 5 or newer
     /// ([`crate::wire::PAGE_DATA_PROTOCOL_VERSION`]). Called once, after the handshake. The
     /// default: none (every page is copied with `read_pages`).
     fn guest_pages(&self) -> Option<std::sync::Arc<dyn GuestPages>> {
@@ -86,13 +86,15 @@ pub trait MigrationSource {
 }
 
 /// The source's guest memory as the data streams send it in place: pages are classified zero
-/// or data where they lie and written to the socket from there, so a page the guest rewrites
-/// while its frame is queued goes out with whatever bytes it has when the kernel copies them
-/// (the dirty log then has it for the next round, as for a copy taken earlier). Used from the
+/// or data where they lie, checksummed, and written to the socket from there, so a page the
+/// guest rewrites while its frame is queued goes out with whatever bytes it has when the kernel
+/// copies them (the dirty log then has it for the next round, as for a copy taken earlier; the
+/// target sees that its checksum differs and holds it suspect until then). Used from the
 /// migration's thread; the memory must stay mapped as long as the handle lives.
 pub trait GuestPages: Send + Sync {
-    /// Whether the page at `gpa` (page-aligned, inside the layout) is all zeros, read in place.
-    fn is_zero(&self, gpa: u64) -> Result<bool, VmError>;
+    /// Reads the page at `gpa` (page-aligned, inside the layout) where it lies: `None` if it
+    /// is all zeros, else the crc32c of its 4096 bytes as read.
+    fn check(&self, gpa: u64) -> Result<Option<u32>, VmError>;
 
     /// Writes bytes `skip..` of `head` followed by the 4096 bytes of each page in `pages`
     /// (page-aligned guest addresses inside the layout) to `socket` (a connected, non-blocking
@@ -128,16 +130,19 @@ pub trait PagePlacer: Send + Sync {
     /// Reads a `PageData` frame's data straight from `socket` (a connected, blocking TCP
     /// socket) into guest memory:
     /// the next `4096 * data.len()` bytes of the stream go to the pages at `data`, in order,
-    /// then the pages at `zero` are zeroed. The addresses were checked against the agreed
-    /// layout. An error leaves the stream at an unknown position: the caller fails the stream.
-    /// Called only when [`PagePlacer::reads_in_place`] says so; the default refuses.
+    /// then the pages at `zero` are zeroed. Then each data page's crc32c is taken from guest
+    /// memory and compared with `crcs` (one per data page, in order): returns the addresses of
+    /// the pages that differ (written all the same). The addresses were checked against the
+    /// agreed layout. An error leaves the stream at an unknown position: the caller fails the
+    /// stream. Called only when [`PagePlacer::reads_in_place`] says so; the default refuses.
     fn read_into(
         &self,
         socket: std::os::fd::BorrowedFd<'_>,
         data: &[u64],
+        crcs: &[u32],
         zero: &[u64],
-    ) -> std::io::Result<()> {
-        let _ = (socket, data, zero);
+    ) -> std::io::Result<Vec<u64>> {
+        let _ = (socket, data, crcs, zero);
         Err(std::io::ErrorKind::Unsupported.into())
     }
 }

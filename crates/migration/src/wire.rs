@@ -11,11 +11,12 @@
 //!   magic    u8=1    u8     u16=0    u32      u32      len bytes
 //! ```
 //!
-//! `crc32c` covers header bytes 0..12 and the payload, except in a `PageData` frame (protocol 4),
+//! `crc32c` covers header bytes 0..12 and the payload, except in a `PageData` frame (protocol 5),
 //! where it covers the payload's round, count and entries but not the page data that follows
 //! them: that data is sent straight from a running guest's memory and received straight into the
-//! target's, and its integrity rests on TCP (or TLS) and on `--verify-memory`
-//! (docs/migration.md). `len` is checked against the largest payload the frame's kind can have
+//! target's, so each data page's entry carries the page's own crc32c, taken by the source when it
+//! checked the page and compared by the target once the page is in its memory (a mismatch marks
+//! the page suspect until a later copy arrives; docs/migration.md). `len` is checked against the largest payload the frame's kind can have
 //! before anything is read or allocated; a page frame's addresses are checked against the agreed
 //! [`MemoryLayout`].
 
@@ -35,13 +36,17 @@ pub const FRAME_FORMAT: u8 = 1;
 pub const HEADER_LEN: usize = 16;
 /// The protocol version this build speaks (negotiated in the handshake). Version 2 adds the
 /// target's timings to the `Running` frame ([`TargetTimings`]); version 3 adds post-copy
-/// (`PostCopy`, `PageRequest`, `PostCopyDone`, [`POST_COPY_PROTOCOL_VERSION`]); version 4 adds
-/// the `PageData` frame ([`PAGE_DATA_PROTOCOL_VERSION`]); everything else is as in 1.
-pub const PROTOCOL_VERSION: u16 = 4;
-/// The first protocol version with `PageData` frames (pages sent from and received into guest
-/// memory in place, their data outside the frame checksum). A source sends them only on plain
-/// TCP at this version or newer; a target of any version from 4 reads them.
-pub const PAGE_DATA_PROTOCOL_VERSION: u16 = 4;
+/// (`PostCopy`, `PageRequest`, `PostCopyDone`, [`POST_COPY_PROTOCOL_VERSION`]); version 4 added
+/// a `PageData` frame without page checksums, which this build neither sends nor reads; version
+/// 5 defines `PageData` with a crc32c per data page ([`PAGE_DATA_PROTOCOL_VERSION`]) and adds
+/// the count of pages sent again after a checksum mismatch to `Running`
+/// ([`TargetTimings::pages_resent_after_checksum_mismatch`]); everything else is as in 1.
+pub const PROTOCOL_VERSION: u16 = 5;
+/// The first protocol version whose `PageData` frames this build speaks (pages sent from and
+/// received into guest memory in place, each data page with its own crc32c in the frame's
+/// head). A source sends them only on plain TCP at this version or newer; a target refuses a
+/// `PageData` frame at an older negotiated version (protocol 4's had no page checksums).
+pub const PAGE_DATA_PROTOCOL_VERSION: u16 = 5;
 /// The first protocol version with post-copy: a source asked for post-copy offers no older one,
 /// so an older target refuses the hello with both version ranges in the reason.
 pub const POST_COPY_PROTOCOL_VERSION: u16 = 3;
@@ -111,9 +116,10 @@ pub enum FrameKind {
     PageRequest = 16,
     /// Target → source, control stream: every owed page arrived; the source may stop.
     PostCopyDone = 17,
-    // ── protocol 4 ──
+    // ── protocol 5 (protocol 4 had another layout, without page checksums) ──
     /// Source → target, data stream: a batch of pages as `Pages`, but the entries first and
-    /// the data of the non-zero ones after them, outside the checksum ([`PageDataFrame`]).
+    /// the data of the non-zero ones after them, outside the frame checksum but each data page
+    /// under its own crc32c in its entry ([`PageDataFrame`]).
     PageData = 18,
 }
 
@@ -162,12 +168,13 @@ impl FrameKind {
             Welcome => 2,
             Refuse | Failed | Abort => 2 + MAX_REASON_BYTES,
             Join => 8 + 2,
-            Pages | PageData => 4 + 2 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES),
+            Pages => 4 + 2 + MAX_PAGES_PER_FRAME * (8 + PAGE_BYTES),
+            PageData => 4 + 2 + MAX_PAGES_PER_FRAME * (PAGE_DATA_ENTRY + PAGE_BYTES),
             DataEnd => 16,
             State => 4 + MAX_STATE_BYTES,
             Verify => 8 + 4 + 4 * MAX_VERIFY_CHUNKS,
             Commit => 0,
-            Running => TargetTimings::BYTES,
+            Running => TargetTimings::BYTES_WITH_CHECKS,
             RoundEnd | RoundAck => 4,
             PostCopy => 4 + MAX_OWED_RUNS * 12,
             PageRequest => 12,
@@ -203,11 +210,17 @@ pub struct PageBatch {
     /// unless the zero flag is set.
     buf: Vec<u8>,
     start: usize,
+    /// Pages of a received `PageData` frame whose data did not match the crc32c in their
+    /// entry (empty for a `Pages` frame, whose checksum covers every byte).
+    mismatched: Vec<u64>,
 }
 
 impl PartialEq for PageBatch {
     fn eq(&self, other: &Self) -> bool {
-        self.round == other.round && self.count == other.count && self.entries() == other.entries()
+        self.round == other.round
+            && self.count == other.count
+            && self.entries() == other.entries()
+            && self.mismatched == other.mismatched
     }
 }
 
@@ -226,6 +239,7 @@ impl PageBatch {
             count: 0,
             buf,
             start: HEADER_LEN + 6,
+            mismatched: Vec::new(),
         }
     }
 
@@ -272,6 +286,19 @@ impl PageBatch {
     /// the batch's order: where `iter`'s data will be written.
     pub fn data_runs(&self) -> Vec<(u64, u64)> {
         runs_of(self.iter().filter(|(_, d)| d.is_some()).map(|(gpa, _)| gpa))
+    }
+
+    /// Guest addresses of every page, data and zero, in the batch's order.
+    pub fn gpas(&self) -> Vec<u64> {
+        self.iter().map(|(gpa, _)| gpa).collect()
+    }
+
+    /// The pages of a received `PageData` frame whose data did not match their entry's
+    /// crc32c (a page the guest rewrote while the source's kernel copied it, or damaged on
+    /// the way): written all the same, and suspect until a later copy comes
+    /// ([`crate::machine::receiver::Receiver`]). Always empty for a `Pages` frame.
+    pub fn mismatched(&self) -> &[u64] {
+        &self.mismatched
     }
 
     /// The buffer the batch was in, for the next frame to be read into
@@ -324,14 +351,15 @@ impl PageBatch {
 }
 
 impl PageBatch {
-    /// Encodes this batch as a `PageData` frame (protocol 4): entries first, then the data of
-    /// the non-zero pages in entry order, outside the checksum. The source builds these frames
-    /// from guest memory in place ([`PageDataFrame`]); this copy is for tests and fuzzing.
+    /// Encodes this batch as a `PageData` frame (protocol 5): entries (each data page's with
+    /// its crc32c) first, then the data of the non-zero pages in entry order, outside the frame
+    /// checksum. The source builds these frames from guest memory in place ([`PageDataFrame`]);
+    /// this copy is for tests and fuzzing.
     pub fn to_page_data_bytes(&self) -> Vec<u8> {
         let mut f = PageDataFrame::new(self.round);
         for (gpa, data) in self.iter() {
             match data {
-                Some(_) => f.push_data(gpa),
+                Some(d) => f.push_data(gpa, crc32c::crc32c(d)),
                 None => f.push_zero(gpa),
             }
         }
@@ -347,11 +375,15 @@ impl PageBatch {
 
 /// Bytes of a `PageData` frame before its entries: header, round `u32`, count `u16`.
 pub const PAGE_DATA_PREFIX: usize = HEADER_LEN + 6;
+/// Bytes of one `PageData` entry: `u64` guest address (low bit: zero page), then `u32` crc32c
+/// of the page's 4096 bytes (0 for a zero page).
+pub const PAGE_DATA_ENTRY: usize = 12;
 
 /// A `PageData` frame as the source builds it: the head (header, round, count, entries) in one
 /// buffer, and the guest addresses of its data pages, whose 4096 bytes each follow the head on
 /// the wire in entry order. The data never passes through a buffer: the sender writes it from
-/// guest memory with the head in one `writev`.
+/// guest memory with the head in one `writev`; each data page's entry carries the crc32c the
+/// source took of it when it checked it for zero.
 #[derive(Debug, Clone)]
 pub struct PageDataFrame {
     head: Vec<u8>,
@@ -362,7 +394,7 @@ pub struct PageDataFrame {
 impl PageDataFrame {
     /// An empty frame of pre-copy round `round`.
     pub fn new(round: u32) -> Self {
-        let mut head = Vec::with_capacity(PAGE_DATA_PREFIX + 8 * MAX_PAGES_PER_FRAME);
+        let mut head = Vec::with_capacity(PAGE_DATA_PREFIX + PAGE_DATA_ENTRY * MAX_PAGES_PER_FRAME);
         begin(&mut head, FrameKind::PageData);
         head.extend_from_slice(&round.to_le_bytes());
         head.extend_from_slice(&0u16.to_le_bytes());
@@ -388,10 +420,12 @@ impl PageDataFrame {
         self.len() >= MAX_PAGES_PER_FRAME
     }
 
-    /// Adds a data page: its 4096 bytes at `gpa` (page-aligned) follow the head.
-    pub fn push_data(&mut self, gpa: u64) {
+    /// Adds a data page: its 4096 bytes at `gpa` (page-aligned) follow the head; `crc` is the
+    /// crc32c of those bytes as the source read them.
+    pub fn push_data(&mut self, gpa: u64, crc: u32) {
         assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
         self.head.extend_from_slice(&gpa.to_le_bytes());
+        self.head.extend_from_slice(&crc.to_le_bytes());
         self.data.push(gpa);
         self.count += 1;
     }
@@ -401,6 +435,7 @@ impl PageDataFrame {
         assert!(!self.is_full() && gpa.is_multiple_of(PAGE_SIZE));
         self.head
             .extend_from_slice(&(gpa | ZERO_FLAG).to_le_bytes());
+        self.head.extend_from_slice(&0u32.to_le_bytes());
         self.count += 1;
     }
 
@@ -430,6 +465,8 @@ pub struct PageDataHead {
     round: u32,
     /// Entries as on the wire: guest address, low bit set for a zero page.
     entries: Vec<u64>,
+    /// The crc32c of each data page, in entry order.
+    crcs: Vec<u32>,
     data_pages: usize,
 }
 
@@ -461,6 +498,17 @@ impl PageDataHead {
             .filter(|e| *e & ZERO_FLAG == 0)
             .copied()
             .collect()
+    }
+
+    /// The crc32c the source took of each data page, in the order of
+    /// [`PageDataHead::data_gpas`].
+    pub fn data_crcs(&self) -> &[u32] {
+        &self.crcs
+    }
+
+    /// Guest addresses of every entry, data and zero, in entry order.
+    pub fn gpas(&self) -> Vec<u64> {
+        self.entries.iter().map(|e| e & !ZERO_FLAG).collect()
     }
 
     /// Guest addresses of the pages that are now zero.
@@ -501,10 +549,10 @@ pub fn page_data_entries_len(header: Header, prefix: &[u8; 6]) -> Result<usize, 
     if count == 0 || count > MAX_PAGES_PER_FRAME {
         return Err(bad("page count out of range"));
     }
-    if header.len < 6 + 8 * count {
+    if header.len < 6 + PAGE_DATA_ENTRY * count {
         return Err(bad("payload ends early"));
     }
-    Ok(8 * count)
+    Ok(PAGE_DATA_ENTRY * count)
 }
 
 /// Checks a `PageData` frame's head: `prefix` (round, count) and `entries` are the payload's
@@ -534,17 +582,26 @@ pub fn check_page_data_head(
             actual: crc,
         });
     }
-    let (chunks, _) = entries.as_chunks::<8>();
+    let (chunks, _) = entries.as_chunks::<PAGE_DATA_ENTRY>();
     let mut list = Vec::with_capacity(chunks.len());
+    let mut crcs = Vec::with_capacity(chunks.len());
     let mut data_pages = 0;
     for c in chunks {
-        let tagged = u64::from_le_bytes(*c);
+        let (addr, crc) = c.split_at(8);
+        let tagged = u64::from_le_bytes(addr.try_into().unwrap_or([0; 8]));
+        let crc = u32::from_le_bytes(crc.try_into().unwrap_or([0; 4]));
         let gpa = tagged & !ZERO_FLAG;
         if tagged & (PAGE_SIZE - 1) & !ZERO_FLAG != 0 || layout.page_index(gpa).is_none() {
             return Err(DecodeError::PageOutsideLayout(tagged));
         }
         if tagged & ZERO_FLAG == 0 {
             data_pages += 1;
+            crcs.push(crc);
+        } else if crc != 0 {
+            return Err(DecodeError::Malformed {
+                kind: FrameKind::PageData,
+                what: "a zero page's entry with a checksum",
+            });
         }
         list.push(tagged);
     }
@@ -557,6 +614,7 @@ pub fn check_page_data_head(
     Ok(PageDataHead {
         round: u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]),
         entries: list,
+        crcs,
         data_pages,
     })
 }
@@ -575,7 +633,8 @@ fn page_data_batch(head: &PageDataHead, data: &[u8], buf: Vec<u8>) -> PageBatch 
 }
 
 /// A [`PageBatch`] laid out in `buf` from a `PageData` frame's head, each data page's bytes
-/// appended by `page` in entry order.
+/// appended by `page` in entry order and compared with the crc32c in its entry (the pages that
+/// differ are the batch's [`PageBatch::mismatched`]).
 fn batch_of<E>(
     head: &PageDataHead,
     mut buf: Vec<u8>,
@@ -585,10 +644,17 @@ fn batch_of<E>(
     buf.reserve(6 + 8 * head.len() + head.data_pages * PAGE_BYTES);
     buf.extend_from_slice(&head.round.to_le_bytes());
     buf.extend_from_slice(&(head.len() as u16).to_le_bytes());
+    let mut crcs = head.crcs.iter();
+    let mut mismatched = Vec::new();
     for e in &head.entries {
         buf.extend_from_slice(&e.to_le_bytes());
         if e & ZERO_FLAG == 0 {
+            let at = buf.len();
             page(&mut buf)?;
+            let want = crcs.next().copied().unwrap_or(0);
+            if buf.get(at..).map(crc32c::crc32c) != Some(want) {
+                mismatched.push(*e);
+            }
         }
     }
     Ok(PageBatch {
@@ -596,6 +662,7 @@ fn batch_of<E>(
         count: head.len() as u16,
         buf,
         start: 6,
+        mismatched,
     })
 }
 
@@ -670,11 +737,18 @@ pub struct TargetTimings {
     pub restore_us: u64,
     /// → the vCPUs running (the disks taken over first).
     pub resume_us: u64,
+    /// Pages of `PageData` frames whose data did not match their checksum in a pre-copy round
+    /// and that came again before the commit (protocol 5 on; `None` encodes the shorter frame
+    /// of protocols 2 to 4). Not a time: it rides along since `Running` is the one answer.
+    pub pages_resent_after_checksum_mismatch: Option<u64>,
 }
 
 impl TargetTimings {
-    /// Payload bytes of a `Running` frame that carries timings.
+    /// Payload bytes of a `Running` frame that carries timings (protocols 2 to 4).
     pub const BYTES: usize = 4 * 8;
+    /// Payload bytes of a `Running` frame that carries timings and the count of pages sent
+    /// again after a checksum mismatch (protocol 5 on).
+    pub const BYTES_WITH_CHECKS: usize = 5 * 8;
 }
 
 /// One decoded frame.
@@ -821,6 +895,10 @@ pub enum DecodeError {
     /// A frame that needs the agreed layout arrived before the handshake set one.
     #[error("{0:?} frame before the memory layout was agreed")]
     NoLayout(FrameKind),
+    /// A frame kind the negotiated protocol version does not define (a `PageData` frame below
+    /// [`PAGE_DATA_PROTOCOL_VERSION`]).
+    #[error("{0:?} frame at a protocol version that does not define it")]
+    NotNegotiated(FrameKind),
     /// The memory layout in a hello is invalid.
     #[error("Invalid memory layout in hello")]
     Layout(#[source] LayoutError),
@@ -856,7 +934,9 @@ fn finish(out: &mut [u8]) {
 }
 
 /// Wraps arbitrary payload bytes in a frame header with kind byte `kind` and a valid checksum,
-/// so tests and fuzzers can reach the payload parsers with random content.
+/// so tests and fuzzers can reach the payload parsers with random content. For a `PageData`
+/// frame the checksum covers what its decoder checks: round, count and the entries the count
+/// announces (as far as the payload goes), not the page data after them.
 pub fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
@@ -865,6 +945,15 @@ pub fn seal(kind: u8, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&[0; 10]);
     out.extend_from_slice(payload);
     finish(&mut out);
+    if kind == FrameKind::PageData as u8 {
+        let count = match payload {
+            [_, _, _, _, a, b, ..] => usize::from(u16::from_le_bytes([*a, *b])),
+            _ => 0,
+        };
+        let head = (6 + PAGE_DATA_ENTRY * count).min(payload.len());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..12]), &payload[..head]);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
     out
 }
 
@@ -963,6 +1052,9 @@ impl Frame {
                     for v in [t.data_us, t.verify_us, t.restore_us, t.resume_us] {
                         out.extend_from_slice(&v.to_le_bytes());
                     }
+                    if let Some(n) = t.pages_resent_after_checksum_mismatch {
+                        out.extend_from_slice(&n.to_le_bytes());
+                    }
                 }
             }
             Frame::PostCopy { owed } => {
@@ -1042,6 +1134,7 @@ pub fn parse_payload(
             count,
             buf: payload.to_vec(),
             start: 6,
+            mismatched: Vec::new(),
         }),
     })
 }
@@ -1191,6 +1284,10 @@ fn parse_checked(
                     verify_us: r.u64()?,
                     restore_us: r.u64()?,
                     resume_us: r.u64()?,
+                    pages_resent_after_checksum_mismatch: match r.remaining() {
+                        0 => None,
+                        _ => Some(r.u64()?),
+                    },
                 }),
             },
         },
@@ -1416,7 +1513,7 @@ pub fn read_page_data_head<R: Read>(
 ) -> Result<PageDataHead, ReadFrameError> {
     // Round, count and one entry at least: a shorter frame is refused before a byte of it is
     // read (reading on would take the next frame's bytes as this one's).
-    if header.len < 6 + 8 {
+    if header.len < 6 + PAGE_DATA_ENTRY {
         return Err(ReadFrameError::Decode(DecodeError::Malformed {
             kind: FrameKind::PageData,
             what: "payload ends early",
@@ -1476,6 +1573,7 @@ pub fn read_frame_after_header<R: Read>(
             count,
             buf: payload,
             start: 6,
+            mismatched: Vec::new(),
         })),
     }
 }
@@ -1666,16 +1764,24 @@ mod tests {
                 }
             ),
             Just(Frame::Running { timings: None }),
-            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-                |(data_us, verify_us, restore_us, resume_us)| Frame::Running {
-                    timings: Some(TargetTimings {
-                        data_us,
-                        verify_us,
-                        restore_us,
-                        resume_us,
-                    }),
-                }
-            ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<Option<u64>>()
+            )
+                .prop_map(|(data_us, verify_us, restore_us, resume_us, resent)| {
+                    Frame::Running {
+                        timings: Some(TargetTimings {
+                            data_us,
+                            verify_us,
+                            restore_us,
+                            resume_us,
+                            pages_resent_after_checksum_mismatch: resent,
+                        }),
+                    }
+                }),
             text().prop_map(|reason| Frame::Failed { reason }),
             text().prop_map(|reason| Frame::Abort { reason }),
         ]
@@ -1753,13 +1859,35 @@ mod tests {
         #[test]
         fn a_flip_in_a_page_data_head_is_detected(b in pages(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
             let mut bytes = b.to_page_data_bytes();
-            let head = PAGE_DATA_PREFIX + 8 * b.len();
+            let head = PAGE_DATA_PREFIX + PAGE_DATA_ENTRY * b.len();
             let i = at.index(head);
             bytes[i] ^= 1 << bit;
             let l = layout();
             prop_assert!(decode(&bytes, Some(&l)).is_err(), "flip at byte {i} undetected");
             let mut cursor = io::Cursor::new(&bytes);
             prop_assert!(read_frame(&mut cursor, Some(&l)).is_err(), "flip at byte {i} undetected");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_flip_in_page_data_marks_exactly_its_page(
+            b in pages(), at in any::<prop::sample::Index>(), bit in 0u8..8
+        ) {
+            let data: Vec<u64> = b.iter().filter(|(_, d)| d.is_some()).map(|(g, _)| g).collect();
+            prop_assume!(!data.is_empty());
+            let mut bytes = b.to_page_data_bytes();
+            let head = PAGE_DATA_PREFIX + PAGE_DATA_ENTRY * b.len();
+            let i = at.index(bytes.len() - head);
+            bytes[head + i] ^= 1 << bit;
+            let l = layout();
+            let (f, _) = decode(&bytes, Some(&l)).unwrap();
+            let Frame::Pages(got) = f else {
+                panic!("not a page frame");
+            };
+            prop_assert_eq!(got.mismatched(), &[data[i / PAGE_BYTES]]);
+            let mut cursor = io::Cursor::new(&bytes);
+            prop_assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), Frame::Pages(got));
         }
     }
 
@@ -1772,31 +1900,75 @@ mod tests {
     }
 
     #[test]
-    fn a_flipped_address_byte_fails_the_checksum_but_a_flipped_data_byte_does_not() {
+    fn a_flipped_head_byte_fails_the_checksum_and_a_flipped_data_byte_marks_its_page() {
         let l = layout();
         let b = one_data_one_zero();
         let good = b.to_page_data_bytes();
-        // Byte 1 of the first entry's address (0x1000 becomes 0x1100): the checksum fails
-        // before the address is looked at.
-        let mut bad = good.clone();
-        bad[PAGE_DATA_PREFIX + 1] ^= 0x01;
-        assert!(
-            matches!(decode(&bad, Some(&l)), Err(DecodeError::Checksum { .. })),
-            "{:?}",
-            decode(&bad, Some(&l))
+        // Each data page's entry carries its crc32c, and the head's checksum covers it.
+        let entry = &good[PAGE_DATA_PREFIX..PAGE_DATA_PREFIX + PAGE_DATA_ENTRY];
+        assert_eq!(entry[..8], PAGE_SIZE.to_le_bytes());
+        assert_eq!(
+            entry[8..],
+            crc32c::crc32c(&[0x5a; PAGE_BYTES]).to_le_bytes()
         );
-        // The page data is outside the checksum (docs/migration.md, "PageData"): a flipped data
-        // byte decodes, with the flipped byte. TCP's (or TLS's) own integrity and
-        // --verify-memory are what protect it.
+        let (f, _) = decode(&good, Some(&l)).unwrap();
+        assert_eq!(f, Frame::Pages(b.clone()));
+        let Frame::Pages(clean) = f else {
+            panic!("not a page frame");
+        };
+        assert!(clean.mismatched().is_empty());
+        // Byte 1 of the first entry's address (0x1000 becomes 0x1100), or a byte of its page
+        // checksum: the head's checksum fails before the address is looked at.
+        for at in [PAGE_DATA_PREFIX + 1, PAGE_DATA_PREFIX + 9] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x01;
+            assert!(
+                matches!(decode(&bad, Some(&l)), Err(DecodeError::Checksum { .. })),
+                "byte {at}: {:?}",
+                decode(&bad, Some(&l))
+            );
+        }
+        // The page data is outside the head's checksum (docs/migration.md, "PageData"): a
+        // flipped data byte decodes, with the flipped byte, and its page is named as not
+        // matching its own checksum, from a slice and from a stream alike.
         let mut flipped = good.clone();
-        let data_at = PAGE_DATA_PREFIX + 16 + 100;
+        let data_at = PAGE_DATA_PREFIX + 2 * PAGE_DATA_ENTRY + 100;
         flipped[data_at] ^= 0xff;
         let (f, _) = decode(&flipped, Some(&l)).unwrap();
+        let mut cursor = io::Cursor::new(&flipped);
+        assert_eq!(read_frame(&mut cursor, Some(&l)).unwrap(), f);
         let Frame::Pages(got) = f else {
             panic!("not a page frame");
         };
         let pages: Vec<_> = got.iter().map(|(g, d)| (g, d.map(|d| d[100]))).collect();
         assert_eq!(pages, vec![(PAGE_SIZE, Some(0x5a ^ 0xff)), (0, None)]);
+        assert_eq!(got.mismatched(), &[PAGE_SIZE]);
+    }
+
+    #[test]
+    fn sealing_a_page_data_payload_checksums_its_head_only() {
+        let b = one_data_one_zero();
+        let bytes = b.to_page_data_bytes();
+        assert_eq!(seal(FrameKind::PageData as u8, &bytes[HEADER_LEN..]), bytes);
+    }
+
+    #[test]
+    fn a_zero_page_entry_with_a_checksum_is_refused() {
+        let l = layout();
+        let mut f = PageDataFrame::new(1);
+        f.push_zero(0);
+        let (mut head, _) = f.seal();
+        head[PAGE_DATA_PREFIX + 8] = 1;
+        // Re-seal so the head's own checksum is right: the entry itself is what is wrong.
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head[..12]), &head[HEADER_LEN..]);
+        head[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            decode(&head, Some(&l)),
+            Err(DecodeError::Malformed {
+                kind: FrameKind::PageData,
+                ..
+            })
+        ));
     }
 
     /// A `PageData` frame with a valid checksum over whatever head and length it is given.
@@ -1807,6 +1979,11 @@ mod tests {
         out.extend_from_slice(&count.to_le_bytes());
         for e in entries {
             out.extend_from_slice(&e.to_le_bytes());
+            let crc = match e & ZERO_FLAG {
+                0 => crc32c::crc32c(&[0x33; PAGE_BYTES]),
+                _ => 0,
+            };
+            out.extend_from_slice(&crc.to_le_bytes());
         }
         let head_end = out.len();
         out.resize(head_end + extra_data, 0x33);
@@ -2002,6 +2179,7 @@ mod tests {
             verify_us: 2,
             restore_us: 300,
             resume_us: 4_000,
+            pages_resent_after_checksum_mismatch: None,
         };
         let v2 = Frame::Running { timings: Some(t) }.encode();
         assert_eq!(v2.len(), HEADER_LEN + TargetTimings::BYTES);
@@ -2009,10 +2187,26 @@ mod tests {
             decode(&v2, None).unwrap().0,
             Frame::Running { timings: Some(t) }
         );
-        // Anything but 0 or all the timings is refused.
+        // Protocol 5: the timings and the pages sent again after a checksum mismatch.
+        let t5 = TargetTimings {
+            pages_resent_after_checksum_mismatch: Some(3),
+            ..t
+        };
+        let v5 = Frame::Running { timings: Some(t5) }.encode();
+        assert_eq!(v5.len(), HEADER_LEN + TargetTimings::BYTES_WITH_CHECKS);
+        assert_eq!(
+            decode(&v5, None).unwrap().0,
+            Frame::Running { timings: Some(t5) }
+        );
+        // Anything but 0, all the timings, or the timings and the count is refused.
         let cut = seal(FrameKind::Running as u8, &v2[HEADER_LEN..HEADER_LEN + 8]);
         assert!(decode(&cut, None).is_err());
-        let long = seal(FrameKind::Running as u8, &[0u8; TargetTimings::BYTES + 8]);
+        let cut = seal(FrameKind::Running as u8, &v5[HEADER_LEN..HEADER_LEN + 36]);
+        assert!(decode(&cut, None).is_err());
+        let long = seal(
+            FrameKind::Running as u8,
+            &[0u8; TargetTimings::BYTES_WITH_CHECKS + 8],
+        );
         assert!(matches!(
             decode(&long, None),
             Err(DecodeError::TooLong { .. })

@@ -109,7 +109,7 @@ fn attempt(addr: SocketAddr, tls: Option<&TlsClient>) -> MigrateError {
     let f = r.expect_err("a foreign source migrated");
     assert!(f.report.outcome.source_runs(), "{:?}", f.report);
     assert_eq!(src.state(), VmState::Running);
-    f.error
+    *f.error
 }
 
 #[test]

@@ -35,6 +35,11 @@ fn idle_guest_migrates_and_its_heartbeats_continue() {
     p.assert_moved();
 }
 
+/// By default the pages go from the source's guest memory to the target's without a copy on
+/// either side (protocol 5's `PageData` frames, each data page under its own checksum); the
+/// memory digest at the pause proves every page arrived as the guest left it, pages it rewrote
+/// while their frame was in flight included, and the report has the target's count of pages
+/// that failed their checksum and came again.
 #[test]
 fn moderately_dirtying_guest_migrates_with_its_memory_intact() {
     let mut p = MigrationPair::start(
@@ -46,22 +51,24 @@ fn moderately_dirtying_guest_migrates_with_its_memory_intact() {
     let (rc, report, err) = p.migrate(&["--verify-memory", "--streams", "2"]);
     completed(&report, rc, &err);
     assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
+    assert!(
+        report["pages_resent_after_checksum_mismatch"].is_u64(),
+        "a protocol 5 target counts them: {report}"
+    );
     p.assert_moved();
 }
 
-/// `--pages-in-place`: the pages go from the source's guest memory to the target's without a
-/// copy on either side (protocol 4's `PageData` frames); the memory digest at the pause proves
-/// every page arrived as the guest left it, pages it rewrote while their frame was in flight
-/// included.
+/// `--copy-pages`: every page copied into a `Pages` frame under the frame's checksum; the
+/// same guest arrives intact.
 #[test]
-fn moderately_dirtying_guest_migrates_in_place_with_its_memory_intact() {
+fn moderately_dirtying_guest_migrates_with_copied_pages_and_its_memory_intact() {
     let mut p = MigrationPair::start(
         300,
         1,
         "tern.hb_ms=50 tern.dirty_mib=256 tern.dirty_rate=20000",
         &[],
     );
-    let (rc, report, err) = p.migrate(&["--verify-memory", "--pages-in-place"]);
+    let (rc, report, err) = p.migrate(&["--verify-memory", "--copy-pages"]);
     completed(&report, rc, &err);
     assert!(report["rounds"].as_u64().unwrap() >= 2, "{report}");
     p.assert_moved();

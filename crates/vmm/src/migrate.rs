@@ -752,8 +752,9 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
         &self,
         socket: std::os::fd::BorrowedFd<'_>,
         data: &[u64],
+        crcs: &[u32],
         zero: &[u64],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Vec<u64>> {
         use std::os::fd::AsRawFd;
         let mut iov = Vec::with_capacity(data.len());
         page_iovecs(&self.0, data, &mut iov)?;
@@ -784,25 +785,84 @@ impl tern_migration::vm::PagePlacer for GuestPlacer {
             left -= r.min(left);
             advance_iovecs(&mut iov, r);
         }
+        // Each data page's checksum, from guest memory now that the page is there.
+        let mut mismatched = Vec::new();
+        let mut copy = [0u8; PAGE];
+        for (i, &gpa) in data.iter().enumerate() {
+            copy_page(&self.0, gpa, &mut copy)?;
+            if crcs.get(i) != Some(&crc32c::crc32c(&copy)) {
+                mismatched.push(gpa);
+            }
+        }
         for &gpa in zero {
             let at = page_ptr(&self.0, gpa)?;
             // SAFETY: `page_ptr` checked that the page lies in one mapped region, kept mapped
             // by `self.0`; the same as `place` zeroing a zero page.
             unsafe { std::ptr::write_bytes(at, 0, PAGE) };
         }
-        Ok(())
+        Ok(mismatched)
     }
 }
 
 /// Bytes of a page.
 const PAGE: usize = 4096;
 
-/// The host address of the page at `gpa` in `mem`: one page inside one mapped region.
+/// The host address of the page at `gpa` in `mem`: one page inside one mapped region. The guard
+/// `ptr_guard_mut` returns unmaps only Xen's foreign mappings; this memory is plain `mmap`ed
+/// (`GuestMemoryMmap` without the `xen` feature), whose guard does nothing on drop, so the
+/// address stays valid as long as `mem` holds the region.
 fn page_ptr(mem: &crate::layout::GuestMemory, gpa: u64) -> std::io::Result<*mut u8> {
     let slice = mem
         .get_slice(GuestAddress(gpa), PAGE)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     Ok(slice.ptr_guard_mut().as_ptr())
+}
+
+/// Copies the page at `gpa` in `mem` into `out` with volatile word reads (guest memory that
+/// the guest, or on the target a faulty source's other stream, may write meanwhile is never
+/// read through a Rust reference); returns whether any byte is non-zero.
+fn copy_page(
+    mem: &crate::layout::GuestMemory,
+    gpa: u64,
+    out: &mut [u8; PAGE],
+) -> std::io::Result<bool> {
+    let at = page_ptr(mem, gpa)?.cast::<u64>();
+    let (words, _) = out.as_chunks_mut::<8>();
+    let mut any = 0u64;
+    for (i, w) in words.iter_mut().enumerate() {
+        // SAFETY: `page_ptr` checked that the page at `gpa` lies in one mapped region, which
+        // `mem` keeps mapped; the page is 4096-aligned (regions are mapped page-aligned and
+        // `gpa` is page-aligned), so each of its 512 u64 is aligned and inside it. A volatile
+        // read sees some value of the word even while it is being written.
+        let v = unsafe { std::ptr::read_volatile(at.add(i)) };
+        any |= v;
+        *w = v.to_ne_bytes();
+    }
+    Ok(any != 0)
+}
+
+/// Whether the page at `gpa` in `mem` is all zeros, read where it lies with volatile word reads,
+/// eight words at a time (a data page usually differs in its first words).
+fn is_zero_in_place(mem: &crate::layout::GuestMemory, gpa: u64) -> std::io::Result<bool> {
+    let at = page_ptr(mem, gpa)?.cast::<u64>();
+    let words = PAGE / 8;
+    let mut i = 0;
+    while i < words {
+        let mut any = 0u64;
+        for k in 0..8 {
+            // SAFETY: `page_ptr` checked that the page at `gpa` lies in one mapped region,
+            // which `mem` keeps mapped; the page is 4096-aligned (regions are mapped
+            // page-aligned and `gpa` is page-aligned), so every u64 is aligned and in it.
+            // The guest may write the page meanwhile: volatile reads of guest memory (never a
+            // Rust reference to it) see some value of each word.
+            any |= unsafe { std::ptr::read_volatile(at.add(i + k)) };
+        }
+        if any != 0 {
+            return Ok(false);
+        }
+        i += 8;
+    }
+    Ok(true)
 }
 
 /// `iovec`s for the pages at `gpas` in `mem`, pages adjacent in host memory joined into one.
@@ -848,27 +908,19 @@ fn advance_iovecs(iov: &mut Vec<libc::iovec>, mut n: usize) {
 struct SendInPlace(crate::layout::GuestMemory);
 
 impl tern_migration::GuestPages for SendInPlace {
-    fn is_zero(&self, gpa: u64) -> Result<bool, VmError> {
-        let at = page_ptr(&self.0, gpa)?.cast::<u64>();
-        let words = PAGE / 8;
-        let mut i = 0;
-        while i < words {
-            let mut any = 0u64;
-            for k in 0..8 {
-                // SAFETY: `page_ptr` checked that the page at `gpa` lies in one mapped region,
-                // which `self.0` keeps mapped; the page is 4096-aligned (regions are mapped
-                // page-aligned and `gpa` is page-aligned), so every u64 is aligned and in it.
-                // The guest may write the page meanwhile: volatile reads of guest memory
-                // (never a Rust reference to it) see some value of each word, and a page that
-                // changes after its check is in the dirty log for the next round.
-                any |= unsafe { std::ptr::read_volatile(at.add(i + k)) };
-            }
-            if any != 0 {
-                return Ok(false);
-            }
-            i += 8;
+    fn check(&self, gpa: u64) -> Result<Option<u32>, VmError> {
+        // A zero page is read once, word by word, as before there were page checksums; a data
+        // page (usually told by its first words) is then read whole into a buffer and its
+        // checksum taken there. The guest may write the page meanwhile (and before `writev`
+        // sends it): the target then finds the checksum does not match and waits for the next
+        // round's copy, which the dirty log has; a page zeroed in between goes as data, its
+        // checksum that of zeros.
+        if is_zero_in_place(&self.0, gpa)? {
+            return Ok(None);
         }
-        Ok(true)
+        let mut copy = [0u8; PAGE];
+        copy_page(&self.0, gpa, &mut copy)?;
+        Ok(Some(crc32c::crc32c(&copy)))
     }
 
     fn write_frame(
@@ -904,7 +956,7 @@ impl tern_migration::GuestPages for SendInPlace {
         // guest memory that `page_ptr` checked lies in a mapped region, which `self.0` keeps
         // mapped; `writev` only reads them. The guest may write those pages while the kernel
         // copies them: the bytes sent are then some mix of old and new, which the dirty log
-        // has for the next round (the frame's checksum does not cover page data).
+        // has for the next round (and which does not match the page's checksum in the head).
         let r = unsafe { libc::writev(socket.as_raw_fd(), iov.as_ptr(), n) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
@@ -1048,6 +1100,198 @@ pub fn may_run_again() -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use tern_migration::GuestPages;
+    use tern_migration::vm::PagePlacer;
+
+    const P: u64 = PAGE as u64;
+
+    /// Guest memory of `pages` pages at 0, page `i` filled with bytes derived from `i` and
+    /// `seed` (so every byte position differs from its neighbours').
+    fn memory(pages: u64, seed: u8) -> crate::layout::GuestMemory {
+        let mem =
+            crate::layout::GuestMemory::from_ranges(&[(GuestAddress(0), (pages * P) as usize)])
+                .unwrap();
+        for i in 0..pages {
+            mem.write_slice(&page_bytes(i, seed), GuestAddress(i * P))
+                .unwrap();
+        }
+        mem
+    }
+
+    fn page_bytes(i: u64, seed: u8) -> Vec<u8> {
+        (0..PAGE)
+            .map(|k| (k as u64 * 7 + i * 13 + u64::from(seed)) as u8)
+            .collect()
+    }
+
+    fn page_at(mem: &crate::layout::GuestMemory, gpa: u64) -> Vec<u8> {
+        let mut v = vec![0u8; PAGE];
+        mem.read_slice(&mut v, GuestAddress(gpa)).unwrap();
+        v
+    }
+
+    #[test]
+    fn advancing_iovecs_drops_whole_ones_and_cuts_into_the_next() {
+        let buf = [0u8; 3 * PAGE];
+        let base = buf.as_ptr() as usize;
+        let v = |off: usize, len: usize| libc::iovec {
+            iov_base: (base + off) as *mut libc::c_void,
+            iov_len: len,
+        };
+        let shape = |iov: &[libc::iovec]| {
+            iov.iter()
+                .map(|v| (v.iov_base as usize - base, v.iov_len))
+                .collect::<Vec<_>>()
+        };
+        let mut iov = vec![v(0, 100), v(100, 2 * PAGE), v(5000, 50)];
+        advance_iovecs(&mut iov, 30);
+        assert_eq!(shape(&iov), [(30, 70), (100, 2 * PAGE), (5000, 50)]);
+        // Exactly to the end of the first: it goes, the next is whole.
+        advance_iovecs(&mut iov, 70);
+        assert_eq!(shape(&iov), [(100, 2 * PAGE), (5000, 50)]);
+        // Across a boundary into the last.
+        advance_iovecs(&mut iov, 2 * PAGE + 20);
+        assert_eq!(shape(&iov), [(5020, 30)]);
+        advance_iovecs(&mut iov, 30);
+        assert!(iov.is_empty());
+        // From an index on: the ones before stay.
+        let mut iov = vec![v(0, 10), v(10, PAGE), v(10 + PAGE, PAGE)];
+        advance_iovecs_from(&mut iov, 1, PAGE + 1);
+        assert_eq!(shape(&iov), [(0, 10), (11 + PAGE, PAGE - 1)]);
+    }
+
+    /// Shrinks a socket's send buffer so that writes stop at arbitrary points.
+    fn small_send_buffer(s: &UnixStream) {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 4608;
+        // SAFETY: setsockopt on a socket this test owns, with a pointer to a live c_int and
+        // its size.
+        let r = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(r, 0);
+    }
+
+    /// `write_frame` resumed at whatever byte the socket stopped at (inside the head, at its
+    /// end, inside a page, on a page boundary, inside a run of adjacent pages) sends exactly
+    /// the rest of the head and the pages.
+    #[test]
+    fn a_frame_written_in_place_resumes_exactly_where_a_partial_write_stopped() {
+        let src = memory(8, 1);
+        let send = SendInPlace(src.clone());
+        let head: Vec<u8> = (0..37u8).collect();
+        let pages = [0, P, 3 * P, 4 * P, 6 * P];
+        let mut want = head.clone();
+        for &gpa in &pages {
+            want.extend_from_slice(&page_at(&src, gpa));
+        }
+        let starts = [0, 5, 37, 38, 37 + PAGE, 37 + 2 * PAGE + 1, want.len() - 1];
+        for start in starts {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            small_send_buffer(&a);
+            a.set_nonblocking(true).unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut chunk = [0u8; 1000];
+                loop {
+                    match b.read(&mut chunk).unwrap() {
+                        0 => return got,
+                        n => got.extend_from_slice(&chunk[..n]),
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            });
+            let (mut at, mut calls) = (start, 0);
+            while at < want.len() {
+                match send.write_frame(a.as_fd(), &head, &pages, at) {
+                    Ok(n) => {
+                        assert!(n > 0, "no progress at byte {at}");
+                        at += n;
+                        calls += 1;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_micros(100))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            drop(a);
+            let got = reader.join().unwrap();
+            assert_eq!(got.len(), want.len() - start, "from byte {start}");
+            assert!(got == want[start..], "from byte {start}: bytes differ");
+            if start == 0 {
+                assert!(calls > 3, "the small buffer forces partial writes: {calls}");
+            }
+        }
+    }
+
+    /// `read_into` reads a frame's data in as many `readv` calls as the socket needs, each
+    /// stopping wherever the bytes ran out, into the right pages; leaves the next frame's bytes
+    /// on the stream; zeroes the zero pages; and names the pages whose checksum differs.
+    #[test]
+    fn pages_read_in_place_land_whole_across_partial_reads_and_are_checked() {
+        let src = memory(8, 1);
+        let dst = memory(8, 9);
+        let data = [0, 2 * P, 3 * P, 5 * P];
+        let mut crcs: Vec<u32> = data
+            .iter()
+            .map(|&g| crc32c::crc32c(&page_at(&src, g)))
+            .collect();
+        crcs[2] ^= 1; // as if page 3 had been rewritten after its check on the source
+        let mut stream = Vec::new();
+        for &gpa in &data {
+            stream.extend_from_slice(&page_at(&src, gpa));
+        }
+        stream.extend_from_slice(b"next frame");
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let writer = std::thread::spawn(move || {
+            for chunk in stream.chunks(777) {
+                a.write_all(chunk).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        });
+        let placer = GuestPlacer(dst.clone());
+        let mismatched = placer.read_into(b.as_fd(), &data, &crcs, &[6 * P]).unwrap();
+        assert_eq!(mismatched, [3 * P]);
+        writer.join().unwrap();
+        for gpa in data {
+            assert!(page_at(&dst, gpa) == page_at(&src, gpa), "page {gpa:#x}");
+        }
+        assert!(page_at(&dst, 6 * P).iter().all(|&x| x == 0), "zero page");
+        for untouched in [P, 4 * P, 7 * P] {
+            assert!(page_at(&dst, untouched) == page_bytes(untouched / P, 9));
+        }
+        let mut rest = Vec::new();
+        b.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"next frame");
+    }
+
+    #[test]
+    fn a_page_is_checked_as_zero_or_by_its_checksum_in_one_read() {
+        let src = memory(2, 3);
+        src.write_slice(&[0u8; PAGE], GuestAddress(P)).unwrap();
+        let send = SendInPlace(src.clone());
+        assert_eq!(
+            send.check(0).unwrap(),
+            Some(crc32c::crc32c(&page_bytes(0, 3)))
+        );
+        assert_eq!(send.check(P).unwrap(), None);
+        // One byte at the very end makes it data.
+        src.write_slice(&[1], GuestAddress(2 * P - 1)).unwrap();
+        let mut last = vec![0u8; PAGE];
+        last[PAGE - 1] = 1;
+        assert_eq!(send.check(P).unwrap(), Some(crc32c::crc32c(&last)));
+        assert!(send.check(2 * P).is_err(), "outside the memory");
+    }
 
     #[test]
     fn a_copy_that_migrated_away_or_lost_its_post_copy_may_not_run_again() {

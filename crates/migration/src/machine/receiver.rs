@@ -2,12 +2,13 @@
 //! per-stream accounting, when a commit may proceed, and what a failure means for the source.
 //! No I/O, no clock.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::config::{MemoryLayout, VmConfigDescription};
 use crate::wire::{
-    Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PROTOCOL_VERSION, PageBatch,
-    TIMINGS_PROTOCOL_VERSION, TargetTimings,
+    Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PAGE_DATA_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    PageBatch, TIMINGS_PROTOCOL_VERSION, TargetTimings,
 };
 
 /// After a stream error, how long the shell listens for the source's Abort (a source that
@@ -43,6 +44,49 @@ pub enum Step {
     Wait,
     /// The source aborted with this reason: discard (the source knows).
     Aborted(String),
+    /// Pages the source sent while paused did not match their checksums: discard and tell
+    /// the source (which runs on).
+    ChecksumFailed(PageChecksumFailure),
+}
+
+/// When pages that did not match their checksum fail a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChecksumStage {
+    /// They were sent while the source was paused (after a data stream's last pre-copy round
+    /// end): no later copy can come, and the guest could not have changed them.
+    Paused,
+    /// They were still suspect at the commit: no later copy came.
+    Commit,
+}
+
+/// Pages of `PageData` frames whose data did not match their crc32c and that no later copy
+/// replaced: the migration fails (before the commit is acknowledged, so the source runs on).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{pages} page(s) did not match their checksum {}, the first at guest address {first:#x}",
+    match stage {
+        ChecksumStage::Paused => "in the pages sent while the source was paused",
+        ChecksumStage::Commit => "and were not sent again before the commit",
+    }
+)]
+pub struct PageChecksumFailure {
+    /// How many pages.
+    pub pages: u64,
+    /// The lowest guest address among them.
+    pub first: u64,
+    /// When the failure was found.
+    pub stage: ChecksumStage,
+}
+
+/// Why a commit cannot proceed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitRefused {
+    /// Out of order: a protocol violation.
+    #[error(transparent)]
+    Violation(#[from] ProtocolViolation),
+    /// Pages are still suspect.
+    #[error(transparent)]
+    Checksum(#[from] PageChecksumFailure),
 }
 
 /// What the target does once the source asked to commit and everything arrived.
@@ -129,6 +173,14 @@ struct StreamCount {
     next_round: u32,
 }
 
+/// Where a suspect page's mismatching copy arrived: its data stream and that stream's round
+/// position (the round ends it had passed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SuspectAt {
+    stream: u16,
+    position: u32,
+}
+
 /// The target's state machine.
 #[derive(Debug, Clone)]
 pub struct Receiver {
@@ -142,6 +194,11 @@ pub struct Receiver {
     state: Option<(u32, Vec<u8>)>,
     digest: Option<MemoryDigest>,
     commit_requested: bool,
+    /// Pages whose last copy did not match its checksum, by guest address: a later copy
+    /// clears them, and any left fails the migration.
+    suspects: BTreeMap<u64, SuspectAt>,
+    /// Pages ever marked suspect (a later copy came for each, or the migration failed).
+    mismatches: u64,
 }
 
 impl Default for Receiver {
@@ -164,6 +221,8 @@ impl Receiver {
             state: None,
             digest: None,
             commit_requested: false,
+            suspects: BTreeMap::new(),
+            mismatches: 0,
         }
     }
 
@@ -254,18 +313,34 @@ impl Receiver {
         }
     }
 
+    /// Whether the data streams may carry `PageData` frames: only at a negotiated version that
+    /// defines the layout this build reads ([`PAGE_DATA_PROTOCOL_VERSION`]; protocol 4's
+    /// frames had no page checksums). The readers refuse one otherwise, before reading it.
+    pub fn accepts_page_data(&self) -> bool {
+        self.version >= PAGE_DATA_PROTOCOL_VERSION
+    }
+
     /// A frame arrived on `stream` after the handshake.
     pub fn frame(&mut self, stream: StreamName, frame: Frame) -> Result<Step, ProtocolViolation> {
         match (stream, frame) {
             (StreamName::Data(i), Frame::Pages(batch)) => {
-                self.placed_pages(StreamName::Data(i), batch.len())?;
+                self.page_fence(i)?;
+                self.pages(i, batch.len())?;
+                self.checked(i, batch.iter().map(|(gpa, _)| gpa), batch.mismatched());
                 Ok(Step::Apply(batch))
             }
             (StreamName::Data(i), Frame::RoundEnd { round }) => {
                 Ok(self.round_end(i, round)?.map_or(Step::Wait, Step::AckRound))
             }
             (StreamName::Data(i), Frame::DataEnd { frames, pages }) => {
-                self.data_end(i, frames, pages).map(|()| Step::Wait)
+                self.data_end(i, frames, pages)?;
+                Ok(match self.paused_suspects(i) {
+                    Some(failure) => {
+                        self.phase = ReceiverPhase::Discarded;
+                        Step::ChecksumFailed(failure)
+                    }
+                    None => Step::Wait,
+                })
             }
             (StreamName::Control, Frame::State { version, bytes }) => {
                 self.state(version, bytes).map(|()| Step::Wait)
@@ -289,23 +364,76 @@ impl Receiver {
         }
     }
 
-    /// A page frame of `pages` entries arrived on `stream` whose pages its reader already wrote
-    /// into guest memory (a `PageData` frame read in place): the checks and counts of a
-    /// `Pages` frame in [`Receiver::frame`], without the batch.
+    /// A page frame arrived on `stream` whose pages (`gpas`, every entry) its reader already
+    /// wrote into guest memory (a `PageData` frame read in place), `mismatched` of them not
+    /// matching their checksums: the checks and counts of a `Pages` frame in
+    /// [`Receiver::frame`], without the batch.
     pub fn placed_pages(
         &mut self,
         stream: StreamName,
-        pages: usize,
+        gpas: &[u64],
+        mismatched: &[u64],
     ) -> Result<(), ProtocolViolation> {
         match stream {
             StreamName::Data(i) => {
                 self.page_fence(i)?;
-                self.pages(i, pages)
+                self.pages(i, gpas.len())?;
+                self.checked(i, gpas.iter().copied(), mismatched);
+                Ok(())
             }
             StreamName::Control => {
                 Err(self.violation(format!("unexpected Pages frame on stream {stream}")))
             }
         }
+    }
+
+    /// The pages `gpas` of a frame on data stream `stream` were written, `mismatched` of them
+    /// with data that did not match their checksum: those become suspect (the guest may have
+    /// rewritten them while the source's kernel copied them, and then they come again in a
+    /// later round), every other page is a good copy and clears its suspicion.
+    fn checked(&mut self, stream: u16, gpas: impl Iterator<Item = u64>, mismatched: &[u64]) {
+        if !self.suspects.is_empty() {
+            for gpa in gpas {
+                self.suspects.remove(&gpa);
+            }
+        }
+        let position = self
+            .streams
+            .get(usize::from(stream))
+            .map_or(0, |s| s.next_round);
+        for &gpa in mismatched {
+            self.suspects.insert(gpa, SuspectAt { stream, position });
+            self.mismatches += 1;
+        }
+    }
+
+    /// Suspect pages of `stream` that came after its last pre-copy round end, once it ended:
+    /// the source sent them while paused, so they were not torn by the guest, and nothing
+    /// can replace them now.
+    fn paused_suspects(&self, stream: u16) -> Option<PageChecksumFailure> {
+        let last = self.streams.get(usize::from(stream))?.next_round;
+        let at = SuspectAt {
+            stream,
+            position: last,
+        };
+        let mut found = self.suspects.iter().filter(|(_, s)| **s == at);
+        let (&first, _) = found.next()?;
+        Some(PageChecksumFailure {
+            pages: 1 + found.count() as u64,
+            first,
+            stage: ChecksumStage::Paused,
+        })
+    }
+
+    /// Pages whose data did not match their checksum so far (each came again, or is still
+    /// suspect).
+    pub fn checksum_mismatches(&self) -> u64 {
+        self.mismatches
+    }
+
+    /// Pages still suspect: their last copy did not match its checksum.
+    pub fn suspect_pages(&self) -> usize {
+        self.suspects.len()
     }
 
     /// The source asked to commit and every data stream ended: time for [`Receiver::commit`].
@@ -473,15 +601,41 @@ impl Receiver {
         Ok(())
     }
 
-    /// Commit: allowed only once every stream ended and the state is here. Returns what the
-    /// VM side must check and restore.
-    pub fn commit(&mut self) -> Result<CommitWork, ProtocolViolation> {
+    /// Commit: allowed only once every stream ended and the state is here, and when no page
+    /// is still suspect (with post-copy, a suspect page among the `owed` runs — `(first page
+    /// index, pages)`, ascending — is fetched again after the switch, so it does not count).
+    /// Returns what the VM side must check and restore.
+    pub fn commit(&mut self, owed: Option<&[(u64, u32)]>) -> Result<CommitWork, CommitRefused> {
         self.expect(ReceiverPhase::Receiving, "commit")?;
         if let Some(i) = self.streams.iter().position(|s| !s.ended) {
-            return Err(self.violation(format!("commit before data stream {i} ended")));
+            return Err(self
+                .violation(format!("commit before data stream {i} ended"))
+                .into());
+        }
+        if self.state.is_none() {
+            return Err(self.violation("commit before the VM state").into());
+        }
+        let layout = self.config.as_ref().map(|c| &c.layout);
+        let is_owed = |gpa: u64| {
+            let (Some(owed), Some(page)) = (owed, layout.and_then(|l| l.page_index(gpa))) else {
+                return false;
+            };
+            let i = owed.partition_point(|(first, _)| *first <= page);
+            i > 0 && page < owed[i - 1].0 + u64::from(owed[i - 1].1)
+        };
+        let mut left = self.suspects.keys().copied().filter(|g| !is_owed(*g));
+        if let Some(first) = left.next() {
+            let pages = 1 + left.count() as u64;
+            self.phase = ReceiverPhase::Discarded;
+            return Err(PageChecksumFailure {
+                pages,
+                first,
+                stage: ChecksumStage::Commit,
+            }
+            .into());
         }
         let Some(state) = self.state.take() else {
-            return Err(self.violation("commit before the VM state"));
+            return Err(self.violation("commit before the VM state").into());
         };
         self.phase = ReceiverPhase::Committing;
         Ok(CommitWork {
@@ -503,7 +657,14 @@ impl Receiver {
 
     /// The answer once the VM runs here: `Running`, with the target's timings from the protocol
     /// version that carries them on (an older source reads only the empty frame).
+    /// From protocol 5 on it also carries the pages sent again after a checksum mismatch.
     pub fn running_frame(&self, timings: TargetTimings) -> Frame {
+        let timings = TargetTimings {
+            pages_resent_after_checksum_mismatch: self
+                .accepts_page_data()
+                .then_some(self.mismatches),
+            ..timings
+        };
         Frame::Running {
             timings: (self.version >= TIMINGS_PROTOCOL_VERSION).then_some(timings),
         }
@@ -588,7 +749,7 @@ mod tests {
         r.data_end(1, 1, 1).unwrap();
         r.state(3, vec![1, 2]).unwrap();
         r.verify(digest()).unwrap();
-        let work = r.commit().unwrap();
+        let work = r.commit(None).unwrap();
         assert_eq!(work.state, (3, vec![1, 2]));
         assert_eq!(work.digest, Some(digest()));
         r.committed(true).unwrap();
@@ -602,12 +763,12 @@ mod tests {
         let got = r.hello(&hello(7, 9, 1)).unwrap().unwrap_err();
         assert_eq!(
             got.to_string(),
-            "Protocol version mismatch: source speaks 7..=9, target 1..=4"
+            "Protocol version mismatch: source speaks 7..=9, target 1..=5"
         );
         assert_eq!(r.phase(), ReceiverPhase::Discarded);
         // A newer source that still speaks our version is accepted at ours.
         let mut r = Receiver::new();
-        assert_eq!(r.hello(&hello(1, 6, 1)).unwrap(), Ok(4));
+        assert_eq!(r.hello(&hello(1, 6, 1)).unwrap(), Ok(5));
     }
 
     #[test]
@@ -622,6 +783,211 @@ mod tests {
         let mut new = Receiver::new();
         assert_eq!(new.hello(&hello(1, 2, 1)).unwrap(), Ok(2));
         assert_eq!(new.running_frame(t), Frame::Running { timings: Some(t) });
+    }
+
+    fn receiving_at(version: u16, streams: u16) -> Receiver {
+        let mut r = Receiver::new();
+        assert_eq!(r.hello(&hello(1, version, streams)).unwrap(), Ok(version));
+        assert_eq!(r.prepared(Ok(())).unwrap(), Ok(version));
+        for i in 0..streams {
+            r.join(i, 7).unwrap();
+        }
+        r
+    }
+
+    const P: u64 = PAGE_SIZE;
+
+    /// A `Pages` frame (covered by its checksum whole) with data pages at `data` and zero
+    /// pages at `zero`.
+    fn copied(data: &[u64], zero: &[u64]) -> Frame {
+        let mut b = PageBatch::new(0);
+        for &gpa in data {
+            b.push_data(gpa, &[1; 4096]);
+        }
+        for &gpa in zero {
+            b.push_zero(gpa);
+        }
+        Frame::Pages(b)
+    }
+
+    fn ack_round(r: &mut Receiver, round: u32) {
+        assert_eq!(r.round_end(0, round).unwrap(), Some(round));
+    }
+
+    #[test]
+    fn page_data_is_accepted_only_at_the_version_that_gives_each_page_a_checksum() {
+        assert!(!receiving_at(4, 1).accepts_page_data());
+        assert!(!receiving_at(3, 1).accepts_page_data());
+        assert!(receiving_at(5, 1).accepts_page_data());
+    }
+
+    #[test]
+    fn a_page_that_fails_its_checksum_in_a_live_round_is_suspect_until_a_later_copy() {
+        let mut r = receiving_at(5, 1);
+        // Round 0: pages 1 and 2 arrive in place, page 2 does not match its checksum.
+        r.placed_pages(StreamName::Data(0), &[P, 2 * P], &[2 * P])
+            .unwrap();
+        assert_eq!(r.suspect_pages(), 1);
+        ack_round(&mut r, 0);
+        // Round 1: another page only; page 2 stays suspect.
+        r.placed_pages(StreamName::Data(0), &[3 * P], &[]).unwrap();
+        assert_eq!(r.suspect_pages(), 1);
+        ack_round(&mut r, 1);
+        // Round 2: page 2 again, matching: cleared.
+        r.placed_pages(StreamName::Data(0), &[2 * P], &[]).unwrap();
+        assert_eq!(r.suspect_pages(), 0);
+        ack_round(&mut r, 2);
+        assert_eq!(
+            r.frame(
+                StreamName::Data(0),
+                Frame::DataEnd {
+                    frames: 3,
+                    pages: 4
+                }
+            ),
+            Ok(Step::Wait)
+        );
+        r.state(1, vec![]).unwrap();
+        r.commit(None).unwrap();
+        assert_eq!(r.checksum_mismatches(), 1);
+        let Frame::Running { timings: Some(t) } = r.running_frame(TargetTimings::default()) else {
+            panic!("protocol 5 carries the timings");
+        };
+        assert_eq!(t.pages_resent_after_checksum_mismatch, Some(1));
+    }
+
+    #[test]
+    fn a_copied_frame_or_a_zero_entry_clears_a_suspect_page_too() {
+        let mut r = receiving_at(5, 1);
+        r.placed_pages(StreamName::Data(0), &[P, 2 * P], &[P, 2 * P])
+            .unwrap();
+        ack_round(&mut r, 0);
+        assert_eq!(
+            r.frame(StreamName::Data(0), copied(&[P], &[])),
+            Ok(Step::Apply(match copied(&[P], &[]) {
+                Frame::Pages(b) => b,
+                _ => unreachable!(),
+            }))
+        );
+        assert_eq!(r.suspect_pages(), 1);
+        assert!(matches!(
+            r.frame(StreamName::Data(0), copied(&[], &[2 * P])),
+            Ok(Step::Apply(_))
+        ));
+        assert_eq!(r.suspect_pages(), 0);
+        assert_eq!(r.checksum_mismatches(), 2);
+    }
+
+    #[test]
+    fn pages_still_suspect_at_the_commit_fail_it_naming_how_many_and_the_first() {
+        let mut r = receiving_at(5, 1);
+        r.placed_pages(StreamName::Data(0), &[5 * P, 3 * P, 9 * P], &[9 * P, 3 * P])
+            .unwrap();
+        ack_round(&mut r, 0);
+        // The final round (after the stream's last round end) brings other pages only.
+        r.placed_pages(StreamName::Data(0), &[4 * P], &[]).unwrap();
+        assert_eq!(
+            r.frame(
+                StreamName::Data(0),
+                Frame::DataEnd {
+                    frames: 2,
+                    pages: 4
+                }
+            ),
+            Ok(Step::Wait)
+        );
+        r.state(1, vec![]).unwrap();
+        let e = r.commit(None).unwrap_err();
+        assert_eq!(
+            e,
+            CommitRefused::Checksum(PageChecksumFailure {
+                pages: 2,
+                first: 3 * P,
+                stage: ChecksumStage::Commit,
+            })
+        );
+        assert_eq!(
+            e.to_string(),
+            "2 page(s) did not match their checksum and were not sent again before the commit, \
+             the first at guest address 0x3000"
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        // The shell's failure path tells the source, which runs on (nothing was committed).
+        assert_eq!(
+            r.failed(Failure::Other),
+            Cleanup {
+                discard: true,
+                tell_source: true
+            }
+        );
+    }
+
+    #[test]
+    fn a_mismatch_in_the_final_round_fails_when_its_stream_ends() {
+        let mut r = receiving_at(5, 2);
+        r.placed_pages(StreamName::Data(0), &[P], &[]).unwrap();
+        assert_eq!(r.round_end(0, 0).unwrap(), None);
+        assert_eq!(r.round_end(1, 0).unwrap(), Some(0));
+        // Final round: stream 0 brings page 1 again, damaged, while the source is paused.
+        r.placed_pages(StreamName::Data(0), &[P], &[P]).unwrap();
+        let step = r
+            .frame(
+                StreamName::Data(0),
+                Frame::DataEnd {
+                    frames: 2,
+                    pages: 2,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            step,
+            Step::ChecksumFailed(PageChecksumFailure {
+                pages: 1,
+                first: P,
+                stage: ChecksumStage::Paused,
+            })
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        assert!(
+            r.frame(
+                StreamName::Data(1),
+                Frame::DataEnd {
+                    frames: 0,
+                    pages: 0
+                }
+            )
+            .is_err(),
+            "nothing more once discarded"
+        );
+    }
+
+    #[test]
+    fn with_post_copy_a_suspect_page_among_the_owed_ones_is_fetched_again() {
+        let run = |owed: &[(u64, u32)]| {
+            let mut r = receiving_at(5, 1);
+            r.placed_pages(StreamName::Data(0), &[2 * P, 6 * P], &[2 * P, 6 * P])
+                .unwrap();
+            ack_round(&mut r, 0);
+            r.frame(
+                StreamName::Data(0),
+                Frame::DataEnd {
+                    frames: 1,
+                    pages: 2,
+                },
+            )
+            .unwrap();
+            r.state(1, vec![]).unwrap();
+            r.commit(Some(owed)).map(|_| ())
+        };
+        assert_eq!(run(&[(1, 2), (6, 1)]), Ok(()));
+        assert_eq!(
+            run(&[(1, 2), (7, 1)]),
+            Err(CommitRefused::Checksum(PageChecksumFailure {
+                pages: 1,
+                first: 6 * P,
+                stage: ChecksumStage::Commit,
+            }))
+        );
     }
 
     #[test]
@@ -644,7 +1010,12 @@ mod tests {
             ("data_end", |r| r.data_end(0, 0, 0)),
             ("state", |r| r.state(1, vec![])),
             ("verify", |r| r.verify(digest())),
-            ("commit", |r| r.commit().map(|_| ())),
+            ("commit", |r| {
+                r.commit(None).map(|_| ()).map_err(|e| ProtocolViolation {
+                    phase: ReceiverPhase::Discarded,
+                    what: e.to_string(),
+                })
+            }),
             ("committed", |r| r.committed(true)),
             ("hello", |r| r.hello(&hello(1, 1, 1)).map(|_| ())),
         ];
@@ -671,7 +1042,7 @@ mod tests {
             r.join(0, 7).unwrap();
             r.data_end(0, 0, 0).unwrap();
             r.state(1, vec![]).unwrap();
-            r.commit().unwrap();
+            r.commit(None).unwrap();
             r
         };
         for (phase, ok) in accepts {
@@ -770,11 +1141,11 @@ mod tests {
         let mut r = receiving(1);
         r.join(0, 7).unwrap();
         r.state(1, vec![]).unwrap();
-        assert!(r.commit().is_err(), "commit before data end");
+        assert!(r.commit(None).is_err(), "commit before data end");
         let mut r = receiving(1);
         r.join(0, 7).unwrap();
         r.data_end(0, 0, 0).unwrap();
-        assert!(r.commit().is_err(), "commit before state");
+        assert!(r.commit(None).is_err(), "commit before state");
     }
 
     /// Which frame each stream may carry while receiving, and what the shell is told to do.
@@ -836,7 +1207,7 @@ mod tests {
         "#]]
         .assert_eq(&got);
         assert!(!r.cancellable(), "commit was asked");
-        assert_eq!(r.commit().unwrap().state, (2, vec![7]));
+        assert_eq!(r.commit(None).unwrap().state, (2, vec![7]));
 
         // Frames on the wrong stream, twice, or after an abort.
         let wrong: Vec<(StreamName, Frame)> = vec![
@@ -933,7 +1304,7 @@ mod tests {
         r.join(0, 7).unwrap();
         r.data_end(0, 0, 0).unwrap();
         r.state(1, vec![]).unwrap();
-        r.commit().unwrap();
+        r.commit(None).unwrap();
         r.committed(true).unwrap();
         assert!(!r.failed(Failure::Other).discard);
     }
@@ -989,7 +1360,7 @@ mod tests {
                     Ev::Verify => r.verify(digest()).is_ok(),
                     Ev::Commit => {
                         let all = r.all_ended() && r.stream_count() > 0;
-                        let ok = r.commit().is_ok();
+                        let ok = r.commit(None).is_ok();
                         if ok {
                             proptest::prop_assert!(all && state_in, "commit accepted too early");
                             commit_ok = true;

@@ -294,6 +294,9 @@ pub struct Sender {
     dirty_log_on: bool,
     last_progress: Option<Duration>,
     acked_downtime: Option<Duration>,
+    /// Pages the target found not matching their checksum and had sent again (protocol 5's
+    /// `Running`).
+    resent_after_mismatch: Option<u32>,
     /// The source's steps of the pause so far: which, when it ended (since the start), bytes.
     pause_marks: Vec<(PauseStep, Duration, u64)>,
     /// The pause step by step, once the target's answer arrived.
@@ -341,6 +344,7 @@ impl Sender {
             dirty_log_on: false,
             last_progress: None,
             acked_downtime: None,
+            resent_after_mismatch: None,
             pause_marks: Vec::new(),
             downtime_steps: Vec::new(),
             outcome: None,
@@ -528,6 +532,9 @@ impl Sender {
                 let paused_at = self.paused_at.unwrap_or(now);
                 let downtime = now.saturating_sub(paused_at);
                 self.acked_downtime = Some(downtime);
+                self.resent_after_mismatch = timings
+                    .and_then(|t| t.pages_resent_after_checksum_mismatch)
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
                 self.downtime_steps = breakdown(paused_at, &self.pause_marks, timings, now);
                 Ok(Heard::Running(downtime))
             }
@@ -811,6 +818,7 @@ impl Sender {
             },
             post_copy: self.post_copy.clone(),
             rounds_detail: self.rounds_detail(now),
+            pages_resent_after_checksum_mismatch: self.resent_after_mismatch,
         }
     }
 
@@ -1390,6 +1398,7 @@ mod tests {
             verify_us: 0,
             restore_us: 1_000,
             resume_us: 200,
+            pages_resent_after_checksum_mismatch: Some(4),
         };
         let acked = p + us(5_500);
         assert_eq!(
@@ -1403,6 +1412,7 @@ mod tests {
         );
         s.finish(Ending::Completed);
         let r = s.report(acked, acked, 0, 0);
+        assert_eq!(r.pages_resent_after_checksum_mismatch, Some(4));
         let shown: Vec<_> = r
             .downtime_steps
             .iter()
@@ -1434,6 +1444,7 @@ mod tests {
             verify_us: 7,
             restore_us: 5,
             resume_us: 5,
+            pages_resent_after_checksum_mismatch: None,
         };
         let fitted = breakdown(Duration::ZERO, &marks, Some(long), us(3_000));
         assert_eq!(fitted.iter().map(|d| d.us).sum::<u64>(), 3_000);

@@ -13,13 +13,14 @@ use std::time::{Duration, Instant};
 use crate::config::MemoryLayout;
 pub use crate::machine::receiver::StreamName;
 use crate::machine::receiver::{
-    CommitWork, Failure, ProtocolViolation, Receiver, SOURCE_REASON_GRACE, Step,
+    CommitRefused, CommitWork, Failure, PageChecksumFailure, ProtocolViolation, Receiver,
+    SOURCE_REASON_GRACE, Step,
 };
 use crate::tcp::common::{CancelToken, error_chain};
 use crate::tcp::transport::{AcceptFailure, Acceptor, Conn, ConnWriter, ListenGuard, Rejected};
 use crate::vm::{MigrationTarget, PagePlacer, Prefault, VmError};
 use crate::wire::{
-    Frame, FrameKind, MemoryDigest, ReadFrameError, TargetTimings, read_frame,
+    DecodeError, Frame, FrameKind, MemoryDigest, ReadFrameError, TargetTimings, read_frame,
     read_frame_after_header, read_header, read_page_data, read_page_data_head,
 };
 // ── post-copy (tcp::postcopy, machine::postcopy) ──
@@ -95,6 +96,9 @@ pub enum ReceiveError {
     /// The source broke the protocol (or the frame sequence was damaged).
     #[error(transparent)]
     Protocol(#[from] ProtocolViolation),
+    /// Pages sent in place did not match their own checksums and no good copy replaced them.
+    #[error("Page checksum failure")]
+    PageChecksum(#[source] PageChecksumFailure),
     /// The source aborted.
     #[error("Source aborted the migration: {0}")]
     Aborted(String),
@@ -131,10 +135,13 @@ enum Event {
     Error(StreamName, ReadFrameError),
 }
 
-/// A page frame read into guest memory in place: its pages, by kind.
+/// A page frame read into guest memory in place: its pages, by kind, every page's address
+/// and the data pages that did not match their checksum.
 struct PlacedPages {
     data: u64,
     zero: u64,
+    gpas: Vec<u64>,
+    mismatched: Vec<u64>,
 }
 
 /// A data stream's socket as its reader reads it: the plain TCP socket itself, which a
@@ -164,40 +171,58 @@ impl DataSocket for crate::tcp::transport::ConnReader {
 
 /// What a reader did with the frame whose header it read.
 enum Read1 {
-    /// Read whole: hand it on (its data pages already prefaulted when `prefaulted`).
-    Frame(Frame, bool),
+    /// Read whole: hand it on (a page frame's data pages prefaulted).
+    Frame(Frame),
     /// A `PageData` frame's data was read into guest memory in place.
     Placed(PlacedPages),
 }
 
 /// Reads the frame whose header `h` is, on a data stream: a `PageData` frame on plain TCP whose
 /// round the gate admits goes straight into guest memory (its head checked first, its runs
-/// prefaulted), any other frame into `buf` as [`read_frame_after_header`] reads it.
+/// prefaulted, each data page's checksum compared once it is there), any other frame into a
+/// buffer from `buf` as [`read_frame_after_header`] reads it. The one place the readers
+/// prefault: a page frame's data runs, before its data is read in place or once it was read
+/// whole. A `PageData` frame is refused unless `page_data` (the negotiated version defines it:
+/// [`Receiver::accepts_page_data`]).
+#[allow(clippy::too_many_arguments)]
 fn read_data_frame<S: DataSocket>(
     socket: &mut S,
     h: &[u8; crate::wire::HEADER_LEN],
     header: crate::wire::Header,
     layout: Option<&MemoryLayout>,
+    page_data: bool,
     prefault: Option<&Prefault>,
     in_place: Option<&dyn PagePlacer>,
-    buf: Vec<u8>,
+    buf: impl FnOnce() -> Vec<u8>,
 ) -> Result<Read1, ReadFrameError> {
+    if header.kind == FrameKind::PageData && !page_data {
+        return Err(ReadFrameError::Decode(DecodeError::NotNegotiated(
+            FrameKind::PageData,
+        )));
+    }
+    let prefault_runs = |runs: Vec<(u64, u64)>| {
+        if let Some(prefault) = prefault {
+            for (gpa, len) in runs {
+                prefault(gpa, len);
+            }
+        }
+    };
     let Some(layout) = layout.filter(|_| header.kind == FrameKind::PageData) else {
-        return read_frame_after_header(socket, h, header, layout, buf)
-            .map(|f| Read1::Frame(f, false));
+        let f = read_frame_after_header(socket, h, header, layout, buf())?;
+        if let Frame::Pages(batch) = &f {
+            prefault_runs(batch.data_runs());
+        }
+        return Ok(Read1::Frame(f));
     };
     let head = read_page_data_head(socket, h, header, layout)?;
-    if let Some(prefault) = prefault {
-        for (gpa, len) in head.data_runs() {
-            prefault(gpa, len);
-        }
-    }
+    prefault_runs(head.data_runs());
     match (in_place, socket.plain()) {
         (Some(placer), Some(tcp)) => {
-            placer
+            let mismatched = placer
                 .read_into(
                     std::os::fd::AsFd::as_fd(tcp),
                     &head.data_gpas(),
+                    head.data_crcs(),
                     &head.zero_gpas(),
                 )
                 .map_err(ReadFrameError::Io)?;
@@ -205,9 +230,11 @@ fn read_data_frame<S: DataSocket>(
             Ok(Read1::Placed(PlacedPages {
                 data,
                 zero: head.len() as u64 - data,
+                gpas: head.gpas(),
+                mismatched,
             }))
         }
-        _ => read_page_data(socket, &head, buf).map(|b| Read1::Frame(Frame::Pages(b), true)),
+        _ => read_page_data(socket, &head, buf()).map(|b| Read1::Frame(Frame::Pages(b))),
     }
 }
 
@@ -232,6 +259,7 @@ impl ReceiveError {
             | ReceiveError::TooManyRejected { .. }
             | ReceiveError::Stream { .. }
             | ReceiveError::Protocol(_)
+            | ReceiveError::PageChecksum(_)
             | ReceiveError::VerifyMismatch { .. }
             | ReceiveError::Target(..)
             | ReceiveError::Idle(_)
@@ -346,10 +374,12 @@ struct Placement {
     gate: RoundGate,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn spawn_reader(
     mut socket: impl DataSocket,
     name: StreamName,
     layout: Option<MemoryLayout>,
+    page_data: bool,
     prefault: Option<Prefault>,
     placement: Option<Placement>,
     spare: Option<Spare>,
@@ -362,7 +392,8 @@ fn spawn_reader(
             // The pre-copy round this stream is in, as its own round ends tell.
             let mut stream_round = 0u32;
             loop {
-                let buf = spare.as_ref().and_then(Spare::take).unwrap_or_default();
+                // A buffer only for a frame read whole: a frame read in place needs none.
+                let buf = || spare.as_ref().and_then(Spare::take).unwrap_or_default();
                 let read = read_header(&mut socket).and_then(|(h, header)| {
                     // Straight into guest memory only where the round gate admits the frame.
                     let in_place = placement
@@ -374,6 +405,7 @@ fn spawn_reader(
                         &h,
                         header,
                         layout.as_ref(),
+                        page_data,
                         prefault.as_ref(),
                         in_place,
                         buf,
@@ -386,18 +418,11 @@ fn spawn_reader(
                         }
                         continue;
                     }
-                    Ok(Read1::Frame(f, prefaulted)) => Ok((f, prefaulted)),
+                    Ok(Read1::Frame(f)) => Ok(f),
                     Err(e) => Err(e),
                 };
                 match read {
-                    Ok((f, prefaulted)) => {
-                        if let (Some(prefault), Frame::Pages(batch), false) =
-                            (&prefault, &f, prefaulted)
-                        {
-                            for (gpa, len) in batch.data_runs() {
-                                prefault(gpa, len);
-                            }
-                        }
+                    Ok(f) => {
                         let placed = match (&placement, &f) {
                             (Some(p), Frame::Pages(batch)) if p.gate.admits(stream_round) => {
                                 // On an error the receiving thread writes the pages itself
@@ -663,10 +688,12 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
             });
         let spare = Spare::default();
         let (tx, rx) = mpsc::sync_channel::<Event>(64);
+        let page_data = self.machine.accepts_page_data();
         spawn_reader(
             control,
             StreamName::Control,
             layout.clone(),
+            page_data,
             None,
             None,
             None,
@@ -716,6 +743,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     s,
                     name,
                     layout.clone(),
+                    page_data,
                     prefault.clone(),
                     placement.clone(),
                     Some(spare.clone()),
@@ -725,6 +753,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                     tls,
                     name,
                     layout.clone(),
+                    page_data,
                     prefault.clone(),
                     placement.clone(),
                     Some(spare.clone()),
@@ -761,7 +790,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 Event::Placed(stream, pages) => {
                     // Its reader wrote the pages already, in the round the machine admits.
                     self.machine
-                        .placed_pages(stream, (pages.data + pages.zero) as usize)?;
+                        .placed_pages(stream, &pages.gpas, &pages.mismatched)?;
                     self.report.frames += 1;
                     self.report.pages_written += pages.data;
                     self.report.pages_zeroed += pages.zero;
@@ -834,6 +863,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
                 }
                 Step::Wait => {}
                 Step::Aborted(reason) => return Err(ReceiveError::Aborted(reason)),
+                Step::ChecksumFailed(f) => return Err(ReceiveError::PageChecksum(f)),
             }
             if is_commit {
                 commit_at = Some(read_at);
@@ -850,7 +880,13 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
         let CommitWork {
             state: (version, bytes),
             digest,
-        } = self.machine.commit()?;
+        } = self
+            .machine
+            .commit(post_copy_owed.as_deref())
+            .map_err(|e| match e {
+                CommitRefused::Violation(v) => ReceiveError::Protocol(v),
+                CommitRefused::Checksum(f) => ReceiveError::PageChecksum(f),
+            })?;
         if let Some(owed) = post_copy_owed.take() {
             let layout = layout.expect("layout agreed");
             let resumed = PostCopyStart {
@@ -896,7 +932,7 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
 mod tests {
     use super::*;
     use crate::config::{CpuidDigest, PAGE_SIZE, Region, VmConfigDescription};
-    use crate::wire::{Hello, PROTOCOL_VERSION, PageBatch};
+    use crate::wire::{Hello, PAGE_DATA_PROTOCOL_VERSION, PROTOCOL_VERSION, PageBatch};
 
     const PAGES: usize = 16;
 
@@ -992,10 +1028,14 @@ mod tests {
 
     impl Source {
         fn connect(addr: std::net::SocketAddr) -> Source {
+            Self::connect_at(addr, PROTOCOL_VERSION)
+        }
+
+        fn connect_at(addr: std::net::SocketAddr, max_version: u16) -> Source {
             let mut control = TcpStream::connect(addr).unwrap();
             let hello = Hello {
                 min_version: 1,
-                max_version: PROTOCOL_VERSION,
+                max_version,
                 session: 7,
                 streams: 2,
                 config: VmConfigDescription {
@@ -1134,6 +1174,112 @@ mod tests {
         assert_eq!(target.written, 0);
         assert_eq!(mem.first_byte(0), 0xa0, "the early copy was not written");
         assert_eq!(*mem.placed.lock().unwrap(), [(0, 0xa0)]);
+    }
+
+    /// A `PageData` frame of round `round` with page `page` filled with `fill`; with
+    /// `damaged`, one data byte flipped after the checksum was taken.
+    fn page_data(round: u32, page: u64, fill: u8, damaged: bool) -> Vec<u8> {
+        let mut b = PageBatch::new(round);
+        b.push_data(page * PAGE_SIZE, &[fill; PAGE_SIZE as usize]);
+        let mut bytes = b.to_page_data_bytes();
+        if damaged {
+            let last = bytes.len() - 1;
+            bytes[last] ^= 0x10;
+        }
+        bytes
+    }
+
+    fn end_all(src: &mut Source, frames: [u64; 2], pages: [u64; 2]) {
+        for i in 0..2 {
+            let end = Frame::DataEnd {
+                frames: frames[i],
+                pages: pages[i],
+            };
+            src.send(i, &end.encode());
+        }
+        let state = Frame::State {
+            version: 1,
+            bytes: vec![],
+        };
+        src.control.write_all(&state.encode()).unwrap();
+        src.control.write_all(&Frame::Commit.encode()).unwrap();
+    }
+
+    #[test]
+    fn a_page_data_frame_below_the_version_that_defines_it_is_refused() {
+        let mem = memory();
+        let (addr, h) = receive_in_thread(&mem);
+        let mut src = Source::connect_at(addr, PAGE_DATA_PROTOCOL_VERSION - 1);
+        src.send(0, &page_data(0, 0, 0xa0, false));
+        let (target, r) = h.join().unwrap();
+        match r.unwrap_err() {
+            ReceiveError::Stream {
+                stream: StreamName::Data(0),
+                source: ReadFrameError::Decode(DecodeError::NotNegotiated(FrameKind::PageData)),
+            } => {}
+            other => panic!("expected PageData refused at protocol 4, got {other:?}"),
+        }
+        assert!(target.discarded && !target.resumed);
+        assert_eq!(mem.first_byte(0), 0, "nothing was written");
+    }
+
+    #[test]
+    fn a_page_that_failed_its_checksum_live_is_fine_once_a_good_copy_came() {
+        let mem = memory();
+        let (addr, h) = receive_in_thread(&mem);
+        let mut src = Source::connect(addr);
+        src.send(0, &page_data(0, 0, 0xa0, true));
+        for i in 0..2 {
+            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
+        }
+        let ack = read_frame(&mut src.control, None).unwrap();
+        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        // The page again after the pause, intact.
+        src.send(0, &page_data(1, 0, 0xa1, false));
+        end_all(&mut src, [2, 0], [2, 0]);
+        let running = read_frame(&mut src.control, None).unwrap();
+        let Frame::Running { timings: Some(t) } = running else {
+            panic!("expected running with timings, got {running:?}");
+        };
+        assert_eq!(t.pages_resent_after_checksum_mismatch, Some(1));
+        let (target, r) = h.join().unwrap();
+        r.unwrap();
+        assert!(target.resumed);
+        assert_eq!(mem.first_byte(0), 0xa1);
+    }
+
+    #[test]
+    fn a_page_that_fails_its_checksum_after_the_last_round_end_fails_the_migration() {
+        let mem = memory();
+        let (addr, h) = receive_in_thread(&mem);
+        let mut src = Source::connect(addr);
+        src.send(0, &page_data(0, 2, 0xa0, false));
+        for i in 0..2 {
+            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
+        }
+        let ack = read_frame(&mut src.control, None).unwrap();
+        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        src.send(0, &page_data(1, 2, 0xa1, true));
+        // Stream 0's end alone fails it: nothing after its last round end can replace the page.
+        src.send(
+            0,
+            &Frame::DataEnd {
+                frames: 2,
+                pages: 2,
+            }
+            .encode(),
+        );
+        let failed = read_frame(&mut src.control, None).unwrap();
+        let Frame::Failed { reason } = failed else {
+            panic!("expected failed, got {failed:?}");
+        };
+        assert!(
+            reason.contains("1 page(s) did not match their checksum in the pages sent while the source was paused, the first at guest address 0x2000"),
+            "{reason}"
+        );
+        let (target, r) = h.join().unwrap();
+        assert!(matches!(r, Err(ReceiveError::PageChecksum(_))), "{r:?}");
+        assert!(target.discarded && !target.resumed);
     }
 
     #[test]

@@ -53,11 +53,12 @@ pub struct MigrateOptions {
     /// Switch to post-copy after this many pre-copy rounds (`--post-copy-after`; `None`:
     /// pre-copy only). After the switch a lost link loses the VM (`failed_post_copy`).
     pub post_copy_after: Option<u32>,
-    /// Send pages straight from guest memory in `PageData` frames (protocol 4, plain TCP, a VM
-    /// that offers its memory; `--pages-in-place`): no copy into a frame and no checksum of
-    /// the page data, whose integrity then rests on TCP's checksum and on `verify_memory`
-    /// (docs/migration.md, "What protects the page data"). Default off: every page's bytes are
-    /// covered by its frame's crc32c.
+    /// Send pages straight from guest memory in `PageData` frames (protocol 5, plain TCP, a VM
+    /// that offers its memory): no copy into a frame; each data page carries the crc32c the
+    /// source took of it when it checked it, which the target compares once the page is in its
+    /// memory (a page the guest rewrote meanwhile is suspect until its next copy; docs/migration.md,
+    /// "`PageData` and what protects the page data"). Default on; off (`--copy-pages`) copies
+    /// every page into a `Pages` frame whose crc32c covers every byte. TLS always copies.
     pub pages_in_place: bool,
 }
 
@@ -84,7 +85,7 @@ impl Default for MigrateOptions {
             io_timeout: Duration::from_secs(10),
             protocol_versions: (MIN_PROTOCOL_VERSION, PROTOCOL_VERSION),
             post_copy_after: None,
-            pages_in_place: false,
+            pages_in_place: true,
         }
     }
 }
@@ -151,9 +152,9 @@ fn stalled_hint(e: &std::io::Error) -> &'static str {
 #[derive(Debug, thiserror::Error)]
 #[error("{error}")]
 pub struct MigrationFailure {
-    /// What went wrong.
+    /// What went wrong (boxed: the failure carries the report too, and stays small).
     #[source]
-    pub error: MigrateError,
+    pub error: Box<MigrateError>,
     /// Figures up to the failure; `outcome` tells whether the source runs.
     pub report: MigrationReport,
 }
@@ -319,9 +320,31 @@ fn is_zero(page: &[u8]) -> bool {
     words.iter().all(|w| u64::from_ne_bytes(*w) == 0) && rest.iter().all(|&b| b == 0)
 }
 
+/// Adds the page at `gpa` to a frame sent in place, as [`FrameBuf::push_page`] adds a copy:
+/// `check` reads it where it lies (`None`: all zeros, else its crc32c), then `action` says
+/// what it is to be (given whether it is all zeros). A data page's entry carries the crc32c
+/// taken at this check, which the target compares with what it received.
+fn push_in_place<E>(
+    f: &mut PageDataFrame,
+    gpa: u64,
+    check: impl FnOnce() -> Result<Option<u32>, E>,
+    action: impl FnOnce(bool) -> PageAction,
+) -> Result<PageAction, E> {
+    let crc = check()?;
+    let what = action(crc.is_none());
+    match (what, crc) {
+        (PageAction::Data, Some(crc)) => f.push_data(gpa, crc),
+        // The zero tracker sends a page as data only when it is not zero.
+        (PageAction::Data, None) => f.push_data(gpa, crc32c::crc32c(&[0u8; PAGE])),
+        (PageAction::Zero, _) => f.push_zero(gpa),
+        (PageAction::Skip, _) => {}
+    }
+    Ok(what)
+}
+
 /// The page frame being built for a data stream: a copy of each page in a `Pages` frame, or
-/// (plain TCP, protocol 4, a VM that offers its memory) a `PageData` frame whose pages are
-/// written to the socket from guest memory in place.
+/// (plain TCP, protocol 5, a VM that offers its memory) a `PageData` frame whose pages are
+/// written to the socket from guest memory in place, each with its own crc32c in the head.
 enum Batch {
     Copy(FrameBuf),
     InPlace(PageDataFrame),
@@ -393,7 +416,7 @@ struct Run<'a, S: MigrationSource + ?Sized> {
     /// Buffers the last writes finished with.
     written: Vec<Vec<u8>>,
     bucket: Option<TokenBucket>,
-    /// Guest memory the data streams send `PageData` frames from (plain TCP, protocol 4, and a
+    /// Guest memory the data streams send `PageData` frames from (plain TCP, protocol 5, and a
     /// VM that offers it); `None`: pages are copied into `Pages` frames.
     guest: Option<Arc<dyn GuestPages>>,
     zeros: ZeroTracker,
@@ -1016,19 +1039,16 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
                                 "a page frame in place without guest memory".into(),
                             ));
                         };
-                        source
-                            .before_send_in_place(gpa)
-                            .and_then(|()| guest.is_zero(gpa))
-                            .map(|is_zero| {
-                                let action = zeros.page(page, is_zero);
-                                match action {
-                                    PageAction::Data => f.push_data(gpa),
-                                    PageAction::Zero => f.push_zero(gpa),
-                                    PageAction::Skip => {}
-                                }
-                                action
-                            })
-                            .map_err(|e| MigrateError::Source("reading a page in place", e))?
+                        push_in_place(
+                            f,
+                            gpa,
+                            || {
+                                source.before_send_in_place(gpa)?;
+                                guest.check(gpa)
+                            },
+                            |is_zero| zeros.page(page, is_zero),
+                        )
+                        .map_err(|e| MigrateError::Source("reading a page in place", e))?
                     }
                     Batch::Copy(f) => f
                         .push_page(
@@ -1187,7 +1207,7 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
         match result {
             Ok(_) => Ok(report),
             Err(e) => Err(MigrationFailure {
-                error: cleanup_error.unwrap_or(e),
+                error: Box::new(cleanup_error.unwrap_or(e)),
                 report,
             }),
         }
@@ -1339,6 +1359,55 @@ mod tests {
         );
         assert!(r.is_err());
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_frame_sent_in_place_carries_each_data_page_s_checksum_from_its_check() {
+        let mut f = PageDataFrame::new(4);
+        let plan = [
+            (0u64, Some(0xdead_beef), PageAction::Data),
+            (1, None, PageAction::Zero),
+            (2, None, PageAction::Skip),
+            (
+                3,
+                Some(crc32c::crc32c(&page_of(3 * PAGE_SIZE))),
+                PageAction::Data,
+            ),
+        ];
+        for (p, check, act) in plan {
+            let got = push_in_place(
+                &mut f,
+                p * PAGE_SIZE,
+                || Ok::<_, VmError>(check),
+                |is_zero| {
+                    assert_eq!(is_zero, check.is_none(), "page {p}");
+                    act
+                },
+            )
+            .unwrap();
+            assert_eq!(got, act);
+        }
+        let failed = push_in_place(
+            &mut f,
+            9 * PAGE_SIZE,
+            || Err(VmError::from("read failed".to_string())),
+            |_| PageAction::Data,
+        );
+        assert!(failed.is_err());
+        assert_eq!(f.len(), 3);
+        let (mut bytes, data) = f.seal();
+        assert_eq!(data, vec![0, 3 * PAGE_SIZE]);
+        for &gpa in &data {
+            bytes.extend_from_slice(&page_of(gpa));
+        }
+        let (frame, _) = decode(&bytes, Some(&layout())).unwrap();
+        let Frame::Pages(batch) = frame else {
+            panic!("not a page frame");
+        };
+        // Page 0's checksum was not its data's (as for a page rewritten after its check);
+        // page 3's was.
+        assert_eq!(batch.mismatched(), &[0]);
+        assert_eq!(batch.len(), 3);
     }
 
     #[test]

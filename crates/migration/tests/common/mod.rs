@@ -113,6 +113,8 @@ pub struct InPlaceCounts {
     pub frames_read: AtomicU64,
     /// Frames placed from a buffer (`place`).
     pub frames_placed: AtomicU64,
+    /// Pages read in place whose data did not match their checksum.
+    pub mismatched: AtomicU64,
 }
 
 /// The memory of a [`MemVm`] as the in-place traits see it.
@@ -133,10 +135,11 @@ impl MemPages {
 }
 
 impl GuestPages for MemPages {
-    fn is_zero(&self, gpa: u64) -> Result<bool, VmError> {
+    fn check(&self, gpa: u64) -> Result<Option<u32>, VmError> {
         let off = self.offset(gpa)?;
         let m = self.shared.mem.lock().unwrap();
-        Ok(m.bytes[off..off + PAGE].iter().all(|&b| b == 0))
+        let page = &m.bytes[off..off + PAGE];
+        Ok((!page.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(page)))
     }
 
     fn write_frame(
@@ -187,21 +190,29 @@ impl PagePlacer for MemPages {
         &self,
         socket: std::os::fd::BorrowedFd<'_>,
         data: &[u64],
+        crcs: &[u32],
         zero: &[u64],
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Vec<u64>> {
         let mut buf = vec![0u8; data.len() * PAGE];
         TcpStream::from(socket.try_clone_to_owned()?).read_exact(&mut buf)?;
         let mut m = self.shared.mem.lock().unwrap();
-        for (gpa, d) in data.iter().zip(buf.chunks(PAGE)) {
+        let mut mismatched = Vec::new();
+        for ((gpa, d), crc) in data.iter().zip(buf.chunks(PAGE)).zip(crcs) {
             let off = self.offset(*gpa).map_err(std::io::Error::other)?;
             m.bytes[off..off + PAGE].copy_from_slice(d);
+            if crc32c::crc32c(&m.bytes[off..off + PAGE]) != *crc {
+                mismatched.push(*gpa);
+            }
         }
+        self.counts
+            .mismatched
+            .fetch_add(mismatched.len() as u64, Ordering::SeqCst);
         for gpa in zero {
             let off = self.offset(*gpa).map_err(std::io::Error::other)?;
             m.bytes[off..off + PAGE].fill(0);
         }
         self.counts.frames_read.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+        Ok(mismatched)
     }
 }
 

@@ -36,9 +36,8 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "MIBPS")]
     pub max_bandwidth_mibps: Option<u64>,
     /// Compare a digest of all guest memory on the target before it resumes (costs pause time,
-    /// about 0.7 s per GiB here). With --pages-in-place the pages travel from and into guest
-    /// memory without a checksum of their data (only TCP's): this is then the end-to-end check
-    /// that they arrived intact.
+    /// about 0.7 s per GiB here): an end-to-end check of all memory, on top of the per-page
+    /// (in place) or per-frame (--copy-pages) crc32c.
     #[arg(long)]
     pub verify_memory: bool,
     /// Switch to post-copy after N pre-copy rounds (1..=1000): the source pauses for good,
@@ -51,12 +50,20 @@ pub struct MigrateArgs {
     /// userfaultfd (root). See docs/migration.md, "Post-copy".
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub post_copy_after: Option<u32>,
-    /// On plain TCP, send each page straight from guest memory and have the target read it
-    /// straight into its guest memory (protocol 4's PageData frames; no copy on either side):
-    /// faster, but the page data is then covered only by TCP's 16-bit checksum, not by the
-    /// frame's crc32c. Add --verify-memory for an end-to-end check. Ignored over TLS and with
-    /// a target older than protocol 4. See docs/migration.md, "What protects the page data".
+    /// Copy every page into a frame whose crc32c covers all its bytes (Pages frames), instead
+    /// of the default on plain TCP: each page sent straight from guest memory and read straight
+    /// into the target's (PageData frames, protocol 5; no copy on either side), where each data
+    /// page carries its own crc32c, taken when the source read it and compared by the target
+    /// once the page is in its memory. A page the guest rewrote while it was being sent does
+    /// not match: it is held suspect until its next copy (it is dirty, so it comes again), and a
+    /// page still suspect at the commit, or sent while the source was paused, fails the
+    /// migration (the source runs on). Over TLS pages are always copied (TLS's AEAD covers every
+    /// byte); with a target older than protocol 5 too. See docs/migration.md, "PageData and what
+    /// protects the page data".
     #[arg(long)]
+    pub copy_pages: bool,
+    /// No-op: sending pages in place is the default now (kept so scripts that passed it work).
+    #[arg(long, hide = true, conflicts_with = "copy_pages")]
     pub pages_in_place: bool,
     /// Print the final report as JSON on stdout.
     #[arg(long)]
@@ -257,7 +264,7 @@ pub fn run(a: MigrateArgs) -> anyhow::Result<ExitCode> {
         disk_successor: a.disk_successor.clone(),
         tls: tls.map(Box::new),
         post_copy_after: a.post_copy_after,
-        pages_in_place: a.pages_in_place,
+        pages_in_place: !a.copy_pages,
     };
     let bar = progress::bar("{spinner} round {prefix} [{bar:30}] {bytes}/{total_bytes} {msg}");
     let mut on_progress = |p: &Progress| {
