@@ -317,6 +317,15 @@ fn place_batch(
             batch.round()
         )));
     }
+    // The source is paused: a page whose data does not match its checksum was damaged on the
+    // way, and no later copy comes to replace it before the guest reads it.
+    if let Some(&gpa) = batch.mismatched().first() {
+        return Err(PostCopyError::Protocol(format!(
+            "{} page(s) of a post-copy frame did not match their checksum, the first at guest \
+             address {gpa:#x}",
+            batch.mismatched().len()
+        )));
+    }
     lock(shared).last_frame = Instant::now();
     for (gpa, data) in batch.iter() {
         let page = layout
@@ -602,4 +611,82 @@ pub(crate) fn join_push(mut conn: Conn, session: u64, stream: u16) -> std::io::R
 /// Sets a socket's write timeout (a push that makes no progress fails).
 pub(crate) fn write_timeout(s: &TcpStream, t: Duration) {
     let _ = s.set_write_timeout(Some(t));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Region;
+
+    /// Guest memory that records the pages placed in it.
+    #[derive(Default)]
+    struct Placed(Mutex<Vec<u64>>);
+
+    impl MissingMemory for Placed {
+        fn next_fault(&self, _: Duration) -> Result<Option<u64>, VmError> {
+            Ok(None)
+        }
+        fn place(&self, gpa: u64, _: &[u8]) -> Result<bool, VmError> {
+            lock(&self.0).push(gpa);
+            Ok(true)
+        }
+        fn place_zero(&self, gpa: u64) -> Result<bool, VmError> {
+            lock(&self.0).push(gpa);
+            Ok(true)
+        }
+    }
+
+    /// Four owed pages, the post-copy frame of pages 1 and 2 as `PageData` bytes.
+    fn setup() -> (MemoryLayout, Mutex<Shared>, Vec<u8>) {
+        let layout = MemoryLayout::new(vec![Region {
+            guest_addr: 0,
+            size: 4 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let shared = Mutex::new(Shared {
+            pages: TargetPages::new(4, &[(0, 4)]),
+            waiting: HashMap::new(),
+            last_frame: Instant::now(),
+        });
+        let mut batch = PageBatch::new(POST_COPY_ROUND);
+        batch.push_data(PAGE_SIZE, &[0x5a; PAGE_SIZE as usize]);
+        batch.push_data(2 * PAGE_SIZE, &[0xa5; PAGE_SIZE as usize]);
+        (layout, shared, batch.to_page_data_bytes())
+    }
+
+    fn decoded(bytes: &[u8], layout: &MemoryLayout) -> PageBatch {
+        match crate::wire::decode(bytes, Some(layout)).unwrap().0 {
+            Frame::Pages(b) => b,
+            other => panic!("not a page frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_post_copy_page_that_fails_its_checksum_is_never_placed() {
+        let (layout, shared, mut bytes) = setup();
+        // damage the second page's data (the data follows the head)
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        let batch = decoded(&bytes, &layout);
+        assert_eq!(batch.mismatched(), &[2 * PAGE_SIZE]);
+        let memory = Placed::default();
+        let err = place_batch(&memory, &shared, &layout, None, &batch).unwrap_err();
+        assert!(
+            matches!(&err, PostCopyError::Protocol(m) if m.contains("did not match their checksum") && m.contains("0x2000")),
+            "{err}"
+        );
+        assert!(
+            lock(&memory.0).is_empty(),
+            "a page of the damaged frame was placed"
+        );
+    }
+
+    #[test]
+    fn a_post_copy_page_data_frame_that_matches_is_placed() {
+        let (layout, shared, bytes) = setup();
+        let batch = decoded(&bytes, &layout);
+        let memory = Placed::default();
+        place_batch(&memory, &shared, &layout, None, &batch).unwrap();
+        assert_eq!(*lock(&memory.0), vec![PAGE_SIZE, 2 * PAGE_SIZE]);
+    }
 }
