@@ -204,8 +204,9 @@ pub struct SimFigures {
     /// migration of 0 lands within the sample it started in).
     pub migration_samples: u32,
     pub power_on_samples: u32,
-    /// The live power-offs' median (from the action to its reported outcome) in whole samples;
-    /// 1 for a report that did not keep them.
+    /// The live power-offs' median (from the action to its reported outcome) in steps, counted
+    /// from the live round's place half-way through its sample (`in_samples`: at least 1); 1 for
+    /// a report that did not keep them.
     pub power_off_samples: u32,
     /// The live migrations' mean duration, s.
     pub migration_s: f64,

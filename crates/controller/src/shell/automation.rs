@@ -12,8 +12,9 @@
 //! 3. carries out the loop's actions: a migration goes through the core's own task machinery
 //!    ([`Controller::migrate_vm`], so its queueing and concurrency limits hold), a host power
 //!    action through that host's [`PowerDriver`] (none configured: the action fails with "no power
-//!    driver for host …" and the plan records it). Neither holds the cycle: a migration is a
-//!    task, a power-on waits for the host's agent to register, and a power-off (soft, then hard
+//!    driver for host …" and the plan records it). A migration is a task; a power-on holds the
+//!    action queue only for its driver's call (an `ipmitool` command, at most 10 s) and then
+//!    waits for the host's agent to register without holding anything; a power-off (soft, then hard
 //!    after [`SOFT_OFF_GRACE`]: seconds) runs on a blocking task of its own while the host stays
 //!    powering off for the loop — counted on, taking no VMs — and the dashboard;
 //! 4. reports back what became of each, at the first cycle that finds it: a migration task that
