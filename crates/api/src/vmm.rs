@@ -522,9 +522,9 @@ pub struct MigrationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(clippy::box_collection)]
     pub rounds_detail: Option<Box<Vec<RoundFigures>>>,
-    /// Pages sent in place whose data did not match their own checksum on the target (the
-    /// guest rewrote them while the source's kernel copied them) and that came again before
-    /// the commit, as the target counted them (migration protocol 5 on; absent when the target
+    /// Copies of pages sent in place whose data did not match their own checksum on the target
+    /// (the guest rewrote them while the source's kernel copied them), each of which came again
+    /// before the commit (a page torn in two rounds counts twice), as the target counted them (migration protocol 5 on; absent when the target
     /// did not say: an older target, or a migration that did not complete). A `u32` (at most
     /// 16 TiB of pages; more reads as `u32::MAX`), so a failure carrying the report stays small.
     #[serde(default, skip_serializing_if = "Option::is_none")]

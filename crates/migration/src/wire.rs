@@ -897,7 +897,11 @@ pub enum DecodeError {
     NoLayout(FrameKind),
     /// A frame kind the negotiated protocol version does not define (a `PageData` frame below
     /// [`PAGE_DATA_PROTOCOL_VERSION`]).
-    #[error("{0:?} frame at a protocol version that does not define it")]
+    #[error(
+        "{0:?} frame at a protocol version that does not define it (PageData needs protocol 5, \
+         whose pages carry their own checksums; a source of an older build sends it at protocol 4 \
+         only when run with --pages-in-place: migrate without that option)"
+    )]
     NotNegotiated(FrameKind),
     /// The memory layout in a hello is invalid.
     #[error("Invalid memory layout in hello")]
