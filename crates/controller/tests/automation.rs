@@ -389,6 +389,25 @@ impl Lab {
         })
         .await
     }
+    /// The first proposed plan with a power-off (waited for).
+    async fn power_off_proposal(&self) -> Value {
+        self.wait(
+            "a power-off proposal",
+            Duration::from_secs(20),
+            async || {
+                let (_, plans) = self.call(Method::GET, "/v1/plans", None).await;
+                plans.as_array()?.iter().find_map(|p| {
+                    (p["state"] == "proposed"
+                        && p["actions"]
+                            .as_array()
+                            .is_some_and(|a| a.iter().any(|a| a["kind"] == "power_off")))
+                    .then(|| p.clone())
+                })
+            },
+        )
+        .await
+    }
+
     /// Applies plan `id` (a 202, the plan applying or already applied) and waits until it is
     /// applied; the applied plan.
     async fn apply_and_wait(&self, id: u64) -> Value {
@@ -670,24 +689,7 @@ async fn manual_mode_only_proposes_and_apply_drains_the_host_through_migration_t
     );
     // The emptied hosts' power-off comes as the next proposal; applied, the BMC powers the host
     // off and the API shows it off.
-    let off_plan = lab
-        .wait(
-            "a power-off proposal",
-            Duration::from_secs(20),
-            async || {
-                let (_, plans) = lab.call(Method::GET, "/v1/plans", None).await;
-                plans.as_array().unwrap().iter().find_map(|p| {
-                    (p["state"] == "proposed"
-                        && p["actions"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .any(|a| a["kind"] == "power_off"))
-                    .then(|| p.clone())
-                })
-            },
-        )
-        .await;
+    let off_plan = lab.power_off_proposal().await;
     let off_id = off_plan["id"].as_u64().unwrap();
     let off_done = lab.apply_and_wait(off_id).await;
     for a in off_done["actions"].as_array().unwrap() {
@@ -723,24 +725,7 @@ async fn a_slow_power_off_holds_neither_the_cycle_nor_the_api_and_its_outcome_is
     assert_eq!(st, 200, "{v}");
     let drain = lab.first_proposed().await;
     lab.apply_and_wait(drain["id"].as_u64().unwrap()).await;
-    let off_plan = lab
-        .wait(
-            "a power-off proposal",
-            Duration::from_secs(20),
-            async || {
-                let (_, plans) = lab.call(Method::GET, "/v1/plans", None).await;
-                plans.as_array().unwrap().iter().find_map(|p| {
-                    (p["state"] == "proposed"
-                        && p["actions"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .any(|a| a["kind"] == "power_off"))
-                    .then(|| p.clone())
-                })
-            },
-        )
-        .await;
+    let off_plan = lab.power_off_proposal().await;
     let id = off_plan["id"].as_u64().unwrap();
     let hosts: Vec<String> = off_plan["actions"]
         .as_array()
