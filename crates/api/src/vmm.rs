@@ -518,7 +518,8 @@ pub struct MigrationReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub post_copy: Option<Box<PostCopyFigures>>,
     /// Round by round, in order (absent from an older VMM's report and when no round ran): one
-    /// entry per round counted in `rounds`, the stop-and-copy round last. One pointer wide.
+    /// entry per round counted in `rounds`, the stop-and-copy round last; past 1,024 rounds,
+    /// the first 512 and the latest ones (their `round` numbers show the gap). One pointer wide.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[allow(clippy::box_collection)]
     pub rounds_detail: Option<Box<Vec<RoundFigures>>>,

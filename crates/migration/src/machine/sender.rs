@@ -253,6 +253,12 @@ pub struct SenderFigures {
     pub throttle_max_pct: f64,
 }
 
+/// The most rounds the report lists (`rounds_detail`): past that, the first half and the
+/// latest rounds, the round numbers showing the gap. A migration that cannot converge runs
+/// empty rounds until its timeout (one run of this machine's tests counted ~100,000), and the
+/// report travels as one line of the VMM's API.
+pub const ROUNDS_DETAIL_MAX: usize = 1024;
+
 /// The source's state machine.
 #[derive(Debug, Clone)]
 pub struct Sender {
@@ -471,6 +477,10 @@ impl Sender {
 
     /// Closes the round under way into the report's rounds.
     fn end_round(&mut self, now: Duration, dirty_bytes: u64, decision: RoundDecision) {
+        if self.rounds_detail.len() >= ROUNDS_DETAIL_MAX {
+            // Keep the first half and the latest rounds: their numbers show the gap.
+            self.rounds_detail.remove(ROUNDS_DETAIL_MAX / 2);
+        }
         self.rounds_detail.push(RoundFigures {
             round: self.round,
             us: now.saturating_sub(self.round_start).as_micros() as u64,
@@ -1272,6 +1282,42 @@ mod tests {
         let mut s = drive("refuse");
         s.finish(Ending::Failed);
         assert_eq!(s.report(ms(20), ms(20), 10, 0).rounds, 0);
+    }
+
+    #[test]
+    fn the_report_lists_the_first_and_the_latest_rounds_of_a_long_migration() {
+        let mut s = Sender::new(ConvergenceConfig::default()).with_versions((1, 2));
+        s.heard(ms(0), Frame::Welcome { version: 2 }).unwrap();
+        s.accepted(ms(1)).unwrap();
+        s.dirty_log_armed().unwrap();
+        let n = 3 * ROUNDS_DETAIL_MAX as u64;
+        for i in 0..n {
+            // an idle guest's rounds that never fit: a link of 1 kB/s
+            s.sent(1, ms(1)).unwrap();
+            let r = s.round_end_sent().unwrap();
+            s.heard(ms(2 + i), Frame::RoundAck { round: r }).unwrap();
+            let d = s.synced(ms(2 + i), 4096).unwrap();
+            assert!(
+                matches!(d, Decision::Continue | Decision::Throttle(_)),
+                "{d:?}"
+            );
+        }
+        s.finish(Ending::Failed);
+        let r = s.report(ms(n + 2), ms(n + 2), n, 0);
+        let rounds = *r.rounds_detail.unwrap();
+        assert_eq!(
+            rounds.len(),
+            ROUNDS_DETAIL_MAX + 1,
+            "the cap and the unfinished round"
+        );
+        let numbers: Vec<u32> = rounds.iter().map(|d| d.round).collect();
+        let half = ROUNDS_DETAIL_MAX / 2;
+        assert_eq!(numbers[..half], (0..half as u32).collect::<Vec<_>>());
+        let last = n as u32;
+        let first_late = last + 1 - (ROUNDS_DETAIL_MAX - half + 1) as u32;
+        assert_eq!(numbers[half..], (first_late..=last).collect::<Vec<_>>());
+        assert_eq!(rounds.last().unwrap().decision, RoundDecision::Unfinished);
+        assert_eq!(r.rounds, last + 1, "every round still counted");
     }
 
     #[test]
