@@ -1103,11 +1103,7 @@ mod tests {
         let mut src = Source::connect(addr);
         src.send(0, &pages(0, 0, 0xa0));
         src.send(1, &pages(0, 1, 0xb0));
-        for i in 0..2 {
-            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
-        }
-        let ack = read_frame(&mut src.control, None).unwrap();
-        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        end_round_0(&mut src);
         // Page 0 again, in the round after, and a zero page, as after a pause.
         src.send(0, &pages(1, 0, 0xa1));
         let mut zero = PageBatch::new(1);
@@ -1189,6 +1185,15 @@ mod tests {
         bytes
     }
 
+    /// Ends round 0 on both data streams and reads the target's acknowledgement of it.
+    fn end_round_0(src: &mut Source) {
+        for i in 0..2 {
+            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
+        }
+        let ack = read_frame(&mut src.control, None).unwrap();
+        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+    }
+
     fn end_all(src: &mut Source, frames: [u64; 2], pages: [u64; 2]) {
         for i in 0..2 {
             let end = Frame::DataEnd {
@@ -1229,11 +1234,7 @@ mod tests {
         let (addr, h) = receive_in_thread(&mem);
         let mut src = Source::connect(addr);
         src.send(0, &page_data(0, 0, 0xa0, true));
-        for i in 0..2 {
-            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
-        }
-        let ack = read_frame(&mut src.control, None).unwrap();
-        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        end_round_0(&mut src);
         // The page again after the pause, intact.
         src.send(0, &page_data(1, 0, 0xa1, false));
         end_all(&mut src, [2, 0], [2, 0]);
@@ -1254,11 +1255,7 @@ mod tests {
         let (addr, h) = receive_in_thread(&mem);
         let mut src = Source::connect(addr);
         src.send(0, &page_data(0, 2, 0xa0, false));
-        for i in 0..2 {
-            src.send(i, &Frame::RoundEnd { round: 0 }.encode());
-        }
-        let ack = read_frame(&mut src.control, None).unwrap();
-        assert!(matches!(ack, Frame::RoundAck { round: 0 }), "{ack:?}");
+        end_round_0(&mut src);
         src.send(0, &page_data(1, 2, 0xa1, true));
         // Stream 0's end alone fails it: nothing after its last round end can replace the page.
         src.send(
