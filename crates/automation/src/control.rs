@@ -14,6 +14,12 @@
 //!
 //! Plan states: `proposed → applying → applied | failed`; `proposed → rejected | superseded |
 //! vetoed`. One plan applies at a time; while it does, rounds keep the history but make no plan.
+//!
+//! A power-off whose end is not known — its driver did not answer in time
+//! ([`Outcome::PowerOffInDoubt`]), or the leader carrying it out stopped leading (a restored
+//! `applying` plan, [`Loop::restore_plans`]) — fails its plan but keeps its host powering off:
+//! counted on, taking no VMs, in no round's view, until [`Loop::power_off_settled`] says how it
+//! ended or a snapshot shows the host down (off). The rounds go on meanwhile.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -145,6 +151,18 @@ pub enum Outcome {
     },
     /// The power-off failed; the host still runs.
     PowerOffFailed {
+        /// The plan.
+        plan: u64,
+        /// The host.
+        host: String,
+        /// Why.
+        error: String,
+    },
+    /// The power-off's driver has not answered in time: the plan's action failed, but whether
+    /// the host goes off is not known (its BMC may still be turning it off). The host stays
+    /// powering off — counted on, taking no VMs, in no round's view — until
+    /// [`Loop::power_off_settled`] says how it ended or a snapshot shows it down (then it is off).
+    PowerOffInDoubt {
         /// The plan.
         plan: u64,
         /// The host.
@@ -316,6 +334,9 @@ pub struct Loop {
     plans: BTreeMap<u64, PlanRec>,
     next_plan: u64,
     applying: Option<u64>,
+    /// Hosts whose power-off's end is not known, with the plan that asked for it: held powering
+    /// off until [`Loop::power_off_settled`] or a snapshot showing them down.
+    off_in_doubt: BTreeMap<String, u64>,
     /// The grid point of the last round (see [`Loop::tick`]): rounds fall due every interval
     /// from it, whenever within the tolerance the shell's tick lands.
     round_due_ms: Option<u64>,
@@ -355,6 +376,7 @@ impl Loop {
             plans: BTreeMap::new(),
             next_plan: 1,
             applying: None,
+            off_in_doubt: BTreeMap::new(),
             round_due_ms: None,
             rounds_run: 0,
             first_seen_ms: None,
@@ -434,8 +456,10 @@ impl Loop {
     /// loop's first snapshot it is rebased on this loop's version if that snapshot shows the
     /// placement it was computed on, else superseded. A plan that was being applied is failed
     /// (the leader carrying it out is gone; its migrations end as the agents carry them out,
-    /// and the next snapshots show where the VMs are). Final plans are kept as they were.
-    /// Nothing is restored over a plan this loop already holds.
+    /// and the next snapshots show where the VMs are); a host whose power-off was running is
+    /// held powering off (its BMC may still be turning it off) until
+    /// [`Loop::power_off_settled`] or a snapshot that shows it down. Final plans are kept as
+    /// they were. Nothing is restored over a plan this loop already holds.
     pub fn restore_plans(&mut self, now_ms: u64, plans: Vec<(Plan, u64)>) {
         for (mut plan, fingerprint) in plans {
             if self.plans.contains_key(&plan.id) {
@@ -443,6 +467,13 @@ impl Loop {
             }
             self.next_plan = self.next_plan.max(plan.id.saturating_add(1));
             if plan.state == PlanState::Applying {
+                for a in &plan.actions {
+                    if let PlanAction::PowerOff { host, status, .. } = a
+                        && *status == ActionStatus::Running
+                    {
+                        self.off_in_doubt.insert(host.clone(), plan.id);
+                    }
+                }
                 for a in &mut plan.actions {
                     set_status_if(a, ActionStatus::Running, ActionStatus::Failed);
                     set_status_if(a, ActionStatus::Pending, ActionStatus::Skipped);
@@ -518,6 +549,23 @@ impl Loop {
         let before = self.hosts.len();
         self.hosts.retain(|n, _| seen.contains(n.as_str()));
         changed |= self.hosts.len() != before;
+        // a power-off in doubt ends when its host is seen down (off) or leaves the cluster
+        let ended: Vec<(String, bool)> = self
+            .off_in_doubt
+            .keys()
+            .filter_map(|n| match t.hosts.iter().find(|h| h.name == *n) {
+                Some(h) if h.up => None,
+                Some(_) => Some((n.clone(), true)),
+                None => Some((n.clone(), false)),
+            })
+            .collect();
+        for (n, seen_down) in ended {
+            if seen_down {
+                self.power_off_settled(now_ms, &n, true, "seen down");
+            } else {
+                self.off_in_doubt.remove(&n);
+            }
+        }
         for (h, spec) in t.hosts.iter().zip(specs) {
             match self.hosts.get_mut(&h.name) {
                 Some(tr) => {
@@ -535,7 +583,11 @@ impl Loop {
                 }
                 None => {
                     changed = true;
-                    let phase = if h.up { HostPower::On } else { HostPower::Off };
+                    let phase = match (h.up, self.off_in_doubt.contains_key(&h.name)) {
+                        (true, true) => HostPower::PoweringOff,
+                        (true, false) => HostPower::On,
+                        (false, _) => HostPower::Off,
+                    };
                     self.hosts.insert(
                         h.name.clone(),
                         HostTrack {
@@ -710,6 +762,7 @@ impl Loop {
             }
             Outcome::PoweredOff { plan, host }
             | Outcome::PowerOffFailed { plan, host, .. }
+            | Outcome::PowerOffInDoubt { plan, host, .. }
             | Outcome::PoweredOn { plan, host }
             | Outcome::PowerOnFailed { plan, host, .. } => (*plan, host.clone()),
         };
@@ -733,7 +786,8 @@ impl Loop {
                         (
                             PlanAction::PowerOff { host, .. },
                             Outcome::PoweredOff { host: h, .. }
-                            | Outcome::PowerOffFailed { host: h, .. },
+                            | Outcome::PowerOffFailed { host: h, .. }
+                            | Outcome::PowerOffInDoubt { host: h, .. },
                         ) => host == h,
                         (
                             PlanAction::PowerOn { host, .. },
@@ -778,6 +832,14 @@ impl Loop {
                 }
                 failure = Some(format!("power-off of {host} failed: {error}"));
             }
+            (PlanAction::PowerOff { status, .. }, Outcome::PowerOffInDoubt { host, error, .. }) => {
+                *status = ActionStatus::Failed;
+                failure = Some(format!(
+                    "power-off of {host} in doubt: {error}; the host is held powering off until \
+                     its power is known"
+                ));
+                self.off_in_doubt.insert(host, plan_id);
+            }
             (PlanAction::PowerOn { status, .. }, Outcome::PoweredOn { host, .. }) => {
                 *status = ActionStatus::Done;
                 if let Some(h) = self.hosts.get_mut(&host) {
@@ -805,6 +867,56 @@ impl Loop {
         Ok(self.dispatch(now_ms))
     }
 
+    /// How a power-off in doubt ([`Outcome::PowerOffInDoubt`], or one a previous leader was
+    /// carrying out) ended: `off` (a late answer of its driver), or the host still runs (its
+    /// driver failed, or its agent still reports well after the power-off should have ended).
+    /// The host is off or on from now; the plan that asked for it keeps its state (failed) but
+    /// its power-off action says what happened (done, or failed) and its detail why. Returns
+    /// whether `host` was in doubt (`false`: nothing changed).
+    pub fn power_off_settled(&mut self, now_ms: u64, host: &str, off: bool, why: &str) -> bool {
+        let Some(plan) = self.off_in_doubt.remove(host) else {
+            return false;
+        };
+        if let Some(h) = self.hosts.get_mut(host) {
+            if off {
+                h.power.off_done(now_ms);
+            } else {
+                h.power.off_failed(now_ms);
+            }
+        }
+        self.version += 1;
+        if let Some(r) = self.plans.get_mut(&plan) {
+            for a in &mut r.plan.actions {
+                if let PlanAction::PowerOff {
+                    host: h, status, ..
+                } = a
+                    && h == host
+                {
+                    *status = if off {
+                        ActionStatus::Done
+                    } else {
+                        ActionStatus::Failed
+                    };
+                }
+            }
+            let end = if off {
+                format!("{host} powered off later ({why})")
+            } else {
+                format!("{host} still runs ({why})")
+            };
+            r.plan.detail = Some(match r.plan.detail.take() {
+                Some(d) => format!("{d}; {end}"),
+                None => end,
+            });
+        }
+        true
+    }
+
+    /// Hosts whose power-off's end is not known (held powering off), with the plan that asked.
+    pub fn power_offs_in_doubt(&self) -> &BTreeMap<String, u64> {
+        &self.off_in_doubt
+    }
+
     /// An operator clears a host's failed wake: it may be powered on again.
     pub fn clear_failed_wake(&mut self, now_ms: u64, host: &str) -> Result<(), ClearError> {
         let h = self
@@ -825,9 +937,16 @@ impl Loop {
         self.plans.get(&id).map(|r| &r.plan)
     }
 
-    /// A host's power state as the loop tracks it.
+    /// A host's power state as the loop tracks it (powering off for a host whose power-off is in
+    /// doubt before the loop's first snapshot of it).
     pub fn host_power(&self, host: &str) -> Option<HostPower> {
-        self.hosts.get(host).map(|h| h.power.phase())
+        match self.hosts.get(host) {
+            Some(h) => Some(h.power.phase()),
+            None => self
+                .off_in_doubt
+                .contains_key(host)
+                .then_some(HostPower::PoweringOff),
+        }
     }
 
     /// The dashboard's series (one point per round, oldest first).

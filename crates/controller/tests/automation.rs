@@ -13,6 +13,11 @@
 //! * A new leader (the in-memory shell taking office again) runs under the stored policy.
 //! * A slow power-off (3 s) holds neither the cycle nor the apply call: the host is powering
 //!   off meanwhile, and the driver's answer is reported when it comes.
+//! * A power-off whose driver does not answer within its timeout fails its plan, with no cycle
+//!   needed (none runs while a host is unheard), but the host stays powering off, out of the
+//!   rounds' view, until the driver's late answer turns it off.
+//! * A new leader that takes over mid power-off holds the host powering off, out of the
+//!   rounds' view, and the former term's driver answer turns it off.
 
 mod common;
 
@@ -812,6 +817,218 @@ async fn a_slow_power_off_holds_neither_the_cycle_nor_the_api_and_its_outcome_is
             .call(Method::GET, &format!("/v1/hosts/{host}"), None)
             .await;
         assert_eq!(h["power"], "off", "{h}");
+    }
+}
+
+/// A lab with every power-off held at a gate: the VMs spread and drained, the power-off plan
+/// proposed and applied (every power-off running). (the lab, the gate, the plan's id, its hosts)
+async fn held_power_off(timeout: Option<Duration>) -> (Lab, Arc<Gate>, u64, Vec<String>) {
+    let gate = Arc::new(Gate::default());
+    let lab = Lab::start_with(Some(Arc::clone(&gate))).await;
+    if let Some(t) = timeout {
+        lab.shell.shared().automation().set_power_off_timeout(t);
+    }
+    lab.create_vms(&[("a", "h1"), ("b", "h2"), ("c", "h3")])
+        .await;
+    let before = lab.policy().await;
+    let (st, v) = lab.put_policy(&lab.eager(&before)).await;
+    assert_eq!(st, 200, "{v}");
+    let drain = lab.first_proposed().await;
+    lab.apply_and_wait(drain["id"].as_u64().unwrap()).await;
+    let off_plan = lab.power_off_proposal().await;
+    let id = off_plan["id"].as_u64().unwrap();
+    let hosts: Vec<String> = off_plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["host"].as_str().unwrap().to_string())
+        .collect();
+    let (st, v) = lab
+        .call(Method::POST, &format!("/v1/plans/{id}/apply"), None)
+        .await;
+    assert_eq!((st, v["state"].as_str()), (202, Some("applying")), "{v}");
+    lab.wait(
+        "every power-off started",
+        Duration::from_secs(20),
+        async || (lab.table.lock().unwrap().started.len() == hosts.len()).then_some(()),
+    )
+    .await;
+    (lab, gate, id, hosts)
+}
+
+impl Lab {
+    /// Waits until every one of `hosts` shows `power` in the API.
+    async fn wait_power(&self, hosts: &[String], power: &str) {
+        for host in hosts {
+            self.wait(
+                &format!("{host} {power}"),
+                Duration::from_secs(20),
+                async || {
+                    let (_, h) = self
+                        .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+                        .await;
+                    (h["power"] == power).then_some(())
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Waits for a round of the loop that runs after this call, and returns how many hosts it
+    /// had in view.
+    async fn next_round_hosts_in_view(&self) -> usize {
+        let after = self.shell.shared().now_ms();
+        self.wait("a round", Duration::from_secs(20), async || {
+            let r = self.shell.shared().automation().last_round();
+            (r.at_ms > after).then_some(r.hosts_in_view)
+        })
+        .await
+    }
+
+    /// Waits until plan `id` is no longer applying; the plan.
+    async fn plan_ended(&self, id: u64) -> Value {
+        self.wait(
+            &format!("plan {id} ended"),
+            Duration::from_secs(20),
+            async || {
+                let (_, p) = self
+                    .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                    .await;
+                (p["state"] != "applying").then_some(p)
+            },
+        )
+        .await
+    }
+
+    async fn cycles(&self) -> f64 {
+        let metrics = self.call(Method::GET, "/metrics", None).await.1;
+        metric(metrics.as_str().unwrap(), "tern_automation_cycles_total")
+    }
+}
+
+/// Registers a host whose agent never reports: the controller is not ready (it has not heard
+/// every host), so no automation cycle runs.
+async fn silent_host(lab: &Lab) {
+    lab.shell
+        .host_up(HostRecord {
+            name: "h4".into(),
+            agent_url: "http://127.0.0.1:9".into(),
+            capacity: HostCapacity {
+                cores: 4,
+                memory_mib: 8192,
+                power_model: "hp-ml110-g5".into(),
+                volume_node: None,
+                volume_node_id: None,
+            },
+            lease: 200,
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn a_power_off_past_its_timeout_fails_its_plan_without_a_cycle_but_holds_the_host_until_the_late_answer()
+ {
+    let (lab, gate, id, hosts) = held_power_off(Some(Duration::from_secs(3))).await;
+    // No cycle from now on: a host is never heard.
+    silent_host(&lab).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let cycles = lab.cycles().await;
+
+    // The timeout passes: the plan fails, the hosts are not on again (their BMCs may still be
+    // turning them off) but powering off.
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("in doubt: its power driver did not answer within 3s"),
+        "{detail}"
+    );
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "failed", "{p}");
+    }
+    for host in &hosts {
+        let (_, h) = lab
+            .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+            .await;
+        assert_eq!(h["power"], "powering_off", "{h}");
+    }
+    assert_eq!(lab.cycles().await, cycles, "reported without a cycle");
+
+    // Cycles again (the silent host lost and fenced): no plan applies, the rounds run, and the
+    // held hosts, their agents still reporting, are out of their view.
+    lab.shell.host_expired("h4").await;
+    assert_eq!(
+        lab.next_round_hosts_in_view().await,
+        HOSTS.len() - hosts.len()
+    );
+    lab.wait_power(&hosts, "powering_off").await;
+
+    // The drivers answer late: off. The hosts are off; the plan stays failed, its power-offs
+    // done.
+    silent_host(&lab).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let cycles = lab.cycles().await;
+    gate.open();
+    lab.wait_power(&hosts, "off").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "failed", "{p}");
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
+    }
+    assert!(
+        p["detail"].as_str().unwrap().contains("powered off later"),
+        "{p}"
+    );
+    assert_eq!(lab.cycles().await, cycles, "settled without a cycle");
+}
+
+#[tokio::test]
+async fn a_new_leader_holds_a_host_the_former_leader_was_powering_off() {
+    let (lab, gate, id, hosts) = held_power_off(None).await;
+    let key = format!("/tern/desired/automation/plans/{id:020}");
+    lab.wait(
+        "the plan stored as applying",
+        Duration::from_secs(5),
+        async || {
+            let b = lab.shell.shared().store().get(&key).await.unwrap()?;
+            let v: Value = serde_json::from_slice(&b).unwrap();
+            (v["plan"]["state"] == "applying").then_some(())
+        },
+    )
+    .await;
+
+    lab.shell.step_down("test: fail-over mid power-off").await;
+    lab.wait("a new term", Duration::from_secs(10), async || {
+        (lab.shell.shared().core().generation() == Some(2)).then_some(())
+    })
+    .await;
+    // The new term failed the interrupted plan, but holds its hosts powering off: out of the
+    // rounds' view, though their agents still report.
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "failed", "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().starts_with("interrupted"),
+        "{p}"
+    );
+    lab.wait_power(&hosts, "powering_off").await;
+    assert_eq!(
+        lab.next_round_hosts_in_view().await,
+        HOSTS.len() - hosts.len()
+    );
+    lab.wait_power(&hosts, "powering_off").await;
+
+    // The former term's driver calls answer: the hosts are off.
+    gate.open();
+    lab.wait_power(&hosts, "off").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
     }
 }
 

@@ -19,8 +19,15 @@
 //!    powering off for the loop — counted on, taking no VMs — and the dashboard;
 //! 4. reports back what became of each, at the first cycle that finds it: a migration task that
 //!    succeeded (with the measured time, bytes and pause from the agent's migration report) or
-//!    failed, a power-on registered or timed out, a power-off's driver answer (or
-//!    [`POWER_OFF_TIMEOUT`] without one).
+//!    failed, a power-on registered or timed out. A power-off's task reports its own outcome,
+//!    cycles or not (none runs while a host is lost, as the one powered off soon is): the
+//!    driver's answer, or after [`POWER_OFF_TIMEOUT`] without one the power-off in doubt — the
+//!    plan fails but the host stays powering off, its BMC may still be turning it off — until
+//!    the driver's late answer (off, or on again) or a snapshot showing the host down (off).
+//!
+//! A new leader finds the power-offs the previous one was carrying out in the plans it stored
+//! (`applying`, the power-off `running`): it holds those hosts powering off too, until they are
+//! seen down (off), or for [`POWER_OFF_TIMEOUT`] while their agents still report (then on).
 //!
 //! The policy is stored in etcd (`/tern/desired/automation/policy`, a guarded write like every
 //! desired-state write), so a new leader runs under the same knobs. So are the plans, each under
@@ -58,7 +65,7 @@ use tern_automation::cost::{
 use tern_automation::{
     Action, HostSample, Loop, LoopConfig, Outcome, PlanError, Telemetry, VmSample,
 };
-use tern_power::{OffMode, PowerDriver};
+use tern_power::{OffMode, OffOutcome, PowerDriver, PowerOffError};
 
 use super::Shared;
 use super::store::StoreError;
@@ -136,11 +143,15 @@ pub const WAKE_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long a soft power-off may take before the power is cut.
 pub const SOFT_OFF_GRACE: Duration = Duration::from_secs(10);
 
-/// A power-off whose driver has not answered within this long failed (the soft-off's grace,
-/// then the hard power-off's and the status reads' `ipmitool` calls, with room to spare).
+/// A power-off whose driver has not answered within this long fails its plan (the soft-off's
+/// grace, then the hard power-off's and the status reads' `ipmitool` calls, with room to spare),
+/// but its host is held powering off until the driver answers or the host is seen down: the BMC
+/// may still be turning it off. A new leader that takes over a power-off in progress gives it as
+/// long again before it believes a host whose agent still reports.
 pub const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A power-off under way: the driver runs on a blocking task of its own while the cycles go on.
+/// A power-off under way for a plan's running action: the driver runs on a blocking task of its
+/// own while the cycles go on.
 #[derive(Debug)]
 struct PoweringOff {
     /// The plan it is for.
@@ -148,10 +159,15 @@ struct PoweringOff {
     /// Which power-off this is ([`Automation::power_offs_started`] when it started): a driver
     /// answering for an earlier one (timed out, or a former term's) finds another number.
     token: u64,
-    /// When it counts as failed if the driver has not answered.
-    deadline: Instant,
-    /// The driver's answer, once it came: done, or why not.
-    answer: Option<Result<(), String>>,
+}
+
+/// How a power-off's wait ended.
+#[derive(Debug)]
+enum PowerOffEnd {
+    /// The driver answered: done, or why not.
+    Answer(Result<(), String>),
+    /// The driver did not answer within this long (it may still).
+    NoAnswerWithin(Duration),
 }
 
 /// Totals for `/metrics`.
@@ -208,10 +224,12 @@ pub struct Automation {
     stored_move_cost: Option<Vec<u8>>,
     /// Power-ons sent, awaiting the host's registration: host → (plan, deadline).
     waking: BTreeMap<String, (u64, Instant)>,
-    /// Power-offs under way, awaiting their driver's answer, by host.
+    /// Power-offs under way for a running plan action, awaiting their driver's answer, by host.
     powering_off: BTreeMap<String, PoweringOff>,
     /// Power-offs started by this controller (each one's token).
     power_offs_started: u64,
+    /// How long a power-off's driver may take ([`POWER_OFF_TIMEOUT`] unless set).
+    power_off_timeout: Duration,
     /// Power drivers by host.
     drivers: BTreeMap<String, Arc<dyn PowerDriver>>,
     /// Last state counted per plan (for the totals).
@@ -247,6 +265,7 @@ impl Automation {
             waking: BTreeMap::new(),
             powering_off: BTreeMap::new(),
             power_offs_started: 0,
+            power_off_timeout: POWER_OFF_TIMEOUT,
             drivers: BTreeMap::new(),
             seen: BTreeMap::new(),
             stored_plans: BTreeMap::new(),
@@ -352,6 +371,14 @@ impl Automation {
     /// loop reads it.
     pub fn vm_utilization(&self) -> &BTreeMap<String, f64> {
         &self.vm_cpu
+    }
+
+    /// Sets how long a power-off's driver may take before its plan fails with the host held
+    /// powering off, and how long a new leader waits on a power-off it took over
+    /// ([`POWER_OFF_TIMEOUT`] unless set; tests shorten it). Power-offs already started keep
+    /// theirs.
+    pub fn set_power_off_timeout(&mut self, timeout: Duration) {
+        self.power_off_timeout = timeout;
     }
 
     /// Sets (or replaces) the power driver of `host`.
@@ -609,11 +636,68 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     a.generation = Some(generation);
     a.plan_tasks.clear();
     a.waking.clear();
+    // (a former term's driver calls still answer: see `power_off_ended`)
     a.powering_off.clear();
     a.seen = a.lp.plans().iter().map(|p| (p.id, p.state)).collect();
     a.stored_plans = stored_plans;
     a.rounds.clear();
     a.rounds_noted = 0;
+    let timeout = a.power_off_timeout;
+    let inherited: Vec<String> = a.lp.power_offs_in_doubt().keys().cloned().collect();
+    drop(a);
+    for host in inherited {
+        eprintln!(
+            "tern controller: host {host} was being powered off by the previous leader; held \
+             powering off until it is seen down, or for {timeout:?} while its agent reports"
+        );
+        watch_inherited_power_off(s, generation, host, timeout);
+    }
+}
+
+/// A power-off the previous leader was carrying out (its plan was stored `applying`): the host is
+/// held powering off by the loop; if its agent still reports `timeout` from now, the power-off
+/// did not happen and the host is on again; if it stopped reporting, it is off (cycles need not
+/// run for this: they wait while a host is lost).
+fn watch_inherited_power_off(s: &Arc<Shared>, generation: u64, host: String, timeout: Duration) {
+    let s = Arc::clone(s);
+    tokio::spawn(async move {
+        tokio::time::sleep(timeout).await;
+        let up = s
+            .core()
+            .hosts()
+            .iter()
+            .any(|h| h.name == host && h.state == HostState::Up);
+        let now = s.now_ms();
+        let settled = {
+            let mut a = lock(&s);
+            if a.generation != Some(generation) {
+                return;
+            }
+            let why = if up {
+                format!("its agent still reports {timeout:?} after the next leader took over")
+            } else {
+                "its agent stopped reporting".to_string()
+            };
+            let settled = a.lp.power_off_settled(now, &host, !up, &why);
+            a.count();
+            settled
+        };
+        if settled {
+            eprintln!(
+                "tern controller: host {host}'s power-off taken over from the previous leader: {}",
+                if up { "it still runs" } else { "it is off" }
+            );
+            persist_if_leading(&s).await;
+        }
+    });
+}
+
+/// Writes the plans if this controller still leads in the term its loop was built for.
+async fn persist_if_leading(s: &Arc<Shared>) {
+    let leading = s.core().generation();
+    if leading.is_some() && lock(s).generation == leading {
+        persist_plans(s).await;
+    }
 }
 
 /// Writes to the store every plan whose state changed since it was last written, and deletes
@@ -802,9 +886,9 @@ pub async fn cycle(s: &Arc<Shared>) {
     a.counters.last_cycle_s = started.elapsed().as_secs_f64();
 }
 
-/// Outcomes of the plan's migration tasks that ended, of power-ons that registered (or timed
-/// out) and of power-offs whose driver answered (or timed out); returns the loop's follow-up
-/// actions.
+/// Outcomes of the plan's migration tasks that ended and of power-ons that registered (or timed
+/// out); returns the loop's follow-up actions. (A power-off's task reports its own outcome, see
+/// [`start_power_off`].)
 fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
     let (tasks, up): (Vec<(u64, Option<TaskInfo>)>, Vec<String>) = {
         let core = s.core();
@@ -880,79 +964,111 @@ fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
             Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
         }
     }
-    let clock = Instant::now();
-    let answered: Vec<String> = a
-        .powering_off
-        .iter()
-        .filter(|(_, p)| p.answer.is_some() || clock >= p.deadline)
-        .map(|(h, _)| h.clone())
-        .collect();
-    for host in answered {
-        let p = a.powering_off.remove(&host).expect("listed above");
-        let plan = p.plan;
-        let outcome = match p.answer {
-            Some(Ok(())) => Outcome::PoweredOff { plan, host },
-            Some(Err(error)) => Outcome::PowerOffFailed { plan, host, error },
-            None => Outcome::PowerOffFailed {
-                plan,
-                error: format!("its power driver did not answer within {POWER_OFF_TIMEOUT:?}"),
-                host,
-            },
-        };
-        match a.lp.report(now, outcome) {
-            Ok(more) => out.extend(more),
-            Err(e) => eprintln!("tern controller: automation outcome not matched: {e}"),
-        }
-    }
     a.count();
     out
 }
 
 /// Starts `host`'s power-off (soft, then hard after [`SOFT_OFF_GRACE`]) on a blocking task and
-/// returns at once: the host stays powering off for the loop (counted on, taking no VMs) until
-/// [`collect_outcomes`] finds the driver's answer, or [`POWER_OFF_TIMEOUT`] passed without one.
+/// returns at once: the host stays powering off for the loop (counted on, taking no VMs). The
+/// task itself reports the outcome when the driver answers, whether cycles run or not (they wait
+/// while a host is lost, as one being powered off soon is): done or failed; or, when the driver
+/// has not answered within the timeout ([`POWER_OFF_TIMEOUT`]), the power-off in doubt — its
+/// plan fails, the host stays powering off — and then the driver's late answer settles the host
+/// (off, or on again).
 fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn PowerDriver>) {
-    let token = {
+    let (token, timeout) = {
         let mut a = lock(s);
         a.power_offs_started += 1;
         let token = a.power_offs_started;
-        a.powering_off.insert(
-            host.clone(),
-            PoweringOff {
-                plan,
-                token,
-                deadline: Instant::now() + POWER_OFF_TIMEOUT,
-                answer: None,
-            },
-        );
-        token
+        a.powering_off
+            .insert(host.clone(), PoweringOff { plan, token });
+        (token, a.power_off_timeout)
     };
     let s = Arc::clone(s);
     tokio::spawn(async move {
-        let r = tokio::task::spawn_blocking(move || {
+        let mut call = tokio::task::spawn_blocking(move || {
             driver.power_off(OffMode::SoftThenHard {
                 grace: SOFT_OFF_GRACE,
             })
-        })
-        .await;
-        let answer = match r {
+        });
+        type Joined = Result<Result<OffOutcome, PowerOffError>, tokio::task::JoinError>;
+        let answer = |r: Joined| match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(chain(&e)),
             Err(e) => Err(e.to_string()),
         };
-        let mut a = lock(&s);
-        match a.powering_off.get_mut(&host) {
-            Some(p) if p.token == token => p.answer = Some(answer),
-            // timed out (reported failed), or this controller left office since
-            _ => eprintln!(
-                "tern controller: host {host}'s power driver answered too late ({}); ignored",
-                match &answer {
-                    Ok(()) => "powered off".to_string(),
-                    Err(e) => e.clone(),
-                }
-            ),
-        }
+        let end = match tokio::time::timeout(timeout, &mut call).await {
+            Ok(r) => PowerOffEnd::Answer(answer(r)),
+            Err(_) => {
+                power_off_ended(&s, token, &host, PowerOffEnd::NoAnswerWithin(timeout)).await;
+                PowerOffEnd::Answer(answer(call.await))
+            }
+        };
+        power_off_ended(&s, token, &host, end).await;
     });
+}
+
+/// What became of power-off `token` of `host`: reported to the loop as the outcome of its plan's
+/// action while that action waits for it; a later answer (after the timeout, or a former term's
+/// power-off) settles the host if the loop holds its power-off in doubt, and is only logged
+/// otherwise. Carries out what follows and stores the plans.
+async fn power_off_ended(s: &Arc<Shared>, token: u64, host: &str, end: PowerOffEnd) {
+    let now = s.now_ms();
+    let more = {
+        let mut a = lock(s);
+        let waited = if a.powering_off.get(host).is_some_and(|p| p.token == token) {
+            a.powering_off.remove(host).map(|p| p.plan)
+        } else {
+            None
+        };
+        let more = match (waited, end) {
+            (Some(plan), end) => {
+                let host = host.to_string();
+                let outcome = match end {
+                    PowerOffEnd::Answer(Ok(())) => Outcome::PoweredOff { plan, host },
+                    PowerOffEnd::Answer(Err(error)) => {
+                        Outcome::PowerOffFailed { plan, host, error }
+                    }
+                    PowerOffEnd::NoAnswerWithin(t) => Outcome::PowerOffInDoubt {
+                        plan,
+                        host,
+                        error: format!("its power driver did not answer within {t:?}"),
+                    },
+                };
+                match a.lp.report(now, outcome) {
+                    Ok(more) => more,
+                    Err(e) => {
+                        eprintln!("tern controller: automation outcome not matched: {e}");
+                        Vec::new()
+                    }
+                }
+            }
+            (None, PowerOffEnd::Answer(answer)) => {
+                let (off, why) = match &answer {
+                    Ok(()) => (true, "its power driver answered late: off".to_string()),
+                    Err(e) => (false, format!("its power driver answered late: {e}")),
+                };
+                if a.lp.power_off_settled(now, host, off, &why) {
+                    eprintln!("tern controller: host {host}'s power-off settled: {why}");
+                } else {
+                    eprintln!(
+                        "tern controller: host {host}'s power driver answered too late ({}); \
+                         ignored",
+                        match &answer {
+                            Ok(()) => "powered off",
+                            Err(e) => e.as_str(),
+                        }
+                    );
+                }
+                Vec::new()
+            }
+            (None, PowerOffEnd::NoAnswerWithin(_)) => Vec::new(),
+        };
+        a.count();
+        more
+    };
+    carry_out(s, more).await;
+    persist_if_leading(s).await;
 }
 
 /// Carries out the loop's actions in order, feeding back the immediate outcomes (and carrying
