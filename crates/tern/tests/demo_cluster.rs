@@ -77,7 +77,19 @@ fn the_loop_packs_powers_hosts_off_and_wakes_one_as_load_rises_losing_no_vm() {
         "{plans:?}"
     );
     let sim = &r["sim"];
-    assert!(sim["power_off_samples"].as_u64().unwrap() >= 1, "{r}");
+    // the replay's power-off is the live ones' (upper) median in steps of the live run, by the
+    // documented rule: a round runs half-way through its sample, so `d` seconds are
+    // ceil(d / step − 1/2) steps, at least 1
+    let step = r["recorded"]["step_s"].as_f64().expect("recorded.step_s");
+    let mut sorted = offs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let want = (median / step - 0.5).ceil().max(1.0) as u64;
+    assert_eq!(
+        sim["power_off_samples"].as_u64(),
+        Some(want),
+        "live power-offs {offs:?} s at {step} s a step: {r}"
+    );
     assert_eq!(sim["hosts_on_series"].as_array().unwrap().len(), 36, "{r}");
     assert!(sim["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
 }
