@@ -2,7 +2,7 @@
 //! bounded time on its committed seed corpus (`fuzz/corpus/<target>/`, read-only here: new
 //! inputs go to a scratch directory under `fuzz/target/`), two at a time by default. Any crash,
 //! leak of memory past the RSS limit or hang fails the run, naming the input that caused it and
-//! the command that reproduces it. `--seed-corpus` rewrites the seed corpora instead
+//! the command that reproduces it. `--seed-corpus` writes the seed corpora instead
 //! (`fuzz_seeds.rs`). docs/security.md, "Fuzzing", explains the targets and the budget.
 
 use std::path::{Path, PathBuf};
@@ -37,7 +37,8 @@ pub struct Args {
     /// Targets run at the same time (each fuzzer uses one core).
     #[arg(long, default_value_t = 2)]
     jobs: usize,
-    /// Rewrite the seed corpora in fuzz/corpus/ from the encoders and exit.
+    /// Write the generated seeds into fuzz/corpus/ from the encoders and exit (other files
+    /// there are kept).
     #[arg(long)]
     seed_corpus: bool,
     /// Build the targets and exit.
@@ -80,13 +81,26 @@ fn cargo_fuzz(dir: &Path) -> Command {
 pub fn run(args: Args) -> Result<()> {
     let dir = fuzz_dir();
     if args.seed_corpus {
+        let corpus = dir.join("corpus");
         let corpora = crate::fuzz_seeds::all()?;
-        let n = crate::fuzz_seeds::write(&dir.join("corpus"), &corpora)?;
+        let w = crate::fuzz_seeds::write(&corpus, &corpora)?;
         println!(
-            "fuzz: wrote {n} seeds for {} targets in {}",
+            "fuzz: wrote {} seeds ({} already there) for {} targets in {}",
+            w.written,
+            w.current,
             corpora.len(),
-            dir.join("corpus").display()
+            corpus.display()
         );
+        if !w.others.is_empty() {
+            println!(
+                "fuzz: kept {} files the generator does not write (inputs added by hand, seeds of \
+                 an older encoder; `git rm` those no longer wanted):",
+                w.others.len()
+            );
+            for f in &w.others {
+                println!("fuzz:   {}", f.strip_prefix(&corpus).unwrap_or(f).display());
+            }
+        }
         return Ok(());
     }
     check_cargo_fuzz(&dir)?;

@@ -2,14 +2,15 @@
 //! the crates' own encoders and from real conversations (the NBD client against the NBD server
 //! over loopback), in the input layouts the targets document at their top. Deterministic: the
 //! same tree gives the same files, named by content (`seed-<crc32c>`), so a re-run changes
-//! nothing unless an encoder changed. Every seed is checked against the parser it feeds, so a
-//! protocol change that breaks a seed fails here, naming it, instead of silently weakening the
-//! corpus.
+//! nothing unless an encoder changed. It writes only those files and removes none: an input added
+//! by hand, or a seed an older encoder wrote, stays until someone removes it (the run lists
+//! them). Every seed is checked against the parser it feeds, so a protocol change that breaks a
+//! seed fails here, naming it, instead of silently weakening the corpus.
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,22 +45,80 @@ pub fn all() -> Result<Corpora> {
     Ok(c)
 }
 
-/// Replaces `dir/<target>/` with `seeds` (files named by content).
-pub fn write(dir: &Path, corpora: &Corpora) -> Result<usize> {
-    let mut n = 0;
+/// The CRC-32C of any bytes followed by their own CRC-32C (little-endian), as a sealed
+/// migration frame with an empty payload is: named by their CRC, all such seeds would share one
+/// name.
+const CRC32C_RESIDUE: u32 = 0x4867_4bc7;
+
+/// The file name of a seed: `seed-` and the CRC-32C of its bytes, or of the bytes before its
+/// last four when it ends in their CRC.
+fn seed_name(seed: &[u8]) -> String {
+    let crc = match crc32c::crc32c(seed) {
+        CRC32C_RESIDUE if seed.len() > 4 => crc32c::crc32c(&seed[..seed.len() - 4]),
+        crc => crc,
+    };
+    format!("seed-{crc:08x}")
+}
+
+/// What [`write`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Seeds written (new files).
+    pub written: usize,
+    /// Seeds that were already there.
+    pub current: usize,
+    /// The other files in the targets' directories, left alone: inputs added by hand, seeds an
+    /// older encoder wrote. Sorted.
+    pub others: Vec<PathBuf>,
+}
+
+/// Writes each target's seeds into `dir/<target>/` as `seed-<crc32c>` files, creating only
+/// those missing. No other file is touched: nothing is removed, and a file with a seed's name
+/// but other bytes (not a seed this generator wrote) is an error rather than overwritten.
+pub fn write(dir: &Path, corpora: &Corpora) -> Result<Written> {
+    let mut w = Written::default();
     for (target, seeds) in corpora {
         let d = dir.join(target);
-        if d.exists() {
-            std::fs::remove_dir_all(&d).with_context(|| format!("clearing {}", d.display()))?;
-        }
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        let mut mine: BTreeMap<String, &[u8]> = BTreeMap::new();
         for s in seeds {
-            let f = d.join(format!("seed-{:08x}", crc32c::crc32c(s)));
-            std::fs::write(&f, s).with_context(|| format!("writing {}", f.display()))?;
-            n += 1;
+            let name = seed_name(s);
+            if let Some(other) = mine.insert(name.clone(), s) {
+                ensure!(
+                    other == &s[..],
+                    "two different {target} seeds have the name {name} (a CRC-32C collision): \
+                     change one"
+                );
+            }
+        }
+        for (name, seed) in &mine {
+            let f = d.join(name);
+            match std::fs::read(&f) {
+                Ok(old) if old == *seed => {
+                    w.current += 1;
+                    continue;
+                }
+                Ok(_) => bail!(
+                    "{} is not the seed of that name (its bytes differ): the generator does not \
+                     overwrite it; rename or remove it",
+                    f.display()
+                ),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("reading {}", f.display())),
+            }
+            std::fs::write(&f, seed).with_context(|| format!("writing {}", f.display()))?;
+            w.written += 1;
+        }
+        for entry in std::fs::read_dir(&d).with_context(|| format!("listing {}", d.display()))? {
+            let entry = entry.with_context(|| format!("listing {}", d.display()))?;
+            let name = entry.file_name();
+            if !name.to_str().is_some_and(|n| mine.contains_key(n)) {
+                w.others.push(entry.path());
+            }
         }
     }
-    Ok(n)
+    w.others.sort();
+    Ok(w)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1165,6 +1224,107 @@ mod tests {
             }
         }
         (rx, last, false)
+    }
+
+    #[test]
+    fn every_seed_of_a_target_has_a_name_of_its_own() {
+        // Two sealed frames with no payload: the same CRC-32C, the residue.
+        let a = wire::seal(9, &[]);
+        let b = wire::seal(10, &[]);
+        assert_eq!(crc32c::crc32c(&a), CRC32C_RESIDUE);
+        assert_eq!(crc32c::crc32c(&b), CRC32C_RESIDUE);
+        assert_ne!(seed_name(&a), seed_name(&b));
+        for (target, seeds) in all().unwrap() {
+            let mut names: BTreeMap<String, &[u8]> = BTreeMap::new();
+            for s in &seeds {
+                if let Some(other) = names.insert(seed_name(s), s) {
+                    assert_eq!(other, &s[..], "two {target} seeds named {}", seed_name(s));
+                }
+            }
+        }
+    }
+
+    /// A scratch directory, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Every file under `dir`, with its bytes.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+        let mut files = BTreeMap::new();
+        for d in std::fs::read_dir(dir).unwrap() {
+            for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+                let f = f.unwrap().path();
+                files.insert(f.clone(), std::fs::read(&f).unwrap());
+            }
+        }
+        files
+    }
+
+    #[test]
+    fn writing_the_seeds_leaves_every_other_file_alone() {
+        let scratch =
+            Scratch(std::env::temp_dir().join(format!("tern-xtask-seeds-{}", std::process::id())));
+        let dir = &scratch.0;
+        let t = dir.join("target_a");
+        std::fs::create_dir_all(&t).unwrap();
+        // An input added by hand and a seed an older encoder wrote (named as the generator
+        // names seeds), which this run does not generate.
+        std::fs::write(t.join("crash-regression"), b"by hand").unwrap();
+        let stale = t.join(seed_name(b"old encoding"));
+        std::fs::write(&stale, b"old encoding").unwrap();
+        let corpora: Corpora = [
+            (
+                "target_a",
+                vec![b"one".to_vec(), b"two".to_vec(), b"one".to_vec()],
+            ),
+            ("target_b", vec![b"three".to_vec()]),
+        ]
+        .into();
+
+        let first = write(dir, &corpora).unwrap();
+        let mut kept = vec![t.join("crash-regression"), stale.clone()];
+        kept.sort();
+        assert_eq!(
+            first,
+            Written {
+                written: 3,
+                current: 0,
+                others: kept.clone()
+            }
+        );
+        let after = tree(dir);
+        assert_eq!(after.len(), 5, "{after:?}");
+        assert_eq!(after[&t.join("crash-regression")], b"by hand");
+        assert_eq!(after[&stale], b"old encoding");
+        assert_eq!(after[&t.join(seed_name(b"two"))], b"two");
+        assert_eq!(
+            after[&dir.join("target_b").join(seed_name(b"three"))],
+            b"three"
+        );
+
+        // Seeds already current: nothing changes.
+        let again = write(dir, &corpora).unwrap();
+        assert_eq!(
+            again,
+            Written {
+                written: 0,
+                current: 3,
+                others: kept
+            }
+        );
+        assert_eq!(tree(dir), after);
+
+        // A file with a seed's name but other bytes is not overwritten.
+        let forged = t.join(seed_name(b"one"));
+        std::fs::write(&forged, b"not one").unwrap();
+        let err = write(dir, &corpora).unwrap_err().to_string();
+        assert!(err.contains(&seed_name(b"one")), "{err}");
+        assert_eq!(std::fs::read(&forged).unwrap(), b"not one");
     }
 
     #[test]
