@@ -181,6 +181,60 @@ fn pages_move_in_place_on_plain_tcp_and_arrive_intact_under_a_writer() {
     );
 }
 
+/// The torn page, deterministically: a guest without a workload rewrites one data page right
+/// after the source took its checksum and before the frame carrying it was written
+/// (`MemVm::tear_after_check`, in the test VM's `GuestPages::check`). The target finds that
+/// the page does not match, holds it suspect, and the dirty log sends it again in a later
+/// round; the migration completes with the page counted as sent again, and the target's memory
+/// (the torn page's new bytes included) equals the source's at the pause. Both ways the target
+/// may read a `PageData` frame: straight into guest memory, and into a buffer.
+#[test]
+fn a_page_torn_between_its_checksum_and_the_write_is_sent_again_and_arrives_intact() {
+    for target_in_place in [true, false] {
+        let counts = std::sync::Arc::new(common::InPlaceCounts::default());
+        let mut src = MemVm::quiet_source(16 * MIB).with_in_place(counts.clone());
+        // Page 160 holds data (one page in four does) and lies in region 0.
+        let torn = 160 * PAGE_SIZE;
+        src.tear_after_check = Some(torn);
+        let before = src.memory()[torn as usize..(torn + PAGE_SIZE) as usize].to_vec();
+        let tgt = MemVm::target(16 * MIB, 1, 5000);
+        let tgt = if target_in_place {
+            tgt.with_in_place(counts.clone())
+        } else {
+            tgt
+        };
+        let (addr, h) = spawn_target(tgt);
+        let (r, _) = migrate(&mut src, addr, &opts(2, true), &CancelToken::new());
+        let (tgt, rr) = h.join().unwrap();
+        let report = r.unwrap_or_else(|f| panic!("{}: {:?}", error_chain(&f.error), f.report));
+        rr.unwrap();
+        let seq = std::sync::atomic::Ordering::SeqCst;
+        assert_eq!(counts.torn.load(seq), 1, "the guest tore the page once");
+        assert_moved(&src, &tgt, &report);
+        let at_pause = src.snapshot.as_ref().expect("source paused");
+        assert_ne!(
+            at_pause[torn as usize..(torn + PAGE_SIZE) as usize],
+            before[..],
+            "the torn page's new bytes are what arrived"
+        );
+        assert_eq!(
+            report.pages_resent_after_checksum_mismatch,
+            Some(1),
+            "the torn page, and only it, failed its checksum and came again \
+             (target reads in place: {target_in_place})"
+        );
+        assert!(
+            report.rounds >= 2,
+            "the copy after round 0 came in a later round: {report:?}"
+        );
+        assert_eq!(
+            counts.mismatched.load(seq),
+            u64::from(target_in_place),
+            "read in place, the mismatch is found in guest memory"
+        );
+    }
+}
+
 /// A source that can send in place but offers only protocol 4 (as against a target of the
 /// build before page checksums): the pages go as `Pages` frames, copied, never protocol 4's
 /// `PageData` frames without page checksums, and the migration completes intact.

@@ -102,6 +102,9 @@ pub struct MemVm {
     /// Pages moved in place (`PageData` frames): the source offers its memory
     /// (`guest_pages`), the target reads into it (`placer`, `read_into`); `None`: neither.
     pub in_place: Option<Arc<InPlaceCounts>>,
+    /// Source, in place: the guest rewrites the page at this address once, right after the
+    /// migration took its checksum and before the frame carrying it is written (a torn page).
+    pub tear_after_check: Option<u64>,
 }
 
 /// What [`MemVm::with_in_place`] saw: frames written from memory and frames read into it.
@@ -115,6 +118,8 @@ pub struct InPlaceCounts {
     pub frames_placed: AtomicU64,
     /// Pages read in place whose data did not match their checksum.
     pub mismatched: AtomicU64,
+    /// Pages the source's guest tore ([`MemVm::tear_after_check`]).
+    pub torn: AtomicU64,
 }
 
 /// The memory of a [`MemVm`] as the in-place traits see it.
@@ -122,6 +127,8 @@ struct MemPages {
     shared: Arc<Shared>,
     layout: MemoryLayout,
     counts: Arc<InPlaceCounts>,
+    /// The page the guest rewrites right after its next check ([`MemVm::tear_after_check`]).
+    tear: Mutex<Option<u64>>,
 }
 
 impl MemPages {
@@ -137,9 +144,25 @@ impl MemPages {
 impl GuestPages for MemPages {
     fn check(&self, gpa: u64) -> Result<Option<u32>, VmError> {
         let off = self.offset(gpa)?;
-        let m = self.shared.mem.lock().unwrap();
+        let mut m = self.shared.mem.lock().unwrap();
         let page = &m.bytes[off..off + PAGE];
-        Ok((!page.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(page)))
+        let crc = (!page.iter().all(|&b| b == 0)).then(|| crc32c::crc32c(page));
+        // The guest writes the page now, after its checksum was taken and before the socket
+        // copies it (`write_frame`), as a vCPU may while a frame waits in the queue: once,
+        // while the VM runs, and through the dirty log like any guest write.
+        let mut tear = self.tear.lock().unwrap();
+        if *tear == Some(gpa)
+            && state_from(self.shared.state.load(Ordering::SeqCst)) == VmState::Running
+        {
+            *tear = None;
+            m.bytes[off + 64..off + 72].copy_from_slice(&0x7e4a_7e4a_7e4a_7e4a_u64.to_le_bytes());
+            if m.logging {
+                let p = (off / PAGE) as u64;
+                m.dirty[(p / 64) as usize] |= 1 << (p % 64);
+            }
+            self.counts.torn.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(crc)
     }
 
     fn write_frame(
@@ -272,6 +295,7 @@ impl MemVm {
             resumed_count: 0,
             restored: None,
             in_place: None,
+            tear_after_check: None,
         }
     }
 
@@ -288,6 +312,7 @@ impl MemVm {
             shared: self.shared.clone(),
             layout: self.layout.clone(),
             counts,
+            tear: Mutex::new(self.tear_after_check),
         }))
     }
 
@@ -295,17 +320,28 @@ impl MemVm {
     /// One page in four starts with data, the rest are zero.
     pub fn source(bytes: u64, rate: u64) -> Self {
         let mut vm = Self::new(bytes, 1, rate, VmState::Running);
-        {
-            let mut m = vm.shared.mem.lock().unwrap();
-            for (i, page) in m.bytes.chunks_mut(PAGE).enumerate() {
-                if i % 4 == 0 {
-                    page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
-                    page[PAGE - 1] = 0xa5;
-                }
-            }
-        }
+        vm.fill_source_memory();
         vm.start_writer();
         vm
+    }
+
+    /// A running source VM with [`MemVm::source`]'s memory but no workload: its memory changes
+    /// only through the test's hooks, so what each round sends is known.
+    pub fn quiet_source(bytes: u64) -> Self {
+        let vm = Self::new(bytes, 1, 0, VmState::Running);
+        vm.fill_source_memory();
+        vm
+    }
+
+    /// One page in four holds data (its number and a last byte), the rest are zero.
+    fn fill_source_memory(&self) {
+        let mut m = self.shared.mem.lock().unwrap();
+        for (i, page) in m.bytes.chunks_mut(PAGE).enumerate() {
+            if i % 4 == 0 {
+                page[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+                page[PAGE - 1] = 0xa5;
+            }
+        }
     }
 
     /// An empty target able to host a VM of `bytes` bytes with `vcpus` vCPUs.
