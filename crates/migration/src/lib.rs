@@ -61,7 +61,8 @@
 //! One **control** stream carries the handshake, round acknowledgements, state, verify
 //! digest, commit and the answers. `N` **data** streams (`--streams N`) carry pages. Page `p` (numbered over all
 //! regions) always travels on data stream `(p / 128) % N`, so two copies of one page are
-//! ordered by TCP and the receiver never needs a barrier between rounds.
+//! ordered by TCP; the receiver refuses a page on any other data stream
+//! ([`machine::receiver::Violation::OffStripe`]).
 //!
 //! # Sequence
 //!
@@ -124,7 +125,7 @@
 //! |---|---|---|
 //! | AwaitHello | Hello | — (not accepted yet) |
 //! | Preparing | — | — |
-//! | Receiving | State (once), Verify (once), Commit, Abort | Join (first frame, once), Pages and RoundEnd (after Join, before DataEnd; rounds in order), DataEnd (once, counts must match) |
+//! | Receiving | State (once), Verify (once), Commit, Abort | Join (first frame, once), Pages and RoundEnd (after Join, before DataEnd; each page on its stripe's stream; rounds in order), DataEnd (once, counts must match) |
 //! | Committing | — | — (nothing may follow DataEnd) |
 //! | Running / Discarded | terminal | terminal |
 //!

@@ -6,7 +6,8 @@ use crate::config::{MemoryLayout, PAGE_SIZE};
 use crate::wire::MAX_PAGES_PER_FRAME;
 
 /// Consecutive pages that travel on the same data stream. A page always takes the same stream,
-/// so TCP's ordering keeps a later copy of a page behind an earlier one.
+/// so TCP's ordering keeps a later copy of a page behind an earlier one (the receiver refuses a
+/// page on any other stream: [`crate::machine::receiver::Violation::OffStripe`]).
 pub const STRIPE_PAGES: u64 = MAX_PAGES_PER_FRAME as u64;
 
 /// A set of page indices (a bitmap over the layout's pages).

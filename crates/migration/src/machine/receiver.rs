@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::config::{MemoryLayout, VmConfigDescription};
+use crate::machine::pages::stream_of;
 use crate::wire::{
     Frame, Hello, MIN_PROTOCOL_VERSION, MemoryDigest, PAGE_DATA_PROTOCOL_VERSION, PROTOCOL_VERSION,
     PageBatch, TIMINGS_PROTOCOL_VERSION, TargetTimings,
@@ -142,7 +143,43 @@ pub struct ProtocolViolation {
     /// Phase at the time.
     pub phase: ReceiverPhase,
     /// What was wrong.
-    pub what: String,
+    pub what: Violation,
+}
+
+/// What a [`ProtocolViolation`] was.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A frame or event out of sequence, on a stream that may not carry it, or with counts
+    /// that do not add up.
+    #[error("{0}")]
+    Sequence(String),
+    /// A page on a data stream other than the one its stripe travels on
+    /// ([`crate::machine::pages::stream_of`]): every copy of a page must come on one stream,
+    /// so that TCP keeps a later copy behind an earlier one (the readers place each stream's
+    /// pages in arrival order, in parallel with the other streams).
+    #[error(
+        "page at guest address {gpa:#x} arrived on data stream {stream}, but its stripe travels on data stream {stripe_stream}"
+    )]
+    OffStripe {
+        /// The page's guest address.
+        gpa: u64,
+        /// The data stream it arrived on.
+        stream: u16,
+        /// The data stream its stripe travels on.
+        stripe_stream: u16,
+    },
+}
+
+impl From<String> for Violation {
+    fn from(what: String) -> Self {
+        Violation::Sequence(what)
+    }
+}
+
+impl From<&str> for Violation {
+    fn from(what: &str) -> Self {
+        Violation::Sequence(what.to_owned())
+    }
 }
 
 /// Why the target refuses a handshake.
@@ -226,7 +263,7 @@ impl Receiver {
         }
     }
 
-    fn violation(&mut self, what: impl Into<String>) -> ProtocolViolation {
+    fn violation(&mut self, what: impl Into<Violation>) -> ProtocolViolation {
         let v = ProtocolViolation {
             phase: self.phase,
             what: what.into(),
@@ -325,6 +362,7 @@ impl Receiver {
         match (stream, frame) {
             (StreamName::Data(i), Frame::Pages(batch)) => {
                 self.page_fence(i)?;
+                self.on_stripe(i, batch.iter().map(|(gpa, _)| gpa))?;
                 self.pages(i, batch.len())?;
                 self.checked(i, batch.iter().map(|(gpa, _)| gpa), batch.mismatched());
                 Ok(Step::Apply(batch))
@@ -377,6 +415,7 @@ impl Receiver {
         match stream {
             StreamName::Data(i) => {
                 self.page_fence(i)?;
+                self.on_stripe(i, gpas.iter().copied())?;
                 self.pages(i, gpas.len())?;
                 self.checked(i, gpas.iter().copied(), mismatched);
                 Ok(())
@@ -384,6 +423,38 @@ impl Receiver {
             StreamName::Control => {
                 Err(self.violation(format!("unexpected Pages frame on stream {stream}")))
             }
+        }
+    }
+
+    /// Checks that every page of a frame on data stream `stream` belongs there: page `p`
+    /// (numbered over the agreed layout) travels only on data stream `(p / 128) mod N`
+    /// ([`stream_of`]), in every round, so two copies of a page are always ordered by one TCP
+    /// stream. A page on another stream could race an older or newer copy of itself on its own
+    /// stream: refused with [`Violation::OffStripe`]. (Its reader may have placed it already;
+    /// the refusal discards the migration before any commit.)
+    fn on_stripe(
+        &mut self,
+        stream: u16,
+        gpas: impl Iterator<Item = u64>,
+    ) -> Result<(), ProtocolViolation> {
+        let streams = self.streams.len();
+        let Some(layout) = self.config.as_ref().map(|c| &c.layout) else {
+            return Err(self.violation("pages before the memory layout was agreed"));
+        };
+        let off = gpas
+            .map(|gpa| (gpa, layout.page_index(gpa).map(|p| stream_of(p, streams))))
+            .find(|&(_, stripe)| stripe != Some(usize::from(stream)));
+        match off {
+            None => Ok(()),
+            Some((gpa, None)) => Err(self.violation(format!(
+                "page at guest address {gpa:#x} is outside the agreed memory layout"
+            ))),
+            Some((gpa, Some(stripe))) => Err(self.violation(Violation::OffStripe {
+                gpa,
+                stream,
+                // Below the stream count, a u16.
+                stripe_stream: u16::try_from(stripe).unwrap_or(u16::MAX),
+            })),
         }
     }
 
@@ -702,9 +773,11 @@ mod tests {
             session: 7,
             streams,
             config: VmConfigDescription {
+                // Two stripes: with two data streams, pages 0..128 travel on stream 0 and
+                // 128..256 on stream 1.
                 layout: MemoryLayout::new(vec![Region {
                     guest_addr: 0,
-                    size: 16 * PAGE_SIZE,
+                    size: 256 * PAGE_SIZE,
                 }])
                 .unwrap(),
                 vcpus: 1,
@@ -1013,7 +1086,7 @@ mod tests {
             ("commit", |r| {
                 r.commit(None).map(|_| ()).map_err(|e| ProtocolViolation {
                     phase: ReceiverPhase::Discarded,
-                    what: e.to_string(),
+                    what: e.to_string().into(),
                 })
             }),
             ("committed", |r| r.committed(true)),
@@ -1070,46 +1143,157 @@ mod tests {
     #[test]
     fn pages_of_a_round_wait_until_every_stream_ended_the_one_before() {
         use crate::wire::PageBatch;
-        let pages = |round: u32| {
+        // A zero page of round `round` on data stream `i`, from its stripe (page 128 × i).
+        let pages = |r: &mut Receiver, i: u16, round: u32| {
             let mut b = PageBatch::new(round);
-            b.push_zero(0);
-            Frame::Pages(b)
+            b.push_zero(u64::from(i) * 128 * PAGE_SIZE);
+            r.frame(StreamName::Data(i), Frame::Pages(b))
         };
         let mut r = receiving(2);
         r.join(0, 7).unwrap();
         r.join(1, 7).unwrap();
         assert_eq!(r.acknowledged_rounds(), 0);
-        r.frame(StreamName::Data(0), pages(0)).unwrap();
-        r.frame(StreamName::Data(1), pages(0)).unwrap();
+        pages(&mut r, 0, 0).unwrap();
+        pages(&mut r, 1, 0).unwrap();
         assert_eq!(r.round_end(0, 0).unwrap(), None);
         assert_eq!(r.acknowledged_rounds(), 0, "stream 1 is still in round 0");
         // Round 1 on stream 0 while stream 1 may still carry round 0's copy of a page.
         let mut early = r.clone();
-        let e = early.frame(StreamName::Data(0), pages(1)).unwrap_err();
+        let e = pages(&mut early, 0, 1).unwrap_err();
         assert_eq!(
-            e.what,
+            e.what.to_string(),
             "pages of round 1 on stream 0 before stream 1 ended round 0"
         );
         assert_eq!(early.phase(), ReceiverPhase::Discarded);
         // The frame's round field does not decide: its stream's position does.
         let mut labelled = r.clone();
-        let e = labelled.frame(StreamName::Data(0), pages(0)).unwrap_err();
+        let e = pages(&mut labelled, 0, 0).unwrap_err();
         assert_eq!(
-            e.what,
+            e.what.to_string(),
             "pages of round 1 on stream 0 before stream 1 ended round 0"
         );
-        r.clone().frame(StreamName::Data(1), pages(1)).unwrap();
+        pages(&mut r.clone(), 1, 1).unwrap();
         // Once every stream ended round 0 (acknowledged), round 1 may come on either.
         assert_eq!(r.round_end(1, 0).unwrap(), Some(0));
         assert_eq!(r.acknowledged_rounds(), 1);
-        r.frame(StreamName::Data(1), pages(1)).unwrap();
-        r.frame(StreamName::Data(0), pages(0)).unwrap();
+        pages(&mut r, 1, 1).unwrap();
+        pages(&mut r, 0, 0).unwrap();
         // Stream 1 runs ahead into round 2 while stream 0 is still in round 1.
         assert_eq!(r.round_end(1, 1).unwrap(), None);
-        let e = r.frame(StreamName::Data(1), pages(2)).unwrap_err();
+        let e = pages(&mut r, 1, 2).unwrap_err();
+        assert_eq!(
+            e.what.to_string(),
+            "pages of round 2 on stream 1 before stream 0 ended round 1"
+        );
+    }
+
+    /// Page `p` (numbered over every region, not by address) travels only on data stream
+    /// `(p / 128) mod N`: a page on any other stream, in place or copied, is refused with a
+    /// typed violation and discards the migration.
+    #[test]
+    fn a_page_on_a_data_stream_other_than_its_stripe_s_is_refused() {
+        // Region 0: pages 0..200; region 1 (at 1 GiB): pages 200..300. By address, 1 GiB would
+        // be page 262,144 (stripe 2048, stream 0 of 2); numbered over the layout it is page
+        // 200, stripe 1: stream 1 of 2, stream 1 of 3.
+        const HIGH: u64 = 1 << 30;
+        let receiving_layout = |streams: u16| {
+            let mut h = hello(5, 5, streams);
+            h.config.layout = MemoryLayout::new(vec![
+                Region {
+                    guest_addr: 0,
+                    size: 200 * P,
+                },
+                Region {
+                    guest_addr: HIGH,
+                    size: 100 * P,
+                },
+            ])
+            .unwrap();
+            let mut r = Receiver::new();
+            assert_eq!(r.hello(&h).unwrap(), Ok(5));
+            assert_eq!(r.prepared(Ok(())).unwrap(), Ok(5));
+            for i in 0..streams {
+                r.join(i, 7).unwrap();
+            }
+            r
+        };
+        // On their stripes' streams: accepted.
+        let mut r = receiving_layout(2);
+        r.placed_pages(StreamName::Data(0), &[0, 127 * P], &[])
+            .unwrap();
+        r.placed_pages(
+            StreamName::Data(1),
+            &[128 * P, 199 * P, HIGH, HIGH + 55 * P],
+            &[],
+        )
+        .unwrap();
+        assert!(matches!(
+            r.frame(StreamName::Data(0), copied(&[HIGH + 56 * P], &[])),
+            Ok(Step::Apply(_))
+        ));
+        let mut r3 = receiving_layout(3);
+        r3.placed_pages(StreamName::Data(1), &[HIGH], &[]).unwrap();
+        r3.placed_pages(StreamName::Data(2), &[HIGH + 56 * P], &[])
+            .unwrap();
+
+        // A frame whose last page belongs to the other stream, in place.
+        let mut r = receiving_layout(2);
+        let e = r
+            .placed_pages(StreamName::Data(0), &[P, 2 * P, HIGH], &[])
+            .unwrap_err();
         assert_eq!(
             e.what,
-            "pages of round 2 on stream 1 before stream 0 ended round 1"
+            Violation::OffStripe {
+                gpa: HIGH,
+                stream: 0,
+                stripe_stream: 1,
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "Protocol violation in phase Receiving: page at guest address 0x40000000 arrived \
+             on data stream 0, but its stripe travels on data stream 1"
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        // Copied (`Pages`), a zero entry too.
+        let mut r = receiving_layout(2);
+        assert_eq!(
+            r.frame(StreamName::Data(1), copied(&[], &[5 * P]))
+                .unwrap_err()
+                .what,
+            Violation::OffStripe {
+                gpa: 5 * P,
+                stream: 1,
+                stripe_stream: 0,
+            }
+        );
+        assert_eq!(r.phase(), ReceiverPhase::Discarded);
+        // In a later round too (a copy that would race the one on its own stream).
+        let mut r = receiving_layout(3);
+        r.placed_pages(StreamName::Data(2), &[HIGH + 56 * P], &[])
+            .unwrap();
+        for i in 0..3 {
+            r.round_end(i, 0).unwrap();
+        }
+        let e = r
+            .placed_pages(StreamName::Data(0), &[HIGH + 56 * P], &[])
+            .unwrap_err();
+        assert_eq!(
+            e.what,
+            Violation::OffStripe {
+                gpa: HIGH + 56 * P,
+                stream: 0,
+                stripe_stream: 2,
+            }
+        );
+        // A page outside the layout (the decoder refuses it first) is refused too.
+        let mut r = receiving_layout(2);
+        let e = r
+            .placed_pages(StreamName::Data(0), &[HIGH + 100 * P], &[])
+            .unwrap_err();
+        assert_eq!(
+            e.what.to_string(),
+            "page at guest address 0x40064000 is outside the agreed memory layout"
         );
     }
 
@@ -1137,7 +1321,10 @@ mod tests {
         r.join(0, 7).unwrap();
         r.pages(0, 4).unwrap();
         let err = r.data_end(0, 2, 8).unwrap_err();
-        assert!(err.what.contains("2 frames / 8 pages but 1 / 4"), "{err}");
+        assert!(
+            err.to_string().contains("2 frames / 8 pages but 1 / 4"),
+            "{err}"
+        );
         let mut r = receiving(1);
         r.join(0, 7).unwrap();
         r.state(1, vec![]).unwrap();
@@ -1244,12 +1431,12 @@ mod tests {
             r.frame(StreamName::Control, Frame::Commit)
         );
         expect_test::expect![[r#"
-            control Pages: Err(ProtocolViolation { phase: Receiving, what: "unexpected Pages frame on stream control" }) → Discarded
-            data 0 Commit: Err(ProtocolViolation { phase: Receiving, what: "unexpected Commit frame on stream data 0" }) → Discarded
-            data 0 State: Err(ProtocolViolation { phase: Receiving, what: "unexpected State frame on stream data 0" }) → Discarded
-            control RoundAck: Err(ProtocolViolation { phase: Receiving, what: "unexpected RoundAck frame on stream control" }) → Discarded
+            control Pages: Err(ProtocolViolation { phase: Receiving, what: Sequence("unexpected Pages frame on stream control") }) → Discarded
+            data 0 Commit: Err(ProtocolViolation { phase: Receiving, what: Sequence("unexpected Commit frame on stream data 0") }) → Discarded
+            data 0 State: Err(ProtocolViolation { phase: Receiving, what: Sequence("unexpected State frame on stream data 0") }) → Discarded
+            control RoundAck: Err(ProtocolViolation { phase: Receiving, what: Sequence("unexpected RoundAck frame on stream control") }) → Discarded
             data 0 Abort: Ok(Aborted("bye")) → Discarded
-            second commit: Err(ProtocolViolation { phase: Receiving, what: "unexpected Commit frame on stream control" })
+            second commit: Err(ProtocolViolation { phase: Receiving, what: Sequence("unexpected Commit frame on stream control") })
         "#]].assert_eq(&got);
     }
 
@@ -1270,7 +1457,7 @@ mod tests {
         assert_eq!(r.described().map(|d| d.vcpus), Some(1));
         r.prepared(Ok(())).unwrap().unwrap();
         let e = r.data_opened(Frame::Commit).unwrap_err();
-        assert_eq!(e.what, "data stream opened with Commit");
+        assert_eq!(e.what.to_string(), "data stream opened with Commit");
         let mut r = receiving(1);
         assert_eq!(
             r.data_opened(Frame::Join {

@@ -932,9 +932,13 @@ impl<T: MigrationTarget + ?Sized> Incoming<'_, T> {
 mod tests {
     use super::*;
     use crate::config::{CpuidDigest, PAGE_SIZE, Region, VmConfigDescription};
+    use crate::machine::receiver::Violation;
     use crate::wire::{Hello, PAGE_DATA_PROTOCOL_VERSION, PROTOCOL_VERSION, PageBatch};
 
-    const PAGES: usize = 16;
+    /// Two stripes: pages 0..128 travel on data stream 0, 128..256 on data stream 1.
+    const PAGES: usize = 256;
+    /// The first page of data stream 1's stripe.
+    const S1: u64 = 128;
 
     /// Guest memory shared by a fake target and its placer; the placer logs each frame's first
     /// page and the first byte it wrote there.
@@ -1102,12 +1106,12 @@ mod tests {
         let (addr, h) = receive_in_thread(&mem);
         let mut src = Source::connect(addr);
         src.send(0, &pages(0, 0, 0xa0));
-        src.send(1, &pages(0, 1, 0xb0));
+        src.send(1, &pages(0, S1, 0xb0));
         end_round_0(&mut src);
         // Page 0 again, in the round after, and a zero page, as after a pause.
         src.send(0, &pages(1, 0, 0xa1));
         let mut zero = PageBatch::new(1);
-        zero.push_zero(PAGE_SIZE);
+        zero.push_zero(S1 * PAGE_SIZE);
         src.send(1, &Frame::Pages(zero).encode());
         src.send(
             0,
@@ -1141,12 +1145,17 @@ mod tests {
             "the receiving thread wrote no page itself"
         );
         assert_eq!((report.pages_written, report.pages_zeroed), (3, 1));
-        assert_eq!((mem.first_byte(0), mem.first_byte(1)), (0xa1, 0));
+        assert_eq!((mem.first_byte(0), mem.first_byte(S1)), (0xa1, 0));
         let mut placed = mem.placed.lock().unwrap().clone();
         placed.sort();
         assert_eq!(
             placed,
-            [(0, 0xa0), (0, 0xa1), (PAGE_SIZE, 0), (PAGE_SIZE, 0xb0)]
+            [
+                (0, 0xa0),
+                (0, 0xa1),
+                (S1 * PAGE_SIZE, 0),
+                (S1 * PAGE_SIZE, 0xb0)
+            ]
         );
     }
 
@@ -1277,6 +1286,52 @@ mod tests {
         let (target, r) = h.join().unwrap();
         assert!(matches!(r, Err(ReceiveError::PageChecksum(_))), "{r:?}");
         assert!(target.discarded && !target.resumed);
+    }
+
+    /// A page on a data stream other than its stripe's (here page 1, whose stripe is stream
+    /// 0's, on stream 1, next to its own copy on stream 0) fails the migration with a typed
+    /// violation before anything is committed: the target discards and tells the source.
+    #[test]
+    fn a_page_on_another_stream_than_its_stripe_s_fails_the_migration() {
+        for as_page_data in [false, true] {
+            let mem = memory();
+            let (addr, h) = receive_in_thread(&mem);
+            let mut src = Source::connect(addr);
+            let frame = |round, page, fill| {
+                if as_page_data {
+                    page_data(round, page, fill, false)
+                } else {
+                    pages(round, page, fill)
+                }
+            };
+            src.send(0, &frame(0, 1, 0xa0));
+            src.send(1, &frame(0, 1, 0xb0));
+            let failed = read_frame(&mut src.control, None).unwrap();
+            let Frame::Failed { reason } = failed else {
+                panic!("expected failed, got {failed:?}");
+            };
+            assert!(
+                reason.contains(
+                    "page at guest address 0x1000 arrived on data stream 1, but its stripe \
+                     travels on data stream 0"
+                ),
+                "{reason}"
+            );
+            let (target, r) = h.join().unwrap();
+            match r {
+                Err(ReceiveError::Protocol(ProtocolViolation {
+                    what:
+                        Violation::OffStripe {
+                            gpa: PAGE_SIZE,
+                            stream: 1,
+                            stripe_stream: 0,
+                        },
+                    ..
+                })) => {}
+                other => panic!("expected the off-stripe page refused, got {other:?}"),
+            }
+            assert!(target.discarded && !target.resumed);
+        }
     }
 
     #[test]
