@@ -1,10 +1,14 @@
 //! `cargo xtask fuzz`: builds every cargo-fuzz target in `fuzz/` once, then runs each for a
 //! bounded time on its committed seed corpus (`fuzz/corpus/<target>/`, read-only here: new
-//! inputs go to a scratch directory under `fuzz/target/`), two at a time by default. Any crash,
-//! leak of memory past the RSS limit or hang fails the run, naming the input that caused it and
-//! the command that reproduces it. `--seed-corpus` writes the seed corpora instead
-//! (`fuzz_seeds.rs`). docs/security.md, "Fuzzing", explains the targets and the budget.
+//! inputs go to a scratch directory in the build's target directory), two at a time by default.
+//! The build goes where cargo puts it: `fuzz/target/`, or `CARGO_TARGET_DIR` (a relative one
+//! taken from the directory `cargo xtask` runs in, as cargo takes it), and the runs use the
+//! binaries from there. Any crash, leak of memory past the RSS limit or hang fails the run,
+//! naming the input that caused it and the command that reproduces it. `--seed-corpus` writes
+//! the seed corpora instead (`fuzz_seeds.rs`). docs/security.md, "Fuzzing", explains the targets
+//! and the budget.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,21 +71,90 @@ const BUILD_FLAGS: &[&str] = &[
     "16",
 ];
 
+/// The target triple cargo-fuzz builds for (its default: the host's).
+const TRIPLE: &str = "x86_64-unknown-linux-gnu";
+
+/// The variables that set cargo's target directory, in cargo's order of precedence.
+const TARGET_DIR_VARS: &[&str] = &["CARGO_TARGET_DIR", "CARGO_BUILD_TARGET_DIR"];
+
 /// libFuzzer options of every run: per-input timeout (a hang is a finding), the RSS cap (memory
 /// growth is a finding), final statistics for the report.
 const RUN_FLAGS: &[&str] = &["-timeout=10", "-rss_limit_mb=2048", "-print_final_stats=1"];
 
-fn cargo_fuzz(dir: &Path) -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.arg("fuzz").current_dir(dir).env("RUSTC_BOOTSTRAP", "1");
-    c
+/// The fuzz tree and the environment of every cargo command run in it.
+struct Tree {
+    /// `<workspace>/fuzz`, the commands' working directory.
+    dir: PathBuf,
+    /// [`TARGET_DIR_VARS`] set to a relative path, made absolute.
+    env: Vec<(&'static str, PathBuf)>,
+}
+
+impl Tree {
+    fn new() -> Result<Tree> {
+        let cwd = std::env::current_dir().context("reading the working directory")?;
+        let env = TARGET_DIR_VARS
+            .iter()
+            .filter_map(|&var| {
+                absolute_target_dir(std::env::var_os(var), &cwd).map(|dir| (var, dir))
+            })
+            .collect();
+        Ok(Tree {
+            dir: fuzz_dir(),
+            env,
+        })
+    }
+
+    /// `cargo` run in `fuzz/`.
+    fn cargo(&self) -> Command {
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        c.current_dir(&self.dir).env("RUSTC_BOOTSTRAP", "1");
+        for (var, dir) in &self.env {
+            c.env(var, dir);
+        }
+        c
+    }
+
+    /// `cargo fuzz` run in `fuzz/`.
+    fn cargo_fuzz(&self) -> Command {
+        let mut c = self.cargo();
+        c.arg("fuzz");
+        c
+    }
+
+    /// The target directory cargo builds `fuzz/` into, as `cargo metadata` reports it.
+    fn target_dir(&self) -> Result<PathBuf> {
+        let out = self
+            .cargo()
+            .args(["metadata", "--no-deps", "--format-version", "1"])
+            .output()
+            .context("running cargo metadata")?;
+        ensure!(
+            out.status.success(),
+            "cargo metadata failed in {}: {}",
+            self.dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let meta: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("reading cargo metadata's output")?;
+        match meta["target_directory"].as_str() {
+            Some(d) => Ok(PathBuf::from(d)),
+            None => bail!("cargo metadata names no target_directory"),
+        }
+    }
+}
+
+/// A target-directory variable's value made absolute against `cwd`, the directory `cargo
+/// xtask` runs in (cargo takes a relative one from its own working directory, which the fuzz
+/// commands do not share), or `None` when it needs no change: unset, empty or already absolute.
+fn absolute_target_dir(value: Option<OsString>, cwd: &Path) -> Option<PathBuf> {
+    let value = PathBuf::from(value?);
+    (!value.as_os_str().is_empty() && value.is_relative()).then(|| cwd.join(value))
 }
 
 /// Runs `cargo xtask fuzz`.
 pub fn run(args: Args) -> Result<()> {
-    let dir = fuzz_dir();
     if args.seed_corpus {
-        let corpus = dir.join("corpus");
+        let corpus = fuzz_dir().join("corpus");
         let corpora = crate::fuzz_seeds::all()?;
         let w = crate::fuzz_seeds::write(&corpus, &corpora)?;
         println!(
@@ -93,9 +166,12 @@ pub fn run(args: Args) -> Result<()> {
         );
         if !w.others.is_empty() {
             println!(
-                "fuzz: kept {} files the generator does not write (inputs added by hand, seeds of \
-                 an older encoder; `git rm` those no longer wanted):",
-                w.others.len()
+                "fuzz: kept {} the generator does not write (inputs added by hand, seeds of an \
+                 older encoder; `git rm` those no longer wanted):",
+                match w.others.len() {
+                    1 => "1 file".to_owned(),
+                    n => format!("{n} files"),
+                }
             );
             for f in &w.others {
                 println!("fuzz:   {}", f.strip_prefix(&corpus).unwrap_or(f).display());
@@ -103,8 +179,9 @@ pub fn run(args: Args) -> Result<()> {
         }
         return Ok(());
     }
-    check_cargo_fuzz(&dir)?;
-    let all = list_targets(&dir)?;
+    let tree = Tree::new()?;
+    check_cargo_fuzz(&tree)?;
+    let all = list_targets(&tree)?;
     let targets: Vec<String> = if args.targets.is_empty() {
         all.clone()
     } else {
@@ -119,15 +196,22 @@ pub fn run(args: Args) -> Result<()> {
     };
     ensure!(args.jobs >= 1, "--jobs must be at least 1");
 
+    let target_dir = tree.target_dir()?;
     let t0 = Instant::now();
-    let status = cargo_fuzz(&dir)
+    let status = tree
+        .cargo_fuzz()
         .arg("build")
         .args(BUILD_FLAGS)
         .status()
         .context("running cargo fuzz build")?;
     ensure!(status.success(), "cargo fuzz build failed ({status})");
     let build = t0.elapsed();
-    println!("fuzz: built {} targets in {:.0?}", all.len(), build);
+    println!(
+        "fuzz: built {} targets in {:.0?} in {}",
+        all.len(),
+        build,
+        target_dir.display()
+    );
     if args.build_only {
         return Ok(());
     }
@@ -141,8 +225,8 @@ pub fn run(args: Args) -> Result<()> {
         targets.len(),
         args.jobs
     );
-    let results = run_all(&dir, &targets, seconds, args.jobs)?;
-    report(&dir, &results, t0.elapsed())
+    let results = run_all(&tree.dir, &target_dir, &targets, seconds, args.jobs)?;
+    report(&tree.dir, &target_dir, &results, t0.elapsed())
 }
 
 /// Seconds per target so that a cold build plus every target, `jobs` at a time, fits the budget.
@@ -153,8 +237,8 @@ fn default_seconds(targets: usize, jobs: usize) -> u64 {
     (left / waves).saturating_sub(1).max(MIN_SECONDS)
 }
 
-fn check_cargo_fuzz(dir: &Path) -> Result<()> {
-    let out = cargo_fuzz(dir).arg("--version").output();
+fn check_cargo_fuzz(tree: &Tree) -> Result<()> {
+    let out = tree.cargo_fuzz().arg("--version").output();
     match out {
         Ok(o) if o.status.success() => Ok(()),
         _ => bail!(
@@ -164,8 +248,9 @@ fn check_cargo_fuzz(dir: &Path) -> Result<()> {
     }
 }
 
-fn list_targets(dir: &Path) -> Result<Vec<String>> {
-    let out = cargo_fuzz(dir)
+fn list_targets(tree: &Tree) -> Result<Vec<String>> {
+    let out = tree
+        .cargo_fuzz()
         .arg("list")
         .output()
         .context("running cargo fuzz list")?;
@@ -202,12 +287,11 @@ struct Running {
     log: PathBuf,
 }
 
-fn start(dir: &Path, target: &str, seconds: u64) -> Result<Running> {
-    let bin = dir
-        .join("target/x86_64-unknown-linux-gnu/release")
-        .join(target);
+/// Starts `target`'s binary from the build in `target_dir` on its corpus in `dir` (`fuzz/`).
+fn start(dir: &Path, target_dir: &Path, target: &str, seconds: u64) -> Result<Running> {
+    let bin = target_dir.join(TRIPLE).join("release").join(target);
     ensure!(bin.exists(), "{} was not built", bin.display());
-    let work = dir.join("target/fuzz-run");
+    let work = target_dir.join("fuzz-run");
     let scratch = work.join("corpus").join(target);
     let artifacts = dir.join("artifacts").join(target);
     let logs = work.join("logs");
@@ -271,14 +355,20 @@ fn finish(mut r: Running) -> Result<RunResult> {
     })
 }
 
-fn run_all(dir: &Path, targets: &[String], seconds: u64, jobs: usize) -> Result<Vec<RunResult>> {
+fn run_all(
+    dir: &Path,
+    target_dir: &Path,
+    targets: &[String],
+    seconds: u64,
+    jobs: usize,
+) -> Result<Vec<RunResult>> {
     let mut queue = targets.iter();
     let mut running: Vec<Running> = Vec::new();
     let mut done = Vec::new();
     loop {
         while running.len() < jobs {
             match queue.next() {
-                Some(t) => running.push(start(dir, t, seconds)?),
+                Some(t) => running.push(start(dir, target_dir, t, seconds)?),
                 None => break,
             }
         }
@@ -305,7 +395,13 @@ fn run_all(dir: &Path, targets: &[String], seconds: u64, jobs: usize) -> Result<
     }
 }
 
-fn report(dir: &Path, results: &[RunResult], total: Duration) -> Result<()> {
+fn report(dir: &Path, target_dir: &Path, results: &[RunResult], total: Duration) -> Result<()> {
+    // The reproduction builds where this run built, so it reuses the build.
+    let env = if target_dir == dir.join("target") {
+        String::new()
+    } else {
+        format!("CARGO_TARGET_DIR={} ", target_dir.display())
+    };
     println!("fuzz: {:<20} {:>12} {:>10}", "target", "runs", "runs/s");
     for r in results {
         let rate = r
@@ -342,7 +438,7 @@ fn report(dir: &Path, results: &[RunResult], total: Duration) -> Result<()> {
         }
         match &r.crash {
             Some(input) => eprintln!(
-                "fuzz: the input: {}\nfuzz: reproduce: (cd {} && RUSTC_BOOTSTRAP=1 cargo fuzz run {} {} {})",
+                "fuzz: the input: {}\nfuzz: reproduce: (cd {} && {env}RUSTC_BOOTSTRAP=1 cargo fuzz run {} {} {})",
                 input.display(),
                 dir.display(),
                 BUILD_FLAGS.join(" "),
@@ -421,6 +517,23 @@ mod tests {
             targets.len(),
             "seeds for targets that do not exist"
         );
+    }
+
+    #[test]
+    fn a_relative_target_dir_is_taken_from_where_xtask_runs() {
+        let cwd = Path::new("/src/tern");
+        assert_eq!(
+            absolute_target_dir(Some("build/fz".into()), cwd),
+            Some(PathBuf::from("/src/tern/build/fz"))
+        );
+        assert_eq!(
+            absolute_target_dir(Some("../fz".into()), cwd),
+            Some(PathBuf::from("/src/tern/../fz"))
+        );
+        // Absolute, empty or unset: cargo reads it as it is.
+        assert_eq!(absolute_target_dir(Some("/tmp/fz".into()), cwd), None);
+        assert_eq!(absolute_target_dir(Some("".into()), cwd), None);
+        assert_eq!(absolute_target_dir(None, cwd), None);
     }
 
     #[test]
