@@ -37,7 +37,7 @@ enum Task {
     #[command(subcommand)]
     Bench(Bench),
     /// Build every fuzz target in fuzz/ and run each for a bounded time on its seed corpus
-    /// (needs cargo-fuzz); `--seed-corpus` rewrites the seed corpora.
+    /// (needs cargo-fuzz); `--seed-corpus` adds the generated seeds that are missing from the corpora.
     Fuzz(fuzz::Args),
 }
 
