@@ -12,6 +12,10 @@
 //!   `t + fence_margin_ms` — by then its agent has killed its VMMs itself, since it could not renew
 //!   before `TTL − margin` — and only then are its VMs restarted elsewhere, highest priority first.
 //! - **In doubt**: a migration whose commit had no answer is settled by asking both agents.
+//! - **Power holds**: a host the automation is powering off (or whose power-off is in doubt), or
+//!   has powered off, takes no VM — no placement, HA restart or migration goes there, and an
+//!   operator naming it gets [`ApiError::HostPowerHeld`] — for as long as the automation's shell
+//!   says so ([`Controller::set_power_holds`]).
 //!
 //! # Failure rule per command (the table the shell relies on)
 //! | command      | `Done`                              | `Failed` / lost reply           | `InDoubt`          | `Lost` |
@@ -30,6 +34,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tern_api::agent::{AgentReport, Command, CommandBody, CommandReply, HostRecord, ObservedState};
+use tern_api::automation::HostPower;
 use tern_api::cluster::{
     EventInfo, HostInfo, HostState, InvalidInput, TaskInfo, TaskKind, TaskPhases, TaskRef,
     TaskState, VmCreate, VmInfo, VmState,
@@ -212,6 +217,23 @@ pub enum ApiError {
     /// A new leader that has not heard from every host yet (503; retry in a second).
     #[error("the leader is still gathering every host's report; retry in a moment")]
     NotReady,
+    /// The host named is being powered off (or its power-off is in doubt), or is off, by the
+    /// automation: it takes no VMs (409).
+    #[error("host {host:?} is {}: it takes no VMs", held_why(.power))]
+    HostPowerHeld {
+        /// The host.
+        host: String,
+        /// Its power state (`powering_off` or `off`).
+        power: HostPower,
+    },
+}
+
+/// What a power hold means, for [`ApiError::HostPowerHeld`] and the placement reasons.
+fn held_why(power: &HostPower) -> &'static str {
+    match power {
+        HostPower::Off => "off (powered off by the automation)",
+        _ => "powering_off (the automation is powering it off, or its power-off is in doubt)",
+    }
 }
 
 impl ApiError {
@@ -220,7 +242,10 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => 400,
             ApiError::UnknownVm(_) | ApiError::UnknownHost(_) | ApiError::UnknownTask(_) => 404,
-            ApiError::Exists(_) | ApiError::NoHostFits(_) | ApiError::Conflict { .. } => 409,
+            ApiError::Exists(_)
+            | ApiError::NoHostFits(_)
+            | ApiError::Conflict { .. }
+            | ApiError::HostPowerHeld { .. } => 409,
             ApiError::NotLeader | ApiError::NotReady => 503,
         }
     }
@@ -237,6 +262,7 @@ impl ApiError {
             ApiError::Conflict { .. } => "conflict",
             ApiError::NotLeader => "not the leader",
             ApiError::NotReady => "not ready",
+            ApiError::HostPowerHeld { .. } => "host off or powering off",
         }
     }
 }
@@ -408,6 +434,10 @@ pub struct Controller {
     outbox: Vec<Action>,
     /// Hosts in maintenance whose host record has not appeared yet.
     maintenance_pending: BTreeSet<String>,
+    /// Hosts the automation holds out of placement ([`Controller::set_power_holds`]): being
+    /// powered off (or in doubt), or off. Kept across terms until the shell replaces them (the
+    /// automation does when it takes office).
+    power_holds: BTreeMap<String, HostPower>,
     /// Counters for `/metrics`.
     pub counters: Counters,
 }
@@ -446,6 +476,7 @@ impl Controller {
             next_event: 1,
             outbox: Vec::new(),
             maintenance_pending: BTreeSet::new(),
+            power_holds: BTreeMap::new(),
             counters: Counters::default(),
         }
     }
@@ -1288,10 +1319,11 @@ impl Controller {
         if self.vms.contains_key(&spec.name) {
             return Err(ApiError::Exists(spec.name));
         }
-        if let Some(pin) = &spec.host
-            && !self.hosts.contains_key(pin)
-        {
-            return Err(ApiError::UnknownHost(pin.clone()));
+        if let Some(pin) = &spec.host {
+            if !self.hosts.contains_key(pin) {
+                return Err(ApiError::UnknownHost(pin.clone()));
+            }
+            self.not_held(pin)?;
         }
         let host = match self.choose_host(&spec, None, true) {
             Placement::Host(h) => h,
@@ -1421,6 +1453,7 @@ impl Controller {
                         why: format!("it already runs on {t}"),
                     });
                 }
+                self.not_held(t)?;
                 if h.state != HostState::Up || h.maintenance {
                     return Err(ApiError::NoHostFits(format!(
                         "host {t} is not up or is in maintenance"
@@ -1522,7 +1555,7 @@ impl Controller {
             vcpus_used: placed.iter().map(|v| v.spec.vcpus).sum(),
             memory_mib_used: placed.iter().map(|v| v.spec.memory_mib).sum(),
             cpu_utilization: h.cpu,
-            power: tern_api::automation::HostPower::On,
+            power: self.power_holds.get(name).copied().unwrap_or_default(),
             parked_cores: h.parked,
         })
     }
@@ -1591,6 +1624,78 @@ impl Controller {
             .iter()
             .map(|(n, v)| (n.clone(), (v.host.clone(), v.state)))
             .collect()
+    }
+
+    /// The automation's power holds: `holds` names every host it is powering off (or whose
+    /// power-off is in doubt) and every host it powered off, replacing the previous set (entries
+    /// in another power state are ignored). A held host takes no VM: placement (new VMs, HA
+    /// restarts, maintenance moves, migrations without a target) leaves it out, a migration
+    /// queued to it fails when it would begin, and an operator's call that names it (a pin, a
+    /// migration's target) is refused with [`ApiError::HostPowerHeld`]. Each change is an
+    /// event. Nothing is sent: VMs waiting for a host are placed at the next input.
+    pub fn set_power_holds(&mut self, holds: BTreeMap<String, HostPower>, now_ms: u64) {
+        let holds: BTreeMap<String, HostPower> = holds
+            .into_iter()
+            .filter(|(_, p)| matches!(p, HostPower::PoweringOff | HostPower::Off))
+            .collect();
+        if holds == self.power_holds {
+            return;
+        }
+        let old = std::mem::replace(&mut self.power_holds, holds);
+        let hosts: BTreeSet<String> = old.keys().chain(self.power_holds.keys()).cloned().collect();
+        for host in hosts {
+            let (was, is) = (old.get(&host), self.power_holds.get(&host).copied());
+            if was == is.as_ref() {
+                continue;
+            }
+            let msg = match is {
+                Some(p) => format!("host {host} is {}: it takes no VMs", held_why(&p)),
+                None => format!("host {host} takes VMs again: the automation's power hold ended"),
+            };
+            self.event(now_ms, "host_power", None, Some(&host), msg);
+        }
+    }
+
+    /// The hosts the automation holds out of placement, with their power state.
+    pub fn power_holds(&self) -> &BTreeMap<String, HostPower> {
+        &self.power_holds
+    }
+
+    /// The names of the hosts known, in order.
+    pub fn host_names(&self) -> impl Iterator<Item = &str> {
+        self.hosts.keys().map(String::as_str)
+    }
+
+    /// The VMs placed on `host` or on their way to it (a migration not yet ended), by name: what
+    /// must be gone before the host is powered off.
+    pub fn occupants(&self, host: &str) -> Vec<String> {
+        let mut vms: BTreeSet<String> = self
+            .vms
+            .iter()
+            .filter(|(_, v)| v.host.as_deref() == Some(host))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for t in self.tasks.values() {
+            if !matches!(t.phase, Phase::Done)
+                && t.info.kind == TaskKind::Migrate
+                && t.info.to.as_deref() == Some(host)
+                && let Some(vm) = &t.info.vm
+            {
+                vms.insert(vm.clone());
+            }
+        }
+        vms.into_iter().collect()
+    }
+
+    /// `Ok` unless the automation holds `host` out of placement.
+    fn not_held(&self, host: &str) -> Result<(), ApiError> {
+        match self.power_holds.get(host) {
+            Some(&power) => Err(ApiError::HostPowerHeld {
+                host: host.into(),
+                power,
+            }),
+            None => Ok(()),
+        }
     }
 
     // ----- reconciliation -----
@@ -1796,6 +1901,10 @@ impl Controller {
                     "the VM or the target changed before the move began",
                     now,
                 );
+                continue;
+            }
+            if let Err(e) = self.not_held(&to) {
+                self.task_failed(id, &format!("before the move began: {e}"), now);
                 continue;
             }
             let Some(v) = self.vms.get_mut(&vm) else {
@@ -2282,7 +2391,9 @@ impl Controller {
                 let placed = on.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
                 Candidate {
                     name: name.clone(),
-                    usable: h.state == HostState::Up && !h.maintenance,
+                    usable: h.state == HostState::Up
+                        && !h.maintenance
+                        && !self.power_holds.contains_key(name),
                     cores: h.record.capacity.cores,
                     memory_mib: h.record.capacity.memory_mib,
                     power_model: h.record.capacity.power_model.clone(),
@@ -2305,6 +2416,11 @@ impl Controller {
     }
 
     fn choose_host(&self, spec: &VmCreate, leaving: Option<&str>, admission: bool) -> Placement {
+        if let Some(pin) = &spec.host
+            && let Err(e) = self.not_held(pin)
+        {
+            return Placement::None(e.to_string());
+        }
         let cands = self.candidates();
         let reserve = if admission {
             self.cfg.ha_reserve_hosts
@@ -2346,4 +2462,399 @@ impl Controller {
 /// expiry every VMM it ran is dead.
 fn self_fence_passed(lost_at_ms: u64, margin_ms: u64, now_ms: u64) -> bool {
     now_ms >= lost_at_ms.saturating_add(margin_ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use tern_api::agent::ObservedVm;
+    use tern_api::cluster::HostCapacity;
+
+    use super::*;
+
+    /// A leading core over h1, h2 and h3 (4 cores each, ready, no host kept in reserve for HA)
+    /// whose agents carry out every command at once, with the time and the agents' counters.
+    struct Lab {
+        c: Controller,
+        now: u64,
+        seq: u64,
+        /// The last command each host answered.
+        last_cmd: BTreeMap<String, u64>,
+        /// Which VM runs where, as the agents see it.
+        runs: BTreeMap<String, String>,
+        /// Hosts whose agents are gone.
+        down: BTreeSet<String>,
+        fences: Vec<String>,
+    }
+
+    const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+
+    fn spec(name: &str, pin: Option<&str>) -> VmCreate {
+        VmCreate {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 64,
+            kernel: "builtin:testguest".into(),
+            cmdline: String::new(),
+            disk: None,
+            host: pin.map(Into::into),
+            anti_affinity: None,
+            restart_priority: 50,
+        }
+    }
+
+    fn holds(h: &[(&str, HostPower)]) -> BTreeMap<String, HostPower> {
+        h.iter().map(|(n, p)| (n.to_string(), *p)).collect()
+    }
+
+    impl Lab {
+        /// The cluster with `vms` running where given.
+        fn new(vms: &[(&str, &str)]) -> Lab {
+            let mut lab = Lab {
+                c: Controller::new(Config {
+                    ha_reserve_hosts: 0,
+                    ..Config::default()
+                }),
+                now: 0,
+                seq: 0,
+                last_cmd: BTreeMap::new(),
+                runs: vms
+                    .iter()
+                    .map(|(v, h)| (v.to_string(), h.to_string()))
+                    .collect(),
+                down: BTreeSet::new(),
+                fences: Vec::new(),
+            };
+            for (i, h) in HOSTS.iter().enumerate() {
+                let record = HostRecord {
+                    name: (*h).into(),
+                    agent_url: format!("http://{h}:7000"),
+                    capacity: HostCapacity {
+                        cores: 4,
+                        memory_mib: 16 * 1024,
+                        power_model: "hp-ml110-g5".into(),
+                        volume_node: None,
+                        volume_node_id: None,
+                    },
+                    lease: i as u64 + 1,
+                };
+                lab.step(Input::HostUp(record));
+            }
+            let desired = vms
+                .iter()
+                .map(|(v, h)| VmRecord {
+                    spec: spec(v, None),
+                    host: Some(h.to_string()),
+                    run: true,
+                })
+                .collect();
+            lab.step(Input::Elected {
+                generation: 1,
+                desired,
+                maintenance: vec![],
+            });
+            lab.report_all();
+            assert!(lab.c.ready());
+            lab
+        }
+
+        /// Feeds `input`, then answers what it caused.
+        fn step(&mut self, input: Input) {
+            self.now += 1;
+            self.c.step(input, self.now);
+            self.answer();
+        }
+
+        /// The agents answer every command sent (done at once); fences are noted.
+        fn answer(&mut self) {
+            loop {
+                let actions = self.c.drain_actions();
+                if actions.is_empty() {
+                    return;
+                }
+                for a in actions {
+                    match a {
+                        Action::Send { host, command, .. } => {
+                            if self.down.contains(&host) {
+                                self.now += 1;
+                                let error = "unreachable".to_string();
+                                let cmd = command.id;
+                                self.c.step(Input::SendFailed { cmd, error }, self.now);
+                                continue;
+                            }
+                            let listen = match command.body {
+                                CommandBody::Start { spec, .. } => {
+                                    self.runs.insert(spec.name, host.clone());
+                                    None
+                                }
+                                CommandBody::Stop { vm } => {
+                                    self.runs.remove(&vm);
+                                    None
+                                }
+                                CommandBody::Receive { .. } => Some(format!("fake:{host}")),
+                                CommandBody::MigrateOut { vm, to, .. } => {
+                                    self.runs.insert(vm, to.trim_start_matches("fake:").into());
+                                    None
+                                }
+                                _ => None,
+                            };
+                            let last = self.last_cmd.entry(host).or_default();
+                            *last = (*last).max(command.id);
+                            self.seq += 1;
+                            self.now += 1;
+                            let reply = CommandReply::Done {
+                                listen,
+                                report: None,
+                                vm_state: None,
+                            };
+                            let (cmd, seq) = (command.id, self.seq);
+                            self.c.step(Input::Reply { cmd, seq, reply }, self.now);
+                        }
+                        Action::FenceLeases { host, .. } => self.fences.push(host),
+                        Action::StoreVm { .. } | Action::StoreMaintenance { .. } => {}
+                    }
+                }
+            }
+        }
+
+        /// Every agent still up reports what runs on it.
+        fn report_all(&mut self) {
+            for h in HOSTS {
+                if self.down.contains(h) {
+                    continue;
+                }
+                self.seq += 1;
+                let vms = self
+                    .runs
+                    .iter()
+                    .filter(|(_, on)| on.as_str() == h)
+                    .map(|(v, _)| ObservedVm {
+                        name: v.clone(),
+                        state: ObservedState::Running,
+                        cpu_utilization: Some(0.1),
+                        rss_mib: Some(64),
+                        guest_resident_kib: None,
+                        guest_nonzero_kib: None,
+                        dirty_pages_per_sec: None,
+                    })
+                    .collect();
+                let report = AgentReport {
+                    host: h.into(),
+                    generation_seen: 1,
+                    seq: self.seq,
+                    last_command_id: self.last_cmd.get(h).copied().unwrap_or(0),
+                    vms,
+                    cpu_utilization: Some(0.1),
+                    parked_cores: None,
+                };
+                self.step(Input::Report(report));
+            }
+        }
+
+        fn hold(&mut self, h: &[(&str, HostPower)]) {
+            self.now += 1;
+            self.c.set_power_holds(holds(h), self.now);
+        }
+
+        fn create(&mut self, name: &str, pin: Option<&str>) -> Result<VmInfo, ApiError> {
+            self.now += 1;
+            let r = self.c.create_vm(spec(name, pin), self.now);
+            self.answer();
+            r
+        }
+
+        fn host_of(&self, vm: &str) -> Option<String> {
+            self.c.vm(vm).ok().and_then(|v| v.host)
+        }
+    }
+
+    #[test]
+    fn new_vms_and_targetless_migrations_skip_hosts_held_off_or_powering_off() {
+        let mut lab = Lab::new(&[("a", "h1")]);
+        // Whichever host placement would choose, the held ones are left out.
+        lab.hold(&[("h2", HostPower::PoweringOff), ("h3", HostPower::Off)]);
+        for n in ["n1", "n2", "n3"] {
+            let vm = lab.create(n, None).unwrap();
+            assert_eq!(vm.host.as_deref(), Some("h1"), "{vm:?}");
+        }
+        let h2 = lab.c.host("h2").unwrap();
+        assert_eq!(h2.power, HostPower::PoweringOff);
+        assert_eq!(lab.c.host("h3").unwrap().power, HostPower::Off);
+        // a move with no target has nowhere to go but held hosts: refused
+        lab.now += 1;
+        let e = lab.c.migrate_vm("a", None, lab.now).unwrap_err();
+        assert!(matches!(e, ApiError::NoHostFits(_)), "{e:?}");
+        assert!(lab.c.tasks(true).is_empty());
+        lab.hold(&[("h1", HostPower::PoweringOff), ("h3", HostPower::Off)]);
+        let vm = lab.create("n4", None).unwrap();
+        assert_eq!(vm.host.as_deref(), Some("h2"), "{vm:?}");
+        // every host held: nothing fits, nothing is created
+        lab.hold(&[
+            ("h1", HostPower::PoweringOff),
+            ("h2", HostPower::PoweringOff),
+            ("h3", HostPower::Off),
+        ]);
+        let e = lab.create("n5", None).unwrap_err();
+        assert!(matches!(e, ApiError::NoHostFits(_)), "{e:?}");
+        assert!(lab.c.vm("n5").is_err());
+        // the hold ends (entries `on` are no hold): placed as before
+        lab.hold(&[("h1", HostPower::On), ("h3", HostPower::Off)]);
+        assert_eq!(lab.c.power_holds().len(), 1);
+        let vm = lab.create("n5", None).unwrap();
+        assert_eq!(vm.host.as_deref(), Some("h2"), "{vm:?}");
+        // admission control counts no held host as room for a failure
+        lab.c.cfg.ha_reserve_hosts = 1;
+        lab.hold(&[("h2", HostPower::PoweringOff), ("h3", HostPower::Off)]);
+        let e = lab.create("n6", None).unwrap_err();
+        assert_eq!(
+            e,
+            ApiError::NoHostFits(
+                "admission control keeps room for 1 host failure(s), and only 1 host(s) are \
+                 usable"
+                    .into()
+            )
+        );
+        let kinds: Vec<String> = lab.c.events(0).into_iter().map(|e| e.message).collect();
+        assert!(
+            kinds
+                .iter()
+                .any(|m| m.starts_with("host h2 is powering_off")),
+            "{kinds:?}"
+        );
+        assert!(
+            kinds
+                .iter()
+                .any(|m| m == "host h1 takes VMs again: the automation's power hold ended"),
+            "{kinds:?}"
+        );
+    }
+
+    #[test]
+    fn an_operator_naming_a_held_host_gets_a_conflict_naming_its_power_state() {
+        let mut lab = Lab::new(&[("a", "h1")]);
+        lab.hold(&[("h2", HostPower::PoweringOff), ("h3", HostPower::Off)]);
+        lab.now += 1;
+        let e = lab.c.migrate_vm("a", Some("h2"), lab.now).unwrap_err();
+        assert_eq!(
+            e,
+            ApiError::HostPowerHeld {
+                host: "h2".into(),
+                power: HostPower::PoweringOff
+            }
+        );
+        assert_eq!((e.status(), e.kind()), (409, "host off or powering off"));
+        assert_eq!(
+            e.to_string(),
+            "host \"h2\" is powering_off (the automation is powering it off, or its power-off \
+             is in doubt): it takes no VMs"
+        );
+        assert!(lab.c.tasks(false).is_empty(), "nothing queued");
+        // off, with its agent still registered (the lease outlives the power-off a while)
+        let e = lab.c.migrate_vm("a", Some("h3"), lab.now).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "host \"h3\" is off (powered off by the automation): it takes no VMs"
+        );
+        // a new VM pinned to a held host
+        let e = lab.create("p", Some("h2")).unwrap_err();
+        assert!(
+            matches!(&e, ApiError::HostPowerHeld { host, .. } if host == "h2"),
+            "{e:?}"
+        );
+        assert!(lab.c.vm("p").is_err(), "nothing created");
+        // unknown hosts are still unknown, and a free host still takes the move
+        let e = lab.c.migrate_vm("a", Some("h9"), lab.now).unwrap_err();
+        assert_eq!(e, ApiError::UnknownHost("h9".into()));
+        lab.hold(&[("h3", HostPower::Off)]);
+        let t = lab.c.migrate_vm("a", Some("h2"), lab.now).unwrap();
+        assert_eq!(lab.c.task(t.task).unwrap().to.as_deref(), Some("h2"));
+    }
+
+    #[test]
+    fn a_migration_queued_to_a_host_held_before_it_began_fails_and_the_vm_stays() {
+        let mut lab = Lab::new(&[("a", "h1"), ("b", "h1")]);
+        lab.c.cfg.max_migrations = 1;
+        lab.now += 1;
+        // "a" moves to h2 first; "b" waits its turn for h3
+        let ta = lab.c.migrate_vm("a", Some("h2"), lab.now).unwrap().task;
+        let tb = lab.c.migrate_vm("b", Some("h3"), lab.now).unwrap().task;
+        assert_eq!(lab.c.task(tb).unwrap().state, TaskState::Queued);
+        assert_eq!(lab.c.occupants("h3"), vec!["b".to_string()], "arriving");
+        lab.hold(&[("h3", HostPower::PoweringOff)]);
+        lab.answer();
+        lab.report_all();
+        assert_eq!(lab.c.task(ta).unwrap().state, TaskState::Succeeded);
+        let t = lab.c.task(tb).unwrap();
+        assert_eq!(t.state, TaskState::Failed, "{t:?}");
+        let error = t.error.unwrap();
+        assert!(error.contains("host \"h3\" is powering_off"), "{error}");
+        assert_eq!(lab.host_of("b").as_deref(), Some("h1"));
+        assert!(lab.c.occupants("h3").is_empty());
+        assert_eq!(lab.c.occupants("h1"), vec!["b".to_string()]);
+    }
+
+    #[test]
+    fn ha_restarts_skip_held_hosts_and_wait_while_every_other_host_is_held() {
+        let mut lab = Lab::new(&[("m", "h1")]);
+        lab.hold(&[
+            ("h2", HostPower::PoweringOff),
+            ("h3", HostPower::PoweringOff),
+        ]);
+        // h1 dies: lost, fenced after the margin, and the others report without m
+        lab.down.insert("h1".into());
+        lab.runs.remove("m");
+        lab.step(Input::HostExpired { host: "h1".into() });
+        lab.now += lab.c.cfg.fence_margin_ms;
+        lab.step(Input::Tick);
+        assert_eq!(lab.fences, vec!["h1".to_string()]);
+        lab.step(Input::Fenced {
+            host: "h1".into(),
+            result: Ok(1),
+        });
+        lab.report_all();
+        lab.step(Input::Tick);
+        // every other host is being powered off: m waits, saying why
+        let m = lab.c.vm("m").unwrap();
+        assert_eq!((m.state, m.host.as_deref()), (VmState::Pending, None));
+        assert!(
+            lab.c
+                .events(0)
+                .iter()
+                .any(|e| e.kind == "vm_waiting" && e.message.contains("h2")),
+            "{:?}",
+            lab.c.events(0)
+        );
+        // h3's power-off failed (on again): m restarts there, not on h2
+        lab.hold(&[("h2", HostPower::PoweringOff)]);
+        lab.step(Input::Tick);
+        assert_eq!(lab.host_of("m").as_deref(), Some("h3"));
+        assert_eq!(lab.c.counters.ha_restarts, 1);
+        assert_eq!(lab.runs.get("m").map(String::as_str), Some("h3"));
+    }
+
+    #[test]
+    fn a_vm_pinned_to_a_held_host_waits_saying_so() {
+        let mut lab = Lab::new(&[]);
+        let vm = lab.create("p", Some("h2")).unwrap();
+        assert_eq!(vm.host.as_deref(), Some("h2"));
+        lab.report_all();
+        // h2 dies and is fenced while the automation holds it off (its agent gone with it)
+        lab.hold(&[("h2", HostPower::Off)]);
+        lab.down.insert("h2".into());
+        lab.runs.remove("p");
+        lab.step(Input::HostExpired { host: "h2".into() });
+        lab.now += lab.c.cfg.fence_margin_ms;
+        lab.step(Input::Tick);
+        lab.step(Input::Fenced {
+            host: "h2".into(),
+            result: Ok(0),
+        });
+        lab.report_all();
+        lab.step(Input::Tick);
+        let p = lab.c.vm("p").unwrap();
+        assert_eq!(p.host, None);
+        assert_eq!(
+            p.last_error.as_deref(),
+            Some("host \"h2\" is off (powered off by the automation): it takes no VMs")
+        );
+    }
 }

@@ -18,6 +18,9 @@
 //!   rounds' view, until the driver's late answer turns it off.
 //! * A new leader that takes over mid power-off holds the host powering off, out of the
 //!   rounds' view, and the former term's driver answer turns it off.
+//! * While hosts are being powered off (and once off), the core places nothing there: an
+//!   operator's move to one is a 409 naming its power state, a move without a target finds no
+//!   host, a VM pinned to one is refused, and new VMs go to the host left on.
 
 mod common;
 
@@ -1030,6 +1033,86 @@ async fn a_new_leader_holds_a_host_the_former_leader_was_powering_off() {
     for a in p["actions"].as_array().unwrap() {
         assert_eq!(a["status"], "done", "{p}");
     }
+}
+
+#[tokio::test]
+async fn hosts_being_powered_off_take_no_vm_from_the_core_and_an_operator_naming_one_gets_409() {
+    let (lab, gate, _, held) = held_power_off(None).await;
+    let free: Vec<String> = HOSTS
+        .iter()
+        .map(|h| h.to_string())
+        .filter(|h| !held.contains(h))
+        .collect();
+    assert_eq!(
+        free.len(),
+        1,
+        "the VMs were consolidated on one host: {held:?}"
+    );
+    let free = &free[0];
+    let (_, a) = lab.call(Method::GET, "/v1/vms/a", None).await;
+    assert_eq!(a["host"], *free, "{a}");
+
+    // An operator's move to a host being powered off: 409 naming its power state, nothing queued.
+    let to = json!({ "to": held[0] });
+    let (st, v) = lab.call(Method::POST, "/v1/vms/a/migrate", Some(&to)).await;
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["error"], "host off or powering off", "{v}");
+    let detail = v["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with(&format!("host \"{}\" is powering_off", held[0])),
+        "{detail}"
+    );
+    // A move without a target has nowhere to go (before, the core chose a held host).
+    let (st, v) = lab
+        .call(Method::POST, "/v1/vms/a/migrate", Some(&json!({})))
+        .await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (409, Some("no host fits")),
+        "{v}"
+    );
+    let (_, tasks) = lab.call(Method::GET, "/v1/tasks?active=true", None).await;
+    assert_eq!(tasks.as_array().map(Vec::len), Some(0), "{tasks}");
+    // A new VM pinned to a held host is refused; an unpinned one goes to the free host.
+    let pinned = json!({"name": "p", "vcpus": 1, "memory_mib": 256,
+        "kernel": "builtin:testguest", "host": held[0]});
+    let (st, v) = lab.call(Method::POST, "/v1/vms", Some(&pinned)).await;
+    assert_eq!(
+        (st, v["error"].as_str()),
+        (409, Some("host off or powering off")),
+        "{v}"
+    );
+    for name in ["d", "e"] {
+        let spec = json!({"name": name, "vcpus": 1, "memory_mib": 256,
+            "kernel": "builtin:testguest"});
+        let (st, v) = lab.call(Method::POST, "/v1/vms", Some(&spec)).await;
+        assert_eq!((st, &v["host"]), (201, &json!(free)), "{v}");
+    }
+
+    // Powered off (their agents gone: lost, then fenced): still no VM goes there.
+    gate.open();
+    lab.wait_power(&held, "off").await;
+    let v = lab
+        .wait(
+            "the leader ready again",
+            Duration::from_secs(20),
+            async || {
+                let (st, v) = lab.call(Method::POST, "/v1/vms", Some(&pinned)).await;
+                (st != 503).then_some(v)
+            },
+        )
+        .await;
+    assert_eq!(v["error"], "host off or powering off", "{v}");
+    assert!(
+        lab.shell
+            .shared()
+            .core()
+            .power_holds()
+            .keys()
+            .eq(held.iter()),
+        "{:?}",
+        lab.shell.shared().core().power_holds()
+    );
 }
 
 #[tokio::test]

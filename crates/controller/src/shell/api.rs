@@ -269,7 +269,7 @@ async fn list_vms(State(s): S) -> Reply {
     responses((status = 201, description = "Created and placed", body = VmInfo),
               (status = 400, description = "Bad JSON, invalid name, size out of range", body = ErrorBody),
               (status = 404, description = "The pinned host is unknown", body = ErrorBody),
-              (status = 409, description = "The name is taken, or no host fits", body = ErrorBody),
+              (status = 409, description = "The name is taken, no host fits, or the pinned host is off or being powered off by the automation", body = ErrorBody),
               (status = 503, description = "Not the leader, not ready (a new leader gathering every host's report), or not stored", body = ErrorBody)))]
 async fn create_vm(State(s): S, bytes: Bytes) -> Reply {
     let spec: VmCreate = body(&bytes, "VM (VmCreate)")?;
@@ -317,7 +317,7 @@ async fn delete_vm(State(s): S, Path(vm): Path<String>) -> Reply {
     responses((status = 202, description = "The migration task", body = TaskRef),
               (status = 400, description = "Bad JSON, a bad name, or post_copy_after outside 1..=1000", body = ErrorBody),
               (status = 404, description = "Unknown VM or host", body = ErrorBody),
-              (status = 409, description = "Not running, already moving, or no host fits", body = ErrorBody),
+              (status = 409, description = "Not running, already moving, no host fits, or the target is off or being powered off by the automation", body = ErrorBody),
               (status = 503, description = "Not the leader", body = ErrorBody)))]
 async fn migrate_vm(State(s): S, Path(vm): Path<String>, bytes: Bytes) -> Reply {
     name("VM", &vm)?;

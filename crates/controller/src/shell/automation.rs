@@ -29,6 +29,13 @@
 //! (`applying`, the power-off `running`): it holds those hosts powering off too, until they are
 //! seen down (off), or for [`POWER_OFF_TIMEOUT`] while their agents still report (then on).
 //!
+//! The core's own placement (new VMs, HA restarts, maintenance moves, an operator's migration)
+//! knows these power states through [`Controller::set_power_holds`]: every host the loop has
+//! powering off or off is held out of it — set before a power-off's driver is called (the host
+//! must then be empty in the core too: a VM placed or moving there meanwhile fails the
+//! power-off), and brought up to date after every batch of actions carried out (every cycle,
+//! apply and power-off outcome) and when this controller takes office.
+//!
 //! The policy is stored in etcd (`/tern/desired/automation/policy`, a guarded write like every
 //! desired-state write), so a new leader runs under the same knobs. So are the plans, each under
 //! `/tern/desired/automation/plans/ID` (its `Plan` JSON and the placement fingerprint it was
@@ -55,8 +62,8 @@ use std::time::{Duration, Instant};
 
 use tern_api::agent::AgentReport;
 use tern_api::automation::{
-    AutomationRound, AutomationRounds, MigrationActual, MigrationPrediction, Plan, PlanAction,
-    PlanState, Policy, RoundPoint, StatsSeries,
+    AutomationRound, AutomationRounds, HostPower, MigrationActual, MigrationPrediction, Plan,
+    PlanAction, PlanState, Policy, RoundPoint, StatsSeries,
 };
 use tern_api::cluster::{HostState, TaskDetail, TaskInfo, TaskKind, TaskState, VmState};
 use tern_automation::cost::{
@@ -645,6 +652,7 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     let timeout = a.power_off_timeout;
     let inherited: Vec<String> = a.lp.power_offs_in_doubt().keys().cloned().collect();
     drop(a);
+    hold_hosts(s);
     for host in inherited {
         eprintln!(
             "tern controller: host {host} was being powered off by the previous leader; held \
@@ -682,6 +690,7 @@ fn watch_inherited_power_off(s: &Arc<Shared>, generation: u64, host: String, tim
             a.count();
             settled
         };
+        hold_hosts(&s);
         if settled {
             eprintln!(
                 "tern controller: host {host}'s power-off taken over from the previous leader: {}",
@@ -1113,10 +1122,23 @@ async fn carry_out(s: &Arc<Shared>, actions: Vec<Action>) {
             }
             Action::PowerOff { plan, host } => {
                 let driver = lock(s).drivers.get(&host).cloned();
+                // held out of the core's placement before the driver is called, and empty there
+                let occupants = {
+                    hold_hosts(s);
+                    s.core().occupants(&host)
+                };
                 match driver {
                     None => Some(Outcome::PowerOffFailed {
                         plan,
                         error: format!("no power driver for host {host}"),
+                        host,
+                    }),
+                    Some(_) if !occupants.is_empty() => Some(Outcome::PowerOffFailed {
+                        plan,
+                        error: format!(
+                            "host {host} is no longer empty: {} placed or moving there",
+                            occupants.join(", ")
+                        ),
                         host,
                     }),
                     Some(d) => {
@@ -1167,6 +1189,26 @@ async fn carry_out(s: &Arc<Shared>, actions: Vec<Action>) {
             a.count();
         }
     }
+    hold_hosts(s);
+}
+
+/// The core's power holds brought up to date with the loop ([`Controller::set_power_holds`]):
+/// every host the loop has powering off (or in doubt) or off. Takes the core's lock, then the
+/// loop's (call it holding neither).
+fn hold_hosts(s: &Shared) {
+    let now = s.now_ms();
+    let mut core = s.core();
+    let holds = {
+        let a = lock(s);
+        core.host_names()
+            .chain(a.lp.power_offs_in_doubt().keys().map(String::as_str))
+            .filter_map(|h| match a.lp.host_power(h)? {
+                p @ (HostPower::PoweringOff | HostPower::Off) => Some((h.to_string(), p)),
+                HostPower::On | HostPower::PoweringOn | HostPower::FailedToWake => None,
+            })
+            .collect()
+    };
+    core.set_power_holds(holds, now);
 }
 
 /// An error and its causes, `: `-separated.
