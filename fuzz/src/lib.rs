@@ -154,14 +154,16 @@ pub fn next_frame(data: &mut &[u8]) -> Option<Vec<u8>> {
 
 /// The VM the migration targets pretend to be: the receiver accepts only a hello describing it
 /// (as `tern vm receive` accepts only the VM it was started for), so the agreed layout, and with
-/// it any memory walk a verify digest causes, stays small.
+/// it any memory walk a verify digest causes, stays small. Its first region holds 192 pages so
+/// that a two-stream migration has pages of both stripes (page `i` travels on data stream
+/// `(i / 128) mod streams`; the page at 4 GiB, index 192, on stream 1 of two).
 pub fn migration_target_vm() -> tern_migration::VmConfigDescription {
     use tern_migration::{CpuidDigest, MemoryLayout, PAGE_SIZE, Region, VmConfigDescription};
     VmConfigDescription {
         layout: MemoryLayout::new(vec![
             Region {
                 guest_addr: 0,
-                size: 64 * PAGE_SIZE,
+                size: 192 * PAGE_SIZE,
             },
             Region {
                 guest_addr: 1 << 32,

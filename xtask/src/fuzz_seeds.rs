@@ -122,14 +122,16 @@ pub fn write(dir: &Path, corpora: &Corpora) -> Result<Written> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Migration. The VM must match `tern_fuzz::migration_target_vm` (fuzz/src/lib.rs).
+// Migration. The VM must match `tern_fuzz::migration_target_vm` (fuzz/src/lib.rs): 192 pages
+// below 4 GiB and 16 above, so that the page at 4 GiB (index 192) travels on data stream 1 of two
+// (page `i` on stream `(i / 128) mod streams`, which the receiver holds every page to).
 
 fn target_vm() -> VmConfigDescription {
     VmConfigDescription {
         layout: MemoryLayout::new(vec![
             Region {
                 guest_addr: 0,
-                size: 64 * PAGE_SIZE,
+                size: 192 * PAGE_SIZE,
             },
             Region {
                 guest_addr: 1 << 32,
@@ -1325,6 +1327,17 @@ mod tests {
         let err = write(dir, &corpora).unwrap_err().to_string();
         assert!(err.contains(&seed_name(b"one")), "{err}");
         assert_eq!(std::fs::read(&forged).unwrap(), b"not one");
+    }
+
+    #[test]
+    fn the_whole_two_stream_receiver_seed_commits() {
+        let seeds = migration_receiver();
+        let (rx, last, committed) = replay(&seeds[0]);
+        assert!(
+            committed,
+            "each page on its stripe's stream, both streams ended: {last:?}"
+        );
+        assert!(rx.ready_to_commit());
     }
 
     #[test]
