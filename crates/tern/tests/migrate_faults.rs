@@ -229,7 +229,7 @@ fn the_proxy_finds_exactly_the_page_data_of_page_data_frames() {
     stream.extend_from_slice(
         &Frame::DataEnd {
             frames: 5,
-            pages: 134,
+            pages: 135,
         }
         .encode(),
     );
