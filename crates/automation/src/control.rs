@@ -19,7 +19,9 @@
 //! ([`Outcome::PowerOffInDoubt`]), or the leader carrying it out stopped leading (a restored
 //! `applying` plan, [`Loop::restore_plans`]) — fails its plan but keeps its host powering off:
 //! counted on, taking no VMs, in no round's view, until [`Loop::power_off_settled`] says how it
-//! ended or a snapshot shows the host down (off). The rounds go on meanwhile.
+//! ended or a snapshot shows the host down (off). The rounds go on meanwhile. The doubt is kept
+//! in the plan itself, so that the plans a leader stores carry it to the next: the power-off
+//! action stays `running` in the failed plan until it settles (then `done` or `failed`).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -158,10 +160,11 @@ pub enum Outcome {
         /// Why.
         error: String,
     },
-    /// The power-off's driver has not answered in time: the plan's action failed, but whether
-    /// the host goes off is not known (its BMC may still be turning it off). The host stays
-    /// powering off — counted on, taking no VMs, in no round's view — until
-    /// [`Loop::power_off_settled`] says how it ended or a snapshot shows it down (then it is off).
+    /// The power-off's driver has not answered in time: the plan fails, but whether the host
+    /// goes off is not known (its BMC may still be turning it off). The host stays powering off
+    /// — counted on, taking no VMs, in no round's view — and the plan's power-off action
+    /// `running`, until [`Loop::power_off_settled`] says how it ended or a snapshot shows the
+    /// host down (then it is off).
     PowerOffInDoubt {
         /// The plan.
         plan: u64,
@@ -456,8 +459,9 @@ impl Loop {
     /// loop's first snapshot it is rebased on this loop's version if that snapshot shows the
     /// placement it was computed on, else superseded. A plan that was being applied is failed
     /// (the leader carrying it out is gone; its migrations end as the agents carry them out,
-    /// and the next snapshots show where the VMs are); a host whose power-off was running is
-    /// held powering off (its BMC may still be turning it off) until
+    /// and the next snapshots show where the VMs are). A host whose power-off is `running` in a
+    /// plan of any state (one being applied, or one failed with its power-off in doubt) is held
+    /// powering off (its BMC may still be turning it off), the action left `running`, until
     /// [`Loop::power_off_settled`] or a snapshot that shows it down. Final plans are kept as
     /// they were. Nothing is restored over a plan this loop already holds.
     pub fn restore_plans(&mut self, now_ms: u64, plans: Vec<(Plan, u64)>) {
@@ -466,16 +470,20 @@ impl Loop {
                 continue;
             }
             self.next_plan = self.next_plan.max(plan.id.saturating_add(1));
-            if plan.state == PlanState::Applying {
-                for a in &plan.actions {
-                    if let PlanAction::PowerOff { host, status, .. } = a
-                        && *status == ActionStatus::Running
-                    {
-                        self.off_in_doubt.insert(host.clone(), plan.id);
-                    }
+            for a in &plan.actions {
+                if let PlanAction::PowerOff { host, status, .. } = a
+                    && *status == ActionStatus::Running
+                {
+                    // the newest plan's power-off of a host is the one that counts
+                    let held = self.off_in_doubt.entry(host.clone()).or_insert(plan.id);
+                    *held = (*held).max(plan.id);
                 }
+            }
+            if plan.state == PlanState::Applying {
                 for a in &mut plan.actions {
-                    set_status_if(a, ActionStatus::Running, ActionStatus::Failed);
+                    if !matches!(a, PlanAction::PowerOff { .. }) {
+                        set_status_if(a, ActionStatus::Running, ActionStatus::Failed);
+                    }
                     set_status_if(a, ActionStatus::Pending, ActionStatus::Skipped);
                 }
                 finish(
@@ -560,10 +568,19 @@ impl Loop {
             })
             .collect();
         for (n, seen_down) in ended {
+            let Some(&plan) = self.off_in_doubt.get(&n) else {
+                continue;
+            };
             if seen_down {
-                self.power_off_settled(now_ms, &n, true, "seen down");
+                self.power_off_settled(now_ms, plan, &n, true, "seen down");
             } else {
                 self.off_in_doubt.remove(&n);
+                self.note_power_off_end(
+                    plan,
+                    &n,
+                    ActionStatus::Failed,
+                    format!("{n} left the cluster before its power was known"),
+                );
             }
         }
         for (h, spec) in t.hosts.iter().zip(specs) {
@@ -770,6 +787,7 @@ impl Loop {
             plan: plan_id,
             what: what.clone(),
         };
+        let in_doubt = &self.off_in_doubt;
         let rec = self.plans.get_mut(&plan_id).ok_or_else(err)?;
         let idx = rec
             .plan
@@ -788,7 +806,7 @@ impl Loop {
                             Outcome::PoweredOff { host: h, .. }
                             | Outcome::PowerOffFailed { host: h, .. }
                             | Outcome::PowerOffInDoubt { host: h, .. },
-                        ) => host == h,
+                        ) => host == h && in_doubt.get(host) != Some(&plan_id),
                         (
                             PlanAction::PowerOn { host, .. },
                             Outcome::PoweredOn { host: h, .. }
@@ -827,13 +845,29 @@ impl Loop {
             }
             (PlanAction::PowerOff { status, .. }, Outcome::PowerOffFailed { host, error, .. }) => {
                 *status = ActionStatus::Failed;
-                if let Some(h) = self.hosts.get_mut(&host) {
-                    h.power.off_failed(now_ms);
-                }
-                failure = Some(format!("power-off of {host} failed: {error}"));
+                // A host already seen down is off whatever its driver says: counted on, it
+                // would stay on for good (a host seen down while on is HA's business, not a
+                // power state) and never be woken.
+                let down = match self.hosts.get_mut(&host) {
+                    Some(h) if !h.sample.up => {
+                        h.power.off_done(now_ms);
+                        self.version += 1;
+                        true
+                    }
+                    Some(h) => {
+                        h.power.off_failed(now_ms);
+                        false
+                    }
+                    None => false,
+                };
+                failure = Some(if down {
+                    format!("power-off of {host} failed: {error}; the host is seen down: off")
+                } else {
+                    format!("power-off of {host} failed: {error}")
+                });
             }
-            (PlanAction::PowerOff { status, .. }, Outcome::PowerOffInDoubt { host, error, .. }) => {
-                *status = ActionStatus::Failed;
+            (PlanAction::PowerOff { .. }, Outcome::PowerOffInDoubt { host, error, .. }) => {
+                // the action stays running: the power-off may still be under way
                 failure = Some(format!(
                     "power-off of {host} in doubt: {error}; the host is held powering off until \
                      its power is known"
@@ -867,16 +901,26 @@ impl Loop {
         Ok(self.dispatch(now_ms))
     }
 
-    /// How a power-off in doubt ([`Outcome::PowerOffInDoubt`], or one a previous leader was
-    /// carrying out) ended: `off` (a late answer of its driver), or the host still runs (its
-    /// driver failed, or its agent still reports well after the power-off should have ended).
-    /// The host is off or on from now; the plan that asked for it keeps its state (failed) but
-    /// its power-off action says what happened (done, or failed) and its detail why. Returns
-    /// whether `host` was in doubt (`false`: nothing changed).
-    pub fn power_off_settled(&mut self, now_ms: u64, host: &str, off: bool, why: &str) -> bool {
-        let Some(plan) = self.off_in_doubt.remove(host) else {
+    /// How the power-off of `host` for plan `plan`, in doubt ([`Outcome::PowerOffInDoubt`], or
+    /// one a previous leader was carrying out), ended: `off` (a late answer of its driver, or
+    /// the host seen down), or the host still runs (its driver failed while its agent reports,
+    /// or its agent still reports well after the power-off should have ended). The host is off
+    /// or on from now; the plan that asked for it keeps its state (failed) but its power-off
+    /// action says what happened (done, or failed) and its detail why. Returns whether that
+    /// power-off was in doubt (`false`: nothing changed — none was, or the host's doubt is
+    /// another plan's, as for a stale answer of an earlier power-off).
+    pub fn power_off_settled(
+        &mut self,
+        now_ms: u64,
+        plan: u64,
+        host: &str,
+        off: bool,
+        why: &str,
+    ) -> bool {
+        if self.off_in_doubt.get(host) != Some(&plan) {
             return false;
-        };
+        }
+        self.off_in_doubt.remove(host);
         if let Some(h) = self.hosts.get_mut(host) {
             if off {
                 h.power.off_done(now_ms);
@@ -885,31 +929,35 @@ impl Loop {
             }
         }
         self.version += 1;
-        if let Some(r) = self.plans.get_mut(&plan) {
-            for a in &mut r.plan.actions {
-                if let PlanAction::PowerOff {
-                    host: h, status, ..
-                } = a
-                    && h == host
-                {
-                    *status = if off {
-                        ActionStatus::Done
-                    } else {
-                        ActionStatus::Failed
-                    };
-                }
-            }
-            let end = if off {
-                format!("{host} powered off later ({why})")
-            } else {
-                format!("{host} still runs ({why})")
-            };
-            r.plan.detail = Some(match r.plan.detail.take() {
-                Some(d) => format!("{d}; {end}"),
-                None => end,
-            });
-        }
+        let (status, end) = if off {
+            (
+                ActionStatus::Done,
+                format!("{host} powered off later ({why})"),
+            )
+        } else {
+            (ActionStatus::Failed, format!("{host} still runs ({why})"))
+        };
+        self.note_power_off_end(plan, host, status, end);
         true
+    }
+
+    /// Ends the `running` power-off of `host` in plan `plan` as `status`, adding `end` to the
+    /// plan's detail.
+    fn note_power_off_end(&mut self, plan: u64, host: &str, status: ActionStatus, end: String) {
+        let Some(r) = self.plans.get_mut(&plan) else {
+            return;
+        };
+        for a in &mut r.plan.actions {
+            if let PlanAction::PowerOff { host: h, .. } = a
+                && h == host
+            {
+                set_status_if(a, ActionStatus::Running, status);
+            }
+        }
+        r.plan.detail = Some(match r.plan.detail.take() {
+            Some(d) => format!("{d}; {end}"),
+            None => end,
+        });
     }
 
     /// Hosts whose power-off's end is not known (held powering off), with the plan that asked.
@@ -1683,12 +1731,15 @@ impl Loop {
                 inherited: false,
             },
         );
-        // forget the oldest final plans beyond the limit
+        // forget the oldest final plans beyond the limit (not one holding a power-off in
+        // doubt: it carries the doubt to the next leader)
         while self.plans.len() > self.cfg.plans_kept {
             let Some(old) = self
                 .plans
                 .iter()
-                .find(|(_, r)| r.plan.state.is_final())
+                .find(|(k, r)| {
+                    r.plan.state.is_final() && !self.off_in_doubt.values().any(|p| p == *k)
+                })
                 .map(|(k, _)| *k)
             else {
                 break;
@@ -1710,11 +1761,16 @@ impl Loop {
             self.applying = None;
             return out;
         };
+        // a power-off in doubt stays running in the plan, but fails it
+        let in_doubt = |a: &PlanAction| {
+            matches!(a, PlanAction::PowerOff { host, status: ActionStatus::Running, .. }
+                if self.off_in_doubt.get(host) == Some(&id))
+        };
         let failed = rec
             .plan
             .actions
             .iter()
-            .any(|a| a.status() == ActionStatus::Failed);
+            .any(|a| a.status() == ActionStatus::Failed || in_doubt(a));
         let mut running = rec
             .plan
             .actions
@@ -1838,8 +1894,11 @@ impl Loop {
         let any_running = p
             .actions
             .iter()
-            .any(|a| a.status() == ActionStatus::Running);
-        let any_failed = p.actions.iter().any(|a| a.status() == ActionStatus::Failed);
+            .any(|a| a.status() == ActionStatus::Running && !in_doubt(a));
+        let any_failed = p
+            .actions
+            .iter()
+            .any(|a| a.status() == ActionStatus::Failed || in_doubt(a));
         if any_failed && !any_running {
             for a in &mut p.actions {
                 set_status_if(a, ActionStatus::Pending, ActionStatus::Skipped);

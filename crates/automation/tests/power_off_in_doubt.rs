@@ -1,8 +1,9 @@
 //! A power-off whose end is not known: its driver did not answer in time
 //! (`Outcome::PowerOffInDoubt`), or the leader carrying it out stopped leading (a plan restored
-//! as it was stored, `applying` with the power-off `running`). Its plan fails, so the rounds go
-//! on with no plan applying, but the host stays powering off — counted on, in no round's view,
-//! nobody's target — until the power-off settles or the host is seen down.
+//! as it was stored, `applying` or `failed` with the power-off `running`). Its plan fails, so
+//! the rounds go on with no plan applying, but the host stays powering off — counted on, in no
+//! round's view, nobody's target — and the power-off `running` in the plan (which carries the
+//! doubt to the next leader), until the power-off settles or the host is seen down.
 
 mod common;
 
@@ -120,7 +121,11 @@ fn a_power_off_in_doubt_fails_its_plan_holds_the_host_and_a_late_success_turns_i
     assert!(more.is_empty(), "{more:?}");
     let p = lp.plan(plan).unwrap();
     assert_eq!(p.state, PlanState::Failed, "{p:?}");
-    assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
+    assert_eq!(
+        power_off_status(p, "h3"),
+        ActionStatus::Running,
+        "the doubt is kept in the plan"
+    );
     let detail = p.detail.clone().unwrap();
     assert!(
         detail.contains("power-off of h3 in doubt: its power driver did not answer within 60s"),
@@ -132,9 +137,23 @@ fn a_power_off_in_doubt_fails_its_plan_holds_the_host_and_a_late_success_turns_i
     // The rounds go on (no plan applies), and h3, its agent still up, is nobody's target.
     overload_round_spares_h3(&mut lp, now + STEP_MS);
 
+    // A stale answer, of another plan's power-off of h3, settles nothing.
+    assert!(!lp.power_off_settled(now + 2 * STEP_MS, plan + 1, "h3", false, "stale"));
+    assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
+    assert_eq!(
+        power_off_status(lp.plan(plan).unwrap(), "h3"),
+        ActionStatus::Running
+    );
+
     // The driver answers late: off. The host is off, the plan's power-off done, the plan failed
     // as it was (its detail tells both).
-    assert!(lp.power_off_settled(now + 2 * STEP_MS, "h3", true, "its driver answered late"));
+    assert!(lp.power_off_settled(
+        now + 2 * STEP_MS,
+        plan,
+        "h3",
+        true,
+        "its driver answered late"
+    ));
     assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
     assert!(lp.power_offs_in_doubt().is_empty());
     let p = lp.plan(plan).unwrap();
@@ -146,7 +165,7 @@ fn a_power_off_in_doubt_fails_its_plan_holds_the_host_and_a_late_success_turns_i
         "{detail}"
     );
     // settled once: a second answer changes nothing
-    assert!(!lp.power_off_settled(now + 3 * STEP_MS, "h3", false, "again"));
+    assert!(!lp.power_off_settled(now + 3 * STEP_MS, plan, "h3", false, "again"));
     assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
 }
 
@@ -163,7 +182,7 @@ fn a_power_off_in_doubt_whose_driver_failed_leaves_the_host_on_and_a_target_agai
         },
     )
     .unwrap();
-    assert!(lp.power_off_settled(now, "h3", false, "the BMC refused"));
+    assert!(lp.power_off_settled(now, plan, "h3", false, "the BMC refused"));
     assert_eq!(lp.host_power("h3"), Some(HostPower::On));
     let p = lp.plan(plan).unwrap();
     assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
@@ -200,6 +219,7 @@ fn a_power_off_the_previous_leader_was_running_holds_its_host_until_it_is_seen_d
         "{p:?}"
     );
     assert_eq!(lp.power_offs_in_doubt().get("h3"), Some(&plan));
+    assert_eq!(power_off_status(p, "h3"), ActionStatus::Running);
     assert_eq!(
         lp.host_power("h3"),
         Some(HostPower::PoweringOff),
@@ -227,6 +247,128 @@ fn a_power_off_the_previous_leader_was_running_holds_its_host_until_it_is_seen_d
         "{p:?}"
     );
     // and nothing is left to settle
-    assert!(!lp.power_off_settled(now + 3 * STEP_MS, "h3", false, "late"));
+    assert!(!lp.power_off_settled(now + 3 * STEP_MS, plan, "h3", false, "late"));
     assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
+}
+
+/// The plans a loop would store, with their fingerprints.
+fn stored(lp: &Loop) -> Vec<(Plan, u64)> {
+    lp.plans()
+        .into_iter()
+        .map(|p| (p.clone(), lp.plan_fingerprint(p.id).unwrap()))
+        .collect()
+}
+
+/// h3's power-off in doubt: (the loop, the plan, when).
+fn h3_in_doubt() -> (Loop, u64, u64) {
+    let (mut lp, plan, at) = powering_off_h3();
+    let now = at + STEP_MS;
+    lp.report(
+        now,
+        Outcome::PowerOffInDoubt {
+            plan,
+            host: "h3".into(),
+            error: "no answer".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(lp.plan(plan).unwrap().state, PlanState::Failed);
+    (lp, plan, now)
+}
+
+#[test]
+fn a_failed_plan_whose_power_off_is_in_doubt_holds_the_host_for_the_next_leader() {
+    let (old, plan, at) = h3_in_doubt();
+
+    // The next leader (or this controller elected again) takes over the plans as stored.
+    let mut lp = Loop::new(eager(), LoopConfig::default()).unwrap();
+    let now = at + STEP_MS;
+    lp.restore_plans(now, stored(&old));
+    let p = lp.plan(plan).unwrap();
+    assert_eq!(p.state, PlanState::Failed, "kept as it was: {p:?}");
+    assert!(p.detail.as_deref().unwrap().contains("in doubt"), "{p:?}");
+    assert_eq!(power_off_status(p, "h3"), ActionStatus::Running);
+    assert_eq!(lp.power_offs_in_doubt().get("h3"), Some(&plan));
+    assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
+
+    // Its agent still reports: held, out of the rounds' view.
+    lp.observe(now, &snapshot(true, 0.2)).unwrap();
+    lp.tick(now);
+    assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
+    overload_round_spares_h3(&mut lp, now + STEP_MS);
+
+    // Seen down: off, a wake candidate (not on for good).
+    lp.observe(now + 2 * STEP_MS, &snapshot(false, 0.2))
+        .unwrap();
+    assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
+    let p = lp.plan(plan).unwrap();
+    assert_eq!(power_off_status(p, "h3"), ActionStatus::Done);
+    assert!(
+        p.detail
+            .as_deref()
+            .unwrap()
+            .ends_with("; h3 powered off later (seen down)"),
+        "{p:?}"
+    );
+
+    // Settled, the plan no longer holds the host for a leader after this one.
+    let mut next = Loop::new(eager(), LoopConfig::default()).unwrap();
+    next.restore_plans(now + 3 * STEP_MS, stored(&lp));
+    assert!(next.power_offs_in_doubt().is_empty());
+    assert_eq!(next.host_power("h3"), None);
+}
+
+#[test]
+fn a_host_in_doubt_that_leaves_the_cluster_ends_its_plans_power_off() {
+    let (mut lp, plan, now) = h3_in_doubt();
+    let mut t = snapshot(true, 0.2);
+    t.hosts.retain(|h| h.name != "h3");
+    lp.observe(now + STEP_MS, &t).unwrap();
+    assert!(lp.power_offs_in_doubt().is_empty());
+    let p = lp.plan(plan).unwrap();
+    assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
+    assert!(
+        p.detail
+            .as_deref()
+            .unwrap()
+            .ends_with("; h3 left the cluster before its power was known"),
+        "{p:?}"
+    );
+    // so a next leader does not hold it
+    let mut next = Loop::new(eager(), LoopConfig::default()).unwrap();
+    next.restore_plans(now + 2 * STEP_MS, stored(&lp));
+    assert!(next.power_offs_in_doubt().is_empty());
+}
+
+#[test]
+fn a_failed_power_off_of_a_host_already_seen_down_leaves_it_off_not_on() {
+    let (mut lp, plan, at) = powering_off_h3();
+    // h3 shut down (its agent stopped reporting) before its driver answered
+    let now = at + STEP_MS;
+    lp.observe(now, &snapshot(false, 0.2)).unwrap();
+    assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
+    lp.report(
+        now,
+        Outcome::PowerOffFailed {
+            plan,
+            host: "h3".into(),
+            error: "the BMC timed out".into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        lp.host_power("h3"),
+        Some(HostPower::Off),
+        "a wake candidate"
+    );
+    let p = lp.plan(plan).unwrap();
+    assert_eq!(p.state, PlanState::Failed);
+    assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
+    assert!(
+        p.detail
+            .as_deref()
+            .unwrap()
+            .contains("the host is seen down: off"),
+        "{p:?}"
+    );
 }

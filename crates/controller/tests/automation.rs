@@ -15,9 +15,13 @@
 //!   off meanwhile, and the driver's answer is reported when it comes.
 //! * A power-off whose driver does not answer within its timeout fails its plan, with no cycle
 //!   needed (none runs while a host is unheard), but the host stays powering off, out of the
-//!   rounds' view, until the driver's late answer turns it off.
+//!   rounds' view, until the driver's late answer turns it off; or, its agent still reporting
+//!   as long again, it is on again.
 //! * A new leader that takes over mid power-off holds the host powering off, out of the
-//!   rounds' view, and the former term's driver answer turns it off.
+//!   rounds' view, and the former term's driver answer turns it off; so does one that takes
+//!   over after the timeout, the power-off in doubt (its plan stored failed).
+//! * A driver's error for a host that shut down (its agent gone), on time or late, leaves it
+//!   off, not on.
 //! * While hosts are being powered off (and once off), the core places nothing there: an
 //!   operator's move to one is a 409 naming its power state, a move without a target finds no
 //!   host, a VM pinned to one is refused, and new VMs go to the host left on.
@@ -60,6 +64,8 @@ struct Table {
     off_calls: Vec<(String, Instant, Instant)>,
     /// Hosts whose power-off started (and may be held at the gate).
     started: Vec<String>,
+    /// Power-offs end in an error (after the gate), touching nothing.
+    off_fails: bool,
 }
 
 /// A host's power driver that "powers off" a fake host: its agent stops and its registration
@@ -116,6 +122,13 @@ impl PowerDriver for FakePower {
             gate.pass();
         }
         let mut t = self.table.lock().unwrap();
+        if t.off_fails {
+            return Err(PowerOffError::SoftTimeout {
+                host: self.host.clone(),
+                bmc: "fake".into(),
+                waited_ms: 0,
+            });
+        }
         t.off.push(self.host.clone());
         t.off_calls
             .push((self.host.clone(), started, Instant::now()));
@@ -932,6 +945,12 @@ async fn silent_host(lab: &Lab) {
 async fn a_power_off_past_its_timeout_fails_its_plan_without_a_cycle_but_holds_the_host_until_the_late_answer()
  {
     let (lab, gate, id, hosts) = held_power_off(Some(Duration::from_secs(3))).await;
+    // (the power-offs started keep their 3 s; once in doubt, their hosts' agents may report for
+    // a minute before they count as on again)
+    lab.shell
+        .shared()
+        .automation()
+        .set_power_off_timeout(Duration::from_secs(60));
     // No cycle from now on: a host is never heard.
     silent_host(&lab).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -947,7 +966,7 @@ async fn a_power_off_past_its_timeout_fails_its_plan_without_a_cycle_but_holds_t
         "{detail}"
     );
     for a in p["actions"].as_array().unwrap() {
-        assert_eq!(a["status"], "failed", "{p}");
+        assert_eq!(a["status"], "running", "the doubt is kept in the plan: {p}");
     }
     for host in &hosts {
         let (_, h) = lab
@@ -1033,6 +1052,178 @@ async fn a_new_leader_holds_a_host_the_former_leader_was_powering_off() {
     for a in p["actions"].as_array().unwrap() {
         assert_eq!(a["status"], "done", "{p}");
     }
+}
+
+#[tokio::test]
+async fn a_new_leader_after_the_timeout_still_holds_the_hosts_whose_power_off_is_in_doubt() {
+    let (lab, gate, id, hosts) = held_power_off(Some(Duration::from_secs(3))).await;
+    // (the doubt's watch and the next term's wait outlast the test)
+    lab.shell
+        .shared()
+        .automation()
+        .set_power_off_timeout(Duration::from_secs(60));
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    let key = format!("/tern/desired/automation/plans/{id:020}");
+    lab.wait(
+        "the plan stored failed, its power-offs running",
+        Duration::from_secs(5),
+        async || {
+            let b = lab.shell.shared().store().get(&key).await.unwrap()?;
+            let v: Value = serde_json::from_slice(&b).unwrap();
+            let running = v["plan"]["actions"]
+                .as_array()?
+                .iter()
+                .all(|a| a["status"] == "running");
+            (v["plan"]["state"] == "failed" && running).then_some(())
+        },
+    )
+    .await;
+
+    lab.shell
+        .step_down("test: fail-over with power-offs in doubt")
+        .await;
+    lab.wait("a new term", Duration::from_secs(10), async || {
+        (lab.shell.shared().core().generation() == Some(2)).then_some(())
+    })
+    .await;
+    // The new term holds the hosts powering off (not on, though their agents report): out of
+    // the rounds' view.
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "failed", "{p}");
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "running", "{p}");
+    }
+    lab.wait_power(&hosts, "powering_off").await;
+    assert_eq!(
+        lab.next_round_hosts_in_view().await,
+        HOSTS.len() - hosts.len()
+    );
+    lab.wait_power(&hosts, "powering_off").await;
+
+    // The former term's driver calls answer: the hosts are off.
+    gate.open();
+    lab.wait_power(&hosts, "off").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
+    }
+}
+
+#[tokio::test]
+async fn a_power_off_in_doubt_whose_host_still_reports_as_long_again_is_on_again() {
+    let (lab, gate, id, hosts) = held_power_off(Some(Duration::from_secs(2))).await;
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    // The agents still report 2 s after the doubt began: the power-offs did not happen.
+    let p = lab
+        .wait(
+            "the power-offs settled",
+            Duration::from_secs(20),
+            async || {
+                let (_, p) = lab
+                    .call(Method::GET, &format!("/v1/plans/{id}"), None)
+                    .await;
+                p["actions"]
+                    .as_array()?
+                    .iter()
+                    .all(|a| a["status"] == "failed")
+                    .then_some(p)
+            },
+        )
+        .await;
+    let detail = p["detail"].as_str().unwrap();
+    for host in &hosts {
+        assert!(
+            detail.contains(&format!(
+                "{host} still runs (its agent still reports 2s after its power-off came into \
+                 doubt)"
+            )),
+            "{detail}"
+        );
+    }
+    gate.open();
+}
+
+/// Shuts `hosts` down as their BMCs would, their drivers not having answered yet: their agents
+/// stop and their registrations expire; waits until the core has them lost.
+async fn hosts_shut_down(lab: &Lab, hosts: &[String]) {
+    for host in hosts {
+        lab.table.lock().unwrap().off.push(host.clone());
+        lab.shell.host_expired(host).await;
+    }
+    for host in hosts {
+        lab.wait(
+            &format!("{host} lost"),
+            Duration::from_secs(20),
+            async || {
+                let (_, h) = lab
+                    .call(Method::GET, &format!("/v1/hosts/{host}"), None)
+                    .await;
+                (h["state"] != "up").then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_late_driver_error_for_hosts_that_shut_down_leaves_them_off() {
+    let (lab, gate, id, hosts) = held_power_off(Some(Duration::from_secs(3))).await;
+    lab.shell
+        .shared()
+        .automation()
+        .set_power_off_timeout(Duration::from_secs(60));
+    // No cycle from now on (a host is never heard), so no snapshot shows the hosts down.
+    silent_host(&lab).await;
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    lab.wait_power(&hosts, "powering_off").await;
+
+    // The hosts shut down; then their drivers answer, late, with an error.
+    hosts_shut_down(&lab, &hosts).await;
+    lab.table.lock().unwrap().off_fails = true;
+    gate.open();
+    lab.wait_power(&hosts, "off").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    assert_eq!(p["state"], "failed", "{p}");
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
+    }
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("while its agent no longer reports"),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn a_driver_error_for_hosts_that_shut_down_leaves_them_off() {
+    let (lab, gate, id, hosts) = held_power_off(None).await;
+    silent_host(&lab).await;
+    hosts_shut_down(&lab, &hosts).await;
+    lab.table.lock().unwrap().off_fails = true;
+    gate.open();
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("its power driver failed (")
+            && detail.contains("while its agent no longer reports"),
+        "{detail}"
+    );
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
+    }
+    lab.wait_power(&hosts, "off").await;
 }
 
 #[tokio::test]

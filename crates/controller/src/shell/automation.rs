@@ -22,12 +22,16 @@
 //!    failed, a power-on registered or timed out. A power-off's task reports its own outcome,
 //!    cycles or not (none runs while a host is lost, as the one powered off soon is): the
 //!    driver's answer, or after [`POWER_OFF_TIMEOUT`] without one the power-off in doubt — the
-//!    plan fails but the host stays powering off, its BMC may still be turning it off — until
-//!    the driver's late answer (off, or on again) or a snapshot showing the host down (off).
+//!    plan fails but the host stays powering off (the power-off `running` in the failed plan),
+//!    its BMC may still be turning it off — until the driver's late answer (off, or on again),
+//!    a snapshot showing the host down (off), or [`POWER_OFF_TIMEOUT`] more with its agent
+//!    still reporting (on). A driver's error for a host whose agent no longer reports, on time
+//!    or late, makes it off, not on: a host seen down while on stays on for good.
 //!
-//! A new leader finds the power-offs the previous one was carrying out in the plans it stored
-//! (`applying`, the power-off `running`): it holds those hosts powering off too, until they are
-//! seen down (off), or for [`POWER_OFF_TIMEOUT`] while their agents still report (then on).
+//! A new leader (or this controller elected again) finds the power-offs the previous term was
+//! carrying out or held in doubt in the plans it stored (the power-off `running`, the plan
+//! `applying` or `failed`): it holds those hosts powering off too, until they are seen down
+//! (off), or for [`POWER_OFF_TIMEOUT`] while their agents still report (then on).
 //!
 //! The core's own placement (new VMs, HA restarts, maintenance moves, an operator's migration)
 //! knows these power states through [`Controller::set_power_holds`]: every host the loop has
@@ -153,8 +157,8 @@ pub const SOFT_OFF_GRACE: Duration = Duration::from_secs(10);
 /// A power-off whose driver has not answered within this long fails its plan (the soft-off's
 /// grace, then the hard power-off's and the status reads' `ipmitool` calls, with room to spare),
 /// but its host is held powering off until the driver answers or the host is seen down: the BMC
-/// may still be turning it off. A new leader that takes over a power-off in progress gives it as
-/// long again before it believes a host whose agent still reports.
+/// may still be turning it off. A power-off in doubt, or one a new leader takes over, is given as
+/// long again before a host whose agent still reports is believed on.
 pub const POWER_OFF_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A power-off under way for a plan's running action: the driver runs on a blocking task of its
@@ -381,9 +385,10 @@ impl Automation {
     }
 
     /// Sets how long a power-off's driver may take before its plan fails with the host held
-    /// powering off, and how long a new leader waits on a power-off it took over
-    /// ([`POWER_OFF_TIMEOUT`] unless set; tests shorten it). Power-offs already started keep
-    /// theirs.
+    /// powering off, how long a new leader waits on a power-off it took over, and how long a
+    /// power-off in doubt waits for its host's agent to stop reporting ([`POWER_OFF_TIMEOUT`]
+    /// unless set; tests shorten it). Power-offs already started keep theirs for their driver's
+    /// answer; one that comes into doubt later waits as long as set then.
     pub fn set_power_off_timeout(&mut self, timeout: Duration) {
         self.power_off_timeout = timeout;
     }
@@ -650,31 +655,48 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
     a.rounds.clear();
     a.rounds_noted = 0;
     let timeout = a.power_off_timeout;
-    let inherited: Vec<String> = a.lp.power_offs_in_doubt().keys().cloned().collect();
+    let inherited: Vec<(String, u64)> =
+        a.lp.power_offs_in_doubt()
+            .iter()
+            .map(|(h, p)| (h.clone(), *p))
+            .collect();
     drop(a);
     hold_hosts(s);
-    for host in inherited {
+    for (host, plan) in inherited {
         eprintln!(
-            "tern controller: host {host} was being powered off by the previous leader; held \
-             powering off until it is seen down, or for {timeout:?} while its agent reports"
+            "tern controller: host {host}'s power-off (plan {plan}) was under way or in doubt \
+             when the previous term ended; held powering off until it is seen down, or for \
+             {timeout:?} while its agent reports"
         );
-        watch_inherited_power_off(s, generation, host, timeout);
+        watch_power_off_in_doubt(
+            s,
+            generation,
+            plan,
+            host,
+            timeout,
+            "the next leader took over",
+        );
     }
 }
 
-/// A power-off the previous leader was carrying out (its plan was stored `applying`): the host is
-/// held powering off by the loop; if its agent still reports `timeout` from now, the power-off
-/// did not happen and the host is on again; if it stopped reporting, it is off (cycles need not
-/// run for this: they wait while a host is lost).
-fn watch_inherited_power_off(s: &Arc<Shared>, generation: u64, host: String, timeout: Duration) {
+/// A power-off whose end is not known — one the previous term was carrying out or held in doubt
+/// (its plan stored with the power-off `running`), or one whose driver did not answer in time:
+/// the host is held powering off by the loop; if its agent still reports `wait` from now (`since`
+/// saying what happened now), the power-off did not happen and the host is on again; if it
+/// stopped reporting, it is off (cycles need not run for this: they wait while a host is lost).
+/// Nothing is done if the power-off settled meanwhile, or this term ended.
+fn watch_power_off_in_doubt(
+    s: &Arc<Shared>,
+    generation: u64,
+    plan: u64,
+    host: String,
+    wait: Duration,
+    since: &'static str,
+) {
     let s = Arc::clone(s);
     tokio::spawn(async move {
-        tokio::time::sleep(timeout).await;
-        let up = s
-            .core()
-            .hosts()
-            .iter()
-            .any(|h| h.name == host && h.state == HostState::Up);
+        tokio::time::sleep(wait).await;
+        let up = host_up(&s, &host);
         let now = s.now_ms();
         let settled = {
             let mut a = lock(&s);
@@ -682,23 +704,31 @@ fn watch_inherited_power_off(s: &Arc<Shared>, generation: u64, host: String, tim
                 return;
             }
             let why = if up {
-                format!("its agent still reports {timeout:?} after the next leader took over")
+                format!("its agent still reports {wait:?} after {since}")
             } else {
                 "its agent stopped reporting".to_string()
             };
-            let settled = a.lp.power_off_settled(now, &host, !up, &why);
+            let settled = a.lp.power_off_settled(now, plan, &host, !up, &why);
             a.count();
             settled
         };
         hold_hosts(&s);
         if settled {
             eprintln!(
-                "tern controller: host {host}'s power-off taken over from the previous leader: {}",
+                "tern controller: host {host}'s power-off in doubt (plan {plan}): {}",
                 if up { "it still runs" } else { "it is off" }
             );
             persist_if_leading(&s).await;
         }
     });
+}
+
+/// Whether `host`'s agent reports (the core has it up).
+fn host_up(s: &Shared, host: &str) -> bool {
+    s.core()
+        .hosts()
+        .iter()
+        .any(|h| h.name == host && h.state == HostState::Up)
 }
 
 /// Writes the plans if this controller still leads in the term its loop was built for.
@@ -1009,55 +1039,99 @@ fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn Pow
         let end = match tokio::time::timeout(timeout, &mut call).await {
             Ok(r) => PowerOffEnd::Answer(answer(r)),
             Err(_) => {
-                power_off_ended(&s, token, &host, PowerOffEnd::NoAnswerWithin(timeout)).await;
+                let no_answer = PowerOffEnd::NoAnswerWithin(timeout);
+                power_off_ended(&s, plan, token, &host, no_answer).await;
                 PowerOffEnd::Answer(answer(call.await))
             }
         };
-        power_off_ended(&s, token, &host, end).await;
+        power_off_ended(&s, plan, token, &host, end).await;
     });
 }
 
-/// What became of power-off `token` of `host`: reported to the loop as the outcome of its plan's
-/// action while that action waits for it; a later answer (after the timeout, or a former term's
-/// power-off) settles the host if the loop holds its power-off in doubt, and is only logged
-/// otherwise. Carries out what follows and stores the plans.
-async fn power_off_ended(s: &Arc<Shared>, token: u64, host: &str, end: PowerOffEnd) {
+/// What became of power-off `token` of `host` for plan `plan`: reported to the loop as the
+/// outcome of its plan's action while that action waits for it; a later answer (after the
+/// timeout, or a former term's power-off) settles the host if the loop holds that plan's
+/// power-off in doubt, and is only logged otherwise. A driver's error for a host whose agent no
+/// longer reports does not make it on (it would stay on for good, never woken): on time, the
+/// power-off is reported in doubt and settled off at once; late, it settles off. A power-off in
+/// doubt is watched ([`watch_power_off_in_doubt`]) in case its driver never answers. Carries out
+/// what follows and stores the plans. Nothing happens unless this controller leads in the term
+/// its loop was built for (a term that ended: the next one's loop holds the stored doubt).
+async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end: PowerOffEnd) {
     let now = s.now_ms();
+    let leading = s.core().generation();
+    let up = host_up(s, host);
+    let mut watch = None;
     let more = {
         let mut a = lock(s);
+        let Some(generation) = leading.filter(|g| a.generation == Some(*g)) else {
+            eprintln!(
+                "tern controller: host {host}'s power driver answered ({end:?}) while this \
+                 controller does not lead; ignored"
+            );
+            return;
+        };
         let waited = if a.powering_off.get(host).is_some_and(|p| p.token == token) {
             a.powering_off.remove(host).map(|p| p.plan)
         } else {
             None
         };
+        let report = |a: &mut Automation, outcome: Outcome| match a.lp.report(now, outcome) {
+            Ok(more) => more,
+            Err(e) => {
+                eprintln!("tern controller: automation outcome not matched: {e}");
+                Vec::new()
+            }
+        };
         let more = match (waited, end) {
-            (Some(plan), end) => {
+            (Some(plan), PowerOffEnd::Answer(Ok(()))) => {
                 let host = host.to_string();
-                let outcome = match end {
-                    PowerOffEnd::Answer(Ok(())) => Outcome::PoweredOff { plan, host },
-                    PowerOffEnd::Answer(Err(error)) => {
-                        Outcome::PowerOffFailed { plan, host, error }
-                    }
-                    PowerOffEnd::NoAnswerWithin(t) => Outcome::PowerOffInDoubt {
+                report(&mut a, Outcome::PoweredOff { plan, host })
+            }
+            (Some(plan), PowerOffEnd::Answer(Err(error))) if !up => {
+                let why = "its agent no longer reports";
+                let error = format!("its power driver failed ({error}) while {why}");
+                let more = report(
+                    &mut a,
+                    Outcome::PowerOffInDoubt {
                         plan,
-                        host,
-                        error: format!("its power driver did not answer within {t:?}"),
+                        host: host.to_string(),
+                        error,
                     },
-                };
-                match a.lp.report(now, outcome) {
-                    Ok(more) => more,
-                    Err(e) => {
-                        eprintln!("tern controller: automation outcome not matched: {e}");
-                        Vec::new()
-                    }
-                }
+                );
+                a.lp.power_off_settled(now, plan, host, true, why);
+                more
+            }
+            (Some(plan), PowerOffEnd::Answer(Err(error))) => {
+                let host = host.to_string();
+                report(&mut a, Outcome::PowerOffFailed { plan, host, error })
+            }
+            (Some(plan), PowerOffEnd::NoAnswerWithin(t)) => {
+                let error = format!("its power driver did not answer within {t:?}");
+                let more = report(
+                    &mut a,
+                    Outcome::PowerOffInDoubt {
+                        plan,
+                        host: host.to_string(),
+                        error,
+                    },
+                );
+                watch = Some((generation, plan, a.power_off_timeout));
+                more
             }
             (None, PowerOffEnd::Answer(answer)) => {
                 let (off, why) = match &answer {
                     Ok(()) => (true, "its power driver answered late: off".to_string()),
+                    Err(e) if !up => (
+                        true,
+                        format!(
+                            "its power driver answered late ({e}) while its agent no longer \
+                             reports"
+                        ),
+                    ),
                     Err(e) => (false, format!("its power driver answered late: {e}")),
                 };
-                if a.lp.power_off_settled(now, host, off, &why) {
+                if a.lp.power_off_settled(now, plan, host, off, &why) {
                     eprintln!("tern controller: host {host}'s power-off settled: {why}");
                 } else {
                     eprintln!(
@@ -1076,6 +1150,10 @@ async fn power_off_ended(s: &Arc<Shared>, token: u64, host: &str, end: PowerOffE
         a.count();
         more
     };
+    if let Some((generation, plan, wait)) = watch {
+        let since = "its power-off came into doubt";
+        watch_power_off_in_doubt(s, generation, plan, host.to_string(), wait, since);
+    }
     carry_out(s, more).await;
     persist_if_leading(s).await;
 }
