@@ -1446,7 +1446,8 @@ impl Loop {
         if actions.is_empty() && power.enabled && short_why.is_none() {
             // power off empty hosts held long enough, keeping the spares and the HA reserve
             let spare = empty_on.len().saturating_sub(keep);
-            let any_on_left = self.hosts.values().filter(|h| h.power.is_on()).count();
+            // hosts left to take VMs (one powering off, or in doubt, takes none)
+            let any_on_left = self.hosts.values().filter(|h| Self::takes_vms(h)).count();
             let mut left_cores = on_cores;
             for (name, since) in empty_on
                 .iter()

@@ -372,3 +372,33 @@ fn a_failed_power_off_of_a_host_already_seen_down_leaves_it_off_not_on() {
         "{p:?}"
     );
 }
+
+#[test]
+fn hosts_in_doubt_do_not_count_as_hosts_left_on_when_empty_hosts_are_powered_off() {
+    let (old, _, at) = h3_in_doubt();
+    let mut lp = Loop::new(eager(), LoopConfig::default()).unwrap();
+    lp.restore_plans(at, stored(&old));
+    // Every VM gone: h1 and h2 are empty, h3 held powering off. With no spare asked for, one of
+    // h1 and h2 may go off, not both (h3 takes no VMs: that would leave none that does).
+    let empty = Telemetry {
+        hosts: vec![common::host("h1"), common::host("h2"), common::host("h3")],
+        vms: Vec::new(),
+    };
+    let mut off = Vec::new();
+    for k in 1..6u64 {
+        let now = at + k * STEP_MS;
+        lp.observe(now, &empty).unwrap();
+        for a in lp.tick(now) {
+            match a {
+                Action::PowerOff { host, .. } => off.push(host),
+                other => panic!("{other:?}"),
+            }
+        }
+        if !off.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(off.len(), 1, "one host powered off: {off:?}");
+    assert_ne!(off[0], "h3");
+    assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
+}
