@@ -57,8 +57,9 @@ fn the_loop_packs_powers_hosts_off_and_wakes_one_as_load_rises_losing_no_vm() {
         "no host came back on after the low point: {series:?}"
     );
     assert!(r["energy_kwh"].as_f64().unwrap() > 0.0, "{r}");
-    // each live power-off timed from its action to the outcome the loop was told (soft-off
-    // through the BMC, then the host's fence), and the replay's power-off given that time
+    // each live power-off timed from its action to the outcome the loop was told (the soft-off
+    // through the BMC: the power-off's task reports its driver's answer, not waiting for the
+    // host's fence), and the replay's power-off given that time
     let offs: Vec<f64> = r["recorded"]["power_off_s"]
         .as_array()
         .expect("recorded.power_off_s")
