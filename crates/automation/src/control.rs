@@ -856,6 +856,10 @@ impl Loop {
                     }
                     Some(h) => {
                         h.power.off_failed(now_ms);
+                        // the hold starts again: a power-off refused (a VM the shell still sees
+                        // there, a driver that failed) is proposed again a full hold later at
+                        // the earliest, not at every round
+                        h.empty_since = Some(now_ms);
                         false
                     }
                     None => false,

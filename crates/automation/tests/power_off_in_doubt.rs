@@ -402,3 +402,37 @@ fn hosts_in_doubt_do_not_count_as_hosts_left_on_when_empty_hosts_are_powered_off
     assert_ne!(off[0], "h3");
     assert_eq!(lp.host_power("h3"), Some(HostPower::PoweringOff));
 }
+
+#[test]
+fn a_refused_power_off_is_proposed_again_only_a_full_hold_later() {
+    // the shell refuses h3's power-off (a stopped VM the loop does not see still names it, say):
+    // the loop must not propose it again at every round
+    let mut policy = eager();
+    policy.power.off_hold_s = 30; // three rounds of STEP_MS
+    let mut lp = Loop::new(policy, LoopConfig::default()).unwrap();
+    let mut proposed = Vec::new();
+    for k in 0..12u64 {
+        let now = k * STEP_MS;
+        lp.observe(now, &snapshot(true, 0.2)).unwrap();
+        for a in lp.tick(now) {
+            match a {
+                Action::PowerOff { plan, host } if host == "h3" => {
+                    proposed.push(k);
+                    lp.report(
+                        now,
+                        Outcome::PowerOffFailed {
+                            plan,
+                            host,
+                            error: "host h3 is no longer empty".into(),
+                        },
+                    )
+                    .unwrap();
+                    assert_eq!(lp.host_power("h3"), Some(HostPower::On));
+                }
+                other => panic!("only h3's power-off: {other:?}"),
+            }
+        }
+    }
+    // empty from round 0, held 3 rounds; each refusal starts the hold again
+    assert_eq!(proposed, vec![3, 6, 9], "{:?}", lp.plans());
+}

@@ -1667,12 +1667,17 @@ impl Controller {
     }
 
     /// The VMs placed on `host` or on their way to it (a migration not yet ended), by name: what
-    /// must be gone before the host is powered off.
+    /// must be gone before the host is powered off. A stopped or failed VM that still names the
+    /// host runs nothing there and is not one (the automation's loop does not see those VMs
+    /// either, so it would find the host empty and propose its power-off again and again).
     pub fn occupants(&self, host: &str) -> Vec<String> {
         let mut vms: BTreeSet<String> = self
             .vms
             .iter()
-            .filter(|(_, v)| v.host.as_deref() == Some(host))
+            .filter(|(_, v)| {
+                v.host.as_deref() == Some(host)
+                    && !matches!(v.state, VmState::Stopped | VmState::Failed)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for t in self.tasks.values() {
@@ -2767,6 +2772,44 @@ mod tests {
         lab.hold(&[("h3", HostPower::Off)]);
         let t = lab.c.migrate_vm("a", Some("h2"), lab.now).unwrap();
         assert_eq!(lab.c.task(t.task).unwrap().to.as_deref(), Some("h2"));
+    }
+
+    #[test]
+    fn a_vm_whose_vmm_exited_occupies_no_host() {
+        let mut lab = Lab::new(&[("a", "h1"), ("b", "h1")]);
+        assert_eq!(
+            lab.c.occupants("h1"),
+            vec!["a".to_string(), "b".to_string()]
+        );
+        // h1's agent reports a's VMM exited (its restart policy gave up): a fails, still
+        // naming h1, where nothing of it runs
+        lab.seq += 1;
+        let vm = |name: &str, state| ObservedVm {
+            name: name.into(),
+            state,
+            cpu_utilization: None,
+            rss_mib: None,
+            guest_resident_kib: None,
+            guest_nonzero_kib: None,
+            dirty_pages_per_sec: None,
+        };
+        let report = AgentReport {
+            host: "h1".into(),
+            generation_seen: 1,
+            seq: lab.seq,
+            last_command_id: lab.last_cmd.get("h1").copied().unwrap_or(0),
+            vms: vec![
+                vm("a", ObservedState::Exited),
+                vm("b", ObservedState::Running),
+            ],
+            cpu_utilization: Some(0.1),
+            parked_cores: None,
+        };
+        lab.step(Input::Report(report));
+        let a = lab.c.vm("a").unwrap();
+        assert_eq!(a.state, VmState::Failed, "{a:?}");
+        assert_eq!(a.host.as_deref(), Some("h1"));
+        assert_eq!(lab.c.occupants("h1"), vec!["b".to_string()]);
     }
 
     #[test]
