@@ -862,6 +862,7 @@ pub async fn apply(s: &Arc<Shared>, id: u64) -> Result<Plan, PlanError> {
         a.count();
         r
     };
+    hold_hosts(s);
     // stored first: a plan superseded here, or applying before its first action runs
     persist_plans(s).await;
     carry_out(s, actions?).await;
@@ -912,6 +913,9 @@ pub async fn cycle(s: &Arc<Shared>) {
         a.note_round();
         a.count();
     }
+    // the holds as this snapshot left them, before any action: a host that came back on by
+    // itself (off → on in `observe`) may be a target of the actions below
+    hold_hosts(s);
     if !actions.is_empty() {
         persist_plans(s).await;
     }
