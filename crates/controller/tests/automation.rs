@@ -874,6 +874,34 @@ async fn held_power_off(timeout: Option<Duration>) -> (Lab, Arc<Gate>, u64, Vec<
 
 impl Lab {
     /// Waits until every one of `hosts` shows `power` in the API.
+    /// This controller steps down and leads again: its second term.
+    async fn new_term(&self, why: &str) {
+        self.shell.step_down(why).await;
+        self.wait("a new term", Duration::from_secs(10), async || {
+            (self.shell.shared().core().generation() == Some(2)).then_some(())
+        })
+        .await;
+    }
+
+    /// `hosts` are held powering off, out of the rounds' view, until the former term's driver
+    /// calls held at `gate` answer; then they are off and plan `id`'s actions done.
+    async fn held_then_off_when_the_driver_answers(&self, gate: &Gate, id: u64, hosts: &[String]) {
+        self.wait_power(hosts, "powering_off").await;
+        assert_eq!(
+            self.next_round_hosts_in_view().await,
+            HOSTS.len() - hosts.len()
+        );
+        self.wait_power(hosts, "powering_off").await;
+        gate.open();
+        self.wait_power(hosts, "off").await;
+        let (_, p) = self
+            .call(Method::GET, &format!("/v1/plans/{id}"), None)
+            .await;
+        for a in p["actions"].as_array().unwrap() {
+            assert_eq!(a["status"], "done", "{p}");
+        }
+    }
+
     async fn wait_power(&self, hosts: &[String], power: &str) {
         for host in hosts {
             self.wait(
@@ -1021,11 +1049,7 @@ async fn a_new_leader_holds_a_host_the_former_leader_was_powering_off() {
     )
     .await;
 
-    lab.shell.step_down("test: fail-over mid power-off").await;
-    lab.wait("a new term", Duration::from_secs(10), async || {
-        (lab.shell.shared().core().generation() == Some(2)).then_some(())
-    })
-    .await;
+    lab.new_term("test: fail-over mid power-off").await;
     // The new term failed the interrupted plan, but holds its hosts powering off: out of the
     // rounds' view, though their agents still report.
     let (_, p) = lab
@@ -1036,22 +1060,8 @@ async fn a_new_leader_holds_a_host_the_former_leader_was_powering_off() {
         p["detail"].as_str().unwrap().starts_with("interrupted"),
         "{p}"
     );
-    lab.wait_power(&hosts, "powering_off").await;
-    assert_eq!(
-        lab.next_round_hosts_in_view().await,
-        HOSTS.len() - hosts.len()
-    );
-    lab.wait_power(&hosts, "powering_off").await;
-
-    // The former term's driver calls answer: the hosts are off.
-    gate.open();
-    lab.wait_power(&hosts, "off").await;
-    let (_, p) = lab
-        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+    lab.held_then_off_when_the_driver_answers(&gate, id, &hosts)
         .await;
-    for a in p["actions"].as_array().unwrap() {
-        assert_eq!(a["status"], "done", "{p}");
-    }
 }
 
 #[tokio::test]
@@ -1080,13 +1090,8 @@ async fn a_new_leader_after_the_timeout_still_holds_the_hosts_whose_power_off_is
     )
     .await;
 
-    lab.shell
-        .step_down("test: fail-over with power-offs in doubt")
+    lab.new_term("test: fail-over with power-offs in doubt")
         .await;
-    lab.wait("a new term", Duration::from_secs(10), async || {
-        (lab.shell.shared().core().generation() == Some(2)).then_some(())
-    })
-    .await;
     // The new term holds the hosts powering off (not on, though their agents report): out of
     // the rounds' view.
     let (_, p) = lab
@@ -1096,22 +1101,8 @@ async fn a_new_leader_after_the_timeout_still_holds_the_hosts_whose_power_off_is
     for a in p["actions"].as_array().unwrap() {
         assert_eq!(a["status"], "running", "{p}");
     }
-    lab.wait_power(&hosts, "powering_off").await;
-    assert_eq!(
-        lab.next_round_hosts_in_view().await,
-        HOSTS.len() - hosts.len()
-    );
-    lab.wait_power(&hosts, "powering_off").await;
-
-    // The former term's driver calls answer: the hosts are off.
-    gate.open();
-    lab.wait_power(&hosts, "off").await;
-    let (_, p) = lab
-        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+    lab.held_then_off_when_the_driver_answers(&gate, id, &hosts)
         .await;
-    for a in p["actions"].as_array().unwrap() {
-        assert_eq!(a["status"], "done", "{p}");
-    }
 }
 
 #[tokio::test]
