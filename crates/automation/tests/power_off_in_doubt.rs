@@ -63,6 +63,13 @@ fn powering_off_h3() -> (Loop, u64, u64) {
     panic!("h3 was not powered off: {:?}", lp.plans());
 }
 
+/// Plan `plan`'s power-off of h3 has `status`, and the plan's detail ends with `detail_end`.
+fn h3_power_off_ended(lp: &Loop, plan: u64, status: ActionStatus, detail_end: &str) {
+    let p = lp.plan(plan).unwrap();
+    assert_eq!(power_off_status(p, "h3"), status);
+    assert!(p.detail.as_deref().unwrap().ends_with(detail_end), "{p:?}");
+}
+
 fn power_off_status(plan: &Plan, host: &str) -> ActionStatus {
     plan.actions
         .iter()
@@ -184,14 +191,11 @@ fn a_power_off_in_doubt_whose_driver_failed_leaves_the_host_on_and_a_target_agai
     .unwrap();
     assert!(lp.power_off_settled(now, plan, "h3", false, "the BMC refused"));
     assert_eq!(lp.host_power("h3"), Some(HostPower::On));
-    let p = lp.plan(plan).unwrap();
-    assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
-    assert!(
-        p.detail
-            .as_deref()
-            .unwrap()
-            .ends_with("; h3 still runs (the BMC refused)"),
-        "{p:?}"
+    h3_power_off_ended(
+        &lp,
+        plan,
+        ActionStatus::Failed,
+        "; h3 still runs (the BMC refused)",
     );
     lp.observe(now + STEP_MS, &snapshot(true, 0.9)).unwrap();
     lp.tick(now + STEP_MS);
@@ -237,14 +241,11 @@ fn a_power_off_the_previous_leader_was_running_holds_its_host_until_it_is_seen_d
         .unwrap();
     assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
     assert!(lp.power_offs_in_doubt().is_empty());
-    let p = lp.plan(plan).unwrap();
-    assert_eq!(power_off_status(p, "h3"), ActionStatus::Done);
-    assert!(
-        p.detail
-            .as_deref()
-            .unwrap()
-            .ends_with("; h3 powered off later (seen down)"),
-        "{p:?}"
+    h3_power_off_ended(
+        &lp,
+        plan,
+        ActionStatus::Done,
+        "; h3 powered off later (seen down)",
     );
     // and nothing is left to settle
     assert!(!lp.power_off_settled(now + 3 * STEP_MS, plan, "h3", false, "late"));
@@ -301,14 +302,11 @@ fn a_failed_plan_whose_power_off_is_in_doubt_holds_the_host_for_the_next_leader(
     lp.observe(now + 2 * STEP_MS, &snapshot(false, 0.2))
         .unwrap();
     assert_eq!(lp.host_power("h3"), Some(HostPower::Off));
-    let p = lp.plan(plan).unwrap();
-    assert_eq!(power_off_status(p, "h3"), ActionStatus::Done);
-    assert!(
-        p.detail
-            .as_deref()
-            .unwrap()
-            .ends_with("; h3 powered off later (seen down)"),
-        "{p:?}"
+    h3_power_off_ended(
+        &lp,
+        plan,
+        ActionStatus::Done,
+        "; h3 powered off later (seen down)",
     );
 
     // Settled, the plan no longer holds the host for a leader after this one.
@@ -325,14 +323,11 @@ fn a_host_in_doubt_that_leaves_the_cluster_ends_its_plans_power_off() {
     t.hosts.retain(|h| h.name != "h3");
     lp.observe(now + STEP_MS, &t).unwrap();
     assert!(lp.power_offs_in_doubt().is_empty());
-    let p = lp.plan(plan).unwrap();
-    assert_eq!(power_off_status(p, "h3"), ActionStatus::Failed);
-    assert!(
-        p.detail
-            .as_deref()
-            .unwrap()
-            .ends_with("; h3 left the cluster before its power was known"),
-        "{p:?}"
+    h3_power_off_ended(
+        &lp,
+        plan,
+        ActionStatus::Failed,
+        "; h3 left the cluster before its power was known",
     );
     // so a next leader does not hold it
     let mut next = Loop::new(eager(), LoopConfig::default()).unwrap();

@@ -1087,6 +1087,10 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
                 Vec::new()
             }
         };
+        let in_doubt = |a: &mut Automation, plan, error| {
+            let host = host.to_string();
+            report(a, Outcome::PowerOffInDoubt { plan, host, error })
+        };
         let more = match (waited, end) {
             (Some(plan), PowerOffEnd::Answer(Ok(()))) => {
                 let host = host.to_string();
@@ -1095,14 +1099,7 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
             (Some(plan), PowerOffEnd::Answer(Err(error))) if !up => {
                 let why = "its agent no longer reports";
                 let error = format!("its power driver failed ({error}) while {why}");
-                let more = report(
-                    &mut a,
-                    Outcome::PowerOffInDoubt {
-                        plan,
-                        host: host.to_string(),
-                        error,
-                    },
-                );
+                let more = in_doubt(&mut a, plan, error);
                 a.lp.power_off_settled(now, plan, host, true, why);
                 more
             }
@@ -1112,14 +1109,7 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
             }
             (Some(plan), PowerOffEnd::NoAnswerWithin(t)) => {
                 let error = format!("its power driver did not answer within {t:?}");
-                let more = report(
-                    &mut a,
-                    Outcome::PowerOffInDoubt {
-                        plan,
-                        host: host.to_string(),
-                        error,
-                    },
-                );
+                let more = in_doubt(&mut a, plan, error);
                 watch = Some((generation, plan, a.power_off_timeout));
                 more
             }
