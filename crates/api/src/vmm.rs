@@ -562,6 +562,11 @@ pub enum RoundDecision {
     Continue,
     /// Another round under a stronger throttle.
     Throttle,
+    /// Another round with the throttle lifted (or the last round of that lead): the remainder
+    /// fits the budget, and the guest runs free for a while before the pause so that the pause
+    /// does not land in work the throttle stretched. Should the remainder stop fitting, the
+    /// throttle goes back on (`throttle`).
+    Release,
     /// Another round although the remainder fits the budget: predicted to shrink the pause.
     Shrink,
     /// Switch over: the remainder fits the budget.
@@ -584,6 +589,7 @@ impl RoundDecision {
         match self {
             RoundDecision::Continue => "continue",
             RoundDecision::Throttle => "throttle",
+            RoundDecision::Release => "release",
             RoundDecision::Shrink => "shrink",
             RoundDecision::SwitchOver => "switch_over",
             RoundDecision::ForcedSwitchOver => "forced_switch_over",
@@ -1159,6 +1165,7 @@ mod tests {
         for d in [
             RoundDecision::Continue,
             RoundDecision::Throttle,
+            RoundDecision::Release,
             RoundDecision::Shrink,
             RoundDecision::SwitchOver,
             RoundDecision::ForcedSwitchOver,

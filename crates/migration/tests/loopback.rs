@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::{MemVm, Proxy, VmState};
 use tern_migration::StreamName;
 use tern_migration::machine::receiver::ChecksumStage;
+use tern_migration::report::RoundDecision;
 use tern_migration::wire::{DecodeError, ReadFrameError};
 use tern_migration::{
     CancelToken, ConvergenceConfig, MigrateError, MigrateOptions, MigrationFailure,
@@ -347,6 +348,57 @@ fn max_rate_guest_converges_through_throttling() {
     assert!(report.throttle_max_pct > 0.0, "{report:?}");
     assert!(progress.iter().any(|p| p.throttle_pct > 0.0));
     assert!(progress.iter().any(|p| p.dirty_bytes_per_sec > 0.0));
+}
+
+#[test]
+fn a_throttled_guest_runs_free_for_the_lead_before_its_pause() {
+    // 64 MiB (16 MiB with data) over a 64 MiB/s cap, the guest writing 20,000 random pages/s
+    // (~78 MiB/s, faster than the link): the full copy leaves more dirty than the 200 ms budget
+    // carries, so the guest is throttled; once the remainder fits, the throttle is lifted and
+    // the sender waits out the lead (60 ms here, longer than the round that sends the ~2 MiB
+    // left) before its sync, so the pause comes with the guest running free, and what it
+    // dirtied meanwhile still fits.
+    let mut src = MemVm::source(64 * MIB, 20_000);
+    assert!(src.wait_writes(2_000, Duration::from_secs(10)));
+    let (addr, h) = spawn_target(MemVm::target(64 * MIB, 1, 5000));
+    let mut o = opts(2, false);
+    o.convergence.max_bandwidth = Some(64 * MIB);
+    o.convergence.downtime_budget = Duration::from_millis(200);
+    o.convergence.throttle_release_lead = Duration::from_millis(60);
+    // throttle whenever a round does not fit, even the full copy (whatever the writer's pace
+    // on a loaded machine makes of saturation)
+    o.convergence.throttle_from_round = 0;
+    let lead = o.convergence.throttle_release_lead;
+    let (r, _) = migrate(&mut src, addr, &o, &CancelToken::new());
+    let (tgt, rr) = h.join().unwrap();
+    let report = r.unwrap();
+    rr.unwrap();
+    assert_moved(&src, &tgt, &report);
+    assert!(report.converged, "{report:?}");
+    assert!(report.throttle_max_pct > 0.0, "{report:?}");
+    let rounds = report.rounds_detail.clone().expect("rounds");
+    let release = rounds
+        .iter()
+        .position(|r| r.decision == RoundDecision::Release)
+        .unwrap_or_else(|| panic!("no release: {rounds:?}"));
+    // the round it decided ran unthrottled and lasted at least the lead; the throttle stayed
+    // off to the pause
+    let after = &rounds[release + 1..];
+    assert!(after.iter().all(|r| r.throttle_pct == 0.0), "{rounds:?}");
+    assert!(
+        after[0].us >= lead.as_micros() as u64,
+        "{} us against a {lead:?} lead: {rounds:?}",
+        after[0].us
+    );
+    assert!(rounds[release].throttle_pct > 0.0, "{rounds:?}");
+    assert_eq!(
+        after.last().map(|r| r.decision),
+        Some(RoundDecision::StopAndCopy),
+        "{rounds:?}"
+    );
+    // what the guest dirtied running free still fitted the budget at the cap
+    let final_bytes = after.last().unwrap().bytes;
+    assert!(final_bytes <= 64 * MIB / 5, "{rounds:?}");
 }
 
 #[test]

@@ -138,8 +138,8 @@ pub fn describe(vm: &Vm) -> VmConfigDescription {
 /// Holds a VM's vCPUs for a share of the time, in slices of at most [`THROTTLE_SLICE`].
 ///
 /// A thread pauses the VM for `pct` % of each slice and lets it run for the rest. Changing the
-/// percentage takes effect at the next slice; dropping the throttle (or `set(0)`) ends it with
-/// the vCPUs running.
+/// percentage takes effect at the next slice; dropping the throttle (or `set(0)`) ends it at
+/// once, cutting a hold short, with the vCPUs running.
 #[derive(Debug)]
 pub struct Throttle {
     vm: Vm,
@@ -186,12 +186,12 @@ impl Throttle {
                             if vm.pause().is_err() {
                                 return;
                             }
-                            std::thread::sleep(slice.sleep);
+                            wait_unless_stopped(&stop, slice.sleep);
                             if vm.resume().is_err() {
                                 return;
                             }
                         }
-                        std::thread::sleep(slice.run.max(Duration::from_micros(10)));
+                        wait_unless_stopped(&stop, slice.run.max(Duration::from_micros(10)));
                     }
                 },
             )?);
@@ -199,13 +199,27 @@ impl Throttle {
         Ok(())
     }
 
-    /// Ends throttling; returns once the vCPUs run freely again.
+    /// Ends throttling at once (a slice's hold is cut short); returns once the vCPUs run
+    /// freely again.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
         self.pct_milli.store(0, Ordering::Relaxed);
+    }
+}
+
+/// Sleeps for `d`, or less if `stop` is set meanwhile ([`Throttle::stop`] unparks the thread).
+fn wait_unless_stopped(stop: &AtomicBool, d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::park_timeout(left);
     }
 }
 

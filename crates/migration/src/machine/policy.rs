@@ -48,6 +48,13 @@ pub struct ConvergenceConfig {
     pub throttle_saturated_pct: f64,
     /// Length of one throttle slice (run + sleep); at most 10 ms.
     pub throttle_slice: Duration,
+    /// How long the guest runs unthrottled before the switch-over ([`ThrottleRelease`]): once
+    /// a throttled migration's remainder fits the budget, the throttle is lifted and the next
+    /// sync waits until this much time has passed, so the pause does not land in the middle of
+    /// work the throttle had stretched (at 90 % a task of 5 ms takes 50 ms: that stretch, not
+    /// the switch-over, was the longest interruption the guest saw). One slice by default;
+    /// zero keeps the throttle on through the pause.
+    pub throttle_release_lead: Duration,
     /// Once the remainder fits the budget, at most this many more rounds to shrink the pause
     /// (each only if predicted to pay: [`Self::shrink_pays`]; 0: switch over at the first fit).
     pub shrink_rounds_max: u32,
@@ -75,6 +82,7 @@ impl Default for ConvergenceConfig {
             throttle_run_factor: 0.5,
             throttle_saturated_pct: 90.0,
             throttle_slice: Duration::from_millis(10),
+            throttle_release_lead: Duration::from_millis(10),
             shrink_rounds_max: 3,
             shrink_floor: Duration::from_millis(1),
             round_overhead: Duration::from_millis(1),
@@ -135,7 +143,8 @@ impl BandwidthEstimator {
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,
-    /// Raise the throttle to this percent and run another round.
+    /// Set the throttle to this percent and run another round: a stronger one, or 0 (or the
+    /// one lifted) around the release before the switch-over ([`ThrottleRelease`]).
     Throttle(f64),
     /// Pause and send the rest: converged (`forced` false) or forced at the timeout.
     SwitchOver {
@@ -144,6 +153,26 @@ pub enum Decision {
     },
     /// Give up: the timeout passed.
     Abort,
+}
+
+/// Where a migration stands with the throttle's release before the switch-over
+/// ([`ConvergenceConfig::throttle_release_lead`]). The sender keeps it; [`ConvergenceConfig::decide`]
+/// reads it: `Ready` → (a throttled remainder fits: `Throttle(0)`) `Leading` → (the switch-over,
+/// or the remainder no longer fits: the throttle goes back on) `Spent`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum ThrottleRelease {
+    /// Not released (the throttle may never have been on).
+    #[default]
+    Ready,
+    /// Lifted at `since` (time since the start); `restore_pct` is the throttle it lifted.
+    Leading {
+        /// When the throttle was lifted.
+        since: Duration,
+        /// The throttle that made the remainder fit.
+        restore_pct: f64,
+    },
+    /// Used once: no second release.
+    Spent,
 }
 
 /// Inputs of one decision.
@@ -168,6 +197,8 @@ pub struct SyncInput {
     /// Syncs in a row before this one whose remainder already fit the budget (rounds spent
     /// shrinking the pause).
     pub fitted_before: u32,
+    /// The throttle's release before the switch-over, so far.
+    pub release: ThrottleRelease,
 }
 
 impl SyncInput {
@@ -284,12 +315,58 @@ impl ConvergenceConfig {
             && self.shrink_pays(i, bw)
     }
 
-    /// The switch-over rule (with the rounds that shrink the pause), the throttle schedule and
-    /// the timeout, in that order.
+    /// Whether lifting the throttle for the lead is predicted to leave a remainder that still
+    /// fits the budget: the guest dirties at its free rate (the rate measured under the
+    /// throttle over the run share it kept) for the lead and for the round that sends the
+    /// current remainder. A guest that would dirty past the budget meanwhile (several times
+    /// the link, or measured under a throttle so strong that its free rate is unknown) keeps
+    /// the throttle through the pause.
+    pub fn release_fits(&self, i: &SyncInput) -> bool {
+        let Some(bw) = self
+            .effective_bandwidth(i.bandwidth)
+            .filter(|b| b.is_finite() && *b > 0.0)
+        else {
+            return false;
+        };
+        let run_share = (100.0 - i.throttle_pct) / 100.0;
+        if !(run_share > 0.0 && i.dirty_bytes_per_sec.is_finite()) {
+            return false;
+        }
+        let free_rate = i.dirty_bytes_per_sec.max(0.0) / run_share;
+        let secs = self.throttle_release_lead.as_secs_f64()
+            + i.remaining_bytes as f64 / bw
+            + self.round_overhead.as_secs_f64();
+        self.expected_downtime((free_rate * secs) as u64, Some(bw))
+            .is_some_and(|d| d <= self.downtime_budget)
+    }
+
+    /// The switch-over rule (with the throttle's release and the rounds that shrink the
+    /// pause), the throttle schedule and the timeout, in that order.
     pub fn decide(&self, i: &SyncInput) -> Decision {
         if let Some(d) = self.expected_downtime(i.remaining_bytes, i.bandwidth)
             && d <= self.downtime_budget
         {
+            let before_timeout = i.elapsed < self.timeout;
+            match i.release {
+                // The throttle brought the remainder within the budget: lift it for the lead.
+                ThrottleRelease::Ready
+                    if i.throttle_pct > 0.0
+                        && !self.throttle_release_lead.is_zero()
+                        && before_timeout
+                        && self.release_fits(i) =>
+                {
+                    return Decision::Throttle(0.0);
+                }
+                // The shell waits out the lead before it syncs (`Sender::sync_not_before`); a
+                // sync inside it all the same runs another round.
+                ThrottleRelease::Leading { since, .. }
+                    if i.elapsed.saturating_sub(since) < self.throttle_release_lead
+                        && before_timeout =>
+                {
+                    return Decision::Continue;
+                }
+                _ => {}
+            }
             if self.another_round_pays(i) {
                 return Decision::Continue;
             }
@@ -300,6 +377,11 @@ impl ConvergenceConfig {
                 OnTimeout::Abort => Decision::Abort,
                 OnTimeout::Force => Decision::SwitchOver { forced: true },
             };
+        }
+        if let ThrottleRelease::Leading { restore_pct, .. } = i.release {
+            // Running free, the guest dirtied more than the budget takes: the throttle that
+            // made it fit goes back on, and the switch-over comes under it (no second release).
+            return Decision::Throttle(restore_pct.max(i.throttle_pct));
         }
         // Above budget. Throttle harder unless the remainder is already falling fast (halved
         // since the previous sync): that converges on its own.
@@ -430,6 +512,7 @@ mod tests {
             dirty_bytes_per_sec: 0.0,
             round_sent_bytes: 0,
             fitted_before: 0,
+            release: ThrottleRelease::Ready,
         };
         // 21 MB / 1 GB/s + 5 ms ≈ 27 ms ≤ 50 ms.
         assert_eq!(c.decide(&fits), Decision::SwitchOver { forced: false });
@@ -482,6 +565,7 @@ mod tests {
             dirty_bytes_per_sec: 80e6,
             round_sent_bytes: 260 * MIB,
             fitted_before: 0,
+            release: ThrottleRelease::Ready,
         };
         let left = c.predicted_remainder(&fits, GBPS);
         assert!((left - 80e6 * (24.0 * MIB as f64 / GBPS + 0.001)).abs() < 1.0);
@@ -537,6 +621,7 @@ mod tests {
             dirty_bytes_per_sec: 0.3 * GBPS,
             round_sent_bytes: 2215 * 4096,
             fitted_before: 2,
+            release: ThrottleRelease::Ready,
         };
         let left = c.predicted_remainder(&tail, GBPS);
         assert!((left - 0.3 * GBPS * (490.0 * 4096.0 / GBPS + 0.001)).abs() < 1.0);
@@ -618,6 +703,7 @@ mod tests {
             dirty_bytes_per_sec: dirty_rate,
             round_sent_bytes: 0,
             fitted_before: 0,
+            release: ThrottleRelease::Ready,
         };
         // 60 MiB at 1 GB/s is a 63 ms round; 50 ms of budget carries 50 MB, so the guest may
         // dirty ~0.8 GB/s. At 0.9 GB/s a small cut does: the schedule's 20 % is stronger.
@@ -662,6 +748,7 @@ mod tests {
             dirty_bytes_per_sec: 0.0,
             round_sent_bytes: 0,
             fitted_before: 0,
+            release: ThrottleRelease::Ready,
         };
         assert_eq!(c.decide(&stuck), Decision::Abort);
         let f = ConvergenceConfig {
@@ -695,11 +782,18 @@ mod tests {
         let mut to_send = memory;
         let mut prev = None;
         let mut throttle = 0.0f64;
+        let mut throttle_max = 0.0f64;
+        let mut release = ThrottleRelease::Ready;
         let mut sent = 0u64;
         for round in 0..10_000u32 {
-            let t = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
-            est.record(to_send, t);
+            let send = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
+            est.record(to_send, send);
             sent += to_send;
+            // As the shell: the sync after a release waits out the lead.
+            let mut t = send;
+            if let ThrottleRelease::Leading { since, .. } = release {
+                t = t.max((since + c.throttle_release_lead).saturating_sub(elapsed));
+            }
             elapsed += t;
             let rate = dirty_rate * (100.0 - throttle) / 100.0;
             // Pages dirtied during the round, bounded by the working set.
@@ -714,13 +808,29 @@ mod tests {
                 dirty_bytes_per_sec: dirtied as f64 / t.as_secs_f64(),
                 round_sent_bytes: to_send,
                 fitted_before: 0,
+                release,
             };
-            match c.decide(&input) {
+            let d = c.decide(&input);
+            release = match (release, d) {
+                (ThrottleRelease::Ready, Decision::Throttle(p)) if p < throttle => {
+                    ThrottleRelease::Leading {
+                        since: elapsed,
+                        restore_pct: throttle,
+                    }
+                }
+                (ThrottleRelease::Leading { .. }, Decision::Continue) => release,
+                (ThrottleRelease::Leading { .. }, _) => ThrottleRelease::Spent,
+                (r, _) => r,
+            };
+            match d {
                 Decision::Continue => {}
-                Decision::Throttle(p) => throttle = p,
+                Decision::Throttle(p) => {
+                    throttle = p;
+                    throttle_max = throttle_max.max(p);
+                }
                 d => {
                     let dt = c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap();
-                    return (d, round, throttle, dt, sent + dirtied);
+                    return (d, round, throttle_max, dt, sent + dirtied);
                 }
             }
             prev = Some(dirtied);
@@ -777,6 +887,126 @@ mod tests {
     }
 
     #[test]
+    fn a_throttled_remainder_that_fits_lifts_the_throttle_for_the_lead_then_switches_over() {
+        let c = ConvergenceConfig {
+            shrink_rounds_max: 0,
+            ..Default::default()
+        };
+        let lead = c.throttle_release_lead;
+        assert_eq!(lead, c.throttle_slice, "one slice by default");
+        // 2 MiB left at 1 GB/s under the 90 % throttle: well within the 50 ms budget.
+        let fits = SyncInput {
+            elapsed: ms(800),
+            remaining_bytes: 2 * MIB,
+            previous_remaining_bytes: Some(20 * MIB),
+            round: 3,
+            throttle_pct: 90.0,
+            bandwidth: Some(GBPS),
+            dirty_bytes_per_sec: 0.02 * GBPS,
+            round_sent_bytes: 20 * MIB,
+            fitted_before: 0,
+            release: ThrottleRelease::Ready,
+        };
+        assert_eq!(c.decide(&fits), Decision::Throttle(0.0), "released");
+        // Released at 800 ms: a sync within the lead runs another round, the first after it
+        // switches over.
+        let leading = ThrottleRelease::Leading {
+            since: ms(800),
+            restore_pct: 90.0,
+        };
+        let early = SyncInput {
+            elapsed: ms(800) + lead / 2,
+            throttle_pct: 0.0,
+            fitted_before: 1,
+            release: leading,
+            ..fits
+        };
+        assert_eq!(c.decide(&early), Decision::Continue);
+        let after = SyncInput {
+            elapsed: ms(800) + lead,
+            // running free, the guest dirtied more than the round sent (not a shrink round)
+            remaining_bytes: 6 * MIB,
+            round_sent_bytes: 2 * MIB,
+            ..early
+        };
+        assert_eq!(c.decide(&after), Decision::SwitchOver { forced: false });
+        // Running free it dirtied more than the budget takes: the throttle goes back on.
+        let broke = SyncInput {
+            remaining_bytes: 200 * MIB,
+            ..after
+        };
+        assert_eq!(c.decide(&broke), Decision::Throttle(90.0));
+        // Once spent, a fit under the throttle switches over under it.
+        let spent = SyncInput {
+            release: ThrottleRelease::Spent,
+            ..fits
+        };
+        assert_eq!(c.decide(&spent), Decision::SwitchOver { forced: false });
+        // Never throttled, or the release turned off, or the timeout passed: no release.
+        let unthrottled = SyncInput {
+            throttle_pct: 0.0,
+            ..fits
+        };
+        assert_eq!(
+            c.decide(&unthrottled),
+            Decision::SwitchOver { forced: false }
+        );
+        let off = ConvergenceConfig {
+            throttle_release_lead: Duration::ZERO,
+            ..c.clone()
+        };
+        assert_eq!(off.decide(&fits), Decision::SwitchOver { forced: false });
+        let late = SyncInput {
+            elapsed: c.timeout,
+            ..fits
+        };
+        assert_eq!(c.decide(&late), Decision::SwitchOver { forced: false });
+        // Free, this guest would dirty 10 × 0.02 GB/s = 0.2 GB/s: ~2.6 MB over the lead and
+        // the round, which fits. At 0.5 GB/s measured under the throttle (5 GB/s free) it
+        // would dirty ~66 MB, past the budget: the throttle stays on through the pause.
+        assert!(c.release_fits(&fits));
+        let fast = SyncInput {
+            dirty_bytes_per_sec: 0.5 * GBPS,
+            ..fits
+        };
+        assert!(!c.release_fits(&fast));
+        assert_eq!(c.decide(&fast), Decision::SwitchOver { forced: false });
+    }
+
+    #[test]
+    fn a_throttled_run_ends_unthrottled_for_the_lead_and_within_the_budget() {
+        // The bench's capped workload: a guest dirtying ~200 MiB/s of a 256 MiB working set
+        // over a 256 MiB/s link. The saturated throttle makes it converge; the switch-over comes
+        // after the lead, unthrottled, with the remainder still within the budget.
+        let c = ConvergenceConfig::default();
+        let (d, _, thr, dt, _) = simulate(
+            &c,
+            260 * MIB,
+            256 * MIB,
+            200.0 * MIB as f64,
+            256.0 * MIB as f64,
+        );
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert_eq!(thr, c.throttle_saturated_pct);
+        assert!(dt <= c.downtime_budget, "{dt:?}");
+        // A release whose lead lets the guest dirty past the budget puts the throttle back and
+        // still switches over, under it: a 1 s lead.
+        let long = ConvergenceConfig {
+            throttle_release_lead: Duration::from_secs(1),
+            ..c
+        };
+        let (d, _, _, dt, _) = simulate(
+            &long,
+            260 * MIB,
+            256 * MIB,
+            200.0 * MIB as f64,
+            256.0 * MIB as f64,
+        );
+        assert_eq!(d, Decision::SwitchOver { forced: false });
+        assert!(dt <= long.downtime_budget, "{dt:?}");
+    }
+
+    #[test]
     fn a_guest_below_saturation_is_not_throttled_after_the_full_copy() {
         let c = ConvergenceConfig::default();
         // 100 MiB re-dirtied of 1 GiB sent: above budget but not saturated, round 0.
@@ -790,6 +1020,7 @@ mod tests {
             dirty_bytes_per_sec: 0.1 * GBPS,
             round_sent_bytes: 1 << 30,
             fitted_before: 0,
+            release: ThrottleRelease::Ready,
         };
         assert!(!i.saturated());
         assert_eq!(c.decide(&i), Decision::Continue);

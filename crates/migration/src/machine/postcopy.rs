@@ -447,6 +447,7 @@ mod tests {
             dirty_bytes_per_sec: 600e6,
             round_sent_bytes: 64 << 20,
             fitted_before: 0,
+            release: crate::machine::policy::ThrottleRelease::Ready,
         };
         assert!(matches!(cfg.decide(&sync), Decision::Throttle(p) if p >= 90.0));
         let pc = pre_copy_convergence(&cfg, Some(2));

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use crate::PAGE_SIZE;
-use crate::machine::policy::{BandwidthEstimator, ConvergenceConfig, Decision, SyncInput};
+use crate::machine::policy::{
+    BandwidthEstimator, ConvergenceConfig, Decision, SyncInput, ThrottleRelease,
+};
 use crate::report::{
     DowntimeStep, MigrationReport, Outcome, PauseStep, PostCopyFigures, Progress, ProgressPhase,
     RoundDecision, RoundFigures,
@@ -282,6 +284,8 @@ pub struct Sender {
     rounds_detail: Vec<RoundFigures>,
     /// Syncs in a row whose remainder fit the budget (rounds spent shrinking the pause).
     fitted_in_a_row: u32,
+    /// The throttle's release before the switch-over.
+    release: ThrottleRelease,
     paused_at: Option<Duration>,
     /// The final state was saved: the storage release is due.
     state_saved: bool,
@@ -338,6 +342,7 @@ impl Sender {
             round_pages: (0, 0),
             rounds_detail: Vec::new(),
             fitted_in_a_row: 0,
+            release: ThrottleRelease::Ready,
             paused_at: None,
             state_saved: false,
             storage_released: false,
@@ -593,15 +598,20 @@ impl Sender {
             dirty_bytes_per_sec: self.dirty_rate,
             round_sent_bytes: self.round_sent,
             fitted_before: self.fitted_in_a_row,
+            release: self.release,
         });
         let fits = self
             .cfg
             .expected_downtime(dirty_bytes, self.bandwidth.bytes_per_sec())
             .is_some_and(|d| d <= self.cfg.downtime_budget);
         self.fitted_in_a_row = if fits { self.fitted_in_a_row + 1 } else { 0 };
+        let leading = matches!(self.release, ThrottleRelease::Leading { since, .. }
+            if now.saturating_sub(since) < self.cfg.throttle_release_lead);
         let kind = match decision {
+            Decision::Continue if leading && fits => RoundDecision::Release,
             Decision::Continue if fits => RoundDecision::Shrink,
             Decision::Continue => RoundDecision::Continue,
+            Decision::Throttle(p) if p < self.throttle_pct => RoundDecision::Release,
             Decision::Throttle(_) => RoundDecision::Throttle,
             Decision::SwitchOver { forced: false } => RoundDecision::SwitchOver,
             Decision::SwitchOver { forced: true } => RoundDecision::ForcedSwitchOver,
@@ -610,6 +620,17 @@ impl Sender {
         // The throttle recorded is the one the round ran under (the decision changes it next).
         self.end_round(now, dirty_bytes, kind);
         self.awaiting_round = None;
+        self.release = match (self.release, decision) {
+            (ThrottleRelease::Ready, Decision::Throttle(p)) if p < self.throttle_pct => {
+                ThrottleRelease::Leading {
+                    since: now,
+                    restore_pct: self.throttle_pct,
+                }
+            }
+            (ThrottleRelease::Leading { .. }, Decision::Continue) => self.release,
+            (ThrottleRelease::Leading { .. }, _) => ThrottleRelease::Spent,
+            (r, _) => r,
+        };
         match decision {
             Decision::Continue => self.round += 1,
             Decision::Throttle(p) => {
@@ -625,6 +646,18 @@ impl Sender {
         }
         self.previous_remaining = Some(dirty_bytes);
         Ok(decision)
+    }
+
+    /// When the shell may fetch the dirty log for the next sync: after the throttle's release
+    /// before the switch-over, not before its lead has passed (the guest runs free meanwhile);
+    /// `None` otherwise.
+    pub fn sync_not_before(&self) -> Option<Duration> {
+        match self.release {
+            ThrottleRelease::Leading { since, .. } if self.phase == SenderPhase::PreCopy => {
+                Some(since + self.cfg.throttle_release_lead)
+            }
+            _ => None,
+        }
     }
 
     /// The source VM is paused: stop-and-copy begins.
@@ -1324,7 +1357,12 @@ mod tests {
     fn the_rounds_in_the_report_add_up_to_its_totals() {
         // About 1 MiB per ms: a saturated full copy (throttled), a round whose remainder fits
         // the budget but is worth shrinking, one that switches over, then the stop-and-copy.
-        let mut s = Sender::new(ConvergenceConfig::default()).with_versions((1, 2));
+        // (The throttle's release before the pause is off here: its rounds have their own test.)
+        let mut s = Sender::new(ConvergenceConfig {
+            throttle_release_lead: Duration::ZERO,
+            ..Default::default()
+        })
+        .with_versions((1, 2));
         s.heard(ms(0), Frame::Welcome { version: 2 }).unwrap();
         s.accepted(ms(1)).unwrap();
         s.dirty_log_armed().unwrap();
@@ -1604,14 +1642,85 @@ mod tests {
             s.synced(ms(260), 256 << 20).unwrap(),
             Decision::Throttle(90.0)
         );
-        // Under that throttle the second round leaves little: switch over after round 1, having
-        // sent the working set twice rather than once per throttle step.
+        // Under that throttle the second round leaves little: the throttle is lifted for the
+        // lead, and the switch-over follows after round 2, having sent the working set twice
+        // rather than once per throttle step.
         s.sent(256 << 20, ms(256)).unwrap();
+        assert_eq!(s.synced(ms(516), 4 << 20).unwrap(), Decision::Throttle(0.0));
+        s.sent(4 << 20, ms(4)).unwrap();
         assert_eq!(
-            s.synced(ms(516), 4 << 20).unwrap(),
+            s.synced(ms(526), 6 << 20).unwrap(),
             Decision::SwitchOver { forced: false }
         );
-        assert_eq!(s.round(), 1);
+        assert_eq!(s.round(), 2);
+    }
+
+    #[test]
+    fn a_throttled_migration_runs_free_for_the_lead_before_its_pause() {
+        let cfg = ConvergenceConfig {
+            shrink_rounds_max: 0,
+            ..Default::default()
+        };
+        let lead = cfg.throttle_release_lead;
+        let mut s = Sender::new(cfg.clone());
+        s.accepted(ms(0)).unwrap();
+        assert_eq!(s.sync_not_before(), None);
+        s.sent(260 << 20, ms(260)).unwrap();
+        assert_eq!(
+            s.synced(ms(260), 256 << 20).unwrap(),
+            Decision::Throttle(90.0)
+        );
+        assert_eq!(s.sync_not_before(), None, "no wait while throttled");
+        s.sent(256 << 20, ms(256)).unwrap();
+        assert_eq!(s.synced(ms(516), 4 << 20).unwrap(), Decision::Throttle(0.0));
+        // The shell waits out the lead before the next sync.
+        assert_eq!(s.sync_not_before(), Some(ms(516) + lead));
+        s.sent(4 << 20, ms(4)).unwrap();
+        assert_eq!(
+            s.synced(ms(516) + lead, 5 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        assert_eq!(s.sync_not_before(), None);
+        let kinds: Vec<_> = s
+            .rounds_detail
+            .iter()
+            .map(|r| (r.decision, r.throttle_pct))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (RoundDecision::Throttle, 0.0),
+                (RoundDecision::Release, 90.0),
+                (RoundDecision::SwitchOver, 0.0),
+            ],
+            "the round after the release ran unthrottled"
+        );
+        assert_eq!(s.figures().throttle_max_pct, 90.0);
+
+        // Running free the guest dirtied past the budget: the throttle goes back on (once), and
+        // the switch-over comes under it.
+        let mut s = Sender::new(cfg);
+        s.accepted(ms(0)).unwrap();
+        s.sent(260 << 20, ms(260)).unwrap();
+        s.synced(ms(260), 256 << 20).unwrap();
+        s.sent(256 << 20, ms(256)).unwrap();
+        assert_eq!(s.synced(ms(516), 4 << 20).unwrap(), Decision::Throttle(0.0));
+        s.sent(4 << 20, ms(4)).unwrap();
+        assert_eq!(
+            s.synced(ms(516) + lead, 200 << 20).unwrap(),
+            Decision::Throttle(90.0)
+        );
+        assert_eq!(s.sync_not_before(), None);
+        s.sent(200 << 20, ms(200)).unwrap();
+        assert_eq!(
+            s.synced(ms(730) + lead, 3 << 20).unwrap(),
+            Decision::SwitchOver { forced: false }
+        );
+        let last = s.rounds_detail.last().unwrap();
+        assert_eq!(
+            (last.decision, last.throttle_pct),
+            (RoundDecision::SwitchOver, 90.0)
+        );
     }
 
     #[test]

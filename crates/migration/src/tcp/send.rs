@@ -551,6 +551,14 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             self.wait_round_ack()?;
             let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
             self.machine.sent(self.bytes_sent - before, busy)?;
+            // The throttle was lifted before the switch-over: the guest runs free for the lead
+            // before the dirty log is read (at most one throttle slice).
+            if let Some(at) = self.machine.sync_not_before() {
+                let wait = at.saturating_sub(self.now());
+                if !wait.is_zero() {
+                    std::thread::sleep(wait);
+                }
+            }
             set = self.fetch_dirty()?;
             // Post-copy hook: after N rounds the rest is owed, whatever pre-copy would decide.
             if let Some(n) = self.opts.post_copy_after
