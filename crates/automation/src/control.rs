@@ -151,7 +151,9 @@ pub enum Outcome {
         /// The host.
         host: String,
     },
-    /// The power-off failed; the host still runs.
+    /// The power-off failed and the host still runs (the controller reports this for checks
+    /// before the driver is called; a driver's own error is in doubt until the host's lease
+    /// decides).
     PowerOffFailed {
         /// The plan.
         plan: u64,
@@ -160,8 +162,9 @@ pub enum Outcome {
         /// Why.
         error: String,
     },
-    /// The power-off's driver has not answered in time: the plan fails, but whether the host
-    /// goes off is not known (its BMC may still be turning it off). The host stays powering off
+    /// The power-off's driver has not answered in time, or failed while the host may be shutting
+    /// down all the same: the plan fails, but whether the host goes off is not known (its BMC
+    /// may still be turning it off). The host stays powering off
     /// — counted on, taking no VMs, in no round's view — and the plan's power-off action
     /// `running`, until [`Loop::power_off_settled`] says how it ended or a snapshot shows the
     /// host down (then it is off).

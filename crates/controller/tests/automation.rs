@@ -1217,6 +1217,63 @@ async fn a_driver_error_for_hosts_that_shut_down_leaves_them_off() {
     lab.wait_power(&hosts, "off").await;
 }
 
+/// Plan `id`'s power-offs failed on time while the hosts' agents report: the plan fails, the hosts
+/// stay `powering_off` (they may be shutting down all the same); returns the plan.
+async fn failed_while_reporting(lab: &Lab, gate: &Gate, id: u64, hosts: &[String]) -> Value {
+    lab.table.lock().unwrap().off_fails = true;
+    gate.open();
+    let p = lab.plan_ended(id).await;
+    assert_eq!(p["state"], "failed", "{p}");
+    let detail = p["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("its power driver failed (") && detail.contains("while its agent reports"),
+        "{detail}"
+    );
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "running", "{p}");
+    }
+    lab.wait_power(hosts, "powering_off").await;
+    p
+}
+
+#[tokio::test]
+async fn a_driver_error_while_the_agents_report_holds_the_hosts_until_their_leases_say_they_run() {
+    let (lab, gate, id, hosts) = held_power_off(None).await;
+    failed_while_reporting(&lab, &gate, id, &hosts).await;
+    // The agents go on reporting for two lease periods (2 × 5 s): the hosts are on again.
+    lab.wait_power(&hosts, "on").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "failed", "{p}");
+    }
+    let detail = p["detail"].as_str().unwrap();
+    for host in &hosts {
+        assert!(
+            detail.contains(&format!(
+                "{host} still runs (its agent still reports 10s after its power driver failed)"
+            )),
+            "{detail}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_driver_error_for_hosts_that_shut_down_within_their_lease_leaves_them_off() {
+    let (lab, gate, id, hosts) = held_power_off(None).await;
+    failed_while_reporting(&lab, &gate, id, &hosts).await;
+    // The soft power-off went on after the driver gave up: the hosts shut down.
+    hosts_shut_down(&lab, &hosts).await;
+    lab.wait_power(&hosts, "off").await;
+    let (_, p) = lab
+        .call(Method::GET, &format!("/v1/plans/{id}"), None)
+        .await;
+    for a in p["actions"].as_array().unwrap() {
+        assert_eq!(a["status"], "done", "{p}");
+    }
+}
+
 #[tokio::test]
 async fn hosts_being_powered_off_take_no_vm_from_the_core_and_an_operator_naming_one_gets_409() {
     let (lab, gate, _, held) = held_power_off(None).await;

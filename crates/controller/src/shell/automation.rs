@@ -1055,15 +1055,23 @@ fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn Pow
 /// What became of power-off `token` of `host` for plan `plan`: reported to the loop as the
 /// outcome of its plan's action while that action waits for it; a later answer (after the
 /// timeout, or a former term's power-off) settles the host if the loop holds that plan's
-/// power-off in doubt, and is only logged otherwise. A driver's error for a host whose agent no
-/// longer reports does not make it on (it would stay on for good, never woken): on time, the
-/// power-off is reported in doubt and settled off at once; late, it settles off. A power-off in
-/// doubt is watched ([`watch_power_off_in_doubt`]) in case its driver never answers. Carries out
-/// what follows and stores the plans. Nothing happens unless this controller leads in the term
-/// its loop was built for (a term that ended: the next one's loop holds the stored doubt).
+/// power-off in doubt, and is only logged otherwise. A driver's error never makes the host on by
+/// itself: the host may be shutting down all the same (a soft power-off under way when the
+/// driver gave up), and one taken for on would stay on for good, never woken. For a host whose
+/// agent no longer reports, the power-off is settled off (on time: reported in doubt and settled
+/// at once); for one whose agent still reports, it is in doubt until its agent's lease decides:
+/// watched for two lease periods ([`watch_power_off_in_doubt`]), off if the agent stopped
+/// reporting by then, on if it still reports. A power-off whose driver does not answer in time
+/// is watched too. Carries out what follows and stores the plans. Nothing happens unless this
+/// controller leads in the term its loop was built for (a term that ended: the next one's loop
+/// holds the stored doubt).
 async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end: PowerOffEnd) {
     let now = s.now_ms();
-    let leading = s.core().generation();
+    let (leading, lease) = {
+        let core = s.core();
+        let lease = Duration::from_millis(core.config().lease_ttl_ms.saturating_mul(2));
+        (core.generation(), lease)
+    };
     let up = host_up(s, host);
     let mut watch = None;
     let more = {
@@ -1104,26 +1112,45 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
                 more
             }
             (Some(plan), PowerOffEnd::Answer(Err(error))) => {
-                let host = host.to_string();
-                report(&mut a, Outcome::PowerOffFailed { plan, host, error })
+                let error = format!("its power driver failed ({error}) while its agent reports");
+                let more = in_doubt(&mut a, plan, error);
+                watch = Some((generation, plan, lease, "its power driver failed"));
+                more
             }
             (Some(plan), PowerOffEnd::NoAnswerWithin(t)) => {
                 let error = format!("its power driver did not answer within {t:?}");
                 let more = in_doubt(&mut a, plan, error);
-                watch = Some((generation, plan, a.power_off_timeout));
+                let since = "its power-off came into doubt";
+                watch = Some((generation, plan, a.power_off_timeout, since));
                 more
+            }
+            (None, PowerOffEnd::Answer(Err(e))) if up => {
+                // As on time: the agent's lease decides, if the power-off is still in doubt.
+                if a.lp.power_offs_in_doubt().get(host) == Some(&plan) {
+                    eprintln!(
+                        "tern controller: host {host}'s power driver answered late ({e}) while \
+                         its agent reports; its lease decides"
+                    );
+                    let since = "its power driver answered late with an error";
+                    watch = Some((generation, plan, lease, since));
+                } else {
+                    eprintln!(
+                        "tern controller: host {host}'s power driver answered too late ({e}); \
+                         ignored"
+                    );
+                }
+                Vec::new()
             }
             (None, PowerOffEnd::Answer(answer)) => {
                 let (off, why) = match &answer {
                     Ok(()) => (true, "its power driver answered late: off".to_string()),
-                    Err(e) if !up => (
+                    Err(e) => (
                         true,
                         format!(
                             "its power driver answered late ({e}) while its agent no longer \
                              reports"
                         ),
                     ),
-                    Err(e) => (false, format!("its power driver answered late: {e}")),
                 };
                 if a.lp.power_off_settled(now, plan, host, off, &why) {
                     eprintln!("tern controller: host {host}'s power-off settled: {why}");
@@ -1144,8 +1171,7 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
         a.count();
         more
     };
-    if let Some((generation, plan, wait)) = watch {
-        let since = "its power-off came into doubt";
+    if let Some((generation, plan, wait, since)) = watch {
         watch_power_off_in_doubt(s, generation, plan, host.to_string(), wait, since);
     }
     carry_out(s, more).await;
