@@ -562,10 +562,10 @@ pub enum RoundDecision {
     Continue,
     /// Another round under a stronger throttle.
     Throttle,
-    /// Another round with the throttle lifted (or the last round of that lead): the remainder
-    /// fits the budget, and the guest runs free for a while before the pause so that the pause
-    /// does not land in work the throttle stretched. Should the remainder stop fitting, the
-    /// throttle goes back on (`throttle`).
+    /// Another round with the throttle lifted (or a sync that came inside that lead): the
+    /// remainder fits the budget, and the guest runs free for a while before the pause so that
+    /// the pause does not land in work the throttle stretched. Should the remainder stop
+    /// fitting, the throttle goes back on (`throttle`).
     Release,
     /// Another round although the remainder fits the budget: predicted to shrink the pause.
     Shrink,

@@ -353,9 +353,10 @@ fn max_rate_guest_converges_through_throttling() {
 #[test]
 fn a_throttled_guest_runs_free_for_the_lead_before_its_pause() {
     // 64 MiB (16 MiB with data) over a 64 MiB/s cap, the guest writing 20,000 random pages/s
-    // (~78 MiB/s, faster than the link): the full copy leaves more dirty than the 200 ms budget
-    // carries, so the guest is throttled; once the remainder fits, the throttle is lifted and
-    // the sender waits out the lead (60 ms here, longer than the round that sends the ~2 MiB
+    // (~78 MiB/s, faster than the link): the full copy (~250 ms) leaves ~16 MiB dirty, more
+    // than the 120 ms budget carries (~7 MiB; half the writer's pace would still leave ~9), so
+    // the guest is throttled; once the remainder fits, the throttle is lifted and the sender
+    // waits out the lead (40 ms here, longer than the ~30 ms round that sends the ~2 MiB
     // left) before its sync, so the pause comes with the guest running free, and what it
     // dirtied meanwhile still fits.
     let mut src = MemVm::source(64 * MIB, 20_000);
@@ -363,8 +364,8 @@ fn a_throttled_guest_runs_free_for_the_lead_before_its_pause() {
     let (addr, h) = spawn_target(MemVm::target(64 * MIB, 1, 5000));
     let mut o = opts(2, false);
     o.convergence.max_bandwidth = Some(64 * MIB);
-    o.convergence.downtime_budget = Duration::from_millis(200);
-    o.convergence.throttle_release_lead = Duration::from_millis(60);
+    o.convergence.downtime_budget = Duration::from_millis(120);
+    o.convergence.throttle_release_lead = Duration::from_millis(40);
     // throttle whenever a round does not fit, even the full copy (whatever the writer's pace
     // on a loaded machine makes of saturation)
     o.convergence.throttle_from_round = 0;
@@ -398,7 +399,7 @@ fn a_throttled_guest_runs_free_for_the_lead_before_its_pause() {
     );
     // what the guest dirtied running free still fitted the budget at the cap
     let final_bytes = after.last().unwrap().bytes;
-    assert!(final_bytes <= 64 * MIB / 5, "{rounds:?}");
+    assert!(final_bytes <= 64 * MIB * 120 / 1000, "{rounds:?}");
 }
 
 #[test]

@@ -317,10 +317,11 @@ impl ConvergenceConfig {
 
     /// Whether lifting the throttle for the lead is predicted to leave a remainder that still
     /// fits the budget: the guest dirties at its free rate (the rate measured under the
-    /// throttle over the run share it kept) for the lead and for the round that sends the
-    /// current remainder. A guest that would dirty past the budget meanwhile (several times
-    /// the link, or measured under a throttle so strong that its free rate is unknown) keeps
-    /// the throttle through the pause.
+    /// throttle over the run share it kept) for the lead round, which sends the current
+    /// remainder and lasts at least the lead (the shell waits out the rest). A guest that would
+    /// dirty past the budget meanwhile (several times the link, or measured under a throttle so
+    /// strong that its free rate is unknown) keeps the throttle through the pause, and so does a
+    /// saturated one (its rate is only a lower bound).
     pub fn release_fits(&self, i: &SyncInput) -> bool {
         let Some(bw) = self
             .effective_bandwidth(i.bandwidth)
@@ -332,10 +333,12 @@ impl ConvergenceConfig {
         if !(run_share > 0.0 && i.dirty_bytes_per_sec.is_finite()) {
             return false;
         }
+        if i.saturated() {
+            return false;
+        }
         let free_rate = i.dirty_bytes_per_sec.max(0.0) / run_share;
-        let secs = self.throttle_release_lead.as_secs_f64()
-            + i.remaining_bytes as f64 / bw
-            + self.round_overhead.as_secs_f64();
+        let round = i.remaining_bytes as f64 / bw + self.round_overhead.as_secs_f64();
+        let secs = round.max(self.throttle_release_lead.as_secs_f64());
         self.expected_downtime((free_rate * secs) as u64, Some(bw))
             .is_some_and(|d| d <= self.downtime_budget)
     }
@@ -767,6 +770,18 @@ mod tests {
         assert_eq!(t.take(100, Duration::from_millis(1600)), Duration::ZERO);
     }
 
+    /// What [`simulate_trace`] saw: the final decision, the rounds, every decision, the
+    /// throttle at the end and the highest, the final expected downtime and the bytes sent.
+    struct Trace {
+        end: Decision,
+        rounds: u32,
+        decisions: Vec<Decision>,
+        throttle: f64,
+        throttle_max: f64,
+        downtime: Duration,
+        sent: u64,
+    }
+
     /// A synthetic pre-copy run: a guest dirtying `dirty_rate` bytes/s of a `wss`-byte working
     /// set, a link of `bw` bytes/s, throttling cutting the dirty rate. Returns the decisions'
     /// outcome, rounds, highest throttle, final expected downtime and bytes sent.
@@ -777,6 +792,18 @@ mod tests {
         dirty_rate: f64,
         bw: f64,
     ) -> (Decision, u32, f64, Duration, u64) {
+        let t = simulate_trace(c, memory, wss, dirty_rate, bw);
+        (t.end, t.rounds, t.throttle_max, t.downtime, t.sent)
+    }
+
+    /// [`simulate`], with every decision on the way.
+    fn simulate_trace(
+        c: &ConvergenceConfig,
+        memory: u64,
+        wss: u64,
+        dirty_rate: f64,
+        bw: f64,
+    ) -> Trace {
         let mut est = BandwidthEstimator::new(c.bandwidth_window);
         let mut elapsed = Duration::ZERO;
         let mut to_send = memory;
@@ -785,6 +812,7 @@ mod tests {
         let mut throttle_max = 0.0f64;
         let mut release = ThrottleRelease::Ready;
         let mut sent = 0u64;
+        let mut decisions = Vec::new();
         for round in 0..10_000u32 {
             let send = Duration::from_secs_f64(to_send as f64 / bw + 0.0005);
             est.record(to_send, send);
@@ -811,6 +839,7 @@ mod tests {
                 release,
             };
             let d = c.decide(&input);
+            decisions.push(d);
             release = match (release, d) {
                 (ThrottleRelease::Ready, Decision::Throttle(p)) if p < throttle => {
                     ThrottleRelease::Leading {
@@ -828,9 +857,16 @@ mod tests {
                     throttle = p;
                     throttle_max = throttle_max.max(p);
                 }
-                d => {
-                    let dt = c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap();
-                    return (d, round, throttle_max, dt, sent + dirtied);
+                end => {
+                    return Trace {
+                        end,
+                        rounds: round,
+                        decisions,
+                        throttle,
+                        throttle_max,
+                        downtime: c.expected_downtime(dirtied, est.bytes_per_sec()).unwrap(),
+                        sent: sent + dirtied,
+                    };
                 }
             }
             prev = Some(dirtied);
@@ -976,34 +1012,37 @@ mod tests {
     #[test]
     fn a_throttled_run_ends_unthrottled_for_the_lead_and_within_the_budget() {
         // The bench's capped workload: a guest dirtying ~200 MiB/s of a 256 MiB working set
-        // over a 256 MiB/s link. The saturated throttle makes it converge; the switch-over comes
-        // after the lead, unthrottled, with the remainder still within the budget.
+        // over a 256 MiB/s link. The saturated throttle makes it converge; the throttle is then
+        // lifted, and the switch-over comes after the lead, unthrottled, with the remainder
+        // still within the budget.
         let c = ConvergenceConfig::default();
-        let (d, _, thr, dt, _) = simulate(
-            &c,
-            260 * MIB,
-            256 * MIB,
-            200.0 * MIB as f64,
-            256.0 * MIB as f64,
+        let (rate, link) = (200.0 * MIB as f64, 256.0 * MIB as f64);
+        let t = simulate_trace(&c, 260 * MIB, 256 * MIB, rate, link);
+        assert_eq!(t.end, Decision::SwitchOver { forced: false });
+        assert!(
+            t.decisions
+                .contains(&Decision::Throttle(c.throttle_saturated_pct))
         );
-        assert_eq!(d, Decision::SwitchOver { forced: false });
-        assert_eq!(thr, c.throttle_saturated_pct);
-        assert!(dt <= c.downtime_budget, "{dt:?}");
-        // A release whose lead lets the guest dirty past the budget puts the throttle back and
-        // still switches over, under it: a 1 s lead.
-        let long = ConvergenceConfig {
-            throttle_release_lead: Duration::from_secs(1),
+        assert!(
+            t.decisions.contains(&Decision::Throttle(0.0)),
+            "{:?}",
+            t.decisions
+        );
+        assert_eq!(t.throttle, 0.0, "switched over unthrottled");
+        assert!(t.downtime <= c.downtime_budget, "{:?}", t.downtime);
+        // Without the release the same run switches over under the throttle.
+        let off = ConvergenceConfig {
+            throttle_release_lead: Duration::ZERO,
             ..c
         };
-        let (d, _, _, dt, _) = simulate(
-            &long,
-            260 * MIB,
-            256 * MIB,
-            200.0 * MIB as f64,
-            256.0 * MIB as f64,
+        let t = simulate_trace(&off, 260 * MIB, 256 * MIB, rate, link);
+        assert_eq!(t.end, Decision::SwitchOver { forced: false });
+        assert!(
+            !t.decisions.contains(&Decision::Throttle(0.0)),
+            "{:?}",
+            t.decisions
         );
-        assert_eq!(d, Decision::SwitchOver { forced: false });
-        assert!(dt <= long.downtime_budget, "{dt:?}");
+        assert_eq!(t.throttle, off.throttle_saturated_pct);
     }
 
     #[test]

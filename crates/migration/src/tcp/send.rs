@@ -552,7 +552,8 @@ impl<S: MigrationSource + ?Sized> Run<'_, S> {
             let busy = t0.elapsed().saturating_sub(self.zero_scan - scan0);
             self.machine.sent(self.bytes_sent - before, busy)?;
             // The throttle was lifted before the switch-over: the guest runs free for the lead
-            // before the dirty log is read (at most one throttle slice).
+            // (`throttle_release_lead`, one throttle slice by default) before the dirty log is
+            // read.
             if let Some(at) = self.machine.sync_not_before() {
                 let wait = at.saturating_sub(self.now());
                 if !wait.is_zero() {
