@@ -2396,9 +2396,15 @@ impl Controller {
                 let placed = on.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
                 Candidate {
                     name: name.clone(),
-                    usable: h.state == HostState::Up
-                        && !h.maintenance
-                        && !self.power_holds.contains_key(name),
+                    unusable: if h.state != HostState::Up {
+                        Some("down")
+                    } else if h.maintenance {
+                        Some("in maintenance")
+                    } else if self.power_holds.contains_key(name) {
+                        Some("off or powering off")
+                    } else {
+                        None
+                    },
                     cores: h.record.capacity.cores,
                     memory_mib: h.record.capacity.memory_mib,
                     power_model: h.record.capacity.power_model.clone(),

@@ -40,8 +40,9 @@ pub const PLACEMENT_POLICY: PolicyConfig = PolicyConfig {
 pub struct Candidate {
     /// The host's name.
     pub name: String,
-    /// Up and not in maintenance.
-    pub usable: bool,
+    /// Why the host takes no VMs (down, in maintenance, or held by the automation powering it
+    /// off or off); `None`: it may take them.
+    pub unusable: Option<&'static str>,
     /// Physical cores.
     pub cores: u32,
     /// Memory for VMs, MiB.
@@ -164,7 +165,7 @@ pub fn admits(
     if reserve == 0 {
         return Ok(());
     }
-    let mut usable: Vec<&Candidate> = cands.iter().filter(|c| c.usable).collect();
+    let mut usable: Vec<&Candidate> = cands.iter().filter(|c| c.unusable.is_none()).collect();
     if usable.len() <= reserve as usize {
         return Err(format!(
             "admission control keeps room for {reserve} host failure(s), and only {} host(s) are usable",
@@ -209,8 +210,8 @@ pub fn choose(
     for c in cands {
         let why = if Some(c.name.as_str()) == leaving {
             Some(None)
-        } else if !c.usable {
-            Some(Some(format!("{} is down or in maintenance", c.name)))
+        } else if let Some(why) = c.unusable {
+            Some(Some(format!("{} is {why}", c.name)))
         } else {
             fits(c, vm, vcpus_per_core).err().map(Some)
         };
@@ -299,7 +300,7 @@ mod tests {
     fn host(name: &str, cores: u32, mem: u64, demand: f64) -> Candidate {
         Candidate {
             name: name.into(),
-            usable: true,
+            unusable: None,
             cores,
             memory_mib: mem,
             power_model: "hp-ml110-g5".into(),
@@ -394,7 +395,7 @@ mod tests {
             ),
             Placement::Host("b".into())
         );
-        a.usable = false;
+        a.unusable = Some("in maintenance");
         assert_eq!(
             choose(&[a, b], &vm("x", 1, 64), None, None, 4, 0),
             Placement::Host("b".into())

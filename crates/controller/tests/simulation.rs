@@ -1103,7 +1103,9 @@ impl World {
                 let placement_refusal = why.contains("slots")
                     || why.contains("MiB")
                     || why.contains("anti-affinity")
-                    || why.contains("is down or in maintenance");
+                    || why.contains(" is down")
+                    || why.contains(" is in maintenance")
+                    || why.contains(" is off or powering off");
                 if placement_refusal {
                     continue;
                 }
