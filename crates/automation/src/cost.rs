@@ -699,7 +699,8 @@ mod tests {
     }
 
     #[test]
-    fn recorded_runs_are_predicted_within_20_percent_and_two_slow_first_moves_spoil_nothing() {
+    fn recorded_runs_are_predicted_within_20_percent_on_average_and_slow_first_moves_spoil_nothing()
+    {
         // The whole moves (target start + migration) of the automation bench's runs 25-30
         // (docs/benchmarks.md, "Automation"), seconds, by plan.
         let runs: &[(u32, &[&[f64]])] = &[
