@@ -315,13 +315,14 @@ impl ConvergenceConfig {
             && self.shrink_pays(i, bw)
     }
 
-    /// Whether lifting the throttle for the lead is predicted to leave a remainder that still
-    /// fits the budget: the guest dirties at its free rate (the rate measured under the
-    /// throttle over the run share it kept) for the lead round, which sends the current
-    /// remainder and lasts at least the lead (the shell waits out the rest). A guest that would
-    /// dirty past the budget meanwhile (several times the link, or measured under a throttle so
-    /// strong that its free rate is unknown) keeps the throttle through the pause, and so does a
-    /// saturated one (its rate is only a lower bound).
+    /// Whether to lift the throttle for the lead now: the round that sends the current
+    /// remainder takes no longer than the lead (a longer one would let the guest run free, and
+    /// dirty, for all of it: another round under the throttle shrinks the remainder first), and
+    /// the guest, dirtying at its free rate (the rate measured under the throttle over the run
+    /// share it kept) for the lead, is predicted to leave a remainder that still fits the
+    /// budget. A guest that would dirty past the budget meanwhile (several times the link, or
+    /// measured under a throttle so strong that its free rate is unknown) keeps the throttle
+    /// through the pause, and so does a saturated one (its rate is only a lower bound).
     pub fn release_fits(&self, i: &SyncInput) -> bool {
         let Some(bw) = self
             .effective_bandwidth(i.bandwidth)
@@ -337,10 +338,12 @@ impl ConvergenceConfig {
             return false;
         }
         let free_rate = i.dirty_bytes_per_sec.max(0.0) / run_share;
+        let lead = self.throttle_release_lead.as_secs_f64();
         let round = i.remaining_bytes as f64 / bw + self.round_overhead.as_secs_f64();
-        let secs = round.max(self.throttle_release_lead.as_secs_f64());
-        self.expected_downtime((free_rate * secs) as u64, Some(bw))
-            .is_some_and(|d| d <= self.downtime_budget)
+        round <= lead
+            && self
+                .expected_downtime((free_rate * lead) as u64, Some(bw))
+                .is_some_and(|d| d <= self.downtime_budget)
     }
 
     /// The switch-over rule (with the throttle's release and the rounds that shrink the
@@ -1007,6 +1010,18 @@ mod tests {
         };
         assert!(!c.release_fits(&fast));
         assert_eq!(c.decide(&fast), Decision::SwitchOver { forced: false });
+        // 20 MiB left take ~22 ms to send, longer than the lead: the guest would run free for
+        // all of it, so no release yet (a round under the throttle shrinks it first, where
+        // shrink rounds are allowed; none are here).
+        let long_round = SyncInput {
+            remaining_bytes: 20 * MIB,
+            ..fits
+        };
+        assert!(!c.release_fits(&long_round));
+        assert_eq!(
+            c.decide(&long_round),
+            Decision::SwitchOver { forced: false }
+        );
     }
 
     #[test]
