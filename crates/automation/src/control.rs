@@ -910,8 +910,8 @@ impl Loop {
 
     /// How the power-off of `host` for plan `plan`, in doubt ([`Outcome::PowerOffInDoubt`], or
     /// one a previous leader was carrying out), ended: `off` (a late answer of its driver, or
-    /// the host seen down), or the host still runs (its driver failed while its agent reports,
-    /// or its agent still reports well after the power-off should have ended). The host is off
+    /// the host seen down), or the host still runs (its agent still reports well after the
+    /// power-off should have ended, or after its driver failed). The host is off
     /// or on from now; the plan that asked for it keeps its state (failed) but its power-off
     /// action says what happened (done, or failed) and its detail why. Returns whether that
     /// power-off was in doubt (`false`: nothing changed — none was, or the host's doubt is

@@ -23,10 +23,12 @@
 //!    cycles or not (none runs while a host is lost, as the one powered off soon is): the
 //!    driver's answer, or after [`POWER_OFF_TIMEOUT`] without one the power-off in doubt — the
 //!    plan fails but the host stays powering off (the power-off `running` in the failed plan),
-//!    its BMC may still be turning it off — until the driver's late answer (off, or on again),
-//!    a snapshot showing the host down (off), or [`POWER_OFF_TIMEOUT`] more with its agent
-//!    still reporting (on). A driver's error for a host whose agent no longer reports, on time
-//!    or late, makes it off, not on: a host seen down while on stays on for good.
+//!    its BMC may still be turning it off — until the driver's late answer (off), a snapshot
+//!    showing the host down (off), or [`POWER_OFF_TIMEOUT`] more with its agent still
+//!    reporting (on). A driver's error never makes the host on by itself: for a host whose
+//!    agent no longer reports, on time or late, it makes it off (a host seen down while on
+//!    stays on for good); for one whose agent reports, the power-off is in doubt, watched the
+//!    same way.
 //!
 //! A new leader (or this controller elected again) finds the power-offs the previous term was
 //! carrying out or held in doubt in the plans it stored (the power-off `running`, the plan
@@ -680,7 +682,8 @@ pub async fn take_office(s: &Arc<Shared>, generation: u64) {
 }
 
 /// A power-off whose end is not known — one the previous term was carrying out or held in doubt
-/// (its plan stored with the power-off `running`), or one whose driver did not answer in time:
+/// (its plan stored with the power-off `running`), or one whose driver did not answer in time or
+/// failed while the host's agent reports:
 /// the host is held powering off by the loop; if its agent still reports `wait` from now (`since`
 /// saying what happened now), the power-off did not happen and the host is on again; if it
 /// stopped reporting, it is off (cycles need not run for this: they wait while a host is lost).
@@ -1014,10 +1017,10 @@ fn collect_outcomes(s: &Arc<Shared>, now: u64) -> Vec<Action> {
 /// Starts `host`'s power-off (soft, then hard after [`SOFT_OFF_GRACE`]) on a blocking task and
 /// returns at once: the host stays powering off for the loop (counted on, taking no VMs). The
 /// task itself reports the outcome when the driver answers, whether cycles run or not (they wait
-/// while a host is lost, as one being powered off soon is): done or failed; or, when the driver
-/// has not answered within the timeout ([`POWER_OFF_TIMEOUT`]), the power-off in doubt — its
-/// plan fails, the host stays powering off — and then the driver's late answer settles the host
-/// (off, or on again).
+/// while a host is lost, as one being powered off soon is): done; or the power-off in doubt —
+/// its plan fails, the host stays powering off — when the driver failed, or has not answered
+/// within the timeout ([`POWER_OFF_TIMEOUT`]); the doubt is settled as [`power_off_ended`]
+/// says.
 fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn PowerDriver>) {
     let (token, timeout) = {
         let mut a = lock(s);
@@ -1059,19 +1062,15 @@ fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn Pow
 /// itself: the host may be shutting down all the same (a soft power-off under way when the
 /// driver gave up), and one taken for on would stay on for good, never woken. For a host whose
 /// agent no longer reports, the power-off is settled off (on time: reported in doubt and settled
-/// at once); for one whose agent still reports, it is in doubt until its agent's lease decides:
-/// watched for two lease periods ([`watch_power_off_in_doubt`]), off if the agent stopped
-/// reporting by then, on if it still reports. A power-off whose driver does not answer in time
-/// is watched too. Carries out what follows and stores the plans. Nothing happens unless this
+/// at once); for one whose agent still reports, it is in doubt, watched for the power-off
+/// timeout ([`watch_power_off_in_doubt`]) as one whose driver does not answer in time: off if
+/// the agent's registration ran out by then, on if it still reports (a soft power-off the
+/// driver gave up on may still end well after the error). Carries out what follows and stores the plans. Nothing happens unless this
 /// controller leads in the term its loop was built for (a term that ended: the next one's loop
 /// holds the stored doubt).
 async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end: PowerOffEnd) {
     let now = s.now_ms();
-    let (leading, lease) = {
-        let core = s.core();
-        let lease = Duration::from_millis(core.config().lease_ttl_ms.saturating_mul(2));
-        (core.generation(), lease)
-    };
+    let leading = s.core().generation();
     let up = host_up(s, host);
     let mut watch = None;
     let more = {
@@ -1114,7 +1113,8 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
             (Some(plan), PowerOffEnd::Answer(Err(error))) => {
                 let error = format!("its power driver failed ({error}) while its agent reports");
                 let more = in_doubt(&mut a, plan, error);
-                watch = Some((generation, plan, lease, "its power driver failed"));
+                let since = "its power driver failed";
+                watch = Some((generation, plan, a.power_off_timeout, since));
                 more
             }
             (Some(plan), PowerOffEnd::NoAnswerWithin(t)) => {
@@ -1125,14 +1125,14 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
                 more
             }
             (None, PowerOffEnd::Answer(Err(e))) if up => {
-                // As on time: the agent's lease decides, if the power-off is still in doubt.
+                // As on time: watched, if the power-off is still in doubt.
                 if a.lp.power_offs_in_doubt().get(host) == Some(&plan) {
                     eprintln!(
                         "tern controller: host {host}'s power driver answered late ({e}) while \
-                         its agent reports; its lease decides"
+                         its agent reports; still in doubt"
                     );
                     let since = "its power driver answered late with an error";
-                    watch = Some((generation, plan, lease, since));
+                    watch = Some((generation, plan, a.power_off_timeout, since));
                 } else {
                     eprintln!(
                         "tern controller: host {host}'s power driver answered too late ({e}); \
