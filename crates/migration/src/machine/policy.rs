@@ -62,7 +62,8 @@ pub struct ConvergenceConfig {
     pub shrink_floor: Duration,
     /// What a round costs besides sending its pages (the round barrier's round trip, the
     /// dirty-log fetch): the guest dirties pages meanwhile too. Used to predict what a round to
-    /// shrink the pause leaves.
+    /// shrink the pause leaves, and whether the round after the throttle's release fits in its
+    /// lead (so a lead no longer than this never releases).
     pub round_overhead: Duration,
 }
 
@@ -1000,9 +1001,9 @@ mod tests {
             ..fits
         };
         assert_eq!(c.decide(&late), Decision::SwitchOver { forced: false });
-        // Free, this guest would dirty 10 × 0.02 GB/s = 0.2 GB/s: ~2.6 MB over the lead and
-        // the round, which fits. At 0.5 GB/s measured under the throttle (5 GB/s free) it
-        // would dirty ~66 MB, past the budget: the throttle stays on through the pause.
+        // Free, this guest would dirty 10 × 0.02 GB/s = 0.2 GB/s: ~2 MB over the 10 ms lead,
+        // which fits. At 0.5 GB/s measured under the throttle (5 GB/s free) it would dirty
+        // ~50 MB, past the budget: the throttle stays on through the pause.
         assert!(c.release_fits(&fits));
         let fast = SyncInput {
             dirty_bytes_per_sec: 0.5 * GBPS,
@@ -1015,8 +1016,10 @@ mod tests {
         // shrink rounds are allowed; none are here).
         let long_round = SyncInput {
             remaining_bytes: 20 * MIB,
+            round_sent_bytes: 200 * MIB,
             ..fits
         };
+        assert!(!long_round.saturated());
         assert!(!c.release_fits(&long_round));
         assert_eq!(
             c.decide(&long_round),
