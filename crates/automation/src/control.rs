@@ -152,8 +152,8 @@ pub enum Outcome {
         host: String,
     },
     /// The power-off failed and the host still runs (the controller reports this for checks
-    /// before the driver is called; a driver's own error is in doubt until the host's lease
-    /// decides).
+    /// before the driver is called; a driver's own error is in doubt, [`Outcome::PowerOffInDoubt`],
+    /// until the controller's watch or a snapshot decides).
     PowerOffFailed {
         /// The plan.
         plan: u64,

@@ -1062,10 +1062,11 @@ fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn Pow
 /// itself: the host may be shutting down all the same (a soft power-off under way when the
 /// driver gave up), and one taken for on would stay on for good, never woken. For a host whose
 /// agent no longer reports, the power-off is settled off (on time: reported in doubt and settled
-/// at once); for one whose agent still reports, it is in doubt, watched for the power-off
-/// timeout ([`watch_power_off_in_doubt`]) as one whose driver does not answer in time: off if
-/// the agent's registration ran out by then, on if it still reports (a soft power-off the
-/// driver gave up on may still end well after the error). Carries out what follows and stores the plans. Nothing happens unless this
+/// at once); for one whose agent still reports, an error on time puts it in doubt, watched for
+/// the power-off timeout ([`watch_power_off_in_doubt`]) as one whose driver does not answer in
+/// time: off if the agent's registration ran out by then, on if it still reports (a soft
+/// power-off the driver gave up on may still end well after the error); a late error leaves
+/// the doubt to the watch that began with it. Carries out what follows and stores the plans. Nothing happens unless this
 /// controller leads in the term its loop was built for (a term that ended: the next one's loop
 /// holds the stored doubt).
 async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end: PowerOffEnd) {
@@ -1125,20 +1126,17 @@ async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end
                 more
             }
             (None, PowerOffEnd::Answer(Err(e))) if up => {
-                // As on time: watched, if the power-off is still in doubt.
-                if a.lp.power_offs_in_doubt().get(host) == Some(&plan) {
-                    eprintln!(
-                        "tern controller: host {host}'s power driver answered late ({e}) while \
-                         its agent reports; still in doubt"
-                    );
-                    let since = "its power driver answered late with an error";
-                    watch = Some((generation, plan, a.power_off_timeout, since));
-                } else {
-                    eprintln!(
-                        "tern controller: host {host}'s power driver answered too late ({e}); \
-                         ignored"
-                    );
-                }
+                // The doubt stays: the watch that began with it (timeout or take-over) decides.
+                let still = a.lp.power_offs_in_doubt().get(host) == Some(&plan);
+                eprintln!(
+                    "tern controller: host {host}'s power driver answered late ({e}) while its \
+                     agent reports; {}",
+                    if still {
+                        "still in doubt, its watch decides"
+                    } else {
+                        "ignored"
+                    }
+                );
                 Vec::new()
             }
             (None, PowerOffEnd::Answer(answer)) => {

@@ -63,7 +63,7 @@ pub struct ConvergenceConfig {
     /// What a round costs besides sending its pages (the round barrier's round trip, the
     /// dirty-log fetch): the guest dirties pages meanwhile too. Used to predict what a round to
     /// shrink the pause leaves, and whether the round after the throttle's release fits in its
-    /// lead (so a lead no longer than this never releases).
+    /// lead (so a lead shorter than this never releases).
     pub round_overhead: Duration,
 }
 
