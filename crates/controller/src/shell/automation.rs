@@ -1066,9 +1066,9 @@ fn start_power_off(s: &Arc<Shared>, plan: u64, host: String, driver: Arc<dyn Pow
 /// the power-off timeout ([`watch_power_off_in_doubt`]) as one whose driver does not answer in
 /// time: off if the agent's registration ran out by then, on if it still reports (a soft
 /// power-off the driver gave up on may still end well after the error); a late error leaves
-/// the doubt to the watch that began with it. Carries out what follows and stores the plans. Nothing happens unless this
-/// controller leads in the term its loop was built for (a term that ended: the next one's loop
-/// holds the stored doubt).
+/// the doubt to the watch that began with it. Carries out what follows and stores the plans.
+/// Nothing happens unless this controller leads in the term its loop was built for (a term that
+/// ended: the next one's loop holds the stored doubt).
 async fn power_off_ended(s: &Arc<Shared>, plan: u64, token: u64, host: &str, end: PowerOffEnd) {
     let now = s.now_ms();
     let leading = s.core().generation();

@@ -176,6 +176,25 @@ pub enum ThrottleRelease {
     Spent,
 }
 
+impl ThrottleRelease {
+    /// The state after `decision`, taken at `now` under a throttle of `throttle_pct`: a lower
+    /// throttle from `Ready` is the release; `Leading` lasts through `Continue` and is spent by
+    /// anything else.
+    pub fn after(self, decision: Decision, throttle_pct: f64, now: Duration) -> ThrottleRelease {
+        match (self, decision) {
+            (ThrottleRelease::Ready, Decision::Throttle(p)) if p < throttle_pct => {
+                ThrottleRelease::Leading {
+                    since: now,
+                    restore_pct: throttle_pct,
+                }
+            }
+            (ThrottleRelease::Leading { .. }, Decision::Continue) => self,
+            (ThrottleRelease::Leading { .. }, _) => ThrottleRelease::Spent,
+            (r, _) => r,
+        }
+    }
+}
+
 /// Inputs of one decision.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SyncInput {
@@ -844,17 +863,7 @@ mod tests {
             };
             let d = c.decide(&input);
             decisions.push(d);
-            release = match (release, d) {
-                (ThrottleRelease::Ready, Decision::Throttle(p)) if p < throttle => {
-                    ThrottleRelease::Leading {
-                        since: elapsed,
-                        restore_pct: throttle,
-                    }
-                }
-                (ThrottleRelease::Leading { .. }, Decision::Continue) => release,
-                (ThrottleRelease::Leading { .. }, _) => ThrottleRelease::Spent,
-                (r, _) => r,
-            };
+            release = release.after(d, throttle, elapsed);
             match d {
                 Decision::Continue => {}
                 Decision::Throttle(p) => {

@@ -620,17 +620,7 @@ impl Sender {
         // The throttle recorded is the one the round ran under (the decision changes it next).
         self.end_round(now, dirty_bytes, kind);
         self.awaiting_round = None;
-        self.release = match (self.release, decision) {
-            (ThrottleRelease::Ready, Decision::Throttle(p)) if p < self.throttle_pct => {
-                ThrottleRelease::Leading {
-                    since: now,
-                    restore_pct: self.throttle_pct,
-                }
-            }
-            (ThrottleRelease::Leading { .. }, Decision::Continue) => self.release,
-            (ThrottleRelease::Leading { .. }, _) => ThrottleRelease::Spent,
-            (r, _) => r,
-        };
+        self.release = self.release.after(decision, self.throttle_pct, now);
         match decision {
             Decision::Continue => self.round += 1,
             Decision::Throttle(p) => {
